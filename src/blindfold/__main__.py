@@ -1,0 +1,5 @@
+"""`python -m blindfold` is the `blindfold` command."""
+
+from blindfold.cli.main import entry
+
+entry()

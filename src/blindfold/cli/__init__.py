@@ -1,0 +1,1 @@
+"""The `blindfold` command line."""

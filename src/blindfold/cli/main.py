@@ -1,0 +1,71 @@
+"""`blindfold <command>`: edge, check-config, demo. `main(argv)` returns the exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from blindfold import __version__
+from blindfold.config import load_file
+from blindfold.errors import ConfigError
+
+
+def _check_config(path: str) -> int:
+    try:
+        config, _text = load_file(path)
+        sections = []
+        if config.edge is not None:
+            from blindfold.edge.lists import ListSet
+
+            edge = config.edge
+            ListSet("blocklist", "blocklist_files", edge.blocklist_files, edge.block, strict=True)
+            ListSet("allowlist", "allowlist_files", edge.allowlist_files, edge.allow, strict=True)
+            sections.append(f"edge ({len(edge.routes)} routes, {len(edge.listen)} listeners)")
+        if not sections:
+            raise ConfigError("", f"{path} has no known section (expected [edge])")
+    except ConfigError as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 2
+    print(f"{path}: ok: " + ", ".join(sections))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="blindfold",
+        description="An edge network that never holds the site's TLS key.")
+    parser.add_argument("--version", action="version", version=f"blindfold {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p_edge = sub.add_parser("edge", help="run an edge (passthrough routes)")
+    p_edge.add_argument("--config", "-c", required=True, help="TOML configuration file")
+
+    p_check = sub.add_parser("check-config", help="validate a configuration file")
+    p_check.add_argument("file")
+
+    p_demo = sub.add_parser("demo", help="run the whole topology on loopback")
+    p_demo.add_argument("--port", type=int, default=8443, help="edge port (default 8443)")
+    p_demo.add_argument("--admin-port", type=int, default=9100,
+                        help="edge admin port (default 9100)")
+    p_demo.add_argument("--dir", help="keep the generated files here")
+    p_demo.add_argument("--duration", type=float, help="stop after this many seconds")
+    p_demo.add_argument("--self-check", action="store_true",
+                        help="fetch the demo page through the edge and fail if it is wrong")
+
+    args = parser.parse_args(argv)
+    if args.command == "edge":
+        from blindfold.edge.master import run_edge
+
+        return run_edge(args.config)
+    if args.command == "check-config":
+        return _check_config(args.file)
+    if args.command == "demo":
+        from blindfold.demo.run import run_demo
+
+        return run_demo(args.port, args.admin_port, args.dir, args.duration, args.self_check)
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Configuration: one TOML file describes a deployment; each process reads its own section."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from blindfold.config.edge import EdgeConfig
+from blindfold.config.schema import build, setting
+from blindfold.errors import ConfigError
+
+__all__ = ["Config", "ConfigError", "EdgeConfig", "load_file", "loads"]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    edge: EdgeConfig | None = setting(None, doc="The edge process (`blindfold edge`).")
+
+
+def loads(text: str, source: str = "<config>") -> Config:
+    """Parse and validate TOML text. Raises ConfigError naming the key."""
+    try:
+        data: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{source}: not valid TOML: {exc}") from None
+    return build(Config, data)
+
+
+def load_file(path: str | Path) -> tuple[Config, str]:
+    """Read, parse and validate a config file; returns the config and its text."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("", f"{path} is not UTF-8 text") from None
+    return loads(text, str(path)), text

@@ -1,0 +1,71 @@
+"""Value checks shared by every section of the configuration."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+_HOSTNAME_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """'127.0.0.1:8443' or '[::1]:8443' -> (host, port). Raises ValueError with the fix."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"{text!r} is not '[ipv6]:port'")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{text!r} is not 'host:port'")
+        if ":" in host:
+            raise ValueError(f"{text!r}: write IPv6 addresses as '[addr]:port'")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r}: port must be 0..65535")
+    return host, int(port)
+
+
+def check_ip_hostport(text: str) -> str | None:
+    """A listen address: an IP literal and a port."""
+    try:
+        host, _port = parse_hostport(text)
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        return f"{exc}; expected an IP address and port such as '127.0.0.1:8443'"
+    return None
+
+
+def check_hostport(text: str) -> str | None:
+    """An upstream address: an IP literal or a hostname, and a port."""
+    try:
+        host, port = parse_hostport(text)
+    except ValueError as exc:
+        return str(exc)
+    if port == 0:
+        return f"{text!r}: port 0 is not a destination"
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not is_hostname(host):
+            return f"{text!r}: {host!r} is neither an IP address nor a hostname"
+    return None
+
+
+def is_hostname(name: str) -> bool:
+    name = name.lower().rstrip(".")
+    if not name or len(name) > 253:
+        return False
+    return all(_HOSTNAME_LABEL.match(label) for label in name.split("."))
+
+
+def check_sni_pattern(pattern: str) -> str | None:
+    """An exact hostname or a '*.' wildcard covering every name below a suffix."""
+    body = pattern[2:] if pattern.startswith("*.") else pattern
+    if not is_hostname(body) or "*" in body:
+        return (
+            f"{pattern!r} is not a hostname or '*.suffix' wildcard "
+            "(ASCII letters, digits, '-', '_'; IDNs in their xn-- form)"
+        )
+    if pattern != pattern.lower():
+        return f"{pattern!r}: write names in lower case"
+    return None

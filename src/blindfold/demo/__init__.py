@@ -1,0 +1,1 @@
+"""`blindfold demo`: the whole topology on loopback with throwaway certificates."""

@@ -1,0 +1,386 @@
+"""The edge master: binds the listeners, starts and supervises the workers, reloads the config
+on SIGHUP, drains on SIGTERM, and serves /metrics and /healthz on the admin listener.
+
+The master never touches visitor traffic. Workers are separate interpreters (not forks) so the
+master can use asyncio freely; each gets its listening sockets as inherited descriptors and
+the validated config text over its control channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from blindfold.config import Config, load_file
+from blindfold.config.common import parse_hostport
+from blindfold.config.edge import EdgeConfig
+from blindfold.edge.stats import EDGE_METRICS, EDGE_SPECS, top_ja4
+from blindfold.errors import ConfigError
+from blindfold.io.admin_http import AdminServer
+from blindfold.io.listeners import bind_group
+from blindfold.obs.log import JsonLog
+from blindfold.obs.metrics import MetricSpec, merge, render
+
+READY_TIMEOUT_S = 15.0
+STATS_TIMEOUT_S = 2.0
+RESPAWN_WINDOW_S = 30.0
+RESPAWN_MAX = 5
+
+EDGE_METRICS_ALL = [*EDGE_METRICS, MetricSpec(
+    "blindfold_log_lines_suppressed_total", "counter",
+    "Refused-connection log lines not written (log_refused_per_s).")]
+EDGE_SPECS_ALL = {**EDGE_SPECS, "blindfold_log_lines_suppressed_total": EDGE_METRICS_ALL[-1]}
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    index: int
+    generation: int
+    proc: subprocess.Popen[bytes]
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    state: str = "starting"  # starting | ready | draining | exited
+    replies: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
+    ready: asyncio.Future[None] | None = None
+    config_result: asyncio.Future[str] | None = None
+    task: asyncio.Task[None] | None = None
+
+    def send(self, message: dict[str, Any]) -> None:
+        if self.state != "exited" and not self.writer.is_closing():
+            self.writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+
+class EdgeMaster:
+    def __init__(self, config_path: str, config: Config, text: str) -> None:
+        assert config.edge is not None
+        self.path = config_path
+        self.config: EdgeConfig = config.edge
+        self.text = text
+        self.log = JsonLog.open(self.config.log_path, process="edge-master")
+        self.nworkers = self.config.workers or os.cpu_count() or 1
+        self.groups: dict[str, list[socket.socket]] = {}
+        self.workers: list[WorkerHandle] = []
+        self.old_workers: list[WorkerHandle] = []
+        self.generation = 0
+        self.draining = False
+        self.reloads: dict[str, int] = {}
+        self.respawns: dict[int, list[float]] = {}
+        self._stats_id = 0
+        self._stop = asyncio.Event()
+        self.admin = AdminServer(self._admin)
+        self.admin_address: tuple[str, int] | None = None
+
+    # ---------------------------------------------------------------- start
+    def bind(self, config: EdgeConfig) -> dict[str, list[socket.socket]]:
+        groups: dict[str, list[socket.socket]] = {}
+        try:
+            for i, address in enumerate(config.listen):
+                if address in self.groups:
+                    groups[address] = self.groups[address]
+                    continue
+                try:
+                    groups[address] = bind_group(address, self.nworkers,
+                                                 ipv6_prefix_len=config.ipv6_prefix_len)
+                except OSError as exc:
+                    raise ConfigError(f"edge.listen[{i}]",
+                                      f"cannot listen on {address}: {exc.strerror}") from None
+        except ConfigError:
+            for address, socks in groups.items():
+                if address not in self.groups:
+                    for s in socks:
+                        s.close()
+            raise
+        return groups
+
+    def _bound_addresses(self) -> list[str]:
+        out = []
+        for address, socks in self.groups.items():
+            host, _ = parse_hostport(address)
+            port = socks[0].getsockname()[1]
+            out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        return out
+
+    async def spawn(self, index: int, generation: int) -> WorkerHandle:
+        parent, child = socket.socketpair()
+        fds = [socks[index].fileno() for socks in self.groups.values()]
+        listeners = [[address, socks[index].fileno()] for address, socks in self.groups.items()]
+        cmd = [sys.executable, "-m", "blindfold.edge.worker", "--index", str(index),
+               "--workers", str(self.nworkers), "--control-fd", str(child.fileno()),
+               "--listeners", json.dumps(listeners)]
+        proc = subprocess.Popen(cmd, pass_fds=[child.fileno(), *fds], close_fds=True,
+                                start_new_session=False)
+        child.close()
+        reader, writer = await asyncio.open_connection(sock=parent, limit=64 << 20)
+        handle = WorkerHandle(index, generation, proc, reader, writer)
+        handle.ready = asyncio.get_running_loop().create_future()
+        handle.task = asyncio.create_task(self._read_worker(handle))
+        handle.send({"op": "config", "text": self.text})
+        return handle
+
+    async def _read_worker(self, handle: WorkerHandle) -> None:
+        try:
+            while True:
+                line = await handle.reader.readline()
+                if not line:
+                    break
+                message = json.loads(line)
+                op = message.get("op")
+                if op == "ready":
+                    handle.state = "ready" if handle.state == "starting" else handle.state
+                    if handle.ready is not None and not handle.ready.done():
+                        handle.ready.set_result(None)
+                elif op == "stats":
+                    fut = handle.replies.pop(message.get("id"), None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(message["metrics"])
+                elif op in ("reloaded", "config_failed"):
+                    if op == "config_failed":
+                        self.log.emit("worker_config_failed", worker=handle.index,
+                                      error=message.get("error"))
+                    if handle.config_result is not None and not handle.config_result.done():
+                        handle.config_result.set_result(op)
+                    if handle.ready is not None and not handle.ready.done() and (
+                            op == "config_failed"):
+                        handle.ready.set_exception(ConfigError("", message.get("error", "")))
+        except (ConnectionError, ValueError):
+            pass
+        finally:
+            for fut in handle.replies.values():
+                if not fut.done():
+                    fut.cancel()
+
+    async def start(self) -> None:
+        self.groups = self.bind(self.config)
+        host, port = parse_hostport(self.config.admin_listen)
+        try:
+            self.admin_address = await self.admin.start(host, port)
+        except OSError as exc:
+            raise ConfigError("edge.admin_listen",
+                              f"cannot listen on {self.config.admin_listen}: {exc.strerror}"
+                              ) from None
+        self.generation = 1
+        self.workers = [await self.spawn(i, 1) for i in range(self.nworkers)]
+        await self._wait_ready(self.workers)
+        self.log.emit("edge_ready", listen=self._bound_addresses(),
+                      admin=f"{self.admin_address[0]}:{self.admin_address[1]}",
+                      workers=self.nworkers, pid=os.getpid(),
+                      routes=[self.config.route_name(i) for i in range(len(self.config.routes))])
+
+    async def _wait_ready(self, handles: list[WorkerHandle]) -> None:
+        futures = [h.ready for h in handles if h.ready is not None]
+        try:
+            await asyncio.wait_for(asyncio.gather(*futures), READY_TIMEOUT_S)
+        except TimeoutError:
+            raise ConfigError("", "workers did not become ready in time") from None
+
+    # ---------------------------------------------------------------- run
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.stop)
+        supervise = asyncio.create_task(self._supervise())
+        await self._stop.wait()
+        supervise.cancel()
+        await self._drain()
+        return 0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _supervise(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            for handle in [*self.workers, *self.old_workers]:
+                if handle.state == "exited" or handle.proc.poll() is None:
+                    continue
+                was = handle.state
+                handle.state = "exited"
+                if handle in self.old_workers:
+                    self.old_workers.remove(handle)
+                    continue
+                self.log.emit("worker_exited", worker=handle.index, code=handle.proc.returncode,
+                              state=was)
+                if not self.draining:
+                    await self._respawn(handle)
+
+    async def _respawn(self, handle: WorkerHandle) -> None:
+        now = time.monotonic()
+        recent = [t for t in self.respawns.get(handle.index, []) if now - t < RESPAWN_WINDOW_S]
+        if len(recent) >= RESPAWN_MAX:
+            self.log.emit("worker_respawn_suppressed", worker=handle.index,
+                          respawns=len(recent), window_s=RESPAWN_WINDOW_S)
+            await asyncio.sleep(RESPAWN_WINDOW_S / RESPAWN_MAX)
+        recent.append(now)
+        self.respawns[handle.index] = recent
+        new = await self.spawn(handle.index, handle.generation)
+        self.workers[self.workers.index(handle)] = new
+        with contextlib.suppress(ConfigError):
+            await self._wait_ready([new])
+
+    # ---------------------------------------------------------------- reload
+    async def reload(self) -> None:
+        try:
+            config, text = load_file(self.path)
+            if config.edge is None:
+                raise ConfigError("edge", "the config has no [edge] section")
+        except ConfigError as exc:
+            self._count_reload("invalid")
+            self.log.emit("reload_failed", error=str(exc))
+            return
+        new = config.edge
+        wanted = new.workers or os.cpu_count() or 1
+        if wanted != self.nworkers:
+            self.log.emit("reload_note", note="'workers' changes take effect at restart",
+                          running=self.nworkers, configured=wanted)
+        if new.admin_listen != self.config.admin_listen:
+            self.log.emit("reload_note", note="'admin_listen' changes take effect at restart")
+        self.text = text
+        if tuple(new.listen) != tuple(self.groups):
+            await self._new_generation(new)
+            return
+        results = []
+        for handle in self.workers:
+            handle.config_result = asyncio.get_running_loop().create_future()
+            handle.send({"op": "config", "text": text})
+            results.append(handle.config_result)
+        try:
+            outcomes = await asyncio.wait_for(asyncio.gather(*results), READY_TIMEOUT_S)
+        except TimeoutError:
+            outcomes = ["timeout"]
+        ok = all(o == "reloaded" for o in outcomes)
+        self.config = new
+        self._count_reload("ok" if ok else "partial")
+        self.log.emit("reloaded" if ok else "reload_partial", outcomes=outcomes)
+
+    async def _new_generation(self, new: EdgeConfig) -> None:
+        """Listen addresses changed: bind the new ones, start a new set of workers on the new
+        socket set, then drain the old workers (their connections continue)."""
+        try:
+            groups = self.bind(new)
+        except ConfigError as exc:
+            self._count_reload("bind_failed")
+            self.log.emit("reload_failed", error=str(exc))
+            return
+        old_groups = self.groups
+        self.groups = groups
+        self.generation += 1
+        try:
+            handles = [await self.spawn(i, self.generation) for i in range(self.nworkers)]
+            await self._wait_ready(handles)
+        except ConfigError as exc:
+            self.groups = old_groups
+            self._count_reload("workers_failed")
+            self.log.emit("reload_failed", error=str(exc))
+            return
+        old = self.workers
+        self.workers = handles
+        for handle in old:
+            handle.state = "draining"
+            handle.send({"op": "drain"})
+        self.old_workers.extend(old)
+        for address, socks in old_groups.items():
+            if address not in groups:
+                for s in socks:
+                    s.close()
+        self.config = new
+        self._count_reload("ok")
+        self.log.emit("reloaded", listen=self._bound_addresses(), generation=self.generation)
+
+    def _count_reload(self, result: str) -> None:
+        self.reloads[result] = self.reloads.get(result, 0) + 1
+
+    # ---------------------------------------------------------------- stop
+    async def _drain(self) -> None:
+        self.draining = True
+        handles = [*self.workers, *self.old_workers]
+        self.log.emit("edge_draining", workers=len(handles),
+                      drain_timeout_s=self.config.drain_timeout_s)
+        for handle in handles:
+            handle.state = "draining"
+            handle.send({"op": "drain"})
+        for socks in self.groups.values():  # workers closed theirs: stop the kernel queueing
+            for s in socks:
+                s.close()
+        deadline = time.monotonic() + self.config.drain_timeout_s + 5.0
+        while time.monotonic() < deadline and any(h.proc.poll() is None for h in handles):
+            await asyncio.sleep(0.05)
+        for handle in handles:
+            if handle.proc.poll() is None:
+                handle.proc.kill()
+                handle.proc.wait()
+        await self.admin.close()
+        self.log.emit("edge_stopped")
+
+    # ---------------------------------------------------------------- admin
+    async def _admin(self, method: str, path: str) -> tuple[int, str, bytes]:
+        if path == "/healthz":
+            alive = [h for h in self.workers if h.state == "ready" and h.proc.poll() is None]
+            ok = not self.draining and len(alive) == len(self.workers)
+            body = json.dumps({"status": "ok" if ok else "degraded", "workers": len(alive),
+                               "expected": len(self.workers), "draining": self.draining})
+            return (200 if ok else 503), "application/json", body.encode() + b"\n"
+        if path == "/metrics":
+            return 200, "text/plain; version=0.0.4; charset=utf-8", (
+                await self.metrics_text()).encode()
+        return 404, "text/plain", b"not found\n"
+
+    async def metrics_text(self) -> str:
+        loop = asyncio.get_running_loop()
+        waits = []
+        for handle in [*self.workers, *self.old_workers]:
+            if handle.state not in ("ready", "draining"):
+                continue
+            self._stats_id += 1
+            fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+            handle.replies[self._stats_id] = fut
+            handle.send({"op": "stats", "id": self._stats_id})
+            waits.append(fut)
+        snaps = []
+        if waits:
+            done, pending = await asyncio.wait(waits, timeout=STATS_TIMEOUT_S)
+            for fut in pending:
+                fut.cancel()
+            snaps = [f.result() for f in done if not f.cancelled() and f.exception() is None]
+        merged = top_ja4(merge(snaps, EDGE_SPECS_ALL))
+        states: dict[str, int] = {}
+        for handle in [*self.workers, *self.old_workers]:
+            states[handle.state] = states.get(handle.state, 0) + 1
+        merged["blindfold_workers"] = [[[k], v] for k, v in states.items()]
+        merged["blindfold_config_reloads_total"] = [[[k], v] for k, v in self.reloads.items()]
+        return render(merged, EDGE_METRICS_ALL)
+
+
+def run_edge(config_path: str) -> int:
+    """`blindfold edge --config FILE`. Returns the exit code (2 for configuration errors)."""
+    try:
+        config, text = load_file(config_path)
+    except ConfigError as exc:
+        print(f"blindfold edge: {exc}", file=sys.stderr)
+        return 2
+    if config.edge is None:
+        print(f"blindfold edge: {config_path} has no [edge] section", file=sys.stderr)
+        return 2
+
+    async def main() -> int:
+        master = EdgeMaster(config_path, config, text)
+        try:
+            await master.start()
+        except ConfigError as exc:
+            print(f"blindfold edge: {exc}", file=sys.stderr)
+            for handle in master.workers:
+                if handle.proc.poll() is None:
+                    handle.proc.kill()
+            return 2
+        return await master.run()
+
+    return asyncio.run(main())

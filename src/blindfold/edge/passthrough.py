@@ -1,0 +1,383 @@
+"""One visitor connection on a passthrough route: peek the ClientHello, choose a route and an
+origin, send the PROXY header and the hello bytes unchanged, then relay both ways.
+
+Phases: HELLO (reading the ClientHello under hello_timeout_s and max_hello_bytes) -> CONNECTING
+(trying origins under connect_timeout_s each) -> RELAY (idle_timeout_s) -> DONE. Every exit goes
+through `close`, which releases the guards' slot, counts the outcome and writes the
+connection's one log line.
+
+Each socket is registered with the reactor at most once, edge-triggered for input and output,
+and only when it must wait (with TCP_DEFER_ACCEPT the hello is usually readable at accept, and
+on fast links the origin accepts the first write at once). Handlers are swapped, not
+re-registered, between phases; closing a socket removes it from epoll.
+"""
+
+from __future__ import annotations
+
+import _socket
+import errno
+import json
+import socket
+import time
+from typing import TYPE_CHECKING
+
+from blindfold.core.clienthello import ClientHello, peek_client_hello
+from blindfold.core.proxyproto import PP2_TYPE_ALPN, PP2_TYPE_AUTHORITY, encode_v1, encode_v2
+from blindfold.edge.guards import Admission
+from blindfold.edge.origins import Origin
+from blindfold.errors import ProtocolError
+from blindfold.io.reactor import EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Timer
+from blindfold.io.relay import Relay
+
+if TYPE_CHECKING:
+    from blindfold.edge.worker import RouteState, Worker
+
+HELLO, CONNECTING, RELAY, DONE = 0, 1, 2, 3
+WATCH = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
+_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # no separate fcntl call
+_WAIT_CONNECT = {errno.EAGAIN, errno.ENOTCONN, errno.EINPROGRESS, errno.EALREADY}
+_ALPN_JSON: dict[tuple[bytes, ...], str] = {}
+
+
+class Conn:
+    __slots__ = ("adm", "attempts", "buf", "client", "client_in", "client_port", "fd", "hello",
+                 "ip", "last", "local", "moved", "origin", "origin_in", "osock", "out", "phase",
+                 "registered", "relay", "route", "started", "timer", "worker")
+
+    def __init__(self, worker: Worker, sock: socket.socket, ip: str, port: int,
+                 adm: Admission, local: tuple[str, int] | None) -> None:
+        self.worker = worker
+        self.client = sock
+        self.fd = sock.fileno()
+        self.ip = ip
+        self.client_port = port
+        self.adm = adm
+        self.local = local  # the listener's address, or None for a wildcard listener
+        self.started = self.last = worker.reactor.now
+        self.phase = HELLO
+        self.buf = b""
+        self.hello: ClientHello | None = None
+        self.route: RouteState | None = None
+        self.origin: Origin | None = None
+        self.osock: socket.socket | None = None
+        self.out = b""
+        self.attempts: list[Origin] = []
+        self.relay: Relay | None = None
+        self.registered = False
+        self.timer: Timer | None = None
+        self.moved = 0  # relay.moved at the last idle check
+        # Edge-triggered readiness seen before the relay starts: may a socket hold bytes that
+        # no future event will announce?
+        self.client_in = False
+        self.origin_in = False
+
+    # ---------------------------------------------------------------- HELLO
+    def start(self) -> None:
+        self._read_hello()
+        if self.phase == HELLO:
+            worker = self.worker
+            self.timer = worker.reactor.call_later(worker.config.hello_timeout_s,
+                                                   self._hello_timeout)
+            worker.reactor.add(self.fd, WATCH, self._on_client)
+            self.registered = True
+
+    def _on_client(self, mask: int) -> None:
+        if mask & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
+            if self.phase == HELLO:
+                self._read_hello()
+            else:  # CONNECTING: the relay will read it
+                self.client_in = True
+
+    def _read_hello(self) -> None:
+        worker = self.worker
+        limit = worker.config.max_hello_bytes
+        want = limit - len(self.buf)
+        try:
+            data = self.client.recv(want)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close("refused", "hello_eof")
+            return
+        if not data:
+            self.close("refused", "hello_eof")
+            return
+        self.buf = self.buf + data if self.buf else data
+        self.client_in = len(data) == want  # a full read may have left bytes behind
+        t0 = time.perf_counter()
+        try:
+            hello = peek_client_hello(self.buf, limit)
+        except ProtocolError as exc:
+            worker.stats.hello_parse.observe(time.perf_counter() - t0)
+            self.close("refused", exc.reason)
+            return
+        worker.stats.hello_parse.observe(time.perf_counter() - t0)
+        if hello is not None:
+            self.hello = hello
+            self._on_hello(hello)
+
+    def _hello_timeout(self) -> None:
+        self.timer = None
+        if self.phase == HELLO:
+            self.close("refused", "hello_timeout")
+
+    def _on_hello(self, hello: ClientHello) -> None:
+        worker = self.worker
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        worker.stats.count_ja4(hello.ja4)
+        route = worker.router.lookup(hello.sni)
+        if route is None:
+            self.close("refused", "no_sni" if hello.sni is None else "unknown_sni")
+            return
+        self.route = route
+        refused, rule = worker.guards.check_fingerprint(hello.ja4, self.adm, worker.reactor.now)
+        if rule:
+            key = (rule, refused or "pass")
+            worker.stats.ja4_rules[key] = worker.stats.ja4_rules.get(key, 0) + 1
+        if refused is not None:
+            self.close("refused", refused)
+            return
+        self.phase = CONNECTING
+        header = self._proxy_header(route, hello)
+        self.out = header + self.buf if header else self.buf
+        self.attempts = route.pool.order(worker.reactor.now)
+        self._connect_next(None)
+
+    def _proxy_header(self, route: RouteState, hello: ClientHello) -> bytes:
+        if route.proxy_protocol == "none":
+            return b""
+        local = self.local
+        if local is None:
+            try:
+                name = self.client.getsockname()
+                local = (name[0], name[1])
+            except OSError:
+                local = None
+        src = (self.ip, self.client_port)
+        if route.proxy_protocol == "v1":
+            return encode_v1(src, local)
+        tlvs: tuple[tuple[int, bytes], ...] = ()
+        if route.proxy_tlvs:
+            if hello.sni and hello.alpn:
+                tlvs = ((PP2_TYPE_AUTHORITY, hello.sni.encode()), (PP2_TYPE_ALPN, hello.alpn[0]))
+            elif hello.sni:
+                tlvs = ((PP2_TYPE_AUTHORITY, hello.sni.encode()),)
+            elif hello.alpn:
+                tlvs = ((PP2_TYPE_ALPN, hello.alpn[0]),)
+        return encode_v2(src, local, tlvs)
+
+    # ---------------------------------------------------------------- CONNECTING
+    def _connect_next(self, failure: str | None) -> None:
+        worker = self.worker
+        reactor = worker.reactor
+        route = self.route
+        assert route is not None  # set before CONNECTING
+        if self.osock is not None:  # the previous attempt failed
+            reactor.forget(self.osock.fileno())
+            self.osock.close()
+            self.osock = None
+            if self.origin is not None and failure is not None:
+                self._origin_failed(self.origin, failure)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        while self.attempts:
+            origin = self.attempts.pop(0)
+            self.origin = origin
+            try:
+                osock = _socket.socket(origin.family, _STREAM_NONBLOCK)
+            except OSError:
+                self.close("origin_failed", "socket_error")
+                return
+            osock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            rc = osock.connect_ex(origin.sockaddr)
+            if rc != 0 and rc != errno.EINPROGRESS:
+                osock.close()
+                failure = _connect_reason(rc)
+                self._origin_failed(origin, failure)
+                continue
+            self.osock = osock
+            # On loopback and fast links the connection is often up already: send now and
+            # skip a trip through the poller.
+            try:
+                sent = osock.send(self.out)
+            except OSError as exc:
+                if exc.errno in _WAIT_CONNECT:
+                    self._wait_connect(osock)
+                    return
+                self.osock = None
+                osock.close()
+                failure = _connect_reason(exc.errno or 0)
+                self._origin_failed(origin, failure)
+                continue
+            self.out = self.out[sent:]
+            if self.out:
+                self._wait_connect(osock)
+                return
+            self._start_relay()
+            return
+        self.close("origin_failed", failure or "no_origin")
+
+    def _origin_failed(self, origin: Origin, failure: str) -> None:
+        route = self.route
+        assert route is not None
+        was_up = origin.is_up(self.worker.reactor.now)
+        route.pool.mark_down(origin, failure, self.worker.reactor.now)
+        if was_up:
+            self.worker.log.log("origin_down", route=route.name, origin=origin.text,
+                                reason=failure, down_s=route.pool.down_s)
+
+    def _wait_connect(self, osock: socket.socket) -> None:
+        reactor = self.worker.reactor
+        reactor.add(osock.fileno(), WATCH, self._on_origin_connect)
+        self.timer = reactor.call_later(self.worker.config.connect_timeout_s,
+                                        self._connect_timeout)
+
+    def _connect_timeout(self) -> None:
+        self.timer = None
+        if self.phase == CONNECTING:
+            self._connect_next("connect_timeout")
+
+    def _on_origin_connect(self, mask: int) -> None:
+        osock = self.osock
+        if osock is None or self.phase != CONNECTING:
+            return
+        if mask & (EPOLLIN | EPOLLRDHUP):
+            self.origin_in = True
+        if mask & (EPOLLERR | EPOLLHUP):
+            err = osock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err or mask & EPOLLHUP:
+                self._connect_next(_connect_reason(err or errno.ECONNREFUSED))
+                return
+        if not mask & EPOLLOUT:
+            return
+        try:
+            sent = osock.send(self.out)
+        except OSError as exc:
+            if exc.errno in _WAIT_CONNECT:
+                return
+            self._connect_next(_connect_reason(exc.errno or 0))
+            return
+        self.out = self.out[sent:]
+        if not self.out:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            self._start_relay()
+
+    # ---------------------------------------------------------------- RELAY
+    def _start_relay(self) -> None:
+        worker = self.worker
+        reactor = worker.reactor
+        route, origin, osock = self.route, self.origin, self.osock
+        assert route is not None and origin is not None and osock is not None
+        if origin.down_until:
+            route.pool.mark_up(origin)
+        self.phase = RELAY
+        self.last = reactor.now
+        origin.active += 1
+        route.stats.active += 1
+        worker.relaying.add(self)
+        self.out = self.buf = b""
+        relay = self.relay = Relay(worker.pipes, self.client, osock, self._on_relay_done,
+                                   worker.relay_mode, a_readable=self.client_in,
+                                   b_readable=self.origin_in)
+        if self.registered:
+            reactor.set_handler(self.fd, relay.on_a)
+        else:
+            reactor.add(self.fd, WATCH, relay.on_a)
+            self.registered = True
+        ofd = osock.fileno()
+        if reactor.is_registered(ofd):
+            reactor.set_handler(ofd, relay.on_b)
+        else:
+            reactor.add(ofd, WATCH, relay.on_b)
+        relay.start()
+
+    def _on_relay_done(self, error: str | None) -> None:
+        if error is None:
+            self.close("closed", "")
+        else:
+            self.close("reset", error)
+
+    # ---------------------------------------------------------------- DONE
+    def close(self, outcome: str, reason: str) -> None:
+        if self.phase == DONE:
+            return
+        phase = self.phase
+        self.phase = DONE
+        worker = self.worker
+        reactor = worker.reactor
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        bytes_up = bytes_down = 0
+        relay = self.relay
+        if relay is not None:
+            relay.release()
+            bytes_up = relay.bytes_a_to_b
+            bytes_down = relay.bytes_b_to_a
+            self.relay = None
+        if self.registered:
+            reactor.forget(self.fd)
+        self.client.close()
+        if self.osock is not None:
+            reactor.forget(self.osock.fileno())
+            self.osock.close()
+        worker.guards.release(self.adm)
+        worker.conns.discard(self)
+        route = self.route
+        if phase == RELAY:
+            worker.relaying.discard(self)
+            assert route is not None and self.origin is not None
+            route.stats.active -= 1
+            self.origin.active -= 1
+            route.stats.bytes_to_origin += bytes_up
+            route.stats.bytes_to_client += bytes_down
+        if outcome == "refused":
+            worker.stats.refuse(reason)
+        if route is not None:
+            outcomes = route.stats.outcomes
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        if worker.config.log_connections and (outcome != "refused" or worker.may_log_refusal()):
+            worker.log.line(self._log_line(outcome, reason, phase, bytes_up, bytes_down))
+
+    def _log_line(self, outcome: str, reason: str, phase: int, bytes_up: int,
+                  bytes_down: int) -> str:
+        """The connection's log line, built by hand: every field is either ours (outcome,
+        reason, numbers), validated (IP, SNI as an ASCII hostname, JA4) or JSON-encoded once and
+        cached (route and origin names, ALPN lists)."""
+        worker = self.worker
+        hello = self.hello
+        route = self.route
+        if hello is not None:
+            sni = f'"{hello.sni}"' if hello.sni else "null"
+            alpn = _ALPN_JSON.get(hello.alpn)
+            if alpn is None:
+                alpn = json.dumps(list(hello.alpn_text[:8]))
+                if len(_ALPN_JSON) > 1024:
+                    _ALPN_JSON.clear()
+                _ALPN_JSON[hello.alpn] = alpn
+            ja4 = f'"{hello.ja4}"'
+        else:
+            sni, alpn, ja4 = "null", "[]", "null"
+        origin = self.origin.json if self.origin is not None and phase >= CONNECTING else "null"
+        return (
+            f'"client":"{self.ip}","client_port":{self.client_port},"sni":{sni},"alpn":{alpn},'
+            f'"ja4":{ja4},"route":{route.json_name if route else "null"},"origin":{origin},'
+            f'"outcome":"{outcome}","reason":{f"{chr(34)}{reason}{chr(34)}" if reason else "null"},'
+            f'"bytes_in":{bytes_up},"bytes_out":{bytes_down},'
+            f'"duration_s":{worker.reactor.now - self.started:.6f},"worker":{worker.index}'
+        )
+
+
+def _connect_reason(err: int) -> str:
+    if err == errno.ECONNREFUSED:
+        return "refused"
+    if err == errno.ETIMEDOUT:
+        return "connect_timeout"
+    if err in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return "unreachable"
+    return errno.errorcode.get(err, f"errno{err}").lower()

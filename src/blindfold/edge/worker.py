@@ -1,0 +1,350 @@
+"""An edge worker process: accepts on its share of the listeners, runs the guards and relays.
+
+Started by the edge master (`python -m blindfold.edge.worker`), it receives the validated config
+text over the control channel, serves until told to drain, and exits when its last connection
+has ended (or at the drain deadline). If the master goes away the worker drains and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import ipaddress
+import json
+import os
+import signal
+import socket
+import _socket
+import sys
+from typing import Any
+
+from blindfold.config import loads
+from blindfold.config.edge import EdgeConfig
+from blindfold.core.iplist import parse_address
+from blindfold.core.ratelimit import TokenBucket
+from blindfold.core.routing import SniRouter
+from blindfold.edge.guards import Guards
+from blindfold.edge.lists import ListSet
+from blindfold.edge.origins import Origin, OriginPool, resolve
+from blindfold.edge.passthrough import Conn
+from blindfold.edge.stats import RouteStats, WorkerStats
+from blindfold.errors import ConfigError, ProtocolError
+from blindfold.io.control import ControlChannel
+from blindfold.io.reactor import EPOLLIN, Reactor
+from blindfold.io.relay import PipePool
+from blindfold.obs.log import JsonLog
+
+ACCEPT_BATCH = 64
+SWEEP_INTERVAL_S = 1.0
+
+
+class RouteState:
+    """A route as the worker uses it; rebuilt on reload, its counters carried over by name."""
+
+    __slots__ = ("json_name", "name", "pool", "proxy_protocol", "proxy_tlvs", "stats")
+
+    def __init__(self, name: str, pool: OriginPool, proxy_protocol: str, proxy_tlvs: bool,
+                 stats: RouteStats) -> None:
+        self.name = name
+        self.json_name = json.dumps(name)
+        self.pool = pool
+        self.proxy_protocol = proxy_protocol
+        self.proxy_tlvs = proxy_tlvs
+        self.stats = stats
+
+
+class Worker:
+    def __init__(self, index: int, workers: int, control_fd: int,
+                 listeners: list[tuple[str, int]]) -> None:
+        self.index = index
+        self.workers = workers
+        self.reactor = Reactor()
+        self.stats = WorkerStats()
+        self.conns: set[Conn] = set()
+        self.relaying: set[Conn] = set()
+        self.listeners: dict[int, tuple[str, socket.socket]] = {}
+        self._pending_listeners = listeners
+        self.config: EdgeConfig | None = None  # type: ignore[assignment]
+        self.log = JsonLog(1, process=f"edge-worker-{index}")
+        self.draining = False
+        self._drain_deadline = 0.0
+        self._next_list_check = 0.0
+        self._refusal_log = TokenBucket(200.0, 200, 0.0)
+        self.suppressed_logs = 0
+        self._log_flushed = 0.0
+        self.block: ListSet | None = None
+        self.allow: ListSet | None = None
+        self.control = ControlChannel(self.reactor, control_fd, self._on_control,
+                                      self._on_master_gone)
+
+    # ---------------------------------------------------------------- config
+    def apply_config(self, text: str) -> None:
+        """Build everything a config needs first, then swap it in; a bad config changes
+        nothing (the master validated it, but list files may have changed since)."""
+        config = loads(text).edge
+        if config is None:
+            raise ConfigError("edge", "the config has no [edge] section")
+        now = self.reactor.now
+        first = self.config is None
+        block = ListSet("blocklist", "blocklist_files", config.blocklist_files, config.block,
+                        self.block, strict=first)
+        allow = ListSet("allowlist", "allowlist_files", config.allowlist_files, config.allow,
+                        self.allow, strict=first)
+        old_routes = {r.name: r for r in getattr(self, "routes", [])}
+        routes: list[RouteState] = []
+        entries: list[tuple[str, RouteState]] = []
+        default = None
+        for i, rc in enumerate(config.routes):
+            name = config.route_name(i)
+            old = old_routes.get(name)
+            old_origins = {o.text: o for o in old.pool.origins} if old else {}
+            origins = []
+            for j, text in enumerate(rc.origins):
+                try:
+                    family, sockaddr = resolve(text)
+                except OSError as exc:
+                    raise ConfigError(f"edge.routes[{i}].origins[{j}]",
+                                      f"cannot resolve {text!r}: {exc}") from None
+                origin = old_origins.get(text)
+                if origin is None:
+                    origin = Origin(text, family, sockaddr)
+                else:  # the same object: live connections keep their counts right
+                    origin.family, origin.sockaddr = family, sockaddr
+                origins.append(origin)
+            state = RouteState(name, OriginPool(origins, rc.balance, config.origin_down_s),
+                               rc.proxy_protocol, rc.proxy_protocol_tlvs, self.stats.route(name))
+            routes.append(state)
+            entries.extend((pattern, state) for pattern in rc.sni)
+            if rc.default:
+                default = state
+        # -- commit
+        self.routes = routes
+        self.router: SniRouter[RouteState] = SniRouter(entries, default)
+        if first:
+            self.guards = Guards(config, self.workers, now)
+            self.log = JsonLog.open(config.log_path, process=f"edge-worker-{self.index}")
+            self.reactor.on_idle(self._flush_log)
+            self.pipes = PipePool(config.pipe_size_bytes)
+        else:
+            self.guards.configure(config, self.workers, now)
+            if self.pipes.size != config.pipe_size_bytes:
+                self.pipes.clear()
+                self.pipes = PipePool(config.pipe_size_bytes)
+        self.relay_mode = config.relay
+        self.block, self.allow = block, allow
+        self.guards.block, self.guards.allow = block.ipset, allow.ipset
+        self._refusal_log = TokenBucket(config.log_refused_per_s or 1e9,
+                                        max(1, int(config.log_refused_per_s or 1e9)), now)
+        self.config = config
+        self._note_lists()
+        for name, lst in (("blocklist", block), ("allowlist", allow)):
+            for path, err in lst.errors[:20]:
+                self.log.log("list_entry_invalid", list=name, path=path, line=err.line,
+                             text=err.text, problem=err.problem)
+
+    def _note_lists(self) -> None:
+        assert self.block is not None and self.allow is not None
+        self.stats.list_entries = {"blocklist": self.block.ipset.size,
+                                   "allowlist": self.allow.ipset.size}
+        self.stats.list_reloads["ok"] = self.stats.list_reloads.get("ok", 0) + 1
+
+    def _flush_log(self) -> None:
+        # batch: one write per 64 lines or per 50 ms, not one per poll round
+        log = self.log
+        if log.pending and (log.pending >= 64 or self.reactor.now - self._log_flushed >= 0.05):
+            log.flush()
+            self._log_flushed = self.reactor.now
+
+    def may_log_refusal(self) -> bool:
+        if self._refusal_log.allow(self.reactor.now):
+            return True
+        self.suppressed_logs += 1
+        return False
+
+    # ---------------------------------------------------------------- accept
+    def _start_listening(self) -> None:
+        for address, fd in self._pending_listeners:
+            sock = socket.socket(fileno=fd)
+            sock.setblocking(False)
+            self.listeners[fd] = (address, sock)
+            self.stats.accepted.setdefault(address, 0)
+            self.reactor.add(fd, EPOLLIN, self._make_acceptor(address, sock))
+        self._pending_listeners = []
+
+    def _make_acceptor(self, address: str, lsock: socket.socket):  # type: ignore[no-untyped-def]
+        accepted = self.stats.accepted
+        guards = self.guards
+        reactor = self.reactor
+        host, port = lsock.getsockname()[:2]
+        # the PROXY header's destination: fixed for a listener on one address
+        local = None if ipaddress.ip_address(host).is_unspecified else (host, port)
+
+        family = lsock.family
+        raw_accept = lsock._accept  # noqa: SLF001 - (fd, addr) without socket.socket's wrapping
+
+        def on_accept(_mask: int) -> None:
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    fd, peer = raw_accept()
+                    # the C socket type: socket.socket's Python layer (IntEnum conversions,
+                    # io refcounts) costs more per connection than the rest of accept
+                    sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:  # EMFILE/ENFILE/ENOBUFS: stop for this round
+                    self.stats.refuse(f"accept_{exc.errno}")
+                    return
+                accepted[address] += 1
+                ip, port = peer[0], peer[1]
+                try:
+                    version, addr = parse_address(ip)
+                except ProtocolError:
+                    sock.close()
+                    continue
+                refused, adm = guards.admit(version, addr, reactor.now)
+                if refused is not None or adm is None:
+                    sock.close()
+                    self._refused_at_accept(ip, port, refused or "refused")
+                    continue
+                sock.setblocking(False)
+                conn = Conn(self, sock, ip, port, adm, local)
+                self.conns.add(conn)
+                conn.start()
+
+        return on_accept
+
+    def _refused_at_accept(self, ip: str, port: int, reason: str) -> None:
+        self.stats.refuse(reason)
+        if self.config.log_connections and self.may_log_refusal():
+            self.log.line(
+                f'"client":"{ip}","client_port":{port},"sni":null,"alpn":[],"ja4":null,'
+                f'"route":null,"origin":null,"outcome":"refused","reason":"{reason}",'
+                f'"bytes_in":0,"bytes_out":0,"duration_s":0.0,"worker":{self.index}')
+
+    # ---------------------------------------------------------------- housekeeping
+    def _sweep(self) -> None:
+        now = self.reactor.now
+        config = self.config
+        idle = config.idle_timeout_s
+        idle_conns = []
+        for conn in self.relaying:  # activity = bytes moved since the last look
+            moved = conn.relay.moved if conn.relay is not None else conn.moved
+            if moved != conn.moved:
+                conn.moved = moved
+                conn.last = now
+            elif now - conn.last > idle:
+                idle_conns.append(conn)
+        for conn in idle_conns:
+            conn.close("idle_timeout", "idle_timeout")
+        self.guards.sweep(now)
+        if now >= self._next_list_check:
+            self._next_list_check = now + config.list_check_interval_s
+            self._refresh_lists()
+        if self.draining and now >= self._drain_deadline:
+            for conn in list(self.conns):
+                conn.close("drain_timeout", "drain_timeout")
+        if self.draining and not self.conns:
+            self.reactor.stop()
+            return
+        self.reactor.call_later(SWEEP_INTERVAL_S, self._sweep)
+
+    def _refresh_lists(self) -> None:
+        changed = False
+        for lst in (self.block, self.allow):
+            assert lst is not None
+            did, problems = lst.refresh()
+            for problem in problems:
+                self.log.log("list_reload_failed", list=lst.name, problem=problem)
+                self.stats.list_reloads["error"] = self.stats.list_reloads.get("error", 0) + 1
+            changed |= did
+        if changed:
+            assert self.block is not None and self.allow is not None
+            self.guards.block, self.guards.allow = self.block.ipset, self.allow.ipset
+            self._note_lists()
+            self.log.log("lists_reloaded", blocklist=self.block.ipset.size,
+                         allowlist=self.allow.ipset.size)
+
+    # ---------------------------------------------------------------- control
+    def _on_control(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op == "config":
+            try:
+                self.apply_config(message["text"])
+            except ConfigError as exc:
+                self.control.send({"op": "config_failed", "error": str(exc)})
+                return
+            if self._pending_listeners:
+                self._start_listening()
+                self.reactor.call_later(SWEEP_INTERVAL_S, self._sweep)
+                self.control.send({"op": "ready", "pid": os.getpid()})
+            else:
+                self.control.send({"op": "reloaded"})
+        elif op == "stats":
+            self.control.send({"op": "stats", "id": message.get("id"), "metrics": self.snapshot()})
+        elif op == "drain":
+            self.drain()
+
+    def snapshot(self) -> dict[str, Any]:
+        origins = []
+        now = self.reactor.now
+        for route in self.routes:
+            for o in route.pool.origins:
+                origins.append((route.name, o.text, int(o.is_up(now)), o.active, o.failures))
+        snap = self.stats.snapshot(len(self.conns), self.guards.tracked, self.log.dropped,
+                                   origins)
+        snap["blindfold_log_lines_suppressed_total"] = [[[], self.suppressed_logs]]
+        return snap
+
+    def drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        self._drain_deadline = self.reactor.now + self.config.drain_timeout_s
+        for fd, (_address, sock) in list(self.listeners.items()):
+            self.reactor.remove(fd)
+            sock.close()
+        self.listeners.clear()
+        self.log.log("draining", worker=self.index, connections=len(self.conns),
+                     deadline_s=self.config.drain_timeout_s)
+
+    def _on_master_gone(self) -> None:
+        self.drain()
+
+    def run(self) -> None:
+        self.reactor.add_signal(signal.SIGTERM, self.drain)
+        self.reactor.add_signal(signal.SIGINT, self.drain)
+        self.reactor.run()
+        self.log.emit("worker_exit", worker=self.index)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM us if the master dies without telling us (PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="blindfold-edge-worker")
+    ap.add_argument("--index", type=int, required=True)
+    ap.add_argument("--workers", type=int, required=True)
+    ap.add_argument("--control-fd", type=int, required=True)
+    ap.add_argument("--listeners", required=True, help="JSON list of [address, fd]")
+    args = ap.parse_args(argv)
+    _die_with_parent()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the master handles reloads
+    listeners = [(str(a), int(fd)) for a, fd in json.loads(args.listeners)]
+    # Connections make no reference cycles (they are broken at close), so the cyclic collector
+    # has little to find; run it rarely and keep start-up objects out of its scans.
+    gc.set_threshold(20000, 50, 50)
+    worker = Worker(args.index, args.workers, args.control_fd, listeners)
+    gc.freeze()
+    worker.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The project's small, flat error set. Library exceptions are translated into these once, at
+the I/O boundary; protocol cores raise them directly."""
+
+from __future__ import annotations
+
+
+class BlindfoldError(Exception):
+    """Base of every error blindfold raises on purpose."""
+
+
+class ConfigError(BlindfoldError):
+    """The configuration is invalid. `key` is the dotted path of the offending key."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+        self.message = message
+
+
+class ProtocolError(BlindfoldError):
+    """A peer sent bytes that do not follow the protocol.
+
+    `reason` is a short stable token used as a metric label and in logs (for example
+    ``not_tls`` or ``hello_too_large``); `alert` is the TLS alert number to answer with when
+    the protocol has one, `status` the HTTP status code likewise.
+    """
+
+    def __init__(
+        self, reason: str, detail: str = "", *, alert: int | None = None, status: int | None = None
+    ) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+        self.alert = alert
+        self.status = status
+
+
+class UpstreamError(BlindfoldError):
+    """An origin or upstream could not be reached or misbehaved."""
+
+
+class KeyServerError(BlindfoldError):
+    """The key server refused or could not be reached."""
+
+
+class VerificationError(BlindfoldError):
+    """A signature, digest, certificate pin or manifest did not verify."""

@@ -1,0 +1,1 @@
+"""The only code that touches sockets, the event loop and the clock."""

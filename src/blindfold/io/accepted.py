@@ -1,0 +1,57 @@
+"""asyncio helpers for servers behind an edge: read a PROXY header from an accepted socket
+without reading past it, then start TLS on the same socket."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+
+from blindfold.core.proxyproto import V1_MAX, V2_SIGNATURE, ProxyHeader, parse_proxy_header
+from blindfold.errors import ProtocolError
+
+
+async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = await loop.sock_recv(sock, n - len(buf))
+        if not chunk:
+            raise ProtocolError("bad_proxy_header", "connection closed inside the PROXY header")
+        buf += chunk
+    return buf
+
+
+async def read_proxy_header(sock: socket.socket, timeout_s: float,
+                            max_bytes: int = 4096) -> ProxyHeader:
+    """Read exactly one v1 or v2 PROXY header from non-blocking `sock` (nothing after it)."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout_s):
+        buf = await _recv_exact(loop, sock, 16)  # the v2 fixed part; a v1 line is longer
+        if buf.startswith(V2_SIGNATURE):
+            length = int.from_bytes(buf[14:16], "big")
+            if 16 + length > max_bytes:
+                raise ProtocolError("bad_proxy_header", "v2 header too long")
+            buf += await _recv_exact(loop, sock, length)
+        else:
+            # v1: read one byte at a time so nothing after the CRLF is consumed (<= 107 bytes)
+            while b"\r\n" not in buf[-2:] and len(buf) < V1_MAX:
+                if parse_proxy_header(buf) is not None:
+                    break
+                buf += await _recv_exact(loop, sock, 1)
+    parsed = parse_proxy_header(buf, max_bytes)
+    if parsed is None or parsed[1] != len(buf):
+        raise ProtocolError("bad_proxy_header", "incomplete or overlong PROXY header")
+    return parsed[0]
+
+
+async def start_tls_server(sock: socket.socket, context: ssl.SSLContext,
+                           handshake_timeout_s: float = 10.0, limit: int = 1 << 16,
+                           ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Wrap an accepted socket in server-side TLS and return asyncio streams."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=limit, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+    transport, _ = await loop.connect_accepted_socket(
+        lambda: protocol, sock, ssl=context, ssl_handshake_timeout=handshake_timeout_s)
+    writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+    return reader, writer

@@ -1,0 +1,86 @@
+"""A small HTTP/1.1 server for admin endpoints (/metrics, /healthz), built on h11.
+
+Bounded: request heads up to 16 KiB, bodies refused, 10 s to send a request, at most 64 open
+connections. It serves operators and Prometheus, not visitors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import h11
+
+Handler = Callable[[str, str], Awaitable[tuple[int, str, bytes]]]
+MAX_CONNECTIONS = 64
+READ_TIMEOUT_S = 10.0
+
+
+class AdminServer:
+    def __init__(self, handler: Handler) -> None:
+        self._handler = handler
+        self._open = 0
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        self.server = await asyncio.start_server(self._serve, host, port, limit=16384)
+        sockname = self.server.sockets[0].getsockname()
+        return sockname[0], sockname[1]
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._open >= MAX_CONNECTIONS:
+            writer.close()
+            return
+        self._open += 1
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
+        try:
+            while True:
+                event = await self._next_event(conn, reader)
+                if isinstance(event, h11.Request):
+                    method = event.method.decode("ascii", "replace")
+                    target = event.target.decode("ascii", "replace")
+                    if method not in ("GET", "HEAD"):
+                        status, ctype, body = 405, "text/plain", b"method not allowed\n"
+                    else:
+                        status, ctype, body = await self._handler(method, target.split("?")[0])
+                    # drain the (empty) body before answering
+                    while not isinstance(await self._next_event(conn, reader),
+                                         h11.EndOfMessage):
+                        pass
+                    headers = [("content-type", ctype), ("content-length", str(len(body)))]
+                    writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
+                    if method != "HEAD":
+                        writer.write(conn.send(h11.Data(data=body)))
+                    writer.write(conn.send(h11.EndOfMessage()))
+                    await writer.drain()
+                    if conn.our_state is h11.MUST_CLOSE:
+                        break
+                    conn.start_next_cycle()
+                elif isinstance(event, h11.ConnectionClosed):
+                    break
+        except (h11.RemoteProtocolError, TimeoutError, ConnectionError):
+            try:
+                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    writer.write(conn.send(h11.Response(
+                        status_code=400, headers=[("content-length", "0"),
+                                                  ("connection", "close")])))
+                    writer.write(conn.send(h11.EndOfMessage()))
+            except h11.LocalProtocolError:
+                pass
+        finally:
+            self._open -= 1
+            writer.close()
+
+    @staticmethod
+    async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> object:
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            data = await asyncio.wait_for(reader.read(16384), READ_TIMEOUT_S)
+            conn.receive_data(data)

@@ -1,0 +1,1 @@
+"""Observability: Prometheus text metrics and JSON-lines logs."""

@@ -1,0 +1,121 @@
+"""Prometheus metrics that several worker processes report and one admin listener serves.
+
+Each process keeps plain numbers (the hot path does dictionary increments, nothing more) and
+produces a *snapshot*: ``{metric name: [[label values...], value], ...]}`` where a histogram's
+value is ``[bucket counts..., sum, count]``. The admin listener merges the snapshots of all
+workers (sum, or min/max where the spec says so) and renders the text exposition format
+(https://prometheus.io/docs/instrumenting/exposition_formats/).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+Sample = list[object]  # [labels: list[str], value: float | list[float]]
+Snapshot = dict[str, list[Sample]]
+
+
+@dataclass(frozen=True, slots=True)
+class MetricSpec:
+    name: str
+    kind: Literal["counter", "gauge", "histogram"]
+    help: str
+    labels: tuple[str, ...] = ()
+    merge: Literal["sum", "min", "max"] = "sum"
+    buckets: tuple[float, ...] = ()
+
+
+class Histogram:
+    """Cumulative-on-render histogram with fixed buckets."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # last = +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        for i, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[i] += 1
+                return
+        self.counts[-1] += 1
+
+    def value(self) -> list[float]:
+        return [*map(float, self.counts), self.sum, float(sum(self.counts))]
+
+
+def merge(snapshots: Iterable[Snapshot], specs: Mapping[str, MetricSpec]) -> Snapshot:
+    out: dict[str, dict[tuple[str, ...], object]] = {}
+    for snap in snapshots:
+        for name, samples in snap.items():
+            spec = specs.get(name)
+            if spec is None:
+                continue
+            table = out.setdefault(name, {})
+            for labels, value in samples:  # type: ignore[misc]
+                key = tuple(labels)  # type: ignore[arg-type]
+                old = table.get(key)
+                if old is None:
+                    table[key] = value
+                elif spec.kind == "histogram":
+                    table[key] = [a + b for a, b in zip(old, value, strict=True)]  # type: ignore
+                elif spec.merge == "min":
+                    table[key] = min(old, value)  # type: ignore[call-overload]
+                elif spec.merge == "max":
+                    table[key] = max(old, value)  # type: ignore[call-overload]
+                else:
+                    table[key] = old + value  # type: ignore[operator]
+    return {name: [[list(k), v] for k, v in table.items()] for name, table in out.items()}
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _fmt(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return repr(float(value))
+
+
+def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
+    parts = [f'{n}="{_escape(str(v))}"' for n, v in zip(names, values, strict=True)]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def render(snapshot: Snapshot, specs: Sequence[MetricSpec]) -> str:
+    lines: list[str] = []
+    for spec in specs:
+        samples = snapshot.get(spec.name)
+        if samples is None and spec.labels:
+            continue  # no series yet
+        lines.append(f"# HELP {spec.name} {spec.help}")
+        lines.append(f"# TYPE {spec.name} {spec.kind}")
+        if samples is None:
+            lines.append(f"{spec.name} 0")
+            continue
+        for labels, value in sorted(samples, key=lambda s: [str(x) for x in s[0]]):  # type: ignore
+            if spec.kind == "histogram":
+                counts = value[:-2]  # type: ignore[index]
+                total_sum, total = value[-2], value[-1]  # type: ignore[index]
+                running = 0.0
+                for bound, count in zip([*spec.buckets, math.inf], counts, strict=True):
+                    running += count
+                    le = 'le="' + ("+Inf" if math.isinf(bound) else repr(bound)) + '"'
+                    lines.append(
+                        f"{spec.name}_bucket{_labels(spec.labels, labels, le)} {_fmt(running)}")
+                lines.append(f"{spec.name}_sum{_labels(spec.labels, labels)} {_fmt(total_sum)}")
+                lines.append(f"{spec.name}_count{_labels(spec.labels, labels)} {_fmt(total)}")
+            else:
+                lines.append(f"{spec.name}{_labels(spec.labels, labels)} {_fmt(value)}")  # type: ignore
+    return "\n".join(lines) + "\n"
