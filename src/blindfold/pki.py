@@ -50,7 +50,7 @@ def new_key(kind: KeyType = "ec256") -> PrivateKey:
     return ed25519.Ed25519PrivateKey.generate()
 
 
-def _hash_for(key: PrivateKey) -> hashes.HashAlgorithm | None:
+def _hash_for(key: PrivateKey) -> hashes.SHA256 | None:
     return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
 
 
@@ -107,11 +107,11 @@ def issue(ca: Issued, names: list[str], kind: KeyType = "ec256", *, client: bool
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-            ca.key.public_key()), critical=False)  # type: ignore[arg-type]
+            ca.key.public_key()), critical=False)
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    cert = builder.sign(ca.key, _hash_for(ca.key))  # type: ignore[arg-type]
+    cert = builder.sign(ca.key, _hash_for(ca.key))
     return Issued(key, cert)
 
 

@@ -16,7 +16,8 @@ __all__ = ["Config", "ConfigError", "EdgeConfig", "load_file", "loads"]
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    edge: EdgeConfig | None = setting(None, doc="The edge process (`blindfold edge`).")
+    edge: EdgeConfig | None = setting(  # noqa: RUF009 - returns a dataclasses.field
+        None, doc="The edge process (`blindfold edge`).")
 
 
 def loads(text: str, source: str = "<config>") -> Config:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,7 +12,7 @@ from blindfold.config.schema import setting
 from blindfold.errors import ConfigError
 
 
-def _each(check):  # type: ignore[no-untyped-def]
+def _each(check: Callable[[str], str | None]) -> Callable[[tuple[str, ...]], str | None]:
     def run(values: tuple[str, ...]) -> str | None:
         for i, value in enumerate(values):
             problem = check(value)
@@ -201,7 +202,7 @@ class EdgeConfig:
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ConfigError("routes", f"route names must be unique: {sorted(dup)}")
-        if self.admin_listen in self.listen:
+        if self.admin_listen in self.listen and not self.admin_listen.endswith(":0"):
             raise ConfigError("admin_listen", "must differ from every listen address")
 
     def route_name(self, index: int) -> str:

@@ -26,8 +26,8 @@ def setting(
     default: Any = _MISSING,
     *,
     doc: str,
-    min: float | None = None,  # noqa: A002 - reads naturally at the call site
-    max: float | None = None,  # noqa: A002
+    min: float | None = None,
+    max: float | None = None,
     check: Callable[[Any], str | None] | None = None,
     default_factory: Callable[[], Any] | None = None,
 ) -> Any:
@@ -151,6 +151,9 @@ def _join(path: str, key: str) -> str:
     return f"{path}.{key}"
 
 
+REQUIRED = object()  # iter_documented's default for keys without one
+
+
 def iter_documented(cls: type[Any], path: str = "") -> list[tuple[str, str, str, Any]]:
     """(dotted key, type description, doc, default) for every field, nested tables included.
     Used by the docs test that keeps docs/config.md complete."""
@@ -159,7 +162,12 @@ def iter_documented(cls: type[Any], path: str = "") -> list[tuple[str, str, str,
     for f in dataclasses.fields(cls):
         key = _join(path, f.name)
         tp = hints[f.name]
-        default: Any = f.default if f.default is not _MISSING else None
+        if f.default is not _MISSING:
+            default: Any = f.default
+        elif f.default_factory is not _MISSING:
+            default = f.default_factory()
+        else:
+            default = REQUIRED
         out.append((key, _describe(tp), f.metadata.get("doc", ""), default))
         inner = tp
         if typing.get_origin(tp) in (list, tuple):

@@ -11,8 +11,8 @@ import ssl
 
 import h11
 
-from blindfold.io.accepted import read_proxy_header, start_tls_server
 from blindfold.errors import ProtocolError
+from blindfold.io.accepted import read_proxy_header, start_tls_server
 
 
 class DemoOrigin:

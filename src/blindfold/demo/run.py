@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import ssl
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -79,7 +78,7 @@ async def demo(port: int, admin_port: int, workdir: str | None, duration: float 
         try:
             await _wait_ready(proc, 20)
         except (RuntimeError, TimeoutError):
-            err = (await proc.stderr.read()).decode() if proc.stderr else ""  # type: ignore
+            err = (await proc.stderr.read()).decode() if proc.stderr else ""
             print(f"blindfold demo: the edge did not start:\n{err}", file=sys.stderr)
             return 1
         log_path = base / "edge.log"

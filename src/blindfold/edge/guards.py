@@ -101,8 +101,9 @@ class Guards:
         """After the ClientHello: (refusal reason or None, matching rule name or '')."""
         if not self._rules or adm.allowlisted:
             return None, ""
-        state = self._rule_cache.get(ja4, False)
-        if state is False:
+        if ja4 in self._rule_cache:
+            state = self._rule_cache[ja4]
+        else:
             state = None
             for candidate in self._rules:
                 rule = candidate.rule

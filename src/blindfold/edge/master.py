@@ -26,6 +26,7 @@ from blindfold.config.edge import EdgeConfig
 from blindfold.edge.stats import EDGE_METRICS, EDGE_SPECS, top_ja4
 from blindfold.errors import ConfigError
 from blindfold.io.admin_http import AdminServer
+from blindfold.io.limits import raise_fd_limit
 from blindfold.io.listeners import bind_group
 from blindfold.obs.log import JsonLog
 from blindfold.obs.metrics import MetricSpec, merge, render
@@ -370,6 +371,8 @@ def run_edge(config_path: str) -> int:
     if config.edge is None:
         print(f"blindfold edge: {config_path} has no [edge] section", file=sys.stderr)
         return 2
+
+    raise_fd_limit()
 
     async def main() -> int:
         master = EdgeMaster(config_path, config, text)

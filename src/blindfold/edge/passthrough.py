@@ -44,7 +44,7 @@ class Conn:
                  "ip", "last", "local", "moved", "origin", "origin_in", "osock", "out", "phase",
                  "registered", "relay", "route", "started", "timer", "worker")
 
-    def __init__(self, worker: Worker, sock: socket.socket, ip: str, port: int,
+    def __init__(self, worker: Worker, sock: _socket.socket, ip: str, port: int,
                  adm: Admission, local: tuple[str, int] | None) -> None:
         self.worker = worker
         self.client = sock
@@ -59,7 +59,7 @@ class Conn:
         self.hello: ClientHello | None = None
         self.route: RouteState | None = None
         self.origin: Origin | None = None
-        self.osock: socket.socket | None = None
+        self.osock: _socket.socket | None = None
         self.out = b""
         self.attempts: list[Origin] = []
         self.relay: Relay | None = None
@@ -229,7 +229,7 @@ class Conn:
             self.worker.log.log("origin_down", route=route.name, origin=origin.text,
                                 reason=failure, down_s=route.pool.down_s)
 
-    def _wait_connect(self, osock: socket.socket) -> None:
+    def _wait_connect(self, osock: _socket.socket) -> None:
         reactor = self.worker.reactor
         reactor.add(osock.fileno(), WATCH, self._on_origin_connect)
         self.timer = reactor.call_later(self.worker.config.connect_timeout_s,

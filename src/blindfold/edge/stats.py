@@ -123,6 +123,6 @@ def top_ja4(snapshot: Snapshot) -> Snapshot:
     """After merging workers: keep only the TOP_JA4 most frequent fingerprints."""
     samples = snapshot.get("blindfold_ja4_connections_total")
     if samples:
-        samples.sort(key=lambda s: s[1], reverse=True)  # type: ignore[arg-type,return-value]
+        samples.sort(key=lambda s: s[1], reverse=True)
         del samples[TOP_JA4:]
     return snapshot

@@ -7,6 +7,7 @@ has ended (or at the drain deadline). If the master goes away the worker drains 
 
 from __future__ import annotations
 
+import _socket
 import argparse
 import ctypes
 import gc
@@ -15,7 +16,6 @@ import json
 import os
 import signal
 import socket
-import _socket
 import sys
 from typing import Any
 
@@ -31,6 +31,7 @@ from blindfold.edge.passthrough import Conn
 from blindfold.edge.stats import RouteStats, WorkerStats
 from blindfold.errors import ConfigError, ProtocolError
 from blindfold.io.control import ControlChannel
+from blindfold.io.limits import raise_fd_limit
 from blindfold.io.reactor import EPOLLIN, Reactor
 from blindfold.io.relay import PipePool
 from blindfold.obs.log import JsonLog
@@ -65,7 +66,8 @@ class Worker:
         self.relaying: set[Conn] = set()
         self.listeners: dict[int, tuple[str, socket.socket]] = {}
         self._pending_listeners = listeners
-        self.config: EdgeConfig | None = None  # type: ignore[assignment]
+        self.config: EdgeConfig  # set by the first "config" message, before listening
+        self.configured = False
         self.log = JsonLog(1, process=f"edge-worker-{index}")
         self.draining = False
         self._drain_deadline = 0.0
@@ -86,7 +88,7 @@ class Worker:
         if config is None:
             raise ConfigError("edge", "the config has no [edge] section")
         now = self.reactor.now
-        first = self.config is None
+        first = not self.configured
         block = ListSet("blocklist", "blocklist_files", config.blocklist_files, config.block,
                         self.block, strict=first)
         allow = ListSet("allowlist", "allowlist_files", config.allowlist_files, config.allow,
@@ -137,6 +139,7 @@ class Worker:
         self._refusal_log = TokenBucket(config.log_refused_per_s or 1e9,
                                         max(1, int(config.log_refused_per_s or 1e9)), now)
         self.config = config
+        self.configured = True
         self._note_lists()
         for name, lst in (("blocklist", block), ("allowlist", allow)):
             for path, err in lst.errors[:20]:
@@ -181,7 +184,7 @@ class Worker:
         local = None if ipaddress.ip_address(host).is_unspecified else (host, port)
 
         family = lsock.family
-        raw_accept = lsock._accept  # noqa: SLF001 - (fd, addr) without socket.socket's wrapping
+        raw_accept = lsock._accept  # type: ignore[attr-defined]  # (fd, addr): no wrapping
 
         def on_accept(_mask: int) -> None:
             for _ in range(ACCEPT_BATCH):
@@ -335,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--listeners", required=True, help="JSON list of [address, fd]")
     args = ap.parse_args(argv)
     _die_with_parent()
+    raise_fd_limit()
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the master handles reloads
     listeners = [(str(a), int(fd)) for a, fd in json.loads(args.listeners)]
     # Connections make no reference cycles (they are broken at close), so the cyclic collector

@@ -21,13 +21,14 @@ on the first error). Pipes come from a small pool of empty pipes.
 
 from __future__ import annotations
 
+import _socket
 import errno
 import fcntl
 import os
 import socket
 from collections.abc import Callable
 
-from blindfold.io.reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Reactor
+from blindfold.io.reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
 
 F_SETPIPE_SZ = 1031
 HAVE_SPLICE = hasattr(os, "splice")
@@ -78,7 +79,7 @@ class _Half:
     __slots__ = ("data", "dst", "dst_sock", "eof", "hup", "moved", "offset", "pending",
                  "pipe_r", "pipe_w", "readable", "shut", "splice", "src", "writable")
 
-    def __init__(self, src: socket.socket, dst: socket.socket, splice: bool,
+    def __init__(self, src: _socket.socket, dst: _socket.socket, splice: bool,
                  readable: bool) -> None:
         self.src = src.fileno()
         self.dst = dst.fileno()
@@ -108,7 +109,7 @@ class Relay:
 
     __slots__ = ("_ab", "_ba", "_done", "_on_done", "_pool", "chunk")
 
-    def __init__(self, pool: PipePool, a: socket.socket, b: socket.socket,
+    def __init__(self, pool: PipePool, a: _socket.socket, b: _socket.socket,
                  on_done: Callable[[str | None], None], mode: str = "auto", *,
                  a_readable: bool = True, b_readable: bool = True) -> None:
         self._pool = pool

@@ -12,9 +12,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-Sample = list[object]  # [labels: list[str], value: float | list[float]]
+Sample = list[Any]  # [labels: list[str], value: float | list[float]] (JSON between processes)
 Snapshot = dict[str, list[Sample]]
 
 
@@ -51,26 +51,26 @@ class Histogram:
 
 
 def merge(snapshots: Iterable[Snapshot], specs: Mapping[str, MetricSpec]) -> Snapshot:
-    out: dict[str, dict[tuple[str, ...], object]] = {}
+    out: dict[str, dict[tuple[str, ...], Any]] = {}
     for snap in snapshots:
         for name, samples in snap.items():
             spec = specs.get(name)
             if spec is None:
                 continue
             table = out.setdefault(name, {})
-            for labels, value in samples:  # type: ignore[misc]
-                key = tuple(labels)  # type: ignore[arg-type]
+            for labels, value in samples:
+                key = tuple(labels)
                 old = table.get(key)
                 if old is None:
                     table[key] = value
                 elif spec.kind == "histogram":
-                    table[key] = [a + b for a, b in zip(old, value, strict=True)]  # type: ignore
+                    table[key] = [a + b for a, b in zip(old, value, strict=True)]
                 elif spec.merge == "min":
-                    table[key] = min(old, value)  # type: ignore[call-overload]
+                    table[key] = min(old, value)
                 elif spec.merge == "max":
-                    table[key] = max(old, value)  # type: ignore[call-overload]
+                    table[key] = max(old, value)
                 else:
-                    table[key] = old + value  # type: ignore[operator]
+                    table[key] = old + value
     return {name: [[list(k), v] for k, v in table.items()] for name, table in out.items()}
 
 
@@ -104,10 +104,10 @@ def render(snapshot: Snapshot, specs: Sequence[MetricSpec]) -> str:
         if samples is None:
             lines.append(f"{spec.name} 0")
             continue
-        for labels, value in sorted(samples, key=lambda s: [str(x) for x in s[0]]):  # type: ignore
+        for labels, value in sorted(samples, key=lambda s: [str(x) for x in s[0]]):
             if spec.kind == "histogram":
-                counts = value[:-2]  # type: ignore[index]
-                total_sum, total = value[-2], value[-1]  # type: ignore[index]
+                counts = value[:-2]
+                total_sum, total = value[-2], value[-1]
                 running = 0.0
                 for bound, count in zip([*spec.buckets, math.inf], counts, strict=True):
                     running += count
@@ -117,5 +117,5 @@ def render(snapshot: Snapshot, specs: Sequence[MetricSpec]) -> str:
                 lines.append(f"{spec.name}_sum{_labels(spec.labels, labels)} {_fmt(total_sum)}")
                 lines.append(f"{spec.name}_count{_labels(spec.labels, labels)} {_fmt(total)}")
             else:
-                lines.append(f"{spec.name}{_labels(spec.labels, labels)} {_fmt(value)}")  # type: ignore
+                lines.append(f"{spec.name}{_labels(spec.labels, labels)} {_fmt(value)}")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,132 @@
+"""Configuration: valid files load into frozen dataclasses; every error names its key."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from blindfold.cli.main import main
+from blindfold.config import Config, loads, reference
+from blindfold.config.schema import iter_documented
+from blindfold.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+GOOD = """
+[edge]
+listen = ["127.0.0.1:8443", "[::1]:8443"]
+admin_listen = "127.0.0.1:9100"
+
+[[edge.routes]]
+sni = ["example.test", "*.example.test"]
+mode = "passthrough"
+origins = ["127.0.0.1:9443", "origin.internal:443"]
+proxy_protocol = "v2"
+
+[[edge.ja4_rules]]
+prefix = "t12"
+action = "rate_limit"
+rate_per_s = 5
+"""
+
+
+def test_good_config() -> None:
+    cfg = loads(GOOD)
+    assert cfg.edge is not None
+    assert cfg.edge.listen == ("127.0.0.1:8443", "[::1]:8443")
+    assert cfg.edge.routes[0].proxy_protocol == "v2"
+    assert cfg.edge.ja4_rules[0].rate_per_s == 5.0  # ints accepted for floats
+    assert cfg.edge.hello_timeout_s == 5.0 and cfg.edge.max_hello_bytes == 16384
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.edge.workers = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("change", "key", "words"), [
+    ("[edge]\nbogus = 1\n", "edge.bogus", "unknown key"),
+    ("[edge]\nworkers = 'two'\n", "edge.workers", "integer"),
+    ("[edge]\nworkers = 1.5\n", "edge.workers", "integer"),
+    ("[edge]\nhello_timeout_s = -1\n", "edge.hello_timeout_s", ">="),
+    ("[edge]\nper_ip_concurrent = true\n", "edge.per_ip_concurrent", "integer"),
+    ("[edge]\nblock = ['10.0.0.0/33']\n", "edge.block[0]", "CIDR"),
+    ("[[edge.routes]]\nsni=['A.test']\norigins=['127.0.0.1:1']\n", "edge.routes[1].sni[0]",
+     "lower case"),
+    ("[[edge.routes]]\nsni=['a.test']\norigins=['127.0.0.1:1']\nmode='blind'\n",
+     "edge.routes[1].mode", "passthrough"),
+    ("[[edge.routes]]\nsni=['a.test']\norigins=['127.0.0.1:0']\n", "edge.routes[1].origins[0]",
+     "port 0"),
+    ("[[edge.routes]]\nsni=['example.test']\norigins=['127.0.0.1:1']\n", "edge.routes[1].sni",
+     "already served"),
+    ("[[edge.routes]]\nsni=['b.test']\norigins=['127.0.0.1:1']\nproxy_protocol='v3'\n",
+     "edge.routes[1].proxy_protocol", "'v2'"),
+    ("[[edge.ja4_rules]]\naction='block'\n", "edge.ja4_rules[1].ja4", "exactly one"),
+    ("[[edge.routes]]\norigins=['127.0.0.1:1']\n", "edge.routes[1].sni", "required"),
+])
+def test_errors_name_the_key(change: str, key: str, words: str) -> None:
+    text = GOOD + "\n" + change
+    if change.startswith("[edge]"):  # merge into the existing [edge] table
+        text = GOOD.replace("[edge]\n", change, 1)
+    with pytest.raises(ConfigError) as info:
+        loads(text)
+    assert info.value.key == key, str(info.value)
+    assert words in str(info.value)
+
+
+def test_bad_listen_address() -> None:
+    with pytest.raises(ConfigError) as info:
+        loads(GOOD.replace('"[::1]:8443"', '"::1:8443"'))
+    assert info.value.key == "edge.listen[1]"
+    assert "[addr]:port" in str(info.value)
+
+
+def test_unknown_top_level_section() -> None:
+    with pytest.raises(ConfigError) as info:
+        loads("[edgy]\nx=1\n")
+    assert info.value.key == "edgy"
+
+
+def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(GOOD)
+    assert main(["check-config", str(good)]) == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text(GOOD.replace('proxy_protocol = "v2"', 'proxy_protocol = "v9"'))
+    assert main(["check-config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "edge.routes[0].proxy_protocol" in err and "'v2'" in err
+    missing = tmp_path / "lists.toml"
+    missing.write_text(GOOD.replace("[edge]\n", "[edge]\nblocklist_files = ['/nonexistent']\n"))
+    assert main(["check-config", str(missing)]) == 2
+    assert "edge.blocklist_files[0]" in capsys.readouterr().err
+    assert main(["check-config", str(tmp_path / "absent.toml")]) == 2
+
+
+def test_every_key_is_documented() -> None:
+    doc = (ROOT / "docs" / "config.md").read_text()
+    for key, _type, help_text, _default in iter_documented(Config):
+        assert help_text, f"{key} has no doc string in the schema"
+    start, end = doc.index(reference.BEGIN), doc.index(reference.END) + len(reference.END)
+    assert doc[start:end] == reference.render(), (
+        "docs/config.md is out of date: regenerate its reference with "
+        "python -m blindfold.config.reference")
+    documented = set(re.findall(r"`\[*([a-z0-9_.]+)\]*`", doc))
+    for key, *_ in iter_documented(Config):
+        assert key in documented, key
+
+
+@given(st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["listen", "routes", "sni", "origins", "workers", "mode", "x"]), inner,
+        max_size=3), max_leaves=10))
+def test_any_table_loads_or_raises_config_error(value: object) -> None:
+    from blindfold.config.schema import build
+
+    try:
+        build(Config, {"edge": value})
+    except ConfigError:
+        pass
