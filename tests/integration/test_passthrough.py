@@ -86,3 +86,19 @@ def test_non_tls_bytes_never_reach_the_origin(start_edge: Start, origin: TlsOrig
     assert out.returncode != 0
     assert edge.wait_conn(outcome="refused", reason="not_tls") is not None
     assert origin.seen.peers == []
+
+
+def test_with_tcp_defer_accept(start_edge: Start, origin: TlsOrigin, site: dict[str, Path],
+                               marker: str) -> None:
+    edge = start_edge(cfg(origin, defer_accept=True, hello_timeout_s=2))
+    for i in range(3):
+        assert marker.encode() in get(edge.port, "example.test", site["ca"],
+                                      source=f"127.0.0.{20 + i}")
+    # a client that connects and says nothing is still cut (the kernel hands it over late)
+    import socket
+    import time
+
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=15) as s:
+        assert s.recv(10) == b""
+    assert time.monotonic() - t0 < 12

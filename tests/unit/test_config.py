@@ -130,3 +130,22 @@ def test_any_table_loads_or_raises_config_error(value: object) -> None:
         build(Config, {"edge": value})
     except ConfigError:
         pass
+
+
+def test_documented_examples_are_valid() -> None:
+    """The TOML examples in docs/config.md and the README load as they are."""
+    for doc in (ROOT / "docs" / "config.md", ROOT / "README.md"):
+        blocks = re.findall(r"```toml\n(.*?)```", doc.read_text(), re.S)
+        assert blocks, doc
+        for block in blocks:
+            if "[[edge.routes]]" not in block:  # a fragment: add the required keys
+                block = block.replace("[edge]", "[edge]\nlisten = ['127.0.0.1:1']", 1)
+                block += "\n[[edge.routes]]\nsni = ['a.test']\norigins = ['127.0.0.1:2']\n"
+            try:
+                loads(block)
+            except ConfigError as exc:
+                raise AssertionError(f"{doc.name}: {exc}\n{block}") from None
+    readme = (ROOT / "README.md").read_text()
+    example = re.search(r"cat > /tmp/edge.toml <<'EOF'\n(.*?)\nEOF", readme, re.S)
+    assert example is not None
+    loads(example.group(1))

@@ -59,5 +59,7 @@ def test_matches_ipaddress_reference(nets: list, probes: list) -> None:  # type:
     s = IPSet(nets)
     for probe in probes:
         version, value = parse_address(str(probe))
+        if probe.version == 6 and probe.ipv4_mapped is not None:
+            probe = probe.ipv4_mapped  # the edge treats IPv4-mapped IPv6 as IPv4
         expected = any(probe in n for n in nets)
         assert s.contains(value, version) == expected, (probe, nets)

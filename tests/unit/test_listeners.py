@@ -58,3 +58,14 @@ def test_bind_error_leaves_nothing_open() -> None:
             bind_group(f"127.0.0.1:{port}", 2)
     finally:
         holder.close()
+
+
+def test_a_second_group_on_the_same_port_is_refused() -> None:
+    first = bind_group("127.0.0.1:0", 2)
+    port = first[0].getsockname()[1]
+    try:
+        with pytest.raises(OSError):
+            bind_group(f"127.0.0.1:{port}", 2)  # would silently share the port otherwise
+    finally:
+        for s in first:
+            s.close()

@@ -89,8 +89,9 @@ class EdgeMaster:
                     groups[address] = self.groups[address]
                     continue
                 try:
-                    groups[address] = bind_group(address, self.nworkers,
-                                                 ipv6_prefix_len=config.ipv6_prefix_len)
+                    groups[address] = bind_group(
+                        address, self.nworkers, ipv6_prefix_len=config.ipv6_prefix_len,
+                        defer_accept_s=int(config.hello_timeout_s) if config.defer_accept else 0)
                 except OSError as exc:
                     raise ConfigError(f"edge.listen[{i}]",
                                       f"cannot listen on {address}: {exc.strerror}") from None

@@ -73,7 +73,10 @@ class Conn:
 
     # ---------------------------------------------------------------- HELLO
     def start(self) -> None:
-        self._read_hello()
+        # With TCP_DEFER_ACCEPT the hello is usually readable already: try before polling.
+        # Without, it is usually still on its way: a read now would only return EAGAIN.
+        if self.worker.config.defer_accept:
+            self._read_hello()
         if self.phase == HELLO:
             worker = self.worker
             self.timer = worker.reactor.call_later(worker.config.hello_timeout_s,
@@ -83,25 +86,29 @@ class Conn:
 
     def _on_client(self, mask: int) -> None:
         if mask & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR):
-            if self.phase == HELLO:
-                self._read_hello()
-            else:  # CONNECTING: the relay will read it
+            if self.phase != HELLO:  # CONNECTING: the relay will read it
                 self.client_in = True
+                return
+            # Edge-triggered: after FIN/RST read on to the end, no further edge will come.
+            ended = mask & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)
+            while self._read_hello() and ended and self.phase == HELLO:
+                pass
 
-    def _read_hello(self) -> None:
+    def _read_hello(self) -> bool:
+        """Read what has arrived and try to parse. True if bytes were read (more may follow)."""
         worker = self.worker
         limit = worker.config.max_hello_bytes
         want = limit - len(self.buf)
         try:
             data = self.client.recv(want)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             self.close("refused", "hello_eof")
-            return
+            return False
         if not data:
             self.close("refused", "hello_eof")
-            return
+            return False
         self.buf = self.buf + data if self.buf else data
         self.client_in = len(data) == want  # a full read may have left bytes behind
         t0 = time.perf_counter()
@@ -110,11 +117,12 @@ class Conn:
         except ProtocolError as exc:
             worker.stats.hello_parse.observe(time.perf_counter() - t0)
             self.close("refused", exc.reason)
-            return
+            return False
         worker.stats.hello_parse.observe(time.perf_counter() - t0)
         if hello is not None:
             self.hello = hello
             self._on_hello(hello)
+        return True
 
     def _hello_timeout(self) -> None:
         self.timer = None

@@ -101,12 +101,20 @@ def _attach_steering(sock: socket.socket, version: int, workers: int, prefix: in
                     ctypes.string_at(ctypes.addressof(fprog), ctypes.sizeof(fprog)))
 
 
-def bind_group(address: str, workers: int, *, backlog: int = 4096, defer_accept_s: int = 1,
+def bind_group(address: str, workers: int, *, backlog: int = 4096, defer_accept_s: int = 0,
                ipv6_prefix_len: int = 64) -> list[socket.socket]:
     """Bind `workers` SO_REUSEPORT listening sockets on `address` ('ip:port'), steered by
     client address. With port 0 the first socket's port is reused for the others."""
     host, port = parse_hostport(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port:
+        # SO_REUSEPORT would let us join another process's listeners on this port (a second
+        # edge started by mistake) and split its traffic silently: a plain bind tells.
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            probe.bind((host, port))
     socks: list[socket.socket] = []
     try:
         for _ in range(workers):

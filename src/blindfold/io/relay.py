@@ -181,8 +181,9 @@ class Relay:
                     return
                 try:
                     if h.data:  # copy-mode bytes (also the last ones read before a switch)
-                        n = os.write(h.dst, memoryview(h.data)[h.offset:])
-                        h.offset += n
+                        offset = h.offset
+                        n = os.write(h.dst, memoryview(h.data)[offset:] if offset else h.data)
+                        h.offset = offset + n
                         if n == h.pending:
                             h.data = b""
                     else:
