@@ -21,8 +21,22 @@ def _check_config(path: str) -> int:
             ListSet("blocklist", "blocklist_files", edge.blocklist_files, edge.block, strict=True)
             ListSet("allowlist", "allowlist_files", edge.allowlist_files, edge.allow, strict=True)
             sections.append(f"edge ({len(edge.routes)} routes, {len(edge.listen)} listeners)")
+        if config.origin is not None:
+            from blindfold.origin.agent import build_waf
+            from blindfold.origin.tls import SiteTls
+
+            origin = config.origin
+            if origin.certificates:
+                SiteTls(origin.certificates)
+            if origin.decisions.listen:
+                from blindfold.decisions.api import load_api_keys
+
+                load_api_keys(origin.decisions.api_keys_file)
+            build_waf(origin)
+            waf = f"PL{origin.waf.paranoia_level}" if origin.waf.enabled else "off"
+            sections.append(f"origin (upstream {origin.upstream}, WAF {waf})")
         if not sections:
-            raise ConfigError("", f"{path} has no known section (expected [edge])")
+            raise ConfigError("", f"{path} has no known section (expected [edge] or [origin])")
     except ConfigError as exc:
         print(f"{path}: {exc}", file=sys.stderr)
         return 2
@@ -39,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p_edge = sub.add_parser("edge", help="run an edge (passthrough routes)")
     p_edge.add_argument("--config", "-c", required=True, help="TOML configuration file")
+
+    p_origin = sub.add_parser("origin", help="run the origin agent (TLS, WAF, decisions)")
+    p_origin.add_argument("--config", "-c", required=True, help="TOML configuration file")
 
     p_check = sub.add_parser("check-config", help="validate a configuration file")
     p_check.add_argument("file")
@@ -57,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         from blindfold.edge.master import run_edge
 
         return run_edge(args.config)
+    if args.command == "origin":
+        from blindfold.origin.agent import run_origin
+
+        return run_origin(args.config)
     if args.command == "check-config":
         return _check_config(args.file)
     if args.command == "demo":

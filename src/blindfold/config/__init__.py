@@ -8,16 +8,19 @@ from pathlib import Path
 from typing import Any
 
 from blindfold.config.edge import EdgeConfig
+from blindfold.config.origin import OriginConfig
 from blindfold.config.schema import build, setting
 from blindfold.errors import ConfigError
 
-__all__ = ["Config", "ConfigError", "EdgeConfig", "load_file", "loads"]
+__all__ = ["Config", "ConfigError", "EdgeConfig", "OriginConfig", "load_file", "loads"]
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    edge: EdgeConfig | None = setting(  # noqa: RUF009 - returns a dataclasses.field
+    edge: EdgeConfig | None = setting(  # setting() returns a dataclasses.field
         None, doc="The edge process (`blindfold edge`).")
+    origin: OriginConfig | None = setting(
+        None, doc="The origin agent (`blindfold origin`) beside the site's application.")
 
 
 def loads(text: str, source: str = "<config>") -> Config:

@@ -102,6 +102,32 @@ class Ja4Rule:
 
 
 @dataclass(frozen=True, slots=True)
+class DecisionSourceConfig:
+    url: str = setting("", doc="Decision stream to follow: blindfold's origin "
+                       "('https://origin:8089') or a CrowdSec Local API; its "
+                       "/v1/decisions/stream is polled.",
+                       check=lambda v: None if not v or v.startswith(("https://", "http://"))
+                       else "expected an https:// URL")
+    api_key_file: str = setting("", doc="File holding this edge's API key (sent as X-Api-Key).")
+    ca: str = setting("", doc="CA bundle that verifies the decision source's certificate; "
+                      "empty: the system's CAs.")
+    server_name: str = setting("", doc="Name expected in the source's certificate (default: "
+                               "the URL's host).")
+    poll_interval_s: float = setting(1.0, doc="How often the stream is polled.", min=0.1,
+                                     max=300)
+    timeout_s: float = setting(5.0, doc="Deadline for one poll.", min=0.1, max=60)
+    redis_url: str = setting("", doc="Follow decisions through Redis instead of (or as well "
+                             "as) the URL, and share per-address connection rates with the "
+                             "other edges there; e.g. 'redis://127.0.0.1:6379/0'.")
+
+    def __post_init__(self) -> None:
+        if self.url and not self.api_key_file:
+            raise ConfigError("api_key_file", "a decision stream URL needs this edge's API key")
+        if self.url.startswith("http://") and not self.url.startswith("http://127."):
+            raise ConfigError("url", "decisions travel over https (plain http only on loopback)")
+
+
+@dataclass(frozen=True, slots=True)
 class EdgeConfig:
     listen: tuple[str, ...] = setting(
         doc="Addresses the edge accepts visitors on, 'ip:port' ('[::]:443' for IPv6).",
@@ -174,6 +200,9 @@ class EdgeConfig:
         2.0, doc="How often list files are checked for changes.", min=0.1, max=3600)
     ja4_rules: tuple[Ja4Rule, ...] = setting(
         (), doc="Fingerprint rules, first match wins.")
+    decisions: DecisionSourceConfig | None = setting(
+        None, doc="Bans made elsewhere (the origin agent, CrowdSec) that this edge enforces: "
+        "new connections from a banned address are refused and its open ones closed.")
     pipe_size_bytes: int = setting(
         262144, doc="Kernel pipe capacity per direction used by splice (rounded by the kernel to "
         "pages). Non-root processes are limited by fs.pipe-user-pages-soft.", min=4096,

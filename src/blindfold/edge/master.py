@@ -23,6 +23,7 @@ from typing import Any
 from blindfold.config import Config, load_file
 from blindfold.config.common import parse_hostport
 from blindfold.config.edge import EdgeConfig
+from blindfold.decisions.feed import BanSet, StreamFeed
 from blindfold.edge.stats import EDGE_METRICS, EDGE_SPECS, top_ja4
 from blindfold.errors import ConfigError
 from blindfold.io.admin_http import AdminServer
@@ -79,6 +80,10 @@ class EdgeMaster:
         self._stop = asyncio.Event()
         self.admin = AdminServer(self._admin)
         self.admin_address: tuple[str, int] | None = None
+        self.ban_nets: list[str] = []
+        self.bans = BanSet(self._push_bans)
+        self.feeds: list[Any] = []
+        self.feed_tasks: list[asyncio.Task[None]] = []
 
     # ---------------------------------------------------------------- start
     def bind(self, config: EdgeConfig) -> dict[str, list[socket.socket]]:
@@ -126,6 +131,8 @@ class EdgeMaster:
         handle.ready = asyncio.get_running_loop().create_future()
         handle.task = asyncio.create_task(self._read_worker(handle))
         handle.send({"op": "config", "text": self.text})
+        if self.ban_nets:
+            handle.send({"op": "bans", "nets": self.ban_nets})
         return handle
 
     async def _read_worker(self, handle: WorkerHandle) -> None:
@@ -140,10 +147,10 @@ class EdgeMaster:
                     handle.state = "ready" if handle.state == "starting" else handle.state
                     if handle.ready is not None and not handle.ready.done():
                         handle.ready.set_result(None)
-                elif op == "stats":
+                elif op in ("stats", "rates"):
                     fut = handle.replies.pop(message.get("id"), None)
                     if fut is not None and not fut.done():
-                        fut.set_result(message["metrics"])
+                        fut.set_result(message["metrics"] if op == "stats" else message)
                 elif op in ("reloaded", "config_failed"):
                     if op == "config_failed":
                         self.log.emit("worker_config_failed", worker=handle.index,
@@ -172,6 +179,7 @@ class EdgeMaster:
         self.generation = 1
         self.workers = [await self.spawn(i, 1) for i in range(self.nworkers)]
         await self._wait_ready(self.workers)
+        await self._start_feeds(self.config)
         self.log.emit("edge_ready", listen=self._bound_addresses(),
                       admin=f"{self.admin_address[0]}:{self.admin_address[1]}",
                       workers=self.nworkers, pid=os.getpid(),
@@ -183,6 +191,73 @@ class EdgeMaster:
             await asyncio.wait_for(asyncio.gather(*futures), READY_TIMEOUT_S)
         except TimeoutError:
             raise ConfigError("", "workers did not become ready in time") from None
+
+    # ---------------------------------------------------------------- decisions
+    async def _start_feeds(self, config: EdgeConfig) -> None:
+        for task in self.feed_tasks:
+            task.cancel()
+        for feed in self.feeds:
+            close = getattr(feed, "close", None)
+            if close is not None:
+                await close()
+        self.feeds, self.feed_tasks = [], []
+        src = config.decisions
+        if src is None:
+            if self.bans.active:
+                self.bans.apply("stream", [], [], time.time(), replace=True)
+                self.bans.apply("redis", [], [], time.time(), replace=True)
+            return
+        loop = asyncio.get_running_loop()
+        if src.url:
+            feed = StreamFeed(src, self.bans, self.log)
+            self.feeds.append(feed)
+            self.feed_tasks.append(loop.create_task(feed.run()))
+        if src.redis_url:
+            from blindfold.decisions.redis_bus import RedisFeed
+
+            rfeed = RedisFeed(src.redis_url, self.bans, self.log, config)
+            self.feeds.append(rfeed)
+            self.feed_tasks.append(loop.create_task(rfeed.run()))
+            self.feed_tasks.append(loop.create_task(self._share_rates(rfeed)))
+        self.feed_tasks.append(loop.create_task(self._expire_bans()))
+
+    async def _share_rates(self, feed: Any) -> None:
+        """Every second: collect the workers' per-address counts, add them in Redis."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            waits = []
+            for handle in self.workers:
+                if handle.state != "ready":
+                    continue
+                self._stats_id += 1
+                fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+                handle.replies[self._stats_id] = fut
+                handle.send({"op": "rates", "id": self._stats_id})
+                waits.append(fut)
+            counts: dict[str, int] = {}
+            if waits:
+                done, pending = await asyncio.wait(waits, timeout=STATS_TIMEOUT_S)
+                for fut in pending:
+                    fut.cancel()
+                for fut in done:
+                    if not fut.cancelled() and fut.exception() is None:
+                        for ip, n in fut.result().get("counts", {}).items():
+                            counts[ip] = counts.get(ip, 0) + int(n)
+            over = await feed.share_rates(counts)
+            if over:
+                self.log.emit("shared_rate_exceeded", addresses=over[:20], count=len(over))
+
+    async def _expire_bans(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            self.bans.expire(time.time())
+
+    def _push_bans(self, nets: list[str]) -> None:
+        self.ban_nets = nets
+        self.log.emit("bans_updated", active=len(nets))
+        for handle in [*self.workers, *self.old_workers]:
+            handle.send({"op": "bans", "nets": nets})
 
     # ---------------------------------------------------------------- run
     async def run(self) -> int:
@@ -247,6 +322,13 @@ class EdgeMaster:
         if new.admin_listen != self.config.admin_listen:
             self.log.emit("reload_note", note="'admin_listen' changes take effect at restart")
         self.text = text
+        if new.decisions != self.config.decisions:
+            try:
+                await self._start_feeds(new)
+            except ConfigError as exc:
+                self._count_reload("invalid")
+                self.log.emit("reload_failed", error=str(exc))
+                return
         if tuple(new.listen) != tuple(self.groups):
             await self._new_generation(new)
             return
@@ -359,6 +441,15 @@ class EdgeMaster:
             states[handle.state] = states.get(handle.state, 0) + 1
         merged["blindfold_workers"] = [[[k], v] for k, v in states.items()]
         merged["blindfold_config_reloads_total"] = [[[k], v] for k, v in self.reloads.items()]
+        merged["blindfold_decisions_active"] = [[[], len(self.bans.active)]]
+        for feed in self.feeds:
+            kind = feed.kind if hasattr(feed, "kind") else "stream"
+            merged.setdefault("blindfold_decisions_source_up", []).append(
+                [[kind], int(feed.up)])
+            for result, n in feed.polls.items():
+                if result != "logged_down":
+                    merged.setdefault("blindfold_decisions_polls_total", []).append(
+                        [[kind, result], n])
         return render(merged, EDGE_METRICS_ALL)
 
 

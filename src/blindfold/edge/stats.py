@@ -45,6 +45,15 @@ EDGE_METRICS = [
     MetricSpec("blindfold_config_reloads_total", "counter",
                "Configuration reloads by result.", ("result",)),
     MetricSpec("blindfold_workers", "gauge", "Worker processes by state.", ("state",)),
+    MetricSpec("blindfold_decisions_active", "gauge",
+               "Bans from decision sources being enforced."),
+    MetricSpec("blindfold_decisions_source_up", "gauge",
+               "1 if the decision source answered its last poll; 0: enforcing the last known "
+               "set.", ("source",)),
+    MetricSpec("blindfold_decisions_polls_total", "counter", "Decision source polls by result.",
+               ("source", "result")),
+    MetricSpec("blindfold_connections_closed_by_ban_total", "counter",
+               "Open connections closed because their address was banned."),
 ]
 EDGE_SPECS = {spec.name: spec for spec in EDGE_METRICS}
 

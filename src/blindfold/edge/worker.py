@@ -21,7 +21,7 @@ from typing import Any
 
 from blindfold.config import loads
 from blindfold.config.edge import EdgeConfig
-from blindfold.core.iplist import parse_address
+from blindfold.core.iplist import IPSet, parse_address, parse_list
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.core.routing import SniRouter
 from blindfold.edge.guards import Guards
@@ -74,6 +74,9 @@ class Worker:
         self._next_list_check = 0.0
         self._refusal_log = TokenBucket(200.0, 200, 0.0)
         self.suppressed_logs = 0
+        self.closed_by_ban = 0
+        self.rate_counts: dict[str, int] = {}  # new connections per address, when shared
+        self.share_rates = False
         self._log_flushed = 0.0
         self.block: ListSet | None = None
         self.allow: ListSet | None = None
@@ -134,6 +137,7 @@ class Worker:
                 self.pipes.clear()
                 self.pipes = PipePool(config.pipe_size_bytes)
         self.relay_mode = config.relay
+        self.share_rates = bool(config.decisions and config.decisions.redis_url)
         self.block, self.allow = block, allow
         self.guards.block, self.guards.allow = block.ipset, allow.ipset
         self._refusal_log = TokenBucket(config.log_refused_per_s or 1e9,
@@ -211,6 +215,8 @@ class Worker:
                     self._refused_at_accept(ip, port, refused or "refused")
                     continue
                 sock.setblocking(False)
+                if self.share_rates and len(self.rate_counts) < 50_000:
+                    self.rate_counts[ip] = self.rate_counts.get(ip, 0) + 1
                 conn = Conn(self, sock, ip, port, adm, local)
                 self.conns.add(conn)
                 conn.start()
@@ -287,6 +293,27 @@ class Worker:
             self.control.send({"op": "stats", "id": message.get("id"), "metrics": self.snapshot()})
         elif op == "drain":
             self.drain()
+        elif op == "rates":
+            counts, self.rate_counts = self.rate_counts, {}
+            self.control.send({"op": "rates", "id": message.get("id"), "counts": counts})
+        elif op == "bans":
+            self.apply_bans(message.get("nets") or [])
+
+    def apply_bans(self, nets: list[str]) -> None:
+        """Enforce a new ban set: new connections are refused at accept; open ones from a banned
+        address are closed now."""
+        networks, errors = parse_list("\n".join(nets))
+        for err in errors[:5]:
+            self.log.log("ban_ignored", text=err.text, problem=err.problem)
+        self.guards.bans = IPSet(networks)
+        closed = 0
+        for conn in list(self.conns):
+            version, addr = parse_address(conn.ip)
+            if self.guards.is_banned(version, addr):
+                conn.close("banned", "banned")
+                closed += 1
+        self.closed_by_ban += closed
+        self.log.log("bans_applied", bans=len(networks), closed=closed, worker=self.index)
 
     def snapshot(self) -> dict[str, Any]:
         origins = []
@@ -297,6 +324,7 @@ class Worker:
         snap = self.stats.snapshot(len(self.conns), self.guards.tracked, self.log.dropped,
                                    origins)
         snap["blindfold_log_lines_suppressed_total"] = [[[], self.suppressed_logs]]
+        snap["blindfold_connections_closed_by_ban_total"] = [[[], self.closed_by_ban]]
         return snap
 
     def drain(self) -> None:

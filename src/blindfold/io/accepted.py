@@ -55,3 +55,21 @@ async def start_tls_server(sock: socket.socket, context: ssl.SSLContext,
         lambda: protocol, sock, ssl=context, ssl_handshake_timeout=handshake_timeout_s)
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
     return reader, writer
+
+
+async def peek(sock: socket.socket, n: int, timeout_s: float) -> bytes:
+    """Up to `n` bytes from `sock` without consuming them (MSG_PEEK), waiting until some
+    arrive. b'' means the peer closed."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(timeout_s):
+        while True:
+            try:
+                return sock.recv(n, socket.MSG_PEEK)
+            except (BlockingIOError, InterruptedError):
+                pass
+            ready = loop.create_future()
+            loop.add_reader(sock.fileno(), ready.set_result, None)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(sock.fileno())

@@ -1,0 +1,184 @@
+"""Schema of the `[origin]` section: the agent beside the site's application."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Literal
+
+from blindfold.config.common import check_ip_hostport
+from blindfold.config.schema import setting
+from blindfold.errors import ConfigError
+
+
+def _cidrs(values: tuple[str, ...]) -> str | None:
+    for i, v in enumerate(values):
+        try:
+            ipaddress.ip_network(v, strict=False)
+        except ValueError:
+            return f"[{i}]: {v!r} is not an IP address or CIDR"
+    return None
+
+
+def _listens(values: tuple[str, ...]) -> str | None:
+    for i, v in enumerate(values):
+        problem = check_ip_hostport(v)
+        if problem:
+            return f"[{i}]: {problem}"
+    return None
+
+
+def _upstream(value: str) -> str | None:
+    from blindfold.web.client import UpstreamTarget
+
+    try:
+        UpstreamTarget.parse(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateConfig:
+    cert: str = setting(doc="PEM certificate chain (leaf first). Its DNS names select it by SNI.")
+    key: str = setting(doc="PEM private key of that certificate (the origin is where the "
+                       "site's keys live).")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    max_header_bytes: int = setting(16384, doc="Largest request head (HTTP/1.1) or header "
+                                    "list (HTTP/2); larger gets 431 / a connection error.",
+                                    min=1024, max=1 << 20)
+    max_headers: int = setting(100, doc="Most header fields in a request.", min=8, max=10000)
+    max_body_bytes: int = setting(100 << 20, doc="Largest request body; larger gets 413.",
+                                  min=0)
+    header_timeout_s: float = setting(10.0, doc="Deadline for a whole request head.", min=0.1)
+    body_timeout_s: float = setting(30.0, doc="Longest pause inside a request body (slow "
+                                    "uploads get 408).", min=0.1)
+    keepalive_timeout_s: float = setting(60.0, doc="Idle time before a client connection is "
+                                         "closed.", min=0.1)
+    send_timeout_s: float = setting(60.0, doc="A client that reads nothing of its response for "
+                                    "this long is disconnected.", min=0.1)
+    tls_handshake_timeout_s: float = setting(10.0, doc="Deadline for the TLS handshake.",
+                                             min=0.1)
+    h2_max_concurrent_streams: int = setting(100, doc="HTTP/2 streams a client may have open.",
+                                             min=1, max=1000)
+    h2_max_resets_per_window: int = setting(200, doc="Client stream resets tolerated per 10 s "
+                                            "(rapid reset defence).", min=1)
+    h2_max_control_frames_per_window: int = setting(500, doc="SETTINGS/PING/WINDOW_UPDATE/"
+                                                    "PRIORITY/empty DATA frames tolerated per "
+                                                    "10 s.", min=10)
+    upstream_connect_timeout_s: float = setting(5.0, doc="Deadline to connect to the "
+                                                "application.", min=0.05)
+    upstream_timeout_s: float = setting(60.0, doc="Longest wait for the application to send "
+                                        "or accept bytes.", min=0.1)
+    upstream_pool_size: int = setting(32, doc="Idle keep-alive connections kept to the "
+                                      "application.", min=0)
+
+
+@dataclass(frozen=True, slots=True)
+class WafExclusionConfig:
+    path_prefix: str = setting(doc="Requests whose path starts with this...")
+    rule_ids: tuple[int, ...] = setting((), doc="...skip these rule ids; empty: no rule runs "
+                                        "for the path.")
+
+
+@dataclass(frozen=True, slots=True)
+class WafConfig:
+    enabled: bool = setting(True, doc="Inspect requests with ModSecurity v3 and the OWASP CRS.")
+    mode: Literal["block", "detect"] = setting("block", doc="'block' answers 403 (with a "
+                                               "request id); 'detect' only logs.")
+    paranoia_level: int = setting(1, doc="CRS paranoia level 1-4.", min=1, max=4)
+    anomaly_threshold: int = setting(5, doc="CRS inbound anomaly score that blocks.", min=1)
+    allowed_methods: str = setting("", doc="CRS tx.allowed_methods, space separated (e.g. "
+                                   "'GET HEAD POST OPTIONS PUT PATCH DELETE' for a REST API); "
+                                   "empty keeps CRS's GET HEAD POST OPTIONS.")
+    body_limit_bytes: int = setting(13107200, doc="Most request body bytes the WAF buffers and "
+                                    "inspects (SecRequestBodyLimit).", min=0)
+    body_no_files_limit_bytes: int = setting(131072, doc="Most non-file body bytes inspected "
+                                             "(SecRequestBodyNoFilesLimit).", min=0)
+    body_limit_action: Literal["reject", "partial"] = setting(
+        "partial", doc="A body over body_limit_bytes: 'reject' answers 413; 'partial' inspects "
+        "the first body_limit_bytes and streams the rest unseen.")
+    exclusions: tuple[WafExclusionConfig, ...] = setting((), doc="Per-path rule exclusions.")
+    extra_rules_files: tuple[str, ...] = setting((), doc="More ModSecurity rule files, loaded "
+                                                 "after the CRS.")
+    crs_rules_dir: str = setting("/usr/share/modsecurity-crs/rules",
+                                 doc="The CRS rules (Debian's modsecurity-crs).")
+    crs_setup_dir: str = setting("/etc/modsecurity/crs", doc="Where crs-setup.conf and the "
+                                 "REQUEST-900/RESPONSE-999 exclusion files are.")
+    unicode_map_file: str = setting("/etc/modsecurity/unicode.mapping",
+                                    doc="SecUnicodeMapFile (scripts/bootstrap installs it).")
+    audit_log: str = setting("", doc="JSON lines of every request a rule matched (request id, "
+                             "client, rule ids); empty: the main log.")
+
+
+@dataclass(frozen=True, slots=True)
+class RateRuleConfig:
+    path_prefix: str = setting(doc="Requests whose path starts with this are counted...")
+    rate_per_s: float = setting(doc="...per client address at this rate...", min=0.001)
+    burst: int = setting(10, doc="...with this burst; past it the address is banned.", min=1)
+    ban_duration_s: float = setting(600.0, doc="How long that ban lasts.", min=1)
+    name: str = setting("", doc="Shown as the decision's reason.")
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionsConfig:
+    listen: str = setting("", doc="HTTPS address serving the decision stream to edges "
+                          "(CrowdSec bouncer API shape); empty: not served.",
+                          check=lambda v: check_ip_hostport(v) if v else None)
+    cert: str = setting("", doc="Certificate of that listener (default: the first "
+                        "[[origin.certificates]]).")
+    key: str = setting("", doc="Its key.")
+    api_keys_file: str = setting("", doc="Edge API keys, one per line ('name:key' or 'key'); "
+                                 "edges send theirs in X-Api-Key.")
+    ban_after_blocks: int = setting(3, doc="WAF blocks from one address within "
+                                    "block_window_s that ban it (1: the first block bans).",
+                                    min=1)
+    block_window_s: float = setting(60.0, doc="Window for counting WAF blocks.", min=1)
+    ban_duration_s: float = setting(3600.0, doc="Duration of a ban created by WAF blocks.",
+                                    min=1)
+    rate_rules: tuple[RateRuleConfig, ...] = setting((), doc="Per-path request-rate rules that "
+                                                     "ban.")
+    redis_url: str = setting("", doc="Publish decisions to Redis too (keys with TTL + "
+                             "pub/sub), for many edges; e.g. 'redis://127.0.0.1:6379/0'.")
+
+
+@dataclass(frozen=True, slots=True)
+class OriginConfig:
+    upstream: str = setting(doc="The application: 'http://127.0.0.1:8080', "
+                            "'https://host:port' or 'unix:/run/app.sock'.", check=_upstream)
+    listen: tuple[str, ...] = setting(("127.0.0.1:9443",), doc="TLS listeners for edges "
+                                      "(and direct visitors if allowed).", check=_listens)
+    http_listen: tuple[str, ...] = setting((), doc="Plain-HTTP listeners (no TLS): for local "
+                                           "health checks and WAF measurements, never for "
+                                           "edges.", check=_listens)
+    certificates: tuple[CertificateConfig, ...] = setting(
+        (), doc="The site's certificates; the SNI picks one, the first is the default.")
+    trusted_edges: tuple[str, ...] = setting((), doc="Edge addresses/CIDRs whose PROXY "
+                                             "header is believed.", check=_cidrs)
+    proxy_protocol: Literal["required", "optional", "off"] = setting(
+        "required", doc="'required': every connection must come from a trusted edge and start "
+        "with a PROXY v1/v2 header; 'optional': trusted edges may send one, others connect "
+        "directly; 'off': no PROXY header is read.")
+    proxy_header_timeout_s: float = setting(5.0, doc="Deadline for the PROXY header.", min=0.1)
+    admin_listen: str = setting("127.0.0.1:9101", doc="Address of /metrics and /healthz.",
+                                check=check_ip_hostport)
+    log_path: str = setting("", doc="Where JSON log lines go; empty = standard output.")
+    access_log: bool = setting(True, doc="One JSON line per request.")
+    max_connections: int = setting(10000, doc="Open client connections at most.", min=1)
+    http: HttpConfig = setting(default_factory=HttpConfig, doc="HTTP limits and timeouts.")
+    waf: WafConfig = setting(default_factory=WafConfig, doc="The web application firewall.")
+    decisions: DecisionsConfig = setting(default_factory=DecisionsConfig,
+                                         doc="Bans created here and served to edges.")
+
+    def __post_init__(self) -> None:
+        if self.listen and not self.certificates:
+            raise ConfigError("certificates", "TLS listeners need at least one "
+                              "[[origin.certificates]]")
+        if self.proxy_protocol == "required" and not self.trusted_edges:
+            raise ConfigError("trusted_edges", "proxy_protocol = 'required' needs the edges' "
+                              "addresses")
+        if self.decisions.listen and not self.decisions.api_keys_file:
+            raise ConfigError("decisions.api_keys_file", "the decision stream needs API keys")

@@ -1,0 +1,1 @@
+"""Decisions (bans) created at the origin and enforced by every edge."""

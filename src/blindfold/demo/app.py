@@ -1,0 +1,120 @@
+"""A small web application for the demo and the tests (Python's http.server, threads).
+
+GET /                 a page naming the visitor address the application was told
+GET /bytes?n=N        N bytes, streamed
+POST /upload          counts and hashes the body as it streams in
+GET|POST /echo        the request head and body back, as JSON
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+
+class AppHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "blindfold-demo-app"
+    seen: list[dict[str, str]] = []
+    lock = threading.Lock()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _record(self) -> dict[str, str]:
+        info = {"peer": self.client_address[0],
+                "x-forwarded-for": self.headers.get("X-Forwarded-For", ""),
+                "forwarded": self.headers.get("Forwarded", ""),
+                "x-request-id": self.headers.get("X-Request-Id", ""),
+                "path": self.path, "method": self.command}
+        with self.lock:
+            self.seen.append(info)
+            del self.seen[:-1000]
+        return info
+
+    def _send(self, status: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            out = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return bytes(out)
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        return self.rfile.read(length) if length else b""
+
+    def do_GET(self) -> None:
+        info = self._record()
+        url = urlsplit(self.path)
+        if url.path == "/bytes":
+            n = int(parse_qs(url.query).get("n", ["0"])[0])
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(n))
+            self.end_headers()
+            chunk = b"b" * 65536
+            while n > 0:
+                part = chunk[: min(n, len(chunk))]
+                self.wfile.write(part)
+                n -= len(part)
+            return
+        if url.path == "/echo":
+            self._send(200, json.dumps(info).encode(), "application/json")
+            return
+        page = (f"<!doctype html><title>demo app</title><h1>Hello from the application</h1>"
+                f"<p>The origin agent says the visitor is <b>{info['x-forwarded-for']}</b>.</p>"
+                f"<p>Request id {info['x-request-id']}</p>\n").encode()
+        self._send(200, page, "text/html; charset=utf-8")
+
+    do_HEAD = do_GET
+
+    def do_POST(self) -> None:
+        info = self._record()
+        if self.path.startswith("/upload"):
+            h = hashlib.sha256()
+            total = 0
+            length = int(self.headers.get("Content-Length") or 0)
+            while total < length:
+                piece = self.rfile.read(min(65536, length - total))
+                if not piece:
+                    break
+                h.update(piece)
+                total += len(piece)
+            self._send(200, json.dumps({"bytes": total, "sha256": h.hexdigest()}).encode(),
+                       "application/json")
+            return
+        body = self._body()
+        info["body"] = body.decode("latin-1")[:1000]
+        self._send(200, json.dumps(info).encode(), "application/json")
+
+    do_PUT = do_POST
+
+
+class DemoApp:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.server = ThreadingHTTPServer((host, port), AppHandler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def seen(self) -> list[dict[str, str]]:
+        return AppHandler.seen
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

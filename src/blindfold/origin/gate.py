@@ -1,0 +1,147 @@
+"""The origin's request handler: WAF inspection, decision rules, then the reverse proxy.
+
+The WAF sees the request head, then up to its inspection limit of body, before any byte goes to
+the application; the inspected bytes are then replayed to the application and the rest of the
+body streams through unseen (or is refused, with `body_limit_action = "reject"`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from blindfold.decisions.core import DecisionRules
+from blindfold.waf.engine import Match, Verdict, WafEngine
+from blindfold.web.messages import (
+    BodyStream,
+    BodyTimeout,
+    BodyTooLarge,
+    Request,
+    Responder,
+    simple_response,
+)
+from blindfold.web.proxy import ReverseProxy
+
+Ban = Callable[[str, float, str], None]  # (ip, duration_s, reason)
+Log = Callable[..., None]
+
+
+class OriginGate:
+    def __init__(self, proxy: ReverseProxy, waf: WafEngine | None, rules: DecisionRules,
+                 ban: Ban, log: Log, *, inspect_limit: int, reject_over_limit: bool,
+                 detect_only: bool, stats: dict[str, Any], access_log: bool = True) -> None:
+        self.proxy = proxy
+        self.waf = waf
+        self.rules = rules
+        self.ban = ban
+        self.log = log
+        self.inspect_limit = inspect_limit
+        self.reject_over_limit = reject_over_limit
+        self.detect_only = detect_only
+        self.stats = stats
+        self.access_log = access_log
+
+    def _count(self, key: str, n: int = 1) -> None:
+        self.stats[key] = self.stats.get(key, 0) + n
+
+    async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
+        t0 = time.monotonic()
+        now = time.time()
+        ip = request.client[0]
+        status = 0
+        sent = 0
+        waf_state = None
+        ban = self.rules.on_request(ip, request.path, now)
+        if ban is not None:
+            self.ban(*ban)
+        tx = None
+        verdict_ids: tuple[int, ...] = ()
+        try:
+            verdict: Verdict | None = None
+            prefix: list[bytes] = []
+            if self.waf is not None:
+                tx = self.waf.transaction(request.request_id, request.client, request.server)
+                version = "2.0" if request.http_version == "2" else request.http_version
+                headers = request.headers
+                if request.http_version == "2" and request.header(b"host") is None:
+                    headers = [(b"host", request.authority), *headers]
+                verdict = tx.request_headers(request.method, request.target, version, headers)
+                if verdict is None:
+                    verdict, prefix = await self._inspect_body(tx, body)
+            if verdict is not None:
+                verdict_ids = verdict.rule_ids
+            if verdict is not None and not self.detect_only:
+                status = verdict.status
+                waf_state = "blocked"
+                await self._block(request, respond, verdict)
+                return
+            response = await self.proxy.forward(request, body, respond, prefix)
+            if response is None:
+                status = 502
+                return
+            status = response.status
+            if tx is not None:
+                tx.response_headers(response.status, response.headers,
+                                    response.http_version.decode())
+            sent = await self.proxy.relay(request, response, respond)
+        except BodyTooLarge:
+            status = 413
+            await simple_response(respond, 413, "request body too large\n")
+        except BodyTimeout:
+            status = 408
+            await simple_response(respond, 408, "request body not received in time\n")
+        finally:
+            matches: list[Match] = tx.finish() if tx is not None else []
+            if verdict_ids:
+                matches += [Match(r, "blocking verdict") for r in verdict_ids
+                            if all(m.rule_id != r for m in matches)]
+            if matches:
+                waf_state = waf_state or "matched"
+                self._audit(request, status, matches, waf_state)
+            self._count(f"requests:{status // 100}xx" if status else "requests:aborted")
+            if self.access_log:
+                self.log("request", request_id=request.request_id, client=ip,
+                         method=request.method.decode("latin-1"),
+                         path=request.path.decode("latin-1")[:300],
+                         host=request.authority.decode("latin-1")[:200], status=status,
+                         bytes_out=sent, http=request.http_version, waf=waf_state,
+                         duration_s=round(time.monotonic() - t0, 6))
+
+    async def _inspect_body(self, tx: Any, body: BodyStream) -> tuple[Verdict | None,
+                                                                      list[bytes]]:
+        prefix: list[bytes] = []
+        seen = 0
+        while seen < self.inspect_limit:
+            chunk = await body.read()
+            if not chunk:
+                break
+            prefix.append(chunk)
+            take = chunk[: self.inspect_limit - seen]
+            tx.request_body(take)
+            seen += len(chunk)
+        if seen >= self.inspect_limit and not body.finished and self.reject_over_limit:
+            # read on: the body may end exactly at the limit
+            chunk = await body.read()
+            if chunk:
+                raise BodyTooLarge("over the WAF's inspection limit")
+        return tx.end_request(), prefix
+
+    async def _block(self, request: Request, respond: Responder, verdict: Verdict) -> None:
+        self._count("waf_blocks")
+        for rule in verdict.rule_ids:
+            self._count(f"waf_rule:{rule}")
+        ban = self.rules.on_block(request.client[0], time.time())
+        if ban is not None:
+            self.ban(*ban)
+        text = (f"Request blocked by the site's firewall.\nrequest id: {request.request_id}\n")
+        await simple_response(respond, verdict.status, text,
+                              [(b"x-request-id", request.request_id.encode())])
+
+    def _audit(self, request: Request, status: int, matches: list[Match], state: str) -> None:
+        self.log("waf", request_id=request.request_id, client=request.client[0],
+                 method=request.method.decode("latin-1"),
+                 uri=request.target.decode("latin-1")[:500],
+                 host=request.authority.decode("latin-1")[:200], status=status, result=state,
+                 rule_ids=sorted({m.rule_id for m in matches}),
+                 messages=[m.message for m in matches][:20], audit=True)

@@ -1,0 +1,67 @@
+"""TLS for the origin: the site's certificates, chosen by SNI, ALPN h2 and http/1.1."""
+
+from __future__ import annotations
+
+import ssl
+import weakref
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.x509.oid import ExtensionOID, NameOID
+
+from blindfold.config.origin import CertificateConfig
+from blindfold.errors import ConfigError
+
+
+def _names(cert_path: str) -> list[str]:
+    pem = Path(cert_path).read_bytes()
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        value = san.value
+        assert isinstance(value, x509.SubjectAlternativeName)
+        names = [n.lower() for n in value.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        names = []
+    if not names:
+        names = [str(a.value).lower()
+                 for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return names
+
+
+class SiteTls:
+    """One SSLContext per certificate; the default context's SNI callback switches to the one
+    whose names match (exact, then one-label wildcard as certificates use them)."""
+
+    def __init__(self, certificates: tuple[CertificateConfig, ...], *,
+                 alpn: tuple[str, ...] = ("h2", "http/1.1")) -> None:
+        self.contexts: list[ssl.SSLContext] = []
+        self.by_name: dict[str, ssl.SSLContext] = {}
+        self.sni: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
+        for i, c in enumerate(certificates):
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.set_alpn_protocols(list(alpn))
+            ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+            try:
+                ctx.load_cert_chain(c.cert, c.key)
+                names = _names(c.cert)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise ConfigError(f"origin.certificates[{i}]",
+                                  f"cannot load {c.cert} / {c.key}: {exc}") from None
+            self.contexts.append(ctx)
+            for name in names:
+                self.by_name.setdefault(name, ctx)
+        self.default = self.contexts[0]
+        self.default.sni_callback = self._select
+
+    def _select(self, obj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+        if name is None:
+            return
+        name = name.lower()
+        self.sni[obj] = name
+        ctx = self.by_name.get(name)
+        if ctx is None and "." in name:
+            ctx = self.by_name.get("*." + name.split(".", 1)[1])
+        if ctx is not None and ctx is not self.default:
+            obj.context = ctx

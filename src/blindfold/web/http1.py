@@ -1,0 +1,336 @@
+"""HTTP/1.1 server connection: h11 drives the protocol, this module drives h11 from asyncio.
+
+One request at a time (h11 holds pipelined bytes until the previous exchange is done). The body
+is handed to the handler as a BodyStream; reading from the transport pauses while too much of it
+is buffered. Every phase has a deadline: the request head, each body piece, idle keep-alive,
+and a client that does not read the response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import h11
+
+from blindfold.web.limits import HttpLimits, new_request_id
+from blindfold.web.messages import BodyStream, BodyTimeout, Handler, Headers, Request
+
+IDLE, HEAD, BODY, HANDLING = range(4)
+
+
+class ConnInfo:
+    __slots__ = ("client", "scheme", "server", "tls")
+
+    def __init__(self, client: tuple[str, int], server: tuple[str, int], scheme: bytes,
+                 tls: dict[str, str]) -> None:
+        self.client = client
+        self.server = server
+        self.scheme = scheme
+        self.tls = tls
+
+
+class H1Connection(asyncio.Protocol):
+    def __init__(self, handler: Handler, limits: HttpLimits, info: ConnInfo,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+        self.handler = handler
+        self.limits = limits
+        self.info = info
+        self.on_event = on_event or (lambda _e, _f: None)
+        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_event_loop()
+        self.phase = IDLE
+        self.body: BodyStream | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.paused_reading = False
+        self.write_paused = False
+        self.drain_waiter: asyncio.Future[None] | None = None
+        self.closed = False
+        self.requests = 0
+
+    # ------------------------------------------------------------------ asyncio
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._deadline(self.limits.header_timeout_s, "header_timeout")
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        if self.phase == IDLE:
+            self.phase = HEAD
+            self._deadline(self.limits.header_timeout_s, "header_timeout")
+        try:
+            self.conn.receive_data(data)
+        except h11.RemoteProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        self._process()
+
+    def eof_received(self) -> bool | None:
+        try:
+            self.conn.receive_data(b"")
+        except h11.RemoteProtocolError as exc:
+            self._protocol_error(exc)
+            return None
+        self._process()
+        return True  # keep our side open: a response may still be going out
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.on_event("closed", {})
+        self._cancel_timer()
+        if self.body is not None and not self.body.finished:
+            self.body.fail(ConnectionError("client went away"))
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        if self.drain_waiter is not None and not self.drain_waiter.done():
+            self.drain_waiter.set_exception(ConnectionError("client went away"))
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.drain_waiter is not None and not self.drain_waiter.done():
+            self.drain_waiter.set_result(None)
+
+    # ------------------------------------------------------------------ events
+    def _process(self) -> None:
+        while not self.closed:
+            try:
+                event = self.conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._protocol_error(exc)
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Request):
+                self._on_request(event)
+            elif isinstance(event, h11.Data):
+                if self.body is not None:
+                    self.body.feed(bytes(event.data))
+                    if self.body.buffered > self.limits.body_high_water:
+                        self._pause_reading()
+                self._deadline(self.limits.body_timeout_s, "body_timeout")
+            elif isinstance(event, h11.EndOfMessage):
+                if self.body is not None:
+                    self.body.end()
+                self.phase = HANDLING
+                self._cancel_timer()
+            elif isinstance(event, h11.ConnectionClosed):
+                if self.body is not None and not self.body.finished:
+                    self.body.fail(ConnectionError("client closed inside the body"))
+                if self.task is None or self.task.done():
+                    self._close()
+                return
+
+    def _on_request(self, event: h11.Request) -> None:
+        limits = self.limits
+        if len(event.headers) > limits.max_headers:
+            self._error_response(431, "too many header fields")
+            return
+        length = None
+        host = b""
+        for name, value in event.headers:
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"host":
+                host = value
+        if length is not None and length > limits.max_body_bytes:
+            self._error_response(413, "request body too large")
+            return
+        self.requests += 1
+        self.phase = BODY
+        self._deadline(limits.body_timeout_s, "body_timeout")
+        request = Request(
+            method=event.method, target=event.target, authority=host, scheme=self.info.scheme,
+            headers=list(event.headers), http_version=event.http_version.decode(),
+            client=self.info.client, server=self.info.server, request_id=new_request_id(),
+            tls=self.info.tls)
+        self.body = BodyStream(limits.max_body_bytes, self._consumed, self._body_wait)
+        responder = H1Responder(self)
+        self.task = self.loop.create_task(self._run(request, self.body, responder))
+
+    async def _run(self, request: Request, body: BodyStream, responder: H1Responder) -> None:
+        try:
+            await self.handler(request, body, responder)
+            if not responder.ended:
+                if not responder.started:
+                    await responder.start(500, [(b"content-length", b"0")])
+                await responder.end()
+        except asyncio.CancelledError:
+            self._close()
+            raise
+        except Exception as exc:  # a handler bug must not leave the client hanging
+            self.on_event("handler_error", {"error": repr(exc), "request_id": request.request_id})
+            if responder.started:
+                responder.abort()
+            else:
+                with contextlib.suppress(Exception):
+                    await responder.start(500, [(b"content-length", b"0"),
+                                                (b"connection", b"close")])
+                    await responder.end()
+        finally:
+            self._after_response()
+
+    def _after_response(self) -> None:
+        if self.closed:
+            return
+        conn = self.conn
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+            self.body = None
+            self.task = None
+            self.phase = IDLE
+            self._resume_reading()
+            self._deadline(self.limits.keepalive_timeout_s, "keepalive_timeout")
+            self._process()  # a pipelined request may be waiting already
+        elif conn.our_state is h11.MUST_CLOSE or conn.our_state is h11.DONE:
+            self._close()
+
+    # ------------------------------------------------------------------ flow control
+    def _consumed(self, _n: int) -> None:
+        if self.paused_reading and self.body is not None and (
+                self.body.buffered <= self.limits.body_high_water // 2):
+            self._resume_reading()
+
+    def _body_wait(self) -> None:
+        if self.conn.they_are_waiting_for_100_continue and self.transport is not None:
+            self.transport.write(self.conn.send(h11.InformationalResponse(
+                status_code=100, headers=[])))
+
+    def _pause_reading(self) -> None:
+        if not self.paused_reading and self.transport is not None:
+            self.paused_reading = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.paused_reading and self.transport is not None and not self.closed:
+            self.paused_reading = False
+            self.transport.resume_reading()
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise ConnectionError("client went away")
+        if not self.write_paused:
+            return
+        self.drain_waiter = self.loop.create_future()
+        try:
+            await asyncio.wait_for(self.drain_waiter, self.limits.send_timeout_s)
+        except TimeoutError:
+            self.on_event("send_timeout", {"client": self.info.client[0]})
+            self._close(abort=True)
+            raise ConnectionError("client stopped reading") from None
+        finally:
+            self.drain_waiter = None
+
+    # ------------------------------------------------------------------ timers and errors
+    def _deadline(self, seconds: float, reason: str) -> None:
+        self._cancel_timer()
+        self.timer = self.loop.call_later(seconds, self._expired, reason)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _expired(self, reason: str) -> None:
+        self.timer = None
+        if self.closed:
+            return
+        self.on_event(reason, {"client": self.info.client[0], "phase": self.phase})
+        if self.phase == BODY and self.body is not None:
+            self.body.fail(BodyTimeout(reason))  # the handler answers 408 or gives up
+            return
+        if self.phase == HEAD and self.conn.our_state is h11.IDLE:
+            self._error_response(408, "request head not received in time")
+            return
+        self._close()
+
+    def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
+        status = getattr(exc, "error_status_hint", 400) or 400
+        self.on_event("bad_request", {"client": self.info.client[0], "status": status,
+                                      "error": str(exc)[:200]})
+        self._error_response(status, str(exc)[:200])
+
+    def _error_response(self, status: int, text: str) -> None:
+        """Answer with an error and close; used before a handler has started."""
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        conn = self.conn
+        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and self.transport is not None:
+            body = f"{status} {text}\n".encode()
+            try:
+                self.transport.write(conn.send(h11.Response(status_code=status, headers=[
+                    (b"content-type", b"text/plain"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"connection", b"close")])) or b"")
+                self.transport.write(conn.send(h11.Data(data=body)) or b"")
+                self.transport.write(conn.send(h11.EndOfMessage()) or b"")
+            except h11.LocalProtocolError:
+                pass
+        self._close()
+
+    def _close(self, abort: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._cancel_timer()
+        if self.transport is not None:
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
+
+
+class H1Responder:
+    __slots__ = ("_c", "ended", "started")
+
+    def __init__(self, connection: H1Connection) -> None:
+        self._c = connection
+        self.started = False
+        self.ended = False
+
+    async def start(self, status: int, headers: Headers) -> None:
+        c = self._c
+        if c.closed:
+            raise ConnectionError("client went away")
+        if c.conn.their_state is not h11.DONE and c.phase != HANDLING:
+            # answering before the whole request arrived: the connection cannot be reused
+            headers = [*headers, (b"connection", b"close")]
+        self.started = True
+        try:
+            data = c.conn.send(h11.Response(status_code=status, headers=headers))
+        except h11.LocalProtocolError as exc:
+            raise ConnectionError(f"invalid response: {exc}") from None
+        assert c.transport is not None
+        c.transport.write(data)
+        await c.drain()
+
+    async def send(self, data: bytes) -> None:
+        c = self._c
+        if c.closed:
+            raise ConnectionError("client went away")
+        if data:
+            payload = c.conn.send(h11.Data(data=data))
+            assert c.transport is not None and payload is not None
+            c.transport.write(payload)
+            await c.drain()
+
+    async def end(self) -> None:
+        c = self._c
+        self.ended = True
+        if c.closed:
+            return
+        payload = c.conn.send(h11.EndOfMessage())
+        assert c.transport is not None and payload is not None
+        c.transport.write(payload)
+
+    def abort(self) -> None:
+        self.ended = True
+        self._c._close(abort=True)

@@ -1,0 +1,443 @@
+"""HTTP/2 server connection: h2 drives the protocol (framing, HPACK, flow control, stream
+states); this module drives h2 from asyncio, runs one handler task per stream, and defends the
+connection against the known HTTP/2 abuses:
+
+- rapid reset (CVE-2023-44487): more than `h2_max_resets_per_window` streams reset by the client
+  in a window ends the connection with ENHANCE_YOUR_CALM;
+- control-frame floods (SETTINGS, PING, WINDOW_UPDATE, PRIORITY, empty DATA): likewise;
+- too many streams: MAX_CONCURRENT_STREAMS is advertised and enforced by h2; a connection that
+  has opened `h2_max_streams_per_connection` streams is asked to go away (GOAWAY NO_ERROR);
+- huge header blocks and HPACK tables: MAX_HEADER_LIST_SIZE and HEADER_TABLE_SIZE are
+  advertised and enforced by h2's HPACK decoder (COMPRESSION_ERROR / connection error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.errors import ErrorCodes
+
+from blindfold.web.http1 import ConnInfo
+from blindfold.web.limits import HttpLimits, new_request_id
+from blindfold.web.messages import BodyStream, BodyTimeout, Handler, Headers, Request
+
+_FORBIDDEN_RESPONSE_HEADERS = frozenset({b"connection", b"keep-alive", b"proxy-connection",
+                                         b"transfer-encoding", b"upgrade", b"te"})
+
+
+class _Stream:
+    __slots__ = ("acks", "body", "ended", "last_data", "responder", "task", "window_waiter")
+
+    def __init__(self) -> None:
+        self.body: BodyStream | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.responder: H2Responder | None = None
+        self.acks: list[int] = []  # flow-controlled lengths of unconsumed chunks
+        self.window_waiter: asyncio.Future[None] | None = None
+        self.last_data = 0.0
+        self.ended = False
+
+
+class H2Connection(asyncio.Protocol):
+    def __init__(self, handler: Handler, limits: HttpLimits, info: ConnInfo,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+        self.handler = handler
+        self.limits = limits
+        self.info = info
+        self.on_event = on_event or (lambda _e, _f: None)
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None,
+                                           validate_inbound_headers=True)
+        self.conn = h2.connection.H2Connection(config=config)
+        self.transport: asyncio.Transport | None = None
+        self.loop = asyncio.get_event_loop()
+        self.streams: dict[int, _Stream] = {}
+        self.opened = 0
+        self.resets: list[float] = []
+        self.control: list[float] = []
+        self.closed = False
+        self.going_away = False
+        self.write_paused = False
+        self.drain_waiters: list[asyncio.Future[None]] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.idle_since = self.loop.time()
+
+    # ------------------------------------------------------------------ asyncio
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        limits = self.limits
+        S = h2.settings.SettingCodes
+        self.conn.local_settings = h2.settings.Settings(client=False, initial_values={
+            S.MAX_CONCURRENT_STREAMS: limits.h2_max_concurrent_streams,
+            S.INITIAL_WINDOW_SIZE: limits.h2_initial_window,
+            S.MAX_HEADER_LIST_SIZE: limits.h2_max_header_list_size,
+            S.HEADER_TABLE_SIZE: limits.h2_header_table_size,
+            S.ENABLE_PUSH: 0,
+        })
+        self.conn.initiate_connection()
+        # open the connection window as far as the streams may go
+        extra = limits.h2_initial_window * 4 - 65535
+        if extra > 0:
+            self.conn.increment_flow_control_window(extra)
+        self._flush()
+        self._tick()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self.on_event("h2_protocol_error", {"client": self.info.client[0],
+                                                "error": str(exc)[:200]})
+            self._flush()
+            self._close()
+            return
+        for event in events:
+            self._on_event(event)
+            if self.closed:
+                return
+        self._flush()
+
+    def eof_received(self) -> bool | None:
+        self._close()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.on_event("closed", {})
+        if self.timer is not None:
+            self.timer.cancel()
+        for stream in self.streams.values():
+            if stream.body is not None:
+                stream.body.fail(ConnectionError("connection closed"))
+            if stream.task is not None and not stream.task.done():
+                stream.task.cancel()
+            if stream.window_waiter is not None and not stream.window_waiter.done():
+                stream.window_waiter.set_exception(ConnectionError("connection closed"))
+        for waiter in self.drain_waiters:
+            if not waiter.done():
+                waiter.set_exception(ConnectionError("connection closed"))
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        waiters, self.drain_waiters = self.drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # ------------------------------------------------------------------ events
+    def _on_event(self, event: h2.events.Event) -> None:
+        E = h2.events
+        if isinstance(event, E.RequestReceived):
+            self._on_request(event)
+        elif isinstance(event, E.DataReceived):
+            self._on_data(event)
+        elif isinstance(event, E.StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None and stream.body is not None:
+                stream.body.end()
+        elif isinstance(event, E.StreamReset):
+            self._on_reset(event)
+        elif isinstance(event, E.WindowUpdated):
+            self._count_control()
+            self._wake_windows(event.stream_id)
+        elif isinstance(event, (E.RemoteSettingsChanged, E.PingReceived, E.PriorityUpdated)):
+            self._count_control()
+            if isinstance(event, E.RemoteSettingsChanged):
+                self._wake_windows(0)  # INITIAL_WINDOW_SIZE may have grown
+        elif isinstance(event, E.ConnectionTerminated):
+            self._close()
+        elif isinstance(event, E.TrailersReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None and stream.body is not None and event.stream_ended:
+                stream.body.end()
+
+    def _on_request(self, event: h2.events.RequestReceived) -> None:
+        sid = event.stream_id
+        self.opened += 1
+        self.idle_since = 0.0
+        limits = self.limits
+        if self.opened > limits.h2_max_streams_per_connection and not self.going_away:
+            self.going_away = True  # finish what is open, then the client reconnects
+            self.conn.close_connection(ErrorCodes.NO_ERROR, last_stream_id=sid)
+        pseudo: dict[bytes, bytes] = {}
+        headers: Headers = []
+        for name, value in event.headers or ():
+            if name.startswith(b":"):
+                pseudo[name] = value
+            else:
+                headers.append((name, value))
+        stream = _Stream()
+        self.streams[sid] = stream
+        responder = H2Responder(self, sid)
+        stream.responder = responder
+        if len(headers) > limits.max_headers:
+            stream.task = self.loop.create_task(self._refuse(responder, 431))
+            return
+        if b":authority" in pseudo and not any(k == b"host" for k, _ in headers):
+            headers.insert(0, (b"host", pseudo[b":authority"]))
+        length = next((v for k, v in headers if k == b"content-length"), None)
+        if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+            stream.task = self.loop.create_task(self._refuse(responder, 413))
+            return
+        request = Request(
+            method=pseudo.get(b":method", b""), target=pseudo.get(b":path", b""),
+            authority=pseudo.get(b":authority", b""),
+            scheme=pseudo.get(b":scheme", self.info.scheme), headers=headers,
+            http_version="2", client=self.info.client, server=self.info.server,
+            request_id=new_request_id(), tls=self.info.tls)
+        stream.body = BodyStream(limits.max_body_bytes, self._acker(stream, sid))
+        stream.last_data = self.loop.time()
+        if event.stream_ended is not None:
+            stream.body.end()
+        stream.task = self.loop.create_task(self._run(request, stream, responder))
+
+    def _on_data(self, event: h2.events.DataReceived) -> None:
+        sid = event.stream_id
+        stream = self.streams.get(sid)
+        fc = event.flow_controlled_length or 0
+        if not event.data:
+            self._count_control()  # empty DATA frames cost us and carry nothing
+        if stream is None or stream.body is None or stream.body.finished:
+            if fc:
+                with contextlib.suppress(h2.exceptions.ProtocolError):
+                    self.conn.acknowledge_received_data(fc, sid)
+            return
+        if not event.data:
+            if fc:
+                self.conn.acknowledge_received_data(fc, sid)
+            return
+        stream.acks.append(fc)
+        stream.last_data = self.loop.time()
+        stream.body.feed(bytes(event.data))
+
+    def _acker(self, stream: _Stream, sid: int) -> Callable[[int], None]:
+        return lambda _n: self._ack(stream, sid)
+
+    def _ack(self, stream: _Stream, sid: int) -> None:
+        """The handler took one chunk: open the windows by what it cost."""
+        if stream.acks and not self.closed:
+            fc = stream.acks.pop(0)
+            with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
+                self.conn.acknowledge_received_data(fc, sid)
+            self._flush()
+
+    def _on_reset(self, event: h2.events.StreamReset) -> None:
+        stream = self.streams.pop(event.stream_id, None)
+        if event.remote_reset:
+            now = self.loop.time()
+            self.resets.append(now)
+            self.resets = [t for t in self.resets if now - t < self.limits.h2_abuse_window_s]
+            if len(self.resets) > self.limits.h2_max_resets_per_window:
+                self._calm("rapid_reset")
+        if stream is not None:
+            if stream.body is not None:
+                stream.body.fail(ConnectionError("stream reset by the client"))
+            if stream.task is not None and not stream.task.done():
+                stream.task.cancel()
+
+    def _count_control(self) -> None:
+        now = self.loop.time()
+        self.control.append(now)
+        if len(self.control) > self.limits.h2_max_control_frames_per_window:
+            self.control = [t for t in self.control if now - t < self.limits.h2_abuse_window_s]
+            if len(self.control) > self.limits.h2_max_control_frames_per_window:
+                self._calm("control_flood")
+
+    def _calm(self, reason: str) -> None:
+        self.on_event("h2_abuse", {"client": self.info.client[0], "reason": reason})
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self.conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+        self._flush()
+        self._close()
+
+    # ------------------------------------------------------------------ handlers
+    async def _run(self, request: Request, stream: _Stream, responder: H2Responder) -> None:
+        assert stream.body is not None
+        try:
+            await self.handler(request, stream.body, responder)
+            if not responder.ended:
+                if not responder.started:
+                    await responder.start(500, [(b"content-length", b"0")])
+                await responder.end()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.on_event("handler_error", {"error": repr(exc), "request_id": request.request_id})
+            if responder.started:
+                responder.abort()
+            else:
+                with contextlib.suppress(Exception):
+                    await responder.start(500, [(b"content-length", b"0")])
+                    await responder.end()
+        finally:
+            self._stream_done(responder.stream_id)
+
+    async def _refuse(self, responder: H2Responder, status: int) -> None:
+        try:
+            await responder.start(status, [(b"content-length", b"0")])
+            await responder.end()
+        finally:
+            self._stream_done(responder.stream_id)
+
+    def _stream_done(self, sid: int) -> None:
+        stream = self.streams.pop(sid, None)
+        if stream is not None and stream.body is not None and not stream.body.finished:
+            # answered before the request body ended: tell the client to stop sending
+            with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
+                self.conn.reset_stream(sid, ErrorCodes.NO_ERROR)
+            self._flush()
+        if not self.streams:
+            self.idle_since = self.loop.time()
+            if self.going_away:
+                self._close()
+
+    # ------------------------------------------------------------------ writing
+    def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise ConnectionError("connection closed")
+        if not self.write_paused:
+            return
+        waiter = self.loop.create_future()
+        self.drain_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, self.limits.send_timeout_s)
+        except TimeoutError:
+            self.on_event("send_timeout", {"client": self.info.client[0]})
+            self._close(abort=True)
+            raise ConnectionError("client stopped reading") from None
+
+    async def wait_window(self, sid: int) -> None:
+        stream = self.streams.get(sid)
+        if stream is None or self.closed:
+            raise ConnectionError("stream closed")
+        waiter = self.loop.create_future()
+        stream.window_waiter = waiter
+        try:
+            await asyncio.wait_for(waiter, self.limits.send_timeout_s)
+        except TimeoutError:
+            self.on_event("send_timeout", {"client": self.info.client[0], "stream": sid})
+            with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
+                self.conn.reset_stream(sid, ErrorCodes.CANCEL)
+            self._flush()
+            raise ConnectionError("client stopped reading the stream") from None
+        finally:
+            stream.window_waiter = None
+
+    def _wake_windows(self, sid: int) -> None:
+        targets = self.streams.values() if sid == 0 else [self.streams[sid]] if (
+            sid in self.streams) else []
+        for stream in targets:
+            waiter = stream.window_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    # ------------------------------------------------------------------ timers
+    def _tick(self) -> None:
+        """Once a second: idle connection, and request bodies that stopped coming."""
+        if self.closed:
+            return
+        now = self.loop.time()
+        limits = self.limits
+        if not self.streams and self.idle_since and now - self.idle_since > (
+                limits.keepalive_timeout_s):
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.conn.close_connection(ErrorCodes.NO_ERROR)
+            self._flush()
+            self._close()
+            return
+        for stream in list(self.streams.values()):
+            body = stream.body
+            if body is not None and not body._done and now - stream.last_data > (
+                    limits.body_timeout_s):
+                body.fail(BodyTimeout("body_timeout"))
+        self.timer = self.loop.call_later(1.0, self._tick)
+
+    def _close(self, abort: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.transport is not None:
+            if abort:
+                self.transport.abort()
+            else:
+                self.transport.close()
+
+
+class H2Responder:
+    __slots__ = ("_c", "ended", "started", "stream_id")
+
+    def __init__(self, connection: H2Connection, stream_id: int) -> None:
+        self._c = connection
+        self.stream_id = stream_id
+        self.started = False
+        self.ended = False
+
+    async def start(self, status: int, headers: Headers) -> None:
+        c = self._c
+        if c.closed:
+            raise ConnectionError("connection closed")
+        out = [(b":status", str(status).encode())]
+        out += [(k.lower(), v) for k, v in headers if k.lower() not in _FORBIDDEN_RESPONSE_HEADERS]
+        self.started = True
+        try:
+            c.conn.send_headers(self.stream_id, out)
+        except (h2.exceptions.ProtocolError, KeyError) as exc:
+            raise ConnectionError(f"stream gone: {exc}") from None
+        c._flush()
+        await c.drain()
+
+    async def send(self, data: bytes) -> None:
+        c = self._c
+        view = memoryview(data)
+        while view:
+            if c.closed:
+                raise ConnectionError("connection closed")
+            try:
+                window = c.conn.local_flow_control_window(self.stream_id)
+            except (h2.exceptions.ProtocolError, KeyError):
+                raise ConnectionError("stream gone") from None
+            if window <= 0:
+                await c.wait_window(self.stream_id)
+                continue
+            size = min(window, c.conn.max_outbound_frame_size, len(view))
+            try:
+                c.conn.send_data(self.stream_id, view[:size].tobytes())
+            except (h2.exceptions.ProtocolError, KeyError) as exc:
+                raise ConnectionError(f"stream gone: {exc}") from None
+            view = view[size:]
+            c._flush()
+            await c.drain()
+
+    async def end(self) -> None:
+        c = self._c
+        self.ended = True
+        if c.closed:
+            return
+        with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
+            c.conn.end_stream(self.stream_id)
+        c._flush()
+
+    def abort(self) -> None:
+        c = self._c
+        self.ended = True
+        with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
+            c.conn.reset_stream(self.stream_id, ErrorCodes.INTERNAL_ERROR)
+        c._flush()

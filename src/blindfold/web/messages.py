@@ -1,0 +1,169 @@
+"""What the HTTP layer hands to a handler: the request, its body as a flow-controlled stream, and
+a responder. The same objects come from HTTP/1.1 and HTTP/2 connections."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+Headers = list[tuple[bytes, bytes]]  # names lower-case, as received (h11/h2 normalise them)
+
+
+@dataclass(slots=True)
+class Request:
+    method: bytes
+    target: bytes  # path and query, as sent
+    authority: bytes  # Host header or :authority
+    scheme: bytes
+    headers: Headers
+    http_version: str  # "1.0", "1.1" or "2"
+    client: tuple[str, int]  # the verified visitor address (from PROXY when trusted)
+    server: tuple[str, int]
+    request_id: str
+    tls: dict[str, str] = field(default_factory=dict)  # sni, alpn, version
+
+    def header(self, name: bytes) -> bytes | None:
+        for k, v in self.headers:
+            if k == name:
+                return v
+        return None
+
+    @property
+    def path(self) -> bytes:
+        return self.target.split(b"?", 1)[0]
+
+
+class BodyTooLarge(Exception):
+    """The request body passed the configured limit."""
+
+
+class BodyTimeout(Exception):
+    """The peer stopped sending the body."""
+
+
+class BodyStream:
+    """A request body delivered in chunks. The connection feeds it; the handler reads it.
+
+    Flow control: `on_consumed(n)` is called as the handler takes bytes, so the connection can
+    resume reading (HTTP/1.1) or open the stream window (HTTP/2); the connection stops reading
+    when `buffered` passes its high-water mark. Bounded by `limit` bytes in total.
+    """
+
+    __slots__ = ("_chunks", "_done", "_error", "_waiter", "buffered", "limit", "on_consumed",
+                 "on_wait", "received")
+
+    def __init__(self, limit: int, on_consumed: Callable[[int], None],
+                 on_wait: Callable[[], None] | None = None) -> None:
+        self.on_wait = on_wait  # called when the reader waits (HTTP/1.1 sends 100 Continue)
+        self._chunks: list[bytes] = []
+        self._done = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self.buffered = 0
+        self.received = 0
+        self.limit = limit
+        self.on_consumed = on_consumed
+
+    def feed(self, data: bytes) -> None:
+        if self._done:
+            return
+        self.received += len(data)
+        if self.received > self.limit:
+            self.fail(BodyTooLarge(f"body over {self.limit} bytes"))
+            return
+        self._chunks.append(data)
+        self.buffered += len(data)
+        self._wake()
+
+    def end(self) -> None:
+        self._done = True
+        self._wake()
+
+    def fail(self, error: BaseException) -> None:
+        if self._error is None:
+            self._error = error
+        self._done = True
+        self._wake()
+
+    @property
+    def finished(self) -> bool:
+        return self._done and not self._chunks
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def read(self) -> bytes:
+        """The next chunk, or b'' at the end. Raises the connection's error (too large, timed
+        out, reset)."""
+        while True:
+            if self._chunks:
+                chunk = self._chunks.pop(0)
+                self.buffered -= len(chunk)
+                self.on_consumed(len(chunk))
+                return chunk
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                return b""
+            if self.on_wait is not None:
+                self.on_wait()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    async def read_all(self, limit: int) -> bytes:
+        out = bytearray()
+        while chunk := await self.read():
+            out += chunk
+            if len(out) > limit:
+                raise BodyTooLarge(f"body over {limit} bytes")
+        return bytes(out)
+
+
+class Responder(Protocol):
+    """How a handler answers. `start` once, `send` any number of times, then `end`."""
+
+    @property
+    def started(self) -> bool: ...
+
+    async def start(self, status: int, headers: Headers) -> None: ...
+
+    async def send(self, data: bytes) -> None: ...
+
+    async def end(self) -> None: ...
+
+    def abort(self) -> None:
+        """Give up on the response (the upstream failed mid-body): reset the stream or close
+        the connection, never pretend the body was complete."""
+
+
+class Handler(Protocol):
+    async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None: ...
+
+
+HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                        b"transfer-encoding", b"upgrade", b"http2-settings"})
+
+
+def strip_hop_by_hop(headers: Headers) -> Headers:
+    """Drop hop-by-hop headers (RFC 9110 §7.6.1), including those named in Connection."""
+    named: set[bytes] = set()
+    for k, v in headers:
+        if k == b"connection":
+            named.update(t.strip().lower() for t in v.split(b","))
+    return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in named]
+
+
+async def simple_response(respond: Responder, status: int, text: str,
+                          extra: Headers | None = None) -> None:
+    body = text.encode()
+    headers = [(b"content-type", b"text/plain; charset=utf-8"),
+               (b"content-length", str(len(body)).encode()), *(extra or [])]
+    await respond.start(status, headers)
+    await respond.send(body)
+    await respond.end()
