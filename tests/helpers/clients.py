@@ -55,10 +55,13 @@ def get(port: int, sni: str = "example.test", ca: Path | None = None, *,
 
 
 def curl(port: int, sni: str, ca: Path, *args: str, source: str = "127.0.0.1",
-         timeout: float = 15) -> subprocess.CompletedProcess[str]:
+         path: str = "/hello", timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """curl https://SNI:PORT/PATH through 127.0.0.1 from `source`; more URLs may be added with
+    --url in args."""
     return subprocess.run(
-        [need("curl"), "-sS", "--max-time", "10", "--cacert", str(ca), "--interface", source,
-         "--resolve", f"{sni}:{port}:127.0.0.1", f"https://{sni}:{port}/hello", *args],
+        [need("curl"), "-sS", "--max-time", str(int(timeout) - 5), "--cacert", str(ca),
+         "--interface", source, "--resolve", f"{sni}:{port}:127.0.0.1",
+         f"https://{sni}:{port}{path}", *args],
         capture_output=True, text=True, timeout=timeout)
 
 

@@ -14,7 +14,11 @@ from pathlib import Path
 from typing import Any
 
 
-class EdgeProcess:
+class BlindfoldProcess:
+    """`blindfold <kind> --config FILE` as a real process; JSON log lines collected."""
+
+    kind = "edge"
+
     def __init__(self, config_text: str, workdir: Path, *, name: str = "edge") -> None:
         self.workdir = workdir
         self.config_path = workdir / f"{name}.toml"
@@ -23,21 +27,20 @@ class EdgeProcess:
         self.stderr_lines: list[str] = []
         self._lock = threading.Lock()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "blindfold", "edge", "--config", str(self.config_path)],
+            [sys.executable, "-m", "blindfold", self.kind, "--config", str(self.config_path)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         self._threads = [threading.Thread(target=self._read_out, daemon=True),
                          threading.Thread(target=self._read_err, daemon=True)]
         for t in self._threads:
             t.start()
-        ready = self.wait_for(lambda r: r.get("event") == "edge_ready", timeout=30)
+        ready = self.wait_for(lambda r: r.get("event") == f"{self.kind}_ready", timeout=30)
         if ready is None:
             self.stop()
-            raise RuntimeError("edge did not become ready:\n" + "\n".join(self.stderr_lines))
+            raise RuntimeError(f"{self.kind} did not become ready:\n"
+                               + "\n".join(self.stderr_lines))
         self.ready = ready
-        host, _, port = ready["listen"][0].rpartition(":")
-        self.host = host.strip("[]")
-        self.port = int(port)
-        self.ports = [int(a.rpartition(":")[2]) for a in ready["listen"]]
+        self.ports = [int(a.rpartition(":")[2]) for a in ready.get("listen") or []]
+        self.port = self.ports[0] if self.ports else 0
         self.admin = ready["admin"]
 
     def _read_out(self) -> None:
@@ -130,6 +133,22 @@ class EdgeProcess:
 
     def tracebacks(self) -> list[str]:
         return [line for line in self.stderr_lines if "Traceback" in line]
+
+
+class EdgeProcess(BlindfoldProcess):
+    kind = "edge"
+
+
+class OriginProcess(BlindfoldProcess):
+    kind = "origin"
+
+    @property
+    def decisions_port(self) -> int:
+        return int(str(self.ready["decisions"]).rpartition(":")[2])
+
+
+def toml_table(name: str, values: dict[str, Any]) -> str:
+    return f"[{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()) + "\n"
 
 
 def edge_config(routes: str, **edge: Any) -> str:

@@ -49,3 +49,33 @@ def start_edge(tmp_path: Path) -> Iterator[Callable[..., EdgeProcess]]:
         if edge.tracebacks():
             problems.append("".join(edge.stderr_lines))
     assert not problems, "edge wrote tracebacks:\n" + "\n".join(problems)
+
+
+@pytest.fixture
+def app() -> Iterator[Any]:
+    from blindfold.demo.app import DemoApp
+
+    a = DemoApp()
+    a.seen.clear()
+    yield a
+    a.close()
+
+
+@pytest.fixture
+def start_origin(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    from tests.helpers.edgeproc import OriginProcess
+
+    started: list[OriginProcess] = []
+
+    def start(config_text: str) -> OriginProcess:
+        o = OriginProcess(config_text, tmp_path, name=f"origin{len(started)}")
+        started.append(o)
+        return o
+
+    yield start
+    problems = []
+    for o in started:
+        o.stop()
+        if o.tracebacks():
+            problems.append("".join(o.stderr_lines))
+    assert not problems, "origin wrote tracebacks:\n" + "\n".join(problems)

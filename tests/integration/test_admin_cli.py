@@ -85,5 +85,7 @@ def test_demo_self_check() -> None:
                           "--duration", "0.5", "--port", str(free_port()), "--admin-port",
                           str(free_port())], capture_output=True, text=True, timeout=90)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "self-check: curl through the edge OK" in out.stdout
-    assert "curl --cacert" in out.stdout
+    for check in ("a page through the edge", "the WAF blocks the SQL injection",
+                  "the edge then refuses the attacker", "another visitor is still served"):
+        assert f"self-check: {check}: OK" in out.stdout
+    assert "curl --cacert" in out.stdout and "--interface 127.0.0.66" in out.stdout

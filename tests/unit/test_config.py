@@ -137,8 +137,14 @@ def test_documented_examples_are_valid() -> None:
     for doc in (ROOT / "docs" / "config.md", ROOT / "README.md"):
         blocks = re.findall(r"```toml\n(.*?)```", doc.read_text(), re.S)
         assert blocks, doc
+        edge_head = ("[edge]\nlisten = ['127.0.0.1:1']\n[[edge.routes]]\nsni = ['a.test']\n"
+                     "origins = ['127.0.0.1:2']\n")
         for block in blocks:
-            if "[[edge.routes]]" not in block:  # a fragment: add the required keys
+            if "[origin]" in block:
+                pass  # complete as it is
+            elif "[edge]" not in block:  # an [edge.decisions] fragment
+                block = edge_head + block
+            elif "[[edge.routes]]" not in block:  # a fragment: add the required keys
                 block = block.replace("[edge]", "[edge]\nlisten = ['127.0.0.1:1']", 1)
                 block += "\n[[edge.routes]]\nsni = ['a.test']\norigins = ['127.0.0.1:2']\n"
             try:
@@ -146,6 +152,7 @@ def test_documented_examples_are_valid() -> None:
             except ConfigError as exc:
                 raise AssertionError(f"{doc.name}: {exc}\n{block}") from None
     readme = (ROOT / "README.md").read_text()
-    example = re.search(r"cat > /tmp/edge.toml <<'EOF'\n(.*?)\nEOF", readme, re.S)
-    assert example is not None
-    loads(example.group(1))
+    for name in ("edge", "origin"):
+        example = re.search(rf"cat > /tmp/{name}.toml <<'EOF'\n(.*?)\nEOF", readme, re.S)
+        assert example is not None, name
+        loads(example.group(1))

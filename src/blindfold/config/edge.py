@@ -116,6 +116,10 @@ class DecisionSourceConfig:
     poll_interval_s: float = setting(1.0, doc="How often the stream is polled.", min=0.1,
                                      max=300)
     timeout_s: float = setting(5.0, doc="Deadline for one poll.", min=0.1, max=60)
+    close_grace_s: float = setting(
+        1.0, doc="New connections from a newly banned address are refused at once; its open "
+        "connections are closed after this grace (so the response that earned the ban, e.g. "
+        "the WAF's 403 page, still reaches it).", min=0, max=60)
     redis_url: str = setting("", doc="Follow decisions through Redis instead of (or as well "
                              "as) the URL, and share per-address connection rates with the "
                              "other edges there; e.g. 'redis://127.0.0.1:6379/0'.")

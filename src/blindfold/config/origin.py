@@ -94,6 +94,10 @@ class WafConfig:
     allowed_methods: str = setting("", doc="CRS tx.allowed_methods, space separated (e.g. "
                                    "'GET HEAD POST OPTIONS PUT PATCH DELETE' for a REST API); "
                                    "empty keeps CRS's GET HEAD POST OPTIONS.")
+    allowed_content_types: str = setting(
+        "", doc="CRS tx.allowed_request_content_type, space separated (add "
+        "'application/octet-stream' for binary uploads); empty keeps CRS's list (forms, "
+        "multipart, XML, JSON).")
     body_limit_bytes: int = setting(13107200, doc="Most request body bytes the WAF buffers and "
                                     "inspects (SecRequestBodyLimit).", min=0)
     body_no_files_limit_bytes: int = setting(131072, doc="Most non-file body bytes inspected "

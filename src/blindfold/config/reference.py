@@ -25,6 +25,8 @@ def render() -> str:
     """Markdown: one section per top-level table, one key table per (nested) table."""
     tables: dict[str, list[tuple[str, str, str, Any]]] = {}
     sections: list[tuple[str, str]] = []
+    arrays = {key for key, type_text, _d, _v in iter_documented(Config)
+              if type_text.startswith("a list of a table")}
     for key, type_text, doc, default in iter_documented(Config):
         if "." not in key:
             sections.append((key, doc))
@@ -38,7 +40,7 @@ def render() -> str:
             if parent != section and not parent.startswith(section + "."):
                 continue
             if parent != section:
-                out += [f"#### `[[{parent}]]`", ""]
+                out += [f"#### `[[{parent}]]`" if parent in arrays else f"#### `[{parent}]`", ""]
             out += ["| key | type | default | meaning |", "|---|---|---|---|"]
             for key, type_text, text, default in rows:
                 is_table = "a table" in type_text
@@ -46,7 +48,9 @@ def render() -> str:
                 if default is REQUIRED:
                     dflt = "required"
                 elif default is None:
-                    dflt = "none"
+                    dflt = "none (optional table)" if is_table else "none"
+                elif is_table and not isinstance(default, tuple):
+                    dflt = "the defaults below"
                 else:
                     dflt = _default(default)
                 out.append(f"| `{key}` | {shown} | {dflt} | {text.replace('|', '/')} |")

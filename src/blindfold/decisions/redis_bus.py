@@ -171,12 +171,25 @@ class RedisFeed:
             self._count("rate_error")
             return []
         over = [ip for (ip, _n), total in zip(items, results[::2], strict=True)
-                if total > self.rate_budget]
+                if total > self.rate_budget and ("ip", ip) not in self.bans.active]
         if over:
+            # publish as short decisions: an edge that has not reported this address since
+            # the budget was passed learns it through the channel like any other ban
             now = time.time()
-            remaining = (window + 1) * RATE_WINDOW_S - now
-            self.bans.apply("shared_rate", [("ip", ip, remaining, "shared_rate")
-                                            for ip in over], [], now)
+            until = (window + 1) * RATE_WINDOW_S
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for ip in over:
+                        body = json.dumps({"scope": "ip", "value": ip, "type": "ban",
+                                           "reason": "shared_rate", "until": until,
+                                           "origin": "edge"})
+                        pipe.set(f"{PREFIX}ip:{ip}", body, ex=max(1, int(until - now + 1)))
+                        pipe.publish(CHANNEL, body)
+                    await pipe.execute()
+            except (RedisError, OSError):
+                self._count("rate_error")
+            self.bans.apply("redis", [("ip", ip, until - now, "shared_rate") for ip in over],
+                            [], now)
             self.shared_refusals += len(over)
         return over
 

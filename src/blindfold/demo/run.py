@@ -1,26 +1,115 @@
-"""Start a demo origin and an edge on loopback, print what to run, serve until interrupted."""
+"""`blindfold demo`: the whole topology on loopback with throwaway certificates.
+
+    visitor --TLS--> edge (passthrough) --PROXY v2 + TLS--> origin agent (key, WAF) --> app
+
+It prints what to run, and with --self-check runs it: a page through the edge, an SQL
+injection the origin's WAF blocks, and the resulting ban enforced by the edge at layer 4.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
-import ssl
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from blindfold import pki
-from blindfold.demo.origin import DemoOrigin
+from blindfold.demo.app import DemoApp
 
 HOST = "demo.blindfold.test"
+ATTACKER = "127.0.0.66"
+API_KEY = "demo-edge-key-0123456789abcdef"
 
 
-def _edge_config(listen: str, admin: str, origin_port: int) -> str:
+class Proc:
+    """A blindfold process whose JSON log lines we follow."""
+
+    def __init__(self, kind: str, config: Path, log: Path) -> None:
+        self.kind = kind
+        self.config = config
+        self.log_path = log
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ready: dict[str, Any] = {}
+        self.events: list[dict[str, Any]] = []
+        self._pump: asyncio.Task[None] | None = None
+
+    async def start(self, timeout: float = 30) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "blindfold", self.kind, "--config", str(self.config),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        self._pump = asyncio.create_task(self._read())
+        async with asyncio.timeout(timeout):
+            while not self.ready:
+                if self.proc.returncode is not None:
+                    break
+                await asyncio.sleep(0.05)
+        if not self.ready:
+            raise RuntimeError(f"{self.kind} did not start; see {self.log_path}")
+
+    async def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        with self.log_path.open("ab") as fh:
+            while line := await self.proc.stdout.readline():
+                fh.write(line)
+                fh.flush()
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                self.events.append(record)
+                del self.events[:-2000]
+                if record.get("event") == f"{self.kind}_ready":
+                    self.ready = record
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.proc.wait(), 40)
+            except TimeoutError:
+                self.proc.kill()
+        if self._pump is not None:
+            self._pump.cancel()
+
+
+def _origin_config(base: Path, app_port: int) -> str:
+    (base / "edge-keys.txt").write_text(f"demo-edge:{API_KEY}\n")
     return f"""\
-# blindfold demo: an edge in passthrough mode in front of a demo origin.
+# blindfold demo: the origin agent holds the site's key, runs the WAF, and bans attackers.
+[origin]
+upstream = "http://127.0.0.1:{app_port}"
+listen = ["127.0.0.1:0"]
+trusted_edges = ["127.0.0.1/32"]
+proxy_protocol = "required"
+admin_listen = "127.0.0.1:0"
+
+[[origin.certificates]]
+cert = "{base / 'site.pem'}"
+key = "{base / 'site.key'}"
+
+[origin.waf]
+paranoia_level = 1
+mode = "block"
+
+[origin.decisions]
+listen = "127.0.0.1:0"
+api_keys_file = "{base / 'edge-keys.txt'}"
+ban_after_blocks = 1
+ban_duration_s = 60
+"""
+
+
+def _edge_config(listen: str, admin: str, origin_port: int, decisions_port: int,
+                 base: Path) -> str:
+    (base / "edge.key").write_text(API_KEY + "\n")
+    return f"""\
+# blindfold demo: an edge in passthrough mode; it never decrypts.
 [edge]
 listen = ["{listen}"]
 admin_listen = "{admin}"
@@ -32,28 +121,23 @@ sni = ["{HOST}", "*.{HOST}"]
 mode = "passthrough"
 origins = ["127.0.0.1:{origin_port}"]
 proxy_protocol = "v2"
+
+[edge.decisions]
+url = "https://127.0.0.1:{decisions_port}"
+server_name = "{HOST}"
+api_key_file = "{base / 'edge.key'}"
+ca = "{base / 'ca.pem'}"
+poll_interval_s = 0.5
 """
 
 
-async def _wait_ready(proc: asyncio.subprocess.Process, timeout: float) -> str:
-    assert proc.stdout is not None
-    async with asyncio.timeout(timeout):
-        while True:
-            line = await proc.stdout.readline()
-            if not line:
-                raise RuntimeError("the edge exited during start-up")
-            text = line.decode(errors="replace")
-            if '"event":"edge_ready"' in text:
-                return text
-
-
-async def _pump(stream: asyncio.StreamReader | None, path: Path) -> None:
-    if stream is None:
-        return
-    with path.open("ab") as fh:
-        while line := await stream.readline():
-            fh.write(line)
-            fh.flush()
+async def _curl(args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_shell(
+        args + " -sS --max-time 10 -w '\\n%{http_code}'", stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, _err = await proc.communicate()
+    body, _, code = out.decode(errors="replace").rpartition("\n")
+    return int(code or 0), body
 
 
 async def demo(port: int, admin_port: int, workdir: str | None, duration: float | None,
@@ -62,85 +146,83 @@ async def demo(port: int, admin_port: int, workdir: str | None, duration: float 
     base.mkdir(parents=True, exist_ok=True)
     ca = pki.make_ca("blindfold demo CA")
     ca.write(base / "ca.pem")
-    site = pki.issue(ca, [HOST, f"*.{HOST}"])
-    site.write(base / "site.pem", base / "site.key")
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(base / "site.pem", base / "site.key")
-    ctx.set_alpn_protocols(["http/1.1"])
-    origin = DemoOrigin(ctx, expect_proxy=True)
-    origin_port = await origin.start()
-    conf = base / "edge.toml"
-    conf.write_text(_edge_config(f"127.0.0.1:{port}", f"127.0.0.1:{admin_port}", origin_port))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "blindfold", "edge", "--config", str(conf),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    pki.issue(ca, [HOST, f"*.{HOST}"]).write(base / "site.pem", base / "site.key")
+    app = DemoApp()
+    (base / "origin.toml").write_text(_origin_config(base, app.port))
+    origin = Proc("origin", base / "origin.toml", base / "origin.log")
+    edge: Proc | None = None
     try:
-        try:
-            await _wait_ready(proc, 20)
-        except (RuntimeError, TimeoutError):
-            err = (await proc.stderr.read()).decode() if proc.stderr else ""
-            print(f"blindfold demo: the edge did not start:\n{err}", file=sys.stderr)
-            return 1
-        log_path = base / "edge.log"
-        pumps = [asyncio.create_task(_pump(proc.stdout, log_path)),
-                 asyncio.create_task(_pump(proc.stderr, log_path))]
+        await origin.start()
+        origin_port = int(origin.ready["listen"][0].rpartition(":")[2])
+        decisions_port = int(str(origin.ready["decisions"]).rpartition(":")[2])
+        (base / "edge.toml").write_text(_edge_config(
+            f"127.0.0.1:{port}", f"127.0.0.1:{admin_port}", origin_port, decisions_port, base))
+        edge = Proc("edge", base / "edge.toml", base / "edge.log")
+        await edge.start()
         curl = (f"curl --cacert {base / 'ca.pem'} --resolve {HOST}:{port}:127.0.0.1 "
-                f"https://{HOST}:{port}/")
+                f"https://{HOST}:{port}")
         print(f"""
 blindfold demo is running (files in {base})
 
-  visitor --TLS--> edge 127.0.0.1:{port} (passthrough: forwards the encrypted bytes)
-                   --PROXY v2 + TLS--> origin 127.0.0.1:{origin_port} (holds the key)
+  visitor --TLS--> edge 127.0.0.1:{port} (passthrough: forwards encrypted bytes, never decrypts)
+            --PROXY v2 + TLS--> origin agent 127.0.0.1:{origin_port} (the key, the WAF, the bans)
+            --HTTP--> application 127.0.0.1:{app.port}
 
-Fetch the page through the edge; the certificate is the origin's, issued by the demo CA:
-  {curl}
+1. A page through the edge (the certificate is the origin's; the edge never had the key):
+     {curl}/
 
-See the certificate the edge passes through (it never had the key):
-  openssl s_client -connect 127.0.0.1:{port} -servername {HOST} -CAfile {base / 'ca.pem'} </dev/null
+2. An SQL injection: the origin's WAF (ModSecurity + OWASP CRS) answers 403 with a request id
+   and bans the address; within a second every edge refuses it at layer 4:
+     {curl}/?id=1%27%20OR%201=1-- --interface {ATTACKER}
+     {curl}/ --interface {ATTACKER}        # now refused by the edge (for 60 s)
+     {curl}/ --interface 127.0.0.67        # another visitor is still served
 
-An unknown name is refused by the edge:
-  curl -k --resolve other.test:{port}:127.0.0.1 https://other.test:{port}/
+3. Watch it: the edge's metrics and the origin's decision stream (what edges poll):
+     curl -s http://127.0.0.1:{admin_port}/metrics | grep -E 'decisions|banned'
+     curl -s --cacert {base / 'ca.pem'} --resolve {HOST}:{decisions_port}:127.0.0.1 \\
+          -H 'X-Api-Key: {API_KEY}' 'https://{HOST}:{decisions_port}/v1/decisions/stream?startup=true'
 
-Metrics and health:   curl http://127.0.0.1:{admin_port}/metrics   curl http://127.0.0.1:{admin_port}/healthz
-Edge logs (JSON):     {log_path}
+Logs (JSON lines): {base / 'edge.log'}  {base / 'origin.log'}
 Stop with Ctrl-C.
 """, flush=True)
-        if self_check:
-            ok = await _self_check(curl, admin_port)
-            if not ok:
-                return 1
+        if self_check and not await _self_check(curl, edge):
+            return 1
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), duration)
-        for task in pumps:
-            task.cancel()
         return 0
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 40)
-            except TimeoutError:
-                proc.kill()
-        await origin.close()
+        if edge is not None:
+            await edge.stop()
+        await origin.stop()
+        app.close()
         if workdir is None and not os.environ.get("BLINDFOLD_DEMO_KEEP"):
             shutil.rmtree(base, ignore_errors=True)
 
 
-async def _self_check(curl: str, admin_port: int) -> bool:
-    proc = await asyncio.create_subprocess_shell(
-        curl + " -sS --max-time 10", stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    out, err = await proc.communicate()
-    page = out.decode(errors="replace")
-    ok = proc.returncode == 0 and "Hello from the origin" in page and "127.0.0.1" in page
-    print(f"self-check: curl through the edge {'OK' if ok else 'FAILED'}", flush=True)
-    if not ok:
-        print(err.decode(errors="replace"), file=sys.stderr)
-    return ok
+async def _self_check(curl: str, edge: Proc) -> bool:
+    checks = []
+    code, body = await _curl(f"{curl}/")
+    checks.append(("a page through the edge", code == 200 and "Hello from the application"
+                   in body))
+    code, body = await _curl(f"{curl}/?id=1%27%20OR%201=1-- --interface {ATTACKER}")
+    checks.append(("the WAF blocks the SQL injection", code == 403 and "request id" in body))
+    refused = False
+    for _ in range(40):
+        code, _body = await _curl(f"{curl}/ --interface {ATTACKER}")
+        if code == 0:
+            refused = True
+            break
+        await asyncio.sleep(0.1)
+    checks.append(("the edge then refuses the attacker", refused))
+    code, _body = await _curl(f"{curl}/ --interface 127.0.0.67")
+    checks.append(("another visitor is still served", code == 200))
+    for name, ok in checks:
+        print(f"self-check: {name}: {'OK' if ok else 'FAILED'}", flush=True)
+    return all(ok for _name, ok in checks)
 
 
 def run_demo(port: int, admin_port: int, workdir: str | None, duration: float | None,

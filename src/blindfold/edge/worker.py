@@ -306,14 +306,22 @@ class Worker:
         for err in errors[:5]:
             self.log.log("ban_ignored", text=err.text, problem=err.problem)
         self.guards.bans = IPSet(networks)
+        self.log.log("bans_applied", bans=len(networks), worker=self.index)
+        decisions = self.config.decisions
+        grace = decisions.close_grace_s if decisions is not None else 0.0
+        doomed = [c for c in self.conns if self.guards.is_banned(*parse_address(c.ip))]
+        if doomed:
+            self.reactor.call_later(grace, lambda: self._close_banned(doomed))
+
+    def _close_banned(self, doomed: list[Conn]) -> None:
         closed = 0
-        for conn in list(self.conns):
-            version, addr = parse_address(conn.ip)
-            if self.guards.is_banned(version, addr):
+        for conn in doomed:
+            if conn in self.conns and self.guards.is_banned(*parse_address(conn.ip)):
                 conn.close("banned", "banned")
                 closed += 1
         self.closed_by_ban += closed
-        self.log.log("bans_applied", bans=len(networks), closed=closed, worker=self.index)
+        if closed:
+            self.log.log("banned_connections_closed", closed=closed, worker=self.index)
 
     def snapshot(self) -> dict[str, Any]:
         origins = []

@@ -81,6 +81,7 @@ def build_waf(cfg: OriginConfig) -> WafEngine | None:
         paranoia_level=w.paranoia_level, mode=w.mode, anomaly_threshold=w.anomaly_threshold,
         body_limit_bytes=w.body_limit_bytes, body_no_files_limit_bytes=w.body_no_files_limit_bytes,
         body_limit_action=w.body_limit_action, allowed_methods=w.allowed_methods,
+        allowed_content_types=w.allowed_content_types,
         exclusions=tuple(Exclusion(e.path_prefix, e.rule_ids) for e in w.exclusions),
         extra_rules_files=w.extra_rules_files, crs_rules_dir=w.crs_rules_dir,
         crs_setup_dir=w.crs_setup_dir, unicode_map_file=w.unicode_map_file)
@@ -240,7 +241,7 @@ class OriginAgent:
 
     def _bind(self, host: str, port: int, key: str) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
@@ -272,6 +273,9 @@ class OriginAgent:
                 sock.close()
                 continue
             sock.setblocking(False)
+            # asyncio sets TCP_NODELAY only for sockets it knows are TCP (proto 6); ours come
+            # from accept() with proto 0, and Nagle would hold every small response ~40 ms
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.open += 1
             task = loop.create_task(self._connection(sock, peer, lsock.getsockname(), tls))
             task.add_done_callback(_consume)
@@ -351,6 +355,7 @@ class OriginAgent:
         while not self.stopping.is_set():
             sock, peer = await loop.sock_accept(lsock)
             sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             info = ConnInfo((peer[0], peer[1]), lsock.getsockname()[:2], b"https", {})
             self.open += 1
             task = loop.create_task(loop.connect_accepted_socket(

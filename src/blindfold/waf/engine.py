@@ -70,6 +70,7 @@ class CrsSettings:
     body_no_files_limit_bytes: int = 131072  # SecRequestBodyNoFilesLimit
     body_limit_action: Literal["reject", "partial"] = "reject"
     allowed_methods: str = ""  # CRS tx.allowed_methods; "" keeps the CRS default
+    allowed_content_types: str = ""  # CRS tx.allowed_request_content_type, space separated
     exclusions: tuple[Exclusion, ...] = ()
     extra_rules_files: tuple[str, ...] = ()
     crs_rules_dir: str = "/usr/share/modsecurity-crs/rules"
@@ -122,6 +123,9 @@ def build_rules(s: CrsSettings) -> str:
                        "setvar:tx.arg_length=400"]
     if s.allowed_methods:
         setvars.append(f"setvar:'tx.allowed_methods={s.allowed_methods}'")
+    if s.allowed_content_types:
+        types = " ".join(f"|{t}|" for t in s.allowed_content_types.split())
+        setvars.append(f"setvar:'tx.allowed_request_content_type={types}'")
     setvars += [f"setvar:{v}" for v in s.extra_setvars]
     lines.append(f'SecAction "id:900000,phase:1,nolog,pass,t:none,{",".join(setvars)}"')
     setup = Path(s.crs_setup_dir)

@@ -160,19 +160,25 @@ class UpstreamPool:
             conn.close()
 
     async def _read(self, conn: _Conn) -> bytes:
+        # asyncio.timeout, not wait_for: wait_for wraps every read in a new task
         try:
-            return await asyncio.wait_for(conn.reader.read(READ_CHUNK), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                return await conn.reader.read(READ_CHUNK)
         except TimeoutError:
             raise UpstreamError("timeout") from None
         except OSError as exc:
             raise UpstreamError(f"read: {exc.strerror or exc}") from None
 
-    async def _write(self, conn: _Conn, data: bytes | None) -> None:
+    async def _write(self, conn: _Conn, data: bytes | bytearray | None) -> None:
         if not data:
             return
         conn.writer.write(data)
+        transport = conn.writer.transport
+        if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
+            return  # not paused: nothing to wait for
         try:
-            await asyncio.wait_for(conn.writer.drain(), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                await conn.writer.drain()
         except TimeoutError:
             raise UpstreamError("timeout") from None
         except OSError as exc:
@@ -196,15 +202,17 @@ class UpstreamPool:
     async def _exchange(self, conn: _Conn, method: bytes, target: bytes, headers: Headers,
                         body: AsyncIterator[bytes] | None) -> UpstreamResponse:
         try:
-            try:
-                await self._write(conn, conn.h11.send(h11.Request(
-                    method=method, target=target, headers=headers)))
-            except UpstreamError:
-                raise _Stale() from None
+            # the head, and the body as far as it is in hand, go out in one write
+            out = bytearray(conn.h11.send(h11.Request(method=method, target=target,
+                                                      headers=headers)) or b"")
             if body is not None:
                 async for chunk in body:
-                    await self._write(conn, conn.h11.send(h11.Data(data=chunk)))
-            await self._write(conn, conn.h11.send(h11.EndOfMessage()))
+                    out += conn.h11.send(h11.Data(data=chunk)) or b""
+                    if len(out) >= READ_CHUNK:
+                        await self._write_or_stale(conn, out)
+                        out = bytearray()
+            out += conn.h11.send(h11.EndOfMessage()) or b""
+            await self._write_or_stale(conn, out)
             got_bytes = False
             while True:
                 event = conn.h11.next_event()
@@ -227,6 +235,16 @@ class UpstreamPool:
             raise UpstreamError(f"upstream protocol error: {exc}") from None
         except BaseException:
             conn.close()
+            raise
+
+    async def _write_or_stale(self, conn: _Conn, data: bytearray) -> None:
+        first = conn.h11.our_state is h11.DONE and conn.writer.transport.get_write_buffer_size(
+            ) == 0
+        try:
+            await self._write(conn, data)
+        except UpstreamError:
+            if first:
+                raise _Stale() from None
             raise
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 import h11
@@ -19,6 +20,7 @@ from blindfold.web.limits import HttpLimits, new_request_id
 from blindfold.web.messages import BodyStream, BodyTimeout, Handler, Headers, Request
 
 IDLE, HEAD, BODY, HANDLING = range(4)
+_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
 class ConnInfo:
@@ -134,13 +136,25 @@ class H1Connection(asyncio.Protocol):
         if len(event.headers) > limits.max_headers:
             self._error_response(431, "too many header fields")
             return
+        # h11 bounds *incomplete* heads; a whole head that arrived in one read is bounded here
+        size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+        if size > limits.max_header_bytes:
+            self._error_response(431, "request head too large")
+            return
         length = None
         host = b""
+        chunked = False
         for name, value in event.headers:
             if name == b"content-length":
                 length = int(value)
             elif name == b"host":
                 host = value
+            elif name == b"transfer-encoding":
+                chunked = True
+        if chunked and length is not None:
+            # RFC 9112 §6.1: both framings at once is how requests are smuggled; refuse
+            self._error_response(400, "both Content-Length and Transfer-Encoding")
+            return
         if length is not None and length > limits.max_body_bytes:
             self._error_response(413, "request body too large")
             return
@@ -153,7 +167,7 @@ class H1Connection(asyncio.Protocol):
             client=self.info.client, server=self.info.server, request_id=new_request_id(),
             tls=self.info.tls)
         self.body = BodyStream(limits.max_body_bytes, self._consumed, self._body_wait)
-        responder = H1Responder(self)
+        responder = H1Responder(self, head=event.method == b"HEAD")
         self.task = self.loop.create_task(self._run(request, self.body, responder))
 
     async def _run(self, request: Request, body: BodyStream, responder: H1Responder) -> None:
@@ -289,12 +303,17 @@ class H1Connection(asyncio.Protocol):
 
 
 class H1Responder:
-    __slots__ = ("_c", "ended", "started")
+    """Writes the response. The head is held until the first body bytes or the end, so a
+    small response leaves in one write (one syscall, one TCP segment)."""
 
-    def __init__(self, connection: H1Connection) -> None:
+    __slots__ = ("_c", "_held", "ended", "head", "started")
+
+    def __init__(self, connection: H1Connection, head: bool = False) -> None:
         self._c = connection
+        self.head = head  # a HEAD request: the response has no body, whatever is sent
         self.started = False
         self.ended = False
+        self._held = b""
 
     async def start(self, status: int, headers: Headers) -> None:
         c = self._c
@@ -305,20 +324,21 @@ class H1Responder:
             headers = [*headers, (b"connection", b"close")]
         self.started = True
         try:
-            data = c.conn.send(h11.Response(status_code=status, headers=headers))
+            data = c.conn.send(h11.Response(status_code=status, headers=headers,
+                                            reason=_REASONS.get(status, b"")))
         except h11.LocalProtocolError as exc:
             raise ConnectionError(f"invalid response: {exc}") from None
-        assert c.transport is not None
-        c.transport.write(data)
-        await c.drain()
+        self._held = data or b""
 
     async def send(self, data: bytes) -> None:
         c = self._c
         if c.closed:
             raise ConnectionError("client went away")
-        if data:
-            payload = c.conn.send(h11.Data(data=data))
-            assert c.transport is not None and payload is not None
+        if data and not self.head:
+            payload = c.conn.send(h11.Data(data=data)) or b""
+            if self._held:
+                payload, self._held = self._held + payload, b""
+            assert c.transport is not None
             c.transport.write(payload)
             await c.drain()
 
@@ -327,8 +347,10 @@ class H1Responder:
         self.ended = True
         if c.closed:
             return
-        payload = c.conn.send(h11.EndOfMessage())
-        assert c.transport is not None and payload is not None
+        payload = c.conn.send(h11.EndOfMessage()) or b""
+        if self._held:
+            payload, self._held = self._held + payload, b""
+        assert c.transport is not None
         c.transport.write(payload)
 
     def abort(self) -> None:

@@ -80,7 +80,6 @@ class H2Connection(asyncio.Protocol):
             S.INITIAL_WINDOW_SIZE: limits.h2_initial_window,
             S.MAX_HEADER_LIST_SIZE: limits.h2_max_header_list_size,
             S.HEADER_TABLE_SIZE: limits.h2_header_table_size,
-            S.ENABLE_PUSH: 0,
         })
         self.conn.initiate_connection()
         # open the connection window as far as the streams may go
@@ -181,9 +180,13 @@ class H2Connection(asyncio.Protocol):
                 headers.append((name, value))
         stream = _Stream()
         self.streams[sid] = stream
-        responder = H2Responder(self, sid)
+        method = next((v for k, v in event.headers or () if k == b":method"), b"")
+        responder = H2Responder(self, sid, head=method == b"HEAD")
         stream.responder = responder
-        if len(headers) > limits.max_headers:
+        size = sum(len(k) + len(v) + 32 for k, v in event.headers or ())  # RFC 9113 §6.5.2
+        if len(headers) > limits.max_headers or size > limits.h2_max_header_list_size:
+            # until the client acknowledges our SETTINGS the HPACK decoder has no limit: the
+            # list is bounded by h2's frame and CONTINUATION limits, and refused here
             stream.task = self.loop.create_task(self._refuse(responder, 431))
             return
         if b":authority" in pseudo and not any(k == b"host" for k, _ in headers):
@@ -382,10 +385,11 @@ class H2Connection(asyncio.Protocol):
 
 
 class H2Responder:
-    __slots__ = ("_c", "ended", "started", "stream_id")
+    __slots__ = ("_c", "ended", "head", "started", "stream_id")
 
-    def __init__(self, connection: H2Connection, stream_id: int) -> None:
+    def __init__(self, connection: H2Connection, stream_id: int, head: bool = False) -> None:
         self._c = connection
+        self.head = head
         self.stream_id = stream_id
         self.started = False
         self.ended = False
@@ -406,7 +410,7 @@ class H2Responder:
 
     async def send(self, data: bytes) -> None:
         c = self._c
-        view = memoryview(data)
+        view = memoryview(b"" if self.head else data)
         while view:
             if c.closed:
                 raise ConnectionError("connection closed")

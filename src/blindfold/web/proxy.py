@@ -30,17 +30,21 @@ def _quote_for(ip: str) -> str:
     return f'"[{ip}]"' if ":" in ip else ip
 
 
-def upstream_headers(request: Request) -> Headers:
+def upstream_headers(request: Request, default_authority: bytes = b"localhost") -> Headers:
     headers = [(k, v) for k, v in strip_hop_by_hop(request.headers) if k not in _CLIENT_SUPPLIED]
     ip = request.client[0]
     scheme = request.scheme.decode()
-    host = request.authority.decode("latin-1")
+    # HTTP/1.0 may come without Host: name the site by its TLS server name, else the upstream
+    authority = request.authority or request.tls.get("sni", "").encode() or default_authority
+    forwarded = f"for={_quote_for(ip)};proto={scheme}"
+    if request.authority:
+        forwarded += f';host="{request.authority.decode("latin-1")}"'
+        headers.append((b"x-forwarded-host", request.authority))
     headers += [
-        (b"host", request.authority),
+        (b"host", authority),
         (b"x-forwarded-for", ip.encode()),
         (b"x-forwarded-proto", request.scheme),
-        (b"x-forwarded-host", request.authority),
-        (b"forwarded", f'for={_quote_for(ip)};proto={scheme};host="{host}"'.encode()),
+        (b"forwarded", forwarded.encode()),
         (b"x-request-id", request.request_id.encode()),
     ]
     return headers
@@ -76,7 +80,7 @@ class ReverseProxy:
                       prefix: list[bytes] | None = None) -> UpstreamResponse | None:
         """Send the request upstream; return the response (head read) or None after having
         answered an error to the client."""
-        headers = upstream_headers(request)
+        headers = upstream_headers(request, self.pool.target.authority)
         has_body, declared = request_has_body(request, body)
         if has_body and not declared:
             headers.append((b"transfer-encoding", b"chunked"))
