@@ -25,7 +25,11 @@ def origin_config(site: dict[str, Path], app_port: int, workdir: Path, *,
     dec.update(decisions or {})
     out = "[origin]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in base.items())
     out += f'\n[[origin.certificates]]\ncert = "{site["cert"]}"\nkey = "{site["key"]}"\n'
+    rate_rules = dec.pop("rate_rules", [])
     out += "\n[origin.decisions]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in dec.items())
+    for rule in rate_rules:
+        out += "\n[[origin.decisions.rate_rules]]\n" + "".join(
+            f"{k} = {json.dumps(v)}\n" for k, v in rule.items())
     if waf:
         out += "\n[origin.waf]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in waf.items())
     if http:

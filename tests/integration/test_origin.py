@@ -234,3 +234,82 @@ def test_waf_modes_and_form_bodies(start_origin: Any, app: Any, site: dict[str, 
     assert wait_until(lambda: len(origin.records("waf")) == 2, 5), audit
     assert {r["result"] for r in origin.records("waf")} == (
         {"blocked"} if mode == "block" else {"matched"})
+
+
+def test_rate_rule_bans_at_the_edge(start_edge: Any, start_origin: Any, app: Any,
+                                    site: dict[str, Path], tmp_path: Path) -> None:
+    rule = {"rate_rules": [{"path_prefix": "/login", "rate_per_s": 0.5, "burst": 3,
+                            "ban_duration_s": 60, "name": "login"}]}
+    edge, origin = chain(start_edge, start_origin, app, site, tmp_path,
+                         origin_kw={"decisions": rule})
+    codes = [fetch(edge, site, "/login", "127.0.0.70")[0] for _ in range(4)]
+    assert codes[:3] == [200, 200, 200]  # the burst; the 4th crossed the rule
+    assert wait_until(lambda: fetch(edge, site, "/echo", "127.0.0.70")[0] == 0, 3)
+    assert fetch(edge, site, "/login", "127.0.0.71")[0] == 200
+    decision = origin.wait_for(lambda r: r.get("event") == "decision", 5)
+    assert decision is not None and decision["reason"] == "rate: login"
+
+
+def test_http2_abuse_does_not_touch_other_visitors(start_origin: Any, app: Any,
+                                                   site: dict[str, Path],
+                                                   tmp_path: Path) -> None:
+    import threading
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    origin = start_origin(origin_config(site, app.port, tmp_path, proxy_protocol="optional",
+                                        http={"h2_max_resets_per_window": 50}))
+    stop = threading.Event()
+    served: list[bool] = []
+
+    def legit() -> None:
+        while not stop.is_set():
+            with tls_connect(origin.port, "example.test", site["ca"], source="127.0.0.81") as t:
+                served.append(http_get(t, "/echo", "example.test").startswith(
+                    b"HTTP/1.1 200"))
+
+    worker = threading.Thread(target=legit)
+    worker.start()
+    goaways = 0
+    try:
+        for _attack in range(5):
+            tls = tls_connect(origin.port, "example.test", site["ca"], source="127.0.0.80",
+                              alpn=["h2"])
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            conn.initiate_connection()
+            for sid in range(1, 2 * 200, 2):  # rapid reset: open, cancel, repeat
+                conn.send_headers(sid, [(":method", "GET"), (":path", "/echo"),
+                                        (":scheme", "https"), (":authority", "example.test")])
+                conn.reset_stream(sid)
+            try:
+                tls.sendall(conn.data_to_send())
+                tls.settimeout(5)
+                while data := tls.recv(65536):
+                    for e in conn.receive_data(data):
+                        if isinstance(e, h2.events.ConnectionTerminated):
+                            goaways += int(e.error_code == 0xB)
+            except (OSError, ssl.SSLError, h2.exceptions.ProtocolError):
+                pass
+            tls.close()
+    finally:
+        stop.set()
+        worker.join(30)
+    assert goaways == 5  # each abusive connection told ENHANCE_YOUR_CALM and closed
+    assert served and all(served)  # the other visitor never failed meanwhile
+    assert origin.metric("blindfold_http_events_total", event="h2_abuse") == 5
+
+
+def test_http10_without_host_reaches_the_application_named(start_origin: Any, app: Any,
+                                                           site: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    origin = start_origin(origin_config(site, app.port, tmp_path, proxy_protocol="optional"))
+    with tls_connect(origin.port, "example.test", site["ca"]) as tls:
+        tls.sendall(b"GET /echo HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := tls.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 200")
+    seen = json.loads(data.partition(b"\r\n\r\n")[2])
+    assert seen["host"] == "example.test"  # named by the TLS server name, never empty

@@ -364,3 +364,8 @@ def test_head_responses_have_no_body_and_keep_the_connection(h1: Server) -> None
     assert head.startswith(b"HTTP/1.1 200 OK") and b"content-length: 5" in head
     assert rest.startswith(b"HTTP/1.1 200 OK")  # no body bytes in between, connection kept
     assert rest.endswith(b"ok /y")
+
+
+def test_empty_host_is_refused(h1: Server) -> None:
+    assert raw(h1.port, b"GET / HTTP/1.1\r\nHost:\r\n\r\n").startswith(b"HTTP/1.1 400")
+    assert raw(h1.port, b"GET / HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.1 200")  # 1.0: optional

@@ -29,6 +29,7 @@ class AppHandler(BaseHTTPRequestHandler):
                 "x-forwarded-for": self.headers.get("X-Forwarded-For", ""),
                 "forwarded": self.headers.get("Forwarded", ""),
                 "x-request-id": self.headers.get("X-Request-Id", ""),
+                "host": self.headers.get("Host", ""),
                 "path": self.path, "method": self.command}
         with self.lock:
             self.seen.append(info)

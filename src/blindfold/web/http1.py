@@ -155,6 +155,11 @@ class H1Connection(asyncio.Protocol):
             # RFC 9112 §6.1: both framings at once is how requests are smuggled; refuse
             self._error_response(400, "both Content-Length and Transfer-Encoding")
             return
+        if not host and event.http_version == b"1.1":
+            # an empty Host names no site (RFC 9112 §3.2 allows it only for targets without an
+            # authority, which no origin serves); answer as nginx does rather than guess
+            self._error_response(400, "empty Host header")
+            return
         if length is not None and length > limits.max_body_bytes:
             self._error_response(413, "request body too large")
             return
