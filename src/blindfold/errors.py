@@ -40,7 +40,12 @@ class UpstreamError(BlindfoldError):
 
 
 class KeyServerError(BlindfoldError):
-    """The key server refused or could not be reached."""
+    """The key server refused or could not be reached. `retryable`: another key server (or a
+    new connection) may succeed; a refusal is final."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class VerificationError(BlindfoldError):

@@ -35,8 +35,16 @@ def _check_config(path: str) -> int:
             build_waf(origin)
             waf = f"PL{origin.waf.paranoia_level}" if origin.waf.enabled else "off"
             sections.append(f"origin (upstream {origin.upstream}, WAF {waf})")
+        if config.keyserver is not None:
+            from blindfold.keyserver.signer import load_key
+
+            for i, k in enumerate(config.keyserver.keys):
+                load_key(i, k)
+            sections.append(f"keyserver ({len(config.keyserver.keys)} keys, "
+                            f"{len(config.keyserver.edges)} edges)")
         if not sections:
-            raise ConfigError("", f"{path} has no known section (expected [edge] or [origin])")
+            raise ConfigError("", f"{path} has no known section (expected [edge], [origin] "
+                              "or [keyserver])")
     except ConfigError as exc:
         print(f"{path}: {exc}", file=sys.stderr)
         return 2
@@ -56,6 +64,17 @@ def main(argv: list[str] | None = None) -> int:
 
     p_origin = sub.add_parser("origin", help="run the origin agent (TLS, WAF, decisions)")
     p_origin.add_argument("--config", "-c", required=True, help="TOML configuration file")
+
+    p_ks = sub.add_parser("keyserver", help="run the key server (keyless TLS signatures)")
+    p_ks.add_argument("--config", "-c", required=True, help="TOML configuration file")
+
+    p_audit = sub.add_parser("audit", help="check a key server audit log")
+    p_audit.add_argument("action", choices=["verify"])
+    p_audit.add_argument("file")
+
+    from blindfold.cli import pki as pki_cli
+
+    pki_cli.add_parser(sub)
 
     p_check = sub.add_parser("check-config", help="validate a configuration file")
     p_check.add_argument("file")
@@ -78,6 +97,26 @@ def main(argv: list[str] | None = None) -> int:
         from blindfold.origin.agent import run_origin
 
         return run_origin(args.config)
+    if args.command == "keyserver":
+        from blindfold.keyserver.server import run_keyserver
+
+        return run_keyserver(args.config)
+    if args.command == "audit":
+        from blindfold.keyserver.audit import verify
+
+        try:
+            result = verify(args.file)
+        except OSError as exc:
+            print(f"{args.file}: {exc.strerror}", file=sys.stderr)
+            return 2
+        if result.ok:
+            print(f"{args.file}: ok: {result.entries} entries, last hash {result.last_hash}")
+            return 0
+        print(f"{args.file}: BROKEN at line {result.line}: {result.problem} "
+              f"({result.entries} entries verify before it)")
+        return 1
+    if args.command == "pki":
+        return pki_cli.run(args)
     if args.command == "check-config":
         return _check_config(args.file)
     if args.command == "demo":

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from blindfold.config.edge import EdgeConfig
+from blindfold.config.keyserver import KeyServerConfig
 from blindfold.config.origin import OriginConfig
 from blindfold.config.schema import build, setting
 from blindfold.errors import ConfigError
@@ -21,6 +22,9 @@ class Config:
         None, doc="The edge process (`blindfold edge`).")
     origin: OriginConfig | None = setting(
         None, doc="The origin agent (`blindfold origin`) beside the site's application.")
+    keyserver: KeyServerConfig | None = setting(
+        None, doc="The key server (`blindfold keyserver`): the site's private keys, signing "
+        "TLS 1.3 handshakes for authorised edges.")
 
 
 def loads(text: str, source: str = "<config>") -> Config:

@@ -36,6 +36,47 @@ def _check_cidrs(values: tuple[str, ...]) -> str | None:
     return None
 
 
+def _hex_fingerprints(values: tuple[str, ...]) -> str | None:
+    for i, v in enumerate(values):
+        h = v.replace(":", "").lower()
+        if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
+            return f"[{i}]: expected a SHA-256 fingerprint, 64 hex digits (colons allowed)"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyServerRef:
+    addresses: tuple[str, ...] = setting(
+        doc="Key servers 'host:port', tried in order; the next one takes over when one fails.",
+        check=lambda v: _nonempty(v) or _each(check_hostport)(v))
+    client_cert: str = setting(doc="This edge's client certificate (PEM), issued by the site's "
+                               "edge CA (`blindfold pki edge NAME DIR`).")
+    client_key: str = setting(doc="Its private key (this key is the edge's own identity, not the "
+                              "site's).")
+    ca: str = setting(doc="CA that verifies the key server's certificate.")
+    server_name: str = setting("", doc="Name expected in the key server's certificate "
+                               "(default: the address's host).")
+    sign_timeout_s: float = setting(
+        1.0, doc="Deadline for one signature, failover included. A key server that misses it is "
+        "treated as down for 2 s; when every key server is down new handshakes fail (or fall "
+        "back, see keyserver_down) at once.", min=0.01, max=30)
+    connect_timeout_s: float = setting(1.0, doc="Deadline for connecting to one key server.",
+                                       min=0.01, max=30)
+
+
+@dataclass(frozen=True, slots=True)
+class PathRateLimit:
+    rate_per_s: float = setting(doc="Requests per second admitted (token bucket refill).",
+                                min=0.001)
+    burst: int = setting(doc="Bucket size.", min=1)
+    path_prefix: str = setting("/", doc="Requests whose path starts with this are counted.",
+                               check=lambda v: None if v.startswith("/") else "must start with /")
+    per: Literal["ip", "route"] = setting(
+        "ip", doc="One bucket per client address ('ip'; IPv6 by ipv6_prefix_len) or one for the "
+        "whole route ('route').")
+    name: str = setting("", doc="Name in logs and metrics (default: rate_limit<N>).")
+
+
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
     sni: tuple[str, ...] = setting(
@@ -49,11 +90,46 @@ class RouteConfig:
         check=lambda v: _nonempty(v) or _each(check_hostport)(v),
     )
     name: str = setting("", doc="Name used in logs and metrics; defaults to 'route<N>'.")
-    mode: Literal["passthrough"] = setting(
+    mode: Literal["passthrough", "keyless"] = setting(
         "passthrough",
         doc="How much the edge sees. 'passthrough': TLS is forwarded at layer 4, the edge sees "
-        "only addresses, SNI and the cleartext ClientHello.",
+        "only addresses, SNI and the cleartext ClientHello. 'keyless': the edge terminates "
+        "TLS 1.3 with `certificate`, each handshake signed by the site's key server; it sees "
+        "HTTP and proxies it to the origins over verified TLS.",
     )
+    certificate: str = setting("", doc="keyless: the site's certificate chain (PEM, leaf "
+                               "first). No private key: the key server signs.")
+    keyserver: KeyServerRef | None = setting(None, doc="keyless: where handshakes are signed.")
+    keyserver_down: Literal["fail", "passthrough"] = setting(
+        "fail", doc="keyless: when no key server signs in time, 'fail' the new handshake "
+        "(internal_error alert) or forward the connection as 'passthrough' to the origins "
+        "(nothing has been sent to the visitor yet, so the origin completes the handshake).")
+    origin_ca: str = setting("", doc="keyless: CA bundle that verifies the origins' "
+                             "certificates. The edge never talks plaintext or unverified TLS "
+                             "to an origin: give this or origin_pin_sha256.")
+    origin_pin_sha256: tuple[str, ...] = setting(
+        (), doc="keyless: accept an origin only if its leaf certificate has one of these "
+        "SHA-256 fingerprints (checked in addition to origin_ca when both are given).",
+        check=_hex_fingerprints)
+    origin_server_name: str = setting("", doc="keyless: name checked in the origin's "
+                                      "certificate and sent as SNI (default: the visitor's "
+                                      "SNI).")
+    session_ticket_lifetime_s: float = setting(
+        7200.0, doc="keyless: lifetime of TLS 1.3 session tickets (resumption without asking "
+        "the key server; never 0-RTT). Tickets are kept by the edge worker, single use. "
+        "0 = no tickets.", min=0, max=604800)
+    max_sessions: int = setting(100000, doc="keyless: most resumable sessions kept per worker "
+                                "(oldest dropped first).", min=1)
+    rate_limits: tuple[PathRateLimit, ...] = setting(
+        (), doc="keyless: HTTP request rate limits by path prefix; a request over any matching "
+        "limit gets 429 with Retry-After.")
+    cache_max_bytes: int = setting(
+        64 << 20, doc="keyless: memory for cached responses per worker (RFC 9111: only what "
+        "Cache-Control/Expires make cacheable by a shared cache; Vary and validators honoured). "
+        "0 = no cache.", min=0)
+    cache_max_object_bytes: int = setting(
+        8 << 20, doc="keyless: largest response body cached.", min=0)
+    http: EdgeHttpConfig | None = setting(None, doc="keyless: HTTP limits and deadlines.")
     proxy_protocol: Literal["none", "v1", "v2"] = setting(
         "none",
         doc="PROXY protocol header sent to the origin before the ClientHello so it learns the "
@@ -74,6 +150,56 @@ class RouteConfig:
         doc="Serve connections whose SNI matches no route, or that send no SNI. At most one "
         "route may be the default; without one, such connections are refused.",
     )
+
+
+    def __post_init__(self) -> None:
+        if self.mode == "keyless":
+            if not self.certificate:
+                raise ConfigError("certificate", "a keyless route needs the site's certificate "
+                                  "chain (no key)")
+            if self.keyserver is None:
+                raise ConfigError("keyserver", "a keyless route needs its key servers: "
+                                  "keyserver = { addresses = [...], client_cert, client_key, ca }")
+            if not self.origin_ca and not self.origin_pin_sha256:
+                raise ConfigError("origin_ca", "a keyless route talks to its origins over "
+                                  "verified TLS only: give origin_ca or origin_pin_sha256")
+        else:
+            for key in ("certificate", "origin_ca", "origin_server_name"):
+                if getattr(self, key):
+                    raise ConfigError(key, f"only for mode = 'keyless' (this route is "
+                                      f"{self.mode!r})")
+            if self.keyserver is not None:
+                raise ConfigError("keyserver", "only for mode = 'keyless'")
+            if self.rate_limits:
+                raise ConfigError("rate_limits", "HTTP rate limits need mode = 'keyless' (a "
+                                  "passthrough edge cannot see requests)")
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeHttpConfig:
+    max_header_bytes: int = setting(16384, doc="Largest request head (HTTP/1.1) or header "
+                                    "list (HTTP/2); larger gets 431.", min=1024, max=1 << 20)
+    max_headers: int = setting(100, doc="Most header fields in a request.", min=8, max=10000)
+    max_body_bytes: int = setting(100 << 20, doc="Largest request body; larger gets 413.",
+                                  min=0)
+    header_timeout_s: float = setting(10.0, doc="Deadline for a whole request head.", min=0.1)
+    body_timeout_s: float = setting(30.0, doc="Longest pause inside a request body.", min=0.1)
+    keepalive_timeout_s: float = setting(60.0, doc="Idle time before a visitor connection is "
+                                         "closed.", min=0.1)
+    send_timeout_s: float = setting(60.0, doc="A visitor that reads nothing of its response "
+                                    "for this long is disconnected.", min=0.1)
+    tls_handshake_timeout_s: float = setting(10.0, doc="Deadline for the TLS handshake (key "
+                                             "server included).", min=0.1)
+    h2_max_concurrent_streams: int = setting(100, doc="HTTP/2 streams a visitor may have "
+                                             "open.", min=1, max=1000)
+    upstream_connect_timeout_s: float = setting(5.0, doc="Deadline to connect to an origin "
+                                                "(TCP and TLS).", min=0.05)
+    upstream_timeout_s: float = setting(60.0, doc="Longest wait for the origin to send or "
+                                        "accept bytes.", min=0.1)
+    upstream_connections: int = setting(8, doc="Connections to the origin per visitor "
+                                        "connection (each carries the visitor's address in a "
+                                        "PROXY header when proxy_protocol is set).", min=1,
+                                        max=256)
 
 
 @dataclass(frozen=True, slots=True)

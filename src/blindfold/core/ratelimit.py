@@ -124,3 +124,37 @@ class KeyedLimiter:
                 entries[key] = entry
                 continue
             count -= 1
+
+
+class BucketMap:
+    """Token buckets by key (request rate limits per client address), bounded: beyond
+    `max_keys` the least recently used bucket goes (a full bucket is what a new key gets
+    anyway, so evicting idle ones costs nothing)."""
+
+    __slots__ = ("_buckets", "burst", "max_keys", "rate")
+
+    def __init__(self, rate_per_s: float, burst: int, max_keys: int) -> None:
+        self.rate = rate_per_s
+        self.burst = float(burst)
+        self.max_keys = max_keys
+        self._buckets: dict[Hashable, list[float]] = {}  # key -> [tokens, stamp]
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def take(self, key: Hashable, now: float) -> float:
+        """0.0 if admitted, else the seconds until a token will be there (for Retry-After)."""
+        buckets = self._buckets
+        entry = buckets.pop(key, None)
+        if entry is None:
+            entry = [self.burst, now]
+            if len(buckets) >= self.max_keys:
+                del buckets[next(iter(buckets))]
+        buckets[key] = entry  # most recently used last
+        tokens = min(self.burst, entry[0] + (now - entry[1]) * self.rate)
+        entry[1] = now
+        if tokens >= 1.0:
+            entry[0] = tokens - 1.0
+            return 0.0
+        entry[0] = tokens
+        return (1.0 - tokens) / self.rate

@@ -75,6 +75,29 @@ class AppHandler(BaseHTTPRequestHandler):
         if url.path == "/echo":
             self._send(200, json.dumps(info).encode(), "application/json")
             return
+        if url.path.startswith("/cached/"):
+            # a cacheable resource: ?max_age=N (default 60), ETag validators, 304 on a match
+            q = parse_qs(url.query)
+            max_age = int(q.get("max_age", ["60"])[0])
+            body = f"cacheable {url.path} version {q.get('v', ['1'])[0]}\n".encode()
+            etag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+            if self.headers.get("If-None-Match") == etag:
+                self.send_response(304)
+                self.send_header("ETag", etag)
+                self.send_header("Cache-Control", f"public, max-age={max_age}")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", f"public, max-age={max_age}")
+            self.send_header("ETag", etag)
+            if "vary" in q:
+                self.send_header("Vary", q["vary"][0])
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+            return
         page = (f"<!doctype html><title>demo app</title><h1>Hello from the application</h1>"
                 f"<p>The origin agent says the visitor is <b>{info['x-forwarded-for']}</b>.</p>"
                 f"<p>Request id {info['x-request-id']}</p>\n").encode()

@@ -84,6 +84,7 @@ class EdgeMaster:
         self.bans = BanSet(self._push_bans)
         self.feeds: list[Any] = []
         self.feed_tasks: list[asyncio.Task[None]] = []
+        self.l7 = _needs_l7(self.config)
 
     # ---------------------------------------------------------------- start
     def bind(self, config: EdgeConfig) -> dict[str, list[socket.socket]]:
@@ -122,7 +123,7 @@ class EdgeMaster:
         listeners = [[address, socks[index].fileno()] for address, socks in self.groups.items()]
         cmd = [sys.executable, "-m", "blindfold.edge.worker", "--index", str(index),
                "--workers", str(self.nworkers), "--control-fd", str(child.fileno()),
-               "--listeners", json.dumps(listeners)]
+               "--listeners", json.dumps(listeners)] + (["--l7"] if self.l7 else [])
         proc = subprocess.Popen(cmd, pass_fds=[child.fileno(), *fds], close_fds=True,
                                 start_new_session=False)
         child.close()
@@ -332,6 +333,11 @@ class EdgeMaster:
         if tuple(new.listen) != tuple(self.groups):
             await self._new_generation(new)
             return
+        if _needs_l7(new) and not self.l7:
+            # the first keyless route: workers that run asyncio take over the same sockets
+            self.l7 = True
+            await self._new_generation(new, rebind=False)
+            return
         results = []
         for handle in self.workers:
             handle.config_result = asyncio.get_running_loop().create_future()
@@ -346,11 +352,12 @@ class EdgeMaster:
         self._count_reload("ok" if ok else "partial")
         self.log.emit("reloaded" if ok else "reload_partial", outcomes=outcomes)
 
-    async def _new_generation(self, new: EdgeConfig) -> None:
-        """Listen addresses changed: bind the new ones, start a new set of workers on the new
-        socket set, then drain the old workers (their connections continue)."""
+    async def _new_generation(self, new: EdgeConfig, rebind: bool = True) -> None:
+        """Listen addresses changed (or the workers' kind did): bind the new ones, start a new
+        set of workers on the new socket set, then drain the old workers (their connections
+        continue)."""
         try:
-            groups = self.bind(new)
+            groups = self.bind(new) if rebind else self.groups
         except ConfigError as exc:
             self._count_reload("bind_failed")
             self.log.emit("reload_failed", error=str(exc))
@@ -451,6 +458,10 @@ class EdgeMaster:
                     merged.setdefault("blindfold_decisions_polls_total", []).append(
                         [[kind, result], n])
         return render(merged, EDGE_METRICS_ALL)
+
+
+def _needs_l7(config: EdgeConfig) -> bool:
+    return any(r.mode != "passthrough" for r in config.routes)
 
 
 def run_edge(config_path: str) -> int:

@@ -28,11 +28,12 @@ from blindfold.edge.origins import Origin
 from blindfold.errors import ProtocolError
 from blindfold.io.reactor import EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Timer
 from blindfold.io.relay import Relay
+from blindfold.io.tls13_transport import TlsServerProtocol
 
 if TYPE_CHECKING:
     from blindfold.edge.worker import RouteState, Worker
 
-HELLO, CONNECTING, RELAY, DONE = 0, 1, 2, 3
+HELLO, CONNECTING, RELAY, DONE, KEYLESS = 0, 1, 2, 3, 4
 WATCH = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 _STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # no separate fcntl call
 _WAIT_CONNECT = {errno.EAGAIN, errno.ENOTCONN, errno.EINPROGRESS, errno.EALREADY}
@@ -41,8 +42,8 @@ _ALPN_JSON: dict[tuple[bytes, ...], str] = {}
 
 class Conn:
     __slots__ = ("adm", "attempts", "buf", "client", "client_in", "client_port", "fd", "hello",
-                 "ip", "last", "local", "moved", "origin", "origin_in", "osock", "out", "phase",
-                 "registered", "relay", "route", "started", "timer", "worker")
+                 "ip", "l7", "l7_bytes", "last", "local", "moved", "origin", "origin_in", "osock",
+                 "out", "phase", "registered", "relay", "route", "started", "timer", "worker")
 
     def __init__(self, worker: Worker, sock: _socket.socket, ip: str, port: int,
                  adm: Admission, local: tuple[str, int] | None) -> None:
@@ -70,6 +71,8 @@ class Conn:
         # no future event will announce?
         self.client_in = False
         self.origin_in = False
+        self.l7: TlsServerProtocol | None = None  # keyless: the socket belongs to asyncio
+        self.l7_bytes = (0, 0)
 
     # ---------------------------------------------------------------- HELLO
     def start(self) -> None:
@@ -147,11 +150,53 @@ class Conn:
         if refused is not None:
             self.close("refused", refused)
             return
+        if (route.keyless is not None and worker.keyless is not None
+                and worker.keyless.begin(self, route, hello)):
+            return
+        self.start_passthrough()
+
+    def start_passthrough(self) -> None:
+        route, hello = self.route, self.hello
+        assert route is not None and hello is not None
         self.phase = CONNECTING
         header = self._proxy_header(route, hello)
         self.out = header + self.buf if header else self.buf
-        self.attempts = route.pool.order(worker.reactor.now)
+        self.attempts = route.pool.order(self.worker.reactor.now)
         self._connect_next(None)
+
+    def proxy_header_for(self, route: RouteState) -> bytes:
+        assert self.hello is not None
+        return self._proxy_header(route, self.hello)
+
+    # ---------------------------------------------------------------- KEYLESS
+    def begin_keyless(self) -> None:
+        """The keyless path owns the connection now: out of the reactor until it either
+        moves to asyncio or falls back to passthrough."""
+        self.phase = KEYLESS
+        if self.registered:
+            self.worker.reactor.remove(self.fd)
+            self.registered = False
+
+    def keyless_waiting(self) -> bool:
+        return self.phase == KEYLESS and self.l7 is None
+
+    def keyless_to_passthrough(self) -> None:
+        """The key server did not sign and nothing was sent: forward the untouched bytes."""
+        self.client_in = True  # bytes may have arrived while we were not watching
+        self.start_passthrough()
+
+    def adopt_socket_for_asyncio(self) -> socket.socket:
+        sock = socket.socket(fileno=self.client.detach())
+        self.client = sock
+        return sock
+
+    def keyless_done(self, reason: str, bytes_in: int, bytes_out: int) -> None:
+        self.l7_bytes = (bytes_in, bytes_out)
+        self.l7 = None  # the transport has closed the socket
+        if reason in ("closed", "eof"):
+            self.close("closed", "")
+        else:
+            self.close("reset" if not reason.startswith("tls_") else "refused", reason)
 
     def _proxy_header(self, route: RouteState, hello: ClientHello) -> bytes:
         if route.proxy_protocol == "none":
@@ -330,7 +375,15 @@ class Conn:
             self.relay = None
         if self.registered:
             reactor.forget(self.fd)
-        self.client.close()
+        if phase == KEYLESS:
+            l7, self.l7 = self.l7, None
+            if l7 is not None:  # still open (ban, drain deadline): asyncio closes the socket
+                l7.abort()
+            elif self.client.fileno() >= 0:
+                self.client.close()
+            bytes_up, bytes_down = self.l7_bytes
+        else:
+            self.client.close()
         if self.osock is not None:
             reactor.forget(self.osock.fileno())
             self.osock.close()

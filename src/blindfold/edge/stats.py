@@ -54,6 +54,30 @@ EDGE_METRICS = [
                ("source", "result")),
     MetricSpec("blindfold_connections_closed_by_ban_total", "counter",
                "Open connections closed because their address was banned."),
+    MetricSpec("blindfold_keyless_handshakes_total", "counter",
+               "Keyless TLS handshakes by result: full (signed by the key server), resumed "
+               "(session ticket), or why it failed.", ("route", "result")),
+    MetricSpec("blindfold_keyless_fallbacks_total", "counter",
+               "Keyless-route connections forwarded as passthrough instead, by reason "
+               "(tls12_only, needs_hello_retry, keyserver_*).", ("route", "reason")),
+    MetricSpec("blindfold_keyless_sign_seconds", "histogram",
+               "Time from asking the key server to having the signature.",
+               buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)),
+    MetricSpec("blindfold_keyless_requests_total", "counter",
+               "HTTP requests answered on keyless routes, by status class.",
+               ("route", "status")),
+    MetricSpec("blindfold_keyless_cache_total", "counter",
+               "Cache outcomes per request: hit, revalidated, miss, stored, bypass.",
+               ("route", "result")),
+    MetricSpec("blindfold_keyless_cache_bytes", "gauge", "Bytes held by the response cache.",
+               ("route",)),
+    MetricSpec("blindfold_keyless_rate_limited_total", "counter",
+               "Requests refused with 429, by rule.", ("route", "rule")),
+    MetricSpec("blindfold_keyless_sessions", "gauge",
+               "Resumable TLS sessions held (tickets issued and not yet used or expired).",
+               ("route",)),
+    MetricSpec("blindfold_keyless_connections_active", "gauge",
+               "Open keyless TLS connections.", ("route",)),
 ]
 EDGE_SPECS = {spec.name: spec for spec in EDGE_METRICS}
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import _socket
 import argparse
+import asyncio
 import ctypes
 import gc
 import ipaddress
@@ -25,9 +26,10 @@ from blindfold.core.iplist import IPSet, parse_address, parse_list
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.core.routing import SniRouter
 from blindfold.edge.guards import Guards
+from blindfold.edge.keyless import KeylessRoute, KeylessService
 from blindfold.edge.lists import ListSet
 from blindfold.edge.origins import Origin, OriginPool, resolve
-from blindfold.edge.passthrough import Conn
+from blindfold.edge.passthrough import KEYLESS, Conn
 from blindfold.edge.stats import RouteStats, WorkerStats
 from blindfold.errors import ConfigError, ProtocolError
 from blindfold.io.control import ControlChannel
@@ -43,21 +45,22 @@ SWEEP_INTERVAL_S = 1.0
 class RouteState:
     """A route as the worker uses it; rebuilt on reload, its counters carried over by name."""
 
-    __slots__ = ("json_name", "name", "pool", "proxy_protocol", "proxy_tlvs", "stats")
+    __slots__ = ("json_name", "keyless", "name", "pool", "proxy_protocol", "proxy_tlvs", "stats")
 
     def __init__(self, name: str, pool: OriginPool, proxy_protocol: str, proxy_tlvs: bool,
-                 stats: RouteStats) -> None:
+                 stats: RouteStats, keyless: KeylessRoute | None = None) -> None:
         self.name = name
         self.json_name = json.dumps(name)
         self.pool = pool
         self.proxy_protocol = proxy_protocol
         self.proxy_tlvs = proxy_tlvs
         self.stats = stats
+        self.keyless = keyless
 
 
 class Worker:
     def __init__(self, index: int, workers: int, control_fd: int,
-                 listeners: list[tuple[str, int]]) -> None:
+                 listeners: list[tuple[str, int]], l7: bool = False) -> None:
         self.index = index
         self.workers = workers
         self.reactor = Reactor()
@@ -80,6 +83,15 @@ class Worker:
         self._log_flushed = 0.0
         self.block: ListSet | None = None
         self.allow: ListSet | None = None
+        # Keyless routes need asyncio (TLS, HTTP, the key server client): the reactor then runs
+        # inside an asyncio loop; passthrough-only workers keep the bare epoll loop.
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.keyless: KeylessService | None = None
+        if l7:
+            self.loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self.loop)
+            self.reactor.attach(self.loop)
+            self.keyless = KeylessService(self, self.loop)
         self.control = ControlChannel(self.reactor, control_fd, self._on_control,
                                       self._on_master_gone)
 
@@ -117,13 +129,26 @@ class Worker:
                 else:  # the same object: live connections keep their counts right
                     origin.family, origin.sockaddr = family, sockaddr
                 origins.append(origin)
+            keyless = None
+            if rc.mode == "keyless":
+                if self.keyless is None:
+                    raise ConfigError(f"edge.routes[{i}].mode", "keyless routes start new "
+                                      "workers (this one runs passthrough only)")
+                keyless = self.keyless.build(f"edge.routes[{i}]", rc,
+                                             old.keyless if old is not None else None,
+                                             config.ipv6_prefix_len)
             state = RouteState(name, OriginPool(origins, rc.balance, config.origin_down_s),
-                               rc.proxy_protocol, rc.proxy_protocol_tlvs, self.stats.route(name))
+                               rc.proxy_protocol, rc.proxy_protocol_tlvs, self.stats.route(name),
+                               keyless)
             routes.append(state)
             entries.extend((pattern, state) for pattern in rc.sni)
             if rc.default:
                 default = state
         # -- commit
+        if self.keyless is not None:
+            self.keyless.retire_clients({r.keyless.config.keyserver for r in routes
+                                         if r.keyless is not None
+                                         and r.keyless.config.keyserver is not None})
         self.routes = routes
         self.router: SniRouter[RouteState] = SniRouter(entries, default)
         if first:
@@ -247,6 +272,9 @@ class Worker:
         for conn in idle_conns:
             conn.close("idle_timeout", "idle_timeout")
         self.guards.sweep(now)
+        for route in self.routes:
+            if route.keyless is not None:
+                route.keyless.sessions.expire(now)
         if now >= self._next_list_check:
             self._next_list_check = now + config.list_check_interval_s
             self._refresh_lists()
@@ -333,7 +361,39 @@ class Worker:
                                    origins)
         snap["blindfold_log_lines_suppressed_total"] = [[[], self.suppressed_logs]]
         snap["blindfold_connections_closed_by_ban_total"] = [[[], self.closed_by_ban]]
+        if self.keyless is not None:
+            self._keyless_snapshot(snap)
         return snap
+
+    def _keyless_snapshot(self, snap: dict[str, Any]) -> None:
+        assert self.keyless is not None
+        active: dict[str, int] = {}
+        for conn in self.conns:
+            if conn.phase == KEYLESS and conn.route is not None:
+                active[conn.route.name] = active.get(conn.route.name, 0) + 1
+        tables: dict[str, list[list[Any]]] = {
+            "blindfold_keyless_handshakes_total": [],
+            "blindfold_keyless_fallbacks_total": [], "blindfold_keyless_requests_total": [],
+            "blindfold_keyless_cache_total": [], "blindfold_keyless_cache_bytes": [],
+            "blindfold_keyless_rate_limited_total": [], "blindfold_keyless_sessions": [],
+            "blindfold_keyless_connections_active": []}
+        for route in self.routes:
+            kr = route.keyless
+            if kr is None:
+                continue
+            name = route.name
+            st = kr.stats
+            for metric, table in (("blindfold_keyless_handshakes_total", st.handshakes),
+                                  ("blindfold_keyless_fallbacks_total", st.fallbacks),
+                                  ("blindfold_keyless_requests_total", st.requests),
+                                  ("blindfold_keyless_cache_total", st.cache),
+                                  ("blindfold_keyless_rate_limited_total", st.rate_limited)):
+                tables[metric].extend([[name, k], v] for k, v in table.items())
+            tables["blindfold_keyless_cache_bytes"].append([[name], kr.cache.used])
+            tables["blindfold_keyless_sessions"].append([[name], len(kr.sessions)])
+            tables["blindfold_keyless_connections_active"].append([[name], active.get(name, 0)])
+        snap.update(tables)
+        snap["blindfold_keyless_sign_seconds"] = [[[], self.keyless.sign_latency.value()]]
 
     def drain(self) -> None:
         if self.draining:
@@ -353,7 +413,10 @@ class Worker:
     def run(self) -> None:
         self.reactor.add_signal(signal.SIGTERM, self.drain)
         self.reactor.add_signal(signal.SIGINT, self.drain)
-        self.reactor.run()
+        if self.loop is not None:
+            self.loop.run_forever()
+        else:
+            self.reactor.run()
         self.log.emit("worker_exit", worker=self.index)
 
 
@@ -372,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, required=True)
     ap.add_argument("--control-fd", type=int, required=True)
     ap.add_argument("--listeners", required=True, help="JSON list of [address, fd]")
+    ap.add_argument("--l7", action="store_true", help="run under asyncio (keyless routes)")
     args = ap.parse_args(argv)
     _die_with_parent()
     raise_fd_limit()
@@ -380,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     # Connections make no reference cycles (they are broken at close), so the cyclic collector
     # has little to find; run it rarely and keep start-up objects out of its scans.
     gc.set_threshold(20000, 50, 50)
-    worker = Worker(args.index, args.workers, args.control_fd, listeners)
+    worker = Worker(args.index, args.workers, args.control_fd, listeners, args.l7)
     gc.freeze()
     worker.run()
     return 0

@@ -14,6 +14,7 @@ timer stays in the heap and is skipped when it comes due. `now` is refreshed onc
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import os
 import select
@@ -59,6 +60,9 @@ class Reactor:
         self._signal_r = -1
         self._signal_handlers: dict[int, Callable[[], None]] = {}
         self.now = time.monotonic()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._armed: asyncio.TimerHandle | None = None
+        self._armed_when = float("inf")
 
     # ------------------------------------------------------------------ fds
     def add(self, fd: int, mask: int, handler: Handler) -> None:
@@ -94,6 +98,8 @@ class Reactor:
         timer = Timer(when, callback)
         self._seq += 1
         heapq.heappush(self._timers, (when, self._seq, timer))
+        if self._loop is not None and when < self._armed_when:
+            self._arm()
         return timer
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
@@ -106,6 +112,9 @@ class Reactor:
     # ------------------------------------------------------------------ signals
     def add_signal(self, signum: int, callback: Callable[[], None]) -> None:
         """Run `callback` from the loop (not from the signal handler) when `signum` arrives."""
+        if self._loop is not None:
+            self._loop.add_signal_handler(signum, callback)
+            return
         if self._signal_r < 0:
             r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
             self._signal_r = r
@@ -127,6 +136,60 @@ class Reactor:
     # ------------------------------------------------------------------ loop
     def stop(self) -> None:
         self._running = False
+        if self._loop is not None:
+            self._loop.stop()
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run inside `loop` instead of `run()`: the epoll fd becomes one of the loop's readers
+        and reactor timers are mirrored by one loop timer. Used by workers that also serve
+        asyncio code (keyless TLS, HTTP); the fd handlers are called exactly as in `run()`.
+        Call before `add_signal`; then run the loop (`stop()` stops it)."""
+        self._loop = loop
+        loop.add_reader(self._ep.fileno(), self._on_epoll)
+        self._arm()
+
+    def _on_epoll(self) -> None:
+        events = self._ep.poll(0, 1024)
+        self.now = time.monotonic()
+        handlers = self._handlers
+        for fd, mask in events:
+            handler = handlers.get(fd)
+            if handler is not None:
+                handler(mask)
+        self._run_due()
+
+    def _run_due(self) -> None:
+        timers = self._timers
+        now = self.now = time.monotonic()
+        while timers and timers[0][0] <= now:
+            _, _, timer = heapq.heappop(timers)
+            if not timer.cancelled:
+                timer.callback()
+        for callback in self._idle:
+            callback()
+        self._arm()
+
+    def _on_timer(self) -> None:
+        self._armed = None
+        self._armed_when = float("inf")
+        self._run_due()
+
+    def _arm(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        timers = self._timers
+        while timers and timers[0][2].cancelled:
+            heapq.heappop(timers)
+        when = timers[0][0] if timers else float("inf")
+        if when == self._armed_when:
+            return
+        if self._armed is not None:
+            self._armed.cancel()
+            self._armed = None
+        self._armed_when = when
+        if when != float("inf"):
+            # the reactor and asyncio share the monotonic clock (loop.time() is monotonic)
+            self._armed = loop.call_at(when, self._on_timer)
 
     def run(self) -> None:
         self._running = True

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -111,8 +111,14 @@ class UpstreamResponse:
 class UpstreamPool:
     def __init__(self, url: str, *, max_idle: int = 32, connect_timeout_s: float = 5.0,
                  timeout_s: float = 60.0, tls: ssl.SSLContext | None = None,
-                 server_hostname: str | None = None) -> None:
+                 server_hostname: str | None = None,
+                 connector: Callable[[], Awaitable[tuple[asyncio.StreamReader,
+                                                         asyncio.StreamWriter]]] | None = None
+                 ) -> None:
+        """`connector`, when given, opens connections instead (an edge choosing among its
+        origins, sending a PROXY header, checking a certificate pin); it raises UpstreamError."""
         self.target = UpstreamTarget.parse(url)
+        self.connector = connector
         if self.target.scheme == "https" and tls is None:
             raise ValueError("an https upstream needs a TLS context that verifies it")
         self.tls = tls
@@ -125,6 +131,10 @@ class UpstreamPool:
 
     async def _connect(self) -> _Conn:
         t = self.target
+        if self.connector is not None:
+            reader, writer = await self.connector()
+            self.opened += 1
+            return _Conn(reader, writer)
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 if t.scheme == "unix":

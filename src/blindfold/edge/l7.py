@@ -1,0 +1,290 @@
+"""HTTP on a keyless route: per-path rate limits, the shared cache (RFC 9111), and the proxy to
+the route's origins over TLS that is always verified (CA and/or pinned certificate).
+
+Each visitor connection has its own small pool of origin connections, each opened with the
+visitor's PROXY header when the route sends one, so the origin agent sees the real visitor
+address exactly as in passthrough mode (its WAF bans and decisions apply unchanged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import socket
+import ssl
+import time
+from typing import TYPE_CHECKING
+
+from blindfold.core import tls13_server as ts
+from blindfold.core.httpcache import Entry, Lookup, not_modified
+from blindfold.core.iplist import parse_address
+from blindfold.edge.guards import client_key
+from blindfold.errors import UpstreamError
+from blindfold.web.client import READ_CHUNK, UpstreamPool, UpstreamResponse
+from blindfold.web.http1 import ConnInfo, H1Connection
+from blindfold.web.http2 import H2Connection
+from blindfold.web.messages import (
+    BodyStream,
+    BodyTimeout,
+    BodyTooLarge,
+    Headers,
+    Request,
+    Responder,
+    simple_response,
+    strip_hop_by_hop,
+)
+from blindfold.web.proxy import iterate, request_has_body, upstream_headers
+
+if TYPE_CHECKING:
+    from blindfold.edge.keyless import KeylessRoute
+    from blindfold.edge.passthrough import Conn
+    from blindfold.edge.worker import Worker
+
+_CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since", b"if-match",
+                          b"if-unmodified-since", b"if-range"})
+# RFC 9110 §15.4.5: what a 304 carries
+_NOT_MODIFIED_KEEP = frozenset({b"cache-control", b"content-location", b"date", b"etag",
+                                b"expires", b"vary", b"last-modified"})
+
+
+def make_http_protocol(handler: EdgeHandler, alpn: str | None) -> asyncio.Protocol:
+    kr = handler.kr
+    conn = handler.conn
+    info = ConnInfo((conn.ip, conn.client_port), handler.local, b"https",
+                    {"sni": handler.sni, "alpn": alpn or "", "version": "TLSv1.3"})
+    if alpn == "h2":
+        return H2Connection(handler, kr.limits, info, handler.http_event)
+    return H1Connection(handler, kr.limits, info, handler.http_event)
+
+
+class EdgeHandler:
+    """One visitor connection's request handler (HTTP/1.1 and HTTP/2 alike)."""
+
+    def __init__(self, worker: Worker, conn: Conn, kr: KeylessRoute,
+                 server: ts.TlsServer) -> None:
+        self.worker = worker
+        self.conn = conn
+        self.kr = kr
+        self.sni = server.server_name
+        route = conn.route
+        assert route is not None
+        self.route = route
+        local = conn.local
+        if local is None:
+            try:
+                name = conn.client.getsockname()
+                local = (name[0], name[1])
+            except OSError:
+                local = ("0.0.0.0", 0)
+        self.local = local
+        version, addr = parse_address(conn.ip)
+        self.rate_key = client_key(version, addr, kr.ipv6_prefix_len)
+        http = kr.http
+        first = route.pool.origins[0].text
+        self.pool = UpstreamPool(f"https://{first}", max_idle=http.upstream_connections,
+                                 connect_timeout_s=http.upstream_connect_timeout_s,
+                                 timeout_s=http.upstream_timeout_s, tls=kr.origin_tls,
+                                 server_hostname=kr.config.origin_server_name or self.sni,
+                                 connector=self._connect_origin)
+        self.requests = 0
+
+    def http_event(self, name: str, fields: dict[str, object]) -> None:
+        if name == "closed":
+            self.pool.close()
+            return
+        if name in ("h2_abuse", "bad_request", "handler_error", "send_timeout"):
+            self.worker.log.log(name, route=self.route.name, **fields)
+
+    # ---------------------------------------------------------------- origin connections
+    async def _connect_origin(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        kr, route, worker = self.kr, self.route, self.worker
+        loop = asyncio.get_running_loop()
+        header = self.conn.proxy_header_for(route)
+        server_name = kr.config.origin_server_name or self.sni
+        failure = "no origin"
+        for origin in route.pool.order(worker.reactor.now):
+            sock = socket.socket(origin.family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                async with asyncio.timeout(kr.http.upstream_connect_timeout_s):
+                    await loop.sock_connect(sock, origin.sockaddr)
+                    if header:
+                        await loop.sock_sendall(sock, header)
+                    reader, writer = await asyncio.open_connection(
+                        sock=sock, ssl=kr.origin_tls, server_hostname=server_name,
+                        limit=READ_CHUNK, ssl_handshake_timeout=kr.http.upstream_connect_timeout_s)
+            except ssl.SSLCertVerificationError as exc:
+                sock.close()
+                failure = f"origin certificate not verified: {exc.verify_message}"
+                self._origin_failed(origin, "tls_verify", failure)
+                continue
+            except (OSError, TimeoutError, ssl.SSLError) as exc:
+                sock.close()
+                failure = "connect_timeout" if isinstance(exc, TimeoutError) else str(exc)
+                self._origin_failed(origin, "connect", failure)
+                continue
+            if kr.pins:
+                obj = writer.get_extra_info("ssl_object")
+                der = obj.getpeercert(binary_form=True) if obj is not None else None
+                if der is None or hashlib.sha256(der).digest() not in kr.pins:
+                    writer.close()
+                    failure = "origin certificate does not match origin_pin_sha256"
+                    self._origin_failed(origin, "pin_mismatch", failure)
+                    continue
+            if origin.down_until:
+                route.pool.mark_up(origin)
+            return reader, writer
+        raise UpstreamError(failure)
+
+    def _origin_failed(self, origin: object, reason: str, detail: str) -> None:
+        route, worker = self.route, self.worker
+        was_up = origin.is_up(worker.reactor.now)  # type: ignore[attr-defined]
+        route.pool.mark_down(origin, reason, worker.reactor.now)  # type: ignore[arg-type]
+        if was_up:
+            worker.log.log("origin_down", route=route.name,
+                           origin=origin.text, reason=reason,  # type: ignore[attr-defined]
+                           detail=detail[:200], down_s=route.pool.down_s)
+
+    # ---------------------------------------------------------------- requests
+    async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
+        kr = self.kr
+        stats = kr.stats
+        self.requests += 1
+        now = time.monotonic()
+        path = request.path.decode("latin-1")
+        for name, rule, buckets in kr.rate_rules:
+            if not path.startswith(rule.path_prefix):
+                continue
+            wait = buckets.take(self.rate_key if rule.per == "ip" else 0, now)
+            if wait > 0:
+                stats.count(stats.rate_limited, name)
+                stats.count(stats.requests, "4xx")
+                await simple_response(respond, 429, "too many requests\n", [
+                    (b"retry-after", str(max(1, int(wait + 0.999))).encode())])
+                return
+        cache = kr.cache
+        key = cache.key(request.authority, request.target)
+        lookup: Lookup | None = None
+        if cache.max_bytes and request.method in (b"GET", b"HEAD"):
+            lookup = cache.lookup(key, request.method, request.headers, time.time())
+            if lookup is not None and lookup.fresh:
+                stats.count(stats.cache, "hit")
+                await self._serve_entry(request, respond, lookup.entry, "hit")
+                return
+        await self._forward(request, body, respond, key, lookup)
+
+    async def _forward(self, request: Request, body: BodyStream, respond: Responder,
+                       key: tuple[bytes, bytes], lookup: Lookup | None) -> None:
+        stats, cache = self.kr.stats, self.kr.cache
+        headers = upstream_headers(request, request.authority or self.sni.encode())
+        method = request.method
+        if lookup is not None:
+            # revalidate our copy with its validators; the visitor's own conditions are
+            # evaluated against the result
+            headers = [(k, v) for k, v in headers if k not in _CONDITIONAL]
+            headers += lookup.validators
+            method = b"GET"
+        has_body, declared = request_has_body(request, body)
+        if has_body and not declared:
+            headers.append((b"transfer-encoding", b"chunked"))
+        stream = iterate([], body) if has_body else None
+        request_time = time.time()
+        try:
+            response = await self.pool.request(method, request.target or b"/", headers, stream)
+        except BodyTooLarge:
+            await simple_response(respond, 413, "request body too large\n")
+            return
+        except BodyTimeout:
+            await simple_response(respond, 408, "request body not received in time\n")
+            return
+        except UpstreamError as exc:
+            status = 504 if "timeout" in str(exc) else 502
+            stats.count(stats.requests, "5xx")
+            await simple_response(respond, status, "origin unavailable\n",
+                                  [(b"x-request-id", request.request_id.encode())])
+            self.worker.log.log("upstream_error", route=self.route.name, client=self.conn.ip,
+                                request_id=request.request_id, error=str(exc)[:200])
+            return
+        except ConnectionError:
+            return
+        response_time = time.time()
+        if lookup is not None and response.status == 304:
+            with contextlib.suppress(UpstreamError):
+                async for _ in response.body():
+                    pass
+            cache.freshen(lookup.entry, response.headers, request_time, response_time)
+            stats.count(stats.cache, "revalidated")
+            await self._serve_entry(request, respond, lookup.entry, "revalidated")
+            return
+        cache.invalidate(request.method, key, response.status)
+        storable = (cache.max_bytes > 0 and request.method == b"GET"
+                    and cache.storable(request.method, request.headers, response.status,
+                                       response.headers))
+        stats.count(stats.cache, "miss" if request.method in (b"GET", b"HEAD") else "bypass")
+        await self._relay(request, respond, response, key, storable, request_time,
+                          response_time)
+
+    async def _relay(self, request: Request, respond: Responder, response: UpstreamResponse,
+                     key: tuple[bytes, bytes], storable: bool, request_time: float,
+                     response_time: float) -> None:
+        stats, cache = self.kr.stats, self.kr.cache
+        headers = strip_hop_by_hop(response.headers)
+        headers.append((b"x-blindfold-cache", b"miss"))
+        kept: list[bytes] | None = [] if storable else None
+        kept_len = 0
+        complete = False
+        try:
+            await respond.start(response.status, headers)
+            async for chunk in response.body():
+                await respond.send(chunk)
+                if kept is not None:
+                    kept_len += len(chunk)
+                    if kept_len > cache.max_object_bytes:
+                        kept = None
+                    else:
+                        kept.append(chunk)
+            await respond.end()
+            complete = True
+        except UpstreamError:
+            respond.abort()  # a truncated body must look truncated, not complete
+        except ConnectionError:
+            pass
+        finally:
+            response.close()
+        stats.count(stats.requests, f"{response.status // 100}xx")
+        if complete and kept is not None:
+            cache.store(key, request.headers, response.status, response.headers,
+                        b"".join(kept), request_time, response_time)
+            stats.count(stats.cache, "stored")
+
+    async def _serve_entry(self, request: Request, respond: Responder, entry: Entry,
+                           outcome: str) -> None:
+        stats = self.kr.stats
+        age = str(int(entry.age(time.time()))).encode()
+        if not_modified(entry, request.headers) and entry.status == 200:
+            headers: Headers = [(k, v) for k, v in entry.headers if k in _NOT_MODIFIED_KEEP]
+            headers += [(b"age", age), (b"x-blindfold-cache", outcome.encode())]
+            stats.count(stats.requests, "3xx")
+            try:
+                await respond.start(304, headers)
+                await respond.end()
+            except ConnectionError:
+                pass
+            return
+        headers = [(k, v) for k, v in entry.headers if k != b"content-length"]
+        if entry.status not in (204, 304):
+            headers.append((b"content-length", str(len(entry.body)).encode()))
+        headers += [(b"age", age), (b"x-blindfold-cache", outcome.encode())]
+        stats.count(stats.requests, f"{entry.status // 100}xx")
+        try:
+            await respond.start(entry.status, headers)
+            if request.method != b"HEAD" and entry.body:
+                view = memoryview(entry.body)
+                for i in range(0, len(view), READ_CHUNK):
+                    await respond.send(bytes(view[i:i + READ_CHUNK]))
+            await respond.end()
+        except ConnectionError:
+            pass
+

@@ -1,0 +1,200 @@
+"""asyncio glue for `core.tls13_server`: a Protocol on the visitor's socket that runs the TLS
+connection, and the Transport the HTTP layer writes plaintext to (the role asyncio's own
+sslproto plays for OpenSSL). The HTTP protocols (h11/h2) cannot tell the difference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from blindfold.core import tls13_server as ts
+
+
+class TlsAppTransport(asyncio.Transport):
+    """What the HTTP layer sees: write() encrypts, close() sends close_notify."""
+
+    def __init__(self, owner: TlsServerProtocol) -> None:
+        super().__init__()
+        self._owner = owner
+        self._closing = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        owner = self._owner
+        if self._closing or owner.raw is None or owner.raw.is_closing():
+            return
+        owner.bytes_out += len(data)
+        owner.server.send(data)
+        owner.flush()
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def write_eof(self) -> None:
+        raise NotImplementedError("TLS 1.3 has no half-close for the server: use close()")
+
+    def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        owner = self._owner
+        owner.server.close()
+        owner.flush()
+        if owner.raw is not None:
+            owner.raw.close()
+
+    def abort(self) -> None:
+        self._closing = True
+        if self._owner.raw is not None:
+            self._owner.raw.abort()
+
+    def is_closing(self) -> bool:
+        raw = self._owner.raw
+        return self._closing or raw is None or raw.is_closing()
+
+    def pause_reading(self) -> None:
+        self._owner.reading_paused = True
+        if self._owner.raw is not None:
+            self._owner.raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._owner.reading_paused = False
+        if self._owner.raw is not None:
+            self._owner.raw.resume_reading()
+
+    def is_reading(self) -> bool:
+        return not self._owner.reading_paused
+
+    def get_write_buffer_size(self) -> int:
+        raw = self._owner.raw
+        return raw.get_write_buffer_size() if raw is not None else 0
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        raw = self._owner.raw
+        return raw.get_write_buffer_limits() if raw is not None else (0, 0)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if self._owner.raw is not None:
+            self._owner.raw.set_write_buffer_limits(high, low)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        server = self._owner.server
+        tls = {"sni": server.server_name, "alpn": server.alpn, "version": "TLSv1.3",
+               "cipher_suite": f"0x{server.cipher_suite:04x}", "resumed": server.resumed}
+        if name in tls:
+            return tls[name]
+        raw = self._owner.raw
+        return raw.get_extra_info(name, default) if raw is not None else default
+
+
+class TlsServerProtocol(asyncio.Protocol):
+    """Runs a `TlsServer` whose ClientHello is already processed (its flight is ready) on the
+    visitor's socket. `app_factory(alpn)` makes the HTTP protocol once the handshake completes;
+    `on_done(reason, bytes_in, bytes_out)` is called once when the connection is over."""
+
+    def __init__(self, server: ts.TlsServer, app_factory: Callable[[str | None], asyncio.Protocol],
+                 on_done: Callable[[str, int, int], None], handshake_timeout_s: float) -> None:
+        self.server = server
+        self.app_factory = app_factory
+        self.on_done = on_done
+        self.handshake_timeout_s = handshake_timeout_s
+        self.raw: asyncio.Transport | None = None
+        self.app: asyncio.Protocol | None = None
+        self.app_transport: TlsAppTransport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.reason = ""
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.reading_paused = False
+        self.loop = asyncio.get_event_loop()
+
+    # ---------------------------------------------------------------- raw side
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.raw = transport
+        self.timer = self.loop.call_later(self.handshake_timeout_s, self._handshake_timeout)
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        self._events(self.server.receive(data, self.loop.time()))
+        self.flush()
+
+    def eof_received(self) -> bool | None:
+        # The visitor closed TCP; without close_notify that may be a truncation attack, and the
+        # HTTP layer treats it as the end of input either way.
+        if self.app is not None:
+            self.app.eof_received()
+        self.reason = self.reason or "eof"
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        app, self.app = self.app, None
+        if app is not None:
+            app.connection_lost(exc)
+        self.raw = None
+        reason = self.reason or ("reset" if exc is not None else "closed")
+        self.on_done(reason, self.bytes_in, self.bytes_out)
+
+    def pause_writing(self) -> None:
+        if self.app is not None:
+            self.app.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.app is not None:
+            self.app.resume_writing()
+
+    # ---------------------------------------------------------------- TLS events
+    def start(self, events: list[ts.Event]) -> None:
+        """Events the server produced before the socket was ours (the flight is in its
+        output buffer)."""
+        self._events(events)
+        self.flush()
+
+    def _events(self, events: list[ts.Event]) -> None:
+        for event in events:
+            if isinstance(event, ts.DataReceived):
+                self.bytes_in += len(event.data)
+                if self.app is not None:
+                    self.app.data_received(event.data)
+            elif isinstance(event, ts.HandshakeCompleted):
+                if self.timer is not None:
+                    self.timer.cancel()
+                    self.timer = None
+                self.app = self.app_factory(event.alpn)
+                self.app_transport = TlsAppTransport(self)
+                self.app.connection_made(self.app_transport)
+            elif isinstance(event, ts.PeerClosed):
+                self.reason = "closed"
+                if self.app is not None:
+                    keep = self.app.eof_received()
+                    if not keep and self.app_transport is not None:
+                        self.app_transport.close()
+            elif isinstance(event, ts.ConnectionFailed):
+                self.reason = f"tls_{event.reason}"
+                self.flush()
+                if self.raw is not None:
+                    self.raw.close()
+                return
+
+    def flush(self) -> None:
+        data = self.server.data_to_send()
+        if data and self.raw is not None and not self.raw.is_closing():
+            self.raw.write(data)
+
+    def _handshake_timeout(self) -> None:
+        self.timer = None
+        if self.app is None and self.raw is not None:
+            self.reason = "tls_handshake_timeout"
+            self.raw.abort()
+
+    def abort(self) -> None:
+        if self.raw is not None:
+            self.raw.abort()
