@@ -19,7 +19,10 @@ class BlindfoldProcess:
 
     kind = "edge"
 
-    def __init__(self, config_text: str, workdir: Path, *, name: str = "edge") -> None:
+    def __init__(self, config_text: str, workdir: Path, *, name: str = "edge",
+                 wrap: list[str] | None = None) -> None:
+        """`wrap`: a command prefix (e.g. strace); stop() then signals the process group."""
+        self.wrapped = bool(wrap)
         self.workdir = workdir
         self.config_path = workdir / f"{name}.toml"
         self.config_path.write_text(config_text)
@@ -27,7 +30,8 @@ class BlindfoldProcess:
         self.stderr_lines: list[str] = []
         self._lock = threading.Lock()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "blindfold", self.kind, "--config", str(self.config_path)],
+            [*(wrap or []), sys.executable, "-m", "blindfold", self.kind, "--config",
+             str(self.config_path)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         self._threads = [threading.Thread(target=self._read_out, daemon=True),
                          threading.Thread(target=self._read_err, daemon=True)]
@@ -121,7 +125,10 @@ class BlindfoldProcess:
 
     def stop(self, timeout: float = 40.0) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            if self.wrapped:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            else:
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -161,8 +168,17 @@ def edge_config(routes: str, **edge: Any) -> str:
     return "\n".join(lines) + "\n\n" + routes
 
 
+def toml_value(value: Any) -> str:
+    """A Python value as TOML (inline tables for dicts)."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
 def route(sni: list[str], origins: list[str], **extra: Any) -> str:
     lines = ["[[edge.routes]]", f"sni = {json.dumps(sni)}", f"origins = {json.dumps(origins)}"]
     for key, value in extra.items():
-        lines.append(f"{key} = {json.dumps(value)}")
+        lines.append(f"{key} = {toml_value(value)}")
     return "\n".join(lines) + "\n\n"

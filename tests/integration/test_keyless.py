@@ -6,8 +6,7 @@ Real clients: curl, openssl s_client and Python ssl; Chromium is in test_keyless
 from __future__ import annotations
 
 import json
-import os
-import signal
+import re
 import socket
 import ssl
 import subprocess
@@ -44,9 +43,11 @@ def keyserver(kpki: KeylessPki, tmp_path: Path) -> Iterator[KeyServerProcess]:
 def keyless_route(kpki: KeylessPki, site: dict[str, Path], ks_ports: list[int],
                   origin_port: int, sni: list[str] | None = None, cert: str = "p256",
                   **extra: Any) -> str:
+    values: dict[str, Any] = {"mode": "keyless", "certificate": str(kpki.sites[cert][0]),
+                              "proxy_protocol": "v2", "origin_ca": str(site["ca"])}
+    values.update(extra)
     text = route(sni or ["example.test", "*.example.test"], [f"127.0.0.1:{origin_port}"],
-                 mode="keyless", certificate=str(kpki.sites[cert][0]), proxy_protocol="v2",
-                 origin_ca=str(site["ca"]), **extra)
+                 **{k: v for k, v in values.items() if v != ""})
     ks = {"addresses": [f"127.0.0.1:{p}" for p in ks_ports],
           "client_cert": str(kpki.dir / "edge1.pem"), "client_key": str(kpki.dir / "edge1.key"),
           "ca": str(kpki.edge_ca), "server_name": "keyserver.test"}
@@ -167,3 +168,215 @@ def test_every_key_type(chain: Any, kpki: KeylessPki, cert: str, host: str) -> N
         assert tls.version() == "TLSv1.3"
         tls.sendall(f"GET /echo HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         assert tls.recv(100).startswith(b"HTTP/1.1 200")
+
+
+def test_key_update_both_ways_with_s_client(chain: Any, kpki: KeylessPki) -> None:
+    edge, _ = chain()
+    proc = subprocess.Popen(
+        [need("openssl"), "s_client", "-connect", f"127.0.0.1:{edge.port}", "-servername",
+         "example.test", "-CAfile", str(kpki.site_ca), "-verify_return_error", "-alpn",
+         "http/1.1", "-crlf"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        assert proc.stdin is not None
+        time.sleep(1.0)
+        proc.stdin.write("K\n")  # KeyUpdate, update_requested: the edge must answer with its own
+        proc.stdin.flush()
+        time.sleep(0.5)
+        proc.stdin.write("GET /echo HTTP/1.1\nHost: example.test\nConnection: close\n\n")
+        proc.stdin.flush()
+        time.sleep(1.5)  # s_client stops at the end of its input: let the response arrive
+        out, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "KEYUPDATE" in out + err
+    assert "HTTP/1.1 200" in out, out + err  # both sides switched keys and kept talking
+    assert wait_until(lambda: edge.metric("blindfold_keyless_key_updates_total",
+                                          route="route0", direction="received") == 1, 5)
+    assert edge.metric("blindfold_keyless_key_updates_total", route="route0",
+                       direction="sent") == 1
+
+
+def test_tls12_only_and_hello_retry_clients_are_passed_through(
+        chain: Any, kpki: KeylessPki, site: dict[str, Path]) -> None:
+    edge, origin = chain()
+    ctx = ssl.create_default_context(cafile=str(site["ca"]))
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname="example.test") as tls:
+        assert tls.version() == "TLSv1.2"
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        import hashlib
+
+        # the origin's own certificate: the origin terminated this one with its key
+        assert hashlib.sha256(der).hexdigest() == site["fingerprint"].read_text().strip()
+        tls.sendall(b"GET /echo HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n")
+        assert tls.recv(100).startswith(b"HTTP/1.1 200")
+    out = subprocess.run(
+        [need("openssl"), "s_client", "-connect", f"127.0.0.1:{edge.port}", "-servername",
+         "example.test", "-CAfile", str(site["ca"]), "-verify_return_error", "-brief",
+         "-groups", "ffdhe2048:X25519"],  # a key share only for ffdhe2048: needs HRR
+        input="", capture_output=True, text=True, timeout=20)
+    assert "Protocol version: TLSv1.3" in out.stderr, out.stderr
+    assert edge.metric("blindfold_keyless_fallbacks_total", route="route0",
+                       reason="tls12_only") == 1
+    assert edge.metric("blindfold_keyless_fallbacks_total", route="route0",
+                       reason="needs_hello_retry") == 1
+    assert edge.metric("blindfold_keyless_handshakes_total", route="route0", result="full") == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("when_down", ["fail", "passthrough"])
+def test_key_server_down_fails_fast_or_falls_back_and_recovers(
+        start_edge: Callable[..., EdgeProcess], start_origin: Callable[..., OriginProcess],
+        app: Any, site: dict[str, Path], tmp_path: Path, kpki: KeylessPki,
+        when_down: str) -> None:
+    port = _free_port()
+    ks_text = keyserver_config(kpki, {"edge1": ["example.test"]}).replace(
+        '\nlisten = "127.0.0.1:0"', f'\nlisten = "127.0.0.1:{port}"', 1)
+    ks = KeyServerProcess(ks_text, tmp_path, name="ks")
+    origin = start_origin(origin_config(site, app.port, tmp_path))
+    edge = start_edge(edge_config(keyless_route(kpki, site, [port], origin.port,
+                                                keyserver_down=when_down),
+                                  per_ip_rate_per_s=0, workers=1))
+    try:
+        assert fetch(edge, kpki)[0] == 200
+        ks.stop()
+        t0 = time.monotonic()
+        code, _, detail = fetch(edge, kpki)
+        elapsed = time.monotonic() - t0
+        if when_down == "fail":
+            assert code == 0 and "internal error" in detail.lower(), detail
+            assert elapsed < 2.0  # sign_timeout_s is 1 s; refused connects fail at once
+            t0 = time.monotonic()
+            assert fetch(edge, kpki)[0] == 0
+            assert time.monotonic() - t0 < 0.5  # while it is down: no waiting at all
+        else:
+            # forwarded untouched: the origin completed the handshake with the real key
+            code2, _, _ = fetch(edge, kpki, "/echo", "--cacert", str(site["ca"]))
+            assert code2 == 200
+            assert edge.metric("blindfold_keyless_fallbacks_total", route="route0",
+                               reason="keyserver_error") + edge.metric(
+                "blindfold_keyless_fallbacks_total", route="route0",
+                reason="keyserver_down") >= 1
+        ks = KeyServerProcess(ks_text, tmp_path, name="ks")
+        assert wait_until(lambda: fetch(edge, kpki)[0] == 200 and edge.metric(
+            "blindfold_keyless_handshakes_total", route="route0", result="full") >= 2, 10, 0.3)
+    finally:
+        ks.stop()
+
+
+def test_path_rate_limits(chain: Any, kpki: KeylessPki, app: Any) -> None:
+    edge, _ = chain(rate_limits=[{"path_prefix": "/login", "rate_per_s": 0.01, "burst": 2,
+                                  "name": "login"}])
+    before = len(app.seen)
+    codes = [fetch(edge, kpki, "/login", "-o", "/dev/null")[0] for _ in range(3)]
+    assert codes == [200, 200, 429]
+    out = curl(edge.port, "example.test", kpki.site_ca, "-D", "-", "-o", "/dev/null",
+               path="/login")
+    assert re.match(r"HTTP/\S+ 429", out.stdout) and re.search(r"(?i)retry-after: \d+", out.stdout)
+    assert fetch(edge, kpki, "/echo", "-o", "/dev/null")[0] == 200  # other paths are free
+    assert fetch(edge, kpki, "/login", "-o", "/dev/null", source="127.0.0.9")[0] == 200
+    assert len(app.seen) - before == 4  # refused requests never reached the origin
+    assert edge.metric("blindfold_keyless_rate_limited_total", route="route0",
+                       rule="login") == 2
+
+
+def _get(edge: EdgeProcess, kpki: KeylessPki, path: str, *headers: str) -> tuple[int, dict[
+        str, str], str]:
+    args = ["-D", "/dev/stderr"]
+    for h in headers:
+        args += ["-H", h]
+    out = curl(edge.port, "example.test", kpki.site_ca, *args, path=path)
+    status = int(out.stderr.split()[1]) if out.stderr.startswith("HTTP/") else 0
+    head = {k.strip().lower(): v.strip() for k, _, v in
+            (line.partition(":") for line in out.stderr.splitlines()[1:]) if v}
+    return status, head, out.stdout
+
+
+def test_cache_serves_fresh_revalidates_stale_and_honours_vary(
+        chain: Any, kpki: KeylessPki, app: Any) -> None:
+    edge, _ = chain(edge_kw={"workers": 1})  # one worker: one cache to observe
+
+    def origin_hits(path: str) -> int:
+        return sum(1 for r in app.seen if r.get("path", "").startswith(path))
+
+    s1, h1, b1 = _get(edge, kpki, "/cached/a")
+    s2, h2, b2 = _get(edge, kpki, "/cached/a")
+    assert (s1, h1["x-blindfold-cache"], s2, h2["x-blindfold-cache"]) == (200, "miss", 200,
+                                                                            "hit")
+    assert b1 == b2 and origin_hits("/cached/a") == 1 and "age" in h2
+    # a visitor's own validator is answered from the cache
+    s3, h3, _ = _get(edge, kpki, "/cached/a", f"If-None-Match: {h1['etag']}")
+    assert s3 == 304 and origin_hits("/cached/a") == 1
+    # stale after max_age: revalidated with the stored ETag (the origin answers 304)
+    assert _get(edge, kpki, "/cached/b?max_age=1")[1]["x-blindfold-cache"] == "miss"
+    time.sleep(1.5)
+    s4, h4, b4 = _get(edge, kpki, "/cached/b?max_age=1")
+    assert (s4, h4["x-blindfold-cache"]) == (200, "revalidated") and "cacheable" in b4
+    assert origin_hits("/cached/b") == 2
+    assert [r.get("if-none-match") for r in app.seen if r.get("path", "").startswith(
+        "/cached/b")][-1] == h4["etag"]
+    # Vary: a different Accept-Language is a different response
+    path = "/cached/c?vary=Accept-Language"
+    assert _get(edge, kpki, path, "Accept-Language: en")[1]["x-blindfold-cache"] == "miss"
+    assert _get(edge, kpki, path, "Accept-Language: en")[1]["x-blindfold-cache"] == "hit"
+    assert _get(edge, kpki, path, "Accept-Language: fr")[1]["x-blindfold-cache"] == "miss"
+    # no-store requests and uncacheable responses go to the origin every time
+    before = origin_hits("/echo")
+    _get(edge, kpki, "/echo")
+    _get(edge, kpki, "/echo")
+    assert origin_hits("/echo") - before == 2
+    assert edge.metric("blindfold_keyless_cache_total", route="route0", result="hit") >= 3
+    assert edge.metric("blindfold_keyless_cache_bytes", route="route0") > 0
+
+
+@pytest.mark.parametrize("setting,expect", [
+    ({"origin_ca": "EDGE_CA"}, 502),  # signed by a CA we do not trust for origins
+    ({"origin_ca": "", "origin_pin_sha256": ["00" * 32]}, 502),  # wrong pin
+    ({"origin_ca": "", "origin_pin_sha256": ["SITE_FP"]}, 200),  # the right pin
+    ({"origin_server_name": "not-the-origin.test"}, 502),  # a name the certificate lacks
+])
+def test_origins_are_always_verified(chain: Any, kpki: KeylessPki, app: Any,
+                                     site: dict[str, Path], setting: dict[str, Any],
+                                     expect: int) -> None:
+    values = {k: (str(kpki.edge_ca) if v == "EDGE_CA" else v) for k, v in setting.items()}
+    if "origin_pin_sha256" in values:
+        values["origin_pin_sha256"] = [site["fingerprint"].read_text().strip() if p == "SITE_FP"
+                                       else p for p in values["origin_pin_sha256"]]
+    before = len(app.seen)
+    edge, _ = chain(**values)
+    code, _, body = fetch(edge, kpki, "/echo")
+    assert code == expect, body
+    assert (len(app.seen) > before) == (expect == 200)
+    if expect == 502:
+        assert edge.wait_for(lambda r: r.get("event") == "origin_down", 5)
+
+
+def test_edge_never_opens_a_site_key(
+        start_edge: Callable[..., EdgeProcess], start_origin: Callable[..., OriginProcess],
+        app: Any, site: dict[str, Path], tmp_path: Path, kpki: KeylessPki,
+        keyserver: KeyServerProcess) -> None:
+    origin = start_origin(origin_config(site, app.port, tmp_path))
+    trace = tmp_path / "edge.strace"
+    edge = start_edge(edge_config(keyless_route(kpki, site, [keyserver.port], origin.port),
+                                  per_ip_rate_per_s=0),
+                      wrap=[need("strace"), "-f", "-qq", "-e", "trace=open,openat,openat2",
+                            "-o", str(trace)])
+    for _ in range(3):
+        assert fetch(edge, kpki)[0] == 200
+    edge.stop()
+    opened = trace.read_text()
+    assert "edge1.key" in opened  # the edge's own identity towards the key server: yes
+    site_keys = [str(k) for _, k, _ in kpki.sites.values()] + [str(site["key"])]
+    for path in site_keys:
+        assert path not in opened  # a site's private key: never
+    assert str(kpki.sites["p256"][0]) in opened  # (the certificate, to be sure tracing worked)

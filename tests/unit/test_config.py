@@ -112,7 +112,7 @@ def test_every_key_is_documented() -> None:
     start, end = doc.index(reference.BEGIN), doc.index(reference.END) + len(reference.END)
     assert doc[start:end] == reference.render(), (
         "docs/config.md is out of date: regenerate its reference with "
-        "python -m blindfold.config.reference")
+        "python -m blindfold.config.reference docs/config.md")
     documented = set(re.findall(r"`\[*([a-z0-9_.]+)\]*`", doc))
     for key, *_ in iter_documented(Config):
         assert key in documented, key

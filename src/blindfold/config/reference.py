@@ -59,5 +59,19 @@ def render() -> str:
     return "\n".join(out)
 
 
+def update(path: str) -> None:
+    """Rewrite the generated part of `path` (between the markers) in place."""
+    from pathlib import Path
+
+    doc = Path(path).read_text()
+    start, end = doc.index(BEGIN), doc.index(END) + len(END)
+    Path(path).write_text(doc[:start] + render() + doc[end:])
+
+
 if __name__ == "__main__":
-    print(render())
+    import sys
+
+    if len(sys.argv) > 1:
+        update(sys.argv[1])  # python -m blindfold.config.reference docs/config.md
+    else:
+        print(render())

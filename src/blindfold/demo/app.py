@@ -30,7 +30,8 @@ class AppHandler(BaseHTTPRequestHandler):
                 "forwarded": self.headers.get("Forwarded", ""),
                 "x-request-id": self.headers.get("X-Request-Id", ""),
                 "host": self.headers.get("Host", ""),
-                "path": self.path, "method": self.command}
+                "path": self.path, "method": self.command,
+                "if-none-match": self.headers.get("If-None-Match", "")}
         with self.lock:
             self.seen.append(info)
             del self.seen[:-1000]

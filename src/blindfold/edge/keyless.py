@@ -83,6 +83,7 @@ class KeylessStats:
         self.requests: dict[str, int] = {}  # status class
         self.cache: dict[str, int] = {}  # hit | miss | revalidated | stored | bypass
         self.rate_limited: dict[str, int] = {}  # rule name
+        self.key_updates: dict[str, int] = {}  # received | sent
 
     def count(self, table: dict[str, int], key: str) -> None:
         table[key] = table.get(key, 0) + 1
@@ -262,8 +263,17 @@ class KeylessService:
         from blindfold.edge.l7 import EdgeHandler, make_http_protocol
 
         handler = EdgeHandler(self.worker, conn, kr, server)
+        def done(reason: str, bytes_in: int, bytes_out: int) -> None:
+            if server.key_updates_received:
+                kr.stats.key_updates["received"] = (kr.stats.key_updates.get("received", 0)
+                                                    + server.key_updates_received)
+            if server.key_updates_sent:
+                kr.stats.key_updates["sent"] = (kr.stats.key_updates.get("sent", 0)
+                                                + server.key_updates_sent)
+            conn.keyless_done(reason, bytes_in, bytes_out)
+
         proto = TlsServerProtocol(server, lambda alpn: make_http_protocol(handler, alpn),
-                                  conn.keyless_done, kr.http.tls_handshake_timeout_s)
+                                  done, kr.http.tls_handshake_timeout_s)
         sock = conn.adopt_socket_for_asyncio()
         conn.l7 = proto
         self._spawn(self._attach(conn, proto, sock))

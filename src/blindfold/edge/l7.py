@@ -149,9 +149,26 @@ class EdgeHandler:
 
     # ---------------------------------------------------------------- requests
     async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
-        kr = self.kr
-        stats = kr.stats
+        t0 = time.monotonic()
         self.requests += 1
+        status, outcome, sent = await self._handle(request, body, respond)
+        stats = self.kr.stats
+        stats.count(stats.requests, f"{status // 100}xx" if status else "aborted")
+        if outcome:
+            stats.count(stats.cache, outcome)
+        if self.worker.config.log_connections:
+            self.worker.log.log(
+                "request", route=self.route.name, client=self.conn.ip,
+                request_id=request.request_id, method=request.method.decode("latin-1"),
+                host=request.authority.decode("latin-1")[:255],
+                path=request.path.decode("latin-1")[:512], http_version=request.http_version,
+                status=status, cache=outcome or None, bytes_out=sent,
+                duration_s=round(time.monotonic() - t0, 6))
+
+    async def _handle(self, request: Request, body: BodyStream,
+                      respond: Responder) -> tuple[int, str, int]:
+        """Answer one request: (status sent, cache outcome, body bytes sent)."""
+        kr = self.kr
         now = time.monotonic()
         path = request.path.decode("latin-1")
         for name, rule, buckets in kr.rate_rules:
@@ -159,25 +176,23 @@ class EdgeHandler:
                 continue
             wait = buckets.take(self.rate_key if rule.per == "ip" else 0, now)
             if wait > 0:
-                stats.count(stats.rate_limited, name)
-                stats.count(stats.requests, "4xx")
+                kr.stats.count(kr.stats.rate_limited, name)
                 await simple_response(respond, 429, "too many requests\n", [
                     (b"retry-after", str(max(1, int(wait + 0.999))).encode())])
-                return
+                return 429, "", 0
         cache = kr.cache
         key = cache.key(request.authority, request.target)
         lookup: Lookup | None = None
         if cache.max_bytes and request.method in (b"GET", b"HEAD"):
             lookup = cache.lookup(key, request.method, request.headers, time.time())
             if lookup is not None and lookup.fresh:
-                stats.count(stats.cache, "hit")
-                await self._serve_entry(request, respond, lookup.entry, "hit")
-                return
-        await self._forward(request, body, respond, key, lookup)
+                return await self._serve_entry(request, respond, lookup.entry, "hit")
+        return await self._forward(request, body, respond, key, lookup)
 
     async def _forward(self, request: Request, body: BodyStream, respond: Responder,
-                       key: tuple[bytes, bytes], lookup: Lookup | None) -> None:
-        stats, cache = self.kr.stats, self.kr.cache
+                       key: tuple[bytes, bytes], lookup: Lookup | None
+                       ) -> tuple[int, str, int]:
+        cache = self.kr.cache
         headers = upstream_headers(request, request.authority or self.sni.encode())
         method = request.method
         if lookup is not None:
@@ -195,53 +210,52 @@ class EdgeHandler:
             response = await self.pool.request(method, request.target or b"/", headers, stream)
         except BodyTooLarge:
             await simple_response(respond, 413, "request body too large\n")
-            return
+            return 413, "", 0
         except BodyTimeout:
             await simple_response(respond, 408, "request body not received in time\n")
-            return
+            return 408, "", 0
         except UpstreamError as exc:
             status = 504 if "timeout" in str(exc) else 502
-            stats.count(stats.requests, "5xx")
             await simple_response(respond, status, "origin unavailable\n",
                                   [(b"x-request-id", request.request_id.encode())])
             self.worker.log.log("upstream_error", route=self.route.name, client=self.conn.ip,
                                 request_id=request.request_id, error=str(exc)[:200])
-            return
+            return status, "", 0
         except ConnectionError:
-            return
+            return 0, "", 0
         response_time = time.time()
         if lookup is not None and response.status == 304:
             with contextlib.suppress(UpstreamError):
                 async for _ in response.body():
                     pass
             cache.freshen(lookup.entry, response.headers, request_time, response_time)
-            stats.count(stats.cache, "revalidated")
-            await self._serve_entry(request, respond, lookup.entry, "revalidated")
-            return
+            return await self._serve_entry(request, respond, lookup.entry, "revalidated")
         cache.invalidate(request.method, key, response.status)
         storable = (cache.max_bytes > 0 and request.method == b"GET"
                     and cache.storable(request.method, request.headers, response.status,
                                        response.headers))
-        stats.count(stats.cache, "miss" if request.method in (b"GET", b"HEAD") else "bypass")
-        await self._relay(request, respond, response, key, storable, request_time,
-                          response_time)
+        sent, stored = await self._relay(request, respond, response, key, storable,
+                                         request_time, response_time)
+        if request.method not in (b"GET", b"HEAD"):
+            return response.status, "bypass", sent
+        return response.status, "stored" if stored else "miss", sent
 
     async def _relay(self, request: Request, respond: Responder, response: UpstreamResponse,
                      key: tuple[bytes, bytes], storable: bool, request_time: float,
-                     response_time: float) -> None:
-        stats, cache = self.kr.stats, self.kr.cache
+                     response_time: float) -> tuple[int, bool]:
+        cache = self.kr.cache
         headers = strip_hop_by_hop(response.headers)
         headers.append((b"x-blindfold-cache", b"miss"))
         kept: list[bytes] | None = [] if storable else None
-        kept_len = 0
+        sent = 0
         complete = False
         try:
             await respond.start(response.status, headers)
             async for chunk in response.body():
                 await respond.send(chunk)
+                sent += len(chunk)
                 if kept is not None:
-                    kept_len += len(chunk)
-                    if kept_len > cache.max_object_bytes:
+                    if sent > cache.max_object_bytes:
                         kept = None
                     else:
                         kept.append(chunk)
@@ -253,38 +267,37 @@ class EdgeHandler:
             pass
         finally:
             response.close()
-        stats.count(stats.requests, f"{response.status // 100}xx")
         if complete and kept is not None:
             cache.store(key, request.headers, response.status, response.headers,
                         b"".join(kept), request_time, response_time)
-            stats.count(stats.cache, "stored")
+            return sent, True
+        return sent, False
 
     async def _serve_entry(self, request: Request, respond: Responder, entry: Entry,
-                           outcome: str) -> None:
-        stats = self.kr.stats
+                           outcome: str) -> tuple[int, str, int]:
         age = str(int(entry.age(time.time()))).encode()
         if not_modified(entry, request.headers) and entry.status == 200:
             headers: Headers = [(k, v) for k, v in entry.headers if k in _NOT_MODIFIED_KEEP]
             headers += [(b"age", age), (b"x-blindfold-cache", outcome.encode())]
-            stats.count(stats.requests, "3xx")
             try:
                 await respond.start(304, headers)
                 await respond.end()
             except ConnectionError:
                 pass
-            return
+            return 304, outcome, 0
         headers = [(k, v) for k, v in entry.headers if k != b"content-length"]
         if entry.status not in (204, 304):
             headers.append((b"content-length", str(len(entry.body)).encode()))
         headers += [(b"age", age), (b"x-blindfold-cache", outcome.encode())]
-        stats.count(stats.requests, f"{entry.status // 100}xx")
+        sent = 0
         try:
             await respond.start(entry.status, headers)
             if request.method != b"HEAD" and entry.body:
                 view = memoryview(entry.body)
                 for i in range(0, len(view), READ_CHUNK):
                     await respond.send(bytes(view[i:i + READ_CHUNK]))
+                    sent += min(READ_CHUNK, len(view) - i)
             await respond.end()
         except ConnectionError:
             pass
-
+        return entry.status, outcome, sent

@@ -76,6 +76,9 @@ EDGE_METRICS = [
     MetricSpec("blindfold_keyless_sessions", "gauge",
                "Resumable TLS sessions held (tickets issued and not yet used or expired).",
                ("route",)),
+    MetricSpec("blindfold_keyless_key_updates_total", "counter",
+               "TLS 1.3 KeyUpdates on keyless connections (counted when they close), by "
+               "direction.", ("route", "direction")),
     MetricSpec("blindfold_keyless_connections_active", "gauge",
                "Open keyless TLS connections.", ("route",)),
 ]

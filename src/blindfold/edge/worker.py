@@ -376,7 +376,8 @@ class Worker:
             "blindfold_keyless_fallbacks_total": [], "blindfold_keyless_requests_total": [],
             "blindfold_keyless_cache_total": [], "blindfold_keyless_cache_bytes": [],
             "blindfold_keyless_rate_limited_total": [], "blindfold_keyless_sessions": [],
-            "blindfold_keyless_connections_active": []}
+            "blindfold_keyless_connections_active": [],
+            "blindfold_keyless_key_updates_total": []}
         for route in self.routes:
             kr = route.keyless
             if kr is None:
@@ -387,7 +388,8 @@ class Worker:
                                   ("blindfold_keyless_fallbacks_total", st.fallbacks),
                                   ("blindfold_keyless_requests_total", st.requests),
                                   ("blindfold_keyless_cache_total", st.cache),
-                                  ("blindfold_keyless_rate_limited_total", st.rate_limited)):
+                                  ("blindfold_keyless_rate_limited_total", st.rate_limited),
+                                  ("blindfold_keyless_key_updates_total", st.key_updates)):
                 tables[metric].extend([[name, k], v] for k, v in table.items())
             tables["blindfold_keyless_cache_bytes"].append([[name], kr.cache.used])
             tables["blindfold_keyless_sessions"].append([[name], len(kr.sessions)])
