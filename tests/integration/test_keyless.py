@@ -79,7 +79,7 @@ def fetch(edge: EdgeProcess, kpki: KeylessPki, path: str = "/echo", *extra: str,
 
 def test_curl_http1_and_http2_through_a_keyless_route(
         chain: Any, kpki: KeylessPki, keyserver: KeyServerProcess, app: Any) -> None:
-    edge, origin = chain()
+    edge, _origin = chain()
     for flags, version in ((("--http1.1",), "1.1"), (("--http2",), "2")):
         code, got_version, body = fetch(edge, kpki, "/echo", *flags, source="127.0.0.7")
         assert (code, got_version) == (200, version), body
@@ -147,7 +147,7 @@ def test_python_ssl_resumes_without_the_key_server(
     session, reused = one(None)
     assert not reused and session is not None and session.has_ticket
     signed = edge.metric("blindfold_keyless_handshakes_total", route="route0", result="full")
-    session2, reused = one(session)
+    _, reused = one(session)
     assert reused
     assert edge.metric("blindfold_keyless_handshakes_total", route="route0",
                        result="resumed") == 1
@@ -175,8 +175,8 @@ def test_key_update_both_ways_with_s_client(chain: Any, kpki: KeylessPki) -> Non
     proc = subprocess.Popen(
         [need("openssl"), "s_client", "-connect", f"127.0.0.1:{edge.port}", "-servername",
          "example.test", "-CAfile", str(kpki.site_ca), "-verify_return_error", "-alpn",
-         "http/1.1", "-crlf"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+         "http/1.1", "-crlf"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdin is not None
         time.sleep(1.0)
@@ -201,7 +201,7 @@ def test_key_update_both_ways_with_s_client(chain: Any, kpki: KeylessPki) -> Non
 
 def test_tls12_only_and_hello_retry_clients_are_passed_through(
         chain: Any, kpki: KeylessPki, site: dict[str, Path]) -> None:
-    edge, origin = chain()
+    edge, _ = chain()
     ctx = ssl.create_default_context(cafile=str(site["ca"]))
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     with socket.create_connection(("127.0.0.1", edge.port), timeout=10) as raw, \
@@ -282,7 +282,8 @@ def test_path_rate_limits(chain: Any, kpki: KeylessPki, app: Any) -> None:
     assert codes == [200, 200, 429]
     out = curl(edge.port, "example.test", kpki.site_ca, "-D", "-", "-o", "/dev/null",
                path="/login")
-    assert re.match(r"HTTP/\S+ 429", out.stdout) and re.search(r"(?i)retry-after: \d+", out.stdout)
+    assert re.match(r"HTTP/\S+ 429", out.stdout)
+    assert re.search(r"(?i)retry-after: \d+", out.stdout)
     assert fetch(edge, kpki, "/echo", "-o", "/dev/null")[0] == 200  # other paths are free
     assert fetch(edge, kpki, "/login", "-o", "/dev/null", source="127.0.0.9")[0] == 200
     assert len(app.seen) - before == 4  # refused requests never reached the origin
@@ -315,7 +316,7 @@ def test_cache_serves_fresh_revalidates_stale_and_honours_vary(
                                                                             "hit")
     assert b1 == b2 and origin_hits("/cached/a") == 1 and "age" in h2
     # a visitor's own validator is answered from the cache
-    s3, h3, _ = _get(edge, kpki, "/cached/a", f"If-None-Match: {h1['etag']}")
+    s3, _, _ = _get(edge, kpki, "/cached/a", f"If-None-Match: {h1['etag']}")
     assert s3 == 304 and origin_hits("/cached/a") == 1
     # stale after max_age: revalidated with the stored ETag (the origin answers 304)
     assert _get(edge, kpki, "/cached/b?max_age=1")[1]["x-blindfold-cache"] == "miss"

@@ -156,7 +156,7 @@ def test_no_common_alpn_is_refused_with_its_alert(sites: dict[str, Site]) -> Non
     assert events[-1].alert == rl.A_NO_APPLICATION_PROTOCOL
     assert not p.signed  # refused before anything was signed
     p.to_client()
-    with pytest.raises(ssl.SSLError, match="NO_APPLICATION_PROTOCOL|no application protocol"):
+    with pytest.raises(ssl.SSLError, match=r"NO_APPLICATION_PROTOCOL|no application protocol"):
         p.client.do_handshake()
 
 
@@ -170,7 +170,7 @@ def test_server_updates_its_keys(sites: dict[str, Site]) -> None:
     assert p.client_read() == b"".join(chunks)  # OpenSSL followed every KeyUpdate
     assert p.server.key_updates_sent >= 5
     p.client.write(b"still talking")
-    assert [e for e in p.to_server() if isinstance(e, ts.DataReceived)][0].data == b"still talking"
+    assert next(e for e in p.to_server() if isinstance(e, ts.DataReceived)).data == b"still talking"
 
 
 def test_resumption_needs_no_signature_and_tickets_are_single_use(
@@ -215,7 +215,7 @@ def test_ticket_lifetime_and_bound() -> None:
     def ticket(n: int) -> q.SessionTicket:
         import datetime
 
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         return q.SessionTicket(1, q.CipherSuite.AES_128_GCM_SHA256, now, now, b"s",
                                HOST, bytes([n]))
     store.put(ticket(1), HOST, 0.0)
@@ -228,7 +228,7 @@ def test_ticket_lifetime_and_bound() -> None:
 
 
 def _tamper_last_record(data: bytes) -> bytes:
-    *_, (ctype, length) = records(data)
+    assert records(data)[-1][0] == rl.APPLICATION_DATA
     return data[:-1] + bytes([data[-1] ^ 0x01])
 
 
@@ -243,7 +243,7 @@ def test_bad_finished_record_gets_an_alert_the_client_can_read(sites: dict[str, 
     assert isinstance(events[-1], ts.ConnectionFailed) and events[-1].alert == rl.A_BAD_RECORD_MAC
     p.to_client()
     # the alert is under our application key, which the client reads with after our Finished
-    with pytest.raises(ssl.SSLError, match="BAD_RECORD_MAC|bad record mac"):
+    with pytest.raises(ssl.SSLError, match=r"BAD_RECORD_MAC|bad record mac"):
         p.client_read()
 
 
