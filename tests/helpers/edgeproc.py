@@ -43,9 +43,13 @@ class BlindfoldProcess:
             raise RuntimeError(f"{self.kind} did not become ready:\n"
                                + "\n".join(self.stderr_lines))
         self.ready = ready
-        self.ports = [int(a.rpartition(":")[2]) for a in ready.get("listen") or []]
-        self.port = self.ports[0] if self.ports else 0
-        self.admin = ready["admin"]
+        try:
+            self.ports = [int(a.rpartition(":")[2]) for a in ready.get("listen") or []]
+            self.port = self.ports[0] if self.ports else 0
+            self.admin = ready["admin"]
+        except (KeyError, ValueError, TypeError):
+            self.stop()  # never leave a process behind
+            raise
 
     def _read_out(self) -> None:
         assert self.proc.stdout is not None

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"blindfold {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p_edge = sub.add_parser("edge", help="run an edge (passthrough routes)")
+    p_edge = sub.add_parser("edge", help="run an edge (passthrough and keyless routes)")
     p_edge.add_argument("--config", "-c", required=True, help="TOML configuration file")
 
     p_origin = sub.add_parser("origin", help="run the origin agent (TLS, WAF, decisions)")

@@ -1,9 +1,11 @@
 """`blindfold demo`: the whole topology on loopback with throwaway certificates.
 
     visitor --TLS--> edge (passthrough) --PROXY v2 + TLS--> origin agent (key, WAF) --> app
+    visitor --TLS 1.3--> edge (keyless; signatures from the key server) --verified TLS--> ...
 
 It prints what to run, and with --self-check runs it: a page through the edge, an SQL
-injection the origin's WAF blocks, and the resulting ban enforced by the edge at layer 4.
+injection the origin's WAF blocks, the resulting ban enforced by the edge at layer 4, and a
+page over the keyless hostname whose handshake signature is in the key server's audit log.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from blindfold import pki
 from blindfold.demo.app import DemoApp
 
 HOST = "demo.blindfold.test"
+KEYLESS_HOST = "keyless.blindfold.test"
 ATTACKER = "127.0.0.66"
 API_KEY = "demo-edge-key-0123456789abcdef"
 
@@ -105,8 +108,33 @@ ban_duration_s = 60
 """
 
 
+def _keyserver_config(base: Path, edge_fp: str) -> str:
+    kl = base / "keyless"
+    return f"""\
+# blindfold demo: the key server holds the site's key and signs handshakes for the edge.
+[keyserver]
+listen = "127.0.0.1:0"
+cert = "{kl / 'keyserver.pem'}"
+key = "{kl / 'keyserver.key'}"
+client_ca = "{kl / 'ca.pem'}"
+audit_log = "{kl / 'audit.log'}"
+admin_listen = "127.0.0.1:0"
+
+[[keyserver.keys]]
+name = "site"
+key = "{base / 'site.key'}"
+certificate = "{base / 'site.pem'}"
+
+[[keyserver.edges]]
+name = "demo-edge"
+cert_sha256 = "{edge_fp}"
+hostnames = ["{KEYLESS_HOST}"]
+"""
+
+
 def _edge_config(listen: str, admin: str, origin_port: int, decisions_port: int,
-                 base: Path) -> str:
+                 base: Path, keyserver_port: int) -> str:
+    kl = base / "keyless"
     (base / "edge.key").write_text(API_KEY + "\n")
     return f"""\
 # blindfold demo: an edge in passthrough mode; it never decrypts.
@@ -121,6 +149,18 @@ sni = ["{HOST}", "*.{HOST}"]
 mode = "passthrough"
 origins = ["127.0.0.1:{origin_port}"]
 proxy_protocol = "v2"
+
+# keyless: the edge ends TLS 1.3 with the site's certificate but not its key
+[[edge.routes]]
+name = "demo-keyless"
+sni = ["{KEYLESS_HOST}"]
+mode = "keyless"
+certificate = "{base / 'site.pem'}"
+origins = ["127.0.0.1:{origin_port}"]
+proxy_protocol = "v2"
+origin_ca = "{base / 'ca.pem'}"
+keyserver = {{ addresses = ["127.0.0.1:{keyserver_port}"], client_cert = "{kl / 'demo-edge.pem'}", \
+client_key = "{kl / 'demo-edge.key'}", ca = "{kl / 'ca.pem'}" }}
 
 [edge.decisions]
 url = "https://127.0.0.1:{decisions_port}"
@@ -146,21 +186,38 @@ async def demo(port: int, admin_port: int, workdir: str | None, duration: float 
     base.mkdir(parents=True, exist_ok=True)
     ca = pki.make_ca("blindfold demo CA")
     ca.write(base / "ca.pem")
-    pki.issue(ca, [HOST, f"*.{HOST}"]).write(base / "site.pem", base / "site.key")
+    pki.issue(ca, [HOST, f"*.{HOST}", KEYLESS_HOST]).write(base / "site.pem", base / "site.key")
+    # the keyless side's own PKI: an mTLS CA, the key server's certificate, the edge's identity
+    kl = base / "keyless"
+    kl.mkdir(exist_ok=True)
+    mtls_ca = pki.make_ca("blindfold demo edge CA")
+    mtls_ca.write(kl / "ca.pem", kl / "ca.key")
+    pki.issue(mtls_ca, ["127.0.0.1"]).write(kl / "keyserver.pem", kl / "keyserver.key")
+    edge_id = pki.issue(mtls_ca, ["demo-edge"], client=True)
+    edge_id.write(kl / "demo-edge.pem", kl / "demo-edge.key")
     app = DemoApp()
     (base / "origin.toml").write_text(_origin_config(base, app.port))
+    (base / "keyserver.toml").write_text(_keyserver_config(
+        base, pki.fingerprint_sha256(edge_id.cert)))
     origin = Proc("origin", base / "origin.toml", base / "origin.log")
+    keyserver = Proc("keyserver", base / "keyserver.toml", base / "keyserver.log")
     edge: Proc | None = None
     try:
+        await keyserver.start()
+        keyserver_port = int(keyserver.ready["listen"][0].rpartition(":")[2])
         await origin.start()
         origin_port = int(origin.ready["listen"][0].rpartition(":")[2])
         decisions_port = int(str(origin.ready["decisions"]).rpartition(":")[2])
         (base / "edge.toml").write_text(_edge_config(
-            f"127.0.0.1:{port}", f"127.0.0.1:{admin_port}", origin_port, decisions_port, base))
+            f"127.0.0.1:{port}", f"127.0.0.1:{admin_port}", origin_port, decisions_port, base,
+            keyserver_port))
         edge = Proc("edge", base / "edge.toml", base / "edge.log")
         await edge.start()
         curl = (f"curl --cacert {base / 'ca.pem'} --resolve {HOST}:{port}:127.0.0.1 "
                 f"https://{HOST}:{port}")
+        kcurl = (f"curl --cacert {base / 'ca.pem'} --resolve {KEYLESS_HOST}:{port}:127.0.0.1 "
+                 f"https://{KEYLESS_HOST}:{port}")
+        audit = kl / "audit.log"
         print(f"""
 blindfold demo is running (files in {base})
 
@@ -177,15 +234,23 @@ blindfold demo is running (files in {base})
      {curl}/ --interface {ATTACKER}        # now refused by the edge (for 60 s)
      {curl}/ --interface 127.0.0.67        # another visitor is still served
 
-3. Watch it: the edge's metrics and the origin's decision stream (what edges poll):
+3. Keyless: the edge ends TLS 1.3 itself with the site's certificate but not its key; each
+   handshake's signature comes from the key server (127.0.0.1:{keyserver_port}), which
+   writes it to a hash-chained audit log (edge, hostname, visitor, time, scheme):
+     {kcurl}/
+     tail -n 3 {audit}
+     blindfold audit verify {audit}      # exit 0: the chain is intact
+     curl -s http://127.0.0.1:{admin_port}/metrics | grep keyless_handshakes
+
+4. Watch it: the edge's metrics and the origin's decision stream (what edges poll):
      curl -s http://127.0.0.1:{admin_port}/metrics | grep -E 'decisions|banned'
      curl -s --cacert {base / 'ca.pem'} --resolve {HOST}:{decisions_port}:127.0.0.1 \\
           -H 'X-Api-Key: {API_KEY}' 'https://{HOST}:{decisions_port}/v1/decisions/stream?startup=true'
 
-Logs (JSON lines): {base / 'edge.log'}  {base / 'origin.log'}
+Logs (JSON lines): {base / 'edge.log'}  {base / 'origin.log'}  {base / 'keyserver.log'}
 Stop with Ctrl-C.
 """, flush=True)
-        if self_check and not await _self_check(curl, edge):
+        if self_check and not await _self_check(curl, kcurl, audit, edge):
             return 1
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -198,13 +263,27 @@ Stop with Ctrl-C.
         if edge is not None:
             await edge.stop()
         await origin.stop()
+        await keyserver.stop()
         app.close()
         if workdir is None and not os.environ.get("BLINDFOLD_DEMO_KEEP"):
             shutil.rmtree(base, ignore_errors=True)
 
 
-async def _self_check(curl: str, edge: Proc) -> bool:
+async def _self_check(curl: str, kcurl: str, audit: Path, edge: Proc) -> bool:
     checks = []
+    code, body = await _curl(f"{kcurl}/ --interface 127.0.0.68")
+    checks.append(("a page over the keyless hostname", code == 200
+                   and "Hello from the application" in body))
+    from blindfold.keyserver.audit import verify
+
+    signed = False
+    for _ in range(20):  # the key server writes its audit log in batches
+        if audit.exists() and '"client":"127.0.0.68"' in audit.read_text():
+            signed = True
+            break
+        await asyncio.sleep(0.1)
+    checks.append(("its handshake signature is in the audit log", signed
+                   and verify(str(audit)).ok))
     code, body = await _curl(f"{curl}/")
     checks.append(("a page through the edge", code == 200 and "Hello from the application"
                    in body))
