@@ -260,6 +260,7 @@ def client_main(a: argparse.Namespace) -> int:
     state = {"left": a.n, "ok": 0, "reused": 0, "errors": {}, "lat": []}
     deadline = time.monotonic() + a.seconds
     t_start = time.monotonic()
+    cpu_start = time.process_time()
 
     def take() -> bool:
         with lock:
@@ -309,7 +310,8 @@ def client_main(a: argparse.Namespace) -> int:
     elapsed = time.monotonic() - t_start
     lat = state["lat"]
     print(json.dumps({"ok": state["ok"], "reused": state["reused"], "errors": state["errors"],
-                      "elapsed_s": elapsed, "lat_p50_ms": pct(lat, 0.5) * 1e3,
+                      "elapsed_s": elapsed, "cpu_s": time.process_time() - cpu_start,
+                      "lat_p50_ms": pct(lat, 0.5) * 1e3,
                       "lat_p99_ms": pct(lat, 0.99) * 1e3}), flush=True)
     return 0
 
@@ -338,6 +340,7 @@ def run_clients(out: Path, tag: str, port: int, cafile: Path, *, n: int, seconds
             errors[k] = errors.get(k, 0) + v
     return {"ok": sum(r["ok"] for r in results), "reused": sum(r["reused"] for r in results),
             "errors": errors, "wall_s": wall,
+            "client_cpu_s": sum(r["cpu_s"] for r in results),
             "elapsed_s": max(r["elapsed_s"] for r in results),
             "lat_p50_ms": statistics.median(r["lat_p50_ms"] for r in results),
             "lat_p99_ms": max(r["lat_p99_ms"] for r in results)}

@@ -381,3 +381,74 @@ def test_edge_never_opens_a_site_key(
     for path in site_keys:
         assert path not in opened  # a site's private key: never
     assert str(kpki.sites["p256"][0]) in opened  # (the certificate, to be sure tracing worked)
+
+
+def test_a_host_outside_the_route_is_misdirected(chain: Any, kpki: KeylessPki, app: Any) -> None:
+    edge, _ = chain(sni=["example.test"])
+    before = len(app.seen)
+    code, _, _ = fetch(edge, kpki, "/echo", "-H", "Host: other.test")
+    assert code == 421 and len(app.seen) == before
+
+
+def test_reload_keeps_sessions_and_applies_new_limits(
+        chain: Any, kpki: KeylessPki, keyserver: KeyServerProcess, site: dict[str, Path]
+        ) -> None:
+    edge, origin = chain(edge_kw={"workers": 1})
+    ctx = ssl.create_default_context(cafile=str(kpki.site_ca))
+
+    def one(session: ssl.SSLSession | None, path: str = "/echo") -> tuple[
+            ssl.SSLSession | None, bool, bytes]:
+        with socket.create_connection(("127.0.0.1", edge.port), timeout=10) as raw, \
+                ctx.wrap_socket(raw, server_hostname="example.test", session=session) as tls:
+            tls.sendall(f"GET {path} HTTP/1.1\r\nHost: example.test\r\nConnection: close"
+                        "\r\n\r\n".encode())
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+            return tls.session, tls.session_reused, data
+
+    session, _, _ = one(None)
+    edge.write_config(edge_config(
+        keyless_route(kpki, site, [keyserver.port], origin.port,
+                      rate_limits=[{"path_prefix": "/limited", "rate_per_s": 0.01, "burst": 1}]),
+        per_ip_rate_per_s=0, workers=1))
+    done = edge.reload()
+    assert done is not None and done["event"] == "reloaded", done
+    _, reused, data = one(session, "/limited")
+    assert reused  # the session store survived the reload
+    assert data.startswith(b"HTTP/1.1 200")
+    assert one(None, "/limited")[2].startswith(b"HTTP/1.1 429")  # the new limit applies
+
+
+def test_a_passthrough_edge_gains_a_keyless_route_by_reload(
+        start_edge: Callable[..., EdgeProcess], start_origin: Callable[..., OriginProcess],
+        app: Any, site: dict[str, Path], tmp_path: Path, kpki: KeylessPki,
+        keyserver: KeyServerProcess) -> None:
+    origin = start_origin(origin_config(site, app.port, tmp_path))
+    edge = start_edge(edge_config(route(["example.test"], [f"127.0.0.1:{origin.port}"],
+                                        proxy_protocol="v2"), per_ip_rate_per_s=0))
+    assert fetch(edge, kpki, "/echo", "--cacert", str(site["ca"]))[0] == 200
+    edge.write_config(edge_config(keyless_route(kpki, site, [keyserver.port], origin.port),
+                                  per_ip_rate_per_s=0))
+    done = edge.reload(timeout=30)
+    assert done is not None and done["event"] == "reloaded", done
+    assert wait_until(lambda: fetch(edge, kpki)[0] == 200, 10)
+    assert edge.metric("blindfold_keyless_handshakes_total", route="route0", result="full") >= 1
+
+
+def test_the_origin_waf_bans_a_keyless_visitor_at_the_edge(
+        start_edge: Callable[..., EdgeProcess], start_origin: Callable[..., OriginProcess],
+        app: Any, site: dict[str, Path], tmp_path: Path, kpki: KeylessPki,
+        keyserver: KeyServerProcess) -> None:
+    from tests.helpers.topology import edge_decisions
+
+    origin = start_origin(origin_config(site, app.port, tmp_path))
+    edge = start_edge(edge_config(keyless_route(kpki, site, [keyserver.port], origin.port),
+                                  per_ip_rate_per_s=0)
+                      + edge_decisions(site, origin.decisions_port, tmp_path))
+    assert edge.wait_for(lambda r: r.get("event") == "decisions_source_up", 10)
+    code, _, body = fetch(edge, kpki, "/?id=1%27%20OR%201=1--", source="127.0.0.5")
+    assert code == 403, body  # the origin's WAF saw the keyless visitor's real address...
+    assert wait_until(lambda: fetch(edge, kpki, source="127.0.0.5")[0] == 0, 5, 0.1)
+    assert fetch(edge, kpki, source="127.0.0.6")[0] == 200  # ...and the edge bans only it
+    assert edge.metric("blindfold_connections_refused_total", reason="banned") >= 1

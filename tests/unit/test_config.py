@@ -65,6 +65,21 @@ def test_good_config() -> None:
      "edge.routes[1].proxy_protocol", "'v2'"),
     ("[[edge.ja4_rules]]\naction='block'\n", "edge.ja4_rules[1].ja4", "exactly one"),
     ("[[edge.routes]]\norigins=['127.0.0.1:1']\n", "edge.routes[1].sni", "required"),
+    ("[[edge.routes]]\nsni=['k.test']\norigins=['127.0.0.1:1']\nmode='keyless'\n",
+     "edge.routes[1].certificate", "no key"),
+    ("[[edge.routes]]\nsni=['k.test']\norigins=['127.0.0.1:1']\nmode='keyless'\n"
+     "certificate='c.pem'\n", "edge.routes[1].keyserver", "key servers"),
+    ("[[edge.routes]]\nsni=['k.test']\norigins=['127.0.0.1:1']\nmode='keyless'\n"
+     "certificate='c.pem'\nkeyserver={addresses=['127.0.0.1:7'], client_cert='e.pem', "
+     "client_key='e.key', ca='ca.pem'}\n", "edge.routes[1].origin_ca", "verified TLS"),
+    ("[[edge.routes]]\nsni=['k.test']\norigins=['127.0.0.1:1']\nmode='keyless'\n"
+     "certificate='c.pem'\norigin_pin_sha256=['abcd']\nkeyserver={addresses=['127.0.0.1:7'],"
+     " client_cert='e.pem', client_key='e.key', ca='ca.pem'}\n",
+     "edge.routes[1].origin_pin_sha256[0]", "64 hex"),
+    ("[[edge.routes]]\nsni=['k.test']\norigins=['127.0.0.1:1']\n"
+     "rate_limits=[{rate_per_s=1, burst=1}]\n", "edge.routes[1].rate_limits", "keyless"),
+    ("[[edge.routes]]\nsni=['k.test']\norigins=['127.0.0.1:1']\ncertificate='c.pem'\n",
+     "edge.routes[1].certificate", "only for mode"),
 ])
 def test_errors_name_the_key(change: str, key: str, words: str) -> None:
     text = GOOD + "\n" + change
@@ -152,7 +167,8 @@ def test_documented_examples_are_valid() -> None:
             except ConfigError as exc:
                 raise AssertionError(f"{doc.name}: {exc}\n{block}") from None
     readme = (ROOT / "README.md").read_text()
-    for name in ("edge", "origin"):
-        example = re.search(rf"cat > /tmp/{name}.toml <<'EOF'\n(.*?)\nEOF", readme, re.S)
+    for name in ("edge", "origin", "edge-keyless", "keyserver"):
+        example = re.search(rf"cat > /tmp/{name}.toml <<'?EOF'?\n(.*?)\nEOF", readme, re.S)
         assert example is not None, name
-        loads(example.group(1))
+        # the shell fills in the edge's fingerprint when the example runs
+        loads(re.sub(r'"\$\(openssl[^"]*"', '"' + "ab" * 32 + '"', example.group(1)))

@@ -284,6 +284,9 @@ class KeylessService:
         except OSError:
             conn.close("reset", "attach_failed")
             return
+        if proto.aborted:  # closed while being attached (a ban, the drain deadline)
+            proto.abort()
+            return
         proto.start([])
 
 

@@ -48,6 +48,13 @@ _NOT_MODIFIED_KEEP = frozenset({b"cache-control", b"content-location", b"date", 
                                 b"expires", b"vary", b"last-modified"})
 
 
+def _host_of(authority: bytes) -> str:
+    text = authority.decode("latin-1").lower()
+    if text.startswith("["):
+        return text[1:].partition("]")[0]
+    return text.rpartition(":")[0] if text.count(":") == 1 else text
+
+
 def make_http_protocol(handler: EdgeHandler, alpn: str | None) -> asyncio.Protocol:
     kr = handler.kr
     conn = handler.conn
@@ -169,6 +176,12 @@ class EdgeHandler:
                       respond: Responder) -> tuple[int, str, int]:
         """Answer one request: (status sent, cache outcome, body bytes sent)."""
         kr = self.kr
+        host = _host_of(request.authority)
+        if host != self.sni and self.worker.router.lookup(host) is not self.route:
+            # RFC 9110 §15.5.20: this connection (its certificate, its route) is not for that
+            # host; no fronting one hostname's requests through another's connection
+            await simple_response(respond, 421, "misdirected request\n")
+            return 421, "", 0
         now = time.monotonic()
         path = request.path.decode("latin-1")
         for name, rule, buckets in kr.rate_rules:

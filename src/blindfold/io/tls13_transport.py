@@ -111,6 +111,7 @@ class TlsServerProtocol(asyncio.Protocol):
         self.bytes_in = 0
         self.bytes_out = 0
         self.reading_paused = False
+        self.aborted = False
         self.loop = asyncio.get_event_loop()
 
     # ---------------------------------------------------------------- raw side
@@ -196,5 +197,6 @@ class TlsServerProtocol(asyncio.Protocol):
             self.raw.abort()
 
     def abort(self) -> None:
+        self.aborted = True
         if self.raw is not None:
             self.raw.abort()
