@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blindfold.core.httpcache import HttpCache, freshness_lifetime, directives, not_modified
+from blindfold.core.httpcache import HttpCache, directives, freshness_lifetime, not_modified
 from blindfold.core.ratelimit import BucketMap
 
 KEY = HttpCache.key(b"Example.TEST", b"/a")
@@ -138,7 +138,7 @@ def test_size_bounds_evict_least_recently_used() -> None:
     assert cache.lookup(HttpCache.key(b"h", b"/0"), b"GET", [], T0) is None
     cache.store(KEY, [], 200, cc, b"x" * 2000, T0, T0)  # over max_object_bytes: not kept
     assert cache.lookup(KEY, b"GET", [], T0) is None
-    assert not cache.storable(b"GET", [], 200, cc + [(b"content-length", b"2000")])
+    assert not cache.storable(b"GET", [], 200, [*cc, (b"content-length", b"2000")])
 
 
 def test_not_modified_for_the_visitors_own_validators() -> None:
@@ -157,9 +157,9 @@ def test_not_modified_for_the_visitors_own_validators() -> None:
 def test_freshness_lifetime_precedence() -> None:
     h = [(b"expires", http_date(T0 + 500)), (b"date", http_date(T0))]
     assert freshness_lifetime(h, directives(h)) == 500
-    h2 = h + [(b"cache-control", b"max-age=20")]
+    h2 = [*h, (b"cache-control", b"max-age=20")]
     assert freshness_lifetime(h2, directives(h2)) == 20
-    h3 = h2 + [(b"cache-control", b"s-maxage=5")]
+    h3 = [*h2, (b"cache-control", b"s-maxage=5")]
     assert freshness_lifetime(h3, directives(h3)) == 5
     bad = [(b"expires", b"0")]
     assert freshness_lifetime(bad, directives(bad)) == 0.0  # invalid Expires: expired
