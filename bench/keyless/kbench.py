@@ -8,6 +8,7 @@ rate, each beside a baseline measured in the same run (see README.md beside this
   kbench.py relay ...            a TCP relay that holds each chunk N ms (the slow key server)
   kbench.py signload ...         pipelined sign requests over one mTLS connection
   kbench.py rawsign ...          `cryptography` ECDSA P-256 sign() in a loop
+  kbench.py core ...             the sans-IO TLS core alone, in-process (optionally cProfiled)
 
 Runs with the project's venv python (it imports blindfold for the wire format and the PKI).
 Loopback only; every process it starts is stopped by PID; every load is bounded in count and
@@ -23,6 +24,7 @@ import ipaddress
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -60,6 +62,21 @@ def children(pid: int) -> list[int]:
 
 def group_cpu(pids: list[int]) -> dict[int, float]:
     return {p: cpu_s(p) for p in pids}
+
+
+def sys_s(pid: int) -> float:
+    """stime alone (kernel time: on loopback it includes delivering what the process sends)."""
+    with open(f"/proc/{pid}/stat") as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    return int(rest[12]) / TICK
+
+
+def busy_s() -> float:
+    """CPU-seconds the whole machine has been busy (all CPUs), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal ...
+    return (fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + fields[7]) / TICK
 
 
 def http_get(url: str, timeout: float = 10.0) -> str:
@@ -174,7 +191,9 @@ def make_pki(d: Path) -> dict[str, Any]:
     key server and the baseline hold its key) and the mTLS set made by `blindfold pki`."""
     from blindfold import pki
 
-    d.mkdir(parents=True, exist_ok=True)
+    if d.exists():  # our own results directory's pki/, from an earlier run
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
     bf = [PY, "-m", "blindfold", "pki"]
     for args in (["ca", str(d)],
                  ["server", "keyserver", str(d), "--host", "keyserver.test", "--host",
@@ -224,6 +243,8 @@ hostnames = ["{SNI}", "*.{SNI}"]
 def edge_toml(p: dict[str, Any], ks_addr: str, workers: int, log: Path, origin_port: int,
               log_connections: bool) -> str:
     d = p["dir"]
+    tls = (f'client_cert = "{d / "edge1.pem"}", client_key = "{d / "edge1.key"}", '
+           f'ca = "{d / "ca.pem"}"')
     return f"""# written by bench/keyless/kbench.py
 [edge]
 listen = ["127.0.0.1:0"]
@@ -243,7 +264,7 @@ mode = "keyless"
 certificate = "{p['site_cert']}"
 origins = ["127.0.0.1:{origin_port}"]   # never contacted: no request is sent
 origin_ca = "{p['site_ca']}"
-keyserver = {{ addresses = ["{ks_addr}"], client_cert = "{d / 'edge1.pem'}", client_key = "{d / 'edge1.key'}", ca = "{d / 'ca.pem'}", server_name = "keyserver.test" }}
+keyserver = {{ addresses = ["{ks_addr}"], server_name = "keyserver.test", {tls} }}
 """
 
 
@@ -254,7 +275,8 @@ def client_main(a: argparse.Namespace) -> int:
     server's (so the server has processed our Finished before the next connection), close."""
     ctx = ssl.create_default_context(cafile=a.cafile)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    if a.alpn:
+        ctx.set_alpn_protocols(a.alpn.split(","))
     sources = a.sources.split(",")
     lock = threading.Lock()
     state = {"left": a.n, "ok": 0, "reused": 0, "errors": {}, "lat": []}
@@ -311,13 +333,15 @@ def client_main(a: argparse.Namespace) -> int:
     lat = state["lat"]
     print(json.dumps({"ok": state["ok"], "reused": state["reused"], "errors": state["errors"],
                       "elapsed_s": elapsed, "cpu_s": time.process_time() - cpu_start,
+                      "total_cpu_s": time.process_time(),  # with the interpreter's start-up
                       "lat_p50_ms": pct(lat, 0.5) * 1e3,
                       "lat_p99_ms": pct(lat, 0.99) * 1e3}), flush=True)
     return 0
 
 
 def run_clients(out: Path, tag: str, port: int, cafile: Path, *, n: int, seconds: float,
-                procs: int, threads: int, sources: list[str]) -> dict[str, Any]:
+                procs: int, threads: int, sources: list[str], alpn: str = "http/1.1"
+                ) -> dict[str, Any]:
     """`procs` client processes x `threads` threads; the N handshakes are split between them."""
     ps = []
     for i in range(procs):
@@ -326,7 +350,7 @@ def run_clients(out: Path, tag: str, port: int, cafile: Path, *, n: int, seconds
         ps.append(Proc(f"{tag}.client{i}", [
             PY, str(HERE / "kbench.py"), "client", "--port", str(port), "--cafile", str(cafile),
             "--sni", SNI, "--n", str(share), "--seconds", str(seconds), "--threads", str(threads),
-            "--sources", src], out))
+            "--sources", src, "--alpn", alpn], out))
     t0 = time.monotonic()
     results = []
     for p in ps:
@@ -341,6 +365,7 @@ def run_clients(out: Path, tag: str, port: int, cafile: Path, *, n: int, seconds
     return {"ok": sum(r["ok"] for r in results), "reused": sum(r["reused"] for r in results),
             "errors": errors, "wall_s": wall,
             "client_cpu_s": sum(r["cpu_s"] for r in results),
+            "client_total_cpu_s": sum(r["total_cpu_s"] for r in results),
             "elapsed_s": max(r["elapsed_s"] for r in results),
             "lat_p50_ms": statistics.median(r["lat_p50_ms"] for r in results),
             "lat_p99_ms": max(r["lat_p99_ms"] for r in results)}
@@ -403,7 +428,8 @@ def baseline_main(a: argparse.Namespace) -> int:
         print(lsock.getsockname()[1], flush=True)
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        stop.wait()
+        while not stop.wait(0.2):  # a timed wait lets the signal handler run
+            pass
     print(json.dumps({"handshakes": count[0]}), file=sys.stderr, flush=True)
     return 0
 
@@ -514,7 +540,7 @@ def signload_main(a: argparse.Namespace) -> int:
                 ok += 1
             else:
                 errors += 1
-                code, msg = w.decode_error(f.body)
+                code, _msg = w.decode_error(f.body)
                 key = w.ERROR_NAMES.get(code, str(code))
                 err_kinds[key] = err_kinds.get(key, 0) + 1
         inflight -= got
@@ -524,7 +550,8 @@ def signload_main(a: argparse.Namespace) -> int:
     elapsed = time.monotonic() - t0
     sock.close()
     print(json.dumps({"ok": ok, "errors": errors, "error_kinds": err_kinds,
-                      "elapsed_s": elapsed, "left_inflight": inflight}), flush=True)
+                      "elapsed_s": elapsed, "left_inflight": inflight,
+                      "cpu_s": time.process_time()}), flush=True)
     return 0
 
 
@@ -550,6 +577,90 @@ def rawsign_main(a: argparse.Namespace) -> int:
     return 0
 
 
+# ============================================================================ the sans-IO core
+def core_main(a: argparse.Namespace) -> int:
+    """`core.tls13_server.TlsServer` alone, in this process, against an OpenSSL client on memory
+    BIOs; the signature is made here (what the key server returns). Only the server's calls are
+    timed (CPU): what the edge pays for TLS before any socket, reactor or asyncio work.
+    --profile adds a cProfile listing of those calls."""
+    import cProfile
+    import pstats
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from blindfold.core import keyless_wire as w
+    from blindfold.core import tls13_server as ts
+    from blindfold.core.clienthello import peek_client_hello
+
+    identity = ts.ServerIdentity.from_pem(Path(a.cert).read_bytes())
+    key = serialization.load_pem_private_key(Path(a.key).read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    sessions = ts.SessionStore(7200.0, 100_000)
+    settings = ts.TlsSettings()
+    cctx = ssl.create_default_context(cafile=a.cafile)
+    cctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    cctx.set_alpn_protocols(["http/1.1"])
+    prof = cProfile.Profile() if a.profile else None
+    phases = [0.0, 0.0, 0.0]  # ClientHello -> signature request | flight | Finished + ticket
+    warm = min(100, a.n // 10)
+
+    def timed(i: int, phase: int, fn: Any) -> Any:
+        if prof is not None and i >= warm:
+            prof.enable()
+        t0 = time.process_time()
+        try:
+            return fn()
+        finally:
+            if i >= warm:
+                phases[phase] += time.process_time() - t0
+            if prof is not None:
+                prof.disable()
+
+    for i in range(a.n):
+        inb, outb = ssl.MemoryBIO(), ssl.MemoryBIO()
+        cli = cctx.wrap_bio(inb, outb, server_hostname=SNI)
+        with contextlib.suppress(ssl.SSLWantReadError):
+            cli.do_handshake()
+        hello = outb.read()
+
+        def first(hello: bytes = hello) -> tuple[Any, list[Any]]:
+            peek_client_hello(hello)  # the edge's reactor parses it first (SNI, JA4, route)
+            srv = ts.TlsServer(identity, settings, sessions, SNI)
+            return srv, srv.receive(hello, 0.0)
+
+        srv, events = timed(i, 0, first)
+        req = events[0]
+        assert isinstance(req, ts.SignatureRequested), events
+        sig = key.sign(w.certificate_verify_content(req.transcript_hash),
+                       ec.ECDSA(hashes.SHA256()))
+
+        def middle(sig: bytes = sig, srv: Any = srv) -> bytes:
+            srv.signature_received(sig, 0.0)
+            return bytes(srv.data_to_send())
+
+        flight = timed(i, 1, middle)
+        inb.write(flight)
+        cli.do_handshake()
+        fin = outb.read()
+
+        def last(fin: bytes = fin, srv: Any = srv) -> list[Any]:
+            ev = srv.receive(fin, 0.0)
+            srv.data_to_send()
+            srv.close()
+            srv.data_to_send()
+            return list(ev)
+
+        events = timed(i, 2, last)
+        assert any(isinstance(e, ts.HandshakeCompleted) for e in events), events
+    n = a.n - warm
+    print(json.dumps({"n": n, "us": sum(phases) / n * 1e6,
+                      "phases_us": [round(p / n * 1e6) for p in phases]}), flush=True)
+    if prof is not None:
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(a.profile)
+    return 0
+
+
 # ============================================================================ the run
 class Bench:
     def __init__(self, a: argparse.Namespace) -> None:
@@ -571,6 +682,8 @@ class Bench:
     def start_keyserver(self) -> None:
         path = self.out / "keyserver.toml"
         path.write_text(keyserver_toml(self.pki, self.out))
+        for old in ("keyserver.log", "audit.log"):  # a reused --out: no stale ready line
+            (self.out / old).unlink(missing_ok=True)
         self.ks = Proc("keyserver", [PY, "-m", "blindfold", "keyserver", "--config", str(path)],
                        self.out)
         ready = self.ks.wait_json(self.out / "keyserver.log", "keyserver_ready")
@@ -585,6 +698,7 @@ class Bench:
     def start_edge(self, tag: str, ks_addr: str, workers: int) -> tuple[Proc, dict[str, Any]]:
         log = self.out / f"{tag}.log"
         path = self.out / f"{tag}.toml"
+        log.unlink(missing_ok=True)
         path.write_text(edge_toml(self.pki, ks_addr, workers, log, self.dead_port,
                                   self.a.log_connections))
         p = Proc(tag, [PY, "-m", "blindfold", "edge", "--config", str(path)], self.out)
@@ -605,25 +719,31 @@ class Bench:
                       result="full")
 
     def clients(self, tag: str, port: int, *, n: int, seconds: float, procs: int, threads: int,
-                sources: list[str]) -> dict[str, Any]:
+                sources: list[str], alpn: str = "http/1.1") -> dict[str, Any]:
         return run_clients(self.out, tag, port, self.pki["site_ca"], n=n, seconds=seconds,
-                           procs=procs, threads=threads, sources=sources)
+                           procs=procs, threads=threads, sources=sources, alpn=alpn)
 
     def measured_load(self, tag: str, port: int, pids: list[int], *, n: int, seconds: float,
-                      procs: int, threads: int, sources: list[str]) -> dict[str, Any]:
+                      procs: int, threads: int, sources: list[str], alpn: str = "http/1.1",
+                      admin: str = "", extra_pids: tuple[int, ...] = ()) -> dict[str, Any]:
         """Warm-up, then the load with the CPU of `pids` (and the key server's) read around
         it."""
         self.clients(f"{tag}.warmup", port, n=self.a.warmup, seconds=30, procs=1,
-                     threads=min(threads, 4), sources=sources)
+                     threads=min(threads, 4), sources=sources, alpn=alpn)
         time.sleep(0.3)
+        sign0 = self.sign_latency(admin)
         ks0 = cpu_s(self.ks.pid)
         sig0 = self.ks_signed()
         c0 = group_cpu(pids)
+        sy0 = sum(sys_s(p) for p in pids)
+        x0 = sum(cpu_s(p) for p in extra_pids)
+        m0 = busy_s()
         t0 = time.monotonic()
         res = self.clients(tag, port, n=n, seconds=seconds, procs=procs, threads=threads,
-                           sources=sources)
+                           sources=sources, alpn=alpn)
         time.sleep(0.2)  # the last connections' close is processed
         c1 = group_cpu(pids)
+        res["sys_s"] = sum(sys_s(p) for p in pids) - sy0
         wall = time.monotonic() - t0
         ks1 = cpu_s(self.ks.pid)
         sig1 = self.ks_signed()
@@ -631,8 +751,23 @@ class Bench:
         res["cpu_by_pid"] = {str(p): round(c1[p] - c0[p], 3) for p in pids}
         res["measure_wall_s"] = wall
         res["ks_cpu_s"] = ks1 - ks0
+        res["extra_cpu_s"] = sum(cpu_s(p) for p in extra_pids) - x0
+        ours = (res["cpu_s"] + res["ks_cpu_s"] + res["client_total_cpu_s"]
+                + res["extra_cpu_s"])
+        res["other_cores"] = max(0.0, busy_s() - m0 - ours) / wall
         res["ks_signatures"] = sig1 - sig0
+        sign1 = self.sign_latency(admin)
+        n_sign = sign1[1] - sign0[1]
+        res["sign_mean_ms"] = (sign1[0] - sign0[0]) / n_sign * 1e3 if n_sign else None
         return res
+
+    def sign_latency(self, admin: str) -> tuple[float, float]:
+        """The edge's blindfold_keyless_sign_seconds sum and count (0, 0 without an edge)."""
+        if not admin:
+            return 0.0, 0.0
+        text = http_get(f"http://{admin}/metrics")
+        return (metric(text, "blindfold_keyless_sign_seconds_sum"),
+                metric(text, "blindfold_keyless_sign_seconds_count"))
 
     # ---------------------------------------------------------------- part 1
     def part1(self) -> None:
@@ -658,16 +793,28 @@ class Bench:
                       f"errors {r['errors']}")
         edge, ready = self.start_edge("p1.edge", self.ks_addr, 1)
         pids = [edge.pid, *ready["workers_pids"]]
-        full0 = self.edge_full(ready["admin"])
-        r = self.measured_load("p1.edge", ready["port"], pids, n=a.n, seconds=a.max_s,
-                               procs=a.procs, threads=a.threads, sources=sources)
-        r["edge_full_handshakes"] = self.edge_full(ready["admin"]) - full0 - a.warmup
-        r["pids"] = {"master": edge.pid, "workers": ready["workers_pids"]}
+        for key, alpn in (("edge", "http/1.1"), ("edge_h2", "h2,http/1.1")):
+            if key == "edge_h2" and not a.h2_row:
+                continue
+            full0 = self.edge_full(ready["admin"])
+            r = self.measured_load(f"p1.{key}", ready["port"], pids, n=a.n, seconds=a.max_s,
+                                   procs=a.procs, threads=a.threads, sources=sources, alpn=alpn,
+                                   admin=ready["admin"])
+            r["edge_full_handshakes"] = self.edge_full(ready["admin"]) - full0 - a.warmup
+            r["pids"] = {"master": edge.pid, "workers": ready["workers_pids"]}
+            res[key] = r
+            self.note(f"    keyless edge (ALPN {alpn}): {r['ok']} ok, cpu {r['cpu_s']:.3f} s "
+                      f"({r['cpu_by_pid']}), key server {r['ks_cpu_s']:.3f} s for "
+                      f"{r['ks_signatures']:.0f} signatures, errors {r['errors']}")
         edge.stop()
-        res["edge"] = r
-        self.note(f"    keyless edge: {r['ok']} ok, cpu {r['cpu_s']:.3f} s "
-                  f"({r['cpu_by_pid']}), key server {r['ks_cpu_s']:.3f} s for "
-                  f"{r['ks_signatures']:.0f} signatures, errors {r['errors']}")
+        core = Proc("p1.core", [PY, str(HERE / "kbench.py"), "core", "--n", str(a.n),
+                                "--cert", str(self.pki["site_cert"]),
+                                "--key", str(self.pki["site_key"]),
+                                "--cafile", str(self.pki["site_ca"])], self.out)
+        core.proc.wait(120)
+        core.stop()
+        res["core"] = json.loads(core.stdout_path.read_text().splitlines()[-1])
+        self.note(f"    sans-IO core alone: {res['core']['us']:.0f} µs per handshake")
         self.r["part1"] = res
 
     # ---------------------------------------------------------------- part 2
@@ -681,11 +828,11 @@ class Bench:
         for i in range(1, 4000):
             ip = str(ipaddress.ip_address("127.0.10.0") + i)
             w = steer_index(ip, a.workers)
-            if len(per[w]) < 32 // a.workers + 1:
+            if len(per[w]) < a.concurrency // a.workers + 1:
                 per[w].append(ip)
-            if all(len(v) >= 32 // a.workers + 1 for v in per.values()):
+            if all(len(v) >= a.concurrency // a.workers + 1 for v in per.values()):
                 break
-        sources = [ip for grp in zip(*per.values()) for ip in grp]
+        sources = [ip for grp in zip(*per.values(), strict=True) for ip in grp]
         res: dict[str, Any] = {"sources": len(sources), "workers": a.workers}
         for label, delay in (("no_delay", 0.0), ("delay", a.delay_ms)):
             self.check_time(a.seconds + 60)
@@ -705,7 +852,8 @@ class Bench:
             threads = max(1, a.concurrency // procs)
             r = self.measured_load(f"p2.{label}", ready["port"], pids, n=1_000_000,
                                    seconds=a.seconds, procs=procs, threads=threads,
-                                   sources=sources)
+                                   sources=sources, admin=ready["admin"],
+                                   extra_pids=(relay.pid,) if relay else ())
             r["delay_ms"] = delay
             r["rate"] = r["ok"] / r["elapsed_s"]
             r["clients"] = procs * threads
@@ -734,24 +882,29 @@ class Bench:
         warm.stop()
         time.sleep(0.3)
         k0, s0 = cpu_s(self.ks.pid), self.ks_signed()
+        m0, t0 = busy_s(), time.monotonic()
         cmd[-1] = str(a.sign_seconds)
         load = Proc("p3.signload", cmd, self.out)
         load.proc.wait(a.sign_seconds + 30)
         time.sleep(0.1)
         k1, s1 = cpu_s(self.ks.pid), self.ks_signed()
+        m1, wall = busy_s(), time.monotonic() - t0
         load.stop()
         r = json.loads(load.stdout_path.read_text().splitlines()[-1])
         r["ks_cpu_s"] = k1 - k0
         r["ks_signatures"] = s1 - s0
-        r["load_cpu_s"] = 0.0
+        r["other_cores"] = max(0.0, m1 - m0 - r["ks_cpu_s"] - r["cpu_s"]) / wall
         self.note(f"    {r['ok']} signatures in {r['elapsed_s']:.2f} s, key server cpu "
                   f"{r['ks_cpu_s']:.2f} s, errors {r['error_kinds']}")
+        m0, t0 = busy_s(), time.monotonic()
         raw = Proc("p3.rawsign", [PY, str(HERE / "kbench.py"), "rawsign", "--key",
                                   str(self.pki["site_key"]), "--seconds", str(a.raw_seconds)],
                    self.out)
         raw.proc.wait(a.raw_seconds + 30)
         raw.stop()
         r["raw"] = json.loads(raw.stdout_path.read_text().splitlines()[-1])
+        r["raw"]["other_cores"] = max(0.0, busy_s() - m0 - r["raw"]["cpu_s"] - 0.1) / (
+            time.monotonic() - t0)  # 0.1 s: the interpreter's start
         self.note(f"    raw cryptography sign(): {r['raw']['n']} in {r['raw']['cpu_s']:.2f} "
                   "CPU-s")
         self.r["part3"] = r
@@ -762,8 +915,8 @@ class Bench:
         self.note(f"results: {self.out}")
         self.pki = make_pki(self.out / "pki")
         self.dead_port = free_port()  # the route's origin: nothing listens (never used)
-        self.start_keyserver()
         try:
+            self.start_keyserver()
             if "1" in a.parts:
                 self.part1()
             if "2" in a.parts:
@@ -771,8 +924,8 @@ class Bench:
             if "3" in a.parts:
                 self.part3()
         finally:
-            self.ks.stop()
             Proc.stop_all()
+            self.r["args"] = dict(vars(a))
             (self.out / "results.json").write_text(json.dumps(self.r, indent=1, default=str))
         report = self.report()
         (self.out / "report.txt").write_text(report)
@@ -787,78 +940,116 @@ class Bench:
         L.append(f"# bench/keyless  ({env})")
         L.append(f"command: {' '.join(a.argv)}")
         L.append("")
+
+        def us(r: dict[str, Any], key: str = "cpu_s") -> float:
+            return float(r[key]) / max(1, r["ok"]) * 1e6
+
         if "part1" in self.r:
             p = self.r["part1"]
             e = p["edge"]
-            b = p["baseline_asyncio"]
-            us = lambda r: r["cpu_s"] / max(1, r["ok"]) * 1e6  # noqa: E731
-            L.append(f"1. CPU per full TLS 1.3 handshake (N={a.n}, {a.procs}x{a.threads} "
-                     "client threads from 127.0.0.1, SNI example.test, handshake then "
-                     "close_notify; no request; no resumption)")
-            L.append(f"   {'server':<44} {'ok':>6} {'CPU s':>7} {'µs/hs':>8} {'ratio':>7}")
-            base = us(b)
-            rows = [("baseline: asyncio + ssl (OpenSSL)", b)]
+            base = us(p["baseline_asyncio"])
+            L.append(f"1. CPU per full TLS 1.3 handshake: N={a.n} per server, {a.procs}x"
+                     f"{a.threads} client threads (blocking ssl) from 127.0.0.1, SNI "
+                     f"{SNI}, ALPN http/1.1,")
+            L.append("   handshake then close_notify both ways, no HTTP request, no "
+                     "resumption (no session reused; one ticket issued by every server)")
+            L.append(f"   {'server (CPU of its processes)':<46} {'ok':>5} {'CPU s':>6} "
+                     f"{'µs/hs':>6} {'ratio':>6} {'client µs/hs':>12} {'other':>5}")
+            rows = [("baseline: asyncio + ssl (OpenSSL)", p["baseline_asyncio"])]
             if "baseline_threads" in p:
                 rows.append(("baseline: threads + ssl (OpenSSL)", p["baseline_threads"]))
-            rows.append(("keyless edge, workers=1 (master+worker)", e))
+            rows.append(("keyless edge, workers=1 (master + worker)", e))
+            if "edge_h2" in p:
+                rows.append(("  same, clients offer h2 (edge sends SETTINGS)", p["edge_h2"]))
             for name, r in rows:
-                L.append(f"   {name:<44} {r['ok']:>6} {r['cpu_s']:>7.2f} {us(r):>8.0f} "
-                         f"{us(r) / base:>6.2f}x")
+                L.append(f"   {name:<46} {r['ok']:>5} {r['cpu_s']:>6.2f} {us(r):>6.0f} "
+                         f"{us(r) / base:>5.2f}x {us(r, 'client_cpu_s'):>12.0f} "
+                         f"{r['other_cores']:>5.2f}")
+            if "core" in p:
+                c = p["core"]
+                ph = "/".join(str(x) for x in c["phases_us"])
+                L.append(f"   {'  of which TlsServer core, no I/O (in-process)':<46} "
+                         f"{c['n']:>5} {'':>6} {c['us']:>6.0f} {c['us'] / base:>5.2f}x  "
+                         f"(hello/flight/finished {ph} µs)")
             ks_us = e["ks_cpu_s"] / max(1, e["ks_signatures"]) * 1e6
-            L.append(f"   {'key server, per signature':<44} {e['ks_signatures']:>6.0f} "
-                     f"{e['ks_cpu_s']:>7.2f} {ks_us:>8.0f}")
-            L.append(f"   goal keyless edge <= 1.3x baseline: ratio {us(e) / base:.2f}x -> "
-                     f"{'MET' if us(e) / base <= 1.3 else 'NOT MET'};  edge+key server "
+            L.append(f"   {'key server, per signature (edge run)':<46} "
+                     f"{e['ks_signatures']:>5.0f} {e['ks_cpu_s']:>6.2f} {ks_us:>6.0f}")
+            ratio = us(e) / base
+            L.append(f"   goal keyless edge <= 1.3x asyncio baseline: {ratio:.2f}x -> "
+                     f"{'MET' if ratio <= 1.3 else 'NOT MET'};  edge + key server: "
                      f"{(us(e) + ks_us) / base:.2f}x")
-            errs = {k: r["errors"] for k, r in p.items() if r["errors"]}
+            loads = {k: r for k, r in p.items() if "errors" in r}
+            errs = {k: r["errors"] for k, r in loads.items() if r["errors"]}
             L.append(f"   edge counted {e['edge_full_handshakes']:.0f} full handshakes; client "
-                     f"resumptions {sum(r['reused'] for r in p.values())}; errors {errs or 0}")
-            L.append("   (route: sni example.test + default = true; without SNI a keyless "
-                     "route needs default = true)")
+                     f"resumptions {sum(r['reused'] for r in loads.values())}; errors "
+                     f"{errs or 0}")
+            L.append("   (the keyless route has sni = example.test and default = true: without "
+                     "SNI, e.g. openssl s_time, a keyless route needs default = true)")
             L.append("")
         if "part2" in self.r:
             p = self.r["part2"]
-            L.append(f"2. Full handshakes/s, {a.concurrency} concurrent clients "
-                     f"({p['sources']} loopback source addresses), {a.seconds:g} s, edge "
-                     f"workers = {p['workers']}")
-            L.append(f"   {'key server':<34} {'hs/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
-                     f"{'edge CPU':>9} {'errors':>7}")
+            L.append(f"2. Full handshakes/s: {a.concurrency} concurrent clients "
+                     f"({p['sources']} loopback source addresses, spread over the workers), "
+                     f"{a.seconds:g} s, edge workers = {p['workers']}")
+            L.append(f"   {'key server':<24} {'hs/s':>6} {'p50 ms':>7} {'p99 ms':>7} "
+                     f"{'sign ms':>7} {'edge cores':>10} {'hs/edge-CPU-s':>13} "
+                     f"{'client cores':>12} {'other':>5} {'errors':>6}")
             for label in ("no_delay", "delay"):
                 if label not in p:
                     continue
                 r = p[label]
-                name = (f"+{r['delay_ms']:g} ms {'each way' if a.delay_both else 'to key server'}"
+                name = (f"+{r['delay_ms']:g} ms {'each way' if a.delay_both else 'towards it'}"
                         if r["delay_ms"] else "direct (loopback)")
                 cores = r["cpu_s"] / r["measure_wall_s"]
-                L.append(f"   {name:<34} {r['rate']:>7.0f} {r['lat_p50_ms']:>7.1f} "
-                         f"{r['lat_p99_ms']:>7.1f} {cores:>6.2f} c {sum(r['errors'].values()):>7}")
+                L.append(f"   {name:<24} {r['rate']:>6.0f} {r['lat_p50_ms']:>7.1f} "
+                         f"{r['lat_p99_ms']:>7.1f} {r['sign_mean_ms'] or 0:>7.1f} {cores:>10.2f} "
+                         f"{r['ok'] / r['cpu_s']:>13.0f} "
+                         f"{r['client_cpu_s'] / r['elapsed_s']:>12.2f} "
+                         f"{r['other_cores']:>5.2f} {sum(r['errors'].values()):>6}")
             if "delay" in p:
                 rate = p["delay"]["rate"]
                 L.append(f"   goal >= 700/s with the delay: {rate:.0f}/s -> "
                          f"{'MET' if rate >= 700 else 'NOT MET'}"
-                         + (f" (delayed/direct {rate / p['no_delay']['rate']:.2f})"
+                         + (f" (delayed / direct = {rate / p['no_delay']['rate']:.2f})"
                             if "no_delay" in p else ""))
-            L.append("   (clients, edge master+workers, key server and relay share the "
-                     f"{os.cpu_count()} CPUs; 'edge CPU' = cores used by the edge)")
+            L.append(f"   (clients, edge, key server and relay share the {os.cpu_count()} "
+                     "CPUs; p50/p99: client handshake time; sign ms: the edge's mean wait for a "
+                     "signature;")
+            L.append("    hs/edge-CPU-s: handshakes per CPU-second of the edge = what one fully "
+                     "used edge core would do)")
             L.append("")
         if "part3" in self.r:
             r = self.r["part3"]
             raw = r["raw"]
             raw_rate = raw["n"] / raw["cpu_s"]
             per_core = r["ks_signatures"] / r["ks_cpu_s"] if r["ks_cpu_s"] else 0.0
-            L.append(f"3. ECDSA P-256 signatures, {a.inflight} requests in flight on one mTLS "
+            L.append(f"3. ECDSA P-256 signatures: {a.inflight} requests in flight on one mTLS "
                      f"connection, {a.sign_seconds:g} s")
-            L.append(f"   {'':<44} {'sig/s':>8} {'per core':>9} {'ratio':>7}")
-            L.append(f"   {'raw cryptography sign() (1 thread)':<44} "
-                     f"{raw['n'] / raw['wall_s']:>8.0f} {raw_rate:>9.0f} {1:>6.2f}x")
-            L.append(f"   {'key server (audit log on)':<44} {r['ok'] / r['elapsed_s']:>8.0f} "
-                     f"{per_core:>9.0f} {per_core / raw_rate:>6.2f}x")
+            L.append(f"   {'':<46} {'sig/s':>8} {'per core':>9} {'ratio':>6}")
+            L.append(f"   {'raw cryptography sign(), 1 thread (baseline)':<46} "
+                     f"{raw['n'] / raw['wall_s']:>8.0f} {raw_rate:>9.0f} {1:>5.2f}x")
+            L.append(f"   {'key server (authorise, sign, audit log)':<46} "
+                     f"{r['ok'] / r['elapsed_s']:>8.0f} {per_core:>9.0f} "
+                     f"{per_core / raw_rate:>5.2f}x")
             L.append(f"   key server CPU {r['ks_cpu_s']:.2f} s for {r['ks_signatures']:.0f} "
                      f"signatures = {r['ks_cpu_s'] / max(1, r['ks_signatures']) * 1e6:.0f} "
-                     f"µs each; errors {r['error_kinds'] or 0}")
+                     f"µs each (raw sign {1e6 / raw_rate:.0f} µs); errors "
+                     f"{r['error_kinds'] or 0}")
             L.append(f"   goal >= 10,000/s per core: {per_core:.0f} -> "
-                     f"{'MET' if per_core >= 10000 else 'NOT MET'}")
+                     f"{'MET' if per_core >= 10000 else 'NOT MET'};  other load: "
+                     f"{r['other_cores']:.2f} cores (key server run), "
+                     f"{raw.get('other_cores', 0):.2f} (raw sign run)")
             L.append("")
+        others = [r.get("other_cores", 0.0) for part in ("part1", "part2")
+                  for r in self.r.get(part, {}).values() if isinstance(r, dict)]
+        if "part3" in self.r:
+            others += [self.r["part3"]["other_cores"], self.r["part3"]["raw"]["other_cores"]]
+        if others and max(others) > 0.15:
+            L.append(f"WARNING: other processes used up to {max(others):.2f} cores during a "
+                     "measurement ('other' columns): the machine was not quiet, numbers are "
+                     "disturbed.")
+        L.append("'other' = cores busy on the machine beyond the processes this benchmark "
+                 "measured (another workload, or unaccounted kernel work).")
         L.append(f"raw outputs: {self.out}")
         return "\n".join(L) + "\n"
 
@@ -888,6 +1079,8 @@ def main(argv: list[str]) -> int:
     r.add_argument("--threads", type=int, default=8, help="part 1: threads per client process")
     r.add_argument("--warmup", type=int, default=100, help="handshakes before each measurement")
     r.add_argument("--no-threaded-baseline", dest="threaded_baseline", action="store_false")
+    r.add_argument("--no-h2-row", dest="h2_row", action="store_false",
+                   help="part 1: skip the extra edge run whose clients offer h2")
     r.add_argument("--log-connections", action="store_true",
                    help="keep the edge's per-connection log line (off: measure TLS only)")
     r.add_argument("--seconds", type=float, default=10.0, help="part 2: load duration")
@@ -912,6 +1105,7 @@ def main(argv: list[str]) -> int:
     c.add_argument("--threads", type=int, default=8)
     c.add_argument("--sources", default="127.0.0.1")
     c.add_argument("--timeout", type=float, default=10.0)
+    c.add_argument("--alpn", default="http/1.1", help="comma-separated ALPN offer; '' = none")
 
     b = sub.add_parser("baseline")
     b.add_argument("--kind", choices=("asyncio", "threads"), default="asyncio")
@@ -932,6 +1126,16 @@ def main(argv: list[str]) -> int:
     s.add_argument("--cert-sha256", required=True)
     s.add_argument("--inflight", type=int, default=256)
     s.add_argument("--seconds", type=float, default=8.0)
+
+    rp = sub.add_parser("report", help="print the table again from a results directory")
+    rp.add_argument("dir", type=Path)
+
+    co = sub.add_parser("core")
+    co.add_argument("--n", type=int, default=2000)
+    co.add_argument("--cert", required=True)
+    co.add_argument("--key", required=True)
+    co.add_argument("--cafile", required=True)
+    co.add_argument("--profile", type=int, default=0, help="print the top N of a cProfile")
 
     w = sub.add_parser("rawsign")
     w.add_argument("--key", required=True)
@@ -954,8 +1158,15 @@ def main(argv: list[str]) -> int:
             return 130
         finally:
             Proc.stop_all()
+    if a.cmd == "report":
+        r = json.loads((a.dir / "results.json").read_text())
+        b = Bench.__new__(Bench)
+        b.a = argparse.Namespace(**r.pop("args"))
+        b.out, b.r = a.dir, r
+        print(b.report(), end="")
+        return 0
     return {"client": client_main, "baseline": baseline_main, "relay": relay_main,
-            "signload": signload_main, "rawsign": rawsign_main}[a.cmd](a)
+            "signload": signload_main, "rawsign": rawsign_main, "core": core_main}[a.cmd](a)
 
 
 if __name__ == "__main__":
