@@ -625,8 +625,8 @@ def core_main(a: argparse.Namespace) -> int:
         hello = outb.read()
 
         def first(hello: bytes = hello) -> tuple[Any, list[Any]]:
-            peek_client_hello(hello)  # the edge's reactor parses it first (SNI, JA4, route)
-            srv = ts.TlsServer(identity, settings, sessions, SNI)
+            # the edge's reactor parses it first (SNI, JA4, route) and hands it over
+            srv = ts.TlsServer(identity, settings, sessions, SNI, peek_client_hello(hello))
             return srv, srv.receive(hello, 0.0)
 
         srv, events = timed(i, 0, first)

@@ -15,6 +15,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 
 BODY = b"hello from the python-ssl baseline\n"
 RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: "
@@ -33,29 +34,42 @@ def context(cert: str, key: str) -> ssl.SSLContext:
     return ctx
 
 
+def linger_close(sock: socket.socket) -> None:
+    """Close like a real server: FIN after what was sent (an alert, say), then read what the
+    client still sends until it closes, so that unread bytes do not turn the close into a reset
+    that can destroy the alert before the client reads it."""
+    try:
+        sock.shutdown(socket.SHUT_WR)  # an SSLSocket drops its TLS state here: plain reads
+        sock.settimeout(1.0)
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline and sock.recv(65536):
+            pass
+    except (OSError, ValueError):
+        pass
+    finally:
+        sock.close()
+
+
 def serve_one(raw: socket.socket, ctx: ssl.SSLContext) -> None:
     raw.settimeout(TIMEOUT_S)
+    sock: socket.socket = raw
     try:
-        with ctx.wrap_socket(raw, server_side=True) as tls:
-            head = b""
-            while b"\r\n\r\n" not in head and len(head) < MAX_HEAD:
-                chunk = tls.recv(65536)
-                if not chunk:  # close_notify (or EOF): answer nothing
-                    break
-                head += chunk
-            else:
-                tls.sendall(RESPONSE)
-            try:
-                tls.unwrap()  # our close_notify
-            except (OSError, ssl.SSLError):
-                pass
+        tls = ctx.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+        sock = tls
+        tls.do_handshake()
+        head = b""
+        while b"\r\n\r\n" not in head and len(head) < MAX_HEAD:
+            chunk = tls.recv(65536)
+            if not chunk:  # close_notify (or EOF): answer nothing
+                break
+            head += chunk
+        else:
+            tls.sendall(RESPONSE)
+        tls.unwrap()  # our close_notify (and the client's, when it sends one)
     except (OSError, ssl.SSLError, ValueError):
         pass
     finally:
-        try:
-            raw.close()
-        except OSError:
-            pass
+        linger_close(sock)
 
 
 def main() -> int:

@@ -14,6 +14,8 @@ Every process is started here and stopped here by its PID.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import signal
@@ -30,8 +32,7 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 
 from blindfold import pki  # noqa: E402
-from tests.helpers.edgeproc import (  # noqa: E402
-    BlindfoldProcess, EdgeProcess, OriginProcess, edge_config, route)
+from tests.helpers.edgeproc import BlindfoldProcess, EdgeProcess, OriginProcess, edge_config, route  # noqa: E402
 from tests.helpers.keyless import KeyServerProcess, keyserver_config, make_pki  # noqa: E402
 from tests.helpers.topology import origin_config  # noqa: E402
 
@@ -53,8 +54,11 @@ class Target:
         """Keyless fallback and handshake counters, e.g. 'fallbacks/needs_hello_retry'."""
         if not self.admin:
             return {}
-        with urllib.request.urlopen(f"http://{self.admin}/metrics", timeout=10) as resp:
-            text = resp.read().decode()
+        try:
+            with urllib.request.urlopen(f"http://{self.admin}/metrics", timeout=10) as resp:
+                text = resp.read().decode()
+        except OSError:  # the edge is gone (stopped by an interrupt)
+            return {}
         out: dict[str, float] = {}
         for line in text.splitlines():
             m = METRIC_RE.match(line)
@@ -70,6 +74,7 @@ class Target:
 class Topology:
     workdir: Path
     workers: int = 1
+    max_hello_bytes: int = 65536
     targets: dict[str, Target] = field(default_factory=dict)
     _procs: list[BlindfoldProcess] = field(default_factory=list)
     _baselines: list[subprocess.Popen[bytes]] = field(default_factory=list)
@@ -79,8 +84,17 @@ class Topology:
         from blindfold.demo.app import DemoApp
 
         self.workdir.mkdir(parents=True, exist_ok=True)
-        ca = pki.make_ca("blindfold tlsfuzzer throwaway CA")
-        kpki = make_pki(self.workdir, ca)
+        ca = pki.make_ca("blindfold tlsfuzzer throwaway CA")  # ECDSA P-256
+        with contextlib.redirect_stdout(io.StringIO()):  # `blindfold pki` prints its files
+            kpki = make_pki(self.workdir, ca)
+        # The RSA site certificate is signed by an RSA CA, so that a chain signed only with RSA
+        # exists: most tlsfuzzer scripts send signature_algorithms_cert with RSA schemes only,
+        # and OpenSSL refuses (handshake_failure) a chain it cannot match with it.
+        rsa_ca = pki.make_ca("blindfold tlsfuzzer throwaway RSA CA", kind="rsa2048")
+        rsa_cert, rsa_key, _fp = kpki.sites["rsa"]
+        pki.issue(rsa_ca, ["rsa.test", "*.rsa.test"], kind="rsa2048").write(rsa_cert, rsa_key)
+        cas = self.workdir / "site-cas.pem"
+        cas.write_bytes(ca.cert_pem() + rsa_ca.cert_pem())
         hosts = [h for _site, patterns, _n in KEY_TYPES.values() for h in patterns]
         ks = KeyServerProcess(keyserver_config(kpki, {"edge1": hosts}), self.workdir, name="ks")
         self._procs.append(ks)
@@ -93,14 +107,15 @@ class Topology:
                 self.workdir, name=f"origin-{key}")
             self._procs.append(origin)
             text = route(patterns, [f"127.0.0.1:{origin.port}"], mode="keyless",
-                         certificate=str(cert), proxy_protocol="v2", origin_ca=str(kpki.site_ca),
+                         certificate=str(cert), proxy_protocol="v2", origin_ca=str(cas),
                          origin_server_name=origin_name, default=True,
                          keyserver={"addresses": [f"127.0.0.1:{ks.port}"],
                                     "client_cert": str(kpki.dir / "edge1.pem"),
                                     "client_key": str(kpki.dir / "edge1.key"),
                                     "ca": str(kpki.edge_ca), "server_name": "keyserver.test"})
             edge = EdgeProcess(edge_config(text, per_ip_rate_per_s=0, workers=self.workers,
-                                           per_ip_concurrent=10_000, max_connections=20_000),
+                                           per_ip_concurrent=10_000, max_connections=20_000,
+                                           max_hello_bytes=self.max_hello_bytes),
                                self.workdir, name=f"edge-{key}")
             self._procs.append(edge)
             self.targets[f"keyless-{key}"] = Target(f"keyless-{key}", "keyless", key,

@@ -44,6 +44,7 @@ from blindfold.errors import ProtocolError
 # RFC 8446 §4 handshake types and §4.2 extensions used here
 HS_CLIENT_HELLO = 1
 HS_NEW_SESSION_TICKET = 4
+HS_FINISHED = 20
 HS_KEY_UPDATE = 24
 EXT_SERVER_NAME = 0
 EXT_ALPN = 16
@@ -169,15 +170,16 @@ class ServerIdentity:
     schemes: tuple[int, ...]
     certificate_sha256: bytes
     chain_der_len: int
+    ders: tuple[bytes, ...]
 
     @classmethod
     def from_pem(cls, pem: bytes) -> ServerIdentity:
         chain = tuple(x509.load_pem_x509_certificates(pem))
         if not chain:
             raise ValueError("no certificate in the file")
-        ders = [c.public_bytes(Encoding.DER) for c in chain]
+        ders = tuple(c.public_bytes(Encoding.DER) for c in chain)
         return cls(chain, schemes_for_certificate(chain[0]), hashlib.sha256(ders[0]).digest(),
-                   sum(len(d) for d in ders))
+                   sum(len(d) for d in ders), ders)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +194,8 @@ def fallback_reason(hello: ClientHello, schemes: tuple[int, ...]) -> str | None:
     be passed through to the origin instead), or None if it can."""
     if TLS13 not in hello.supported_versions:
         return "tls12_only"
+    if hello.legacy_version != 0x0303:
+        return "odd_legacy_version"  # aioquic insists on 0x0303; OpenSSL at the origin does not
     if not set(hello.cipher_suites) & set(CIPHER_SUITES):
         return "no_tls13_cipher"
     if not set(hello.key_share_groups) & SERVER_GROUPS:
@@ -202,6 +206,93 @@ def fallback_reason(hello: ClientHello, schemes: tuple[int, ...]) -> str | None:
 
 
 # ------------------------------------------------------------------------------ aioquic glue
+# aioquic builds and parses every length-prefixed block through @contextmanager generators
+# (about 50 per handshake); generator-based context managers cost ~3 µs each, a third of the
+# handshake's Python time beyond the crypto. These classes do exactly what aioquic 1.2.0's
+# pull_block/push_block/push_extension/push_message do (same checks, same alert), without the
+# generator. They replace aioquic.tls's module globals once, at import: aioquic is pinned, and
+# tests/unit/test_tls13_server.py runs full handshakes through them against OpenSSL.
+class _PullBlock:
+    __slots__ = ("buf", "end", "length")
+
+    def __init__(self, buf: Buffer, capacity: int) -> None:
+        self.buf = buf
+        self.length = int.from_bytes(buf.pull_bytes(capacity), "big")
+        self.end = buf.tell() + self.length
+
+    def __enter__(self) -> int:
+        return self.length
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None and self.buf.tell() != self.end:
+            raise qtls.AlertDecodeError("extra bytes at the end of a block")
+
+
+class _PushBlock:
+    __slots__ = ("buf", "capacity", "start")
+
+    def __init__(self, buf: Buffer, capacity: int) -> None:
+        self.buf = buf
+        self.capacity = capacity
+        self.start = buf.tell() + capacity
+        buf.seek(self.start)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is not None:
+            return
+        buf = self.buf
+        end = buf.tell()
+        buf.seek(self.start - self.capacity)
+        buf.push_bytes((end - self.start).to_bytes(self.capacity, "big"))
+        buf.seek(end)
+
+
+class _PushExtension(_PushBlock):
+    __slots__ = ()
+
+    def __init__(self, buf: Buffer, extension_type: int) -> None:
+        buf.push_uint16(extension_type)
+        super().__init__(buf, 2)
+
+
+class _PushMessage:
+    __slots__ = ("buf", "key_schedule", "start")
+
+    def __init__(self, key_schedule: Any, buf: Buffer) -> None:
+        self.key_schedule = key_schedule
+        self.buf = buf
+        self.start = buf.tell()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.key_schedule.update_hash(self.buf.data_slice(self.start, self.buf.tell()))
+
+
+qtls.pull_block = _PullBlock  # type: ignore[assignment]
+qtls.push_block = _PushBlock  # type: ignore[assignment]
+qtls.push_extension = _PushExtension  # type: ignore[assignment]
+qtls.push_message = _PushMessage  # type: ignore[assignment]
+
+
+class _CertificateDer:
+    """What aioquic needs of our certificate: its DER, which it would re-encode on every
+    handshake (`public_bytes`) if given the x509 object."""
+
+    __slots__ = ("der",)
+
+    def __init__(self, der: bytes) -> None:
+        self.der = der
+
+    def public_bytes(self, _encoding: object) -> bytes:
+        return self.der
+
+
 class _ConstantTimeBytes(bytes):
     """Verify data whose comparisons take the same time wherever they differ. aioquic compares
     Finished and PSK binders with `!=`; with this subclass on the right of that operator,
@@ -241,6 +332,36 @@ class _RemoteKey:
         return result
 
 
+class _Failed:
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_DONE = object()
+_POOL: list[greenlet] = []  # idle handshake greenlets: creating one costs more than using it
+
+
+def _run_jobs() -> None:
+    """A reusable handshake greenlet: runs `fn(arg)` jobs switched in by the event-loop side,
+    reporting _DONE or _Failed; `_RemoteKey.sign` switches out in the middle of one."""
+    outcome: object = None
+    while True:
+        job = greenlet.getcurrent().parent.switch(outcome)  # type: ignore[union-attr]
+        try:
+            fn, arg = job
+            fn(arg)
+            outcome = _DONE
+        except BaseException as exc:
+            outcome = _Failed(exc)
+
+
+def _release(g: greenlet) -> None:
+    if not g.dead and len(_POOL) < 64:
+        _POOL.append(g)
+
+
 class _Context(qtls.Context):
     """aioquic's server state machine with our key stand-in and constant-time verify data."""
 
@@ -273,7 +394,17 @@ def _scheme_of(identity: ServerIdentity, params: tuple[Any, ...]) -> int:
     return 0x0805 if getattr(algorithm, "name", "") == "sha384" else 0x0804
 
 
-_ALERT_FOR_EXCEPTION = ((BufferReadError, rl.A_DECODE_ERROR), (ValueError, rl.A_ILLEGAL_PARAMETER))
+# aioquic assumes well-formed peers in places (a ClientHello without key_share makes it iterate
+# None); whatever it raises on peer data becomes an alert here, never an exception upwards.
+_ALERT_FOR_EXCEPTION = ((BufferReadError, rl.A_DECODE_ERROR), (ValueError, rl.A_ILLEGAL_PARAMETER),
+                        (TypeError, rl.A_MISSING_EXTENSION))
+_PEER_DATA_ERRORS = (ValueError, KeyError, AssertionError, TypeError, AttributeError, IndexError)
+
+
+def _peer_data_error(reason: str, exc: Exception) -> ProtocolError:
+    alert = next((a for cls, a in _ALERT_FOR_EXCEPTION if isinstance(exc, cls)),
+                 rl.A_HANDSHAKE_FAILURE)
+    return rl.protocol_error(reason, alert, str(exc) or type(exc).__name__)
 
 
 # ------------------------------------------------------------------------------ the connection
@@ -282,8 +413,10 @@ class TlsServer:
     -> closed."""
 
     def __init__(self, identity: ServerIdentity, settings: TlsSettings, sessions: SessionStore,
-                 server_name: str) -> None:
+                 server_name: str, hello: ClientHello | None = None) -> None:
+        """`hello`: the ClientHello as the edge already parsed it (saves parsing it again)."""
         self.identity = identity
+        self._peeked = hello
         self.settings = settings
         self.sessions = sessions
         self.server_name = server_name
@@ -349,6 +482,7 @@ class TlsServer:
         g, self._greenlet = self._greenlet, None
         if g is not None and not g.dead:
             g.throw()  # GreenletExit unwinds aioquic's suspended frames now
+            _release(g)
         return [self._fail(ProtocolError(reason, detail, alert=rl.A_INTERNAL_ERROR))]
 
     def send(self, data: bytes | bytearray | memoryview) -> None:
@@ -376,8 +510,11 @@ class TlsServer:
     # ---------------------------------------------------------------- records
     def _records(self, records: list[rl.Record]) -> list[Event]:
         events: list[Event] = []
-        for record in records:
+        for i, record in enumerate(records):
             if self.state == "closed":
+                break
+            if self.state == "signing":  # the rest waits for the signature and our flight
+                self._pending_records.extend(records[i:])
                 break
             if record.type == rl.CHANGE_CIPHER_SPEC:
                 self._change_cipher_spec(record)
@@ -394,6 +531,13 @@ class TlsServer:
                     raise rl.protocol_error("unexpected_record", rl.A_UNEXPECTED_MESSAGE,
                                             f"type {record.type} before the ClientHello")
                 events.extend(self._client_hello_bytes(record.payload))
+                continue
+            if (record.type == rl.ALERT and self.state == "handshake"
+                    and len(record.payload) == 2):
+                # a client that could not process our ServerHello has no keys to encrypt with
+                event = self._peer_alert(record.payload)
+                if event is not None:
+                    events.append(event)
                 continue
             try:
                 ctype, content = self._read.open(record)
@@ -442,6 +586,8 @@ class TlsServer:
         return True
 
     def _peer_alert(self, content: bytes) -> Event | None:
+        if not content:  # §5.1: zero-length fragments of alerts are not allowed
+            raise rl.protocol_error("empty_alert", rl.A_UNEXPECTED_MESSAGE)
         if len(content) != 2:  # §5.1: exactly one alert per record
             raise rl.protocol_error("bad_alert", rl.A_DECODE_ERROR, f"{len(content)} bytes")
         description = content[1]
@@ -477,7 +623,14 @@ class TlsServer:
         return self._start_handshake(hello)
 
     def _start_handshake(self, message: bytes) -> list[Event]:
-        info = _hello_extensions(message)
+        if len(message) >= 6 and int.from_bytes(message[4:6], "big") < 0x0303:
+            # RFC 8446 §D.5 (legacy_version 0x0300 and below), and TLS 1.0/1.1 likewise here
+            raise rl.protocol_error("old_legacy_version", rl.A_PROTOCOL_VERSION)
+        peeked = self._peeked
+        if peeked is not None and peeked.message == message:
+            info = _info_from_peek(peeked)
+        else:
+            info = _hello_extensions(message)
         self._offers_tickets = PSK_DHE_KE in info.psk_modes
         self._early_data_offered = info.early_data
         if info.has_alpn and self.settings.alpn and not set(info.alpn) & set(self.settings.alpn):
@@ -490,8 +643,9 @@ class TlsServer:
         ctx = _Context(self.identity.schemes,
                        list(self.settings.alpn) if info.has_alpn and self.settings.alpn else None,
                        suites)
-        ctx.certificate = self.identity.chain[0]
-        ctx.certificate_chain = list(self.identity.chain[1:])
+        ders = [_CertificateDer(d) for d in self.identity.ders]
+        ctx.certificate = ders[0]  # type: ignore[assignment]
+        ctx.certificate_chain = ders[1:]  # type: ignore[assignment]
         ctx.certificate_private_key = _RemoteKey()  # type: ignore[assignment]
         if info.has_sni:
             ctx.handshake_extensions = [(EXT_SERVER_NAME, b"")]  # RFC 6066 §3 acknowledgement
@@ -505,28 +659,31 @@ class TlsServer:
                       qtls.Epoch.HANDSHAKE: Buffer(capacity=capacity),
                       qtls.Epoch.ONE_RTT: Buffer(capacity=4096)}
         self._legacy_session_id = info.legacy_session_id
-        self._greenlet = greenlet(self._run_hello)
+        self._greenlet = _POOL.pop() if _POOL else greenlet(_run_jobs)
+        if not self._greenlet:  # a new one: run it to its first wait
+            self._greenlet.switch()
         self.state = "signing"
-        return self._resume(message)
+        return self._resume((self._run_hello, message))
 
     def _run_hello(self, message: bytes) -> None:
         assert self._ctx is not None
         self._ctx.handle_message(message, self._bufs)
 
-    def _resume(self, value: bytes) -> list[Event]:
+    def _resume(self, value: object) -> list[Event]:
         g = self._greenlet
         assert g is not None
         try:
             try:
                 result = g.switch(value)
+                if isinstance(result, _Failed):
+                    self._greenlet = None
+                    _release(g)
+                    raise result.exc
             except qtls.Alert as exc:
                 raise rl.protocol_error(type(exc).__name__, int(exc.description),
                                         str(exc)) from None
-            except (ValueError, KeyError, AssertionError) as exc:
-                alert = next((a for cls, a in _ALERT_FOR_EXCEPTION if isinstance(exc, cls)),
-                             rl.A_HANDSHAKE_FAILURE)
-                raise rl.protocol_error("bad_hello", alert, str(exc) or type(exc).__name__) \
-                    from None
+            except _PEER_DATA_ERRORS as exc:
+                raise _peer_data_error("bad_hello", exc) from None
             if isinstance(result, _SignCall):
                 data = result.data
                 if not data.startswith(_CV_PREFIX):
@@ -535,6 +692,7 @@ class TlsServer:
                 return [SignatureRequested(_scheme_of(self.identity, result.params),
                                            data[len(_CV_PREFIX):])]
             self._greenlet = None
+            _release(g)
             events = self._flight()
             if self._pending_records:
                 records, self._pending_records = self._pending_records, []
@@ -585,12 +743,19 @@ class TlsServer:
     def _handshake(self, content: bytes) -> list[Event]:
         if self.state == "handshake":
             ctx = self._ctx
-            assert ctx is not None
+            assert ctx is not None and ctx.key_schedule is not None
+            head = (ctx._receive_buffer + content)[:4]
+            if (len(head) == 4 and head[0] == HS_FINISHED
+                    and int.from_bytes(head[1:4], "big") != ctx.key_schedule.algorithm.digest_size):
+                # §4.4.4: verify_data is exactly Hash.length (aioquic would compare any length)
+                raise rl.protocol_error("bad_finished_length", rl.A_DECODE_ERROR)
             try:
                 ctx.handle_message(content, self._bufs)
             except qtls.Alert as exc:
                 raise rl.protocol_error(type(exc).__name__, int(exc.description),
                                         str(exc)) from None
+            except _PEER_DATA_ERRORS as exc:
+                raise _peer_data_error("bad_handshake", exc) from None
             if len(ctx._receive_buffer) > MAX_HANDSHAKE_MESSAGE:
                 raise rl.protocol_error("handshake_too_large", rl.A_DECODE_ERROR)
             if ctx.state != qtls.State.SERVER_POST_HANDSHAKE:
@@ -696,6 +861,17 @@ class _HelloInfo:
     early_data: bool
     psk_modes: bytes
     alpn: tuple[str, ...]
+
+
+def _info_from_peek(hello: ClientHello) -> _HelloInfo:
+    message = hello.message
+    sid_len = message[38]
+    first = next((s for s in hello.cipher_suites if (s & 0x0F0F) != 0x0A0A), 0)
+    spans = hello.ext_spans
+    modes = hello.extension(EXT_PSK_MODES) or b""
+    return _HelloInfo(message[39:39 + sid_len], first, EXT_ALPN in spans, EXT_SERVER_NAME in spans,
+                      EXT_EARLY_DATA in spans, modes[1:],
+                      tuple(p.decode("latin-1") for p in hello.alpn))
 
 
 def _hello_extensions(message: bytes) -> _HelloInfo:

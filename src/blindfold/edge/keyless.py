@@ -26,13 +26,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cryptography import x509
+
 from blindfold.config.edge import EdgeHttpConfig, KeyServerRef, RouteConfig
 from blindfold.core import keyless_wire as w
 from blindfold.core import tls13_server as ts
 from blindfold.core.clienthello import ClientHello
 from blindfold.core.httpcache import HttpCache
 from blindfold.core.ratelimit import BucketMap
-from blindfold.errors import ConfigError, KeyServerError
+from blindfold.errors import ConfigError, ProtocolError
 from blindfold.io.tls13_transport import TlsServerProtocol
 from blindfold.keyless.client import KeyServerClient
 from blindfold.obs.metrics import Histogram
@@ -76,6 +78,22 @@ def _origin_tls(where: str, rc: RouteConfig) -> ssl.SSLContext:
     return ctx
 
 
+def _default_name(identity: ts.ServerIdentity, rc: RouteConfig) -> str:
+    """The hostname a handshake without SNI is signed for: the origin name if set, else the
+    certificate's first exact DNS name, else the route's first exact pattern."""
+    if rc.origin_server_name:
+        return rc.origin_server_name
+    try:
+        san = identity.chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        names = san.value.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        names = []
+    for name in [*names, *rc.sni]:
+        if not name.startswith("*."):
+            return name.lower()
+    return ""
+
+
 class KeylessStats:
     def __init__(self) -> None:
         self.handshakes: dict[str, int] = {}  # full | resumed | failed reason
@@ -102,6 +120,7 @@ class KeylessRoute:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{where}.certificate", f"cannot use {rc.certificate}: {exc}") \
                 from None
+        self.default_name = _default_name(self.identity, rc)
         self.settings = ts.TlsSettings(issue_tickets=rc.session_ticket_lifetime_s > 0)
         self.sessions = ts.SessionStore(rc.session_ticket_lifetime_s, rc.max_sessions)
         client = clients.get(rc.keyserver)
@@ -182,11 +201,18 @@ class KeylessService:
         kr = route.keyless
         assert kr is not None
         now = self.worker.reactor.now
-        reason = ts.fallback_reason(hello, kr.identity.schemes)
+        try:
+            reason = ts.fallback_reason(hello, kr.identity.schemes)
+        except ProtocolError as exc:  # e.g. a malformed key_share the peek had not looked at
+            kr.stats.count(kr.stats.handshakes, f"tls_{exc.reason}")
+            conn.refuse_with_alert(exc)
+            return True
         if reason is not None:
             kr.stats.count(kr.stats.fallbacks, reason)
             return False
-        server = ts.TlsServer(kr.identity, kr.settings, kr.sessions, (hello.sni or "").lower())
+        # Without SNI (a default route) the key server is asked for the certificate's name.
+        name = (hello.sni or kr.default_name).lower()
+        server = ts.TlsServer(kr.identity, kr.settings, kr.sessions, name, hello)
         events = server.receive(conn.buf, now)
         conn.begin_keyless()
         failed = next((e for e in events if isinstance(e, ts.ConnectionFailed)), None)
@@ -200,25 +226,25 @@ class KeylessService:
         if kr.keyclient.all_down(time.monotonic()):
             return self._keyserver_failed(conn, kr, server, "keyserver_down",
                                           "every key server is down")
-        self._spawn(self._sign(conn, kr, server, request, hello.sni or ""))
+        t0 = time.perf_counter()
+        future = kr.keyclient.submit(w.SignRequest(
+            request.scheme, request.transcript_hash, name, conn.ip,
+            kr.identity.certificate_sha256))
+        future.add_done_callback(lambda f: self._signed(conn, kr, server, f, t0))
         return True
 
-    async def _sign(self, conn: Conn, kr: KeylessRoute, server: ts.TlsServer,
-                    request: ts.SignatureRequested, sni: str) -> None:
-        t0 = time.perf_counter()
-        try:
-            signature = await kr.keyclient.sign(w.SignRequest(
-                request.scheme, request.transcript_hash, sni, conn.ip,
-                kr.identity.certificate_sha256))
-        except KeyServerError as exc:
-            if conn.keyless_waiting():
-                reason = "keyserver_timeout" if "within" in str(exc) else "keyserver_error"
-                self._keyserver_failed(conn, kr, server, reason, str(exc))
+    def _signed(self, conn: Conn, kr: KeylessRoute, server: ts.TlsServer,
+                future: asyncio.Future[bytes], t0: float) -> None:
+        exc = future.exception()
+        if not conn.keyless_waiting():  # closed meanwhile (banned, drained)
+            server.signature_failed("closed")  # unwinds the suspended handshake now
+            return
+        if exc is not None:
+            reason = "keyserver_timeout" if "within" in str(exc) else "keyserver_error"
+            self._keyserver_failed(conn, kr, server, reason, str(exc))
             return
         self.sign_latency.observe(time.perf_counter() - t0)
-        if not conn.keyless_waiting():  # closed meanwhile (banned, drained)
-            return
-        events = server.signature_received(signature, time.monotonic())
+        events = server.signature_received(future.result(), time.monotonic())
         failed = next((e for e in events if isinstance(e, ts.ConnectionFailed)), None)
         if failed is not None:
             self._failed(conn, kr, server, failed)
@@ -262,7 +288,9 @@ class KeylessService:
     def _open(self, conn: Conn, kr: KeylessRoute, server: ts.TlsServer) -> None:
         from blindfold.edge.l7 import EdgeHandler, make_http_protocol
 
-        handler = EdgeHandler(self.worker, conn, kr, server)
+        def app(alpn: str | None) -> asyncio.Protocol:  # at the first request, not before
+            return make_http_protocol(EdgeHandler(self.worker, conn, kr, server), alpn)
+
         def done(reason: str, bytes_in: int, bytes_out: int) -> None:
             if server.key_updates_received:
                 kr.stats.key_updates["received"] = (kr.stats.key_updates.get("received", 0)
@@ -272,22 +300,24 @@ class KeylessService:
                                                 + server.key_updates_sent)
             conn.keyless_done(reason, bytes_in, bytes_out)
 
-        proto = TlsServerProtocol(server, lambda alpn: make_http_protocol(handler, alpn),
-                                  done, kr.http.tls_handshake_timeout_s)
+        proto = TlsServerProtocol(server, app, done, kr.http.tls_handshake_timeout_s,
+                                  kr.http.keepalive_timeout_s)
         sock = conn.adopt_socket_for_asyncio()
         conn.l7 = proto
-        self._spawn(self._attach(conn, proto, sock))
+        make = getattr(self.loop, "_make_socket_transport", None)
+        if make is not None:
+            # A selector loop's own factory (what connect_accepted_socket calls after a task,
+            # a future and a wait): the transport exists at once and calls connection_made on
+            # the next turn, which sends the server's flight.
+            make(sock, proto)
+        else:
+            self._spawn(self._attach(conn, proto, sock))
 
     async def _attach(self, conn: Conn, proto: TlsServerProtocol, sock: socket.socket) -> None:
         try:
             await self.loop.connect_accepted_socket(lambda: proto, sock)
         except OSError:
             conn.close("reset", "attach_failed")
-            return
-        if proto.aborted:  # closed while being attached (a ban, the drain deadline)
-            proto.abort()
-            return
-        proto.start([])
 
 
 def cert_sha256(der: bytes) -> bytes:

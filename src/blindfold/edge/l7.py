@@ -85,20 +85,35 @@ class EdgeHandler:
             except OSError:
                 local = ("0.0.0.0", 0)
         self.local = local
-        version, addr = parse_address(conn.ip)
-        self.rate_key = client_key(version, addr, kr.ipv6_prefix_len)
-        http = kr.http
-        first = route.pool.origins[0].text
-        self.pool = UpstreamPool(f"https://{first}", max_idle=http.upstream_connections,
-                                 connect_timeout_s=http.upstream_connect_timeout_s,
-                                 timeout_s=http.upstream_timeout_s, tls=kr.origin_tls,
-                                 server_hostname=kr.config.origin_server_name or self.sni,
-                                 connector=self._connect_origin)
+        self._rate_key: int | None = None
+        self._pool: UpstreamPool | None = None
         self.requests = 0
+
+    @property
+    def rate_key(self) -> int:
+        if self._rate_key is None:
+            version, addr = parse_address(self.conn.ip)
+            self._rate_key = client_key(version, addr, self.kr.ipv6_prefix_len)
+        return self._rate_key
+
+    @property
+    def pool(self) -> UpstreamPool:
+        """Made on the first request that needs the origin (cache hits never do)."""
+        if self._pool is None:
+            kr, http = self.kr, self.kr.http
+            self._pool = UpstreamPool(
+                f"https://{self.route.pool.origins[0].text}",
+                max_idle=http.upstream_connections,
+                connect_timeout_s=http.upstream_connect_timeout_s,
+                timeout_s=http.upstream_timeout_s, tls=kr.origin_tls,
+                server_hostname=kr.config.origin_server_name or self.sni,
+                connector=self._connect_origin)
+        return self._pool
 
     def http_event(self, name: str, fields: dict[str, object]) -> None:
         if name == "closed":
-            self.pool.close()
+            if self._pool is not None:
+                self._pool.close()
             return
         if name in ("h2_abuse", "bad_request", "handler_error", "send_timeout"):
             self.worker.log.log(name, route=self.route.name, **fields)

@@ -38,6 +38,7 @@ WATCH = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 _STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # no separate fcntl call
 _WAIT_CONNECT = {errno.EAGAIN, errno.ENOTCONN, errno.EINPROGRESS, errno.EALREADY}
 _ALPN_JSON: dict[tuple[bytes, ...], str] = {}
+_ALERT_RECORD = b"\x15\x03\x03\x00\x02"  # RFC 8446 §5.1: an unprotected alert record
 
 
 class Conn:
@@ -119,7 +120,7 @@ class Conn:
             hello = peek_client_hello(self.buf, limit)
         except ProtocolError as exc:
             worker.stats.hello_parse.observe(time.perf_counter() - t0)
-            self.close("refused", exc.reason)
+            self.refuse_with_alert(exc)
             return False
         worker.stats.hello_parse.observe(time.perf_counter() - t0)
         if hello is not None:
@@ -163,6 +164,20 @@ class Conn:
         self.out = header + self.buf if header else self.buf
         self.attempts = route.pool.order(self.worker.reactor.now)
         self._connect_next(None)
+
+    def refuse_with_alert(self, exc: ProtocolError) -> None:
+        """Refuse a malformed hello the way a TLS server would: its fatal alert (RFC 8446 §6,
+        unencrypted: no keys exist yet), then close. Unread input is drained first so that the
+        close is a FIN, not a reset that could destroy the alert on its way."""
+        if exc.alert is not None and self.phase in (HELLO, KEYLESS) and self.l7 is None:
+            try:
+                self.client.send(_ALERT_RECORD + bytes((2, exc.alert)))
+                for _ in range(4):
+                    if not self.client.recv(65536):
+                        break
+            except OSError:
+                pass
+        self.close("refused", exc.reason)
 
     def proxy_header_for(self, route: RouteState) -> bytes:
         assert self.hello is not None

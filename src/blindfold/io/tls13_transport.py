@@ -19,12 +19,32 @@ class TlsAppTransport(asyncio.Transport):
         super().__init__()
         self._owner = owner
         self._closing = False
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        # Writes made in one turn of the loop (a response's head and body, several HTTP/2
+        # frames) are sealed together: fewer, fuller records and one send.
         owner = self._owner
-        if self._closing or owner.raw is None or owner.raw.is_closing():
+        if self._closing or owner.raw is None or owner.raw.is_closing() or not data:
             return
         owner.bytes_out += len(data)
+        if not self._pending:
+            owner.loop.call_soon(self._flush)
+        self._pending.append(bytes(data))
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= 1 << 16:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._pending.clear()
+        self._pending_bytes = 0
+        owner = self._owner
+        if owner.raw is None or owner.raw.is_closing():
+            return
         owner.server.send(data)
         owner.flush()
 
@@ -41,6 +61,7 @@ class TlsAppTransport(asyncio.Transport):
     def close(self) -> None:
         if self._closing:
             return
+        self._flush()
         self._closing = True
         owner = self._owner
         owner.server.close()
@@ -72,7 +93,7 @@ class TlsAppTransport(asyncio.Transport):
 
     def get_write_buffer_size(self) -> int:
         raw = self._owner.raw
-        return raw.get_write_buffer_size() if raw is not None else 0
+        return self._pending_bytes + (raw.get_write_buffer_size() if raw is not None else 0)
 
     def get_write_buffer_limits(self) -> tuple[int, int]:
         raw = self._owner.raw
@@ -92,14 +113,25 @@ class TlsAppTransport(asyncio.Transport):
         return raw.get_extra_info(name, default) if raw is not None else default
 
 
-class TlsServerProtocol(asyncio.Protocol):
+# One read buffer for every connection of the process: asyncio fills it and calls
+# buffer_updated synchronously, which copies the bytes out before the next read. (asyncio's
+# default for plain protocols allocates 256 KiB per read: an mmap and munmap each time.)
+_READ_BUFFER = memoryview(bytearray(65536))
+
+
+class TlsServerProtocol(asyncio.BufferedProtocol):
     """Runs a `TlsServer` whose ClientHello is already processed (its flight is ready) on the
-    visitor's socket. `app_factory(alpn)` makes the HTTP protocol once the handshake completes;
+    visitor's socket. `app_factory(alpn)` makes the HTTP protocol when the first application
+    data arrives (browsers open connections they may never use: those cost no HTTP state), and
+    a connection idle for `first_data_timeout_s` after its handshake is closed.
     `on_done(reason, bytes_in, bytes_out)` is called once when the connection is over."""
 
     def __init__(self, server: ts.TlsServer, app_factory: Callable[[str | None], asyncio.Protocol],
-                 on_done: Callable[[str, int, int], None], handshake_timeout_s: float) -> None:
+                 on_done: Callable[[str, int, int], None], handshake_timeout_s: float,
+                 first_data_timeout_s: float = 60.0) -> None:
         self.server = server
+        self.first_data_timeout_s = first_data_timeout_s
+        self.alpn: str | None = None
         self.app_factory = app_factory
         self.on_done = on_done
         self.handshake_timeout_s = handshake_timeout_s
@@ -117,9 +149,18 @@ class TlsServerProtocol(asyncio.Protocol):
     # ---------------------------------------------------------------- raw side
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        if self.aborted:  # closed while the transport was being made (a ban, a drain)
+            transport.abort()
+            return
         self.raw = transport
         self.timer = self.loop.call_later(self.handshake_timeout_s, self._handshake_timeout)
         self.flush()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(_READ_BUFFER[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
         self._events(self.server.receive(data, self.loop.time()))
@@ -153,31 +194,30 @@ class TlsServerProtocol(asyncio.Protocol):
             self.app.resume_writing()
 
     # ---------------------------------------------------------------- TLS events
-    def start(self, events: list[ts.Event]) -> None:
-        """Events the server produced before the socket was ours (the flight is in its
-        output buffer)."""
-        self._events(events)
-        self.flush()
-
     def _events(self, events: list[ts.Event]) -> None:
         for event in events:
             if isinstance(event, ts.DataReceived):
                 self.bytes_in += len(event.data)
+                if self.app is None and self.server.state == "open":
+                    self._start_app()
                 if self.app is not None:
                     self.app.data_received(event.data)
             elif isinstance(event, ts.HandshakeCompleted):
                 if self.timer is not None:
                     self.timer.cancel()
-                    self.timer = None
-                self.app = self.app_factory(event.alpn)
-                self.app_transport = TlsAppTransport(self)
-                self.app.connection_made(self.app_transport)
+                self.alpn = event.alpn
+                self.timer = self.loop.call_later(self.first_data_timeout_s, self._idle_timeout)
             elif isinstance(event, ts.PeerClosed):
                 self.reason = "closed"
                 if self.app is not None:
                     keep = self.app.eof_received()
                     if not keep and self.app_transport is not None:
                         self.app_transport.close()
+                else:
+                    self.server.close()
+                    self.flush()
+                    if self.raw is not None:
+                        self.raw.close()
             elif isinstance(event, ts.ConnectionFailed):
                 self.reason = f"tls_{event.reason}"
                 self.flush()
@@ -190,11 +230,27 @@ class TlsServerProtocol(asyncio.Protocol):
         if data and self.raw is not None and not self.raw.is_closing():
             self.raw.write(data)
 
+    def _start_app(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.app = self.app_factory(self.alpn)
+        self.app_transport = TlsAppTransport(self)
+        self.app.connection_made(self.app_transport)
+
     def _handshake_timeout(self) -> None:
         self.timer = None
         if self.app is None and self.raw is not None:
             self.reason = "tls_handshake_timeout"
             self.raw.abort()
+
+    def _idle_timeout(self) -> None:
+        self.timer = None
+        if self.app is None and self.raw is not None:
+            self.reason = "idle_timeout"
+            self.server.close()
+            self.flush()
+            self.raw.close()
 
     def abort(self) -> None:
         self.aborted = True

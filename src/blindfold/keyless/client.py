@@ -1,5 +1,12 @@
 """The edge's client for the key server: mutual TLS, many requests in flight per connection,
-failover across several key servers, a deadline on every signature."""
+failover across several key servers, a deadline on every signature.
+
+Handshakes ask for signatures with `submit(request)`, which returns a future at once: no task
+and no timeout context per handshake (each costs more than the frame itself). Requests made in
+one turn of the event loop leave in one write. A request whose connection breaks moves to the
+next key server while its deadline allows; a key server that misses a deadline is treated as
+down for DOWN_S, and while every key server is down new requests fail at once.
+"""
 
 from __future__ import annotations
 
@@ -17,56 +24,81 @@ from blindfold.errors import KeyServerError, ProtocolError
 DOWN_S = 2.0  # a key server that failed is skipped this long (then tried again)
 
 
+class _Call:
+    """One signature request and where it stands."""
+
+    __slots__ = ("attempts", "conn", "deadline", "frame_request", "outer", "rid", "timer")
+
+    def __init__(self, request: w.SignRequest, outer: asyncio.Future[bytes],
+                 deadline: float) -> None:
+        self.frame_request = request
+        self.outer = outer
+        self.deadline = deadline
+        self.attempts = 0
+        self.conn: _Connection | None = None
+        self.rid = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+
 class _Connection:
-    def __init__(self, address: str, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, on_closed: Callable[[_Connection], None]) -> None:
+    def __init__(self, client: KeyServerClient, address: str, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter) -> None:
+        self.client = client
         self.address = address
         self.reader = reader
         self.writer = writer
-        self.pending: dict[int, asyncio.Future[bytes]] = {}
+        self.pending: dict[int, _Call] = {}
         self.closed = False
-        self._on_closed = on_closed
-        self.task = asyncio.get_running_loop().create_task(self._read())
+        self._out: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+        self.task = self._loop.create_task(self._read())
 
     async def _read(self) -> None:
         decoder = w.FrameDecoder()
-        error: Exception = KeyServerError("key server closed the connection", retryable=True)
+        error = KeyServerError("key server closed the connection", retryable=True)
+        client = self.client
         try:
             while True:
                 data = await self.reader.read(65536)
                 if not data:
                     break
                 for frame in decoder.feed(data):
-                    fut = self.pending.pop(frame.request_id, None)
-                    if fut is None or fut.done():
+                    call = self.pending.pop(frame.request_id, None)
+                    if call is None:
                         continue
                     if frame.type == w.SIGN_RESPONSE:
-                        fut.set_result(w.decode_sign_response(frame.body))
+                        client._succeeded(call, w.decode_sign_response(frame.body))
                     elif frame.type == w.ERROR:
                         code, message = w.decode_error(frame.body)
-                        fut.set_exception(KeyServerError(
+                        client._failed(call, KeyServerError(
                             f"{w.ERROR_NAMES.get(code, 'error')}: {message}"))
-                    elif frame.type == w.PONG:
-                        fut.set_result(b"")
         except (ProtocolError, OSError, ssl.SSLError) as exc:
             error = KeyServerError(f"key server connection failed: {exc}", retryable=True)
         finally:
             self.close(error)
 
     def send(self, data: bytes) -> None:
-        self.writer.write(data)
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(data)
 
-    def close(self, error: Exception | None = None) -> None:
+    def _flush(self) -> None:
+        if self._out and not self.closed:
+            self.writer.write(b"".join(self._out))
+        self._out.clear()
+
+    def close(self, error: KeyServerError | None = None) -> None:
         if self.closed:
             return
         self.closed = True
-        for fut in self.pending.values():
-            if not fut.done():
-                fut.set_exception(error or KeyServerError("connection closed", retryable=True))
+        calls = list(self.pending.values())
         self.pending.clear()
         with contextlib.suppress(Exception):
             self.writer.close()
-        self._on_closed(self)
+        self.client._forget(self)
+        for call in calls:
+            self.client._retry(call, error or KeyServerError("connection closed",
+                                                             retryable=True))
 
 
 class KeyServerClient:
@@ -91,6 +123,101 @@ class KeyServerClient:
     def up(self) -> bool:
         return any(not c.closed for c in self._conns.values())
 
+    def all_down(self, now: float) -> bool:
+        """Every key server failed within the last DOWN_S and none is connected: new handshakes
+        fail at once instead of waiting (they are tried again after DOWN_S)."""
+        return (not self.up and not self._connecting
+                and all(self._down.get(a, 0.0) > now for a in self.addresses))
+
+    # ---------------------------------------------------------------- requests
+    def submit(self, request: w.SignRequest) -> asyncio.Future[bytes]:
+        """A future for the signature; it fails with KeyServerError (refused, unreachable, or
+        over sign_timeout_s)."""
+        loop = asyncio.get_running_loop()
+        call = _Call(request, loop.create_future(), loop.time() + self.sign_timeout_s)
+        call.timer = loop.call_at(call.deadline, self._timed_out, call)
+        self._attempt(call)
+        return call.outer
+
+    async def sign(self, request: w.SignRequest) -> bytes:
+        return await self.submit(request)
+
+    def _attempt(self, call: _Call) -> None:
+        call.attempts += 1
+        now = time.monotonic()
+        if self.all_down(now):
+            self._failed(call, KeyServerError("every key server is down"))
+            return
+        for address in sorted(self.addresses, key=lambda a: self._down.get(a, 0.0) > now):
+            conn = self._conns.get(address)
+            if conn is not None and not conn.closed:
+                self._send(conn, call)
+                return
+            # not connected: connect (once per address, however many calls wait), then send
+            task = self._connecting.get(address)
+            if task is None:
+                task = asyncio.get_running_loop().create_task(self._connect(address))
+                self._connecting[address] = task
+                task.add_done_callback(self._connected_cb(address))
+            task.add_done_callback(lambda t, call=call: self._after_connect(call, t))  # type: ignore[misc]
+            return
+
+    def _after_connect(self, call: _Call, task: asyncio.Task[_Connection]) -> None:
+        if call.outer.done():
+            return
+        exc = task.exception() if not task.cancelled() else KeyServerError("cancelled")
+        if exc is None:
+            self._send(task.result(), call)
+        elif isinstance(exc, KeyServerError):
+            self._retry(call, exc)
+        else:
+            self._failed(call, KeyServerError(str(exc)))
+
+    def _send(self, conn: _Connection, call: _Call) -> None:
+        call.rid = rid = next(self._ids) & 0xFFFFFFFF
+        call.conn = conn
+        conn.pending[rid] = call
+        conn.send(w.encode_sign_request(rid, call.frame_request))
+
+    def _retry(self, call: _Call, exc: KeyServerError) -> None:
+        """A connection failed under the call: the next key server, if time allows."""
+        if call.outer.done():
+            return
+        if (exc.retryable and call.attempts < len(self.addresses) + 1
+                and asyncio.get_running_loop().time() < call.deadline):
+            self._attempt(call)
+        else:
+            self._failed(call, exc)
+
+    def _succeeded(self, call: _Call, signature: bytes) -> None:
+        if call.timer is not None:
+            call.timer.cancel()
+        if not call.outer.done():
+            call.outer.set_result(signature)
+            self._count("ok")
+
+    def _failed(self, call: _Call, exc: KeyServerError) -> None:
+        if call.timer is not None:
+            call.timer.cancel()
+        if not call.outer.done():
+            call.outer.set_exception(exc)
+            self._count("error")
+
+    def _timed_out(self, call: _Call) -> None:
+        call.timer = None
+        if call.outer.done():
+            return
+        self._count("timeout")
+        call.outer.set_exception(KeyServerError(f"no signature within {self.sign_timeout_s} s"))
+        conn = call.conn
+        if conn is not None and not conn.closed:
+            conn.pending.pop(call.rid, None)
+            # A key server that does not answer in time is treated as down: its other
+            # requests move to the next key server now rather than time out one by one.
+            self._down[conn.address] = time.monotonic() + DOWN_S
+            conn.close(KeyServerError(f"key server {conn.address} timed out", retryable=True))
+
+    # ---------------------------------------------------------------- connections
     async def _connect(self, address: str) -> _Connection:
         host, port = parse_hostport(address)
         try:
@@ -102,7 +229,7 @@ class KeyServerClient:
             self._down[address] = time.monotonic() + DOWN_S
             raise KeyServerError(f"cannot reach key server {address}: {exc}",
                                  retryable=True) from None
-        conn = _Connection(address, reader, writer, self._forget)
+        conn = _Connection(self, address, reader, writer)
         self._conns[address] = conn
         return conn
 
@@ -110,71 +237,16 @@ class KeyServerClient:
         if self._conns.get(conn.address) is conn:
             del self._conns[conn.address]
 
-    def all_down(self, now: float) -> bool:
-        """Every key server failed within the last DOWN_S and none is connected: new handshakes
-        fail at once instead of waiting (they are tried again after DOWN_S)."""
-        return (not self.up and not self._connecting
-                and all(self._down.get(a, 0.0) > now for a in self.addresses))
-
-    async def _connection(self) -> _Connection:
-        now = time.monotonic()
-        if self.all_down(now):
-            raise KeyServerError("every key server is down", retryable=False)
-        order = sorted(self.addresses, key=lambda a: self._down.get(a, 0.0) > now)
-        last = KeyServerError("no key server configured")
-        for address in order:
-            conn = self._conns.get(address)
-            if conn is not None and not conn.closed:
-                return conn
-            task = self._connecting.get(address)
-            if task is None:  # one connect per address, however many handshakes wait
-                task = asyncio.get_running_loop().create_task(self._connect(address))
-                self._connecting[address] = task
-                task.add_done_callback(self._connected_cb(address))
-            try:
-                return await asyncio.shield(task)
-            except KeyServerError as exc:
-                last = exc
-        raise last
-
     def _connected_cb(self, address: str) -> Callable[[asyncio.Task[_Connection]], None]:
-        def done(_task: asyncio.Task[_Connection]) -> None:
+        def done(task: asyncio.Task[_Connection]) -> None:
             self._connecting.pop(address, None)
+            if not task.cancelled():
+                task.exception()  # retrieved: the calls waiting on it handle it
 
         return done
 
-    async def sign(self, request: w.SignRequest) -> bytes:
-        """The signature, or KeyServerError (refused, unreachable, or over sign_timeout_s)."""
-        deadline = time.monotonic() + self.sign_timeout_s
-        attempts = 0
-        while True:
-            attempts += 1
-            conn: _Connection | None = None
-            try:
-                async with asyncio.timeout(max(0.001, deadline - time.monotonic())):
-                    conn = await self._connection()
-                    rid = next(self._ids) & 0xFFFFFFFF
-                    fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-                    conn.pending[rid] = fut
-                    conn.send(w.encode_sign_request(rid, request))
-                    signature = await fut
-                    self._count("ok")
-                    return signature
-            except TimeoutError:
-                self._count("timeout")
-                if conn is not None and not conn.closed:
-                    # A key server that does not answer in time is treated as down: its other
-                    # requests move to the next key server now rather than time out one by one.
-                    self._down[conn.address] = time.monotonic() + DOWN_S
-                    conn.close(KeyServerError(f"key server {conn.address} timed out",
-                                              retryable=True))
-                raise KeyServerError(f"no signature within {self.sign_timeout_s} s") from None
-            except KeyServerError as exc:
-                # a refusal is final; a broken connection is retried on the next key server
-                if not exc.retryable or attempts >= len(self.addresses) + 1:
-                    self._count("error")
-                    raise
-
     async def close(self) -> None:
+        for task in list(self._connecting.values()):
+            task.cancel()
         for conn in list(self._conns.values()):
             conn.close()
