@@ -57,6 +57,54 @@ def _check_config(path: str) -> int:
     return 0
 
 
+def _seal(args: argparse.Namespace) -> int:
+    from blindfold.blind.sealer import SealOptions, load_id_secret, load_signing_key, seal_tree
+
+    try:
+        key = load_signing_key(args.signing_key, create=args.create_keys)
+        secret = load_id_secret(args.id_secret, create=args.create_keys)
+        report = seal_tree(args.src, args.out, key, secret, SealOptions(
+            record_size=args.record_size, buckets=args.buckets,
+            expires_in_s=int(args.expires_in), skip=tuple(args.skip)))
+    except ConfigError as exc:
+        print(f"blindfold seal: {exc}", file=sys.stderr)
+        return 2
+    print(f"sealed {args.src} -> {args.out}: {report.line()}")
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from blindfold.blind.fetch import FetchOptions, fetch, load_public_key
+    from blindfold.errors import UpstreamError, VerificationError
+
+    connect_to = {}
+    for item in args.connect_to:
+        host, port, addr_port = [*item.split(":", 2), "", ""][:3]
+        if not (host and port and ":" in addr_port):
+            print(f"blindfold fetch: --connect-to {item!r}: expected HOST:PORT:ADDR:PORT",
+                  file=sys.stderr)
+            return 2
+        connect_to[f"{host}:{port}"] = addr_port
+    try:
+        opts = FetchOptions(edge=args.edge, public_key=load_public_key(args.manifest_key),
+                            manifest_url=args.manifest_url, ca_file=args.cacert,
+                            connect_to=connect_to, timeout_s=args.timeout,
+                            fallback=not args.no_fallback)
+        result = fetch(args.url, args.output, opts)
+    except ConfigError as exc:
+        print(f"blindfold fetch: {exc}", file=sys.stderr)
+        return 2
+    except (VerificationError, UpstreamError) as exc:
+        print(f"blindfold fetch: {args.url}: {exc}", file=sys.stderr)
+        return 1
+    if result.edge_error:
+        print(f"blindfold fetch: edge copy not used: {result.edge_error}; fetched from the "
+              "origin instead", file=sys.stderr)
+    print(f"{args.output}: {result.size} bytes from the {result.source}, sha256 "
+          f"{result.sha256} verified ({result.seconds:.2f} s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="blindfold",
@@ -80,6 +128,42 @@ def main(argv: list[str] | None = None) -> int:
     from blindfold.cli import pki as pki_cli
 
     pki_cli.add_parser(sub)
+
+    p_seal = sub.add_parser("seal", help="seal a static tree for blind delivery")
+    p_seal.add_argument("src", metavar="SRC_DIR")
+    p_seal.add_argument("out", metavar="OUT_DIR")
+    p_seal.add_argument("--signing-key", required=True,
+                        help="the site's Ed25519 manifest key (PEM, PKCS#8)")
+    p_seal.add_argument("--id-secret", required=True,
+                        help="file with the secret (hex, >= 32 bytes) that names blobs")
+    p_seal.add_argument("--create-keys", action="store_true",
+                        help="create the signing key and the id secret if they are missing")
+    p_seal.add_argument("--record-size", type=int, default=65536,
+                        help="RFC 8188 record size in bytes (default 65536)")
+    p_seal.add_argument("--buckets", choices=["padme", "none"], default="padme",
+                        help="pad sealed sizes to Padmé buckets (default) or not at all")
+    p_seal.add_argument("--expires-in", type=float, default=7 * 86400,
+                        help="manifest lifetime in seconds (default 7 days)")
+    p_seal.add_argument("--skip", action="append", default=[], metavar="GLOB",
+                        help="leave files matching GLOB (on /path or name) unsealed, e.g. "
+                        "'*.html' for the pages the origin serves itself; repeatable")
+
+    p_fetch = sub.add_parser("fetch", help="fetch a sealed file: manifest from the origin, "
+                             "blob from the edge, verified and decrypted")
+    p_fetch.add_argument("url", help="https URL of the file at the origin")
+    p_fetch.add_argument("--edge", required=True,
+                         help="base URL of the blind edge (blobs at EDGE/b/<id>)")
+    p_fetch.add_argument("--manifest-key", required=True,
+                         help="the site's manifest public key (PEM)")
+    p_fetch.add_argument("--manifest-url", default="",
+                         help="default: the URL's origin + /.well-known/blindfold/manifest.json")
+    p_fetch.add_argument("--cacert", help="CA bundle for the origin and the edge")
+    p_fetch.add_argument("--connect-to", action="append", default=[], metavar="HOST:PORT:ADDR:PORT",
+                         help="connect to ADDR:PORT for HOST:PORT (like curl --connect-to)")
+    p_fetch.add_argument("--no-fallback", action="store_true",
+                         help="fail instead of fetching from the origin when the edge copy fails")
+    p_fetch.add_argument("-o", "--output", required=True, help="where to write the file")
+    p_fetch.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
 
     p_check = sub.add_parser("check-config", help="validate a configuration file")
     p_check.add_argument("file")
@@ -122,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.command == "pki":
         return pki_cli.run(args)
+    if args.command == "seal":
+        return _seal(args)
+    if args.command == "fetch":
+        return _fetch(args)
     if args.command == "check-config":
         return _check_config(args.file)
     if args.command == "demo":

@@ -78,6 +78,27 @@ class PathRateLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class BlindRouteConfig:
+    origin_blobs_path: str = setting("/.blindfold/blobs/", doc="URL prefix of the sealed "
+                                     "blobs on the origin agent ([origin.blind] blobs_path).",
+                                     check=lambda v: None if v.startswith("/") and
+                                     v.endswith("/") else "must start and end with /")
+    memory_cache_bytes: int = setting(256 << 20, doc="Memory for cached blobs per worker "
+                                      "(LRU).", min=0)
+    memory_max_object_bytes: int = setting(8 << 20, doc="Largest blob kept in memory (bigger "
+                                           "ones are served from disk).", min=0)
+    cache_dir: str = setting("", doc="Directory for the disk cache (each worker uses a "
+                             "subdirectory 'w<N>'); empty: memory only.")
+    disk_cache_bytes: int = setting(4 << 30, doc="Disk space for cached blobs per worker "
+                                    "(LRU).", min=0)
+    max_blob_bytes: int = setting(1 << 30, doc="Largest blob pulled from the origin; a bigger "
+                                  "one is refused (502).", min=1)
+    allow_origins: tuple[str, ...] = setting(("*",), doc="Access-Control-Allow-Origin for "
+                                             "the pages' service workers ('*': any; blobs are "
+                                             "sealed, so reading them gains nothing).")
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     sni: tuple[str, ...] = setting(
         doc="Server names this route serves: exact names and '*.suffix' wildcards (any depth "
@@ -90,30 +111,38 @@ class RouteConfig:
         check=lambda v: _nonempty(v) or _each(check_hostport)(v),
     )
     name: str = setting("", doc="Name used in logs and metrics; defaults to 'route<N>'.")
-    mode: Literal["passthrough", "keyless"] = setting(
+    mode: Literal["passthrough", "keyless", "blind"] = setting(
         "passthrough",
         doc="How much the edge sees. 'passthrough': TLS is forwarded at layer 4, the edge sees "
         "only addresses, SNI and the cleartext ClientHello. 'keyless': the edge terminates "
         "TLS 1.3 with `certificate`, each handshake signed by the site's key server; it sees "
-        "HTTP and proxies it to the origins over verified TLS.",
+        "HTTP and proxies it to the origins over verified TLS. 'blind': a CDN hostname of its "
+        "own (`certificate` + `key`) serving sealed blobs (`blindfold seal`) by id, pulled "
+        "from the origins over verified TLS and cached; it never sees a key or a manifest.",
     )
     certificate: str = setting("", doc="keyless: the site's certificate chain (PEM, leaf "
-                               "first). No private key: the key server signs.")
+                               "first). No private key: the key server signs. blind: the "
+                               "CDN hostname's certificate chain.")
+    key: str = setting("", doc="blind: the private key of `certificate` (the CDN hostname's "
+                       "own; never the site's).")
+    blind: BlindRouteConfig | None = setting(None, doc="blind: the blob cache and origin "
+                                             "pulls.")
     keyserver: KeyServerRef | None = setting(None, doc="keyless: where handshakes are signed.")
     keyserver_down: Literal["fail", "passthrough"] = setting(
         "fail", doc="keyless: when no key server signs in time, 'fail' the new handshake "
         "(internal_error alert) or forward the connection as 'passthrough' to the origins "
         "(nothing has been sent to the visitor yet, so the origin completes the handshake).")
-    origin_ca: str = setting("", doc="keyless: CA bundle that verifies the origins' "
+    origin_ca: str = setting("", doc="keyless, blind: CA bundle that verifies the origins' "
                              "certificates. The edge never talks plaintext or unverified TLS "
                              "to an origin: give this or origin_pin_sha256.")
     origin_pin_sha256: tuple[str, ...] = setting(
-        (), doc="keyless: accept an origin only if its leaf certificate has one of these "
+        (), doc="keyless, blind: accept an origin only if its leaf certificate has one of these "
         "SHA-256 fingerprints (checked in addition to origin_ca when both are given).",
         check=_hex_fingerprints)
-    origin_server_name: str = setting("", doc="keyless: name checked in the origin's "
+    origin_server_name: str = setting("", doc="keyless, blind: name checked in the origin's "
                                       "certificate and sent as SNI (default: the visitor's "
-                                      "SNI).")
+                                      "SNI; blind routes must set it: their SNI is the CDN "
+                                      "name).")
     session_ticket_lifetime_s: float = setting(
         7200.0, doc="keyless: lifetime of TLS 1.3 session tickets (resumption without asking "
         "the key server; never 0-RTT). Tickets are kept by the edge worker, single use. "
@@ -129,7 +158,8 @@ class RouteConfig:
         "0 = no cache.", min=0)
     cache_max_object_bytes: int = setting(
         8 << 20, doc="keyless: largest response body cached.", min=0)
-    http: EdgeHttpConfig | None = setting(None, doc="keyless: HTTP limits and deadlines.")
+    http: EdgeHttpConfig | None = setting(None, doc="keyless, blind: HTTP limits and "
+                                          "deadlines.")
     proxy_protocol: Literal["none", "v1", "v2"] = setting(
         "none",
         doc="PROXY protocol header sent to the origin before the ClientHello so it learns the "
@@ -163,11 +193,22 @@ class RouteConfig:
             if not self.origin_ca and not self.origin_pin_sha256:
                 raise ConfigError("origin_ca", "a keyless route talks to its origins over "
                                   "verified TLS only: give origin_ca or origin_pin_sha256")
-        else:
-            for key in ("certificate", "origin_ca", "origin_server_name"):
+        if self.mode == "blind":
+            if not self.certificate or not self.key:
+                raise ConfigError("certificate", "a blind route needs its own certificate "
+                                  "and key (the CDN hostname's, not the site's)")
+            if not self.origin_ca and not self.origin_pin_sha256:
+                raise ConfigError("origin_ca", "a blind route pulls blobs over verified TLS "
+                                  "only: give origin_ca or origin_pin_sha256")
+            if not self.origin_server_name:
+                raise ConfigError("origin_server_name", "a blind route must name its origin "
+                                  "(the visitors' SNI is the CDN hostname)")
+        if self.mode != "blind":
+            for key in ("key", "blind"):
                 if getattr(self, key):
-                    raise ConfigError(key, f"only for mode = 'keyless' (this route is "
+                    raise ConfigError(key, f"only for mode = 'blind' (this route is "
                                       f"{self.mode!r})")
+        if self.mode != "keyless":
             if self.keyserver is not None:
                 raise ConfigError("keyserver", "only for mode = 'keyless'")
             if self.rate_limits:

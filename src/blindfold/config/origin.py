@@ -149,6 +149,41 @@ class DecisionsConfig:
                              "pub/sub), for many edges; e.g. 'redis://127.0.0.1:6379/0'.")
 
 
+def _url_path(value: str) -> str | None:
+    if not value.startswith("/") or any(c in value for c in "?#\x00 "):
+        return f"{value!r} must be a URL path starting with / (no query, no spaces)"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class BlindStoreConfig:
+    dir: str = setting(doc="The OUT_DIR of `blindfold seal`: manifest.json and blobs/.")
+    source_dir: str = setting("", doc="The SRC_DIR that was sealed: the origin serves the "
+                              "plaintext of sealed paths from it (the visitors' fallback when "
+                              "an edge copy fails verification). Empty: the application "
+                              "serves them.")
+    manifest_path: str = setting("/.well-known/blindfold/manifest.json", doc="URL path of the "
+                                 "signed manifest (it holds the content keys: served with "
+                                 "no-store, by the origin only).", check=_url_path)
+    blobs_path: str = setting("/.blindfold/blobs/", doc="URL prefix under which edges pull "
+                              "sealed blobs by id.", check=_url_path)
+    edge_url: str = setting("", doc="Base URL of the blind edge for the service worker, e.g. "
+                            "'https://cdn.example.test' (blobs at EDGE/b/<id>). Empty: no "
+                            "service worker is served.",
+                            check=lambda v: None if not v or (v.startswith("https://") and
+                                                              not v.endswith("/"))
+                            else "must be an https:// URL without a trailing /")
+    service_worker_path: str = setting("/blindfold-sw.js", doc="URL path of the service "
+                                       "worker (its scope is its directory: keep it at /).",
+                                       check=_url_path)
+    register_path: str = setting("/.well-known/blindfold/register.js", doc="URL path of the "
+                                 "registration snippet pages include with <script src>.",
+                                 check=_url_path)
+    report_path: str = setting("/.well-known/blindfold/report", doc="URL path where clients "
+                               "POST verification failures (logged as blind_client_report).",
+                               check=_url_path)
+
+
 @dataclass(frozen=True, slots=True)
 class OriginConfig:
     upstream: str = setting(doc="The application: 'http://127.0.0.1:8080', "
@@ -176,6 +211,8 @@ class OriginConfig:
     waf: WafConfig = setting(default_factory=WafConfig, doc="The web application firewall.")
     decisions: DecisionsConfig = setting(default_factory=DecisionsConfig,
                                          doc="Bans created here and served to edges.")
+    blind: BlindStoreConfig | None = setting(None, doc="Blind delivery: serve the sealed "
+                                             "store made by `blindfold seal`.")
 
     def __post_init__(self) -> None:
         if self.listen and not self.certificates:

@@ -38,8 +38,9 @@ from blindfold.web.proxy import iterate, request_has_body, upstream_headers
 
 if TYPE_CHECKING:
     from blindfold.edge.keyless import KeylessRoute
+    from blindfold.edge.origins import Origin
     from blindfold.edge.passthrough import Conn
-    from blindfold.edge.worker import Worker
+    from blindfold.edge.worker import RouteState, Worker
 
 _CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since", b"if-match",
                           b"if-unmodified-since", b"if-range"})
@@ -63,6 +64,60 @@ def make_http_protocol(handler: EdgeHandler, alpn: str | None) -> asyncio.Protoc
     if alpn == "h2":
         return H2Connection(handler, kr.limits, info, handler.http_event)
     return H1Connection(handler, kr.limits, info, handler.http_event)
+
+
+async def open_verified_origin(worker: Worker, route: RouteState, header: bytes,
+                               tls: ssl.SSLContext, server_name: str | None,
+                               pins: frozenset[bytes], timeout_s: float
+                               ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TLS connection to one of the route's origins, verified by `tls` (CA and hostname)
+    and/or a certificate pin, with `header` (PROXY) sent first. Origins that fail are marked
+    down for the route and the next one is tried; UpstreamError when none is left."""
+    loop = asyncio.get_running_loop()
+    failure = "no origin"
+    for origin in route.pool.order(worker.reactor.now):
+        sock = socket.socket(origin.family, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await loop.sock_connect(sock, origin.sockaddr)
+                if header:
+                    await loop.sock_sendall(sock, header)
+                reader, writer = await asyncio.open_connection(
+                    sock=sock, ssl=tls, server_hostname=server_name,
+                    limit=READ_CHUNK, ssl_handshake_timeout=timeout_s)
+        except ssl.SSLCertVerificationError as exc:
+            sock.close()
+            failure = f"origin certificate not verified: {exc.verify_message}"
+            _origin_failed(worker, route, origin, "tls_verify", failure)
+            continue
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            sock.close()
+            failure = "connect_timeout" if isinstance(exc, TimeoutError) else str(exc)
+            _origin_failed(worker, route, origin, "connect", failure)
+            continue
+        if pins:
+            obj = writer.get_extra_info("ssl_object")
+            der = obj.getpeercert(binary_form=True) if obj is not None else None
+            if der is None or hashlib.sha256(der).digest() not in pins:
+                writer.close()
+                failure = "origin certificate does not match origin_pin_sha256"
+                _origin_failed(worker, route, origin, "pin_mismatch", failure)
+                continue
+        if origin.down_until:
+            route.pool.mark_up(origin)
+        return reader, writer
+    raise UpstreamError(failure)
+
+
+def _origin_failed(worker: Worker, route: RouteState, origin: Origin, reason: str,
+                   detail: str) -> None:
+    was_up = origin.is_up(worker.reactor.now)
+    route.pool.mark_down(origin, reason, worker.reactor.now)
+    if was_up:
+        worker.log.log("origin_down", route=route.name, origin=origin.text, reason=reason,
+                       detail=detail[:200], down_s=route.pool.down_s)
 
 
 class EdgeHandler:
@@ -120,54 +175,10 @@ class EdgeHandler:
 
     # ---------------------------------------------------------------- origin connections
     async def _connect_origin(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        kr, route, worker = self.kr, self.route, self.worker
-        loop = asyncio.get_running_loop()
-        header = self.conn.proxy_header_for(route)
-        server_name = kr.config.origin_server_name or self.sni
-        failure = "no origin"
-        for origin in route.pool.order(worker.reactor.now):
-            sock = socket.socket(origin.family, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                async with asyncio.timeout(kr.http.upstream_connect_timeout_s):
-                    await loop.sock_connect(sock, origin.sockaddr)
-                    if header:
-                        await loop.sock_sendall(sock, header)
-                    reader, writer = await asyncio.open_connection(
-                        sock=sock, ssl=kr.origin_tls, server_hostname=server_name,
-                        limit=READ_CHUNK, ssl_handshake_timeout=kr.http.upstream_connect_timeout_s)
-            except ssl.SSLCertVerificationError as exc:
-                sock.close()
-                failure = f"origin certificate not verified: {exc.verify_message}"
-                self._origin_failed(origin, "tls_verify", failure)
-                continue
-            except (OSError, TimeoutError, ssl.SSLError) as exc:
-                sock.close()
-                failure = "connect_timeout" if isinstance(exc, TimeoutError) else str(exc)
-                self._origin_failed(origin, "connect", failure)
-                continue
-            if kr.pins:
-                obj = writer.get_extra_info("ssl_object")
-                der = obj.getpeercert(binary_form=True) if obj is not None else None
-                if der is None or hashlib.sha256(der).digest() not in kr.pins:
-                    writer.close()
-                    failure = "origin certificate does not match origin_pin_sha256"
-                    self._origin_failed(origin, "pin_mismatch", failure)
-                    continue
-            if origin.down_until:
-                route.pool.mark_up(origin)
-            return reader, writer
-        raise UpstreamError(failure)
-
-    def _origin_failed(self, origin: object, reason: str, detail: str) -> None:
-        route, worker = self.route, self.worker
-        was_up = origin.is_up(worker.reactor.now)  # type: ignore[attr-defined]
-        route.pool.mark_down(origin, reason, worker.reactor.now)  # type: ignore[arg-type]
-        if was_up:
-            worker.log.log("origin_down", route=route.name,
-                           origin=origin.text, reason=reason,  # type: ignore[attr-defined]
-                           detail=detail[:200], down_s=route.pool.down_s)
+        kr = self.kr
+        return await open_verified_origin(
+            self.worker, self.route, self.conn.proxy_header_for(self.route), kr.origin_tls,
+            kr.config.origin_server_name or self.sni, kr.pins, kr.http.upstream_connect_timeout_s)
 
     # ---------------------------------------------------------------- requests
     async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:

@@ -154,6 +154,9 @@ class Conn:
         if (route.keyless is not None and worker.keyless is not None
                 and worker.keyless.begin(self, route, hello)):
             return
+        if route.blind is not None and worker.blind is not None:
+            worker.blind.begin(self, route, hello)
+            return
         self.start_passthrough()
 
     def start_passthrough(self) -> None:

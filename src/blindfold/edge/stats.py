@@ -81,6 +81,17 @@ EDGE_METRICS = [
                "direction.", ("route", "direction")),
     MetricSpec("blindfold_keyless_connections_active", "gauge",
                "Open keyless TLS connections.", ("route",)),
+    MetricSpec("blindfold_blind_requests_total", "counter",
+               "Requests on blind routes, by result (hit_memory, hit_disk, miss, not_found, "
+               "origin_error, error, bad_method).", ("route", "result")),
+    MetricSpec("blindfold_blind_cache_bytes", "gauge", "Bytes of sealed blobs cached, by tier.",
+               ("route", "tier")),
+    MetricSpec("blindfold_blind_cache_blobs", "gauge", "Sealed blobs cached, by tier.",
+               ("route", "tier")),
+    MetricSpec("blindfold_blind_origin_bytes_total", "counter",
+               "Blob bytes pulled from the origin.", ("route",)),
+    MetricSpec("blindfold_blind_served_bytes_total", "counter",
+               "Blob bytes served to visitors (bodies).", ("route",)),
 ]
 EDGE_SPECS = {spec.name: spec for spec in EDGE_METRICS}
 

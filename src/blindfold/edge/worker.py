@@ -25,6 +25,8 @@ from blindfold.config.edge import EdgeConfig
 from blindfold.core.iplist import IPSet, parse_address, parse_list
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.core.routing import SniRouter
+from blindfold.edge.blind import BlindRoute, BlindService
+from blindfold.edge.blind import snapshot as blind_snapshot
 from blindfold.edge.guards import Guards
 from blindfold.edge.keyless import KeylessRoute, KeylessService
 from blindfold.edge.lists import ListSet
@@ -45,10 +47,12 @@ SWEEP_INTERVAL_S = 1.0
 class RouteState:
     """A route as the worker uses it; rebuilt on reload, its counters carried over by name."""
 
-    __slots__ = ("json_name", "keyless", "name", "pool", "proxy_protocol", "proxy_tlvs", "stats")
+    __slots__ = ("blind", "json_name", "keyless", "name", "pool", "proxy_protocol", "proxy_tlvs",
+                 "stats")
 
     def __init__(self, name: str, pool: OriginPool, proxy_protocol: str, proxy_tlvs: bool,
-                 stats: RouteStats, keyless: KeylessRoute | None = None) -> None:
+                 stats: RouteStats, keyless: KeylessRoute | None = None,
+                 blind: BlindRoute | None = None) -> None:
         self.name = name
         self.json_name = json.dumps(name)
         self.pool = pool
@@ -56,6 +60,7 @@ class RouteState:
         self.proxy_tlvs = proxy_tlvs
         self.stats = stats
         self.keyless = keyless
+        self.blind = blind
 
 
 class Worker:
@@ -87,11 +92,13 @@ class Worker:
         # inside an asyncio loop; passthrough-only workers keep the bare epoll loop.
         self.loop: asyncio.AbstractEventLoop | None = None
         self.keyless: KeylessService | None = None
+        self.blind: BlindService | None = None
         if l7:
             self.loop = asyncio.new_event_loop()
             asyncio.set_event_loop(self.loop)
             self.reactor.attach(self.loop)
             self.keyless = KeylessService(self, self.loop)
+            self.blind = BlindService(self, self.loop)
         self.control = ControlChannel(self.reactor, control_fd, self._on_control,
                                       self._on_master_gone)
 
@@ -137,9 +144,16 @@ class Worker:
                 keyless = self.keyless.build(f"edge.routes[{i}]", rc,
                                              old.keyless if old is not None else None,
                                              config.ipv6_prefix_len)
+            blind = None
+            if rc.mode == "blind":
+                if self.blind is None:
+                    raise ConfigError(f"edge.routes[{i}].mode", "blind routes start new "
+                                      "workers (this one runs passthrough only)")
+                blind = self.blind.build(f"edge.routes[{i}]", rc,
+                                         old.blind if old is not None else None)
             state = RouteState(name, OriginPool(origins, rc.balance, config.origin_down_s),
                                rc.proxy_protocol, rc.proxy_protocol_tlvs, self.stats.route(name),
-                               keyless)
+                               keyless, blind)
             routes.append(state)
             entries.extend((pattern, state) for pattern in rc.sni)
             if rc.default:
@@ -363,6 +377,7 @@ class Worker:
         snap["blindfold_connections_closed_by_ban_total"] = [[[], self.closed_by_ban]]
         if self.keyless is not None:
             self._keyless_snapshot(snap)
+            snap.update(blind_snapshot(self.routes))
         return snap
 
     def _keyless_snapshot(self, snap: dict[str, Any]) -> None:

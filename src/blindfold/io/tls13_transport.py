@@ -7,9 +7,37 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from blindfold.core import tls13_server as ts
+
+
+class TlsEngine(Protocol):
+    """What the glue needs of a server-side TLS engine: `core.tls13_server.TlsServer` (keyless)
+    or `io.openssl_engine.OpenSslServer` (the edge's own key)."""
+
+    @property
+    def state(self) -> str: ...
+
+    @property
+    def server_name(self) -> str | None: ...
+
+    @property
+    def alpn(self) -> str | None: ...
+
+    @property
+    def cipher_suite(self) -> int: ...
+
+    @property
+    def resumed(self) -> bool: ...
+
+    def receive(self, data: bytes, now: float) -> list[ts.Event]: ...
+
+    def data_to_send(self) -> bytes: ...
+
+    def send(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class TlsAppTransport(asyncio.Transport):
@@ -126,7 +154,7 @@ class TlsServerProtocol(asyncio.BufferedProtocol):
     a connection idle for `first_data_timeout_s` after its handshake is closed.
     `on_done(reason, bytes_in, bytes_out)` is called once when the connection is over."""
 
-    def __init__(self, server: ts.TlsServer, app_factory: Callable[[str | None], asyncio.Protocol],
+    def __init__(self, server: TlsEngine, app_factory: Callable[[str | None], asyncio.Protocol],
                  on_done: Callable[[str, int, int], None], handshake_timeout_s: float,
                  first_data_timeout_s: float = 60.0) -> None:
         self.server = server

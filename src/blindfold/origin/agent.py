@@ -58,6 +58,12 @@ ORIGIN_METRICS = [
                "Decision stream requests by edge (or 'unauthorized').", ("bouncer",)),
     MetricSpec("blindfold_http_events_total", "counter",
                "HTTP-layer events: timeouts, bad requests, HTTP/2 abuse.", ("event",)),
+    MetricSpec("blindfold_origin_blind_bytes_total", "counter",
+               "Body bytes served by the blind store: manifest, blob (edge pulls), plaintext "
+               "(visitors' fallbacks).", ("kind",)),
+    MetricSpec("blindfold_origin_blind_requests_total", "counter",
+               "Blind store requests by kind (manifest, blob, plaintext, not_found).",
+               ("kind",)),
 ]
 
 
@@ -172,7 +178,12 @@ class OriginAgent:
             inspect_limit=cfg.waf.body_limit_bytes,
             reject_over_limit=cfg.waf.body_limit_action == "reject",
             detect_only=cfg.waf.mode == "detect", stats=self.stats, access_log=cfg.access_log)
-        self.tls, self.waf, self.rules, self.pool, self.handler = tls, waf, rules, pool, gate
+        handler: Handler = gate
+        if cfg.blind is not None:
+            from blindfold.origin.blindstore import BlindStore
+
+            handler = BlindStore(cfg.blind, gate, self.stats, self._log_event)
+        self.tls, self.waf, self.rules, self.pool, self.handler = tls, waf, rules, pool, handler
         self.cfg = cfg
 
     def _log_event(self, event: str, **fields: Any) -> None:
@@ -400,6 +411,8 @@ class OriginAgent:
             "blindfold_decision_stream_requests_total": [
                 [[k], v] for k, v in (self.api.requests.items() if self.api else [])],
             "blindfold_http_events_total": pick("http:"),
+            "blindfold_origin_blind_bytes_total": pick("blind_bytes:"),
+            "blindfold_origin_blind_requests_total": pick("blind_requests:"),
         }
 
     # ------------------------------------------------------------------ lifecycle

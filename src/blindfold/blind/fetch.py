@@ -1,0 +1,223 @@
+"""`blindfold fetch URL`: what the service worker does, from Python. The signed manifest comes
+from the origin (its own TLS), the sealed blob from the edge; the blob's digest, every
+record's tag and the plaintext digest are checked before a byte is kept. On any failure the
+file is fetched from the origin instead, checked against the manifest too, and the failure
+is reported."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import socket
+import ssl
+import time
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from blindfold.core import ece, manifest
+from blindfold.errors import ConfigError, UpstreamError, VerificationError
+
+MANIFEST_PATH = "/.well-known/blindfold/manifest.json"
+BLOB_PREFIX = "/b/"
+CHUNK = 1 << 16
+
+
+@dataclass(frozen=True, slots=True)
+class FetchOptions:
+    edge: str                      # https://cdn.example.test:8443 (blobs at /b/<id>)
+    public_key: Ed25519PublicKey
+    manifest_url: str = ""         # default: the URL's origin + MANIFEST_PATH
+    ca_file: str | None = None     # trust for the origin and the edge (default: system)
+    connect_to: dict[str, str] | None = None  # "host:port" -> "addr:port" (like curl's)
+    timeout_s: float = 30.0
+    fallback: bool = True
+
+
+@dataclass(slots=True)
+class FetchResult:
+    source: str                    # "edge" or "origin"
+    size: int
+    sha256: str
+    edge_error: str = ""           # why the edge copy was not used
+    seconds: float = 0.0
+
+
+def load_public_key(path: str) -> Ed25519PublicKey:
+    try:
+        key = load_pem_public_key(Path(path).read_bytes())
+    except OSError as exc:
+        raise ConfigError("manifest_key", f"{path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError("manifest_key", f"{path}: not a PEM public key ({exc})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError("manifest_key", f"{path}: must be an Ed25519 public key")
+    return key
+
+
+class _Connection(http.client.HTTPSConnection):
+    """HTTPS to `host:port` (SNI, certificate name, Host header) over a TCP connection to
+    `address` (what curl's --connect-to does)."""
+
+    def __init__(self, host: str, port: int, address: tuple[str, int], timeout: float,
+                 context: ssl.SSLContext) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._address = address
+        self._tls = context
+
+    def connect(self) -> None:
+        sock = socket.create_connection(self._address, self.timeout)
+        try:
+            self.sock = self._tls.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+
+
+class _Get:
+    """One verified-TLS GET, the body read in chunks. Errors become UpstreamError."""
+
+    def __init__(self, url: str, opts: FetchOptions) -> None:
+        u = urllib.parse.urlsplit(url)
+        if u.scheme != "https" or not u.hostname:
+            raise ConfigError("url", f"{url}: only https:// URLs (blind delivery never "
+                              "trusts plaintext)")
+        port = u.port or 443
+        addr_port = f"{u.hostname}:{port}"
+        if opts.connect_to and addr_port in opts.connect_to:
+            addr_port = opts.connect_to[addr_port]
+        addr, _, p = addr_port.rpartition(":")
+        ctx = ssl.create_default_context(cafile=opts.ca_file)
+        self.conn = _Connection(u.hostname, port, (addr.strip("[]"), int(p)), opts.timeout_s,
+                                ctx)
+        self.url = url
+        self.total = 0
+        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        try:
+            self.conn.request("GET", path, headers={"User-Agent": "blindfold-fetch"})
+            self.resp = self.conn.getresponse()
+        except (OSError, http.client.HTTPException) as exc:
+            self.conn.close()
+            raise UpstreamError(f"GET {url}: {exc}") from None
+        if self.resp.status != 200:
+            self.conn.close()
+            raise UpstreamError(f"GET {url}: HTTP {self.resp.status}")
+
+    def chunk(self, limit: int) -> bytes:
+        """The next bytes of the body, b"" at its end; more than `limit` in all: error."""
+        try:
+            data = self.resp.read1(CHUNK)
+        except (OSError, http.client.HTTPException) as exc:
+            raise UpstreamError(f"GET {self.url}: {exc}") from None
+        self.total += len(data)
+        if self.total > limit:
+            raise UpstreamError(f"GET {self.url}: more than {limit} bytes")
+        return data
+
+    def read_all(self, limit: int) -> bytes:
+        out = bytearray()
+        while data := self.chunk(limit):
+            out += data
+        return bytes(out)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _origin_of(url: str) -> str:
+    u = urllib.parse.urlsplit(url)
+    return f"{u.scheme}://{u.netloc}"
+
+
+def get_manifest(url: str, opts: FetchOptions) -> manifest.Manifest:
+    murl = opts.manifest_url or _origin_of(url) + MANIFEST_PATH
+    if urllib.parse.urlsplit(murl).netloc != urllib.parse.urlsplit(url).netloc:
+        raise ConfigError("manifest_url", "the manifest must come from the origin itself")
+    req = _Get(murl, opts)
+    try:
+        data = req.read_all(manifest.MAX_MANIFEST_BYTES)
+    finally:
+        req.close()
+    return manifest.verify(data, opts.public_key, time.time())
+
+
+def _from_edge(entry: manifest.Entry, opts: FetchOptions, sink: Callable[[bytes], object]) -> None:
+    """Stream the blob through the opener into `sink`; raise on any mismatch."""
+    req = _Get(opts.edge.rstrip("/") + BLOB_PREFIX + entry.id, opts)
+    try:
+        opener = ece.Opener(entry.key, max_rs=entry.rs)
+        blob_hash, plain_hash = hashlib.sha256(), hashlib.sha256()
+        got = size = 0
+        while data := req.chunk(entry.sealed_size):
+            got += len(data)
+            blob_hash.update(data)
+            for plain in opener.feed(data):
+                size += len(plain)
+                if size > entry.size:
+                    raise VerificationError("more plaintext than the manifest says")
+                plain_hash.update(plain)
+                sink(plain)
+        last = opener.finish()
+        plain_hash.update(last)
+        sink(last)
+        size += len(last)
+    finally:
+        req.close()
+    if got != entry.sealed_size or blob_hash.hexdigest() != entry.blob_sha256:
+        raise VerificationError(f"blob {entry.id}: digest or size differs from the manifest")
+    if size != entry.size or plain_hash.hexdigest() != entry.sha256:
+        raise VerificationError(f"blob {entry.id}: plaintext digest differs from the manifest")
+
+
+def _from_origin(url: str, entry: manifest.Entry | None, opts: FetchOptions,
+                 sink: Callable[[bytes], object]) -> tuple[int, str]:
+    req = _Get(url, opts)
+    h = hashlib.sha256()
+    size = 0
+    limit = entry.size if entry is not None else 1 << 34
+    try:
+        while data := req.chunk(limit):
+            size += len(data)
+            h.update(data)
+            sink(data)
+    finally:
+        req.close()
+    if entry is not None and (size != entry.size or h.hexdigest() != entry.sha256):
+        raise VerificationError(f"{url}: the origin's bytes differ from its own manifest")
+    return size, h.hexdigest()
+
+
+def fetch(url: str, out_path: str, opts: FetchOptions) -> FetchResult:
+    """Fetch `url` into `out_path` (written via a temporary file: nothing unverified stays)."""
+    started = time.perf_counter()
+    path = urllib.parse.urlsplit(url).path or "/"
+    m = get_manifest(url, opts)
+    entry = m.files.get(urllib.parse.unquote(path))
+    out = Path(out_path)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
+    edge_error = ""
+    try:
+        if entry is not None:
+            try:
+                with tmp.open("wb") as f:
+                    _from_edge(entry, opts, f.write)
+                os.replace(tmp, out)
+                return FetchResult("edge", entry.size, entry.sha256,
+                                   seconds=time.perf_counter() - started)
+            except (VerificationError, UpstreamError) as exc:
+                edge_error = str(exc)
+                if not opts.fallback:
+                    raise
+        else:
+            edge_error = "not in the manifest (not sealed)"
+        with tmp.open("wb") as f:
+            size, digest = _from_origin(url, entry, opts, f.write)
+        os.replace(tmp, out)
+        return FetchResult("origin", size, digest, edge_error, time.perf_counter() - started)
+    finally:
+        tmp.unlink(missing_ok=True)

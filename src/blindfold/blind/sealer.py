@@ -1,0 +1,211 @@
+"""`blindfold seal SRC_DIR OUT_DIR`: every regular file under SRC_DIR sealed with RFC 8188
+aes128gcm under its own random key, padded to a Padmé size bucket, stored as
+OUT_DIR/blobs/<id>, and OUT_DIR/manifest.json signed by the site's Ed25519 key.
+
+Re-sealing is incremental: a file whose bytes did not change keeps its entry (id, key, blob),
+so edges keep their cached copies; a changed file gets a new id (and never collides with a
+blob an edge may still hold under the old one)."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import mimetypes
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+    load_pem_private_key,
+)
+
+from blindfold.core import ece, manifest
+from blindfold.errors import ConfigError, VerificationError
+
+MANIFEST_NAME = "manifest.json"
+PUBLIC_KEY_NAME = "manifest-public.pem"
+BLOBS_DIR = "blobs"
+MIN_SECRET_BYTES = 32
+
+
+@dataclass(frozen=True, slots=True)
+class SealOptions:
+    record_size: int = ece.DEFAULT_RS
+    buckets: Literal["padme", "none"] = "padme"
+    expires_in_s: int = 7 * 86400
+    max_file_bytes: int = 1 << 30
+    skip: tuple[str, ...] = ()  # glob patterns (on the /path or the file name) left unsealed
+
+
+@dataclass(slots=True)
+class SealReport:
+    files: int = 0
+    sealed: int = 0
+    reused: int = 0
+    plain_bytes: int = 0
+    sealed_bytes: int = 0
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        mb = self.plain_bytes / 1e6
+        rate = mb / self.seconds if self.seconds > 0 else 0.0
+        overhead = (self.sealed_bytes / self.plain_bytes - 1) * 100 if self.plain_bytes else 0.0
+        return (f"{self.files} files: {self.sealed} sealed, {self.reused} unchanged; "
+                f"{mb:.1f} MB in, {self.sealed_bytes / 1e6:.1f} MB out (+{overhead:.1f}% "
+                f"padding and tags) in {self.seconds:.2f} s ({rate:.0f} MB/s)")
+
+
+def load_signing_key(path: str, *, create: bool = False) -> Ed25519PrivateKey:
+    p = Path(path)
+    if create and not p.exists():
+        key = Ed25519PrivateKey.generate()
+        _write_private(p, key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+        return key
+    try:
+        loaded = load_pem_private_key(p.read_bytes(), None)
+    except OSError as exc:
+        msg = f"{path}: {exc.strerror} (--create-keys makes one)"
+        raise ConfigError("signing_key", msg) from None
+    except (ValueError, TypeError) as exc:
+        msg = f"{path}: not an unencrypted PEM private key ({exc})"
+        raise ConfigError("signing_key", msg) from None
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise ConfigError("signing_key", f"{path}: must be an Ed25519 key")
+    return loaded
+
+
+def load_id_secret(path: str, *, create: bool = False) -> bytes:
+    p = Path(path)
+    if create and not p.exists():
+        secret = secrets.token_bytes(MIN_SECRET_BYTES)
+        _write_private(p, secret.hex().encode() + b"\n")
+        return secret
+    try:
+        text = p.read_text().strip()
+    except OSError as exc:
+        msg = f"{path}: {exc.strerror} (--create-keys makes one)"
+        raise ConfigError("id_secret", msg) from None
+    try:
+        secret = bytes.fromhex(text)
+    except ValueError:
+        raise ConfigError("id_secret", f"{path}: must be hex") from None
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError("id_secret", f"{path}: at least {MIN_SECRET_BYTES} bytes "
+                          f"({2 * MIN_SECRET_BYTES} hex digits)")
+    return secret
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _sha256_file(path: Path) -> str | None:
+    try:
+        with path.open("rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def _previous(out: Path, key: Ed25519PrivateKey) -> dict[str, manifest.Entry]:
+    try:
+        data = (out / MANIFEST_NAME).read_bytes()
+    except FileNotFoundError:
+        return {}
+    try:
+        return manifest.verify(data, key.public_key(), None).files
+    except VerificationError:
+        return {}  # another key or damaged: seal everything afresh (new ids, see below)
+
+
+def _files(src: Path, skip: tuple[str, ...]) -> list[tuple[str, Path]]:
+    found = []
+    for root, dirs, names in os.walk(src):  # does not follow directory symlinks
+        dirs.sort()
+        for name in sorted(names):
+            p = Path(root, name)
+            path = "/" + p.relative_to(src).as_posix()
+            if any(fnmatch.fnmatchcase(path, g) or fnmatch.fnmatchcase(name, g) for g in skip):
+                continue
+            if p.is_file():
+                found.append((path, p))
+    return found
+
+
+def seal_tree(src: str, out: str, signing_key: Ed25519PrivateKey, id_secret: bytes,
+              options: SealOptions | None = None, now: float | None = None) -> SealReport:
+    opts = options or SealOptions()
+    if not ece.MIN_RS <= opts.record_size <= ece.MAX_RS:
+        raise ConfigError("record_size", f"must be in [{ece.MIN_RS}, {ece.MAX_RS}]")
+    src_dir, out_dir = Path(src), Path(out)
+    if not src_dir.is_dir():
+        raise ConfigError("src", f"{src}: not a directory")
+    started = time.perf_counter()
+    issued = int(time.time() if now is None else now)
+    blobs = out_dir / BLOBS_DIR
+    blobs.mkdir(parents=True, exist_ok=True)
+    previous = _previous(out_dir, signing_key)
+    report = SealReport()
+    entries = []
+    for path, file in _files(src_dir, opts.skip):
+        if file.stat().st_size > opts.max_file_bytes:
+            raise ConfigError("max_file_bytes", f"{file} is larger than {opts.max_file_bytes}")
+        data = file.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        report.files += 1
+        report.plain_bytes += len(data)
+        old = previous.get(path)
+        if (old is not None and old.sha256 == digest and old.rs == opts.record_size
+                and _sha256_file(blobs / old.id) == old.blob_sha256):
+            entries.append(old)
+            report.reused += 1
+            report.sealed_bytes += old.sealed_size
+            continue
+        # A new id for new content; the generation skips ids whose blob exists but is not
+        # this content's (say, a manifest lost with its blobs kept): an edge may cache those.
+        gen = 0
+        while (blobs / (blob_id := manifest.blob_id(id_secret, path, f"{digest}:{gen}"))).exists():
+            gen += 1
+        key = secrets.token_bytes(ece.KEY_BYTES)
+        pad_to = 0
+        if opts.buckets == "padme":
+            pad_to = ece.padme(ece.sealed_size(len(data), opts.record_size))
+        sealed = ece.seal(data, key, rs=opts.record_size, pad_to=pad_to)
+        _write_atomic(blobs / blob_id, sealed)
+        ctype = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        entries.append(manifest.Entry(
+            path=path, id=blob_id, blob_sha256=hashlib.sha256(sealed).hexdigest(), sha256=digest,
+            type=ctype, size=len(data), sealed_size=len(sealed), rs=opts.record_size, key=key))
+        report.sealed += 1
+        report.sealed_bytes += len(sealed)
+    doc = manifest.build(entries, signing_key, issued, issued + opts.expires_in_s)
+    _write_atomic(out_dir / MANIFEST_NAME, doc, 0o640)
+    public = signing_key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    _write_atomic(out_dir / PUBLIC_KEY_NAME, public)
+    report.seconds = time.perf_counter() - started
+    return report

@@ -1,0 +1,286 @@
+// blindfold service worker: serves sealed paths from the blind edge, verified and decrypted
+// in the browser. The origin agent serves this file with CONFIG filled in (the manifest URL,
+// the edge, the site's Ed25519 manifest key). Format and protocol: docs/blind.md.
+//
+// For each GET of a path listed in the signed manifest: fetch the sealed blob from the edge,
+// decrypt its RFC 8188 aes128gcm records with WebCrypto as they arrive (each record is
+// authenticated; the last one is marked, so truncation and reordering are detected), check
+// sizes and, for files up to BUFFER_LIMIT, the SHA-256 of the blob and of the plaintext
+// before a byte is released. On any failure the origin serves the file instead (a failure in
+// the middle of a streamed file: the rest, with a Range request) and the failure is reported.
+'use strict';
+
+const CONFIG = /*BLINDFOLD_CONFIG*/ {};
+const BUFFER_LIMIT = 8 * 1024 * 1024;
+const MANIFEST_TTL_MS = 60 * 1000;
+const enc = new TextEncoder();
+
+self.addEventListener('install', (event) => event.waitUntil(self.skipWaiting()));
+self.addEventListener('activate', (event) => event.waitUntil(self.clients.claim()));
+
+self.addEventListener('fetch', (event) => {
+  const request = event.request;
+  if (request.method !== 'GET') return;
+  const url = new URL(request.url);
+  if (url.origin !== self.location.origin || url.pathname === CONFIG.manifest) return;
+  if (request.headers.has('range')) return;  // partial requests go to the origin as they are
+  event.respondWith(handle(request, url));
+});
+
+function b64u(text) {
+  const s = atob(text.replace(/-/g, '+').replace(/_/g, '/') + '==='.slice((text.length + 3) % 4));
+  return Uint8Array.from(s, (c) => c.charCodeAt(0));
+}
+
+function hex(buffer) {
+  return Array.from(new Uint8Array(buffer), (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+let manifestState = null;  // {files, expiresAt, fetchedAt}
+
+async function loadManifest() {
+  const now = Date.now();
+  if (manifestState && now - manifestState.fetchedAt < MANIFEST_TTL_MS
+      && now / 1000 < manifestState.expiresAt) {
+    return manifestState.files;
+  }
+  const response = await fetch(CONFIG.manifest, {cache: 'no-store', credentials: 'same-origin'});
+  if (!response.ok) throw new Error(`manifest: HTTP ${response.status}`);
+  const doc = await response.json();
+  if (doc.format !== 'blindfold-manifest/1' || doc.alg !== 'ed25519') {
+    throw new Error('manifest: unknown format');
+  }
+  if (doc.key_id !== CONFIG.keyId) throw new Error(`manifest: signed by key ${doc.key_id}`);
+  const key = await crypto.subtle.importKey('raw', b64u(CONFIG.publicKey), {name: 'Ed25519'},
+                                            false, ['verify']);
+  const ok = await crypto.subtle.verify({name: 'Ed25519'}, key, b64u(doc.signature),
+                                        enc.encode(doc.payload));
+  if (!ok) throw new Error('manifest: bad signature');
+  const body = JSON.parse(doc.payload);
+  if (now / 1000 >= body.expires_at) throw new Error('manifest: expired');
+  if (now / 1000 < body.issued_at - 300) throw new Error('manifest: issued in the future');
+  manifestState = {files: body.files, expiresAt: body.expires_at, fetchedAt: now};
+  return body.files;
+}
+
+async function handle(request, url) {
+  let files;
+  try {
+    files = await loadManifest();
+  } catch (err) {
+    report(url.pathname, null, String(err));
+    return fetch(request);
+  }
+  const entry = files[decodeURIComponent(url.pathname)];
+  if (!entry) return fetch(request);
+  try {
+    return await fromEdge(entry, request);
+  } catch (err) {
+    report(url.pathname, entry.id, String(err));
+    return fromOrigin(request, entry);
+  }
+}
+
+function headersFor(entry) {
+  return {'content-type': entry.type, 'content-length': String(entry.size),
+          'x-blindfold-source': 'edge'};
+}
+
+async function fromOrigin(request, entry) {
+  const response = await fetch(request.url, {cache: 'no-store', credentials: 'same-origin'});
+  const headers = new Headers(response.headers);
+  headers.set('x-blindfold-source', 'origin');
+  return new Response(response.body, {status: response.status, headers});
+}
+
+// RFC 8188 §2: aes128gcm records, opened one by one.
+class Opener {
+  constructor(key, maxRs) {
+    this.key = key;
+    this.maxRs = maxRs;
+    this.buf = new Uint8Array(0);
+    this.aead = null;
+    this.nonce = null;
+    this.rs = 0;
+    this.seq = 0;
+    this.done = false;
+  }
+
+  push(chunk) {
+    const joined = new Uint8Array(this.buf.length + chunk.length);
+    joined.set(this.buf);
+    joined.set(chunk, this.buf.length);
+    this.buf = joined;
+  }
+
+  async header() {
+    if (this.aead) return true;
+    if (this.buf.length < 21) return false;
+    const view = new DataView(this.buf.buffer, this.buf.byteOffset);
+    const rs = view.getUint32(16);
+    const idlen = this.buf[20];
+    if (this.buf.length < 21 + idlen) return false;
+    if (rs < 18 || rs > this.maxRs) throw new Error(`record size ${rs} not allowed`);
+    const salt = this.buf.slice(0, 16);
+    const ikm = await crypto.subtle.importKey('raw', this.key, 'HKDF', false, ['deriveBits']);
+    const derive = (info, bits) => crypto.subtle.deriveBits(
+      {name: 'HKDF', hash: 'SHA-256', salt, info: enc.encode(info)}, ikm, bits);
+    const cek = await derive('Content-Encoding: aes128gcm\0', 128);
+    this.nonce = new Uint8Array(await derive('Content-Encoding: nonce\0', 96));
+    this.aead = await crypto.subtle.importKey('raw', cek, 'AES-GCM', false, ['decrypt']);
+    this.rs = rs;
+    this.buf = this.buf.slice(21 + idlen);
+    return true;
+  }
+
+  // Records that are complete (a byte beyond them has arrived, or `final`).
+  async records(final) {
+    const out = [];
+    if (!(await this.header())) {
+      if (final) throw new Error('truncated header');
+      return out;
+    }
+    while (this.buf.length > this.rs || (final && this.buf.length > 0)) {
+      const n = Math.min(this.rs, this.buf.length);
+      const last = final && n === this.buf.length;
+      out.push(await this.open(this.buf.slice(0, n), last));
+      this.buf = this.buf.slice(n);
+    }
+    if (final && !this.done) throw new Error('truncated: no last record');
+    return out;
+  }
+
+  async open(record, lastInStream) {
+    if (this.done) throw new Error('data after the last record');
+    const iv = this.nonce.slice();
+    let seq = this.seq++;
+    for (let i = 11; i >= 6 && seq > 0; i--) {  // NONCE XOR SEQ (RFC 8188 §2.3)
+      iv[i] ^= seq & 0xff;
+      seq = Math.floor(seq / 256);
+    }
+    let plain;
+    try {
+      plain = new Uint8Array(await crypto.subtle.decrypt({name: 'AES-GCM', iv}, this.aead, record));
+    } catch (err) {
+      throw new Error(`record ${this.seq - 1} does not authenticate`);
+    }
+    let end = plain.length;
+    while (end > 0 && plain[end - 1] === 0) end--;
+    if (end === 0) throw new Error('record without a delimiter');
+    const delim = plain[end - 1];
+    if (delim === 2) this.done = true;
+    else if (delim !== 1 || lastInStream) throw new Error('bad delimiter or truncated');
+    return plain.subarray(0, end - 1);
+  }
+}
+
+async function fromEdge(entry, request) {
+  const response = await fetch(`${CONFIG.edge}/b/${entry.id}`,
+                               {mode: 'cors', credentials: 'omit'});
+  if (!response.ok) throw new Error(`edge: HTTP ${response.status}`);
+  const key = b64u(entry.key);
+  if (entry.sealed_size <= BUFFER_LIMIT) {
+    // Small: check everything before the page sees a byte.
+    const blob = new Uint8Array(await response.arrayBuffer());
+    if (blob.length !== entry.sealed_size) throw new Error('blob size differs from the manifest');
+    if (hex(await crypto.subtle.digest('SHA-256', blob)) !== entry.blob_sha256) {
+      throw new Error('blob digest differs from the manifest');
+    }
+    const opener = new Opener(key, entry.rs);
+    opener.push(blob);
+    const parts = await opener.records(true);
+    const plain = new Uint8Array(entry.size);
+    let at = 0;
+    for (const p of parts) {
+      if (at + p.length > entry.size) throw new Error('more plaintext than the manifest says');
+      plain.set(p, at);
+      at += p.length;
+    }
+    if (at !== entry.size) throw new Error('plaintext size differs from the manifest');
+    if (hex(await crypto.subtle.digest('SHA-256', plain)) !== entry.sha256) {
+      throw new Error('plaintext digest differs from the manifest');
+    }
+    return new Response(plain, {status: 200, headers: headersFor(entry)});
+  }
+  // Large: stream record by record. The first record is opened before answering, so a blob
+  // that is bad from the start still falls back whole.
+  const reader = response.body.getReader();
+  const opener = new Opener(key, entry.rs);
+  let delivered = 0;
+  let received = 0;
+  let ended = false;
+  const next = async () => {
+    while (true) {
+      if (ended) return null;
+      const {value, done} = await reader.read();
+      if (done) {
+        ended = true;
+        if (received !== entry.sealed_size) throw new Error('blob size differs from the manifest');
+        return opener.records(true);
+      }
+      received += value.length;
+      if (received > entry.sealed_size) throw new Error('blob larger than the manifest says');
+      opener.push(value);
+      const parts = await opener.records(false);
+      if (parts.length) return parts;
+    }
+  };
+  const first = await next();
+  const check = (parts) => {
+    for (const p of parts) delivered += p.length;
+    if (delivered > entry.size) throw new Error('more plaintext than the manifest says');
+    return parts;
+  };
+  check(first || []);
+  const stream = new ReadableStream({
+    start(controller) {
+      for (const p of first || []) controller.enqueue(p);
+    },
+    async pull(controller) {
+      try {
+        const parts = await next();
+        if (parts === null) {
+          if (delivered !== entry.size) throw new Error('plaintext size differs from the manifest');
+          controller.close();
+          return;
+        }
+        for (const p of check(parts)) controller.enqueue(p);
+      } catch (err) {
+        reader.cancel().catch(() => {});
+        report(new URL(request.url).pathname, entry.id, `${err} (after ${delivered} bytes)`);
+        // The bytes released so far were authenticated: the origin sends the rest.
+        try {
+          await rest(request, entry, delivered, controller);
+        } catch (err2) {
+          controller.error(err2);
+        }
+      }
+    },
+  });
+  return new Response(stream, {status: 200, headers: headersFor(entry)});
+}
+
+async function rest(request, entry, from, controller) {
+  const response = await fetch(request.url, {cache: 'no-store', credentials: 'same-origin',
+                                             headers: {range: `bytes=${from}-`}});
+  if (response.status !== 206) throw new Error(`origin range: HTTP ${response.status}`);
+  const reader = response.body.getReader();
+  let total = from;
+  while (true) {
+    const {value, done} = await reader.read();
+    if (done) break;
+    total += value.length;
+    if (total > entry.size) throw new Error('origin sent too much');
+    controller.enqueue(value);
+  }
+  if (total !== entry.size) throw new Error('origin sent too little');
+  controller.close();
+}
+
+function report(path, id, error) {
+  if (!CONFIG.report) return;
+  fetch(CONFIG.report, {method: 'POST', credentials: 'same-origin', keepalive: true,
+                        headers: {'content-type': 'application/json'},
+                        body: JSON.stringify({path, id, error: error.slice(0, 500)})})
+    .catch(() => {});
+}

@@ -1,0 +1,169 @@
+"""The blind-delivery manifest: path -> sealed blob, signed by the site (Ed25519), with an expiry.
+
+Sans-IO: `build` makes the signed bytes, `verify` checks them and returns a `Manifest`. The
+format (docs/blind.md):
+
+    {"format": "blindfold-manifest/1", "alg": "ed25519", "key_id": "<hex>",
+     "payload": "<JSON text>", "signature": "<base64url of Ed25519(payload as UTF-8)>"}
+
+The payload is carried as a string so that a verifier checks exactly the bytes that were
+signed (no JSON canonicalisation on either side); it holds `issued_at`, `expires_at` (Unix
+seconds) and `files`: {"/path": {id, blob_sha256, sha256, type, size, sealed_size, rs, key}}
+where `key` is the file's aes128gcm key, base64url. The manifest is secret (it holds the keys):
+only the origin serves it, over its own TLS.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from blindfold.core import ece
+from blindfold.errors import VerificationError
+
+FORMAT = "blindfold-manifest/1"
+MAX_MANIFEST_BYTES = 32 << 20
+ALLOWED_SKEW_S = 300.0  # a manifest issued up to this far in the future still verifies
+_ID = re.compile(r"[0-9a-f]{32}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def b64u(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unb64u(text: str) -> bytes:
+    if not isinstance(text, str) or not re.fullmatch(r"[A-Za-z0-9_-]*", text):
+        raise VerificationError("manifest: bad base64url")
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        raise VerificationError("manifest: bad base64url") from None
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    raw = public.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def blob_id(secret: bytes, path: str, version: str) -> str:
+    """The opaque name of a sealed file: HMAC-SHA256 under the site's id secret of the path
+    and a version, so an edge cannot map ids back to paths; same inputs, same id."""
+    msg = b"blindfold-blob-id/1\x00" + path.encode() + b"\x00" + version.encode()
+    return hmac.new(secret, msg, hashlib.sha256).hexdigest()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    path: str
+    id: str
+    blob_sha256: str
+    sha256: str
+    type: str
+    size: int
+    sealed_size: int
+    rs: int
+    key: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "blob_sha256": self.blob_sha256, "sha256": self.sha256,
+                "type": self.type, "size": self.size, "sealed_size": self.sealed_size,
+                "rs": self.rs, "key": b64u(self.key)}
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    issued_at: int
+    expires_at: int
+    key_id: str
+    files: dict[str, Entry]
+
+
+def build(entries: list[Entry], signing_key: Ed25519PrivateKey, issued_at: int,
+          expires_at: int) -> bytes:
+    payload = json.dumps({
+        "format": FORMAT, "issued_at": issued_at, "expires_at": expires_at,
+        "files": {e.path: e.to_json() for e in sorted(entries, key=lambda e: e.path)},
+    }, separators=(",", ":"), sort_keys=True)
+    signature = signing_key.sign(payload.encode())
+    doc = {"format": FORMAT, "alg": "ed25519", "key_id": key_id(signing_key.public_key()),
+           "payload": payload, "signature": b64u(signature)}
+    return json.dumps(doc, indent=1).encode() + b"\n"
+
+
+def _field(obj: dict[str, Any], name: str, kind: type, where: str) -> Any:
+    value = obj.get(name)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise VerificationError(f"manifest: {where}.{name} missing or not a {kind.__name__}")
+    return value
+
+
+def parse_entry(path: str, raw: Any) -> Entry:
+    where = f"files[{path!r}]"
+    if not isinstance(raw, dict):
+        raise VerificationError(f"manifest: {where} is not an object")
+    if not path.startswith("/") or "\x00" in path:
+        raise VerificationError(f"manifest: {where}: a path must start with /")
+    entry = Entry(path=path, id=_field(raw, "id", str, where),
+                  blob_sha256=_field(raw, "blob_sha256", str, where),
+                  sha256=_field(raw, "sha256", str, where), type=_field(raw, "type", str, where),
+                  size=_field(raw, "size", int, where),
+                  sealed_size=_field(raw, "sealed_size", int, where),
+                  rs=_field(raw, "rs", int, where), key=unb64u(_field(raw, "key", str, where)))
+    if not _ID.fullmatch(entry.id):
+        raise VerificationError(f"manifest: {where}.id is not 32 hex digits")
+    if not (_HEX64.fullmatch(entry.blob_sha256) and _HEX64.fullmatch(entry.sha256)):
+        raise VerificationError(f"manifest: {where}: digests must be 64 hex digits")
+    if len(entry.key) != ece.KEY_BYTES:
+        raise VerificationError(f"manifest: {where}.key must be {ece.KEY_BYTES} bytes")
+    if not ece.MIN_RS <= entry.rs <= ece.MAX_RS:
+        raise VerificationError(f"manifest: {where}.rs out of range")
+    if entry.size < 0 or entry.sealed_size < ece.sealed_size(entry.size, entry.rs):
+        raise VerificationError(f"manifest: {where}: sizes are inconsistent")
+    return entry
+
+
+def verify(data: bytes, public: Ed25519PublicKey, now: float | None) -> Manifest:
+    """Check the signature, the key id, the format and the validity window (not when `now`
+    is None: the sealer reading its previous manifest); return the manifest. Anything wrong
+    raises `VerificationError` naming what."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise VerificationError(f"manifest: larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise VerificationError("manifest: not JSON") from None
+    if not isinstance(doc, dict):
+        raise VerificationError("manifest: not a JSON object")
+    if doc.get("format") != FORMAT or doc.get("alg") != "ed25519":
+        raise VerificationError(f"manifest: format must be {FORMAT} with alg ed25519")
+    if doc.get("key_id") != key_id(public):
+        raise VerificationError(f"manifest: signed by key {doc.get('key_id')!r}, "
+                                f"expected {key_id(public)}")
+    payload = _field(doc, "payload", str, "manifest")
+    try:
+        public.verify(unb64u(_field(doc, "signature", str, "manifest")), payload.encode())
+    except InvalidSignature:
+        raise VerificationError("manifest: bad signature") from None
+    body = json.loads(payload)  # signed by the site: well-formed JSON, but check the shape
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        raise VerificationError("manifest: payload format")
+    issued = _field(body, "issued_at", int, "payload")
+    expires = _field(body, "expires_at", int, "payload")
+    if now is not None and now < issued - ALLOWED_SKEW_S:
+        raise VerificationError(f"manifest: issued in the future ({issued})")
+    if now is not None and now >= expires:
+        raise VerificationError(f"manifest: expired at {expires}")
+    files = _field(body, "files", dict, "payload")
+    return Manifest(issued_at=issued, expires_at=expires, key_id=doc["key_id"],
+                    files={p: parse_entry(p, raw) for p, raw in files.items()})

@@ -1,0 +1,489 @@
+"""Blind routes in an edge worker: a CDN hostname of the edge's own (its certificate and key)
+that serves sealed blobs by id at `/b/<id>`, pulled from the origin agent over verified TLS and
+cached in memory and on disk, both bounded, LRU.
+
+What the edge holds is ciphertext and its size: the keys and the path -> id map are in the
+manifest, which only the origin serves. The edge does not (cannot) check a blob; the client
+does, against the signed manifest, and falls back to the origin when a copy is bad. So the
+edge's job is to be fast and bounded, and to never serve a partial pull as a complete blob.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import socket
+import ssl
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from blindfold.config.edge import BlindRouteConfig, EdgeHttpConfig, RouteConfig
+from blindfold.core.clienthello import ClientHello
+from blindfold.core.proxyproto import encode_v1, encode_v2
+from blindfold.core.tls13_server import ConnectionFailed
+from blindfold.errors import ConfigError, UpstreamError
+from blindfold.io.openssl_engine import OpenSslServer
+from blindfold.io.tls13_transport import TlsServerProtocol
+from blindfold.web.client import UpstreamPool
+from blindfold.web.http1 import ConnInfo, H1Connection
+from blindfold.web.http2 import H2Connection
+from blindfold.web.limits import HttpLimits
+from blindfold.web.messages import BodyStream, Headers, Request, Responder, simple_response
+
+if TYPE_CHECKING:
+    from blindfold.edge.passthrough import Conn
+    from blindfold.edge.worker import RouteState, Worker
+
+_BLOB = re.compile(rb"/b/([0-9a-f]{32})")
+_ID = re.compile(r"[0-9a-f]{32}")
+SEND_CHUNK = 1 << 18
+# Blob ids name content (an HMAC of path and content digest): a blob never changes.
+_CACHE_CONTROL = b"public, max-age=31536000, immutable"
+
+
+def _server_tls(where: str, rc: RouteConfig) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    try:
+        ctx.load_cert_chain(rc.certificate, rc.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{where}.certificate", f"cannot load {rc.certificate} with "
+                          f"{rc.key}: {exc}") from None
+    return ctx
+
+
+class BlobStore:
+    """Two bounded LRU tiers: small blobs in memory, every blob on disk (when a directory is
+    configured). Files are written under a temporary name and renamed when complete, so a
+    blob file is always whole; the index is rebuilt from the directory at start."""
+
+    def __init__(self, cfg: BlindRouteConfig, worker_index: int) -> None:
+        self.mem_max = cfg.memory_cache_bytes
+        self.mem_obj_max = min(cfg.memory_max_object_bytes, cfg.memory_cache_bytes)
+        self.disk_max = cfg.disk_cache_bytes if cfg.cache_dir else 0
+        self.mem: OrderedDict[str, bytes] = OrderedDict()
+        self.mem_used = 0
+        self.disk: OrderedDict[str, int] = OrderedDict()
+        self.disk_used = 0
+        self.dir: Path | None = None
+        if cfg.cache_dir and self.disk_max:
+            self.dir = Path(cfg.cache_dir) / f"w{worker_index}"
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self._scan()
+            except OSError as exc:
+                raise ConfigError("blind.cache_dir", f"{self.dir}: {exc.strerror}") from None
+
+    def _scan(self) -> None:
+        assert self.dir is not None
+        found = []
+        for entry in os.scandir(self.dir):
+            if not entry.is_file():
+                continue
+            if _ID.fullmatch(entry.name):
+                st = entry.stat()
+                found.append((st.st_mtime, entry.name, st.st_size))
+            else:  # a pull that never finished
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+        for _mtime, name, size in sorted(found):
+            self.disk[name] = size
+            self.disk_used += size
+        self._evict_disk()
+
+    def memory(self, blob: str) -> bytes | None:
+        data = self.mem.get(blob)
+        if data is not None:
+            self.mem.move_to_end(blob)
+        return data
+
+    def disk_path(self, blob: str) -> Path | None:
+        if self.dir is None or blob not in self.disk:
+            return None
+        self.disk.move_to_end(blob)
+        return self.dir / blob
+
+    def forget_disk(self, blob: str) -> None:
+        size = self.disk.pop(blob, None)
+        if size is not None:
+            self.disk_used -= size
+
+    def put_memory(self, blob: str, data: bytes) -> None:
+        if len(data) > self.mem_obj_max or blob in self.mem:
+            return
+        self.mem[blob] = data
+        self.mem_used += len(data)
+        while self.mem_used > self.mem_max and self.mem:
+            _old, gone = self.mem.popitem(last=False)
+            self.mem_used -= len(gone)
+
+    def temp_file(self, blob: str) -> Path | None:
+        if self.dir is None:
+            return None
+        return self.dir / f".{blob}.{os.getpid()}.{time.monotonic_ns()}.tmp"
+
+    def commit_disk(self, blob: str, tmp: Path, size: int) -> None:
+        assert self.dir is not None
+        if size > self.disk_max:
+            tmp.unlink(missing_ok=True)
+            return
+        os.replace(tmp, self.dir / blob)
+        self.forget_disk(blob)
+        self.disk[blob] = size
+        self.disk_used += size
+        self._evict_disk()
+
+    def _evict_disk(self) -> None:
+        assert self.dir is not None
+        while self.disk_used > self.disk_max and self.disk:
+            name, size = self.disk.popitem(last=False)
+            self.disk_used -= size
+            with contextlib.suppress(OSError):
+                os.unlink(self.dir / name)
+
+
+class BlindStats:
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = {}  # hit_memory | hit_disk | miss | not_found | ...
+        self.origin_bytes = 0
+        self.served_bytes = 0
+
+    def count(self, key: str) -> None:
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+
+class BlindRoute:
+    """What a worker keeps for one blind route; on reload the store and counters carry over
+    when the cache settings are unchanged."""
+
+    def __init__(self, where: str, rc: RouteConfig, worker_index: int) -> None:
+        self.config = rc
+        self.cfg = rc.blind or BlindRouteConfig()
+        self.tls = _server_tls(where, rc)
+        from blindfold.edge.keyless import _origin_tls
+
+        self.origin_tls = _origin_tls(where, rc)
+        self.pins = frozenset(bytes.fromhex(p.replace(":", "").lower())
+                              for p in rc.origin_pin_sha256)
+        http = rc.http or EdgeHttpConfig()
+        self.http = http
+        self.limits = HttpLimits(
+            max_header_bytes=http.max_header_bytes, max_headers=http.max_headers,
+            max_body_bytes=0, header_timeout_s=http.header_timeout_s,
+            body_timeout_s=http.body_timeout_s, keepalive_timeout_s=http.keepalive_timeout_s,
+            send_timeout_s=http.send_timeout_s,
+            h2_max_concurrent_streams=http.h2_max_concurrent_streams,
+            h2_max_header_list_size=http.max_header_bytes)
+        self.store = BlobStore(self.cfg, worker_index)
+        self.stats = BlindStats()
+        self.pulls: dict[str, asyncio.Future[None]] = {}
+        self.pool: UpstreamPool | None = None
+        self.any_origin = "*" in self.cfg.allow_origins
+        self.allowed_origins = frozenset(o.encode() for o in self.cfg.allow_origins)
+
+    def cors(self, request: Request) -> Headers:
+        """CORS for a page's service worker fetching blobs cross-origin (Fetch standard)."""
+        if self.any_origin:
+            return [(b"access-control-allow-origin", b"*")]
+        origin = request.header(b"origin")
+        if origin is not None and origin in self.allowed_origins:
+            return [(b"access-control-allow-origin", origin), (b"vary", b"origin")]
+        return [(b"vary", b"origin")]
+
+    def adopt(self, old: BlindRoute) -> None:
+        if old.cfg == self.cfg:
+            self.store = old.store
+        self.stats = old.stats
+        if old.pool is not None:
+            old.pool.close()
+
+
+class BlindService:
+    """The worker's blind side, on the asyncio loop the reactor is attached to."""
+
+    def __init__(self, worker: Worker, loop: asyncio.AbstractEventLoop) -> None:
+        self.worker = worker
+        self.loop = loop
+
+    def build(self, where: str, rc: RouteConfig, old: BlindRoute | None) -> BlindRoute:
+        route = BlindRoute(where, rc, self.worker.index)
+        if old is not None:
+            route.adopt(old)
+        return route
+
+    def begin(self, conn: Conn, route: RouteState, hello: ClientHello) -> None:
+        br = route.blind
+        assert br is not None
+        server = OpenSslServer(br.tls, hello.sni)
+        events = server.receive(bytes(conn.buf), self.worker.reactor.now)
+        conn.begin_keyless()
+        failed = next((e for e in events if isinstance(e, ConnectionFailed)), None)
+        if failed is not None:
+            with contextlib.suppress(OSError):
+                conn.client.send(server.data_to_send())  # OpenSSL's alert
+            conn.close("refused", f"tls_{failed.reason}")
+            return
+
+        def app(alpn: str | None) -> asyncio.Protocol:
+            handler = BlindHandler(self.worker, conn, route, br)
+            local = conn.local or ("0.0.0.0", 0)
+            info = ConnInfo((conn.ip, conn.client_port), local, b"https",
+                            {"sni": hello.sni or "", "alpn": alpn or ""})
+            if alpn == "h2":
+                return H2Connection(handler, br.limits, info, handler.http_event)
+            return H1Connection(handler, br.limits, info, handler.http_event)
+
+        proto = TlsServerProtocol(server, app, conn.keyless_done, br.http.tls_handshake_timeout_s,
+                                  br.http.keepalive_timeout_s)
+        sock: socket.socket = conn.adopt_socket_for_asyncio()
+        conn.l7 = proto
+        make = getattr(self.loop, "_make_socket_transport", None)
+        if make is not None:  # see KeylessService._open
+            make(sock, proto)
+        else:
+            self.loop.create_task(self._attach(conn, proto, sock))
+
+    async def _attach(self, conn: Conn, proto: TlsServerProtocol, sock: socket.socket) -> None:
+        try:
+            await self.loop.connect_accepted_socket(lambda: proto, sock)
+        except OSError:
+            conn.close("reset", "attach_failed")
+
+
+class BlindHandler:
+    """Requests on one visitor connection of a blind route."""
+
+    def __init__(self, worker: Worker, conn: Conn, route: RouteState, br: BlindRoute) -> None:
+        self.worker = worker
+        self.conn = conn
+        self.route = route
+        self.br = br
+        self.cors: Headers = []
+
+    def http_event(self, name: str, fields: dict[str, object]) -> None:
+        if name in ("h2_abuse", "bad_request", "handler_error", "send_timeout"):
+            self.worker.log.log(name, route=self.route.name, **fields)
+
+    async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
+        br = self.br
+        method = request.method
+        if method == b"OPTIONS":  # CORS preflight from a page's service worker
+            await respond.start(204, [*br.cors(request),
+                                      (b"access-control-allow-methods", b"GET, HEAD"),
+                                      (b"access-control-max-age", b"86400"),
+                                      (b"content-length", b"0")])
+            await respond.end()
+            return
+        if method not in (b"GET", b"HEAD"):
+            br.stats.count("bad_method")
+            await simple_response(respond, 405, "only GET and HEAD\n",
+                                  [(b"allow", b"GET, HEAD, OPTIONS")])
+            return
+        m = _BLOB.fullmatch(request.path)
+        if m is None:
+            br.stats.count("not_found")
+            await simple_response(respond, 404, "not a blob\n", br.cors(request))
+            return
+        blob = m.group(1).decode()
+        head = method == b"HEAD"
+        self.cors = br.cors(request)
+        for _attempt in range(2):
+            if await self._from_cache(blob, respond, head):
+                return
+            pull = br.pulls.get(blob)
+            if pull is None:
+                await self._pull(blob, respond, head)
+                return
+            # Someone is pulling it: wait for that, then serve from the cache.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(br.http.upstream_timeout_s):
+                    await asyncio.shield(pull)
+        br.stats.count("error")
+        await simple_response(respond, 502, "blob unavailable\n", self.cors)
+
+    def _headers(self, size: int, source: bytes) -> Headers:
+        return [(b"content-type", b"application/octet-stream"),
+                (b"content-length", str(size).encode()), (b"cache-control", _CACHE_CONTROL),
+                (b"x-blindfold-cache", source), *self.cors]
+
+    async def _from_cache(self, blob: str, respond: Responder, head: bool) -> bool:
+        br = self.br
+        data = br.store.memory(blob)
+        if data is not None:
+            br.stats.count("hit_memory")
+            await respond.start(200, self._headers(len(data), b"hit"))
+            if not head:
+                await respond.send(data)
+                br.stats.served_bytes += len(data)
+            await respond.end()
+            return True
+        path = br.store.disk_path(blob)
+        if path is None:
+            return False
+        try:
+            f = path.open("rb")
+        except OSError:
+            br.store.forget_disk(blob)
+            return False
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            br.stats.count("hit_disk")
+            await respond.start(200, self._headers(size, b"hit"))
+            sent = 0
+            small = size <= br.store.mem_obj_max
+            kept = bytearray() if small else None
+            # Local, page-cached reads: synchronous, in large chunks (a thread hop per chunk
+            # would cost more than the read).
+            while not head and sent < size:
+                data = f.read(min(SEND_CHUNK, size - sent))
+                if not data:
+                    respond.abort()  # the file was cut under us: never claim a whole blob
+                    br.store.forget_disk(blob)
+                    return True
+                await respond.send(data)
+                sent += len(data)
+                if kept is not None:
+                    kept += data
+            br.stats.served_bytes += sent
+            await respond.end()
+        if kept is not None and len(kept) == size:
+            br.store.put_memory(blob, bytes(kept))
+        return True
+
+    def _pool(self) -> UpstreamPool:
+        br = self.br
+        if br.pool is None:
+            from blindfold.edge.l7 import open_verified_origin
+
+            rc, route, worker = br.config, self.route, self.worker
+            # The edge pulls on its own behalf: PROXY LOCAL (v2) / UNKNOWN (v1), so an origin
+            # that requires a header from its edges accepts it and sees the edge's address.
+            header = {"v2": encode_v2(None, None), "v1": encode_v1(None, None)}.get(
+                rc.proxy_protocol, b"")
+
+            async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                return await open_verified_origin(
+                    worker, route, header, br.origin_tls, rc.origin_server_name, br.pins,
+                    br.http.upstream_connect_timeout_s)
+
+            br.pool = UpstreamPool(f"https://{route.pool.origins[0].text}",
+                                   max_idle=br.http.upstream_connections,
+                                   connect_timeout_s=br.http.upstream_connect_timeout_s,
+                                   timeout_s=br.http.upstream_timeout_s, tls=br.origin_tls,
+                                   server_hostname=rc.origin_server_name, connector=connect)
+        return br.pool
+
+    async def _pull(self, blob: str, respond: Responder, head: bool) -> None:
+        """Fetch from the origin, streaming to this visitor while it is written to the cache;
+        stored only when complete and of the announced length."""
+        br = self.br
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        br.pulls[blob] = done
+        tmp: Path | None = None
+        try:
+            target = (br.cfg.origin_blobs_path + blob).encode()
+            host = (br.config.origin_server_name or "origin").encode()
+            try:
+                resp = await self._pool().request(
+                    b"GET", target, [(b"host", host), (b"user-agent", b"blindfold-edge")], None)
+            except UpstreamError as exc:
+                br.stats.count("origin_error")
+                self.worker.log.log("blind_pull_failed", route=self.route.name, blob=blob,
+                                    detail=str(exc)[:200])
+                await simple_response(respond, 502, "origin unavailable\n", self.cors)
+                return
+            length = _content_length(resp.headers)
+            if resp.status != 200 or length is None or length > br.cfg.max_blob_bytes:
+                resp.close()
+                status = 404 if resp.status == 404 else 502
+                br.stats.count("not_found" if status == 404 else "origin_error")
+                await simple_response(respond, status, "no such blob\n" if status == 404 else
+                                      "bad origin answer\n", self.cors)
+                return
+            br.stats.count("miss")
+            await respond.start(200, self._headers(length, b"miss"))
+            tmp = br.store.temp_file(blob)
+            out = tmp.open("wb") if tmp is not None else None
+            kept = bytearray() if length <= br.store.mem_obj_max else None
+            got = 0
+            visitor = not head
+            try:
+                async for chunk in resp.body():
+                    got += len(chunk)
+                    if got > length:
+                        raise UpstreamError("origin sent more than its Content-Length")
+                    if out is not None:
+                        out.write(chunk)
+                    if kept is not None:
+                        kept += chunk
+                    if visitor:
+                        try:
+                            await respond.send(chunk)
+                        except Exception:  # the visitor left: finish the pull for the cache
+                            visitor = False
+            except UpstreamError as exc:
+                self.worker.log.log("blind_pull_failed", route=self.route.name, blob=blob,
+                                    detail=str(exc)[:200])
+                br.stats.count("origin_error")
+                respond.abort()
+                return
+            finally:
+                if out is not None:
+                    out.close()
+            br.stats.origin_bytes += got
+            if got != length:
+                respond.abort()
+                return
+            if tmp is not None:
+                br.store.commit_disk(blob, tmp, got)
+                tmp = None
+            if kept is not None:
+                br.store.put_memory(blob, bytes(kept))
+            if visitor:
+                br.stats.served_bytes += got
+            if visitor or head:
+                await respond.end()
+        finally:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            br.pulls.pop(blob, None)
+            done.set_result(None)
+
+
+def _content_length(headers: Headers) -> int | None:
+    for k, v in headers:
+        if k == b"content-length":
+            try:
+                n = int(v)
+            except ValueError:
+                return None
+            return n if n >= 0 else None
+    return None
+
+
+def snapshot(routes: list[Any]) -> dict[str, list[list[Any]]]:
+    """Prometheus tables for the worker's blind routes."""
+    tables: dict[str, list[list[Any]]] = {
+        "blindfold_blind_requests_total": [], "blindfold_blind_cache_bytes": [],
+        "blindfold_blind_cache_blobs": [], "blindfold_blind_origin_bytes_total": [],
+        "blindfold_blind_served_bytes_total": []}
+    for route in routes:
+        br = route.blind
+        if br is None:
+            continue
+        name = route.name
+        tables["blindfold_blind_requests_total"].extend(
+            [[name, k], v] for k, v in br.stats.requests.items())
+        tables["blindfold_blind_cache_bytes"].extend(
+            [[[name, "memory"], br.store.mem_used], [[name, "disk"], br.store.disk_used]])
+        tables["blindfold_blind_cache_blobs"].extend(
+            [[[name, "memory"], len(br.store.mem)], [[name, "disk"], len(br.store.disk)]])
+        tables["blindfold_blind_origin_bytes_total"].append([[name], br.stats.origin_bytes])
+        tables["blindfold_blind_served_bytes_total"].append([[name], br.stats.served_bytes])
+    return tables

@@ -1,0 +1,236 @@
+"""Blind delivery end to end with real processes: `blindfold seal` -> origin agent serving the
+sealed store -> edge with a passthrough route for the site (manifest, HTML, fallbacks: TLS
+end to end to the origin) and a blind route for the CDN hostname (its own certificate) ->
+`blindfold fetch` as the visitor."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blindfold import pki
+from tests.conftest import need
+from tests.helpers.edgeproc import EdgeProcess, OriginProcess, edge_config, route
+from tests.helpers.topology import origin_config
+
+CDN = "cdn.example.test"
+
+
+def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "blindfold", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+class Site:
+    """A sealed tree, the origin serving it and an edge in front (both routes)."""
+
+    def __init__(self, tmp: Path, ca: pki.Issued, site: dict[str, Path], app_port: int,
+                 start_edge: Callable[..., EdgeProcess],
+                 start_origin: Callable[..., OriginProcess], **blind: Any) -> None:
+        self.tmp = tmp
+        self.marker = "SECRET-PLAINTEXT-" + secrets.token_hex(8)
+        src = tmp / "site"
+        (src / "js").mkdir(parents=True)
+        (src / "img").mkdir()
+        self.files = {
+            "/index.html": f"<html><body>{self.marker}</body></html>\n".encode(),
+            "/js/app.js": f"console.log('{self.marker}');\n".encode() * 300,
+            "/img/photo.bin": os.urandom(700_000) + self.marker.encode(),
+            "/big.bin": (self.marker.encode() + os.urandom(4000)) * 1200,  # ~4.8 MB
+        }
+        for path, data in self.files.items():
+            (src / path.lstrip("/")).write_bytes(data)
+        self.src, self.out = src, tmp / "sealed"
+        seal = _run("seal", str(src), str(self.out), "--signing-key", str(tmp / "manifest.pem"),
+                    "--id-secret", str(tmp / "id-secret"), "--create-keys",
+                    "--record-size", "16384")
+        assert seal.returncode == 0, seal.stderr
+        self.seal_output = seal.stdout
+        self.public_key = self.out / "manifest-public.pem"
+        cdn = pki.issue(ca, [CDN])
+        cdn.write(tmp / "cdn.pem", tmp / "cdn.key")
+        text = origin_config(site, app_port, tmp) + (
+            f'\n[origin.blind]\ndir = "{self.out}"\nsource_dir = "{src}"\n')
+        self.origin = start_origin(text)
+        self.cache = tmp / "edge-cache"
+        blind_cfg = {"cache_dir": str(self.cache), **blind}
+        routes = (route(["example.test"], [f"127.0.0.1:{self.origin.port}"],
+                        proxy_protocol="v2")
+                  + route([CDN], [f"127.0.0.1:{self.origin.port}"], mode="blind",
+                          certificate=str(tmp / "cdn.pem"), key=str(tmp / "cdn.key"),
+                          origin_ca=str(site["ca"]), origin_server_name="example.test",
+                          proxy_protocol="v2", blind=blind_cfg))
+        self.edge = start_edge(edge_config(routes, per_ip_rate_per_s=0))
+        self.ca = site["ca"]
+
+    def fetch(self, path: str, *extra: str) -> tuple[subprocess.CompletedProcess[str], bytes]:
+        port = self.edge.port
+        out = self.tmp / f"out-{secrets.token_hex(4)}"
+        r = _run("fetch", f"https://example.test:{port}{path}", "--edge",
+                 f"https://{CDN}:{port}", "--manifest-key", str(self.public_key),
+                 "--cacert", str(self.ca),
+                 "--connect-to", f"example.test:{port}:127.0.0.1:{port}",
+                 "--connect-to", f"{CDN}:{port}:127.0.0.1:{port}", "-o", str(out), *extra)
+        data = out.read_bytes() if out.exists() else b""
+        return r, data
+
+    def ids(self) -> dict[str, str]:
+        import json
+
+        doc = json.loads((self.out / "manifest.json").read_text())
+        files = json.loads(doc["payload"])["files"]
+        return {p: e["id"] for p, e in files.items()}
+
+    def curl_blob(self, path: str, *extra: str) -> subprocess.CompletedProcess[bytes]:
+        port = self.edge.port
+        return subprocess.run(
+            [need("curl"), "-sS", "--max-time", "20", "--cacert", str(self.ca), "--resolve",
+             f"{CDN}:{port}:127.0.0.1", f"https://{CDN}:{port}{path}", *extra],
+            capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def blind_site(tmp_path: Path, ca: pki.Issued, site: dict[str, Path], app: Any,
+               start_edge: Callable[..., EdgeProcess],
+               start_origin: Callable[..., OriginProcess]) -> Callable[..., Site]:
+    def make(**blind: Any) -> Site:
+        return Site(tmp_path, ca, site, app.port, start_edge, start_origin, **blind)
+    return make
+
+
+def _edge_count(s: Site, result: str) -> float:
+    return s.edge.metric("blindfold_blind_requests_total", route="route1", result=result)
+
+
+def _origin_bytes(origin: OriginProcess, kind: str) -> float:
+    return origin.metric("blindfold_origin_blind_bytes_total", kind=kind)
+
+
+def test_fetch_through_a_blind_edge_verifies_and_caches(blind_site: Callable[..., Site]) -> None:
+    s = blind_site()
+    assert "4 files: 4 sealed" in s.seal_output
+    for path, data in s.files.items():
+        r, got = s.fetch(path)
+        assert r.returncode == 0, r.stderr
+        assert "from the edge" in r.stdout and not r.stderr, (r.stdout, r.stderr)
+        assert got == data, path
+    assert _edge_count(s, "miss") == 4
+    pulled = _origin_bytes(s.origin, "blob")
+    assert pulled > sum(len(d) for d in s.files.values())  # sealed: tags and padding
+    # Warm cache: the bulk comes from the edge; the origin serves the manifest only.
+    manifest_before = _origin_bytes(s.origin, "manifest")
+    for path, data in s.files.items():
+        r, got = s.fetch(path)
+        assert r.returncode == 0 and got == data, r.stderr
+    hits = _edge_count(s, "hit_memory") + _edge_count(s, "hit_disk")
+    assert hits == 4
+    assert _origin_bytes(s.origin, "blob") == pulled  # nothing pulled again
+    origin_share = _origin_bytes(s.origin, "manifest") - manifest_before
+    # this round only: half of what the edge served in both rounds
+    edge_share = s.edge.metric("blindfold_blind_served_bytes_total", route="route1") / 2
+    assert edge_share / (edge_share + origin_share) >= 0.95, (edge_share, origin_share)
+
+
+def test_the_edge_holds_no_plaintext(blind_site: Callable[..., Site]) -> None:
+    s = blind_site()
+    for path in s.files:
+        r, _ = s.fetch(path)
+        assert r.returncode == 0, r.stderr
+    marker = s.marker.encode()
+    cached = [p for p in s.cache.rglob("*") if p.is_file()]
+    assert len(cached) == 4
+    for p in cached:
+        assert marker not in p.read_bytes(), p
+    # What the edge serves (its decrypted view of its own TLS) is the sealed blob, nothing else.
+    for path, blob in s.ids().items():
+        got = s.curl_blob(f"/b/{blob}")
+        assert got.returncode == 0 and len(got.stdout) > len(s.files[path])
+        assert marker not in got.stdout
+    # And the key/manifest never pass through the blind edge: it has no route to them.
+    got = s.curl_blob("/.well-known/blindfold/manifest.json", "-w", "%{http_code}")
+    assert got.stdout.endswith(b"404")
+
+
+def test_a_blob_altered_at_the_edge_is_detected_and_fetched_from_the_origin(
+        blind_site: Callable[..., Site]) -> None:
+    s = blind_site(memory_cache_bytes=0)  # disk only: the altered file is what is served
+    path = "/img/photo.bin"
+    r, got = s.fetch(path)
+    assert r.returncode == 0 and got == s.files[path]
+    blob = s.ids()[path]
+    [cached] = [p for p in s.cache.rglob(blob)]
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    cached.write_bytes(bytes(data))
+    r, got = s.fetch(path)
+    assert r.returncode == 0, r.stderr
+    assert "from the origin" in r.stdout
+    assert re.search(r"edge copy not used: .*(authenticate|digest)", r.stderr), r.stderr
+    assert got == s.files[path]  # the right bytes, never the altered ones
+    assert _origin_bytes(s.origin, "plaintext") == len(s.files[path])
+    # Without the fallback: a verification error and no output file.
+    r, got = s.fetch(path, "--no-fallback")
+    assert r.returncode == 1 and got == b"" and "authenticate" in r.stderr
+
+
+def test_a_truncated_blob_at_the_edge_is_detected(blind_site: Callable[..., Site]) -> None:
+    s = blind_site(memory_cache_bytes=0)
+    path = "/big.bin"
+    assert s.fetch(path)[0].returncode == 0
+    [cached] = [p for p in s.cache.rglob(s.ids()[path])]
+    data = cached.read_bytes()
+    cached.write_bytes(data[:16384 * 3 + 21])  # whole records, the last one missing
+    r, got = s.fetch(path, "--no-fallback")
+    assert r.returncode == 1 and got == b""
+    assert "truncated" in r.stderr or "digest" in r.stderr, r.stderr
+
+
+def test_wrong_manifest_key_is_refused(blind_site: Callable[..., Site], tmp_path: Path) -> None:
+    s = blind_site()
+    other = _run("seal", str(s.src), str(tmp_path / "other"), "--signing-key",
+                 str(tmp_path / "other.pem"), "--id-secret", str(tmp_path / "other-secret"),
+                 "--create-keys")
+    assert other.returncode == 0
+    s.public_key = tmp_path / "other" / "manifest-public.pem"
+    r, got = s.fetch("/index.html")
+    assert r.returncode == 1 and got == b""
+    assert "manifest: signed by key" in r.stderr
+
+
+def test_blind_route_answers_bad_requests(blind_site: Callable[..., Site]) -> None:
+    s = blind_site()
+    codes = {}
+    for name, args in {"bad id": ("/b/xyz",), "other path": ("/index.html",),
+                       "unknown blob": ("/b/" + "0" * 32,),
+                       "post": ("/b/" + "1" * 32, "-X", "POST"),
+                       "post with a body": ("/b/" + "1" * 32, "-d", "x")}.items():
+        got = s.curl_blob(args[0], *args[1:], "-o", "/dev/null", "-w", "%{http_code}")
+        codes[name] = got.stdout.decode()
+    assert codes == {"bad id": "404", "other path": "404", "unknown blob": "404",
+                     "post": "405", "post with a body": "413"}
+    # A preflight from a page's service worker gets CORS headers.
+    got = s.curl_blob("/b/" + "0" * 32, "-X", "OPTIONS", "-H", "Origin: https://example.test",
+                      "-D", "-", "-o", "/dev/null")
+    assert b"access-control-allow-origin: *" in got.stdout.lower()
+
+
+def test_reseal_keeps_unchanged_ids(blind_site: Callable[..., Site]) -> None:
+    s = blind_site()
+    before = s.ids()
+    (s.src / "js" / "app.js").write_bytes(b"console.log('changed');\n")
+    r = _run("seal", str(s.src), str(s.out), "--signing-key", str(s.tmp / "manifest.pem"),
+             "--id-secret", str(s.tmp / "id-secret"), "--record-size", "16384")
+    assert r.returncode == 0 and "1 sealed, 3 unchanged" in r.stdout, r.stdout
+    after = s.ids()
+    assert {p for p in before if before[p] == after[p]} == {"/index.html", "/img/photo.bin",
+                                                            "/big.bin"}
+    r, got = s.fetch("/js/app.js")
+    assert r.returncode == 0 and got == b"console.log('changed');\n"
