@@ -72,6 +72,24 @@ main().catch((err) => report('page-error', String(err)));
 """
 
 
+SRI_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>SRI</title>
+<link rel="stylesheet" href="css/site.css">
+<script src="/js/sri.js"></script>
+<script src="/js/plain.js"></script>
+</head><body><p id="x">x</p>
+<script>
+window.addEventListener('load', () => {
+  const color = getComputedStyle(document.getElementById('x')).color;
+  fetch('/.well-known/blindfold/report', {method: 'POST',
+    headers: {'content-type': 'application/json'},
+    body: JSON.stringify({path: 'sri-done',
+                          result: `${window.SRI_OK}:${window.PLAIN_OK}:${color}`})});
+});
+</script></body></html>
+"""
+
+
 def _png(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         body = kind + data
@@ -102,19 +120,33 @@ class BrowserSite:
             (src / path.lstrip("/")).write_bytes(data)
         checked = ["/data/small.bin", "/data/big.bin", "/img/logo.png"]
         (src / "index.html").write_text(PAGE % {"files": json.dumps(checked)})
+        # For browsers without service workers: Subresource Integrity. sri.js and site.css
+        # are published for SRI; plain.js is not (Integrity-Policy must keep it from running).
+        (src / "sri.html").write_text(SRI_PAGE)
+        (src / "css").mkdir()
+        self.files["/js/sri.js"] = b"window.SRI_OK = 'sri-ok';\n"
+        self.files["/css/site.css"] = b"#x { color: rgb(1, 2, 3); }\n"
+        (src / "js" / "sri.js").write_bytes(self.files["/js/sri.js"])
+        (src / "css" / "site.css").write_bytes(self.files["/css/site.css"])
+        (src / "js" / "plain.js").write_text("window.PLAIN_OK = 'ran';\n")
         self.checked = checked
         out = tmp / "sealed"
         seal = _run("seal", str(src), str(out), "--signing-key", str(tmp / "manifest.pem"),
-                    "--id-secret", str(tmp / "id-secret"), "--create-keys", "--skip", "*.html")
+                    "--id-secret", str(tmp / "id-secret"), "--create-keys", "--skip", "*.html", "--skip", "plain.js",
+                    "--sri", "/js/sri.js", "--sri", "*.css")
         assert seal.returncode == 0, seal.stderr
         self.ids = {p: e["id"] for p, e in json.loads(json.loads(
             (out / "manifest.json").read_text())["payload"])["files"].items()}
         assert "/index.html" not in self.ids
+        sri = json.loads((out / "sri.json").read_text())["files"]
+        self.public = {p: e["url_path"].rpartition("/")[2] for p, e in sri.items()}
+        assert set(self.public) == {"/js/sri.js", "/css/site.css"}
         cdn = pki.issue(ca, [CDN])
         cdn.write(tmp / "cdn.pem", tmp / "cdn.key")
         self.origin = start_origin(origin_config(site, app_port, tmp) + (
             f'\n[origin.blind]\ndir = "{out}"\nsource_dir = "{src}"\n'
-            f'edge_url = "https://{CDN}:EDGEPORT"\n').replace("EDGEPORT", "0"))
+            f'edge_url = "https://{CDN}:EDGEPORT"\nrewrite_html = true\n').replace(
+                "EDGEPORT", "0"))
         # The edge port is known only once it runs: restart the origin with it (SIGHUP would
         # do too; a fresh process keeps this test simple).
         self.cache = tmp / "edge-cache"
@@ -130,9 +162,11 @@ class BrowserSite:
             f"{CDN}:0", f"{CDN}:{self.edge.port}")
         self.origin.write_config(text)
         assert self.origin.reload() is not None
+        self.ca = site["ca"]
         self.pins = ",".join(spki_pin(p) for p in (site["cert"], tmp / "cdn.pem"))
 
-    def browse(self, name: str) -> dict[str, str]:
+    def browse(self, name: str, page: str = "/",
+               done_paths: tuple[str, ...] = ("page-done", "page-error")) -> dict[str, str]:
         """Load the page in a fresh Chromium profile; the page reports each file's digest,
         size and source to the origin's report endpoint, which logs it."""
         browser = shutil.which("chromium") or need("chromium")
@@ -142,10 +176,10 @@ class BrowserSite:
              f"--user-data-dir={self.tmp / ('profile-' + name)}",
              f"--host-resolver-rules=MAP example.test 127.0.0.1, MAP {CDN} 127.0.0.1",
              f"--ignore-certificate-errors-spki-list={self.pins}",
-             f"https://example.test:{self.edge.port}/"],
+             f"https://example.test:{self.edge.port}{page}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         def finished() -> bool:
-            return any(r.get("path") in ("page-done", "page-error")
+            return any(r.get("path") in done_paths
                        for r in self.origin.records("blind_client_report")[seen:])
 
         try:
@@ -225,3 +259,28 @@ def test_chromium_detects_altered_blobs_and_uses_the_origin(browser_site: Browse
     # The big file's remainder came from the origin with a Range request, not all of it.
     refetched = s.origin.metric("blindfold_origin_blind_bytes_total", kind="plaintext") - before
     assert len(s.files["/data/small.bin"]) < refetched < len(s.files["/data/small.bin"]) + BIG / 2
+
+
+@pytest.mark.timeout(300)
+def test_chromium_subresource_integrity_from_the_edge(browser_site: BrowserSite) -> None:
+    s = browser_site
+    got = s.browse("sri", "/sri.html", ("sri-done",))
+    # The published script and stylesheet ran from the edge; the script without integrity
+    # did not run (Integrity-Policy).
+    assert got["sri-done"] == "sri-ok:undefined:rgb(1, 2, 3)", got
+    served = s.edge.metric("blindfold_blind_requests_total", route="route1", result="miss")
+    assert served >= 2
+    page = subprocess.run(
+        [need("curl"), "-sS", "-D", "-", "--cacert", str(s.ca), "--resolve", f"example.test:{s.edge.port}:127.0.0.1",
+         f"https://example.test:{s.edge.port}/sri.html"], capture_output=True, text=True,
+        timeout=30).stdout
+    assert "integrity-policy: blocked-destinations=(script)" in page.lower()
+    assert f'src="https://{CDN}:{s.edge.port}/p/{s.public["/js/sri.js"]}"' in page
+    assert 'integrity="sha384-' in page and 'crossorigin="anonymous"' in page
+    # Altered at the edge: Chromium refuses both.
+    for path in ("/js/sri.js", "/css/site.css"):
+        [cached] = list(s.cache.rglob(s.public[path]))
+        cached.write_bytes(cached.read_bytes().replace(b"sri-ok", b"EVIL!!").replace(
+            b"rgb(1, 2, 3)", b"rgb(9, 9, 9)"))
+    got = s.browse("sri-altered", "/sri.html", ("sri-done",))
+    assert got["sri-done"] == "undefined:undefined:rgb(0, 0, 0)", got

@@ -8,8 +8,10 @@ blob an edge may still hold under the old one)."""
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import hashlib
+import json
 import mimetypes
 import os
 import secrets
@@ -31,6 +33,9 @@ from blindfold.core import ece, manifest
 from blindfold.errors import ConfigError, VerificationError
 
 MANIFEST_NAME = "manifest.json"
+SRI_NAME = "sri.json"
+PUBLIC_DIR = "public"
+SRI_TYPES = {".js": "text/javascript", ".css": "text/css"}
 PUBLIC_KEY_NAME = "manifest-public.pem"
 BLOBS_DIR = "blobs"
 MIN_SECRET_BYTES = 32
@@ -43,6 +48,9 @@ class SealOptions:
     expires_in_s: int = 7 * 86400
     max_file_bytes: int = 1 << 30
     skip: tuple[str, ...] = ()  # glob patterns (on the /path or the file name) left unsealed
+    # Scripts and stylesheets also published in plaintext for Subresource Integrity (browsers
+    # without service workers): the edge can read those copies, but not change them unseen.
+    sri: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -50,6 +58,7 @@ class SealReport:
     files: int = 0
     sealed: int = 0
     reused: int = 0
+    sri: int = 0
     plain_bytes: int = 0
     sealed_bytes: int = 0
     seconds: float = 0.0
@@ -58,7 +67,8 @@ class SealReport:
         mb = self.plain_bytes / 1e6
         rate = mb / self.seconds if self.seconds > 0 else 0.0
         overhead = (self.sealed_bytes / self.plain_bytes - 1) * 100 if self.plain_bytes else 0.0
-        return (f"{self.files} files: {self.sealed} sealed, {self.reused} unchanged; "
+        sri = f", {self.sri} published for SRI" if self.sri else ""
+        return (f"{self.files} files: {self.sealed} sealed, {self.reused} unchanged{sri}; "
                 f"{mb:.1f} MB in, {self.sealed_bytes / 1e6:.1f} MB out (+{overhead:.1f}% "
                 f"padding and tags) in {self.seconds:.2f} s ({rate:.0f} MB/s)")
 
@@ -157,6 +167,21 @@ def _files(src: Path, skip: tuple[str, ...]) -> list[tuple[str, Path]]:
     return found
 
 
+def _publish(out: Path, secret: bytes, path: str, data: bytes, digest: str) -> dict[str, str]:
+    """A plaintext copy for Subresource Integrity, named like a blob (opaque, by content)."""
+    ext = Path(path).suffix.lower()
+    if ext not in SRI_TYPES:
+        raise ConfigError("sri", f"{path}: only scripts and stylesheets (.js, .css) can be "
+                          "published for SRI")
+    name = manifest.blob_id(secret, path, f"sri:{digest}") + ext
+    target = out / PUBLIC_DIR / name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(target, data)
+    integrity = "sha384-" + base64.b64encode(hashlib.sha384(data).digest()).decode()
+    return {"url_path": f"/p/{name}", "integrity": integrity}
+
+
 def seal_tree(src: str, out: str, signing_key: Ed25519PrivateKey, id_secret: bytes,
               options: SealOptions | None = None, now: float | None = None) -> SealReport:
     opts = options or SealOptions()
@@ -172,6 +197,7 @@ def seal_tree(src: str, out: str, signing_key: Ed25519PrivateKey, id_secret: byt
     previous = _previous(out_dir, signing_key)
     report = SealReport()
     entries = []
+    sri: dict[str, dict[str, str]] = {}
     for path, file in _files(src_dir, opts.skip):
         if file.stat().st_size > opts.max_file_bytes:
             raise ConfigError("max_file_bytes", f"{file} is larger than {opts.max_file_bytes}")
@@ -179,6 +205,10 @@ def seal_tree(src: str, out: str, signing_key: Ed25519PrivateKey, id_secret: byt
         digest = hashlib.sha256(data).hexdigest()
         report.files += 1
         report.plain_bytes += len(data)
+        if any(fnmatch.fnmatchcase(path, g) or fnmatch.fnmatchcase(file.name, g)
+               for g in opts.sri):
+            sri[path] = _publish(out_dir, id_secret, path, data, digest)
+            report.sri += 1
         old = previous.get(path)
         if (old is not None and old.sha256 == digest and old.rs == opts.record_size
                 and _sha256_file(blobs / old.id) == old.blob_sha256):
@@ -207,5 +237,7 @@ def seal_tree(src: str, out: str, signing_key: Ed25519PrivateKey, id_secret: byt
     _write_atomic(out_dir / MANIFEST_NAME, doc, 0o640)
     public = signing_key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
     _write_atomic(out_dir / PUBLIC_KEY_NAME, public)
+    _write_atomic(out_dir / SRI_NAME, json.dumps({"format": "blindfold-sri/1", "files": sri},
+                                                 indent=1, sort_keys=True).encode() + b"\n")
     report.seconds = time.perf_counter() - started
     return report

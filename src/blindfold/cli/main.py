@@ -65,7 +65,8 @@ def _seal(args: argparse.Namespace) -> int:
         secret = load_id_secret(args.id_secret, create=args.create_keys)
         report = seal_tree(args.src, args.out, key, secret, SealOptions(
             record_size=args.record_size, buckets=args.buckets,
-            expires_in_s=int(args.expires_in), skip=tuple(args.skip)))
+            expires_in_s=int(args.expires_in), skip=tuple(args.skip),
+            sri=tuple(args.sri)))
     except ConfigError as exc:
         print(f"blindfold seal: {exc}", file=sys.stderr)
         return 2
@@ -147,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
     p_seal.add_argument("--skip", action="append", default=[], metavar="GLOB",
                         help="leave files matching GLOB (on /path or name) unsealed, e.g. "
                         "'*.html' for the pages the origin serves itself; repeatable")
+    p_seal.add_argument("--sri", action="append", default=[], metavar="GLOB",
+                        help="also publish matching scripts/stylesheets in plaintext for "
+                        "Subresource Integrity (browsers without service workers; the edge "
+                        "can read these copies); repeatable")
 
     p_fetch = sub.add_parser("fetch", help="fetch a sealed file: manifest from the origin, "
                              "blob from the edge, verified and decrypted")

@@ -83,6 +83,11 @@ class BlindRouteConfig:
                                      "blobs on the origin agent ([origin.blind] blobs_path).",
                                      check=lambda v: None if v.startswith("/") and
                                      v.endswith("/") else "must start and end with /")
+    origin_public_path: str = setting("/.blindfold/public/", doc="URL prefix of the plaintext "
+                                      "SRI copies on the origin agent ([origin.blind] "
+                                      "public_path), served here at /p/<name>.",
+                                      check=lambda v: None if v.startswith("/") and
+                                      v.endswith("/") else "must start and end with /")
     memory_cache_bytes: int = setting(256 << 20, doc="Memory for cached blobs per worker "
                                       "(LRU).", min=0)
     memory_max_object_bytes: int = setting(8 << 20, doc="Largest blob kept in memory (bigger "

@@ -167,6 +167,15 @@ class BlindStoreConfig:
                                  "no-store, by the origin only).", check=_url_path)
     blobs_path: str = setting("/.blindfold/blobs/", doc="URL prefix under which edges pull "
                               "sealed blobs by id.", check=_url_path)
+    public_path: str = setting("/.blindfold/public/", doc="URL prefix under which edges pull "
+                               "the plaintext SRI copies (`blindfold seal --sri`).",
+                               check=_url_path)
+    rewrite_html: bool = setting(False, doc="Rewrite pages served from source_dir for "
+                                 "Subresource Integrity: <script src> and <link "
+                                 "rel=stylesheet> of files published with `seal --sri` point "
+                                 "at the edge copy with integrity and crossorigin, and a "
+                                 "page with such a tag is sent with Integrity-Policy (no "
+                                 "script without integrity runs on it). Needs edge_url.")
     edge_url: str = setting("", doc="Base URL of the blind edge for the service worker, e.g. "
                             "'https://cdn.example.test' (blobs at EDGE/b/<id>). Empty: no "
                             "service worker is served.",

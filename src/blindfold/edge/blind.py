@@ -38,8 +38,11 @@ if TYPE_CHECKING:
     from blindfold.edge.passthrough import Conn
     from blindfold.edge.worker import RouteState, Worker
 
-_BLOB = re.compile(rb"/b/([0-9a-f]{32})")
-_ID = re.compile(r"[0-9a-f]{32}")
+# /b/<id>: a sealed blob; /p/<id>.js|.css: a script or stylesheet published in plaintext for
+# Subresource Integrity (`blindfold seal --sri`).
+_PATH = re.compile(rb"/(?:b/([0-9a-f]{32})|p/([0-9a-f]{32}\.(?:js|css)))")
+_ID = re.compile(r"[0-9a-f]{32}(?:\.js|\.css)?")
+_TYPES = {"js": b"text/javascript; charset=utf-8", "css": b"text/css; charset=utf-8"}
 SEND_CHUNK = 1 << 18
 # Blob ids name content (an HMAC of path and content digest): a blob never changes.
 _CACHE_CONTROL = b"public, max-age=31536000, immutable"
@@ -285,12 +288,12 @@ class BlindHandler:
             await simple_response(respond, 405, "only GET and HEAD\n",
                                   [(b"allow", b"GET, HEAD, OPTIONS")])
             return
-        m = _BLOB.fullmatch(request.path)
+        m = _PATH.fullmatch(request.path)
         if m is None:
             br.stats.count("not_found")
             await simple_response(respond, 404, "not a blob\n", br.cors(request))
             return
-        blob = m.group(1).decode()
+        blob = (m.group(1) or m.group(2)).decode()
         head = method == b"HEAD"
         self.cors = br.cors(request)
         for _attempt in range(2):
@@ -307,8 +310,10 @@ class BlindHandler:
         br.stats.count("error")
         await simple_response(respond, 502, "blob unavailable\n", self.cors)
 
-    def _headers(self, size: int, source: bytes) -> Headers:
-        return [(b"content-type", b"application/octet-stream"),
+    def _headers(self, blob: str, size: int, source: bytes) -> Headers:
+        ext = blob.rpartition(".")[2] if "." in blob else ""
+        ctype = _TYPES.get(ext, b"application/octet-stream")
+        return [(b"content-type", ctype), (b"x-content-type-options", b"nosniff"),
                 (b"content-length", str(size).encode()), (b"cache-control", _CACHE_CONTROL),
                 (b"x-blindfold-cache", source), *self.cors]
 
@@ -317,7 +322,7 @@ class BlindHandler:
         data = br.store.memory(blob)
         if data is not None:
             br.stats.count("hit_memory")
-            await respond.start(200, self._headers(len(data), b"hit"))
+            await respond.start(200, self._headers(blob, len(data), b"hit"))
             if not head:
                 await respond.send(data)
                 br.stats.served_bytes += len(data)
@@ -334,7 +339,7 @@ class BlindHandler:
         with f:
             size = os.fstat(f.fileno()).st_size
             br.stats.count("hit_disk")
-            await respond.start(200, self._headers(size, b"hit"))
+            await respond.start(200, self._headers(blob, size, b"hit"))
             sent = 0
             small = size <= br.store.mem_obj_max
             kept = bytearray() if small else None
@@ -387,7 +392,8 @@ class BlindHandler:
         br.pulls[blob] = done
         tmp: Path | None = None
         try:
-            target = (br.cfg.origin_blobs_path + blob).encode()
+            prefix = br.cfg.origin_public_path if "." in blob else br.cfg.origin_blobs_path
+            target = (prefix + blob).encode()
             host = (br.config.origin_server_name or "origin").encode()
             try:
                 resp = await self._pool().request(
@@ -407,7 +413,7 @@ class BlindHandler:
                                       "bad origin answer\n", self.cors)
                 return
             br.stats.count("miss")
-            await respond.start(200, self._headers(length, b"miss"))
+            await respond.start(200, self._headers(blob, length, b"miss"))
             tmp = br.store.temp_file(blob)
             out = tmp.open("wb") if tmp is not None else None
             kept = bytearray() if length <= br.store.mem_obj_max else None

@@ -59,8 +59,8 @@ ORIGIN_METRICS = [
     MetricSpec("blindfold_http_events_total", "counter",
                "HTTP-layer events: timeouts, bad requests, HTTP/2 abuse.", ("event",)),
     MetricSpec("blindfold_origin_blind_bytes_total", "counter",
-               "Body bytes served by the blind store: manifest, blob (edge pulls), plaintext "
-               "(visitors' fallbacks).", ("kind",)),
+               "Body bytes served by the blind store: manifest, blob and public (edge pulls), "
+               "plaintext (visitors' fallbacks), page.", ("kind",)),
     MetricSpec("blindfold_origin_blind_requests_total", "counter",
                "Blind store requests by kind (manifest, blob, plaintext, not_found).",
                ("kind",)),

@@ -25,9 +25,16 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_public_key,
 )
 
-from blindfold.blind.sealer import BLOBS_DIR, MANIFEST_NAME, PUBLIC_KEY_NAME
+from blindfold.blind.sealer import (
+    BLOBS_DIR,
+    MANIFEST_NAME,
+    PUBLIC_DIR,
+    PUBLIC_KEY_NAME,
+    SRI_NAME,
+    SRI_TYPES,
+)
 from blindfold.config.origin import BlindStoreConfig
-from blindfold.core import manifest
+from blindfold.core import manifest, sri
 from blindfold.errors import ConfigError, VerificationError
 from blindfold.web.messages import (
     BodyStream,
@@ -41,6 +48,7 @@ from blindfold.web.messages import (
 )
 
 _ID = re.compile(rb"[0-9a-f]{32}")
+_PUBLIC = re.compile(rb"[0-9a-f]{32}\.(js|css)")
 _RANGE = re.compile(rb"bytes=(\d{1,15})-(\d{0,15})")
 CHUNK = 1 << 16
 MAX_REPORT_BYTES = 4096
@@ -70,6 +78,11 @@ class BlindStore:
         self.blobs = self.dir / BLOBS_DIR
         self.manifest_path = cfg.manifest_path.encode()
         self.blobs_path = cfg.blobs_path.encode()
+        self.public_path = cfg.public_path.encode()
+        self._sri: dict[str, sri.Published] = {}
+        self._sri_mtime = -1.0
+        if cfg.rewrite_html and not cfg.edge_url:
+            raise ConfigError("blind.rewrite_html", "needs edge_url (where the copies are)")
         self.source = Path(cfg.source_dir).resolve() if cfg.source_dir else None
         self._sealed: dict[str, manifest.Entry] = {}
         self._sealed_mtime = -1.0
@@ -125,12 +138,25 @@ class BlindStore:
                 return
             await self._file(request, respond, self.blobs / blob.decode(),
                              b"application/octet-stream", _BLOB_CACHE, head, "blob")
+        elif path.startswith(self.public_path):
+            name = path[len(self.public_path):]
+            if not _PUBLIC.fullmatch(name):
+                self._count("blind_requests:not_found")
+                await simple_response(respond, 404, "not published\n")
+                return
+            public_type = SRI_TYPES["." + name.decode().rpartition(".")[2]]
+            await self._file(request, respond, self.dir / PUBLIC_DIR / name.decode(),
+                             f"{public_type}; charset=utf-8".encode(), _BLOB_CACHE, head,
+                             "public")
         elif self.sw is not None and path == cfg.service_worker_path.encode():
             await self._bytes(respond, self.sw, b"text/javascript; charset=utf-8", head)
         elif self.sw is not None and path == cfg.register_path.encode():
             await self._bytes(respond, self.register, b"text/javascript; charset=utf-8", head)
         elif (file := self._source_file(path)) is not None:
             entry = self._sealed_paths().get(path.decode())
+            if entry is None and cfg.rewrite_html and file.suffix == ".html":
+                await self._page(request, respond, file, head)
+                return
             ctype = entry.type.encode() if entry else _TYPES.get(
                 file.suffix, b"application/octet-stream")
             await self._file(request, respond, file, ctype, b"no-cache", head,
@@ -152,9 +178,43 @@ class BlindStore:
             return None
         return file
 
-    async def _bytes(self, respond: Responder, data: bytes, ctype: bytes, head: bool) -> None:
+    def _published(self) -> dict[str, sri.Published]:
+        """sri.json (re-read when the sealer rewrote it): path -> the edge copy."""
+        try:
+            mtime = (self.dir / SRI_NAME).stat().st_mtime
+        except OSError:
+            return {}
+        if mtime != self._sri_mtime:
+            try:
+                files = json.loads((self.dir / SRI_NAME).read_bytes())["files"]
+                self._sri = {p: sri.Published(self.cfg.edge_url + e["url_path"],
+                                              e["integrity"]) for p, e in files.items()}
+            except (OSError, ValueError, KeyError, TypeError):
+                self._sri = {}
+            self._sri_mtime = mtime
+        return self._sri
+
+    async def _page(self, request: Request, respond: Responder, file: Path,
+                    head: bool) -> None:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            await simple_response(respond, 404, "not found\n")
+            return
+        page, count = sri.rewrite(text, request.path.decode(), self._published())
+        data = page.encode()
+        self._count("blind_requests:page")
+        self._count("blind_bytes:page", 0 if head else len(data))
+        # A page that uses SRI gets the policy: then no script without integrity runs on it
+        # (pages that load their scripts through the service worker are left alone).
+        await self._bytes(respond, data, b"text/html; charset=utf-8", head,
+                          [(b"integrity-policy", sri.INTEGRITY_POLICY)] if count else [])
+
+    async def _bytes(self, respond: Responder, data: bytes, ctype: bytes, head: bool,
+                     extra: Headers | None = None) -> None:
         await respond.start(200, [(b"content-type", ctype), (b"cache-control", b"no-cache"),
-                                  (b"content-length", str(len(data)).encode())])
+                                  (b"content-length", str(len(data)).encode()),
+                                  *(extra or [])])
         if not head:
             await respond.send(data)
         await respond.end()
@@ -193,7 +253,7 @@ class BlindStore:
                                 (b"x-content-type-options", b"nosniff"),
                                 (b"accept-ranges", b"bytes")]
             rng = request.header(b"range")
-            if rng is not None and kind in ("plaintext", "page", "blob"):
+            if rng is not None and kind in ("plaintext", "page", "blob", "public"):
                 m = _RANGE.fullmatch(rng.strip())
                 if m is None or int(m.group(1)) >= size or (
                         m.group(2) and int(m.group(2)) < int(m.group(1))):
