@@ -132,8 +132,8 @@ class BrowserSite:
         self.checked = checked
         out = tmp / "sealed"
         seal = _run("seal", str(src), str(out), "--signing-key", str(tmp / "manifest.pem"),
-                    "--id-secret", str(tmp / "id-secret"), "--create-keys", "--skip", "*.html", "--skip", "plain.js",
-                    "--sri", "/js/sri.js", "--sri", "*.css")
+                    "--id-secret", str(tmp / "id-secret"), "--create-keys", "--skip", "*.html",
+                    "--skip", "plain.js", "--sri", "/js/sri.js", "--sri", "*.css")
         assert seal.returncode == 0, seal.stderr
         self.ids = {p: e["id"] for p, e in json.loads(json.loads(
             (out / "manifest.json").read_text())["payload"])["files"].items()}
@@ -271,9 +271,9 @@ def test_chromium_subresource_integrity_from_the_edge(browser_site: BrowserSite)
     served = s.edge.metric("blindfold_blind_requests_total", route="route1", result="miss")
     assert served >= 2
     page = subprocess.run(
-        [need("curl"), "-sS", "-D", "-", "--cacert", str(s.ca), "--resolve", f"example.test:{s.edge.port}:127.0.0.1",
-         f"https://example.test:{s.edge.port}/sri.html"], capture_output=True, text=True,
-        timeout=30).stdout
+        [need("curl"), "-sS", "-D", "-", "--cacert", str(s.ca), "--resolve",
+         f"example.test:{s.edge.port}:127.0.0.1", f"https://example.test:{s.edge.port}/sri.html"],
+        capture_output=True, text=True, timeout=30).stdout
     assert "integrity-policy: blocked-destinations=(script)" in page.lower()
     assert f'src="https://{CDN}:{s.edge.port}/p/{s.public["/js/sri.js"]}"' in page
     assert 'integrity="sha384-' in page and 'crossorigin="anonymous"' in page
