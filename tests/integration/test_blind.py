@@ -15,6 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+)
 
 from blindfold import pki
 from tests.conftest import need
@@ -57,8 +64,15 @@ class Site:
         self.public_key = self.out / "manifest-public.pem"
         cdn = pki.issue(ca, [CDN])
         cdn.write(tmp / "cdn.pem", tmp / "cdn.key")
+        signing = Ed25519PrivateKey.generate()
+        (tmp / "responses.pem").write_bytes(signing.private_bytes(
+            Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+        self.response_key = tmp / "responses.pub.pem"
+        self.response_key.write_bytes(signing.public_key().public_bytes(
+            Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
         text = origin_config(site, app_port, tmp) + (
-            f'\n[origin.blind]\ndir = "{self.out}"\nsource_dir = "{src}"\n')
+            f'\n[origin.blind]\ndir = "{self.out}"\nsource_dir = "{src}"\n'
+            f'response_signing_key = "{tmp / "responses.pem"}"\n')
         self.origin = start_origin(text)
         self.cache = tmp / "edge-cache"
         blind_cfg = {"cache_dir": str(self.cache), **blind}
@@ -70,6 +84,7 @@ class Site:
                           proxy_protocol="v2", blind=blind_cfg))
         self.edge = start_edge(edge_config(routes, per_ip_rate_per_s=0))
         self.ca = site["ca"]
+        self.site_pin = site["fingerprint"].read_text().strip()
 
     def fetch(self, path: str, *extra: str) -> tuple[subprocess.CompletedProcess[str], bytes]:
         port = self.edge.port
@@ -81,6 +96,12 @@ class Site:
                  "--connect-to", f"{CDN}:{port}:127.0.0.1:{port}", "-o", str(out), *extra)
         data = out.read_bytes() if out.exists() else b""
         return r, data
+
+    def verify(self, *extra: str) -> subprocess.CompletedProcess[str]:
+        port = self.edge.port
+        return _run("verify", f"https://example.test:{port}/index.html", "--cacert",
+                    str(self.ca), "--connect-to", f"example.test:{port}:127.0.0.1:{port}",
+                    "--connect-to", f"{CDN}:{port}:127.0.0.1:{port}", *extra)
 
     def ids(self) -> dict[str, str]:
         import json
@@ -234,3 +255,33 @@ def test_reseal_keeps_unchanged_ids(blind_site: Callable[..., Site]) -> None:
                                                             "/big.bin"}
     r, got = s.fetch("/js/app.js")
     assert r.returncode == 0 and got == b"console.log('changed');\n"
+
+
+def test_verify_checks_certificate_signature_manifest_and_blobs(
+        blind_site: Callable[..., Site]) -> None:
+    s = blind_site(memory_cache_bytes=0)
+    full = ("--pin", s.site_pin, "--signature-key", str(s.response_key), "--manifest-key",
+            str(s.public_key), "--edge", f"https://{CDN}:{s.edge.port}")
+    r = s.verify(*full)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = r.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "ok   fetch", "ok   certificate", "ok   signature", "ok   manifest", "ok   blobs"], lines
+    assert "4 blobs from the edge match the manifest" in r.stdout
+    # Through the passthrough route the certificate is the origin's own: another pin fails.
+    r = s.verify("--pin", "ab" * 32)
+    assert r.returncode == 1 and "FAIL certificate" in r.stdout
+    # Another key did not sign the responses.
+    other = s.tmp / "other.pub.pem"
+    other.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(
+        Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    r = s.verify("--signature-key", str(other))
+    assert r.returncode == 1 and "FAIL signature" in r.stdout
+    # A blob altered in the edge's cache is found.
+    blob = s.ids()["/big.bin"]
+    [cached] = list(s.cache.rglob(blob))
+    data = bytearray(cached.read_bytes())
+    data[100] ^= 1
+    cached.write_bytes(bytes(data))
+    r = s.verify(*full)
+    assert r.returncode == 1 and "FAIL blobs: 1 of 4 bad: /big.bin: digest differs" in r.stdout

@@ -31,7 +31,7 @@ CHUNK = 1 << 16
 @dataclass(frozen=True, slots=True)
 class FetchOptions:
     edge: str                      # https://cdn.example.test:8443 (blobs at /b/<id>)
-    public_key: Ed25519PublicKey
+    public_key: Ed25519PublicKey | None  # the site's manifest key
     manifest_url: str = ""         # default: the URL's origin + MANIFEST_PATH
     ca_file: str | None = None     # trust for the origin and the edge (default: system)
     connect_to: dict[str, str] | None = None  # "host:port" -> "addr:port" (like curl's)
@@ -101,6 +101,8 @@ class _Get:
         try:
             self.conn.request("GET", path, headers={"User-Agent": "blindfold-fetch"})
             self.resp = self.conn.getresponse()
+            sock = self.conn.sock
+            self.peer_cert = sock.getpeercert(binary_form=True) if sock is not None else None
         except (OSError, http.client.HTTPException) as exc:
             self.conn.close()
             raise UpstreamError(f"GET {url}: {exc}") from None
@@ -135,6 +137,8 @@ def _origin_of(url: str) -> str:
 
 
 def get_manifest(url: str, opts: FetchOptions) -> manifest.Manifest:
+    if opts.public_key is None:
+        raise ConfigError("manifest_key", "the site's manifest public key is needed")
     murl = opts.manifest_url or _origin_of(url) + MANIFEST_PATH
     if urllib.parse.urlsplit(murl).netloc != urllib.parse.urlsplit(url).netloc:
         raise ConfigError("manifest_url", "the manifest must come from the origin itself")

@@ -74,18 +74,45 @@ def _seal(args: argparse.Namespace) -> int:
     return 0
 
 
+def _connect_to(items: list[str]) -> dict[str, str]:
+    connect_to = {}
+    for item in items:
+        host, port, addr_port = [*item.split(":", 2), "", ""][:3]
+        if not (host and port and ":" in addr_port):
+            raise ConfigError("connect_to", f"{item!r}: expected HOST:PORT:ADDR:PORT")
+        connect_to[f"{host}:{port}"] = addr_port
+    return connect_to
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from blindfold.blind.fetch import load_public_key
+    from blindfold.blind.verify import VerifyOptions, cert_pins, verify_site
+
+    try:
+        opts = VerifyOptions(
+            ca_file=args.cacert, connect_to=_connect_to(args.connect_to),
+            timeout_s=args.timeout, pins_sha256=cert_pins(args.pin, args.expect_cert),
+            signature_key=load_public_key(args.signature_key) if args.signature_key else None,
+            manifest_key=load_public_key(args.manifest_key) if args.manifest_key else None,
+            edge=args.edge, max_blobs=args.max_blobs)
+        checks = verify_site(args.url, opts)
+    except ConfigError as exc:
+        print(f"blindfold verify: {exc}", file=sys.stderr)
+        return 2
+    for check in checks:
+        print(check.line())
+    return 0 if all(c.ok for c in checks) else 1
+
+
 def _fetch(args: argparse.Namespace) -> int:
     from blindfold.blind.fetch import FetchOptions, fetch, load_public_key
     from blindfold.errors import UpstreamError, VerificationError
 
-    connect_to = {}
-    for item in args.connect_to:
-        host, port, addr_port = [*item.split(":", 2), "", ""][:3]
-        if not (host and port and ":" in addr_port):
-            print(f"blindfold fetch: --connect-to {item!r}: expected HOST:PORT:ADDR:PORT",
-                  file=sys.stderr)
-            return 2
-        connect_to[f"{host}:{port}"] = addr_port
+    try:
+        connect_to = _connect_to(args.connect_to)
+    except ConfigError as exc:
+        print(f"blindfold fetch: {exc}", file=sys.stderr)
+        return 2
     try:
         opts = FetchOptions(edge=args.edge, public_key=load_public_key(args.manifest_key),
                             manifest_url=args.manifest_url, ca_file=args.cacert,
@@ -170,6 +197,23 @@ def main(argv: list[str] | None = None) -> int:
     p_fetch.add_argument("-o", "--output", required=True, help="where to write the file")
     p_fetch.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
 
+    p_verify = sub.add_parser("verify", help="check a site end to end through an edge: "
+                              "certificate, response signature, manifest, blob digests")
+    p_verify.add_argument("url", help="https URL of a page of the site")
+    p_verify.add_argument("--pin", action="append", default=[], metavar="SHA256",
+                          help="expected leaf certificate fingerprint (hex); repeatable")
+    p_verify.add_argument("--expect-cert", action="append", default=[], metavar="PEM",
+                          help="expected leaf certificate (its fingerprint is a pin)")
+    p_verify.add_argument("--signature-key", help="the site's response-signing public key "
+                          "(PEM): the response must carry a valid RFC 9421 signature")
+    p_verify.add_argument("--manifest-key", help="the site's manifest public key (PEM)")
+    p_verify.add_argument("--edge", default="", help="blind edge base URL: check every blob")
+    p_verify.add_argument("--max-blobs", type=int, default=1000)
+    p_verify.add_argument("--cacert", help="CA bundle for the site and the edge")
+    p_verify.add_argument("--connect-to", action="append", default=[],
+                          metavar="HOST:PORT:ADDR:PORT")
+    p_verify.add_argument("--timeout", type=float, default=30.0)
+
     p_check = sub.add_parser("check-config", help="validate a configuration file")
     p_check.add_argument("file")
 
@@ -215,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         return _seal(args)
     if args.command == "fetch":
         return _fetch(args)
+    if args.command == "verify":
+        return _verify(args)
     if args.command == "check-config":
         return _check_config(args.file)
     if args.command == "demo":

@@ -176,6 +176,13 @@ class BlindStoreConfig:
                                  "at the edge copy with integrity and crossorigin, and a "
                                  "page with such a tag is sent with Integrity-Policy (no "
                                  "script without integrity runs on it). Needs edge_url.")
+    response_signing_key: str = setting("", doc="Ed25519 private key (PEM) that signs every "
+                                        "response of the blind store with RFC 9421 HTTP "
+                                        "Message Signatures (@status, content-type, "
+                                        "content-digest, date; `blindfold verify` checks "
+                                        "them). Empty: responses are not signed.")
+    response_signature_lifetime_s: float = setting(300.0, doc="How long such a signature is "
+                                                   "valid (its `expires`).", min=1)
     edge_url: str = setting("", doc="Base URL of the blind edge for the service worker, e.g. "
                             "'https://cdn.example.test' (blobs at EDGE/b/<id>). Empty: no "
                             "service worker is served.",

@@ -11,8 +11,12 @@ Anything else goes to the next handler (the WAF and the application)."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import json
+import os
 import re
+import time
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -34,7 +38,7 @@ from blindfold.blind.sealer import (
     SRI_TYPES,
 )
 from blindfold.config.origin import BlindStoreConfig
-from blindfold.core import manifest, sri
+from blindfold.core import manifest, msgsig, sri
 from blindfold.errors import ConfigError, VerificationError
 from blindfold.web.messages import (
     BodyStream,
@@ -86,6 +90,16 @@ class BlindStore:
         self.source = Path(cfg.source_dir).resolve() if cfg.source_dir else None
         self._sealed: dict[str, manifest.Entry] = {}
         self._sealed_mtime = -1.0
+        self.signer: msgsig.ResponseSigner | None = None
+        self._digests: dict[tuple[int, int, int, int], bytes] = {}
+        if cfg.response_signing_key:
+            from blindfold.blind.sealer import load_signing_key
+
+            try:
+                key = load_signing_key(cfg.response_signing_key)
+            except ConfigError as exc:
+                raise ConfigError("blind.response_signing_key", exc.message) from None
+            self.signer = msgsig.ResponseSigner(key, cfg.response_signature_lifetime_s)
         self.sw: bytes | None = None
         if cfg.edge_url:
             try:
@@ -210,11 +224,33 @@ class BlindStore:
         await self._bytes(respond, data, b"text/html; charset=utf-8", head,
                           [(b"integrity-policy", sri.INTEGRITY_POLICY)] if count else [])
 
+    def _signed(self, ctype: bytes, digest: bytes) -> Headers:
+        if self.signer is None:
+            return []
+        return self.signer.headers(200, ctype.decode("latin-1"), digest, time.time())
+
+    async def _file_digest(self, f: io.BufferedReader) -> bytes:
+        """SHA-256 of the open file (what is sent) for its Content-Digest, cached by device,
+        inode, mtime and size."""
+        st = os.fstat(f.fileno())
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        digest = self._digests.get(key)
+        if digest is None:
+            def compute() -> bytes:
+                f.seek(0)
+                return hashlib.file_digest(f, "sha256").digest()
+            digest = await asyncio.get_running_loop().run_in_executor(None, compute)
+            if len(self._digests) >= 10000:
+                self._digests.clear()
+            self._digests[key] = digest
+        return digest
+
     async def _bytes(self, respond: Responder, data: bytes, ctype: bytes, head: bool,
                      extra: Headers | None = None) -> None:
         await respond.start(200, [(b"content-type", ctype), (b"cache-control", b"no-cache"),
                                   (b"content-length", str(len(data)).encode()),
-                                  *(extra or [])])
+                                  *(extra or []),
+                                  *self._signed(ctype, hashlib.sha256(data).digest())])
         if not head:
             await respond.send(data)
         await respond.end()
@@ -265,6 +301,8 @@ class BlindStore:
                 status = 206
                 headers.append((b"content-range", f"bytes {start}-{end - 1}/{size}".encode()))
             headers.append((b"content-length", str(end - start).encode()))
+            if status == 200 and self.signer is not None:
+                headers += self._signed(ctype, await self._file_digest(f))
             await respond.start(status, headers)
             f.seek(start)
             sent = 0
