@@ -208,6 +208,11 @@ class RouteConfig:
             if not self.origin_server_name:
                 raise ConfigError("origin_server_name", "a blind route must name its origin "
                                   "(the visitors' SNI is the CDN hostname)")
+        if self.mode == "passthrough":
+            for key in ("certificate", "origin_ca", "origin_server_name"):
+                if getattr(self, key):
+                    raise ConfigError(key, f"only for mode = 'keyless' or 'blind' (this route "
+                                      f"is {self.mode!r})")
         if self.mode != "blind":
             for key in ("key", "blind"):
                 if getattr(self, key):

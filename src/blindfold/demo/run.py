@@ -2,10 +2,12 @@
 
     visitor --TLS--> edge (passthrough) --PROXY v2 + TLS--> origin agent (key, WAF) --> app
     visitor --TLS 1.3--> edge (keyless; signatures from the key server) --verified TLS--> ...
+    browser --TLS--> edge (blind CDN hostname: sealed blobs only) --verified TLS--> origin
 
 It prints what to run, and with --self-check runs it: a page through the edge, an SQL
-injection the origin's WAF blocks, the resulting ban enforced by the edge at layer 4, and a
-page over the keyless hostname whose handshake signature is in the key server's audit log.
+injection the origin's WAF blocks, the resulting ban enforced by the edge at layer 4, a page
+over the keyless hostname whose handshake signature is in the key server's audit log, and a
+sealed file fetched from the blind edge, verified and decrypted (`blindfold fetch`, `verify`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from blindfold.demo.app import DemoApp
 
 HOST = "demo.blindfold.test"
 KEYLESS_HOST = "keyless.blindfold.test"
+CDN_HOST = "cdn.blindfold.test"
 ATTACKER = "127.0.0.66"
 API_KEY = "demo-edge-key-0123456789abcdef"
 
@@ -81,7 +84,7 @@ class Proc:
             self._pump.cancel()
 
 
-def _origin_config(base: Path, app_port: int) -> str:
+def _origin_config(base: Path, app_port: int, edge_port: int) -> str:
     (base / "edge-keys.txt").write_text(f"demo-edge:{API_KEY}\n")
     return f"""\
 # blindfold demo: the origin agent holds the site's key, runs the WAF, and bans attackers.
@@ -105,6 +108,14 @@ listen = "127.0.0.1:0"
 api_keys_file = "{base / 'edge-keys.txt'}"
 ban_after_blocks = 1
 ban_duration_s = 60
+
+# blind delivery: the sealed store (`blindfold seal`), the service worker, SRI, signatures
+[origin.blind]
+dir = "{base / 'sealed'}"
+source_dir = "{base / 'static'}"
+edge_url = "https://{CDN_HOST}:{edge_port}"
+rewrite_html = true
+response_signing_key = "{base / 'responses.pem'}"
 """
 
 
@@ -162,6 +173,19 @@ origin_ca = "{base / 'ca.pem'}"
 keyserver = {{ addresses = ["127.0.0.1:{keyserver_port}"], client_cert = "{kl / 'demo-edge.pem'}", \
 client_key = "{kl / 'demo-edge.key'}", ca = "{kl / 'ca.pem'}" }}
 
+# blind: the CDN hostname (the edge's own certificate); it serves sealed blobs by id
+[[edge.routes]]
+name = "demo-blind"
+sni = ["{CDN_HOST}"]
+mode = "blind"
+certificate = "{base / 'cdn.pem'}"
+key = "{base / 'cdn.key'}"
+origins = ["127.0.0.1:{origin_port}"]
+proxy_protocol = "v2"
+origin_ca = "{base / 'ca.pem'}"
+origin_server_name = "{HOST}"
+blind = {{ cache_dir = "{base / 'edge-cache'}" }}
+
 [edge.decisions]
 url = "https://127.0.0.1:{decisions_port}"
 server_name = "{HOST}"
@@ -169,6 +193,30 @@ api_key_file = "{base / 'edge.key'}"
 ca = "{base / 'ca.pem'}"
 poll_interval_s = 0.5
 """
+
+
+def _public_pem(private: Path, public: Path) -> None:
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        PublicFormat,
+        load_pem_private_key,
+    )
+
+    key = load_pem_private_key(private.read_bytes(), None)
+    public.write_bytes(key.public_key().public_bytes(Encoding.PEM,
+                                                     PublicFormat.SubjectPublicKeyInfo))
+
+
+def _spki_pin(cert: Path) -> str:
+    import base64
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    c = x509.load_pem_x509_certificate(cert.read_bytes())
+    spki = c.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
 
 
 async def _curl(args: str) -> tuple[int, str]:
@@ -195,8 +243,20 @@ async def demo(port: int, admin_port: int, workdir: str | None, duration: float 
     pki.issue(mtls_ca, ["127.0.0.1"]).write(kl / "keyserver.pem", kl / "keyserver.key")
     edge_id = pki.issue(mtls_ca, ["demo-edge"], client=True)
     edge_id.write(kl / "demo-edge.pem", kl / "demo-edge.key")
+    # blind delivery: the edge's own certificate for the CDN name, the static site, sealed
+    pki.issue(ca, [CDN_HOST]).write(base / "cdn.pem", base / "cdn.key")
+    from blindfold.blind.sealer import SealOptions, load_id_secret, load_signing_key, seal_tree
+    from blindfold.demo.blindsite import write_site
+
+    write_site(base / "static", f"https://{CDN_HOST}:{port}")
+    seal_tree(str(base / "static"), str(base / "sealed"),
+              load_signing_key(str(base / "manifest.pem"), create=True),
+              load_id_secret(str(base / "id-secret"), create=True),
+              SealOptions(skip=("*.html",), sri=("/blind/js/sri.js", "*.css")))
+    load_signing_key(str(base / "responses.pem"), create=True)
+    _public_pem(base / "responses.pem", base / "responses.pub.pem")
     app = DemoApp()
-    (base / "origin.toml").write_text(_origin_config(base, app.port))
+    (base / "origin.toml").write_text(_origin_config(base, app.port, port))
     (base / "keyserver.toml").write_text(_keyserver_config(
         base, pki.fingerprint_sha256(edge_id.cert)))
     origin = Proc("origin", base / "origin.toml", base / "origin.log")
@@ -218,6 +278,15 @@ async def demo(port: int, admin_port: int, workdir: str | None, duration: float 
         kcurl = (f"curl --cacert {base / 'ca.pem'} --resolve {KEYLESS_HOST}:{port}:127.0.0.1 "
                  f"https://{KEYLESS_HOST}:{port}")
         audit = kl / "audit.log"
+        connect = (f"--cacert {base / 'ca.pem'} --connect-to {HOST}:{port}:127.0.0.1:{port} "
+                   f"--connect-to {CDN_HOST}:{port}:127.0.0.1:{port}")
+        fetch_cmd = (f"blindfold fetch https://{HOST}:{port}/blind/files/sample.bin "
+                     f"--edge https://{CDN_HOST}:{port} --manifest-key "
+                     f"{base / 'sealed' / 'manifest-public.pem'} {connect} -o /tmp/sample.bin")
+        verify_cmd = (f"blindfold verify https://{HOST}:{port}/blind/ --expect-cert "
+                      f"{base / 'site.pem'} --signature-key {base / 'responses.pub.pem'} "
+                      f"--manifest-key {base / 'sealed' / 'manifest-public.pem'} --edge "
+                      f"https://{CDN_HOST}:{port} {connect}")
         print(f"""
 blindfold demo is running (files in {base})
 
@@ -242,7 +311,19 @@ blindfold demo is running (files in {base})
      blindfold audit verify {audit}      # exit 0: the chain is intact
      curl -s http://127.0.0.1:{admin_port}/metrics | grep keyless_handshakes
 
-4. Watch it: the edge's metrics and the origin's decision stream (what edges poll):
+4. Blind delivery: {CDN_HOST} is a route of the edge's own that serves only sealed blobs;
+   the keys are in the manifest the origin signs and serves itself. Open in a browser
+   (the service worker fetches, verifies and decrypts; sri.html shows Subresource Integrity):
+     chromium --user-data-dir=$(mktemp -d) \\
+       --host-resolver-rules='MAP *.blindfold.test 127.0.0.1' \\
+       --ignore-certificate-errors-spki-list={_spki_pin(base / 'site.pem')},\
+{_spki_pin(base / 'cdn.pem')} \\
+       https://{HOST}:{port}/blind/
+   The same from Python, then the whole site checked end to end:
+     {fetch_cmd}
+     {verify_cmd}
+
+5. Watch it: the edge's metrics and the origin's decision stream (what edges poll):
      curl -s http://127.0.0.1:{admin_port}/metrics | grep -E 'decisions|banned'
      curl -s --cacert {base / 'ca.pem'} --resolve {HOST}:{decisions_port}:127.0.0.1 \\
           -H 'X-Api-Key: {API_KEY}' 'https://{HOST}:{decisions_port}/v1/decisions/stream?startup=true'
@@ -250,7 +331,8 @@ blindfold demo is running (files in {base})
 Logs (JSON lines): {base / 'edge.log'}  {base / 'origin.log'}  {base / 'keyserver.log'}
 Stop with Ctrl-C.
 """, flush=True)
-        if self_check and not await _self_check(curl, kcurl, audit, edge):
+        if self_check and not await _self_check(curl, kcurl, audit, edge, fetch_cmd,
+                                                verify_cmd):
             return 1
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -269,8 +351,23 @@ Stop with Ctrl-C.
             shutil.rmtree(base, ignore_errors=True)
 
 
-async def _self_check(curl: str, kcurl: str, audit: Path, edge: Proc) -> bool:
+async def _run_blindfold(command: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_shell(
+        command.replace("blindfold ", f"{sys.executable} -m blindfold ", 1),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate()
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
+async def _self_check(curl: str, kcurl: str, audit: Path, edge: Proc, fetch_cmd: str,
+                      verify_cmd: str) -> bool:
     checks = []
+    code, out = await _run_blindfold(fetch_cmd)
+    checks.append(("a sealed file from the blind edge, verified and decrypted",
+                   code == 0 and "from the edge" in out))
+    code, out = await _run_blindfold(verify_cmd)
+    checks.append(("the site verifies end to end (certificate, signature, manifest, blobs)",
+                   code == 0 and out.count("ok  ") == 5))
     code, body = await _curl(f"{kcurl}/ --interface 127.0.0.68")
     checks.append(("a page over the keyless hostname", code == 200
                    and "Hello from the application" in body))
