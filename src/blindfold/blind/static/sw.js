@@ -133,37 +133,44 @@ class Opener {
     return true;
   }
 
-  // Records that are complete (a byte beyond them has arrived, or `final`).
+  // Records that are complete (a byte beyond them has arrived, or `final`). They are
+  // decrypted concurrently (WebCrypto runs off the worker's thread), then checked in order.
   async records(final) {
-    const out = [];
     if (!(await this.header())) {
       if (final) throw new Error('truncated header');
-      return out;
+      return [];
     }
-    while (this.buf.length > this.rs || (final && this.buf.length > 0)) {
-      const n = Math.min(this.rs, this.buf.length);
-      const last = final && n === this.buf.length;
-      out.push(await this.open(this.buf.slice(0, n), last));
-      this.buf = this.buf.slice(n);
+    const jobs = [];
+    let at = 0;
+    while (this.buf.length - at > this.rs || (final && this.buf.length - at > 0)) {
+      const n = Math.min(this.rs, this.buf.length - at);
+      const record = this.buf.subarray(at, at + n);
+      at += n;
+      jobs.push([this.seq++, record, final && at === this.buf.length]);
     }
+    this.buf = this.buf.slice(at);
+    const plains = await Promise.all(jobs.map(([seq, record]) => this.decrypt(seq, record)));
+    const out = [];
+    for (let i = 0; i < plains.length; i++) out.push(this.check(plains[i], jobs[i][2]));
     if (final && !this.done) throw new Error('truncated: no last record');
     return out;
   }
 
-  async open(record, lastInStream) {
-    if (this.done) throw new Error('data after the last record');
+  async decrypt(seq, record) {
     const iv = this.nonce.slice();
-    let seq = this.seq++;
-    for (let i = 11; i >= 6 && seq > 0; i--) {  // NONCE XOR SEQ (RFC 8188 §2.3)
-      iv[i] ^= seq & 0xff;
-      seq = Math.floor(seq / 256);
+    for (let i = 11, s = seq; i >= 6 && s > 0; i--) {  // NONCE XOR SEQ (RFC 8188 §2.3)
+      iv[i] ^= s & 0xff;
+      s = Math.floor(s / 256);
     }
-    let plain;
     try {
-      plain = new Uint8Array(await crypto.subtle.decrypt({name: 'AES-GCM', iv}, this.aead, record));
+      return new Uint8Array(await crypto.subtle.decrypt({name: 'AES-GCM', iv}, this.aead, record));
     } catch (err) {
-      throw new Error(`record ${this.seq - 1} does not authenticate`);
+      throw new Error(`record ${seq} does not authenticate`);
     }
+  }
+
+  check(plain, lastInStream) {
+    if (this.done) throw new Error('data after the last record');
     let end = plain.length;
     while (end > 0 && plain[end - 1] === 0) end--;
     if (end === 0) throw new Error('record without a delimiter');
