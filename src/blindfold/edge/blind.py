@@ -25,10 +25,11 @@ from blindfold.config.edge import BlindRouteConfig, EdgeHttpConfig, RouteConfig
 from blindfold.core.clienthello import ClientHello
 from blindfold.core.proxyproto import encode_v1, encode_v2
 from blindfold.core.tls13_server import ConnectionFailed
+from blindfold.edge.keyless import origin_tls_context
 from blindfold.errors import ConfigError, UpstreamError
 from blindfold.io.openssl_engine import OpenSslServer
 from blindfold.io.tls13_transport import TlsServerProtocol
-from blindfold.web.client import UpstreamPool
+from blindfold.web.client import UpstreamPool, UpstreamResponse
 from blindfold.web.http1 import ConnInfo, H1Connection
 from blindfold.web.http2 import H2Connection
 from blindfold.web.limits import HttpLimits
@@ -59,6 +60,12 @@ def _server_tls(where: str, rc: RouteConfig) -> ssl.SSLContext:
         raise ConfigError(f"{where}.certificate", f"cannot load {rc.certificate} with "
                           f"{rc.key}: {exc}") from None
     return ctx
+
+
+def check_route(where: str, rc: RouteConfig) -> None:
+    """What `blindfold check-config` checks of a blind route: its files load."""
+    _server_tls(where, rc)
+    origin_tls_context(where, rc)
 
 
 class BlobStore:
@@ -169,9 +176,7 @@ class BlindRoute:
         self.config = rc
         self.cfg = rc.blind or BlindRouteConfig()
         self.tls = _server_tls(where, rc)
-        from blindfold.edge.keyless import _origin_tls
-
-        self.origin_tls = _origin_tls(where, rc)
+        self.origin_tls = origin_tls_context(where, rc)
         self.pins = frozenset(bytes.fromhex(p.replace(":", "").lower())
                               for p in rc.origin_pin_sha256)
         http = rc.http or EdgeHttpConfig()
@@ -391,6 +396,7 @@ class BlindHandler:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         br.pulls[blob] = done
         tmp: Path | None = None
+        resp: UpstreamResponse | None = None
         try:
             prefix = br.cfg.origin_public_path if "." in blob else br.cfg.origin_blobs_path
             target = (prefix + blob).encode()
@@ -456,6 +462,8 @@ class BlindHandler:
             if visitor or head:
                 await respond.end()
         finally:
+            if resp is not None:
+                resp.close()  # a no-op once the body was read to its end (back in the pool)
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
             br.pulls.pop(blob, None)

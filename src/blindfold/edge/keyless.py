@@ -59,7 +59,7 @@ def _client_tls(where: str, ref: KeyServerRef) -> ssl.SSLContext:
     return ctx
 
 
-def _origin_tls(where: str, rc: RouteConfig) -> ssl.SSLContext:
+def origin_tls_context(where: str, rc: RouteConfig) -> ssl.SSLContext:
     """The context that verifies origins: the CA (with hostname check) when given; with pins
     only, chain checks are replaced by the pin, which `EdgeHandler` checks before any byte of
     a request is sent."""
@@ -131,7 +131,7 @@ class KeylessRoute:
                                      connect_timeout_s=rc.keyserver.connect_timeout_s)
             clients[rc.keyserver] = client
         self.keyclient = client
-        self.origin_tls = _origin_tls(where, rc)
+        self.origin_tls = origin_tls_context(where, rc)
         self.pins = frozenset(bytes.fromhex(p.replace(":", "").lower())
                               for p in rc.origin_pin_sha256)
         http = rc.http or EdgeHttpConfig()
