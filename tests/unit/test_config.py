@@ -127,6 +127,25 @@ def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert main(["check-config", str(tmp_path / "absent.toml")]) == 2
 
 
+def test_check_config_loads_blind_route_files(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from blindfold import pki
+
+    ca = pki.make_ca()
+    ca.write(tmp_path / "ca.pem")
+    pki.issue(ca, ["cdn.test"]).write(tmp_path / "cdn.pem", tmp_path / "cdn.key")
+    route = ("[edge]\nlisten = ['127.0.0.1:8443']\n[[edge.routes]]\nsni = ['cdn.test']\n"
+             "origins = ['127.0.0.1:9443']\nmode = 'blind'\norigin_server_name = 'o.test'\n"
+             f"origin_ca = '{tmp_path / 'ca.pem'}'\ncertificate = '{tmp_path / 'cdn.pem'}'\n")
+    good = tmp_path / "blind.toml"
+    good.write_text(route + f"key = '{tmp_path / 'cdn.key'}'\n")
+    assert main(["check-config", str(good)]) == 0
+    bad = tmp_path / "blind-bad.toml"
+    bad.write_text(route + f"key = '{tmp_path / 'ca.pem'}'\n")  # not the certificate's key
+    assert main(["check-config", str(bad)]) == 2
+    assert "edge.routes[0].certificate" in capsys.readouterr().err
+
+
 def test_every_key_is_documented() -> None:
     doc = (ROOT / "docs" / "config.md").read_text()
     for key, _type, help_text, _default in iter_documented(Config):
