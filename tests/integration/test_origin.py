@@ -9,6 +9,7 @@ import hashlib
 import json
 import socket
 import ssl
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 
 from blindfold.core.proxyproto import encode_v2
+from tests.conftest import need
 from tests.helpers.clients import curl, http_get, tls_connect, wait_until
 from tests.helpers.edgeproc import EdgeProcess, OriginProcess, edge_config, route
 from tests.helpers.topology import edge_decisions, origin_config
@@ -313,3 +315,21 @@ def test_http10_without_host_reaches_the_application_named(start_origin: Any, ap
     assert data.startswith(b"HTTP/1.1 200")
     seen = json.loads(data.partition(b"\r\n\r\n")[2])
     assert seen["host"] == "example.test"  # named by the TLS server name, never empty
+
+
+def test_a_failed_handshake_gets_openssls_alert(start_origin: Any, app: Any,
+                                                site: dict[str, Path], tmp_path: Path) -> None:
+    """No shared TLS 1.3 cipher suite (OpenSSL does not enable CCM for servers): the client
+    must get the handshake_failure alert, not a reset (asyncio alone drops it)."""
+    origin = start_origin(origin_config(site, app.port, tmp_path, proxy_protocol="optional"))
+    out = subprocess.run(
+        [need("openssl"), "s_client", "-connect", f"127.0.0.1:{origin.port}", "-servername",
+         "example.test", "-tls1_3", "-ciphersuites", "TLS_AES_128_CCM_SHA256"],
+        input="", capture_output=True, text=True, timeout=30)
+    assert "alert handshake failure" in out.stderr, out.stderr[-2000:]
+    # and the agent goes on serving
+    ok = subprocess.run(
+        [need("curl"), "-sS", "--cacert", str(site["ca"]), "--resolve",
+         f"example.test:{origin.port}:127.0.0.1", f"https://example.test:{origin.port}/hello"],
+        capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0, ok.stderr

@@ -458,6 +458,9 @@ def _consume(task: asyncio.Task[Any]) -> None:
 
 
 def run_origin(path: str) -> int:
+    from blindfold.io import ssl_alerts
+
+    ssl_alerts.install()  # handshake failures answer with OpenSSL's alert, not a bare reset
     try:
         config, _ = load_file(path)
         if config.origin is None:
