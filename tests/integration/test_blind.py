@@ -237,6 +237,14 @@ def test_blind_route_answers_bad_requests(blind_site: Callable[..., Site]) -> No
         codes[name] = got.stdout.decode()
     assert codes == {"bad id": "404", "other path": "404", "unknown blob": "404",
                      "post": "405", "post with a body": "413"}
+    # The origin serves pages from the source tree, never its dotfiles.
+    (s.src / ".env").write_text("DB_PASSWORD=hunter2\n")
+    port = s.edge.port
+    got = subprocess.run(
+        [need("curl"), "-sS", "--cacert", str(s.ca), "--resolve",
+         f"example.test:{port}:127.0.0.1", f"https://example.test:{port}/.env",
+         f"https://example.test:{port}/js/../.env"], capture_output=True, timeout=30)
+    assert got.returncode == 0 and b"hunter2" not in got.stdout
     # A preflight from a page's service worker gets CORS headers.
     got = s.curl_blob("/b/" + "0" * 32, "-X", "OPTIONS", "-H", "Origin: https://example.test",
                       "-D", "-", "-o", "/dev/null")

@@ -39,6 +39,7 @@ from blindfold.blind.sealer import (
 )
 from blindfold.config.origin import BlindStoreConfig
 from blindfold.core import manifest, msgsig, sri
+from blindfold.core.ratelimit import TokenBucket
 from blindfold.errors import ConfigError, VerificationError
 from blindfold.web.messages import (
     BodyStream,
@@ -56,6 +57,7 @@ _PUBLIC = re.compile(rb"[0-9a-f]{32}\.(js|css)")
 _RANGE = re.compile(rb"bytes=(\d{1,15})-(\d{0,15})")
 CHUNK = 1 << 16
 MAX_REPORT_BYTES = 4096
+REPORTS_PER_S = 50.0
 # Blobs are named by content: an id never changes meaning.
 _BLOB_CACHE = b"public, max-age=31536000, immutable"
 _TYPES = {".html": b"text/html; charset=utf-8", ".js": b"text/javascript; charset=utf-8",
@@ -89,6 +91,8 @@ class BlindStore:
             raise ConfigError("blind.rewrite_html", "needs edge_url (where the copies are)")
         self.source = Path(cfg.source_dir).resolve() if cfg.source_dir else None
         self._sealed: dict[str, manifest.Entry] = {}
+        # Reports are logged: bounded, so a client cannot flood the log through them.
+        self.reports = TokenBucket(REPORTS_PER_S, int(REPORTS_PER_S * 2), time.monotonic())
         self._sealed_mtime = -1.0
         self.signer: msgsig.ResponseSigner | None = None
         self._digests: dict[tuple[int, int, int, int], bytes] = {}
@@ -187,6 +191,8 @@ class BlindStore:
             return None
         if text.endswith("/"):
             text += "index.html"
+        if any(part.startswith(".") for part in text.split("/")):
+            return None  # .git, .env and the like are never served
         file = (self.source / text.lstrip("/")).resolve()
         if not file.is_relative_to(self.source) or not file.is_file():
             return None
@@ -256,6 +262,11 @@ class BlindStore:
         await respond.end()
 
     async def _report(self, request: Request, body: BodyStream, respond: Responder) -> None:
+        if not self.reports.allow(time.monotonic()):
+            self._count("blind_requests:report_refused")
+            await simple_response(respond, 429, "too many reports\n",
+                                  [(b"retry-after", b"1")])
+            return
         try:
             data = await body.read_all(MAX_REPORT_BYTES)
             report = json.loads(data)
