@@ -136,10 +136,14 @@ class Opener:
         if self._aead is None and not self._read_header():
             return out
         # A full record is processed once a byte beyond it has arrived: only then can we
-        # know it is not the (short or exactly rs-sized) last one.
-        while len(self._buf) > self._rs:
-            out.append(self._open(bytes(self._buf[:self._rs]), final_stream=False))
-            del self._buf[:self._rs]
+        # know it is not the (short or exactly rs-sized) last one. Records are decrypted
+        # where they lie; the buffer is shifted once per feed, not once per record.
+        rs, pos = self._rs, 0
+        with memoryview(self._buf) as view:
+            while len(self._buf) - pos > rs:
+                out.append(self._open(view[pos:pos + rs], final_stream=False))
+                pos += rs
+        del self._buf[:pos]
         return [p for p in out if p]
 
     def finish(self) -> bytes:
@@ -173,7 +177,7 @@ class Opener:
         del self._buf[:HEADER_MIN + idlen]
         return True
 
-    def _open(self, record: bytes, *, final_stream: bool) -> bytes:
+    def _open(self, record: bytes | memoryview, *, final_stream: bool) -> bytes:
         if self._done:
             raise VerificationError("aes128gcm: data after the last record")
         if len(record) <= TAG_BYTES or self._aead is None:

@@ -45,6 +45,7 @@ _PATH = re.compile(rb"/(?:b/([0-9a-f]{32})|p/([0-9a-f]{32}\.(?:js|css)))")
 _ID = re.compile(r"[0-9a-f]{32}(?:\.js|\.css)?")
 _TYPES = {"js": b"text/javascript; charset=utf-8", "css": b"text/css; charset=utf-8"}
 SEND_CHUNK = 1 << 18
+SEND_BUFFER_BYTES = 1 << 20
 # Blob ids name content (an HMAC of path and content digest): a blob never changes.
 _CACHE_CONTROL = b"public, max-age=31536000, immutable"
 
@@ -250,6 +251,12 @@ class BlindService:
         proto = TlsServerProtocol(server, app, conn.keyless_done, br.http.tls_handshake_timeout_s,
                                   br.http.keepalive_timeout_s)
         sock: socket.socket = conn.adopt_socket_for_asyncio()
+        try:
+            # Blob responses are hundreds of KiB: a send buffer that takes one whole spares
+            # asyncio's partial-send path (Python 3.11 copies and shifts its buffer there).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        except OSError:
+            pass
         conn.l7 = proto
         make = getattr(self.loop, "_make_socket_transport", None)
         if make is not None:  # see KeylessService._open

@@ -67,13 +67,20 @@ class TlsAppTransport(asyncio.Transport):
     def _flush(self) -> None:
         if not self._pending:
             return
-        data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
-        self._pending.clear()
-        self._pending_bytes = 0
         owner = self._owner
         if owner.raw is None or owner.raw.is_closing():
+            self._pending.clear()
+            self._pending_bytes = 0
             return
-        owner.server.send(data)
+        if len(self._pending) == 1:
+            owner.server.send(self._pending[0])
+        elif self._pending_bytes < 1 << 16:  # small pieces: one join, fuller records
+            owner.server.send(b"".join(self._pending))
+        else:  # big ones: encrypted where they lie (records are at most 16 KiB anyway)
+            for piece in self._pending:
+                owner.server.send(piece)
+        self._pending.clear()
+        self._pending_bytes = 0
         owner.flush()
 
     def writelines(self, list_of_data: Any) -> None:
@@ -145,6 +152,7 @@ class TlsAppTransport(asyncio.Transport):
 # buffer_updated synchronously, which copies the bytes out before the next read. (asyncio's
 # default for plain protocols allocates 256 KiB per read: an mmap and munmap each time.)
 _READ_BUFFER = memoryview(bytearray(65536))
+WRITE_BUFFER_HIGH = 256 * 1024
 
 
 class TlsServerProtocol(asyncio.BufferedProtocol):
@@ -181,6 +189,10 @@ class TlsServerProtocol(asyncio.BufferedProtocol):
             transport.abort()
             return
         self.raw = transport
+        # Up to 256 KiB of ciphertext may wait in the socket's buffer before the HTTP layer is
+        # paused: a response body of a few hundred KiB then goes out without a pause/resume
+        # round per 64 KiB (asyncio's default), at a bounded cost per connection.
+        transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self.timer = self.loop.call_later(self.handshake_timeout_s, self._handshake_timeout)
         self.flush()
 

@@ -240,7 +240,8 @@ class H1Connection(asyncio.Protocol):
             return
         self.drain_waiter = self.loop.create_future()
         try:
-            await asyncio.wait_for(self.drain_waiter, self.limits.send_timeout_s)
+            async with asyncio.timeout(self.limits.send_timeout_s):  # no task, unlike wait_for
+                await self.drain_waiter
         except TimeoutError:
             self.on_event("send_timeout", {"client": self.info.client[0]})
             self._close(abort=True)
@@ -307,6 +308,9 @@ class H1Connection(asyncio.Protocol):
                 self.transport.close()
 
 
+BIG_WRITE = 1 << 14  # body chunks this big are not joined with the held head
+
+
 class H1Responder:
     """Writes the response. The head is held until the first body bytes or the end, so a
     small response leaves in one write (one syscall, one TCP segment)."""
@@ -340,11 +344,17 @@ class H1Responder:
         if c.closed:
             raise ConnectionError("client went away")
         if data and not self.head:
-            payload = c.conn.send(h11.Data(data=data)) or b""
-            if self._held:
-                payload, self._held = self._held + payload, b""
             assert c.transport is not None
-            c.transport.write(payload)
+            if len(data) < BIG_WRITE:
+                payload = c.conn.send(h11.Data(data=data)) or b""
+                if self._held:
+                    payload, self._held = self._held + payload, b""
+                c.transport.write(payload)
+            else:  # a big body chunk is written as it is: no copy to prepend the head
+                pieces = c.conn.send_with_data_passthrough(h11.Data(data=data)) or []
+                if self._held:
+                    pieces, self._held = [self._held, *pieces], b""
+                c.transport.writelines(pieces)
             await c.drain()
 
     async def end(self) -> None:
