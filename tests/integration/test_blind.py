@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.serialization import (
 
 from blindfold import pki
 from tests.conftest import need
+from tests.helpers.clients import wait_until
 from tests.helpers.edgeproc import EdgeProcess, OriginProcess, edge_config, route
 from tests.helpers.topology import origin_config
 
@@ -293,3 +294,38 @@ def test_verify_checks_certificate_signature_manifest_and_blobs(
     cached.write_bytes(bytes(data))
     r = s.verify(*full)
     assert r.returncode == 1 and "FAIL blobs: 1 of 4 bad: /big.bin: digest differs" in r.stdout
+
+
+def test_one_pull_serves_every_visitor_and_survives_one_leaving(
+        blind_site: Callable[..., Site]) -> None:
+    s = blind_site()
+    blob = s.ids()["/big.bin"]
+    size = len((s.out / "blobs" / blob).read_bytes())
+    port = s.edge.port
+    url = f"https://{CDN}:{port}/b/{blob}"
+    base = [need("curl"), "-sS", "--cacert", str(s.ca), "--resolve", f"{CDN}:{port}:127.0.0.1"]
+    # A visitor who leaves early (reads slowly, gives up after 1 s) starts the pull...
+    quitter = subprocess.Popen([*base, "--limit-rate", "200k", "--max-time", "1", "-o",
+                                "/dev/null", url], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    # ...a HEAD meanwhile answers as soon as the length is known...
+    head = subprocess.run([*base, "-I", url], capture_output=True, text=True, timeout=30)
+    assert head.returncode == 0 and f"content-length: {size}" in head.stdout.lower()
+    # ...and three more visitors at once all get the whole blob.
+    outs = [s.tmp / f"copy{i}" for i in range(3)]
+    procs = [subprocess.Popen([*base, "-o", str(o), url]) for o in outs]
+    assert all(p.wait(timeout=60) == 0 for p in procs)
+    quitter.wait(timeout=30)
+    want = (s.out / "blobs" / blob).read_bytes()
+    assert all(o.read_bytes() == want for o in outs)
+    # The pull went on to the end without the first visitor, into the cache.
+    assert wait_until(lambda: any(s.cache.rglob(blob)), timeout=20)
+    [cached] = list(s.cache.rglob(blob))
+    assert cached.read_bytes() == want
+    # One worker pulls each blob once whoever asks (the BPF steering sends one client address
+    # to one worker, and all these come from 127.0.0.1).
+    assert _origin_bytes(s.origin, "blob") == size
+    got = subprocess.run([*base, "-o", str(s.tmp / "again"), "-w", "%{http_code}", url],
+                         capture_output=True, text=True, timeout=30)
+    assert got.stdout == "200" and (s.tmp / "again").read_bytes() == want
+    assert _edge_count(s, "hit_memory") + _edge_count(s, "hit_disk") >= 1

@@ -96,6 +96,20 @@ def test_wrong_key_and_extra_records() -> None:
         ece.open_all(swapped, KEY)
 
 
+@pytest.mark.parametrize("extra", [1, 17, 99, 100, 250])
+def test_bytes_after_a_full_sized_last_record_are_refused(extra: int) -> None:
+    data = b"x" * (83 * 3)  # three records of exactly rs = 100 (83 data + delimiter + tag)
+    blob = ece.seal(data, KEY, rs=100)
+    assert len(blob) == 21 + 300 and ece.open_all(blob, KEY) == data
+    with pytest.raises(VerificationError, match="after the last record"):
+        ece.open_all(blob + b"X" * extra, KEY)
+    opener = ece.Opener(KEY)
+    with pytest.raises(VerificationError, match="after the last record"):
+        opener.feed(blob)
+        opener.feed(b"X" * extra)
+        opener.finish()
+
+
 def test_oversized_and_undersized_record_sizes_are_refused() -> None:
     blob = ece.seal(b"hello", KEY, rs=1 << 20)
     with pytest.raises(VerificationError, match="over the limit"):

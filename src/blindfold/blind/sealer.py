@@ -154,15 +154,21 @@ def _previous(out: Path, key: Ed25519PrivateKey) -> dict[str, manifest.Entry]:
 
 
 def _files(src: Path, skip: tuple[str, ...]) -> list[tuple[str, Path]]:
+    """The files to seal: regular files under `src`, never dotfiles or anything under a
+    dot-directory (.git, .env: their keys would be in the public manifest), never a symlink
+    that leads outside `src`, never what `skip` names."""
+    root_dir = src.resolve()
     found = []
     for root, dirs, names in os.walk(src):  # does not follow directory symlinks
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
+            if name.startswith("."):
+                continue
             p = Path(root, name)
             path = "/" + p.relative_to(src).as_posix()
             if any(fnmatch.fnmatchcase(path, g) or fnmatch.fnmatchcase(name, g) for g in skip):
                 continue
-            if p.is_file():
+            if p.is_file() and p.resolve().is_relative_to(root_dir):
                 found.append((path, p))
     return found
 
@@ -190,6 +196,9 @@ def seal_tree(src: str, out: str, signing_key: Ed25519PrivateKey, id_secret: byt
     src_dir, out_dir = Path(src), Path(out)
     if not src_dir.is_dir():
         raise ConfigError("src", f"{src}: not a directory")
+    if out_dir.resolve().is_relative_to(src_dir.resolve()):
+        raise ConfigError("out", f"{out} is inside {src}: the sealed output (its manifest holds "
+                          "the keys) must not be sealed or served as a page")
     started = time.perf_counter()
     issued = int(time.time() if now is None else now)
     blobs = out_dir / BLOBS_DIR

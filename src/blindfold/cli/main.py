@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from blindfold import __version__
 from blindfold.config import load_file
@@ -63,6 +64,12 @@ def _check_config(path: str) -> int:
 def _seal(args: argparse.Namespace) -> int:
     from blindfold.blind.sealer import SealOptions, load_id_secret, load_signing_key, seal_tree
 
+    src = Path(args.src).resolve()
+    for flag, path in (("--signing-key", args.signing_key), ("--id-secret", args.id_secret)):
+        if Path(path).resolve().is_relative_to(src):
+            print(f"blindfold seal: {flag} {path} is inside {args.src}: it would be published",
+                  file=sys.stderr)
+            return 2
     try:
         key = load_signing_key(args.signing_key, create=args.create_keys)
         secret = load_id_secret(args.id_secret, create=args.create_keys)
@@ -73,6 +80,9 @@ def _seal(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"blindfold seal: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"blindfold seal: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(f"sealed {args.src} -> {args.out}: {report.line()}")
     return 0
 
@@ -81,7 +91,8 @@ def _connect_to(items: list[str]) -> dict[str, str]:
     connect_to = {}
     for item in items:
         host, port, addr_port = [*item.split(":", 2), "", ""][:3]
-        if not (host and port and ":" in addr_port):
+        if not (host and port.isdigit() and ":" in addr_port
+                and addr_port.rpartition(":")[2].isdigit()):
             raise ConfigError("connect_to", f"{item!r}: expected HOST:PORT:ADDR:PORT")
         connect_to[f"{host}:{port}"] = addr_port
     return connect_to
@@ -127,6 +138,9 @@ def _fetch(args: argparse.Namespace) -> int:
         return 2
     except (VerificationError, UpstreamError) as exc:
         print(f"blindfold fetch: {args.url}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # the output file, the CA bundle
+        print(f"blindfold fetch: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     if result.edge_error:
         print(f"blindfold fetch: edge copy not used: {result.edge_error}; fetched from the "

@@ -155,6 +155,10 @@ def _url_path(value: str) -> str | None:
     return None
 
 
+def _url_prefix(value: str) -> str | None:
+    return _url_path(value) or (None if value.endswith("/") else f"{value!r} must end with /")
+
+
 @dataclass(frozen=True, slots=True)
 class BlindStoreConfig:
     dir: str = setting(doc="The OUT_DIR of `blindfold seal`: manifest.json and blobs/.")
@@ -166,10 +170,10 @@ class BlindStoreConfig:
                                  "signed manifest (it holds the content keys: served with "
                                  "no-store, by the origin only).", check=_url_path)
     blobs_path: str = setting("/.blindfold/blobs/", doc="URL prefix under which edges pull "
-                              "sealed blobs by id.", check=_url_path)
+                              "sealed blobs by id.", check=_url_prefix)
     public_path: str = setting("/.blindfold/public/", doc="URL prefix under which edges pull "
                                "the plaintext SRI copies (`blindfold seal --sri`).",
-                               check=_url_path)
+                               check=_url_prefix)
     rewrite_html: bool = setting(False, doc="Rewrite pages served from source_dir for "
                                  "Subresource Integrity: <script src> and <link "
                                  "rel=stylesheet> of files published with `seal --sri` point "
@@ -177,8 +181,8 @@ class BlindStoreConfig:
                                  "page with such a tag is sent with Integrity-Policy (no "
                                  "script without integrity runs on it). Needs edge_url.")
     response_signing_key: str = setting("", doc="Ed25519 private key (PEM) that signs every "
-                                        "response of the blind store with RFC 9421 HTTP "
-                                        "Message Signatures (@status, content-type, "
+                                        "whole (200) response of the blind store with "
+                                        "RFC 9421 HTTP Message Signatures (@status, content-type, "
                                         "content-digest, date; `blindfold verify` checks "
                                         "them). Empty: responses are not signed.")
     response_signature_lifetime_s: float = setting(300.0, doc="How long such a signature is "

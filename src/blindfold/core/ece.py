@@ -144,11 +144,15 @@ class Opener:
                 out.append(self._open(view[pos:pos + rs], final_stream=False))
                 pos += rs
         del self._buf[:pos]
+        if self._done and self._buf:
+            raise VerificationError("aes128gcm: data after the last record")
         return [p for p in out if p]
 
     def finish(self) -> bytes:
         """The plaintext of the final record; raises when the stream is truncated."""
         if self._done:
+            if self._buf:
+                raise VerificationError("aes128gcm: data after the last record")
             return b""
         if self._aead is None:
             raise VerificationError("aes128gcm: truncated header")

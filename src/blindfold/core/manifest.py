@@ -141,7 +141,7 @@ def verify(data: bytes, public: Ed25519PublicKey, now: float | None) -> Manifest
         raise VerificationError(f"manifest: larger than {MAX_MANIFEST_BYTES} bytes")
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # deep nesting: RecursionError
         raise VerificationError("manifest: not JSON") from None
     if not isinstance(doc, dict):
         raise VerificationError("manifest: not a JSON object")
@@ -155,7 +155,10 @@ def verify(data: bytes, public: Ed25519PublicKey, now: float | None) -> Manifest
         public.verify(unb64u(_field(doc, "signature", str, "manifest")), payload.encode())
     except InvalidSignature:
         raise VerificationError("manifest: bad signature") from None
-    body = json.loads(payload)  # signed by the site: well-formed JSON, but check the shape
+    try:
+        body = json.loads(payload)  # signed by the site, but never trust the shape
+    except (ValueError, RecursionError):
+        raise VerificationError("manifest: payload is not JSON") from None
     if not isinstance(body, dict) or body.get("format") != FORMAT:
         raise VerificationError("manifest: payload format")
     issued = _field(body, "issued_at", int, "payload")

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import re
 import socket
 import ssl
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +47,8 @@ _PATH = re.compile(rb"/(?:b/([0-9a-f]{32})|p/([0-9a-f]{32}\.(?:js|css)))")
 _ID = re.compile(r"[0-9a-f]{32}(?:\.js|\.css)?")
 _TYPES = {"js": b"text/javascript; charset=utf-8", "css": b"text/css; charset=utf-8"}
 SEND_CHUNK = 1 << 18
+MEMORY_SEND_CHUNK = 1 << 20
+DISK_RETRY_S = 30.0
 SEND_BUFFER_BYTES = 1 << 20
 # Blob ids name content (an HMAC of path and content digest): a blob never changes.
 _CACHE_CONTROL = b"public, max-age=31536000, immutable"
@@ -69,6 +73,11 @@ def check_route(where: str, rc: RouteConfig) -> None:
     origin_tls_context(where, rc)
 
 
+def _origin_settings(rc: RouteConfig) -> tuple[object, ...]:
+    return (rc.origins, rc.origin_ca, rc.origin_pin_sha256, rc.origin_server_name,
+            rc.proxy_protocol, rc.http)
+
+
 class BlobStore:
     """Two bounded LRU tiers: small blobs in memory, every blob on disk (when a directory is
     configured). Files are written under a temporary name and renamed when complete, so a
@@ -83,6 +92,8 @@ class BlobStore:
         self.disk: OrderedDict[str, int] = OrderedDict()
         self.disk_used = 0
         self.dir: Path | None = None
+        self._disk_broken_until = 0.0
+        self.disk_error = ""
         if cfg.cache_dir and self.disk_max:
             self.dir = Path(cfg.cache_dir) / f"w{worker_index}"
             try:
@@ -100,13 +111,22 @@ class BlobStore:
             if _ID.fullmatch(entry.name):
                 st = entry.stat()
                 found.append((st.st_mtime, entry.name, st.st_size))
-            else:  # a pull that never finished
-                with contextlib.suppress(OSError):
+            elif f".{os.getpid()}." not in entry.name:  # a pull that never finished
+                with contextlib.suppress(OSError):  # (this process's may be running: kept)
                     os.unlink(entry.path)
         for _mtime, name, size in sorted(found):
             self.disk[name] = size
             self.disk_used += size
         self._evict_disk()
+
+    def disk_ok(self) -> bool:
+        return time.monotonic() >= self._disk_broken_until
+
+    def disk_failed(self, detail: str) -> None:
+        """A disk error (full, read-only): new pulls skip the disk for a while; memory and
+        the origin keep serving."""
+        self._disk_broken_until = time.monotonic() + DISK_RETRY_S
+        self.disk_error = detail
 
     def memory(self, blob: str) -> bytes | None:
         data = self.mem.get(blob)
@@ -173,7 +193,8 @@ class BlindRoute:
     """What a worker keeps for one blind route; on reload the store and counters carry over
     when the cache settings are unchanged."""
 
-    def __init__(self, where: str, rc: RouteConfig, worker_index: int) -> None:
+    def __init__(self, where: str, rc: RouteConfig, worker_index: int,
+                 old: BlindRoute | None = None) -> None:
         self.config = rc
         self.cfg = rc.blind or BlindRouteConfig()
         self.tls = _server_tls(where, rc)
@@ -189,10 +210,19 @@ class BlindRoute:
             send_timeout_s=http.send_timeout_s,
             h2_max_concurrent_streams=http.h2_max_concurrent_streams,
             h2_max_header_list_size=http.max_header_bytes)
-        self.store = BlobStore(self.cfg, worker_index)
-        self.stats = BlindStats()
-        self.pulls: dict[str, asyncio.Future[None]] = {}
+        same_cache = old is not None and old.cfg == self.cfg
+        # The store (and the pulls filling it) carry over a reload that keeps the cache
+        # settings; a new store would rescan the directory under live pulls.
+        self.store: BlobStore = (old.store if old is not None and same_cache
+                                 else BlobStore(self.cfg, worker_index))
+        self.pulls: dict[str, Fill] = old.pulls if old is not None and same_cache else {}
+        self.stats: BlindStats = old.stats if old is not None else BlindStats()
         self.pool: UpstreamPool | None = None
+        if old is not None and old.pool is not None:
+            if _origin_settings(old.config) == _origin_settings(rc):
+                self.pool = old.pool  # its connections (in use or idle) stay valid
+            else:
+                old.pool.close()
         self.any_origin = "*" in self.cfg.allow_origins
         self.allowed_origins = frozenset(o.encode() for o in self.cfg.allow_origins)
 
@@ -205,13 +235,6 @@ class BlindRoute:
             return [(b"access-control-allow-origin", origin), (b"vary", b"origin")]
         return [(b"vary", b"origin")]
 
-    def adopt(self, old: BlindRoute) -> None:
-        if old.cfg == self.cfg:
-            self.store = old.store
-        self.stats = old.stats
-        if old.pool is not None:
-            old.pool.close()
-
 
 class BlindService:
     """The worker's blind side, on the asyncio loop the reactor is attached to."""
@@ -221,10 +244,7 @@ class BlindService:
         self.loop = loop
 
     def build(self, where: str, rc: RouteConfig, old: BlindRoute | None) -> BlindRoute:
-        route = BlindRoute(where, rc, self.worker.index)
-        if old is not None:
-            route.adopt(old)
-        return route
+        return BlindRoute(where, rc, self.worker.index, old)
 
     def begin(self, conn: Conn, route: RouteState, hello: ClientHello) -> None:
         br = route.blind
@@ -308,19 +328,16 @@ class BlindHandler:
         blob = (m.group(1) or m.group(2)).decode()
         head = method == b"HEAD"
         self.cors = br.cors(request)
-        for _attempt in range(2):
-            if await self._from_cache(blob, respond, head):
-                return
-            pull = br.pulls.get(blob)
-            if pull is None:
-                await self._pull(blob, respond, head)
-                return
-            # Someone is pulling it: wait for that, then serve from the cache.
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(br.http.upstream_timeout_s):
-                    await asyncio.shield(pull)
-        br.stats.count("error")
-        await simple_response(respond, 502, "blob unavailable\n", self.cors)
+        if await self._from_cache(blob, respond, head):
+            return
+        fill = br.pulls.get(blob)
+        if fill is None:
+            fill = Fill(blob, self._fill_task)
+            br.pulls[blob] = fill
+            fill.start()
+        else:
+            br.stats.count("joined")
+        await self._from_fill(fill, respond, head)
 
     def _headers(self, blob: str, size: int, source: bytes) -> Headers:
         ext = blob.rpartition(".")[2] if "." in blob else ""
@@ -336,7 +353,11 @@ class BlindHandler:
             br.stats.count("hit_memory")
             await respond.start(200, self._headers(blob, len(data), b"hit"))
             if not head:
-                await respond.send(data)
+                # one write up to 1 MiB; bigger blobs in slices, so that what waits in a slow
+                # visitor's buffers stays bounded
+                for at in range(0, len(data), MEMORY_SEND_CHUNK):
+                    await respond.send(data[at:at + MEMORY_SEND_CHUNK] if len(data) >
+                                       MEMORY_SEND_CHUNK else data)
                 br.stats.served_bytes += len(data)
             await respond.end()
             return True
@@ -396,85 +417,231 @@ class BlindHandler:
                                    server_hostname=rc.origin_server_name, connector=connect)
         return br.pool
 
-    async def _pull(self, blob: str, respond: Responder, head: bool) -> None:
-        """Fetch from the origin, streaming to this visitor while it is written to the cache;
-        stored only when complete and of the announced length."""
+    async def _fill_task(self, fill: Fill) -> None:
+        """Pull a blob from the origin into the cache. Its own task: visitors who leave do not
+        stop it, and every visitor who asks meanwhile streams from it."""
         br = self.br
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        br.pulls[blob] = done
-        tmp: Path | None = None
+        store = br.store
+        out: io.BufferedWriter | None = None
         resp: UpstreamResponse | None = None
         try:
-            prefix = br.cfg.origin_public_path if "." in blob else br.cfg.origin_blobs_path
-            target = (prefix + blob).encode()
+            prefix = br.cfg.origin_public_path if "." in fill.blob else br.cfg.origin_blobs_path
             host = (br.config.origin_server_name or "origin").encode()
             try:
                 resp = await self._pool().request(
-                    b"GET", target, [(b"host", host), (b"user-agent", b"blindfold-edge")], None)
+                    b"GET", (prefix + fill.blob).encode(),
+                    [(b"host", host), (b"user-agent", b"blindfold-edge")], None)
             except UpstreamError as exc:
-                br.stats.count("origin_error")
-                self.worker.log.log("blind_pull_failed", route=self.route.name, blob=blob,
-                                    detail=str(exc)[:200])
-                await simple_response(respond, 502, "origin unavailable\n", self.cors)
+                fill.fail(502, f"origin: {exc}")
                 return
             length = _content_length(resp.headers)
             if resp.status != 200 or length is None or length > br.cfg.max_blob_bytes:
-                resp.close()
-                status = 404 if resp.status == 404 else 502
-                br.stats.count("not_found" if status == 404 else "origin_error")
-                await simple_response(respond, status, "no such blob\n" if status == 404 else
-                                      "bad origin answer\n", self.cors)
+                fill.fail(404 if resp.status == 404 else 502,
+                          f"origin answered {resp.status}, length {length}")
                 return
-            br.stats.count("miss")
-            await respond.start(200, self._headers(blob, length, b"miss"))
-            tmp = br.store.temp_file(blob)
-            out = tmp.open("wb") if tmp is not None else None
-            kept = bytearray() if length <= br.store.mem_obj_max else None
-            got = 0
-            visitor = not head
-            try:
-                async for chunk in resp.body():
-                    got += len(chunk)
-                    if got > length:
-                        raise UpstreamError("origin sent more than its Content-Length")
-                    if out is not None:
-                        out.write(chunk)
-                    if kept is not None:
-                        kept += chunk
-                    if visitor:
-                        try:
-                            await respond.send(chunk)
-                        except Exception:  # the visitor left: finish the pull for the cache
-                            visitor = False
-            except UpstreamError as exc:
-                self.worker.log.log("blind_pull_failed", route=self.route.name, blob=blob,
-                                    detail=str(exc)[:200])
-                br.stats.count("origin_error")
-                respond.abort()
-                return
-            finally:
+            if store.dir is not None and length <= store.disk_max and store.disk_ok():
+                fill.tmp = store.temp_file(fill.blob)
+                try:
+                    assert fill.tmp is not None
+                    out = fill.tmp.open("wb")
+                except OSError as exc:
+                    store.disk_failed(str(exc))
+                    fill.tmp = None
+            if fill.tmp is None:
+                if length > store.mem_obj_max:  # nowhere to keep it: each visitor pulls
+                    fill.fail(0, "not cacheable")
+                    return
+                fill.buf = bytearray()
+            fill.begin(length)
+            async for chunk in resp.body():
+                if fill.got + len(chunk) > length:
+                    raise UpstreamError("origin sent more than its Content-Length")
                 if out is not None:
-                    out.close()
-            br.stats.origin_bytes += got
-            if got != length:
-                respond.abort()
-                return
-            if tmp is not None:
-                br.store.commit_disk(blob, tmp, got)
-                tmp = None
-            if kept is not None:
-                br.store.put_memory(blob, bytes(kept))
-            if visitor:
-                br.stats.served_bytes += got
-            if visitor or head:
-                await respond.end()
+                    out.write(chunk)
+                    out.flush()  # visitors read the file as it grows
+                else:
+                    assert fill.buf is not None
+                    fill.buf += chunk
+                fill.advance(len(chunk))
+            br.stats.origin_bytes += fill.got
+            if fill.got != length:
+                raise UpstreamError(f"origin sent {fill.got} of {length} bytes")
+            if out is not None:
+                out.close()
+                out = None
+                assert fill.tmp is not None
+                if length <= store.mem_obj_max:
+                    store.put_memory(fill.blob, fill.tmp.read_bytes())
+                store.commit_disk(fill.blob, fill.tmp, length)
+                fill.path, fill.tmp = store.dir / fill.blob if store.dir else None, None
+            elif fill.buf is not None:
+                store.put_memory(fill.blob, bytes(fill.buf))
+            fill.finish()
+        except UpstreamError as exc:
+            br.stats.count("origin_error")
+            fill.fail(502, str(exc))
+        except OSError as exc:  # the disk cache: this pull fails, the next ones skip the disk
+            store.disk_failed(str(exc))
+            fill.fail(502, f"cache: {exc}")
         finally:
+            if out is not None:
+                out.close()
             if resp is not None:
                 resp.close()  # a no-op once the body was read to its end (back in the pool)
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
-            br.pulls.pop(blob, None)
-            done.set_result(None)
+            if fill.tmp is not None:
+                fill.tmp.unlink(missing_ok=True)
+            if br.pulls.get(fill.blob) is fill:
+                del br.pulls[fill.blob]
+            if fill.error:
+                self.worker.log.log("blind_pull_failed", route=self.route.name,
+                                    blob=fill.blob, detail=fill.error[:200])
+            fill.finish()
+
+    async def _from_fill(self, fill: Fill, respond: Responder, head: bool) -> None:
+        """Answer from a pull in progress: the head once the origin's length is known, then
+        the bytes as they land (from the temporary file, or memory), never more than pulled."""
+        br = self.br
+        idle = br.http.upstream_timeout_s
+        while fill.length is None and not fill.done:
+            if not await fill.wait(idle):
+                break
+        if fill.length is None:
+            if fill.status == 0:  # not cacheable here: pull it for this visitor alone
+                await self._direct(fill.blob, respond, head)
+                return
+            br.stats.count("not_found" if fill.status == 404 else "error")
+            await simple_response(respond, fill.status or 502, "no such blob\n"
+                                  if fill.status == 404 else "blob unavailable\n", self.cors)
+            return
+        br.stats.count("miss")
+        await respond.start(200, self._headers(fill.blob, fill.length, b"miss"))
+        if head:
+            await respond.end()
+            return
+        fd = -1
+        sent = 0
+        try:
+            if fill.buf is None:
+                where = fill.tmp or fill.path
+                if where is None:
+                    respond.abort()
+                    return
+                fd = os.open(where, os.O_RDONLY)  # stays valid through the rename
+            while sent < fill.length:
+                if sent < fill.got:
+                    n = min(SEND_CHUNK, fill.got - sent)
+                    data = (bytes(fill.buf[sent:sent + n]) if fill.buf is not None
+                            else os.pread(fd, n, sent))
+                    if not data:
+                        break
+                    await respond.send(data)
+                    sent += len(data)
+                elif fill.error or fill.done or not await fill.wait(idle):
+                    break
+        except OSError:
+            pass
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        br.stats.served_bytes += sent
+        if sent == fill.length:
+            await respond.end()
+        else:
+            respond.abort()  # never claim a whole blob
+
+    async def _direct(self, blob: str, respond: Responder, head: bool) -> None:
+        """A blob the cache cannot keep (too big for memory, no disk): streamed through."""
+        br = self.br
+        prefix = br.cfg.origin_public_path if "." in blob else br.cfg.origin_blobs_path
+        host = (br.config.origin_server_name or "origin").encode()
+        try:
+            resp = await self._pool().request(
+                b"GET", (prefix + blob).encode(),
+                [(b"host", host), (b"user-agent", b"blindfold-edge")], None)
+        except UpstreamError:
+            br.stats.count("origin_error")
+            await simple_response(respond, 502, "origin unavailable\n", self.cors)
+            return
+        try:
+            length = _content_length(resp.headers)
+            if resp.status != 200 or length is None or length > br.cfg.max_blob_bytes:
+                await simple_response(respond, 404 if resp.status == 404 else 502,
+                                      "no such blob\n", self.cors)
+                return
+            br.stats.count("uncached")
+            await respond.start(200, self._headers(blob, length, b"uncached"))
+            if head:
+                await respond.end()
+                return
+            sent = 0
+            try:
+                async for chunk in resp.body():
+                    sent += len(chunk)
+                    if sent > length:
+                        break
+                    await respond.send(chunk)
+            except UpstreamError:
+                pass
+            br.stats.origin_bytes += sent
+            br.stats.served_bytes += min(sent, length)
+            if sent == length:
+                await respond.end()
+            else:
+                respond.abort()
+        finally:
+            resp.close()
+
+
+class Fill:
+    """A pull from the origin in progress, shared by the visitors who ask for its blob."""
+
+    def __init__(self, blob: str, run: Callable[[Fill], Coroutine[Any, Any, None]]) -> None:
+        self.blob = blob
+        self._run = run
+        self.length: int | None = None
+        self.got = 0
+        self.done = False
+        self.status = 200
+        self.error = ""
+        self.tmp: Path | None = None
+        self.path: Path | None = None
+        self.buf: bytearray | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run(self))
+
+    def _notify(self) -> None:
+        if not self._wake.done():
+            self._wake.set_result(None)
+        self._wake = asyncio.get_running_loop().create_future()
+
+    async def wait(self, timeout_s: float) -> bool:
+        """Until the next progress; False when none came within `timeout_s`."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(self._wake)
+        except TimeoutError:
+            return False
+        return True
+
+    def begin(self, length: int) -> None:
+        self.length = length
+        self._notify()
+
+    def advance(self, n: int) -> None:
+        self.got += n
+        self._notify()
+
+    def fail(self, status: int, error: str) -> None:
+        self.status, self.error = status, error
+        self.done = True
+        self._notify()
+
+    def finish(self) -> None:
+        self.done = True
+        self._notify()
 
 
 def _content_length(headers: Headers) -> int | None:

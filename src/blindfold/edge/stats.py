@@ -82,8 +82,9 @@ EDGE_METRICS = [
     MetricSpec("blindfold_keyless_connections_active", "gauge",
                "Open keyless TLS connections.", ("route",)),
     MetricSpec("blindfold_blind_requests_total", "counter",
-               "Requests on blind routes, by result (hit_memory, hit_disk, miss, not_found, "
-               "origin_error, error, bad_method).", ("route", "result")),
+               "Requests on blind routes, by result (hit_memory, hit_disk, miss, joined: a "
+               "miss served from another's pull, uncached, not_found, origin_error, error, "
+               "bad_method).", ("route", "result")),
     MetricSpec("blindfold_blind_cache_bytes", "gauge", "Bytes of sealed blobs cached, by tier.",
                ("route", "tier")),
     MetricSpec("blindfold_blind_cache_blobs", "gauge", "Sealed blobs cached, by tier.",

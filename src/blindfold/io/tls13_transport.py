@@ -238,7 +238,9 @@ class TlsServerProtocol(asyncio.BufferedProtocol):
         for event in events:
             if isinstance(event, ts.DataReceived):
                 self.bytes_in += len(event.data)
-                if self.app is None and self.server.state == "open":
+                # "closing": OpenSSL read the visitor's close_notify in the same batch as this
+                # request; the request is still answered (TLS 1.3 half-close).
+                if self.app is None and self.server.state in ("open", "closing"):
                     self._start_app()
                 if self.app is not None:
                     self.app.data_received(event.data)

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import time
+import urllib.parse
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -157,46 +158,51 @@ class BlindStore:
             await self._file(request, respond, self.blobs / blob.decode(),
                              b"application/octet-stream", _BLOB_CACHE, head, "blob")
         elif path.startswith(self.public_path):
-            name = path[len(self.public_path):]
-            if not _PUBLIC.fullmatch(name):
+            public = path[len(self.public_path):]
+            if not _PUBLIC.fullmatch(public):
                 self._count("blind_requests:not_found")
                 await simple_response(respond, 404, "not published\n")
                 return
-            public_type = SRI_TYPES["." + name.decode().rpartition(".")[2]]
-            await self._file(request, respond, self.dir / PUBLIC_DIR / name.decode(),
+            public_type = SRI_TYPES["." + public.decode().rpartition(".")[2]]
+            await self._file(request, respond, self.dir / PUBLIC_DIR / public.decode(),
                              f"{public_type}; charset=utf-8".encode(), _BLOB_CACHE, head,
                              "public")
         elif self.sw is not None and path == cfg.service_worker_path.encode():
             await self._bytes(respond, self.sw, b"text/javascript; charset=utf-8", head)
         elif self.sw is not None and path == cfg.register_path.encode():
             await self._bytes(respond, self.register, b"text/javascript; charset=utf-8", head)
-        elif (file := self._source_file(path)) is not None:
-            entry = self._sealed_paths().get(path.decode())
+        elif (found := self._source_file(path)) is not None:
+            file, name = found
+            entry = self._sealed_paths().get(name)
             if entry is None and cfg.rewrite_html and file.suffix == ".html":
                 await self._page(request, respond, file, head)
                 return
             ctype = entry.type.encode() if entry else _TYPES.get(
                 file.suffix, b"application/octet-stream")
+            # A sealed file's ETag is its plaintext digest (the manifest's), so a client that
+            # resumes one with Range + If-Range never splices two versions.
+            etag = f'"{entry.sha256}"'.encode() if entry else None
             await self._file(request, respond, file, ctype, b"no-cache", head,
-                             "plaintext" if entry else "page")
+                             "plaintext" if entry else "page", etag)
         else:
             await self.inner(request, body, respond)
 
-    def _source_file(self, path: bytes) -> Path | None:
+    def _source_file(self, path: bytes) -> tuple[Path, str] | None:
+        """The file under source_dir for a URL path (percent-decoded, as the manifest names
+        files), and that name; None for anything outside it, dotfiles included."""
         if self.source is None:
             return None
         try:
-            text = path.decode()
+            name = urllib.parse.unquote(path.decode(), errors="strict")
         except UnicodeDecodeError:
             return None
-        if text.endswith("/"):
-            text += "index.html"
-        if any(part.startswith(".") for part in text.split("/")):
+        text = name + "index.html" if name.endswith("/") else name
+        if "\x00" in text or any(part.startswith(".") for part in text.split("/")):
             return None  # .git, .env and the like are never served
         file = (self.source / text.lstrip("/")).resolve()
         if not file.is_relative_to(self.source) or not file.is_file():
             return None
-        return file
+        return file, name
 
     def _published(self) -> dict[str, sri.Published]:
         """sri.json (re-read when the sealer rewrote it): path -> the edge copy."""
@@ -272,7 +278,7 @@ class BlindStore:
             report = json.loads(data)
             if not isinstance(report, dict):
                 raise ValueError("not an object")
-        except (BodyTooLarge, BodyTimeout, ValueError, UnicodeDecodeError):
+        except (BodyTooLarge, BodyTimeout, ValueError, UnicodeDecodeError, RecursionError):
             await simple_response(respond, 400, "a JSON object of at most 4 KiB\n")
             return
         self._count("blind_requests:report")
@@ -283,7 +289,7 @@ class BlindStore:
         await respond.end()
 
     async def _file(self, request: Request, respond: Responder, file: Path, ctype: bytes,
-                    cache: bytes, head: bool, kind: str) -> None:
+                    cache: bytes, head: bool, kind: str, etag: bytes | None = None) -> None:
         try:
             f = file.open("rb")
         except OSError:
@@ -299,7 +305,12 @@ class BlindStore:
             headers: Headers = [(b"content-type", ctype), (b"cache-control", cache),
                                 (b"x-content-type-options", b"nosniff"),
                                 (b"accept-ranges", b"bytes")]
+            if etag is not None:
+                headers.append((b"etag", etag))
             rng = request.header(b"range")
+            if_range = request.header(b"if-range")
+            if rng is not None and if_range is not None and if_range != etag:
+                rng = None  # RFC 9110 §13.1.5: another version, so the whole of this one
             if rng is not None and kind in ("plaintext", "page", "blob", "public"):
                 m = _RANGE.fullmatch(rng.strip())
                 if m is None or int(m.group(1)) >= size or (
@@ -333,7 +344,7 @@ def _entries(data: bytes) -> dict[str, manifest.Entry]:
     try:
         doc = json.loads(data)
         files = json.loads(doc["payload"])["files"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise VerificationError("manifest: unreadable") from None
     out = {}
     for p, raw in files.items():

@@ -13,6 +13,8 @@
 const CONFIG = /*BLINDFOLD_CONFIG*/ {};
 const BUFFER_LIMIT = 8 * 1024 * 1024;
 const MANIFEST_TTL_MS = 60 * 1000;
+const EDGE_IDLE_MS = 15 * 1000;  // an edge that sends nothing this long has failed
+const EDGE_TOTAL_MS = 120 * 1000;  // for a file checked whole before release
 const enc = new TextEncoder();
 
 self.addEventListener('install', (event) => event.waitUntil(self.skipWaiting()));
@@ -26,6 +28,18 @@ self.addEventListener('fetch', (event) => {
   if (request.headers.has('range')) return;  // partial requests go to the origin as they are
   event.respondWith(handle(request, url));
 });
+
+// `promise`, or a rejection (and the fetch aborted) when it takes longer than `ms`.
+function deadline(promise, ms, abort) {
+  let timer;
+  const late = new Promise((_, reject) => {
+    timer = setTimeout(() => {
+      abort.abort();
+      reject(new Error(`edge: nothing within ${ms} ms`));
+    }, ms);
+  });
+  return Promise.race([promise, late]).finally(() => clearTimeout(timer));
+}
 
 function b64u(text) {
   const s = atob(text.replace(/-/g, '+').replace(/_/g, '/') + '==='.slice((text.length + 3) % 4));
@@ -71,7 +85,13 @@ async function handle(request, url) {
     report(url.pathname, null, String(err));
     return fetch(request);
   }
-  const entry = files[decodeURIComponent(url.pathname)];
+  let name;
+  try {
+    name = decodeURIComponent(url.pathname);
+  } catch (err) {  // a malformed escape: not a sealed path
+    return fetch(request);
+  }
+  const entry = files[name];
   if (!entry) return fetch(request);
   try {
     return await fromEdge(entry, request);
@@ -182,13 +202,15 @@ class Opener {
 }
 
 async function fromEdge(entry, request) {
-  const response = await fetch(`${CONFIG.edge}/b/${entry.id}`,
-                               {mode: 'cors', credentials: 'omit'});
+  const abort = new AbortController();
+  const response = await deadline(fetch(`${CONFIG.edge}/b/${entry.id}`,
+                                        {mode: 'cors', credentials: 'omit',
+                                         signal: abort.signal}), EDGE_IDLE_MS, abort);
   if (!response.ok) throw new Error(`edge: HTTP ${response.status}`);
   const key = b64u(entry.key);
   if (entry.sealed_size <= BUFFER_LIMIT) {
     // Small: check everything before the page sees a byte.
-    const blob = new Uint8Array(await response.arrayBuffer());
+    const blob = new Uint8Array(await deadline(response.arrayBuffer(), EDGE_TOTAL_MS, abort));
     if (blob.length !== entry.sealed_size) throw new Error('blob size differs from the manifest');
     if (hex(await crypto.subtle.digest('SHA-256', blob)) !== entry.blob_sha256) {
       throw new Error('blob digest differs from the manifest');
@@ -219,7 +241,7 @@ async function fromEdge(entry, request) {
   const next = async () => {
     while (true) {
       if (ended) return null;
-      const {value, done} = await reader.read();
+      const {value, done} = await deadline(reader.read(), EDGE_IDLE_MS, abort);
       if (done) {
         ended = true;
         if (received !== entry.sealed_size) throw new Error('blob size differs from the manifest');
@@ -268,8 +290,14 @@ async function fromEdge(entry, request) {
 }
 
 async function rest(request, entry, from, controller) {
-  const response = await fetch(request.url, {cache: 'no-store', credentials: 'same-origin',
-                                             headers: {range: `bytes=${from}-`}});
+  if (from === entry.size) {  // every byte was released, authenticated and in order
+    controller.close();
+    return;
+  }
+  // If-Range with the manifest's digest: the origin answers 206 only for this very version.
+  const response = await fetch(request.url, {
+    cache: 'no-store', credentials: 'same-origin',
+    headers: {'range': `bytes=${from}-`, 'if-range': `"${entry.sha256}"`}});
   if (response.status !== 206) throw new Error(`origin range: HTTP ${response.status}`);
   const reader = response.body.getReader();
   let total = from;
