@@ -151,3 +151,19 @@ def test_key_files(tmp_path: Path) -> None:
         sealer.load_id_secret(str(tmp_path / "short"))
     secret = sealer.load_id_secret(str(tmp_path / "s"), create=True)
     assert sealer.load_id_secret(str(tmp_path / "s")) == secret
+
+
+def test_dotfiles_and_links_out_of_the_tree_are_never_sealed(tmp_path: Path) -> None:
+    src = _tree(tmp_path)
+    (src / ".env").write_text("DB_PASSWORD=hunter2")
+    (src / ".git").mkdir()
+    (src / ".git" / "config").write_text("[core]")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("secret")
+    (src / "link.txt").symlink_to(outside)
+    (src / "inside-link.html").symlink_to(src / "index.html")
+    sealer.seal_tree(str(src), str(tmp_path / "out"), SK, SECRET, now=1000)
+    files = manifest.verify((tmp_path / "out" / "manifest.json").read_bytes(), PK, 1001).files
+    assert set(files) == {"/index.html", "/sub/data.bin", "/empty.txt", "/inside-link.html"}
+    with pytest.raises(ConfigError, match="inside"):
+        sealer.seal_tree(str(src), str(src / "sealed"), SK, SECRET, now=1000)
