@@ -77,6 +77,8 @@ class Site:
         self.origin = start_origin(text)
         self.cache = tmp / "edge-cache"
         blind_cfg = {"cache_dir": str(self.cache), **blind}
+        if not blind_cfg["cache_dir"]:
+            del blind_cfg["cache_dir"]
         routes = (route(["example.test"], [f"127.0.0.1:{self.origin.port}"],
                         proxy_protocol="v2")
                   + route([CDN], [f"127.0.0.1:{self.origin.port}"], mode="blind",
@@ -329,3 +331,17 @@ def test_one_pull_serves_every_visitor_and_survives_one_leaving(
                          capture_output=True, text=True, timeout=30)
     assert got.stdout == "200" and (s.tmp / "again").read_bytes() == want
     assert _edge_count(s, "hit_memory") + _edge_count(s, "hit_disk") >= 1
+
+
+def test_blobs_the_cache_cannot_keep_are_streamed_through(
+        blind_site: Callable[..., Site]) -> None:
+    s = blind_site(cache_dir="", memory_max_object_bytes=1 << 20)  # memory only, 1 MiB max
+    for _ in range(2):
+        r, got = s.fetch("/big.bin")  # ~4.8 MB: too big for the memory tier, no disk tier
+        assert r.returncode == 0 and "from the edge" in r.stdout, r.stderr
+        assert got == s.files["/big.bin"]
+    assert _edge_count(s, "uncached") >= 1
+    assert _edge_count(s, "hit_memory") + _edge_count(s, "hit_disk") == 0
+    r, got = s.fetch("/index.html")  # small files are still cached
+    r, got = s.fetch("/index.html")
+    assert got == s.files["/index.html"] and _edge_count(s, "hit_memory") == 1

@@ -49,6 +49,7 @@ _TYPES = {"js": b"text/javascript; charset=utf-8", "css": b"text/css; charset=ut
 SEND_CHUNK = 1 << 18
 MEMORY_SEND_CHUNK = 1 << 20
 DISK_RETRY_S = 30.0
+MAX_UNCACHEABLE = 10_000
 SEND_BUFFER_BYTES = 1 << 20
 # Blob ids name content (an HMAC of path and content digest): a blob never changes.
 _CACHE_CONTROL = b"public, max-age=31536000, immutable"
@@ -216,6 +217,8 @@ class BlindRoute:
         self.store: BlobStore = (old.store if old is not None and same_cache
                                  else BlobStore(self.cfg, worker_index))
         self.pulls: dict[str, Fill] = old.pulls if old is not None and same_cache else {}
+        self.uncacheable: OrderedDict[str, None] = (
+            old.uncacheable if old is not None and same_cache else OrderedDict())
         self.stats: BlindStats = old.stats if old is not None else BlindStats()
         self.pool: UpstreamPool | None = None
         if old is not None and old.pool is not None:
@@ -225,6 +228,13 @@ class BlindRoute:
                 old.pool.close()
         self.any_origin = "*" in self.cfg.allow_origins
         self.allowed_origins = frozenset(o.encode() for o in self.cfg.allow_origins)
+
+    def remember_uncacheable(self, blob: str) -> None:
+        """Blobs the cache cannot keep (bigger than memory allows, no disk): later requests
+        stream them straight from the origin without asking for them twice."""
+        self.uncacheable[blob] = None
+        if len(self.uncacheable) > MAX_UNCACHEABLE:
+            self.uncacheable.popitem(last=False)
 
     def cors(self, request: Request) -> Headers:
         """CORS for a page's service worker fetching blobs cross-origin (Fetch standard)."""
@@ -329,6 +339,9 @@ class BlindHandler:
         head = method == b"HEAD"
         self.cors = br.cors(request)
         if await self._from_cache(blob, respond, head):
+            return
+        if blob in br.uncacheable:
+            await self._direct(blob, respond, head)
             return
         fill = br.pulls.get(blob)
         if fill is None:
@@ -449,7 +462,9 @@ class BlindHandler:
                     fill.tmp = None
             if fill.tmp is None:
                 if length > store.mem_obj_max:  # nowhere to keep it: each visitor pulls
-                    fill.fail(0, "not cacheable")
+                    if store.dir is None or length > store.disk_max:  # (not a disk hiccup)
+                        br.remember_uncacheable(fill.blob)
+                    fill.fail(0, "")
                     return
                 fill.buf = bytearray()
             fill.begin(length)
@@ -506,12 +521,13 @@ class BlindHandler:
             if not await fill.wait(idle):
                 break
         if fill.length is None:
-            if fill.status == 0:  # not cacheable here: pull it for this visitor alone
+            if fill.done and fill.status == 0:  # not cacheable here: a pull for this visitor
                 await self._direct(fill.blob, respond, head)
                 return
-            br.stats.count("not_found" if fill.status == 404 else "error")
-            await simple_response(respond, fill.status or 502, "no such blob\n"
-                                  if fill.status == 404 else "blob unavailable\n", self.cors)
+            status = fill.status if fill.done and fill.status == 404 else 502
+            br.stats.count("not_found" if status == 404 else "error")
+            await simple_response(respond, status, "no such blob\n" if status == 404 else
+                                  "blob unavailable\n", self.cors)
             return
         br.stats.count("miss")
         await respond.start(200, self._headers(fill.blob, fill.length, b"miss"))
