@@ -146,6 +146,25 @@ def test_check_config_loads_blind_route_files(tmp_path: Path,
     assert "edge.routes[0].certificate" in capsys.readouterr().err
 
 
+def test_check_config_loads_the_blind_store(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from blindfold.blind.sealer import load_id_secret, load_signing_key, seal_tree
+
+    cfg = tmp_path / "origin.toml"
+    cfg.write_text("[origin]\nupstream = 'http://127.0.0.1:8080'\nlisten = []\n"
+                   "proxy_protocol = 'off'\n[origin.waf]\nenabled = false\n"
+                   f"[origin.blind]\ndir = '{tmp_path / 'sealed'}'\n"
+                   "edge_url = 'https://cdn.test'\n")
+    assert main(["check-config", str(cfg)]) == 2  # not sealed yet: no manifest key
+    assert "blind.dir" in capsys.readouterr().err
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "a.js").write_text("1")
+    seal_tree(str(tmp_path / "www"), str(tmp_path / "sealed"),
+              load_signing_key(str(tmp_path / "k.pem"), create=True),
+              load_id_secret(str(tmp_path / "s"), create=True))
+    assert main(["check-config", str(cfg)]) == 0
+
+
 def test_every_key_is_documented() -> None:
     doc = (ROOT / "docs" / "config.md").read_text()
     for key, _type, help_text, _default in iter_documented(Config):

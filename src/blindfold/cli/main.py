@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from blindfold import __version__
 from blindfold.config import load_file
@@ -42,6 +43,14 @@ def _check_config(path: str) -> int:
 
                 load_api_keys(origin.decisions.api_keys_file)
             build_waf(origin)
+            if origin.blind is not None:  # its keys and the sealed store's public key load
+                from blindfold.origin.blindstore import BlindStore
+                from blindfold.web.messages import simple_response
+
+                async def unused(request: Any, body: Any, respond: Any) -> None:
+                    await simple_response(respond, 404, "")
+
+                BlindStore(origin.blind, unused, {}, lambda *a, **k: None)
             waf = f"PL{origin.waf.paranoia_level}" if origin.waf.enabled else "off"
             sections.append(f"origin (upstream {origin.upstream}, WAF {waf})")
         if config.keyserver is not None:
