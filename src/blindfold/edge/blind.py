@@ -23,18 +23,17 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from blindfold.config.edge import BlindRouteConfig, EdgeHttpConfig, RouteConfig
+from blindfold.config.edge import BlindRouteConfig, RouteConfig
 from blindfold.core.clienthello import ClientHello
 from blindfold.core.proxyproto import encode_v1, encode_v2
 from blindfold.core.tls13_server import ConnectionFailed
-from blindfold.edge.keyless import origin_tls_context
+from blindfold.edge.keyless import origin_and_http, origin_tls_context
 from blindfold.errors import ConfigError, UpstreamError
 from blindfold.io.openssl_engine import OpenSslServer
 from blindfold.io.tls13_transport import TlsServerProtocol
 from blindfold.web.client import UpstreamPool, UpstreamResponse
 from blindfold.web.http1 import ConnInfo, H1Connection
 from blindfold.web.http2 import H2Connection
-from blindfold.web.limits import HttpLimits
 from blindfold.web.messages import BodyStream, Headers, Request, Responder, simple_response
 
 if TYPE_CHECKING:
@@ -199,18 +198,9 @@ class BlindRoute:
         self.config = rc
         self.cfg = rc.blind or BlindRouteConfig()
         self.tls = _server_tls(where, rc)
-        self.origin_tls = origin_tls_context(where, rc)
-        self.pins = frozenset(bytes.fromhex(p.replace(":", "").lower())
-                              for p in rc.origin_pin_sha256)
-        http = rc.http or EdgeHttpConfig()
-        self.http = http
-        self.limits = HttpLimits(
-            max_header_bytes=http.max_header_bytes, max_headers=http.max_headers,
-            max_body_bytes=0, header_timeout_s=http.header_timeout_s,
-            body_timeout_s=http.body_timeout_s, keepalive_timeout_s=http.keepalive_timeout_s,
-            send_timeout_s=http.send_timeout_s,
-            h2_max_concurrent_streams=http.h2_max_concurrent_streams,
-            h2_max_header_list_size=http.max_header_bytes)
+        # visitors send no bodies: GET, HEAD and OPTIONS only
+        self.origin_tls, self.pins, self.http, self.limits = origin_and_http(where, rc,
+                                                                             max_body_bytes=0)
         same_cache = old is not None and old.cfg == self.cfg
         # The store (and the pulls filling it) carry over a reload that keeps the cache
         # settings; a new store would rescan the directory under live pulls.

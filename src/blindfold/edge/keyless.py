@@ -78,6 +78,22 @@ def origin_tls_context(where: str, rc: RouteConfig) -> ssl.SSLContext:
     return ctx
 
 
+def origin_and_http(where: str, rc: RouteConfig, max_body_bytes: int | None = None
+                    ) -> tuple[ssl.SSLContext, frozenset[bytes], EdgeHttpConfig, HttpLimits]:
+    """What keyless and blind routes share: the context and pins that verify the origins, and
+    the HTTP limits for visitors (`max_body_bytes` overrides the configured one)."""
+    pins = frozenset(bytes.fromhex(p.replace(":", "").lower()) for p in rc.origin_pin_sha256)
+    http = rc.http or EdgeHttpConfig()
+    limits = HttpLimits(
+        max_header_bytes=http.max_header_bytes, max_headers=http.max_headers,
+        max_body_bytes=http.max_body_bytes if max_body_bytes is None else max_body_bytes,
+        header_timeout_s=http.header_timeout_s, body_timeout_s=http.body_timeout_s,
+        keepalive_timeout_s=http.keepalive_timeout_s, send_timeout_s=http.send_timeout_s,
+        h2_max_concurrent_streams=http.h2_max_concurrent_streams,
+        h2_max_header_list_size=http.max_header_bytes)
+    return origin_tls_context(where, rc), pins, http, limits
+
+
 def _default_name(identity: ts.ServerIdentity, rc: RouteConfig) -> str:
     """The hostname a handshake without SNI is signed for: the origin name if set, else the
     certificate's first exact DNS name, else the route's first exact pattern."""
@@ -131,18 +147,7 @@ class KeylessRoute:
                                      connect_timeout_s=rc.keyserver.connect_timeout_s)
             clients[rc.keyserver] = client
         self.keyclient = client
-        self.origin_tls = origin_tls_context(where, rc)
-        self.pins = frozenset(bytes.fromhex(p.replace(":", "").lower())
-                              for p in rc.origin_pin_sha256)
-        http = rc.http or EdgeHttpConfig()
-        self.http = http
-        self.limits = HttpLimits(
-            max_header_bytes=http.max_header_bytes, max_headers=http.max_headers,
-            max_body_bytes=http.max_body_bytes, header_timeout_s=http.header_timeout_s,
-            body_timeout_s=http.body_timeout_s, keepalive_timeout_s=http.keepalive_timeout_s,
-            send_timeout_s=http.send_timeout_s,
-            h2_max_concurrent_streams=http.h2_max_concurrent_streams,
-            h2_max_header_list_size=http.max_header_bytes)
+        self.origin_tls, self.pins, self.http, self.limits = origin_and_http(where, rc)
         self.rate_rules = [(r.name or f"rate_limit{i}", r, BucketMap(r.rate_per_s, r.burst,
                                                                      MAX_RATE_KEYS))
                            for i, r in enumerate(rc.rate_limits)]
