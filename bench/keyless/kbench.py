@@ -23,7 +23,6 @@ import contextlib
 import ipaddress
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -33,25 +32,30 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.benchlib import (  # noqa: E402
+    TICK,
+    Proc,
+    cpu_s,
+    free_port,
+    git_rev,
+    http_get,
+    metric,
+    pct,
+    sys_s,
+)
+
 PY = sys.executable
-TICK = os.sysconf("SC_CLK_TCK")
 SNI = "example.test"
 
 
 # ============================================================================ small helpers
-def cpu_s(pid: int) -> float:
-    """utime + stime of one process (all its threads), in seconds, from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        rest = f.read().rsplit(")", 1)[1].split()
-    return (int(rest[11]) + int(rest[12])) / TICK
-
-
 def children(pid: int) -> list[int]:
     out: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -64,125 +68,12 @@ def group_cpu(pids: list[int]) -> dict[int, float]:
     return {p: cpu_s(p) for p in pids}
 
 
-def sys_s(pid: int) -> float:
-    """stime alone (kernel time: on loopback it includes delivering what the process sends)."""
-    with open(f"/proc/{pid}/stat") as f:
-        rest = f.read().rsplit(")", 1)[1].split()
-    return int(rest[12]) / TICK
-
-
 def busy_s() -> float:
     """CPU-seconds the whole machine has been busy (all CPUs), from /proc/stat."""
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
     # user nice system idle iowait irq softirq steal ...
     return (fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + fields[7]) / TICK
-
-
-def http_get(url: str, timeout: float = 10.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return str(resp.read().decode())
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of `name` whose labels include `labels`."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name) or line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        base, _, lab = key.partition("{")
-        if base != name:
-            continue
-        have = dict(re.findall(r'(\w+)="([^"]*)"', lab))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total += float(value)
-    return total
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
-# ============================================================================ processes
-class Proc:
-    """A process we started: output to files, stopped by its PID only."""
-
-    registry: list[Proc] = []
-
-    def __init__(self, name: str, cmd: list[str], out: Path, *, env: dict[str, str] | None = None
-                 ) -> None:
-        self.name = name
-        self.stdout_path = out / f"{name}.stdout"
-        self.stderr_path = out / f"{name}.stderr"
-        self._o = open(self.stdout_path, "wb")  # noqa: SIM115
-        self._e = open(self.stderr_path, "wb")  # noqa: SIM115
-        (out / f"{name}.cmd").write_text(" ".join(cmd) + "\n")
-        self.proc = subprocess.Popen(cmd, stdout=self._o, stderr=self._e, stdin=subprocess.DEVNULL,
-                                     cwd=str(REPO), env=env)
-        self.pid = self.proc.pid
-        Proc.registry.append(self)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.pid, signal.SIGKILL)
-                self.proc.wait(5)
-        self._o.close()
-        self._e.close()
-        return self.proc.returncode
-
-    def wait_json(self, path: Path, event: str, timeout: float = 30.0) -> dict[str, Any]:
-        """The first JSON line with "event": event in `path`."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            with contextlib.suppress(OSError):
-                for line in path.read_text(errors="replace").splitlines():
-                    if f'"{event}"' in line:
-                        with contextlib.suppress(ValueError):
-                            rec = json.loads(line)
-                            if rec.get("event") == event:
-                                return dict(rec)
-            if not self.alive():
-                break
-            time.sleep(0.05)
-        tail = self.stderr_path.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{self.name} did not log {event!r}; stderr:\n{tail}")
-
-    def wait_line(self, timeout: float = 30.0) -> str:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            text = self.stdout_path.read_text(errors="replace")
-            if "\n" in text:
-                return text.splitlines()[0]
-            if not self.alive():
-                break
-            time.sleep(0.02)
-        raise RuntimeError(f"{self.name} printed nothing; stderr:\n"
-                           + self.stderr_path.read_text(errors="replace")[-3000:])
-
-    @classmethod
-    def stop_all(cls) -> None:
-        for p in reversed(cls.registry):
-            with contextlib.suppress(Exception):
-                p.stop(timeout=10)
 
 
 # ============================================================================ PKI and configs
@@ -1052,17 +943,6 @@ class Bench:
                  "measured (another workload, or unaccounted kernel work).")
         L.append(f"raw outputs: {self.out}")
         return "\n".join(L) + "\n"
-
-
-def git_rev() -> str:
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--", "src"],
-                               timeout=10).returncode
-        return rev + (" + uncommitted src/ changes" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "?"
 
 
 # ============================================================================ arguments
