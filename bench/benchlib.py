@@ -56,10 +56,15 @@ def pct(values: list[float], q: float) -> float:
 
 def git_rev() -> str:
     try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--", "src"],
-                               timeout=10).returncode
+        rev = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "diff", "--quiet", "HEAD", "--", "src"], timeout=10
+        ).returncode
         return rev + (" + uncommitted src/ changes" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "?"
@@ -94,8 +99,15 @@ class Proc:
 
     registry: list[Proc] = []
 
-    def __init__(self, name: str, cmd: list[str], out: Path, *, pin: str = "",
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        cmd: list[str],
+        out: Path,
+        *,
+        pin: str = "",
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.stdout_path = out / f"{name}.stdout"
         self.stderr_path = out / f"{name}.stderr"
@@ -104,8 +116,15 @@ class Proc:
         self._o = open(self.stdout_path, "wb")  # noqa: SIM115
         self._e = open(self.stderr_path, "wb")  # noqa: SIM115
         (out / f"{name}.cmd").write_text(" ".join(cmd) + "\n")
-        self.proc = subprocess.Popen(cmd, stdout=self._o, stderr=self._e, stdin=subprocess.DEVNULL,
-                                     cwd=str(REPO), env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self._o,
+            stderr=self._e,
+            stdin=subprocess.DEVNULL,
+            cwd=str(REPO),
+            env=env,
+            start_new_session=True,
+        )
         self.pid = self.proc.pid
         Proc.registry.append(self)
 
@@ -137,8 +156,10 @@ class Proc:
     def last_json(self) -> dict[str, Any]:
         lines = self.stdout_path.read_text(errors="replace").strip().splitlines()
         if not lines:
-            raise RuntimeError(f"{self.name} printed nothing; stderr:\n"
-                               + self.stderr_path.read_text(errors="replace")[-3000:])
+            raise RuntimeError(
+                f"{self.name} printed nothing; stderr:\n"
+                + self.stderr_path.read_text(errors="replace")[-3000:]
+            )
         return dict(json.loads(lines[-1]))
 
     def wait_json(self, path: Path, event: str, timeout: float = 30.0) -> dict[str, Any]:
@@ -168,8 +189,10 @@ class Proc:
             if not self.alive():
                 break
             time.sleep(0.02)
-        raise RuntimeError(f"{self.name} printed nothing; stderr:\n"
-                           + self.stderr_path.read_text(errors="replace")[-3000:])
+        raise RuntimeError(
+            f"{self.name} printed nothing; stderr:\n"
+            + self.stderr_path.read_text(errors="replace")[-3000:]
+        )
 
     @classmethod
     def stop_all(cls) -> None:

@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, settings
 
 from blindfold import pki
 
-settings.register_profile("ci", max_examples=200, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.register_profile("thorough", max_examples=3000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
@@ -31,18 +32,24 @@ def site(ca: pki.Issued, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     """Certificates for the test hostnames, on disk: the origin's real key lives here."""
     d = tmp_path_factory.mktemp("pki")
     ca.write(d / "ca.pem")
-    leaf = pki.issue(ca, ["example.test", "*.example.test", "other.test", "localhost",
-                          "127.0.0.1"])
+    leaf = pki.issue(ca, ["example.test", "*.example.test", "other.test", "localhost", "127.0.0.1"])
     leaf.write(d / "site.pem", d / "site.key")
     (d / "site.fp").write_text(pki.fingerprint_sha256(leaf.cert))
-    return {"dir": d, "ca": d / "ca.pem", "cert": d / "site.pem", "key": d / "site.key",
-            "fingerprint": d / "site.fp"}
+    return {
+        "dir": d,
+        "ca": d / "ca.pem",
+        "cert": d / "site.pem",
+        "key": d / "site.key",
+        "fingerprint": d / "site.fp",
+    }
 
 
 def need(tool: str) -> str:
-    path = shutil.which(tool) or (f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists()
-                                  else None)
+    path = shutil.which(tool) or (
+        f"/usr/sbin/{tool}" if Path(f"/usr/sbin/{tool}").exists() else None
+    )
     if path is None:
-        pytest.fail(f"{tool} is not installed: run scripts/bootstrap (the README's test "
-                    "command does)")
+        pytest.fail(
+            f"{tool} is not installed: run scripts/bootstrap (the README's test command does)"
+        )
     return path

@@ -77,8 +77,11 @@ def machine() -> dict[str, float]:
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:]]
     # user nice system idle iowait irq softirq steal ...
-    return {"busy": (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / TICK,
-            "irq": (v[5] + v[6]) / TICK, "steal": v[7] / TICK}
+    return {
+        "busy": (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / TICK,
+        "irq": (v[5] + v[6]) / TICK,
+        "steal": v[7] / TICK,
+    }
 
 
 def labelled(text: str, name: str, label: str, **labels: str) -> dict[str, float]:
@@ -135,8 +138,13 @@ def make_pki(d: Path) -> dict[str, Path]:
     ca.write(d / "ca.pem")
     pki.issue(ca, [CDN]).write(d / "cdn.pem", d / "cdn.key")
     pki.issue(ca, [SITE, "127.0.0.1"]).write(d / "site.pem", d / "site.key")
-    return {"ca": d / "ca.pem", "cdn_cert": d / "cdn.pem", "cdn_key": d / "cdn.key",
-            "site_cert": d / "site.pem", "site_key": d / "site.key"}
+    return {
+        "ca": d / "ca.pem",
+        "cdn_cert": d / "cdn.pem",
+        "cdn_key": d / "cdn.key",
+        "site_cert": d / "site.pem",
+        "site_key": d / "site.key",
+    }
 
 
 def make_tree(src: Path, mixes: dict[str, tuple[int, int, int]], seed: int) -> dict[str, Any]:
@@ -167,11 +175,11 @@ admin_listen = "127.0.0.1:0"
 trusted_edges = ["127.0.0.0/8"]
 proxy_protocol = "required"
 access_log = false
-log_path = "{out / 'origin.log'}"
+log_path = "{out / "origin.log"}"
 
 [[origin.certificates]]
-cert = "{p['site_cert']}"
-key = "{p['site_key']}"
+cert = "{p["site_cert"]}"
+key = "{p["site_key"]}"
 
 [origin.blind]
 dir = "{sealed}"
@@ -189,22 +197,22 @@ per_ip_rate_per_s = 0.0      # the load comes from a few loopback addresses
 per_ip_concurrent = 100000
 max_connections = 100000
 drain_timeout_s = 1.0
-log_path = "{out / 'edge.log'}"
+log_path = "{out / "edge.log"}"
 log_connections = false
 
 [[edge.routes]]
 name = "{ROUTE}"
 sni = ["{CDN}"]
 mode = "blind"
-certificate = "{p['cdn_cert']}"
-key = "{p['cdn_key']}"
+certificate = "{p["cdn_cert"]}"
+key = "{p["cdn_key"]}"
 origins = ["127.0.0.1:{origin_port}"]
-origin_ca = "{p['ca']}"
+origin_ca = "{p["ca"]}"
 origin_server_name = "{SITE}"
 proxy_protocol = "v2"
 
 [edge.routes.blind]
-cache_dir = "{out / 'edge-cache'}"
+cache_dir = "{out / "edge-cache"}"
 memory_cache_bytes = {a.memory_cache_bytes}
 memory_max_object_bytes = {a.memory_max_object_bytes}
 """
@@ -217,8 +225,8 @@ user root;                       # the results directory is private (0700)
 worker_processes {workers};
 daemon off;                      # a child of the benchmark, stopped by its PID
 master_process on;
-pid {out / 'nginx.pid'};
-error_log {out / 'nginx.error.log'} warn;
+pid {out / "nginx.pid"};
+error_log {out / "nginx.error.log"} warn;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
@@ -236,8 +244,8 @@ http {{
     server {{
         listen 127.0.0.1:{port} ssl http2;   # nginx 1.22: http2 on the listen line
         server_name {CDN};
-        ssl_certificate {p['cdn_cert']};
-        ssl_certificate_key {p['cdn_key']};
+        ssl_certificate {p["cdn_cert"]};
+        ssl_certificate_key {p["cdn_key"]};
         ssl_protocols TLSv1.2 TLSv1.3;
         location /b/ {{
             alias {blobs}/;
@@ -263,8 +271,15 @@ def client_main(a: argparse.Namespace) -> int:
     barrier = threading.Barrier(n + 1)
     go = threading.Event()
     lock = threading.Lock()
-    state: dict[str, Any] = {"ok": 0, "bytes": 0, "errors": {}, "lat": [], "tls": set(),
-                             "end": 0.0, "finished": []}
+    state: dict[str, Any] = {
+        "ok": 0,
+        "bytes": 0,
+        "errors": {},
+        "lat": [],
+        "tls": set(),
+        "end": 0.0,
+        "finished": [],
+    }
 
     class Conn(http.client.HTTPSConnection):
         source = "127.0.0.1"
@@ -319,7 +334,7 @@ def client_main(a: argparse.Namespace) -> int:
                 h = hashlib.sha256() if a.verify else None
                 got = 0
                 while got < length:
-                    k = resp.readinto(view[:min(READ_CHUNK, length - got)])
+                    k = resp.readinto(view[: min(READ_CHUNK, length - got)])
                     if not k:
                         break
                     if h is not None:
@@ -361,11 +376,21 @@ def client_main(a: argparse.Namespace) -> int:
         t.join(a.seconds + a.timeout + 10)
     elapsed = (max(state["finished"]) if state["finished"] else time.monotonic()) - t0
     lat = state["lat"]
-    print(json.dumps({"ok": state["ok"], "bytes": state["bytes"], "errors": state["errors"],
-                      "elapsed_s": elapsed, "cpu_s": time.process_time() - cpu0,
-                      "total_cpu_s": time.process_time(),
-                      "tls": sorted(state["tls"]),
-                      "lat_ms": [round(x * 1e3, 3) for x in lat]}), flush=True)
+    print(
+        json.dumps(
+            {
+                "ok": state["ok"],
+                "bytes": state["bytes"],
+                "errors": state["errors"],
+                "elapsed_s": elapsed,
+                "cpu_s": time.process_time() - cpu0,
+                "total_cpu_s": time.process_time(),
+                "tls": sorted(state["tls"]),
+                "lat_ms": [round(x * 1e3, 3) for x in lat],
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 
@@ -383,10 +408,16 @@ def seal_main(a: argparse.Namespace) -> int:
     for label in ("first", "reseal"):
         c0, t0 = time.process_time(), time.perf_counter()
         rep = sealer.seal_tree(a.src, a.out, key, secret, opts)
-        res[label] = {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0,
-                      "files": rep.files, "sealed": rep.sealed, "reused": rep.reused,
-                      "plain_bytes": rep.plain_bytes, "sealed_bytes": rep.sealed_bytes,
-                      "line": rep.line()}
+        res[label] = {
+            "wall_s": time.perf_counter() - t0,
+            "cpu_s": time.process_time() - c0,
+            "files": rep.files,
+            "sealed": rep.sealed,
+            "reused": rep.reused,
+            "plain_bytes": rep.plain_bytes,
+            "sealed_bytes": rep.sealed_bytes,
+            "line": rep.line(),
+        }
     print(json.dumps(res), flush=True)
     return 0
 
@@ -429,7 +460,7 @@ def decrypt_main(a: argparse.Namespace) -> int:
         view = memoryview(blob)
         n = 0
         for i in range(0, len(blob), a.chunk):
-            for part in op.feed(view[i:i + a.chunk]):
+            for part in op.feed(view[i : i + a.chunk]):
                 n += len(part)
         n += len(op.finish())
         return n
@@ -444,15 +475,19 @@ def decrypt_main(a: argparse.Namespace) -> int:
 
     def enc() -> list[bytes]:
         pv = memoryview(plain)
-        return [aead.encrypt(nonce[:4] + i.to_bytes(8, "big"), pv[i:i + rec], None)
-                for i in range(0, size, rec)]
+        return [
+            aead.encrypt(nonce[:4] + i.to_bytes(8, "big"), pv[i : i + rec], None)
+            for i in range(0, size, rec)
+        ]
 
     t, chunks = best(enc)
     res["raw_encrypt_s"] = t
 
     def dec() -> int:
-        return sum(len(aead.decrypt(nonce[:4] + (i * rec).to_bytes(8, "big"), c, None))
-                   for i, c in enumerate(chunks))
+        return sum(
+            len(aead.decrypt(nonce[:4] + (i * rec).to_bytes(8, "big"), c, None))
+            for i, c in enumerate(chunks)
+        )
 
     t, n = best(dec)
     assert n == size
@@ -472,8 +507,10 @@ class Bench:
 
     def check_time(self, need: float, what: str) -> None:
         if time.monotonic() + need > self.deadline:
-            raise BudgetError(f"time budget (--budget {self.a.budget:g} s) would be exceeded "
-                              f"by {what} (~{need:.0f} s); results so far are kept")
+            raise BudgetError(
+                f"time budget (--budget {self.a.budget:g} s) would be exceeded "
+                f"by {what} (~{need:.0f} s); results so far are kept"
+            )
 
     def note(self, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -491,19 +528,32 @@ class Bench:
         self.sealed = self.out / "tree" / "sealed"
         mixes = {"small": a.small, "large": a.large}
         mixes = {k: v for k, v in mixes.items() if v[0] > 0}
-        desc = ", ".join(f"{v[0]} {k} files {fmt_size(v[1])}-{fmt_size(v[2])}"
-                         for k, v in mixes.items())
+        desc = ", ".join(
+            f"{v[0]} {k} files {fmt_size(v[1])}-{fmt_size(v[2])}" for k, v in mixes.items()
+        )
         self.note(f"[0] tree: {desc}")
         self.tree = make_tree(self.src, mixes, a.seed)
         if self.sealed.exists():
             shutil.rmtree(self.sealed)
         self.check_time(10 + self.tree["bytes"] / 100e6, "sealing")
-        self.note(f"[2] seal_tree: {fmt_size(self.tree['bytes'])} in "
-                  f"{len(self.tree['files'])} files, rs = {a.record_size}")
-        p = self.py("seal", "seal", "--src", str(self.src), "--out", str(self.sealed),
-                    "--signing-key", str(self.out / "tree" / "manifest.pem"),
-                    "--id-secret", str(self.out / "tree" / "id-secret"),
-                    "--record-size", str(a.record_size))
+        self.note(
+            f"[2] seal_tree: {fmt_size(self.tree['bytes'])} in "
+            f"{len(self.tree['files'])} files, rs = {a.record_size}"
+        )
+        p = self.py(
+            "seal",
+            "seal",
+            "--src",
+            str(self.src),
+            "--out",
+            str(self.sealed),
+            "--signing-key",
+            str(self.out / "tree" / "manifest.pem"),
+            "--id-secret",
+            str(self.out / "tree" / "id-secret"),
+            "--record-size",
+            str(a.record_size),
+        )
         p.wait(max(60.0, self.deadline - time.monotonic()))
         self.r["seal"] = p.last_json()
         for label in ("first", "reseal"):
@@ -516,28 +566,42 @@ class Bench:
             self.ids.setdefault(kind, []).append([e["id"], e["sealed_size"], e["blob_sha256"]])
         for kind, items in self.ids.items():
             (self.out / f"ids-{kind}.json").write_text(json.dumps(items))
-        (self.out / "ids-all.json").write_text(json.dumps(
-            [x for items in self.ids.values() for x in items]))
+        (self.out / "ids-all.json").write_text(
+            json.dumps([x for items in self.ids.values() for x in items])
+        )
 
     # ---------------------------------------------------------------- part 3
     def part_decrypt(self) -> None:
         a = self.a
         self.check_time(10 + a.decrypt_mb * a.decrypt_repeat * 0.05, "the decrypt measurement")
-        self.note(f"[3] decrypt: one {a.decrypt_mb:g} MB blob, rs = {a.record_size}, best of "
-                  f"{a.decrypt_repeat}")
+        self.note(
+            f"[3] decrypt: one {a.decrypt_mb:g} MB blob, rs = {a.record_size}, best of "
+            f"{a.decrypt_repeat}"
+        )
         m0, t0 = machine(), time.monotonic()
-        p = self.py("decrypt", "decrypt", "--mb", str(a.decrypt_mb), "--record-size",
-                    str(a.record_size), "--repeat", str(a.decrypt_repeat))
+        p = self.py(
+            "decrypt",
+            "decrypt",
+            "--mb",
+            str(a.decrypt_mb),
+            "--record-size",
+            str(a.record_size),
+            "--repeat",
+            str(a.decrypt_repeat),
+        )
         p.wait(max(60.0, self.deadline - time.monotonic()))
         r = p.last_json()
         m1, wall = machine(), time.monotonic() - t0
         # one thread: anything beyond one core (less the kernel's irq work) is someone else
-        r["other_cores"] = max(0.0, (m1["busy"] - m0["busy"] - (m1["irq"] - m0["irq"]))
-                               / wall - 1.0)
+        r["other_cores"] = max(
+            0.0, (m1["busy"] - m0["busy"] - (m1["irq"] - m0["irq"])) / wall - 1.0
+        )
         self.r["decrypt"] = r
         mb = r["plain_bytes"] / 1e6
-        self.note(f"    open_all {mb / r['open_all_s']:.0f} MB/s, Opener {mb / r['opener_s']:.0f}"
-                  f" MB/s, raw AESGCM {mb / r['raw_decrypt_s']:.0f} MB/s")
+        self.note(
+            f"    open_all {mb / r['open_all_s']:.0f} MB/s, Opener {mb / r['opener_s']:.0f}"
+            f" MB/s, raw AESGCM {mb / r['raw_decrypt_s']:.0f} MB/s"
+        )
 
     # ---------------------------------------------------------------- part 1: servers
     def start_servers(self) -> None:
@@ -545,8 +609,9 @@ class Bench:
         out = self.out
         (out / "origin.toml").write_text(origin_toml(self.pki, out, self.sealed, self.src))
         (out / "origin.log").unlink(missing_ok=True)
-        self.origin = Proc("origin", [PY, "-m", "blindfold", "origin", "--config",
-                                      str(out / "origin.toml")], out)
+        self.origin = Proc(
+            "origin", [PY, "-m", "blindfold", "origin", "--config", str(out / "origin.toml")], out
+        )
         ready = self.origin.wait_json(out / "origin.log", "origin_ready")
         origin_port = int(ready["listen"][0].rpartition(":")[2])
 
@@ -554,8 +619,12 @@ class Bench:
         (out / "edge.log").unlink(missing_ok=True)
         if (out / "edge-cache").exists():
             shutil.rmtree(out / "edge-cache")
-        self.edge = Proc("edge", [PY, "-m", "blindfold", "edge", "--config",
-                                  str(out / "edge.toml")], out, pin=a.pin_servers)
+        self.edge = Proc(
+            "edge",
+            [PY, "-m", "blindfold", "edge", "--config", str(out / "edge.toml")],
+            out,
+            pin=a.pin_servers,
+        )
         ready = self.edge.wait_json(out / "edge.log", "edge_ready")
         self.edge_port = int(ready["listen"][0].rpartition(":")[2])
         self.edge_admin = ready["admin"]
@@ -568,10 +637,23 @@ class Bench:
 
         self.nginx_port = free_port()
         (out / "nginx-tmp").mkdir(exist_ok=True)
-        (out / "nginx.conf").write_text(nginx_conf(self.pki, out, self.nginx_port,
-                                                   self.sealed / "blobs", a.workers))
-        self.nginx = Proc("nginx", [NGINX, "-p", str(out), "-c", str(out / "nginx.conf"),
-                                    "-e", str(out / "nginx.error.log")], out, pin=a.pin_servers)
+        (out / "nginx.conf").write_text(
+            nginx_conf(self.pki, out, self.nginx_port, self.sealed / "blobs", a.workers)
+        )
+        self.nginx = Proc(
+            "nginx",
+            [
+                NGINX,
+                "-p",
+                str(out),
+                "-c",
+                str(out / "nginx.conf"),
+                "-e",
+                str(out / "nginx.error.log"),
+            ],
+            out,
+            pin=a.pin_servers,
+        )
         end = time.monotonic() + 15
         while time.monotonic() < end:
             kids = descendants(self.nginx.pid)
@@ -582,14 +664,21 @@ class Bench:
             time.sleep(0.05)
         self.nginx_workers = descendants(self.nginx.pid)
         self.r["pids"] = {
-            "edge": {str(self.edge.pid): "master",
-                     **{str(p): worker_name(p, i) for i, p in enumerate(self.edge_workers)}},
-            "nginx": {str(self.nginx.pid): "master",
-                      **{str(p): f"w{i}" for i, p in enumerate(self.nginx_workers)}},
-            "origin": self.origin.pid}
-        self.note(f"    origin pid {self.origin.pid}; edge pid {self.edge.pid} workers "
-                  f"{self.edge_workers} port {self.edge_port}; nginx pid {self.nginx.pid} "
-                  f"workers {self.nginx_workers} port {self.nginx_port}")
+            "edge": {
+                str(self.edge.pid): "master",
+                **{str(p): worker_name(p, i) for i, p in enumerate(self.edge_workers)},
+            },
+            "nginx": {
+                str(self.nginx.pid): "master",
+                **{str(p): f"w{i}" for i, p in enumerate(self.nginx_workers)},
+            },
+            "origin": self.origin.pid,
+        }
+        self.note(
+            f"    origin pid {self.origin.pid}; edge pid {self.edge.pid} workers "
+            f"{self.edge_workers} port {self.edge_port}; nginx pid {self.nginx.pid} "
+            f"workers {self.nginx_workers} port {self.nginx_port}"
+        )
 
     @staticmethod
     def _port_open(port: int) -> bool:
@@ -618,19 +707,46 @@ class Bench:
         return http_get(f"http://{self.edge_admin}/metrics")
 
     def edge_results(self) -> dict[str, float]:
-        return labelled(self.edge_metrics(), "blindfold_blind_requests_total", "result",
-                        route=ROUTE)
+        return labelled(
+            self.edge_metrics(), "blindfold_blind_requests_total", "result", route=ROUTE
+        )
 
-    def clients(self, tag: str, port: int, ids_file: Path, *, procs: int, threads: int,
-                seconds: float, sources: list[str], once: bool = False, verify: bool = False,
-                seed: int = 1) -> dict[str, Any]:
+    def clients(
+        self,
+        tag: str,
+        port: int,
+        ids_file: Path,
+        *,
+        procs: int,
+        threads: int,
+        seconds: float,
+        sources: list[str],
+        once: bool = False,
+        verify: bool = False,
+        seed: int = 1,
+    ) -> dict[str, Any]:
         ps = []
         for i in range(procs):
-            src = sources[i * threads:(i + 1) * threads] or sources[:1]
-            args = ["client", "--port", str(port), "--cafile", str(self.pki["ca"]),
-                    "--ids", str(ids_file), "--threads", str(threads), "--seconds", str(seconds),
-                    "--max-requests", str(self.a.max_requests), "--sources", ",".join(src),
-                    "--seed", str(seed * 100 + i)]
+            src = sources[i * threads : (i + 1) * threads] or sources[:1]
+            args = [
+                "client",
+                "--port",
+                str(port),
+                "--cafile",
+                str(self.pki["ca"]),
+                "--ids",
+                str(ids_file),
+                "--threads",
+                str(threads),
+                "--seconds",
+                str(seconds),
+                "--max-requests",
+                str(self.a.max_requests),
+                "--sources",
+                ",".join(src),
+                "--seed",
+                str(seed * 100 + i),
+            ]
             if once:
                 args.append("--once")
             if verify:
@@ -646,11 +762,16 @@ class Bench:
             for k, v in r["errors"].items():
                 errors[k] = errors.get(k, 0) + v
         lat = [x for r in results for x in r["lat_ms"]]
-        return {"ok": sum(r["ok"] for r in results), "bytes": sum(r["bytes"] for r in results),
-                "errors": errors, "elapsed_s": max(r["elapsed_s"] for r in results),
-                "client_cpu_s": sum(r["cpu_s"] for r in results),
-                "client_total_cpu_s": sum(r["total_cpu_s"] for r in results),
-                "tls": sorted({t for r in results for t in r["tls"]}), "lat_ms": lat}
+        return {
+            "ok": sum(r["ok"] for r in results),
+            "bytes": sum(r["bytes"] for r in results),
+            "errors": errors,
+            "elapsed_s": max(r["elapsed_s"] for r in results),
+            "client_cpu_s": sum(r["cpu_s"] for r in results),
+            "client_total_cpu_s": sum(r["total_cpu_s"] for r in results),
+            "tls": sorted({t for r in results for t in r["tls"]}),
+            "lat_ms": lat,
+        }
 
     def warm(self) -> None:
         """Every blob fetched once from each edge worker (its own cache: the first pull is a
@@ -660,33 +781,59 @@ class Bench:
         sealed = sum(x[1] for items in self.ids.values() for x in items)
         self.check_time(15 + sealed * (a.workers + 1) / 100e6, "the warm-up")
         ids = self.out / "ids-all.json"
-        self.note(f"[1] warm-up: every blob once per edge worker ({a.workers}), checked; "
-                  "once from nginx")
+        self.note(
+            f"[1] warm-up: every blob once per edge worker ({a.workers}), checked; once from nginx"
+        )
         before = self.edge_results()
         srcs = self.sources(a.workers)
         res = {}
         for w in range(a.workers):
-            res[f"edge_w{w}"] = self.clients(f"warm.edge.w{w}", self.edge_port, ids, procs=1,
-                                             threads=2, seconds=120, sources=[srcs[w]] * 2,
-                                             once=True, verify=True)
-        res["nginx"] = self.clients("warm.nginx", self.nginx_port, ids, procs=1, threads=2,
-                                    seconds=120, sources=srcs[:1] * 2, once=True, verify=True)
+            res[f"edge_w{w}"] = self.clients(
+                f"warm.edge.w{w}",
+                self.edge_port,
+                ids,
+                procs=1,
+                threads=2,
+                seconds=120,
+                sources=[srcs[w]] * 2,
+                once=True,
+                verify=True,
+            )
+        res["nginx"] = self.clients(
+            "warm.nginx",
+            self.nginx_port,
+            ids,
+            procs=1,
+            threads=2,
+            seconds=120,
+            sources=srcs[:1] * 2,
+            once=True,
+            verify=True,
+        )
         after = self.edge_results()
         n = sum(len(v) for v in self.ids.values())
         text = self.edge_metrics()
-        cache = {f"{tier}_{what}": v for what, name in (("blobs", "blindfold_blind_cache_blobs"),
-                                                        ("bytes", "blindfold_blind_cache_bytes"))
-                 for tier, v in labelled(text, name, "tier", route=ROUTE).items()}
-        self.r["warm"] = {"blobs": n, "edge_results": {k: after.get(k, 0) - before.get(k, 0)
-                                                       for k in after},
-                          "cache": cache,
-                          "ok": {k: v["ok"] for k, v in res.items()},
-                          "errors": {k: v["errors"] for k, v in res.items() if v["errors"]}}
+        cache = {
+            f"{tier}_{what}": v
+            for what, name in (
+                ("blobs", "blindfold_blind_cache_blobs"),
+                ("bytes", "blindfold_blind_cache_bytes"),
+            )
+            for tier, v in labelled(text, name, "tier", route=ROUTE).items()
+        }
+        self.r["warm"] = {
+            "blobs": n,
+            "edge_results": {k: after.get(k, 0) - before.get(k, 0) for k in after},
+            "cache": cache,
+            "ok": {k: v["ok"] for k, v in res.items()},
+            "errors": {k: v["errors"] for k, v in res.items() if v["errors"]},
+        }
         self.note(f"    {self.r['warm']}")
         bad = {k: v for k, v in self.r["warm"]["ok"].items() if v != n}
         if bad or self.r["warm"]["errors"]:
-            raise RuntimeError(f"warm-up incomplete: {bad} of {n}; errors "
-                               f"{self.r['warm']['errors']}")
+            raise RuntimeError(
+                f"warm-up incomplete: {bad} of {n}; errors {self.r['warm']['errors']}"
+            )
 
     def load(self, server: str, kind: str, rnd: int) -> dict[str, Any]:
         a = self.a
@@ -704,9 +851,16 @@ class Bench:
         o0 = sum(cpu_s(p) for p in ours)
         me0 = time.process_time()
         m0, t0 = machine(), time.monotonic()
-        r = self.clients(f"r{rnd}.{kind}.{server}", port, self.out / f"ids-{kind}.json",
-                         procs=a.client_procs, threads=threads, seconds=a.seconds,
-                         sources=sources, seed=rnd)
+        r = self.clients(
+            f"r{rnd}.{kind}.{server}",
+            port,
+            self.out / f"ids-{kind}.json",
+            procs=a.client_procs,
+            threads=threads,
+            seconds=a.seconds,
+            sources=sources,
+            seed=rnd,
+        )
         time.sleep(0.2)
         c1 = {p: cpu_s(p) for p in pids}
         r["server_sys_s"] = sum(sys_s(p) for p in pids) - k0
@@ -719,8 +873,7 @@ class Bench:
         mine = (o1 - o0) + (time.process_time() - me0) + r["client_total_cpu_s"]
         r["irq_cores"] = (m1["irq"] - m0["irq"]) / wall
         r["steal_cores"] = (m1["steal"] - m0["steal"]) / wall
-        r["other_cores"] = max(0.0, m1["busy"] - m0["busy"] - (m1["irq"] - m0["irq"]) - mine
-                               ) / wall
+        r["other_cores"] = max(0.0, m1["busy"] - m0["busy"] - (m1["irq"] - m0["irq"]) - mine) / wall
         if server == "edge":
             res1 = self.edge_results()
             r["edge_results"] = {k: res1.get(k, 0) - res0.get(k, 0) for k in res1}
@@ -729,24 +882,30 @@ class Bench:
         r["lat_n"] = len(lat)
         r["lat_file"] = f"r{rnd}.{kind}.{server}.lat.json"
         (self.out / r["lat_file"]).write_text(json.dumps(lat))
-        self.note(f"    round {rnd} {kind:<5} {server:<5}: {r['ok']} requests "
-                  f"{r['bytes'] / 1e6:.0f} MB in {r['elapsed_s']:.1f} s = "
-                  f"{r['bytes'] / 1e6 / r['elapsed_s']:.0f} MB/s; server cpu "
-                  f"{r['server_cpu_s']:.2f} s {r['cpu_by_pid']}; errors {r['errors'] or 0}")
+        self.note(
+            f"    round {rnd} {kind:<5} {server:<5}: {r['ok']} requests "
+            f"{r['bytes'] / 1e6:.0f} MB in {r['elapsed_s']:.1f} s = "
+            f"{r['bytes'] / 1e6 / r['elapsed_s']:.0f} MB/s; server cpu "
+            f"{r['server_cpu_s']:.2f} s {r['cpu_by_pid']}; errors {r['errors'] or 0}"
+        )
         return r
 
     def part_serve(self) -> None:
         a = self.a
         self.check_time(20, "starting the servers")
-        self.note(f"[1] serving: origin agent, blindfold edge (workers = {a.workers}), nginx "
-                  f"(worker_processes = {a.workers})")
+        self.note(
+            f"[1] serving: origin agent, blindfold edge (workers = {a.workers}), nginx "
+            f"(worker_processes = {a.workers})"
+        )
         self.start_servers()
         self.warm()
         kinds = [k for k in ("small", "large") if k in self.ids]
         res: dict[str, Any] = {k: {"nginx": [], "edge": []} for k in kinds}
         self.r["serve"] = res
-        self.note(f"[1] load: {a.clients} keep-alive HTTP/1.1 clients ({a.client_procs} "
-                  f"processes), {a.seconds:g} s per run, {a.rounds} round(s), nginx then edge")
+        self.note(
+            f"[1] load: {a.clients} keep-alive HTTP/1.1 clients ({a.client_procs} "
+            f"processes), {a.seconds:g} s per run, {a.rounds} round(s), nginx then edge"
+        )
         for rnd in range(1, a.rounds + 1):
             for kind in kinds:
                 for server in ("nginx", "edge"):
@@ -765,22 +924,44 @@ class Bench:
             self.note("    (no .venv/bin/py-spy: profile skipped)")
             return
         self.check_time(a.profile_seconds + 30, "the profile")
-        self.note(f"[1] profile: py-spy on edge worker {self.edge_workers[0]} during a {kind} "
-                  f"load, {a.profile_seconds:g} s")
+        self.note(
+            f"[1] profile: py-spy on edge worker {self.edge_workers[0]} during a {kind} "
+            f"load, {a.profile_seconds:g} s"
+        )
         raw = self.out / f"profile-{kind}-edge-w0.txt"
-        spy_p = Proc(f"py-spy.{kind}", [str(spy), "record", "--nonblocking", "-r", "200",
-                                "--format", "raw", "-o", str(raw), "-p",
-                                str(self.edge_workers[0]), "-d", str(int(a.profile_seconds))],
-                     self.out)
+        spy_p = Proc(
+            f"py-spy.{kind}",
+            [
+                str(spy),
+                "record",
+                "--nonblocking",
+                "-r",
+                "200",
+                "--format",
+                "raw",
+                "-o",
+                str(raw),
+                "-p",
+                str(self.edge_workers[0]),
+                "-d",
+                str(int(a.profile_seconds)),
+            ],
+            self.out,
+        )
         time.sleep(0.5)
         threads = -(-a.clients // a.client_procs)
-        self.clients(f"profile.{kind}", self.edge_port, self.out / f"ids-{kind}.json",
-                     procs=a.client_procs, threads=threads, seconds=a.profile_seconds,
-                     sources=self.sources(a.clients))
+        self.clients(
+            f"profile.{kind}",
+            self.edge_port,
+            self.out / f"ids-{kind}.json",
+            procs=a.client_procs,
+            threads=threads,
+            seconds=a.profile_seconds,
+            sources=self.sources(a.clients),
+        )
         spy_p.wait(a.profile_seconds + 20)
         if raw.exists():
-            self.r.setdefault("profile", {})[kind] = {"file": str(raw),
-                                                      **summarize_profile(raw)}
+            self.r.setdefault("profile", {})[kind] = {"file": str(raw), **summarize_profile(raw)}
         else:
             self.note("    py-spy wrote nothing: " + spy_p.stderr_path.read_text()[-500:])
 
@@ -821,11 +1002,13 @@ class Bench:
         L.append(f"command: {' '.join(a.argv)}")
         t = self.r.get("seal", {}).get("first")
         if t:
-            L.append(f"tree: {t['files']} files, {t['plain_bytes'] / 1e6:.1f} MB "
-                     f"(small {a.small[0]} x {fmt_size(a.small[1])}-{fmt_size(a.small[2])}, "
-                     f"large {a.large[0]} x {fmt_size(a.large[1])}-{fmt_size(a.large[2])}, "
-                     f"random bytes), sealed {t['sealed_bytes'] / 1e6:.1f} MB, rs = "
-                     f"{a.record_size}")
+            L.append(
+                f"tree: {t['files']} files, {t['plain_bytes'] / 1e6:.1f} MB "
+                f"(small {a.small[0]} x {fmt_size(a.small[1])}-{fmt_size(a.small[2])}, "
+                f"large {a.large[0]} x {fmt_size(a.large[1])}-{fmt_size(a.large[2])}, "
+                f"random bytes), sealed {t['sealed_bytes'] / 1e6:.1f} MB, rs = "
+                f"{a.record_size}"
+            )
         L.append("")
         others: list[float] = []
         if "serve" in self.r:
@@ -834,48 +1017,66 @@ class Bench:
             s = self.r["seal"]
             d = self.r.get("decrypt")
             raw_enc = d["plain_bytes"] / 1e6 / d["raw_encrypt_s"] if d else None
-            L.append("2. Sealing: blindfold.blind.sealer.seal_tree on the tree above (source "
-                     "files in the page cache; each blob written with fsync)")
-            L.append(f"   {'':<40} {'MB':>7} {'wall s':>7} {'MB/s':>7} {'CPU s':>6} "
-                     f"{'MB/CPU-s':>8} {'vs raw AES-GCM encrypt':>22}")
-            for label, name in (("first", "first seal (everything sealed)"),
-                                ("reseal", "re-seal, nothing changed")):
+            L.append(
+                "2. Sealing: blindfold.blind.sealer.seal_tree on the tree above (source "
+                "files in the page cache; each blob written with fsync)"
+            )
+            L.append(
+                f"   {'':<40} {'MB':>7} {'wall s':>7} {'MB/s':>7} {'CPU s':>6} "
+                f"{'MB/CPU-s':>8} {'vs raw AES-GCM encrypt':>22}"
+            )
+            for label, name in (
+                ("first", "first seal (everything sealed)"),
+                ("reseal", "re-seal, nothing changed"),
+            ):
                 r = s[label]
                 mb = r["plain_bytes"] / 1e6
                 ratio = f"{mb / r['wall_s'] / raw_enc:.2f}x" if raw_enc else "-"
-                L.append(f"   {name:<40} {mb:>7.1f} {r['wall_s']:>7.2f} "
-                         f"{mb / r['wall_s']:>7.0f} {r['cpu_s']:>6.2f} "
-                         f"{mb / max(r['cpu_s'], 1e-9):>8.0f} {ratio:>22}")
+                L.append(
+                    f"   {name:<40} {mb:>7.1f} {r['wall_s']:>7.2f} "
+                    f"{mb / r['wall_s']:>7.0f} {r['cpu_s']:>6.2f} "
+                    f"{mb / max(r['cpu_s'], 1e-9):>8.0f} {ratio:>22}"
+                )
                 L.append(f"     ({r['sealed']} sealed, {r['reused']} unchanged)")
             if raw_enc:
-                L.append(f"   (raw AES-GCM encrypt, 64 KiB records, one thread, from part 3: "
-                         f"{raw_enc:.0f} MB/s)")
+                L.append(
+                    f"   (raw AES-GCM encrypt, 64 KiB records, one thread, from part 3: "
+                    f"{raw_enc:.0f} MB/s)"
+                )
             L.append("")
         if "decrypt" in self.r:
             d = self.r["decrypt"]
             mb = d["plain_bytes"] / 1e6
             base = mb / d["raw_decrypt_s"]
-            L.append(f"3. Decrypt in Python, one {mb:.0f} MB blob ({d['sealed_bytes'] / 1e6:.1f} "
-                     f"MB sealed, rs = {d['rs']}), one thread, best of {a.decrypt_repeat}, "
-                     "plaintext MB/s")
+            L.append(
+                f"3. Decrypt in Python, one {mb:.0f} MB blob ({d['sealed_bytes'] / 1e6:.1f} "
+                f"MB sealed, rs = {d['rs']}), one thread, best of {a.decrypt_repeat}, "
+                "plaintext MB/s"
+            )
             L.append(f"   {'':<58} {'s':>6} {'MB/s':>7} {'ratio':>6}")
-            rows = [("baseline: AESGCM.decrypt, 64 KiB records (cryptography)", "raw_decrypt_s"),
-                    ("ece.open_all (whole blob)", "open_all_s"),
-                    (f"ece.Opener, fed {d['chunk'] // 1024} KiB at a time (streaming)",
-                     "opener_s"),
-                    ("(reference) ece.seal", "seal_s"),
-                    ("(reference) AESGCM.encrypt, 64 KiB records", "raw_encrypt_s")]
+            rows = [
+                ("baseline: AESGCM.decrypt, 64 KiB records (cryptography)", "raw_decrypt_s"),
+                ("ece.open_all (whole blob)", "open_all_s"),
+                (f"ece.Opener, fed {d['chunk'] // 1024} KiB at a time (streaming)", "opener_s"),
+                ("(reference) ece.seal", "seal_s"),
+                ("(reference) AESGCM.encrypt, 64 KiB records", "raw_encrypt_s"),
+            ]
             for name, key in rows:
-                L.append(f"   {name:<58} {d[key]:>6.3f} {mb / d[key]:>7.0f} "
-                         f"{mb / d[key] / base:>5.2f}x")
+                L.append(
+                    f"   {name:<58} {d[key]:>6.3f} {mb / d[key]:>7.0f} {mb / d[key] / base:>5.2f}x"
+                )
             others.append(d.get("other_cores", 0.0))
             L.append("")
         if others and max(others) > 0.15:
-            L.append(f"WARNING: other processes used up to {max(others):.2f} cores during a "
-                     "measurement ('other' columns): the machine was not quiet, numbers are "
-                     "disturbed.")
-        L.append("'other' = cores busy on the machine beyond the processes this benchmark "
-                 "started (and beyond irq/softirq time).")
+            L.append(
+                f"WARNING: other processes used up to {max(others):.2f} cores during a "
+                "measurement ('other' columns): the machine was not quiet, numbers are "
+                "disturbed."
+            )
+        L.append(
+            "'other' = cores busy on the machine beyond the processes this benchmark "
+            "started (and beyond irq/softirq time)."
+        )
         if self.r.get("failure"):
             L.append(f"INCOMPLETE: {self.r['failure']}")
         L.append(f"wall time {self.r.get('wall_s', 0):.0f} s; raw outputs: {self.out}")
@@ -884,16 +1085,22 @@ class Bench:
     def _report_serve(self, L: list[str], others: list[float]) -> None:
         a = self.a
         s = self.r["serve"]
-        L.append(f"1. Serving the sealed blobs over TLS on loopback: {a.clients} keep-alive "
-                 f"HTTP/1.1 clients (Python http.client + ssl, {a.client_procs} processes), each "
-                 f"a shuffled id list, {a.seconds:g} s x {a.rounds} round(s)")
-        L.append(f"   edge: warm cache (memory <= {fmt_size(a.memory_max_object_bytes)} per "
-                 f"blob, else disk), workers = {a.workers}; nginx: alias of the sealed blobs/, "
-                 f"worker_processes = {a.workers}, sendfile on, access_log off")
-        L.append(f"   {'row':<6} {'server':<6} {'req/s':>7} {'MB/s':>7} {'ratio':>6} "
-                 f"{'CPU s/GB':>8} {'ratio':>6} {'sys%':>4} {'p50 ms':>7} {'p99 ms':>8} "
-                 f"{'hit %':>6} "
-                 f"{'srv cores':>9} {'cli cores':>9} {'irq':>5} {'other':>5} {'err':>4}")
+        L.append(
+            f"1. Serving the sealed blobs over TLS on loopback: {a.clients} keep-alive "
+            f"HTTP/1.1 clients (Python http.client + ssl, {a.client_procs} processes), each "
+            f"a shuffled id list, {a.seconds:g} s x {a.rounds} round(s)"
+        )
+        L.append(
+            f"   edge: warm cache (memory <= {fmt_size(a.memory_max_object_bytes)} per "
+            f"blob, else disk), workers = {a.workers}; nginx: alias of the sealed blobs/, "
+            f"worker_processes = {a.workers}, sendfile on, access_log off"
+        )
+        L.append(
+            f"   {'row':<6} {'server':<6} {'req/s':>7} {'MB/s':>7} {'ratio':>6} "
+            f"{'CPU s/GB':>8} {'ratio':>6} {'sys%':>4} {'p50 ms':>7} {'p99 ms':>8} "
+            f"{'hit %':>6} "
+            f"{'srv cores':>9} {'cli cores':>9} {'irq':>5} {'other':>5} {'err':>4}"
+        )
         verdicts = []
         for kind in ("small", "large"):
             if kind not in s:
@@ -915,58 +1122,74 @@ class Bench:
                     total = sum(res.values())
                     hits = res.get("hit_memory", 0) + res.get("hit_disk", 0)
                     hit = f"{hits / total * 100:.1f}" if total else "-"
-                L.append(f"   {kind:<6} {srv:<6} {g['rps']:>7.0f} {g['mbps']:>7.0f} "
-                         f"{ratio(g, 'mbps')} {g['cpu_per_gb']:>8.2f} "
-                         f"{ratio(g, 'cpu_per_gb')} {g['sys_share'] * 100:>4.0f} {g['p50']:>7.1f} "
-                         f"{g['p99']:>8.1f} {hit:>6} {g['srv_cores']:>9.2f} "
-                         f"{g['cli_cores']:>9.2f} {g['irq']:>5.2f} {g['other']:>5.2f} "
-                         f"{g['errors']:>4}")
+                L.append(
+                    f"   {kind:<6} {srv:<6} {g['rps']:>7.0f} {g['mbps']:>7.0f} "
+                    f"{ratio(g, 'mbps')} {g['cpu_per_gb']:>8.2f} "
+                    f"{ratio(g, 'cpu_per_gb')} {g['sys_share'] * 100:>4.0f} {g['p50']:>7.1f} "
+                    f"{g['p99']:>8.1f} {hit:>6} {g['srv_cores']:>9.2f} "
+                    f"{g['cli_cores']:>9.2f} {g['irq']:>5.2f} {g['other']:>5.2f} "
+                    f"{g['errors']:>4}"
+                )
                 others.append(g["other_max"])
             sizes = [x[1] for x in self.ids.get(kind, [])]
             if sizes:
-                L.append(f"     {kind}: {len(sizes)} blobs, {fmt_size(min(sizes))}-"
-                         f"{fmt_size(max(sizes))} (mean {fmt_size(sum(sizes) / len(sizes))})")
+                L.append(
+                    f"     {kind}: {len(sizes)} blobs, {fmt_size(min(sizes))}-"
+                    f"{fmt_size(max(sizes))} (mean {fmt_size(sum(sizes) / len(sizes))})"
+                )
             if e is not None:
-                split = ", ".join(f"{k} {v:.0f}" for k, v in sorted(e["edge_results"].items())
-                                  if v)
+                split = ", ".join(f"{k} {v:.0f}" for k, v in sorted(e["edge_results"].items()) if v)
                 L.append(f"     edge requests by result: {split}")
             if n is not None and e is not None:
-                ratios = ", ".join(f"{mbps(x) / mbps(y):.2f} (other {y['other_cores']:.2f}/"
-                                   f"{x['other_cores']:.2f})" for x, y in
-                                   zip(s[kind]["edge"], s[kind]["nginx"], strict=False))
+                ratios = ", ".join(
+                    f"{mbps(x) / mbps(y):.2f} (other {y['other_cores']:.2f}/{x['other_cores']:.2f})"
+                    for x, y in zip(s[kind]["edge"], s[kind]["nginx"], strict=False)
+                )
                 L.append(f"     edge/nginx MB/s per round: {ratios}")
-                verdicts.append(f"{kind} {e['mbps'] / n['mbps']:.2f}x "
-                                f"({'MET' if e['mbps'] / n['mbps'] >= 0.8 else 'NOT MET'})")
-            split = "; ".join(f"{srv} {share(s[kind][srv], names)}" for srv, names in
-                              (("nginx", self.nginx_pids()), ("edge", self.edge_pids()))
-                              if s[kind][srv])
+                verdicts.append(
+                    f"{kind} {e['mbps'] / n['mbps']:.2f}x "
+                    f"({'MET' if e['mbps'] / n['mbps'] >= 0.8 else 'NOT MET'})"
+                )
+            split = "; ".join(
+                f"{srv} {share(s[kind][srv], names)}"
+                for srv, names in (("nginx", self.nginx_pids()), ("edge", self.edge_pids()))
+                if s[kind][srv]
+            )
             L.append(f"     server CPU split: {split}")
-        tls = sorted({t for kind in s.values() for rows in kind.values() for r in rows
-                      for t in r["tls"]})
+        tls = sorted(
+            {t for kind in s.values() for rows in kind.values() for r in rows for t in r["tls"]}
+        )
         L.append(f"   goal edge >= 0.8x nginx (MB/s): {'; '.join(verdicts) or 'not measured'}")
         L.append(f"   TLS negotiated: {', '.join(tls)}")
         w = self.r.get("warm", {})
         if w:
-            L.append(f"   warm-up: {w['blobs']} blobs per edge worker, all bodies checked "
-                     f"against the manifest; edge {w['edge_results']}; cache {w['cache']}")
-        pin = (f"servers pinned to CPU {a.pin_servers}" if a.pin_servers else
-               "nothing pinned")
+            L.append(
+                f"   warm-up: {w['blobs']} blobs per edge worker, all bodies checked "
+                f"against the manifest; edge {w['edge_results']}; cache {w['cache']}"
+            )
+        pin = f"servers pinned to CPU {a.pin_servers}" if a.pin_servers else "nothing pinned"
         pin += f", clients pinned to CPU {a.pin_clients}" if a.pin_clients else ""
-        L.append(f"   cores: {os.cpu_count()} CPUs, {pin}: the client processes, the server "
-                 "under test (master + workers) and the idle one, the origin agent (idle "
-                 "after the warm-up) share them.")
-        L.append("   srv cores / cli cores = CPU-seconds per wall second of the server's "
-                 "processes / the clients'; irq = irq + softirq cores (loopback delivery, "
-                 "charged to no process); CPU s/GB = server CPU-seconds per GB sent (bodies), "
-                 "sys% = its kernel share; "
-                 "p50/p99 = client time per request (request to last byte); ratio = edge / "
-                 "nginx (for CPU s/GB: higher is worse).")
+        L.append(
+            f"   cores: {os.cpu_count()} CPUs, {pin}: the client processes, the server "
+            "under test (master + workers) and the idle one, the origin agent (idle "
+            "after the warm-up) share them."
+        )
+        L.append(
+            "   srv cores / cli cores = CPU-seconds per wall second of the server's "
+            "processes / the clients'; irq = irq + softirq cores (loopback delivery, "
+            "charged to no process); CPU s/GB = server CPU-seconds per GB sent (bodies), "
+            "sys% = its kernel share; "
+            "p50/p99 = client time per request (request to last byte); ratio = edge / "
+            "nginx (for CPU s/GB: higher is worse)."
+        )
         for kind, p in self.r.get("profile", {}).items():
-            L.append(f"   py-spy, one edge worker while not idle, {kind} load, {p['samples']} "
-                     "samples; self: "
-                     + ", ".join(f"{name} {v:.0f}%" for name, v in p["self"][:8]))
-            L.append("     inclusive: " + ", ".join(f"{name} {v:.0f}%"
-                                                    for name, v in p["inclusive"][:8]))
+            L.append(
+                f"   py-spy, one edge worker while not idle, {kind} load, {p['samples']} "
+                "samples; self: " + ", ".join(f"{name} {v:.0f}%" for name, v in p["self"][:8])
+            )
+            L.append(
+                "     inclusive: " + ", ".join(f"{name} {v:.0f}%" for name, v in p["inclusive"][:8])
+            )
         L.append("")
 
     def edge_pids(self) -> dict[int, str]:
@@ -998,17 +1221,21 @@ def aggregate(rows: list[dict[str, Any]], out: Path) -> dict[str, Any] | None:
     for r in rows:
         for k, v in r.get("edge_results", {}).items():
             res[k] = res.get(k, 0) + v
-    return {"rps": ok / el, "mbps": nbytes / 1e6 / el,
-            "cpu_per_gb": cpu / max(nbytes / 1e9, 1e-12),
-            "p50": pct(lat, 0.5) if lat else max(r["lat_p50_ms"] for r in rows),
-            "p99": pct(lat, 0.99) if lat else max(r["lat_p99_ms"] for r in rows),
-            "srv_cores": cpu / wall,
-            "sys_share": sum(r.get("server_sys_s", 0.0) for r in rows) / max(cpu, 1e-9),
-            "cli_cores": sum(r["client_cpu_s"] for r in rows) / el,
-            "irq": sum(r["irq_cores"] * r["measure_wall_s"] for r in rows) / wall,
-            "other": sum(r["other_cores"] * r["measure_wall_s"] for r in rows) / wall,
-            "other_max": max(r["other_cores"] for r in rows),
-            "errors": sum(sum(r["errors"].values()) for r in rows), "edge_results": res}
+    return {
+        "rps": ok / el,
+        "mbps": nbytes / 1e6 / el,
+        "cpu_per_gb": cpu / max(nbytes / 1e9, 1e-12),
+        "p50": pct(lat, 0.5) if lat else max(r["lat_p50_ms"] for r in rows),
+        "p99": pct(lat, 0.99) if lat else max(r["lat_p99_ms"] for r in rows),
+        "srv_cores": cpu / wall,
+        "sys_share": sum(r.get("server_sys_s", 0.0) for r in rows) / max(cpu, 1e-9),
+        "cli_cores": sum(r["client_cpu_s"] for r in rows) / el,
+        "irq": sum(r["irq_cores"] * r["measure_wall_s"] for r in rows) / wall,
+        "other": sum(r["other_cores"] * r["measure_wall_s"] for r in rows) / wall,
+        "other_max": max(r["other_cores"] for r in rows),
+        "errors": sum(sum(r["errors"].values()) for r in rows),
+        "edge_results": res,
+    }
 
 
 def mbps(r: dict[str, Any]) -> float:
@@ -1044,11 +1271,15 @@ def summarize_profile(raw: Path) -> dict[str, Any]:
             incl[f] = incl.get(f, 0) + count
     top_self = sorted(self_t.items(), key=lambda kv: -kv[1])[:15]
     # frames on (nearly) every stack say nothing: the loop, runpy, main
-    top_incl = [(k, v) for k, v in sorted(incl.items(), key=lambda kv: -kv[1])
-                if v < 0.9 * total][:15]
+    top_incl = [(k, v) for k, v in sorted(incl.items(), key=lambda kv: -kv[1]) if v < 0.9 * total][
+        :15
+    ]
     pc = 100.0 / max(total, 1)
-    return {"samples": total, "self": [(k, v * pc) for k, v in top_self],
-            "inclusive": [(k, v * pc) for k, v in top_incl]}
+    return {
+        "samples": total,
+        "self": [(k, v * pc) for k, v in top_self],
+        "inclusive": [(k, v * pc) for k, v in top_incl],
+    }
 
 
 def short_frame(frame: str) -> str:
@@ -1070,8 +1301,10 @@ def worker_name(pid: int, i: int) -> str:
 
 
 def environment() -> str:
-    return (f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {ssl.OPENSSL_VERSION}, "
-            f"nginx {nginx_version()}, blindfold at {git_rev()}")
+    return (
+        f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {ssl.OPENSSL_VERSION}, "
+        f"nginx {nginx_version()}, blindfold at {git_rev()}"
+    )
 
 
 def nginx_version() -> str:
@@ -1089,45 +1322,97 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="bbench.py")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    r = sub.add_parser("run", help="the whole benchmark",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    r.add_argument("--out", type=Path, required=True,
-                   help="results directory (run.sh: a new /tmp/blindfold-blind-bench.XXXXXX)")
-    r.add_argument("--parts", default="123",
-                   help="1 = serving (edge vs nginx), 2 = sealing (always run: part 1 serves "
-                   "its output), 3 = decrypt in Python")
-    r.add_argument("--small", type=parse_mix, default="200:64K-1M",
-                   help="small files COUNT:MIN-MAX (log-uniform sizes); COUNT 0: none")
-    r.add_argument("--large", type=parse_mix, default="3:10M-50M",
-                   help="large files COUNT:MIN-MAX; COUNT 0: none")
+    r = sub.add_parser(
+        "run", help="the whole benchmark", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    r.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="results directory (run.sh: a new /tmp/blindfold-blind-bench.XXXXXX)",
+    )
+    r.add_argument(
+        "--parts",
+        default="123",
+        help="1 = serving (edge vs nginx), 2 = sealing (always run: part 1 serves "
+        "its output), 3 = decrypt in Python",
+    )
+    r.add_argument(
+        "--small",
+        type=parse_mix,
+        default="200:64K-1M",
+        help="small files COUNT:MIN-MAX (log-uniform sizes); COUNT 0: none",
+    )
+    r.add_argument(
+        "--large",
+        type=parse_mix,
+        default="3:10M-50M",
+        help="large files COUNT:MIN-MAX; COUNT 0: none",
+    )
     r.add_argument("--seed", type=int, default=1, help="sizes, contents and client orders")
-    r.add_argument("--record-size", type=int, default=ece.DEFAULT_RS,
-                   help="RFC 8188 record size for sealing (and the part-3 blob)")
-    r.add_argument("--workers", type=int, default=2,
-                   help="edge workers = nginx worker_processes")
+    r.add_argument(
+        "--record-size",
+        type=int,
+        default=ece.DEFAULT_RS,
+        help="RFC 8188 record size for sealing (and the part-3 blob)",
+    )
+    r.add_argument("--workers", type=int, default=2, help="edge workers = nginx worker_processes")
     r.add_argument("--clients", type=int, default=8, help="concurrent keep-alive connections")
-    r.add_argument("--client-procs", type=int, default=2,
-                   help="client processes the connections are split over (threads in each)")
+    r.add_argument(
+        "--client-procs",
+        type=int,
+        default=2,
+        help="client processes the connections are split over (threads in each)",
+    )
     r.add_argument("--seconds", type=float, default=15.0, help="length of each load run")
-    r.add_argument("--rounds", type=int, default=2,
-                   help="load runs per server and row (nginx and edge alternate)")
-    r.add_argument("--max-requests", type=int, default=100000,
-                   help="request cap per client connection and run")
-    r.add_argument("--memory-cache-bytes", type=parse_size, default="256M",
-                   help="edge: blind.memory_cache_bytes (per worker)")
-    r.add_argument("--memory-max-object-bytes", type=parse_size, default="8M",
-                   help="edge: blind.memory_max_object_bytes (bigger blobs: from disk)")
-    r.add_argument("--pin-servers", default="", metavar="CPUS",
-                   help="taskset -c CPUS for nginx and the edge (workers inherit); '' = none")
-    r.add_argument("--pin-clients", default="", metavar="CPUS",
-                   help="taskset -c CPUS for the client processes; '' = none")
+    r.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="load runs per server and row (nginx and edge alternate)",
+    )
+    r.add_argument(
+        "--max-requests", type=int, default=100000, help="request cap per client connection and run"
+    )
+    r.add_argument(
+        "--memory-cache-bytes",
+        type=parse_size,
+        default="256M",
+        help="edge: blind.memory_cache_bytes (per worker)",
+    )
+    r.add_argument(
+        "--memory-max-object-bytes",
+        type=parse_size,
+        default="8M",
+        help="edge: blind.memory_max_object_bytes (bigger blobs: from disk)",
+    )
+    r.add_argument(
+        "--pin-servers",
+        default="",
+        metavar="CPUS",
+        help="taskset -c CPUS for nginx and the edge (workers inherit); '' = none",
+    )
+    r.add_argument(
+        "--pin-clients",
+        default="",
+        metavar="CPUS",
+        help="taskset -c CPUS for the client processes; '' = none",
+    )
     r.add_argument("--decrypt-mb", type=float, default=50.0, help="part 3: blob size (MB)")
     r.add_argument("--decrypt-repeat", type=int, default=3, help="part 3: best of N")
-    r.add_argument("--profile-seconds", type=float, default=0.0,
-                   help="after part 1: py-spy (.venv/bin/py-spy) on one edge worker during a "
-                   "load of this length per row, summarised in the table; 0: off")
-    r.add_argument("--budget", type=float, default=600.0,
-                   help="time budget of the whole run (s); what would overrun is skipped")
+    r.add_argument(
+        "--profile-seconds",
+        type=float,
+        default=0.0,
+        help="after part 1: py-spy (.venv/bin/py-spy) on one edge worker during a "
+        "load of this length per row, summarised in the table; 0: off",
+    )
+    r.add_argument(
+        "--budget",
+        type=float,
+        default=600.0,
+        help="time budget of the whole run (s); what would overrun is skipped",
+    )
 
     c = sub.add_parser("client")
     c.add_argument("--host", default="127.0.0.1")
@@ -1174,8 +1459,10 @@ def main(argv: list[str]) -> int:
             return Bench(a).run()
         except KeyboardInterrupt:
             Proc.stop_all()
-            print(f"interrupted: every process started was stopped; partial results in "
-                  f"{a.out}", file=sys.stderr)
+            print(
+                f"interrupted: every process started was stopped; partial results in {a.out}",
+                file=sys.stderr,
+            )
             return 130
         finally:
             Proc.stop_all()

@@ -82,8 +82,12 @@ main().catch((err) => report('bench-error', String(err)));
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mb", type=int, default=50, help="the streamed file (default 50)")
-    ap.add_argument("--small-mb", type=int, default=4,
-                    help="a file checked whole before release (<= 8 MiB; default 4)")
+    ap.add_argument(
+        "--small-mb",
+        type=int,
+        default=4,
+        help="a file checked whole before release (<= 8 MiB; default 4)",
+    )
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=300, help="seconds for the browser")
     ap.add_argument("--out", help="results directory (default: a new temporary one)")
@@ -106,48 +110,88 @@ def main() -> int:
         (src / path.lstrip("/")).write_bytes(os.urandom(size))
     sealed = out / "sealed"
     seal = subprocess.run(
-        [sys.executable, "-m", "blindfold", "seal", str(src), str(sealed), "--signing-key",
-         str(out / "manifest.pem"), "--id-secret", str(out / "id-secret"), "--create-keys",
-         "--skip", "*.html"], capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "blindfold",
+            "seal",
+            str(src),
+            str(sealed),
+            "--signing-key",
+            str(out / "manifest.pem"),
+            "--id-secret",
+            str(out / "id-secret"),
+            "--create-keys",
+            "--skip",
+            "*.html",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if seal.returncode:
         print(seal.stderr, file=sys.stderr)
         return 1
-    ids = {p: e["id"] for p, e in json.loads(json.loads(
-        (sealed / "manifest.json").read_text())["payload"])["files"].items()}
+    ids = {
+        p: e["id"]
+        for p, e in json.loads(json.loads((sealed / "manifest.json").read_text())["payload"])[
+            "files"
+        ].items()
+    }
     app = DemoApp()
     procs: list[OriginProcess | EdgeProcess] = []
     chrome: subprocess.Popen[bytes] | None = None
     try:
         origin = OriginProcess(
             origin_config(site, app.port, out) + f'\n[origin.blind]\ndir = "{sealed}"\n'
-            f'source_dir = "{src}"\nedge_url = "https://{CDN}:0"\n', out, name="origin")
+            f'source_dir = "{src}"\nedge_url = "https://{CDN}:0"\n',
+            out,
+            name="origin",
+        )
         procs.append(origin)
-        routes = (route(["example.test"], [f"127.0.0.1:{origin.port}"], proxy_protocol="v2")
-                  + route([CDN], [f"127.0.0.1:{origin.port}"], mode="blind",
-                          certificate=str(out / "cdn.pem"), key=str(out / "cdn.key"),
-                          origin_ca=str(out / "ca.pem"), origin_server_name="example.test",
-                          proxy_protocol="v2", blind={"cache_dir": str(out / "cache")}))
-        edge = EdgeProcess(edge_config(routes, per_ip_rate_per_s=0, log_connections=False),
-                           out, name="edge")
+        routes = route(["example.test"], [f"127.0.0.1:{origin.port}"], proxy_protocol="v2") + route(
+            [CDN],
+            [f"127.0.0.1:{origin.port}"],
+            mode="blind",
+            certificate=str(out / "cdn.pem"),
+            key=str(out / "cdn.key"),
+            origin_ca=str(out / "ca.pem"),
+            origin_server_name="example.test",
+            proxy_protocol="v2",
+            blind={"cache_dir": str(out / "cache")},
+        )
+        edge = EdgeProcess(
+            edge_config(routes, per_ip_rate_per_s=0, log_connections=False), out, name="edge"
+        )
         procs.append(edge)
-        origin.write_config(origin.config_path.read_text().replace(
-            f"{CDN}:0", f"{CDN}:{edge.port}"))
+        origin.write_config(
+            origin.config_path.read_text().replace(f"{CDN}:0", f"{CDN}:{edge.port}")
+        )
         origin.reload()
         pairs = [[p, f"https://{CDN}:{edge.port}/b/{ids[p]}"] for p in files]
         (src / "bench.html").write_text(PAGE % {"files": json.dumps(pairs), "reps": args.reps})
         pins = ",".join(spki_pin(p) for p in (out / "site.pem", out / "cdn.pem"))
         chrome = subprocess.Popen(
-            [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             f"--user-data-dir={out / 'profile'}",
-             f"--host-resolver-rules=MAP example.test 127.0.0.1, MAP {CDN} 127.0.0.1",
-             f"--ignore-certificate-errors-spki-list={pins}",
-             f"https://example.test:{edge.port}/bench.html"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                browser,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                f"--user-data-dir={out / 'profile'}",
+                f"--host-resolver-rules=MAP example.test 127.0.0.1, MAP {CDN} 127.0.0.1",
+                f"--ignore-certificate-errors-spki-list={pins}",
+                f"https://example.test:{edge.port}/bench.html",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + args.timeout
         reports: dict[str, str] = {}
         while time.monotonic() < deadline:
-            reports = {r["path"]: r.get("result", "") for r in
-                       origin.records("blind_client_report")}
+            reports = {
+                r["path"]: r.get("result", "") for r in origin.records("blind_client_report")
+            }
             if "bench-done" in reports or "bench-error" in reports:
                 break
             time.sleep(0.5)
@@ -162,10 +206,12 @@ def main() -> int:
             p.stop()
         app.close()
     version = subprocess.run([browser, "--version"], capture_output=True, text=True).stdout
-    lines = [f"4. Decrypt throughput in Chromium's service worker ({version.strip()}, headless; "
-             f"warm edge cache, {args.reps} reps, medians)",
-             f"   {'file':<18} {'fetch blob MB/s':>16} {'via SW MB/s':>12} {'ratio':>6}"
-             "  (SW: fetch + AES-GCM per record + checks)"]
+    lines = [
+        f"4. Decrypt throughput in Chromium's service worker ({version.strip()}, headless; "
+        f"warm edge cache, {args.reps} reps, medians)",
+        f"   {'file':<18} {'fetch blob MB/s':>16} {'via SW MB/s':>12} {'ratio':>6}"
+        "  (SW: fetch + AES-GCM per record + checks)",
+    ]
     results = {}
     for path, size in files.items():
         data = json.loads(reports[path])
@@ -174,8 +220,10 @@ def main() -> int:
         sources = {s for _n, _ms, s in data["sw"]}
         ok = all(n == size for n, _ms, _s in data["sw"]) and sources == {"edge"}
         label = f"{path} ({size >> 20} MB)"
-        lines.append(f"   {label:<18} {raw:16.1f} {sw:12.1f} {sw / raw:6.2f}"
-                     + ("" if ok else f"  WRONG: sizes/sources {sources}"))
+        lines.append(
+            f"   {label:<18} {raw:16.1f} {sw:12.1f} {sw / raw:6.2f}"
+            + ("" if ok else f"  WRONG: sizes/sources {sources}")
+        )
         results[path] = {"fetch_blob_mb_s": raw, "service_worker_mb_s": sw, "ok": ok}
     (out / "sw_results.json").write_text(json.dumps(results, indent=1))
     print("\n".join(lines))

@@ -86,22 +86,27 @@ def make_pki(d: Path) -> dict[str, Any]:
         shutil.rmtree(d)
     d.mkdir(parents=True)
     bf = [PY, "-m", "blindfold", "pki"]
-    for args in (["ca", str(d)],
-                 ["server", "keyserver", str(d), "--host", "keyserver.test", "--host",
-                  "127.0.0.1"],
-                 ["edge", "edge1", str(d)]):
+    for args in (
+        ["ca", str(d)],
+        ["server", "keyserver", str(d), "--host", "keyserver.test", "--host", "127.0.0.1"],
+        ["edge", "edge1", str(d)],
+    ):
         subprocess.run(bf + args, check=True, capture_output=True, timeout=60, cwd=str(REPO))
     from cryptography import x509
 
-    edge_fp = pki.fingerprint_sha256(x509.load_pem_x509_certificate(
-        (d / "edge1.pem").read_bytes()))
+    edge_fp = pki.fingerprint_sha256(x509.load_pem_x509_certificate((d / "edge1.pem").read_bytes()))
     site_ca = pki.make_ca("blindfold bench site CA")
     site_ca.write(d / "site-ca.pem")
     leaf = pki.issue(site_ca, [SNI, f"*.{SNI}"], kind="ec256")
     leaf.write(d / "site.pem", d / "site.key")
-    return {"dir": d, "edge_fp": edge_fp, "site_ca": d / "site-ca.pem",
-            "site_cert": d / "site.pem", "site_key": d / "site.key",
-            "cert_sha256": bytes.fromhex(pki.fingerprint_sha256(leaf.cert).replace(":", ""))}
+    return {
+        "dir": d,
+        "edge_fp": edge_fp,
+        "site_ca": d / "site-ca.pem",
+        "site_cert": d / "site.pem",
+        "site_key": d / "site.key",
+        "cert_sha256": bytes.fromhex(pki.fingerprint_sha256(leaf.cert).replace(":", "")),
+    }
 
 
 def keyserver_toml(p: dict[str, Any], out: Path) -> str:
@@ -110,32 +115,40 @@ def keyserver_toml(p: dict[str, Any], out: Path) -> str:
 [keyserver]
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
-cert = "{d / 'keyserver.pem'}"
-key = "{d / 'keyserver.key'}"
-client_ca = "{d / 'ca.pem'}"
-audit_log = "{out / 'audit.log'}"
-log_path = "{out / 'keyserver.log'}"
+cert = "{d / "keyserver.pem"}"
+key = "{d / "keyserver.key"}"
+client_ca = "{d / "ca.pem"}"
+audit_log = "{out / "audit.log"}"
+log_path = "{out / "keyserver.log"}"
 # the default (2000/s, burst 4000 per edge) would cap part 3: lifted for the benchmark
 rate_per_s = 1000000.0
 burst = 1000000
 
 [[keyserver.keys]]
 name = "site"
-key = "{p['site_key']}"
-certificate = "{p['site_cert']}"
+key = "{p["site_key"]}"
+certificate = "{p["site_cert"]}"
 
 [[keyserver.edges]]
 name = "edge1"
-cert_sha256 = "{p['edge_fp']}"
+cert_sha256 = "{p["edge_fp"]}"
 hostnames = ["{SNI}", "*.{SNI}"]
 """
 
 
-def edge_toml(p: dict[str, Any], ks_addr: str, workers: int, log: Path, origin_port: int,
-              log_connections: bool) -> str:
+def edge_toml(
+    p: dict[str, Any],
+    ks_addr: str,
+    workers: int,
+    log: Path,
+    origin_port: int,
+    log_connections: bool,
+) -> str:
     d = p["dir"]
-    tls = (f'client_cert = "{d / "edge1.pem"}", client_key = "{d / "edge1.key"}", '
-           f'ca = "{d / "ca.pem"}"')
+    tls = (
+        f'client_cert = "{d / "edge1.pem"}", client_key = "{d / "edge1.key"}", '
+        f'ca = "{d / "ca.pem"}"'
+    )
     return f"""# written by bench/keyless/kbench.py
 [edge]
 listen = ["127.0.0.1:0"]
@@ -152,9 +165,9 @@ log_connections = {str(log_connections).lower()}
 sni = ["{SNI}", "*.{SNI}"]
 default = true               # lets clients without SNI (openssl s_time) in too
 mode = "keyless"
-certificate = "{p['site_cert']}"
+certificate = "{p["site_cert"]}"
 origins = ["127.0.0.1:{origin_port}"]   # never contacted: no request is sent
-origin_ca = "{p['site_ca']}"
+origin_ca = "{p["site_ca"]}"
 keyserver = {{ addresses = ["{ks_addr}"], server_name = "keyserver.test", {tls} }}
 """
 
@@ -206,8 +219,9 @@ def client_main(a: argparse.Namespace) -> int:
                     state["ok"] += ok
                     state["reused"] += bool(reused)
             except (OSError, ssl.SSLError) as exc:
-                key = type(exc).__name__ + (f":{exc.reason}" if getattr(exc, "reason", None)
-                                            else "")
+                key = type(exc).__name__ + (
+                    f":{exc.reason}" if getattr(exc, "reason", None) else ""
+                )
                 with contextlib.suppress(Exception):
                     raw.close()
                 with lock:
@@ -222,26 +236,69 @@ def client_main(a: argparse.Namespace) -> int:
         t.join(a.seconds + a.timeout + 5)
     elapsed = time.monotonic() - t_start
     lat = state["lat"]
-    print(json.dumps({"ok": state["ok"], "reused": state["reused"], "errors": state["errors"],
-                      "elapsed_s": elapsed, "cpu_s": time.process_time() - cpu_start,
-                      "total_cpu_s": time.process_time(),  # with the interpreter's start-up
-                      "lat_p50_ms": pct(lat, 0.5) * 1e3,
-                      "lat_p99_ms": pct(lat, 0.99) * 1e3}), flush=True)
+    print(
+        json.dumps(
+            {
+                "ok": state["ok"],
+                "reused": state["reused"],
+                "errors": state["errors"],
+                "elapsed_s": elapsed,
+                "cpu_s": time.process_time() - cpu_start,
+                "total_cpu_s": time.process_time(),  # with the interpreter's start-up
+                "lat_p50_ms": pct(lat, 0.5) * 1e3,
+                "lat_p99_ms": pct(lat, 0.99) * 1e3,
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 
-def run_clients(out: Path, tag: str, port: int, cafile: Path, *, n: int, seconds: float,
-                procs: int, threads: int, sources: list[str], alpn: str = "http/1.1"
-                ) -> dict[str, Any]:
+def run_clients(
+    out: Path,
+    tag: str,
+    port: int,
+    cafile: Path,
+    *,
+    n: int,
+    seconds: float,
+    procs: int,
+    threads: int,
+    sources: list[str],
+    alpn: str = "http/1.1",
+) -> dict[str, Any]:
     """`procs` client processes x `threads` threads; the N handshakes are split between them."""
     ps = []
     for i in range(procs):
         share = n // procs + (1 if i < n % procs else 0)
         src = ",".join(sources[i::procs]) or sources[0]
-        ps.append(Proc(f"{tag}.client{i}", [
-            PY, str(HERE / "kbench.py"), "client", "--port", str(port), "--cafile", str(cafile),
-            "--sni", SNI, "--n", str(share), "--seconds", str(seconds), "--threads", str(threads),
-            "--sources", src, "--alpn", alpn], out))
+        ps.append(
+            Proc(
+                f"{tag}.client{i}",
+                [
+                    PY,
+                    str(HERE / "kbench.py"),
+                    "client",
+                    "--port",
+                    str(port),
+                    "--cafile",
+                    str(cafile),
+                    "--sni",
+                    SNI,
+                    "--n",
+                    str(share),
+                    "--seconds",
+                    str(seconds),
+                    "--threads",
+                    str(threads),
+                    "--sources",
+                    src,
+                    "--alpn",
+                    alpn,
+                ],
+                out,
+            )
+        )
     t0 = time.monotonic()
     results = []
     for p in ps:
@@ -253,13 +310,17 @@ def run_clients(out: Path, tag: str, port: int, cafile: Path, *, n: int, seconds
     for r in results:
         for k, v in r["errors"].items():
             errors[k] = errors.get(k, 0) + v
-    return {"ok": sum(r["ok"] for r in results), "reused": sum(r["reused"] for r in results),
-            "errors": errors, "wall_s": wall,
-            "client_cpu_s": sum(r["cpu_s"] for r in results),
-            "client_total_cpu_s": sum(r["total_cpu_s"] for r in results),
-            "elapsed_s": max(r["elapsed_s"] for r in results),
-            "lat_p50_ms": statistics.median(r["lat_p50_ms"] for r in results),
-            "lat_p99_ms": max(r["lat_p99_ms"] for r in results)}
+    return {
+        "ok": sum(r["ok"] for r in results),
+        "reused": sum(r["reused"] for r in results),
+        "errors": errors,
+        "wall_s": wall,
+        "client_cpu_s": sum(r["cpu_s"] for r in results),
+        "client_total_cpu_s": sum(r["total_cpu_s"] for r in results),
+        "elapsed_s": max(r["elapsed_s"] for r in results),
+        "lat_p50_ms": statistics.median(r["lat_p50_ms"] for r in results),
+        "lat_p99_ms": max(r["lat_p99_ms"] for r in results),
+    }
 
 
 # ============================================================================ baselines
@@ -274,6 +335,7 @@ def baseline_main(a: argparse.Namespace) -> int:
     ctx.num_tickets = 1  # the edge issues one ticket per full handshake
     count = [0]
     if a.kind == "asyncio":
+
         async def handle(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             count[0] += 1
             w.close()
@@ -281,8 +343,9 @@ def baseline_main(a: argparse.Namespace) -> int:
                 await w.wait_closed()
 
         async def main() -> None:
-            server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=ctx, backlog=1024,
-                                                ssl_handshake_timeout=10)
+            server = await asyncio.start_server(
+                handle, "127.0.0.1", 0, ssl=ctx, backlog=1024, ssl_handshake_timeout=10
+            )
             print(server.sockets[0].getsockname()[1], flush=True)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -372,8 +435,9 @@ def relay_main(a: argparse.Namespace) -> int:
             sock = w.get_extra_info("socket")
             if sock is not None:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await asyncio.gather(pump(cr, uw, delay), pump(ur, cw, delay if a.both else 0.0),
-                             return_exceptions=True)
+        await asyncio.gather(
+            pump(cr, uw, delay), pump(ur, cw, delay if a.both else 0.0), return_exceptions=True
+        )
 
     async def main() -> None:
         server = await asyncio.start_server(handle, "127.0.0.1", 0)
@@ -395,8 +459,10 @@ def signload_main(a: argparse.Namespace) -> int:
 
     ctx = ssl.create_default_context(cafile=a.ca)
     ctx.load_cert_chain(a.cert, a.key)
-    sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", a.port), timeout=10),
-                           server_hostname="keyserver.test")
+    sock = ctx.wrap_socket(
+        socket.create_connection(("127.0.0.1", a.port), timeout=10),
+        server_hostname="keyserver.test",
+    )
     fp = bytes.fromhex(a.cert_sha256)
     th = os.urandom(32)
     rid = 0
@@ -408,8 +474,9 @@ def signload_main(a: argparse.Namespace) -> int:
             rid += 1
             # a different transcript hash per request (as real handshakes have)
             h = (int.from_bytes(th, "big") ^ rid).to_bytes(32, "big")
-            out += w.encode_sign_request(rid, w.SignRequest(w.ECDSA_SECP256R1_SHA256, h, SNI,
-                                                            "127.0.0.1", fp))
+            out += w.encode_sign_request(
+                rid, w.SignRequest(w.ECDSA_SECP256R1_SHA256, h, SNI, "127.0.0.1", fp)
+            )
         return bytes(out)
 
     dec = w.FrameDecoder()
@@ -440,9 +507,19 @@ def signload_main(a: argparse.Namespace) -> int:
             inflight += got
     elapsed = time.monotonic() - t0
     sock.close()
-    print(json.dumps({"ok": ok, "errors": errors, "error_kinds": err_kinds,
-                      "elapsed_s": elapsed, "left_inflight": inflight,
-                      "cpu_s": time.process_time()}), flush=True)
+    print(
+        json.dumps(
+            {
+                "ok": ok,
+                "errors": errors,
+                "error_kinds": err_kinds,
+                "elapsed_s": elapsed,
+                "left_inflight": inflight,
+                "cpu_s": time.process_time(),
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 
@@ -523,8 +600,7 @@ def core_main(a: argparse.Namespace) -> int:
         srv, events = timed(i, 0, first)
         req = events[0]
         assert isinstance(req, ts.SignatureRequested), events
-        sig = key.sign(w.certificate_verify_content(req.transcript_hash),
-                       ec.ECDSA(hashes.SHA256()))
+        sig = key.sign(w.certificate_verify_content(req.transcript_hash), ec.ECDSA(hashes.SHA256()))
 
         def middle(sig: bytes = sig, srv: Any = srv) -> bytes:
             srv.signature_received(sig, 0.0)
@@ -545,8 +621,12 @@ def core_main(a: argparse.Namespace) -> int:
         events = timed(i, 2, last)
         assert any(isinstance(e, ts.HandshakeCompleted) for e in events), events
     n = a.n - warm
-    print(json.dumps({"n": n, "us": sum(phases) / n * 1e6,
-                      "phases_us": [round(p / n * 1e6) for p in phases]}), flush=True)
+    print(
+        json.dumps(
+            {"n": n, "us": sum(phases) / n * 1e6, "phases_us": [round(p / n * 1e6) for p in phases]}
+        ),
+        flush=True,
+    )
     if prof is not None:
         pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(a.profile)
     return 0
@@ -575,23 +655,28 @@ class Bench:
         path.write_text(keyserver_toml(self.pki, self.out))
         for old in ("keyserver.log", "audit.log"):  # a reused --out: no stale ready line
             (self.out / old).unlink(missing_ok=True)
-        self.ks = Proc("keyserver", [PY, "-m", "blindfold", "keyserver", "--config", str(path)],
-                       self.out)
+        self.ks = Proc(
+            "keyserver", [PY, "-m", "blindfold", "keyserver", "--config", str(path)], self.out
+        )
         ready = self.ks.wait_json(self.out / "keyserver.log", "keyserver_ready")
         assert ready["pid"] == self.ks.pid, (ready, self.ks.pid)
         self.ks_addr = ready["listen"][0]
         self.ks_admin = ready["admin"]
 
     def ks_signed(self) -> float:
-        return metric(http_get(f"http://{self.ks_admin}/metrics"),
-                      "blindfold_keyserver_signatures_total", result="ok")
+        return metric(
+            http_get(f"http://{self.ks_admin}/metrics"),
+            "blindfold_keyserver_signatures_total",
+            result="ok",
+        )
 
     def start_edge(self, tag: str, ks_addr: str, workers: int) -> tuple[Proc, dict[str, Any]]:
         log = self.out / f"{tag}.log"
         path = self.out / f"{tag}.toml"
         log.unlink(missing_ok=True)
-        path.write_text(edge_toml(self.pki, ks_addr, workers, log, self.dead_port,
-                                  self.a.log_connections))
+        path.write_text(
+            edge_toml(self.pki, ks_addr, workers, log, self.dead_port, self.a.log_connections)
+        )
         p = Proc(tag, [PY, "-m", "blindfold", "edge", "--config", str(path)], self.out)
         ready = p.wait_json(log, "edge_ready")
         assert ready["pid"] == p.pid, (ready, p.pid)
@@ -606,21 +691,62 @@ class Bench:
         return p, ready
 
     def edge_full(self, admin: str) -> float:
-        return metric(http_get(f"http://{admin}/metrics"), "blindfold_keyless_handshakes_total",
-                      result="full")
+        return metric(
+            http_get(f"http://{admin}/metrics"), "blindfold_keyless_handshakes_total", result="full"
+        )
 
-    def clients(self, tag: str, port: int, *, n: int, seconds: float, procs: int, threads: int,
-                sources: list[str], alpn: str = "http/1.1") -> dict[str, Any]:
-        return run_clients(self.out, tag, port, self.pki["site_ca"], n=n, seconds=seconds,
-                           procs=procs, threads=threads, sources=sources, alpn=alpn)
+    def clients(
+        self,
+        tag: str,
+        port: int,
+        *,
+        n: int,
+        seconds: float,
+        procs: int,
+        threads: int,
+        sources: list[str],
+        alpn: str = "http/1.1",
+    ) -> dict[str, Any]:
+        return run_clients(
+            self.out,
+            tag,
+            port,
+            self.pki["site_ca"],
+            n=n,
+            seconds=seconds,
+            procs=procs,
+            threads=threads,
+            sources=sources,
+            alpn=alpn,
+        )
 
-    def measured_load(self, tag: str, port: int, pids: list[int], *, n: int, seconds: float,
-                      procs: int, threads: int, sources: list[str], alpn: str = "http/1.1",
-                      admin: str = "", extra_pids: tuple[int, ...] = ()) -> dict[str, Any]:
+    def measured_load(
+        self,
+        tag: str,
+        port: int,
+        pids: list[int],
+        *,
+        n: int,
+        seconds: float,
+        procs: int,
+        threads: int,
+        sources: list[str],
+        alpn: str = "http/1.1",
+        admin: str = "",
+        extra_pids: tuple[int, ...] = (),
+    ) -> dict[str, Any]:
         """Warm-up, then the load with the CPU of `pids` (and the key server's) read around
         it."""
-        self.clients(f"{tag}.warmup", port, n=self.a.warmup, seconds=30, procs=1,
-                     threads=min(threads, 4), sources=sources, alpn=alpn)
+        self.clients(
+            f"{tag}.warmup",
+            port,
+            n=self.a.warmup,
+            seconds=30,
+            procs=1,
+            threads=min(threads, 4),
+            sources=sources,
+            alpn=alpn,
+        )
         time.sleep(0.3)
         sign0 = self.sign_latency(admin)
         ks0 = cpu_s(self.ks.pid)
@@ -630,8 +756,16 @@ class Bench:
         x0 = sum(cpu_s(p) for p in extra_pids)
         m0 = busy_s()
         t0 = time.monotonic()
-        res = self.clients(tag, port, n=n, seconds=seconds, procs=procs, threads=threads,
-                           sources=sources, alpn=alpn)
+        res = self.clients(
+            tag,
+            port,
+            n=n,
+            seconds=seconds,
+            procs=procs,
+            threads=threads,
+            sources=sources,
+            alpn=alpn,
+        )
         time.sleep(0.2)  # the last connections' close is processed
         c1 = group_cpu(pids)
         res["sys_s"] = sum(sys_s(p) for p in pids) - sy0
@@ -643,8 +777,7 @@ class Bench:
         res["measure_wall_s"] = wall
         res["ks_cpu_s"] = ks1 - ks0
         res["extra_cpu_s"] = sum(cpu_s(p) for p in extra_pids) - x0
-        ours = (res["cpu_s"] + res["ks_cpu_s"] + res["client_total_cpu_s"]
-                + res["extra_cpu_s"])
+        ours = res["cpu_s"] + res["ks_cpu_s"] + res["client_total_cpu_s"] + res["extra_cpu_s"]
         res["other_cores"] = max(0.0, busy_s() - m0 - ours) / wall
         res["ks_signatures"] = sig1 - sig0
         sign1 = self.sign_latency(admin)
@@ -657,8 +790,10 @@ class Bench:
         if not admin:
             return 0.0, 0.0
         text = http_get(f"http://{admin}/metrics")
-        return (metric(text, "blindfold_keyless_sign_seconds_sum"),
-                metric(text, "blindfold_keyless_sign_seconds_count"))
+        return (
+            metric(text, "blindfold_keyless_sign_seconds_sum"),
+            metric(text, "blindfold_keyless_sign_seconds_count"),
+        )
 
     # ---------------------------------------------------------------- part 1
     def part1(self) -> None:
@@ -666,42 +801,89 @@ class Bench:
         self.check_time(90)
         sources = ["127.0.0.1"]
         res: dict[str, Any] = {}
-        self.note(f"[1] CPU per full handshake: N={a.n}, {a.procs} client processes x "
-                  f"{a.threads} threads")
+        self.note(
+            f"[1] CPU per full handshake: N={a.n}, {a.procs} client processes x {a.threads} threads"
+        )
         kinds = ["asyncio"] + (["threads"] if a.threaded_baseline else [])
         for kind in kinds:
-            b = Proc(f"baseline-{kind}", [PY, str(HERE / "kbench.py"), "baseline", "--kind", kind,
-                                          "--cert", str(self.pki["site_cert"]),
-                                          "--key", str(self.pki["site_key"]),
-                                          "--threads", str(a.procs * a.threads)], self.out)
+            b = Proc(
+                f"baseline-{kind}",
+                [
+                    PY,
+                    str(HERE / "kbench.py"),
+                    "baseline",
+                    "--kind",
+                    kind,
+                    "--cert",
+                    str(self.pki["site_cert"]),
+                    "--key",
+                    str(self.pki["site_key"]),
+                    "--threads",
+                    str(a.procs * a.threads),
+                ],
+                self.out,
+            )
             port = int(b.wait_line())
-            r = self.measured_load(f"p1.baseline-{kind}", port, [b.pid], n=a.n, seconds=a.max_s,
-                                   procs=a.procs, threads=a.threads, sources=sources)
+            r = self.measured_load(
+                f"p1.baseline-{kind}",
+                port,
+                [b.pid],
+                n=a.n,
+                seconds=a.max_s,
+                procs=a.procs,
+                threads=a.threads,
+                sources=sources,
+            )
             b.stop()
             r["server_count"] = b.stderr_path.read_text().strip().splitlines()[-1:]
             res[f"baseline_{kind}"] = r
-            self.note(f"    baseline {kind}: {r['ok']} ok, cpu {r['cpu_s']:.3f} s, "
-                      f"errors {r['errors']}")
+            self.note(
+                f"    baseline {kind}: {r['ok']} ok, cpu {r['cpu_s']:.3f} s, errors {r['errors']}"
+            )
         edge, ready = self.start_edge("p1.edge", self.ks_addr, 1)
         pids = [edge.pid, *ready["workers_pids"]]
         for key, alpn in (("edge", "http/1.1"), ("edge_h2", "h2,http/1.1")):
             if key == "edge_h2" and not a.h2_row:
                 continue
             full0 = self.edge_full(ready["admin"])
-            r = self.measured_load(f"p1.{key}", ready["port"], pids, n=a.n, seconds=a.max_s,
-                                   procs=a.procs, threads=a.threads, sources=sources, alpn=alpn,
-                                   admin=ready["admin"])
+            r = self.measured_load(
+                f"p1.{key}",
+                ready["port"],
+                pids,
+                n=a.n,
+                seconds=a.max_s,
+                procs=a.procs,
+                threads=a.threads,
+                sources=sources,
+                alpn=alpn,
+                admin=ready["admin"],
+            )
             r["edge_full_handshakes"] = self.edge_full(ready["admin"]) - full0 - a.warmup
             r["pids"] = {"master": edge.pid, "workers": ready["workers_pids"]}
             res[key] = r
-            self.note(f"    keyless edge (ALPN {alpn}): {r['ok']} ok, cpu {r['cpu_s']:.3f} s "
-                      f"({r['cpu_by_pid']}), key server {r['ks_cpu_s']:.3f} s for "
-                      f"{r['ks_signatures']:.0f} signatures, errors {r['errors']}")
+            self.note(
+                f"    keyless edge (ALPN {alpn}): {r['ok']} ok, cpu {r['cpu_s']:.3f} s "
+                f"({r['cpu_by_pid']}), key server {r['ks_cpu_s']:.3f} s for "
+                f"{r['ks_signatures']:.0f} signatures, errors {r['errors']}"
+            )
         edge.stop()
-        core = Proc("p1.core", [PY, str(HERE / "kbench.py"), "core", "--n", str(a.n),
-                                "--cert", str(self.pki["site_cert"]),
-                                "--key", str(self.pki["site_key"]),
-                                "--cafile", str(self.pki["site_ca"])], self.out)
+        core = Proc(
+            "p1.core",
+            [
+                PY,
+                str(HERE / "kbench.py"),
+                "core",
+                "--n",
+                str(a.n),
+                "--cert",
+                str(self.pki["site_cert"]),
+                "--key",
+                str(self.pki["site_key"]),
+                "--cafile",
+                str(self.pki["site_ca"]),
+            ],
+            self.out,
+        )
         core.proc.wait(120)
         core.stop()
         res["core"] = json.loads(core.stdout_path.read_text().splitlines()[-1])
@@ -730,21 +912,42 @@ class Bench:
             ks_addr = self.ks_addr
             relay = None
             if delay:
-                relay = Proc("relay", [PY, str(HERE / "kbench.py"), "relay", "--target",
-                                       self.ks_addr, "--delay-ms", str(delay)]
-                             + (["--both"] if a.delay_both else []), self.out)
+                relay = Proc(
+                    "relay",
+                    [
+                        PY,
+                        str(HERE / "kbench.py"),
+                        "relay",
+                        "--target",
+                        self.ks_addr,
+                        "--delay-ms",
+                        str(delay),
+                    ]
+                    + (["--both"] if a.delay_both else []),
+                    self.out,
+                )
                 ks_addr = f"127.0.0.1:{int(relay.wait_line())}"
-            self.note(f"[2] handshakes/s, key server delay {delay:g} ms"
-                      f"{' each way' if delay and a.delay_both else ''}: {a.concurrency} "
-                      f"clients, {a.seconds:g} s, workers = {a.workers}")
+            self.note(
+                f"[2] handshakes/s, key server delay {delay:g} ms"
+                f"{' each way' if delay and a.delay_both else ''}: {a.concurrency} "
+                f"clients, {a.seconds:g} s, workers = {a.workers}"
+            )
             edge, ready = self.start_edge(f"p2.edge-{label}", ks_addr, a.workers)
             pids = [edge.pid, *ready["workers_pids"]]
             procs = max(1, min(a.concurrency, a.procs2))
             threads = max(1, a.concurrency // procs)
-            r = self.measured_load(f"p2.{label}", ready["port"], pids, n=1_000_000,
-                                   seconds=a.seconds, procs=procs, threads=threads,
-                                   sources=sources, admin=ready["admin"],
-                                   extra_pids=(relay.pid,) if relay else ())
+            r = self.measured_load(
+                f"p2.{label}",
+                ready["port"],
+                pids,
+                n=1_000_000,
+                seconds=a.seconds,
+                procs=procs,
+                threads=threads,
+                sources=sources,
+                admin=ready["admin"],
+                extra_pids=(relay.pid,) if relay else (),
+            )
             r["delay_ms"] = delay
             r["rate"] = r["ok"] / r["elapsed_s"]
             r["clients"] = procs * threads
@@ -752,9 +955,11 @@ class Bench:
             if relay is not None:
                 relay.stop()
             res[label] = r
-            self.note(f"    {r['ok']} ok in {r['elapsed_s']:.1f} s = {r['rate']:.0f}/s, "
-                      f"p50 {r['lat_p50_ms']:.1f} ms p99 {r['lat_p99_ms']:.1f} ms, edge cpu "
-                      f"{r['cpu_by_pid']}, errors {r['errors']}")
+            self.note(
+                f"    {r['ok']} ok in {r['elapsed_s']:.1f} s = {r['rate']:.0f}/s, "
+                f"p50 {r['lat_p50_ms']:.1f} ms p99 {r['lat_p99_ms']:.1f} ms, edge cpu "
+                f"{r['cpu_by_pid']}, errors {r['errors']}"
+            )
         self.r["part2"] = res
 
     # ---------------------------------------------------------------- part 3
@@ -763,11 +968,25 @@ class Bench:
         self.check_time(a.sign_seconds + a.raw_seconds + 40)
         self.note(f"[3] key server: {a.inflight} sign requests in flight, {a.sign_seconds:g} s")
         d = self.pki["dir"]
-        cmd = [PY, str(HERE / "kbench.py"), "signload", "--port",
-               self.ks_addr.rpartition(":")[2], "--ca", str(d / "ca.pem"),
-               "--cert", str(d / "edge1.pem"), "--key", str(d / "edge1.key"),
-               "--cert-sha256", self.pki["cert_sha256"].hex(), "--inflight", str(a.inflight),
-               "--seconds", "1"]
+        cmd = [
+            PY,
+            str(HERE / "kbench.py"),
+            "signload",
+            "--port",
+            self.ks_addr.rpartition(":")[2],
+            "--ca",
+            str(d / "ca.pem"),
+            "--cert",
+            str(d / "edge1.pem"),
+            "--key",
+            str(d / "edge1.key"),
+            "--cert-sha256",
+            self.pki["cert_sha256"].hex(),
+            "--inflight",
+            str(a.inflight),
+            "--seconds",
+            "1",
+        ]
         warm = Proc("p3.warmup", cmd, self.out)  # 1 s warm-up
         warm.proc.wait(30)
         warm.stop()
@@ -785,19 +1004,31 @@ class Bench:
         r["ks_cpu_s"] = k1 - k0
         r["ks_signatures"] = s1 - s0
         r["other_cores"] = max(0.0, m1 - m0 - r["ks_cpu_s"] - r["cpu_s"]) / wall
-        self.note(f"    {r['ok']} signatures in {r['elapsed_s']:.2f} s, key server cpu "
-                  f"{r['ks_cpu_s']:.2f} s, errors {r['error_kinds']}")
+        self.note(
+            f"    {r['ok']} signatures in {r['elapsed_s']:.2f} s, key server cpu "
+            f"{r['ks_cpu_s']:.2f} s, errors {r['error_kinds']}"
+        )
         m0, t0 = busy_s(), time.monotonic()
-        raw = Proc("p3.rawsign", [PY, str(HERE / "kbench.py"), "rawsign", "--key",
-                                  str(self.pki["site_key"]), "--seconds", str(a.raw_seconds)],
-                   self.out)
+        raw = Proc(
+            "p3.rawsign",
+            [
+                PY,
+                str(HERE / "kbench.py"),
+                "rawsign",
+                "--key",
+                str(self.pki["site_key"]),
+                "--seconds",
+                str(a.raw_seconds),
+            ],
+            self.out,
+        )
         raw.proc.wait(a.raw_seconds + 30)
         raw.stop()
         r["raw"] = json.loads(raw.stdout_path.read_text().splitlines()[-1])
         r["raw"]["other_cores"] = max(0.0, busy_s() - m0 - r["raw"]["cpu_s"] - 0.1) / (
-            time.monotonic() - t0)  # 0.1 s: the interpreter's start
-        self.note(f"    raw cryptography sign(): {r['raw']['n']} in {r['raw']['cpu_s']:.2f} "
-                  "CPU-s")
+            time.monotonic() - t0
+        )  # 0.1 s: the interpreter's start
+        self.note(f"    raw cryptography sign(): {r['raw']['n']} in {r['raw']['cpu_s']:.2f} CPU-s")
         self.r["part3"] = r
 
     # ---------------------------------------------------------------- all
@@ -826,8 +1057,10 @@ class Bench:
     def report(self) -> str:
         a = self.a
         L: list[str] = []
-        env = (f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
-               f"{ssl.OPENSSL_VERSION}, blindfold at {git_rev()}")
+        env = (
+            f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
+            f"{ssl.OPENSSL_VERSION}, blindfold at {git_rev()}"
+        )
         L.append(f"# bench/keyless  ({env})")
         L.append(f"command: {' '.join(a.argv)}")
         L.append("")
@@ -839,13 +1072,19 @@ class Bench:
             p = self.r["part1"]
             e = p["edge"]
             base = us(p["baseline_asyncio"])
-            L.append(f"1. CPU per full TLS 1.3 handshake: N={a.n} per server, {a.procs}x"
-                     f"{a.threads} client threads (blocking ssl) from 127.0.0.1, SNI "
-                     f"{SNI}, ALPN http/1.1,")
-            L.append("   handshake then close_notify both ways, no HTTP request, no "
-                     "resumption (no session reused; one ticket issued by every server)")
-            L.append(f"   {'server (CPU of its processes)':<46} {'ok':>5} {'CPU s':>6} "
-                     f"{'µs/hs':>6} {'ratio':>6} {'client µs/hs':>12} {'other':>5}")
+            L.append(
+                f"1. CPU per full TLS 1.3 handshake: N={a.n} per server, {a.procs}x"
+                f"{a.threads} client threads (blocking ssl) from 127.0.0.1, SNI "
+                f"{SNI}, ALPN http/1.1,"
+            )
+            L.append(
+                "   handshake then close_notify both ways, no HTTP request, no "
+                "resumption (no session reused; one ticket issued by every server)"
+            )
+            L.append(
+                f"   {'server (CPU of its processes)':<46} {'ok':>5} {'CPU s':>6} "
+                f"{'µs/hs':>6} {'ratio':>6} {'client µs/hs':>12} {'other':>5}"
+            )
             rows = [("baseline: asyncio + ssl (OpenSSL)", p["baseline_asyncio"])]
             if "baseline_threads" in p:
                 rows.append(("baseline: threads + ssl (OpenSSL)", p["baseline_threads"]))
@@ -853,94 +1092,142 @@ class Bench:
             if "edge_h2" in p:
                 rows.append(("  same, clients offer h2 (edge sends SETTINGS)", p["edge_h2"]))
             for name, r in rows:
-                L.append(f"   {name:<46} {r['ok']:>5} {r['cpu_s']:>6.2f} {us(r):>6.0f} "
-                         f"{us(r) / base:>5.2f}x {us(r, 'client_cpu_s'):>12.0f} "
-                         f"{r['other_cores']:>5.2f}")
+                L.append(
+                    f"   {name:<46} {r['ok']:>5} {r['cpu_s']:>6.2f} {us(r):>6.0f} "
+                    f"{us(r) / base:>5.2f}x {us(r, 'client_cpu_s'):>12.0f} "
+                    f"{r['other_cores']:>5.2f}"
+                )
             if "core" in p:
                 c = p["core"]
                 ph = "/".join(str(x) for x in c["phases_us"])
-                L.append(f"   {'  of which TlsServer core, no I/O (in-process)':<46} "
-                         f"{c['n']:>5} {'':>6} {c['us']:>6.0f} {c['us'] / base:>5.2f}x  "
-                         f"(hello/flight/finished {ph} µs)")
+                L.append(
+                    f"   {'  of which TlsServer core, no I/O (in-process)':<46} "
+                    f"{c['n']:>5} {'':>6} {c['us']:>6.0f} {c['us'] / base:>5.2f}x  "
+                    f"(hello/flight/finished {ph} µs)"
+                )
             ks_us = e["ks_cpu_s"] / max(1, e["ks_signatures"]) * 1e6
-            L.append(f"   {'key server, per signature (edge run)':<46} "
-                     f"{e['ks_signatures']:>5.0f} {e['ks_cpu_s']:>6.2f} {ks_us:>6.0f}")
+            L.append(
+                f"   {'key server, per signature (edge run)':<46} "
+                f"{e['ks_signatures']:>5.0f} {e['ks_cpu_s']:>6.2f} {ks_us:>6.0f}"
+            )
             ratio = us(e) / base
-            L.append(f"   goal keyless edge <= 1.3x asyncio baseline: {ratio:.2f}x -> "
-                     f"{'MET' if ratio <= 1.3 else 'NOT MET'};  edge + key server: "
-                     f"{(us(e) + ks_us) / base:.2f}x")
+            L.append(
+                f"   goal keyless edge <= 1.3x asyncio baseline: {ratio:.2f}x -> "
+                f"{'MET' if ratio <= 1.3 else 'NOT MET'};  edge + key server: "
+                f"{(us(e) + ks_us) / base:.2f}x"
+            )
             loads = {k: r for k, r in p.items() if "errors" in r}
             errs = {k: r["errors"] for k, r in loads.items() if r["errors"]}
-            L.append(f"   edge counted {e['edge_full_handshakes']:.0f} full handshakes; client "
-                     f"resumptions {sum(r['reused'] for r in loads.values())}; errors "
-                     f"{errs or 0}")
-            L.append("   (the keyless route has sni = example.test and default = true: without "
-                     "SNI, e.g. openssl s_time, a keyless route needs default = true)")
+            L.append(
+                f"   edge counted {e['edge_full_handshakes']:.0f} full handshakes; client "
+                f"resumptions {sum(r['reused'] for r in loads.values())}; errors "
+                f"{errs or 0}"
+            )
+            L.append(
+                "   (the keyless route has sni = example.test and default = true: without "
+                "SNI, e.g. openssl s_time, a keyless route needs default = true)"
+            )
             L.append("")
         if "part2" in self.r:
             p = self.r["part2"]
-            L.append(f"2. Full handshakes/s: {a.concurrency} concurrent clients "
-                     f"({p['sources']} loopback source addresses, spread over the workers), "
-                     f"{a.seconds:g} s, edge workers = {p['workers']}")
-            L.append(f"   {'key server':<24} {'hs/s':>6} {'p50 ms':>7} {'p99 ms':>7} "
-                     f"{'sign ms':>7} {'edge cores':>10} {'hs/edge-CPU-s':>13} "
-                     f"{'client cores':>12} {'other':>5} {'errors':>6}")
+            L.append(
+                f"2. Full handshakes/s: {a.concurrency} concurrent clients "
+                f"({p['sources']} loopback source addresses, spread over the workers), "
+                f"{a.seconds:g} s, edge workers = {p['workers']}"
+            )
+            L.append(
+                f"   {'key server':<24} {'hs/s':>6} {'p50 ms':>7} {'p99 ms':>7} "
+                f"{'sign ms':>7} {'edge cores':>10} {'hs/edge-CPU-s':>13} "
+                f"{'client cores':>12} {'other':>5} {'errors':>6}"
+            )
             for label in ("no_delay", "delay"):
                 if label not in p:
                     continue
                 r = p[label]
-                name = (f"+{r['delay_ms']:g} ms {'each way' if a.delay_both else 'towards it'}"
-                        if r["delay_ms"] else "direct (loopback)")
+                name = (
+                    f"+{r['delay_ms']:g} ms {'each way' if a.delay_both else 'towards it'}"
+                    if r["delay_ms"]
+                    else "direct (loopback)"
+                )
                 cores = r["cpu_s"] / r["measure_wall_s"]
-                L.append(f"   {name:<24} {r['rate']:>6.0f} {r['lat_p50_ms']:>7.1f} "
-                         f"{r['lat_p99_ms']:>7.1f} {r['sign_mean_ms'] or 0:>7.1f} {cores:>10.2f} "
-                         f"{r['ok'] / r['cpu_s']:>13.0f} "
-                         f"{r['client_cpu_s'] / r['elapsed_s']:>12.2f} "
-                         f"{r['other_cores']:>5.2f} {sum(r['errors'].values()):>6}")
+                L.append(
+                    f"   {name:<24} {r['rate']:>6.0f} {r['lat_p50_ms']:>7.1f} "
+                    f"{r['lat_p99_ms']:>7.1f} {r['sign_mean_ms'] or 0:>7.1f} {cores:>10.2f} "
+                    f"{r['ok'] / r['cpu_s']:>13.0f} "
+                    f"{r['client_cpu_s'] / r['elapsed_s']:>12.2f} "
+                    f"{r['other_cores']:>5.2f} {sum(r['errors'].values()):>6}"
+                )
             if "delay" in p:
                 rate = p["delay"]["rate"]
-                L.append(f"   goal >= 700/s with the delay: {rate:.0f}/s -> "
-                         f"{'MET' if rate >= 700 else 'NOT MET'}"
-                         + (f" (delayed / direct = {rate / p['no_delay']['rate']:.2f})"
-                            if "no_delay" in p else ""))
-            L.append(f"   (clients, edge, key server and relay share the {os.cpu_count()} "
-                     "CPUs; p50/p99: client handshake time; sign ms: the edge's mean wait for a "
-                     "signature;")
-            L.append("    hs/edge-CPU-s: handshakes per CPU-second of the edge = what one fully "
-                     "used edge core would do)")
+                L.append(
+                    f"   goal >= 700/s with the delay: {rate:.0f}/s -> "
+                    f"{'MET' if rate >= 700 else 'NOT MET'}"
+                    + (
+                        f" (delayed / direct = {rate / p['no_delay']['rate']:.2f})"
+                        if "no_delay" in p
+                        else ""
+                    )
+                )
+            L.append(
+                f"   (clients, edge, key server and relay share the {os.cpu_count()} "
+                "CPUs; p50/p99: client handshake time; sign ms: the edge's mean wait for a "
+                "signature;"
+            )
+            L.append(
+                "    hs/edge-CPU-s: handshakes per CPU-second of the edge = what one fully "
+                "used edge core would do)"
+            )
             L.append("")
         if "part3" in self.r:
             r = self.r["part3"]
             raw = r["raw"]
             raw_rate = raw["n"] / raw["cpu_s"]
             per_core = r["ks_signatures"] / r["ks_cpu_s"] if r["ks_cpu_s"] else 0.0
-            L.append(f"3. ECDSA P-256 signatures: {a.inflight} requests in flight on one mTLS "
-                     f"connection, {a.sign_seconds:g} s")
+            L.append(
+                f"3. ECDSA P-256 signatures: {a.inflight} requests in flight on one mTLS "
+                f"connection, {a.sign_seconds:g} s"
+            )
             L.append(f"   {'':<46} {'sig/s':>8} {'per core':>9} {'ratio':>6}")
-            L.append(f"   {'raw cryptography sign(), 1 thread (baseline)':<46} "
-                     f"{raw['n'] / raw['wall_s']:>8.0f} {raw_rate:>9.0f} {1:>5.2f}x")
-            L.append(f"   {'key server (authorise, sign, audit log)':<46} "
-                     f"{r['ok'] / r['elapsed_s']:>8.0f} {per_core:>9.0f} "
-                     f"{per_core / raw_rate:>5.2f}x")
-            L.append(f"   key server CPU {r['ks_cpu_s']:.2f} s for {r['ks_signatures']:.0f} "
-                     f"signatures = {r['ks_cpu_s'] / max(1, r['ks_signatures']) * 1e6:.0f} "
-                     f"µs each (raw sign {1e6 / raw_rate:.0f} µs); errors "
-                     f"{r['error_kinds'] or 0}")
-            L.append(f"   goal >= 10,000/s per core: {per_core:.0f} -> "
-                     f"{'MET' if per_core >= 10000 else 'NOT MET'};  other load: "
-                     f"{r['other_cores']:.2f} cores (key server run), "
-                     f"{raw.get('other_cores', 0):.2f} (raw sign run)")
+            L.append(
+                f"   {'raw cryptography sign(), 1 thread (baseline)':<46} "
+                f"{raw['n'] / raw['wall_s']:>8.0f} {raw_rate:>9.0f} {1:>5.2f}x"
+            )
+            L.append(
+                f"   {'key server (authorise, sign, audit log)':<46} "
+                f"{r['ok'] / r['elapsed_s']:>8.0f} {per_core:>9.0f} "
+                f"{per_core / raw_rate:>5.2f}x"
+            )
+            L.append(
+                f"   key server CPU {r['ks_cpu_s']:.2f} s for {r['ks_signatures']:.0f} "
+                f"signatures = {r['ks_cpu_s'] / max(1, r['ks_signatures']) * 1e6:.0f} "
+                f"µs each (raw sign {1e6 / raw_rate:.0f} µs); errors "
+                f"{r['error_kinds'] or 0}"
+            )
+            L.append(
+                f"   goal >= 10,000/s per core: {per_core:.0f} -> "
+                f"{'MET' if per_core >= 10000 else 'NOT MET'};  other load: "
+                f"{r['other_cores']:.2f} cores (key server run), "
+                f"{raw.get('other_cores', 0):.2f} (raw sign run)"
+            )
             L.append("")
-        others = [r.get("other_cores", 0.0) for part in ("part1", "part2")
-                  for r in self.r.get(part, {}).values() if isinstance(r, dict)]
+        others = [
+            r.get("other_cores", 0.0)
+            for part in ("part1", "part2")
+            for r in self.r.get(part, {}).values()
+            if isinstance(r, dict)
+        ]
         if "part3" in self.r:
             others += [self.r["part3"]["other_cores"], self.r["part3"]["raw"]["other_cores"]]
         if others and max(others) > 0.15:
-            L.append(f"WARNING: other processes used up to {max(others):.2f} cores during a "
-                     "measurement ('other' columns): the machine was not quiet, numbers are "
-                     "disturbed.")
-        L.append("'other' = cores busy on the machine beyond the processes this benchmark "
-                 "measured (another workload, or unaccounted kernel work).")
+            L.append(
+                f"WARNING: other processes used up to {max(others):.2f} cores during a "
+                "measurement ('other' columns): the machine was not quiet, numbers are "
+                "disturbed."
+            )
+        L.append(
+            "'other' = cores busy on the machine beyond the processes this benchmark "
+            "measured (another workload, or unaccounted kernel work)."
+        )
         L.append(f"raw outputs: {self.out}")
         return "\n".join(L) + "\n"
 
@@ -959,17 +1246,25 @@ def main(argv: list[str]) -> int:
     r.add_argument("--threads", type=int, default=8, help="part 1: threads per client process")
     r.add_argument("--warmup", type=int, default=100, help="handshakes before each measurement")
     r.add_argument("--no-threaded-baseline", dest="threaded_baseline", action="store_false")
-    r.add_argument("--no-h2-row", dest="h2_row", action="store_false",
-                   help="part 1: skip the extra edge run whose clients offer h2")
-    r.add_argument("--log-connections", action="store_true",
-                   help="keep the edge's per-connection log line (off: measure TLS only)")
+    r.add_argument(
+        "--no-h2-row",
+        dest="h2_row",
+        action="store_false",
+        help="part 1: skip the extra edge run whose clients offer h2",
+    )
+    r.add_argument(
+        "--log-connections",
+        action="store_true",
+        help="keep the edge's per-connection log line (off: measure TLS only)",
+    )
     r.add_argument("--seconds", type=float, default=10.0, help="part 2: load duration")
     r.add_argument("--concurrency", type=int, default=32, help="part 2: concurrent clients")
     r.add_argument("--procs2", type=int, default=4, help="part 2: client processes")
     r.add_argument("--workers", type=int, default=2, help="part 2: edge workers")
     r.add_argument("--delay-ms", type=float, default=20.0, help="part 2: key server delay")
-    r.add_argument("--delay-both", action="store_true",
-                   help="part 2: delay the answers too (RTT = 2x delay)")
+    r.add_argument(
+        "--delay-both", action="store_true", help="part 2: delay the answers too (RTT = 2x delay)"
+    )
     r.add_argument("--inflight", type=int, default=256, help="part 3: requests in flight")
     r.add_argument("--sign-seconds", type=float, default=8.0, help="part 3: load duration")
     r.add_argument("--raw-seconds", type=float, default=3.0, help="part 3: raw sign() loop")
@@ -1045,8 +1340,14 @@ def main(argv: list[str]) -> int:
         b.out, b.r = a.dir, r
         print(b.report(), end="")
         return 0
-    return {"client": client_main, "baseline": baseline_main, "relay": relay_main,
-            "signload": signload_main, "rawsign": rawsign_main, "core": core_main}[a.cmd](a)
+    return {
+        "client": client_main,
+        "baseline": baseline_main,
+        "relay": relay_main,
+        "signload": signload_main,
+        "rawsign": rawsign_main,
+        "core": core_main,
+    }[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,12 @@ import threading
 import time
 
 BODY = b"hello from the python-ssl baseline\n"
-RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: "
-            + str(len(BODY)).encode() + b"\r\nConnection: close\r\n\r\n" + BODY)
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: "
+    + str(len(BODY)).encode()
+    + b"\r\nConnection: close\r\n\r\n"
+    + BODY
+)
 MAX_HEAD = 1 << 20
 TIMEOUT_S = 15.0
 

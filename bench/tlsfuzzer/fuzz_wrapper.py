@@ -40,10 +40,14 @@ def add_sni(name: str) -> None:
     compare = ee._compare_extensions_in_ee
 
     def compare_without_sni_ack(self, srv_exts, cln_hello):  # type: ignore[no-untyped-def]
-        if (self.extensions is not None and ExtensionType.server_name not in self.extensions
-                and srv_exts.extensions):
-            srv_exts.extensions = [e for e in srv_exts.extensions
-                                   if e.extType != ExtensionType.server_name]
+        if (
+            self.extensions is not None
+            and ExtensionType.server_name not in self.extensions
+            and srv_exts.extensions
+        ):
+            srv_exts.extensions = [
+                e for e in srv_exts.extensions if e.extType != ExtensionType.server_name
+            ]
         return compare(self, srv_exts, cln_hello)
 
     ee._compare_extensions_in_ee = compare_without_sni_ack

@@ -37,9 +37,11 @@ from tests.helpers.keyless import KeyServerProcess, keyserver_config, make_pki  
 from tests.helpers.topology import origin_config  # noqa: E402
 
 # key type -> (kpki site name, route SNI patterns, name the origin's certificate has)
-KEY_TYPES = {"ecdsa": ("p256", ["example.test", "*.example.test"], "example.test"),
-             "rsa": ("rsa", ["rsa.test", "*.rsa.test"], "rsa.test")}
-METRIC_RE = re.compile(r'^(blindfold_keyless_(?:fallbacks|handshakes)_total)\{([^}]*)\} (\S+)$')
+KEY_TYPES = {
+    "ecdsa": ("p256", ["example.test", "*.example.test"], "example.test"),
+    "rsa": ("rsa", ["rsa.test", "*.rsa.test"], "rsa.test"),
+}
+METRIC_RE = re.compile(r"^(blindfold_keyless_(?:fallbacks|handshakes)_total)\{([^}]*)\} (\S+)$")
 
 
 @dataclass
@@ -101,37 +103,74 @@ class Topology:
         self._app = DemoApp()
         for key, (site_name, patterns, origin_name) in KEY_TYPES.items():
             cert, keyfile, _fp = kpki.sites[site_name]
-            origin = OriginProcess(origin_config(
-                {"cert": cert, "key": keyfile}, self._app.port, self.workdir,
-                waf={"enabled": False}, decisions={"ban_after_blocks": 1_000_000}),
-                self.workdir, name=f"origin-{key}")
+            origin = OriginProcess(
+                origin_config(
+                    {"cert": cert, "key": keyfile},
+                    self._app.port,
+                    self.workdir,
+                    waf={"enabled": False},
+                    decisions={"ban_after_blocks": 1_000_000},
+                ),
+                self.workdir,
+                name=f"origin-{key}",
+            )
             self._procs.append(origin)
-            text = route(patterns, [f"127.0.0.1:{origin.port}"], mode="keyless",
-                         certificate=str(cert), proxy_protocol="v2", origin_ca=str(cas),
-                         origin_server_name=origin_name, default=True,
-                         keyserver={"addresses": [f"127.0.0.1:{ks.port}"],
-                                    "client_cert": str(kpki.dir / "edge1.pem"),
-                                    "client_key": str(kpki.dir / "edge1.key"),
-                                    "ca": str(kpki.edge_ca), "server_name": "keyserver.test"})
-            edge = EdgeProcess(edge_config(text, per_ip_rate_per_s=0, workers=self.workers,
-                                           per_ip_concurrent=10_000, max_connections=20_000,
-                                           max_hello_bytes=self.max_hello_bytes),
-                               self.workdir, name=f"edge-{key}")
+            text = route(
+                patterns,
+                [f"127.0.0.1:{origin.port}"],
+                mode="keyless",
+                certificate=str(cert),
+                proxy_protocol="v2",
+                origin_ca=str(cas),
+                origin_server_name=origin_name,
+                default=True,
+                keyserver={
+                    "addresses": [f"127.0.0.1:{ks.port}"],
+                    "client_cert": str(kpki.dir / "edge1.pem"),
+                    "client_key": str(kpki.dir / "edge1.key"),
+                    "ca": str(kpki.edge_ca),
+                    "server_name": "keyserver.test",
+                },
+            )
+            edge = EdgeProcess(
+                edge_config(
+                    text,
+                    per_ip_rate_per_s=0,
+                    workers=self.workers,
+                    per_ip_concurrent=10_000,
+                    max_connections=20_000,
+                    max_hello_bytes=self.max_hello_bytes,
+                ),
+                self.workdir,
+                name=f"edge-{key}",
+            )
             self._procs.append(edge)
-            self.targets[f"keyless-{key}"] = Target(f"keyless-{key}", "keyless", key,
-                                                    edge.port, str(edge.admin))
+            self.targets[f"keyless-{key}"] = Target(
+                f"keyless-{key}", "keyless", key, edge.port, str(edge.admin)
+            )
             base = subprocess.Popen(
-                [sys.executable, str(HERE / "baseline.py"), "--cert", str(cert), "--key",
-                 str(keyfile)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                [
+                    sys.executable,
+                    str(HERE / "baseline.py"),
+                    "--cert",
+                    str(cert),
+                    "--key",
+                    str(keyfile),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
             self._baselines.append(base)
             assert base.stdout is not None
             line = base.stdout.readline().decode().split()
             if len(line) != 2 or line[0] != "ready":
                 raise RuntimeError("the python-ssl baseline did not start")
-            self.targets[f"python-ssl-{key}"] = Target(f"python-ssl-{key}", "python-ssl", key,
-                                                       int(line[1]))
-        (self.workdir / "targets.json").write_text(json.dumps(
-            {n: t.__dict__ for n, t in self.targets.items()}, indent=1))
+            self.targets[f"python-ssl-{key}"] = Target(
+                f"python-ssl-{key}", "python-ssl", key, int(line[1])
+            )
+        (self.workdir / "targets.json").write_text(
+            json.dumps({n: t.__dict__ for n, t in self.targets.items()}, indent=1)
+        )
 
     def problems(self) -> list[str]:
         """Tracebacks any blindfold process wrote so far."""
@@ -159,10 +198,10 @@ class Topology:
             self._app.close()
             self._app = None
         for p in self._procs:
-            (self.workdir / f"{p.config_path.stem}.stderr.log").write_text(
-                "".join(p.stderr_lines))
+            (self.workdir / f"{p.config_path.stem}.stderr.log").write_text("".join(p.stderr_lines))
             (self.workdir / f"{p.config_path.stem}.stdout.jsonl").write_text(
-                "".join(json.dumps(r) + "\n" for r in p.lines))
+                "".join(json.dumps(r) + "\n" for r in p.lines)
+            )
 
 
 if __name__ == "__main__":  # start, print the targets, run until Ctrl-C

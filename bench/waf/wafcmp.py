@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Helpers of bench/waf/run.sh (standard library only, runs with the system python3).
 
-  wafcmp.py ports                      free loopback ports: ANCHOR (and ANCHOR+1000) BLINDFOLD ADMIN
-  wafcmp.py wait-http HOST:PORT SECS   wait until something accepts TCP there
-  wafcmp.py wait-ready LOG PID SECS    wait for blindfold's origin_ready line; print its pid
-  wafcmp.py cpu PID                    CPU seconds of PID and its direct children (as bench_http.py)
-  wafcmp.py report [--kit DIR] OUT PL...   the comparison table from run.sh's results directory
+wafcmp.py ports                      free loopback ports: ANCHOR (and ANCHOR+1000) BLINDFOLD ADMIN
+wafcmp.py wait-http HOST:PORT SECS   wait until something accepts TCP there
+wafcmp.py wait-ready LOG PID SECS    wait for blindfold's origin_ready line; print its pid
+wafcmp.py cpu PID                    CPU seconds of PID and its direct children (as bench_http.py)
+wafcmp.py report [--kit DIR] OUT PL...   the comparison table from run.sh's results directory
 """
+
 from __future__ import annotations
 
 import collections
@@ -118,7 +119,8 @@ SUITE_NAMES = {
 }
 BENCH_RE = re.compile(
     r"wall\s+([\d.]+) req/s \| WAF CPU\s+([\d.]+)s for (\d+) req =\s+([\d.]+) req/s per core "
-    r"\(\s*([\d.]+) us CPU/req\) \| non-2xx (\d+) \| avg latency (\S+)")
+    r"\(\s*([\d.]+) us CPU/req\) \| non-2xx (\d+) \| avg latency (\S+)"
+)
 
 
 def _text(path: str) -> str | None:
@@ -163,18 +165,39 @@ def _ftw_rows(res, pl: int) -> list[tuple[str, str, str]]:
         ben = [r for r in rs if r["expect"] == "benign"]
         if att:
             n = sum(r["blocked"] for r in att)
-            rows.append((f"{suite}/att", f"{name}: attacks blocked",
-                         f"{_pct(n, len(att))} ({n}/{len(att)})"))
+            rows.append(
+                (
+                    f"{suite}/att",
+                    f"{name}: attacks blocked",
+                    f"{_pct(n, len(att))} ({n}/{len(att)})",
+                )
+            )
         if suite == "crs" and att:
-            ins = [r for r in att if r.get("rule_pl") and r["rule_pl"] <= pl and r["want_ids"]
-                   and r["want_ids"][0] not in OPTIONAL_RULES]
+            ins = [
+                r
+                for r in att
+                if r.get("rule_pl")
+                and r["rule_pl"] <= pl
+                and r["want_ids"]
+                and r["want_ids"][0] not in OPTIONAL_RULES
+            ]
             n = sum(r["blocked"] for r in ins)
-            rows.append((f"{suite}/ins", f"{name}: attacks whose rule is active at the PL",
-                         f"{_pct(n, len(ins))} ({n}/{len(ins)})"))
+            rows.append(
+                (
+                    f"{suite}/ins",
+                    f"{name}: attacks whose rule is active at the PL",
+                    f"{_pct(n, len(ins))} ({n}/{len(ins)})",
+                )
+            )
         if ben:
             n = sum(r["blocked"] for r in ben)
-            rows.append((f"{suite}/ben", f"{name}: benign blocked (false positives)",
-                         f"{_pct(n, len(ben))} ({n}/{len(ben)})"))
+            rows.append(
+                (
+                    f"{suite}/ben",
+                    f"{name}: benign blocked (false positives)",
+                    f"{_pct(n, len(ben))} ({n}/{len(ben)})",
+                )
+            )
     return rows
 
 
@@ -182,9 +205,15 @@ def _bench(path: str):
     m = BENCH_RE.search(_text(path) or "")
     if not m:
         return None
-    return {"wall": float(m.group(1)), "cpu": float(m.group(2)), "n": int(m.group(3)),
-            "per_core": float(m.group(4)), "us": float(m.group(5)), "non2xx": int(m.group(6)),
-            "lat": m.group(7)}
+    return {
+        "wall": float(m.group(1)),
+        "cpu": float(m.group(2)),
+        "n": int(m.group(3)),
+        "per_core": float(m.group(4)),
+        "us": float(m.group(5)),
+        "non2xx": int(m.group(6)),
+        "lat": m.group(7),
+    }
 
 
 def _standin_us(d: str, script: str, bf) -> float | None:
@@ -201,8 +230,14 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        return "| " + " | ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
+        return (
+            "| "
+            + " | ".join(
+                str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+            + " |"
+        )
 
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep] + [line(r) for r in rows])
@@ -246,17 +281,25 @@ def _origin_log_summary(d: str) -> list[str]:
         kinds: collections.Counter = collections.Counter()
         for e in handler_errors:
             w = by_req.get(e.get("request_id", ""), {})
-            kinds[(e.get("error", "?"), w.get("method", "?"), w.get("result", "no waf event"),
-                   w.get("status", "?"))] += 1
+            kinds[
+                (
+                    e.get("error", "?"),
+                    w.get("method", "?"),
+                    w.get("result", "no waf event"),
+                    w.get("status", "?"),
+                )
+            ] += 1
         for (err, method, result, status), n in kinds.most_common():
-            out.append(f"   handler_error x{n}: {err}  [request: {method}, WAF {result}, "
-                       f"status {status}]")
+            out.append(
+                f"   handler_error x{n}: {err}  [request: {method}, WAF {result}, status {status}]"
+            )
     stdout = os.path.join(d, "origin.stdout")
     text = _text(stdout) or ""
     if text.strip():
         tb = text.count("Traceback (most recent call last)")
-        out.append(f"   stdout/stderr: {len(text.splitlines())} lines, {tb} tracebacks "
-                   f"(see {stdout})")
+        out.append(
+            f"   stdout/stderr: {len(text.splitlines())} lines, {tb} tracebacks (see {stdout})"
+        )
         out += ["     " + ln for ln in text.strip().splitlines()[-6:]]
     else:
         out.append("   stdout/stderr: empty (no tracebacks)")
@@ -280,20 +323,24 @@ def _outcome_diff(ra: list, rb: list) -> list[str]:
             status_only[f"{sa}->{sb}"] += 1
 
     def count(expect: str, blocked_by_nginx: bool) -> int:
-        return sum(1 for r, _, _ in diff
-                   if r["expect"] == expect and r["blocked"] == blocked_by_nginx)
+        return sum(
+            1 for r, _, _ in diff if r["expect"] == expect and r["blocked"] == blocked_by_nginx
+        )
 
-    out.append(f"   cases with a different outcome: {len(diff)} (attacks blocked only by nginx "
-               f"{count('attack', True)}, only by blindfold {count('attack', False)}; benign "
-               f"blocked only by nginx {count('benign', True)}, only by blindfold "
-               f"{count('benign', False)})")
+    out.append(
+        f"   cases with a different outcome: {len(diff)} (attacks blocked only by nginx "
+        f"{count('attack', True)}, only by blindfold {count('attack', False)}; benign "
+        f"blocked only by nginx {count('benign', True)}, only by blindfold "
+        f"{count('benign', False)})"
+    )
     for r, sa, sb in diff:
         out.append(f"     {r['id']:<36} {r['expect']:<7} nginx {sa!s:<18} blindfold {sb}")
     if status_only:
         out.append("   same outcome, different status (nginx->blindfold): " + _counts(status_only))
     for name, res in (("nginx", ra), ("blindfold", rb)):
-        st = collections.Counter(str(r["status"] if r["status"] is not None else r["error"])
-                                 for r in res)
+        st = collections.Counter(
+            str(r["status"] if r["status"] is not None else r["error"]) for r in res
+        )
         out.append(f"   responses {name}: " + _counts(st))
     return out
 
@@ -311,7 +358,8 @@ def _anchor_log_summary(d: str) -> list[str]:
     except OSError:
         return []
     return [f"   nginx error.log ({path}): {len(bad)} emerg/alert/crit lines"] + [
-        "     " + ln for ln in bad[:5]]
+        "     " + ln for ln in bad[:5]
+    ]
 
 
 def cmd_report(args: list[str]) -> None:
@@ -353,33 +401,59 @@ def cmd_report(args: list[str]) -> None:
             b = _bench(os.path.join(d, f"blindfold.{script}.bench.txt"))
             for j, x in ((0, a), (1, b)):
                 if x:
-                    put(f"perf/{script}/pc", f"{name}: req/s per core (req / WAF CPU-s)",
-                        3 * i + j, f"{x['per_core']:.0f}")
-                    put(f"perf/{script}/us", f"{name}: WAF CPU per request (µs)", 3 * i + j,
-                        f"{x['us']:.0f}")
-                    put(f"perf/{script}/wall", f"{name}: wall req/s (WAF CPU-s used / run)",
-                        3 * i + j, f"{x['wall']:.0f} ({x['cpu']:.1f}s)")
+                    put(
+                        f"perf/{script}/pc",
+                        f"{name}: req/s per core (req / WAF CPU-s)",
+                        3 * i + j,
+                        f"{x['per_core']:.0f}",
+                    )
+                    put(
+                        f"perf/{script}/us",
+                        f"{name}: WAF CPU per request (µs)",
+                        3 * i + j,
+                        f"{x['us']:.0f}",
+                    )
+                    put(
+                        f"perf/{script}/wall",
+                        f"{name}: wall req/s (WAF CPU-s used / run)",
+                        3 * i + j,
+                        f"{x['wall']:.0f} ({x['cpu']:.1f}s)",
+                    )
                     put(f"perf/{script}/lat", f"{name}: avg latency", 3 * i + j, x["lat"])
-                    put(f"perf/{script}/err", f"{name}: non-2xx responses", 3 * i + j,
-                        f"{x['non2xx']} / {x['n']}")
+                    put(
+                        f"perf/{script}/err",
+                        f"{name}: non-2xx responses",
+                        3 * i + j,
+                        f"{x['non2xx']} / {x['n']}",
+                    )
             if a and b:
                 for k, f in (("pc", "per_core"), ("wall", "wall"), ("us", "us")):
                     rows[f"perf/{script}/{k}"][3 * i + 2] = _delta(
-                        f"{a[f]:.0f}", f"{b[f]:.0f}", "rel")
+                        f"{a[f]:.0f}", f"{b[f]:.0f}", "rel"
+                    )
             s_us = _standin_us(d, script, b)
             if a and s_us is not None:
                 # the anchor's nginx worker also serves the stand-in origin; blindfold's process
                 # does not (it is a separate process). Remove that share for a like-for-like view.
                 waf_us = a["us"] - s_us
-                put(f"perf/{script}/pc_adj", f"{name}: per core, stand-in origin CPU removed",
-                    3 * i, f"{1e6 / waf_us:.0f}" if waf_us > 0 else "?")
-                put(f"perf/{script}/standin", f"{name}: stand-in origin CPU per request (µs)",
-                    3 * i, f"{s_us:.0f}")
+                put(
+                    f"perf/{script}/pc_adj",
+                    f"{name}: per core, stand-in origin CPU removed",
+                    3 * i,
+                    f"{1e6 / waf_us:.0f}" if waf_us > 0 else "?",
+                )
+                put(
+                    f"perf/{script}/standin",
+                    f"{name}: stand-in origin CPU per request (µs)",
+                    3 * i,
+                    f"{s_us:.0f}",
+                )
                 if b:
                     put(f"perf/{script}/pc_adj", "", 3 * i + 1, f"{b['per_core']:.0f}")
                     if waf_us > 0:
                         rows[f"perf/{script}/pc_adj"][3 * i + 2] = _delta(
-                            f"{1e6 / waf_us:.0f}", f"{b['per_core']:.0f}", "rel")
+                            f"{1e6 / waf_us:.0f}", f"{b['per_core']:.0f}", "rel"
+                        )
         details.append(f"== PL{pl}")
         aff = _text(os.path.join(d, "affinity.txt"))
         if aff:
@@ -392,14 +466,23 @@ def cmd_report(args: list[str]) -> None:
 
     table_rows = [[labels[k], *v] for k, v in rows.items()]
     print()
-    print("WAF side by side: nginx + ModSecurity-nginx + CRS 3.3.4 (reference anchor) vs "
-          "blindfold origin (same libmodsecurity + CRS)")
+    print(
+        "WAF side by side: nginx + ModSecurity-nginx + CRS 3.3.4 (reference anchor) vs "
+        "blindfold origin (same libmodsecurity + CRS)"
+    )
     for line in env.strip().splitlines():
-        if line.startswith(("WAF CPU", "nginx version", "libmodsecurity3", "modsecurity-crs",
-                            "libnginx-mod", "blindfold")):
+        if line.startswith(
+            (
+                "WAF CPU",
+                "nginx version",
+                "libmodsecurity3",
+                "modsecurity-crs",
+                "libnginx-mod",
+                "blindfold",
+            )
+        ):
             print("  " + line)
-    print("  detection/FP: black-box (blocked = non-2xx/3xx or no response); "
-          "Δ = blindfold - nginx")
+    print("  detection/FP: black-box (blocked = non-2xx/3xx or no response); Δ = blindfold - nginx")
     print()
     print(_table(header, table_rows))
     print()

@@ -24,13 +24,16 @@ class Issued:
     chain: tuple[x509.Certificate, ...] = ()
 
     def key_pem(self) -> bytes:
-        return self.key.private_bytes(serialization.Encoding.PEM,
-                                      serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption())
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
 
     def cert_pem(self) -> bytes:
-        return b"".join(c.public_bytes(serialization.Encoding.PEM)
-                        for c in (self.cert, *self.chain))
+        return b"".join(
+            c.public_bytes(serialization.Encoding.PEM) for c in (self.cert, *self.chain)
+        )
 
     def write(self, cert_path: str | Path, key_path: str | Path | None = None) -> None:
         Path(cert_path).write_bytes(self.cert_pem())
@@ -54,8 +57,9 @@ def _hash_for(key: PrivateKey) -> hashes.SHA256 | None:
     return None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
 
 
-def make_ca(common_name: str = "blindfold throwaway CA", kind: KeyType = "ec256",
-            days: int = 30) -> Issued:
+def make_ca(
+    common_name: str = "blindfold throwaway CA", kind: KeyType = "ec256", days: int = 30
+) -> Issued:
     key = new_key(kind)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
@@ -68,19 +72,36 @@ def make_ca(common_name: str = "blindfold throwaway CA", kind: KeyType = "ec256"
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                     encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
-                       critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, _hash_for(key))
     )
     return Issued(key, cert)
 
 
-def issue(ca: Issued, names: list[str], kind: KeyType = "ec256", *, client: bool = False,
-          server: bool = True, days: int = 30, common_name: str | None = None) -> Issued:
+def issue(
+    ca: Issued,
+    names: list[str],
+    kind: KeyType = "ec256",
+    *,
+    client: bool = False,
+    server: bool = True,
+    days: int = 30,
+    common_name: str | None = None,
+) -> Issued:
     """A leaf certificate for DNS names / IP addresses, signed by `ca`."""
     key = new_key(kind)
     now = datetime.datetime.now(datetime.UTC)
@@ -97,8 +118,15 @@ def issue(ca: Issued, names: list[str], kind: KeyType = "ec256", *, client: bool
         usages.append(ExtendedKeyUsageOID.CLIENT_AUTH)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
-                                                    common_name or (names[0] if names else "x"))]))
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(
+                        NameOID.COMMON_NAME, common_name or (names[0] if names else "x")
+                    )
+                ]
+            )
+        )
         .issuer_name(ca.cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -106,8 +134,9 @@ def issue(ca: Issued, names: list[str], kind: KeyType = "ec256", *, client: bool
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-            ca.key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False
+        )
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)

@@ -58,13 +58,15 @@ _ENV = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
 
 def _binary(name: str) -> str | None:
     return shutil.which(name) or next(
-        (p for p in (f"/usr/bin/{name}", f"/usr/sbin/{name}") if Path(p).exists()), None)
+        (p for p in (f"/usr/bin/{name}", f"/usr/sbin/{name}") if Path(p).exists()), None
+    )
 
 
 def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_ENV,
-                              stdin=subprocess.DEVNULL)
+        return subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=_ENV, stdin=subprocess.DEVNULL
+        )
     except subprocess.TimeoutExpired as e:
         raise RuntimeError(f"{cmd[0]} timed out after {timeout}s: {cmd}") from e
 
@@ -99,8 +101,10 @@ def ensure_installed() -> tuple[str, str]:
             _run(["dpkg", "--configure", "crowdsec"], APT_TIMEOUT)
         return crowdsec, cscli
     if not is_root:
-        raise RuntimeError("crowdsec/cscli are missing and installing them needs root "
-                           "(apt-get install -y crowdsec)")
+        raise RuntimeError(
+            "crowdsec/cscli are missing and installing them needs root "
+            "(apt-get install -y crowdsec)"
+        )
     _opt_out_of_capi()
     log = []
     policy = _run(["apt-cache", "policy", "crowdsec"], 60)
@@ -116,8 +120,9 @@ def ensure_installed() -> tuple[str, str]:
         log.append(conf.stdout + conf.stderr)
     crowdsec, cscli = _binary("crowdsec"), _binary("cscli")
     if not (crowdsec and cscli):
-        raise RuntimeError("apt-get install crowdsec did not provide crowdsec and cscli:\n"
-                           + _tail("\n".join(log)))
+        raise RuntimeError(
+            "apt-get install crowdsec did not provide crowdsec and cscli:\n" + _tail("\n".join(log))
+        )
     return crowdsec, cscli
 
 
@@ -214,20 +219,25 @@ prometheus:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [self.crowdsec, "-c", str(self.config), "-no-cs", "-no-capi"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = started + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"crowdsec exited with {self.proc.returncode}:\n"
-                                   + self.log_tail())
+                raise RuntimeError(
+                    f"crowdsec exited with {self.proc.returncode}:\n" + self.log_tail()
+                )
             if self._answers():
                 self.startup_seconds = time.monotonic() - started
                 return
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"crowdsec LAPI did not answer on {self.url} within {timeout}s:\n"
-                           + self.log_tail())
+        raise RuntimeError(
+            f"crowdsec LAPI did not answer on {self.url} within {timeout}s:\n" + self.log_tail()
+        )
 
     def _answers(self) -> bool:
         try:
@@ -247,8 +257,10 @@ prometheus:
     def _cli(self, *args: str) -> str:
         out = _run([self.cscli, "-c", str(self.config), "--color", "no", *args], CLI_TIMEOUT)
         if out.returncode != 0:
-            raise RuntimeError(f"cscli {' '.join(args)} failed ({out.returncode}): "
-                               f"{_tail(out.stderr + out.stdout)}")
+            raise RuntimeError(
+                f"cscli {' '.join(args)} failed ({out.returncode}): "
+                f"{_tail(out.stderr + out.stdout)}"
+            )
         return out.stdout
 
     @staticmethod
@@ -263,11 +275,21 @@ prometheus:
             raise RuntimeError(f"cscli bouncers add {name} printed no key")
         return api_key
 
-    def add_decision(self, ip: str, duration: str = "1m", reason: str = "test",
-                     type: str = "ban") -> None:
+    def add_decision(
+        self, ip: str, duration: str = "1m", reason: str = "test", type: str = "ban"
+    ) -> None:
         """Add a decision for an IP (or a CIDR range, which gets scope "Range")."""
-        self._cli("decisions", "add", *self._target(ip), "--duration", duration,
-                  "--reason", reason, "--type", type)
+        self._cli(
+            "decisions",
+            "add",
+            *self._target(ip),
+            "--duration",
+            duration,
+            "--reason",
+            reason,
+            "--type",
+            type,
+        )
 
     def delete_decision(self, ip: str) -> None:
         """Delete the decisions for an IP (or range): they move to the stream's "deleted"."""
@@ -276,8 +298,9 @@ prometheus:
     def stream(self, api_key: str, *, startup: bool = False) -> dict[str, Any]:
         """GET /v1/decisions/stream as a bouncer would."""
         query = "?startup=true" if startup else ""
-        req = urllib.request.Request(f"{self.url}/v1/decisions/stream{query}",
-                                     headers={"X-Api-Key": api_key})
+        req = urllib.request.Request(
+            f"{self.url}/v1/decisions/stream{query}", headers={"X-Api-Key": api_key}
+        )
         with urllib.request.urlopen(req, timeout=5) as resp:
             data: dict[str, Any] = json.loads(resp.read())
         return data
@@ -308,9 +331,11 @@ if __name__ == "__main__":
         t0 = time.monotonic()
         lapi = CrowdSecLapi(Path(tmp))
         try:
-            print(f"LAPI at {lapi.url}, pid {lapi.proc.pid if lapi.proc else None}, "
-                  f"answered after {lapi.startup_seconds:.2f}s "
-                  f"(ready incl. machine account: {time.monotonic() - t0:.2f}s)")
+            print(
+                f"LAPI at {lapi.url}, pid {lapi.proc.pid if lapi.proc else None}, "
+                f"answered after {lapi.startup_seconds:.2f}s "
+                f"(ready incl. machine account: {time.monotonic() - t0:.2f}s)"
+            )
             key = lapi.add_bouncer("check")
             print("bouncer key:", key)
             print("empty startup:", json.dumps(lapi.stream(key, startup=True)))

@@ -19,8 +19,9 @@ class BlindfoldProcess:
 
     kind = "edge"
 
-    def __init__(self, config_text: str, workdir: Path, *, name: str = "edge",
-                 wrap: list[str] | None = None) -> None:
+    def __init__(
+        self, config_text: str, workdir: Path, *, name: str = "edge", wrap: list[str] | None = None
+    ) -> None:
         """`wrap`: a command prefix (e.g. strace); stop() then signals the process group."""
         self.wrapped = bool(wrap)
         self.workdir = workdir
@@ -30,18 +31,31 @@ class BlindfoldProcess:
         self.stderr_lines: list[str] = []
         self._lock = threading.Lock()
         self.proc = subprocess.Popen(
-            [*(wrap or []), sys.executable, "-m", "blindfold", self.kind, "--config",
-             str(self.config_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-        self._threads = [threading.Thread(target=self._read_out, daemon=True),
-                         threading.Thread(target=self._read_err, daemon=True)]
+            [
+                *(wrap or []),
+                sys.executable,
+                "-m",
+                "blindfold",
+                self.kind,
+                "--config",
+                str(self.config_path),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        self._threads = [
+            threading.Thread(target=self._read_out, daemon=True),
+            threading.Thread(target=self._read_err, daemon=True),
+        ]
         for t in self._threads:
             t.start()
         ready = self.wait_for(lambda r: r.get("event") == f"{self.kind}_ready", timeout=30)
         if ready is None:
             self.stop()
-            raise RuntimeError(f"{self.kind} did not become ready:\n"
-                               + "\n".join(self.stderr_lines))
+            raise RuntimeError(
+                f"{self.kind} did not become ready:\n" + "\n".join(self.stderr_lines)
+            )
         self.ready = ready
         try:
             self.ports = [int(a.rpartition(":")[2]) for a in ready.get("listen") or []]
@@ -87,12 +101,13 @@ class BlindfoldProcess:
         return None
 
     def conn_lines(self, **match: Any) -> list[dict[str, Any]]:
-        return [r for r in self.records("conn")
-                if all(r.get(k) == v for k, v in match.items())]
+        return [r for r in self.records("conn") if all(r.get(k) == v for k, v in match.items())]
 
     def wait_conn(self, timeout: float = 10.0, **match: Any) -> dict[str, Any] | None:
-        return self.wait_for(lambda r: r.get("event") == "conn"
-                             and all(r.get(k) == v for k, v in match.items()), timeout)
+        return self.wait_for(
+            lambda r: r.get("event") == "conn" and all(r.get(k) == v for k, v in match.items()),
+            timeout,
+        )
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://{self.admin}/metrics", timeout=10) as resp:

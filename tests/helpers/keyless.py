@@ -31,16 +31,33 @@ class KeylessPki:
         return ctx
 
     def client(self, name: str, port: int, **kw: float) -> KeyServerClient:
-        return KeyServerClient((f"127.0.0.1:{port}",), self.edge_tls(name),
-                               server_name="keyserver.test", **kw)  # type: ignore[arg-type]
+        return KeyServerClient(
+            (f"127.0.0.1:{port}",),
+            self.edge_tls(name),
+            server_name="keyserver.test",
+            **kw,
+        )
 
 
 def make_pki(base: Path, site_ca: pki.Issued) -> KeylessPki:
     d = base / "keyless"
     fps: dict[str, str] = {}
     assert cli(["pki", "ca", str(d)]) == 0
-    assert cli(["pki", "server", "keyserver", str(d), "--host", "keyserver.test",
-                "--host", "127.0.0.1"]) == 0
+    assert (
+        cli(
+            [
+                "pki",
+                "server",
+                "keyserver",
+                str(d),
+                "--host",
+                "keyserver.test",
+                "--host",
+                "127.0.0.1",
+            ]
+        )
+        == 0
+    )
     for name in ("edge1", "edge2", "rogue"):
         assert cli(["pki", "edge", name, str(d)]) == 0
         cert = (d / f"{name}.pem").read_bytes()
@@ -49,24 +66,35 @@ def make_pki(base: Path, site_ca: pki.Issued) -> KeylessPki:
         fps[name] = pki.fingerprint_sha256(x509.load_pem_x509_certificate(cert))
     site_ca.write(d / "site-ca.pem")
     sites = {}
-    for name, kind, host in (("p256", "ec256", "example.test"), ("p384", "ec384", "p384.test"),
-                             ("rsa", "rsa2048", "rsa.test"), ("ed", "ed25519", "ed.test")):
+    for name, kind, host in (
+        ("p256", "ec256", "example.test"),
+        ("p384", "ec384", "p384.test"),
+        ("rsa", "rsa2048", "rsa.test"),
+        ("ed", "ed25519", "ed.test"),
+    ):
         leaf = pki.issue(site_ca, [host, f"*.{host}"], kind=kind)  # type: ignore[arg-type]
         leaf.write(d / f"site-{name}.pem", d / f"site-{name}.key")
-        sites[name] = (d / f"site-{name}.pem", d / f"site-{name}.key",
-                       pki.fingerprint_sha256(leaf.cert))
+        sites[name] = (
+            d / f"site-{name}.pem",
+            d / f"site-{name}.key",
+            pki.fingerprint_sha256(leaf.cert),
+        )
     return KeylessPki(d, d / "ca.pem", d / "site-ca.pem", sites, fps)
 
 
-def keyserver_config(p: KeylessPki, edges: dict[str, list[str]], *,
-                     rate: tuple[float, int] | None = None,
-                     edge_rates: dict[str, tuple[float, int]] | None = None) -> str:
+def keyserver_config(
+    p: KeylessPki,
+    edges: dict[str, list[str]],
+    *,
+    rate: tuple[float, int] | None = None,
+    edge_rates: dict[str, tuple[float, int]] | None = None,
+) -> str:
     out = f"""[keyserver]
 listen = "127.0.0.1:0"
-cert = "{p.dir / 'keyserver.pem'}"
-key = "{p.dir / 'keyserver.key'}"
+cert = "{p.dir / "keyserver.pem"}"
+key = "{p.dir / "keyserver.key"}"
 client_ca = "{p.edge_ca}"
-audit_log = "{p.dir / 'audit.log'}"
+audit_log = "{p.dir / "audit.log"}"
 admin_listen = "127.0.0.1:0"
 """
     if rate:
@@ -74,8 +102,10 @@ admin_listen = "127.0.0.1:0"
     for name, (cert, key, _fp) in p.sites.items():
         out += f'\n[[keyserver.keys]]\nname = "{name}"\nkey = "{key}"\ncertificate = "{cert}"\n'
     for edge, hosts in edges.items():
-        out += (f'\n[[keyserver.edges]]\nname = "{edge}"\ncert_sha256 = "{p.fingerprints[edge]}"\n'
-                f"hostnames = {hosts!r}\n".replace("'", '"'))
+        out += (
+            f'\n[[keyserver.edges]]\nname = "{edge}"\ncert_sha256 = "{p.fingerprints[edge]}"\n'
+            f"hostnames = {hosts!r}\n".replace("'", '"')
+        )
         if edge_rates and edge in edge_rates:
             r, b = edge_rates[edge]
             out += f"rate_per_s = {r}\nburst = {b}\n"

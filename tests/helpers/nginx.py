@@ -25,9 +25,11 @@ class Nginx:
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         conf = self.dir / "nginx.conf"
-        reply = ("visitor=$proxy_protocol_addr port=$proxy_protocol_port "
-                 "server=$proxy_protocol_server_addr:$proxy_protocol_server_port "
-                 "sni=$ssl_server_name")
+        reply = (
+            "visitor=$proxy_protocol_addr port=$proxy_protocol_port "
+            "server=$proxy_protocol_server_addr:$proxy_protocol_server_port "
+            "sni=$ssl_server_name"
+        )
         user = "user root;" if os.geteuid() == 0 else ""
         conf.write_text(f"""
 {user}
@@ -54,9 +56,12 @@ http {{
     }}
 }}
 """)
-        self.proc = subprocess.Popen([need("nginx"), "-p", str(self.dir), "-c", str(conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [need("nginx"), "-p", str(self.dir), "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -64,7 +69,9 @@ http {{
                 return
             except OSError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"nginx failed: {self.proc.stderr.read()!r}") from None
+                    raise RuntimeError(
+                        f"nginx failed: {self.proc.stderr.read() if self.proc.stderr else b''!r}"
+                    ) from None
                 time.sleep(0.05)
         raise RuntimeError("nginx did not start")
 

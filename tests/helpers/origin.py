@@ -50,8 +50,16 @@ class TlsOrigin:
     """`GET /hello` -> 'hello from origin <name>; visitor <addr>; secret <marker>';
     `GET /bytes?n=N` -> N bytes; `POST /echo` -> the body back."""
 
-    def __init__(self, cert: Path, key: Path, *, name: str = "A", proxy: bool = False,
-                 marker: str = "", host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        cert: Path,
+        key: Path,
+        *,
+        name: str = "A",
+        proxy: bool = False,
+        marker: str = "",
+        host: str = "127.0.0.1",
+    ) -> None:
         self.name = name
         self.proxy = proxy
         self.marker = marker
@@ -136,8 +144,9 @@ class TlsOrigin:
             if target.startswith("/bytes"):
                 n = int(target.split("n=")[1])
                 chunk = b"x" * 65536
-                tls.sendall(conn.send(h11.Response(status_code=200, headers=[
-                    ("content-length", str(n))])))
+                tls.sendall(
+                    conn.send(h11.Response(status_code=200, headers=[("content-length", str(n))]))
+                )
                 left = n
                 while left:
                     part = chunk[: min(left, len(chunk))]
@@ -148,10 +157,20 @@ class TlsOrigin:
                 if target.startswith("/echo"):
                     out = body
                 else:
-                    out = (f"hello from origin {self.name}; visitor {visitor}; "
-                           f"secret {self.marker}\n").encode()
-                tls.sendall(conn.send(h11.Response(status_code=200, headers=[
-                    ("content-length", str(len(out))), ("content-type", "text/plain")])))
+                    out = (
+                        f"hello from origin {self.name}; visitor {visitor}; secret {self.marker}\n"
+                    ).encode()
+                tls.sendall(
+                    conn.send(
+                        h11.Response(
+                            status_code=200,
+                            headers=[
+                                ("content-length", str(len(out))),
+                                ("content-type", "text/plain"),
+                            ],
+                        )
+                    )
+                )
                 tls.sendall(conn.send(h11.Data(data=out)))
                 tls.sendall(conn.send(h11.EndOfMessage()))
             if conn.our_state is h11.MUST_CLOSE:

@@ -7,8 +7,24 @@ import ssl
 import struct
 from collections.abc import Sequence
 
-GREASE = [0x0A0A, 0x1A1A, 0x2A2A, 0x3A3A, 0x4A4A, 0x5A5A, 0x6A6A, 0x7A7A, 0x8A8A, 0x9A9A,
-          0xAAAA, 0xBABA, 0xCACA, 0xDADA, 0xEAEA, 0xFAFA]
+GREASE = [
+    0x0A0A,
+    0x1A1A,
+    0x2A2A,
+    0x3A3A,
+    0x4A4A,
+    0x5A5A,
+    0x6A6A,
+    0x7A7A,
+    0x8A8A,
+    0x9A9A,
+    0xAAAA,
+    0xBABA,
+    0xCACA,
+    0xDADA,
+    0xEAEA,
+    0xFAFA,
+]
 
 
 def u8(n: int) -> bytes:
@@ -82,8 +98,9 @@ def records(message: bytes, sizes: Sequence[int] | None = None, version: int = 0
     return out
 
 
-def simple_hello(sni: bytes | None = b"example.test", alpn: Sequence[bytes] = (b"h2",),
-                 **kw: object) -> bytes:
+def simple_hello(
+    sni: bytes | None = b"example.test", alpn: Sequence[bytes] = (b"h2",), **kw: object
+) -> bytes:
     exts = []
     if sni is not None:
         exts.append(sni_ext(sni))
@@ -94,8 +111,12 @@ def simple_hello(sni: bytes | None = b"example.test", alpn: Sequence[bytes] = (b
     return records(handshake(client_hello_body(extensions=exts, **kw)))  # type: ignore[arg-type]
 
 
-def openssl_hello(server_name: str | None = "example.test", alpn: Sequence[str] = ("h2",),
-                  *, max_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3) -> bytes:
+def openssl_hello(
+    server_name: str | None = "example.test",
+    alpn: Sequence[str] = ("h2",),
+    *,
+    max_version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3,
+) -> bytes:
     """The first flight of a real OpenSSL client (Python ssl), captured from a memory BIO."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False

@@ -19,18 +19,26 @@ from tests.helpers.origin import TlsOrigin
 Start = Callable[..., EdgeProcess]
 
 FAMILIES = [
-    "blindfold_connections_accepted_total", "blindfold_connections_refused_total",
-    "blindfold_connections_closed_total", "blindfold_connections_active",
-    "blindfold_route_connections_active", "blindfold_bytes_relayed_total",
-    "blindfold_origin_up", "blindfold_origin_connections_active",
-    "blindfold_hello_parse_seconds", "blindfold_ja4_connections_total",
-    "blindfold_list_entries", "blindfold_tracked_addresses", "blindfold_workers",
+    "blindfold_connections_accepted_total",
+    "blindfold_connections_refused_total",
+    "blindfold_connections_closed_total",
+    "blindfold_connections_active",
+    "blindfold_route_connections_active",
+    "blindfold_bytes_relayed_total",
+    "blindfold_origin_up",
+    "blindfold_origin_connections_active",
+    "blindfold_hello_parse_seconds",
+    "blindfold_ja4_connections_total",
+    "blindfold_list_entries",
+    "blindfold_tracked_addresses",
+    "blindfold_workers",
 ]
 
 
 def test_metrics_and_health(start_edge: Start, origin: TlsOrigin, site: dict[str, Path]) -> None:
-    edge = start_edge(edge_config(route(["example.test"], [f"127.0.0.1:{origin.port}"],
-                                        name="web")))
+    edge = start_edge(
+        edge_config(route(["example.test"], [f"127.0.0.1:{origin.port}"], name="web"))
+    )
     for i in range(4):
         get(edge.port, "example.test", site["ca"], source=f"127.0.0.{2 + i}")
     text = edge.metrics()
@@ -48,7 +56,8 @@ def test_metrics_and_health(start_edge: Start, origin: TlsOrigin, site: dict[str
     except urllib.error.HTTPError as exc:
         assert exc.code == 404
     # garbage to the admin port: 400 and the server carries on
-    with socket.create_connection(tuple(edge.admin.rsplit(":", 1)), timeout=5) as s:  # type: ignore[arg-type]
+    host, port = edge.admin.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
         s.sendall(b"\x00\x01garbage\r\n\r\n")
         assert s.recv(100).startswith(b"HTTP/1.1 400")
     assert edge.metric("blindfold_connections_active") == 0
@@ -57,8 +66,12 @@ def test_metrics_and_health(start_edge: Start, origin: TlsOrigin, site: dict[str
 def test_edge_exits_2_on_bad_config(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text(edge_config(route(["example.test"], ["127.0.0.1:1"]), hello_timeout_s="x"))
-    out = subprocess.run([sys.executable, "-m", "blindfold", "edge", "--config", str(bad)],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "blindfold", "edge", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.returncode == 2
     assert "edge.hello_timeout_s" in out.stderr and "number" in out.stderr
 
@@ -69,11 +82,16 @@ def test_edge_exits_2_when_the_port_is_taken(tmp_path: Path) -> None:
     holder.listen()
     port = holder.getsockname()[1]
     conf = tmp_path / "c.toml"
-    conf.write_text(edge_config(route(["example.test"], ["127.0.0.1:1"]),
-                                listen=[f"127.0.0.1:{port}"]))
+    conf.write_text(
+        edge_config(route(["example.test"], ["127.0.0.1:1"]), listen=[f"127.0.0.1:{port}"])
+    )
     try:
-        out = subprocess.run([sys.executable, "-m", "blindfold", "edge", "--config", str(conf)],
-                             capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            [sys.executable, "-m", "blindfold", "edge", "--config", str(conf)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     finally:
         holder.close()
     assert out.returncode == 2
@@ -81,11 +99,30 @@ def test_edge_exits_2_when_the_port_is_taken(tmp_path: Path) -> None:
 
 
 def test_demo_self_check() -> None:
-    out = subprocess.run([sys.executable, "-m", "blindfold", "demo", "--self-check",
-                          "--duration", "0.5", "--port", str(free_port()), "--admin-port",
-                          str(free_port())], capture_output=True, text=True, timeout=90)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blindfold",
+            "demo",
+            "--self-check",
+            "--duration",
+            "0.5",
+            "--port",
+            str(free_port()),
+            "--admin-port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
-    for check in ("a page through the edge", "the WAF blocks the SQL injection",
-                  "the edge then refuses the attacker", "another visitor is still served"):
+    for check in (
+        "a page through the edge",
+        "the WAF blocks the SQL injection",
+        "the edge then refuses the attacker",
+        "another visitor is still served",
+    ):
         assert f"self-check: {check}: OK" in out.stdout
     assert "curl --cacert" in out.stdout and "--interface 127.0.0.66" in out.stdout

@@ -25,16 +25,20 @@ CASES = {
     "not_client_hello": b"\x16\x03\x01\x00\x04\x02\x00\x00\x00",
     "malformed_hello": tb.records(tb.handshake(b"\x03\x03" + b"\x00" * 10)),
     "bad_sni": tb.simple_hello(sni="bücher.example.test".encode()),
-    "hello_too_large": tb.records(tb.handshake(tb.client_hello_body(
-        extensions=[tb.sni_ext(b"example.test"), tb.ext(0x0015, b"\x00" * 20000)]))),
+    "hello_too_large": tb.records(
+        tb.handshake(
+            tb.client_hello_body(
+                extensions=[tb.sni_ext(b"example.test"), tb.ext(0x0015, b"\x00" * 20000)]
+            )
+        )
+    ),
     "bad_record": b"\x16\x03\x01\x00\x05\x01\x00\x01\x00\x03" + b"\x17\x03\x03\x00\x01\x00",
 }
 
 
 def send_and_wait_close(port: int, data: bytes, source: str) -> bool:
     """Send `data`, return True once the edge has closed the connection."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5,
-                                  source_address=(source, 0)) as s:
+    with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as s:
         try:
             s.sendall(data)
             while s.recv(4096):
@@ -46,10 +50,16 @@ def send_and_wait_close(port: int, data: bytes, source: str) -> bool:
     return True
 
 
-def test_each_bad_hello_has_its_reason(start_edge: Start, origin: TlsOrigin,
-                                       site: dict[str, Path]) -> None:
-    edge = start_edge(edge_config(route(["example.test"], [f"127.0.0.1:{origin.port}"]),
-                                  max_hello_bytes=16384, per_ip_rate_per_s=0))
+def test_each_bad_hello_has_its_reason(
+    start_edge: Start, origin: TlsOrigin, site: dict[str, Path]
+) -> None:
+    edge = start_edge(
+        edge_config(
+            route(["example.test"], [f"127.0.0.1:{origin.port}"]),
+            max_hello_bytes=16384,
+            per_ip_rate_per_s=0,
+        )
+    )
     stop = threading.Event()
     good: list[bool] = []
 
@@ -64,8 +74,9 @@ def test_each_bad_hello_has_its_reason(start_edge: Start, origin: TlsOrigin,
             for rep in range(3):
                 assert send_and_wait_close(edge.port, data, f"127.0.1.{10 * i + rep + 1}"), reason
         # truncated: half a hello, then the client stops sending
-        with socket.create_connection(("127.0.0.1", edge.port), timeout=5,
-                                      source_address=("127.0.2.1", 0)) as s:
+        with socket.create_connection(
+            ("127.0.0.1", edge.port), timeout=5, source_address=("127.0.2.1", 0)
+        ) as s:
             s.sendall(tb.simple_hello()[:40])
             s.shutdown(socket.SHUT_WR)
             assert s.recv(10) == b""
@@ -74,17 +85,24 @@ def test_each_bad_hello_has_its_reason(start_edge: Start, origin: TlsOrigin,
         t.join(30)
     assert good and all(good)
     for reason in CASES:
-        assert wait_until(lambda r=reason: edge.metric(
-            "blindfold_connections_refused_total", reason=r) == 3, 5), reason
+        assert wait_until(
+            lambda r=reason: edge.metric("blindfold_connections_refused_total", reason=r) == 3, 5
+        ), reason
     assert edge.metric("blindfold_connections_refused_total", reason="hello_eof") == 1
     assert origin.seen.requests == len(good)  # nothing bad reached the origin
     assert not edge.tracebacks()
 
 
-def test_a_peer_that_never_reads_is_bounded(start_edge: Start, origin: TlsOrigin,
-                                            site: dict[str, Path]) -> None:
-    edge = start_edge(edge_config(route(["example.test"], [f"127.0.0.1:{origin.port}"]),
-                                  idle_timeout_s=2, pipe_size_bytes=65536))
+def test_a_peer_that_never_reads_is_bounded(
+    start_edge: Start, origin: TlsOrigin, site: dict[str, Path]
+) -> None:
+    edge = start_edge(
+        edge_config(
+            route(["example.test"], [f"127.0.0.1:{origin.port}"]),
+            idle_timeout_s=2,
+            pipe_size_bytes=65536,
+        )
+    )
     stuck = tls_connect(edge.port, "example.test", site["ca"], source="127.0.0.50")
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.sendall(b"GET /bytes?n=200000000 HTTP/1.1\r\nHost: example.test\r\n\r\n")
@@ -108,17 +126,20 @@ def _rss(edge: EdgeProcess) -> int:
     return total
 
 
-def test_client_that_vanishes_mid_handshake(start_edge: Start, origin: TlsOrigin,
-                                            site: dict[str, Path]) -> None:
+def test_client_that_vanishes_mid_handshake(
+    start_edge: Start, origin: TlsOrigin, site: dict[str, Path]
+) -> None:
     edge = start_edge(edge_config(route(["example.test"], [f"127.0.0.1:{origin.port}"])))
     for i in range(20):
-        raw = socket.create_connection(("127.0.0.1", edge.port), source_address=(
-            f"127.0.3.{i + 1}", 0))
+        raw = socket.create_connection(
+            ("127.0.0.1", edge.port), source_address=(f"127.0.3.{i + 1}", 0)
+        )
         raw.sendall(tb.openssl_hello("example.test"))
         raw.close()  # gone before the ServerHello
     ctx = ssl.create_default_context(cafile=str(site["ca"]))
     for _ in range(3):
-        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", edge.port)),
-                             server_hostname="example.test") as tls:
+        with ctx.wrap_socket(
+            socket.create_connection(("127.0.0.1", edge.port)), server_hostname="example.test"
+        ) as tls:
             assert OK in http_get(tls)
     assert wait_until(lambda: edge.metric("blindfold_connections_active") == 0, 10)

@@ -33,16 +33,24 @@ CDN = "cdn.example.test"
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "blindfold", *args], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "blindfold", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 class Site:
     """A sealed tree, the origin serving it and an edge in front (both routes)."""
 
-    def __init__(self, tmp: Path, ca: pki.Issued, site: dict[str, Path], app_port: int,
-                 start_edge: Callable[..., EdgeProcess],
-                 start_origin: Callable[..., OriginProcess], **blind: Any) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        ca: pki.Issued,
+        site: dict[str, Path],
+        app_port: int,
+        start_edge: Callable[..., EdgeProcess],
+        start_origin: Callable[..., OriginProcess],
+        **blind: Any,
+    ) -> None:
         self.tmp = tmp
         self.marker = "SECRET-PLAINTEXT-" + secrets.token_hex(8)
         src = tmp / "site"
@@ -57,34 +65,53 @@ class Site:
         for path, data in self.files.items():
             (src / path.lstrip("/")).write_bytes(data)
         self.src, self.out = src, tmp / "sealed"
-        seal = _run("seal", str(src), str(self.out), "--signing-key", str(tmp / "manifest.pem"),
-                    "--id-secret", str(tmp / "id-secret"), "--create-keys",
-                    "--record-size", "16384")
+        seal = _run(
+            "seal",
+            str(src),
+            str(self.out),
+            "--signing-key",
+            str(tmp / "manifest.pem"),
+            "--id-secret",
+            str(tmp / "id-secret"),
+            "--create-keys",
+            "--record-size",
+            "16384",
+        )
         assert seal.returncode == 0, seal.stderr
         self.seal_output = seal.stdout
         self.public_key = self.out / "manifest-public.pem"
         cdn = pki.issue(ca, [CDN])
         cdn.write(tmp / "cdn.pem", tmp / "cdn.key")
         signing = Ed25519PrivateKey.generate()
-        (tmp / "responses.pem").write_bytes(signing.private_bytes(
-            Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+        (tmp / "responses.pem").write_bytes(
+            signing.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
+        )
         self.response_key = tmp / "responses.pub.pem"
-        self.response_key.write_bytes(signing.public_key().public_bytes(
-            Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+        self.response_key.write_bytes(
+            signing.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+        )
         text = origin_config(site, app_port, tmp) + (
             f'\n[origin.blind]\ndir = "{self.out}"\nsource_dir = "{src}"\n'
-            f'response_signing_key = "{tmp / "responses.pem"}"\n')
+            f'response_signing_key = "{tmp / "responses.pem"}"\n'
+        )
         self.origin = start_origin(text)
         self.cache = tmp / "edge-cache"
         blind_cfg = {"cache_dir": str(self.cache), **blind}
         if not blind_cfg["cache_dir"]:
             del blind_cfg["cache_dir"]
-        routes = (route(["example.test"], [f"127.0.0.1:{self.origin.port}"],
-                        proxy_protocol="v2")
-                  + route([CDN], [f"127.0.0.1:{self.origin.port}"], mode="blind",
-                          certificate=str(tmp / "cdn.pem"), key=str(tmp / "cdn.key"),
-                          origin_ca=str(site["ca"]), origin_server_name="example.test",
-                          proxy_protocol="v2", blind=blind_cfg))
+        routes = route(
+            ["example.test"], [f"127.0.0.1:{self.origin.port}"], proxy_protocol="v2"
+        ) + route(
+            [CDN],
+            [f"127.0.0.1:{self.origin.port}"],
+            mode="blind",
+            certificate=str(tmp / "cdn.pem"),
+            key=str(tmp / "cdn.key"),
+            origin_ca=str(site["ca"]),
+            origin_server_name="example.test",
+            proxy_protocol="v2",
+            blind=blind_cfg,
+        )
         self.edge = start_edge(edge_config(routes, per_ip_rate_per_s=0))
         self.ca = site["ca"]
         self.site_pin = site["fingerprint"].read_text().strip()
@@ -92,19 +119,39 @@ class Site:
     def fetch(self, path: str, *extra: str) -> tuple[subprocess.CompletedProcess[str], bytes]:
         port = self.edge.port
         out = self.tmp / f"out-{secrets.token_hex(4)}"
-        r = _run("fetch", f"https://example.test:{port}{path}", "--edge",
-                 f"https://{CDN}:{port}", "--manifest-key", str(self.public_key),
-                 "--cacert", str(self.ca),
-                 "--connect-to", f"example.test:{port}:127.0.0.1:{port}",
-                 "--connect-to", f"{CDN}:{port}:127.0.0.1:{port}", "-o", str(out), *extra)
+        r = _run(
+            "fetch",
+            f"https://example.test:{port}{path}",
+            "--edge",
+            f"https://{CDN}:{port}",
+            "--manifest-key",
+            str(self.public_key),
+            "--cacert",
+            str(self.ca),
+            "--connect-to",
+            f"example.test:{port}:127.0.0.1:{port}",
+            "--connect-to",
+            f"{CDN}:{port}:127.0.0.1:{port}",
+            "-o",
+            str(out),
+            *extra,
+        )
         data = out.read_bytes() if out.exists() else b""
         return r, data
 
     def verify(self, *extra: str) -> subprocess.CompletedProcess[str]:
         port = self.edge.port
-        return _run("verify", f"https://example.test:{port}/index.html", "--cacert",
-                    str(self.ca), "--connect-to", f"example.test:{port}:127.0.0.1:{port}",
-                    "--connect-to", f"{CDN}:{port}:127.0.0.1:{port}", *extra)
+        return _run(
+            "verify",
+            f"https://example.test:{port}/index.html",
+            "--cacert",
+            str(self.ca),
+            "--connect-to",
+            f"example.test:{port}:127.0.0.1:{port}",
+            "--connect-to",
+            f"{CDN}:{port}:127.0.0.1:{port}",
+            *extra,
+        )
 
     def ids(self) -> dict[str, str]:
         import json
@@ -116,17 +163,35 @@ class Site:
     def curl_blob(self, path: str, *extra: str) -> subprocess.CompletedProcess[bytes]:
         port = self.edge.port
         return subprocess.run(
-            [need("curl"), "-sS", "--max-time", "20", "--cacert", str(self.ca), "--resolve",
-             f"{CDN}:{port}:127.0.0.1", f"https://{CDN}:{port}{path}", *extra],
-            capture_output=True, timeout=30)
+            [
+                need("curl"),
+                "-sS",
+                "--max-time",
+                "20",
+                "--cacert",
+                str(self.ca),
+                "--resolve",
+                f"{CDN}:{port}:127.0.0.1",
+                f"https://{CDN}:{port}{path}",
+                *extra,
+            ],
+            capture_output=True,
+            timeout=30,
+        )
 
 
 @pytest.fixture
-def blind_site(tmp_path: Path, ca: pki.Issued, site: dict[str, Path], app: Any,
-               start_edge: Callable[..., EdgeProcess],
-               start_origin: Callable[..., OriginProcess]) -> Callable[..., Site]:
+def blind_site(
+    tmp_path: Path,
+    ca: pki.Issued,
+    site: dict[str, Path],
+    app: Any,
+    start_edge: Callable[..., EdgeProcess],
+    start_origin: Callable[..., OriginProcess],
+) -> Callable[..., Site]:
     def make(**blind: Any) -> Site:
         return Site(tmp_path, ca, site, app.port, start_edge, start_origin, **blind)
+
     return make
 
 
@@ -184,7 +249,8 @@ def test_the_edge_holds_no_plaintext(blind_site: Callable[..., Site]) -> None:
 
 
 def test_a_blob_altered_at_the_edge_is_detected_and_fetched_from_the_origin(
-        blind_site: Callable[..., Site]) -> None:
+    blind_site: Callable[..., Site],
+) -> None:
     s = blind_site(memory_cache_bytes=0)  # disk only: the altered file is what is served
     path = "/img/photo.bin"
     r, got = s.fetch(path)
@@ -211,7 +277,7 @@ def test_a_truncated_blob_at_the_edge_is_detected(blind_site: Callable[..., Site
     assert s.fetch(path)[0].returncode == 0
     [cached] = [p for p in s.cache.rglob(s.ids()[path])]
     data = cached.read_bytes()
-    cached.write_bytes(data[:16384 * 3 + 21])  # whole records, the last one missing
+    cached.write_bytes(data[: 16384 * 3 + 21])  # whole records, the last one missing
     r, got = s.fetch(path, "--no-fallback")
     assert r.returncode == 1 and got == b""
     assert "truncated" in r.stderr or "digest" in r.stderr, r.stderr
@@ -219,9 +285,16 @@ def test_a_truncated_blob_at_the_edge_is_detected(blind_site: Callable[..., Site
 
 def test_wrong_manifest_key_is_refused(blind_site: Callable[..., Site], tmp_path: Path) -> None:
     s = blind_site()
-    other = _run("seal", str(s.src), str(tmp_path / "other"), "--signing-key",
-                 str(tmp_path / "other.pem"), "--id-secret", str(tmp_path / "other-secret"),
-                 "--create-keys")
+    other = _run(
+        "seal",
+        str(s.src),
+        str(tmp_path / "other"),
+        "--signing-key",
+        str(tmp_path / "other.pem"),
+        "--id-secret",
+        str(tmp_path / "other-secret"),
+        "--create-keys",
+    )
     assert other.returncode == 0
     s.public_key = tmp_path / "other" / "manifest-public.pem"
     r, got = s.fetch("/index.html")
@@ -232,25 +305,52 @@ def test_wrong_manifest_key_is_refused(blind_site: Callable[..., Site], tmp_path
 def test_blind_route_answers_bad_requests(blind_site: Callable[..., Site]) -> None:
     s = blind_site()
     codes = {}
-    for name, args in {"bad id": ("/b/xyz",), "other path": ("/index.html",),
-                       "unknown blob": ("/b/" + "0" * 32,),
-                       "post": ("/b/" + "1" * 32, "-X", "POST"),
-                       "post with a body": ("/b/" + "1" * 32, "-d", "x")}.items():
+    for name, args in {
+        "bad id": ("/b/xyz",),
+        "other path": ("/index.html",),
+        "unknown blob": ("/b/" + "0" * 32,),
+        "post": ("/b/" + "1" * 32, "-X", "POST"),
+        "post with a body": ("/b/" + "1" * 32, "-d", "x"),
+    }.items():
         got = s.curl_blob(args[0], *args[1:], "-o", "/dev/null", "-w", "%{http_code}")
         codes[name] = got.stdout.decode()
-    assert codes == {"bad id": "404", "other path": "404", "unknown blob": "404",
-                     "post": "405", "post with a body": "413"}
+    assert codes == {
+        "bad id": "404",
+        "other path": "404",
+        "unknown blob": "404",
+        "post": "405",
+        "post with a body": "413",
+    }
     # The origin serves pages from the source tree, never its dotfiles.
     (s.src / ".env").write_text("DB_PASSWORD=hunter2\n")
     port = s.edge.port
     got = subprocess.run(
-        [need("curl"), "-sS", "--cacert", str(s.ca), "--resolve",
-         f"example.test:{port}:127.0.0.1", f"https://example.test:{port}/.env",
-         f"https://example.test:{port}/js/../.env"], capture_output=True, timeout=30)
+        [
+            need("curl"),
+            "-sS",
+            "--cacert",
+            str(s.ca),
+            "--resolve",
+            f"example.test:{port}:127.0.0.1",
+            f"https://example.test:{port}/.env",
+            f"https://example.test:{port}/js/../.env",
+        ],
+        capture_output=True,
+        timeout=30,
+    )
     assert got.returncode == 0 and b"hunter2" not in got.stdout
     # A preflight from a page's service worker gets CORS headers.
-    got = s.curl_blob("/b/" + "0" * 32, "-X", "OPTIONS", "-H", "Origin: https://example.test",
-                      "-D", "-", "-o", "/dev/null")
+    got = s.curl_blob(
+        "/b/" + "0" * 32,
+        "-X",
+        "OPTIONS",
+        "-H",
+        "Origin: https://example.test",
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+    )
     assert b"access-control-allow-origin: *" in got.stdout.lower()
 
 
@@ -258,34 +358,63 @@ def test_reseal_keeps_unchanged_ids(blind_site: Callable[..., Site]) -> None:
     s = blind_site()
     before = s.ids()
     (s.src / "js" / "app.js").write_bytes(b"console.log('changed');\n")
-    r = _run("seal", str(s.src), str(s.out), "--signing-key", str(s.tmp / "manifest.pem"),
-             "--id-secret", str(s.tmp / "id-secret"), "--record-size", "16384")
+    r = _run(
+        "seal",
+        str(s.src),
+        str(s.out),
+        "--signing-key",
+        str(s.tmp / "manifest.pem"),
+        "--id-secret",
+        str(s.tmp / "id-secret"),
+        "--record-size",
+        "16384",
+    )
     assert r.returncode == 0 and "1 sealed, 3 unchanged" in r.stdout, r.stdout
     after = s.ids()
-    assert {p for p in before if before[p] == after[p]} == {"/index.html", "/img/photo.bin",
-                                                            "/big.bin"}
+    assert {p for p in before if before[p] == after[p]} == {
+        "/index.html",
+        "/img/photo.bin",
+        "/big.bin",
+    }
     r, got = s.fetch("/js/app.js")
     assert r.returncode == 0 and got == b"console.log('changed');\n"
 
 
 def test_verify_checks_certificate_signature_manifest_and_blobs(
-        blind_site: Callable[..., Site]) -> None:
+    blind_site: Callable[..., Site],
+) -> None:
     s = blind_site(memory_cache_bytes=0)
-    full = ("--pin", s.site_pin, "--signature-key", str(s.response_key), "--manifest-key",
-            str(s.public_key), "--edge", f"https://{CDN}:{s.edge.port}")
+    full = (
+        "--pin",
+        s.site_pin,
+        "--signature-key",
+        str(s.response_key),
+        "--manifest-key",
+        str(s.public_key),
+        "--edge",
+        f"https://{CDN}:{s.edge.port}",
+    )
     r = s.verify(*full)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == [
-        "ok   fetch", "ok   certificate", "ok   signature", "ok   manifest", "ok   blobs"], lines
+        "ok   fetch",
+        "ok   certificate",
+        "ok   signature",
+        "ok   manifest",
+        "ok   blobs",
+    ], lines
     assert "4 blobs from the edge match the manifest" in r.stdout
     # Through the passthrough route the certificate is the origin's own: another pin fails.
     r = s.verify("--pin", "ab" * 32)
     assert r.returncode == 1 and "FAIL certificate" in r.stdout
     # Another key did not sign the responses.
     other = s.tmp / "other.pub.pem"
-    other.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(
-        Encoding.PEM, PublicFormat.SubjectPublicKeyInfo))
+    other.write_bytes(
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    )
     r = s.verify("--signature-key", str(other))
     assert r.returncode == 1 and "FAIL signature" in r.stdout
     # A blob altered in the edge's cache is found.
@@ -299,7 +428,8 @@ def test_verify_checks_certificate_signature_manifest_and_blobs(
 
 
 def test_one_pull_serves_every_visitor_and_survives_one_leaving(
-        blind_site: Callable[..., Site]) -> None:
+    blind_site: Callable[..., Site],
+) -> None:
     s = blind_site()
     blob = s.ids()["/big.bin"]
     size = len((s.out / "blobs" / blob).read_bytes())
@@ -307,9 +437,11 @@ def test_one_pull_serves_every_visitor_and_survives_one_leaving(
     url = f"https://{CDN}:{port}/b/{blob}"
     base = [need("curl"), "-sS", "--cacert", str(s.ca), "--resolve", f"{CDN}:{port}:127.0.0.1"]
     # A visitor who leaves early (reads slowly, gives up after 1 s) starts the pull...
-    quitter = subprocess.Popen([*base, "--limit-rate", "200k", "--max-time", "1", "-o",
-                                "/dev/null", url], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE)
+    quitter = subprocess.Popen(
+        [*base, "--limit-rate", "200k", "--max-time", "1", "-o", "/dev/null", url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     # ...a HEAD meanwhile answers as soon as the length is known...
     head = subprocess.run([*base, "-I", url], capture_output=True, text=True, timeout=30)
     assert head.returncode == 0 and f"content-length: {size}" in head.stdout.lower()
@@ -327,14 +459,17 @@ def test_one_pull_serves_every_visitor_and_survives_one_leaving(
     # One worker pulls each blob once whoever asks (the BPF steering sends one client address
     # to one worker, and all these come from 127.0.0.1).
     assert _origin_bytes(s.origin, "blob") == size
-    got = subprocess.run([*base, "-o", str(s.tmp / "again"), "-w", "%{http_code}", url],
-                         capture_output=True, text=True, timeout=30)
+    got = subprocess.run(
+        [*base, "-o", str(s.tmp / "again"), "-w", "%{http_code}", url],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert got.stdout == "200" and (s.tmp / "again").read_bytes() == want
     assert _edge_count(s, "hit_memory") + _edge_count(s, "hit_disk") >= 1
 
 
-def test_blobs_the_cache_cannot_keep_are_streamed_through(
-        blind_site: Callable[..., Site]) -> None:
+def test_blobs_the_cache_cannot_keep_are_streamed_through(blind_site: Callable[..., Site]) -> None:
     s = blind_site(cache_dir="", memory_max_object_bytes=1 << 20)  # memory only, 1 MiB max
     for _ in range(2):
         r, got = s.fetch("/big.bin")  # ~4.8 MB: too big for the memory tier, no disk tier

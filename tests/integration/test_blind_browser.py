@@ -94,17 +94,26 @@ def _png(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         body = kind + data
         return struct.pack("!I", len(data)) + body + struct.pack("!I", zlib.crc32(body))
-    raw = b"".join(b"\x00" + bytes((x * 7) % 256 for x in range(width * 3))
-                   for _ in range(height))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack("!IIBBBBB", width, height, 8, 2,
-                                                              0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+    raw = b"".join(b"\x00" + bytes((x * 7) % 256 for x in range(width * 3)) for _ in range(height))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack("!IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 class BrowserSite:
-    def __init__(self, tmp: Path, ca: pki.Issued, site: dict[str, Path], app_port: int,
-                 start_edge: Callable[..., EdgeProcess],
-                 start_origin: Callable[..., OriginProcess]) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        ca: pki.Issued,
+        site: dict[str, Path],
+        app_port: int,
+        start_edge: Callable[..., EdgeProcess],
+        start_origin: Callable[..., OriginProcess],
+    ) -> None:
         self.tmp = tmp
         src = tmp / "site"
         (src / "js").mkdir(parents=True)
@@ -131,56 +140,96 @@ class BrowserSite:
         (src / "js" / "plain.js").write_text("window.PLAIN_OK = 'ran';\n")
         self.checked = checked
         out = tmp / "sealed"
-        seal = _run("seal", str(src), str(out), "--signing-key", str(tmp / "manifest.pem"),
-                    "--id-secret", str(tmp / "id-secret"), "--create-keys", "--skip", "*.html",
-                    "--skip", "plain.js", "--sri", "/js/sri.js", "--sri", "*.css")
+        seal = _run(
+            "seal",
+            str(src),
+            str(out),
+            "--signing-key",
+            str(tmp / "manifest.pem"),
+            "--id-secret",
+            str(tmp / "id-secret"),
+            "--create-keys",
+            "--skip",
+            "*.html",
+            "--skip",
+            "plain.js",
+            "--sri",
+            "/js/sri.js",
+            "--sri",
+            "*.css",
+        )
         assert seal.returncode == 0, seal.stderr
-        self.ids = {p: e["id"] for p, e in json.loads(json.loads(
-            (out / "manifest.json").read_text())["payload"])["files"].items()}
+        self.ids = {
+            p: e["id"]
+            for p, e in json.loads(json.loads((out / "manifest.json").read_text())["payload"])[
+                "files"
+            ].items()
+        }
         assert "/index.html" not in self.ids
         sri = json.loads((out / "sri.json").read_text())["files"]
         self.public = {p: e["url_path"].rpartition("/")[2] for p, e in sri.items()}
         assert set(self.public) == {"/js/sri.js", "/css/site.css"}
         cdn = pki.issue(ca, [CDN])
         cdn.write(tmp / "cdn.pem", tmp / "cdn.key")
-        self.origin = start_origin(origin_config(site, app_port, tmp) + (
-            f'\n[origin.blind]\ndir = "{out}"\nsource_dir = "{src}"\n'
-            f'edge_url = "https://{CDN}:EDGEPORT"\nrewrite_html = true\n').replace(
-                "EDGEPORT", "0"))
+        self.origin = start_origin(
+            origin_config(site, app_port, tmp)
+            + (
+                f'\n[origin.blind]\ndir = "{out}"\nsource_dir = "{src}"\n'
+                f'edge_url = "https://{CDN}:EDGEPORT"\nrewrite_html = true\n'
+            ).replace("EDGEPORT", "0")
+        )
         # The edge port is known only once it runs: restart the origin with it (SIGHUP would
         # do too; a fresh process keeps this test simple).
         self.cache = tmp / "edge-cache"
-        routes = (route(["example.test"], [f"127.0.0.1:{self.origin.port}"],
-                        proxy_protocol="v2")
-                  + route([CDN], [f"127.0.0.1:{self.origin.port}"], mode="blind",
-                          certificate=str(tmp / "cdn.pem"), key=str(tmp / "cdn.key"),
-                          origin_ca=str(site["ca"]), origin_server_name="example.test",
-                          proxy_protocol="v2",
-                          blind={"cache_dir": str(self.cache), "memory_cache_bytes": 0}))
+        routes = route(
+            ["example.test"], [f"127.0.0.1:{self.origin.port}"], proxy_protocol="v2"
+        ) + route(
+            [CDN],
+            [f"127.0.0.1:{self.origin.port}"],
+            mode="blind",
+            certificate=str(tmp / "cdn.pem"),
+            key=str(tmp / "cdn.key"),
+            origin_ca=str(site["ca"]),
+            origin_server_name="example.test",
+            proxy_protocol="v2",
+            blind={"cache_dir": str(self.cache), "memory_cache_bytes": 0},
+        )
         self.edge = start_edge(edge_config(routes, per_ip_rate_per_s=0))
-        text = self.origin.config_path.read_text().replace(
-            f"{CDN}:0", f"{CDN}:{self.edge.port}")
+        text = self.origin.config_path.read_text().replace(f"{CDN}:0", f"{CDN}:{self.edge.port}")
         self.origin.write_config(text)
         assert self.origin.reload() is not None
         self.ca = site["ca"]
         self.pins = ",".join(spki_pin(p) for p in (site["cert"], tmp / "cdn.pem"))
 
-    def browse(self, name: str, page: str = "/",
-               done_paths: tuple[str, ...] = ("page-done", "page-error")) -> dict[str, str]:
+    def browse(
+        self, name: str, page: str = "/", done_paths: tuple[str, ...] = ("page-done", "page-error")
+    ) -> dict[str, str]:
         """Load the page in a fresh Chromium profile; the page reports each file's digest,
         size and source to the origin's report endpoint, which logs it."""
         browser = shutil.which("chromium") or need("chromium")
         seen = len(self.origin.records("blind_client_report"))
         proc = subprocess.Popen(
-            [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             f"--user-data-dir={self.tmp / ('profile-' + name)}",
-             f"--host-resolver-rules=MAP example.test 127.0.0.1, MAP {CDN} 127.0.0.1",
-             f"--ignore-certificate-errors-spki-list={self.pins}",
-             f"https://example.test:{self.edge.port}{page}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+            [
+                browser,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                f"--user-data-dir={self.tmp / ('profile-' + name)}",
+                f"--host-resolver-rules=MAP example.test 127.0.0.1, MAP {CDN} 127.0.0.1",
+                f"--ignore-certificate-errors-spki-list={self.pins}",
+                f"https://example.test:{self.edge.port}{page}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+
         def finished() -> bool:
-            return any(r.get("path") in done_paths
-                       for r in self.origin.records("blind_client_report")[seen:])
+            return any(
+                r.get("path") in done_paths
+                for r in self.origin.records("blind_client_report")[seen:]
+            )
 
         try:
             done = wait_until(finished, timeout=120, interval=0.2)
@@ -196,20 +245,28 @@ class BrowserSite:
         return f"{hashlib.sha256(data).hexdigest()}:{len(data)}"
 
     def origin_bytes(self) -> float:
-        return sum(self.origin.metric("blindfold_origin_blind_bytes_total", kind=k)
-                   for k in ("manifest", "page", "plaintext", "blob"))
+        return sum(
+            self.origin.metric("blindfold_origin_blind_bytes_total", kind=k)
+            for k in ("manifest", "page", "plaintext", "blob")
+        )
 
 
 @pytest.fixture
-def browser_site(tmp_path: Path, ca: pki.Issued, site: dict[str, Path], app: Any,
-                 start_edge: Callable[..., EdgeProcess],
-                 start_origin: Callable[..., OriginProcess]) -> BrowserSite:
+def browser_site(
+    tmp_path: Path,
+    ca: pki.Issued,
+    site: dict[str, Path],
+    app: Any,
+    start_edge: Callable[..., EdgeProcess],
+    start_origin: Callable[..., OriginProcess],
+) -> BrowserSite:
     return BrowserSite(tmp_path, ca, site, app.port, start_edge, start_origin)
 
 
 @pytest.mark.timeout(400)
 def test_chromium_service_worker_serves_sealed_files_from_the_edge(
-        browser_site: BrowserSite) -> None:
+    browser_site: BrowserSite,
+) -> None:
     s = browser_site
     first = s.browse("cold")
     assert first.get("page-done") == "app-ok:37x23", first
@@ -250,12 +307,16 @@ def test_chromium_detects_altered_blobs_and_uses_the_origin(browser_site: Browse
         assert got[path].startswith(s.expected(path) + ":"), (path, got)
     assert got["/data/small.bin"].endswith(":origin")  # checked before any byte was released
     # ...and both failures were detected and reported by the service worker.
-    errors = [r for r in s.origin.records("blind_client_report")
-              if r.get("id") in (s.ids["/data/small.bin"], s.ids["/data/big.bin"])]
+    errors = [
+        r
+        for r in s.origin.records("blind_client_report")
+        if r.get("id") in (s.ids["/data/small.bin"], s.ids["/data/big.bin"])
+    ]
     assert {r["id"] for r in errors} == {s.ids["/data/small.bin"], s.ids["/data/big.bin"]}
     assert any("digest" in r["error"] for r in errors if r["id"] == s.ids["/data/small.bin"])
-    assert any("does not authenticate" in r["error"] for r in errors
-               if r["id"] == s.ids["/data/big.bin"])
+    assert any(
+        "does not authenticate" in r["error"] for r in errors if r["id"] == s.ids["/data/big.bin"]
+    )
     # The big file's remainder came from the origin with a Range request, not all of it.
     refetched = s.origin.metric("blindfold_origin_blind_bytes_total", kind="plaintext") - before
     assert len(s.files["/data/small.bin"]) < refetched < len(s.files["/data/small.bin"]) + BIG / 2
@@ -271,16 +332,31 @@ def test_chromium_subresource_integrity_from_the_edge(browser_site: BrowserSite)
     served = s.edge.metric("blindfold_blind_requests_total", route="route1", result="miss")
     assert served >= 2
     page = subprocess.run(
-        [need("curl"), "-sS", "-D", "-", "--cacert", str(s.ca), "--resolve",
-         f"example.test:{s.edge.port}:127.0.0.1", f"https://example.test:{s.edge.port}/sri.html"],
-        capture_output=True, text=True, timeout=30).stdout
+        [
+            need("curl"),
+            "-sS",
+            "-D",
+            "-",
+            "--cacert",
+            str(s.ca),
+            "--resolve",
+            f"example.test:{s.edge.port}:127.0.0.1",
+            f"https://example.test:{s.edge.port}/sri.html",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
     assert "integrity-policy: blocked-destinations=(script)" in page.lower()
     assert f'src="https://{CDN}:{s.edge.port}/p/{s.public["/js/sri.js"]}"' in page
     assert 'integrity="sha384-' in page and 'crossorigin="anonymous"' in page
     # Altered at the edge: Chromium refuses both.
     for path in ("/js/sri.js", "/css/site.css"):
         [cached] = list(s.cache.rglob(s.public[path]))
-        cached.write_bytes(cached.read_bytes().replace(b"sri-ok", b"EVIL!!").replace(
-            b"rgb(1, 2, 3)", b"rgb(9, 9, 9)"))
+        cached.write_bytes(
+            cached.read_bytes()
+            .replace(b"sri-ok", b"EVIL!!")
+            .replace(b"rgb(1, 2, 3)", b"rgb(9, 9, 9)")
+        )
     got = s.browse("sri-altered", "/sri.html", ("sri-done",))
     assert got["sri-done"] == "undefined:undefined:rgb(0, 0, 0)", got

@@ -34,14 +34,28 @@ def recorded_bytes(trace: Path) -> bytes:
     return bytes(out)
 
 
-def test_no_plaintext_passes_through_the_edge(start_edge: Start, origin: TlsOrigin,
-                                              site: dict[str, Path], marker: str,
-                                              tmp_path: Path) -> None:
-    edge = start_edge(edge_config(route(["example.test"], [f"127.0.0.1:{origin.port}"],
-                                        proxy_protocol="none"), relay="copy"))
+def test_no_plaintext_passes_through_the_edge(
+    start_edge: Start, origin: TlsOrigin, site: dict[str, Path], marker: str, tmp_path: Path
+) -> None:
+    edge = start_edge(
+        edge_config(
+            route(["example.test"], [f"127.0.0.1:{origin.port}"], proxy_protocol="none"),
+            relay="copy",
+        )
+    )
     trace = tmp_path / "edge.strace"
-    cmd = [need("strace"), "-f", "-qq", "-xx", "-s", "100000000", "-o", str(trace),
-           "-e", "trace=read,write,readv,writev,recvfrom,sendto,recvmsg,sendmsg,splice"]
+    cmd = [
+        need("strace"),
+        "-f",
+        "-qq",
+        "-xx",
+        "-s",
+        "100000000",
+        "-o",
+        str(trace),
+        "-e",
+        "trace=read,write,readv,writev,recvfrom,sendto,recvmsg,sendmsg,splice",
+    ]
     for pid in edge.worker_pids():
         cmd += ["-p", str(pid)]
     tracer = subprocess.Popen(cmd, stderr=subprocess.PIPE)

@@ -25,9 +25,23 @@ SQLI = "/?id=1%27%20OR%201=1--"
 @pytest.fixture
 def redis_url(tmp_path: Path) -> Iterator[str]:
     port = free_port()
-    proc = subprocess.Popen([need("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            need("redis-server"),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
@@ -46,20 +60,36 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
 
 
 def code(edge: EdgeProcess, site: dict[str, Path], path: str, source: str) -> int:
-    out = curl(edge.port, "example.test", site["ca"], "-o", "/dev/null", "-w", "%{http_code}",
-               source=source, path=path)
+    out = curl(
+        edge.port,
+        "example.test",
+        site["ca"],
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        source=source,
+        path=path,
+    )
     return int(out.stdout or 0)
 
 
 def test_two_edges_share_bans_and_rates_through_redis(
-        start_edge: Any, start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path,
-        redis_url: str) -> None:
-    origin = start_origin(origin_config(site, app.port, tmp_path,
-                                        decisions={"redis_url": redis_url}))
+    start_edge: Any,
+    start_origin: Any,
+    app: Any,
+    site: dict[str, Path],
+    tmp_path: Path,
+    redis_url: str,
+) -> None:
+    origin = start_origin(
+        origin_config(site, app.port, tmp_path, decisions={"redis_url": redis_url})
+    )
     r = route(["example.test"], [f"127.0.0.1:{origin.port}"], proxy_protocol="v2")
     dec = f'[edge.decisions]\nredis_url = "{redis_url}"\n'
-    edges = [start_edge(edge_config(r, per_ip_rate_per_s=0.1, per_ip_burst=12) + dec)
-             for _ in range(2)]
+    edges = [
+        start_edge(edge_config(r, per_ip_rate_per_s=0.1, per_ip_burst=12) + dec) for _ in range(2)
+    ]
     for e in edges:
         assert e.wait_for(lambda rec: rec.get("event") == "decisions_source_up", 10)
     a, b = edges
@@ -86,8 +116,9 @@ def test_two_edges_share_bans_and_rates_through_redis(
     assert any(r.get("event") == "shared_rate_exceeded" for e in (a, b) for r in e.records())
 
 
-def test_real_crowdsec_lapi(start_edge: Any, origin: TlsOrigin, site: dict[str, Path],
-                            tmp_path: Path) -> None:
+def test_real_crowdsec_lapi(
+    start_edge: Any, origin: TlsOrigin, site: dict[str, Path], tmp_path: Path
+) -> None:
     from tests.helpers.crowdsec import CrowdSecLapi
 
     lapi = CrowdSecLapi(tmp_path / "crowdsec")
@@ -96,8 +127,10 @@ def test_real_crowdsec_lapi(start_edge: Any, origin: TlsOrigin, site: dict[str, 
         keyfile = tmp_path / "cs.key"
         keyfile.write_text(key)
         text = edge_config(route(["example.test"], [f"127.0.0.1:{origin.port}"]))
-        text += (f'[edge.decisions]\nurl = "{lapi.url}"\napi_key_file = "{keyfile}"\n'
-                 "poll_interval_s = 0.5\n")
+        text += (
+            f'[edge.decisions]\nurl = "{lapi.url}"\napi_key_file = "{keyfile}"\n'
+            "poll_interval_s = 0.5\n"
+        )
         edge = start_edge(text)
         assert edge.wait_for(lambda r: r.get("event") == "decisions_source_up", 10)
         assert code(edge, site, "/hello", "127.0.0.7") == 200

@@ -31,12 +31,14 @@ def refused(port: int, ca: Path, source: str) -> bool:
     return False
 
 
-def test_blocklist_file_reloads_on_change(start_edge: Start, origin: TlsOrigin,
-                                          site: dict[str, Path], tmp_path: Path) -> None:
+def test_blocklist_file_reloads_on_change(
+    start_edge: Start, origin: TlsOrigin, site: dict[str, Path], tmp_path: Path
+) -> None:
     drop = tmp_path / "drop.txt"
     drop.write_text("; a DROP-style list\n127.0.0.3/32 ; SBL1\n2001:db8::/32\n")
-    edge = start_edge(edge_config(routes(origin), blocklist_files=[str(drop)],
-                                  list_check_interval_s=0.2))
+    edge = start_edge(
+        edge_config(routes(origin), blocklist_files=[str(drop)], list_check_interval_s=0.2)
+    )
     assert refused(edge.port, site["ca"], "127.0.0.3")
     assert OK in get(edge.port, "example.test", site["ca"], source="127.0.0.2")
     line = edge.wait_conn(outcome="refused", reason="blocklist")
@@ -55,23 +57,30 @@ def test_blocklist_file_reloads_on_change(start_edge: Start, origin: TlsOrigin,
     assert edge.metric("blindfold_list_entries", list="blocklist") == 1
 
 
-def test_allowlist_bypasses_blocklist_and_limits(start_edge: Start, origin: TlsOrigin,
-                                                 site: dict[str, Path]) -> None:
-    edge = start_edge(edge_config(routes(origin), block=["127.0.0.0/16"],
-                                  allow=["127.0.0.4"], per_ip_concurrent=1))
+def test_allowlist_bypasses_blocklist_and_limits(
+    start_edge: Start, origin: TlsOrigin, site: dict[str, Path]
+) -> None:
+    edge = start_edge(
+        edge_config(
+            routes(origin), block=["127.0.0.0/16"], allow=["127.0.0.4"], per_ip_concurrent=1
+        )
+    )
     assert refused(edge.port, site["ca"], "127.0.0.5")
-    held = [tls_connect(edge.port, "example.test", site["ca"], source="127.0.0.4")
-            for _ in range(3)]  # over per_ip_concurrent, allowed anyway
+    held = [
+        tls_connect(edge.port, "example.test", site["ca"], source="127.0.0.4") for _ in range(3)
+    ]  # over per_ip_concurrent, allowed anyway
     for conn in held:
         assert OK in http_get(conn, keep_alive=True)
         conn.close()
 
 
-def test_per_ip_concurrency_holds_for_one_address_only(start_edge: Start, origin: TlsOrigin,
-                                                       site: dict[str, Path]) -> None:
+def test_per_ip_concurrency_holds_for_one_address_only(
+    start_edge: Start, origin: TlsOrigin, site: dict[str, Path]
+) -> None:
     edge = start_edge(edge_config(routes(origin), per_ip_concurrent=3))
-    held = [tls_connect(edge.port, "example.test", site["ca"], source="127.0.0.10")
-            for _ in range(3)]
+    held = [
+        tls_connect(edge.port, "example.test", site["ca"], source="127.0.0.10") for _ in range(3)
+    ]
     assert refused(edge.port, site["ca"], "127.0.0.10")
     assert OK in get(edge.port, "example.test", site["ca"], source="127.0.0.11")
     assert edge.wait_conn(outcome="refused", reason="per_ip_concurrent") is not None
@@ -95,12 +104,15 @@ def _python_ja4() -> str:
     return hello.ja4
 
 
-def test_ja4_block_and_rate_rules(start_edge: Start, origin: TlsOrigin,
-                                  site: dict[str, Path]) -> None:
+def test_ja4_block_and_rate_rules(
+    start_edge: Start, origin: TlsOrigin, site: dict[str, Path]
+) -> None:
     ja4 = _python_ja4()  # this process's OpenSSL, as tls_connect uses it (no ALPN)
-    rules = (f'[[edge.ja4_rules]]\nname = "py"\nja4 = "{ja4}"\naction = "block"\n\n'
-             '[[edge.ja4_rules]]\nname = "tls12"\nprefix = "t12"\naction = "rate_limit"\n'
-             'rate_per_s = 0.01\nburst = 1\n')
+    rules = (
+        f'[[edge.ja4_rules]]\nname = "py"\nja4 = "{ja4}"\naction = "block"\n\n'
+        '[[edge.ja4_rules]]\nname = "tls12"\nprefix = "t12"\naction = "rate_limit"\n'
+        "rate_per_s = 0.01\nburst = 1\n"
+    )
     edge = start_edge(edge_config(routes(origin)) + rules)
     assert refused(edge.port, site["ca"], "127.0.0.20")
     line = edge.wait_conn(outcome="refused", reason="ja4_block")
@@ -123,8 +135,10 @@ def test_ja4_block_and_rate_rules(start_edge: Start, origin: TlsOrigin,
 
 def test_global_cap(start_edge: Start, origin: TlsOrigin, site: dict[str, Path]) -> None:
     edge = start_edge(edge_config(routes(origin), max_connections=2, workers=1))
-    held = [tls_connect(edge.port, "example.test", site["ca"], source=f"127.0.0.{30 + i}")
-            for i in range(2)]
+    held = [
+        tls_connect(edge.port, "example.test", site["ca"], source=f"127.0.0.{30 + i}")
+        for i in range(2)
+    ]
     assert refused(edge.port, site["ca"], "127.0.0.40")
     assert edge.metric("blindfold_connections_refused_total", reason="global_cap") == 1
     for conn in held:

@@ -26,8 +26,9 @@ def origin_b(site: dict[str, Path]) -> Iterator[TlsOrigin]:
     o.close()
 
 
-def test_reload_keeps_open_connections(start_edge: Start, origin: TlsOrigin,
-                                       origin_b: TlsOrigin, site: dict[str, Path]) -> None:
+def test_reload_keeps_open_connections(
+    start_edge: Start, origin: TlsOrigin, origin_b: TlsOrigin, site: dict[str, Path]
+) -> None:
     one = route(["example.test"], [f"127.0.0.1:{origin.port}"], name="a")
     edge = start_edge(edge_config(one))
     live = tls_connect(edge.port, "example.test", site["ca"])
@@ -54,8 +55,9 @@ def test_reload_keeps_open_connections(start_edge: Start, origin: TlsOrigin,
     assert edge.metric("blindfold_config_reloads_total", result="invalid") == 2
 
 
-def test_reload_with_new_listen_address(start_edge: Start, origin: TlsOrigin,
-                                        site: dict[str, Path]) -> None:
+def test_reload_with_new_listen_address(
+    start_edge: Start, origin: TlsOrigin, site: dict[str, Path]
+) -> None:
     r = route(["example.test"], [f"127.0.0.1:{origin.port}"])
     first = free_port()
     edge = start_edge(edge_config(r, listen=[f"127.0.0.1:{first}"]))
@@ -80,8 +82,9 @@ def _refused(port: int) -> bool:
 
 
 def test_sigterm_drains(start_edge: Start, origin: TlsOrigin, site: dict[str, Path]) -> None:
-    edge = start_edge(edge_config(route(["example.test"], [f"127.0.0.1:{origin.port}"]),
-                                  drain_timeout_s=20))
+    edge = start_edge(
+        edge_config(route(["example.test"], [f"127.0.0.1:{origin.port}"]), drain_timeout_s=20)
+    )
     live = tls_connect(edge.port, "example.test", site["ca"])
     assert OK in http_get(live, keep_alive=True)
     edge.proc.terminate()
@@ -95,10 +98,12 @@ def test_sigterm_drains(start_edge: Start, origin: TlsOrigin, site: dict[str, Pa
     assert time.monotonic() - t0 < 5  # exits once its last connection ended, not at the deadline
 
 
-def test_drain_deadline_closes_the_rest(start_edge: Start, origin: TlsOrigin,
-                                        site: dict[str, Path]) -> None:
-    edge = start_edge(edge_config(route(["example.test"], [f"127.0.0.1:{origin.port}"]),
-                                  drain_timeout_s=1))
+def test_drain_deadline_closes_the_rest(
+    start_edge: Start, origin: TlsOrigin, site: dict[str, Path]
+) -> None:
+    edge = start_edge(
+        edge_config(route(["example.test"], [f"127.0.0.1:{origin.port}"]), drain_timeout_s=1)
+    )
     live = tls_connect(edge.port, "example.test", site["ca"])
     assert OK in http_get(live, keep_alive=True)
     t0 = time.monotonic()
@@ -111,8 +116,9 @@ def test_drain_deadline_closes_the_rest(start_edge: Start, origin: TlsOrigin,
     live.close()
 
 
-def test_worker_is_replaced_when_it_dies(start_edge: Start, origin: TlsOrigin,
-                                         site: dict[str, Path]) -> None:
+def test_worker_is_replaced_when_it_dies(
+    start_edge: Start, origin: TlsOrigin, site: dict[str, Path]
+) -> None:
     import os
     import signal
 
@@ -121,7 +127,8 @@ def test_worker_is_replaced_when_it_dies(start_edge: Start, origin: TlsOrigin,
     assert len(pids) == 2
     os.kill(pids[0], signal.SIGKILL)
     assert edge.wait_for(lambda r: r.get("event") == "worker_exited", 10) is not None
-    assert wait_until(lambda: len(edge.worker_pids()) == 2 and pids[0] not in edge.worker_pids(),
-                      15)
+    assert wait_until(
+        lambda: len(edge.worker_pids()) == 2 and pids[0] not in edge.worker_pids(), 15
+    )
     for i in range(2, 12):  # every source address (both workers' shares) is served again
         assert OK in get(edge.port, "example.test", site["ca"], source=f"127.0.0.{i}")

@@ -24,38 +24,60 @@ from tests.helpers.edgeproc import EdgeProcess, OriginProcess, edge_config, rout
 from tests.helpers.topology import edge_decisions, origin_config
 
 SQLI = "/?id=1%27%20OR%201=1--"
-CONTENT_TYPES = ("application/x-www-form-urlencoded multipart/form-data application/json "
-                 "application/octet-stream")
+CONTENT_TYPES = (
+    "application/x-www-form-urlencoded multipart/form-data application/json "
+    "application/octet-stream"
+)
 
 
-def chain(start_edge: Callable[..., EdgeProcess], start_origin: Callable[..., OriginProcess],
-          app: Any, site: dict[str, Path], tmp_path: Path, *, origin_kw: dict[str, Any] | None
-          = None, edge_kw: dict[str, Any] | None = None) -> tuple[EdgeProcess, OriginProcess]:
+def chain(
+    start_edge: Callable[..., EdgeProcess],
+    start_origin: Callable[..., OriginProcess],
+    app: Any,
+    site: dict[str, Path],
+    tmp_path: Path,
+    *,
+    origin_kw: dict[str, Any] | None = None,
+    edge_kw: dict[str, Any] | None = None,
+) -> tuple[EdgeProcess, OriginProcess]:
     origin = start_origin(origin_config(site, app.port, tmp_path, **(origin_kw or {})))
-    text = edge_config(route(["example.test"], [f"127.0.0.1:{origin.port}"],
-                             proxy_protocol="v2"), per_ip_rate_per_s=0, **(edge_kw or {}))
+    text = edge_config(
+        route(["example.test"], [f"127.0.0.1:{origin.port}"], proxy_protocol="v2"),
+        per_ip_rate_per_s=0,
+        **(edge_kw or {}),
+    )
     edge = start_edge(text + edge_decisions(site, origin.decisions_port, tmp_path))
     assert edge.wait_for(lambda r: r.get("event") == "decisions_source_up", 10)
     return edge, origin
 
 
-def fetch(edge: EdgeProcess, site: dict[str, Path], path: str, source: str,
-          *extra: str) -> tuple[int, str]:
-    out = curl(edge.port, "example.test", site["ca"], "-w", "\n%{http_code}", *extra,
-               source=source, path=path, timeout=60)
+def fetch(
+    edge: EdgeProcess, site: dict[str, Path], path: str, source: str, *extra: str
+) -> tuple[int, str]:
+    out = curl(
+        edge.port,
+        "example.test",
+        site["ca"],
+        "-w",
+        "\n%{http_code}",
+        *extra,
+        source=source,
+        path=path,
+        timeout=60,
+    )
     body, _, code = out.stdout.rpartition("\n")
     return int(code or 0), body
 
 
 def test_sql_injection_is_blocked_and_the_ban_reaches_the_edge(
-        start_edge: Any, start_origin: Any, app: Any, site: dict[str, Path],
-        tmp_path: Path) -> None:
+    start_edge: Any, start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
     edge, origin = chain(start_edge, start_origin, app, site, tmp_path)
     code, body = fetch(edge, site, "/echo", "127.0.0.5")
     assert code == 200
     seen = json.loads(body)
     assert seen["x-forwarded-for"] == "127.0.0.5"  # the application sees the visitor
-    assert 'for=127.0.0.5;proto=https' in seen["forwarded"]
+    assert "for=127.0.0.5;proto=https" in seen["forwarded"]
     # a keep-alive connection opened before the attack
     held = tls_connect(edge.port, "example.test", site["ca"], source="127.0.0.5")
     assert http_get(held, "/echo", keep_alive=True).startswith(b"HTTP/1.1 200")
@@ -82,18 +104,26 @@ def test_sql_injection_is_blocked_and_the_ban_reaches_the_edge(
     assert origin.metric("blindfold_decisions_active") == 1
 
 
-def test_ban_expires(start_edge: Any, start_origin: Any, app: Any, site: dict[str, Path],
-                     tmp_path: Path) -> None:
-    edge, _origin = chain(start_edge, start_origin, app, site, tmp_path,
-                          origin_kw={"decisions": {"ban_duration_s": 3}})
+def test_ban_expires(
+    start_edge: Any, start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    edge, _origin = chain(
+        start_edge,
+        start_origin,
+        app,
+        site,
+        tmp_path,
+        origin_kw={"decisions": {"ban_duration_s": 3}},
+    )
     assert fetch(edge, site, SQLI, "127.0.0.30")[0] == 403
     assert wait_until(lambda: fetch(edge, site, "/echo", "127.0.0.30")[0] == 0, 3)
     assert wait_until(lambda: fetch(edge, site, "/echo", "127.0.0.30")[0] == 200, 8)  # lifted
     assert edge.metric("blindfold_decisions_active") == 0
 
 
-def test_source_outage_keeps_enforcing(start_edge: Any, start_origin: Any, app: Any,
-                                       site: dict[str, Path], tmp_path: Path) -> None:
+def test_source_outage_keeps_enforcing(
+    start_edge: Any, start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
     edge, origin = chain(start_edge, start_origin, app, site, tmp_path)
     assert fetch(edge, site, SQLI, "127.0.0.31")[0] == 403
     assert wait_until(lambda: fetch(edge, site, "/echo", "127.0.0.31")[0] == 0, 3)
@@ -104,21 +134,23 @@ def test_source_outage_keeps_enforcing(start_edge: Any, start_origin: Any, app: 
     assert edge.metric("blindfold_decisions_active") == 1
 
 
-def test_proxy_header_trust(start_origin: Any, app: Any, site: dict[str, Path],
-                            tmp_path: Path) -> None:
-    origin = start_origin(origin_config(site, app.port, tmp_path,
-                                        trusted_edges=["127.0.0.1/32"]))
+def test_proxy_header_trust(
+    start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    origin = start_origin(origin_config(site, app.port, tmp_path, trusted_edges=["127.0.0.1/32"]))
     ctx = ssl.create_default_context(cafile=str(site["ca"]))
 
     def attempt(source: str, header: bytes | None) -> bytes:
-        raw = socket.create_connection(("127.0.0.1", origin.port), timeout=5,
-                                       source_address=(source, 0))
+        raw = socket.create_connection(
+            ("127.0.0.1", origin.port), timeout=5, source_address=(source, 0)
+        )
         try:
             if header is not None:
                 raw.sendall(header)
             with ctx.wrap_socket(raw, server_hostname="example.test") as tls:
-                tls.sendall(b"GET /echo HTTP/1.1\r\nHost: example.test\r\nConnection: close"
-                            b"\r\n\r\n")
+                tls.sendall(
+                    b"GET /echo HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n"
+                )
                 data = b""
                 while chunk := tls.recv(65536):
                     data += chunk
@@ -132,19 +164,29 @@ def test_proxy_header_trust(start_origin: Any, app: Any, site: dict[str, Path],
     assert attempt("127.0.0.9", visitor) == b""  # a header from an untrusted address
     assert attempt("127.0.0.1", None) == b""  # required, and missing
     assert attempt("127.0.0.9", None) == b""  # not an edge at all
-    assert origin.metric("blindfold_origin_connections_total",
-                         result="refused_untrusted_peer") == 2
-    assert origin.metric("blindfold_origin_connections_total",
-                         result="refused_bad_proxy_header") == 1
+    assert origin.metric("blindfold_origin_connections_total", result="refused_untrusted_peer") == 2
+    assert (
+        origin.metric("blindfold_origin_connections_total", result="refused_bad_proxy_header") == 1
+    )
     assert [s["x-forwarded-for"] for s in app.seen] == ["203.0.113.9"]
 
 
-def test_http2_through_the_edge(start_edge: Any, start_origin: Any, app: Any,
-                                site: dict[str, Path], tmp_path: Path) -> None:
+def test_http2_through_the_edge(
+    start_edge: Any, start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
     edge, _origin = chain(start_edge, start_origin, app, site, tmp_path)
-    out = curl(edge.port, "example.test", site["ca"], "--http2", "-w", " %{http_version}",
-               "--url", f"https://example.test:{edge.port}/echo?2", source="127.0.0.40",
-               path="/echo")
+    out = curl(
+        edge.port,
+        "example.test",
+        site["ca"],
+        "--http2",
+        "-w",
+        " %{http_version}",
+        "--url",
+        f"https://example.test:{edge.port}/echo?2",
+        source="127.0.0.40",
+        path="/echo",
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.count('"x-forwarded-for": "127.0.0.40"') == 2
     assert out.stdout.count(" 2") >= 2
@@ -153,15 +195,21 @@ def test_http2_through_the_edge(start_edge: Any, start_origin: Any, app: Any,
     import h2.connection
     import h2.events
 
-    tls = tls_connect(edge.port, "example.test", site["ca"], source="127.0.0.41",
-                      alpn=["h2"])
+    tls = tls_connect(edge.port, "example.test", site["ca"], source="127.0.0.41", alpn=["h2"])
     assert tls.selected_alpn_protocol() == "h2"
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
     for sid in range(1, 12, 2):
-        conn.send_headers(sid, [(":method", "GET"), (":path", f"/echo?s={sid}"),
-                                (":scheme", "https"), (":authority", "example.test")],
-                          end_stream=True)
+        conn.send_headers(
+            sid,
+            [
+                (":method", "GET"),
+                (":path", f"/echo?s={sid}"),
+                (":scheme", "https"),
+                (":authority", "example.test"),
+            ],
+            end_stream=True,
+        )
     tls.sendall(conn.data_to_send())
     bodies: dict[int, bytes] = {}
     ended: set[int] = set()
@@ -179,12 +227,20 @@ def test_http2_through_the_edge(start_edge: Any, start_origin: Any, app: Any,
     assert all(f"/echo?s={sid}".encode() in bodies[sid] for sid in ended)
 
 
-def test_large_upload_and_download_stream(start_edge: Any, start_origin: Any, app: Any,
-                                          site: dict[str, Path], tmp_path: Path) -> None:
-    edge, origin = chain(start_edge, start_origin, app, site, tmp_path,
-                         origin_kw={"waf": {"body_limit_bytes": 131072,
-                                            "allowed_content_types": CONTENT_TYPES},
-                                    "http": {"max_body_bytes": 200 << 20}})
+def test_large_upload_and_download_stream(
+    start_edge: Any, start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    edge, origin = chain(
+        start_edge,
+        start_origin,
+        app,
+        site,
+        tmp_path,
+        origin_kw={
+            "waf": {"body_limit_bytes": 131072, "allowed_content_types": CONTENT_TYPES},
+            "http": {"max_body_bytes": 200 << 20},
+        },
+    )
     blob = tmp_path / "upload.bin"
     size = 150 << 20
     h = hashlib.sha256()
@@ -194,13 +250,30 @@ def test_large_upload_and_download_stream(start_edge: Any, start_origin: Any, ap
             fh.write(chunk)
             h.update(chunk)
     rss0 = _rss(origin.proc.pid)
-    code, body = fetch(edge, site, "/upload", "127.0.0.50", "--data-binary", f"@{blob}",
-                       "-H", "Content-Type: application/octet-stream")
+    code, body = fetch(
+        edge,
+        site,
+        "/upload",
+        "127.0.0.50",
+        "--data-binary",
+        f"@{blob}",
+        "-H",
+        "Content-Type: application/octet-stream",
+    )
     assert code == 200, (body, origin.records("waf"))
     assert json.loads(body) == {"bytes": size, "sha256": h.hexdigest()}
-    out = curl(edge.port, "example.test", site["ca"], "-o", str(tmp_path / "down.bin"),
-               "-w", "%{size_download}", source="127.0.0.50", path=f"/bytes?n={size}",
-               timeout=60)
+    out = curl(
+        edge.port,
+        "example.test",
+        site["ca"],
+        "-o",
+        str(tmp_path / "down.bin"),
+        "-w",
+        "%{size_download}",
+        source="127.0.0.50",
+        path=f"/bytes?n={size}",
+        timeout=60,
+    )
     assert out.stdout == str(size)
     assert _rss(origin.proc.pid) - rss0 < 40 << 20  # streamed, not buffered
 
@@ -213,37 +286,70 @@ def _rss(pid: int) -> int:
 
 
 @pytest.mark.parametrize("mode", ["block", "detect"])
-def test_waf_modes_and_form_bodies(start_origin: Any, app: Any, site: dict[str, Path],
-                                   tmp_path: Path, mode: str) -> None:
-    origin = start_origin(origin_config(
-        site, app.port, tmp_path, proxy_protocol="optional",
-        waf={"mode": mode}, decisions={"ban_after_blocks": 100}))
-    args = ["--resolve", f"example.test:{origin.port}:127.0.0.1", "--cacert", str(site["ca"]),
-            "-sS", "-o", "/dev/null", "-w", "%{http_code}"]
+def test_waf_modes_and_form_bodies(
+    start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path, mode: str
+) -> None:
+    origin = start_origin(
+        origin_config(
+            site,
+            app.port,
+            tmp_path,
+            proxy_protocol="optional",
+            waf={"mode": mode},
+            decisions={"ban_after_blocks": 100},
+        )
+    )
+    args = [
+        "--resolve",
+        f"example.test:{origin.port}:127.0.0.1",
+        "--cacert",
+        str(site["ca"]),
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+    ]
     import subprocess
 
     def code(*extra: str) -> str:
-        return subprocess.run(["curl", *args, *extra], capture_output=True, text=True,
-                              timeout=20).stdout
+        return subprocess.run(
+            ["curl", *args, *extra], capture_output=True, text=True, timeout=20
+        ).stdout
 
     url = f"https://example.test:{origin.port}"
-    attack_form = ["-d", "user=admin&comment=<script>alert(document.cookie)</script>",
-                   f"{url}/echo"]
+    attack_form = [
+        "-d",
+        "user=admin&comment=<script>alert(document.cookie)</script>",
+        f"{url}/echo",
+    ]
     assert code(f"{url}/echo") == "200"
     assert code(*attack_form) == ("403" if mode == "block" else "200")
     assert code(f"{url}{SQLI}") == ("403" if mode == "block" else "200")
     audit = [r for r in origin.records("waf")]
     assert wait_until(lambda: len(origin.records("waf")) == 2, 5), audit
     assert {r["result"] for r in origin.records("waf")} == (
-        {"blocked"} if mode == "block" else {"matched"})
+        {"blocked"} if mode == "block" else {"matched"}
+    )
 
 
-def test_rate_rule_bans_at_the_edge(start_edge: Any, start_origin: Any, app: Any,
-                                    site: dict[str, Path], tmp_path: Path) -> None:
-    rule = {"rate_rules": [{"path_prefix": "/login", "rate_per_s": 0.5, "burst": 3,
-                            "ban_duration_s": 60, "name": "login"}]}
-    edge, origin = chain(start_edge, start_origin, app, site, tmp_path,
-                         origin_kw={"decisions": rule})
+def test_rate_rule_bans_at_the_edge(
+    start_edge: Any, start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    rule = {
+        "rate_rules": [
+            {
+                "path_prefix": "/login",
+                "rate_per_s": 0.5,
+                "burst": 3,
+                "ban_duration_s": 60,
+                "name": "login",
+            }
+        ]
+    }
+    edge, origin = chain(
+        start_edge, start_origin, app, site, tmp_path, origin_kw={"decisions": rule}
+    )
     codes = [fetch(edge, site, "/login", "127.0.0.70")[0] for _ in range(4)]
     assert codes[:3] == [200, 200, 200]  # the burst; the 4th crossed the rule
     assert wait_until(lambda: fetch(edge, site, "/echo", "127.0.0.70")[0] == 0, 3)
@@ -252,38 +358,52 @@ def test_rate_rule_bans_at_the_edge(start_edge: Any, start_origin: Any, app: Any
     assert decision is not None and decision["reason"] == "rate: login"
 
 
-def test_http2_abuse_does_not_touch_other_visitors(start_origin: Any, app: Any,
-                                                   site: dict[str, Path],
-                                                   tmp_path: Path) -> None:
+def test_http2_abuse_does_not_touch_other_visitors(
+    start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
     import threading
 
     import h2.config
     import h2.connection
     import h2.events
 
-    origin = start_origin(origin_config(site, app.port, tmp_path, proxy_protocol="optional",
-                                        http={"h2_max_resets_per_window": 50}))
+    origin = start_origin(
+        origin_config(
+            site,
+            app.port,
+            tmp_path,
+            proxy_protocol="optional",
+            http={"h2_max_resets_per_window": 50},
+        )
+    )
     stop = threading.Event()
     served: list[bool] = []
 
     def legit() -> None:
         while not stop.is_set():
             with tls_connect(origin.port, "example.test", site["ca"], source="127.0.0.81") as t:
-                served.append(http_get(t, "/echo", "example.test").startswith(
-                    b"HTTP/1.1 200"))
+                served.append(http_get(t, "/echo", "example.test").startswith(b"HTTP/1.1 200"))
 
     worker = threading.Thread(target=legit)
     worker.start()
     goaways = 0
     try:
         for _attack in range(5):
-            tls = tls_connect(origin.port, "example.test", site["ca"], source="127.0.0.80",
-                              alpn=["h2"])
+            tls = tls_connect(
+                origin.port, "example.test", site["ca"], source="127.0.0.80", alpn=["h2"]
+            )
             conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
             conn.initiate_connection()
             for sid in range(1, 2 * 200, 2):  # rapid reset: open, cancel, repeat
-                conn.send_headers(sid, [(":method", "GET"), (":path", "/echo"),
-                                        (":scheme", "https"), (":authority", "example.test")])
+                conn.send_headers(
+                    sid,
+                    [
+                        (":method", "GET"),
+                        (":path", "/echo"),
+                        (":scheme", "https"),
+                        (":authority", "example.test"),
+                    ],
+                )
                 conn.reset_stream(sid)
             try:
                 tls.sendall(conn.data_to_send())
@@ -303,9 +423,9 @@ def test_http2_abuse_does_not_touch_other_visitors(start_origin: Any, app: Any,
     assert origin.metric("blindfold_http_events_total", event="h2_abuse") == 5
 
 
-def test_http10_without_host_reaches_the_application_named(start_origin: Any, app: Any,
-                                                           site: dict[str, Path],
-                                                           tmp_path: Path) -> None:
+def test_http10_without_host_reaches_the_application_named(
+    start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
     origin = start_origin(origin_config(site, app.port, tmp_path, proxy_protocol="optional"))
     with tls_connect(origin.port, "example.test", site["ca"]) as tls:
         tls.sendall(b"GET /echo HTTP/1.0\r\n\r\n")
@@ -317,19 +437,43 @@ def test_http10_without_host_reaches_the_application_named(start_origin: Any, ap
     assert seen["host"] == "example.test"  # named by the TLS server name, never empty
 
 
-def test_a_failed_handshake_gets_openssls_alert(start_origin: Any, app: Any,
-                                                site: dict[str, Path], tmp_path: Path) -> None:
+def test_a_failed_handshake_gets_openssls_alert(
+    start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
     """No shared TLS 1.3 cipher suite (OpenSSL does not enable CCM for servers): the client
     must get the handshake_failure alert, not a reset (asyncio alone drops it)."""
     origin = start_origin(origin_config(site, app.port, tmp_path, proxy_protocol="optional"))
     out = subprocess.run(
-        [need("openssl"), "s_client", "-connect", f"127.0.0.1:{origin.port}", "-servername",
-         "example.test", "-tls1_3", "-ciphersuites", "TLS_AES_128_CCM_SHA256"],
-        input="", capture_output=True, text=True, timeout=30)
+        [
+            need("openssl"),
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{origin.port}",
+            "-servername",
+            "example.test",
+            "-tls1_3",
+            "-ciphersuites",
+            "TLS_AES_128_CCM_SHA256",
+        ],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert "alert handshake failure" in out.stderr, out.stderr[-2000:]
     # and the agent goes on serving
     ok = subprocess.run(
-        [need("curl"), "-sS", "--cacert", str(site["ca"]), "--resolve",
-         f"example.test:{origin.port}:127.0.0.1", f"https://example.test:{origin.port}/hello"],
-        capture_output=True, text=True, timeout=30)
+        [
+            need("curl"),
+            "-sS",
+            "--cacert",
+            str(site["ca"]),
+            "--resolve",
+            f"example.test:{origin.port}:127.0.0.1",
+            f"https://example.test:{origin.port}/hello",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert ok.returncode == 0, ok.stderr

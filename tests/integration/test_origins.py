@@ -43,40 +43,67 @@ def silent_port() -> Iterator[int]:
     lsock.close()
 
 
-def test_round_robin_spreads(start_edge: Start, origin: TlsOrigin, origin_b: TlsOrigin,
-                             site: dict[str, Path]) -> None:
-    edge = start_edge(edge_config(route(
-        ["example.test"], [f"127.0.0.1:{origin.port}", f"127.0.0.1:{origin_b.port}"]),
-        workers=1))
-    names = Counter(get(edge.port, "example.test", site["ca"]).split(b"origin ")[1][:1]
-                    for _ in range(10))
+def test_round_robin_spreads(
+    start_edge: Start, origin: TlsOrigin, origin_b: TlsOrigin, site: dict[str, Path]
+) -> None:
+    edge = start_edge(
+        edge_config(
+            route(["example.test"], [f"127.0.0.1:{origin.port}", f"127.0.0.1:{origin_b.port}"]),
+            workers=1,
+        )
+    )
+    names = Counter(
+        get(edge.port, "example.test", site["ca"]).split(b"origin ")[1][:1] for _ in range(10)
+    )
     assert names == {b"A": 5, b"B": 5}
 
 
-def test_refused_origin_is_skipped_and_marked_down(start_edge: Start, origin: TlsOrigin,
-                                                   site: dict[str, Path]) -> None:
+def test_refused_origin_is_skipped_and_marked_down(
+    start_edge: Start, origin: TlsOrigin, site: dict[str, Path]
+) -> None:
     dead = f"127.0.0.1:{free_port()}"
-    edge = start_edge(edge_config(route(["example.test"], [dead, f"127.0.0.1:{origin.port}"],
-                                        name="r"), workers=1, origin_down_s=60))
+    edge = start_edge(
+        edge_config(
+            route(["example.test"], [dead, f"127.0.0.1:{origin.port}"], name="r"),
+            workers=1,
+            origin_down_s=60,
+        )
+    )
     for _ in range(6):
         assert b"origin A" in get(edge.port, "example.test", site["ca"])
     assert edge.metric("blindfold_origin_up", route="r", origin=dead) == 0
     assert edge.metric("blindfold_origin_up", route="r", origin=f"127.0.0.1:{origin.port}") == 1
     # marked down after the first refusal: not retried on every connection
-    assert edge.metric("blindfold_origin_connect_failures_total", route="r", origin=dead,
-                       reason="refused") == 1
+    assert (
+        edge.metric(
+            "blindfold_origin_connect_failures_total", route="r", origin=dead, reason="refused"
+        )
+        == 1
+    )
     assert edge.wait_for(lambda r: r.get("event") == "origin_down" and r["origin"] == dead)
 
 
-def test_silent_origin_times_out_then_the_next_serves(start_edge: Start, origin: TlsOrigin,
-                                                      site: dict[str, Path],
-                                                      silent_port: int) -> None:
+def test_silent_origin_times_out_then_the_next_serves(
+    start_edge: Start, origin: TlsOrigin, site: dict[str, Path], silent_port: int
+) -> None:
     silent = f"127.0.0.1:{silent_port}"
-    edge = start_edge(edge_config(route(["example.test"], [silent, f"127.0.0.1:{origin.port}"],
-                                        name="r"), workers=1, connect_timeout_s=0.5))
+    edge = start_edge(
+        edge_config(
+            route(["example.test"], [silent, f"127.0.0.1:{origin.port}"], name="r"),
+            workers=1,
+            connect_timeout_s=0.5,
+        )
+    )
     assert b"origin A" in get(edge.port, "example.test", site["ca"])
-    assert edge.metric("blindfold_origin_connect_failures_total", route="r", origin=silent,
-                       reason="connect_timeout") == 1
+    assert (
+        edge.metric(
+            "blindfold_origin_connect_failures_total",
+            route="r",
+            origin=silent,
+            reason="connect_timeout",
+        )
+        == 1
+    )
 
 
 def test_all_origins_down_is_a_clean_refusal(start_edge: Start, site: dict[str, Path]) -> None:
@@ -88,18 +115,25 @@ def test_all_origins_down_is_a_clean_refusal(start_edge: Start, site: dict[str, 
     assert line is not None and line["reason"] == "refused"
 
 
-def test_least_conn_prefers_the_idle_origin(start_edge: Start, origin: TlsOrigin,
-                                            origin_b: TlsOrigin, site: dict[str, Path]) -> None:
-    edge = start_edge(edge_config(route(
-        ["example.test"], [f"127.0.0.1:{origin.port}", f"127.0.0.1:{origin_b.port}"],
-        balance="least_conn"), workers=1))
+def test_least_conn_prefers_the_idle_origin(
+    start_edge: Start, origin: TlsOrigin, origin_b: TlsOrigin, site: dict[str, Path]
+) -> None:
+    edge = start_edge(
+        edge_config(
+            route(
+                ["example.test"],
+                [f"127.0.0.1:{origin.port}", f"127.0.0.1:{origin_b.port}"],
+                balance="least_conn",
+            ),
+            workers=1,
+        )
+    )
     held = [tls_connect(edge.port, "example.test", site["ca"]) for _ in range(2)]
     first = [http_get(c, keep_alive=True).split(b"origin ")[1][:1] for c in held]
     assert sorted(first) == [b"A", b"B"]
     a_conn = held[first.index(b"A")]
     a_conn.close()  # A now has none open, B has one
-    names = {get(edge.port, "example.test", site["ca"]).split(b"origin ")[1][:1]
-             for _ in range(3)}
+    names = {get(edge.port, "example.test", site["ca"]).split(b"origin ")[1][:1] for _ in range(3)}
     assert names == {b"A"}
     for c in held:
         c.close()

@@ -19,12 +19,14 @@ Start = Callable[..., EdgeProcess]
 
 
 def cfg(origin: TlsOrigin, **edge: object) -> str:
-    return edge_config(route(["example.test", "*.example.test"], [f"127.0.0.1:{origin.port}"],
-                             name="site"), **edge)
+    return edge_config(
+        route(["example.test", "*.example.test"], [f"127.0.0.1:{origin.port}"], name="site"), **edge
+    )
 
 
-def test_python_ssl_sees_the_origin_certificate(start_edge: Start, origin: TlsOrigin,
-                                                site: dict[str, Path], marker: str) -> None:
+def test_python_ssl_sees_the_origin_certificate(
+    start_edge: Start, origin: TlsOrigin, site: dict[str, Path], marker: str
+) -> None:
     edge = start_edge(cfg(origin))
     with tls_connect(edge.port, "www.example.test", site["ca"], alpn=["http/1.1"]) as tls:
         der = tls.getpeercert(binary_form=True)
@@ -42,8 +44,9 @@ def test_python_ssl_sees_the_origin_certificate(start_edge: Start, origin: TlsOr
     assert origin.seen.sni[-1] == "www.example.test"
 
 
-def test_curl_and_openssl(start_edge: Start, origin: TlsOrigin, site: dict[str, Path],
-                          marker: str) -> None:
+def test_curl_and_openssl(
+    start_edge: Start, origin: TlsOrigin, site: dict[str, Path], marker: str
+) -> None:
     edge = start_edge(cfg(origin))
     result = curl(edge.port, "example.test", site["ca"])
     assert result.returncode == 0, result.stderr
@@ -55,8 +58,9 @@ def test_curl_and_openssl(start_edge: Start, origin: TlsOrigin, site: dict[str, 
     assert "Protocol version: TLSv1.3" in text
 
 
-def test_unknown_and_missing_sni_are_refused(start_edge: Start, origin: TlsOrigin,
-                                             site: dict[str, Path]) -> None:
+def test_unknown_and_missing_sni_are_refused(
+    start_edge: Start, origin: TlsOrigin, site: dict[str, Path]
+) -> None:
     edge = start_edge(cfg(origin))
     with pytest.raises((ssl.SSLError, OSError)):
         get(edge.port, "other.test", site["ca"], source="127.0.0.7")
@@ -71,8 +75,9 @@ def test_unknown_and_missing_sni_are_refused(start_edge: Start, origin: TlsOrigi
     assert origin.seen.requests == 0  # nothing reached the origin
 
 
-def test_default_route_takes_unknown_names(start_edge: Start, origin: TlsOrigin,
-                                           site: dict[str, Path]) -> None:
+def test_default_route_takes_unknown_names(
+    start_edge: Start, origin: TlsOrigin, site: dict[str, Path]
+) -> None:
     text = edge_config(route(["example.test"], [f"127.0.0.1:{origin.port}"], default=True))
     edge = start_edge(text)
     assert b"HTTP/1.1 200 " in get(edge.port, "other.test", site["ca"])
@@ -81,19 +86,25 @@ def test_default_route_takes_unknown_names(start_edge: Start, origin: TlsOrigin,
 
 def test_non_tls_bytes_never_reach_the_origin(start_edge: Start, origin: TlsOrigin) -> None:
     edge = start_edge(cfg(origin))
-    out = subprocess.run(["curl", "-sS", "--max-time", "5", f"http://127.0.0.1:{edge.port}/"],
-                         capture_output=True, text=True, timeout=15)
+    out = subprocess.run(
+        ["curl", "-sS", "--max-time", "5", f"http://127.0.0.1:{edge.port}/"],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
     assert out.returncode != 0
     assert edge.wait_conn(outcome="refused", reason="not_tls") is not None
     assert origin.seen.peers == []
 
 
-def test_with_tcp_defer_accept(start_edge: Start, origin: TlsOrigin, site: dict[str, Path],
-                               marker: str) -> None:
+def test_with_tcp_defer_accept(
+    start_edge: Start, origin: TlsOrigin, site: dict[str, Path], marker: str
+) -> None:
     edge = start_edge(cfg(origin, defer_accept=True, hello_timeout_s=2))
     for i in range(3):
-        assert marker.encode() in get(edge.port, "example.test", site["ca"],
-                                      source=f"127.0.0.{20 + i}")
+        assert marker.encode() in get(
+            edge.port, "example.test", site["ca"], source=f"127.0.0.{20 + i}"
+        )
     # a client that connects and says nothing is still cut (the kernel hands it over late)
     import socket
     import time

@@ -23,10 +23,12 @@ def nginx(tmp_path: Path, site: dict[str, Path]) -> Iterator[Nginx]:
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
-def test_nginx_sees_the_visitor_address(start_edge: Start, nginx: Nginx, site: dict[str, Path],
-                                        version: str) -> None:
-    edge = start_edge(edge_config(route(["example.test"], [f"127.0.0.1:{nginx.port}"],
-                                        proxy_protocol=version)))
+def test_nginx_sees_the_visitor_address(
+    start_edge: Start, nginx: Nginx, site: dict[str, Path], version: str
+) -> None:
+    edge = start_edge(
+        edge_config(route(["example.test"], [f"127.0.0.1:{nginx.port}"], proxy_protocol=version))
+    )
     for source in ("127.0.0.2", "127.0.0.3"):
         result = curl(edge.port, "example.test", site["ca"], source=source)
         assert result.returncode == 0, result.stderr
@@ -35,10 +37,12 @@ def test_nginx_sees_the_visitor_address(start_edge: Start, nginx: Nginx, site: d
         assert "sni=example.test" in result.stdout
 
 
-def test_v2_tlvs_carry_sni_and_alpn(start_edge: Start, pp_origin: TlsOrigin,
-                                    site: dict[str, Path]) -> None:
-    edge = start_edge(edge_config(route(["example.test"], [f"127.0.0.1:{pp_origin.port}"],
-                                        proxy_protocol="v2")))
+def test_v2_tlvs_carry_sni_and_alpn(
+    start_edge: Start, pp_origin: TlsOrigin, site: dict[str, Path]
+) -> None:
+    edge = start_edge(
+        edge_config(route(["example.test"], [f"127.0.0.1:{pp_origin.port}"], proxy_protocol="v2"))
+    )
     reply = get(edge.port, "example.test", site["ca"], source="127.0.0.9")
     assert b"visitor 127.0.0.9:" in reply
     header = pp_origin.seen.headers[-1]
@@ -46,8 +50,9 @@ def test_v2_tlvs_carry_sni_and_alpn(start_edge: Start, pp_origin: TlsOrigin,
     assert header.tlv(0x02) == b"example.test"  # PP2_TYPE_AUTHORITY
 
 
-def test_without_proxy_protocol_the_origin_sees_the_edge(start_edge: Start, origin: TlsOrigin,
-                                                         site: dict[str, Path]) -> None:
+def test_without_proxy_protocol_the_origin_sees_the_edge(
+    start_edge: Start, origin: TlsOrigin, site: dict[str, Path]
+) -> None:
     edge = start_edge(edge_config(route(["example.test"], [f"127.0.0.1:{origin.port}"])))
     reply = get(edge.port, "example.test", site["ca"], source="127.0.0.9")
     assert b"visitor 127.0.0.1:" in reply  # the edge's own address, nothing added

@@ -31,11 +31,17 @@ def latency(port: int, ca: Path, n: int = 30) -> float:
     return statistics.median(samples)
 
 
-def test_slowloris_is_cut_and_legit_latency_holds(start_edge: Start, origin: TlsOrigin,
-                                                  site: dict[str, Path]) -> None:
+def test_slowloris_is_cut_and_legit_latency_holds(
+    start_edge: Start, origin: TlsOrigin, site: dict[str, Path]
+) -> None:
     assert raise_fd_limit() > SLOW + 500
-    edge = start_edge(edge_config(route(["example.test"], [f"127.0.0.1:{origin.port}"]),
-                                  hello_timeout_s=HELLO_TIMEOUT, max_connections=50000))
+    edge = start_edge(
+        edge_config(
+            route(["example.test"], [f"127.0.0.1:{origin.port}"]),
+            hello_timeout_s=HELLO_TIMEOUT,
+            max_connections=50000,
+        )
+    )
     latency(edge.port, site["ca"], 10)  # warm up
     unloaded = latency(edge.port, site["ca"])
 
@@ -69,7 +75,7 @@ def test_slowloris_is_cut_and_legit_latency_holds(start_edge: Start, origin: Tls
             sent += 1
             next_byte = time.monotonic() + 1.0
         for key, _ in sel.select(0.1):
-            s = key.fileobj
+            s = key.fileobj  # type: ignore[assignment]
             assert isinstance(s, socket.socket)
             try:
                 data = s.recv(100)

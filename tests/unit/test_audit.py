@@ -14,8 +14,14 @@ from blindfold.keyserver.audit import AuditLog, verify
 def make(path: Path, n: int) -> None:
     log = AuditLog(str(path))
     for i in range(n):
-        log.append(edge="e1", hostname="example.test", client=f"192.0.2.{i}", scheme="0x0403",
-                   key="k", transcript_hash="00" * 32)
+        log.append(
+            edge="e1",
+            hostname="example.test",
+            client=f"192.0.2.{i}",
+            scheme="0x0403",
+            key="k",
+            transcript_hash="00" * 32,
+        )
     log.close()
 
 

@@ -96,8 +96,7 @@ def test_bytes_after_the_hello_are_not_consumed() -> None:
         (b"\x16\x03\x01\x48\x01", "record_overflow"),
         (b"\x16\x03\x01\x00\x04\x02\x00\x00\x00", "not_client_hello"),
         (b"\x16\x03\x01\x00\x04\x01\x00\x00\x00", "malformed_hello"),
-        (b"\x16\x03\x01\x00\x05\x01\x00\x00\x64\x03" + b"\x17\x03\x03\x00\x01\x00",
-         "bad_record"),
+        (b"\x16\x03\x01\x00\x05\x01\x00\x00\x64\x03" + b"\x17\x03\x03\x00\x01\x00", "bad_record"),
     ],
 )
 def test_bad_input_raises_with_reason(data: bytes, reason: str) -> None:
@@ -107,8 +106,9 @@ def test_bad_input_raises_with_reason(data: bytes, reason: str) -> None:
 
 
 def test_oversized_hello_is_refused_early() -> None:
-    big = tb.records(tb.handshake(tb.client_hello_body(
-        extensions=[tb.ext(0x0015, b"\x00" * 20000)])))
+    big = tb.records(
+        tb.handshake(tb.client_hello_body(extensions=[tb.ext(0x0015, b"\x00" * 20000)]))
+    )
     with pytest.raises(ProtocolError) as info:
         peek_client_hello(big[:5], 16384)  # the record header alone tells
     assert info.value.reason == "hello_too_large"
@@ -118,8 +118,14 @@ def test_oversized_hello_is_refused_early() -> None:
 
 
 def test_huge_or_non_ascii_sni_is_refused() -> None:
-    for name in (b"a" * 300, "bücher.example".encode(), b"bad name.test", b"-x.test",
-                 b"a..b.test", b"x" * 64 + b".test"):
+    for name in (
+        b"a" * 300,
+        "bücher.example".encode(),
+        b"bad name.test",
+        b"-x.test",
+        b"a..b.test",
+        b"x" * 64 + b".test",
+    ):
         with pytest.raises(ProtocolError) as info:
             peek_client_hello(tb.simple_hello(sni=name))
         assert info.value.reason == "bad_sni", name
@@ -141,8 +147,9 @@ def test_hello_without_extensions_block() -> None:
 
 # ---------------------------------------------------------------- properties
 
-hostnames = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z0-9]{1,10}){0,3}",
-                          fullmatch=True)
+hostnames = st.from_regex(
+    r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z0-9]{1,10}){0,3}", fullmatch=True
+)
 protocols = st.lists(st.binary(min_size=1, max_size=20), min_size=1, max_size=5)
 
 
@@ -167,8 +174,9 @@ def hellos(draw: st.DrawFn) -> tuple[bytes, bytes | None, list[bytes]]:
 
 
 @given(hellos(), st.lists(st.integers(1, 64), max_size=30))
-def test_any_chunking_gives_the_same_result(case: tuple[bytes, bytes | None, list[bytes]],
-                                            chunks: list[int]) -> None:
+def test_any_chunking_gives_the_same_result(
+    case: tuple[bytes, bytes | None, list[bytes]], chunks: list[int]
+) -> None:
     raw, sni, alpn = case
     whole = peek_client_hello(raw)
     assert whole is not None
@@ -180,7 +188,8 @@ def test_any_chunking_gives_the_same_result(case: tuple[bytes, bytes | None, lis
 
 @given(hellos(), st.data())
 def test_any_mutation_parses_or_raises_protocol_error(
-        case: tuple[bytes, bytes | None, list[bytes]], data: st.DataObject) -> None:
+    case: tuple[bytes, bytes | None, list[bytes]], data: st.DataObject
+) -> None:
     raw = bytearray(case[0])
     for _ in range(data.draw(st.integers(1, 4))):
         op = data.draw(st.sampled_from(["flip", "cut", "insert"]))

@@ -46,48 +46,96 @@ def test_good_config() -> None:
         cfg.edge.workers = 3  # type: ignore[misc]
 
 
-@pytest.mark.parametrize(("change", "key", "words"), [
-    ("[edge]\nbogus = 1\n", "edge.bogus", "unknown key"),
-    ("[edge]\nworkers = 'two'\n", "edge.workers", "integer"),
-    ("[edge]\nworkers = 1.5\n", "edge.workers", "integer"),
-    ("[edge]\nhello_timeout_s = -1\n", "edge.hello_timeout_s", ">="),
-    ("[edge]\nper_ip_concurrent = true\n", "edge.per_ip_concurrent", "integer"),
-    ("[edge]\nblock = ['10.0.0.0/33']\n", "edge.block[0]", "CIDR"),
-    ("[[edge.routes]]\nsni=['A.test']\norigins=['127.0.0.1:1']\n", "edge.routes[1].sni[0]",
-     "lower case"),
-    ("[[edge.routes]]\nsni=['a.test']\norigins=['127.0.0.1:1']\nmode='magic'\n",
-     "edge.routes[1].mode", "passthrough"),
-    ("[[edge.routes]]\nsni=['a.test']\norigins=['127.0.0.1:1']\nmode='blind'\n",
-     "edge.routes[1].certificate", "own certificate and key"),
-    ("[[edge.routes]]\nsni=['a.test']\norigins=['127.0.0.1:1']\nmode='blind'\n"
-     "certificate='c.pem'\nkey='k.pem'\norigin_ca='ca.pem'\n",
-     "edge.routes[1].origin_server_name", "CDN hostname"),
-    ("[[edge.routes]]\nsni=['a.test']\norigins=['127.0.0.1:1']\nkey='k.pem'\n",
-     "edge.routes[1].key", "only for mode = 'blind'"),
-    ("[[edge.routes]]\nsni=['a.test']\norigins=['127.0.0.1:0']\n", "edge.routes[1].origins[0]",
-     "port 0"),
-    ("[[edge.routes]]\nsni=['example.test']\norigins=['127.0.0.1:1']\n", "edge.routes[1].sni",
-     "already served"),
-    ("[[edge.routes]]\nsni=['b.test']\norigins=['127.0.0.1:1']\nproxy_protocol='v3'\n",
-     "edge.routes[1].proxy_protocol", "'v2'"),
-    ("[[edge.ja4_rules]]\naction='block'\n", "edge.ja4_rules[1].ja4", "exactly one"),
-    ("[[edge.routes]]\norigins=['127.0.0.1:1']\n", "edge.routes[1].sni", "required"),
-    ("[[edge.routes]]\nsni=['k.test']\norigins=['127.0.0.1:1']\nmode='keyless'\n",
-     "edge.routes[1].certificate", "no key"),
-    ("[[edge.routes]]\nsni=['k.test']\norigins=['127.0.0.1:1']\nmode='keyless'\n"
-     "certificate='c.pem'\n", "edge.routes[1].keyserver", "key servers"),
-    ("[[edge.routes]]\nsni=['k.test']\norigins=['127.0.0.1:1']\nmode='keyless'\n"
-     "certificate='c.pem'\nkeyserver={addresses=['127.0.0.1:7'], client_cert='e.pem', "
-     "client_key='e.key', ca='ca.pem'}\n", "edge.routes[1].origin_ca", "verified TLS"),
-    ("[[edge.routes]]\nsni=['k.test']\norigins=['127.0.0.1:1']\nmode='keyless'\n"
-     "certificate='c.pem'\norigin_pin_sha256=['abcd']\nkeyserver={addresses=['127.0.0.1:7'],"
-     " client_cert='e.pem', client_key='e.key', ca='ca.pem'}\n",
-     "edge.routes[1].origin_pin_sha256[0]", "64 hex"),
-    ("[[edge.routes]]\nsni=['k.test']\norigins=['127.0.0.1:1']\n"
-     "rate_limits=[{rate_per_s=1, burst=1}]\n", "edge.routes[1].rate_limits", "keyless"),
-    ("[[edge.routes]]\nsni=['k.test']\norigins=['127.0.0.1:1']\ncertificate='c.pem'\n",
-     "edge.routes[1].certificate", "only for mode"),
-])
+@pytest.mark.parametrize(
+    ("change", "key", "words"),
+    [
+        ("[edge]\nbogus = 1\n", "edge.bogus", "unknown key"),
+        ("[edge]\nworkers = 'two'\n", "edge.workers", "integer"),
+        ("[edge]\nworkers = 1.5\n", "edge.workers", "integer"),
+        ("[edge]\nhello_timeout_s = -1\n", "edge.hello_timeout_s", ">="),
+        ("[edge]\nper_ip_concurrent = true\n", "edge.per_ip_concurrent", "integer"),
+        ("[edge]\nblock = ['10.0.0.0/33']\n", "edge.block[0]", "CIDR"),
+        (
+            "[[edge.routes]]\nsni=['A.test']\norigins=['127.0.0.1:1']\n",
+            "edge.routes[1].sni[0]",
+            "lower case",
+        ),
+        (
+            "[[edge.routes]]\nsni=['a.test']\norigins=['127.0.0.1:1']\nmode='magic'\n",
+            "edge.routes[1].mode",
+            "passthrough",
+        ),
+        (
+            "[[edge.routes]]\nsni=['a.test']\norigins=['127.0.0.1:1']\nmode='blind'\n",
+            "edge.routes[1].certificate",
+            "own certificate and key",
+        ),
+        (
+            "[[edge.routes]]\nsni=['a.test']\norigins=['127.0.0.1:1']\nmode='blind'\n"
+            "certificate='c.pem'\nkey='k.pem'\norigin_ca='ca.pem'\n",
+            "edge.routes[1].origin_server_name",
+            "CDN hostname",
+        ),
+        (
+            "[[edge.routes]]\nsni=['a.test']\norigins=['127.0.0.1:1']\nkey='k.pem'\n",
+            "edge.routes[1].key",
+            "only for mode = 'blind'",
+        ),
+        (
+            "[[edge.routes]]\nsni=['a.test']\norigins=['127.0.0.1:0']\n",
+            "edge.routes[1].origins[0]",
+            "port 0",
+        ),
+        (
+            "[[edge.routes]]\nsni=['example.test']\norigins=['127.0.0.1:1']\n",
+            "edge.routes[1].sni",
+            "already served",
+        ),
+        (
+            "[[edge.routes]]\nsni=['b.test']\norigins=['127.0.0.1:1']\nproxy_protocol='v3'\n",
+            "edge.routes[1].proxy_protocol",
+            "'v2'",
+        ),
+        ("[[edge.ja4_rules]]\naction='block'\n", "edge.ja4_rules[1].ja4", "exactly one"),
+        ("[[edge.routes]]\norigins=['127.0.0.1:1']\n", "edge.routes[1].sni", "required"),
+        (
+            "[[edge.routes]]\nsni=['k.test']\norigins=['127.0.0.1:1']\nmode='keyless'\n",
+            "edge.routes[1].certificate",
+            "no key",
+        ),
+        (
+            "[[edge.routes]]\nsni=['k.test']\norigins=['127.0.0.1:1']\nmode='keyless'\n"
+            "certificate='c.pem'\n",
+            "edge.routes[1].keyserver",
+            "key servers",
+        ),
+        (
+            "[[edge.routes]]\nsni=['k.test']\norigins=['127.0.0.1:1']\nmode='keyless'\n"
+            "certificate='c.pem'\nkeyserver={addresses=['127.0.0.1:7'], client_cert='e.pem', "
+            "client_key='e.key', ca='ca.pem'}\n",
+            "edge.routes[1].origin_ca",
+            "verified TLS",
+        ),
+        (
+            "[[edge.routes]]\nsni=['k.test']\norigins=['127.0.0.1:1']\nmode='keyless'\n"
+            "certificate='c.pem'\norigin_pin_sha256=['abcd']\nkeyserver={addresses=['127.0.0.1:7'],"
+            " client_cert='e.pem', client_key='e.key', ca='ca.pem'}\n",
+            "edge.routes[1].origin_pin_sha256[0]",
+            "64 hex",
+        ),
+        (
+            "[[edge.routes]]\nsni=['k.test']\norigins=['127.0.0.1:1']\n"
+            "rate_limits=[{rate_per_s=1, burst=1}]\n",
+            "edge.routes[1].rate_limits",
+            "keyless",
+        ),
+        (
+            "[[edge.routes]]\nsni=['k.test']\norigins=['127.0.0.1:1']\ncertificate='c.pem'\n",
+            "edge.routes[1].certificate",
+            "only for mode",
+        ),
+    ],
+)
 def test_errors_name_the_key(change: str, key: str, words: str) -> None:
     text = GOOD + "\n" + change
     if change.startswith("[edge]"):  # merge into the existing [edge] table
@@ -127,16 +175,19 @@ def test_check_config_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert main(["check-config", str(tmp_path / "absent.toml")]) == 2
 
 
-def test_check_config_loads_blind_route_files(tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_config_loads_blind_route_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from blindfold import pki
 
     ca = pki.make_ca()
     ca.write(tmp_path / "ca.pem")
     pki.issue(ca, ["cdn.test"]).write(tmp_path / "cdn.pem", tmp_path / "cdn.key")
-    route = ("[edge]\nlisten = ['127.0.0.1:8443']\n[[edge.routes]]\nsni = ['cdn.test']\n"
-             "origins = ['127.0.0.1:9443']\nmode = 'blind'\norigin_server_name = 'o.test'\n"
-             f"origin_ca = '{tmp_path / 'ca.pem'}'\ncertificate = '{tmp_path / 'cdn.pem'}'\n")
+    route = (
+        "[edge]\nlisten = ['127.0.0.1:8443']\n[[edge.routes]]\nsni = ['cdn.test']\n"
+        "origins = ['127.0.0.1:9443']\nmode = 'blind'\norigin_server_name = 'o.test'\n"
+        f"origin_ca = '{tmp_path / 'ca.pem'}'\ncertificate = '{tmp_path / 'cdn.pem'}'\n"
+    )
     good = tmp_path / "blind.toml"
     good.write_text(route + f"key = '{tmp_path / 'cdn.key'}'\n")
     assert main(["check-config", str(good)]) == 0
@@ -146,22 +197,28 @@ def test_check_config_loads_blind_route_files(tmp_path: Path,
     assert "edge.routes[0].certificate" in capsys.readouterr().err
 
 
-def test_check_config_loads_the_blind_store(tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_config_loads_the_blind_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from blindfold.blind.sealer import load_id_secret, load_signing_key, seal_tree
 
     cfg = tmp_path / "origin.toml"
-    cfg.write_text("[origin]\nupstream = 'http://127.0.0.1:8080'\nlisten = []\n"
-                   "proxy_protocol = 'off'\n[origin.waf]\nenabled = false\n"
-                   f"[origin.blind]\ndir = '{tmp_path / 'sealed'}'\n"
-                   "edge_url = 'https://cdn.test'\n")
+    cfg.write_text(
+        "[origin]\nupstream = 'http://127.0.0.1:8080'\nlisten = []\n"
+        "proxy_protocol = 'off'\n[origin.waf]\nenabled = false\n"
+        f"[origin.blind]\ndir = '{tmp_path / 'sealed'}'\n"
+        "edge_url = 'https://cdn.test'\n"
+    )
     assert main(["check-config", str(cfg)]) == 2  # not sealed yet: no manifest key
     assert "blind.dir" in capsys.readouterr().err
     (tmp_path / "www").mkdir()
     (tmp_path / "www" / "a.js").write_text("1")
-    seal_tree(str(tmp_path / "www"), str(tmp_path / "sealed"),
-              load_signing_key(str(tmp_path / "k.pem"), create=True),
-              load_id_secret(str(tmp_path / "s"), create=True))
+    seal_tree(
+        str(tmp_path / "www"),
+        str(tmp_path / "sealed"),
+        load_signing_key(str(tmp_path / "k.pem"), create=True),
+        load_id_secret(str(tmp_path / "s"), create=True),
+    )
     assert main(["check-config", str(cfg)]) == 0
 
 
@@ -172,17 +229,31 @@ def test_every_key_is_documented() -> None:
     start, end = doc.index(reference.BEGIN), doc.index(reference.END) + len(reference.END)
     assert doc[start:end] == reference.render(), (
         "docs/config.md is out of date: regenerate its reference with "
-        "python -m blindfold.config.reference docs/config.md")
+        "python -m blindfold.config.reference docs/config.md"
+    )
     documented = set(re.findall(r"`\[*([a-z0-9_.]+)\]*`", doc))
     for key, *_ in iter_documented(Config):
         assert key in documented, key
 
 
-@given(st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
-        st.sampled_from(["listen", "routes", "sni", "origins", "workers", "mode", "x"]), inner,
-        max_size=3), max_leaves=10))
+@given(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False)
+        | st.text(max_size=8),
+        lambda inner: (
+            st.lists(inner, max_size=3)
+            | st.dictionaries(
+                st.sampled_from(["listen", "routes", "sni", "origins", "workers", "mode", "x"]),
+                inner,
+                max_size=3,
+            )
+        ),
+        max_leaves=10,
+    )
+)
 def test_any_table_loads_or_raises_config_error(value: object) -> None:
     from blindfold.config.schema import build
 
@@ -197,8 +268,10 @@ def test_documented_examples_are_valid() -> None:
     for doc in (ROOT / "docs" / "config.md", ROOT / "README.md"):
         blocks = re.findall(r"```toml\n(.*?)```", doc.read_text(), re.S)
         assert blocks, doc
-        edge_head = ("[edge]\nlisten = ['127.0.0.1:1']\n[[edge.routes]]\nsni = ['a.test']\n"
-                     "origins = ['127.0.0.1:2']\n")
+        edge_head = (
+            "[edge]\nlisten = ['127.0.0.1:1']\n[[edge.routes]]\nsni = ['a.test']\n"
+            "origins = ['127.0.0.1:2']\n"
+        )
         for block in blocks:
             if "[origin]" in block:
                 pass  # complete as it is

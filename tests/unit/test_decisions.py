@@ -20,10 +20,19 @@ from blindfold.decisions.feed import BanSet
 from blindfold.errors import ProtocolError
 
 
-@pytest.mark.parametrize(("text", "seconds"), [
-    ("4h", 14400.0), ("3h59m59.99s", 14399.99), ("1m30s", 90.0), ("45s", 45.0),
-    ("500ms", 0.5), ("-1.5s", -1.5), ("2h0m0s", 7200.0), ("1.5h", 5400.0),
-])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("4h", 14400.0),
+        ("3h59m59.99s", 14399.99),
+        ("1m30s", 90.0),
+        ("45s", 45.0),
+        ("500ms", 0.5),
+        ("-1.5s", -1.5),
+        ("2h0m0s", 7200.0),
+        ("1.5h", 5400.0),
+    ],
+)
 def test_go_durations(text: str, seconds: float) -> None:
     assert parse_duration(text) == pytest.approx(seconds)
 
@@ -67,8 +76,7 @@ def test_stream_startup_then_deltas() -> None:
     assert [d["value"] for d in gone["deleted"]] == ["198.51.100.0/24"]
     assert store.stream("edge1", False, 1009.0)["deleted"] is None
     store.remove("ip", "192.0.2.1")
-    assert [d["value"] for d in store.stream("edge1", False, 1010.0)["deleted"]] == [
-        "192.0.2.1"]
+    assert [d["value"] for d in store.stream("edge1", False, 1010.0)["deleted"]] == ["192.0.2.1"]
 
 
 def test_add_extends_never_shortens() -> None:
@@ -93,8 +101,12 @@ def test_block_threshold_and_window() -> None:
 
 
 def test_rate_rule_per_path_and_address() -> None:
-    rules = DecisionRules(ban_after_blocks=5, block_window_s=10, ban_duration_s=60,
-                          rate_rules=(RateRule("/login", 1.0, 3, 120, "login"),))
+    rules = DecisionRules(
+        ban_after_blocks=5,
+        block_window_s=10,
+        ban_duration_s=60,
+        rate_rules=(RateRule("/login", 1.0, 3, 120, "login"),),
+    )
     hits = [rules.on_request("1.2.3.4", b"/login", 0.0) for _ in range(4)]
     assert hits[:3] == [None, None, None] and hits[3] == ("1.2.3.4", 120, "rate: login")
     assert rules.on_request("1.2.3.5", b"/login", 0.0) is None  # per address
@@ -102,13 +114,24 @@ def test_rate_rule_per_path_and_address() -> None:
 
 
 def test_parse_crowdsec_stream() -> None:
-    payload = {"new": [
-        {"duration": "3h59m59.9s", "id": 1, "origin": "cscli", "scenario": "manual",
-         "scope": "Ip", "type": "ban", "value": "127.0.0.7"},
-        {"duration": "1h", "scope": "Range", "type": "ban", "value": "10.0.0.0/8"},
-        {"duration": "1h", "scope": "Country", "type": "ban", "value": "FR"},
-        {"duration": "1h", "scope": "Ip", "type": "captcha", "value": "1.1.1.1"},
-        "garbage"], "deleted": [{"scope": "Ip", "value": "127.0.0.8", "type": "ban"}]}
+    payload = {
+        "new": [
+            {
+                "duration": "3h59m59.9s",
+                "id": 1,
+                "origin": "cscli",
+                "scenario": "manual",
+                "scope": "Ip",
+                "type": "ban",
+                "value": "127.0.0.7",
+            },
+            {"duration": "1h", "scope": "Range", "type": "ban", "value": "10.0.0.0/8"},
+            {"duration": "1h", "scope": "Country", "type": "ban", "value": "FR"},
+            {"duration": "1h", "scope": "Ip", "type": "captcha", "value": "1.1.1.1"},
+            "garbage",
+        ],
+        "deleted": [{"scope": "Ip", "value": "127.0.0.8", "type": "ban"}],
+    }
     new, deleted, problems = parse_stream(payload)
     assert [(s, v) for s, v, _d, _r in new] == [("ip", "127.0.0.7"), ("range", "10.0.0.0/8")]
     assert new[0][2] == pytest.approx(14399.9)
@@ -119,10 +142,20 @@ def test_parse_crowdsec_stream() -> None:
         parse_stream([])
 
 
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=10),
-                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-                        st.sampled_from(["new", "deleted", "scope", "value", "duration",
-                                         "type"]), inner, max_size=4), max_leaves=15))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=10),
+        lambda inner: (
+            st.lists(inner, max_size=4)
+            | st.dictionaries(
+                st.sampled_from(["new", "deleted", "scope", "value", "duration", "type"]),
+                inner,
+                max_size=4,
+            )
+        ),
+        max_leaves=15,
+    )
+)
 def test_any_payload_parses_or_raises(payload: object) -> None:
     try:
         parse_stream(payload)
@@ -134,8 +167,9 @@ def test_ban_set_sources_and_expiry() -> None:
     changes: list[list[str]] = []
     bans = BanSet(changes.append)
     bans.apply("stream", [("ip", "192.0.2.1", 10, "a")], [], now=0.0)
-    bans.apply("redis", [("ip", "192.0.2.1", 50, "b"), ("range", "10.0.0.0/8", 5, "c")], [],
-               now=0.0)
+    bans.apply(
+        "redis", [("ip", "192.0.2.1", 50, "b"), ("range", "10.0.0.0/8", 5, "c")], [], now=0.0
+    )
     assert sorted(changes[-1]) == ["10.0.0.0/8", "192.0.2.1"]
     bans.apply("stream", [], [("ip", "192.0.2.1")], now=1.0)  # redis still bans it
     assert "192.0.2.1" in bans.networks()

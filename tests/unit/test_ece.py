@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-import http_ece
+import http_ece  # type: ignore[import-untyped]
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -37,13 +37,16 @@ def test_rfc8188_section_3_1_example() -> None:
 
     blob = b64("I1BsxtFttlv3u_Oo94xnmwAAEAAA-NAVub2qFgBEuQKRapoZu-IxkIva3MEB1PD-ly8Thjg")
     assert ece.open_all(blob, b64("yqdlZ-tYemfogSmv7Ws5PQ")) == b"I am the walrus"
-    again = ece.seal(b"I am the walrus", b64("yqdlZ-tYemfogSmv7Ws5PQ"), rs=4096,
-                     salt=blob[:16])
+    again = ece.seal(b"I am the walrus", b64("yqdlZ-tYemfogSmv7Ws5PQ"), rs=4096, salt=blob[:16])
     assert again == blob
 
 
-@given(st.binary(max_size=3000), st.integers(min_value=18, max_value=600),
-       st.lists(st.integers(min_value=0), max_size=6), st.booleans())
+@given(
+    st.binary(max_size=3000),
+    st.integers(min_value=18, max_value=600),
+    st.lists(st.integers(min_value=0), max_size=6),
+    st.booleans(),
+)
 def test_round_trip_any_chunking(data: bytes, rs: int, cuts: list[int], pad: bool) -> None:
     pad_to = ece.padme(ece.sealed_size(len(data), rs)) if pad else 0
     blob = ece.seal(data, KEY, rs=rs, pad_to=pad_to)
@@ -74,8 +77,7 @@ def test_any_mutation_is_detected(data: bytes, rs: int, draw: st.DataObject) -> 
     assert 16 <= i < 20 and got == data, f"mutation at {i} parsed"
 
 
-@given(st.binary(min_size=1, max_size=800), st.integers(min_value=18, max_value=100),
-       st.data())
+@given(st.binary(min_size=1, max_size=800), st.integers(min_value=18, max_value=100), st.data())
 def test_truncation_is_detected(data: bytes, rs: int, draw: st.DataObject) -> None:
     blob = ece.seal(data, KEY, rs=rs)
     cut = draw.draw(st.integers(min_value=0, max_value=len(blob) - 1))
@@ -137,6 +139,6 @@ def test_opener_memory_is_bounded_by_one_record() -> None:
     blob = ece.seal(os.urandom(200_000), KEY, rs=rs)
     opener = ece.Opener(KEY)
     for i in range(0, len(blob), 1000):
-        opener.feed(blob[i:i + 1000])
+        opener.feed(blob[i : i + 1000])
         assert len(opener._buf) <= rs + 1000
     opener.finish()

@@ -19,8 +19,13 @@ def http_date(t: float) -> bytes:
     return email.utils.formatdate(t, usegmt=True).encode()
 
 
-def stored(cache: HttpCache, headers: list[tuple[bytes, bytes]], body: bytes = b"body",
-           req: list[tuple[bytes, bytes]] | None = None, status: int = 200) -> bool:
+def stored(
+    cache: HttpCache,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes = b"body",
+    req: list[tuple[bytes, bytes]] | None = None,
+    status: int = 200,
+) -> bool:
     req = req or []
     if not cache.storable(b"GET", req, status, headers):
         return False
@@ -33,23 +38,27 @@ def test_key_ignores_host_case_only() -> None:
     assert HttpCache.key(b"example.test", b"/A") != KEY
 
 
-@pytest.mark.parametrize("headers,req,ok", [
-    ([(b"cache-control", b"max-age=60")], [], True),
-    ([(b"cache-control", b"public, s-maxage=10")], [], True),
-    ([(b"expires", http_date(T0 + 60)), (b"date", http_date(T0))], [], True),
-    ([], [], False),  # no explicit freshness: no heuristics
-    ([(b"cache-control", b"max-age=60, private")], [], False),
-    ([(b"cache-control", b"no-store, max-age=60")], [], False),
-    ([(b"cache-control", b"max-age=60")], [(b"cache-control", b"no-store")], False),
-    ([(b"cache-control", b"max-age=60"), (b"set-cookie", b"a=b")], [], False),
-    ([(b"cache-control", b"max-age=60"), (b"vary", b"*")], [], False),
-    ([(b"cache-control", b"max-age=60")], [(b"authorization", b"Basic x")], False),
-    ([(b"cache-control", b"public, max-age=60")], [(b"authorization", b"Basic x")], True),
-    ([(b"cache-control", b"max-age=60")], [(b"range", b"bytes=0-1")], False),
-    ([(b"cache-control", b"no-cache")], [], True),  # stored, revalidated on every use
-])
-def test_what_is_stored(headers: list[tuple[bytes, bytes]], req: list[tuple[bytes, bytes]],
-                        ok: bool) -> None:
+@pytest.mark.parametrize(
+    "headers,req,ok",
+    [
+        ([(b"cache-control", b"max-age=60")], [], True),
+        ([(b"cache-control", b"public, s-maxage=10")], [], True),
+        ([(b"expires", http_date(T0 + 60)), (b"date", http_date(T0))], [], True),
+        ([], [], False),  # no explicit freshness: no heuristics
+        ([(b"cache-control", b"max-age=60, private")], [], False),
+        ([(b"cache-control", b"no-store, max-age=60")], [], False),
+        ([(b"cache-control", b"max-age=60")], [(b"cache-control", b"no-store")], False),
+        ([(b"cache-control", b"max-age=60"), (b"set-cookie", b"a=b")], [], False),
+        ([(b"cache-control", b"max-age=60"), (b"vary", b"*")], [], False),
+        ([(b"cache-control", b"max-age=60")], [(b"authorization", b"Basic x")], False),
+        ([(b"cache-control", b"public, max-age=60")], [(b"authorization", b"Basic x")], True),
+        ([(b"cache-control", b"max-age=60")], [(b"range", b"bytes=0-1")], False),
+        ([(b"cache-control", b"no-cache")], [], True),  # stored, revalidated on every use
+    ],
+)
+def test_what_is_stored(
+    headers: list[tuple[bytes, bytes]], req: list[tuple[bytes, bytes]], ok: bool
+) -> None:
     assert stored(HttpCache(1 << 20, 1 << 16), headers, req=req) is ok
 
 
@@ -70,8 +79,9 @@ def test_fresh_then_stale_then_revalidated() -> None:
     stale = cache.lookup(KEY, b"GET", [], T0 + 11)
     assert stale is not None and not stale.fresh
     assert stale.validators == [(b"if-none-match", b'"v1"')]
-    cache.freshen(stale.entry, [(b"cache-control", b"max-age=100"), (b"etag", b'"v1"')],
-                  T0 + 11, T0 + 11)
+    cache.freshen(
+        stale.entry, [(b"cache-control", b"max-age=100"), (b"etag", b'"v1"')], T0 + 11, T0 + 11
+    )
     again = cache.lookup(KEY, b"GET", [], T0 + 50)
     assert again is not None and again.fresh and again.entry.body == b"body"
 
@@ -87,10 +97,14 @@ def test_age_counts_what_the_response_already_had() -> None:
 
 def test_request_directives_force_revalidation() -> None:
     cache = HttpCache(1 << 20, 1 << 16)
-    assert stored(cache, [(b"cache-control", b"max-age=100"), (b"last-modified",
-                                                                 http_date(T0 - 100))])
-    for req in ([(b"cache-control", b"no-cache")], [(b"pragma", b"no-cache")],
-                [(b"cache-control", b"max-age=0")]):
+    assert stored(
+        cache, [(b"cache-control", b"max-age=100"), (b"last-modified", http_date(T0 - 100))]
+    )
+    for req in (
+        [(b"cache-control", b"no-cache")],
+        [(b"pragma", b"no-cache")],
+        [(b"cache-control", b"max-age=0")],
+    ):
         found = cache.lookup(KEY, b"GET", req, T0 + 5)
         assert found is not None and not found.fresh
         assert found.validators == [(b"if-modified-since", http_date(T0 - 100))]
@@ -143,8 +157,14 @@ def test_size_bounds_evict_least_recently_used() -> None:
 
 def test_not_modified_for_the_visitors_own_validators() -> None:
     cache = HttpCache(1 << 20, 1 << 16)
-    assert stored(cache, [(b"cache-control", b"max-age=60"), (b"etag", b'W/"v1"'),
-                          (b"last-modified", http_date(T0 - 10))])
+    assert stored(
+        cache,
+        [
+            (b"cache-control", b"max-age=60"),
+            (b"etag", b'W/"v1"'),
+            (b"last-modified", http_date(T0 - 10)),
+        ],
+    )
     entry = cache.lookup(KEY, b"GET", [], T0)
     assert entry is not None
     assert not_modified(entry.entry, [(b"if-none-match", b'"v1"')])  # weak comparison
@@ -165,9 +185,17 @@ def test_freshness_lifetime_precedence() -> None:
     assert freshness_lifetime(bad, directives(bad)) == 0.0  # invalid Expires: expired
 
 
-@given(st.lists(st.tuples(st.sampled_from([b"cache-control", b"expires", b"date", b"vary",
-                                           b"age", b"etag", b"set-cookie"]),
-                          st.binary(max_size=40)), max_size=8))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(
+                [b"cache-control", b"expires", b"date", b"vary", b"age", b"etag", b"set-cookie"]
+            ),
+            st.binary(max_size=40),
+        ),
+        max_size=8,
+    )
+)
 def test_any_response_headers_are_handled(headers: list[tuple[bytes, bytes]]) -> None:
     cache = HttpCache(1 << 16, 1 << 12)
     if cache.storable(b"GET", [], 200, headers):

@@ -30,8 +30,14 @@ not-an-address
 
 def test_parse_formats() -> None:
     nets, errors = parse_list(SPAMHAUS_STYLE + FIREHOL_STYLE)
-    assert [str(n) for n in nets] == ["1.10.16.0/20", "2.57.122.0/24", "192.0.2.7/32",
-                                      "198.51.100.0/24", "2001:db8:bad::/48", "203.0.113.0/24"]
+    assert [str(n) for n in nets] == [
+        "1.10.16.0/20",
+        "2.57.122.0/24",
+        "192.0.2.7/32",
+        "198.51.100.0/24",
+        "2001:db8:bad::/48",
+        "203.0.113.0/24",
+    ]
     assert [e.line for e in errors] == [12, 13]
 
 
@@ -51,10 +57,17 @@ def test_host_bits_are_masked() -> None:
     assert not errors and str(nets[0]) == "192.0.2.0/24"
 
 
-@given(st.lists(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).flatmap(
-    lambda a: st.integers(a.max_prefixlen - 24 if a.version == 6 else 8, a.max_prefixlen).map(
-        lambda p: ipaddress.ip_network(f"{a}/{p}", strict=False))), max_size=30),
-    st.lists(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)), min_size=1, max_size=30))
+@given(
+    st.lists(
+        st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)).flatmap(
+            lambda a: st.integers(
+                a.max_prefixlen - 24 if a.version == 6 else 8, a.max_prefixlen
+            ).map(lambda p: ipaddress.ip_network(f"{a}/{p}", strict=False))
+        ),
+        max_size=30,
+    ),
+    st.lists(st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6)), min_size=1, max_size=30),
+)
 def test_matches_ipaddress_reference(nets: list, probes: list) -> None:  # type: ignore[type-arg]
     s = IPSet(nets)
     for probe in probes:

@@ -8,10 +8,41 @@ from blindfold.core.clienthello import peek_client_hello
 from blindfold.core.ja4 import alpn_chars, ja4_fingerprint
 from tests.helpers import tlsbuild as tb
 
-SPEC_CIPHERS = [0x1301, 0x1302, 0x1303, 0xC02B, 0xC02F, 0xC02C, 0xC030, 0xCCA9, 0xCCA8, 0xC013,
-                0xC014, 0x009C, 0x009D, 0x002F, 0x0035]
-SPEC_EXTS = [0x001B, 0x0000, 0x0033, 0x0010, 0x4469, 0x0017, 0x002D, 0x000D, 0x0005, 0x0023,
-             0x0012, 0x002B, 0xFF01, 0x000B, 0x000A, 0x0015]
+SPEC_CIPHERS = [
+    0x1301,
+    0x1302,
+    0x1303,
+    0xC02B,
+    0xC02F,
+    0xC02C,
+    0xC030,
+    0xCCA9,
+    0xCCA8,
+    0xC013,
+    0xC014,
+    0x009C,
+    0x009D,
+    0x002F,
+    0x0035,
+]
+SPEC_EXTS = [
+    0x001B,
+    0x0000,
+    0x0033,
+    0x0010,
+    0x4469,
+    0x0017,
+    0x002D,
+    0x000D,
+    0x0005,
+    0x0023,
+    0x0012,
+    0x002B,
+    0xFF01,
+    0x000B,
+    0x000A,
+    0x0015,
+]
 SPEC_SIGS = [0x0403, 0x0804, 0x0401, 0x0503, 0x0805, 0x0501, 0x0806, 0x0601]
 
 
@@ -24,23 +55,44 @@ def _ciphers(c: list[int]) -> bytes:
 
 
 def test_spec_example() -> None:
-    ja4 = ja4_fingerprint(0x0303, (0x0304, 0x0303), True, _ciphers(SPEC_CIPHERS),
-                          tuple(SPEC_EXTS), _sig_bytes(SPEC_SIGS), b"h2")
+    ja4 = ja4_fingerprint(
+        0x0303,
+        (0x0304, 0x0303),
+        True,
+        _ciphers(SPEC_CIPHERS),
+        tuple(SPEC_EXTS),
+        _sig_bytes(SPEC_SIGS),
+        b"h2",
+    )
     assert ja4 == "t13d1516h2_8daaf6152771_e5627efa2ab1"
 
 
 def test_spec_example_without_signature_algorithms() -> None:
-    ja4 = ja4_fingerprint(0x0303, (0x0304,), True, _ciphers(SPEC_CIPHERS), tuple(SPEC_EXTS),
-                          b"", b"h2")
+    ja4 = ja4_fingerprint(
+        0x0303, (0x0304,), True, _ciphers(SPEC_CIPHERS), tuple(SPEC_EXTS), b"", b"h2"
+    )
     assert ja4.endswith("_6d807ffa2a79")
 
 
 def test_grease_is_ignored_everywhere() -> None:
-    plain = ja4_fingerprint(0x0303, (0x0304,), True, _ciphers(SPEC_CIPHERS), tuple(SPEC_EXTS),
-                            _sig_bytes(SPEC_SIGS), b"h2")
+    plain = ja4_fingerprint(
+        0x0303,
+        (0x0304,),
+        True,
+        _ciphers(SPEC_CIPHERS),
+        tuple(SPEC_EXTS),
+        _sig_bytes(SPEC_SIGS),
+        b"h2",
+    )
     greased = ja4_fingerprint(
-        0x0303, (0x3A3A, 0x0304), True, _ciphers([0x0A0A, *SPEC_CIPHERS]),
-        (0x2A2A, *SPEC_EXTS, 0xFAFA), _sig_bytes([0x1A1A, *SPEC_SIGS]), b"h2")
+        0x0303,
+        (0x3A3A, 0x0304),
+        True,
+        _ciphers([0x0A0A, *SPEC_CIPHERS]),
+        (0x2A2A, *SPEC_EXTS, 0xFAFA),
+        _sig_bytes([0x1A1A, *SPEC_SIGS]),
+        b"h2",
+    )
     assert greased == plain
 
 
@@ -83,5 +135,6 @@ def test_version_and_counts() -> None:
     assert ja4.startswith("t10i9900")  # counts cap at 99
     assert ja4.endswith("_000000000000")
     assert ja4_fingerprint(0x0300, (), False, b"", (), b"", None) == (
-        "ts3i000000_000000000000_000000000000")
+        "ts3i000000_000000000000_000000000000"
+    )
     assert ja4_fingerprint(0x9999, (), True, b"\x13\x01", (0x0000,), b"", None)[1:3] == "00"

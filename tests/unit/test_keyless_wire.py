@@ -12,11 +12,11 @@ from blindfold.errors import ProtocolError
 requests = st.builds(
     w.SignRequest,
     scheme=st.sampled_from(sorted(w.SCHEMES)),
-    transcript_hash=st.sampled_from([32, 48]).flatmap(lambda n: st.binary(min_size=n,
-                                                                          max_size=n)),
+    transcript_hash=st.sampled_from([32, 48]).flatmap(lambda n: st.binary(min_size=n, max_size=n)),
     hostname=st.from_regex(r"[a-z0-9.-]{1,60}", fullmatch=True),
     client=st.one_of(st.just(""), st.ip_addresses().map(str)),
-    certificate_sha256=st.binary(min_size=32, max_size=32))
+    certificate_sha256=st.binary(min_size=32, max_size=32),
+)
 
 
 @given(requests, st.integers(0, 2**32 - 1))
@@ -60,12 +60,15 @@ def test_any_mutation_decodes_or_raises(req: w.SignRequest, data: st.DataObject)
         pass
 
 
-@pytest.mark.parametrize("raw", [
-    (20000).to_bytes(4, "big") + b"\x01\x01" + b"\x00" * 4,  # over the frame limit
-    (3).to_bytes(4, "big") + b"\x01\x01\x00",  # shorter than a header
-    (6).to_bytes(4, "big") + b"\x02\x01" + b"\x00" * 4,  # unknown version
-    (6).to_bytes(4, "big") + b"\x01\x09" + b"\x00" * 4,  # unknown type
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        (20000).to_bytes(4, "big") + b"\x01\x01" + b"\x00" * 4,  # over the frame limit
+        (3).to_bytes(4, "big") + b"\x01\x01\x00",  # shorter than a header
+        (6).to_bytes(4, "big") + b"\x02\x01" + b"\x00" * 4,  # unknown version
+        (6).to_bytes(4, "big") + b"\x01\x09" + b"\x00" * 4,  # unknown type
+    ],
+)
 def test_bad_frames(raw: bytes) -> None:
     with pytest.raises(ProtocolError):
         w.FrameDecoder().feed(raw)

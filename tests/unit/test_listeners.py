@@ -41,11 +41,17 @@ def test_bpf_steering_matches_the_python_mirror(workers: int) -> None:
 def test_ipv6_prefix_grouping_mirror() -> None:
     # /48 grouping: the same /48 maps to one worker whatever the rest
     a = steer_index("2001:db8:1:2::5", 7, 48)
-    assert all(steer_index(f"2001:db8:1:{x:x}::{y:x}", 7, 48) == a
-               for x in range(0, 300, 17) for y in range(1, 50, 7))
+    assert all(
+        steer_index(f"2001:db8:1:{x:x}::{y:x}", 7, 48) == a
+        for x in range(0, 300, 17)
+        for y in range(1, 50, 7)
+    )
     b = steer_index("2001:db8:1:2::5", 7, 64)
-    assert all(steer_index(f"2001:db8:1:2:{x:x}::{y:x}", 7, 64) == b
-               for x in range(0, 300, 17) for y in range(1, 50, 7))
+    assert all(
+        steer_index(f"2001:db8:1:2:{x:x}::{y:x}", 7, 64) == b
+        for x in range(0, 300, 17)
+        for y in range(1, 50, 7)
+    )
 
 
 def test_bind_error_leaves_nothing_open() -> None:

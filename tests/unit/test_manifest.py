@@ -22,9 +22,17 @@ SECRET = b"s" * 32
 
 
 def _entry(path: str = "/a.js", size: int = 10) -> manifest.Entry:
-    return manifest.Entry(path=path, id="0" * 32, blob_sha256="1" * 64, sha256="2" * 64,
-                          type="text/javascript", size=size,
-                          sealed_size=ece.sealed_size(size, 4096), rs=4096, key=b"k" * 16)
+    return manifest.Entry(
+        path=path,
+        id="0" * 32,
+        blob_sha256="1" * 64,
+        sha256="2" * 64,
+        type="text/javascript",
+        size=size,
+        sealed_size=ece.sealed_size(size, 4096),
+        rs=4096,
+        key=b"k" * 16,
+    )
 
 
 def test_round_trip() -> None:
@@ -46,9 +54,12 @@ def test_expiry_future_and_wrong_key() -> None:
 
 def test_a_changed_payload_or_signature_is_refused() -> None:
     doc = json.loads(manifest.build([_entry()], SK, 1000, 2000))
-    for field, value in (("payload", doc["payload"].replace('"size":10', '"size":11')),
-                         ("signature", doc["signature"][:-2] + "AA"),
-                         ("format", "blindfold-manifest/0"), ("alg", "rsa")):
+    for field, value in (
+        ("payload", doc["payload"].replace('"size":10', '"size":11')),
+        ("signature", doc["signature"][:-2] + "AA"),
+        ("format", "blindfold-manifest/0"),
+        ("alg", "rsa"),
+    ):
         bad = dict(doc, **{field: value})
         with pytest.raises(VerificationError):
             manifest.verify(json.dumps(bad).encode(), PK, 1500)
@@ -75,13 +86,25 @@ def test_any_byte_change_is_refused(draw: st.DataObject) -> None:
 
 
 def test_signed_but_malformed_entries_are_refused() -> None:
-    for bad in ({"id": "zz"}, {"key": "AAAA"}, {"rs": 5}, {"size": -1}, {"sha256": "x"},
-                {"sealed_size": 1}):
+    for bad in (
+        {"id": "zz"},
+        {"key": "AAAA"},
+        {"rs": 5},
+        {"size": -1},
+        {"sha256": "x"},
+        {"sealed_size": 1},
+    ):
         raw = dict(_entry().to_json(), **bad)
-        payload = json.dumps({"format": manifest.FORMAT, "issued_at": 1, "expires_at": 9 << 40,
-                              "files": {"/a": raw}})
-        doc = {"format": manifest.FORMAT, "alg": "ed25519", "key_id": manifest.key_id(PK),
-               "payload": payload, "signature": manifest.b64u(SK.sign(payload.encode()))}
+        payload = json.dumps(
+            {"format": manifest.FORMAT, "issued_at": 1, "expires_at": 9 << 40, "files": {"/a": raw}}
+        )
+        doc = {
+            "format": manifest.FORMAT,
+            "alg": "ed25519",
+            "key_id": manifest.key_id(PK),
+            "payload": payload,
+            "signature": manifest.b64u(SK.sign(payload.encode())),
+        }
         with pytest.raises(VerificationError):
             manifest.verify(json.dumps(doc).encode(), PK, 1500)
 
@@ -105,8 +128,9 @@ def _tree(tmp: Path) -> Path:
 
 def test_seal_tree_then_open_every_blob(tmp_path: Path) -> None:
     src = _tree(tmp_path)
-    report = sealer.seal_tree(str(src), str(tmp_path / "out"), SK, SECRET,
-                              sealer.SealOptions(record_size=4096), now=1000)
+    report = sealer.seal_tree(
+        str(src), str(tmp_path / "out"), SK, SECRET, sealer.SealOptions(record_size=4096), now=1000
+    )
     assert (report.files, report.sealed, report.reused) == (3, 3, 0)
     m = manifest.verify((tmp_path / "out" / "manifest.json").read_bytes(), PK, 1001)
     assert set(m.files) == {"/index.html", "/sub/data.bin", "/empty.txt"}

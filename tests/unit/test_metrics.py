@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 from blindfold.obs.metrics import Histogram, MetricSpec, merge, render
 
 SPECS = [
@@ -15,9 +17,16 @@ def test_merge_and_render() -> None:
     for v in (0.05, 0.5, 5.0):
         h1.observe(v)
     h2.observe(0.05)
-    a = {"x_total": [[["a\"b"], 2]], "up": [[["o1"], 1]], "lat_seconds": [[[], h1.value()]]}
-    b = {"x_total": [[["a\"b"], 3], [["c"], 1]], "up": [[["o1"], 0]],
-         "lat_seconds": [[[], h2.value()]]}
+    a: dict[str, list[list[Any]]] = {
+        "x_total": [[['a"b'], 2]],
+        "up": [[["o1"], 1]],
+        "lat_seconds": [[[], h1.value()]],
+    }
+    b: dict[str, list[list[Any]]] = {
+        "x_total": [[['a"b'], 3], [["c"], 1]],
+        "up": [[["o1"], 0]],
+        "lat_seconds": [[[], h2.value()]],
+    }
     text = render(merge([a, b], {s.name: s for s in SPECS}), SPECS)
     assert 'x_total{reason="a\\"b"} 5' in text
     assert 'x_total{reason="c"} 1' in text

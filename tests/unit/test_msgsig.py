@@ -15,11 +15,13 @@ KEY = Ed25519PrivateKey.generate()
 BODY = b"<html>hello</html>"
 
 
-def _signed(now: float | None = None, lifetime: float = 300, status: int = 200,
-            body: bytes = BODY) -> list[tuple[str, str]]:
+def _signed(
+    now: float | None = None, lifetime: float = 300, status: int = 200, body: bytes = BODY
+) -> list[tuple[str, str]]:
     signer = msgsig.ResponseSigner(KEY, lifetime)
-    extra = signer.headers(status, "text/html", hashlib.sha256(body).digest(),
-                           time.time() if now is None else now)
+    extra = signer.headers(
+        status, "text/html", hashlib.sha256(body).digest(), time.time() if now is None else now
+    )
     return [(k.decode(), v.decode()) for k, v in extra] + [("content-type", "text/html")]
 
 
@@ -29,8 +31,7 @@ def test_round_trip() -> None:
     assert v.expires - v.created == 300
 
 
-@pytest.mark.parametrize("change", ["body", "status", "type", "date", "key", "unsigned",
-                                    "expired"])
+@pytest.mark.parametrize("change", ["body", "status", "type", "date", "key", "unsigned", "expired"])
 def test_every_change_is_refused(change: str) -> None:
     headers, body, status, key = _signed(), BODY, 200, KEY.public_key()
     if change == "body":

@@ -22,21 +22,30 @@ from blindfold.errors import ProtocolError
 ports = st.integers(0, 65535)
 v4 = st.ip_addresses(v=4).map(str)
 v6 = st.ip_addresses(v=6).map(str)
-tlvs = st.lists(st.tuples(st.sampled_from([PP2_TYPE_ALPN, PP2_TYPE_AUTHORITY, 0x05, 0xE0]),
-                          st.binary(max_size=60)), max_size=4)
+tlvs = st.lists(
+    st.tuples(
+        st.sampled_from([PP2_TYPE_ALPN, PP2_TYPE_AUTHORITY, 0x05, 0xE0]), st.binary(max_size=60)
+    ),
+    max_size=4,
+)
 
 
 def test_v1_exact_bytes() -> None:
     assert encode_v1(("192.0.2.1", 56324), ("198.51.100.2", 443)) == (
-        b"PROXY TCP4 192.0.2.1 198.51.100.2 56324 443\r\n")
+        b"PROXY TCP4 192.0.2.1 198.51.100.2 56324 443\r\n"
+    )
     assert encode_v1(("2001:db8::1", 1), ("::1", 2)) == b"PROXY TCP6 2001:db8::1 ::1 1 2\r\n"
     assert encode_v1(None, None) == b"PROXY UNKNOWN\r\n"
 
 
 def test_v2_exact_bytes() -> None:
     header = encode_v2(("127.0.0.2", 4660), ("127.0.0.1", 443))
-    assert header == (V2_SIGNATURE + b"\x21\x11\x00\x0c" + bytes([127, 0, 0, 2, 127, 0, 0, 1])
-                      + b"\x12\x34\x01\xbb")
+    assert header == (
+        V2_SIGNATURE
+        + b"\x21\x11\x00\x0c"
+        + bytes([127, 0, 0, 2, 127, 0, 0, 1])
+        + b"\x12\x34\x01\xbb"
+    )
 
 
 def test_crc32c_check_value() -> None:
@@ -55,8 +64,9 @@ def test_v1_round_trip(addrs: tuple[str, str], sport: int, dport: int) -> None:
 
 
 @given(st.one_of(st.tuples(v4, v4), st.tuples(v6, v6)), ports, ports, tlvs, st.booleans())
-def test_v2_round_trip(addrs: tuple[str, str], sport: int, dport: int,
-                       extra: list[tuple[int, bytes]], crc: bool) -> None:
+def test_v2_round_trip(
+    addrs: tuple[str, str], sport: int, dport: int, extra: list[tuple[int, bytes]], crc: bool
+) -> None:
     raw = encode_v2((addrs[0], sport), (addrs[1], dport), tuple(extra), crc=crc)
     parsed = parse_proxy_header(raw + b"rest")
     assert parsed is not None
@@ -68,13 +78,24 @@ def test_v2_round_trip(addrs: tuple[str, str], sport: int, dport: int,
     assert [t for t in header.tlvs if t[0] != 0x03] == extra
 
 
-@given(st.one_of(st.tuples(v4, v4), st.tuples(v6, v6)), ports, ports, tlvs,
-       st.lists(st.integers(1, 20), max_size=20))
-def test_any_chunking_gives_the_same_result(addrs: tuple[str, str], sport: int, dport: int,
-                                            extra: list[tuple[int, bytes]],
-                                            chunks: list[int]) -> None:
-    for raw in (encode_v1((addrs[0], sport), (addrs[1], dport)),
-                encode_v2((addrs[0], sport), (addrs[1], dport), tuple(extra))):
+@given(
+    st.one_of(st.tuples(v4, v4), st.tuples(v6, v6)),
+    ports,
+    ports,
+    tlvs,
+    st.lists(st.integers(1, 20), max_size=20),
+)
+def test_any_chunking_gives_the_same_result(
+    addrs: tuple[str, str],
+    sport: int,
+    dport: int,
+    extra: list[tuple[int, bytes]],
+    chunks: list[int],
+) -> None:
+    for raw in (
+        encode_v1((addrs[0], sport), (addrs[1], dport)),
+        encode_v2((addrs[0], sport), (addrs[1], dport), tuple(extra)),
+    ):
         whole = parse_proxy_header(raw)
         buf = b""
         pos = 0
@@ -91,12 +112,22 @@ def test_any_chunking_gives_the_same_result(addrs: tuple[str, str], sport: int, 
 
 @given(st.data())
 def test_any_mutation_parses_or_raises_protocol_error(data: st.DataObject) -> None:
-    raw = bytearray(data.draw(st.sampled_from([
-        encode_v1(("192.0.2.1", 1), ("192.0.2.2", 2)),
-        encode_v2(("192.0.2.1", 1), ("192.0.2.2", 2), ((PP2_TYPE_AUTHORITY, b"a.test"),),
-                  crc=True),
-        encode_v2(("2001:db8::1", 1), ("2001:db8::2", 2)),
-    ])))
+    raw = bytearray(
+        data.draw(
+            st.sampled_from(
+                [
+                    encode_v1(("192.0.2.1", 1), ("192.0.2.2", 2)),
+                    encode_v2(
+                        ("192.0.2.1", 1),
+                        ("192.0.2.2", 2),
+                        ((PP2_TYPE_AUTHORITY, b"a.test"),),
+                        crc=True,
+                    ),
+                    encode_v2(("2001:db8::1", 1), ("2001:db8::2", 2)),
+                ]
+            )
+        )
+    )
     for _ in range(data.draw(st.integers(1, 3))):
         i = data.draw(st.integers(0, len(raw) - 1))
         if data.draw(st.booleans()):
@@ -109,20 +140,23 @@ def test_any_mutation_parses_or_raises_protocol_error(data: st.DataObject) -> No
         pass
 
 
-@pytest.mark.parametrize("raw", [
-    b"GET / HTTP/1.1\r\n",
-    b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n",          # leading zero in a port
-    b"PROXY TCP4 ::1 ::1 1 2\r\n",                     # family mismatch
-    b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n",
-    b"PROXY TCP4 1.2.3.4 5.6.7.8 1 70000\r\n",
-    b"PROXY " + b"x" * 120,                            # no CRLF within 107 bytes
-    b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n",               # LF only
-    V2_SIGNATURE + b"\x31\x11\x00\x0c" + b"\x00" * 12,  # version 3
-    V2_SIGNATURE + b"\x22\x11\x00\x0c" + b"\x00" * 12,  # command 2
-    V2_SIGNATURE + b"\x21\x11\x00\x04" + b"\x00" * 4,   # address block too short
-    V2_SIGNATURE + b"\x21\x99\x00\x00",                 # unknown family
-    V2_SIGNATURE + b"\x21\x11\x00\x10" + b"\x00" * 12 + b"\x02\x00\x09x",  # TLV overruns
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET / HTTP/1.1\r\n",
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n",  # leading zero in a port
+        b"PROXY TCP4 ::1 ::1 1 2\r\n",  # family mismatch
+        b"PROXY TCP5 1.2.3.4 5.6.7.8 1 2\r\n",
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 1 70000\r\n",
+        b"PROXY " + b"x" * 120,  # no CRLF within 107 bytes
+        b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n",  # LF only
+        V2_SIGNATURE + b"\x31\x11\x00\x0c" + b"\x00" * 12,  # version 3
+        V2_SIGNATURE + b"\x22\x11\x00\x0c" + b"\x00" * 12,  # command 2
+        V2_SIGNATURE + b"\x21\x11\x00\x04" + b"\x00" * 4,  # address block too short
+        V2_SIGNATURE + b"\x21\x99\x00\x00",  # unknown family
+        V2_SIGNATURE + b"\x21\x11\x00\x10" + b"\x00" * 12 + b"\x02\x00\x09x",  # TLV overruns
+    ],
+)
 def test_bad_headers(raw: bytes) -> None:
     with pytest.raises(ProtocolError) as info:
         parse_proxy_header(raw)

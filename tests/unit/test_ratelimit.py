@@ -57,8 +57,7 @@ def test_sweep_drops_only_idle_refilled_entries() -> None:
     assert len(lim) == 10
 
 
-@given(st.lists(st.tuples(st.sampled_from("abc"), st.booleans(), st.floats(0, 0.5)),
-                max_size=200))
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.booleans(), st.floats(0, 0.5)), max_size=200))
 def test_open_counts_never_exceed_the_cap(ops: list[tuple[str, bool, float]]) -> None:
     lim = KeyedLimiter(rate_per_s=5.0, burst=3, concurrent=2, max_keys=2)
     held: dict[str, int] = {}

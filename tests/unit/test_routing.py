@@ -4,8 +4,14 @@ from blindfold.core.routing import SniRouter
 
 
 def test_most_specific_wins() -> None:
-    r = SniRouter([("example.test", "exact"), ("*.example.test", "wild"),
-                   ("*.api.example.test", "api"), ("www.api.example.test", "www-api")])
+    r = SniRouter(
+        [
+            ("example.test", "exact"),
+            ("*.example.test", "wild"),
+            ("*.api.example.test", "api"),
+            ("www.api.example.test", "www-api"),
+        ]
+    )
     assert r.lookup("example.test") == "exact"
     assert r.lookup("a.example.test") == "wild"
     assert r.lookup("a.b.example.test") == "wild"

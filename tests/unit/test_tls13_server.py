@@ -26,8 +26,9 @@ HOST = "example.test"
 class Site:
     def __init__(self, ca: pki.Issued, kind: str, tmp: Path) -> None:
         leaf = pki.issue(ca, [HOST, "*.example.test"], kind=kind)  # type: ignore[arg-type]
-        self.key = SiteKey(kind, leaf.key, bytes(32), SniRouter([(HOST, True)]),
-                           schemes_for(leaf.key))
+        self.key = SiteKey(
+            kind, leaf.key, bytes(32), SniRouter([(HOST, True)]), schemes_for(leaf.key)
+        )
         self.identity = ts.ServerIdentity.from_pem(leaf.cert_pem())
         self.cafile = tmp / "ca.pem"
         ca.write(self.cafile)
@@ -42,10 +43,17 @@ def sites(ca: pki.Issued, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
 class Pair:
     """A Python ssl client and a TlsServer wired back to back."""
 
-    def __init__(self, site: Site, *, alpn: list[str] | None = ("h2", "http/1.1"),  # type: ignore[assignment]
-                 session: ssl.SSLSession | None = None, settings: ts.TlsSettings | None = None,
-                 store: ts.SessionStore | None = None, ctx: ssl.SSLContext | None = None,
-                 sni: str = HOST) -> None:
+    def __init__(
+        self,
+        site: Site,
+        *,
+        alpn: list[str] | None = ("h2", "http/1.1"),  # type: ignore[assignment]
+        session: ssl.SSLSession | None = None,
+        settings: ts.TlsSettings | None = None,
+        store: ts.SessionStore | None = None,
+        ctx: ssl.SSLContext | None = None,
+        sni: str = HOST,
+    ) -> None:
         self.site = site
         self.ctx = ctx or ssl.create_default_context(cafile=str(site.cafile))
         if alpn:
@@ -70,6 +78,7 @@ class Pair:
         events = self.server.receive(data, self.now) if data else []
         while events and isinstance(events[-1], ts.SignatureRequested):
             request = events.pop()
+            assert isinstance(request, ts.SignatureRequested)
             self.signed.append(request)
             sig = sign_certificate_verify(self.site.key, request.scheme, request.transcript_hash)
             events += self.server.signature_received(sig, self.now)
@@ -113,8 +122,9 @@ def records(data: bytes) -> list[tuple[int, int]]:
     return out
 
 
-@pytest.mark.parametrize("kind,scheme", [("ec256", 0x0403), ("ec384", 0x0503),
-                                         ("rsa2048", 0x0804), ("ed25519", 0x0807)])
+@pytest.mark.parametrize(
+    "kind,scheme", [("ec256", 0x0403), ("ec384", 0x0503), ("rsa2048", 0x0804), ("ed25519", 0x0807)]
+)
 def test_full_handshake_signed_remotely(sites: dict[str, Site], kind: str, scheme: int) -> None:
     p = Pair(sites[kind])
     p.handshake()
@@ -140,8 +150,9 @@ def test_application_data_both_ways_in_bounded_records(sites: dict[str, Site]) -
     assert p.client_read() == payload
 
 
-@pytest.mark.parametrize("offered,chosen", [(["h2", "http/1.1"], "h2"),
-                                            (["http/1.1"], "http/1.1"), (None, None)])
+@pytest.mark.parametrize(
+    "offered,chosen", [(["h2", "http/1.1"], "h2"), (["http/1.1"], "http/1.1"), (None, None)]
+)
 def test_alpn(sites: dict[str, Site], offered: list[str] | None, chosen: str | None) -> None:
     p = Pair(sites["ec256"], alpn=offered)
     p.handshake()
@@ -173,8 +184,7 @@ def test_server_updates_its_keys(sites: dict[str, Site]) -> None:
     assert next(e for e in p.to_server() if isinstance(e, ts.DataReceived)).data == b"still talking"
 
 
-def test_resumption_needs_no_signature_and_tickets_are_single_use(
-        sites: dict[str, Site]) -> None:
+def test_resumption_needs_no_signature_and_tickets_are_single_use(sites: dict[str, Site]) -> None:
     site = sites["ec256"]
     store = ts.SessionStore(3600, 100)
     first = Pair(site, store=store)
@@ -216,8 +226,10 @@ def test_ticket_lifetime_and_bound() -> None:
         import datetime
 
         now = datetime.datetime.now(datetime.UTC)
-        return q.SessionTicket(1, q.CipherSuite.AES_128_GCM_SHA256, now, now, b"s",
-                               HOST, bytes([n]))
+        return q.SessionTicket(
+            1, q.CipherSuite.AES_128_GCM_SHA256, now, now, b"s", HOST, bytes([n])
+        )
+
     store.put(ticket(1), HOST, 0.0)
     store.put(ticket(2), HOST, 0.0)
     store.put(ticket(3), HOST, 0.0)
@@ -286,7 +298,8 @@ def test_close_notify_is_a_clean_end(sites: dict[str, Site]) -> None:
 
 
 def test_finished_and_binders_are_compared_in_constant_time(
-        sites: dict[str, Site], monkeypatch: pytest.MonkeyPatch) -> None:
+    sites: dict[str, Site], monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[int] = []
     real = hmac.compare_digest
 
@@ -294,7 +307,7 @@ def test_finished_and_binders_are_compared_in_constant_time(
         calls.append(len(a))
         return real(a, b)
 
-    monkeypatch.setattr(ts.hmac, "compare_digest", counting)
+    monkeypatch.setattr(hmac, "compare_digest", counting)
     site = sites["ec256"]
     store = ts.SessionStore(3600, 10)
     first = Pair(site, store=store)
@@ -338,7 +351,7 @@ def test_garbage_never_raises(data: bytes) -> None:
     site = _SITE_FOR_FUZZ
     server = ts.TlsServer(site.identity, ts.TlsSettings(), ts.SessionStore(10, 10), HOST)
     for event in server.receive(data, 0.0):
-        assert isinstance(event, ts.Event)  # type: ignore[arg-type]
+        assert isinstance(event, ts.Event)
 
 
 @given(st.data())

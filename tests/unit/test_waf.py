@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from blindfold.waf.engine import CrsSettings, Exclusion, ModSecurityEngine
@@ -16,8 +18,13 @@ def engine() -> ModSecurityEngine:
     return ModSecurityEngine(CrsSettings(paranoia_level=1))
 
 
-def run(engine: ModSecurityEngine, method: bytes, uri: bytes, body: bytes = b"",
-        headers: list[tuple[bytes, bytes]] | None = None):  # type: ignore[no-untyped-def]
+def run(
+    engine: ModSecurityEngine,
+    method: bytes,
+    uri: bytes,
+    body: bytes = b"",
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> Any:
     tx = engine.transaction("t", CLIENT, SERVER)
     verdict = tx.request_headers(method, uri, "1.1", headers or UA)
     if verdict is None:
@@ -35,10 +42,12 @@ def test_sql_injection_in_the_query_is_blocked(engine: ModSecurityEngine) -> Non
 
 
 def test_attack_in_a_form_body_is_blocked(engine: ModSecurityEngine) -> None:
-    form = [*UA, (b"content-type", b"application/x-www-form-urlencoded"),
-            (b"content-length", b"40")]
-    verdict, _ = run(engine, b"POST", b"/login", b"user=admin&pass=<script>alert(1)</script>",
-                     form)
+    form = [
+        *UA,
+        (b"content-type", b"application/x-www-form-urlencoded"),
+        (b"content-length", b"40"),
+    ]
+    verdict, _ = run(engine, b"POST", b"/login", b"user=admin&pass=<script>alert(1)</script>", form)
     assert verdict is not None and verdict.status == 403
 
 
@@ -56,8 +65,9 @@ def test_detect_mode_never_blocks_but_reports() -> None:
 
 
 def test_path_exclusions() -> None:
-    engine = ModSecurityEngine(CrsSettings(exclusions=(
-        Exclusion("/search", (942100,)), Exclusion("/raw", ()))))
+    engine = ModSecurityEngine(
+        CrsSettings(exclusions=(Exclusion("/search", (942100,)), Exclusion("/raw", ())))
+    )
     assert run(engine, b"GET", b"/search?q=1%27%20OR%201=1--")[0] is None
     assert run(engine, b"GET", b"/raw?q=<script>alert(1)</script>")[0] is None
     assert run(engine, b"GET", b"/other?q=1%27%20OR%201=1--")[0] is not None
@@ -72,16 +82,21 @@ def test_allowed_methods() -> None:
 
 def test_allowed_content_types() -> None:
     octet = [*UA, (b"content-type", b"application/octet-stream"), (b"content-length", b"4")]
-    assert run(ModSecurityEngine(CrsSettings()), b"POST", b"/up", b"\x00\x01\x02\x03",
-               octet)[0] is not None  # CRS 920420
-    uploads = ModSecurityEngine(CrsSettings(
-        allowed_content_types="application/x-www-form-urlencoded application/octet-stream"))
+    assert (
+        run(ModSecurityEngine(CrsSettings()), b"POST", b"/up", b"\x00\x01\x02\x03", octet)[0]
+        is not None
+    )  # CRS 920420
+    uploads = ModSecurityEngine(
+        CrsSettings(
+            allowed_content_types="application/x-www-form-urlencoded application/octet-stream"
+        )
+    )
     assert run(uploads, b"POST", b"/up", b"\x00\x01\x02\x03", octet)[0] is None
 
 
 def test_bad_rules_file_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
     bad = tmp_path / "bad.conf"
-    bad.write_text('SecNoSuchDirective On\n')
+    bad.write_text("SecNoSuchDirective On\n")
     from blindfold.waf.modsecurity import ModSecurityError
 
     with pytest.raises(ModSecurityError, match="rules failed to load"):

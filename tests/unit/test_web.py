@@ -23,10 +23,17 @@ from blindfold.web.limits import HttpLimits
 from blindfold.web.messages import BodyStream, BodyTimeout, BodyTooLarge, Request, Responder
 from tests.conftest import need
 
-LIMITS = HttpLimits(max_body_bytes=50 << 20, body_timeout_s=1.0, header_timeout_s=1.0,
-                    keepalive_timeout_s=5.0, max_headers=50, max_header_bytes=8192,
-                    h2_max_concurrent_streams=20, h2_max_resets_per_window=50,
-                    h2_max_control_frames_per_window=100)
+LIMITS = HttpLimits(
+    max_body_bytes=50 << 20,
+    body_timeout_s=1.0,
+    header_timeout_s=1.0,
+    keepalive_timeout_s=5.0,
+    max_headers=50,
+    max_header_bytes=8192,
+    h2_max_concurrent_streams=20,
+    h2_max_resets_per_window=50,
+    h2_max_control_frames_per_window=100,
+)
 
 
 async def app(request: Request, body: BodyStream, respond: Responder) -> None:
@@ -123,15 +130,20 @@ def raw(port: int, data: bytes, timeout: float = 5.0) -> bytes:
 
 
 def curl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([need("curl"), "-sS", "--max-time", "20", *args],
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [need("curl"), "-sS", "--max-time", "20", *args], capture_output=True, text=True, timeout=30
+    )
 
 
 # ---------------------------------------------------------------- HTTP/1.1
 
+
 def test_keepalive_and_pipelining(h1: Server) -> None:
-    reply = raw(h1.port, b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n"
-                         b"Connection: close\r\n\r\n")
+    reply = raw(
+        h1.port,
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n"
+        b"Connection: close\r\n\r\n",
+    )
     assert reply.count(b"HTTP/1.1 200") == 2
     assert reply.index(b"ok /a") < reply.index(b"ok /b")
 
@@ -140,33 +152,53 @@ def test_streamed_upload_and_download_with_curl(h1: Server, tmp_path) -> None:  
     blob = tmp_path / "blob"
     data = bytes(range(256)) * (40 * 4096)  # 40 MiB
     blob.write_bytes(data)
-    up = curl("--data-binary", f"@{blob}", "-H", "Content-Type: application/octet-stream",
-              f"http://127.0.0.1:{h1.port}/echo-hash")
+    up = curl(
+        "--data-binary",
+        f"@{blob}",
+        "-H",
+        "Content-Type: application/octet-stream",
+        f"http://127.0.0.1:{h1.port}/echo-hash",
+    )
     assert up.stdout == f"{len(data)} {hashlib.sha256(data).hexdigest()}"
-    chunked = curl("-H", "Transfer-Encoding: chunked", "--data-binary", f"@{blob}",
-                   f"http://127.0.0.1:{h1.port}/echo-hash")
+    chunked = curl(
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        f"@{blob}",
+        f"http://127.0.0.1:{h1.port}/echo-hash",
+    )
     assert chunked.stdout == up.stdout
-    down = subprocess.run([need("curl"), "-sS", "--max-time", "20",
-                           f"http://127.0.0.1:{h1.port}/big?n=30000000"],
-                          capture_output=True, timeout=30)
+    down = subprocess.run(
+        [need("curl"), "-sS", "--max-time", "20", f"http://127.0.0.1:{h1.port}/big?n=30000000"],
+        capture_output=True,
+        timeout=30,
+    )
     assert len(down.stdout) == 30000000
 
 
-@pytest.mark.parametrize(("request_bytes", "status"), [
-    (b"GARBAGE\r\n\r\n", 400),
-    (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(60)) + b"Host: x\r\n\r\n",
-     431),
-    (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10000 + b"\r\n\r\n", 431),
-    (b"POST /echo-hash HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999999\r\n\r\n", 413),
-    (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
-    (b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
-])
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (
+            b"GET / HTTP/1.1\r\n"
+            + b"".join(b"X-%d: y\r\n" % i for i in range(60))
+            + b"Host: x\r\n\r\n",
+            431,
+        ),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10000 + b"\r\n\r\n", 431),
+        (b"POST /echo-hash HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999999\r\n\r\n", 413),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
+    ],
+)
 def test_malformed_and_oversized_requests(h1: Server, request_bytes: bytes, status: int) -> None:
     reply = raw(h1.port, request_bytes)
     assert reply.startswith(f"HTTP/1.1 {status}".encode()), reply[:80]
     assert b"connection: close" in reply.lower()
-    assert raw(h1.port, b"GET /fine HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-               ).startswith(b"HTTP/1.1 200")
+    assert raw(h1.port, b"GET /fine HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").startswith(
+        b"HTTP/1.1 200"
+    )
 
 
 def test_chunked_body_over_the_limit(h1: Server) -> None:
@@ -194,8 +226,10 @@ def test_slow_body_gets_408_and_slow_head_is_cut(h1: Server) -> None:
 
 def test_expect_100_continue(h1: Server) -> None:
     with socket.create_connection(("127.0.0.1", h1.port), timeout=5) as s:
-        s.sendall(b"POST /echo-hash HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
-                  b"Expect: 100-continue\r\n\r\n")
+        s.sendall(
+            b"POST /echo-hash HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
         assert s.recv(100).startswith(b"HTTP/1.1 100")
         s.sendall(b"hello")
         want = hashlib.sha256(b"hello").hexdigest().encode()
@@ -210,17 +244,23 @@ def test_expect_100_continue(h1: Server) -> None:
 
 # ---------------------------------------------------------------- HTTP/2
 
+
 def test_curl_http2(h2s: Server, tmp_path) -> None:  # type: ignore[no-untyped-def]
     # one URL per curl: Debian 12's curl 7.88.1 fails to reuse h2c connections (exit 16,
     # nginx too)
-    out = curl("--http2-prior-knowledge", "-w", " %{http_version}",
-               f"http://127.0.0.1:{h2s.port}/x")
+    out = curl(
+        "--http2-prior-knowledge", "-w", " %{http_version}", f"http://127.0.0.1:{h2s.port}/x"
+    )
     assert out.stdout == "ok /x 2", out.stderr
     blob = tmp_path / "blob"
     data = b"\x01\x02" * (5 << 20)
     blob.write_bytes(data)
-    up = curl("--http2-prior-knowledge", "--data-binary", f"@{blob}",
-              f"http://127.0.0.1:{h2s.port}/echo-hash")
+    up = curl(
+        "--http2-prior-knowledge",
+        "--data-binary",
+        f"@{blob}",
+        f"http://127.0.0.1:{h2s.port}/echo-hash",
+    )
     assert up.stdout == f"{len(data)} {hashlib.sha256(data).hexdigest()}"
 
 
@@ -261,8 +301,11 @@ class H2Client:
             pass
 
     def request(self, sid: int, path: str, end: bool = True) -> None:
-        self.conn.send_headers(sid, [(":method", "GET"), (":path", path), (":scheme", "http"),
-                                     (":authority", "x")], end_stream=end)
+        self.conn.send_headers(
+            sid,
+            [(":method", "GET"), (":path", path), (":scheme", "http"), (":authority", "x")],
+            end_stream=end,
+        )
 
 
 def test_concurrent_streams(h2s: Server) -> None:
@@ -282,7 +325,7 @@ def test_concurrent_streams(h2s: Server) -> None:
 def _goaway(events: list[h2.events.Event]) -> int | None:
     for e in events:
         if isinstance(e, h2.events.ConnectionTerminated):
-            return int(e.error_code)
+            return int(e.error_code or 0)
     return None
 
 
@@ -321,8 +364,17 @@ def test_too_many_streams(h2s: Server) -> None:
 
 def test_huge_header_list_is_refused(h2s: Server) -> None:
     c = H2Client(h2s.port)
-    c.conn.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
-                            (":authority", "x"), ("x-big", "v" * 20000)], end_stream=True)
+    c.conn.send_headers(
+        1,
+        [
+            (":method", "GET"),
+            (":path", "/"),
+            (":scheme", "http"),
+            (":authority", "x"),
+            ("x-big", "v" * 20000),
+        ],
+        end_stream=True,
+    )
     c.flush_quietly()
     events = c.events(h2.events.StreamEnded)
     status = [e.headers for e in events if isinstance(e, h2.events.ResponseReceived)]
@@ -347,19 +399,26 @@ def test_h11_client_rejects_nothing_we_send(h1: Server) -> None:
             events.append(e)
             if isinstance(e, h11.EndOfMessage):
                 break
+    assert isinstance(events[0], h11.Response) and isinstance(events[1], h11.Data)
     assert events[0].status_code == 200 and bytes(events[1].data) == b"ok /z"
 
 
 def test_both_framings_at_once_is_refused(h1: Server) -> None:
-    reply = raw(h1.port, b"POST /echo-hash HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
-                         b"Transfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n")
+    reply = raw(
+        h1.port,
+        b"POST /echo-hash HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n",
+    )
     assert reply.startswith(b"HTTP/1.1 400")  # RFC 9112 §6.1: no smuggling room
     assert b"connection: close" in reply.lower()
 
 
 def test_head_responses_have_no_body_and_keep_the_connection(h1: Server) -> None:
-    reply = raw(h1.port, b"HEAD /x HTTP/1.1\r\nHost: x\r\n\r\nGET /y HTTP/1.1\r\nHost: x\r\n"
-                         b"Connection: close\r\n\r\n")
+    reply = raw(
+        h1.port,
+        b"HEAD /x HTTP/1.1\r\nHost: x\r\n\r\nGET /y HTTP/1.1\r\nHost: x\r\n"
+        b"Connection: close\r\n\r\n",
+    )
     head, _, rest = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200 OK") and b"content-length: 5" in head
     assert rest.startswith(b"HTTP/1.1 200 OK")  # no body bytes in between, connection kept

@@ -30,10 +30,10 @@ CHUNK = 1 << 16
 
 @dataclass(frozen=True, slots=True)
 class FetchOptions:
-    edge: str                      # https://cdn.example.test:8443 (blobs at /b/<id>)
+    edge: str  # https://cdn.example.test:8443 (blobs at /b/<id>)
     public_key: Ed25519PublicKey | None  # the site's manifest key
-    manifest_url: str = ""         # default: the URL's origin + MANIFEST_PATH
-    ca_file: str | None = None     # trust for the origin and the edge (default: system)
+    manifest_url: str = ""  # default: the URL's origin + MANIFEST_PATH
+    ca_file: str | None = None  # trust for the origin and the edge (default: system)
     connect_to: dict[str, str] | None = None  # "host:port" -> "addr:port" (like curl's)
     timeout_s: float = 30.0
     fallback: bool = True
@@ -41,10 +41,10 @@ class FetchOptions:
 
 @dataclass(slots=True)
 class FetchResult:
-    source: str                    # "edge" or "origin"
+    source: str  # "edge" or "origin"
     size: int
     sha256: str
-    edge_error: str = ""           # why the edge copy was not used
+    edge_error: str = ""  # why the edge copy was not used
     seconds: float = 0.0
 
 
@@ -64,8 +64,14 @@ class _Connection(http.client.HTTPSConnection):
     """HTTPS to `host:port` (SNI, certificate name, Host header) over a TCP connection to
     `address` (what curl's --connect-to does)."""
 
-    def __init__(self, host: str, port: int, address: tuple[str, int], timeout: float,
-                 context: ssl.SSLContext) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        address: tuple[str, int],
+        timeout: float,
+        context: ssl.SSLContext,
+    ) -> None:
         super().__init__(host, port, timeout=timeout, context=context)
         self._address = address
         self._tls = context
@@ -85,16 +91,16 @@ class _Get:
     def __init__(self, url: str, opts: FetchOptions) -> None:
         u = urllib.parse.urlsplit(url)
         if u.scheme != "https" or not u.hostname:
-            raise ConfigError("url", f"{url}: only https:// URLs (blind delivery never "
-                              "trusts plaintext)")
+            raise ConfigError(
+                "url", f"{url}: only https:// URLs (blind delivery never trusts plaintext)"
+            )
         port = u.port or 443
         addr_port = f"{u.hostname}:{port}"
         if opts.connect_to and addr_port in opts.connect_to:
             addr_port = opts.connect_to[addr_port]
         addr, _, p = addr_port.rpartition(":")
         ctx = ssl.create_default_context(cafile=opts.ca_file)
-        self.conn = _Connection(u.hostname, port, (addr.strip("[]"), int(p)), opts.timeout_s,
-                                ctx)
+        self.conn = _Connection(u.hostname, port, (addr.strip("[]"), int(p)), opts.timeout_s, ctx)
         self.url = url
         self.total = 0
         path = (u.path or "/") + (f"?{u.query}" if u.query else "")
@@ -178,8 +184,9 @@ def _from_edge(entry: manifest.Entry, opts: FetchOptions, sink: Callable[[bytes]
         raise VerificationError(f"blob {entry.id}: plaintext digest differs from the manifest")
 
 
-def _from_origin(url: str, entry: manifest.Entry | None, opts: FetchOptions,
-                 sink: Callable[[bytes], object]) -> tuple[int, str]:
+def _from_origin(
+    url: str, entry: manifest.Entry | None, opts: FetchOptions, sink: Callable[[bytes], object]
+) -> tuple[int, str]:
     req = _Get(url, opts)
     h = hashlib.sha256()
     size = 0
@@ -211,8 +218,9 @@ def fetch(url: str, out_path: str, opts: FetchOptions) -> FetchResult:
                 with tmp.open("wb") as f:
                     _from_edge(entry, opts, f.write)
                 os.replace(tmp, out)
-                return FetchResult("edge", entry.size, entry.sha256,
-                                   seconds=time.perf_counter() - started)
+                return FetchResult(
+                    "edge", entry.size, entry.sha256, seconds=time.perf_counter() - started
+                )
             except (VerificationError, UpstreamError) as exc:
                 edge_error = str(exc)
                 if not opts.fallback:

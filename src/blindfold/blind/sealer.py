@@ -68,9 +68,11 @@ class SealReport:
         rate = mb / self.seconds if self.seconds > 0 else 0.0
         overhead = (self.sealed_bytes / self.plain_bytes - 1) * 100 if self.plain_bytes else 0.0
         sri = f", {self.sri} published for SRI" if self.sri else ""
-        return (f"{self.files} files: {self.sealed} sealed, {self.reused} unchanged{sri}; "
-                f"{mb:.1f} MB in, {self.sealed_bytes / 1e6:.1f} MB out (+{overhead:.1f}% "
-                f"padding and tags) in {self.seconds:.2f} s ({rate:.0f} MB/s)")
+        return (
+            f"{self.files} files: {self.sealed} sealed, {self.reused} unchanged{sri}; "
+            f"{mb:.1f} MB in, {self.sealed_bytes / 1e6:.1f} MB out (+{overhead:.1f}% "
+            f"padding and tags) in {self.seconds:.2f} s ({rate:.0f} MB/s)"
+        )
 
 
 def load_signing_key(path: str, *, create: bool = False) -> Ed25519PrivateKey:
@@ -108,8 +110,10 @@ def load_id_secret(path: str, *, create: bool = False) -> bytes:
     except ValueError:
         raise ConfigError("id_secret", f"{path}: must be hex") from None
     if len(secret) < MIN_SECRET_BYTES:
-        raise ConfigError("id_secret", f"{path}: at least {MIN_SECRET_BYTES} bytes "
-                          f"({2 * MIN_SECRET_BYTES} hex digits)")
+        raise ConfigError(
+            "id_secret",
+            f"{path}: at least {MIN_SECRET_BYTES} bytes ({2 * MIN_SECRET_BYTES} hex digits)",
+        )
     return secret
 
 
@@ -177,8 +181,9 @@ def _publish(out: Path, secret: bytes, path: str, data: bytes, digest: str) -> d
     """A plaintext copy for Subresource Integrity, named like a blob (opaque, by content)."""
     ext = Path(path).suffix.lower()
     if ext not in SRI_TYPES:
-        raise ConfigError("sri", f"{path}: only scripts and stylesheets (.js, .css) can be "
-                          "published for SRI")
+        raise ConfigError(
+            "sri", f"{path}: only scripts and stylesheets (.js, .css) can be published for SRI"
+        )
     name = manifest.blob_id(secret, path, f"sri:{digest}") + ext
     target = out / PUBLIC_DIR / name
     if not target.exists():
@@ -188,8 +193,14 @@ def _publish(out: Path, secret: bytes, path: str, data: bytes, digest: str) -> d
     return {"url_path": f"/p/{name}", "integrity": integrity}
 
 
-def seal_tree(src: str, out: str, signing_key: Ed25519PrivateKey, id_secret: bytes,
-              options: SealOptions | None = None, now: float | None = None) -> SealReport:
+def seal_tree(
+    src: str,
+    out: str,
+    signing_key: Ed25519PrivateKey,
+    id_secret: bytes,
+    options: SealOptions | None = None,
+    now: float | None = None,
+) -> SealReport:
     opts = options or SealOptions()
     if not ece.MIN_RS <= opts.record_size <= ece.MAX_RS:
         raise ConfigError("record_size", f"must be in [{ece.MIN_RS}, {ece.MAX_RS}]")
@@ -197,8 +208,11 @@ def seal_tree(src: str, out: str, signing_key: Ed25519PrivateKey, id_secret: byt
     if not src_dir.is_dir():
         raise ConfigError("src", f"{src}: not a directory")
     if out_dir.resolve().is_relative_to(src_dir.resolve()):
-        raise ConfigError("out", f"{out} is inside {src}: the sealed output (its manifest holds "
-                          "the keys) must not be sealed or served as a page")
+        raise ConfigError(
+            "out",
+            f"{out} is inside {src}: the sealed output (its manifest holds "
+            "the keys) must not be sealed or served as a page",
+        )
     started = time.perf_counter()
     issued = int(time.time() if now is None else now)
     blobs = out_dir / BLOBS_DIR
@@ -214,13 +228,16 @@ def seal_tree(src: str, out: str, signing_key: Ed25519PrivateKey, id_secret: byt
         digest = hashlib.sha256(data).hexdigest()
         report.files += 1
         report.plain_bytes += len(data)
-        if any(fnmatch.fnmatchcase(path, g) or fnmatch.fnmatchcase(file.name, g)
-               for g in opts.sri):
+        if any(fnmatch.fnmatchcase(path, g) or fnmatch.fnmatchcase(file.name, g) for g in opts.sri):
             sri[path] = _publish(out_dir, id_secret, path, data, digest)
             report.sri += 1
         old = previous.get(path)
-        if (old is not None and old.sha256 == digest and old.rs == opts.record_size
-                and _sha256_file(blobs / old.id) == old.blob_sha256):
+        if (
+            old is not None
+            and old.sha256 == digest
+            and old.rs == opts.record_size
+            and _sha256_file(blobs / old.id) == old.blob_sha256
+        ):
             entries.append(old)
             report.reused += 1
             report.sealed_bytes += old.sealed_size
@@ -237,16 +254,29 @@ def seal_tree(src: str, out: str, signing_key: Ed25519PrivateKey, id_secret: byt
         sealed = ece.seal(data, key, rs=opts.record_size, pad_to=pad_to)
         _write_atomic(blobs / blob_id, sealed)
         ctype = mimetypes.guess_type(path)[0] or "application/octet-stream"
-        entries.append(manifest.Entry(
-            path=path, id=blob_id, blob_sha256=hashlib.sha256(sealed).hexdigest(), sha256=digest,
-            type=ctype, size=len(data), sealed_size=len(sealed), rs=opts.record_size, key=key))
+        entries.append(
+            manifest.Entry(
+                path=path,
+                id=blob_id,
+                blob_sha256=hashlib.sha256(sealed).hexdigest(),
+                sha256=digest,
+                type=ctype,
+                size=len(data),
+                sealed_size=len(sealed),
+                rs=opts.record_size,
+                key=key,
+            )
+        )
         report.sealed += 1
         report.sealed_bytes += len(sealed)
     doc = manifest.build(entries, signing_key, issued, issued + opts.expires_in_s)
     _write_atomic(out_dir / MANIFEST_NAME, doc, 0o640)
     public = signing_key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
     _write_atomic(out_dir / PUBLIC_KEY_NAME, public)
-    _write_atomic(out_dir / SRI_NAME, json.dumps({"format": "blindfold-sri/1", "files": sri},
-                                                 indent=1, sort_keys=True).encode() + b"\n")
+    _write_atomic(
+        out_dir / SRI_NAME,
+        json.dumps({"format": "blindfold-sri/1", "files": sri}, indent=1, sort_keys=True).encode()
+        + b"\n",
+    )
     report.seconds = time.perf_counter() - started
     return report

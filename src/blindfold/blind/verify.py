@@ -68,9 +68,13 @@ def cert_pins(pins_hex: list[str], cert_files: list[str]) -> tuple[bytes, ...]:
 
 
 def verify_site(url: str, opts: VerifyOptions) -> list[Check]:
-    fopts = FetchOptions(edge=opts.edge, public_key=opts.manifest_key,
-                         ca_file=opts.ca_file, connect_to=opts.connect_to,
-                         timeout_s=opts.timeout_s)
+    fopts = FetchOptions(
+        edge=opts.edge,
+        public_key=opts.manifest_key,
+        ca_file=opts.ca_file,
+        connect_to=opts.connect_to,
+        timeout_s=opts.timeout_s,
+    )
     checks: list[Check] = []
     try:
         req = _Get(url, fopts)
@@ -88,18 +92,37 @@ def verify_site(url: str, opts: VerifyOptions) -> list[Check]:
     if der is not None:
         fp = hashlib.sha256(der).digest()
         if opts.pins_sha256:
-            checks.append(Check("certificate", fp in opts.pins_sha256,
-                                f"sha256 {fp.hex()} " + ("is the expected one" if fp in
-                                                         opts.pins_sha256 else
-                                                         "is NOT the expected one")))
+            checks.append(
+                Check(
+                    "certificate",
+                    fp in opts.pins_sha256,
+                    f"sha256 {fp.hex()} "
+                    + (
+                        "is the expected one"
+                        if fp in opts.pins_sha256
+                        else "is NOT the expected one"
+                    ),
+                )
+            )
         else:
-            checks.append(Check("certificate", True, f"sha256 {fp.hex()} (no pin given: "
-                                "verified against the CA only)"))
+            checks.append(
+                Check(
+                    "certificate",
+                    True,
+                    f"sha256 {fp.hex()} (no pin given: verified against the CA only)",
+                )
+            )
     if opts.signature_key is not None:
         try:
             v = msgsig.verify_response(status, headers, body, opts.signature_key)
-            checks.append(Check("signature", True, f"RFC 9421 by key {v.key_id}, expires "
-                                f"{v.expires}, covers status, type, digest, date"))
+            checks.append(
+                Check(
+                    "signature",
+                    True,
+                    f"RFC 9421 by key {v.key_id}, expires "
+                    f"{v.expires}, covers status, type, digest, date",
+                )
+            )
         except VerificationError as exc:
             checks.append(Check("signature", False, str(exc)))
     if opts.manifest_key is not None:
@@ -108,8 +131,13 @@ def verify_site(url: str, opts: VerifyOptions) -> list[Check]:
         except (VerificationError, UpstreamError, ConfigError) as exc:
             checks.append(Check("manifest", False, str(exc)))
             return checks
-        checks.append(Check("manifest", True, f"{len(m.files)} files, signed by {m.key_id}, "
-                            f"expires {m.expires_at}"))
+        checks.append(
+            Check(
+                "manifest",
+                True,
+                f"{len(m.files)} files, signed by {m.key_id}, expires {m.expires_at}",
+            )
+        )
         if opts.edge:
             checks.append(_blobs(m.files, fopts, opts.max_blobs))
     return checks

@@ -58,11 +58,14 @@ def _check_config(path: str) -> int:
 
             for i, k in enumerate(config.keyserver.keys):
                 load_key(i, k)
-            sections.append(f"keyserver ({len(config.keyserver.keys)} keys, "
-                            f"{len(config.keyserver.edges)} edges)")
+            sections.append(
+                f"keyserver ({len(config.keyserver.keys)} keys, "
+                f"{len(config.keyserver.edges)} edges)"
+            )
         if not sections:
-            raise ConfigError("", f"{path} has no known section (expected [edge], [origin] "
-                              "or [keyserver])")
+            raise ConfigError(
+                "", f"{path} has no known section (expected [edge], [origin] or [keyserver])"
+            )
     except ConfigError as exc:
         print(f"{path}: {exc}", file=sys.stderr)
         return 2
@@ -76,16 +79,27 @@ def _seal(args: argparse.Namespace) -> int:
     src = Path(args.src).resolve()
     for flag, path in (("--signing-key", args.signing_key), ("--id-secret", args.id_secret)):
         if Path(path).resolve().is_relative_to(src):
-            print(f"blindfold seal: {flag} {path} is inside {args.src}: it would be published",
-                  file=sys.stderr)
+            print(
+                f"blindfold seal: {flag} {path} is inside {args.src}: it would be published",
+                file=sys.stderr,
+            )
             return 2
     try:
         key = load_signing_key(args.signing_key, create=args.create_keys)
         secret = load_id_secret(args.id_secret, create=args.create_keys)
-        report = seal_tree(args.src, args.out, key, secret, SealOptions(
-            record_size=args.record_size, buckets=args.buckets,
-            expires_in_s=int(args.expires_in), skip=tuple(args.skip),
-            sri=tuple(args.sri)))
+        report = seal_tree(
+            args.src,
+            args.out,
+            key,
+            secret,
+            SealOptions(
+                record_size=args.record_size,
+                buckets=args.buckets,
+                expires_in_s=int(args.expires_in),
+                skip=tuple(args.skip),
+                sri=tuple(args.sri),
+            ),
+        )
     except ConfigError as exc:
         print(f"blindfold seal: {exc}", file=sys.stderr)
         return 2
@@ -100,8 +114,9 @@ def _connect_to(items: list[str]) -> dict[str, str]:
     connect_to = {}
     for item in items:
         host, port, addr_port = [*item.split(":", 2), "", ""][:3]
-        if not (host and port.isdigit() and ":" in addr_port
-                and addr_port.rpartition(":")[2].isdigit()):
+        if not (
+            host and port.isdigit() and ":" in addr_port and addr_port.rpartition(":")[2].isdigit()
+        ):
             raise ConfigError("connect_to", f"{item!r}: expected HOST:PORT:ADDR:PORT")
         connect_to[f"{host}:{port}"] = addr_port
     return connect_to
@@ -113,11 +128,15 @@ def _verify(args: argparse.Namespace) -> int:
 
     try:
         opts = VerifyOptions(
-            ca_file=args.cacert, connect_to=_connect_to(args.connect_to),
-            timeout_s=args.timeout, pins_sha256=cert_pins(args.pin, args.expect_cert),
+            ca_file=args.cacert,
+            connect_to=_connect_to(args.connect_to),
+            timeout_s=args.timeout,
+            pins_sha256=cert_pins(args.pin, args.expect_cert),
             signature_key=load_public_key(args.signature_key) if args.signature_key else None,
             manifest_key=load_public_key(args.manifest_key) if args.manifest_key else None,
-            edge=args.edge, max_blobs=args.max_blobs)
+            edge=args.edge,
+            max_blobs=args.max_blobs,
+        )
         checks = verify_site(args.url, opts)
     except ConfigError as exc:
         print(f"blindfold verify: {exc}", file=sys.stderr)
@@ -137,10 +156,15 @@ def _fetch(args: argparse.Namespace) -> int:
         print(f"blindfold fetch: {exc}", file=sys.stderr)
         return 2
     try:
-        opts = FetchOptions(edge=args.edge, public_key=load_public_key(args.manifest_key),
-                            manifest_url=args.manifest_url, ca_file=args.cacert,
-                            connect_to=connect_to, timeout_s=args.timeout,
-                            fallback=not args.no_fallback)
+        opts = FetchOptions(
+            edge=args.edge,
+            public_key=load_public_key(args.manifest_key),
+            manifest_url=args.manifest_url,
+            ca_file=args.cacert,
+            connect_to=connect_to,
+            timeout_s=args.timeout,
+            fallback=not args.no_fallback,
+        )
         result = fetch(args.url, args.output, opts)
     except ConfigError as exc:
         print(f"blindfold fetch: {exc}", file=sys.stderr)
@@ -152,17 +176,22 @@ def _fetch(args: argparse.Namespace) -> int:
         print(f"blindfold fetch: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     if result.edge_error:
-        print(f"blindfold fetch: edge copy not used: {result.edge_error}; fetched from the "
-              "origin instead", file=sys.stderr)
-    print(f"{args.output}: {result.size} bytes from the {result.source}, sha256 "
-          f"{result.sha256} verified ({result.seconds:.2f} s)")
+        print(
+            f"blindfold fetch: edge copy not used: {result.edge_error}; fetched from the "
+            "origin instead",
+            file=sys.stderr,
+        )
+    print(
+        f"{args.output}: {result.size} bytes from the {result.source}, sha256 "
+        f"{result.sha256} verified ({result.seconds:.2f} s)"
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="blindfold",
-        description="An edge network that never holds the site's TLS key.")
+        prog="blindfold", description="An edge network that never holds the site's TLS key."
+    )
     parser.add_argument("--version", action="version", version=f"blindfold {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -186,58 +215,120 @@ def main(argv: list[str] | None = None) -> int:
     p_seal = sub.add_parser("seal", help="seal a static tree for blind delivery")
     p_seal.add_argument("src", metavar="SRC_DIR")
     p_seal.add_argument("out", metavar="OUT_DIR")
-    p_seal.add_argument("--signing-key", required=True,
-                        help="the site's Ed25519 manifest key (PEM, PKCS#8)")
-    p_seal.add_argument("--id-secret", required=True,
-                        help="file with the secret (hex, >= 32 bytes) that names blobs")
-    p_seal.add_argument("--create-keys", action="store_true",
-                        help="create the signing key and the id secret if they are missing")
-    p_seal.add_argument("--record-size", type=int, default=65536,
-                        help="RFC 8188 record size in bytes (default 65536)")
-    p_seal.add_argument("--buckets", choices=["padme", "none"], default="padme",
-                        help="pad sealed sizes to Padmé buckets (default) or not at all")
-    p_seal.add_argument("--expires-in", type=float, default=7 * 86400,
-                        help="manifest lifetime in seconds (default 7 days)")
-    p_seal.add_argument("--skip", action="append", default=[], metavar="GLOB",
-                        help="leave files matching GLOB (on /path or name) unsealed, e.g. "
-                        "'*.html' for the pages the origin serves itself; repeatable")
-    p_seal.add_argument("--sri", action="append", default=[], metavar="GLOB",
-                        help="also publish matching scripts/stylesheets in plaintext for "
-                        "Subresource Integrity (browsers without service workers; the edge "
-                        "can read these copies); repeatable")
+    p_seal.add_argument(
+        "--signing-key", required=True, help="the site's Ed25519 manifest key (PEM, PKCS#8)"
+    )
+    p_seal.add_argument(
+        "--id-secret",
+        required=True,
+        help="file with the secret (hex, >= 32 bytes) that names blobs",
+    )
+    p_seal.add_argument(
+        "--create-keys",
+        action="store_true",
+        help="create the signing key and the id secret if they are missing",
+    )
+    p_seal.add_argument(
+        "--record-size",
+        type=int,
+        default=65536,
+        help="RFC 8188 record size in bytes (default 65536)",
+    )
+    p_seal.add_argument(
+        "--buckets",
+        choices=["padme", "none"],
+        default="padme",
+        help="pad sealed sizes to Padmé buckets (default) or not at all",
+    )
+    p_seal.add_argument(
+        "--expires-in",
+        type=float,
+        default=7 * 86400,
+        help="manifest lifetime in seconds (default 7 days)",
+    )
+    p_seal.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave files matching GLOB (on /path or name) unsealed, e.g. "
+        "'*.html' for the pages the origin serves itself; repeatable",
+    )
+    p_seal.add_argument(
+        "--sri",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="also publish matching scripts/stylesheets in plaintext for "
+        "Subresource Integrity (browsers without service workers; the edge "
+        "can read these copies); repeatable",
+    )
 
-    p_fetch = sub.add_parser("fetch", help="fetch a sealed file: manifest from the origin, "
-                             "blob from the edge, verified and decrypted")
+    p_fetch = sub.add_parser(
+        "fetch",
+        help="fetch a sealed file: manifest from the origin, "
+        "blob from the edge, verified and decrypted",
+    )
     p_fetch.add_argument("url", help="https URL of the file at the origin")
-    p_fetch.add_argument("--edge", required=True,
-                         help="base URL of the blind edge (blobs at EDGE/b/<id>)")
-    p_fetch.add_argument("--manifest-key", required=True,
-                         help="the site's manifest public key (PEM)")
-    p_fetch.add_argument("--manifest-url", default="",
-                         help="default: the URL's origin + /.well-known/blindfold/manifest.json")
+    p_fetch.add_argument(
+        "--edge", required=True, help="base URL of the blind edge (blobs at EDGE/b/<id>)"
+    )
+    p_fetch.add_argument(
+        "--manifest-key", required=True, help="the site's manifest public key (PEM)"
+    )
+    p_fetch.add_argument(
+        "--manifest-url",
+        default="",
+        help="default: the URL's origin + /.well-known/blindfold/manifest.json",
+    )
     p_fetch.add_argument("--cacert", help="CA bundle for the origin and the edge")
-    p_fetch.add_argument("--connect-to", action="append", default=[], metavar="HOST:PORT:ADDR:PORT",
-                         help="connect to ADDR:PORT for HOST:PORT (like curl --connect-to)")
-    p_fetch.add_argument("--no-fallback", action="store_true",
-                         help="fail instead of fetching from the origin when the edge copy fails")
+    p_fetch.add_argument(
+        "--connect-to",
+        action="append",
+        default=[],
+        metavar="HOST:PORT:ADDR:PORT",
+        help="connect to ADDR:PORT for HOST:PORT (like curl --connect-to)",
+    )
+    p_fetch.add_argument(
+        "--no-fallback",
+        action="store_true",
+        help="fail instead of fetching from the origin when the edge copy fails",
+    )
     p_fetch.add_argument("-o", "--output", required=True, help="where to write the file")
     p_fetch.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
 
-    p_verify = sub.add_parser("verify", help="check a site end to end through an edge: "
-                              "certificate, response signature, manifest, blob digests")
+    p_verify = sub.add_parser(
+        "verify",
+        help="check a site end to end through an edge: "
+        "certificate, response signature, manifest, blob digests",
+    )
     p_verify.add_argument("url", help="https URL of a page of the site")
-    p_verify.add_argument("--pin", action="append", default=[], metavar="SHA256",
-                          help="expected leaf certificate fingerprint (hex); repeatable")
-    p_verify.add_argument("--expect-cert", action="append", default=[], metavar="PEM",
-                          help="expected leaf certificate (its fingerprint is a pin)")
-    p_verify.add_argument("--signature-key", help="the site's response-signing public key "
-                          "(PEM): the response must carry a valid RFC 9421 signature")
+    p_verify.add_argument(
+        "--pin",
+        action="append",
+        default=[],
+        metavar="SHA256",
+        help="expected leaf certificate fingerprint (hex); repeatable",
+    )
+    p_verify.add_argument(
+        "--expect-cert",
+        action="append",
+        default=[],
+        metavar="PEM",
+        help="expected leaf certificate (its fingerprint is a pin)",
+    )
+    p_verify.add_argument(
+        "--signature-key",
+        help="the site's response-signing public key "
+        "(PEM): the response must carry a valid RFC 9421 signature",
+    )
     p_verify.add_argument("--manifest-key", help="the site's manifest public key (PEM)")
     p_verify.add_argument("--edge", default="", help="blind edge base URL: check every blob")
     p_verify.add_argument("--max-blobs", type=int, default=1000)
     p_verify.add_argument("--cacert", help="CA bundle for the site and the edge")
-    p_verify.add_argument("--connect-to", action="append", default=[],
-                          metavar="HOST:PORT:ADDR:PORT")
+    p_verify.add_argument(
+        "--connect-to", action="append", default=[], metavar="HOST:PORT:ADDR:PORT"
+    )
     p_verify.add_argument("--timeout", type=float, default=30.0)
 
     p_check = sub.add_parser("check-config", help="validate a configuration file")
@@ -245,12 +336,16 @@ def main(argv: list[str] | None = None) -> int:
 
     p_demo = sub.add_parser("demo", help="run the whole topology on loopback")
     p_demo.add_argument("--port", type=int, default=8443, help="edge port (default 8443)")
-    p_demo.add_argument("--admin-port", type=int, default=9100,
-                        help="edge admin port (default 9100)")
+    p_demo.add_argument(
+        "--admin-port", type=int, default=9100, help="edge admin port (default 9100)"
+    )
     p_demo.add_argument("--dir", help="keep the generated files here")
     p_demo.add_argument("--duration", type=float, help="stop after this many seconds")
-    p_demo.add_argument("--self-check", action="store_true",
-                        help="fetch the demo page through the edge and fail if it is wrong")
+    p_demo.add_argument(
+        "--self-check",
+        action="store_true",
+        help="fetch the demo page through the edge and fail if it is wrong",
+    )
 
     args = parser.parse_args(argv)
     if args.command == "edge":
@@ -276,8 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         if result.ok:
             print(f"{args.file}: ok: {result.entries} entries, last hash {result.last_hash}")
             return 0
-        print(f"{args.file}: BROKEN at line {result.line}: {result.problem} "
-              f"({result.entries} entries verify before it)")
+        print(
+            f"{args.file}: BROKEN at line {result.line}: {result.problem} "
+            f"({result.entries} entries verify before it)"
+        )
         return 1
     if args.command == "pki":
         return pki_cli.run(args)

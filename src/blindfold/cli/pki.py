@@ -38,8 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     server.add_argument("name")
     server.add_argument("dir")
     server.add_argument("--host", action="append", required=True, help="DNS name or IP")
-    server.add_argument("--key-type", default="ec256",
-                        choices=["ec256", "ec384", "rsa2048", "ed25519"])
+    server.add_argument(
+        "--key-type", default="ec256", choices=["ec256", "ec384", "rsa2048", "ed25519"]
+    )
     server.add_argument("--days", type=int, default=365)
 
 
@@ -56,12 +57,13 @@ def run(args: argparse.Namespace) -> int:
         return 0
     ca = _load_ca(directory)
     if args.pki_command == "edge":
-        leaf = pki.issue(ca, [], client=True, server=False, common_name=args.name,
-                         days=args.days)
+        leaf = pki.issue(ca, [], client=True, server=False, common_name=args.name, days=args.days)
     else:
         leaf = pki.issue(ca, args.host, kind=args.key_type, days=args.days)
     leaf.write(directory / f"{args.name}.pem", directory / f"{args.name}.key")
-    print(f"{args.pki_command} {args.name}: {directory / f'{args.name}.pem'} "
-          f"(key {directory / f'{args.name}.key'})")
-    print(f"cert_sha256 = \"{pki.fingerprint_sha256(leaf.cert)}\"")
+    print(
+        f"{args.pki_command} {args.name}: {directory / f'{args.name}.pem'} "
+        f"(key {directory / f'{args.name}.key'})"
+    )
+    print(f'cert_sha256 = "{pki.fingerprint_sha256(leaf.cert)}"')
     return 0

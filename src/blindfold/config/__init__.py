@@ -19,12 +19,16 @@ __all__ = ["Config", "ConfigError", "EdgeConfig", "OriginConfig", "load_file", "
 @dataclass(frozen=True, slots=True)
 class Config:
     edge: EdgeConfig | None = setting(  # setting() returns a dataclasses.field
-        None, doc="The edge process (`blindfold edge`).")
+        None, doc="The edge process (`blindfold edge`)."
+    )
     origin: OriginConfig | None = setting(
-        None, doc="The origin agent (`blindfold origin`) beside the site's application.")
+        None, doc="The origin agent (`blindfold origin`) beside the site's application."
+    )
     keyserver: KeyServerConfig | None = setting(
-        None, doc="The key server (`blindfold keyserver`): the site's private keys, signing "
-        "TLS 1.3 handshakes for authorised edges.")
+        None,
+        doc="The key server (`blindfold keyserver`): the site's private keys, signing "
+        "TLS 1.3 handshakes for authorised edges.",
+    )
 
 
 def loads(text: str, source: str = "<config>") -> Config:

@@ -48,59 +48,92 @@ def _hex_fingerprints(values: tuple[str, ...]) -> str | None:
 class KeyServerRef:
     addresses: tuple[str, ...] = setting(
         doc="Key servers 'host:port', tried in order; the next one takes over when one fails.",
-        check=lambda v: _nonempty(v) or _each(check_hostport)(v))
-    client_cert: str = setting(doc="This edge's client certificate (PEM), issued by the site's "
-                               "edge CA (`blindfold pki edge NAME DIR`).")
-    client_key: str = setting(doc="Its private key (this key is the edge's own identity, not the "
-                              "site's).")
+        check=lambda v: _nonempty(v) or _each(check_hostport)(v),
+    )
+    client_cert: str = setting(
+        doc="This edge's client certificate (PEM), issued by the site's "
+        "edge CA (`blindfold pki edge NAME DIR`)."
+    )
+    client_key: str = setting(
+        doc="Its private key (this key is the edge's own identity, not the site's)."
+    )
     ca: str = setting(doc="CA that verifies the key server's certificate.")
-    server_name: str = setting("", doc="Name expected in the key server's certificate "
-                               "(default: the address's host).")
+    server_name: str = setting(
+        "", doc="Name expected in the key server's certificate (default: the address's host)."
+    )
     sign_timeout_s: float = setting(
-        1.0, doc="Deadline for one signature, failover included. A key server that misses it is "
+        1.0,
+        doc="Deadline for one signature, failover included. A key server that misses it is "
         "treated as down for 2 s; when every key server is down new handshakes fail (or fall "
-        "back, see keyserver_down) at once.", min=0.01, max=30)
-    connect_timeout_s: float = setting(1.0, doc="Deadline for connecting to one key server.",
-                                       min=0.01, max=30)
+        "back, see keyserver_down) at once.",
+        min=0.01,
+        max=30,
+    )
+    connect_timeout_s: float = setting(
+        1.0, doc="Deadline for connecting to one key server.", min=0.01, max=30
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class PathRateLimit:
-    rate_per_s: float = setting(doc="Requests per second admitted (token bucket refill).",
-                                min=0.001)
+    rate_per_s: float = setting(
+        doc="Requests per second admitted (token bucket refill).", min=0.001
+    )
     burst: int = setting(doc="Bucket size.", min=1)
-    path_prefix: str = setting("/", doc="Requests whose path starts with this are counted.",
-                               check=lambda v: None if v.startswith("/") else "must start with /")
+    path_prefix: str = setting(
+        "/",
+        doc="Requests whose path starts with this are counted.",
+        check=lambda v: None if v.startswith("/") else "must start with /",
+    )
     per: Literal["ip", "route"] = setting(
-        "ip", doc="One bucket per client address ('ip'; IPv6 by ipv6_prefix_len) or one for the "
-        "whole route ('route').")
+        "ip",
+        doc="One bucket per client address ('ip'; IPv6 by ipv6_prefix_len) or one for the "
+        "whole route ('route').",
+    )
     name: str = setting("", doc="Name in logs and metrics (default: rate_limit<N>).")
 
 
 @dataclass(frozen=True, slots=True)
 class BlindRouteConfig:
-    origin_blobs_path: str = setting("/.blindfold/blobs/", doc="URL prefix of the sealed "
-                                     "blobs on the origin agent ([origin.blind] blobs_path).",
-                                     check=lambda v: None if v.startswith("/") and
-                                     v.endswith("/") else "must start and end with /")
-    origin_public_path: str = setting("/.blindfold/public/", doc="URL prefix of the plaintext "
-                                      "SRI copies on the origin agent ([origin.blind] "
-                                      "public_path), served here at /p/<name>.",
-                                      check=lambda v: None if v.startswith("/") and
-                                      v.endswith("/") else "must start and end with /")
-    memory_cache_bytes: int = setting(256 << 20, doc="Memory for cached blobs per worker "
-                                      "(LRU).", min=0)
-    memory_max_object_bytes: int = setting(8 << 20, doc="Largest blob kept in memory (bigger "
-                                           "ones are served from disk).", min=0)
-    cache_dir: str = setting("", doc="Directory for the disk cache (each worker uses a "
-                             "subdirectory 'w<N>'); empty: memory only.")
-    disk_cache_bytes: int = setting(4 << 30, doc="Disk space for cached blobs per worker "
-                                    "(LRU).", min=0)
-    max_blob_bytes: int = setting(1 << 30, doc="Largest blob pulled from the origin; a bigger "
-                                  "one is refused (502).", min=1)
-    allow_origins: tuple[str, ...] = setting(("*",), doc="Access-Control-Allow-Origin for "
-                                             "the pages' service workers ('*': any; blobs are "
-                                             "sealed, so reading them gains nothing).")
+    origin_blobs_path: str = setting(
+        "/.blindfold/blobs/",
+        doc="URL prefix of the sealed blobs on the origin agent ([origin.blind] blobs_path).",
+        check=lambda v: (
+            None if v.startswith("/") and v.endswith("/") else "must start and end with /"
+        ),
+    )
+    origin_public_path: str = setting(
+        "/.blindfold/public/",
+        doc="URL prefix of the plaintext "
+        "SRI copies on the origin agent ([origin.blind] "
+        "public_path), served here at /p/<name>.",
+        check=lambda v: (
+            None if v.startswith("/") and v.endswith("/") else "must start and end with /"
+        ),
+    )
+    memory_cache_bytes: int = setting(
+        256 << 20, doc="Memory for cached blobs per worker (LRU).", min=0
+    )
+    memory_max_object_bytes: int = setting(
+        8 << 20, doc="Largest blob kept in memory (bigger ones are served from disk).", min=0
+    )
+    cache_dir: str = setting(
+        "",
+        doc="Directory for the disk cache (each worker uses a "
+        "subdirectory 'w<N>'); empty: memory only.",
+    )
+    disk_cache_bytes: int = setting(
+        4 << 30, doc="Disk space for cached blobs per worker (LRU).", min=0
+    )
+    max_blob_bytes: int = setting(
+        1 << 30, doc="Largest blob pulled from the origin; a bigger one is refused (502).", min=1
+    )
+    allow_origins: tuple[str, ...] = setting(
+        ("*",),
+        doc="Access-Control-Allow-Origin for "
+        "the pages' service workers ('*': any; blobs are "
+        "sealed, so reading them gains nothing).",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,46 +158,72 @@ class RouteConfig:
         "own (`certificate` + `key`) serving sealed blobs (`blindfold seal`) by id, pulled "
         "from the origins over verified TLS and cached; it never sees a key or a manifest.",
     )
-    certificate: str = setting("", doc="keyless: the site's certificate chain (PEM, leaf "
-                               "first). No private key: the key server signs. blind: the "
-                               "CDN hostname's certificate chain.")
-    key: str = setting("", doc="blind: the private key of `certificate` (the CDN hostname's "
-                       "own; never the site's).")
-    blind: BlindRouteConfig | None = setting(None, doc="blind: the blob cache and origin "
-                                             "pulls.")
+    certificate: str = setting(
+        "",
+        doc="keyless: the site's certificate chain (PEM, leaf "
+        "first). No private key: the key server signs. blind: the "
+        "CDN hostname's certificate chain.",
+    )
+    key: str = setting(
+        "",
+        doc="blind: the private key of `certificate` (the CDN hostname's own; never the site's).",
+    )
+    blind: BlindRouteConfig | None = setting(None, doc="blind: the blob cache and origin pulls.")
     keyserver: KeyServerRef | None = setting(None, doc="keyless: where handshakes are signed.")
     keyserver_down: Literal["fail", "passthrough"] = setting(
-        "fail", doc="keyless: when no key server signs in time, 'fail' the new handshake "
+        "fail",
+        doc="keyless: when no key server signs in time, 'fail' the new handshake "
         "(internal_error alert) or forward the connection as 'passthrough' to the origins "
-        "(nothing has been sent to the visitor yet, so the origin completes the handshake).")
-    origin_ca: str = setting("", doc="keyless, blind: CA bundle that verifies the origins' "
-                             "certificates. The edge never talks plaintext or unverified TLS "
-                             "to an origin: give this or origin_pin_sha256.")
+        "(nothing has been sent to the visitor yet, so the origin completes the handshake).",
+    )
+    origin_ca: str = setting(
+        "",
+        doc="keyless, blind: CA bundle that verifies the origins' "
+        "certificates. The edge never talks plaintext or unverified TLS "
+        "to an origin: give this or origin_pin_sha256.",
+    )
     origin_pin_sha256: tuple[str, ...] = setting(
-        (), doc="keyless, blind: accept an origin only if its leaf certificate has one of these "
+        (),
+        doc="keyless, blind: accept an origin only if its leaf certificate has one of these "
         "SHA-256 fingerprints (checked in addition to origin_ca when both are given).",
-        check=_hex_fingerprints)
-    origin_server_name: str = setting("", doc="keyless, blind: name checked in the origin's "
-                                      "certificate and sent as SNI (default: the visitor's "
-                                      "SNI; blind routes must set it: their SNI is the CDN "
-                                      "name).")
+        check=_hex_fingerprints,
+    )
+    origin_server_name: str = setting(
+        "",
+        doc="keyless, blind: name checked in the origin's "
+        "certificate and sent as SNI (default: the visitor's "
+        "SNI; blind routes must set it: their SNI is the CDN "
+        "name).",
+    )
     session_ticket_lifetime_s: float = setting(
-        7200.0, doc="keyless: lifetime of TLS 1.3 session tickets (resumption without asking "
+        7200.0,
+        doc="keyless: lifetime of TLS 1.3 session tickets (resumption without asking "
         "the key server; never 0-RTT). Tickets are kept by the edge worker, single use. "
-        "0 = no tickets.", min=0, max=604800)
-    max_sessions: int = setting(100000, doc="keyless: most resumable sessions kept per worker "
-                                "(oldest dropped first).", min=1)
+        "0 = no tickets.",
+        min=0,
+        max=604800,
+    )
+    max_sessions: int = setting(
+        100000,
+        doc="keyless: most resumable sessions kept per worker (oldest dropped first).",
+        min=1,
+    )
     rate_limits: tuple[PathRateLimit, ...] = setting(
-        (), doc="keyless: HTTP request rate limits by path prefix; a request over any matching "
-        "limit gets 429 with Retry-After.")
+        (),
+        doc="keyless: HTTP request rate limits by path prefix; a request over any matching "
+        "limit gets 429 with Retry-After.",
+    )
     cache_max_bytes: int = setting(
-        64 << 20, doc="keyless: memory for cached responses per worker (RFC 9111: only what "
+        64 << 20,
+        doc="keyless: memory for cached responses per worker (RFC 9111: only what "
         "Cache-Control/Expires make cacheable by a shared cache; Vary and validators honoured). "
-        "0 = no cache.", min=0)
+        "0 = no cache.",
+        min=0,
+    )
     cache_max_object_bytes: int = setting(
-        8 << 20, doc="keyless: largest response body cached.", min=0)
-    http: EdgeHttpConfig | None = setting(None, doc="keyless, blind: HTTP limits and "
-                                          "deadlines.")
+        8 << 20, doc="keyless: largest response body cached.", min=0
+    )
+    http: EdgeHttpConfig | None = setting(None, doc="keyless, blind: HTTP limits and deadlines.")
     proxy_protocol: Literal["none", "v1", "v2"] = setting(
         "none",
         doc="PROXY protocol header sent to the origin before the ClientHello so it learns the "
@@ -186,71 +245,103 @@ class RouteConfig:
         "route may be the default; without one, such connections are refused.",
     )
 
-
     def __post_init__(self) -> None:
         if self.mode == "keyless":
             if not self.certificate:
-                raise ConfigError("certificate", "a keyless route needs the site's certificate "
-                                  "chain (no key)")
+                raise ConfigError(
+                    "certificate", "a keyless route needs the site's certificate chain (no key)"
+                )
             if self.keyserver is None:
-                raise ConfigError("keyserver", "a keyless route needs its key servers: "
-                                  "keyserver = { addresses = [...], client_cert, client_key, ca }")
+                raise ConfigError(
+                    "keyserver",
+                    "a keyless route needs its key servers: "
+                    "keyserver = { addresses = [...], client_cert, client_key, ca }",
+                )
             if not self.origin_ca and not self.origin_pin_sha256:
-                raise ConfigError("origin_ca", "a keyless route talks to its origins over "
-                                  "verified TLS only: give origin_ca or origin_pin_sha256")
+                raise ConfigError(
+                    "origin_ca",
+                    "a keyless route talks to its origins over "
+                    "verified TLS only: give origin_ca or origin_pin_sha256",
+                )
         if self.mode == "blind":
             if not self.certificate or not self.key:
-                raise ConfigError("certificate", "a blind route needs its own certificate "
-                                  "and key (the CDN hostname's, not the site's)")
+                raise ConfigError(
+                    "certificate",
+                    "a blind route needs its own certificate "
+                    "and key (the CDN hostname's, not the site's)",
+                )
             if not self.origin_ca and not self.origin_pin_sha256:
-                raise ConfigError("origin_ca", "a blind route pulls blobs over verified TLS "
-                                  "only: give origin_ca or origin_pin_sha256")
+                raise ConfigError(
+                    "origin_ca",
+                    "a blind route pulls blobs over verified TLS "
+                    "only: give origin_ca or origin_pin_sha256",
+                )
             if not self.origin_server_name:
-                raise ConfigError("origin_server_name", "a blind route must name its origin "
-                                  "(the visitors' SNI is the CDN hostname)")
+                raise ConfigError(
+                    "origin_server_name",
+                    "a blind route must name its origin (the visitors' SNI is the CDN hostname)",
+                )
         if self.mode == "passthrough":
             for key in ("certificate", "origin_ca", "origin_server_name"):
                 if getattr(self, key):
-                    raise ConfigError(key, f"only for mode = 'keyless' or 'blind' (this route "
-                                      f"is {self.mode!r})")
+                    raise ConfigError(
+                        key, f"only for mode = 'keyless' or 'blind' (this route is {self.mode!r})"
+                    )
         if self.mode != "blind":
             for key in ("key", "blind"):
                 if getattr(self, key):
-                    raise ConfigError(key, f"only for mode = 'blind' (this route is "
-                                      f"{self.mode!r})")
+                    raise ConfigError(key, f"only for mode = 'blind' (this route is {self.mode!r})")
         if self.mode != "keyless":
             if self.keyserver is not None:
                 raise ConfigError("keyserver", "only for mode = 'keyless'")
             if self.rate_limits:
-                raise ConfigError("rate_limits", "HTTP rate limits need mode = 'keyless' (a "
-                                  "passthrough edge cannot see requests)")
+                raise ConfigError(
+                    "rate_limits",
+                    "HTTP rate limits need mode = 'keyless' (a "
+                    "passthrough edge cannot see requests)",
+                )
 
 
 @dataclass(frozen=True, slots=True)
 class EdgeHttpConfig:
-    max_header_bytes: int = setting(16384, doc="Largest request head (HTTP/1.1) or header "
-                                    "list (HTTP/2); larger gets 431.", min=1024, max=1 << 20)
+    max_header_bytes: int = setting(
+        16384,
+        doc="Largest request head (HTTP/1.1) or header list (HTTP/2); larger gets 431.",
+        min=1024,
+        max=1 << 20,
+    )
     max_headers: int = setting(100, doc="Most header fields in a request.", min=8, max=10000)
-    max_body_bytes: int = setting(100 << 20, doc="Largest request body; larger gets 413.",
-                                  min=0)
+    max_body_bytes: int = setting(100 << 20, doc="Largest request body; larger gets 413.", min=0)
     header_timeout_s: float = setting(10.0, doc="Deadline for a whole request head.", min=0.1)
     body_timeout_s: float = setting(30.0, doc="Longest pause inside a request body.", min=0.1)
-    keepalive_timeout_s: float = setting(60.0, doc="Idle time before a visitor connection is "
-                                         "closed.", min=0.1)
-    send_timeout_s: float = setting(60.0, doc="A visitor that reads nothing of its response "
-                                    "for this long is disconnected.", min=0.1)
-    tls_handshake_timeout_s: float = setting(10.0, doc="Deadline for the TLS handshake (key "
-                                             "server included).", min=0.1)
-    h2_max_concurrent_streams: int = setting(100, doc="HTTP/2 streams a visitor may have "
-                                             "open.", min=1, max=1000)
-    upstream_connect_timeout_s: float = setting(5.0, doc="Deadline to connect to an origin "
-                                                "(TCP and TLS).", min=0.05)
-    upstream_timeout_s: float = setting(60.0, doc="Longest wait for the origin to send or "
-                                        "accept bytes.", min=0.1)
-    upstream_connections: int = setting(8, doc="Connections to the origin per visitor "
-                                        "connection (each carries the visitor's address in a "
-                                        "PROXY header when proxy_protocol is set).", min=1,
-                                        max=256)
+    keepalive_timeout_s: float = setting(
+        60.0, doc="Idle time before a visitor connection is closed.", min=0.1
+    )
+    send_timeout_s: float = setting(
+        60.0,
+        doc="A visitor that reads nothing of its response for this long is disconnected.",
+        min=0.1,
+    )
+    tls_handshake_timeout_s: float = setting(
+        10.0, doc="Deadline for the TLS handshake (key server included).", min=0.1
+    )
+    h2_max_concurrent_streams: int = setting(
+        100, doc="HTTP/2 streams a visitor may have open.", min=1, max=1000
+    )
+    upstream_connect_timeout_s: float = setting(
+        5.0, doc="Deadline to connect to an origin (TCP and TLS).", min=0.05
+    )
+    upstream_timeout_s: float = setting(
+        60.0, doc="Longest wait for the origin to send or accept bytes.", min=0.1
+    )
+    upstream_connections: int = setting(
+        8,
+        doc="Connections to the origin per visitor "
+        "connection (each carries the visitor's address in a "
+        "PROXY header when proxy_protocol is set).",
+        min=1,
+        max=256,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,13 +350,20 @@ class Ja4Rule:
         doc="'block' refuses matching connections; 'rate_limit' admits them at rate_per_s "
         "with burst."
     )
-    ja4: str = setting("", doc="Exact JA4 fingerprint to match (FoxIO JA4, e.g. "
-                       "'t13d1516h2_8daaf6152771_e5627efa2ab1').")
-    prefix: str = setting("", doc="Match every fingerprint that starts with this text "
-                          "(e.g. 't12' for TLS 1.2 clients, or a whole 'a' part).")
+    ja4: str = setting(
+        "",
+        doc="Exact JA4 fingerprint to match (FoxIO JA4, e.g. "
+        "'t13d1516h2_8daaf6152771_e5627efa2ab1').",
+    )
+    prefix: str = setting(
+        "",
+        doc="Match every fingerprint that starts with this text "
+        "(e.g. 't12' for TLS 1.2 clients, or a whole 'a' part).",
+    )
     name: str = setting("", doc="Name used in logs and metrics; defaults to 'ja4_rule<N>'.")
-    rate_per_s: float = setting(1.0, doc="rate_limit: new connections per second admitted.",
-                                min=0.001)
+    rate_per_s: float = setting(
+        1.0, doc="rate_limit: new connections per second admitted.", min=0.001
+    )
     burst: int = setting(5, doc="rate_limit: bucket size (connections admitted at once).", min=1)
     per: Literal["fingerprint", "ip"] = setting(
         "fingerprint",
@@ -280,26 +378,39 @@ class Ja4Rule:
 
 @dataclass(frozen=True, slots=True)
 class DecisionSourceConfig:
-    url: str = setting("", doc="Decision stream to follow: blindfold's origin "
-                       "('https://origin:8089') or a CrowdSec Local API; its "
-                       "/v1/decisions/stream is polled.",
-                       check=lambda v: None if not v or v.startswith(("https://", "http://"))
-                       else "expected an https:// URL")
+    url: str = setting(
+        "",
+        doc="Decision stream to follow: blindfold's origin "
+        "('https://origin:8089') or a CrowdSec Local API; its "
+        "/v1/decisions/stream is polled.",
+        check=lambda v: (
+            None if not v or v.startswith(("https://", "http://")) else "expected an https:// URL"
+        ),
+    )
     api_key_file: str = setting("", doc="File holding this edge's API key (sent as X-Api-Key).")
-    ca: str = setting("", doc="CA bundle that verifies the decision source's certificate; "
-                      "empty: the system's CAs.")
-    server_name: str = setting("", doc="Name expected in the source's certificate (default: "
-                               "the URL's host).")
-    poll_interval_s: float = setting(1.0, doc="How often the stream is polled.", min=0.1,
-                                     max=300)
+    ca: str = setting(
+        "",
+        doc="CA bundle that verifies the decision source's certificate; empty: the system's CAs.",
+    )
+    server_name: str = setting(
+        "", doc="Name expected in the source's certificate (default: the URL's host)."
+    )
+    poll_interval_s: float = setting(1.0, doc="How often the stream is polled.", min=0.1, max=300)
     timeout_s: float = setting(5.0, doc="Deadline for one poll.", min=0.1, max=60)
     close_grace_s: float = setting(
-        1.0, doc="New connections from a newly banned address are refused at once; its open "
+        1.0,
+        doc="New connections from a newly banned address are refused at once; its open "
         "connections are closed after this grace (so the response that earned the ban, e.g. "
-        "the WAF's 403 page, still reaches it).", min=0, max=60)
-    redis_url: str = setting("", doc="Follow decisions through Redis instead of (or as well "
-                             "as) the URL, and share per-address connection rates with the "
-                             "other edges there; e.g. 'redis://127.0.0.1:6379/0'.")
+        "the WAF's 403 page, still reaches it).",
+        min=0,
+        max=60,
+    )
+    redis_url: str = setting(
+        "",
+        doc="Follow decisions through Redis instead of (or as well "
+        "as) the URL, and share per-address connection rates with the "
+        "other edges there; e.g. 'redis://127.0.0.1:6379/0'.",
+    )
 
     def __post_init__(self) -> None:
         if self.url and not self.api_key_file:
@@ -329,76 +440,122 @@ class EdgeConfig:
         max=256,
     )
     defer_accept: bool = setting(
-        False, doc="TCP_DEFER_ACCEPT on the listeners: the kernel hands a connection over only "
+        False,
+        doc="TCP_DEFER_ACCEPT on the listeners: the kernel hands a connection over only "
         "once its first bytes arrive (idle connects never reach a worker). Saves a wake-up per "
         "connection but added ~80 µs to new-connection latency in bench/l4; off by default. "
-        "Takes effect at start.")
+        "Takes effect at start.",
+    )
     hello_timeout_s: float = setting(
-        5.0, doc="Deadline for the whole ClientHello, from accept.", min=0.1, max=120)
+        5.0, doc="Deadline for the whole ClientHello, from accept.", min=0.1, max=120
+    )
     max_hello_bytes: int = setting(
-        16384, doc="Most bytes read while waiting for a complete ClientHello (it may span several "
-        "TLS records).", min=512, max=65536)
+        16384,
+        doc="Most bytes read while waiting for a complete ClientHello (it may span several "
+        "TLS records).",
+        min=512,
+        max=65536,
+    )
     connect_timeout_s: float = setting(
-        3.0, doc="Deadline for connecting to one origin before the next is tried.", min=0.05,
-        max=120)
+        3.0,
+        doc="Deadline for connecting to one origin before the next is tried.",
+        min=0.05,
+        max=120,
+    )
     idle_timeout_s: float = setting(
-        300.0, doc="A relayed connection with no bytes either way for this long is closed.",
-        min=1, max=86400)
+        300.0,
+        doc="A relayed connection with no bytes either way for this long is closed.",
+        min=1,
+        max=86400,
+    )
     drain_timeout_s: float = setting(
-        30.0, doc="On SIGTERM, how long open connections may continue before they are closed.",
-        min=0, max=3600)
+        30.0,
+        doc="On SIGTERM, how long open connections may continue before they are closed.",
+        min=0,
+        max=3600,
+    )
     origin_down_s: float = setting(
-        10.0, doc="How long an origin that refused or timed out is skipped.", min=0.1, max=3600)
+        10.0, doc="How long an origin that refused or timed out is skipped.", min=0.1, max=3600
+    )
     max_connections: int = setting(
-        20000, doc="Global cap on open visitor connections for this edge (split evenly across "
-        "workers). Applies to allowlisted addresses too.", min=1)
+        20000,
+        doc="Global cap on open visitor connections for this edge (split evenly across "
+        "workers). Applies to allowlisted addresses too.",
+        min=1,
+    )
     per_ip_concurrent: int = setting(
-        256, doc="Open connections allowed per client address (IPv6: per ipv6_prefix_len "
-        "prefix).", min=1)
+        256,
+        doc="Open connections allowed per client address (IPv6: per ipv6_prefix_len prefix).",
+        min=1,
+    )
     per_ip_rate_per_s: float = setting(
-        50.0, doc="New connections per second per client address (token bucket refill rate); "
-        "0 disables the rate limit.", min=0.0)
+        50.0,
+        doc="New connections per second per client address (token bucket refill rate); "
+        "0 disables the rate limit.",
+        min=0.0,
+    )
     per_ip_burst: int = setting(
-        100, doc="Token bucket size for new connections per client address.", min=1)
+        100, doc="Token bucket size for new connections per client address.", min=1
+    )
     ipv6_prefix_len: int = setting(
-        64, doc="IPv6 clients are grouped by this prefix for per-address limits and steering.",
-        min=32, max=128)
+        64,
+        doc="IPv6 clients are grouped by this prefix for per-address limits and steering.",
+        min=32,
+        max=128,
+    )
     max_tracked_ips: int = setting(
-        200000, doc="Bound on the per-address state each worker keeps; idle entries are evicted "
-        "first.", min=1000)
+        200000,
+        doc="Bound on the per-address state each worker keeps; idle entries are evicted first.",
+        min=1000,
+    )
     blocklist_files: tuple[str, ...] = setting(
-        (), doc="Files of IPv4/IPv6 addresses and CIDRs to refuse, one per line, '#' or ';' "
-        "comments (the format of published drop lists). Reloaded when they change and on SIGHUP.")
+        (),
+        doc="Files of IPv4/IPv6 addresses and CIDRs to refuse, one per line, '#' or ';' "
+        "comments (the format of published drop lists). Reloaded when they change and on SIGHUP.",
+    )
     allowlist_files: tuple[str, ...] = setting(
-        (), doc="Files in the same format; listed addresses bypass the blocklists, the per-address "
-        "limits and the JA4 rules (not max_connections).")
+        (),
+        doc="Files in the same format; listed addresses bypass the blocklists, the per-address "
+        "limits and the JA4 rules (not max_connections).",
+    )
     block: tuple[str, ...] = setting(
-        (), doc="Inline addresses/CIDRs to refuse, added to the blocklist files.",
-        check=_check_cidrs)
+        (),
+        doc="Inline addresses/CIDRs to refuse, added to the blocklist files.",
+        check=_check_cidrs,
+    )
     allow: tuple[str, ...] = setting(
-        (), doc="Inline addresses/CIDRs added to the allowlist.", check=_check_cidrs)
+        (), doc="Inline addresses/CIDRs added to the allowlist.", check=_check_cidrs
+    )
     list_check_interval_s: float = setting(
-        2.0, doc="How often list files are checked for changes.", min=0.1, max=3600)
-    ja4_rules: tuple[Ja4Rule, ...] = setting(
-        (), doc="Fingerprint rules, first match wins.")
+        2.0, doc="How often list files are checked for changes.", min=0.1, max=3600
+    )
+    ja4_rules: tuple[Ja4Rule, ...] = setting((), doc="Fingerprint rules, first match wins.")
     decisions: DecisionSourceConfig | None = setting(
-        None, doc="Bans made elsewhere (the origin agent, CrowdSec) that this edge enforces: "
-        "new connections from a banned address are refused and its open ones closed.")
+        None,
+        doc="Bans made elsewhere (the origin agent, CrowdSec) that this edge enforces: "
+        "new connections from a banned address are refused and its open ones closed.",
+    )
     pipe_size_bytes: int = setting(
-        262144, doc="Kernel pipe capacity per direction used by splice (rounded by the kernel to "
-        "pages). Non-root processes are limited by fs.pipe-user-pages-soft.", min=4096,
-        max=1 << 20)
-    log_path: str = setting(
-        "", doc="Where JSON log lines go; empty = standard output.")
-    log_connections: bool = setting(
-        True, doc="Write one JSON line per finished connection.")
+        262144,
+        doc="Kernel pipe capacity per direction used by splice (rounded by the kernel to "
+        "pages). Non-root processes are limited by fs.pipe-user-pages-soft.",
+        min=4096,
+        max=1 << 20,
+    )
+    log_path: str = setting("", doc="Where JSON log lines go; empty = standard output.")
+    log_connections: bool = setting(True, doc="Write one JSON line per finished connection.")
     log_refused_per_s: float = setting(
-        200.0, doc="Most log lines per second per worker for refused connections (a flood must "
+        200.0,
+        doc="Most log lines per second per worker for refused connections (a flood must "
         "not fill the disk); the rest are counted in blindfold_log_lines_suppressed_total. "
-        "0 = no limit.", min=0.0)
+        "0 = no limit.",
+        min=0.0,
+    )
     relay: Literal["auto", "splice", "copy"] = setting(
-        "auto", doc="How bytes are moved after the hello: 'splice' (Linux zero-copy through "
-        "pipes), 'copy' (portable user-space buffers), 'auto' (splice where available).")
+        "auto",
+        doc="How bytes are moved after the hello: 'splice' (Linux zero-copy through "
+        "pipes), 'copy' (portable user-space buffers), 'auto' (splice where available).",
+    )
 
     def __post_init__(self) -> None:
         defaults = [i for i, r in enumerate(self.routes) if r.default]

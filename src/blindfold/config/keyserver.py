@@ -28,21 +28,27 @@ def _patterns(values: tuple[str, ...]) -> str | None:
 @dataclass(frozen=True, slots=True)
 class KeyConfig:
     key: str = setting(doc="PEM private key (ECDSA P-256/P-384, RSA >= 2048 bits, Ed25519).")
-    certificate: str = setting(doc="Its certificate (chain): the edge names the key by this "
-                               "certificate's SHA-256, and its DNS names bound what it signs for.")
+    certificate: str = setting(
+        doc="Its certificate (chain): the edge names the key by this "
+        "certificate's SHA-256, and its DNS names bound what it signs for."
+    )
     name: str = setting("", doc="Name in logs, metrics and the audit log (default: key<N>).")
 
 
 @dataclass(frozen=True, slots=True)
 class EdgeAccessConfig:
     name: str = setting(doc="The edge's name (audit log, metrics).")
-    cert_sha256: str = setting(doc="SHA-256 fingerprint of the edge's client certificate "
-                               "(`blindfold pki edge` prints it); colons allowed.",
-                               check=_fingerprint)
-    hostnames: tuple[str, ...] = setting(doc="Hostnames (exact or '*.suffix') it may have "
-                                         "handshakes signed for.", check=_patterns)
-    rate_per_s: float = setting(0.0, doc="Signatures per second for this edge (0: the "
-                                "keyserver default).", min=0)
+    cert_sha256: str = setting(
+        doc="SHA-256 fingerprint of the edge's client certificate "
+        "(`blindfold pki edge` prints it); colons allowed.",
+        check=_fingerprint,
+    )
+    hostnames: tuple[str, ...] = setting(
+        doc="Hostnames (exact or '*.suffix') it may have handshakes signed for.", check=_patterns
+    )
+    rate_per_s: float = setting(
+        0.0, doc="Signatures per second for this edge (0: the keyserver default).", min=0
+    )
     burst: int = setting(0, doc="Burst for this edge (0: the keyserver default).", min=0)
 
     @property
@@ -55,21 +61,28 @@ class KeyServerConfig:
     listen: str = setting(doc="Address edges connect to (mutual TLS).", check=check_ip_hostport)
     cert: str = setting(doc="The key server's own TLS certificate (chain).")
     key: str = setting(doc="Its private key.")
-    client_ca: str = setting(doc="CA that issued the edges' client certificates (the site's "
-                             "own CA; `blindfold pki` makes one).")
+    client_ca: str = setting(
+        doc="CA that issued the edges' client certificates (the site's "
+        "own CA; `blindfold pki` makes one)."
+    )
     keys: tuple[KeyConfig, ...] = setting(doc="The site's signing keys.")
-    audit_log: str = setting(doc="Hash-chained log of every signature (append-only JSON "
-                             "lines); `blindfold audit verify FILE` checks it.")
+    audit_log: str = setting(
+        doc="Hash-chained log of every signature (append-only JSON "
+        "lines); `blindfold audit verify FILE` checks it."
+    )
     edges: tuple[EdgeAccessConfig, ...] = setting(
-        (), doc="Edges allowed to ask for signatures. Revoke one by removing it and sending "
-        "SIGHUP: its next request is refused and its connections closed.")
-    admin_listen: str = setting("127.0.0.1:9102", doc="Address of /metrics and /healthz.",
-                                check=check_ip_hostport)
-    rate_per_s: float = setting(2000.0, doc="Default signatures per second per edge.",
-                                min=0.001)
+        (),
+        doc="Edges allowed to ask for signatures. Revoke one by removing it and sending "
+        "SIGHUP: its next request is refused and its connections closed.",
+    )
+    admin_listen: str = setting(
+        "127.0.0.1:9102", doc="Address of /metrics and /healthz.", check=check_ip_hostport
+    )
+    rate_per_s: float = setting(2000.0, doc="Default signatures per second per edge.", min=0.001)
     burst: int = setting(4000, doc="Default burst per edge.", min=1)
-    idle_timeout_s: float = setting(300.0, doc="An edge connection silent this long is "
-                                    "closed.", min=1)
+    idle_timeout_s: float = setting(
+        300.0, doc="An edge connection silent this long is closed.", min=1
+    )
     log_path: str = setting("", doc="Where JSON log lines go; empty = standard output.")
 
     def __post_init__(self) -> None:

@@ -41,81 +41,117 @@ def _upstream(value: str) -> str | None:
 @dataclass(frozen=True, slots=True)
 class CertificateConfig:
     cert: str = setting(doc="PEM certificate chain (leaf first). Its DNS names select it by SNI.")
-    key: str = setting(doc="PEM private key of that certificate (the origin is where the "
-                       "site's keys live).")
+    key: str = setting(
+        doc="PEM private key of that certificate (the origin is where the site's keys live)."
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class HttpConfig:
-    max_header_bytes: int = setting(16384, doc="Largest request head (HTTP/1.1) or header "
-                                    "list (HTTP/2); larger gets 431 / a connection error.",
-                                    min=1024, max=1 << 20)
+    max_header_bytes: int = setting(
+        16384,
+        doc="Largest request head (HTTP/1.1) or header "
+        "list (HTTP/2); larger gets 431 / a connection error.",
+        min=1024,
+        max=1 << 20,
+    )
     max_headers: int = setting(100, doc="Most header fields in a request.", min=8, max=10000)
-    max_body_bytes: int = setting(100 << 20, doc="Largest request body; larger gets 413.",
-                                  min=0)
+    max_body_bytes: int = setting(100 << 20, doc="Largest request body; larger gets 413.", min=0)
     header_timeout_s: float = setting(10.0, doc="Deadline for a whole request head.", min=0.1)
-    body_timeout_s: float = setting(30.0, doc="Longest pause inside a request body (slow "
-                                    "uploads get 408).", min=0.1)
-    keepalive_timeout_s: float = setting(60.0, doc="Idle time before a client connection is "
-                                         "closed.", min=0.1)
-    send_timeout_s: float = setting(60.0, doc="A client that reads nothing of its response for "
-                                    "this long is disconnected.", min=0.1)
-    tls_handshake_timeout_s: float = setting(10.0, doc="Deadline for the TLS handshake.",
-                                             min=0.1)
-    h2_max_concurrent_streams: int = setting(100, doc="HTTP/2 streams a client may have open.",
-                                             min=1, max=1000)
-    h2_max_resets_per_window: int = setting(200, doc="Client stream resets tolerated per 10 s "
-                                            "(rapid reset defence).", min=1)
-    h2_max_control_frames_per_window: int = setting(500, doc="SETTINGS/PING/WINDOW_UPDATE/"
-                                                    "PRIORITY/empty DATA frames tolerated per "
-                                                    "10 s.", min=10)
-    upstream_connect_timeout_s: float = setting(5.0, doc="Deadline to connect to the "
-                                                "application.", min=0.05)
-    upstream_timeout_s: float = setting(60.0, doc="Longest wait for the application to send "
-                                        "or accept bytes.", min=0.1)
-    upstream_pool_size: int = setting(32, doc="Idle keep-alive connections kept to the "
-                                      "application.", min=0)
+    body_timeout_s: float = setting(
+        30.0, doc="Longest pause inside a request body (slow uploads get 408).", min=0.1
+    )
+    keepalive_timeout_s: float = setting(
+        60.0, doc="Idle time before a client connection is closed.", min=0.1
+    )
+    send_timeout_s: float = setting(
+        60.0,
+        doc="A client that reads nothing of its response for this long is disconnected.",
+        min=0.1,
+    )
+    tls_handshake_timeout_s: float = setting(10.0, doc="Deadline for the TLS handshake.", min=0.1)
+    h2_max_concurrent_streams: int = setting(
+        100, doc="HTTP/2 streams a client may have open.", min=1, max=1000
+    )
+    h2_max_resets_per_window: int = setting(
+        200, doc="Client stream resets tolerated per 10 s (rapid reset defence).", min=1
+    )
+    h2_max_control_frames_per_window: int = setting(
+        500,
+        doc="SETTINGS/PING/WINDOW_UPDATE/PRIORITY/empty DATA frames tolerated per 10 s.",
+        min=10,
+    )
+    upstream_connect_timeout_s: float = setting(
+        5.0, doc="Deadline to connect to the application.", min=0.05
+    )
+    upstream_timeout_s: float = setting(
+        60.0, doc="Longest wait for the application to send or accept bytes.", min=0.1
+    )
+    upstream_pool_size: int = setting(
+        32, doc="Idle keep-alive connections kept to the application.", min=0
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class WafExclusionConfig:
     path_prefix: str = setting(doc="Requests whose path starts with this...")
-    rule_ids: tuple[int, ...] = setting((), doc="...skip these rule ids; empty: no rule runs "
-                                        "for the path.")
+    rule_ids: tuple[int, ...] = setting(
+        (), doc="...skip these rule ids; empty: no rule runs for the path."
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class WafConfig:
     enabled: bool = setting(True, doc="Inspect requests with ModSecurity v3 and the OWASP CRS.")
-    mode: Literal["block", "detect"] = setting("block", doc="'block' answers 403 (with a "
-                                               "request id); 'detect' only logs.")
+    mode: Literal["block", "detect"] = setting(
+        "block", doc="'block' answers 403 (with a request id); 'detect' only logs."
+    )
     paranoia_level: int = setting(1, doc="CRS paranoia level 1-4.", min=1, max=4)
     anomaly_threshold: int = setting(5, doc="CRS inbound anomaly score that blocks.", min=1)
-    allowed_methods: str = setting("", doc="CRS tx.allowed_methods, space separated (e.g. "
-                                   "'GET HEAD POST OPTIONS PUT PATCH DELETE' for a REST API); "
-                                   "empty keeps CRS's GET HEAD POST OPTIONS.")
+    allowed_methods: str = setting(
+        "",
+        doc="CRS tx.allowed_methods, space separated (e.g. "
+        "'GET HEAD POST OPTIONS PUT PATCH DELETE' for a REST API); "
+        "empty keeps CRS's GET HEAD POST OPTIONS.",
+    )
     allowed_content_types: str = setting(
-        "", doc="CRS tx.allowed_request_content_type, space separated (add "
+        "",
+        doc="CRS tx.allowed_request_content_type, space separated (add "
         "'application/octet-stream' for binary uploads); empty keeps CRS's list (forms, "
-        "multipart, XML, JSON).")
-    body_limit_bytes: int = setting(13107200, doc="Most request body bytes the WAF buffers and "
-                                    "inspects (SecRequestBodyLimit).", min=0)
-    body_no_files_limit_bytes: int = setting(131072, doc="Most non-file body bytes inspected "
-                                             "(SecRequestBodyNoFilesLimit).", min=0)
+        "multipart, XML, JSON).",
+    )
+    body_limit_bytes: int = setting(
+        13107200,
+        doc="Most request body bytes the WAF buffers and inspects (SecRequestBodyLimit).",
+        min=0,
+    )
+    body_no_files_limit_bytes: int = setting(
+        131072, doc="Most non-file body bytes inspected (SecRequestBodyNoFilesLimit).", min=0
+    )
     body_limit_action: Literal["reject", "partial"] = setting(
-        "partial", doc="A body over body_limit_bytes: 'reject' answers 413; 'partial' inspects "
-        "the first body_limit_bytes and streams the rest unseen.")
+        "partial",
+        doc="A body over body_limit_bytes: 'reject' answers 413; 'partial' inspects "
+        "the first body_limit_bytes and streams the rest unseen.",
+    )
     exclusions: tuple[WafExclusionConfig, ...] = setting((), doc="Per-path rule exclusions.")
-    extra_rules_files: tuple[str, ...] = setting((), doc="More ModSecurity rule files, loaded "
-                                                 "after the CRS.")
-    crs_rules_dir: str = setting("/usr/share/modsecurity-crs/rules",
-                                 doc="The CRS rules (Debian's modsecurity-crs).")
-    crs_setup_dir: str = setting("/etc/modsecurity/crs", doc="Where crs-setup.conf and the "
-                                 "REQUEST-900/RESPONSE-999 exclusion files are.")
-    unicode_map_file: str = setting("/etc/modsecurity/unicode.mapping",
-                                    doc="SecUnicodeMapFile (scripts/bootstrap installs it).")
-    audit_log: str = setting("", doc="JSON lines of every request a rule matched (request id, "
-                             "client, rule ids); empty: the main log.")
+    extra_rules_files: tuple[str, ...] = setting(
+        (), doc="More ModSecurity rule files, loaded after the CRS."
+    )
+    crs_rules_dir: str = setting(
+        "/usr/share/modsecurity-crs/rules", doc="The CRS rules (Debian's modsecurity-crs)."
+    )
+    crs_setup_dir: str = setting(
+        "/etc/modsecurity/crs",
+        doc="Where crs-setup.conf and the REQUEST-900/RESPONSE-999 exclusion files are.",
+    )
+    unicode_map_file: str = setting(
+        "/etc/modsecurity/unicode.mapping", doc="SecUnicodeMapFile (scripts/bootstrap installs it)."
+    )
+    audit_log: str = setting(
+        "",
+        doc="JSON lines of every request a rule matched (request id, "
+        "client, rule ids); empty: the main log.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,24 +165,35 @@ class RateRuleConfig:
 
 @dataclass(frozen=True, slots=True)
 class DecisionsConfig:
-    listen: str = setting("", doc="HTTPS address serving the decision stream to edges "
-                          "(CrowdSec bouncer API shape); empty: not served.",
-                          check=lambda v: check_ip_hostport(v) if v else None)
-    cert: str = setting("", doc="Certificate of that listener (default: the first "
-                        "[[origin.certificates]]).")
+    listen: str = setting(
+        "",
+        doc="HTTPS address serving the decision stream to edges "
+        "(CrowdSec bouncer API shape); empty: not served.",
+        check=lambda v: check_ip_hostport(v) if v else None,
+    )
+    cert: str = setting(
+        "", doc="Certificate of that listener (default: the first [[origin.certificates]])."
+    )
     key: str = setting("", doc="Its key.")
-    api_keys_file: str = setting("", doc="Edge API keys, one per line ('name:key' or 'key'); "
-                                 "edges send theirs in X-Api-Key.")
-    ban_after_blocks: int = setting(3, doc="WAF blocks from one address within "
-                                    "block_window_s that ban it (1: the first block bans).",
-                                    min=1)
+    api_keys_file: str = setting(
+        "", doc="Edge API keys, one per line ('name:key' or 'key'); edges send theirs in X-Api-Key."
+    )
+    ban_after_blocks: int = setting(
+        3,
+        doc="WAF blocks from one address within "
+        "block_window_s that ban it (1: the first block bans).",
+        min=1,
+    )
     block_window_s: float = setting(60.0, doc="Window for counting WAF blocks.", min=1)
-    ban_duration_s: float = setting(3600.0, doc="Duration of a ban created by WAF blocks.",
-                                    min=1)
-    rate_rules: tuple[RateRuleConfig, ...] = setting((), doc="Per-path request-rate rules that "
-                                                     "ban.")
-    redis_url: str = setting("", doc="Publish decisions to Redis too (keys with TTL + "
-                             "pub/sub), for many edges; e.g. 'redis://127.0.0.1:6379/0'.")
+    ban_duration_s: float = setting(3600.0, doc="Duration of a ban created by WAF blocks.", min=1)
+    rate_rules: tuple[RateRuleConfig, ...] = setting(
+        (), doc="Per-path request-rate rules that ban."
+    )
+    redis_url: str = setting(
+        "",
+        doc="Publish decisions to Redis too (keys with TTL + "
+        "pub/sub), for many edges; e.g. 'redis://127.0.0.1:6379/0'.",
+    )
 
 
 def _url_path(value: str) -> str | None:
@@ -162,84 +209,133 @@ def _url_prefix(value: str) -> str | None:
 @dataclass(frozen=True, slots=True)
 class BlindStoreConfig:
     dir: str = setting(doc="The OUT_DIR of `blindfold seal`: manifest.json and blobs/.")
-    source_dir: str = setting("", doc="The SRC_DIR that was sealed: the origin serves the "
-                              "plaintext of sealed paths from it (the visitors' fallback when "
-                              "an edge copy fails verification). Empty: the application "
-                              "serves them.")
-    manifest_path: str = setting("/.well-known/blindfold/manifest.json", doc="URL path of the "
-                                 "signed manifest (it holds the content keys: served with "
-                                 "no-store, by the origin only).", check=_url_path)
-    blobs_path: str = setting("/.blindfold/blobs/", doc="URL prefix under which edges pull "
-                              "sealed blobs by id.", check=_url_prefix)
-    public_path: str = setting("/.blindfold/public/", doc="URL prefix under which edges pull "
-                               "the plaintext SRI copies (`blindfold seal --sri`).",
-                               check=_url_prefix)
-    rewrite_html: bool = setting(False, doc="Rewrite pages served from source_dir for "
-                                 "Subresource Integrity: <script src> and <link "
-                                 "rel=stylesheet> of files published with `seal --sri` point "
-                                 "at the edge copy with integrity and crossorigin, and a "
-                                 "page with such a tag is sent with Integrity-Policy (no "
-                                 "script without integrity runs on it). Needs edge_url.")
-    response_signing_key: str = setting("", doc="Ed25519 private key (PEM) that signs every "
-                                        "whole (200) response of the blind store with "
-                                        "RFC 9421 HTTP Message Signatures (@status, content-type, "
-                                        "content-digest, date; `blindfold verify` checks "
-                                        "them). Empty: responses are not signed.")
-    response_signature_lifetime_s: float = setting(300.0, doc="How long such a signature is "
-                                                   "valid (its `expires`).", min=1)
-    edge_url: str = setting("", doc="Base URL of the blind edge for the service worker, e.g. "
-                            "'https://cdn.example.test' (blobs at EDGE/b/<id>). Empty: no "
-                            "service worker is served.",
-                            check=lambda v: None if not v or (v.startswith("https://") and
-                                                              not v.endswith("/"))
-                            else "must be an https:// URL without a trailing /")
-    service_worker_path: str = setting("/blindfold-sw.js", doc="URL path of the service "
-                                       "worker (its scope is its directory: keep it at /).",
-                                       check=_url_path)
-    register_path: str = setting("/.well-known/blindfold/register.js", doc="URL path of the "
-                                 "registration snippet pages include with <script src>.",
-                                 check=_url_path)
-    report_path: str = setting("/.well-known/blindfold/report", doc="URL path where clients "
-                               "POST verification failures (logged as blind_client_report).",
-                               check=_url_path)
+    source_dir: str = setting(
+        "",
+        doc="The SRC_DIR that was sealed: the origin serves the "
+        "plaintext of sealed paths from it (the visitors' fallback when "
+        "an edge copy fails verification). Empty: the application "
+        "serves them.",
+    )
+    manifest_path: str = setting(
+        "/.well-known/blindfold/manifest.json",
+        doc="URL path of the "
+        "signed manifest (it holds the content keys: served with "
+        "no-store, by the origin only).",
+        check=_url_path,
+    )
+    blobs_path: str = setting(
+        "/.blindfold/blobs/",
+        doc="URL prefix under which edges pull sealed blobs by id.",
+        check=_url_prefix,
+    )
+    public_path: str = setting(
+        "/.blindfold/public/",
+        doc="URL prefix under which edges pull the plaintext SRI copies (`blindfold seal --sri`).",
+        check=_url_prefix,
+    )
+    rewrite_html: bool = setting(
+        False,
+        doc="Rewrite pages served from source_dir for "
+        "Subresource Integrity: <script src> and <link "
+        "rel=stylesheet> of files published with `seal --sri` point "
+        "at the edge copy with integrity and crossorigin, and a "
+        "page with such a tag is sent with Integrity-Policy (no "
+        "script without integrity runs on it). Needs edge_url.",
+    )
+    response_signing_key: str = setting(
+        "",
+        doc="Ed25519 private key (PEM) that signs every "
+        "whole (200) response of the blind store with "
+        "RFC 9421 HTTP Message Signatures (@status, content-type, "
+        "content-digest, date; `blindfold verify` checks "
+        "them). Empty: responses are not signed.",
+    )
+    response_signature_lifetime_s: float = setting(
+        300.0, doc="How long such a signature is valid (its `expires`).", min=1
+    )
+    edge_url: str = setting(
+        "",
+        doc="Base URL of the blind edge for the service worker, e.g. "
+        "'https://cdn.example.test' (blobs at EDGE/b/<id>). Empty: no "
+        "service worker is served.",
+        check=lambda v: (
+            None
+            if not v or (v.startswith("https://") and not v.endswith("/"))
+            else "must be an https:// URL without a trailing /"
+        ),
+    )
+    service_worker_path: str = setting(
+        "/blindfold-sw.js",
+        doc="URL path of the service worker (its scope is its directory: keep it at /).",
+        check=_url_path,
+    )
+    register_path: str = setting(
+        "/.well-known/blindfold/register.js",
+        doc="URL path of the registration snippet pages include with <script src>.",
+        check=_url_path,
+    )
+    report_path: str = setting(
+        "/.well-known/blindfold/report",
+        doc="URL path where clients POST verification failures (logged as blind_client_report).",
+        check=_url_path,
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class OriginConfig:
-    upstream: str = setting(doc="The application: 'http://127.0.0.1:8080', "
-                            "'https://host:port' or 'unix:/run/app.sock'.", check=_upstream)
-    listen: tuple[str, ...] = setting(("127.0.0.1:9443",), doc="TLS listeners for edges "
-                                      "(and direct visitors if allowed).", check=_listens)
-    http_listen: tuple[str, ...] = setting((), doc="Plain-HTTP listeners (no TLS): for local "
-                                           "health checks and WAF measurements, never for "
-                                           "edges.", check=_listens)
+    upstream: str = setting(
+        doc="The application: 'http://127.0.0.1:8080', "
+        "'https://host:port' or 'unix:/run/app.sock'.",
+        check=_upstream,
+    )
+    listen: tuple[str, ...] = setting(
+        ("127.0.0.1:9443",),
+        doc="TLS listeners for edges (and direct visitors if allowed).",
+        check=_listens,
+    )
+    http_listen: tuple[str, ...] = setting(
+        (),
+        doc="Plain-HTTP listeners (no TLS): for local "
+        "health checks and WAF measurements, never for "
+        "edges.",
+        check=_listens,
+    )
     certificates: tuple[CertificateConfig, ...] = setting(
-        (), doc="The site's certificates; the SNI picks one, the first is the default.")
-    trusted_edges: tuple[str, ...] = setting((), doc="Edge addresses/CIDRs whose PROXY "
-                                             "header is believed.", check=_cidrs)
+        (), doc="The site's certificates; the SNI picks one, the first is the default."
+    )
+    trusted_edges: tuple[str, ...] = setting(
+        (), doc="Edge addresses/CIDRs whose PROXY header is believed.", check=_cidrs
+    )
     proxy_protocol: Literal["required", "optional", "off"] = setting(
-        "required", doc="'required': every connection must come from a trusted edge and start "
+        "required",
+        doc="'required': every connection must come from a trusted edge and start "
         "with a PROXY v1/v2 header; 'optional': trusted edges may send one, others connect "
-        "directly; 'off': no PROXY header is read.")
+        "directly; 'off': no PROXY header is read.",
+    )
     proxy_header_timeout_s: float = setting(5.0, doc="Deadline for the PROXY header.", min=0.1)
-    admin_listen: str = setting("127.0.0.1:9101", doc="Address of /metrics and /healthz.",
-                                check=check_ip_hostport)
+    admin_listen: str = setting(
+        "127.0.0.1:9101", doc="Address of /metrics and /healthz.", check=check_ip_hostport
+    )
     log_path: str = setting("", doc="Where JSON log lines go; empty = standard output.")
     access_log: bool = setting(True, doc="One JSON line per request.")
     max_connections: int = setting(10000, doc="Open client connections at most.", min=1)
     http: HttpConfig = setting(default_factory=HttpConfig, doc="HTTP limits and timeouts.")
     waf: WafConfig = setting(default_factory=WafConfig, doc="The web application firewall.")
-    decisions: DecisionsConfig = setting(default_factory=DecisionsConfig,
-                                         doc="Bans created here and served to edges.")
-    blind: BlindStoreConfig | None = setting(None, doc="Blind delivery: serve the sealed "
-                                             "store made by `blindfold seal`.")
+    decisions: DecisionsConfig = setting(
+        default_factory=DecisionsConfig, doc="Bans created here and served to edges."
+    )
+    blind: BlindStoreConfig | None = setting(
+        None, doc="Blind delivery: serve the sealed store made by `blindfold seal`."
+    )
 
     def __post_init__(self) -> None:
         if self.listen and not self.certificates:
-            raise ConfigError("certificates", "TLS listeners need at least one "
-                              "[[origin.certificates]]")
+            raise ConfigError(
+                "certificates", "TLS listeners need at least one [[origin.certificates]]"
+            )
         if self.proxy_protocol == "required" and not self.trusted_edges:
-            raise ConfigError("trusted_edges", "proxy_protocol = 'required' needs the edges' "
-                              "addresses")
+            raise ConfigError(
+                "trusted_edges", "proxy_protocol = 'required' needs the edges' addresses"
+            )
         if self.decisions.listen and not self.decisions.api_keys_file:
             raise ConfigError("decisions.api_keys_file", "the decision stream needs API keys")

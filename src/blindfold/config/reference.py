@@ -25,8 +25,11 @@ def render() -> str:
     """Markdown: one section per top-level table, one key table per (nested) table."""
     tables: dict[str, list[tuple[str, str, str, Any]]] = {}
     sections: list[tuple[str, str]] = []
-    arrays = {key for key, type_text, _d, _v in iter_documented(Config)
-              if type_text.startswith("a list of a table")}
+    arrays = {
+        key
+        for key, type_text, _d, _v in iter_documented(Config)
+        if type_text.startswith("a list of a table")
+    }
     for key, type_text, doc, default in iter_documented(Config):
         if "." not in key:
             sections.append((key, doc))

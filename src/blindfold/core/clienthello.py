@@ -100,8 +100,11 @@ def peek_client_hello(buf: bytes | bytearray, max_bytes: int = 16384) -> ClientH
     if first != RECORD_HANDSHAKE:
         if first & 0x80:
             raise _fail("sslv2_hello", "SSLv2-style record header", ALERT_UNEXPECTED_MESSAGE)
-        raise _fail("not_tls", f"first byte 0x{first:02x} is not a TLS handshake record",
-                    ALERT_UNEXPECTED_MESSAGE)
+        raise _fail(
+            "not_tls",
+            f"first byte 0x{first:02x} is not a TLS handshake record",
+            ALERT_UNEXPECTED_MESSAGE,
+        )
     pos = 0
     fragments: list[bytes] = []
     have = 0  # handshake bytes collected
@@ -109,15 +112,21 @@ def peek_client_hello(buf: bytes | bytearray, max_bytes: int = 16384) -> ClientH
     while True:
         if n - pos < 5:
             if pos < n and buf[pos] != RECORD_HANDSHAKE:
-                raise _fail("bad_record", "non-handshake record inside the ClientHello",
-                            ALERT_UNEXPECTED_MESSAGE)
+                raise _fail(
+                    "bad_record",
+                    "non-handshake record inside the ClientHello",
+                    ALERT_UNEXPECTED_MESSAGE,
+                )
             if n - pos > 1 and buf[pos + 1] != 3:
                 raise _fail("not_tls", "record version major is not 3")
             break
         ctype, version, length = _REC.unpack_from(buf, pos)
         if ctype != RECORD_HANDSHAKE:
-            raise _fail("bad_record", "non-handshake record inside the ClientHello",
-                        ALERT_UNEXPECTED_MESSAGE)
+            raise _fail(
+                "bad_record",
+                "non-handshake record inside the ClientHello",
+                ALERT_UNEXPECTED_MESSAGE,
+            )
         if version >> 8 != 3:
             raise _fail("not_tls", f"record version 0x{version:04x}")
         if length == 0:
@@ -135,8 +144,9 @@ def peek_client_hello(buf: bytes | bytearray, max_bytes: int = 16384) -> ClientH
         if need < 0 and have >= 4:
             head = fragments[0] if len(fragments[0]) >= 4 else b"".join(fragments)
             if head[0] != HANDSHAKE_CLIENT_HELLO:
-                raise _fail("not_client_hello", f"handshake type {head[0]}",
-                            ALERT_UNEXPECTED_MESSAGE)
+                raise _fail(
+                    "not_client_hello", f"handshake type {head[0]}", ALERT_UNEXPECTED_MESSAGE
+                )
             need = 4 + int.from_bytes(head[1:4], "big")
             if need > max_bytes:
                 raise _fail("hello_too_large", f"ClientHello of {need} bytes")
@@ -201,8 +211,9 @@ def _parse_message(msg: bytes, record_bytes: int) -> ClientHello:
                 raise _fail("malformed_hello", f"extension 0x{etype:04x} overruns the message")
             if etype in spans:
                 # RFC 8446 §4.2: no more than one extension of each type
-                raise _fail("malformed_hello", f"duplicate extension 0x{etype:04x}",
-                            ALERT_ILLEGAL_PARAMETER)
+                raise _fail(
+                    "malformed_hello", f"duplicate extension 0x{etype:04x}", ALERT_ILLEGAL_PARAMETER
+                )
             spans[etype] = (pos, stop)
             if etype == EXT_SERVER_NAME:
                 sni = _parse_sni(msg[pos:stop])
@@ -215,15 +226,31 @@ def _parse_message(msg: bytes, record_bytes: int) -> ClientHello:
                 sigalg_bytes = msg[pos:stop]
             pos = stop
     exts = tuple(spans)
-    ja4 = ja4_fingerprint(legacy_version, versions, sni is not None, cipher_bytes, exts,
-                          sigalg_bytes, alpn[0] if alpn else None)
-    return ClientHello(legacy_version, sni, alpn, versions,
-                       struct.unpack(f">{cs_len // 2}H", cipher_bytes), exts, sigalgs, ja4,
-                       record_bytes, msg, spans)
+    ja4 = ja4_fingerprint(
+        legacy_version,
+        versions,
+        sni is not None,
+        cipher_bytes,
+        exts,
+        sigalg_bytes,
+        alpn[0] if alpn else None,
+    )
+    return ClientHello(
+        legacy_version,
+        sni,
+        alpn,
+        versions,
+        struct.unpack(f">{cs_len // 2}H", cipher_bytes),
+        exts,
+        sigalgs,
+        ja4,
+        record_bytes,
+        msg,
+        spans,
+    )
 
 
-def _parse_u16_list(data: bytes, pos: int, prefix: int, stop: int,
-                    what: str) -> tuple[int, ...]:
+def _parse_u16_list(data: bytes, pos: int, prefix: int, stop: int, what: str) -> tuple[int, ...]:
     n = stop - pos
     if n < prefix:
         raise _fail("malformed_hello", f"truncated {what}")
@@ -276,12 +303,18 @@ def _check_hostname(host: bytes) -> str:
     if not host or len(host) > 253:
         raise _fail("bad_sni", f"server name of {len(host)} bytes", ALERT_UNRECOGNIZED_NAME)
     if not _HOST_CHARS.issuperset(host):
-        raise _fail("bad_sni", "server name is not an ASCII hostname (IDNs use xn-- labels)",
-                    ALERT_UNRECOGNIZED_NAME)
+        raise _fail(
+            "bad_sni",
+            "server name is not an ASCII hostname (IDNs use xn-- labels)",
+            ALERT_UNRECOGNIZED_NAME,
+        )
     for label in host.split(b"."):
         if not label or len(label) > 63 or label[0] == 0x2D or label[-1] == 0x2D:
-            raise _fail("bad_sni", "server name has an empty, long or dash-edged label",
-                        ALERT_UNRECOGNIZED_NAME)
+            raise _fail(
+                "bad_sni",
+                "server name has an empty, long or dash-edged label",
+                ALERT_UNRECOGNIZED_NAME,
+            )
     return host.decode("ascii").lower()
 
 

@@ -81,8 +81,15 @@ def _layout(plain_len: int, rs: int, body: int) -> list[int]:
     return sizes
 
 
-def seal(plaintext: bytes, key: bytes, *, rs: int = DEFAULT_RS, salt: bytes | None = None,
-         pad_to: int = 0, keyid: bytes = b"") -> bytes:
+def seal(
+    plaintext: bytes,
+    key: bytes,
+    *,
+    rs: int = DEFAULT_RS,
+    salt: bytes | None = None,
+    pad_to: int = 0,
+    keyid: bytes = b"",
+) -> bytes:
     """Encrypt `plaintext` as aes128gcm. The output is padded (zeros inside the records, so
     the padding is encrypted and authenticated too) to at least `pad_to` bytes."""
     if not MIN_RS <= rs <= MAX_RS:
@@ -101,7 +108,7 @@ def seal(plaintext: bytes, key: bytes, *, rs: int = DEFAULT_RS, salt: bytes | No
     pos = 0
     for seq, size in enumerate(sizes):
         room = size - TAG_BYTES - 1
-        chunk = view[pos:pos + room]
+        chunk = view[pos : pos + room]
         pos += len(chunk)
         delim = b"\x02" if seq == len(sizes) - 1 else b"\x01"
         record = bytes(chunk) + delim + bytes(room - len(chunk))
@@ -141,7 +148,7 @@ class Opener:
         rs, pos = self._rs, 0
         with memoryview(self._buf) as view:
             while len(self._buf) - pos > rs:
-                out.append(self._open(view[pos:pos + rs], final_stream=False))
+                out.append(self._open(view[pos : pos + rs], final_stream=False))
                 pos += rs
         del self._buf[:pos]
         if self._done and self._buf:
@@ -175,10 +182,10 @@ class Opener:
         if rs > self._max_rs:
             raise VerificationError(f"aes128gcm: record size {rs} over the limit {self._max_rs}")
         salt = bytes(self._buf[:SALT_BYTES])
-        self.keyid = bytes(self._buf[HEADER_MIN:HEADER_MIN + idlen])
+        self.keyid = bytes(self._buf[HEADER_MIN : HEADER_MIN + idlen])
         self._aead, self._base = _derive(self._key, salt)
         self._rs = rs
-        del self._buf[:HEADER_MIN + idlen]
+        del self._buf[: HEADER_MIN + idlen]
         return True
 
     def _open(self, record: bytes | memoryview, *, final_stream: bool) -> bytes:
@@ -189,8 +196,9 @@ class Opener:
         try:
             plain = self._aead.decrypt(_nonce(self._base, self._seq), record, None)
         except InvalidTag:
-            raise VerificationError(f"aes128gcm: record {self._seq} does not authenticate "
-                                    "(wrong key, or altered)") from None
+            raise VerificationError(
+                f"aes128gcm: record {self._seq} does not authenticate (wrong key, or altered)"
+            ) from None
         self._seq += 1
         body = plain.rstrip(b"\x00")  # RFC 8188 §2: padding is zeros after the delimiter
         if not body:

@@ -24,8 +24,18 @@ Headers = list[tuple[bytes, bytes]]  # names lower-case (the web layer's type)
 # §4.2.2: statuses "heuristically cacheable" — the ones a cache may store by default
 CACHEABLE_STATUS = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
 # hop-by-hop and per-response headers not kept with a stored response (RFC 9110 §7.6.1)
-_NOT_STORED = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-                         b"transfer-encoding", b"upgrade", b"age"})
+_NOT_STORED = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"age",
+    }
+)
 _ENTRY_OVERHEAD = 256  # bytes charged per entry beyond its body and headers
 
 
@@ -163,8 +173,9 @@ class HttpCache:
         return sum(len(v) for v in self._store.values())
 
     # ---------------------------------------------------------------- request side
-    def lookup(self, key: tuple[bytes, bytes], method: bytes, request_headers: Headers,
-               wall: float) -> Lookup | None:
+    def lookup(
+        self, key: tuple[bytes, bytes], method: bytes, request_headers: Headers, wall: float
+    ) -> Lookup | None:
         if method not in (b"GET", b"HEAD") or _header(request_headers, b"range") is not None:
             return None
         entries = self._store.get(key)
@@ -210,8 +221,9 @@ class HttpCache:
             self.used -= entry.size
 
     # ---------------------------------------------------------------- response side
-    def storable(self, method: bytes, request_headers: Headers, status: int,
-                 headers: Headers) -> bool:
+    def storable(
+        self, method: bytes, request_headers: Headers, status: int, headers: Headers
+    ) -> bool:
         """May this response be stored (§3), before its body is seen?"""
         if method != b"GET" or status not in CACHEABLE_STATUS:
             return False
@@ -226,7 +238,8 @@ class HttpCache:
         if _vary_names(headers) is None:
             return False
         if _header(request_headers, b"authorization") is not None and not (
-                "public" in cc or "s-maxage" in cc or "must-revalidate" in cc):
+            "public" in cc or "s-maxage" in cc or "must-revalidate" in cc
+        ):
             return False
         length = _header(headers, b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_object_bytes:
@@ -236,8 +249,16 @@ class HttpCache:
             return False  # no explicit freshness; heuristics are not used
         return self.max_bytes > 0
 
-    def store(self, key: tuple[bytes, bytes], request_headers: Headers, status: int,
-              headers: Headers, body: bytes, request_time: float, response_time: float) -> None:
+    def store(
+        self,
+        key: tuple[bytes, bytes],
+        request_headers: Headers,
+        status: int,
+        headers: Headers,
+        body: bytes,
+        request_time: float,
+        response_time: float,
+    ) -> None:
         if len(body) > self.max_object_bytes:
             return
         cc = directives(headers)
@@ -249,10 +270,16 @@ class HttpCache:
         apparent_age = max(0.0, response_time - date) if date is not None else 0.0
         age_value = float(_seconds((_header(headers, b"age") or b"").decode("latin-1")) or 0)
         corrected_age = age_value + (response_time - request_time)
-        entry = Entry(status, kept, body,
-                      tuple((n, _normalise(_joined(request_headers, n))) for n in vary_names),
-                      response_time, max(apparent_age, corrected_age), lifetime,
-                      "no-cache" in cc)
+        entry = Entry(
+            status,
+            kept,
+            body,
+            tuple((n, _normalise(_joined(request_headers, n))) for n in vary_names),
+            response_time,
+            max(apparent_age, corrected_age),
+            lifetime,
+            "no-cache" in cc,
+        )
         entry.size = len(body) + sum(len(k) + len(v) for k, v in kept) + _ENTRY_OVERHEAD
         entries = self._store.setdefault(key, [])
         for old in [e for e in entries if e.vary == entry.vary]:
@@ -268,13 +295,16 @@ class HttpCache:
                 self.used -= e.size
                 self.evictions += 1
 
-    def freshen(self, entry: Entry, not_modified_headers: Headers, request_time: float,
-                response_time: float) -> None:
+    def freshen(
+        self, entry: Entry, not_modified_headers: Headers, request_time: float, response_time: float
+    ) -> None:
         """§4.3.4: a 304 updates the stored headers and restarts the entry's age."""
-        replaced = {k for k, _ in not_modified_headers if k not in _NOT_STORED
-                    and k != b"content-length"}
+        replaced = {
+            k for k, _ in not_modified_headers if k not in _NOT_STORED and k != b"content-length"
+        }
         entry.headers = [(k, v) for k, v in entry.headers if k not in replaced] + [
-            (k, v) for k, v in not_modified_headers if k in replaced]
+            (k, v) for k, v in not_modified_headers if k in replaced
+        ]
         cc = directives(entry.headers)
         entry.lifetime = freshness_lifetime(entry.headers, cc) or 0.0
         entry.no_cache = "no-cache" in cc

@@ -68,10 +68,14 @@ class IPSet:
         bits4 = 32
         bits6 = 128
         # (mask, members) per prefix length, longest first
-        self._v4 = [(((1 << bits4) - 1) ^ ((1 << (bits4 - p)) - 1), s)
-                    for p, s in sorted(v4.items(), reverse=True)]
-        self._v6 = [(((1 << bits6) - 1) ^ ((1 << (bits6 - p)) - 1), s)
-                    for p, s in sorted(v6.items(), reverse=True)]
+        self._v4 = [
+            (((1 << bits4) - 1) ^ ((1 << (bits4 - p)) - 1), s)
+            for p, s in sorted(v4.items(), reverse=True)
+        ]
+        self._v6 = [
+            (((1 << bits6) - 1) ^ ((1 << (bits6 - p)) - 1), s)
+            for p, s in sorted(v6.items(), reverse=True)
+        ]
         self.size = size
 
     def __bool__(self) -> bool:

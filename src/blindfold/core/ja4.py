@@ -15,8 +15,15 @@ import hashlib
 import struct
 
 _VERSIONS = {
-    0x0304: "13", 0x0303: "12", 0x0302: "11", 0x0301: "10", 0x0300: "s3", 0x0002: "s2",
-    0xFEFF: "d1", 0xFEFD: "d2", 0xFEFC: "d3",
+    0x0304: "13",
+    0x0303: "12",
+    0x0302: "11",
+    0x0301: "10",
+    0x0300: "s3",
+    0x0002: "s2",
+    0xFEFF: "d1",
+    0xFEFD: "d2",
+    0xFEFC: "d3",
 }
 _EMPTY_HASH = "000000000000"
 _CACHE_MAX = 4096
@@ -57,18 +64,29 @@ def ja4_fingerprint(
 ) -> str:
     """JA4 from the raw ClientHello fields. `sigalg_bytes` is the signature_algorithms
     extension body (with its length prefix) or b''."""
-    key = (legacy_version, supported_versions, has_sni, cipher_bytes, extensions, sigalg_bytes,
-           first_alpn, transport)
+    key = (
+        legacy_version,
+        supported_versions,
+        has_sni,
+        cipher_bytes,
+        extensions,
+        sigalg_bytes,
+        first_alpn,
+        transport,
+    )
     hit = _cache.get(key)
     if hit is not None:
         return hit
     versions = [v for v in supported_versions if not _grease(v)]
     version = _VERSIONS.get(max(versions) if versions else legacy_version, "00")
-    ciphers = [c for c in struct.unpack(f">{len(cipher_bytes) // 2}H", cipher_bytes)
-               if not _grease(c)]
+    ciphers = [
+        c for c in struct.unpack(f">{len(cipher_bytes) // 2}H", cipher_bytes) if not _grease(c)
+    ]
     exts = [e for e in extensions if not _grease(e)]
-    a = (f"{transport}{version}{'d' if has_sni else 'i'}"
-         f"{min(len(ciphers), 99):02d}{min(len(exts), 99):02d}{alpn_chars(first_alpn)}")
+    a = (
+        f"{transport}{version}{'d' if has_sni else 'i'}"
+        f"{min(len(ciphers), 99):02d}{min(len(exts), 99):02d}{alpn_chars(first_alpn)}"
+    )
     b = _hash12(",".join(sorted(f"{c:04x}" for c in ciphers))) if ciphers else _EMPTY_HASH
     ext_list = sorted(f"{e:04x}" for e in exts if e not in (0x0000, 0x0010))
     if ext_list:

@@ -31,8 +31,16 @@ RSA_PSS_RSAE_SHA256 = 0x0804
 RSA_PSS_RSAE_SHA384 = 0x0805
 RSA_PSS_RSAE_SHA512 = 0x0806
 ED25519 = 0x0807
-SCHEMES = frozenset({ECDSA_SECP256R1_SHA256, ECDSA_SECP384R1_SHA384, RSA_PSS_RSAE_SHA256,
-                     RSA_PSS_RSAE_SHA384, RSA_PSS_RSAE_SHA512, ED25519})
+SCHEMES = frozenset(
+    {
+        ECDSA_SECP256R1_SHA256,
+        ECDSA_SECP384R1_SHA384,
+        RSA_PSS_RSAE_SHA256,
+        RSA_PSS_RSAE_SHA384,
+        RSA_PSS_RSAE_SHA512,
+        ED25519,
+    }
+)
 TRANSCRIPT_HASH_SIZES = frozenset({32, 48})  # SHA-256 and SHA-384 cipher suites
 
 # error codes
@@ -42,9 +50,14 @@ E_UNKNOWN_KEY = 3
 E_BAD_SCHEME = 4
 E_RATE_LIMITED = 5
 E_INTERNAL = 6
-ERROR_NAMES = {E_MALFORMED: "malformed", E_UNAUTHORIZED: "unauthorized",
-               E_UNKNOWN_KEY: "unknown_key", E_BAD_SCHEME: "bad_scheme",
-               E_RATE_LIMITED: "rate_limited", E_INTERNAL: "internal"}
+ERROR_NAMES = {
+    E_MALFORMED: "malformed",
+    E_UNAUTHORIZED: "unauthorized",
+    E_UNKNOWN_KEY: "unknown_key",
+    E_BAD_SCHEME: "bad_scheme",
+    E_RATE_LIMITED: "rate_limited",
+    E_INTERNAL: "internal",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +93,15 @@ def encode_sign_request(request_id: int, req: SignRequest) -> bytes:
     addr = ipaddress.ip_address(req.client).packed if req.client else b""
     if len(host) > 255 or len(req.transcript_hash) > 255 or len(req.certificate_sha256) != 32:
         raise ValueError("field too long")
-    body = (struct.pack(">HB", req.scheme, len(req.transcript_hash)) + req.transcript_hash
-            + bytes([len(host)]) + host + bytes([len(addr)]) + addr + req.certificate_sha256)
+    body = (
+        struct.pack(">HB", req.scheme, len(req.transcript_hash))
+        + req.transcript_hash
+        + bytes([len(host)])
+        + host
+        + bytes([len(addr)])
+        + addr
+        + req.certificate_sha256
+    )
     return encode_frame(SIGN_REQUEST, request_id, body)
 
 

@@ -76,9 +76,16 @@ class Entry:
     key: bytes
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "blob_sha256": self.blob_sha256, "sha256": self.sha256,
-                "type": self.type, "size": self.size, "sealed_size": self.sealed_size,
-                "rs": self.rs, "key": b64u(self.key)}
+        return {
+            "id": self.id,
+            "blob_sha256": self.blob_sha256,
+            "sha256": self.sha256,
+            "type": self.type,
+            "size": self.size,
+            "sealed_size": self.sealed_size,
+            "rs": self.rs,
+            "key": b64u(self.key),
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,15 +96,27 @@ class Manifest:
     files: dict[str, Entry]
 
 
-def build(entries: list[Entry], signing_key: Ed25519PrivateKey, issued_at: int,
-          expires_at: int) -> bytes:
-    payload = json.dumps({
-        "format": FORMAT, "issued_at": issued_at, "expires_at": expires_at,
-        "files": {e.path: e.to_json() for e in sorted(entries, key=lambda e: e.path)},
-    }, separators=(",", ":"), sort_keys=True)
+def build(
+    entries: list[Entry], signing_key: Ed25519PrivateKey, issued_at: int, expires_at: int
+) -> bytes:
+    payload = json.dumps(
+        {
+            "format": FORMAT,
+            "issued_at": issued_at,
+            "expires_at": expires_at,
+            "files": {e.path: e.to_json() for e in sorted(entries, key=lambda e: e.path)},
+        },
+        separators=(",", ":"),
+        sort_keys=True,
+    )
     signature = signing_key.sign(payload.encode())
-    doc = {"format": FORMAT, "alg": "ed25519", "key_id": key_id(signing_key.public_key()),
-           "payload": payload, "signature": b64u(signature)}
+    doc = {
+        "format": FORMAT,
+        "alg": "ed25519",
+        "key_id": key_id(signing_key.public_key()),
+        "payload": payload,
+        "signature": b64u(signature),
+    }
     return json.dumps(doc, indent=1).encode() + b"\n"
 
 
@@ -114,12 +133,17 @@ def parse_entry(path: str, raw: Any) -> Entry:
         raise VerificationError(f"manifest: {where} is not an object")
     if not path.startswith("/") or "\x00" in path:
         raise VerificationError(f"manifest: {where}: a path must start with /")
-    entry = Entry(path=path, id=_field(raw, "id", str, where),
-                  blob_sha256=_field(raw, "blob_sha256", str, where),
-                  sha256=_field(raw, "sha256", str, where), type=_field(raw, "type", str, where),
-                  size=_field(raw, "size", int, where),
-                  sealed_size=_field(raw, "sealed_size", int, where),
-                  rs=_field(raw, "rs", int, where), key=unb64u(_field(raw, "key", str, where)))
+    entry = Entry(
+        path=path,
+        id=_field(raw, "id", str, where),
+        blob_sha256=_field(raw, "blob_sha256", str, where),
+        sha256=_field(raw, "sha256", str, where),
+        type=_field(raw, "type", str, where),
+        size=_field(raw, "size", int, where),
+        sealed_size=_field(raw, "sealed_size", int, where),
+        rs=_field(raw, "rs", int, where),
+        key=unb64u(_field(raw, "key", str, where)),
+    )
     if not _ID.fullmatch(entry.id):
         raise VerificationError(f"manifest: {where}.id is not 32 hex digits")
     if not (_HEX64.fullmatch(entry.blob_sha256) and _HEX64.fullmatch(entry.sha256)):
@@ -148,8 +172,9 @@ def verify(data: bytes, public: Ed25519PublicKey, now: float | None) -> Manifest
     if doc.get("format") != FORMAT or doc.get("alg") != "ed25519":
         raise VerificationError(f"manifest: format must be {FORMAT} with alg ed25519")
     if doc.get("key_id") != key_id(public):
-        raise VerificationError(f"manifest: signed by key {doc.get('key_id')!r}, "
-                                f"expected {key_id(public)}")
+        raise VerificationError(
+            f"manifest: signed by key {doc.get('key_id')!r}, expected {key_id(public)}"
+        )
     payload = _field(doc, "payload", str, "manifest")
     try:
         public.verify(unb64u(_field(doc, "signature", str, "manifest")), payload.encode())
@@ -168,5 +193,9 @@ def verify(data: bytes, public: Ed25519PublicKey, now: float | None) -> Manifest
     if now is not None and now >= expires:
         raise VerificationError(f"manifest: expired at {expires}")
     files = _field(body, "files", dict, "payload")
-    return Manifest(issued_at=issued, expires_at=expires, key_id=doc["key_id"],
-                    files={p: parse_entry(p, raw) for p, raw in files.items()})
+    return Manifest(
+        issued_at=issued,
+        expires_at=expires,
+        key_id=doc["key_id"],
+        files={p: parse_entry(p, raw) for p, raw in files.items()},
+    )

@@ -36,8 +36,9 @@ def content_digest(sha256: bytes) -> str:
 
 
 class _Keys(hms.HTTPSignatureKeyResolver):
-    def __init__(self, private: Ed25519PrivateKey | None = None,
-                 public: Ed25519PublicKey | None = None) -> None:
+    def __init__(
+        self, private: Ed25519PrivateKey | None = None, public: Ed25519PublicKey | None = None
+    ) -> None:
         self.private = private
         self.public = public
 
@@ -53,22 +54,36 @@ class ResponseSigner:
     def __init__(self, key: Ed25519PrivateKey, lifetime_s: float) -> None:
         self.key_id = key_id(key.public_key())
         self.lifetime_s = lifetime_s
-        self._signer = hms.HTTPMessageSigner(signature_algorithm=ED25519,
-                                             key_resolver=_Keys(private=key))
+        self._signer = hms.HTTPMessageSigner(
+            signature_algorithm=ED25519, key_resolver=_Keys(private=key)
+        )
 
-    def headers(self, status: int, content_type: str, body_sha256: bytes,
-                now: float) -> list[tuple[bytes, bytes]]:
+    def headers(
+        self, status: int, content_type: str, body_sha256: bytes, now: float
+    ) -> list[tuple[bytes, bytes]]:
         """Date, Content-Digest, Signature-Input and Signature for a response."""
-        fields = {"content-type": content_type, "content-digest": content_digest(body_sha256),
-                  "date": email.utils.formatdate(now, usegmt=True)}
+        fields = {
+            "content-type": content_type,
+            "content-digest": content_digest(body_sha256),
+            "date": email.utils.formatdate(now, usegmt=True),
+        }
         message = _Response(status, fields)
         created = datetime.datetime.fromtimestamp(int(now), datetime.UTC)
-        self._signer.sign(message, key_id=self.key_id, created=created,
-                          expires=created + datetime.timedelta(seconds=self.lifetime_s),
-                          tag=TAG, label=LABEL, covered_component_ids=COVERED,
-                          use_existing_digest=True)
-        return [(k.lower().encode(), v.encode()) for k, v in message.headers.items()
-                if k.lower() != "content-type"]
+        self._signer.sign(
+            message,
+            key_id=self.key_id,
+            created=created,
+            expires=created + datetime.timedelta(seconds=self.lifetime_s),
+            tag=TAG,
+            label=LABEL,
+            covered_component_ids=COVERED,
+            use_existing_digest=True,
+        )
+        return [
+            (k.lower().encode(), v.encode())
+            for k, v in message.headers.items()
+            if k.lower() != "content-type"
+        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +94,13 @@ class Verified:
     covered: tuple[str, ...]
 
 
-def verify_response(status: int, headers: list[tuple[str, str]], body: bytes,
-                    public: Ed25519PublicKey, max_age_s: float = 86400.0) -> Verified:
+def verify_response(
+    status: int,
+    headers: list[tuple[str, str]],
+    body: bytes,
+    public: Ed25519PublicKey,
+    max_age_s: float = 86400.0,
+) -> Verified:
     """Check a response's blindfold signature: key, algorithm, expiry and age, that every
     component of the profile is covered, and the body against the signed Content-Digest."""
     merged: dict[str, str] = {}
@@ -89,12 +109,17 @@ def verify_response(status: int, headers: list[tuple[str, str]], body: bytes,
         merged[k] = f"{merged[k]}, {v}" if k in merged else v
     if "signature" not in merged:
         raise VerificationError("response is not signed (no Signature field)")
-    verifier = hms.HTTPMessageVerifier(signature_algorithm=ED25519,
-                                       key_resolver=_Keys(public=public))
+    verifier = hms.HTTPMessageVerifier(
+        signature_algorithm=ED25519, key_resolver=_Keys(public=public)
+    )
     try:
-        results = verifier.verify(_Response(status, merged), expect_tag=TAG,
-                                  max_age=datetime.timedelta(seconds=max_age_s),
-                                  require_components=COVERED, body=body)
+        results = verifier.verify(
+            _Response(status, merged),
+            expect_tag=TAG,
+            max_age=datetime.timedelta(seconds=max_age_s),
+            require_components=COVERED,
+            body=body,
+        )
     except (hms.InvalidSignature, hms.HTTPMessageSignaturesException) as exc:
         raise VerificationError(f"response signature: {exc or type(exc).__name__}") from None
     if len(results) != 1:
@@ -102,5 +127,9 @@ def verify_response(status: int, headers: list[tuple[str, str]], body: bytes,
     params = results[0].parameters
     if params.get("keyid") != key_id(public):
         raise VerificationError(f"response signed by key {params.get('keyid')!r}")
-    return Verified(str(params["keyid"]), int(params["created"]), int(params.get("expires", 0)),
-                    tuple(results[0].covered_components))
+    return Verified(
+        str(params["keyid"]),
+        int(params["created"]),
+        int(params.get("expires", 0)),
+        tuple(results[0].covered_components),
+    )

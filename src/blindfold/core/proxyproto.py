@@ -16,15 +16,29 @@ V1_MAX = 107  # §2.1: the longest v1 line, CRLF included
 
 # §2.2 address families and TLV types
 FAM_UNSPEC, FAM_TCP4, FAM_UDP4, FAM_TCP6, FAM_UDP6, FAM_UNIX, FAM_UNIX_DGRAM = (
-    0x00, 0x11, 0x12, 0x21, 0x22, 0x31, 0x32)
+    0x00,
+    0x11,
+    0x12,
+    0x21,
+    0x22,
+    0x31,
+    0x32,
+)
 PP2_TYPE_ALPN = 0x01
 PP2_TYPE_AUTHORITY = 0x02
 PP2_TYPE_CRC32C = 0x03
 PP2_TYPE_NOOP = 0x04
 PP2_TYPE_UNIQUE_ID = 0x05
 
-_ADDR_LEN = {FAM_TCP4: 12, FAM_UDP4: 12, FAM_TCP6: 36, FAM_UDP6: 36, FAM_UNIX: 216,
-             FAM_UNIX_DGRAM: 216, FAM_UNSPEC: 0}
+_ADDR_LEN = {
+    FAM_TCP4: 12,
+    FAM_UDP4: 12,
+    FAM_TCP6: 36,
+    FAM_UDP6: 36,
+    FAM_UNIX: 216,
+    FAM_UNIX_DGRAM: 216,
+    FAM_UNSPEC: 0,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +91,11 @@ def encode_v2(
         if (":" in dst[0]) == (af == socket.AF_INET6):
             ver_cmd = 0x21
             fam = FAM_TCP4 if af == socket.AF_INET else FAM_TCP6
-            addr = (socket.inet_pton(af, src[0]) + socket.inet_pton(af, dst[0])
-                    + struct.pack(">HH", src[1], dst[1]))
+            addr = (
+                socket.inet_pton(af, src[0])
+                + socket.inet_pton(af, dst[0])
+                + struct.pack(">HH", src[1], dst[1])
+            )
     body = bytearray(addr)
     for kind, value in tlvs:
         if len(value) > 0xFFFF:
@@ -95,8 +112,9 @@ def encode_v2(
 # ----------------------------------------------------------------------------- parser
 
 
-def parse_proxy_header(buf: bytes | bytearray, max_bytes: int = 4096) -> (
-        tuple[ProxyHeader, int] | None):
+def parse_proxy_header(
+    buf: bytes | bytearray, max_bytes: int = 4096
+) -> tuple[ProxyHeader, int] | None:
     """Parse a v1 or v2 header at the start of `buf`: (header, bytes consumed) or None if more
     bytes are needed. Raises ProtocolError('bad_proxy_header') on anything else."""
     n = len(buf)
@@ -113,7 +131,7 @@ def parse_proxy_header(buf: bytes | bytearray, max_bytes: int = 4096) -> (
         head = bytes(buf[:6])
         if not V1_PREFIX.startswith(head):
             raise _bad("neither a v1 nor a v2 PROXY header")
-        end = bytes(buf[: V1_MAX]).find(b"\r\n")
+        end = bytes(buf[:V1_MAX]).find(b"\r\n")
         if end < 0:
             if n >= V1_MAX:
                 raise _bad("v1 line longer than 107 bytes")
@@ -147,8 +165,11 @@ def _parse_v1(line: bytes) -> ProxyHeader:
     ports = []
     for text_port in parts[4:6]:
         # §2.1: ports are decimal without leading zeroes
-        if not text_port.isdigit() or (len(text_port) > 1 and text_port[0] == "0") or int(
-                text_port) > 65535:
+        if (
+            not text_port.isdigit()
+            or (len(text_port) > 1 and text_port[0] == "0")
+            or int(text_port) > 65535
+        ):
             raise _bad(f"v1 port {text_port!r}")
         ports.append(int(text_port))
     return ProxyHeader(version=1, local=False, src=(addrs[0], ports[0]), dst=(addrs[1], ports[1]))

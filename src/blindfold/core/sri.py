@@ -50,10 +50,18 @@ class _Finder(HTMLParser):
         line, col = self.getpos()
         start = self.line_starts[line - 1] + col
         kept = [(k, v) for k, v in attrs if k not in (attr, "integrity", "crossorigin")]
-        kept += [(attr, published.url), ("integrity", published.integrity),
-                 ("crossorigin", "anonymous")]
-        text = "<" + tag + "".join(
-            f" {k}" if v is None else f' {k}="{html.escape(v, quote=True)}"' for k, v in kept)
+        kept += [
+            (attr, published.url),
+            ("integrity", published.integrity),
+            ("crossorigin", "anonymous"),
+        ]
+        text = (
+            "<"
+            + tag
+            + "".join(
+                f" {k}" if v is None else f' {k}="{html.escape(v, quote=True)}"' for k, v in kept
+            )
+        )
         text += " />" if raw.endswith("/>") else ">"
         self.edits.append((start, start + len(raw), text))
 

@@ -86,14 +86,16 @@ class RecordReader:
             # may be is an overflow whatever its type (plaintext records are checked later,
             # once it is known whether protection was on).
             if length > MAX_CIPHERTEXT:
-                raise protocol_error("record_overflow", A_RECORD_OVERFLOW,
-                                     f"record of {length} bytes")
+                raise protocol_error(
+                    "record_overflow", A_RECORD_OVERFLOW, f"record of {length} bytes"
+                )
             if ctype not in (CHANGE_CIPHER_SPEC, ALERT, HANDSHAKE, APPLICATION_DATA):
-                raise protocol_error("bad_record_type", A_UNEXPECTED_MESSAGE,
-                                     f"content type {ctype}")
+                raise protocol_error(
+                    "bad_record_type", A_UNEXPECTED_MESSAGE, f"content type {ctype}"
+                )
             if end - pos - 5 < length:
                 break
-            out.append(Record(ctype, buf[pos:pos + 5], buf[pos + 5:pos + 5 + length]))
+            out.append(Record(ctype, buf[pos : pos + 5], buf[pos + 5 : pos + 5 + length]))
             pos += 5 + length
         self._buf = buf[pos:] if pos < end else b""
         return out
@@ -128,8 +130,10 @@ class RecordProtection:
         self.secret = secret
         key, self._iv = derive_key_iv(cipher_suite, secret)
         self._aead: AESGCM | ChaCha20Poly1305 = (
-            ChaCha20Poly1305(key) if cipher_suite == CipherSuite.CHACHA20_POLY1305_SHA256
-            else AESGCM(key))
+            ChaCha20Poly1305(key)
+            if cipher_suite == CipherSuite.CHACHA20_POLY1305_SHA256
+            else AESGCM(key)
+        )
         self.seq = 0
 
     def _nonce(self) -> bytes:
@@ -138,8 +142,9 @@ class RecordProtection:
         return n.to_bytes(12, "big")
 
     def updated(self) -> RecordProtection:
-        return RecordProtection(self.cipher_suite,
-                                next_traffic_secret(self.cipher_suite, self.secret))
+        return RecordProtection(
+            self.cipher_suite, next_traffic_secret(self.cipher_suite, self.secret)
+        )
 
     def seal(self, content_type: int, data: bytes | memoryview) -> bytes:
         """One TLSCiphertext record holding `data` (at most MAX_PLAINTEXT bytes)."""
@@ -154,8 +159,11 @@ class RecordProtection:
     def open(self, record: Record) -> tuple[int, bytes]:
         """Decrypt one protected record: (inner content type, content). §5.2, §5.4."""
         if record.type != APPLICATION_DATA:
-            raise protocol_error("unprotected_record", A_UNEXPECTED_MESSAGE,
-                                 f"content type {record.type} after keys were set")
+            raise protocol_error(
+                "unprotected_record",
+                A_UNEXPECTED_MESSAGE,
+                f"content type {record.type} after keys were set",
+            )
         if len(record.payload) < TAG_LEN + 1:
             raise protocol_error("short_record", A_BAD_RECORD_MAC)
         try:
@@ -164,13 +172,13 @@ class RecordProtection:
             raise protocol_error("bad_record_mac", A_BAD_RECORD_MAC) from None
         self.seq += 1
         if len(inner) > MAX_INNER_PLAINTEXT:
-            raise protocol_error("record_overflow", A_RECORD_OVERFLOW,
-                                 f"inner plaintext of {len(inner)} bytes")
+            raise protocol_error(
+                "record_overflow", A_RECORD_OVERFLOW, f"inner plaintext of {len(inner)} bytes"
+            )
         # §5.4: the content type is the last non-zero byte; all zeros is an error
         stripped = inner.rstrip(b"\x00")
         if not stripped:
-            raise protocol_error("no_content_type", A_UNEXPECTED_MESSAGE,
-                                 "record is all padding")
+            raise protocol_error("no_content_type", A_UNEXPECTED_MESSAGE, "record is all padding")
         return stripped[-1], stripped[:-1]
 
 
@@ -178,7 +186,7 @@ def plaintext_records(content_type: int, data: bytes) -> bytes:
     """Unprotected records (the ServerHello, early alerts), fragmented at MAX_PLAINTEXT."""
     out = bytearray()
     for i in range(0, len(data), MAX_PLAINTEXT):
-        chunk = data[i:i + MAX_PLAINTEXT]
+        chunk = data[i : i + MAX_PLAINTEXT]
         out += HEADER.pack(content_type, LEGACY_VERSION, len(chunk)) + chunk
     return bytes(out)
 

@@ -178,8 +178,13 @@ class ServerIdentity:
         if not chain:
             raise ValueError("no certificate in the file")
         ders = tuple(c.public_bytes(Encoding.DER) for c in chain)
-        return cls(chain, schemes_for_certificate(chain[0]), hashlib.sha256(ders[0]).digest(),
-                   sum(len(d) for d in ders), ders)
+        return cls(
+            chain,
+            schemes_for_certificate(chain[0]),
+            hashlib.sha256(ders[0]).digest(),
+            sum(len(d) for d in ders),
+            ders,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,8 +370,12 @@ def _release(g: greenlet) -> None:
 class _Context(qtls.Context):
     """aioquic's server state machine with our key stand-in and constant-time verify data."""
 
-    def __init__(self, schemes: tuple[int, ...], alpn: list[str] | None,
-                 cipher_suites: list[qtls.CipherSuite]) -> None:
+    def __init__(
+        self,
+        schemes: tuple[int, ...],
+        alpn: list[str] | None,
+        cipher_suites: list[qtls.CipherSuite],
+    ) -> None:
         self._schemes = schemes
         super().__init__(is_client=False, alpn_protocols=alpn, cipher_suites=cipher_suites)
 
@@ -396,14 +405,18 @@ def _scheme_of(identity: ServerIdentity, params: tuple[Any, ...]) -> int:
 
 # aioquic assumes well-formed peers in places (a ClientHello without key_share makes it iterate
 # None); whatever it raises on peer data becomes an alert here, never an exception upwards.
-_ALERT_FOR_EXCEPTION = ((BufferReadError, rl.A_DECODE_ERROR), (ValueError, rl.A_ILLEGAL_PARAMETER),
-                        (TypeError, rl.A_MISSING_EXTENSION))
+_ALERT_FOR_EXCEPTION = (
+    (BufferReadError, rl.A_DECODE_ERROR),
+    (ValueError, rl.A_ILLEGAL_PARAMETER),
+    (TypeError, rl.A_MISSING_EXTENSION),
+)
 _PEER_DATA_ERRORS = (ValueError, KeyError, AssertionError, TypeError, AttributeError, IndexError)
 
 
 def _peer_data_error(reason: str, exc: Exception) -> ProtocolError:
-    alert = next((a for cls, a in _ALERT_FOR_EXCEPTION if isinstance(exc, cls)),
-                 rl.A_HANDSHAKE_FAILURE)
+    alert = next(
+        (a for cls, a in _ALERT_FOR_EXCEPTION if isinstance(exc, cls)), rl.A_HANDSHAKE_FAILURE
+    )
     return rl.protocol_error(reason, alert, str(exc) or type(exc).__name__)
 
 
@@ -412,8 +425,14 @@ class TlsServer:
     """One visitor's TLS 1.3 connection. States: hello -> signing -> handshake -> open
     -> closed."""
 
-    def __init__(self, identity: ServerIdentity, settings: TlsSettings, sessions: SessionStore,
-                 server_name: str, hello: ClientHello | None = None) -> None:
+    def __init__(
+        self,
+        identity: ServerIdentity,
+        settings: TlsSettings,
+        sessions: SessionStore,
+        server_name: str,
+        hello: ClientHello | None = None,
+    ) -> None:
         """`hello`: the ClientHello as the edge already parsed it (saves parsing it again)."""
         self.identity = identity
         self._peeked = hello
@@ -459,8 +478,11 @@ class TlsServer:
             records = self._reader.feed(data)
             if self.state == "signing":
                 if len(self._pending_records) + len(records) > 64:
-                    raise rl.protocol_error("too_many_records", rl.A_UNEXPECTED_MESSAGE,
-                                            "records sent before the server's flight")
+                    raise rl.protocol_error(
+                        "too_many_records",
+                        rl.A_UNEXPECTED_MESSAGE,
+                        "records sent before the server's flight",
+                    )
                 self._pending_records.extend(records)
                 return []
             return self._records(records)
@@ -493,7 +515,7 @@ class TlsServer:
         mv = memoryview(data)
         for i in range(0, len(mv), rl.MAX_PLAINTEXT):
             self._maybe_update_write_key()
-            self._out += self._write.seal(rl.APPLICATION_DATA, mv[i:i + rl.MAX_PLAINTEXT])
+            self._out += self._write.seal(rl.APPLICATION_DATA, mv[i : i + rl.MAX_PLAINTEXT])
             self._key_updates_in_a_row = 0
 
     def close(self) -> None:
@@ -528,12 +550,14 @@ class TlsServer:
                         if event is not None:
                             events.append(event)
                         continue
-                    raise rl.protocol_error("unexpected_record", rl.A_UNEXPECTED_MESSAGE,
-                                            f"type {record.type} before the ClientHello")
+                    raise rl.protocol_error(
+                        "unexpected_record",
+                        rl.A_UNEXPECTED_MESSAGE,
+                        f"type {record.type} before the ClientHello",
+                    )
                 events.extend(self._client_hello_bytes(record.payload))
                 continue
-            if (record.type == rl.ALERT and self.state == "handshake"
-                    and len(record.payload) == 2):
+            if record.type == rl.ALERT and self.state == "handshake" and len(record.payload) == 2:
                 # a client that could not process our ServerHello has no keys to encrypt with
                 event = self._peer_alert(record.payload)
                 if event is not None:
@@ -555,8 +579,11 @@ class TlsServer:
                 events.extend(self._handshake(content))
             elif ctype == rl.APPLICATION_DATA:
                 if self.state != "open":
-                    raise rl.protocol_error("early_application_data", rl.A_UNEXPECTED_MESSAGE,
-                                            "application data before the client's Finished")
+                    raise rl.protocol_error(
+                        "early_application_data",
+                        rl.A_UNEXPECTED_MESSAGE,
+                        "application data before the client's Finished",
+                    )
                 self._key_updates_in_a_row = 0
                 if content:
                     events.append(DataReceived(content))
@@ -565,8 +592,9 @@ class TlsServer:
                 if event is not None:
                     events.append(event)
             else:  # CCS inside protection, or an unknown inner type
-                raise rl.protocol_error("bad_inner_type", rl.A_UNEXPECTED_MESSAGE,
-                                        f"inner content type {ctype}")
+                raise rl.protocol_error(
+                    "bad_inner_type", rl.A_UNEXPECTED_MESSAGE, f"inner content type {ctype}"
+                )
         return events
 
     def _change_cipher_spec(self, record: rl.Record) -> None:
@@ -634,15 +662,20 @@ class TlsServer:
         self._offers_tickets = PSK_DHE_KE in info.psk_modes
         self._early_data_offered = info.early_data
         if info.has_alpn and self.settings.alpn and not set(info.alpn) & set(self.settings.alpn):
-            raise rl.protocol_error("no_application_protocol", rl.A_NO_APPLICATION_PROTOCOL,
-                                    f"client offers {list(info.alpn)}")
+            raise rl.protocol_error(
+                "no_application_protocol",
+                rl.A_NO_APPLICATION_PROTOCOL,
+                f"client offers {list(info.alpn)}",
+            )
         suites = [qtls.CipherSuite(s) for s in CIPHER_SUITES]
         if info.first_suite == CHACHA:  # the client has no AES hardware: honour that
             suites.remove(qtls.CipherSuite.CHACHA20_POLY1305_SHA256)
             suites.insert(0, qtls.CipherSuite.CHACHA20_POLY1305_SHA256)
-        ctx = _Context(self.identity.schemes,
-                       list(self.settings.alpn) if info.has_alpn and self.settings.alpn else None,
-                       suites)
+        ctx = _Context(
+            self.identity.schemes,
+            list(self.settings.alpn) if info.has_alpn and self.settings.alpn else None,
+            suites,
+        )
         ders = [_CertificateDer(d) for d in self.identity.ders]
         ctx.certificate = ders[0]  # type: ignore[assignment]
         ctx.certificate_chain = ders[1:]  # type: ignore[assignment]
@@ -655,9 +688,11 @@ class TlsServer:
         ctx.update_traffic_key_cb = self._on_traffic_key
         self._ctx = ctx
         capacity = 16384 + self.identity.chain_der_len
-        self._bufs = {qtls.Epoch.INITIAL: Buffer(capacity=4096),
-                      qtls.Epoch.HANDSHAKE: Buffer(capacity=capacity),
-                      qtls.Epoch.ONE_RTT: Buffer(capacity=4096)}
+        self._bufs = {
+            qtls.Epoch.INITIAL: Buffer(capacity=4096),
+            qtls.Epoch.HANDSHAKE: Buffer(capacity=capacity),
+            qtls.Epoch.ONE_RTT: Buffer(capacity=4096),
+        }
         self._legacy_session_id = info.legacy_session_id
         self._greenlet = _POOL.pop() if _POOL else greenlet(_run_jobs)
         if not self._greenlet:  # a new one: run it to its first wait
@@ -680,17 +715,22 @@ class TlsServer:
                     _release(g)
                     raise result.exc
             except qtls.Alert as exc:
-                raise rl.protocol_error(type(exc).__name__, int(exc.description),
-                                        str(exc)) from None
+                raise rl.protocol_error(
+                    type(exc).__name__, int(exc.description), str(exc)
+                ) from None
             except _PEER_DATA_ERRORS as exc:
                 raise _peer_data_error("bad_hello", exc) from None
             if isinstance(result, _SignCall):
                 data = result.data
                 if not data.startswith(_CV_PREFIX):
-                    raise rl.protocol_error("internal", rl.A_INTERNAL_ERROR,
-                                            "unexpected content to sign")
-                return [SignatureRequested(_scheme_of(self.identity, result.params),
-                                           data[len(_CV_PREFIX):])]
+                    raise rl.protocol_error(
+                        "internal", rl.A_INTERNAL_ERROR, "unexpected content to sign"
+                    )
+                return [
+                    SignatureRequested(
+                        _scheme_of(self.identity, result.params), data[len(_CV_PREFIX) :]
+                    )
+                ]
             self._greenlet = None
             _release(g)
             events = self._flight()
@@ -705,8 +745,13 @@ class TlsServer:
     def _find_ticket(self, identity: bytes) -> qtls.SessionTicket | None:
         return self.sessions.take(identity, self.server_name, self.now)
 
-    def _on_traffic_key(self, direction: qtls.Direction, epoch: qtls.Epoch,
-                        cipher_suite: qtls.CipherSuite, secret: bytes) -> None:
+    def _on_traffic_key(
+        self,
+        direction: qtls.Direction,
+        epoch: qtls.Epoch,
+        cipher_suite: qtls.CipherSuite,
+        secret: bytes,
+    ) -> None:
         protection = rl.RecordProtection(int(cipher_suite), secret)
         if direction == qtls.Direction.ENCRYPT:
             self._write_by_epoch[epoch] = protection
@@ -731,7 +776,7 @@ class TlsServer:
         hs = self._write_by_epoch[qtls.Epoch.HANDSHAKE]
         data = self._bufs[qtls.Epoch.HANDSHAKE].data
         for i in range(0, len(data), rl.MAX_PLAINTEXT):
-            out += hs.seal(rl.HANDSHAKE, data[i:i + rl.MAX_PLAINTEXT])
+            out += hs.seal(rl.HANDSHAKE, data[i : i + rl.MAX_PLAINTEXT])
         # From our Finished on, the client reads with our application key (alerts included);
         # anything aioquic queued for 1-RTT (its own ticket: it has none here) waits for the
         # client's Finished, as RFC 8446 §4.6.1 requires of tickets.
@@ -745,15 +790,19 @@ class TlsServer:
             ctx = self._ctx
             assert ctx is not None and ctx.key_schedule is not None
             head = (ctx._receive_buffer + content)[:4]
-            if (len(head) == 4 and head[0] == HS_FINISHED
-                    and int.from_bytes(head[1:4], "big") != ctx.key_schedule.algorithm.digest_size):
+            if (
+                len(head) == 4
+                and head[0] == HS_FINISHED
+                and int.from_bytes(head[1:4], "big") != ctx.key_schedule.algorithm.digest_size
+            ):
                 # §4.4.4: verify_data is exactly Hash.length (aioquic would compare any length)
                 raise rl.protocol_error("bad_finished_length", rl.A_DECODE_ERROR)
             try:
                 ctx.handle_message(content, self._bufs)
             except qtls.Alert as exc:
-                raise rl.protocol_error(type(exc).__name__, int(exc.description),
-                                        str(exc)) from None
+                raise rl.protocol_error(
+                    type(exc).__name__, int(exc.description), str(exc)
+                ) from None
             except _PEER_DATA_ERRORS as exc:
                 raise _peer_data_error("bad_handshake", exc) from None
             if len(ctx._receive_buffer) > MAX_HANDSHAKE_MESSAGE:
@@ -773,8 +822,11 @@ class TlsServer:
             mtype = buf[0]
             length = int.from_bytes(buf[1:4], "big")
             if mtype != HS_KEY_UPDATE:
-                raise rl.protocol_error("unexpected_handshake", rl.A_UNEXPECTED_MESSAGE,
-                                        f"handshake type {mtype} after the handshake")
+                raise rl.protocol_error(
+                    "unexpected_handshake",
+                    rl.A_UNEXPECTED_MESSAGE,
+                    f"handshake type {mtype} after the handshake",
+                )
             if length != 1:
                 raise rl.protocol_error("bad_key_update", rl.A_DECODE_ERROR)
             if len(buf) < 5:
@@ -806,17 +858,29 @@ class TlsServer:
         ticket = qtls.NewSessionTicket(
             ticket_lifetime=int(self.sessions.lifetime_s),
             ticket_age_add=struct.unpack("I", os.urandom(4))[0],
-            ticket_nonce=nonce, ticket=os.urandom(32), max_early_data_size=None)
+            ticket_nonce=nonce,
+            ticket=os.urandom(32),
+            max_early_data_size=None,
+        )
         # §4.6.1: resumption secret from the resumption master secret and the ticket nonce
         res_master = ks.derive_secret(b"res master")
-        secret = qtls.hkdf_expand_label(ks.algorithm, res_master, b"resumption", nonce,
-                                        ks.algorithm.digest_size)
+        secret = qtls.hkdf_expand_label(
+            ks.algorithm, res_master, b"resumption", nonce, ks.algorithm.digest_size
+        )
         start = datetime.datetime.now(datetime.UTC)
-        self.sessions.put(qtls.SessionTicket(
-            age_add=ticket.ticket_age_add, cipher_suite=ks.cipher_suite,
-            not_valid_after=start + datetime.timedelta(seconds=self.sessions.lifetime_s),
-            not_valid_before=start, resumption_secret=secret,
-            server_name=self.server_name, ticket=ticket.ticket), self.server_name, self.now)
+        self.sessions.put(
+            qtls.SessionTicket(
+                age_add=ticket.ticket_age_add,
+                cipher_suite=ks.cipher_suite,
+                not_valid_after=start + datetime.timedelta(seconds=self.sessions.lifetime_s),
+                not_valid_before=start,
+                resumption_secret=secret,
+                server_name=self.server_name,
+                ticket=ticket.ticket,
+            ),
+            self.server_name,
+            self.now,
+        )
         buf = Buffer(capacity=256)
         qtls.push_new_session_ticket(buf, ticket)
         self._out += self._write.seal(rl.HANDSHAKE, buf.data)
@@ -869,9 +933,15 @@ def _info_from_peek(hello: ClientHello) -> _HelloInfo:
     first = next((s for s in hello.cipher_suites if (s & 0x0F0F) != 0x0A0A), 0)
     spans = hello.ext_spans
     modes = hello.extension(EXT_PSK_MODES) or b""
-    return _HelloInfo(message[39:39 + sid_len], first, EXT_ALPN in spans, EXT_SERVER_NAME in spans,
-                      EXT_EARLY_DATA in spans, modes[1:],
-                      tuple(p.decode("latin-1") for p in hello.alpn))
+    return _HelloInfo(
+        message[39 : 39 + sid_len],
+        first,
+        EXT_ALPN in spans,
+        EXT_SERVER_NAME in spans,
+        EXT_EARLY_DATA in spans,
+        modes[1:],
+        tuple(p.decode("latin-1") for p in hello.alpn),
+    )
 
 
 def _hello_extensions(message: bytes) -> _HelloInfo:
@@ -879,25 +949,25 @@ def _hello_extensions(message: bytes) -> _HelloInfo:
     try:
         pos = 4 + 2 + 32
         sid_len = message[pos]
-        sid = message[pos + 1:pos + 1 + sid_len]
+        sid = message[pos + 1 : pos + 1 + sid_len]
         pos += 1 + sid_len
-        suites_len = int.from_bytes(message[pos:pos + 2], "big")
-        suites = message[pos + 2:pos + 2 + suites_len]
+        suites_len = int.from_bytes(message[pos : pos + 2], "big")
+        suites = message[pos + 2 : pos + 2 + suites_len]
         first = 0
         for i in range(0, len(suites) - 1, 2):
-            s = int.from_bytes(suites[i:i + 2], "big")
+            s = int.from_bytes(suites[i : i + 2], "big")
             if (s & 0x0F0F) != 0x0A0A:  # skip GREASE (RFC 8701)
                 first = s
                 break
         pos += 2 + suites_len
         pos += 1 + message[pos]
-        ext_end = pos + 2 + int.from_bytes(message[pos:pos + 2], "big")
+        ext_end = pos + 2 + int.from_bytes(message[pos : pos + 2], "big")
         pos += 2
         found: dict[int, bytes] = {}
         while pos + 4 <= ext_end:
-            etype = int.from_bytes(message[pos:pos + 2], "big")
-            elen = int.from_bytes(message[pos + 2:pos + 4], "big")
-            found.setdefault(etype, message[pos + 4:pos + 4 + elen])
+            etype = int.from_bytes(message[pos : pos + 2], "big")
+            elen = int.from_bytes(message[pos + 2 : pos + 4], "big")
+            found.setdefault(etype, message[pos + 4 : pos + 4 + elen])
             pos += 4 + elen
     except IndexError:
         raise rl.protocol_error("malformed_hello", rl.A_DECODE_ERROR) from None
@@ -907,7 +977,14 @@ def _hello_extensions(message: bytes) -> _HelloInfo:
     pos = 2
     while pos < len(data):
         n = data[pos]
-        alpn.append(data[pos + 1:pos + 1 + n].decode("latin-1"))
+        alpn.append(data[pos + 1 : pos + 1 + n].decode("latin-1"))
         pos += 1 + n
-    return _HelloInfo(sid, first, EXT_ALPN in found, EXT_SERVER_NAME in found,
-                      EXT_EARLY_DATA in found, modes[1:] if modes else b"", tuple(alpn))
+    return _HelloInfo(
+        sid,
+        first,
+        EXT_ALPN in found,
+        EXT_SERVER_NAME in found,
+        EXT_EARLY_DATA in found,
+        modes[1:] if modes else b"",
+        tuple(alpn),
+    )

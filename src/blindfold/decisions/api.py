@@ -21,8 +21,9 @@ def load_api_keys(path: str) -> dict[str, bytes]:
     try:
         text = Path(path).read_text()
     except OSError as exc:
-        raise ConfigError("origin.decisions.api_keys_file",
-                          f"cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(
+            "origin.decisions.api_keys_file", f"cannot read {path}: {exc.strerror}"
+        ) from None
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -31,8 +32,9 @@ def load_api_keys(path: str) -> dict[str, bytes]:
         if not sep:
             name, key = f"key{n}", name
         if len(key) < 16:
-            raise ConfigError("origin.decisions.api_keys_file",
-                              f"{path}:{n}: keys must be at least 16 characters")
+            raise ConfigError(
+                "origin.decisions.api_keys_file", f"{path}:{n}: keys must be at least 16 characters"
+            )
         keys[name.strip()] = key.strip().encode()
     if not keys:
         raise ConfigError("origin.decisions.api_keys_file", f"{path} holds no key")
@@ -75,7 +77,9 @@ class DecisionApi:
             return
         self.requests[bouncer] = self.requests.get(bouncer, 0) + 1
         data = json.dumps(payload, separators=(",", ":")).encode()
-        await respond.start(200, [(b"content-type", b"application/json"),
-                                  (b"content-length", str(len(data)).encode())])
+        await respond.start(
+            200,
+            [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+        )
         await respond.send(data)
         await respond.end()

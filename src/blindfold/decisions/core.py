@@ -110,8 +110,17 @@ class DecisionStore:
     bouncers: dict[str, _Bouncer] = field(default_factory=dict)
     next_id: int = 1
 
-    def add(self, scope: str, value: str, duration_s: float, reason: str, now: float, *,
-            origin: str = "blindfold", type_: str = "ban") -> Decision:
+    def add(
+        self,
+        scope: str,
+        value: str,
+        duration_s: float,
+        reason: str,
+        now: float,
+        *,
+        origin: str = "blindfold",
+        type_: str = "ban",
+    ) -> Decision:
         """Add or extend (never shorten) a decision."""
         s, v = normalise(scope, value)
         key = (s, v)
@@ -165,8 +174,10 @@ class DecisionStore:
             deleted = self.deleted[state.seen_deleted - self.deleted_base :]
         state.seen_id = self.next_id - 1
         state.seen_deleted = self.deleted_base + len(self.deleted)
-        return {"new": [d.to_crowdsec(now) for d in new] or None,
-                "deleted": [d.to_crowdsec(now) for d in deleted] or None}
+        return {
+            "new": [d.to_crowdsec(now) for d in new] or None,
+            "deleted": [d.to_crowdsec(now) for d in deleted] or None,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,16 +193,24 @@ class DecisionRules:
     """Turn what the origin sees into decisions: repeated WAF blocks from one address, or a
     request rate above a per-path rule."""
 
-    def __init__(self, *, ban_after_blocks: int, block_window_s: float, ban_duration_s: float,
-                 rate_rules: tuple[RateRule, ...] = (), max_tracked: int = 100_000) -> None:
+    def __init__(
+        self,
+        *,
+        ban_after_blocks: int,
+        block_window_s: float,
+        ban_duration_s: float,
+        rate_rules: tuple[RateRule, ...] = (),
+        max_tracked: int = 100_000,
+    ) -> None:
         self.ban_after_blocks = ban_after_blocks
         self.block_window_s = block_window_s
         self.ban_duration_s = ban_duration_s
         self.rate_rules = rate_rules
         self._blocks: dict[str, list[float]] = {}
         self._max_tracked = max_tracked
-        self._limiters = [KeyedLimiter(r.rate_per_s, r.burst, 1 << 62, max_tracked)
-                          for r in rate_rules]
+        self._limiters = [
+            KeyedLimiter(r.rate_per_s, r.burst, 1 << 62, max_tracked) for r in rate_rules
+        ]
 
     def on_block(self, ip: str, now: float) -> tuple[str, float, str] | None:
         """A WAF block from `ip`: (value, duration, reason) of a new ban, or None yet."""
@@ -222,8 +241,9 @@ class DecisionRules:
             del self._blocks[ip]
 
 
-def parse_stream(payload: Any) -> tuple[list[tuple[Scope, str, float, str]],
-                                        list[tuple[Scope, str]], list[str]]:
+def parse_stream(
+    payload: Any,
+) -> tuple[list[tuple[Scope, str, float, str]], list[tuple[Scope, str]], list[str]]:
     """A stream response -> (new [(scope, value, duration_s, reason)], deleted [(scope,
     value)], problems). Only 'ban' decisions on ip/range scopes are taken; others are
     reported, never guessed at."""

@@ -30,8 +30,15 @@ class BanSet:
         self.on_change = on_change
         self.sources: dict[str, set[tuple[Scope, str]]] = {}
 
-    def apply(self, source: str, new: list[tuple[Scope, str, float, str]],
-              deleted: list[tuple[Scope, str]], now: float, *, replace: bool = False) -> bool:
+    def apply(
+        self,
+        source: str,
+        new: list[tuple[Scope, str, float, str]],
+        deleted: list[tuple[Scope, str]],
+        now: float,
+        *,
+        replace: bool = False,
+    ) -> bool:
         mine = self.sources.setdefault(source, set())
         changed = False
         if replace:
@@ -88,8 +95,9 @@ class StreamFeed:
         try:
             self.key = Path(cfg.api_key_file).read_text().strip().encode()
         except OSError as exc:
-            raise ConfigError("edge.decisions.api_key_file",
-                              f"cannot read {cfg.api_key_file}: {exc.strerror}") from None
+            raise ConfigError(
+                "edge.decisions.api_key_file", f"cannot read {cfg.api_key_file}: {exc.strerror}"
+            ) from None
         if not self.key:
             raise ConfigError("edge.decisions.api_key_file", "the file is empty")
         parts = urlsplit(cfg.url)
@@ -101,9 +109,14 @@ class StreamFeed:
                 tls = ssl.create_default_context(cafile=cfg.ca or None)
             except (OSError, ssl.SSLError) as exc:
                 raise ConfigError("edge.decisions.ca", f"cannot load {cfg.ca}: {exc}") from None
-        self.pool = UpstreamPool(base, max_idle=1, connect_timeout_s=cfg.timeout_s,
-                                 timeout_s=cfg.timeout_s, tls=tls,
-                                 server_hostname=cfg.server_name or parts.hostname)
+        self.pool = UpstreamPool(
+            base,
+            max_idle=1,
+            connect_timeout_s=cfg.timeout_s,
+            timeout_s=cfg.timeout_s,
+            tls=tls,
+            server_hostname=cfg.server_name or parts.hostname,
+        )
         self.up = False
         self.polls: dict[str, int] = {}
         self.last_ok = 0.0
@@ -111,8 +124,12 @@ class StreamFeed:
 
     async def poll_once(self) -> None:
         target = self.path + (b"?startup=true" if self._startup else b"?startup=false")
-        headers = [(b"host", self.pool.target.authority), (b"x-api-key", self.key),
-                   (b"user-agent", b"blindfold-edge"), (b"accept", b"application/json")]
+        headers = [
+            (b"host", self.pool.target.authority),
+            (b"x-api-key", self.key),
+            (b"user-agent", b"blindfold-edge"),
+            (b"accept", b"application/json"),
+        ]
         response = await self.pool.request(b"GET", target, headers, None)
         body = bytearray()
         async for chunk in response.body():
@@ -140,14 +157,19 @@ class StreamFeed:
                 self.last_ok = time.time()
                 if not self.up:
                     self.up = True
-                    self.log.emit("decisions_source_up", url=self.cfg.url,
-                                  active=len(self.bans.active))
+                    self.log.emit(
+                        "decisions_source_up", url=self.cfg.url, active=len(self.bans.active)
+                    )
             except (UpstreamError, ProtocolError, TimeoutError, OSError) as exc:
                 self._count("error")
                 if self.up or not self.polls.get("logged_down"):
                     self.polls["logged_down"] = 1
-                    self.log.emit("decisions_source_down", url=self.cfg.url, error=str(exc),
-                                  enforcing=len(self.bans.active))
+                    self.log.emit(
+                        "decisions_source_down",
+                        url=self.cfg.url,
+                        error=str(exc),
+                        enforcing=len(self.bans.active),
+                    )
                 self.up = False
                 self._startup = True  # resync fully when it comes back
             await asyncio.sleep(self.cfg.poll_interval_s)

@@ -33,13 +33,22 @@ RATE_WINDOW_S = 10
 
 
 def _client(url: str) -> aioredis.Redis:
-    return aioredis.from_url(url, socket_timeout=5, socket_connect_timeout=5,
-                             health_check_interval=15)
+    return aioredis.from_url(
+        url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=15
+    )
 
 
 def decision_json(d: Decision) -> str:
-    return json.dumps({"scope": d.scope, "value": d.value, "type": d.type, "reason": d.reason,
-                       "until": d.until, "origin": d.origin})
+    return json.dumps(
+        {
+            "scope": d.scope,
+            "value": d.value,
+            "type": d.type,
+            "reason": d.reason,
+            "until": d.until,
+            "origin": d.origin,
+        }
+    )
 
 
 class RedisPublisher:
@@ -102,8 +111,11 @@ class RedisFeed:
         self.redis = _client(url)
         self.up = False
         self.polls: dict[str, int] = {}
-        self.rate_budget = (config.per_ip_rate_per_s * RATE_WINDOW_S + config.per_ip_burst
-                            if config.per_ip_rate_per_s > 0 else 0.0)
+        self.rate_budget = (
+            config.per_ip_rate_per_s * RATE_WINDOW_S + config.per_ip_burst
+            if config.per_ip_rate_per_s > 0
+            else 0.0
+        )
         self.shared_refusals = 0
 
     async def run(self) -> None:
@@ -113,8 +125,12 @@ class RedisFeed:
             except (RedisError, OSError) as exc:
                 self._count("error")
                 if self.up:
-                    self.log.emit("decisions_source_down", url=self.url, error=str(exc),
-                                  enforcing=len(self.bans.active))
+                    self.log.emit(
+                        "decisions_source_down",
+                        url=self.url,
+                        error=str(exc),
+                        enforcing=len(self.bans.active),
+                    )
                 self.up = False
             await asyncio.sleep(1.0)
 
@@ -145,13 +161,14 @@ class RedisFeed:
                     parsed = _parse(message["data"])
                     now = time.time()
                     if parsed is not None and parsed[2] > now:
-                        self.bans.apply("redis", [(parsed[0], parsed[1], parsed[2] - now,
-                                                   parsed[3])], [], now)
+                        self.bans.apply(
+                            "redis", [(parsed[0], parsed[1], parsed[2] - now, parsed[3])], [], now
+                        )
                 if time.monotonic() >= next_sync:
                     await self._sync()
                     next_sync = time.monotonic() + RESYNC_S
         finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await pubsub.aclose()
 
     async def share_rates(self, counts: dict[str, int]) -> list[str]:
         """Add this edge's new-connection counts; return the addresses over the shared budget
@@ -170,8 +187,11 @@ class RedisFeed:
         except (RedisError, OSError):
             self._count("rate_error")
             return []
-        over = [ip for (ip, _n), total in zip(items, results[::2], strict=True)
-                if total > self.rate_budget and ("ip", ip) not in self.bans.active]
+        over = [
+            ip
+            for (ip, _n), total in zip(items, results[::2], strict=True)
+            if total > self.rate_budget and ("ip", ip) not in self.bans.active
+        ]
         if over:
             # publish as short decisions: an edge that has not reported this address since
             # the budget was passed learns it through the channel like any other ban
@@ -180,16 +200,24 @@ class RedisFeed:
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for ip in over:
-                        body = json.dumps({"scope": "ip", "value": ip, "type": "ban",
-                                           "reason": "shared_rate", "until": until,
-                                           "origin": "edge"})
+                        body = json.dumps(
+                            {
+                                "scope": "ip",
+                                "value": ip,
+                                "type": "ban",
+                                "reason": "shared_rate",
+                                "until": until,
+                                "origin": "edge",
+                            }
+                        )
                         pipe.set(f"{PREFIX}ip:{ip}", body, ex=max(1, int(until - now + 1)))
                         pipe.publish(CHANNEL, body)
                     await pipe.execute()
             except (RedisError, OSError):
                 self._count("rate_error")
-            self.bans.apply("redis", [("ip", ip, until - now, "shared_rate") for ip in over],
-                            [], now)
+            self.bans.apply(
+                "redis", [("ip", ip, until - now, "shared_rate") for ip in over], [], now
+            )
             self.shared_refusals += len(over)
         return over
 

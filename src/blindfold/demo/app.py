@@ -25,13 +25,16 @@ class AppHandler(BaseHTTPRequestHandler):
         pass
 
     def _record(self) -> dict[str, str]:
-        info = {"peer": self.client_address[0],
-                "x-forwarded-for": self.headers.get("X-Forwarded-For", ""),
-                "forwarded": self.headers.get("Forwarded", ""),
-                "x-request-id": self.headers.get("X-Request-Id", ""),
-                "host": self.headers.get("Host", ""),
-                "path": self.path, "method": self.command,
-                "if-none-match": self.headers.get("If-None-Match", "")}
+        info = {
+            "peer": self.client_address[0],
+            "x-forwarded-for": self.headers.get("X-Forwarded-For", ""),
+            "forwarded": self.headers.get("Forwarded", ""),
+            "x-request-id": self.headers.get("X-Request-Id", ""),
+            "host": self.headers.get("Host", ""),
+            "path": self.path,
+            "method": self.command,
+            "if-none-match": self.headers.get("If-None-Match", ""),
+        }
         with self.lock:
             self.seen.append(info)
             del self.seen[:-1000]
@@ -99,9 +102,11 @@ class AppHandler(BaseHTTPRequestHandler):
             if self.command != "HEAD":
                 self.wfile.write(body)
             return
-        page = (f"<!doctype html><title>demo app</title><h1>Hello from the application</h1>"
-                f"<p>The origin agent says the visitor is <b>{info['x-forwarded-for']}</b>.</p>"
-                f"<p>Request id {info['x-request-id']}</p>\n").encode()
+        page = (
+            f"<!doctype html><title>demo app</title><h1>Hello from the application</h1>"
+            f"<p>The origin agent says the visitor is <b>{info['x-forwarded-for']}</b>.</p>"
+            f"<p>Request id {info['x-request-id']}</p>\n"
+        ).encode()
         self._send(200, page, "text/html; charset=utf-8")
 
     do_HEAD = do_GET
@@ -118,8 +123,11 @@ class AppHandler(BaseHTTPRequestHandler):
                     break
                 h.update(piece)
                 total += len(piece)
-            self._send(200, json.dumps({"bytes": total, "sha256": h.hexdigest()}).encode(),
-                       "application/json")
+            self._send(
+                200,
+                json.dumps({"bytes": total, "sha256": h.hexdigest()}).encode(),
+                "application/json",
+            )
             return
         body = self._body()
         info["body"] = body.decode("latin-1")[:1000]

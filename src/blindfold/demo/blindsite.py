@@ -70,12 +70,17 @@ def _png(width: int, height: int) -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         body = kind + data
         return struct.pack("!I", len(data)) + body + struct.pack("!I", zlib.crc32(body))
-    rows = b"".join(b"\x00" + b"".join(bytes(((x * 5) % 256, (y * 3) % 256, 160))
-                                         for x in range(width))
-                    for y in range(height))
-    return (b"\x89PNG\r\n\x1a\n"
-            + chunk(b"IHDR", struct.pack("!IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+    rows = b"".join(
+        b"\x00" + b"".join(bytes(((x * 5) % 256, (y * 3) % 256, 160)) for x in range(width))
+        for y in range(height)
+    )
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack("!IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 def write_site(root: Path, edge_url: str) -> Path:
@@ -86,10 +91,12 @@ def write_site(root: Path, edge_url: str) -> Path:
     (site / "index.html").write_text(PAGE % {"edge": edge_url})
     (site / "sri.html").write_text(SRI_PAGE)
     (site / "js" / "app.js").write_text(
-        "document.getElementById('status').textContent += '; the sealed script ran';\n")
+        "document.getElementById('status').textContent += '; the sealed script ran';\n"
+    )
     (site / "js" / "sri.js").write_text(
         "addEventListener('DOMContentLoaded', () => { document.getElementById('sri')"
-        ".textContent = 'the script from the edge ran (its integrity checked)'; });\n")
+        ".textContent = 'the script from the edge ran (its integrity checked)'; });\n"
+    )
     (site / "css" / "site.css").write_text("body { font-family: sans-serif; color: #123; }\n")
     (site / "img" / "logo.png").write_bytes(_png(240, 80))
     (site / "files" / "sample.bin").write_bytes(os.urandom(2 << 20))

@@ -47,8 +47,15 @@ class Proc:
 
     async def start(self, timeout: float = 30) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "blindfold", self.kind, "--config", str(self.config),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            sys.executable,
+            "-m",
+            "blindfold",
+            self.kind,
+            "--config",
+            str(self.config),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
         self._pump = asyncio.create_task(self._read())
         async with asyncio.timeout(timeout):
             while not self.ready:
@@ -96,8 +103,8 @@ proxy_protocol = "required"
 admin_listen = "127.0.0.1:0"
 
 [[origin.certificates]]
-cert = "{base / 'site.pem'}"
-key = "{base / 'site.key'}"
+cert = "{base / "site.pem"}"
+key = "{base / "site.key"}"
 
 [origin.waf]
 paranoia_level = 1
@@ -105,17 +112,17 @@ mode = "block"
 
 [origin.decisions]
 listen = "127.0.0.1:0"
-api_keys_file = "{base / 'edge-keys.txt'}"
+api_keys_file = "{base / "edge-keys.txt"}"
 ban_after_blocks = 1
 ban_duration_s = 60
 
 # blind delivery: the sealed store (`blindfold seal`), the service worker, SRI, signatures
 [origin.blind]
-dir = "{base / 'sealed'}"
-source_dir = "{base / 'static'}"
+dir = "{base / "sealed"}"
+source_dir = "{base / "static"}"
 edge_url = "https://{CDN_HOST}:{edge_port}"
 rewrite_html = true
-response_signing_key = "{base / 'responses.pem'}"
+response_signing_key = "{base / "responses.pem"}"
 """
 
 
@@ -125,16 +132,16 @@ def _keyserver_config(base: Path, edge_fp: str) -> str:
 # blindfold demo: the key server holds the site's key and signs handshakes for the edge.
 [keyserver]
 listen = "127.0.0.1:0"
-cert = "{kl / 'keyserver.pem'}"
-key = "{kl / 'keyserver.key'}"
-client_ca = "{kl / 'ca.pem'}"
-audit_log = "{kl / 'audit.log'}"
+cert = "{kl / "keyserver.pem"}"
+key = "{kl / "keyserver.key"}"
+client_ca = "{kl / "ca.pem"}"
+audit_log = "{kl / "audit.log"}"
 admin_listen = "127.0.0.1:0"
 
 [[keyserver.keys]]
 name = "site"
-key = "{base / 'site.key'}"
-certificate = "{base / 'site.pem'}"
+key = "{base / "site.key"}"
+certificate = "{base / "site.pem"}"
 
 [[keyserver.edges]]
 name = "demo-edge"
@@ -143,8 +150,9 @@ hostnames = ["{KEYLESS_HOST}"]
 """
 
 
-def _edge_config(listen: str, admin: str, origin_port: int, decisions_port: int,
-                 base: Path, keyserver_port: int) -> str:
+def _edge_config(
+    listen: str, admin: str, origin_port: int, decisions_port: int, base: Path, keyserver_port: int
+) -> str:
     kl = base / "keyless"
     (base / "edge.key").write_text(API_KEY + "\n")
     return f"""\
@@ -166,31 +174,31 @@ proxy_protocol = "v2"
 name = "demo-keyless"
 sni = ["{KEYLESS_HOST}"]
 mode = "keyless"
-certificate = "{base / 'site.pem'}"
+certificate = "{base / "site.pem"}"
 origins = ["127.0.0.1:{origin_port}"]
 proxy_protocol = "v2"
-origin_ca = "{base / 'ca.pem'}"
-keyserver = {{ addresses = ["127.0.0.1:{keyserver_port}"], client_cert = "{kl / 'demo-edge.pem'}", \
-client_key = "{kl / 'demo-edge.key'}", ca = "{kl / 'ca.pem'}" }}
+origin_ca = "{base / "ca.pem"}"
+keyserver = {{ addresses = ["127.0.0.1:{keyserver_port}"], client_cert = "{kl / "demo-edge.pem"}", \
+client_key = "{kl / "demo-edge.key"}", ca = "{kl / "ca.pem"}" }}
 
 # blind: the CDN hostname (the edge's own certificate); it serves sealed blobs by id
 [[edge.routes]]
 name = "demo-blind"
 sni = ["{CDN_HOST}"]
 mode = "blind"
-certificate = "{base / 'cdn.pem'}"
-key = "{base / 'cdn.key'}"
+certificate = "{base / "cdn.pem"}"
+key = "{base / "cdn.key"}"
 origins = ["127.0.0.1:{origin_port}"]
 proxy_protocol = "v2"
-origin_ca = "{base / 'ca.pem'}"
+origin_ca = "{base / "ca.pem"}"
 origin_server_name = "{HOST}"
-blind = {{ cache_dir = "{base / 'edge-cache'}" }}
+blind = {{ cache_dir = "{base / "edge-cache"}" }}
 
 [edge.decisions]
 url = "https://127.0.0.1:{decisions_port}"
 server_name = "{HOST}"
-api_key_file = "{base / 'edge.key'}"
-ca = "{base / 'ca.pem'}"
+api_key_file = "{base / "edge.key"}"
+ca = "{base / "ca.pem"}"
 poll_interval_s = 0.5
 """
 
@@ -203,8 +211,9 @@ def _public_pem(private: Path, public: Path) -> None:
     )
 
     key = load_pem_private_key(private.read_bytes(), None)
-    public.write_bytes(key.public_key().public_bytes(Encoding.PEM,
-                                                     PublicFormat.SubjectPublicKeyInfo))
+    public.write_bytes(
+        key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    )
 
 
 def _spki_pin(cert: Path) -> str:
@@ -221,15 +230,18 @@ def _spki_pin(cert: Path) -> str:
 
 async def _curl(args: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_shell(
-        args + " -sS --max-time 10 -w '\\n%{http_code}'", stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
+        args + " -sS --max-time 10 -w '\\n%{http_code}'",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, _err = await proc.communicate()
     body, _, code = out.decode(errors="replace").rpartition("\n")
     return int(code or 0), body
 
 
-async def demo(port: int, admin_port: int, workdir: str | None, duration: float | None,
-               self_check: bool) -> int:
+async def demo(
+    port: int, admin_port: int, workdir: str | None, duration: float | None, self_check: bool
+) -> int:
     base = Path(workdir or tempfile.mkdtemp(prefix="blindfold-demo-"))
     base.mkdir(parents=True, exist_ok=True)
     ca = pki.make_ca("blindfold demo CA")
@@ -249,16 +261,20 @@ async def demo(port: int, admin_port: int, workdir: str | None, duration: float 
     from blindfold.demo.blindsite import write_site
 
     write_site(base / "static", f"https://{CDN_HOST}:{port}")
-    seal_tree(str(base / "static"), str(base / "sealed"),
-              load_signing_key(str(base / "manifest.pem"), create=True),
-              load_id_secret(str(base / "id-secret"), create=True),
-              SealOptions(skip=("*.html",), sri=("/blind/js/sri.js", "*.css")))
+    seal_tree(
+        str(base / "static"),
+        str(base / "sealed"),
+        load_signing_key(str(base / "manifest.pem"), create=True),
+        load_id_secret(str(base / "id-secret"), create=True),
+        SealOptions(skip=("*.html",), sri=("/blind/js/sri.js", "*.css")),
+    )
     load_signing_key(str(base / "responses.pem"), create=True)
     _public_pem(base / "responses.pem", base / "responses.pub.pem")
     app = DemoApp()
     (base / "origin.toml").write_text(_origin_config(base, app.port, port))
-    (base / "keyserver.toml").write_text(_keyserver_config(
-        base, pki.fingerprint_sha256(edge_id.cert)))
+    (base / "keyserver.toml").write_text(
+        _keyserver_config(base, pki.fingerprint_sha256(edge_id.cert))
+    )
     origin = Proc("origin", base / "origin.toml", base / "origin.log")
     keyserver = Proc("keyserver", base / "keyserver.toml", base / "keyserver.log")
     edge: Proc | None = None
@@ -268,26 +284,44 @@ async def demo(port: int, admin_port: int, workdir: str | None, duration: float 
         await origin.start()
         origin_port = int(origin.ready["listen"][0].rpartition(":")[2])
         decisions_port = int(str(origin.ready["decisions"]).rpartition(":")[2])
-        (base / "edge.toml").write_text(_edge_config(
-            f"127.0.0.1:{port}", f"127.0.0.1:{admin_port}", origin_port, decisions_port, base,
-            keyserver_port))
+        (base / "edge.toml").write_text(
+            _edge_config(
+                f"127.0.0.1:{port}",
+                f"127.0.0.1:{admin_port}",
+                origin_port,
+                decisions_port,
+                base,
+                keyserver_port,
+            )
+        )
         edge = Proc("edge", base / "edge.toml", base / "edge.log")
         await edge.start()
-        curl = (f"curl --cacert {base / 'ca.pem'} --resolve {HOST}:{port}:127.0.0.1 "
-                f"https://{HOST}:{port}")
-        kcurl = (f"curl --cacert {base / 'ca.pem'} --resolve {KEYLESS_HOST}:{port}:127.0.0.1 "
-                 f"https://{KEYLESS_HOST}:{port}")
+        curl = (
+            f"curl --cacert {base / 'ca.pem'} --resolve {HOST}:{port}:127.0.0.1 "
+            f"https://{HOST}:{port}"
+        )
+        kcurl = (
+            f"curl --cacert {base / 'ca.pem'} --resolve {KEYLESS_HOST}:{port}:127.0.0.1 "
+            f"https://{KEYLESS_HOST}:{port}"
+        )
         audit = kl / "audit.log"
-        connect = (f"--cacert {base / 'ca.pem'} --connect-to {HOST}:{port}:127.0.0.1:{port} "
-                   f"--connect-to {CDN_HOST}:{port}:127.0.0.1:{port}")
-        fetch_cmd = (f"blindfold fetch https://{HOST}:{port}/blind/files/sample.bin "
-                     f"--edge https://{CDN_HOST}:{port} --manifest-key "
-                     f"{base / 'sealed' / 'manifest-public.pem'} {connect} -o /tmp/sample.bin")
-        verify_cmd = (f"blindfold verify https://{HOST}:{port}/blind/ --expect-cert "
-                      f"{base / 'site.pem'} --signature-key {base / 'responses.pub.pem'} "
-                      f"--manifest-key {base / 'sealed' / 'manifest-public.pem'} --edge "
-                      f"https://{CDN_HOST}:{port} {connect}")
-        print(f"""
+        connect = (
+            f"--cacert {base / 'ca.pem'} --connect-to {HOST}:{port}:127.0.0.1:{port} "
+            f"--connect-to {CDN_HOST}:{port}:127.0.0.1:{port}"
+        )
+        fetch_cmd = (
+            f"blindfold fetch https://{HOST}:{port}/blind/files/sample.bin "
+            f"--edge https://{CDN_HOST}:{port} --manifest-key "
+            f"{base / 'sealed' / 'manifest-public.pem'} {connect} -o /tmp/sample.bin"
+        )
+        verify_cmd = (
+            f"blindfold verify https://{HOST}:{port}/blind/ --expect-cert "
+            f"{base / 'site.pem'} --signature-key {base / 'responses.pub.pem'} "
+            f"--manifest-key {base / 'sealed' / 'manifest-public.pem'} --edge "
+            f"https://{CDN_HOST}:{port} {connect}"
+        )
+        print(
+            f"""
 blindfold demo is running (files in {base})
 
   visitor --TLS--> edge 127.0.0.1:{port} (passthrough: forwards encrypted bytes, never decrypts)
@@ -316,8 +350,8 @@ blindfold demo is running (files in {base})
    (the service worker fetches, verifies and decrypts; sri.html shows Subresource Integrity):
      chromium --user-data-dir=$(mktemp -d) \\
        --host-resolver-rules='MAP *.blindfold.test 127.0.0.1' \\
-       --ignore-certificate-errors-spki-list={_spki_pin(base / 'site.pem')},\
-{_spki_pin(base / 'cdn.pem')} \\
+       --ignore-certificate-errors-spki-list={_spki_pin(base / "site.pem")},\
+{_spki_pin(base / "cdn.pem")} \\
        https://{HOST}:{port}/blind/
    The same from Python, then the whole site checked end to end:
      {fetch_cmd}
@@ -325,14 +359,15 @@ blindfold demo is running (files in {base})
 
 5. Watch it: the edge's metrics and the origin's decision stream (what edges poll):
      curl -s http://127.0.0.1:{admin_port}/metrics | grep -E 'decisions|banned'
-     curl -s --cacert {base / 'ca.pem'} --resolve {HOST}:{decisions_port}:127.0.0.1 \\
+     curl -s --cacert {base / "ca.pem"} --resolve {HOST}:{decisions_port}:127.0.0.1 \\
           -H 'X-Api-Key: {API_KEY}' 'https://{HOST}:{decisions_port}/v1/decisions/stream?startup=true'
 
-Logs (JSON lines): {base / 'edge.log'}  {base / 'origin.log'}  {base / 'keyserver.log'}
+Logs (JSON lines): {base / "edge.log"}  {base / "origin.log"}  {base / "keyserver.log"}
 Stop with Ctrl-C.
-""", flush=True)
-        if self_check and not await _self_check(curl, kcurl, audit, edge, fetch_cmd,
-                                                verify_cmd):
+""",
+            flush=True,
+        )
+        if self_check and not await _self_check(curl, kcurl, audit, edge, fetch_cmd, verify_cmd):
             return 1
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -354,23 +389,35 @@ Stop with Ctrl-C.
 async def _run_blindfold(command: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_shell(
         command.replace("blindfold ", f"{sys.executable} -m blindfold ", 1),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     out, _ = await proc.communicate()
     return proc.returncode or 0, out.decode(errors="replace")
 
 
-async def _self_check(curl: str, kcurl: str, audit: Path, edge: Proc, fetch_cmd: str,
-                      verify_cmd: str) -> bool:
+async def _self_check(
+    curl: str, kcurl: str, audit: Path, edge: Proc, fetch_cmd: str, verify_cmd: str
+) -> bool:
     checks = []
     code, out = await _run_blindfold(fetch_cmd)
-    checks.append(("a sealed file from the blind edge, verified and decrypted",
-                   code == 0 and "from the edge" in out))
+    checks.append(
+        (
+            "a sealed file from the blind edge, verified and decrypted",
+            code == 0 and "from the edge" in out,
+        )
+    )
     code, out = await _run_blindfold(verify_cmd)
-    checks.append(("the site verifies end to end (certificate, signature, manifest, blobs)",
-                   code == 0 and out.count("ok  ") == 5))
+    checks.append(
+        (
+            "the site verifies end to end (certificate, signature, manifest, blobs)",
+            code == 0 and out.count("ok  ") == 5,
+        )
+    )
     code, body = await _curl(f"{kcurl}/ --interface 127.0.0.68")
-    checks.append(("a page over the keyless hostname", code == 200
-                   and "Hello from the application" in body))
+    checks.append(
+        ("a page over the keyless hostname", code == 200 and "Hello from the application" in body)
+    )
     from blindfold.keyserver.audit import verify
 
     signed = False
@@ -379,11 +426,9 @@ async def _self_check(curl: str, kcurl: str, audit: Path, edge: Proc, fetch_cmd:
             signed = True
             break
         await asyncio.sleep(0.1)
-    checks.append(("its handshake signature is in the audit log", signed
-                   and verify(str(audit)).ok))
+    checks.append(("its handshake signature is in the audit log", signed and verify(str(audit)).ok))
     code, body = await _curl(f"{curl}/")
-    checks.append(("a page through the edge", code == 200 and "Hello from the application"
-                   in body))
+    checks.append(("a page through the edge", code == 200 and "Hello from the application" in body))
     code, body = await _curl(f"{curl}/?id=1%27%20OR%201=1-- --interface {ATTACKER}")
     checks.append(("the WAF blocks the SQL injection", code == 403 and "request id" in body))
     refused = False
@@ -401,6 +446,7 @@ async def _self_check(curl: str, kcurl: str, audit: Path, edge: Proc, fetch_cmd:
     return all(ok for _name, ok in checks)
 
 
-def run_demo(port: int, admin_port: int, workdir: str | None, duration: float | None,
-             self_check: bool) -> int:
+def run_demo(
+    port: int, admin_port: int, workdir: str | None, duration: float | None, self_check: bool
+) -> int:
     return asyncio.run(demo(port, admin_port, workdir, duration, self_check))

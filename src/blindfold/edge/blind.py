@@ -62,8 +62,9 @@ def _server_tls(where: str, rc: RouteConfig) -> ssl.SSLContext:
     try:
         ctx.load_cert_chain(rc.certificate, rc.key)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"{where}.certificate", f"cannot load {rc.certificate} with "
-                          f"{rc.key}: {exc}") from None
+        raise ConfigError(
+            f"{where}.certificate", f"cannot load {rc.certificate} with {rc.key}: {exc}"
+        ) from None
     return ctx
 
 
@@ -74,8 +75,14 @@ def check_route(where: str, rc: RouteConfig) -> None:
 
 
 def _origin_settings(rc: RouteConfig) -> tuple[object, ...]:
-    return (rc.origins, rc.origin_ca, rc.origin_pin_sha256, rc.origin_server_name,
-            rc.proxy_protocol, rc.http)
+    return (
+        rc.origins,
+        rc.origin_ca,
+        rc.origin_pin_sha256,
+        rc.origin_server_name,
+        rc.proxy_protocol,
+        rc.http,
+    )
 
 
 class BlobStore:
@@ -193,22 +200,26 @@ class BlindRoute:
     """What a worker keeps for one blind route; on reload the store and counters carry over
     when the cache settings are unchanged."""
 
-    def __init__(self, where: str, rc: RouteConfig, worker_index: int,
-                 old: BlindRoute | None = None) -> None:
+    def __init__(
+        self, where: str, rc: RouteConfig, worker_index: int, old: BlindRoute | None = None
+    ) -> None:
         self.config = rc
         self.cfg = rc.blind or BlindRouteConfig()
         self.tls = _server_tls(where, rc)
         # visitors send no bodies: GET, HEAD and OPTIONS only
-        self.origin_tls, self.pins, self.http, self.limits = origin_and_http(where, rc,
-                                                                             max_body_bytes=0)
+        self.origin_tls, self.pins, self.http, self.limits = origin_and_http(
+            where, rc, max_body_bytes=0
+        )
         same_cache = old is not None and old.cfg == self.cfg
         # The store (and the pulls filling it) carry over a reload that keeps the cache
         # settings; a new store would rescan the directory under live pulls.
-        self.store: BlobStore = (old.store if old is not None and same_cache
-                                 else BlobStore(self.cfg, worker_index))
+        self.store: BlobStore = (
+            old.store if old is not None and same_cache else BlobStore(self.cfg, worker_index)
+        )
         self.pulls: dict[str, Fill] = old.pulls if old is not None and same_cache else {}
         self.uncacheable: OrderedDict[str, None] = (
-            old.uncacheable if old is not None and same_cache else OrderedDict())
+            old.uncacheable if old is not None and same_cache else OrderedDict()
+        )
         self.stats: BlindStats = old.stats if old is not None else BlindStats()
         self.pool: UpstreamPool | None = None
         if old is not None and old.pool is not None:
@@ -262,14 +273,23 @@ class BlindService:
         def app(alpn: str | None) -> asyncio.Protocol:
             handler = BlindHandler(self.worker, conn, route, br)
             local = conn.local or ("0.0.0.0", 0)
-            info = ConnInfo((conn.ip, conn.client_port), local, b"https",
-                            {"sni": hello.sni or "", "alpn": alpn or ""})
+            info = ConnInfo(
+                (conn.ip, conn.client_port),
+                local,
+                b"https",
+                {"sni": hello.sni or "", "alpn": alpn or ""},
+            )
             if alpn == "h2":
                 return H2Connection(handler, br.limits, info, handler.http_event)
             return H1Connection(handler, br.limits, info, handler.http_event)
 
-        proto = TlsServerProtocol(server, app, conn.keyless_done, br.http.tls_handshake_timeout_s,
-                                  br.http.keepalive_timeout_s)
+        proto = TlsServerProtocol(
+            server,
+            app,
+            conn.keyless_done,
+            br.http.tls_handshake_timeout_s,
+            br.http.keepalive_timeout_s,
+        )
         sock: socket.socket = conn.adopt_socket_for_asyncio()
         try:
             # Blob responses are hundreds of KiB: a send buffer that takes one whole spares
@@ -309,16 +329,22 @@ class BlindHandler:
         br = self.br
         method = request.method
         if method == b"OPTIONS":  # CORS preflight from a page's service worker
-            await respond.start(204, [*br.cors(request),
-                                      (b"access-control-allow-methods", b"GET, HEAD"),
-                                      (b"access-control-max-age", b"86400"),
-                                      (b"content-length", b"0")])
+            await respond.start(
+                204,
+                [
+                    *br.cors(request),
+                    (b"access-control-allow-methods", b"GET, HEAD"),
+                    (b"access-control-max-age", b"86400"),
+                    (b"content-length", b"0"),
+                ],
+            )
             await respond.end()
             return
         if method not in (b"GET", b"HEAD"):
             br.stats.count("bad_method")
-            await simple_response(respond, 405, "only GET and HEAD\n",
-                                  [(b"allow", b"GET, HEAD, OPTIONS")])
+            await simple_response(
+                respond, 405, "only GET and HEAD\n", [(b"allow", b"GET, HEAD, OPTIONS")]
+            )
             return
         m = _PATH.fullmatch(request.path)
         if m is None:
@@ -345,9 +371,14 @@ class BlindHandler:
     def _headers(self, blob: str, size: int, source: bytes) -> Headers:
         ext = blob.rpartition(".")[2] if "." in blob else ""
         ctype = _TYPES.get(ext, b"application/octet-stream")
-        return [(b"content-type", ctype), (b"x-content-type-options", b"nosniff"),
-                (b"content-length", str(size).encode()), (b"cache-control", _CACHE_CONTROL),
-                (b"x-blindfold-cache", source), *self.cors]
+        return [
+            (b"content-type", ctype),
+            (b"x-content-type-options", b"nosniff"),
+            (b"content-length", str(size).encode()),
+            (b"cache-control", _CACHE_CONTROL),
+            (b"x-blindfold-cache", source),
+            *self.cors,
+        ]
 
     async def _from_cache(self, blob: str, respond: Responder, head: bool) -> bool:
         br = self.br
@@ -359,8 +390,9 @@ class BlindHandler:
                 # one write up to 1 MiB; bigger blobs in slices, so that what waits in a slow
                 # visitor's buffers stays bounded
                 for at in range(0, len(data), MEMORY_SEND_CHUNK):
-                    await respond.send(data[at:at + MEMORY_SEND_CHUNK] if len(data) >
-                                       MEMORY_SEND_CHUNK else data)
+                    await respond.send(
+                        data[at : at + MEMORY_SEND_CHUNK] if len(data) > MEMORY_SEND_CHUNK else data
+                    )
                 br.stats.served_bytes += len(data)
             await respond.end()
             return True
@@ -406,18 +438,29 @@ class BlindHandler:
             # The edge pulls on its own behalf: PROXY LOCAL (v2) / UNKNOWN (v1), so an origin
             # that requires a header from its edges accepts it and sees the edge's address.
             header = {"v2": encode_v2(None, None), "v1": encode_v1(None, None)}.get(
-                rc.proxy_protocol, b"")
+                rc.proxy_protocol, b""
+            )
 
             async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
                 return await open_verified_origin(
-                    worker, route, header, br.origin_tls, rc.origin_server_name, br.pins,
-                    br.http.upstream_connect_timeout_s)
+                    worker,
+                    route,
+                    header,
+                    br.origin_tls,
+                    rc.origin_server_name,
+                    br.pins,
+                    br.http.upstream_connect_timeout_s,
+                )
 
-            br.pool = UpstreamPool(f"https://{route.pool.origins[0].text}",
-                                   max_idle=br.http.upstream_connections,
-                                   connect_timeout_s=br.http.upstream_connect_timeout_s,
-                                   timeout_s=br.http.upstream_timeout_s, tls=br.origin_tls,
-                                   server_hostname=rc.origin_server_name, connector=connect)
+            br.pool = UpstreamPool(
+                f"https://{route.pool.origins[0].text}",
+                max_idle=br.http.upstream_connections,
+                connect_timeout_s=br.http.upstream_connect_timeout_s,
+                timeout_s=br.http.upstream_timeout_s,
+                tls=br.origin_tls,
+                server_hostname=rc.origin_server_name,
+                connector=connect,
+            )
         return br.pool
 
     async def _fill_task(self, fill: Fill) -> None:
@@ -432,15 +475,20 @@ class BlindHandler:
             host = (br.config.origin_server_name or "origin").encode()
             try:
                 resp = await self._pool().request(
-                    b"GET", (prefix + fill.blob).encode(),
-                    [(b"host", host), (b"user-agent", b"blindfold-edge")], None)
+                    b"GET",
+                    (prefix + fill.blob).encode(),
+                    [(b"host", host), (b"user-agent", b"blindfold-edge")],
+                    None,
+                )
             except UpstreamError as exc:
                 fill.fail(502, f"origin: {exc}")
                 return
             length = _content_length(resp.headers)
             if resp.status != 200 or length is None or length > br.cfg.max_blob_bytes:
-                fill.fail(404 if resp.status == 404 else 502,
-                          f"origin answered {resp.status}, length {length}")
+                fill.fail(
+                    404 if resp.status == 404 else 502,
+                    f"origin answered {resp.status}, length {length}",
+                )
                 return
             if store.dir is not None and length <= store.disk_max and store.disk_ok():
                 fill.tmp = store.temp_file(fill.blob)
@@ -498,8 +546,12 @@ class BlindHandler:
             if br.pulls.get(fill.blob) is fill:
                 del br.pulls[fill.blob]
             if fill.error:
-                self.worker.log.log("blind_pull_failed", route=self.route.name,
-                                    blob=fill.blob, detail=fill.error[:200])
+                self.worker.log.log(
+                    "blind_pull_failed",
+                    route=self.route.name,
+                    blob=fill.blob,
+                    detail=fill.error[:200],
+                )
             fill.finish()
 
     async def _from_fill(self, fill: Fill, respond: Responder, head: bool) -> None:
@@ -516,8 +568,12 @@ class BlindHandler:
                 return
             status = fill.status if fill.done and fill.status == 404 else 502
             br.stats.count("not_found" if status == 404 else "error")
-            await simple_response(respond, status, "no such blob\n" if status == 404 else
-                                  "blob unavailable\n", self.cors)
+            await simple_response(
+                respond,
+                status,
+                "no such blob\n" if status == 404 else "blob unavailable\n",
+                self.cors,
+            )
             return
         br.stats.count("miss")
         await respond.start(200, self._headers(fill.blob, fill.length, b"miss"))
@@ -536,8 +592,11 @@ class BlindHandler:
             while sent < fill.length:
                 if sent < fill.got:
                     n = min(SEND_CHUNK, fill.got - sent)
-                    data = (bytes(fill.buf[sent:sent + n]) if fill.buf is not None
-                            else os.pread(fd, n, sent))
+                    data = (
+                        bytes(fill.buf[sent : sent + n])
+                        if fill.buf is not None
+                        else os.pread(fd, n, sent)
+                    )
                     if not data:
                         break
                     await respond.send(data)
@@ -562,8 +621,11 @@ class BlindHandler:
         host = (br.config.origin_server_name or "origin").encode()
         try:
             resp = await self._pool().request(
-                b"GET", (prefix + blob).encode(),
-                [(b"host", host), (b"user-agent", b"blindfold-edge")], None)
+                b"GET",
+                (prefix + blob).encode(),
+                [(b"host", host), (b"user-agent", b"blindfold-edge")],
+                None,
+            )
         except UpstreamError:
             br.stats.count("origin_error")
             await simple_response(respond, 502, "origin unavailable\n", self.cors)
@@ -571,8 +633,9 @@ class BlindHandler:
         try:
             length = _content_length(resp.headers)
             if resp.status != 200 or length is None or length > br.cfg.max_blob_bytes:
-                await simple_response(respond, 404 if resp.status == 404 else 502,
-                                      "no such blob\n", self.cors)
+                await simple_response(
+                    respond, 404 if resp.status == 404 else 502, "no such blob\n", self.cors
+                )
                 return
             br.stats.count("uncached")
             await respond.start(200, self._headers(blob, length, b"uncached"))
@@ -664,20 +727,26 @@ def _content_length(headers: Headers) -> int | None:
 def snapshot(routes: list[Any]) -> dict[str, list[list[Any]]]:
     """Prometheus tables for the worker's blind routes."""
     tables: dict[str, list[list[Any]]] = {
-        "blindfold_blind_requests_total": [], "blindfold_blind_cache_bytes": [],
-        "blindfold_blind_cache_blobs": [], "blindfold_blind_origin_bytes_total": [],
-        "blindfold_blind_served_bytes_total": []}
+        "blindfold_blind_requests_total": [],
+        "blindfold_blind_cache_bytes": [],
+        "blindfold_blind_cache_blobs": [],
+        "blindfold_blind_origin_bytes_total": [],
+        "blindfold_blind_served_bytes_total": [],
+    }
     for route in routes:
         br = route.blind
         if br is None:
             continue
         name = route.name
         tables["blindfold_blind_requests_total"].extend(
-            [[name, k], v] for k, v in br.stats.requests.items())
+            [[name, k], v] for k, v in br.stats.requests.items()
+        )
         tables["blindfold_blind_cache_bytes"].extend(
-            [[[name, "memory"], br.store.mem_used], [[name, "disk"], br.store.disk_used]])
+            [[[name, "memory"], br.store.mem_used], [[name, "disk"], br.store.disk_used]]
+        )
         tables["blindfold_blind_cache_blobs"].extend(
-            [[[name, "memory"], len(br.store.mem)], [[name, "disk"], len(br.store.disk)]])
+            [[[name, "memory"], len(br.store.mem)], [[name, "disk"], len(br.store.disk)]]
+        )
         tables["blindfold_blind_origin_bytes_total"].append([[name], br.stats.origin_bytes])
         tables["blindfold_blind_served_bytes_total"].append([[name], br.stats.served_bytes])
     return tables

@@ -54,8 +54,12 @@ class Guards:
         self.allow = IPSet()
         self.bans = IPSet()
         self.open = 0
-        self._limiter = KeyedLimiter(config.per_ip_rate_per_s, config.per_ip_burst,
-                                     config.per_ip_concurrent, config.max_tracked_ips)
+        self._limiter = KeyedLimiter(
+            config.per_ip_rate_per_s,
+            config.per_ip_burst,
+            config.per_ip_concurrent,
+            config.max_tracked_ips,
+        )
         self._rules: list[_RuleState] = []
         self._rule_cache: dict[str, _RuleState | None] = {}
         self.configure(config, workers, now)
@@ -64,8 +68,12 @@ class Guards:
         """Apply a (re)loaded config; open-connection counts and buckets are kept."""
         self.max_open = max(1, -(-config.max_connections // workers))
         self.prefix = config.ipv6_prefix_len
-        self._limiter.configure(config.per_ip_rate_per_s, config.per_ip_burst,
-                                config.per_ip_concurrent, config.max_tracked_ips)
+        self._limiter.configure(
+            config.per_ip_rate_per_s,
+            config.per_ip_burst,
+            config.per_ip_concurrent,
+            config.max_tracked_ips,
+        )
         old = {(r.rule.ja4, r.rule.prefix, r.rule.per): r for r in self._rules}
         rules = []
         for i, rule in enumerate(config.ja4_rules):
@@ -131,8 +139,11 @@ class Guards:
             self._limiter.release(adm.key)
 
     def is_banned(self, version: int, addr: int) -> bool:
-        return bool(self.bans) and self.bans.contains(addr, version) and not (
-            bool(self.allow) and self.allow.contains(addr, version))
+        return (
+            bool(self.bans)
+            and self.bans.contains(addr, version)
+            and not (bool(self.allow) and self.allow.contains(addr, version))
+        )
 
     def sweep(self, now: float) -> None:
         self._limiter.sweep(now)

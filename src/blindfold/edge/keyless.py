@@ -53,8 +53,9 @@ def _client_tls(where: str, ref: KeyServerRef) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=ref.ca)
         ctx.load_cert_chain(ref.client_cert, ref.client_key)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"{where}.keyserver", f"cannot load the key server TLS files: "
-                          f"{exc}") from None
+        raise ConfigError(
+            f"{where}.keyserver", f"cannot load the key server TLS files: {exc}"
+        ) from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     return ctx
 
@@ -70,27 +71,31 @@ def origin_tls_context(where: str, rc: RouteConfig) -> ssl.SSLContext:
         try:
             ctx.load_verify_locations(cafile=rc.origin_ca)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"{where}.origin_ca", f"cannot load {rc.origin_ca}: {exc}") \
-                from None
+            raise ConfigError(f"{where}.origin_ca", f"cannot load {rc.origin_ca}: {exc}") from None
     else:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
 
 
-def origin_and_http(where: str, rc: RouteConfig, max_body_bytes: int | None = None
-                    ) -> tuple[ssl.SSLContext, frozenset[bytes], EdgeHttpConfig, HttpLimits]:
+def origin_and_http(
+    where: str, rc: RouteConfig, max_body_bytes: int | None = None
+) -> tuple[ssl.SSLContext, frozenset[bytes], EdgeHttpConfig, HttpLimits]:
     """What keyless and blind routes share: the context and pins that verify the origins, and
     the HTTP limits for visitors (`max_body_bytes` overrides the configured one)."""
     pins = frozenset(bytes.fromhex(p.replace(":", "").lower()) for p in rc.origin_pin_sha256)
     http = rc.http or EdgeHttpConfig()
     limits = HttpLimits(
-        max_header_bytes=http.max_header_bytes, max_headers=http.max_headers,
+        max_header_bytes=http.max_header_bytes,
+        max_headers=http.max_headers,
         max_body_bytes=http.max_body_bytes if max_body_bytes is None else max_body_bytes,
-        header_timeout_s=http.header_timeout_s, body_timeout_s=http.body_timeout_s,
-        keepalive_timeout_s=http.keepalive_timeout_s, send_timeout_s=http.send_timeout_s,
+        header_timeout_s=http.header_timeout_s,
+        body_timeout_s=http.body_timeout_s,
+        keepalive_timeout_s=http.keepalive_timeout_s,
+        send_timeout_s=http.send_timeout_s,
         h2_max_concurrent_streams=http.h2_max_concurrent_streams,
-        h2_max_header_list_size=http.max_header_bytes)
+        h2_max_header_list_size=http.max_header_bytes,
+    )
     return origin_tls_context(where, rc), pins, http, limits
 
 
@@ -127,30 +132,40 @@ class KeylessRoute:
     """What a worker keeps for one keyless route; rebuilt on reload, its sessions, cache and
     counters carried over (`adopt`)."""
 
-    def __init__(self, where: str, rc: RouteConfig, clients: dict[KeyServerRef, KeyServerClient],
-                 ipv6_prefix_len: int) -> None:
+    def __init__(
+        self,
+        where: str,
+        rc: RouteConfig,
+        clients: dict[KeyServerRef, KeyServerClient],
+        ipv6_prefix_len: int,
+    ) -> None:
         assert rc.keyserver is not None
         self.config = rc
         try:
             self.identity = ts.ServerIdentity.from_pem(Path(rc.certificate).read_bytes())
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"{where}.certificate", f"cannot use {rc.certificate}: {exc}") \
-                from None
+            raise ConfigError(
+                f"{where}.certificate", f"cannot use {rc.certificate}: {exc}"
+            ) from None
         self.default_name = _default_name(self.identity, rc)
         self.settings = ts.TlsSettings(issue_tickets=rc.session_ticket_lifetime_s > 0)
         self.sessions = ts.SessionStore(rc.session_ticket_lifetime_s, rc.max_sessions)
         client = clients.get(rc.keyserver)
         if client is None:
-            client = KeyServerClient(rc.keyserver.addresses, _client_tls(where, rc.keyserver),
-                                     server_name=rc.keyserver.server_name or None,
-                                     sign_timeout_s=rc.keyserver.sign_timeout_s,
-                                     connect_timeout_s=rc.keyserver.connect_timeout_s)
+            client = KeyServerClient(
+                rc.keyserver.addresses,
+                _client_tls(where, rc.keyserver),
+                server_name=rc.keyserver.server_name or None,
+                sign_timeout_s=rc.keyserver.sign_timeout_s,
+                connect_timeout_s=rc.keyserver.connect_timeout_s,
+            )
             clients[rc.keyserver] = client
         self.keyclient = client
         self.origin_tls, self.pins, self.http, self.limits = origin_and_http(where, rc)
-        self.rate_rules = [(r.name or f"rate_limit{i}", r, BucketMap(r.rate_per_s, r.burst,
-                                                                     MAX_RATE_KEYS))
-                           for i, r in enumerate(rc.rate_limits)]
+        self.rate_rules = [
+            (r.name or f"rate_limit{i}", r, BucketMap(r.rate_per_s, r.burst, MAX_RATE_KEYS))
+            for i, r in enumerate(rc.rate_limits)
+        ]
         self.ipv6_prefix_len = ipv6_prefix_len
         self.cache = HttpCache(rc.cache_max_bytes, rc.cache_max_object_bytes)
         self.stats = KeylessStats()
@@ -161,15 +176,25 @@ class KeylessRoute:
             old.sessions.lifetime_s = self.sessions.lifetime_s
             old.sessions.max_entries = self.sessions.max_entries
             self.sessions = old.sessions
-        if (old.cache.max_bytes, old.cache.max_object_bytes) == (self.cache.max_bytes,
-                                                                 self.cache.max_object_bytes):
+        if (old.cache.max_bytes, old.cache.max_object_bytes) == (
+            self.cache.max_bytes,
+            self.cache.max_object_bytes,
+        ):
             self.cache = old.cache
         self.stats = old.stats
         old_rules = {name: buckets for name, rule, buckets in old.rate_rules}
-        self.rate_rules = [(name, rule, old_rules.get(name, buckets)
-                            if name in old_rules and (old_rules[name].rate, old_rules[name].burst)
-                            == (rule.rate_per_s, float(rule.burst)) else buckets)
-                           for name, rule, buckets in self.rate_rules]
+        self.rate_rules = [
+            (
+                name,
+                rule,
+                old_rules.get(name, buckets)
+                if name in old_rules
+                and (old_rules[name].rate, old_rules[name].burst)
+                == (rule.rate_per_s, float(rule.burst))
+                else buckets,
+            )
+            for name, rule, buckets in self.rate_rules
+        ]
 
 
 class KeylessService:
@@ -183,8 +208,9 @@ class KeylessService:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.sign_latency = Histogram(SIGN_BUCKETS)
 
-    def build(self, where: str, rc: RouteConfig, old: KeylessRoute | None,
-              ipv6_prefix_len: int) -> KeylessRoute:
+    def build(
+        self, where: str, rc: RouteConfig, old: KeylessRoute | None, ipv6_prefix_len: int
+    ) -> KeylessRoute:
         route = KeylessRoute(where, rc, self.clients, ipv6_prefix_len)
         if old is not None:
             route.adopt(old)
@@ -229,17 +255,30 @@ class KeylessService:
             self._open(conn, kr, server)
             return True
         if kr.keyclient.all_down(time.monotonic()):
-            return self._keyserver_failed(conn, kr, server, "keyserver_down",
-                                          "every key server is down")
+            return self._keyserver_failed(
+                conn, kr, server, "keyserver_down", "every key server is down"
+            )
         t0 = time.perf_counter()
-        future = kr.keyclient.submit(w.SignRequest(
-            request.scheme, request.transcript_hash, name, conn.ip,
-            kr.identity.certificate_sha256))
+        future = kr.keyclient.submit(
+            w.SignRequest(
+                request.scheme,
+                request.transcript_hash,
+                name,
+                conn.ip,
+                kr.identity.certificate_sha256,
+            )
+        )
         future.add_done_callback(lambda f: self._signed(conn, kr, server, f, t0))
         return True
 
-    def _signed(self, conn: Conn, kr: KeylessRoute, server: ts.TlsServer,
-                future: asyncio.Future[bytes], t0: float) -> None:
+    def _signed(
+        self,
+        conn: Conn,
+        kr: KeylessRoute,
+        server: ts.TlsServer,
+        future: asyncio.Future[bytes],
+        t0: float,
+    ) -> None:
         exc = future.exception()
         if not conn.keyless_waiting():  # closed meanwhile (banned, drained)
             server.signature_failed("closed")  # unwinds the suspended handshake now
@@ -257,8 +296,9 @@ class KeylessService:
         kr.stats.count(kr.stats.handshakes, "full")
         self._open(conn, kr, server)
 
-    def _keyserver_failed(self, conn: Conn, kr: KeylessRoute, server: ts.TlsServer,
-                          reason: str, detail: str) -> bool:
+    def _keyserver_failed(
+        self, conn: Conn, kr: KeylessRoute, server: ts.TlsServer, reason: str, detail: str
+    ) -> bool:
         if kr.config.keyserver_down == "passthrough":
             kr.stats.count(kr.stats.fallbacks, reason)
             server.signature_failed(reason, detail)  # its alert is never sent
@@ -269,13 +309,15 @@ class KeylessService:
         failed = next((e for e in events if isinstance(e, ts.ConnectionFailed)), None)
         self._send_now(conn, server)
         if self.worker.may_log_refusal():
-            self.worker.log.log("keyless_handshake_failed", client=conn.ip, reason=reason,
-                                detail=detail[:200])
+            self.worker.log.log(
+                "keyless_handshake_failed", client=conn.ip, reason=reason, detail=detail[:200]
+            )
         conn.close("refused", failed.reason if failed else reason)
         return True
 
-    def _failed(self, conn: Conn, kr: KeylessRoute, server: ts.TlsServer,
-                failed: ts.ConnectionFailed) -> bool:
+    def _failed(
+        self, conn: Conn, kr: KeylessRoute, server: ts.TlsServer, failed: ts.ConnectionFailed
+    ) -> bool:
         kr.stats.count(kr.stats.handshakes, f"tls_{failed.reason}")
         self._send_now(conn, server)
         conn.close("refused", f"tls_{failed.reason}")
@@ -298,15 +340,18 @@ class KeylessService:
 
         def done(reason: str, bytes_in: int, bytes_out: int) -> None:
             if server.key_updates_received:
-                kr.stats.key_updates["received"] = (kr.stats.key_updates.get("received", 0)
-                                                    + server.key_updates_received)
+                kr.stats.key_updates["received"] = (
+                    kr.stats.key_updates.get("received", 0) + server.key_updates_received
+                )
             if server.key_updates_sent:
-                kr.stats.key_updates["sent"] = (kr.stats.key_updates.get("sent", 0)
-                                                + server.key_updates_sent)
+                kr.stats.key_updates["sent"] = (
+                    kr.stats.key_updates.get("sent", 0) + server.key_updates_sent
+                )
             conn.keyless_done(reason, bytes_in, bytes_out)
 
-        proto = TlsServerProtocol(server, app, done, kr.http.tls_handshake_timeout_s,
-                                  kr.http.keepalive_timeout_s)
+        proto = TlsServerProtocol(
+            server, app, done, kr.http.tls_handshake_timeout_s, kr.http.keepalive_timeout_s
+        )
         sock = conn.adopt_socket_for_asyncio()
         conn.l7 = proto
         make = getattr(self.loop, "_make_socket_transport", None)

@@ -42,11 +42,13 @@ if TYPE_CHECKING:
     from blindfold.edge.passthrough import Conn
     from blindfold.edge.worker import RouteState, Worker
 
-_CONDITIONAL = frozenset({b"if-none-match", b"if-modified-since", b"if-match",
-                          b"if-unmodified-since", b"if-range"})
+_CONDITIONAL = frozenset(
+    {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range"}
+)
 # RFC 9110 §15.4.5: what a 304 carries
-_NOT_MODIFIED_KEEP = frozenset({b"cache-control", b"content-location", b"date", b"etag",
-                                b"expires", b"vary", b"last-modified"})
+_NOT_MODIFIED_KEEP = frozenset(
+    {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary", b"last-modified"}
+)
 
 
 def _host_of(authority: bytes) -> str:
@@ -59,17 +61,26 @@ def _host_of(authority: bytes) -> str:
 def make_http_protocol(handler: EdgeHandler, alpn: str | None) -> asyncio.Protocol:
     kr = handler.kr
     conn = handler.conn
-    info = ConnInfo((conn.ip, conn.client_port), handler.local, b"https",
-                    {"sni": handler.sni, "alpn": alpn or "", "version": "TLSv1.3"})
+    info = ConnInfo(
+        (conn.ip, conn.client_port),
+        handler.local,
+        b"https",
+        {"sni": handler.sni, "alpn": alpn or "", "version": "TLSv1.3"},
+    )
     if alpn == "h2":
         return H2Connection(handler, kr.limits, info, handler.http_event)
     return H1Connection(handler, kr.limits, info, handler.http_event)
 
 
-async def open_verified_origin(worker: Worker, route: RouteState, header: bytes,
-                               tls: ssl.SSLContext, server_name: str | None,
-                               pins: frozenset[bytes], timeout_s: float
-                               ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def open_verified_origin(
+    worker: Worker,
+    route: RouteState,
+    header: bytes,
+    tls: ssl.SSLContext,
+    server_name: str | None,
+    pins: frozenset[bytes],
+    timeout_s: float,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A TLS connection to one of the route's origins, verified by `tls` (CA and hostname)
     and/or a certificate pin, with `header` (PROXY) sent first. Origins that fail are marked
     down for the route and the next one is tried; UpstreamError when none is left."""
@@ -85,8 +96,12 @@ async def open_verified_origin(worker: Worker, route: RouteState, header: bytes,
                 if header:
                     await loop.sock_sendall(sock, header)
                 reader, writer = await asyncio.open_connection(
-                    sock=sock, ssl=tls, server_hostname=server_name,
-                    limit=READ_CHUNK, ssl_handshake_timeout=timeout_s)
+                    sock=sock,
+                    ssl=tls,
+                    server_hostname=server_name,
+                    limit=READ_CHUNK,
+                    ssl_handshake_timeout=timeout_s,
+                )
         except ssl.SSLCertVerificationError as exc:
             sock.close()
             failure = f"origin certificate not verified: {exc.verify_message}"
@@ -111,20 +126,26 @@ async def open_verified_origin(worker: Worker, route: RouteState, header: bytes,
     raise UpstreamError(failure)
 
 
-def _origin_failed(worker: Worker, route: RouteState, origin: Origin, reason: str,
-                   detail: str) -> None:
+def _origin_failed(
+    worker: Worker, route: RouteState, origin: Origin, reason: str, detail: str
+) -> None:
     was_up = origin.is_up(worker.reactor.now)
     route.pool.mark_down(origin, reason, worker.reactor.now)
     if was_up:
-        worker.log.log("origin_down", route=route.name, origin=origin.text, reason=reason,
-                       detail=detail[:200], down_s=route.pool.down_s)
+        worker.log.log(
+            "origin_down",
+            route=route.name,
+            origin=origin.text,
+            reason=reason,
+            detail=detail[:200],
+            down_s=route.pool.down_s,
+        )
 
 
 class EdgeHandler:
     """One visitor connection's request handler (HTTP/1.1 and HTTP/2 alike)."""
 
-    def __init__(self, worker: Worker, conn: Conn, kr: KeylessRoute,
-                 server: ts.TlsServer) -> None:
+    def __init__(self, worker: Worker, conn: Conn, kr: KeylessRoute, server: ts.TlsServer) -> None:
         self.worker = worker
         self.conn = conn
         self.kr = kr
@@ -160,9 +181,11 @@ class EdgeHandler:
                 f"https://{self.route.pool.origins[0].text}",
                 max_idle=http.upstream_connections,
                 connect_timeout_s=http.upstream_connect_timeout_s,
-                timeout_s=http.upstream_timeout_s, tls=kr.origin_tls,
+                timeout_s=http.upstream_timeout_s,
+                tls=kr.origin_tls,
                 server_hostname=kr.config.origin_server_name or self.sni,
-                connector=self._connect_origin)
+                connector=self._connect_origin,
+            )
         return self._pool
 
     def http_event(self, name: str, fields: dict[str, object]) -> None:
@@ -177,8 +200,14 @@ class EdgeHandler:
     async def _connect_origin(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         kr = self.kr
         return await open_verified_origin(
-            self.worker, self.route, self.conn.proxy_header_for(self.route), kr.origin_tls,
-            kr.config.origin_server_name or self.sni, kr.pins, kr.http.upstream_connect_timeout_s)
+            self.worker,
+            self.route,
+            self.conn.proxy_header_for(self.route),
+            kr.origin_tls,
+            kr.config.origin_server_name or self.sni,
+            kr.pins,
+            kr.http.upstream_connect_timeout_s,
+        )
 
     # ---------------------------------------------------------------- requests
     async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
@@ -191,15 +220,23 @@ class EdgeHandler:
             stats.count(stats.cache, outcome)
         if self.worker.config.log_connections:
             self.worker.log.log(
-                "request", route=self.route.name, client=self.conn.ip,
-                request_id=request.request_id, method=request.method.decode("latin-1"),
+                "request",
+                route=self.route.name,
+                client=self.conn.ip,
+                request_id=request.request_id,
+                method=request.method.decode("latin-1"),
                 host=request.authority.decode("latin-1")[:255],
-                path=request.path.decode("latin-1")[:512], http_version=request.http_version,
-                status=status, cache=outcome or None, bytes_out=sent,
-                duration_s=round(time.monotonic() - t0, 6))
+                path=request.path.decode("latin-1")[:512],
+                http_version=request.http_version,
+                status=status,
+                cache=outcome or None,
+                bytes_out=sent,
+                duration_s=round(time.monotonic() - t0, 6),
+            )
 
-    async def _handle(self, request: Request, body: BodyStream,
-                      respond: Responder) -> tuple[int, str, int]:
+    async def _handle(
+        self, request: Request, body: BodyStream, respond: Responder
+    ) -> tuple[int, str, int]:
         """Answer one request: (status sent, cache outcome, body bytes sent)."""
         kr = self.kr
         host = _host_of(request.authority)
@@ -216,8 +253,12 @@ class EdgeHandler:
             wait = buckets.take(self.rate_key if rule.per == "ip" else 0, now)
             if wait > 0:
                 kr.stats.count(kr.stats.rate_limited, name)
-                await simple_response(respond, 429, "too many requests\n", [
-                    (b"retry-after", str(max(1, int(wait + 0.999))).encode())])
+                await simple_response(
+                    respond,
+                    429,
+                    "too many requests\n",
+                    [(b"retry-after", str(max(1, int(wait + 0.999))).encode())],
+                )
                 return 429, "", 0
         cache = kr.cache
         key = cache.key(request.authority, request.target)
@@ -228,9 +269,14 @@ class EdgeHandler:
                 return await self._serve_entry(request, respond, lookup.entry, "hit")
         return await self._forward(request, body, respond, key, lookup)
 
-    async def _forward(self, request: Request, body: BodyStream, respond: Responder,
-                       key: tuple[bytes, bytes], lookup: Lookup | None
-                       ) -> tuple[int, str, int]:
+    async def _forward(
+        self,
+        request: Request,
+        body: BodyStream,
+        respond: Responder,
+        key: tuple[bytes, bytes],
+        lookup: Lookup | None,
+    ) -> tuple[int, str, int]:
         cache = self.kr.cache
         headers = upstream_headers(request, request.authority or self.sni.encode())
         method = request.method
@@ -255,10 +301,19 @@ class EdgeHandler:
             return 408, "", 0
         except UpstreamError as exc:
             status = 504 if "timeout" in str(exc) else 502
-            await simple_response(respond, status, "origin unavailable\n",
-                                  [(b"x-request-id", request.request_id.encode())])
-            self.worker.log.log("upstream_error", route=self.route.name, client=self.conn.ip,
-                                request_id=request.request_id, error=str(exc)[:200])
+            await simple_response(
+                respond,
+                status,
+                "origin unavailable\n",
+                [(b"x-request-id", request.request_id.encode())],
+            )
+            self.worker.log.log(
+                "upstream_error",
+                route=self.route.name,
+                client=self.conn.ip,
+                request_id=request.request_id,
+                error=str(exc)[:200],
+            )
             return status, "", 0
         except ConnectionError:
             return 0, "", 0
@@ -270,18 +325,28 @@ class EdgeHandler:
             cache.freshen(lookup.entry, response.headers, request_time, response_time)
             return await self._serve_entry(request, respond, lookup.entry, "revalidated")
         cache.invalidate(request.method, key, response.status)
-        storable = (cache.max_bytes > 0 and request.method == b"GET"
-                    and cache.storable(request.method, request.headers, response.status,
-                                       response.headers))
-        sent, stored = await self._relay(request, respond, response, key, storable,
-                                         request_time, response_time)
+        storable = (
+            cache.max_bytes > 0
+            and request.method == b"GET"
+            and cache.storable(request.method, request.headers, response.status, response.headers)
+        )
+        sent, stored = await self._relay(
+            request, respond, response, key, storable, request_time, response_time
+        )
         if request.method not in (b"GET", b"HEAD"):
             return response.status, "bypass", sent
         return response.status, "stored" if stored else "miss", sent
 
-    async def _relay(self, request: Request, respond: Responder, response: UpstreamResponse,
-                     key: tuple[bytes, bytes], storable: bool, request_time: float,
-                     response_time: float) -> tuple[int, bool]:
+    async def _relay(
+        self,
+        request: Request,
+        respond: Responder,
+        response: UpstreamResponse,
+        key: tuple[bytes, bytes],
+        storable: bool,
+        request_time: float,
+        response_time: float,
+    ) -> tuple[int, bool]:
         cache = self.kr.cache
         headers = strip_hop_by_hop(response.headers)
         headers.append((b"x-blindfold-cache", b"miss"))
@@ -307,13 +372,21 @@ class EdgeHandler:
         finally:
             response.close()
         if complete and kept is not None:
-            cache.store(key, request.headers, response.status, response.headers,
-                        b"".join(kept), request_time, response_time)
+            cache.store(
+                key,
+                request.headers,
+                response.status,
+                response.headers,
+                b"".join(kept),
+                request_time,
+                response_time,
+            )
             return sent, True
         return sent, False
 
-    async def _serve_entry(self, request: Request, respond: Responder, entry: Entry,
-                           outcome: str) -> tuple[int, str, int]:
+    async def _serve_entry(
+        self, request: Request, respond: Responder, entry: Entry, outcome: str
+    ) -> tuple[int, str, int]:
         age = str(int(entry.age(time.time()))).encode()
         if not_modified(entry, request.headers) and entry.status == 200:
             headers: Headers = [(k, v) for k, v in entry.headers if k in _NOT_MODIFIED_KEEP]
@@ -334,7 +407,7 @@ class EdgeHandler:
             if request.method != b"HEAD" and entry.body:
                 view = memoryview(entry.body)
                 for i in range(0, len(view), READ_CHUNK):
-                    await respond.send(bytes(view[i:i + READ_CHUNK]))
+                    await respond.send(bytes(view[i : i + READ_CHUNK]))
                     sent += min(READ_CHUNK, len(view) - i)
             await respond.end()
         except ConnectionError:

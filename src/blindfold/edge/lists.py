@@ -35,8 +35,16 @@ def _read(path: str) -> tuple[list[IPNetwork], list[ListEntryError]]:
 class ListSet:
     """One named list (block or allow): files + inline entries -> IPSet."""
 
-    def __init__(self, name: str, key: str, files: tuple[str, ...], inline: tuple[str, ...],
-                 previous: ListSet | None = None, *, strict: bool) -> None:
+    def __init__(
+        self,
+        name: str,
+        key: str,
+        files: tuple[str, ...],
+        inline: tuple[str, ...],
+        previous: ListSet | None = None,
+        *,
+        strict: bool,
+    ) -> None:
         self.name = name
         self.inline = [ipaddress.ip_network(v, strict=False) for v in inline]
         self.files: list[_File] = []
@@ -52,8 +60,9 @@ class ListSet:
                 self.files.append(_File(path, stamp, nets, errors))
             except OSError as exc:
                 if strict:
-                    raise ConfigError(f"edge.{key}[{i}]",
-                                      f"cannot read {path}: {exc.strerror}") from None
+                    raise ConfigError(
+                        f"edge.{key}[{i}]", f"cannot read {path}: {exc.strerror}"
+                    ) from None
                 kept = old.get(path)
                 self.files.append(kept or _File(path, None, [], []))
         self.ipset = self._build()

@@ -37,9 +37,14 @@ STATS_TIMEOUT_S = 2.0
 RESPAWN_WINDOW_S = 30.0
 RESPAWN_MAX = 5
 
-EDGE_METRICS_ALL = [*EDGE_METRICS, MetricSpec(
-    "blindfold_log_lines_suppressed_total", "counter",
-    "Refused-connection log lines not written (log_refused_per_s).")]
+EDGE_METRICS_ALL = [
+    *EDGE_METRICS,
+    MetricSpec(
+        "blindfold_log_lines_suppressed_total",
+        "counter",
+        "Refused-connection log lines not written (log_refused_per_s).",
+    ),
+]
 EDGE_SPECS_ALL = {**EDGE_SPECS, "blindfold_log_lines_suppressed_total": EDGE_METRICS_ALL[-1]}
 
 
@@ -96,11 +101,15 @@ class EdgeMaster:
                     continue
                 try:
                     groups[address] = bind_group(
-                        address, self.nworkers, ipv6_prefix_len=config.ipv6_prefix_len,
-                        defer_accept_s=int(config.hello_timeout_s) if config.defer_accept else 0)
+                        address,
+                        self.nworkers,
+                        ipv6_prefix_len=config.ipv6_prefix_len,
+                        defer_accept_s=int(config.hello_timeout_s) if config.defer_accept else 0,
+                    )
                 except OSError as exc:
-                    raise ConfigError(f"edge.listen[{i}]",
-                                      f"cannot listen on {address}: {exc.strerror}") from None
+                    raise ConfigError(
+                        f"edge.listen[{i}]", f"cannot listen on {address}: {exc.strerror}"
+                    ) from None
         except ConfigError:
             for address, socks in groups.items():
                 if address not in self.groups:
@@ -121,11 +130,22 @@ class EdgeMaster:
         parent, child = socket.socketpair()
         fds = [socks[index].fileno() for socks in self.groups.values()]
         listeners = [[address, socks[index].fileno()] for address, socks in self.groups.items()]
-        cmd = [sys.executable, "-m", "blindfold.edge.worker", "--index", str(index),
-               "--workers", str(self.nworkers), "--control-fd", str(child.fileno()),
-               "--listeners", json.dumps(listeners)] + (["--l7"] if self.l7 else [])
-        proc = subprocess.Popen(cmd, pass_fds=[child.fileno(), *fds], close_fds=True,
-                                start_new_session=False)
+        cmd = [
+            sys.executable,
+            "-m",
+            "blindfold.edge.worker",
+            "--index",
+            str(index),
+            "--workers",
+            str(self.nworkers),
+            "--control-fd",
+            str(child.fileno()),
+            "--listeners",
+            json.dumps(listeners),
+        ] + (["--l7"] if self.l7 else [])
+        proc = subprocess.Popen(
+            cmd, pass_fds=[child.fileno(), *fds], close_fds=True, start_new_session=False
+        )
         child.close()
         reader, writer = await asyncio.open_connection(sock=parent, limit=64 << 20)
         handle = WorkerHandle(index, generation, proc, reader, writer)
@@ -154,12 +174,16 @@ class EdgeMaster:
                         fut.set_result(message["metrics"] if op == "stats" else message)
                 elif op in ("reloaded", "config_failed"):
                     if op == "config_failed":
-                        self.log.emit("worker_config_failed", worker=handle.index,
-                                      error=message.get("error"))
+                        self.log.emit(
+                            "worker_config_failed", worker=handle.index, error=message.get("error")
+                        )
                     if handle.config_result is not None and not handle.config_result.done():
                         handle.config_result.set_result(op)
-                    if handle.ready is not None and not handle.ready.done() and (
-                            op == "config_failed"):
+                    if (
+                        handle.ready is not None
+                        and not handle.ready.done()
+                        and (op == "config_failed")
+                    ):
                         handle.ready.set_exception(ConfigError("", message.get("error", "")))
         except (ConnectionError, ValueError):
             pass
@@ -174,17 +198,21 @@ class EdgeMaster:
         try:
             self.admin_address = await self.admin.start(host, port)
         except OSError as exc:
-            raise ConfigError("edge.admin_listen",
-                              f"cannot listen on {self.config.admin_listen}: {exc.strerror}"
-                              ) from None
+            raise ConfigError(
+                "edge.admin_listen", f"cannot listen on {self.config.admin_listen}: {exc.strerror}"
+            ) from None
         self.generation = 1
         self.workers = [await self.spawn(i, 1) for i in range(self.nworkers)]
         await self._wait_ready(self.workers)
         await self._start_feeds(self.config)
-        self.log.emit("edge_ready", listen=self._bound_addresses(),
-                      admin=f"{self.admin_address[0]}:{self.admin_address[1]}",
-                      workers=self.nworkers, pid=os.getpid(),
-                      routes=[self.config.route_name(i) for i in range(len(self.config.routes))])
+        self.log.emit(
+            "edge_ready",
+            listen=self._bound_addresses(),
+            admin=f"{self.admin_address[0]}:{self.admin_address[1]}",
+            workers=self.nworkers,
+            pid=os.getpid(),
+            routes=[self.config.route_name(i) for i in range(len(self.config.routes))],
+        )
 
     async def _wait_ready(self, handles: list[WorkerHandle]) -> None:
         futures = [h.ready for h in handles if h.ready is not None]
@@ -286,8 +314,9 @@ class EdgeMaster:
                 if handle in self.old_workers:
                     self.old_workers.remove(handle)
                     continue
-                self.log.emit("worker_exited", worker=handle.index, code=handle.proc.returncode,
-                              state=was)
+                self.log.emit(
+                    "worker_exited", worker=handle.index, code=handle.proc.returncode, state=was
+                )
                 if not self.draining:
                     await self._respawn(handle)
 
@@ -295,8 +324,12 @@ class EdgeMaster:
         now = time.monotonic()
         recent = [t for t in self.respawns.get(handle.index, []) if now - t < RESPAWN_WINDOW_S]
         if len(recent) >= RESPAWN_MAX:
-            self.log.emit("worker_respawn_suppressed", worker=handle.index,
-                          respawns=len(recent), window_s=RESPAWN_WINDOW_S)
+            self.log.emit(
+                "worker_respawn_suppressed",
+                worker=handle.index,
+                respawns=len(recent),
+                window_s=RESPAWN_WINDOW_S,
+            )
             await asyncio.sleep(RESPAWN_WINDOW_S / RESPAWN_MAX)
         recent.append(now)
         self.respawns[handle.index] = recent
@@ -318,8 +351,12 @@ class EdgeMaster:
         new = config.edge
         wanted = new.workers or os.cpu_count() or 1
         if wanted != self.nworkers:
-            self.log.emit("reload_note", note="'workers' changes take effect at restart",
-                          running=self.nworkers, configured=wanted)
+            self.log.emit(
+                "reload_note",
+                note="'workers' changes take effect at restart",
+                running=self.nworkers,
+                configured=wanted,
+            )
         if new.admin_listen != self.config.admin_listen:
             self.log.emit("reload_note", note="'admin_listen' changes take effect at restart")
         self.text = text
@@ -394,8 +431,9 @@ class EdgeMaster:
     async def _drain(self) -> None:
         self.draining = True
         handles = [*self.workers, *self.old_workers]
-        self.log.emit("edge_draining", workers=len(handles),
-                      drain_timeout_s=self.config.drain_timeout_s)
+        self.log.emit(
+            "edge_draining", workers=len(handles), drain_timeout_s=self.config.drain_timeout_s
+        )
         for handle in handles:
             handle.state = "draining"
             handle.send({"op": "drain"})
@@ -417,12 +455,21 @@ class EdgeMaster:
         if path == "/healthz":
             alive = [h for h in self.workers if h.state == "ready" and h.proc.poll() is None]
             ok = not self.draining and len(alive) == len(self.workers)
-            body = json.dumps({"status": "ok" if ok else "degraded", "workers": len(alive),
-                               "expected": len(self.workers), "draining": self.draining})
+            body = json.dumps(
+                {
+                    "status": "ok" if ok else "degraded",
+                    "workers": len(alive),
+                    "expected": len(self.workers),
+                    "draining": self.draining,
+                }
+            )
             return (200 if ok else 503), "application/json", body.encode() + b"\n"
         if path == "/metrics":
-            return 200, "text/plain; version=0.0.4; charset=utf-8", (
-                await self.metrics_text()).encode()
+            return (
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                (await self.metrics_text()).encode(),
+            )
         return 404, "text/plain", b"not found\n"
 
     async def metrics_text(self) -> str:
@@ -451,12 +498,12 @@ class EdgeMaster:
         merged["blindfold_decisions_active"] = [[[], len(self.bans.active)]]
         for feed in self.feeds:
             kind = feed.kind if hasattr(feed, "kind") else "stream"
-            merged.setdefault("blindfold_decisions_source_up", []).append(
-                [[kind], int(feed.up)])
+            merged.setdefault("blindfold_decisions_source_up", []).append([[kind], int(feed.up)])
             for result, n in feed.polls.items():
                 if result != "logged_down":
                     merged.setdefault("blindfold_decisions_polls_total", []).append(
-                        [[kind, result], n])
+                        [[kind, result], n]
+                    )
         return render(merged, EDGE_METRICS_ALL)
 
 

@@ -40,8 +40,9 @@ def resolve(text: str) -> tuple[int, tuple[str, int] | tuple[str, int, int, int]
 
 
 class OriginPool:
-    def __init__(self, origins: list[Origin], balance: Literal["round_robin", "least_conn"],
-                 down_s: float) -> None:
+    def __init__(
+        self, origins: list[Origin], balance: Literal["round_robin", "least_conn"], down_s: float
+    ) -> None:
         self.origins = origins
         self.balance = balance
         self.down_s = down_s

@@ -42,12 +42,43 @@ _ALERT_RECORD = b"\x15\x03\x03\x00\x02"  # RFC 8446 §5.1: an unprotected alert 
 
 
 class Conn:
-    __slots__ = ("adm", "attempts", "buf", "client", "client_in", "client_port", "fd", "hello",
-                 "ip", "l7", "l7_bytes", "last", "local", "moved", "origin", "origin_in", "osock",
-                 "out", "phase", "registered", "relay", "route", "started", "timer", "worker")
+    __slots__ = (
+        "adm",
+        "attempts",
+        "buf",
+        "client",
+        "client_in",
+        "client_port",
+        "fd",
+        "hello",
+        "ip",
+        "l7",
+        "l7_bytes",
+        "last",
+        "local",
+        "moved",
+        "origin",
+        "origin_in",
+        "osock",
+        "out",
+        "phase",
+        "registered",
+        "relay",
+        "route",
+        "started",
+        "timer",
+        "worker",
+    )
 
-    def __init__(self, worker: Worker, sock: _socket.socket, ip: str, port: int,
-                 adm: Admission, local: tuple[str, int] | None) -> None:
+    def __init__(
+        self,
+        worker: Worker,
+        sock: _socket.socket,
+        ip: str,
+        port: int,
+        adm: Admission,
+        local: tuple[str, int] | None,
+    ) -> None:
         self.worker = worker
         self.client = sock
         self.fd = sock.fileno()
@@ -83,8 +114,9 @@ class Conn:
             self._read_hello()
         if self.phase == HELLO:
             worker = self.worker
-            self.timer = worker.reactor.call_later(worker.config.hello_timeout_s,
-                                                   self._hello_timeout)
+            self.timer = worker.reactor.call_later(
+                worker.config.hello_timeout_s, self._hello_timeout
+            )
             worker.reactor.add(self.fd, WATCH, self._on_client)
             self.registered = True
 
@@ -151,8 +183,11 @@ class Conn:
         if refused is not None:
             self.close("refused", refused)
             return
-        if (route.keyless is not None and worker.keyless is not None
-                and worker.keyless.begin(self, route, hello)):
+        if (
+            route.keyless is not None
+            and worker.keyless is not None
+            and worker.keyless.begin(self, route, hello)
+        ):
             return
         if route.blind is not None and worker.blind is not None:
             worker.blind.begin(self, route, hello)
@@ -297,14 +332,18 @@ class Conn:
         was_up = origin.is_up(self.worker.reactor.now)
         route.pool.mark_down(origin, failure, self.worker.reactor.now)
         if was_up:
-            self.worker.log.log("origin_down", route=route.name, origin=origin.text,
-                                reason=failure, down_s=route.pool.down_s)
+            self.worker.log.log(
+                "origin_down",
+                route=route.name,
+                origin=origin.text,
+                reason=failure,
+                down_s=route.pool.down_s,
+            )
 
     def _wait_connect(self, osock: _socket.socket) -> None:
         reactor = self.worker.reactor
         reactor.add(osock.fileno(), WATCH, self._on_origin_connect)
-        self.timer = reactor.call_later(self.worker.config.connect_timeout_s,
-                                        self._connect_timeout)
+        self.timer = reactor.call_later(self.worker.config.connect_timeout_s, self._connect_timeout)
 
     def _connect_timeout(self) -> None:
         self.timer = None
@@ -352,9 +391,15 @@ class Conn:
         route.stats.active += 1
         worker.relaying.add(self)
         self.out = self.buf = b""
-        relay = self.relay = Relay(worker.pipes, self.client, osock, self._on_relay_done,
-                                   worker.relay_mode, a_readable=self.client_in,
-                                   b_readable=self.origin_in)
+        relay = self.relay = Relay(
+            worker.pipes,
+            self.client,
+            osock,
+            self._on_relay_done,
+            worker.relay_mode,
+            a_readable=self.client_in,
+            b_readable=self.origin_in,
+        )
         if self.registered:
             reactor.set_handler(self.fd, relay.on_a)
         else:
@@ -423,8 +468,9 @@ class Conn:
         if worker.config.log_connections and (outcome != "refused" or worker.may_log_refusal()):
             worker.log.line(self._log_line(outcome, reason, phase, bytes_up, bytes_down))
 
-    def _log_line(self, outcome: str, reason: str, phase: int, bytes_up: int,
-                  bytes_down: int) -> str:
+    def _log_line(
+        self, outcome: str, reason: str, phase: int, bytes_up: int, bytes_down: int
+    ) -> str:
         """The connection's log line, built by hand: every field is either ours (outcome,
         reason, numbers), validated (IP, SNI as an ASCII hostname, JA4) or JSON-encoded once and
         cached (route and origin names, ALPN lists)."""

@@ -8,91 +8,201 @@ HELLO_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3)
 TOP_JA4 = 20
 
 EDGE_METRICS = [
-    MetricSpec("blindfold_connections_accepted_total", "counter",
-               "Connections accepted, by listener.", ("listener",)),
-    MetricSpec("blindfold_connections_refused_total", "counter",
-               "Connections closed before reaching an origin, by reason.", ("reason",)),
-    MetricSpec("blindfold_connections_closed_total", "counter",
-               "Connections that reached a route, by route and outcome.", ("route", "outcome")),
+    MetricSpec(
+        "blindfold_connections_accepted_total",
+        "counter",
+        "Connections accepted, by listener.",
+        ("listener",),
+    ),
+    MetricSpec(
+        "blindfold_connections_refused_total",
+        "counter",
+        "Connections closed before reaching an origin, by reason.",
+        ("reason",),
+    ),
+    MetricSpec(
+        "blindfold_connections_closed_total",
+        "counter",
+        "Connections that reached a route, by route and outcome.",
+        ("route", "outcome"),
+    ),
     MetricSpec("blindfold_connections_active", "gauge", "Open visitor connections."),
-    MetricSpec("blindfold_route_connections_active", "gauge",
-               "Open relayed connections per route.", ("route",)),
-    MetricSpec("blindfold_bytes_relayed_total", "counter",
-               "Bytes relayed, by route and direction (to_origin, to_client).",
-               ("route", "direction")),
-    MetricSpec("blindfold_origin_up", "gauge",
-               "1 if no worker has the origin marked down, else 0.", ("route", "origin"),
-               merge="min"),
-    MetricSpec("blindfold_origin_connections_active", "gauge",
-               "Open connections per origin.", ("route", "origin")),
-    MetricSpec("blindfold_origin_connect_failures_total", "counter",
-               "Failed connects to an origin, by reason.", ("route", "origin", "reason")),
-    MetricSpec("blindfold_hello_parse_seconds", "histogram",
-               "CPU time spent parsing ClientHello bytes (per parse call).",
-               buckets=HELLO_BUCKETS),
-    MetricSpec("blindfold_ja4_connections_total", "counter",
-               f"Connections per JA4 fingerprint (the {TOP_JA4} most frequent).", ("ja4",)),
-    MetricSpec("blindfold_ja4_rule_matches_total", "counter",
-               "Connections matched by a JA4 rule, by rule and result.", ("rule", "result")),
-    MetricSpec("blindfold_list_entries", "gauge",
-               "Entries loaded from block/allow lists.", ("list",), merge="max"),
-    MetricSpec("blindfold_list_reloads_total", "counter",
-               "List file (re)loads by result.", ("result",), merge="max"),
-    MetricSpec("blindfold_tracked_addresses", "gauge",
-               "Client addresses with per-address state."),
-    MetricSpec("blindfold_log_lines_dropped_total", "counter",
-               "Log lines dropped because the log reader was too slow."),
-    MetricSpec("blindfold_config_reloads_total", "counter",
-               "Configuration reloads by result.", ("result",)),
+    MetricSpec(
+        "blindfold_route_connections_active",
+        "gauge",
+        "Open relayed connections per route.",
+        ("route",),
+    ),
+    MetricSpec(
+        "blindfold_bytes_relayed_total",
+        "counter",
+        "Bytes relayed, by route and direction (to_origin, to_client).",
+        ("route", "direction"),
+    ),
+    MetricSpec(
+        "blindfold_origin_up",
+        "gauge",
+        "1 if no worker has the origin marked down, else 0.",
+        ("route", "origin"),
+        merge="min",
+    ),
+    MetricSpec(
+        "blindfold_origin_connections_active",
+        "gauge",
+        "Open connections per origin.",
+        ("route", "origin"),
+    ),
+    MetricSpec(
+        "blindfold_origin_connect_failures_total",
+        "counter",
+        "Failed connects to an origin, by reason.",
+        ("route", "origin", "reason"),
+    ),
+    MetricSpec(
+        "blindfold_hello_parse_seconds",
+        "histogram",
+        "CPU time spent parsing ClientHello bytes (per parse call).",
+        buckets=HELLO_BUCKETS,
+    ),
+    MetricSpec(
+        "blindfold_ja4_connections_total",
+        "counter",
+        f"Connections per JA4 fingerprint (the {TOP_JA4} most frequent).",
+        ("ja4",),
+    ),
+    MetricSpec(
+        "blindfold_ja4_rule_matches_total",
+        "counter",
+        "Connections matched by a JA4 rule, by rule and result.",
+        ("rule", "result"),
+    ),
+    MetricSpec(
+        "blindfold_list_entries",
+        "gauge",
+        "Entries loaded from block/allow lists.",
+        ("list",),
+        merge="max",
+    ),
+    MetricSpec(
+        "blindfold_list_reloads_total",
+        "counter",
+        "List file (re)loads by result.",
+        ("result",),
+        merge="max",
+    ),
+    MetricSpec("blindfold_tracked_addresses", "gauge", "Client addresses with per-address state."),
+    MetricSpec(
+        "blindfold_log_lines_dropped_total",
+        "counter",
+        "Log lines dropped because the log reader was too slow.",
+    ),
+    MetricSpec(
+        "blindfold_config_reloads_total", "counter", "Configuration reloads by result.", ("result",)
+    ),
     MetricSpec("blindfold_workers", "gauge", "Worker processes by state.", ("state",)),
-    MetricSpec("blindfold_decisions_active", "gauge",
-               "Bans from decision sources being enforced."),
-    MetricSpec("blindfold_decisions_source_up", "gauge",
-               "1 if the decision source answered its last poll; 0: enforcing the last known "
-               "set.", ("source",)),
-    MetricSpec("blindfold_decisions_polls_total", "counter", "Decision source polls by result.",
-               ("source", "result")),
-    MetricSpec("blindfold_connections_closed_by_ban_total", "counter",
-               "Open connections closed because their address was banned."),
-    MetricSpec("blindfold_keyless_handshakes_total", "counter",
-               "Keyless TLS handshakes by result: full (signed by the key server), resumed "
-               "(session ticket), or why it failed.", ("route", "result")),
-    MetricSpec("blindfold_keyless_fallbacks_total", "counter",
-               "Keyless-route connections forwarded as passthrough instead, by reason "
-               "(tls12_only, needs_hello_retry, keyserver_*).", ("route", "reason")),
-    MetricSpec("blindfold_keyless_sign_seconds", "histogram",
-               "Time from asking the key server to having the signature.",
-               buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)),
-    MetricSpec("blindfold_keyless_requests_total", "counter",
-               "HTTP requests answered on keyless routes, by status class.",
-               ("route", "status")),
-    MetricSpec("blindfold_keyless_cache_total", "counter",
-               "Cache outcomes per request: hit, revalidated, miss, stored, bypass.",
-               ("route", "result")),
-    MetricSpec("blindfold_keyless_cache_bytes", "gauge", "Bytes held by the response cache.",
-               ("route",)),
-    MetricSpec("blindfold_keyless_rate_limited_total", "counter",
-               "Requests refused with 429, by rule.", ("route", "rule")),
-    MetricSpec("blindfold_keyless_sessions", "gauge",
-               "Resumable TLS sessions held (tickets issued and not yet used or expired).",
-               ("route",)),
-    MetricSpec("blindfold_keyless_key_updates_total", "counter",
-               "TLS 1.3 KeyUpdates on keyless connections (counted when they close), by "
-               "direction.", ("route", "direction")),
-    MetricSpec("blindfold_keyless_connections_active", "gauge",
-               "Open keyless TLS connections.", ("route",)),
-    MetricSpec("blindfold_blind_requests_total", "counter",
-               "Requests on blind routes, by result (hit_memory, hit_disk, miss, joined: a "
-               "miss served from another's pull, uncached, not_found, origin_error, error, "
-               "bad_method).", ("route", "result")),
-    MetricSpec("blindfold_blind_cache_bytes", "gauge", "Bytes of sealed blobs cached, by tier.",
-               ("route", "tier")),
-    MetricSpec("blindfold_blind_cache_blobs", "gauge", "Sealed blobs cached, by tier.",
-               ("route", "tier")),
-    MetricSpec("blindfold_blind_origin_bytes_total", "counter",
-               "Blob bytes pulled from the origin.", ("route",)),
-    MetricSpec("blindfold_blind_served_bytes_total", "counter",
-               "Blob bytes served to visitors (bodies).", ("route",)),
+    MetricSpec("blindfold_decisions_active", "gauge", "Bans from decision sources being enforced."),
+    MetricSpec(
+        "blindfold_decisions_source_up",
+        "gauge",
+        "1 if the decision source answered its last poll; 0: enforcing the last known set.",
+        ("source",),
+    ),
+    MetricSpec(
+        "blindfold_decisions_polls_total",
+        "counter",
+        "Decision source polls by result.",
+        ("source", "result"),
+    ),
+    MetricSpec(
+        "blindfold_connections_closed_by_ban_total",
+        "counter",
+        "Open connections closed because their address was banned.",
+    ),
+    MetricSpec(
+        "blindfold_keyless_handshakes_total",
+        "counter",
+        "Keyless TLS handshakes by result: full (signed by the key server), resumed "
+        "(session ticket), or why it failed.",
+        ("route", "result"),
+    ),
+    MetricSpec(
+        "blindfold_keyless_fallbacks_total",
+        "counter",
+        "Keyless-route connections forwarded as passthrough instead, by reason "
+        "(tls12_only, needs_hello_retry, keyserver_*).",
+        ("route", "reason"),
+    ),
+    MetricSpec(
+        "blindfold_keyless_sign_seconds",
+        "histogram",
+        "Time from asking the key server to having the signature.",
+        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+    ),
+    MetricSpec(
+        "blindfold_keyless_requests_total",
+        "counter",
+        "HTTP requests answered on keyless routes, by status class.",
+        ("route", "status"),
+    ),
+    MetricSpec(
+        "blindfold_keyless_cache_total",
+        "counter",
+        "Cache outcomes per request: hit, revalidated, miss, stored, bypass.",
+        ("route", "result"),
+    ),
+    MetricSpec(
+        "blindfold_keyless_cache_bytes", "gauge", "Bytes held by the response cache.", ("route",)
+    ),
+    MetricSpec(
+        "blindfold_keyless_rate_limited_total",
+        "counter",
+        "Requests refused with 429, by rule.",
+        ("route", "rule"),
+    ),
+    MetricSpec(
+        "blindfold_keyless_sessions",
+        "gauge",
+        "Resumable TLS sessions held (tickets issued and not yet used or expired).",
+        ("route",),
+    ),
+    MetricSpec(
+        "blindfold_keyless_key_updates_total",
+        "counter",
+        "TLS 1.3 KeyUpdates on keyless connections (counted when they close), by direction.",
+        ("route", "direction"),
+    ),
+    MetricSpec(
+        "blindfold_keyless_connections_active", "gauge", "Open keyless TLS connections.", ("route",)
+    ),
+    MetricSpec(
+        "blindfold_blind_requests_total",
+        "counter",
+        "Requests on blind routes, by result (hit_memory, hit_disk, miss, joined: a "
+        "miss served from another's pull, uncached, not_found, origin_error, error, "
+        "bad_method).",
+        ("route", "result"),
+    ),
+    MetricSpec(
+        "blindfold_blind_cache_bytes",
+        "gauge",
+        "Bytes of sealed blobs cached, by tier.",
+        ("route", "tier"),
+    ),
+    MetricSpec(
+        "blindfold_blind_cache_blobs", "gauge", "Sealed blobs cached, by tier.", ("route", "tier")
+    ),
+    MetricSpec(
+        "blindfold_blind_origin_bytes_total",
+        "counter",
+        "Blob bytes pulled from the origin.",
+        ("route",),
+    ),
+    MetricSpec(
+        "blindfold_blind_served_bytes_total",
+        "counter",
+        "Blob bytes served to visitors (bodies).",
+        ("route",),
+    ),
 ]
 EDGE_SPECS = {spec.name: spec for spec in EDGE_METRICS}
 
@@ -136,30 +246,44 @@ class WorkerStats:
             keep = sorted(counts.items(), key=lambda kv: kv[1], reverse=True)[:1000]
             self.ja4 = dict(keep)
 
-    def snapshot(self, active: int, tracked: int, dropped_logs: int,
-                 origins: list[tuple[str, str, int, int, dict[str, int]]]) -> Snapshot:
+    def snapshot(
+        self,
+        active: int,
+        tracked: int,
+        dropped_logs: int,
+        origins: list[tuple[str, str, int, int, dict[str, int]]],
+    ) -> Snapshot:
         top = sorted(self.ja4.items(), key=lambda kv: kv[1], reverse=True)[: TOP_JA4 * 3]
         return {
             "blindfold_connections_accepted_total": [[[k], v] for k, v in self.accepted.items()],
             "blindfold_connections_refused_total": [[[k], v] for k, v in self.refused.items()],
             "blindfold_connections_closed_total": [
-                [[route, outcome], n] for route, s in self.routes.items()
-                for outcome, n in s.outcomes.items()],
+                [[route, outcome], n]
+                for route, s in self.routes.items()
+                for outcome, n in s.outcomes.items()
+            ],
             "blindfold_connections_active": [[[], active]],
             "blindfold_route_connections_active": [
-                [[route], s.active] for route, s in self.routes.items()],
+                [[route], s.active] for route, s in self.routes.items()
+            ],
             "blindfold_bytes_relayed_total": [
-                item for route, s in self.routes.items()
-                for item in ([[route, "to_origin"], s.bytes_to_origin],
-                             [[route, "to_client"], s.bytes_to_client])],
+                item
+                for route, s in self.routes.items()
+                for item in (
+                    [[route, "to_origin"], s.bytes_to_origin],
+                    [[route, "to_client"], s.bytes_to_client],
+                )
+            ],
             "blindfold_origin_up": [[[r, o], up] for r, o, up, _a, _f in origins],
             "blindfold_origin_connections_active": [[[r, o], a] for r, o, _u, a, _f in origins],
             "blindfold_origin_connect_failures_total": [
-                [[r, o, reason], n] for r, o, _u, _a, f in origins for reason, n in f.items()],
+                [[r, o, reason], n] for r, o, _u, _a, f in origins for reason, n in f.items()
+            ],
             "blindfold_hello_parse_seconds": [[[], self.hello_parse.value()]],
             "blindfold_ja4_connections_total": [[[k], v] for k, v in top],
             "blindfold_ja4_rule_matches_total": [
-                [[rule, result], n] for (rule, result), n in self.ja4_rules.items()],
+                [[rule, result], n] for (rule, result), n in self.ja4_rules.items()
+            ],
             "blindfold_list_entries": [[[k], v] for k, v in self.list_entries.items()],
             "blindfold_list_reloads_total": [[[k], v] for k, v in self.list_reloads.items()],
             "blindfold_tracked_addresses": [[[], tracked]],

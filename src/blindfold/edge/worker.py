@@ -47,12 +47,27 @@ SWEEP_INTERVAL_S = 1.0
 class RouteState:
     """A route as the worker uses it; rebuilt on reload, its counters carried over by name."""
 
-    __slots__ = ("blind", "json_name", "keyless", "name", "pool", "proxy_protocol", "proxy_tlvs",
-                 "stats")
+    __slots__ = (
+        "blind",
+        "json_name",
+        "keyless",
+        "name",
+        "pool",
+        "proxy_protocol",
+        "proxy_tlvs",
+        "stats",
+    )
 
-    def __init__(self, name: str, pool: OriginPool, proxy_protocol: str, proxy_tlvs: bool,
-                 stats: RouteStats, keyless: KeylessRoute | None = None,
-                 blind: BlindRoute | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        pool: OriginPool,
+        proxy_protocol: str,
+        proxy_tlvs: bool,
+        stats: RouteStats,
+        keyless: KeylessRoute | None = None,
+        blind: BlindRoute | None = None,
+    ) -> None:
         self.name = name
         self.json_name = json.dumps(name)
         self.pool = pool
@@ -64,8 +79,14 @@ class RouteState:
 
 
 class Worker:
-    def __init__(self, index: int, workers: int, control_fd: int,
-                 listeners: list[tuple[str, int]], l7: bool = False) -> None:
+    def __init__(
+        self,
+        index: int,
+        workers: int,
+        control_fd: int,
+        listeners: list[tuple[str, int]],
+        l7: bool = False,
+    ) -> None:
         self.index = index
         self.workers = workers
         self.reactor = Reactor()
@@ -99,8 +120,9 @@ class Worker:
             self.reactor.attach(self.loop)
             self.keyless = KeylessService(self, self.loop)
             self.blind = BlindService(self, self.loop)
-        self.control = ControlChannel(self.reactor, control_fd, self._on_control,
-                                      self._on_master_gone)
+        self.control = ControlChannel(
+            self.reactor, control_fd, self._on_control, self._on_master_gone
+        )
 
     # ---------------------------------------------------------------- config
     def apply_config(self, text: str) -> None:
@@ -111,10 +133,22 @@ class Worker:
             raise ConfigError("edge", "the config has no [edge] section")
         now = self.reactor.now
         first = not self.configured
-        block = ListSet("blocklist", "blocklist_files", config.blocklist_files, config.block,
-                        self.block, strict=first)
-        allow = ListSet("allowlist", "allowlist_files", config.allowlist_files, config.allow,
-                        self.allow, strict=first)
+        block = ListSet(
+            "blocklist",
+            "blocklist_files",
+            config.blocklist_files,
+            config.block,
+            self.block,
+            strict=first,
+        )
+        allow = ListSet(
+            "allowlist",
+            "allowlist_files",
+            config.allowlist_files,
+            config.allow,
+            self.allow,
+            strict=first,
+        )
         old_routes = {r.name: r for r in getattr(self, "routes", [])}
         routes: list[RouteState] = []
         entries: list[tuple[str, RouteState]] = []
@@ -128,8 +162,9 @@ class Worker:
                 try:
                     family, sockaddr = resolve(text)
                 except OSError as exc:
-                    raise ConfigError(f"edge.routes[{i}].origins[{j}]",
-                                      f"cannot resolve {text!r}: {exc}") from None
+                    raise ConfigError(
+                        f"edge.routes[{i}].origins[{j}]", f"cannot resolve {text!r}: {exc}"
+                    ) from None
                 origin = old_origins.get(text)
                 if origin is None:
                     origin = Origin(text, family, sockaddr)
@@ -139,30 +174,48 @@ class Worker:
             keyless = None
             if rc.mode == "keyless":
                 if self.keyless is None:
-                    raise ConfigError(f"edge.routes[{i}].mode", "keyless routes start new "
-                                      "workers (this one runs passthrough only)")
-                keyless = self.keyless.build(f"edge.routes[{i}]", rc,
-                                             old.keyless if old is not None else None,
-                                             config.ipv6_prefix_len)
+                    raise ConfigError(
+                        f"edge.routes[{i}].mode",
+                        "keyless routes start new workers (this one runs passthrough only)",
+                    )
+                keyless = self.keyless.build(
+                    f"edge.routes[{i}]",
+                    rc,
+                    old.keyless if old is not None else None,
+                    config.ipv6_prefix_len,
+                )
             blind = None
             if rc.mode == "blind":
                 if self.blind is None:
-                    raise ConfigError(f"edge.routes[{i}].mode", "blind routes start new "
-                                      "workers (this one runs passthrough only)")
-                blind = self.blind.build(f"edge.routes[{i}]", rc,
-                                         old.blind if old is not None else None)
-            state = RouteState(name, OriginPool(origins, rc.balance, config.origin_down_s),
-                               rc.proxy_protocol, rc.proxy_protocol_tlvs, self.stats.route(name),
-                               keyless, blind)
+                    raise ConfigError(
+                        f"edge.routes[{i}].mode",
+                        "blind routes start new workers (this one runs passthrough only)",
+                    )
+                blind = self.blind.build(
+                    f"edge.routes[{i}]", rc, old.blind if old is not None else None
+                )
+            state = RouteState(
+                name,
+                OriginPool(origins, rc.balance, config.origin_down_s),
+                rc.proxy_protocol,
+                rc.proxy_protocol_tlvs,
+                self.stats.route(name),
+                keyless,
+                blind,
+            )
             routes.append(state)
             entries.extend((pattern, state) for pattern in rc.sni)
             if rc.default:
                 default = state
         # -- commit
         if self.keyless is not None:
-            self.keyless.retire_clients({r.keyless.config.keyserver for r in routes
-                                         if r.keyless is not None
-                                         and r.keyless.config.keyserver is not None})
+            self.keyless.retire_clients(
+                {
+                    r.keyless.config.keyserver
+                    for r in routes
+                    if r.keyless is not None and r.keyless.config.keyserver is not None
+                }
+            )
         self.routes = routes
         self.router: SniRouter[RouteState] = SniRouter(entries, default)
         if first:
@@ -179,20 +232,29 @@ class Worker:
         self.share_rates = bool(config.decisions and config.decisions.redis_url)
         self.block, self.allow = block, allow
         self.guards.block, self.guards.allow = block.ipset, allow.ipset
-        self._refusal_log = TokenBucket(config.log_refused_per_s or 1e9,
-                                        max(1, int(config.log_refused_per_s or 1e9)), now)
+        self._refusal_log = TokenBucket(
+            config.log_refused_per_s or 1e9, max(1, int(config.log_refused_per_s or 1e9)), now
+        )
         self.config = config
         self.configured = True
         self._note_lists()
         for name, lst in (("blocklist", block), ("allowlist", allow)):
             for path, err in lst.errors[:20]:
-                self.log.log("list_entry_invalid", list=name, path=path, line=err.line,
-                             text=err.text, problem=err.problem)
+                self.log.log(
+                    "list_entry_invalid",
+                    list=name,
+                    path=path,
+                    line=err.line,
+                    text=err.text,
+                    problem=err.problem,
+                )
 
     def _note_lists(self) -> None:
         assert self.block is not None and self.allow is not None
-        self.stats.list_entries = {"blocklist": self.block.ipset.size,
-                                   "allowlist": self.allow.ipset.size}
+        self.stats.list_entries = {
+            "blocklist": self.block.ipset.size,
+            "allowlist": self.allow.ipset.size,
+        }
         self.stats.list_reloads["ok"] = self.stats.list_reloads.get("ok", 0) + 1
 
     def _flush_log(self) -> None:
@@ -268,7 +330,8 @@ class Worker:
             self.log.line(
                 f'"client":"{ip}","client_port":{port},"sni":null,"alpn":[],"ja4":null,'
                 f'"route":null,"origin":null,"outcome":"refused","reason":"{reason}",'
-                f'"bytes_in":0,"bytes_out":0,"duration_s":0.0,"worker":{self.index}')
+                f'"bytes_in":0,"bytes_out":0,"duration_s":0.0,"worker":{self.index}'
+            )
 
     # ---------------------------------------------------------------- housekeeping
     def _sweep(self) -> None:
@@ -313,8 +376,9 @@ class Worker:
             assert self.block is not None and self.allow is not None
             self.guards.block, self.guards.allow = self.block.ipset, self.allow.ipset
             self._note_lists()
-            self.log.log("lists_reloaded", blocklist=self.block.ipset.size,
-                         allowlist=self.allow.ipset.size)
+            self.log.log(
+                "lists_reloaded", blocklist=self.block.ipset.size, allowlist=self.allow.ipset.size
+            )
 
     # ---------------------------------------------------------------- control
     def _on_control(self, message: dict[str, Any]) -> None:
@@ -371,8 +435,7 @@ class Worker:
         for route in self.routes:
             for o in route.pool.origins:
                 origins.append((route.name, o.text, int(o.is_up(now)), o.active, o.failures))
-        snap = self.stats.snapshot(len(self.conns), self.guards.tracked, self.log.dropped,
-                                   origins)
+        snap = self.stats.snapshot(len(self.conns), self.guards.tracked, self.log.dropped, origins)
         snap["blindfold_log_lines_suppressed_total"] = [[[], self.suppressed_logs]]
         snap["blindfold_connections_closed_by_ban_total"] = [[[], self.closed_by_ban]]
         if self.keyless is not None:
@@ -388,23 +451,29 @@ class Worker:
                 active[conn.route.name] = active.get(conn.route.name, 0) + 1
         tables: dict[str, list[list[Any]]] = {
             "blindfold_keyless_handshakes_total": [],
-            "blindfold_keyless_fallbacks_total": [], "blindfold_keyless_requests_total": [],
-            "blindfold_keyless_cache_total": [], "blindfold_keyless_cache_bytes": [],
-            "blindfold_keyless_rate_limited_total": [], "blindfold_keyless_sessions": [],
+            "blindfold_keyless_fallbacks_total": [],
+            "blindfold_keyless_requests_total": [],
+            "blindfold_keyless_cache_total": [],
+            "blindfold_keyless_cache_bytes": [],
+            "blindfold_keyless_rate_limited_total": [],
+            "blindfold_keyless_sessions": [],
             "blindfold_keyless_connections_active": [],
-            "blindfold_keyless_key_updates_total": []}
+            "blindfold_keyless_key_updates_total": [],
+        }
         for route in self.routes:
             kr = route.keyless
             if kr is None:
                 continue
             name = route.name
             st = kr.stats
-            for metric, table in (("blindfold_keyless_handshakes_total", st.handshakes),
-                                  ("blindfold_keyless_fallbacks_total", st.fallbacks),
-                                  ("blindfold_keyless_requests_total", st.requests),
-                                  ("blindfold_keyless_cache_total", st.cache),
-                                  ("blindfold_keyless_rate_limited_total", st.rate_limited),
-                                  ("blindfold_keyless_key_updates_total", st.key_updates)):
+            for metric, table in (
+                ("blindfold_keyless_handshakes_total", st.handshakes),
+                ("blindfold_keyless_fallbacks_total", st.fallbacks),
+                ("blindfold_keyless_requests_total", st.requests),
+                ("blindfold_keyless_cache_total", st.cache),
+                ("blindfold_keyless_rate_limited_total", st.rate_limited),
+                ("blindfold_keyless_key_updates_total", st.key_updates),
+            ):
                 tables[metric].extend([[name, k], v] for k, v in table.items())
             tables["blindfold_keyless_cache_bytes"].append([[name], kr.cache.used])
             tables["blindfold_keyless_sessions"].append([[name], len(kr.sessions)])
@@ -421,8 +490,12 @@ class Worker:
             self.reactor.remove(fd)
             sock.close()
         self.listeners.clear()
-        self.log.log("draining", worker=self.index, connections=len(self.conns),
-                     deadline_s=self.config.drain_timeout_s)
+        self.log.log(
+            "draining",
+            worker=self.index,
+            connections=len(self.conns),
+            deadline_s=self.config.drain_timeout_s,
+        )
 
     def _on_master_gone(self) -> None:
         self.drain()

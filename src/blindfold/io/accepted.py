@@ -21,8 +21,9 @@ async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: i
     return buf
 
 
-async def read_proxy_header(sock: socket.socket, timeout_s: float,
-                            max_bytes: int = 4096) -> ProxyHeader:
+async def read_proxy_header(
+    sock: socket.socket, timeout_s: float, max_bytes: int = 4096
+) -> ProxyHeader:
     """Read exactly one v1 or v2 PROXY header from non-blocking `sock` (nothing after it)."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout_s):
@@ -44,15 +45,19 @@ async def read_proxy_header(sock: socket.socket, timeout_s: float,
     return parsed[0]
 
 
-async def start_tls_server(sock: socket.socket, context: ssl.SSLContext,
-                           handshake_timeout_s: float = 10.0, limit: int = 1 << 16,
-                           ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def start_tls_server(
+    sock: socket.socket,
+    context: ssl.SSLContext,
+    handshake_timeout_s: float = 10.0,
+    limit: int = 1 << 16,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Wrap an accepted socket in server-side TLS and return asyncio streams."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=limit, loop=loop)
     protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
     transport, _ = await loop.connect_accepted_socket(
-        lambda: protocol, sock, ssl=context, ssl_handshake_timeout=handshake_timeout_s)
+        lambda: protocol, sock, ssl=context, ssl_handshake_timeout=handshake_timeout_s
+    )
     writer = asyncio.StreamWriter(transport, protocol, reader, loop)
     return reader, writer
 

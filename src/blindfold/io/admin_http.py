@@ -49,8 +49,7 @@ class AdminServer:
                     else:
                         status, ctype, body = await self._handler(method, target.split("?")[0])
                     # drain the (empty) body before answering
-                    while not isinstance(await self._next_event(conn, reader),
-                                         h11.EndOfMessage):
+                    while not isinstance(await self._next_event(conn, reader), h11.EndOfMessage):
                         pass
                     headers = [("content-type", ctype), ("content-length", str(len(body)))]
                     writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
@@ -66,9 +65,14 @@ class AdminServer:
         except (h11.RemoteProtocolError, TimeoutError, ConnectionError):
             try:
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    writer.write(conn.send(h11.Response(
-                        status_code=400, headers=[("content-length", "0"),
-                                                  ("connection", "close")])))
+                    writer.write(
+                        conn.send(
+                            h11.Response(
+                                status_code=400,
+                                headers=[("content-length", "0"), ("connection", "close")],
+                            )
+                        )
+                    )
                     writer.write(conn.send(h11.EndOfMessage()))
             except h11.LocalProtocolError:
                 pass

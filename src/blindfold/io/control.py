@@ -14,8 +14,13 @@ MAX_MESSAGE_BYTES = 64 << 20  # decisions lists can be large; anything bigger is
 
 
 class ControlChannel:
-    def __init__(self, reactor: Reactor, fd: int, on_message: Callable[[dict[str, Any]], None],
-                 on_closed: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        reactor: Reactor,
+        fd: int,
+        on_message: Callable[[dict[str, Any]], None],
+        on_closed: Callable[[], None],
+    ) -> None:
         self._reactor = reactor
         self._fd = fd
         self._on_message = on_message

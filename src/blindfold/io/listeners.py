@@ -38,8 +38,12 @@ _M32 = 0xFFFFFFFF
 
 
 class _SockFilter(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
-                ("k", ctypes.c_uint32)]
+    _fields_ = [
+        ("code", ctypes.c_uint16),
+        ("jt", ctypes.c_uint8),
+        ("jf", ctypes.c_uint8),
+        ("k", ctypes.c_uint32),
+    ]
 
 
 class _SockFprog(ctypes.Structure):
@@ -75,11 +79,17 @@ def _v6_second_word_mask(prefix: int) -> int:
 
 def _program(version: int, workers: int, ipv6_prefix_len: int) -> list[tuple[int, int]]:
     mix = [
-        (BPF_MISC_TAX, 0), (BPF_ALU_RSH_K, 16), (BPF_ALU_XOR_X, 0),      # h ^= h >> 16
+        (BPF_MISC_TAX, 0),
+        (BPF_ALU_RSH_K, 16),
+        (BPF_ALU_XOR_X, 0),  # h ^= h >> 16
         (BPF_ALU_MUL_K, _MIX1),
-        (BPF_MISC_TAX, 0), (BPF_ALU_RSH_K, 13), (BPF_ALU_XOR_X, 0),      # h ^= h >> 13
+        (BPF_MISC_TAX, 0),
+        (BPF_ALU_RSH_K, 13),
+        (BPF_ALU_XOR_X, 0),  # h ^= h >> 13
         (BPF_ALU_MUL_K, _MIX2),
-        (BPF_MISC_TAX, 0), (BPF_ALU_RSH_K, 16), (BPF_ALU_XOR_X, 0),      # h ^= h >> 16
+        (BPF_MISC_TAX, 0),
+        (BPF_ALU_RSH_K, 16),
+        (BPF_ALU_XOR_X, 0),  # h ^= h >> 16
         (BPF_ALU_MOD_K, workers),
         (BPF_RET_A, 0),
     ]
@@ -88,21 +98,36 @@ def _program(version: int, workers: int, ipv6_prefix_len: int) -> list[tuple[int
         return [(BPF_LD_W_ABS, net + 12), *mix]  # IPv4 source address
     # IPv6 source address starts at byte 8; hash its first 64 bits, cut to the client prefix
     # (bits past /64 never matter: a finer prefix lies inside one /64)
-    return [(BPF_LD_W_ABS, net + 8), (BPF_ST, 0), (BPF_LD_W_ABS, net + 12),
-            (BPF_ALU_AND_K, _v6_second_word_mask(ipv6_prefix_len)),
-            (BPF_LDX_MEM, 0), (BPF_ALU_XOR_X, 0), *mix]
+    return [
+        (BPF_LD_W_ABS, net + 8),
+        (BPF_ST, 0),
+        (BPF_LD_W_ABS, net + 12),
+        (BPF_ALU_AND_K, _v6_second_word_mask(ipv6_prefix_len)),
+        (BPF_LDX_MEM, 0),
+        (BPF_ALU_XOR_X, 0),
+        *mix,
+    ]
 
 
 def _attach_steering(sock: socket.socket, version: int, workers: int, prefix: int) -> None:
     prog = _program(version, workers, prefix)
     arr = (_SockFilter * len(prog))(*[_SockFilter(code, 0, 0, k) for code, k in prog])
     fprog = _SockFprog(len(prog), arr)
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF,
-                    ctypes.string_at(ctypes.addressof(fprog), ctypes.sizeof(fprog)))
+    sock.setsockopt(
+        socket.SOL_SOCKET,
+        SO_ATTACH_REUSEPORT_CBPF,
+        ctypes.string_at(ctypes.addressof(fprog), ctypes.sizeof(fprog)),
+    )
 
 
-def bind_group(address: str, workers: int, *, backlog: int = 4096, defer_accept_s: int = 0,
-               ipv6_prefix_len: int = 64) -> list[socket.socket]:
+def bind_group(
+    address: str,
+    workers: int,
+    *,
+    backlog: int = 4096,
+    defer_accept_s: int = 0,
+    ipv6_prefix_len: int = 64,
+) -> list[socket.socket]:
     """Bind `workers` SO_REUSEPORT listening sockets on `address` ('ip:port'), steered by
     client address. With port 0 the first socket's port is reused for the others."""
     host, port = parse_hostport(address)
@@ -133,8 +158,9 @@ def bind_group(address: str, workers: int, *, backlog: int = 4096, defer_accept_
             sock.listen(backlog)
             sock.setblocking(False)
         if workers > 1:
-            _attach_steering(socks[0], 4 if family == socket.AF_INET else 6, workers,
-                             ipv6_prefix_len)
+            _attach_steering(
+                socks[0], 4 if family == socket.AF_INET else 6, workers, ipv6_prefix_len
+            )
     except OSError:
         for sock in socks:
             sock.close()

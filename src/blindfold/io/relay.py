@@ -34,8 +34,14 @@ F_SETPIPE_SZ = 1031
 HAVE_SPLICE = hasattr(os, "splice")
 COPY_CHUNK = 16384
 _SPLICE_FLAGS = (os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK) if HAVE_SPLICE else 0
-_RESET_ERRNOS = {errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.EHOSTUNREACH,
-                 errno.ENETUNREACH, errno.ECONNABORTED}
+_RESET_ERRNOS = {
+    errno.ECONNRESET,
+    errno.EPIPE,
+    errno.ETIMEDOUT,
+    errno.EHOSTUNREACH,
+    errno.ENETUNREACH,
+    errno.ECONNABORTED,
+}
 _IN = EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR
 _OUT = EPOLLOUT | EPOLLHUP | EPOLLERR
 _END = EPOLLRDHUP | EPOLLHUP | EPOLLERR
@@ -76,11 +82,27 @@ class PipePool:
 class _Half:
     """One direction: src -> (bytes | pipe) -> dst."""
 
-    __slots__ = ("data", "dst", "dst_sock", "eof", "hup", "moved", "offset", "pending",
-                 "pipe_r", "pipe_w", "readable", "shut", "splice", "src", "writable")
+    __slots__ = (
+        "data",
+        "dst",
+        "dst_sock",
+        "eof",
+        "hup",
+        "moved",
+        "offset",
+        "pending",
+        "pipe_r",
+        "pipe_w",
+        "readable",
+        "shut",
+        "splice",
+        "src",
+        "writable",
+    )
 
-    def __init__(self, src: _socket.socket, dst: _socket.socket, splice: bool,
-                 readable: bool) -> None:
+    def __init__(
+        self, src: _socket.socket, dst: _socket.socket, splice: bool, readable: bool
+    ) -> None:
         self.src = src.fileno()
         self.dst = dst.fileno()
         self.dst_sock = dst
@@ -109,9 +131,17 @@ class Relay:
 
     __slots__ = ("_ab", "_ba", "_done", "_on_done", "_pool", "chunk")
 
-    def __init__(self, pool: PipePool, a: _socket.socket, b: _socket.socket,
-                 on_done: Callable[[str | None], None], mode: str = "auto", *,
-                 a_readable: bool = True, b_readable: bool = True) -> None:
+    def __init__(
+        self,
+        pool: PipePool,
+        a: _socket.socket,
+        b: _socket.socket,
+        on_done: Callable[[str | None], None],
+        mode: str = "auto",
+        *,
+        a_readable: bool = True,
+        b_readable: bool = True,
+    ) -> None:
         self._pool = pool
         splice = HAVE_SPLICE and mode == "splice"
         self._ab = _Half(a, b, splice, a_readable)

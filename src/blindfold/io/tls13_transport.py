@@ -140,8 +140,13 @@ class TlsAppTransport(asyncio.Transport):
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         server = self._owner.server
-        tls = {"sni": server.server_name, "alpn": server.alpn, "version": "TLSv1.3",
-               "cipher_suite": f"0x{server.cipher_suite:04x}", "resumed": server.resumed}
+        tls = {
+            "sni": server.server_name,
+            "alpn": server.alpn,
+            "version": "TLSv1.3",
+            "cipher_suite": f"0x{server.cipher_suite:04x}",
+            "resumed": server.resumed,
+        }
         if name in tls:
             return tls[name]
         raw = self._owner.raw
@@ -162,9 +167,14 @@ class TlsServerProtocol(asyncio.BufferedProtocol):
     a connection idle for `first_data_timeout_s` after its handshake is closed.
     `on_done(reason, bytes_in, bytes_out)` is called once when the connection is over."""
 
-    def __init__(self, server: TlsEngine, app_factory: Callable[[str | None], asyncio.Protocol],
-                 on_done: Callable[[str, int, int], None], handshake_timeout_s: float,
-                 first_data_timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        server: TlsEngine,
+        app_factory: Callable[[str | None], asyncio.Protocol],
+        on_done: Callable[[str, int, int], None],
+        handshake_timeout_s: float,
+        first_data_timeout_s: float = 60.0,
+    ) -> None:
         self.server = server
         self.first_data_timeout_s = first_data_timeout_s
         self.alpn: str | None = None

@@ -29,8 +29,9 @@ class _Call:
 
     __slots__ = ("attempts", "conn", "deadline", "frame_request", "outer", "rid", "timer")
 
-    def __init__(self, request: w.SignRequest, outer: asyncio.Future[bytes],
-                 deadline: float) -> None:
+    def __init__(
+        self, request: w.SignRequest, outer: asyncio.Future[bytes], deadline: float
+    ) -> None:
         self.frame_request = request
         self.outer = outer
         self.deadline = deadline
@@ -41,8 +42,13 @@ class _Call:
 
 
 class _Connection:
-    def __init__(self, client: KeyServerClient, address: str, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self,
+        client: KeyServerClient,
+        address: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
         self.client = client
         self.address = address
         self.reader = reader
@@ -70,8 +76,9 @@ class _Connection:
                         client._succeeded(call, w.decode_sign_response(frame.body))
                     elif frame.type == w.ERROR:
                         code, message = w.decode_error(frame.body)
-                        client._failed(call, KeyServerError(
-                            f"{w.ERROR_NAMES.get(code, 'error')}: {message}"))
+                        client._failed(
+                            call, KeyServerError(f"{w.ERROR_NAMES.get(code, 'error')}: {message}")
+                        )
         except (ProtocolError, OSError, ssl.SSLError) as exc:
             error = KeyServerError(f"key server connection failed: {exc}", retryable=True)
         finally:
@@ -97,14 +104,19 @@ class _Connection:
             self.writer.close()
         self.client._forget(self)
         for call in calls:
-            self.client._retry(call, error or KeyServerError("connection closed",
-                                                             retryable=True))
+            self.client._retry(call, error or KeyServerError("connection closed", retryable=True))
 
 
 class KeyServerClient:
-    def __init__(self, addresses: tuple[str, ...], tls: ssl.SSLContext, *,
-                 server_name: str | None = None, sign_timeout_s: float = 2.0,
-                 connect_timeout_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        addresses: tuple[str, ...],
+        tls: ssl.SSLContext,
+        *,
+        server_name: str | None = None,
+        sign_timeout_s: float = 2.0,
+        connect_timeout_s: float = 2.0,
+    ) -> None:
         self.addresses = addresses
         self.tls = tls
         self.server_name = server_name
@@ -126,8 +138,11 @@ class KeyServerClient:
     def all_down(self, now: float) -> bool:
         """Every key server failed within the last DOWN_S and none is connected: new handshakes
         fail at once instead of waiting (they are tried again after DOWN_S)."""
-        return (not self.up and not self._connecting
-                and all(self._down.get(a, 0.0) > now for a in self.addresses))
+        return (
+            not self.up
+            and not self._connecting
+            and all(self._down.get(a, 0.0) > now for a in self.addresses)
+        )
 
     # ---------------------------------------------------------------- requests
     def submit(self, request: w.SignRequest) -> asyncio.Future[bytes]:
@@ -183,8 +198,11 @@ class KeyServerClient:
         """A connection failed under the call: the next key server, if time allows."""
         if call.outer.done():
             return
-        if (exc.retryable and call.attempts < len(self.addresses) + 1
-                and asyncio.get_running_loop().time() < call.deadline):
+        if (
+            exc.retryable
+            and call.attempts < len(self.addresses) + 1
+            and asyncio.get_running_loop().time() < call.deadline
+        ):
             self._attempt(call)
         else:
             self._failed(call, exc)
@@ -223,12 +241,13 @@ class KeyServerClient:
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 reader, writer = await asyncio.open_connection(
-                    host, port, ssl=self.tls, server_hostname=self.server_name or host,
-                    limit=65536)
+                    host, port, ssl=self.tls, server_hostname=self.server_name or host, limit=65536
+                )
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             self._down[address] = time.monotonic() + DOWN_S
-            raise KeyServerError(f"cannot reach key server {address}: {exc}",
-                                 retryable=True) from None
+            raise KeyServerError(
+                f"cannot reach key server {address}: {exc}", retryable=True
+            ) from None
         conn = _Connection(self, address, reader, writer)
         self._conns[address] = conn
         return conn

@@ -20,8 +20,9 @@ GENESIS = "0" * 64
 
 def _digest(entry: dict[str, Any]) -> str:
     body = {k: v for k, v in entry.items() if k != "hash"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-                          ).hexdigest()
+    return hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,14 +45,24 @@ def verify(path: str) -> VerifyResult:
             if not isinstance(entry, dict):
                 return VerifyResult(False, n - 1, last, n, "not a JSON object")
             if entry.get("prev") != prev:
-                return VerifyResult(False, n - 1, last, n,
-                                    "prev does not match the previous line's hash "
-                                    "(a line was changed, removed or inserted before it)")
+                return VerifyResult(
+                    False,
+                    n - 1,
+                    last,
+                    n,
+                    "prev does not match the previous line's hash "
+                    "(a line was changed, removed or inserted before it)",
+                )
             if entry.get("seq") != seq + 1:
                 return VerifyResult(False, n - 1, last, n, f"seq {entry.get('seq')} after {seq}")
             if entry.get("hash") != _digest(entry):
-                return VerifyResult(False, n - 1, last, n, "hash does not match the line's "
-                                    "content (the line was changed)")
+                return VerifyResult(
+                    False,
+                    n - 1,
+                    last,
+                    n,
+                    "hash does not match the line's content (the line was changed)",
+                )
             prev = last = entry["hash"]
             seq += 1
     return VerifyResult(True, seq, last)
@@ -79,8 +90,12 @@ class AuditLog:
 
     def append(self, **fields: Any) -> None:
         self.seq += 1
-        entry: dict[str, Any] = {"seq": self.seq, "ts": round(time.time(), 6), **fields,
-                                 "prev": self.prev}
+        entry: dict[str, Any] = {
+            "seq": self.seq,
+            "ts": round(time.time(), 6),
+            **fields,
+            "prev": self.prev,
+        }
         entry["hash"] = _digest(entry)
         self.prev = entry["hash"]
         self._pending.append(json.dumps(entry, separators=(",", ":")).encode() + b"\n")

@@ -31,12 +31,24 @@ from blindfold.obs.metrics import Histogram, MetricSpec, render
 READ_SIZE = 65536
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 2e-2)
 KEYSERVER_METRICS = [
-    MetricSpec("blindfold_keyserver_signatures_total", "counter",
-               "Sign requests by edge and result.", ("edge", "result")),
-    MetricSpec("blindfold_keyserver_sign_seconds", "histogram",
-               "Time to authorise, sign and log one request.", buckets=LATENCY_BUCKETS),
-    MetricSpec("blindfold_keyserver_connections_total", "counter",
-               "Edge connections by result.", ("result",)),
+    MetricSpec(
+        "blindfold_keyserver_signatures_total",
+        "counter",
+        "Sign requests by edge and result.",
+        ("edge", "result"),
+    ),
+    MetricSpec(
+        "blindfold_keyserver_sign_seconds",
+        "histogram",
+        "Time to authorise, sign and log one request.",
+        buckets=LATENCY_BUCKETS,
+    ),
+    MetricSpec(
+        "blindfold_keyserver_connections_total",
+        "counter",
+        "Edge connections by result.",
+        ("result",),
+    ),
     MetricSpec("blindfold_keyserver_connections_active", "gauge", "Open edge connections."),
 ]
 
@@ -47,8 +59,9 @@ class _Edge:
     def __init__(self, cfg: EdgeAccessConfig, ks: KeyServerConfig) -> None:
         self.cfg = cfg
         self.router: SniRouter[bool] = SniRouter([(h, True) for h in cfg.hostnames])
-        self.bucket = TokenBucket(cfg.rate_per_s or ks.rate_per_s, cfg.burst or ks.burst,
-                                  time.monotonic())
+        self.bucket = TokenBucket(
+            cfg.rate_per_s or ks.rate_per_s, cfg.burst or ks.burst, time.monotonic()
+        )
 
 
 class KeyServer:
@@ -99,15 +112,20 @@ class KeyServer:
         host, port = parse_hostport(self.cfg.listen)
         try:
             self.server = await asyncio.start_server(
-                self._serve, host, port, ssl=self.tls, ssl_handshake_timeout=10,
-                limit=READ_SIZE)
+                self._serve, host, port, ssl=self.tls, ssl_handshake_timeout=10, limit=READ_SIZE
+            )
             admin = await self.admin.start(*parse_hostport(self.cfg.admin_listen))
         except OSError as exc:
             raise ConfigError("keyserver.listen", f"cannot listen: {exc.strerror}") from None
         sock = self.server.sockets[0].getsockname()
-        self.log.emit("keyserver_ready", listen=[f"{sock[0]}:{sock[1]}"],
-                      admin=f"{admin[0]}:{admin[1]}", keys=[k.name for k in self.keys.values()],
-                      edges=[e.cfg.name for e in self.edges.values()], pid=os.getpid())
+        self.log.emit(
+            "keyserver_ready",
+            listen=[f"{sock[0]}:{sock[1]}"],
+            admin=f"{admin[0]}:{admin[1]}",
+            keys=[k.name for k in self.keys.values()],
+            edges=[e.cfg.name for e in self.edges.values()],
+            pid=os.getpid(),
+        )
 
     def _count_conn(self, result: str) -> None:
         self.conn_counts[result] = self.conn_counts.get(result, 0) + 1
@@ -125,16 +143,16 @@ class KeyServer:
         finally:
             self.handlers.discard(task)
 
-    async def _serve_edge(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
+    async def _serve_edge(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         obj = writer.get_extra_info("ssl_object")
         der = obj.getpeercert(binary_form=True) if obj is not None else None
         fp = hashlib.sha256(der).digest() if der else b""
         edge = self.edges.get(fp)
         if edge is None:
             self._count_conn("unknown_edge")
-            self.log.log("edge_refused", peer=str(writer.get_extra_info("peername")),
-                         cert_sha256=fp.hex())
+            self.log.log(
+                "edge_refused", peer=str(writer.get_extra_info("peername")), cert_sha256=fp.hex()
+            )
             writer.close()
             return
         self._count_conn("ok")
@@ -161,8 +179,9 @@ class KeyServer:
                 for frame in frames:
                     edge = self.edges.get(fp)  # re-read: SIGHUP may have revoked it
                     if edge is None:
-                        out += w.encode_error(frame.request_id, w.E_UNAUTHORIZED,
-                                              "this edge is no longer authorised")
+                        out += w.encode_error(
+                            frame.request_id, w.E_UNAUTHORIZED, "this edge is no longer authorised"
+                        )
                         close = True
                         break
                     try:
@@ -201,8 +220,7 @@ class KeyServer:
         req = w.decode_sign_request(frame.body)  # ProtocolError closes the connection
         try:
             if not edge.router.lookup(req.hostname.lower()):
-                raise SignError(w.E_UNAUTHORIZED,
-                                f"edge {name} may not sign for {req.hostname}")
+                raise SignError(w.E_UNAUTHORIZED, f"edge {name} may not sign for {req.hostname}")
             site = self.keys.get(req.certificate_sha256)
             if site is None or not site.covers(req.hostname.lower()):
                 raise SignError(w.E_UNKNOWN_KEY, "no key for that certificate and hostname")
@@ -213,12 +231,23 @@ class KeyServer:
             result = w.ERROR_NAMES.get(exc.code, "error")
             self._count(name, result)
             if exc.code in (w.E_UNAUTHORIZED, w.E_UNKNOWN_KEY):
-                self.log.log("sign_refused", edge=name, hostname=req.hostname,
-                             client=req.client, reason=result, detail=str(exc))
+                self.log.log(
+                    "sign_refused",
+                    edge=name,
+                    hostname=req.hostname,
+                    client=req.client,
+                    reason=result,
+                    detail=str(exc),
+                )
             return w.encode_error(rid, exc.code, str(exc))
-        self.audit.append(edge=name, hostname=req.hostname, client=req.client,
-                          scheme=f"0x{req.scheme:04x}", key=site.name,
-                          transcript_hash=req.transcript_hash.hex())
+        self.audit.append(
+            edge=name,
+            hostname=req.hostname,
+            client=req.client,
+            scheme=f"0x{req.scheme:04x}",
+            key=site.name,
+            transcript_hash=req.transcript_hash.hex(),
+        )
         self._count(name, "ok")
         self.latency.observe(time.perf_counter() - t0)
         return w.encode_sign_response(rid, signature)
@@ -230,10 +259,12 @@ class KeyServer:
         if path == "/metrics":
             snap: dict[str, list[list[Any]]] = {
                 "blindfold_keyserver_signatures_total": [
-                    [[e, r], n] for (e, r), n in self.counts.items()],
+                    [[e, r], n] for (e, r), n in self.counts.items()
+                ],
                 "blindfold_keyserver_sign_seconds": [[[], self.latency.value()]],
                 "blindfold_keyserver_connections_total": [
-                    [[r], n] for r, n in self.conn_counts.items()],
+                    [[r], n] for r, n in self.conn_counts.items()
+                ],
                 "blindfold_keyserver_connections_active": [[[], len(self.writers)]],
             }
             return 200, "text/plain; version=0.0.4", render(snap, KEYSERVER_METRICS).encode()
@@ -251,8 +282,9 @@ class KeyServer:
         revoked = [wr for wr, fp in self.writers.items() if fp not in self.edges]
         for writer in revoked:
             writer.close()
-        self.log.emit("reloaded", edges=[e.cfg.name for e in self.edges.values()],
-                      closed=len(revoked))
+        self.log.emit(
+            "reloaded", edges=[e.cfg.name for e in self.edges.values()], closed=len(revoked)
+        )
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()

@@ -69,30 +69,41 @@ def load_key(index: int, cfg: KeyConfig) -> SiteKey:
         cert = x509.load_pem_x509_certificate(Path(cfg.certificate).read_bytes())
     except (OSError, ValueError) as exc:
         raise ConfigError(where, f"cannot load {cfg.key} / {cfg.certificate}: {exc}") from None
-    if not isinstance(key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey,
-                            ed25519.Ed25519PrivateKey)):
+    if not isinstance(
+        key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)
+    ):
         raise ConfigError(f"{where}.key", "only ECDSA P-256/P-384, RSA and Ed25519 keys")
     if isinstance(key, rsa.RSAPrivateKey) and key.key_size < 2048:
         raise ConfigError(f"{where}.key", "RSA keys must have at least 2048 bits")
     schemes = schemes_for(key)
     if not schemes:
         raise ConfigError(f"{where}.key", "unsupported curve (P-256 and P-384 only)")
-    pub = cert.public_key().public_bytes(serialization.Encoding.DER,
-                                         serialization.PublicFormat.SubjectPublicKeyInfo)
-    if pub != key.public_key().public_bytes(serialization.Encoding.DER,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo):
+    pub = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    if pub != key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ):
         raise ConfigError(where, "the key does not belong to the certificate")
     names = _names(cert)
     if not names:
         raise ConfigError(f"{where}.certificate", "the certificate has no DNS names")
-    return SiteKey(cfg.name or f"key{index}", key, cert.fingerprint(hashes.SHA256()),
-                   SniRouter([(n, True) for n in names]), schemes)
+    return SiteKey(
+        cfg.name or f"key{index}",
+        key,
+        cert.fingerprint(hashes.SHA256()),
+        SniRouter([(n, True) for n in names]),
+        schemes,
+    )
 
 
 _HASHES: dict[int, type[hashes.SHA256 | hashes.SHA384 | hashes.SHA512]] = {
-    w.ECDSA_SECP256R1_SHA256: hashes.SHA256, w.ECDSA_SECP384R1_SHA384: hashes.SHA384,
-    w.RSA_PSS_RSAE_SHA256: hashes.SHA256, w.RSA_PSS_RSAE_SHA384: hashes.SHA384,
-    w.RSA_PSS_RSAE_SHA512: hashes.SHA512}
+    w.ECDSA_SECP256R1_SHA256: hashes.SHA256,
+    w.ECDSA_SECP384R1_SHA384: hashes.SHA384,
+    w.RSA_PSS_RSAE_SHA256: hashes.SHA256,
+    w.RSA_PSS_RSAE_SHA384: hashes.SHA384,
+    w.RSA_PSS_RSAE_SHA512: hashes.SHA512,
+}
 
 
 def sign_certificate_verify(site: SiteKey, scheme: int, transcript_hash: bytes) -> bytes:
@@ -100,8 +111,9 @@ def sign_certificate_verify(site: SiteKey, scheme: int, transcript_hash: bytes) 
     if scheme not in site.schemes:
         raise SignError(w.E_BAD_SCHEME, f"scheme 0x{scheme:04x} does not fit key {site.name}")
     if len(transcript_hash) not in w.TRANSCRIPT_HASH_SIZES:
-        raise SignError(w.E_MALFORMED, f"a transcript hash has 32 or 48 bytes, not "
-                        f"{len(transcript_hash)}")
+        raise SignError(
+            w.E_MALFORMED, f"a transcript hash has 32 or 48 bytes, not {len(transcript_hash)}"
+        )
     content = w.certificate_verify_content(transcript_hash)
     key = site.key
     if isinstance(key, ed25519.Ed25519PrivateKey):
@@ -110,5 +122,8 @@ def sign_certificate_verify(site: SiteKey, scheme: int, transcript_hash: bytes) 
     if isinstance(key, ec.EllipticCurvePrivateKey):
         return key.sign(content, ec.ECDSA(algorithm))
     # RFC 8446 §4.2.3: RSASSA-PSS with MGF1 on the same hash, salt as long as the hash
-    return key.sign(content, padding.PSS(mgf=padding.MGF1(algorithm),
-                                         salt_length=algorithm.digest_size), algorithm)
+    return key.sign(
+        content,
+        padding.PSS(mgf=padding.MGF1(algorithm), salt_length=algorithm.digest_size),
+        algorithm,
+    )

@@ -46,8 +46,10 @@ class JsonLog:
         if len(line) > PIPE_BUF:
             record = {k: (v[:200] if isinstance(v, str) else v) for k, v in record.items()}
             record["truncated"] = True
-            line = json.dumps(record, separators=(",", ":"), default=str).encode()[
-                : PIPE_BUF - 1] + b"\n"
+            line = (
+                json.dumps(record, separators=(",", ":"), default=str).encode()[: PIPE_BUF - 1]
+                + b"\n"
+            )
         if self._pending_bytes + len(line) > MAX_PENDING_BYTES:
             self.dropped += 1
             return
@@ -59,8 +61,9 @@ class JsonLog:
         """Append a prebuilt line: `fields` is the inside of a JSON object (no braces), already
         valid JSON. Used on the per-connection hot path, where json.dumps of a dict costs more
         than the rest of the bookkeeping."""
-        line = (f'{{"ts":{time.time():.6f},"event":"{event}","process":"{self.process}",'
-                f"{fields}}}\n").encode()
+        line = (
+            f'{{"ts":{time.time():.6f},"event":"{event}","process":"{self.process}",{fields}}}\n'
+        ).encode()
         if self._pending_bytes + len(line) > MAX_PENDING_BYTES or len(line) > PIPE_BUF:
             self.dropped += 1
             return

@@ -113,7 +113,8 @@ def render(snapshot: Snapshot, specs: Sequence[MetricSpec]) -> str:
                     running += count
                     le = 'le="' + ("+Inf" if math.isinf(bound) else repr(bound)) + '"'
                     lines.append(
-                        f"{spec.name}_bucket{_labels(spec.labels, labels, le)} {_fmt(running)}")
+                        f"{spec.name}_bucket{_labels(spec.labels, labels, le)} {_fmt(running)}"
+                    )
                 lines.append(f"{spec.name}_sum{_labels(spec.labels, labels)} {_fmt(total_sum)}")
                 lines.append(f"{spec.name}_count{_labels(spec.labels, labels)} {_fmt(total)}")
             else:

@@ -43,40 +43,70 @@ from blindfold.web.messages import Handler
 from blindfold.web.proxy import ReverseProxy
 
 ORIGIN_METRICS = [
-    MetricSpec("blindfold_origin_requests_total", "counter", "Requests by status class.",
-               ("status",)),
-    MetricSpec("blindfold_origin_connections_total", "counter",
-               "Client connections by result.", ("result",)),
+    MetricSpec(
+        "blindfold_origin_requests_total", "counter", "Requests by status class.", ("status",)
+    ),
+    MetricSpec(
+        "blindfold_origin_connections_total",
+        "counter",
+        "Client connections by result.",
+        ("result",),
+    ),
     MetricSpec("blindfold_origin_connections_active", "gauge", "Open client connections."),
     MetricSpec("blindfold_waf_blocks_total", "counter", "Requests the WAF blocked."),
-    MetricSpec("blindfold_waf_rule_blocks_total", "counter",
-               "Blocked requests by the rule ids in the blocking verdict.", ("rule",)),
+    MetricSpec(
+        "blindfold_waf_rule_blocks_total",
+        "counter",
+        "Blocked requests by the rule ids in the blocking verdict.",
+        ("rule",),
+    ),
     MetricSpec("blindfold_decisions_active", "gauge", "Active decisions (bans)."),
-    MetricSpec("blindfold_decisions_created_total", "counter", "Decisions created, by cause.",
-               ("cause",)),
-    MetricSpec("blindfold_decision_stream_requests_total", "counter",
-               "Decision stream requests by edge (or 'unauthorized').", ("bouncer",)),
-    MetricSpec("blindfold_http_events_total", "counter",
-               "HTTP-layer events: timeouts, bad requests, HTTP/2 abuse.", ("event",)),
-    MetricSpec("blindfold_origin_blind_bytes_total", "counter",
-               "Body bytes served by the blind store: manifest, blob and public (edge pulls), "
-               "plaintext (visitors' fallbacks), page.", ("kind",)),
-    MetricSpec("blindfold_origin_blind_requests_total", "counter",
-               "Blind store requests by kind (manifest, blob, plaintext, not_found).",
-               ("kind",)),
+    MetricSpec(
+        "blindfold_decisions_created_total", "counter", "Decisions created, by cause.", ("cause",)
+    ),
+    MetricSpec(
+        "blindfold_decision_stream_requests_total",
+        "counter",
+        "Decision stream requests by edge (or 'unauthorized').",
+        ("bouncer",),
+    ),
+    MetricSpec(
+        "blindfold_http_events_total",
+        "counter",
+        "HTTP-layer events: timeouts, bad requests, HTTP/2 abuse.",
+        ("event",),
+    ),
+    MetricSpec(
+        "blindfold_origin_blind_bytes_total",
+        "counter",
+        "Body bytes served by the blind store: manifest, blob and public (edge pulls), "
+        "plaintext (visitors' fallbacks), page.",
+        ("kind",),
+    ),
+    MetricSpec(
+        "blindfold_origin_blind_requests_total",
+        "counter",
+        "Blind store requests by kind (manifest, blob, plaintext, not_found).",
+        ("kind",),
+    ),
 ]
 
 
 def _limits(cfg: OriginConfig) -> HttpLimits:
     h = cfg.http
     return HttpLimits(
-        max_header_bytes=h.max_header_bytes, max_headers=h.max_headers,
-        max_body_bytes=h.max_body_bytes, header_timeout_s=h.header_timeout_s,
-        body_timeout_s=h.body_timeout_s, keepalive_timeout_s=h.keepalive_timeout_s,
-        send_timeout_s=h.send_timeout_s, h2_max_concurrent_streams=h.h2_max_concurrent_streams,
+        max_header_bytes=h.max_header_bytes,
+        max_headers=h.max_headers,
+        max_body_bytes=h.max_body_bytes,
+        header_timeout_s=h.header_timeout_s,
+        body_timeout_s=h.body_timeout_s,
+        keepalive_timeout_s=h.keepalive_timeout_s,
+        send_timeout_s=h.send_timeout_s,
+        h2_max_concurrent_streams=h.h2_max_concurrent_streams,
         h2_max_header_list_size=h.max_header_bytes,
         h2_max_resets_per_window=h.h2_max_resets_per_window,
-        h2_max_control_frames_per_window=h.h2_max_control_frames_per_window)
+        h2_max_control_frames_per_window=h.h2_max_control_frames_per_window,
+    )
 
 
 def build_waf(cfg: OriginConfig) -> WafEngine | None:
@@ -84,13 +114,20 @@ def build_waf(cfg: OriginConfig) -> WafEngine | None:
     if not w.enabled:
         return None
     settings = CrsSettings(
-        paranoia_level=w.paranoia_level, mode=w.mode, anomaly_threshold=w.anomaly_threshold,
-        body_limit_bytes=w.body_limit_bytes, body_no_files_limit_bytes=w.body_no_files_limit_bytes,
-        body_limit_action=w.body_limit_action, allowed_methods=w.allowed_methods,
+        paranoia_level=w.paranoia_level,
+        mode=w.mode,
+        anomaly_threshold=w.anomaly_threshold,
+        body_limit_bytes=w.body_limit_bytes,
+        body_no_files_limit_bytes=w.body_no_files_limit_bytes,
+        body_limit_action=w.body_limit_action,
+        allowed_methods=w.allowed_methods,
         allowed_content_types=w.allowed_content_types,
         exclusions=tuple(Exclusion(e.path_prefix, e.rule_ids) for e in w.exclusions),
-        extra_rules_files=w.extra_rules_files, crs_rules_dir=w.crs_rules_dir,
-        crs_setup_dir=w.crs_setup_dir, unicode_map_file=w.unicode_map_file)
+        extra_rules_files=w.extra_rules_files,
+        crs_rules_dir=w.crs_rules_dir,
+        crs_setup_dir=w.crs_setup_dir,
+        unicode_map_file=w.unicode_map_file,
+    )
     try:
         return ModSecurityEngine(settings)
     except ModSecurityError as exc:
@@ -100,8 +137,7 @@ def build_waf(cfg: OriginConfig) -> WafEngine | None:
 class _AlpnDispatch:
     """Protocol factory target: once TLS is up, hand the transport to HTTP/2 or HTTP/1.1."""
 
-    def __init__(self, agent: OriginAgent, info: ConnInfo, handler: Handler,
-                 tls: SiteTls) -> None:
+    def __init__(self, agent: OriginAgent, info: ConnInfo, handler: Handler, tls: SiteTls) -> None:
         self.agent = agent
         self.info = info
         self.handler = handler
@@ -115,8 +151,11 @@ class _AlpnDispatch:
         alpn = obj.selected_alpn_protocol() if obj is not None else None
         info = self.info
         if obj is not None:
-            info.tls = {"alpn": alpn or "", "version": obj.version() or "",
-                        "sni": self.tls.sni.get(obj, "")}
+            info.tls = {
+                "alpn": alpn or "",
+                "version": obj.version() or "",
+                "sni": self.tls.sni.get(obj, ""),
+            }
         proto: asyncio.Protocol
         if alpn == "h2":
             proto = H2Connection(self.handler, self.agent.limits, info, self.agent.event)
@@ -140,8 +179,9 @@ class OriginAgent:
         self.path = path
         self.cfg = cfg
         self.log = JsonLog.open(cfg.log_path, process="origin")
-        self.audit = JsonLog.open(cfg.waf.audit_log, process="origin") if (
-            cfg.waf.audit_log) else self.log
+        self.audit = (
+            JsonLog.open(cfg.waf.audit_log, process="origin") if (cfg.waf.audit_log) else self.log
+        )
         self.limits = _limits(cfg)
         self.stats: dict[str, Any] = {}
         self.open = 0
@@ -163,21 +203,36 @@ class OriginAgent:
         waf = build_waf(cfg)
         d = cfg.decisions
         rules = DecisionRules(
-            ban_after_blocks=d.ban_after_blocks, block_window_s=d.block_window_s,
+            ban_after_blocks=d.ban_after_blocks,
+            block_window_s=d.block_window_s,
             ban_duration_s=d.ban_duration_s,
-            rate_rules=tuple(RateRule(r.path_prefix, r.rate_per_s, r.burst, r.ban_duration_s,
-                                      r.name or r.path_prefix) for r in d.rate_rules))
+            rate_rules=tuple(
+                RateRule(
+                    r.path_prefix, r.rate_per_s, r.burst, r.ban_duration_s, r.name or r.path_prefix
+                )
+                for r in d.rate_rules
+            ),
+        )
         h = cfg.http
-        pool = UpstreamPool(cfg.upstream, max_idle=h.upstream_pool_size,
-                            connect_timeout_s=h.upstream_connect_timeout_s,
-                            timeout_s=h.upstream_timeout_s,
-                            tls=ssl.create_default_context() if cfg.upstream.startswith(
-                                "https:") else None)
+        pool = UpstreamPool(
+            cfg.upstream,
+            max_idle=h.upstream_pool_size,
+            connect_timeout_s=h.upstream_connect_timeout_s,
+            timeout_s=h.upstream_timeout_s,
+            tls=ssl.create_default_context() if cfg.upstream.startswith("https:") else None,
+        )
         gate = OriginGate(
-            ReverseProxy(pool), waf, rules, self.ban, self._log_event,
+            ReverseProxy(pool),
+            waf,
+            rules,
+            self.ban,
+            self._log_event,
             inspect_limit=cfg.waf.body_limit_bytes,
             reject_over_limit=cfg.waf.body_limit_action == "reject",
-            detect_only=cfg.waf.mode == "detect", stats=self.stats, access_log=cfg.access_log)
+            detect_only=cfg.waf.mode == "detect",
+            stats=self.stats,
+            access_log=cfg.access_log,
+        )
         handler: Handler = gate
         if cfg.blind is not None:
             from blindfold.origin.blindstore import BlindStore
@@ -208,8 +263,15 @@ class OriginAgent:
             return
         cause = reason.split(":", 1)[0]
         self.stats[f"decisions:{cause}"] = self.stats.get(f"decisions:{cause}", 0) + 1
-        self.log.emit("decision", id=decision.id, scope=decision.scope, value=decision.value,
-                      type=decision.type, duration_s=duration_s, reason=reason)
+        self.log.emit(
+            "decision",
+            id=decision.id,
+            scope=decision.scope,
+            value=decision.value,
+            type=decision.type,
+            duration_s=duration_s,
+            reason=reason,
+        )
         if self.publisher is not None:
             self.publisher.publish(decision, now)
 
@@ -231,8 +293,9 @@ class OriginAgent:
         if d.listen:
             keys = load_api_keys(d.api_keys_file)
             self.api = DecisionApi(self.store, keys)
-            api_tls = SiteTls((type(cfg.certificates[0])(d.cert, d.key),) if d.cert else
-                              cfg.certificates[:1])
+            api_tls = SiteTls(
+                (type(cfg.certificates[0])(d.cert, d.key),) if d.cert else cfg.certificates[:1]
+            )
             host, port = parse_hostport(d.listen)
             sock = self._bind(host, port, "origin.decisions.listen")
             api_address = sock.getsockname()[:2]
@@ -243,12 +306,15 @@ class OriginAgent:
             self.publisher = RedisPublisher(d.redis_url, self.log)
             await self.publisher.start(self.store)
         self.servers.append(loop.create_task(self._housekeeping()))
-        self.log.emit("origin_ready",
-                      listen=[_addr(s) for s, tls in self.tls_sockets.items() if tls],
-                      http_listen=[_addr(s) for s, tls in self.tls_sockets.items() if not tls],
-                      admin=f"{admin[0]}:{admin[1]}",
-                      decisions=f"{api_address[0]}:{api_address[1]}" if api_address else None,
-                      waf=getattr(self.waf, "version", None), pid=os.getpid())
+        self.log.emit(
+            "origin_ready",
+            listen=[_addr(s) for s, tls in self.tls_sockets.items() if tls],
+            http_listen=[_addr(s) for s, tls in self.tls_sockets.items() if not tls],
+            admin=f"{admin[0]}:{admin[1]}",
+            decisions=f"{api_address[0]}:{api_address[1]}" if api_address else None,
+            waf=getattr(self.waf, "version", None),
+            pid=os.getpid(),
+        )
 
     def _bind(self, host: str, port: int, key: str) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -295,8 +361,9 @@ class OriginAgent:
         key = f"conn:{result}"
         self.stats[key] = self.stats.get(key, 0) + 1
 
-    async def _connection(self, sock: socket.socket, peer: tuple[str, int],
-                          local: tuple[str, int], tls: bool) -> None:
+    async def _connection(
+        self, sock: socket.socket, peer: tuple[str, int], local: tuple[str, int], tls: bool
+    ) -> None:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         client: tuple[str, int] | None = (peer[0], peer[1])
@@ -311,11 +378,15 @@ class OriginAgent:
             if tls:
                 assert self.tls is not None
                 await loop.connect_accepted_socket(
-                    _AlpnDispatch(self, info, self.handler, self.tls), sock, ssl=self.tls.default,
-                    ssl_handshake_timeout=cfg.http.tls_handshake_timeout_s)
+                    _AlpnDispatch(self, info, self.handler, self.tls),
+                    sock,
+                    ssl=self.tls.default,
+                    ssl_handshake_timeout=cfg.http.tls_handshake_timeout_s,
+                )
             else:
                 await loop.connect_accepted_socket(
-                    lambda: H1Connection(self.handler, self.limits, info, self.event), sock)
+                    lambda: H1Connection(self.handler, self.limits, info, self.event), sock
+                )
             handed_over = True
             self._count_conn("ok")
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
@@ -369,9 +440,14 @@ class OriginAgent:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             info = ConnInfo((peer[0], peer[1]), lsock.getsockname()[:2], b"https", {})
             self.open += 1
-            task = loop.create_task(loop.connect_accepted_socket(
-                _AlpnDispatch(self, info, api, tls), sock, ssl=tls.default,
-                ssl_handshake_timeout=10))
+            task = loop.create_task(
+                loop.connect_accepted_socket(
+                    _AlpnDispatch(self, info, api, tls),
+                    sock,
+                    ssl=tls.default,
+                    ssl_handshake_timeout=10,
+                )
+            )
             task.add_done_callback(_consume)
 
     async def _housekeeping(self) -> None:
@@ -390,15 +466,18 @@ class OriginAgent:
         if path == "/healthz":
             return 200, "application/json", b'{"status":"ok"}\n'
         if path == "/metrics":
-            return 200, "text/plain; version=0.0.4", render(self.snapshot(),
-                                                            ORIGIN_METRICS).encode()
+            return (
+                200,
+                "text/plain; version=0.0.4",
+                render(self.snapshot(), ORIGIN_METRICS).encode(),
+            )
         return 404, "text/plain", b"not found\n"
 
     def snapshot(self) -> dict[str, list[list[Any]]]:
         s = self.stats
 
         def pick(prefix: str) -> list[list[Any]]:
-            return [[[k[len(prefix):]], v] for k, v in s.items() if k.startswith(prefix)]
+            return [[[k[len(prefix) :]], v] for k, v in s.items() if k.startswith(prefix)]
 
         return {
             "blindfold_origin_requests_total": pick("requests:"),
@@ -409,7 +488,8 @@ class OriginAgent:
             "blindfold_decisions_active": [[[], len(self.store.decisions)]],
             "blindfold_decisions_created_total": pick("decisions:"),
             "blindfold_decision_stream_requests_total": [
-                [[k], v] for k, v in (self.api.requests.items() if self.api else [])],
+                [[k], v] for k, v in (self.api.requests.items() if self.api else [])
+            ],
             "blindfold_http_events_total": pick("http:"),
             "blindfold_origin_blind_bytes_total": pick("blind_bytes:"),
             "blindfold_origin_blind_requests_total": pick("blind_requests:"),
@@ -483,5 +563,3 @@ def run_origin(path: str) -> int:
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(main())
     return 0
-
-

@@ -61,22 +61,33 @@ MAX_REPORT_BYTES = 4096
 REPORTS_PER_S = 50.0
 # Blobs are named by content: an id never changes meaning.
 _BLOB_CACHE = b"public, max-age=31536000, immutable"
-_TYPES = {".html": b"text/html; charset=utf-8", ".js": b"text/javascript; charset=utf-8",
-          ".css": b"text/css; charset=utf-8", ".json": b"application/json",
-          ".png": b"image/png", ".svg": b"image/svg+xml", ".txt": b"text/plain; charset=utf-8"}
+_TYPES = {
+    ".html": b"text/html; charset=utf-8",
+    ".js": b"text/javascript; charset=utf-8",
+    ".css": b"text/css; charset=utf-8",
+    ".json": b"application/json",
+    ".png": b"image/png",
+    ".svg": b"image/svg+xml",
+    ".txt": b"text/plain; charset=utf-8",
+}
 
 
 def _service_worker(cfg: BlindStoreConfig, public: Ed25519PublicKey) -> bytes:
     template = resources.files("blindfold.blind").joinpath("static/sw.js").read_text()
-    config = {"manifest": cfg.manifest_path, "edge": cfg.edge_url, "report": cfg.report_path,
-              "keyId": manifest.key_id(public),
-              "publicKey": manifest.b64u(public.public_bytes(Encoding.Raw, PublicFormat.Raw))}
+    config = {
+        "manifest": cfg.manifest_path,
+        "edge": cfg.edge_url,
+        "report": cfg.report_path,
+        "keyId": manifest.key_id(public),
+        "publicKey": manifest.b64u(public.public_bytes(Encoding.Raw, PublicFormat.Raw)),
+    }
     return template.replace("/*BLINDFOLD_CONFIG*/ {}", json.dumps(config)).encode()
 
 
 class BlindStore:
-    def __init__(self, cfg: BlindStoreConfig, inner: Handler, stats: dict[str, Any],
-                 log: Callable[..., None]) -> None:
+    def __init__(
+        self, cfg: BlindStoreConfig, inner: Handler, stats: dict[str, Any], log: Callable[..., None]
+    ) -> None:
         self.cfg = cfg
         self.inner = inner
         self.stats = stats
@@ -110,14 +121,17 @@ class BlindStore:
             try:
                 public = load_pem_public_key((self.dir / PUBLIC_KEY_NAME).read_bytes())
             except (OSError, ValueError) as exc:
-                raise ConfigError("blind.dir", f"{self.dir / PUBLIC_KEY_NAME}: {exc} (run "
-                                  "`blindfold seal` first)") from None
+                raise ConfigError(
+                    "blind.dir", f"{self.dir / PUBLIC_KEY_NAME}: {exc} (run `blindfold seal` first)"
+                ) from None
             if not isinstance(public, Ed25519PublicKey):
                 raise ConfigError("blind.dir", f"{PUBLIC_KEY_NAME} is not an Ed25519 key")
             self.sw = _service_worker(cfg, public)
-            self.register = (f"if ('serviceWorker' in navigator) navigator.serviceWorker"
-                             f".register({json.dumps(cfg.service_worker_path)}, "
-                             "{scope: '/'});\n").encode()
+            self.register = (
+                f"if ('serviceWorker' in navigator) navigator.serviceWorker"
+                f".register({json.dumps(cfg.service_worker_path)}, "
+                "{scope: '/'});\n"
+            ).encode()
 
     def _sealed_paths(self) -> dict[str, manifest.Entry]:
         """The manifest's entries (re-read when the sealer rewrote it). Read without a time
@@ -147,26 +161,46 @@ class BlindStore:
             return
         head = request.method == b"HEAD"
         if path == self.manifest_path:
-            await self._file(request, respond, self.dir / MANIFEST_NAME, b"application/json",
-                             b"no-store", head, "manifest")
+            await self._file(
+                request,
+                respond,
+                self.dir / MANIFEST_NAME,
+                b"application/json",
+                b"no-store",
+                head,
+                "manifest",
+            )
         elif path.startswith(self.blobs_path):
-            blob = path[len(self.blobs_path):]
+            blob = path[len(self.blobs_path) :]
             if not _ID.fullmatch(blob):
                 self._count("blind_requests:not_found")
                 await simple_response(respond, 404, "no such blob\n")
                 return
-            await self._file(request, respond, self.blobs / blob.decode(),
-                             b"application/octet-stream", _BLOB_CACHE, head, "blob")
+            await self._file(
+                request,
+                respond,
+                self.blobs / blob.decode(),
+                b"application/octet-stream",
+                _BLOB_CACHE,
+                head,
+                "blob",
+            )
         elif path.startswith(self.public_path):
-            public = path[len(self.public_path):]
+            public = path[len(self.public_path) :]
             if not _PUBLIC.fullmatch(public):
                 self._count("blind_requests:not_found")
                 await simple_response(respond, 404, "not published\n")
                 return
             public_type = SRI_TYPES["." + public.decode().rpartition(".")[2]]
-            await self._file(request, respond, self.dir / PUBLIC_DIR / public.decode(),
-                             f"{public_type}; charset=utf-8".encode(), _BLOB_CACHE, head,
-                             "public")
+            await self._file(
+                request,
+                respond,
+                self.dir / PUBLIC_DIR / public.decode(),
+                f"{public_type}; charset=utf-8".encode(),
+                _BLOB_CACHE,
+                head,
+                "public",
+            )
         elif self.sw is not None and path == cfg.service_worker_path.encode():
             await self._bytes(respond, self.sw, b"text/javascript; charset=utf-8", head)
         elif self.sw is not None and path == cfg.register_path.encode():
@@ -177,13 +211,24 @@ class BlindStore:
             if entry is None and cfg.rewrite_html and file.suffix == ".html":
                 await self._page(request, respond, file, head)
                 return
-            ctype = entry.type.encode() if entry else _TYPES.get(
-                file.suffix, b"application/octet-stream")
+            ctype = (
+                entry.type.encode()
+                if entry
+                else _TYPES.get(file.suffix, b"application/octet-stream")
+            )
             # A sealed file's ETag is its plaintext digest (the manifest's), so a client that
             # resumes one with Range + If-Range never splices two versions.
             etag = f'"{entry.sha256}"'.encode() if entry else None
-            await self._file(request, respond, file, ctype, b"no-cache", head,
-                             "plaintext" if entry else "page", etag)
+            await self._file(
+                request,
+                respond,
+                file,
+                ctype,
+                b"no-cache",
+                head,
+                "plaintext" if entry else "page",
+                etag,
+            )
         else:
             await self.inner(request, body, respond)
 
@@ -213,15 +258,16 @@ class BlindStore:
         if mtime != self._sri_mtime:
             try:
                 files = json.loads((self.dir / SRI_NAME).read_bytes())["files"]
-                self._sri = {p: sri.Published(self.cfg.edge_url + e["url_path"],
-                                              e["integrity"]) for p, e in files.items()}
+                self._sri = {
+                    p: sri.Published(self.cfg.edge_url + e["url_path"], e["integrity"])
+                    for p, e in files.items()
+                }
             except (OSError, ValueError, KeyError, TypeError):
                 self._sri = {}
             self._sri_mtime = mtime
         return self._sri
 
-    async def _page(self, request: Request, respond: Responder, file: Path,
-                    head: bool) -> None:
+    async def _page(self, request: Request, respond: Responder, file: Path, head: bool) -> None:
         try:
             text = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
@@ -233,8 +279,13 @@ class BlindStore:
         self._count("blind_bytes:page", 0 if head else len(data))
         # A page that uses SRI gets the policy: then no script without integrity runs on it
         # (pages that load their scripts through the service worker are left alone).
-        await self._bytes(respond, data, b"text/html; charset=utf-8", head,
-                          [(b"integrity-policy", sri.INTEGRITY_POLICY)] if count else [])
+        await self._bytes(
+            respond,
+            data,
+            b"text/html; charset=utf-8",
+            head,
+            [(b"integrity-policy", sri.INTEGRITY_POLICY)] if count else [],
+        )
 
     def _signed(self, ctype: bytes, digest: bytes) -> Headers:
         if self.signer is None:
@@ -248,21 +299,35 @@ class BlindStore:
         key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
         digest = self._digests.get(key)
         if digest is None:
+
             def compute() -> bytes:
                 f.seek(0)
                 return hashlib.file_digest(f, "sha256").digest()
+
             digest = await asyncio.get_running_loop().run_in_executor(None, compute)
             if len(self._digests) >= 10000:
                 self._digests.clear()
             self._digests[key] = digest
         return digest
 
-    async def _bytes(self, respond: Responder, data: bytes, ctype: bytes, head: bool,
-                     extra: Headers | None = None) -> None:
-        await respond.start(200, [(b"content-type", ctype), (b"cache-control", b"no-cache"),
-                                  (b"content-length", str(len(data)).encode()),
-                                  *(extra or []),
-                                  *self._signed(ctype, hashlib.sha256(data).digest())])
+    async def _bytes(
+        self,
+        respond: Responder,
+        data: bytes,
+        ctype: bytes,
+        head: bool,
+        extra: Headers | None = None,
+    ) -> None:
+        await respond.start(
+            200,
+            [
+                (b"content-type", ctype),
+                (b"cache-control", b"no-cache"),
+                (b"content-length", str(len(data)).encode()),
+                *(extra or []),
+                *self._signed(ctype, hashlib.sha256(data).digest()),
+            ],
+        )
         if not head:
             await respond.send(data)
         await respond.end()
@@ -270,8 +335,7 @@ class BlindStore:
     async def _report(self, request: Request, body: BodyStream, respond: Responder) -> None:
         if not self.reports.allow(time.monotonic()):
             self._count("blind_requests:report_refused")
-            await simple_response(respond, 429, "too many reports\n",
-                                  [(b"retry-after", b"1")])
+            await simple_response(respond, 429, "too many reports\n", [(b"retry-after", b"1")])
             return
         try:
             data = await body.read_all(MAX_REPORT_BYTES)
@@ -282,14 +346,26 @@ class BlindStore:
             await simple_response(respond, 400, "a JSON object of at most 4 KiB\n")
             return
         self._count("blind_requests:report")
-        fields = {k: str(v)[:500] for k, v in list(report.items())[:8]
-                  if k in ("path", "id", "error", "result")}
+        fields = {
+            k: str(v)[:500]
+            for k, v in list(report.items())[:8]
+            if k in ("path", "id", "error", "result")
+        }
         self.log("blind_client_report", client=request.client[0], **fields)
         await respond.start(204, [(b"content-length", b"0")])
         await respond.end()
 
-    async def _file(self, request: Request, respond: Responder, file: Path, ctype: bytes,
-                    cache: bytes, head: bool, kind: str, etag: bytes | None = None) -> None:
+    async def _file(
+        self,
+        request: Request,
+        respond: Responder,
+        file: Path,
+        ctype: bytes,
+        cache: bytes,
+        head: bool,
+        kind: str,
+        etag: bytes | None = None,
+    ) -> None:
         try:
             f = file.open("rb")
         except OSError:
@@ -302,9 +378,12 @@ class BlindStore:
             size = f.seek(0, 2)
             start, end = 0, size
             status = 200
-            headers: Headers = [(b"content-type", ctype), (b"cache-control", cache),
-                                (b"x-content-type-options", b"nosniff"),
-                                (b"accept-ranges", b"bytes")]
+            headers: Headers = [
+                (b"content-type", ctype),
+                (b"cache-control", cache),
+                (b"x-content-type-options", b"nosniff"),
+                (b"accept-ranges", b"bytes"),
+            ]
             if etag is not None:
                 headers.append((b"etag", etag))
             rng = request.header(b"range")
@@ -313,10 +392,17 @@ class BlindStore:
                 rng = None  # RFC 9110 §13.1.5: another version, so the whole of this one
             if rng is not None and kind in ("plaintext", "page", "blob", "public"):
                 m = _RANGE.fullmatch(rng.strip())
-                if m is None or int(m.group(1)) >= size or (
-                        m.group(2) and int(m.group(2)) < int(m.group(1))):
-                    await simple_response(respond, 416, "range not satisfiable\n",
-                                          [(b"content-range", f"bytes */{size}".encode())])
+                if (
+                    m is None
+                    or int(m.group(1)) >= size
+                    or (m.group(2) and int(m.group(2)) < int(m.group(1)))
+                ):
+                    await simple_response(
+                        respond,
+                        416,
+                        "range not satisfiable\n",
+                        [(b"content-range", f"bytes */{size}".encode())],
+                    )
                     return
                 start = int(m.group(1))
                 end = min(size, int(m.group(2)) + 1) if m.group(2) else size

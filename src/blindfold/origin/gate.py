@@ -28,9 +28,20 @@ Log = Callable[..., None]
 
 
 class OriginGate:
-    def __init__(self, proxy: ReverseProxy, waf: WafEngine | None, rules: DecisionRules,
-                 ban: Ban, log: Log, *, inspect_limit: int, reject_over_limit: bool,
-                 detect_only: bool, stats: dict[str, Any], access_log: bool = True) -> None:
+    def __init__(
+        self,
+        proxy: ReverseProxy,
+        waf: WafEngine | None,
+        rules: DecisionRules,
+        ban: Ban,
+        log: Log,
+        *,
+        inspect_limit: int,
+        reject_over_limit: bool,
+        detect_only: bool,
+        stats: dict[str, Any],
+        access_log: bool = True,
+    ) -> None:
         self.proxy = proxy
         self.waf = waf
         self.rules = rules
@@ -82,8 +93,9 @@ class OriginGate:
                 return
             status = response.status
             if tx is not None:
-                tx.response_headers(response.status, response.headers,
-                                    response.http_version.decode())
+                tx.response_headers(
+                    response.status, response.headers, response.http_version.decode()
+                )
             sent = await self.proxy.relay(request, response, respond)
         except BodyTooLarge:
             status = 413
@@ -94,22 +106,31 @@ class OriginGate:
         finally:
             matches: list[Match] = tx.finish() if tx is not None else []
             if verdict_ids:
-                matches += [Match(r, "blocking verdict") for r in verdict_ids
-                            if all(m.rule_id != r for m in matches)]
+                matches += [
+                    Match(r, "blocking verdict")
+                    for r in verdict_ids
+                    if all(m.rule_id != r for m in matches)
+                ]
             if matches:
                 waf_state = waf_state or "matched"
                 self._audit(request, status, matches, waf_state)
             self._count(f"requests:{status // 100}xx" if status else "requests:aborted")
             if self.access_log:
-                self.log("request", request_id=request.request_id, client=ip,
-                         method=request.method.decode("latin-1"),
-                         path=request.path.decode("latin-1")[:300],
-                         host=request.authority.decode("latin-1")[:200], status=status,
-                         bytes_out=sent, http=request.http_version, waf=waf_state,
-                         duration_s=round(time.monotonic() - t0, 6))
+                self.log(
+                    "request",
+                    request_id=request.request_id,
+                    client=ip,
+                    method=request.method.decode("latin-1"),
+                    path=request.path.decode("latin-1")[:300],
+                    host=request.authority.decode("latin-1")[:200],
+                    status=status,
+                    bytes_out=sent,
+                    http=request.http_version,
+                    waf=waf_state,
+                    duration_s=round(time.monotonic() - t0, 6),
+                )
 
-    async def _inspect_body(self, tx: Any, body: BodyStream) -> tuple[Verdict | None,
-                                                                      list[bytes]]:
+    async def _inspect_body(self, tx: Any, body: BodyStream) -> tuple[Verdict | None, list[bytes]]:
         prefix: list[bytes] = []
         seen = 0
         while seen < self.inspect_limit:
@@ -134,14 +155,22 @@ class OriginGate:
         ban = self.rules.on_block(request.client[0], time.time())
         if ban is not None:
             self.ban(*ban)
-        text = (f"Request blocked by the site's firewall.\nrequest id: {request.request_id}\n")
-        await simple_response(respond, verdict.status, text,
-                              [(b"x-request-id", request.request_id.encode())])
+        text = f"Request blocked by the site's firewall.\nrequest id: {request.request_id}\n"
+        await simple_response(
+            respond, verdict.status, text, [(b"x-request-id", request.request_id.encode())]
+        )
 
     def _audit(self, request: Request, status: int, matches: list[Match], state: str) -> None:
-        self.log("waf", request_id=request.request_id, client=request.client[0],
-                 method=request.method.decode("latin-1"),
-                 uri=request.target.decode("latin-1")[:500],
-                 host=request.authority.decode("latin-1")[:200], status=status, result=state,
-                 rule_ids=sorted({m.rule_id for m in matches}),
-                 messages=[m.message for m in matches][:20], audit=True)
+        self.log(
+            "waf",
+            request_id=request.request_id,
+            client=request.client[0],
+            method=request.method.decode("latin-1"),
+            uri=request.target.decode("latin-1")[:500],
+            host=request.authority.decode("latin-1")[:200],
+            status=status,
+            result=state,
+            rule_ids=sorted({m.rule_id for m in matches}),
+            messages=[m.message for m in matches][:20],
+            audit=True,
+        )

@@ -24,8 +24,9 @@ def _names(cert_path: str) -> list[str]:
     except x509.ExtensionNotFound:
         names = []
     if not names:
-        names = [str(a.value).lower()
-                 for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        names = [
+            str(a.value).lower() for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        ]
     return names
 
 
@@ -33,8 +34,12 @@ class SiteTls:
     """One SSLContext per certificate; the default context's SNI callback switches to the one
     whose names match (exact, then one-label wildcard as certificates use them)."""
 
-    def __init__(self, certificates: tuple[CertificateConfig, ...], *,
-                 alpn: tuple[str, ...] = ("h2", "http/1.1")) -> None:
+    def __init__(
+        self,
+        certificates: tuple[CertificateConfig, ...],
+        *,
+        alpn: tuple[str, ...] = ("h2", "http/1.1"),
+    ) -> None:
         self.contexts: list[ssl.SSLContext] = []
         self.by_name: dict[str, ssl.SSLContext] = {}
         self.sni: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
@@ -47,8 +52,9 @@ class SiteTls:
                 ctx.load_cert_chain(c.cert, c.key)
                 names = _names(c.cert)
             except (OSError, ssl.SSLError, ValueError) as exc:
-                raise ConfigError(f"origin.certificates[{i}]",
-                                  f"cannot load {c.cert} / {c.key}: {exc}") from None
+                raise ConfigError(
+                    f"origin.certificates[{i}]", f"cannot load {c.cert} / {c.key}: {exc}"
+                ) from None
             self.contexts.append(ctx)
             for name in names:
                 self.by_name.setdefault(name, ctx)

@@ -39,20 +39,23 @@ class Match:
 
 
 class WafTransaction(Protocol):
-    def request_headers(self, method: bytes, uri: bytes, http_version: str,
-                        headers: Headers) -> Verdict | None: ...
+    def request_headers(
+        self, method: bytes, uri: bytes, http_version: str, headers: Headers
+    ) -> Verdict | None: ...
     def request_body(self, chunk: bytes) -> None: ...
     def end_request(self) -> Verdict | None: ...
-    def response_headers(self, status: int, headers: Headers,
-                         http_version: str) -> Verdict | None: ...
+    def response_headers(
+        self, status: int, headers: Headers, http_version: str
+    ) -> Verdict | None: ...
     def finish(self) -> list[Match]: ...
 
 
 class WafEngine(Protocol):
     name: str
 
-    def transaction(self, request_id: str, client: tuple[str, int],
-                    server: tuple[str, int]) -> WafTransaction: ...
+    def transaction(
+        self, request_id: str, client: tuple[str, int], server: tuple[str, int]
+    ) -> WafTransaction: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,26 +92,26 @@ def build_rules(s: CrsSettings) -> str:
         f"SecRuleEngine {engine}",
         "SecRequestBodyAccess On",
         'SecRule REQUEST_HEADERS:Content-Type "^(?:application(?:/soap\\+|/)|text/)xml" '
-        '"id:\'200000\',phase:1,t:none,t:lowercase,pass,nolog,ctl:requestBodyProcessor=XML"',
+        "\"id:'200000',phase:1,t:none,t:lowercase,pass,nolog,ctl:requestBodyProcessor=XML\"",
         'SecRule REQUEST_HEADERS:Content-Type "^application/json" '
-        '"id:\'200001\',phase:1,t:none,t:lowercase,pass,nolog,ctl:requestBodyProcessor=JSON"',
+        "\"id:'200001',phase:1,t:none,t:lowercase,pass,nolog,ctl:requestBodyProcessor=JSON\"",
         f"SecRequestBodyLimit {s.body_limit_bytes}",
         f"SecRequestBodyNoFilesLimit {s.body_no_files_limit_bytes}",
         f"SecRequestBodyLimitAction {action}",
         "SecRequestBodyJsonDepthLimit 512",
         "SecArgumentsLimit 1000",
         'SecRule &ARGS "@ge 1000" "id:\'200007\', phase:2,t:none,log,deny,status:400,'
-        'msg:\'Failed to fully parse request body due to large argument count\',severity:2"',
+        "msg:'Failed to fully parse request body due to large argument count',severity:2\"",
         'SecRule REQBODY_ERROR "!@eq 0" "id:\'200002\', phase:2,t:none,log,deny,status:400,'
-        'msg:\'Failed to parse request body.\',logdata:\'%{reqbody_error_msg}\',severity:2"',
+        "msg:'Failed to parse request body.',logdata:'%{reqbody_error_msg}',severity:2\"",
         'SecRule MULTIPART_STRICT_ERROR "!@eq 0" "id:\'200003\',phase:2,t:none,log,deny,'
-        'status:400,msg:\'Multipart request body failed strict validation\'"',
+        "status:400,msg:'Multipart request body failed strict validation'\"",
         'SecRule MULTIPART_UNMATCHED_BOUNDARY "@eq 1" "id:\'200004\',phase:2,t:none,log,deny,'
-        'msg:\'Multipart parser detected a possible unmatched boundary.\'"',
+        "msg:'Multipart parser detected a possible unmatched boundary.'\"",
         "SecPcreMatchLimit 1000",
         "SecPcreMatchLimitRecursion 1000",
         'SecRule TX:/^MSC_/ "!@streq 0" "id:\'200005\',phase:2,t:none,deny,'
-        'msg:\'ModSecurity internal error flagged: %{MATCHED_VAR_NAME}\'"',
+        "msg:'ModSecurity internal error flagged: %{MATCHED_VAR_NAME}'\"",
         "SecResponseBodyAccess Off",
         "SecAuditEngine Off",
         "SecArgumentSeparator &",
@@ -116,11 +119,16 @@ def build_rules(s: CrsSettings) -> str:
     ]
     if Path(s.unicode_map_file).is_file():
         lines.append(f"SecUnicodeMapFile {s.unicode_map_file} 20127")
-    setvars = [f"setvar:tx.paranoia_level={s.paranoia_level}",
-               f"setvar:tx.inbound_anomaly_score_threshold={s.anomaly_threshold}"]
+    setvars = [
+        f"setvar:tx.paranoia_level={s.paranoia_level}",
+        f"setvar:tx.inbound_anomaly_score_threshold={s.anomaly_threshold}",
+    ]
     if s.crs_test_settings:
-        setvars[:0] = ["setvar:tx.crs_validate_utf8_encoding=1", "setvar:tx.arg_name_length=100",
-                       "setvar:tx.arg_length=400"]
+        setvars[:0] = [
+            "setvar:tx.crs_validate_utf8_encoding=1",
+            "setvar:tx.arg_name_length=100",
+            "setvar:tx.arg_length=400",
+        ]
     if s.allowed_methods:
         setvars.append(f"setvar:'tx.allowed_methods={s.allowed_methods}'")
     if s.allowed_content_types:
@@ -137,8 +145,10 @@ def build_rules(s: CrsSettings) -> str:
             ctl = ",".join(f"ctl:ruleRemoveById={r}" for r in ex.rule_ids)
         else:
             ctl = "ctl:ruleEngine=Off"
-        lines.append(f'SecRule REQUEST_FILENAME "@beginsWith {prefix}" '
-                     f'"id:{1_000_000 + i},phase:1,pass,nolog,t:none,{ctl}"')
+        lines.append(
+            f'SecRule REQUEST_FILENAME "@beginsWith {prefix}" '
+            f'"id:{1_000_000 + i},phase:1,pass,nolog,t:none,{ctl}"'
+        )
     for rules in sorted(glob.glob(str(Path(s.crs_rules_dir) / "*.conf"))):
         lines.append(f"Include {rules}")
     lines.append(f"Include {setup / 'RESPONSE-999-EXCLUSION-RULES-AFTER-CRS.conf'}")
@@ -157,8 +167,9 @@ class ModSecurityEngine:
         L = self._lib
         for path in (settings.crs_rules_dir, settings.crs_setup_dir):
             if not Path(path).is_dir():
-                raise ModSecurityError(f"{path} is missing (Debian: apt-get install "
-                                       "modsecurity-crs)")
+                raise ModSecurityError(
+                    f"{path} is missing (Debian: apt-get install modsecurity-crs)"
+                )
         self._ms = L.msc_init()
         L.msc_set_connector_info(self._ms, b"blindfold-origin")
         self._messages: dict[int, list[str]] = {}
@@ -182,8 +193,9 @@ class ModSecurityEngine:
             if bucket is not None and len(bucket) < 200:
                 bucket.append(text)
 
-    def transaction(self, request_id: str, client: tuple[str, int],
-                    server: tuple[str, int]) -> ModSecurityTransaction:
+    def transaction(
+        self, request_id: str, client: tuple[str, int], server: tuple[str, int]
+    ) -> ModSecurityTransaction:
         key = next(self._ids)
         with self._lock:
             self._messages[key] = []
@@ -195,16 +207,24 @@ class ModSecurityEngine:
 
 
 class ModSecurityTransaction:
-    def __init__(self, engine: ModSecurityEngine, key: int, request_id: str,
-                 client: tuple[str, int], server: tuple[str, int]) -> None:
+    def __init__(
+        self,
+        engine: ModSecurityEngine,
+        key: int,
+        request_id: str,
+        client: tuple[str, int],
+        server: tuple[str, int],
+    ) -> None:
         self._e = engine
         self._L = engine._lib
         self._key = key
         self._tx = self._L.msc_new_transaction_with_id(
-            engine._ms, engine._rules, request_id.encode(), ctypes.c_void_p(key))
+            engine._ms, engine._rules, request_id.encode(), ctypes.c_void_p(key)
+        )
         self._done = False
-        self._L.msc_process_connection(self._tx, client[0].encode(), client[1],
-                                       server[0].encode(), server[1])
+        self._L.msc_process_connection(
+            self._tx, client[0].encode(), client[1], server[0].encode(), server[1]
+        )
 
     def _intervention(self) -> Verdict | None:
         it = _Intervention()
@@ -224,11 +244,16 @@ class ModSecurityTransaction:
             return None
         ids = tuple(int(x) for x in _RULE_ID.findall(log))
         msg = _MSG.search(log)
-        return Verdict(status=status if status >= 300 else 403, rule_ids=ids,
-                       message=msg.group(1) if msg else log[:200], redirect=url)
+        return Verdict(
+            status=status if status >= 300 else 403,
+            rule_ids=ids,
+            message=msg.group(1) if msg else log[:200],
+            redirect=url,
+        )
 
-    def request_headers(self, method: bytes, uri: bytes, http_version: str,
-                        headers: Headers) -> Verdict | None:
+    def request_headers(
+        self, method: bytes, uri: bytes, http_version: str, headers: Headers
+    ) -> Verdict | None:
         L, tx = self._L, self._tx
         L.msc_process_uri(tx, uri, method, http_version.encode())
         verdict = self._intervention()
@@ -246,8 +271,7 @@ class ModSecurityTransaction:
         self._L.msc_process_request_body(self._tx)
         return self._intervention()
 
-    def response_headers(self, status: int, headers: Headers,
-                         http_version: str) -> Verdict | None:
+    def response_headers(self, status: int, headers: Headers, http_version: str) -> Verdict | None:
         L, tx = self._L, self._tx
         for name, value in headers:
             L.msc_add_n_response_header(tx, name, len(name), value, len(value))

@@ -20,8 +20,13 @@ LIB_CANDIDATES = ("libmodsecurity.so.3", "libmodsecurity.so")
 
 class _Intervention(ctypes.Structure):
     # modsecurity/intervention.h: ModSecurityIntervention_t
-    _fields_ = [("status", ctypes.c_int), ("pause", ctypes.c_int), ("url", ctypes.c_void_p),
-                ("log", ctypes.c_void_p), ("disruptive", ctypes.c_int)]
+    _fields_ = [
+        ("status", ctypes.c_int),
+        ("pause", ctypes.c_int),
+        ("url", ctypes.c_void_p),
+        ("log", ctypes.c_void_p),
+        ("disruptive", ctypes.c_int),
+    ]
 
 
 LOG_CB = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p)
@@ -43,7 +48,8 @@ def _load() -> ctypes.CDLL:
         return ctypes.CDLL(found)
     raise ModSecurityError(
         "libmodsecurity3 is not installed (Debian: apt-get install libmodsecurity3 "
-        "modsecurity-crs): " + "; ".join(errors))
+        "modsecurity-crs): " + "; ".join(errors)
+    )
 
 
 class _Lib:

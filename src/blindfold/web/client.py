@@ -39,8 +39,7 @@ class UpstreamTarget:
             return cls("unix", "", 0, path, b"localhost")
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{url!r}: expected http://host:port, https://host:port or "
-                             "unix:/path")
+            raise ValueError(f"{url!r}: expected http://host:port, https://host:port or unix:/path")
         if parts.path not in ("", "/") or parts.query:
             raise ValueError(f"{url!r}: an upstream has no path or query")
         port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -67,8 +66,9 @@ class UpstreamResponse:
     """Status and headers at once; the body as an async iterator of chunks. The connection goes
     back to the pool when the body has been read to the end, and is closed otherwise."""
 
-    def __init__(self, pool: UpstreamPool, conn: _Conn, status: int, headers: Headers,
-                 http_version: bytes) -> None:
+    def __init__(
+        self, pool: UpstreamPool, conn: _Conn, status: int, headers: Headers, http_version: bytes
+    ) -> None:
         self._pool = pool
         self._conn: _Conn | None = conn
         self.status = status
@@ -109,12 +109,18 @@ class UpstreamResponse:
 
 
 class UpstreamPool:
-    def __init__(self, url: str, *, max_idle: int = 32, connect_timeout_s: float = 5.0,
-                 timeout_s: float = 60.0, tls: ssl.SSLContext | None = None,
-                 server_hostname: str | None = None,
-                 connector: Callable[[], Awaitable[tuple[asyncio.StreamReader,
-                                                         asyncio.StreamWriter]]] | None = None
-                 ) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_idle: int = 32,
+        connect_timeout_s: float = 5.0,
+        timeout_s: float = 60.0,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+        connector: Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+        | None = None,
+    ) -> None:
         """`connector`, when given, opens connections instead (an edge choosing among its
         origins, sending a PROXY header, checking a certificate pin); it raises UpstreamError."""
         self.target = UpstreamTarget.parse(url)
@@ -141,9 +147,12 @@ class UpstreamPool:
                     reader, writer = await asyncio.open_unix_connection(t.path, limit=READ_CHUNK)
                 else:
                     reader, writer = await asyncio.open_connection(
-                        t.host, t.port, ssl=self.tls if t.scheme == "https" else None,
+                        t.host,
+                        t.port,
+                        ssl=self.tls if t.scheme == "https" else None,
                         server_hostname=self.server_hostname if t.scheme == "https" else None,
-                        limit=READ_CHUNK)
+                        limit=READ_CHUNK,
+                    )
         except TimeoutError:
             raise UpstreamError("connect_timeout") from None
         except ssl.SSLError as exc:
@@ -162,8 +171,12 @@ class UpstreamPool:
         return await self._connect(), False
 
     def _release(self, conn: _Conn) -> None:
-        if (conn.h11.our_state is h11.DONE and conn.h11.their_state is h11.DONE
-                and len(self._idle) < self.max_idle and conn.usable()):
+        if (
+            conn.h11.our_state is h11.DONE
+            and conn.h11.their_state is h11.DONE
+            and len(self._idle) < self.max_idle
+            and conn.usable()
+        ):
             conn.h11.start_next_cycle()
             self._idle.append(conn)
         else:
@@ -194,8 +207,9 @@ class UpstreamPool:
         except OSError as exc:
             raise UpstreamError(f"write: {exc.strerror or exc}") from None
 
-    async def request(self, method: bytes, target: bytes, headers: Headers,
-                      body: AsyncIterator[bytes] | None) -> UpstreamResponse:
+    async def request(
+        self, method: bytes, target: bytes, headers: Headers, body: AsyncIterator[bytes] | None
+    ) -> UpstreamResponse:
         """Send a request and return once the response head has arrived. A reused
         connection that turns out dead before anything was read is retried once on a fresh
         one, which is safe because the request never reached the application."""
@@ -209,12 +223,19 @@ class UpstreamPool:
             conn = await self._connect()
             return await self._exchange(conn, method, target, headers, body)
 
-    async def _exchange(self, conn: _Conn, method: bytes, target: bytes, headers: Headers,
-                        body: AsyncIterator[bytes] | None) -> UpstreamResponse:
+    async def _exchange(
+        self,
+        conn: _Conn,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        body: AsyncIterator[bytes] | None,
+    ) -> UpstreamResponse:
         try:
             # the head, and the body as far as it is in hand, go out in one write
-            out = bytearray(conn.h11.send(h11.Request(method=method, target=target,
-                                                      headers=headers)) or b"")
+            out = bytearray(
+                conn.h11.send(h11.Request(method=method, target=target, headers=headers)) or b""
+            )
             if body is not None:
                 async for chunk in body:
                     out += conn.h11.send(h11.Data(data=chunk)) or b""
@@ -236,8 +257,9 @@ class UpstreamPool:
                 if isinstance(event, h11.InformationalResponse):
                     continue
                 if isinstance(event, h11.Response):
-                    return UpstreamResponse(self, conn, event.status_code, list(event.headers),
-                                            event.http_version)
+                    return UpstreamResponse(
+                        self, conn, event.status_code, list(event.headers), event.http_version
+                    )
                 if isinstance(event, h11.ConnectionClosed):
                     raise UpstreamError("upstream closed without a response")
         except (h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
@@ -248,8 +270,9 @@ class UpstreamPool:
             raise
 
     async def _write_or_stale(self, conn: _Conn, data: bytearray) -> None:
-        first = conn.h11.our_state is h11.DONE and conn.writer.transport.get_write_buffer_size(
-            ) == 0
+        first = (
+            conn.h11.our_state is h11.DONE and conn.writer.transport.get_write_buffer_size() == 0
+        )
         try:
             await self._write(conn, data)
         except UpstreamError:

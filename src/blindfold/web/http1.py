@@ -26,8 +26,9 @@ _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 class ConnInfo:
     __slots__ = ("client", "scheme", "server", "tls")
 
-    def __init__(self, client: tuple[str, int], server: tuple[str, int], scheme: bytes,
-                 tls: dict[str, str]) -> None:
+    def __init__(
+        self, client: tuple[str, int], server: tuple[str, int], scheme: bytes, tls: dict[str, str]
+    ) -> None:
         self.client = client
         self.server = server
         self.scheme = scheme
@@ -35,8 +36,13 @@ class ConnInfo:
 
 
 class H1Connection(asyncio.Protocol):
-    def __init__(self, handler: Handler, limits: HttpLimits, info: ConnInfo,
-                 on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        limits: HttpLimits,
+        info: ConnInfo,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
         self.handler = handler
         self.limits = limits
         self.info = info
@@ -167,10 +173,17 @@ class H1Connection(asyncio.Protocol):
         self.phase = BODY
         self._deadline(limits.body_timeout_s, "body_timeout")
         request = Request(
-            method=event.method, target=event.target, authority=host, scheme=self.info.scheme,
-            headers=list(event.headers), http_version=event.http_version.decode(),
-            client=self.info.client, server=self.info.server, request_id=new_request_id(),
-            tls=self.info.tls)
+            method=event.method,
+            target=event.target,
+            authority=host,
+            scheme=self.info.scheme,
+            headers=list(event.headers),
+            http_version=event.http_version.decode(),
+            client=self.info.client,
+            server=self.info.server,
+            request_id=new_request_id(),
+            tls=self.info.tls,
+        )
         self.body = BodyStream(limits.max_body_bytes, self._consumed, self._body_wait)
         responder = H1Responder(self, head=event.method == b"HEAD")
         self.task = self.loop.create_task(self._run(request, self.body, responder))
@@ -191,8 +204,9 @@ class H1Connection(asyncio.Protocol):
                 responder.abort()
             else:
                 with contextlib.suppress(Exception):
-                    await responder.start(500, [(b"content-length", b"0"),
-                                                (b"connection", b"close")])
+                    await responder.start(
+                        500, [(b"content-length", b"0"), (b"connection", b"close")]
+                    )
                     await responder.end()
         finally:
             self._after_response()
@@ -214,14 +228,18 @@ class H1Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ flow control
     def _consumed(self, _n: int) -> None:
-        if self.paused_reading and self.body is not None and (
-                self.body.buffered <= self.limits.body_high_water // 2):
+        if (
+            self.paused_reading
+            and self.body is not None
+            and (self.body.buffered <= self.limits.body_high_water // 2)
+        ):
             self._resume_reading()
 
     def _body_wait(self) -> None:
         if self.conn.they_are_waiting_for_100_continue and self.transport is not None:
-            self.transport.write(self.conn.send(h11.InformationalResponse(
-                status_code=100, headers=[])))
+            self.transport.write(
+                self.conn.send(h11.InformationalResponse(status_code=100, headers=[]))
+            )
 
     def _pause_reading(self) -> None:
         if not self.paused_reading and self.transport is not None:
@@ -274,8 +292,10 @@ class H1Connection(asyncio.Protocol):
 
     def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
         status = getattr(exc, "error_status_hint", 400) or 400
-        self.on_event("bad_request", {"client": self.info.client[0], "status": status,
-                                      "error": str(exc)[:200]})
+        self.on_event(
+            "bad_request",
+            {"client": self.info.client[0], "status": status, "error": str(exc)[:200]},
+        )
         self._error_response(status, str(exc)[:200])
 
     def _error_response(self, status: int, text: str) -> None:
@@ -286,10 +306,19 @@ class H1Connection(asyncio.Protocol):
         if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and self.transport is not None:
             body = f"{status} {text}\n".encode()
             try:
-                self.transport.write(conn.send(h11.Response(status_code=status, headers=[
-                    (b"content-type", b"text/plain"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close")])) or b"")
+                self.transport.write(
+                    conn.send(
+                        h11.Response(
+                            status_code=status,
+                            headers=[
+                                (b"content-type", b"text/plain"),
+                                (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close"),
+                            ],
+                        )
+                    )
+                    or b""
+                )
                 self.transport.write(conn.send(h11.Data(data=body)) or b"")
                 self.transport.write(conn.send(h11.EndOfMessage()) or b"")
             except h11.LocalProtocolError:
@@ -333,8 +362,9 @@ class H1Responder:
             headers = [*headers, (b"connection", b"close")]
         self.started = True
         try:
-            data = c.conn.send(h11.Response(status_code=status, headers=headers,
-                                            reason=_REASONS.get(status, b"")))
+            data = c.conn.send(
+                h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""))
+            )
         except h11.LocalProtocolError as exc:
             raise ConnectionError(f"invalid response: {exc}") from None
         self._held = data or b""

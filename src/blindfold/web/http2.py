@@ -29,8 +29,9 @@ from blindfold.web.http1 import ConnInfo
 from blindfold.web.limits import HttpLimits, new_request_id
 from blindfold.web.messages import BodyStream, BodyTimeout, Handler, Headers, Request
 
-_FORBIDDEN_RESPONSE_HEADERS = frozenset({b"connection", b"keep-alive", b"proxy-connection",
-                                         b"transfer-encoding", b"upgrade", b"te"})
+_FORBIDDEN_RESPONSE_HEADERS = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"}
+)
 
 
 class _Stream:
@@ -47,14 +48,20 @@ class _Stream:
 
 
 class H2Connection(asyncio.Protocol):
-    def __init__(self, handler: Handler, limits: HttpLimits, info: ConnInfo,
-                 on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        limits: HttpLimits,
+        info: ConnInfo,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
         self.handler = handler
         self.limits = limits
         self.info = info
         self.on_event = on_event or (lambda _e, _f: None)
-        config = h2.config.H2Configuration(client_side=False, header_encoding=None,
-                                           validate_inbound_headers=True)
+        config = h2.config.H2Configuration(
+            client_side=False, header_encoding=None, validate_inbound_headers=True
+        )
         self.conn = h2.connection.H2Connection(config=config)
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_event_loop()
@@ -75,12 +82,15 @@ class H2Connection(asyncio.Protocol):
         self.transport = transport
         limits = self.limits
         S = h2.settings.SettingCodes
-        self.conn.local_settings = h2.settings.Settings(client=False, initial_values={
-            S.MAX_CONCURRENT_STREAMS: limits.h2_max_concurrent_streams,
-            S.INITIAL_WINDOW_SIZE: limits.h2_initial_window,
-            S.MAX_HEADER_LIST_SIZE: limits.h2_max_header_list_size,
-            S.HEADER_TABLE_SIZE: limits.h2_header_table_size,
-        })
+        self.conn.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                S.MAX_CONCURRENT_STREAMS: limits.h2_max_concurrent_streams,
+                S.INITIAL_WINDOW_SIZE: limits.h2_initial_window,
+                S.MAX_HEADER_LIST_SIZE: limits.h2_max_header_list_size,
+                S.HEADER_TABLE_SIZE: limits.h2_header_table_size,
+            },
+        )
         self.conn.initiate_connection()
         # open the connection window as far as the streams may go
         extra = limits.h2_initial_window * 4 - 65535
@@ -95,8 +105,9 @@ class H2Connection(asyncio.Protocol):
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
-            self.on_event("h2_protocol_error", {"client": self.info.client[0],
-                                                "error": str(exc)[:200]})
+            self.on_event(
+                "h2_protocol_error", {"client": self.info.client[0], "error": str(exc)[:200]}
+            )
             self._flush()
             self._close()
             return
@@ -196,11 +207,17 @@ class H2Connection(asyncio.Protocol):
             stream.task = self.loop.create_task(self._refuse(responder, 413))
             return
         request = Request(
-            method=pseudo.get(b":method", b""), target=pseudo.get(b":path", b""),
+            method=pseudo.get(b":method", b""),
+            target=pseudo.get(b":path", b""),
             authority=pseudo.get(b":authority", b""),
-            scheme=pseudo.get(b":scheme", self.info.scheme), headers=headers,
-            http_version="2", client=self.info.client, server=self.info.server,
-            request_id=new_request_id(), tls=self.info.tls)
+            scheme=pseudo.get(b":scheme", self.info.scheme),
+            headers=headers,
+            http_version="2",
+            client=self.info.client,
+            server=self.info.server,
+            request_id=new_request_id(),
+            tls=self.info.tls,
+        )
         stream.body = BodyStream(limits.max_body_bytes, self._acker(stream, sid))
         stream.last_data = self.loop.time()
         if event.stream_ended is not None:
@@ -345,8 +362,13 @@ class H2Connection(asyncio.Protocol):
             stream.window_waiter = None
 
     def _wake_windows(self, sid: int) -> None:
-        targets = self.streams.values() if sid == 0 else [self.streams[sid]] if (
-            sid in self.streams) else []
+        targets = (
+            self.streams.values()
+            if sid == 0
+            else [self.streams[sid]]
+            if (sid in self.streams)
+            else []
+        )
         for stream in targets:
             waiter = stream.window_waiter
             if waiter is not None and not waiter.done():
@@ -359,8 +381,11 @@ class H2Connection(asyncio.Protocol):
             return
         now = self.loop.time()
         limits = self.limits
-        if not self.streams and self.idle_since and now - self.idle_since > (
-                limits.keepalive_timeout_s):
+        if (
+            not self.streams
+            and self.idle_since
+            and now - self.idle_since > (limits.keepalive_timeout_s)
+        ):
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.conn.close_connection(ErrorCodes.NO_ERROR)
             self._flush()
@@ -368,8 +393,11 @@ class H2Connection(asyncio.Protocol):
             return
         for stream in list(self.streams.values()):
             body = stream.body
-            if body is not None and not body._done and now - stream.last_data > (
-                    limits.body_timeout_s):
+            if (
+                body is not None
+                and not body._done
+                and now - stream.last_data > (limits.body_timeout_s)
+            ):
                 body.fail(BodyTimeout("body_timeout"))
         self.timer = self.loop.call_later(1.0, self._tick)
 

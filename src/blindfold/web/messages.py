@@ -51,11 +51,24 @@ class BodyStream:
     when `buffered` passes its high-water mark. Bounded by `limit` bytes in total.
     """
 
-    __slots__ = ("_chunks", "_done", "_error", "_waiter", "buffered", "limit", "on_consumed",
-                 "on_wait", "received")
+    __slots__ = (
+        "_chunks",
+        "_done",
+        "_error",
+        "_waiter",
+        "buffered",
+        "limit",
+        "on_consumed",
+        "on_wait",
+        "received",
+    )
 
-    def __init__(self, limit: int, on_consumed: Callable[[int], None],
-                 on_wait: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        limit: int,
+        on_consumed: Callable[[int], None],
+        on_wait: Callable[[], None] | None = None,
+    ) -> None:
         self.on_wait = on_wait  # called when the reader waits (HTTP/1.1 sends 100 Continue)
         self._chunks: list[bytes] = []
         self._done = False
@@ -146,8 +159,18 @@ class Handler(Protocol):
     async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None: ...
 
 
-HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-                        b"transfer-encoding", b"upgrade", b"http2-settings"})
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"http2-settings",
+    }
+)
 
 
 def strip_hop_by_hop(headers: Headers) -> Headers:
@@ -159,11 +182,15 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
     return [(k, v) for k, v in headers if k not in HOP_BY_HOP and k not in named]
 
 
-async def simple_response(respond: Responder, status: int, text: str,
-                          extra: Headers | None = None) -> None:
+async def simple_response(
+    respond: Responder, status: int, text: str, extra: Headers | None = None
+) -> None:
     body = text.encode()
-    headers = [(b"content-type", b"text/plain; charset=utf-8"),
-               (b"content-length", str(len(body)).encode()), *(extra or [])]
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        *(extra or []),
+    ]
     await respond.start(status, headers)
     await respond.send(body)
     await respond.end()

@@ -21,8 +21,17 @@ from blindfold.web.messages import (
     strip_hop_by_hop,
 )
 
-_CLIENT_SUPPLIED = frozenset({b"host", b"forwarded", b"x-forwarded-for", b"x-forwarded-proto",
-                              b"x-forwarded-host", b"x-real-ip", b"x-request-id"})
+_CLIENT_SUPPLIED = frozenset(
+    {
+        b"host",
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-real-ip",
+        b"x-request-id",
+    }
+)
 
 
 def _quote_for(ip: str) -> str:
@@ -71,13 +80,19 @@ async def iterate(first: list[bytes], body: BodyStream) -> AsyncIterator[bytes]:
 
 
 class ReverseProxy:
-    def __init__(self, pool: UpstreamPool,
-                 on_response: Callable[[Request, int, int], None] | None = None) -> None:
+    def __init__(
+        self, pool: UpstreamPool, on_response: Callable[[Request, int, int], None] | None = None
+    ) -> None:
         self.pool = pool
         self.on_response = on_response
 
-    async def forward(self, request: Request, body: BodyStream, respond: Responder,
-                      prefix: list[bytes] | None = None) -> UpstreamResponse | None:
+    async def forward(
+        self,
+        request: Request,
+        body: BodyStream,
+        respond: Responder,
+        prefix: list[bytes] | None = None,
+    ) -> UpstreamResponse | None:
         """Send the request upstream; return the response (head read) or None after having
         answered an error to the client."""
         headers = upstream_headers(request, self.pool.target.authority)
@@ -86,22 +101,24 @@ class ReverseProxy:
             headers.append((b"transfer-encoding", b"chunked"))
         stream = iterate(prefix or [], body) if has_body else None
         try:
-            return await self.pool.request(request.method, request.target or b"/", headers,
-                                           stream)
+            return await self.pool.request(request.method, request.target or b"/", headers, stream)
         except BodyTooLarge:
             await simple_response(respond, 413, "request body too large\n")
         except BodyTimeout:
             await simple_response(respond, 408, "request body not received in time\n")
         except UpstreamError as exc:
             status = 504 if "timeout" in str(exc) else 502
-            await simple_response(respond, status, f"upstream unavailable ({exc})\n",
-                                  [(b"x-request-id", request.request_id.encode())])
+            await simple_response(
+                respond,
+                status,
+                f"upstream unavailable ({exc})\n",
+                [(b"x-request-id", request.request_id.encode())],
+            )
         except ConnectionError:
             pass  # the client went away while we were sending its body
         return None
 
-    async def relay(self, request: Request, response: UpstreamResponse,
-                    respond: Responder) -> int:
+    async def relay(self, request: Request, response: UpstreamResponse, respond: Responder) -> int:
         """Stream the upstream response to the client; returns the body bytes sent."""
         sent = 0
         headers = strip_hop_by_hop(response.headers)
