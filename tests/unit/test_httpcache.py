@@ -95,6 +95,14 @@ def test_age_counts_what_the_response_already_had() -> None:
     assert stale is None or not stale.fresh
 
 
+def test_non_ascii_digits_are_not_delta_seconds() -> None:
+    # found by hypothesis: "\xb2" (superscript two) passes str.isdigit() but not int()
+    cache = HttpCache(1 << 20, 1 << 16)
+    assert stored(cache, [(b"cache-control", b"max-age=10"), (b"age", b"\xb2")])
+    bad = [(b"cache-control", b"max-age=\xb2")]
+    assert freshness_lifetime(bad, directives(bad)) == 0.0  # invalid: stale (RFC 9111 §4.2.1)
+
+
 def test_request_directives_force_revalidation() -> None:
     cache = HttpCache(1 << 20, 1 << 16)
     assert stored(

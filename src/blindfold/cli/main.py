@@ -115,7 +115,12 @@ def _connect_to(items: list[str]) -> dict[str, str]:
     for item in items:
         host, port, addr_port = [*item.split(":", 2), "", ""][:3]
         if not (
-            host and port.isdigit() and ":" in addr_port and addr_port.rpartition(":")[2].isdigit()
+            host
+            and port.isascii()
+            and port.isdigit()
+            and ":" in addr_port
+            and addr_port.rpartition(":")[2].isascii()
+            and addr_port.rpartition(":")[2].isdigit()
         ):
             raise ConfigError("connect_to", f"{item!r}: expected HOST:PORT:ADDR:PORT")
         connect_to[f"{host}:{port}"] = addr_port

@@ -20,7 +20,7 @@ def parse_hostport(text: str) -> tuple[str, int]:
             raise ValueError(f"{text!r} is not 'host:port'")
         if ":" in host:
             raise ValueError(f"{text!r}: write IPv6 addresses as '[addr]:port'")
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ValueError(f"{text!r}: port must be 0..65535")
     return host, int(port)
 

@@ -56,7 +56,7 @@ def directives(headers: Headers, name: bytes = b"cache-control") -> dict[str, st
 
 def _seconds(value: str | None) -> int | None:
     """A delta-seconds value (§1.2.2); invalid is None, huge is capped."""
-    if value is None or not value.isdigit():
+    if value is None or not (value.isascii() and value.isdigit()):  # "²".isdigit() is True
         return None
     return min(int(value), 2**31)
 
