@@ -12,7 +12,17 @@ from pathlib import Path
 import pytest
 
 from blindfold.cli.main import main
-from blindfold.keyserver.audit import GENESIS, AuditError, AuditLog, create_key, load_key, verify
+from blindfold.core import keyless_handshake as kh
+from blindfold.keyserver.audit import (
+    GENESIS,
+    AuditError,
+    AuditLog,
+    create_key,
+    json_str,
+    load_key,
+    verify,
+)
+from blindfold.keyserver.server import _verified, signed_entry
 
 KEY = bytes(range(32))
 
@@ -157,3 +167,34 @@ def test_keys(tmp_path: Path) -> None:
     Path(path).write_text("zz" * 32)
     with pytest.raises(AuditError, match="not hex"):
         load_key(path)
+
+
+@pytest.mark.parametrize("repeat", [False, True])
+def test_the_key_servers_own_formatting_is_the_generic_entry(tmp_path: Path, repeat: bool) -> None:
+    hs = kh.Handshake(
+        'we"ird\\.example',  # never a valid SNI, but escaping must hold anyway
+        bytes(range(32)),
+        0x1302,
+        0x001D,
+        "h2",
+        (0x0403,),
+        bytes(32),
+        bytes(range(48)),
+    )
+    fast, generic = AuditLog(str(tmp_path / "a"), KEY), AuditLog(str(tmp_path / "b"), KEY)
+    fast.append_json(signed_entry(json_str("edge\u00e9"), 'k"1', hs, 0x0804, "::1", repeat))
+    generic.append(
+        event="signed",
+        edge="edge\u00e9",
+        key='k"1',
+        verified={**_verified(hs), "scheme": "0x0804"},
+        claimed={"client": "::1"},
+        **({"repeat": True} if repeat else {}),
+    )
+    fast.close()
+    generic.close()
+    a, b = (json.loads((tmp_path / n).read_text()) for n in "ab")
+    assert {k: v for k, v in a.items() if k not in ("ts", "mac")} == {
+        k: v for k, v in b.items() if k not in ("ts", "mac")
+    }
+    assert verify(str(tmp_path / "a"), KEY).ok

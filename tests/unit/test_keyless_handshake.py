@@ -314,7 +314,7 @@ def test_replay_guard(sites: dict[str, Site]) -> None:
     assert guard.check(hs, "edge1", 0.0) is False
     guard.remember(hs, "edge1", 0.0)
     assert guard.check(hs, "edge1", 1.0) is True  # the same request again: a retry
-    other = replace(hs, transcript_hash=bytes(32))
+    other = hs._replace(transcript_hash=bytes(32))
     with pytest.raises(ProtocolError, match="replayed_client_random"):
         guard.check(other, "edge1", 1.0)  # the visitor's random in another transcript
     with pytest.raises(ProtocolError, match="replayed_client_random"):
@@ -322,9 +322,9 @@ def test_replay_guard(sites: dict[str, Site]) -> None:
     assert guard.check(other, "edge1", 60.0) is False  # the window is over
     assert len(guard) == 0
     for i in range(5):  # bounded: the oldest go first
-        guard.remember(replace(hs, client_random=bytes([i]) * 32), "edge1", 100.0)
+        guard.remember(hs._replace(client_random=bytes([i]) * 32), "edge1", 100.0)
     assert len(guard) == 3
-    assert guard.check(replace(other, client_random=bytes(32)), "edge1", 100.0) is False
+    assert guard.check(other._replace(client_random=bytes(32)), "edge1", 100.0) is False
     off = kh.ReplayGuard(window_s=0, max_entries=3)
     off.remember(hs, "edge1", 0.0)
     assert off.check(other, "edge2", 0.0) is False and len(off) == 0

@@ -27,7 +27,7 @@ from blindfold.core.ratelimit import TokenBucket
 from blindfold.core.routing import SniRouter
 from blindfold.errors import ConfigError, ProtocolError
 from blindfold.io.admin_http import AdminServer
-from blindfold.keyserver.audit import AuditError, AuditLog, create_key
+from blindfold.keyserver.audit import AuditError, AuditLog, create_key, json_str
 from blindfold.keyserver.audit import load_key as load_audit_key
 from blindfold.keyserver.signer import SignError, SiteKey, load_key, sign_certificate_verify
 from blindfold.obs.log import JsonLog
@@ -60,10 +60,11 @@ KEYSERVER_METRICS = [
 
 
 class _Edge:
-    __slots__ = ("bucket", "cfg", "router")
+    __slots__ = ("bucket", "cfg", "name_json", "router")
 
     def __init__(self, cfg: EdgeAccessConfig, ks: KeyServerConfig) -> None:
         self.cfg = cfg
+        self.name_json = json_str(cfg.name)
         self.router: SniRouter[bool] = SniRouter([(h, True) for h in cfg.hostnames])
         self.bucket = TokenBucket(
             cfg.rate_per_s or ks.rate_per_s, cfg.burst or ks.burst, time.monotonic()
@@ -286,14 +287,8 @@ class KeyServer:
             )
             return w.encode_error(rid, code, f"{reason}: {detail}")
         self.replays.remember(hs, name, now)
-        entry = {"repeat": True} if repeat else {}
-        self.audit.append(
-            event="signed",
-            edge=name,
-            key=site.name,
-            verified={**_verified(hs), "scheme": f"0x{req.scheme:04x}"},
-            claimed={"client": req.client},
-            **entry,
+        self.audit.append_json(
+            signed_entry(edge.name_json, site.name, hs, req.scheme, req.client, repeat)
         )
         self._count(name, "ok")
         self.latency.observe(time.perf_counter() - t0)
@@ -367,6 +362,23 @@ def _verified(hs: kh.Handshake) -> dict[str, str]:
         "certificate_sha256": hs.certificate_sha256.hex(),
         "transcript_hash": hs.transcript_hash.hex(),
     }
+
+
+def signed_entry(
+    edge_json: str, key: str, hs: kh.Handshake, scheme: int, client: str, repeat: bool
+) -> str:
+    """The audit entry of a signature, as JSON members: what `AuditLog.append(event="signed",
+    edge=..., key=..., verified={**_verified(hs), "scheme": ...}, claimed={"client": ...})`
+    writes, formatted here because json.dumps of nested dicts was a tenth of a request's cost.
+    `edge_json` is the edge's name already encoded."""
+    return (
+        f'"event":"signed","edge":{edge_json},"key":{json_str(key)},'
+        f'"verified":{{"sni":{json_str(hs.sni)},"client_random":"{hs.client_random.hex()}",'
+        f'"cipher_suite":"0x{hs.cipher_suite:04x}",'
+        f'"certificate_sha256":"{hs.certificate_sha256.hex()}",'
+        f'"transcript_hash":"{hs.transcript_hash.hex()}","scheme":"0x{scheme:04x}"}},'
+        f'"claimed":{{"client":{json_str(client)}}}' + (',"repeat":true' if repeat else "")
+    )
 
 
 def _open_audit(cfg: KeyServerConfig) -> AuditLog:
