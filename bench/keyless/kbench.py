@@ -1148,8 +1148,8 @@ class Bench:
                 f"{errs or 0}"
             )
             L.append(
-                "   (the keyless route has sni = example.test and default = true: without "
-                "SNI, e.g. openssl s_time, a keyless route needs default = true)"
+                "   (clients send SNI example.test; a ClientHello without SNI would be passed "
+                "through to the origin)"
             )
             L.append("")
         if "part2" in self.r:
@@ -1217,7 +1217,7 @@ class Bench:
                 f"{raw['n'] / raw['wall_s']:>8.0f} {raw_rate:>9.0f} {1:>5.2f}x"
             )
             L.append(
-                f"   {'key server (authorise, sign, audit log)':<46} "
+                f"   {'key server (parse, authorise, sign, audit)':<46} "
                 f"{r['ok'] / r['elapsed_s']:>8.0f} {per_core:>9.0f} "
                 f"{per_core / raw_rate:>5.2f}x"
             )
