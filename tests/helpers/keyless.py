@@ -3,12 +3,16 @@ and the key server's configuration."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 from blindfold import pki
 from blindfold.cli.main import main as cli
+from blindfold.core import keyless_wire as w
+from blindfold.core import tls13_server as ts
 from blindfold.keyless.client import KeyServerClient
 from tests.helpers.edgeproc import BlindfoldProcess
 
@@ -24,6 +28,11 @@ class KeylessPki:
     site_ca: Path
     sites: dict[str, tuple[Path, Path, str]]  # name -> (cert, key, sha256 hex)
     fingerprints: dict[str, str]  # edge name -> client cert sha256
+
+    @property
+    def audit_key(self) -> Path:
+        """Apart from the log (the key server creates it at its first start)."""
+        return self.dir.parent / "audit.key"
 
     def edge_tls(self, name: str) -> ssl.SSLContext:
         ctx = ssl.create_default_context(cafile=str(self.edge_ca))
@@ -95,6 +104,7 @@ cert = "{p.dir / "keyserver.pem"}"
 key = "{p.dir / "keyserver.key"}"
 client_ca = "{p.edge_ca}"
 audit_log = "{p.dir / "audit.log"}"
+audit_key = "{p.audit_key}"
 admin_listen = "127.0.0.1:0"
 """
     if rate:
@@ -110,3 +120,49 @@ admin_listen = "127.0.0.1:0"
             r, b = edge_rates[edge]
             out += f"rate_per_s = {r}\nburst = {b}\n"
     return out
+
+
+class Visit:
+    """A real TLS 1.3 handshake up to its signature: an OpenSSL client (Python ssl over memory
+    BIOs) visiting `sni`, answered by our TlsServer with a site's certificate, which waits in
+    `request` (what an honest edge sends the key server)."""
+
+    def __init__(self, kpki: KeylessPki, site: str, sni: str | None) -> None:
+        ctx = ssl.create_default_context(cafile=str(kpki.site_ca))
+        ctx.set_alpn_protocols(["h2", "http/1.1"])
+        if sni is None:
+            ctx.check_hostname = False
+        self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.client = ctx.wrap_bio(self.inc, self.out, server_hostname=sni)
+        with contextlib.suppress(ssl.SSLWantReadError):
+            self.client.do_handshake()
+        flight = self.out.read()
+        self.identity = ts.ServerIdentity.from_pem(kpki.sites[site][0].read_bytes())
+        self.server = ts.TlsServer(
+            self.identity, ts.TlsSettings(), ts.SessionStore(10, 10), sni or ""
+        )
+        event = self.server.receive(flight, 0.0)[-1]
+        assert isinstance(event, ts.SignatureRequested), event
+        self.request = event
+
+    def sign_request(self, client: str = "192.0.2.7", scheme: int | None = None) -> w.SignRequest:
+        return w.SignRequest(
+            self.request.scheme if scheme is None else scheme, client, self.request.messages
+        )
+
+    def finish(self, signature: bytes) -> bool:
+        """Hand the signature to our server and its flight to the client: did the client
+        accept the handshake?"""
+        self.server.signature_received(signature, 0.0)
+        self.inc.write(self.server.data_to_send())
+        try:
+            self.client.do_handshake()
+        except ssl.SSLError:
+            return False
+        return self.client.version() == "TLSv1.3"
+
+
+def fresh_random(messages: bytes) -> bytes:
+    """The same handshake with another ClientHello random (another visitor's, as far as the
+    key server can tell): for loads of distinct requests without a client per request."""
+    return messages[:6] + os.urandom(32) + messages[38:]

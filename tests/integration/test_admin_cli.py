@@ -123,6 +123,10 @@ def test_demo_self_check() -> None:
         "the WAF blocks the SQL injection",
         "the edge then refuses the attacker",
         "another visitor is still served",
+        "its signature is in the audit log, with the SNI the key server read itself",
+        "a lying edge (the demo edge's identity) cannot get a handshake for "
+        "demo.blindfold.test signed",
+        "the audit log verifies with its key",
     ):
         assert f"self-check: {check}: OK" in out.stdout
     assert "curl --cacert" in out.stdout and "--interface 127.0.0.66" in out.stdout

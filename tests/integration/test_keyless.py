@@ -136,8 +136,9 @@ def test_curl_http1_and_http2_through_a_keyless_route(
     audit = kpki.dir / "audit.log"
     assert wait_until(lambda: audit.exists() and len(audit.read_text().splitlines()) >= 2, 5)
     entries = [json.loads(line) for line in audit.read_text().splitlines()]
-    assert {e["client"] for e in entries} == {"127.0.0.7"}
-    assert all(e["hostname"] == "example.test" and e["edge"] == "edge1" for e in entries)
+    assert {e["claimed"]["client"] for e in entries} == {"127.0.0.7"}
+    assert all(e["verified"]["sni"] == "example.test" and e["edge"] == "edge1" for e in entries)
+    assert all(e["event"] == "signed" for e in entries)
     assert edge.metric("blindfold_keyless_handshakes_total", route="route0", result="full") == 2
     assert edge.metric("blindfold_keyless_requests_total", route="route0", status="2xx") == 2
 
@@ -364,6 +365,34 @@ def test_tls12_only_and_hello_retry_clients_are_passed_through(
         == 1
     )
     assert edge.metric("blindfold_keyless_handshakes_total", route="route0", result="full") == 0
+
+
+def test_a_client_without_sni_is_passed_through(
+    chain: Any, kpki: KeylessPki, site: dict[str, Path], keyserver: KeyServerProcess
+) -> None:
+    """The key server authorises on the SNI in the ClientHello and refuses a handshake without
+    one, so a default keyless route does not ask: the origin, which has the key, answers."""
+    edge, _ = chain(default=True)
+    out = subprocess.run(
+        [
+            need("openssl"),
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{edge.port}",
+            "-noservername",
+            "-CAfile",
+            str(site["ca"]),
+            "-brief",
+        ],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert "Protocol version: TLSv1.3" in out.stderr, out.stderr
+    assert edge.metric("blindfold_keyless_fallbacks_total", route="route0", reason="no_sni") == 1
+    assert edge.metric("blindfold_keyless_handshakes_total", route="route0", result="full") == 0
+    assert not (kpki.dir / "audit.log").exists() or not (kpki.dir / "audit.log").read_text()
 
 
 def _free_port() -> int:

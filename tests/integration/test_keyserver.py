@@ -4,11 +4,18 @@ content is ever signed, revocation by SIGHUP, rate limits, the audit chain."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
+import signal
 import socket
 import ssl
+import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,7 +28,15 @@ from blindfold import pki
 from blindfold.cli.main import main as cli
 from blindfold.core import keyless_wire as w
 from blindfold.errors import KeyServerError
-from tests.helpers.keyless import KeylessPki, KeyServerProcess, keyserver_config, make_pki
+from tests.helpers import forge
+from tests.helpers.keyless import (
+    KeylessPki,
+    KeyServerProcess,
+    Visit,
+    fresh_random,
+    keyserver_config,
+    make_pki,
+)
 
 
 @pytest.fixture
@@ -46,19 +61,6 @@ def keyserver(kpki: KeylessPki, tmp_path: Path) -> Iterator[KeyServerProcess]:
     yield ks
     ks.stop()
     assert not ks.tracebacks()
-
-
-def request(
-    kpki: KeylessPki,
-    site: str,
-    scheme: int,
-    host: str,
-    th: bytes | None = None,
-    client: str = "192.0.2.7",
-) -> w.SignRequest:
-    return w.SignRequest(
-        scheme, th or os.urandom(32), host, client, bytes.fromhex(kpki.sites[site][2])
-    )
 
 
 def sign(kpki: KeylessPki, port: int, edge: str, req: w.SignRequest) -> bytes:
@@ -91,57 +93,70 @@ def verify_sig(cert_path: Path, scheme: int, th: bytes, sig: bytes) -> None:
 
 
 @pytest.mark.parametrize(
-    ("site", "scheme", "host", "size"),
+    ("site", "host", "scheme"),
     [
-        ("p256", w.ECDSA_SECP256R1_SHA256, "www.example.test", 32),
-        ("p384", w.ECDSA_SECP384R1_SHA384, "p384.test", 48),
-        ("rsa", w.RSA_PSS_RSAE_SHA256, "rsa.test", 32),
-        ("rsa", w.RSA_PSS_RSAE_SHA384, "rsa.test", 48),
-        ("ed", w.ED25519, "ed.test", 32),
+        ("p256", "www.example.test", w.ECDSA_SECP256R1_SHA256),
+        ("p384", "p384.test", w.ECDSA_SECP384R1_SHA384),
+        ("rsa", "rsa.test", w.RSA_PSS_RSAE_SHA256),
+        ("ed", "ed.test", w.ED25519),
     ],
 )
-def test_signs_certificate_verify_content(
-    kpki: KeylessPki, keyserver: KeyServerProcess, site: str, scheme: int, host: str, size: int
+def test_a_real_client_accepts_the_signature(
+    kpki: KeylessPki, keyserver: KeyServerProcess, site: str, host: str, scheme: int
 ) -> None:
-    th = os.urandom(size)
-    sig = sign(kpki, keyserver.port, "edge1", request(kpki, site, scheme, host, th))
-    verify_sig(kpki.sites[site][0], scheme, th, sig)  # over the RFC 8446 §4.4.3 content...
+    visit = Visit(kpki, site, host)
+    assert visit.request.scheme == scheme
+    sig = sign(kpki, keyserver.port, "edge1", visit.sign_request())
+    verify_sig(kpki.sites[site][0], scheme, visit.request.transcript_hash, sig)
     key = x509.load_pem_x509_certificate(kpki.sites[site][0].read_bytes()).public_key()
-    if isinstance(key, ec.EllipticCurvePublicKey):  # ...and never over the raw hash
+    if isinstance(key, ec.EllipticCurvePublicKey):  # over the RFC 8446 §4.4.3 content only
         with pytest.raises(InvalidSignature):
-            key.verify(sig, th, ec.ECDSA(hashes.SHA256()))
+            key.verify(sig, visit.request.transcript_hash, ec.ECDSA(hashes.SHA256()))
+    assert visit.finish(sig)  # OpenSSL completes the handshake with it
+
+
+def test_a_sha384_suite_is_hashed_with_sha384(
+    kpki: KeylessPki, keyserver: KeyServerProcess
+) -> None:
+    visit = Visit(kpki, "rsa", "rsa.test")
+    msgs = forge.split_messages(visit.request.messages)
+    hello = replace(forge.Hello.parse(msgs[0]), ciphers=[0x1302, 0x1301])
+    sh = replace(forge.ServerHello.parse(msgs[1]), suite=0x1302)
+    messages = hello.encode() + sh.encode() + b"".join(msgs[2:])
+    sig = sign(kpki, keyserver.port, "edge1", w.SignRequest(0x0805, "", messages))
+    verify_sig(kpki.sites["rsa"][0], 0x0805, hashlib.sha384(messages).digest(), sig)
 
 
 def test_refusals(kpki: KeylessPki, keyserver: KeyServerProcess) -> None:
+    www = Visit(kpki, "p256", "www.example.test")
     cases = [
-        (
-            "edge2",
-            request(kpki, "p256", w.ECDSA_SECP256R1_SHA256, "example.test"),
-            "unauthorized",
-        ),  # edge2 may only sign for other.test
-        ("edge1", request(kpki, "p256", w.ECDSA_SECP256R1_SHA256, "evil.test"), "unauthorized"),
-        (
-            "edge1",
-            request(kpki, "p256", w.ECDSA_SECP256R1_SHA256, "p384.test"),
-            "unknown_key",
-        ),  # allowed host, but not that certificate's name
-        ("edge1", request(kpki, "p256", w.RSA_PSS_RSAE_SHA256, "example.test"), "bad_scheme"),
-        (
-            "edge1",
-            request(kpki, "p256", w.ECDSA_SECP256R1_SHA256, "example.test", th=os.urandom(20)),
-            "malformed",
-        ),  # not a transcript hash: no oracle
-        ("edge1", request(kpki, "p256", 0x0401, "example.test"), "bad_scheme"),  # PKCS#1
+        ("edge2", www.sign_request(), "unauthorized: unauthorized_sni"),  # other.test only
+        ("edge1", Visit(kpki, "p256", "evil.test").sign_request(), "unauthorized_sni"),
+        ("edge1", Visit(kpki, "p256", None).sign_request(), "unauthorized: no_sni"),
+        # an authorised name, but the Certificate message's certificate does not cover it
+        ("edge1", Visit(kpki, "p256", "p384.test").sign_request(), "certificate_mismatch"),
+        ("edge1", www.sign_request(scheme=w.RSA_PSS_RSAE_SHA256), "bad_scheme"),
+        ("edge1", www.sign_request(scheme=0x0401), "bad_scheme"),  # PKCS#1: never
+        # not a handshake: no signing oracle for arbitrary bytes
+        ("edge1", w.SignRequest(0x0403, "", os.urandom(48)), "bad_handshake"),
     ]
     for edge, req, expected in cases:
         with pytest.raises(KeyServerError, match=expected):
             sign(kpki, keyserver.port, edge, req)
     assert (
         keyserver.metric(
-            "blindfold_keyserver_signatures_total", edge="edge1", result="unauthorized"
+            "blindfold_keyserver_signatures_total", edge="edge1", result="unauthorized_sni"
         )
         == 1
     )
+    audit = kpki.dir / "audit.log"
+    assert wait_file(audit, len(cases))
+    refused = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [e["event"] for e in refused] == ["refused"] * len(cases)
+    assert refused[0]["edge"] == "edge2" and refused[0]["reason"] == "unauthorized_sni"
+    assert refused[0]["verified"]["sni"] == "www.example.test"
+    assert refused[0]["claimed"] == {"client": "192.0.2.7", "scheme": "0x0403"}
+    assert refused[-1]["verified"] == {}  # nothing could be read from those bytes
 
 
 def _tls_connect(port: int, ctx: ssl.SSLContext) -> ssl.SSLSocket:
@@ -160,11 +175,7 @@ def test_unauthenticated_and_unknown_clients(
         raise OSError("closed")
     rogue = kpki.edge_tls("rogue")  # a valid certificate from the CA, but not a known edge
     with _tls_connect(keyserver.port, rogue) as s:
-        s.sendall(
-            w.encode_sign_request(
-                1, request(kpki, "p256", w.ECDSA_SECP256R1_SHA256, "example.test")
-            )
-        )
+        s.sendall(w.encode_sign_request(1, Visit(kpki, "p256", "example.test").sign_request()))
         assert s.recv(100) == b""
     foreign_ca = pki.make_ca("foreign")
     foreign = pki.issue(foreign_ca, [], client=True, server=False, common_name="edge1")
@@ -179,42 +190,68 @@ def test_unauthenticated_and_unknown_clients(
     assert keyserver.metric("blindfold_keyserver_connections_total", result="unknown_edge") == 1
 
 
+def _reply(s: ssl.SSLSocket) -> bytes:
+    reply = b""
+    while chunk := s.recv(1000):
+        reply += chunk
+    return reply
+
+
 def test_malformed_and_oversized_frames_close(
     kpki: KeylessPki, keyserver: KeyServerProcess
 ) -> None:
     for data in (
-        b"\x00\x00\x00\x07\x01\x01\x00\x00\x00\x01\xff",  # truncated sign request
-        (60000).to_bytes(4, "big") + b"\x01\x01" + b"\x00" * 100,  # oversized
-        b"\x00\x00\x00\x06\x07\x01\x00\x00\x00\x01",
-    ):  # unknown version
+        b"\x00\x00\x00\x07\x02\x01\x00\x00\x00\x01\xff",  # truncated sign request
+        (200000).to_bytes(4, "big") + b"\x02\x01" + b"\x00" * 100,  # oversized
+        b"\x00\x00\x00\x06\x02\x09\x00\x00\x00\x01",  # unknown frame type
+    ):
         with _tls_connect(keyserver.port, kpki.edge_tls("edge1")) as s:
             s.sendall(data)
-            reply = b""
-            while chunk := s.recv(1000):
-                reply += chunk
-            frames = w.FrameDecoder().feed(reply) if reply else []
-            assert all(f.type == w.ERROR for f in frames)
+            reply = _reply(s)  # and then the key server closes
+            frames = w.FrameDecoder().feed(reply)
+            assert [f.type for f in frames] == [w.ERROR]
+            assert w.decode_error(frames[0].body)[0] == w.E_MALFORMED
     # and the server still serves
-    sign(
-        kpki,
-        keyserver.port,
-        "edge1",
-        request(kpki, "p256", w.ECDSA_SECP256R1_SHA256, "example.test"),
+    sign(kpki, keyserver.port, "edge1", Visit(kpki, "p256", "example.test").sign_request())
+
+
+def test_a_version_1_edge_is_told_to_upgrade(kpki: KeylessPki, keyserver: KeyServerProcess) -> None:
+    """The old request form (a transcript hash and a hostname the edge computed) is refused
+    with an ERROR the old edge can decode (version-1 framing), then the connection closes."""
+    body = (
+        struct.pack(">HB", 0x0403, 32)
+        + os.urandom(32)
+        + bytes([12])
+        + b"example.test"
+        + bytes([4, 192, 0, 2, 7])
+        + bytes.fromhex(kpki.sites["p256"][2])
+    )
+    with _tls_connect(keyserver.port, kpki.edge_tls("edge1")) as s:
+        s.sendall(struct.pack(">IBBI", len(body) + 6, 1, w.SIGN_REQUEST, 41) + body)
+        reply = _reply(s)
+    length, version, ftype, rid = struct.unpack_from(">IBBI", reply)
+    assert (len(reply), version, ftype, rid) == (length + 4, 1, w.ERROR, 41)
+    code, mlen = struct.unpack_from(">BH", reply, 10)
+    message = reply[13 : 13 + mlen].decode()
+    assert code == w.E_UNSUPPORTED_VERSION and "version 1 is not supported" in message
+    assert "upgrade" in message
+    assert (
+        keyserver.metric(
+            "blindfold_keyserver_signatures_total", edge="edge1", result="unsupported_version"
+        )
+        == 1
     )
 
 
 def test_revocation_by_sighup(kpki: KeylessPki, keyserver: KeyServerProcess) -> None:
     async def go() -> None:
         client = kpki.client("edge1", keyserver.port)
-        req = request(kpki, "p256", w.ECDSA_SECP256R1_SHA256, "example.test")
-        await client.sign(req)
+        await client.sign(Visit(kpki, "p256", "example.test").sign_request())
         keyserver.write_config(keyserver_config(kpki, {"edge2": ["other.test"]}))
-        import signal as sig
-
-        keyserver.proc.send_signal(sig.SIGHUP)
+        keyserver.proc.send_signal(signal.SIGHUP)
         assert keyserver.wait_for(lambda r: r.get("event") == "reloaded", 5)
-        with pytest.raises(KeyServerError):
-            await client.sign(req)  # its connection was closed, and a new one is refused
+        with pytest.raises(KeyServerError):  # its connection was closed, a new one refused
+            await client.sign(Visit(kpki, "p256", "example.test").sign_request())
         await client.close()
 
     asyncio.run(go())
@@ -225,30 +262,57 @@ def test_rate_limit_per_edge(kpki: KeylessPki, keyserver: KeyServerProcess) -> N
     keyserver.write_config(
         keyserver_config(kpki, {"edge2": ["example.test"]}, edge_rates={"edge2": (1.0, 2)})
     )
-    import signal as sig
-
-    keyserver.proc.send_signal(sig.SIGHUP)
+    keyserver.proc.send_signal(signal.SIGHUP)
     assert keyserver.wait_for(lambda r: r.get("event") == "reloaded", 5)
-    ok = request(kpki, "p256", w.ECDSA_SECP256R1_SHA256, "example.test")
-    sign(kpki, keyserver.port, "edge2", ok)
-    sign(kpki, keyserver.port, "edge2", ok)
+    ok = Visit(kpki, "p256", "example.test").request.messages
+
+    def req() -> w.SignRequest:
+        return w.SignRequest(0x0403, "", fresh_random(ok))
+
+    sign(kpki, keyserver.port, "edge2", req())
+    sign(kpki, keyserver.port, "edge2", req())
     with pytest.raises(KeyServerError, match="rate_limited"):
-        sign(kpki, keyserver.port, "edge2", ok)
+        sign(kpki, keyserver.port, "edge2", req())
+    # refusals cost a token too: the bucket bounds the work (and audit lines) an edge causes
     time.sleep(1.1)
-    sign(kpki, keyserver.port, "edge2", ok)
+    with pytest.raises(KeyServerError, match="bad_handshake"):
+        sign(kpki, keyserver.port, "edge2", w.SignRequest(0x0403, "", b"\x01\x00\x00\x00"))
+    with pytest.raises(KeyServerError, match="rate_limited"):
+        sign(kpki, keyserver.port, "edge2", req())
+    time.sleep(1.1)
+    sign(kpki, keyserver.port, "edge2", req())
+
+
+def test_replays(kpki: KeylessPki, keyserver: KeyServerProcess) -> None:
+    """A request sent again (the edge's client retries after a broken connection) is signed
+    again and audited as a repeat; the visitor's random in another transcript is refused."""
+    visit = Visit(kpki, "p256", "example.test")
+    first = sign(kpki, keyserver.port, "edge1", visit.sign_request())
+    again = sign(kpki, keyserver.port, "edge1", visit.sign_request())
+    msgs = forge.split_messages(visit.request.messages)
+    sh = replace(forge.ServerHello.parse(msgs[1]), random=os.urandom(32))
+    other = msgs[0] + sh.encode() + b"".join(msgs[2:])
+    with pytest.raises(KeyServerError, match="replayed: replayed_client_random"):
+        sign(kpki, keyserver.port, "edge1", w.SignRequest(0x0403, "", other))
+    assert visit.finish(again) and first != again  # ECDSA: a new signature, same content
+    audit = kpki.dir / "audit.log"
+    assert wait_file(audit, 3)
+    entries = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [(e["event"], e.get("repeat")) for e in entries] == [
+        ("signed", None),
+        ("signed", True),
+        ("refused", None),
+    ]
+    assert entries[2]["reason"] == "replayed_client_random"
 
 
 def test_pipelining_and_the_audit_chain(kpki: KeylessPki, keyserver: KeyServerProcess) -> None:
+    visit = Visit(kpki, "p256", "www.example.test")
+
     async def go() -> list[bytes]:
         client = kpki.client("edge1", keyserver.port)
         reqs = [
-            request(
-                kpki,
-                "p256",
-                w.ECDSA_SECP256R1_SHA256,
-                "example.test",
-                client=f"198.51.100.{i % 250}",
-            )
+            w.SignRequest(0x0403, f"198.51.100.{i % 250}", fresh_random(visit.request.messages))
             for i in range(300)
         ]
         try:
@@ -260,12 +324,61 @@ def test_pipelining_and_the_audit_chain(kpki: KeylessPki, keyserver: KeyServerPr
     assert len(sigs) == 300 and all(sigs)
     audit = kpki.dir / "audit.log"
     assert wait_file(audit, 300)
-    assert cli(["audit", "verify", str(audit)]) == 0
+    key = str(kpki.audit_key)
+    assert oct(kpki.audit_key.stat().st_mode & 0o777) == "0o600"
+    assert cli(["audit", "verify", "--key", key, str(audit)]) == 0
     lines = audit.read_text().splitlines()
-    assert '"client":"198.51.100.7"' in lines[7] and '"edge":"edge1"' in lines[7]
+    entry = json.loads(lines[7])
+    assert entry["event"] == "signed" and entry["edge"] == "edge1" and entry["key"] == "p256"
+    # what the key server read itself, apart from what the edge says
+    assert entry["claimed"] == {"client": "198.51.100.7"}
+    verified = entry["verified"]
+    assert verified["sni"] == "www.example.test" and verified["scheme"] == "0x0403"
+    assert verified["cipher_suite"] == "0x1301"
+    assert verified["certificate_sha256"] == kpki.sites["p256"][2]
+    assert len(bytes.fromhex(verified["client_random"])) == 32
+    assert len({json.loads(line)["verified"]["client_random"] for line in lines}) == 300
     lines[42] = lines[42].replace("198.51.100", "203.0.113")
     audit.write_text("\n".join(lines) + "\n")
-    assert cli(["audit", "verify", str(audit)]) == 1
+    assert cli(["audit", "verify", "--key", key, str(audit)]) == 1
+
+
+def test_the_audit_log_is_verified_and_recovered_at_start(
+    kpki: KeylessPki, keyserver: KeyServerProcess, tmp_path: Path
+) -> None:
+    sign(kpki, keyserver.port, "edge1", Visit(kpki, "p256", "example.test").sign_request())
+    audit = kpki.dir / "audit.log"
+    assert wait_file(audit, 1)
+    assert keyserver.stop() == 0
+    last = keyserver.records("keyserver_stopped")[-1]
+    assert last["audit_entries"] == 1
+    assert last["audit_last_mac"] == json.loads(audit.read_text())["mac"]
+    # killed in the middle of writing a line: the line has no newline and was never answered
+    partial = b'{"seq":2,"ts":1.0,"event":"signed","edge":"edge1","verif'
+    with audit.open("ab") as fh:
+        fh.write(partial)
+    ks = KeyServerProcess(keyserver.config_path.read_text(), tmp_path, name="ks2")
+    try:
+        recovered = ks.wait_for(lambda r: r.get("event") == "audit_recovered", 5)
+        assert recovered is not None and recovered["cut_bytes"] == len(partial)
+        sign(kpki, ks.port, "edge1", Visit(kpki, "p256", "example.test").sign_request())
+        assert wait_file(audit, 3)
+    finally:
+        ks.stop()
+    assert not ks.tracebacks(), "".join(ks.stderr_lines)
+    entries = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [e["event"] for e in entries] == ["signed", "recovered", "signed"]
+    assert cli(["audit", "verify", "--key", str(kpki.audit_key), str(audit)]) == 0
+    # a changed line: the key server will not start on it (exit 2, the line named)
+    audit.write_text(audit.read_text().replace("192.0.2.7", "192.0.2.8", 1))
+    result = subprocess.run(
+        [sys.executable, "-m", "blindfold", "keyserver", "--config", str(keyserver.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "keyserver.audit_log" in result.stderr and "line 1" in result.stderr
 
 
 def wait_file(path: Path, lines: int, timeout: float = 5.0) -> bool:

@@ -14,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blindfold import pki
+from blindfold.core import keyless_handshake as kh
 from blindfold.core import tls13_record as rl
 from blindfold.core import tls13_server as ts
 from blindfold.core.clienthello import peek_client_hello
@@ -21,17 +22,32 @@ from blindfold.core.routing import SniRouter
 from blindfold.keyserver.signer import SiteKey, schemes_for, sign_certificate_verify
 
 HOST = "example.test"
+NAMES = (HOST, "*.example.test")
 
 
 class Site:
     def __init__(self, ca: pki.Issued, kind: str, tmp: Path) -> None:
-        leaf = pki.issue(ca, [HOST, "*.example.test"], kind=kind)  # type: ignore[arg-type]
-        self.key = SiteKey(
-            kind, leaf.key, bytes(32), SniRouter([(HOST, True)]), schemes_for(leaf.key)
-        )
+        leaf = pki.issue(ca, list(NAMES), kind=kind)  # type: ignore[arg-type]
         self.identity = ts.ServerIdentity.from_pem(leaf.cert_pem())
+        self.key = SiteKey(
+            kind,
+            leaf.key,
+            self.identity.certificate_sha256,
+            SniRouter([(n, True) for n in NAMES]),
+            schemes_for(leaf.key),
+        )
+        self.keys = {self.key.cert_sha256: self.key}
+        self.edge_may_sign = SniRouter([(n, True) for n in NAMES]).lookup
         self.cafile = tmp / "ca.pem"
         ca.write(self.cafile)
+
+    def keyserver_sign(self, request: ts.SignatureRequested) -> bytes:
+        """What the key server does with the messages the edge sends: parse and hash them
+        itself, authorise, sign. Its own hash is aioquic's transcript hash."""
+        hs = kh.parse_handshake(request.messages)
+        assert hs.transcript_hash == request.transcript_hash
+        key = kh.authorise(hs, request.scheme, self.edge_may_sign, self.keys)
+        return sign_certificate_verify(key, request.scheme, hs.transcript_hash)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +96,7 @@ class Pair:
             request = events.pop()
             assert isinstance(request, ts.SignatureRequested)
             self.signed.append(request)
-            sig = sign_certificate_verify(self.site.key, request.scheme, request.transcript_hash)
+            sig = self.site.keyserver_sign(request)
             events += self.server.signature_received(sig, self.now)
         self.events += events
         return events

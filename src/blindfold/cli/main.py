@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
 
     p_audit = sub.add_parser("audit", help="check a key server audit log")
     p_audit.add_argument("action", choices=["verify"])
+    p_audit.add_argument(
+        "--key", required=True, help="the audit key file (keyserver.audit_key)", metavar="KEY"
+    )
     p_audit.add_argument("file")
 
     from blindfold.cli import pki as pki_cli
@@ -366,21 +369,29 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_keyserver(args.config)
     if args.command == "audit":
-        from blindfold.keyserver.audit import verify
+        from blindfold.keyserver.audit import AuditError, load_key, verify
 
         try:
-            result = verify(args.file)
+            result = verify(args.file, load_key(args.key))
+        except AuditError as exc:
+            print(f"blindfold audit: {exc}", file=sys.stderr)
+            return 2
         except OSError as exc:
             print(f"{args.file}: {exc.strerror}", file=sys.stderr)
             return 2
-        if result.ok:
-            print(f"{args.file}: ok: {result.entries} entries, last hash {result.last_hash}")
-            return 0
-        print(
-            f"{args.file}: BROKEN at line {result.line}: {result.problem} "
-            f"({result.entries} entries verify before it)"
-        )
-        return 1
+        if not result.ok:
+            print(
+                f"{args.file}: BROKEN at line {result.line}: {result.problem} "
+                f"({result.entries} entries verify before it)"
+            )
+            return 1
+        print(f"{args.file}: ok: {result.entries} entries, last mac {result.last_mac}")
+        if result.partial_tail:
+            print(
+                f"{args.file}: and a partial last line of {result.partial_tail} bytes (a write "
+                "cut short, never acknowledged): the key server cuts it at its next start"
+            )
+        return 0
     if args.command == "pki":
         return pki_cli.run(args)
     if args.command == "seal":

@@ -29,8 +29,8 @@ def _patterns(values: tuple[str, ...]) -> str | None:
 class KeyConfig:
     key: str = setting(doc="PEM private key (ECDSA P-256/P-384, RSA >= 2048 bits, Ed25519).")
     certificate: str = setting(
-        doc="Its certificate (chain): the edge names the key by this "
-        "certificate's SHA-256, and its DNS names bound what it signs for."
+        doc="Its certificate (chain): a handshake whose Certificate message carries this "
+        "leaf is signed with this key, and only for an SNI its DNS names cover."
     )
     name: str = setting("", doc="Name in logs, metrics and the audit log (default: key<N>).")
 
@@ -44,10 +44,12 @@ class EdgeAccessConfig:
         check=_fingerprint,
     )
     hostnames: tuple[str, ...] = setting(
-        doc="Hostnames (exact or '*.suffix') it may have handshakes signed for.", check=_patterns
+        doc="Hostnames (exact or '*.suffix') it may have handshakes signed for: matched "
+        "against the SNI in the visitor's ClientHello, which the key server reads itself.",
+        check=_patterns,
     )
     rate_per_s: float = setting(
-        0.0, doc="Signatures per second for this edge (0: the keyserver default).", min=0
+        0.0, doc="Sign requests per second for this edge (0: the keyserver default).", min=0
     )
     burst: int = setting(0, doc="Burst for this edge (0: the keyserver default).", min=0)
 
@@ -67,8 +69,12 @@ class KeyServerConfig:
     )
     keys: tuple[KeyConfig, ...] = setting(doc="The site's signing keys.")
     audit_log: str = setting(
-        doc="Hash-chained log of every signature (append-only JSON "
-        "lines); `blindfold audit verify FILE` checks it."
+        doc="Keyed, hash-chained log of every signature and refusal (append-only JSON "
+        "lines); `blindfold audit verify --key KEY FILE` checks it."
+    )
+    audit_key: str = setting(
+        doc="The audit log's HMAC key (hex, created with mode 0600 at the first start if "
+        "missing). Keep it apart from the log: whoever has it can rewrite the log undetected."
     )
     edges: tuple[EdgeAccessConfig, ...] = setting(
         (),
@@ -78,8 +84,20 @@ class KeyServerConfig:
     admin_listen: str = setting(
         "127.0.0.1:9102", doc="Address of /metrics and /healthz.", check=check_ip_hostport
     )
-    rate_per_s: float = setting(2000.0, doc="Default signatures per second per edge.", min=0.001)
+    rate_per_s: float = setting(
+        2000.0,
+        doc="Default sign requests per second per edge (refused ones count too: the bucket "
+        "bounds the work and audit lines an edge can cause).",
+        min=0.001,
+    )
     burst: int = setting(4000, doc="Default burst per edge.", min=1)
+    replay_window_s: float = setting(
+        60.0,
+        doc="A ClientHello random signed within this many seconds is not signed again for "
+        "another handshake (a retry of the same request is); 0: no replay check.",
+        min=0,
+        max=3600,
+    )
     idle_timeout_s: float = setting(
         300.0, doc="An edge connection silent this long is closed.", min=1
     )

@@ -1,28 +1,37 @@
 """The keyless wire format between edges and the key server (docs/keyless-protocol.md), sans-IO.
 
-Every frame: u32 length (of what follows) | u8 version (1) | u8 type | u32 request id | body.
+Every frame: u32 length (of what follows) | u8 version (2) | u8 type | u32 request id | body.
 Requests carry ids so that many can be in flight on one connection (pipelining); responses
 come back with the same id, in any order. Frames are bounded (MAX_FRAME); the decoder raises
 ProtocolError on anything malformed and never buffers more than one frame plus a read.
+
+Version 2 sends the handshake messages themselves (ClientHello .. Certificate), not a hash and
+a hostname the edge computed: the key server parses and hashes them (core.keyless_handshake).
+A peer still speaking version 1 gets an ERROR in version-1 framing (`refusal`) it can decode.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import socket
 import struct
 from dataclasses import dataclass
 
 from blindfold.errors import ProtocolError
 
-VERSION = 1
-MAX_FRAME = 16384
+VERSION = 2
+# A ClientHello may be up to 64 KiB (the edge's max_hello_bytes), a certificate chain several
+# KiB: a request is bounded by this whole frame (length field included).
+MAX_FRAME = 1 << 17
 HEADER = struct.Struct(">IBBI")  # length, version, type, id (length excludes its own 4 bytes)
+HEADER_LEN = 10
 
 SIGN_REQUEST = 1
 SIGN_RESPONSE = 2
 ERROR = 3
 PING = 4
 PONG = 5
+FRAME_TYPES = frozenset((SIGN_REQUEST, SIGN_RESPONSE, ERROR, PING, PONG))
 
 # TLS 1.3 SignatureScheme values (RFC 8446 §4.2.3) the key server will sign with
 ECDSA_SECP256R1_SHA256 = 0x0403
@@ -50,6 +59,9 @@ E_UNKNOWN_KEY = 3
 E_BAD_SCHEME = 4
 E_RATE_LIMITED = 5
 E_INTERNAL = 6
+E_BAD_HANDSHAKE = 7
+E_REPLAYED = 8
+E_UNSUPPORTED_VERSION = 9
 ERROR_NAMES = {
     E_MALFORMED: "malformed",
     E_UNAUTHORIZED: "unauthorized",
@@ -57,18 +69,33 @@ ERROR_NAMES = {
     E_BAD_SCHEME: "bad_scheme",
     E_RATE_LIMITED: "rate_limited",
     E_INTERNAL: "internal",
+    E_BAD_HANDSHAKE: "bad_handshake",
+    E_REPLAYED: "replayed",
+    E_UNSUPPORTED_VERSION: "unsupported_version",
 }
+
+# What the key server's refusals (core.keyless_handshake reasons) are called on the wire
+REFUSAL_CODES = {
+    "no_sni": E_UNAUTHORIZED,
+    "unauthorized_sni": E_UNAUTHORIZED,
+    "certificate_mismatch": E_UNKNOWN_KEY,
+    "scheme_not_offered": E_BAD_SCHEME,
+    "bad_scheme": E_BAD_SCHEME,
+    "replayed_client_random": E_REPLAYED,
+}  # any other reason: E_BAD_HANDSHAKE (messages that do not parse or do not fit together)
 
 
 @dataclass(frozen=True, slots=True)
 class SignRequest:
-    """Sign the TLS 1.3 server CertificateVerify for this transcript hash."""
+    """Sign the TLS 1.3 server CertificateVerify of the handshake these messages begin.
+
+    `messages` is ClientHello || ServerHello || EncryptedExtensions || Certificate, each with
+    its handshake header (type u8, length u24), exactly as hashed into the transcript
+    (RFC 8446 §4.4.1). `client` is the visitor's address as the edge claims it (audit only)."""
 
     scheme: int
-    transcript_hash: bytes
-    hostname: str
-    client: str  # the visitor's address, for the audit log
-    certificate_sha256: bytes  # which certificate (so which key) the edge presented
+    client: str
+    messages: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,57 +109,37 @@ def _bad(detail: str) -> ProtocolError:
     return ProtocolError("bad_keyless_frame", detail)
 
 
-def encode_frame(frame_type: int, request_id: int, body: bytes) -> bytes:
-    if len(body) + 6 > MAX_FRAME:
+def encode_frame(frame_type: int, request_id: int, body: bytes, version: int = VERSION) -> bytes:
+    if len(body) + HEADER_LEN > MAX_FRAME:
         raise ValueError("frame too large")
-    return HEADER.pack(len(body) + 6, VERSION, frame_type, request_id) + body
+    return HEADER.pack(len(body) + 6, version, frame_type, request_id) + body
 
 
 def encode_sign_request(request_id: int, req: SignRequest) -> bytes:
-    host = req.hostname.encode("ascii")
     addr = ipaddress.ip_address(req.client).packed if req.client else b""
-    if len(host) > 255 or len(req.transcript_hash) > 255 or len(req.certificate_sha256) != 32:
-        raise ValueError("field too long")
-    body = (
-        struct.pack(">HB", req.scheme, len(req.transcript_hash))
-        + req.transcript_hash
-        + bytes([len(host)])
-        + host
-        + bytes([len(addr)])
-        + addr
-        + req.certificate_sha256
+    return encode_frame(
+        SIGN_REQUEST,
+        request_id,
+        struct.pack(">HB", req.scheme, len(addr)) + addr + req.messages,
     )
-    return encode_frame(SIGN_REQUEST, request_id, body)
 
 
 def decode_sign_request(body: bytes) -> SignRequest:
-    try:
-        scheme, hlen = struct.unpack_from(">HB", body, 0)
-        pos = 3
-        th = body[pos : pos + hlen]
-        pos += hlen
-        nlen = body[pos]
-        host_raw = body[pos + 1 : pos + 1 + nlen]
-        pos += 1 + nlen
-        alen = body[pos]
-        addr = body[pos + 1 : pos + 1 + alen]
-        pos += 1 + alen
-        fp = body[pos : pos + 32]
-        pos += 32
-    except (struct.error, IndexError):
-        raise _bad("truncated sign request") from None
-    if len(th) != hlen or len(host_raw) != nlen or len(addr) != alen or len(fp) != 32:
+    if len(body) < 3:
         raise _bad("truncated sign request")
-    if pos != len(body):
-        raise _bad("trailing bytes in sign request")
+    scheme = int.from_bytes(body[:2], "big")
+    alen = body[2]
     if alen not in (0, 4, 16):
         raise _bad("bad address length")
-    try:
-        host = host_raw.decode("ascii")
-    except UnicodeDecodeError:
-        raise _bad("hostname is not ASCII") from None
-    client = str(ipaddress.ip_address(addr)) if addr else ""
-    return SignRequest(scheme, th, host, client, fp)
+    if len(body) < 3 + alen + 4:
+        raise _bad("truncated sign request: no handshake messages")
+    # inet_ntop: the ipaddress module costs a microsecond per request here
+    client = (
+        socket.inet_ntop(socket.AF_INET if alen == 4 else socket.AF_INET6, body[3 : 3 + alen])
+        if alen
+        else ""
+    )
+    return SignRequest(scheme, client, body[3 + alen :])
 
 
 def encode_sign_response(request_id: int, signature: bytes) -> bytes:
@@ -145,9 +152,10 @@ def decode_sign_response(body: bytes) -> bytes:
     return body[2:]
 
 
-def encode_error(request_id: int, code: int, message: str) -> bytes:
+def encode_error(request_id: int, code: int, message: str, version: int = VERSION) -> bytes:
+    """`version`: the framing the peer reads (1 for an edge that speaks only version 1)."""
     text = message.encode("utf-8")[:1000]
-    return encode_frame(ERROR, request_id, struct.pack(">BH", code, len(text)) + text)
+    return encode_frame(ERROR, request_id, struct.pack(">BH", code, len(text)) + text, version)
 
 
 def decode_error(body: bytes) -> tuple[int, str]:
@@ -157,30 +165,62 @@ def decode_error(body: bytes) -> tuple[int, str]:
 
 
 class FrameDecoder:
-    """Bytes in, frames out. Raises ProtocolError on a bad header, version or size."""
+    """Bytes in, frames out. Raises ProtocolError on a bad header, version or size; after an
+    unsupported version (reason `unsupported_version`) `peer_version` and `peer_request_id`
+    say how to answer (`refusal`)."""
 
     def __init__(self, max_frame: int = MAX_FRAME) -> None:
         self.max_frame = max_frame
         self._buf = bytearray()
+        self.peer_version = VERSION
+        self.peer_request_id = 0
 
     def feed(self, data: bytes) -> list[Frame]:
         self._buf += data
         out = []
         buf = self._buf
-        while len(buf) >= 4:
-            length = int.from_bytes(buf[:4], "big")
-            if length < 6 or length + 4 > self.max_frame:
-                raise _bad(f"frame length {length}")
-            if len(buf) < 4 + length:
-                break
-            _len, version, ftype, rid = HEADER.unpack_from(buf, 0)
-            if version != VERSION:
-                raise _bad(f"version {version}")
-            if ftype not in (SIGN_REQUEST, SIGN_RESPONSE, ERROR, PING, PONG):
-                raise _bad(f"frame type {ftype}")
-            out.append(Frame(ftype, rid, bytes(buf[10 : 4 + length])))
-            del buf[: 4 + length]
+        pos = 0
+        n = len(buf)
+        try:
+            while n - pos >= 4:
+                length = int.from_bytes(buf[pos : pos + 4], "big")
+                if n - pos >= HEADER_LEN and buf[pos + 4] != VERSION:
+                    # every version so far has the same header: answer in the peer's framing
+                    version = buf[pos + 4]
+                    self.peer_version = version
+                    self.peer_request_id = int.from_bytes(buf[pos + 6 : pos + 10], "big")
+                    raise ProtocolError(
+                        "unsupported_version",
+                        f"keyless protocol version {version} is not supported (this side "
+                        f"speaks version {VERSION}): upgrade the side that speaks version "
+                        f"{version}",
+                    )
+                if length < 6 or length + 4 > self.max_frame:
+                    raise _bad(f"frame length {length}")
+                end = pos + 4 + length
+                if n < end:
+                    break
+                _len, _version, ftype, rid = HEADER.unpack_from(buf, pos)
+                if ftype not in FRAME_TYPES:
+                    raise _bad(f"frame type {ftype}")
+                out.append(Frame(ftype, rid, bytes(buf[pos + HEADER_LEN : end])))
+                pos = end
+        finally:
+            del buf[:pos]  # once per read, not once per frame
         return out
+
+
+def refusal(decoder: FrameDecoder, exc: ProtocolError) -> bytes:
+    """The ERROR frame that answers a frame-level error, in the framing the peer reads; the
+    connection is closed after it."""
+    if exc.reason == "unsupported_version":
+        return encode_error(
+            decoder.peer_request_id,
+            E_UNSUPPORTED_VERSION,
+            exc.detail,
+            decoder.peer_version if 0 < decoder.peer_version < VERSION else VERSION,
+        )
+    return encode_error(0, E_MALFORMED, exc.detail or exc.reason)
 
 
 def certificate_verify_content(transcript_hash: bytes) -> bytes:

@@ -6,8 +6,9 @@ internals are used and covered by tests/unit/test_tls13_server.py); the record l
 
 - The CertificateVerify signature is not made here. aioquic calls `private_key.sign()` in the
   middle of processing the ClientHello; the call runs inside a greenlet, which suspends the
-  handshake and hands a `SignatureRequested` event (the scheme and the transcript hash, nothing
-  else) to the caller. The caller asks the key server and resumes with `signature_received`.
+  handshake and hands a `SignatureRequested` event (the scheme and the handshake messages the
+  signature covers, from which the key server computes the transcript hash itself) to the
+  caller. The caller asks the key server and resumes with `signature_received`.
   The event loop is never blocked and aioquic needs no changes.
 - Constant-time checks of Finished and PSK binders (aioquic compares them with `==`).
 - TLS-over-TCP parts a QUIC library lacks: middlebox-compatibility ChangeCipherSpec (RFC 8446
@@ -68,10 +69,16 @@ _CV_PREFIX = b" " * 64 + qtls.SERVER_CONTEXT_STRING + b"\x00"  # RFC 8446 §4.4.
 # ------------------------------------------------------------------------------ events
 @dataclass(frozen=True, slots=True)
 class SignatureRequested:
-    """The handshake waits for the key server: sign this CertificateVerify."""
+    """The handshake waits for the key server: sign this CertificateVerify.
+
+    `messages` is what the signature covers, as it is hashed into the transcript: the
+    visitor's ClientHello, our ServerHello, EncryptedExtensions and Certificate (RFC 8446
+    §4.4.1, no HelloRetryRequest: this engine never sends one). The key server hashes them
+    itself; `transcript_hash` is aioquic's hash of the same bytes."""
 
     scheme: int
     transcript_hash: bytes
+    messages: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -726,9 +733,20 @@ class TlsServer:
                     raise rl.protocol_error(
                         "internal", rl.A_INTERNAL_ERROR, "unexpected content to sign"
                     )
+                # aioquic calls sign() after pushing ServerHello into the INITIAL buffer and
+                # EncryptedExtensions + Certificate into the HANDSHAKE one (nothing more yet)
+                bufs = self._bufs
                 return [
                     SignatureRequested(
-                        _scheme_of(self.identity, result.params), data[len(_CV_PREFIX) :]
+                        _scheme_of(self.identity, result.params),
+                        data[len(_CV_PREFIX) :],
+                        b"".join(
+                            (
+                                self._hello,
+                                bufs[qtls.Epoch.INITIAL].data,
+                                bufs[qtls.Epoch.HANDSHAKE].data,
+                            )
+                        ),
                     )
                 ]
             self._greenlet = None

@@ -6,8 +6,10 @@
 
 It prints what to run, and with --self-check runs it: a page through the edge, an SQL
 injection the origin's WAF blocks, the resulting ban enforced by the edge at layer 4, a page
-over the keyless hostname whose handshake signature is in the key server's audit log, and a
-sealed file fetched from the blind edge, verified and decrypted (`blindfold fetch`, `verify`).
+over the keyless hostname whose handshake signature is in the key server's audit log, a lying
+edge (the demo edge's own identity) refused a handshake for a name the site certificate
+covers but the edge is not authorised for, and a sealed file fetched from the blind edge,
+verified and decrypted (`blindfold fetch`, `verify`).
 """
 
 from __future__ import annotations
@@ -136,6 +138,7 @@ cert = "{kl / "keyserver.pem"}"
 key = "{kl / "keyserver.key"}"
 client_ca = "{kl / "ca.pem"}"
 audit_log = "{kl / "audit.log"}"
+audit_key = "{base / "audit.key"}"            # kept apart from the log (created at start)
 admin_listen = "127.0.0.1:0"
 
 [[keyserver.keys]]
@@ -143,6 +146,8 @@ name = "site"
 key = "{base / "site.key"}"
 certificate = "{base / "site.pem"}"
 
+# The site certificate also covers {HOST}; this edge may have handshakes signed for
+# {KEYLESS_HOST} only (the SNI in the visitor's ClientHello, which the key server reads itself).
 [[keyserver.edges]]
 name = "demo-edge"
 cert_sha256 = "{edge_fp}"
@@ -338,11 +343,13 @@ blindfold demo is running (files in {base})
      {curl}/ --interface 127.0.0.67        # another visitor is still served
 
 3. Keyless: the edge ends TLS 1.3 itself with the site's certificate but not its key; each
-   handshake's signature comes from the key server (127.0.0.1:{keyserver_port}), which
-   writes it to a hash-chained audit log (edge, hostname, visitor, time, scheme):
+   handshake's signature comes from the key server (127.0.0.1:{keyserver_port}), which reads
+   the handshake messages itself, signs only for the SNI it is authorised for, and writes a
+   keyed, hash-chained audit log ("verified": SNI, client random, suite, certificate;
+   "claimed": the visitor's address as the edge says):
      {kcurl}/
      tail -n 3 {audit}
-     blindfold audit verify {audit}      # exit 0: the chain is intact
+     blindfold audit verify --key {base / "audit.key"} {audit}    # exit 0: intact
      curl -s http://127.0.0.1:{admin_port}/metrics | grep keyless_handshakes
 
 4. Blind delivery: {CDN_HOST} is a route of the edge's own that serves only sealed blobs;
@@ -367,7 +374,9 @@ Stop with Ctrl-C.
 """,
             flush=True,
         )
-        if self_check and not await _self_check(curl, kcurl, audit, edge, fetch_cmd, verify_cmd):
+        if self_check and not await _self_check(
+            curl, kcurl, audit, edge, fetch_cmd, verify_cmd, base, keyserver_port
+        ):
             return 1
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -396,8 +405,59 @@ async def _run_blindfold(command: str) -> tuple[int, str]:
     return proc.returncode or 0, out.decode(errors="replace")
 
 
+async def _lying_edge(base: Path, keyserver_port: int) -> str:
+    """Plays a lying edge with the demo edge's real identity: the handshake of a visitor to
+    {HOST} (which the site certificate covers, but this edge is not authorised for), sent to
+    the key server as it is. Returns the key server's answer ("signed" or its refusal)."""
+    import ssl
+
+    from blindfold.core import keyless_wire as w
+    from blindfold.core import tls13_server as ts
+    from blindfold.core.clienthello import peek_client_hello
+    from blindfold.errors import KeyServerError
+    from blindfold.keyless.client import KeyServerClient
+
+    visitor = ssl.create_default_context(cafile=str(base / "ca.pem"))
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    with contextlib.suppress(ssl.SSLWantReadError):
+        visitor.wrap_bio(inc, out, server_hostname=HOST).do_handshake()
+    flight = out.read()
+    hello = peek_client_hello(flight)
+    identity = ts.ServerIdentity.from_pem((base / "site.pem").read_bytes())
+    server = ts.TlsServer(identity, ts.TlsSettings(), ts.SessionStore(10, 10), HOST, hello)
+    request = server.receive(flight, 0.0)[-1]
+    if not isinstance(request, ts.SignatureRequested):
+        return f"no signature request: {request}"
+    kl = base / "keyless"
+    tls = ssl.create_default_context(cafile=str(kl / "ca.pem"))
+    tls.load_cert_chain(kl / "demo-edge.pem", kl / "demo-edge.key")
+    client = KeyServerClient((f"127.0.0.1:{keyserver_port}",), tls)
+    try:
+        await client.sign(w.SignRequest(request.scheme, ATTACKER, request.messages))
+        return "signed"
+    except KeyServerError as exc:
+        return str(exc)
+    finally:
+        server.signature_failed("demo")
+        await client.close()
+
+
+def _audit_entries(audit: Path) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(line) for line in audit.read_text().splitlines()]
+    except (OSError, ValueError):
+        return []
+
+
 async def _self_check(
-    curl: str, kcurl: str, audit: Path, edge: Proc, fetch_cmd: str, verify_cmd: str
+    curl: str,
+    kcurl: str,
+    audit: Path,
+    edge: Proc,
+    fetch_cmd: str,
+    verify_cmd: str,
+    base: Path,
+    keyserver_port: int,
 ) -> bool:
     checks = []
     code, out = await _run_blindfold(fetch_cmd)
@@ -418,15 +478,53 @@ async def _self_check(
     checks.append(
         ("a page over the keyless hostname", code == 200 and "Hello from the application" in body)
     )
-    from blindfold.keyserver.audit import verify
+    from blindfold.keyserver.audit import load_key, verify
 
-    signed = False
+    signed: dict[str, Any] = {}
     for _ in range(20):  # the key server writes its audit log in batches
-        if audit.exists() and '"client":"127.0.0.68"' in audit.read_text():
-            signed = True
+        signed = next(
+            (
+                e
+                for e in _audit_entries(audit)
+                if e.get("event") == "signed" and e.get("claimed") == {"client": "127.0.0.68"}
+            ),
+            {},
+        )
+        if signed:
             break
         await asyncio.sleep(0.1)
-    checks.append(("its handshake signature is in the audit log", signed and verify(str(audit)).ok))
+    checks.append(
+        (
+            "its signature is in the audit log, with the SNI the key server read itself",
+            signed.get("verified", {}).get("sni") == KEYLESS_HOST,
+        )
+    )
+    answer = await _lying_edge(base, keyserver_port)
+    lie: dict[str, Any] = {}
+    for _ in range(20):
+        lie = next(
+            (
+                e
+                for e in _audit_entries(audit)
+                if e.get("event") == "refused" and e.get("verified", {}).get("sni") == HOST
+            ),
+            {},
+        )
+        if lie:
+            break
+        await asyncio.sleep(0.1)
+    checks.append(
+        (
+            f"a lying edge (the demo edge's identity) cannot get a handshake for {HOST} signed",
+            "unauthorized_sni" in answer and lie.get("reason") == "unauthorized_sni",
+        )
+    )
+    checks.append(
+        (
+            "the audit log verifies with its key",
+            verify(str(audit), load_key(str(base / "audit.key"))).ok,
+        )
+    )
     code, body = await _curl(f"{curl}/")
     checks.append(("a page through the edge", code == 200 and "Hello from the application" in body))
     code, body = await _curl(f"{curl}/?id=1%27%20OR%201=1-- --interface {ATTACKER}")

@@ -5,9 +5,12 @@ verified TLS.
 A visitor connection arrives from the layer-4 path (`edge.passthrough.Conn`) with its ClientHello
 read and the guards passed. Then:
 1. A ClientHello our TLS engine cannot answer (TLS 1.2 only, or one that would need a
-   HelloRetryRequest) goes on as passthrough: the origin terminates it with the real key.
-2. Otherwise `core.tls13_server` processes it and asks for the CertificateVerify signature; the
-   key server's answer resumes it. Nothing has been sent to the visitor until then, so a key
+   HelloRetryRequest), or one without SNI (the key server authorises on the SNI in the
+   ClientHello and refuses a handshake without one), goes on as passthrough: the origin
+   terminates it with the real key.
+2. Otherwise `core.tls13_server` processes it and asks for the CertificateVerify signature: the
+   handshake messages it covers go to the key server, which checks and hashes them itself;
+   its answer resumes the handshake. Nothing has been sent to the visitor until then, so a key
    server that cannot sign leaves the connection untouched: it fails with internal_error, or
    with `keyserver_down = "passthrough"` is forwarded to the origin like (1).
 3. The socket moves to asyncio (`io.tls13_transport`), the HTTP layer shared with the origin
@@ -25,8 +28,6 @@ import ssl
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from cryptography import x509
 
 from blindfold.config.edge import EdgeHttpConfig, KeyServerRef, RouteConfig
 from blindfold.core import keyless_wire as w
@@ -99,22 +100,6 @@ def origin_and_http(
     return origin_tls_context(where, rc), pins, http, limits
 
 
-def _default_name(identity: ts.ServerIdentity, rc: RouteConfig) -> str:
-    """The hostname a handshake without SNI is signed for: the origin name if set, else the
-    certificate's first exact DNS name, else the route's first exact pattern."""
-    if rc.origin_server_name:
-        return rc.origin_server_name
-    try:
-        san = identity.chain[0].extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        names = san.value.get_values_for_type(x509.DNSName)
-    except x509.ExtensionNotFound:
-        names = []
-    for name in [*names, *rc.sni]:
-        if not name.startswith("*."):
-            return name.lower()
-    return ""
-
-
 class KeylessStats:
     def __init__(self) -> None:
         self.handshakes: dict[str, int] = {}  # full | resumed | failed reason
@@ -147,7 +132,6 @@ class KeylessRoute:
             raise ConfigError(
                 f"{where}.certificate", f"cannot use {rc.certificate}: {exc}"
             ) from None
-        self.default_name = _default_name(self.identity, rc)
         self.settings = ts.TlsSettings(issue_tickets=rc.session_ticket_lifetime_s > 0)
         self.sessions = ts.SessionStore(rc.session_ticket_lifetime_s, rc.max_sessions)
         client = clients.get(rc.keyserver)
@@ -238,11 +222,13 @@ class KeylessService:
             kr.stats.count(kr.stats.handshakes, f"tls_{exc.reason}")
             conn.refuse_with_alert(exc)
             return True
+        if reason is None and hello.sni is None:
+            reason = "no_sni"  # the key server would refuse: the origin has the key
         if reason is not None:
             kr.stats.count(kr.stats.fallbacks, reason)
             return False
-        # Without SNI (a default route) the key server is asked for the certificate's name.
-        name = (hello.sni or kr.default_name).lower()
+        name = hello.sni
+        assert name is not None
         server = ts.TlsServer(kr.identity, kr.settings, kr.sessions, name, hello)
         events = server.receive(conn.buf, now)
         conn.begin_keyless()
@@ -259,15 +245,7 @@ class KeylessService:
                 conn, kr, server, "keyserver_down", "every key server is down"
             )
         t0 = time.perf_counter()
-        future = kr.keyclient.submit(
-            w.SignRequest(
-                request.scheme,
-                request.transcript_hash,
-                name,
-                conn.ip,
-                kr.identity.certificate_sha256,
-            )
-        )
+        future = kr.keyclient.submit(w.SignRequest(request.scheme, conn.ip, request.messages))
         future.add_done_callback(lambda f: self._signed(conn, kr, server, f, t0))
         return True
 

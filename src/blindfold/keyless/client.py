@@ -190,9 +190,14 @@ class KeyServerClient:
 
     def _send(self, conn: _Connection, call: _Call) -> None:
         call.rid = rid = next(self._ids) & 0xFFFFFFFF
+        try:
+            frame = w.encode_sign_request(rid, call.frame_request)
+        except ValueError as exc:  # over MAX_FRAME: a huge ClientHello and certificate chain
+            self._failed(call, KeyServerError(f"cannot ask for this signature: {exc}"))
+            return
         call.conn = conn
         conn.pending[rid] = call
-        conn.send(w.encode_sign_request(rid, call.frame_request))
+        conn.send(frame)
 
     def _retry(self, call: _Call, exc: KeyServerError) -> None:
         """A connection failed under the call: the next key server, if time allows."""

@@ -1,7 +1,10 @@
 """`blindfold keyserver`: mutual-TLS service that signs TLS 1.3 CertificateVerify content for
-authorised edges. Each edge is known by its client certificate's SHA-256 and may ask only for
-the hostnames it is configured for. Every signature is rate limited per edge and appended to a
-hash-chained audit log before the answer leaves."""
+authorised edges. Each edge is known by its client certificate's SHA-256. It sends the
+handshake messages themselves; the key server parses and hashes them (core.keyless_handshake),
+and signs only when the SNI of the visitor's ClientHello is one of that edge's hostnames and
+the Certificate message carries the certificate of the key asked for. Every request is rate
+limited per edge; every signature and refusal is appended to a keyed, hash-chained audit log
+before the answer leaves."""
 
 from __future__ import annotations
 
@@ -18,17 +21,20 @@ from typing import Any
 from blindfold.config import load_file
 from blindfold.config.common import parse_hostport
 from blindfold.config.keyserver import EdgeAccessConfig, KeyServerConfig
+from blindfold.core import keyless_handshake as kh
 from blindfold.core import keyless_wire as w
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.core.routing import SniRouter
 from blindfold.errors import ConfigError, ProtocolError
 from blindfold.io.admin_http import AdminServer
-from blindfold.keyserver.audit import AuditLog
+from blindfold.keyserver.audit import AuditError, AuditLog, create_key, json_str
+from blindfold.keyserver.audit import load_key as load_audit_key
 from blindfold.keyserver.signer import SignError, SiteKey, load_key, sign_certificate_verify
 from blindfold.obs.log import JsonLog
 from blindfold.obs.metrics import Histogram, MetricSpec, render
 
 READ_SIZE = 65536
+MAX_REPLAY_ENTRIES = 200_000  # ClientHello randoms remembered (about 200 B each)
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 2e-2)
 KEYSERVER_METRICS = [
     MetricSpec(
@@ -54,10 +60,11 @@ KEYSERVER_METRICS = [
 
 
 class _Edge:
-    __slots__ = ("bucket", "cfg", "router")
+    __slots__ = ("bucket", "cfg", "name_json", "router")
 
     def __init__(self, cfg: EdgeAccessConfig, ks: KeyServerConfig) -> None:
         self.cfg = cfg
+        self.name_json = json_str(cfg.name)
         self.router: SniRouter[bool] = SniRouter([(h, True) for h in cfg.hostnames])
         self.bucket = TokenBucket(
             cfg.rate_per_s or ks.rate_per_s, cfg.burst or ks.burst, time.monotonic()
@@ -68,7 +75,8 @@ class KeyServer:
     def __init__(self, path: str, cfg: KeyServerConfig) -> None:
         self.path = path
         self.log = JsonLog.open(cfg.log_path, process="keyserver")
-        self.audit = AuditLog(cfg.audit_log)
+        self.audit = _open_audit(cfg)
+        self.replays = kh.ReplayGuard(cfg.replay_window_s, MAX_REPLAY_ENTRIES)
         self.admin = AdminServer(self._admin)
         self.counts: dict[tuple[str, str], int] = {}
         self.conn_counts: dict[str, int] = {}
@@ -90,6 +98,8 @@ class KeyServer:
                 edge.bucket = kept.bucket
             edges[e.fingerprint] = edge
         self.cfg = cfg
+        if not first:
+            self.replays.window_s = cfg.replay_window_s
         self.keys: dict[bytes, SiteKey] = {k.cert_sha256: k for k in keys}
         self.edges: dict[bytes, _Edge] = edges
         if first:
@@ -125,7 +135,20 @@ class KeyServer:
             keys=[k.name for k in self.keys.values()],
             edges=[e.cfg.name for e in self.edges.values()],
             pid=os.getpid(),
+            **self._audit_state(),
         )
+        if self.audit.recovered:
+            self.log.emit(
+                "audit_recovered",
+                cut_bytes=self.audit.recovered,
+                detail="a partial last line (a write cut short, never acknowledged) was cut; "
+                "a 'recovered' entry records it",
+            )
+
+    def _audit_state(self) -> dict[str, Any]:
+        """The chain's end, for a copy kept apart from the log (cutting lines off the end
+        is visible only against one)."""
+        return {"audit_entries": self.audit.seq, "audit_last_mac": self.audit.prev}
 
     def _count_conn(self, result: str) -> None:
         self.conn_counts[result] = self.conn_counts.get(result, 0) + 1
@@ -171,8 +194,15 @@ class KeyServer:
                 try:
                     frames = decoder.feed(data)
                 except ProtocolError as exc:
-                    writer.write(w.encode_error(0, w.E_MALFORMED, exc.detail or exc.reason))
-                    self._count(name, "malformed")
+                    # answered in the peer's framing (an old edge can read why), then closed
+                    writer.write(w.refusal(decoder, exc))
+                    if exc.reason == "unsupported_version":
+                        self._count(name, "unsupported_version")
+                        self.log.log(
+                            "edge_refused", edge=name, reason=exc.reason, detail=exc.detail
+                        )
+                    else:
+                        self._count(name, "malformed")
                     break
                 out = bytearray()
                 close = False
@@ -218,35 +248,47 @@ class KeyServer:
             raise ProtocolError("bad_frame_type", "only sign requests and pings are accepted")
         t0 = time.perf_counter()
         req = w.decode_sign_request(frame.body)  # ProtocolError closes the connection
+        now = time.monotonic()
+        # The bucket first: it bounds all the work an edge can cause, refusals and their
+        # audit lines included.
+        if not edge.bucket.allow(now):
+            self._count(name, "rate_limited")
+            return w.encode_error(rid, w.E_RATE_LIMITED, f"edge {name} is over its signature rate")
+        hs: kh.Handshake | None = None
         try:
-            if not edge.router.lookup(req.hostname.lower()):
-                raise SignError(w.E_UNAUTHORIZED, f"edge {name} may not sign for {req.hostname}")
-            site = self.keys.get(req.certificate_sha256)
-            if site is None or not site.covers(req.hostname.lower()):
-                raise SignError(w.E_UNKNOWN_KEY, "no key for that certificate and hostname")
-            if not edge.bucket.allow(time.monotonic()):
-                raise SignError(w.E_RATE_LIMITED, f"edge {name} is over its signature rate")
-            signature = sign_certificate_verify(site, req.scheme, req.transcript_hash)
-        except SignError as exc:
-            result = w.ERROR_NAMES.get(exc.code, "error")
-            self._count(name, result)
-            if exc.code in (w.E_UNAUTHORIZED, w.E_UNKNOWN_KEY):
-                self.log.log(
-                    "sign_refused",
-                    edge=name,
-                    hostname=req.hostname,
-                    client=req.client,
-                    reason=result,
-                    detail=str(exc),
-                )
-            return w.encode_error(rid, exc.code, str(exc))
-        self.audit.append(
-            edge=name,
-            hostname=req.hostname,
-            client=req.client,
-            scheme=f"0x{req.scheme:04x}",
-            key=site.name,
-            transcript_hash=req.transcript_hash.hex(),
+            hs = kh.parse_handshake(req.messages)
+            site = kh.authorise(hs, req.scheme, edge.router.lookup, self.keys)
+            repeat = self.replays.check(hs, name, now)
+            signature = sign_certificate_verify(site, req.scheme, hs.transcript_hash)
+        except (ProtocolError, SignError) as exc:
+            reason = exc.reason if isinstance(exc, ProtocolError) else "sign_failed"
+            detail = exc.detail if isinstance(exc, ProtocolError) else str(exc)
+            self._count(name, reason)
+            self.audit.append(
+                event="refused",
+                edge=name,
+                reason=reason,
+                detail=detail[:200],
+                verified=_verified(hs) if hs is not None else {},
+                claimed={"client": req.client, "scheme": f"0x{req.scheme:04x}"},
+            )
+            self.log.log(
+                "sign_refused",
+                edge=name,
+                reason=reason,
+                sni=hs.sni if hs is not None else None,
+                client=req.client,
+                detail=detail[:200],
+            )
+            code = (
+                exc.code
+                if isinstance(exc, SignError)
+                else w.REFUSAL_CODES.get(reason, w.E_BAD_HANDSHAKE)
+            )
+            return w.encode_error(rid, code, f"{reason}: {detail}")
+        self.replays.remember(hs, name, now)
+        self.audit.append_json(
+            signed_entry(edge.name_json, site.name, hs, req.scheme, req.client, repeat)
         )
         self._count(name, "ok")
         self.latency.observe(time.perf_counter() - t0)
@@ -301,7 +343,7 @@ class KeyServer:
             await asyncio.wait(list(self.handlers), timeout=2.0)
         self.audit.close()
         await self.admin.close()
-        self.log.emit("keyserver_stopped")
+        self.log.emit("keyserver_stopped", **self._audit_state())
         return 0
 
     async def _flush_logs(self) -> None:
@@ -309,6 +351,55 @@ class KeyServer:
             await asyncio.sleep(0.5)
             self.log.flush()
             self.audit.flush()
+
+
+def _verified(hs: kh.Handshake) -> dict[str, str]:
+    """What the key server read in the handshake messages itself (the audit's "verified")."""
+    return {
+        "sni": hs.sni,
+        "client_random": hs.client_random.hex(),
+        "cipher_suite": f"0x{hs.cipher_suite:04x}",
+        "certificate_sha256": hs.certificate_sha256.hex(),
+        "transcript_hash": hs.transcript_hash.hex(),
+    }
+
+
+def signed_entry(
+    edge_json: str, key: str, hs: kh.Handshake, scheme: int, client: str, repeat: bool
+) -> str:
+    """The audit entry of a signature, as JSON members: what `AuditLog.append(event="signed",
+    edge=..., key=..., verified={**_verified(hs), "scheme": ...}, claimed={"client": ...})`
+    writes, formatted here because json.dumps of nested dicts was a tenth of a request's cost.
+    `edge_json` is the edge's name already encoded."""
+    return (
+        f'"event":"signed","edge":{edge_json},"key":{json_str(key)},'
+        f'"verified":{{"sni":{json_str(hs.sni)},"client_random":"{hs.client_random.hex()}",'
+        f'"cipher_suite":"0x{hs.cipher_suite:04x}",'
+        f'"certificate_sha256":"{hs.certificate_sha256.hex()}",'
+        f'"transcript_hash":"{hs.transcript_hash.hex()}","scheme":"0x{scheme:04x}"}},'
+        f'"claimed":{{"client":{json_str(client)}}}' + (',"repeat":true' if repeat else "")
+    )
+
+
+def _open_audit(cfg: KeyServerConfig) -> AuditLog:
+    """The audit log, its whole chain verified; the key created at the first start only."""
+    log_has_entries = os.path.exists(cfg.audit_log) and os.path.getsize(cfg.audit_log) > 0
+    try:
+        if os.path.exists(cfg.audit_key):
+            key = load_audit_key(cfg.audit_key)
+        elif log_has_entries:
+            raise AuditError(
+                f"{cfg.audit_key} is missing, but the audit log {cfg.audit_log} has entries "
+                "made with a key: restore the key file (or move the log aside)"
+            )
+        else:
+            key = create_key(cfg.audit_key)
+    except AuditError as exc:
+        raise ConfigError("keyserver.audit_key", str(exc)) from None
+    try:
+        return AuditLog(cfg.audit_log, key)
+    except AuditError as exc:
+        raise ConfigError("keyserver.audit_log", str(exc)) from None
 
 
 def run_keyserver(path: str) -> int:
