@@ -25,6 +25,7 @@ from blindfold.errors import ConfigError, ProtocolError
 from blindfold.io.admin_http import AdminServer
 from blindfold.keyserver.audit import AuditLog
 from blindfold.keyserver.signer import SignError, SiteKey, load_key, sign_certificate_verify
+from blindfold.obs import sdnotify
 from blindfold.obs.log import JsonLog
 from blindfold.obs.metrics import Histogram, MetricSpec, render
 
@@ -126,6 +127,7 @@ class KeyServer:
             edges=[e.cfg.name for e in self.edges.values()],
             pid=os.getpid(),
         )
+        sdnotify.ready(f"listening on {sock[0]}:{sock[1]}")
 
     def _count_conn(self, result: str) -> None:
         self.conn_counts[result] = self.conn_counts.get(result, 0) + 1
