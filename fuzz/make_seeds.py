@@ -234,8 +234,42 @@ def main() -> None:
     for doc_path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for block in re.findall(r"```toml\n(.*?)```", doc_path.read_text(), re.S):
             save("config", block.encode())
+    write_dicts()
     for target in targets.TARGETS:
         print(f"{target}: {len(list((CORPUS / target).iterdir()))} seeds")
+
+
+JSON_TOKENS = ["{", "}", "[", "]", ":", ",", '"', "null", "true", "false", "NaN", "Infinity"]
+JSON_TOKENS += ["-Infinity", "1e999", "-0", "0.5", "[[[[[[[[", '{"a":{"a":']
+TOML_TOKENS = ["[", "]", "[[", "]]", "{", "}", "=", ",", '"', "'", "nan", "inf", "-inf", "+nan"]
+TOML_TOKENS += ["true", "false", "1e400", "0x7fffffffffffffff", "1979-05-27", "[[[[[[[["]
+FIELDS = {
+    "decisions": ["new", "deleted", "scope", "value", "type", "ban", "duration", "Ip", "Range"],
+    "redis_message": ["scope", "value", "until", "reason", "ip", "range", "203.0.113.7"],
+    "manifest": ["format", "alg", "ed25519", "key_id", "payload", "signature", "files", "rs"],
+}
+FIELDS["decisions"] += ["scenario", "origin", "4h", "1.5s", "-1s", "203.0.113.7"]
+FIELDS["manifest"] += ["issued_at", "expires_at", "id", "blob_sha256", "sha256", "size", "key"]
+FIELDS["manifest"] += ["sealed_size", "/app.js"]
+
+
+def _dict_line(token: str) -> str:
+    return '"' + token.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_dicts() -> None:
+    """libFuzzer dictionaries (fuzz/dict/TARGET.dict): the formats' tokens and the names the
+    parsers look for, so that mutations produce them."""
+    from blindfold.config import Config
+    from blindfold.config.schema import iter_documented
+
+    d = ROOT / "fuzz" / "dict"
+    d.mkdir(exist_ok=True)
+    keys = sorted({p for key, *_ in iter_documented(Config) for p in key.split(".")})
+    (d / "config.dict").write_text("\n".join(_dict_line(t) for t in TOML_TOKENS + keys) + "\n")
+    for target, names in FIELDS.items():
+        lines = [_dict_line(t) for t in JSON_TOKENS + names]
+        (d / f"{target}.dict").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

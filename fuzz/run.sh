@@ -53,10 +53,12 @@ fuzz_one() {
         left=$((end - $(date +%s)))
         [ "$left" -gt 0 ] || break
         # -timeout: one input taking longer than 10 s is a hang and is recorded like a crash
+        local dict=()
+        [ -f "$here/dict/$target.dict" ] && dict=(-dict="$here/dict/$target.dict")
         set +e
         "$py" "$here/fuzz.py" "$target" -max_total_time="$left" -timeout=10 -rss_limit_mb=2048 \
             -max_len=65536 -print_final_stats=1 -artifact_prefix="$dir/crashes/" \
-            "$dir/corpus" "$here/corpus/$target" >>"$log" 2>&1
+            ${dict[@]+"${dict[@]}"} "$dir/corpus" "$here/corpus/$target" >>"$log" 2>&1
         local rc=$?
         set -e
         local r c f

@@ -26,7 +26,7 @@ def decode_stream(body: bytes | bytearray) -> Any:
     """A decision stream response body -> its JSON value. Raises ProtocolError."""
     try:
         return json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply
         raise ProtocolError("bad_stream", "not JSON") from None
 
 
