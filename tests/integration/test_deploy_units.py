@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -152,3 +153,166 @@ def test_sysusers_defines_each_service_user() -> None:
     text = (ROOT / "deploy" / "sysusers.d" / "blindfold.conf").read_text()
     users = {line.split()[1] for line in text.splitlines() if line.startswith("u ")}
     assert users == {f"blindfold-{r}" for r in ROLES}
+
+
+# ------------------------------------------------------------------ the system-call filter
+def _syscall_group(name: str) -> set[str]:
+    """A systemd system-call group, nested groups expanded (systemd-analyze syscall-filter)."""
+    out = subprocess.run(
+        [_analyze(), "syscall-filter", name], capture_output=True, text=True, timeout=30
+    ).stdout
+    calls: set[str] = set()
+    for line in out.splitlines()[1:]:
+        item = line.strip()
+        if not item or item.startswith("#"):
+            continue
+        if not line.startswith("    "):
+            break  # the next group's heading
+        calls |= _syscall_group(item) if item.startswith("@") else {item}
+    return calls
+
+
+def _allowed(role: str) -> set[str]:
+    """What the unit's SystemCallFilter= lines leave allowed."""
+    allowed: set[str] = set()
+    for spec in _unit(role)["SystemCallFilter"]:
+        deny = spec.startswith("~")
+        names: set[str] = set()
+        for item in spec.lstrip("~").split():
+            names |= _syscall_group(item) if item.startswith("@") else {item}
+        allowed = allowed - names if deny else allowed | names
+    return allowed
+
+
+def _traced(trace: Path) -> set[str]:
+    """Syscall names from the summary table `strace -C` ends with."""
+    names = set()
+    in_table = False
+    for line in trace.read_text(errors="replace").splitlines():
+        in_table = in_table or line.startswith("% time")
+        parts = line.split()
+        if in_table and len(parts) >= 5 and re.fullmatch(r"[0-9.]+", parts[0]):
+            names.add(parts[-1])
+    names.discard("total")
+    return names
+
+
+def _writable_executable(trace: Path) -> list[str]:
+    """Calls MemoryDenyWriteExecute=yes refuses: a mapping both writable and executable, or
+    making memory executable later (mprotect with PROT_EXEC), systemd.exec(5)."""
+    bad = []
+    for line in trace.read_text(errors="replace").splitlines():
+        call = re.search(r"\b(mmap|mprotect|pkey_mprotect)\((.*)", line)
+        if call is None or "PROT_EXEC" not in call[2]:
+            continue
+        if call[1] != "mmap" or "PROT_WRITE" in call[2]:
+            bad.append(line)
+    return bad
+
+
+def _check_trace(role: str, trace: Path, expect: set[str]) -> None:
+    used = _traced(trace)
+    assert expect <= used, used  # the trace is real
+    assert used <= _allowed(role), used - _allowed(role)
+    if _unit(role).get("MemoryDenyWriteExecute") == ["yes"]:
+        assert not _writable_executable(trace), _writable_executable(trace)[:5]
+
+
+def _reload(proc: Any) -> None:
+    """SIGHUP to the traced process itself (strace, its parent, would exit on it)."""
+    import os
+    import signal
+
+    os.kill(int(proc.ready["pid"]), signal.SIGHUP)
+    got = proc.wait_for(lambda r: r.get("event") in ("reloaded", "reload_failed"), 15)
+    assert got is not None and got["event"] == "reloaded", got
+
+
+def _strace(summary: Path) -> list[str]:
+    from tests.conftest import need
+
+    # -C: every call (for the mmap/mprotect flags) and the summary table at the end
+    return [need("strace"), "-f", "-qq", "-C", "-s", "0", "-o", str(summary)]
+
+
+def test_edge_syscalls_pass_the_units_filter(
+    tmp_path: Path, site: dict[str, Path], origin: Any
+) -> None:
+    """A real edge (master, workers, splice relay, reload) run under strace: every system call
+    it makes is one its unit's SystemCallFilter allows (else it would get EPERM)."""
+    from tests.helpers.clients import get
+    from tests.helpers.edgeproc import EdgeProcess, edge_config, route
+
+    summary = tmp_path / "edge.syscalls"
+    config = edge_config(route(["example.test"], [f"127.0.0.1:{origin.port}"]), relay="splice")
+    edge = EdgeProcess(config, tmp_path, wrap=_strace(summary))
+    try:
+        big = get(edge.port, "example.test", site["ca"], path="/bytes?n=300000")
+        assert big.startswith(b"HTTP/1.1 200") and len(big) > 300000
+        _reload(edge)
+        assert get(edge.port, "example.test", site["ca"]).startswith(b"HTTP/1.1 200")
+    finally:
+        edge.stop()
+    assert not edge.tracebacks()
+    _check_trace("edge", summary, {"splice", "accept4", "epoll_wait"})
+
+
+def test_keyserver_syscalls_pass_the_units_filter(tmp_path: Path, ca: Any) -> None:
+    import asyncio
+    import os
+
+    from blindfold.core import keyless_wire as w
+    from tests.helpers.keyless import KeyServerProcess, keyserver_config, make_pki
+
+    p = make_pki(tmp_path, ca)
+    summary = tmp_path / "keyserver.syscalls"
+    ks = KeyServerProcess(
+        keyserver_config(p, {"edge1": ["example.test"]}), tmp_path, name="ks", wrap=_strace(summary)
+    )
+    try:
+        req = w.SignRequest(
+            w.ECDSA_SECP256R1_SHA256,
+            os.urandom(32),
+            "example.test",
+            "192.0.2.7",
+            bytes.fromhex(p.sites["p256"][2]),
+        )
+
+        async def go() -> bytes:
+            client = p.client("edge1", ks.port)
+            try:
+                return await client.sign(req)
+            finally:
+                await client.close()
+
+        assert asyncio.run(go())
+        _reload(ks)
+    finally:
+        ks.stop()
+    assert not ks.tracebacks()
+    _check_trace("keyserver", summary, {"accept4"})
+
+
+def test_origin_syscalls_pass_the_units_filter(
+    tmp_path: Path, site: dict[str, Path], app: Any
+) -> None:
+    """The origin agent with its WAF (libmodsecurity through ctypes) answering a request and
+    blocking an attack."""
+    from tests.helpers.clients import get
+    from tests.helpers.edgeproc import OriginProcess
+    from tests.helpers.topology import origin_config
+
+    summary = tmp_path / "origin.syscalls"
+    config = origin_config(site, app.port, tmp_path, proxy_protocol="off", waf={"mode": "block"})
+    origin = OriginProcess(config, tmp_path, name="origin", wrap=_strace(summary))
+    try:
+        assert get(origin.port, "example.test", site["ca"], path="/echo").startswith(
+            b"HTTP/1.1 200"
+        )
+        blocked = get(origin.port, "example.test", site["ca"], path="/?id=1%27%20OR%201=1--")
+        assert blocked.startswith(b"HTTP/1.1 403")
+        _reload(origin)
+    finally:
+        origin.stop()
+    assert not origin.tracebacks()
+    _check_trace("origin", summary, {"accept4"})
