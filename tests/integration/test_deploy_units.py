@@ -316,3 +316,36 @@ def test_origin_syscalls_pass_the_units_filter(
         origin.stop()
     assert not origin.tracebacks()
     _check_trace("origin", summary, {"accept4"})
+
+
+def test_keyless_edge_syscalls_pass_the_units_filter(
+    tmp_path: Path, site: dict[str, Path], ca: Any, app: Any
+) -> None:
+    """The edge's other worker kind: a keyless route (asyncio, TLS 1.3 core, greenlets, the
+    key-server client, HTTP/1.1 and HTTP/2, the cache) under the same filter."""
+    from tests.helpers.edgeproc import EdgeProcess, OriginProcess, edge_config
+    from tests.helpers.keyless import KeyServerProcess, keyserver_config, make_pki
+    from tests.helpers.topology import origin_config
+    from tests.integration.test_keyless import fetch, keyless_route
+
+    p = make_pki(tmp_path, ca)
+    ks = KeyServerProcess(keyserver_config(p, {"edge1": ["example.test"]}), tmp_path, name="ks")
+    origin = OriginProcess(origin_config(site, app.port, tmp_path), tmp_path, name="origin")
+    summary = tmp_path / "edge.syscalls"
+    edge = None
+    try:
+        config = edge_config(
+            keyless_route(p, site, [ks.port], origin.port, sni=["example.test"]),
+            per_ip_rate_per_s=0,
+        )
+        edge = EdgeProcess(config, tmp_path, name="kedge", wrap=_strace(summary))
+        for flag in ("--http1.1", "--http2"):
+            code, _version, body = fetch(edge, p, "/cached/x", flag)
+            assert code == 200, body
+    finally:
+        if edge is not None:
+            edge.stop()
+        origin.stop()
+        ks.stop()
+    assert edge is not None and not edge.tracebacks()
+    _check_trace("edge", summary, {"accept4", "epoll_wait"})
