@@ -14,7 +14,7 @@
 # and fuzzing goes on with the time left (each crash restarts the fuzzer once; at most 20).
 # Copy a crash to fuzz/crashes/TARGET/ to make it a regression input for
 # tests/unit/test_fuzz_targets.py, and write a test naming the documented error beside the
-# parser's tests. Exit status: 1 if any target crashed, else 0.
+# parser's tests. Exit status: 1 if any target crashed or its fuzzer could not run, else 0.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
@@ -39,13 +39,13 @@ fi
 out="${FUZZ_OUT:-$here/out}"
 mkdir -p "$out"
 summary="$out/summary.tsv"
-printf 'target\truns\tcoverage\tfeatures\tcrashes\tseconds\n' > "$summary"
+printf 'target\truns\tcoverage\tfeatures\tcrashes\tseconds\tstatus\n' > "$summary"
 
 fuzz_one() {
     local target="$1" budget="$2"
     local dir="$out/$target"
     mkdir -p "$dir/corpus" "$dir/crashes"
-    local log="$dir/fuzz.log" runs=0 cov=0 ft=0 start end left restarts=0
+    local log="$dir/fuzz.log" runs=0 cov=0 ft=0 start end left restarts=0 status=ok
     : > "$log"
     start=$(date +%s)
     end=$((start + budget))
@@ -53,6 +53,8 @@ fuzz_one() {
         left=$((end - $(date +%s)))
         [ "$left" -gt 0 ] || break
         # -timeout: one input taking longer than 10 s is a hang and is recorded like a crash
+        local before
+        before=$(find "$dir/crashes" -type f | wc -l)
         local dict=()
         [ -f "$here/dict/$target.dict" ] && dict=(-dict="$here/dict/$target.dict")
         set +e
@@ -69,13 +71,18 @@ fuzz_one() {
         [ "${c:-0}" -gt "$cov" ] && cov=$c
         [ "${f:-0}" -gt "$ft" ] && ft=$f
         [ "$rc" -eq 0 ] && break               # the budget ran out without a failure
+        if [ "$(find "$dir/crashes" -type f | wc -l)" -eq "$before" ]; then
+            status=error                       # it failed without recording an input
+            echo "$target: the fuzzer failed without a crash input (exit $rc); see $log" >&2
+            break
+        fi
         restarts=$((restarts + 1))
         [ "$restarts" -lt 20 ] || break
     done
     local crashes
     crashes=$(find "$dir/crashes" -type f \( -name 'crash-*' -o -name 'timeout-*' -o -name 'oom-*' \) | wc -l)
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$runs" "$cov" "$ft" "$crashes" \
-        "$(($(date +%s) - start))" >> "$summary"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$target" "$runs" "$cov" "$ft" "$crashes" \
+        "$(($(date +%s) - start))" "$status" >> "$summary"
     echo "$target: $runs runs, coverage $cov, $crashes crash file(s) in $dir/crashes (log: $log)" >&2
 }
 
@@ -84,6 +91,6 @@ for t in $run_list; do
 done
 echo
 column -t -s $'\t' "$summary"
-if awk -F'\t' 'NR > 1 && $5 > 0 { bad = 1 } END { exit !bad }' "$summary"; then
+if awk -F'\t' 'NR > 1 && ($5 > 0 || $7 != "ok") { bad = 1 } END { exit !bad }' "$summary"; then
     exit 1
 fi
