@@ -3,8 +3,8 @@
 # same certificate, key and arguments, a Python `ssl` (OpenSSL) TLS 1.3 baseline. Loopback only.
 # See README.md beside this file.
 #
-#   bench/tlsfuzzer/run.sh                     # every script of the list (about 5 minutes)
-#   bench/tlsfuzzer/run.sh --only 'keyupdate|ccs' --out /tmp/tf
+#   bench/tlsfuzzer/run.sh --tlsfuzzer DIR     # every script of the list (about 5 minutes)
+#   bench/tlsfuzzer/run.sh --tlsfuzzer DIR --only 'keyupdate|ccs' --out /tmp/tf
 #   bench/tlsfuzzer/run.sh --help
 #
 # Options:
@@ -15,10 +15,12 @@
 #   --workers N      edge worker processes (default 1: tickets are per worker)
 #   --no-sni         do not add SNI to tlsfuzzer's ClientHellos (keyless then cannot sign)
 #   --setup          only prepare the tlsfuzzer checkout and its Python, then exit
+#   --tlsfuzzer DIR  a tlsfuzzer checkout (scripts/ and tlsfuzzer/); tlsfuzzer is not on PyPI:
+#                    git clone https://github.com/tlsfuzzer/tlsfuzzer DIR
 # Environment:
-#   TLSFUZZER_DIR     a tlsfuzzer checkout (scripts/ and tlsfuzzer/). Default: extracted from
-#                     the mirror TLSFUZZER_MIRROR (a bare git repository, default
-#                     /work/.mirror/tlsfuzzer+tlsfuzzer/repo) into $TLSFUZZER_CACHE/src.
+#   TLSFUZZER_DIR     the same as --tlsfuzzer (the option wins)
+#   TLSFUZZER_MIRROR  instead, a bare git clone of tlsfuzzer: its HEAD's scripts/ and
+#                     tlsfuzzer/ are extracted into $TLSFUZZER_CACHE/src-<commit>
 #   TLSFUZZER_PYTHON  a Python with tlslite-ng and ecdsa. Default: a venv made in
 #                     $TLSFUZZER_CACHE/venv with pip (tlslite-ng==0.9.0b2, as tlsfuzzer's
 #                     requirements.txt pins, and ecdsa); the project's .venv is left alone.
@@ -32,6 +34,7 @@ repo="$(cd "$here/../.." && pwd)"
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
 out=""; only=""; timeout_s=240; budget=1500; workers=1; no_sni=0; setup_only=0
+tf="${TLSFUZZER_DIR:-}"
 while [ $# -gt 0 ]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
@@ -42,6 +45,7 @@ while [ $# -gt 0 ]; do
         --workers) workers="$2"; shift 2 ;;
         --no-sni) no_sni=1; shift ;;
         --setup) setup_only=1; shift ;;
+        --tlsfuzzer) tf="$2"; shift 2 ;;
         *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -54,13 +58,12 @@ cache="${TLSFUZZER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/blindfold-tlsfuzzer}"
 mkdir -p "$cache"
 
 # ------------------------------------------------------------------------------ tlsfuzzer
-tf="${TLSFUZZER_DIR:-}"
 if [ -z "$tf" ]; then
-    mirror="${TLSFUZZER_MIRROR:-/work/.mirror/tlsfuzzer+tlsfuzzer/repo}"
-    if [ ! -d "$mirror" ]; then
-        echo "set TLSFUZZER_DIR to a tlsfuzzer checkout (git clone of tlsfuzzer/tlsfuzzer)," \
-             "or TLSFUZZER_MIRROR to a bare clone" >&2
-        exit 1
+    mirror="${TLSFUZZER_MIRROR:-}"
+    if [ -z "$mirror" ] || [ ! -d "$mirror" ]; then
+        echo "tlsfuzzer is not on PyPI: git clone https://github.com/tlsfuzzer/tlsfuzzer DIR," \
+             "then pass --tlsfuzzer DIR (or TLSFUZZER_DIR=DIR, or TLSFUZZER_MIRROR=a bare clone)" >&2
+        exit 2
     fi
     rev="$(git --git-dir="$mirror" rev-parse HEAD)"
     tf="$cache/src-${rev:0:12}"

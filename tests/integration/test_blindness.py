@@ -13,12 +13,11 @@ import re
 import secrets
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from tests.conftest import need
-from tests.helpers.clients import http_get, tls_connect
+from tests.helpers.clients import http_get, tls_connect, wait_until
 from tests.helpers.edgeproc import EdgeProcess, edge_config, route
 from tests.helpers.origin import TlsOrigin
 
@@ -60,14 +59,15 @@ def test_no_plaintext_passes_through_the_edge(
         cmd += ["-p", str(pid)]
     tracer = subprocess.Popen(cmd, stderr=subprocess.PIPE)
     try:
-        time.sleep(1.0)  # strace attaches
+        assert wait_until(lambda: _traced_by(edge.worker_pids(), tracer.pid), 10)
         path = "/hello-" + secrets.token_hex(8)
         body = b""
         for _ in range(3):
             with tls_connect(edge.port, "example.test", site["ca"]) as tls:
                 body += http_get(tls, path)
         assert marker.encode() in body  # the client did get the plaintext
-        time.sleep(0.5)
+        # the edge logs each connection once it has closed it: every relayed byte is traced
+        assert wait_until(lambda: len(edge.conn_lines()) >= 3, 10)
     finally:
         tracer.send_signal(signal.SIGINT)
         tracer.wait(10)
@@ -79,3 +79,12 @@ def test_no_plaintext_passes_through_the_edge(
     assert path.encode() not in seen
     assert b"hello from origin" not in seen
     assert b"HTTP/1.1" not in seen
+
+
+def _traced_by(pids: list[int], tracer: int) -> bool:
+    """strace has attached to every one of these processes (their TracerPid)."""
+    for pid in pids:
+        status = Path(f"/proc/{pid}/status").read_text()
+        if f"TracerPid:\t{tracer}\n" not in status:
+            return False
+    return bool(pids)

@@ -89,8 +89,7 @@ def test_sigterm_drains(start_edge: Start, origin: TlsOrigin, site: dict[str, Pa
     assert OK in http_get(live, keep_alive=True)
     edge.proc.terminate()
     assert edge.wait_for(lambda r: r.get("event") == "edge_draining", 5) is not None
-    assert wait_until(lambda: _refused(edge.port), 5)  # no new connections
-    time.sleep(0.5)
+    assert wait_until(lambda: _refused(edge.port), 5)  # no new connections: draining
     assert OK in http_get(live, keep_alive=True)  # the open one continues
     t0 = time.monotonic()
     live.close()

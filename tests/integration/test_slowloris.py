@@ -12,7 +12,7 @@ from pathlib import Path
 
 from blindfold.io.limits import raise_fd_limit
 from tests.helpers import tlsbuild
-from tests.helpers.clients import get
+from tests.helpers.clients import get, wait_until
 from tests.helpers.edgeproc import EdgeProcess, edge_config, route
 from tests.helpers.origin import TlsOrigin
 
@@ -55,10 +55,12 @@ def test_slowloris_is_cut_and_legit_latency_holds(
         s.bind((f"127.0.{1 + i // 250}.{1 + i % 250}", 0))
         s.connect_ex(("127.0.0.1", edge.port))
         socks[s] = time.monotonic()
-    time.sleep(0.2)
+    _wait_connected(list(socks))
     for s in socks:
         s.send(hello[:1])  # the first byte only: the edge accepts and starts its timer
         sel.register(s, selectors.EVENT_READ)
+    # measure once the edge holds every one of them (accepted, waiting for the hello)
+    assert wait_until(lambda: edge.metric("blindfold_connections_active") >= SLOW, 10)
     loaded = latency(edge.port, site["ca"])
 
     # keep trickling one byte per second each until the edge cuts them, bounded in time
@@ -95,3 +97,20 @@ def test_slowloris_is_cut_and_legit_latency_holds(
     assert loaded <= 2 * unloaded, (loaded, unloaded)
     assert edge.metric("blindfold_connections_refused_total", reason="hello_timeout") == SLOW
     assert origin.seen.requests == 10 + 30 + 30  # slow connections never reached it
+
+
+def _wait_connected(socks: list[socket.socket], timeout_s: float = 10.0) -> None:
+    """Until every non-blocking connect has completed (the socket turns writable)."""
+    pending = set(socks)
+    with selectors.DefaultSelector() as sel:
+        for s in pending:
+            sel.register(s, selectors.EVENT_WRITE)
+        deadline = time.monotonic() + timeout_s
+        while pending and time.monotonic() < deadline:
+            for key, _events in sel.select(deadline - time.monotonic()):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+                sel.unregister(sock)
+                pending.discard(sock)
+    assert not pending, f"{len(pending)} connections not established"

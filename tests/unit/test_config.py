@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GOOD = """
 [edge]
 listen = ["127.0.0.1:8443", "[::1]:8443"]
-admin_listen = "127.0.0.1:9100"
+admin_listen = "127.0.0.1:7743"
 
 [[edge.routes]]
 sni = ["example.test", "*.example.test"]
@@ -290,3 +290,29 @@ def test_documented_examples_are_valid() -> None:
         assert example is not None, name
         # the shell fills in the edge's fingerprint when the example runs
         loads(re.sub(r'"\$\(openssl[^"]*"', '"' + "ab" * 32 + '"', example.group(1)))
+
+
+def test_admin_ports_default_outside_prometheus_allocations(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The admin listeners' default ports must not be one a monitoring host already uses:
+    Prometheus' own (9090-9094) and its exporters' allocations (7743-9999, node_exporter at
+    7743, all taken since 2023; newer exporters from 10000 on). The three differ, so that an
+    origin agent and a key server can share a host."""
+    from blindfold.config.edge import EdgeConfig
+    from blindfold.config.keyserver import KeyServerConfig
+    from blindfold.config.origin import OriginConfig
+
+    ports = []
+    for cls in (EdgeConfig, OriginConfig, KeyServerConfig):
+        default = next(f for f in dataclasses.fields(cls) if f.name == "admin_listen").default
+        assert isinstance(default, str) and default.startswith("127.0.0.1:"), cls
+        ports.append(int(default.rpartition(":")[2]))
+    for port in ports:
+        assert not 9090 <= port <= 10100, f"{port} collides with Prometheus' port allocations"
+        assert port < 32768, f"{port} is in Linux's ephemeral range"
+    assert len(set(ports)) == 3
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    demo_admin = re.search(r"edge admin port \(default (\d+)\)", capsys.readouterr().out)
+    assert demo_admin is not None and int(demo_admin[1]) == ports[0]

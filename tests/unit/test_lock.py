@@ -1,5 +1,5 @@
 """requirements.lock (made by scripts/lock) must agree with pyproject.toml: every requirement of
-the project, its test and dev extras and its build backend is pinned there, with hashes, at a
+the project, its test, dev and fuzz extras and its build backend is pinned there, with hashes, at a
 version its range admits. A dependency added to pyproject without `scripts/lock` fails here."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def _wanted() -> list[Requirement]:
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     project = meta["project"]
     reqs = [*project["dependencies"], *meta["build-system"]["requires"]]
-    for extra in ("test", "dev"):
+    for extra in ("test", "dev", "fuzz"):
         reqs += project["optional-dependencies"][extra]
     return [Requirement(r) for r in reqs]
 

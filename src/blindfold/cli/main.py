@@ -345,14 +345,15 @@ def main(argv: list[str] | None = None) -> int:
     p_demo = sub.add_parser("demo", help="run the whole topology on loopback")
     p_demo.add_argument("--port", type=int, default=8443, help="edge port (default 8443)")
     p_demo.add_argument(
-        "--admin-port", type=int, default=9100, help="edge admin port (default 9100)"
+        "--admin-port", type=int, default=7743, help="edge admin port (default 7743)"
     )
     p_demo.add_argument("--dir", help="keep the generated files here")
     p_demo.add_argument("--duration", type=float, help="stop after this many seconds")
     p_demo.add_argument(
         "--self-check",
         action="store_true",
-        help="fetch the demo page through the edge and fail if it is wrong",
+        help="run the demo's checks, then exit: 0 if all pass, 1 if not "
+        "(with --duration: keep running that long first)",
     )
 
     args = parser.parse_args(argv)

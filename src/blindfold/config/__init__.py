@@ -37,6 +37,8 @@ def loads(text: str, source: str = "<config>") -> Config:
         data: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{source}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise ConfigError("", f"{source}: not valid TOML: nested too deeply") from None
     return build(Config, data)
 
 

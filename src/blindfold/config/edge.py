@@ -427,7 +427,7 @@ class EdgeConfig:
     )
     routes: tuple[RouteConfig, ...] = setting(doc="Routes, chosen by SNI.", check=_nonempty)
     admin_listen: str = setting(
-        "127.0.0.1:9100",
+        "127.0.0.1:7743",
         doc="Address of the admin listener serving /metrics (Prometheus text) and /healthz.",
         check=check_ip_hostport,
     )

@@ -82,7 +82,7 @@ class KeyServerConfig:
         "SIGHUP: its next request is refused and its connections closed.",
     )
     admin_listen: str = setting(
-        "127.0.0.1:9102", doc="Address of /metrics and /healthz.", check=check_ip_hostport
+        "127.0.0.1:7745", doc="Address of /metrics and /healthz.", check=check_ip_hostport
     )
     rate_per_s: float = setting(
         2000.0,

@@ -314,7 +314,7 @@ class OriginConfig:
     )
     proxy_header_timeout_s: float = setting(5.0, doc="Deadline for the PROXY header.", min=0.1)
     admin_listen: str = setting(
-        "127.0.0.1:9101", doc="Address of /metrics and /healthz.", check=check_ip_hostport
+        "127.0.0.1:7744", doc="Address of /metrics and /healthz.", check=check_ip_hostport
     )
     log_path: str = setting("", doc="Where JSON log lines go; empty = standard output.")
     access_log: bool = setting(True, doc="One JSON line per request.")

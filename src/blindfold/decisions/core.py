@@ -9,6 +9,7 @@ seconds since the epoch, because durations cross processes and machines).
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -43,6 +44,8 @@ def parse_duration(text: str) -> float:
     if not isinstance(text, str) or not _GO_DURATION.fullmatch(text):
         raise ProtocolError("bad_decision", f"duration {text!r}")
     total = sum(float(n) * _UNITS[u] for n, u in _GO_PART.findall(text))
+    if not math.isfinite(total):  # '999…9h' past a float's range: not a duration
+        raise ProtocolError("bad_decision", f"duration {text[:40]!r}… too long")
     return -total if text.startswith("-") else total
 
 

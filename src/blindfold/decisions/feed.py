@@ -22,6 +22,14 @@ from blindfold.web.client import UpstreamPool
 MAX_STREAM_BYTES = 64 << 20
 
 
+def decode_stream(body: bytes | bytearray) -> Any:
+    """A decision stream response body -> its JSON value. Raises ProtocolError."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: nested too deeply
+        raise ProtocolError("bad_stream", "not JSON") from None
+
+
 class BanSet:
     """(scope, value) -> (expires_at, reason). Notifies on every change of the active set."""
 
@@ -139,11 +147,7 @@ class StreamFeed:
                 raise ProtocolError("bad_stream", "stream response too large")
         if response.status != 200:
             raise UpstreamError(f"status {response.status}: {bytes(body[:200])!r}")
-        try:
-            payload: Any = json.loads(body)
-        except ValueError:
-            raise ProtocolError("bad_stream", "not JSON") from None
-        new, deleted, problems = parse_stream(payload)
+        new, deleted, problems = parse_stream(decode_stream(body))
         for problem in problems[:10]:
             self.log.log("decision_ignored", problem=problem)
         self.bans.apply("stream", new, deleted, time.time(), replace=self._startup)

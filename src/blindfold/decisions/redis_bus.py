@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from typing import Any
 
@@ -94,8 +95,11 @@ def _parse(body: bytes | str) -> tuple[Any, str, float, str] | None:
     try:
         item = json.loads(body)
         scope, value = normalise(str(item["scope"]), str(item["value"]))
-        return scope, value, float(item["until"]), str(item.get("reason", ""))[:200]
-    except (ValueError, KeyError, TypeError, ProtocolError):
+        until = float(item["until"])
+        if not math.isfinite(until):  # inf would ban forever; NaN compares false
+            return None
+        return scope, value, until, str(item.get("reason", ""))[:200]
+    except (ValueError, KeyError, TypeError, ProtocolError, RecursionError):
         return None
 
 

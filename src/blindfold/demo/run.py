@@ -374,17 +374,21 @@ Stop with Ctrl-C.
 """,
             flush=True,
         )
-        if self_check and not await _self_check(
-            curl, kcurl, audit, edge, fetch_cmd, verify_cmd, base, keyserver_port
-        ):
-            return 1
+        status = 0
+        if self_check:
+            ok = await _self_check(
+                curl, kcurl, audit, edge, fetch_cmd, verify_cmd, base, keyserver_port
+            )
+            status = 0 if ok else 1
+            if duration is None:  # checks done: exit with their verdict
+                return status
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), duration)
-        return 0
+        return status
     finally:
         if edge is not None:
             await edge.stop()

@@ -29,6 +29,7 @@ from blindfold.errors import ConfigError
 from blindfold.io.admin_http import AdminServer
 from blindfold.io.limits import raise_fd_limit
 from blindfold.io.listeners import bind_group
+from blindfold.obs import sdnotify
 from blindfold.obs.log import JsonLog
 from blindfold.obs.metrics import MetricSpec, merge, render
 
@@ -213,6 +214,7 @@ class EdgeMaster:
             pid=os.getpid(),
             routes=[self.config.route_name(i) for i in range(len(self.config.routes))],
         )
+        sdnotify.ready(f"listening on {', '.join(self._bound_addresses())}")
 
     async def _wait_ready(self, handles: list[WorkerHandle]) -> None:
         futures = [h.ready for h in handles if h.ready is not None]

@@ -30,6 +30,7 @@ from blindfold.io.admin_http import AdminServer
 from blindfold.keyserver.audit import AuditError, AuditLog, create_key, json_str
 from blindfold.keyserver.audit import load_key as load_audit_key
 from blindfold.keyserver.signer import SignError, SiteKey, load_key, sign_certificate_verify
+from blindfold.obs import sdnotify
 from blindfold.obs.log import JsonLog
 from blindfold.obs.metrics import Histogram, MetricSpec, render
 
@@ -137,6 +138,7 @@ class KeyServer:
             pid=os.getpid(),
             **self._audit_state(),
         )
+        sdnotify.ready(f"listening on {sock[0]}:{sock[1]}")
         if self.audit.recovered:
             self.log.emit(
                 "audit_recovered",

@@ -29,6 +29,7 @@ from blindfold.errors import ConfigError, ProtocolError
 from blindfold.io.accepted import peek, read_proxy_header
 from blindfold.io.admin_http import AdminServer
 from blindfold.io.limits import raise_fd_limit
+from blindfold.obs import sdnotify
 from blindfold.obs.log import JsonLog
 from blindfold.obs.metrics import MetricSpec, render
 from blindfold.origin.gate import OriginGate
@@ -315,6 +316,7 @@ class OriginAgent:
             waf=getattr(self.waf, "version", None),
             pid=os.getpid(),
         )
+        sdnotify.ready(f"listening on {', '.join(_addr(s) for s in self.tls_sockets)}")
 
     def _bind(self, host: str, port: int, key: str) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -1,0 +1,382 @@
+"""Fuzz targets: one function per parser that reads bytes from the network or from a file a
+user edits. Each takes the fuzzer's bytes and must either return or raise one of the errors its
+parser documents (STYLE §4: ProtocolError for peer data, ConfigError for the config,
+VerificationError where a signature or a seal is checked). Anything else escaping is a bug:
+`check()` lets it through, and the fuzzer (fuzz/fuzz.py, atheris) records the input.
+
+Targets do not import atheris, so tests/unit/test_fuzz_targets.py runs every seed of
+fuzz/corpus/ and every recorded crash through them without it.
+
+Where random bytes would never get past a MAC or a signature (TLS records, RFC 8188 records, the
+signed manifest), a target reads a mode byte and can also seal the fuzzer's bytes with a key it
+holds, so the code behind the check (padding, delimiters, inner types, the payload's shape) is
+fuzzed too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import ssl
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from blindfold.errors import ConfigError, ProtocolError, VerificationError
+
+NOW = 1_800_000_000.0
+HOST = "example.test"
+
+
+@dataclass(frozen=True)
+class Target:
+    run: Callable[[bytes], None]
+    allowed: tuple[type[Exception], ...]
+    about: str
+
+
+def _chunks(data: bytes) -> list[bytes]:
+    """Split at 0xFF 0x00 0xFF (a marker the fuzzer learns) so one input can be several
+    reads; the reads are then fed one by one (any chunking must parse the same)."""
+    return data.split(b"\xff\x00\xff")
+
+
+# --------------------------------------------------------------------------- ClientHello
+def clienthello(data: bytes) -> None:
+    from blindfold.core.clienthello import peek_client_hello
+
+    whole = b"".join(_chunks(data))
+    hello = peek_client_hello(whole, 65536)
+    if hello is None:
+        return
+    # what the edge does with a parsed hello: route by SNI, ALPN, JA4, key shares
+    assert isinstance(hello.alpn_text, tuple) and isinstance(hello.max_version, int)
+    assert isinstance(hello.supported_groups, tuple) and isinstance(hello.key_share_groups, tuple)
+    assert len(hello.ja4) == 36, hello.ja4
+    # the same bytes fed as a growing buffer give the same hello (or need more bytes)
+    buf = b""
+    for part in _chunks(data)[:-1]:
+        buf += part
+        try:
+            early = peek_client_hello(buf, 65536)
+        except ProtocolError as exc:
+            raise AssertionError(f"a prefix of a good hello was refused: {exc}") from None
+        if early is not None:
+            assert early == hello
+            return
+
+
+# --------------------------------------------------------------------------- PROXY v1/v2
+def proxyproto(data: bytes) -> None:
+    from blindfold.core.proxyproto import parse_proxy_header
+
+    parsed = parse_proxy_header(data, 4096)
+    if parsed is None:
+        return
+    header, used = parsed
+    assert 0 < used <= len(data)
+    header.tlv(0x01)
+    # a prefix that ends before the header does either waits or fails, never parses
+    if used > 1:
+        try:
+            assert parse_proxy_header(data[: used - 1], 4096) is None
+        except ProtocolError:
+            pass
+
+
+# --------------------------------------------------------------------------- key-server wire
+def keyless_wire(data: bytes) -> None:
+    from blindfold.core import keyless_wire as w
+
+    decoder = w.FrameDecoder()
+    for part in _chunks(data):
+        for frame in decoder.feed(part):
+            if frame.type == w.SIGN_REQUEST:
+                w.decode_sign_request(frame.body)
+            elif frame.type == w.SIGN_RESPONSE:
+                w.decode_sign_response(frame.body)
+            elif frame.type == w.ERROR:
+                w.decode_error(frame.body)
+
+
+# --------------------------------------------------------------------------- key-server checks
+def keyless_handshake(data: bytes) -> None:
+    """What the key server does with a sign request's messages: parse ClientHello ..
+    Certificate, hash them, authorise (SNI, certificate, scheme), check replays."""
+    from blindfold.core import keyless_handshake as kh
+
+    if len(data) < 2:
+        return
+    scheme = int.from_bytes(data[:2], "big")
+    hs = kh.parse_handshake(data[2:])
+    assert len(hs.client_random) == 32 and len(hs.transcript_hash) in (32, 48)
+    assert hs.sni and hs.cipher_suite in kh.SUITE_HASHES
+    _identity, key, _cafile = _server_site()
+    leaf = {hs.certificate_sha256: key}  # any leaf: reach the name and scheme checks too
+    kh.authorise(hs, scheme, lambda name: name == HOST, leaf)
+    guard = kh.ReplayGuard(60.0, 4)
+    assert guard.check(hs, "edge1", NOW) is False
+    guard.remember(hs, "edge1", NOW)
+    assert guard.check(hs, "edge1", NOW) is True  # the identical request: a retry
+
+
+# --------------------------------------------------------------------------- TLS 1.3 records
+SUITES = (0x1301, 0x1302, 0x1303)
+
+
+def tls13_record(data: bytes) -> None:
+    """Mode 0: raw bytes into the record reader and the AEAD. Mode 1: the fuzzer's chunks are
+    the inner plaintexts (content, content type, padding: §5.2 TLSInnerPlaintext), sealed with
+    the reader's key, so what follows a good tag is fuzzed."""
+    from blindfold.core import tls13_record as rl
+
+    if not data:
+        return
+    mode, suite, rest = data[0] & 1, SUITES[data[0] % 3], data[1:]
+    reader = rl.RecordReader()
+    opener = rl.RecordProtection(suite, bytes(48 if suite == 0x1302 else 32))
+    if mode == 0:
+        for part in _chunks(rest):
+            for record in reader.feed(part):
+                opener.open(record)
+        return
+    sealer = rl.RecordProtection(suite, opener.secret)
+    wire = b""
+    for inner in _chunks(rest):
+        inner = inner[: rl.MAX_PLAINTEXT + 256]
+        header = rl.HEADER.pack(rl.APPLICATION_DATA, 0x0303, len(inner) + rl.TAG_LEN)
+        nonce = (int.from_bytes(sealer._iv, "big") ^ sealer.seq).to_bytes(12, "big")
+        wire += header + sealer._aead.encrypt(nonce, inner, header)  # raw inner: not seal()
+        sealer.seq += 1
+    for record in reader.feed(wire):
+        opener.open(record)
+
+
+# --------------------------------------------------------------------------- TLS 1.3 server
+@cache
+def _server_site() -> tuple[Any, Any, str]:
+    from blindfold import pki
+    from blindfold.core import tls13_server as ts
+    from blindfold.core.routing import SniRouter
+    from blindfold.keyserver.signer import SiteKey, schemes_for
+
+    ca = pki.make_ca("blindfold fuzz CA")
+    leaf = pki.issue(ca, [HOST])
+    key = SiteKey("ec256", leaf.key, bytes(32), SniRouter([(HOST, True)]), schemes_for(leaf.key))
+    import tempfile
+
+    cafile = tempfile.NamedTemporaryFile("wb", suffix=".pem", delete=False)  # noqa: SIM115
+    cafile.write(ca.cert_pem())
+    cafile.close()
+    return ts.ServerIdentity.from_pem(leaf.cert_pem()), key, cafile.name
+
+
+def _drive(server: Any, data: bytes, key: Any) -> list[Any]:
+    """Feed the server; answer its signature requests as the key server would."""
+    from blindfold.core import tls13_server as ts
+    from blindfold.keyserver.signer import sign_certificate_verify
+
+    events = server.receive(data, NOW)
+    while events and isinstance(events[-1], ts.SignatureRequested):
+        request = events.pop()
+        sig = sign_certificate_verify(key, request.scheme, request.transcript_hash)
+        events += server.signature_received(sig, NOW)
+    return list(events)
+
+
+def tls13_server(data: bytes) -> None:
+    """Mode 0: the fuzzer's bytes are what a visitor sends from the first byte (ClientHello,
+    then anything). Mode 1: a real handshake with Python's ssl first, then each chunk is one
+    record the client sends (first byte: inner content type), protected with the client's
+    key as the server holds it: KeyUpdate, alerts, post-handshake messages, data."""
+    from blindfold.core import tls13_record as rl
+    from blindfold.core import tls13_server as ts
+
+    if not data:
+        return
+    identity, key, cafile = _server_site()
+    server = ts.TlsServer(identity, ts.TlsSettings(), ts.SessionStore(60, 10), HOST)
+    if data[0] & 1 == 0:
+        for part in _chunks(data[1:]):
+            _drive(server, part, key)
+            server.data_to_send()
+        return
+    ctx = ssl.create_default_context(cafile=cafile)
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = ctx.wrap_bio(inc, out, server_hostname=HOST)
+    for _ in range(6):
+        try:
+            client.do_handshake()
+            done = True
+        except ssl.SSLWantReadError:
+            done = False
+        _drive(server, out.read(), key)
+        inc.write(server.data_to_send())
+        if done and server.state == "open":
+            break
+    assert server.state == "open", server.reason
+    read = server._read  # the client's write key, as the server holds it (harness only)
+    assert read is not None
+    sealer = rl.RecordProtection(read.cipher_suite, read.secret)
+    sealer.seq = read.seq
+    for part in _chunks(data[1:]):
+        if not part:
+            continue
+        inner = part[1:] + bytes((part[0],))
+        header = rl.HEADER.pack(rl.APPLICATION_DATA, 0x0303, len(inner) + rl.TAG_LEN)
+        nonce = (int.from_bytes(sealer._iv, "big") ^ sealer.seq).to_bytes(12, "big")
+        record = header + sealer._aead.encrypt(nonce, inner, header)
+        sealer.seq += 1
+        _drive(server, record, key)
+        server.data_to_send()
+        if server.state == "closed":
+            return
+        if server._read is not None and server._read is not read:  # KeyUpdate: follow it
+            read = server._read
+            sealer = rl.RecordProtection(read.cipher_suite, read.secret)
+            sealer.seq = read.seq
+
+
+# --------------------------------------------------------------------------- RFC 8188
+ECE_KEY = bytes(range(16))
+
+
+def ece(data: bytes) -> None:
+    """Mode 0: raw bytes into the streaming opener. Mode 1: the fuzzer writes the records'
+    plaintext (content, delimiter, padding: RFC 8188 §2) and we encrypt them, so what the
+    opener does after a good tag is fuzzed."""
+    from blindfold.core import ece as e
+
+    if not data:
+        return
+    mode, rest = data[0] & 1, data[1:]
+    if mode == 0:
+        opener = e.Opener(ECE_KEY, max_rs=1 << 16)
+        for part in _chunks(rest):
+            opener.feed(part)
+        opener.finish()
+        e.open_all(rest, ECE_KEY, max_rs=1 << 16)
+        return
+    if len(rest) < 2:
+        return
+    rs = max(e.MIN_RS, int.from_bytes(rest[:2], "big") % 512)
+    salt = bytes(16)
+    aead, base = e._derive(ECE_KEY, salt)
+    blob = salt + struct.pack("!IB", rs, 0)
+    records = _chunks(rest[2:])
+    for seq, plain in enumerate(records):
+        blob += aead.encrypt(e._nonce(base, seq), plain[: rs - e.TAG_BYTES], None)
+    opener = e.Opener(ECE_KEY, max_rs=1 << 16)
+    for i in range(0, len(blob), 97):
+        opener.feed(blob[i : i + 97])
+    opener.finish()
+
+
+# --------------------------------------------------------------------------- the manifest
+@cache
+def _manifest_key() -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+
+
+def manifest(data: bytes) -> None:
+    """Mode 0: the bytes are the manifest file. Mode 1: they are its payload, signed with the
+    site's key (the service worker and `blindfold fetch` never trust the payload's shape)."""
+    from blindfold.core import manifest as m
+
+    if not data:
+        return
+    key = _manifest_key()
+    if data[0] & 1 == 0:
+        m.verify(data[1:], key.public_key(), NOW)
+        return
+    payload = data[1:].decode("utf-8", "replace")
+    doc = {
+        "format": m.FORMAT,
+        "alg": "ed25519",
+        "key_id": m.key_id(key.public_key()),
+        "payload": payload,
+        "signature": m.b64u(key.sign(payload.encode())),
+    }
+    m.verify(json.dumps(doc).encode(), key.public_key(), None)
+
+
+# --------------------------------------------------------------------------- decisions
+def decisions(data: bytes) -> None:
+    """A decision stream response body, as the edge's feed reads it (ours or CrowdSec's)."""
+    from blindfold.decisions.core import parse_stream
+    from blindfold.decisions.feed import decode_stream
+
+    new, _deleted, problems = parse_stream(decode_stream(data))
+    for _scope, _value, duration, _reason in new:
+        assert math.isfinite(duration), f"duration {duration}"
+    assert len(problems) <= len(data)
+
+
+def redis_message(data: bytes) -> None:
+    """A decision as the edge reads it from Redis (a key's value or a channel message):
+    parsed, or None (dropped)."""
+    from blindfold.decisions.redis_bus import _parse
+
+    parsed = _parse(data)
+    if parsed is not None:
+        scope, _value, until, reason = parsed
+        assert scope in ("ip", "range") and len(reason) <= 200
+        assert isinstance(until, float) and math.isfinite(until), f"until {until}"
+
+
+# --------------------------------------------------------------------------- the config
+def config(data: bytes) -> None:
+    """A configuration file, read the way `load_file` reads it (UTF-8, then TOML, then the
+    schema): loads or raises ConfigError naming the key."""
+    from blindfold.config import loads
+
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return  # load_file refuses non-UTF-8 with ConfigError before parsing
+    cfg = loads(text, "fuzz.toml")
+    _check_finite(cfg, "")
+
+
+def _check_finite(value: object, where: str) -> None:
+    """No setting may hold NaN or an infinity (TOML allows nan and inf): a deadline or a
+    rate of NaN compares false with everything and silently disables its check."""
+    if isinstance(value, float):
+        assert math.isfinite(value), f"{where} = {value}"
+    elif isinstance(value, tuple):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{where}[{i}]")
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            _check_finite(getattr(value, f.name), f"{where}.{f.name}".lstrip("."))
+
+
+TARGETS: dict[str, Target] = {
+    "clienthello": Target(clienthello, (ProtocolError,), "ClientHello peek + JA4"),
+    "proxyproto": Target(proxyproto, (ProtocolError,), "PROXY protocol v1/v2 header"),
+    "keyless_wire": Target(keyless_wire, (ProtocolError,), "key-server frames and bodies"),
+    "keyless_handshake": Target(
+        keyless_handshake, (ProtocolError,), "the key server's handshake checks"
+    ),
+    "tls13_record": Target(tls13_record, (ProtocolError,), "TLS 1.3 record layer"),
+    "tls13_server": Target(tls13_server, (ProtocolError,), "TLS 1.3 server core"),
+    "ece": Target(ece, (VerificationError,), "RFC 8188 aes128gcm records"),
+    "manifest": Target(manifest, (VerificationError,), "signed blind manifest"),
+    "decisions": Target(decisions, (ProtocolError,), "decision stream JSON"),
+    "redis_message": Target(redis_message, (), "decision messages from Redis"),
+    "config": Target(config, (ConfigError,), "TOML configuration"),
+}
+
+
+def check(name: str, data: bytes) -> None:
+    """Run one input; the target's documented errors are fine, anything else propagates."""
+    target = TARGETS[name]
+    try:
+        target.run(data)
+    except target.allowed:
+        pass
