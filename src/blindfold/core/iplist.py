@@ -103,3 +103,67 @@ def parse_address(address: str) -> tuple[int, int]:
     if value >> 32 == 0xFFFF:
         return 4, value & 0xFFFFFFFF
     return 6, value
+
+
+class MutableIPSet:
+    """A ban set changed in place, one network at a time: the worker's copy of the master's
+    ban table. Networks come as the master's integer keys
+    ((network << 9) | (prefix length << 1) | is_ipv6, see blindfold.decisions.bans); a
+    lookup costs one hash probe per distinct prefix length in the address's family, as in
+    `IPSet`."""
+
+    __slots__ = ("_lookup", "_tables", "size")
+
+    def __init__(self) -> None:
+        # per family (0: IPv4, 1: IPv6): prefix length -> network integers
+        self._tables: tuple[dict[int, set[int]], dict[int, set[int]]] = ({}, {})
+        # per family: (mask, members) for each prefix length in use, longest first
+        self._lookup: tuple[list[tuple[int, set[int]]], list[tuple[int, set[int]]]] = ([], [])
+        self.size = 0
+
+    def __bool__(self) -> bool:
+        return self.size > 0
+
+    def add_key(self, key: int) -> bool:
+        family = key & 1
+        plen = (key >> 1) & 0xFF
+        table = self._tables[family]
+        members = table.get(plen)
+        if members is None:
+            members = table[plen] = set()
+            self._relink(family)
+        net = key >> 9
+        if net in members:
+            return False
+        members.add(net)
+        self.size += 1
+        return True
+
+    def discard_key(self, key: int) -> bool:
+        family = key & 1
+        plen = (key >> 1) & 0xFF
+        table = self._tables[family]
+        members = table.get(plen)
+        net = key >> 9
+        if members is None or net not in members:
+            return False
+        members.discard(net)
+        self.size -= 1
+        if not members:
+            del table[plen]
+            self._relink(family)
+        return True
+
+    def _relink(self, family: int) -> None:
+        bits = 128 if family else 32
+        full = (1 << bits) - 1
+        self._lookup[family][:] = [
+            (full ^ ((1 << (bits - p)) - 1), s)
+            for p, s in sorted(self._tables[family].items(), reverse=True)
+        ]
+
+    def contains(self, addr: int, version: int) -> bool:
+        for mask, members in self._lookup[version == 6]:  # noqa: SIM110 (no generator: per accept)
+            if addr & mask in members:
+                return True
+        return False
