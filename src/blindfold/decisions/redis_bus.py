@@ -10,9 +10,9 @@ believed for being there:
   start, after every reconnection (pub/sub loses messages across them) and every `RESYNC_S`,
   then follows the channel.
 - Per-address connection counts: every edge adds what it accepted in the last second to
-  `blindfold:rate:<addr>:<window>` (INCRBY, expiring; IPv6 per prefix); an edge that reads a
-  total over the per-address budget refuses that address itself until the window ends. These
-  counters are the only keys edges write.
+  `blindfold:rate:<addr>:<window>` (INCRBY, expiring; IPv6 per prefix) and reads the totals
+  of the addresses it counted in the window; one over the per-address budget it refuses itself
+  until the window ends. These counters are the only keys edges write.
 """
 
 from __future__ import annotations
