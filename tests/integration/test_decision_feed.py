@@ -4,6 +4,7 @@ ban set that changes while visitors connect."""
 
 from __future__ import annotations
 
+import os
 import signal
 import statistics
 import time
@@ -33,11 +34,12 @@ def start(
     source: StreamSource,
     tmp_path: Path,
     decisions: str = "",
+    key_mode: int = 0o600,
     **edge: object,
 ) -> EdgeProcess:
     keyfile = tmp_path / "source.key"
     keyfile.write_text(KEY)
-    keyfile.chmod(0o600)
+    keyfile.chmod(key_mode)
     text = edge_config(route(["example.test"], [f"127.0.0.1:{origin.port}"]), **edge)
     text += (
         f'[edge.decisions]\nurl = "{source.url}"\napi_key_file = "{keyfile}"\n'
@@ -92,7 +94,9 @@ def test_bans_wider_than_the_limit_are_refused_and_counted(
     tmp_path: Path,
 ) -> None:
     source.add(["0.0.0.0/0", "127.0.0.0/8", "::/0", "127.0.0.44", "127.0.1.0/24"])
-    edge = start(start_edge, origin, source, tmp_path)
+    edge = start(start_edge, origin, source, tmp_path, key_mode=0o644)
+    warning = edge.records("key_file_readable_by_others")
+    assert warning and warning[0]["mode"] == "0o644"
     assert wait_until(lambda: not served(edge, site, "127.0.0.44"), 5)
     assert not served(edge, site, "127.0.1.9")  # a /24 is within the default limit (/16)
     assert served(edge, site, "127.0.0.45")  # 0.0.0.0/0 and 127.0.0.0/8 were not believed
@@ -163,3 +167,52 @@ def test_ban_changes_do_not_stall_visitors(
     edge.proc.send_signal(signal.SIGTERM)
     edge.proc.wait(15)
     assert time.monotonic() - t0 < 10
+
+
+def test_a_respawned_worker_enforces_every_ban_from_its_first_connection(
+    start_edge: Start,
+    origin: TlsOrigin,
+    site: dict[str, Path],
+    source: StreamSource,
+    tmp_path: Path,
+) -> None:
+    """A new worker loads the ban set in slices; it must not accept its share of visitors
+    before the set is in."""
+    from blindfold.io.listeners import steer_index
+
+    n = 100_000
+    source.add(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}" for i in range(n))
+    banned = next(f"127.0.0.{i}" for i in range(100, 200) if steer_index(f"127.0.0.{i}", 2) == 0)
+    other = next(
+        f"127.0.0.{i}"
+        for i in range(100, 200)
+        if steer_index(f"127.0.0.{i}", 2) == 0 and f"127.0.0.{i}" != banned
+    )
+    source.add([banned])
+    edge = start(start_edge, origin, source, tmp_path)
+    assert wait_until(
+        lambda: (
+            edge.metric("blindfold_decisions_active") == n + 1
+            and edge.metric("blindfold_ban_updates_pending") == 0
+        ),
+        60,
+        0.5,
+    )
+    assert not served(edge, site, banned) and served(edge, site, other)
+    victim = next(
+        pid
+        for pid in edge.worker_pids()
+        if "--index\x000\x00" in Path(f"/proc/{pid}/cmdline").read_text()
+    )
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    attempts = 0
+    while time.monotonic() < deadline:
+        attempts += 1
+        assert not served(edge, site, banned), f"served on attempt {attempts}"
+        if victim not in edge.worker_pids() and served(edge, site, other):
+            break
+    else:
+        pytest.fail("the worker was not replaced")
+    for _ in range(20):
+        assert not served(edge, site, banned)

@@ -358,3 +358,32 @@ def test_ban_limits_and_ipv6_prefixes_must_agree() -> None:
     with pytest.raises(ConfigError) as info:
         loads(ORIGIN + "[origin.decisions]\nredis_url = 'redis://192.0.2.1/0'\nsigning_key='k'\n")
     assert info.value.key == "origin.decisions.redis_url"
+
+
+def test_check_config_loads_the_decision_signing_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    not_ed25519 = tmp_path / "p256.pub"
+    not_ed25519.write_bytes(
+        generate_private_key(SECP256R1())
+        .public_key()
+        .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    )
+    edge = tmp_path / "edge.toml"
+    edge.write_text(
+        GOOD + f"\n[edge.decisions]\nredis_url = 'redis://127.0.0.1/0'\n"
+        f"signer_public_keys = ['{not_ed25519}']\n"
+    )
+    assert main(["check-config", str(edge)]) == 2
+    err = capsys.readouterr().err
+    assert "edge.decisions.signer_public_keys[0]" in err and "Ed25519" in err
+    origin = tmp_path / "origin.toml"
+    origin.write_text(
+        ORIGIN + "[origin.decisions]\nredis_url = 'redis://127.0.0.1/0'\n"
+        f"signing_key = '{tmp_path / 'absent.key'}'\n"
+    )
+    assert main(["check-config", str(origin)]) == 2
+    assert "origin.decisions.signing_key" in capsys.readouterr().err

@@ -3,6 +3,8 @@ create bans, stream parsing, and the edge's ban set."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -286,3 +288,15 @@ def test_an_extended_decision_is_new_again_and_expiry_is_by_heap() -> None:
     assert [d["value"] for d in delta["new"]] == ["192.0.2.1"]
     assert [d.value for d in store.expire(200.0)] == ["192.0.2.2"]
     assert [d.value for d in store.active(200.0)] == ["192.0.2.1"]
+
+
+def test_the_demo_writes_api_keys_only_their_owner_can_read(tmp_path: Path) -> None:
+    from blindfold.demo.run import _edge_config, _origin_config
+
+    (tmp_path / "edge.key").write_text("an older file, readable by all\n")
+    (tmp_path / "edge.key").chmod(0o644)
+    _origin_config(tmp_path, 1, 2)
+    _edge_config("127.0.0.1:1", "127.0.0.1:2", 3, 4, tmp_path, 5)
+    for name in ("edge-keys.txt", "edge.key"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
+    assert (tmp_path / "edge.key").read_text().startswith("demo-edge-key")

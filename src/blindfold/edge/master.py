@@ -240,8 +240,9 @@ class EdgeMaster:
                 await close()
         self.feeds, self.feed_tasks = [], []
         limits = _ban_limits(config)
-        if limits != self.bans.limits:  # sources resync fully into the new limits
+        if limits != self.bans.limits:  # the feeds started below resync into the new limits
             self.bans.limits = limits
+            self.distributor.max_log = 2 * limits.max_bans + self.distributor.chunk
         src = config.decisions
         kept = {"stream"} if src is not None and src.url else set()
         if src is not None and src.redis_url:
