@@ -285,19 +285,21 @@ def test_a_worker_applies_a_large_update_in_short_slices() -> None:
         old = key_of("198.51.100.7/32")
         worker.guards.bans.add_key(old)
         keys = [encode(4, (10 << 24) + i, 32) for i in range(200_000)]
-        worker.bans.push(
+        worker.ban_updates.push(
             {"op": "bans", "id": 1, "reset": True, "swap": False, "add": keys[:100_000], "del": []}
         )
-        worker.bans.push(
+        worker.ban_updates.push(
             {"op": "bans", "id": 2, "reset": False, "swap": True, "add": keys[100_000:], "del": []}
         )
-        worker.bans.push({"op": "bans", "id": 3, "add": [key_of("192.0.2.1/32")], "del": [keys[0]]})
+        worker.ban_updates.push(
+            {"op": "bans", "id": 3, "add": [key_of("192.0.2.1/32")], "del": [keys[0]]}
+        )
         slowest = 0.0
         steps = 0
         half_way_old_enforced = None
-        while worker.bans.queue or worker.bans._job is not None:
+        while worker.ban_updates.queue or worker.ban_updates._job is not None:
             t0 = time.perf_counter()
-            worker.bans._step()
+            worker.ban_updates._step()
             slowest = max(slowest, time.perf_counter() - t0)
             steps += 1
             if steps == 200_000 // SLICE_KEYS - 2:  # inside the second snapshot message
@@ -311,7 +313,7 @@ def test_a_worker_applies_a_large_update_in_short_slices() -> None:
         assert bans.size == 200_000 and not bans.contains(10 << 24, 4)
         assert bans.contains(int(ipaddress.IPv4Address("192.0.2.1")), 4)
         assert not bans.contains(int(ipaddress.IPv4Address("198.51.100.7")), 4)  # swapped out
-        assert worker.bans.synced
+        assert worker.ban_updates.synced
         ours.settimeout(5)
         acks = b""
         while acks.count(b"\n") < 3:

@@ -121,7 +121,7 @@ class Worker:
             self.reactor.attach(self.loop)
             self.keyless = KeylessService(self, self.loop)
             self.blind = BlindService(self, self.loop)
-        self.bans = BanUpdates(self)
+        self.ban_updates = BanUpdates(self)
         self.control = ControlChannel(
             self.reactor, control_fd, self._on_control, self._on_master_gone
         )
@@ -393,10 +393,10 @@ class Worker:
                 return
             if not self._pending_listeners:
                 self.control.send({"op": "reloaded"})
-            elif self.bans.synced:
+            elif self.ban_updates.synced:
                 self._go_live()
             else:
-                self.bans.resume()  # listening starts once the ban set is in (bans_synced)
+                self.ban_updates.resume()  # listening starts once the ban set is in (bans_synced)
         elif op == "stats":
             self.control.send({"op": "stats", "id": message.get("id"), "metrics": self.snapshot()})
         elif op == "drain":
@@ -405,7 +405,7 @@ class Worker:
             counts, self.rate_counts = self.rate_counts, {}
             self.control.send({"op": "rates", "id": message.get("id"), "counts": counts})
         elif op == "bans":
-            self.bans.push(message)
+            self.ban_updates.push(message)
 
     def _go_live(self) -> None:
         self._start_listening()
