@@ -161,7 +161,6 @@ def main() -> None:
     from blindfold.core import ece, manifest, proxyproto
     from blindfold.core import keyless_wire as w
     from blindfold.decisions.core import DecisionStore
-    from blindfold.decisions.redis_bus import decision_json
 
     hellos = client_hellos()
     for hello in hellos:
@@ -249,9 +248,16 @@ def main() -> None:
     store.remove("ip", "2001:db8::7")
     save("decisions", json.dumps(store.stream("edge1", False, now)).encode())
     save("decisions", b'{"new": null, "deleted": null}')
-    save("redis_message", decision_json(d6).encode())
-    for d in store.active(now):
-        save("redis_message", decision_json(d).encode())
+    from blindfold.decisions.signed import DecisionSigner
+
+    signer = DecisionSigner(targets._decision_key())
+    for d in [d6, *store.active(now)]:
+        until = targets.NOW + 3600
+        save(
+            "redis_message", b"\x00" + signer.sign(d.scope, d.value, until, now, d.reason).encode()
+        )
+        payload = {"scope": d.scope, "value": d.value, "until": until, "issued": now, "reason": "x"}
+        save("redis_message", b"\x01" + json.dumps(payload).encode())
     # the configuration: every TOML example of the docs
     for doc_path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for block in re.findall(r"```toml\n(.*?)```", doc_path.read_text(), re.S):

@@ -317,16 +317,38 @@ def decisions(data: bytes) -> None:
     assert len(problems) <= len(data)
 
 
-def redis_message(data: bytes) -> None:
-    """A decision as the edge reads it from Redis (a key's value or a channel message):
-    parsed, or None (dropped)."""
-    from blindfold.decisions.redis_bus import _parse
+def _decision_key() -> Ed25519PrivateKey:
+    """A fixed key (seeds signed with it stay valid across runs): a test key, nothing else."""
+    return Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
 
-    parsed = _parse(data)
-    if parsed is not None:
-        scope, _value, until, reason = parsed
-        assert scope in ("ip", "range") and len(reason) <= 200
-        assert isinstance(until, float) and math.isfinite(until), f"until {until}"
+
+def seal_decision(payload: bytes) -> bytes:
+    """A `bfd1` message carrying `payload`, signed with the harness's origin key."""
+    from blindfold.decisions import signed as sd
+
+    key = _decision_key()
+    signer = sd.key_id(key.public_key())
+    encoded = sd._b64(payload)
+    sig = key.sign(sd.PURPOSE + f"{signer}.{encoded}".encode("ascii"))
+    return f"{sd.MAGIC}.{signer}.{encoded}.{sd._b64(sig)}".encode()
+
+
+def redis_message(data: bytes) -> None:
+    """A decision as the edge reads it from Redis (a key's value or a channel message). Mode 0:
+    the bytes as they are; mode 1: the bytes are the payload, signed by the origin key the
+    verifier trusts, so what follows a good signature (the decision's JSON) is fuzzed too.
+    Either a decision or ProtocolError (dropped and counted by the feed)."""
+    from blindfold.decisions import signed as sd
+
+    if not data:
+        return
+    verifier = sd.DecisionVerifier([_decision_key().public_key()])
+    message = seal_decision(data[1:]) if data[0] & 1 else data[1:]
+    d = verifier.admit(message, NOW)
+    assert d is not None  # a first sighting is never a repeat
+    assert d.scope in ("ip", "range") and len(d.reason) <= 200
+    assert math.isfinite(d.until) and d.until > NOW, f"until {d.until}"
+    assert verifier.admit(message, NOW) is None  # the same message again: already held
 
 
 # --------------------------------------------------------------------------- the config
@@ -368,7 +390,7 @@ TARGETS: dict[str, Target] = {
     "ece": Target(ece, (VerificationError,), "RFC 8188 aes128gcm records"),
     "manifest": Target(manifest, (VerificationError,), "signed blind manifest"),
     "decisions": Target(decisions, (ProtocolError,), "decision stream JSON"),
-    "redis_message": Target(redis_message, (), "decision messages from Redis"),
+    "redis_message": Target(redis_message, (ProtocolError,), "signed decisions from Redis"),
     "config": Target(config, (ConfigError,), "TOML configuration"),
 }
 

@@ -22,6 +22,7 @@ def origin_config(
 ) -> str:
     keys = workdir / "edge-keys.txt"
     keys.write_text(f"edge1:{API_KEY}\nedge2:{API_KEY}-2\n")
+    keys.chmod(0o600)
     base: dict[str, Any] = {
         "upstream": f"http://127.0.0.1:{app_port}",
         "listen": ["127.0.0.1:0"],
@@ -57,6 +58,7 @@ def edge_decisions(
 ) -> str:
     keyfile = workdir / f"edge-{abs(hash(key)) % 10000}.key"
     keyfile.write_text(key + "\n")
+    keyfile.chmod(0o600)
     values: dict[str, Any] = {
         "url": f"https://127.0.0.1:{decisions_port}",
         "api_key_file": str(keyfile),

@@ -477,3 +477,62 @@ def test_a_failed_handshake_gets_openssls_alert(
         timeout=30,
     )
     assert ok.returncode == 0, ok.stderr
+
+
+def poll_stream(port: int, site: dict[str, Path], key: str, startup: bool) -> dict[str, Any]:
+    """Poll the origin's decision stream as a CrowdSec bouncer would (no position token)."""
+    import urllib.request
+
+    ctx = ssl.create_default_context(cafile=str(site["ca"]))
+    req = urllib.request.Request(
+        f"https://127.0.0.1:{port}/v1/decisions/stream?startup={str(startup).lower()}",
+        headers={"X-Api-Key": key, "User-Agent": "blindfold-edge"},
+    )
+    with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
+        data: dict[str, Any] = json.loads(resp.read())
+    return data
+
+
+def test_pollers_sharing_a_key_do_not_steal_each_others_bans(
+    start_edge: Any, start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    """A second poller with the edge's API key (another edge, an operator's script) used to
+    receive a new ban in the edge's place: one stream position per key."""
+    from tests.helpers.topology import API_KEY
+
+    edge, origin = chain(start_edge, start_origin, app, site, tmp_path)
+    poll_stream(origin.decisions_port, site, API_KEY, startup=True)
+    assert fetch(edge, site, SQLI, "127.0.0.33")[0] == 403
+    other = poll_stream(origin.decisions_port, site, API_KEY, startup=False)
+    assert [d["value"] for d in other["new"] or []] == ["127.0.0.33"]
+    assert wait_until(lambda: fetch(edge, site, "/echo", "127.0.0.33")[0] == 0, 5, 0.1)
+    assert fetch(edge, site, "/echo", "127.0.0.34")[0] == 200
+
+
+def test_ipv6_visitors_are_banned_by_the_limit_prefix(
+    start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    """An attacker rotating through the addresses of its /64 is counted and banned as one."""
+    from tests.helpers.topology import API_KEY
+
+    origin = start_origin(
+        origin_config(site, app.port, tmp_path, decisions={"ban_after_blocks": 3})
+    )
+    ctx = ssl.create_default_context(cafile=str(site["ca"]))
+
+    def attack(visitor: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", origin.port), timeout=5) as raw:
+            raw.sendall(encode_v2((visitor, 4444), ("::1", 443)))
+            with ctx.wrap_socket(raw, server_hostname="example.test") as tls:
+                head = f"GET {SQLI} HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n"
+                tls.sendall(head.encode())
+                data = b""
+                while chunk := tls.recv(65536):
+                    data += chunk
+                return data
+
+    for n in (1, 2, 3):  # one block per address, three addresses of one /64
+        assert attack(f"2001:db8:1:2::{n:x}").startswith(b"HTTP/1.1 403")
+    stream = poll_stream(origin.decisions_port, site, API_KEY, startup=True)
+    bans = [(d["scope"], d["value"]) for d in stream["new"] or []]
+    assert bans == [("Range", "2001:db8:1:2::/64")]

@@ -264,8 +264,10 @@ def test_any_table_loads_or_raises_config_error(value: object) -> None:
 
 
 def test_documented_examples_are_valid() -> None:
-    """The TOML examples in docs/config.md and the README load as they are."""
-    for doc in (ROOT / "docs" / "config.md", ROOT / "README.md"):
+    """The TOML examples in docs/config.md, docs/decisions.md and the README load as they
+    are."""
+    origin_head = "[origin]\nupstream = 'http://127.0.0.1:1'\nlisten = []\nproxy_protocol = 'off'\n"
+    for doc in (ROOT / "docs" / "config.md", ROOT / "docs" / "decisions.md", ROOT / "README.md"):
         blocks = re.findall(r"```toml\n(.*?)```", doc.read_text(), re.S)
         assert blocks, doc
         edge_head = (
@@ -275,6 +277,8 @@ def test_documented_examples_are_valid() -> None:
         for block in blocks:
             if "[origin]" in block:
                 pass  # complete as it is
+            elif block.startswith("[origin.decisions]"):  # a fragment of the origin's
+                block = origin_head + block
             elif "[edge]" not in block:  # an [edge.decisions] fragment
                 block = edge_head + block
             elif "[[edge.routes]]" not in block:  # a fragment: add the required keys
@@ -316,3 +320,96 @@ def test_admin_ports_default_outside_prometheus_allocations(
         main(["demo", "--help"])
     demo_admin = re.search(r"edge admin port \(default (\d+)\)", capsys.readouterr().out)
     assert demo_admin is not None and int(demo_admin[1]) == ports[0]
+
+
+ORIGIN = """
+[origin]
+upstream = "http://127.0.0.1:8080"
+listen = []
+proxy_protocol = "off"
+"""
+
+
+@pytest.mark.parametrize(
+    ("decisions", "key", "words"),
+    [
+        # a prefix check let these through: 127.0.0.1.evil.test is not loopback
+        ("url = 'http://127.0.0.1.evil.test/'\napi_key_file='k'", "url", "https"),
+        ("url = 'http://10.0.0.1:8089'\napi_key_file='k'", "url", "https"),
+        ("url = 'ftp://origin.test'\napi_key_file='k'", "url", "https://"),
+        ("url = 'https://origin.test:99999'\napi_key_file='k'", "url", "Port"),
+        ("redis_url = 'redis://10.0.0.5:6379/0'\nsigner_public_keys=['p']", "redis_url", "rediss"),
+        ("redis_url = 'redis://redis.internal/0'\nsigner_public_keys=['p']", "redis_url", "TLS"),
+        ("redis_url = 'redis://127.0.0.1:6379/0'", "signer_public_keys", "signed"),
+        ("min_ban_prefix_len_v4 = 33", "min_ban_prefix_len_v4", "<="),
+        ("max_bans = 0", "max_bans", ">="),
+    ],
+)
+def test_decision_source_errors_name_the_key(decisions: str, key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        loads(GOOD + "\n[edge.decisions]\n" + decisions + "\n")
+    assert info.value.key == f"edge.decisions.{key}", str(info.value)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "decisions",
+    [
+        "url = 'http://127.0.0.1:8089'\napi_key_file='k'",
+        "url = 'http://[::1]:8089'\napi_key_file='k'",
+        "url = 'https://origin.test'\napi_key_file='k'",
+        "redis_url = 'rediss://edge1:pw@redis.internal:6380/0'\nsigner_public_keys=['p']",
+        "redis_url = 'redis://127.0.0.1:6379/0'\nsigner_public_keys=['p']",
+        "redis_url = 'unix:///run/redis.sock'\nsigner_public_keys=['p']",
+    ],
+)
+def test_decision_sources_that_are_accepted(decisions: str) -> None:
+    assert loads(GOOD + "\n[edge.decisions]\n" + decisions + "\n").edge is not None
+
+
+def test_ban_limits_and_ipv6_prefixes_must_agree() -> None:
+    with pytest.raises(ConfigError) as info:
+        loads(
+            GOOD.replace("[edge]\n", "[edge]\nipv6_prefix_len = 48\n", 1)
+            + "\n[edge.decisions]\nmin_ban_prefix_len_v6 = 56\n"
+        )
+    assert info.value.key == "edge.decisions.min_ban_prefix_len_v6"
+    with pytest.raises(ConfigError) as info:
+        loads(GOOD + ORIGIN + "[origin.decisions]\nipv6_prefix_len = 56\n")
+    assert info.value.key == "origin.decisions.ipv6_prefix_len"
+    assert "edge.ipv6_prefix_len is 64" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        loads(ORIGIN + "[origin.decisions]\nredis_url = 'redis://127.0.0.1/0'\n")
+    assert info.value.key == "origin.decisions.signing_key"
+    with pytest.raises(ConfigError) as info:
+        loads(ORIGIN + "[origin.decisions]\nredis_url = 'redis://192.0.2.1/0'\nsigning_key='k'\n")
+    assert info.value.key == "origin.decisions.redis_url"
+
+
+def test_check_config_loads_the_decision_signing_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    not_ed25519 = tmp_path / "p256.pub"
+    not_ed25519.write_bytes(
+        generate_private_key(SECP256R1())
+        .public_key()
+        .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    )
+    edge = tmp_path / "edge.toml"
+    edge.write_text(
+        GOOD + f"\n[edge.decisions]\nredis_url = 'redis://127.0.0.1/0'\n"
+        f"signer_public_keys = ['{not_ed25519}']\n"
+    )
+    assert main(["check-config", str(edge)]) == 2
+    err = capsys.readouterr().err
+    assert "edge.decisions.signer_public_keys[0]" in err and "Ed25519" in err
+    origin = tmp_path / "origin.toml"
+    origin.write_text(
+        ORIGIN + "[origin.decisions]\nredis_url = 'redis://127.0.0.1/0'\n"
+        f"signing_key = '{tmp_path / 'absent.key'}'\n"
+    )
+    assert main(["check-config", str(origin)]) == 2
+    assert "origin.decisions.signing_key" in capsys.readouterr().err

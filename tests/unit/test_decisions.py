@@ -3,6 +3,8 @@ create bans, stream parsing, and the edge's ban set."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -11,12 +13,14 @@ from blindfold.decisions.core import (
     DecisionRules,
     DecisionStore,
     RateRule,
+    ban_target,
     format_duration,
     normalise,
     parse_duration,
+    parse_net,
     parse_stream,
+    scope_of,
 )
-from blindfold.decisions.feed import BanSet
 from blindfold.errors import ProtocolError
 
 
@@ -65,7 +69,7 @@ def test_stream_startup_then_deltas() -> None:
     assert [d["value"] for d in first["new"]] == ["192.0.2.1"]
     assert first["new"][0]["scope"] == "Ip" and first["new"][0]["type"] == "ban"
     assert first["new"][0]["duration"] == "1m0s"
-    assert store.stream("edge1", False, 1001.0) == {"new": None, "deleted": None}
+    assert store.stream("edge1", False, 1001.0)["new"] is None
     store.add("range", "198.51.100.0/24", 5, "rate", now=1002.0)
     delta = store.stream("edge1", False, 1002.0)
     assert [d["value"] for d in delta["new"]] == ["198.51.100.0/24"]
@@ -163,18 +167,136 @@ def test_any_payload_parses_or_raises(payload: object) -> None:
         pass
 
 
-def test_ban_set_sources_and_expiry() -> None:
-    changes: list[list[str]] = []
-    bans = BanSet(changes.append)
-    bans.apply("stream", [("ip", "192.0.2.1", 10, "a")], [], now=0.0)
-    bans.apply(
-        "redis", [("ip", "192.0.2.1", 50, "b"), ("range", "10.0.0.0/8", 5, "c")], [], now=0.0
+@given(st.integers(0, (1 << 32) - 1), st.integers(0, 32))
+def test_parse_net_agrees_with_ipaddress_v4(addr: int, plen: int) -> None:
+    import ipaddress
+
+    text = f"{ipaddress.IPv4Address(addr)}/{plen}"
+    net = ipaddress.ip_network(text, strict=False)
+    assert parse_net("range", text) == (4, int(net.network_address), plen)
+    assert normalise("Range", text) == ("range", str(net))
+
+
+@given(st.integers(0, (1 << 128) - 1), st.integers(0, 128))
+def test_parse_net_agrees_with_ipaddress_v6(addr: int, plen: int) -> None:
+    import ipaddress
+
+    text = f"{ipaddress.IPv6Address(addr)}/{plen}"
+    net = ipaddress.ip_network(text, strict=False)
+    version, value, length = parse_net("range", text)
+    if addr >> 32 == 0xFFFF and plen >= 96:  # IPv4-mapped: enforced as IPv4
+        assert (version, length) == (4, plen - 96)
+        assert value == int(net.network_address) & 0xFFFFFFFF
+    else:
+        assert (version, value, length) == (6, int(net.network_address), plen)
+        assert normalise("range", text) == ("range", str(net))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "1.2.3",
+        "01.2.3.4",
+        "1.2.3.4/33",
+        "1.2.3.4/-1",
+        "1.2.3.4/ 8",
+        "1.2.3.4/8/8",
+        "::/129",
+        "1.2.3.4 ",
+        "x" * 70,
+        "1.2.3.4/٣",
+    ],
+)
+def test_parse_net_refuses(value: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_net("range", value)
+    assert info.value.reason == "bad_decision"
+    with pytest.raises(ProtocolError):
+        parse_net("ip", "10.0.0.0/8")  # an address has no prefix
+
+
+def test_bans_cover_the_ipv6_prefix_the_limits_use() -> None:
+    assert ban_target("192.0.2.7", 64) == "192.0.2.7"
+    assert ban_target("2001:db8:1:2:3:4:5:6", 64) == "2001:db8:1:2::/64"
+    assert ban_target("2001:db8:1:2:3:4:5:6", 48) == "2001:db8:1::/48"
+    assert ban_target("2001:db8::1", 128) == "2001:db8::1"
+    assert ban_target("::ffff:192.0.2.7", 64) == "192.0.2.7"
+
+
+def test_waf_blocks_count_and_ban_per_ipv6_prefix() -> None:
+    """An attacker rotating through its /64 was counted per address and never banned."""
+    rules = DecisionRules(
+        ban_after_blocks=3, block_window_s=60, ban_duration_s=600, ipv6_prefix_len=64
     )
-    assert sorted(changes[-1]) == ["10.0.0.0/8", "192.0.2.1"]
-    bans.apply("stream", [], [("ip", "192.0.2.1")], now=1.0)  # redis still bans it
-    assert "192.0.2.1" in bans.networks()
-    bans.expire(6.0)
-    assert bans.networks() == ["192.0.2.1"]
-    bans.apply("redis", [], [], now=7.0, replace=True)  # a full resync without it
-    assert bans.networks() == []
-    assert changes[-1] == []
+    assert rules.on_block("2001:db8:1:2::a", 0.0) is None
+    assert rules.on_block("2001:db8:1:2::b", 1.0) is None
+    ban = rules.on_block("2001:db8:1:2:ffff::c", 2.0)
+    assert ban is not None and ban[0] == "2001:db8:1:2::/64"
+    assert rules.on_block("2001:db8:1:3::a", 3.0) is None  # another /64 is another client
+    rate = DecisionRules(
+        ban_after_blocks=5,
+        block_window_s=10,
+        ban_duration_s=60,
+        rate_rules=(RateRule("/login", 1.0, 2, 120, "login"),),
+        ipv6_prefix_len=56,
+    )
+    hits = [rate.on_request(f"2001:db8:0:{n}::1", b"/login", 0.0) for n in range(3)]
+    assert hits[:2] == [None, None] and hits[2] == ("2001:db8::/56", 120, "rate: login")
+    store = DecisionStore()
+    d = store.add(scope_of("2001:db8::/56"), "2001:db8::/56", 120, "rate", 0.0)
+    assert (d.scope, d.value) == ("range", "2001:db8::/56")
+
+
+def test_followers_sharing_a_key_keep_their_own_position() -> None:
+    store = DecisionStore()
+    a = store.stream("edge", True, 0.0)["blindfold"]["position"]
+    b = store.stream("edge", True, 0.0)["blindfold"]["position"]
+    store.add("ip", "192.0.2.1", 60, "waf", 1.0)
+    first = store.stream("edge", False, 2.0, position=a)
+    assert [d["value"] for d in first["new"]] == ["192.0.2.1"]
+    assert first["blindfold"]["full"] is False
+    # the other follower with the same key still gets it
+    second = store.stream("edge", False, 2.0, position=b)
+    assert [d["value"] for d in second["new"]] == ["192.0.2.1"]
+    again = store.stream("edge", False, 2.0, position=first["blindfold"]["position"])
+    assert again["new"] is None
+    # without a token (CrowdSec bouncers): one position per (key, User-Agent)
+    store.stream("edge", True, 2.0, instance="bouncer-a")
+    store.stream("edge", True, 2.0, instance="bouncer-b")
+    store.add("ip", "192.0.2.2", 60, "waf", 3.0)
+    assert store.stream("edge", False, 4.0, instance="bouncer-a")["new"] is not None
+    assert store.stream("edge", False, 4.0, instance="bouncer-b")["new"] is not None
+
+
+@pytest.mark.parametrize("token", ["", "x", "zz.1.0", "1.2", "a.b.c", "%s.999.0", "%s.0.999"])
+def test_a_position_we_cannot_continue_from_answers_the_whole_set(token: str) -> None:
+    store = DecisionStore()
+    store.add("ip", "192.0.2.1", 60, "waf", 0.0)
+    answer = store.stream("edge", False, 1.0, position=token.replace("%s", store.epoch))
+    assert answer["blindfold"]["full"] is True
+    assert [d["value"] for d in answer["new"]] == ["192.0.2.1"]
+
+
+def test_an_extended_decision_is_new_again_and_expiry_is_by_heap() -> None:
+    store = DecisionStore()
+    store.add("ip", "192.0.2.1", 10, "a", 0.0)
+    store.add("ip", "192.0.2.2", 100, "b", 0.0)
+    token = store.stream("e", True, 0.0)["blindfold"]["position"]
+    store.add("ip", "192.0.2.1", 500, "c", 1.0)  # extended: a new id, moved to the end
+    delta = store.stream("e", False, 2.0, position=token)
+    assert [d["value"] for d in delta["new"]] == ["192.0.2.1"]
+    assert [d.value for d in store.expire(200.0)] == ["192.0.2.2"]
+    assert [d.value for d in store.active(200.0)] == ["192.0.2.1"]
+
+
+def test_the_demo_writes_api_keys_only_their_owner_can_read(tmp_path: Path) -> None:
+    from blindfold.demo.run import _edge_config, _origin_config
+
+    (tmp_path / "edge.key").write_text("an older file, readable by all\n")
+    (tmp_path / "edge.key").chmod(0o644)
+    _origin_config(tmp_path, 1, 2)
+    _edge_config("127.0.0.1:1", "127.0.0.1:2", 3, 4, tmp_path, 5)
+    for name in ("edge-keys.txt", "edge.key"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
+    assert (tmp_path / "edge.key").read_text().startswith("demo-edge-key")

@@ -9,8 +9,9 @@ import pytest
 from blindfold.config import loads
 from blindfold.decisions.core import parse_duration, parse_stream
 from blindfold.decisions.feed import decode_stream
-from blindfold.decisions.redis_bus import _parse as parse_redis_message
+from blindfold.decisions.signed import DecisionVerifier
 from blindfold.errors import ConfigError, ProtocolError
+from fuzz.targets import _decision_key, seal_decision
 
 DEEP_JSON = b"[" * 100_000 + b"]" * 100_000
 EDGE = '[edge]\nlisten = ["127.0.0.1:1"]\n{extra}\n[[edge.routes]]\nsni = ["a.test"]\n'
@@ -38,20 +39,25 @@ def test_a_duration_too_long_for_a_float_is_refused(digits: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "body",
+    ("payload", "reason"),
     [
-        DEEP_JSON,
-        b'{"scope":"ip","value":"203.0.113.7","until":1e999,"reason":"x"}',
-        b'{"scope":"ip","value":"203.0.113.7","until":"inf","reason":"x"}',
-        b'{"scope":"ip","value":"203.0.113.7","until":NaN,"reason":"x"}',
-        b'{"scope":"ip","value":"203.0.113.7","until":"-Infinity","reason":"x"}',
+        (DEEP_JSON, "unsigned"),  # longer than any decision: refused before it is decoded
+        (b"[" * 1100 + b"]" * 10, "bad_decision"),  # deep enough for RecursionError
+        (b'{"scope":"ip","value":"203.0.113.7","until":1e999,"issued":1,"reason":"x"}', ""),
+        (b'{"scope":"ip","value":"203.0.113.7","until":"inf","issued":1,"reason":"x"}', ""),
+        (b'{"scope":"ip","value":"203.0.113.7","until":NaN,"issued":1,"reason":"x"}', ""),
+        (b'{"scope":"ip","value":"203.0.113.7","until":"-Infinity","issued":1,"reason":"x"}', ""),
     ],
-    ids=["deep", "1e999", "inf-text", "nan", "-inf"],
+    ids=["deep", "deep-short", "1e999", "inf-text", "nan", "-inf"],
 )
-def test_a_bad_redis_message_is_dropped(body: bytes) -> None:
-    """The documented answer for a message it cannot use is None (dropped): RecursionError
-    escaped and ended the edge's Redis follower; an infinite 'until' banned forever."""
-    assert parse_redis_message(body) is None
+def test_a_bad_redis_message_is_dropped(payload: bytes, reason: str) -> None:
+    """Even signed by the origin, a payload that is not a sane decision is refused
+    (bad_decision; the feed drops and counts it): RecursionError escaped and ended the edge's
+    Redis follower; an infinite 'until' banned forever."""
+    message = seal_decision(payload)
+    with pytest.raises(ProtocolError) as exc:
+        DecisionVerifier([_decision_key().public_key()]).admit(message, 1_800_000_000.0)
+    assert exc.value.reason == (reason or "bad_decision")
 
 
 @pytest.mark.parametrize("value", ["nan", "+nan", "-nan", "inf", "-inf", "+inf"])

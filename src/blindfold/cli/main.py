@@ -30,6 +30,11 @@ def _check_config(path: str) -> int:
                     KeylessRoute(f"edge.routes[{i}]", rc, {}, edge.ipv6_prefix_len)
                 elif rc.mode == "blind":  # its certificate and key, the origin TLS files
                     check_route(f"edge.routes[{i}]", rc)
+            if edge.decisions is not None:  # the origins' public keys for signed decisions
+                from blindfold.decisions.signed import load_public_key
+
+                for i, path in enumerate(edge.decisions.signer_public_keys):
+                    load_public_key(path, f"edge.decisions.signer_public_keys[{i}]")
             sections.append(f"edge ({len(edge.routes)} routes, {len(edge.listen)} listeners)")
         if config.origin is not None:
             from blindfold.origin.agent import build_waf
@@ -42,6 +47,10 @@ def _check_config(path: str) -> int:
                 from blindfold.decisions.api import load_api_keys
 
                 load_api_keys(origin.decisions.api_keys_file)
+            if origin.decisions.signing_key:
+                from blindfold.decisions.signed import load_private_key
+
+                load_private_key(origin.decisions.signing_key, "origin.decisions.signing_key")
             build_waf(origin)
             if origin.blind is not None:  # its keys and the sealed store's public key load
                 from blindfold.origin.blindstore import BlindStore

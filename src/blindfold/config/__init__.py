@@ -30,6 +30,16 @@ class Config:
         "TLS 1.3 handshakes for authorised edges.",
     )
 
+    def __post_init__(self) -> None:
+        if self.edge is not None and self.origin is not None:
+            edge_len, origin_len = self.edge.ipv6_prefix_len, self.origin.decisions.ipv6_prefix_len
+            if edge_len != origin_len:
+                raise ConfigError(
+                    "origin.decisions.ipv6_prefix_len",
+                    f"is {origin_len} but edge.ipv6_prefix_len is {edge_len}: bans must cover "
+                    "the prefix the edge's limits count as one client",
+                )
+
 
 def loads(text: str, source: str = "<config>") -> Config:
     """Parse and validate TOML text. Raises ConfigError naming the key."""

@@ -69,3 +69,51 @@ def check_sni_pattern(pattern: str) -> str | None:
     if pattern != pattern.lower():
         return f"{pattern!r}: write names in lower case"
     return None
+
+
+def _loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_decision_url(text: str) -> str | None:
+    """A decision stream URL: https://, or http:// to a loopback address only."""
+    from urllib.parse import urlsplit
+
+    if not text:
+        return None
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 (raises ValueError for a bad port)
+    except ValueError as exc:
+        return f"{text!r} is not a URL: {exc}"
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return f"{text!r}: expected an https:// URL"
+    if parts.scheme == "http" and not _loopback(parts.hostname):
+        return "decisions travel over https (plain http only to 127.0.0.1 or [::1])"
+    return None
+
+
+def check_redis_url(text: str) -> str | None:
+    """rediss:// (TLS), redis:// to a loopback address only, or unix:// (a local socket)."""
+    from urllib.parse import urlsplit
+
+    if not text:
+        return None
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 (raises ValueError for a bad port)
+    except ValueError as exc:
+        return f"{text!r} is not a URL: {exc}"
+    if parts.scheme == "unix":
+        return None if parts.path else f"{text!r}: unix:// needs a socket path"
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        return f"{text!r}: expected rediss://host:port/db (or redis:// on loopback, unix://)"
+    if parts.scheme == "redis" and not _loopback(parts.hostname):
+        return (
+            "a Redis that is not on this machine needs TLS: use rediss:// "
+            "(plain redis:// only to 127.0.0.1 or [::1])"
+        )
+    return None

@@ -7,7 +7,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from blindfold.config.common import check_hostport, check_ip_hostport, check_sni_pattern
+from blindfold.config.common import (
+    check_decision_url,
+    check_hostport,
+    check_ip_hostport,
+    check_redis_url,
+    check_sni_pattern,
+)
 from blindfold.config.schema import setting
 from blindfold.errors import ConfigError
 
@@ -383,9 +389,7 @@ class DecisionSourceConfig:
         doc="Decision stream to follow: blindfold's origin "
         "('https://origin:8089') or a CrowdSec Local API; its "
         "/v1/decisions/stream is polled.",
-        check=lambda v: (
-            None if not v or v.startswith(("https://", "http://")) else "expected an https:// URL"
-        ),
+        check=check_decision_url,
     )
     api_key_file: str = setting("", doc="File holding this edge's API key (sent as X-Api-Key).")
     ca: str = setting(
@@ -409,14 +413,46 @@ class DecisionSourceConfig:
         "",
         doc="Follow decisions through Redis instead of (or as well "
         "as) the URL, and share per-address connection rates with the "
-        "other edges there; e.g. 'redis://127.0.0.1:6379/0'.",
+        "other edges there: 'rediss://user:password@host:6380/0' (TLS); plain "
+        "'redis://' only to a loopback address. Give each edge its own Redis user "
+        "(docs/decisions.md has an ACL).",
+        check=check_redis_url,
+    )
+    redis_ca: str = setting(
+        "", doc="CA bundle that verifies a rediss:// server's certificate; empty: the system's CAs."
+    )
+    signer_public_keys: tuple[str, ...] = setting(
+        (),
+        doc="Ed25519 public keys (PEM files) of the origins whose decisions on Redis are "
+        "believed: a decision there without a valid signature by one of them is dropped and "
+        "counted. Required with redis_url.",
+    )
+    max_bans: int = setting(
+        1_000_000,
+        doc="Most bans enforced at once, all sources together; more are refused and counted "
+        '(blindfold_decisions_refused_total{reason="cap"}).',
+        min=1,
+        max=10_000_000,
+    )
+    min_ban_prefix_len_v4: int = setting(
+        16,
+        doc="Widest IPv4 range a ban may cover: a ban on a shorter prefix (0.0.0.0/0, a /8) "
+        "from any source is refused and counted (reason too_wide).",
+        min=0,
+        max=32,
+    )
+    min_ban_prefix_len_v6: int = setting(
+        32, doc="Widest IPv6 range a ban may cover, likewise.", min=0, max=128
     )
 
     def __post_init__(self) -> None:
         if self.url and not self.api_key_file:
             raise ConfigError("api_key_file", "a decision stream URL needs this edge's API key")
-        if self.url.startswith("http://") and not self.url.startswith("http://127."):
-            raise ConfigError("url", "decisions travel over https (plain http only on loopback)")
+        if self.redis_url and not self.signer_public_keys:
+            raise ConfigError(
+                "signer_public_keys",
+                "decisions on Redis must be signed: name the origins' Ed25519 public keys",
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -576,6 +612,12 @@ class EdgeConfig:
             raise ConfigError("routes", f"route names must be unique: {sorted(dup)}")
         if self.admin_listen in self.listen and not self.admin_listen.endswith(":0"):
             raise ConfigError("admin_listen", "must differ from every listen address")
+        if self.decisions and self.decisions.min_ban_prefix_len_v6 > self.ipv6_prefix_len:
+            raise ConfigError(
+                "decisions.min_ban_prefix_len_v6",
+                f"must be at most ipv6_prefix_len ({self.ipv6_prefix_len}): IPv6 bans cover "
+                "that prefix",
+            )
 
     def route_name(self, index: int) -> str:
         return self.routes[index].name or f"route{index}"

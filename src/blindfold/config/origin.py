@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
-from blindfold.config.common import check_ip_hostport
+from blindfold.config.common import check_ip_hostport, check_redis_url
 from blindfold.config.schema import setting
 from blindfold.errors import ConfigError
 
@@ -192,7 +192,25 @@ class DecisionsConfig:
     redis_url: str = setting(
         "",
         doc="Publish decisions to Redis too (keys with TTL + "
-        "pub/sub), for many edges; e.g. 'redis://127.0.0.1:6379/0'.",
+        "pub/sub), for many edges: 'rediss://user:password@host:6380/0' (TLS); plain "
+        "'redis://' only to a loopback address. Needs signing_key.",
+        check=check_redis_url,
+    )
+    redis_ca: str = setting(
+        "", doc="CA bundle that verifies a rediss:// server's certificate; empty: the system's CAs."
+    )
+    signing_key: str = setting(
+        "",
+        doc="Ed25519 private key (PEM) that signs every decision published to Redis; edges "
+        "believe only decisions signed by a key in their signer_public_keys "
+        "(`openssl genpkey -algorithm ed25519`).",
+    )
+    ipv6_prefix_len: int = setting(
+        64,
+        doc="A ban on an IPv6 client covers its prefix of this length, and WAF blocks and rate "
+        "rules count per prefix: the unit edge.ipv6_prefix_len limits (keep the two equal).",
+        min=32,
+        max=128,
     )
 
 
@@ -339,3 +357,7 @@ class OriginConfig:
             )
         if self.decisions.listen and not self.decisions.api_keys_file:
             raise ConfigError("decisions.api_keys_file", "the decision stream needs API keys")
+        if self.decisions.redis_url and not self.decisions.signing_key:
+            raise ConfigError(
+                "decisions.signing_key", "decisions published to Redis must be signed"
+            )

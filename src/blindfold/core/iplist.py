@@ -103,3 +103,74 @@ def parse_address(address: str) -> tuple[int, int]:
     if value >> 32 == 0xFFFF:
         return 4, value & 0xFFFFFFFF
     return 6, value
+
+
+class MutableIPSet:
+    """A ban set changed in place: the worker's copy of the master's ban table. Networks come
+    as the master's integer keys ((network << 9) | (prefix length << 1) | is_ipv6, see
+    blindfold.decisions.bans); a lookup costs one hash probe per distinct prefix length in the
+    address's family, as in `IPSet`, whatever the number of networks."""
+
+    __slots__ = ("_lookup", "_sets", "size")
+
+    def __init__(self) -> None:
+        self._sets: dict[int, set[int]] = {}  # key & 0x1FF (prefix length, family) -> networks
+        # per family (0: IPv4, 1: IPv6): (mask, networks) per prefix length, longest first
+        self._lookup: tuple[list[tuple[int, set[int]]], list[tuple[int, set[int]]]] = ([], [])
+        self.size = 0
+
+    def __bool__(self) -> bool:
+        return self.size > 0
+
+    def add_keys(self, keys: list[int]) -> int:
+        """Add networks; returns how many were new. One loop with local names: the worker
+        applies up to a million of these."""
+        sets = self._sets
+        added = 0
+        for key in keys:
+            members = sets.get(key & 0x1FF)
+            if members is None:
+                members = sets[key & 0x1FF] = set()
+                self._relink(key & 1)
+            n = len(members)
+            members.add(key >> 9)
+            added += len(members) - n
+        self.size += added
+        return added
+
+    def discard_keys(self, keys: list[int]) -> int:
+        sets = self._sets
+        removed = 0
+        for key in keys:
+            members = sets.get(key & 0x1FF)
+            if members is None:
+                continue
+            n = len(members)
+            members.discard(key >> 9)
+            removed += n - len(members)
+            if not members:
+                del sets[key & 0x1FF]
+                self._relink(key & 1)
+        self.size -= removed
+        return removed
+
+    def add_key(self, key: int) -> bool:
+        return self.add_keys([key]) == 1
+
+    def discard_key(self, key: int) -> bool:
+        return self.discard_keys([key]) == 1
+
+    def _relink(self, family: int) -> None:
+        bits = 128 if family else 32
+        full = (1 << bits) - 1
+        self._lookup[family][:] = [
+            (full ^ ((1 << (bits - (index >> 1))) - 1), members)
+            for index, members in sorted(self._sets.items(), reverse=True)
+            if index & 1 == family
+        ]
+
+    def contains(self, addr: int, version: int) -> bool:
+        for mask, members in self._lookup[version == 6]:  # noqa: SIM110 (no generator: per accept)
+            if addr & mask in members:
+                return True
+        return False

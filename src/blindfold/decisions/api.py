@@ -1,6 +1,11 @@
 """The origin's decision stream, served to edges over HTTPS in the shape of CrowdSec's bouncer
 API: `GET /v1/decisions/stream?startup=true` with `X-Api-Key`, answering
-`{"new": [...], "deleted": [...]}`. Keys are compared in constant time."""
+`{"new": [...], "deleted": [...]}`. Keys are compared in constant time.
+
+Our extension: each answer carries `"blindfold": {"position": TOKEN, "full": BOOL}` and our
+edges send the token back in `X-Blindfold-Position`, so the stream position belongs to the
+edge, not to the API key. A follower without a token (a CrowdSec bouncer) has one position
+per (API key, User-Agent)."""
 
 from __future__ import annotations
 
@@ -68,7 +73,15 @@ class DecisionApi:
             return
         if url.path == "/v1/decisions/stream":
             startup = parse_qs(url.query).get("startup", ["false"])[0].lower() == "true"
-            payload = self.store.stream(bouncer, startup, time.time())
+            position = request.header(b"x-blindfold-position")
+            agent = request.header(b"user-agent") or b""
+            payload = self.store.stream(
+                bouncer,
+                startup,
+                time.time(),
+                position=position.decode("latin-1") if position is not None else None,
+                instance=agent.decode("latin-1")[:200],
+            )
         elif url.path == "/v1/decisions":
             now = time.time()
             payload = [d.to_crowdsec(now) for d in self.store.active(now)] or None  # type: ignore

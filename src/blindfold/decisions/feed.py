@@ -1,25 +1,47 @@
 """The edge's side of decisions: follow a decision stream (blindfold's origin or a CrowdSec
-Local API) and keep the set of active bans, expiring them locally by their duration. If the
-source cannot be reached, the last known set keeps being enforced (and says so)."""
+Local API) into the master's ban table. If the source cannot be reached, or answers something
+that is not a decision stream, the last known set keeps being enforced (and says so).
+
+Every poll is one try: whatever a response provokes (a RecursionError from JSON nested too
+deep, a UnicodeError, a ValueError) is counted as a `bad_response` and the feed goes on.
+`supervise` restarts any feed task that dies anyway, with back-off, and marks it down.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from blindfold import __version__
 from blindfold.config.edge import DecisionSourceConfig
-from blindfold.decisions.core import Scope, parse_stream
+from blindfold.decisions.bans import BanTable
+from blindfold.decisions.core import parse_stream
 from blindfold.errors import ConfigError, ProtocolError, UpstreamError
 from blindfold.obs.log import JsonLog
 from blindfold.web.client import UpstreamPool
 
 MAX_STREAM_BYTES = 64 << 20
+APPLY_SLICE = 20_000  # decisions added to the table per turn of the master's loop
+
+
+def read_key_file(path: str, where: str, log: JsonLog) -> bytes:
+    try:
+        key = Path(path).read_text().strip().encode()
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ConfigError(where, f"cannot read {path}: {exc.strerror}") from None
+    if not key:
+        raise ConfigError(where, "the file is empty")
+    if mode & 0o077:
+        log.emit("key_file_readable_by_others", path=path, mode=oct(mode & 0o777), fix="chmod 600")
+    return key
 
 
 def decode_stream(body: bytes | bytearray) -> Any:
@@ -30,84 +52,30 @@ def decode_stream(body: bytes | bytearray) -> Any:
         raise ProtocolError("bad_stream", "not JSON") from None
 
 
-class BanSet:
-    """(scope, value) -> (expires_at, reason). Notifies on every change of the active set."""
-
-    def __init__(self, on_change: Callable[[list[str]], None]) -> None:
-        self.active: dict[tuple[Scope, str], tuple[float, str]] = {}
-        self.on_change = on_change
-        self.sources: dict[str, set[tuple[Scope, str]]] = {}
-
-    def apply(
-        self,
-        source: str,
-        new: list[tuple[Scope, str, float, str]],
-        deleted: list[tuple[Scope, str]],
-        now: float,
-        *,
-        replace: bool = False,
-    ) -> bool:
-        mine = self.sources.setdefault(source, set())
-        changed = False
-        if replace:
-            for key in list(mine):
-                if self._drop(source, key):
-                    changed = True
-        for scope, value in deleted:
-            if self._drop(source, (scope, value)):
-                changed = True
-        for scope, value, duration, reason in new:
-            if duration <= 0:
-                continue
-            key = (scope, value)
-            until = now + duration
-            old = self.active.get(key)
-            if old is None or old[0] < until:
-                if old is None:
-                    changed = True
-                self.active[key] = (until, reason)
-            mine.add(key)
-        if changed:
-            self.notify()
-        return changed
-
-    def _drop(self, source: str, key: tuple[Scope, str]) -> bool:
-        self.sources[source].discard(key)
-        if any(key in keys for keys in self.sources.values()):
-            return False  # another source still bans it
-        return self.active.pop(key, None) is not None
-
-    def expire(self, now: float) -> None:
-        gone = [k for k, (until, _r) in self.active.items() if until <= now]
-        for key in gone:
-            del self.active[key]
-            for keys in self.sources.values():
-                keys.discard(key)
-        if gone:
-            self.notify()
-
-    def networks(self) -> list[str]:
-        return [value for _scope, value in self.active]
-
-    def notify(self) -> None:
-        self.on_change(self.networks())
+def _parse_body(body: bytes) -> tuple[list[Any], list[Any], list[str], str | None, bool]:
+    """(new, deleted, problems, position token, whole set?) of one stream answer. Runs in a
+    thread: a 64 MB answer must not stop the master's loop while it is decoded."""
+    payload: Any = decode_stream(body)
+    new, deleted, problems = parse_stream(payload)
+    ext = payload.get("blindfold")
+    position, full = None, False
+    if isinstance(ext, dict):
+        if isinstance(ext.get("position"), str) and len(ext["position"]) <= 200:
+            position = ext["position"]
+        full = ext.get("full") is True
+    return new, deleted, problems, position, full
 
 
 class StreamFeed:
     """Poll `url`/v1/decisions/stream (startup=true first, then deltas)."""
 
-    def __init__(self, cfg: DecisionSourceConfig, bans: BanSet, log: JsonLog) -> None:
+    kind = "stream"
+
+    def __init__(self, cfg: DecisionSourceConfig, table: BanTable, log: JsonLog) -> None:
         self.cfg = cfg
-        self.bans = bans
+        self.table = table
         self.log = log
-        try:
-            self.key = Path(cfg.api_key_file).read_text().strip().encode()
-        except OSError as exc:
-            raise ConfigError(
-                "edge.decisions.api_key_file", f"cannot read {cfg.api_key_file}: {exc.strerror}"
-            ) from None
-        if not self.key:
-            raise ConfigError("edge.decisions.api_key_file", "the file is empty")
+        self.key = read_key_file(cfg.api_key_file, "edge.decisions.api_key_file", log)
         parts = urlsplit(cfg.url)
         base = f"{parts.scheme}://{parts.netloc}"
         self.path = (parts.path.rstrip("/") + "/v1/decisions/stream").encode()
@@ -129,15 +97,19 @@ class StreamFeed:
         self.polls: dict[str, int] = {}
         self.last_ok = 0.0
         self._startup = True
+        self._position: bytes | None = None
+        self._logged_down = False
 
-    async def poll_once(self) -> None:
+    async def _fetch(self) -> bytes:
         target = self.path + (b"?startup=true" if self._startup else b"?startup=false")
         headers = [
             (b"host", self.pool.target.authority),
             (b"x-api-key", self.key),
-            (b"user-agent", b"blindfold-edge"),
+            (b"user-agent", f"blindfold-edge/{__version__}".encode()),
             (b"accept", b"application/json"),
         ]
+        if self._position is not None and not self._startup:
+            headers.append((b"x-blindfold-position", self._position))
         response = await self.pool.request(b"GET", target, headers, None)
         body = bytearray()
         async for chunk in response.body():
@@ -147,36 +119,106 @@ class StreamFeed:
                 raise ProtocolError("bad_stream", "stream response too large")
         if response.status != 200:
             raise UpstreamError(f"status {response.status}: {bytes(body[:200])!r}")
-        new, deleted, problems = parse_stream(decode_stream(body))
+        return bytes(body)
+
+    async def poll_once(self) -> None:
+        body = await asyncio.wait_for(self._fetch(), self.cfg.timeout_s * 2)
+        new, deleted, problems, position, full = await asyncio.to_thread(_parse_body, body)
         for problem in problems[:10]:
             self.log.log("decision_ignored", problem=problem)
-        self.bans.apply("stream", new, deleted, time.time(), replace=self._startup)
+        for problem in problems:
+            self.table.refuse(problem.partition(":")[0])
+        full = full or self._startup
+        now = time.time()
+        table = self.table
+        if full:
+            table.begin_resync("stream")
+        try:
+            table.update("stream", [], deleted, now)
+            for i in range(0, len(new), APPLY_SLICE):
+                table.update("stream", new[i : i + APPLY_SLICE], [], now)
+                await asyncio.sleep(0)
+        except BaseException:
+            if full:
+                table.abort_resync("stream")
+            raise
+        if full:
+            table.end_resync("stream")
+        self._position = position.encode("latin-1") if position else None
         self._startup = False
 
     async def run(self) -> None:
         while True:
             try:
-                await asyncio.wait_for(self.poll_once(), self.cfg.timeout_s * 2)
+                await self.poll_once()
+            except asyncio.CancelledError:
+                raise
+            except (UpstreamError, TimeoutError, OSError) as exc:
+                self.down("error", exc)
+            except Exception as exc:
+                # Anything else came from what the source sent (RecursionError, ValueError,
+                # UnicodeError, ProtocolError...): one bad answer, not the end of the feed.
+                self.down("bad_response", exc)
+            else:
                 self._count("ok")
                 self.last_ok = time.time()
                 if not self.up:
                     self.up = True
-                    self.log.emit(
-                        "decisions_source_up", url=self.cfg.url, active=len(self.bans.active)
-                    )
-            except (UpstreamError, ProtocolError, TimeoutError, OSError) as exc:
-                self._count("error")
-                if self.up or not self.polls.get("logged_down"):
-                    self.polls["logged_down"] = 1
-                    self.log.emit(
-                        "decisions_source_down",
-                        url=self.cfg.url,
-                        error=str(exc),
-                        enforcing=len(self.bans.active),
-                    )
-                self.up = False
-                self._startup = True  # resync fully when it comes back
+                    self._logged_down = False
+                    self.log.emit("decisions_source_up", url=self.cfg.url, active=self.table.size)
             await asyncio.sleep(self.cfg.poll_interval_s)
+
+    def down(self, result: str, exc: BaseException | None = None) -> None:
+        """Count the failure; enforce the last known set; resync fully once it answers."""
+        self._count(result)
+        if self.up or not self._logged_down:
+            self._logged_down = True
+            self.log.emit(
+                "decisions_source_down",
+                url=self.cfg.url,
+                reason=result,
+                error=f"{type(exc).__name__}: {exc}"[:300] if exc is not None else "",
+                enforcing=self.table.size,
+            )
+        self.up = False
+        self._startup = True
+        self._position = None
+        self.table.abort_resync("stream")
 
     def _count(self, result: str) -> None:
         self.polls[result] = self.polls.get(result, 0) + 1
+
+
+async def supervise(
+    name: str,
+    run: Callable[[], Awaitable[None]],
+    log: JsonLog,
+    on_down: Callable[[BaseException], None] | None = None,
+    *,
+    backoff_s: float = 1.0,
+    max_backoff_s: float = 30.0,
+) -> None:
+    """Run `run()` until it returns; when it raises, report it (`on_down`, a log line) and
+    start it again after a back-off that doubles up to `max_backoff_s` (and starts over after
+    a minute of good health). A feed must never die unobserved."""
+    delay = backoff_s
+    while True:
+        started = time.monotonic()
+        try:
+            await run()
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if time.monotonic() - started > 60.0:
+                delay = backoff_s
+            if on_down is not None:
+                on_down(exc)
+            log.emit(
+                "decisions_task_failed",
+                task=name,
+                error=f"{type(exc).__name__}: {exc}"[:300],
+                restart_in_s=delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_backoff_s)

@@ -1,72 +1,73 @@
 """Decisions and shared per-address counters through Redis, for many edges and origins.
 
-- A decision is a key `blindfold:decision:<scope>:<value>` holding its JSON, with a TTL equal to
-  its duration, and a message on the `blindfold:decisions` channel. An edge loads every key at
-  start (and every `RESYNC_S`, since pub/sub loses messages across disconnects), then follows
-  the channel.
+Every edge can write to a shared Redis (and a compromised one will), so nothing there is
+believed for being there:
+- A decision is a key `blindfold:decision:<scope>:<value>` holding the decision signed by the
+  origin that made it (blindfold.decisions.signed), with a TTL equal to its duration, and the
+  same text as a message on the `blindfold:decisions` channel. Only origins write them. An
+  edge verifies every one against the origins' public keys it is configured with; unsigned,
+  badly signed, expired and replayed ones are dropped and counted. It reads every key at
+  start, after every reconnection (pub/sub loses messages across them) and every `RESYNC_S`,
+  then follows the channel.
 - Per-address connection counts: every edge adds what it accepted in the last second to
-  `blindfold:rate:<addr>:<window>` (INCRBY, expiring); an address whose total across edges in
-  the window passes the per-address budget is refused by every edge until the window ends.
+  `blindfold:rate:<addr>:<window>` (INCRBY, expiring; IPv6 per prefix) and reads the totals
+  of the addresses it counted in the window; one over the per-address budget it refuses itself
+  until the window ends. These counters are the only keys edges write.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from blindfold.config.edge import EdgeConfig
-from blindfold.decisions.core import Decision, DecisionStore, normalise
-from blindfold.decisions.feed import BanSet
+from blindfold.config.edge import DecisionSourceConfig, EdgeConfig
+from blindfold.core.ratelimit import TokenBucket
+from blindfold.decisions.bans import BanTable
+from blindfold.decisions.core import Decision, ban_target, normalise
+from blindfold.decisions.signed import DecisionSigner, DecisionVerifier, load_public_key
 from blindfold.errors import ProtocolError
 from blindfold.obs.log import JsonLog
 
 PREFIX = "blindfold:decision:"
 CHANNEL = "blindfold:decisions"
 RATE_PREFIX = "blindfold:rate:"
-RESYNC_S = 30.0
+RESYNC_S = 300.0
 RATE_WINDOW_S = 10
+BATCH = 500
+MAX_REPORTED = 50_000  # addresses whose shared total an edge follows within one window
 
 
-def _client(url: str) -> aioredis.Redis:
+def client(url: str, ca: str = "") -> aioredis.Redis:
+    extra: dict[str, Any] = {}
+    if urlsplit(url).scheme == "rediss" and ca:
+        extra["ssl_ca_certs"] = ca
     return aioredis.from_url(
-        url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=15
-    )
-
-
-def decision_json(d: Decision) -> str:
-    return json.dumps(
-        {
-            "scope": d.scope,
-            "value": d.value,
-            "type": d.type,
-            "reason": d.reason,
-            "until": d.until,
-            "origin": d.origin,
-        }
+        url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=15, **extra
     )
 
 
 class RedisPublisher:
-    """The origin side: every decision becomes a key with a TTL and a channel message."""
+    """The origin side: every decision becomes a signed key with a TTL and a channel
+    message."""
 
-    def __init__(self, url: str, log: JsonLog) -> None:
+    def __init__(self, url: str, ca: str, signer: DecisionSigner, log: JsonLog) -> None:
         self.url = url
         self.log = log
-        self.redis = _client(url)
+        self.signer = signer
+        self.redis = client(url, ca)
         self.tasks: set[asyncio.Task[None]] = set()
         self.errors = 0
 
-    async def start(self, store: DecisionStore) -> None:
+    async def start(self) -> None:
         try:
             await self.redis.ping()
         except (RedisError, OSError) as exc:
-            self.log.emit("redis_down", url=self.url, error=str(exc))
+            self.log.emit("redis_down", url=_redacted(self.url), error=str(exc))
 
     def publish(self, decision: Decision, now: float) -> None:
         task = asyncio.get_running_loop().create_task(self._publish(decision, now))
@@ -75,7 +76,7 @@ class RedisPublisher:
 
     async def _publish(self, d: Decision, now: float) -> None:
         ttl = max(1, int(d.until - now + 0.999))
-        body = decision_json(d)
+        body = self.signer.sign(d.scope, d.value, d.until, d.created, d.reason)
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.set(f"{PREFIX}{d.scope}:{d.value}", body, ex=ttl)
@@ -91,64 +92,126 @@ class RedisPublisher:
         await self.redis.aclose()
 
 
-def _parse(body: bytes | str) -> tuple[Any, str, float, str] | None:
-    try:
-        item = json.loads(body)
-        scope, value = normalise(str(item["scope"]), str(item["value"]))
-        until = float(item["until"])
-        if not math.isfinite(until):  # inf would ban forever; NaN compares false
-            return None
-        return scope, value, until, str(item.get("reason", ""))[:200]
-    except (ValueError, KeyError, TypeError, ProtocolError, RecursionError):
-        return None
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
 
 
 class RedisFeed:
-    """The edge side: follow decisions in Redis and share per-address connection counts."""
+    """The edge side: follow signed decisions in Redis and share per-address counts."""
 
     kind = "redis"
 
-    def __init__(self, url: str, bans: BanSet, log: JsonLog, config: EdgeConfig) -> None:
-        self.url = url
-        self.bans = bans
+    def __init__(
+        self, cfg: DecisionSourceConfig, table: BanTable, log: JsonLog, config: EdgeConfig
+    ) -> None:
+        self.url = _redacted(cfg.redis_url)
+        self.table = table
         self.log = log
-        self.redis = _client(url)
+        self.verifier = DecisionVerifier(
+            [
+                load_public_key(path, f"edge.decisions.signer_public_keys[{i}]")
+                for i, path in enumerate(cfg.signer_public_keys)
+            ]
+        )
+        self.redis = client(cfg.redis_url, cfg.redis_ca)
         self.up = False
         self.polls: dict[str, int] = {}
+        self.ipv6_prefix_len = config.ipv6_prefix_len
         self.rate_budget = (
             config.per_ip_rate_per_s * RATE_WINDOW_S + config.per_ip_burst
             if config.per_ip_rate_per_s > 0
             else 0.0
         )
         self.shared_refusals = 0
+        self._window = 0
+        self._reported: set[str] = set()  # addresses counted here in this window
+        self._drop_log = TokenBucket(1.0, 20, time.monotonic())
 
     async def run(self) -> None:
         while True:
             try:
                 await self._follow()
             except (RedisError, OSError) as exc:
-                self._count("error")
-                if self.up:
-                    self.log.emit(
-                        "decisions_source_down",
-                        url=self.url,
-                        error=str(exc),
-                        enforcing=len(self.bans.active),
-                    )
-                self.up = False
+                self.down(exc)
             await asyncio.sleep(1.0)
 
+    def down(self, exc: BaseException) -> None:
+        self._count("error")
+        if self.up:
+            self.log.emit(
+                "decisions_source_down",
+                url=self.url,
+                reason="error",
+                error=f"{type(exc).__name__}: {exc}"[:300],
+                enforcing=self.table.size,
+            )
+        self.up = False
+        self.table.abort_resync("redis")
+
+    def admit(self, body: bytes | str, now: float) -> None:
+        """One decision read from Redis: believed only if signed by a known origin."""
+        try:
+            d = self.verifier.admit(body, now)
+        except ProtocolError as exc:
+            self._dropped(exc.reason, str(exc))
+            return
+        except Exception as exc:
+            self._dropped("bad_decision", f"{type(exc).__name__}: {exc}")
+            return
+        if d is not None:
+            self.table.update("redis", [(d.scope, d.value, d.until - now, d.reason)], [], now)
+
+    def _dropped(self, reason: str, detail: str) -> None:
+        self.table.refuse(reason)
+        if self._drop_log.allow(time.monotonic()):
+            self.log.log("decision_dropped", source="redis", reason=reason, detail=detail[:200])
+
     async def _sync(self) -> None:
+        """Read every decision key: known ones (already verified, still valid) are kept
+        without a second verification, unknown ones are verified; what is no longer there
+        is dropped."""
         now = time.time()
-        new = []
-        keys = [k async for k in self.redis.scan_iter(match=PREFIX + "*", count=1000)]
-        for i in range(0, len(keys), 500):
-            for body in await self.redis.mget(keys[i : i + 500]):
-                parsed = _parse(body) if body is not None else None
-                if parsed is not None and parsed[2] > now:
-                    new.append((parsed[0], parsed[1], parsed[2] - now, parsed[3]))
-        self.bans.apply("redis", new, [], now, replace=True)
+        self.table.begin_resync("redis")
+        try:
+            unknown: list[bytes] = []
+            kept: list[tuple[str, str, float, str]] = []
+            async for raw in self.redis.scan_iter(match=PREFIX + "*", count=1000):
+                name = raw.decode("latin-1") if isinstance(raw, bytes) else str(raw)
+                scope, _, value = name[len(PREFIX) :].partition(":")
+                until = self._held_until(scope, value, now)
+                if until is not None:
+                    kept.append((scope, value, until - now, ""))
+                else:
+                    unknown.append(raw)
+                if len(kept) >= BATCH:
+                    self.table.update("redis", kept, [], now)
+                    kept = []
+            self.table.update("redis", kept, [], now)
+            for i in range(0, len(unknown), BATCH):
+                for body in await self.redis.mget(unknown[i : i + BATCH]):
+                    if body is not None:
+                        self.admit(body, time.time())
+        except BaseException:
+            self.table.abort_resync("redis")
+            raise
+        self.table.end_resync("redis")
+        self.verifier.sweep(now)
         self._count("ok")
+
+    def _held_until(self, scope: str, value: str, now: float) -> float | None:
+        try:
+            key = normalise(scope, value)
+        except ProtocolError:
+            return None
+        best = None
+        for signer in self.verifier.keys:
+            held = self.verifier.held.get((signer, *key))
+            if held is not None and held[1] > now and (best is None or held[1] > best):
+                best = held[1]
+        return best
 
     async def _follow(self) -> None:
         pubsub = self.redis.pubsub()
@@ -157,17 +220,12 @@ class RedisFeed:
             await self._sync()
             if not self.up:
                 self.up = True
-                self.log.emit("decisions_source_up", url=self.url, active=len(self.bans.active))
+                self.log.emit("decisions_source_up", url=self.url, active=self.table.size)
             next_sync = time.monotonic() + RESYNC_S
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if message is not None and message.get("type") == "message":
-                    parsed = _parse(message["data"])
-                    now = time.time()
-                    if parsed is not None and parsed[2] > now:
-                        self.bans.apply(
-                            "redis", [(parsed[0], parsed[1], parsed[2] - now, parsed[3])], [], now
-                        )
+                    self.admit(message["data"], time.time())
                 if time.monotonic() >= next_sync:
                     await self._sync()
                     next_sync = time.monotonic() + RESYNC_S
@@ -175,52 +233,52 @@ class RedisFeed:
             await pubsub.aclose()
 
     async def share_rates(self, counts: dict[str, int]) -> list[str]:
-        """Add this edge's new-connection counts; return the addresses over the shared budget
-        (they are refused by every edge until the window ends)."""
-        if not counts or not self.rate_budget:
+        """Add this edge's new-connection counts (IPv6 per prefix) and read the totals of
+        every address this edge has reported in the current window (so it learns when the
+        other edges' connections push one over); return the addresses over the shared
+        budget, which this edge refuses until the window ends."""
+        if not self.rate_budget:
             return []
         window = int(time.time()) // RATE_WINDOW_S
-        items = list(counts.items())
+        if window != self._window:
+            self._window, self._reported = window, set()
+        totals: dict[str, int] = {}
+        for ip, n in counts.items():
+            try:
+                target = ban_target(ip, self.ipv6_prefix_len)
+            except ProtocolError:
+                continue
+            totals[target] = totals.get(target, 0) + n
+        for target in self._reported:
+            totals.setdefault(target, 0)  # INCRBY 0: read the total other edges made
+        if not totals:
+            return []
+        items = list(totals.items())
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                for ip, n in items:
-                    key = f"{RATE_PREFIX}{ip}:{window}"
+                for target, n in items:
+                    key = f"{RATE_PREFIX}{target}:{window}"
                     pipe.incrby(key, n)
                     pipe.expire(key, RATE_WINDOW_S * 2)
                 results = await pipe.execute()
         except (RedisError, OSError):
             self._count("rate_error")
             return []
-        over = [
-            ip
-            for (ip, _n), total in zip(items, results[::2], strict=True)
-            if total > self.rate_budget and ("ip", ip) not in self.bans.active
-        ]
+        over = []
+        for (target, _n), total in zip(items, results[::2], strict=True):
+            if total > self.rate_budget:
+                over.append(target)
+                self._reported.discard(target)  # refused from now on: nothing more to read
+            elif len(self._reported) < MAX_REPORTED:
+                self._reported.add(target)
         if over:
-            # publish as short decisions: an edge that has not reported this address since
-            # the budget was passed learns it through the channel like any other ban
             now = time.time()
             until = (window + 1) * RATE_WINDOW_S
-            try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for ip in over:
-                        body = json.dumps(
-                            {
-                                "scope": "ip",
-                                "value": ip,
-                                "type": "ban",
-                                "reason": "shared_rate",
-                                "until": until,
-                                "origin": "edge",
-                            }
-                        )
-                        pipe.set(f"{PREFIX}ip:{ip}", body, ex=max(1, int(until - now + 1)))
-                        pipe.publish(CHANNEL, body)
-                    await pipe.execute()
-            except (RedisError, OSError):
-                self._count("rate_error")
-            self.bans.apply(
-                "redis", [("ip", ip, until - now, "shared_rate") for ip in over], [], now
+            self.table.update(
+                "shared_rate",
+                [("range" if "/" in t else "ip", t, until - now, "shared_rate") for t in over],
+                [],
+                now,
             )
             self.shared_refusals += len(over)
         return over

@@ -93,8 +93,16 @@ class Proc:
             self._pump.cancel()
 
 
+def write_private(path: Path, text: str) -> None:
+    """A key file only its owner can read (0600 from the start, not chmod'ed afterwards)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)  # an existing file keeps its mode otherwise
+        f.write(text)
+
+
 def _origin_config(base: Path, app_port: int, edge_port: int) -> str:
-    (base / "edge-keys.txt").write_text(f"demo-edge:{API_KEY}\n")
+    write_private(base / "edge-keys.txt", f"demo-edge:{API_KEY}\n")
     return f"""\
 # blindfold demo: the origin agent holds the site's key, runs the WAF, and bans attackers.
 [origin]
@@ -159,7 +167,7 @@ def _edge_config(
     listen: str, admin: str, origin_port: int, decisions_port: int, base: Path, keyserver_port: int
 ) -> str:
     kl = base / "keyless"
-    (base / "edge.key").write_text(API_KEY + "\n")
+    write_private(base / "edge.key", API_KEY + "\n")
     return f"""\
 # blindfold demo: an edge in passthrough mode; it never decrypts.
 [edge]

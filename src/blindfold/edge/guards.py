@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from blindfold.config.edge import EdgeConfig, Ja4Rule
-from blindfold.core.iplist import IPSet
+from blindfold.core.iplist import IPSet, MutableIPSet
 from blindfold.core.ratelimit import KeyedLimiter, TokenBucket
 
 # refusal reasons (metric label values)
@@ -52,7 +52,7 @@ class Guards:
     def __init__(self, config: EdgeConfig, workers: int, now: float) -> None:
         self.block = IPSet()
         self.allow = IPSet()
-        self.bans = IPSet()
+        self.bans = MutableIPSet()  # replaced and changed by edge.bans.BanUpdates
         self.open = 0
         self._limiter = KeyedLimiter(
             config.per_ip_rate_per_s,

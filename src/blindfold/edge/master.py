@@ -18,12 +18,14 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from blindfold.config import Config, load_file
 from blindfold.config.common import parse_hostport
 from blindfold.config.edge import EdgeConfig
-from blindfold.decisions.feed import BanSet, StreamFeed
+from blindfold.decisions.bans import BanDistributor, BanLimits, BanTable
+from blindfold.decisions.feed import StreamFeed, supervise
 from blindfold.edge.stats import EDGE_METRICS, EDGE_SPECS, top_ja4
 from blindfold.errors import ConfigError
 from blindfold.io.admin_http import AdminServer
@@ -86,8 +88,10 @@ class EdgeMaster:
         self._stop = asyncio.Event()
         self.admin = AdminServer(self._admin)
         self.admin_address: tuple[str, int] | None = None
-        self.ban_nets: list[str] = []
-        self.bans = BanSet(self._push_bans)
+        self.bans = BanTable(_ban_limits(self.config))
+        self.bans.on_change = self._bans_changed
+        self.distributor = BanDistributor(self.bans)
+        self._bans_logged = 0.0
         self.feeds: list[Any] = []
         self.feed_tasks: list[asyncio.Task[None]] = []
         self.l7 = _needs_l7(self.config)
@@ -153,8 +157,9 @@ class EdgeMaster:
         handle.ready = asyncio.get_running_loop().create_future()
         handle.task = asyncio.create_task(self._read_worker(handle))
         handle.send({"op": "config", "text": self.text})
-        if self.ban_nets:
-            handle.send({"op": "bans", "nets": self.ban_nets})
+        # the worker starts accepting once this snapshot of the ban set is in
+        self.distributor.add(handle)
+        self._send_bans(handle)
         return handle
 
     async def _read_worker(self, handle: WorkerHandle) -> None:
@@ -169,6 +174,9 @@ class EdgeMaster:
                     handle.state = "ready" if handle.state == "starting" else handle.state
                     if handle.ready is not None and not handle.ready.done():
                         handle.ready.set_result(None)
+                elif op == "bans_applied":
+                    if self.distributor.acked(handle, message.get("id")):
+                        self._send_bans(handle)
                 elif op in ("stats", "rates"):
                     fut = handle.replies.pop(message.get("id"), None)
                     if fut is not None and not fut.done():
@@ -189,6 +197,7 @@ class EdgeMaster:
         except (ConnectionError, ValueError):
             pass
         finally:
+            self.distributor.remove(handle)
             for fut in handle.replies.values():
                 if not fut.done():
                     fut.cancel()
@@ -232,25 +241,39 @@ class EdgeMaster:
             if close is not None:
                 await close()
         self.feeds, self.feed_tasks = [], []
+        limits = _ban_limits(config)
+        if limits != self.bans.limits:  # the feeds started below resync into the new limits
+            self.bans.limits = limits
+            self.distributor.max_log = 2 * limits.max_bans + self.distributor.chunk
         src = config.decisions
+        kept = {"stream"} if src is not None and src.url else set()
+        if src is not None and src.redis_url:
+            kept |= {"redis", "shared_rate"}
+        for source in ("stream", "redis", "shared_rate"):
+            if source not in kept:
+                self.bans.clear(source)
         if src is None:
-            if self.bans.active:
-                self.bans.apply("stream", [], [], time.time(), replace=True)
-                self.bans.apply("redis", [], [], time.time(), replace=True)
             return
         loop = asyncio.get_running_loop()
+        feeds: list[Any] = []
         if src.url:
-            feed = StreamFeed(src, self.bans, self.log)
-            self.feeds.append(feed)
-            self.feed_tasks.append(loop.create_task(feed.run()))
+            feeds.append(StreamFeed(src, self.bans, self.log))
         if src.redis_url:
             from blindfold.decisions.redis_bus import RedisFeed
 
-            rfeed = RedisFeed(src.redis_url, self.bans, self.log, config)
-            self.feeds.append(rfeed)
-            self.feed_tasks.append(loop.create_task(rfeed.run()))
-            self.feed_tasks.append(loop.create_task(self._share_rates(rfeed)))
-        self.feed_tasks.append(loop.create_task(self._expire_bans()))
+            feeds.append(RedisFeed(src, self.bans, self.log, config))
+        for feed in feeds:
+            self.feeds.append(feed)
+            self.feed_tasks.append(
+                loop.create_task(supervise(feed.kind, feed.run, self.log, feed.down))
+            )
+            if feed.kind == "redis":
+                self.feed_tasks.append(
+                    loop.create_task(
+                        supervise("shared_rates", partial(self._share_rates, feed), self.log)
+                    )
+                )
+        self.feed_tasks.append(loop.create_task(supervise("expiry", self._expire_bans, self.log)))
 
     async def _share_rates(self, feed: Any) -> None:
         """Every second: collect the workers' per-address counts, add them in Redis."""
@@ -284,11 +307,23 @@ class EdgeMaster:
             await asyncio.sleep(0.5)
             self.bans.expire(time.time())
 
-    def _push_bans(self, nets: list[str]) -> None:
-        self.ban_nets = nets
-        self.log.emit("bans_updated", active=len(nets))
-        for handle in [*self.workers, *self.old_workers]:
-            handle.send({"op": "bans", "nets": nets})
+    def _bans_changed(self) -> None:
+        """The table changed: every worker without a message in flight gets the change now;
+        the others get it, with whatever follows, when they acknowledge."""
+        for handle in list(self.distributor.workers()):
+            self._send_bans(handle)
+        self.distributor.trim()
+        now = time.monotonic()
+        if now - self._bans_logged >= 1.0:  # one line per second at most, however many changes
+            self._bans_logged = now
+            self.log.emit("bans_updated", active=self.bans.size)
+
+    def _send_bans(self, handle: Any) -> None:
+        if handle.state == "exited":
+            return
+        message = self.distributor.next_message(handle)
+        if message is not None:
+            handle.send(message)
 
     # ---------------------------------------------------------------- run
     async def run(self) -> int:
@@ -362,7 +397,7 @@ class EdgeMaster:
         if new.admin_listen != self.config.admin_listen:
             self.log.emit("reload_note", note="'admin_listen' changes take effect at restart")
         self.text = text
-        if new.decisions != self.config.decisions:
+        if new.decisions != self.config.decisions or _ban_limits(new) != self.bans.limits:
             try:
                 await self._start_feeds(new)
             except ConfigError as exc:
@@ -497,16 +532,32 @@ class EdgeMaster:
             states[handle.state] = states.get(handle.state, 0) + 1
         merged["blindfold_workers"] = [[[k], v] for k, v in states.items()]
         merged["blindfold_config_reloads_total"] = [[[k], v] for k, v in self.reloads.items()]
-        merged["blindfold_decisions_active"] = [[[], len(self.bans.active)]]
+        merged["blindfold_decisions_active"] = [[[], self.bans.size]]
+        merged["blindfold_decisions_refused_total"] = [
+            [[reason], n] for reason, n in self.bans.refused.items()
+        ]
+        merged["blindfold_ban_updates_pending"] = [
+            [[], sum(self.distributor.pending(h) for h in self.distributor.workers())]
+        ]
+        merged["blindfold_ban_resyncs_total"] = [[[], self.distributor.resyncs]]
         for feed in self.feeds:
-            kind = feed.kind if hasattr(feed, "kind") else "stream"
+            kind = feed.kind
             merged.setdefault("blindfold_decisions_source_up", []).append([[kind], int(feed.up)])
             for result, n in feed.polls.items():
-                if result != "logged_down":
-                    merged.setdefault("blindfold_decisions_polls_total", []).append(
-                        [[kind, result], n]
-                    )
+                merged.setdefault("blindfold_decisions_polls_total", []).append([[kind, result], n])
         return render(merged, EDGE_METRICS_ALL)
+
+
+def _ban_limits(config: EdgeConfig) -> BanLimits:
+    d = config.decisions
+    if d is None:
+        return BanLimits(ipv6_prefix_len=config.ipv6_prefix_len)
+    return BanLimits(
+        max_bans=d.max_bans,
+        min_prefix_len_v4=d.min_ban_prefix_len_v4,
+        min_prefix_len_v6=d.min_ban_prefix_len_v6,
+        ipv6_prefix_len=config.ipv6_prefix_len,
+    )
 
 
 def _needs_l7(config: EdgeConfig) -> bool:

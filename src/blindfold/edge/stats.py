@@ -114,6 +114,23 @@ EDGE_METRICS = [
         ("source", "result"),
     ),
     MetricSpec(
+        "blindfold_decisions_refused_total",
+        "counter",
+        "Decisions not enforced, by reason: too_wide, cap, unsigned, unknown_signer, "
+        "bad_signature, expired, replayed, bad_decision, unsupported_scope, unsupported_type.",
+        ("reason",),
+    ),
+    MetricSpec(
+        "blindfold_ban_updates_pending",
+        "gauge",
+        "Ban changes not yet acknowledged by the workers (0: every worker enforces the set).",
+    ),
+    MetricSpec(
+        "blindfold_ban_resyncs_total",
+        "counter",
+        "Workers sent a whole ban snapshot because they fell too far behind.",
+    ),
+    MetricSpec(
         "blindfold_connections_closed_by_ban_total",
         "counter",
         "Open connections closed because their address was banned.",

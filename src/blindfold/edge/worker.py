@@ -22,9 +22,10 @@ from typing import Any
 
 from blindfold.config import loads
 from blindfold.config.edge import EdgeConfig
-from blindfold.core.iplist import IPSet, parse_address, parse_list
+from blindfold.core.iplist import parse_address
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.core.routing import SniRouter
+from blindfold.edge.bans import BanUpdates
 from blindfold.edge.blind import BlindRoute, BlindService
 from blindfold.edge.blind import snapshot as blind_snapshot
 from blindfold.edge.guards import Guards
@@ -120,6 +121,7 @@ class Worker:
             self.reactor.attach(self.loop)
             self.keyless = KeylessService(self, self.loop)
             self.blind = BlindService(self, self.loop)
+        self.ban_updates = BanUpdates(self)
         self.control = ControlChannel(
             self.reactor, control_fd, self._on_control, self._on_master_gone
         )
@@ -389,12 +391,12 @@ class Worker:
             except ConfigError as exc:
                 self.control.send({"op": "config_failed", "error": str(exc)})
                 return
-            if self._pending_listeners:
-                self._start_listening()
-                self.reactor.call_later(SWEEP_INTERVAL_S, self._sweep)
-                self.control.send({"op": "ready", "pid": os.getpid()})
-            else:
+            if not self._pending_listeners:
                 self.control.send({"op": "reloaded"})
+            elif self.ban_updates.synced:
+                self._go_live()
+            else:
+                self.ban_updates.resume()  # listening starts once the ban set is in (bans_synced)
         elif op == "stats":
             self.control.send({"op": "stats", "id": message.get("id"), "metrics": self.snapshot()})
         elif op == "drain":
@@ -403,21 +405,25 @@ class Worker:
             counts, self.rate_counts = self.rate_counts, {}
             self.control.send({"op": "rates", "id": message.get("id"), "counts": counts})
         elif op == "bans":
-            self.apply_bans(message.get("nets") or [])
+            self.ban_updates.push(message)
 
-    def apply_bans(self, nets: list[str]) -> None:
-        """Enforce a new ban set: new connections are refused at accept; open ones from a banned
-        address are closed now."""
-        networks, errors = parse_list("\n".join(nets))
-        for err in errors[:5]:
-            self.log.log("ban_ignored", text=err.text, problem=err.problem)
-        self.guards.bans = IPSet(networks)
-        self.log.log("bans_applied", bans=len(networks), worker=self.index)
+    def _go_live(self) -> None:
+        self._start_listening()
+        self.reactor.call_later(SWEEP_INTERVAL_S, self._sweep)
+        self.control.send({"op": "ready", "pid": os.getpid()})
+
+    def bans_synced(self) -> None:
+        """The first ban set is in: a new worker starts accepting only now, so a respawned
+        worker never lets its share of banned visitors through while it loads."""
+        if self._pending_listeners and self.configured and not self.draining:
+            self._go_live()
+
+    def close_banned_later(self, doomed: list[Conn]) -> None:
+        """New connections from a banned address are refused at accept; its open ones are
+        closed after the grace (so the response that earned the ban still reaches it)."""
         decisions = self.config.decisions
         grace = decisions.close_grace_s if decisions is not None else 0.0
-        doomed = [c for c in self.conns if self.guards.is_banned(*parse_address(c.ip))]
-        if doomed:
-            self.reactor.call_later(grace, lambda: self._close_banned(doomed))
+        self.reactor.call_later(grace, lambda: self._close_banned(doomed))
 
     def _close_banned(self, doomed: list[Conn]) -> None:
         closed = 0

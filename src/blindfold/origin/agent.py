@@ -24,7 +24,7 @@ from blindfold.config.origin import OriginConfig
 from blindfold.core.iplist import IPSet, parse_address, parse_list
 from blindfold.core.proxyproto import V1_PREFIX, V2_SIGNATURE
 from blindfold.decisions.api import DecisionApi, load_api_keys
-from blindfold.decisions.core import DecisionRules, DecisionStore, RateRule
+from blindfold.decisions.core import DecisionRules, DecisionStore, RateRule, scope_of
 from blindfold.errors import ConfigError, ProtocolError
 from blindfold.io.accepted import peek, read_proxy_header
 from blindfold.io.admin_http import AdminServer
@@ -207,6 +207,7 @@ class OriginAgent:
             ban_after_blocks=d.ban_after_blocks,
             block_window_s=d.block_window_s,
             ban_duration_s=d.ban_duration_s,
+            ipv6_prefix_len=d.ipv6_prefix_len,
             rate_rules=tuple(
                 RateRule(
                     r.path_prefix, r.rate_per_s, r.burst, r.ban_duration_s, r.name or r.path_prefix
@@ -256,9 +257,10 @@ class OriginAgent:
             self.log.log(name, **fields)
 
     def ban(self, ip: str, duration_s: float, reason: str) -> None:
+        """`ip`: an address, or the IPv6 prefix the decision rules chose (`ban_target`)."""
         now = time.time()
         try:
-            decision = self.store.add("ip", ip, duration_s, reason, now)
+            decision = self.store.add(scope_of(ip), ip, duration_s, reason, now)
         except ProtocolError as exc:
             self.log.emit("decision_refused", value=ip, error=str(exc))
             return
@@ -303,9 +305,11 @@ class OriginAgent:
             self.servers.append(loop.create_task(self._accept_api(sock, api_tls)))
         if d.redis_url:
             from blindfold.decisions.redis_bus import RedisPublisher
+            from blindfold.decisions.signed import DecisionSigner, load_private_key
 
-            self.publisher = RedisPublisher(d.redis_url, self.log)
-            await self.publisher.start(self.store)
+            signer = DecisionSigner(load_private_key(d.signing_key, "origin.decisions.signing_key"))
+            self.publisher = RedisPublisher(d.redis_url, d.redis_ca, signer, self.log)
+            await self.publisher.start()
         self.servers.append(loop.create_task(self._housekeeping()))
         self.log.emit(
             "origin_ready",

@@ -1,0 +1,179 @@
+"""Decisions signed by the origin that made them, for channels every edge can write to (Redis).
+
+Sans-IO. Format, version 1 (docs/decisions.md says the same):
+
+    bfd1.<signer>.<payload>.<signature>
+
+- `signer`: 16 lower-case hex digits, the first 8 bytes of SHA-256 over the signer's raw
+  32-byte Ed25519 public key (RFC 8032 §5.1.5 encoding). It only picks the key to try.
+- `payload`: base64url without padding (RFC 4648 §5) of a UTF-8 JSON object:
+  {"scope": "ip"|"range", "value": TEXT, "until": SECONDS, "issued": SECONDS, "reason": TEXT}
+  (`until` and `issued` are Unix times; `value` in canonical form).
+- `signature`: base64url without padding of the 64-byte Ed25519 signature (RFC 8032 §5.1.6)
+  over  b"blindfold decision v1\\x00" + signer + b"." + payload  (the ASCII text of both
+  fields as sent). The purpose prefix keeps a signature from meaning anything else: no other
+  blindfold format signs bytes that start with it.
+
+A verifier drops (and names the reason of) every message that is not well formed, comes from
+an unknown signer, does not verify, has expired, or is older than what it already holds for
+the same (scope, value): a replay.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    PublicFormat,
+    load_pem_private_key,
+    load_pem_public_key,
+)
+
+from blindfold.decisions.core import Scope, normalise
+from blindfold.errors import ConfigError, ProtocolError
+
+PURPOSE = b"blindfold decision v1\x00"
+MAGIC = "bfd1"
+MAX_MESSAGE_BYTES = 2048  # a decision is ~300 bytes; nothing bigger is even decoded
+
+
+def key_id(public: Ed25519PublicKey) -> str:
+    raw = public.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    if not text or not text.isascii() or "=" in text:
+        raise ValueError("not base64url")
+    return base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)
+
+
+@dataclass(frozen=True, slots=True)
+class SignedDecision:
+    scope: Scope
+    value: str
+    until: float
+    issued: float
+    reason: str
+    signer: str
+
+
+class DecisionSigner:
+    def __init__(self, private: Ed25519PrivateKey) -> None:
+        self._key = private
+        self.signer = key_id(private.public_key())
+
+    def sign(self, scope: str, value: str, until: float, issued: float, reason: str) -> str:
+        s, v = normalise(scope, value)
+        payload = json.dumps(
+            {"scope": s, "value": v, "until": until, "issued": issued, "reason": reason[:200]},
+            separators=(",", ":"),
+        ).encode()
+        encoded = _b64(payload)
+        signature = self._key.sign(PURPOSE + f"{self.signer}.{encoded}".encode("ascii"))
+        return f"{MAGIC}.{self.signer}.{encoded}.{_b64(signature)}"
+
+
+class DecisionVerifier:
+    """Opens signed decisions from any of `keys`; remembers, per (signer, scope, value), the
+    newest `issued` it accepted so that an older message replayed later is refused."""
+
+    def __init__(self, keys: list[Ed25519PublicKey]) -> None:
+        self.keys = {key_id(k): k for k in keys}
+        self.held: dict[tuple[str, str, str], tuple[float, float]] = {}  # -> (issued, until)
+
+    def open(self, message: bytes | str, now: float) -> SignedDecision:
+        """Verify one message. Raises ProtocolError with reason unsigned | unknown_signer |
+        bad_signature | bad_decision | expired."""
+        if isinstance(message, bytes):
+            if len(message) > MAX_MESSAGE_BYTES:
+                raise ProtocolError("unsigned", "too long to be a signed decision")
+            try:
+                message = message.decode("ascii")
+            except UnicodeDecodeError:
+                raise ProtocolError("unsigned", "not ASCII") from None
+        if len(message) > MAX_MESSAGE_BYTES:
+            raise ProtocolError("unsigned", "too long to be a signed decision")
+        parts = message.split(".")
+        if len(parts) != 4 or parts[0] != MAGIC:
+            raise ProtocolError("unsigned", "not a bfd1 signed decision")
+        _magic, signer, encoded, sig_text = parts
+        key = self.keys.get(signer)
+        if key is None:
+            raise ProtocolError("unknown_signer", f"signer {signer[:20]!r}")
+        try:
+            signature = _unb64(sig_text)
+            key.verify(signature, PURPOSE + f"{signer}.{encoded}".encode("ascii"))
+        except (ValueError, binascii.Error, InvalidSignature, UnicodeEncodeError):
+            raise ProtocolError("bad_signature", f"signer {signer}") from None
+        # verified: the origin wrote these bytes; still checked, never trusted to be sane
+        try:
+            item = json.loads(_unb64(encoded))
+            scope, value = normalise(str(item["scope"]), str(item["value"]))
+            until = float(item["until"])
+            issued = float(item["issued"])
+            reason = str(item.get("reason", ""))[:200]
+        except (ValueError, KeyError, TypeError, RecursionError, binascii.Error):
+            raise ProtocolError("bad_decision", "signed payload is not a decision") from None
+        if not (math.isfinite(until) and math.isfinite(issued)):
+            raise ProtocolError("bad_decision", "times are not finite")
+        if until <= now:
+            raise ProtocolError("expired", f"{value} until {until}")
+        return SignedDecision(scope, value, until, issued, reason, signer)
+
+    def admit(self, message: bytes | str, now: float) -> SignedDecision | None:
+        """`open`, then the replay check: None when this exact decision is already held (a
+        resync reads it again); ProtocolError('replayed') when an older one comes back."""
+        d = self.open(message, now)
+        key = (d.signer, d.scope, d.value)
+        held = self.held.get(key)
+        if held is not None and held[1] > now:
+            if d.issued < held[0]:
+                raise ProtocolError("replayed", f"{d.value} issued {d.issued} < {held[0]}")
+            if d.issued == held[0]:
+                return None
+        self.held[key] = (d.issued, d.until)
+        return d
+
+    def sweep(self, now: float) -> None:
+        for key in [k for k, (_i, until) in self.held.items() if until <= now]:
+            del self.held[key]
+
+
+def load_private_key(path: str, where: str) -> Ed25519PrivateKey:
+    try:
+        key = load_pem_private_key(Path(path).read_bytes(), None)
+    except OSError as exc:
+        raise ConfigError(where, f"cannot read {path}: {exc.strerror}") from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(where, f"{path} is not an unencrypted PEM private key: {exc}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(
+            where, f"{path} is not an Ed25519 key (openssl genpkey -algorithm ed25519)"
+        )
+    return key
+
+
+def load_public_key(path: str, where: str) -> Ed25519PublicKey:
+    try:
+        key = load_pem_public_key(Path(path).read_bytes())
+    except OSError as exc:
+        raise ConfigError(where, f"cannot read {path}: {exc.strerror}") from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(where, f"{path} is not a PEM public key: {exc}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError(where, f"{path} is not an Ed25519 public key")
+    return key
