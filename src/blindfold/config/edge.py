@@ -217,7 +217,8 @@ class RouteConfig:
         64 << 20,
         doc="keyless: memory for cached responses per worker (RFC 9111: only what "
         "Cache-Control/Expires make cacheable by a shared cache; Vary and validators honoured). "
-        "0 = no cache.",
+        "Each entry is charged what its objects really take, headers included (a small "
+        "response costs ~2 KiB). 0 = no cache.",
         min=0,
     )
     cache_max_object_bytes: int = setting(

@@ -45,9 +45,19 @@ if TYPE_CHECKING:
 _CONDITIONAL = frozenset(
     {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range"}
 )
-# RFC 9110 §15.4.5: what a 304 carries
+# RFC 9110 §15.4.5: what a 304 carries; plus Set-Cookie, which only a response answering this
+# visitor alone can hold (a shared entry never stores one)
 _NOT_MODIFIED_KEEP = frozenset(
-    {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary", b"last-modified"}
+    {
+        b"cache-control",
+        b"content-location",
+        b"date",
+        b"etag",
+        b"expires",
+        b"vary",
+        b"last-modified",
+        b"set-cookie",
+    }
 )
 
 
@@ -322,8 +332,11 @@ class EdgeHandler:
             with contextlib.suppress(UpstreamError):
                 async for _ in response.body():
                     pass
-            cache.freshen(lookup.entry, response.headers, request_time, response_time)
-            return await self._serve_entry(request, respond, lookup.entry, "revalidated")
+            # the freshened shared entry, or a copy for this visitor alone (issue 15 #1)
+            entry = cache.freshen(
+                key, lookup.entry, response.headers, request.headers, request_time, response_time
+            )
+            return await self._serve_entry(request, respond, entry, "revalidated")
         cache.invalidate(request.method, key, response.status)
         storable = (
             cache.max_bytes > 0
