@@ -457,6 +457,15 @@ class EdgeConfig:
         min=512,
         max=65536,
     )
+    max_hello_records: int = setting(
+        64,
+        doc="Most TLS records one ClientHello may span (RFC 8446 lets a sender cut it into "
+        "records as small as 1 byte). Browsers and TLS libraries use one, two above 16 KiB; "
+        "tools that fragment the hello to slip past SNI filters a few dozen at most. More is "
+        "refused (reason hello_too_many_records).",
+        min=1,
+        max=16384,
+    )
     connect_timeout_s: float = setting(
         3.0,
         doc="Deadline for connecting to one origin before the next is tried.",
