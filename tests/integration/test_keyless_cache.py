@@ -4,16 +4,20 @@ Python ssl)."""
 
 from __future__ import annotations
 
+import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import h2.config
+import h2.connection
 import pytest
 
 from blindfold import pki
-from tests.helpers.clients import curl
+from tests.helpers.clients import curl, wait_until
 from tests.helpers.edgeproc import EdgeProcess, OriginProcess, edge_config
 from tests.helpers.keyless import KeylessPki, KeyServerProcess, keyserver_config, make_pki
 from tests.helpers.topology import origin_config
@@ -177,3 +181,66 @@ def test_a_304_never_hands_one_visitors_cookie_to_another(chain: Any, kpki: Keyl
         assert status == 200 and _values(head, "set-cookie") == []
     finally:
         app.close()
+
+
+def _h2_streams_never_read(
+    port: int, ca: Path, source: str, path: str, streams: int
+) -> ssl.SSLSocket:
+    """An HTTP/2 visitor (the `h2` library over Python ssl) that opens `streams` GETs at once
+    and then never reads a byte: every response stalls on flow control, holding whatever the
+    edge gave it."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.set_alpn_protocols(["h2"])
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    tls = ctx.wrap_socket(raw, server_hostname="example.test")
+    assert tls.selected_alpn_protocol() == "h2"
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    for i in range(streams):
+        conn.send_headers(
+            1 + 2 * i,
+            [
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":authority", "example.test"),
+                (":path", path),
+            ],
+            end_stream=True,
+        )
+    tls.sendall(conn.data_to_send())
+    return tls
+
+
+def test_visitor_connections_cannot_hold_the_origins_connections(
+    chain: Any, kpki: KeylessPki, app: Any
+) -> None:
+    """Issue 15 finding 2: on a keyless route one HTTP/2 connection whose 100 streams never
+    read held 100 origin connections, and three such connections from one address made the
+    origin (max_connections) refuse an innocent visitor. Origin connections are now capped
+    per visitor connection and per client address; the rest wait their turn."""
+    edge, origin = chain(app.port, origin_kw={"max_connections": 40})
+    # each response is far larger than HTTP/2's initial window: none can finish
+    attackers = [
+        _h2_streams_never_read(edge.port, kpki.site_ca, "127.0.0.31", "/bytes?n=4000000", 100)
+        for _ in range(5)
+    ]
+    try:
+        seen: list[float] = []
+
+        def active() -> float:
+            return float(origin.metric("blindfold_origin_connections_active"))
+
+        def busy() -> bool:
+            seen.append(active())
+            return seen[-1] >= 30
+
+        assert wait_until(busy, 20), seen  # the attack holds what the edge lets it hold
+        for _ in range(3):
+            status, _, body = _get(edge, kpki, "/echo", source="127.0.0.32")
+            assert status == 200, body  # an innocent visitor is still served
+            seen.append(active())
+        # from the origin's side: one address never held more than its share (32 by default)
+        assert max(seen) <= 32 + 1, seen
+    finally:
+        for tls in attackers:
+            tls.close()

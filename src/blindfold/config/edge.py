@@ -337,11 +337,36 @@ class EdgeHttpConfig:
     )
     upstream_connections: int = setting(
         8,
-        doc="Connections to the origin per visitor "
-        "connection (each carries the visitor's address in a "
-        "PROXY header when proxy_protocol is set).",
+        doc="Idle origin connections kept open for reuse: keyless, per visitor connection "
+        "(at most upstream_connections_per_client_conn; each carries the visitor's address in "
+        "a PROXY header when proxy_protocol is set); blind, per route and worker.",
         min=1,
         max=256,
+    )
+    upstream_connections_per_client_conn: int = setting(
+        8,
+        doc="keyless: most origin connections one visitor connection holds at once (in use, "
+        "idle or opening). Its other requests (HTTP/2 streams) wait for one of them, first "
+        "come first served, at most upstream_queue_timeout_s.",
+        min=1,
+        max=256,
+    )
+    upstream_connections_per_ip: int = setting(
+        32,
+        doc="keyless: most origin connections the visitor connections of one client address "
+        "(IPv6: per ipv6_prefix_len prefix) hold at once, per route and worker (one address's "
+        "connections all reach the same worker). Requests beyond it wait likewise; idle "
+        "connections of that address are closed to make room.",
+        min=1,
+        max=65536,
+    )
+    upstream_queue_timeout_s: float = setting(
+        10.0,
+        doc="keyless: longest a request waits for an origin connection under those caps; "
+        "then it gets 503 with Retry-After. The wait is bounded in number too: one per "
+        "request a visitor connection may have open (h2_max_concurrent_streams).",
+        min=0.01,
+        max=300,
     )
 
 
