@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -218,7 +219,9 @@ def test_visitor_connections_cannot_hold_the_origins_connections(
     read held 100 origin connections, and three such connections from one address made the
     origin (max_connections) refuse an innocent visitor. Origin connections are now capped
     per visitor connection and per client address; the rest wait their turn."""
-    edge, origin = chain(app.port, origin_kw={"max_connections": 40})
+    edge, origin = chain(
+        app.port, origin_kw={"max_connections": 40}, http={"upstream_queue_timeout_s": 1.0}
+    )
     # each response is far larger than HTTP/2's initial window: none can finish
     attackers = [
         _h2_streams_never_read(edge.port, kpki.site_ca, "127.0.0.31", "/bytes?n=4000000", 100)
@@ -241,6 +244,11 @@ def test_visitor_connections_cannot_hold_the_origins_connections(
             seen.append(active())
         # from the origin's side: one address never held more than its share (32 by default)
         assert max(seen) <= 32 + 1, seen
+        # the attacker's address has used its share: its next request waits, then gets 503
+        t0 = time.monotonic()
+        status, head, _ = _get(edge, kpki, "/echo", source="127.0.0.31")
+        assert (status, _values(head, "retry-after")) == (503, ["1"])
+        assert time.monotonic() - t0 >= 0.9
     finally:
         for tls in attackers:
             tls.close()
