@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import ssl
+import sys
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blindfold.core.clienthello import peek_client_hello
+from blindfold.core import clienthello
+from blindfold.core.clienthello import MAX_HELLO_RECORDS, HelloReader, peek_client_hello
 from blindfold.errors import ProtocolError
 from tests.helpers import tlsbuild as tb
 
 
 def feed(data: bytes, chunks: list[int], max_bytes: int = 16384):  # type: ignore[no-untyped-def]
     """Feed `data` in pieces the way the edge does; return the first non-None result."""
-    buf = b""
+    reader = HelloReader(max_bytes)
     pos = 0
     for size in [*chunks, len(data)]:
         piece = data[pos : pos + max(size, 1)]
         pos += len(piece)
-        buf += piece
-        result = peek_client_hello(buf, max_bytes)
+        result = reader.feed(piece)
         if result is not None:
+            assert reader.raw == data[:pos]  # every byte kept, to be forwarded unchanged
             return result
         if pos >= len(data):
             return None
@@ -72,6 +74,70 @@ def test_hello_spanning_records_and_reads() -> None:
     assert many.sni == one.sni == "a.example.test"
     assert many.ja4 == one.ja4
     assert many.record_bytes == len(raw)
+
+
+def _padded_message(size: int) -> bytes:
+    """A ClientHello handshake message of exactly `size` bytes (padding extension)."""
+    base = tb.handshake(tb.client_hello_body(extensions=[tb.sni_ext(b"a.example.test")]))
+    pad = size - len(base) - 4
+    assert pad >= 0
+    exts = [tb.sni_ext(b"a.example.test"), tb.ext(0x0015, bytes(pad))]
+    message = tb.handshake(tb.client_hello_body(extensions=exts))
+    assert len(message) == size
+    return message
+
+
+def test_hello_records_are_bounded() -> None:
+    """RFC 8446 §5.1 allows 1-byte records; more than MAX_HELLO_RECORDS of them for one
+    hello is refused as soon as the record past the bound completes."""
+    message = _padded_message(200)
+    at_bound = tb.records(message, [1] * (MAX_HELLO_RECORDS - 1))
+    hello = peek_client_hello(at_bound)
+    assert hello is not None and hello.sni == "a.example.test"
+    assert hello.record_bytes == len(at_bound)
+    over = tb.records(message, [1] * MAX_HELLO_RECORDS)
+    reader = HelloReader()
+    for i in range(MAX_HELLO_RECORDS - 1):
+        assert reader.feed(over[6 * i : 6 * i + 6]) is None
+    with pytest.raises(ProtocolError) as info:
+        reader.feed(over[6 * (MAX_HELLO_RECORDS - 1) : 6 * MAX_HELLO_RECORDS])
+    assert info.value.reason == "hello_too_many_records"
+    assert peek_client_hello(over, 16384, MAX_HELLO_RECORDS + 1) is not None
+
+
+def _work_to_read(message: bytes) -> int:
+    """Lines of clienthello.py executed while a hello in 1-byte records arrives one record
+    per read (the attacker's pace): a measure of work that does not depend on the machine."""
+    raw = tb.records(message, [1] * len(message))
+    reader = HelloReader(len(raw) + 1, max_records=len(message))
+    lines = 0
+    code_file = clienthello.__file__
+
+    def tracer(frame, event, arg):  # type: ignore[no-untyped-def]
+        nonlocal lines
+        if frame.f_code.co_filename != code_file:
+            return None
+        if event == "line":
+            lines += 1
+        return tracer
+
+    result = None
+    sys.settrace(tracer)
+    try:
+        for i in range(0, len(raw), 6):
+            result = reader.feed(raw[i : i + 6])
+    finally:
+        sys.settrace(None)
+    assert result is not None and result.sni == "a.example.test"
+    return lines
+
+
+def test_a_hello_in_one_byte_records_costs_linear_work() -> None:
+    """Issue 15 finding 6: the hello was re-parsed from its first record on every read, so a
+    hello of n 1-byte records cost O(n^2) (~0.5 s of a worker each at 2.7k records)."""
+    small = _work_to_read(_padded_message(150))
+    large = _work_to_read(_padded_message(600))
+    assert large <= 4.5 * small, (small, large)  # 4x the records: ~4x the work, not 16x
 
 
 def test_incomplete_hello_needs_more() -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import email.utils
+import gc
+import tracemalloc
 
+import h11
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blindfold.core.httpcache import HttpCache, directives, freshness_lifetime, not_modified
+from blindfold.core.httpcache import Entry, HttpCache, directives, freshness_lifetime, not_modified
 from blindfold.core.ratelimit import BucketMap
 
 KEY = HttpCache.key(b"Example.TEST", b"/a")
@@ -79,11 +82,129 @@ def test_fresh_then_stale_then_revalidated() -> None:
     stale = cache.lookup(KEY, b"GET", [], T0 + 11)
     assert stale is not None and not stale.fresh
     assert stale.validators == [(b"if-none-match", b'"v1"')]
-    cache.freshen(
-        stale.entry, [(b"cache-control", b"max-age=100"), (b"etag", b'"v1"')], T0 + 11, T0 + 11
+    served = cache.freshen(
+        KEY,
+        stale.entry,
+        [(b"cache-control", b"max-age=100"), (b"etag", b'"v1"')],
+        [],
+        T0 + 11,
+        T0 + 11,
     )
+    assert served is stale.entry  # shared: the stored entry itself was freshened
     again = cache.lookup(KEY, b"GET", [], T0 + 50)
     assert again is not None and again.fresh and again.entry.body == b"body"
+
+
+STORED_304 = [
+    (b"cache-control", b"max-age=10"),
+    (b"etag", b'"v1"'),
+    (b"content-type", b"text/plain"),
+    (b"content-length", b"4"),
+]
+
+
+def stale_entry(cache: HttpCache) -> Entry:
+    assert stored(cache, STORED_304)
+    stale = cache.lookup(KEY, b"GET", [], T0 + 11)
+    assert stale is not None and not stale.fresh
+    assert stale.validators == [(b"if-none-match", b'"v1"')]
+    return stale.entry
+
+
+def test_a_304_freshens_the_stored_headers_it_carries() -> None:
+    """RFC 9111 §4.3.4: the 304's fields replace the stored ones (all instances), except
+    Content-Length and hop-by-hop fields."""
+    cache = HttpCache(1 << 20, 1 << 16)
+    entry = stale_entry(cache)
+    served = cache.freshen(
+        KEY,
+        entry,
+        [
+            (b"cache-control", b"max-age=100"),
+            (b"etag", b'"v1"'),
+            (b"content-length", b"0"),
+            (b"connection", b"close"),
+            (b"x-served-by", b"o2"),
+        ],
+        [],
+        T0 + 11,
+        T0 + 11,
+    )
+    assert served is entry
+    assert entry.headers == [
+        (b"content-type", b"text/plain"),
+        (b"content-length", b"4"),
+        (b"cache-control", b"max-age=100"),
+        (b"etag", b'"v1"'),
+        (b"x-served-by", b"o2"),
+    ]
+    hit = cache.lookup(KEY, b"GET", [], T0 + 60)
+    assert hit is not None and hit.fresh and hit.entry is entry
+    assert cache.revalidated == 1
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [(b"set-cookie", b"session=alice; HttpOnly")],  # one visitor's cookie
+        [(b"cache-control", b"no-store")],
+        [(b"cache-control", b"private, max-age=100")],
+        [(b"cache-control", b"max-age=100"), (b"vary", b"*")],
+        [(b"cache-control", b"max-age=100"), (b"vary", b"cookie")],  # a new variant key
+    ],
+)
+def test_a_304_not_for_sharing_answers_only_its_visitor_and_drops_the_entry(
+    extra: list[tuple[bytes, bytes]],
+) -> None:
+    """Issue 15 finding 1: a 304 carrying Set-Cookie, no-store or private (or making the
+    merged response unstorable) answers the visitor who asked, with the stored body and the
+    304's headers, and the shared entry is removed, so the next visitor never sees them."""
+    cache = HttpCache(1 << 20, 1 << 16)
+    entry = stale_entry(cache)
+    nm = [(b"etag", b'"v1"'), *extra]
+    served = cache.freshen(KEY, entry, nm, [(b"cookie", b"session=alice")], T0 + 11, T0 + 11)
+    assert served is not entry
+    assert (served.status, served.body) == (200, b"body")
+    for name, value in extra:
+        assert (name, value) in served.headers  # the visitor gets what the origin said
+    assert (b"content-type", b"text/plain") in served.headers
+    assert cache.lookup(KEY, b"GET", [], T0 + 12) is None
+    assert cache.used == 0 and len(cache) == 0
+    assert all(k != b"set-cookie" for k, _ in entry.headers)  # the shared copy never had it
+
+
+def test_a_304_to_an_authorized_request_is_not_shared() -> None:
+    """§3.5: what answers a request with Authorization is shared only when the response
+    allows it; the storability rules apply to the merged result."""
+    cache = HttpCache(1 << 20, 1 << 16)
+    entry = stale_entry(cache)
+    nm = [(b"etag", b'"v1"'), (b"cache-control", b"max-age=100")]
+    served = cache.freshen(KEY, entry, nm, [(b"authorization", b"Basic x")], T0 + 11, T0 + 11)
+    assert served is not entry and cache.lookup(KEY, b"GET", [], T0 + 12) is None
+    entry = stale_entry(cache)
+    nm = [(b"etag", b'"v1"'), (b"cache-control", b"public, max-age=100")]
+    served = cache.freshen(KEY, entry, nm, [(b"authorization", b"Basic x")], T0 + 11, T0 + 11)
+    assert served is entry
+    hit = cache.lookup(KEY, b"GET", [], T0 + 12)
+    assert hit is not None and hit.fresh
+
+
+def test_other_variants_survive_a_private_304() -> None:
+    cache = HttpCache(1 << 20, 1 << 16)
+    headers = [(b"cache-control", b"max-age=10"), (b"etag", b'"v1"'), (b"vary", b"accept")]
+    for accept in (b"a", b"b"):
+        cache.store(KEY, [(b"accept", accept)], 200, headers, accept, T0, T0)
+    stale = cache.lookup(KEY, b"GET", [(b"accept", b"a")], T0 + 11)
+    assert stale is not None
+    used_by_b = cache.used - stale.entry.size
+    served = cache.freshen(
+        KEY, stale.entry, [(b"set-cookie", b"s=1")], [(b"accept", b"a")], T0 + 11, T0 + 11
+    )
+    assert served.body == b"a"
+    assert cache.lookup(KEY, b"GET", [(b"accept", b"a")], T0 + 11) is None
+    other = cache.lookup(KEY, b"GET", [(b"accept", b"b")], T0 + 11)
+    assert other is not None and other.entry.body == b"b"
+    assert cache.used == used_by_b
 
 
 def test_age_counts_what_the_response_already_had() -> None:
@@ -220,3 +341,64 @@ def test_bucket_map_rate_and_bound() -> None:
     for key in "bcd":
         buckets.take(key, 2.0)
     assert len(buckets) == 3  # "a" (least recently used) was evicted
+
+
+def _origin_response(i: int) -> tuple[int, list[tuple[bytes, bytes]]]:
+    """A typical origin response head for /static/<i>, parsed by h11 as the edge does (the
+    header bytes are the objects a stored entry really keeps)."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="GET", target=f"/static/{i}", headers=[("host", "x")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(
+        b"HTTP/1.1 200 OK\r\n"
+        b"Server: nginx/1.22.1\r\n"
+        b"Date: Sat, 05 Dec 2026 10:00:00 GMT\r\n"
+        b"Content-Type: text/css; charset=utf-8\r\n"
+        b"Content-Length: %d\r\n"
+        b"Last-Modified: Fri, 04 Dec 2026 10:00:00 GMT\r\n"
+        b'ETag: "%08x-1f4"\r\n'
+        b"Cache-Control: public, max-age=3600\r\n"
+        b"Vary: Accept-Encoding\r\n"
+        b"X-Content-Type-Options: nosniff\r\n"
+        b"\r\n" % (i % 300, i)
+    )
+    event = conn.next_event()
+    assert isinstance(event, h11.Response)
+    return event.status_code, list(event.headers)
+
+
+def test_charged_bytes_cover_what_the_entries_really_take() -> None:
+    """Issue 15 finding 13: small entries cost far more than their body and header bytes (the
+    objects holding them); with the cache full, the memory it really holds (tracemalloc)
+    stays within max_bytes, and what it charges is not far above that either."""
+    max_bytes = 1 << 20
+    cache = HttpCache(max_bytes, 1 << 16)
+    req = [(b"accept-encoding", b"gzip, br")]
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(6000):
+            status, headers = _origin_response(i)
+            key = HttpCache.key(b"www.example.test", f"/static/{i}".encode())
+            body = bytes(i % 300)
+            cache.store(key, req, status, headers, body, T0 + i, T0 + i)
+        del status, headers, key, body
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert cache.evictions > 0 and cache.used <= max_bytes
+    assert held <= max_bytes * 1.02 + 16384, (held, cache.used, len(cache))
+    assert held >= cache.used * 0.9, (held, cache.used, len(cache))
+
+
+def test_a_304_for_an_entry_evicted_meanwhile_keeps_the_accounting() -> None:
+    cache = HttpCache(1 << 20, 1 << 16)
+    entry = stale_entry(cache)
+    cache.invalidate(b"POST", KEY, 200)  # another visitor's POST, during the revalidation
+    assert cache.used == 0
+    nm = [(b"etag", b'"v1"'), (b"cache-control", b"max-age=100"), (b"x-long", b"v" * 500)]
+    served = cache.freshen(KEY, entry, nm, [], T0 + 11, T0 + 11)
+    assert served is entry and served.lifetime == 100
+    assert cache.used == 0 and cache.lookup(KEY, b"GET", [], T0 + 12) is None

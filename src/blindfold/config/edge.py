@@ -223,7 +223,8 @@ class RouteConfig:
         64 << 20,
         doc="keyless: memory for cached responses per worker (RFC 9111: only what "
         "Cache-Control/Expires make cacheable by a shared cache; Vary and validators honoured). "
-        "0 = no cache.",
+        "Each entry is charged what its objects really take, headers included (a small "
+        "response costs ~2 KiB). 0 = no cache.",
         min=0,
     )
     cache_max_object_bytes: int = setting(
@@ -342,11 +343,36 @@ class EdgeHttpConfig:
     )
     upstream_connections: int = setting(
         8,
-        doc="Connections to the origin per visitor "
-        "connection (each carries the visitor's address in a "
-        "PROXY header when proxy_protocol is set).",
+        doc="Idle origin connections kept open for reuse: keyless, per visitor connection "
+        "(at most upstream_connections_per_client_conn; each carries the visitor's address in "
+        "a PROXY header when proxy_protocol is set); blind, per route and worker.",
         min=1,
         max=256,
+    )
+    upstream_connections_per_client_conn: int = setting(
+        8,
+        doc="keyless: most origin connections one visitor connection holds at once (in use, "
+        "idle or opening). Its other requests (HTTP/2 streams) wait for one of them, first "
+        "come first served, at most upstream_queue_timeout_s.",
+        min=1,
+        max=256,
+    )
+    upstream_connections_per_ip: int = setting(
+        32,
+        doc="keyless: most origin connections the visitor connections of one client address "
+        "(IPv6: per ipv6_prefix_len prefix) hold at once, per route and worker (one address's "
+        "connections all reach the same worker). Requests beyond it wait likewise; idle "
+        "connections of that address are closed to make room.",
+        min=1,
+        max=65536,
+    )
+    upstream_queue_timeout_s: float = setting(
+        10.0,
+        doc="keyless: longest a request waits for an origin connection under those caps; "
+        "then it gets 503 with Retry-After. The wait is bounded in number too: one per "
+        "request a visitor connection may have open (h2_max_concurrent_streams).",
+        min=0.01,
+        max=300,
     )
 
 
@@ -491,6 +517,15 @@ class EdgeConfig:
         "TLS records).",
         min=512,
         max=65536,
+    )
+    max_hello_records: int = setting(
+        64,
+        doc="Most TLS records one ClientHello may span (RFC 8446 lets a sender cut it into "
+        "records as small as 1 byte). Browsers and TLS libraries use one, two above 16 KiB; "
+        "tools that fragment the hello to slip past SNI filters a few dozen at most. More is "
+        "refused (reason hello_too_many_records).",
+        min=1,
+        max=16384,
     )
     connect_timeout_s: float = setting(
         3.0,

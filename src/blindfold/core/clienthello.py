@@ -1,12 +1,16 @@
 """Peek at a TLS ClientHello without terminating TLS (RFC 8446 §4.1.2, §5.1).
 
-`peek_client_hello(buf, max_bytes)` is called with everything read from the visitor so far. It
-returns None while more bytes are needed, a `ClientHello` once the whole handshake message has
-arrived (it may span several TLS records and TCP reads), and raises `ProtocolError` with a
-stable `reason` on anything that is not a well-formed ClientHello. The edge forwards the bytes
-unchanged; this module only reads them. It runs once per visitor connection, so it parses only
-what the edge uses (SNI, ALPN, versions, signature algorithms, the extension list) and keeps
-the rest as spans of the message, parsed on demand.
+`HelloReader.feed(data)` is called with each read from the visitor. It returns None while more
+bytes are needed, a `ClientHello` once the whole handshake message has arrived (it may span
+several TLS records and TCP reads), and raises `ProtocolError` with a stable `reason` on
+anything that is not a well-formed ClientHello. The reader keeps its place across reads (the
+offset of the next record, the handshake bytes reassembled so far), so each byte is looked at
+once however the hello is cut: RFC 8446 §5.1 allows handshake records of any length >= 1, and a
+hello re-parsed from the start on every read cost O(n^2) (~0.5 s of CPU for one hello in 1-byte
+records). It also bounds the records a hello may span (`max_records`). `peek_client_hello(buf)`
+is the one-shot form. The edge forwards the bytes unchanged; this module only reads them. It
+parses only what the edge uses (SNI, ALPN, versions, signature algorithms, the extension list)
+and keeps the rest as spans of the message, parsed on demand.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from blindfold.errors import ProtocolError
 RECORD_HANDSHAKE = 22
 HANDSHAKE_CLIENT_HELLO = 1
 MAX_RECORD_PLAINTEXT = 1 << 14  # RFC 8446 §5.1
+# Records one ClientHello may span. Browsers and TLS libraries send it in one record (two when
+# it exceeds 16 KiB); tools that fragment it to evade SNI filtering use a few to a few dozen.
+MAX_HELLO_RECORDS = 64
 
 EXT_SERVER_NAME = 0x0000
 EXT_SUPPORTED_GROUPS = 0x000A
@@ -91,73 +98,124 @@ def _fail(reason: str, detail: str, alert: int = ALERT_DECODE_ERROR) -> Protocol
     return ProtocolError(reason, detail, alert=alert)
 
 
-def peek_client_hello(buf: bytes | bytearray, max_bytes: int = 16384) -> ClientHello | None:
+def peek_client_hello(
+    buf: bytes | bytearray, max_bytes: int = 16384, max_records: int = MAX_HELLO_RECORDS
+) -> ClientHello | None:
     """Return the ClientHello at the start of `buf`, or None if more bytes are needed."""
-    n = len(buf)
-    if n == 0:
-        return None
-    first = buf[0]
-    if first != RECORD_HANDSHAKE:
-        if first & 0x80:
-            raise _fail("sslv2_hello", "SSLv2-style record header", ALERT_UNEXPECTED_MESSAGE)
-        raise _fail(
-            "not_tls",
-            f"first byte 0x{first:02x} is not a TLS handshake record",
-            ALERT_UNEXPECTED_MESSAGE,
-        )
-    pos = 0
-    fragments: list[bytes] = []
-    have = 0  # handshake bytes collected
-    need = -1  # total handshake bytes needed (4 + body), once known
-    while True:
-        if n - pos < 5:
-            if pos < n and buf[pos] != RECORD_HANDSHAKE:
+    return HelloReader(max_bytes, max_records).feed(buf)
+
+
+class HelloReader:
+    """Reads one ClientHello from a stream of reads (RFC 8446 §5.1 record framing, §4.1.2
+    message). `raw` is every byte fed so far (what the edge forwards unchanged)."""
+
+    __slots__ = ("_msg", "_need", "_pos", "_raw", "_records", "max_bytes", "max_records")
+
+    def __init__(self, max_bytes: int = 16384, max_records: int = MAX_HELLO_RECORDS) -> None:
+        self.max_bytes = max_bytes
+        self.max_records = max_records
+        self._raw: bytes | bytearray = b""
+        self._pos = 0  # offset in raw of the next record header
+        self._msg = bytearray()  # handshake bytes of the records read so far
+        self._need = -1  # total handshake bytes needed (4 + body), once known
+        self._records = 0
+
+    @property
+    def raw(self) -> bytes:
+        raw = self._raw
+        return raw if isinstance(raw, bytes) else bytes(raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def feed(self, data: bytes | bytearray) -> ClientHello | None:
+        """Add one read; the ClientHello once complete (later calls are not expected)."""
+        raw = self._raw
+        if not raw:
+            raw = self._raw = data  # the usual case: the whole hello in one read, no copy
+        elif data:
+            if isinstance(raw, bytes):
+                raw = self._raw = bytearray(raw)
+            raw += data
+        n = len(raw)
+        if n == 0:
+            return None
+        if self._pos == 0:
+            first = raw[0]
+            if first != RECORD_HANDSHAKE:
+                if first & 0x80:
+                    raise _fail(
+                        "sslv2_hello", "SSLv2-style record header", ALERT_UNEXPECTED_MESSAGE
+                    )
+                raise _fail(
+                    "not_tls",
+                    f"first byte 0x{first:02x} is not a TLS handshake record",
+                    ALERT_UNEXPECTED_MESSAGE,
+                )
+        max_bytes = self.max_bytes
+        pos = self._pos
+        msg = self._msg
+        while True:
+            if n - pos < 5:
+                if pos < n and raw[pos] != RECORD_HANDSHAKE:
+                    raise _fail(
+                        "bad_record",
+                        "non-handshake record inside the ClientHello",
+                        ALERT_UNEXPECTED_MESSAGE,
+                    )
+                if n - pos > 1 and raw[pos + 1] != 3:
+                    raise _fail("not_tls", "record version major is not 3")
+                break
+            ctype, version, length = _REC.unpack_from(raw, pos)
+            if ctype != RECORD_HANDSHAKE:
                 raise _fail(
                     "bad_record",
                     "non-handshake record inside the ClientHello",
                     ALERT_UNEXPECTED_MESSAGE,
                 )
-            if n - pos > 1 and buf[pos + 1] != 3:
-                raise _fail("not_tls", "record version major is not 3")
-            break
-        ctype, version, length = _REC.unpack_from(buf, pos)
-        if ctype != RECORD_HANDSHAKE:
-            raise _fail(
-                "bad_record",
-                "non-handshake record inside the ClientHello",
-                ALERT_UNEXPECTED_MESSAGE,
-            )
-        if version >> 8 != 3:
-            raise _fail("not_tls", f"record version 0x{version:04x}")
-        if length == 0:
-            # RFC 8446 §5.1: zero-length handshake fragments MUST NOT be sent
-            raise _fail("empty_record", "zero-length handshake record", ALERT_UNEXPECTED_MESSAGE)
-        if length > MAX_RECORD_PLAINTEXT:
-            raise _fail("record_overflow", f"record of {length} bytes", ALERT_RECORD_OVERFLOW)
-        if pos + 5 + length > max_bytes:
-            raise _fail("hello_too_large", f"record ends past {max_bytes} bytes")
-        if n - pos - 5 < length:
-            break
-        fragments.append(bytes(buf[pos + 5 : pos + 5 + length]))
-        have += length
-        pos += 5 + length
-        if need < 0 and have >= 4:
-            head = fragments[0] if len(fragments[0]) >= 4 else b"".join(fragments)
-            if head[0] != HANDSHAKE_CLIENT_HELLO:
+            if version >> 8 != 3:
+                raise _fail("not_tls", f"record version 0x{version:04x}")
+            if length == 0:
+                # RFC 8446 §5.1: zero-length handshake fragments MUST NOT be sent
                 raise _fail(
-                    "not_client_hello", f"handshake type {head[0]}", ALERT_UNEXPECTED_MESSAGE
+                    "empty_record", "zero-length handshake record", ALERT_UNEXPECTED_MESSAGE
                 )
-            need = 4 + int.from_bytes(head[1:4], "big")
-            if need > max_bytes:
-                raise _fail("hello_too_large", f"ClientHello of {need} bytes")
-        if need >= 0 and have >= need:
-            msg = fragments[0] if len(fragments) == 1 else b"".join(fragments)
-            if len(msg) > need:
-                msg = msg[:need]
-            return _parse_message(msg, pos)
-    if n >= max_bytes:
-        raise _fail("hello_too_large", f"no complete ClientHello within {max_bytes} bytes")
-    return None
+            if length > MAX_RECORD_PLAINTEXT:
+                raise _fail("record_overflow", f"record of {length} bytes", ALERT_RECORD_OVERFLOW)
+            if pos + 5 + length > max_bytes:
+                raise _fail("hello_too_large", f"record ends past {max_bytes} bytes")
+            if n - pos - 5 < length:
+                break
+            start = pos + 5
+            pos = self._pos = start + length
+            self._records += 1
+            if not msg and length >= 4:
+                # fast path: the record holds the message's header, perhaps all of it
+                need = self._need = self._message_length(raw[start : start + 4])
+                if length >= need:
+                    return _parse_message(bytes(raw[start : start + need]), pos)
+            msg += raw[start:pos]
+            if self._need < 0 and len(msg) >= 4:
+                self._need = self._message_length(msg)
+            if 0 <= self._need <= len(msg):
+                return _parse_message(bytes(msg[: self._need]), pos)
+            if self._records >= self.max_records:
+                raise _fail(
+                    "hello_too_many_records",
+                    f"ClientHello not complete within {self.max_records} records",
+                )
+        if n >= max_bytes:
+            raise _fail("hello_too_large", f"no complete ClientHello within {max_bytes} bytes")
+        return None
+
+    def _message_length(self, head: bytes | bytearray) -> int:
+        """RFC 8446 §4: msg_type, then a 24-bit length."""
+        if head[0] != HANDSHAKE_CLIENT_HELLO:
+            raise _fail("not_client_hello", f"handshake type {head[0]}", ALERT_UNEXPECTED_MESSAGE)
+        need = 4 + int.from_bytes(head[1:4], "big")
+        if need > self.max_bytes:
+            raise _fail("hello_too_large", f"ClientHello of {need} bytes")
+        return need
 
 
 def _parse_message(msg: bytes, record_bytes: int) -> ClientHello:

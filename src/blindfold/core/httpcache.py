@@ -10,12 +10,19 @@ used: without an explicit lifetime nothing is reused without revalidation.
 What is served: a stored response whose Vary'd request headers match (§4.1) while fresh
 (§4.2, age per §4.2.3), never stale; `no-cache` (either side) and a request max-age the
 response is older than mean revalidation with the stored validators (§4.3.1), and a 304
-freshens the stored headers (§4.3.4). Unsafe methods invalidate the target (§4.4).
+freshens the stored headers (§4.3.4) unless it is not for sharing: a 304 with Set-Cookie,
+`no-store` or `private`, or one that makes the merged response unstorable, answers only the
+visitor who asked and removes the entry. Unsafe methods invalidate the target (§4.4).
+
+Memory: each entry is charged what its objects really take (sys.getsizeof over the entry, its
+header tuples and bytes, its body and its key), not just its body and header bytes: for small
+responses the objects cost several times the bytes they hold.
 """
 
 from __future__ import annotations
 
 import email.utils
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -36,7 +43,11 @@ _NOT_STORED = frozenset(
         b"age",
     }
 )
-_ENTRY_OVERHEAD = 256  # bytes charged per entry beyond its body and headers
+_FLOAT_BYTES = sys.getsizeof(0.0)
+_INT_BYTES = sys.getsizeof(1 << 30)  # Entry.size: an int object of its own
+_LIST_BYTES = sys.getsizeof([]) + 4 * 8  # a key's list of variants: append() allocates 4 slots
+_PAIR_BYTES = sys.getsizeof((b"", b""))
+_EMPTY_STORE_BYTES = sys.getsizeof(OrderedDict())
 
 
 def directives(headers: Headers, name: bytes = b"cache-control") -> dict[str, str]:
@@ -102,7 +113,7 @@ def _normalise(value: bytes) -> bytes:
     return b",".join(p.strip() for p in value.split(b",")).lower()
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # compared by identity: two stored copies are two entries
 class Entry:
     status: int
     headers: Headers
@@ -157,8 +168,9 @@ def freshness_lifetime(headers: Headers, cc: dict[str, str]) -> float | None:
 class HttpCache:
     max_bytes: int
     max_object_bytes: int
-    used: int = 0
+    used: int = 0  # bytes held: the entries (`Entry.size`) and the store's own table
     _store: OrderedDict[tuple[bytes, bytes], list[Entry]] = field(default_factory=OrderedDict)
+    _table_bytes: int = 0
     hits: int = 0
     misses: int = 0
     revalidated: int = 0
@@ -219,6 +231,7 @@ class HttpCache:
             return
         for entry in self._store.pop(key, []):
             self.used -= entry.size
+        self._retable()
 
     # ---------------------------------------------------------------- response side
     def storable(
@@ -229,18 +242,23 @@ class HttpCache:
             return False
         if _header(request_headers, b"range") is not None:
             return False
-        req_cc = directives(request_headers)
+        if "no-store" in directives(request_headers):
+            return False
+        return self._shareable(request_headers, headers)
+
+    def _shareable(self, request_headers: Headers, headers: Headers) -> bool:
+        """§3's rules on a response's header fields, for a shared cache."""
         cc = directives(headers)
-        if "no-store" in req_cc or "no-store" in cc or "private" in cc:
+        if "no-store" in cc or "private" in cc:
             return False
         if _header(headers, b"set-cookie") is not None:
-            return False
+            return False  # one visitor's cookie is never handed to another
         if _vary_names(headers) is None:
             return False
         if _header(request_headers, b"authorization") is not None and not (
             "public" in cc or "s-maxage" in cc or "must-revalidate" in cc
         ):
-            return False
+            return False  # §3.5
         length = _header(headers, b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_object_bytes:
             return False
@@ -280,39 +298,129 @@ class HttpCache:
             lifetime,
             "no-cache" in cc,
         )
-        entry.size = len(body) + sum(len(k) + len(v) for k, v in kept) + _ENTRY_OVERHEAD
-        entries = self._store.setdefault(key, [])
+        entries = self._store.get(key)
+        if entries is None:
+            entries = self._store[key] = []
         for old in [e for e in entries if e.vary == entry.vary]:
             entries.remove(old)
             self.used -= old.size
         entries.append(entry)
         self._store.move_to_end(key)
+        entry.size = _cost(key, entry)
         self.used += entry.size
         self.stores += 1
+        self._retable()
+        self._evict()
+
+    def _evict(self) -> None:
         while self.used > self.max_bytes and self._store:
             _k, evicted = self._store.popitem(last=False)
             for e in evicted:
                 self.used -= e.size
                 self.evictions += 1
+            self._retable()
+
+    def _retable(self) -> None:
+        """Charge the store's hash table and ordered-dict nodes (sys.getsizeof), which grow
+        with the number of keys and, like any dict's, never shrink: an emptied store starts
+        afresh."""
+        if not self._store and self._table_bytes:
+            self._store = OrderedDict()
+        table = sys.getsizeof(self._store) - _EMPTY_STORE_BYTES
+        self.used += table - self._table_bytes
+        self._table_bytes = table
+
+    def _remove(self, key: tuple[bytes, bytes], entry: Entry) -> None:
+        entries = self._store.get(key)
+        if entries is None or entry not in entries:
+            return
+        entries.remove(entry)
+        self.used -= entry.size
+        if not entries:
+            del self._store[key]
+            self._retable()
 
     def freshen(
-        self, entry: Entry, not_modified_headers: Headers, request_time: float, response_time: float
-    ) -> None:
-        """§4.3.4: a 304 updates the stored headers and restarts the entry's age."""
+        self,
+        key: tuple[bytes, bytes],
+        entry: Entry,
+        not_modified_headers: Headers,
+        request_headers: Headers,
+        request_time: float,
+        response_time: float,
+    ) -> Entry:
+        """§4.3.4: the 304's header fields replace the stored ones (hop-by-hop fields and
+        Content-Length excepted) and the entry's age restarts. Returns what answers this
+        visitor: the freshened stored entry, or, when the 304 is not for sharing (Set-Cookie,
+        `no-store`, `private`) or the merged response may not be stored (§3: on the merged
+        header fields, with this request) or varies otherwise, a private copy with the stored
+        body and the merged fields; the stored entry is then removed."""
         replaced = {
             k for k, _ in not_modified_headers if k not in _NOT_STORED and k != b"content-length"
         }
-        entry.headers = [(k, v) for k, v in entry.headers if k not in replaced] + [
+        merged = [(k, v) for k, v in entry.headers if k not in replaced] + [
             (k, v) for k, v in not_modified_headers if k in replaced
         ]
-        cc = directives(entry.headers)
-        entry.lifetime = freshness_lifetime(entry.headers, cc) or 0.0
-        entry.no_cache = "no-cache" in cc
-        date = _date(_header(entry.headers, b"date"))
+        cc = directives(merged)
+        date = _date(_header(merged, b"date"))
         apparent_age = max(0.0, response_time - date) if date is not None else 0.0
+        nm_cc = directives(not_modified_headers)
+        shared = (
+            _header(not_modified_headers, b"set-cookie") is None
+            and "no-store" not in nm_cc
+            and "private" not in nm_cc
+            and self._shareable(request_headers, merged)
+            and _vary_names(merged) == tuple(n for n, _ in entry.vary)
+        )
+        self.revalidated += 1
+        if not shared:
+            self._remove(key, entry)
+            return Entry(
+                entry.status,
+                merged,
+                entry.body,
+                entry.vary,
+                response_time,
+                max(apparent_age, response_time - request_time),
+                0.0,
+                True,
+            )
+        entry.headers = merged
+        entry.lifetime = freshness_lifetime(merged, cc) or 0.0
+        entry.no_cache = "no-cache" in cc
         entry.response_time = response_time
         entry.corrected_initial_age = max(apparent_age, response_time - request_time)
-        self.revalidated += 1
+        if entry in self._store.get(key, ()):  # not evicted or replaced meanwhile
+            self.used -= entry.size
+            entry.size = _cost(key, entry)
+            self.used += entry.size
+            self._evict()
+        return entry
+
+
+def _cost(key: tuple[bytes, bytes], entry: Entry) -> int:
+    """The bytes an entry really holds: its objects as sys.getsizeof counts them (header
+    tuples and bytes, body, vary key, floats) and its key with the key's list of variants (the
+    store's table is charged apart). A key with several variants is charged once per variant:
+    a little over, never under."""
+    getsize = sys.getsizeof
+    size = (
+        getsize(entry)
+        + getsize(entry.headers)
+        + getsize(entry.body)
+        + getsize(entry.vary)
+        + 3 * _FLOAT_BYTES
+        + _INT_BYTES
+        + getsize(key)
+        + getsize(key[0])
+        + getsize(key[1])
+        + _LIST_BYTES
+    )
+    for k, v in entry.headers:
+        size += _PAIR_BYTES + getsize(k) + getsize(v)
+    for k, v in entry.vary:
+        size += _PAIR_BYTES + getsize(k) + getsize(v)
+    return size
 
 
 def not_modified(entry: Entry, request_headers: Headers) -> bool:

@@ -39,6 +39,7 @@ from blindfold.errors import ConfigError, ProtocolError
 from blindfold.io.tls13_transport import TlsServerProtocol
 from blindfold.keyless.client import KeyServerClient
 from blindfold.obs.metrics import Histogram
+from blindfold.web.client import SharedCaps
 from blindfold.web.limits import HttpLimits
 
 if TYPE_CHECKING:
@@ -152,6 +153,8 @@ class KeylessRoute:
         ]
         self.ipv6_prefix_len = ipv6_prefix_len
         self.cache = HttpCache(rc.cache_max_bytes, rc.cache_max_object_bytes)
+        # origin connections per client address, across its visitor connections (edge.l7)
+        self.origin_caps = SharedCaps(self.http.upstream_connections_per_ip)
         self.stats = KeylessStats()
 
     def adopt(self, old: KeylessRoute) -> None:
@@ -166,6 +169,8 @@ class KeylessRoute:
         ):
             self.cache = old.cache
         self.stats = old.stats
+        old.origin_caps.limit = self.origin_caps.limit  # live connections stay counted
+        self.origin_caps = old.origin_caps
         old_rules = {name: buckets for name, rule, buckets in old.rate_rules}
         self.rate_rules = [
             (

@@ -3,7 +3,11 @@ the route's origins over TLS that is always verified (CA and/or pinned certifica
 
 Each visitor connection has its own small pool of origin connections, each opened with the
 visitor's PROXY header when the route sends one, so the origin agent sees the real visitor
-address exactly as in passthrough mode (its WAF bans and decisions apply unchanged).
+address exactly as in passthrough mode (its WAF bans and decisions apply unchanged). The pool
+holds at most `upstream_connections_per_client_conn` connections, and the pools of one client
+address at most `upstream_connections_per_ip` together: one visitor's HTTP/2 streams cannot
+take the origin's connections from everyone else (issue 15 #2). Requests beyond wait their
+turn, at most `upstream_queue_timeout_s`, then get 503.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from blindfold.core.httpcache import Entry, Lookup, not_modified
 from blindfold.core.iplist import parse_address
 from blindfold.edge.guards import client_key
 from blindfold.errors import UpstreamError
-from blindfold.web.client import READ_CHUNK, UpstreamPool, UpstreamResponse
+from blindfold.web.client import READ_CHUNK, UpstreamBusy, UpstreamPool, UpstreamResponse
 from blindfold.web.http1 import ConnInfo, H1Connection
 from blindfold.web.http2 import H2Connection
 from blindfold.web.messages import (
@@ -45,9 +49,19 @@ if TYPE_CHECKING:
 _CONDITIONAL = frozenset(
     {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range"}
 )
-# RFC 9110 §15.4.5: what a 304 carries
+# RFC 9110 §15.4.5: what a 304 carries; plus Set-Cookie, which only a response answering this
+# visitor alone can hold (a shared entry never stores one)
 _NOT_MODIFIED_KEEP = frozenset(
-    {b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary", b"last-modified"}
+    {
+        b"cache-control",
+        b"content-location",
+        b"date",
+        b"etag",
+        b"expires",
+        b"vary",
+        b"last-modified",
+        b"set-cookie",
+    }
 )
 
 
@@ -177,7 +191,7 @@ class EdgeHandler:
         """Made on the first request that needs the origin (cache hits never do)."""
         if self._pool is None:
             kr, http = self.kr, self.kr.http
-            self._pool = UpstreamPool(
+            pool = UpstreamPool(
                 f"https://{self.route.pool.origins[0].text}",
                 max_idle=http.upstream_connections,
                 connect_timeout_s=http.upstream_connect_timeout_s,
@@ -185,7 +199,11 @@ class EdgeHandler:
                 tls=kr.origin_tls,
                 server_hostname=kr.config.origin_server_name or self.sni,
                 connector=self._connect_origin,
+                max_open=http.upstream_connections_per_client_conn,
+                queue_timeout_s=http.upstream_queue_timeout_s,
             )
+            pool.shared = kr.origin_caps.join(self.rate_key, pool)
+            self._pool = pool
         return self._pool
 
     def http_event(self, name: str, fields: dict[str, object]) -> None:
@@ -299,6 +317,15 @@ class EdgeHandler:
         except BodyTimeout:
             await simple_response(respond, 408, "request body not received in time\n")
             return 408, "", 0
+        except UpstreamBusy:
+            # this visitor (connection or address) holds all the origin connections it may
+            await simple_response(
+                respond,
+                503,
+                "origin busy\n",
+                [(b"retry-after", b"1"), (b"x-request-id", request.request_id.encode())],
+            )
+            return 503, "", 0
         except UpstreamError as exc:
             status = 504 if "timeout" in str(exc) else 502
             await simple_response(
@@ -322,8 +349,11 @@ class EdgeHandler:
             with contextlib.suppress(UpstreamError):
                 async for _ in response.body():
                     pass
-            cache.freshen(lookup.entry, response.headers, request_time, response_time)
-            return await self._serve_entry(request, respond, lookup.entry, "revalidated")
+            # the freshened shared entry, or a copy for this visitor alone (issue 15 #1)
+            entry = cache.freshen(
+                key, lookup.entry, response.headers, request.headers, request_time, response_time
+            )
+            return await self._serve_entry(request, respond, entry, "revalidated")
         cache.invalidate(request.method, key, response.status)
         storable = (
             cache.max_bytes > 0

@@ -21,7 +21,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from blindfold.core.clienthello import ClientHello, peek_client_hello
+from blindfold.core.clienthello import ClientHello, HelloReader
 from blindfold.core.proxyproto import PP2_TYPE_ALPN, PP2_TYPE_AUTHORITY, encode_v1, encode_v2
 from blindfold.edge.guards import Admission
 from blindfold.edge.origins import Origin
@@ -62,6 +62,7 @@ class Conn:
         "osock",
         "out",
         "phase",
+        "reader",
         "registered",
         "relay",
         "route",
@@ -88,7 +89,8 @@ class Conn:
         self.local = local  # the listener's address, or None for a wildcard listener
         self.started = self.last = worker.reactor.now
         self.phase = HELLO
-        self.buf = b""
+        self.buf = b""  # the hello's bytes, once read (forwarded unchanged)
+        self.reader: HelloReader | None = None
         self.hello: ClientHello | None = None
         self.route: RouteState | None = None
         self.origin: Origin | None = None
@@ -133,8 +135,11 @@ class Conn:
     def _read_hello(self) -> bool:
         """Read what has arrived and try to parse. True if bytes were read (more may follow)."""
         worker = self.worker
-        limit = worker.config.max_hello_bytes
-        want = limit - len(self.buf)
+        reader = self.reader
+        if reader is None:
+            config = worker.config
+            reader = self.reader = HelloReader(config.max_hello_bytes, config.max_hello_records)
+        want = reader.max_bytes - len(reader)
         try:
             data = self.client.recv(want)
         except BlockingIOError:
@@ -145,17 +150,19 @@ class Conn:
         if not data:
             self.close("refused", "hello_eof")
             return False
-        self.buf = self.buf + data if self.buf else data
         self.client_in = len(data) == want  # a full read may have left bytes behind
         t0 = time.perf_counter()
         try:
-            hello = peek_client_hello(self.buf, limit)
+            # the reader keeps its place: each byte is parsed once however the hello is cut
+            hello = reader.feed(data)
         except ProtocolError as exc:
             worker.stats.hello_parse.observe(time.perf_counter() - t0)
             self.refuse_with_alert(exc)
             return False
         worker.stats.hello_parse.observe(time.perf_counter() - t0)
         if hello is not None:
+            self.buf = reader.raw
+            self.reader = None
             self.hello = hello
             self._on_hello(hello)
         return True

@@ -3,6 +3,13 @@
 Upstreams are `http://host:port`, `https://host:port` (verified against the given TLS
 context: never plaintext by accident, never unverified) or `unix:/path/to.sock`. Bodies are
 streamed both ways; every wait has a deadline.
+
+A pool may cap the connections it holds open (`max_open`: in use, idle or connecting) and
+share a second cap with other pools (`SharedCap`, e.g. every pool of one client address).
+A request that finds no free connection waits its turn (first come, first served) until
+`queue_timeout_s`, then fails with `UpstreamBusy`; connections and free slots are handed
+straight to the first waiter, and idle connections of the other pools sharing a cap are closed
+when someone waits for it.
 """
 
 from __future__ import annotations
@@ -10,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import h11
@@ -20,6 +29,12 @@ from blindfold.errors import UpstreamError
 from blindfold.web.messages import Headers
 
 READ_CHUNK = 65536
+T = TypeVar("T")
+
+
+class UpstreamBusy(UpstreamError):
+    """No upstream connection came free under the pool's caps within its queue deadline (the
+    upstream itself was not tried): a 503 for the visitor, not a 502."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,19 +62,130 @@ class UpstreamTarget:
 
 
 class _Conn:
-    __slots__ = ("h11", "reader", "writer")
+    __slots__ = ("closed", "h11", "pool", "reader", "writer")
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, pool: UpstreamPool, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.pool = pool
         self.reader = reader
         self.writer = writer
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=65536)
+        self.closed = False
 
     def usable(self) -> bool:
         return not self.reader.at_eof() and not self.writer.is_closing()
 
-    def close(self) -> None:
+    def close(self, keep_slot: bool = False) -> None:
+        """Close it; its slots (pool, shared cap) go to the next waiter, unless `keep_slot`:
+        a replacement connection takes them over."""
+        if self.closed:
+            return
+        self.closed = True
         with contextlib.suppress(Exception):
             self.writer.close()
+        if not keep_slot:
+            self.pool._conn_gone()
+
+
+class SharedCap:
+    """At most `limit` connections open at once across the pools that share this cap (the
+    pools of one client address). Freed slots go to waiting pools in order; a pool that must
+    wait first has an idle connection of another pool closed to make room."""
+
+    __slots__ = ("_table", "_waiters", "key", "open", "pools")
+
+    def __init__(self, table: SharedCaps, key: Hashable) -> None:
+        self._table = table
+        self.key = key
+        self.open = 0
+        self.pools: set[UpstreamPool] = set()
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def limit(self) -> int:
+        return self._table.limit
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    async def acquire(self, deadline: float) -> None:
+        """One slot, by the loop time `deadline` (TimeoutError otherwise)."""
+        if self.open < self.limit and not self._waiters:
+            self.open += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        self._reclaim_idle()
+        await _wait_turn(fut, self._waiters, deadline, lambda _: self.release())
+
+    def release(self) -> None:
+        """A slot comes free: to the first waiter, which then holds it."""
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.open -= 1
+        self._table._forget_if_unused(self)
+
+    def leave(self, pool: UpstreamPool) -> None:
+        self.pools.discard(pool)
+        self._table._forget_if_unused(self)
+
+    def _reclaim_idle(self) -> None:
+        for pool in self.pools:
+            if pool._idle:
+                pool._idle.pop(0).close()  # its slot goes to the first waiter
+                return
+
+
+class SharedCaps:
+    """One `SharedCap` per key (a client address), made on first use and forgotten when no
+    pool, connection or waiter uses it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._caps: dict[Hashable, SharedCap] = {}
+
+    def join(self, key: Hashable, pool: UpstreamPool) -> SharedCap:
+        cap = self._caps.get(key)
+        if cap is None:
+            cap = self._caps[key] = SharedCap(self, key)
+        cap.pools.add(pool)
+        return cap
+
+    def get(self, key: Hashable) -> SharedCap | None:
+        return self._caps.get(key)
+
+    def __len__(self) -> int:
+        return len(self._caps)
+
+    def _forget_if_unused(self, cap: SharedCap) -> None:
+        if not cap.open and not cap.pools and not cap._waiters and self._caps.get(cap.key) is cap:
+            del self._caps[cap.key]
+
+
+async def _wait_turn(
+    fut: asyncio.Future[T],
+    waiters: deque[asyncio.Future[T]],
+    deadline: float,
+    give_back: Callable[[T], None],
+) -> T:
+    """Wait for `fut` (queued in `waiters`) until `deadline`. Whatever it was handed after we
+    gave up (timeout, cancellation) is passed on with `give_back`."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await fut
+    except BaseException:
+        if fut.done() and not fut.cancelled() and fut.exception() is None:
+            give_back(fut.result())
+        else:
+            fut.cancel()
+            with contextlib.suppress(ValueError):
+                waiters.remove(fut)
+        raise
 
 
 class UpstreamResponse:
@@ -120,27 +246,39 @@ class UpstreamPool:
         server_hostname: str | None = None,
         connector: Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
         | None = None,
+        max_open: int | None = None,
+        shared: SharedCap | None = None,
+        queue_timeout_s: float = 10.0,
     ) -> None:
         """`connector`, when given, opens connections instead (an edge choosing among its
-        origins, sending a PROXY header, checking a certificate pin); it raises UpstreamError."""
+        origins, sending a PROXY header, checking a certificate pin); it raises UpstreamError.
+        `max_open` caps this pool's open connections, `shared` (joined by the caller) caps
+        them together with other pools'; a request waits at most `queue_timeout_s` for one."""
         self.target = UpstreamTarget.parse(url)
         self.connector = connector
         if self.target.scheme == "https" and tls is None:
             raise ValueError("an https upstream needs a TLS context that verifies it")
         self.tls = tls
         self.server_hostname = server_hostname or self.target.host
-        self.max_idle = max_idle
+        self.max_idle = max_idle if max_open is None else min(max_idle, max_open)
         self.connect_timeout_s = connect_timeout_s
         self.timeout_s = timeout_s
+        self.max_open = max_open
+        self.shared = shared
+        self.queue_timeout_s = queue_timeout_s
         self._idle: list[_Conn] = []
+        # each waiter is handed a connection, or None: a slot of this pool, to connect with
+        self._waiters: deque[asyncio.Future[_Conn | None]] = deque()
+        self.open = 0  # slots taken: connections in use, idle, opening or awaiting `shared`
         self.opened = 0
+        self.closed = False
 
     async def _connect(self) -> _Conn:
         t = self.target
         if self.connector is not None:
             reader, writer = await self.connector()
             self.opened += 1
-            return _Conn(reader, writer)
+            return _Conn(self, reader, writer)
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 if t.scheme == "unix":
@@ -160,27 +298,87 @@ class UpstreamPool:
         except OSError as exc:
             raise UpstreamError(f"connect: {exc.strerror or exc}") from None
         self.opened += 1
-        return _Conn(reader, writer)
+        return _Conn(self, reader, writer)
 
     async def _acquire(self) -> tuple[_Conn, bool]:
+        """A connection: an idle one, one handed over by a request that finished, or a new
+        one once this pool (and its shared cap) has a slot for it."""
+        if self.closed:
+            raise UpstreamError("upstream pool closed")
         while self._idle:
             conn = self._idle.pop()
             if conn.usable():
                 return conn, True
             conn.close()
-        return await self._connect(), False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.queue_timeout_s
+        try:
+            if self.max_open is None or (self.open < self.max_open and not self._waiters):
+                self.open += 1
+            else:
+                fut: asyncio.Future[_Conn | None] = loop.create_future()
+                self._waiters.append(fut)
+                handed = await _wait_turn(fut, self._waiters, deadline, self._give_back)
+                if handed is not None:
+                    return handed, True
+            # this pool's slot is ours; the shared one next
+            if self.shared is not None:
+                try:
+                    await self.shared.acquire(deadline)
+                except BaseException:
+                    self._slot_free()
+                    raise
+        except TimeoutError:
+            raise UpstreamBusy(
+                f"no upstream connection free within {self.queue_timeout_s:g} s"
+            ) from None
+        try:
+            return await self._connect(), False
+        except BaseException:
+            self._conn_gone()
+            raise
+
+    def _give_back(self, handed: _Conn | None) -> None:
+        """A waiter that gave up had been handed this: to the next one."""
+        if handed is None:
+            self._slot_free()
+        else:
+            self._release(handed)
 
     def _release(self, conn: _Conn) -> None:
+        """A request is done with `conn`: to the first waiter, else idle, else closed."""
         if (
-            conn.h11.our_state is h11.DONE
-            and conn.h11.their_state is h11.DONE
-            and len(self._idle) < self.max_idle
-            and conn.usable()
+            self.closed
+            or conn.h11.our_state is not h11.DONE
+            or conn.h11.their_state is not h11.DONE
+            or not conn.usable()
         ):
-            conn.h11.start_next_cycle()
+            conn.close()
+            return
+        conn.h11.start_next_cycle()
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(conn)
+                return
+        if len(self._idle) < self.max_idle and not (self.shared and self.shared.waiting):
             self._idle.append(conn)
         else:
-            conn.close()
+            conn.close()  # another pool of the same cap waits for a slot: it gets this one
+
+    def _conn_gone(self) -> None:
+        """A connection (or an attempt) closed: its slots go to the next waiters."""
+        if self.shared is not None:
+            self.shared.release()
+        self._slot_free()
+
+    def _slot_free(self) -> None:
+        while self._waiters and not self.closed:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.open -= 1
 
     async def _read(self, conn: _Conn) -> bytes:
         # asyncio.timeout, not wait_for: wait_for wraps every read in a new task
@@ -217,10 +415,15 @@ class UpstreamPool:
         try:
             return await self._exchange(conn, method, target, headers, body)
         except _Stale:
-            conn.close()
             if not reused:
+                conn.close()
                 raise UpstreamError("upstream closed the connection") from None
-            conn = await self._connect()
+            conn.close(keep_slot=True)  # the new connection takes its place
+            try:
+                conn = await self._connect()
+            except BaseException:
+                self._conn_gone()
+                raise
             return await self._exchange(conn, method, target, headers, body)
 
     async def _exchange(
@@ -262,6 +465,8 @@ class UpstreamPool:
                     )
                 if isinstance(event, h11.ConnectionClosed):
                     raise UpstreamError("upstream closed without a response")
+        except _Stale:
+            raise  # the caller closes it, keeping its slot for the retry
         except (h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
             conn.close()
             raise UpstreamError(f"upstream protocol error: {exc}") from None
@@ -281,9 +486,18 @@ class UpstreamPool:
             raise
 
     def close(self) -> None:
-        for conn in self._idle:
+        """Close the idle connections; those in use close when their requests end, and
+        waiters fail."""
+        self.closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
             conn.close()
-        self._idle.clear()
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_exception(UpstreamError("upstream pool closed"))
+        if self.shared is not None:
+            self.shared.leave(self)
 
 
 class _Stale(Exception):
