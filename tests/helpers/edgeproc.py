@@ -125,7 +125,10 @@ class BlindfoldProcess:
         return 0.0
 
     def write_config(self, text: str) -> None:
-        self.config_path.write_text(text)
+        """Replace the file atomically, as an operator should: a reload never reads half."""
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.config_path)
 
     def reload(self, timeout: float = 10.0) -> dict[str, Any] | None:
         n = len(self.records("reloaded")) + len(self.records("reload_failed"))

@@ -61,7 +61,8 @@ class WorkerHandle:
     state: str = "starting"  # starting | ready | draining | exited
     replies: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
     ready: asyncio.Future[None] | None = None
-    config_result: asyncio.Future[str] | None = None
+    # config messages carry a sequence number, echoed in the worker's answer
+    config_results: dict[int, asyncio.Future[str]] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
 
     def send(self, message: dict[str, Any]) -> None:
@@ -95,6 +96,13 @@ class EdgeMaster:
         self.feeds: list[Any] = []
         self.feed_tasks: list[asyncio.Task[None]] = []
         self.l7 = _needs_l7(self.config)
+        # Every change of the worker set (reload, new generation, respawn) holds this lock, so
+        # they never interleave; SIGHUPs that arrive during a reload coalesce into one more.
+        self._workers_lock = asyncio.Lock()
+        self._reload_task: asyncio.Task[None] | None = None
+        self._reload_again = False
+        self._config_seq = 0
+        self._respawning: dict[int, asyncio.Task[None]] = {}
 
     # ---------------------------------------------------------------- start
     def bind(self, config: EdgeConfig) -> dict[str, list[socket.socket]]:
@@ -131,10 +139,17 @@ class EdgeMaster:
             out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         return out
 
-    async def spawn(self, index: int, generation: int) -> WorkerHandle:
+    async def spawn(
+        self,
+        index: int,
+        generation: int,
+        groups: dict[str, list[socket.socket]] | None = None,
+        text: str | None = None,
+    ) -> WorkerHandle:
+        groups = self.groups if groups is None else groups
         parent, child = socket.socketpair()
-        fds = [socks[index].fileno() for socks in self.groups.values()]
-        listeners = [[address, socks[index].fileno()] for address, socks in self.groups.items()]
+        fds = [socks[index].fileno() for socks in groups.values()]
+        listeners = [[address, socks[index].fileno()] for address, socks in groups.items()]
         cmd = [
             sys.executable,
             "-m",
@@ -156,7 +171,10 @@ class EdgeMaster:
         handle = WorkerHandle(index, generation, proc, reader, writer)
         handle.ready = asyncio.get_running_loop().create_future()
         handle.task = asyncio.create_task(self._read_worker(handle))
-        handle.send({"op": "config", "text": self.text})
+        self._config_seq += 1
+        handle.send(
+            {"op": "config", "text": self.text if text is None else text, "seq": self._config_seq}
+        )
         # the worker starts accepting once this snapshot of the ban set is in
         self.distributor.add(handle)
         self._send_bans(handle)
@@ -186,8 +204,9 @@ class EdgeMaster:
                         self.log.emit(
                             "worker_config_failed", worker=handle.index, error=message.get("error")
                         )
-                    if handle.config_result is not None and not handle.config_result.done():
-                        handle.config_result.set_result(op)
+                    result = handle.config_results.pop(message.get("seq"), None)
+                    if result is not None and not result.done():
+                        result.set_result(op)
                     if (
                         handle.ready is not None
                         and not handle.ready.done()
@@ -198,9 +217,17 @@ class EdgeMaster:
             pass
         finally:
             self.distributor.remove(handle)
-            for fut in handle.replies.values():
-                if not fut.done():
-                    fut.cancel()
+            if handle.ready is not None and not handle.ready.done():
+                # it died before it was ready: whoever waits for it learns now, not at the
+                # READY_TIMEOUT_S deadline
+                handle.ready.set_exception(ConfigError("", "a worker exited before it was ready"))
+                handle.ready.exception()  # retrieved: nobody may be waiting any more
+            for reply in handle.replies.values():
+                if not reply.done():
+                    reply.cancel()
+            for result in handle.config_results.values():
+                if not result.done():
+                    result.cancel()
 
     async def start(self) -> None:
         self.groups = self.bind(self.config)
@@ -328,7 +355,7 @@ class EdgeMaster:
     # ---------------------------------------------------------------- run
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         loop.add_signal_handler(signal.SIGINT, self.stop)
         supervise = asyncio.create_task(self._supervise())
@@ -341,21 +368,38 @@ class EdgeMaster:
         self._stop.set()
 
     async def _supervise(self) -> None:
+        """Notice exited workers; an old generation's are forgotten, the current one's are
+        respawned (each in its own task: a respawn back-off never holds up supervision)."""
         while True:
             await asyncio.sleep(0.5)
-            for handle in [*self.workers, *self.old_workers]:
-                if handle.state == "exited" or handle.proc.poll() is None:
-                    continue
-                was = handle.state
-                handle.state = "exited"
-                if handle in self.old_workers:
-                    self.old_workers.remove(handle)
-                    continue
-                self.log.emit(
-                    "worker_exited", worker=handle.index, code=handle.proc.returncode, state=was
-                )
-                if not self.draining:
-                    await self._respawn(handle)
+            try:
+                self._check_workers()
+            except Exception as exc:  # supervision must outlive any bug in one pass
+                self.log.emit("supervise_error", error=f"{type(exc).__name__}: {exc}")
+
+    def _check_workers(self) -> None:
+        for handle in [*self.workers, *self.old_workers]:
+            if handle.state == "exited" or handle.proc.poll() is None:
+                continue
+            was = handle.state
+            handle.state = "exited"
+            if handle in self.old_workers:
+                self.old_workers.remove(handle)
+                continue
+            self.log.emit(
+                "worker_exited", worker=handle.index, code=handle.proc.returncode, state=was
+            )
+            if not self.draining and handle.index not in self._respawning:
+                task = asyncio.create_task(self._respawn(handle))
+                self._respawning[handle.index] = task
+                task.add_done_callback(self._respawned)
+
+    def _respawned(self, task: asyncio.Task[None]) -> None:
+        for index, t in list(self._respawning.items()):
+            if t is task:
+                del self._respawning[index]
+        if not task.cancelled() and task.exception() is not None:
+            self.log.emit("respawn_failed", error=repr(task.exception()))
 
     async def _respawn(self, handle: WorkerHandle) -> None:
         now = time.monotonic()
@@ -368,15 +412,40 @@ class EdgeMaster:
                 window_s=RESPAWN_WINDOW_S,
             )
             await asyncio.sleep(RESPAWN_WINDOW_S / RESPAWN_MAX)
-        recent.append(now)
-        self.respawns[handle.index] = recent
-        new = await self.spawn(handle.index, handle.generation)
-        self.workers[self.workers.index(handle)] = new
-        with contextlib.suppress(ConfigError):
-            await self._wait_ready([new])
+        async with self._workers_lock:
+            # a reload may have replaced the whole generation meanwhile: then nothing to do
+            if self.draining or handle not in self.workers:
+                return
+            recent.append(time.monotonic())
+            self.respawns[handle.index] = recent
+            new = await self.spawn(handle.index, self.generation)
+            self.workers[self.workers.index(handle)] = new
+            with contextlib.suppress(ConfigError):
+                await self._wait_ready([new])
 
     # ---------------------------------------------------------------- reload
+    def request_reload(self) -> None:
+        """SIGHUP. Reloads never overlap: one arriving during a reload runs once that one is
+        done (and reads the file as it is then); any number of them coalesce into one."""
+        if self._reload_task is not None:
+            self._reload_again = True
+            return
+        self._reload_task = asyncio.create_task(self._reload_loop())
+
+    async def _reload_loop(self) -> None:
+        try:
+            self._reload_again = True
+            while self._reload_again and not self.draining:
+                self._reload_again = False
+                await self.reload()
+        finally:
+            self._reload_task = None
+
     async def reload(self) -> None:
+        async with self._workers_lock:
+            await self._reload()
+
+    async def _reload(self) -> None:
         try:
             config, text = load_file(self.path)
             if config.edge is None:
@@ -396,7 +465,6 @@ class EdgeMaster:
             )
         if new.admin_listen != self.config.admin_listen:
             self.log.emit("reload_note", note="'admin_listen' changes take effect at restart")
-        self.text = text
         if new.decisions != self.config.decisions or _ban_limits(new) != self.bans.limits:
             try:
                 await self._start_feeds(new)
@@ -405,59 +473,83 @@ class EdgeMaster:
                 self.log.emit("reload_failed", error=str(exc))
                 return
         if tuple(new.listen) != tuple(self.groups):
-            await self._new_generation(new)
+            await self._new_generation(new, text)
             return
         if _needs_l7(new) and not self.l7:
             # the first keyless route: workers that run asyncio take over the same sockets
-            self.l7 = True
-            await self._new_generation(new, rebind=False)
+            await self._new_generation(new, text, rebind=False)
             return
         results = []
+        loop = asyncio.get_running_loop()
         for handle in self.workers:
-            handle.config_result = asyncio.get_running_loop().create_future()
-            handle.send({"op": "config", "text": text})
-            results.append(handle.config_result)
-        try:
-            outcomes = await asyncio.wait_for(asyncio.gather(*results), READY_TIMEOUT_S)
-        except TimeoutError:
-            outcomes = ["timeout"]
+            self._config_seq += 1
+            result: asyncio.Future[str] = loop.create_future()
+            handle.config_results[self._config_seq] = result
+            handle.send({"op": "config", "text": text, "seq": self._config_seq})
+            results.append(result)
+        _done, pending = await asyncio.wait(results, timeout=READY_TIMEOUT_S)
+        outcomes = [
+            "timeout" if f in pending else "exited" if f.cancelled() else f.result()
+            for f in results
+        ]
+        for f in pending:
+            f.cancel()
         ok = all(o == "reloaded" for o in outcomes)
-        self.config = new
+        # What workers started from now on (respawns) get: the file as it was read here.
+        self.config, self.text = new, text
         self._count_reload("ok" if ok else "partial")
         self.log.emit("reloaded" if ok else "reload_partial", outcomes=outcomes)
 
-    async def _new_generation(self, new: EdgeConfig, rebind: bool = True) -> None:
+    async def _new_generation(self, new: EdgeConfig, text: str, rebind: bool = True) -> None:
         """Listen addresses changed (or the workers' kind did): bind the new ones, start a new
         set of workers on the new socket set, then drain the old workers (their connections
-        continue)."""
+        continue). If the new workers do not all come up, everything made for them is undone:
+        their processes ended, the sockets bound for them closed, the old generation kept."""
         try:
             groups = self.bind(new) if rebind else self.groups
         except ConfigError as exc:
             self._count_reload("bind_failed")
             self.log.emit("reload_failed", error=str(exc))
             return
+        l7 = self.l7 or _needs_l7(new)
+        was_l7, self.l7 = self.l7, l7
+        handles: list[WorkerHandle] = []
+        try:
+            for i in range(self.nworkers):
+                handles.append(await self.spawn(i, self.generation + 1, groups, text))
+            await self._wait_ready(handles)
+        except (ConfigError, OSError) as exc:
+            self.l7 = was_l7
+            for handle in handles:
+                handle.state = "exited"
+                if handle.proc.poll() is None:
+                    handle.proc.kill()
+                with contextlib.suppress(Exception):
+                    handle.writer.close()
+            for handle in handles:
+                await asyncio.to_thread(handle.proc.wait)
+            for address, socks in groups.items():
+                if address not in self.groups:
+                    for sock in socks:
+                        sock.close()
+            self._count_reload("workers_failed")
+            self.log.emit("reload_failed", error=str(exc) or "the new workers failed to start")
+            return
         old_groups = self.groups
         self.groups = groups
         self.generation += 1
-        try:
-            handles = [await self.spawn(i, self.generation) for i in range(self.nworkers)]
-            await self._wait_ready(handles)
-        except ConfigError as exc:
-            self.groups = old_groups
-            self._count_reload("workers_failed")
-            self.log.emit("reload_failed", error=str(exc))
-            return
         old = self.workers
         self.workers = handles
         for handle in old:
-            handle.state = "draining"
-            handle.send({"op": "drain"})
-        self.old_workers.extend(old)
+            if handle.state != "exited":
+                handle.state = "draining"
+                handle.send({"op": "drain"})
+                self.old_workers.append(handle)
         for address, socks in old_groups.items():
             if address not in groups:
                 for s in socks:
                     s.close()
-        self.config = new
+        self.config, self.text = new, text
         self._count_reload("ok")
         self.log.emit("reloaded", listen=self._bound_addresses(), generation=self.generation)
 
@@ -466,7 +558,11 @@ class EdgeMaster:
 
     # ---------------------------------------------------------------- stop
     async def _drain(self) -> None:
-        self.draining = True
+        self.draining = True  # no reload or respawn starts from now on
+        async with self._workers_lock:  # and one under way finishes first (each is bounded)
+            await self._drain_workers()
+
+    async def _drain_workers(self) -> None:
         handles = [*self.workers, *self.old_workers]
         self.log.emit(
             "edge_draining", workers=len(handles), drain_timeout_s=self.config.drain_timeout_s

@@ -386,13 +386,14 @@ class Worker:
     def _on_control(self, message: dict[str, Any]) -> None:
         op = message.get("op")
         if op == "config":
+            seq = message.get("seq")  # echoed: the master matches answers to its requests
             try:
                 self.apply_config(message["text"])
             except ConfigError as exc:
-                self.control.send({"op": "config_failed", "error": str(exc)})
+                self.control.send({"op": "config_failed", "error": str(exc), "seq": seq})
                 return
             if not self._pending_listeners:
-                self.control.send({"op": "reloaded"})
+                self.control.send({"op": "reloaded", "seq": seq})
             elif self.ban_updates.synced:
                 self._go_live()
             else:
