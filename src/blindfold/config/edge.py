@@ -10,6 +10,7 @@ from typing import Literal
 from blindfold.config.common import check_hostport, check_ip_hostport, check_sni_pattern
 from blindfold.config.schema import setting
 from blindfold.errors import ConfigError
+from blindfold.web.target import check_rule_prefix
 
 
 def _each(check: Callable[[str], str | None]) -> Callable[[tuple[str, ...]], str | None]:
@@ -82,8 +83,9 @@ class PathRateLimit:
     burst: int = setting(doc="Bucket size.", min=1)
     path_prefix: str = setting(
         "/",
-        doc="Requests whose path starts with this are counted.",
-        check=lambda v: None if v.startswith("/") else "must start with /",
+        doc="Requests whose canonical path is this path or below it are counted (whole "
+        "segments: '/login' covers '/login/x', not '/loginX'; see 'Paths and path rules').",
+        check=check_rule_prefix,
     )
     per: Literal["ip", "route"] = setting(
         "ip",

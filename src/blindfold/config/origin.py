@@ -9,6 +9,7 @@ from typing import Literal
 from blindfold.config.common import check_ip_hostport
 from blindfold.config.schema import setting
 from blindfold.errors import ConfigError
+from blindfold.web.target import check_rule_prefix
 
 
 def _cidrs(values: tuple[str, ...]) -> str | None:
@@ -94,7 +95,11 @@ class HttpConfig:
 
 @dataclass(frozen=True, slots=True)
 class WafExclusionConfig:
-    path_prefix: str = setting(doc="Requests whose path starts with this...")
+    path_prefix: str = setting(
+        doc="Requests whose canonical path is this path or below it (whole segments: "
+        "'/webhook' covers '/webhook/x', not '/webhookX'; see 'Paths and path rules')...",
+        check=check_rule_prefix,
+    )
     rule_ids: tuple[int, ...] = setting(
         (), doc="...skip these rule ids; empty: no rule runs for the path."
     )
@@ -156,7 +161,11 @@ class WafConfig:
 
 @dataclass(frozen=True, slots=True)
 class RateRuleConfig:
-    path_prefix: str = setting(doc="Requests whose path starts with this are counted...")
+    path_prefix: str = setting(
+        doc="Requests whose canonical path is this path or below it (whole segments) "
+        "are counted...",
+        check=check_rule_prefix,
+    )
     rate_per_s: float = setting(doc="...per client address at this rate...", min=0.001)
     burst: int = setting(10, doc="...with this burst; past it the address is banned.", min=1)
     ban_duration_s: float = setting(600.0, doc="How long that ban lasts.", min=1)
