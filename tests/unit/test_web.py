@@ -500,3 +500,40 @@ def test_h2_authority_and_path_are_checked(h2s: Server) -> None:
         [(":path", "/%"), (":authority", "x")],
     ):
         assert _h2_status(h2s.port, [*base, *bad])[0] == b"400", bad
+
+
+def _request(client: str, authority: bytes, headers: list[tuple[bytes, bytes]]) -> Request:
+    return Request(
+        method=b"GET",
+        target=b"/",
+        authority=authority,
+        scheme=b"https",
+        headers=headers,
+        http_version="1.1",
+        client=(client, 1),
+        server=("127.0.0.1", 443),
+        request_id="r1",
+    )
+
+
+def test_forwarding_headers_are_ours_alone_and_quoted() -> None:
+    from blindfold.web.proxy import upstream_headers
+
+    sent = [
+        (b"x_forwarded_for", b"6.6.6.6"),
+        (b"x-forwarded-port", b"1"),
+        (b"x_real_ip", b"6.6.6.6"),
+        (b"forwarded", b"for=6.6.6.6"),
+        (b"x-request_id", b"forged"),
+        (b"accept", b"*/*"),
+    ]
+    out = upstream_headers(_request("2001:db8::1", b"[2001:db8::5]:443", sent))
+    assert out == [
+        (b"accept", b"*/*"),
+        (b"x-forwarded-host", b"[2001:db8::5]:443"),
+        (b"host", b"[2001:db8::5]:443"),
+        (b"x-forwarded-for", b"2001:db8::1"),
+        (b"x-forwarded-proto", b"https"),
+        (b"forwarded", b'for="[2001:db8::1]";proto=https;host="[2001:db8::5]:443"'),  # RFC 7239
+        (b"x-request-id", b"r1"),
+    ]

@@ -6,6 +6,7 @@ import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlsplit
 
 from blindfold.config.common import check_hostport, check_ip_hostport, check_sni_pattern
 from blindfold.config.schema import setting
@@ -378,16 +379,45 @@ class Ja4Rule:
             raise ConfigError("ja4", "give exactly one of 'ja4' (exact) or 'prefix'")
 
 
+def _decisions_url(url: str) -> str | None:
+    """https://host[:port][/path], or plain http to a loopback address literal; never
+    userinfo (`http://127.0.0.1@evil:8089` is the host `evil`), query or fragment."""
+    if not url:
+        return None
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a bad port)
+    except ValueError as exc:
+        return f"{url!r} is not a URL ({exc})"
+    if parts.scheme not in ("https", "http"):
+        return f"{url!r}: expected an https:// URL"
+    if "@" in parts.netloc:
+        return f"{url!r}: no user name or password in the URL (the API key is in api_key_file)"
+    if not parts.hostname:
+        return f"{url!r}: no host"
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        return f"{url!r}: no query or fragment"
+    if parts.scheme == "http":
+        try:
+            loopback = ipaddress.ip_address(parts.hostname).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            return (
+                f"{url!r}: decisions travel over https (plain http only to a loopback address "
+                "such as 127.0.0.1: the API key would cross the network in clear)"
+            )
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class DecisionSourceConfig:
     url: str = setting(
         "",
         doc="Decision stream to follow: blindfold's origin "
         "('https://origin:8089') or a CrowdSec Local API; its "
-        "/v1/decisions/stream is polled.",
-        check=lambda v: (
-            None if not v or v.startswith(("https://", "http://")) else "expected an https:// URL"
-        ),
+        "/v1/decisions/stream is polled. Plain http only to a loopback address.",
+        check=_decisions_url,
     )
     api_key_file: str = setting("", doc="File holding this edge's API key (sent as X-Api-Key).")
     ca: str = setting(
@@ -417,8 +447,6 @@ class DecisionSourceConfig:
     def __post_init__(self) -> None:
         if self.url and not self.api_key_file:
             raise ConfigError("api_key_file", "a decision stream URL needs this edge's API key")
-        if self.url.startswith("http://") and not self.url.startswith("http://127."):
-            raise ConfigError("url", "decisions travel over https (plain http only on loopback)")
 
 
 @dataclass(frozen=True, slots=True)
