@@ -27,9 +27,14 @@ class _Handler(WSGIRequestHandler):
 
 
 class WsgiApp:
+    """Answers every request with its view of it, as JSON; `/slow` first waits (at most 20 s)
+    until `release` is set, counting the requests waiting in `waiting`."""
+
     def __init__(self) -> None:
         self.seen: list[dict[str, str]] = []
         self.lock = threading.Lock()
+        self.release = threading.Event()
+        self.waiting = 0
         self.server = make_server(
             "127.0.0.1", 0, self._app, server_class=_Server, handler_class=_Handler
         )
@@ -45,6 +50,12 @@ class WsgiApp:
         }
         with self.lock:
             self.seen.append(view)
+        if environ.get("PATH_INFO") == "/slow":
+            with self.lock:
+                self.waiting += 1
+            self.release.wait(20)
+            with self.lock:
+                self.waiting -= 1
         body = json.dumps(view).encode()
         start_response(
             "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
@@ -52,5 +63,6 @@ class WsgiApp:
         return [body]
 
     def close(self) -> None:
+        self.release.set()
         self.server.shutdown()
         self.server.server_close()

@@ -69,3 +69,12 @@ def check_sni_pattern(pattern: str) -> str | None:
     if pattern != pattern.lower():
         return f"{pattern!r}: write names in lower case"
     return None
+
+
+def unspecified_listen(text: str) -> bool:
+    """'0.0.0.0:p' or '[::]:p': every address of the machine."""
+    try:
+        host, _port = parse_hostport(text)
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
