@@ -224,3 +224,29 @@ def test_no_spelling_of_another_path_is_matched(data: st.DataObject) -> None:
         return
     raw = _obfuscate(data, path)
     assert not path_has_prefix(canonical_path(raw).decode(), rule_prefix("/login"))
+
+
+@given(st.binary(max_size=40))
+def test_any_authority_is_checked_or_400(value: bytes) -> None:
+    try:
+        checked = check_authority(value)
+    except ProtocolError as exc:
+        assert exc.status == 400
+        return
+    assert checked == value
+    # nothing that could split a list-valued or quoted forwarding header survives
+    assert not set(value) & set(b',;"= \t\\@%')
+    host_of(value)
+
+
+@given(st.sampled_from([b"GET", b"OPTIONS", b"POST"]), st.binary(max_size=60))
+def test_any_target_parses_or_is_400(method: bytes, raw: bytes) -> None:
+    for candidate in (raw, b"/" + raw, b"https://h" + raw):
+        try:
+            target = parse_target(method, candidate)
+        except ProtocolError as exc:
+            assert exc.status == 400
+            continue
+        assert target.path == b"*" or canonical_path(target.path) == target.path
+        reparsed = parse_target(method, target.origin_form)
+        assert reparsed.path == target.path and reparsed.query == target.query

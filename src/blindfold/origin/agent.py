@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import ipaddress
 import os
 import signal
@@ -198,6 +199,11 @@ class _AlpnDispatch:
         pass
 
 
+# accept() errors about the one connection being accepted (it was reset, or a firewall hook
+# refused it): accept the next at once
+_ONE_CONNECTION_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
+
+
 def client_key(ip: str) -> str:
     """What per-visitor limits count by: an IPv4 address, or an IPv6 /64 (one subscriber)."""
     if ":" not in ip:
@@ -377,9 +383,9 @@ class OriginAgent:
             h2_max_streams_per_connection=1,
         )
         self.cfg = cfg
-        if hasattr(self, "site_slots"):  # a reload: new limits apply to the next connections
-            self.site_slots.limit = cfg.max_connections
-            self.api_slots.limit = cfg.decisions.max_connections
+        # on a reload the new limits apply to the next connections
+        self.site_slots.limit = cfg.max_connections
+        self.api_slots.limit = cfg.decisions.max_connections
 
     def _log_event(self, event: str, **fields: Any) -> None:
         target = self.audit if fields.pop("audit", False) else self.log
@@ -522,10 +528,11 @@ class OriginAgent:
             try:
                 sock, peer = await loop.sock_accept(lsock)
             except OSError as exc:
-                if exc.errno not in RESOURCE_ERRNOS:
-                    continue  # that one connection went wrong (ECONNABORTED...)
-                shed = self.reserve.shed_one(lsock)
-                self._count_conn(f"{prefix}refused_fd_limit" if shed else f"{prefix}fd_limit")
+                if exc.errno in _ONE_CONNECTION_ERRNOS:
+                    continue  # that one connection went wrong, not the listener
+                if exc.errno in RESOURCE_ERRNOS:
+                    shed = self.reserve.shed_one(lsock)
+                    self._count_conn(f"{prefix}refused_fd_limit" if shed else f"{prefix}fd_limit")
                 delay = backoff.failed()
                 if delay == BACKOFF_MIN_S:  # once per episode
                     self.log.emit(
