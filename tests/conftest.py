@@ -19,6 +19,7 @@ settings.register_profile("thorough", max_examples=3000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 ROOT = Path(__file__).resolve().parent.parent
+DECISIONS_NAME = "decisions.internal"  # the name in the decision stream's certificate
 sys.path.insert(0, str(ROOT))
 
 
@@ -35,12 +36,16 @@ def site(ca: pki.Issued, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     leaf = pki.issue(ca, ["example.test", "*.example.test", "other.test", "localhost", "127.0.0.1"])
     leaf.write(d / "site.pem", d / "site.key")
     (d / "site.fp").write_text(pki.fingerprint_sha256(leaf.cert))
+    # the origin's decision stream has a certificate of its own, naming none of the site's names
+    pki.issue(ca, [DECISIONS_NAME]).write(d / "decisions.pem", d / "decisions.key")
     return {
         "dir": d,
         "ca": d / "ca.pem",
         "cert": d / "site.pem",
         "key": d / "site.key",
         "fingerprint": d / "site.fp",
+        "decisions_cert": d / "decisions.pem",
+        "decisions_key": d / "decisions.key",
     }
 
 

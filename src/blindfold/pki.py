@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -38,9 +40,25 @@ class Issued:
     def write(self, cert_path: str | Path, key_path: str | Path | None = None) -> None:
         Path(cert_path).write_bytes(self.cert_pem())
         if key_path is not None:
-            path = Path(key_path)
-            path.touch(mode=0o600)
-            path.write_bytes(self.key_pem())
+            write_private(Path(key_path), self.key_pem())
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret readable by its owner only: a new file created 0600 (os.open with the
+    mode, so it is never readable by others, even for a moment), renamed over `path`; an old
+    file's looser mode is not kept."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def new_key(kind: KeyType = "ec256") -> PrivateKey:

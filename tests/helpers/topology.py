@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tests.conftest import DECISIONS_NAME
+
 API_KEY = "test-edge-key-0123456789abcdef"
 
 
@@ -33,6 +35,8 @@ def origin_config(
     base.update(origin)
     dec = {
         "listen": "127.0.0.1:0",
+        "cert": str(site["decisions_cert"]),
+        "key": str(site["decisions_key"]),
         "api_keys_file": str(keys),
         "ban_after_blocks": 1,
         "ban_duration_s": 60,
@@ -63,7 +67,7 @@ def edge_decisions(
         "url": f"https://127.0.0.1:{decisions_port}",
         "api_key_file": str(keyfile),
         "ca": str(site["ca"]),
-        "server_name": "example.test",
+        "server_name": DECISIONS_NAME,
         "poll_interval_s": 0.5,
     }
     values.update(extra)

@@ -73,6 +73,40 @@ def test_path_exclusions() -> None:
     assert run(engine, b"GET", b"/other?q=1%27%20OR%201=1--")[0] is not None
 
 
+@pytest.fixture(scope="module")
+def webhook() -> ModSecurityEngine:
+    return ModSecurityEngine(CrsSettings(exclusions=(Exclusion("/webhook", ()),)))
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        b"/webhook/../login?id=1%27%20OR%201=1--",
+        b"/webhookX/a?id=1%27%20OR%201=1--",
+        b"/webhook%2F..%2Flogin?id=1%27%20OR%201=1--",
+        b"/x/..//webhookz?id=1%27%20OR%201=1--",
+    ],
+)
+def test_an_exclusion_covers_its_segment_only(webhook: ModSecurityEngine, uri: bytes) -> None:
+    """Issue 8 finding 3: an exclusion for /webhook disabled the WAF for any target whose raw
+    text began with /webhook."""
+    assert run(webhook, b"GET", uri)[0] is not None
+
+
+@pytest.mark.parametrize(
+    "uri", [b"/webhook?id=1%27%20OR%201=1--", b"/a/..//%77ebhook/x?id=1%27%20OR%201=1--"]
+)
+def test_an_exclusion_covers_every_spelling_of_its_path(
+    webhook: ModSecurityEngine, uri: bytes
+) -> None:
+    assert run(webhook, b"GET", uri)[0] is None
+
+
+def test_a_client_cannot_switch_an_exclusion_on(webhook: ModSecurityEngine) -> None:
+    forged = [*UA, (b"x-blindfold-waf-exclusion-0", b"1"), (b"X-Blindfold-Waf-Exclusion-0", b"")]
+    assert run(webhook, b"GET", b"/login?id=1%27%20OR%201=1--", headers=forged)[0] is not None
+
+
 def test_allowed_methods() -> None:
     strict = ModSecurityEngine(CrsSettings())
     rest = ModSecurityEngine(CrsSettings(allowed_methods="GET HEAD POST OPTIONS PUT DELETE"))

@@ -9,14 +9,24 @@ from typing import Any
 
 from blindfold import __version__
 from blindfold.config import load_file
+from blindfold.config.common import unspecified_listen
 from blindfold.errors import ConfigError
 
 
 def _check_config(path: str) -> int:
+    """Validate `path` as each process would at start: exit 2 naming the key on an error; print
+    warnings (valid but probably unintended: an admin listener on every address...) to stderr
+    and still exit 0."""
+    warnings: list[str] = []
     try:
         config, _text = load_file(path)
         sections = []
         if config.edge is not None:
+            if unspecified_listen(config.edge.admin_listen):
+                warnings.append(
+                    f"edge.admin_listen = {config.edge.admin_listen!r} serves /metrics to every "
+                    "network; bind it to 127.0.0.1 or an internal address"
+                )
             from blindfold.edge.lists import ListSet
 
             edge = config.edge
@@ -37,8 +47,9 @@ def _check_config(path: str) -> int:
                     load_public_key(path, f"edge.decisions.signer_public_keys[{i}]")
             sections.append(f"edge ({len(edge.routes)} routes, {len(edge.listen)} listeners)")
         if config.origin is not None:
+            from blindfold.config.origin import listen_warnings
             from blindfold.origin.agent import build_waf
-            from blindfold.origin.tls import SiteTls
+            from blindfold.origin.tls import SiteTls, decisions_tls
 
             origin = config.origin
             if origin.certificates:
@@ -47,6 +58,8 @@ def _check_config(path: str) -> int:
                 from blindfold.decisions.api import load_api_keys
 
                 load_api_keys(origin.decisions.api_keys_file)
+                decisions_tls(origin)  # loads, and names none of the site's names
+            warnings += listen_warnings(origin)
             if origin.decisions.signing_key:
                 from blindfold.decisions.signed import load_private_key
 
@@ -67,6 +80,11 @@ def _check_config(path: str) -> int:
 
             for i, k in enumerate(config.keyserver.keys):
                 load_key(i, k)
+            if unspecified_listen(config.keyserver.admin_listen):
+                warnings.append(
+                    f"keyserver.admin_listen = {config.keyserver.admin_listen!r} serves /metrics "
+                    "to every network; bind it to 127.0.0.1 or an internal address"
+                )
             sections.append(
                 f"keyserver ({len(config.keyserver.keys)} keys, "
                 f"{len(config.keyserver.edges)} edges)"
@@ -78,6 +96,8 @@ def _check_config(path: str) -> int:
     except ConfigError as exc:
         print(f"{path}: {exc}", file=sys.stderr)
         return 2
+    for warning in warnings:
+        print(f"{path}: warning: {warning}", file=sys.stderr)
     print(f"{path}: ok: " + ", ".join(sections))
     return 0
 

@@ -78,24 +78,6 @@ def _loopback(host: str | None) -> bool:
         return False
 
 
-def check_decision_url(text: str) -> str | None:
-    """A decision stream URL: https://, or http:// to a loopback address only."""
-    from urllib.parse import urlsplit
-
-    if not text:
-        return None
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 (raises ValueError for a bad port)
-    except ValueError as exc:
-        return f"{text!r} is not a URL: {exc}"
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        return f"{text!r}: expected an https:// URL"
-    if parts.scheme == "http" and not _loopback(parts.hostname):
-        return "decisions travel over https (plain http only to 127.0.0.1 or [::1])"
-    return None
-
-
 def check_redis_url(text: str) -> str | None:
     """rediss:// (TLS), redis:// to a loopback address only, or unix:// (a local socket)."""
     from urllib.parse import urlsplit
@@ -117,3 +99,12 @@ def check_redis_url(text: str) -> str | None:
             "(plain redis:// only to 127.0.0.1 or [::1])"
         )
     return None
+
+
+def unspecified_listen(text: str) -> bool:
+    """'0.0.0.0:p' or '[::]:p': every address of the machine."""
+    try:
+        host, _port = parse_hostport(text)
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False

@@ -6,9 +6,9 @@ import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlsplit
 
 from blindfold.config.common import (
-    check_decision_url,
     check_hostport,
     check_ip_hostport,
     check_redis_url,
@@ -16,6 +16,7 @@ from blindfold.config.common import (
 )
 from blindfold.config.schema import setting
 from blindfold.errors import ConfigError
+from blindfold.web.target import check_rule_prefix
 
 
 def _each(check: Callable[[str], str | None]) -> Callable[[tuple[str, ...]], str | None]:
@@ -88,8 +89,9 @@ class PathRateLimit:
     burst: int = setting(doc="Bucket size.", min=1)
     path_prefix: str = setting(
         "/",
-        doc="Requests whose path starts with this are counted.",
-        check=lambda v: None if v.startswith("/") else "must start with /",
+        doc="Requests whose canonical path is this path or below it are counted (whole "
+        "segments: '/login' covers '/login/x', not '/loginX'; see 'Paths and path rules').",
+        check=check_rule_prefix,
     )
     per: Literal["ip", "route"] = setting(
         "ip",
@@ -408,14 +410,45 @@ class Ja4Rule:
             raise ConfigError("ja4", "give exactly one of 'ja4' (exact) or 'prefix'")
 
 
+def _decisions_url(url: str) -> str | None:
+    """https://host[:port][/path], or plain http to a loopback address literal; never
+    userinfo (`http://127.0.0.1@evil:8089` is the host `evil`), query or fragment."""
+    if not url:
+        return None
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a bad port)
+    except ValueError as exc:
+        return f"{url!r} is not a URL ({exc})"
+    if parts.scheme not in ("https", "http"):
+        return f"{url!r}: expected an https:// URL"
+    if "@" in parts.netloc:
+        return f"{url!r}: no user name or password in the URL (the API key is in api_key_file)"
+    if not parts.hostname:
+        return f"{url!r}: no host"
+    if parts.query or parts.fragment or "?" in url or "#" in url:
+        return f"{url!r}: no query or fragment"
+    if parts.scheme == "http":
+        try:
+            loopback = ipaddress.ip_address(parts.hostname).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            return (
+                f"{url!r}: decisions travel over https (plain http only to a loopback address "
+                "such as 127.0.0.1: the API key would cross the network in clear)"
+            )
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class DecisionSourceConfig:
     url: str = setting(
         "",
         doc="Decision stream to follow: blindfold's origin "
         "('https://origin:8089') or a CrowdSec Local API; its "
-        "/v1/decisions/stream is polled.",
-        check=check_decision_url,
+        "/v1/decisions/stream is polled. Plain http only to a loopback address.",
+        check=_decisions_url,
     )
     api_key_file: str = setting("", doc="File holding this edge's API key (sent as X-Api-Key).")
     ca: str = setting(

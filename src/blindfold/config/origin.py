@@ -6,9 +6,10 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
-from blindfold.config.common import check_ip_hostport, check_redis_url
+from blindfold.config.common import check_ip_hostport, check_redis_url, unspecified_listen
 from blindfold.config.schema import setting
 from blindfold.errors import ConfigError
+from blindfold.web.target import check_rule_prefix
 
 
 def _cidrs(values: tuple[str, ...]) -> str | None:
@@ -94,7 +95,11 @@ class HttpConfig:
 
 @dataclass(frozen=True, slots=True)
 class WafExclusionConfig:
-    path_prefix: str = setting(doc="Requests whose path starts with this...")
+    path_prefix: str = setting(
+        doc="Requests whose canonical path is this path or below it (whole segments: "
+        "'/webhook' covers '/webhook/x', not '/webhookX'; see 'Paths and path rules')...",
+        check=check_rule_prefix,
+    )
     rule_ids: tuple[int, ...] = setting(
         (), doc="...skip these rule ids; empty: no rule runs for the path."
     )
@@ -156,7 +161,11 @@ class WafConfig:
 
 @dataclass(frozen=True, slots=True)
 class RateRuleConfig:
-    path_prefix: str = setting(doc="Requests whose path starts with this are counted...")
+    path_prefix: str = setting(
+        doc="Requests whose canonical path is this path or below it (whole segments) "
+        "are counted...",
+        check=check_rule_prefix,
+    )
     rate_per_s: float = setting(doc="...per client address at this rate...", min=0.001)
     burst: int = setting(10, doc="...with this burst; past it the address is banned.", min=1)
     ban_duration_s: float = setting(600.0, doc="How long that ban lasts.", min=1)
@@ -172,9 +181,19 @@ class DecisionsConfig:
         check=lambda v: check_ip_hostport(v) if v else None,
     )
     cert: str = setting(
-        "", doc="Certificate of that listener (default: the first [[origin.certificates]])."
+        "",
+        doc="Certificate of that listener, required with listen: one of its own, never the "
+        "site's (anyone reaching the port would learn the site's names and map them to this "
+        "address), e.g. `blindfold pki server decisions DIR --host origin.internal`; edges "
+        "verify it with [edge.decisions] ca and server_name.",
     )
     key: str = setting("", doc="Its key.")
+    max_connections: int = setting(
+        64,
+        doc="Open connections to the decision stream at most (counted apart from the "
+        "site's max_connections).",
+        min=1,
+    )
     api_keys_file: str = setting(
         "", doc="Edge API keys, one per line ('name:key' or 'key'); edges send theirs in X-Api-Key."
     )
@@ -337,6 +356,25 @@ class OriginConfig:
     log_path: str = setting("", doc="Where JSON log lines go; empty = standard output.")
     access_log: bool = setting(True, doc="One JSON line per request.")
     max_connections: int = setting(10000, doc="Open client connections at most.", min=1)
+    per_client_connections: int = setting(
+        64,
+        doc="Open connections per visitor address (the PROXY header's; IPv6 by /64) that are "
+        "served. Up to as many more are answered 429 (after TLS, so an edge never takes the "
+        "origin for down) and closed; beyond twice this number they are closed at once. "
+        "Connections an edge opens for itself (PROXY LOCAL) do not count.",
+        min=1,
+    )
+    per_client_requests: int = setting(
+        128,
+        doc="Requests in flight per visitor address; more are answered 429.",
+        min=1,
+    )
+    trust_any_address: bool = setting(
+        False,
+        doc="Allow trusted_edges to cover every address (0.0.0.0/0, ::/0): then anyone who "
+        "can connect may claim any visitor address. Only behind a firewall that admits the "
+        "edges alone.",
+    )
     http: HttpConfig = setting(default_factory=HttpConfig, doc="HTTP limits and timeouts.")
     waf: WafConfig = setting(default_factory=WafConfig, doc="The web application firewall.")
     decisions: DecisionsConfig = setting(
@@ -361,3 +399,45 @@ class OriginConfig:
             raise ConfigError(
                 "decisions.signing_key", "decisions published to Redis must be signed"
             )
+        if self.decisions.listen and not (self.decisions.cert and self.decisions.key):
+            raise ConfigError(
+                "decisions.cert",
+                "the decision stream needs a certificate and key of its own (not the site's), "
+                "e.g. from `blindfold pki server decisions DIR --host NAME`",
+            )
+        if self.decisions.listen and not self.trusted_edges:
+            raise ConfigError(
+                "decisions.listen",
+                "the decision stream answers only trusted_edges: list the edges' addresses",
+            )
+        if self.proxy_protocol != "off" and not self.trust_any_address:
+            for i, value in enumerate(self.trusted_edges):
+                if ipaddress.ip_network(value, strict=False).prefixlen == 0:
+                    raise ConfigError(
+                        f"trusted_edges[{i}]",
+                        f"{value!r} trusts every address to name the visitor: list the edges' "
+                        "addresses (or set trust_any_address = true behind a firewall)",
+                    )
+
+
+def listen_warnings(cfg: OriginConfig) -> list[str]:
+    """What is valid but probably unintended: listeners meant for a few peers, on every
+    address (check-config prints these; the agent logs them at start)."""
+    out = []
+    if unspecified_listen(cfg.admin_listen):
+        out.append(
+            f"origin.admin_listen = {cfg.admin_listen!r} serves /metrics to every network; "
+            "bind it to 127.0.0.1 or an internal address"
+        )
+    if cfg.decisions.listen and unspecified_listen(cfg.decisions.listen):
+        out.append(
+            f"origin.decisions.listen = {cfg.decisions.listen!r} listens on every address; "
+            "only trusted_edges get a handshake, but prefer the address the edges reach"
+        )
+    return out
+
+
+def fds_needed(cfg: OriginConfig) -> int:
+    """Descriptors the agent may need at its limits: a client and an application connection
+    per site connection, one per decision-stream connection, and some for itself."""
+    return 2 * cfg.max_connections + cfg.decisions.max_connections + 64

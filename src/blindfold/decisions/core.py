@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from blindfold.core.ratelimit import KeyedLimiter
 from blindfold.errors import ProtocolError
+from blindfold.web.target import path_has_prefix
 
 Scope = Literal["ip", "range"]
 _GO_DURATION = re.compile(r"(-?)((?:\d+(?:\.\d*)?|\.\d+)(?:h|ms|us|µs|ns|m|s))+")
@@ -374,7 +375,7 @@ class DecisionRules:
         ip = target
         text = path.decode("latin-1")
         for rule, limiter in zip(self.rate_rules, self._limiters, strict=True):
-            if text.startswith(rule.path_prefix):
+            if path_has_prefix(text, rule.path_prefix):  # canonical path, by segment
                 if limiter.try_open(ip, now) is not None:
                     return ip, rule.ban_duration_s, f"rate: {rule.name}"
                 limiter.release(ip)

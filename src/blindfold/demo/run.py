@@ -31,6 +31,7 @@ from blindfold.demo.app import DemoApp
 HOST = "demo.blindfold.test"
 KEYLESS_HOST = "keyless.blindfold.test"
 CDN_HOST = "cdn.blindfold.test"
+DECISIONS_HOST = "decisions.blindfold.internal"  # the decision stream's own certificate
 ATTACKER = "127.0.0.66"
 API_KEY = "demo-edge-key-0123456789abcdef"
 
@@ -122,6 +123,8 @@ mode = "block"
 
 [origin.decisions]
 listen = "127.0.0.1:0"
+cert = "{base / "decisions.pem"}"
+key = "{base / "decisions.key"}"
 api_keys_file = "{base / "edge-keys.txt"}"
 ban_after_blocks = 1
 ban_duration_s = 60
@@ -209,7 +212,7 @@ blind = {{ cache_dir = "{base / "edge-cache"}" }}
 
 [edge.decisions]
 url = "https://127.0.0.1:{decisions_port}"
-server_name = "{HOST}"
+server_name = "{DECISIONS_HOST}"
 api_key_file = "{base / "edge.key"}"
 ca = "{base / "ca.pem"}"
 poll_interval_s = 0.5
@@ -260,6 +263,7 @@ async def demo(
     ca = pki.make_ca("blindfold demo CA")
     ca.write(base / "ca.pem")
     pki.issue(ca, [HOST, f"*.{HOST}", KEYLESS_HOST]).write(base / "site.pem", base / "site.key")
+    pki.issue(ca, [DECISIONS_HOST]).write(base / "decisions.pem", base / "decisions.key")
     # the keyless side's own PKI: an mTLS CA, the key server's certificate, the edge's identity
     kl = base / "keyless"
     kl.mkdir(exist_ok=True)
@@ -374,8 +378,9 @@ blindfold demo is running (files in {base})
 
 5. Watch it: the edge's metrics and the origin's decision stream (what edges poll):
      curl -s http://127.0.0.1:{admin_port}/metrics | grep -E 'decisions|banned'
-     curl -s --cacert {base / "ca.pem"} --resolve {HOST}:{decisions_port}:127.0.0.1 \\
-          -H 'X-Api-Key: {API_KEY}' 'https://{HOST}:{decisions_port}/v1/decisions/stream?startup=true'
+     curl -s --cacert {base / "ca.pem"} --resolve {DECISIONS_HOST}:{decisions_port}:127.0.0.1 \\
+          -H 'X-Api-Key: {API_KEY}' \\
+          'https://{DECISIONS_HOST}:{decisions_port}/v1/decisions/stream?startup=true'
 
 Logs (JSON lines): {base / "edge.log"}  {base / "origin.log"}  {base / "keyserver.log"}
 Stop with Ctrl-C.

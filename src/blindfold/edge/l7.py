@@ -39,6 +39,7 @@ from blindfold.web.messages import (
     strip_hop_by_hop,
 )
 from blindfold.web.proxy import iterate, request_has_body, upstream_headers
+from blindfold.web.target import host_of, path_has_prefix
 
 if TYPE_CHECKING:
     from blindfold.edge.keyless import KeylessRoute
@@ -63,13 +64,6 @@ _NOT_MODIFIED_KEEP = frozenset(
         b"set-cookie",
     }
 )
-
-
-def _host_of(authority: bytes) -> str:
-    text = authority.decode("latin-1").lower()
-    if text.startswith("["):
-        return text[1:].partition("]")[0]
-    return text.rpartition(":")[0] if text.count(":") == 1 else text
 
 
 def make_http_protocol(handler: EdgeHandler, alpn: str | None) -> asyncio.Protocol:
@@ -257,7 +251,9 @@ class EdgeHandler:
     ) -> tuple[int, str, int]:
         """Answer one request: (status sent, cache outcome, body bytes sent)."""
         kr = self.kr
-        host = _host_of(request.authority)
+        # the authority was checked by the HTTP layer (web/target.py), and for an absolute-form
+        # target it is the target's (which must equal Host): what the application will see
+        host = host_of(request.authority)
         if host != self.sni and self.worker.router.lookup(host) is not self.route:
             # RFC 9110 §15.5.20: this connection (its certificate, its route) is not for that
             # host; no fronting one hostname's requests through another's connection
@@ -266,7 +262,7 @@ class EdgeHandler:
         now = time.monotonic()
         path = request.path.decode("latin-1")
         for name, rule, buckets in kr.rate_rules:
-            if not path.startswith(rule.path_prefix):
+            if not path_has_prefix(path, rule.path_prefix):  # canonical path, by segment
                 continue
             wait = buckets.take(self.rate_key if rule.per == "ip" else 0, now)
             if wait > 0:

@@ -11,6 +11,7 @@ import _socket
 import argparse
 import asyncio
 import ctypes
+import errno
 import gc
 import ipaddress
 import json
@@ -35,6 +36,7 @@ from blindfold.edge.origins import Origin, OriginPool, resolve
 from blindfold.edge.passthrough import KEYLESS, Conn
 from blindfold.edge.stats import RouteStats, WorkerStats
 from blindfold.errors import ConfigError, ProtocolError
+from blindfold.io.accepted import BACKOFF_MIN_S, RESOURCE_ERRNOS, Backoff, FdReserve, fd_limit
 from blindfold.io.control import ControlChannel
 from blindfold.io.limits import raise_fd_limit
 from blindfold.io.reactor import EPOLLIN, Reactor
@@ -125,6 +127,7 @@ class Worker:
         self.control = ControlChannel(
             self.reactor, control_fd, self._on_control, self._on_master_gone
         )
+        self.reserve = FdReserve()  # for the moment accept() fails with EMFILE
 
     # ---------------------------------------------------------------- config
     def apply_config(self, text: str) -> None:
@@ -223,6 +226,7 @@ class Worker:
         if first:
             self.guards = Guards(config, self.workers, now)
             self.log = JsonLog.open(config.log_path, process=f"edge-worker-{self.index}")
+            self._check_fd_limit(config)
             self.reactor.on_idle(self._flush_log)
             self.pipes = PipePool(config.pipe_size_bytes)
         else:
@@ -250,6 +254,22 @@ class Worker:
                     text=err.text,
                     problem=err.problem,
                 )
+
+    def _check_fd_limit(self, config: EdgeConfig) -> None:
+        """Warn when this worker's share of max_connections cannot all be open: each relayed
+        connection takes a descriptor for the visitor and one for the origin."""
+        share = -(-config.max_connections // self.workers)
+        needed = 2 * share + 64
+        limit = fd_limit()
+        if needed > limit:
+            self.log.log(
+                "fd_limit_low",
+                limit=limit,
+                needed=needed,
+                worker=self.index,
+                problem="this worker's share of max_connections cannot all be open; raise "
+                "`ulimit -n` or lower max_connections",
+            )
 
     def _note_lists(self) -> None:
         assert self.block is not None and self.allow is not None
@@ -293,7 +313,11 @@ class Worker:
         family = lsock.family
         raw_accept = lsock._accept  # type: ignore[attr-defined]  # (fd, addr): no wrapping
 
+        backoff = Backoff()
+
         def on_accept(_mask: int) -> None:
+            if backoff.delay_s:
+                backoff.succeeded()  # called again after a pause: the pause is over
             for _ in range(ACCEPT_BATCH):
                 try:
                     fd, peer = raw_accept()
@@ -302,9 +326,11 @@ class Worker:
                     sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
                 except (BlockingIOError, InterruptedError):
                     return
-                except OSError as exc:  # EMFILE/ENFILE/ENOBUFS: stop for this round
-                    self.stats.refuse(f"accept_{exc.errno}")
-                    return
+                except OSError as exc:
+                    if exc.errno in RESOURCE_ERRNOS:
+                        self._accept_starved(address, lsock, backoff, exc)
+                        return
+                    continue  # ECONNABORTED, EPROTO...: that one connection, not the listener
                 accepted[address] += 1
                 ip, port = peer[0], peer[1]
                 try:
@@ -325,6 +351,35 @@ class Worker:
                 conn.start()
 
         return on_accept
+
+    def _accept_starved(
+        self, address: str, lsock: socket.socket, backoff: Backoff, exc: OSError
+    ) -> None:
+        """accept() failed for lack of descriptors or memory. The listener stays readable
+        (level-triggered), so returning would call us again at once and spin: give up the
+        reserve descriptor to accept and close one waiting connection, then take the listener
+        out of the poll set for a pause (50 ms doubling to 1 s while it lasts)."""
+        name = errno.errorcode.get(exc.errno or 0, str(exc.errno)).lower()
+        self.stats.refuse(f"accept_{name}")
+        if self.reserve.shed_one(lsock):
+            self.stats.refuse("fd_limit")
+        delay = backoff.failed()
+        if delay == BACKOFF_MIN_S:  # once per episode
+            self.log.log(
+                "accept_paused",
+                listener=address,
+                error=str(exc),
+                limit=fd_limit(),
+                worker=self.index,
+            )
+        fd = lsock.fileno()
+        if fd in self.listeners:
+            self.reactor.modify(fd, 0)
+            self.reactor.call_later(delay, lambda: self._resume_accepting(fd))
+
+    def _resume_accepting(self, fd: int) -> None:
+        if fd in self.listeners and not self.draining:
+            self.reactor.modify(fd, EPOLLIN)
 
     def _refused_at_accept(self, ip: str, port: int, reason: str) -> None:
         self.stats.refuse(reason)

@@ -1,14 +1,85 @@
-"""asyncio helpers for servers behind an edge: read a PROXY header from an accepted socket
-without reading past it, then start TLS on the same socket."""
+"""Helpers for accepting connections: survive running out of descriptors (a reserve fd, a
+back-off), read a PROXY header from an accepted socket without reading past it, then start TLS
+on the same socket."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import socket
 import ssl
 
 from blindfold.core.proxyproto import V1_MAX, V2_SIGNATURE, ProxyHeader, parse_proxy_header
 from blindfold.errors import ProtocolError
+
+# accept() failures that say "no resources now", not "this one connection went wrong": the
+# listener stays readable, so retrying at once spins; pause instead
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+BACKOFF_MIN_S = 0.05
+BACKOFF_MAX_S = 1.0
+
+
+class FdReserve:
+    """One descriptor held back for when accept() fails with EMFILE: given up to accept the
+    waiting connection and close it at once, so its client gets a close instead of hanging in
+    the backlog, then taken again (the nginx/HAProxy trick)."""
+
+    def __init__(self) -> None:
+        self.fd = self._open()
+        self.shed = 0  # connections accepted and closed this way
+
+    @staticmethod
+    def _open() -> int:
+        try:
+            return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return -1
+
+    def shed_one(self, accept: socket.socket) -> bool:
+        """Accept one waiting connection on `accept` (non-blocking) with the reserve and close
+        it. True when one was closed."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            conn, _ = accept.accept()
+        except OSError:
+            return False
+        else:
+            conn.close()
+            self.shed += 1
+            return True
+        finally:
+            self.fd = self._open()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Backoff:
+    """How long to stop accepting after a resource failure: doubling while they persist."""
+
+    __slots__ = ("delay_s",)
+
+    def __init__(self) -> None:
+        self.delay_s = 0.0
+
+    def failed(self) -> float:
+        self.delay_s = min(BACKOFF_MAX_S, max(BACKOFF_MIN_S, self.delay_s * 2))
+        return self.delay_s
+
+    def succeeded(self) -> None:
+        self.delay_s = 0.0
+
+
+def fd_limit() -> int:
+    """The soft limit on open descriptors."""
+    import resource
+
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 async def _recv_exact(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:

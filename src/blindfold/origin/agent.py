@@ -10,37 +10,49 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import errno
+import ipaddress
 import os
 import signal
 import socket
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from blindfold.config import load_file
 from blindfold.config.common import parse_hostport
-from blindfold.config.origin import OriginConfig
+from blindfold.config.origin import OriginConfig, fds_needed, listen_warnings
 from blindfold.core.iplist import IPSet, parse_address, parse_list
 from blindfold.core.proxyproto import V1_PREFIX, V2_SIGNATURE
 from blindfold.decisions.api import DecisionApi, load_api_keys
 from blindfold.decisions.core import DecisionRules, DecisionStore, RateRule, scope_of
 from blindfold.errors import ConfigError, ProtocolError
-from blindfold.io.accepted import peek, read_proxy_header
+from blindfold.io.accepted import (
+    BACKOFF_MIN_S,
+    RESOURCE_ERRNOS,
+    Backoff,
+    FdReserve,
+    fd_limit,
+    peek,
+    read_proxy_header,
+)
 from blindfold.io.admin_http import AdminServer
 from blindfold.io.limits import raise_fd_limit
 from blindfold.obs import sdnotify
 from blindfold.obs.log import JsonLog
 from blindfold.obs.metrics import MetricSpec, render
 from blindfold.origin.gate import OriginGate
-from blindfold.origin.tls import SiteTls
+from blindfold.origin.tls import SiteTls, decisions_tls
 from blindfold.waf.engine import CrsSettings, Exclusion, ModSecurityEngine, WafEngine
 from blindfold.waf.modsecurity import ModSecurityError
 from blindfold.web.client import UpstreamPool
 from blindfold.web.http1 import ConnInfo, H1Connection
 from blindfold.web.http2 import H2Connection
 from blindfold.web.limits import HttpLimits
-from blindfold.web.messages import Handler
+from blindfold.web.messages import BodyStream, Handler, Request, Responder, simple_response
 from blindfold.web.proxy import ReverseProxy
 
 ORIGIN_METRICS = [
@@ -54,6 +66,11 @@ ORIGIN_METRICS = [
         ("result",),
     ),
     MetricSpec("blindfold_origin_connections_active", "gauge", "Open client connections."),
+    MetricSpec(
+        "blindfold_origin_decisions_connections_active",
+        "gauge",
+        "Open connections to the decision stream.",
+    ),
     MetricSpec("blindfold_waf_blocks_total", "counter", "Requests the WAF blocked."),
     MetricSpec(
         "blindfold_waf_rule_blocks_total",
@@ -138,11 +155,19 @@ def build_waf(cfg: OriginConfig) -> WafEngine | None:
 class _AlpnDispatch:
     """Protocol factory target: once TLS is up, hand the transport to HTTP/2 or HTTP/1.1."""
 
-    def __init__(self, agent: OriginAgent, info: ConnInfo, handler: Handler, tls: SiteTls) -> None:
-        self.agent = agent
+    def __init__(
+        self,
+        info: ConnInfo,
+        handler: Handler,
+        tls: SiteTls,
+        limits: HttpLimits,
+        on_event: Callable[[str, dict[str, Any]], None],
+    ) -> None:
         self.info = info
         self.handler = handler
         self.tls = tls
+        self.limits = limits
+        self.on_event = on_event
 
     def __call__(self) -> Any:
         return self
@@ -159,20 +184,125 @@ class _AlpnDispatch:
             }
         proto: asyncio.Protocol
         if alpn == "h2":
-            proto = H2Connection(self.handler, self.agent.limits, info, self.agent.event)
+            proto = H2Connection(self.handler, self.limits, info, self.on_event)
         else:
-            proto = H1Connection(self.handler, self.agent.limits, info, self.agent.event)
+            proto = H1Connection(self.handler, self.limits, info, self.on_event)
         transport.set_protocol(proto)
         proto.connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.agent.event("closed", {})
+        self.on_event("closed", {})
 
     def data_received(self, data: bytes) -> None:  # not reached: the protocol is swapped
         pass
 
     def eof_received(self) -> None:
         pass
+
+
+# accept() errors about the one connection being accepted (it was reset, or a firewall hook
+# refused it): accept the next at once
+_ONE_CONNECTION_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
+
+
+def client_key(ip: str) -> str:
+    """What per-visitor limits count by: an IPv4 address, or an IPv6 /64 (one subscriber)."""
+    if ":" not in ip:
+        return ip
+    try:
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    except ValueError:
+        return ip
+
+
+class _Slots:
+    """Open connections of one listener group (the site's, the decision stream's)."""
+
+    __slots__ = ("limit", "open")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+
+    def take(self) -> bool:
+        if self.open >= self.limit:
+            return False
+        self.open += 1
+        return True
+
+
+class _Claim:
+    """What one accepted connection holds: a slot of its group and, once its visitor is known,
+    a place in that address's count. Released exactly once, on whichever path the connection
+    ends (refused, handshake failed or timed out, or closed after serving)."""
+
+    __slots__ = ("client", "counts", "released", "slots")
+
+    def __init__(self, slots: _Slots, counts: dict[str, int]) -> None:
+        self.slots = slots
+        self.counts = counts
+        self.client: str | None = None
+        self.released = False
+
+    def count_client(self, key: str) -> int:
+        """Count this connection against `key`; returns how many it had before."""
+        before = self.counts.get(key, 0)
+        self.counts[key] = before + 1
+        self.client = key
+        return before
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.slots.open -= 1
+        if self.client is not None:
+            left = self.counts[self.client] - 1
+            if left:
+                self.counts[self.client] = left
+            else:
+                del self.counts[self.client]
+
+
+class _PerClientRequests:
+    """Bounds the requests one visitor address has in flight; more are answered 429."""
+
+    def __init__(self, agent: OriginAgent, handler: Handler) -> None:
+        self.agent = agent
+        self.handler = handler
+
+    async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
+        agent = self.agent
+        key = client_key(request.client[0])
+        counts = agent.client_requests
+        n = counts.get(key, 0)
+        if n >= agent.cfg.per_client_requests:
+            agent.count("requests:4xx")
+            agent.count("http:per_client_requests")
+            await simple_response(
+                respond, 429, "too many requests in flight\n", [(b"retry-after", b"1")]
+            )
+            return
+        counts[key] = n + 1
+        try:
+            await self.handler(request, body, respond)
+        finally:
+            left = counts[key] - 1
+            if left:
+                counts[key] = left
+            else:
+                del counts[key]
+
+
+async def _too_many_connections(request: Request, body: BodyStream, respond: Responder) -> None:
+    """The handler of a connection over its address's share: one 429, then the connection
+    closes (HTTP/1.1: Connection: close; HTTP/2: one stream, short idle timeout)."""
+    await simple_response(
+        respond,
+        429,
+        "too many connections from your address\n",
+        [(b"retry-after", b"1"), (b"connection", b"close")],
+    )
 
 
 class OriginAgent:
@@ -185,7 +315,11 @@ class OriginAgent:
         )
         self.limits = _limits(cfg)
         self.stats: dict[str, Any] = {}
-        self.open = 0
+        self.site_slots = _Slots(cfg.max_connections)
+        self.api_slots = _Slots(cfg.decisions.max_connections)
+        self.client_conns: dict[str, int] = {}
+        self.client_requests: dict[str, int] = {}
+        self.reserve = FdReserve()
         self.trusted = IPSet(parse_list("\n".join(cfg.trusted_edges))[0])
         self.store = DecisionStore()
         self.tls: SiteTls | None = None
@@ -240,21 +374,43 @@ class OriginAgent:
             from blindfold.origin.blindstore import BlindStore
 
             handler = BlindStore(cfg.blind, gate, self.stats, self._log_event)
+        handler = _PerClientRequests(self, handler)
         self.tls, self.waf, self.rules, self.pool, self.handler = tls, waf, rules, pool, handler
+        self.limits = _limits(cfg)
+        # a connection over its address's share: short deadlines, one HTTP/2 stream
+        self.over_limits = dataclasses.replace(
+            self.limits,
+            header_timeout_s=min(self.limits.header_timeout_s, 2.0),
+            keepalive_timeout_s=min(self.limits.keepalive_timeout_s, 1.0),
+            h2_max_streams_per_connection=1,
+        )
         self.cfg = cfg
+        # on a reload the new limits apply to the next connections
+        self.site_slots.limit = cfg.max_connections
+        self.api_slots.limit = cfg.decisions.max_connections
 
     def _log_event(self, event: str, **fields: Any) -> None:
         target = self.audit if fields.pop("audit", False) else self.log
         target.log(event, **fields)
 
-    def event(self, name: str, fields: dict[str, Any]) -> None:
-        if name == "closed":
-            self.open -= 1
-            return
-        key = f"http:{name}"
+    def count(self, key: str) -> None:
         self.stats[key] = self.stats.get(key, 0) + 1
+
+    def event(self, name: str, fields: dict[str, Any]) -> None:
+        self.count(f"http:{name}")
         if name in ("h2_abuse", "bad_request", "handler_error", "send_timeout"):
             self.log.log(name, **fields)
+
+    def _events(self, claim: _Claim) -> Callable[[str, dict[str, Any]], None]:
+        """A connection's event sink: its close releases its claim."""
+
+        def on_event(name: str, fields: dict[str, Any]) -> None:
+            if name == "closed":
+                claim.release()
+            else:
+                self.event(name, fields)
+
+        return on_event
 
     def ban(self, ip: str, duration_s: float, reason: str) -> None:
         """`ip`: an address, or the IPv6 prefix the decision rules chose (`ban_target`)."""
@@ -279,9 +435,19 @@ class OriginAgent:
             self.publisher.publish(decision, now)
 
     # ------------------------------------------------------------------ serving
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """asyncio's own servers (the admin listener) report EMFILE at accept with a traceback,
+        then pause a second by themselves: log it as one line like our listeners do."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
+            self.log.emit("accept_paused", listener="admin", error=str(exc), limit=fd_limit())
+            return
+        loop.default_exception_handler(context)
+
     async def start(self) -> None:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_exception)
         for i, address in enumerate(cfg.listen):
             self._listen(address, True, f"origin.listen[{i}]")
         for i, address in enumerate(cfg.http_listen):
@@ -296,13 +462,12 @@ class OriginAgent:
         if d.listen:
             keys = load_api_keys(d.api_keys_file)
             self.api = DecisionApi(self.store, keys)
-            api_tls = SiteTls(
-                (type(cfg.certificates[0])(d.cert, d.key),) if d.cert else cfg.certificates[:1]
-            )
+            api_tls = decisions_tls(cfg)
             host, port = parse_hostport(d.listen)
             sock = self._bind(host, port, "origin.decisions.listen")
             api_address = sock.getsockname()[:2]
-            self.servers.append(loop.create_task(self._accept_api(sock, api_tls)))
+            self.sockets.append(sock)
+            self.servers.append(loop.create_task(self._accept_loop(sock, "decisions", api_tls)))
         if d.redis_url:
             from blindfold.decisions.redis_bus import RedisPublisher
             from blindfold.decisions.signed import DecisionSigner, load_private_key
@@ -311,6 +476,19 @@ class OriginAgent:
             self.publisher = RedisPublisher(d.redis_url, d.redis_ca, signer, self.log)
             await self.publisher.start()
         self.servers.append(loop.create_task(self._housekeeping()))
+        for problem in listen_warnings(cfg):
+            self.log.emit("config_warning", problem=problem)
+        limit = fd_limit()
+        needed = fds_needed(cfg)
+        if needed > limit:
+            self.log.emit(
+                "fd_limit_low",
+                limit=limit,
+                needed=needed,
+                problem="max_connections cannot all be open: each takes a descriptor for "
+                "the client and one for the application; raise `ulimit -n` or lower "
+                "max_connections",
+            )
         self.log.emit(
             "origin_ready",
             listen=[_addr(s) for s, tls in self.tls_sockets.items() if tls],
@@ -340,58 +518,111 @@ class OriginAgent:
         sock = self._bind(host, port, key)
         self.sockets.append(sock)
         self.tls_sockets[sock] = tls
-        self.servers.append(asyncio.get_running_loop().create_task(self._accept(sock, tls)))
+        kind = "tls" if tls else "http"
+        self.servers.append(asyncio.get_running_loop().create_task(self._accept_loop(sock, kind)))
 
-    async def _accept(self, lsock: socket.socket, tls: bool) -> None:
+    async def _accept_loop(
+        self, lsock: socket.socket, kind: str, api_tls: SiteTls | None = None
+    ) -> None:
+        """Accept until stopped. Nothing ends this loop: a connection's failure stays in its
+        task, and running out of descriptors pauses accepting (doubling up to 1 s) after the
+        reserve descriptor has accepted and closed one waiting connection."""
         loop = asyncio.get_running_loop()
+        backoff = Backoff()
+        prefix = "decisions_" if kind == "decisions" else ""
         while not self.stopping.is_set():
             try:
                 sock, peer = await loop.sock_accept(lsock)
             except OSError as exc:
-                self.log.emit("accept_error", error=str(exc))
-                await asyncio.sleep(0.1)
+                if exc.errno in _ONE_CONNECTION_ERRNOS:
+                    continue  # that one connection went wrong, not the listener
+                if exc.errno in RESOURCE_ERRNOS:
+                    shed = self.reserve.shed_one(lsock)
+                    self._count_conn(f"{prefix}refused_fd_limit" if shed else f"{prefix}fd_limit")
+                delay = backoff.failed()
+                if delay == BACKOFF_MIN_S:  # once per episode
+                    self.log.emit(
+                        "accept_paused", listener=_addr(lsock), error=str(exc), limit=fd_limit()
+                    )
+                await asyncio.sleep(delay)
                 continue
-            if self.open >= self.cfg.max_connections:
-                self._count_conn("refused_max_connections")
+            backoff.succeeded()
+            try:
+                if kind == "decisions":
+                    assert api_tls is not None
+                    self._accepted_api(sock, peer, lsock, api_tls)
+                else:
+                    self._accepted(sock, peer, lsock, kind == "tls")
+            except Exception as exc:  # never the accept loop's end
                 sock.close()
-                continue
-            sock.setblocking(False)
-            # asyncio sets TCP_NODELAY only for sockets it knows are TCP (proto 6); ours come
-            # from accept() with proto 0, and Nagle would hold every small response ~40 ms
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.open += 1
-            task = loop.create_task(self._connection(sock, peer, lsock.getsockname(), tls))
-            task.add_done_callback(_consume)
+                self.log.emit("accept_error", error=repr(exc))
+
+    def _accepted(
+        self, sock: socket.socket, peer: tuple[str, int], lsock: socket.socket, tls: bool
+    ) -> None:
+        if not self.site_slots.take():
+            self._count_conn("refused_max_connections")
+            sock.close()
+            return
+        claim = _Claim(self.site_slots, self.client_conns)
+        sock.setblocking(False)
+        # asyncio sets TCP_NODELAY only for sockets it knows are TCP (proto 6); ours come
+        # from accept() with proto 0, and Nagle would hold every small response ~40 ms
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        local = lsock.getsockname()
+        task = asyncio.get_running_loop().create_task(
+            self._connection(sock, (peer[0], peer[1]), (local[0], local[1]), tls, claim)
+        )
+        task.add_done_callback(_consume)
 
     def _count_conn(self, result: str) -> None:
-        key = f"conn:{result}"
-        self.stats[key] = self.stats.get(key, 0) + 1
+        self.count(f"conn:{result}")
 
     async def _connection(
-        self, sock: socket.socket, peer: tuple[str, int], local: tuple[str, int], tls: bool
+        self,
+        sock: socket.socket,
+        peer: tuple[str, int],
+        local: tuple[str, int],
+        tls: bool,
+        claim: _Claim,
     ) -> None:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
-        client: tuple[str, int] | None = (peer[0], peer[1])
         handed_over = False
         try:
+            client: tuple[str, int] | None = peer
+            is_visitor = True
             if tls and cfg.proxy_protocol != "off":
-                client = await self._proxy(sock, (peer[0], peer[1]))
-                if client is None:
+                resolved = await self._proxy(sock, peer)
+                if resolved is None:
                     return
+                client, is_visitor = resolved
             assert client is not None
-            info = ConnInfo(client, (local[0], local[1]), b"https" if tls else b"http", {})
+            handler: Handler = self.handler
+            limits = self.limits
+            if is_visitor:
+                # issue 15 finding 2: one visitor must not hold the origin's capacity
+                before = claim.count_client(client_key(client[0]))
+                share = cfg.per_client_connections
+                if before >= 2 * share:
+                    self._refuse("per_client_connections", client[0])
+                    return
+                if before >= share:
+                    self._count_conn("over_per_client_connections")
+                    handler, limits = _too_many_connections, self.over_limits
+            info = ConnInfo(client, local, b"https" if tls else b"http", {})
+            on_event = self._events(claim)
             if tls:
                 assert self.tls is not None
                 await loop.connect_accepted_socket(
-                    _AlpnDispatch(self, info, self.handler, self.tls),
+                    _AlpnDispatch(info, handler, self.tls, limits, on_event),
                     sock,
                     ssl=self.tls.default,
                     ssl_handshake_timeout=cfg.http.tls_handshake_timeout_s,
                 )
             else:
                 await loop.connect_accepted_socket(
-                    lambda: H1Connection(self.handler, self.limits, info, self.event), sock
+                    lambda: H1Connection(handler, limits, info, on_event), sock
                 )
             handed_over = True
             self._count_conn("ok")
@@ -399,11 +630,14 @@ class OriginAgent:
             self._count_conn("tls_failed" if isinstance(exc, ssl.SSLError) else "io_error")
         finally:
             if not handed_over:
-                self.open -= 1
+                claim.release()
                 sock.close()
 
-    async def _proxy(self, sock: socket.socket, peer: tuple[str, int]) -> tuple[str, int] | None:
-        """Apply the PROXY policy; the visitor address, or None when refused."""
+    async def _proxy(
+        self, sock: socket.socket, peer: tuple[str, int]
+    ) -> tuple[tuple[str, int], bool] | None:
+        """Apply the PROXY policy: (client address, whether it is a visitor's), or None when
+        refused. An edge's own connection (PROXY LOCAL) is not a visitor's."""
         cfg = self.cfg
         version, addr = parse_address(peer[0])
         trusted = self.trusted.contains(addr, version)
@@ -417,7 +651,7 @@ class OriginAgent:
                 first = await peek(sock, 1, cfg.proxy_header_timeout_s)
                 looks_proxy = first[:1] in (V2_SIGNATURE[:1], V1_PREFIX[:1])
                 if not looks_proxy:
-                    return peer
+                    return peer, True
                 if not trusted:
                     self._refuse("untrusted_proxy_header", peer[0])
                     return None
@@ -429,32 +663,56 @@ class OriginAgent:
             self._refuse("proxy_header_timeout", peer[0])
             return None
         if header.src is None:
-            return peer  # LOCAL: the edge's own health check
-        return header.src
+            return peer, False  # LOCAL: the edge's own health check or pull
+        return header.src, True
 
     def _refuse(self, reason: str, peer: str) -> None:
         self._count_conn(f"refused_{reason}")
         self.log.log("conn_refused", client=peer, reason=reason)
 
-    async def _accept_api(self, lsock: socket.socket, tls: SiteTls) -> None:
-        loop = asyncio.get_running_loop()
+    def _accepted_api(
+        self, sock: socket.socket, peer: tuple[str, int], lsock: socket.socket, tls: SiteTls
+    ) -> None:
+        """A connection to the decision stream: from a trusted edge only, checked before TLS
+        (no handshake, so no certificate, for anyone else), within its own limit."""
+        version, addr = parse_address(peer[0])
+        if not self.trusted.contains(addr, version):
+            self._count_conn("decisions_refused_untrusted_peer")
+            sock.close()
+            return
+        if not self.api_slots.take():
+            self._count_conn("decisions_refused_max_connections")
+            sock.close()
+            return
+        claim = _Claim(self.api_slots, {})
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        info = ConnInfo((peer[0], peer[1]), lsock.getsockname()[:2], b"https", {})
         assert self.api is not None
-        api = self.api
-        while not self.stopping.is_set():
-            sock, peer = await loop.sock_accept(lsock)
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            info = ConnInfo((peer[0], peer[1]), lsock.getsockname()[:2], b"https", {})
-            self.open += 1
-            task = loop.create_task(
-                loop.connect_accepted_socket(
-                    _AlpnDispatch(self, info, api, tls),
-                    sock,
-                    ssl=tls.default,
-                    ssl_handshake_timeout=10,
-                )
+        task = asyncio.get_running_loop().create_task(self._api_connection(sock, info, tls, claim))
+        task.add_done_callback(_consume)
+
+    async def _api_connection(
+        self, sock: socket.socket, info: ConnInfo, tls: SiteTls, claim: _Claim
+    ) -> None:
+        assert self.api is not None
+        handed_over = False
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(
+                _AlpnDispatch(info, self.api, tls, self.limits, self._events(claim)),
+                sock,
+                ssl=tls.default,
+                ssl_handshake_timeout=self.cfg.http.tls_handshake_timeout_s,
             )
-            task.add_done_callback(_consume)
+            handed_over = True
+            self._count_conn("decisions_ok")
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
+            failed = "tls_failed" if isinstance(exc, ssl.SSLError) else "io_error"
+            self._count_conn(f"decisions_{failed}")
+        finally:
+            if not handed_over:
+                claim.release()
+                sock.close()
 
     async def _housekeeping(self) -> None:
         while not self.stopping.is_set():
@@ -488,7 +746,8 @@ class OriginAgent:
         return {
             "blindfold_origin_requests_total": pick("requests:"),
             "blindfold_origin_connections_total": pick("conn:"),
-            "blindfold_origin_connections_active": [[[], self.open]],
+            "blindfold_origin_connections_active": [[[], self.site_slots.open]],
+            "blindfold_origin_decisions_connections_active": [[[], self.api_slots.open]],
             "blindfold_waf_blocks_total": [[[], s.get("waf_blocks", 0)]],
             "blindfold_waf_rule_blocks_total": pick("waf_rule:"),
             "blindfold_decisions_active": [[[], len(self.store.decisions)]],
@@ -524,7 +783,7 @@ class OriginAgent:
         for task in self.servers:
             task.cancel()
         deadline = time.monotonic() + 10
-        while self.open > 0 and time.monotonic() < deadline:
+        while self.site_slots.open + self.api_slots.open > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.publisher is not None:
             await self.publisher.close()

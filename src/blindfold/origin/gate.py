@@ -166,7 +166,8 @@ class OriginGate:
             request_id=request.request_id,
             client=request.client[0],
             method=request.method.decode("latin-1"),
-            uri=request.target.decode("latin-1")[:500],
+            uri=request.target.decode("latin-1")[:500],  # as forwarded (canonical path)
+            raw_uri=request.raw_target.decode("latin-1")[:500] or None,  # as sent
             host=request.authority.decode("latin-1")[:200],
             status=status,
             result=state,

@@ -9,7 +9,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID, NameOID
 
-from blindfold.config.origin import CertificateConfig
+from blindfold.config.origin import CertificateConfig, OriginConfig
 from blindfold.errors import ConfigError
 
 
@@ -39,6 +39,7 @@ class SiteTls:
         certificates: tuple[CertificateConfig, ...],
         *,
         alpn: tuple[str, ...] = ("h2", "http/1.1"),
+        key: str = "origin.certificates",  # named in errors (with [i] for the site's list)
     ) -> None:
         self.contexts: list[ssl.SSLContext] = []
         self.by_name: dict[str, ssl.SSLContext] = {}
@@ -53,7 +54,8 @@ class SiteTls:
                 names = _names(c.cert)
             except (OSError, ssl.SSLError, ValueError) as exc:
                 raise ConfigError(
-                    f"origin.certificates[{i}]", f"cannot load {c.cert} / {c.key}: {exc}"
+                    f"{key}[{i}]" if key == "origin.certificates" else key,
+                    f"cannot load {c.cert} / {c.key}: {exc}",
                 ) from None
             self.contexts.append(ctx)
             for name in names:
@@ -71,3 +73,27 @@ class SiteTls:
             ctx = self.by_name.get("*." + name.split(".", 1)[1])
         if ctx is not None and ctx is not self.default:
             obj.context = ctx
+
+
+def decisions_tls(cfg: OriginConfig) -> SiteTls:
+    """TLS for the decision stream: its own certificate, which must name none of the site's
+    names (a scanner reaching the port would map them to the origin's address)."""
+    d = cfg.decisions
+    tls = SiteTls(
+        (CertificateConfig(d.cert, d.key),), alpn=("http/1.1",), key="origin.decisions.cert"
+    )
+    site: set[str] = set()
+    for c in cfg.certificates:
+        try:
+            site.update(_names(c.cert))
+        except (OSError, ValueError):
+            continue  # reported by SiteTls for the site's certificates
+    shared = sorted(site & set(_names(d.cert)))
+    if shared:
+        raise ConfigError(
+            "origin.decisions.cert",
+            f"names the site's {', '.join(shared)}: anyone reaching the decision port would "
+            "learn them; use a certificate of its own (`blindfold pki server decisions DIR "
+            "--host origin.internal`)",
+        )
+    return tls

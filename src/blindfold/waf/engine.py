@@ -9,15 +9,19 @@ import ctypes
 import glob
 import itertools
 import re
+import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
+from blindfold.errors import ProtocolError
 from blindfold.waf.modsecurity import LOG_CB, ModSecurityError, _Intervention, lib
+from blindfold.web.target import canonical_path, path_has_prefix
 
 Headers = list[tuple[bytes, bytes]]
 
+EXCLUSION_HEADER = "x-blindfold-waf-exclusion"
 _RULE_ID = re.compile(r'\[id "(\d+)"\]')
 _MSG = re.compile(r'\[msg "([^"]*)"\]')
 
@@ -83,7 +87,7 @@ class CrsSettings:
     extra_setvars: tuple[str, ...] = field(default=())
 
 
-def build_rules(s: CrsSettings) -> str:
+def build_rules(s: CrsSettings, exclusion_token: str) -> str:
     """The ModSecurity configuration text: engine settings (Debian's recommended ones), the
     paranoia level, crs-setup, exclusions, the CRS rules."""
     engine = "On" if s.mode == "block" else "DetectionOnly"
@@ -140,13 +144,15 @@ def build_rules(s: CrsSettings) -> str:
     lines.append(f"Include {setup / 'crs-setup.conf'}")
     lines.append(f"Include {setup / 'REQUEST-900-EXCLUSION-RULES-BEFORE-CRS.conf'}")
     for i, ex in enumerate(s.exclusions):
-        prefix = ex.path_prefix.replace('"', '\\"')
+        # which exclusions apply is decided in Python on the canonical path (web/target.py),
+        # never by ModSecurity on the raw URI (`/webhook/../login` is /login); the decision
+        # reaches the rules as a header only we add, whose value the client cannot guess
         if ex.rule_ids:
             ctl = ",".join(f"ctl:ruleRemoveById={r}" for r in ex.rule_ids)
         else:
             ctl = "ctl:ruleEngine=Off"
         lines.append(
-            f'SecRule REQUEST_FILENAME "@beginsWith {prefix}" '
+            f'SecRule REQUEST_HEADERS:{EXCLUSION_HEADER}-{i} "@streq {exclusion_token}" '
             f'"id:{1_000_000 + i},phase:1,pass,nolog,t:none,{ctl}"'
         )
     for rules in sorted(glob.glob(str(Path(s.crs_rules_dir) / "*.conf"))):
@@ -179,7 +185,9 @@ class ModSecurityEngine:
         L.msc_set_log_cb(self._ms, self._log_cb)
         self._rules = L.msc_create_rules_set()
         error = ctypes.c_char_p()
-        text = build_rules(settings)
+        self._exclusion_token = secrets.token_hex(16)
+        self._exclusion_prefixes = [ex.path_prefix for ex in settings.exclusions]
+        text = build_rules(settings, self._exclusion_token)
         if L.msc_rules_add(self._rules, text.encode(), ctypes.byref(error)) < 0:
             raise ModSecurityError(f"rules failed to load: {(error.value or b'').decode()}")
         self.version = (L.msc_who_am_i(self._ms) or b"").decode()
@@ -200,6 +208,22 @@ class ModSecurityEngine:
         with self._lock:
             self._messages[key] = []
         return ModSecurityTransaction(self, key, request_id, client, server)
+
+    def exclusion_headers(self, uri: bytes) -> Headers:
+        """The marker headers that switch on the exclusions covering `uri`'s canonical path
+        (none when the path is not a valid one: the HTTP layer refuses those anyway)."""
+        if not self._exclusion_prefixes:
+            return []
+        try:
+            path = canonical_path(uri.partition(b"?")[0]).decode("latin-1")
+        except ProtocolError:
+            return []
+        token = self._exclusion_token.encode()
+        return [
+            (f"{EXCLUSION_HEADER}-{i}".encode(), token)
+            for i, prefix in enumerate(self._exclusion_prefixes)
+            if path_has_prefix(path, prefix)
+        ]
 
     def _take_messages(self, key: int) -> list[str]:
         with self._lock:
@@ -259,7 +283,7 @@ class ModSecurityTransaction:
         verdict = self._intervention()
         if verdict is not None:
             return verdict
-        for name, value in headers:
+        for name, value in [*headers, *self._e.exclusion_headers(uri)]:
             L.msc_add_n_request_header(tx, name, len(name), value, len(value))
         L.msc_process_request_headers(tx)
         return self._intervention()

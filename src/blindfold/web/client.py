@@ -57,6 +57,8 @@ class UpstreamTarget:
             raise ValueError(f"{url!r}: expected http://host:port, https://host:port or unix:/path")
         if parts.path not in ("", "/") or parts.query:
             raise ValueError(f"{url!r}: an upstream has no path or query")
+        if "@" in parts.netloc:
+            raise ValueError(f"{url!r}: no user name or password in an upstream URL")
         port = parts.port or (443 if parts.scheme == "https" else 80)
         return cls(parts.scheme, parts.hostname, port, "", parts.netloc.encode())
 

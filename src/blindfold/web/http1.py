@@ -16,8 +16,10 @@ from typing import Any
 
 import h11
 
+from blindfold.errors import ProtocolError
 from blindfold.web.limits import HttpLimits, new_request_id
 from blindfold.web.messages import BodyStream, BodyTimeout, Handler, Headers, Request
+from blindfold.web.target import check_authority, parse_target, same_authority
 
 IDLE, HEAD, BODY, HANDLING = range(4)
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
@@ -148,23 +150,43 @@ class H1Connection(asyncio.Protocol):
             self._error_response(431, "request head too large")
             return
         length = None
-        host = b""
+        hosts: list[bytes] = []
         chunked = False
         for name, value in event.headers:
             if name == b"content-length":
                 length = int(value)
             elif name == b"host":
-                host = value
+                hosts.append(value)
             elif name == b"transfer-encoding":
                 chunked = True
         if chunked and length is not None:
             # RFC 9112 §6.1: both framings at once is how requests are smuggled; refuse
             self._error_response(400, "both Content-Length and Transfer-Encoding")
             return
+        host = hosts[0] if hosts else b""
+        if len(hosts) > 1:
+            self._error_response(400, "more than one Host header")  # RFC 9112 §3.2
+            return
         if not host and event.http_version == b"1.1":
             # an empty Host names no site (RFC 9112 §3.2 allows it only for targets without an
             # authority, which no origin serves); answer as nginx does rather than guess
             self._error_response(400, "empty Host header")
+            return
+        try:
+            target = parse_target(event.method, event.target)
+            if host:
+                check_authority(host)
+            if target.authority is not None:
+                # RFC 9112 §3.2.2: the target's authority replaces Host; they must agree, so
+                # that the route check and the application see one and the same host
+                if host and not same_authority(host, target.authority):
+                    raise ProtocolError("bad_host", "absolute-form authority differs from Host")
+                host = target.authority
+        except ProtocolError as exc:
+            self.on_event(
+                "bad_request", {"client": self.info.client[0], "status": 400, "error": str(exc)}
+            )
+            self._error_response(400, exc.detail or exc.reason)
             return
         if length is not None and length > limits.max_body_bytes:
             self._error_response(413, "request body too large")
@@ -174,7 +196,7 @@ class H1Connection(asyncio.Protocol):
         self._deadline(limits.body_timeout_s, "body_timeout")
         request = Request(
             method=event.method,
-            target=event.target,
+            target=target.origin_form,
             authority=host,
             scheme=self.info.scheme,
             headers=list(event.headers),
@@ -183,6 +205,7 @@ class H1Connection(asyncio.Protocol):
             server=self.info.server,
             request_id=new_request_id(),
             tls=self.info.tls,
+            raw_target=event.target,
         )
         self.body = BodyStream(limits.max_body_bytes, self._consumed, self._body_wait)
         responder = H1Responder(self, head=event.method == b"HEAD")

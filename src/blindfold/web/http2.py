@@ -25,9 +25,11 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 
+from blindfold.errors import ProtocolError
 from blindfold.web.http1 import ConnInfo
 from blindfold.web.limits import HttpLimits, new_request_id
 from blindfold.web.messages import BodyStream, BodyTimeout, Handler, Headers, Request
+from blindfold.web.target import Target, check_authority, parse_target, same_authority
 
 _FORBIDDEN_RESPONSE_HEADERS = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"}
@@ -200,16 +202,24 @@ class H2Connection(asyncio.Protocol):
             # list is bounded by h2's frame and CONTINUATION limits, and refused here
             stream.task = self.loop.create_task(self._refuse(responder, 431))
             return
-        if b":authority" in pseudo and not any(k == b"host" for k, _ in headers):
-            headers.insert(0, (b"host", pseudo[b":authority"]))
+        try:
+            target, authority = _target_and_authority(method, pseudo, headers)
+        except ProtocolError as exc:
+            self.on_event(
+                "bad_request", {"client": self.info.client[0], "status": 400, "error": str(exc)}
+            )
+            stream.task = self.loop.create_task(self._refuse(responder, 400))
+            return
+        if not any(k == b"host" for k, _ in headers):
+            headers.insert(0, (b"host", authority))
         length = next((v for k, v in headers if k == b"content-length"), None)
         if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
             stream.task = self.loop.create_task(self._refuse(responder, 413))
             return
         request = Request(
             method=pseudo.get(b":method", b""),
-            target=pseudo.get(b":path", b""),
-            authority=pseudo.get(b":authority", b""),
+            target=target.origin_form,
+            authority=authority,
             scheme=pseudo.get(b":scheme", self.info.scheme),
             headers=headers,
             http_version="2",
@@ -217,6 +227,7 @@ class H2Connection(asyncio.Protocol):
             server=self.info.server,
             request_id=new_request_id(),
             tls=self.info.tls,
+            raw_target=pseudo.get(b":path", b""),
         )
         stream.body = BodyStream(limits.max_body_bytes, self._acker(stream, sid))
         stream.last_data = self.loop.time()
@@ -410,6 +421,24 @@ class H2Connection(asyncio.Protocol):
                 self.transport.abort()
             else:
                 self.transport.close()
+
+
+def _target_and_authority(
+    method: bytes, pseudo: dict[bytes, bytes], headers: Headers
+) -> tuple[Target, bytes]:
+    """RFC 9113 §8.3.1: `:path` is origin-form (or `*`); the host is `:authority` or a single
+    Host header, and both, when present, must name the same host. Raises ProtocolError."""
+    target = parse_target(method, pseudo.get(b":path", b""))
+    if target.authority is not None:
+        raise ProtocolError("bad_target", ":path must be origin-form", status=400)
+    hosts = [v for k, v in headers if k == b"host"]
+    if len(hosts) > 1:
+        raise ProtocolError("bad_host", "more than one Host header", status=400)
+    authority = pseudo.get(b":authority")
+    if authority is not None and hosts and not same_authority(authority, hosts[0]):
+        raise ProtocolError("bad_host", "Host differs from :authority", status=400)
+    authority = authority if authority is not None else (hosts[0] if hosts else b"")
+    return target, check_authority(authority)
 
 
 class H2Responder:

@@ -14,8 +14,8 @@ Headers = list[tuple[bytes, bytes]]  # names lower-case, as received (h11/h2 nor
 @dataclass(slots=True)
 class Request:
     method: bytes
-    target: bytes  # path and query, as sent
-    authority: bytes  # Host header or :authority
+    target: bytes  # what is forwarded: the canonical path (web/target.py) and the query as sent
+    authority: bytes  # checked Host header, :authority, or an absolute-form target's authority
     scheme: bytes
     headers: Headers
     http_version: str  # "1.0", "1.1" or "2"
@@ -23,6 +23,7 @@ class Request:
     server: tuple[str, int]
     request_id: str
     tls: dict[str, str] = field(default_factory=dict)  # sni, alpn, version
+    raw_target: bytes = b""  # the request target as the client sent it (for logs)
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.headers:
@@ -32,6 +33,7 @@ class Request:
 
     @property
     def path(self) -> bytes:
+        """The canonical path: what every path rule matches (`web.target.path_has_prefix`)."""
         return self.target.split(b"?", 1)[0]
 
 

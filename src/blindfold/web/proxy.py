@@ -21,33 +21,45 @@ from blindfold.web.messages import (
     strip_hop_by_hop,
 )
 
+# Headers the proxy sets itself; a client's copy is dropped, never trusted or appended to.
 _CLIENT_SUPPLIED = frozenset(
     {
         b"host",
         b"forwarded",
-        b"x-forwarded-for",
-        b"x-forwarded-proto",
-        b"x-forwarded-host",
         b"x-real-ip",
         b"x-request-id",
     }
 )
 
 
-def _quote_for(ip: str) -> str:
-    # RFC 7239 §6: IPv6 addresses are bracketed and the node quoted
-    return f'"[{ip}]"' if ":" in ip else ip
+def is_forwarding_header(name: bytes) -> bool:
+    """`name` is one of the headers we set, or spells one with `_` for `-` or in another case
+    (`X_Forwarded_For`): WSGI/CGI servers map both to HTTP_X_FORWARDED_FOR, so the look-alike
+    would reach the application as the real header. Any X-Forwarded-* counts (-Port, -Prefix,
+    -Server... are believed by proxy-aware frameworks as much as -For)."""
+    norm = name.lower().replace(b"_", b"-")
+    return norm in _CLIENT_SUPPLIED or norm.startswith(b"x-forwarded-")
+
+
+def _quoted(text: str) -> str:
+    # RFC 7239 §4: a value that is not a token is a quoted-string (RFC 9110 §5.6.4)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _forwarded_for(ip: str) -> str:
+    # RFC 7239 §6: an IPv6 node is bracketed, and then must be quoted
+    return _quoted(f"[{ip}]") if ":" in ip else ip
 
 
 def upstream_headers(request: Request, default_authority: bytes = b"localhost") -> Headers:
-    headers = [(k, v) for k, v in strip_hop_by_hop(request.headers) if k not in _CLIENT_SUPPLIED]
+    headers = [(k, v) for k, v in strip_hop_by_hop(request.headers) if not is_forwarding_header(k)]
     ip = request.client[0]
     scheme = request.scheme.decode()
     # HTTP/1.0 may come without Host: name the site by its TLS server name, else the upstream
     authority = request.authority or request.tls.get("sni", "").encode() or default_authority
-    forwarded = f"for={_quote_for(ip)};proto={scheme}"
-    if request.authority:
-        forwarded += f';host="{request.authority.decode("latin-1")}"'
+    forwarded = f"for={_forwarded_for(ip)};proto={scheme}"
+    if request.authority:  # checked by the HTTP layer (web/target.py): one host, no list
+        forwarded += f";host={_quoted(request.authority.decode('latin-1'))}"
         headers.append((b"x-forwarded-host", request.authority))
     headers += [
         (b"host", authority),

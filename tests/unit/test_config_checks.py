@@ -1,0 +1,174 @@
+"""Config checks that guard a promise: where secrets may travel, what may claim a visitor's
+address, which paths a rule covers. Every refusal names its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from blindfold import pki
+from blindfold.cli.main import main
+from blindfold.config import loads
+from blindfold.errors import ConfigError
+
+EDGE = """
+[edge]
+listen = ["127.0.0.1:8443"]
+
+[[edge.routes]]
+sni = ["example.test"]
+origins = ["127.0.0.1:9443"]
+
+[edge.decisions]
+api_key_file = "edge.key"
+"""
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        # issue 8 finding 11: the host is decisions.example, not 127.0.0.1
+        "http://127.0.0.1@decisions.example:8089",
+        "http://127.0.0.1:x@decisions.example:8089",
+        "https://user:pw@decisions.example:8089",
+        "http://decisions.example:8089",
+        "http://127.example:8089",
+        "http://[::ffff:10.0.0.1]:8089",
+        "https://decisions.example:99999",
+        "https://decisions.example:8089/?x=1",
+        "https://decisions.example:8089/#x",
+        "ftp://decisions.example",
+        "https://",
+    ],
+)
+def test_a_decisions_url_that_could_leak_the_key_is_refused(url: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        loads(EDGE + f'url = "{url}"\n')
+    assert exc.value.key == "edge.decisions.url"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://decisions.example:8089",
+        "https://10.0.0.1:8089/crowdsec",
+        "http://127.0.0.1:8089",
+        "http://127.9.9.9:8089",
+        "http://[::1]:8089",
+    ],
+)
+def test_good_decisions_urls(url: str) -> None:
+    cfg = loads(EDGE + f'url = "{url}"\n')
+    assert cfg.edge is not None and cfg.edge.decisions is not None
+    assert cfg.edge.decisions.url == url
+
+
+@pytest.mark.parametrize("prefix", ["/%zz", "/a%00", "login", "/a\\\\b"])
+def test_a_path_prefix_that_is_no_path_is_refused(prefix: str) -> None:
+    text = f"""
+[origin]
+upstream = "http://127.0.0.1:8080"
+listen = []
+proxy_protocol = "off"
+
+[[origin.decisions.rate_rules]]
+path_prefix = "{prefix}"
+rate_per_s = 1
+"""
+    with pytest.raises(ConfigError) as exc:
+        loads(text)
+    assert exc.value.key == "origin.decisions.rate_rules[0].path_prefix"
+
+
+# ---------------------------------------------------------------------- check-config
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    ca = pki.make_ca()
+    pki.issue(ca, ["example.test", "origin.example.test"]).write(
+        tmp_path / "site.pem", tmp_path / "site.key"
+    )
+    pki.issue(ca, ["decisions.internal"]).write(tmp_path / "dec.pem", tmp_path / "dec.key")
+    (tmp_path / "keys.txt").write_text("edge1:0123456789abcdef0123\n")
+    return {
+        "dir": tmp_path,
+        "site": tmp_path / "site.pem",
+        "site_key": tmp_path / "site.key",
+        "dec": tmp_path / "dec.pem",
+        "dec_key": tmp_path / "dec.key",
+        "keys": tmp_path / "keys.txt",
+    }
+
+
+def _origin(files: dict[str, Path], origin: str = "", decisions: str = "") -> str:
+    return f"""
+[origin]
+upstream = "http://127.0.0.1:8080"
+listen = ["127.0.0.1:9443"]
+trusted_edges = ["127.0.0.1/32"]
+{origin}
+
+[[origin.certificates]]
+cert = "{files["site"]}"
+key = "{files["site_key"]}"
+
+[origin.decisions]
+listen = "127.0.0.1:8089"
+api_keys_file = "{files["keys"]}"
+{decisions or f'cert = "{files["dec"]}"{chr(10)}key = "{files["dec_key"]}"'}
+"""
+
+
+def _check(
+    files: dict[str, Path], text: str, capsys: pytest.CaptureFixture[str]
+) -> tuple[int, str]:
+    path = files["dir"] / "t.toml"
+    path.write_text(text)
+    code = main(["check-config", str(path)])
+    return code, capsys.readouterr().err
+
+
+def test_check_config_accepts_a_good_origin(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _check(files, _origin(files), capsys) == (0, "")
+
+
+@pytest.mark.parametrize("everything", ["0.0.0.0/0", "::/0"])
+def test_trusting_every_address_is_an_error_unless_allowed(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str], everything: str
+) -> None:
+    """Issue 15 finding 14: anyone could then claim any visitor address."""
+    text = _origin(files).replace('"127.0.0.1/32"', f'"127.0.0.1/32", "{everything}"')
+    code, err = _check(files, text, capsys)
+    assert code == 2 and "origin.trusted_edges[1]" in err
+    allowed = text.replace("[origin]\n", "[origin]\ntrust_any_address = true\n")
+    assert _check(files, allowed, capsys)[0] == 0
+
+
+def test_listeners_on_every_address_are_warned_about(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = _origin(files, 'admin_listen = "0.0.0.0:9101"').replace(
+        'listen = "127.0.0.1:8089"', 'listen = "[::]:8089"'
+    )
+    code, err = _check(files, text, capsys)
+    assert code == 0
+    assert "warning: origin.admin_listen" in err and "warning: origin.decisions.listen" in err
+    edge = EDGE.split("[edge.decisions]")[0].replace(
+        'listen = ["127.0.0.1:8443"]', 'listen = ["127.0.0.1:8443"]\nadmin_listen = "0.0.0.0:9100"'
+    )
+    code, err = _check(files, edge, capsys)
+    assert code == 0 and "warning: edge.admin_listen" in err
+
+
+def test_the_decision_stream_needs_a_certificate_of_its_own(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 15 finding 8: by default it showed the site's certificate to anyone."""
+    missing = _origin(files, decisions="# no certificate")
+    code, err = _check(files, missing, capsys)
+    assert code == 2 and "origin.decisions.cert" in err
+    site = _origin(files, decisions=f'cert = "{files["site"]}"\nkey = "{files["site_key"]}"')
+    code, err = _check(files, site, capsys)
+    assert code == 2 and "origin.decisions.cert" in err and "example.test" in err
