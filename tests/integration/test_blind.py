@@ -480,3 +480,46 @@ def test_blobs_the_cache_cannot_keep_are_streamed_through(blind_site: Callable[.
     r, got = s.fetch("/index.html")  # small files are still cached
     r, got = s.fetch("/index.html")
     assert got == s.files["/index.html"] and _edge_count(s, "hit_memory") == 1
+
+
+def test_fetch_never_writes_through_a_planted_symlink(
+    blind_site: Callable[..., Site], tmp_path: Path
+) -> None:
+    """Issue 15 finding 12: the temporary file had a predictable name (.NAME.PID.part) and
+    was opened following symlinks, so anyone who can write to the output directory could
+    make `blindfold fetch` overwrite a file of their choice."""
+    from blindfold.blind.fetch import FetchOptions, fetch, load_public_key
+    from blindfold.errors import ConfigError
+
+    s = blind_site()
+    port = s.edge.port
+    opts = FetchOptions(
+        edge=f"https://{CDN}:{port}",
+        public_key=load_public_key(str(s.public_key)),
+        ca_file=str(s.ca),
+        connect_to={
+            f"example.test:{port}": f"127.0.0.1:{port}",
+            f"{CDN}:{port}": f"127.0.0.1:{port}",
+        },
+    )
+    url = f"https://example.test:{port}/js/app.js"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    out = shared / "app.js"
+    # the attacker plants links at the names the old code would have used
+    for pid in {os.getpid(), os.getpid() + 1}:
+        (shared / f".{out.name}.{pid}.part").symlink_to(victim)
+    result = fetch(url, str(out), opts)
+    assert result.source == "edge"
+    assert victim.read_bytes() == b"precious\n"
+    assert out.read_bytes() == s.files["/js/app.js"] and not out.is_symlink()
+    leftovers = {p.name for p in shared.iterdir()} - {out.name}
+    assert all((shared / n).is_symlink() for n in leftovers), leftovers  # only the planted ones
+    # A link at the destination itself is refused, never followed nor replaced.
+    link = shared / "link.js"
+    link.symlink_to(victim)
+    with pytest.raises(ConfigError, match="symbolic link"):
+        fetch(url, str(link), opts)
+    assert link.is_symlink() and victim.read_bytes() == b"precious\n"

@@ -11,6 +11,7 @@ import http.client
 import os
 import socket
 import ssl
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -203,33 +204,55 @@ def _from_origin(
     return size, h.hexdigest()
 
 
+def _temp_file(out: Path) -> tuple[int, Path]:
+    """A new file beside `out` for the download: a random name created with O_CREAT|O_EXCL|
+    O_NOFOLLOW (tempfile.mkstemp), so nothing planted in the directory (a symlink, a file
+    under a guessable name) is opened or followed; the mode the umask allows."""
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, Path(name)
+
+
 def fetch(url: str, out_path: str, opts: FetchOptions) -> FetchResult:
-    """Fetch `url` into `out_path` (written via a temporary file: nothing unverified stays)."""
+    """Fetch `url` into `out_path`, written through a temporary file beside it that is renamed
+    over `out_path` only when everything was verified. The rename replaces the name itself and
+    never follows a link; a symbolic link at `out_path` is refused outright (ConfigError)."""
     started = time.perf_counter()
     path = urllib.parse.urlsplit(url).path or "/"
+    out = Path(out_path)
+    if out.is_symlink():
+        raise ConfigError("output", f"{out_path} is a symbolic link: refusing to replace it")
     m = get_manifest(url, opts)
     entry = m.files.get(urllib.parse.unquote(path))
-    out = Path(out_path)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
+    fd, tmp = _temp_file(out)
     edge_error = ""
+    renamed = False
     try:
-        if entry is not None:
-            try:
-                with tmp.open("wb") as f:
+        with os.fdopen(fd, "wb") as f:
+            if entry is not None:
+                try:
                     _from_edge(entry, opts, f.write)
-                os.replace(tmp, out)
-                return FetchResult(
-                    "edge", entry.size, entry.sha256, seconds=time.perf_counter() - started
-                )
-            except (VerificationError, UpstreamError) as exc:
-                edge_error = str(exc)
-                if not opts.fallback:
-                    raise
-        else:
-            edge_error = "not in the manifest (not sealed)"
-        with tmp.open("wb") as f:
+                    f.flush()
+                    os.replace(tmp, out)
+                    renamed = True
+                    return FetchResult(
+                        "edge", entry.size, entry.sha256, seconds=time.perf_counter() - started
+                    )
+                except (VerificationError, UpstreamError) as exc:
+                    edge_error = str(exc)
+                    if not opts.fallback:
+                        raise
+                f.seek(0)
+                f.truncate()
+            else:
+                edge_error = "not in the manifest (not sealed)"
             size, digest = _from_origin(url, entry, opts, f.write)
-        os.replace(tmp, out)
+            f.flush()
+            os.replace(tmp, out)
+            renamed = True
         return FetchResult("origin", size, digest, edge_error, time.perf_counter() - started)
     finally:
-        tmp.unlink(missing_ok=True)
+        if not renamed:
+            tmp.unlink(missing_ok=True)
