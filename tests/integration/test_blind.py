@@ -523,3 +523,92 @@ def test_fetch_never_writes_through_a_planted_symlink(
     with pytest.raises(ConfigError, match="symbolic link"):
         fetch(url, str(link), opts)
     assert link.is_symlink() and victim.read_bytes() == b"precious\n"
+
+
+class SwappingEdge:
+    """A lying edge: it ends the visitor's TLS with the site's certificate (as a keyless edge
+    does) and answers each request with the origin's response to another request, relayed
+    byte for byte (signature headers included)."""
+
+    def __init__(self, site: dict[str, Path], edge_port: int, swap: Callable[[str], str]) -> None:
+        import socket
+        import ssl
+        import threading
+
+        self.server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.server_ctx.load_cert_chain(site["cert"], site["key"])
+        self.client_ctx = ssl.create_default_context(cafile=str(site["ca"]))
+        self.edge_port = edge_port
+        self.swap = swap
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(30)
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import socket
+
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                raw.settimeout(20)
+                with self.server_ctx.wrap_socket(raw, server_side=True) as visitor:
+                    head = b""
+                    while b"\r\n\r\n" not in head:
+                        data = visitor.recv(4096)
+                        if not data:
+                            break
+                        head += data
+                    method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
+                    upstream = socket.create_connection(("127.0.0.1", self.edge_port), 20)
+                    with self.client_ctx.wrap_socket(upstream, server_hostname="example.test") as o:
+                        o.sendall(
+                            f"{method} {self.swap(target)} HTTP/1.1\r\n"
+                            f"Host: example.test:{self.port}\r\nConnection: close\r\n\r\n".encode()
+                        )
+                        while data := o.recv(65536):
+                            visitor.sendall(data)
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(5)
+
+
+def test_verify_refuses_a_signed_response_served_for_another_request(
+    blind_site: Callable[..., Site], site: dict[str, Path]
+) -> None:
+    """Issue 8 finding 7: response signatures did not cover the request, so an edge could
+    answer one URL with the origin's signed response to another and `blindfold verify`
+    passed."""
+    s = blind_site()
+
+    def verify(edge: SwappingEdge, path: str) -> subprocess.CompletedProcess[str]:
+        return _run(
+            "verify",
+            f"https://example.test:{edge.port}{path}",
+            "--cacert",
+            str(s.ca),
+            "--connect-to",
+            f"example.test:{edge.port}:127.0.0.1:{edge.port}",
+            "--signature-key",
+            str(s.response_key),
+        )
+
+    honest = SwappingEdge(site, s.edge.port, lambda target: target)
+    lying = SwappingEdge(site, s.edge.port, lambda target: "/js/app.js")
+    try:
+        r = verify(honest, "/index.html")  # the relay itself changes nothing that is signed
+        assert r.returncode == 0 and "ok   signature" in r.stdout, r.stdout
+        r = verify(lying, "/index.html")  # the body of /js/app.js, signed, for /index.html
+        assert r.returncode == 1 and "FAIL signature" in r.stdout, r.stdout
+        r = verify(lying, "/js/app.js?v=2")  # the same path, another query
+        assert r.returncode == 1 and "FAIL signature" in r.stdout, r.stdout
+    finally:
+        honest.close()
+        lying.close()

@@ -247,8 +247,9 @@ class BlindStoreConfig:
         doc="Ed25519 private key (PEM) that signs every "
         "whole (200) response of the blind store with "
         "RFC 9421 HTTP Message Signatures (@status, content-type, "
-        "content-digest, date; `blindfold verify` checks "
-        "them). Empty: responses are not signed.",
+        "content-digest, date, and the request's method, authority, path "
+        "and query; `blindfold verify` checks them). Empty: responses are "
+        "not signed.",
     )
     response_signature_lifetime_s: float = setting(
         300.0, doc="How long such a signature is valid (its `expires`).", min=1

@@ -202,9 +202,11 @@ class BlindStore:
                 "public",
             )
         elif self.sw is not None and path == cfg.service_worker_path.encode():
-            await self._bytes(respond, self.sw, b"text/javascript; charset=utf-8", head)
+            await self._bytes(request, respond, self.sw, b"text/javascript; charset=utf-8", head)
         elif self.sw is not None and path == cfg.register_path.encode():
-            await self._bytes(respond, self.register, b"text/javascript; charset=utf-8", head)
+            await self._bytes(
+                request, respond, self.register, b"text/javascript; charset=utf-8", head
+            )
         elif (found := self._source_file(path)) is not None:
             file, name = found
             entry = self._sealed_paths().get(name)
@@ -280,6 +282,7 @@ class BlindStore:
         # A page that uses SRI gets the policy: then no script without integrity runs on it
         # (pages that load their scripts through the service worker are left alone).
         await self._bytes(
+            request,
             respond,
             data,
             b"text/html; charset=utf-8",
@@ -287,10 +290,14 @@ class BlindStore:
             [(b"integrity-policy", sri.INTEGRITY_POLICY)] if count else [],
         )
 
-    def _signed(self, ctype: bytes, digest: bytes) -> Headers:
-        if self.signer is None:
+    def _signed(self, request: Request, ctype: bytes, digest: bytes) -> Headers:
+        """RFC 9421 signature headers for a 200 response to `request` (bound to its method,
+        authority, path and query); none without a signing key or a Host to name."""
+        if self.signer is None or not request.authority:
             return []
-        return self.signer.headers(200, ctype.decode("latin-1"), digest, time.time())
+        url = "https://" + request.authority.decode("latin-1") + request.target.decode("latin-1")
+        ref = msgsig.RequestRef(request.method.decode("latin-1"), url)
+        return self.signer.headers(200, ctype.decode("latin-1"), digest, time.time(), ref)
 
     async def _file_digest(self, f: io.BufferedReader) -> bytes:
         """SHA-256 of the open file (what is sent) for its Content-Digest, cached by device,
@@ -312,6 +319,7 @@ class BlindStore:
 
     async def _bytes(
         self,
+        request: Request,
         respond: Responder,
         data: bytes,
         ctype: bytes,
@@ -325,7 +333,7 @@ class BlindStore:
                 (b"cache-control", b"no-cache"),
                 (b"content-length", str(len(data)).encode()),
                 *(extra or []),
-                *self._signed(ctype, hashlib.sha256(data).digest()),
+                *self._signed(request, ctype, hashlib.sha256(data).digest()),
             ],
         )
         if not head:
@@ -410,7 +418,7 @@ class BlindStore:
                 headers.append((b"content-range", f"bytes {start}-{end - 1}/{size}".encode()))
             headers.append((b"content-length", str(end - start).encode()))
             if status == 200 and self.signer is not None:
-                headers += self._signed(ctype, await self._file_digest(f))
+                headers += self._signed(request, ctype, await self._file_digest(f))
             await respond.start(status, headers)
             f.seek(start)
             sent = 0
