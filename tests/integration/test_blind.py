@@ -5,6 +5,7 @@ end to end to the origin) and a blind route for the CDN hostname (its own certif
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -49,6 +50,7 @@ class Site:
         app_port: int,
         start_edge: Callable[..., EdgeProcess],
         start_origin: Callable[..., OriginProcess],
+        origin_blind: dict[str, Any] | None = None,
         **blind: Any,
     ) -> None:
         self.tmp = tmp
@@ -94,6 +96,8 @@ class Site:
             f'\n[origin.blind]\ndir = "{self.out}"\nsource_dir = "{src}"\n'
             f'response_signing_key = "{tmp / "responses.pem"}"\n'
         )
+        for key, value in {"pages_prefix": "/", **(origin_blind or {})}.items():
+            text += f"{key} = {json.dumps(value)}\n"
         self.origin = start_origin(text)
         self.cache = tmp / "edge-cache"
         blind_cfg = {"cache_dir": str(self.cache), **blind}
@@ -154,8 +158,6 @@ class Site:
         )
 
     def ids(self) -> dict[str, str]:
-        import json
-
         doc = json.loads((self.out / "manifest.json").read_text())
         files = json.loads(doc["payload"])["files"]
         return {p: e["id"] for p, e in files.items()}
@@ -189,8 +191,8 @@ def blind_site(
     start_edge: Callable[..., EdgeProcess],
     start_origin: Callable[..., OriginProcess],
 ) -> Callable[..., Site]:
-    def make(**blind: Any) -> Site:
-        return Site(tmp_path, ca, site, app.port, start_edge, start_origin, **blind)
+    def make(origin_blind: dict[str, Any] | None = None, **blind: Any) -> Site:
+        return Site(tmp_path, ca, site, app.port, start_edge, start_origin, origin_blind, **blind)
 
     return make
 
@@ -612,3 +614,75 @@ def test_verify_refuses_a_signed_response_served_for_another_request(
     finally:
         honest.close()
         lying.close()
+
+
+SQLI_QUERY = "?id=1%27%20OR%20%271%27=%271"
+
+
+def _site_get(s: Site, path: str, source: str) -> tuple[int, bytes]:
+    port = s.edge.port
+    got = subprocess.run(
+        [
+            need("curl"),
+            "-sS",
+            "--max-time",
+            "20",
+            "--cacert",
+            str(s.ca),
+            "--interface",
+            source,
+            "--resolve",
+            f"example.test:{port}:127.0.0.1",
+            "-w",
+            "\n%{http_code}",
+            f"https://example.test:{port}{path}",
+        ],
+        capture_output=True,
+        timeout=30,
+    )
+    body, _, code = got.stdout.rpartition(b"\n")
+    return int(code or 0), body
+
+
+def test_the_store_answers_only_after_the_waf(blind_site: Callable[..., Site]) -> None:
+    """Issue 15 finding 4: the blind store answered before the WAF, the bans, the rate rules
+    and the access log: an injection in the query of a file it serves got 200 and no ban."""
+    s = blind_site()
+    blob = s.ids()["/img/photo.bin"]
+    paths = {
+        "page": "/index.html",
+        "manifest": "/.well-known/blindfold/manifest.json",
+        "blob": f"/.blindfold/blobs/{blob}",
+    }
+    for i, (kind, path) in enumerate(paths.items()):
+        source = f"127.0.0.{60 + i}"
+        assert _site_get(s, path, "127.0.0.59")[0] == 200, kind  # the clean request is served
+        code, body = _site_get(s, path + SQLI_QUERY, source)
+        assert code == 403 and b"request id:" in body, (kind, code, body[:200])
+        decision = s.origin.wait_for(
+            lambda r, ip=source: r.get("event") == "decision" and r.get("value") == ip, 5
+        )
+        assert decision is not None, kind
+    # Every request, the store's included, has its access-log line.
+    want = {(path, status) for path in paths.values() for status in (200, 403)}
+
+    def logged() -> set[tuple[str, int]]:
+        return {(r["path"], r["status"]) for r in s.origin.records("request")}
+
+    assert wait_until(lambda: want <= logged(), timeout=5), (want, logged())
+
+
+def test_the_store_does_not_shadow_the_application(blind_site: Callable[..., Site]) -> None:
+    """Issue 15 finding 4: a file in source_dir hid the application's own path."""
+    s = blind_site(origin_blind={"pages_prefix": "/js/"})
+    (s.src / "echo").write_text("a stale file named like an application path\n")
+    code, body = _site_get(s, "/echo", "127.0.0.70")
+    assert code == 200 and b'"path": "/echo"' in body, body[:200]  # the application's answer
+    # Under pages_prefix the store serves what is a file, the application everything else.
+    assert _site_get(s, "/js/app.js", "127.0.0.70") == (200, s.files["/js/app.js"])
+    code, body = _site_get(s, "/js/nothing-here", "127.0.0.70")
+    assert code == 200 and b"Hello from the application" in body
+    # The plaintext of sealed files stays under the store's own prefix, whatever the pages.
+    plain = "/.well-known/blindfold/plain/img/photo.bin"
+    assert _site_get(s, plain, "127.0.0.70") == (200, s.files["/img/photo.bin"])
+    assert _site_get(s, "/.well-known/blindfold/plain/echo", "127.0.0.70")[0] == 404

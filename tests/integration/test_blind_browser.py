@@ -174,7 +174,7 @@ class BrowserSite:
         self.origin = start_origin(
             origin_config(site, app_port, tmp)
             + (
-                f'\n[origin.blind]\ndir = "{out}"\nsource_dir = "{src}"\n'
+                f'\n[origin.blind]\ndir = "{out}"\nsource_dir = "{src}"\npages_prefix = "/"\n'
                 f'edge_url = "https://{CDN}:EDGEPORT"\nrewrite_html = true\n'
             ).replace("EDGEPORT", "0")
         )

@@ -25,6 +25,7 @@ from blindfold.core import ece, manifest
 from blindfold.errors import ConfigError, UpstreamError, VerificationError
 
 MANIFEST_PATH = "/.well-known/blindfold/manifest.json"
+PLAINTEXT_PATH = "/.well-known/blindfold/plain/"  # [origin.blind] plaintext_path
 BLOB_PREFIX = "/b/"
 CHUNK = 1 << 16
 
@@ -38,6 +39,7 @@ class FetchOptions:
     connect_to: dict[str, str] | None = None  # "host:port" -> "addr:port" (like curl's)
     timeout_s: float = 30.0
     fallback: bool = True
+    plaintext_path: str = PLAINTEXT_PATH  # the origin's prefix for the plaintext of sealed files
 
 
 @dataclass(slots=True)
@@ -188,6 +190,11 @@ def _from_edge(entry: manifest.Entry, opts: FetchOptions, sink: Callable[[bytes]
 def _from_origin(
     url: str, entry: manifest.Entry | None, opts: FetchOptions, sink: Callable[[bytes], object]
 ) -> tuple[int, str]:
+    """A sealed file's plaintext from the origin's own prefix (checked against the manifest);
+    anything else from its URL."""
+    if entry is not None:
+        u = urllib.parse.urlsplit(url)
+        url = _origin_of(url) + opts.plaintext_path + (u.path or "/").lstrip("/")
     req = _Get(url, opts)
     h = hashlib.sha256()
     size = 0

@@ -212,9 +212,28 @@ class BlindStoreConfig:
     source_dir: str = setting(
         "",
         doc="The SRC_DIR that was sealed: the origin serves the "
-        "plaintext of sealed paths from it (the visitors' fallback when "
-        "an edge copy fails verification). Empty: the application "
-        "serves them.",
+        "plaintext of sealed paths from it under plaintext_path (the "
+        "visitors' fallback when an edge copy fails verification), and "
+        "the pages under pages_prefix. Empty: no fallback.",
+    )
+    pages_prefix: str = setting(
+        "",
+        doc="URL prefix under which the store serves source_dir's files "
+        "itself, at their own paths (after the WAF, like every request): "
+        "'/' for a static site, '/static/' for part of one. A path under it "
+        "that is a file of source_dir is answered from the file, so that "
+        "file hides the application's path of the same name; any other path "
+        "goes to the application. Empty: the application serves every page "
+        "and file (the store only its reserved paths).",
+        check=lambda v: _url_prefix(v) if v else None,
+    )
+    plaintext_path: str = setting(
+        "/.well-known/blindfold/plain/",
+        doc="URL prefix of the plaintext of sealed files (PREFIX + the "
+        "file's path without its leading /), whole or from a byte offset: "
+        "the visitors' fallback when an edge copy fails verification. Needs "
+        "source_dir; only files the manifest names.",
+        check=_url_prefix,
     )
     manifest_path: str = setting(
         "/.well-known/blindfold/manifest.json",
@@ -235,7 +254,7 @@ class BlindStoreConfig:
     )
     rewrite_html: bool = setting(
         False,
-        doc="Rewrite pages served from source_dir for "
+        doc="Rewrite the HTML pages served under pages_prefix for "
         "Subresource Integrity: <script src> and <link "
         "rel=stylesheet> of files published with `seal --sri` point "
         "at the edge copy with integrity and crossorigin, and a "

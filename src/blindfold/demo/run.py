@@ -120,6 +120,7 @@ ban_duration_s = 60
 [origin.blind]
 dir = "{base / "sealed"}"
 source_dir = "{base / "static"}"
+pages_prefix = "/blind/"
 edge_url = "https://{CDN_HOST}:{edge_port}"
 rewrite_html = true
 response_signing_key = "{base / "responses.pem"}"

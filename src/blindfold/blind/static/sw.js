@@ -6,8 +6,9 @@
 // decrypt its RFC 8188 aes128gcm records with WebCrypto as they arrive (each record is
 // authenticated; the last one is marked, so truncation and reordering are detected), check
 // sizes and, for files up to BUFFER_LIMIT, the SHA-256 of the blob and of the plaintext
-// before a byte is released. On any failure the origin serves the file instead (a failure in
-// the middle of a streamed file: the rest, with a Range request) and the failure is reported.
+// before a byte is released. On any failure the origin serves the file instead, from its
+// plaintext prefix (a failure in the middle of a streamed file: the rest, with a Range
+// request) and the failure is reported.
 'use strict';
 
 const CONFIG = /*BLINDFOLD_CONFIG*/ {};
@@ -106,8 +107,15 @@ function headersFor(entry) {
           'x-blindfold-source': 'edge'};
 }
 
+// The origin serves the plaintext of every sealed file under its own prefix (after its WAF,
+// whatever the application does with the file's own path).
+function plainUrl(request) {
+  return CONFIG.plain + new URL(request.url).pathname.slice(1);
+}
+
 async function fromOrigin(request, entry) {
-  const response = await fetch(request.url, {cache: 'no-store', credentials: 'same-origin'});
+  const response = await fetch(plainUrl(request), {cache: 'no-store',
+                                                   credentials: 'same-origin'});
   const headers = new Headers(response.headers);
   headers.set('x-blindfold-source', 'origin');
   return new Response(response.body, {status: response.status, headers});
@@ -295,7 +303,7 @@ async function rest(request, entry, from, controller) {
     return;
   }
   // If-Range with the manifest's digest: the origin answers 206 only for this very version.
-  const response = await fetch(request.url, {
+  const response = await fetch(plainUrl(request), {
     cache: 'no-store', credentials: 'same-origin',
     headers: {'range': `bytes=${from}-`, 'if-range': `"${entry.sha256}"`}});
   if (response.status !== 206) throw new Error(`origin range: HTTP ${response.status}`);
