@@ -184,6 +184,7 @@ key = "{p["site_key"]}"
 [origin.blind]
 dir = "{sealed}"
 source_dir = "{src}"
+site_names = ["{SITE}"]
 """
 
 

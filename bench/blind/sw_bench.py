@@ -143,7 +143,7 @@ def main() -> int:
     try:
         origin = OriginProcess(
             origin_config(site, app.port, out) + f'\n[origin.blind]\ndir = "{sealed}"\n'
-            f'source_dir = "{src}"\npages_prefix = "/"\nedge_url = "https://{CDN}:0"\n',
+            f'source_dir = "{src}"\npages_prefix = "/"\nsite_names = ["example.test"]\nedge_url = "https://{CDN}:0"\n',
             out,
             name="origin",
         )

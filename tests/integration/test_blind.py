@@ -51,6 +51,7 @@ class Site:
         start_edge: Callable[..., EdgeProcess],
         start_origin: Callable[..., OriginProcess],
         origin_blind: dict[str, Any] | None = None,
+        extra_routes: Callable[[int], str] | None = None,
         **blind: Any,
     ) -> None:
         self.tmp = tmp
@@ -96,7 +97,11 @@ class Site:
             f'\n[origin.blind]\ndir = "{self.out}"\nsource_dir = "{src}"\n'
             f'response_signing_key = "{tmp / "responses.pem"}"\n'
         )
-        for key, value in {"pages_prefix": "/", **(origin_blind or {})}.items():
+        for key, value in {
+            "pages_prefix": "/",
+            "site_names": ["example.test"],
+            **(origin_blind or {}),
+        }.items():
             text += f"{key} = {json.dumps(value)}\n"
         self.origin = start_origin(text)
         self.cache = tmp / "edge-cache"
@@ -116,6 +121,8 @@ class Site:
             proxy_protocol="v2",
             blind=blind_cfg,
         )
+        if extra_routes is not None:
+            routes += extra_routes(self.origin.port)
         self.edge = start_edge(edge_config(routes, per_ip_rate_per_s=0))
         self.ca = site["ca"]
         self.site_pin = site["fingerprint"].read_text().strip()
@@ -191,8 +198,22 @@ def blind_site(
     start_edge: Callable[..., EdgeProcess],
     start_origin: Callable[..., OriginProcess],
 ) -> Callable[..., Site]:
-    def make(origin_blind: dict[str, Any] | None = None, **blind: Any) -> Site:
-        return Site(tmp_path, ca, site, app.port, start_edge, start_origin, origin_blind, **blind)
+    def make(
+        origin_blind: dict[str, Any] | None = None,
+        extra_routes: Callable[[int], str] | None = None,
+        **blind: Any,
+    ) -> Site:
+        return Site(
+            tmp_path,
+            ca,
+            site,
+            app.port,
+            start_edge,
+            start_origin,
+            origin_blind,
+            extra_routes,
+            **blind,
+        )
 
     return make
 
@@ -686,3 +707,64 @@ def test_the_store_does_not_shadow_the_application(blind_site: Callable[..., Sit
     plain = "/.well-known/blindfold/plain/img/photo.bin"
     assert _site_get(s, plain, "127.0.0.70") == (200, s.files["/img/photo.bin"])
     assert _site_get(s, "/.well-known/blindfold/plain/echo", "127.0.0.70")[0] == 404
+
+
+def test_the_manifest_is_refused_where_the_edge_ends_tls(
+    blind_site: Callable[..., Site], ca: pki.Issued, site: dict[str, Path], tmp_path: Path
+) -> None:
+    """Issue 15 finding 5: through a keyless route (the edge ends TLS and reads the HTTP) the
+    origin served the manifest, the content keys, to the edge."""
+    from tests.helpers.keyless import KeyServerProcess, keyserver_config, make_pki
+    from tests.integration.test_keyless import keyless_route
+
+    kpki = make_pki(tmp_path, ca)
+    ks = KeyServerProcess(
+        keyserver_config(kpki, {"edge1": ["keyless.example.test"]}), tmp_path, name="ks"
+    )
+    try:
+        s = blind_site(
+            extra_routes=lambda origin_port: keyless_route(
+                kpki, site, [ks.port], origin_port, sni=["keyless.example.test"]
+            )
+        )
+
+        def get(host: str, path: str) -> tuple[int, bytes]:
+            port = s.edge.port
+            got = subprocess.run(
+                [
+                    need("curl"),
+                    "-sS",
+                    "--max-time",
+                    "20",
+                    "--cacert",
+                    str(s.ca),
+                    "--resolve",
+                    f"{host}:{port}:127.0.0.1",
+                    "-w",
+                    "\n%{http_code}",
+                    f"https://{host}:{port}{path}",
+                ],
+                capture_output=True,
+                timeout=30,
+            )
+            body, _, code = got.stdout.rpartition(b"\n")
+            return int(code or 0), body
+
+        manifest = "/.well-known/blindfold/manifest.json"
+        plain = "/.well-known/blindfold/plain/img/photo.bin"
+        key = json.loads(json.loads((s.out / "manifest.json").read_text())["payload"])
+        some_key = next(iter(key["files"].values()))["key"].encode()
+        # End to end (the passthrough route): served.
+        code, body = get("example.test", manifest)
+        assert code == 200 and some_key in body
+        assert get("example.test", plain) == (200, s.files["/img/photo.bin"])
+        # Through the keyless route the edge would read it: refused, no key in the answer.
+        for path in (manifest, plain):
+            code, body = get("keyless.example.test", path)
+            assert code == 403 and some_key not in body and b"end-to-end" in body, (code, body)
+        # The keyless route itself works (the application answers).
+        code, body = get("keyless.example.test", "/echo")
+        assert code == 200 and b'"path": "/echo"' in body
+    finally:
+        ks.stop()
+        assert not ks.tracebacks(), "".join(ks.stderr_lines)

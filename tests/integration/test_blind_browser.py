@@ -175,6 +175,7 @@ class BrowserSite:
             origin_config(site, app_port, tmp)
             + (
                 f'\n[origin.blind]\ndir = "{out}"\nsource_dir = "{src}"\npages_prefix = "/"\n'
+                f'site_names = ["example.test"]\n'
                 f'edge_url = "https://{CDN}:EDGEPORT"\nrewrite_html = true\n'
             ).replace("EDGEPORT", "0")
         )

@@ -206,7 +206,7 @@ def test_check_config_loads_the_blind_store(
     cfg.write_text(
         "[origin]\nupstream = 'http://127.0.0.1:8080'\nlisten = []\n"
         "proxy_protocol = 'off'\n[origin.waf]\nenabled = false\n"
-        f"[origin.blind]\ndir = '{tmp_path / 'sealed'}'\n"
+        f"[origin.blind]\ndir = '{tmp_path / 'sealed'}'\nsite_names = ['example.test']\n"
         "edge_url = 'https://cdn.test'\n"
     )
     assert main(["check-config", str(cfg)]) == 2  # not sealed yet: no manifest key

@@ -14,6 +14,9 @@ from blindfold.errors import ConfigError
 def _check_config(path: str) -> int:
     try:
         config, _text = load_file(path)
+        from blindfold.blind.exposure import check_deployment
+
+        check_deployment(config)  # the manifest never where the edge ends TLS
         sections = []
         if config.edge is not None:
             from blindfold.edge.lists import ListSet

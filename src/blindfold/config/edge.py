@@ -95,6 +95,16 @@ class PathRateLimit:
 
 @dataclass(frozen=True, slots=True)
 class BlindRouteConfig:
+    site_names: tuple[str, ...] = setting(
+        (),
+        doc="The hostnames of the site whose blobs this route serves, where its pages and "
+        "manifest are (default: origin_server_name). The edge refuses to start with a "
+        "keyless route that would take one of them (it would read the manifest).",
+        check=lambda v: (
+            _each(check_sni_pattern)(v)
+            or next((f"{n!r}: an exact name" for n in v if "*" in n), None)
+        ),
+    )
     origin_blobs_path: str = setting(
         "/.blindfold/blobs/",
         doc="URL prefix of the sealed blobs on the origin agent ([origin.blind] blobs_path).",
@@ -576,6 +586,9 @@ class EdgeConfig:
             raise ConfigError("routes", f"route names must be unique: {sorted(dup)}")
         if self.admin_listen in self.listen and not self.admin_listen.endswith(":0"):
             raise ConfigError("admin_listen", "must differ from every listen address")
+        from blindfold.blind.exposure import check_edge
+
+        check_edge(self.routes)  # no keyless route where a blind site's manifest is served
 
     def route_name(self, index: int) -> str:
         return self.routes[index].name or f"route{index}"

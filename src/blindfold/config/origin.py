@@ -206,9 +206,28 @@ def _url_prefix(value: str) -> str | None:
     return _url_path(value) or (None if value.endswith("/") else f"{value!r} must end with /")
 
 
+def _hostnames(values: tuple[str, ...]) -> str | None:
+    from blindfold.config.common import is_hostname
+
+    if not values:
+        return "name at least one hostname"
+    for i, v in enumerate(values):
+        if not is_hostname(v) or v != v.lower():
+            return f"[{i}]: {v!r} is not a hostname in lower case (no wildcards)"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class BlindStoreConfig:
     dir: str = setting(doc="The OUT_DIR of `blindfold seal`: manifest.json and blobs/.")
+    site_names: tuple[str, ...] = setting(
+        doc="The site's hostnames that visitors reach over TLS ending here "
+        "(passthrough routes, never keyless ones). The manifest and the plaintext "
+        "fallback are served only to requests whose TLS server name and Host are both "
+        "one of these: elsewhere an edge could read them (403). check-config refuses a "
+        "keyless route or a key server authorisation for these names that it can see.",
+        check=_hostnames,
+    )
     source_dir: str = setting(
         "",
         doc="The SRC_DIR that was sealed: the origin serves the "

@@ -121,6 +121,7 @@ ban_duration_s = 60
 dir = "{base / "sealed"}"
 source_dir = "{base / "static"}"
 pages_prefix = "/blind/"
+site_names = ["{HOST}"]
 edge_url = "https://{CDN_HOST}:{edge_port}"
 rewrite_html = true
 response_signing_key = "{base / "responses.pem"}"

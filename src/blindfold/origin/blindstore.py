@@ -191,6 +191,7 @@ class BlindStore:
         self.plaintext_path = cfg.plaintext_path.encode()
         self.report_path = cfg.report_path.encode()
         self.pages_prefix = cfg.pages_prefix.encode()
+        self.site_names = frozenset(cfg.site_names)
         self._sri: dict[str, sri.Published] = {}
         self._sri_mtime = -1.0
         if cfg.rewrite_html and not cfg.edge_url:
@@ -276,6 +277,14 @@ class BlindStore:
         ):
             return None
         head = request.method == b"HEAD"
+        secret = path == self.manifest_path or path.startswith(self.plaintext_path)
+        if secret and not self._end_to_end(request):
+            self._count("blind_requests:refused_not_end_to_end")
+            return _simple(
+                403,
+                "served only over end-to-end TLS to this site's own names "
+                "([origin.blind] site_names), never where an edge ends TLS\n",
+            )
         if path == self.manifest_path:
             return await self._file(
                 request,
@@ -346,6 +355,21 @@ class BlindStore:
             entry.type.encode() if entry else _TYPES.get(file.suffix, b"application/octet-stream")
         )
         return await self._file(request, file, ctype, b"no-cache", head, "page")
+
+    def _end_to_end(self, request: Request) -> bool:
+        """Whether the request came over TLS that ends here, from the visitor: the name its
+        TLS handshake asked for and the Host it names are both the site's own (site_names),
+        names no edge ends TLS for. A keyless edge relays its visitors' requests for its own
+        names (their Host), over a handshake with its own SNI (the route's origin_server_name
+        or the visitor's): neither is a site name. Plain-HTTP listeners have no TLS at all.
+        What this cannot tell: an edge the key server lets sign for a site name, or an edge
+        that lies in its requests (docs/blind.md)."""
+        sni = request.tls.get("sni", "")
+        host = request.authority.decode("latin-1").lower()
+        if host.startswith("["):
+            return False
+        host = host.rpartition(":")[0] if ":" in host else host
+        return sni in self.site_names and host.rstrip(".") in self.site_names
 
     def _source_file(self, path: bytes) -> tuple[Path, str] | None:
         """The file under source_dir for a URL path (percent-decoded, as the manifest names
