@@ -22,6 +22,7 @@ import os
 import re
 import time
 import urllib.parse
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from pathlib import Path
@@ -75,6 +76,21 @@ _TYPES = {
     ".txt": b"text/plain; charset=utf-8",
 }
 _JS = b"text/javascript; charset=utf-8"
+# The SRI rewrite parses HTML in Python (~0.2-0.4 s per MiB): it runs in a thread, at most
+# this many at once, once per version of a page (cached, bounded), and not at all for pages
+# bigger than MAX_REWRITE_BYTES (served as they are).
+MAX_CONCURRENT_REWRITES = 2
+MAX_REWRITE_BYTES = 16 << 20
+_PageKey = tuple[str, int, int, int, tuple[int, int, int], bytes]
+
+
+def _rewrite_file(
+    file: Path, page_path: str, published: dict[str, sri.Published]
+) -> tuple[bytes, int, bytes]:
+    """In a worker thread: the page rewritten for SRI, its tag count and its SHA-256."""
+    page, count = sri.rewrite(file.read_text(encoding="utf-8"), page_path, published)
+    data = page.encode()
+    return data, count, hashlib.sha256(data).digest()
 
 
 def _service_worker(cfg: BlindStoreConfig, public: Ed25519PublicKey) -> bytes:
@@ -177,6 +193,8 @@ class StoreProxy(ReverseProxy):
 
 
 class BlindStore:
+    REWRITE_CACHE_BYTES = 32 << 20  # rewritten pages kept (LRU); a page over a quarter is not
+
     def __init__(
         self, cfg: BlindStoreConfig, stats: dict[str, Any], log: Callable[..., None]
     ) -> None:
@@ -193,7 +211,11 @@ class BlindStore:
         self.pages_prefix = cfg.pages_prefix.encode()
         self.site_names = frozenset(cfg.site_names)
         self._sri: dict[str, sri.Published] = {}
-        self._sri_mtime = -1.0
+        self._sri_version = (-1, -1, -1)
+        self._pages: OrderedDict[_PageKey, tuple[bytes, int, bytes]] = OrderedDict()
+        self.rewrite_cache_bytes = 0
+        self._rewrites: dict[_PageKey, asyncio.Task[tuple[bytes, int, bytes]]] = {}
+        self._rewrite_slots = asyncio.Semaphore(MAX_CONCURRENT_REWRITES)
         if cfg.rewrite_html and not cfg.edge_url:
             raise ConfigError("blind.rewrite_html", "needs edge_url (where the copies are)")
         if cfg.pages_prefix and not cfg.source_dir:
@@ -388,13 +410,15 @@ class BlindStore:
             return None
         return file, name
 
-    def _published(self) -> dict[str, sri.Published]:
-        """sri.json (re-read when the sealer rewrote it): path -> the edge copy."""
+    def _published(self) -> tuple[tuple[int, int, int], dict[str, sri.Published]]:
+        """sri.json (re-read when the sealer rewrote it): its version (inode, mtime, size) and
+        path -> the edge copy."""
         try:
-            mtime = (self.dir / SRI_NAME).stat().st_mtime
+            st = (self.dir / SRI_NAME).stat()
         except OSError:
-            return {}
-        if mtime != self._sri_mtime:
+            return (0, 0, 0), {}
+        version = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if version != self._sri_version:
             try:
                 files = json.loads((self.dir / SRI_NAME).read_bytes())["files"]
                 self._sri = {
@@ -403,16 +427,39 @@ class BlindStore:
                 }
             except (OSError, ValueError, KeyError, TypeError):
                 self._sri = {}
-            self._sri_mtime = mtime
-        return self._sri
+            self._sri_version = version
+        return self._sri_version, self._sri
 
     async def _page(self, request: Request, file: Path, head: bool) -> LocalResponse:
+        """An HTML page rewritten for Subresource Integrity: computed in a thread once per
+        version of the page and of the published copies, then served from a bounded cache."""
         try:
-            text = file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
+            st = file.stat()
+        except OSError:
             return _simple(404, "not found\n")
-        page, count = sri.rewrite(text, request.path.decode(), self._published())
-        data = page.encode()
+        if st.st_size > MAX_REWRITE_BYTES:
+            return await self._file(request, file, _TYPES[".html"], b"no-cache", head, "page")
+        version, published = self._published()
+        # The page's directory is what relative references resolve against.
+        where = request.path.rpartition(b"/")[0] + b"/"
+        key = (str(file), st.st_ino, st.st_mtime_ns, st.st_size, version, where)
+        done = self._pages.get(key)
+        if done is not None:
+            self._pages.move_to_end(key)
+        else:
+            job = self._rewrites.get(key)
+            if job is None:
+                job = asyncio.get_running_loop().create_task(
+                    self._rewrite(key, file, where.decode("latin-1"), published)
+                )
+                self._rewrites[key] = job
+                job.add_done_callback(lambda _t: self._rewrites.pop(key, None))
+            try:
+                # shielded: a visitor who leaves does not cancel the others' rewrite
+                done = await asyncio.shield(job)
+            except (OSError, UnicodeDecodeError):
+                return _simple(404, "not found\n")
+        data, count, digest = done
         self._count("blind_requests:page")
         self._count("blind_bytes:page", 0 if head else len(data))
         # A page that uses SRI gets the policy: then no script without integrity runs on it
@@ -420,10 +467,26 @@ class BlindStore:
         return self._bytes(
             request,
             data,
-            b"text/html; charset=utf-8",
+            _TYPES[".html"],
             head,
             [(b"integrity-policy", sri.INTEGRITY_POLICY)] if count else [],
+            digest,
         )
+
+    async def _rewrite(
+        self, key: _PageKey, file: Path, where: str, published: dict[str, sri.Published]
+    ) -> tuple[bytes, int, bytes]:
+        async with self._rewrite_slots:
+            done = await asyncio.to_thread(_rewrite_file, file, where, published)
+        self._count("blind_requests:page_rewrite")
+        size = len(done[0])
+        if size <= self.REWRITE_CACHE_BYTES // 4:
+            self._pages[key] = done
+            self.rewrite_cache_bytes += size
+            while self.rewrite_cache_bytes > self.REWRITE_CACHE_BYTES:
+                _old, gone = self._pages.popitem(last=False)
+                self.rewrite_cache_bytes -= len(gone[0])
+        return done
 
     def _signed(self, request: Request, ctype: bytes, digest: bytes) -> Headers:
         """RFC 9421 signature headers for a 200 response to `request` (bound to its method,
@@ -459,6 +522,7 @@ class BlindStore:
         ctype: bytes,
         head: bool,
         extra: Headers | None = None,
+        digest: bytes | None = None,
     ) -> LocalResponse:
         async def one() -> AsyncIterator[bytes]:
             if not head:
@@ -471,7 +535,7 @@ class BlindStore:
                 (b"cache-control", b"no-cache"),
                 (b"content-length", str(len(data)).encode()),
                 *(extra or []),
-                *self._signed(request, ctype, hashlib.sha256(data).digest()),
+                *self._signed(request, ctype, digest or hashlib.sha256(data).digest()),
             ],
             one(),
         )
