@@ -157,7 +157,10 @@ def main() -> int:
             origin_ca=str(out / "ca.pem"),
             origin_server_name="example.test",
             proxy_protocol="v2",
-            blind={"cache_dir": str(out / "cache")},
+            blind={
+                "cache_dir": str(out / "cache"),
+                "manifest_public_key": str(sealed / "manifest-public.pem"),
+            },
         )
         edge = EdgeProcess(
             edge_config(routes, per_ip_rate_per_s=0, log_connections=False), out, name="edge"

@@ -105,7 +105,11 @@ class Site:
             text += f"{key} = {json.dumps(value)}\n"
         self.origin = start_origin(text)
         self.cache = tmp / "edge-cache"
-        blind_cfg = {"cache_dir": str(self.cache), **blind}
+        blind_cfg = {
+            "cache_dir": str(self.cache),
+            "manifest_public_key": str(self.public_key),
+            **blind,
+        }
         if not blind_cfg["cache_dir"]:
             del blind_cfg["cache_dir"]
         routes = route(
@@ -127,14 +131,17 @@ class Site:
         self.ca = site["ca"]
         self.site_pin = site["fingerprint"].read_text().strip()
 
-    def fetch(self, path: str, *extra: str) -> tuple[subprocess.CompletedProcess[str], bytes]:
+    def fetch(
+        self, path: str, *extra: str, edge_port: int = 0
+    ) -> tuple[subprocess.CompletedProcess[str], bytes]:
         port = self.edge.port
+        edge_port = edge_port or port
         out = self.tmp / f"out-{secrets.token_hex(4)}"
         r = _run(
             "fetch",
             f"https://example.test:{port}{path}",
             "--edge",
-            f"https://{CDN}:{port}",
+            f"https://{CDN}:{edge_port}",
             "--manifest-key",
             str(self.public_key),
             "--cacert",
@@ -142,7 +149,7 @@ class Site:
             "--connect-to",
             f"example.test:{port}:127.0.0.1:{port}",
             "--connect-to",
-            f"{CDN}:{port}:127.0.0.1:{port}",
+            f"{CDN}:{edge_port}:127.0.0.1:{edge_port}",
             "-o",
             str(out),
             *extra,
@@ -271,6 +278,28 @@ def test_the_edge_holds_no_plaintext(blind_site: Callable[..., Site]) -> None:
     assert got.stdout.endswith(b"404")
 
 
+def _tamper(path: Path, at: int, keep_times: bool) -> None:
+    """Flip one bit of a file in place (same size); with `keep_times`, leave its times as they
+    were too, as a fault of the disk would (the edge cannot see the change by stat)."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    if keep_times:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _edge_event(s: Site, event: str, **match: Any) -> dict[str, Any] | None:
+    def found() -> dict[str, Any] | None:
+        return next(
+            (r for r in s.edge.records(event) if all(r.get(k) == v for k, v in match.items())),
+            None,
+        )
+
+    wait_until(lambda: found() is not None, timeout=10)
+    return found()
+
+
 def test_a_blob_altered_at_the_edge_is_detected_and_fetched_from_the_origin(
     blind_site: Callable[..., Site],
 ) -> None:
@@ -280,28 +309,83 @@ def test_a_blob_altered_at_the_edge_is_detected_and_fetched_from_the_origin(
     assert r.returncode == 0 and got == s.files[path]
     blob = s.ids()[path]
     [cached] = [p for p in s.cache.rglob(blob)]
-    data = bytearray(cached.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    cached.write_bytes(bytes(data))
+    _tamper(cached, cached.stat().st_size // 2, keep_times=True)  # unseen by the edge
     r, got = s.fetch(path)
     assert r.returncode == 0, r.stderr
     assert "from the origin" in r.stdout
     assert re.search(r"edge copy not used: .*(authenticate|digest)", r.stderr), r.stderr
     assert got == s.files[path]  # the right bytes, never the altered ones
     assert _origin_bytes(s.origin, "plaintext") == len(s.files[path])
-    # Without the fallback: a verification error and no output file.
-    r, got = s.fetch(path, "--no-fallback")
-    assert r.returncode == 1 and got == b"" and "authenticate" in r.stderr
+    # Issue 15 finding 17: the visitor told the edge, which checked its copy against the
+    # origin's signed blob index and dropped it; the next visitor gets a good copy from it.
+    assert "reported to the edge" in r.stderr, r.stderr
+    dropped = _edge_event(s, "blind_cache_dropped", blob=blob)
+    assert dropped is not None and dropped["reason"] == "report", s.edge.records("blind_report")
+    r, got = s.fetch(path)
+    assert r.returncode == 0 and "from the edge" in r.stdout and got == s.files[path], r.stderr
+    assert cached.read_bytes() == (s.out / "blobs" / blob).read_bytes()
 
 
-def test_a_truncated_blob_at_the_edge_is_detected(blind_site: Callable[..., Site]) -> None:
+def test_the_edge_drops_a_corrupted_copy_from_its_disk_cache(
+    blind_site: Callable[..., Site],
+) -> None:
+    """Issue 15 finding 17: a blob corrupted in the edge's cache was served forever."""
     s = blind_site(memory_cache_bytes=0)
+    path = "/img/photo.bin"
+    blob = s.ids()[path]
+    r, got = s.fetch(path)
+    assert r.returncode == 0 and "from the edge" in r.stdout
+    pulled = _origin_bytes(s.origin, "blob")
+    [cached] = [p for p in s.cache.rglob(blob)]
+    _tamper(cached, cached.stat().st_size // 3, keep_times=False)
+    # The edge sees the file changed, checks it against the signed index, drops it and pulls
+    # it again: the visitor never gets the bad copy.
+    r, got = s.fetch(path)
+    assert r.returncode == 0 and "from the edge" in r.stdout and not r.stderr, r.stderr
+    assert got == s.files[path]
+    dropped = _edge_event(s, "blind_cache_dropped", blob=blob)
+    assert dropped is not None and dropped["reason"] == "digest", dropped
+    assert _origin_bytes(s.origin, "blob") == 2 * pulled
+    assert cached.read_bytes() == (s.out / "blobs" / blob).read_bytes()
+    assert _edge_count(s, "cache_dropped") == 1
+
+
+def test_the_edge_refuses_a_blob_the_origin_index_does_not_vouch_for(
+    blind_site: Callable[..., Site],
+) -> None:
+    """A blob corrupted at the origin after sealing: the edge neither serves nor keeps it."""
+    s = blind_site(memory_cache_bytes=0)
+    path = "/img/photo.bin"
+    blob = s.ids()[path]
+    _tamper(s.out / "blobs" / blob, 1000, keep_times=False)
+    r, got = s.fetch(path)
+    assert r.returncode == 0 and "from the origin" in r.stdout and got == s.files[path], r.stderr
+    failed = _edge_event(s, "blind_pull_failed", blob=blob)
+    assert failed is not None and "index" in failed["detail"], failed
+    assert not list(s.cache.rglob(blob))
+    # And an id the index does not list is not pulled at all.
+    unknown = s.curl_blob("/b/" + "7" * 32, "-o", "/dev/null", "-w", "%{http_code}")
+    assert unknown.stdout == b"404"
+
+
+def test_a_truncated_blob_from_a_lying_edge_is_detected(
+    blind_site: Callable[..., Site], tmp_path: Path
+) -> None:
+    from tests.helpers.hostile_edge import HostileEdge
+
+    s = blind_site()
     path = "/big.bin"
-    assert s.fetch(path)[0].returncode == 0
-    [cached] = [p for p in s.cache.rglob(s.ids()[path])]
-    data = cached.read_bytes()
-    cached.write_bytes(data[: 16384 * 3 + 21])  # whole records, the last one missing
-    r, got = s.fetch(path, "--no-fallback")
+    blob = s.ids()[path]
+    sealed = (s.out / "blobs" / blob).read_bytes()
+    lying = HostileEdge(
+        tmp_path / "cdn.pem",
+        tmp_path / "cdn.key",
+        {f"/b/{blob}": sealed[: 16384 * 3 + 21]},  # whole records, the last one missing
+    )
+    try:
+        r, got = s.fetch(path, "--no-fallback", edge_port=lying.port)
+    finally:
+        lying.close()
     assert r.returncode == 1 and got == b""
     assert "truncated" in r.stderr or "digest" in r.stderr, r.stderr
 
@@ -443,9 +527,7 @@ def test_verify_checks_certificate_signature_manifest_and_blobs(
     # A blob altered in the edge's cache is found.
     blob = s.ids()["/big.bin"]
     [cached] = list(s.cache.rglob(blob))
-    data = bytearray(cached.read_bytes())
-    data[100] ^= 1
-    cached.write_bytes(bytes(data))
+    _tamper(cached, 100, keep_times=True)  # a fault the edge's own check cannot see by stat
     r = s.verify(*full)
     assert r.returncode == 1 and "FAIL blobs: 1 of 4 bad: /big.bin: digest differs" in r.stdout
 

@@ -23,6 +23,7 @@ certificate = "{FILES}/cdn.pem"
 key = "{FILES}/cdn.key"
 origin_ca = "{FILES}/ca.pem"
 origin_server_name = "example.test"
+blind = {{ manifest_public_key = "{FILES}/manifest-public.pem" }}
 """
 
 
@@ -104,7 +105,7 @@ def test_a_keyless_route_for_the_blind_site_is_refused(routes: str, bad: str | N
 
 
 def test_the_blind_site_names_are_the_ones_checked() -> None:
-    named = BLIND_ROUTE + 'blind = { site_names = ["www.example.test"] }\n'
+    named = BLIND_ROUTE.replace("blind = {", 'blind = { site_names = ["www.example.test"],')
     loads(EDGE + named + _keyless(["example.test"]))  # the site is www.example.test only
     with pytest.raises(ConfigError) as info:
         loads(EDGE + named + _keyless(["*.example.test"]))

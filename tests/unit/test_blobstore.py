@@ -68,3 +68,19 @@ def test_a_smaller_disk_limit_at_start_evicts(tmp_path: Path) -> None:
         _put_disk(store, _id(n), 1000)
     smaller = BlobStore(BlindRouteConfig(cache_dir=str(tmp_path), disk_cache_bytes=2500), 0)
     assert smaller.disk_used <= 2500 and len(list((tmp_path / "w0").iterdir())) == 2
+
+
+def test_drop_removes_every_copy_and_its_check(tmp_path: Path) -> None:
+    store = BlobStore(BlindRouteConfig(cache_dir=str(tmp_path), disk_cache_bytes=10_000), 0)
+    _put_disk(store, _id(1), 1000)
+    store.put_memory(_id(1), b"x" * 1000)
+    assert _id(1) in store.verified  # a committed pull was checked while it was pulled
+    assert store.drop(_id(1))
+    assert store.memory(_id(1)) is None and store.disk_path(_id(1)) is None
+    assert store.mem_used == 0 and store.disk_used == 0 and _id(1) not in store.verified
+    assert not (store.dir / _id(1)).exists() if store.dir else False
+    assert not store.drop(_id(1))  # nothing left to drop
+    # A rescan (a restart) starts with no file checked.
+    _put_disk(store, _id(2), 1000)
+    again = BlobStore(BlindRouteConfig(cache_dir=str(tmp_path), disk_cache_bytes=10_000), 0)
+    assert again.disk_path(_id(2)) is not None and _id(2) not in again.verified

@@ -1,8 +1,9 @@
 """`blindfold fetch URL`: what the service worker does, from Python. The signed manifest comes
 from the origin (its own TLS), the sealed blob from the edge; the blob's digest, every
 record's tag and the plaintext digest are checked before a byte is kept. On any failure the
-file is fetched from the origin instead, checked against the manifest too, and the failure
-is reported."""
+file is fetched from the origin instead (its plaintext prefix), checked against the manifest
+too; the failure is printed and reported to the edge, which checks its copy and drops it when
+bad."""
 
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class FetchResult:
     sha256: str
     edge_error: str = ""  # why the edge copy was not used
     seconds: float = 0.0
+    reported: bool = False  # the edge took the report of its bad copy
 
 
 def load_public_key(path: str) -> Ed25519PublicKey:
@@ -187,6 +189,26 @@ def _from_edge(entry: manifest.Entry, opts: FetchOptions, sink: Callable[[bytes]
         raise VerificationError(f"blob {entry.id}: plaintext digest differs from the manifest")
 
 
+def report_to_edge(entry: manifest.Entry, opts: FetchOptions) -> bool:
+    """Tell the edge its copy of the blob failed our checks (`POST EDGE/r/<id>`, no body): it
+    checks the copy against the site's signed blob index and drops it when bad. Best effort."""
+    u = urllib.parse.urlsplit(opts.edge.rstrip("/") + "/r/" + entry.id)
+    port = u.port or 443
+    addr_port = f"{u.hostname}:{port}"
+    if opts.connect_to and addr_port in opts.connect_to:
+        addr_port = opts.connect_to[addr_port]
+    addr, _, p = addr_port.rpartition(":")
+    ctx = ssl.create_default_context(cafile=opts.ca_file)
+    conn = _Connection(u.hostname or "", port, (addr.strip("[]"), int(p)), opts.timeout_s, ctx)
+    try:
+        conn.request("POST", u.path, headers={"User-Agent": "blindfold-fetch"})
+        return conn.getresponse().status == 202
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
 def _from_origin(
     url: str, entry: manifest.Entry | None, opts: FetchOptions, sink: Callable[[bytes], object]
 ) -> tuple[int, str]:
@@ -235,7 +257,7 @@ def fetch(url: str, out_path: str, opts: FetchOptions) -> FetchResult:
     entry = m.files.get(urllib.parse.unquote(path))
     fd, tmp = _temp_file(out)
     edge_error = ""
-    renamed = False
+    reported = renamed = False
     try:
         with os.fdopen(fd, "wb") as f:
             if entry is not None:
@@ -249,6 +271,7 @@ def fetch(url: str, out_path: str, opts: FetchOptions) -> FetchResult:
                     )
                 except (VerificationError, UpstreamError) as exc:
                     edge_error = str(exc)
+                    reported = report_to_edge(entry, opts)
                     if not opts.fallback:
                         raise
                 f.seek(0)
@@ -259,7 +282,9 @@ def fetch(url: str, out_path: str, opts: FetchOptions) -> FetchResult:
             f.flush()
             os.replace(tmp, out)
             renamed = True
-        return FetchResult("origin", size, digest, edge_error, time.perf_counter() - started)
+        return FetchResult(
+            "origin", size, digest, edge_error, time.perf_counter() - started, reported
+        )
     finally:
         if not renamed:
             tmp.unlink(missing_ok=True)

@@ -177,7 +177,7 @@ def _fetch(args: argparse.Namespace) -> int:
     if result.edge_error:
         print(
             f"blindfold fetch: edge copy not used: {result.edge_error}; fetched from the "
-            "origin instead",
+            "origin instead" + ("; reported to the edge" if result.reported else ""),
             file=sys.stderr,
         )
     print(

@@ -266,6 +266,12 @@ class BlindStoreConfig:
         doc="URL prefix under which edges pull sealed blobs by id.",
         check=_url_prefix,
     )
+    blob_index_path: str = setting(
+        "/.blindfold/blob-index.json",
+        doc="URL path of the signed blob index (each blob's and SRI copy's SHA-256 and "
+        "size; no keys, no paths) that edges check their copies against.",
+        check=_url_path,
+    )
     public_path: str = setting(
         "/.blindfold/public/",
         doc="URL prefix under which edges pull the plaintext SRI copies (`blindfold seal --sri`).",

@@ -194,7 +194,8 @@ origins = ["127.0.0.1:{origin_port}"]
 proxy_protocol = "v2"
 origin_ca = "{base / "ca.pem"}"
 origin_server_name = "{HOST}"
-blind = {{ cache_dir = "{base / "edge-cache"}" }}
+blind = {{ cache_dir = "{base / "edge-cache"}", \
+manifest_public_key = "{base / "sealed" / "manifest-public.pem"}" }}
 
 [edge.decisions]
 url = "https://127.0.0.1:{decisions_port}"

@@ -1,7 +1,8 @@
 """The origin's part in blind delivery. Over its own TLS, and only after the request gate (WAF,
 decision rules, access log: `StoreProxy` is the gate's last step), it answers its reserved paths:
 - the signed manifest (it holds the content keys: `no-store`, never through a blind edge),
-- the sealed blobs by id, and the plaintext SRI copies, for edges to pull and cache,
+- the sealed blobs by id, the plaintext SRI copies, and the signed blob index (their
+  digests) that edges check their copies against, for edges to pull and cache,
 - the service worker (with the manifest URL, the edge and the site's manifest key filled in)
   and its registration snippet,
 - the plaintext of sealed files under its own prefix (whole or from a byte offset): the
@@ -36,6 +37,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from blindfold.blind.sealer import (
+    BLOB_INDEX_NAME,
     BLOBS_DIR,
     MANIFEST_NAME,
     PUBLIC_DIR,
@@ -204,6 +206,7 @@ class BlindStore:
         self.dir = Path(cfg.dir)
         self.blobs = self.dir / BLOBS_DIR
         self.manifest_path = cfg.manifest_path.encode()
+        self.blob_index_path = cfg.blob_index_path.encode()
         self.blobs_path = cfg.blobs_path.encode()
         self.public_path = cfg.public_path.encode()
         self.plaintext_path = cfg.plaintext_path.encode()
@@ -274,7 +277,7 @@ class BlindStore:
     def _reserved(self, path: bytes) -> bool:
         cfg = self.cfg
         return (
-            path in (self.manifest_path, self.report_path)
+            path in (self.manifest_path, self.blob_index_path, self.report_path)
             or path.startswith((self.blobs_path, self.public_path, self.plaintext_path))
             or (
                 self.sw is not None
@@ -315,6 +318,15 @@ class BlindStore:
                 b"no-store",
                 head,
                 "manifest",
+            )
+        if path == self.blob_index_path:
+            return await self._file(
+                request,
+                self.dir / BLOB_INDEX_NAME,
+                b"application/json",
+                b"no-cache",
+                head,
+                "blob_index",
             )
         if path.startswith(self.blobs_path):
             blob = path[len(self.blobs_path) :]

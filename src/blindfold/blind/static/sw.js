@@ -320,7 +320,14 @@ async function rest(request, entry, from, controller) {
   controller.close();
 }
 
+// A failure goes to the site (logged there) and, for a blob, to the edge too, which checks
+// its copy against the site's signed blob index and drops it when bad (a POST without a body
+// or custom headers: no preflight).
 function report(path, id, error) {
+  if (id) {
+    fetch(`${CONFIG.edge}/r/${id}`, {method: 'POST', mode: 'cors', credentials: 'omit',
+                                     keepalive: true}).catch(() => {});
+  }
   if (!CONFIG.report) return;
   fetch(CONFIG.report, {method: 'POST', credentials: 'same-origin', keepalive: true,
                         headers: {'content-type': 'application/json'},
