@@ -390,3 +390,40 @@ def test_chromium_subresource_integrity_from_the_edge(browser_site: BrowserSite)
     assert (
         s.edge.metric("blindfold_blind_requests_total", route="route1", result="cache_dropped") == 2
     )
+
+
+@pytest.mark.timeout(400)
+def test_chromium_stops_reading_a_small_blob_at_its_sealed_size(
+    browser_site: BrowserSite, tmp_path: Path
+) -> None:
+    """Issue 15 finding 16: for a small file the service worker read the edge's whole answer
+    before checking its size, so a hostile edge could stream gigabytes into the tab. It must
+    stop at the sealed size + 1 byte, as its streaming path does."""
+    from tests.helpers.hostile_edge import HostileEdge
+
+    s = browser_site
+    small = "/data/small.bin"
+    blob = f"/b/{s.ids[small]}"
+    sealed_size = (tmp_path / "sealed" / "blobs" / s.ids[small]).stat().st_size
+    hostile = HostileEdge(
+        tmp_path / "cdn.pem", tmp_path / "cdn.key", endless={blob}, endless_cap_bytes=512 << 20
+    )
+    try:
+        # The site's service worker now gets its blobs from the hostile edge (everything but
+        # the small file: 404, so those come from the origin).
+        text = s.origin.config_path.read_text().replace(
+            f"{CDN}:{s.edge.port}", f"{CDN}:{hostile.port}"
+        )
+        s.origin.write_config(text)
+        assert s.origin.reload() is not None
+        got = s.browse("hostile")
+        assert got[small] == s.expected(small) + ":origin", got
+        assert hostile.finished[blob].wait(30)
+        sent = hostile.sent[blob]
+        # What the socket buffers on both sides and Chromium's own pipe hold is a few MiB at
+        # most; without the bound, the whole 512 MiB went in.
+        assert sent < sealed_size + (16 << 20), (sent, sealed_size)
+        errors = [r for r in s.origin.records("blind_client_report") if r.get("id") == s.ids[small]]
+        assert any("larger than the manifest" in r["error"] for r in errors), errors
+    finally:
+        hostile.close()
