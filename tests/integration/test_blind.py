@@ -850,3 +850,28 @@ def test_the_manifest_is_refused_where_the_edge_ends_tls(
     finally:
         ks.stop()
         assert not ks.tracebacks(), "".join(ks.stderr_lines)
+
+
+def test_an_edge_restarted_while_the_origin_is_down_keeps_serving_its_cache(
+    blind_site: Callable[..., Site], start_edge: Callable[..., EdgeProcess]
+) -> None:
+    """The edge's own check must never cost its cache: without a current index (the origin
+    down) it neither drops a copy nor serves one unchecked; the last signed index it fetched
+    is kept in its cache directory and checks the copies after a restart."""
+    s = blind_site(memory_cache_bytes=0)
+    path = "/img/photo.bin"
+    blob = s.ids()[path]
+    r, _ = s.fetch(path)
+    assert r.returncode == 0 and "from the edge" in r.stdout
+    [cached] = list(s.cache.rglob(blob))
+    text = s.edge.config_path.read_text()
+    s.edge.stop()
+    s.origin.stop()
+    s.edge = start_edge(text)
+    got = s.curl_blob(f"/b/{blob}", "-o", str(s.tmp / "again"), "-w", "%{http_code}")
+    assert got.stdout == b"200", got
+    assert (s.tmp / "again").read_bytes() == (s.out / "blobs" / blob).read_bytes()
+    assert cached.exists() and not s.edge.records("blind_cache_dropped")
+    # An id it cannot vouch for while no current index can be had: 502, nothing dropped.
+    unknown = s.curl_blob("/b/" + "7" * 32, "-o", "/dev/null", "-w", "%{http_code}")
+    assert unknown.stdout == b"502"

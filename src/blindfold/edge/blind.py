@@ -65,6 +65,7 @@ SEND_BUFFER_BYTES = 1 << 20
 # Blob ids name content (an HMAC of path and content digest): a blob never changes.
 _CACHE_CONTROL = b"public, max-age=31536000, immutable"
 INDEX_REFRESH_S = 5.0  # an unknown id fetches the index again at most this often
+INDEX_FILE = "index.json"  # the last signed index fetched, beside the cached blobs
 REPORTS_PER_S = 5.0  # visitors' reports per route and worker (each may hash a file)
 REPORT_BURST = 20
 RECHECK_COOLDOWN_S = 10.0  # a reported blob is checked at most this often
@@ -165,7 +166,8 @@ class BlobStore:
             if _ID.fullmatch(entry.name):
                 st = entry.stat()
                 found.append((st.st_mtime, entry.name, st.st_size))
-            elif f".{os.getpid()}." not in entry.name:  # a pull that never finished
+            elif entry.name != INDEX_FILE and f".{os.getpid()}." not in entry.name:
+                # a pull that never finished
                 with contextlib.suppress(OSError):  # (this process's may be running: kept)
                     os.unlink(entry.path)
         for _mtime, name, size in sorted(found):
@@ -257,14 +259,38 @@ def _raw(key: Ed25519PublicKey) -> bytes:
 
 
 class SiteIndex:
-    """The site's signed blob index as this worker last fetched it: name -> (sha256, size)."""
+    """The site's signed blob index as this worker last verified it: name -> (sha256, size).
+    An id names one content forever, so any verified index vouches for the names it lists;
+    only a `current` one (the last fetch from the origin succeeded) vouches that a name it
+    does not list is not the site's. The signed bytes are kept in the cache directory, so a
+    restarted worker checks its copies with them even while the origin is away."""
 
-    def __init__(self, public: Ed25519PublicKey) -> None:
+    def __init__(self, public: Ed25519PublicKey, keep: Path | None = None) -> None:
         self.public = public
         self.blobs: dict[str, tuple[bytes, int]] = {}
         self.issued_at = -1
         self.fetched_at = -INDEX_REFRESH_S
         self.task: asyncio.Task[None] | None = None
+        self.current = False
+        self.error = "not fetched yet"
+        self.keep = keep
+        if keep is not None:
+            try:
+                index = manifest.verify_index(keep.read_bytes(), public)
+            except (OSError, VerificationError):
+                return  # none yet, or another site's key: fetched on first need
+            self.blobs, self.issued_at = index.blobs, index.issued_at
+
+    def save(self, data: bytes) -> None:
+        """In a worker thread: the verified bytes, atomically, beside the blobs."""
+        if self.keep is None:
+            return
+        tmp = self.keep.with_name(f".{INDEX_FILE}.{os.getpid()}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, self.keep)
+        except OSError:
+            tmp.unlink(missing_ok=True)
 
 
 class BlindStats:
@@ -306,7 +332,7 @@ class BlindRoute:
         self.index: SiteIndex = (
             old.index
             if old is not None and same_cache and _raw(old.index.public) == _raw(public)
-            else SiteIndex(public)
+            else SiteIndex(public, self.store.dir / INDEX_FILE if self.store.dir else None)
         )
         self.checks: dict[tuple[str, tuple[int, int, int]], asyncio.Task[bool]] = (
             old.checks if old is not None and same_cache else {}
@@ -535,7 +561,8 @@ class BlindHandler:
     # ---------------------------------------------------------------- the signed blob index
     async def _expected(self, name: str) -> tuple[bytes, int] | None:
         """(sha256, size) of `name` by the site's signed blob index; an unknown name fetches
-        the index again (one fetch at a time, at most every INDEX_REFRESH_S)."""
+        the index again (one fetch at a time, at most every INDEX_REFRESH_S). None: the site
+        does not list it; UpstreamError: no current index says so (the origin is away)."""
         idx = self.br.index
         hit = idx.blobs.get(name)
         if hit is not None:
@@ -549,7 +576,10 @@ class BlindHandler:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.br.http.upstream_timeout_s):
                     await asyncio.shield(task)  # a visitor who leaves does not stop it
-        return idx.blobs.get(name)
+        hit = idx.blobs.get(name)
+        if hit is None and not idx.current:
+            raise UpstreamError(f"no current signed blob index: {idx.error}")
+        return hit
 
     async def _refresh_index(self) -> None:
         br = self.br
@@ -576,6 +606,8 @@ class BlindHandler:
             index = await asyncio.to_thread(manifest.verify_index, bytes(data), idx.public)
             if index.issued_at >= idx.issued_at:  # never back to an older index
                 idx.blobs, idx.issued_at = index.blobs, index.issued_at
+                await asyncio.to_thread(idx.save, bytes(data))
+            idx.current, idx.error = True, ""
             br.stats.count("index_fetched")
             self.worker.log.log(
                 "blind_index",
@@ -584,6 +616,7 @@ class BlindHandler:
                 issued_at=index.issued_at,
             )
         except (UpstreamError, VerificationError) as exc:
+            idx.current, idx.error = False, str(exc)[:200]
             br.stats.count("index_failed")
             self.worker.log.log("blind_index_failed", route=self.route.name, detail=str(exc)[:200])
         finally:
@@ -607,7 +640,10 @@ class BlindHandler:
         store = self.br.store
         if store.dir is None:
             return False
-        want = await self._expected(blob)
+        try:
+            want = await self._expected(blob)
+        except UpstreamError:
+            return False  # cannot tell: neither served nor dropped
         try:
             fd = os.open(store.dir / blob, os.O_RDONLY)
         except OSError:
@@ -640,7 +676,10 @@ class BlindHandler:
         """A visitor reported `name`: check every copy held against the index, drop them when
         one is bad. 'dropped', 'ok' or 'not_cached'."""
         store = self.br.store
-        want = await self._expected(name)
+        try:
+            want = await self._expected(name)
+        except UpstreamError:
+            return "no_current_index"  # cannot tell: nothing dropped
         held = bad = False
         data = store.mem.get(name)
         if data is not None:
@@ -744,7 +783,11 @@ class BlindHandler:
         out: io.BufferedWriter | None = None
         resp: UpstreamResponse | None = None
         try:
-            want = await self._expected(fill.blob)
+            try:
+                want = await self._expected(fill.blob)
+            except UpstreamError as exc:
+                fill.fail(502, str(exc))
+                return
             if want is None:  # the site does not vouch for it: not pulled, not kept
                 br.stats.count("not_in_index")
                 fill.fail(404, "")
@@ -906,7 +949,11 @@ class BlindHandler:
     async def _direct(self, blob: str, respond: Responder, head: bool) -> None:
         """A blob the cache cannot keep (too big for memory, no disk): streamed through."""
         br = self.br
-        want = await self._expected(blob)
+        try:
+            want = await self._expected(blob)
+        except UpstreamError:
+            await simple_response(respond, 502, "blob unavailable\n", self.cors)
+            return
         if want is None:
             br.stats.count("not_in_index")
             await simple_response(respond, 404, "no such blob\n", self.cors)
