@@ -93,11 +93,11 @@ class Site:
         self.response_key.write_bytes(
             signing.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
         )
-        text = origin_config(site, app_port, tmp) + (
-            f'\n[origin.blind]\ndir = "{self.out}"\nsource_dir = "{src}"\n'
-            f'response_signing_key = "{tmp / "responses.pem"}"\n'
-        )
+        text = origin_config(site, app_port, tmp) + "\n[origin.blind]\n"
         for key, value in {
+            "dir": str(self.out),
+            "source_dir": str(src),
+            "response_signing_key": str(tmp / "responses.pem"),
             "pages_prefix": "/",
             "site_names": ["example.test"],
             **(origin_blind or {}),
@@ -875,3 +875,20 @@ def test_an_edge_restarted_while_the_origin_is_down_keeps_serving_its_cache(
     # An id it cannot vouch for while no current index can be had: 502, nothing dropped.
     unknown = s.curl_blob("/b/" + "7" * 32, "-o", "/dev/null", "-w", "%{http_code}")
     assert unknown.stdout == b"502"
+
+
+def test_without_source_dir_the_fallback_is_the_files_own_url(
+    blind_site: Callable[..., Site], app: Any
+) -> None:
+    """No source_dir: the store serves no plaintext, the application serves sealed files at
+    their own paths, and that is where `blindfold fetch` falls back to."""
+    s = blind_site(memory_cache_bytes=0, origin_blind={"source_dir": "", "pages_prefix": ""})
+    path = "/img/photo.bin"
+    assert s.fetch(path)[0].returncode == 0
+    [cached] = list(s.cache.rglob(s.ids()[path]))
+    _tamper(cached, 100, keep_times=True)
+    seen = len(app.seen)
+    r, got = s.fetch(path)
+    # The demo application answers with a page of its own, which the manifest refuses.
+    assert r.returncode == 1 and got == b"" and "differ from its own manifest" in r.stderr
+    assert path in [req["path"] for req in app.seen[seen:]]

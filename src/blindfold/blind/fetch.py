@@ -212,12 +212,21 @@ def report_to_edge(entry: manifest.Entry, opts: FetchOptions) -> bool:
 def _from_origin(
     url: str, entry: manifest.Entry | None, opts: FetchOptions, sink: Callable[[bytes], object]
 ) -> tuple[int, str]:
-    """A sealed file's plaintext from the origin's own prefix (checked against the manifest);
-    anything else from its URL."""
-    if entry is not None:
+    """A sealed file's plaintext from the origin's own prefix (checked against the manifest;
+    from its URL when the prefix is empty or the origin serves none, 404: a store without
+    source_dir leaves sealed files to the application); anything else from its URL."""
+    req: _Get | None = None
+    if entry is not None and opts.plaintext_path:
         u = urllib.parse.urlsplit(url)
-        url = _origin_of(url) + opts.plaintext_path + (u.path or "/").lstrip("/")
-    req = _Get(url, opts)
+        plain = _origin_of(url) + opts.plaintext_path + (u.path or "/").lstrip("/")
+        try:
+            req = _Get(plain, opts)
+            url = plain
+        except UpstreamError as exc:
+            if not str(exc).endswith("HTTP 404"):
+                raise
+    if req is None:
+        req = _Get(url, opts)
     h = hashlib.sha256()
     size = 0
     limit = entry.size if entry is not None else 1 << 34

@@ -250,8 +250,9 @@ class BlindStoreConfig:
         "/.well-known/blindfold/plain/",
         doc="URL prefix of the plaintext of sealed files (PREFIX + the "
         "file's path without its leading /), whole or from a byte offset: "
-        "the visitors' fallback when an edge copy fails verification. Needs "
-        "source_dir; only files the manifest names.",
+        "the visitors' fallback when an edge copy fails verification. Only "
+        "files the manifest names; without source_dir none (the service worker "
+        "and `blindfold fetch` then fall back to the file's own URL).",
         check=_url_prefix,
     )
     manifest_path: str = setting(

@@ -99,7 +99,7 @@ def _service_worker(cfg: BlindStoreConfig, public: Ed25519PublicKey) -> bytes:
     template = resources.files("blindfold.blind").joinpath("static/sw.js").read_text()
     config = {
         "manifest": cfg.manifest_path,
-        "plain": cfg.plaintext_path,
+        "plain": cfg.plaintext_path if cfg.source_dir else "",  # "": the file's own URL
         "edge": cfg.edge_url,
         "report": cfg.report_path,
         "keyId": manifest.key_id(public),

@@ -108,8 +108,10 @@ function headersFor(entry) {
 }
 
 // The origin serves the plaintext of every sealed file under its own prefix (after its WAF,
-// whatever the application does with the file's own path).
+// whatever the application does with the file's own path); without a source_dir (no prefix)
+// the application serves it at its own URL.
 function plainUrl(request) {
+  if (!CONFIG.plain) return request.url;
   return CONFIG.plain + new URL(request.url).pathname.slice(1);
 }
 
