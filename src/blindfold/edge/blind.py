@@ -69,6 +69,9 @@ INDEX_FILE = "index.json"  # the last signed index fetched, beside the cached bl
 REPORTS_PER_S = 5.0  # visitors' reports per route and worker (each may hash a file)
 REPORT_BURST = 20
 RECHECK_COOLDOWN_S = 10.0  # a reported blob is checked at most this often
+# bytes hashed for reports: so many reports of big blobs cannot keep the edge busy hashing
+RECHECK_BYTES_PER_S = 32 << 20
+RECHECK_BURST_BYTES = 1 << 30
 MAX_RECHECKED = 10_000
 
 
@@ -258,6 +261,21 @@ def _raw(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
+class ByteBudget:
+    """A token bucket counted in bytes: `take(n, now)` spends n when there are n."""
+
+    def __init__(self, rate_per_s: float, burst: int, now: float) -> None:
+        self.rate, self.burst, self.tokens, self.stamp = rate_per_s, float(burst), float(burst), now
+
+    def take(self, n: int, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if n > self.tokens:
+            return False
+        self.tokens -= n
+        return True
+
+
 class SiteIndex:
     """The site's signed blob index as this worker last verified it: name -> (sha256, size).
     An id names one content forever, so any verified index vouches for the names it lists;
@@ -338,6 +356,7 @@ class BlindRoute:
             old.checks if old is not None and same_cache else {}
         )
         self.reports = TokenBucket(REPORTS_PER_S, REPORT_BURST, time.monotonic())
+        self.recheck_bytes = ByteBudget(RECHECK_BYTES_PER_S, RECHECK_BURST_BYTES, time.monotonic())
         self.rechecked: OrderedDict[str, float] = OrderedDict()
         self.pool: UpstreamPool | None = None
         if old is not None and old.pool is not None:
@@ -662,11 +681,21 @@ class BlindHandler:
         if ok:
             store.verified[blob] = mark
         else:
-            self._dropped(blob, "digest" if want is not None else "not_in_index")
+            self._dropped(blob, "digest" if want is not None else "not_in_index", mark)
         return ok
 
-    def _dropped(self, blob: str, reason: str) -> None:
-        if self.br.store.drop(blob):
+    def _dropped(self, blob: str, reason: str, mark: tuple[int, int, int] | None = None) -> None:
+        """Drop the copies of `blob`; with `mark`, only if its file is still the one checked
+        (a pull may have put a good one in its place meanwhile)."""
+        store = self.br.store
+        if mark is not None and store.dir is not None:
+            try:
+                st = os.stat(store.dir / blob)
+            except OSError:
+                return
+            if (st.st_ino, st.st_mtime_ns, st.st_size) != mark:
+                return
+        if store.drop(blob):
             self.br.stats.count("cache_dropped")
             self.worker.log.log(
                 "blind_cache_dropped", route=self.route.name, blob=blob, reason=reason
@@ -674,13 +703,17 @@ class BlindHandler:
 
     async def _recheck(self, name: str) -> str:
         """A visitor reported `name`: check every copy held against the index, drop them when
-        one is bad. 'dropped', 'ok' or 'not_cached'."""
+        one is bad. 'dropped', 'ok', 'not_cached', 'busy' (the byte budget for such checks is
+        spent) or 'no_current_index'."""
         store = self.br.store
         try:
             want = await self._expected(name)
         except UpstreamError:
             return "no_current_index"  # cannot tell: nothing dropped
         held = bad = False
+        size = len(store.mem.get(name) or b"") + (store.disk.get(name) or 0)
+        if not self.br.recheck_bytes.take(size, time.monotonic()):
+            return "busy"  # checked later, on another report
         data = store.mem.get(name)
         if data is not None:
             held = True
@@ -728,11 +761,12 @@ class BlindHandler:
         if last is not None and now - last < RECHECK_COOLDOWN_S:
             result = "checked_recently"
         else:
-            br.rechecked[name] = now
-            br.rechecked.move_to_end(name)
-            while len(br.rechecked) > MAX_RECHECKED:
-                br.rechecked.popitem(last=False)
             result = await self._recheck(name)
+            if result != "busy":
+                br.rechecked[name] = now
+                br.rechecked.move_to_end(name)
+                while len(br.rechecked) > MAX_RECHECKED:
+                    br.rechecked.popitem(last=False)
         self.worker.log.log(
             "blind_report", route=self.route.name, client=self.conn.ip, blob=name, result=result
         )
@@ -973,7 +1007,7 @@ class BlindHandler:
             return
         try:
             length = _content_length(resp.headers)
-            if resp.status != 200 or length != want[1]:
+            if resp.status != 200 or length != want[1] or length > br.cfg.max_blob_bytes:
                 await simple_response(
                     respond, 404 if resp.status == 404 else 502, "no such blob\n", self.cors
                 )
