@@ -265,9 +265,12 @@ def test_the_edge_holds_no_plaintext(blind_site: Callable[..., Site]) -> None:
         assert r.returncode == 0, r.stderr
     marker = s.marker.encode()
     cached = [p for p in s.cache.rglob("*") if p.is_file()]
-    assert len(cached) == 4
+    # the four blobs, and the signed index the edge checks them with (no keys, no paths)
+    assert sorted(p.name for p in cached) == sorted([*s.ids().values(), "index.json"])
     for p in cached:
-        assert marker not in p.read_bytes(), p
+        data = p.read_bytes()
+        assert marker not in data, p
+        assert not any(path.encode() in data for path in s.files), p
     # What the edge serves (its decrypted view of its own TLS) is the sealed blob, nothing else.
     for path, blob in s.ids().items():
         got = s.curl_blob(f"/b/{blob}")
