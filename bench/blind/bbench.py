@@ -184,10 +184,13 @@ key = "{p["site_key"]}"
 [origin.blind]
 dir = "{sealed}"
 source_dir = "{src}"
+site_names = ["{SITE}"]
 """
 
 
-def edge_toml(p: dict[str, Path], out: Path, origin_port: int, a: argparse.Namespace) -> str:
+def edge_toml(
+    p: dict[str, Path], out: Path, origin_port: int, a: argparse.Namespace, sealed: Path
+) -> str:
     return f"""# written by bench/blind/bbench.py: one blind route for {CDN}
 [edge]
 listen = ["127.0.0.1:0"]
@@ -213,6 +216,7 @@ proxy_protocol = "v2"
 
 [edge.routes.blind]
 cache_dir = "{out / "edge-cache"}"
+manifest_public_key = "{sealed / "manifest-public.pem"}"
 memory_cache_bytes = {a.memory_cache_bytes}
 memory_max_object_bytes = {a.memory_max_object_bytes}
 """
@@ -615,7 +619,7 @@ class Bench:
         ready = self.origin.wait_json(out / "origin.log", "origin_ready")
         origin_port = int(ready["listen"][0].rpartition(":")[2])
 
-        (out / "edge.toml").write_text(edge_toml(self.pki, out, origin_port, a))
+        (out / "edge.toml").write_text(edge_toml(self.pki, out, origin_port, a, self.sealed))
         (out / "edge.log").unlink(missing_ok=True)
         if (out / "edge-cache").exists():
             shutil.rmtree(out / "edge-cache")

@@ -143,7 +143,7 @@ def main() -> int:
     try:
         origin = OriginProcess(
             origin_config(site, app.port, out) + f'\n[origin.blind]\ndir = "{sealed}"\n'
-            f'source_dir = "{src}"\nedge_url = "https://{CDN}:0"\n',
+            f'source_dir = "{src}"\npages_prefix = "/"\nsite_names = ["example.test"]\nedge_url = "https://{CDN}:0"\n',
             out,
             name="origin",
         )
@@ -157,7 +157,10 @@ def main() -> int:
             origin_ca=str(out / "ca.pem"),
             origin_server_name="example.test",
             proxy_protocol="v2",
-            blind={"cache_dir": str(out / "cache")},
+            blind={
+                "cache_dir": str(out / "cache"),
+                "manifest_public_key": str(sealed / "manifest-public.pem"),
+            },
         )
         edge = EdgeProcess(
             edge_config(routes, per_ip_rate_per_s=0, log_connections=False), out, name="edge"

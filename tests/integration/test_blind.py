@@ -5,6 +5,7 @@ end to end to the origin) and a blind route for the CDN hostname (its own certif
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
@@ -49,6 +50,8 @@ class Site:
         app_port: int,
         start_edge: Callable[..., EdgeProcess],
         start_origin: Callable[..., OriginProcess],
+        origin_blind: dict[str, Any] | None = None,
+        extra_routes: Callable[[int], str] | None = None,
         **blind: Any,
     ) -> None:
         self.tmp = tmp
@@ -90,13 +93,23 @@ class Site:
         self.response_key.write_bytes(
             signing.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
         )
-        text = origin_config(site, app_port, tmp) + (
-            f'\n[origin.blind]\ndir = "{self.out}"\nsource_dir = "{src}"\n'
-            f'response_signing_key = "{tmp / "responses.pem"}"\n'
-        )
+        text = origin_config(site, app_port, tmp) + "\n[origin.blind]\n"
+        for key, value in {
+            "dir": str(self.out),
+            "source_dir": str(src),
+            "response_signing_key": str(tmp / "responses.pem"),
+            "pages_prefix": "/",
+            "site_names": ["example.test"],
+            **(origin_blind or {}),
+        }.items():
+            text += f"{key} = {json.dumps(value)}\n"
         self.origin = start_origin(text)
         self.cache = tmp / "edge-cache"
-        blind_cfg = {"cache_dir": str(self.cache), **blind}
+        blind_cfg = {
+            "cache_dir": str(self.cache),
+            "manifest_public_key": str(self.public_key),
+            **blind,
+        }
         if not blind_cfg["cache_dir"]:
             del blind_cfg["cache_dir"]
         routes = route(
@@ -112,18 +125,23 @@ class Site:
             proxy_protocol="v2",
             blind=blind_cfg,
         )
+        if extra_routes is not None:
+            routes += extra_routes(self.origin.port)
         self.edge = start_edge(edge_config(routes, per_ip_rate_per_s=0))
         self.ca = site["ca"]
         self.site_pin = site["fingerprint"].read_text().strip()
 
-    def fetch(self, path: str, *extra: str) -> tuple[subprocess.CompletedProcess[str], bytes]:
+    def fetch(
+        self, path: str, *extra: str, edge_port: int = 0
+    ) -> tuple[subprocess.CompletedProcess[str], bytes]:
         port = self.edge.port
+        edge_port = edge_port or port
         out = self.tmp / f"out-{secrets.token_hex(4)}"
         r = _run(
             "fetch",
             f"https://example.test:{port}{path}",
             "--edge",
-            f"https://{CDN}:{port}",
+            f"https://{CDN}:{edge_port}",
             "--manifest-key",
             str(self.public_key),
             "--cacert",
@@ -131,7 +149,7 @@ class Site:
             "--connect-to",
             f"example.test:{port}:127.0.0.1:{port}",
             "--connect-to",
-            f"{CDN}:{port}:127.0.0.1:{port}",
+            f"{CDN}:{edge_port}:127.0.0.1:{edge_port}",
             "-o",
             str(out),
             *extra,
@@ -154,8 +172,6 @@ class Site:
         )
 
     def ids(self) -> dict[str, str]:
-        import json
-
         doc = json.loads((self.out / "manifest.json").read_text())
         files = json.loads(doc["payload"])["files"]
         return {p: e["id"] for p, e in files.items()}
@@ -189,8 +205,22 @@ def blind_site(
     start_edge: Callable[..., EdgeProcess],
     start_origin: Callable[..., OriginProcess],
 ) -> Callable[..., Site]:
-    def make(**blind: Any) -> Site:
-        return Site(tmp_path, ca, site, app.port, start_edge, start_origin, **blind)
+    def make(
+        origin_blind: dict[str, Any] | None = None,
+        extra_routes: Callable[[int], str] | None = None,
+        **blind: Any,
+    ) -> Site:
+        return Site(
+            tmp_path,
+            ca,
+            site,
+            app.port,
+            start_edge,
+            start_origin,
+            origin_blind,
+            extra_routes,
+            **blind,
+        )
 
     return make
 
@@ -235,9 +265,12 @@ def test_the_edge_holds_no_plaintext(blind_site: Callable[..., Site]) -> None:
         assert r.returncode == 0, r.stderr
     marker = s.marker.encode()
     cached = [p for p in s.cache.rglob("*") if p.is_file()]
-    assert len(cached) == 4
+    # the four blobs, and the signed index the edge checks them with (no keys, no paths)
+    assert sorted(p.name for p in cached) == sorted([*s.ids().values(), "index.json"])
     for p in cached:
-        assert marker not in p.read_bytes(), p
+        data = p.read_bytes()
+        assert marker not in data, p
+        assert not any(path.encode() in data for path in s.files), p
     # What the edge serves (its decrypted view of its own TLS) is the sealed blob, nothing else.
     for path, blob in s.ids().items():
         got = s.curl_blob(f"/b/{blob}")
@@ -246,6 +279,28 @@ def test_the_edge_holds_no_plaintext(blind_site: Callable[..., Site]) -> None:
     # And the key/manifest never pass through the blind edge: it has no route to them.
     got = s.curl_blob("/.well-known/blindfold/manifest.json", "-w", "%{http_code}")
     assert got.stdout.endswith(b"404")
+
+
+def _tamper(path: Path, at: int, keep_times: bool) -> None:
+    """Flip one bit of a file in place (same size); with `keep_times`, leave its times as they
+    were too, as a fault of the disk would (the edge cannot see the change by stat)."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    if keep_times:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _edge_event(s: Site, event: str, **match: Any) -> dict[str, Any] | None:
+    def found() -> dict[str, Any] | None:
+        return next(
+            (r for r in s.edge.records(event) if all(r.get(k) == v for k, v in match.items())),
+            None,
+        )
+
+    wait_until(lambda: found() is not None, timeout=10)
+    return found()
 
 
 def test_a_blob_altered_at_the_edge_is_detected_and_fetched_from_the_origin(
@@ -257,28 +312,83 @@ def test_a_blob_altered_at_the_edge_is_detected_and_fetched_from_the_origin(
     assert r.returncode == 0 and got == s.files[path]
     blob = s.ids()[path]
     [cached] = [p for p in s.cache.rglob(blob)]
-    data = bytearray(cached.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    cached.write_bytes(bytes(data))
+    _tamper(cached, cached.stat().st_size // 2, keep_times=True)  # unseen by the edge
     r, got = s.fetch(path)
     assert r.returncode == 0, r.stderr
     assert "from the origin" in r.stdout
     assert re.search(r"edge copy not used: .*(authenticate|digest)", r.stderr), r.stderr
     assert got == s.files[path]  # the right bytes, never the altered ones
     assert _origin_bytes(s.origin, "plaintext") == len(s.files[path])
-    # Without the fallback: a verification error and no output file.
-    r, got = s.fetch(path, "--no-fallback")
-    assert r.returncode == 1 and got == b"" and "authenticate" in r.stderr
+    # Issue 15 finding 17: the visitor told the edge, which checked its copy against the
+    # origin's signed blob index and dropped it; the next visitor gets a good copy from it.
+    assert "reported to the edge" in r.stderr, r.stderr
+    dropped = _edge_event(s, "blind_cache_dropped", blob=blob)
+    assert dropped is not None and dropped["reason"] == "report", s.edge.records("blind_report")
+    r, got = s.fetch(path)
+    assert r.returncode == 0 and "from the edge" in r.stdout and got == s.files[path], r.stderr
+    assert cached.read_bytes() == (s.out / "blobs" / blob).read_bytes()
 
 
-def test_a_truncated_blob_at_the_edge_is_detected(blind_site: Callable[..., Site]) -> None:
+def test_the_edge_drops_a_corrupted_copy_from_its_disk_cache(
+    blind_site: Callable[..., Site],
+) -> None:
+    """Issue 15 finding 17: a blob corrupted in the edge's cache was served forever."""
     s = blind_site(memory_cache_bytes=0)
+    path = "/img/photo.bin"
+    blob = s.ids()[path]
+    r, got = s.fetch(path)
+    assert r.returncode == 0 and "from the edge" in r.stdout
+    pulled = _origin_bytes(s.origin, "blob")
+    [cached] = [p for p in s.cache.rglob(blob)]
+    _tamper(cached, cached.stat().st_size // 3, keep_times=False)
+    # The edge sees the file changed, checks it against the signed index, drops it and pulls
+    # it again: the visitor never gets the bad copy.
+    r, got = s.fetch(path)
+    assert r.returncode == 0 and "from the edge" in r.stdout and not r.stderr, r.stderr
+    assert got == s.files[path]
+    dropped = _edge_event(s, "blind_cache_dropped", blob=blob)
+    assert dropped is not None and dropped["reason"] == "digest", dropped
+    assert _origin_bytes(s.origin, "blob") == 2 * pulled
+    assert cached.read_bytes() == (s.out / "blobs" / blob).read_bytes()
+    assert _edge_count(s, "cache_dropped") == 1
+
+
+def test_the_edge_refuses_a_blob_the_origin_index_does_not_vouch_for(
+    blind_site: Callable[..., Site],
+) -> None:
+    """A blob corrupted at the origin after sealing: the edge neither serves nor keeps it."""
+    s = blind_site(memory_cache_bytes=0)
+    path = "/img/photo.bin"
+    blob = s.ids()[path]
+    _tamper(s.out / "blobs" / blob, 1000, keep_times=False)
+    r, got = s.fetch(path)
+    assert r.returncode == 0 and "from the origin" in r.stdout and got == s.files[path], r.stderr
+    failed = _edge_event(s, "blind_pull_failed", blob=blob)
+    assert failed is not None and "index" in failed["detail"], failed
+    assert not list(s.cache.rglob(blob))
+    # And an id the index does not list is not pulled at all.
+    unknown = s.curl_blob("/b/" + "7" * 32, "-o", "/dev/null", "-w", "%{http_code}")
+    assert unknown.stdout == b"404"
+
+
+def test_a_truncated_blob_from_a_lying_edge_is_detected(
+    blind_site: Callable[..., Site], tmp_path: Path
+) -> None:
+    from tests.helpers.hostile_edge import HostileEdge
+
+    s = blind_site()
     path = "/big.bin"
-    assert s.fetch(path)[0].returncode == 0
-    [cached] = [p for p in s.cache.rglob(s.ids()[path])]
-    data = cached.read_bytes()
-    cached.write_bytes(data[: 16384 * 3 + 21])  # whole records, the last one missing
-    r, got = s.fetch(path, "--no-fallback")
+    blob = s.ids()[path]
+    sealed = (s.out / "blobs" / blob).read_bytes()
+    lying = HostileEdge(
+        tmp_path / "cdn.pem",
+        tmp_path / "cdn.key",
+        {f"/b/{blob}": sealed[: 16384 * 3 + 21]},  # whole records, the last one missing
+    )
+    try:
+        r, got = s.fetch(path, "--no-fallback", edge_port=lying.port)
+    finally:
+        lying.close()
     assert r.returncode == 1 and got == b""
     assert "truncated" in r.stderr or "digest" in r.stderr, r.stderr
 
@@ -420,9 +530,7 @@ def test_verify_checks_certificate_signature_manifest_and_blobs(
     # A blob altered in the edge's cache is found.
     blob = s.ids()["/big.bin"]
     [cached] = list(s.cache.rglob(blob))
-    data = bytearray(cached.read_bytes())
-    data[100] ^= 1
-    cached.write_bytes(bytes(data))
+    _tamper(cached, 100, keep_times=True)  # a fault the edge's own check cannot see by stat
     r = s.verify(*full)
     assert r.returncode == 1 and "FAIL blobs: 1 of 4 bad: /big.bin: digest differs" in r.stdout
 
@@ -480,3 +588,310 @@ def test_blobs_the_cache_cannot_keep_are_streamed_through(blind_site: Callable[.
     r, got = s.fetch("/index.html")  # small files are still cached
     r, got = s.fetch("/index.html")
     assert got == s.files["/index.html"] and _edge_count(s, "hit_memory") == 1
+
+
+def test_fetch_never_writes_through_a_planted_symlink(
+    blind_site: Callable[..., Site], tmp_path: Path
+) -> None:
+    """Issue 15 finding 12: the temporary file had a predictable name (.NAME.PID.part) and
+    was opened following symlinks, so anyone who can write to the output directory could
+    make `blindfold fetch` overwrite a file of their choice."""
+    from blindfold.blind.fetch import FetchOptions, fetch, load_public_key
+    from blindfold.errors import ConfigError
+
+    s = blind_site()
+    port = s.edge.port
+    opts = FetchOptions(
+        edge=f"https://{CDN}:{port}",
+        public_key=load_public_key(str(s.public_key)),
+        ca_file=str(s.ca),
+        connect_to={
+            f"example.test:{port}": f"127.0.0.1:{port}",
+            f"{CDN}:{port}": f"127.0.0.1:{port}",
+        },
+    )
+    url = f"https://example.test:{port}/js/app.js"
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    out = shared / "app.js"
+    # the attacker plants links at the names the old code would have used
+    for pid in {os.getpid(), os.getpid() + 1}:
+        (shared / f".{out.name}.{pid}.part").symlink_to(victim)
+    result = fetch(url, str(out), opts)
+    assert result.source == "edge"
+    assert victim.read_bytes() == b"precious\n"
+    assert out.read_bytes() == s.files["/js/app.js"] and not out.is_symlink()
+    leftovers = {p.name for p in shared.iterdir()} - {out.name}
+    assert all((shared / n).is_symlink() for n in leftovers), leftovers  # only the planted ones
+    # A link at the destination itself is refused, never followed nor replaced.
+    link = shared / "link.js"
+    link.symlink_to(victim)
+    with pytest.raises(ConfigError, match="symbolic link"):
+        fetch(url, str(link), opts)
+    assert link.is_symlink() and victim.read_bytes() == b"precious\n"
+
+
+class SwappingEdge:
+    """A lying edge: it ends the visitor's TLS with the site's certificate (as a keyless edge
+    does) and answers each request with the origin's response to another request, relayed
+    byte for byte (signature headers included)."""
+
+    def __init__(self, site: dict[str, Path], edge_port: int, swap: Callable[[str], str]) -> None:
+        import socket
+        import ssl
+        import threading
+
+        self.server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.server_ctx.load_cert_chain(site["cert"], site["key"])
+        self.client_ctx = ssl.create_default_context(cafile=str(site["ca"]))
+        self.edge_port = edge_port
+        self.swap = swap
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(30)
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        import socket
+
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                raw.settimeout(20)
+                with self.server_ctx.wrap_socket(raw, server_side=True) as visitor:
+                    head = b""
+                    while b"\r\n\r\n" not in head:
+                        data = visitor.recv(4096)
+                        if not data:
+                            break
+                        head += data
+                    method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
+                    upstream = socket.create_connection(("127.0.0.1", self.edge_port), 20)
+                    with self.client_ctx.wrap_socket(upstream, server_hostname="example.test") as o:
+                        o.sendall(
+                            f"{method} {self.swap(target)} HTTP/1.1\r\n"
+                            f"Host: example.test:{self.port}\r\nConnection: close\r\n\r\n".encode()
+                        )
+                        while data := o.recv(65536):
+                            visitor.sendall(data)
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(5)
+
+
+def test_verify_refuses_a_signed_response_served_for_another_request(
+    blind_site: Callable[..., Site], site: dict[str, Path]
+) -> None:
+    """Issue 8 finding 7: response signatures did not cover the request, so an edge could
+    answer one URL with the origin's signed response to another and `blindfold verify`
+    passed."""
+    s = blind_site()
+
+    def verify(edge: SwappingEdge, path: str) -> subprocess.CompletedProcess[str]:
+        return _run(
+            "verify",
+            f"https://example.test:{edge.port}{path}",
+            "--cacert",
+            str(s.ca),
+            "--connect-to",
+            f"example.test:{edge.port}:127.0.0.1:{edge.port}",
+            "--signature-key",
+            str(s.response_key),
+        )
+
+    honest = SwappingEdge(site, s.edge.port, lambda target: target)
+    lying = SwappingEdge(site, s.edge.port, lambda target: "/js/app.js")
+    try:
+        r = verify(honest, "/index.html")  # the relay itself changes nothing that is signed
+        assert r.returncode == 0 and "ok   signature" in r.stdout, r.stdout
+        r = verify(lying, "/index.html")  # the body of /js/app.js, signed, for /index.html
+        assert r.returncode == 1 and "FAIL signature" in r.stdout, r.stdout
+        r = verify(lying, "/js/app.js?v=2")  # the same path, another query
+        assert r.returncode == 1 and "FAIL signature" in r.stdout, r.stdout
+    finally:
+        honest.close()
+        lying.close()
+
+
+SQLI_QUERY = "?id=1%27%20OR%20%271%27=%271"
+
+
+def _site_get(s: Site, path: str, source: str) -> tuple[int, bytes]:
+    port = s.edge.port
+    got = subprocess.run(
+        [
+            need("curl"),
+            "-sS",
+            "--max-time",
+            "20",
+            "--cacert",
+            str(s.ca),
+            "--interface",
+            source,
+            "--resolve",
+            f"example.test:{port}:127.0.0.1",
+            "-w",
+            "\n%{http_code}",
+            f"https://example.test:{port}{path}",
+        ],
+        capture_output=True,
+        timeout=30,
+    )
+    body, _, code = got.stdout.rpartition(b"\n")
+    return int(code or 0), body
+
+
+def test_the_store_answers_only_after_the_waf(blind_site: Callable[..., Site]) -> None:
+    """Issue 15 finding 4: the blind store answered before the WAF, the bans, the rate rules
+    and the access log: an injection in the query of a file it serves got 200 and no ban."""
+    s = blind_site()
+    blob = s.ids()["/img/photo.bin"]
+    paths = {
+        "page": "/index.html",
+        "manifest": "/.well-known/blindfold/manifest.json",
+        "blob": f"/.blindfold/blobs/{blob}",
+    }
+    for i, (kind, path) in enumerate(paths.items()):
+        source = f"127.0.0.{60 + i}"
+        assert _site_get(s, path, "127.0.0.59")[0] == 200, kind  # the clean request is served
+        code, body = _site_get(s, path + SQLI_QUERY, source)
+        assert code == 403 and b"request id:" in body, (kind, code, body[:200])
+        decision = s.origin.wait_for(
+            lambda r, ip=source: r.get("event") == "decision" and r.get("value") == ip, 5
+        )
+        assert decision is not None, kind
+    # Every request, the store's included, has its access-log line.
+    want = {(path, status) for path in paths.values() for status in (200, 403)}
+
+    def logged() -> set[tuple[str, int]]:
+        return {(r["path"], r["status"]) for r in s.origin.records("request")}
+
+    assert wait_until(lambda: want <= logged(), timeout=5), (want, logged())
+
+
+def test_the_store_does_not_shadow_the_application(blind_site: Callable[..., Site]) -> None:
+    """Issue 15 finding 4: a file in source_dir hid the application's own path."""
+    s = blind_site(origin_blind={"pages_prefix": "/js/"})
+    (s.src / "echo").write_text("a stale file named like an application path\n")
+    code, body = _site_get(s, "/echo", "127.0.0.70")
+    assert code == 200 and b'"path": "/echo"' in body, body[:200]  # the application's answer
+    # Under pages_prefix the store serves what is a file, the application everything else.
+    assert _site_get(s, "/js/app.js", "127.0.0.70") == (200, s.files["/js/app.js"])
+    code, body = _site_get(s, "/js/nothing-here", "127.0.0.70")
+    assert code == 200 and b"Hello from the application" in body
+    # The plaintext of sealed files stays under the store's own prefix, whatever the pages.
+    plain = "/.well-known/blindfold/plain/img/photo.bin"
+    assert _site_get(s, plain, "127.0.0.70") == (200, s.files["/img/photo.bin"])
+    assert _site_get(s, "/.well-known/blindfold/plain/echo", "127.0.0.70")[0] == 404
+
+
+def test_the_manifest_is_refused_where_the_edge_ends_tls(
+    blind_site: Callable[..., Site], ca: pki.Issued, site: dict[str, Path], tmp_path: Path
+) -> None:
+    """Issue 15 finding 5: through a keyless route (the edge ends TLS and reads the HTTP) the
+    origin served the manifest, the content keys, to the edge."""
+    from tests.helpers.keyless import KeyServerProcess, keyserver_config, make_pki
+    from tests.integration.test_keyless import keyless_route
+
+    kpki = make_pki(tmp_path, ca)
+    ks = KeyServerProcess(
+        keyserver_config(kpki, {"edge1": ["keyless.example.test"]}), tmp_path, name="ks"
+    )
+    try:
+        s = blind_site(
+            extra_routes=lambda origin_port: keyless_route(
+                kpki, site, [ks.port], origin_port, sni=["keyless.example.test"]
+            )
+        )
+
+        def get(host: str, path: str) -> tuple[int, bytes]:
+            port = s.edge.port
+            got = subprocess.run(
+                [
+                    need("curl"),
+                    "-sS",
+                    "--max-time",
+                    "20",
+                    "--cacert",
+                    str(s.ca),
+                    "--resolve",
+                    f"{host}:{port}:127.0.0.1",
+                    "-w",
+                    "\n%{http_code}",
+                    f"https://{host}:{port}{path}",
+                ],
+                capture_output=True,
+                timeout=30,
+            )
+            body, _, code = got.stdout.rpartition(b"\n")
+            return int(code or 0), body
+
+        manifest = "/.well-known/blindfold/manifest.json"
+        plain = "/.well-known/blindfold/plain/img/photo.bin"
+        key = json.loads(json.loads((s.out / "manifest.json").read_text())["payload"])
+        some_key = next(iter(key["files"].values()))["key"].encode()
+        # End to end (the passthrough route): served.
+        code, body = get("example.test", manifest)
+        assert code == 200 and some_key in body
+        assert get("example.test", plain) == (200, s.files["/img/photo.bin"])
+        # Through the keyless route the edge would read it: refused, no key in the answer.
+        for path in (manifest, plain):
+            code, body = get("keyless.example.test", path)
+            assert code == 403 and some_key not in body and b"end-to-end" in body, (code, body)
+        # The keyless route itself works (the application answers).
+        code, body = get("keyless.example.test", "/echo")
+        assert code == 200 and b'"path": "/echo"' in body
+    finally:
+        ks.stop()
+        assert not ks.tracebacks(), "".join(ks.stderr_lines)
+
+
+def test_an_edge_restarted_while_the_origin_is_down_keeps_serving_its_cache(
+    blind_site: Callable[..., Site], start_edge: Callable[..., EdgeProcess]
+) -> None:
+    """The edge's own check must never cost its cache: without a current index (the origin
+    down) it neither drops a copy nor serves one unchecked; the last signed index it fetched
+    is kept in its cache directory and checks the copies after a restart."""
+    s = blind_site(memory_cache_bytes=0)
+    path = "/img/photo.bin"
+    blob = s.ids()[path]
+    r, _ = s.fetch(path)
+    assert r.returncode == 0 and "from the edge" in r.stdout
+    [cached] = list(s.cache.rglob(blob))
+    text = s.edge.config_path.read_text()
+    s.edge.stop()
+    s.origin.stop()
+    s.edge = start_edge(text)
+    got = s.curl_blob(f"/b/{blob}", "-o", str(s.tmp / "again"), "-w", "%{http_code}")
+    assert got.stdout == b"200", got
+    assert (s.tmp / "again").read_bytes() == (s.out / "blobs" / blob).read_bytes()
+    assert cached.exists() and not s.edge.records("blind_cache_dropped")
+    # An id it cannot vouch for while no current index can be had: 502, nothing dropped.
+    unknown = s.curl_blob("/b/" + "7" * 32, "-o", "/dev/null", "-w", "%{http_code}")
+    assert unknown.stdout == b"502"
+
+
+def test_without_source_dir_the_fallback_is_the_files_own_url(
+    blind_site: Callable[..., Site], app: Any
+) -> None:
+    """No source_dir: the store serves no plaintext, the application serves sealed files at
+    their own paths, and that is where `blindfold fetch` falls back to."""
+    s = blind_site(memory_cache_bytes=0, origin_blind={"source_dir": "", "pages_prefix": ""})
+    path = "/img/photo.bin"
+    assert s.fetch(path)[0].returncode == 0
+    [cached] = list(s.cache.rglob(s.ids()[path]))
+    _tamper(cached, 100, keep_times=True)
+    seen = len(app.seen)
+    r, got = s.fetch(path)
+    # The demo application answers with a page of its own, which the manifest refuses.
+    assert r.returncode == 1 and got == b"" and "differ from its own manifest" in r.stderr
+    assert path in [req["path"] for req in app.seen[seen:]]

@@ -174,7 +174,8 @@ class BrowserSite:
         self.origin = start_origin(
             origin_config(site, app_port, tmp)
             + (
-                f'\n[origin.blind]\ndir = "{out}"\nsource_dir = "{src}"\n'
+                f'\n[origin.blind]\ndir = "{out}"\nsource_dir = "{src}"\npages_prefix = "/"\n'
+                f'site_names = ["example.test"]\n'
                 f'edge_url = "https://{CDN}:EDGEPORT"\nrewrite_html = true\n'
             ).replace("EDGEPORT", "0")
         )
@@ -192,7 +193,11 @@ class BrowserSite:
             origin_ca=str(site["ca"]),
             origin_server_name="example.test",
             proxy_protocol="v2",
-            blind={"cache_dir": str(self.cache), "memory_cache_bytes": 0},
+            blind={
+                "cache_dir": str(self.cache),
+                "memory_cache_bytes": 0,
+                "manifest_public_key": str(out / "manifest-public.pem"),
+            },
         )
         self.edge = start_edge(edge_config(routes, per_ip_rate_per_s=0))
         text = self.origin.config_path.read_text().replace(f"{CDN}:0", f"{CDN}:{self.edge.port}")
@@ -297,9 +302,12 @@ def test_chromium_detects_altered_blobs_and_uses_the_origin(browser_site: Browse
     s.browse("fill")  # fills the edge's disk cache
     for path in ("/data/small.bin", "/data/big.bin"):
         [cached] = list(s.cache.rglob(s.ids[path]))
+        st = cached.stat()
         data = bytearray(cached.read_bytes())
         data[len(data) * 2 // 3] ^= 0x40  # past the first records of the big file: mid-stream
         cached.write_bytes(bytes(data))
+        # as a fault of the disk would: same size and times, so the edge cannot see it by stat
+        os.utime(cached, ns=(st.st_atime_ns, st.st_mtime_ns))
     before = s.origin.metric("blindfold_origin_blind_bytes_total", kind="plaintext")
     got = s.browse("tampered")
     # The page still gets exactly the right bytes...
@@ -320,6 +328,17 @@ def test_chromium_detects_altered_blobs_and_uses_the_origin(browser_site: Browse
     # The big file's remainder came from the origin with a Range request, not all of it.
     refetched = s.origin.metric("blindfold_origin_blind_bytes_total", kind="plaintext") - before
     assert len(s.files["/data/small.bin"]) < refetched < len(s.files["/data/small.bin"]) + BIG / 2
+    # The service worker told the edge too, which checked both copies against the signed
+    # blob index and dropped them (issue 15 finding 17): the next visitor gets good copies.
+    bad = {s.ids["/data/small.bin"], s.ids["/data/big.bin"]}
+
+    def dropped() -> set[str]:
+        return {r["blob"] for r in s.edge.records("blind_cache_dropped")} & bad
+
+    assert wait_until(lambda: dropped() == bad, timeout=20), s.edge.records("blind_report")
+    again = s.browse("after-report")
+    for path in ("/data/small.bin", "/data/big.bin"):
+        assert again[path] == s.expected(path) + ":edge", (path, again)
 
 
 @pytest.mark.timeout(300)
@@ -350,13 +369,61 @@ def test_chromium_subresource_integrity_from_the_edge(browser_site: BrowserSite)
     assert "integrity-policy: blocked-destinations=(script)" in page.lower()
     assert f'src="https://{CDN}:{s.edge.port}/p/{s.public["/js/sri.js"]}"' in page
     assert 'integrity="sha384-' in page and 'crossorigin="anonymous"' in page
-    # Altered at the edge: Chromium refuses both.
-    for path in ("/js/sri.js", "/css/site.css"):
-        [cached] = list(s.cache.rglob(s.public[path]))
+    # Altered at the edge, unseen by the edge (same size and times): Chromium refuses both.
+    cached_copies = [next(s.cache.rglob(s.public[p])) for p in ("/js/sri.js", "/css/site.css")]
+    for cached in cached_copies:
+        st = cached.stat()
         cached.write_bytes(
             cached.read_bytes()
             .replace(b"sri-ok", b"EVIL!!")
             .replace(b"rgb(1, 2, 3)", b"rgb(9, 9, 9)")
         )
+        os.utime(cached, ns=(st.st_atime_ns, st.st_mtime_ns))
     got = s.browse("sri-altered", "/sri.html", ("sri-done",))
     assert got["sri-done"] == "undefined:undefined:rgb(0, 0, 0)", got
+    # Altered in a way the edge sees (the files changed): it checks them against the site's
+    # signed blob index, drops them and pulls good copies (issue 15 finding 17).
+    for cached in cached_copies:
+        cached.write_bytes(cached.read_bytes())  # a new mtime
+    got = s.browse("sri-repaired", "/sri.html", ("sri-done",))
+    assert got["sri-done"] == "sri-ok:undefined:rgb(1, 2, 3)", got
+    assert (
+        s.edge.metric("blindfold_blind_requests_total", route="route1", result="cache_dropped") == 2
+    )
+
+
+@pytest.mark.timeout(400)
+def test_chromium_stops_reading_a_small_blob_at_its_sealed_size(
+    browser_site: BrowserSite, tmp_path: Path
+) -> None:
+    """Issue 15 finding 16: for a small file the service worker read the edge's whole answer
+    before checking its size, so a hostile edge could stream gigabytes into the tab. It must
+    stop at the sealed size + 1 byte, as its streaming path does."""
+    from tests.helpers.hostile_edge import HostileEdge
+
+    s = browser_site
+    small = "/data/small.bin"
+    blob = f"/b/{s.ids[small]}"
+    sealed_size = (tmp_path / "sealed" / "blobs" / s.ids[small]).stat().st_size
+    hostile = HostileEdge(
+        tmp_path / "cdn.pem", tmp_path / "cdn.key", endless={blob}, endless_cap_bytes=512 << 20
+    )
+    try:
+        # The site's service worker now gets its blobs from the hostile edge (everything but
+        # the small file: 404, so those come from the origin).
+        text = s.origin.config_path.read_text().replace(
+            f"{CDN}:{s.edge.port}", f"{CDN}:{hostile.port}"
+        )
+        s.origin.write_config(text)
+        assert s.origin.reload() is not None
+        got = s.browse("hostile")
+        assert got[small] == s.expected(small) + ":origin", got
+        assert hostile.finished[blob].wait(30)
+        sent = hostile.sent[blob]
+        # What the socket buffers on both sides and Chromium's own pipe hold is a few MiB at
+        # most; without the bound, the whole 512 MiB went in.
+        assert sent < sealed_size + (16 << 20), (sent, sealed_size)
+        errors = [r for r in s.origin.records("blind_client_report") if r.get("id") == s.ids[small]]
+        assert any("larger than the manifest" in r["error"] for r in errors), errors
+    finally:
+        hostile.close()

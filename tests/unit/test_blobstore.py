@@ -68,3 +68,33 @@ def test_a_smaller_disk_limit_at_start_evicts(tmp_path: Path) -> None:
         _put_disk(store, _id(n), 1000)
     smaller = BlobStore(BlindRouteConfig(cache_dir=str(tmp_path), disk_cache_bytes=2500), 0)
     assert smaller.disk_used <= 2500 and len(list((tmp_path / "w0").iterdir())) == 2
+
+
+def test_drop_removes_every_copy_and_its_check(tmp_path: Path) -> None:
+    store = BlobStore(BlindRouteConfig(cache_dir=str(tmp_path), disk_cache_bytes=10_000), 0)
+    _put_disk(store, _id(1), 1000)
+    store.put_memory(_id(1), b"x" * 1000)
+    assert _id(1) in store.verified  # a committed pull was checked while it was pulled
+    assert store.drop(_id(1))
+    assert store.memory(_id(1)) is None and store.disk_path(_id(1)) is None
+    assert store.mem_used == 0 and store.disk_used == 0 and _id(1) not in store.verified
+    assert not (store.dir / _id(1)).exists() if store.dir else False
+    assert not store.drop(_id(1))  # nothing left to drop
+    # A rescan (a restart) starts with no file checked.
+    _put_disk(store, _id(2), 1000)
+    again = BlobStore(BlindRouteConfig(cache_dir=str(tmp_path), disk_cache_bytes=10_000), 0)
+    assert again.disk_path(_id(2)) is not None and _id(2) not in again.verified
+
+
+def test_the_report_check_budget_counts_bytes() -> None:
+    """Reports make the edge hash its copies: bounded in bytes per second, not in reports,
+    so many reports of big blobs cannot keep it hashing."""
+    from blindfold.edge.blind import ByteBudget
+
+    budget = ByteBudget(1000.0, 5000, now=0.0)
+    assert budget.take(5000, 0.0)  # the burst
+    assert not budget.take(1, 0.0)
+    assert not budget.take(2000, 1.0)  # 1000 back after 1 s: not enough for 2000
+    assert budget.take(2000, 2.0)  # (2000 by now) enough
+    assert not budget.take(6000, 100.0)  # never more than the burst at once
+    assert budget.take(5000, 100.0)

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -183,10 +184,17 @@ def test_check_config_loads_blind_route_files(
     ca = pki.make_ca()
     ca.write(tmp_path / "ca.pem")
     pki.issue(ca, ["cdn.test"]).write(tmp_path / "cdn.pem", tmp_path / "cdn.key")
+    from blindfold.blind.sealer import load_signing_key
+
+    key = load_signing_key(str(tmp_path / "manifest.pem"), create=True).public_key()
+    (tmp_path / "manifest-public.pem").write_bytes(
+        key.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    )
     route = (
         "[edge]\nlisten = ['127.0.0.1:8443']\n[[edge.routes]]\nsni = ['cdn.test']\n"
         "origins = ['127.0.0.1:9443']\nmode = 'blind'\norigin_server_name = 'o.test'\n"
         f"origin_ca = '{tmp_path / 'ca.pem'}'\ncertificate = '{tmp_path / 'cdn.pem'}'\n"
+        f"blind = {{ manifest_public_key = '{tmp_path / 'manifest-public.pem'}' }}\n"
     )
     good = tmp_path / "blind.toml"
     good.write_text(route + f"key = '{tmp_path / 'cdn.key'}'\n")
@@ -195,6 +203,11 @@ def test_check_config_loads_blind_route_files(
     bad.write_text(route + f"key = '{tmp_path / 'ca.pem'}'\n")  # not the certificate's key
     assert main(["check-config", str(bad)]) == 2
     assert "edge.routes[0].certificate" in capsys.readouterr().err
+    bad.write_text(
+        route.replace("manifest-public.pem", "cdn.pem") + f"key = '{tmp_path / 'cdn.key'}'\n"
+    )
+    assert main(["check-config", str(bad)]) == 2  # the site's manifest key is not a key
+    assert "edge.routes[0].blind.manifest_public_key" in capsys.readouterr().err
 
 
 def test_check_config_loads_the_blind_store(
@@ -206,7 +219,7 @@ def test_check_config_loads_the_blind_store(
     cfg.write_text(
         "[origin]\nupstream = 'http://127.0.0.1:8080'\nlisten = []\n"
         "proxy_protocol = 'off'\n[origin.waf]\nenabled = false\n"
-        f"[origin.blind]\ndir = '{tmp_path / 'sealed'}'\n"
+        f"[origin.blind]\ndir = '{tmp_path / 'sealed'}'\nsite_names = ['example.test']\n"
         "edge_url = 'https://cdn.test'\n"
     )
     assert main(["check-config", str(cfg)]) == 2  # not sealed yet: no manifest key

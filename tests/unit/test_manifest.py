@@ -3,6 +3,7 @@ incremental re-sealing, opaque ids."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -35,6 +36,12 @@ def _entry(path: str = "/a.js", size: int = 10) -> manifest.Entry:
     )
 
 
+def _other_first_char(text: str) -> str:
+    """`text` with its first character changed (always a change: the old `[:-2] + "AA"` left
+    a signature ending in "AA" as it was, one run in 256)."""
+    return ("B" if text[0] != "B" else "C") + text[1:]
+
+
 def test_round_trip() -> None:
     data = manifest.build([_entry(), _entry("/b.css")], SK, 1000, 2000)
     m = manifest.verify(data, PK, 1500)
@@ -56,7 +63,7 @@ def test_a_changed_payload_or_signature_is_refused() -> None:
     doc = json.loads(manifest.build([_entry()], SK, 1000, 2000))
     for field, value in (
         ("payload", doc["payload"].replace('"size":10', '"size":11')),
-        ("signature", doc["signature"][:-2] + "AA"),
+        ("signature", _other_first_char(doc["signature"])),
         ("format", "blindfold-manifest/0"),
         ("alg", "rsa"),
     ):
@@ -191,3 +198,75 @@ def test_dotfiles_and_links_out_of_the_tree_are_never_sealed(tmp_path: Path) -> 
     assert set(files) == {"/index.html", "/sub/data.bin", "/empty.txt", "/inside-link.html"}
     with pytest.raises(ConfigError, match="inside"):
         sealer.seal_tree(str(src), str(src / "sealed"), SK, SECRET, now=1000)
+
+
+# ---------------------------------------------------------------- the signed blob index
+def test_blob_index_round_trip_and_refusals() -> None:
+    blobs = {"a" * 32: ("1" * 64, 10), "b" * 32 + ".js": ("2" * 64, 0)}
+    data = manifest.build_index(blobs, SK, 1000)
+    index = manifest.verify_index(data, PK)
+    assert index.issued_at == 1000
+    assert index.blobs == {n: (bytes.fromhex(d), z) for n, (d, z) in blobs.items()}
+    with pytest.raises(VerificationError, match="signed by key"):
+        manifest.verify_index(data, Ed25519PrivateKey.generate().public_key())
+    doc = json.loads(data)
+    for field, value in (
+        ("payload", doc["payload"].replace('"size":10', '"size":11')),
+        ("signature", _other_first_char(doc["signature"])),
+    ):
+        with pytest.raises(VerificationError):
+            manifest.verify_index(json.dumps({**doc, field: value}).encode(), PK)
+    for name, entry in (("../x", {"sha256": "1" * 64, "size": 1}), ("c" * 32, {"size": -1})):
+        bad = json.loads(doc["payload"])
+        bad["blobs"][name] = entry
+        payload = json.dumps(bad)
+        signature = manifest.b64u(SK.sign(manifest.INDEX_PURPOSE + payload.encode()))
+        with pytest.raises(VerificationError, match="blobs"):
+            manifest.verify_index(
+                json.dumps({**doc, "payload": payload, "signature": signature}).encode(), PK
+            )
+
+
+def test_index_and_manifest_signatures_are_not_interchangeable() -> None:
+    """The index is signed with a purpose prefix, the manifest without: a signature made for
+    one never verifies as the other."""
+    payload = json.dumps({"format": manifest.INDEX_FORMAT, "issued_at": 1, "blobs": {}})
+    plain = manifest.b64u(SK.sign(payload.encode()))  # as a manifest would be signed
+    doc = {
+        "format": manifest.INDEX_FORMAT,
+        "alg": "ed25519",
+        "key_id": manifest.key_id(PK),
+        "payload": payload,
+        "signature": plain,
+    }
+    with pytest.raises(VerificationError, match="bad signature"):
+        manifest.verify_index(json.dumps(doc).encode(), PK)
+    m = json.loads(manifest.build([_entry()], SK, 1000, 2000))
+    prefixed = manifest.b64u(SK.sign(manifest.INDEX_PURPOSE + m["payload"].encode()))
+    with pytest.raises(VerificationError, match="bad signature"):
+        manifest.verify(json.dumps({**m, "signature": prefixed}).encode(), PK, 1500)
+
+
+def test_seal_writes_the_index_of_every_servable_blob(tmp_path: Path) -> None:
+    src, out = _tree(tmp_path), tmp_path / "out"
+    (src / "app.js").write_text("window.x = 1;\n")
+    sealer.seal_tree(str(src), str(out), SK, SECRET, sealer.SealOptions(sri=("*.js",)), now=1000)
+    first = manifest.verify((out / "manifest.json").read_bytes(), PK, 1001).files
+    index = manifest.verify_index((out / sealer.BLOB_INDEX_NAME).read_bytes(), PK)
+    for e in first.values():
+        blob = (out / "blobs" / e.id).read_bytes()
+        assert index.blobs[e.id] == (hashlib.sha256(blob).digest(), len(blob))
+    [copy] = [n for n in index.blobs if n.endswith(".js")]
+    assert index.blobs[copy][0] == hashlib.sha256((out / "public" / copy).read_bytes()).digest()
+    # Re-sealed after a change: the old blob (still on disk) stays listed for visitors whose
+    # manifest is a little older; one whose file is gone is not.
+    (src / "index.html").write_text("<p>changed</p>")
+    sealer.seal_tree(str(src), str(out), SK, SECRET, sealer.SealOptions(sri=("*.js",)), now=2000)
+    second = manifest.verify((out / "manifest.json").read_bytes(), PK, 2001).files
+    index = manifest.verify_index((out / sealer.BLOB_INDEX_NAME).read_bytes(), PK)
+    old_id, new_id = first["/index.html"].id, second["/index.html"].id
+    assert old_id != new_id and {old_id, new_id} <= set(index.blobs)
+    (out / "blobs" / old_id).unlink()
+    sealer.seal_tree(str(src), str(out), SK, SECRET, sealer.SealOptions(sri=("*.js",)), now=3000)
+    index = manifest.verify_index((out / sealer.BLOB_INDEX_NAME).read_bytes(), PK)
+    assert old_id not in index.blobs and new_id in index.blobs and index.issued_at == 3000

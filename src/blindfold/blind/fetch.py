@@ -1,8 +1,9 @@
 """`blindfold fetch URL`: what the service worker does, from Python. The signed manifest comes
 from the origin (its own TLS), the sealed blob from the edge; the blob's digest, every
 record's tag and the plaintext digest are checked before a byte is kept. On any failure the
-file is fetched from the origin instead, checked against the manifest too, and the failure
-is reported."""
+file is fetched from the origin instead (its plaintext prefix), checked against the manifest
+too; the failure is printed and reported to the edge, which checks its copy and drops it when
+bad."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import http.client
 import os
 import socket
 import ssl
+import tempfile
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -24,6 +26,7 @@ from blindfold.core import ece, manifest
 from blindfold.errors import ConfigError, UpstreamError, VerificationError
 
 MANIFEST_PATH = "/.well-known/blindfold/manifest.json"
+PLAINTEXT_PATH = "/.well-known/blindfold/plain/"  # [origin.blind] plaintext_path
 BLOB_PREFIX = "/b/"
 CHUNK = 1 << 16
 
@@ -37,6 +40,7 @@ class FetchOptions:
     connect_to: dict[str, str] | None = None  # "host:port" -> "addr:port" (like curl's)
     timeout_s: float = 30.0
     fallback: bool = True
+    plaintext_path: str = PLAINTEXT_PATH  # the origin's prefix for the plaintext of sealed files
 
 
 @dataclass(slots=True)
@@ -46,6 +50,7 @@ class FetchResult:
     sha256: str
     edge_error: str = ""  # why the edge copy was not used
     seconds: float = 0.0
+    reported: bool = False  # the edge took the report of its bad copy
 
 
 def load_public_key(path: str) -> Ed25519PublicKey:
@@ -184,10 +189,44 @@ def _from_edge(entry: manifest.Entry, opts: FetchOptions, sink: Callable[[bytes]
         raise VerificationError(f"blob {entry.id}: plaintext digest differs from the manifest")
 
 
+def report_to_edge(entry: manifest.Entry, opts: FetchOptions) -> bool:
+    """Tell the edge its copy of the blob failed our checks (`POST EDGE/r/<id>`, no body): it
+    checks the copy against the site's signed blob index and drops it when bad. Best effort."""
+    u = urllib.parse.urlsplit(opts.edge.rstrip("/") + "/r/" + entry.id)
+    port = u.port or 443
+    addr_port = f"{u.hostname}:{port}"
+    if opts.connect_to and addr_port in opts.connect_to:
+        addr_port = opts.connect_to[addr_port]
+    addr, _, p = addr_port.rpartition(":")
+    ctx = ssl.create_default_context(cafile=opts.ca_file)
+    conn = _Connection(u.hostname or "", port, (addr.strip("[]"), int(p)), opts.timeout_s, ctx)
+    try:
+        conn.request("POST", u.path, headers={"User-Agent": "blindfold-fetch"})
+        return conn.getresponse().status == 202
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+
+
 def _from_origin(
     url: str, entry: manifest.Entry | None, opts: FetchOptions, sink: Callable[[bytes], object]
 ) -> tuple[int, str]:
-    req = _Get(url, opts)
+    """A sealed file's plaintext from the origin's own prefix (checked against the manifest;
+    from its URL when the prefix is empty or the origin serves none, 404: a store without
+    source_dir leaves sealed files to the application); anything else from its URL."""
+    req: _Get | None = None
+    if entry is not None and opts.plaintext_path:
+        u = urllib.parse.urlsplit(url)
+        plain = _origin_of(url) + opts.plaintext_path + (u.path or "/").lstrip("/")
+        try:
+            req = _Get(plain, opts)
+            url = plain
+        except UpstreamError as exc:
+            if not str(exc).endswith("HTTP 404"):
+                raise
+    if req is None:
+        req = _Get(url, opts)
     h = hashlib.sha256()
     size = 0
     limit = entry.size if entry is not None else 1 << 34
@@ -203,33 +242,58 @@ def _from_origin(
     return size, h.hexdigest()
 
 
+def _temp_file(out: Path) -> tuple[int, Path]:
+    """A new file beside `out` for the download: a random name created with O_CREAT|O_EXCL|
+    O_NOFOLLOW (tempfile.mkstemp), so nothing planted in the directory (a symlink, a file
+    under a guessable name) is opened or followed; the mode the umask allows."""
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, Path(name)
+
+
 def fetch(url: str, out_path: str, opts: FetchOptions) -> FetchResult:
-    """Fetch `url` into `out_path` (written via a temporary file: nothing unverified stays)."""
+    """Fetch `url` into `out_path`, written through a temporary file beside it that is renamed
+    over `out_path` only when everything was verified. The rename replaces the name itself and
+    never follows a link; a symbolic link at `out_path` is refused outright (ConfigError)."""
     started = time.perf_counter()
     path = urllib.parse.urlsplit(url).path or "/"
+    out = Path(out_path)
+    if out.is_symlink():
+        raise ConfigError("output", f"{out_path} is a symbolic link: refusing to replace it")
     m = get_manifest(url, opts)
     entry = m.files.get(urllib.parse.unquote(path))
-    out = Path(out_path)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
+    fd, tmp = _temp_file(out)
     edge_error = ""
+    reported = renamed = False
     try:
-        if entry is not None:
-            try:
-                with tmp.open("wb") as f:
+        with os.fdopen(fd, "wb") as f:
+            if entry is not None:
+                try:
                     _from_edge(entry, opts, f.write)
-                os.replace(tmp, out)
-                return FetchResult(
-                    "edge", entry.size, entry.sha256, seconds=time.perf_counter() - started
-                )
-            except (VerificationError, UpstreamError) as exc:
-                edge_error = str(exc)
-                if not opts.fallback:
-                    raise
-        else:
-            edge_error = "not in the manifest (not sealed)"
-        with tmp.open("wb") as f:
+                    f.flush()
+                    os.replace(tmp, out)
+                    renamed = True
+                    return FetchResult(
+                        "edge", entry.size, entry.sha256, seconds=time.perf_counter() - started
+                    )
+                except (VerificationError, UpstreamError) as exc:
+                    edge_error = str(exc)
+                    reported = report_to_edge(entry, opts)
+                    if not opts.fallback:
+                        raise
+                f.seek(0)
+                f.truncate()
+            else:
+                edge_error = "not in the manifest (not sealed)"
             size, digest = _from_origin(url, entry, opts, f.write)
-        os.replace(tmp, out)
-        return FetchResult("origin", size, digest, edge_error, time.perf_counter() - started)
+            f.flush()
+            os.replace(tmp, out)
+            renamed = True
+        return FetchResult(
+            "origin", size, digest, edge_error, time.perf_counter() - started, reported
+        )
     finally:
-        tmp.unlink(missing_ok=True)
+        if not renamed:
+            tmp.unlink(missing_ok=True)

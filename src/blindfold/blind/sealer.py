@@ -33,6 +33,7 @@ from blindfold.core import ece, manifest
 from blindfold.errors import ConfigError, VerificationError
 
 MANIFEST_NAME = "manifest.json"
+BLOB_INDEX_NAME = "blob-index.json"
 SRI_NAME = "sri.json"
 PUBLIC_DIR = "public"
 SRI_TYPES = {".js": "text/javascript", ".css": "text/css"}
@@ -177,6 +178,24 @@ def _files(src: Path, skip: tuple[str, ...]) -> list[tuple[str, Path]]:
     return found
 
 
+def _previous_index(out: Path, key: Ed25519PrivateKey) -> dict[str, tuple[str, int]]:
+    """Names of the last index whose files are still there (same size): old blobs stay
+    servable to visitors whose manifest is a little older, and so stay in the index."""
+    try:
+        index = manifest.verify_index((out / BLOB_INDEX_NAME).read_bytes(), key.public_key())
+    except (OSError, VerificationError):
+        return {}
+    kept = {}
+    for name, (digest, size) in index.blobs.items():
+        where = out / (PUBLIC_DIR if "." in name else BLOBS_DIR) / name
+        try:
+            if where.stat().st_size == size:
+                kept[name] = (digest.hex(), size)
+        except OSError:
+            continue
+    return kept
+
+
 def _publish(out: Path, secret: bytes, path: str, data: bytes, digest: str) -> dict[str, str]:
     """A plaintext copy for Subresource Integrity, named like a blob (opaque, by content)."""
     ext = Path(path).suffix.lower()
@@ -218,6 +237,7 @@ def seal_tree(
     blobs = out_dir / BLOBS_DIR
     blobs.mkdir(parents=True, exist_ok=True)
     previous = _previous(out_dir, signing_key)
+    index = _previous_index(out_dir, signing_key)
     report = SealReport()
     entries = []
     sri: dict[str, dict[str, str]] = {}
@@ -230,6 +250,7 @@ def seal_tree(
         report.plain_bytes += len(data)
         if any(fnmatch.fnmatchcase(path, g) or fnmatch.fnmatchcase(file.name, g) for g in opts.sri):
             sri[path] = _publish(out_dir, id_secret, path, data, digest)
+            index[sri[path]["url_path"].rpartition("/")[2]] = (digest, len(data))
             report.sri += 1
         old = previous.get(path)
         if (
@@ -269,6 +290,10 @@ def seal_tree(
         )
         report.sealed += 1
         report.sealed_bytes += len(sealed)
+    for e in entries:
+        index[e.id] = (e.blob_sha256, e.sealed_size)
+    # The index first: an edge that sees a new manifest's ids finds them in it.
+    _write_atomic(out_dir / BLOB_INDEX_NAME, manifest.build_index(index, signing_key, issued))
     doc = manifest.build(entries, signing_key, issued, issued + opts.expires_in_s)
     _write_atomic(out_dir / MANIFEST_NAME, doc, 0o640)
     public = signing_key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)

@@ -2,8 +2,9 @@
 
 - the certificate presented for the URL is the expected one: the origin's own (pinned) on a
   passthrough route, the site's certificate on a keyless route (`--pin` / `--expect-cert`),
-- the response carries a valid origin signature (RFC 9421) over its status, type, date and
-  body digest (`--signature-key`),
+- the response carries a valid origin signature (RFC 9421) over its status, type, date, body
+  digest and the request it answers (method, authority, path, query: a response the origin
+  signed for another URL fails) (`--signature-key`),
 - the blind-delivery manifest verifies (`--manifest-key`), and every blob the edge serves has
   the digest the manifest names (`--edge`).
 Each check prints one line; the exit code is 1 when any fails."""
@@ -11,6 +12,7 @@ Each check prints one line; the exit code is 1 when any fails."""
 from __future__ import annotations
 
 import hashlib
+import urllib.parse
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -114,13 +116,15 @@ def verify_site(url: str, opts: VerifyOptions) -> list[Check]:
             )
     if opts.signature_key is not None:
         try:
-            v = msgsig.verify_response(status, headers, body, opts.signature_key)
+            u = urllib.parse.urlsplit(url)
+            asked = msgsig.RequestRef("GET", urllib.parse.urlunsplit((*u[:4], "")))
+            v = msgsig.verify_response(status, headers, body, opts.signature_key, asked)
             checks.append(
                 Check(
                     "signature",
                     True,
-                    f"RFC 9421 by key {v.key_id}, expires "
-                    f"{v.expires}, covers status, type, digest, date",
+                    f"RFC 9421 by key {v.key_id}, expires {v.expires}, covers status, type, "
+                    "digest, date and this request (method, authority, path, query)",
                 )
             )
         except VerificationError as exc:

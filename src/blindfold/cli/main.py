@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 from blindfold import __version__
 from blindfold.config import load_file
@@ -20,6 +19,9 @@ def _check_config(path: str) -> int:
     warnings: list[str] = []
     try:
         config, _text = load_file(path)
+        from blindfold.blind.exposure import check_deployment
+
+        check_deployment(config)  # the manifest never where the edge ends TLS
         sections = []
         if config.edge is not None:
             if unspecified_listen(config.edge.admin_listen):
@@ -67,12 +69,8 @@ def _check_config(path: str) -> int:
             build_waf(origin)
             if origin.blind is not None:  # its keys and the sealed store's public key load
                 from blindfold.origin.blindstore import BlindStore
-                from blindfold.web.messages import simple_response
 
-                async def unused(request: Any, body: Any, respond: Any) -> None:
-                    await simple_response(respond, 404, "")
-
-                BlindStore(origin.blind, unused, {}, lambda *a, **k: None)
+                BlindStore(origin.blind, {}, lambda *a, **k: None)
             waf = f"PL{origin.waf.paranoia_level}" if origin.waf.enabled else "off"
             sections.append(f"origin (upstream {origin.upstream}, WAF {waf})")
         if config.keyserver is not None:
@@ -198,6 +196,7 @@ def _fetch(args: argparse.Namespace) -> int:
             connect_to=connect_to,
             timeout_s=args.timeout,
             fallback=not args.no_fallback,
+            plaintext_path=args.plaintext_path,
         )
         result = fetch(args.url, args.output, opts)
     except ConfigError as exc:
@@ -212,7 +211,7 @@ def _fetch(args: argparse.Namespace) -> int:
     if result.edge_error:
         print(
             f"blindfold fetch: edge copy not used: {result.edge_error}; fetched from the "
-            "origin instead",
+            "origin instead" + ("; reported to the edge" if result.reported else ""),
             file=sys.stderr,
         )
     print(
@@ -317,6 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         "--manifest-url",
         default="",
         help="default: the URL's origin + /.well-known/blindfold/manifest.json",
+    )
+    p_fetch.add_argument(
+        "--plaintext-path",
+        default="/.well-known/blindfold/plain/",
+        help="the origin's prefix for the plaintext of sealed files (the fallback; "
+        "[origin.blind] plaintext_path)",
     )
     p_fetch.add_argument("--cacert", help="CA bundle for the origin and the edge")
     p_fetch.add_argument(

@@ -103,6 +103,29 @@ class PathRateLimit:
 
 @dataclass(frozen=True, slots=True)
 class BlindRouteConfig:
+    site_names: tuple[str, ...] = setting(
+        (),
+        doc="The hostnames of the site whose blobs this route serves, where its pages and "
+        "manifest are (default: origin_server_name). The edge refuses to start with a "
+        "keyless route that would take one of them (it would read the manifest).",
+        check=lambda v: (
+            _each(check_sni_pattern)(v)
+            or next((f"{n!r}: an exact name" for n in v if "*" in n), None)
+        ),
+    )
+    manifest_public_key: str = setting(
+        "",
+        doc="The site's manifest public key (PEM, `manifest-public.pem` of `blindfold "
+        "seal`; required): the edge checks the signed blob index with it, and every blob "
+        "it pulls or serves from its cache against that index (a copy that does not match "
+        "is dropped). The public half only: the edge never holds a content key.",
+    )
+    origin_index_path: str = setting(
+        "/.blindfold/blob-index.json",
+        doc="URL path of the signed blob index on the origin agent ([origin.blind] "
+        "blob_index_path).",
+        check=lambda v: None if v.startswith("/") else "must start with /",
+    )
     origin_blobs_path: str = setting(
         "/.blindfold/blobs/",
         doc="URL prefix of the sealed blobs on the origin agent ([origin.blind] blobs_path).",
@@ -289,6 +312,12 @@ class RouteConfig:
                 raise ConfigError(
                     "origin_server_name",
                     "a blind route must name its origin (the visitors' SNI is the CDN hostname)",
+                )
+            if self.blind is None or not self.blind.manifest_public_key:
+                raise ConfigError(
+                    "blind.manifest_public_key",
+                    "a blind route checks what it caches against the site's signed blob "
+                    "index: give the site's manifest public key (manifest-public.pem)",
                 )
         if self.mode == "passthrough":
             for key in ("certificate", "origin_ca", "origin_server_name"):
@@ -686,6 +715,9 @@ class EdgeConfig:
                 f"must be at most ipv6_prefix_len ({self.ipv6_prefix_len}): IPv6 bans cover "
                 "that prefix",
             )
+        from blindfold.blind.exposure import check_edge
+
+        check_edge(self.routes)  # no keyless route where a blind site's manifest is served
 
     def route_name(self, index: int) -> str:
         return self.routes[index].name or f"route{index}"

@@ -243,15 +243,54 @@ def _url_prefix(value: str) -> str | None:
     return _url_path(value) or (None if value.endswith("/") else f"{value!r} must end with /")
 
 
+def _hostnames(values: tuple[str, ...]) -> str | None:
+    from blindfold.config.common import is_hostname
+
+    if not values:
+        return "name at least one hostname"
+    for i, v in enumerate(values):
+        if not is_hostname(v) or v != v.lower():
+            return f"[{i}]: {v!r} is not a hostname in lower case (no wildcards)"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class BlindStoreConfig:
     dir: str = setting(doc="The OUT_DIR of `blindfold seal`: manifest.json and blobs/.")
+    site_names: tuple[str, ...] = setting(
+        doc="The site's hostnames that visitors reach over TLS ending here "
+        "(passthrough routes, never keyless ones). The manifest and the plaintext "
+        "fallback are served only to requests whose TLS server name and Host are both "
+        "one of these: elsewhere an edge could read them (403). check-config refuses a "
+        "keyless route or a key server authorisation for these names that it can see.",
+        check=_hostnames,
+    )
     source_dir: str = setting(
         "",
         doc="The SRC_DIR that was sealed: the origin serves the "
-        "plaintext of sealed paths from it (the visitors' fallback when "
-        "an edge copy fails verification). Empty: the application "
-        "serves them.",
+        "plaintext of sealed paths from it under plaintext_path (the "
+        "visitors' fallback when an edge copy fails verification), and "
+        "the pages under pages_prefix. Empty: no fallback.",
+    )
+    pages_prefix: str = setting(
+        "",
+        doc="URL prefix under which the store serves source_dir's files "
+        "itself, at their own paths (after the WAF, like every request): "
+        "'/' for a static site, '/static/' for part of one. A path under it "
+        "that is a file of source_dir is answered from the file, so that "
+        "file hides the application's path of the same name; any other path "
+        "goes to the application. Empty: the application serves every page "
+        "and file (the store only its reserved paths).",
+        check=lambda v: _url_prefix(v) if v else None,
+    )
+    plaintext_path: str = setting(
+        "/.well-known/blindfold/plain/",
+        doc="URL prefix of the plaintext of sealed files (PREFIX + the "
+        "file's path without its leading /), whole or from a byte offset: "
+        "the visitors' fallback when an edge copy fails verification. Only "
+        "files the manifest names; without source_dir none (the service worker "
+        "and `blindfold fetch` then fall back to the file's own URL).",
+        check=_url_prefix,
     )
     manifest_path: str = setting(
         "/.well-known/blindfold/manifest.json",
@@ -265,6 +304,12 @@ class BlindStoreConfig:
         doc="URL prefix under which edges pull sealed blobs by id.",
         check=_url_prefix,
     )
+    blob_index_path: str = setting(
+        "/.blindfold/blob-index.json",
+        doc="URL path of the signed blob index (each blob's and SRI copy's SHA-256 and "
+        "size; no keys, no paths) that edges check their copies against.",
+        check=_url_path,
+    )
     public_path: str = setting(
         "/.blindfold/public/",
         doc="URL prefix under which edges pull the plaintext SRI copies (`blindfold seal --sri`).",
@@ -272,7 +317,7 @@ class BlindStoreConfig:
     )
     rewrite_html: bool = setting(
         False,
-        doc="Rewrite pages served from source_dir for "
+        doc="Rewrite the HTML pages served under pages_prefix for "
         "Subresource Integrity: <script src> and <link "
         "rel=stylesheet> of files published with `seal --sri` point "
         "at the edge copy with integrity and crossorigin, and a "
@@ -284,8 +329,9 @@ class BlindStoreConfig:
         doc="Ed25519 private key (PEM) that signs every "
         "whole (200) response of the blind store with "
         "RFC 9421 HTTP Message Signatures (@status, content-type, "
-        "content-digest, date; `blindfold verify` checks "
-        "them). Empty: responses are not signed.",
+        "content-digest, date, and the request's method, authority, path "
+        "and query; `blindfold verify` checks them). Empty: responses are "
+        "not signed.",
     )
     response_signature_lifetime_s: float = setting(
         300.0, doc="How long such a signature is valid (its `expires`).", min=1

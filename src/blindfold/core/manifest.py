@@ -199,3 +199,92 @@ def verify(data: bytes, public: Ed25519PublicKey, now: float | None) -> Manifest
         key_id=doc["key_id"],
         files={p: parse_entry(p, raw) for p, raw in files.items()},
     )
+
+
+# ---------------------------------------------------------------------------- blob index
+# What an edge may cache, and how to tell a good copy: each blob's (and SRI copy's) SHA-256 and
+# size by its public name, signed by the site's manifest key. No keys, no paths: the edge
+# learns nothing it does not see anyway. The signature covers INDEX_PURPOSE + payload, so an
+# index signature can never pass for a manifest signature or the other way round (a manifest
+# payload is JSON: it cannot start with the purpose string).
+INDEX_FORMAT = "blindfold-blob-index/1"
+INDEX_PURPOSE = b"blindfold-blob-index/1\x00"
+MAX_INDEX_BYTES = 32 << 20
+_INDEX_NAME = re.compile(r"[0-9a-f]{32}(?:\.js|\.css)?")
+
+
+@dataclass(frozen=True, slots=True)
+class BlobIndex:
+    issued_at: int
+    key_id: str
+    blobs: dict[str, tuple[bytes, int]]  # name -> (sha256, size)
+
+
+def build_index(
+    blobs: dict[str, tuple[str, int]], signing_key: Ed25519PrivateKey, issued_at: int
+) -> bytes:
+    """`blobs`: public name (id, or id + .js/.css for SRI copies) -> (sha256 hex, size)."""
+    payload = json.dumps(
+        {
+            "format": INDEX_FORMAT,
+            "issued_at": issued_at,
+            "blobs": {n: {"sha256": d, "size": z} for n, (d, z) in sorted(blobs.items())},
+        },
+        separators=(",", ":"),
+        sort_keys=True,
+    )
+    doc = {
+        "format": INDEX_FORMAT,
+        "alg": "ed25519",
+        "key_id": key_id(signing_key.public_key()),
+        "payload": payload,
+        "signature": b64u(signing_key.sign(INDEX_PURPOSE + payload.encode())),
+    }
+    return json.dumps(doc, indent=1).encode() + b"\n"
+
+
+def verify_index(data: bytes, public: Ed25519PublicKey) -> BlobIndex:
+    """Check an index's signature (with its purpose), key and entries; VerificationError
+    naming what is wrong. No expiry: an id names one content forever, so an entry never goes
+    stale; a newer index only adds names (the edge keeps the newest it has seen)."""
+    if len(data) > MAX_INDEX_BYTES:
+        raise VerificationError(f"blob index: larger than {MAX_INDEX_BYTES} bytes")
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise VerificationError("blob index: not JSON") from None
+    if not isinstance(doc, dict):
+        raise VerificationError("blob index: not a JSON object")
+    if doc.get("format") != INDEX_FORMAT or doc.get("alg") != "ed25519":
+        raise VerificationError(f"blob index: format must be {INDEX_FORMAT} with alg ed25519")
+    if doc.get("key_id") != key_id(public):
+        raise VerificationError(
+            f"blob index: signed by key {doc.get('key_id')!r}, expected {key_id(public)}"
+        )
+    payload = _field(doc, "payload", str, "blob index")
+    try:
+        public.verify(
+            unb64u(_field(doc, "signature", str, "blob index")),
+            INDEX_PURPOSE + payload.encode(),
+        )
+    except InvalidSignature:
+        raise VerificationError("blob index: bad signature") from None
+    try:
+        body = json.loads(payload)
+    except (ValueError, RecursionError):
+        raise VerificationError("blob index: payload is not JSON") from None
+    if not isinstance(body, dict) or body.get("format") != INDEX_FORMAT:
+        raise VerificationError("blob index: payload format")
+    issued = _field(body, "issued_at", int, "payload")
+    blobs: dict[str, tuple[bytes, int]] = {}
+    for name, raw in _field(body, "blobs", dict, "payload").items():
+        where = f"blob index: blobs[{name!r}]"
+        if not _INDEX_NAME.fullmatch(name) or not isinstance(raw, dict):
+            raise VerificationError(f"{where}: not a blob name")
+        digest, size = raw.get("sha256"), raw.get("size")
+        if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+            raise VerificationError(f"{where}.sha256 must be 64 hex digits")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise VerificationError(f"{where}.size must be a non-negative integer")
+        blobs[name] = (bytes.fromhex(digest), size)
+    return BlobIndex(issued, doc["key_id"], blobs)

@@ -1,8 +1,10 @@
 """Origin-signed responses: RFC 9421 HTTP Message Signatures (Ed25519) over `@status`,
-`content-type`, `content-digest` (RFC 9530, SHA-256 of the body) and `date`, with `created`
-and `expires`, tag "blindfold". Built on the `http-message-signatures` package (the signature
-base, Structured Fields, the algorithms); this module only fixes the profile: what is covered
-and how a response is checked end to end (signature, age, coverage, body digest)."""
+`content-type`, `content-digest` (RFC 9530, SHA-256 of the body) and `date`, and over the
+request the response answers (RFC 9421 §2.4, the `req` parameter: its `@method`, `@authority`,
+`@path` and `@query`), with `created` and `expires`, tag "blindfold". Built on the
+`http-message-signatures` package (the signature base, Structured Fields, the algorithms,
+`;req` resolution); this module only fixes the profile: what is covered and how a response is
+checked end to end (signature, age, coverage, the request it answers, body digest)."""
 
 from __future__ import annotations
 
@@ -18,17 +20,37 @@ from http_message_signatures.algorithms import ED25519
 from blindfold.core.manifest import key_id
 from blindfold.errors import VerificationError
 
-COVERED = ("@status", "content-type", "content-digest", "date")
+# RFC 9421 §2.4: a response signature may cover components of the request it answers, so a
+# signed response cannot be served for another method, host, path or query.
+REQUEST_COVERED = ('"@method";req', '"@authority";req', '"@path";req', '"@query";req')
+COVERED = ("@status", "content-type", "content-digest", "date", *REQUEST_COVERED)
 TAG = "blindfold"
 LABEL = "blindfold"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRef:
+    """The request a response answers: its method and absolute URL (https://host[:port]/path
+    [?query], as the client asked for it)."""
+
+    method: str
+    url: str
+
+
+class _Request:
+    def __init__(self, ref: RequestRef) -> None:
+        self.method = ref.method
+        self.url = ref.url
+        self.headers: dict[str, str] = {}
 
 
 class _Response:
     """The message shape http-message-signatures resolves components from."""
 
-    def __init__(self, status: int, headers: dict[str, str]) -> None:
+    def __init__(self, status: int, headers: dict[str, str], request: RequestRef) -> None:
         self.status_code = status
         self.headers = headers
+        self.request = _Request(request)
 
 
 def content_digest(sha256: bytes) -> str:
@@ -59,26 +81,36 @@ class ResponseSigner:
         )
 
     def headers(
-        self, status: int, content_type: str, body_sha256: bytes, now: float
+        self,
+        status: int,
+        content_type: str,
+        body_sha256: bytes,
+        now: float,
+        request: RequestRef,
     ) -> list[tuple[bytes, bytes]]:
-        """Date, Content-Digest, Signature-Input and Signature for a response."""
+        """Date, Content-Digest, Signature-Input and Signature for a response to `request`;
+        none when the request cannot be named as a URL (then the response goes unsigned,
+        and a verifier refuses it)."""
         fields = {
             "content-type": content_type,
             "content-digest": content_digest(body_sha256),
             "date": email.utils.formatdate(now, usegmt=True),
         }
-        message = _Response(status, fields)
+        message = _Response(status, fields, request)
         created = datetime.datetime.fromtimestamp(int(now), datetime.UTC)
-        self._signer.sign(
-            message,
-            key_id=self.key_id,
-            created=created,
-            expires=created + datetime.timedelta(seconds=self.lifetime_s),
-            tag=TAG,
-            label=LABEL,
-            covered_component_ids=COVERED,
-            use_existing_digest=True,
-        )
+        try:
+            self._signer.sign(
+                message,
+                key_id=self.key_id,
+                created=created,
+                expires=created + datetime.timedelta(seconds=self.lifetime_s),
+                tag=TAG,
+                label=LABEL,
+                covered_component_ids=COVERED,
+                use_existing_digest=True,
+            )
+        except hms.HTTPMessageSignaturesException:
+            return []  # e.g. a target with bytes a URL may not hold
         return [
             (k.lower().encode(), v.encode())
             for k, v in message.headers.items()
@@ -99,10 +131,13 @@ def verify_response(
     headers: list[tuple[str, str]],
     body: bytes,
     public: Ed25519PublicKey,
+    request: RequestRef,
     max_age_s: float = 86400.0,
 ) -> Verified:
     """Check a response's blindfold signature: key, algorithm, expiry and age, that every
-    component of the profile is covered, and the body against the signed Content-Digest."""
+    component of the profile is covered, that it answers `request` (the method and URL this
+    client sent: a response signed for another request fails), and the body against the
+    signed Content-Digest."""
     merged: dict[str, str] = {}
     for k, v in headers:
         k = k.lower()
@@ -114,7 +149,7 @@ def verify_response(
     )
     try:
         results = verifier.verify(
-            _Response(status, merged),
+            _Response(status, merged, request),
             expect_tag=TAG,
             max_age=datetime.timedelta(seconds=max_age_s),
             require_components=COVERED,

@@ -133,6 +133,8 @@ ban_duration_s = 60
 [origin.blind]
 dir = "{base / "sealed"}"
 source_dir = "{base / "static"}"
+pages_prefix = "/blind/"
+site_names = ["{HOST}"]
 edge_url = "https://{CDN_HOST}:{edge_port}"
 rewrite_html = true
 response_signing_key = "{base / "responses.pem"}"
@@ -208,7 +210,8 @@ origins = ["127.0.0.1:{origin_port}"]
 proxy_protocol = "v2"
 origin_ca = "{base / "ca.pem"}"
 origin_server_name = "{HOST}"
-blind = {{ cache_dir = "{base / "edge-cache"}" }}
+blind = {{ cache_dir = "{base / "edge-cache"}", \
+manifest_public_key = "{base / "sealed" / "manifest-public.pem"}" }}
 
 [edge.decisions]
 url = "https://127.0.0.1:{decisions_port}"

@@ -3,15 +3,20 @@ that serves sealed blobs by id at `/b/<id>`, pulled from the origin agent over v
 cached in memory and on disk, both bounded, LRU.
 
 What the edge holds is ciphertext and its size: the keys and the path -> id map are in the
-manifest, which only the origin serves. The edge does not (cannot) check a blob; the client
-does, against the signed manifest, and falls back to the origin when a copy is bad. So the
-edge's job is to be fast and bounded, and to never serve a partial pull as a complete blob.
+manifest, which only the origin serves. The client checks every blob against the signed
+manifest and falls back to the origin when a copy is bad. The edge checks what it holds too,
+against the site's signed blob index (each blob's SHA-256 and size, no keys, no paths; verified
+with the site's manifest public key): a pull that does not match is neither served whole nor
+kept, a cached file is checked again whenever its inode, mtime or size is not the one it had
+when last checked, and a copy a visitor reports (`POST /r/<id>`) is checked and dropped when
+bad. The edge never serves a partial pull as a complete blob.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
 import os
 import re
@@ -23,12 +28,17 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
 from blindfold.config.edge import BlindRouteConfig, RouteConfig
+from blindfold.core import manifest
 from blindfold.core.clienthello import ClientHello
 from blindfold.core.proxyproto import encode_v1, encode_v2
+from blindfold.core.ratelimit import TokenBucket
 from blindfold.core.tls13_server import ConnectionFailed
 from blindfold.edge.keyless import origin_and_http, origin_tls_context
-from blindfold.errors import ConfigError, UpstreamError
+from blindfold.errors import ConfigError, UpstreamError, VerificationError
 from blindfold.io.openssl_engine import OpenSslServer
 from blindfold.io.tls13_transport import TlsServerProtocol
 from blindfold.web.client import UpstreamPool, UpstreamResponse
@@ -43,6 +53,8 @@ if TYPE_CHECKING:
 # /b/<id>: a sealed blob; /p/<id>.js|.css: a script or stylesheet published in plaintext for
 # Subresource Integrity (`blindfold seal --sri`).
 _PATH = re.compile(rb"/(?:b/([0-9a-f]{32})|p/([0-9a-f]{32}\.(?:js|css)))")
+# POST /r/<id>: a visitor reports that the copy it got failed its checks.
+_REPORT = re.compile(rb"/r/([0-9a-f]{32}(?:\.js|\.css)?)")
 _ID = re.compile(r"[0-9a-f]{32}(?:\.js|\.css)?")
 _TYPES = {"js": b"text/javascript; charset=utf-8", "css": b"text/css; charset=utf-8"}
 SEND_CHUNK = 1 << 18
@@ -52,6 +64,42 @@ MAX_UNCACHEABLE = 10_000
 SEND_BUFFER_BYTES = 1 << 20
 # Blob ids name content (an HMAC of path and content digest): a blob never changes.
 _CACHE_CONTROL = b"public, max-age=31536000, immutable"
+INDEX_REFRESH_S = 5.0  # an unknown id fetches the index again at most this often
+INDEX_FILE = "index.json"  # the last signed index fetched, beside the cached blobs
+REPORTS_PER_S = 5.0  # visitors' reports per route and worker (each may hash a file)
+REPORT_BURST = 20
+RECHECK_COOLDOWN_S = 10.0  # a reported blob is checked at most this often
+# bytes hashed for reports: so many reports of big blobs cannot keep the edge busy hashing
+RECHECK_BYTES_PER_S = 32 << 20
+RECHECK_BURST_BYTES = 1 << 30
+MAX_RECHECKED = 10_000
+
+
+def _sha256_fd(fd: int, size: int) -> bytes:
+    """In a worker thread: SHA-256 of the first `size` bytes of an open file (pread: the
+    file's offset is left alone)."""
+    h = hashlib.sha256()
+    at = 0
+    while at < size:
+        data = os.pread(fd, min(1 << 20, size - at), at)
+        if not data:
+            break
+        h.update(data)
+        at += len(data)
+    return h.digest()
+
+
+def load_site_key(where: str, cfg: BlindRouteConfig) -> Ed25519PublicKey:
+    try:
+        with open(cfg.manifest_public_key, "rb") as f:
+            key = load_pem_public_key(f.read())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"{where}.blind.manifest_public_key", f"{cfg.manifest_public_key}: {exc}"
+        ) from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError(f"{where}.blind.manifest_public_key", "not an Ed25519 public key")
+    return key
 
 
 def _server_tls(where: str, rc: RouteConfig) -> ssl.SSLContext:
@@ -72,6 +120,7 @@ def check_route(where: str, rc: RouteConfig) -> None:
     """What `blindfold check-config` checks of a blind route: its files load."""
     _server_tls(where, rc)
     origin_tls_context(where, rc)
+    load_site_key(where, rc.blind or BlindRouteConfig())
 
 
 def _origin_settings(rc: RouteConfig) -> tuple[object, ...]:
@@ -98,6 +147,8 @@ class BlobStore:
         self.mem_used = 0
         self.disk: OrderedDict[str, int] = OrderedDict()
         self.disk_used = 0
+        # blob -> (inode, mtime_ns, size) of its file when it last matched the signed index
+        self.verified: dict[str, tuple[int, int, int]] = {}
         self.dir: Path | None = None
         self._disk_broken_until = 0.0
         self.disk_error = ""
@@ -118,7 +169,8 @@ class BlobStore:
             if _ID.fullmatch(entry.name):
                 st = entry.stat()
                 found.append((st.st_mtime, entry.name, st.st_size))
-            elif f".{os.getpid()}." not in entry.name:  # a pull that never finished
+            elif entry.name != INDEX_FILE and f".{os.getpid()}." not in entry.name:
+                # a pull that never finished
                 with contextlib.suppress(OSError):  # (this process's may be running: kept)
                     os.unlink(entry.path)
         for _mtime, name, size in sorted(found):
@@ -149,8 +201,21 @@ class BlobStore:
 
     def forget_disk(self, blob: str) -> None:
         size = self.disk.pop(blob, None)
+        self.verified.pop(blob, None)
         if size is not None:
             self.disk_used -= size
+
+    def drop(self, blob: str) -> bool:
+        """Remove every copy of `blob` (it failed its check); whether there was one."""
+        data = self.mem.pop(blob, None)
+        if data is not None:
+            self.mem_used -= len(data)
+        on_disk = blob in self.disk
+        self.forget_disk(blob)
+        if on_disk and self.dir is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.dir / blob)
+        return data is not None or on_disk
 
     def put_memory(self, blob: str, data: bytes) -> None:
         if len(data) > self.mem_obj_max or blob in self.mem:
@@ -175,6 +240,9 @@ class BlobStore:
         self.forget_disk(blob)
         self.disk[blob] = size
         self.disk_used += size
+        with contextlib.suppress(OSError):  # checked while it was pulled
+            st = os.stat(self.dir / blob)
+            self.verified[blob] = (st.st_ino, st.st_mtime_ns, st.st_size)
         self._evict_disk()
 
     def _evict_disk(self) -> None:
@@ -182,8 +250,65 @@ class BlobStore:
         while self.disk_used > self.disk_max and self.disk:
             name, size = self.disk.popitem(last=False)
             self.disk_used -= size
+            self.verified.pop(name, None)
             with contextlib.suppress(OSError):
                 os.unlink(self.dir / name)
+
+
+def _raw(key: Ed25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+class ByteBudget:
+    """A token bucket counted in bytes: `take(n, now)` spends n when there are n."""
+
+    def __init__(self, rate_per_s: float, burst: int, now: float) -> None:
+        self.rate, self.burst, self.tokens, self.stamp = rate_per_s, float(burst), float(burst), now
+
+    def take(self, n: int, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if n > self.tokens:
+            return False
+        self.tokens -= n
+        return True
+
+
+class SiteIndex:
+    """The site's signed blob index as this worker last verified it: name -> (sha256, size).
+    An id names one content forever, so any verified index vouches for the names it lists;
+    only a `current` one (the last fetch from the origin succeeded) vouches that a name it
+    does not list is not the site's. The signed bytes are kept in the cache directory, so a
+    restarted worker checks its copies with them even while the origin is away."""
+
+    def __init__(self, public: Ed25519PublicKey, keep: Path | None = None) -> None:
+        self.public = public
+        self.blobs: dict[str, tuple[bytes, int]] = {}
+        self.issued_at = -1
+        self.fetched_at = -INDEX_REFRESH_S
+        self.task: asyncio.Task[None] | None = None
+        self.current = False
+        self.error = "not fetched yet"
+        self.keep = keep
+        if keep is not None:
+            try:
+                index = manifest.verify_index(keep.read_bytes(), public)
+            except (OSError, VerificationError):
+                return  # none yet, or another site's key: fetched on first need
+            self.blobs, self.issued_at = index.blobs, index.issued_at
+
+    def save(self, data: bytes) -> None:
+        """In a worker thread: the verified bytes, atomically, beside the blobs."""
+        if self.keep is None:
+            return
+        tmp = self.keep.with_name(f".{INDEX_FILE}.{os.getpid()}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, self.keep)
+        except OSError:
+            tmp.unlink(missing_ok=True)
 
 
 class BlindStats:
@@ -221,6 +346,18 @@ class BlindRoute:
             old.uncacheable if old is not None and same_cache else OrderedDict()
         )
         self.stats: BlindStats = old.stats if old is not None else BlindStats()
+        public = load_site_key(where, self.cfg)
+        self.index: SiteIndex = (
+            old.index
+            if old is not None and same_cache and _raw(old.index.public) == _raw(public)
+            else SiteIndex(public, self.store.dir / INDEX_FILE if self.store.dir else None)
+        )
+        self.checks: dict[tuple[str, tuple[int, int, int]], asyncio.Task[bool]] = (
+            old.checks if old is not None and same_cache else {}
+        )
+        self.reports = TokenBucket(REPORTS_PER_S, REPORT_BURST, time.monotonic())
+        self.recheck_bytes = ByteBudget(RECHECK_BYTES_PER_S, RECHECK_BURST_BYTES, time.monotonic())
+        self.rechecked: OrderedDict[str, float] = OrderedDict()
         self.pool: UpstreamPool | None = None
         if old is not None and old.pool is not None:
             if _origin_settings(old.config) == _origin_settings(rc):
@@ -333,12 +470,15 @@ class BlindHandler:
                 204,
                 [
                     *br.cors(request),
-                    (b"access-control-allow-methods", b"GET, HEAD"),
+                    (b"access-control-allow-methods", b"GET, HEAD, POST"),
                     (b"access-control-max-age", b"86400"),
                     (b"content-length", b"0"),
                 ],
             )
             await respond.end()
+            return
+        if method == b"POST" and (r := _REPORT.fullmatch(request.path)) is not None:
+            await self._report(request, r.group(1).decode(), respond)
             return
         if method not in (b"GET", b"HEAD"):
             br.stats.count("bad_method")
@@ -405,7 +545,13 @@ class BlindHandler:
             br.store.forget_disk(blob)
             return False
         with f:
-            size = os.fstat(f.fileno()).st_size
+            st = os.fstat(f.fileno())
+            size = st.st_size
+            mark = (st.st_ino, st.st_mtime_ns, st.st_size)
+            # Not checked in this state yet (since the start, or the file changed): against
+            # the signed index before a byte is served; a bad copy is dropped, then pulled.
+            if br.store.verified.get(blob) != mark and not await self._check_disk(blob, mark):
+                return False
             br.stats.count("hit_disk")
             await respond.start(200, self._headers(blob, size, b"hit"))
             sent = 0
@@ -425,9 +571,209 @@ class BlindHandler:
                     kept += data
             br.stats.served_bytes += sent
             await respond.end()
-        if kept is not None and len(kept) == size:
+            st = os.fstat(f.fileno())
+            unchanged = (st.st_ino, st.st_mtime_ns, st.st_size) == mark
+        if kept is not None and len(kept) == size and unchanged:
             br.store.put_memory(blob, bytes(kept))
         return True
+
+    # ---------------------------------------------------------------- the signed blob index
+    async def _expected(self, name: str) -> tuple[bytes, int] | None:
+        """(sha256, size) of `name` by the site's signed blob index; an unknown name fetches
+        the index again (one fetch at a time, at most every INDEX_REFRESH_S). None: the site
+        does not list it; UpstreamError: no current index says so (the origin is away)."""
+        idx = self.br.index
+        hit = idx.blobs.get(name)
+        if hit is not None:
+            return hit
+        now = time.monotonic()
+        if idx.task is None and now - idx.fetched_at >= INDEX_REFRESH_S:
+            idx.fetched_at = now
+            idx.task = asyncio.get_running_loop().create_task(self._refresh_index())
+        task = idx.task
+        if task is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.br.http.upstream_timeout_s):
+                    await asyncio.shield(task)  # a visitor who leaves does not stop it
+        hit = idx.blobs.get(name)
+        if hit is None and not idx.current:
+            raise UpstreamError(f"no current signed blob index: {idx.error}")
+        return hit
+
+    async def _refresh_index(self) -> None:
+        br = self.br
+        idx = br.index
+        resp: UpstreamResponse | None = None
+        try:
+            host = (br.config.origin_server_name or "origin").encode()
+            resp = await self._pool().request(
+                b"GET",
+                br.cfg.origin_index_path.encode(),
+                [(b"host", host), (b"user-agent", b"blindfold-edge")],
+                None,
+            )
+            length = _content_length(resp.headers)
+            if resp.status != 200 or length is None or length > manifest.MAX_INDEX_BYTES:
+                raise UpstreamError(f"origin answered {resp.status}, length {length}")
+            data = bytearray()
+            async for chunk in resp.body():
+                data += chunk
+                if len(data) > length:
+                    raise UpstreamError("origin sent more than its Content-Length")
+            if len(data) != length:
+                raise UpstreamError(f"origin sent {len(data)} of {length} bytes")
+            index = await asyncio.to_thread(manifest.verify_index, bytes(data), idx.public)
+            if index.issued_at >= idx.issued_at:  # never back to an older index
+                idx.blobs, idx.issued_at = index.blobs, index.issued_at
+                await asyncio.to_thread(idx.save, bytes(data))
+            idx.current, idx.error = True, ""
+            br.stats.count("index_fetched")
+            self.worker.log.log(
+                "blind_index",
+                route=self.route.name,
+                blobs=len(index.blobs),
+                issued_at=index.issued_at,
+            )
+        except (UpstreamError, VerificationError) as exc:
+            idx.current, idx.error = False, str(exc)[:200]
+            br.stats.count("index_failed")
+            self.worker.log.log("blind_index_failed", route=self.route.name, detail=str(exc)[:200])
+        finally:
+            if resp is not None:
+                resp.close()
+            idx.task = None
+
+    async def _check_disk(self, blob: str, mark: tuple[int, int, int]) -> bool:
+        """Whether the cached file of `blob`, in the state `mark` (inode, mtime, size), matches
+        the signed index; one check per state however many visitors ask."""
+        br = self.br
+        key = (blob, mark)
+        task = br.checks.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._check_disk_now(blob, mark))
+            br.checks[key] = task
+            task.add_done_callback(lambda _t: br.checks.pop(key, None))
+        return await asyncio.shield(task)
+
+    async def _check_disk_now(self, blob: str, mark: tuple[int, int, int]) -> bool:
+        store = self.br.store
+        if store.dir is None:
+            return False
+        try:
+            want = await self._expected(blob)
+        except UpstreamError:
+            return False  # cannot tell: neither served nor dropped
+        try:
+            fd = os.open(store.dir / blob, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+            if (st.st_ino, st.st_mtime_ns, st.st_size) != mark:
+                return False  # changed again meanwhile: treated as a miss
+            ok = (
+                want is not None
+                and want[1] == st.st_size
+                and await asyncio.to_thread(_sha256_fd, fd, st.st_size) == want[0]
+            )
+        finally:
+            os.close(fd)
+        if ok:
+            store.verified[blob] = mark
+        else:
+            self._dropped(blob, "digest" if want is not None else "not_in_index", mark)
+        return ok
+
+    def _dropped(self, blob: str, reason: str, mark: tuple[int, int, int] | None = None) -> None:
+        """Drop the copies of `blob`; with `mark`, only if its file is still the one checked
+        (a pull may have put a good one in its place meanwhile)."""
+        store = self.br.store
+        if mark is not None and store.dir is not None:
+            try:
+                st = os.stat(store.dir / blob)
+            except OSError:
+                return
+            if (st.st_ino, st.st_mtime_ns, st.st_size) != mark:
+                return
+        if store.drop(blob):
+            self.br.stats.count("cache_dropped")
+            self.worker.log.log(
+                "blind_cache_dropped", route=self.route.name, blob=blob, reason=reason
+            )
+
+    async def _recheck(self, name: str) -> str:
+        """A visitor reported `name`: check every copy held against the index, drop them when
+        one is bad. 'dropped', 'ok', 'not_cached', 'busy' (the byte budget for such checks is
+        spent) or 'no_current_index'."""
+        store = self.br.store
+        try:
+            want = await self._expected(name)
+        except UpstreamError:
+            return "no_current_index"  # cannot tell: nothing dropped
+        held = bad = False
+        size = len(store.mem.get(name) or b"") + (store.disk.get(name) or 0)
+        if not self.br.recheck_bytes.take(size, time.monotonic()):
+            return "busy"  # checked later, on another report
+        data = store.mem.get(name)
+        if data is not None:
+            held = True
+            digest = await asyncio.to_thread(lambda: hashlib.sha256(data).digest())
+            bad = want is None or (digest, len(data)) != want
+        if store.dir is not None and name in store.disk:
+            try:
+                fd = os.open(store.dir / name, os.O_RDONLY)
+            except OSError:
+                fd = -1
+            if fd >= 0:
+                held = True
+                try:
+                    st = os.fstat(fd)
+                    ok = (
+                        want is not None
+                        and want[1] == st.st_size
+                        and await asyncio.to_thread(_sha256_fd, fd, st.st_size) == want[0]
+                    )
+                finally:
+                    os.close(fd)
+                if ok:
+                    store.verified[name] = (st.st_ino, st.st_mtime_ns, st.st_size)
+                bad = bad or not ok
+        if bad:
+            self._dropped(name, "report")
+            return "dropped"
+        return "ok" if held else "not_cached"
+
+    async def _report(self, request: Request, name: str, respond: Responder) -> None:
+        """POST /r/<id>: a visitor's copy failed its checks. The edge checks its own copies
+        (bounded: a token bucket per route, one check per blob per RECHECK_COOLDOWN_S); a
+        report never drops a copy that matches the signed index."""
+        br = self.br
+        now = time.monotonic()
+        cors = br.cors(request)
+        if not br.reports.allow(now):
+            br.stats.count("report_refused")
+            await simple_response(
+                respond, 429, "too many reports\n", [(b"retry-after", b"1"), *cors]
+            )
+            return
+        br.stats.count("report")
+        last = br.rechecked.get(name)
+        if last is not None and now - last < RECHECK_COOLDOWN_S:
+            result = "checked_recently"
+        else:
+            result = await self._recheck(name)
+            if result != "busy":
+                br.rechecked[name] = now
+                br.rechecked.move_to_end(name)
+                while len(br.rechecked) > MAX_RECHECKED:
+                    br.rechecked.popitem(last=False)
+        self.worker.log.log(
+            "blind_report", route=self.route.name, client=self.conn.ip, blob=name, result=result
+        )
+        await respond.start(
+            202, [(b"content-length", b"0"), (b"cache-control", b"no-store"), *cors]
+        )
+        await respond.end()
 
     def _pool(self) -> UpstreamPool:
         br = self.br
@@ -471,6 +817,15 @@ class BlindHandler:
         out: io.BufferedWriter | None = None
         resp: UpstreamResponse | None = None
         try:
+            try:
+                want = await self._expected(fill.blob)
+            except UpstreamError as exc:
+                fill.fail(502, str(exc))
+                return
+            if want is None:  # the site does not vouch for it: not pulled, not kept
+                br.stats.count("not_in_index")
+                fill.fail(404, "")
+                return
             prefix = br.cfg.origin_public_path if "." in fill.blob else br.cfg.origin_blobs_path
             host = (br.config.origin_server_name or "origin").encode()
             try:
@@ -490,6 +845,10 @@ class BlindHandler:
                     f"origin answered {resp.status}, length {length}",
                 )
                 return
+            if length != want[1]:
+                fill.fail(502, f"origin's length {length} is not the signed blob index's {want[1]}")
+                return
+            digest = hashlib.sha256()
             if store.dir is not None and length <= store.disk_max and store.disk_ok():
                 fill.tmp = store.temp_file(fill.blob)
                 try:
@@ -509,6 +868,7 @@ class BlindHandler:
             async for chunk in resp.body():
                 if fill.got + len(chunk) > length:
                     raise UpstreamError("origin sent more than its Content-Length")
+                digest.update(chunk)
                 if out is not None:
                     out.write(chunk)
                     out.flush()  # visitors read the file as it grows
@@ -519,6 +879,9 @@ class BlindHandler:
             br.stats.origin_bytes += fill.got
             if fill.got != length:
                 raise UpstreamError(f"origin sent {fill.got} of {length} bytes")
+            if digest.digest() != want[0]:
+                br.stats.count("pull_rejected")
+                raise UpstreamError("origin's blob does not match the site's signed blob index")
             if out is not None:
                 out.close()
                 out = None
@@ -609,14 +972,26 @@ class BlindHandler:
             if fd >= 0:
                 os.close(fd)
         br.stats.served_bytes += sent
-        if sent == fill.length:
+        while sent == fill.length and not fill.done:  # the last check is the pull's digest
+            if not await fill.wait(idle):
+                break
+        if sent == fill.length and fill.done and not fill.error:
             await respond.end()
         else:
-            respond.abort()  # never claim a whole blob
+            respond.abort()  # never claim a whole blob, nor one that failed its check
 
     async def _direct(self, blob: str, respond: Responder, head: bool) -> None:
         """A blob the cache cannot keep (too big for memory, no disk): streamed through."""
         br = self.br
+        try:
+            want = await self._expected(blob)
+        except UpstreamError:
+            await simple_response(respond, 502, "blob unavailable\n", self.cors)
+            return
+        if want is None:
+            br.stats.count("not_in_index")
+            await simple_response(respond, 404, "no such blob\n", self.cors)
+            return
         prefix = br.cfg.origin_public_path if "." in blob else br.cfg.origin_blobs_path
         host = (br.config.origin_server_name or "origin").encode()
         try:
@@ -632,7 +1007,7 @@ class BlindHandler:
             return
         try:
             length = _content_length(resp.headers)
-            if resp.status != 200 or length is None or length > br.cfg.max_blob_bytes:
+            if resp.status != 200 or length != want[1] or length > br.cfg.max_blob_bytes:
                 await simple_response(
                     respond, 404 if resp.status == 404 else 502, "no such blob\n", self.cors
                 )
@@ -643,19 +1018,29 @@ class BlindHandler:
                 await respond.end()
                 return
             sent = 0
+            digest = hashlib.sha256()
             try:
                 async for chunk in resp.body():
                     sent += len(chunk)
                     if sent > length:
                         break
+                    digest.update(chunk)
                     await respond.send(chunk)
             except UpstreamError:
                 pass
             br.stats.origin_bytes += sent
             br.stats.served_bytes += min(sent, length)
-            if sent == length:
+            if sent == length and digest.digest() == want[0]:
                 await respond.end()
             else:
+                if sent == length:
+                    br.stats.count("pull_rejected")
+                    self.worker.log.log(
+                        "blind_pull_failed",
+                        route=self.route.name,
+                        blob=blob,
+                        detail="origin's blob does not match the site's signed blob index",
+                    )
                 respond.abort()
         finally:
             resp.close()

@@ -357,8 +357,15 @@ class OriginAgent:
             timeout_s=h.upstream_timeout_s,
             tls=ssl.create_default_context() if cfg.upstream.startswith("https:") else None,
         )
+        proxy = ReverseProxy(pool)
+        if cfg.blind is not None:
+            # The store answers its own paths as the gate's last step: after the WAF, the
+            # decision rules and with an access-log line, like any request.
+            from blindfold.origin.blindstore import BlindStore, StoreProxy
+
+            proxy = StoreProxy(BlindStore(cfg.blind, self.stats, self._log_event), pool)
         gate = OriginGate(
-            ReverseProxy(pool),
+            proxy,
             waf,
             rules,
             self.ban,
@@ -370,10 +377,6 @@ class OriginAgent:
             access_log=cfg.access_log,
         )
         handler: Handler = gate
-        if cfg.blind is not None:
-            from blindfold.origin.blindstore import BlindStore
-
-            handler = BlindStore(cfg.blind, gate, self.stats, self._log_event)
         handler = _PerClientRequests(self, handler)
         self.tls, self.waf, self.rules, self.pool, self.handler = tls, waf, rules, pool, handler
         self.limits = _limits(cfg)

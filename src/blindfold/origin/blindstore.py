@@ -1,12 +1,17 @@
-"""The origin's part in blind delivery. Over its own TLS it serves:
+"""The origin's part in blind delivery. Over its own TLS, and only after the request gate (WAF,
+decision rules, access log: `StoreProxy` is the gate's last step), it answers its reserved paths:
 - the signed manifest (it holds the content keys: `no-store`, never through a blind edge),
-- the sealed blobs by id, for edges to pull and cache,
+- the sealed blobs by id, the plaintext SRI copies, and the signed blob index (their
+  digests) that edges check their copies against, for edges to pull and cache,
 - the service worker (with the manifest URL, the edge and the site's manifest key filled in)
   and its registration snippet,
-- the source tree: pages (files left unsealed) and, as the visitors' fallback when an edge
-  copy fails verification, the plaintext of sealed files (whole or from a byte offset),
-- a small report endpoint where clients tell the site that an edge copy failed.
-Anything else goes to the next handler (the WAF and the application)."""
+- the plaintext of sealed files under its own prefix (whole or from a byte offset): the
+  visitors' fallback when an edge copy fails verification,
+- a small report endpoint where clients tell the site that an edge copy failed,
+- with `pages_prefix`, the files of source_dir under that prefix (the pages), rewritten for
+  Subresource Integrity when asked.
+Anything else goes to the application: the store never hides one of its paths unless
+`pages_prefix` says it serves files there, and then only paths that are files."""
 
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ import os
 import re
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -31,6 +37,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from blindfold.blind.sealer import (
+    BLOB_INDEX_NAME,
     BLOBS_DIR,
     MANIFEST_NAME,
     PUBLIC_DIR,
@@ -41,17 +48,17 @@ from blindfold.blind.sealer import (
 from blindfold.config.origin import BlindStoreConfig
 from blindfold.core import manifest, msgsig, sri
 from blindfold.core.ratelimit import TokenBucket
-from blindfold.errors import ConfigError, VerificationError
+from blindfold.errors import ConfigError, UpstreamError, VerificationError
+from blindfold.web.client import UpstreamPool, UpstreamResponse
 from blindfold.web.messages import (
     BodyStream,
     BodyTimeout,
     BodyTooLarge,
-    Handler,
     Headers,
     Request,
     Responder,
-    simple_response,
 )
+from blindfold.web.proxy import ReverseProxy, iterate
 
 _ID = re.compile(rb"[0-9a-f]{32}")
 _PUBLIC = re.compile(rb"[0-9a-f]{32}\.(js|css)")
@@ -70,12 +77,29 @@ _TYPES = {
     ".svg": b"image/svg+xml",
     ".txt": b"text/plain; charset=utf-8",
 }
+_JS = b"text/javascript; charset=utf-8"
+# The SRI rewrite parses HTML in Python (~0.2-0.4 s per MiB): it runs in a thread, at most
+# this many at once, once per version of a page (cached, bounded), and not at all for pages
+# bigger than MAX_REWRITE_BYTES (served as they are).
+MAX_CONCURRENT_REWRITES = 2
+MAX_REWRITE_BYTES = 16 << 20
+_PageKey = tuple[str, int, int, int, tuple[int, int, int], bytes]
+
+
+def _rewrite_file(
+    file: Path, page_path: str, published: dict[str, sri.Published]
+) -> tuple[bytes, int, bytes]:
+    """In a worker thread: the page rewritten for SRI, its tag count and its SHA-256."""
+    page, count = sri.rewrite(file.read_text(encoding="utf-8"), page_path, published)
+    data = page.encode()
+    return data, count, hashlib.sha256(data).digest()
 
 
 def _service_worker(cfg: BlindStoreConfig, public: Ed25519PublicKey) -> bytes:
     template = resources.files("blindfold.blind").joinpath("static/sw.js").read_text()
     config = {
         "manifest": cfg.manifest_path,
+        "plain": cfg.plaintext_path if cfg.source_dir else "",  # "": the file's own URL
         "edge": cfg.edge_url,
         "report": cfg.report_path,
         "keyId": manifest.key_id(public),
@@ -84,23 +108,121 @@ def _service_worker(cfg: BlindStoreConfig, public: Ed25519PublicKey) -> bytes:
     return template.replace("/*BLINDFOLD_CONFIG*/ {}", json.dumps(config)).encode()
 
 
-class BlindStore:
+class LocalResponse(UpstreamResponse):
+    """A response the store makes itself, shaped like the application's (status, headers, a
+    body iterator) so the gate treats both alike: the WAF sees its head, the access log its
+    status and size. No pool connection stands behind it."""
+
     def __init__(
-        self, cfg: BlindStoreConfig, inner: Handler, stats: dict[str, Any], log: Callable[..., None]
+        self,
+        status: int,
+        headers: Headers,
+        chunks: AsyncIterator[bytes] | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self.status = status
+        self.headers = headers
+        self.http_version = b"1.1"
+        self._chunks = chunks
+        self._on_close = on_close
+
+    async def body(self) -> AsyncIterator[bytes]:
+        if self._chunks is not None:
+            async for chunk in self._chunks:
+                yield chunk
+
+    def close(self) -> None:
+        on_close, self._on_close = self._on_close, None
+        if on_close is not None:
+            on_close()
+
+
+def _simple(status: int, text: str, extra: Headers | None = None) -> LocalResponse:
+    data = text.encode()
+
+    async def one() -> AsyncIterator[bytes]:
+        yield data
+
+    return LocalResponse(
+        status,
+        [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(data)).encode()),
+            *(extra or []),
+        ],
+        one(),
+    )
+
+
+class StoreProxy(ReverseProxy):
+    """The request gate's last step when blind delivery is on: the store's own paths are
+    answered here (after the WAF and the decision rules ran), every other request goes to the
+    application."""
+
+    def __init__(self, store: BlindStore, pool: UpstreamPool) -> None:
+        super().__init__(pool)
+        self.store = store
+
+    async def forward(
+        self,
+        request: Request,
+        body: BodyStream,
+        respond: Responder,
+        prefix: list[bytes] | None = None,
+    ) -> UpstreamResponse | None:
+        local = await self.store.answer(request, body, prefix or [])
+        if local is not None:
+            return local
+        return await super().forward(request, body, respond, prefix)
+
+    async def relay(self, request: Request, response: UpstreamResponse, respond: Responder) -> int:
+        if not isinstance(response, LocalResponse):
+            return await super().relay(request, response, respond)
+        sent = 0
+        try:
+            await respond.start(response.status, response.headers)
+            async for chunk in response.body():
+                await respond.send(chunk)
+                sent += len(chunk)
+            await respond.end()
+        except UpstreamError:
+            respond.abort()  # the file shrank under us: never pretend it is complete
+        except ConnectionError:
+            pass
+        finally:
+            response.close()
+        return sent
+
+
+class BlindStore:
+    REWRITE_CACHE_BYTES = 32 << 20  # rewritten pages kept (LRU); a page over a quarter is not
+
+    def __init__(
+        self, cfg: BlindStoreConfig, stats: dict[str, Any], log: Callable[..., None]
     ) -> None:
         self.cfg = cfg
-        self.inner = inner
         self.stats = stats
         self.log = log
         self.dir = Path(cfg.dir)
         self.blobs = self.dir / BLOBS_DIR
         self.manifest_path = cfg.manifest_path.encode()
+        self.blob_index_path = cfg.blob_index_path.encode()
         self.blobs_path = cfg.blobs_path.encode()
         self.public_path = cfg.public_path.encode()
+        self.plaintext_path = cfg.plaintext_path.encode()
+        self.report_path = cfg.report_path.encode()
+        self.pages_prefix = cfg.pages_prefix.encode()
+        self.site_names = frozenset(cfg.site_names)
         self._sri: dict[str, sri.Published] = {}
-        self._sri_mtime = -1.0
+        self._sri_version = (-1, -1, -1)
+        self._pages: OrderedDict[_PageKey, tuple[bytes, int, bytes]] = OrderedDict()
+        self.rewrite_cache_bytes = 0
+        self._rewrites: dict[_PageKey, asyncio.Task[tuple[bytes, int, bytes]]] = {}
+        self._rewrite_slots = asyncio.Semaphore(MAX_CONCURRENT_REWRITES)
         if cfg.rewrite_html and not cfg.edge_url:
             raise ConfigError("blind.rewrite_html", "needs edge_url (where the copies are)")
+        if cfg.pages_prefix and not cfg.source_dir:
+            raise ConfigError("blind.pages_prefix", "needs source_dir (where the pages are)")
         self.source = Path(cfg.source_dir).resolve() if cfg.source_dir else None
         self._sealed: dict[str, manifest.Entry] = {}
         # Reports are logged: bounded, so a client cannot flood the log through them.
@@ -117,6 +239,7 @@ class BlindStore:
                 raise ConfigError("blind.response_signing_key", exc.message) from None
             self.signer = msgsig.ResponseSigner(key, cfg.response_signature_lifetime_s)
         self.sw: bytes | None = None
+        self.register = b""
         if cfg.edge_url:
             try:
                 public = load_pem_public_key((self.dir / PUBLIC_KEY_NAME).read_bytes())
@@ -151,86 +274,136 @@ class BlindStore:
     def _count(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n
 
-    async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
+    def _reserved(self, path: bytes) -> bool:
+        cfg = self.cfg
+        return (
+            path in (self.manifest_path, self.blob_index_path, self.report_path)
+            or path.startswith((self.blobs_path, self.public_path, self.plaintext_path))
+            or (
+                self.sw is not None
+                and path in (cfg.service_worker_path.encode(), cfg.register_path.encode())
+            )
+        )
+
+    async def answer(
+        self, request: Request, body: BodyStream, prefix: list[bytes]
+    ) -> LocalResponse | None:
+        """The store's response to a request for one of its paths; None for anything else
+        (the application's)."""
         path, cfg = request.path, self.cfg
-        if request.method == b"POST" and path == cfg.report_path.encode():
-            await self._report(request, body, respond)
-            return
-        if request.method not in (b"GET", b"HEAD"):
-            await self.inner(request, body, respond)
-            return
+        if self._reserved(path):
+            if path == self.report_path and request.method == b"POST":
+                return await self._report(request, body, prefix)
+            allowed = b"POST" if path == self.report_path else b"GET, HEAD"
+            if request.method not in allowed.split(b", "):
+                return _simple(405, "method not allowed\n", [(b"allow", allowed)])
+        elif request.method not in (b"GET", b"HEAD") or not (
+            self.pages_prefix and path.startswith(self.pages_prefix)
+        ):
+            return None
         head = request.method == b"HEAD"
+        secret = path == self.manifest_path or path.startswith(self.plaintext_path)
+        if secret and not self._end_to_end(request):
+            self._count("blind_requests:refused_not_end_to_end")
+            return _simple(
+                403,
+                "served only over end-to-end TLS to this site's own names "
+                "([origin.blind] site_names), never where an edge ends TLS\n",
+            )
         if path == self.manifest_path:
-            await self._file(
+            return await self._file(
                 request,
-                respond,
                 self.dir / MANIFEST_NAME,
                 b"application/json",
                 b"no-store",
                 head,
                 "manifest",
             )
-        elif path.startswith(self.blobs_path):
+        if path == self.blob_index_path:
+            return await self._file(
+                request,
+                self.dir / BLOB_INDEX_NAME,
+                b"application/json",
+                b"no-cache",
+                head,
+                "blob_index",
+            )
+        if path.startswith(self.blobs_path):
             blob = path[len(self.blobs_path) :]
             if not _ID.fullmatch(blob):
                 self._count("blind_requests:not_found")
-                await simple_response(respond, 404, "no such blob\n")
-                return
-            await self._file(
+                return _simple(404, "no such blob\n")
+            return await self._file(
                 request,
-                respond,
                 self.blobs / blob.decode(),
                 b"application/octet-stream",
                 _BLOB_CACHE,
                 head,
                 "blob",
             )
-        elif path.startswith(self.public_path):
+        if path.startswith(self.public_path):
             public = path[len(self.public_path) :]
             if not _PUBLIC.fullmatch(public):
                 self._count("blind_requests:not_found")
-                await simple_response(respond, 404, "not published\n")
-                return
+                return _simple(404, "not published\n")
             public_type = SRI_TYPES["." + public.decode().rpartition(".")[2]]
-            await self._file(
+            return await self._file(
                 request,
-                respond,
                 self.dir / PUBLIC_DIR / public.decode(),
                 f"{public_type}; charset=utf-8".encode(),
                 _BLOB_CACHE,
                 head,
                 "public",
             )
-        elif self.sw is not None and path == cfg.service_worker_path.encode():
-            await self._bytes(respond, self.sw, b"text/javascript; charset=utf-8", head)
-        elif self.sw is not None and path == cfg.register_path.encode():
-            await self._bytes(respond, self.register, b"text/javascript; charset=utf-8", head)
-        elif (found := self._source_file(path)) is not None:
-            file, name = found
-            entry = self._sealed_paths().get(name)
-            if entry is None and cfg.rewrite_html and file.suffix == ".html":
-                await self._page(request, respond, file, head)
-                return
-            ctype = (
-                entry.type.encode()
-                if entry
-                else _TYPES.get(file.suffix, b"application/octet-stream")
-            )
-            # A sealed file's ETag is its plaintext digest (the manifest's), so a client that
-            # resumes one with Range + If-Range never splices two versions.
-            etag = f'"{entry.sha256}"'.encode() if entry else None
-            await self._file(
+        if self.sw is not None and path == cfg.service_worker_path.encode():
+            return self._bytes(request, self.sw, _JS, head)
+        if self.sw is not None and path == cfg.register_path.encode():
+            return self._bytes(request, self.register, _JS, head)
+        if path.startswith(self.plaintext_path):
+            # The plaintext of a sealed file (and of nothing else), at its manifest path.
+            found = self._source_file(b"/" + path[len(self.plaintext_path) :])
+            entry = self._sealed_paths().get(found[1]) if found is not None else None
+            if found is None or entry is None:
+                self._count("blind_requests:not_found")
+                return _simple(404, "not a sealed file\n")
+            # Its ETag is its plaintext digest (the manifest's), so a client that resumes it
+            # with Range + If-Range never splices two versions.
+            return await self._file(
                 request,
-                respond,
-                file,
-                ctype,
+                found[0],
+                entry.type.encode(),
                 b"no-cache",
                 head,
-                "plaintext" if entry else "page",
-                etag,
+                "plaintext",
+                f'"{entry.sha256}"'.encode(),
             )
-        else:
-            await self.inner(request, body, respond)
+        # A page: a file of source_dir under pages_prefix; other paths are the application's.
+        found = self._source_file(path)
+        if found is None:
+            return None
+        file, name = found
+        entry = self._sealed_paths().get(name)
+        if entry is None and cfg.rewrite_html and file.suffix == ".html":
+            return await self._page(request, file, head)
+        ctype = (
+            entry.type.encode() if entry else _TYPES.get(file.suffix, b"application/octet-stream")
+        )
+        return await self._file(request, file, ctype, b"no-cache", head, "page")
+
+    def _end_to_end(self, request: Request) -> bool:
+        """Whether the request came over TLS that ends here, from the visitor: the name its
+        TLS handshake asked for and the Host it names are both the site's own (site_names),
+        names no edge ends TLS for. A keyless edge relays its visitors' requests for its own
+        names (their Host), over a handshake with its own SNI (the route's origin_server_name
+        or the visitor's): neither is a site name. Plain-HTTP listeners have no TLS at all.
+        What this cannot tell: an edge the key server lets sign for a site name, or an edge
+        that lies in its requests (docs/blind.md)."""
+        sni = request.tls.get("sni", "")
+        host = request.authority.decode("latin-1").lower()
+        if host.startswith("["):
+            return False
+        host = host.rpartition(":")[0] if ":" in host else host
+        return sni in self.site_names and host.rstrip(".") in self.site_names
 
     def _source_file(self, path: bytes) -> tuple[Path, str] | None:
         """The file under source_dir for a URL path (percent-decoded, as the manifest names
@@ -249,13 +422,15 @@ class BlindStore:
             return None
         return file, name
 
-    def _published(self) -> dict[str, sri.Published]:
-        """sri.json (re-read when the sealer rewrote it): path -> the edge copy."""
+    def _published(self) -> tuple[tuple[int, int, int], dict[str, sri.Published]]:
+        """sri.json (re-read when the sealer rewrote it): its version (inode, mtime, size) and
+        path -> the edge copy."""
         try:
-            mtime = (self.dir / SRI_NAME).stat().st_mtime
+            st = (self.dir / SRI_NAME).stat()
         except OSError:
-            return {}
-        if mtime != self._sri_mtime:
+            return (0, 0, 0), {}
+        version = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if version != self._sri_version:
             try:
                 files = json.loads((self.dir / SRI_NAME).read_bytes())["files"]
                 self._sri = {
@@ -264,33 +439,75 @@ class BlindStore:
                 }
             except (OSError, ValueError, KeyError, TypeError):
                 self._sri = {}
-            self._sri_mtime = mtime
-        return self._sri
+            self._sri_version = version
+        return self._sri_version, self._sri
 
-    async def _page(self, request: Request, respond: Responder, file: Path, head: bool) -> None:
+    async def _page(self, request: Request, file: Path, head: bool) -> LocalResponse:
+        """An HTML page rewritten for Subresource Integrity: computed in a thread once per
+        version of the page and of the published copies, then served from a bounded cache."""
         try:
-            text = file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            await simple_response(respond, 404, "not found\n")
-            return
-        page, count = sri.rewrite(text, request.path.decode(), self._published())
-        data = page.encode()
+            st = file.stat()
+        except OSError:
+            return _simple(404, "not found\n")
+        if st.st_size > MAX_REWRITE_BYTES:
+            return await self._file(request, file, _TYPES[".html"], b"no-cache", head, "page")
+        version, published = self._published()
+        # The page's directory is what relative references resolve against.
+        where = request.path.rpartition(b"/")[0] + b"/"
+        key = (str(file), st.st_ino, st.st_mtime_ns, st.st_size, version, where)
+        done = self._pages.get(key)
+        if done is not None:
+            self._pages.move_to_end(key)
+        else:
+            job = self._rewrites.get(key)
+            if job is None:
+                job = asyncio.get_running_loop().create_task(
+                    self._rewrite(key, file, where.decode("latin-1"), published)
+                )
+                self._rewrites[key] = job
+                job.add_done_callback(lambda _t: self._rewrites.pop(key, None))
+            try:
+                # shielded: a visitor who leaves does not cancel the others' rewrite
+                done = await asyncio.shield(job)
+            except (OSError, UnicodeDecodeError):
+                return _simple(404, "not found\n")
+        data, count, digest = done
         self._count("blind_requests:page")
         self._count("blind_bytes:page", 0 if head else len(data))
         # A page that uses SRI gets the policy: then no script without integrity runs on it
         # (pages that load their scripts through the service worker are left alone).
-        await self._bytes(
-            respond,
+        return self._bytes(
+            request,
             data,
-            b"text/html; charset=utf-8",
+            _TYPES[".html"],
             head,
             [(b"integrity-policy", sri.INTEGRITY_POLICY)] if count else [],
+            digest,
         )
 
-    def _signed(self, ctype: bytes, digest: bytes) -> Headers:
-        if self.signer is None:
+    async def _rewrite(
+        self, key: _PageKey, file: Path, where: str, published: dict[str, sri.Published]
+    ) -> tuple[bytes, int, bytes]:
+        async with self._rewrite_slots:
+            done = await asyncio.to_thread(_rewrite_file, file, where, published)
+        self._count("blind_requests:page_rewrite")
+        size = len(done[0])
+        if size <= self.REWRITE_CACHE_BYTES // 4:
+            self._pages[key] = done
+            self.rewrite_cache_bytes += size
+            while self.rewrite_cache_bytes > self.REWRITE_CACHE_BYTES:
+                _old, gone = self._pages.popitem(last=False)
+                self.rewrite_cache_bytes -= len(gone[0])
+        return done
+
+    def _signed(self, request: Request, ctype: bytes, digest: bytes) -> Headers:
+        """RFC 9421 signature headers for a 200 response to `request` (bound to its method,
+        authority, path and query); none without a signing key or a Host to name."""
+        if self.signer is None or not request.authority:
             return []
-        return self.signer.headers(200, ctype.decode("latin-1"), digest, time.time())
+        url = "https://" + request.authority.decode("latin-1") + request.target.decode("latin-1")
+        ref = msgsig.RequestRef(request.method.decode("latin-1"), url)
+        return self.signer.headers(200, ctype.decode("latin-1"), digest, time.time(), ref)
 
     async def _file_digest(self, f: io.BufferedReader) -> bytes:
         """SHA-256 of the open file (what is sent) for its Content-Digest, cached by device,
@@ -310,41 +527,48 @@ class BlindStore:
             self._digests[key] = digest
         return digest
 
-    async def _bytes(
+    def _bytes(
         self,
-        respond: Responder,
+        request: Request,
         data: bytes,
         ctype: bytes,
         head: bool,
         extra: Headers | None = None,
-    ) -> None:
-        await respond.start(
+        digest: bytes | None = None,
+    ) -> LocalResponse:
+        async def one() -> AsyncIterator[bytes]:
+            if not head:
+                yield data
+
+        return LocalResponse(
             200,
             [
                 (b"content-type", ctype),
                 (b"cache-control", b"no-cache"),
                 (b"content-length", str(len(data)).encode()),
                 *(extra or []),
-                *self._signed(ctype, hashlib.sha256(data).digest()),
+                *self._signed(request, ctype, digest or hashlib.sha256(data).digest()),
             ],
+            one(),
         )
-        if not head:
-            await respond.send(data)
-        await respond.end()
 
-    async def _report(self, request: Request, body: BodyStream, respond: Responder) -> None:
+    async def _report(
+        self, request: Request, body: BodyStream, prefix: list[bytes]
+    ) -> LocalResponse:
         if not self.reports.allow(time.monotonic()):
             self._count("blind_requests:report_refused")
-            await simple_response(respond, 429, "too many reports\n", [(b"retry-after", b"1")])
-            return
+            return _simple(429, "too many reports\n", [(b"retry-after", b"1")])
         try:
-            data = await body.read_all(MAX_REPORT_BYTES)
+            data = bytearray()
+            async for chunk in iterate(prefix, body):  # what the WAF read, then the rest
+                data += chunk
+                if len(data) > MAX_REPORT_BYTES:
+                    raise BodyTooLarge("report too large")
             report = json.loads(data)
             if not isinstance(report, dict):
                 raise ValueError("not an object")
         except (BodyTooLarge, BodyTimeout, ValueError, UnicodeDecodeError, RecursionError):
-            await simple_response(respond, 400, "a JSON object of at most 4 KiB\n")
-            return
+            return _simple(400, "a JSON object of at most 4 KiB\n")
         self._count("blind_requests:report")
         fields = {
             k: str(v)[:500]
@@ -352,29 +576,26 @@ class BlindStore:
             if k in ("path", "id", "error", "result")
         }
         self.log("blind_client_report", client=request.client[0], **fields)
-        await respond.start(204, [(b"content-length", b"0")])
-        await respond.end()
+        return LocalResponse(204, [(b"content-length", b"0")])
 
     async def _file(
         self,
         request: Request,
-        respond: Responder,
         file: Path,
         ctype: bytes,
         cache: bytes,
         head: bool,
         kind: str,
         etag: bytes | None = None,
-    ) -> None:
+    ) -> LocalResponse:
+        """A file's response: whole or the byte range asked for; its body read in the default
+        executor chunk by chunk, so a slow disk never stalls the loop."""
         try:
             f = file.open("rb")
         except OSError:
             self._count("blind_requests:not_found")
-            await simple_response(respond, 404, "not found\n")
-            return
-        self._count(f"blind_requests:{kind}")
-        loop = asyncio.get_running_loop()
-        with f:
+            return _simple(404, "not found\n")
+        try:
             size = f.seek(0, 2)
             start, end = 0, size
             status = 200
@@ -397,32 +618,39 @@ class BlindStore:
                     or int(m.group(1)) >= size
                     or (m.group(2) and int(m.group(2)) < int(m.group(1)))
                 ):
-                    await simple_response(
-                        respond,
+                    f.close()
+                    return _simple(
                         416,
                         "range not satisfiable\n",
                         [(b"content-range", f"bytes */{size}".encode())],
                     )
-                    return
                 start = int(m.group(1))
                 end = min(size, int(m.group(2)) + 1) if m.group(2) else size
                 status = 206
                 headers.append((b"content-range", f"bytes {start}-{end - 1}/{size}".encode()))
             headers.append((b"content-length", str(end - start).encode()))
             if status == 200 and self.signer is not None:
-                headers += self._signed(ctype, await self._file_digest(f))
-            await respond.start(status, headers)
+                headers += self._signed(request, ctype, await self._file_digest(f))
+        except BaseException:
+            f.close()
+            raise
+        self._count(f"blind_requests:{kind}")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            loop = asyncio.get_running_loop()
             f.seek(start)
             sent = 0
-            while not head and sent < end - start:
-                data = await loop.run_in_executor(None, f.read, min(CHUNK, end - start - sent))
-                if not data:  # the file shrank under us: do not pretend it is complete
-                    respond.abort()
-                    return
-                await respond.send(data)
-                sent += len(data)
-            self._count(f"blind_bytes:{kind}", sent)
-            await respond.end()
+            try:
+                while not head and sent < end - start:
+                    data = await loop.run_in_executor(None, f.read, min(CHUNK, end - start - sent))
+                    if not data:  # the file shrank under us
+                        raise UpstreamError(f"{file.name}: shorter than it was")
+                    sent += len(data)
+                    yield data
+            finally:
+                self._count(f"blind_bytes:{kind}", sent)
+
+        return LocalResponse(status, headers, chunks(), f.close)
 
 
 def _entries(data: bytes) -> dict[str, manifest.Entry]:

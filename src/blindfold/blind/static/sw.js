@@ -6,8 +6,9 @@
 // decrypt its RFC 8188 aes128gcm records with WebCrypto as they arrive (each record is
 // authenticated; the last one is marked, so truncation and reordering are detected), check
 // sizes and, for files up to BUFFER_LIMIT, the SHA-256 of the blob and of the plaintext
-// before a byte is released. On any failure the origin serves the file instead (a failure in
-// the middle of a streamed file: the rest, with a Range request) and the failure is reported.
+// before a byte is released. On any failure the origin serves the file instead, from its
+// plaintext prefix (a failure in the middle of a streamed file: the rest, with a Range
+// request) and the failure is reported.
 'use strict';
 
 const CONFIG = /*BLINDFOLD_CONFIG*/ {};
@@ -106,8 +107,17 @@ function headersFor(entry) {
           'x-blindfold-source': 'edge'};
 }
 
+// The origin serves the plaintext of every sealed file under its own prefix (after its WAF,
+// whatever the application does with the file's own path); without a source_dir (no prefix)
+// the application serves it at its own URL.
+function plainUrl(request) {
+  if (!CONFIG.plain) return request.url;
+  return CONFIG.plain + new URL(request.url).pathname.slice(1);
+}
+
 async function fromOrigin(request, entry) {
-  const response = await fetch(request.url, {cache: 'no-store', credentials: 'same-origin'});
+  const response = await fetch(plainUrl(request), {cache: 'no-store',
+                                                   credentials: 'same-origin'});
   const headers = new Headers(response.headers);
   headers.set('x-blindfold-source', 'origin');
   return new Response(response.body, {status: response.status, headers});
@@ -201,6 +211,40 @@ class Opener {
   }
 }
 
+// The body of an edge response, but never more than `limit` bytes: a hostile edge may send
+// without end. Reading stops (and the fetch is aborted) at limit + 1 bytes, as the streaming
+// path does; each read within EDGE_IDLE_MS, the whole within EDGE_TOTAL_MS.
+async function readAtMost(response, limit, abort) {
+  const declared = Number(response.headers.get('content-length'));
+  if (declared > limit) {
+    abort.abort();
+    throw new Error('blob larger than the manifest says');
+  }
+  const reader = response.body.getReader();
+  const until = Date.now() + EDGE_TOTAL_MS;
+  const chunks = [];
+  let total = 0;
+  while (true) {
+    const wait = Math.max(1, Math.min(EDGE_IDLE_MS, until - Date.now()));
+    const {value, done} = await deadline(reader.read(), wait, abort);
+    if (done) break;
+    total += value.length;
+    if (total > limit) {
+      reader.cancel().catch(() => {});
+      abort.abort();
+      throw new Error('blob larger than the manifest says');
+    }
+    chunks.push(value);
+  }
+  const out = new Uint8Array(total);
+  let at = 0;
+  for (const c of chunks) {
+    out.set(c, at);
+    at += c.length;
+  }
+  return out;
+}
+
 async function fromEdge(entry, request) {
   const abort = new AbortController();
   const response = await deadline(fetch(`${CONFIG.edge}/b/${entry.id}`,
@@ -210,7 +254,7 @@ async function fromEdge(entry, request) {
   const key = b64u(entry.key);
   if (entry.sealed_size <= BUFFER_LIMIT) {
     // Small: check everything before the page sees a byte.
-    const blob = new Uint8Array(await deadline(response.arrayBuffer(), EDGE_TOTAL_MS, abort));
+    const blob = await readAtMost(response, entry.sealed_size, abort);
     if (blob.length !== entry.sealed_size) throw new Error('blob size differs from the manifest');
     if (hex(await crypto.subtle.digest('SHA-256', blob)) !== entry.blob_sha256) {
       throw new Error('blob digest differs from the manifest');
@@ -295,7 +339,7 @@ async function rest(request, entry, from, controller) {
     return;
   }
   // If-Range with the manifest's digest: the origin answers 206 only for this very version.
-  const response = await fetch(request.url, {
+  const response = await fetch(plainUrl(request), {
     cache: 'no-store', credentials: 'same-origin',
     headers: {'range': `bytes=${from}-`, 'if-range': `"${entry.sha256}"`}});
   if (response.status !== 206) throw new Error(`origin range: HTTP ${response.status}`);
@@ -312,7 +356,14 @@ async function rest(request, entry, from, controller) {
   controller.close();
 }
 
+// A failure goes to the site (logged there) and, for a blob, to the edge too, which checks
+// its copy against the site's signed blob index and drops it when bad (a POST without a body
+// or custom headers: no preflight).
 function report(path, id, error) {
+  if (id) {
+    fetch(`${CONFIG.edge}/r/${id}`, {method: 'POST', mode: 'cors', credentials: 'omit',
+                                     keepalive: true}).catch(() => {});
+  }
   if (!CONFIG.report) return;
   fetch(CONFIG.report, {method: 'POST', credentials: 'same-origin', keepalive: true,
                         headers: {'content-type': 'application/json'},
