@@ -21,8 +21,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import NamedTuple, Protocol, TypeVar
 
-from blindfold.core.clienthello import ClientHello
-from blindfold.core.clienthello import _parse_message as _parse_client_hello
+from blindfold.core.clienthello import ClientHello, parse_hello_message
 from blindfold.errors import ProtocolError
 
 # RFC 8446 §4 handshake types
@@ -90,7 +89,7 @@ def parse_handshake(messages: bytes) -> Handshake:
     if end > MAX_CLIENT_HELLO:
         raise _refuse("bad_client_hello", f"a ClientHello of {end} bytes")
     try:
-        hello = _parse_client_hello(messages[:end], end)
+        hello = parse_hello_message(messages[:end], end)
         key_share_groups = hello.key_share_groups
     except ProtocolError as exc:
         raise _refuse("bad_client_hello", f"{exc.reason}: {exc.detail}") from None
