@@ -210,6 +210,16 @@ class H2Connection(asyncio.Protocol):
             )
             stream.task = self.loop.create_task(self._refuse(responder, 400))
             return
+        scheme = pseudo.get(b":scheme", self.info.scheme)
+        if scheme != self.info.scheme:
+            # RFC 9113 §8.3.1: the scheme of the target. Ours is the connection's (https on
+            # TLS); anything else would be forwarded into Forwarded/X-Forwarded-Proto.
+            self.on_event(
+                "bad_request",
+                {"client": self.info.client[0], "status": 400, "error": "unexpected :scheme"},
+            )
+            stream.task = self.loop.create_task(self._refuse(responder, 400))
+            return
         if not any(k == b"host" for k, _ in headers):
             headers.insert(0, (b"host", authority))
         length = next((v for k, v in headers if k == b"content-length"), None)
@@ -220,7 +230,7 @@ class H2Connection(asyncio.Protocol):
             method=pseudo.get(b":method", b""),
             target=target.origin_form,
             authority=authority,
-            scheme=pseudo.get(b":scheme", self.info.scheme),
+            scheme=self.info.scheme,
             headers=headers,
             http_version="2",
             client=self.info.client,

@@ -28,6 +28,10 @@ _CLIENT_SUPPLIED = frozenset(
         b"forwarded",
         b"x-real-ip",
         b"x-request-id",
+        # read as the client's address by some frameworks (PHP, Rails): never the visitor's
+        b"client-ip",
+        b"true-client-ip",
+        b"x-client-ip",
     }
 )
 
