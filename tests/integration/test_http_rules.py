@@ -92,6 +92,8 @@ def request(
 
 
 SPELLINGS = ["/%6cogin", "//login", "/./login", "/x/../login", "/%2e%2e/login", "/login;v=1"]
+# what a servlet container (Tomcat: path parameters stripped, then dot-segments) routes to /login
+SERVLET_SPELLINGS = ["/x/..;/login", "/x/..;v=1/login", "/;v=1/login", "/.;v/login"]
 
 
 def test_edge_rate_limit_counts_every_spelling_of_the_path(
@@ -103,9 +105,9 @@ def test_edge_rate_limit_counts_every_spelling_of_the_path(
     ca, src = kpki.site_ca, "127.0.0.21"
     assert [request(edge.port, ca, "/login", source=src)[0] for _ in range(2)] == [200, 200]
     absolute = ("--http1.1", "--request-target", f"https://example.test:{edge.port}/login")
-    codes = [request(edge.port, ca, p, source=src)[0] for p in SPELLINGS]
+    codes = [request(edge.port, ca, p, source=src)[0] for p in SPELLINGS + SERVLET_SPELLINGS]
     codes.append(request(edge.port, ca, "/", *absolute, source=src)[0])
-    assert codes == [429] * (len(SPELLINGS) + 1)
+    assert codes == [429] * (len(SPELLINGS) + len(SERVLET_SPELLINGS) + 1)
     assert request(edge.port, ca, "/loginX", source=src)[0] == 200  # another path
     assert [s["RAW_URI"] for s in wsgi.seen] == ["/login", "/login", "/loginX"]
 
@@ -205,6 +207,9 @@ def test_origin_waf_exclusion_covers_its_segment_only(
     assert request(origin.port, ca, "/webhook" + SQLI)[0] == 200  # excluded
     assert request(origin.port, ca, "/webhook/../login" + SQLI)[0] == 403
     assert request(origin.port, ca, "/webhookX/a" + SQLI)[0] == 403
+    # a servlet container routes these to /login: the WAF must inspect them
+    for path in ("/webhook/..;/login", "/webhook/.;/../login", "/webhook;x/..;/login"):
+        assert request(origin.port, ca, path + SQLI)[0] == 403, path
     assert [s["RAW_URI"] for s in wsgi.seen] == ["/webhook" + SQLI]
 
 

@@ -64,20 +64,24 @@ def canonical_path(raw: bytes) -> bytes:
             raise _bad("bad_target", f"byte 0x{c:02x} in the path")
         out.append(c)
         i += 1
-    # RFC 3986 §5.2.4 on segments, with empty segments dropped ("//" -> "/")
+    # RFC 3986 §5.2.4 on segments, with empty segments dropped ("//" -> "/"). A dot-segment
+    # with `;` parameters (`..;x`) is a dot-segment too: servlet containers strip parameters
+    # before they remove dot-segments, so `/static/..;/login` is their `/login`.
     parts = bytes(out).split(b"/")[1:]
     stack: list[bytes] = []
     for segment in parts:
-        if segment in (b"", b"."):
+        name = segment.partition(b";")[0] if b";" in segment else segment
+        if segment == b"" or name == b".":
             continue
-        if segment == b"..":
+        if name == b"..":
             if stack:
                 stack.pop()
             continue
         stack.append(segment)
     if not stack:
         return b"/"
-    trailing = parts[-1] in (b"", b".", b"..")
+    last = parts[-1].partition(b";")[0]
+    trailing = parts[-1] == b"" or last in (b".", b"..")
     return b"/" + b"/".join(stack) + (b"/" if trailing else b"")
 
 
@@ -182,13 +186,26 @@ def check_rule_prefix(prefix: str) -> str | None:
     return None
 
 
+def rule_path(path: str) -> str:
+    """What a path rule compares: the canonical path with the `;` parameters of every segment
+    dropped and the segments left empty collapsed, as servlet containers route it
+    (`/api;x/admin` and `/;x/api/admin` are their `/api/admin`). Applications that keep `;` in
+    the segment see a path no rule-protected resource has, so matching the stricter reading
+    errs on the side of applying the rule."""
+    if ";" not in path:
+        return path
+    names = [segment.partition(";")[0] for segment in path.split("/")[1:]]
+    return "/" + "/".join(name for name in names if name)
+
+
 def path_has_prefix(path: str, prefix: str) -> bool:
     """`path` (canonical) is the configured `prefix` or below it, on a segment boundary:
-    `/login` covers `/login`, `/login/x` and `/login;jsessionid=1` (a `;` parameter is how some
-    servers spell the same resource), not `/loginX`."""
+    `/login` covers `/login`, `/login/x` and `/login;jsessionid=1`, not `/loginX`; `;`
+    parameters anywhere are ignored (`rule_path`)."""
     prefix = rule_prefix(prefix)
     if prefix == "/":
         return True
+    path = rule_path(path)
     if not path.startswith(prefix):
         return False
-    return len(path) == len(prefix) or path[len(prefix)] in "/;"
+    return len(path) == len(prefix) or path[len(prefix)] == "/"
