@@ -131,3 +131,61 @@ def wait_until(pred, timeout: float = 10.0, interval: float = 0.05) -> bool:  # 
             return True
         time.sleep(interval)
     return bool(pred())
+
+
+def h2_exchange(
+    port: int,
+    host: str,
+    ca: Path,
+    requests: list[tuple[list[tuple[bytes, bytes]], bytes | None]],
+    *,
+    source: str = "127.0.0.1",
+    timeout: float = 20.0,
+) -> list[tuple[int, bytes]]:
+    """Send every (headers, body) at once on one HTTP/2 connection, each on its own stream,
+    headers exactly as given (h2's own checks off: a visitor's client need not be polite);
+    returns (status, body) per request, in order (status 0: reset or no answer)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+
+    tls = tls_connect(port, host, ca, source=source, timeout=timeout, alpn=["h2"])
+    try:
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(
+                header_encoding=None,
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+            )
+        )
+        conn.initiate_connection()
+        conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 1000})
+        sids = []
+        for headers, body in requests:
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, headers, end_stream=body is None)
+            if body is not None:
+                conn.send_data(sid, body, end_stream=True)
+            sids.append(sid)
+        tls.sendall(conn.data_to_send())
+        status = dict.fromkeys(sids, 0)
+        bodies = {sid: bytearray() for sid in sids}
+        waiting = set(sids)
+        deadline = time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            data = tls.recv(65536)
+            if not data:
+                break
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived) and event.stream_id in status:
+                    status[event.stream_id] = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived) and event.stream_id in bodies:
+                    bodies[event.stream_id] += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
+                    waiting.discard(event.stream_id)
+            tls.sendall(conn.data_to_send())
+        return [(status[sid], bytes(bodies[sid])) for sid in sids]
+    finally:
+        tls.close()

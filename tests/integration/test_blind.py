@@ -847,6 +847,10 @@ def test_the_manifest_is_refused_where_the_edge_ends_tls(
         for path in (manifest, plain):
             code, body = get("keyless.example.test", path)
             assert code == 403 and some_key not in body and b"end-to-end" in body, (code, body)
+        # ... and a sealed file's plaintext at its own path (a page under pages_prefix) too
+        assert get("example.test", "/img/photo.bin") == (200, s.files["/img/photo.bin"])
+        code, body = get("keyless.example.test", "/img/photo.bin")
+        assert code == 403 and body != s.files["/img/photo.bin"], code
         # The keyless route itself works (the application answers).
         code, body = get("keyless.example.test", "/echo")
         assert code == 200 and b'"path": "/echo"' in body
@@ -895,3 +899,69 @@ def test_without_source_dir_the_fallback_is_the_files_own_url(
     # The demo application answers with a page of its own, which the manifest refuses.
     assert r.returncode == 1 and got == b"" and "differ from its own manifest" in r.stderr
     assert path in [req["path"] for req in app.seen[seen:]]
+
+
+def test_the_sri_rewrite_runs_once_per_page_however_its_url_is_spelt(
+    blind_site: Callable[..., Site],
+) -> None:
+    """The rewrite cache was keyed by the request's directory as spelt: /docs%2F/page.html,
+    /docs%2F%2F/page.html... each forced a fresh rewrite of the same file (attack review)."""
+    s = blind_site(origin_blind={"rewrite_html": True, "edge_url": "https://cdn.example.test"})
+    docs = s.src / "docs"
+    docs.mkdir()
+    (docs / "page.html").write_text("<html><body><p>" + "x" * 4000 + "</p></body></html>\n")
+    port = s.edge.port
+    for i in range(6):
+        path = "/docs" + "%2F" * i + "/page.html"
+        got = subprocess.run(
+            [
+                need("curl"),
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--path-as-is",
+                "--cacert",
+                str(s.ca),
+                "--resolve",
+                f"example.test:{port}:127.0.0.1",
+                f"https://example.test:{port}{path}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert got.stdout == "200", (path, got.stdout, got.stderr)
+    rewrites = s.origin.metric("blindfold_origin_blind_requests_total", kind="page_rewrite")
+    assert rewrites == 1
+
+
+def test_one_visitor_cannot_use_up_everyones_failure_reports(
+    blind_site: Callable[..., Site],
+) -> None:
+    """The report endpoint had one bucket for every visitor: 200 reports from one address
+    made the next visitor's report 429 (a hostile edge operator, as a visitor, could hide
+    that its copies fail; attack review). Each address now has its own share."""
+    from tests.helpers.clients import h2_exchange
+
+    s = blind_site()
+    report = b'{"path": "/img/photo.bin", "id": "x", "error": "bad copy"}'
+    headers = [
+        (b":method", b"POST"),
+        (b":scheme", b"https"),
+        (b":authority", b"example.test"),
+        (b":path", b"/.well-known/blindfold/report"),
+        (b"content-type", b"application/json"),
+    ]
+    codes = []
+    for _ in range(2):  # 2 x 100 at once (100: the origin's concurrent stream limit)
+        flood = h2_exchange(
+            s.edge.port, "example.test", s.ca, [(headers, report)] * 100, source="127.0.0.51"
+        )
+        codes += [code for code, _ in flood]
+    assert codes.count(429) >= 180, codes  # its own share: a burst of 10, then 1/s
+    [(code, _)] = h2_exchange(
+        s.edge.port, "example.test", s.ca, [(headers, report)], source="127.0.0.52"
+    )
+    assert code in (200, 204), code

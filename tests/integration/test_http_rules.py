@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers.clients import curl
+from tests.helpers.clients import curl, h2_exchange
 from tests.helpers.edgeproc import EdgeProcess, OriginProcess, edge_config
 from tests.helpers.keyless import KeylessPki, KeyServerProcess
 from tests.helpers.topology import origin_config
@@ -234,45 +234,6 @@ def test_origin_checks_host_and_forwarding_headers(
     )
 
 
-def _h2_get(port: int, ca: Path, headers: list[tuple[bytes, bytes]]) -> tuple[int, bytes]:
-    """One HTTP/2 request with the pseudo-headers as given (h2's own checks off: a visitor's
-    client need not be polite)."""
-    import socket
-    import ssl
-
-    import h2.config
-    import h2.connection
-    import h2.events
-
-    ctx = ssl.create_default_context(cafile=str(ca))
-    ctx.set_alpn_protocols(["h2"])
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        tls = ctx.wrap_socket(raw, server_hostname="example.test")
-        conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(
-                header_encoding=None,
-                validate_outbound_headers=False,
-                normalize_outbound_headers=False,
-            )
-        )
-        conn.initiate_connection()
-        conn.send_headers(1, headers, end_stream=True)
-        tls.sendall(conn.data_to_send())
-        status, body = 0, b""
-        while True:
-            data = tls.recv(65536)
-            if not data:
-                return status, body
-            for event in conn.receive_data(data):
-                if isinstance(event, h2.events.ResponseReceived):
-                    status = int(dict(event.headers)[b":status"])
-                elif isinstance(event, h2.events.DataReceived):
-                    body += event.data
-                elif isinstance(event, h2.events.StreamEnded | h2.events.StreamReset):
-                    return status, body
-            tls.sendall(conn.data_to_send())
-
-
 def test_an_h2_scheme_never_reaches_the_forwarding_headers(
     start_origin: Any, wsgi: WsgiApp, site: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -282,9 +243,13 @@ def test_an_h2_scheme_never_reaches_the_forwarding_headers(
     base = [(b":method", b"GET"), (b":authority", b"example.test"), (b":path", b"/echo")]
     evil = b"https;host=evil.example,for=6.6.6.6;proto=https"
     for scheme in (evil, b"http"):
-        status, _ = _h2_get(origin.port, site["ca"], [*base, (b":scheme", scheme)])
+        [(status, _)] = h2_exchange(
+            origin.port, "example.test", site["ca"], [([*base, (b":scheme", scheme)], None)]
+        )
         assert status == 400, scheme
     assert wsgi.seen == []
-    status, body = _h2_get(origin.port, site["ca"], [*base, (b":scheme", b"https")])
+    [(status, body)] = h2_exchange(
+        origin.port, "example.test", site["ca"], [([*base, (b":scheme", b"https")], None)]
+    )
     assert status == 200
     assert json.loads(body)["HTTP_FORWARDED"].startswith("for=127.0.0.1;proto=https;")

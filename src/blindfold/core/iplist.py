@@ -92,6 +92,16 @@ class IPSet:
         return self.contains(addr, version)
 
 
+def visitor_key(ip: str) -> str:
+    """What per-visitor limits count by: an IPv4 address, or an IPv6 /64 (one subscriber)."""
+    if ":" not in ip:
+        return ip
+    try:
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    except ValueError:
+        return ip
+
+
 def parse_address(address: str) -> tuple[int, int]:
     """'192.0.2.1' or '2001:db8::1' -> (version, integer); IPv4-mapped IPv6 becomes IPv4."""
     try:

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
-import ipaddress
 import os
 import signal
 import socket
@@ -25,7 +24,7 @@ from typing import Any
 from blindfold.config import load_file
 from blindfold.config.common import parse_hostport
 from blindfold.config.origin import OriginConfig, fds_needed, listen_warnings
-from blindfold.core.iplist import IPSet, parse_address, parse_list
+from blindfold.core.iplist import IPSet, parse_address, parse_list, visitor_key
 from blindfold.core.proxyproto import V1_PREFIX, V2_SIGNATURE
 from blindfold.decisions.api import DecisionApi, load_api_keys
 from blindfold.decisions.core import DecisionRules, DecisionStore, RateRule, scope_of
@@ -205,16 +204,6 @@ class _AlpnDispatch:
 _ONE_CONNECTION_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
 
 
-def client_key(ip: str) -> str:
-    """What per-visitor limits count by: an IPv4 address, or an IPv6 /64 (one subscriber)."""
-    if ":" not in ip:
-        return ip
-    try:
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    except ValueError:
-        return ip
-
-
 class _Slots:
     """Open connections of one listener group (the site's, the decision stream's)."""
 
@@ -273,7 +262,7 @@ class _PerClientRequests:
 
     async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
         agent = self.agent
-        key = client_key(request.client[0])
+        key = visitor_key(request.client[0])
         counts = agent.client_requests
         n = counts.get(key, 0)
         if n >= agent.cfg.per_client_requests:
@@ -376,8 +365,11 @@ class OriginAgent:
             stats=self.stats,
             access_log=cfg.access_log,
         )
-        handler: Handler = gate
-        handler = _PerClientRequests(self, handler)
+        # Visitors' requests are bounded per address; an edge's own connections (PROXY LOCAL:
+        # its blind pulls, health checks) are not a visitor's and are not counted as one: a
+        # visitor's share must not be where one edge's pulls for everyone queue up.
+        self.edge_handler: Handler = gate
+        handler: Handler = _PerClientRequests(self, gate)
         self.tls, self.waf, self.rules, self.pool, self.handler = tls, waf, rules, pool, handler
         self.limits = _limits(cfg)
         # a connection over its address's share: short deadlines, one HTTP/2 stream
@@ -601,11 +593,11 @@ class OriginAgent:
                     return
                 client, is_visitor = resolved
             assert client is not None
-            handler: Handler = self.handler
+            handler: Handler = self.handler if is_visitor else self.edge_handler
             limits = self.limits
             if is_visitor:
                 # issue 15 finding 2: one visitor must not hold the origin's capacity
-                before = claim.count_client(client_key(client[0]))
+                before = claim.count_client(visitor_key(client[0]))
                 share = cfg.per_client_connections
                 if before >= 2 * share:
                     self._refuse("per_client_connections", client[0])

@@ -47,7 +47,8 @@ from blindfold.blind.sealer import (
 )
 from blindfold.config.origin import BlindStoreConfig
 from blindfold.core import manifest, msgsig, sri
-from blindfold.core.ratelimit import TokenBucket
+from blindfold.core.iplist import visitor_key
+from blindfold.core.ratelimit import BucketMap, TokenBucket
 from blindfold.errors import ConfigError, UpstreamError, VerificationError
 from blindfold.web.client import UpstreamPool, UpstreamResponse
 from blindfold.web.messages import (
@@ -66,6 +67,9 @@ _RANGE = re.compile(rb"bytes=(\d{1,15})-(\d{0,15})")
 CHUNK = 1 << 16
 MAX_REPORT_BYTES = 4096
 REPORTS_PER_S = 50.0
+REPORTS_PER_CLIENT_PER_S = 1.0
+REPORTS_PER_CLIENT_BURST = 10
+MAX_REPORT_CLIENTS = 10_000
 # Blobs are named by content: an id never changes meaning.
 _BLOB_CACHE = b"public, max-age=31536000, immutable"
 _TYPES = {
@@ -224,9 +228,19 @@ class BlindStore:
         if cfg.pages_prefix and not cfg.source_dir:
             raise ConfigError("blind.pages_prefix", "needs source_dir (where the pages are)")
         self.source = Path(cfg.source_dir).resolve() if cfg.source_dir else None
+        if self.source is not None and self.dir.resolve().is_relative_to(self.source):
+            raise ConfigError(
+                "blind.dir",
+                f"{cfg.dir} is inside source_dir: its manifest (the content keys) would be "
+                "served like a page",
+            )
         self._sealed: dict[str, manifest.Entry] = {}
         # Reports are logged: bounded, so a client cannot flood the log through them.
         self.reports = TokenBucket(REPORTS_PER_S, int(REPORTS_PER_S * 2), time.monotonic())
+        # ... and per visitor address, so that one visitor cannot use up everyone's reports
+        self.reports_by_client = BucketMap(
+            REPORTS_PER_CLIENT_PER_S, REPORTS_PER_CLIENT_BURST, MAX_REPORT_CLIENTS
+        )
         self._sealed_mtime = -1.0
         self.signer: msgsig.ResponseSigner | None = None
         self._digests: dict[tuple[int, int, int, int], bytes] = {}
@@ -383,6 +397,10 @@ class BlindStore:
             return None
         file, name = found
         entry = self._sealed_paths().get(name)
+        if entry is not None and not self._end_to_end(request):
+            # a sealed file's plaintext, at its own path: the same rule as the fallback prefix
+            self._count("blind_requests:refused_not_end_to_end")
+            return _simple(403, "a sealed file is served in plaintext only end to end\n")
         if entry is None and cfg.rewrite_html and file.suffix == ".html":
             return await self._page(request, file, head)
         ctype = (
@@ -452,8 +470,11 @@ class BlindStore:
         if st.st_size > MAX_REWRITE_BYTES:
             return await self._file(request, file, _TYPES[".html"], b"no-cache", head, "page")
         version, published = self._published()
-        # The page's directory is what relative references resolve against.
-        where = request.path.rpartition(b"/")[0] + b"/"
+        # The page's directory is what relative references resolve against: the file's own
+        # (one rewrite per page version however its URL is spelt, e.g. with %2F or //).
+        assert self.source is not None
+        parent = file.parent.relative_to(self.source).as_posix()
+        where = b"/" if parent == "." else f"/{parent}/".encode()
         key = (str(file), st.st_ino, st.st_mtime_ns, st.st_size, version, where)
         done = self._pages.get(key)
         if done is not None:
@@ -555,7 +576,10 @@ class BlindStore:
     async def _report(
         self, request: Request, body: BodyStream, prefix: list[bytes]
     ) -> LocalResponse:
-        if not self.reports.allow(time.monotonic()):
+        now = time.monotonic()
+        if self.reports_by_client.take(visitor_key(request.client[0]), now) or (
+            not self.reports.allow(now)
+        ):
             self._count("blind_requests:report_refused")
             return _simple(429, "too many reports\n", [(b"retry-after", b"1")])
         try:
