@@ -480,16 +480,33 @@ def test_a_failed_handshake_gets_openssls_alert(
 
 
 def poll_stream(port: int, site: dict[str, Path], key: str, startup: bool) -> dict[str, Any]:
-    """Poll the origin's decision stream as a CrowdSec bouncer would (no position token)."""
-    import urllib.request
+    """Poll the origin's decision stream as a CrowdSec bouncer would (no position token),
+    verifying the stream's own certificate (decisions.internal)."""
+    from tests.conftest import DECISIONS_NAME, need
 
-    ctx = ssl.create_default_context(cafile=str(site["ca"]))
-    req = urllib.request.Request(
-        f"https://127.0.0.1:{port}/v1/decisions/stream?startup={str(startup).lower()}",
-        headers={"X-Api-Key": key, "User-Agent": "blindfold-edge"},
+    url = f"https://{DECISIONS_NAME}:{port}/v1/decisions/stream?startup={str(startup).lower()}"
+    got = subprocess.run(
+        [
+            need("curl"),
+            "-sS",
+            "--fail",
+            "--max-time",
+            "10",
+            "--cacert",
+            str(site["ca"]),
+            "--resolve",
+            f"{DECISIONS_NAME}:{port}:127.0.0.1",
+            "-H",
+            f"X-Api-Key: {key}",
+            "-A",
+            "blindfold-edge",
+            url,
+        ],
+        capture_output=True,
+        timeout=20,
     )
-    with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
-        data: dict[str, Any] = json.loads(resp.read())
+    assert got.returncode == 0, got.stderr
+    data: dict[str, Any] = json.loads(got.stdout)
     return data
 
 
