@@ -15,9 +15,9 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from aioquic.tls import CipherSuite, cipher_suite_hash, hkdf_expand_label
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
+from blindfold.core.aioquic_compat import CipherSuite, cipher_suite_hash, hkdf_expand_label
 from blindfold.errors import ProtocolError
 
 # RFC 8446 §5.1 content types
