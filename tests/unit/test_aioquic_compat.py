@@ -1,6 +1,5 @@
 """The aioquic internals the TLS engine uses (core.aioquic_compat): checked when blindfold starts,
-with an error naming the installed aioquic when one is missing or has changed; and the HKDF it
-installs into aioquic computes what `cryptography`'s HKDF computes."""
+with an error naming the installed aioquic when one is missing or has changed."""
 
 from __future__ import annotations
 
@@ -11,48 +10,21 @@ import aioquic
 import aioquic.tls as qtls
 import pytest
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.hmac import HMAC
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
-from hypothesis import given
-from hypothesis import strategies as st
 
 from blindfold.core import aioquic_compat as compat
 
-ALGORITHMS = {"sha256": hashes.SHA256(), "sha384": hashes.SHA384()}
 
-
-def _their_expand_label(
-    algorithm: hashes.HashAlgorithm, secret: bytes, label: bytes, context: bytes, length: int
-) -> bytes:
-    # RFC 8446 §7.1 HkdfLabel through cryptography's HKDF-Expand
-    full = b"tls13 " + label
-    info = length.to_bytes(2, "big") + bytes((len(full),)) + full + bytes((len(context),))
-    return HKDFExpand(algorithm, length, info + context).derive(secret)
-
-
-@given(
-    st.sampled_from(sorted(ALGORITHMS)),
-    st.binary(min_size=1, max_size=64),
-    st.binary(max_size=40),
-    st.binary(max_size=64),
-    st.integers(1, 200),
-)
-def test_hkdf_expand_label_is_cryptographys(
-    name: str, secret: bytes, label: bytes, context: bytes, length: int
-) -> None:
-    algorithm = ALGORITHMS[name]
-    ours = compat.hkdf_expand_label(algorithm, secret, label, context, length)
-    assert ours == _their_expand_label(algorithm, secret, label, context, length)
-    # and it is what aioquic's key schedule now calls
-    assert qtls.hkdf_expand_label is compat.hkdf_expand_label
-
-
-@given(st.sampled_from(sorted(ALGORITHMS)), st.binary(max_size=80), st.binary(max_size=80))
-def test_hkdf_extract_is_cryptographys(name: str, salt: bytes, ikm: bytes) -> None:
-    algorithm = ALGORITHMS[name]
-    mac = HMAC(salt, algorithm)
-    mac.update(ikm)
-    assert compat.hkdf_extract(algorithm, salt, ikm) == mac.finalize()
+def test_hkdf_expand_label_is_rfc8446s() -> None:
+    """§7.1 HkdfLabel (length, "tls13 " + label, context) through cryptography's HKDF-Expand."""
+    for algorithm in (hashes.SHA256(), hashes.SHA384()):
+        secret = bytes(range(algorithm.digest_size))
+        for label, context, length in ((b"key", b"", 16), (b"c hs traffic", secret, 48)):
+            full = b"tls13 " + label
+            info = length.to_bytes(2, "big") + bytes((len(full),)) + full
+            info += bytes((len(context),)) + context
+            theirs = HKDFExpand(algorithm, length, info).derive(secret)
+            assert compat.hkdf_expand_label(algorithm, secret, label, context, length) == theirs
 
 
 def test_rfc8448_key_schedule() -> None:
@@ -75,7 +47,7 @@ def _changed_parameters(self: object, label: bytes, context: bytes) -> bytes:
 @pytest.mark.parametrize(
     "target,name,value,says",
     [
-        (qtls, "hkdf_label", None, "aioquic.tls.hkdf_label is missing"),
+        (qtls, "hkdf_expand_label", None, "aioquic.tls.hkdf_expand_label is missing"),
         (qtls.KeySchedule, "derive_secret", None, "KeySchedule.derive_secret is missing"),
         (
             qtls.KeySchedule,
@@ -100,16 +72,14 @@ def test_a_changed_internal_is_named_with_the_aioquic_version(
     assert f"aioquic=={compat.TESTED_VERSION}" in str(info.value)
 
 
-def test_an_hkdf_that_computes_otherwise_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    def other(
-        algorithm: hashes.HashAlgorithm, secret: bytes, label: bytes, hash_value: bytes, length: int
-    ) -> bytes:
-        return bytes(length)
+def test_a_key_schedule_that_computes_otherwise_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    def derive_secret(self: object, label: bytes) -> bytes:
+        return bytes(32)
 
-    monkeypatch.setattr(qtls, "hkdf_expand_label", other)
-    with pytest.raises(compat.AioquicMismatch, match="hkdf_expand_label computes"):
-        compat._check_and_install_hkdf()
-    assert qtls.hkdf_expand_label is other  # not replaced
+    monkeypatch.setattr(qtls.KeySchedule, "derive_secret", derive_secret)
+    compat._check_shapes()  # the same shape
+    with pytest.raises(compat.AioquicMismatch, match="RFC 8448"):
+        compat._check_key_schedule()
 
 
 def test_the_check_runs_when_the_tls_engine_is_imported() -> None:

@@ -4,22 +4,15 @@
 schedule (`KeySchedule`, RFC 8446 §7.1) and HKDF-Expand-Label; `core.tls13_record` uses the
 latter for traffic keys. These are module-level names of `aioquic.tls`, not a documented API:
 an aioquic release may rename or reshape them. This module is the only importer of
-`aioquic.tls` in blindfold; importing it (which the edge does when it starts) checks that every
-name is there with the shape used, and that the key schedule still computes RFC 8448's values,
-and raises `AioquicMismatch` naming the installed aioquic version otherwise.
-
-It also replaces aioquic's `hkdf_expand_label` and `hkdf_extract` with equivalents on the
-standard library's one-shot HMAC (`hmac.digest`, OpenSSL underneath): aioquic builds a
-`cryptography` HKDFExpand or HMAC object per call, about 4 µs each, and a handshake makes ~20
-of them. The replacements are checked against aioquic's own functions before they are
-installed, and only then installed (for every user of aioquic in the process: same results).
+`aioquic.tls` in blindfold. Importing it (which the edge does when it starts) checks that every
+name is there with the shape used and that the key schedule still computes RFC 8448's values,
+and raises `AioquicMismatch` naming the installed aioquic version otherwise. Nothing in aioquic
+is patched.
 """
 
 from __future__ import annotations
 
-import hmac
 import inspect
-import struct
 from typing import Any
 
 import aioquic
@@ -41,11 +34,9 @@ def _mismatch(what: str) -> AioquicMismatch:
     )
 
 
-# name in aioquic.tls -> the parameters it must take (None: a constant or a class to inspect)
+# function in aioquic.tls -> the parameters it must take
 _FUNCTIONS: dict[str, tuple[str, ...]] = {
-    "hkdf_label": ("label", "hash_value", "length"),
     "hkdf_expand_label": ("algorithm", "secret", "label", "hash_value", "length"),
-    "hkdf_extract": ("algorithm", "salt", "key_material"),
     "cipher_suite_hash": ("cipher_suite",),
 }
 _KEY_SCHEDULE_METHODS: dict[str, tuple[str, ...]] = {
@@ -95,60 +86,7 @@ def _check_shapes() -> None:
             raise _mismatch(f"KeySchedule objects have no {attribute}")
 
 
-# ------------------------------------------------------------------------------ fast HKDF
-_LABEL_HEAD = struct.Struct("!HB")
-
-
-def hkdf_expand_label(
-    algorithm: Any, secret: bytes, label: bytes, hash_value: bytes, length: int
-) -> bytes:
-    """RFC 8446 §7.1 HKDF-Expand-Label = HKDF-Expand (RFC 5869 §2.3) of the HkdfLabel."""
-    full_label = b"tls13 " + label
-    info = (
-        _LABEL_HEAD.pack(length, len(full_label))
-        + full_label
-        + bytes((len(hash_value),))
-        + hash_value
-    )
-    name = algorithm.name
-    size = algorithm.digest_size
-    if length <= size:  # every TLS 1.3 use: one HMAC block
-        return hmac.digest(secret, info + b"\x01", name)[:length]
-    if length > 255 * size:
-        raise ValueError(f"HKDF-Expand cannot make {length} bytes with {name}")
-    out = b""
-    block = b""
-    counter = 1
-    while len(out) < length:
-        block = hmac.digest(secret, block + info + bytes((counter,)), name)
-        out += block
-        counter += 1
-    return out[:length]
-
-
-def hkdf_extract(algorithm: Any, salt: bytes, key_material: bytes) -> bytes:
-    """RFC 5869 §2.2 HKDF-Extract."""
-    return hmac.digest(salt, key_material, algorithm.name)
-
-
-def _check_and_install_hkdf() -> None:
-    original_expand = _tls.hkdf_expand_label
-    original_extract = _tls.hkdf_extract
-    if original_expand is not hkdf_expand_label:
-        for suite in (0x1301, 0x1302):
-            algorithm = _tls.cipher_suite_hash(_tls.CipherSuite(suite))
-            secret = bytes(range(algorithm.digest_size))
-            for label, context, length in ((b"key", b"", 16), (b"c hs traffic", secret, 48)):
-                theirs = original_expand(algorithm, secret, label, context, length)
-                if hkdf_expand_label(algorithm, secret, label, context, length) != theirs:
-                    raise _mismatch("aioquic.tls.hkdf_expand_label computes something else")
-            if hkdf_extract(algorithm, secret, b"ikm") != original_extract(
-                algorithm, secret, b"ikm"
-            ):
-                raise _mismatch("aioquic.tls.hkdf_extract computes something else")
-    # KeySchedule calls them through the module's globals
-    _tls.hkdf_expand_label = hkdf_expand_label
-    _tls.hkdf_extract = hkdf_extract
+def _check_key_schedule() -> None:
     ks = _tls.KeySchedule(_tls.CipherSuite(0x1301))
     ks.extract(None)
     if ks.derive_secret(b"derived") != _RFC8448_DERIVED:
@@ -156,10 +94,11 @@ def _check_and_install_hkdf() -> None:
 
 
 _check_shapes()
-_check_and_install_hkdf()
+_check_key_schedule()
 
 # What the engine uses, under the names it uses.
 KeySchedule = _tls.KeySchedule
 CipherSuite = _tls.CipherSuite
 cipher_suite_hash = _tls.cipher_suite_hash
+hkdf_expand_label = _tls.hkdf_expand_label
 SERVER_CONTEXT_STRING: bytes = _tls.SERVER_CONTEXT_STRING
