@@ -660,3 +660,66 @@ def test_a_wrong_psk_binder_is_a_decrypt_error(sites: dict[str, Site]) -> None:
     assert isinstance(events[-1], ts.ConnectionFailed)
     assert events[-1].alert == rl.A_DECRYPT_ERROR and events[-1].reason == "bad_binder"
     assert len(store) == 0
+
+
+@pytest.mark.parametrize(
+    "offered,chosen",
+    [
+        ([0x1301, 0x1302, 0x1303], 0x1301),
+        ([0x1303, 0x1301], 0x1303),  # a client without AES hardware lists ChaCha20 first
+        ([0x0A0A, 0x1303, 0x1302], 0x1303),  # GREASE (RFC 8701) does not count as first
+        ([0x1302, 0x1303], 0x1302),  # otherwise the server's order
+    ],
+)
+def test_cipher_suite_choice(sites: dict[str, Site], offered: list[int], chosen: int) -> None:
+    flight = _openssl_hello(sites["ec256"], lambda h: replace(h, ciphers=offered))
+    server = ts.TlsServer(sites["ec256"].identity, ts.TlsSettings(), ts.SessionStore(10, 10), HOST)
+    (request,) = server.receive(flight, 0.0)
+    assert isinstance(request, ts.SignatureRequested)
+    assert forge.ServerHello.parse(forge.split_messages(request.messages)[1]).suite == chosen
+
+
+def test_a_ticket_resumes_only_with_its_own_cipher_suite(sites: dict[str, Site]) -> None:
+    """RFC 8446 §4.2.11: the PSK's hash must be the chosen suite's; another suite means a full
+    handshake (the ticket is spent either way: single use)."""
+    site = sites["ec256"]
+    store = ts.SessionStore(3600, 10)
+    first = Pair(site, store=store)
+    first.handshake()
+    first.client.write(b"x")
+    first.to_server()
+    first.client_read()
+    assert first.server.cipher_suite == 0x1301 and len(store) == 1
+    second = Pair(site, store=store, session=first.client.session, ctx=first.ctx)
+    second.client_step()
+    hello = peek_client_hello(second.out.read())
+    assert hello is not None and hello.extensions[-1] == 41  # it offers the ticket
+    sha384 = replace(forge.Hello.parse(hello.message), ciphers=[0x1302])
+    events = second.server.receive(records_of(sha384.encode()), second.now)
+    assert isinstance(events[-1], ts.SignatureRequested)  # a full handshake
+    assert not second.server.resumed and len(store) == 0
+
+
+def test_early_data_is_never_accepted(sites: dict[str, Site]) -> None:
+    """RFC 8446 §8: 0-RTT data can be replayed. A client offering early data with its ticket
+    gets a full handshake, no early_data in EncryptedExtensions, and keeps its ticket."""
+    site = sites["ec256"]
+    store = ts.SessionStore(3600, 10)
+    first = Pair(site, store=store)
+    first.handshake()
+    first.client.write(b"x")
+    first.to_server()
+    first.client_read()
+    second = Pair(site, store=store, session=first.client.session, ctx=first.ctx)
+    second.client_step()
+    hello = peek_client_hello(second.out.read())
+    assert hello is not None
+    offer = forge.Hello.parse(hello.message)
+    psk = offer.extensions[-1]
+    assert psk[0] == 41
+    with_early = replace(offer, extensions=[*offer.extensions[:-1], (42, b""), psk])
+    events = second.server.receive(records_of(with_early.encode()), second.now)
+    assert isinstance(events[-1], ts.SignatureRequested)
+    ee = forge.split_messages(events[-1].messages)[2]
+    assert ee[0] == 8 and b"\x00\x2a\x00\x00" not in ee
+    assert not second.server.resumed and len(store) == 1
