@@ -723,3 +723,19 @@ def test_early_data_is_never_accepted(sites: dict[str, Site]) -> None:
     ee = forge.split_messages(events[-1].messages)[2]
     assert ee[0] == 8 and b"\x00\x2a\x00\x00" not in ee
     assert not second.server.resumed and len(store) == 1
+
+
+def test_many_handshakes_wait_for_signatures_at_once(sites: dict[str, Site]) -> None:
+    """An edge has many handshakes waiting on the key server; answers come in any order."""
+    pairs = [Pair(sites["ec256"]) for _ in range(20)]
+    requests = []
+    for p in pairs:
+        p.client_step()
+        (request,) = p.server.receive(p.out.read(), p.now)
+        assert isinstance(request, ts.SignatureRequested) and p.server.state == "signing"
+        requests.append(request)
+    for p, request in reversed(list(zip(pairs, requests, strict=True))):
+        assert p.server.signature_received(p.site.keyserver_sign(request), p.now) == []
+        p.to_client()
+        p.handshake()
+        assert p.server.state == "open"
