@@ -592,8 +592,13 @@ def core_main(a: argparse.Namespace) -> int:
     cctx.minimum_version = ssl.TLSVersion.TLSv1_3
     cctx.set_alpn_protocols(["http/1.1"])
     prof = cProfile.Profile() if a.profile else None
-    phases = [0.0, 0.0, 0.0]  # ClientHello -> signature request | flight | Finished + ticket
+    # ClientHello -> signature request | flight | Finished + ticket | the key share used,
+    # made again for the pool (off the handshake's path, but CPU all the same)
+    phases = [0.0, 0.0, 0.0, 0.0]
     warm = min(100, a.n // 10)
+    pool = getattr(ts, "KEY_SHARES", None)
+    if pool is not None:
+        pool.fill(pool.size)
 
     def timed(i: int, phase: int, fn: Any) -> Any:
         if prof is not None and i >= warm:
@@ -642,10 +647,17 @@ def core_main(a: argparse.Namespace) -> int:
 
         events = timed(i, 2, last)
         assert any(isinstance(e, ts.HandshakeCompleted) for e in events), events
+        if pool is not None:
+            timed(i, 3, lambda: pool.fill(pool.wanted))
     n = a.n - warm
     print(
         json.dumps(
-            {"n": n, "us": sum(phases) / n * 1e6, "phases_us": [round(p / n * 1e6) for p in phases]}
+            {
+                "n": n,
+                "us": sum(phases) / n * 1e6,
+                "path_us": sum(phases[:3]) / n * 1e6,
+                "phases_us": [round(p / n * 1e6) for p in phases],
+            }
         ),
         flush=True,
     )
@@ -1127,7 +1139,7 @@ class Bench:
                 L.append(
                     f"   {'  of which TlsServer core, no I/O (in-process)':<46} "
                     f"{c['n']:>5} {'':>6} {c['us']:>6.0f} {c['us'] / base:>5.2f}x  "
-                    f"(hello/flight/finished {ph} µs)"
+                    f"(hello/flight/finished/key refill {ph} µs)"
                 )
             ks_us = e["ks_cpu_s"] / max(1, e["ks_signatures"]) * 1e6
             L.append(
@@ -1136,8 +1148,8 @@ class Bench:
             )
             ratio = us(e) / base
             L.append(
-                f"   goal keyless edge <= 1.3x asyncio baseline: {ratio:.2f}x -> "
-                f"{'MET' if ratio <= 1.3 else 'NOT MET'};  edge + key server: "
+                f"   goal keyless edge <= 1.2x asyncio baseline: {ratio:.2f}x -> "
+                f"{'MET' if ratio <= 1.2 else 'NOT MET'};  edge + key server: "
                 f"{(us(e) + ks_us) / base:.2f}x"
             )
             loads = {k: r for k, r in p.items() if "errors" in r}

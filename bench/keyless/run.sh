@@ -35,7 +35,7 @@ case "${1:-}" in
 esac
 
 [ -x "$py" ] || "$repo/scripts/bootstrap"
-"$py" -c 'import blindfold, aioquic, greenlet' \
+"$py" -c 'import blindfold, aioquic' \
     || { echo "the venv lacks blindfold: run scripts/bootstrap" >&2; exit 2; }
 
 out=""

@@ -88,7 +88,7 @@ class Outcome:
 
 class LyingEdge:
     """Accepts visitor connections one at a time; each gets the next trick. One thread serves
-    them all (our TLS core's handshake greenlets belong to the thread that made them)."""
+    them all."""
 
     def __init__(self, identity: ts.ServerIdentity, ks_port: int, edge_tls: ssl.SSLContext):
         self.identity = identity

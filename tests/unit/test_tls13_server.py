@@ -5,11 +5,17 @@ event loop: bytes in, events and bytes out."""
 from __future__ import annotations
 
 import hmac
+import os
 import ssl
 import struct
+import threading
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -20,6 +26,8 @@ from blindfold.core import tls13_server as ts
 from blindfold.core.clienthello import peek_client_hello
 from blindfold.core.routing import SniRouter
 from blindfold.keyserver.signer import SiteKey, schemes_for, sign_certificate_verify
+from tests.helpers import forge
+from tests.helpers.tlsbuild import records as records_of
 
 HOST = "example.test"
 NAMES = (HOST, "*.example.test")
@@ -356,6 +364,42 @@ def test_fallback_reasons_from_real_client_hellos(sites: dict[str, Site]) -> Non
     assert hello is not None and ts.fallback_reason(hello, schemes) == "tls12_only"
 
 
+def _in_thread(fn: Callable[[], object]) -> object:
+    """`fn()` run in a new thread; its result, or its exception raised here."""
+    out: list[object] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "the thread did not finish"
+    if errors:
+        raise errors[0]
+    return out[0]
+
+
+def test_connections_work_from_any_thread(sites: dict[str, Site]) -> None:
+    """An edge may drive TlsServer from several threads (executors, a loop per thread): a
+    handshake must not depend on state made by another thread."""
+    site = sites["ec256"]
+    Pair(site).handshake()  # this thread first: whatever it leaves behind for reuse
+
+    def handshake() -> str:
+        p = Pair(site)
+        p.handshake()
+        return p.server.state
+
+    assert _in_thread(handshake) == "open"
+    assert _in_thread(handshake) == "open"
+    Pair(site).handshake()  # and this thread again, after the others
+
+
 def _client_flight(site: Site) -> bytes:
     p = Pair(site)
     p.client_step()
@@ -395,3 +439,303 @@ def _fuzz_inputs(sites: dict[str, Site]) -> None:
     global _SITE_FOR_FUZZ, _FLIGHT_FOR_FUZZ
     _SITE_FOR_FUZZ = sites["ec256"]
     _FLIGHT_FOR_FUZZ = _client_flight(sites["ec256"])
+
+
+# ------------------------------------------------------------------------------ the handshake
+def _refusal(site: Site, flight: bytes) -> ts.ConnectionFailed:
+    server = ts.TlsServer(site.identity, ts.TlsSettings(), ts.SessionStore(10, 10), HOST)
+    events = server.receive(flight, 0.0)
+    assert events and isinstance(events[-1], ts.ConnectionFailed), events
+    assert server.data_to_send() == bytes((21, 3, 3, 0, 2, 2, events[-1].alert or 0))
+    return events[-1]
+
+
+@pytest.mark.parametrize(
+    "curve,group",
+    [
+        ("X25519", 0x001D),
+        ("prime256v1", 0x0017),
+        ("secp384r1", 0x0018),
+        ("secp521r1", 0x0019),
+        ("X448", 0x001E),
+    ],
+)
+def test_every_group_the_edge_answers_completes_a_handshake(
+    sites: dict[str, Site], curve: str, group: int
+) -> None:
+    """`fallback_reason` keeps a ClientHello whose key shares are all in SERVER_GROUPS (no
+    HelloRetryRequest needed): each of those groups must then work on its own."""
+    ctx = ssl.create_default_context(cafile=str(sites["ec256"].cafile))
+    ctx.set_ecdh_curve(curve)
+    p = Pair(sites["ec256"], ctx=ctx)
+    p.client_step()
+    flight = p.out.read()
+    hello = peek_client_hello(flight)
+    assert hello is not None and hello.key_share_groups == (group,)
+    assert ts.fallback_reason(hello, sites["ec256"].identity.schemes) is None
+    p.to_server(flight)
+    p.to_client()
+    p.handshake()
+    assert p.client.version() == "TLSv1.3" and p.server.state == "open"
+
+
+def test_each_handshake_takes_its_own_key_share_from_the_pool(sites: dict[str, Site]) -> None:
+    pool = ts.KeySharePool(size=4)
+    assert pool.fill(10) == 4 and len(pool) == 4
+    publics = {public for _key, public in pool._pairs}
+    seen = []
+    for _ in range(3):
+        p = Pair(sites["ec256"])
+        p.server.key_shares = pool
+        p.handshake()
+        sh = forge.ServerHello.parse(forge.split_messages(p.signed[0].messages)[1])
+        share = dict(sh.extensions)[51]
+        assert share[:4] == bytes.fromhex("001d0020")
+        seen.append(share[4:])
+    assert len(set(seen)) == 3 and set(seen) <= publics  # from the pool, each once
+    assert len(pool) == 1 and pool.made_on_demand == 0
+    assert {public for _key, public in pool._pairs}.isdisjoint(seen)  # forgotten once used
+    pool.take()
+    pool.take()  # empty: made on the spot
+    assert pool.made_on_demand == 1
+
+
+def test_a_forked_child_does_not_hand_out_the_parents_key_shares() -> None:
+    pool = ts.KeySharePool(size=8)
+    pool.fill(8)
+    parent = {public for _key, public in pool._pairs}
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its pool size and the key it would use first
+        try:
+            _key, public = pool.take()
+            os.write(write_end, bytes((len(pool),)) + public)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        got = f.read()
+    os.waitpid(pid, 0)
+    assert got[0] == 0  # the child's pool started empty
+    assert len(got) == 33 and got[1:] not in parent
+    assert len(pool) == 8  # the parent's is untouched
+
+
+def test_a_handshake_may_resume_in_another_thread(sites: dict[str, Site]) -> None:
+    """The key server's answer may be handled by another thread than the ClientHello."""
+    p = Pair(sites["ec256"])
+    p.client_step()
+    flight = p.out.read()
+    events = _in_thread(lambda: p.server.receive(flight, p.now))
+    assert isinstance(events, list) and isinstance(events[-1], ts.SignatureRequested)
+    sig = p.site.keyserver_sign(events[-1])
+    assert p.server.signature_received(sig, p.now) == []
+    p.to_client()
+    p.handshake()
+    assert p.server.state == "open"
+
+
+def test_server_messages_are_aioquics(sites: dict[str, Site]) -> None:
+    """Our handshake messages, byte for byte what aioquic's builders make of the same fields."""
+    from aioquic.buffer import Buffer  # type: ignore[attr-defined]
+    from aioquic.tls import (
+        Certificate,
+        CertificateVerify,
+        EncryptedExtensions,
+        NewSessionTicket,
+        ServerHello,
+        push_certificate,
+        push_certificate_verify,
+        push_encrypted_extensions,
+        push_new_session_ticket,
+        push_server_hello,
+    )
+
+    def built(push: Callable[[Buffer, object], None], value: object) -> bytes:
+        buf = Buffer(capacity=16384)
+        push(buf, value)
+        return buf.data
+
+    random, sid, share = os.urandom(32), os.urandom(32), os.urandom(32)
+    for psk in (False, True):
+        theirs = ServerHello(
+            random=random,
+            legacy_session_id=sid,
+            cipher_suite=0x1302,
+            compression_method=0,
+            key_share=(0x001D, share),
+            pre_shared_key=0 if psk else None,
+            supported_version=0x0304,
+        )
+        assert ts.server_hello(random, sid, 0x1302, 0x001D, share, psk) == built(
+            push_server_hello,  # type: ignore[arg-type]
+            theirs,
+        )
+    for alpn, sni in (("h2", True), ("http/1.1", False), (None, True), (None, False)):
+        ee = EncryptedExtensions(alpn_protocol=alpn, other_extensions=[(0, b"")] if sni else [])
+        assert ts.encrypted_extensions(alpn, sni) == built(push_encrypted_extensions, ee)  # type: ignore[arg-type]
+    ders = sites["rsa2048"].identity.ders + sites["ec256"].identity.ders
+    cert = Certificate(request_context=b"", certificates=[(d, b"") for d in ders])
+    assert ts.certificate(ders) == built(push_certificate, cert)  # type: ignore[arg-type]
+    cv = CertificateVerify(algorithm=0x0804, signature=os.urandom(256))
+    assert ts.certificate_verify(0x0804, cv.signature) == built(push_certificate_verify, cv)  # type: ignore[arg-type]
+    nst = NewSessionTicket(
+        ticket_lifetime=7200, ticket_age_add=0xDEADBEEF, ticket_nonce=b"\x00", ticket=sid
+    )
+    assert ts.new_session_ticket(7200, 0xDEADBEEF, b"\x00", sid) == built(
+        push_new_session_ticket,  # type: ignore[arg-type]
+        nst,
+    )
+
+
+def _openssl_hello(site: Site, edit: Callable[[forge.Hello], forge.Hello]) -> bytes:
+    hello = peek_client_hello(_client_flight(site))
+    assert hello is not None
+    return records_of(edit(forge.Hello.parse(hello.message)).encode())
+
+
+def _compressed_p256(hello: forge.Hello) -> forge.Hello:
+    point = ec.generate_private_key(ec.SECP256R1()).public_key()
+    data = point.public_bytes(Encoding.X962, PublicFormat.CompressedPoint)
+    share = (0x0017).to_bytes(2, "big") + len(data).to_bytes(2, "big") + data
+    return hello.with_ext(51, len(share).to_bytes(2, "big") + share)
+
+
+@pytest.mark.parametrize(
+    "edit,alert",
+    [
+        # RFC 8446 §4.1.2: a TLS 1.3 ClientHello's compression methods are exactly [null]
+        (lambda h: replace(h, compression=b"\x02\x00\x01"), rl.A_ILLEGAL_PARAMETER),
+        # §4.2.8.2: ECDHE shares are uncompressed points
+        (_compressed_p256, rl.A_ILLEGAL_PARAMETER),
+        # §4.2.8: an X25519 share is 32 bytes; a key_share list must add up
+        (lambda h: h.with_ext(51, bytes.fromhex("0023001d001f") + bytes(31)), 47),
+        (lambda h: h.with_ext(51, bytes.fromhex("0024001d0020") + bytes(31)), rl.A_DECODE_ERROR),
+        # §7.4.2: an X25519 shared secret of zeros (a low-order point) aborts
+        (lambda h: h.with_ext(51, bytes.fromhex("0024001d0020") + bytes(32)), 47),
+        # §9.2: (EC)DHE needs a key_share
+        (lambda h: h.with_ext(51, None), rl.A_MISSING_EXTENSION),
+        # §4.2.11: pre_shared_key must be the last extension
+        (
+            lambda h: replace(
+                h,
+                extensions=[
+                    (
+                        41,
+                        bytes.fromhex("000a0004")
+                        + b"tick"
+                        + bytes(4)
+                        + b"\x00\x21\x20"
+                        + bytes(32),
+                    ),
+                    *h.extensions,
+                ],
+            ),
+            rl.A_ILLEGAL_PARAMETER,
+        ),
+    ],
+)
+def test_client_hellos_refused_with_their_alert(
+    sites: dict[str, Site], edit: Callable[[forge.Hello], forge.Hello], alert: int
+) -> None:
+    assert _refusal(sites["ec256"], _openssl_hello(sites["ec256"], edit)).alert == alert
+
+
+def test_a_wrong_psk_binder_is_a_decrypt_error(sites: dict[str, Site]) -> None:
+    """RFC 8446 §6.2: decrypt_error when a PSK binder does not validate; the ticket is spent."""
+    site = sites["ec256"]
+    store = ts.SessionStore(3600, 10)
+    first = Pair(site, store=store)
+    first.handshake()
+    first.client.write(b"x")
+    first.to_server()
+    first.client_read()
+    second = Pair(site, store=store, session=first.client.session, ctx=first.ctx)
+    second.client_step()
+    flight = bytearray(second.out.read())
+    hello = peek_client_hello(bytes(flight))
+    assert hello is not None and hello.extensions[-1] == 41
+    flight[len(hello.message) + 5 - 1] ^= 1  # the binder is the ClientHello's last bytes
+    events = second.server.receive(bytes(flight), second.now)
+    assert isinstance(events[-1], ts.ConnectionFailed)
+    assert events[-1].alert == rl.A_DECRYPT_ERROR and events[-1].reason == "bad_binder"
+    assert len(store) == 0
+
+
+@pytest.mark.parametrize(
+    "offered,chosen",
+    [
+        ([0x1301, 0x1302, 0x1303], 0x1301),
+        ([0x1303, 0x1301], 0x1303),  # a client without AES hardware lists ChaCha20 first
+        ([0x0A0A, 0x1303, 0x1302], 0x1303),  # GREASE (RFC 8701) does not count as first
+        ([0x1302, 0x1303], 0x1302),  # otherwise the server's order
+    ],
+)
+def test_cipher_suite_choice(sites: dict[str, Site], offered: list[int], chosen: int) -> None:
+    flight = _openssl_hello(sites["ec256"], lambda h: replace(h, ciphers=offered))
+    server = ts.TlsServer(sites["ec256"].identity, ts.TlsSettings(), ts.SessionStore(10, 10), HOST)
+    (request,) = server.receive(flight, 0.0)
+    assert isinstance(request, ts.SignatureRequested)
+    assert forge.ServerHello.parse(forge.split_messages(request.messages)[1]).suite == chosen
+
+
+def test_a_ticket_resumes_only_with_its_own_cipher_suite(sites: dict[str, Site]) -> None:
+    """RFC 8446 §4.2.11: the PSK's hash must be the chosen suite's; another suite means a full
+    handshake (the ticket is spent either way: single use)."""
+    site = sites["ec256"]
+    store = ts.SessionStore(3600, 10)
+    first = Pair(site, store=store)
+    first.handshake()
+    first.client.write(b"x")
+    first.to_server()
+    first.client_read()
+    assert first.server.cipher_suite == 0x1301 and len(store) == 1
+    second = Pair(site, store=store, session=first.client.session, ctx=first.ctx)
+    second.client_step()
+    hello = peek_client_hello(second.out.read())
+    assert hello is not None and hello.extensions[-1] == 41  # it offers the ticket
+    sha384 = replace(forge.Hello.parse(hello.message), ciphers=[0x1302])
+    events = second.server.receive(records_of(sha384.encode()), second.now)
+    assert isinstance(events[-1], ts.SignatureRequested)  # a full handshake
+    assert not second.server.resumed and len(store) == 0
+
+
+def test_early_data_is_never_accepted(sites: dict[str, Site]) -> None:
+    """RFC 8446 §8: 0-RTT data can be replayed. A client offering early data with its ticket
+    gets a full handshake, no early_data in EncryptedExtensions, and keeps its ticket."""
+    site = sites["ec256"]
+    store = ts.SessionStore(3600, 10)
+    first = Pair(site, store=store)
+    first.handshake()
+    first.client.write(b"x")
+    first.to_server()
+    first.client_read()
+    second = Pair(site, store=store, session=first.client.session, ctx=first.ctx)
+    second.client_step()
+    hello = peek_client_hello(second.out.read())
+    assert hello is not None
+    offer = forge.Hello.parse(hello.message)
+    psk = offer.extensions[-1]
+    assert psk[0] == 41
+    with_early = replace(offer, extensions=[*offer.extensions[:-1], (42, b""), psk])
+    events = second.server.receive(records_of(with_early.encode()), second.now)
+    assert isinstance(events[-1], ts.SignatureRequested)
+    ee = forge.split_messages(events[-1].messages)[2]
+    assert ee[0] == 8 and b"\x00\x2a\x00\x00" not in ee
+    assert not second.server.resumed and len(store) == 1
+
+
+def test_many_handshakes_wait_for_signatures_at_once(sites: dict[str, Site]) -> None:
+    """An edge has many handshakes waiting on the key server; answers come in any order."""
+    pairs = [Pair(sites["ec256"]) for _ in range(20)]
+    requests = []
+    for p in pairs:
+        p.client_step()
+        (request,) = p.server.receive(p.out.read(), p.now)
+        assert isinstance(request, ts.SignatureRequested) and p.server.state == "signing"
+        requests.append(request)
+    for p, request in reversed(list(zip(pairs, requests, strict=True))):
+        assert p.server.signature_received(p.site.keyserver_sign(request), p.now) == []
+        p.to_client()
+        p.handshake()
+        assert p.server.state == "open"

@@ -15,9 +15,9 @@ from __future__ import annotations
 import struct
 from typing import NamedTuple
 
-from aioquic.tls import CipherSuite, cipher_suite_hash, hkdf_expand_label
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
+from blindfold.core.aioquic_compat import CipherSuite, cipher_suite_hash, hkdf_expand_label
 from blindfold.errors import ProtocolError
 
 # RFC 8446 §5.1 content types
@@ -105,9 +105,13 @@ class RecordReader:
         return len(self._buf)
 
 
+# the hash of each TLS 1.3 suite (§B.4), made once: hash algorithm objects are immutable
+_SUITE_HASH = {int(s): cipher_suite_hash(s) for s in map(CipherSuite, (0x1301, 0x1302, 0x1303))}
+
+
 def derive_key_iv(cipher_suite: int, secret: bytes) -> tuple[bytes, bytes]:
     """§7.3: write key and IV from a traffic secret."""
-    algorithm = cipher_suite_hash(CipherSuite(cipher_suite))
+    algorithm = _SUITE_HASH[cipher_suite]
     key_len = 16 if cipher_suite == CipherSuite.AES_128_GCM_SHA256 else 32
     key = hkdf_expand_label(algorithm, secret, b"key", b"", key_len)
     iv = hkdf_expand_label(algorithm, secret, b"iv", b"", 12)
@@ -116,7 +120,7 @@ def derive_key_iv(cipher_suite: int, secret: bytes) -> tuple[bytes, bytes]:
 
 def next_traffic_secret(cipher_suite: int, secret: bytes) -> bytes:
     """§7.2: application_traffic_secret_N+1 after a KeyUpdate."""
-    algorithm = cipher_suite_hash(CipherSuite(cipher_suite))
+    algorithm = _SUITE_HASH[cipher_suite]
     return hkdf_expand_label(algorithm, secret, b"traffic upd", b"", algorithm.digest_size)
 
 

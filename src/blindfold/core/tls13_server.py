@@ -1,20 +1,32 @@
 """A TLS 1.3 server connection whose private key lives elsewhere, sans-IO.
 
-The handshake state machine is aioquic's (`aioquic.tls.Context`, pinned in pyproject.toml: its
-internals are used and covered by tests/unit/test_tls13_server.py); the record layer is
-`tls13_record`. What this module adds:
+This is the server side of the TLS 1.3 handshake (RFC 8446 §4) as the keyless edge needs it:
+a full (EC)DHE handshake or a PSK-DHE resumption, nothing else: no HelloRetryRequest (a
+ClientHello that would need one, or TLS 1.2, is passed through to the origin instead: see
+`fallback_reason`), no client certificates, no early data. That is a straight line, split
+where the key server's signature is awaited, and it is written here on aioquic's key schedule
+(`core.aioquic_compat`: RFC 8446 §7.1 key derivation, checked at start-up), with
+`tls13_record` as the record layer. aioquic's own server (`tls.Context`, which this engine
+used to drive through its internals) is not used: a profile of the edge put 46% of its CPU
+per handshake in `Context._server_handle_hello` (a second full parse of the ClientHello the
+edge had already parsed, a dataclass and generator-based builders per message, the
+certificate chain encoded again on every handshake), and its synchronous `sign()` needed a
+greenlet to suspend the handshake for the key server. Here the ClientHello is read from the
+edge's own parse (`core.clienthello`), the Certificate message is built once per
+certificate, and waiting for the signature is a state.
 
-- The CertificateVerify signature is not made here. aioquic calls `private_key.sign()` in the
-  middle of processing the ClientHello; the call runs inside a greenlet, which suspends the
-  handshake and hands a `SignatureRequested` event (the scheme and the handshake messages the
-  signature covers, from which the key server computes the transcript hash itself) to the
-  caller. The caller asks the key server and resumes with `signature_received`.
-  The event loop is never blocked and aioquic needs no changes.
-- Constant-time checks of Finished and PSK binders (aioquic compares them with `==`).
-- TLS-over-TCP parts a QUIC library lacks: middlebox-compatibility ChangeCipherSpec (RFC 8446
-  §D.4), alerts under the right keys, KeyUpdate both ways (§4.6.3), record limits, skipping
-  rejected early data (§4.2.10), and session tickets issued only after the client's Finished,
-  kept server-side, single use, with a configurable lifetime and never valid for 0-RTT.
+What else this module does:
+- The CertificateVerify signature is not made here: after the Certificate, the handshake
+  stops with a `SignatureRequested` event (the scheme and the handshake messages the signature
+  covers, from which the key server computes the transcript hash itself). The caller asks the
+  key server and resumes with `signature_received`. Nothing is sent to the visitor before.
+- Finished and PSK binders are compared in constant time (`hmac.compare_digest`).
+- TLS-over-TCP parts: middlebox-compatibility ChangeCipherSpec (RFC 8446 §D.4), alerts under
+  the right keys, KeyUpdate both ways (§4.6.3), record limits, skipping rejected early data
+  (§4.2.10), and session tickets issued only after the client's Finished, kept server-side,
+  single use, with a configurable lifetime and never valid for 0-RTT.
+- Ephemeral X25519 key shares come from a `KeySharePool` filled ahead of time, each key
+  handed out once (§4.2.8); the pool is emptied in a forked child.
 
 A connection is created per visitor with the ClientHello bytes read so far; `receive` takes more
 bytes, the methods return events, and `data_to_send` gives the bytes for the visitor.
@@ -22,48 +34,67 @@ bytes, the methods return events, and `data_to_send` gives the bytes for the vis
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import hmac
 import os
 import struct
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import NamedTuple, Protocol
 
-import aioquic.tls as qtls
-from aioquic.buffer import Buffer, BufferReadError  # type: ignore[attr-defined]
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import Encoding
-from greenlet import greenlet
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x448, x25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from blindfold.core import tls13_record as rl
-from blindfold.core.clienthello import ClientHello
+from blindfold.core.aioquic_compat import (
+    SERVER_CONTEXT_STRING,
+    CipherSuite,
+    KeySchedule,
+    hkdf_expand_label,
+)
+from blindfold.core.clienthello import ClientHello, peek_client_hello
 from blindfold.errors import ProtocolError
 
 # RFC 8446 §4 handshake types and §4.2 extensions used here
 HS_CLIENT_HELLO = 1
+HS_SERVER_HELLO = 2
 HS_NEW_SESSION_TICKET = 4
+HS_ENCRYPTED_EXTENSIONS = 8
+HS_CERTIFICATE = 11
+HS_CERTIFICATE_VERIFY = 15
 HS_FINISHED = 20
 HS_KEY_UPDATE = 24
 EXT_SERVER_NAME = 0
 EXT_ALPN = 16
+EXT_PRE_SHARED_KEY = 41
 EXT_EARLY_DATA = 42
+EXT_SUPPORTED_VERSIONS = 43
 EXT_PSK_MODES = 45
+EXT_KEY_SHARE = 51
 PSK_DHE_KE = 1
 TLS13 = 0x0304
 
-# Groups aioquic's server can answer with a key share (so no HelloRetryRequest is needed).
-SERVER_GROUPS = frozenset((0x001D, 0x001E, 0x0017, 0x0018, 0x0019))  # x25519 x448 P-256/384/521
-CIPHER_SUITES = (0x1301, 0x1302, 0x1303)
+X25519 = 0x001D
+X448 = 0x001E
+_CURVES: dict[int, type[ec.EllipticCurve]] = {
+    0x0017: ec.SECP256R1,
+    0x0018: ec.SECP384R1,
+    0x0019: ec.SECP521R1,
+}
+# Groups this server answers with a key share (so no HelloRetryRequest is needed).
+SERVER_GROUPS = frozenset((X25519, X448, *_CURVES))
+CIPHER_SUITES = (0x1301, 0x1302, 0x1303)  # in the server's order of preference
 CHACHA = 0x1303
 
 MAX_HANDSHAKE_MESSAGE = 1 << 16  # a ClientHello or a post-handshake message, reassembled
 MAX_SKIPPED_EARLY_DATA = 1 << 16  # §4.2.10: rejected 0-RTT records discarded, at most this much
 MAX_KEY_UPDATES_IN_A_ROW = 128  # KeyUpdates without application data between them
 
-_CV_PREFIX = b" " * 64 + qtls.SERVER_CONTEXT_STRING + b"\x00"  # RFC 8446 §4.4.3
+_CV_PREFIX_LEN = 64 + len(SERVER_CONTEXT_STRING) + 1  # RFC 8446 §4.4.3: spaces, context, 0
+_U16 = struct.Struct(">H")
+_HH = struct.Struct(">HH")
 
 
 # ------------------------------------------------------------------------------ events
@@ -74,7 +105,7 @@ class SignatureRequested:
     `messages` is what the signature covers, as it is hashed into the transcript: the
     visitor's ClientHello, our ServerHello, EncryptedExtensions and Certificate (RFC 8446
     §4.4.1, no HelloRetryRequest: this engine never sends one). The key server hashes them
-    itself; `transcript_hash` is aioquic's hash of the same bytes."""
+    itself; `transcript_hash` is our hash of the same bytes (aioquic's key schedule)."""
 
     scheme: int
     transcript_hash: bytes
@@ -131,6 +162,26 @@ def schemes_for_certificate(cert: x509.Certificate) -> tuple[int, ...]:
     raise ValueError(f"unsupported key type {type(key).__name__}")
 
 
+class StoredSession(Protocol):
+    """What a session store keeps of a session (aioquic's `SessionTicket` has these too)."""
+
+    @property
+    def ticket(self) -> bytes: ...
+
+    @property
+    def resumption_secret(self) -> bytes: ...
+
+    @property
+    def cipher_suite(self) -> int: ...
+
+
+class Session(NamedTuple):
+    ticket: bytes  # the identity the client presents (random, opaque)
+    resumption_secret: bytes
+    cipher_suite: int
+    age_add: int
+
+
 class SessionStore:
     """Server-side session tickets: the ticket is a random identity, the resumption secret stays
     here. Single use (a client gets a new ticket on every connection), bounded, expiring."""
@@ -138,31 +189,31 @@ class SessionStore:
     def __init__(self, lifetime_s: float, max_entries: int) -> None:
         self.lifetime_s = lifetime_s
         self.max_entries = max_entries
-        self._entries: OrderedDict[bytes, tuple[float, str, qtls.SessionTicket]] = OrderedDict()
+        self._entries: OrderedDict[bytes, tuple[float, str, StoredSession]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, ticket: qtls.SessionTicket, server_name: str, now: float) -> None:
+    def put(self, session: StoredSession, server_name: str, now: float) -> None:
         entries = self._entries
-        entries[ticket.ticket] = (now + self.lifetime_s, server_name, ticket)
+        entries[session.ticket] = (now + self.lifetime_s, server_name, session)
         while len(entries) > self.max_entries:
             entries.popitem(last=False)
 
-    def take(self, identity: bytes, server_name: str, now: float) -> qtls.SessionTicket | None:
+    def take(self, identity: bytes, server_name: str, now: float) -> StoredSession | None:
         entry = self._entries.pop(identity, None)
         if entry is None:
             return None
-        expires, name, ticket = entry
+        expires, name, session = entry
         # RFC 8446 §4.6.1 / RFC 6066 §3: a session resumes only for the name it was made for
         if now >= expires or name != server_name:
             return None
-        return ticket
+        return session
 
     def expire(self, now: float) -> None:
         entries = self._entries
         while entries:
-            key, (expires, _name, _t) = next(iter(entries.items()))
+            key, (expires, _name, _s) = next(iter(entries.items()))
             if expires > now:
                 break
             del entries[key]
@@ -178,6 +229,7 @@ class ServerIdentity:
     certificate_sha256: bytes
     chain_der_len: int
     ders: tuple[bytes, ...]
+    certificate_message: bytes  # the Certificate handshake message, made once
 
     @classmethod
     def from_pem(cls, pem: bytes) -> ServerIdentity:
@@ -191,6 +243,7 @@ class ServerIdentity:
             hashlib.sha256(ders[0]).digest(),
             sum(len(d) for d in ders),
             ders,
+            certificate(ders),
         )
 
 
@@ -207,224 +260,281 @@ def fallback_reason(hello: ClientHello, schemes: tuple[int, ...]) -> str | None:
     if TLS13 not in hello.supported_versions:
         return "tls12_only"
     if hello.legacy_version != 0x0303:
-        return "odd_legacy_version"  # aioquic insists on 0x0303; OpenSSL at the origin does not
+        return "odd_legacy_version"  # RFC 8446 §4.1.2 says 0x0303; OpenSSL copes with others
     if not set(hello.cipher_suites) & set(CIPHER_SUITES):
         return "no_tls13_cipher"
     if not set(hello.key_share_groups) & SERVER_GROUPS:
-        return "needs_hello_retry"  # aioquic sends no HelloRetryRequest
+        return "needs_hello_retry"  # this server sends no HelloRetryRequest
     if not set(hello.signature_algorithms) & set(schemes):
         return "no_common_signature_scheme"
     return None
 
 
-# ------------------------------------------------------------------------------ aioquic glue
-# aioquic builds and parses every length-prefixed block through @contextmanager generators
-# (about 50 per handshake); generator-based context managers cost ~3 µs each, a third of the
-# handshake's Python time beyond the crypto. These classes do exactly what aioquic 1.2.0's
-# pull_block/push_block/push_extension/push_message do (same checks, same alert), without the
-# generator. They replace aioquic.tls's module globals once, at import: aioquic is pinned, and
-# tests/unit/test_tls13_server.py runs full handshakes through them against OpenSSL.
-class _PullBlock:
-    __slots__ = ("buf", "end", "length")
-
-    def __init__(self, buf: Buffer, capacity: int) -> None:
-        self.buf = buf
-        self.length = int.from_bytes(buf.pull_bytes(capacity), "big")
-        self.end = buf.tell() + self.length
-
-    def __enter__(self) -> int:
-        return self.length
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        if exc_type is None and self.buf.tell() != self.end:
-            raise qtls.AlertDecodeError("extra bytes at the end of a block")
+# ------------------------------------------------------------------------------ key shares
+def _new_x25519() -> tuple[x25519.X25519PrivateKey, bytes]:
+    key = x25519.X25519PrivateKey.generate()
+    return key, key.public_key().public_bytes_raw()
 
 
-class _PushBlock:
-    __slots__ = ("buf", "capacity", "start")
+class KeySharePool:
+    """X25519 key pairs made before the handshakes that use them, so that making one (about a
+    third of the handshake's own crypto) is off the path from ClientHello to the signature
+    request. Each pair is handed out once and then forgotten by the pool: every handshake has
+    its own ephemeral key (RFC 8446 §4.2.8, forward secrecy). `fill` runs when the I/O side has
+    nothing more urgent to do; `take` makes a pair on the spot when the pool is empty.
 
-    def __init__(self, buf: Buffer, capacity: int) -> None:
-        self.buf = buf
-        self.capacity = capacity
-        self.start = buf.tell() + capacity
-        buf.seek(self.start)
+    A forked child starts with every pool empty: otherwise parent and children would hand
+    out the same keys."""
 
-    def __enter__(self) -> None:
-        return None
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._pairs: list[tuple[x25519.X25519PrivateKey, bytes]] = []
+        self.made_on_demand = 0
+        _POOLS.add(self)
 
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        if exc_type is not None:
-            return
-        buf = self.buf
-        end = buf.tell()
-        buf.seek(self.start - self.capacity)
-        buf.push_bytes((end - self.start).to_bytes(self.capacity, "big"))
-        buf.seek(end)
+    def __len__(self) -> int:
+        return len(self._pairs)
 
-
-class _PushExtension(_PushBlock):
-    __slots__ = ()
-
-    def __init__(self, buf: Buffer, extension_type: int) -> None:
-        buf.push_uint16(extension_type)
-        super().__init__(buf, 2)
-
-
-class _PushMessage:
-    __slots__ = ("buf", "key_schedule", "start")
-
-    def __init__(self, key_schedule: Any, buf: Buffer) -> None:
-        self.key_schedule = key_schedule
-        self.buf = buf
-        self.start = buf.tell()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        if exc_type is None:
-            self.key_schedule.update_hash(self.buf.data_slice(self.start, self.buf.tell()))
-
-
-qtls.pull_block = _PullBlock  # type: ignore[assignment]
-qtls.push_block = _PushBlock  # type: ignore[assignment]
-qtls.push_extension = _PushExtension  # type: ignore[assignment]
-qtls.push_message = _PushMessage  # type: ignore[assignment]
-
-
-class _CertificateDer:
-    """What aioquic needs of our certificate: its DER, which it would re-encode on every
-    handshake (`public_bytes`) if given the x509 object."""
-
-    __slots__ = ("der",)
-
-    def __init__(self, der: bytes) -> None:
-        self.der = der
-
-    def public_bytes(self, _encoding: object) -> bytes:
-        return self.der
-
-
-class _ConstantTimeBytes(bytes):
-    """Verify data whose comparisons take the same time wherever they differ. aioquic compares
-    Finished and PSK binders with `!=`; with this subclass on the right of that operator,
-    Python calls its reflected `__ne__` first (a subclass of the left operand's type)."""
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, bytes | bytearray) and hmac.compare_digest(self, other)
-
-    def __ne__(self, other: object) -> bool:
-        return not self.__eq__(other)
-
-    __hash__ = bytes.__hash__
-
-
-class _ConstantTimeKeySchedule(qtls.KeySchedule):
-    def finished_verify_data(self, secret: bytes) -> bytes:
-        return _ConstantTimeBytes(super().finished_verify_data(secret))
-
-
-class _SignCall:
-    __slots__ = ("data", "params")
-
-    def __init__(self, data: bytes, params: tuple[Any, ...]) -> None:
-        self.data = data
-        self.params = params
-
-
-class _RemoteKey:
-    """Stands in for the private key inside aioquic. `sign` suspends the handshake greenlet and
-    returns whatever signature the caller resumes it with."""
-
-    def sign(self, data: bytes, *params: Any) -> bytes:
-        parent = greenlet.getcurrent().parent
-        assert parent is not None, "sign() outside the handshake greenlet"
-        result = parent.switch(_SignCall(data, params))
-        assert isinstance(result, bytes)
-        return result
-
-
-class _Failed:
-    __slots__ = ("exc",)
-
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
-_DONE = object()
-_POOL: list[greenlet] = []  # idle handshake greenlets: creating one costs more than using it
-
-
-def _run_jobs() -> None:
-    """A reusable handshake greenlet: runs `fn(arg)` jobs switched in by the event-loop side,
-    reporting _DONE or _Failed; `_RemoteKey.sign` switches out in the middle of one."""
-    outcome: object = None
-    while True:
-        job = greenlet.getcurrent().parent.switch(outcome)  # type: ignore[union-attr]
-        try:
-            fn, arg = job
-            fn(arg)
-            outcome = _DONE
-        except BaseException as exc:
-            outcome = _Failed(exc)
-
-
-def _release(g: greenlet) -> None:
-    if not g.dead and len(_POOL) < 64:
-        _POOL.append(g)
-
-
-class _Context(qtls.Context):
-    """aioquic's server state machine with our key stand-in and constant-time verify data."""
-
-    def __init__(
-        self,
-        schemes: tuple[int, ...],
-        alpn: list[str] | None,
-        cipher_suites: list[qtls.CipherSuite],
-    ) -> None:
-        self._schemes = schemes
-        super().__init__(is_client=False, alpn_protocols=alpn, cipher_suites=cipher_suites)
-
-    def _signature_algorithms_for_private_key(self) -> list[qtls.SignatureAlgorithm]:
-        return [qtls.SignatureAlgorithm(s) for s in self._schemes]
-
-    # aioquic assigns `self.key_schedule = KeySchedule(...)`; give the new schedule our
-    # constant-time Finished/binder values (same object, subclass without new state).
     @property
-    def key_schedule(self) -> qtls.KeySchedule | None:
-        return self._bf_key_schedule
+    def wanted(self) -> int:
+        return self.size - len(self._pairs)
 
-    @key_schedule.setter
-    def key_schedule(self, value: qtls.KeySchedule | None) -> None:
-        if value is not None and type(value) is qtls.KeySchedule:
-            value.__class__ = _ConstantTimeKeySchedule
-        self._bf_key_schedule = value
+    def take(self) -> tuple[x25519.X25519PrivateKey, bytes]:
+        try:
+            return self._pairs.pop()  # atomic: threads may share a pool
+        except IndexError:
+            self.made_on_demand += 1
+            return _new_x25519()
 
-
-def _scheme_of(identity: ServerIdentity, params: tuple[Any, ...]) -> int:
-    """The SignatureScheme aioquic chose, from the parameters it passes to sign()."""
-    if len(identity.schemes) == 1:
-        return identity.schemes[0]
-    algorithm = params[1] if len(params) > 1 else None
-    return 0x0805 if getattr(algorithm, "name", "") == "sha384" else 0x0804
-
-
-# aioquic assumes well-formed peers in places (a ClientHello without key_share makes it iterate
-# None); whatever it raises on peer data becomes an alert here, never an exception upwards.
-_ALERT_FOR_EXCEPTION = (
-    (BufferReadError, rl.A_DECODE_ERROR),
-    (ValueError, rl.A_ILLEGAL_PARAMETER),
-    (TypeError, rl.A_MISSING_EXTENSION),
-)
-_PEER_DATA_ERRORS = (ValueError, KeyError, AssertionError, TypeError, AttributeError, IndexError)
+    def fill(self, most: int) -> int:
+        """Make up to `most` pairs, never beyond `size`; returns how many were made."""
+        made = 0
+        pairs = self._pairs
+        while made < most and len(pairs) < self.size:
+            pairs.append(_new_x25519())
+            made += 1
+        return made
 
 
-def _peer_data_error(reason: str, exc: Exception) -> ProtocolError:
-    alert = next(
-        (a for cls, a in _ALERT_FOR_EXCEPTION if isinstance(exc, cls)), rl.A_HANDSHAKE_FAILURE
+_POOLS: weakref.WeakSet[KeySharePool] = weakref.WeakSet()
+
+
+def _forget_key_shares() -> None:
+    for pool in list(_POOLS):
+        pool._pairs.clear()
+
+
+os.register_at_fork(after_in_child=_forget_key_shares)
+
+KEY_SHARES = KeySharePool()
+"""The process's pool, used by every TlsServer unless it is given another."""
+
+
+def _key_exchange(
+    shares: list[tuple[int, bytes]], pool: KeySharePool
+) -> tuple[int, bytes, bytes] | None:
+    """(group, our public key share, shared secret) for the first share the client sent in a
+    group we support (the client's order: it lists its preferred first, §4.2.8), or None."""
+    for group, peer in shares:
+        try:
+            if group == X25519:
+                peer_key = x25519.X25519PublicKey.from_public_bytes(peer)
+                key, public = pool.take()
+                # ValueError for an all-zero shared secret (§7.4.2: must abort)
+                return group, public, key.exchange(peer_key)
+            if group == X448:
+                peer448 = x448.X448PublicKey.from_public_bytes(peer)
+                key448 = x448.X448PrivateKey.generate()
+                return group, key448.public_key().public_bytes_raw(), key448.exchange(peer448)
+            curve = _CURVES.get(group)
+            if curve is None:
+                continue
+            if peer[:1] != b"\x04":  # §4.2.8.2: UncompressedPointRepresentation only
+                raise ValueError("not an uncompressed point")
+            peer_ec = ec.EllipticCurvePublicKey.from_encoded_point(curve(), peer)
+            key_ec = ec.generate_private_key(curve())
+            public = key_ec.public_key().public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)
+            return group, public, key_ec.exchange(ec.ECDH(), peer_ec)
+        except ValueError:
+            raise rl.protocol_error(
+                "bad_key_share", rl.A_ILLEGAL_PARAMETER, f"invalid key share for group {group}"
+            ) from None
+    return None
+
+
+# ------------------------------------------------------------------------------ messages
+# The server's handshake messages (RFC 8446 §4), built directly: each is a handful of fields,
+# and tests/unit/test_tls13_server.py checks every one byte for byte against aioquic's own
+# builders and has the key server parse them.
+def _message(msg_type: int, body: bytes) -> bytes:
+    return bytes((msg_type,)) + len(body).to_bytes(3, "big") + body  # §4 Handshake
+
+
+def server_hello(
+    random: bytes, session_id: bytes, suite: int, group: int, key_share: bytes, psk: bool
+) -> bytes:
+    """§4.1.3 ServerHello: supported_versions (§4.2.1), key_share (§4.2.8), pre_shared_key
+    (§4.2.11, identity 0) when resuming."""
+    extensions = (
+        b"\x00\x2b\x00\x02\x03\x04"
+        + _HH.pack(EXT_KEY_SHARE, 4 + len(key_share))
+        + _HH.pack(group, len(key_share))
+        + key_share
+        + (b"\x00\x29\x00\x02\x00\x00" if psk else b"")
     )
-    return rl.protocol_error(reason, alert, str(exc) or type(exc).__name__)
+    return _message(
+        HS_SERVER_HELLO,
+        b"\x03\x03"  # legacy_version
+        + random
+        + bytes((len(session_id),))
+        + session_id  # legacy_session_id_echo
+        + _U16.pack(suite)
+        + b"\x00"  # legacy_compression_method
+        + _U16.pack(len(extensions))
+        + extensions,
+    )
+
+
+def encrypted_extensions(alpn: str | None, sni_acknowledged: bool) -> bytes:
+    """§4.3.1 EncryptedExtensions: the ALPN choice (RFC 7301 §3.1) and the empty server_name
+    that acknowledges the client's SNI (RFC 6066 §3)."""
+    extensions = b""
+    if alpn is not None:
+        name = alpn.encode("latin-1")
+        extensions += _HH.pack(EXT_ALPN, len(name) + 3) + _U16.pack(len(name) + 1)
+        extensions += bytes((len(name),)) + name
+    if sni_acknowledged:
+        extensions += b"\x00\x00\x00\x00"
+    return _message(HS_ENCRYPTED_EXTENSIONS, _U16.pack(len(extensions)) + extensions)
+
+
+def certificate(ders: tuple[bytes, ...]) -> bytes:
+    """§4.4.2 Certificate: empty request context, each entry without extensions."""
+    entries = b"".join(len(d).to_bytes(3, "big") + d + b"\x00\x00" for d in ders)
+    return _message(HS_CERTIFICATE, b"\x00" + len(entries).to_bytes(3, "big") + entries)
+
+
+def certificate_verify(scheme: int, signature: bytes) -> bytes:
+    """§4.4.3 CertificateVerify."""
+    return _message(HS_CERTIFICATE_VERIFY, _HH.pack(scheme, len(signature)) + signature)
+
+
+def new_session_ticket(lifetime_s: int, age_add: int, nonce: bytes, ticket: bytes) -> bytes:
+    """§4.6.1 NewSessionTicket, without extensions (no early_data: 0-RTT is never allowed)."""
+    return _message(
+        HS_NEW_SESSION_TICKET,
+        struct.pack(">IIB", lifetime_s, age_add, len(nonce))
+        + nonce
+        + _U16.pack(len(ticket))
+        + ticket
+        + b"\x00\x00",
+    )
+
+
+# ------------------------------------------------------------------------------ the ClientHello
+class _Offer(NamedTuple):
+    """What the server uses of a ClientHello beyond `core.clienthello`'s parse."""
+
+    session_id: bytes
+    compression_methods: bytes
+    key_shares: list[tuple[int, bytes]] | None  # None: no key_share extension
+    psk_modes: bytes
+    psk: tuple[bytes, bytes, int] | None  # one identity, its binder, where the binders start
+    early_data: bool
+
+
+def _decode_error(what: str) -> ProtocolError:
+    return rl.protocol_error("malformed_hello", rl.A_DECODE_ERROR, what)
+
+
+def _read_offer(hello: ClientHello) -> _Offer:
+    """The ClientHello's fields and extensions that `core.clienthello` leaves unparsed; its
+    parse already checked the message's framing (lengths, one extension of each type)."""
+    message = hello.message
+    sid_len = message[38]
+    pos = 39 + sid_len
+    pos += 2 + _U16.unpack_from(message, pos)[0]
+    compression = message[pos + 1 : pos + 1 + message[pos]]
+    spans = hello.ext_spans
+    shares: list[tuple[int, bytes]] | None = None
+    span = spans.get(EXT_KEY_SHARE)
+    if span is not None:
+        # §4.2.8: client_shares<0..2^16-1> of KeyShareEntry (group, key_exchange<1..2^16-1>)
+        start, end = span
+        if end - start < 2 or _U16.unpack_from(message, start)[0] != end - start - 2:
+            raise _decode_error("bad key_share length")
+        shares = []
+        pos = start + 2
+        while pos < end:
+            if pos + 4 > end:
+                raise _decode_error("truncated key_share entry")
+            group, length = _HH.unpack_from(message, pos)
+            pos += 4
+            if length == 0 or pos + length > end:
+                raise _decode_error("bad key_share entry length")
+            shares.append((group, message[pos : pos + length]))
+            pos += length
+    modes = b""
+    span = spans.get(EXT_PSK_MODES)
+    if span is not None:
+        # §4.2.9: ke_modes<1..255>
+        start, end = span
+        if end - start < 2 or message[start] != end - start - 1:
+            raise _decode_error("bad psk_key_exchange_modes length")
+        modes = message[start + 1 : end]
+    psk = None
+    span = spans.get(EXT_PRE_SHARED_KEY)
+    if span is not None:
+        if hello.extensions[-1] != EXT_PRE_SHARED_KEY:  # §4.2.11: it must be the last one
+            raise rl.protocol_error(
+                "malformed_hello", rl.A_ILLEGAL_PARAMETER, "pre_shared_key is not last"
+            )
+        psk = _read_psk(message, *span)
+    return _Offer(
+        message[39 : 39 + sid_len], compression, shares, modes, psk, EXT_EARLY_DATA in spans
+    )
+
+
+def _read_psk(message: bytes, start: int, end: int) -> tuple[bytes, bytes, int] | None:
+    """§4.2.11 OfferedPsks: identities<7..2^16-1> of (identity<1..2^16-1>, u32 age), then
+    binders<33..2^16-1> of PskBinderEntry<32..255>. The identity and binder when there is
+    exactly one of each (the only offer this server takes up), else None."""
+    if end - start < 2:
+        raise _decode_error("truncated pre_shared_key")
+    ids_end = start + 2 + _U16.unpack_from(message, start)[0]
+    if ids_end + 2 > end:
+        raise _decode_error("bad pre_shared_key identities length")
+    identities = []
+    pos = start + 2
+    while pos < ids_end:
+        if pos + 2 > ids_end:
+            raise _decode_error("truncated psk identity")
+        length = _U16.unpack_from(message, pos)[0]
+        if length == 0 or pos + 2 + length + 4 > ids_end:
+            raise _decode_error("bad psk identity length")
+        identities.append(message[pos + 2 : pos + 2 + length])
+        pos += 2 + length + 4
+    if not identities or _U16.unpack_from(message, ids_end)[0] != end - ids_end - 2:
+        raise _decode_error("bad pre_shared_key binders length")
+    binders = []
+    pos = ids_end + 2
+    while pos < end:
+        length = message[pos]
+        if length < 32 or pos + 1 + length > end:
+            raise _decode_error("bad psk binder length")
+        binders.append(message[pos + 1 : pos + 1 + length])
+        pos += 1 + length
+    if not binders:
+        raise _decode_error("no psk binder")
+    if len(identities) != 1 or len(binders) != 1:
+        return None
+    return identities[0], binders[0], ids_end
+
+
+def _negotiate(ours: tuple[int, ...], theirs: tuple[int, ...]) -> int | None:
+    """The first of our values (our order of preference) that the client offers."""
+    offered = set(theirs)
+    return next((v for v in ours if v in offered), None)
 
 
 # ------------------------------------------------------------------------------ the connection
@@ -439,6 +549,7 @@ class TlsServer:
         sessions: SessionStore,
         server_name: str,
         hello: ClientHello | None = None,
+        key_shares: KeySharePool = KEY_SHARES,
     ) -> None:
         """`hello`: the ClientHello as the edge already parsed it (saves parsing it again)."""
         self.identity = identity
@@ -446,6 +557,7 @@ class TlsServer:
         self.settings = settings
         self.sessions = sessions
         self.server_name = server_name
+        self.key_shares = key_shares
         self.state = "hello"
         self.now = 0.0
         self.alpn: str | None = None
@@ -458,15 +570,17 @@ class TlsServer:
         self._offers_tickets = False
         self._early_data_offered = False
         self._skipped_early = 0
-        self._ctx: _Context | None = None
-        self._greenlet: greenlet | None = None
-        self._bufs: dict[qtls.Epoch, Buffer] = {}
+        self._ks: KeySchedule | None = None
+        self._scheme = 0
+        self._server_hello = b""
+        self._encrypted = b""  # EncryptedExtensions (+ Certificate): sent with the rest
+        self._legacy_session_id = b""
+        self._server_hs_secret = b""
+        self._client_hs_secret = b""
         self._read: rl.RecordProtection | None = None
         self._write: rl.RecordProtection | None = None
-        self._write_by_epoch: dict[qtls.Epoch, rl.RecordProtection] = {}
-        self._next_read: rl.RecordProtection | None = None
         self._pending_records: list[rl.Record] = []  # read while the signature is awaited
-        self._hs_buf = b""  # post-handshake handshake bytes being reassembled
+        self._hs_buf = b""  # handshake bytes being reassembled (client Finished, KeyUpdate)
         self._key_updates_in_a_row = 0
         self.key_updates_received = 0
         self.key_updates_sent = 0
@@ -500,7 +614,18 @@ class TlsServer:
         self.now = now
         if self.state != "signing":
             return []
-        return self._resume(signature)
+        try:
+            if len(signature) > 0xFFFF:
+                raise rl.protocol_error(
+                    "bad_signature", rl.A_INTERNAL_ERROR, f"signature of {len(signature)} bytes"
+                )
+            self._send_flight(certificate_verify(self._scheme, signature))
+            if not self._pending_records:
+                return []
+            records, self._pending_records = self._pending_records, []
+            return self._records(records)
+        except ProtocolError as exc:
+            return [self._fail(exc)]
 
     def signature_failed(self, reason: str, detail: str = "") -> list[Event]:
         """The key server did not sign: the handshake ends with internal_error queued (the
@@ -508,10 +633,7 @@ class TlsServer:
         sent to the visitor yet)."""
         if self.state != "signing":
             return []
-        g, self._greenlet = self._greenlet, None
-        if g is not None and not g.dead:
-            g.throw()  # GreenletExit unwinds aioquic's suspended frames now
-            _release(g)
+        self._ks = None
         return [self._fail(ProtocolError(reason, detail, alert=rl.A_INTERNAL_ERROR))]
 
     def send(self, data: bytes | bytearray | memoryview) -> None:
@@ -661,181 +783,136 @@ class TlsServer:
         if len(message) >= 6 and int.from_bytes(message[4:6], "big") < 0x0303:
             # RFC 8446 §D.5 (legacy_version 0x0300 and below), and TLS 1.0/1.1 likewise here
             raise rl.protocol_error("old_legacy_version", rl.A_PROTOCOL_VERSION)
-        peeked = self._peeked
-        if peeked is not None and peeked.message == message:
-            info = _info_from_peek(peeked)
-        else:
-            info = _hello_extensions(message)
-        self._offers_tickets = PSK_DHE_KE in info.psk_modes
-        self._early_data_offered = info.early_data
-        if info.has_alpn and self.settings.alpn and not set(info.alpn) & set(self.settings.alpn):
-            raise rl.protocol_error(
-                "no_application_protocol",
-                rl.A_NO_APPLICATION_PROTOCOL,
-                f"client offers {list(info.alpn)}",
-            )
-        suites = [qtls.CipherSuite(s) for s in CIPHER_SUITES]
-        if info.first_suite == CHACHA:  # the client has no AES hardware: honour that
-            suites.remove(qtls.CipherSuite.CHACHA20_POLY1305_SHA256)
-            suites.insert(0, qtls.CipherSuite.CHACHA20_POLY1305_SHA256)
-        ctx = _Context(
-            self.identity.schemes,
-            list(self.settings.alpn) if info.has_alpn and self.settings.alpn else None,
-            suites,
-        )
-        ders = [_CertificateDer(d) for d in self.identity.ders]
-        ctx.certificate = ders[0]  # type: ignore[assignment]
-        ctx.certificate_chain = ders[1:]  # type: ignore[assignment]
-        ctx.certificate_private_key = _RemoteKey()  # type: ignore[assignment]
-        if info.has_sni:
-            ctx.handshake_extensions = [(EXT_SERVER_NAME, b"")]  # RFC 6066 §3 acknowledgement
-        # Resumption only without early data (0-RTT is never accepted: §8 replay).
-        if self._offers_tickets and not info.early_data:
-            ctx.get_session_ticket_cb = self._find_ticket
-        ctx.update_traffic_key_cb = self._on_traffic_key
-        self._ctx = ctx
-        capacity = 16384 + self.identity.chain_der_len
-        self._bufs = {
-            qtls.Epoch.INITIAL: Buffer(capacity=4096),
-            qtls.Epoch.HANDSHAKE: Buffer(capacity=capacity),
-            qtls.Epoch.ONE_RTT: Buffer(capacity=4096),
-        }
-        self._legacy_session_id = info.legacy_session_id
-        self._greenlet = _POOL.pop() if _POOL else greenlet(_run_jobs)
-        if not self._greenlet:  # a new one: run it to its first wait
-            self._greenlet.switch()
-        self.state = "signing"
-        return self._resume((self._run_hello, message))
-
-    def _run_hello(self, message: bytes) -> None:
-        assert self._ctx is not None
-        self._ctx.handle_message(message, self._bufs)
-
-    def _resume(self, value: object) -> list[Event]:
-        g = self._greenlet
-        assert g is not None
-        try:
-            try:
-                result = g.switch(value)
-                if isinstance(result, _Failed):
-                    self._greenlet = None
-                    _release(g)
-                    raise result.exc
-            except qtls.Alert as exc:
+        hello = self._peeked
+        if hello is None or hello.message != message:
+            hello = peek_client_hello(rl.plaintext_records(rl.HANDSHAKE, message), 1 << 20)
+            assert hello is not None  # a whole message in whole records
+        if hello.legacy_version != 0x0303:  # §4.1.2 (the edge passes these to the origin)
+            raise rl.protocol_error("bad_legacy_version", rl.A_DECODE_ERROR)
+        offer = _read_offer(hello)
+        self._offers_tickets = PSK_DHE_KE in offer.psk_modes
+        self._early_data_offered = offer.early_data
+        alpn_offered = EXT_ALPN in hello.ext_spans
+        if alpn_offered and self.settings.alpn:
+            # RFC 7301 §3.2: the server's preference among the protocols both sides know
+            theirs = set(hello.alpn_text)
+            self.alpn = next((p for p in self.settings.alpn if p in theirs), None)
+            if self.alpn is None:
                 raise rl.protocol_error(
-                    type(exc).__name__, int(exc.description), str(exc)
-                ) from None
-            except _PEER_DATA_ERRORS as exc:
-                raise _peer_data_error("bad_hello", exc) from None
-            if isinstance(result, _SignCall):
-                data = result.data
-                if not data.startswith(_CV_PREFIX):
-                    raise rl.protocol_error(
-                        "internal", rl.A_INTERNAL_ERROR, "unexpected content to sign"
-                    )
-                # aioquic calls sign() after pushing ServerHello into the INITIAL buffer and
-                # EncryptedExtensions + Certificate into the HANDSHAKE one (nothing more yet)
-                bufs = self._bufs
-                return [
-                    SignatureRequested(
-                        _scheme_of(self.identity, result.params),
-                        data[len(_CV_PREFIX) :],
-                        b"".join(
-                            (
-                                self._hello,
-                                bufs[qtls.Epoch.INITIAL].data,
-                                bufs[qtls.Epoch.HANDSHAKE].data,
-                            )
-                        ),
-                    )
-                ]
-            self._greenlet = None
-            _release(g)
-            events = self._flight()
-            if self._pending_records:
-                records, self._pending_records = self._pending_records, []
-                events.extend(self._records(records))
-            return events
-        except ProtocolError as exc:
-            self._greenlet = None
-            return [self._fail(exc)]
+                    "no_application_protocol",
+                    rl.A_NO_APPLICATION_PROTOCOL,
+                    f"client offers {list(hello.alpn_text)}",
+                )
+        suites = CIPHER_SUITES
+        first = next((s for s in hello.cipher_suites if (s & 0x0F0F) != 0x0A0A), 0)
+        if first == CHACHA:  # the client has no AES hardware: honour that
+            suites = (CHACHA, 0x1301, 0x1302)
+        suite = _negotiate(suites, hello.cipher_suites)
+        if suite is None:
+            raise rl.protocol_error("no_common_cipher", rl.A_HANDSHAKE_FAILURE)
+        if offer.compression_methods != b"\x00":
+            # §4.1.2: exactly one compression method, null, in a TLS 1.3 ClientHello
+            raise rl.protocol_error("bad_compression_methods", rl.A_ILLEGAL_PARAMETER)
+        scheme = _negotiate(self.identity.schemes, hello.signature_algorithms)
+        if scheme is None:
+            raise rl.protocol_error("no_common_signature_scheme", rl.A_HANDSHAKE_FAILURE)
+        if TLS13 not in hello.supported_versions:
+            raise rl.protocol_error("no_tls13", rl.A_PROTOCOL_VERSION)
+        if offer.key_shares is None:  # §9.2: (EC)DHE needs key_share
+            raise rl.protocol_error("no_key_share", rl.A_MISSING_EXTENSION)
+        self._scheme = scheme
+        self._legacy_session_id = offer.session_id
+        ks = self._psk_schedule(hello, offer, suite)
+        if ks is None:
+            ks = KeySchedule(CipherSuite(suite))
+            ks.extract(None)
+            ks.update_hash(message)
+        exchanged = _key_exchange(offer.key_shares, self.key_shares)
+        if exchanged is None:
+            raise rl.protocol_error("no_supported_key_share", rl.A_HANDSHAKE_FAILURE)
+        group, public, shared = exchanged
+        self._ks = ks
+        self.cipher_suite = suite
+        # §4.1.3 ServerHello, then the handshake secrets (§7.1)
+        sh = server_hello(os.urandom(32), offer.session_id, suite, group, public, psk=self.resumed)
+        self._server_hello = sh
+        ks.update_hash(sh)
+        ks.extract(shared)
+        self._server_hs_secret = ks.derive_secret(b"s hs traffic")
+        self._client_hs_secret = ks.derive_secret(b"c hs traffic")
+        ee = encrypted_extensions(self.alpn, hello.sni is not None)
+        ks.update_hash(ee)
+        if self.resumed:  # §2.2: no Certificate, no CertificateVerify
+            self._encrypted = ee
+            self._send_flight(b"")
+            return []
+        cert = self.identity.certificate_message
+        ks.update_hash(cert)
+        self._encrypted = ee + cert
+        self.state = "signing"
+        # §4.4.3: the signature covers the transcript hash of ClientHello .. Certificate
+        return [
+            SignatureRequested(
+                scheme,
+                ks.certificate_verify_data(SERVER_CONTEXT_STRING)[_CV_PREFIX_LEN:],
+                b"".join((message, sh, ee, cert)),
+            )
+        ]
 
-    def _find_ticket(self, identity: bytes) -> qtls.SessionTicket | None:
-        return self.sessions.take(identity, self.server_name, self.now)
+    def _psk_schedule(self, hello: ClientHello, offer: _Offer, suite: int) -> KeySchedule | None:
+        """The key schedule of a resumption (§2.2) if the client offers one of our tickets
+        with a valid binder, else None. 0-RTT is never accepted (§8: replays), so a client
+        that offers early data gets a full handshake and keeps its ticket unused."""
+        if offer.psk is None or not self._offers_tickets or offer.early_data:
+            return None
+        identity, binder, binders_start = offer.psk
+        session = self.sessions.take(identity, self.server_name, self.now)
+        if session is None or session.cipher_suite != suite:
+            return None
+        ks = KeySchedule(CipherSuite(suite))
+        ks.extract(session.resumption_secret)
+        binder_key = ks.derive_secret(b"res binder")
+        # §4.2.11.2: the binder is the Finished HMAC over the ClientHello truncated before
+        # the binders list
+        message = hello.message
+        ks.update_hash(message[:binders_start])
+        if not hmac.compare_digest(ks.finished_verify_data(binder_key), binder):
+            raise rl.protocol_error("bad_binder", rl.A_DECRYPT_ERROR, "PSK binder")
+        ks.update_hash(message[binders_start:])
+        self.resumed = True
+        return ks
 
-    def _on_traffic_key(
-        self,
-        direction: qtls.Direction,
-        epoch: qtls.Epoch,
-        cipher_suite: qtls.CipherSuite,
-        secret: bytes,
-    ) -> None:
-        protection = rl.RecordProtection(int(cipher_suite), secret)
-        if direction == qtls.Direction.ENCRYPT:
-            self._write_by_epoch[epoch] = protection
-        elif epoch == qtls.Epoch.HANDSHAKE:
-            self._read = protection
-        elif epoch == qtls.Epoch.ONE_RTT:
-            self._next_read = protection
-        else:  # never: early data is not accepted
-            raise rl.protocol_error("early_data_key", rl.A_INTERNAL_ERROR)
-
-    def _flight(self) -> list[Event]:
-        """The ClientHello is processed: send ServerHello .. Finished."""
-        ctx = self._ctx
-        assert ctx is not None and ctx.key_schedule is not None
-        self.cipher_suite = int(ctx.key_schedule.cipher_suite)
-        self.alpn = ctx.alpn_negotiated
-        self.resumed = ctx.session_resumed
+    def _send_flight(self, cert_verify: bytes) -> None:
+        """ServerHello .. Finished to the visitor (§2): the handshake is processed up to the
+        client's Finished."""
+        ks = self._ks
+        assert ks is not None
+        suite = self.cipher_suite
+        if cert_verify:
+            ks.update_hash(cert_verify)
+        finished = _message(HS_FINISHED, ks.finished_verify_data(self._server_hs_secret))
+        ks.update_hash(finished)
+        ks.extract(None)  # the master secret (§7.1)
         out = self._out
-        out += rl.plaintext_records(rl.HANDSHAKE, self._bufs[qtls.Epoch.INITIAL].data)
+        out += rl.plaintext_records(rl.HANDSHAKE, self._server_hello)
         if self._legacy_session_id:
             out += rl.CHANGE_CIPHER_SPEC_RECORD  # §D.4 middlebox compatibility
-        hs = self._write_by_epoch[qtls.Epoch.HANDSHAKE]
-        data = self._bufs[qtls.Epoch.HANDSHAKE].data
+        data = b"".join((self._encrypted, cert_verify, finished))
+        protection = rl.RecordProtection(suite, self._server_hs_secret)
         for i in range(0, len(data), rl.MAX_PLAINTEXT):
-            out += hs.seal(rl.HANDSHAKE, data[i : i + rl.MAX_PLAINTEXT])
-        # From our Finished on, the client reads with our application key (alerts included);
-        # anything aioquic queued for 1-RTT (its own ticket: it has none here) waits for the
-        # client's Finished, as RFC 8446 §4.6.1 requires of tickets.
-        self._write = self._write_by_epoch[qtls.Epoch.ONE_RTT]
+            out += protection.seal(rl.HANDSHAKE, data[i : i + rl.MAX_PLAINTEXT])
+        self._server_hello = self._encrypted = b""
+        # From our Finished on, the client reads with our application key (alerts included).
+        self._write = rl.RecordProtection(suite, ks.derive_secret(b"s ap traffic"))
+        self._read = rl.RecordProtection(suite, self._client_hs_secret)
         self.state = "handshake"
-        return []
 
     # ---------------------------------------------------------------- handshake messages
     def _handshake(self, content: bytes) -> list[Event]:
+        buf = self._hs_buf + content if self._hs_buf else content
         if self.state == "handshake":
-            ctx = self._ctx
-            assert ctx is not None and ctx.key_schedule is not None
-            head = (ctx._receive_buffer + content)[:4]
-            if (
-                len(head) == 4
-                and head[0] == HS_FINISHED
-                and int.from_bytes(head[1:4], "big") != ctx.key_schedule.algorithm.digest_size
-            ):
-                # §4.4.4: verify_data is exactly Hash.length (aioquic would compare any length)
-                raise rl.protocol_error("bad_finished_length", rl.A_DECODE_ERROR)
-            try:
-                ctx.handle_message(content, self._bufs)
-            except qtls.Alert as exc:
-                raise rl.protocol_error(
-                    type(exc).__name__, int(exc.description), str(exc)
-                ) from None
-            except _PEER_DATA_ERRORS as exc:
-                raise _peer_data_error("bad_handshake", exc) from None
-            if len(ctx._receive_buffer) > MAX_HANDSHAKE_MESSAGE:
-                raise rl.protocol_error("handshake_too_large", rl.A_DECODE_ERROR)
-            if ctx.state != qtls.State.SERVER_POST_HANDSHAKE:
-                return []
-            if ctx._receive_buffer:  # §5.1: a message after Finished under the old key
-                raise rl.protocol_error("data_after_finished", rl.A_UNEXPECTED_MESSAGE)
-            self._read = self._next_read
-            self._next_read = None
-            self.state = "open"
-            self._issue_ticket()
-            return [HandshakeCompleted(self.alpn, self.cipher_suite, self.resumed)]
+            return self._client_finished(buf)
         # post-handshake messages: only KeyUpdate is expected from a client
-        buf = self._hs_buf + content
         while len(buf) >= 4:
             mtype = buf[0]
             length = int.from_bytes(buf[1:4], "big")
@@ -866,42 +943,61 @@ class TlsServer:
         self._hs_buf = buf
         return []
 
+    def _client_finished(self, buf: bytes) -> list[Event]:
+        """§4.4.4: the client's Finished, the only message expected after our flight (no
+        client certificate was asked for)."""
+        ks = self._ks
+        assert ks is not None
+        if buf[0] != HS_FINISHED:
+            raise rl.protocol_error(
+                "unexpected_handshake",
+                rl.A_UNEXPECTED_MESSAGE,
+                f"handshake type {buf[0]} instead of Finished",
+            )
+        size = ks.algorithm.digest_size
+        if len(buf) >= 4 and int.from_bytes(buf[1:4], "big") != size:
+            # verify_data is exactly Hash.length
+            raise rl.protocol_error("bad_finished_length", rl.A_DECODE_ERROR)
+        if len(buf) < 4 + size:
+            self._hs_buf = buf
+            return []
+        if len(buf) > 4 + size:  # §5.1: a message after Finished under the old key
+            raise rl.protocol_error("data_after_finished", rl.A_UNEXPECTED_MESSAGE)
+        self._hs_buf = b""
+        expected = ks.finished_verify_data(self._client_hs_secret)
+        if not hmac.compare_digest(expected, buf[4:]):
+            raise rl.protocol_error("bad_finished", rl.A_DECRYPT_ERROR)
+        # §7.1: client_application_traffic_secret_0 hashes up to the server Finished, the
+        # resumption master secret up to the client's
+        self._read = rl.RecordProtection(self.cipher_suite, ks.derive_secret(b"c ap traffic"))
+        ks.update_hash(buf)
+        self._server_hs_secret = self._client_hs_secret = b""
+        self.state = "open"
+        self._issue_ticket()
+        return [HandshakeCompleted(self.alpn, self.cipher_suite, self.resumed)]
+
     def _issue_ticket(self) -> None:
-        ctx = self._ctx
-        if not (self.settings.issue_tickets and self._offers_tickets) or ctx is None:
+        ks = self._ks
+        self._ks = None
+        if not (self.settings.issue_tickets and self._offers_tickets) or ks is None:
             return
-        ks = ctx.key_schedule
-        assert ks is not None and self._write is not None
+        assert self._write is not None
         nonce = b"\x00"
-        ticket = qtls.NewSessionTicket(
-            ticket_lifetime=int(self.sessions.lifetime_s),
-            ticket_age_add=struct.unpack("I", os.urandom(4))[0],
-            ticket_nonce=nonce,
-            ticket=os.urandom(32),
-            max_early_data_size=None,
-        )
+        age_add = int.from_bytes(os.urandom(4), "big")
+        identity = os.urandom(32)
         # §4.6.1: resumption secret from the resumption master secret and the ticket nonce
-        res_master = ks.derive_secret(b"res master")
-        secret = qtls.hkdf_expand_label(
-            ks.algorithm, res_master, b"resumption", nonce, ks.algorithm.digest_size
+        secret = hkdf_expand_label(
+            ks.algorithm,
+            ks.derive_secret(b"res master"),
+            b"resumption",
+            nonce,
+            ks.algorithm.digest_size,
         )
-        start = datetime.datetime.now(datetime.UTC)
         self.sessions.put(
-            qtls.SessionTicket(
-                age_add=ticket.ticket_age_add,
-                cipher_suite=ks.cipher_suite,
-                not_valid_after=start + datetime.timedelta(seconds=self.sessions.lifetime_s),
-                not_valid_before=start,
-                resumption_secret=secret,
-                server_name=self.server_name,
-                ticket=ticket.ticket,
-            ),
-            self.server_name,
-            self.now,
+            Session(identity, secret, self.cipher_suite, age_add), self.server_name, self.now
         )
-        buf = Buffer(capacity=256)
-        qtls.push_new_session_ticket(buf, ticket)
-        self._out += self._write.seal(rl.HANDSHAKE, buf.data)
+        ticket = new_session_ticket(int(self.sessions.lifetime_s), age_add, nonce, identity)
+        self._out += self._write.seal(rl.HANDSHAKE, ticket)
 
     def _send_key_update(self, *, request: bool) -> None:
         assert self._write is not None
@@ -931,78 +1027,3 @@ class TlsServer:
         self.state = "closed"
         self.reason = exc.reason
         return ConnectionFailed(exc.reason, alert, exc.detail)
-
-
-# ------------------------------------------------------------------------------ hello details
-@dataclass(frozen=True, slots=True)
-class _HelloInfo:
-    legacy_session_id: bytes
-    first_suite: int
-    has_alpn: bool
-    has_sni: bool
-    early_data: bool
-    psk_modes: bytes
-    alpn: tuple[str, ...]
-
-
-def _info_from_peek(hello: ClientHello) -> _HelloInfo:
-    message = hello.message
-    sid_len = message[38]
-    first = next((s for s in hello.cipher_suites if (s & 0x0F0F) != 0x0A0A), 0)
-    spans = hello.ext_spans
-    modes = hello.extension(EXT_PSK_MODES) or b""
-    return _HelloInfo(
-        message[39 : 39 + sid_len],
-        first,
-        EXT_ALPN in spans,
-        EXT_SERVER_NAME in spans,
-        EXT_EARLY_DATA in spans,
-        modes[1:],
-        tuple(p.decode("latin-1") for p in hello.alpn),
-    )
-
-
-def _hello_extensions(message: bytes) -> _HelloInfo:
-    """The few ClientHello facts needed before aioquic parses it (which it does fully)."""
-    try:
-        pos = 4 + 2 + 32
-        sid_len = message[pos]
-        sid = message[pos + 1 : pos + 1 + sid_len]
-        pos += 1 + sid_len
-        suites_len = int.from_bytes(message[pos : pos + 2], "big")
-        suites = message[pos + 2 : pos + 2 + suites_len]
-        first = 0
-        for i in range(0, len(suites) - 1, 2):
-            s = int.from_bytes(suites[i : i + 2], "big")
-            if (s & 0x0F0F) != 0x0A0A:  # skip GREASE (RFC 8701)
-                first = s
-                break
-        pos += 2 + suites_len
-        pos += 1 + message[pos]
-        ext_end = pos + 2 + int.from_bytes(message[pos : pos + 2], "big")
-        pos += 2
-        found: dict[int, bytes] = {}
-        while pos + 4 <= ext_end:
-            etype = int.from_bytes(message[pos : pos + 2], "big")
-            elen = int.from_bytes(message[pos + 2 : pos + 4], "big")
-            found.setdefault(etype, message[pos + 4 : pos + 4 + elen])
-            pos += 4 + elen
-    except IndexError:
-        raise rl.protocol_error("malformed_hello", rl.A_DECODE_ERROR) from None
-    modes = found.get(EXT_PSK_MODES, b"")
-    alpn: list[str] = []
-    data = found.get(EXT_ALPN, b"")
-    pos = 2
-    while pos < len(data):
-        n = data[pos]
-        alpn.append(data[pos + 1 : pos + 1 + n].decode("latin-1"))
-        pos += 1 + n
-    return _HelloInfo(
-        sid,
-        first,
-        EXT_ALPN in found,
-        EXT_SERVER_NAME in found,
-        EXT_EARLY_DATA in found,
-        modes[1:] if modes else b"",
-        tuple(alpn),
-    )

@@ -6,6 +6,7 @@ sslproto plays for OpenSSL). The HTTP protocols (h11/h2) cannot tell the differe
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -153,6 +154,28 @@ class TlsAppTransport(asyncio.Transport):
         return raw.get_extra_info(name, default) if raw is not None else default
 
 
+_FILLING: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()  # a fill is queued
+KEY_SHARE_FILL_BATCH = 2  # X25519 key pairs made per callback (~50 µs each)
+
+
+def fill_key_shares_later(loop: asyncio.AbstractEventLoop, pool: ts.KeySharePool) -> None:
+    """Refill the handshakes' key-share pool in callbacks queued behind whatever the loop has
+    ready (asyncio has no idle hook): the keys are made between connections' I/O, not on a
+    handshake's path, a few at a time so that no callback holds the loop long."""
+    if pool.wanted <= 0 or loop in _FILLING:
+        return
+    _FILLING.add(loop)
+
+    def fill() -> None:
+        pool.fill(KEY_SHARE_FILL_BATCH)
+        if pool.wanted > 0:
+            loop.call_soon(fill)
+        else:
+            _FILLING.discard(loop)
+
+    loop.call_soon(fill)
+
+
 # One read buffer for every connection of the process: asyncio fills it and calls
 # buffer_updated synchronously, which copies the bytes out before the next read. (asyncio's
 # default for plain protocols allocates 256 KiB per read: an mmap and munmap each time.)
@@ -205,6 +228,8 @@ class TlsServerProtocol(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         self.timer = self.loop.call_later(self.handshake_timeout_s, self._handshake_timeout)
         self.flush()
+        if isinstance(self.server, ts.TlsServer):  # its handshake used a key share
+            fill_key_shares_later(self.loop, self.server.key_shares)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return _READ_BUFFER

@@ -1,0 +1,104 @@
+"""Everything the keyless TLS engine takes from aioquic, in one place, checked at start-up.
+
+`core.tls13_server` runs its own TLS 1.3 server handshake (see there why) on aioquic's key
+schedule (`KeySchedule`, RFC 8446 §7.1) and HKDF-Expand-Label; `core.tls13_record` uses the
+latter for traffic keys. These are module-level names of `aioquic.tls`, not a documented API:
+an aioquic release may rename or reshape them. This module is the only importer of
+`aioquic.tls` in blindfold. Importing it (which the edge does when it starts) checks that every
+name is there with the shape used and that the key schedule still computes RFC 8448's values,
+and raises `AioquicMismatch` naming the installed aioquic version otherwise. Nothing in aioquic
+is patched.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import aioquic
+import aioquic.tls as _tls
+
+TESTED_VERSION = "1.7.2"  # the version pinned in pyproject.toml, which CI tests
+VERSION: str = getattr(aioquic, "__version__", "unknown")
+
+
+class AioquicMismatch(ImportError):
+    """The installed aioquic lacks, or has changed, something the TLS engine uses."""
+
+
+def _mismatch(what: str) -> AioquicMismatch:
+    return AioquicMismatch(
+        f"aioquic {VERSION} is installed, but blindfold's keyless TLS engine was built and "
+        f"tested on aioquic {TESTED_VERSION} and {what}: install aioquic=={TESTED_VERSION} "
+        "(scripts/bootstrap installs the pinned version)"
+    )
+
+
+# function in aioquic.tls -> the parameters it must take
+_FUNCTIONS: dict[str, tuple[str, ...]] = {
+    "hkdf_expand_label": ("algorithm", "secret", "label", "hash_value", "length"),
+    "cipher_suite_hash": ("cipher_suite",),
+}
+_KEY_SCHEDULE_METHODS: dict[str, tuple[str, ...]] = {
+    "__init__": ("self", "cipher_suite"),
+    "certificate_verify_data": ("self", "context_string"),
+    "finished_verify_data": ("self", "secret"),
+    "derive_secret": ("self", "label"),
+    "extract": ("self", "key_material"),
+    "update_hash": ("self", "data"),
+}
+_KEY_SCHEDULE_ATTRIBUTES = ("algorithm", "cipher_suite")
+
+# RFC 8448 §3 (simple 1-RTT handshake): Early Secret = HKDF-Extract(0, 0), then
+# Derive-Secret(Early Secret, "derived", "")
+_RFC8448_DERIVED = bytes.fromhex("6f2615a108c702c5678f54fc9dbab69716c076189c48250cebeac3576c3611ba")
+
+
+def _parameters(fn: Any) -> tuple[str, ...]:
+    return tuple(inspect.signature(fn).parameters)
+
+
+def _check_shapes() -> None:
+    for name, params in _FUNCTIONS.items():
+        fn = getattr(_tls, name, None)
+        if not callable(fn):
+            raise _mismatch(f"aioquic.tls.{name} is missing")
+        if _parameters(fn) != params:
+            raise _mismatch(f"aioquic.tls.{name} takes {_parameters(fn)}, not {params}")
+    schedule = getattr(_tls, "KeySchedule", None)
+    if not isinstance(schedule, type):
+        raise _mismatch("aioquic.tls.KeySchedule is missing")
+    for name, params in _KEY_SCHEDULE_METHODS.items():
+        method = getattr(schedule, name, None)
+        if not callable(method):
+            raise _mismatch(f"KeySchedule.{name} is missing")
+        if _parameters(method) != params:
+            raise _mismatch(f"KeySchedule.{name} takes {_parameters(method)}, not {params}")
+    suite = getattr(_tls, "CipherSuite", None)
+    if suite is None or {int(s) for s in suite} < {0x1301, 0x1302, 0x1303}:
+        raise _mismatch("aioquic.tls.CipherSuite lacks a TLS 1.3 suite")
+    context = getattr(_tls, "SERVER_CONTEXT_STRING", None)
+    if context != b"TLS 1.3, server CertificateVerify":
+        raise _mismatch("aioquic.tls.SERVER_CONTEXT_STRING changed")
+    ks = schedule(suite(0x1301))
+    for attribute in _KEY_SCHEDULE_ATTRIBUTES:
+        if not hasattr(ks, attribute):
+            raise _mismatch(f"KeySchedule objects have no {attribute}")
+
+
+def _check_key_schedule() -> None:
+    ks = _tls.KeySchedule(_tls.CipherSuite(0x1301))
+    ks.extract(None)
+    if ks.derive_secret(b"derived") != _RFC8448_DERIVED:
+        raise _mismatch("its key schedule does not give RFC 8448's derived secret")
+
+
+_check_shapes()
+_check_key_schedule()
+
+# What the engine uses, under the names it uses.
+KeySchedule = _tls.KeySchedule
+CipherSuite = _tls.CipherSuite
+cipher_suite_hash = _tls.cipher_suite_hash
+hkdf_expand_label = _tls.hkdf_expand_label
+SERVER_CONTEXT_STRING: bytes = _tls.SERVER_CONTEXT_STRING
