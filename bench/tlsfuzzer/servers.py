@@ -98,7 +98,11 @@ class Topology:
         cas = self.workdir / "site-cas.pem"
         cas.write_bytes(ca.cert_pem() + rsa_ca.cert_pem())
         hosts = [h for _site, patterns, _n in KEY_TYPES.values() for h in patterns]
-        ks = KeyServerProcess(keyserver_config(kpki, {"edge1": hosts}), self.workdir, name="ks")
+        # tlsfuzzer sends the same ClientHello random (all zeros) in every handshake: the key
+        # server's replay check would refuse every signature after the first for 60 s
+        ks_text = keyserver_config(kpki, {"edge1": hosts})
+        ks_text = ks_text.replace("[keyserver]\n", "[keyserver]\nreplay_window_s = 0\n", 1)
+        ks = KeyServerProcess(ks_text, self.workdir, name="ks")
         self._procs.append(ks)
         self._app = DemoApp()
         for key, (site_name, patterns, origin_name) in KEY_TYPES.items():

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hmac
 import ssl
 import struct
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -354,6 +356,42 @@ def test_fallback_reasons_from_real_client_hellos(sites: dict[str, Site]) -> Non
     old.maximum_version = ssl.TLSVersion.TLSv1_2
     hello = peek_client_hello(hello_of(old), 16384)
     assert hello is not None and ts.fallback_reason(hello, schemes) == "tls12_only"
+
+
+def _in_thread(fn: Callable[[], object]) -> object:
+    """`fn()` run in a new thread; its result, or its exception raised here."""
+    out: list[object] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "the thread did not finish"
+    if errors:
+        raise errors[0]
+    return out[0]
+
+
+def test_connections_work_from_any_thread(sites: dict[str, Site]) -> None:
+    """An edge may drive TlsServer from several threads (executors, a loop per thread): a
+    handshake must not depend on state made by another thread."""
+    site = sites["ec256"]
+    Pair(site).handshake()  # this thread first: whatever it leaves behind for reuse
+
+    def handshake() -> str:
+        p = Pair(site)
+        p.handshake()
+        return p.server.state
+
+    assert _in_thread(handshake) == "open"
+    assert _in_thread(handshake) == "open"
+    Pair(site).handshake()  # and this thread again, after the others
 
 
 def _client_flight(site: Site) -> bytes:

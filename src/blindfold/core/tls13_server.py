@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import os
 import struct
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -352,7 +353,17 @@ class _Failed:
 
 
 _DONE = object()
-_POOL: list[greenlet] = []  # idle handshake greenlets: creating one costs more than using it
+
+
+class _Pool(threading.local):
+    """Idle handshake greenlets (creating one costs more than using it), one pool per thread:
+    a greenlet can only be switched to in the thread that created it."""
+
+    def __init__(self) -> None:
+        self.idle: list[greenlet] = []
+
+
+_POOL = _Pool()
 
 
 def _run_jobs() -> None:
@@ -370,8 +381,9 @@ def _run_jobs() -> None:
 
 
 def _release(g: greenlet) -> None:
-    if not g.dead and len(_POOL) < 64:
-        _POOL.append(g)
+    idle = _POOL.idle
+    if not g.dead and len(idle) < 64:
+        idle.append(g)
 
 
 class _Context(qtls.Context):
@@ -701,7 +713,8 @@ class TlsServer:
             qtls.Epoch.ONE_RTT: Buffer(capacity=4096),
         }
         self._legacy_session_id = info.legacy_session_id
-        self._greenlet = _POOL.pop() if _POOL else greenlet(_run_jobs)
+        idle = _POOL.idle
+        self._greenlet = idle.pop() if idle else greenlet(_run_jobs)
         if not self._greenlet:  # a new one: run it to its first wait
             self._greenlet.switch()
         self.state = "signing"
