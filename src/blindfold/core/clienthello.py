@@ -218,7 +218,18 @@ class HelloReader:
         return need
 
 
-def _parse_message(msg: bytes, record_bytes: int) -> ClientHello:
+def parse_hello_message(msg: bytes, transport: str = "t") -> ClientHello:
+    """Parse one whole ClientHello handshake message (type, length, body) that arrived without
+    TLS records: QUIC carries it in CRYPTO frames (RFC 9001 §4.1.3); JA4's `transport` is then
+    'q'. The message must be exactly one ClientHello."""
+    if len(msg) < 4 or msg[0] != HANDSHAKE_CLIENT_HELLO:
+        raise _fail("not_client_hello", "not a ClientHello message", ALERT_UNEXPECTED_MESSAGE)
+    if 4 + int.from_bytes(msg[1:4], "big") != len(msg):
+        raise _fail("malformed_hello", "ClientHello length does not match the message")
+    return _parse_message(msg, 0, transport)
+
+
+def _parse_message(msg: bytes, record_bytes: int, transport: str = "t") -> ClientHello:
     """Parse a whole ClientHello handshake message (RFC 8446 §4.1.2). Offsets are absolute in
     `msg` so only the fields the edge keeps are copied."""
     end = len(msg)
@@ -292,6 +303,7 @@ def _parse_message(msg: bytes, record_bytes: int) -> ClientHello:
         exts,
         sigalg_bytes,
         alpn[0] if alpn else None,
+        transport,
     )
     return ClientHello(
         legacy_version,
