@@ -187,3 +187,28 @@ def test_chromium_loads_a_page_over_h3(
     assert "The origin agent says the visitor is <b>127.0.0.1</b>" in out.stdout
     line = origin.wait_for(lambda r: r.get("event") == "request" and r.get("path") == "/", 5)
     assert line is not None and line["http"] == "3" and line["status"] == 200
+
+
+def test_h2_body_without_content_length_reaches_the_application(
+    start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    """HTTP/2 (like HTTP/3) may send a body without Content-Length; once the WAF had read it
+    the proxy took the ended stream for a body-less request and dropped it."""
+    origin, _ = quic_origin(start_origin, app, site, tmp_path)
+    out = curl(
+        origin.port,
+        "example.test",
+        site["ca"],
+        "--http2",
+        "--data-binary",
+        "a=1&b=2",
+        "-H",
+        "Content-Length:",
+        "-H",
+        "Content-Type: application/x-www-form-urlencoded",
+        source="127.0.0.7",
+        path="/echo",
+    )
+    assert json.loads(out.stdout)["body"] == "a=1&b=2", out.stderr
+    line = origin.wait_for(lambda r: r.get("event") == "request", 5)
+    assert line is not None and line["http"] == "2"
