@@ -212,3 +212,24 @@ def test_h2_body_without_content_length_reaches_the_application(
     assert json.loads(out.stdout)["body"] == "a=1&b=2", out.stderr
     line = origin.wait_for(lambda r: r.get("event") == "request", 5)
     assert line is not None and line["http"] == "2"
+
+
+def test_origin_never_answers_small_unknown_version_datagrams(
+    start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    """RFC 9000 §5.2.2: Version Negotiation only for datagrams of at least 1200 bytes (aioquic's
+    server answers any size, so a spoofed 60-byte datagram drew a larger answer)."""
+    import socket
+
+    origin, qport = quic_origin(start_origin, app, site, tmp_path)
+    head = b"\xc0\x1a\x2a\x3a\x4a\x08" + b"D" * 8 + b"\x08" + b"S" * 8
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.8", 0))
+        sock.settimeout(1.0)
+        sock.sendto(head + b"\x00" * 30, ("127.0.0.1", qport))
+        with pytest.raises(TimeoutError):
+            sock.recvfrom(2048)
+        sock.sendto(head + b"\x00" * (1200 - len(head)), ("127.0.0.1", qport))
+        answer, _ = sock.recvfrom(2048)
+    assert answer[1:5] == b"\x00\x00\x00\x00" and len(answer) < 1200  # Version Negotiation
+    assert origin.metric("blindfold_origin_quic_datagrams_total", result="unsupported_version") == 1

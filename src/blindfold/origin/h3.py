@@ -224,6 +224,12 @@ class OriginQuicServer(QuicServer):
         except ProtocolError as exc:
             self._count(exc.reason)
             return
+        first = dgram.packets[0] if dgram.packets else None
+        if first is not None and first.kind is None and len(data) < MIN_INITIAL_DATAGRAM:
+            # RFC 9000 §5.2.2: servers MUST drop smaller packets of unsupported versions
+            # (aioquic's server would answer them with Version Negotiation)
+            self._count("unsupported_version")
+            return
         if dgram.packets and dgram.packets[0].kind == INITIAL:
             dcid = dgram.packets[0].dcid
             if dcid not in self._protocols:
@@ -307,6 +313,7 @@ class OriginQuicServer(QuicServer):
             self._hello_sni = ""
 
     def _expire_pending(self, now: float) -> None:
+        self.bindings.expire(now)
         for dcid, pend in list(self.pending.items()):
             if now - pend.created > HELLO_TIMEOUT_S:
                 del self.pending[dcid]
