@@ -306,3 +306,16 @@ def test_origin_datagrams_after_the_end_are_dropped() -> None:
     result = table.from_origin(fwd.path, origin_initial(), 1.0)
     assert isinstance(result, Dropped) and result.reason == "origin_after_close"
     assert parse_datagram(origin_initial()).packets[0].scid == SERVER_CID
+
+
+def test_initials_after_the_clients_first_handshake_packet_are_dropped() -> None:
+    """RFC 9001 §4.9.1: the client has discarded its Initial keys; the reader is freed."""
+    table = QuicFlowTable()
+    fwd = open_flow(table)
+    flow = fwd.path.flow
+    table.from_origin(fwd.path, origin_initial(), 0.5)
+    handshake = qb.server_long_header("handshake", dcid=SERVER_CID, scid=b"c" * 8)
+    assert isinstance(table.from_client(handshake, VISITOR, 1.0), Forward)
+    assert flow.reader is None
+    late = table.from_client(qb.datagrams("aioquic_v1")[1], VISITOR, 1.5)
+    assert isinstance(late, Dropped) and late.reason == "initial_after_handshake"

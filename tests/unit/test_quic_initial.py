@@ -140,7 +140,7 @@ def test_every_split_and_order_gives_the_same_hello(
     rng.shuffle(frames)
     packets = packets_from_frames(frames, per_packet, version)
     rng.shuffle(packets)
-    reader = InitialReader(version, DCID)
+    reader = InitialReader(version, DCID, max_packets=64)  # the bound has its own test
     found = [r for p in packets if (r := reader.feed(p, parse_long_header(p))) is not None]
     assert len(found) == 1
     assert (found[0].sni, found[0].ja4, found[0].hello.alpn) == (

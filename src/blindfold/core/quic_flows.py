@@ -112,6 +112,7 @@ class Flow:
     bytes_out: int = 0
     dropped: int = 0
     reject_reason: str = ""
+    initials_done: bool = False  # the client sent a Handshake packet: no more Initials
     route: Any = None  # the caller's routing decision, kept for its logs
 
     @property
@@ -371,6 +372,17 @@ class QuicFlowTable:
         # repeat what the edge decided on (RFC 9000 §19.6 retransmissions)
         found = None
         reader = flow.reader
+        if flow.state == OPEN and any(p.kind == HANDSHAKE for p in packets):
+            # RFC 9001 §4.9.1: a client discards its Initial keys when it first sends a
+            # Handshake packet; the reader (and its buffers) can go
+            flow.reader = reader = None
+            flow.initials_done = True
+        if flow.initials_done and any(p.kind == INITIAL for p in packets):
+            if new_path:
+                flow.paths.pop(client, None)
+                if evicted is not None:
+                    flow.paths[evicted.client] = evicted
+            return self._drop("initial_after_handshake", flow)
         if reader is not None:
             try:
                 for p in packets:
