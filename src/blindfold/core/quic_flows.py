@@ -372,11 +372,6 @@ class QuicFlowTable:
         # repeat what the edge decided on (RFC 9000 §19.6 retransmissions)
         found = None
         reader = flow.reader
-        if flow.state == OPEN and any(p.kind == HANDSHAKE for p in packets):
-            # RFC 9001 §4.9.1: a client discards its Initial keys when it first sends a
-            # Handshake packet; the reader (and its buffers) can go
-            flow.reader = reader = None
-            flow.initials_done = True
         if flow.initials_done and any(p.kind == INITIAL for p in packets):
             if new_path:
                 flow.paths.pop(client, None)
@@ -394,6 +389,12 @@ class QuicFlowTable:
                     if evicted is not None:
                         flow.paths[evicted.client] = evicted
                 return self._drop(exc.reason, flow)
+        if flow.state == OPEN and any(p.kind == HANDSHAKE for p in packets):
+            # RFC 9001 §4.9.1: a client discards its Initial keys when it first sends a
+            # Handshake packet (Initials coalesced before it in that datagram still count);
+            # the reader and its buffers can go
+            flow.reader = None
+            flow.initials_done = True
         flow.datagrams_in += 1
         flow.bytes_in += len(data)
         flow.last_seen = path.last_seen = now
