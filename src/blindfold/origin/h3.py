@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from functools import partial
 from typing import Any, Protocol
@@ -185,7 +186,7 @@ class OriginQuicServer(QuicServer):
         self.shared = shared
         self.host = shared.host
         self.bindings = shared.bindings
-        self.pending: dict[bytes, _Pending] = {}
+        self.pending: OrderedDict[bytes, _Pending] = OrderedDict()  # oldest first
         self._hello_sni = ""
 
     # ------------------------------------------------------------------ admission
@@ -314,10 +315,13 @@ class OriginQuicServer(QuicServer):
 
     def _expire_pending(self, now: float) -> None:
         self.bindings.expire(now)
-        for dcid, pend in list(self.pending.items()):
-            if now - pend.created > HELLO_TIMEOUT_S:
-                del self.pending[dcid]
-                self._count("hello_timeout")
+        pending = self.pending
+        while pending:
+            dcid, pend = next(iter(pending.items()))
+            if now - pend.created <= HELLO_TIMEOUT_S:
+                break
+            del pending[dcid]
+            self._count("hello_timeout")
 
     def _new_protocol(self, connection: QuicConnection, stream_handler: Any = None) -> H3Protocol:
         proto = H3Protocol(connection, self, self._hello_sni)
