@@ -319,3 +319,18 @@ def test_initials_after_the_clients_first_handshake_packet_are_dropped() -> None
     assert flow.reader is None
     late = table.from_client(qb.datagrams("aioquic_v1")[1], VISITOR, 1.5)
     assert isinstance(late, Dropped) and late.reason == "initial_after_handshake"
+
+
+def test_per_address_pending_counts_are_released() -> None:
+    table = QuicFlowTable(FlowLimits(max_pending_per_address=1, hello_timeout_s=5.0))
+    grams = qb.datagrams("chromium_v1")
+    assert isinstance(table.from_client(grams[0], VISITOR, 0.0), Held)
+    refused = table.from_client(qb.datagrams("qh3_v1")[0], VISITOR, 1.0)
+    assert isinstance(refused, Dropped) and refused.reason == "pending_per_address"
+    got = table.from_client(grams[1], VISITOR, 1.0)
+    assert isinstance(got, HelloReceived)
+    table.accept(got.flow, 1.0)  # decided: no longer pending
+    assert isinstance(table.from_client(qb.datagrams("qh3_v1")[0], VISITOR, 2.0), Held)
+    assert [e.reason for e in table.expire(7.5)] == ["hello_timeout"]
+    assert isinstance(table.from_client(qb.datagrams("chromium_v2")[0], VISITOR, 8.0), Held)
+    assert table.pending == 1 and len(table) == 2

@@ -99,6 +99,7 @@ class Flow:
     odcid: bytes  # the client's original Destination Connection ID
     created: float
     last_seen: float
+    client_ip: str = ""  # the address the flow began from (per-address pending counts)
     state: str = PENDING
     reader: InitialReader | None = None
     hello: QuicHello | None = None
@@ -125,7 +126,7 @@ class Flow:
         h = self.hello
         return {
             "flow": self.id,
-            "client": self.client[0] if self.paths else None,
+            "client": self.client_ip,
             "version": f"0x{self.version:08x}",
             "sni": h.sni if h else None,
             "alpn": list(h.hello.alpn_text) if h else [],
@@ -331,7 +332,7 @@ class QuicFlowTable:
                     found = reader.feed(data, p) or found
         except ProtocolError as exc:
             return self._drop(exc.reason)  # nothing kept for a flow that never began
-        flow = Flow(self._next_id, first.version, first.dcid, now, now, reader=reader)
+        flow = Flow(self._next_id, first.version, first.dcid, now, now, ip, reader=reader)
         self._next_id += 1
         flow.paths[client] = Path(flow, client, now, now)
         self._index(flow, first.dcid)
@@ -467,7 +468,7 @@ class QuicFlowTable:
         return SendToClient(path.client, data)
 
     def _learn(self, flow: Flow, cid: bytes) -> None:
-        if not cid or cid in flow.cids or len(flow.cids) > self.limits.max_cids:
+        if not cid or cid in flow.cids or len(flow.cids) >= self.limits.max_cids:
             return
         other = self._by_cid.get(cid)
         if other is not None and other is not flow:
@@ -484,7 +485,7 @@ class QuicFlowTable:
     # ------------------------------------------------------------------ ending
     def _unpend(self, flow: Flow) -> None:
         if self._pending.pop(flow.id, None) is not None:
-            ip = flow.client[0] if flow.paths else ""
+            ip = flow.client_ip
             left = self._pending_by_ip.get(ip, 1) - 1
             if left > 0:
                 self._pending_by_ip[ip] = left
