@@ -348,3 +348,35 @@ def test_coalesced_packets_of_another_connection_are_ignored() -> None:
     assert dgram.ignored == len(other)
     retry = qb.server_long_header(RETRY, dcid=DCID, scid=b"r" * 8)
     assert parse_datagram(retry).packets[0].end == len(retry)
+
+
+@pytest.mark.parametrize(
+    ("version", "secret", "key", "iv", "hp"),
+    [
+        (  # RFC 9001 Appendix A.1
+            QUIC_V1,
+            "c00cf151ca5be075ed0ebfb5c80323c42d6b7db67881289af4008f1f6c357aea",
+            "1f369613dd76d5467730efcbe3b1a22d",
+            "fa044b2f42a3fd3b46fb255c",
+            "9f50449e04a0e810283a1e9933adedd2",
+        ),
+        (  # RFC 9369 Appendix A.1
+            QUIC_V2,
+            "14ec9d6eb9fd7af83bf5a668bc17a7e283766aade7ecd0891f70f9ff7f4bf47b",
+            "8b1a0bc121284290a29e0971b5cd045d",
+            "91f73e2351d8fa91660e909f",
+            "45b95e15235d6f45a6b19cbcb0294ba9",
+        ),
+    ],
+)
+def test_initial_keys_match_the_rfcs(version: int, secret: str, key: str, iv: str, hp: str) -> None:
+    from aioquic.quic.crypto import INITIAL_CIPHER_SUITE, derive_key_iv_hp
+
+    from blindfold.core.quic_initial import client_initial_keys
+
+    keys = client_initial_keys(version, bytes.fromhex("8394c8f03e515708"))
+    assert keys.secret is not None and keys.secret.hex() == secret
+    derived = derive_key_iv_hp(
+        cipher_suite=INITIAL_CIPHER_SUITE, secret=keys.secret, version=version
+    )
+    assert [x.hex() for x in derived] == [key, iv, hp]

@@ -29,7 +29,13 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from aioquic._crypto import CryptoError
-from aioquic.quic.crypto import CryptoContext, CryptoPair
+from aioquic.quic.crypto import (
+    INITIAL_CIPHER_SUITE,
+    INITIAL_SALT_VERSION_1,
+    INITIAL_SALT_VERSION_2,
+    CryptoContext,
+)
+from aioquic.tls import cipher_suite_hash, hkdf_expand_label, hkdf_extract
 
 from blindfold.core.clienthello import ClientHello, parse_hello_message
 from blindfold.errors import ProtocolError
@@ -196,12 +202,18 @@ def parse_datagram(data: bytes) -> Datagram:
 
 def client_initial_keys(version: int, dcid: bytes) -> CryptoContext:
     """The keys that protect a client's Initial packets (RFC 9001 §5.2; RFC 9369 §3.3.1 salt
-    and labels for v2): aioquic's derivation, the receiving side of a server's pair."""
+    and labels for v2), with aioquic's salts, HKDF and key schedule (`CryptoContext.setup`
+    applies the v2 labels)."""
     if version not in SUPPORTED_VERSIONS:
         raise _fail("unsupported_version", f"version 0x{version:08x}")
-    pair = CryptoPair()
-    pair.setup_initial(cid=dcid, is_client=False, version=version)
-    return pair.recv
+    # CryptoPair.setup_initial derives both directions; the edge reads only the client's
+    salt = INITIAL_SALT_VERSION_2 if version == QUIC_V2 else INITIAL_SALT_VERSION_1
+    algorithm = cipher_suite_hash(INITIAL_CIPHER_SUITE)
+    initial_secret = hkdf_extract(algorithm, salt, dcid)
+    secret = hkdf_expand_label(algorithm, initial_secret, b"client in", b"", algorithm.digest_size)
+    keys = CryptoContext()
+    keys.setup(cipher_suite=INITIAL_CIPHER_SUITE, secret=secret, version=version)
+    return keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,8 +258,7 @@ def parse_initial_frames(payload: bytes, pn: int = 0) -> InitialPayload:
         ftype = payload[pos]
         pos += 1
         if ftype == FRAME_PADDING:
-            while pos < n and payload[pos] == 0:
-                pos += 1
+            pos = n - len(payload[pos:].lstrip(b"\x00"))  # a run of PADDING, at C speed
         elif ftype == FRAME_PING:
             eliciting = True
         elif ftype in (FRAME_ACK, FRAME_ACK_ECN):
