@@ -381,7 +381,10 @@ class OriginQuicConfig:
         "is revoked by removing its key.",
     )
     advertise: bool = setting(
-        True, doc="Send `Alt-Svc: h3` on HTTP/1.1 and HTTP/2 responses over TLS."
+        True,
+        doc="Send `Alt-Svc: h3` on HTTP/1.1 and HTTP/2 responses over TLS; turn it off while "
+        "the edges in front of the site do not carry QUIC for it (browsers would try UDP "
+        "there first).",
     )
     advertise_port: int = setting(
         0,
