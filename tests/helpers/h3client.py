@@ -37,8 +37,14 @@ class _Client(QuicConnectionProtocol):
         self.h3 = H3Connection(quic)
         self.waiters: dict[int, asyncio.Future[H3Response]] = {}
         self.responses: dict[int, H3Response] = {}
+        self.terminated: list[qe.QuicEvent] = []  # the ConnectionTerminated event, if any
+        self.stopped: list[int] = []  # streams the server asked us to stop sending
 
     def quic_event_received(self, event: qe.QuicEvent) -> None:
+        if isinstance(event, qe.ConnectionTerminated):
+            self.terminated.append(event)
+        if isinstance(event, qe.StopSendingReceived):
+            self.stopped.append(event.stream_id)
         if isinstance(event, qe.StreamReset) and event.stream_id in self.waiters:
             self.responses[event.stream_id].reset = True
             self._finish(event.stream_id)

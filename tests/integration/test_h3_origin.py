@@ -22,7 +22,7 @@ from blindfold.core.quic_visitor import encode_announcement
 from tests.conftest import need
 from tests.helpers.clients import curl
 from tests.helpers.edgeproc import OriginProcess
-from tests.helpers.h3client import H3Client, h3_get
+from tests.helpers.h3client import H3Client, H3Response, h3_get
 from tests.helpers.topology import origin_config
 from tests.integration.test_keyless_browser import spki_pin
 
@@ -38,12 +38,18 @@ def quic_origin(
     *,
     proxy_protocol: str = "optional",
     trusted: str = "127.0.0.1/32",
+    origin_kw: dict[str, Any] | None = None,
     **quic: Any,
 ) -> tuple[OriginProcess, int]:
     keyfile = tmp_path / "quic-edge.key"
     keyfile.write_text(EDGE_KEY.hex() + "\n")
     text = origin_config(
-        site, app.port, tmp_path, proxy_protocol=proxy_protocol, trusted_edges=[trusted]
+        site,
+        app.port,
+        tmp_path,
+        proxy_protocol=proxy_protocol,
+        trusted_edges=[trusted],
+        **(origin_kw or {}),
     )
     settings = {"listen": ["127.0.0.1:0"], "edge_keys": [str(keyfile)], **quic}
     text += "\n[origin.quic]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
@@ -233,3 +239,207 @@ def test_origin_never_answers_small_unknown_version_datagrams(
         answer, _ = sock.recvfrom(2048)
     assert answer[1:5] == b"\x00\x00\x00\x00" and len(answer) < 1200  # Version Negotiation
     assert origin.metric("blindfold_origin_quic_datagrams_total", result="unsupported_version") == 1
+
+
+# ----------------------------------------------------------------------------- hostile clients
+
+
+def _terminated(client: Any) -> Any:
+    """The ConnectionTerminated event, once the origin has closed the connection."""
+    from aioquic.quic import events as qe
+
+    proto = client.protocol
+    assert proto is not None
+    return next((e for e in proto.terminated if isinstance(e, qe.ConnectionTerminated)), None)
+
+
+def test_a_stalled_request_body_times_out(
+    start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    """A client that sends part of a body and stops, while keeping the connection alive,
+    gets 408 after body_timeout_s (as over HTTP/1.1 and HTTP/2)."""
+    text_kw = {"http": {"body_timeout_s": 1.0}}
+    origin, qport = quic_origin(start_origin, app, site, tmp_path, origin_kw=text_kw)
+
+    async def run() -> H3Response:
+        async with H3Client(qport, ca=site["ca"], source="127.0.0.9", timeout=8) as client:
+            proto = client.protocol
+            assert proto is not None
+            sid = proto._quic.get_next_available_stream_id()
+            proto.h3.send_headers(
+                sid,
+                [
+                    (b":method", b"POST"),
+                    (b":scheme", b"https"),
+                    (b":authority", b"example.test"),
+                    (b":path", b"/echo"),
+                    (b"content-length", b"100"),
+                ],
+            )
+            proto.h3.send_data(sid, b"abc", end_stream=False)
+            proto.responses[sid] = H3Response()
+            waiter = proto.waiters[sid] = asyncio.get_running_loop().create_future()
+            proto.transmit()
+            return await asyncio.wait_for(waiter, 8)
+
+    assert asyncio.run(run()).status == 408
+    line = origin.wait_for(lambda r: r.get("event") == "request", 5)
+    assert line is not None and line["status"] == 408
+
+
+def test_an_endless_headers_frame_is_refused(
+    start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    """aioquic buffers a HEADERS frame until it is complete and opens windows as data comes:
+    a frame announcing gigabytes would grow the origin's memory without end."""
+    origin, qport = quic_origin(start_origin, app, site, tmp_path)
+
+    async def run() -> tuple[int, int]:
+        async with H3Client(qport, ca=site["ca"], source="127.0.0.10", timeout=8) as client:
+            proto = client.protocol
+            assert proto is not None
+            sid = proto._quic.get_next_available_stream_id()
+            # HEADERS (type 0x01), length 2^30 - 1 as a 4-byte varint, then filler
+            length = 0x80000000 | ((1 << 30) - 1)
+            proto._quic.send_stream_data(sid, b"\x01" + length.to_bytes(4, "big"))
+            sent = 0
+            for _ in range(200):
+                if _terminated(client) is not None or proto.stopped:
+                    break
+                proto._quic.send_stream_data(sid, b"\x00" * 16384)
+                sent += 16384
+                proto.transmit()
+                await asyncio.sleep(0.005)
+            # what the origin accepted: the stream's bytes it acknowledged
+            acked = proto._quic._streams[sid].sender._buffer_start
+            return acked, len(proto.stopped) + len(proto.terminated)
+
+    acked, refused = asyncio.run(run())
+    assert refused, f"the origin kept taking the frame ({acked} bytes)"
+    assert acked < 1_000_000  # refused well before the window could run away
+    assert origin.metric("blindfold_http_events_total", event="h3_abuse") >= 1
+
+
+def test_rapid_reset_closes_the_connection(
+    start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    """CVE-2023-44487 over HTTP/3: requests opened and reset at once, many times."""
+    origin, qport = quic_origin(
+        start_origin, app, site, tmp_path, origin_kw={"http": {"h2_max_resets_per_window": 20}}
+    )
+
+    async def run() -> Any:
+        async with H3Client(qport, ca=site["ca"], source="127.0.0.11", timeout=8) as client:
+            proto = client.protocol
+            assert proto is not None
+            for _ in range(60):
+                if _terminated(client) is not None:
+                    break
+                sid = proto._quic.get_next_available_stream_id()
+                proto.h3.send_headers(
+                    sid,
+                    [
+                        (b":method", b"GET"),
+                        (b":scheme", b"https"),
+                        (b":authority", b"example.test"),
+                        (b":path", b"/echo"),
+                    ],
+                )
+                proto._quic.reset_stream(sid, 0x10C)  # H3_REQUEST_CANCELLED
+                proto.transmit()
+                await asyncio.sleep(0.01)
+            for _ in range(100):
+                if _terminated(client) is not None:
+                    break
+                await asyncio.sleep(0.02)
+            return _terminated(client)
+
+    closed = asyncio.run(run())
+    assert closed is not None and closed.error_code == 0x107  # H3_EXCESSIVE_LOAD
+    assert origin.metric("blindfold_http_events_total", event="h3_abuse") >= 1
+
+
+class SlowApp:
+    """An application that starts reading a request body only after 2 s (longer than the
+    kernel's socket buffers take to fill) and answers with the byte count and digest: the
+    origin must hold the client back meanwhile, not buffer the body."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import hashlib
+        import time
+
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += conn.recv(4096)
+                head, _, rest = head.partition(b"\r\n\r\n")
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                h = hashlib.sha256(rest)
+                got = len(rest)
+                time.sleep(2.0)
+                while got < length:
+                    piece = conn.recv(min(262144, length - got))
+                    if not piece:
+                        break
+                    h.update(piece)
+                    got += len(piece)
+                out = json.dumps({"bytes": got, "sha256": h.hexdigest()}).encode()
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    + f"content-length: {len(out)}\r\nconnection: close\r\n\r\n".encode()
+                    + out
+                )
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_large_upload_to_a_slow_application_is_held_back(
+    start_origin: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    """Past the WAF's inspection limit the body streams to the application at its pace: the
+    origin gives the client more credit only as the handler reads (aioquic alone would open
+    its windows as fast as the client sends), and nothing stalls or is lost."""
+    import hashlib
+
+    slow = SlowApp()
+    waf = {"body_limit_bytes": 65536, "allowed_content_types": "application/octet-stream"}
+    origin, qport = quic_origin(start_origin, slow, site, tmp_path, origin_kw={"waf": waf})
+    body = os.urandom(12_000_000)
+
+    async def run() -> H3Response:
+        async with H3Client(qport, ca=site["ca"], source="127.0.0.12", timeout=40) as client:
+            return await client.request(
+                "POST",
+                "/upload",
+                body,
+                [("content-type", "application/octet-stream"), ("content-length", str(len(body)))],
+            )
+
+    try:
+        r = asyncio.run(run())
+    finally:
+        slow.close()
+    assert r.status == 200, r
+    assert json.loads(r.body) == {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    assert origin.metric("blindfold_origin_quic_datagrams_total", result="window_held") >= 1

@@ -116,6 +116,9 @@ def quic_configurations(
             alpn_protocols=list(H3_ALPN),
             idle_timeout=cfg.quic.idle_timeout_s,
             max_datagram_frame_size=None,
+            # initial credit like HTTP/2's windows; it grows only as handlers read
+            max_stream_data=cfg.http.max_header_bytes + (256 << 10),
+            max_data=1 << 20,
         )
         try:
             qc.load_cert_chain(c.cert, c.key)
@@ -364,12 +367,13 @@ def _client_key(ip: str) -> str:
 
 
 class _Stream:
-    __slots__ = ("body", "responder", "task")
+    __slots__ = ("body", "last_data", "responder", "task")
 
-    def __init__(self) -> None:
+    def __init__(self, now: float) -> None:
         self.body: BodyStream | None = None
         self.task: asyncio.Task[None] | None = None
         self.responder: H3Responder | None = None
+        self.last_data = now
 
 
 class H3Protocol(QuicConnectionProtocol):
@@ -386,7 +390,44 @@ class H3Protocol(QuicConnectionProtocol):
         self.closed = False
         self.released = False
         self.visitor_key: str | None = None
-        self.buffered = 0
+        self.buffered = 0  # request body bytes received and not yet read by handlers
+        self.resets: list[float] = []
+        self._hook_flow_control(quic)
+        self._tick_handle = self._loop.call_later(1.0, self._tick)
+
+    def _hook_flow_control(self, quic: QuicConnection) -> None:
+        """aioquic doubles a receive window whenever the peer has used half of it, whether or
+        not the application read anything: no back-pressure, and a frame aioquic buffers
+        whole (HEADERS) could grow without end. Credit is given here only while the handlers
+        keep up: a request stream's MAX_STREAM_DATA waits while its unread body is over
+        body_high_water, and MAX_DATA/MAX_STREAMS wait while the connection's unread bodies
+        are over four times that. (aioquic is pinned; tests/integration/test_h3_origin.py
+        covers both.)"""
+        write_stream = quic._write_stream_limits
+        write_connection = quic._write_connection_limits
+        limits = self.host.limits
+
+        held: set[int] = set()
+
+        def stream_limits(**kw: Any) -> None:
+            sid = kw["stream"].stream_id
+            entry = self.streams.get(sid)
+            body = entry.body if entry is not None else None
+            if body is not None and body.buffered > limits.body_high_water:
+                if sid not in held:
+                    held.add(sid)
+                    self.host.count("quic:window_held")  # the application is behind
+                return
+            held.discard(sid)
+            write_stream(**kw)
+
+        def connection_limits(**kw: Any) -> None:
+            if self.buffered > 4 * limits.body_high_water:
+                return
+            write_connection(**kw)
+
+        setattr(quic, "_write_stream_limits", stream_limits)  # noqa: B010
+        setattr(quic, "_write_connection_limits", connection_limits)  # noqa: B010
 
     # ------------------------------------------------------------------ events
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
@@ -404,6 +445,8 @@ class H3Protocol(QuicConnectionProtocol):
             return
         elif isinstance(event, qe.StreamReset):
             self._reset_by_client(event.stream_id)
+            if self.closed:
+                return
         if self.h3 is None:
             return
         for h3_event in self.h3.handle_event(event):
@@ -411,6 +454,15 @@ class H3Protocol(QuicConnectionProtocol):
                 self._headers(h3_event)
             elif isinstance(h3_event, h3e.DataReceived):
                 self._data(h3_event)
+        if isinstance(event, qe.StreamDataReceived):
+            # a frame aioquic holds until it is complete (HEADERS, SETTINGS, ...): no longer
+            # than a request head may be
+            pending = self.h3._stream.get(event.stream_id)
+            if (
+                pending is not None
+                and len(pending.buffer) > self.host.limits.max_header_bytes + 1024
+            ):
+                self._calm("frame_too_large")
 
     def visitor(self) -> Address | None:
         """The visitor of the connection's current (validated) path."""
@@ -441,6 +493,7 @@ class H3Protocol(QuicConnectionProtocol):
 
     def _terminated(self) -> None:
         self.closed = True
+        self._tick_handle.cancel()
         for stream in self.streams.values():
             if stream.body is not None:
                 stream.body.fail(ConnectionError("connection closed"))
@@ -449,7 +502,35 @@ class H3Protocol(QuicConnectionProtocol):
         self.progress.set()
         self.release()
 
+    def _calm(self, reason: str) -> None:
+        """Abuse: close the connection with H3_EXCESSIVE_LOAD (RFC 9114 §8.1)."""
+        visitor = self.visitor()
+        self.host.event("h3_abuse", {"client": visitor[0] if visitor else "", "reason": reason})
+        self._quic.close(error_code=ErrorCode.H3_EXCESSIVE_LOAD, reason_phrase=reason)
+        self.transmit()
+        self._terminated()
+
+    def _tick(self) -> None:
+        """Once a second: request bodies that stopped coming fail (408), as over HTTP/2."""
+        if self.closed:
+            return
+        now = self._loop.time()
+        timeout = self.host.limits.body_timeout_s
+        for stream in self.streams.values():
+            body = stream.body
+            if body is not None and not body._done and now - stream.last_data > timeout:
+                body.fail(BodyTimeout("body_timeout"))
+        self._tick_handle = self._loop.call_later(1.0, self._tick)
+
     def _reset_by_client(self, sid: int) -> None:
+        now = self._loop.time()
+        limits = self.host.limits
+        self.resets.append(now)
+        if len(self.resets) > limits.h2_max_resets_per_window:
+            self.resets = [t for t in self.resets if now - t < limits.h2_abuse_window_s]
+            if len(self.resets) > limits.h2_max_resets_per_window:
+                self._calm("rapid_reset")  # CVE-2023-44487, over HTTP/3
+                return
         stream = self.streams.pop(sid, None)
         if stream is None:
             return
@@ -466,7 +547,7 @@ class H3Protocol(QuicConnectionProtocol):
                 stream.body.end()
             return
         limits = self.host.limits
-        stream = self.streams[sid] = _Stream()
+        stream = self.streams[sid] = _Stream(self._loop.time())
         pseudo: dict[bytes, bytes] = {}
         headers: Headers = []
         for name, value in event.headers:
@@ -520,6 +601,7 @@ class H3Protocol(QuicConnectionProtocol):
         if stream is None or stream.body is None:
             return
         if event.data:
+            stream.last_data = self._loop.time()
             self.buffered += len(event.data)
             if self.buffered > self.host.cfg.quic.max_buffered_body_bytes:
                 # aioquic opens receive windows as data arrives: bound what we hold
@@ -535,6 +617,8 @@ class H3Protocol(QuicConnectionProtocol):
 
     def _consumed(self, _sid: int, n: int) -> None:
         self.buffered = max(0, self.buffered - n)
+        if not self.closed:
+            self.transmit()  # window updates held back while the handler was behind
 
     # ------------------------------------------------------------------ handlers
     async def _run(self, request: Request, stream: _Stream, responder: H3Responder) -> None:
