@@ -8,10 +8,10 @@ of the same handler as HTTP/1.1 and HTTP/2 (WAF, decisions, rate rules, access l
   reader) so the certificate is chosen by SNI and the SNI reaches `Request.tls`.
 - `H3Protocol` is one QUIC connection: aioquic's `H3Connection` turns QUIC events into
   requests; each request runs the `web.messages.Handler` in its own task, like
-  `web.http2.H2Connection`. aioquic extends receive windows as data arrives (no application
-  back-pressure), so request bodies are bounded per connection (`h3_max_buffered_bytes`, the
-  stream that passes it is reset); responses wait while a stream has more than
-  `body_high_water` bytes unacknowledged, up to `send_timeout_s`.
+  `web.http2.H2Connection`, with HTTP/2's defences: receive credit only as handlers read
+  (aioquic alone opens windows as data arrives), frames aioquic buffers whole bounded by
+  `max_header_bytes`, rapid reset and stalled bodies; responses wait while a stream has more
+  than `body_high_water` bytes unacknowledged, up to `send_timeout_s`.
 - `AltSvc` adds `Alt-Svc: h3=":PORT"` to HTTP/1.1 and HTTP/2 responses over TLS.
 
 No session tickets are issued, so there is no resumption and no 0-RTT (early data can be
