@@ -110,6 +110,7 @@ class H3Client:
         source: str = "127.0.0.1",
         announce: Callable[[int], bytes] | None = None,
         version: int = QuicProtocolVersion.VERSION_1,
+        prefer: int | None = None,
         timeout: float = 10.0,
     ) -> None:
         self.addr = (host, port)
@@ -120,7 +121,9 @@ class H3Client:
             alpn_protocols=list(H3_ALPN),
             server_name=server_name,
             cafile=str(ca),
-            supported_versions=[version],
+            # `prefer`: start in `version`, list `prefer` first (RFC 9368 compatible switch)
+            supported_versions=[version] if prefer is None else [prefer, version],
+            original_version=None if prefer is None else version,
         )
         self.source = source
         self.announce = announce

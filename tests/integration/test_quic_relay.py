@@ -48,6 +48,21 @@ def test_h3_through_the_edge_cores(relayed: tuple[Any, QuicRelay], site: dict[st
     assert origin.metric("blindfold_origin_quic_announcements_total", result="ok") >= 2
 
 
+def test_a_compatible_version_switch_through_the_edge_cores(
+    relayed: tuple[Any, QuicRelay], site: dict[str, Path]
+) -> None:
+    """The client starts in v1 and prefers v2; the origin switches (RFC 9368) and the relay
+    follows the flow into v2."""
+    from aioquic.quic.packet import QuicProtocolVersion
+
+    _origin, relay = relayed
+    v2 = QuicProtocolVersion.VERSION_2
+    r = h3_get(relay.port, "/echo", ca=site["ca"], source="127.0.0.23", prefer=v2)
+    assert r.status == 200
+    flow = next(iter(relay.table.flows()))
+    assert flow.version == QuicProtocolVersion.VERSION_1 and flow.negotiated == v2
+
+
 def test_unknown_names_never_reach_the_origin(
     relayed: tuple[Any, QuicRelay], site: dict[str, Path]
 ) -> None:

@@ -31,13 +31,14 @@ class Wire:
     """client <-> edge flow table <-> origin, all in memory. Each path of a flow is its own
     'edge socket' as the origin sees it: ("192.0.2.1", 40000 + n)."""
 
-    def __init__(self, site: dict[str, Path], version: int = 1) -> None:
+    def __init__(self, site: dict[str, Path], version: int = 1, prefer: int | None = None) -> None:
         client_cfg = QuicConfiguration(
             is_client=True,
             alpn_protocols=["h3"],
             server_name="example.test",
             cafile=str(site["ca"]),
-            supported_versions=[version],
+            supported_versions=[version] if prefer is None else [prefer, version],
+            original_version=version if prefer is not None else None,
         )
         self.server_cfg = QuicConfiguration(is_client=False, alpn_protocols=["h3"])
         self.server_cfg.load_cert_chain(str(site["cert"]), str(site["key"]))
@@ -131,6 +132,21 @@ def test_v2_handshake_crosses_the_flow_table(site: dict[str, Path]) -> None:
     wire = Wire(site, version=QUIC_V2)
     _handshake(wire)
     assert wire.hellos[0].hello.version == QUIC_V2
+
+
+def test_compatible_version_negotiation_crosses_the_flow_table(site: dict[str, Path]) -> None:
+    """RFC 9368: the client starts in v1 and lists v2 first; the origin answers in v2, and
+    the client's later Initials use v2 keys (from the same original DCID). The edge follows:
+    it learns the origin's IDs from v2 packets and reads the v2 Initials."""
+    wire = Wire(site, version=1, prefer=QUIC_V2)
+    _handshake(wire)
+    assert wire.server is not None and wire.server._version == QUIC_V2
+    assert not wire.drops
+    sid = wire.client.get_next_available_stream_id()
+    wire.client.send_stream_data(sid, b"in v2", end_stream=True)
+    wire.pump()
+    got = [e for e in wire.events(wire.server) if isinstance(e, qe.StreamDataReceived)]
+    assert b"".join(e.data for e in got) == b"in v2"
 
 
 def test_a_new_client_address_is_validated_by_the_origin(site: dict[str, Path]) -> None:

@@ -95,7 +95,7 @@ class Path:
 @dataclass(eq=False, slots=True)
 class Flow:
     id: int
-    version: int
+    version: int  # the client's first
     odcid: bytes  # the client's original Destination Connection ID
     created: float
     last_seen: float
@@ -114,6 +114,7 @@ class Flow:
     dropped: int = 0
     reject_reason: str = ""
     initials_done: bool = False  # the client sent a Handshake packet: no more Initials
+    negotiated: int = 0  # a compatible version the origin switched to (RFC 9368)
     route: Any = None  # the caller's routing decision, kept for its logs
 
     @property
@@ -382,8 +383,19 @@ class QuicFlowTable:
         if reader is not None:
             try:
                 for p in packets:
-                    if p.kind == INITIAL:
+                    if p.kind != INITIAL:
+                        continue
+                    try:
                         found = reader.feed(data, p) or found
+                    except ProtocolError as exc:
+                        if exc.reason != "undecryptable" or flow.state != OPEN:
+                            raise
+                        # The origin derives the same public keys: it cannot read this packet
+                        # either and drops it, so no CRYPTO byte of it can differ from what the
+                        # edge decided on. The datagram may carry Handshake and 1-RTT packets
+                        # after it (aioquic's client labels Initials v2 but keeps v1 keys
+                        # after a compatible version change): those must go through.
+                        self._count("initial_undecryptable")
             except ProtocolError as exc:
                 if new_path:
                     flow.paths.pop(client, None)
@@ -457,7 +469,15 @@ class QuicFlowTable:
             except ProtocolError:
                 packets = ()
             for p in packets:
-                if p.kind in (INITIAL, HANDSHAKE, RETRY) and p.version == flow.version:
+                if p.kind not in (INITIAL, HANDSHAKE, RETRY):
+                    continue
+                if p.version != flow.version and p.version in self.limits.versions:
+                    # RFC 9368 §2.3: the origin chose a compatible version (v1 <-> v2); the
+                    # client's next Initials use its keys
+                    flow.negotiated = p.version
+                    if flow.reader is not None:
+                        flow.reader.negotiated(p.version)
+                if p.version in (flow.version, flow.negotiated):
                     self._learn(flow, p.scid)
                     if p.kind == RETRY and flow.reader is not None:
                         flow.reader.retried(p.scid)  # RFC 9001 §5.2: new Initial keys

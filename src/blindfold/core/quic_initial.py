@@ -409,10 +409,14 @@ class InitialReader:
     keeps checking the client's later Initial packets: their CRYPTO bytes must repeat the ones
     seen, and a second ClientHello (after a HelloRetryRequest, RFC 9001 §4.7 / RFC 8446 §4.1.2)
     must name the same server and protocols. Keys follow the Retry a server may send
-    (`retried`, RFC 9001 §5.2: the new Destination Connection ID)."""
+    (`retried`, RFC 9001 §5.2: the new Destination Connection ID) and a compatible version
+    the server switches to (`negotiated`, RFC 9368 §2.3: v1 <-> v2, Initial keys of the new
+    version from the same Destination Connection ID); Initials of the first version are still
+    read (they may be in flight)."""
 
     __slots__ = (
         "_assembler",
+        "_key_dcid",
         "_keys",
         "_largest_pn",
         "_next_message",
@@ -434,7 +438,8 @@ class InitialReader:
     ) -> None:
         self.version = version
         self.dcid = dcid
-        self._keys = client_initial_keys(version, dcid)
+        self._key_dcid = dcid
+        self._keys = {version: client_initial_keys(version, dcid)}
         self._assembler = CryptoAssembler(max_hello_bytes, max_ranges)
         self._largest_pn = -1
         self._next_message = 0  # stream offset of the next handshake message to parse
@@ -445,17 +450,24 @@ class InitialReader:
     def retried(self, new_dcid: bytes) -> None:
         """The server answered with a Retry whose Source Connection ID is `new_dcid`: the
         client's next Initial packets use keys derived from it."""
-        self._keys = client_initial_keys(self.version, new_dcid)
+        self._key_dcid = new_dcid
+        self._keys = {v: client_initial_keys(v, new_dcid) for v in self._keys}
+
+    def negotiated(self, version: int) -> None:
+        """The server answered in `version`, compatible with the client's (RFC 9368)."""
+        if version not in self._keys:
+            self._keys[version] = client_initial_keys(version, self._key_dcid)
 
     def feed(self, data: bytes, header: LongHeader) -> QuicHello | None:
         if header.kind != INITIAL:
             raise _fail("not_initial", f"{header.kind} packet")
-        if header.version != self.version:
-            raise _fail("version_changed", "Initial packets of two versions in one flow")
+        keys = self._keys.get(header.version)
+        if keys is None:
+            raise _fail("version_changed", "Initial packets of another version in the flow")
         self.packets += 1
         if self.packets > self.max_packets:
             raise _fail("too_many_initials", f"more than {self.max_packets} Initial packets")
-        payload = decrypt_initial(data, header, self._keys, self._largest_pn + 1)
+        payload = decrypt_initial(data, header, keys, self._largest_pn + 1)
         self._largest_pn = max(self._largest_pn, payload.packet_number)
         assembler = self._assembler
         for offset, chunk in payload.crypto:
