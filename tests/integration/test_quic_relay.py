@@ -110,3 +110,30 @@ def test_chromium_through_the_edge_cores(
     assert len(seen) > 5000
     assert b"Hello from the application" not in seen
     assert cert.public_bytes(serialization.Encoding.DER)[:200] not in seen
+
+
+def test_a_client_changing_its_connection_id_keeps_working(
+    relayed: tuple[Any, QuicRelay], site: dict[str, Path]
+) -> None:
+    """A client may switch to another connection ID of the origin's at any time (RFC 9000
+    §5.1.1); IDs sent in NEW_CONNECTION_ID frames are encrypted, so the edge could not follow.
+    The origin issues none on flows from an edge: the client keeps the ID the edge knows."""
+    import asyncio
+
+    from tests.helpers.h3client import H3Client
+
+    _origin, relay = relayed
+
+    async def run() -> tuple[int, int, int]:
+        async with H3Client(relay.port, ca=site["ca"], source="127.0.0.24", timeout=5) as c:
+            first = await c.get("/echo")
+            assert c.protocol is not None
+            spare = len(c.protocol._quic._peer_cid_available)
+            c.protocol.change_connection_id()
+            second = await c.get("/echo")
+            return first.status, second.status, spare
+
+    first, second, spare = asyncio.run(run())
+    assert (first, second) == (200, 200)
+    assert spare == 0
+    assert "unknown_connection" not in relay.drops

@@ -191,6 +191,7 @@ class OriginQuicServer(QuicServer):
         self.bindings = shared.bindings
         self.pending: OrderedDict[bytes, _Pending] = OrderedDict()  # oldest first
         self._hello_sni = ""
+        self._from_edge = False
 
     # ------------------------------------------------------------------ admission
     def _count(self, result: str) -> None:
@@ -308,6 +309,7 @@ class OriginQuicServer(QuicServer):
             config = by_name.get("*." + sni.split(".", 1)[1])
         self._configuration = config or self.shared.default_config
         self._hello_sni = sni
+        self._from_edge = visitor != addr
         try:
             for held, source in pend.held:
                 self._count("ok")
@@ -315,6 +317,7 @@ class OriginQuicServer(QuicServer):
         finally:
             self._configuration = self.shared.default_config
             self._hello_sni = ""
+            self._from_edge = False
 
     def _expire_pending(self, now: float) -> None:
         self.bindings.expire(now)
@@ -327,6 +330,12 @@ class OriginQuicServer(QuicServer):
             self._count("hello_timeout")
 
     def _new_protocol(self, connection: QuicConnection, stream_handler: Any = None) -> H3Protocol:
+        if self._from_edge:
+            # NEW_CONNECTION_ID frames are encrypted: an edge never learns the IDs they carry,
+            # and drops a client that switches to one (RFC 9000 §5.1.1 lets it, any time).
+            # A flow from an edge keeps its handshake ID alone; without a spare ID a client
+            # does not migrate on purpose (§9.5), and NAT rebinding keeps working.
+            setattr(connection, "_replenish_connection_ids", lambda: None)  # noqa: B010
         proto = H3Protocol(connection, self, self._hello_sni)
         self.shared.connections.add(proto)
         return proto
