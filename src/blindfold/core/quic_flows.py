@@ -21,7 +21,8 @@ only a client that receives at the new address can validate it. What survives: N
 and any address change where the client keeps a Destination Connection ID the edge has seen
 (the origin's handshake IDs). What does not: a client moving to a connection ID issued in a
 NEW_CONNECTION_ID frame (encrypted, so the edge never learns it): such datagrams are dropped
-as `unknown_connection`, and the client's migration fails (it falls back or reconnects).
+as `unknown_connection` (blindfold's origin therefore issues no spare IDs to flows from an
+edge, so clients keep the ID the edge knows; docs/quic.md).
 QUIC's preferred_address (RFC 9000 §9.6) is not supported either.
 
 The edge itself sends only Version Negotiation packets (RFC 9000 §6, §17.2.1): in answer to a
