@@ -39,6 +39,7 @@ def quic_origin(
     proxy_protocol: str = "optional",
     trusted: str = "127.0.0.1/32",
     origin_kw: dict[str, Any] | None = None,
+    extra_toml: str = "",
     **quic: Any,
 ) -> tuple[OriginProcess, int]:
     keyfile = tmp_path / "quic-edge.key"
@@ -53,6 +54,7 @@ def quic_origin(
     )
     settings = {"listen": ["127.0.0.1:0"], "edge_keys": [str(keyfile)], **quic}
     text += "\n[origin.quic]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
+    text += "\n" + extra_toml
     origin = start_origin(text)
     listen = origin.ready["quic_listen"]
     assert isinstance(listen, list) and listen
@@ -148,20 +150,35 @@ def test_edges_name_the_visitor_only_with_a_valid_announcement(
 
 
 def test_v2_and_sni_choose_the_certificate(
-    start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+    start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path, ca: Any
 ) -> None:
+    """The ClientHello is read before the connection is made (the Chromium hello spans two
+    Initials): the certificate follows the SNI like over TCP, in v1 and v2."""
     from aioquic.quic.packet import QuicProtocolVersion
 
-    _origin, qport = quic_origin(start_origin, app, site, tmp_path)
-    r = h3_get(
-        qport,
-        "/echo",
-        ca=site["ca"],
-        source="127.0.0.6",
-        version=QuicProtocolVersion.VERSION_2,
-        server_name="other.test",
-    )
-    assert r.status == 200
+    from blindfold import pki
+
+    other = pki.issue(ca, ["elsewhere.test"])  # a name the site's certificate does not have
+    cert, key = tmp_path / "other.pem", tmp_path / "other.key"
+    other.write(cert, key)
+    extra = f'[[origin.certificates]]\ncert = "{cert}"\nkey = "{key}"\n'
+    _origin, qport = quic_origin(start_origin, app, site, tmp_path, extra_toml=extra)
+
+    def der(cert: x509.Certificate) -> bytes:
+        return cert.public_bytes(serialization.Encoding.DER)
+
+    async def seen(name: str, version: int) -> bytes:
+        async with H3Client(
+            qport, ca=site["ca"], source="127.0.0.6", server_name=name, version=version
+        ) as client:
+            assert (await client.get("/echo")).status == 200
+            return der(client.peer_certificate)
+
+    v1, v2 = QuicProtocolVersion.VERSION_1, QuicProtocolVersion.VERSION_2
+    site_der = der(x509.load_pem_x509_certificate(site["cert"].read_bytes()))
+    assert asyncio.run(seen("elsewhere.test", v2)) == der(other.cert)
+    assert asyncio.run(seen("elsewhere.test", v1)) == der(other.cert)
+    assert asyncio.run(seen("example.test", v2)) == site_der
 
 
 def test_chromium_loads_a_page_over_h3(
