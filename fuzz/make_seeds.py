@@ -155,6 +155,41 @@ def client_hellos() -> list[bytes]:
     return [x for x in hellos if x]
 
 
+def quic_seeds() -> None:
+    """Real clients' first datagrams (tests/data/quic), and a real ClientHello as CRYPTO
+    frames in two orders (the target protects them itself)."""
+    import json
+
+    from blindfold.core.quic_flows import HelloReceived, QuicFlowTable
+
+    for path in sorted((ROOT / "tests" / "data" / "quic").glob("*.json")):
+        grams = [bytes.fromhex(x) for x in json.loads(path.read_text())["datagrams"]]
+        save("quic_initial", b"\x00" + SEP.join(grams))
+    table = QuicFlowTable()
+    grams = [
+        bytes.fromhex(x)
+        for x in json.loads((ROOT / "tests/data/quic/chromium_v1.json").read_text())["datagrams"]
+    ]
+    message = b""
+    for g in grams:
+        found = table.from_client(g, ("203.0.113.7", 1), 0.0)
+        if isinstance(found, HelloReceived):
+            message = found.hello.hello.message
+            break
+
+    def crypto(offset: int, data: bytes) -> bytes:
+        return (
+            b"\x06"
+            + (0x4000 | offset).to_bytes(2, "big")
+            + (0x4000 | len(data)).to_bytes(2, "big")
+            + data
+        )
+
+    first, second = crypto(0, message[:1000]), crypto(1000, message[1000:])
+    save("quic_initial", b"\x01" + first + SEP + second)
+    save("quic_initial", b"\x01" + b"\x01" + second + SEP + b"\x00\x00" + first)
+
+
 def main() -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -162,6 +197,7 @@ def main() -> None:
     from blindfold.core import keyless_wire as w
     from blindfold.decisions.core import DecisionStore
 
+    quic_seeds()
     hellos = client_hellos()
     for hello in hellos:
         save("clienthello", hello)

@@ -378,6 +378,60 @@ def _check_finite(value: object, where: str) -> None:
             _check_finite(getattr(value, f.name), f"{where}.{f.name}".lstrip("."))
 
 
+# --------------------------------------------------------------------------- QUIC Initials
+_QUIC_DCID = bytes.fromhex("8394c8f03e515708")
+
+
+def _quic_initial(frames: bytes, pn: int) -> bytes:
+    """A client Initial carrying `frames`, protected with the public v1 keys (so the frame
+    parser and the CRYPTO reassembly behind the AEAD are fuzzed too)."""
+    from aioquic.quic.crypto import CryptoPair
+
+    frames = frames.ljust(1100, b"\x00")[:1400]
+    pair = CryptoPair()
+    pair.setup_initial(cid=_QUIC_DCID, is_client=True, version=1)
+    length = 2 + len(frames) + 16
+    header = (
+        b"\xc1\x00\x00\x00\x01\x08"
+        + _QUIC_DCID
+        + b"\x00\x00"
+        + (0x4000 | length).to_bytes(2, "big")
+        + (pn & 0xFFFF).to_bytes(2, "big")
+    )
+    return pair.encrypt_packet(header, frames, pn)
+
+
+def quic_initial(data: bytes) -> None:
+    """The edge's QUIC flow table: mode byte 0 feeds the chunks as raw client datagrams, 1 as
+    the frames of valid Initial packets; then the origin answers and the flow is expired."""
+    from blindfold.core.quic_flows import (
+        Dropped,
+        Forward,
+        Held,
+        HelloReceived,
+        QuicFlowTable,
+        SendToClient,
+    )
+
+    if not data:
+        return
+    mode, chunks = data[0], _chunks(data[1:])
+    table = QuicFlowTable(random=lambda n: b"\x00" * n)
+    for i, chunk in enumerate(chunks[:40]):
+        datagram = _quic_initial(chunk, i) if mode & 1 else chunk
+        source = ("203.0.113.7", 40000 + (i & 1 if mode & 2 else 0))
+        result = table.from_client(datagram, source, NOW + i)
+        assert isinstance(result, (Forward, HelloReceived, Held, Dropped, SendToClient))
+        if isinstance(result, SendToClient):
+            assert len(result.datagram) <= len(datagram)  # never amplifies
+        if isinstance(result, HelloReceived):
+            assert result.hello.ja4.startswith("q") and len(result.hello.ja4) == 36
+            fwd = table.accept(result.flow, NOW + i)
+            table.from_origin(fwd.path, chunk, NOW + i)
+    table.expire(NOW + 1000)
+    assert len(table) == 0
+
+
 TARGETS: dict[str, Target] = {
     "clienthello": Target(clienthello, (ProtocolError,), "ClientHello peek + JA4"),
     "proxyproto": Target(proxyproto, (ProtocolError,), "PROXY protocol v1/v2 header"),
@@ -392,6 +446,7 @@ TARGETS: dict[str, Target] = {
     "decisions": Target(decisions, (ProtocolError,), "decision stream JSON"),
     "redis_message": Target(redis_message, (ProtocolError,), "signed decisions from Redis"),
     "config": Target(config, (ConfigError,), "TOML configuration"),
+    "quic_initial": Target(quic_initial, (ProtocolError,), "QUIC Initials, the edge's flows"),
 }
 
 

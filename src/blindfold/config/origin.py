@@ -365,6 +365,60 @@ class BlindStoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OriginQuicConfig:
+    listen: tuple[str, ...] = setting(
+        (),
+        doc="UDP addresses serving HTTP/3 (QUIC v1 and v2, aioquic) with the site's "
+        "certificates, through the same WAF, decisions and proxy as HTTP/1.1 and HTTP/2; "
+        "empty: no HTTP/3. Datagrams follow proxy_protocol: from trusted_edges only after "
+        "an authenticated visitor announcement (docs/quic.md).",
+        check=_listens,
+    )
+    edge_keys: tuple[str, ...] = setting(
+        (),
+        doc="Files holding the keys (hex, at least 32 bytes: `openssl rand -hex 32`) "
+        "that authenticate the edges' visitor announcements; one per edge group, an edge "
+        "is revoked by removing its key.",
+    )
+    advertise: bool = setting(
+        True,
+        doc="Send `Alt-Svc: h3` on HTTP/1.1 and HTTP/2 responses over TLS; turn it off while "
+        "the edges in front of the site do not carry QUIC for it (browsers would try UDP "
+        "there first).",
+    )
+    advertise_port: int = setting(
+        0,
+        doc="The UDP port in Alt-Svc: the one visitors reach (the edge's, usually 443); "
+        "0: the first quic.listen port.",
+        min=0,
+        max=65535,
+    )
+    alt_svc_max_age_s: int = setting(
+        86400, doc="Alt-Svc `ma`: how long clients remember it.", min=1
+    )
+    idle_timeout_s: float = setting(
+        30.0,
+        doc="QUIC idle timeout; keep it below the edge's QUIC flow idle timeout.",
+        min=1,
+    )
+    max_connections: int = setting(10000, doc="Open QUIC connections at most.", min=1)
+    announcement_window_s: float = setting(
+        30.0,
+        doc="How far an announcement's timestamp may be from this clock (run NTP on edges "
+        "and origin).",
+        min=1,
+        max=600,
+    )
+    max_buffered_body_bytes: int = setting(
+        16 << 20,
+        doc="Request body bytes one QUIC connection may hold unread by the application "
+        "(aioquic opens receive windows as data arrives); the stream that passes it is "
+        "stopped.",
+        min=65536,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class OriginConfig:
     upstream: str = setting(
         doc="The application: 'http://127.0.0.1:8080', "
@@ -429,6 +483,9 @@ class OriginConfig:
     blind: BlindStoreConfig | None = setting(
         None, doc="Blind delivery: serve the sealed store made by `blindfold seal`."
     )
+    quic: OriginQuicConfig = setting(
+        default_factory=OriginQuicConfig, doc="HTTP/3 over QUIC (docs/quic.md)."
+    )
 
     def __post_init__(self) -> None:
         if self.listen and not self.certificates:
@@ -455,6 +512,19 @@ class OriginConfig:
             raise ConfigError(
                 "decisions.listen",
                 "the decision stream answers only trusted_edges: list the edges' addresses",
+            )
+        if self.quic.listen and not self.certificates:
+            raise ConfigError("quic.listen", "HTTP/3 needs at least one [[origin.certificates]]")
+        if (
+            self.quic.listen
+            and self.proxy_protocol != "off"
+            and self.trusted_edges
+            and not self.quic.edge_keys
+        ):
+            raise ConfigError(
+                "quic.edge_keys",
+                "edges' QUIC flows are believed only with an announcement key: list the "
+                "key files (`openssl rand -hex 32 > FILE`, the same on the edges)",
             )
         if self.proxy_protocol != "off" and not self.trust_any_address:
             for i, value in enumerate(self.trusted_edges):

@@ -193,12 +193,12 @@ class HelloReader:
                 # fast path: the record holds the message's header, perhaps all of it
                 need = self._need = self._message_length(raw[start : start + 4])
                 if length >= need:
-                    return parse_hello_message(bytes(raw[start : start + need]), pos)
+                    return _parse_message(bytes(raw[start : start + need]), pos)
             msg += raw[start:pos]
             if self._need < 0 and len(msg) >= 4:
                 self._need = self._message_length(msg)
             if 0 <= self._need <= len(msg):
-                return parse_hello_message(bytes(msg[: self._need]), pos)
+                return _parse_message(bytes(msg[: self._need]), pos)
             if self._records >= self.max_records:
                 raise _fail(
                     "hello_too_many_records",
@@ -218,11 +218,20 @@ class HelloReader:
         return need
 
 
-def parse_hello_message(msg: bytes, record_bytes: int) -> ClientHello:
-    """Parse a whole ClientHello handshake message (RFC 8446 §4.1.2), without its records:
-    what the key server reads from a sign request, and what QUIC carries in CRYPTO frames.
-    `record_bytes` is what the hello took on the wire. Offsets are absolute in `msg` so only
-    the fields the edge keeps are copied."""
+def parse_hello_message(msg: bytes, transport: str = "t") -> ClientHello:
+    """Parse one whole ClientHello handshake message (type, length, body) that arrived without
+    TLS records: QUIC carries it in CRYPTO frames (RFC 9001 §4.1.3); JA4's `transport` is then
+    'q'. The message must be exactly one ClientHello."""
+    if len(msg) < 4 or msg[0] != HANDSHAKE_CLIENT_HELLO:
+        raise _fail("not_client_hello", "not a ClientHello message", ALERT_UNEXPECTED_MESSAGE)
+    if 4 + int.from_bytes(msg[1:4], "big") != len(msg):
+        raise _fail("malformed_hello", "ClientHello length does not match the message")
+    return _parse_message(msg, 0, transport)
+
+
+def _parse_message(msg: bytes, record_bytes: int, transport: str = "t") -> ClientHello:
+    """Parse a whole ClientHello handshake message (RFC 8446 §4.1.2). Offsets are absolute in
+    `msg` so only the fields the edge keeps are copied."""
     end = len(msg)
     if end < 4 + 38:
         raise _fail("malformed_hello", "ClientHello too short")
@@ -294,6 +303,7 @@ def parse_hello_message(msg: bytes, record_bytes: int) -> ClientHello:
         exts,
         sigalg_bytes,
         alpn[0] if alpn else None,
+        transport,
     )
     return ClientHello(
         legacy_version,

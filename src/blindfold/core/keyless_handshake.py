@@ -89,7 +89,7 @@ def parse_handshake(messages: bytes) -> Handshake:
     if end > MAX_CLIENT_HELLO:
         raise _refuse("bad_client_hello", f"a ClientHello of {end} bytes")
     try:
-        hello = parse_hello_message(messages[:end], end)
+        hello = parse_hello_message(messages[:end])
         key_share_groups = hello.key_share_groups
     except ProtocolError as exc:
         raise _refuse("bad_client_hello", f"{exc.reason}: {exc.detail}") from None

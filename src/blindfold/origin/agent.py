@@ -319,6 +319,7 @@ class OriginAgent:
         self.admin = AdminServer(self._admin)
         self.api: DecisionApi | None = None
         self.publisher: Any = None
+        self.quic: Any = None  # origin.h3.QuicShared once HTTP/3 listens
         self._build(cfg)
 
     # ------------------------------------------------------------------ build / reload
@@ -370,6 +371,12 @@ class OriginAgent:
         # visitor's share must not be where one edge's pulls for everyone queue up.
         self.edge_handler: Handler = gate
         handler: Handler = _PerClientRequests(self, gate)
+        if cfg.quic.listen and cfg.quic.advertise:  # HTTP/3 (origin/h3.py)
+            from blindfold.origin.h3 import AltSvc, advertised_port
+
+            handler = AltSvc(
+                handler, lambda: advertised_port(self.cfg, self.quic), cfg.quic.alt_svc_max_age_s
+            )
         self.tls, self.waf, self.rules, self.pool, self.handler = tls, waf, rules, pool, handler
         self.limits = _limits(cfg)
         # a connection over its address's share: short deadlines, one HTTP/2 stream
@@ -393,7 +400,9 @@ class OriginAgent:
 
     def event(self, name: str, fields: dict[str, Any]) -> None:
         self.count(f"http:{name}")
-        if name in ("h2_abuse", "bad_request", "handler_error", "send_timeout"):
+        if name in ("h2_abuse", "bad_request", "handler_error", "send_timeout") or name.startswith(
+            ("quic_", "h3_")
+        ):
             self.log.log(name, **fields)
 
     def _events(self, claim: _Claim) -> Callable[[str, dict[str, Any]], None]:
@@ -447,6 +456,10 @@ class OriginAgent:
             self._listen(address, True, f"origin.listen[{i}]")
         for i, address in enumerate(cfg.http_listen):
             self._listen(address, False, f"origin.http_listen[{i}]")
+        if cfg.quic.listen:  # HTTP/3: its own listeners and admission (origin/h3.py)
+            from blindfold.origin.h3 import start_quic
+
+            self.quic = await start_quic(self)
         host, port = parse_hostport(cfg.admin_listen)
         try:
             admin = await self.admin.start(host, port)
@@ -488,6 +501,7 @@ class OriginAgent:
             "origin_ready",
             listen=[_addr(s) for s, tls in self.tls_sockets.items() if tls],
             http_listen=[_addr(s) for s, tls in self.tls_sockets.items() if not tls],
+            quic_listen=self.quic.ports() if self.quic else [],
             admin=f"{admin[0]}:{admin[1]}",
             decisions=f"{api_address[0]}:{api_address[1]}" if api_address else None,
             waf=getattr(self.waf, "version", None),
@@ -728,12 +742,24 @@ class OriginAgent:
             return (
                 200,
                 "text/plain; version=0.0.4",
-                render(self.snapshot(), ORIGIN_METRICS).encode(),
+                render(self.snapshot(), self._metric_specs()).encode(),
             )
         return 404, "text/plain", b"not found\n"
 
+    def _metric_specs(self) -> list[MetricSpec]:
+        if self.quic is None:
+            return ORIGIN_METRICS
+        from blindfold.origin.h3 import QUIC_METRICS
+
+        return ORIGIN_METRICS + QUIC_METRICS
+
     def snapshot(self) -> dict[str, list[list[Any]]]:
         s = self.stats
+        if self.quic is not None:
+            return {**self._snapshot(s), **self.quic.snapshot()}
+        return self._snapshot(s)
+
+    def _snapshot(self, s: dict[str, Any]) -> dict[str, list[list[Any]]]:
 
         def pick(prefix: str) -> list[list[Any]]:
             return [[[k[len(prefix) :]], v] for k, v in s.items() if k.startswith(prefix)]
@@ -775,6 +801,8 @@ class OriginAgent:
         await self.stopping.wait()
         for sock in self.sockets:
             sock.close()
+        if self.quic is not None:
+            self.quic.close()
         for task in self.servers:
             task.cancel()
         deadline = time.monotonic() + 10

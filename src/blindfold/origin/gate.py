@@ -73,9 +73,9 @@ class OriginGate:
             prefix: list[bytes] = []
             if self.waf is not None:
                 tx = self.waf.transaction(request.request_id, request.client, request.server)
-                version = "2.0" if request.http_version == "2" else request.http_version
+                version = {"2": "2.0", "3": "3.0"}.get(request.http_version, request.http_version)
                 headers = request.headers
-                if request.http_version == "2" and request.header(b"host") is None:
+                if request.http_version in ("2", "3") and request.header(b"host") is None:
                     headers = [(b"host", request.authority), *headers]
                 verdict = tx.request_headers(request.method, request.target, version, headers)
                 if verdict is None:

@@ -82,8 +82,10 @@ def request_has_body(request: Request, body: BodyStream) -> tuple[bool, bool]:
         return length != b"0", True
     if request.header(b"transfer-encoding") is not None:
         return True, False
-    if request.http_version == "2":
-        return not body.finished, False  # h2: a body unless the HEADERS ended the stream
+    if request.http_version in ("2", "3"):
+        # h2/h3: a body unless the HEADERS ended the stream; bytes already read (the WAF's
+        # inspection) are a body even when the stream has ended since
+        return not body.finished or body.received > 0, False
     return False, False
 
 
