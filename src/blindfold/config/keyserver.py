@@ -30,7 +30,9 @@ class KeyConfig:
     key: str = setting(doc="PEM private key (ECDSA P-256/P-384, RSA >= 2048 bits, Ed25519).")
     certificate: str = setting(
         doc="Its certificate (chain): a handshake whose Certificate message carries this "
-        "leaf is signed with this key, and only for an SNI its DNS names cover."
+        "leaf is signed with this key, only for an SNI its DNS names cover, and only for an "
+        "edge authorised for every name it covers (give keyless hostnames a certificate of "
+        "their own)."
     )
     name: str = setting("", doc="Name in logs, metrics and the audit log (default: key<N>).")
 
@@ -45,7 +47,8 @@ class EdgeAccessConfig:
     )
     hostnames: tuple[str, ...] = setting(
         doc="Hostnames (exact or '*.suffix') it may have handshakes signed for: matched "
-        "against the SNI in the visitor's ClientHello, which the key server reads itself.",
+        "against the SNI in the visitor's ClientHello, which the key server reads itself. A "
+        "key is used for this edge only if these cover all of its certificate's names.",
         check=_patterns,
     )
     rate_per_s: float = setting(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple, Protocol, TypeVar
 
 from blindfold.core.clienthello import ClientHello, parse_hello_message
@@ -257,7 +257,10 @@ def _certificate(data: bytes, pos: int) -> tuple[bytes, int]:
 
 # ------------------------------------------------------------------------------ authorisation
 class SigningKey(Protocol):
-    """What authorisation needs of a key: its schemes, and the names its certificate covers."""
+    """What authorisation needs of a key: its certificate, its schemes, the names it covers."""
+
+    @property
+    def cert_sha256(self) -> bytes: ...
 
     @property
     def schemes(self) -> frozenset[int]: ...
@@ -269,11 +272,17 @@ K = TypeVar("K", bound=SigningKey)
 
 
 def authorise(
-    hs: Handshake, scheme: int, allowed: Callable[[str], object], keys: Mapping[bytes, K]
+    hs: Handshake,
+    scheme: int,
+    allowed: Callable[[str], object],
+    keys: Mapping[bytes, K],
+    too_broad: Mapping[bytes, tuple[str, ...]],
 ) -> K:
     """The key to sign with, if this edge (`allowed`: its hostnames) may have this handshake
     signed with `scheme`; ProtocolError (unauthorized_sni, certificate_mismatch,
-    scheme_not_offered, bad_scheme) otherwise."""
+    certificate_too_broad, scheme_not_offered, bad_scheme) otherwise. `too_broad` maps the
+    certificates (SHA-256) that cover names this edge is not authorised for to those names
+    (`uncovered_names`, computed once per edge and key when the configuration is loaded)."""
     if not allowed(hs.sni):
         raise _refuse("unauthorized_sni", f"this edge may not sign for {hs.sni}")
     key = keys.get(hs.certificate_sha256)
@@ -284,11 +293,66 @@ def authorise(
         )
     if not key.covers(hs.sni):
         raise _refuse("certificate_mismatch", f"the certificate does not cover {hs.sni}")
+    extra = too_broad.get(key.cert_sha256)
+    if extra is not None:
+        # RFC 9113 §9.1.1: a browser sends requests for every name the certificate covers
+        # over this connection once the handshake completes, whatever name it was opened for
+        raise _refuse(
+            "certificate_too_broad",
+            f"the certificate also covers {', '.join(extra[:4])}"
+            f"{' and more' if len(extra) > 4 else ''}, which this edge is not authorised for "
+            "(a browser may send their requests over this connection): give this edge's names "
+            "a certificate of their own",
+        )
     if scheme not in hs.signature_algorithms:
         raise _refuse("scheme_not_offered", f"the client did not offer scheme 0x{scheme:04x}")
     if scheme not in key.schemes:
         raise _refuse("bad_scheme", f"scheme 0x{scheme:04x} does not fit the key")
     return key
+
+
+def uncovered_names(names: Iterable[str], patterns: Iterable[str]) -> tuple[str, ...]:
+    """The certificate names (DNS names, '*.' wildcards among them, and IP addresses) that an
+    edge authorised for `patterns` (exact names and '*.suffix', as core.routing matches them) is
+    not authorised for. A wildcard name needs a wildcard pattern at or above it: '*.a.example'
+    is covered by '*.a.example' or '*.example', not by 'www.a.example'."""
+    exact = set()
+    wild = []
+    for p in patterns:
+        if p.startswith("*."):
+            wild.append(p[2:])
+        else:
+            exact.add(p)
+
+    def below(name: str) -> bool:  # a wildcard pattern covers `name` ('.a.example': all below)
+        return any(name.endswith("." + w) for w in wild)
+
+    out = []
+    for name in names:
+        if name.startswith("*."):  # '*.a.example': every name ending in '.a.example'
+            if not below(name[1:]):
+                out.append(name)
+        elif name not in exact and not below(name):
+            out.append(name)
+    return tuple(out)
+
+
+def names_overlap(names: Iterable[str], patterns: Iterable[str]) -> bool:
+    """Whether an edge authorised for `patterns` may sign for any name the certificate covers
+    (an SNI both match), even if not for all of them."""
+
+    def meet(a: str, b: str) -> bool:
+        if a.startswith("*.") and b.startswith("*."):
+            sa, sb = a[1:], b[1:]  # ".suffix"
+            return sa.endswith(sb) or sb.endswith(sa)
+        if a.startswith("*."):
+            return b.endswith(a[1:])
+        if b.startswith("*."):
+            return a.endswith(b[1:])
+        return a == b
+
+    pats = list(patterns)
+    return any(meet(n, p) for n in names for p in pats)
 
 
 # ------------------------------------------------------------------------------ replays

@@ -27,6 +27,7 @@ from blindfold.core.ratelimit import TokenBucket
 from blindfold.core.routing import SniRouter
 from blindfold.errors import ConfigError, ProtocolError
 from blindfold.io.admin_http import AdminServer
+from blindfold.keyserver.access import partial_grants, too_broad
 from blindfold.keyserver.audit import AuditError, AuditLog, create_key, json_str
 from blindfold.keyserver.audit import load_key as load_audit_key
 from blindfold.keyserver.signer import SignError, SiteKey, load_key, sign_certificate_verify
@@ -61,12 +62,14 @@ KEYSERVER_METRICS = [
 
 
 class _Edge:
-    __slots__ = ("bucket", "cfg", "name_json", "router")
+    __slots__ = ("bucket", "cfg", "name_json", "router", "too_broad")
 
     def __init__(self, cfg: EdgeAccessConfig, ks: KeyServerConfig) -> None:
         self.cfg = cfg
         self.name_json = json_str(cfg.name)
         self.router: SniRouter[bool] = SniRouter([(h, True) for h in cfg.hostnames])
+        # the keys it may not sign with: their certificates cover names it is not authorised for
+        self.too_broad: dict[bytes, tuple[str, ...]] = {}
         self.bucket = TokenBucket(
             cfg.rate_per_s or ks.rate_per_s, cfg.burst or ks.burst, time.monotonic()
         )
@@ -97,7 +100,16 @@ class KeyServer:
             edge = _Edge(e, cfg)
             if kept is not None and kept.cfg == e:
                 edge.bucket = kept.bucket
+            edge.too_broad = too_broad(e.hostnames, keys)
             edges[e.fingerprint] = edge
+        for grant in partial_grants(cfg.edges, keys):
+            self.log.emit(
+                "edge_key_partly_authorised",
+                edge=grant.edge,
+                key=grant.key,
+                unauthorised=list(grant.unauthorised),
+                problem=grant.text(),
+            )
         self.cfg = cfg
         if not first:
             self.replays.window_s = cfg.replay_window_s
@@ -259,7 +271,7 @@ class KeyServer:
         hs: kh.Handshake | None = None
         try:
             hs = kh.parse_handshake(req.messages)
-            site = kh.authorise(hs, req.scheme, edge.router.lookup, self.keys)
+            site = kh.authorise(hs, req.scheme, edge.router.lookup, self.keys, edge.too_broad)
             repeat = self.replays.check(hs, name, now)
             signature = sign_certificate_verify(site, req.scheme, hs.transcript_hash)
         except (ProtocolError, SignError) as exc:
