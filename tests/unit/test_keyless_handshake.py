@@ -203,6 +203,53 @@ def test_not_tls13(sites: dict[str, Site]) -> None:
     assert refused(site, msgs[0] + sh.encode() + b"".join(msgs[2:])) == "not_tls13"
 
 
+def _with_fillers(hello: forge.Hello, n: int, size: int = 0) -> forge.Hello:
+    """The hello with `n` more extensions of unassigned types, `size` bytes each."""
+    used = {t for t, _ in hello.extensions}
+    types = [t for t in range(0x1000, 0x1000 + n + len(used)) if t not in used][:n]
+    return replace(hello, extensions=[*hello.extensions, *((t, bytes(size)) for t in types)])
+
+
+def test_client_hello_caps(sites: dict[str, Site]) -> None:
+    """atk-trust finding 6: a ClientHello is at most 16 KiB and 64 extensions. The attack's
+    hello (64 KiB of 16,000 empty extensions, ~5 ms of parsing each) and one of 4,000 empty
+    extensions in 16 KiB are refused before they are parsed; real hellos are far below."""
+    site = sites["ec256"]
+    msgs = forge.split_messages(request_for(site, openssl_flight(site)).messages)
+    hello = forge.Hello.parse(msgs[0])
+    rest = b"".join(msgs[1:])
+    room = kh.MAX_HELLO_EXTENSIONS - len(hello.extensions)
+    at_cap = _with_fillers(hello, room).encode()
+    assert kh.parse_handshake(at_cap + rest).sni == HOST  # 64 extensions: read
+    assert refused(site, _with_fillers(hello, room + 1).encode() + rest) == "too_many_extensions"
+    many = _with_fillers(hello, 3900).encode()
+    assert len(many) <= kh.MAX_CLIENT_HELLO
+    assert refused(site, many + rest) == "too_many_extensions"
+    huge = _with_fillers(hello, 16000).encode()
+    assert refused(site, huge + rest) == "hello_too_large"
+    # a few large extensions (post-quantum key shares are 1-2 KB) pass up to the size cap
+    big = _with_fillers(hello, 7, size=2000).encode()
+    assert kh.MAX_CLIENT_HELLO - 2100 < len(big) <= kh.MAX_CLIENT_HELLO
+    assert kh.parse_handshake(big + rest).sni == HOST
+    bigger = _with_fillers(hello, 8, size=2000).encode()
+    assert refused(site, bigger + rest) == "hello_too_large"
+
+
+def test_server_message_caps(sites: dict[str, Site], ca: pki.Issued) -> None:
+    site = sites["ec256"]
+    msgs = forge.split_messages(request_for(site, openssl_flight(site)).messages)
+    fillers = [(0x1000 + i, b"") for i in range(kh.MAX_SERVER_EXTENSIONS + 1)]
+    ee = forge.encrypted_extensions(fillers)
+    assert refused(site, msgs[0] + msgs[1] + ee + msgs[3]) == "too_many_extensions"
+    ee = forge.encrypted_extensions(fillers[:-1])
+    assert kh.parse_handshake(msgs[0] + msgs[1] + ee + msgs[3]).sni == HOST
+    leaf = site.identity.ders[0]
+    head = b"".join(msgs[:3])
+    chain = forge.certificate([leaf] * (kh.MAX_CERTIFICATES + 1))
+    assert refused(site, head + chain) == "too_many_certificates"
+    assert kh.parse_handshake(head + forge.certificate([leaf] * kh.MAX_CERTIFICATES))
+
+
 def _with_server_hello(
     messages: bytes, edit: Callable[[forge.ServerHello], forge.ServerHello]
 ) -> bytes:
@@ -347,6 +394,9 @@ REASONS = {
     "alpn_not_offered",
     "bad_certificate",
     "unexpected_message",
+    "hello_too_large",
+    "too_many_extensions",
+    "too_many_certificates",
 }
 _MESSAGES: bytes
 

@@ -48,7 +48,15 @@ SUITE_HASHES: dict[int, Callable[[bytes], hashlib._Hash]] = {
     0x1302: hashlib.sha384,  # TLS_AES_256_GCM_SHA384
     0x1303: hashlib.sha256,  # TLS_CHACHA20_POLY1305_SHA256
 }
-MAX_CLIENT_HELLO = 4 + 65536  # the edge reads at most 64 KiB of ClientHello records
+# Hard caps on what the key server reads (atk-trust finding 6: a 64 KiB ClientHello of 16,000
+# empty extensions cost ~5 ms of parsing, so one edge under its rate limit starved every other).
+# Real clients stay far below: Chromium's post-quantum ClientHello is ~1.8 KB with ~18
+# extensions (GREASE included), Firefox's and OpenSSL's are alike. The extensions are counted
+# before anything is parsed, so a refused request costs the key server a few microseconds.
+MAX_CLIENT_HELLO = 16384  # bytes of the ClientHello message, header included (one full record)
+MAX_HELLO_EXTENSIONS = 64
+MAX_SERVER_EXTENSIONS = 32  # EncryptedExtensions (the edge's own: ALPN and a few more)
+MAX_CERTIFICATES = 16  # entries of the Certificate message (real chains have 2 to 4)
 
 
 class Handshake(NamedTuple):
@@ -87,7 +95,10 @@ def parse_handshake(messages: bytes) -> Handshake:
     # ClientHello (RFC 8446 §4.1.2), through the edge's parser
     _body, end = _message(messages, 0, HS_CLIENT_HELLO, "ClientHello", "bad_client_hello")
     if end > MAX_CLIENT_HELLO:
-        raise _refuse("bad_client_hello", f"a ClientHello of {end} bytes")
+        raise _refuse(
+            "hello_too_large", f"a ClientHello of {end} bytes (at most {MAX_CLIENT_HELLO})"
+        )
+    _count_extensions(messages, end)
     try:
         hello = parse_hello_message(messages[:end], end)
         key_share_groups = hello.key_share_groups
@@ -120,6 +131,30 @@ def parse_handshake(messages: bytes) -> Handshake:
         leaf_sha256,
         SUITE_HASHES[cipher_suite](messages).digest(),
     )
+
+
+def _count_extensions(data: bytes, end: int) -> None:
+    """Refuse a ClientHello (data[:end]) with more than MAX_HELLO_EXTENSIONS extensions, reading
+    only the extension headers (RFC 8446 §4.1.2 layout). Anything malformed is left to the
+    parser, which names it."""
+    if end < 39:
+        return
+    pos = 39 + data[38]  # header, legacy_version, random, then legacy_session_id
+    if pos + 2 > end:
+        return
+    pos += 2 + ((data[pos] << 8) | data[pos + 1])  # cipher_suites
+    if pos >= end:
+        return
+    pos += 1 + data[pos] + 2  # legacy_compression_methods, the extensions' length
+    count = 0
+    while pos + 4 <= end:
+        count += 1
+        if count > MAX_HELLO_EXTENSIONS:
+            raise _refuse(
+                "too_many_extensions",
+                f"the ClientHello has more than {MAX_HELLO_EXTENSIONS} extensions",
+            )
+        pos += 4 + ((data[pos + 2] << 8) | data[pos + 3])
 
 
 def _server_hello(
@@ -208,6 +243,11 @@ def _encrypted_extensions(data: bytes, pos: int, hello: ClientHello) -> tuple[st
         if etype in seen:
             raise _refuse(bad, f"duplicate extension {etype}")
         seen.add(etype)
+        if len(seen) > MAX_SERVER_EXTENSIONS:
+            raise _refuse(
+                "too_many_extensions",
+                f"the EncryptedExtensions has more than {MAX_SERVER_EXTENSIONS} extensions",
+            )
         p += 4
         if etype == EXT_ALPN:  # RFC 7301 §3.1: the server selects exactly one name
             n = data[p + 2] if stop - p >= 3 else 0
@@ -239,7 +279,13 @@ def _certificate(data: bytes, pos: int) -> tuple[bytes, int]:
         raise _refuse(bad, "the certificate_list length does not match the message")
     p = body + 4
     leaf = b""
+    count = 0
     while p < end:
+        count += 1
+        if count > MAX_CERTIFICATES:
+            raise _refuse(
+                "too_many_certificates", f"more than {MAX_CERTIFICATES} certificates in the chain"
+            )
         if p + 3 > end:
             raise _refuse(bad, "truncated certificate entry")
         stop = p + 3 + int.from_bytes(data[p : p + 3], "big")
