@@ -118,7 +118,7 @@ def keyless_handshake(data: bytes) -> None:
     assert hs.sni and hs.cipher_suite in kh.SUITE_HASHES
     _identity, key, _cafile = _server_site()
     leaf = {hs.certificate_sha256: key}  # any leaf: reach the name and scheme checks too
-    kh.authorise(hs, scheme, lambda name: name == HOST, leaf)
+    kh.authorise(hs, scheme, lambda name: name == HOST, leaf, {})
     guard = kh.ReplayGuard(60.0, 4)
     assert guard.check(hs, "edge1", NOW) is False
     guard.remember(hs, "edge1", NOW)

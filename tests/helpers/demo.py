@@ -16,6 +16,7 @@ CHECKS = (
     "the edge then refuses the attacker",
     "another visitor is still served",
     "its signature is in the audit log, with the SNI the key server read itself",
+    "the keyless hostname's certificate names no host the edge may not sign for",
     "a lying edge (the demo edge's identity) cannot get a handshake for demo.blindfold.test signed",
     "the audit log verifies with its key",
 )

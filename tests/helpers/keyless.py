@@ -91,6 +91,27 @@ def make_pki(base: Path, site_ca: pki.Issued) -> KeylessPki:
     return KeylessPki(d, d / "ca.pem", d / "site-ca.pem", sites, fps)
 
 
+def names_of(*hosts: str) -> list[str]:
+    """Every name the site certificates of `make_pki` cover for these hosts (the host and
+    '*.host'): an edge authorised for all of them may have handshakes signed with them."""
+    return [n for h in hosts for n in (h, f"*.{h}")]
+
+
+def add_site(
+    p: KeylessPki, site_ca: pki.Issued, name: str, hosts: list[str], kind: str = "ec256"
+) -> Path:
+    """Another site certificate (and key) for the key server to hold: `keyserver_config` made
+    after this lists it too. Returns the certificate's path."""
+    leaf = pki.issue(site_ca, hosts, kind=kind)  # type: ignore[arg-type]
+    leaf.write(p.dir / f"site-{name}.pem", p.dir / f"site-{name}.key")
+    p.sites[name] = (
+        p.dir / f"site-{name}.pem",
+        p.dir / f"site-{name}.key",
+        pki.fingerprint_sha256(leaf.cert),
+    )
+    return p.dir / f"site-{name}.pem"
+
+
 def keyserver_config(
     p: KeylessPki,
     edges: dict[str, list[str]],

@@ -799,17 +799,18 @@ def test_the_manifest_is_refused_where_the_edge_ends_tls(
 ) -> None:
     """Issue 15 finding 5: through a keyless route (the edge ends TLS and reads the HTTP) the
     origin served the manifest, the content keys, to the edge."""
-    from tests.helpers.keyless import KeyServerProcess, keyserver_config, make_pki
+    from tests.helpers.keyless import KeyServerProcess, add_site, keyserver_config, make_pki
     from tests.integration.test_keyless import keyless_route
 
     kpki = make_pki(tmp_path, ca)
+    add_site(kpki, ca, "own", ["keyless.example.test"])  # the keyless name's own certificate
     ks = KeyServerProcess(
         keyserver_config(kpki, {"edge1": ["keyless.example.test"]}), tmp_path, name="ks"
     )
     try:
         s = blind_site(
             extra_routes=lambda origin_port: keyless_route(
-                kpki, site, [ks.port], origin_port, sni=["keyless.example.test"]
+                kpki, site, [ks.port], origin_port, sni=["keyless.example.test"], cert="own"
             )
         )
 

@@ -265,7 +265,10 @@ def test_keyserver_syscalls_pass_the_units_filter(tmp_path: Path, ca: Any) -> No
     p = make_pki(tmp_path, ca)
     summary = tmp_path / "keyserver.syscalls"
     ks = KeyServerProcess(
-        keyserver_config(p, {"edge1": ["example.test"]}), tmp_path, name="ks", wrap=_strace(summary)
+        keyserver_config(p, {"edge1": ["example.test", "*.example.test"]}),
+        tmp_path,
+        name="ks",
+        wrap=_strace(summary),
     )
     try:
         req = Visit(p, "p256", "example.test").sign_request()
@@ -321,7 +324,9 @@ def test_keyless_edge_syscalls_pass_the_units_filter(
     from tests.integration.test_keyless import fetch, keyless_route
 
     p = make_pki(tmp_path, ca)
-    ks = KeyServerProcess(keyserver_config(p, {"edge1": ["example.test"]}), tmp_path, name="ks")
+    ks = KeyServerProcess(
+        keyserver_config(p, {"edge1": ["example.test", "*.example.test"]}), tmp_path, name="ks"
+    )
     origin = OriginProcess(origin_config(site, app.port, tmp_path), tmp_path, name="origin")
     summary = tmp_path / "edge.syscalls"
     edge = None

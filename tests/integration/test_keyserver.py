@@ -36,6 +36,7 @@ from tests.helpers.keyless import (
     fresh_random,
     keyserver_config,
     make_pki,
+    names_of,
 )
 
 
@@ -50,7 +51,7 @@ def keyserver(kpki: KeylessPki, tmp_path: Path) -> Iterator[KeyServerProcess]:
         keyserver_config(
             kpki,
             {
-                "edge1": ["example.test", "*.example.test", "p384.test", "rsa.test", "ed.test"],
+                "edge1": names_of("example.test", "p384.test", "rsa.test", "ed.test"),
                 "edge2": ["other.test"],
             },
             edge_rates={"edge2": (1.0, 2)},
@@ -257,10 +258,35 @@ def test_revocation_by_sighup(kpki: KeylessPki, keyserver: KeyServerProcess) -> 
     asyncio.run(go())
 
 
+def test_a_certificate_wider_than_the_edge_is_refused_and_reported_at_reload(
+    kpki: KeylessPki, keyserver: KeyServerProcess
+) -> None:
+    """atk-trust finding 1: edge2, now authorised for www.example.test only, gets nothing signed
+    with the certificate that also covers example.test and *.example.test; the reload says so."""
+    keyserver.write_config(keyserver_config(kpki, {"edge2": ["www.example.test"]}))
+    keyserver.proc.send_signal(signal.SIGHUP)
+    assert keyserver.wait_for(lambda r: r.get("event") == "reloaded", 5)
+    warned = keyserver.wait_for(
+        lambda r: r.get("event") == "edge_key_partly_authorised" and r.get("edge") == "edge2", 5
+    )
+    assert warned is not None and warned["key"] == "p256"
+    assert warned["unauthorised"] == ["example.test", "*.example.test"]
+    with pytest.raises(KeyServerError, match="unauthorized: certificate_too_broad"):
+        sign(kpki, keyserver.port, "edge2", Visit(kpki, "p256", "www.example.test").sign_request())
+    assert (
+        keyserver.metric(
+            "blindfold_keyserver_signatures_total", edge="edge2", result="certificate_too_broad"
+        )
+        == 1
+    )
+
+
 def test_rate_limit_per_edge(kpki: KeylessPki, keyserver: KeyServerProcess) -> None:
-    # edge2: 1/s, burst 2, now allowed example.test.
+    # edge2: 1/s, burst 2, now allowed the site certificate's names.
     keyserver.write_config(
-        keyserver_config(kpki, {"edge2": ["example.test"]}, edge_rates={"edge2": (1.0, 2)})
+        keyserver_config(
+            kpki, {"edge2": ["example.test", "*.example.test"]}, edge_rates={"edge2": (1.0, 2)}
+        )
     )
     keyserver.proc.send_signal(signal.SIGHUP)
     assert keyserver.wait_for(lambda r: r.get("event") == "reloaded", 5)

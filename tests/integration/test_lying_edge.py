@@ -3,8 +3,11 @@ signed for another name the same certificate covers, whatever it sends the key s
 
 The edge is the liar: it holds a real edge identity (edge1's client certificate), runs our TLS
 core with curl as the visitor, and when the handshake needs its signature sends the key server
-what a liar would. The key server is the real process. edge1 may sign for example.test only;
-the site certificate also covers *.example.test, so curl visits www.example.test."""
+what a liar would. The key server is the real process. edge1 may sign for example.test and
+rsa.test (*.rsa.test too); the site certificate it serves also covers *.example.test, so curl
+visits www.example.test. Since atk-trust finding 1 that certificate is useless to edge1 even
+for example.test: it covers a name edge1 is not authorised for (a browser would send that
+name's requests over the connection), so the key server signs nothing with it for edge1."""
 
 from __future__ import annotations
 
@@ -23,11 +26,12 @@ from blindfold.core import keyless_wire as w
 from blindfold.core import tls13_server as ts
 from tests.helpers import forge
 from tests.helpers.clients import curl, wait_until
-from tests.helpers.keyless import KeylessPki, KeyServerProcess, keyserver_config, make_pki
+from tests.helpers.keyless import KeylessPki, KeyServerProcess, Visit, keyserver_config, make_pki
 from tests.helpers.lying_edge import Attempt, KeyServerLink, LyingEdge, Outcome
 
 AUTHORISED = "example.test"
 VICTIM = "www.example.test"  # covered by the certificate, not by edge1's hostnames
+OWN = "rsa.test"  # edge1 is authorised for every name of that certificate
 
 
 @pytest.fixture
@@ -38,7 +42,7 @@ def kpki(tmp_path: Path, ca: pki.Issued) -> KeylessPki:
 @pytest.fixture
 def keyserver(kpki: KeylessPki, tmp_path: Path) -> Iterator[KeyServerProcess]:
     ks = KeyServerProcess(
-        keyserver_config(kpki, {"edge1": [AUTHORISED, "rsa.test"]}), tmp_path, name="ks"
+        keyserver_config(kpki, {"edge1": [AUTHORISED, OWN, f"*.{OWN}"]}), tmp_path, name="ks"
     )
     yield ks
     ks.stop()
@@ -75,16 +79,17 @@ def _errors(outcome: Outcome) -> list[str]:
 def test_a_lying_edge_never_completes_a_handshake_for_a_name_it_is_not_authorised_for(
     kpki: KeylessPki, keyserver: KeyServerProcess, liar: LyingEdge
 ) -> None:
-    # The honest path works: curl completes for the authorised name.
-    recorded: list[bytes] = []
-
-    def honest_and_recorded(a: Attempt) -> bytes | None:
-        frame = w.encode_sign_request(a.link.rid(), w.SignRequest(a.request.scheme, "", _m(a)))
-        recorded.append(frame)
-        return a.ask(frame)
-
-    outcome, result = visit(liar, kpki, AUTHORISED, honest_and_recorded)
-    assert outcome.handshake_completed and "read by a liar" in result, result
+    # Even the authorised name gets no handshake with a certificate that also covers others.
+    outcome, result = visit(liar, kpki, AUTHORISED, honest)
+    assert not outcome.handshake_completed and not outcome.served, result
+    assert any("certificate_too_broad" in e for e in _errors(outcome)), _errors(outcome)
+    # An honest request for a name of a certificate edge1 covers fully is signed.
+    recorded = [w.encode_sign_request(1, Visit(kpki, "rsa", OWN).sign_request(client=""))]
+    link = KeyServerLink(keyserver.port, kpki.edge_tls("edge1"))
+    try:
+        assert link.call(recorded[0]).type == w.SIGN_RESPONSE
+    finally:
+        link.close()
 
     def ask_as_it_is(a: Attempt) -> bytes | None:
         return honest(a)
@@ -115,8 +120,8 @@ def test_a_lying_edge_never_completes_a_handshake_for_a_name_it_is_not_authorise
         return a.ask(w.encode_sign_request(a.link.rid(), req))
 
     def forge_the_client_hello(a: Attempt) -> bytes | None:
-        """Rewrite the visitor's SNI to the authorised name: signed, but for a transcript
-        that is not the visitor's."""
+        """Rewrite the visitor's SNI to the authorised name (before finding 1 this was signed,
+        for a transcript that is not the visitor's)."""
         msgs = forge.split_messages(_m(a))
         hello = forge.Hello.parse(msgs[0]).with_sni(AUTHORISED).encode()
         req = w.SignRequest(a.request.scheme, "", hello + b"".join(msgs[1:]))
@@ -139,24 +144,24 @@ def test_a_lying_edge_never_completes_a_handshake_for_a_name_it_is_not_authorise
         return a.ask(recorded[0])
 
     def replay_the_old_client_hello(a: Attempt) -> bytes | None:
-        """The earlier visitor's ClientHello (an authorised SNI) with this handshake's
-        server messages."""
+        """The earlier visitor's ClientHello (an authorised SNI) with this handshake's server
+        messages and the certificate of that name's key."""
         old = w.decode_sign_request(w.FrameDecoder().feed(recorded[0])[0].body).messages
         old_hello = forge.split_messages(old)[0]
         msgs = forge.split_messages(_m(a))
         sh = forge.ServerHello.parse(msgs[1])
         sh.session_id = forge.Hello.parse(old_hello).session_id  # consistent, as a liar makes it
-        messages = old_hello + sh.encode() + b"".join(msgs[2:])
-        req = w.SignRequest(a.request.scheme, "", messages)
+        messages = old_hello + sh.encode() + msgs[2] + forge.certificate([rsa_der])
+        req = w.SignRequest(w.RSA_PSS_RSAE_SHA256, "", messages)
         return a.ask(w.encode_sign_request(a.link.rid(), req))
 
     expected = {
         ask_as_it_is: "unauthorized_sni",
         claim_the_authorised_name_v1: "version 1 is not supported",
         claim_the_authorised_name_v2: "unexpected_message",
-        forge_the_client_hello: None,  # signed: useless to the visitor
+        forge_the_client_hello: "certificate_too_broad",
         send_another_certificate: "certificate_mismatch",
-        replay_the_old_request: None,  # signed again: over the old transcript
+        replay_the_old_request: None,  # signed again: over the old visitor's transcript
         replay_the_old_client_hello: "replayed_client_random",
     }
     for trick, refusal in expected.items():
@@ -172,12 +177,14 @@ def test_a_lying_edge_never_completes_a_handshake_for_a_name_it_is_not_authorise
 
     # The audit log says what the key server read itself: the refused visitor's real SNI.
     audit = kpki.dir / "audit.log"
-    assert wait_until(lambda: audit.exists() and audit.read_text().count("\n") >= 7, 5)
+    assert wait_until(lambda: audit.exists() and audit.read_text().count("\n") >= 8, 5)
     entries = [json.loads(line) for line in audit.read_text().splitlines()]
-    assert entries[0]["event"] == "signed" and entries[0]["verified"]["sni"] == AUTHORISED
-    refused = next(e for e in entries if e["event"] == "refused")
+    assert entries[0]["reason"] == "certificate_too_broad"
+    assert entries[0]["verified"]["sni"] == AUTHORISED
+    assert entries[1]["event"] == "signed" and entries[1]["verified"]["sni"] == OWN
+    refused = next(e for e in entries[2:] if e["event"] == "refused")
     assert refused["reason"] == "unauthorized_sni" and refused["verified"]["sni"] == VICTIM
-    assert all(e["verified"].get("sni") != VICTIM for e in entries if e["event"] == "signed"), (
-        "a handshake for the unauthorised name was signed"
+    assert {e["verified"]["sni"] for e in entries if e["event"] == "signed"} == {OWN}, (
+        "a handshake was signed with the certificate that covers the unauthorised name"
     )
     assert cli(["audit", "verify", "--key", str(kpki.audit_key), str(audit)]) == 0

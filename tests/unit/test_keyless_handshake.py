@@ -24,7 +24,7 @@ from blindfold.errors import ProtocolError
 from blindfold.keyserver.signer import SiteKey
 from tests.helpers import forge
 from tests.helpers.tlsbuild import records
-from tests.unit.test_tls13_server import HOST, Pair, Site
+from tests.unit.test_tls13_server import HOST, NAMES, Pair, Site
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def refused(
 ) -> str:
     with pytest.raises(ProtocolError) as info:
         hs = kh.parse_handshake(messages)
-        kh.authorise(hs, scheme, edge or site.edge_may_sign, site.keys)
+        kh.authorise(hs, scheme, edge or site.edge_may_sign, site.keys, {})
     return info.value.reason
 
 
@@ -94,7 +94,7 @@ def test_the_key_servers_hash_is_the_transcript_hash(
     assert hello is not None and hs.client_random == hello.message[6:38]
     assert hs.certificate_sha256 == site.identity.certificate_sha256
     assert hs.alpn == "h2" and hs.cipher_suite == 0x1301
-    assert kh.authorise(hs, scheme, site.edge_may_sign, site.keys) is site.key
+    assert kh.authorise(hs, scheme, site.edge_may_sign, site.keys, {}) is site.key
     p.to_client()
     p.handshake()  # and the client accepts the signature made over the key server's hash
     assert p.client.version() == "TLSv1.3"
@@ -127,7 +127,59 @@ def test_an_unauthorised_sni_is_refused(sites: dict[str, Site]) -> None:
     assert refused(site, request.messages, edge=only_apex) == "unauthorized_sni"
     # the certificate covers it, and another edge may have it signed
     hs = kh.parse_handshake(request.messages)
-    assert kh.authorise(hs, 0x0403, site.edge_may_sign, site.keys) is site.key
+    assert kh.authorise(hs, 0x0403, site.edge_may_sign, site.keys, {}) is site.key
+
+
+def test_a_certificate_wider_than_the_edge_is_refused(sites: dict[str, Site]) -> None:
+    """atk-trust finding 1: an edge authorised for one of the certificate's names must not get
+    a handshake signed with it (a browser would send the other names' requests over it)."""
+    site = sites["ec256"]  # example.test, *.example.test
+    request = request_for(site, openssl_flight(site, sni="www.example.test"))
+    hs = kh.parse_handshake(request.messages)
+    only_www = ("www.example.test",)
+    extra = kh.uncovered_names(NAMES, only_www)
+    assert extra == (HOST, "*.example.test")
+    allowed = SniRouter([(n, True) for n in only_www]).lookup
+    with pytest.raises(ProtocolError) as info:
+        kh.authorise(hs, 0x0403, allowed, site.keys, {site.key.cert_sha256: extra})
+    assert info.value.reason == "certificate_too_broad"
+    assert "*.example.test" in info.value.detail
+    # another key's entry does not matter; the edge's names covering all of them do
+    assert kh.authorise(hs, 0x0403, allowed, site.keys, {bytes(32): extra}) is site.key
+
+
+@pytest.mark.parametrize(
+    "names,patterns,uncovered",
+    [
+        (["a.test", "*.a.test"], ["a.test", "*.a.test"], []),
+        (["a.test", "*.a.test"], ["a.test"], ["*.a.test"]),
+        (["a.test", "*.a.test"], ["*.a.test"], ["a.test"]),  # '*.' never covers the apex
+        (["*.a.test"], ["www.a.test"], ["*.a.test"]),  # an exact name is not the wildcard
+        (["*.x.a.test", "y.x.a.test"], ["*.a.test"], []),  # a wider wildcard covers them
+        (["*.a.test"], ["*.x.a.test"], ["*.a.test"]),  # a narrower one does not
+        (["*.a.test"], ["*.xa.test"], ["*.a.test"]),  # label boundaries
+        (["a.test", "192.0.2.1"], ["a.test"], ["192.0.2.1"]),  # an IP address name
+        (["keyless.a.test"], ["keyless.a.test"], []),
+    ],
+)
+def test_uncovered_names(names: list[str], patterns: list[str], uncovered: list[str]) -> None:
+    assert kh.uncovered_names(names, patterns) == tuple(uncovered)
+
+
+@pytest.mark.parametrize(
+    "names,patterns,overlap",
+    [
+        (["a.test", "*.a.test"], ["a.test"], True),
+        (["a.test", "*.a.test"], ["www.a.test"], True),
+        (["*.x.a.test"], ["*.a.test"], True),
+        (["*.a.test"], ["*.x.a.test"], True),
+        (["a.test"], ["*.a.test"], False),
+        (["a.test", "*.a.test"], ["b.test", "*.b.test"], False),
+        (["*.a.test"], ["*.xa.test"], False),
+    ],
+)
+def test_names_overlap(names: list[str], patterns: list[str], overlap: bool) -> None:
+    assert kh.names_overlap(names, patterns) is overlap
 
 
 def test_a_forged_client_hello_has_another_transcript(sites: dict[str, Site]) -> None:
@@ -149,6 +201,53 @@ def test_not_tls13(sites: dict[str, Site]) -> None:
     sh = forge.ServerHello.parse(msgs[1])
     sh.extensions = [(t, b"\x03\x03" if t == 43 else d) for t, d in sh.extensions]
     assert refused(site, msgs[0] + sh.encode() + b"".join(msgs[2:])) == "not_tls13"
+
+
+def _with_fillers(hello: forge.Hello, n: int, size: int = 0) -> forge.Hello:
+    """The hello with `n` more extensions of unassigned types, `size` bytes each."""
+    used = {t for t, _ in hello.extensions}
+    types = [t for t in range(0x1000, 0x1000 + n + len(used)) if t not in used][:n]
+    return replace(hello, extensions=[*hello.extensions, *((t, bytes(size)) for t in types)])
+
+
+def test_client_hello_caps(sites: dict[str, Site]) -> None:
+    """atk-trust finding 6: a ClientHello is at most 16 KiB and 64 extensions. The attack's
+    hello (64 KiB of 16,000 empty extensions, ~5 ms of parsing each) and one of 4,000 empty
+    extensions in 16 KiB are refused before they are parsed; real hellos are far below."""
+    site = sites["ec256"]
+    msgs = forge.split_messages(request_for(site, openssl_flight(site)).messages)
+    hello = forge.Hello.parse(msgs[0])
+    rest = b"".join(msgs[1:])
+    room = kh.MAX_HELLO_EXTENSIONS - len(hello.extensions)
+    at_cap = _with_fillers(hello, room).encode()
+    assert kh.parse_handshake(at_cap + rest).sni == HOST  # 64 extensions: read
+    assert refused(site, _with_fillers(hello, room + 1).encode() + rest) == "too_many_extensions"
+    many = _with_fillers(hello, 3900).encode()
+    assert len(many) <= kh.MAX_CLIENT_HELLO
+    assert refused(site, many + rest) == "too_many_extensions"
+    huge = _with_fillers(hello, 16000).encode()
+    assert refused(site, huge + rest) == "hello_too_large"
+    # a few large extensions (post-quantum key shares are 1-2 KB) pass up to the size cap
+    big = _with_fillers(hello, 7, size=2000).encode()
+    assert kh.MAX_CLIENT_HELLO - 2100 < len(big) <= kh.MAX_CLIENT_HELLO
+    assert kh.parse_handshake(big + rest).sni == HOST
+    bigger = _with_fillers(hello, 8, size=2000).encode()
+    assert refused(site, bigger + rest) == "hello_too_large"
+
+
+def test_server_message_caps(sites: dict[str, Site], ca: pki.Issued) -> None:
+    site = sites["ec256"]
+    msgs = forge.split_messages(request_for(site, openssl_flight(site)).messages)
+    fillers = [(0x1000 + i, b"") for i in range(kh.MAX_SERVER_EXTENSIONS + 1)]
+    ee = forge.encrypted_extensions(fillers)
+    assert refused(site, msgs[0] + msgs[1] + ee + msgs[3]) == "too_many_extensions"
+    ee = forge.encrypted_extensions(fillers[:-1])
+    assert kh.parse_handshake(msgs[0] + msgs[1] + ee + msgs[3]).sni == HOST
+    leaf = site.identity.ders[0]
+    head = b"".join(msgs[:3])
+    chain = forge.certificate([leaf] * (kh.MAX_CERTIFICATES + 1))
+    assert refused(site, head + chain) == "too_many_certificates"
+    assert kh.parse_handshake(head + forge.certificate([leaf] * kh.MAX_CERTIFICATES))
 
 
 def _with_server_hello(
@@ -226,7 +325,7 @@ def test_certificate_lies(sites: dict[str, Site], ca: pki.Issued) -> None:
     keys[other.key.cert_sha256] = other_name
     hs = kh.parse_handshake(head + forge.certificate([other.identity.ders[0]]))
     with pytest.raises(ProtocolError, match="certificate_mismatch"):
-        kh.authorise(hs, 0x0503, site.edge_may_sign, keys)
+        kh.authorise(hs, 0x0503, site.edge_may_sign, keys, {})
     # the chain after the leaf does not matter to the key server (the visitor checks it)
     hs = kh.parse_handshake(head + forge.certificate([leaf, stranger]))
     assert hs.certificate_sha256 == hashlib.sha256(leaf).digest()
@@ -295,6 +394,9 @@ REASONS = {
     "alpn_not_offered",
     "bad_certificate",
     "unexpected_message",
+    "hello_too_large",
+    "too_many_extensions",
+    "too_many_certificates",
 }
 _MESSAGES: bytes
 

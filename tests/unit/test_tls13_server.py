@@ -54,7 +54,7 @@ class Site:
         itself, authorise, sign. Its own hash is aioquic's transcript hash."""
         hs = kh.parse_handshake(request.messages)
         assert hs.transcript_hash == request.transcript_hash
-        key = kh.authorise(hs, request.scheme, self.edge_may_sign, self.keys)
+        key = kh.authorise(hs, request.scheme, self.edge_may_sign, self.keys, {})
         return sign_certificate_verify(key, request.scheme, hs.transcript_hash)
 
 

@@ -74,10 +74,9 @@ def _check_config(path: str) -> int:
             waf = f"PL{origin.waf.paranoia_level}" if origin.waf.enabled else "off"
             sections.append(f"origin (upstream {origin.upstream}, WAF {waf})")
         if config.keyserver is not None:
-            from blindfold.keyserver.signer import load_key
+            from blindfold.keyserver.access import check_keys
 
-            for i, k in enumerate(config.keyserver.keys):
-                load_key(i, k)
+            warnings += check_keys(config.keyserver)  # loads the keys; partly authorised edges
             if unspecified_listen(config.keyserver.admin_listen):
                 warnings.append(
                     f"keyserver.admin_listen = {config.keyserver.admin_listen!r} serves /metrics "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -17,6 +18,15 @@ def _fingerprint(value: str) -> str | None:
     return None if _FP.match(v) else "expected the SHA-256 of the certificate, 64 hex digits"
 
 
+def _cidrs(values: tuple[str, ...]) -> str | None:
+    for i, v in enumerate(values):
+        try:
+            ipaddress.ip_network(v, strict=False)
+        except ValueError:
+            return f"[{i}]: {v!r} is not an IP address or CIDR"
+    return None
+
+
 def _patterns(values: tuple[str, ...]) -> str | None:
     for i, v in enumerate(values):
         problem = check_sni_pattern(v)
@@ -30,7 +40,9 @@ class KeyConfig:
     key: str = setting(doc="PEM private key (ECDSA P-256/P-384, RSA >= 2048 bits, Ed25519).")
     certificate: str = setting(
         doc="Its certificate (chain): a handshake whose Certificate message carries this "
-        "leaf is signed with this key, and only for an SNI its DNS names cover."
+        "leaf is signed with this key, only for an SNI its DNS names cover, and only for an "
+        "edge authorised for every name it covers (give keyless hostnames a certificate of "
+        "their own)."
     )
     name: str = setting("", doc="Name in logs, metrics and the audit log (default: key<N>).")
 
@@ -45,7 +57,8 @@ class EdgeAccessConfig:
     )
     hostnames: tuple[str, ...] = setting(
         doc="Hostnames (exact or '*.suffix') it may have handshakes signed for: matched "
-        "against the SNI in the visitor's ClientHello, which the key server reads itself.",
+        "against the SNI in the visitor's ClientHello, which the key server reads itself. A "
+        "key is used for this edge only if these cover all of its certificate's names.",
         check=_patterns,
     )
     rate_per_s: float = setting(
@@ -91,6 +104,46 @@ class KeyServerConfig:
         min=0.001,
     )
     burst: int = setting(4000, doc="Default burst per edge.", min=1)
+    max_connections_per_edge: int = setting(
+        64,
+        doc="Open connections per edge identity (an edge keeps one per worker process and key "
+        "server); more are closed once their handshake names the edge.",
+        min=1,
+    )
+    max_inflight_per_edge: int = setting(
+        256,
+        doc="Requests of one edge waiting to be served, counted in cost units like the rate "
+        "(one per started 8 KiB); while it has this many its connections are not read. "
+        "Edges are served in turn, so one edge's backlog never delays another's requests "
+        "by more than one of its own.",
+        min=1,
+    )
+    allowed_sources: tuple[str, ...] = setting(
+        (),
+        doc="Addresses/CIDRs that may connect at all, checked at accept before any TLS (like "
+        "origin.trusted_edges): list the edges' addresses. Empty: any address (mutual TLS "
+        "still refuses strangers, but each costs a handshake and holds a descriptor until it "
+        "fails).",
+        check=_cidrs,
+    )
+    max_connections: int = setting(
+        1024,
+        doc="Open connections at most, TLS handshakes included; more are closed at accept. "
+        "Lowered at start to what the open-files limit allows (with a log line).",
+        min=1,
+    )
+    max_connections_per_source: int = setting(
+        64,
+        doc="Open connections per source address (IPv6: per /64), TLS handshakes included; "
+        "more are closed at accept.",
+        min=1,
+    )
+    tls_handshake_timeout_s: float = setting(
+        2.0,
+        doc="A connection that has not completed its mutual-TLS handshake by then is closed.",
+        min=0.1,
+        max=60,
+    )
     replay_window_s: float = setting(
         60.0,
         doc="A ClientHello random signed within this many seconds is not signed again for "

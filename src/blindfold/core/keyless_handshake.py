@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple, Protocol, TypeVar
 
 from blindfold.core.clienthello import ClientHello, parse_hello_message
@@ -48,7 +48,15 @@ SUITE_HASHES: dict[int, Callable[[bytes], hashlib._Hash]] = {
     0x1302: hashlib.sha384,  # TLS_AES_256_GCM_SHA384
     0x1303: hashlib.sha256,  # TLS_CHACHA20_POLY1305_SHA256
 }
-MAX_CLIENT_HELLO = 4 + 65536  # the edge reads at most 64 KiB of ClientHello records
+# Hard caps on what the key server reads (atk-trust finding 6: a 64 KiB ClientHello of 16,000
+# empty extensions cost ~5 ms of parsing, so one edge under its rate limit starved every other).
+# Real clients stay far below: Chromium's post-quantum ClientHello is ~1.8 KB with ~18
+# extensions (GREASE included), Firefox's and OpenSSL's are alike. The extensions are counted
+# before anything is parsed, so a refused request costs the key server a few microseconds.
+MAX_CLIENT_HELLO = 16384  # bytes of the ClientHello message, header included (one full record)
+MAX_HELLO_EXTENSIONS = 64
+MAX_SERVER_EXTENSIONS = 32  # EncryptedExtensions (the edge's own: ALPN and a few more)
+MAX_CERTIFICATES = 16  # entries of the Certificate message (real chains have 2 to 4)
 
 
 class Handshake(NamedTuple):
@@ -87,7 +95,10 @@ def parse_handshake(messages: bytes) -> Handshake:
     # ClientHello (RFC 8446 §4.1.2), through the edge's parser
     _body, end = _message(messages, 0, HS_CLIENT_HELLO, "ClientHello", "bad_client_hello")
     if end > MAX_CLIENT_HELLO:
-        raise _refuse("bad_client_hello", f"a ClientHello of {end} bytes")
+        raise _refuse(
+            "hello_too_large", f"a ClientHello of {end} bytes (at most {MAX_CLIENT_HELLO})"
+        )
+    _count_extensions(messages, end)
     try:
         hello = parse_hello_message(messages[:end])
         key_share_groups = hello.key_share_groups
@@ -120,6 +131,30 @@ def parse_handshake(messages: bytes) -> Handshake:
         leaf_sha256,
         SUITE_HASHES[cipher_suite](messages).digest(),
     )
+
+
+def _count_extensions(data: bytes, end: int) -> None:
+    """Refuse a ClientHello (data[:end]) with more than MAX_HELLO_EXTENSIONS extensions, reading
+    only the extension headers (RFC 8446 §4.1.2 layout). Anything malformed is left to the
+    parser, which names it."""
+    if end < 39:
+        return
+    pos = 39 + data[38]  # header, legacy_version, random, then legacy_session_id
+    if pos + 2 > end:
+        return
+    pos += 2 + ((data[pos] << 8) | data[pos + 1])  # cipher_suites
+    if pos >= end:
+        return
+    pos += 1 + data[pos] + 2  # legacy_compression_methods, the extensions' length
+    count = 0
+    while pos + 4 <= end:
+        count += 1
+        if count > MAX_HELLO_EXTENSIONS:
+            raise _refuse(
+                "too_many_extensions",
+                f"the ClientHello has more than {MAX_HELLO_EXTENSIONS} extensions",
+            )
+        pos += 4 + ((data[pos + 2] << 8) | data[pos + 3])
 
 
 def _server_hello(
@@ -208,6 +243,11 @@ def _encrypted_extensions(data: bytes, pos: int, hello: ClientHello) -> tuple[st
         if etype in seen:
             raise _refuse(bad, f"duplicate extension {etype}")
         seen.add(etype)
+        if len(seen) > MAX_SERVER_EXTENSIONS:
+            raise _refuse(
+                "too_many_extensions",
+                f"the EncryptedExtensions has more than {MAX_SERVER_EXTENSIONS} extensions",
+            )
         p += 4
         if etype == EXT_ALPN:  # RFC 7301 §3.1: the server selects exactly one name
             n = data[p + 2] if stop - p >= 3 else 0
@@ -239,7 +279,13 @@ def _certificate(data: bytes, pos: int) -> tuple[bytes, int]:
         raise _refuse(bad, "the certificate_list length does not match the message")
     p = body + 4
     leaf = b""
+    count = 0
     while p < end:
+        count += 1
+        if count > MAX_CERTIFICATES:
+            raise _refuse(
+                "too_many_certificates", f"more than {MAX_CERTIFICATES} certificates in the chain"
+            )
         if p + 3 > end:
             raise _refuse(bad, "truncated certificate entry")
         stop = p + 3 + int.from_bytes(data[p : p + 3], "big")
@@ -257,7 +303,10 @@ def _certificate(data: bytes, pos: int) -> tuple[bytes, int]:
 
 # ------------------------------------------------------------------------------ authorisation
 class SigningKey(Protocol):
-    """What authorisation needs of a key: its schemes, and the names its certificate covers."""
+    """What authorisation needs of a key: its certificate, its schemes, the names it covers."""
+
+    @property
+    def cert_sha256(self) -> bytes: ...
 
     @property
     def schemes(self) -> frozenset[int]: ...
@@ -269,11 +318,17 @@ K = TypeVar("K", bound=SigningKey)
 
 
 def authorise(
-    hs: Handshake, scheme: int, allowed: Callable[[str], object], keys: Mapping[bytes, K]
+    hs: Handshake,
+    scheme: int,
+    allowed: Callable[[str], object],
+    keys: Mapping[bytes, K],
+    too_broad: Mapping[bytes, tuple[str, ...]],
 ) -> K:
     """The key to sign with, if this edge (`allowed`: its hostnames) may have this handshake
     signed with `scheme`; ProtocolError (unauthorized_sni, certificate_mismatch,
-    scheme_not_offered, bad_scheme) otherwise."""
+    certificate_too_broad, scheme_not_offered, bad_scheme) otherwise. `too_broad` maps the
+    certificates (SHA-256) that cover names this edge is not authorised for to those names
+    (`uncovered_names`, computed once per edge and key when the configuration is loaded)."""
     if not allowed(hs.sni):
         raise _refuse("unauthorized_sni", f"this edge may not sign for {hs.sni}")
     key = keys.get(hs.certificate_sha256)
@@ -284,11 +339,66 @@ def authorise(
         )
     if not key.covers(hs.sni):
         raise _refuse("certificate_mismatch", f"the certificate does not cover {hs.sni}")
+    extra = too_broad.get(key.cert_sha256)
+    if extra is not None:
+        # RFC 9113 §9.1.1: a browser sends requests for every name the certificate covers
+        # over this connection once the handshake completes, whatever name it was opened for
+        raise _refuse(
+            "certificate_too_broad",
+            f"the certificate also covers {', '.join(extra[:4])}"
+            f"{' and more' if len(extra) > 4 else ''}, which this edge is not authorised for "
+            "(a browser may send their requests over this connection): give this edge's names "
+            "a certificate of their own",
+        )
     if scheme not in hs.signature_algorithms:
         raise _refuse("scheme_not_offered", f"the client did not offer scheme 0x{scheme:04x}")
     if scheme not in key.schemes:
         raise _refuse("bad_scheme", f"scheme 0x{scheme:04x} does not fit the key")
     return key
+
+
+def uncovered_names(names: Iterable[str], patterns: Iterable[str]) -> tuple[str, ...]:
+    """The certificate names (DNS names, '*.' wildcards among them, and IP addresses) that an
+    edge authorised for `patterns` (exact names and '*.suffix', as core.routing matches them) is
+    not authorised for. A wildcard name needs a wildcard pattern at or above it: '*.a.example'
+    is covered by '*.a.example' or '*.example', not by 'www.a.example'."""
+    exact = set()
+    wild = []
+    for p in patterns:
+        if p.startswith("*."):
+            wild.append(p[2:])
+        else:
+            exact.add(p)
+
+    def below(name: str) -> bool:  # a wildcard pattern covers `name` ('.a.example': all below)
+        return any(name.endswith("." + w) for w in wild)
+
+    out = []
+    for name in names:
+        if name.startswith("*."):  # '*.a.example': every name ending in '.a.example'
+            if not below(name[1:]):
+                out.append(name)
+        elif name not in exact and not below(name):
+            out.append(name)
+    return tuple(out)
+
+
+def names_overlap(names: Iterable[str], patterns: Iterable[str]) -> bool:
+    """Whether an edge authorised for `patterns` may sign for any name the certificate covers
+    (an SNI both match), even if not for all of them."""
+
+    def meet(a: str, b: str) -> bool:
+        if a.startswith("*.") and b.startswith("*."):
+            sa, sb = a[1:], b[1:]  # ".suffix"
+            return sa.endswith(sb) or sb.endswith(sa)
+        if a.startswith("*."):
+            return b.endswith(a[1:])
+        if b.startswith("*."):
+            return a.endswith(b[1:])
+        return a == b
+
+    pats = list(patterns)
+    return any(meet(n, p) for n in names for p in pats)
 
 
 # ------------------------------------------------------------------------------ replays

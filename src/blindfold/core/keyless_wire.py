@@ -79,6 +79,7 @@ REFUSAL_CODES = {
     "no_sni": E_UNAUTHORIZED,
     "unauthorized_sni": E_UNAUTHORIZED,
     "certificate_mismatch": E_UNKNOWN_KEY,
+    "certificate_too_broad": E_UNAUTHORIZED,
     "scheme_not_offered": E_BAD_SCHEME,
     "bad_scheme": E_BAD_SCHEME,
     "replayed_client_random": E_REPLAYED,

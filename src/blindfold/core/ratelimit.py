@@ -12,7 +12,8 @@ from collections.abc import Hashable
 
 
 class TokenBucket:
-    """One bucket: `rate_per_s` tokens per second, at most `burst`; a request takes one."""
+    """One bucket: `rate_per_s` tokens per second, at most `burst`; a request takes one, or
+    `cost` (a request that costs more work takes more)."""
 
     __slots__ = ("burst", "rate", "stamp", "tokens")
 
@@ -22,13 +23,13 @@ class TokenBucket:
         self.tokens = float(burst)
         self.stamp = now
 
-    def allow(self, now: float) -> bool:
+    def allow(self, now: float, cost: float = 1.0) -> bool:
         tokens = self.tokens + (now - self.stamp) * self.rate
         if tokens > self.burst:
             tokens = self.burst
         self.stamp = now
-        if tokens >= 1.0:
-            self.tokens = tokens - 1.0
+        if tokens >= cost:
+            self.tokens = tokens - cost
             return True
         self.tokens = tokens
         return False

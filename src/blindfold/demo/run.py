@@ -7,9 +7,12 @@
 It prints what to run, and with --self-check runs it: a page through the edge, an SQL
 injection the origin's WAF blocks, the resulting ban enforced by the edge at layer 4, a page
 over the keyless hostname whose handshake signature is in the key server's audit log, a lying
-edge (the demo edge's own identity) refused a handshake for a name the site certificate
-covers but the edge is not authorised for, and a sealed file fetched from the blind edge,
-verified and decrypted (`blindfold fetch`, `verify`).
+edge (the demo edge's own identity) refused a handshake for the site's name, which the edge is
+not authorised for, and a sealed file fetched from the blind edge, verified and decrypted
+(`blindfold fetch`, `verify`). The keyless hostname has a certificate of its own: a browser
+sends requests for every name a certificate covers over one connection (RFC 9113 §9.1.1), so
+a certificate shared with the passthrough names would hand the edge their plaintext (the key
+server refuses to sign with one).
 """
 
 from __future__ import annotations
@@ -117,6 +120,12 @@ admin_listen = "127.0.0.1:0"
 cert = "{base / "site.pem"}"
 key = "{base / "site.key"}"
 
+# the keyless hostname's own certificate: the edge's connections to the origin for it, and
+# its handshakes when the key server is down (keyserver_down = "passthrough")
+[[origin.certificates]]
+cert = "{base / "keyless.pem"}"
+key = "{base / "keyless.key"}"
+
 [origin.waf]
 paranoia_level = 1
 mode = "block"
@@ -144,7 +153,8 @@ response_signing_key = "{base / "responses.pem"}"
 def _keyserver_config(base: Path, edge_fp: str) -> str:
     kl = base / "keyless"
     return f"""\
-# blindfold demo: the key server holds the site's key and signs handshakes for the edge.
+# blindfold demo: the key server holds the keyless hostname's key and signs handshakes for the
+# edge.
 [keyserver]
 listen = "127.0.0.1:0"
 cert = "{kl / "keyserver.pem"}"
@@ -154,13 +164,16 @@ audit_log = "{kl / "audit.log"}"
 audit_key = "{base / "audit.key"}"            # kept apart from the log (created at start)
 admin_listen = "127.0.0.1:0"
 
+# A certificate of its own, for {KEYLESS_HOST} only: the key server signs with a key only for
+# an edge authorised for every name its certificate covers (a browser would send another
+# name's requests over the keyless connection).
 [[keyserver.keys]]
-name = "site"
-key = "{base / "site.key"}"
-certificate = "{base / "site.pem"}"
+name = "keyless"
+key = "{base / "keyless.key"}"
+certificate = "{base / "keyless.pem"}"
 
-# The site certificate also covers {HOST}; this edge may have handshakes signed for
-# {KEYLESS_HOST} only (the SNI in the visitor's ClientHello, which the key server reads itself).
+# This edge may have handshakes signed for {KEYLESS_HOST} only (the SNI in the visitor's
+# ClientHello, which the key server reads itself).
 [[keyserver.edges]]
 name = "demo-edge"
 cert_sha256 = "{edge_fp}"
@@ -187,12 +200,12 @@ mode = "passthrough"
 origins = ["127.0.0.1:{origin_port}"]
 proxy_protocol = "v2"
 
-# keyless: the edge ends TLS 1.3 with the site's certificate but not its key
+# keyless: the edge ends TLS 1.3 with the keyless hostname's certificate but not its key
 [[edge.routes]]
 name = "demo-keyless"
 sni = ["{KEYLESS_HOST}"]
 mode = "keyless"
-certificate = "{base / "site.pem"}"
+certificate = "{base / "keyless.pem"}"
 origins = ["127.0.0.1:{origin_port}"]
 proxy_protocol = "v2"
 origin_ca = "{base / "ca.pem"}"
@@ -265,7 +278,9 @@ async def demo(
     base.mkdir(parents=True, exist_ok=True)
     ca = pki.make_ca("blindfold demo CA")
     ca.write(base / "ca.pem")
-    pki.issue(ca, [HOST, f"*.{HOST}", KEYLESS_HOST]).write(base / "site.pem", base / "site.key")
+    pki.issue(ca, [HOST, f"*.{HOST}"]).write(base / "site.pem", base / "site.key")
+    # the keyless hostname's own certificate (never one shared with the passthrough names)
+    pki.issue(ca, [KEYLESS_HOST]).write(base / "keyless.pem", base / "keyless.key")
     pki.issue(ca, [DECISIONS_HOST]).write(base / "decisions.pem", base / "decisions.key")
     # the keyless side's own PKI: an mTLS CA, the key server's certificate, the edge's identity
     kl = base / "keyless"
@@ -357,11 +372,12 @@ blindfold demo is running (files in {base})
      {curl}/ --interface {ATTACKER}        # now refused by the edge (for 60 s)
      {curl}/ --interface 127.0.0.67        # another visitor is still served
 
-3. Keyless: the edge ends TLS 1.3 itself with the site's certificate but not its key; each
-   handshake's signature comes from the key server (127.0.0.1:{keyserver_port}), which reads
-   the handshake messages itself, signs only for the SNI it is authorised for, and writes a
-   keyed, hash-chained audit log ("verified": SNI, client random, suite, certificate;
-   "claimed": the visitor's address as the edge says):
+3. Keyless: the edge ends TLS 1.3 itself with {KEYLESS_HOST}'s certificate (its own: one
+   shared with {HOST} would let a browser send {HOST}'s requests over this connection) but
+   not its key; each handshake's signature comes from the key server
+   (127.0.0.1:{keyserver_port}), which reads the handshake messages itself, signs only for the
+   SNI it is authorised for, and writes a keyed, hash-chained audit log ("verified": SNI,
+   client random, suite, certificate; "claimed": the visitor's address as the edge says):
      {kcurl}/
      tail -n 3 {audit}
      blindfold audit verify --key {base / "audit.key"} {audit}    # exit 0: intact
@@ -427,8 +443,8 @@ async def _run_blindfold(command: str) -> tuple[int, str]:
 
 async def _lying_edge(base: Path, keyserver_port: int) -> str:
     """Plays a lying edge with the demo edge's real identity: the handshake of a visitor to
-    {HOST} (which the site certificate covers, but this edge is not authorised for), sent to
-    the key server as it is. Returns the key server's answer ("signed" or its refusal)."""
+    {HOST} (which this edge is not authorised for), sent to the key server as it is. Returns
+    the key server's answer ("signed" or its refusal)."""
     import ssl
 
     from blindfold.core import keyless_wire as w
@@ -517,6 +533,13 @@ async def _self_check(
         (
             "its signature is in the audit log, with the SNI the key server read itself",
             signed.get("verified", {}).get("sni") == KEYLESS_HOST,
+        )
+    )
+    ks_log = (base / "keyserver.log").read_text(errors="replace")
+    checks.append(
+        (
+            "the keyless hostname's certificate names no host the edge may not sign for",
+            "keyserver_ready" in ks_log and '"event":"edge_key_partly_authorised"' not in ks_log,
         )
     )
     answer = await _lying_edge(base, keyserver_port)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import signal
+import socket
 import ssl
 import sys
 import time
@@ -23,10 +25,22 @@ from blindfold.config.common import parse_hostport
 from blindfold.config.keyserver import EdgeAccessConfig, KeyServerConfig
 from blindfold.core import keyless_handshake as kh
 from blindfold.core import keyless_wire as w
-from blindfold.core.ratelimit import TokenBucket
+from blindfold.core.fairqueue import FairQueue
+from blindfold.core.iplist import IPSet, parse_list, visitor_key
+from blindfold.core.ratelimit import KeyedLimiter, TokenBucket
 from blindfold.core.routing import SniRouter
 from blindfold.errors import ConfigError, ProtocolError
+from blindfold.io.accepted import (
+    BACKOFF_MIN_S,
+    RESOURCE_ERRNOS,
+    Backoff,
+    FdReserve,
+    fd_limit,
+    start_tls_server,
+)
 from blindfold.io.admin_http import AdminServer
+from blindfold.io.limits import raise_fd_limit
+from blindfold.keyserver.access import partial_grants, too_broad
 from blindfold.keyserver.audit import AuditError, AuditLog, create_key, json_str
 from blindfold.keyserver.audit import load_key as load_audit_key
 from blindfold.keyserver.signer import SignError, SiteKey, load_key, sign_certificate_verify
@@ -35,6 +49,13 @@ from blindfold.obs.log import JsonLog
 from blindfold.obs.metrics import Histogram, MetricSpec, render
 
 READ_SIZE = 65536
+FEED_SIZE = 16384  # frames are decoded (and queued) this many read bytes at a time
+SLICE_S = 0.005  # the longest the queue is served before the event loop runs its other work
+COST_BYTES = 8192  # a request costs one token (and one in-flight unit) per started 8 KiB
+FD_HEADROOM = 32  # descriptors kept for the logs, the audit log, the admin listener, reloads
+# accept() errors about the one connection being accepted (it was reset, or a firewall hook
+# refused it): accept the next at once
+_ONE_CONNECTION_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.EINTR})
 MAX_REPLAY_ENTRIES = 200_000  # ClientHello randoms remembered (about 200 B each)
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 2e-2)
 KEYSERVER_METRICS = [
@@ -61,15 +82,87 @@ KEYSERVER_METRICS = [
 
 
 class _Edge:
-    __slots__ = ("bucket", "cfg", "name_json", "router")
+    __slots__ = ("bucket", "cfg", "name_json", "router", "too_broad")
 
     def __init__(self, cfg: EdgeAccessConfig, ks: KeyServerConfig) -> None:
         self.cfg = cfg
         self.name_json = json_str(cfg.name)
         self.router: SniRouter[bool] = SniRouter([(h, True) for h in cfg.hostnames])
+        # the keys it may not sign with: their certificates cover names it is not authorised for
+        self.too_broad: dict[bytes, tuple[str, ...]] = {}
         self.bucket = TokenBucket(
             cfg.rate_per_s or ks.rate_per_s, cfg.burst or ks.burst, time.monotonic()
         )
+
+
+def _cost(body_bytes: int) -> int:
+    """What a request costs in tokens and in-flight units: one per started COST_BYTES of its
+    body (an ordinary handshake's messages, 2 to 7 KiB, cost one)."""
+    return 1 + (body_bytes - 1) // COST_BYTES if body_bytes > 0 else 1
+
+
+def _frame_error(exc: ProtocolError) -> str:
+    return "unsupported_version" if exc.reason == "unsupported_version" else "malformed"
+
+
+class _Conn:
+    """An edge connection, as the queue's server sees it."""
+
+    __slots__ = ("closed", "fp", "writer")
+
+    def __init__(self, fp: bytes, writer: asyncio.StreamWriter) -> None:
+        self.fp = fp
+        self.writer = writer
+        self.closed = False  # nothing more is served; answers already made are still sent
+
+    def send(self, data: bytes) -> None:
+        writer = self.writer
+        if writer.is_closing():
+            return
+        writer.write(data)
+        if self.closed:
+            writer.close()
+
+    def finish(self, data: bytes) -> None:
+        self.closed = True
+        self.send(data)
+
+
+class _EdgeState:
+    """What lives as long as the process for an edge identity (across reloads)."""
+
+    __slots__ = ("conns", "room")
+
+    def __init__(self) -> None:
+        self.conns = 0
+        self.room = asyncio.Event()  # set while it has fewer than max_inflight_per_edge queued
+        self.room.set()
+
+
+class _Listener:
+    """The edges' listening socket and the tasks that serve it; close() stops them."""
+
+    def __init__(self, sock: socket.socket, task: asyncio.Task[None]) -> None:
+        self.sock = sock
+        self.tasks = [task]
+
+    def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        self.sock.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
 
 
 class KeyServer:
@@ -85,6 +178,12 @@ class KeyServer:
         self.writers: dict[asyncio.StreamWriter, bytes] = {}  # connection -> edge fingerprint
         self.handlers: set[asyncio.Task[Any]] = set()
         self.stopping = asyncio.Event()
+        self.queue: FairQueue[bytes, tuple[_Conn, w.Frame]] = FairQueue()
+        self._work = asyncio.Event()
+        self.edge_states: dict[bytes, _EdgeState] = {}
+        self.open_conns = 0
+        self.max_conns = cfg.max_connections
+        self.per_source = KeyedLimiter(0.0, 1, cfg.max_connections_per_source, 65536)
         self._apply(cfg)
 
     def _apply(self, cfg: KeyServerConfig, *, first: bool = True) -> None:
@@ -97,10 +196,25 @@ class KeyServer:
             edge = _Edge(e, cfg)
             if kept is not None and kept.cfg == e:
                 edge.bucket = kept.bucket
+            edge.too_broad = too_broad(e.hostnames, keys)
             edges[e.fingerprint] = edge
+        for grant in partial_grants(cfg.edges, keys):
+            self.log.emit(
+                "edge_key_partly_authorised",
+                edge=grant.edge,
+                key=grant.key,
+                unauthorised=list(grant.unauthorised),
+                problem=grant.text(),
+            )
         self.cfg = cfg
         if not first:
             self.replays.window_s = cfg.replay_window_s
+        self.allowed = (
+            IPSet(parse_list("\n".join(cfg.allowed_sources))[0]) if cfg.allowed_sources else None
+        )
+        self.per_source.configure(0.0, 1, cfg.max_connections_per_source, 65536)
+        if not first:
+            self._set_conn_cap()
         self.keys: dict[bytes, SiteKey] = {k.cert_sha256: k for k in keys}
         self.edges: dict[bytes, _Edge] = edges
         if first:
@@ -119,16 +233,28 @@ class KeyServer:
         return ctx
 
     # ------------------------------------------------------------------ serving
+    # Connections are accepted here (not by asyncio.start_server) so that a stranger is turned
+    # away before it costs a TLS handshake: the address filter, a cap on open connections and one
+    # per source address, a short handshake deadline, and a pause instead of a traceback when
+    # descriptors run out (a reserve descriptor lets the waiting client get a close). Each edge
+    # connection's task only reads and decodes frames and queues them per edge; one task serves
+    # the queue (core.fairqueue: edges in turn, weighted by cost) in slices of at most SLICE_S,
+    # answering each connection once per slice, after the slice's audit lines are written.
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_exception)
+        raise_fd_limit()  # the soft limit up to the hard one (the unit sets LimitNOFILE)
+        self._set_conn_cap()
         host, port = parse_hostport(self.cfg.listen)
         try:
-            self.server = await asyncio.start_server(
-                self._serve, host, port, ssl=self.tls, ssl_handshake_timeout=10, limit=READ_SIZE
-            )
+            lsock = _bind(host, port)
             admin = await self.admin.start(*parse_hostport(self.cfg.admin_listen))
         except OSError as exc:
             raise ConfigError("keyserver.listen", f"cannot listen: {exc.strerror}") from None
-        sock = self.server.sockets[0].getsockname()
+        self.reserve = FdReserve()
+        self.server = _Listener(lsock, loop.create_task(self._accept_loop(lsock)))
+        self.server.tasks.append(loop.create_task(self._serve_queue()))
+        sock = lsock.getsockname()
         self.log.emit(
             "keyserver_ready",
             listen=[f"{sock[0]}:{sock[1]}"],
@@ -147,6 +273,29 @@ class KeyServer:
                 "a 'recovered' entry records it",
             )
 
+    def _set_conn_cap(self) -> None:
+        """max_connections, lowered to what the open-files limit leaves room for."""
+        cfg = self.cfg
+        limit = fd_limit()
+        self.max_conns = min(cfg.max_connections, max(1, limit - FD_HEADROOM))
+        if self.max_conns < cfg.max_connections:
+            self.log.emit(
+                "fd_limit_low",
+                limit=limit,
+                max_connections=self.max_conns,
+                problem="keyserver.max_connections cannot all be open: each takes a "
+                "descriptor; raise `ulimit -n` (LimitNOFILE) or lower max_connections",
+            )
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """asyncio's own server (the admin listener) reports EMFILE at accept with a traceback,
+        then pauses by itself: one log line instead, as for the edges' listener."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
+            self.log.emit("accept_paused", listener="admin", error=str(exc), limit=fd_limit())
+            return
+        loop.default_exception_handler(context)
+
     def _audit_state(self) -> dict[str, Any]:
         """The chain's end, for a copy kept apart from the log (cutting lines off the end
         is visible only against one)."""
@@ -155,18 +304,74 @@ class KeyServer:
     def _count_conn(self, result: str) -> None:
         self.conn_counts[result] = self.conn_counts.get(result, 0) + 1
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    async def _accept_loop(self, lsock: socket.socket) -> None:
+        """Accept until closed. Running out of descriptors pauses accepting (doubling up to
+        1 s) after the reserve descriptor has accepted and closed one waiting connection."""
+        loop = asyncio.get_running_loop()
+        backoff = Backoff()
+        while True:
+            try:
+                sock, peer = await loop.sock_accept(lsock)
+            except OSError as exc:
+                if exc.errno in _ONE_CONNECTION_ERRNOS:
+                    continue
+                if exc.errno in RESOURCE_ERRNOS:
+                    shed = self.reserve.shed_one(lsock)
+                    self._count_conn("refused_fd_limit" if shed else "fd_limit")
+                delay = backoff.failed()
+                if delay == BACKOFF_MIN_S:  # once per episode
+                    self.log.emit(
+                        "accept_paused", listener="edges", error=str(exc), limit=fd_limit()
+                    )
+                await asyncio.sleep(delay)
+                continue
+            backoff.succeeded()
+            try:
+                self._accepted(sock, peer)
+            except Exception as exc:  # never the accept loop's end
+                sock.close()
+                self.log.emit("accept_error", error=repr(exc))
+
+    def _accepted(self, sock: socket.socket, peer: tuple[Any, ...]) -> None:
+        ip = str(peer[0])
+        if self.allowed is not None and not self.allowed.contains_text(ip):
+            self._count_conn("refused_source")
+            sock.close()
+            return
+        if self.open_conns >= self.max_conns:
+            self._count_conn("refused_max_connections")
+            sock.close()
+            return
+        source = visitor_key(ip)
+        if self.per_source.try_open(source, time.monotonic()) is not None:
+            self._count_conn("refused_per_source")
+            sock.close()
+            return
+        self.open_conns += 1
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        task = asyncio.get_running_loop().create_task(self._connection(sock, source))
         self.handlers.add(task)
+        task.add_done_callback(self.handlers.discard)
+
+    async def _connection(self, sock: socket.socket, source: str) -> None:
         try:
+            try:
+                reader, writer = await start_tls_server(
+                    sock, self.tls, self.cfg.tls_handshake_timeout_s, READ_SIZE
+                )
+            except (ssl.SSLError, OSError, TimeoutError) as exc:  # ConnectionError included
+                timed_out = isinstance(exc, (TimeoutError, ConnectionAbortedError))
+                self._count_conn("handshake_timeout" if timed_out else "tls_failed")
+                sock.close()
+                return
             await self._serve_edge(reader, writer)
         except asyncio.CancelledError:
-            # Shutting down. Returning (not re-raising) keeps asyncio.start_server's done
-            # callback quiet (Python 3.11 logs a cancelled handler task as an error).
+            # Shutting down: returning (not re-raising) keeps the loop's exit quiet.
             pass
         finally:
-            self.handlers.discard(task)
+            self.open_conns -= 1
+            self.per_source.release(source)
 
     async def _serve_edge(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         obj = writer.get_extra_info("ssl_object")
@@ -180,12 +385,25 @@ class KeyServer:
             )
             writer.close()
             return
+        state = self._edge_state(fp)
+        if state.conns >= self.cfg.max_connections_per_edge:
+            self._count_conn("refused_per_edge")
+            self.log.log(
+                "edge_refused",
+                edge=edge.cfg.name,
+                reason="max_connections_per_edge",
+                limit=self.cfg.max_connections_per_edge,
+            )
+            writer.close()
+            return
         self._count_conn("ok")
+        state.conns += 1
         self.writers[writer] = fp
-        name = edge.cfg.name
+        conn = _Conn(fp, writer)
         decoder = w.FrameDecoder()
+        queue = self.queue
         try:
-            while True:
+            while not conn.closed:
                 try:
                     async with asyncio.timeout(self.cfg.idle_timeout_s):
                         data = await reader.read(READ_SIZE)
@@ -193,49 +411,98 @@ class KeyServer:
                     break
                 if not data:
                     break
-                try:
-                    frames = decoder.feed(data)
-                except ProtocolError as exc:
-                    # answered in the peer's framing (an old edge can read why), then closed
-                    writer.write(w.refusal(decoder, exc))
-                    if exc.reason == "unsupported_version":
-                        self._count(name, "unsupported_version")
-                        self.log.log(
-                            "edge_refused", edge=name, reason=exc.reason, detail=exc.detail
-                        )
-                    else:
-                        self._count(name, "malformed")
-                    break
-                out = bytearray()
-                close = False
-                for frame in frames:
-                    edge = self.edges.get(fp)  # re-read: SIGHUP may have revoked it
-                    if edge is None:
-                        out += w.encode_error(
-                            frame.request_id, w.E_UNAUTHORIZED, "this edge is no longer authorised"
-                        )
-                        close = True
+                # Fed in slices so that a read of tiny frames queues at most a slice's worth
+                # beyond the edge's in-flight limit.
+                for at in range(0, len(data), FEED_SIZE):
+                    while queue.pending(fp) >= self.cfg.max_inflight_per_edge:
+                        state.room.clear()
+                        await state.room.wait()
+                    if conn.closed:
                         break
                     try:
-                        out += self._handle(edge, frame)
+                        frames = decoder.feed(data[at : at + FEED_SIZE])
                     except ProtocolError as exc:
-                        # A malformed frame from an authenticated edge is a bug or an attack;
-                        # either way the stream can no longer be trusted: answer and close.
-                        self._count(edge.cfg.name, "malformed")
-                        out += w.encode_error(frame.request_id, w.E_MALFORMED, exc.detail)
-                        close = True
+                        # answered in the peer's framing (an old edge can read why), then closed
+                        conn.finish(w.refusal(decoder, exc))
+                        self._count(edge.cfg.name, _frame_error(exc))
+                        if exc.reason == "unsupported_version":
+                            self.log.log(
+                                "edge_refused",
+                                edge=edge.cfg.name,
+                                reason=exc.reason,
+                                detail=exc.detail,
+                            )
                         break
-                self.audit.flush()
-                writer.write(bytes(out))
+                    for frame in frames:
+                        queue.push(fp, (conn, frame), _cost(len(frame.body)))
+                    if frames:
+                        self._work.set()
                 await writer.drain()
-                if close:
-                    break
         except (ConnectionError, ssl.SSLError, OSError):
             pass
         finally:
+            conn.closed = True
+            state.conns -= 1
             self.writers.pop(writer, None)
             with contextlib.suppress(Exception):
                 writer.close()
+
+    def _edge_state(self, fp: bytes) -> _EdgeState:
+        state = self.edge_states.get(fp)
+        if state is None:
+            state = self.edge_states[fp] = _EdgeState()
+        return state
+
+    async def _serve_queue(self) -> None:
+        """Serve the queued requests, edges in turn, in slices of at most SLICE_S of work with
+        the event loop's other work (reads, accepts, writes) between them."""
+        try:
+            while True:
+                await self._work.wait()
+                self._work.clear()
+                while self.queue:
+                    self._serve_slice()
+                    await asyncio.sleep(0)
+        finally:  # stopped: let connections waiting for room see their writers closed
+            for state in self.edge_states.values():
+                state.room.set()
+
+    def _serve_slice(self) -> None:
+        queue = self.queue
+        deadline = time.perf_counter() + SLICE_S
+        answered: dict[_Conn, list[bytes]] = {}
+        while (got := queue.pop()) is not None:
+            fp, (conn, frame) = got
+            if conn.closed:
+                continue
+            edge = self.edges.get(fp)  # re-read: SIGHUP may have revoked it
+            if edge is None:
+                out = w.encode_error(
+                    frame.request_id, w.E_UNAUTHORIZED, "this edge is no longer authorised"
+                )
+                conn.closed = True
+            else:
+                try:
+                    out = self._handle(edge, frame)
+                except ProtocolError as exc:
+                    # A malformed frame from an authenticated edge is a bug or an attack;
+                    # either way the stream can no longer be trusted: answer and close.
+                    self._count(edge.cfg.name, "malformed")
+                    out = w.encode_error(frame.request_id, w.E_MALFORMED, exc.detail)
+                    conn.closed = True
+            parts = answered.get(conn)
+            if parts is None:
+                answered[conn] = [out]
+            else:
+                parts.append(out)
+            if time.perf_counter() > deadline:
+                break
+        self.audit.flush()  # the audit lines before the answers they record
+        for conn, parts in answered.items():
+            conn.send(b"".join(parts))
+        for fp, state in self.edge_states.items():
+            if not state.room.is_set() and queue.pending(fp) < self.cfg.max_inflight_per_edge:
+                state.room.set()
 
     def _count(self, edge: str, result: str) -> None:
         key = (edge, result)
@@ -252,14 +519,15 @@ class KeyServer:
         req = w.decode_sign_request(frame.body)  # ProtocolError closes the connection
         now = time.monotonic()
         # The bucket first: it bounds all the work an edge can cause, refusals and their
-        # audit lines included.
-        if not edge.bucket.allow(now):
+        # audit lines included. A request costs a token per started COST_BYTES (hashing and
+        # reading it is work too), never more than the burst (or it could never pass).
+        if not edge.bucket.allow(now, min(_cost(len(frame.body)), edge.bucket.burst)):
             self._count(name, "rate_limited")
             return w.encode_error(rid, w.E_RATE_LIMITED, f"edge {name} is over its signature rate")
         hs: kh.Handshake | None = None
         try:
             hs = kh.parse_handshake(req.messages)
-            site = kh.authorise(hs, req.scheme, edge.router.lookup, self.keys)
+            site = kh.authorise(hs, req.scheme, edge.router.lookup, self.keys, edge.too_broad)
             repeat = self.replays.check(hs, name, now)
             signature = sign_certificate_verify(site, req.scheme, hs.transcript_hash)
         except (ProtocolError, SignError) as exc:

@@ -31,8 +31,10 @@ class SiteKey:
     name: str
     key: PrivateKey
     cert_sha256: bytes
-    router: SniRouter[bool]  # the certificate's names
+    router: SniRouter[bool]  # the certificate's DNS names
     schemes: frozenset[int]
+    # every name a client accepts the certificate for: its DNS names and IP addresses
+    names: tuple[str, ...] = ()
 
     def covers(self, hostname: str) -> bool:
         return bool(self.router.lookup(hostname))
@@ -53,13 +55,15 @@ def schemes_for(key: PrivateKey) -> frozenset[int]:
     return frozenset()
 
 
-def _names(cert: x509.Certificate) -> list[str]:
+def _names(cert: x509.Certificate) -> tuple[list[str], list[str]]:
+    """The subjectAltName's DNS names (lower case) and IP addresses (RFC 5280 §4.2.1.6)."""
     try:
         san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
-        assert isinstance(san, x509.SubjectAlternativeName)
-        return [n.lower() for n in san.get_values_for_type(x509.DNSName)]
     except x509.ExtensionNotFound:
-        return []
+        return [], []
+    assert isinstance(san, x509.SubjectAlternativeName)
+    dns = [n.lower().rstrip(".") for n in san.get_values_for_type(x509.DNSName)]
+    return dns, [str(a) for a in san.get_values_for_type(x509.IPAddress)]
 
 
 def load_key(index: int, cfg: KeyConfig) -> SiteKey:
@@ -85,7 +89,7 @@ def load_key(index: int, cfg: KeyConfig) -> SiteKey:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     ):
         raise ConfigError(where, "the key does not belong to the certificate")
-    names = _names(cert)
+    names, addresses = _names(cert)
     if not names:
         raise ConfigError(f"{where}.certificate", "the certificate has no DNS names")
     return SiteKey(
@@ -94,6 +98,7 @@ def load_key(index: int, cfg: KeyConfig) -> SiteKey:
         cert.fingerprint(hashes.SHA256()),
         SniRouter([(n, True) for n in names]),
         schemes,
+        tuple(dict.fromkeys(names + addresses)),
     )
 
 
