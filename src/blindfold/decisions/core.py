@@ -137,9 +137,14 @@ class Decision:
     origin: str
     created: float
     until: float
+    # the trusted edge whose PROXY claim of the visitor's address made (or last extended) it:
+    # its name at the origin ("" if it has none) and its address; both "" when no edge's
+    # claim did (a direct visitor, an operator)
+    edge: str = ""
+    edge_address: str = ""
 
     def to_crowdsec(self, now: float) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "id": self.id,
             "origin": self.origin,
             "type": self.type,
@@ -149,6 +154,10 @@ class Decision:
             "scenario": self.reason,
             "until": _rfc3339(self.until),
         }
+        if self.edge_address:  # our extension; CrowdSec's bouncers ignore unknown fields
+            out["edge"] = self.edge or None
+            out["edge_address"] = self.edge_address
+        return out
 
 
 def _rfc3339(ts: float) -> str:
