@@ -4,18 +4,21 @@ decision stream or make decisions they should not. Real origin processes, real T
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from blindfold.core.proxyproto import encode_v2
+from blindfold.core.proxyproto import authenticate_v2, encode_v2
 from tests.helpers.clients import http_get
 from tests.helpers.edgeproc import OriginProcess
-from tests.helpers.topology import origin_config
+from tests.helpers.topology import API_KEY, origin_config
+from tests.integration.test_origin import poll_stream
 from tests.integration.test_origin_limits import tls
 
 StartOrigin = Callable[..., OriginProcess]
@@ -93,3 +96,182 @@ def test_a_v4_mapped_proxy_claim_is_the_ipv4_visitor(
     finally:
         for s in hog:
             s.close()
+
+
+# ---------------------------------------------------------------------- edges' claims
+SQLI = "/?id=1%27%20OR%201=1--"
+INNOCENT = "203.0.113.77"
+ATTACKER = "203.0.113.40"
+EDGE_KEY = bytes(range(32))
+
+
+def with_edges(config: str, *edges: dict[str, Any]) -> str:
+    for edge in edges:
+        config += "\n[[origin.edges]]\n" + "".join(
+            f"{k} = {json.dumps(v)}\n" for k, v in edge.items()
+        )
+    return config
+
+
+def keyed_origin(
+    start_origin: StartOrigin, app: Any, site: dict[str, Path], tmp_path: Path, **extra: Any
+) -> OriginProcess:
+    keyfile = tmp_path / "edge1.proxy-key"
+    keyfile.write_text(EDGE_KEY.hex() + "\n")
+    keyfile.chmod(0o600)
+    config = origin_config(site, app.port, tmp_path, trusted_edges=[], **extra)
+    edge = {"name": "edge1", "addresses": ["127.0.0.1/32"], "proxy_auth_key_file": str(keyfile)}
+    return start_origin(with_edges(config, edge))
+
+
+def as_edge(
+    port: int,
+    visitor: str | None,
+    *,
+    key: bytes = EDGE_KEY,
+    name: str = "edge1",
+    skew_s: float = 0.0,
+    change: Callable[[bytearray], None] | None = None,
+    sent: list[bytes] | None = None,
+) -> socket.socket:
+    """What an edge with a key does: connect, then authenticate the PROXY v2 header for this
+    very connection (its own end, the origin's). `change` edits the bytes on their way, as a
+    box on the path between edge and origin would (same connection, same addresses)."""
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    local, remote = raw.getsockname()[:2], raw.getpeername()[:2]
+    base = encode_v2((visitor, 51000), ("127.0.0.1", 443)) if visitor else encode_v2(None, None)
+    header = bytearray(authenticate_v2(base, name, key, (local, remote), time.time() + skew_s))
+    if change is not None:
+        change(header)
+    if sent is not None:
+        sent.append(bytes(header))
+    raw.sendall(header)
+    return raw
+
+
+def served(sock: socket.socket, ca: Path, path: str = "/echo") -> bytes:
+    try:
+        with tls(sock, ca) as t:
+            return http_get(t, path)
+    except (OSError, ssl.SSLError):
+        return b""
+
+
+def to_innocent(header: bytearray) -> None:
+    header[16:20] = socket.inet_aton(INNOCENT)  # the TCP4 source address
+
+
+def test_a_rewritten_proxy_header_is_refused(
+    start_origin: StartOrigin, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    """atk-trust #10: someone on the path between an edge and the origin rewrote the PROXY
+    header (which travels in clear before the TLS the edge verifies): the attacker's SQL
+    injection banned an innocent address at every edge. An edge with a key now authenticates
+    each header for its connection; a changed, missing, moved, replayed or stale one is
+    refused and counted, and nobody is banned for it."""
+    origin = keyed_origin(start_origin, app, site, tmp_path)
+    ca = site["ca"]
+    assert served(as_edge(origin.port, "203.0.113.5"), ca).startswith(b"HTTP/1.1 200")
+    assert served(as_edge(origin.port, None), ca).startswith(b"HTTP/1.1 200")  # LOCAL
+    line = origin.wait_for(
+        lambda r: r.get("event") == "request" and r.get("client") == "203.0.113.5"
+    )
+    assert line is not None and (line["edge"], line["edge_address"]) == ("edge1", "127.0.0.1")
+
+    assert served(as_edge(origin.port, ATTACKER, change=to_innocent), ca, SQLI) == b""
+    sent: list[bytes] = []
+    assert served(as_edge(origin.port, ATTACKER, sent=sent), ca, SQLI).startswith(b"HTTP/1.1 403")
+    replayed = socket.create_connection(("127.0.0.1", origin.port), timeout=10)
+    replayed.sendall(sent[0])  # the same bytes on another connection
+    assert served(replayed, ca, SQLI) == b""
+    plain = socket.create_connection(("127.0.0.1", origin.port), timeout=10)
+    plain.sendall(encode_v2((INNOCENT, 51000), ("127.0.0.1", 443)))  # no TLV at all
+    assert served(plain, ca, SQLI) == b""
+    assert served(as_edge(origin.port, INNOCENT, skew_s=-120), ca, SQLI) == b""
+    assert served(as_edge(origin.port, INNOCENT, key=bytes(32)), ca, SQLI) == b""
+    assert served(as_edge(origin.port, INNOCENT, name="edge2"), ca, SQLI) == b""
+    for reason, n in (
+        ("proxy_auth_bad", 3),
+        ("proxy_auth_missing", 1),
+        ("proxy_auth_stale", 1),
+        ("proxy_auth_unknown_edge", 1),
+    ):
+        assert origin.metric("blindfold_origin_connections_total", result=f"refused_{reason}") == n
+    decided = [r["value"] for r in origin.records() if r.get("event") == "decision"]
+    assert decided == [ATTACKER]  # the attacker's own address, nobody else's
+
+
+def test_an_edge_with_a_key_cannot_be_reached_around_its_header(
+    start_origin: StartOrigin, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    """With proxy_protocol = "optional", a connection without a header is a direct visitor:
+    one from a keyed edge's address (its header stripped on the path) would make the edge
+    itself the visitor; it is refused."""
+    origin = keyed_origin(start_origin, app, site, tmp_path, proxy_protocol="optional")
+    ca = site["ca"]
+    stripped = socket.create_connection(("127.0.0.1", origin.port), timeout=10)
+    assert served(stripped, ca) == b""
+    assert (
+        origin.metric("blindfold_origin_connections_total", result="refused_proxy_auth_missing")
+        == 1
+    )
+    assert served(as_edge(origin.port, "203.0.113.5"), ca).startswith(b"HTTP/1.1 200")
+    direct = socket.create_connection(
+        ("127.0.0.1", origin.port), timeout=10, source_address=("127.0.0.9", 0)
+    )
+    assert served(direct, ca).startswith(b"HTTP/1.1 200")  # a real direct visitor still is one
+
+
+def test_decisions_name_their_edge_and_each_edge_has_a_budget(
+    start_origin: StartOrigin, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    """atk-trust #4: from a trusted address, a PROXY header naming any address and one SQL
+    injection banned that address at every edge, repeats extended the ban, and nothing said
+    which edge had claimed it. Each decision now names its edge (log lines, the stream, the
+    signed Redis payload) and each edge causes at most per_edge_decisions per window."""
+    config = origin_config(
+        site,
+        app.port,
+        tmp_path,
+        trusted_edges=["127.0.0.1/32"],
+        decisions={"per_edge_decisions": 3, "per_edge_decisions_window_s": 3600},
+    )
+    origin = start_origin(with_edges(config, {"name": "edge-b", "addresses": ["127.0.0.2/32"]}))
+    ca = site["ca"]
+
+    def claim(source: str, visitor: str) -> bytes:
+        return served(
+            connect(origin.port, encode_v2((visitor, 40000), ("127.0.0.1", 443)), source), ca, SQLI
+        )
+
+    for visitor in ("198.51.100.1", "198.51.100.2", "198.51.100.1", "198.51.100.3"):
+        assert claim("127.0.0.2", visitor).startswith(b"HTTP/1.1 403")  # the WAF still blocks
+    assert claim("127.0.0.1", "198.51.100.9").startswith(b"HTTP/1.1 403")
+    assert origin.wait_for(
+        lambda r: r.get("event") == "decision" and r.get("value") == "198.51.100.9"
+    )
+    decisions = [r for r in origin.records() if r.get("event") == "decision"]
+    # three from edge-b (one an extension), the fourth refused; the other edge is not affected
+    assert [(d["value"], d["edge"], d["edge_address"]) for d in decisions] == [
+        ("198.51.100.1", "edge-b", "127.0.0.2"),
+        ("198.51.100.2", "edge-b", "127.0.0.2"),
+        ("198.51.100.1", "edge-b", "127.0.0.2"),
+        ("198.51.100.9", None, "127.0.0.1"),
+    ]
+    refused = [r for r in origin.records() if r.get("event") == "decision_refused"]
+    assert [(r["value"], r["reason"], r["edge"]) for r in refused] == [
+        ("198.51.100.3", "edge_budget", "edge-b")
+    ]
+    assert origin.metric("blindfold_origin_decisions_refused_total", reason="edge_budget") == 1
+    assert origin.wait_for(lambda r: r.get("event") == "waf" and r["client"] == "198.51.100.9")
+    waf = [r for r in origin.records() if r.get("event") == "waf"]
+    assert {(r["client"], r["edge"]) for r in waf} >= {
+        ("198.51.100.3", "edge-b"),
+        ("198.51.100.9", None),
+    }
+    stream = poll_stream(origin.decisions_port, site, API_KEY, startup=True)
+    assert {(d["value"], d.get("edge"), d.get("edge_address")) for d in stream["new"]} == {
+        ("198.51.100.1", "edge-b", "127.0.0.2"),
+        ("198.51.100.2", "edge-b", "127.0.0.2"),
+        ("198.51.100.9", None, "127.0.0.1"),
+    }

@@ -273,6 +273,19 @@ class RouteConfig:
         doc="With v2, also send the SNI (PP2_TYPE_AUTHORITY) and the first ALPN protocol "
         "(PP2_TYPE_ALPN) as TLVs.",
     )
+    proxy_auth_name: str = setting(
+        "",
+        doc="With v2 and proxy_auth_key_file: this edge's name at the origins "
+        "([[origin.edges]] name), sent in the authentication TLV.",
+        check=lambda v: _rate_name(v) if v else None,
+    )
+    proxy_auth_key_file: str = setting(
+        "",
+        doc="With v2: file holding the key (hex, `openssl rand -hex 32`) shared with the "
+        "origins' [[origin.edges]] entry for this edge; every PROXY header (LOCAL ones "
+        "included) then carries an HMAC over itself, this connection's addresses and ports, "
+        "and the time (docs/decisions.md), so that nobody on the path can change it.",
+    )
     balance: Literal["round_robin", "least_conn"] = setting(
         "round_robin",
         doc="How an origin is chosen: 'round_robin' or 'least_conn' (fewest open connections "
@@ -285,6 +298,15 @@ class RouteConfig:
     )
 
     def __post_init__(self) -> None:
+        if bool(self.proxy_auth_name) != bool(self.proxy_auth_key_file):
+            raise ConfigError(
+                "proxy_auth_key_file" if self.proxy_auth_name else "proxy_auth_name",
+                "authenticated PROXY headers need both proxy_auth_name and proxy_auth_key_file",
+            )
+        if self.proxy_auth_key_file and self.proxy_protocol != "v2":
+            raise ConfigError(
+                "proxy_protocol", "authenticated PROXY headers need proxy_protocol = 'v2'"
+            )
         if self.mode == "keyless":
             if not self.certificate:
                 raise ConfigError(

@@ -205,8 +205,11 @@ class DecisionStore:
         *,
         origin: str = "blindfold",
         type_: str = "ban",
+        edge: str = "",
+        edge_address: str = "",
     ) -> Decision:
-        """Add or extend (never shorten) a decision."""
+        """Add or extend (never shorten) a decision. `edge`, `edge_address`: the trusted edge
+        whose PROXY claim caused it (an extension records the latest)."""
         s, v = normalise(scope, value)
         key = (s, v)
         old = self.decisions.get(key)
@@ -217,7 +220,9 @@ class DecisionStore:
             self.expire(now)
             if len(self.decisions) >= MAX_DECISIONS:
                 raise ProtocolError("too_many_decisions", f"{MAX_DECISIONS} active")
-        decision = Decision(self.next_id, s, v, type_, reason, origin, now, until)
+        decision = Decision(
+            self.next_id, s, v, type_, reason, origin, now, until, edge, edge_address
+        )
         self.next_id += 1
         self.decisions.pop(key, None)  # an extension moves to the end: the dict stays in id order
         self.decisions[key] = decision

@@ -24,8 +24,9 @@ from typing import Any
 from blindfold.config import load_file
 from blindfold.config.common import parse_hostport
 from blindfold.config.origin import OriginConfig, fds_needed, listen_warnings
-from blindfold.core.iplist import IPSet, parse_address, parse_list, visitor_key
+from blindfold.core.iplist import visitor_key
 from blindfold.core.proxyproto import V1_PREFIX, V2_SIGNATURE
+from blindfold.core.ratelimit import TokenBucket
 from blindfold.decisions.api import DecisionApi, load_api_keys
 from blindfold.decisions.core import DecisionRules, DecisionStore, RateRule, scope_of
 from blindfold.errors import ConfigError, ProtocolError
@@ -43,7 +44,8 @@ from blindfold.io.limits import raise_fd_limit
 from blindfold.obs import sdnotify
 from blindfold.obs.log import JsonLog
 from blindfold.obs.metrics import MetricSpec, render
-from blindfold.origin.gate import OriginGate
+from blindfold.origin.edges import DecisionBudget, Reporter, TrustedEdges
+from blindfold.origin.gate import OriginGate, edge_fields
 from blindfold.origin.tls import SiteTls, decisions_tls
 from blindfold.waf.engine import CrsSettings, Exclusion, ModSecurityEngine, WafEngine
 from blindfold.waf.modsecurity import ModSecurityError
@@ -80,6 +82,13 @@ ORIGIN_METRICS = [
     MetricSpec("blindfold_decisions_active", "gauge", "Active decisions (bans)."),
     MetricSpec(
         "blindfold_decisions_created_total", "counter", "Decisions created, by cause.", ("cause",)
+    ),
+    MetricSpec(
+        "blindfold_origin_decisions_refused_total",
+        "counter",
+        "Decisions not made, by reason (edge_budget: over the reporting edge's "
+        "per_edge_decisions; too_many_decisions).",
+        ("reason",),
     ),
     MetricSpec(
         "blindfold_decision_stream_requests_total",
@@ -256,11 +265,17 @@ class _Claim:
 class _PerClientRequests:
     """Bounds the requests one visitor address has in flight; more are answered 429."""
 
-    def __init__(self, agent: OriginAgent, handler: Handler) -> None:
+    def __init__(self, agent: OriginAgent, handler: OriginGate) -> None:
         self.agent = agent
         self.handler = handler
 
-    async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
+    async def __call__(
+        self,
+        request: Request,
+        body: BodyStream,
+        respond: Responder,
+        reporter: Reporter | None = None,
+    ) -> None:
         agent = self.agent
         key = visitor_key(request.client[0])
         counts = agent.client_requests
@@ -274,13 +289,27 @@ class _PerClientRequests:
             return
         counts[key] = n + 1
         try:
-            await self.handler(request, body, respond)
+            await self.handler(request, body, respond, reporter)
         finally:
             left = counts[key] - 1
             if left:
                 counts[key] = left
             else:
                 del counts[key]
+
+
+class _ViaEdge:
+    """The handler of a connection whose visitor a trusted edge named (or the edge's own, PROXY
+    LOCAL): the gate learns which edge, for its log lines, decisions and budget."""
+
+    __slots__ = ("handler", "reporter")
+
+    def __init__(self, handler: OriginGate | _PerClientRequests, reporter: Reporter) -> None:
+        self.handler = handler
+        self.reporter = reporter
+
+    async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
+        await self.handler(request, body, respond, self.reporter)
 
 
 async def _too_many_connections(request: Request, body: BodyStream, respond: Responder) -> None:
@@ -309,7 +338,7 @@ class OriginAgent:
         self.client_conns: dict[str, int] = {}
         self.client_requests: dict[str, int] = {}
         self.reserve = FdReserve()
-        self.trusted = IPSet(parse_list("\n".join(cfg.trusted_edges))[0])
+        self.edges = TrustedEdges(cfg)
         self.store = DecisionStore()
         self.tls: SiteTls | None = None
         self.servers: list[asyncio.Task[None]] = []
@@ -319,13 +348,17 @@ class OriginAgent:
         self.admin = AdminServer(self._admin)
         self.api: DecisionApi | None = None
         self.publisher: Any = None
+        self._refusal_log = TokenBucket(1.0, 20, time.monotonic())
         self._build(cfg)
 
     # ------------------------------------------------------------------ build / reload
     def _build(self, cfg: OriginConfig) -> None:
         tls = SiteTls(cfg.certificates) if cfg.certificates else None
         waf = build_waf(cfg)
+        # the edges' keys load on a reload too; headers seen stay seen (no replay across it)
+        edges = TrustedEdges(cfg, self.edges.replay)
         d = cfg.decisions
+        budget = DecisionBudget(d.per_edge_decisions, d.per_edge_decisions_window_s)
         rules = DecisionRules(
             ban_after_blocks=d.ban_after_blocks,
             block_window_s=d.block_window_s,
@@ -368,9 +401,10 @@ class OriginAgent:
         # Visitors' requests are bounded per address; an edge's own connections (PROXY LOCAL:
         # its blind pulls, health checks) are not a visitor's and are not counted as one: a
         # visitor's share must not be where one edge's pulls for everyone queue up.
-        self.edge_handler: Handler = gate
-        handler: Handler = _PerClientRequests(self, gate)
-        self.tls, self.waf, self.rules, self.pool, self.handler = tls, waf, rules, pool, handler
+        self.edge_handler = gate
+        self.handler = _PerClientRequests(self, gate)
+        self.tls, self.waf, self.rules, self.pool = tls, waf, rules, pool
+        self.edges, self.budget = edges, budget
         self.limits = _limits(cfg)
         # a connection over its address's share: short deadlines, one HTTP/2 stream
         self.over_limits = dataclasses.replace(
@@ -407,13 +441,30 @@ class OriginAgent:
 
         return on_event
 
-    def ban(self, ip: str, duration_s: float, reason: str) -> None:
-        """`ip`: an address, or the IPv6 prefix the decision rules chose (`ban_target`)."""
+    def ban(
+        self, ip: str, duration_s: float, reason: str, reporter: Reporter | None = None
+    ) -> None:
+        """`ip`: an address, or the IPv6 prefix the decision rules chose (`ban_target`).
+        `reporter`: the trusted edge whose PROXY claim named the visitor; the decisions its
+        claims cause are bounded per window (atk-trust #4: a compromised edge could have any
+        address banned everywhere, again and again, without a trace)."""
         now = time.time()
+        edge = edge_fields(reporter)
+        if reporter is not None and not self.budget.allow(reporter, time.monotonic()):
+            self._refused_decision("edge_budget", ip, reason, edge)
+            return
         try:
-            decision = self.store.add(scope_of(ip), ip, duration_s, reason, now)
+            decision = self.store.add(
+                scope_of(ip),
+                ip,
+                duration_s,
+                reason,
+                now,
+                edge=reporter.name if reporter else "",
+                edge_address=reporter.address if reporter else "",
+            )
         except ProtocolError as exc:
-            self.log.emit("decision_refused", value=ip, error=str(exc))
+            self._refused_decision(exc.reason, ip, reason, edge)
             return
         cause = reason.split(":", 1)[0]
         self.stats[f"decisions:{cause}"] = self.stats.get(f"decisions:{cause}", 0) + 1
@@ -425,9 +476,15 @@ class OriginAgent:
             type=decision.type,
             duration_s=duration_s,
             reason=reason,
+            **edge,
         )
         if self.publisher is not None:
             self.publisher.publish(decision, now)
+
+    def _refused_decision(self, why: str, ip: str, reason: str, edge: dict[str, Any]) -> None:
+        self.count(f"decisions_refused:{why}")
+        if self._refusal_log.allow(time.monotonic()):
+            self.log.emit("decision_refused", value=ip, reason=why, cause=reason, **edge)
 
     # ------------------------------------------------------------------ serving
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -587,13 +644,15 @@ class OriginAgent:
         try:
             client: tuple[str, int] | None = peer
             is_visitor = True
+            reporter: Reporter | None = None
             if tls and cfg.proxy_protocol != "off":
                 resolved = await self._proxy(sock, peer)
                 if resolved is None:
                     return
-                client, is_visitor = resolved
+                client, is_visitor, reporter = resolved
             assert client is not None
-            handler: Handler = self.handler if is_visitor else self.edge_handler
+            gate = self.handler if is_visitor else self.edge_handler
+            handler: Handler = gate if reporter is None else _ViaEdge(gate, reporter)
             limits = self.limits
             if is_visitor:
                 # issue 15 finding 2: one visitor must not hold the origin's capacity
@@ -630,12 +689,14 @@ class OriginAgent:
 
     async def _proxy(
         self, sock: socket.socket, peer: tuple[str, int]
-    ) -> tuple[tuple[str, int], bool] | None:
-        """Apply the PROXY policy: (client address, whether it is a visitor's), or None when
-        refused. An edge's own connection (PROXY LOCAL) is not a visitor's."""
+    ) -> tuple[tuple[str, int], bool, Reporter | None] | None:
+        """Apply the PROXY policy: (client address, whether it is a visitor's, the trusted
+        edge that named it), or None when refused. An edge's own connection (PROXY LOCAL) is
+        not a visitor's. An edge with a key ([[origin.edges]]) must prove each header is its
+        own, made for this connection (atk-trust #10: a header rewritten on the path)."""
         cfg = self.cfg
-        version, addr = parse_address(peer[0])
-        trusted = self.trusted.contains(addr, version)
+        edges = self.edges
+        trusted = edges.is_trusted(peer[0])
         try:
             if cfg.proxy_protocol == "required":
                 if not trusted:
@@ -646,7 +707,11 @@ class OriginAgent:
                 first = await peek(sock, 1, cfg.proxy_header_timeout_s)
                 looks_proxy = first[:1] in (V2_SIGNATURE[:1], V1_PREFIX[:1])
                 if not looks_proxy:
-                    return peer, True
+                    if trusted and edges.must_authenticate(peer[0]):
+                        # stripping the header would make the edge itself the visitor
+                        self._refuse("proxy_auth_missing", peer[0])
+                        return None
+                    return peer, True, None
                 if not trusted:
                     self._refuse("untrusted_proxy_header", peer[0])
                     return None
@@ -657,9 +722,17 @@ class OriginAgent:
         except TimeoutError:
             self._refuse("proxy_header_timeout", peer[0])
             return None
+        try:
+            own = sock.getsockname()  # the address this connection reached (not the listener's)
+            reporter = edges.admit(header, peer, (own[0], own[1]), time.time())
+        except ProtocolError as exc:
+            self._refuse(exc.reason, peer[0])
+            return None
+        except OSError:
+            return None
         if header.src is None:
-            return peer, False  # LOCAL: the edge's own health check or pull
-        return header.src, True
+            return peer, False, reporter  # LOCAL: the edge's own health check or pull
+        return header.src, True, reporter
 
     def _refuse(self, reason: str, peer: str) -> None:
         self._count_conn(f"refused_{reason}")
@@ -670,8 +743,7 @@ class OriginAgent:
     ) -> None:
         """A connection to the decision stream: from a trusted edge only, checked before TLS
         (no handshake, so no certificate, for anyone else), within its own limit."""
-        version, addr = parse_address(peer[0])
-        if not self.trusted.contains(addr, version):
+        if not self.edges.is_trusted(peer[0]):
             self._count_conn("decisions_refused_untrusted_peer")
             sock.close()
             return
@@ -747,6 +819,7 @@ class OriginAgent:
             "blindfold_waf_rule_blocks_total": pick("waf_rule:"),
             "blindfold_decisions_active": [[[], len(self.store.decisions)]],
             "blindfold_decisions_created_total": pick("decisions:"),
+            "blindfold_origin_decisions_refused_total": pick("decisions_refused:"),
             "blindfold_decision_stream_requests_total": [
                 [[k], v] for k, v in (self.api.requests.items() if self.api else [])
             ],
