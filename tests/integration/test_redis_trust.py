@@ -17,7 +17,12 @@ import redis
 
 from blindfold.decisions.core import Decision
 from blindfold.decisions.redis_bus import RedisPublisher
-from blindfold.decisions.signed import DecisionSigner, load_private_key
+from blindfold.decisions.signed import (
+    DecisionSigner,
+    DecisionVerifier,
+    load_private_key,
+    load_public_key,
+)
 from blindfold.obs.log import JsonLog
 from tests.helpers.clients import wait_until
 from tests.helpers.edgeproc import EdgeProcess, edge_config, route
@@ -147,7 +152,11 @@ def test_a_missing_decision_key_lifts_no_ban_and_a_signed_lift_does(
     assert code(edge, site, SQLI, BANNED) == 403
     assert wait_until(lambda: code(edge, site, "/echo", BANNED) == 0, 5)
     key = f"blindfold:decision:ip:{BANNED}"
-    assert r.admin.exists(key)
+    signed = r.admin.get(key)
+    assert isinstance(signed, bytes)
+    verifier = DecisionVerifier([load_public_key(str(signer["public"]), "public")])
+    made = verifier.open(signed, time.time())  # the signed ban names the edge that claimed
+    assert (made.edge, made.edge_address) == ("", "127.0.0.1")  # the visitor (unnamed edge)
     r.admin.delete(key)  # as an eviction does
     r.admin.client_kill_filter(_type="pubsub")  # a network blip: the edge reconnects, resyncs
     assert wait_until(lambda: ups(edge) == 2, 10)

@@ -135,7 +135,9 @@ class RedisPublisher:
 
     def publish(self, decision: Decision, now: float) -> None:
         d = decision
-        body = self.signer.sign(d.scope, d.value, d.until, d.created, d.reason, d.edge)
+        body = self.signer.sign(
+            d.scope, d.value, d.until, d.created, d.reason, d.edge, d.edge_address
+        )
         self._spawn(self._publish(d, body, now))
 
     def publish_lift(self, decision: Decision, now: float) -> None:
