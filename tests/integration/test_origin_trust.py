@@ -4,9 +4,11 @@ decision stream or make decisions they should not. Real origin processes, real T
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,9 +17,11 @@ from typing import Any
 import pytest
 
 from blindfold.core.proxyproto import authenticate_v2, encode_v2
-from tests.helpers.clients import http_get
-from tests.helpers.edgeproc import OriginProcess
-from tests.helpers.topology import API_KEY, origin_config
+from tests.conftest import DECISIONS_NAME
+from tests.helpers.clients import http_get, wait_until
+from tests.helpers.edgeproc import OriginProcess, edge_config, route
+from tests.helpers.topology import API_KEY, edge_decisions, origin_config
+from tests.integration.test_decision_sources import code
 from tests.integration.test_origin import poll_stream
 from tests.integration.test_origin_limits import tls
 
@@ -275,3 +279,205 @@ def test_decisions_name_their_edge_and_each_edge_has_a_budget(
         ("198.51.100.2", "edge-b", "127.0.0.2"),
         ("198.51.100.9", None, "127.0.0.1"),
     }
+
+
+# ---------------------------------------------------------------------- the decision stream
+class SlotHolder:
+    """atk-trust #5's attacker: bare TCP connections to the decision stream from one trusted
+    address, reopened as soon as the origin closes them."""
+
+    def __init__(self, port: int, source: str, n: int, seconds: float) -> None:
+        self.port, self.source, self.n = port, source, n
+        self.until = time.monotonic() + seconds
+        self.opened = 0
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        socks: list[socket.socket] = []
+        while time.monotonic() < self.until:
+            while len(socks) < self.n:
+                try:
+                    s = socket.create_connection(
+                        ("127.0.0.1", self.port), timeout=5, source_address=(self.source, 0)
+                    )
+                except OSError:
+                    break
+                s.setblocking(False)
+                socks.append(s)
+                self.opened += 1
+            alive = []
+            for s in socks:
+                try:
+                    if s.recv(1) == b"":
+                        s.close()
+                        continue
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    s.close()
+                    continue
+                alive.append(s)
+            socks = alive
+            time.sleep(0.01)
+        for s in socks:
+            s.close()
+
+
+def test_one_trusted_address_cannot_starve_the_decision_stream(
+    start_edge: Any, start_origin: StartOrigin, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    """atk-trust #5: 63 bare connections from one trusted address, reopened as they timed out
+    (10 s), held every slot of the stream: an edge that started then reported the source down
+    and served a banned address for 12 s. Each address now has a share of the slots, and a
+    connection must show a valid API key within 2 s of its accept."""
+    origin = start_origin(origin_config(site, app.port, tmp_path, trusted_edges=["127.0.0.0/30"]))
+    r = route(["example.test"], [f"127.0.0.1:{origin.port}"], proxy_protocol="v2")
+    text = edge_config(r, per_ip_rate_per_s=0) + edge_decisions(
+        site, origin.decisions_port, tmp_path
+    )
+    edge = start_edge(text)
+    assert edge.wait_for(lambda rec: rec.get("event") == "decisions_source_up", 10)
+    assert code(edge, site, SQLI, "127.0.0.50") == 403
+    assert wait_until(lambda: code(edge, site, "/echo", "127.0.0.50") == 0, 3)
+
+    holder = SlotHolder(origin.decisions_port, "127.0.0.2", 66, 20)
+    metric = "blindfold_origin_connections_total"
+    assert wait_until(
+        lambda: origin.metric(metric, result="decisions_refused_per_edge_connections") > 0, 5
+    )
+    t0 = time.monotonic()
+    late = start_edge(text)  # an edge that (re)starts while the attacker holds on
+    assert late.wait_for(lambda rec: rec.get("event") == "decisions_source_up", 10)
+    assert wait_until(lambda: code(late, site, "/echo", "127.0.0.50") == 0, 5)
+    print(f"late edge enforcing after {time.monotonic() - t0:.1f} s; holder opened {holder.opened}")
+    assert not late.records("decisions_source_down")
+    # the held connections do not stay: 2 s for the handshake (and a request with a key)
+    assert wait_until(lambda: origin.metric(metric, result="decisions_io_error") >= 4, 5)
+    assert origin.metric("blindfold_origin_decisions_connections_active") <= 4 + 2
+    holder.thread.join(25)
+
+
+def test_a_stream_connection_without_a_valid_key_does_not_stay(
+    start_origin: StartOrigin, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    origin = start_origin(origin_config(site, app.port, tmp_path))
+    ca = site["ca"]
+    t0 = time.monotonic()
+    with tls(connect(origin.decisions_port, None), ca, DECISIONS_NAME) as idle:
+        idle.settimeout(10)
+        assert idle.recv(1) == b""  # closed by the origin, a request never came
+    assert 1.5 < time.monotonic() - t0 < 5
+    with tls(connect(origin.decisions_port, None), ca, DECISIONS_NAME) as wrong:
+        wrong.settimeout(10)
+        wrong.sendall(
+            b"GET /v1/decisions/stream?startup=true HTTP/1.1\r\nHost: x\r\n"
+            b"X-Api-Key: not-the-key-0123456789\r\n\r\n"
+        )
+        data = b""
+        while chunk := wrong.recv(65536):
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 403") and b"connection: close" in data.lower()
+
+
+def _poll_whole_set(
+    port: int, ca: Path, source: str, key: str, until: float, out: list[int]
+) -> None:
+    while time.monotonic() < until:
+        try:
+            with tls(connect(port, None, source), ca, DECISIONS_NAME) as t:
+                t.settimeout(30)
+                while time.monotonic() < until:
+                    t.sendall(
+                        f"GET /v1/decisions/stream?startup=true HTTP/1.1\r\nHost: x\r\n"
+                        f"X-Api-Key: {key}\r\n\r\n".encode()
+                    )
+                    buf = b""
+                    while b"\r\n\r\n" not in buf:
+                        chunk = t.recv(65536)
+                        if not chunk:
+                            raise ConnectionError
+                        buf += chunk
+                    head, _, body = buf.partition(b"\r\n\r\n")
+                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                    while len(body) < length:
+                        chunk = t.recv(1 << 20)
+                        if not chunk:
+                            raise ConnectionError
+                        body += chunk
+                    out.append(int(head[9:12]))
+        except (OSError, ssl.SSLError, ConnectionError, IndexError, ValueError):
+            time.sleep(0.05)
+
+
+def test_whole_set_polls_do_not_stall_the_site(
+    start_origin: StartOrigin, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    """atk-trust #9: the whole set was built and JSON-encoded in the event loop for every
+    startup poll (0.6 s at 100k decisions), with no limit: 32 pollers pushed a visitor's
+    latency to 3.8-7.5 s. Now it is built in a thread at most once per 5 s, shared by
+    every asker, and each key and address gets 12 whole answers a minute."""
+    n_bans = 3000
+    origin = start_origin(
+        origin_config(
+            site,
+            app.port,
+            tmp_path,
+            trusted_edges=["127.0.0.0/29"],
+            max_connections=20000,
+            per_client_connections=10000,
+            decisions={"per_edge_decisions": 100_000},
+        )
+    )
+    ca = site["ca"]
+
+    def claim(i: int) -> bytes:
+        visitor = f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"
+        return served(
+            connect(origin.port, encode_v2((visitor, 1), ("127.0.0.1", 443)), "127.0.0.2"), ca, SQLI
+        )
+
+    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        assert all(r.startswith(b"HTTP/1.1 403") for r in pool.map(claim, range(n_bans)))
+    assert wait_until(lambda: origin.metric("blindfold_decisions_active") == n_bans, 10)
+    print(f"{n_bans} bans in {time.monotonic() - t0:.1f} s")
+
+    def latency(n: int) -> list[float]:
+        out = []
+        for i in range(n):
+            t = time.perf_counter()
+            header = encode_v2((f"198.51.100.{i + 1}", 1), ("127.0.0.1", 443))
+            assert served(connect(origin.port, header), ca).startswith(b"HTTP/1.1 200")
+            out.append(time.perf_counter() - t)
+            time.sleep(0.1)
+        return out
+
+    base = latency(10)
+    answers: list[int] = []
+    until = time.monotonic() + 12
+    keys = [API_KEY, API_KEY + "-2"]
+    threads = [
+        threading.Thread(
+            target=_poll_whole_set,
+            args=(origin.decisions_port, ca, f"127.0.0.{2 + i % 4}", keys[i % 2], until, answers),
+            daemon=True,
+        )
+        for i in range(32)
+    ]
+    for th in threads:
+        th.start()
+    time.sleep(2)
+    during = latency(10)
+    for th in threads:
+        th.join(40)
+    builds = origin.metric("blindfold_origin_decisions_full_builds_total")
+    print(
+        f"visitor latency before: max {max(base) * 1000:.0f} ms; during: max "
+        f"{max(during) * 1000:.0f} ms; answers {answers.count(200)} x 200, "
+        f"{answers.count(429)} x 429; whole sets built: {builds}"
+    )
+    assert answers.count(200) <= 4 * 2 * 12  # 4 addresses x 2 keys x 12 a minute
+    assert answers.count(429) > 0
+    assert builds <= 12 / 5 + 2
+    assert max(during) < 1.0

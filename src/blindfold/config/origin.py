@@ -257,7 +257,7 @@ class DecisionsConfig:
         max=60,
     )
     full_answers_per_minute: int = setting(
-        6,
+        12,
         doc="Whole-set answers (startup polls, /v1/decisions) per API key and address per "
         "minute; more are answered 429 with Retry-After. Deltas are not limited.",
         min=1,

@@ -91,6 +91,11 @@ ORIGIN_METRICS = [
         ("reason",),
     ),
     MetricSpec(
+        "blindfold_origin_decisions_full_builds_total",
+        "counter",
+        "Whole decision sets built for the stream (at most one per 5 s, however many ask).",
+    ),
+    MetricSpec(
         "blindfold_decision_stream_requests_total",
         "counter",
         "Decision stream requests by edge (or 'unauthorized').",
@@ -312,6 +317,42 @@ class _ViaEdge:
         await self.handler(request, body, respond, self.reporter)
 
 
+class _ApiDeadline:
+    """A decision-stream connection's handler: until a request with a valid API key arrives
+    the connection lives on a deadline; then it is an edge's, kept alive between polls."""
+
+    __slots__ = ("api", "on_expired", "timer", "transport", "trusted")
+
+    def __init__(self, api: DecisionApi, on_expired: Callable[[], None]) -> None:
+        self.api = api
+        self.on_expired = on_expired
+        self.timer: asyncio.TimerHandle | None = None
+        self.transport: asyncio.BaseTransport | None = None
+        self.trusted = False
+
+    def arm(
+        self, loop: asyncio.AbstractEventLoop, delay_s: float, transport: asyncio.BaseTransport
+    ) -> None:
+        if not self.trusted:
+            self.transport = transport
+            self.timer = loop.call_later(delay_s, self._expired)
+
+    def _expired(self) -> None:
+        self.timer = None
+        if not self.trusted and self.transport is not None and not self.transport.is_closing():
+            self.on_expired()
+            self.transport.close()
+
+    def _authorized(self) -> None:
+        self.trusted = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
+        await self.api(request, body, respond, on_authorized=self._authorized)
+
+
 async def _too_many_connections(request: Request, body: BodyStream, respond: Responder) -> None:
     """The handler of a connection over its address's share: one 429, then the connection
     closes (HTTP/1.1: Connection: close; HTTP/2: one stream, short idle timeout)."""
@@ -337,6 +378,7 @@ class OriginAgent:
         self.api_slots = _Slots(cfg.decisions.max_connections)
         self.client_conns: dict[str, int] = {}
         self.client_requests: dict[str, int] = {}
+        self.api_peer_conns: dict[str, int] = {}  # decision-stream connections per address
         self.reserve = FdReserve()
         self.edges = TrustedEdges(cfg)
         self.store = DecisionStore()
@@ -513,7 +555,7 @@ class OriginAgent:
         api_address = None
         if d.listen:
             keys = load_api_keys(d.api_keys_file)
-            self.api = DecisionApi(self.store, keys)
+            self.api = DecisionApi(self.store, keys, full_per_minute=d.full_answers_per_minute)
             api_tls = decisions_tls(cfg)
             host, port = parse_hostport(d.listen)
             sock = self._bind(host, port, "origin.decisions.listen")
@@ -742,7 +784,9 @@ class OriginAgent:
         self, sock: socket.socket, peer: tuple[str, int], lsock: socket.socket, tls: SiteTls
     ) -> None:
         """A connection to the decision stream: from a trusted edge only, checked before TLS
-        (no handshake, so no certificate, for anyone else), within its own limit."""
+        (no handshake, so no certificate, for anyone else), within its own limit and its
+        address's share of it (atk-trust #5: one trusted address held every slot with bare
+        TCP connections, and edges that (re)started could not get in)."""
         if not self.edges.is_trusted(peer[0]):
             self._count_conn("decisions_refused_untrusted_peer")
             sock.close()
@@ -751,7 +795,12 @@ class OriginAgent:
             self._count_conn("decisions_refused_max_connections")
             sock.close()
             return
-        claim = _Claim(self.api_slots, {})
+        claim = _Claim(self.api_slots, self.api_peer_conns)
+        if claim.count_client(visitor_key(peer[0])) >= self.cfg.decisions.per_edge_connections:
+            claim.release()
+            self._count_conn("decisions_refused_per_edge_connections")
+            sock.close()
+            return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         info = ConnInfo((peer[0], peer[1]), lsock.getsockname()[:2], b"https", {})
@@ -762,17 +811,24 @@ class OriginAgent:
     async def _api_connection(
         self, sock: socket.socket, info: ConnInfo, tls: SiteTls, claim: _Claim
     ) -> None:
+        """TLS, then HTTP: the handshake and a first request with a valid API key must both
+        be done within `request_timeout_s` of the accept, or the connection is closed."""
         assert self.api is not None
+        loop = asyncio.get_running_loop()
+        deadline_s = self.cfg.decisions.request_timeout_s
+        ends = loop.time() + deadline_s
+        handler = _ApiDeadline(self.api, lambda: self._count_conn("decisions_request_timeout"))
         handed_over = False
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(
-                _AlpnDispatch(info, self.api, tls, self.limits, self._events(claim)),
+            transport, _ = await loop.connect_accepted_socket(
+                _AlpnDispatch(info, handler, tls, self.limits, self._events(claim)),
                 sock,
                 ssl=tls.default,
-                ssl_handshake_timeout=self.cfg.http.tls_handshake_timeout_s,
+                ssl_handshake_timeout=min(self.cfg.http.tls_handshake_timeout_s, deadline_s),
             )
             handed_over = True
             self._count_conn("decisions_ok")
+            handler.arm(loop, max(0.0, ends - loop.time()), transport)
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
             failed = "tls_failed" if isinstance(exc, ssl.SSLError) else "io_error"
             self._count_conn(f"decisions_{failed}")
@@ -820,6 +876,9 @@ class OriginAgent:
             "blindfold_decisions_active": [[[], len(self.store.decisions)]],
             "blindfold_decisions_created_total": pick("decisions:"),
             "blindfold_origin_decisions_refused_total": pick("decisions_refused:"),
+            "blindfold_origin_decisions_full_builds_total": [
+                [[], self.api.full_builds if self.api else 0]
+            ],
             "blindfold_decision_stream_requests_total": [
                 [[k], v] for k, v in (self.api.requests.items() if self.api else [])
             ],
