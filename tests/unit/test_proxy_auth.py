@@ -184,6 +184,10 @@ def test_a_replay_within_the_skew_is_caught_and_the_cache_is_bounded() -> None:
     assert not cache.first_time(b"c" * 32, NOW + 30, NOW)  # full of live entries: refuse
     assert cache.first_time(b"c" * 32, NOW + 70, NOW + 31)  # the old ones are forgotten
     assert len(cache) == 1
+    cache.sweep(NOW + 69)
+    assert len(cache) == 1
+    cache.sweep(NOW + 70)
+    assert len(cache) == 0
 
 
 @pytest.mark.parametrize("text", ["", "zz", "00" * 15, "not hex at all"])

@@ -417,6 +417,16 @@ class ReplayCache:
         seen[key] = forget_at
         return True
 
+    def sweep(self, now: float) -> None:
+        """Forget what can no longer be replayed, oldest first (entries are added in about
+        the order they expire; stragglers go when the cache fills)."""
+        seen = self._seen
+        while seen:
+            key = next(iter(seen))
+            if seen[key] > now:
+                break
+            del seen[key]
+
     def __len__(self) -> int:
         return len(self._seen)
 

@@ -844,6 +844,7 @@ class OriginAgent:
             for gone in self.store.expire(now):
                 self.log.log("decision_expired", id=gone.id, value=gone.value)
             self.rules.sweep(now)
+            self.edges.replay.sweep(now)
             self.log.flush()
             if self.audit is not self.log:
                 self.audit.flush()
