@@ -177,7 +177,8 @@ def test_two_edges_share_bans_and_rates_through_redis(
     names = sorted(k.decode() for k in c.scan_iter(match="blindfold:decision:*"))
     assert names == ["blindfold:decision:ip:127.0.0.60"]
     assert stored(c, names[0]).startswith(b"bfd1.")
-    assert any(c.scan_iter(match="blindfold:rate:127.0.0.61:*"))  # what edges write
+    # what edges write: their own counters (no user name, no rate_name: "default")
+    assert any(c.scan_iter(match="blindfold:rate:default:127.0.0.61:*"))
 
 
 def test_forged_decisions_on_redis_are_not_believed(
@@ -307,12 +308,15 @@ def test_edges_with_their_own_redis_user_over_tls(
             ssl=True,
             ssl_ca_certs=str(site["ca"]),
         )
-        assert wait_until(lambda: any(as_edge.scan_iter(match="blindfold:rate:127.0.0.91:*")), 5)
+        assert wait_until(
+            lambda: any(as_edge.scan_iter(match="blindfold:rate:edge1:127.0.0.91:*")), 5
+        )
         assert stored(as_edge, "blindfold:decision:ip:127.0.0.90").startswith(b"bfd1.")
         for forbidden in (
             lambda: as_edge.set("blindfold:decision:range:0.0.0.0/0", "x"),
             lambda: as_edge.delete("blindfold:decision:ip:127.0.0.90"),
             lambda: as_edge.publish(CHANNEL, "x"),
+            lambda: as_edge.incrby("blindfold:rate:edge2:127.0.0.91:1", -1000),
             lambda: as_edge.flushall(),
         ):
             with pytest.raises(redis.exceptions.NoPermissionError):

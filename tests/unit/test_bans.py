@@ -427,6 +427,72 @@ def test_any_byte_change_is_refused_or_means_the_same(position: int, byte: int) 
     assert (d.scope, d.value, d.until, d.issued) == ("range", "2001:db8::/64", 1000.0, 10.0)
 
 
+def test_a_lift_ends_only_the_bans_issued_before_it(signer: DecisionSigner) -> None:
+    """atk-trust #2: a ban is lifted by a signed lift (or its own `until`), never by a key
+    that went missing; a lift cannot end a later ban, a lifted ban cannot be played back."""
+    verifier = DecisionVerifier([signer._key.public_key()])
+    ban = signer.sign("ip", "192.0.2.1", 1000.0, 10.0, "waf", "edge1", "198.51.100.1")
+    d = verifier.admit(ban, 100.0)
+    assert d is not None and not d.lift and (d.edge, d.edge_address) == ("edge1", "198.51.100.1")
+    assert verifier.holds_until("ip", "192.0.2.1", 100.0) == 1000.0
+    lift = signer.sign_lift("ip", "192.0.2.1", 900.0, 50.0, "operator")
+    d = verifier.admit(lift, 100.0)
+    assert d is not None and d.lift and d.issued == 50.0
+    assert verifier.holds_until("ip", "192.0.2.1", 100.0) is None
+    assert verifier.admit(lift, 101.0) is None  # read again at a resync: nothing new
+    for replayed in (ban, signer.sign("ip", "192.0.2.1", 2000.0, 50.0, "same instant")):
+        with pytest.raises(ProtocolError) as info:
+            verifier.admit(replayed, 102.0)
+        assert info.value.reason == "replayed"
+    # remembered until the lifted ban's own end (1000), not the lift's shorter `until`
+    verifier.sweep(950.0)
+    with pytest.raises(ProtocolError):
+        verifier.admit(ban, 960.0)
+    later = signer.sign("ip", "192.0.2.1", 3000.0, 60.0, "banned again")
+    assert verifier.admit(later, 103.0) is not None
+    assert verifier.holds_until("ip", "192.0.2.1", 103.0) == 3000.0
+    with pytest.raises(ProtocolError) as info:  # the old lift cannot end the new ban
+        verifier.admit(signer.sign_lift("ip", "192.0.2.1", 900.0, 50.0, "old"), 104.0)
+    assert info.value.reason == "replayed"
+
+
+def test_a_ban_signature_is_not_a_lift_signature(signer: DecisionSigner) -> None:
+    """Same key, same payload: a ban's signature under the lift's magic (or the other way
+    round) does not verify."""
+    verifier = DecisionVerifier([signer._key.public_key()])
+    ban = signer.sign("ip", "192.0.2.1", 1000.0, 10.0, "waf")
+    lift = signer.sign_lift("ip", "192.0.2.1", 1000.0, 10.0, "waf")
+    for forged in ("bfu1" + ban[4:], "bfd1" + lift[4:]):
+        with pytest.raises(ProtocolError) as info:
+            verifier.admit(forged, 100.0)
+        assert info.value.reason == "bad_signature"
+
+
+def test_another_signers_ban_survives_a_lift() -> None:
+    one, two = (DecisionSigner(Ed25519PrivateKey.generate()) for _ in range(2))
+    verifier = DecisionVerifier([one._key.public_key(), two._key.public_key()])
+    assert verifier.admit(one.sign("ip", "192.0.2.1", 1000.0, 10.0, "a"), 100.0) is not None
+    assert verifier.admit(two.sign("ip", "192.0.2.1", 500.0, 10.0, "b"), 100.0) is not None
+    assert verifier.admit(one.sign_lift("ip", "192.0.2.1", 1000.0, 20.0, "x"), 100.0)
+    assert verifier.holds_until("ip", "192.0.2.1", 100.0) == 500.0
+
+
+@pytest.mark.parametrize(
+    ("values", "total", "bad"),
+    [
+        ([3, b"4", None, b"0"], 7, 0),
+        ([3, b"-1000000000"], 3, 1),  # atk-trust #3: a negative count exempts nobody
+        ([-5, b"2"], 2, 1),
+        ([3, b"9223372036854775807", b"9223372036854775807"], 3 + 2 * (2**63 - 1), 0),
+        ([3, b"junk", RuntimeError("OOM"), b"1.5", True], 3, 4),
+    ],
+)
+def test_shared_totals(values: list[object], total: int, bad: int) -> None:
+    from blindfold.decisions.redis_bus import shared_total
+
+    assert shared_total(values) == (total, bad)
+
+
 # ---------------------------------------------------------------------- supervision
 def test_a_task_that_dies_is_reported_and_restarted(tmp_path: Path) -> None:
     log_path = tmp_path / "log.jsonl"

@@ -3,10 +3,11 @@ create bans, stream parsing, and the edge's ban set."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blindfold.decisions.core import (
@@ -300,3 +301,50 @@ def test_the_demo_writes_api_keys_only_their_owner_can_read(tmp_path: Path) -> N
     for name in ("edge-keys.txt", "edge.key"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
     assert (tmp_path / "edge.key").read_text().startswith("demo-edge-key")
+
+
+@settings(max_examples=50)
+@given(
+    st.lists(
+        st.tuples(st.ip_addresses(v=4).map(str), st.integers(1, 10_000), st.text(max_size=20)),
+        max_size=60,
+    ),
+    st.sampled_from([1, 7, 1000]),
+    st.booleans(),
+)
+def test_the_whole_set_encoded_in_chunks_is_the_stream_answer(
+    bans: list[tuple[str, int, str]], chunk: int, named: bool
+) -> None:
+    """atk-trust #9: the whole set is encoded chunk by chunk (off the event loop); it must
+    be exactly the answer `stream` gives, edge fields included."""
+    store = DecisionStore()
+    for value, duration, reason in bans:
+        store.add(
+            "ip",
+            value,
+            duration,
+            reason,
+            1000.0,
+            edge="e1" if named else "",
+            edge_address="192.0.2.9",
+        )
+    snapshot = store.snapshot(1001.0)
+    expected = store.stream("x", True, 1001.0)
+    assert json.loads(snapshot.encode(1001.0)) == expected
+    assert json.loads(snapshot.encode_list(1001.0, chunk)) == expected["new"]
+    if expected["new"]:
+        assert expected["new"][0]["edge"] == ("e1" if named else None)
+        assert expected["new"][0]["edge_address"] == "192.0.2.9"
+
+
+def test_a_snapshot_position_continues_with_what_changed_since() -> None:
+    """A cached whole set is up to 5 s old: its position token brings the rest."""
+    store = DecisionStore()
+    store.add("ip", "192.0.2.1", 60, "a", now=1000.0)
+    snapshot = store.snapshot(1000.0)
+    store.add("ip", "192.0.2.2", 60, "b", now=1002.0)
+    store.add("ip", "192.0.2.3", 1, "c", now=1002.0)
+    later = store.stream("edge", False, 1004.0, position=snapshot.position)
+    assert [d["value"] for d in later["new"]] == ["192.0.2.2"]
+    assert [d["value"] for d in later["deleted"]] == ["192.0.2.3"]
+    assert later["blindfold"]["full"] is False

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blindfold.core.iplist import IPSet, parse_address, parse_list
+from blindfold.core.iplist import IPSet, parse_address, parse_list, visitor_key
 
 SPAMHAUS_STYLE = """\
 ; Spamhaus DROP List 2026/11/27 - (c) 2026 The Spamhaus Project
@@ -76,3 +77,23 @@ def test_matches_ipaddress_reference(nets: list, probes: list) -> None:  # type:
             probe = probe.ipv4_mapped  # the edge treats IPv4-mapped IPv6 as IPv4
         expected = any(probe in n for n in nets)
         assert s.contains(value, version) == expected, (probe, nets)
+
+
+@pytest.mark.parametrize(
+    ("ip", "key"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+        ("::ffff:192.0.2.7", "192.0.2.7"),  # a dual-stack socket's IPv4 peer (atk-trust #8)
+        ("::ffff:c000:208", "192.0.2.8"),
+        ("::192.0.2.7", "::/64"),  # IPv4-compatible (deprecated), not mapped: an IPv6 address
+        ("64:ff9b::c000:207", "64:ff9b::/64"),  # NAT64: one translator, one /64
+    ],
+)
+def test_visitor_keys(ip: str, key: str) -> None:
+    assert visitor_key(ip) == key
+
+
+@given(st.ip_addresses(v=4))
+def test_a_mapped_address_is_its_ipv4_visitor(addr: ipaddress.IPv4Address) -> None:
+    assert visitor_key(f"::ffff:{addr}") == visitor_key(str(addr)) == str(addr)

@@ -34,10 +34,13 @@ def _check_config(path: str) -> int:
             edge = config.edge
             ListSet("blocklist", "blocklist_files", edge.blocklist_files, edge.block, strict=True)
             ListSet("allowlist", "allowlist_files", edge.allowlist_files, edge.allow, strict=True)
+            from blindfold.core.proxyproto import load_auth_key
             from blindfold.edge.blind import check_route
             from blindfold.edge.keyless import KeylessRoute
 
             for i, rc in enumerate(edge.routes):
+                if rc.proxy_auth_key_file:  # the PROXY header authentication key
+                    load_auth_key(rc.proxy_auth_key_file, f"edge.routes[{i}].proxy_auth_key_file")
                 if rc.mode == "keyless":  # the certificate, the key server and origin TLS files
                     KeylessRoute(f"edge.routes[{i}]", rc, {}, edge.ipv6_prefix_len)
                 elif rc.mode == "blind":  # its certificate and key, the origin TLS files
@@ -51,9 +54,11 @@ def _check_config(path: str) -> int:
         if config.origin is not None:
             from blindfold.config.origin import listen_warnings
             from blindfold.origin.agent import build_waf
+            from blindfold.origin.edges import TrustedEdges
             from blindfold.origin.tls import SiteTls, decisions_tls
 
             origin = config.origin
+            TrustedEdges(origin)  # the edges' PROXY authentication keys load
             if origin.certificates:
                 SiteTls(origin.certificates)
             if origin.decisions.listen:

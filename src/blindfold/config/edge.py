@@ -6,7 +6,7 @@ import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from blindfold.config.common import (
     check_hostport,
@@ -41,6 +41,13 @@ def _check_cidrs(values: tuple[str, ...]) -> str | None:
         except ValueError:
             return f"[{i}]: {value!r} is not an IP address or CIDR such as '192.0.2.0/24'"
     return None
+
+
+def _rate_name(value: str) -> str | None:
+    """An edge's name in counter keys and ACL key patterns: no ':' (the key separator) and
+    no glob character."""
+    ok = 0 < len(value) <= 64 and all(c.isascii() and (c.isalnum() or c in "._-") for c in value)
+    return None if ok else f"{value!r}: 1-64 ASCII letters, digits, '.', '_' or '-'"
 
 
 def _hex_fingerprints(values: tuple[str, ...]) -> str | None:
@@ -266,6 +273,19 @@ class RouteConfig:
         doc="With v2, also send the SNI (PP2_TYPE_AUTHORITY) and the first ALPN protocol "
         "(PP2_TYPE_ALPN) as TLVs.",
     )
+    proxy_auth_name: str = setting(
+        "",
+        doc="With v2 and proxy_auth_key_file: this edge's name at the origins "
+        "([[origin.edges]] name), sent in the authentication TLV.",
+        check=lambda v: _rate_name(v) if v else None,
+    )
+    proxy_auth_key_file: str = setting(
+        "",
+        doc="With v2: file holding the key (hex, `openssl rand -hex 32`) shared with the "
+        "origins' [[origin.edges]] entry for this edge; every PROXY header (LOCAL ones "
+        "included) then carries an HMAC over itself, this connection's addresses and ports, "
+        "and the time (docs/decisions.md), so that nobody on the path can change it.",
+    )
     balance: Literal["round_robin", "least_conn"] = setting(
         "round_robin",
         doc="How an origin is chosen: 'round_robin' or 'least_conn' (fewest open connections "
@@ -278,6 +298,15 @@ class RouteConfig:
     )
 
     def __post_init__(self) -> None:
+        if bool(self.proxy_auth_name) != bool(self.proxy_auth_key_file):
+            raise ConfigError(
+                "proxy_auth_key_file" if self.proxy_auth_name else "proxy_auth_name",
+                "authenticated PROXY headers need both proxy_auth_name and proxy_auth_key_file",
+            )
+        if self.proxy_auth_key_file and self.proxy_protocol != "v2":
+            raise ConfigError(
+                "proxy_protocol", "authenticated PROXY headers need proxy_protocol = 'v2'"
+            )
         if self.mode == "keyless":
             if not self.certificate:
                 raise ConfigError(
@@ -515,6 +544,27 @@ class DecisionSourceConfig:
         "believed: a decision there without a valid signature by one of them is dropped and "
         "counted. Required with redis_url.",
     )
+    rate_redis_url: str = setting(
+        "",
+        doc="Redis for the shared per-address counters, if not redis_url's: every edge writes "
+        "there, so a Redis of their own keeps a compromised edge from filling the one that "
+        "holds the decisions (docs/decisions.md). Same forms as redis_url; redis_ca applies.",
+        check=check_redis_url,
+    )
+    rate_name: str = setting(
+        "",
+        doc="This edge's name in its counter keys (blindfold:rate:<name>:...), which only it "
+        "writes (the ACL in docs/decisions.md); default: the user name in the counters' Redis "
+        "URL ('default' without one).",
+        check=lambda v: _rate_name(v) if v else None,
+    )
+    rate_peers: tuple[str, ...] = setting(
+        (),
+        doc="The rate_name of every other edge whose counters count: an address's total in a "
+        "window is the sum over these edges and this one, each edge's count taken as at least "
+        "0. An edge not listed here shares nothing with this one.",
+        check=_each(_rate_name),
+    )
     max_bans: int = setting(
         1_000_000,
         doc="Most bans enforced at once, all sources together; more are refused and counted "
@@ -541,6 +591,22 @@ class DecisionSourceConfig:
                 "signer_public_keys",
                 "decisions on Redis must be signed: name the origins' Ed25519 public keys",
             )
+        if (self.rate_redis_url or self.rate_name or self.rate_peers) and not self.redis_url:
+            raise ConfigError("redis_url", "the shared counters come with redis_url")
+        if self.redis_url and not self.rate_name:
+            problem = _rate_name(self.counter_name)
+            if problem:
+                raise ConfigError(
+                    "rate_name", f"the Redis user name cannot name the counters: {problem}"
+                )
+
+    @property
+    def counter_name(self) -> str:
+        """This edge's name in its counter keys: rate_name, or the counters' Redis user."""
+        if self.rate_name:
+            return self.rate_name
+        user = urlsplit(self.rate_redis_url or self.redis_url).username
+        return unquote(user) if user else "default"
 
 
 @dataclass(frozen=True, slots=True)

@@ -231,6 +231,37 @@ class DecisionsConfig:
         min=32,
         max=128,
     )
+    per_edge_decisions: int = setting(
+        100,
+        doc="Decisions (new bans and extensions of bans) that the requests arriving through one "
+        "trusted edge may cause per per_edge_decisions_window_s: an edge names the visitor in "
+        "its PROXY header, so a compromised one could get any address banned. Beyond it the "
+        "WAF still blocks, but no ban is made (decision_refused, reason edge_budget). Counted "
+        "per [[origin.edges]] name, or per address for trusted_edges.",
+        min=1,
+    )
+    per_edge_decisions_window_s: float = setting(
+        60.0, doc="The window of per_edge_decisions.", min=1
+    )
+    per_edge_connections: int = setting(
+        4,
+        doc="Open connections to the decision stream from one address (an edge needs one): "
+        "one trusted address cannot hold every slot of max_connections.",
+        min=1,
+    )
+    request_timeout_s: float = setting(
+        2.0,
+        doc="Deadline, from accept, for a decision-stream connection's TLS handshake and first "
+        "request with a valid API key; a request with a wrong key closes the connection.",
+        min=0.1,
+        max=60,
+    )
+    full_answers_per_minute: int = setting(
+        12,
+        doc="Whole-set answers (startup polls, /v1/decisions) per API key and address per "
+        "minute; more are answered 429 with Retry-After. Deltas are not limited.",
+        min=1,
+    )
 
 
 def _url_path(value: str) -> str | None:
@@ -364,6 +395,34 @@ class BlindStoreConfig:
     )
 
 
+def _edge_name(value: str) -> str | None:
+    ok = 0 < len(value) <= 64 and all(c.isascii() and (c.isalnum() or c in "._-") for c in value)
+    return None if ok else f"{value!r}: 1-64 ASCII letters, digits, '.', '_' or '-'"
+
+
+@dataclass(frozen=True, slots=True)
+class TrustedEdgeConfig:
+    name: str = setting(
+        doc="The edge's name: in decision, WAF and request log lines, in the decision stream, "
+        "and in its authenticated PROXY headers (the edge's proxy_auth_name).",
+        check=_edge_name,
+    )
+    addresses: tuple[str, ...] = setting(
+        doc="Addresses/CIDRs its connections come from; their PROXY headers are believed "
+        "(as with trusted_edges).",
+        check=lambda v: ("must not be empty" if not v else None) or _cidrs(v),
+    )
+    proxy_auth_key_file: str = setting(
+        "",
+        doc="File holding the key (hex, `openssl rand -hex 32`) this edge authenticates its "
+        "PROXY v2 headers with (the edge's route proxy_auth_key_file): then every connection "
+        "from its addresses must start with a v2 header carrying a valid authentication TLV, "
+        "made for that very connection, or it is refused (conn_refused, reason "
+        "proxy_auth_missing, proxy_auth_bad, proxy_auth_stale, proxy_auth_replayed). Empty: "
+        "its headers are believed unauthenticated.",
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class OriginQuicConfig:
     listen: tuple[str, ...] = setting(
@@ -443,6 +502,19 @@ class OriginConfig:
     trusted_edges: tuple[str, ...] = setting(
         (), doc="Edge addresses/CIDRs whose PROXY header is believed.", check=_cidrs
     )
+    edges: tuple[TrustedEdgeConfig, ...] = setting(
+        (),
+        doc="Trusted edges by name (their addresses are trusted as trusted_edges are), with "
+        "the key that authenticates their PROXY headers: someone on the path between an edge "
+        "and the origin can rewrite a header that is not authenticated.",
+    )
+    proxy_auth_max_skew_s: float = setting(
+        30.0,
+        doc="An authenticated PROXY header's time may differ from the origin's clock by this "
+        "much (each is accepted once: a header replayed within it is refused).",
+        min=1,
+        max=600,
+    )
     proxy_protocol: Literal["required", "optional", "off"] = setting(
         "required",
         doc="'required': every connection must come from a trusted edge and start "
@@ -492,9 +564,16 @@ class OriginConfig:
             raise ConfigError(
                 "certificates", "TLS listeners need at least one [[origin.certificates]]"
             )
-        if self.proxy_protocol == "required" and not self.trusted_edges:
+        if self.proxy_protocol == "required" and not (self.trusted_edges or self.edges):
             raise ConfigError(
                 "trusted_edges", "proxy_protocol = 'required' needs the edges' addresses"
+            )
+        names = [e.name for e in self.edges]
+        if len(set(names)) != len(names):
+            raise ConfigError("edges", "edge names must be unique")
+        if self.proxy_protocol == "off" and any(e.proxy_auth_key_file for e in self.edges):
+            raise ConfigError(
+                "proxy_protocol", "authenticated PROXY headers need proxy_protocol on"
             )
         if self.decisions.listen and not self.decisions.api_keys_file:
             raise ConfigError("decisions.api_keys_file", "the decision stream needs API keys")
@@ -508,7 +587,7 @@ class OriginConfig:
                 "the decision stream needs a certificate and key of its own (not the site's), "
                 "e.g. from `blindfold pki server decisions DIR --host NAME`",
             )
-        if self.decisions.listen and not self.trusted_edges:
+        if self.decisions.listen and not (self.trusted_edges or self.edges):
             raise ConfigError(
                 "decisions.listen",
                 "the decision stream answers only trusted_edges: list the edges' addresses",
@@ -527,10 +606,13 @@ class OriginConfig:
                 "key files (`openssl rand -hex 32 > FILE`, the same on the edges)",
             )
         if self.proxy_protocol != "off" and not self.trust_any_address:
-            for i, value in enumerate(self.trusted_edges):
+            places = [(f"trusted_edges[{i}]", v) for i, v in enumerate(self.trusted_edges)]
+            for j, edge in enumerate(self.edges):
+                places += [(f"edges[{j}].addresses[{i}]", v) for i, v in enumerate(edge.addresses)]
+            for where, value in places:
                 if ipaddress.ip_network(value, strict=False).prefixlen == 0:
                     raise ConfigError(
-                        f"trusted_edges[{i}]",
+                        where,
                         f"{value!r} trusts every address to name the visitor: list the edges' "
                         "addresses (or set trust_any_address = true behind a firewall)",
                     )

@@ -93,13 +93,19 @@ class IPSet:
 
 
 def visitor_key(ip: str) -> str:
-    """What per-visitor limits count by: an IPv4 address, or an IPv6 /64 (one subscriber)."""
+    """What per-visitor limits count by: an IPv4 address, or an IPv6 /64 (one subscriber).
+    An IPv4-mapped IPv6 address (::ffff:a.b.c.d, RFC 4291 §2.5.5.2: how a dual-stack `[::]`
+    socket shows an IPv4 peer, and how an edge on one may name it in a PROXY header) is the
+    IPv4 visitor a.b.c.d: its /64 would be ::/64, every IPv4 visitor at once."""
     if ":" not in ip:
         return ip
     try:
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+        addr = ipaddress.IPv6Address(ip)
     except ValueError:
         return ip
+    if addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(ipaddress.IPv6Network((addr, 64), strict=False))
 
 
 def parse_address(address: str) -> tuple[int, int]:

@@ -1,14 +1,34 @@
 """PROXY protocol v1 and v2 (HAProxy's proxy-protocol.txt): writer for the edge, parser for the
-origin agent. Sans-IO: `parse_proxy_header(buf)` returns None until the header is complete."""
+origin agent. Sans-IO: `parse_proxy_header(buf)` returns None until the header is complete.
+
+The header travels in clear before the TLS that the edge verifies, so anyone on the path
+between edge and origin can rewrite it (and get an innocent address banned). Our own v2 TLV
+(`PP2_TYPE_BLINDFOLD_AUTH`, in the range §2.2.7 leaves to applications) binds it to the edge:
+an HMAC-SHA256 (RFC 2104) under a key the edge shares with the origin, over the whole header,
+the TCP connection's addresses and ports as both ends see them (so it cannot be moved to
+another connection) and a timestamp (so it cannot be kept for later):
+
+    value = version (1, u8) | name length (u8) | name (ASCII) | time (u64, Unix ms) | MAC (32)
+    MAC   = HMAC-SHA256(key, "blindfold proxy auth v1" 0x00 | connection | header)
+
+`connection` is source address (16 bytes, IPv4 as ::ffff:a.b.c.d, RFC 4291 §2.5.5.2), source
+port (u16), destination address, destination port: the edge's end of its connection to the
+origin, then the origin's. `header` is the whole v2 header with the MAC bytes (and a CRC32C
+TLV's value, which covers the MAC) set to zero. `name` tells the origin which edge's key to
+use; the origin also checks that the connection comes from that edge's addresses.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import socket
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from blindfold.errors import ProtocolError
+from blindfold.errors import ConfigError, ProtocolError
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"  # §2.2
 V1_PREFIX = b"PROXY "
@@ -29,6 +49,14 @@ PP2_TYPE_AUTHORITY = 0x02
 PP2_TYPE_CRC32C = 0x03
 PP2_TYPE_NOOP = 0x04
 PP2_TYPE_UNIQUE_ID = 0x05
+PP2_TYPE_MIN_CUSTOM, PP2_TYPE_MAX_CUSTOM = 0xE0, 0xEF  # §2.2.7: for applications
+# 0xE0 (Google Cloud), 0xEA (AWS) and 0xEE (Azure) are taken by their load balancers
+PP2_TYPE_BLINDFOLD_AUTH = 0xE9
+AUTH_VERSION = 1
+AUTH_MAC_BYTES = 32
+AUTH_LABEL = b"blindfold proxy auth v1\x00"
+MAX_AUTH_NAME = 64
+MIN_AUTH_KEY_BYTES = 16
 
 _ADDR_LEN = {
     FAM_TCP4: 12,
@@ -51,6 +79,7 @@ class ProxyHeader:
     src: tuple[str, int] | None = None
     dst: tuple[str, int] | None = None
     tlvs: tuple[tuple[int, bytes], ...] = field(default=())
+    raw: bytes = field(default=b"", compare=False, repr=False)  # the header as received
 
     def tlv(self, kind: int) -> bytes | None:
         for t, v in self.tlvs:
@@ -223,7 +252,206 @@ def _parse_v2(buf: bytes | bytearray, max_bytes: int) -> tuple[ProxyHeader, int]
         if struct.pack(">I", crc32c(bytes(header))) != expected:
             raise _bad("v2 CRC32C mismatch")
     local = command == 0 or src is None
-    return ProxyHeader(version=2, local=local, src=src, dst=dst, tlvs=tuple(tlvs)), total
+    raw = bytes(buf[:total])
+    return ProxyHeader(version=2, local=local, src=src, dst=dst, tlvs=tuple(tlvs), raw=raw), total
+
+
+# ----------------------------------------------------------------------------- authentication
+
+Endpoint = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class AuthClaim:
+    """What a PP2_TYPE_BLINDFOLD_AUTH TLV says: who, when (Unix seconds), and its MAC."""
+
+    name: str
+    timestamp: float
+    mac: bytes
+
+
+def _endpoint(ep: Endpoint) -> bytes:
+    try:
+        addr = ipaddress.ip_address(ep[0].partition("%")[0])
+    except ValueError:
+        raise ValueError(f"{ep[0]!r} is not an IP address") from None
+    if addr.version == 4:
+        addr = ipaddress.IPv6Address(b"\x00" * 10 + b"\xff\xff" + addr.packed)
+    return addr.packed + struct.pack(">H", ep[1])
+
+
+def _tlv_spans(raw: bytes) -> list[tuple[int, int, int]]:
+    """(type, offset of the value in `raw`, length) of each TLV of a parsed v2 header."""
+    fam = raw[13]
+    pos, end = 16 + _ADDR_LEN[fam], len(raw)
+    spans = []
+    while pos < end:
+        kind, tlen = struct.unpack_from(">BH", raw, pos)
+        spans.append((kind, pos + 3, tlen))
+        pos += 3 + tlen
+    return spans
+
+
+def _auth_mac(key: bytes, raw: bytes, conn: tuple[Endpoint, Endpoint], mac_at: int) -> bytes:
+    zeroed = bytearray(raw)
+    zeroed[mac_at : mac_at + AUTH_MAC_BYTES] = bytes(AUTH_MAC_BYTES)
+    for kind, at, tlen in _tlv_spans(raw):
+        if kind == PP2_TYPE_CRC32C:
+            zeroed[at : at + tlen] = bytes(tlen)
+    message = AUTH_LABEL + _endpoint(conn[0]) + _endpoint(conn[1]) + bytes(zeroed)
+    return hmac.digest(key, message, hashlib.sha256)
+
+
+def authenticate_v2(
+    header: bytes, name: str, key: bytes, conn: tuple[Endpoint, Endpoint], now: float
+) -> bytes:
+    """`header` (an encoded v2 header, PROXY or LOCAL) with a PP2_TYPE_BLINDFOLD_AUTH TLV
+    appended: the edge calls it once connected, `conn` being (its own address and port on the
+    connection to the origin, the origin's), i.e. (getsockname(), getpeername())."""
+    parsed = parse_proxy_header(header)
+    if parsed is None or parsed[1] != len(header) or parsed[0].version != 2:
+        raise ValueError("not one complete v2 PROXY header")
+    if parsed[0].tlv(PP2_TYPE_BLINDFOLD_AUTH) is not None:
+        raise ValueError("the header is authenticated already")
+    raw_name = name.encode("ascii")
+    if not 0 < len(raw_name) <= MAX_AUTH_NAME:
+        raise ValueError(f"an edge name is 1-{MAX_AUTH_NAME} ASCII characters")
+    if len(key) < MIN_AUTH_KEY_BYTES:
+        raise ValueError(f"an authentication key has at least {MIN_AUTH_KEY_BYTES} bytes")
+    value = (
+        bytes((AUTH_VERSION, len(raw_name)))
+        + raw_name
+        + struct.pack(">Q", max(0, int(now * 1000)))
+        + bytes(AUTH_MAC_BYTES)
+    )
+    out = bytearray(header)
+    out += struct.pack(">BH", PP2_TYPE_BLINDFOLD_AUTH, len(value)) + value
+    length = len(out) - 16
+    if length > 0xFFFF:
+        raise ValueError("header too long for v2")
+    struct.pack_into(">H", out, 14, length)
+    mac_at = len(out) - AUTH_MAC_BYTES
+    out[mac_at:] = _auth_mac(key, bytes(out), conn, mac_at)
+    for kind, at, tlen in _tlv_spans(bytes(out)):
+        if kind == PP2_TYPE_CRC32C and tlen == 4:
+            out[at : at + 4] = bytes(4)
+            out[at : at + 4] = struct.pack(">I", crc32c(bytes(out)))
+    return bytes(out)
+
+
+def read_auth(header: ProxyHeader) -> AuthClaim | None:
+    """The header's PP2_TYPE_BLINDFOLD_AUTH TLV, or None when it has none (v1 never has).
+    Raises ProtocolError('proxy_auth_bad') for a malformed or repeated one."""
+    values = [v for t, v in header.tlvs if t == PP2_TYPE_BLINDFOLD_AUTH]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ProtocolError("proxy_auth_bad", "more than one authentication TLV", status=400)
+    v = values[0]
+    if len(v) < 2 or v[0] != AUTH_VERSION or len(v) != 2 + v[1] + 8 + AUTH_MAC_BYTES or not v[1]:
+        raise ProtocolError("proxy_auth_bad", "malformed authentication TLV", status=400)
+    n = v[1]
+    try:
+        name = v[2 : 2 + n].decode("ascii")
+    except UnicodeDecodeError:
+        raise ProtocolError("proxy_auth_bad", "edge name is not ASCII", status=400) from None
+    (ms,) = struct.unpack_from(">Q", v, 2 + n)
+    return AuthClaim(name, ms / 1000.0, bytes(v[-AUTH_MAC_BYTES:]))
+
+
+def verify_auth(
+    header: ProxyHeader,
+    key: bytes,
+    conn: tuple[Endpoint, Endpoint],
+    now: float,
+    max_skew_s: float,
+) -> AuthClaim:
+    """Check the header's authentication TLV under `key`, for the connection `conn` as the
+    origin sees it ((peer address, port), (its own address, port)). Raises ProtocolError:
+    proxy_auth_missing (none), proxy_auth_bad (malformed, or the MAC does not verify: another
+    key, another connection, a changed header), proxy_auth_stale (time off by more than
+    `max_skew_s`). The caller checks the name and replays."""
+    claim = read_auth(header)
+    if claim is None:
+        raise ProtocolError("proxy_auth_missing", "no authentication TLV", status=400)
+    raw = header.raw
+    mac_at = -1
+    for kind, at, tlen in _tlv_spans(raw):
+        if kind == PP2_TYPE_BLINDFOLD_AUTH:
+            mac_at = at + tlen - AUTH_MAC_BYTES
+    try:
+        expected = _auth_mac(key, raw, conn, mac_at)
+    except ValueError:
+        raise ProtocolError("proxy_auth_bad", "connection addresses unusable", status=400) from None
+    if not hmac.compare_digest(expected, claim.mac):
+        raise ProtocolError("proxy_auth_bad", f"MAC of {claim.name!r} does not verify", status=400)
+    if abs(now - claim.timestamp) > max_skew_s:
+        raise ProtocolError(
+            "proxy_auth_stale",
+            f"{claim.name!r} header {now - claim.timestamp:.1f} s old",
+            status=400,
+        )
+    return claim
+
+
+class ReplayCache:
+    """MACs of authenticated headers seen within their validity: a header replayed on a new
+    connection with the same addresses and ports (an on-path attacker can make one) within
+    the allowed skew is refused. Bounded; full (only valid MACs fill it) means refuse."""
+
+    def __init__(self, max_entries: int = 1_000_000) -> None:
+        self.max_entries = max_entries
+        self._seen: dict[bytes, float] = {}  # MAC prefix -> when it may be forgotten
+
+    def first_time(self, mac: bytes, forget_at: float, now: float) -> bool:
+        seen = self._seen
+        key = mac[:16]
+        old = seen.get(key)
+        if old is not None and old > now:
+            return False
+        if len(seen) >= self.max_entries:
+            for k in [k for k, t in seen.items() if t <= now]:
+                del seen[k]
+            if len(seen) >= self.max_entries:
+                return False
+        seen[key] = forget_at
+        return True
+
+    def sweep(self, now: float) -> None:
+        """Forget what can no longer be replayed, oldest first (entries are added in about
+        the order they expire; stragglers go when the cache fills)."""
+        seen = self._seen
+        while seen:
+            key = next(iter(seen))
+            if seen[key] > now:
+                break
+            del seen[key]
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
+def parse_auth_key(text: str) -> bytes:
+    """The key file's text: hex (`openssl rand -hex 32`). Raises ValueError."""
+    try:
+        key = bytes.fromhex(text.strip())
+    except ValueError:
+        raise ValueError("not hex (make one with `openssl rand -hex 32`)") from None
+    if len(key) < MIN_AUTH_KEY_BYTES:
+        raise ValueError(f"{len(key)} bytes; at least {MIN_AUTH_KEY_BYTES} (openssl rand -hex 32)")
+    return key
+
+
+def load_auth_key(path: str, where: str) -> bytes:
+    """A PROXY authentication key from its file; ConfigError names `where`."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(where, f"cannot read {path}: {exc}") from None
+    try:
+        return parse_auth_key(text)
+    except ValueError as exc:
+        raise ConfigError(where, f"{path}: {exc}") from None
 
 
 # CRC32C (Castagnoli), needed for PP2_TYPE_CRC32C. The stdlib has only zlib's CRC32; a table is

@@ -5,17 +5,28 @@ API: `GET /v1/decisions/stream?startup=true` with `X-Api-Key`, answering
 Our extension: each answer carries `"blindfold": {"position": TOKEN, "full": BOOL}` and our
 edges send the token back in `X-Blindfold-Position`, so the stream position belongs to the
 edge, not to the API key. A follower without a token (a CrowdSec bouncer) has one position
-per (API key, User-Agent)."""
+per (API key, User-Agent).
+
+The whole set (a startup poll, a position we cannot continue from, /v1/decisions) costs ~6 ms
+per 1,000 decisions to build and encode: it is built in a thread, at most once per
+`FULL_CACHE_S` however many ask (answers within that time share it, position token included,
+so their next delta brings whatever changed since), and each (API key, address) gets
+`full_per_minute` of them (atk-trust #9: pollers asking for 100k decisions again and again
+stalled the event loop that serves the site for seconds)."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from blindfold.decisions.core import DecisionStore
+from blindfold.core.ratelimit import BucketMap
+from blindfold.decisions.core import DecisionStore, Snapshot
 from blindfold.errors import ConfigError
 from blindfold.web.messages import BodyStream, Request, Responder, simple_response
 
@@ -46,11 +57,20 @@ def load_api_keys(path: str) -> dict[str, bytes]:
     return keys
 
 
+FULL_CACHE_S = 5.0  # a whole-set answer is at most this old (durations likewise)
+
+
 class DecisionApi:
-    def __init__(self, store: DecisionStore, keys: dict[str, bytes]) -> None:
+    def __init__(
+        self, store: DecisionStore, keys: dict[str, bytes], *, full_per_minute: int = 12
+    ) -> None:
         self.store = store
         self.keys = keys
         self.requests: dict[str, int] = {}
+        self.full_limit = BucketMap(full_per_minute / 60.0, full_per_minute, 10_000)
+        self.full_builds = 0
+        self._full: tuple[float, Snapshot, bytes] | None = None  # (built at, snapshot, JSON)
+        self._building: asyncio.Future[tuple[float, Snapshot, bytes]] | None = None
 
     def _bouncer(self, key: bytes | None) -> str | None:
         if key is None:
@@ -61,38 +81,97 @@ class DecisionApi:
                 found = name
         return found
 
-    async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
+    async def __call__(
+        self,
+        request: Request,
+        body: BodyStream,
+        respond: Responder,
+        on_authorized: Callable[[], None] | None = None,
+    ) -> None:
+        """`on_authorized`: called once the request has shown a valid API key."""
         bouncer = self._bouncer(request.header(b"x-api-key"))
         if bouncer is None:
             self.requests["unauthorized"] = self.requests.get("unauthorized", 0) + 1
-            await simple_response(respond, 403, '{"message":"access forbidden"}')
+            await simple_response(
+                respond, 403, '{"message":"access forbidden"}', [(b"connection", b"close")]
+            )
             return
+        if on_authorized is not None:
+            on_authorized()
         url = urlsplit(request.target.decode("latin-1"))
         if request.method not in (b"GET", b"HEAD"):
             await simple_response(respond, 405, "method not allowed\n")
             return
+        now = time.time()
+        store = self.store
+        data: bytes
         if url.path == "/v1/decisions/stream":
             startup = parse_qs(url.query).get("startup", ["false"])[0].lower() == "true"
-            position = request.header(b"x-blindfold-position")
-            agent = request.header(b"user-agent") or b""
-            payload = self.store.stream(
-                bouncer,
-                startup,
-                time.time(),
-                position=position.decode("latin-1") if position is not None else None,
-                instance=agent.decode("latin-1")[:200],
-            )
+            header = request.header(b"x-blindfold-position")
+            position = header.decode("latin-1") if header is not None else None
+            instance = (request.header(b"user-agent") or b"").decode("latin-1")[:200]
+            cursor = store.begin_poll(bouncer, startup, now, position=position, instance=instance)
+            if cursor is not None:
+                payload, after = store.delta(cursor, now)
+                if position is None:
+                    store.remember(bouncer, instance, after)
+                data = json.dumps(payload, separators=(",", ":")).encode()
+            else:
+                if not await self._full_allowed(bouncer, request, respond):
+                    return  # (a token-less follower's position is gone: its next answer is full)
+                snapshot, data = await self._whole_set(now)
+                if position is None:
+                    store.remember(bouncer, instance, snapshot.after)
         elif url.path == "/v1/decisions":
-            now = time.time()
-            payload = [d.to_crowdsec(now) for d in self.store.active(now)] or None  # type: ignore
+            if not await self._full_allowed(bouncer, request, respond):
+                return
+            snapshot = store.snapshot(now)
+            data = await asyncio.to_thread(snapshot.encode_list, now)
         else:
             await simple_response(respond, 404, "not found\n")
             return
         self.requests[bouncer] = self.requests.get(bouncer, 0) + 1
-        data = json.dumps(payload, separators=(",", ":")).encode()
         await respond.start(
             200,
             [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
         )
         await respond.send(data)
         await respond.end()
+
+    async def _full_allowed(self, bouncer: str, request: Request, respond: Responder) -> bool:
+        wait = self.full_limit.take((bouncer, request.client[0]), time.monotonic())
+        if not wait:
+            return True
+        self.requests["full_limited"] = self.requests.get("full_limited", 0) + 1
+        await simple_response(
+            respond,
+            429,
+            '{"message":"too many whole-set answers"}',
+            [(b"retry-after", str(max(1, math.ceil(wait))).encode())],
+        )
+        return False
+
+    async def _whole_set(self, now: float) -> tuple[Snapshot, bytes]:
+        """The whole set as JSON: the cached one if younger than FULL_CACHE_S, else one
+        built in a thread (concurrent askers wait for the same build)."""
+        clock = time.monotonic()
+        if self._full is not None and clock - self._full[0] < FULL_CACHE_S:
+            return self._full[1], self._full[2]
+        if self._building is None:
+            self._building = asyncio.get_running_loop().create_future()
+            building = self._building
+            try:
+                snapshot = self.store.snapshot(now)
+                data = await asyncio.to_thread(snapshot.encode, now)
+                self.full_builds += 1
+                self._full = (clock, snapshot, data)
+                building.set_result(self._full)
+            except BaseException as exc:
+                building.set_exception(exc)
+                building.exception()  # retrieved: the waiters, if any, get it
+                raise
+            finally:
+                self._building = None
+            return snapshot, data
+        _clock, snapshot, data = await asyncio.shield(self._building)
+        return snapshot, data

@@ -8,28 +8,40 @@ believed for being there:
   edge verifies every one against the origins' public keys it is configured with; unsigned,
   badly signed, expired and replayed ones are dropped and counted. It reads every key at
   start, after every reconnection (pub/sub loses messages across them) and every `RESYNC_S`,
-  then follows the channel.
-- Per-address connection counts: every edge adds what it accepted in the last second to
-  `blindfold:rate:<addr>:<window>` (INCRBY, expiring; IPv6 per prefix) and reads the totals
-  of the addresses it counted in the window; one over the per-address budget it refuses itself
-  until the window ends. These counters are the only keys edges write.
+  then follows the channel. A verified ban is enforced until its signed `until`, or until a
+  signed lift of it arrives: never lifted because its key is gone (a Redis that evicts keys
+  under memory pressure, filled by an edge, would otherwise lift the origin's bans).
+- Per-address connection counts: every edge adds what it accepted in the last second to its
+  own counter `blindfold:rate:<edge>:<addr>:<window>` (INCRBY, expiring; IPv6 per prefix),
+  which the ACL lets only that edge write, and reads its peers' counters of the addresses it
+  counted in the window. The total is the sum of every edge's count, each taken as at least 0
+  (a negative count exempts nobody); an address over the per-address budget it refuses itself
+  until the window ends. These counters, preferably on a Redis of their own, are the only keys
+  edges write.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoPermissionError, RedisError
 
 from blindfold.config.edge import DecisionSourceConfig, EdgeConfig
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.decisions.bans import BanTable
-from blindfold.decisions.core import Decision, ban_target, normalise
-from blindfold.decisions.signed import DecisionSigner, DecisionVerifier, load_public_key
+from blindfold.decisions.core import Decision, ban_target
+from blindfold.decisions.signed import (
+    DecisionSigner,
+    DecisionVerifier,
+    SignedDecision,
+    load_public_key,
+)
 from blindfold.errors import ProtocolError
 from blindfold.obs.log import JsonLog
 
@@ -51,9 +63,39 @@ def client(url: str, ca: str = "") -> aioredis.Redis:
     )
 
 
+def rate_key(edge: str, target: str, window: int) -> str:
+    return f"{RATE_PREFIX}{edge}:{target}:{window}"
+
+
+def shared_total(values: Iterable[object]) -> tuple[int, int]:
+    """(total, bad) of one address's counters in one window, one value per edge as Redis
+    answered (an int from INCRBY, bytes from MGET, None for no key, an exception for a
+    failed command). Each edge's count is taken as at least 0: a compromised edge writing
+    -10^9 into its own counter must not exempt an address from the others' counts. What is
+    not a count (an error, a non-integer) adds nothing and is counted as bad. Python's ints
+    do not overflow: a counter at 2^63-1 only makes the address's total large."""
+    total = bad = 0
+    for value in values:
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, bytes, str)):
+            bad += 1
+            continue
+        try:
+            n = int(value)
+        except ValueError:
+            bad += 1
+            continue
+        if n < 0:
+            bad += 1
+            continue
+        total += n
+    return total, bad
+
+
 class RedisPublisher:
-    """The origin side: every decision becomes a signed key with a TTL and a channel
-    message."""
+    """The origin side: every decision becomes a signed key with a TTL and a channel message;
+    a lift replaces the ban's key (until the ban's own end) and goes out on the channel."""
 
     def __init__(self, url: str, ca: str, signer: DecisionSigner, log: JsonLog) -> None:
         self.url = url
@@ -68,15 +110,49 @@ class RedisPublisher:
             await self.redis.ping()
         except (RedisError, OSError) as exc:
             self.log.emit("redis_down", url=_redacted(self.url), error=str(exc))
+            return
+        await self._check_eviction()
+
+    async def _check_eviction(self) -> None:
+        """A Redis that evicts keys under memory pressure may evict decisions, and edges that
+        start (or reconnect) then never see those bans: say so. Needs INFO, which the
+        documented ACL gives the origin; without it nothing is said."""
+        try:
+            info = await self.redis.info("memory")
+        except NoPermissionError:
+            return
+        except (RedisError, OSError):
+            return
+        policy = str(info.get("maxmemory_policy", ""))
+        if info.get("maxmemory") and policy != "noeviction":
+            self.log.emit(
+                "config_warning",
+                problem=f"the decisions' Redis has maxmemory with maxmemory-policy {policy}: "
+                "decision keys may be evicted (edges starting then miss those bans); use "
+                "noeviction, and a Redis of their own for the edges' counters "
+                "(edge.decisions.rate_redis_url)",
+            )
 
     def publish(self, decision: Decision, now: float) -> None:
-        task = asyncio.get_running_loop().create_task(self._publish(decision, now))
+        d = decision
+        body = self.signer.sign(
+            d.scope, d.value, d.until, d.created, d.reason, d.edge, d.edge_address
+        )
+        self._spawn(self._publish(d, body, now))
+
+    def publish_lift(self, decision: Decision, now: float) -> None:
+        """The end, now, of `decision` (removed from the origin's store) at every edge."""
+        d = decision
+        body = self.signer.sign_lift(d.scope, d.value, d.until, now, "lifted")
+        self._spawn(self._publish(d, body, now))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _publish(self, d: Decision, now: float) -> None:
+    async def _publish(self, d: Decision, body: str, now: float) -> None:
         ttl = max(1, int(d.until - now + 0.999))
-        body = self.signer.sign(d.scope, d.value, d.until, d.created, d.reason)
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.set(f"{PREFIX}{d.scope}:{d.value}", body, ex=ttl)
@@ -117,6 +193,9 @@ class RedisFeed:
             ]
         )
         self.redis = client(cfg.redis_url, cfg.redis_ca)
+        self.rates = client(cfg.rate_redis_url, cfg.redis_ca) if cfg.rate_redis_url else self.redis
+        self.name = cfg.counter_name
+        self.peers = tuple(p for p in dict.fromkeys(cfg.rate_peers) if p != self.name)
         self.up = False
         self.polls: dict[str, int] = {}
         self.ipv6_prefix_len = config.ipv6_prefix_len
@@ -129,6 +208,10 @@ class RedisFeed:
         self._window = 0
         self._reported: set[str] = set()  # addresses counted here in this window
         self._drop_log = TokenBucket(1.0, 20, time.monotonic())
+        # decision key -> digest of the value last read there: a full resync verifies only
+        # what changed (bounded: a Redis full of junk keys costs this edge no memory)
+        self._digests: dict[bytes, bytes] = {}
+        self._max_digests = 2 * table.limits.max_bans + 10_000
 
     async def run(self) -> None:
         while True:
@@ -149,75 +232,94 @@ class RedisFeed:
                 enforcing=self.table.size,
             )
         self.up = False
-        self.table.abort_resync("redis")
 
-    def admit(self, body: bytes | str, now: float) -> None:
-        """One decision read from Redis: believed only if signed by a known origin."""
+    def admit(self, body: bytes | str, now: float) -> SignedDecision | None:
+        """One decision or lift read from Redis: believed only if signed by a known origin."""
         try:
             d = self.verifier.admit(body, now)
         except ProtocolError as exc:
             self._dropped(exc.reason, str(exc))
-            return
+            return None
         except Exception as exc:
             self._dropped("bad_decision", f"{type(exc).__name__}: {exc}")
-            return
-        if d is not None:
+            return None
+        if d is None:
+            return None
+        if not d.lift:
             self.table.update("redis", [(d.scope, d.value, d.until - now, d.reason)], [], now)
+            return d
+        # a lift ends this signer's ban; another signer's may still hold the address
+        self.table.update("redis", [], [(d.scope, d.value)], now)
+        left = self.verifier.holds_until(d.scope, d.value, now)
+        if left is not None:
+            self.table.update("redis", [(d.scope, d.value, left - now, "")], [], now)
+        self.log.log("decision_lifted", source="redis", value=d.value, signer=d.signer)
+        return d
 
     def _dropped(self, reason: str, detail: str) -> None:
         self.table.refuse(reason)
         if self._drop_log.allow(time.monotonic()):
             self.log.log("decision_dropped", source="redis", reason=reason, detail=detail[:200])
 
-    async def _sync(self) -> None:
-        """Read every decision key: known ones (already verified, still valid) are kept
-        without a second verification, unknown ones are verified; what is no longer there
-        is dropped."""
+    async def _sync(self, full: bool) -> None:
+        """Read the decision keys. `full` (at start and after every reconnection: pub/sub
+        lost whatever was published meanwhile): every key's value, verifying those that
+        changed since they were last read. Otherwise (the periodic resync): only keys not
+        held verified, or whose ban ends before the next resync (an extension missed).
+
+        Nothing is dropped for being absent: a key can vanish without the origin's say (an
+        eviction, a compromised edge without the ACL); a ban ends at its signed `until` or
+        with a signed lift."""
         now = time.time()
-        self.table.begin_resync("redis")
-        try:
-            unknown: list[bytes] = []
-            kept: list[tuple[str, str, float, str]] = []
-            async for raw in self.redis.scan_iter(match=PREFIX + "*", count=1000):
-                name = raw.decode("latin-1") if isinstance(raw, bytes) else str(raw)
-                scope, _, value = name[len(PREFIX) :].partition(":")
-                until = self._held_until(scope, value, now)
-                if until is not None:
-                    kept.append((scope, value, until - now, ""))
-                else:
-                    unknown.append(raw)
-                if len(kept) >= BATCH:
-                    self.table.update("redis", kept, [], now)
-                    kept = []
-            self.table.update("redis", kept, [], now)
-            for i in range(0, len(unknown), BATCH):
-                for body in await self.redis.mget(unknown[i : i + BATCH]):
-                    if body is not None:
-                        self.admit(body, time.time())
-        except BaseException:
-            self.table.abort_resync("redis")
-            raise
-        self.table.end_resync("redis")
+        horizon = now + RESYNC_S
+        digests: dict[bytes, bytes] = {}
+        wanted: list[bytes] = []
+        async for raw in self.redis.scan_iter(match=PREFIX + "*", count=1000):
+            name = raw if isinstance(raw, bytes) else str(raw).encode("latin-1")
+            if not full and self._held_past(name, horizon):
+                old = self._digests.get(name)
+                if old is not None:
+                    digests[name] = old
+                continue
+            wanted.append(name)
+            if len(wanted) >= BATCH:
+                await self._check(wanted, digests)
+                wanted = []
+        await self._check(wanted, digests)
+        if full:
+            self._digests = digests  # keys gone since are forgotten here, not at the table
+        else:
+            self._digests.update(digests)
         self.verifier.sweep(now)
         self._count("ok")
 
-    def _held_until(self, scope: str, value: str, now: float) -> float | None:
-        try:
-            key = normalise(scope, value)
-        except ProtocolError:
-            return None
-        best = None
+    async def _check(self, names: list[bytes], digests: dict[bytes, bytes]) -> None:
+        if not names:
+            return
+        for name, body in zip(names, await self.redis.mget(names), strict=True):
+            if body is None:
+                continue
+            digest = hashlib.blake2b(
+                body if isinstance(body, bytes) else str(body).encode(), digest_size=16
+            ).digest()
+            if self._digests.get(name) != digest:
+                self.admit(body, time.time())
+            if len(digests) < self._max_digests:
+                digests[name] = digest
+
+    def _held_past(self, name: bytes, horizon: float) -> bool:
+        scope, _, value = name[len(PREFIX) :].decode("latin-1").partition(":")
         for signer in self.verifier.keys:
-            held = self.verifier.held.get((signer, *key))
-            if held is not None and held[1] > now and (best is None or held[1] > best):
-                best = held[1]
-        return best
+            held = self.verifier.held.get((signer, scope, value))
+            if held is not None and held[1] > horizon:
+                return True
+        return False
 
     async def _follow(self) -> None:
         pubsub = self.redis.pubsub()
         try:
             await pubsub.subscribe(CHANNEL)
-            await self._sync()
+            await self._sync(full=True)
             if not self.up:
                 self.up = True
                 self.log.emit("decisions_source_up", url=self.url, active=self.table.size)
@@ -227,50 +329,73 @@ class RedisFeed:
                 if message is not None and message.get("type") == "message":
                     self.admit(message["data"], time.time())
                 if time.monotonic() >= next_sync:
-                    await self._sync()
+                    await self._sync(full=False)
                     next_sync = time.monotonic() + RESYNC_S
         finally:
             await pubsub.aclose()
 
     async def share_rates(self, counts: dict[str, int]) -> list[str]:
-        """Add this edge's new-connection counts (IPv6 per prefix) and read the totals of
-        every address this edge has reported in the current window (so it learns when the
-        other edges' connections push one over); return the addresses over the shared
-        budget, which this edge refuses until the window ends."""
+        """Add this edge's new-connection counts (IPv6 per prefix) to its own counters and
+        read its peers' counters of every address this edge has counted in the current
+        window (so it learns when the other edges' connections push one over); return the
+        addresses over the shared budget, which this edge refuses until the window ends.
+        Each command's failure is that address's alone (raise_on_error=False): one counter
+        a compromised edge broke costs no other address its count."""
         if not self.rate_budget:
             return []
         window = int(time.time()) // RATE_WINDOW_S
         if window != self._window:
             self._window, self._reported = window, set()
-        totals: dict[str, int] = {}
+        mine: dict[str, int] = {}
         for ip, n in counts.items():
             try:
                 target = ban_target(ip, self.ipv6_prefix_len)
             except ProtocolError:
                 continue
-            totals[target] = totals.get(target, 0) + n
+            mine[target] = mine.get(target, 0) + n
         for target in self._reported:
-            totals.setdefault(target, 0)  # INCRBY 0: read the total other edges made
-        if not totals:
+            mine.setdefault(target, 0)  # INCRBY 0: read the total other edges made
+        if not mine:
             return []
-        items = list(totals.items())
+        items = list(mine.items())
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
+            async with self.rates.pipeline(transaction=False) as pipe:
                 for target, n in items:
-                    key = f"{RATE_PREFIX}{target}:{window}"
+                    key = rate_key(self.name, target, window)
                     pipe.incrby(key, n)
                     pipe.expire(key, RATE_WINDOW_S * 2)
-                results = await pipe.execute()
+                    if self.peers:
+                        pipe.mget([rate_key(peer, target, window) for peer in self.peers])
+                results = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError):
             self._count("rate_error")
             return []
+        step = 3 if self.peers else 2
         over = []
-        for (target, _n), total in zip(items, results[::2], strict=True):
+        errors = bad = 0
+        for i, (target, n) in enumerate(items):
+            own = results[i * step]
+            if isinstance(own, Exception):  # this edge's own count is at least what it adds
+                errors += 1
+                own = n
+            values: list[object] = [own]
+            if self.peers:
+                theirs = results[i * step + 2]
+                if isinstance(theirs, list):
+                    values += theirs
+                else:
+                    errors += 1
+            total, wrong = shared_total(values)
+            bad += wrong
             if total > self.rate_budget:
                 over.append(target)
                 self._reported.discard(target)  # refused from now on: nothing more to read
             elif len(self._reported) < MAX_REPORTED:
                 self._reported.add(target)
+        if errors:
+            self._count("rate_error")
+        if bad:
+            self._count("rate_bad_count")
         if over:
             now = time.time()
             until = (window + 1) * RATE_WINDOW_S
@@ -288,3 +413,5 @@ class RedisFeed:
 
     async def close(self) -> None:
         await self.redis.aclose()
+        if self.rates is not self.redis:
+            await self.rates.aclose()

@@ -10,7 +10,7 @@ import os
 import socket
 import ssl
 
-from blindfold.core.proxyproto import V1_MAX, V2_SIGNATURE, ProxyHeader, parse_proxy_header
+from blindfold.core.proxyproto import V2_SIGNATURE, ProxyHeader, parse_proxy_header
 from blindfold.errors import ProtocolError
 
 # accept() failures that say "no resources now", not "this one connection went wrong": the
@@ -98,17 +98,19 @@ async def read_proxy_header(
     """Read exactly one v1 or v2 PROXY header from non-blocking `sock` (nothing after it)."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(timeout_s):
-        buf = await _recv_exact(loop, sock, 16)  # the v2 fixed part; a v1 line is longer
-        if buf.startswith(V2_SIGNATURE):
+        # 12 bytes first: the v2 signature, and less than the shortest v1 line
+        # ("PROXY UNKNOWN\r\n" is 15 bytes), so a ClientHello byte is never read with it
+        buf = await _recv_exact(loop, sock, len(V2_SIGNATURE))
+        if buf == V2_SIGNATURE:
+            buf += await _recv_exact(loop, sock, 4)
             length = int.from_bytes(buf[14:16], "big")
             if 16 + length > max_bytes:
                 raise ProtocolError("bad_proxy_header", "v2 header too long")
             buf += await _recv_exact(loop, sock, length)
         else:
-            # v1: read one byte at a time so nothing after the CRLF is consumed (<= 107 bytes)
-            while b"\r\n" not in buf[-2:] and len(buf) < V1_MAX:
-                if parse_proxy_header(buf) is not None:
-                    break
+            # v1: one byte at a time up to the CRLF, so nothing after it is consumed; the
+            # parser refuses anything that is not a v1 line, or one longer than 107 bytes
+            while parse_proxy_header(buf, max_bytes) is None:
                 buf += await _recv_exact(loop, sock, 1)
     parsed = parse_proxy_header(buf, max_bytes)
     if parsed is None or parsed[1] != len(buf):

@@ -24,8 +24,9 @@ from typing import Any
 from blindfold.config import load_file
 from blindfold.config.common import parse_hostport
 from blindfold.config.origin import OriginConfig, fds_needed, listen_warnings
-from blindfold.core.iplist import IPSet, parse_address, parse_list, visitor_key
+from blindfold.core.iplist import IPSet, visitor_key
 from blindfold.core.proxyproto import V1_PREFIX, V2_SIGNATURE
+from blindfold.core.ratelimit import TokenBucket
 from blindfold.decisions.api import DecisionApi, load_api_keys
 from blindfold.decisions.core import DecisionRules, DecisionStore, RateRule, scope_of
 from blindfold.errors import ConfigError, ProtocolError
@@ -43,7 +44,8 @@ from blindfold.io.limits import raise_fd_limit
 from blindfold.obs import sdnotify
 from blindfold.obs.log import JsonLog
 from blindfold.obs.metrics import MetricSpec, render
-from blindfold.origin.gate import OriginGate
+from blindfold.origin.edges import DecisionBudget, Reporter, TrustedEdges
+from blindfold.origin.gate import OriginGate, edge_fields
 from blindfold.origin.tls import SiteTls, decisions_tls
 from blindfold.waf.engine import CrsSettings, Exclusion, ModSecurityEngine, WafEngine
 from blindfold.waf.modsecurity import ModSecurityError
@@ -80,6 +82,18 @@ ORIGIN_METRICS = [
     MetricSpec("blindfold_decisions_active", "gauge", "Active decisions (bans)."),
     MetricSpec(
         "blindfold_decisions_created_total", "counter", "Decisions created, by cause.", ("cause",)
+    ),
+    MetricSpec(
+        "blindfold_origin_decisions_refused_total",
+        "counter",
+        "Decisions not made, by reason (edge_budget: over the reporting edge's "
+        "per_edge_decisions; too_many_decisions).",
+        ("reason",),
+    ),
+    MetricSpec(
+        "blindfold_origin_decisions_full_builds_total",
+        "counter",
+        "Whole decision sets built for the stream (at most one per 5 s, however many ask).",
     ),
     MetricSpec(
         "blindfold_decision_stream_requests_total",
@@ -256,11 +270,17 @@ class _Claim:
 class _PerClientRequests:
     """Bounds the requests one visitor address has in flight; more are answered 429."""
 
-    def __init__(self, agent: OriginAgent, handler: Handler) -> None:
+    def __init__(self, agent: OriginAgent, handler: OriginGate) -> None:
         self.agent = agent
         self.handler = handler
 
-    async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
+    async def __call__(
+        self,
+        request: Request,
+        body: BodyStream,
+        respond: Responder,
+        reporter: Reporter | None = None,
+    ) -> None:
         agent = self.agent
         key = visitor_key(request.client[0])
         counts = agent.client_requests
@@ -274,13 +294,63 @@ class _PerClientRequests:
             return
         counts[key] = n + 1
         try:
-            await self.handler(request, body, respond)
+            await self.handler(request, body, respond, reporter)
         finally:
             left = counts[key] - 1
             if left:
                 counts[key] = left
             else:
                 del counts[key]
+
+
+class _ViaEdge:
+    """The handler of a connection whose visitor a trusted edge named (or the edge's own, PROXY
+    LOCAL): the gate learns which edge, for its log lines, decisions and budget."""
+
+    __slots__ = ("handler", "reporter")
+
+    def __init__(self, handler: OriginGate | _PerClientRequests, reporter: Reporter) -> None:
+        self.handler = handler
+        self.reporter = reporter
+
+    async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
+        await self.handler(request, body, respond, self.reporter)
+
+
+class _ApiDeadline:
+    """A decision-stream connection's handler: until a request with a valid API key arrives
+    the connection lives on a deadline; then it is an edge's, kept alive between polls."""
+
+    __slots__ = ("api", "on_expired", "timer", "transport", "trusted")
+
+    def __init__(self, api: DecisionApi, on_expired: Callable[[], None]) -> None:
+        self.api = api
+        self.on_expired = on_expired
+        self.timer: asyncio.TimerHandle | None = None
+        self.transport: asyncio.BaseTransport | None = None
+        self.trusted = False
+
+    def arm(
+        self, loop: asyncio.AbstractEventLoop, delay_s: float, transport: asyncio.BaseTransport
+    ) -> None:
+        if not self.trusted:
+            self.transport = transport
+            self.timer = loop.call_later(delay_s, self._expired)
+
+    def _expired(self) -> None:
+        self.timer = None
+        if not self.trusted and self.transport is not None and not self.transport.is_closing():
+            self.on_expired()
+            self.transport.close()
+
+    def _authorized(self) -> None:
+        self.trusted = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
+        await self.api(request, body, respond, on_authorized=self._authorized)
 
 
 async def _too_many_connections(request: Request, body: BodyStream, respond: Responder) -> None:
@@ -308,8 +378,9 @@ class OriginAgent:
         self.api_slots = _Slots(cfg.decisions.max_connections)
         self.client_conns: dict[str, int] = {}
         self.client_requests: dict[str, int] = {}
+        self.api_peer_conns: dict[str, int] = {}  # decision-stream connections per address
         self.reserve = FdReserve()
-        self.trusted = IPSet(parse_list("\n".join(cfg.trusted_edges))[0])
+        self.edges = TrustedEdges(cfg)
         self.store = DecisionStore()
         self.tls: SiteTls | None = None
         self.servers: list[asyncio.Task[None]] = []
@@ -320,13 +391,17 @@ class OriginAgent:
         self.api: DecisionApi | None = None
         self.publisher: Any = None
         self.quic: Any = None  # origin.h3.QuicShared once HTTP/3 listens
+        self._refusal_log = TokenBucket(1.0, 20, time.monotonic())
         self._build(cfg)
 
     # ------------------------------------------------------------------ build / reload
     def _build(self, cfg: OriginConfig) -> None:
         tls = SiteTls(cfg.certificates) if cfg.certificates else None
         waf = build_waf(cfg)
+        # the edges' keys load on a reload too; headers seen stay seen (no replay across it)
+        edges = TrustedEdges(cfg, self.edges.replay)
         d = cfg.decisions
+        budget = DecisionBudget(d.per_edge_decisions, d.per_edge_decisions_window_s)
         rules = DecisionRules(
             ban_after_blocks=d.ban_after_blocks,
             block_window_s=d.block_window_s,
@@ -369,15 +444,19 @@ class OriginAgent:
         # Visitors' requests are bounded per address; an edge's own connections (PROXY LOCAL:
         # its blind pulls, health checks) are not a visitor's and are not counted as one: a
         # visitor's share must not be where one edge's pulls for everyone queue up.
-        self.edge_handler: Handler = gate
-        handler: Handler = _PerClientRequests(self, gate)
-        if cfg.quic.listen and cfg.quic.advertise:  # HTTP/3 (origin/h3.py)
+        self.edge_handler = gate
+        self.handler = _PerClientRequests(self, gate)
+        # HTTP/3 is advertised (Alt-Svc) on the HTTP/1.1 and HTTP/2 responses (origin/h3.py)
+        self.alt_svc: Callable[[Handler], Handler] | None = None
+        if cfg.quic.listen and cfg.quic.advertise:
             from blindfold.origin.h3 import AltSvc, advertised_port
 
-            handler = AltSvc(
-                handler, lambda: advertised_port(self.cfg, self.quic), cfg.quic.alt_svc_max_age_s
+            max_age_s = cfg.quic.alt_svc_max_age_s
+            self.alt_svc = lambda inner: AltSvc(
+                inner, lambda: advertised_port(self.cfg, self.quic), max_age_s
             )
-        self.tls, self.waf, self.rules, self.pool, self.handler = tls, waf, rules, pool, handler
+        self.tls, self.waf, self.rules, self.pool = tls, waf, rules, pool
+        self.edges, self.budget = edges, budget
         self.limits = _limits(cfg)
         # a connection over its address's share: short deadlines, one HTTP/2 stream
         self.over_limits = dataclasses.replace(
@@ -390,6 +469,11 @@ class OriginAgent:
         # on a reload the new limits apply to the next connections
         self.site_slots.limit = cfg.max_connections
         self.api_slots.limit = cfg.decisions.max_connections
+
+    @property
+    def trusted(self) -> IPSet:
+        """Every address whose PROXY header (or QUIC announcement) may name a visitor."""
+        return self.edges.trusted
 
     def _log_event(self, event: str, **fields: Any) -> None:
         target = self.audit if fields.pop("audit", False) else self.log
@@ -416,13 +500,30 @@ class OriginAgent:
 
         return on_event
 
-    def ban(self, ip: str, duration_s: float, reason: str) -> None:
-        """`ip`: an address, or the IPv6 prefix the decision rules chose (`ban_target`)."""
+    def ban(
+        self, ip: str, duration_s: float, reason: str, reporter: Reporter | None = None
+    ) -> None:
+        """`ip`: an address, or the IPv6 prefix the decision rules chose (`ban_target`).
+        `reporter`: the trusted edge whose PROXY claim named the visitor; the decisions its
+        claims cause are bounded per window (atk-trust #4: a compromised edge could have any
+        address banned everywhere, again and again, without a trace)."""
         now = time.time()
+        edge = edge_fields(reporter)
+        if reporter is not None and not self.budget.allow(reporter, time.monotonic()):
+            self._refused_decision("edge_budget", ip, reason, edge)
+            return
         try:
-            decision = self.store.add(scope_of(ip), ip, duration_s, reason, now)
+            decision = self.store.add(
+                scope_of(ip),
+                ip,
+                duration_s,
+                reason,
+                now,
+                edge=reporter.name if reporter else "",
+                edge_address=reporter.address if reporter else "",
+            )
         except ProtocolError as exc:
-            self.log.emit("decision_refused", value=ip, error=str(exc))
+            self._refused_decision(exc.reason, ip, reason, edge)
             return
         cause = reason.split(":", 1)[0]
         self.stats[f"decisions:{cause}"] = self.stats.get(f"decisions:{cause}", 0) + 1
@@ -434,9 +535,15 @@ class OriginAgent:
             type=decision.type,
             duration_s=duration_s,
             reason=reason,
+            **edge,
         )
         if self.publisher is not None:
             self.publisher.publish(decision, now)
+
+    def _refused_decision(self, why: str, ip: str, reason: str, edge: dict[str, Any]) -> None:
+        self.count(f"decisions_refused:{why}")
+        if self._refusal_log.allow(time.monotonic()):
+            self.log.emit("decision_refused", value=ip, reason=why, cause=reason, **edge)
 
     # ------------------------------------------------------------------ serving
     def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -469,7 +576,7 @@ class OriginAgent:
         api_address = None
         if d.listen:
             keys = load_api_keys(d.api_keys_file)
-            self.api = DecisionApi(self.store, keys)
+            self.api = DecisionApi(self.store, keys, full_per_minute=d.full_answers_per_minute)
             api_tls = decisions_tls(cfg)
             host, port = parse_hostport(d.listen)
             sock = self._bind(host, port, "origin.decisions.listen")
@@ -601,13 +708,17 @@ class OriginAgent:
         try:
             client: tuple[str, int] | None = peer
             is_visitor = True
+            reporter: Reporter | None = None
             if tls and cfg.proxy_protocol != "off":
                 resolved = await self._proxy(sock, peer)
                 if resolved is None:
                     return
-                client, is_visitor = resolved
+                client, is_visitor, reporter = resolved
             assert client is not None
-            handler: Handler = self.handler if is_visitor else self.edge_handler
+            gate = self.handler if is_visitor else self.edge_handler
+            handler: Handler = gate if reporter is None else _ViaEdge(gate, reporter)
+            if self.alt_svc is not None:
+                handler = self.alt_svc(handler)
             limits = self.limits
             if is_visitor:
                 # issue 15 finding 2: one visitor must not hold the origin's capacity
@@ -644,12 +755,14 @@ class OriginAgent:
 
     async def _proxy(
         self, sock: socket.socket, peer: tuple[str, int]
-    ) -> tuple[tuple[str, int], bool] | None:
-        """Apply the PROXY policy: (client address, whether it is a visitor's), or None when
-        refused. An edge's own connection (PROXY LOCAL) is not a visitor's."""
+    ) -> tuple[tuple[str, int], bool, Reporter | None] | None:
+        """Apply the PROXY policy: (client address, whether it is a visitor's, the trusted
+        edge that named it), or None when refused. An edge's own connection (PROXY LOCAL) is
+        not a visitor's. An edge with a key ([[origin.edges]]) must prove each header is its
+        own, made for this connection (atk-trust #10: a header rewritten on the path)."""
         cfg = self.cfg
-        version, addr = parse_address(peer[0])
-        trusted = self.trusted.contains(addr, version)
+        edges = self.edges
+        trusted = edges.is_trusted(peer[0])
         try:
             if cfg.proxy_protocol == "required":
                 if not trusted:
@@ -660,7 +773,11 @@ class OriginAgent:
                 first = await peek(sock, 1, cfg.proxy_header_timeout_s)
                 looks_proxy = first[:1] in (V2_SIGNATURE[:1], V1_PREFIX[:1])
                 if not looks_proxy:
-                    return peer, True
+                    if trusted and edges.must_authenticate(peer[0]):
+                        # stripping the header would make the edge itself the visitor
+                        self._refuse("proxy_auth_missing", peer[0])
+                        return None
+                    return peer, True, None
                 if not trusted:
                     self._refuse("untrusted_proxy_header", peer[0])
                     return None
@@ -671,9 +788,17 @@ class OriginAgent:
         except TimeoutError:
             self._refuse("proxy_header_timeout", peer[0])
             return None
+        try:
+            own = sock.getsockname()  # the address this connection reached (not the listener's)
+            reporter = edges.admit(header, peer, (own[0], own[1]), time.time())
+        except ProtocolError as exc:
+            self._refuse(exc.reason, peer[0])
+            return None
+        except OSError:
+            return None
         if header.src is None:
-            return peer, False  # LOCAL: the edge's own health check or pull
-        return header.src, True
+            return peer, False, reporter  # LOCAL: the edge's own health check or pull
+        return header.src, True, reporter
 
     def _refuse(self, reason: str, peer: str) -> None:
         self._count_conn(f"refused_{reason}")
@@ -683,9 +808,10 @@ class OriginAgent:
         self, sock: socket.socket, peer: tuple[str, int], lsock: socket.socket, tls: SiteTls
     ) -> None:
         """A connection to the decision stream: from a trusted edge only, checked before TLS
-        (no handshake, so no certificate, for anyone else), within its own limit."""
-        version, addr = parse_address(peer[0])
-        if not self.trusted.contains(addr, version):
+        (no handshake, so no certificate, for anyone else), within its own limit and its
+        address's share of it (atk-trust #5: one trusted address held every slot with bare
+        TCP connections, and edges that (re)started could not get in)."""
+        if not self.edges.is_trusted(peer[0]):
             self._count_conn("decisions_refused_untrusted_peer")
             sock.close()
             return
@@ -693,7 +819,12 @@ class OriginAgent:
             self._count_conn("decisions_refused_max_connections")
             sock.close()
             return
-        claim = _Claim(self.api_slots, {})
+        claim = _Claim(self.api_slots, self.api_peer_conns)
+        if claim.count_client(visitor_key(peer[0])) >= self.cfg.decisions.per_edge_connections:
+            claim.release()
+            self._count_conn("decisions_refused_per_edge_connections")
+            sock.close()
+            return
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         info = ConnInfo((peer[0], peer[1]), lsock.getsockname()[:2], b"https", {})
@@ -704,17 +835,24 @@ class OriginAgent:
     async def _api_connection(
         self, sock: socket.socket, info: ConnInfo, tls: SiteTls, claim: _Claim
     ) -> None:
+        """TLS, then HTTP: the handshake and a first request with a valid API key must both
+        be done within `request_timeout_s` of the accept, or the connection is closed."""
         assert self.api is not None
+        loop = asyncio.get_running_loop()
+        deadline_s = self.cfg.decisions.request_timeout_s
+        ends = loop.time() + deadline_s
+        handler = _ApiDeadline(self.api, lambda: self._count_conn("decisions_request_timeout"))
         handed_over = False
         try:
-            await asyncio.get_running_loop().connect_accepted_socket(
-                _AlpnDispatch(info, self.api, tls, self.limits, self._events(claim)),
+            transport, _ = await loop.connect_accepted_socket(
+                _AlpnDispatch(info, handler, tls, self.limits, self._events(claim)),
                 sock,
                 ssl=tls.default,
-                ssl_handshake_timeout=self.cfg.http.tls_handshake_timeout_s,
+                ssl_handshake_timeout=min(self.cfg.http.tls_handshake_timeout_s, deadline_s),
             )
             handed_over = True
             self._count_conn("decisions_ok")
+            handler.arm(loop, max(0.0, ends - loop.time()), transport)
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as exc:
             failed = "tls_failed" if isinstance(exc, ssl.SSLError) else "io_error"
             self._count_conn(f"decisions_{failed}")
@@ -730,6 +868,7 @@ class OriginAgent:
             for gone in self.store.expire(now):
                 self.log.log("decision_expired", id=gone.id, value=gone.value)
             self.rules.sweep(now)
+            self.edges.replay.sweep(now)
             self.log.flush()
             if self.audit is not self.log:
                 self.audit.flush()
@@ -773,6 +912,10 @@ class OriginAgent:
             "blindfold_waf_rule_blocks_total": pick("waf_rule:"),
             "blindfold_decisions_active": [[[], len(self.store.decisions)]],
             "blindfold_decisions_created_total": pick("decisions:"),
+            "blindfold_origin_decisions_refused_total": pick("decisions_refused:"),
+            "blindfold_origin_decisions_full_builds_total": [
+                [[], self.api.full_builds if self.api else 0]
+            ],
             "blindfold_decision_stream_requests_total": [
                 [[k], v] for k, v in (self.api.requests.items() if self.api else [])
             ],

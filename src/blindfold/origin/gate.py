@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from blindfold.decisions.core import DecisionRules
+from blindfold.origin.edges import Reporter
 from blindfold.waf.engine import Match, Verdict, WafEngine
 from blindfold.web.messages import (
     BodyStream,
@@ -23,7 +24,8 @@ from blindfold.web.messages import (
 )
 from blindfold.web.proxy import ReverseProxy
 
-Ban = Callable[[str, float, str], None]  # (ip, duration_s, reason)
+# (ip, duration_s, reason, the trusted edge whose PROXY claim named the visitor, if one did)
+Ban = Callable[[str, float, str, Reporter | None], None]
 Log = Callable[..., None]
 
 
@@ -56,7 +58,15 @@ class OriginGate:
     def _count(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n
 
-    async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
+    async def __call__(
+        self,
+        request: Request,
+        body: BodyStream,
+        respond: Responder,
+        reporter: Reporter | None = None,
+    ) -> None:
+        """`reporter`: the trusted edge whose PROXY header named `request.client` (None for a
+        direct visitor); written with every log line and decision the request causes."""
         t0 = time.monotonic()
         now = time.time()
         ip = request.client[0]
@@ -65,7 +75,7 @@ class OriginGate:
         waf_state = None
         ban = self.rules.on_request(ip, request.path, now)
         if ban is not None:
-            self.ban(*ban)
+            self.ban(*ban, reporter)
         tx = None
         verdict_ids: tuple[int, ...] = ()
         try:
@@ -85,7 +95,7 @@ class OriginGate:
             if verdict is not None and not self.detect_only:
                 status = verdict.status
                 waf_state = "blocked"
-                await self._block(request, respond, verdict)
+                await self._block(request, respond, verdict, reporter)
                 return
             response = await self.proxy.forward(request, body, respond, prefix)
             if response is None:
@@ -113,7 +123,7 @@ class OriginGate:
                 ]
             if matches:
                 waf_state = waf_state or "matched"
-                self._audit(request, status, matches, waf_state)
+                self._audit(request, status, matches, waf_state, reporter)
             self._count(f"requests:{status // 100}xx" if status else "requests:aborted")
             if self.access_log:
                 self.log(
@@ -128,6 +138,7 @@ class OriginGate:
                     http=request.http_version,
                     waf=waf_state,
                     duration_s=round(time.monotonic() - t0, 6),
+                    **edge_fields(reporter),
                 )
 
     async def _inspect_body(self, tx: Any, body: BodyStream) -> tuple[Verdict | None, list[bytes]]:
@@ -148,19 +159,28 @@ class OriginGate:
                 raise BodyTooLarge("over the WAF's inspection limit")
         return tx.end_request(), prefix
 
-    async def _block(self, request: Request, respond: Responder, verdict: Verdict) -> None:
+    async def _block(
+        self, request: Request, respond: Responder, verdict: Verdict, reporter: Reporter | None
+    ) -> None:
         self._count("waf_blocks")
         for rule in verdict.rule_ids:
             self._count(f"waf_rule:{rule}")
         ban = self.rules.on_block(request.client[0], time.time())
         if ban is not None:
-            self.ban(*ban)
+            self.ban(*ban, reporter)
         text = f"Request blocked by the site's firewall.\nrequest id: {request.request_id}\n"
         await simple_response(
             respond, verdict.status, text, [(b"x-request-id", request.request_id.encode())]
         )
 
-    def _audit(self, request: Request, status: int, matches: list[Match], state: str) -> None:
+    def _audit(
+        self,
+        request: Request,
+        status: int,
+        matches: list[Match],
+        state: str,
+        reporter: Reporter | None,
+    ) -> None:
         self.log(
             "waf",
             request_id=request.request_id,
@@ -174,4 +194,13 @@ class OriginGate:
             rule_ids=sorted({m.rule_id for m in matches}),
             messages=[m.message for m in matches][:20],
             audit=True,
+            **edge_fields(reporter),
         )
+
+
+def edge_fields(reporter: Reporter | None) -> dict[str, Any]:
+    """Log fields naming the edge whose PROXY claim named the client (none for a direct
+    visitor): `edge` (its name, null when it has none) and `edge_address`."""
+    if reporter is None:
+        return {}
+    return {"edge": reporter.name or None, "edge_address": reporter.address}
