@@ -13,8 +13,10 @@ from blindfold.config.common import (
     check_ip_hostport,
     check_redis_url,
     check_sni_pattern,
+    covers,
 )
 from blindfold.config.schema import setting
+from blindfold.core.routing import SniRouter
 from blindfold.errors import ConfigError
 from blindfold.web.target import check_rule_prefix
 
@@ -715,9 +717,45 @@ class EdgeConfig:
                 f"must be at most ipv6_prefix_len ({self.ipv6_prefix_len}): IPv6 bans cover "
                 "that prefix",
             )
-        from blindfold.blind.exposure import check_edge
-
-        check_edge(self.routes)  # no keyless route where a blind site's manifest is served
+        _check_blind_sites(self.routes)  # no keyless route serving a blind site's manifest
 
     def route_name(self, index: int) -> str:
         return self.routes[index].name or f"route{index}"
+
+
+# Where a blind site's manifest may be served: only where the edge cannot read it (see
+# blindfold.blind.exposure, which checks a whole deployment file with these helpers).
+MANIFEST_EXPOSED = (
+    "the edge ends TLS there and would read the blind manifest (the content keys); "
+    "serve that name through a passthrough route"
+)
+
+
+def keyless_route_for(routes: tuple[RouteConfig, ...], name: str) -> str | None:
+    """The dotted key (under edge.) that makes the edge end TLS for `name` on a keyless route
+    (as the edge's router chooses: exact, longest wildcard, then the default route), if any."""
+    default = next((i for i, r in enumerate(routes) if r.default), None)
+    router = SniRouter(((p, i) for i, r in enumerate(routes) for p in r.sni), default)
+    i = router.lookup(name)
+    if i is None or routes[i].mode != "keyless":
+        return None
+    if any(covers(p, name) for p in routes[i].sni):
+        return f"routes[{i}].sni"
+    return f"routes[{i}].default"
+
+
+def _check_blind_sites(routes: tuple[RouteConfig, ...]) -> None:
+    """An edge config alone: no keyless route for the site names of its blind routes."""
+    for i, rc in enumerate(routes):
+        if rc.mode != "blind":
+            continue
+        names = rc.blind.site_names if rc.blind is not None and rc.blind.site_names else ()
+        where = f"routes[{i}].blind.site_names"
+        if not names:
+            names, where = (rc.origin_server_name,), f"routes[{i}].origin_server_name"
+        for name in names:
+            key = keyless_route_for(routes, name)
+            if key is not None:
+                raise ConfigError(
+                    key, f"takes {name!r}, which serves the site (edge.{where}): {MANIFEST_EXPOSED}"
+                )
