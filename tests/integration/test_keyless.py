@@ -607,6 +607,26 @@ def test_edge_never_opens_a_site_key(
     assert str(kpki.sites["p256"][0]) in opened  # (the certificate, to be sure tracing worked)
 
 
+def test_a_key_server_refusal_is_counted_by_its_own_reason(
+    chain: Any, kpki: KeylessPki, keyserver: KeyServerProcess
+) -> None:
+    """The key server says why it did not sign (here: this edge is not authorised for the
+    name); the edge counts and logs that reason, not a catch-all."""
+    edge, _ = chain(sni=["unlisted.test"])
+    code, _, detail = fetch(edge, kpki, host="unlisted.test")
+    assert code == 0 and "internal error" in detail.lower(), detail
+    result = "keyserver_unauthorized_sni"
+    assert wait_until(
+        lambda: (
+            edge.metric("blindfold_keyless_handshakes_total", route="route0", result=result) == 1
+        ),
+        5,
+    )
+    line = edge.wait_for(lambda r: r.get("event") == "keyless_handshake_failed", 5)
+    assert line is not None and line["reason"] == result, line
+    assert edge.metric("blindfold_keyless_handshakes_total", route="route0", result="full") == 0
+
+
 def test_a_host_outside_the_route_is_misdirected(chain: Any, kpki: KeylessPki, app: Any) -> None:
     edge, _ = chain(sni=["example.test"])
     before = len(app.seen)

@@ -597,7 +597,7 @@ class BlindHandler:
                     await asyncio.shield(task)  # a visitor who leaves does not stop it
         hit = idx.blobs.get(name)
         if hit is None and not idx.current:
-            raise UpstreamError(f"no current signed blob index: {idx.error}")
+            raise UpstreamError("no_index", f"no current signed blob index: {idx.error}")
         return hit
 
     async def _refresh_index(self) -> None:
@@ -614,14 +614,16 @@ class BlindHandler:
             )
             length = _content_length(resp.headers)
             if resp.status != 200 or length is None or length > manifest.MAX_INDEX_BYTES:
-                raise UpstreamError(f"origin answered {resp.status}, length {length}")
+                raise UpstreamError(
+                    "bad_response", f"origin answered {resp.status}, length {length}"
+                )
             data = bytearray()
             async for chunk in resp.body():
                 data += chunk
                 if len(data) > length:
-                    raise UpstreamError("origin sent more than its Content-Length")
+                    raise UpstreamError("bad_response", "origin sent more than its Content-Length")
             if len(data) != length:
-                raise UpstreamError(f"origin sent {len(data)} of {length} bytes")
+                raise UpstreamError("truncated", f"origin sent {len(data)} of {length} bytes")
             index = await asyncio.to_thread(manifest.verify_index, bytes(data), idx.public)
             if index.issued_at >= idx.issued_at:  # never back to an older index
                 idx.blobs, idx.issued_at = index.blobs, index.issued_at
@@ -867,7 +869,7 @@ class BlindHandler:
             fill.begin(length)
             async for chunk in resp.body():
                 if fill.got + len(chunk) > length:
-                    raise UpstreamError("origin sent more than its Content-Length")
+                    raise UpstreamError("bad_response", "origin sent more than its Content-Length")
                 digest.update(chunk)
                 if out is not None:
                     out.write(chunk)
@@ -878,10 +880,12 @@ class BlindHandler:
                 fill.advance(len(chunk))
             br.stats.origin_bytes += fill.got
             if fill.got != length:
-                raise UpstreamError(f"origin sent {fill.got} of {length} bytes")
+                raise UpstreamError("truncated", f"origin sent {fill.got} of {length} bytes")
             if digest.digest() != want[0]:
                 br.stats.count("pull_rejected")
-                raise UpstreamError("origin's blob does not match the site's signed blob index")
+                raise UpstreamError(
+                    "digest_mismatch", "origin's blob does not match the site's signed blob index"
+                )
             if out is not None:
                 out.close()
                 out = None

@@ -35,7 +35,7 @@ from blindfold.core import tls13_server as ts
 from blindfold.core.clienthello import ClientHello
 from blindfold.core.httpcache import HttpCache
 from blindfold.core.ratelimit import BucketMap
-from blindfold.errors import ConfigError, ProtocolError
+from blindfold.errors import ConfigError, KeyServerError, ProtocolError
 from blindfold.io.tls13_transport import TlsServerProtocol
 from blindfold.keyless.client import KeyServerClient
 from blindfold.obs.metrics import Histogram
@@ -267,8 +267,10 @@ class KeylessService:
             server.signature_failed("closed")  # unwinds the suspended handshake now
             return
         if exc is not None:
-            reason = "keyserver_timeout" if "within" in str(exc) else "keyserver_error"
-            self._keyserver_failed(conn, kr, server, reason, str(exc))
+            # the key server's own reason (unauthorized_sni, rate_limited...) or the way's
+            # (timeout, down, unreachable...): a small fixed set, a metric label
+            cause = exc.reason if isinstance(exc, KeyServerError) else "error"
+            self._keyserver_failed(conn, kr, server, f"keyserver_{cause}", str(exc))
             return
         self.sign_latency.observe(time.perf_counter() - t0)
         events = server.signature_received(future.result(), time.monotonic())

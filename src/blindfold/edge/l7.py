@@ -93,7 +93,7 @@ async def open_verified_origin(
     and/or a certificate pin, with `header` (PROXY) sent first. Origins that fail are marked
     down for the route and the next one is tried; UpstreamError when none is left."""
     loop = asyncio.get_running_loop()
-    failure = "no origin"
+    failure, reason, status = "no origin", "no_origin", 502
     for origin in route.pool.order(worker.reactor.now):
         sock = socket.socket(origin.family, socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -113,11 +113,14 @@ async def open_verified_origin(
         except ssl.SSLCertVerificationError as exc:
             sock.close()
             failure = f"origin certificate not verified: {exc.verify_message}"
-            _origin_failed(worker, route, origin, "tls_verify", failure)
+            reason, status = "tls_verify", 502
+            _origin_failed(worker, route, origin, reason, failure)
             continue
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             sock.close()
-            failure = "connect_timeout" if isinstance(exc, TimeoutError) else str(exc)
+            timeout = isinstance(exc, TimeoutError)
+            failure = "connect_timeout" if timeout else str(exc)
+            reason, status = ("connect_timeout", 504) if timeout else ("connect_failed", 502)
             _origin_failed(worker, route, origin, "connect", failure)
             continue
         if pins:
@@ -126,12 +129,13 @@ async def open_verified_origin(
             if der is None or hashlib.sha256(der).digest() not in pins:
                 writer.close()
                 failure = "origin certificate does not match origin_pin_sha256"
-                _origin_failed(worker, route, origin, "pin_mismatch", failure)
+                reason, status = "pin_mismatch", 502
+                _origin_failed(worker, route, origin, reason, failure)
                 continue
         if origin.down_until:
             route.pool.mark_up(origin)
         return reader, writer
-    raise UpstreamError(failure)
+    raise UpstreamError(reason, failure, status=status)
 
 
 def _origin_failed(
@@ -323,7 +327,7 @@ class EdgeHandler:
             )
             return 503, "", 0
         except UpstreamError as exc:
-            status = 504 if "timeout" in str(exc) else 502
+            status = exc.status
             await simple_response(
                 respond,
                 status,

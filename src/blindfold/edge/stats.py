@@ -139,14 +139,15 @@ EDGE_METRICS = [
         "blindfold_keyless_handshakes_total",
         "counter",
         "Keyless TLS handshakes by result: full (signed by the key server), resumed "
-        "(session ticket), or why it failed.",
+        "(session ticket), or why it failed (tls_*, keyserver_<reason>: the key server's "
+        "refusal or the way's failure).",
         ("route", "result"),
     ),
     MetricSpec(
         "blindfold_keyless_fallbacks_total",
         "counter",
         "Keyless-route connections forwarded as passthrough instead, by reason "
-        "(tls12_only, needs_hello_retry, keyserver_*).",
+        "(tls12_only, needs_hello_retry, no_sni, keyserver_<reason>).",
         ("route", "reason"),
     ),
     MetricSpec(
