@@ -90,17 +90,30 @@ async def open_verified_origin(
     timeout_s: float,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A TLS connection to one of the route's origins, verified by `tls` (CA and hostname)
-    and/or a certificate pin, with `header` (PROXY) sent first. Origins that fail are marked
-    down for the route and the next one is tried; UpstreamError when none is left."""
+    and/or a certificate pin, with `header` (PROXY) sent first, within `timeout_s` in all.
+    Failures that hold for every visitor (the TCP connect, the certificate) mark the origin
+    down for the route; a handshake the origin ends after the connect may be this visitor's
+    alone (the origin closes connections beyond its share, issue 10) and is only counted.
+    Either way the next origin is tried; UpstreamError when none is left."""
     loop = asyncio.get_running_loop()
     failure, reason, status = "no origin", "no_origin", 502
     for origin in route.pool.order(worker.reactor.now):
         sock = socket.socket(origin.family, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        deadline = loop.time() + timeout_s
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout_at(deadline):
                 await loop.sock_connect(sock, origin.sockaddr)
+        except (OSError, TimeoutError) as exc:
+            sock.close()
+            timeout = isinstance(exc, TimeoutError)
+            failure = "connect_timeout" if timeout else str(exc)
+            reason, status = ("connect_timeout", 504) if timeout else ("connect_failed", 502)
+            _origin_failed(worker, route, origin, "connect", failure)
+            continue
+        try:
+            async with asyncio.timeout_at(deadline):
                 if header:
                     await loop.sock_sendall(sock, header)
                 reader, writer = await asyncio.open_connection(
@@ -119,9 +132,9 @@ async def open_verified_origin(
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             sock.close()
             timeout = isinstance(exc, TimeoutError)
-            failure = "connect_timeout" if timeout else str(exc)
-            reason, status = ("connect_timeout", 504) if timeout else ("connect_failed", 502)
-            _origin_failed(worker, route, origin, "connect", failure)
+            failure = "TLS handshake timed out" if timeout else f"TLS handshake failed: {exc}"
+            reason, status = ("tls_timeout", 504) if timeout else ("tls_failed", 502)
+            route.pool.count_failure(origin, reason)
             continue
         if pins:
             obj = writer.get_extra_info("ssl_object")
