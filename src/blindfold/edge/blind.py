@@ -45,6 +45,7 @@ from blindfold.web.client import UpstreamPool, UpstreamResponse
 from blindfold.web.http1 import ConnInfo, H1Connection
 from blindfold.web.http2 import H2Connection
 from blindfold.web.messages import BodyStream, Headers, Request, Responder, simple_response
+from blindfold.web.target import host_of
 
 if TYPE_CHECKING:
     from blindfold.edge.passthrough import Conn
@@ -408,7 +409,7 @@ class BlindService:
             return
 
         def app(alpn: str | None) -> asyncio.Protocol:
-            handler = BlindHandler(self.worker, conn, route, br)
+            handler = BlindHandler(self.worker, conn, route, br, hello.sni or "")
             local = conn.local or ("0.0.0.0", 0)
             info = ConnInfo(
                 (conn.ip, conn.client_port),
@@ -451,11 +452,14 @@ class BlindService:
 class BlindHandler:
     """Requests on one visitor connection of a blind route."""
 
-    def __init__(self, worker: Worker, conn: Conn, route: RouteState, br: BlindRoute) -> None:
+    def __init__(
+        self, worker: Worker, conn: Conn, route: RouteState, br: BlindRoute, sni: str
+    ) -> None:
         self.worker = worker
         self.conn = conn
         self.route = route
         self.br = br
+        self.sni = sni
         self.cors: Headers = []
 
     def http_event(self, name: str, fields: dict[str, object]) -> None:
@@ -464,6 +468,13 @@ class BlindHandler:
 
     async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
         br = self.br
+        host = host_of(request.authority)  # checked by the HTTP layer (web/target.py)
+        if host != self.sni and self.worker.router.lookup(host) is not self.route:
+            # RFC 9110 §15.5.20: this connection (its certificate, its route) is not for that
+            # host, as on keyless routes
+            br.stats.count("misdirected")
+            await simple_response(respond, 421, "misdirected request\n")
+            return
         method = request.method
         if method == b"OPTIONS":  # CORS preflight from a page's service worker
             await respond.start(

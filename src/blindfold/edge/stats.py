@@ -197,7 +197,7 @@ EDGE_METRICS = [
         "counter",
         "Requests on blind routes, by result (hit_memory, hit_disk, miss, joined: a "
         "miss served from another's pull, uncached, not_found, origin_error, error, "
-        "bad_method), and the checks against the site's signed blob index (not_in_index, "
+        "bad_method, misdirected: another host than the route's), and the checks against the site's signed blob index (not_in_index, "
         "pull_rejected, cache_dropped, index_fetched, index_failed, report, report_refused).",
         ("route", "result"),
     ),
