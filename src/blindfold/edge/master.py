@@ -28,6 +28,7 @@ from blindfold.decisions.bans import BanDistributor, BanLimits, BanTable
 from blindfold.decisions.feed import StreamFeed, supervise
 from blindfold.edge.stats import EDGE_METRICS, EDGE_SPECS, top_ja4
 from blindfold.errors import ConfigError
+from blindfold.io import control
 from blindfold.io.admin_http import AdminServer
 from blindfold.io.limits import raise_fd_limit
 from blindfold.io.listeners import bind_group
@@ -67,7 +68,7 @@ class WorkerHandle:
 
     def send(self, message: dict[str, Any]) -> None:
         if self.state != "exited" and not self.writer.is_closing():
-            self.writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+            self.writer.write(control.encode(message))
 
 
 class EdgeMaster:
@@ -450,6 +451,7 @@ class EdgeMaster:
             config, text = load_file(self.path)
             if config.edge is None:
                 raise ConfigError("edge", "the config has no [edge] section")
+            control.check_config_size(text)
         except ConfigError as exc:
             self._count_reload("invalid")
             self.log.emit("reload_failed", error=str(exc))
@@ -669,6 +671,11 @@ def run_edge(config_path: str) -> int:
         return 2
     if config.edge is None:
         print(f"blindfold edge: {config_path} has no [edge] section", file=sys.stderr)
+        return 2
+    try:
+        control.check_config_size(text)
+    except ConfigError as exc:
+        print(f"blindfold edge: {config_path}: {exc}", file=sys.stderr)
         return 2
 
     raise_fd_limit()

@@ -125,7 +125,7 @@ class Worker:
             self.blind = BlindService(self, self.loop)
         self.ban_updates = BanUpdates(self)
         self.control = ControlChannel(
-            self.reactor, control_fd, self._on_control, self._on_master_gone
+            self.reactor, control_fd, self._on_control, self._on_master_gone, self._control_error
         )
         self.reserve = FdReserve()  # for the moment accept() fails with EMFILE
 
@@ -462,6 +462,9 @@ class Worker:
             self.control.send({"op": "rates", "id": message.get("id"), "counts": counts})
         elif op == "bans":
             self.ban_updates.push(message)
+
+    def _control_error(self, problem: str, exc: BaseException) -> None:
+        self.log.log("control_error", problem=problem, error=repr(exc)[:500], worker=self.index)
 
     def _go_live(self) -> None:
         self._start_listening()
