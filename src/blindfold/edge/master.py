@@ -96,7 +96,9 @@ class EdgeMaster:
         self._bans_logged = 0.0
         self.feeds: list[Any] = []
         self.feed_tasks: list[asyncio.Task[None]] = []
-        self.l7 = _needs_l7(self.config)
+        # metrics the workers report for their modes, as they describe them (the master
+        # knows no mode)
+        self.mode_metrics: dict[str, MetricSpec] = {}
         # Every change of the worker set (reload, new generation, respawn) holds this lock, so
         # they never interleave; SIGHUPs that arrive during a reload coalesce into one more.
         self._workers_lock = asyncio.Lock()
@@ -163,7 +165,7 @@ class EdgeMaster:
             str(child.fileno()),
             "--listeners",
             json.dumps(listeners),
-        ] + (["--l7"] if self.l7 else [])
+        ]
         proc = subprocess.Popen(
             cmd, pass_fds=[child.fileno(), *fds], close_fds=True, start_new_session=False
         )
@@ -191,6 +193,8 @@ class EdgeMaster:
                 op = message.get("op")
                 if op == "ready":
                     handle.state = "ready" if handle.state == "starting" else handle.state
+                    for spec in message.get("metrics") or ():
+                        self.mode_metrics.setdefault(spec["name"], _spec(spec))
                     if handle.ready is not None and not handle.ready.done():
                         handle.ready.set_result(None)
                 elif op == "bans_applied":
@@ -477,10 +481,6 @@ class EdgeMaster:
         if tuple(new.listen) != tuple(self.groups):
             await self._new_generation(new, text)
             return
-        if _needs_l7(new) and not self.l7:
-            # the first keyless route: workers that run asyncio take over the same sockets
-            await self._new_generation(new, text, rebind=False)
-            return
         results = []
         loop = asyncio.get_running_loop()
         for handle in self.workers:
@@ -502,26 +502,23 @@ class EdgeMaster:
         self._count_reload("ok" if ok else "partial")
         self.log.emit("reloaded" if ok else "reload_partial", outcomes=outcomes)
 
-    async def _new_generation(self, new: EdgeConfig, text: str, rebind: bool = True) -> None:
-        """Listen addresses changed (or the workers' kind did): bind the new ones, start a new
+    async def _new_generation(self, new: EdgeConfig, text: str) -> None:
+        """Listen addresses changed: bind the new ones, start a new
         set of workers on the new socket set, then drain the old workers (their connections
         continue). If the new workers do not all come up, everything made for them is undone:
         their processes ended, the sockets bound for them closed, the old generation kept."""
         try:
-            groups = self.bind(new) if rebind else self.groups
+            groups = self.bind(new)
         except ConfigError as exc:
             self._count_reload("bind_failed")
             self.log.emit("reload_failed", error=str(exc))
             return
-        l7 = self.l7 or _needs_l7(new)
-        was_l7, self.l7 = self.l7, l7
         handles: list[WorkerHandle] = []
         try:
             for i in range(self.nworkers):
                 handles.append(await self.spawn(i, self.generation + 1, groups, text))
             await self._wait_ready(handles)
         except (ConfigError, OSError) as exc:
-            self.l7 = was_l7
             for handle in handles:
                 handle.state = "exited"
                 if handle.proc.poll() is None:
@@ -624,7 +621,7 @@ class EdgeMaster:
             for fut in pending:
                 fut.cancel()
             snaps = [f.result() for f in done if not f.cancelled() and f.exception() is None]
-        merged = top_ja4(merge(snaps, EDGE_SPECS_ALL))
+        merged = top_ja4(merge(snaps, {**EDGE_SPECS_ALL, **self.mode_metrics}))
         states: dict[str, int] = {}
         for handle in [*self.workers, *self.old_workers]:
             states[handle.state] = states.get(handle.state, 0) + 1
@@ -643,7 +640,7 @@ class EdgeMaster:
             merged.setdefault("blindfold_decisions_source_up", []).append([[kind], int(feed.up)])
             for result, n in feed.polls.items():
                 merged.setdefault("blindfold_decisions_polls_total", []).append([[kind, result], n])
-        return render(merged, EDGE_METRICS_ALL)
+        return render(merged, [*EDGE_METRICS_ALL, *self.mode_metrics.values()])
 
 
 def _ban_limits(config: EdgeConfig) -> BanLimits:
@@ -658,8 +655,16 @@ def _ban_limits(config: EdgeConfig) -> BanLimits:
     )
 
 
-def _needs_l7(config: EdgeConfig) -> bool:
-    return any(r.mode != "passthrough" for r in config.routes)
+def _spec(d: dict[str, Any]) -> MetricSpec:
+    """A metric as a worker describes it (`dataclasses.asdict` of its MetricSpec)."""
+    return MetricSpec(
+        d["name"],
+        d["kind"],
+        d["help"],
+        tuple(d.get("labels") or ()),
+        d.get("merge", "sum"),
+        tuple(d.get("buckets") or ()),
+    )
 
 
 def run_edge(config_path: str) -> int:

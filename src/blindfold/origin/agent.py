@@ -806,9 +806,9 @@ def _consume(task: asyncio.Task[Any]) -> None:
 
 
 def run_origin(path: str) -> int:
-    from blindfold.io import ssl_alerts
+    from blindfold.io import compat
 
-    ssl_alerts.install()  # handshake failures answer with OpenSSL's alert, not a bare reset
+    compat.install_ssl_alerts()  # handshake failures answer with OpenSSL's alert, not a reset
     try:
         config, _ = load_file(path)
         if config.origin is None:

@@ -1,4 +1,4 @@
-"""Blind routes in an edge worker: a CDN hostname of the edge's own (its certificate and key)
+"""Blind routes: a CDN hostname of the edge's own (its certificate and key)
 that serves sealed blobs by id at `/b/<id>`, pulled from the origin agent over verified TLS and
 cached in memory and on disk, both bounded, LRU.
 
@@ -20,36 +20,30 @@ import hashlib
 import io
 import os
 import re
-import socket
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from blindfold.config.edge import BlindRouteConfig, RouteConfig
+from blindfold.config.edge import BlindRouteConfig, EdgeConfig, EdgeHttpConfig, RouteConfig
 from blindfold.core import manifest
 from blindfold.core.clienthello import ClientHello
 from blindfold.core.proxyproto import encode_v1, encode_v2
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.core.tls13_server import ConnectionFailed
-from blindfold.edge.keyless import origin_and_http, origin_tls_context
+from blindfold.edge.mode import Connection, Mode, ModeContext, RouteState
+from blindfold.edge.serve import LOGGED_EVENTS, http_limits, misdirected, request_host, serve
+from blindfold.edge.upstream import open_verified_origin, origin_pins, origin_tls_context
 from blindfold.errors import ConfigError, UpstreamError, VerificationError
 from blindfold.io.openssl_engine import OpenSslServer
-from blindfold.io.tls13_transport import TlsServerProtocol
+from blindfold.obs.metrics import MetricSpec, Snapshot
 from blindfold.web.client import UpstreamPool, UpstreamResponse
-from blindfold.web.http1 import ConnInfo, H1Connection
-from blindfold.web.http2 import H2Connection
 from blindfold.web.messages import BodyStream, Headers, Request, Responder, simple_response
-from blindfold.web.target import host_of
-
-if TYPE_CHECKING:
-    from blindfold.edge.passthrough import Conn
-    from blindfold.edge.worker import RouteState, Worker
 
 # /b/<id>: a sealed blob; /p/<id>.js|.css: a script or stylesheet published in plaintext for
 # Subresource Integrity (`blindfold seal --sri`).
@@ -74,6 +68,40 @@ RECHECK_COOLDOWN_S = 10.0  # a reported blob is checked at most this often
 RECHECK_BYTES_PER_S = 32 << 20
 RECHECK_BURST_BYTES = 1 << 30
 MAX_RECHECKED = 10_000
+
+METRICS = (
+    MetricSpec(
+        "blindfold_blind_requests_total",
+        "counter",
+        "Requests on blind routes, by result (hit_memory, hit_disk, miss, joined: a "
+        "miss served from another's pull, uncached, not_found, origin_error, error, "
+        "bad_method, misdirected: another host than the route's), and the checks against "
+        "the site's signed blob index (not_in_index, "
+        "pull_rejected, cache_dropped, index_fetched, index_failed, report, report_refused).",
+        ("route", "result"),
+    ),
+    MetricSpec(
+        "blindfold_blind_cache_bytes",
+        "gauge",
+        "Bytes of sealed blobs cached, by tier.",
+        ("route", "tier"),
+    ),
+    MetricSpec(
+        "blindfold_blind_cache_blobs", "gauge", "Sealed blobs cached, by tier.", ("route", "tier")
+    ),
+    MetricSpec(
+        "blindfold_blind_origin_bytes_total",
+        "counter",
+        "Blob bytes pulled from the origin.",
+        ("route",),
+    ),
+    MetricSpec(
+        "blindfold_blind_served_bytes_total",
+        "counter",
+        "Blob bytes served to visitors (bodies).",
+        ("route",),
+    ),
+)
 
 
 def _sha256_fd(fd: int, size: int) -> bytes:
@@ -333,9 +361,10 @@ class BlindRoute:
         self.cfg = rc.blind or BlindRouteConfig()
         self.tls = _server_tls(where, rc)
         # visitors send no bodies: GET, HEAD and OPTIONS only
-        self.origin_tls, self.pins, self.http, self.limits = origin_and_http(
-            where, rc, max_body_bytes=0
-        )
+        self.origin_tls = origin_tls_context(where, rc)
+        self.pins = origin_pins(rc)
+        self.http = rc.http or EdgeHttpConfig()
+        self.limits = http_limits(self.http, max_body_bytes=0)
         same_cache = old is not None and old.cfg == self.cfg
         # The store (and the pulls filling it) carry over a reload that keeps the cache
         # settings; a new store would rescan the directory under live pulls.
@@ -385,77 +414,81 @@ class BlindRoute:
         return [(b"vary", b"origin")]
 
 
-class BlindService:
+class BlindMode(Mode):
     """The worker's blind side, on the asyncio loop the reactor is attached to."""
 
-    def __init__(self, worker: Worker, loop: asyncio.AbstractEventLoop) -> None:
-        self.worker = worker
-        self.loop = loop
+    name = "blind"
+    needs_asyncio = True
+    metrics = METRICS
 
-    def build(self, where: str, rc: RouteConfig, old: BlindRoute | None) -> BlindRoute:
-        return BlindRoute(where, rc, self.worker.index, old)
+    @classmethod
+    def check_config(cls, where: str, rc: RouteConfig, edge: EdgeConfig) -> None:
+        check_route(where, rc)
 
-    def begin(self, conn: Conn, route: RouteState, hello: ClientHello) -> None:
-        br = route.blind
-        assert br is not None
+    def build(
+        self, where: str, rc: RouteConfig, edge: EdgeConfig, old: BlindRoute | None
+    ) -> BlindRoute:
+        return BlindRoute(where, rc, self.ctx.index, old)
+
+    def check(self, route: RouteState, hello: ClientHello) -> bool:
+        return True  # the CDN hostname's own TLS: every hello is ours
+
+    def begin(self, conn: Connection, route: RouteState, hello: ClientHello) -> bool:
+        br: BlindRoute = route.state
         server = OpenSslServer(br.tls, hello.sni)
-        events = server.receive(bytes(conn.buf), self.worker.reactor.now)
-        conn.begin_keyless()
+        events = server.receive(conn.hello_bytes, self.ctx.now)
+        conn.take()
         failed = next((e for e in events if isinstance(e, ConnectionFailed)), None)
         if failed is not None:
-            with contextlib.suppress(OSError):
-                conn.client.send(server.data_to_send())  # OpenSSL's alert
+            conn.send_now(server.data_to_send())  # OpenSSL's alert
             conn.close("refused", f"tls_{failed.reason}")
-            return
-
-        def app(alpn: str | None) -> asyncio.Protocol:
-            handler = BlindHandler(self.worker, conn, route, br, hello.sni or "")
-            local = conn.local or ("0.0.0.0", 0)
-            info = ConnInfo(
-                (conn.ip, conn.client_port),
-                local,
-                b"https",
-                {"sni": hello.sni or "", "alpn": alpn or ""},
-            )
-            if alpn == "h2":
-                return H2Connection(handler, br.limits, info, handler.http_event)
-            return H1Connection(handler, br.limits, info, handler.http_event)
-
-        proto = TlsServerProtocol(
+            return True
+        sni = hello.sni or ""
+        serve(
+            conn,
             server,
-            app,
-            conn.keyless_done,
-            br.http.tls_handshake_timeout_s,
-            br.http.keepalive_timeout_s,
-        )
-        sock: socket.socket = conn.adopt_socket_for_asyncio()
-        try:
+            lambda: BlindHandler(self.ctx, conn, route, br, sni),
+            br.limits,
+            br.http,
             # Blob responses are hundreds of KiB: a send buffer that takes one whole spares
             # asyncio's partial-send path (Python 3.11 copies and shifts its buffer there).
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
-        except OSError:
-            pass
-        conn.l7 = proto
-        make = getattr(self.loop, "_make_socket_transport", None)
-        if make is not None:  # see KeylessService._open
-            make(sock, proto)
-        else:
-            self.loop.create_task(self._attach(conn, proto, sock))
+            send_buffer_bytes=SEND_BUFFER_BYTES,
+        )
+        return True
 
-    async def _attach(self, conn: Conn, proto: TlsServerProtocol, sock: socket.socket) -> None:
-        try:
-            await self.loop.connect_accepted_socket(lambda: proto, sock)
-        except OSError:
-            conn.close("reset", "attach_failed")
+    def snapshot(self, routes: Sequence[RouteState]) -> Snapshot:
+        """Prometheus tables for the worker's blind routes."""
+        tables: dict[str, list[list[Any]]] = {
+            "blindfold_blind_requests_total": [],
+            "blindfold_blind_cache_bytes": [],
+            "blindfold_blind_cache_blobs": [],
+            "blindfold_blind_origin_bytes_total": [],
+            "blindfold_blind_served_bytes_total": [],
+        }
+        for route in routes:
+            br: BlindRoute = route.state
+            name = route.name
+            tables["blindfold_blind_requests_total"].extend(
+                [[name, k], v] for k, v in br.stats.requests.items()
+            )
+            tables["blindfold_blind_cache_bytes"].extend(
+                [[[name, "memory"], br.store.mem_used], [[name, "disk"], br.store.disk_used]]
+            )
+            tables["blindfold_blind_cache_blobs"].extend(
+                [[[name, "memory"], len(br.store.mem)], [[name, "disk"], len(br.store.disk)]]
+            )
+            tables["blindfold_blind_origin_bytes_total"].append([[name], br.stats.origin_bytes])
+            tables["blindfold_blind_served_bytes_total"].append([[name], br.stats.served_bytes])
+        return tables
 
 
 class BlindHandler:
     """Requests on one visitor connection of a blind route."""
 
     def __init__(
-        self, worker: Worker, conn: Conn, route: RouteState, br: BlindRoute, sni: str
+        self, ctx: ModeContext, conn: Connection, route: RouteState, br: BlindRoute, sni: str
     ) -> None:
-        self.worker = worker
+        self.ctx = ctx
         self.conn = conn
         self.route = route
         self.br = br
@@ -463,15 +496,13 @@ class BlindHandler:
         self.cors: Headers = []
 
     def http_event(self, name: str, fields: dict[str, object]) -> None:
-        if name in ("h2_abuse", "bad_request", "handler_error", "send_timeout"):
-            self.worker.log.log(name, route=self.route.name, **fields)
+        if name in LOGGED_EVENTS:
+            self.ctx.log.log(name, route=self.route.name, **fields)
 
     async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
         br = self.br
-        host = host_of(request.authority)  # checked by the HTTP layer (web/target.py)
-        if host != self.sni and self.worker.router.lookup(host) is not self.route:
-            # RFC 9110 §15.5.20: this connection (its certificate, its route) is not for that
-            # host, as on keyless routes
+        if misdirected(request_host(request), self.sni, self.route, self.ctx.router):
+            # RFC 9110 §15.5.20, as on keyless routes
             br.stats.count("misdirected")
             await simple_response(respond, 421, "misdirected request\n")
             return
@@ -641,7 +672,7 @@ class BlindHandler:
                 await asyncio.to_thread(idx.save, bytes(data))
             idx.current, idx.error = True, ""
             br.stats.count("index_fetched")
-            self.worker.log.log(
+            self.ctx.log.log(
                 "blind_index",
                 route=self.route.name,
                 blobs=len(index.blobs),
@@ -650,7 +681,7 @@ class BlindHandler:
         except (UpstreamError, VerificationError) as exc:
             idx.current, idx.error = False, str(exc)[:200]
             br.stats.count("index_failed")
-            self.worker.log.log("blind_index_failed", route=self.route.name, detail=str(exc)[:200])
+            self.ctx.log.log("blind_index_failed", route=self.route.name, detail=str(exc)[:200])
         finally:
             if resp is not None:
                 resp.close()
@@ -710,9 +741,7 @@ class BlindHandler:
                 return
         if store.drop(blob):
             self.br.stats.count("cache_dropped")
-            self.worker.log.log(
-                "blind_cache_dropped", route=self.route.name, blob=blob, reason=reason
-            )
+            self.ctx.log.log("blind_cache_dropped", route=self.route.name, blob=blob, reason=reason)
 
     async def _recheck(self, name: str) -> str:
         """A visitor reported `name`: check every copy held against the index, drop them when
@@ -780,7 +809,7 @@ class BlindHandler:
                 br.rechecked.move_to_end(name)
                 while len(br.rechecked) > MAX_RECHECKED:
                     br.rechecked.popitem(last=False)
-        self.worker.log.log(
+        self.ctx.log.log(
             "blind_report", route=self.route.name, client=self.conn.ip, blob=name, result=result
         )
         await respond.start(
@@ -791,9 +820,7 @@ class BlindHandler:
     def _pool(self) -> UpstreamPool:
         br = self.br
         if br.pool is None:
-            from blindfold.edge.l7 import open_verified_origin
-
-            rc, route, worker = br.config, self.route, self.worker
+            rc, route, ctx = br.config, self.route, self.ctx
             # The edge pulls on its own behalf: PROXY LOCAL (v2) / UNKNOWN (v1), so an origin
             # that requires a header from its edges accepts it and sees the edge's address.
             header = {"v2": encode_v2(None, None), "v1": encode_v1(None, None)}.get(
@@ -802,7 +829,7 @@ class BlindHandler:
 
             async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
                 return await open_verified_origin(
-                    worker,
+                    ctx,
                     route,
                     header,
                     br.origin_tls,
@@ -924,7 +951,7 @@ class BlindHandler:
             if br.pulls.get(fill.blob) is fill:
                 del br.pulls[fill.blob]
             if fill.error:
-                self.worker.log.log(
+                self.ctx.log.log(
                     "blind_pull_failed",
                     route=self.route.name,
                     blob=fill.blob,
@@ -1050,7 +1077,7 @@ class BlindHandler:
             else:
                 if sent == length:
                     br.stats.count("pull_rejected")
-                    self.worker.log.log(
+                    self.ctx.log.log(
                         "blind_pull_failed",
                         route=self.route.name,
                         blob=blob,
@@ -1122,31 +1149,3 @@ def _content_length(headers: Headers) -> int | None:
                 return None
             return n if n >= 0 else None
     return None
-
-
-def snapshot(routes: list[Any]) -> dict[str, list[list[Any]]]:
-    """Prometheus tables for the worker's blind routes."""
-    tables: dict[str, list[list[Any]]] = {
-        "blindfold_blind_requests_total": [],
-        "blindfold_blind_cache_bytes": [],
-        "blindfold_blind_cache_blobs": [],
-        "blindfold_blind_origin_bytes_total": [],
-        "blindfold_blind_served_bytes_total": [],
-    }
-    for route in routes:
-        br = route.blind
-        if br is None:
-            continue
-        name = route.name
-        tables["blindfold_blind_requests_total"].extend(
-            [[name, k], v] for k, v in br.stats.requests.items()
-        )
-        tables["blindfold_blind_cache_bytes"].extend(
-            [[[name, "memory"], br.store.mem_used], [[name, "disk"], br.store.disk_used]]
-        )
-        tables["blindfold_blind_cache_blobs"].extend(
-            [[[name, "memory"], len(br.store.mem)], [[name, "disk"], len(br.store.disk)]]
-        )
-        tables["blindfold_blind_origin_bytes_total"].append([[name], br.stats.origin_bytes])
-        tables["blindfold_blind_served_bytes_total"].append([[name], br.stats.served_bytes])
-    return tables
