@@ -15,6 +15,7 @@ from blindfold.config.common import (
     check_sni_pattern,
     covers,
 )
+from blindfold.config.http import HttpServerConfig
 from blindfold.config.schema import setting
 from blindfold.core.routing import SniRouter
 from blindfold.errors import ConfigError
@@ -257,7 +258,11 @@ class RouteConfig:
     cache_max_object_bytes: int = setting(
         8 << 20, doc="keyless: largest response body cached.", min=0
     )
-    http: EdgeHttpConfig | None = setting(None, doc="keyless, blind: HTTP limits and deadlines.")
+    http: EdgeHttpConfig | None = setting(
+        None,
+        doc="keyless, blind: HTTP limits and deadlines for visitors (the settings of "
+        "origin.http, one table), and the route's connections to its origins.",
+    )
     proxy_protocol: Literal["none", "v1", "v2"] = setting(
         "none",
         doc="PROXY protocol header sent to the origin before the ClientHello so it learns the "
@@ -343,31 +348,9 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class EdgeHttpConfig:
-    max_header_bytes: int = setting(
-        16384,
-        doc="Largest request head (HTTP/1.1) or header list (HTTP/2); larger gets 431.",
-        min=1024,
-        max=1 << 20,
-    )
-    max_headers: int = setting(100, doc="Most header fields in a request.", min=8, max=10000)
-    max_body_bytes: int = setting(100 << 20, doc="Largest request body; larger gets 413.", min=0)
-    header_timeout_s: float = setting(10.0, doc="Deadline for a whole request head.", min=0.1)
-    body_timeout_s: float = setting(30.0, doc="Longest pause inside a request body.", min=0.1)
-    keepalive_timeout_s: float = setting(
-        60.0, doc="Idle time before a visitor connection is closed.", min=0.1
-    )
-    send_timeout_s: float = setting(
-        60.0,
-        doc="A visitor that reads nothing of its response for this long is disconnected.",
-        min=0.1,
-    )
-    tls_handshake_timeout_s: float = setting(
-        10.0, doc="Deadline for the TLS handshake (key server included).", min=0.1
-    )
-    h2_max_concurrent_streams: int = setting(
-        100, doc="HTTP/2 streams a visitor may have open.", min=1, max=1000
-    )
+class EdgeHttpConfig(HttpServerConfig):
+    """The HTTP server settings (config.http), and the route's origins as the upstream."""
+
     upstream_connect_timeout_s: float = setting(
         5.0, doc="Deadline to connect to an origin (TCP and TLS).", min=0.05
     )

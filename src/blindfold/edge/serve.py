@@ -76,18 +76,3 @@ def misdirected(host: str, sni: str, route: RouteState, router: SniRouter[RouteS
 def request_host(request: Request) -> str:
     """The request's host (the authority the HTTP layer checked, web/target.py)."""
     return host_of(request.authority)
-
-
-def http_limits(http: EdgeHttpConfig, max_body_bytes: int | None = None) -> HttpLimits:
-    """The HTTP limits for visitors (`max_body_bytes` overrides the configured one)."""
-    return HttpLimits(
-        max_header_bytes=http.max_header_bytes,
-        max_headers=http.max_headers,
-        max_body_bytes=http.max_body_bytes if max_body_bytes is None else max_body_bytes,
-        header_timeout_s=http.header_timeout_s,
-        body_timeout_s=http.body_timeout_s,
-        keepalive_timeout_s=http.keepalive_timeout_s,
-        send_timeout_s=http.send_timeout_s,
-        h2_max_concurrent_streams=http.h2_max_concurrent_streams,
-        h2_max_header_list_size=http.max_header_bytes,
-    )

@@ -110,23 +110,6 @@ ORIGIN_METRICS = [
 ]
 
 
-def _limits(cfg: OriginConfig) -> HttpLimits:
-    h = cfg.http
-    return HttpLimits(
-        max_header_bytes=h.max_header_bytes,
-        max_headers=h.max_headers,
-        max_body_bytes=h.max_body_bytes,
-        header_timeout_s=h.header_timeout_s,
-        body_timeout_s=h.body_timeout_s,
-        keepalive_timeout_s=h.keepalive_timeout_s,
-        send_timeout_s=h.send_timeout_s,
-        h2_max_concurrent_streams=h.h2_max_concurrent_streams,
-        h2_max_header_list_size=h.max_header_bytes,
-        h2_max_resets_per_window=h.h2_max_resets_per_window,
-        h2_max_control_frames_per_window=h.h2_max_control_frames_per_window,
-    )
-
-
 def build_waf(cfg: OriginConfig) -> WafEngine | None:
     w = cfg.waf
     if not w.enabled:
@@ -313,7 +296,7 @@ class OriginAgent:
         self.audit = (
             JsonLog.open(cfg.waf.audit_log, process="origin") if (cfg.waf.audit_log) else self.log
         )
-        self.limits = _limits(cfg)
+        self.limits = cfg.http.limits()
         self.stats: dict[str, Any] = {}
         self.site_slots = _Slots(cfg.max_connections)
         self.api_slots = _Slots(cfg.decisions.max_connections)
@@ -379,7 +362,7 @@ class OriginAgent:
         handler: Handler = gate
         handler = _PerClientRequests(self, handler)
         self.tls, self.waf, self.rules, self.pool, self.handler = tls, waf, rules, pool, handler
-        self.limits = _limits(cfg)
+        self.limits = cfg.http.limits()
         # a connection over its address's share: short deadlines, one HTTP/2 stream
         self.over_limits = dataclasses.replace(
             self.limits,

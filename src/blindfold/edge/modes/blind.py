@@ -37,7 +37,7 @@ from blindfold.core.proxyproto import encode_v1, encode_v2
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.core.tls13_server import ConnectionFailed
 from blindfold.edge.mode import Connection, Mode, ModeContext, RouteState
-from blindfold.edge.serve import LOGGED_EVENTS, http_limits, misdirected, request_host, serve
+from blindfold.edge.serve import LOGGED_EVENTS, misdirected, request_host, serve
 from blindfold.edge.upstream import open_verified_origin, origin_pins, origin_tls_context
 from blindfold.errors import ConfigError, UpstreamError, VerificationError
 from blindfold.io.openssl_engine import OpenSslServer
@@ -360,11 +360,10 @@ class BlindRoute:
         self.config = rc
         self.cfg = rc.blind or BlindRouteConfig()
         self.tls = _server_tls(where, rc)
-        # visitors send no bodies: GET, HEAD and OPTIONS only
         self.origin_tls = origin_tls_context(where, rc)
         self.pins = origin_pins(rc)
         self.http = rc.http or EdgeHttpConfig()
-        self.limits = http_limits(self.http, max_body_bytes=0)
+        self.limits = self.http.limits(max_body_bytes=0)  # GET, HEAD, OPTIONS only
         same_cache = old is not None and old.cfg == self.cfg
         # The store (and the pulls filling it) carry over a reload that keeps the cache
         # settings; a new store would rescan the directory under live pulls.

@@ -42,7 +42,7 @@ from blindfold.core.iplist import parse_address
 from blindfold.core.ratelimit import BucketMap
 from blindfold.edge.guards import client_key
 from blindfold.edge.mode import Connection, Mode, ModeContext, RouteState
-from blindfold.edge.serve import LOGGED_EVENTS, http_limits, misdirected, request_host, serve
+from blindfold.edge.serve import LOGGED_EVENTS, misdirected, request_host, serve
 from blindfold.edge.upstream import open_verified_origin, origin_pins, origin_tls_context
 from blindfold.errors import ConfigError, KeyServerError, ProtocolError, UpstreamError
 from blindfold.keyless.client import KeyServerClient
@@ -208,7 +208,7 @@ class KeylessRoute:
         self.origin_tls = origin_tls_context(where, rc)
         self.pins = origin_pins(rc)
         self.http = rc.http or EdgeHttpConfig()
-        self.limits = http_limits(self.http)
+        self.limits = self.http.limits()
         self.rate_rules = [
             (r.name or f"rate_limit{i}", r, BucketMap(r.rate_per_s, r.burst, MAX_RATE_KEYS))
             for i, r in enumerate(rc.rate_limits)
