@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -30,9 +29,8 @@ from blindfold.edge.stats import EDGE_METRICS, EDGE_SPECS, top_ja4
 from blindfold.errors import ConfigError
 from blindfold.io import control
 from blindfold.io.admin_http import AdminServer
-from blindfold.io.limits import raise_fd_limit
 from blindfold.io.listeners import bind_group
-from blindfold.obs import sdnotify
+from blindfold.io.service import run_service
 from blindfold.obs.log import JsonLog
 from blindfold.obs.metrics import MetricSpec, merge, render
 
@@ -72,12 +70,13 @@ class WorkerHandle:
 
 
 class EdgeMaster:
-    def __init__(self, config_path: str, config: Config, text: str) -> None:
+    def __init__(self, config_path: str, config: Config, text: str, log: JsonLog) -> None:
         assert config.edge is not None
+        control.check_config_size(text)
         self.path = config_path
         self.config: EdgeConfig = config.edge
         self.text = text
-        self.log = JsonLog.open(self.config.log_path, process="edge-master")
+        self.log = log
         self.nworkers = self.config.workers or os.cpu_count() or 1
         self.groups: dict[str, list[socket.socket]] = {}
         self.workers: list[WorkerHandle] = []
@@ -234,28 +233,35 @@ class EdgeMaster:
                 if not result.done():
                     result.cancel()
 
-    async def start(self) -> None:
-        self.groups = self.bind(self.config)
-        host, port = parse_hostport(self.config.admin_listen)
+    async def start(self) -> dict[str, Any]:
+        """Bind, start the workers and the decision feeds (io.service.Service). On a
+        ConfigError the workers started are ended."""
         try:
-            self.admin_address = await self.admin.start(host, port)
-        except OSError as exc:
-            raise ConfigError(
-                "edge.admin_listen", f"cannot listen on {self.config.admin_listen}: {exc.strerror}"
-            ) from None
-        self.generation = 1
-        self.workers = [await self.spawn(i, 1) for i in range(self.nworkers)]
-        await self._wait_ready(self.workers)
-        await self._start_feeds(self.config)
-        self.log.emit(
-            "edge_ready",
-            listen=self._bound_addresses(),
-            admin=f"{self.admin_address[0]}:{self.admin_address[1]}",
-            workers=self.nworkers,
-            pid=os.getpid(),
-            routes=[self.config.route_name(i) for i in range(len(self.config.routes))],
-        )
-        sdnotify.ready(f"listening on {', '.join(self._bound_addresses())}")
+            self.groups = self.bind(self.config)
+            host, port = parse_hostport(self.config.admin_listen)
+            try:
+                admin = await self.admin.start(host, port)
+            except OSError as exc:
+                raise ConfigError(
+                    "edge.admin_listen",
+                    f"cannot listen on {self.config.admin_listen}: {exc.strerror}",
+                ) from None
+            self.admin_address = admin
+            self.generation = 1
+            self.workers = [await self.spawn(i, 1) for i in range(self.nworkers)]
+            await self._wait_ready(self.workers)
+            await self._start_feeds(self.config)
+        except ConfigError:
+            for handle in self.workers:
+                if handle.proc.poll() is None:
+                    handle.proc.kill()
+            raise
+        return {
+            "listen": self._bound_addresses(),
+            "admin": f"{admin[0]}:{admin[1]}",
+            "workers": self.nworkers,
+            "routes": [self.config.route_name(i) for i in range(len(self.config.routes))],
+        }
 
     async def _wait_ready(self, handles: list[WorkerHandle]) -> None:
         futures = [h.ready for h in handles if h.ready is not None]
@@ -358,11 +364,7 @@ class EdgeMaster:
             handle.send(message)
 
     # ---------------------------------------------------------------- run
-    async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
-        loop.add_signal_handler(signal.SIGTERM, self.stop)
-        loop.add_signal_handler(signal.SIGINT, self.stop)
+    async def serve(self) -> int:
         supervise = asyncio.create_task(self._supervise())
         await self._stop.wait()
         supervise.cancel()
@@ -429,7 +431,7 @@ class EdgeMaster:
                 await self._wait_ready([new])
 
     # ---------------------------------------------------------------- reload
-    def request_reload(self) -> None:
+    def reload(self) -> None:
         """SIGHUP. Reloads never overlap: one arriving during a reload runs once that one is
         done (and reads the file as it is then); any number of them coalesce into one."""
         if self._reload_task is not None:
@@ -442,13 +444,10 @@ class EdgeMaster:
             self._reload_again = True
             while self._reload_again and not self.draining:
                 self._reload_again = False
-                await self.reload()
+                async with self._workers_lock:
+                    await self._reload()
         finally:
             self._reload_task = None
-
-    async def reload(self) -> None:
-        async with self._workers_lock:
-            await self._reload()
 
     async def _reload(self) -> None:
         try:
@@ -669,32 +668,10 @@ def _spec(d: dict[str, Any]) -> MetricSpec:
 
 def run_edge(config_path: str) -> int:
     """`blindfold edge --config FILE`. Returns the exit code (2 for configuration errors)."""
-    try:
-        config, text = load_file(config_path)
-    except ConfigError as exc:
-        print(f"blindfold edge: {exc}", file=sys.stderr)
-        return 2
-    if config.edge is None:
-        print(f"blindfold edge: {config_path} has no [edge] section", file=sys.stderr)
-        return 2
-    try:
-        control.check_config_size(text)
-    except ConfigError as exc:
-        print(f"blindfold edge: {config_path}: {exc}", file=sys.stderr)
-        return 2
-
-    raise_fd_limit()
-
-    async def main() -> int:
-        master = EdgeMaster(config_path, config, text)
-        try:
-            await master.start()
-        except ConfigError as exc:
-            print(f"blindfold edge: {exc}", file=sys.stderr)
-            for handle in master.workers:
-                if handle.proc.poll() is None:
-                    handle.proc.kill()
-            return 2
-        return await master.run()
-
-    return asyncio.run(main())
+    return run_service(
+        "edge",
+        config_path,
+        "edge",
+        "edge-master",
+        lambda config, text, path, log: EdgeMaster(path, config, text, log),
+    )

@@ -46,10 +46,10 @@ def _missing() -> list[str]:
     if not isinstance(CSocket, type):
         out.append("_socket.socket")
     loop_cls = asyncio.selector_events.BaseSelectorEventLoop
-    if not callable(getattr(loop_cls, "_make_socket_transport", None)):
+    if not callable(vars(loop_cls).get("_make_socket_transport")):  # its own, not the stub
         out.append("asyncio.selector_events.BaseSelectorEventLoop._make_socket_transport")
     ssl_cls: Any = asyncio.sslproto.SSLProtocol
-    hook = getattr(ssl_cls, "_on_handshake_complete", None)
+    hook = vars(ssl_cls).get("_on_handshake_complete")
     if not callable(hook):
         out.append("asyncio.sslproto.SSLProtocol._on_handshake_complete")
     else:
@@ -101,11 +101,11 @@ def install_ssl_alerts() -> None:
     OpenSSL wrote to the outgoing memory BIO: the fatal alert that tells the client why.
     Clients then see a reset instead of `handshake_failure` (tlsfuzzer counted ~380 such cases
     against the origin agent). This wraps `_on_handshake_complete` so that, on failure, those
-    bytes are written to the socket first. It touches nothing else."""
+    bytes are written to the socket first. It touches nothing else. (`check()` has made sure
+    the internals exist.)"""
     global _SSL_ALERTS_INSTALLED
     if _SSL_ALERTS_INSTALLED:
         return
-    check()
     cls: Any = asyncio.sslproto.SSLProtocol
     original = cls._on_handshake_complete
 

@@ -12,13 +12,11 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import signal
 import ssl
-import sys
 import time
 from typing import Any
 
-from blindfold.config import load_file
+from blindfold.config import Config, load_file
 from blindfold.config.common import parse_hostport
 from blindfold.config.keyserver import EdgeAccessConfig, KeyServerConfig
 from blindfold.core import keyless_handshake as kh
@@ -27,10 +25,10 @@ from blindfold.core.ratelimit import TokenBucket
 from blindfold.core.routing import SniRouter
 from blindfold.errors import ConfigError, ProtocolError
 from blindfold.io.admin_http import AdminServer
+from blindfold.io.service import run_service
 from blindfold.keyserver.audit import AuditError, AuditLog, create_key, json_str
 from blindfold.keyserver.audit import load_key as load_audit_key
 from blindfold.keyserver.signer import SignError, SiteKey, load_key, sign_certificate_verify
-from blindfold.obs import sdnotify
 from blindfold.obs.log import JsonLog
 from blindfold.obs.metrics import Histogram, MetricSpec, render
 
@@ -73,9 +71,9 @@ class _Edge:
 
 
 class KeyServer:
-    def __init__(self, path: str, cfg: KeyServerConfig) -> None:
+    def __init__(self, path: str, cfg: KeyServerConfig, log: JsonLog) -> None:
         self.path = path
-        self.log = JsonLog.open(cfg.log_path, process="keyserver")
+        self.log = log
         self.audit = _open_audit(cfg)
         self.replays = kh.ReplayGuard(cfg.replay_window_s, MAX_REPLAY_ENTRIES)
         self.admin = AdminServer(self._admin)
@@ -119,7 +117,8 @@ class KeyServer:
         return ctx
 
     # ------------------------------------------------------------------ serving
-    async def start(self) -> None:
+    async def start(self) -> dict[str, Any]:
+        """Listen (io.service.Service)."""
         host, port = parse_hostport(self.cfg.listen)
         try:
             self.server = await asyncio.start_server(
@@ -129,16 +128,7 @@ class KeyServer:
         except OSError as exc:
             raise ConfigError("keyserver.listen", f"cannot listen: {exc.strerror}") from None
         sock = self.server.sockets[0].getsockname()
-        self.log.emit(
-            "keyserver_ready",
-            listen=[f"{sock[0]}:{sock[1]}"],
-            admin=f"{admin[0]}:{admin[1]}",
-            keys=[k.name for k in self.keys.values()],
-            edges=[e.cfg.name for e in self.edges.values()],
-            pid=os.getpid(),
-            **self._audit_state(),
-        )
-        sdnotify.ready(f"listening on {sock[0]}:{sock[1]}")
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_logs())
         if self.audit.recovered:
             self.log.emit(
                 "audit_recovered",
@@ -146,6 +136,13 @@ class KeyServer:
                 detail="a partial last line (a write cut short, never acknowledged) was cut; "
                 "a 'recovered' entry records it",
             )
+        return {
+            "listen": [f"{sock[0]}:{sock[1]}"],
+            "admin": f"{admin[0]}:{admin[1]}",
+            "keys": [k.name for k in self.keys.values()],
+            "edges": [e.cfg.name for e in self.edges.values()],
+            **self._audit_state(),
+        }
 
     def _audit_state(self) -> dict[str, Any]:
         """The chain's end, for a copy kept apart from the log (cutting lines off the end
@@ -330,14 +327,12 @@ class KeyServer:
             "reloaded", edges=[e.cfg.name for e in self.edges.values()], closed=len(revoked)
         )
 
-    async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
-        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
-        flusher = loop.create_task(self._flush_logs())
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def serve(self) -> int:
         await self.stopping.wait()
-        flusher.cancel()
+        self._flusher.cancel()
         self.server.close()
         for writer in list(self.writers):
             writer.close()
@@ -405,22 +400,11 @@ def _open_audit(cfg: KeyServerConfig) -> AuditLog:
 
 
 def run_keyserver(path: str) -> int:
-    try:
-        config, _ = load_file(path)
-        if config.keyserver is None:
-            raise ConfigError("keyserver", f"{path} has no [keyserver] section")
-    except ConfigError as exc:
-        print(f"blindfold keyserver: {exc}", file=sys.stderr)
-        return 2
+    """`blindfold keyserver --config FILE`. Returns the exit code (2 for configuration errors,
+    an audit log that does not verify included)."""
 
-    async def main() -> int:
+    def make(config: Config, _text: str, path: str, log: JsonLog) -> KeyServer:
         assert config.keyserver is not None
-        try:
-            ks = KeyServer(path, config.keyserver)
-            await ks.start()
-        except (ConfigError, ValueError) as exc:
-            print(f"blindfold keyserver: {exc}", file=sys.stderr)
-            return 2
-        return await ks.run()
+        return KeyServer(path, config.keyserver, log)
 
-    return asyncio.run(main())
+    return run_service("keyserver", path, "keyserver", "keyserver", make)
