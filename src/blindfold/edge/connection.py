@@ -247,10 +247,8 @@ class Conn:
         elif isinstance(verdict, Terminate):
             if not verdict.route.mode.begin(self, verdict.route, hello):
                 self.forward()
-        elif verdict.alert is not None:
-            self.refuse_with_alert(ProtocolError(verdict.reason, alert=verdict.alert))
         else:
-            self.close("refused", verdict.reason)
+            self._refuse(verdict.reason, verdict.alert)
 
     def _forward(self, verdict: Forward) -> None:
         self.phase = CONNECTING
@@ -271,18 +269,21 @@ class Conn:
         return self.buf
 
     def refuse_with_alert(self, exc: ProtocolError) -> None:
-        """Refuse a malformed hello the way a TLS server would: its fatal alert (RFC 8446 §6,
+        self._refuse(exc.reason, exc.alert)
+
+    def _refuse(self, reason: str, alert: int | None) -> None:
+        """Refuse the way a TLS server would: a malformed hello's fatal alert (RFC 8446 §6,
         unencrypted: no keys exist yet), then close. Unread input is drained first so that the
         close is a FIN, not a reset that could destroy the alert on its way."""
-        if exc.alert is not None and self.phase in (HELLO, TAKEN) and self.l7 is None:
+        if alert is not None and self.phase in (HELLO, TAKEN) and self.l7 is None:
             try:
-                self.client.send(_ALERT_RECORD + bytes((2, exc.alert)))
+                self.client.send(_ALERT_RECORD + bytes((2, alert)))
                 for _ in range(4):
                     if not self.client.recv(65536):
                         break
             except OSError:
                 pass
-        self.close("refused", exc.reason)
+        self.close("refused", reason)
 
     def proxy_header(self) -> bytes:
         assert self.route is not None and self.hello is not None

@@ -219,7 +219,6 @@ class Worker:
         asyncio.set_event_loop(loop)
         self.loop = loop
         self.reactor.attach(loop)
-        self.log.log("worker_asyncio", worker=self.index)
 
     @property
     def now(self) -> float:
