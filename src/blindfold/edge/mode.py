@@ -21,7 +21,6 @@ from blindfold.core.clienthello import ClientHello
 from blindfold.core.routing import SniRouter
 from blindfold.edge.origins import OriginPool
 from blindfold.edge.stats import RouteStats
-from blindfold.errors import ProtocolError
 from blindfold.io.tls13_transport import TlsServerProtocol
 from blindfold.obs.log import JsonLog
 from blindfold.obs.metrics import MetricSpec, Snapshot
@@ -65,7 +64,7 @@ class RouteState:
 class Connection(Protocol):
     """A visitor connection as a mode sees it. Between `take()` and its end the mode owns it:
     it either moves on (`forward()` to the origins, `hand_off()` to asyncio) or ends
-    (`close`, `refuse_with_alert`). `close` stays the one exit that releases the guards' slot
+    (`close`). `close` stays the one exit that releases the guards' slot
     and writes the connection's log line."""
 
     @property
@@ -107,8 +106,6 @@ class Connection(Protocol):
 
     def send_now(self, data: bytes) -> None:
         """Best effort, before any hand-off: an alert that fits the socket buffer."""
-
-    def refuse_with_alert(self, exc: ProtocolError) -> None: ...
 
     def close(self, outcome: str, reason: str) -> None: ...
 
