@@ -44,6 +44,21 @@ class Host:
         self.reactor.call_later(timeout_s, self.reactor.stop)
         self.reactor.run()
 
+    def send(self, data: bytes) -> None:
+        """Write `data` to the channel while the reactor reads it (socket buffers are smaller
+        than a big message), until all is sent or the channel closed; then run a while."""
+        self.ours.setblocking(False)
+        sent = 0
+        while sent < len(data) and not self.closed:
+            try:
+                sent += self.ours.send(data[sent:])
+            except BlockingIOError:
+                pass
+            self.reactor.call_later(0.01, self.reactor.stop)
+            self.reactor.run()
+        if not self.closed:
+            self.run(1.0)
+
     def close(self) -> None:
         self.ours.close()
         self.reactor.close()
@@ -65,19 +80,7 @@ def test_a_failing_handler_or_a_bad_line_costs_that_message_only() -> None:
 def test_a_message_over_the_cap_closes_the_channel() -> None:
     host = Host()
     try:
-        host.ours.setblocking(False)
-        data = b"x" * (control.MAX_MESSAGE_BYTES + 1)  # no newline: one endless message
-        sent = 0
-        while not host.closed:
-            try:
-                sent += host.ours.send(data[sent:])
-            except BlockingIOError:
-                pass
-            host.reactor.call_later(0.01, host.reactor.stop)
-            host.reactor.run()
-            if sent == len(data):
-                host.run(1.0)
-                break
+        host.send(b"x" * (control.MAX_MESSAGE_BYTES + 1))  # no newline: one endless message
         assert host.closed
     finally:
         host.close()
@@ -96,18 +99,8 @@ def test_the_largest_messages_sent_fit_under_the_cap() -> None:
         control.check_config_size(text + "#" * 64)  # ...and refuses this one
     host = Host()
     try:
-        host.ours.setblocking(False)
         out = control.encode(chunk) + control.encode({"op": "config", "text": text, "seq": 1})
-        out += control.encode({"op": "last"})
-        sent = 0
-        while sent < len(out):
-            try:
-                sent += host.ours.send(out[sent:])
-            except BlockingIOError:
-                pass
-            host.reactor.call_later(0.01, host.reactor.stop)
-            host.reactor.run()
-        host.run()
+        host.send(out + control.encode({"op": "last"}))
         assert [m["op"] for m in host.got] == ["bans", "config", "last"]
         assert host.got[1]["text"] == text and not host.closed
     finally:

@@ -503,6 +503,23 @@ def test_h2_authority_and_path_are_checked(h2s: Server) -> None:
         assert _h2_status(h2s.port, [*base, *bad])[0] == b"400", bad
 
 
+def _resets_and_status_until(c: H2Client, sid: int) -> tuple[dict[int, int], dict[int, bytes]]:
+    """Stream resets (error codes) and response statuses, until stream `sid` is answered; a
+    GOAWAY fails the test."""
+    resets: dict[int, int] = {}
+    status: dict[int, bytes] = {}
+    deadline = time.monotonic() + 5
+    while sid not in status and time.monotonic() < deadline:
+        for e in c.events(h2.events.StreamEnded, 1):
+            if isinstance(e, h2.events.StreamReset):
+                resets[e.stream_id] = int(e.error_code)
+            elif isinstance(e, h2.events.ResponseReceived):
+                status[e.stream_id] = dict(e.headers)[b":status"]
+            elif isinstance(e, h2.events.ConnectionTerminated):
+                pytest.fail(f"the whole connection was closed: {e}")
+    return resets, status
+
+
 @pytest.mark.parametrize(
     "malformed",
     [
@@ -523,17 +540,7 @@ def test_h2_a_malformed_request_resets_its_stream_only(
     c.conn.send_headers(1, [(":method", "GET"), (":scheme", "http"), *malformed], end_stream=True)
     c.request(3, "/after")
     c.flush()
-    resets: dict[int, int] = {}
-    status: dict[int, bytes] = {}
-    deadline = time.monotonic() + 5
-    while 3 not in status and time.monotonic() < deadline:
-        for e in c.events(h2.events.StreamEnded, 1):
-            if isinstance(e, h2.events.StreamReset):
-                resets[e.stream_id] = int(e.error_code)
-            elif isinstance(e, h2.events.ResponseReceived):
-                status[e.stream_id] = dict(e.headers)[b":status"]
-            elif isinstance(e, h2.events.ConnectionTerminated):
-                pytest.fail(f"the whole connection was closed: {e}")
+    resets, status = _resets_and_status_until(c, 3)
     assert resets == {1: int(h2.errors.ErrorCodes.PROTOCOL_ERROR)}
     assert status == {3: b"200"}
     assert any(name == "bad_request" for name, _ in h2s.events)
@@ -549,17 +556,7 @@ def test_h2_malformed_trailers_reset_their_stream_only(h2s: Server) -> None:
     c.conn.send_headers(1, [(":path", "/smuggled")], end_stream=True)  # no pseudo-headers here
     c.request(3, "/after")
     c.flush()
-    resets: dict[int, int] = {}
-    status: dict[int, bytes] = {}
-    deadline = time.monotonic() + 5
-    while 3 not in status and time.monotonic() < deadline:
-        for e in c.events(h2.events.StreamEnded, 1):
-            if isinstance(e, h2.events.StreamReset):
-                resets[e.stream_id] = int(e.error_code)
-            elif isinstance(e, h2.events.ResponseReceived):
-                status[e.stream_id] = dict(e.headers)[b":status"]
-            elif isinstance(e, h2.events.ConnectionTerminated):
-                pytest.fail(f"the whole connection was closed: {e}")
+    resets, status = _resets_and_status_until(c, 3)
     assert resets.get(1) == int(h2.errors.ErrorCodes.PROTOCOL_ERROR)
     assert status.get(3) == b"200"
 
