@@ -36,15 +36,30 @@ class ProtocolError(BlindfoldError):
 
 
 class UpstreamError(BlindfoldError):
-    """An origin or upstream could not be reached or misbehaved."""
+    """An origin or upstream could not be reached or misbehaved.
+
+    `reason` is a short stable token (``connect_failed``, ``timeout``, ``closed``...: a metric
+    label and log field); `status` the HTTP status a proxy answers with for it: 504 when the
+    upstream did not answer in time, 503 when it was not even tried, 502 otherwise.
+    """
+
+    def __init__(self, reason: str, detail: str = "", *, status: int = 502) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+        self.status = status
 
 
 class KeyServerError(BlindfoldError):
-    """The key server refused or could not be reached. `retryable`: another key server (or a
-    new connection) may succeed; a refusal is final."""
+    """The key server refused or could not be reached. `reason` is a short stable token: the
+    key server's own reason for a refusal (``unauthorized_sni``, ``rate_limited``...) or what
+    went wrong on the way (``timeout``, ``unreachable``, ``down``...). `retryable`: another key
+    server (or a new connection) may succeed; a refusal is final."""
 
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
-        super().__init__(message)
+    def __init__(self, reason: str, detail: str = "", *, retryable: bool = False) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
         self.retryable = retryable
 
 

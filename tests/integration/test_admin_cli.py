@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.helpers.clients import get
 from tests.helpers.demo import CHECKS, run_demo_self_check
@@ -96,6 +97,45 @@ def test_edge_exits_2_when_the_port_is_taken(tmp_path: Path) -> None:
         holder.close()
     assert out.returncode == 2
     assert "edge.listen[0]" in out.stderr
+
+
+def test_every_daemon_exits_2_on_a_config_it_cannot_use(
+    tmp_path: Path, site: dict[str, Path], app: Any
+) -> None:
+    """The one start-up shell: an invalid key, a missing section or a port already taken is
+    exit code 2 and a line naming the key, for the origin agent and the key server as for the
+    edge."""
+    from tests.helpers.topology import origin_config
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    good = origin_config(site, app.port, tmp_path)
+    cases = {
+        "origin": [
+            (good.replace("proxy_protocol", "proxy_protcol", 1), "origin.proxy_protcol"),
+            (good.replace('"127.0.0.1:0"', f'"127.0.0.1:{taken}"', 1), "origin.listen[0]"),
+        ],
+        "keyserver": [(good, "[keyserver]")],  # no such section in an origin's file
+        "edge": [(good, "[edge]")],
+    }
+    try:
+        for kind, configs in cases.items():
+            for i, (text, key) in enumerate(configs):
+                conf = tmp_path / f"{kind}{i}.toml"
+                conf.write_text(text)
+                out = subprocess.run(
+                    [sys.executable, "-m", "blindfold", kind, "--config", str(conf)],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+                assert out.returncode == 2, (kind, key, out.stderr)
+                assert f"blindfold {kind}: " in out.stderr and key in out.stderr, out.stderr
+                assert "Traceback" not in out.stderr
+    finally:
+        holder.close()
 
 
 def test_demo_self_check() -> None:

@@ -464,6 +464,23 @@ def test_blind_route_answers_bad_requests(blind_site: Callable[..., Site]) -> No
     assert b"access-control-allow-origin: *" in got.stdout.lower()
 
 
+def test_a_host_outside_the_blind_route_is_misdirected(blind_site: Callable[..., Site]) -> None:
+    """RFC 9110 §15.5.20, as on keyless routes: the CDN connection (its certificate, its
+    route) answers only for its own name; a request naming another host gets 421 and pulls
+    nothing."""
+    s = blind_site()
+    blob = "/b/" + s.ids()["/js/app.js"]
+    for version in ("--http1.1", "--http2"):
+        for host in ("example.test", "other.test"):
+            got = s.curl_blob(
+                blob, version, "-H", f"Host: {host}", "-o", "/dev/null", "-w", "%{http_code}"
+            )
+            assert got.stdout.decode() == "421", (version, host, got.stderr)
+    assert _origin_bytes(s.origin, "blob") == 0
+    ok = s.curl_blob(blob, "-o", "/dev/null", "-w", "%{http_code}")
+    assert ok.stdout.decode() == "200"
+
+
 def test_reseal_keeps_unchanged_ids(blind_site: Callable[..., Site]) -> None:
     s = blind_site()
     before = s.ids()

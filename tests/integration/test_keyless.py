@@ -614,6 +614,59 @@ def test_edge_never_opens_a_site_key(
     assert str(kpki.sites["p256"][0]) in opened  # (the certificate, to be sure tracing worked)
 
 
+def test_a_key_server_refusal_is_counted_by_its_own_reason(
+    chain: Any, kpki: KeylessPki, keyserver: KeyServerProcess
+) -> None:
+    """The key server says why it did not sign (here: this edge is not authorised for the
+    name); the edge counts and logs that reason, not a catch-all."""
+    edge, _ = chain(sni=["unlisted.test"])
+    code, _, detail = fetch(edge, kpki, host="unlisted.test")
+    assert code == 0 and "internal error" in detail.lower(), detail
+    result = "keyserver_unauthorized_sni"
+    assert wait_until(
+        lambda: (
+            edge.metric("blindfold_keyless_handshakes_total", route="route0", result=result) == 1
+        ),
+        5,
+    )
+    line = edge.wait_for(lambda r: r.get("event") == "keyless_handshake_failed", 5)
+    assert line is not None and line["reason"] == result, line
+    assert edge.metric("blindfold_keyless_handshakes_total", route="route0", result="full") == 0
+
+
+def test_a_keyless_route_sets_its_http2_abuse_limits(chain: Any, kpki: KeylessPki) -> None:
+    """The HTTP server settings are one table for the origin and edge routes: a route can
+    lower the rapid-reset threshold (CVE-2023-44487) like the origin agent can."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.exceptions
+
+    edge, _ = chain(http={"h2_max_resets_per_window": 5})
+    ctx = ssl.create_default_context(cafile=str(kpki.site_ca))
+    ctx.set_alpn_protocols(["h2"])
+    raw = socket.create_connection(("127.0.0.1", edge.port), timeout=10)
+    with ctx.wrap_socket(raw, server_hostname="example.test") as tls:
+        assert tls.selected_alpn_protocol() == "h2"
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        for sid in range(1, 2 * 10, 2):  # open and cancel at once, 10 times
+            head = [(":method", "GET"), (":path", "/echo"), (":scheme", "https")]
+            conn.send_headers(sid, [*head, (":authority", "example.test")])
+            conn.reset_stream(sid)
+        tls.sendall(conn.data_to_send())
+        code = None
+        try:
+            while code is None and (data := tls.recv(65536)):
+                for e in conn.receive_data(data):
+                    if isinstance(e, h2.events.ConnectionTerminated):
+                        code = e.error_code
+        except (OSError, h2.exceptions.ProtocolError):
+            pass
+    assert code == 0xB  # ENHANCE_YOUR_CALM
+    assert edge.wait_for(lambda r: r.get("event") == "h2_abuse", 5) is not None
+
+
 def test_a_host_outside_the_route_is_misdirected(chain: Any, kpki: KeylessPki, app: Any) -> None:
     edge, _ = chain(sni=["example.test"])
     before = len(app.seen)

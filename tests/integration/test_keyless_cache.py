@@ -252,3 +252,34 @@ def test_visitor_connections_cannot_hold_the_origins_connections(
     finally:
         for tls in attackers:
             tls.close()
+
+
+def test_one_visitors_refused_origin_connection_does_not_take_the_origin_down(
+    chain: Any, kpki: KeylessPki, app: Any
+) -> None:
+    """The origin closes a visitor's connections beyond twice its share at once, before TLS:
+    a handshake that fails for that visitor only. It must not mark the origin down for every
+    visitor (before: `origin_down`, blindfold_origin_up 0, the origin skipped by everyone for
+    origin_down_s)."""
+    edge, origin = chain(app.port, origin_kw={"per_client_connections": 1})
+    target = f"127.0.0.1:{origin.port}"
+    attacker = _h2_streams_never_read(edge.port, kpki.site_ca, "127.0.0.33", "/bytes?n=4000000", 10)
+    try:
+        refused = "refused_per_client_connections"
+
+        def origin_refused() -> bool:
+            return bool(origin.metric("blindfold_origin_connections_total", result=refused) >= 1)
+
+        assert wait_until(origin_refused, 15)  # the origin closed some of them at once
+
+        def edge_saw_it() -> bool:
+            text = edge.metrics()
+            return "blindfold_origin_connect_failures_total{" in text
+
+        assert wait_until(edge_saw_it, 15)  # and the edge's handshakes there failed
+        assert edge.metric("blindfold_origin_up", route="route0", origin=target) == 1
+        assert not edge.records("origin_down"), edge.records("origin_down")
+        status, _, body = _get(edge, kpki, "/echo", source="127.0.0.34")
+        assert status == 200, body  # another visitor is served as before
+    finally:
+        attacker.close()

@@ -67,3 +67,32 @@ def test_keyserver_reports_ready(
     finally:
         ks.stop()
     assert not ks.tracebacks()
+
+
+def test_every_daemon_reports_stopping_then_exits_0(
+    notify_socket: NotifySocket,
+    start_edge: Callable[..., EdgeProcess],
+    start_origin: Callable[..., BlindfoldProcess],
+    site: dict[str, Path],
+    app: Any,
+    tmp_path: Path,
+    ca: pki.Issued,
+) -> None:
+    """One start-up shell (io.service) for the three: READY=1 when listening, STOPPING=1 on
+    SIGTERM from the main PID, then a clean exit (0) once drained."""
+    p = make_pki(tmp_path, ca)
+    procs: list[BlindfoldProcess] = [
+        start_edge(edge_config(route(["example.test"], ["127.0.0.1:9"]))),
+        start_origin(origin_config(site, app.port, tmp_path)),
+        KeyServerProcess(keyserver_config(p, {"edge1": ["example.test"]}), tmp_path, name="ks"),
+    ]
+    for proc in procs:
+        got = notify_socket.receive(10)
+        assert got is not None and got[0]["READY"] == "1", proc.kind
+        assert got[1] == proc.proc.pid
+    for proc in procs:
+        assert proc.stop() == 0, (proc.kind, "".join(proc.stderr_lines))
+        got = notify_socket.receive(10)
+        assert got is not None and got[0] == {"STOPPING": "1"}, (proc.kind, got)
+        assert got[1] == proc.proc.pid
+        assert not proc.tracebacks(), "".join(proc.stderr_lines)

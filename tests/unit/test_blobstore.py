@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from blindfold.config.edge import BlindRouteConfig
-from blindfold.edge.blind import BlobStore
+from blindfold.edge.modes.blind import BlobStore
 
 
 def _id(n: int) -> str:
@@ -89,7 +89,7 @@ def test_drop_removes_every_copy_and_its_check(tmp_path: Path) -> None:
 def test_the_report_check_budget_counts_bytes() -> None:
     """Reports make the edge hash its copies: bounded in bytes per second, not in reports,
     so many reports of big blobs cannot keep it hashing."""
-    from blindfold.edge.blind import ByteBudget
+    from blindfold.edge.modes.blind import ByteBudget
 
     budget = ByteBudget(1000.0, 5000, now=0.0)
     assert budget.take(5000, 0.0)  # the burst

@@ -426,3 +426,43 @@ def test_check_config_loads_the_decision_signing_keys(
     )
     assert main(["check-config", str(origin)]) == 2
     assert "origin.decisions.signing_key" in capsys.readouterr().err
+
+
+def test_origin_and_edge_routes_share_the_http_server_settings() -> None:
+    """One table of HTTP server settings (config.http) under `origin.http` and every edge
+    route's `http`, one mapping to the HTTP layer's bounds: a setting named like a bound
+    reaches it, the same way for both."""
+    import dataclasses
+
+    from blindfold.config.edge import EdgeHttpConfig
+    from blindfold.config.http import HttpServerConfig
+    from blindfold.config.origin import HttpConfig
+    from blindfold.web.limits import HttpLimits
+
+    server = {f.name for f in dataclasses.fields(HttpServerConfig)}
+    for cls in (EdgeHttpConfig, HttpConfig):
+        assert issubclass(cls, HttpServerConfig)
+        extra = {f.name for f in dataclasses.fields(cls)} - server
+        assert all(name.startswith("upstream_") for name in extra), extra  # their own upstream
+    bounds = {f.name for f in dataclasses.fields(HttpLimits)}
+    values = {}
+    for i, name in enumerate(sorted(server & bounds)):
+        field = next(f for f in dataclasses.fields(HttpServerConfig) if f.name == name)
+        values[name] = field.default + (i + 1) if isinstance(field.default, int) else 99.5 + i
+    text = (
+        '[edge]\nlisten = ["127.0.0.1:443"]\n[[edge.routes]]\nsni = ["a.test"]\n'
+        'origins = ["127.0.0.1:9"]\nhttp = { '
+        + ", ".join(f"{k} = {v}" for k, v in values.items())
+        + " }\n[origin]\nupstream = 'http://127.0.0.1:8080'\nlisten = []\n"
+        "proxy_protocol = 'off'\n[origin.http]\n"
+        + "".join(f"{k} = {v}\n" for k, v in values.items())
+    )
+    config = loads(text)
+    assert config.edge is not None and config.origin is not None
+    edge_http = config.edge.routes[0].http
+    assert edge_http is not None
+    for limits in (edge_http.limits(), config.origin.http.limits()):
+        for name, value in values.items():
+            assert getattr(limits, name) == value, name
+        assert limits.h2_max_header_list_size == values["max_header_bytes"]
+    assert edge_http.limits(max_body_bytes=0).max_body_bytes == 0

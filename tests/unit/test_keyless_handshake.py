@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from blindfold import pki
 from blindfold.core import keyless_handshake as kh
+from blindfold.core import keyless_wire as w
 from blindfold.core import tls13_server as ts
 from blindfold.core.clienthello import peek_client_hello
 from blindfold.core.routing import SniRouter
@@ -399,6 +400,19 @@ REASONS = {
     "too_many_certificates",
 }
 _MESSAGES: bytes
+
+
+def test_the_wire_names_every_refusal_reason() -> None:
+    """An edge labels a refusal with the key server's reason only if the wire format lists it
+    (keyless_wire.error_reason): every reason the key server can give must be listed."""
+    authorisation = {
+        "unauthorized_sni",
+        "certificate_mismatch",
+        "certificate_too_broad",
+        "scheme_not_offered",
+    }
+    others = {"bad_scheme", "replayed_client_random", "sign_failed"}
+    assert REASONS | authorisation | others <= w.REFUSAL_REASONS
 
 
 @pytest.fixture(autouse=True, scope="module")

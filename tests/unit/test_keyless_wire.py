@@ -139,3 +139,27 @@ def test_content_is_built_by_rfc_8446() -> None:
     th = bytes(range(32))
     content = w.certificate_verify_content(th)
     assert content == b" " * 64 + b"TLS 1.3, server CertificateVerify\x00" + th
+
+
+@pytest.mark.parametrize(
+    "code,message,reason",
+    [
+        (
+            w.E_UNAUTHORIZED,
+            "unauthorized_sni: this edge may not sign for x.test",
+            "unauthorized_sni",
+        ),
+        (
+            w.E_REPLAYED,
+            "replayed_client_random: signed for another handshake",
+            "replayed_client_random",
+        ),
+        (w.E_RATE_LIMITED, "edge e1 is over its signature rate", "rate_limited"),
+        (w.E_UNAUTHORIZED, "this edge is no longer authorised", "unauthorized"),
+        # a reason the wire does not list is not believed: labels stay a fixed set
+        (w.E_BAD_HANDSHAKE, "made_up_" + "x" * 40 + ": whatever", "bad_handshake"),
+        (200, "anything", "error"),
+    ],
+)
+def test_an_error_frame_has_a_stable_reason(code: int, message: str, reason: str) -> None:
+    assert w.error_reason(code, message) == reason

@@ -10,6 +10,7 @@ from blindfold import pki
 from blindfold.config import loads
 from blindfold.core import keyless_wire as w
 from blindfold.keyserver.server import KeyServer, _Edge
+from blindfold.obs.log import JsonLog
 
 CONFIG = """
 [keyserver]
@@ -71,7 +72,7 @@ def test_a_request_costs_a_token_per_started_8_kib(tmp_path: Path, ca: pki.Issue
     path.write_text(text)
     cfg = loads(text).keyserver
     assert cfg is not None
-    ks = KeyServer(str(path), cfg)
+    ks = KeyServer(str(path), cfg, JsonLog.open("", process="keyserver"))
     edge = ks.edges[bytes.fromhex("a" * 64)]  # edge2: 0.001/s, burst 20
 
     def answer(body_bytes: int) -> int:

@@ -5,6 +5,7 @@ its deadline, and slots that survive cancellation, failures and stale connection
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -259,5 +260,37 @@ def test_closing_the_pool_fails_its_waiters_and_frees_the_shared_slots() -> None
             assert await first == b"ok"  # the request in flight ends normally...
             await until(lambda: srv.open == 0)  # ...and its connection is closed
             assert pool.open == 0 and len(caps) == 0
+
+    run(main)
+
+
+def test_failures_carry_a_stable_reason_and_the_status_to_answer() -> None:
+    """What a proxy answers is read from the error's reason and status, never from its text:
+    an upstream that does not answer in time is a 504, one that refuses a 502, a pool whose
+    caps are full a 503."""
+
+    async def main() -> None:
+        async with held_server() as (srv, url):
+            slow = UpstreamPool(url, timeout_s=0.2)
+            with pytest.raises(UpstreamError) as info:
+                await get(slow)  # the server holds its answer: the read deadline passes
+            assert (info.value.reason, info.value.status) == ("timeout", 504)
+            busy = UpstreamPool(url, max_open=1, queue_timeout_s=0.1)
+            first = asyncio.create_task(get(busy))
+            await until(lambda: srv.requests == 2)
+            with pytest.raises(UpstreamBusy) as busy_info:
+                await get(busy)
+            assert (busy_info.value.reason, busy_info.value.status) == ("busy", 503)
+            srv.release(2)
+            assert await first == b"ok"
+            slow.close()
+            busy.close()
+        with socket.socket() as free:  # nothing listens on this port once it is closed
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+        refused = UpstreamPool(f"http://127.0.0.1:{port}")
+        with pytest.raises(UpstreamError) as refused_info:
+            await get(refused)
+        assert (refused_info.value.reason, refused_info.value.status) == ("connect_failed", 502)
 
     run(main)

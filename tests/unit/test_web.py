@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h11
 import pytest
@@ -274,7 +275,7 @@ class H2Client:
     def flush(self) -> None:
         self.sock.sendall(self.conn.data_to_send())
 
-    def events(self, until: type, timeout: float = 5.0) -> list[h2.events.Event]:
+    def events(self, until: type | tuple[type, ...], timeout: float = 5.0) -> list[h2.events.Event]:
         out: list[h2.events.Event] = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -473,7 +474,7 @@ def _h2_status(port: int, headers: list[tuple[str, str]]) -> tuple[bytes, bytes]
     c.conn.send_headers(1, headers, end_stream=True)
     c.flush()
     status, body = b"", b""
-    for e in c.events(h2.events.StreamEnded):
+    for e in c.events((h2.events.StreamEnded, h2.events.StreamReset)):
         if isinstance(e, h2.events.ResponseReceived):
             status = dict(e.headers)[b":status"]
         elif isinstance(e, h2.events.DataReceived):
@@ -485,8 +486,8 @@ def test_h2_authority_and_path_are_checked(h2s: Server) -> None:
     base = [(":method", "GET"), (":scheme", "http")]
     ok = _h2_status(h2s.port, [*base, (":path", "/a/./../%62"), (":authority", "x")])
     assert ok == (b"200", b"ok /b")
-    # RFC 9113 §8.3.1: h2 itself refuses a Host that differs from :authority, two Hosts, or
-    # none (the connection ends; our own checks stand behind it)
+    # RFC 9113 §8.3.1: h2's validator refuses a Host that differs from :authority, two Hosts,
+    # or none (that stream is reset; our own checks stand behind it)
     for refused in (
         [(":path", "/"), (":authority", "x"), ("host", "y")],
         [(":path", "/"), ("host", "x"), ("host", "x")],
@@ -500,6 +501,64 @@ def test_h2_authority_and_path_are_checked(h2s: Server) -> None:
         [(":path", "/%"), (":authority", "x")],
     ):
         assert _h2_status(h2s.port, [*base, *bad])[0] == b"400", bad
+
+
+def _resets_and_status_until(c: H2Client, sid: int) -> tuple[dict[int, int], dict[int, bytes]]:
+    """Stream resets (error codes) and response statuses, until stream `sid` is answered; a
+    GOAWAY fails the test."""
+    resets: dict[int, int] = {}
+    status: dict[int, bytes] = {}
+    deadline = time.monotonic() + 5
+    while sid not in status and time.monotonic() < deadline:
+        for e in c.events(h2.events.StreamEnded, 1):
+            if isinstance(e, h2.events.StreamReset):
+                resets[e.stream_id] = int(e.error_code)
+            elif isinstance(e, h2.events.ResponseReceived):
+                status[e.stream_id] = dict(e.headers)[b":status"]
+            elif isinstance(e, h2.events.ConnectionTerminated):
+                pytest.fail(f"the whole connection was closed: {e}")
+    return resets, status
+
+
+@pytest.mark.parametrize(
+    "malformed",
+    [
+        [(":path", "/"), (":authority", "x"), ("host", "y")],
+        [(":path", "/"), ("host", "x"), ("host", "x")],
+        [(":path", "/")],
+        [(":path", "/"), (":authority", "x"), ("connection", "keep-alive")],
+    ],
+)
+def test_h2_a_malformed_request_resets_its_stream_only(
+    h2s: Server, malformed: list[tuple[str, str]]
+) -> None:
+    """RFC 9113 §8.1.1: a malformed request is a stream error (PROTOCOL_ERROR), not a
+    connection error: the connection and its other streams go on."""
+    c = H2Client(h2s.port)
+    c.conn.config.validate_outbound_headers = False  # send what a hostile client would
+    c.conn.config.normalize_outbound_headers = False  # (h2 would drop a Connection field)
+    c.conn.send_headers(1, [(":method", "GET"), (":scheme", "http"), *malformed], end_stream=True)
+    c.request(3, "/after")
+    c.flush()
+    resets, status = _resets_and_status_until(c, 3)
+    assert resets == {1: int(h2.errors.ErrorCodes.PROTOCOL_ERROR)}
+    assert status == {3: b"200"}
+    assert any(name == "bad_request" for name, _ in h2s.events)
+
+
+def test_h2_malformed_trailers_reset_their_stream_only(h2s: Server) -> None:
+    c = H2Client(h2s.port)
+    c.conn.config.validate_outbound_headers = False
+    c.conn.config.normalize_outbound_headers = False
+    head = [(":method", "POST"), (":scheme", "http"), (":path", "/"), (":authority", "x")]
+    c.conn.send_headers(1, head)
+    c.conn.send_data(1, b"body")
+    c.conn.send_headers(1, [(":path", "/smuggled")], end_stream=True)  # no pseudo-headers here
+    c.request(3, "/after")
+    c.flush()
+    resets, status = _resets_and_status_until(c, 3)
+    assert resets.get(1) == int(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+    assert status.get(3) == b"200"
 
 
 def _request(client: str, authority: bytes, headers: list[tuple[bytes, bytes]]) -> Request:

@@ -116,20 +116,20 @@ class _Get:
             self.peer_cert = sock.getpeercert(binary_form=True) if sock is not None else None
         except (OSError, http.client.HTTPException) as exc:
             self.conn.close()
-            raise UpstreamError(f"GET {url}: {exc}") from None
+            raise UpstreamError("fetch_failed", f"GET {url}: {exc}") from None
         if self.resp.status != 200:
             self.conn.close()
-            raise UpstreamError(f"GET {url}: HTTP {self.resp.status}")
+            raise UpstreamError("bad_status", f"GET {url}: HTTP {self.resp.status}")
 
     def chunk(self, limit: int) -> bytes:
         """The next bytes of the body, b"" at its end; more than `limit` in all: error."""
         try:
             data = self.resp.read1(CHUNK)
         except (OSError, http.client.HTTPException) as exc:
-            raise UpstreamError(f"GET {self.url}: {exc}") from None
+            raise UpstreamError("fetch_failed", f"GET {self.url}: {exc}") from None
         self.total += len(data)
         if self.total > limit:
-            raise UpstreamError(f"GET {self.url}: more than {limit} bytes")
+            raise UpstreamError("too_large", f"GET {self.url}: more than {limit} bytes")
         return data
 
     def read_all(self, limit: int) -> bytes:

@@ -35,16 +35,12 @@ def _check_config(path: str) -> int:
             ListSet("blocklist", "blocklist_files", edge.blocklist_files, edge.block, strict=True)
             ListSet("allowlist", "allowlist_files", edge.allowlist_files, edge.allow, strict=True)
             from blindfold.core.proxyproto import load_auth_key
-            from blindfold.edge.blind import check_route
-            from blindfold.edge.keyless import KeylessRoute
+            from blindfold.edge.modes import check_route
 
-            for i, rc in enumerate(edge.routes):
+            for i, rc in enumerate(edge.routes):  # each mode's files: certificates, keys, CAs
                 if rc.proxy_auth_key_file:  # the PROXY header authentication key
                     load_auth_key(rc.proxy_auth_key_file, f"edge.routes[{i}].proxy_auth_key_file")
-                if rc.mode == "keyless":  # the certificate, the key server and origin TLS files
-                    KeylessRoute(f"edge.routes[{i}]", rc, {}, edge.ipv6_prefix_len)
-                elif rc.mode == "blind":  # its certificate and key, the origin TLS files
-                    check_route(f"edge.routes[{i}]", rc)
+                check_route(f"edge.routes[{i}]", rc, edge)
             if edge.decisions is not None:  # the origins' public keys for signed decisions
                 from blindfold.decisions.signed import load_public_key
 

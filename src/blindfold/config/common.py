@@ -71,6 +71,13 @@ def check_sni_pattern(pattern: str) -> str | None:
     return None
 
 
+def covers(pattern: str, name: str) -> bool:
+    """An SNI pattern (exact, or '*.suffix': any depth below the suffix) covers `name`."""
+    if pattern.startswith("*."):
+        return name.endswith(pattern[1:]) and len(name) > len(pattern) - 1
+    return pattern == name
+
+
 def _loopback(host: str | None) -> bool:
     try:
         return host is not None and ipaddress.ip_address(host).is_loopback

@@ -13,8 +13,11 @@ from blindfold.config.common import (
     check_ip_hostport,
     check_redis_url,
     check_sni_pattern,
+    covers,
 )
+from blindfold.config.http import HttpServerConfig
 from blindfold.config.schema import setting
+from blindfold.core.routing import SniRouter
 from blindfold.errors import ConfigError
 from blindfold.web.target import check_rule_prefix
 
@@ -262,7 +265,11 @@ class RouteConfig:
     cache_max_object_bytes: int = setting(
         8 << 20, doc="keyless: largest response body cached.", min=0
     )
-    http: EdgeHttpConfig | None = setting(None, doc="keyless, blind: HTTP limits and deadlines.")
+    http: EdgeHttpConfig | None = setting(
+        None,
+        doc="keyless, blind: HTTP limits and deadlines for visitors (the settings of "
+        "origin.http, one table), and the route's connections to its origins.",
+    )
     proxy_protocol: Literal["none", "v1", "v2"] = setting(
         "none",
         doc="PROXY protocol header sent to the origin before the ClientHello so it learns the "
@@ -370,31 +377,9 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class EdgeHttpConfig:
-    max_header_bytes: int = setting(
-        16384,
-        doc="Largest request head (HTTP/1.1) or header list (HTTP/2); larger gets 431.",
-        min=1024,
-        max=1 << 20,
-    )
-    max_headers: int = setting(100, doc="Most header fields in a request.", min=8, max=10000)
-    max_body_bytes: int = setting(100 << 20, doc="Largest request body; larger gets 413.", min=0)
-    header_timeout_s: float = setting(10.0, doc="Deadline for a whole request head.", min=0.1)
-    body_timeout_s: float = setting(30.0, doc="Longest pause inside a request body.", min=0.1)
-    keepalive_timeout_s: float = setting(
-        60.0, doc="Idle time before a visitor connection is closed.", min=0.1
-    )
-    send_timeout_s: float = setting(
-        60.0,
-        doc="A visitor that reads nothing of its response for this long is disconnected.",
-        min=0.1,
-    )
-    tls_handshake_timeout_s: float = setting(
-        10.0, doc="Deadline for the TLS handshake (key server included).", min=0.1
-    )
-    h2_max_concurrent_streams: int = setting(
-        100, doc="HTTP/2 streams a visitor may have open.", min=1, max=1000
-    )
+class EdgeHttpConfig(HttpServerConfig):
+    """The HTTP server settings (config.http), and the route's origins as the upstream."""
+
     upstream_connect_timeout_s: float = setting(
         5.0, doc="Deadline to connect to an origin (TCP and TLS).", min=0.05
     )
@@ -781,9 +766,45 @@ class EdgeConfig:
                 f"must be at most ipv6_prefix_len ({self.ipv6_prefix_len}): IPv6 bans cover "
                 "that prefix",
             )
-        from blindfold.blind.exposure import check_edge
-
-        check_edge(self.routes)  # no keyless route where a blind site's manifest is served
+        _check_blind_sites(self.routes)  # no keyless route serving a blind site's manifest
 
     def route_name(self, index: int) -> str:
         return self.routes[index].name or f"route{index}"
+
+
+# Where a blind site's manifest may be served: only where the edge cannot read it (see
+# blindfold.blind.exposure, which checks a whole deployment file with these helpers).
+MANIFEST_EXPOSED = (
+    "the edge ends TLS there and would read the blind manifest (the content keys); "
+    "serve that name through a passthrough route"
+)
+
+
+def keyless_route_for(routes: tuple[RouteConfig, ...], name: str) -> str | None:
+    """The dotted key (under edge.) that makes the edge end TLS for `name` on a keyless route
+    (as the edge's router chooses: exact, longest wildcard, then the default route), if any."""
+    default = next((i for i, r in enumerate(routes) if r.default), None)
+    router = SniRouter(((p, i) for i, r in enumerate(routes) for p in r.sni), default)
+    i = router.lookup(name)
+    if i is None or routes[i].mode != "keyless":
+        return None
+    if any(covers(p, name) for p in routes[i].sni):
+        return f"routes[{i}].sni"
+    return f"routes[{i}].default"
+
+
+def _check_blind_sites(routes: tuple[RouteConfig, ...]) -> None:
+    """An edge config alone: no keyless route for the site names of its blind routes."""
+    for i, rc in enumerate(routes):
+        if rc.mode != "blind":
+            continue
+        names = rc.blind.site_names if rc.blind is not None and rc.blind.site_names else ()
+        where = f"routes[{i}].blind.site_names"
+        if not names:
+            names, where = (rc.origin_server_name,), f"routes[{i}].origin_server_name"
+        for name in names:
+            key = keyless_route_for(routes, name)
+            if key is not None:
+                raise ConfigError(
+                    key, f"takes {name!r}, which serves the site (edge.{where}): {MANIFEST_EXPOSED}"
+                )

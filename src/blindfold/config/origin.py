@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from blindfold.config.common import check_ip_hostport, check_redis_url, unspecified_listen
+from blindfold.config.http import HttpServerConfig
 from blindfold.config.schema import setting
 from blindfold.errors import ConfigError
 from blindfold.web.target import check_rule_prefix
@@ -48,40 +49,9 @@ class CertificateConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class HttpConfig:
-    max_header_bytes: int = setting(
-        16384,
-        doc="Largest request head (HTTP/1.1) or header "
-        "list (HTTP/2); larger gets 431 / a connection error.",
-        min=1024,
-        max=1 << 20,
-    )
-    max_headers: int = setting(100, doc="Most header fields in a request.", min=8, max=10000)
-    max_body_bytes: int = setting(100 << 20, doc="Largest request body; larger gets 413.", min=0)
-    header_timeout_s: float = setting(10.0, doc="Deadline for a whole request head.", min=0.1)
-    body_timeout_s: float = setting(
-        30.0, doc="Longest pause inside a request body (slow uploads get 408).", min=0.1
-    )
-    keepalive_timeout_s: float = setting(
-        60.0, doc="Idle time before a client connection is closed.", min=0.1
-    )
-    send_timeout_s: float = setting(
-        60.0,
-        doc="A client that reads nothing of its response for this long is disconnected.",
-        min=0.1,
-    )
-    tls_handshake_timeout_s: float = setting(10.0, doc="Deadline for the TLS handshake.", min=0.1)
-    h2_max_concurrent_streams: int = setting(
-        100, doc="HTTP/2 streams a client may have open.", min=1, max=1000
-    )
-    h2_max_resets_per_window: int = setting(
-        200, doc="Client stream resets tolerated per 10 s (rapid reset defence).", min=1
-    )
-    h2_max_control_frames_per_window: int = setting(
-        500,
-        doc="SETTINGS/PING/WINDOW_UPDATE/PRIORITY/empty DATA frames tolerated per 10 s.",
-        min=10,
-    )
+class HttpConfig(HttpServerConfig):
+    """The HTTP server settings (config.http), and the application as the upstream."""
+
     upstream_connect_timeout_s: float = setting(
         5.0, doc="Deadline to connect to the application.", min=0.05
     )
@@ -547,7 +517,11 @@ class OriginConfig:
         "can connect may claim any visitor address. Only behind a firewall that admits the "
         "edges alone.",
     )
-    http: HttpConfig = setting(default_factory=HttpConfig, doc="HTTP limits and timeouts.")
+    http: HttpConfig = setting(
+        default_factory=HttpConfig,
+        doc="HTTP limits and timeouts (the settings of an edge route's http, one table), and "
+        "the connections to the application.",
+    )
     waf: WafConfig = setting(default_factory=WafConfig, doc="The web application firewall.")
     decisions: DecisionsConfig = setting(
         default_factory=DecisionsConfig, doc="Bans created here and served to edges."

@@ -85,6 +85,37 @@ REFUSAL_CODES = {
     "replayed_client_random": E_REPLAYED,
 }  # any other reason: E_BAD_HANDSHAKE (messages that do not parse or do not fit together)
 
+# Every reason a key server gives for refusing a signature (core.keyless_handshake's, the
+# signer's and the replay guard's). It leads the ERROR frame's message ("reason: detail");
+# `error_reason` believes only these, so a client's labels stay a small fixed set.
+REFUSAL_REASONS = frozenset(
+    {
+        "alpn_not_offered",
+        "bad_certificate",
+        "bad_client_hello",
+        "bad_encrypted_extensions",
+        "bad_scheme",
+        "bad_server_hello",
+        "certificate_mismatch",
+        "certificate_too_broad",
+        "cipher_not_offered",
+        "hello_retry",
+        "hello_too_large",
+        "key_share_mismatch",
+        "no_sni",
+        "not_tls13",
+        "psk_handshake",
+        "replayed_client_random",
+        "scheme_not_offered",
+        "session_id_mismatch",
+        "sign_failed",
+        "too_many_certificates",
+        "too_many_extensions",
+        "unauthorized_sni",
+        "unexpected_message",
+    }
+)
+
 
 @dataclass(frozen=True, slots=True)
 class SignRequest:
@@ -163,6 +194,15 @@ def decode_error(body: bytes) -> tuple[int, str]:
     if len(body) < 3 or struct.unpack_from(">H", body, 1)[0] != len(body) - 3:
         raise _bad("bad error frame")
     return body[0], body[3:].decode("utf-8", "replace")
+
+
+def error_reason(code: int, message: str) -> str:
+    """A stable token for an ERROR frame: the key server's own refusal reason when its message
+    starts with a known one ("unauthorized_sni: ..."), else the error code's name."""
+    head = message.partition(":")[0]
+    if head in REFUSAL_REASONS:
+        return head
+    return ERROR_NAMES.get(code, "error")
 
 
 class FrameDecoder:

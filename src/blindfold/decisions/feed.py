@@ -118,7 +118,7 @@ class StreamFeed:
                 response.close()
                 raise ProtocolError("bad_stream", "stream response too large")
         if response.status != 200:
-            raise UpstreamError(f"status {response.status}: {bytes(body[:200])!r}")
+            raise UpstreamError("bad_status", f"status {response.status}: {bytes(body[:200])!r}")
         return bytes(body)
 
     async def poll_once(self) -> None:

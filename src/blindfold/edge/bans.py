@@ -11,15 +11,45 @@ built aside and swapped in whole, so the old set is enforced until the new one i
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Collection, Iterator
+from typing import Any, Protocol
 
 from blindfold.core.iplist import MutableIPSet, parse_address
+from blindfold.edge.guards import Guards
 from blindfold.errors import ProtocolError
+from blindfold.io.control import ControlChannel
+from blindfold.io.reactor import Reactor
 
-if TYPE_CHECKING:
-    from blindfold.edge.passthrough import Conn
-    from blindfold.edge.worker import Worker
+
+class Visitor(Protocol):
+    @property
+    def ip(self) -> str: ...
+
+
+class Host(Protocol):
+    """The worker as ban distribution sees it."""
+
+    @property
+    def reactor(self) -> Reactor: ...
+
+    @property
+    def guards(self) -> Guards: ...
+
+    @property
+    def configured(self) -> bool: ...
+
+    @property
+    def conns(self) -> Collection[Visitor]: ...
+
+    @property
+    def control(self) -> ControlChannel: ...
+
+    def close_banned_later(self, doomed: list[Any]) -> None:
+        """Close these (open connections of newly banned addresses) after the grace."""
+
+    def bans_synced(self) -> None:
+        """The first ban set is in."""
+
 
 SLICE_KEYS = 8192  # ~1.5 ms of set operations
 SLICE_CONNS = 1024  # ~1 ms of connection checks
@@ -27,7 +57,7 @@ CHECK_EVERY_S = 1.0  # during a long run of messages, check open connections at 
 
 
 class BanUpdates:
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: Host) -> None:
         self.worker = worker
         self.queue: deque[dict[str, Any]] = deque()
         self.synced = False  # a first snapshot has been swapped in
@@ -98,7 +128,7 @@ class BanUpdates:
             # prefix length, not per ban), without building a copy of the new bans.
             bans = guards.bans
             allow = guards.allow
-            doomed: list[Conn] = []
+            doomed: list[Visitor] = []
             conns = list(worker.conns)
             for i in range(0, len(conns), SLICE_CONNS):
                 for conn in conns[i : i + SLICE_CONNS]:

@@ -62,6 +62,7 @@ class Guards:
         )
         self._rules: list[_RuleState] = []
         self._rule_cache: dict[str, _RuleState | None] = {}
+        self.rule_matches: dict[tuple[str, str], int] = {}  # (rule, refusal or "pass")
         self.configure(config, workers, now)
 
     def configure(self, config: EdgeConfig, workers: int, now: float) -> None:
@@ -105,10 +106,11 @@ class Guards:
         self.open += 1
         return None, Admission(key, allowlisted, not allowlisted)
 
-    def check_fingerprint(self, ja4: str, adm: Admission, now: float) -> tuple[str | None, str]:
-        """After the ClientHello: (refusal reason or None, matching rule name or '')."""
+    def check_fingerprint(self, ja4: str, adm: Admission, now: float) -> str | None:
+        """After the ClientHello: the refusal reason, or None. The matching rule (if any)
+        counts the result in `rule_matches`."""
         if not self._rules or adm.allowlisted:
-            return None, ""
+            return None
         if ja4 in self._rule_cache:
             state = self._rule_cache[ja4]
         else:
@@ -122,16 +124,20 @@ class Guards:
                 self._rule_cache.clear()
             self._rule_cache[ja4] = state
         if state is None:
-            return None, ""
+            return None
+        refused: str | None = None
         if state.rule.action == "block":
-            return JA4_BLOCK, self.rule_name(state)
-        if state.buckets is not None:
+            refused = JA4_BLOCK
+        elif state.buckets is not None:
             if state.buckets.try_open(adm.key, now) is not None:
-                return JA4_RATE, self.rule_name(state)
-            state.buckets.release(adm.key)  # rate only: no open-connection accounting
+                refused = JA4_RATE
+            else:
+                state.buckets.release(adm.key)  # rate only: no open-connection accounting
         elif not state.bucket.allow(now):
-            return JA4_RATE, self.rule_name(state)
-        return None, self.rule_name(state)
+            refused = JA4_RATE
+        key = (self.rule_name(state), refused or "pass")
+        self.rule_matches[key] = self.rule_matches.get(key, 0) + 1
+        return refused
 
     def release(self, adm: Admission) -> None:
         self.open -= 1

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -28,10 +27,10 @@ from blindfold.decisions.bans import BanDistributor, BanLimits, BanTable
 from blindfold.decisions.feed import StreamFeed, supervise
 from blindfold.edge.stats import EDGE_METRICS, EDGE_SPECS, top_ja4
 from blindfold.errors import ConfigError
+from blindfold.io import control
 from blindfold.io.admin_http import AdminServer
-from blindfold.io.limits import raise_fd_limit
 from blindfold.io.listeners import bind_group
-from blindfold.obs import sdnotify
+from blindfold.io.service import run_service
 from blindfold.obs.log import JsonLog
 from blindfold.obs.metrics import MetricSpec, merge, render
 
@@ -67,16 +66,17 @@ class WorkerHandle:
 
     def send(self, message: dict[str, Any]) -> None:
         if self.state != "exited" and not self.writer.is_closing():
-            self.writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+            self.writer.write(control.encode(message))
 
 
 class EdgeMaster:
-    def __init__(self, config_path: str, config: Config, text: str) -> None:
+    def __init__(self, config_path: str, config: Config, text: str, log: JsonLog) -> None:
         assert config.edge is not None
+        control.check_config_size(text)
         self.path = config_path
         self.config: EdgeConfig = config.edge
         self.text = text
-        self.log = JsonLog.open(self.config.log_path, process="edge-master")
+        self.log = log
         self.nworkers = self.config.workers or os.cpu_count() or 1
         self.groups: dict[str, list[socket.socket]] = {}
         self.workers: list[WorkerHandle] = []
@@ -95,7 +95,9 @@ class EdgeMaster:
         self._bans_logged = 0.0
         self.feeds: list[Any] = []
         self.feed_tasks: list[asyncio.Task[None]] = []
-        self.l7 = _needs_l7(self.config)
+        # metrics the workers report for their modes, as they describe them (the master
+        # knows no mode)
+        self.mode_metrics: dict[str, MetricSpec] = {}
         # Every change of the worker set (reload, new generation, respawn) holds this lock, so
         # they never interleave; SIGHUPs that arrive during a reload coalesce into one more.
         self._workers_lock = asyncio.Lock()
@@ -162,7 +164,7 @@ class EdgeMaster:
             str(child.fileno()),
             "--listeners",
             json.dumps(listeners),
-        ] + (["--l7"] if self.l7 else [])
+        ]
         proc = subprocess.Popen(
             cmd, pass_fds=[child.fileno(), *fds], close_fds=True, start_new_session=False
         )
@@ -190,6 +192,8 @@ class EdgeMaster:
                 op = message.get("op")
                 if op == "ready":
                     handle.state = "ready" if handle.state == "starting" else handle.state
+                    for spec in message.get("metrics") or ():
+                        self.mode_metrics.setdefault(spec["name"], _spec(spec))
                     if handle.ready is not None and not handle.ready.done():
                         handle.ready.set_result(None)
                 elif op == "bans_applied":
@@ -229,28 +233,35 @@ class EdgeMaster:
                 if not result.done():
                     result.cancel()
 
-    async def start(self) -> None:
-        self.groups = self.bind(self.config)
-        host, port = parse_hostport(self.config.admin_listen)
+    async def start(self) -> dict[str, Any]:
+        """Bind, start the workers and the decision feeds (io.service.Service). On a
+        ConfigError the workers started are ended."""
         try:
-            self.admin_address = await self.admin.start(host, port)
-        except OSError as exc:
-            raise ConfigError(
-                "edge.admin_listen", f"cannot listen on {self.config.admin_listen}: {exc.strerror}"
-            ) from None
-        self.generation = 1
-        self.workers = [await self.spawn(i, 1) for i in range(self.nworkers)]
-        await self._wait_ready(self.workers)
-        await self._start_feeds(self.config)
-        self.log.emit(
-            "edge_ready",
-            listen=self._bound_addresses(),
-            admin=f"{self.admin_address[0]}:{self.admin_address[1]}",
-            workers=self.nworkers,
-            pid=os.getpid(),
-            routes=[self.config.route_name(i) for i in range(len(self.config.routes))],
-        )
-        sdnotify.ready(f"listening on {', '.join(self._bound_addresses())}")
+            self.groups = self.bind(self.config)
+            host, port = parse_hostport(self.config.admin_listen)
+            try:
+                admin = await self.admin.start(host, port)
+            except OSError as exc:
+                raise ConfigError(
+                    "edge.admin_listen",
+                    f"cannot listen on {self.config.admin_listen}: {exc.strerror}",
+                ) from None
+            self.admin_address = admin
+            self.generation = 1
+            self.workers = [await self.spawn(i, 1) for i in range(self.nworkers)]
+            await self._wait_ready(self.workers)
+            await self._start_feeds(self.config)
+        except ConfigError:
+            for handle in self.workers:
+                if handle.proc.poll() is None:
+                    handle.proc.kill()
+            raise
+        return {
+            "listen": self._bound_addresses(),
+            "admin": f"{admin[0]}:{admin[1]}",
+            "workers": self.nworkers,
+            "routes": [self.config.route_name(i) for i in range(len(self.config.routes))],
+        }
 
     async def _wait_ready(self, handles: list[WorkerHandle]) -> None:
         futures = [h.ready for h in handles if h.ready is not None]
@@ -353,11 +364,7 @@ class EdgeMaster:
             handle.send(message)
 
     # ---------------------------------------------------------------- run
-    async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
-        loop.add_signal_handler(signal.SIGTERM, self.stop)
-        loop.add_signal_handler(signal.SIGINT, self.stop)
+    async def serve(self) -> int:
         supervise = asyncio.create_task(self._supervise())
         await self._stop.wait()
         supervise.cancel()
@@ -424,7 +431,7 @@ class EdgeMaster:
                 await self._wait_ready([new])
 
     # ---------------------------------------------------------------- reload
-    def request_reload(self) -> None:
+    def reload(self) -> None:
         """SIGHUP. Reloads never overlap: one arriving during a reload runs once that one is
         done (and reads the file as it is then); any number of them coalesce into one."""
         if self._reload_task is not None:
@@ -437,19 +444,17 @@ class EdgeMaster:
             self._reload_again = True
             while self._reload_again and not self.draining:
                 self._reload_again = False
-                await self.reload()
+                async with self._workers_lock:
+                    await self._reload()
         finally:
             self._reload_task = None
-
-    async def reload(self) -> None:
-        async with self._workers_lock:
-            await self._reload()
 
     async def _reload(self) -> None:
         try:
             config, text = load_file(self.path)
             if config.edge is None:
                 raise ConfigError("edge", "the config has no [edge] section")
+            control.check_config_size(text)
         except ConfigError as exc:
             self._count_reload("invalid")
             self.log.emit("reload_failed", error=str(exc))
@@ -475,10 +480,6 @@ class EdgeMaster:
         if tuple(new.listen) != tuple(self.groups):
             await self._new_generation(new, text)
             return
-        if _needs_l7(new) and not self.l7:
-            # the first keyless route: workers that run asyncio take over the same sockets
-            await self._new_generation(new, text, rebind=False)
-            return
         results = []
         loop = asyncio.get_running_loop()
         for handle in self.workers:
@@ -500,26 +501,23 @@ class EdgeMaster:
         self._count_reload("ok" if ok else "partial")
         self.log.emit("reloaded" if ok else "reload_partial", outcomes=outcomes)
 
-    async def _new_generation(self, new: EdgeConfig, text: str, rebind: bool = True) -> None:
-        """Listen addresses changed (or the workers' kind did): bind the new ones, start a new
+    async def _new_generation(self, new: EdgeConfig, text: str) -> None:
+        """Listen addresses changed: bind the new ones, start a new
         set of workers on the new socket set, then drain the old workers (their connections
         continue). If the new workers do not all come up, everything made for them is undone:
         their processes ended, the sockets bound for them closed, the old generation kept."""
         try:
-            groups = self.bind(new) if rebind else self.groups
+            groups = self.bind(new)
         except ConfigError as exc:
             self._count_reload("bind_failed")
             self.log.emit("reload_failed", error=str(exc))
             return
-        l7 = self.l7 or _needs_l7(new)
-        was_l7, self.l7 = self.l7, l7
         handles: list[WorkerHandle] = []
         try:
             for i in range(self.nworkers):
                 handles.append(await self.spawn(i, self.generation + 1, groups, text))
             await self._wait_ready(handles)
         except (ConfigError, OSError) as exc:
-            self.l7 = was_l7
             for handle in handles:
                 handle.state = "exited"
                 if handle.proc.poll() is None:
@@ -622,7 +620,7 @@ class EdgeMaster:
             for fut in pending:
                 fut.cancel()
             snaps = [f.result() for f in done if not f.cancelled() and f.exception() is None]
-        merged = top_ja4(merge(snaps, EDGE_SPECS_ALL))
+        merged = top_ja4(merge(snaps, {**EDGE_SPECS_ALL, **self.mode_metrics}))
         states: dict[str, int] = {}
         for handle in [*self.workers, *self.old_workers]:
             states[handle.state] = states.get(handle.state, 0) + 1
@@ -641,7 +639,7 @@ class EdgeMaster:
             merged.setdefault("blindfold_decisions_source_up", []).append([[kind], int(feed.up)])
             for result, n in feed.polls.items():
                 merged.setdefault("blindfold_decisions_polls_total", []).append([[kind, result], n])
-        return render(merged, EDGE_METRICS_ALL)
+        return render(merged, [*EDGE_METRICS_ALL, *self.mode_metrics.values()])
 
 
 def _ban_limits(config: EdgeConfig) -> BanLimits:
@@ -656,33 +654,24 @@ def _ban_limits(config: EdgeConfig) -> BanLimits:
     )
 
 
-def _needs_l7(config: EdgeConfig) -> bool:
-    return any(r.mode != "passthrough" for r in config.routes)
+def _spec(d: dict[str, Any]) -> MetricSpec:
+    """A metric as a worker describes it (`dataclasses.asdict` of its MetricSpec)."""
+    return MetricSpec(
+        d["name"],
+        d["kind"],
+        d["help"],
+        tuple(d.get("labels") or ()),
+        d.get("merge", "sum"),
+        tuple(d.get("buckets") or ()),
+    )
 
 
 def run_edge(config_path: str) -> int:
     """`blindfold edge --config FILE`. Returns the exit code (2 for configuration errors)."""
-    try:
-        config, text = load_file(config_path)
-    except ConfigError as exc:
-        print(f"blindfold edge: {exc}", file=sys.stderr)
-        return 2
-    if config.edge is None:
-        print(f"blindfold edge: {config_path} has no [edge] section", file=sys.stderr)
-        return 2
-
-    raise_fd_limit()
-
-    async def main() -> int:
-        master = EdgeMaster(config_path, config, text)
-        try:
-            await master.start()
-        except ConfigError as exc:
-            print(f"blindfold edge: {exc}", file=sys.stderr)
-            for handle in master.workers:
-                if handle.proc.poll() is None:
-                    handle.proc.kill()
-            return 2
-        return await master.run()
-
-    return asyncio.run(main())
+    return run_service(
+        "edge",
+        config_path,
+        "edge",
+        "edge-master",
+        lambda config, text, path, log: EdgeMaster(path, config, text, log),
+    )

@@ -68,6 +68,12 @@ class OriginPool:
 
     def mark_down(self, origin: Origin, reason: str, now: float) -> None:
         origin.down_until = now + self.down_s
+        self.count_failure(origin, reason)
+
+    @staticmethod
+    def count_failure(origin: Origin, reason: str) -> None:
+        """A failure that says nothing about the origin for other visitors (a TLS handshake
+        the origin ended for this visitor): counted, the origin stays up."""
         origin.failures[reason] = origin.failures.get(reason, 0) + 1
 
     @staticmethod

@@ -135,92 +135,6 @@ EDGE_METRICS = [
         "counter",
         "Open connections closed because their address was banned.",
     ),
-    MetricSpec(
-        "blindfold_keyless_handshakes_total",
-        "counter",
-        "Keyless TLS handshakes by result: full (signed by the key server), resumed "
-        "(session ticket), or why it failed.",
-        ("route", "result"),
-    ),
-    MetricSpec(
-        "blindfold_keyless_fallbacks_total",
-        "counter",
-        "Keyless-route connections forwarded as passthrough instead, by reason "
-        "(tls12_only, needs_hello_retry, keyserver_*).",
-        ("route", "reason"),
-    ),
-    MetricSpec(
-        "blindfold_keyless_sign_seconds",
-        "histogram",
-        "Time from asking the key server to having the signature.",
-        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-    ),
-    MetricSpec(
-        "blindfold_keyless_requests_total",
-        "counter",
-        "HTTP requests answered on keyless routes, by status class.",
-        ("route", "status"),
-    ),
-    MetricSpec(
-        "blindfold_keyless_cache_total",
-        "counter",
-        "Cache outcomes per request: hit, revalidated, miss, stored, bypass.",
-        ("route", "result"),
-    ),
-    MetricSpec(
-        "blindfold_keyless_cache_bytes", "gauge", "Bytes held by the response cache.", ("route",)
-    ),
-    MetricSpec(
-        "blindfold_keyless_rate_limited_total",
-        "counter",
-        "Requests refused with 429, by rule.",
-        ("route", "rule"),
-    ),
-    MetricSpec(
-        "blindfold_keyless_sessions",
-        "gauge",
-        "Resumable TLS sessions held (tickets issued and not yet used or expired).",
-        ("route",),
-    ),
-    MetricSpec(
-        "blindfold_keyless_key_updates_total",
-        "counter",
-        "TLS 1.3 KeyUpdates on keyless connections (counted when they close), by direction.",
-        ("route", "direction"),
-    ),
-    MetricSpec(
-        "blindfold_keyless_connections_active", "gauge", "Open keyless TLS connections.", ("route",)
-    ),
-    MetricSpec(
-        "blindfold_blind_requests_total",
-        "counter",
-        "Requests on blind routes, by result (hit_memory, hit_disk, miss, joined: a "
-        "miss served from another's pull, uncached, not_found, origin_error, error, "
-        "bad_method), and the checks against the site's signed blob index (not_in_index, "
-        "pull_rejected, cache_dropped, index_fetched, index_failed, report, report_refused).",
-        ("route", "result"),
-    ),
-    MetricSpec(
-        "blindfold_blind_cache_bytes",
-        "gauge",
-        "Bytes of sealed blobs cached, by tier.",
-        ("route", "tier"),
-    ),
-    MetricSpec(
-        "blindfold_blind_cache_blobs", "gauge", "Sealed blobs cached, by tier.", ("route", "tier")
-    ),
-    MetricSpec(
-        "blindfold_blind_origin_bytes_total",
-        "counter",
-        "Blob bytes pulled from the origin.",
-        ("route",),
-    ),
-    MetricSpec(
-        "blindfold_blind_served_bytes_total",
-        "counter",
-        "Blob bytes served to visitors (bodies).",
-        ("route",),
-    ),
 ]
 EDGE_SPECS = {spec.name: spec for spec in EDGE_METRICS}
 
@@ -244,7 +158,6 @@ class WorkerStats:
         self.routes: dict[str, RouteStats] = {}
         self.hello_parse = Histogram(HELLO_BUCKETS)
         self.ja4: dict[str, int] = {}
-        self.ja4_rules: dict[tuple[str, str], int] = {}
         self.list_entries: dict[str, int] = {}
         self.list_reloads: dict[str, int] = {}
 
@@ -270,6 +183,7 @@ class WorkerStats:
         tracked: int,
         dropped_logs: int,
         origins: list[tuple[str, str, int, int, dict[str, int]]],
+        ja4_rules: dict[tuple[str, str], int],
     ) -> Snapshot:
         top = sorted(self.ja4.items(), key=lambda kv: kv[1], reverse=True)[: TOP_JA4 * 3]
         return {
@@ -300,7 +214,7 @@ class WorkerStats:
             "blindfold_hello_parse_seconds": [[[], self.hello_parse.value()]],
             "blindfold_ja4_connections_total": [[[k], v] for k, v in top],
             "blindfold_ja4_rule_matches_total": [
-                [[rule, result], n] for (rule, result), n in self.ja4_rules.items()
+                [[rule, result], n] for (rule, result), n in ja4_rules.items()
             ],
             "blindfold_list_entries": [[[k], v] for k, v in self.list_entries.items()],
             "blindfold_list_reloads_total": [[[k], v] for k, v in self.list_reloads.items()],

@@ -1,16 +1,21 @@
-"""An edge worker process: accepts on its share of the listeners, runs the guards and relays.
+"""An edge worker process: accepts on its share of the listeners, runs the guards and relays,
+and runs the routes' modes (the registry, `edge.modes`; this is the one module that uses it).
 
 Started by the edge master (`python -m blindfold.edge.worker`), it receives the validated config
 text over the control channel, serves until told to drain, and exits when its last connection
 has ended (or at the drain deadline). If the master goes away the worker drains and exits.
+
+Passthrough routes run on a bare epoll reactor (io.reactor: the hot path). The first route whose
+mode needs asyncio (TLS and HTTP at the edge) moves the reactor into an asyncio loop, at start
+or on a reload, with the connections it holds.
 """
 
 from __future__ import annotations
 
-import _socket
 import argparse
 import asyncio
 import ctypes
+import dataclasses
 import errno
 import gc
 import ipaddress
@@ -27,16 +32,17 @@ from blindfold.core.iplist import parse_address
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.core.routing import SniRouter
 from blindfold.edge.bans import BanUpdates
-from blindfold.edge.blind import BlindRoute, BlindService
-from blindfold.edge.blind import snapshot as blind_snapshot
+from blindfold.edge.connection import Conn
 from blindfold.edge.guards import Guards
-from blindfold.edge.keyless import KeylessRoute, KeylessService
 from blindfold.edge.lists import ListSet
+from blindfold.edge.mode import Mode, RouteState
+from blindfold.edge.modes import MODES, metrics
 from blindfold.edge.origins import Origin, OriginPool, resolve
-from blindfold.edge.passthrough import KEYLESS, Conn
-from blindfold.edge.stats import RouteStats, WorkerStats
+from blindfold.edge.stats import WorkerStats
 from blindfold.errors import ConfigError, ProtocolError
+from blindfold.io import compat
 from blindfold.io.accepted import BACKOFF_MIN_S, RESOURCE_ERRNOS, Backoff, FdReserve, fd_limit
+from blindfold.io.compat import CSocket
 from blindfold.io.control import ControlChannel
 from blindfold.io.limits import raise_fd_limit
 from blindfold.io.reactor import EPOLLIN, Reactor
@@ -47,40 +53,6 @@ ACCEPT_BATCH = 64
 SWEEP_INTERVAL_S = 1.0
 
 
-class RouteState:
-    """A route as the worker uses it; rebuilt on reload, its counters carried over by name."""
-
-    __slots__ = (
-        "blind",
-        "json_name",
-        "keyless",
-        "name",
-        "pool",
-        "proxy_protocol",
-        "proxy_tlvs",
-        "stats",
-    )
-
-    def __init__(
-        self,
-        name: str,
-        pool: OriginPool,
-        proxy_protocol: str,
-        proxy_tlvs: bool,
-        stats: RouteStats,
-        keyless: KeylessRoute | None = None,
-        blind: BlindRoute | None = None,
-    ) -> None:
-        self.name = name
-        self.json_name = json.dumps(name)
-        self.pool = pool
-        self.proxy_protocol = proxy_protocol
-        self.proxy_tlvs = proxy_tlvs
-        self.stats = stats
-        self.keyless = keyless
-        self.blind = blind
-
-
 class Worker:
     def __init__(
         self,
@@ -88,7 +60,6 @@ class Worker:
         workers: int,
         control_fd: int,
         listeners: list[tuple[str, int]],
-        l7: bool = False,
     ) -> None:
         self.index = index
         self.workers = workers
@@ -112,20 +83,15 @@ class Worker:
         self._log_flushed = 0.0
         self.block: ListSet | None = None
         self.allow: ListSet | None = None
-        # Keyless routes need asyncio (TLS, HTTP, the key server client): the reactor then runs
-        # inside an asyncio loop; passthrough-only workers keep the bare epoll loop.
+        # Modes that terminate TLS need asyncio (TLS, HTTP, the key server client): the reactor
+        # then runs inside an asyncio loop; passthrough-only workers keep the bare epoll loop.
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.keyless: KeylessService | None = None
-        self.blind: BlindService | None = None
-        if l7:
-            self.loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(self.loop)
-            self.reactor.attach(self.loop)
-            self.keyless = KeylessService(self, self.loop)
-            self.blind = BlindService(self, self.loop)
+        self.modes: dict[str, Mode] = {}  # made the first time a route names one
+        self.routes: list[RouteState] = []
+        self.router: SniRouter[RouteState] = SniRouter([])
         self.ban_updates = BanUpdates(self)
         self.control = ControlChannel(
-            self.reactor, control_fd, self._on_control, self._on_master_gone
+            self.reactor, control_fd, self._on_control, self._on_master_gone, self._control_error
         )
         self.reserve = FdReserve()  # for the moment accept() fails with EMFILE
 
@@ -154,12 +120,13 @@ class Worker:
             self.allow,
             strict=first,
         )
-        old_routes = {r.name: r for r in getattr(self, "routes", [])}
+        old_routes = {r.name: r for r in self.routes}
         routes: list[RouteState] = []
         entries: list[tuple[str, RouteState]] = []
         default = None
         for i, rc in enumerate(config.routes):
             name = config.route_name(i)
+            where = f"edge.routes[{i}]"
             old = old_routes.get(name)
             old_origins = {o.text: o for o in old.pool.origins} if old else {}
             origins = []
@@ -168,7 +135,7 @@ class Worker:
                     family, sockaddr = resolve(text)
                 except OSError as exc:
                     raise ConfigError(
-                        f"edge.routes[{i}].origins[{j}]", f"cannot resolve {text!r}: {exc}"
+                        f"{where}.origins[{j}]", f"cannot resolve {text!r}: {exc}"
                     ) from None
                 origin = old_origins.get(text)
                 if origin is None:
@@ -176,53 +143,28 @@ class Worker:
                 else:  # the same object: live connections keep their counts right
                     origin.family, origin.sockaddr = family, sockaddr
                 origins.append(origin)
-            keyless = None
-            if rc.mode == "keyless":
-                if self.keyless is None:
-                    raise ConfigError(
-                        f"edge.routes[{i}].mode",
-                        "keyless routes start new workers (this one runs passthrough only)",
-                    )
-                keyless = self.keyless.build(
-                    f"edge.routes[{i}]",
-                    rc,
-                    old.keyless if old is not None else None,
-                    config.ipv6_prefix_len,
-                )
-            blind = None
-            if rc.mode == "blind":
-                if self.blind is None:
-                    raise ConfigError(
-                        f"edge.routes[{i}].mode",
-                        "blind routes start new workers (this one runs passthrough only)",
-                    )
-                blind = self.blind.build(
-                    f"edge.routes[{i}]", rc, old.blind if old is not None else None
-                )
-            state = RouteState(
+            mode = self._mode(rc.mode)
+            state = mode.build(
+                where, rc, config, old.state if old is not None and old.mode is mode else None
+            )
+            route = RouteState(
                 name,
                 OriginPool(origins, rc.balance, config.origin_down_s),
                 rc.proxy_protocol,
                 rc.proxy_protocol_tlvs,
                 self.stats.route(name),
-                keyless,
-                blind,
+                mode,
+                state,
             )
-            routes.append(state)
-            entries.extend((pattern, state) for pattern in rc.sni)
+            routes.append(route)
+            entries.extend((pattern, route) for pattern in rc.sni)
             if rc.default:
-                default = state
+                default = route
         # -- commit
-        if self.keyless is not None:
-            self.keyless.retire_clients(
-                {
-                    r.keyless.config.keyserver
-                    for r in routes
-                    if r.keyless is not None and r.keyless.config.keyserver is not None
-                }
-            )
         self.routes = routes
-        self.router: SniRouter[RouteState] = SniRouter(entries, default)
+        self.router = SniRouter(entries, default)
+        for mode in self.modes.values():
+            mode.configured(self._routes_of(mode))
         if first:
             self.guards = Guards(config, self.workers, now)
             self.log = JsonLog.open(config.log_path, process=f"edge-worker-{self.index}")
@@ -254,6 +196,33 @@ class Worker:
                     text=err.text,
                     problem=err.problem,
                 )
+
+    def _mode(self, name: str) -> Mode:
+        """This worker's instance of mode `name`, made on first use (moving the reactor into
+        asyncio first when the mode needs it)."""
+        mode = self.modes.get(name)
+        if mode is None:
+            cls = MODES[name]
+            if cls.needs_asyncio and self.loop is None:
+                self._use_asyncio()
+            mode = self.modes[name] = cls(self)
+        return mode
+
+    def _routes_of(self, mode: Mode) -> list[RouteState]:
+        return [r for r in self.routes if r.mode is mode]
+
+    def _use_asyncio(self) -> None:
+        """From now on the reactor runs inside an asyncio loop: `run()` returns from the bare
+        loop after this round of events and runs the asyncio loop instead. Connections, timers
+        and signal handlers carry over."""
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self.loop = loop
+        self.reactor.attach(loop)
+
+    @property
+    def now(self) -> float:
+        return self.reactor.now
 
     def _check_fd_limit(self, config: EdgeConfig) -> None:
         """Warn when this worker's share of max_connections cannot all be open: each relayed
@@ -311,7 +280,7 @@ class Worker:
         local = None if ipaddress.ip_address(host).is_unspecified else (host, port)
 
         family = lsock.family
-        raw_accept = lsock._accept  # type: ignore[attr-defined]  # (fd, addr): no wrapping
+        raw_accept = compat.raw_accept(lsock)  # (fd, addr): no socket object made
 
         backoff = Backoff()
 
@@ -323,7 +292,7 @@ class Worker:
                     fd, peer = raw_accept()
                     # the C socket type: socket.socket's Python layer (IntEnum conversions,
                     # io refcounts) costs more per connection than the rest of accept
-                    sock = _socket.socket(family, socket.SOCK_STREAM, 0, fd)
+                    sock = CSocket(family, socket.SOCK_STREAM, 0, fd)
                 except (BlockingIOError, InterruptedError):
                     return
                 except OSError as exc:
@@ -406,9 +375,8 @@ class Worker:
         for conn in idle_conns:
             conn.close("idle_timeout", "idle_timeout")
         self.guards.sweep(now)
-        for route in self.routes:
-            if route.keyless is not None:
-                route.keyless.sessions.expire(now)
+        for mode in self.modes.values():
+            mode.sweep(self._routes_of(mode), now)
         if now >= self._next_list_check:
             self._next_list_check = now + config.list_check_interval_s
             self._refresh_lists()
@@ -463,10 +431,15 @@ class Worker:
         elif op == "bans":
             self.ban_updates.push(message)
 
+    def _control_error(self, problem: str, exc: BaseException) -> None:
+        self.log.log("control_error", problem=problem, error=repr(exc)[:500], worker=self.index)
+
     def _go_live(self) -> None:
         self._start_listening()
         self.reactor.call_later(SWEEP_INTERVAL_S, self._sweep)
-        self.control.send({"op": "ready", "pid": os.getpid()})
+        # the metrics the modes report: the master renders what it is told of
+        specs = [dataclasses.asdict(spec) for spec in metrics()]
+        self.control.send({"op": "ready", "pid": os.getpid(), "metrics": specs})
 
     def bans_synced(self) -> None:
         """The first ban set is in: a new worker starts accepting only now, so a respawned
@@ -497,51 +470,18 @@ class Worker:
         for route in self.routes:
             for o in route.pool.origins:
                 origins.append((route.name, o.text, int(o.is_up(now)), o.active, o.failures))
-        snap = self.stats.snapshot(len(self.conns), self.guards.tracked, self.log.dropped, origins)
+        snap = self.stats.snapshot(
+            len(self.conns),
+            self.guards.tracked,
+            self.log.dropped,
+            origins,
+            self.guards.rule_matches,
+        )
         snap["blindfold_log_lines_suppressed_total"] = [[[], self.suppressed_logs]]
         snap["blindfold_connections_closed_by_ban_total"] = [[[], self.closed_by_ban]]
-        if self.keyless is not None:
-            self._keyless_snapshot(snap)
-            snap.update(blind_snapshot(self.routes))
+        for mode in self.modes.values():
+            snap.update(mode.snapshot(self._routes_of(mode)))
         return snap
-
-    def _keyless_snapshot(self, snap: dict[str, Any]) -> None:
-        assert self.keyless is not None
-        active: dict[str, int] = {}
-        for conn in self.conns:
-            if conn.phase == KEYLESS and conn.route is not None:
-                active[conn.route.name] = active.get(conn.route.name, 0) + 1
-        tables: dict[str, list[list[Any]]] = {
-            "blindfold_keyless_handshakes_total": [],
-            "blindfold_keyless_fallbacks_total": [],
-            "blindfold_keyless_requests_total": [],
-            "blindfold_keyless_cache_total": [],
-            "blindfold_keyless_cache_bytes": [],
-            "blindfold_keyless_rate_limited_total": [],
-            "blindfold_keyless_sessions": [],
-            "blindfold_keyless_connections_active": [],
-            "blindfold_keyless_key_updates_total": [],
-        }
-        for route in self.routes:
-            kr = route.keyless
-            if kr is None:
-                continue
-            name = route.name
-            st = kr.stats
-            for metric, table in (
-                ("blindfold_keyless_handshakes_total", st.handshakes),
-                ("blindfold_keyless_fallbacks_total", st.fallbacks),
-                ("blindfold_keyless_requests_total", st.requests),
-                ("blindfold_keyless_cache_total", st.cache),
-                ("blindfold_keyless_rate_limited_total", st.rate_limited),
-                ("blindfold_keyless_key_updates_total", st.key_updates),
-            ):
-                tables[metric].extend([[name, k], v] for k, v in table.items())
-            tables["blindfold_keyless_cache_bytes"].append([[name], kr.cache.used])
-            tables["blindfold_keyless_sessions"].append([[name], len(kr.sessions)])
-            tables["blindfold_keyless_connections_active"].append([[name], active.get(name, 0)])
-        snap.update(tables)
-        snap["blindfold_keyless_sign_seconds"] = [[[], self.keyless.sign_latency.value()]]
 
     def drain(self) -> None:
         if self.draining:
@@ -565,10 +505,10 @@ class Worker:
     def run(self) -> None:
         self.reactor.add_signal(signal.SIGTERM, self.drain)
         self.reactor.add_signal(signal.SIGINT, self.drain)
+        if self.loop is None:
+            self.reactor.run()  # returns when stopped, or when a mode moved it into asyncio
         if self.loop is not None:
             self.loop.run_forever()
-        else:
-            self.reactor.run()
         self.log.emit("worker_exit", worker=self.index)
 
 
@@ -587,7 +527,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, required=True)
     ap.add_argument("--control-fd", type=int, required=True)
     ap.add_argument("--listeners", required=True, help="JSON list of [address, fd]")
-    ap.add_argument("--l7", action="store_true", help="run under asyncio (keyless routes)")
     args = ap.parse_args(argv)
     _die_with_parent()
     raise_fd_limit()
@@ -596,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     # Connections make no reference cycles (they are broken at close), so the cyclic collector
     # has little to find; run it rarely and keep start-up objects out of its scans.
     gc.set_threshold(20000, 50, 50)
-    worker = Worker(args.index, args.workers, args.control_fd, listeners, args.l7)
+    worker = Worker(args.index, args.workers, args.control_fd, listeners)
     gc.freeze()
     worker.run()
     return 0

@@ -58,6 +58,7 @@ class Reactor:
         self._idle: list[Callable[[], None]] = []
         self._running = False
         self._signal_r = -1
+        self._signal_w = -1
         self._signal_handlers: dict[int, Callable[[], None]] = {}
         self.now = time.monotonic()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -117,7 +118,7 @@ class Reactor:
             return
         if self._signal_r < 0:
             r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            self._signal_r = r
+            self._signal_r, self._signal_w = r, w
             signal.set_wakeup_fd(w, warn_on_full_buffer=False)
             self.add(r, EPOLLIN, self._on_signal_pipe)
         self._signal_handlers[signum] = callback
@@ -142,10 +143,20 @@ class Reactor:
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Run inside `loop` instead of `run()`: the epoll fd becomes one of the loop's readers
         and reactor timers are mirrored by one loop timer. Used by workers that also serve
-        asyncio code (keyless TLS, HTTP); the fd handlers are called exactly as in `run()`.
-        Call before `add_signal`; then run the loop (`stop()` stops it)."""
+        asyncio code (TLS and HTTP at the edge); the fd handlers are called exactly as in
+        `run()`. May be called from inside `run()`: it then returns after this round of
+        events, and the loop must be run (`stop()` stops it). Signal handlers registered so
+        far move to the loop."""
         self._loop = loop
+        self._running = False
         loop.add_reader(self._ep.fileno(), self._on_epoll)
+        if self._signal_r >= 0:
+            for signum, callback in self._signal_handlers.items():
+                loop.add_signal_handler(signum, callback)  # (it takes over the wakeup fd)
+            self.remove(self._signal_r)
+            os.close(self._signal_r)
+            os.close(self._signal_w)
+            self._signal_r = self._signal_w = -1
         self._arm()
 
     def _on_epoll(self) -> None:
@@ -222,4 +233,7 @@ class Reactor:
     def close(self) -> None:
         if self._signal_r >= 0:
             signal.set_wakeup_fd(-1)
+            os.close(self._signal_r)
+            os.close(self._signal_w)
+            self._signal_r = self._signal_w = -1
         self._ep.close()

@@ -21,13 +21,13 @@ on the first error). Pipes come from a small pool of empty pipes.
 
 from __future__ import annotations
 
-import _socket
 import errno
 import fcntl
 import os
 import socket
 from collections.abc import Callable
 
+from blindfold.io.compat import CSocket
 from blindfold.io.reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP
 
 F_SETPIPE_SZ = 1031
@@ -100,9 +100,7 @@ class _Half:
         "writable",
     )
 
-    def __init__(
-        self, src: _socket.socket, dst: _socket.socket, splice: bool, readable: bool
-    ) -> None:
+    def __init__(self, src: CSocket, dst: CSocket, splice: bool, readable: bool) -> None:
         self.src = src.fileno()
         self.dst = dst.fileno()
         self.dst_sock = dst
@@ -134,8 +132,8 @@ class Relay:
     def __init__(
         self,
         pool: PipePool,
-        a: _socket.socket,
-        b: _socket.socket,
+        a: CSocket,
+        b: CSocket,
         on_done: Callable[[str | None], None],
         mode: str = "auto",
         *,

@@ -61,7 +61,7 @@ class _Connection:
 
     async def _read(self) -> None:
         decoder = w.FrameDecoder()
-        error = KeyServerError("key server closed the connection", retryable=True)
+        error = KeyServerError("closed", "key server closed the connection", retryable=True)
         client = self.client
         try:
             while True:
@@ -77,10 +77,16 @@ class _Connection:
                     elif frame.type == w.ERROR:
                         code, message = w.decode_error(frame.body)
                         client._failed(
-                            call, KeyServerError(f"{w.ERROR_NAMES.get(code, 'error')}: {message}")
+                            call,
+                            KeyServerError(
+                                w.error_reason(code, message),
+                                f"{w.ERROR_NAMES.get(code, 'error')}: {message}",
+                            ),
                         )
         except (ProtocolError, OSError, ssl.SSLError) as exc:
-            error = KeyServerError(f"key server connection failed: {exc}", retryable=True)
+            error = KeyServerError(
+                "connection_failed", f"key server connection failed: {exc}", retryable=True
+            )
         finally:
             self.close(error)
 
@@ -104,7 +110,9 @@ class _Connection:
             self.writer.close()
         self.client._forget(self)
         for call in calls:
-            self.client._retry(call, error or KeyServerError("connection closed", retryable=True))
+            self.client._retry(
+                call, error or KeyServerError("closed", "connection closed", retryable=True)
+            )
 
 
 class KeyServerClient:
@@ -146,8 +154,8 @@ class KeyServerClient:
 
     # ---------------------------------------------------------------- requests
     def submit(self, request: w.SignRequest) -> asyncio.Future[bytes]:
-        """A future for the signature; it fails with KeyServerError (refused, unreachable, or
-        over sign_timeout_s)."""
+        """A future for the signature; it fails with KeyServerError (refused: the key server's
+        reason; `unreachable`, `down`, or `timeout` over sign_timeout_s)."""
         loop = asyncio.get_running_loop()
         call = _Call(request, loop.create_future(), loop.time() + self.sign_timeout_s)
         call.timer = loop.call_at(call.deadline, self._timed_out, call)
@@ -161,7 +169,7 @@ class KeyServerClient:
         call.attempts += 1
         now = time.monotonic()
         if self.all_down(now):
-            self._failed(call, KeyServerError("every key server is down"))
+            self._failed(call, KeyServerError("down", "every key server is down"))
             return
         for address in sorted(self.addresses, key=lambda a: self._down.get(a, 0.0) > now):
             conn = self._conns.get(address)
@@ -186,14 +194,14 @@ class KeyServerClient:
         elif isinstance(exc, KeyServerError):
             self._retry(call, exc)
         else:
-            self._failed(call, KeyServerError(str(exc)))
+            self._failed(call, KeyServerError("unreachable", str(exc)))
 
     def _send(self, conn: _Connection, call: _Call) -> None:
         call.rid = rid = next(self._ids) & 0xFFFFFFFF
         try:
             frame = w.encode_sign_request(rid, call.frame_request)
         except ValueError as exc:  # over MAX_FRAME: a huge ClientHello and certificate chain
-            self._failed(call, KeyServerError(f"cannot ask for this signature: {exc}"))
+            self._failed(call, KeyServerError("too_large", f"cannot ask for this signature: {exc}"))
             return
         call.conn = conn
         conn.pending[rid] = call
@@ -231,14 +239,18 @@ class KeyServerClient:
         if call.outer.done():
             return
         self._count("timeout")
-        call.outer.set_exception(KeyServerError(f"no signature within {self.sign_timeout_s} s"))
+        call.outer.set_exception(
+            KeyServerError("timeout", f"no signature within {self.sign_timeout_s} s")
+        )
         conn = call.conn
         if conn is not None and not conn.closed:
             conn.pending.pop(call.rid, None)
             # A key server that does not answer in time is treated as down: its other
             # requests move to the next key server now rather than time out one by one.
             self._down[conn.address] = time.monotonic() + DOWN_S
-            conn.close(KeyServerError(f"key server {conn.address} timed out", retryable=True))
+            conn.close(
+                KeyServerError("timeout", f"key server {conn.address} timed out", retryable=True)
+            )
 
     # ---------------------------------------------------------------- connections
     async def _connect(self, address: str) -> _Connection:
@@ -251,7 +263,7 @@ class KeyServerClient:
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             self._down[address] = time.monotonic() + DOWN_S
             raise KeyServerError(
-                f"cannot reach key server {address}: {exc}", retryable=True
+                "unreachable", f"cannot reach key server {address}: {exc}", retryable=True
             ) from None
         conn = _Connection(self, address, reader, writer)
         self._conns[address] = conn

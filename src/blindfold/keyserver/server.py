@@ -13,14 +13,12 @@ import contextlib
 import errno
 import hashlib
 import os
-import signal
 import socket
 import ssl
-import sys
 import time
 from typing import Any
 
-from blindfold.config import load_file
+from blindfold.config import Config, load_file
 from blindfold.config.common import parse_hostport
 from blindfold.config.keyserver import EdgeAccessConfig, KeyServerConfig
 from blindfold.core import keyless_handshake as kh
@@ -40,11 +38,11 @@ from blindfold.io.accepted import (
 )
 from blindfold.io.admin_http import AdminServer
 from blindfold.io.limits import raise_fd_limit
+from blindfold.io.service import run_service
 from blindfold.keyserver.access import partial_grants, too_broad
 from blindfold.keyserver.audit import AuditError, AuditLog, create_key, json_str
 from blindfold.keyserver.audit import load_key as load_audit_key
 from blindfold.keyserver.signer import SignError, SiteKey, load_key, sign_certificate_verify
-from blindfold.obs import sdnotify
 from blindfold.obs.log import JsonLog
 from blindfold.obs.metrics import Histogram, MetricSpec, render
 
@@ -166,9 +164,9 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class KeyServer:
-    def __init__(self, path: str, cfg: KeyServerConfig) -> None:
+    def __init__(self, path: str, cfg: KeyServerConfig, log: JsonLog) -> None:
         self.path = path
-        self.log = JsonLog.open(cfg.log_path, process="keyserver")
+        self.log = log
         self.audit = _open_audit(cfg)
         self.replays = kh.ReplayGuard(cfg.replay_window_s, MAX_REPLAY_ENTRIES)
         self.admin = AdminServer(self._admin)
@@ -240,7 +238,8 @@ class KeyServer:
     # connection's task only reads and decodes frames and queues them per edge; one task serves
     # the queue (core.fairqueue: edges in turn, weighted by cost) in slices of at most SLICE_S,
     # answering each connection once per slice, after the slice's audit lines are written.
-    async def start(self) -> None:
+    async def start(self) -> dict[str, Any]:
+        """Listen (io.service.Service)."""
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_exception)
         raise_fd_limit()  # the soft limit up to the hard one (the unit sets LimitNOFILE)
@@ -255,16 +254,7 @@ class KeyServer:
         self.server = _Listener(lsock, loop.create_task(self._accept_loop(lsock)))
         self.server.tasks.append(loop.create_task(self._serve_queue()))
         sock = lsock.getsockname()
-        self.log.emit(
-            "keyserver_ready",
-            listen=[f"{sock[0]}:{sock[1]}"],
-            admin=f"{admin[0]}:{admin[1]}",
-            keys=[k.name for k in self.keys.values()],
-            edges=[e.cfg.name for e in self.edges.values()],
-            pid=os.getpid(),
-            **self._audit_state(),
-        )
-        sdnotify.ready(f"listening on {sock[0]}:{sock[1]}")
+        self._flusher = loop.create_task(self._flush_logs())
         if self.audit.recovered:
             self.log.emit(
                 "audit_recovered",
@@ -272,6 +262,13 @@ class KeyServer:
                 detail="a partial last line (a write cut short, never acknowledged) was cut; "
                 "a 'recovered' entry records it",
             )
+        return {
+            "listen": [f"{sock[0]}:{sock[1]}"],
+            "admin": f"{admin[0]}:{admin[1]}",
+            "keys": [k.name for k in self.keys.values()],
+            "edges": [e.cfg.name for e in self.edges.values()],
+            **self._audit_state(),
+        }
 
     def _set_conn_cap(self) -> None:
         """max_connections, lowered to what the open-files limit leaves room for."""
@@ -598,14 +595,12 @@ class KeyServer:
             "reloaded", edges=[e.cfg.name for e in self.edges.values()], closed=len(revoked)
         )
 
-    async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
-        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
-        flusher = loop.create_task(self._flush_logs())
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def serve(self) -> int:
         await self.stopping.wait()
-        flusher.cancel()
+        self._flusher.cancel()
         self.server.close()
         for writer in list(self.writers):
             writer.close()
@@ -673,22 +668,11 @@ def _open_audit(cfg: KeyServerConfig) -> AuditLog:
 
 
 def run_keyserver(path: str) -> int:
-    try:
-        config, _ = load_file(path)
-        if config.keyserver is None:
-            raise ConfigError("keyserver", f"{path} has no [keyserver] section")
-    except ConfigError as exc:
-        print(f"blindfold keyserver: {exc}", file=sys.stderr)
-        return 2
+    """`blindfold keyserver --config FILE`. Returns the exit code (2 for configuration errors,
+    an audit log that does not verify included)."""
 
-    async def main() -> int:
+    def make(config: Config, _text: str, path: str, log: JsonLog) -> KeyServer:
         assert config.keyserver is not None
-        try:
-            ks = KeyServer(path, config.keyserver)
-            await ks.start()
-        except (ConfigError, ValueError) as exc:
-            print(f"blindfold keyserver: {exc}", file=sys.stderr)
-            return 2
-        return await ks.run()
+        return KeyServer(path, config.keyserver, log)
 
-    return asyncio.run(main())
+    return run_service("keyserver", path, "keyserver", "keyserver", make)

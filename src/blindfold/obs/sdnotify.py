@@ -37,3 +37,9 @@ def notify(*assignments: str) -> bool:
 def ready(status: str) -> bool:
     """The service is up: its listeners accept (sd_notify(3) READY=1, with a status line)."""
     return notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+
+
+def stopping() -> bool:
+    """The service is shutting down (sd_notify(3) STOPPING=1): systemd shows it as deactivating
+    while it drains."""
+    return notify("STOPPING=1")

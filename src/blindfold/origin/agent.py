@@ -9,19 +9,15 @@ to every edge as a CrowdSec-shaped stream (and published to Redis when configure
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import errno
-import os
-import signal
 import socket
 import ssl
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-from blindfold.config import load_file
+from blindfold.config import Config, load_file
 from blindfold.config.common import parse_hostport
 from blindfold.config.origin import OriginConfig, fds_needed, listen_warnings
 from blindfold.core.iplist import IPSet, visitor_key
@@ -30,6 +26,7 @@ from blindfold.core.ratelimit import TokenBucket
 from blindfold.decisions.api import DecisionApi, load_api_keys
 from blindfold.decisions.core import DecisionRules, DecisionStore, RateRule, scope_of
 from blindfold.errors import ConfigError, ProtocolError
+from blindfold.io import compat
 from blindfold.io.accepted import (
     BACKOFF_MIN_S,
     RESOURCE_ERRNOS,
@@ -40,8 +37,7 @@ from blindfold.io.accepted import (
     read_proxy_header,
 )
 from blindfold.io.admin_http import AdminServer
-from blindfold.io.limits import raise_fd_limit
-from blindfold.obs import sdnotify
+from blindfold.io.service import run_service
 from blindfold.obs.log import JsonLog
 from blindfold.obs.metrics import MetricSpec, render
 from blindfold.origin.edges import DecisionBudget, Reporter, TrustedEdges
@@ -121,23 +117,6 @@ ORIGIN_METRICS = [
         ("kind",),
     ),
 ]
-
-
-def _limits(cfg: OriginConfig) -> HttpLimits:
-    h = cfg.http
-    return HttpLimits(
-        max_header_bytes=h.max_header_bytes,
-        max_headers=h.max_headers,
-        max_body_bytes=h.max_body_bytes,
-        header_timeout_s=h.header_timeout_s,
-        body_timeout_s=h.body_timeout_s,
-        keepalive_timeout_s=h.keepalive_timeout_s,
-        send_timeout_s=h.send_timeout_s,
-        h2_max_concurrent_streams=h.h2_max_concurrent_streams,
-        h2_max_header_list_size=h.max_header_bytes,
-        h2_max_resets_per_window=h.h2_max_resets_per_window,
-        h2_max_control_frames_per_window=h.h2_max_control_frames_per_window,
-    )
 
 
 def build_waf(cfg: OriginConfig) -> WafEngine | None:
@@ -365,14 +344,14 @@ async def _too_many_connections(request: Request, body: BodyStream, respond: Res
 
 
 class OriginAgent:
-    def __init__(self, path: str, cfg: OriginConfig) -> None:
+    def __init__(self, path: str, cfg: OriginConfig, log: JsonLog) -> None:
         self.path = path
         self.cfg = cfg
-        self.log = JsonLog.open(cfg.log_path, process="origin")
+        self.log = log
         self.audit = (
             JsonLog.open(cfg.waf.audit_log, process="origin") if (cfg.waf.audit_log) else self.log
         )
-        self.limits = _limits(cfg)
+        self.limits = cfg.http.limits()
         self.stats: dict[str, Any] = {}
         self.site_slots = _Slots(cfg.max_connections)
         self.api_slots = _Slots(cfg.decisions.max_connections)
@@ -457,7 +436,7 @@ class OriginAgent:
             )
         self.tls, self.waf, self.rules, self.pool = tls, waf, rules, pool
         self.edges, self.budget = edges, budget
-        self.limits = _limits(cfg)
+        self.limits = cfg.http.limits()
         # a connection over its address's share: short deadlines, one HTTP/2 stream
         self.over_limits = dataclasses.replace(
             self.limits,
@@ -555,7 +534,8 @@ class OriginAgent:
             return
         loop.default_exception_handler(context)
 
-    async def start(self) -> None:
+    async def start(self) -> dict[str, Any]:
+        """Listen, load the WAF, start the decision stream (io.service.Service)."""
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_exception)
@@ -604,17 +584,14 @@ class OriginAgent:
                 "the client and one for the application; raise `ulimit -n` or lower "
                 "max_connections",
             )
-        self.log.emit(
-            "origin_ready",
-            listen=[_addr(s) for s, tls in self.tls_sockets.items() if tls],
-            http_listen=[_addr(s) for s, tls in self.tls_sockets.items() if not tls],
-            quic_listen=self.quic.ports() if self.quic else [],
-            admin=f"{admin[0]}:{admin[1]}",
-            decisions=f"{api_address[0]}:{api_address[1]}" if api_address else None,
-            waf=getattr(self.waf, "version", None),
-            pid=os.getpid(),
-        )
-        sdnotify.ready(f"listening on {', '.join(_addr(s) for s in self.tls_sockets)}")
+        return {
+            "listen": [_addr(s) for s, tls in self.tls_sockets.items() if tls],
+            "http_listen": [_addr(s) for s, tls in self.tls_sockets.items() if not tls],
+            "quic_listen": self.quic.ports() if self.quic else [],
+            "admin": f"{admin[0]}:{admin[1]}",
+            "decisions": f"{api_address[0]}:{api_address[1]}" if api_address else None,
+            "waf": getattr(self.waf, "version", None),
+        }
 
     def _bind(self, host: str, port: int, key: str) -> socket.socket:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -925,7 +902,8 @@ class OriginAgent:
         }
 
     # ------------------------------------------------------------------ lifecycle
-    async def reload(self) -> None:
+    def reload(self) -> None:
+        """SIGHUP: the new config applies to the next connections."""
         try:
             config, _ = load_file(self.path)
             if config.origin is None:
@@ -936,11 +914,10 @@ class OriginAgent:
             return
         self.log.emit("reloaded")
 
-    async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.stopping.set)
-        loop.add_signal_handler(signal.SIGINT, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+    def stop(self) -> None:
+        self.stopping.set()
+
+    async def serve(self) -> int:
         await self.stopping.wait()
         for sock in self.sockets:
             sock.close()
@@ -969,28 +946,11 @@ def _consume(task: asyncio.Task[Any]) -> None:
 
 
 def run_origin(path: str) -> int:
-    from blindfold.io import ssl_alerts
+    """`blindfold origin --config FILE`. Returns the exit code (2 for configuration errors)."""
 
-    ssl_alerts.install()  # handshake failures answer with OpenSSL's alert, not a bare reset
-    try:
-        config, _ = load_file(path)
-        if config.origin is None:
-            raise ConfigError("origin", f"{path} has no [origin] section")
-    except ConfigError as exc:
-        print(f"blindfold origin: {exc}", file=sys.stderr)
-        return 2
-    raise_fd_limit()
+    def make(config: Config, _text: str, path: str, log: JsonLog) -> OriginAgent:
+        assert config.origin is not None
+        compat.install_ssl_alerts()  # a failed handshake answers with OpenSSL's alert
+        return OriginAgent(path, config.origin, log)
 
-    async def main() -> int:
-        try:
-            assert config.origin is not None
-            agent = OriginAgent(path, config.origin)
-            await agent.start()
-        except ConfigError as exc:
-            print(f"blindfold origin: {exc}", file=sys.stderr)
-            return 2
-        return await agent.run()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(main())
-    return 0
+    return run_service("origin", path, "origin", "origin", make)

@@ -668,7 +668,7 @@ class BlindStore:
                 while not head and sent < end - start:
                     data = await loop.run_in_executor(None, f.read, min(CHUNK, end - start - sent))
                     if not data:  # the file shrank under us
-                        raise UpstreamError(f"{file.name}: shorter than it was")
+                        raise UpstreamError("truncated", f"{file.name}: shorter than it was")
                     sent += len(data)
                     yield data
             finally:

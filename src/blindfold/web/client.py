@@ -36,6 +36,9 @@ class UpstreamBusy(UpstreamError):
     """No upstream connection came free under the pool's caps within its queue deadline (the
     upstream itself was not tried): a 503 for the visitor, not a 502."""
 
+    def __init__(self, reason: str = "busy", detail: str = "", *, status: int = 503) -> None:
+        super().__init__(reason, detail, status=status)
+
 
 @dataclass(frozen=True, slots=True)
 class UpstreamTarget:
@@ -219,9 +222,9 @@ class UpstreamResponse:
                     self._release()
                     return
                 elif isinstance(event, h11.ConnectionClosed):
-                    raise UpstreamError("upstream closed inside the response body")
+                    raise UpstreamError("closed", "upstream closed inside the response body")
         except h11.RemoteProtocolError as exc:
-            raise UpstreamError(f"upstream response malformed: {exc}") from None
+            raise UpstreamError("bad_response", f"upstream response malformed: {exc}") from None
         finally:
             self.close()
 
@@ -294,11 +297,11 @@ class UpstreamPool:
                         limit=READ_CHUNK,
                     )
         except TimeoutError:
-            raise UpstreamError("connect_timeout") from None
+            raise UpstreamError("connect_timeout", status=504) from None
         except ssl.SSLError as exc:
-            raise UpstreamError(f"tls: {exc.reason or exc}") from None
+            raise UpstreamError("tls_failed", f"tls: {exc.reason or exc}") from None
         except OSError as exc:
-            raise UpstreamError(f"connect: {exc.strerror or exc}") from None
+            raise UpstreamError("connect_failed", f"connect: {exc.strerror or exc}") from None
         self.opened += 1
         return _Conn(self, reader, writer)
 
@@ -306,7 +309,7 @@ class UpstreamPool:
         """A connection: an idle one, one handed over by a request that finished, or a new
         one once this pool (and its shared cap) has a slot for it."""
         if self.closed:
-            raise UpstreamError("upstream pool closed")
+            raise UpstreamError("pool_closed", "upstream pool closed")
         while self._idle:
             conn = self._idle.pop()
             if conn.usable():
@@ -332,7 +335,7 @@ class UpstreamPool:
                     raise
         except TimeoutError:
             raise UpstreamBusy(
-                f"no upstream connection free within {self.queue_timeout_s:g} s"
+                "busy", f"no upstream connection free within {self.queue_timeout_s:g} s"
             ) from None
         try:
             return await self._connect(), False
@@ -388,9 +391,11 @@ class UpstreamPool:
             async with asyncio.timeout(self.timeout_s):
                 return await conn.reader.read(READ_CHUNK)
         except TimeoutError:
-            raise UpstreamError("timeout") from None
+            raise UpstreamError(
+                "timeout", "no bytes from the upstream in time", status=504
+            ) from None
         except OSError as exc:
-            raise UpstreamError(f"read: {exc.strerror or exc}") from None
+            raise UpstreamError("read_failed", f"read: {exc.strerror or exc}") from None
 
     async def _write(self, conn: _Conn, data: bytes | bytearray | None) -> None:
         if not data:
@@ -403,9 +408,11 @@ class UpstreamPool:
             async with asyncio.timeout(self.timeout_s):
                 await conn.writer.drain()
         except TimeoutError:
-            raise UpstreamError("timeout") from None
+            raise UpstreamError(
+                "timeout", "the upstream took no bytes in time", status=504
+            ) from None
         except OSError as exc:
-            raise UpstreamError(f"write: {exc.strerror or exc}") from None
+            raise UpstreamError("write_failed", f"write: {exc.strerror or exc}") from None
 
     async def request(
         self, method: bytes, target: bytes, headers: Headers, body: AsyncIterator[bytes] | None
@@ -419,7 +426,7 @@ class UpstreamPool:
         except _Stale:
             if not reused:
                 conn.close()
-                raise UpstreamError("upstream closed the connection") from None
+                raise UpstreamError("closed", "upstream closed the connection") from None
             conn.close(keep_slot=True)  # the new connection takes its place
             try:
                 conn = await self._connect()
@@ -466,12 +473,12 @@ class UpstreamPool:
                         self, conn, event.status_code, list(event.headers), event.http_version
                     )
                 if isinstance(event, h11.ConnectionClosed):
-                    raise UpstreamError("upstream closed without a response")
+                    raise UpstreamError("closed", "upstream closed without a response")
         except _Stale:
             raise  # the caller closes it, keeping its slot for the retry
         except (h11.RemoteProtocolError, h11.LocalProtocolError) as exc:
             conn.close()
-            raise UpstreamError(f"upstream protocol error: {exc}") from None
+            raise UpstreamError("bad_response", f"upstream protocol error: {exc}") from None
         except BaseException:
             conn.close()
             raise
@@ -497,7 +504,7 @@ class UpstreamPool:
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
-                fut.set_exception(UpstreamError("upstream pool closed"))
+                fut.set_exception(UpstreamError("pool_closed", "upstream pool closed"))
         if self.shared is not None:
             self.shared.leave(self)
 

@@ -9,6 +9,11 @@ connection against the known HTTP/2 abuses:
   has opened `h2_max_streams_per_connection` streams is asked to go away (GOAWAY NO_ERROR);
 - huge header blocks and HPACK tables: MAX_HEADER_LIST_SIZE and HEADER_TABLE_SIZE are
   advertised and enforced by h2's HPACK decoder (COMPRESSION_ERROR / connection error).
+
+A malformed request (RFC 9113 §8.1.1: bad pseudo-headers, connection-specific fields, a Host
+that differs from :authority...) is a stream error: its stream is reset with PROTOCOL_ERROR and
+the connection's other streams go on. h2 checks the header fields (its own validator, run
+here per stream: run inside h2 it would end the whole connection).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
+from h2.utilities import HeaderValidationFlags, validate_headers
 
 from blindfold.errors import ProtocolError
 from blindfold.web.http1 import ConnInfo
@@ -34,6 +40,10 @@ from blindfold.web.target import Target, check_authority, parse_target, same_aut
 _FORBIDDEN_RESPONSE_HEADERS = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"}
 )
+_REQUEST = HeaderValidationFlags(
+    is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False
+)
+_TRAILERS = _REQUEST._replace(is_trailer=True)
 
 
 class _Stream:
@@ -61,8 +71,10 @@ class H2Connection(asyncio.Protocol):
         self.limits = limits
         self.info = info
         self.on_event = on_event or (lambda _e, _f: None)
+        # inbound header fields are validated per stream (`_malformed`), not by h2 for the
+        # whole connection
         config = h2.config.H2Configuration(
-            client_side=False, header_encoding=None, validate_inbound_headers=True
+            client_side=False, header_encoding=None, validate_inbound_headers=False
         )
         self.conn = h2.connection.H2Connection(config=config)
         self.transport: asyncio.Transport | None = None
@@ -172,9 +184,36 @@ class H2Connection(asyncio.Protocol):
         elif isinstance(event, E.ConnectionTerminated):
             self._close()
         elif isinstance(event, E.TrailersReceived):
+            if self._malformed(event.stream_id, event.headers, _TRAILERS):
+                self._on_reset_by_us(event.stream_id)
+                return
             stream = self.streams.get(event.stream_id)
             if stream is not None and stream.body is not None and event.stream_ended:
                 stream.body.end()
+
+    def _malformed(self, sid: int, headers: Any, flags: HeaderValidationFlags) -> bool:
+        """RFC 9113 §8.1.1: a malformed request or trailer section resets its stream with
+        PROTOCOL_ERROR (a stream error); h2's validator says what is malformed."""
+        try:
+            for _ in validate_headers(headers or (), flags):
+                pass
+        except h2.exceptions.ProtocolError as exc:
+            self.on_event(
+                "bad_request",
+                {"client": self.info.client[0], "reset": "PROTOCOL_ERROR", "error": str(exc)},
+            )
+            with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
+                self.conn.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+            return True
+        return False
+
+    def _on_reset_by_us(self, sid: int) -> None:
+        stream = self.streams.pop(sid, None)
+        if stream is not None:
+            if stream.body is not None:
+                stream.body.fail(ConnectionError("malformed trailers"))
+            if stream.task is not None and not stream.task.done():
+                stream.task.cancel()
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         sid = event.stream_id
@@ -184,6 +223,8 @@ class H2Connection(asyncio.Protocol):
         if self.opened > limits.h2_max_streams_per_connection and not self.going_away:
             self.going_away = True  # finish what is open, then the client reconnects
             self.conn.close_connection(ErrorCodes.NO_ERROR, last_stream_id=sid)
+        if self._malformed(sid, event.headers, _REQUEST):
+            return
         pseudo: dict[bytes, bytes] = {}
         headers: Headers = []
         for name, value in event.headers or ():

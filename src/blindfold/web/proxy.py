@@ -125,10 +125,9 @@ class ReverseProxy:
         except BodyTimeout:
             await simple_response(respond, 408, "request body not received in time\n")
         except UpstreamError as exc:
-            status = 504 if "timeout" in str(exc) else 502
             await simple_response(
                 respond,
-                status,
+                exc.status,
                 f"upstream unavailable ({exc})\n",
                 [(b"x-request-id", request.request_id.encode())],
             )

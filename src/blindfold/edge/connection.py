@@ -1,10 +1,12 @@
-"""One visitor connection on a passthrough route: peek the ClientHello, choose a route and an
-origin, send the PROXY header and the hello bytes unchanged, then relay both ways.
+"""One visitor connection: peek the ClientHello, ask the admission core what to do with it,
+and carry the verdict out: refuse, forward (PROXY header and hello bytes unchanged to the
+first origin that accepts, then relay both ways), or let the route's mode take it.
 
-Phases: HELLO (reading the ClientHello under hello_timeout_s and max_hello_bytes) -> CONNECTING
-(trying origins under connect_timeout_s each) -> RELAY (idle_timeout_s) -> DONE. Every exit goes
-through `close`, which releases the guards' slot, counts the outcome and writes the
-connection's one log line.
+Phases: HELLO (reading the ClientHello under hello_timeout_s and max_hello_bytes) ->
+CONNECTING (trying origins under connect_timeout_s each) -> RELAY (idle_timeout_s) -> DONE, or
+HELLO -> TAKEN (a mode owns it: it forwards it, hands it to asyncio or closes it) -> DONE.
+Every exit goes through `close`, which releases the guards' slot, counts the outcome and
+writes the connection's one log line.
 
 Each socket is registered with the reactor at most once, edge-triggered for input and output,
 and only when it must wait (with TCP_DEFER_ACCEPT the hello is usually readable at accept, and
@@ -14,31 +16,87 @@ re-registered, between phases; closing a socket removes it from epoll.
 
 from __future__ import annotations
 
-import _socket
+import asyncio
 import errno
 import json
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from blindfold.config.edge import EdgeConfig
 from blindfold.core.clienthello import ClientHello, HelloReader
-from blindfold.core.proxyproto import PP2_TYPE_ALPN, PP2_TYPE_AUTHORITY, encode_v1, encode_v2
-from blindfold.edge.guards import Admission
+from blindfold.core.routing import SniRouter
+from blindfold.edge import admission
+from blindfold.edge.admission import Forward, Terminate
+from blindfold.edge.guards import Admission, Guards
+from blindfold.edge.mode import RouteState
 from blindfold.edge.origins import Origin
+from blindfold.edge.stats import WorkerStats
 from blindfold.errors import ProtocolError
-from blindfold.io.reactor import EPOLLERR, EPOLLET, EPOLLHUP, EPOLLIN, EPOLLOUT, EPOLLRDHUP, Timer
-from blindfold.io.relay import Relay
+from blindfold.io import compat
+from blindfold.io.compat import CSocket
+from blindfold.io.reactor import (
+    EPOLLERR,
+    EPOLLET,
+    EPOLLHUP,
+    EPOLLIN,
+    EPOLLOUT,
+    EPOLLRDHUP,
+    Reactor,
+    Timer,
+)
+from blindfold.io.relay import PipePool, Relay
 from blindfold.io.tls13_transport import TlsServerProtocol
+from blindfold.obs.log import JsonLog
 
-if TYPE_CHECKING:
-    from blindfold.edge.worker import RouteState, Worker
-
-HELLO, CONNECTING, RELAY, DONE, KEYLESS = 0, 1, 2, 3, 4
+HELLO, CONNECTING, RELAY, DONE, TAKEN = 0, 1, 2, 3, 4
 WATCH = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
 _STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # no separate fcntl call
 _WAIT_CONNECT = {errno.EAGAIN, errno.ENOTCONN, errno.EINPROGRESS, errno.EALREADY}
 _ALPN_JSON: dict[tuple[bytes, ...], str] = {}
 _ALERT_RECORD = b"\x15\x03\x03\x00\x02"  # RFC 8446 §5.1: an unprotected alert record
+
+
+class Host(Protocol):
+    """The worker as its connections see it."""
+
+    @property
+    def reactor(self) -> Reactor: ...
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None: ...
+
+    @property
+    def config(self) -> EdgeConfig: ...
+
+    @property
+    def router(self) -> SniRouter[RouteState]: ...
+
+    @property
+    def guards(self) -> Guards: ...
+
+    @property
+    def stats(self) -> WorkerStats: ...
+
+    @property
+    def log(self) -> JsonLog: ...
+
+    @property
+    def pipes(self) -> PipePool: ...
+
+    @property
+    def relay_mode(self) -> str: ...
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def conns(self) -> set[Conn]: ...
+
+    @property
+    def relaying(self) -> set[Conn]: ...
+
+    def may_log_refusal(self) -> bool: ...
 
 
 class Conn:
@@ -73,8 +131,8 @@ class Conn:
 
     def __init__(
         self,
-        worker: Worker,
-        sock: _socket.socket,
+        worker: Host,
+        sock: CSocket,
         ip: str,
         port: int,
         adm: Admission,
@@ -86,7 +144,9 @@ class Conn:
         self.ip = ip
         self.client_port = port
         self.adm = adm
-        self.local = local  # the listener's address, or None for a wildcard listener
+        # the listener's address; for a wildcard listener read from the socket before
+        # admission (the PROXY header names it), None if that fails
+        self.local = local
         self.started = self.last = worker.reactor.now
         self.phase = HELLO
         self.buf = b""  # the hello's bytes, once read (forwarded unchanged)
@@ -94,7 +154,7 @@ class Conn:
         self.hello: ClientHello | None = None
         self.route: RouteState | None = None
         self.origin: Origin | None = None
-        self.osock: _socket.socket | None = None
+        self.osock: CSocket | None = None
         self.out = b""
         self.attempts: list[Origin] = []
         self.relay: Relay | None = None
@@ -105,7 +165,7 @@ class Conn:
         # no future event will announce?
         self.client_in = False
         self.origin_in = False
-        self.l7: TlsServerProtocol | None = None  # keyless: the socket belongs to asyncio
+        self.l7: TlsServerProtocol | None = None  # handed off: the socket belongs to asyncio
         self.l7_bytes = (0, 0)
 
     # ---------------------------------------------------------------- HELLO
@@ -178,108 +238,109 @@ class Conn:
             self.timer.cancel()
             self.timer = None
         worker.stats.count_ja4(hello.ja4)
-        route = worker.router.lookup(hello.sni)
-        if route is None:
-            self.close("refused", "no_sni" if hello.sni is None else "unknown_sni")
-            return
-        self.route = route
-        refused, rule = worker.guards.check_fingerprint(hello.ja4, self.adm, worker.reactor.now)
-        if rule:
-            key = (rule, refused or "pass")
-            worker.stats.ja4_rules[key] = worker.stats.ja4_rules.get(key, 0) + 1
-        if refused is not None:
-            self.close("refused", refused)
-            return
-        if (
-            route.keyless is not None
-            and worker.keyless is not None
-            and worker.keyless.begin(self, route, hello)
-        ):
-            return
-        if route.blind is not None and worker.blind is not None:
-            worker.blind.begin(self, route, hello)
-            return
-        self.start_passthrough()
+        if self.local is None:  # a wildcard listener: the PROXY header names the address
+            self.local = self._sockname()
+        verdict = admission.admit(hello, self, worker.router, worker.guards, worker.reactor.now)
+        self.route = verdict.route
+        if isinstance(verdict, Forward):
+            self._forward(verdict)
+        elif isinstance(verdict, Terminate):
+            if not verdict.route.mode.begin(self, verdict.route, hello):
+                self.forward()
+        else:
+            self._refuse(verdict.reason, verdict.alert)
 
-    def start_passthrough(self) -> None:
-        route, hello = self.route, self.hello
-        assert route is not None and hello is not None
+    def _forward(self, verdict: Forward) -> None:
         self.phase = CONNECTING
-        header = self._proxy_header(route, hello)
+        header = verdict.proxy_header
         self.out = header + self.buf if header else self.buf
-        self.attempts = route.pool.order(self.worker.reactor.now)
+        self.attempts = verdict.origins
         self._connect_next(None)
 
+    def _sockname(self) -> tuple[str, int] | None:
+        try:
+            name = self.client.getsockname()
+        except OSError:
+            return None
+        return (name[0], name[1])
+
+    @property
+    def hello_bytes(self) -> bytes:
+        return self.buf
+
     def refuse_with_alert(self, exc: ProtocolError) -> None:
-        """Refuse a malformed hello the way a TLS server would: its fatal alert (RFC 8446 §6,
+        self._refuse(exc.reason, exc.alert)
+
+    def _refuse(self, reason: str, alert: int | None) -> None:
+        """Refuse the way a TLS server would: a malformed hello's fatal alert (RFC 8446 §6,
         unencrypted: no keys exist yet), then close. Unread input is drained first so that the
         close is a FIN, not a reset that could destroy the alert on its way."""
-        if exc.alert is not None and self.phase in (HELLO, KEYLESS) and self.l7 is None:
+        if alert is not None and self.phase in (HELLO, TAKEN) and self.l7 is None:
             try:
-                self.client.send(_ALERT_RECORD + bytes((2, exc.alert)))
+                self.client.send(_ALERT_RECORD + bytes((2, alert)))
                 for _ in range(4):
                     if not self.client.recv(65536):
                         break
             except OSError:
                 pass
-        self.close("refused", exc.reason)
+        self.close("refused", reason)
 
-    def proxy_header_for(self, route: RouteState) -> bytes:
-        assert self.hello is not None
-        return self._proxy_header(route, self.hello)
+    def proxy_header(self) -> bytes:
+        assert self.route is not None and self.hello is not None
+        return admission.proxy_header(
+            self.route, self.hello, (self.ip, self.client_port), self.local
+        )
 
-    # ---------------------------------------------------------------- KEYLESS
-    def begin_keyless(self) -> None:
-        """The keyless path owns the connection now: out of the reactor until it either
-        moves to asyncio or falls back to passthrough."""
-        self.phase = KEYLESS
+    # ---------------------------------------------------------------- TAKEN (edge.mode.Connection)
+    @property
+    def taken(self) -> bool:
+        return self.phase == TAKEN
+
+    @property
+    def pending(self) -> bool:
+        return self.phase == TAKEN and self.l7 is None
+
+    def take(self) -> None:
+        """The route's mode owns the connection now: out of the reactor until it is
+        forwarded, handed to asyncio or closed."""
+        self.phase = TAKEN
         if self.registered:
             self.worker.reactor.remove(self.fd)
             self.registered = False
 
-    def keyless_waiting(self) -> bool:
-        return self.phase == KEYLESS and self.l7 is None
+    def forward(self) -> None:
+        route, hello = self.route, self.hello
+        assert route is not None and hello is not None
+        self.client_in = True  # bytes may have arrived while nobody watched
+        self._forward(admission.forward(route, hello, self, self.worker.reactor.now))
 
-    def keyless_to_passthrough(self) -> None:
-        """The key server did not sign and nothing was sent: forward the untouched bytes."""
-        self.client_in = True  # bytes may have arrived while we were not watching
-        self.start_passthrough()
+    def send_now(self, data: bytes) -> None:
+        if data:
+            try:
+                self.client.send(data)  # an alert: small, the socket buffer takes it
+            except OSError:
+                pass
 
-    def adopt_socket_for_asyncio(self) -> socket.socket:
-        sock = socket.socket(fileno=self.client.detach())
+    def hand_off(self, protocol: TlsServerProtocol, send_buffer_bytes: int = 0) -> None:
+        loop = self.worker.loop
+        assert loop is not None and self.phase == TAKEN
+        sock = socket.socket(fileno=self.client.detach())  # asyncio wants the Python type
         self.client = sock
-        return sock
+        if send_buffer_bytes:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer_bytes)
+            except OSError:
+                pass
+        self.l7 = protocol
+        compat.socket_transport(loop, sock, protocol)
 
-    def keyless_done(self, reason: str, bytes_in: int, bytes_out: int) -> None:
+    def finished(self, reason: str, bytes_in: int, bytes_out: int) -> None:
         self.l7_bytes = (bytes_in, bytes_out)
         self.l7 = None  # the transport has closed the socket
         if reason in ("closed", "eof"):
             self.close("closed", "")
         else:
             self.close("reset" if not reason.startswith("tls_") else "refused", reason)
-
-    def _proxy_header(self, route: RouteState, hello: ClientHello) -> bytes:
-        if route.proxy_protocol == "none":
-            return b""
-        local = self.local
-        if local is None:
-            try:
-                name = self.client.getsockname()
-                local = (name[0], name[1])
-            except OSError:
-                local = None
-        src = (self.ip, self.client_port)
-        if route.proxy_protocol == "v1":
-            return encode_v1(src, local)
-        tlvs: tuple[tuple[int, bytes], ...] = ()
-        if route.proxy_tlvs:
-            if hello.sni and hello.alpn:
-                tlvs = ((PP2_TYPE_AUTHORITY, hello.sni.encode()), (PP2_TYPE_ALPN, hello.alpn[0]))
-            elif hello.sni:
-                tlvs = ((PP2_TYPE_AUTHORITY, hello.sni.encode()),)
-            elif hello.alpn:
-                tlvs = ((PP2_TYPE_ALPN, hello.alpn[0]),)
-        return encode_v2(src, local, tlvs)
 
     # ---------------------------------------------------------------- CONNECTING
     def _connect_next(self, failure: str | None) -> None:
@@ -300,7 +361,7 @@ class Conn:
             origin = self.attempts.pop(0)
             self.origin = origin
             try:
-                osock = _socket.socket(origin.family, _STREAM_NONBLOCK)
+                osock = CSocket(origin.family, _STREAM_NONBLOCK)
             except OSError:
                 self.close("origin_failed", "socket_error")
                 return
@@ -347,7 +408,7 @@ class Conn:
                 down_s=route.pool.down_s,
             )
 
-    def _wait_connect(self, osock: _socket.socket) -> None:
+    def _wait_connect(self, osock: CSocket) -> None:
         reactor = self.worker.reactor
         reactor.add(osock.fileno(), WATCH, self._on_origin_connect)
         self.timer = reactor.call_later(self.worker.config.connect_timeout_s, self._connect_timeout)
@@ -445,7 +506,7 @@ class Conn:
             self.relay = None
         if self.registered:
             reactor.forget(self.fd)
-        if phase == KEYLESS:
+        if phase == TAKEN:
             l7, self.l7 = self.l7, None
             if l7 is not None:  # still open (ban, drain deadline): asyncio closes the socket
                 l7.abort()

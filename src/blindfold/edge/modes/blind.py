@@ -1,4 +1,4 @@
-"""Blind routes in an edge worker: a CDN hostname of the edge's own (its certificate and key)
+"""Blind routes: a CDN hostname of the edge's own (its certificate and key)
 that serves sealed blobs by id at `/b/<id>`, pulled from the origin agent over verified TLS and
 cached in memory and on disk, both bounded, LRU.
 
@@ -20,35 +20,30 @@ import hashlib
 import io
 import os
 import re
-import socket
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from blindfold.config.edge import BlindRouteConfig, RouteConfig
+from blindfold.config.edge import BlindRouteConfig, EdgeConfig, EdgeHttpConfig, RouteConfig
 from blindfold.core import manifest
 from blindfold.core.clienthello import ClientHello
 from blindfold.core.proxyproto import encode_v1, encode_v2
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.core.tls13_server import ConnectionFailed
-from blindfold.edge.keyless import origin_and_http, origin_tls_context
+from blindfold.edge.mode import Connection, Mode, ModeContext, RouteState
+from blindfold.edge.serve import LOGGED_EVENTS, misdirected, request_host, serve
+from blindfold.edge.upstream import open_verified_origin, origin_pins, origin_tls_context
 from blindfold.errors import ConfigError, UpstreamError, VerificationError
 from blindfold.io.openssl_engine import OpenSslServer
-from blindfold.io.tls13_transport import TlsServerProtocol
+from blindfold.obs.metrics import MetricSpec, Snapshot
 from blindfold.web.client import UpstreamPool, UpstreamResponse
-from blindfold.web.http1 import ConnInfo, H1Connection
-from blindfold.web.http2 import H2Connection
 from blindfold.web.messages import BodyStream, Headers, Request, Responder, simple_response
-
-if TYPE_CHECKING:
-    from blindfold.edge.passthrough import Conn
-    from blindfold.edge.worker import RouteState, Worker
 
 # /b/<id>: a sealed blob; /p/<id>.js|.css: a script or stylesheet published in plaintext for
 # Subresource Integrity (`blindfold seal --sri`).
@@ -73,6 +68,40 @@ RECHECK_COOLDOWN_S = 10.0  # a reported blob is checked at most this often
 RECHECK_BYTES_PER_S = 32 << 20
 RECHECK_BURST_BYTES = 1 << 30
 MAX_RECHECKED = 10_000
+
+METRICS = (
+    MetricSpec(
+        "blindfold_blind_requests_total",
+        "counter",
+        "Requests on blind routes, by result (hit_memory, hit_disk, miss, joined: a "
+        "miss served from another's pull, uncached, not_found, origin_error, error, "
+        "bad_method, misdirected: another host than the route's), and the checks against "
+        "the site's signed blob index (not_in_index, "
+        "pull_rejected, cache_dropped, index_fetched, index_failed, report, report_refused).",
+        ("route", "result"),
+    ),
+    MetricSpec(
+        "blindfold_blind_cache_bytes",
+        "gauge",
+        "Bytes of sealed blobs cached, by tier.",
+        ("route", "tier"),
+    ),
+    MetricSpec(
+        "blindfold_blind_cache_blobs", "gauge", "Sealed blobs cached, by tier.", ("route", "tier")
+    ),
+    MetricSpec(
+        "blindfold_blind_origin_bytes_total",
+        "counter",
+        "Blob bytes pulled from the origin.",
+        ("route",),
+    ),
+    MetricSpec(
+        "blindfold_blind_served_bytes_total",
+        "counter",
+        "Blob bytes served to visitors (bodies).",
+        ("route",),
+    ),
+)
 
 
 def _sha256_fd(fd: int, size: int) -> bytes:
@@ -331,10 +360,10 @@ class BlindRoute:
         self.config = rc
         self.cfg = rc.blind or BlindRouteConfig()
         self.tls = _server_tls(where, rc)
-        # visitors send no bodies: GET, HEAD and OPTIONS only
-        self.origin_tls, self.pins, self.http, self.limits = origin_and_http(
-            where, rc, max_body_bytes=0
-        )
+        self.origin_tls = origin_tls_context(where, rc)
+        self.pins = origin_pins(rc)
+        self.http = rc.http or EdgeHttpConfig()
+        self.limits = self.http.limits(max_body_bytes=0)  # GET, HEAD, OPTIONS only
         same_cache = old is not None and old.cfg == self.cfg
         # The store (and the pulls filling it) carry over a reload that keeps the cache
         # settings; a new store would rescan the directory under live pulls.
@@ -384,86 +413,98 @@ class BlindRoute:
         return [(b"vary", b"origin")]
 
 
-class BlindService:
+class BlindMode(Mode):
     """The worker's blind side, on the asyncio loop the reactor is attached to."""
 
-    def __init__(self, worker: Worker, loop: asyncio.AbstractEventLoop) -> None:
-        self.worker = worker
-        self.loop = loop
+    name = "blind"
+    needs_asyncio = True
+    metrics = METRICS
 
-    def build(self, where: str, rc: RouteConfig, old: BlindRoute | None) -> BlindRoute:
-        return BlindRoute(where, rc, self.worker.index, old)
+    @classmethod
+    def check_config(cls, where: str, rc: RouteConfig, edge: EdgeConfig) -> None:
+        check_route(where, rc)
 
-    def begin(self, conn: Conn, route: RouteState, hello: ClientHello) -> None:
-        br = route.blind
-        assert br is not None
+    def build(
+        self, where: str, rc: RouteConfig, edge: EdgeConfig, old: BlindRoute | None
+    ) -> BlindRoute:
+        return BlindRoute(where, rc, self.ctx.index, old)
+
+    def check(self, route: RouteState, hello: ClientHello) -> bool:
+        return True  # the CDN hostname's own TLS: every hello is ours
+
+    def begin(self, conn: Connection, route: RouteState, hello: ClientHello) -> bool:
+        br: BlindRoute = route.state
         server = OpenSslServer(br.tls, hello.sni)
-        events = server.receive(bytes(conn.buf), self.worker.reactor.now)
-        conn.begin_keyless()
+        events = server.receive(conn.hello_bytes, self.ctx.now)
+        conn.take()
         failed = next((e for e in events if isinstance(e, ConnectionFailed)), None)
         if failed is not None:
-            with contextlib.suppress(OSError):
-                conn.client.send(server.data_to_send())  # OpenSSL's alert
+            conn.send_now(server.data_to_send())  # OpenSSL's alert
             conn.close("refused", f"tls_{failed.reason}")
-            return
-
-        def app(alpn: str | None) -> asyncio.Protocol:
-            handler = BlindHandler(self.worker, conn, route, br)
-            local = conn.local or ("0.0.0.0", 0)
-            info = ConnInfo(
-                (conn.ip, conn.client_port),
-                local,
-                b"https",
-                {"sni": hello.sni or "", "alpn": alpn or ""},
-            )
-            if alpn == "h2":
-                return H2Connection(handler, br.limits, info, handler.http_event)
-            return H1Connection(handler, br.limits, info, handler.http_event)
-
-        proto = TlsServerProtocol(
+            return True
+        sni = hello.sni or ""
+        serve(
+            conn,
             server,
-            app,
-            conn.keyless_done,
-            br.http.tls_handshake_timeout_s,
-            br.http.keepalive_timeout_s,
-        )
-        sock: socket.socket = conn.adopt_socket_for_asyncio()
-        try:
+            lambda: BlindHandler(self.ctx, conn, route, br, sni),
+            br.limits,
+            br.http,
             # Blob responses are hundreds of KiB: a send buffer that takes one whole spares
             # asyncio's partial-send path (Python 3.11 copies and shifts its buffer there).
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
-        except OSError:
-            pass
-        conn.l7 = proto
-        make = getattr(self.loop, "_make_socket_transport", None)
-        if make is not None:  # see KeylessService._open
-            make(sock, proto)
-        else:
-            self.loop.create_task(self._attach(conn, proto, sock))
+            send_buffer_bytes=SEND_BUFFER_BYTES,
+        )
+        return True
 
-    async def _attach(self, conn: Conn, proto: TlsServerProtocol, sock: socket.socket) -> None:
-        try:
-            await self.loop.connect_accepted_socket(lambda: proto, sock)
-        except OSError:
-            conn.close("reset", "attach_failed")
+    def snapshot(self, routes: Sequence[RouteState]) -> Snapshot:
+        """Prometheus tables for the worker's blind routes."""
+        tables: dict[str, list[list[Any]]] = {
+            "blindfold_blind_requests_total": [],
+            "blindfold_blind_cache_bytes": [],
+            "blindfold_blind_cache_blobs": [],
+            "blindfold_blind_origin_bytes_total": [],
+            "blindfold_blind_served_bytes_total": [],
+        }
+        for route in routes:
+            br: BlindRoute = route.state
+            name = route.name
+            tables["blindfold_blind_requests_total"].extend(
+                [[name, k], v] for k, v in br.stats.requests.items()
+            )
+            tables["blindfold_blind_cache_bytes"].extend(
+                [[[name, "memory"], br.store.mem_used], [[name, "disk"], br.store.disk_used]]
+            )
+            tables["blindfold_blind_cache_blobs"].extend(
+                [[[name, "memory"], len(br.store.mem)], [[name, "disk"], len(br.store.disk)]]
+            )
+            tables["blindfold_blind_origin_bytes_total"].append([[name], br.stats.origin_bytes])
+            tables["blindfold_blind_served_bytes_total"].append([[name], br.stats.served_bytes])
+        return tables
 
 
 class BlindHandler:
     """Requests on one visitor connection of a blind route."""
 
-    def __init__(self, worker: Worker, conn: Conn, route: RouteState, br: BlindRoute) -> None:
-        self.worker = worker
+    def __init__(
+        self, ctx: ModeContext, conn: Connection, route: RouteState, br: BlindRoute, sni: str
+    ) -> None:
+        self.ctx = ctx
         self.conn = conn
         self.route = route
         self.br = br
+        self.sni = sni
         self.cors: Headers = []
 
     def http_event(self, name: str, fields: dict[str, object]) -> None:
-        if name in ("h2_abuse", "bad_request", "handler_error", "send_timeout"):
-            self.worker.log.log(name, route=self.route.name, **fields)
+        if name in LOGGED_EVENTS:
+            self.ctx.log.log(name, route=self.route.name, **fields)
 
     async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
         br = self.br
+        if misdirected(request_host(request), self.sni, self.route, self.ctx.router):
+            # RFC 9110 §15.5.20, as on keyless routes
+            br.stats.count("misdirected")
+            await simple_response(respond, 421, "misdirected request\n")
+            return
         method = request.method
         if method == b"OPTIONS":  # CORS preflight from a page's service worker
             await respond.start(
@@ -597,7 +638,7 @@ class BlindHandler:
                     await asyncio.shield(task)  # a visitor who leaves does not stop it
         hit = idx.blobs.get(name)
         if hit is None and not idx.current:
-            raise UpstreamError(f"no current signed blob index: {idx.error}")
+            raise UpstreamError("no_index", f"no current signed blob index: {idx.error}")
         return hit
 
     async def _refresh_index(self) -> None:
@@ -614,21 +655,23 @@ class BlindHandler:
             )
             length = _content_length(resp.headers)
             if resp.status != 200 or length is None or length > manifest.MAX_INDEX_BYTES:
-                raise UpstreamError(f"origin answered {resp.status}, length {length}")
+                raise UpstreamError(
+                    "bad_response", f"origin answered {resp.status}, length {length}"
+                )
             data = bytearray()
             async for chunk in resp.body():
                 data += chunk
                 if len(data) > length:
-                    raise UpstreamError("origin sent more than its Content-Length")
+                    raise UpstreamError("bad_response", "origin sent more than its Content-Length")
             if len(data) != length:
-                raise UpstreamError(f"origin sent {len(data)} of {length} bytes")
+                raise UpstreamError("truncated", f"origin sent {len(data)} of {length} bytes")
             index = await asyncio.to_thread(manifest.verify_index, bytes(data), idx.public)
             if index.issued_at >= idx.issued_at:  # never back to an older index
                 idx.blobs, idx.issued_at = index.blobs, index.issued_at
                 await asyncio.to_thread(idx.save, bytes(data))
             idx.current, idx.error = True, ""
             br.stats.count("index_fetched")
-            self.worker.log.log(
+            self.ctx.log.log(
                 "blind_index",
                 route=self.route.name,
                 blobs=len(index.blobs),
@@ -637,7 +680,7 @@ class BlindHandler:
         except (UpstreamError, VerificationError) as exc:
             idx.current, idx.error = False, str(exc)[:200]
             br.stats.count("index_failed")
-            self.worker.log.log("blind_index_failed", route=self.route.name, detail=str(exc)[:200])
+            self.ctx.log.log("blind_index_failed", route=self.route.name, detail=str(exc)[:200])
         finally:
             if resp is not None:
                 resp.close()
@@ -697,9 +740,7 @@ class BlindHandler:
                 return
         if store.drop(blob):
             self.br.stats.count("cache_dropped")
-            self.worker.log.log(
-                "blind_cache_dropped", route=self.route.name, blob=blob, reason=reason
-            )
+            self.ctx.log.log("blind_cache_dropped", route=self.route.name, blob=blob, reason=reason)
 
     async def _recheck(self, name: str) -> str:
         """A visitor reported `name`: check every copy held against the index, drop them when
@@ -767,7 +808,7 @@ class BlindHandler:
                 br.rechecked.move_to_end(name)
                 while len(br.rechecked) > MAX_RECHECKED:
                     br.rechecked.popitem(last=False)
-        self.worker.log.log(
+        self.ctx.log.log(
             "blind_report", route=self.route.name, client=self.conn.ip, blob=name, result=result
         )
         await respond.start(
@@ -778,9 +819,7 @@ class BlindHandler:
     def _pool(self) -> UpstreamPool:
         br = self.br
         if br.pool is None:
-            from blindfold.edge.l7 import open_verified_origin
-
-            rc, route, worker = br.config, self.route, self.worker
+            rc, route, ctx = br.config, self.route, self.ctx
             # The edge pulls on its own behalf: PROXY LOCAL (v2) / UNKNOWN (v1), so an origin
             # that requires a header from its edges accepts it and sees the edge's address.
             header = {"v2": encode_v2(None, None), "v1": encode_v1(None, None)}.get(
@@ -789,7 +828,7 @@ class BlindHandler:
 
             async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
                 return await open_verified_origin(
-                    worker,
+                    ctx,
                     route,
                     header,
                     br.origin_tls,
@@ -867,7 +906,7 @@ class BlindHandler:
             fill.begin(length)
             async for chunk in resp.body():
                 if fill.got + len(chunk) > length:
-                    raise UpstreamError("origin sent more than its Content-Length")
+                    raise UpstreamError("bad_response", "origin sent more than its Content-Length")
                 digest.update(chunk)
                 if out is not None:
                     out.write(chunk)
@@ -878,10 +917,12 @@ class BlindHandler:
                 fill.advance(len(chunk))
             br.stats.origin_bytes += fill.got
             if fill.got != length:
-                raise UpstreamError(f"origin sent {fill.got} of {length} bytes")
+                raise UpstreamError("truncated", f"origin sent {fill.got} of {length} bytes")
             if digest.digest() != want[0]:
                 br.stats.count("pull_rejected")
-                raise UpstreamError("origin's blob does not match the site's signed blob index")
+                raise UpstreamError(
+                    "digest_mismatch", "origin's blob does not match the site's signed blob index"
+                )
             if out is not None:
                 out.close()
                 out = None
@@ -909,7 +950,7 @@ class BlindHandler:
             if br.pulls.get(fill.blob) is fill:
                 del br.pulls[fill.blob]
             if fill.error:
-                self.worker.log.log(
+                self.ctx.log.log(
                     "blind_pull_failed",
                     route=self.route.name,
                     blob=fill.blob,
@@ -1035,7 +1076,7 @@ class BlindHandler:
             else:
                 if sent == length:
                     br.stats.count("pull_rejected")
-                    self.worker.log.log(
+                    self.ctx.log.log(
                         "blind_pull_failed",
                         route=self.route.name,
                         blob=blob,
@@ -1107,31 +1148,3 @@ def _content_length(headers: Headers) -> int | None:
                 return None
             return n if n >= 0 else None
     return None
-
-
-def snapshot(routes: list[Any]) -> dict[str, list[list[Any]]]:
-    """Prometheus tables for the worker's blind routes."""
-    tables: dict[str, list[list[Any]]] = {
-        "blindfold_blind_requests_total": [],
-        "blindfold_blind_cache_bytes": [],
-        "blindfold_blind_cache_blobs": [],
-        "blindfold_blind_origin_bytes_total": [],
-        "blindfold_blind_served_bytes_total": [],
-    }
-    for route in routes:
-        br = route.blind
-        if br is None:
-            continue
-        name = route.name
-        tables["blindfold_blind_requests_total"].extend(
-            [[name, k], v] for k, v in br.stats.requests.items()
-        )
-        tables["blindfold_blind_cache_bytes"].extend(
-            [[[name, "memory"], br.store.mem_used], [[name, "disk"], br.store.disk_used]]
-        )
-        tables["blindfold_blind_cache_blobs"].extend(
-            [[[name, "memory"], len(br.store.mem)], [[name, "disk"], len(br.store.disk)]]
-        )
-        tables["blindfold_blind_origin_bytes_total"].append([[name], br.stats.origin_bytes])
-        tables["blindfold_blind_served_bytes_total"].append([[name], br.stats.served_bytes])
-    return tables
