@@ -29,6 +29,7 @@ from blindfold.core.iplist import IPSet, parse_address, parse_list
 from blindfold.core.proxyproto import V1_PREFIX, V2_SIGNATURE
 from blindfold.decisions.api import DecisionApi, load_api_keys
 from blindfold.decisions.core import DecisionRules, DecisionStore, RateRule, scope_of
+from blindfold.decisions.journal import DecisionJournal
 from blindfold.errors import ConfigError, ProtocolError
 from blindfold.io.accepted import (
     BACKOFF_MIN_S,
@@ -330,6 +331,7 @@ class OriginAgent:
         self.admin = AdminServer(self._admin)
         self.api: DecisionApi | None = None
         self.publisher: Any = None
+        self.journal: DecisionJournal | None = None
         self._build(cfg)
 
     # ------------------------------------------------------------------ build / reload
@@ -451,6 +453,10 @@ class OriginAgent:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_exception)
+        if cfg.decisions.journal:  # before anything can ban or follow the stream
+            self.journal = DecisionJournal(cfg.decisions.journal, self.log)
+            restored, problems = self.journal.open(self.store, time.time())
+            self.log.emit("decisions_restored", decisions=restored, problems=problems[:10])
         for i, address in enumerate(cfg.listen):
             self._listen(address, True, f"origin.listen[{i}]")
         for i, address in enumerate(cfg.http_listen):
@@ -724,6 +730,8 @@ class OriginAgent:
             for gone in self.store.expire(now):
                 self.log.log("decision_expired", id=gone.id, value=gone.value)
             self.rules.sweep(now)
+            if self.journal is not None:
+                self.journal.tick(self.store)
             self.log.flush()
             if self.audit is not self.log:
                 self.audit.flush()
@@ -790,6 +798,8 @@ class OriginAgent:
             await asyncio.sleep(0.05)
         if self.publisher is not None:
             await self.publisher.close()
+        if self.journal is not None:
+            await self.journal.close()
         await self.admin.close()
         self.log.emit("origin_stopped")
         return 0
