@@ -4,10 +4,17 @@ had made (its decision journal), and the edges following it keep enforcing them.
 from __future__ import annotations
 
 import json
+import re
+import socket
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+import redis
+
+from tests.conftest import need
 from tests.helpers.clients import curl, wait_until
 from tests.helpers.edgeproc import EdgeProcess, OriginProcess, edge_config, route
 from tests.helpers.nginx import free_port
@@ -91,3 +98,100 @@ def test_bans_survive_an_origin_killed_and_restarted(
     assert time.monotonic() - started < 15
     restored = again.records("decisions_restored")
     assert restored and restored[0]["decisions"] == 1 and restored[0]["problems"] == []
+
+
+def redis_on(port: int, workdir: Path, aclfile: Path) -> subprocess.Popen[bytes]:
+    """redis-server on 127.0.0.1:`port`, no persistence (a restart starts empty), with the
+    ACL of docs/decisions.md."""
+    proc = subprocess.Popen(
+        [
+            need("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(workdir), "--aclfile", str(aclfile),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    if not wait_until(lambda: _accepts(port), 10):
+        proc.kill()
+        proc.wait(5)
+        pytest.fail("redis-server did not start")
+    return proc
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def test_bans_come_back_to_a_redis_that_restarted_empty(
+    start_edge: Any, start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    """Redis killed and started again without its data (no persistence, or a new host) used to
+    lose every decision: the origin never wrote them again, and an edge that follows Redis
+    only dropped them all at its resync after the reconnection, letting banned attackers in.
+    The origin now notices (its newest decision's key is gone) and publishes its whole set
+    again, with the ACL's commands only."""
+    from tests.integration.test_decision_sources import redis_decisions, write_keypair
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "decisions.md").read_text()
+    acl = re.search(r"### An ACL for Redis 7.*?```text\n(.*?)```", docs, re.S)
+    assert acl is not None
+    aclfile = tmp_path / "users.acl"
+    aclfile.write_text(
+        acl.group(1).replace("ORIGIN-PASSWORD", "origin-pw-0123").replace("EDGE1-PASSWORD", "e1")
+    )
+    port = free_port()
+    redis_proc = redis_on(port, tmp_path, aclfile)
+    try:
+        signer = write_keypair(tmp_path, "decisions")
+        origin = start_origin(
+            origin_config(
+                site,
+                app.port,
+                tmp_path,
+                decisions={
+                    "redis_url": f"redis://origin:origin-pw-0123@127.0.0.1:{port}/0",
+                    "signing_key": str(signer["private"]),
+                    "ban_duration_s": 3600,
+                },
+            )
+        )
+        r = route(["example.test"], [f"127.0.0.1:{origin.port}"], proxy_protocol="v2")
+        edge = start_edge(
+            edge_config(r, per_ip_rate_per_s=0)
+            + redis_decisions(f"redis://edge1:e1@127.0.0.1:{port}/0", signer)
+        )
+        assert edge.wait_for(lambda rec: rec.get("event") == "decisions_source_up", 10)
+        out = curl(edge.port, "example.test", site["ca"], "-o", "/dev/null", "-w",
+                   "%{http_code}", source="127.0.0.50", path=SQLI)  # fmt: skip
+        assert out.stdout == "403"
+        assert wait_until(lambda: status(edge, site, "127.0.0.50") == 0, 5)
+
+        redis_proc.kill()  # SIGKILL: what it held in memory is gone
+        redis_proc.wait(10)
+        assert edge.wait_for(lambda rec: rec.get("event") == "decisions_source_down", 10)
+        ups = len(edge.records("decisions_source_up"))
+        redis_proc = redis_on(port, tmp_path, aclfile)
+        assert edge.wait_for(
+            lambda rec: (
+                rec.get("event") == "decisions_source_up"
+                and len(edge.records("decisions_source_up")) > ups
+            ),
+            20,
+        )
+        reader = redis.Redis(port=port, username="edge1", password="e1", socket_timeout=5)
+        try:
+            assert wait_until(lambda: reader.get("blindfold:decision:ip:127.0.0.50"), 10)
+        finally:
+            reader.close()
+        assert wait_until(lambda: status(edge, site, "127.0.0.50") == 0, 5)  # refused again
+        time.sleep(1.5)  # and it stays refused (the edge's resync no longer lifts it)
+        assert status(edge, site, "127.0.0.50") == 0
+        assert status(edge, site, "127.0.0.51") == 200
+        assert origin.wait_for(lambda rec: rec.get("event") == "redis_republished", 5)
+    finally:
+        redis_proc.kill()
+        redis_proc.wait(10)

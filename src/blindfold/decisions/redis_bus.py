@@ -4,7 +4,10 @@ Every edge can write to a shared Redis (and a compromised one will), so nothing 
 believed for being there:
 - A decision is a key `blindfold:decision:<scope>:<value>` holding the decision signed by the
   origin that made it (blindfold.decisions.signed), with a TTL equal to its duration, and the
-  same text as a message on the `blindfold:decisions` channel. Only origins write them. An
+  same text as a message on the `blindfold:decisions` channel. Only origins write them. Every
+  `WATCH_S` the origin checks that its newest decision's key is still there (`SET ... XX
+  KEEPTTL` of the same signed text: a no-op when it is); when it is not (Redis restarted
+  without its data, or the key was deleted) it writes and publishes its whole set again. An
   edge verifies every one against the origins' public keys it is configured with; unsigned,
   badly signed, expired and replayed ones are dropped and counted. It reads every key at
   start, after every reconnection (pub/sub loses messages across them) and every `RESYNC_S`,
@@ -18,6 +21,7 @@ believed for being there:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,7 +32,7 @@ from redis.exceptions import RedisError
 from blindfold.config.edge import DecisionSourceConfig, EdgeConfig
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.decisions.bans import BanTable
-from blindfold.decisions.core import Decision, ban_target, normalise
+from blindfold.decisions.core import Decision, DecisionStore, ban_target, normalise
 from blindfold.decisions.signed import DecisionSigner, DecisionVerifier, load_public_key
 from blindfold.errors import ProtocolError
 from blindfold.obs.log import JsonLog
@@ -37,6 +41,7 @@ PREFIX = "blindfold:decision:"
 CHANNEL = "blindfold:decisions"
 RATE_PREFIX = "blindfold:rate:"
 RESYNC_S = 300.0
+WATCH_S = 1.0  # the origin checks that Redis still holds its decisions this often
 RATE_WINDOW_S = 10
 BATCH = 500
 MAX_REPORTED = 50_000  # addresses whose shared total an edge follows within one window
@@ -55,19 +60,76 @@ class RedisPublisher:
     """The origin side: every decision becomes a signed key with a TTL and a channel
     message."""
 
-    def __init__(self, url: str, ca: str, signer: DecisionSigner, log: JsonLog) -> None:
+    def __init__(
+        self,
+        url: str,
+        ca: str,
+        signer: DecisionSigner,
+        log: JsonLog,
+        store: DecisionStore | None = None,
+    ) -> None:
         self.url = url
         self.log = log
         self.signer = signer
         self.redis = client(url, ca)
         self.tasks: set[asyncio.Task[None]] = set()
         self.errors = 0
+        self.store = store  # what Redis must hold: checked every WATCH_S, written again if lost
+        self.republished = 0
+        self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         try:
             await self.redis.ping()
         except (RedisError, OSError) as exc:
             self.log.emit("redis_down", url=_redacted(self.url), error=str(exc))
+        if self.store is not None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
+
+    async def _watch_loop(self) -> None:
+        down = False
+        while True:
+            try:
+                await self.check(time.time())
+                down = False
+            except (RedisError, OSError) as exc:
+                if not down:
+                    down = True
+                    self.log.emit("redis_down", url=_redacted(self.url), error=str(exc))
+            except Exception as exc:  # the watch must outlive any one failure, and say so
+                self.log.emit("redis_watch_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            await asyncio.sleep(WATCH_S)
+
+    async def check(self, now: float) -> int:
+        """If Redis no longer holds our newest decision, write and publish every active one
+        again; returns how many. Edges that followed Redis through its restart resynced to an
+        empty set and take them back from the channel."""
+        assert self.store is not None
+        newest = itertools.islice(reversed(self.store.decisions.values()), 100)
+        probe = next((d for d in newest if d.until - now > 2.0), None)  # not about to expire
+        if probe is None:
+            return 0
+        body = self.signer.sign(probe.scope, probe.value, probe.until, probe.created, probe.reason)
+        # the same signed text (Ed25519 is deterministic) over itself: a no-op while it is there
+        if await self.redis.set(
+            f"{PREFIX}{probe.scope}:{probe.value}", body, xx=True, keepttl=True
+        ):
+            return 0
+        decisions = [d for d in self.store.decisions.values() if d.until - now >= 1.0]
+        for i in range(0, len(decisions), BATCH):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for d in decisions[i : i + BATCH]:
+                    text = self.signer.sign(d.scope, d.value, d.until, d.created, d.reason)
+                    pipe.set(f"{PREFIX}{d.scope}:{d.value}", text, ex=max(1, int(d.until - now)))
+                    pipe.publish(CHANNEL, text)
+                await pipe.execute()
+        self.republished += len(decisions)
+        self.log.emit(
+            "redis_republished",
+            decisions=len(decisions),
+            reason=f"the key of decision {probe.id} ({probe.value}) was gone",
+        )
+        return len(decisions)
 
     def publish(self, decision: Decision, now: float) -> None:
         task = asyncio.get_running_loop().create_task(self._publish(decision, now))
@@ -87,6 +149,8 @@ class RedisPublisher:
             self.log.emit("redis_publish_failed", value=d.value, error=str(exc))
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         for task in list(self.tasks):
             task.cancel()
         await self.redis.aclose()

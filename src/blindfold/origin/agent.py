@@ -482,7 +482,7 @@ class OriginAgent:
             from blindfold.decisions.signed import DecisionSigner, load_private_key
 
             signer = DecisionSigner(load_private_key(d.signing_key, "origin.decisions.signing_key"))
-            self.publisher = RedisPublisher(d.redis_url, d.redis_ca, signer, self.log)
+            self.publisher = RedisPublisher(d.redis_url, d.redis_ca, signer, self.log, self.store)
             await self.publisher.start()
         self.servers.append(loop.create_task(self._housekeeping()))
         for problem in listen_warnings(cfg):
