@@ -195,3 +195,58 @@ def test_bans_come_back_to_a_redis_that_restarted_empty(
     finally:
         redis_proc.kill()
         redis_proc.wait(10)
+
+
+JOURNAL_ON_A_FULL_DISK = """
+import asyncio, json, resource, signal, sys
+from blindfold.decisions.core import DecisionStore
+from blindfold.decisions.journal import DecisionJournal
+from blindfold.obs.log import JsonLog
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+path, limit = sys.argv[1], int(sys.argv[2])
+
+async def main():
+    store = DecisionStore()
+    journal = DecisionJournal(path, JsonLog(2, process="t", nonblocking=False), retry_s=0)
+    journal.open(store, 1000.0)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    for i in range(30):
+        store.add("ip", f"192.0.2.{i + 1}", 600, "waf", 1000.0)  # never raises
+    failed = journal.failed
+    journal.tick(store)  # the rewrite fails too: still over the limit
+    await journal._compacting
+    still = journal.failed
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)  # space again
+    journal.tick(store)
+    await journal._compacting
+    await journal.close()
+    print(json.dumps({"failed": failed, "still": still, "after": journal.failed,
+                      "active": len(store.decisions)}))
+
+asyncio.run(main())
+"""
+
+
+def test_the_journal_on_a_full_disk_keeps_deciding_and_rewrites_itself(tmp_path: Path) -> None:
+    """A journal that cannot be written (the file-size limit stands in for a full disk: the
+    same short write, then errors) never stops a decision; once it can be written again it
+    is rewritten whole, with every decision and without the part-line the failure left."""
+    import sys
+
+    path = tmp_path / "decisions.journal"
+    out = subprocess.run(
+        [sys.executable, "-c", JOURNAL_ON_A_FULL_DISK, str(path), "2000"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result == {"failed": True, "still": True, "after": False, "active": 30}
+    events = [json.loads(line)["event"] for line in out.stderr.splitlines()]
+    assert events.count("decision_journal_failed") == 1  # once per episode
+    assert "decision_journal_recovered" in events
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 30 and all(line.endswith(b"}\n") for line in lines)
+    from blindfold.decisions.core import DecisionStore
+
+    assert DecisionStore().replay(lines, 1000.0) == (30, [])

@@ -8,6 +8,7 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -18,6 +19,7 @@ from blindfold.decisions.core import (
     journal_removal,
 )
 from blindfold.decisions.journal import COMPACT_MIN_LINES, DecisionJournal
+from blindfold.errors import ConfigError
 from blindfold.obs.log import JsonLog
 
 
@@ -179,3 +181,17 @@ def test_the_journal_is_compacted_as_it_grows(tmp_path: Path) -> None:
     assert (restored, problems) == (3, [])
     assert store.decisions[("ip", "192.0.2.1")].until == 1000.0 + 600 + COMPACT_MIN_LINES + 9
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_journal_that_cannot_be_written_is_a_config_error_naming_the_key(
+    tmp_path: Path,
+) -> None:
+    store = DecisionStore()
+    journal = DecisionJournal(
+        str(tmp_path / "missing-dir" / "decisions.journal"),
+        JsonLog(2, process="test", nonblocking=False),
+    )
+    with pytest.raises(ConfigError) as info:
+        journal.open(store, 1000.0)
+    assert info.value.key == "origin.decisions.journal"
+    assert "cannot write" in info.value.message and store.listener is None

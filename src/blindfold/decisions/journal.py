@@ -51,8 +51,16 @@ def _lines(fh: BinaryIO) -> Iterator[bytes]:
 class DecisionJournal:
     """Listens to a DecisionStore and keeps its decisions in `path`."""
 
-    def __init__(self, path: str, log: JsonLog, key: str = "origin.decisions.journal") -> None:
+    def __init__(
+        self,
+        path: str,
+        log: JsonLog,
+        key: str = "origin.decisions.journal",
+        *,
+        retry_s: float = RETRY_S,
+    ) -> None:
         self.path = Path(path)
+        self.retry_s = retry_s
         self.key = key
         self.log = log
         self.fd = -1
@@ -177,7 +185,7 @@ class DecisionJournal:
         if self.failed:
             if time.monotonic() < self._retry_at:
                 return
-            self._retry_at = time.monotonic() + RETRY_S
+            self._retry_at = time.monotonic() + self.retry_s
         elif self.lines <= 2 * len(store.decisions) + COMPACT_MIN_LINES:
             return
         self._compacting = asyncio.get_running_loop().create_task(self._compact(store))
