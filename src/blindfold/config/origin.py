@@ -175,6 +175,13 @@ class DecisionsConfig:
     )
     block_window_s: float = setting(60.0, doc="Window for counting WAF blocks.", min=1)
     ban_duration_s: float = setting(3600.0, doc="Duration of a ban created by WAF blocks.", min=1)
+    journal: str = setting(
+        "",
+        doc="File where every decision is kept as it is made (append-only JSON lines, "
+        "compacted) and read back at start, expired ones dropped, so a restart or a crash "
+        "lifts no ban; e.g. '/var/lib/blindfold-origin/decisions.journal'. Empty: decisions "
+        "live in memory only. Takes effect at the next start.",
+    )
     rate_rules: tuple[RateRuleConfig, ...] = setting(
         (), doc="Per-path request-rate rules that ban."
     )

@@ -4,6 +4,10 @@ ours or a real CrowdSec Local API.
 
 A decision is {scope ip|range, value, type ban, duration, reason}. Time is passed in (`now`,
 seconds since the epoch, because durations cross processes and machines).
+
+The store tells a listener of every decision it makes or lifts; the origin's journal
+(blindfold.decisions.journal) writes them as the lines `journal_line` makes, and
+`DecisionStore.replay` reads them back at the next start.
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ import math
 import re
 import secrets
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from blindfold.core.ratelimit import KeyedLimiter
 from blindfold.errors import ProtocolError
@@ -169,6 +174,58 @@ def _rfc3339(ts: float) -> str:
 
 MAX_CURSORS = 10_000  # stream followers remembered without a position token (LRU)
 MAX_DELETED_LOG = 100_000
+MAX_JOURNAL_LINE = 4096  # bytes; a decision's line is ~250 (reason capped at 200 characters)
+_JOURNAL_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+
+
+def journal_line(decision: Decision) -> bytes:
+    """One line of the decision journal: a decision made or extended (the later line for the
+    same network wins when it lasts longer, as `DecisionStore.add` never shortens)."""
+    d = decision
+    record = {
+        "v": 1,
+        "id": d.id,
+        "scope": d.scope,
+        "value": d.value,
+        "type": d.type,
+        "reason": d.reason[:200],
+        "origin": d.origin[:64],
+        "created": d.created,
+        "until": d.until,
+    }
+    if d.edge_address:  # the edge whose claim made it: kept for audit and per-edge budgets
+        record["edge"] = d.edge[:64]
+        record["edge_address"] = d.edge_address[:64]
+    return _JOURNAL_ENCODE(record).encode() + b"\n"
+
+
+def journal_removal(decision: Decision) -> bytes:
+    """One line of the decision journal: a decision lifted before its time."""
+    record = {"v": 1, "op": "del", "scope": decision.scope, "value": decision.value}
+    return _JOURNAL_ENCODE(record).encode() + b"\n"
+
+
+def _journal_time(record: dict[str, Any], key: str) -> float:
+    value = record.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ProtocolError("bad_journal", f"{key} is not a time")
+    return float(value)
+
+
+def _journal_text(record: dict[str, Any], key: str, cap: int) -> str:
+    value = record.get(key)
+    if not isinstance(value, str) or len(value) > cap:
+        raise ProtocolError("bad_journal", f"{key} is not a string of at most {cap} characters")
+    return value
+
+
+class StoreListener(Protocol):
+    """Told of every change the store makes itself (not of expiry: each decision carries its
+    `until`)."""
+
+    def added(self, decision: Decision) -> None: ...
+
+    def removed(self, decision: Decision) -> None: ...
 
 
 @dataclass(slots=True)
@@ -195,6 +252,7 @@ class DecisionStore:
         # positions from before a restart (ids start again at 1) are not ours to trust
         self.epoch = secrets.token_hex(4)
         self._expiry: list[tuple[float, int, tuple[str, str]]] = []
+        self.listener: StoreListener | None = None
 
     def add(
         self,
@@ -221,8 +279,24 @@ class DecisionStore:
             self.expire(now)
             if len(self.decisions) >= MAX_DECISIONS:
                 raise ProtocolError("too_many_decisions", f"{MAX_DECISIONS} active")
+        decision = self._put(key, type_, reason, origin, now, until, edge, edge_address)
+        if self.listener is not None:
+            self.listener.added(decision)
+        return decision
+
+    def _put(
+        self,
+        key: tuple[Scope, str],
+        type_: str,
+        reason: str,
+        origin: str,
+        now: float,
+        until: float,
+        edge: str = "",
+        edge_address: str = "",
+    ) -> Decision:
         decision = Decision(
-            self.next_id, s, v, type_, reason, origin, now, until, edge, edge_address
+            self.next_id, key[0], key[1], type_, reason, origin, now, until, edge, edge_address
         )
         self.next_id += 1
         self.decisions.pop(key, None)  # an extension moves to the end: the dict stays in id order
@@ -237,7 +311,58 @@ class DecisionStore:
         decision = self.decisions.pop(normalise(scope, value), None)
         if decision is not None:
             self._log_deleted(decision)
+            if self.listener is not None:
+                self.listener.removed(decision)
         return decision
+
+    def replay(self, lines: Iterable[bytes], now: float) -> tuple[int, list[str]]:
+        """Restore decisions from journal lines (`journal_line`, `journal_removal`), in the
+        order written, before anyone follows the stream: the listener is not told, and the
+        decisions get new ids in this store's new epoch, so every follower's next answer is
+        the whole set. Expired ones are dropped. A line that is not a journal record (a line a
+        crash cut short, a damaged block) is skipped and named in the problems returned.
+        Returns (decisions restored, problems)."""
+        problems: list[str] = []
+        for n, raw in enumerate(lines, 1):
+            try:
+                self._replay_one(raw, now)
+            except ProtocolError as exc:
+                if len(problems) < 100:
+                    problems.append(f"line {n}: {exc}")
+        self.expire(now)
+        self.deleted.clear()  # nobody followed the old store: nothing to tell of its deletions
+        return len(self.decisions), problems
+
+    def _replay_one(self, raw: bytes, now: float) -> None:
+        if not raw.endswith(b"\n"):
+            raise ProtocolError("bad_journal", "cut short (no end of line)")
+        if len(raw) > MAX_JOURNAL_LINE:
+            raise ProtocolError("bad_journal", "line too long")
+        try:
+            record = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise ProtocolError("bad_journal", "not JSON") from None
+        if not isinstance(record, dict) or record.get("v") != 1:
+            raise ProtocolError("bad_journal", "not a version 1 record")
+        key = normalise(_journal_text(record, "scope", 8), _journal_text(record, "value", 64))
+        if record.get("op") == "del":
+            self.decisions.pop(key, None)
+            return
+        if "op" in record:
+            raise ProtocolError("bad_journal", f"unknown op {str(record['op'])[:20]!r}")
+        until = _journal_time(record, "until")
+        created = _journal_time(record, "created")
+        type_ = _journal_text(record, "type", 32)
+        reason = _journal_text(record, "reason", 200)
+        origin = _journal_text(record, "origin", 64)
+        edge = _journal_text(record, "edge", 64) if "edge" in record else ""
+        edge_address = _journal_text(record, "edge_address", 64) if "edge_address" in record else ""
+        old = self.decisions.get(key)
+        if until <= now or (old is not None and old.until >= until):
+            return
+        if old is None and len(self.decisions) >= MAX_DECISIONS:
+            raise ProtocolError("too_many_decisions", f"{MAX_DECISIONS} active")
+        self._put(key, type_, reason, origin, created, until, edge, edge_address)
 
     def expire(self, now: float) -> list[Decision]:
         gone = []

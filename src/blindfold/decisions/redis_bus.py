@@ -4,7 +4,10 @@ Every edge can write to a shared Redis (and a compromised one will), so nothing 
 believed for being there:
 - A decision is a key `blindfold:decision:<scope>:<value>` holding the decision signed by the
   origin that made it (blindfold.decisions.signed), with a TTL equal to its duration, and the
-  same text as a message on the `blindfold:decisions` channel. Only origins write them. An
+  same text as a message on the `blindfold:decisions` channel. Only origins write them. Every
+  `WATCH_S` the origin checks that its newest decision's key is still there (`EXISTS`); when
+  it is not (Redis restarted
+  without its data, or the key was deleted) it writes and publishes its whole set again. An
   edge verifies every one against the origins' public keys it is configured with; unsigned,
   badly signed, expired and replayed ones are dropped and counted. It reads every key at
   start, after every reconnection (pub/sub loses messages across them) and every `RESYNC_S`,
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -35,7 +39,7 @@ from redis.exceptions import NoPermissionError, RedisError
 from blindfold.config.edge import DecisionSourceConfig, EdgeConfig
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.decisions.bans import BanTable
-from blindfold.decisions.core import Decision, ban_target
+from blindfold.decisions.core import Decision, DecisionStore, ban_target
 from blindfold.decisions.signed import (
     DecisionSigner,
     DecisionVerifier,
@@ -49,6 +53,7 @@ PREFIX = "blindfold:decision:"
 CHANNEL = "blindfold:decisions"
 RATE_PREFIX = "blindfold:rate:"
 RESYNC_S = 300.0
+WATCH_S = 1.0  # the origin checks that Redis still holds its decisions this often
 RATE_WINDOW_S = 10
 BATCH = 500
 MAX_REPORTED = 50_000  # addresses whose shared total an edge follows within one window
@@ -97,15 +102,27 @@ class RedisPublisher:
     """The origin side: every decision becomes a signed key with a TTL and a channel message;
     a lift replaces the ban's key (until the ban's own end) and goes out on the channel."""
 
-    def __init__(self, url: str, ca: str, signer: DecisionSigner, log: JsonLog) -> None:
+    def __init__(
+        self,
+        url: str,
+        ca: str,
+        signer: DecisionSigner,
+        log: JsonLog,
+        store: DecisionStore | None = None,
+    ) -> None:
         self.url = url
         self.log = log
         self.signer = signer
         self.redis = client(url, ca)
         self.tasks: set[asyncio.Task[None]] = set()
         self.errors = 0
+        self.store = store  # what Redis must hold: checked every WATCH_S, written again if lost
+        self.republished = 0
+        self._watch: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        if self.store is not None:  # also when Redis is down now: it fills it once it is up
+            self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
         try:
             await self.redis.ping()
         except (RedisError, OSError) as exc:
@@ -133,12 +150,63 @@ class RedisPublisher:
                 "(edge.decisions.rate_redis_url)",
             )
 
-    def publish(self, decision: Decision, now: float) -> None:
-        d = decision
-        body = self.signer.sign(
+    async def _watch_loop(self) -> None:
+        down = False
+        while True:
+            try:
+                await self.check(time.time())
+                down = False
+            except NoPermissionError:
+                self.log.emit(
+                    "config_warning",
+                    problem="the decisions' Redis ACL does not give the origin EXISTS: it "
+                    "cannot notice a Redis that lost its decisions (see docs/decisions.md)",
+                )
+                return
+            except (RedisError, OSError) as exc:
+                if not down:
+                    down = True
+                    self.log.emit("redis_down", url=_redacted(self.url), error=str(exc))
+            except Exception as exc:  # the watch must outlive any one failure, and say so
+                self.log.emit("redis_watch_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            await asyncio.sleep(WATCH_S)
+
+    async def check(self, now: float) -> int:
+        """If Redis no longer holds our newest decision, write and publish every active one
+        again; returns how many. Edges that followed Redis through its restart resynced to an
+        empty set and take them back from the channel."""
+        assert self.store is not None
+        newest = itertools.islice(reversed(self.store.decisions.values()), 100)
+        probe = next((d for d in newest if d.until - now > 2.0), None)  # not about to expire
+        if probe is None:
+            return 0
+        # EXISTS, not a rewrite: the key may hold a signed lift (or another origin's ban of
+        # the same network), which a rewrite would undo
+        if await self.redis.exists(f"{PREFIX}{probe.scope}:{probe.value}"):
+            return 0
+        decisions = [d for d in self.store.decisions.values() if d.until - now >= 1.0]
+        for i in range(0, len(decisions), BATCH):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for d in decisions[i : i + BATCH]:
+                    text = self._signed(d)
+                    pipe.set(f"{PREFIX}{d.scope}:{d.value}", text, ex=max(1, int(d.until - now)))
+                    pipe.publish(CHANNEL, text)
+                await pipe.execute()
+        self.republished += len(decisions)
+        self.log.emit(
+            "redis_republished",
+            decisions=len(decisions),
+            reason=f"the key of decision {probe.id} ({probe.value}) was gone",
+        )
+        return len(decisions)
+
+    def _signed(self, d: Decision) -> str:
+        return self.signer.sign(
             d.scope, d.value, d.until, d.created, d.reason, d.edge, d.edge_address
         )
-        self._spawn(self._publish(d, body, now))
+
+    def publish(self, decision: Decision, now: float) -> None:
+        self._spawn(self._publish(decision, self._signed(decision), now))
 
     def publish_lift(self, decision: Decision, now: float) -> None:
         """The end, now, of `decision` (removed from the origin's store) at every edge."""
@@ -163,6 +231,8 @@ class RedisPublisher:
             self.log.emit("redis_publish_failed", value=d.value, error=str(exc))
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         for task in list(self.tasks):
             task.cancel()
         await self.redis.aclose()

@@ -25,6 +25,7 @@ from blindfold.core.proxyproto import V1_PREFIX, V2_SIGNATURE
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.decisions.api import DecisionApi, load_api_keys
 from blindfold.decisions.core import DecisionRules, DecisionStore, RateRule, scope_of
+from blindfold.decisions.journal import DecisionJournal
 from blindfold.errors import ConfigError, ProtocolError
 from blindfold.io import compat
 from blindfold.io.accepted import (
@@ -371,6 +372,7 @@ class OriginAgent:
         self.publisher: Any = None
         self.quic: Any = None  # origin.h3.QuicShared once HTTP/3 listens
         self._refusal_log = TokenBucket(1.0, 20, time.monotonic())
+        self.journal: DecisionJournal | None = None
         self._build(cfg)
 
     # ------------------------------------------------------------------ build / reload
@@ -539,6 +541,10 @@ class OriginAgent:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_exception)
+        if cfg.decisions.journal:  # before anything can ban or follow the stream
+            self.journal = DecisionJournal(cfg.decisions.journal, self.log)
+            restored, problems = self.journal.open(self.store, time.time())
+            self.log.emit("decisions_restored", decisions=restored, problems=problems[:10])
         for i, address in enumerate(cfg.listen):
             self._listen(address, True, f"origin.listen[{i}]")
         for i, address in enumerate(cfg.http_listen):
@@ -568,7 +574,7 @@ class OriginAgent:
             from blindfold.decisions.signed import DecisionSigner, load_private_key
 
             signer = DecisionSigner(load_private_key(d.signing_key, "origin.decisions.signing_key"))
-            self.publisher = RedisPublisher(d.redis_url, d.redis_ca, signer, self.log)
+            self.publisher = RedisPublisher(d.redis_url, d.redis_ca, signer, self.log, self.store)
             await self.publisher.start()
         self.servers.append(loop.create_task(self._housekeeping()))
         for problem in listen_warnings(cfg):
@@ -846,6 +852,8 @@ class OriginAgent:
                 self.log.log("decision_expired", id=gone.id, value=gone.value)
             self.rules.sweep(now)
             self.edges.replay.sweep(now)
+            if self.journal is not None:
+                self.journal.tick(self.store)
             self.log.flush()
             if self.audit is not self.log:
                 self.audit.flush()
@@ -930,6 +938,8 @@ class OriginAgent:
             await asyncio.sleep(0.05)
         if self.publisher is not None:
             await self.publisher.close()
+        if self.journal is not None:
+            await self.journal.close()
         await self.admin.close()
         self.log.emit("origin_stopped")
         return 0
