@@ -231,7 +231,11 @@ def build(base: Path, *, ban_s: int = 60, cache_tmpfs_bytes: int = 0) -> Topolog
 
     ca = pki.make_ca("soak CA")
     ca.write(base / "ca.pem")
+    # the origin terminates both names; the keyless name has a certificate of its own at the
+    # key server (it signs nothing with a certificate that also covers a name the edge may not
+    # serve: certificate_too_broad)
     pki.issue(ca, [HOST, KEYLESS_HOST]).write(base / "site.pem", base / "site.key")
+    pki.issue(ca, [KEYLESS_HOST]).write(base / "keyless.pem", base / "keyless.key")
     pki.issue(ca, [DECISIONS_HOST]).write(base / "decisions.pem", base / "decisions.key")
     pki.issue(ca, [CDN_HOST]).write(base / "cdn.pem", base / "cdn.key")
     mtls = pki.make_ca("soak edge CA")
@@ -326,9 +330,9 @@ audit_key = "{base / "audit.key"}"
 admin_listen = "127.0.0.1:{p["keyserver_admin"]}"
 
 [[keyserver.keys]]
-name = "site"
-key = "{base / "site.key"}"
-certificate = "{base / "site.pem"}"
+name = "keyless"
+key = "{base / "keyless.key"}"
+certificate = "{base / "keyless.pem"}"
 
 [[keyserver.edges]]
 name = "soak-edge"
@@ -407,7 +411,7 @@ proxy_protocol = "v2"
 name = "keyless"
 sni = ["{KEYLESS_HOST}"]
 mode = "keyless"
-certificate = "{base / "site.pem"}"
+certificate = "{base / "keyless.pem"}"
 origins = ["127.0.0.1:{p["origin"]}"]
 proxy_protocol = "v2"
 origin_ca = "{base / "ca.pem"}"
