@@ -71,10 +71,13 @@ class AppHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(n))
             self.end_headers()
             chunk = b"b" * 65536
-            while n > 0:
-                part = chunk[: min(n, len(chunk))]
-                self.wfile.write(part)
-                n -= len(part)
+            try:
+                while n > 0:
+                    part = chunk[: min(n, len(chunk))]
+                    self.wfile.write(part)
+                    n -= len(part)
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True  # the reader went away: an ordinary end, not an error
             return
         if url.path == "/echo":
             self._send(200, json.dumps(info).encode(), "application/json")
