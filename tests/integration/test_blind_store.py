@@ -4,6 +4,7 @@ the loop matters here (issue 15 finding 10: the SRI rewrite ran in the loop, unc
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import time
 from collections.abc import AsyncIterator
@@ -141,3 +142,27 @@ def test_the_rewrite_cache_is_bounded(store: tuple[BlindStore, dict[str, Any], P
         assert 0 < s.rewrite_cache_bytes <= s.REWRITE_CACHE_BYTES
 
     asyncio.run(run())
+
+
+def test_a_sealed_dir_inside_source_dir_is_refused(tmp_path: Path) -> None:
+    """atk-visitor (blind store): with the sealed output inside source_dir, the store served
+    the sealed dir's manifest (the content keys) like any page of source_dir."""
+    from blindfold.errors import ConfigError
+
+    src = tmp_path / "www"
+    (src / "sealed").mkdir(parents=True)
+    cfg = BlindStoreConfig(
+        dir=str(src / "sealed"),
+        site_names=("example.test",),
+        source_dir=str(src),
+        pages_prefix="/",
+        edge_url="https://cdn.example.test",
+    )
+    with pytest.raises(ConfigError) as err:
+        BlindStore(cfg, {}, lambda *a, **k: None)
+    assert err.value.key == "blind.dir" and "inside source_dir" in str(err.value)
+    # beside it (not inside) passes this check, on to the next: an empty dir is not sealed
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ConfigError) as err:
+        BlindStore(dataclasses.replace(cfg, dir=str(tmp_path / "out")), {}, lambda *a, **k: None)
+    assert "run `blindfold seal` first" in str(err.value)

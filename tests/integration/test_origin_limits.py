@@ -331,3 +331,35 @@ def test_listening_everywhere_is_logged(
     origin = start_origin(origin_config(site, wsgi.port, tmp_path, admin_listen="0.0.0.0:0"))
     warnings = [r["problem"] for r in origin.records("config_warning")]
     assert any("origin.admin_listen" in w for w in warnings), warnings
+
+
+def test_an_edges_own_requests_are_not_one_visitors_share(
+    start_origin: Callable[..., OriginProcess], wsgi: WsgiApp, site: dict[str, Path], tmp_path: Path
+) -> None:
+    """atk-visitor #1 (origin side): an edge's own connections (PROXY LOCAL: its blind pulls
+    for every visitor) were counted as one visitor's requests, so per_client_requests let one
+    visitor's pulls make the edge's pulls for everyone else wait for 429s."""
+    origin = start_origin(
+        origin_config(site, wsgi.port, tmp_path, per_client_requests=2, access_log=False)
+    )
+    ca = site["ca"]
+    replies: list[bytes] = []
+
+    def pull() -> None:
+        try:
+            with tls(proxied(origin.port, LOCAL), ca) as t:
+                replies.append(http_get(t, "/slow"))
+        except (OSError, ssl.SSLError):
+            replies.append(b"")
+
+    threads = [threading.Thread(target=pull) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        assert wait_until(lambda: wsgi.waiting == 4, 10), (wsgi.waiting, replies)
+        assert replies == []
+    finally:
+        wsgi.release.set()
+        for t in threads:
+            t.join(20)
+    assert [r[:12] for r in replies] == [b"HTTP/1.1 200"] * 4
