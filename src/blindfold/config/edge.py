@@ -398,7 +398,8 @@ class EdgeHttpConfig(HttpServerConfig):
         8,
         doc="keyless: most origin connections one visitor connection holds at once (in use, "
         "idle or opening). Its other requests (HTTP/2 streams) wait for one of them, first "
-        "come first served, at most upstream_queue_timeout_s.",
+        "come first served, at most upstream_queue_timeout_s. blind: most origin pulls in "
+        "flight one visitor connection started (joining another's pull is free).",
         min=1,
         max=256,
     )
@@ -407,13 +408,15 @@ class EdgeHttpConfig(HttpServerConfig):
         doc="keyless: most origin connections the visitor connections of one client address "
         "(IPv6: per ipv6_prefix_len prefix) hold at once, per route and worker (one address's "
         "connections all reach the same worker). Requests beyond it wait likewise; idle "
-        "connections of that address are closed to make room.",
+        "connections of that address are closed to make room. blind: most origin pulls in "
+        "flight one client address started, per route and worker.",
         min=1,
         max=65536,
     )
     upstream_queue_timeout_s: float = setting(
         10.0,
-        doc="keyless: longest a request waits for an origin connection under those caps; "
+        doc="keyless (blind: for a pull slot): longest a request waits for an origin "
+        "connection under those caps; "
         "then it gets 503 with Retry-After. The wait is bounded in number too: one per "
         "request a visitor connection may have open (h2_max_concurrent_streams).",
         min=0.01,

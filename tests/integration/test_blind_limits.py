@@ -1,0 +1,44 @@
+"""What one visitor of a blind route may cost the others (atk-visitor #1): origin pulls are
+shared per blob, also for blobs the cache cannot keep, and capped per visitor address."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tests.helpers.clients import wait_until
+from tests.helpers.h2stall import h2_stall_streams
+from tests.integration.test_blind import CDN, Site, blind_site  # noqa: F401
+
+
+def _count(s: Site, result: str) -> float:
+    return s.edge.metric("blindfold_blind_requests_total", route="route1", result=result)
+
+
+def test_stalled_streams_on_an_uncacheable_blob_cost_one_pull(
+    blind_site: Callable[..., Site],  # noqa: F811
+) -> None:
+    """Two h2 connections with receive window 0 and 65 streams each on a blob too big for the
+    memory tier (no disk tier) held 128 origin requests: an innocent visitor got 502."""
+    s = blind_site(cache_dir="", memory_max_object_bytes=1 << 20)
+    ids = s.ids()
+    big = ids["/big.bin"]  # ~4.8 MB
+    req = [
+        (b":method", b"GET"),
+        (b":scheme", b"https"),
+        (b":authority", CDN.encode()),
+        (b":path", f"/b/{big}".encode()),
+    ]
+    before = s.origin.metric("blindfold_origin_blind_requests_total", kind="blob")
+    socks = [
+        h2_stall_streams(s.edge.port, CDN, s.ca, [req] * 65, source="127.0.0.66") for _ in range(2)
+    ]
+    try:
+        assert wait_until(lambda: _count(s, "uncached") >= 128, timeout=30), _count(s, "uncached")
+        r = s.curl_blob(f"/b/{ids['/img/photo.bin']}", "-o", "/dev/null", "-w", "%{http_code}")
+        assert r.stdout == b"200", r
+        # one pull of the big blob for all 130 streams (and the innocent visitor's blob)
+        pulls = s.origin.metric("blindfold_origin_blind_requests_total", kind="blob") - before
+        assert pulls <= 2, pulls
+    finally:
+        for tls in socks:
+            tls.close()
