@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tests.helpers.clients import wait_until
+from tests.helpers.clients import h2_exchange, wait_until
 from tests.helpers.h2stall import h2_stall_streams
 from tests.integration.test_blind import CDN, Site, blind_site  # noqa: F401
 
@@ -42,3 +42,35 @@ def test_stalled_streams_on_an_uncacheable_blob_cost_one_pull(
     finally:
         for tls in socks:
             tls.close()
+
+
+def test_one_visitor_cannot_spend_everyones_reports(
+    blind_site: Callable[..., Site],  # noqa: F811
+) -> None:
+    """atk-visitor #6: the edge's POST /r/<id> bucket was one per route and worker: 25 reports
+    at once from one address and every other visitor's report was refused (429)."""
+    s = blind_site()
+    blob = s.ids()["/img/photo.bin"]
+    report = (
+        [
+            (b":method", b"POST"),
+            (b":scheme", b"https"),
+            (b":authority", CDN.encode()),
+            (b":path", f"/r/{blob}".encode()),
+        ],
+        None,
+    )
+    flood = h2_exchange(s.edge.port, CDN, s.ca, [report] * 25, source="127.0.0.51")
+    assert {status for status, _ in flood} == {202, 429}  # the flooder's own share runs out
+    other = s.curl_blob(
+        f"/r/{blob}",
+        "-X",
+        "POST",
+        "--interface",
+        "127.0.0.52",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+    )
+    assert other.stdout == b"202", other

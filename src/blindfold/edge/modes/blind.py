@@ -35,7 +35,7 @@ from blindfold.core import manifest
 from blindfold.core.clienthello import ClientHello
 from blindfold.core.iplist import parse_address
 from blindfold.core.proxyproto import encode_v1, encode_v2
-from blindfold.core.ratelimit import TokenBucket
+from blindfold.core.ratelimit import BucketMap, TokenBucket
 from blindfold.core.tls13_server import ConnectionFailed
 from blindfold.edge.guards import client_key
 from blindfold.edge.mode import Connection, Mode, ModeContext, RouteState
@@ -64,6 +64,11 @@ INDEX_REFRESH_S = 5.0  # an unknown id fetches the index again at most this ofte
 INDEX_FILE = "index.json"  # the last signed index fetched, beside the cached blobs
 REPORTS_PER_S = 5.0  # visitors' reports per route and worker (each may hash a file)
 REPORT_BURST = 20
+# ... and per visitor address (IPv6: per ipv6_prefix_len prefix): one visitor cannot spend
+# everyone's share
+REPORTS_PER_ADDRESS_PER_S = 1.0
+REPORT_ADDRESS_BURST = 5
+MAX_REPORT_ADDRESSES = 10_000
 RECHECK_COOLDOWN_S = 10.0  # a reported blob is checked at most this often
 # bytes hashed for reports: so many reports of big blobs cannot keep the edge busy hashing
 RECHECK_BYTES_PER_S = 32 << 20
@@ -395,6 +400,11 @@ class BlindRoute:
             old.checks if old is not None and same_cache else {}
         )
         self.reports = TokenBucket(REPORTS_PER_S, REPORT_BURST, time.monotonic())
+        self.address_reports: BucketMap = (
+            old.address_reports
+            if old is not None
+            else BucketMap(REPORTS_PER_ADDRESS_PER_S, REPORT_ADDRESS_BURST, MAX_REPORT_ADDRESSES)
+        )
         self.recheck_bytes = ByteBudget(RECHECK_BYTES_PER_S, RECHECK_BURST_BYTES, time.monotonic())
         self.rechecked: OrderedDict[str, float] = OrderedDict()
         self.pool: UpstreamPool | None = None
@@ -499,6 +509,13 @@ class BlindHandler:
         self._conn_slots: Slots | None = None
         self._key: int | None = None
 
+    def _client_key(self) -> int:
+        """The visitor's address as the per-address limits count it."""
+        if self._key is None:
+            version, addr = parse_address(self.conn.ip)
+            self._key = client_key(version, addr, self.br.ipv6_prefix_len)
+        return self._key
+
     def http_event(self, name: str, fields: dict[str, object]) -> None:
         if name in LOGGED_EVENTS:
             self.ctx.log.log(name, route=self.route.name, **fields)
@@ -561,15 +578,13 @@ class BlindHandler:
         it ends (it runs on when the visitor leaves): one visitor cannot take every origin
         request. A visitor at its caps waits, at most upstream_queue_timeout_s (None then)."""
         br = self.br
-        if self._conn_slots is None or self._key is None:
+        if self._conn_slots is None:
             self._conn_slots = Slots(br.http.upstream_connections_per_client_conn)
-            version, addr = parse_address(self.conn.ip)
-            self._key = client_key(version, addr, br.ipv6_prefix_len)
         deadline = asyncio.get_running_loop().time() + br.http.upstream_queue_timeout_s
         held: list[tuple[Slots, Hashable]] = []
         try:
             conn_key: Hashable = 0
-            for slots, key in ((self._conn_slots, conn_key), (br.pull_caps, self._key)):
+            for slots, key in ((self._conn_slots, conn_key), (br.pull_caps, self._client_key())):
                 if not await slots.acquire(key, deadline):
                     return None
                 held.append((slots, key))
@@ -823,12 +838,13 @@ class BlindHandler:
 
     async def _report(self, request: Request, name: str, respond: Responder) -> None:
         """POST /r/<id>: a visitor's copy failed its checks. The edge checks its own copies
-        (bounded: a token bucket per route, one check per blob per RECHECK_COOLDOWN_S); a
-        report never drops a copy that matches the signed index."""
+        (bounded: token buckets per visitor address and per route, one check per blob per
+        RECHECK_COOLDOWN_S); a report never drops a copy that matches the signed index."""
         br = self.br
         now = time.monotonic()
         cors = br.cors(request)
-        if not br.reports.allow(now):
+        # the visitor's own share first: a refused report spends nothing of everyone's
+        if br.address_reports.take(self._client_key(), now) or not br.reports.allow(now):
             br.stats.count("report_refused")
             await simple_response(
                 respond, 429, "too many reports\n", [(b"retry-after", b"1"), *cors]
