@@ -74,3 +74,17 @@ def test_one_visitor_cannot_spend_everyones_reports(
         "%{http_code}",
     )
     assert other.stdout == b"202", other
+
+
+def test_the_temporary_files_of_uncacheable_blobs_are_bounded(
+    blind_site: Callable[..., Site],  # noqa: F811
+) -> None:
+    """Without a disk tier, blobs too big for memory are pulled into unnamed temporary files
+    (which may be memory, on a tmpfs): at most disk_cache_bytes of them at once."""
+    s = blind_site(cache_dir="", memory_max_object_bytes=1 << 20, disk_cache_bytes=4 << 20)
+    ids = s.ids()
+    r = s.curl_blob(f"/b/{ids['/big.bin']}", "-o", "/dev/null", "-w", "%{http_code}")
+    assert r.stdout == b"503", r  # ~4.8 MB: over the bound
+    assert _count(s, "busy") == 1
+    r = s.curl_blob(f"/b/{ids['/img/photo.bin']}", "-o", "/dev/null", "-w", "%{http_code}")
+    assert r.stdout == b"200", r  # 700 KB: memory

@@ -164,7 +164,10 @@ class BlindRouteConfig:
         "subdirectory 'w<N>'); empty: memory only.",
     )
     disk_cache_bytes: int = setting(
-        4 << 30, doc="Disk space for cached blobs per worker (LRU).", min=0
+        4 << 30,
+        doc="Disk space for cached blobs per worker (LRU). Without cache_dir: the most the "
+        "temporary files of blobs too big for memory take at once, per route and worker.",
+        min=0,
     )
     max_blob_bytes: int = setting(
         1 << 30, doc="Largest blob pulled from the origin; a bigger one is refused (502).", min=1

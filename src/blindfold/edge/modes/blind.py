@@ -81,7 +81,8 @@ METRICS = (
         "counter",
         "Requests on blind routes, by result (hit_memory, hit_disk, miss, uncached: a miss "
         "the cache cannot keep, joined: a miss or uncached served from another's pull, "
-        "busy: refused, the visitor's pulls are at their cap, not_found, origin_error, "
+        "busy: refused, the visitor's pulls at their cap or the temporary files of "
+        "uncacheable blobs at their bound, not_found, origin_error, "
         "error, bad_method, misdirected: another host than the route's), and the checks against "
         "the site's signed blob index (not_in_index, "
         "pull_rejected, cache_dropped, index_fetched, index_failed, report, report_refused).",
@@ -386,6 +387,8 @@ class BlindRoute:
         self.pulls: dict[str, Fill] = old.pulls if old is not None and same_cache else {}
         # pulls in flight started by one client address (the pulls carry over a reload)
         self.pull_caps = Slots(self.http.upstream_connections_per_ip)
+        # bytes of the unnamed temporary files of blobs the cache cannot keep, open now
+        self.uncached_bytes: int = old.uncached_bytes if old is not None and same_cache else 0
         if old is not None:
             old.pull_caps.limit = self.pull_caps.limit
             self.pull_caps = old.pull_caps
@@ -950,12 +953,22 @@ class BlindHandler:
                     store.disk_failed(str(exc))
                     fill.tmp = None
             if fill.tmp is None:
+                # their temporary files ($TMPDIR; on a tmpfs that is memory) take at most
+                # disk_cache_bytes at once, per route and worker
+                if (
+                    length > store.mem_obj_max
+                    and br.uncached_bytes + length > br.cfg.disk_cache_bytes
+                ):
+                    fill.fail(503, "the temporary files of uncacheable blobs are at their bound")
+                    return
                 if length > store.mem_obj_max:
                     # Nowhere to keep it: an unnamed file (gone when its last reader closes
                     # it) that visitors read while it is pulled and while one of them reads;
                     # closed by `Fill.close_uncached`, not a with-block.
                     tmp = tempfile.TemporaryFile(prefix="blindfold-blob-")  # noqa: SIM115
                     fill.uncached = out = tmp
+                    fill.uncached_size = length
+                    br.uncached_bytes += length
                 else:
                     fill.buf = bytearray()
             fill.begin(length)
@@ -1003,7 +1016,7 @@ class BlindHandler:
             if out is not None:
                 out.close()
             if fill.error or not fill.readers:
-                fill.close_uncached()
+                br.uncached_bytes -= fill.close_uncached()
             if resp is not None:
                 resp.close()  # a no-op once the body was read to its end (back in the pool)
             if fill.tmp is not None:
@@ -1027,7 +1040,7 @@ class BlindHandler:
         finally:
             fill.readers -= 1
             if fill.done and not fill.readers:  # the last reader of an uncacheable blob
-                fill.close_uncached()
+                self.br.uncached_bytes -= fill.close_uncached()
                 if self.br.pulls.get(fill.blob) is fill:
                     del self.br.pulls[fill.blob]
 
@@ -1040,13 +1053,13 @@ class BlindHandler:
             if not await fill.wait(idle):
                 break
         if fill.length is None:
-            status = fill.status if fill.done and fill.status == 404 else 502
-            br.stats.count("not_found" if status == 404 else "error")
+            status = fill.status if fill.done and fill.status in (404, 503) else 502
+            br.stats.count({404: "not_found", 503: "busy"}.get(status, "error"))
             await simple_response(
                 respond,
                 status,
-                "no such blob\n" if status == 404 else "blob unavailable\n",
-                self.cors,
+                {404: "no such blob\n", 503: "too many pulls\n"}.get(status, "blob unavailable\n"),
+                [(b"retry-after", b"1"), *self.cors] if status == 503 else self.cors,
             )
             return
         uncached = fill.uncached is not None
@@ -1165,6 +1178,7 @@ class Fill:
         self._run = run
         self.held = list(held)  # the visitor's pull slots, given back when the pull ends
         self.uncached: IO[bytes] | None = None
+        self.uncached_size = 0
         self.readers = 0
         self.length: int | None = None
         self.got = 0
@@ -1207,10 +1221,13 @@ class Fill:
         for slots, key in held:
             slots.release(key)
 
-    def close_uncached(self) -> None:
-        if self.uncached is not None:
-            self.uncached.close()  # readers hold their own descriptors
-            self.uncached = None
+    def close_uncached(self) -> int:
+        """Close the temporary file (readers hold their own descriptors); its size, or 0."""
+        if self.uncached is None:
+            return 0
+        self.uncached.close()
+        self.uncached = None
+        return self.uncached_size
 
     def fail(self, status: int, error: str) -> None:
         self.status, self.error = status, error
