@@ -85,3 +85,35 @@ def test_one_address_cannot_take_every_slot(admin: int) -> None:
     finally:
         for s in hog:
             s.close()
+
+
+def test_a_connection_open_at_shutdown_ends_quietly() -> None:
+    """A process stopping with an admin connection open cancels its handler; Python 3.11's
+    start_server callback then calls task.exception() on the cancelled task and logs
+    "Exception in callback" with a traceback (seen when the origin stopped under a slow
+    client)."""
+    reported: list[dict[str, object]] = []
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+        server = AdminServer(_handler)
+        _host, port = await server.start("127.0.0.1", 0)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\n")  # a head that never ends
+        await writer.drain()
+        for _ in range(100):  # until the server's handler waits for the rest
+            await asyncio.sleep(0.01)
+            handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            if handlers:
+                break
+        assert handlers
+        await server.close()
+        for task in handlers:  # what asyncio.run does to the tasks left at its end
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await asyncio.sleep(0.05)  # the done-callbacks run
+        writer.close()
+
+    asyncio.run(run())
+    assert not reported, reported

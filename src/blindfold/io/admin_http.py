@@ -75,6 +75,11 @@ class AdminServer:
                     conn.start_next_cycle()
                 elif isinstance(event, h11.ConnectionClosed):
                     break
+        except asyncio.CancelledError:
+            # The process is stopping. Ended quietly: this task is start_server's own, nobody
+            # awaits it, and Python 3.11's done-callback calls task.exception() on a cancelled
+            # task, which logs "Exception in callback" with a traceback.
+            pass
         except (h11.RemoteProtocolError, TimeoutError, ConnectionError):
             try:
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
