@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -23,12 +24,23 @@ class StreamSource:
         self.new: dict[tuple[str, str], int] = {}
         self.deleted: set[tuple[str, str]] = set()
         self.poison: list[bytes] = []
+        self.throttle: list[str] = []  # Retry-After values: answered 429 with each, first
         self.requests: list[str] = []
+        self.times: list[float] = []  # time.monotonic() of each request
         self.lock = threading.Lock()
         source = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                with source.lock:
+                    source.times.append(time.monotonic())
+                    retry_after = source.throttle.pop(0) if source.throttle else None
+                if retry_after is not None:  # the origin rations whole-set answers per key
+                    self.send_response(429)
+                    self.send_header("retry-after", retry_after)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
                 body = source.answer(self.path, self.headers.get("x-api-key", ""))
                 self.send_response(200 if body is not None else 403)
                 body = body if body is not None else b'{"message":"access forbidden"}'

@@ -52,8 +52,13 @@ class Site:
         start_origin: Callable[..., OriginProcess],
         origin_blind: dict[str, Any] | None = None,
         extra_routes: Callable[[int], str] | None = None,
+        origin_kw: dict[str, Any] | None = None,
+        origin_tail: str = "",
+        route_kw: dict[str, Any] | None = None,
         **blind: Any,
     ) -> None:
+        """`origin_kw`: origin settings; `origin_tail`: TOML appended to the origin's config;
+        `route_kw`: settings of both edge routes."""
         self.tmp = tmp
         self.marker = "SECRET-PLAINTEXT-" + secrets.token_hex(8)
         src = tmp / "site"
@@ -93,7 +98,7 @@ class Site:
         self.response_key.write_bytes(
             signing.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
         )
-        text = origin_config(site, app_port, tmp) + "\n[origin.blind]\n"
+        text = origin_config(site, app_port, tmp, **(origin_kw or {})) + "\n[origin.blind]\n"
         for key, value in {
             "dir": str(self.out),
             "source_dir": str(src),
@@ -103,7 +108,7 @@ class Site:
             **(origin_blind or {}),
         }.items():
             text += f"{key} = {json.dumps(value)}\n"
-        self.origin = start_origin(text)
+        self.origin = start_origin(text + origin_tail)
         self.cache = tmp / "edge-cache"
         blind_cfg = {
             "cache_dir": str(self.cache),
@@ -113,7 +118,10 @@ class Site:
         if not blind_cfg["cache_dir"]:
             del blind_cfg["cache_dir"]
         routes = route(
-            ["example.test"], [f"127.0.0.1:{self.origin.port}"], proxy_protocol="v2"
+            ["example.test"],
+            [f"127.0.0.1:{self.origin.port}"],
+            proxy_protocol="v2",
+            **(route_kw or {}),
         ) + route(
             [CDN],
             [f"127.0.0.1:{self.origin.port}"],
@@ -124,6 +132,7 @@ class Site:
             origin_server_name="example.test",
             proxy_protocol="v2",
             blind=blind_cfg,
+            **(route_kw or {}),
         )
         if extra_routes is not None:
             routes += extra_routes(self.origin.port)
@@ -208,6 +217,9 @@ def blind_site(
     def make(
         origin_blind: dict[str, Any] | None = None,
         extra_routes: Callable[[int], str] | None = None,
+        origin_kw: dict[str, Any] | None = None,
+        origin_tail: str = "",
+        route_kw: dict[str, Any] | None = None,
         **blind: Any,
     ) -> Site:
         return Site(
@@ -219,6 +231,9 @@ def blind_site(
             start_origin,
             origin_blind,
             extra_routes,
+            origin_kw,
+            origin_tail,
+            route_kw,
             **blind,
         )
 

@@ -216,3 +216,35 @@ def test_a_respawned_worker_enforces_every_ban_from_its_first_connection(
         pytest.fail("the worker was not replaced")
     for _ in range(20):
         assert not served(edge, site, banned)
+
+
+def test_a_throttled_source_is_up_and_its_retry_after_honoured(
+    start_edge: Start,
+    origin: TlsOrigin,
+    site: dict[str, Path],
+    source: StreamSource,
+    tmp_path: Path,
+) -> None:
+    """The origin rations whole-set answers per key with 429 and Retry-After: the feed took
+    that for "source down" (a log line, the gauge at 0, a resync) and polled again at its
+    interval. It now waits as asked (bounded), counts `throttled` and stays up."""
+    source.add(["127.0.0.40"])
+    edge = start(start_edge, origin, source, tmp_path)
+    assert wait_until(lambda: not served(edge, site, "127.0.0.40"), 5)
+    source.throttle = ["2"]
+    n = len(source.times)
+    assert wait_until(
+        lambda: (
+            edge.metric("blindfold_decisions_polls_total", source="stream", result="throttled") == 1
+        ),
+        10,
+    )
+    assert edge.metric("blindfold_decisions_source_up", source="stream") == 1
+    assert wait_until(lambda: len(source.times) >= n + 2, 10)  # the next poll after it
+    throttled_at = source.times[n]
+    assert source.times[n + 1] - throttled_at >= 1.9  # not at poll_interval_s (0.2 s)
+    source.add(["127.0.0.41"])  # a delta, not a resync
+    assert wait_until(lambda: not served(edge, site, "127.0.0.41"), 5)
+    assert not served(edge, site, "127.0.0.40")
+    assert not edge.records("decisions_source_down")
+    assert source.requests[-1].endswith("startup=false")

@@ -348,3 +348,24 @@ def test_a_snapshot_position_continues_with_what_changed_since() -> None:
     assert [d["value"] for d in later["new"]] == ["192.0.2.2"]
     assert [d["value"] for d in later["deleted"]] == ["192.0.2.3"]
     assert later["blindfold"]["full"] is False
+
+
+def test_retry_after_of_a_throttled_source_is_read_and_bounded() -> None:
+    """RFC 9110 §10.2.3: delay-seconds or an HTTP-date; a source cannot park the feed."""
+    from email.utils import formatdate
+
+    from blindfold.decisions.feed import (
+        THROTTLED_DEFAULT_S,
+        THROTTLED_MAX_S,
+        THROTTLED_MIN_S,
+        retry_after_s,
+    )
+
+    now = 1_800_000_000.0
+    assert retry_after_s(b"7", now) == 7.0
+    assert retry_after_s(b"99999999999999999999", now) == THROTTLED_MAX_S
+    assert retry_after_s(b"0", now) == THROTTLED_MIN_S
+    assert retry_after_s(formatdate(now + 30, usegmt=True).encode(), now) == 30.0
+    assert retry_after_s(formatdate(now - 30, usegmt=True).encode(), now) == THROTTLED_MIN_S
+    for bad in (None, b"", b"soon", b"-5", b"1.5"):
+        assert retry_after_s(bad, now) == THROTTLED_DEFAULT_S

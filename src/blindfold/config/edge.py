@@ -164,7 +164,10 @@ class BlindRouteConfig:
         "subdirectory 'w<N>'); empty: memory only.",
     )
     disk_cache_bytes: int = setting(
-        4 << 30, doc="Disk space for cached blobs per worker (LRU).", min=0
+        4 << 30,
+        doc="Disk space for cached blobs per worker (LRU). Without cache_dir: the most the "
+        "temporary files of blobs too big for memory take at once, per route and worker.",
+        min=0,
     )
     max_blob_bytes: int = setting(
         1 << 30, doc="Largest blob pulled from the origin; a bigger one is refused (502).", min=1
@@ -398,7 +401,8 @@ class EdgeHttpConfig(HttpServerConfig):
         8,
         doc="keyless: most origin connections one visitor connection holds at once (in use, "
         "idle or opening). Its other requests (HTTP/2 streams) wait for one of them, first "
-        "come first served, at most upstream_queue_timeout_s.",
+        "come first served, at most upstream_queue_timeout_s. blind: most origin pulls in "
+        "flight one visitor connection started (joining another's pull is free).",
         min=1,
         max=256,
     )
@@ -407,13 +411,15 @@ class EdgeHttpConfig(HttpServerConfig):
         doc="keyless: most origin connections the visitor connections of one client address "
         "(IPv6: per ipv6_prefix_len prefix) hold at once, per route and worker (one address's "
         "connections all reach the same worker). Requests beyond it wait likewise; idle "
-        "connections of that address are closed to make room.",
+        "connections of that address are closed to make room. blind: most origin pulls in "
+        "flight one client address started, per route and worker.",
         min=1,
         max=65536,
     )
     upstream_queue_timeout_s: float = setting(
         10.0,
-        doc="keyless: longest a request waits for an origin connection under those caps; "
+        doc="keyless (blind: for a pull slot): longest a request waits for an origin "
+        "connection under those caps; "
         "then it gets 503 with Retry-After. The wait is bounded in number too: one per "
         "request a visitor connection may have open (h2_max_concurrent_streams).",
         min=0.01,

@@ -15,6 +15,7 @@ import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,6 +29,11 @@ from blindfold.obs.log import JsonLog
 from blindfold.web.client import UpstreamPool
 
 MAX_STREAM_BYTES = 64 << 20
+# A 429 from the source (the origin rations whole-set answers per key): wait as long as its
+# Retry-After asks, within these bounds (a source cannot park the feed for hours), then ask again.
+THROTTLED_MIN_S = 1.0
+THROTTLED_MAX_S = 300.0
+THROTTLED_DEFAULT_S = 10.0  # no Retry-After, or one we cannot read
 APPLY_SLICE = 20_000  # decisions added to the table per turn of the master's loop
 
 
@@ -42,6 +48,22 @@ def read_key_file(path: str, where: str, log: JsonLog) -> bytes:
     if mode & 0o077:
         log.emit("key_file_readable_by_others", path=path, mode=oct(mode & 0o777), fix="chmod 600")
     return key
+
+
+def retry_after_s(value: bytes | None, now: float) -> float:
+    """A Retry-After value (RFC 9110 §10.2.3: delay-seconds or an HTTP-date) as seconds from
+    `now` (time.time()), bounded by THROTTLED_MIN_S..THROTTLED_MAX_S."""
+    delay = THROTTLED_DEFAULT_S
+    if value is not None:
+        text = value.decode("latin-1").strip()
+        if text.isdigit():
+            delay = float(int(text[:10]))
+        else:
+            try:
+                delay = parsedate_to_datetime(text).timestamp() - now
+            except (TypeError, ValueError, IndexError, OverflowError):
+                pass
+    return min(THROTTLED_MAX_S, max(THROTTLED_MIN_S, delay))
 
 
 def decode_stream(body: bytes | bytearray) -> Any:
@@ -99,6 +121,7 @@ class StreamFeed:
         self._startup = True
         self._position: bytes | None = None
         self._logged_down = False
+        self._retry_after = 0.0
 
     async def _fetch(self) -> bytes:
         target = self.path + (b"?startup=true" if self._startup else b"?startup=false")
@@ -117,6 +140,10 @@ class StreamFeed:
             if len(body) > MAX_STREAM_BYTES:
                 response.close()
                 raise ProtocolError("bad_stream", "stream response too large")
+        if response.status == 429:
+            value = next((v for k, v in response.headers if k == b"retry-after"), None)
+            self._retry_after = retry_after_s(value, time.time())
+            raise UpstreamError("throttled", f"retry after {self._retry_after:g} s", status=429)
         if response.status != 200:
             raise UpstreamError("bad_status", f"status {response.status}: {bytes(body[:200])!r}")
         return bytes(body)
@@ -153,7 +180,21 @@ class StreamFeed:
                 await self.poll_once()
             except asyncio.CancelledError:
                 raise
-            except (UpstreamError, TimeoutError, OSError) as exc:
+            except UpstreamError as exc:
+                if exc.reason != "throttled":
+                    self.down("error", exc)
+                else:
+                    # The source is up and answered: it asks us to wait. What we hold stays
+                    # enforced and our position stays valid; not "down", no resync.
+                    self._count("throttled")
+                    self.log.log(
+                        "decisions_source_throttled",
+                        url=self.cfg.url,
+                        retry_after_s=self._retry_after,
+                    )
+                    await asyncio.sleep(max(self._retry_after, self.cfg.poll_interval_s))
+                    continue
+            except (TimeoutError, OSError) as exc:
                 self.down("error", exc)
             except Exception as exc:
                 # Anything else came from what the source sent (RecursionError, ValueError,

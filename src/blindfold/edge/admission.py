@@ -13,7 +13,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from blindfold.core.clienthello import ClientHello
-from blindfold.core.proxyproto import PP2_TYPE_ALPN, PP2_TYPE_AUTHORITY, encode_v1, encode_v2
+from blindfold.core.proxyproto import (
+    PP2_TYPE_ALPN,
+    PP2_TYPE_AUTHORITY,
+    authenticate_v2,
+    encode_v1,
+    encode_v2,
+)
 from blindfold.core.routing import SniRouter
 from blindfold.edge.guards import Admission, Guards
 from blindfold.edge.mode import RouteState
@@ -114,3 +120,21 @@ def proxy_header(
         elif hello.alpn:
             tlvs = ((PP2_TYPE_ALPN, hello.alpn[0]),)
     return encode_v2(src, local, tlvs)
+
+
+def authenticated(
+    route: RouteState,
+    header: bytes,
+    local: tuple[str, int],
+    origin: tuple[str, int],
+    wall: float,
+) -> bytes:
+    """`header` as sent on one connection to an origin: with the route's key, a v2 header
+    gets the authentication TLV (docs/decisions.md "authenticated PROXY headers") over
+    itself, this connection's two ends (`local`: the edge's, getsockname(); `origin`: the
+    origin's) and the time `wall` (time.time()); so each connect attempt needs its own. One
+    HMAC-SHA256 per connection."""
+    if route.proxy_auth is None or not header:
+        return header
+    name, key = route.proxy_auth
+    return authenticate_v2(header, name, key, (local, origin), wall)

@@ -108,6 +108,7 @@ class Conn:
         "client_in",
         "client_port",
         "fd",
+        "header",
         "hello",
         "ip",
         "l7",
@@ -156,6 +157,7 @@ class Conn:
         self.origin: Origin | None = None
         self.osock: CSocket | None = None
         self.out = b""
+        self.header = b""  # the PROXY header before its authentication (per connection)
         self.attempts: list[Origin] = []
         self.relay: Relay | None = None
         self.registered = False
@@ -253,6 +255,7 @@ class Conn:
     def _forward(self, verdict: Forward) -> None:
         self.phase = CONNECTING
         header = verdict.proxy_header
+        self.header = header
         self.out = header + self.buf if header else self.buf
         self.attempts = verdict.origins
         self._connect_next(None)
@@ -372,6 +375,15 @@ class Conn:
                 failure = _connect_reason(rc)
                 self._origin_failed(origin, failure)
                 continue
+            if route.proxy_auth is not None and self.header:
+                # a header authenticated for this very connection (its port is bound now)
+                local = osock.getsockname()
+                self.out = (
+                    admission.authenticated(
+                        route, self.header, local[:2], origin.sockaddr[:2], time.time()
+                    )
+                    + self.buf
+                )
             self.osock = osock
             # On loopback and fast links the connection is often up already: send now and
             # skip a trip through the poller.

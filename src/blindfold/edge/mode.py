@@ -35,6 +35,7 @@ class RouteState:
         "mode",
         "name",
         "pool",
+        "proxy_auth",
         "proxy_protocol",
         "proxy_tlvs",
         "state",
@@ -50,7 +51,10 @@ class RouteState:
         stats: RouteStats,
         mode: Mode,
         state: Any = None,
+        proxy_auth: tuple[str, bytes] | None = None,
     ) -> None:
+        """`proxy_auth`: (this edge's name, its key) when the route authenticates its PROXY
+        headers (`edge.admission.authenticated`)."""
         self.name = name
         self.json_name = json.dumps(name)
         self.pool = pool
@@ -59,6 +63,7 @@ class RouteState:
         self.stats = stats
         self.mode = mode
         self.state = state
+        self.proxy_auth = proxy_auth
 
 
 class Connection(Protocol):

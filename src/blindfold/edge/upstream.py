@@ -8,8 +8,10 @@ import asyncio
 import hashlib
 import socket
 import ssl
+import time
 
 from blindfold.config.edge import RouteConfig
+from blindfold.edge.admission import authenticated
 from blindfold.edge.mode import ModeContext, RouteState
 from blindfold.edge.origins import Origin
 from blindfold.errors import ConfigError, UpstreamError
@@ -75,7 +77,11 @@ async def open_verified_origin(
         try:
             async with asyncio.timeout_at(deadline):
                 if header:
-                    await loop.sock_sendall(sock, header)
+                    # each connection its own authenticated header (when the route has a key)
+                    header_out = authenticated(
+                        route, header, sock.getsockname()[:2], sock.getpeername()[:2], time.time()
+                    )
+                    await loop.sock_sendall(sock, header_out)
                 reader, writer = await asyncio.open_connection(
                     sock=sock,
                     ssl=tls,

@@ -29,6 +29,7 @@ from typing import Any
 from blindfold.config import loads
 from blindfold.config.edge import EdgeConfig
 from blindfold.core.iplist import parse_address
+from blindfold.core.proxyproto import load_auth_key
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.core.routing import SniRouter
 from blindfold.edge.bans import BanUpdates
@@ -155,6 +156,12 @@ class Worker:
                 self.stats.route(name),
                 mode,
                 state,
+                (
+                    rc.proxy_auth_name,
+                    load_auth_key(rc.proxy_auth_key_file, f"{where}.proxy_auth_key_file"),
+                )
+                if rc.proxy_auth_key_file
+                else None,
             )
             routes.append(route)
             entries.extend((pattern, route) for pattern in rc.sni)

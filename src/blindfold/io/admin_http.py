@@ -1,7 +1,9 @@
 """A small HTTP/1.1 server for admin endpoints (/metrics, /healthz), built on h11.
 
-Bounded: request heads up to 16 KiB, bodies refused, 10 s to send a request, at most 64 open
-connections. It serves operators and Prometheus, not visitors.
+Bounded: request heads up to 16 KiB, bodies refused, 10 s to send a whole request (one
+deadline from the moment the server waits for it, as web/http1.py: a client trickling bytes
+does not extend it), 10 s to take the answer, at most 64 open connections and 16 of them per
+client address. It serves operators and Prometheus, not visitors.
 """
 
 from __future__ import annotations
@@ -13,13 +15,15 @@ import h11
 
 Handler = Callable[[str, str], Awaitable[tuple[int, str, bytes]]]
 MAX_CONNECTIONS = 64
-READ_TIMEOUT_S = 10.0
+MAX_PER_ADDRESS = 16  # one address (a stuck scraper, a slowloris) leaves the rest to others
+REQUEST_TIMEOUT_S = 10.0  # to receive one whole request; also to send its answer
 
 
 class AdminServer:
     def __init__(self, handler: Handler) -> None:
         self._handler = handler
         self._open = 0
+        self._per_address: dict[str, int] = {}
         self.server: asyncio.base_events.Server | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -33,14 +37,20 @@ class AdminServer:
             await self.server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self._open >= MAX_CONNECTIONS:
+        peer = writer.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        held = self._per_address.get(address, 0)
+        if self._open >= MAX_CONNECTIONS or held >= MAX_PER_ADDRESS:
             writer.close()
             return
         self._open += 1
+        self._per_address[address] = held + 1
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                event = await self._next_event(conn, reader)
+                deadline = loop.time() + REQUEST_TIMEOUT_S
+                event = await self._next_event(conn, reader, deadline)
                 if isinstance(event, h11.Request):
                     method = event.method.decode("ascii", "replace")
                     target = event.target.decode("ascii", "replace")
@@ -49,19 +59,27 @@ class AdminServer:
                     else:
                         status, ctype, body = await self._handler(method, target.split("?")[0])
                     # drain the (empty) body before answering
-                    while not isinstance(await self._next_event(conn, reader), h11.EndOfMessage):
+                    while not isinstance(
+                        await self._next_event(conn, reader, deadline), h11.EndOfMessage
+                    ):
                         pass
                     headers = [("content-type", ctype), ("content-length", str(len(body)))]
                     writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
                     if method != "HEAD":
                         writer.write(conn.send(h11.Data(data=body)))
                     writer.write(conn.send(h11.EndOfMessage()))
-                    await writer.drain()
+                    async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                        await writer.drain()
                     if conn.our_state is h11.MUST_CLOSE:
                         break
                     conn.start_next_cycle()
                 elif isinstance(event, h11.ConnectionClosed):
                     break
+        except asyncio.CancelledError:
+            # The process is stopping. Ended quietly: this task is start_server's own, nobody
+            # awaits it, and Python 3.11's done-callback calls task.exception() on a cancelled
+            # task, which logs "Exception in callback" with a traceback.
+            pass
         except (h11.RemoteProtocolError, TimeoutError, ConnectionError):
             try:
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
@@ -78,13 +96,22 @@ class AdminServer:
                 pass
         finally:
             self._open -= 1
+            left = self._per_address[address] - 1
+            if left:
+                self._per_address[address] = left
+            else:
+                del self._per_address[address]
             writer.close()
 
     @staticmethod
-    async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> object:
+    async def _next_event(
+        conn: h11.Connection, reader: asyncio.StreamReader, deadline: float
+    ) -> object:
+        """The next h11 event, by the loop time `deadline` (TimeoutError)."""
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            data = await asyncio.wait_for(reader.read(16384), READ_TIMEOUT_S)
+            async with asyncio.timeout_at(deadline):
+                data = await reader.read(16384)
             conn.receive_data(data)

@@ -17,15 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import io
 import os
 import re
 import ssl
+import tempfile
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Sequence
+from collections import OrderedDict, deque
+from collections.abc import Callable, Coroutine, Hashable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -33,9 +33,11 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from blindfold.config.edge import BlindRouteConfig, EdgeConfig, EdgeHttpConfig, RouteConfig
 from blindfold.core import manifest
 from blindfold.core.clienthello import ClientHello
+from blindfold.core.iplist import parse_address
 from blindfold.core.proxyproto import encode_v1, encode_v2
-from blindfold.core.ratelimit import TokenBucket
+from blindfold.core.ratelimit import BucketMap, TokenBucket
 from blindfold.core.tls13_server import ConnectionFailed
+from blindfold.edge.guards import client_key
 from blindfold.edge.mode import Connection, Mode, ModeContext, RouteState
 from blindfold.edge.serve import LOGGED_EVENTS, misdirected, request_host, serve
 from blindfold.edge.upstream import open_verified_origin, origin_pins, origin_tls_context
@@ -55,7 +57,6 @@ _TYPES = {"js": b"text/javascript; charset=utf-8", "css": b"text/css; charset=ut
 SEND_CHUNK = 1 << 18
 MEMORY_SEND_CHUNK = 1 << 20
 DISK_RETRY_S = 30.0
-MAX_UNCACHEABLE = 10_000
 SEND_BUFFER_BYTES = 1 << 20
 # Blob ids name content (an HMAC of path and content digest): a blob never changes.
 _CACHE_CONTROL = b"public, max-age=31536000, immutable"
@@ -63,6 +64,11 @@ INDEX_REFRESH_S = 5.0  # an unknown id fetches the index again at most this ofte
 INDEX_FILE = "index.json"  # the last signed index fetched, beside the cached blobs
 REPORTS_PER_S = 5.0  # visitors' reports per route and worker (each may hash a file)
 REPORT_BURST = 20
+# ... and per visitor address (IPv6: per ipv6_prefix_len prefix): one visitor cannot spend
+# everyone's share
+REPORTS_PER_ADDRESS_PER_S = 1.0
+REPORT_ADDRESS_BURST = 5
+MAX_REPORT_ADDRESSES = 10_000
 RECHECK_COOLDOWN_S = 10.0  # a reported blob is checked at most this often
 # bytes hashed for reports: so many reports of big blobs cannot keep the edge busy hashing
 RECHECK_BYTES_PER_S = 32 << 20
@@ -73,9 +79,11 @@ METRICS = (
     MetricSpec(
         "blindfold_blind_requests_total",
         "counter",
-        "Requests on blind routes, by result (hit_memory, hit_disk, miss, joined: a "
-        "miss served from another's pull, uncached, not_found, origin_error, error, "
-        "bad_method, misdirected: another host than the route's), and the checks against "
+        "Requests on blind routes, by result (hit_memory, hit_disk, miss, uncached: a miss "
+        "the cache cannot keep, joined: a miss or uncached served from another's pull, "
+        "busy: refused, the visitor's pulls at their cap or the temporary files of "
+        "uncacheable blobs at their bound, not_found, origin_error, "
+        "error, bad_method, misdirected: another host than the route's), and the checks against "
         "the site's signed blob index (not_in_index, "
         "pull_rejected, cache_dropped, index_fetched, index_failed, report, report_refused).",
         ("route", "result"),
@@ -355,9 +363,15 @@ class BlindRoute:
     when the cache settings are unchanged."""
 
     def __init__(
-        self, where: str, rc: RouteConfig, worker_index: int, old: BlindRoute | None = None
+        self,
+        where: str,
+        rc: RouteConfig,
+        worker_index: int,
+        old: BlindRoute | None = None,
+        ipv6_prefix_len: int = 64,
     ) -> None:
         self.config = rc
+        self.ipv6_prefix_len = ipv6_prefix_len
         self.cfg = rc.blind or BlindRouteConfig()
         self.tls = _server_tls(where, rc)
         self.origin_tls = origin_tls_context(where, rc)
@@ -371,9 +385,13 @@ class BlindRoute:
             old.store if old is not None and same_cache else BlobStore(self.cfg, worker_index)
         )
         self.pulls: dict[str, Fill] = old.pulls if old is not None and same_cache else {}
-        self.uncacheable: OrderedDict[str, None] = (
-            old.uncacheable if old is not None and same_cache else OrderedDict()
-        )
+        # pulls in flight started by one client address (the pulls carry over a reload)
+        self.pull_caps = Slots(self.http.upstream_connections_per_ip)
+        # bytes of the unnamed temporary files of blobs the cache cannot keep, open now
+        self.uncached_bytes: int = old.uncached_bytes if old is not None and same_cache else 0
+        if old is not None:
+            old.pull_caps.limit = self.pull_caps.limit
+            self.pull_caps = old.pull_caps
         self.stats: BlindStats = old.stats if old is not None else BlindStats()
         public = load_site_key(where, self.cfg)
         self.index: SiteIndex = (
@@ -385,6 +403,11 @@ class BlindRoute:
             old.checks if old is not None and same_cache else {}
         )
         self.reports = TokenBucket(REPORTS_PER_S, REPORT_BURST, time.monotonic())
+        self.address_reports: BucketMap = (
+            old.address_reports
+            if old is not None
+            else BucketMap(REPORTS_PER_ADDRESS_PER_S, REPORT_ADDRESS_BURST, MAX_REPORT_ADDRESSES)
+        )
         self.recheck_bytes = ByteBudget(RECHECK_BYTES_PER_S, RECHECK_BURST_BYTES, time.monotonic())
         self.rechecked: OrderedDict[str, float] = OrderedDict()
         self.pool: UpstreamPool | None = None
@@ -395,13 +418,6 @@ class BlindRoute:
                 old.pool.close()
         self.any_origin = "*" in self.cfg.allow_origins
         self.allowed_origins = frozenset(o.encode() for o in self.cfg.allow_origins)
-
-    def remember_uncacheable(self, blob: str) -> None:
-        """Blobs the cache cannot keep (bigger than memory allows, no disk): later requests
-        stream them straight from the origin without asking for them twice."""
-        self.uncacheable[blob] = None
-        if len(self.uncacheable) > MAX_UNCACHEABLE:
-            self.uncacheable.popitem(last=False)
 
     def cors(self, request: Request) -> Headers:
         """CORS for a page's service worker fetching blobs cross-origin (Fetch standard)."""
@@ -427,7 +443,7 @@ class BlindMode(Mode):
     def build(
         self, where: str, rc: RouteConfig, edge: EdgeConfig, old: BlindRoute | None
     ) -> BlindRoute:
-        return BlindRoute(where, rc, self.ctx.index, old)
+        return BlindRoute(where, rc, self.ctx.index, old, edge.ipv6_prefix_len)
 
     def check(self, route: RouteState, hello: ClientHello) -> bool:
         return True  # the CDN hostname's own TLS: every hello is ours
@@ -493,6 +509,15 @@ class BlindHandler:
         self.br = br
         self.sni = sni
         self.cors: Headers = []
+        self._conn_slots: Slots | None = None
+        self._key: int | None = None
+
+    def _client_key(self) -> int:
+        """The visitor's address as the per-address limits count it."""
+        if self._key is None:
+            version, addr = parse_address(self.conn.ip)
+            self._key = client_key(version, addr, self.br.ipv6_prefix_len)
+        return self._key
 
     def http_event(self, name: str, fields: dict[str, object]) -> None:
         if name in LOGGED_EVENTS:
@@ -537,17 +562,47 @@ class BlindHandler:
         self.cors = br.cors(request)
         if await self._from_cache(blob, respond, head):
             return
-        if blob in br.uncacheable:
-            await self._direct(blob, respond, head)
-            return
         fill = br.pulls.get(blob)
         if fill is None:
-            fill = Fill(blob, self._fill_task)
-            br.pulls[blob] = fill
-            fill.start()
+            fill = await self._start_pull(blob)
+            if fill is None:
+                br.stats.count("busy")
+                await simple_response(
+                    respond, 503, "too many pulls\n", [(b"retry-after", b"1"), *self.cors]
+                )
+                return
         else:
             br.stats.count("joined")
         await self._from_fill(fill, respond, head)
+
+    async def _start_pull(self, blob: str) -> Fill | None:
+        """A pull of `blob` from the origin, or the one another visitor started meanwhile.
+        Each pull holds a slot of its visitor's connection and of its visitor's address until
+        it ends (it runs on when the visitor leaves): one visitor cannot take every origin
+        request. A visitor at its caps waits, at most upstream_queue_timeout_s (None then)."""
+        br = self.br
+        if self._conn_slots is None:
+            self._conn_slots = Slots(br.http.upstream_connections_per_client_conn)
+        deadline = asyncio.get_running_loop().time() + br.http.upstream_queue_timeout_s
+        held: list[tuple[Slots, Hashable]] = []
+        try:
+            conn_key: Hashable = 0
+            for slots, key in ((self._conn_slots, conn_key), (br.pull_caps, self._client_key())):
+                if not await slots.acquire(key, deadline):
+                    return None
+                held.append((slots, key))
+            fill = br.pulls.get(blob)
+            if fill is not None:  # started by another while we waited
+                br.stats.count("joined")
+                return fill
+        finally:
+            if len(held) < 2 or br.pulls.get(blob) is not None:
+                for slots, key in held:
+                    slots.release(key)
+        fill = Fill(blob, self._fill_task, held)
+        br.pulls[blob] = fill
+        fill.start()
+        return fill
 
     def _headers(self, blob: str, size: int, source: bytes) -> Headers:
         ext = blob.rpartition(".")[2] if "." in blob else ""
@@ -786,12 +841,13 @@ class BlindHandler:
 
     async def _report(self, request: Request, name: str, respond: Responder) -> None:
         """POST /r/<id>: a visitor's copy failed its checks. The edge checks its own copies
-        (bounded: a token bucket per route, one check per blob per RECHECK_COOLDOWN_S); a
-        report never drops a copy that matches the signed index."""
+        (bounded: token buckets per visitor address and per route, one check per blob per
+        RECHECK_COOLDOWN_S); a report never drops a copy that matches the signed index."""
         br = self.br
         now = time.monotonic()
         cors = br.cors(request)
-        if not br.reports.allow(now):
+        # the visitor's own share first: a refused report spends nothing of everyone's
+        if br.address_reports.take(self._client_key(), now) or not br.reports.allow(now):
             br.stats.count("report_refused")
             await simple_response(
                 respond, 429, "too many reports\n", [(b"retry-after", b"1"), *cors]
@@ -853,7 +909,7 @@ class BlindHandler:
         stop it, and every visitor who asks meanwhile streams from it."""
         br = self.br
         store = br.store
-        out: io.BufferedWriter | None = None
+        out: IO[bytes] | None = None
         resp: UpstreamResponse | None = None
         try:
             try:
@@ -897,12 +953,24 @@ class BlindHandler:
                     store.disk_failed(str(exc))
                     fill.tmp = None
             if fill.tmp is None:
-                if length > store.mem_obj_max:  # nowhere to keep it: each visitor pulls
-                    if store.dir is None or length > store.disk_max:  # (not a disk hiccup)
-                        br.remember_uncacheable(fill.blob)
-                    fill.fail(0, "")
+                # their temporary files ($TMPDIR; on a tmpfs that is memory) take at most
+                # disk_cache_bytes at once, per route and worker
+                if (
+                    length > store.mem_obj_max
+                    and br.uncached_bytes + length > br.cfg.disk_cache_bytes
+                ):
+                    fill.fail(503, "the temporary files of uncacheable blobs are at their bound")
                     return
-                fill.buf = bytearray()
+                if length > store.mem_obj_max:
+                    # Nowhere to keep it: an unnamed file (gone when its last reader closes
+                    # it) that visitors read while it is pulled and while one of them reads;
+                    # closed by `Fill.close_uncached`, not a with-block.
+                    tmp = tempfile.TemporaryFile(prefix="blindfold-blob-")  # noqa: SIM115
+                    fill.uncached = out = tmp
+                    fill.uncached_size = length
+                    br.uncached_bytes += length
+                else:
+                    fill.buf = bytearray()
             fill.begin(length)
             async for chunk in resp.body():
                 if fill.got + len(chunk) > length:
@@ -923,7 +991,9 @@ class BlindHandler:
                 raise UpstreamError(
                     "digest_mismatch", "origin's blob does not match the site's signed blob index"
                 )
-            if out is not None:
+            if fill.uncached is not None:
+                out = None  # kept open for its readers
+            elif out is not None:
                 out.close()
                 out = None
                 assert fill.tmp is not None
@@ -938,16 +1008,21 @@ class BlindHandler:
             br.stats.count("origin_error")
             fill.fail(502, str(exc))
         except OSError as exc:  # the disk cache: this pull fails, the next ones skip the disk
-            store.disk_failed(str(exc))
+            if fill.uncached is None:
+                store.disk_failed(str(exc))
             fill.fail(502, f"cache: {exc}")
         finally:
+            fill.release_slots()
             if out is not None:
                 out.close()
+            if fill.error or not fill.readers:
+                br.uncached_bytes -= fill.close_uncached()
             if resp is not None:
                 resp.close()  # a no-op once the body was read to its end (back in the pool)
             if fill.tmp is not None:
                 fill.tmp.unlink(missing_ok=True)
-            if br.pulls.get(fill.blob) is fill:
+            # an uncacheable blob stays joinable while a visitor reads it
+            if br.pulls.get(fill.blob) is fill and fill.uncached is None:
                 del br.pulls[fill.blob]
             if fill.error:
                 self.ctx.log.log(
@@ -959,6 +1034,17 @@ class BlindHandler:
             fill.finish()
 
     async def _from_fill(self, fill: Fill, respond: Responder, head: bool) -> None:
+        fill.readers += 1
+        try:
+            await self._read_fill(fill, respond, head)
+        finally:
+            fill.readers -= 1
+            if fill.done and not fill.readers:  # the last reader of an uncacheable blob
+                self.br.uncached_bytes -= fill.close_uncached()
+                if self.br.pulls.get(fill.blob) is fill:
+                    del self.br.pulls[fill.blob]
+
+    async def _read_fill(self, fill: Fill, respond: Responder, head: bool) -> None:
         """Answer from a pull in progress: the head once the origin's length is known, then
         the bytes as they land (from the temporary file, or memory), never more than pulled."""
         br = self.br
@@ -967,27 +1053,29 @@ class BlindHandler:
             if not await fill.wait(idle):
                 break
         if fill.length is None:
-            if fill.done and fill.status == 0:  # not cacheable here: a pull for this visitor
-                await self._direct(fill.blob, respond, head)
-                return
-            status = fill.status if fill.done and fill.status == 404 else 502
-            br.stats.count("not_found" if status == 404 else "error")
+            status = fill.status if fill.done and fill.status in (404, 503) else 502
+            br.stats.count({404: "not_found", 503: "busy"}.get(status, "error"))
             await simple_response(
                 respond,
                 status,
-                "no such blob\n" if status == 404 else "blob unavailable\n",
-                self.cors,
+                {404: "no such blob\n", 503: "too many pulls\n"}.get(status, "blob unavailable\n"),
+                [(b"retry-after", b"1"), *self.cors] if status == 503 else self.cors,
             )
             return
-        br.stats.count("miss")
-        await respond.start(200, self._headers(fill.blob, fill.length, b"miss"))
+        uncached = fill.uncached is not None
+        br.stats.count("uncached" if uncached else "miss")
+        await respond.start(
+            200, self._headers(fill.blob, fill.length, b"uncached" if uncached else b"miss")
+        )
         if head:
             await respond.end()
             return
         fd = -1
         sent = 0
         try:
-            if fill.buf is None:
+            if fill.uncached is not None:
+                fd = os.dup(fill.uncached.fileno())
+            elif fill.buf is None:
                 where = fill.tmp or fill.path
                 if where is None:
                     respond.abort()
@@ -1021,78 +1109,77 @@ class BlindHandler:
         else:
             respond.abort()  # never claim a whole blob, nor one that failed its check
 
-    async def _direct(self, blob: str, respond: Responder, head: bool) -> None:
-        """A blob the cache cannot keep (too big for memory, no disk): streamed through."""
-        br = self.br
+
+class Slots:
+    """At most `limit` slots held at once per key (a client address); who must wait is served
+    in order, until a deadline."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held: dict[Hashable, int] = {}
+        self.waiters: dict[Hashable, deque[asyncio.Future[None]]] = {}
+
+    async def acquire(self, key: Hashable, deadline: float) -> bool:
+        """One slot by the loop time `deadline`; False when none came free by then."""
+        queue = self.waiters.get(key)
+        if self.held.get(key, 0) < self.limit and not queue:
+            self.held[key] = self.held.get(key, 0) + 1
+            return True
+        if queue is None:
+            queue = self.waiters[key] = deque()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue.append(fut)
         try:
-            want = await self._expected(blob)
-        except UpstreamError:
-            await simple_response(respond, 502, "blob unavailable\n", self.cors)
-            return
-        if want is None:
-            br.stats.count("not_in_index")
-            await simple_response(respond, 404, "no such blob\n", self.cors)
-            return
-        prefix = br.cfg.origin_public_path if "." in blob else br.cfg.origin_blobs_path
-        host = (br.config.origin_server_name or "origin").encode()
-        try:
-            resp = await self._pool().request(
-                b"GET",
-                (prefix + blob).encode(),
-                [(b"host", host), (b"user-agent", b"blindfold-edge")],
-                None,
-            )
-        except UpstreamError:
-            br.stats.count("origin_error")
-            await simple_response(respond, 502, "origin unavailable\n", self.cors)
-            return
-        try:
-            length = _content_length(resp.headers)
-            if resp.status != 200 or length != want[1] or length > br.cfg.max_blob_bytes:
-                await simple_response(
-                    respond, 404 if resp.status == 404 else 502, "no such blob\n", self.cors
-                )
-                return
-            br.stats.count("uncached")
-            await respond.start(200, self._headers(blob, length, b"uncached"))
-            if head:
-                await respond.end()
-                return
-            sent = 0
-            digest = hashlib.sha256()
-            try:
-                async for chunk in resp.body():
-                    sent += len(chunk)
-                    if sent > length:
-                        break
-                    digest.update(chunk)
-                    await respond.send(chunk)
-            except UpstreamError:
-                pass
-            br.stats.origin_bytes += sent
-            br.stats.served_bytes += min(sent, length)
-            if sent == length and digest.digest() == want[0]:
-                await respond.end()
-            else:
-                if sent == length:
-                    br.stats.count("pull_rejected")
-                    self.ctx.log.log(
-                        "blind_pull_failed",
-                        route=self.route.name,
-                        blob=blob,
-                        detail="origin's blob does not match the site's signed blob index",
-                    )
-                respond.abort()
+            async with asyncio.timeout_at(deadline):
+                await fut
+            return True
+        except TimeoutError:
+            # handed a slot as the deadline came: it is ours
+            return fut.done() and not fut.cancelled()
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release(key)  # handed a slot and cancelled: passed on
+            raise
         finally:
-            resp.close()
+            if not fut.done():
+                fut.cancel()
+            with contextlib.suppress(ValueError):
+                queue.remove(fut)
+            if not queue and self.waiters.get(key) is queue:
+                del self.waiters[key]
+
+    def release(self, key: Hashable) -> None:
+        """A slot comes free: to the first waiter of its key, which then holds it."""
+        queue = self.waiters.get(key)
+        while queue:
+            fut = queue.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        n = self.held.get(key, 0) - 1
+        if n > 0:
+            self.held[key] = n
+        else:
+            self.held.pop(key, None)
 
 
 class Fill:
-    """A pull from the origin in progress, shared by the visitors who ask for its blob."""
+    """A pull from the origin in progress, shared by the visitors who ask for its blob. A
+    blob the cache cannot keep is pulled into an unnamed temporary file that stays open, and
+    joinable, while a visitor reads it: N visitors of one big blob cost one origin request."""
 
-    def __init__(self, blob: str, run: Callable[[Fill], Coroutine[Any, Any, None]]) -> None:
+    def __init__(
+        self,
+        blob: str,
+        run: Callable[[Fill], Coroutine[Any, Any, None]],
+        held: Sequence[tuple[Slots, Hashable]] = (),
+    ) -> None:
         self.blob = blob
         self._run = run
+        self.held = list(held)  # the visitor's pull slots, given back when the pull ends
+        self.uncached: IO[bytes] | None = None
+        self.uncached_size = 0
+        self.readers = 0
         self.length: int | None = None
         self.got = 0
         self.done = False
@@ -1128,6 +1215,19 @@ class Fill:
     def advance(self, n: int) -> None:
         self.got += n
         self._notify()
+
+    def release_slots(self) -> None:
+        held, self.held = self.held, []
+        for slots, key in held:
+            slots.release(key)
+
+    def close_uncached(self) -> int:
+        """Close the temporary file (readers hold their own descriptors); its size, or 0."""
+        if self.uncached is None:
+            return 0
+        self.uncached.close()
+        self.uncached = None
+        return self.uncached_size
 
     def fail(self, status: int, error: str) -> None:
         self.status, self.error = status, error

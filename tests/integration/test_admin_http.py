@@ -1,0 +1,119 @@
+"""The admin listener (/metrics, /healthz; io.admin_http) against slow clients (atk-visitor
+#7): 64 connections trickling a header line every 4 s kept every slot, because the deadline was
+per read, not per request; /healthz went unanswered. A real server on a loop in a thread, real
+sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import select
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from blindfold.io import admin_http
+from blindfold.io.admin_http import AdminServer
+
+
+async def _handler(method: str, path: str) -> tuple[int, str, bytes]:
+    return (200, "text/plain", b"ok\n") if path == "/healthz" else (404, "text/plain", b"")
+
+
+@pytest.fixture
+def admin() -> Iterator[int]:
+    loop = asyncio.new_event_loop()
+    server = AdminServer(_handler)
+    ready = threading.Event()
+    port: list[int] = []
+
+    async def start() -> None:
+        port.append((await server.start("127.0.0.1", 0))[1])
+        ready.set()
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(start(), loop)
+    assert ready.wait(10)
+    yield port[0]
+    asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+def _healthz(port: int, source: str = "127.0.0.1") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+        return data
+
+
+def test_a_request_head_has_one_deadline(admin: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(admin_http, "REQUEST_TIMEOUT_S", 1.0, raising=False)
+    monkeypatch.setattr(admin_http, "READ_TIMEOUT_S", 1.0, raising=False)  # (before the fix)
+    slow = socket.create_connection(("127.0.0.1", admin), timeout=5)
+    slow.sendall(b"GET /healthz HTTP/1.1\r\n")
+    start = time.monotonic()
+    ended = None
+    try:
+        while time.monotonic() - start < 4.0:
+            # a header line every 0.3 s: each read comes well within the deadline
+            if select.select([slow], [], [], 0.3)[0]:
+                slow.recv(4096)  # the 400, or the end: the server gave up on this request
+                ended = time.monotonic() - start
+                break
+            slow.sendall(b"x-a: b\r\n")
+    except OSError:
+        ended = time.monotonic() - start
+    finally:
+        slow.close()
+    assert ended is not None and ended < 2.5, ended
+
+
+def test_one_address_cannot_take_every_slot(admin: int) -> None:
+    hog = [
+        socket.create_connection(("127.0.0.1", admin), timeout=5, source_address=("127.0.0.9", 0))
+        for _ in range(admin_http.MAX_CONNECTIONS)
+    ]
+    try:
+        assert _healthz(admin, "127.0.0.10").startswith(b"HTTP/1.1 200")
+    finally:
+        for s in hog:
+            s.close()
+
+
+def test_a_connection_open_at_shutdown_ends_quietly() -> None:
+    """A process stopping with an admin connection open cancels its handler; Python 3.11's
+    start_server callback then calls task.exception() on the cancelled task and logs
+    "Exception in callback" with a traceback (seen when the origin stopped under a slow
+    client)."""
+    reported: list[dict[str, object]] = []
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+        server = AdminServer(_handler)
+        _host, port = await server.start("127.0.0.1", 0)
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\n")  # a head that never ends
+        await writer.drain()
+        for _ in range(100):  # until the server's handler waits for the rest
+            await asyncio.sleep(0.01)
+            handlers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            if handlers:
+                break
+        assert handlers
+        await server.close()
+        for task in handlers:  # what asyncio.run does to the tasks left at its end
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        await asyncio.sleep(0.05)  # the done-callbacks run
+        writer.close()
+
+    asyncio.run(run())
+    assert not reported, reported
