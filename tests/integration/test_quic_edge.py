@@ -291,3 +291,34 @@ def test_chromium_over_quic_through_the_edge_which_sees_no_plaintext(
     assert b"The origin agent says" not in seen
     cert = x509.load_pem_x509_certificate(site["cert"].read_bytes())
     assert cert.public_bytes(serialization.Encoding.DER)[:200] not in seen
+
+
+def test_a_quic_flow_holds_a_per_address_slot_until_it_ends(
+    start_edge: Any, start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    edge, _origin, uport = quic_chain(
+        start_edge,
+        start_origin,
+        app,
+        site,
+        tmp_path,
+        decisions=False,
+        edge_kw={"per_ip_concurrent": 1},
+    )
+
+    async def two() -> int:
+        async with H3Client(uport, ca=site["ca"], source="127.0.0.47") as c:
+            assert (await c.get("/echo")).status == 200
+            try:  # a second flow from the same address while the first is open
+                r = await asyncio.to_thread(
+                    h3_get, uport, "/echo", ca=site["ca"], source="127.0.0.47", timeout=2
+                )
+                return r.status
+            except (TimeoutError, ConnectionError):
+                return 0
+
+    assert asyncio.run(two()) == 0
+    assert edge.metric("blindfold_quic_flows_total", result="rejected:per_ip_concurrent") == 1
+    # the first flow ends (idle_timeout_s = 2) and gives its slot back
+    assert wait_until(lambda: edge.metric("blindfold_quic_flows_active") == 0, 10)
+    assert h3_get(uport, "/echo", ca=site["ca"], source="127.0.0.47").status == 200
