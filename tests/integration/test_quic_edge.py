@@ -322,3 +322,52 @@ def test_a_quic_flow_holds_a_per_address_slot_until_it_ends(
     # the first flow ends (idle_timeout_s = 2) and gives its slot back
     assert wait_until(lambda: edge.metric("blindfold_quic_flows_active") == 0, 10)
     assert h3_get(uport, "/echo", ca=site["ca"], source="127.0.0.47").status == 200
+
+
+def test_nat_rebinding_is_carried_and_an_address_change_to_another_worker_is_dropped(
+    start_edge: Any, start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    """A visitor whose port changes (NAT rebinding) stays on its worker (the steering hashes
+    the address only) and its flow carries on over a new path, announced to the origin for the
+    same visitor. A visitor whose address changes to one another worker is steered to reaches
+    a worker that does not know the flow: dropped (docs/quic.md)."""
+    from blindfold.io.listeners import steer_index
+
+    edge, _origin, uport = quic_chain(
+        start_edge, start_origin, app, site, tmp_path, decisions=False
+    )
+    visitor = "127.0.0.48"
+    other = next(
+        f"127.0.0.{i}"
+        for i in range(50, 250)
+        if steer_index(f"127.0.0.{i}", 2) != steer_index(visitor, 2)
+    )
+
+    async def rebind(c: H3Client, source: str) -> socket.socket:
+        assert c.protocol is not None
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((source, 0))
+        loop = asyncio.get_running_loop()
+        protocol = c.protocol
+        await loop.create_datagram_endpoint(lambda: protocol, sock=sock)
+        return sock
+
+    async def run() -> tuple[int, dict[str, Any], int]:
+        async with H3Client(uport, ca=site["ca"], source=visitor, timeout=3) as c:
+            assert (await c.get("/echo")).status == 200
+            await rebind(c, visitor)  # same address, new port
+            r = await c.get("/echo")
+            seen = json.loads(r.body)
+            await rebind(c, other)  # another address, steered to the other worker
+            try:
+                after = (await c.get("/echo")).status
+            except TimeoutError:
+                after = 0
+            return r.status, seen, after
+
+    status, seen, after = asyncio.run(run())
+    assert status == 200 and seen["x-forwarded-for"] == visitor
+    assert after == 0
+    assert edge.metric("blindfold_quic_datagrams_dropped_total", reason="unknown_connection") >= 1
+    flow = edge.wait_for(lambda r: r.get("event") == "quic_flow" and r["client"] == visitor, 10)
+    assert flow is not None and flow["paths"] == 2
