@@ -221,11 +221,10 @@ class QuicService:
         r = table.from_client(data, client, now)
         if isinstance(r, HelloReceived):
             fwd = self._decide(sock, r, now)
-            if fwd is None:
-                return
-            r = fwd
-        if isinstance(r, Forward):
-            self._forward(r)
+            if fwd is not None:
+                self._forward(fwd, admitted=True)
+        elif isinstance(r, Forward):
+            self._forward(r, admitted=False)
         elif isinstance(r, SendToClient):
             try:
                 sock.sendto(r.datagram, r.address)
@@ -262,13 +261,14 @@ class QuicService:
         ctx.stats.count_ja4(hello.ja4)
         return self.table.accept(r.flow, now, info)
 
-    def _forward(self, fwd: Forward) -> None:
+    def _forward(self, fwd: Forward, admitted: bool) -> None:
+        """`admitted`: the flow was just accepted from this path (the guards ran for it)."""
         path = fwd.path
         info: FlowInfo = path.flow.route
         if fwd.evicted is not None:
             self._close_path(fwd.evicted)
         if fwd.new_path:
-            if len(path.flow.paths) > 1 and self._refused_address(path.client[0]) is not None:
+            if not admitted and self._refused_address(path.client[0]) is not None:
                 self.table.drop_path(path)
                 self._count("drop:path_refused")
                 if not path.flow.paths:
