@@ -371,3 +371,32 @@ def test_nat_rebinding_is_carried_and_an_address_change_to_another_worker_is_dro
     assert edge.metric("blindfold_quic_datagrams_dropped_total", reason="unknown_connection") >= 1
     flow = edge.wait_for(lambda r: r.get("event") == "quic_flow" and r["client"] == visitor, 10)
     assert flow is not None and flow["paths"] == 2
+
+
+def test_a_reload_keeps_open_flows(
+    start_edge: Any, start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    """SIGHUP with the same listeners and changed [edge.quic] bounds: the open flow carries on
+    in the same worker, new flows are served."""
+    edge, _origin, uport = quic_chain(
+        start_edge,
+        start_origin,
+        app,
+        site,
+        tmp_path,
+        decisions=False,
+        quic_kw={"idle_timeout_s": 30.0},
+    )
+
+    async def run() -> int:
+        async with H3Client(uport, ca=site["ca"], source="127.0.0.51", timeout=3) as c:
+            assert (await c.get("/echo")).status == 200
+            text = edge.config_path.read_text()
+            edge.write_config(text + "max_pending_per_address = 1\n")
+            done = await asyncio.to_thread(edge.reload)
+            assert done is not None and done["event"] == "reloaded", done
+            return (await c.get("/echo")).status
+
+    assert asyncio.run(run()) == 200
+    assert edge.metric("blindfold_quic_flows_total", result="accepted") == 1
+    assert h3_get(uport, "/echo", ca=site["ca"], source="127.0.0.52").status == 200
