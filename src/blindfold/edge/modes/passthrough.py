@@ -49,6 +49,7 @@ from blindfold.errors import ConfigError, ProtocolError
 from blindfold.io.reactor import EPOLLIN
 from blindfold.obs.metrics import MetricSpec, Snapshot
 
+SLICE_FLOWS = 1024  # flows checked against new bans per turn of the loop (~1 ms)
 RECV_BATCH = 64  # datagrams read per readiness event before other work runs
 MAX_DATAGRAM = 65535
 
@@ -371,14 +372,29 @@ class QuicService:
         for ended in self.table.expire(now):
             self._ended(ended)
 
-    def banned(self) -> list[Flow]:
-        """Open flows with a path from an address the lists now refuse."""
-        return [
-            flow
-            for flow in self.table.flows()
-            if isinstance(flow.route, FlowInfo)
-            and any(self._refused_address(p.client[0]) is not None for p in flow.paths.values())
-        ]
+    def find_banned(self, grace_s: float) -> None:
+        """New bans are in: find the open flows with a path from an address the lists now
+        refuse, SLICE_FLOWS per turn of the loop (like the worker's check of connections),
+        and end them after `grace_s`."""
+        flows = [f for f in self.table.flows() if isinstance(f.route, FlowInfo)]
+        doomed: list[Flow] = []
+        reactor = self.ctx.reactor
+
+        def end() -> None:
+            ended = self.end_banned(doomed)
+            if ended:
+                self.ctx.log.log("banned_flows_closed", closed=ended, worker=self.ctx.index)
+
+        def step(start: int) -> None:
+            for flow in flows[start : start + SLICE_FLOWS]:
+                if any(self._refused_address(p.client[0]) for p in flow.paths.values()):
+                    doomed.append(flow)
+            if start + SLICE_FLOWS < len(flows):
+                reactor.call_later(0.0, lambda: step(start + SLICE_FLOWS))
+            elif doomed:
+                reactor.call_later(grace_s, end)
+
+        step(0)
 
     def end_banned(self, flows: list[Flow]) -> int:
         ended = 0
@@ -443,19 +459,8 @@ class PassthroughMode(Mode):
             self.quic.expire(now)
 
     def bans_changed(self, grace_s: float) -> None:
-        service = self.quic
-        if service is None:
-            return
-        doomed = service.banned()
-        if not doomed:
-            return
-
-        def end() -> None:
-            ended = service.end_banned(doomed)
-            if ended:
-                self.ctx.log.log("banned_flows_closed", closed=ended, worker=self.ctx.index)
-
-        self.ctx.reactor.call_later(grace_s, end)
+        if self.quic is not None:
+            self.quic.find_banned(grace_s)
 
     def drain(self) -> None:
         if self.quic is not None:
