@@ -12,6 +12,7 @@ from tests.helpers.nginx import free_port
 
 CHECKS = (
     "a page through the edge",
+    "a page over HTTP/3 through the edge (QUIC passed through, never decrypted)",
     "the WAF blocks the SQL injection",
     "the edge then refuses the attacker",
     "another visitor is still served",

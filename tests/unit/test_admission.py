@@ -28,7 +28,8 @@ from blindfold.edge.lists import ListSet
 from blindfold.edge.mode import Connection, Mode, RouteState
 from blindfold.edge.modes import MODES
 from blindfold.edge.origins import Origin, OriginPool
-from blindfold.edge.stats import RouteStats
+from blindfold.edge.stats import RouteStats, WorkerStats
+from blindfold.io.reactor import Reactor
 from blindfold.obs.log import JsonLog
 from tests.helpers.tlsbuild import ext, handshake, openssl_hello, records, simple_hello
 
@@ -48,8 +49,13 @@ class Peer:
 class Context:
     """What a mode sees of a worker (edge.mode.ModeContext), with a clock the test sets."""
 
-    def __init__(self, config: EdgeConfig, log: JsonLog, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, config: EdgeConfig, log: JsonLog, loop: asyncio.AbstractEventLoop, guards: Guards
+    ) -> None:
         self.index = 0
+        self.reactor = Reactor()
+        self.guards = guards
+        self.stats = WorkerStats()
         self.loop = loop
         self.now = 0.0
         self.config = config
@@ -69,8 +75,9 @@ class Table:
         config = loads(text).edge
         assert config is not None
         self.loop = asyncio.new_event_loop()
-        self.ctx = Context(config, JsonLog.open(str(tmp / "edge.log"), process="test"), self.loop)
         self.guards = Guards(config, 1, 0.0)
+        log = JsonLog.open(str(tmp / "edge.log"), process="test")
+        self.ctx = Context(config, log, self.loop, self.guards)
         self.guards.allow = ListSet(
             "allowlist", "allowlist_files", (), config.allow, strict=True
         ).ipset

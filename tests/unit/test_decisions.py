@@ -297,8 +297,8 @@ def test_the_demo_writes_api_keys_only_their_owner_can_read(tmp_path: Path) -> N
     (tmp_path / "edge.key").write_text("an older file, readable by all\n")
     (tmp_path / "edge.key").chmod(0o644)
     _origin_config(tmp_path, 1, 2)
-    _edge_config("127.0.0.1:1", "127.0.0.1:2", 3, 4, tmp_path, 5)
-    for name in ("edge-keys.txt", "edge.key"):
+    _edge_config("127.0.0.1:1", "127.0.0.1:2", 3, 4, tmp_path, 5, 6)
+    for name in ("edge-keys.txt", "edge.key", "quic-edge.key"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
     assert (tmp_path / "edge.key").read_text().startswith("demo-edge-key")
 

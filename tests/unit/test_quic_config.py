@@ -70,3 +70,52 @@ def test_key_files_are_checked(tmp_path: Path, content: str | None, words: str) 
     with pytest.raises(ConfigError) as info:
         load_bindings(cfg)
     assert info.value.key == "origin.quic.edge_keys[0]" and words in str(info.value)
+
+
+EDGE = """
+[edge]
+listen = ["127.0.0.1:0"]
+[[edge.routes]]
+sni = ["a.test"]
+origins = ["127.0.0.1:1"]
+"""
+
+
+@pytest.mark.parametrize(
+    ("route", "tail", "key", "words"),
+    [
+        ("quic = true\n", "", "edge.routes[0].quic", "[edge.quic]"),
+        (
+            'quic = true\nmode = "keyless"\n',
+            '[edge.quic]\nannounce_key_file = "k"\n',
+            "edge.routes[0].quic",
+            "only for mode = 'passthrough'",
+        ),
+        ('quic_origins = ["127.0.0.1:2"]\n', "", "edge.routes[0].quic_origins", "quic = true"),
+        ('quic = true\nquic_origins = ["nowhere"]\n', "", "edge.routes[0].quic_origins[0]", ""),
+        ("quic = true\n", "[edge.quic]\nmax_flows = 10\n", "edge.quic.announce_key_file", ""),
+        (
+            "quic = true\n",
+            '[edge.quic]\nannounce_key_file = "k"\nidle_timeout_s = 0\n',
+            "edge.quic.idle_timeout_s",
+            "",
+        ),
+    ],
+)
+def test_edge_quic_errors_name_the_key(route: str, tail: str, key: str, words: str) -> None:
+    err = error(EDGE + route + tail)
+    assert err.key == key and words in str(err)
+
+
+def test_edge_quic_key_file_is_checked(tmp_path: Path) -> None:
+    from blindfold.config.edge import EdgeConfig
+    from blindfold.edge.modes import check_route
+
+    text = EDGE + f'quic = true\n[edge.quic]\nannounce_key_file = "{tmp_path / "k"}"\n'
+    config = loads(text).edge
+    assert isinstance(config, EdgeConfig) and config.routes[0].quic
+    with pytest.raises(ConfigError) as info:
+        check_route("edge.routes[0]", config.routes[0], config)
+    assert info.value.key == "edge.quic.announce_key_file"
+    (tmp_path / "k").write_text("ab" * 32 + "\n")
+    check_route("edge.routes[0]", config.routes[0], config)  # loads

@@ -306,8 +306,28 @@ class RouteConfig:
         doc="Serve connections whose SNI matches no route, or that send no SNI. At most one "
         "route may be the default; without one, such connections are refused.",
     )
+    quic: bool = setting(
+        False,
+        doc="passthrough: also take QUIC (HTTP/3) on UDP at every listen address's port. The "
+        "edge reads only the Initial packets' ClientHello (public keys, RFC 9001 §5.2), "
+        "applies the same routing, lists, bans, limits and JA4 rules, and forwards the flow "
+        "to `quic_origins`, announcing the visitor with edge.quic.announce_key_file "
+        "(docs/quic.md). Needs [edge.quic].",
+    )
+    quic_origins: tuple[str, ...] = setting(
+        (),
+        doc="With quic: the origins' QUIC listeners 'host:port' ([origin.quic] listen); "
+        "empty = the same addresses as `origins`, over UDP.",
+        check=_each(check_hostport),
+    )
 
     def __post_init__(self) -> None:
+        if self.mode != "passthrough" and (self.quic or self.quic_origins):
+            raise ConfigError(
+                "quic", f"only for mode = 'passthrough' (this route is {self.mode!r})"
+            )
+        if self.quic_origins and not self.quic:
+            raise ConfigError("quic_origins", "only with quic = true")
         if bool(self.proxy_auth_name) != bool(self.proxy_auth_key_file):
             raise ConfigError(
                 "proxy_auth_key_file" if self.proxy_auth_name else "proxy_auth_name",
@@ -601,6 +621,47 @@ class DecisionSourceConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EdgeQuicConfig:
+    """QUIC pass-through (routes with quic = true): the flow table's bounds (per worker)."""
+
+    announce_key_file: str = setting(
+        doc="File holding the key (hex, `openssl rand -hex 32`) that authenticates the "
+        "visitor announcements this edge sends the origins; the same file is in the origins' "
+        "[origin.quic] edge_keys."
+    )
+    max_flows: int = setting(
+        100000, doc="Most QUIC flows per worker (every state, rejected tombstones included).", min=1
+    )
+    max_pending: int = setting(
+        10000, doc="Most flows per worker whose ClientHello is not yet read and decided.", min=1
+    )
+    max_pending_per_address: int = setting(
+        8, doc="Most such undecided flows per client address.", min=1
+    )
+    hello_timeout_s: float = setting(
+        5.0,
+        doc="Deadline from a flow's first Initial to its decided ClientHello.",
+        min=0.1,
+        max=120,
+    )
+    idle_timeout_s: float = setting(
+        60.0,
+        doc="A flow with no datagram either way for this long ends; keep above the origin's "
+        "QUIC idle timeout.",
+        min=1,
+        max=3600,
+    )
+    max_paths: int = setting(
+        4, doc="Client addresses per flow (NAT rebinding); a new one replaces the oldest.", min=1
+    )
+    vn_rate_per_s: float = setting(
+        50.0,
+        doc="Version Negotiation packets per second per worker, all addresses together.",
+        min=0.0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class EdgeConfig:
     listen: tuple[str, ...] = setting(
         doc="Addresses the edge accepts visitors on, 'ip:port' ('[::]:443' for IPv6).",
@@ -741,6 +802,9 @@ class EdgeConfig:
         "0 = no limit.",
         min=0.0,
     )
+    quic: EdgeQuicConfig | None = setting(
+        None, doc="QUIC pass-through for routes with quic = true (docs/quic.md)."
+    )
     relay: Literal["auto", "splice", "copy"] = setting(
         "auto",
         doc="How bytes are moved after the hello: 'splice' (Linux zero-copy through "
@@ -771,6 +835,13 @@ class EdgeConfig:
                 "decisions.min_ban_prefix_len_v6",
                 f"must be at most ipv6_prefix_len ({self.ipv6_prefix_len}): IPv6 bans cover "
                 "that prefix",
+            )
+        quic = [i for i, r in enumerate(self.routes) if r.quic]
+        if quic and self.quic is None:
+            raise ConfigError(
+                f"routes[{quic[0]}].quic",
+                "QUIC routes need [edge.quic] with announce_key_file (the key the origins "
+                "verify visitor announcements with)",
             )
         _check_blind_sites(self.routes)  # no keyless route serving a blind site's manifest
 

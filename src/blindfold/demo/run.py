@@ -107,6 +107,7 @@ def write_private(path: Path, text: str) -> None:
 
 def _origin_config(base: Path, app_port: int, edge_port: int) -> str:
     write_private(base / "edge-keys.txt", f"demo-edge:{API_KEY}\n")
+    write_private(base / "quic-edge.key", os.urandom(32).hex() + "\n")
     return f"""\
 # blindfold demo: the origin agent holds the site's key, runs the WAF, and bans attackers.
 [origin]
@@ -125,6 +126,11 @@ key = "{base / "site.key"}"
 [[origin.certificates]]
 cert = "{base / "keyless.pem"}"
 key = "{base / "keyless.key"}"
+
+# HTTP/3: the edge forwards QUIC flows here and announces each visitor, signed with this key
+[origin.quic]
+listen = ["127.0.0.1:0"]
+edge_keys = ["{base / "quic-edge.key"}"]
 
 [origin.waf]
 paranoia_level = 1
@@ -182,7 +188,13 @@ hostnames = ["{KEYLESS_HOST}"]
 
 
 def _edge_config(
-    listen: str, admin: str, origin_port: int, decisions_port: int, base: Path, keyserver_port: int
+    listen: str,
+    admin: str,
+    origin_port: int,
+    decisions_port: int,
+    base: Path,
+    keyserver_port: int,
+    quic_port: int,
 ) -> str:
     kl = base / "keyless"
     write_private(base / "edge.key", API_KEY + "\n")
@@ -199,6 +211,8 @@ sni = ["{HOST}", "*.{HOST}"]
 mode = "passthrough"
 origins = ["127.0.0.1:{origin_port}"]
 proxy_protocol = "v2"
+quic = true                     # HTTP/3 too, on UDP at the same port: never decrypted either
+quic_origins = ["127.0.0.1:{quic_port}"]
 
 # keyless: the edge ends TLS 1.3 with the keyless hostname's certificate but not its key
 [[edge.routes]]
@@ -225,6 +239,9 @@ origin_ca = "{base / "ca.pem"}"
 origin_server_name = "{HOST}"
 blind = {{ cache_dir = "{base / "edge-cache"}", \
 manifest_public_key = "{base / "sealed" / "manifest-public.pem"}" }}
+
+[edge.quic]
+announce_key_file = "{base / "quic-edge.key"}"
 
 [edge.decisions]
 url = "https://127.0.0.1:{decisions_port}"
@@ -319,6 +336,7 @@ async def demo(
         await origin.start()
         origin_port = int(origin.ready["listen"][0].rpartition(":")[2])
         decisions_port = int(str(origin.ready["decisions"]).rpartition(":")[2])
+        quic_port = int(origin.ready["quic_listen"][0].rpartition(":")[2])
         (base / "edge.toml").write_text(
             _edge_config(
                 f"127.0.0.1:{port}",
@@ -327,6 +345,7 @@ async def demo(
                 decisions_port,
                 base,
                 keyserver_port,
+                quic_port,
             )
         )
         edge = Proc("edge", base / "edge.toml", base / "edge.log")
@@ -365,6 +384,8 @@ blindfold demo is running (files in {base})
 
 1. A page through the edge (the certificate is the origin's; the edge never had the key):
      {curl}/
+   Over HTTP/3 too: the edge reads only the QUIC Initials' ClientHello (public keys) and
+   forwards the flow (chromium --origin-to-force-quic-on={HOST}:{port} ...).
 
 2. An SQL injection: the origin's WAF (ModSecurity + OWASP CRS) answers 403 with a request id
    and bans the address; within a second every edge refuses it at layer 4:
@@ -409,7 +430,7 @@ Stop with Ctrl-C.
         status = 0
         if self_check:
             ok = await _self_check(
-                curl, kcurl, audit, edge, fetch_cmd, verify_cmd, base, keyserver_port
+                curl, kcurl, audit, edge, fetch_cmd, verify_cmd, base, keyserver_port, port
             )
             status = 0 if ok else 1
             if duration is None:  # checks done: exit with their verdict
@@ -429,6 +450,53 @@ Stop with Ctrl-C.
         app.close()
         if workdir is None and not os.environ.get("BLINDFOLD_DEMO_KEEP"):
             shutil.rmtree(base, ignore_errors=True)
+
+
+async def _h3_get(port: int, ca: Path, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    """One HTTP/3 GET of https://HOST:port/path over 127.0.0.1 (aioquic's client)."""
+    from aioquic.asyncio.client import connect
+    from aioquic.asyncio.protocol import QuicConnectionProtocol
+    from aioquic.h3 import events as h3e
+    from aioquic.h3.connection import H3_ALPN, H3Connection
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.events import QuicEvent
+
+    done: asyncio.Future[tuple[int, bytes]] = asyncio.get_running_loop().create_future()
+    answer: dict[str, Any] = {"status": 0, "body": b""}
+
+    class Client(QuicConnectionProtocol):
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            self.h3 = H3Connection(self._quic)
+
+        def quic_event_received(self, event: QuicEvent) -> None:
+            for ev in self.h3.handle_event(event):
+                if isinstance(ev, h3e.HeadersReceived):
+                    answer["status"] = int(dict(ev.headers).get(b":status", b"0"))
+                elif isinstance(ev, h3e.DataReceived):
+                    answer["body"] += ev.data
+                if getattr(ev, "stream_ended", False) and not done.done():
+                    done.set_result((answer["status"], answer["body"]))
+
+    config = QuicConfiguration(
+        is_client=True, alpn_protocols=list(H3_ALPN), server_name=HOST, cafile=str(ca)
+    )
+    async with asyncio.timeout(timeout):
+        async with connect("127.0.0.1", port, configuration=config, create_protocol=Client) as c:
+            assert isinstance(c, Client)
+            sid = c._quic.get_next_available_stream_id()
+            c.h3.send_headers(
+                sid,
+                [
+                    (b":method", b"GET"),
+                    (b":scheme", b"https"),
+                    (b":authority", f"{HOST}:{port}".encode()),
+                    (b":path", path.encode()),
+                ],
+                end_stream=True,
+            )
+            c.transmit()
+            return await done
 
 
 async def _run_blindfold(command: str) -> tuple[int, str]:
@@ -494,8 +562,19 @@ async def _self_check(
     verify_cmd: str,
     base: Path,
     keyserver_port: int,
+    port: int,
 ) -> bool:
     checks = []
+    try:
+        status, page = await _h3_get(port, base / "ca.pem", "/")
+    except (OSError, ConnectionError, TimeoutError) as exc:
+        status, page = 0, repr(exc).encode()
+    checks.append(
+        (
+            "a page over HTTP/3 through the edge (QUIC passed through, never decrypted)",
+            status == 200 and b"Hello from the application" in page,
+        )
+    )
     code, out = await _run_blindfold(fetch_cmd)
     checks.append(
         (

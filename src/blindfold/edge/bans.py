@@ -50,6 +50,9 @@ class Host(Protocol):
     def bans_synced(self) -> None:
         """The first ban set is in."""
 
+    def bans_checked(self) -> None:
+        """New bans are in (what is not in `conns` is checked by its owner)."""
+
 
 SLICE_KEYS = 8192  # ~1.5 ms of set operations
 SLICE_CONNS = 1024  # ~1 ms of connection checks
@@ -123,6 +126,7 @@ class BanUpdates:
             check = True  # the end of a run of messages (or a second into a long one)
         if check:
             self._unchecked_since = None
+            worker.bans_checked()
         if check and worker.conns:
             # Probing the live set costs what probing only the new bans would (one hash per
             # prefix length, not per ban), without building a copy of the new bans.

@@ -38,6 +38,16 @@ READY_TIMEOUT_S = 15.0
 STATS_TIMEOUT_S = 2.0
 RESPAWN_WINDOW_S = 30.0
 RESPAWN_MAX = 5
+QUIC_PREFIX = "udp/"  # the key of a listen address's UDP group (QUIC routes)
+
+
+def group_keys(config: EdgeConfig) -> list[str]:
+    """The listener groups `config` needs, in `EdgeMaster.bind`'s order."""
+    keys = list(config.listen)
+    if any(r.quic for r in config.routes):
+        keys += [QUIC_PREFIX + a for a in config.listen]
+    return keys
+
 
 EDGE_METRICS_ALL = [
     *EDGE_METRICS,
@@ -125,6 +135,26 @@ class EdgeMaster:
                     raise ConfigError(
                         f"edge.listen[{i}]", f"cannot listen on {address}: {exc.strerror}"
                     ) from None
+            if any(r.quic for r in config.routes):  # QUIC: UDP at each listener's port
+                for i, address in enumerate(config.listen):
+                    key = QUIC_PREFIX + address
+                    if key in self.groups:
+                        groups[key] = self.groups[key]
+                        continue
+                    host, _ = parse_hostport(address)
+                    port = groups[address][0].getsockname()[1]
+                    udp = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                    try:
+                        groups[key] = bind_group(
+                            udp,
+                            self.nworkers,
+                            ipv6_prefix_len=config.ipv6_prefix_len,
+                            kind=socket.SOCK_DGRAM,
+                        )
+                    except OSError as exc:
+                        raise ConfigError(
+                            f"edge.listen[{i}]", f"cannot listen on UDP {udp}: {exc.strerror}"
+                        ) from None
         except ConfigError:
             for address, socks in groups.items():
                 if address not in self.groups:
@@ -133,10 +163,12 @@ class EdgeMaster:
             raise
         return groups
 
-    def _bound_addresses(self) -> list[str]:
+    def _bound_addresses(self, quic: bool = False) -> list[str]:
         out = []
-        for address, socks in self.groups.items():
-            host, _ = parse_hostport(address)
+        for key, socks in self.groups.items():
+            if key.startswith(QUIC_PREFIX) != quic:
+                continue
+            host, _ = parse_hostport(key.removeprefix(QUIC_PREFIX))
             port = socks[0].getsockname()[1]
             out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         return out
@@ -258,6 +290,7 @@ class EdgeMaster:
             raise
         return {
             "listen": self._bound_addresses(),
+            "quic_listen": self._bound_addresses(quic=True),
             "admin": f"{admin[0]}:{admin[1]}",
             "workers": self.nworkers,
             "routes": [self.config.route_name(i) for i in range(len(self.config.routes))],
@@ -477,7 +510,7 @@ class EdgeMaster:
                 self._count_reload("invalid")
                 self.log.emit("reload_failed", error=str(exc))
                 return
-        if tuple(new.listen) != tuple(self.groups):
+        if tuple(group_keys(new)) != tuple(self.groups):
             await self._new_generation(new, text)
             return
         results = []

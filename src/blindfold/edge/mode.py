@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import Collection, Sequence
 from typing import Any, ClassVar, Protocol
 
 from blindfold.config.edge import EdgeConfig, RouteConfig
 from blindfold.core.clienthello import ClientHello
 from blindfold.core.routing import SniRouter
+from blindfold.edge.guards import Guards
 from blindfold.edge.origins import OriginPool
-from blindfold.edge.stats import RouteStats
+from blindfold.edge.stats import RouteStats, WorkerStats
+from blindfold.io.reactor import Reactor
 from blindfold.io.tls13_transport import TlsServerProtocol
 from blindfold.obs.log import JsonLog
 from blindfold.obs.metrics import MetricSpec, Snapshot
@@ -143,6 +146,18 @@ class ModeContext(Protocol):
     def log(self) -> JsonLog: ...
 
     @property
+    def reactor(self) -> Reactor:
+        """The worker's event loop (datagram sockets and timers)."""
+
+    @property
+    def guards(self) -> Guards:
+        """Lists, bans, per-address limits and JA4 rules (for what does not arrive as a
+        connection: QUIC datagrams)."""
+
+    @property
+    def stats(self) -> WorkerStats: ...
+
+    @property
     def conns(self) -> Collection[Connection]: ...
 
     def may_log_refusal(self) -> bool:
@@ -186,6 +201,16 @@ class Mode:
 
     def sweep(self, routes: Sequence[RouteState], now: float) -> None:
         """Housekeeping, about once a second."""
+
+    def listening(self, datagram_sockets: Sequence[socket.socket]) -> None:
+        """The worker starts serving: its share of the UDP listeners (QUIC), maybe none."""
+
+    def bans_changed(self, grace_s: float) -> None:
+        """New bans are in: end what the mode holds for banned addresses after `grace_s`
+        (connections are the worker's)."""
+
+    def drain(self) -> None:
+        """The worker drains: stop taking what the mode serves outside connections."""
 
     def snapshot(self, routes: Sequence[RouteState]) -> Snapshot:
         """Metric tables (obs.metrics) for this mode's routes."""

@@ -270,13 +270,19 @@ class Worker:
 
     # ---------------------------------------------------------------- accept
     def _start_listening(self) -> None:
+        datagram_sockets = []
         for address, fd in self._pending_listeners:
             sock = socket.socket(fileno=fd)
             sock.setblocking(False)
+            if sock.type == socket.SOCK_DGRAM:  # QUIC: served by the modes (passthrough's)
+                datagram_sockets.append(sock)
+                continue
             self.listeners[fd] = (address, sock)
             self.stats.accepted.setdefault(address, 0)
             self.reactor.add(fd, EPOLLIN, self._make_acceptor(address, sock))
         self._pending_listeners = []
+        for mode in self.modes.values():
+            mode.listening(datagram_sockets)
 
     def _make_acceptor(self, address: str, lsock: socket.socket):  # type: ignore[no-untyped-def]
         accepted = self.stats.accepted
@@ -461,6 +467,13 @@ class Worker:
         grace = decisions.close_grace_s if decisions is not None else 0.0
         self.reactor.call_later(grace, lambda: self._close_banned(doomed))
 
+    def bans_checked(self) -> None:
+        """New bans are in: the modes end what they hold for banned addresses (QUIC flows)."""
+        decisions = self.config.decisions
+        grace = decisions.close_grace_s if decisions is not None else 0.0
+        for mode in self.modes.values():
+            mode.bans_changed(grace)
+
     def _close_banned(self, doomed: list[Conn]) -> None:
         closed = 0
         for conn in doomed:
@@ -499,6 +512,8 @@ class Worker:
             self.reactor.remove(fd)
             sock.close()
         self.listeners.clear()
+        for mode in self.modes.values():
+            mode.drain()
         self.log.log(
             "draining",
             worker=self.index,

@@ -127,15 +127,23 @@ def bind_group(
     backlog: int = 4096,
     defer_accept_s: int = 0,
     ipv6_prefix_len: int = 64,
+    kind: socket.SocketKind = socket.SOCK_STREAM,
 ) -> list[socket.socket]:
     """Bind `workers` SO_REUSEPORT listening sockets on `address` ('ip:port'), steered by
-    client address. With port 0 the first socket's port is reused for the others."""
+    client address. With port 0 the first socket's port is reused for the others.
+
+    `kind=SOCK_DGRAM`: UDP sockets (QUIC) with the same steering. The program hashes the
+    source address only, never the port, so every datagram of a QUIC flow reaches one worker
+    while the visitor keeps its address (NAT rebinding changes only the port); a visitor
+    whose address changes lands on another worker, which does not know the flow and drops
+    its datagrams (docs/quic.md)."""
+    stream = kind == socket.SOCK_STREAM
     host, port = parse_hostport(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     if port:
         # SO_REUSEPORT would let us join another process's listeners on this port (a second
         # edge started by mistake) and split its traffic silently: a plain bind tells.
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
+        with socket.socket(family, kind) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -143,19 +151,21 @@ def bind_group(
     socks: list[socket.socket] = []
     try:
         for _ in range(workers):
-            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock = socket.socket(family, kind)
             socks.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # inherited on accept
-            if defer_accept_s > 0:
+            if stream:  # inherited on accept
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if stream and defer_accept_s > 0:
                 # wake us when the ClientHello's first bytes arrive, not at the bare handshake
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, defer_accept_s)
             sock.bind((host, port))
             port = sock.getsockname()[1]
-            sock.listen(backlog)
+            if stream:
+                sock.listen(backlog)
             sock.setblocking(False)
         if workers > 1:
             _attach_steering(
