@@ -33,6 +33,7 @@ _QUERY_BYTES = frozenset(range(0x21, 0x7F)) - {ord("#")}
 # Narrower than RFC 3986 reg-name on purpose: sub-delims (`,` `;` `=` `"`...) and escapes have
 # no place in a name we route on and would split list-valued forwarding headers.
 _NAME_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._")
+_NAME_BYTES_TABLE = bytes(sorted(_NAME_BYTES))  # for bytes.translate (deletes them)
 MAX_AUTHORITY = 255 + 8  # a DNS name and ":65535"
 
 
@@ -159,7 +160,7 @@ def check_authority(value: bytes) -> bytes:
     else:
         name, colon, port_text = value.partition(b":")
         rest = colon + port_text
-        if not name or any(c not in _NAME_BYTES for c in name):
+        if not name or name.translate(None, _NAME_BYTES_TABLE):  # a byte a name cannot hold
             raise _bad("bad_host", "invalid host name")
         if name.startswith((b".", b"-")) or b".." in name:
             raise _bad("bad_host", "invalid host name")
