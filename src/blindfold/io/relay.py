@@ -183,8 +183,11 @@ class Relay:
                 ab.hup = True
         if mask & _OUT:
             ba.writable = True
-        self._pump(ab)
-        if not self._done:
+        # a direction has work only if it may read or has bytes to write where it now can
+        # (after a pump, a direction that saw EOF has also shut down its destination)
+        if ab.readable or (ab.pending and ab.writable):
+            self._pump(ab)
+        if (ba.readable or (ba.pending and ba.writable)) and not self._done:
             self._pump(ba)
 
     def on_b(self, mask: int) -> None:
@@ -198,8 +201,9 @@ class Relay:
                 ba.hup = True
         if mask & _OUT:
             ab.writable = True
-        self._pump(ba)
-        if not self._done:
+        if ba.readable or (ba.pending and ba.writable):
+            self._pump(ba)
+        if (ab.readable or (ab.pending and ab.writable)) and not self._done:
             self._pump(ab)
 
     def _pump(self, h: _Half) -> None:
@@ -236,6 +240,40 @@ class Relay:
                 return
             if not h.readable:
                 return
+            if not h.splice:
+                # Copy mode, the common case of short exchanges: read, then write what was
+                # read at once while it is in hand (the loop above finishes a partial write).
+                try:
+                    data = os.read(h.src, COPY_CHUNK)
+                except BlockingIOError:
+                    h.readable = False
+                    return
+                except OSError as exc:
+                    return self._finish(_reason(exc))
+                n = len(data)
+                if n == 0:
+                    h.eof = True
+                    continue
+                if n < COPY_CHUNK and not h.hup:
+                    h.readable = False  # (as below)
+                sent = 0
+                if h.writable:
+                    try:
+                        sent = os.write(h.dst, data)
+                    except BlockingIOError:
+                        h.writable = False
+                    except OSError as exc:
+                        return self._finish(_reason(exc))
+                    h.moved += sent
+                if sent < n:
+                    h.data = data
+                    h.offset = sent
+                    h.pending = n - sent
+                if n == COPY_CHUNK and self.chunk:
+                    self._to_splice(h)
+                elif not h.readable and not h.pending:
+                    return
+                continue
             try:
                 if h.splice:
                     want = self.chunk
