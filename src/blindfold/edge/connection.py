@@ -256,7 +256,6 @@ class Conn:
         self.phase = CONNECTING
         header = verdict.proxy_header
         self.header = header
-        self.out = header + self.buf if header else self.buf
         self.attempts = verdict.origins
         self._connect_next(None)
 
@@ -375,6 +374,8 @@ class Conn:
                 failure = _connect_reason(rc)
                 self._origin_failed(origin, failure)
                 continue
+            # Each attempt sends everything from the start: a previous attempt may have sent
+            # part of it before it failed.
             if route.proxy_auth is not None and self.header:
                 # a header authenticated for this very connection (its port is bound now)
                 local = osock.getsockname()
@@ -384,6 +385,8 @@ class Conn:
                     )
                     + self.buf
                 )
+            else:
+                self.out = self.header + self.buf if self.header else self.buf
             self.osock = osock
             # On loopback and fast links the connection is often up already: send now and
             # skip a trip through the poller.
