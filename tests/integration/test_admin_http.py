@@ -117,3 +117,44 @@ def test_a_connection_open_at_shutdown_ends_quietly() -> None:
 
     asyncio.run(run())
     assert not reported, reported
+
+
+def _keep_alive_get(s: socket.socket) -> bytes:
+    """One keep-alive GET /healthz on `s`; the answer's head and body (b"" if it closed)."""
+    s.sendall(b"GET /healthz HTTP/1.1\r\nhost: admin\r\n\r\n")
+    data = b""
+    while not data.endswith(b"ok\n"):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_a_few_clients_asking_slowly_cannot_keep_the_listener(
+    admin: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """atk3 #4: 4 addresses x 16 keep-alive connections, each asking now and then, held all
+    64 slots for as long as they liked: /metrics from anyone else was reset."""
+    monkeypatch.setattr(admin_http, "CONNECTION_LIFETIME_S", 1.0, raising=False)
+    hogs: list[socket.socket] = []
+    try:
+        for n in range(4):
+            for _ in range(admin_http.MAX_PER_ADDRESS):
+                hogs.append(
+                    socket.create_connection(
+                        ("127.0.0.1", admin), timeout=5, source_address=(f"127.0.0.{20 + n}", 0)
+                    )
+                )
+        # every hog that got a slot asks (a closed one answers nothing)
+        held = [s for s in hogs if _keep_alive_get(s).startswith(b"HTTP/1.1 200")]
+        assert len(held) < admin_http.MAX_CONNECTIONS  # the reserve stays for new clients
+        assert _healthz(admin, "127.0.0.30").startswith(b"HTTP/1.1 200")
+        # a held connection's answers end it once its lifetime is over
+        time.sleep(1.1)  # the lifetime under test; nothing to wait for but the clock
+        last = _keep_alive_get(held[0])
+        assert b"connection: close" in last.lower()
+        assert held[0].recv(1) == b""  # closed by the server
+    finally:
+        for s in hogs:
+            s.close()

@@ -3,7 +3,10 @@
 Bounded: request heads up to 16 KiB, bodies refused, 10 s to send a whole request (one
 deadline from the moment the server waits for it, as web/http1.py: a client trickling bytes
 does not extend it), 10 s to take the answer, at most 64 open connections and 16 of them per
-client address. It serves operators and Prometheus, not visitors.
+client (an IPv4 address or an IPv6 /64); the last 16 slots go only to clients that hold none,
+and a keep-alive connection ends after 30 s or 100 requests, so a few clients asking slowly
+forever cannot keep the listener to themselves. It serves operators and Prometheus, not
+visitors.
 """
 
 from __future__ import annotations
@@ -13,9 +16,14 @@ from collections.abc import Awaitable, Callable
 
 import h11
 
+from blindfold.core.iplist import visitor_key
+
 Handler = Callable[[str, str], Awaitable[tuple[int, str, bytes]]]
 MAX_CONNECTIONS = 64
 MAX_PER_ADDRESS = 16  # one address (a stuck scraper, a slowloris) leaves the rest to others
+RESERVED_FOR_NEW = 16  # the last slots: only for a client that holds no connection yet
+CONNECTION_LIFETIME_S = 30.0  # a keep-alive connection's answers end with `close` after this
+MAX_REQUESTS_PER_CONNECTION = 100
 REQUEST_TIMEOUT_S = 10.0  # to receive one whole request; also to send its answer
 
 
@@ -38,15 +46,21 @@ class AdminServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        address = visitor_key(str(peer[0])) if isinstance(peer, tuple) and peer else ""
         held = self._per_address.get(address, 0)
-        if self._open >= MAX_CONNECTIONS or held >= MAX_PER_ADDRESS:
+        if (
+            self._open >= MAX_CONNECTIONS
+            or held >= MAX_PER_ADDRESS
+            or (held and self._open >= MAX_CONNECTIONS - RESERVED_FOR_NEW)
+        ):
             writer.close()
             return
         self._open += 1
         self._per_address[address] = held + 1
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
         loop = asyncio.get_running_loop()
+        close_at = loop.time() + CONNECTION_LIFETIME_S
+        served = 0
         try:
             while True:
                 deadline = loop.time() + REQUEST_TIMEOUT_S
@@ -64,6 +78,9 @@ class AdminServer:
                     ):
                         pass
                     headers = [("content-type", ctype), ("content-length", str(len(body)))]
+                    served += 1
+                    if served >= MAX_REQUESTS_PER_CONNECTION or loop.time() >= close_at:
+                        headers.append(("connection", "close"))  # h11 then ends the connection
                     writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
                     if method != "HEAD":
                         writer.write(conn.send(h11.Data(data=body)))
