@@ -400,3 +400,69 @@ def test_a_reload_keeps_open_flows(
     assert asyncio.run(run()) == 200
     assert edge.metric("blindfold_quic_flows_total", result="accepted") == 1
     assert h3_get(uport, "/echo", ca=site["ca"], source="127.0.0.52").status == 200
+
+
+def forged_initial(uport: int) -> list[bytes]:
+    """A fresh aioquic client's first datagram(s): a complete ClientHello for example.test."""
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    cfg = QuicConfiguration(is_client=True, alpn_protocols=["h3"], server_name="example.test")
+    q = QuicConnection(configuration=cfg)
+    q.connect(("127.0.0.1", uport), now=0.0)
+    return [d for d, _ in q.datagrams_to_send(now=0.0)]
+
+
+def test_forged_initials_take_no_connection_slot(
+    start_edge: Any, start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    """atk3 finding 2: complete Initials from forged source addresses (nobody there answers)
+    must not hold the connection slots TCP shares. A flow takes its guards slot only when its
+    client sends a Handshake packet to an ID the origin gave it (RFC 9000 §8.1: the client got
+    the origin's Initial at that address); until then it sits in a bounded pool and ends
+    after hello_timeout_s."""
+    from blindfold.io.listeners import steer_index
+
+    edge, _origin, uport = quic_chain(
+        start_edge,
+        start_origin,
+        app,
+        site,
+        tmp_path,
+        decisions=False,
+        edge_kw={"max_connections": 2},  # one per worker
+        quic_kw={"idle_timeout_s": 30.0, "hello_timeout_s": 1.5},
+    )
+    legit = "127.0.0.60"
+    # two forged sources steered to each worker, so every worker's slot is aimed at
+    forged = [f"127.0.3.{i}" for i in range(1, 60) if steer_index(f"127.0.3.{i}", 2) == 0][:2]
+    forged += [f"127.0.3.{i}" for i in range(1, 60) if steer_index(f"127.0.3.{i}", 2) == 1][:2]
+    socks = []
+    try:
+        for source in forged:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind((source, 0))
+            for d in forged_initial(uport):
+                s.sendto(d, ("127.0.0.1", uport))
+            socks.append(s)  # never read, never answered
+        assert wait_until(
+            lambda: edge.metric("blindfold_quic_flows_total", result="new") == len(forged), 5
+        )
+        # a TCP visitor is served while the forged flows are in the table
+        assert curl(edge.port, "example.test", site["ca"], source=legit).returncode == 0
+        assert edge.metric("blindfold_connections_refused_total", reason="global_cap") == 0
+        assert edge.metric("blindfold_quic_flows_total", result="accepted") == len(forged)
+        # the forged flows end unvalidated (hello_timeout_s), counted
+        assert wait_until(
+            lambda: (
+                edge.metric("blindfold_quic_flows_total", result="ended:unvalidated") == len(forged)
+            ),
+            8,
+        )
+        assert edge.metric("blindfold_quic_flows_total", result="validated") == 0
+    finally:
+        for s in socks:
+            s.close()
+    # a real HTTP/3 visitor proves its address and is served
+    assert h3_get(uport, "/echo", ca=site["ca"], source="127.0.0.61").status == 200
+    assert edge.metric("blindfold_quic_flows_total", result="validated") == 1

@@ -349,3 +349,75 @@ def test_per_address_pending_counts_are_released() -> None:
     assert [e.reason for e in table.expire(7.5)] == ["hello_timeout"]
     assert isinstance(table.from_client(qb.datagrams("chromium_v2")[0], VISITOR, 8.0), Held)
     assert table.pending == 1 and len(table) == 2
+
+
+def test_a_flow_is_validated_only_by_a_handshake_packet_to_an_id_the_origin_chose() -> None:
+    """RFC 9000 §8.1 (atk3 finding 2): the client proves it receives at its address by
+    answering the origin's Initial; a forger knows only its own first ID."""
+    table = QuicFlowTable()
+    fwd = open_flow(table)
+    flow = fwd.path.flow
+    assert not fwd.validated and not flow.validated and table.unvalidated == 1
+    forged = qb.server_long_header("handshake", dcid=flow.odcid, scid=b"c" * 8)
+    result = table.from_client(forged, VISITOR, 0.5)
+    assert isinstance(result, Forward) and not result.validated and table.unvalidated == 1
+    table.from_origin(fwd.path, origin_initial(), 0.6)
+    # 1-RTT or Initial datagrams prove nothing either
+    one_rtt = table.from_client(short_packet(SERVER_CID), VISITOR, 0.7)
+    assert isinstance(one_rtt, Forward) and not one_rtt.validated
+    handshake = qb.server_long_header("handshake", dcid=SERVER_CID, scid=b"c" * 8)
+    proof = table.from_client(handshake, VISITOR, 1.0)
+    assert isinstance(proof, Forward) and proof.validated and flow.validated
+    assert table.unvalidated == 0 and table.stats["flows:validated"] == 1
+    again = table.from_client(handshake, VISITOR, 1.1)
+    assert isinstance(again, Forward) and not again.validated  # reported once
+
+
+def test_unvalidated_flows_are_bounded_and_expire() -> None:
+    table = QuicFlowTable(
+        FlowLimits(max_pending=2, max_pending_per_address=1, validation_timeout_s=3.0)
+    )
+    first = open_flow(table)
+    # the same address's next hello finds its share of the pool taken
+    result = None
+    for data in qb.datagrams("chromium_v1"):
+        result = table.from_client(data, VISITOR, 0.5)
+        if not isinstance(result, Held):
+            break
+    assert isinstance(result, Dropped) and result.reason == "unvalidated_per_address"
+    assert table.stats["flows:rejected:unvalidated_per_address"] == 1
+    other = ("198.51.100.5", 5)
+    second = None
+    for data in qb.datagrams("qh3_v1"):
+        second = table.from_client(data, other, 0.5)
+        if isinstance(second, HelloReceived):
+            break
+    assert isinstance(second, HelloReceived)
+    table.accept(second.flow, 0.5)
+    third = None
+    for data in qb.datagrams("chromium_v2"):
+        third = table.from_client(data, ("198.51.100.6", 6), 0.6)
+        if not isinstance(third, Held):
+            break
+    assert isinstance(third, Dropped) and third.reason == "unvalidated_full"
+    # never validated: ended after validation_timeout_s from accept, counted
+    assert [e.reason for e in table.expire(3.0)] == ["unvalidated"]
+    assert first.path.flow.state == "closed" and table.unvalidated == 1
+    assert [e.reason for e in table.expire(3.5)] == ["unvalidated"]
+    assert table.stats["flows:ended:unvalidated"] == 2 and table.unvalidated == 0
+
+
+def test_a_validated_flow_the_guards_refuse_ends() -> None:
+    table = QuicFlowTable()
+    fwd = open_flow(table)
+    flow = fwd.path.flow
+    table.from_origin(fwd.path, origin_initial(), 0.5)
+    handshake = qb.server_long_header("handshake", dcid=SERVER_CID, scid=b"c" * 8)
+    proof = table.from_client(handshake, VISITOR, 1.0)
+    assert isinstance(proof, Forward) and proof.validated
+    ended = table.refuse(flow, "global_cap")
+    assert ended.reason == "rejected:global_cap" and len(table) == 0
+    assert table.stats["flows:rejected:global_cap"] == 1
+    assert "flows:ended:global_cap" not in table.stats
+    after = table.from_client(handshake, VISITOR, 1.1)
+    assert isinstance(after, Dropped) and after.reason == "unknown_connection"

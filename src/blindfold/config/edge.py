@@ -640,7 +640,8 @@ class EdgeQuicConfig:
     )
     hello_timeout_s: float = setting(
         5.0,
-        doc="Deadline from a flow's first Initial to its decided ClientHello.",
+        doc="Deadline from a flow's first Initial to its decided ClientHello, and from its "
+        "acceptance to its client's proof of address (its first Handshake packet).",
         min=0.1,
         max=120,
     )

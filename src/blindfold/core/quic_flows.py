@@ -25,6 +25,15 @@ as `unknown_connection` (blindfold's origin therefore issues no spare IDs to flo
 edge, so clients keep the ID the edge knows; docs/quic.md).
 QUIC's preferred_address (RFC 9000 §9.6) is not supported either.
 
+Address validation (RFC 9000 §8.1): an accepted flow is forwarded, but its client has not
+shown it receives at its source address (a forged source never does). Such a flow is
+`unvalidated`: it sits in a pool bounded like the pending flows (`max_pending` in total,
+`max_pending_per_address`) and ends (`unvalidated`) after `validation_timeout_s`. It becomes
+validated when its client sends a Handshake packet to a connection ID the origin chose: the
+origin put that ID in its Initial, sent to the client's address only, so the client got it
+there. The caller takes its shared resources (the guards' connection slot) only then
+(`Forward.validated`).
+
 The edge itself sends only Version Negotiation packets (RFC 9000 §6, §17.2.1): in answer to a
 datagram of at least 1200 bytes naming a version it does not read, never to a Version
 Negotiation packet, never larger than what it answers, and within a global rate.
@@ -68,6 +77,8 @@ class FlowLimits:
     max_pending: int = 10_000  # flows whose ClientHello is not complete or not decided
     max_pending_per_address: int = 8  # by client IP
     hello_timeout_s: float = 5.0  # from the first Initial to a decided ClientHello
+    # from accept to the client's address validated (None: only idle_timeout_s ends it)
+    validation_timeout_s: float | None = None
     idle_timeout_s: float = 60.0  # keep above the origin's QUIC idle timeout
     max_held_bytes: int = 16384  # datagrams held per flow while its hello is read
     max_datagram_bytes: int = 1500  # anything larger from a client is dropped
@@ -115,6 +126,8 @@ class Flow:
     dropped: int = 0
     reject_reason: str = ""
     initials_done: bool = False  # the client sent a Handshake packet: no more Initials
+    validated: bool = False  # the client proved its address (RFC 9000 §8.1): see the module
+    accepted: float = 0.0
     negotiated: int = 0  # a compatible version the origin switched to (RFC 9368)
     route: Any = None  # the caller's routing decision, kept for its logs
 
@@ -150,13 +163,16 @@ class Forward:
     """Command: send `datagrams` to the origin on `path`. `new_path`: the path is new (open
     its upstream socket; check the guards for `path.client` first, and `drop_path` it if they
     refuse). `announce`: send the visitor announcement first (the origin has not answered on
-    this path yet). `evicted`: a path this one replaced (close its socket)."""
+    this path yet). `evicted`: a path this one replaced (close its socket). `validated`: this
+    datagram proves the client's address (the flow left the unvalidated pool): take the
+    flow's shared resources now, or `refuse` it before forwarding."""
 
     path: Path
     datagrams: tuple[bytes, ...]
     new_path: bool = False
     announce: bool = False
     evicted: Path | None = None
+    validated: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +255,8 @@ class QuicFlowTable:
         self._pending: OrderedDict[int, Flow] = OrderedDict()  # by creation
         self._open: OrderedDict[int, Flow] = OrderedDict()  # least recently used first
         self._pending_by_ip: dict[str, int] = {}
+        self._unvalidated: OrderedDict[int, Flow] = OrderedDict()  # by accept; also in _open
+        self._unvalidated_by_ip: dict[str, int] = {}
         self._next_id = 1
         self._vn = TokenBucket(self.limits.vn_rate_per_s, self.limits.vn_burst, now)
         self.stats: dict[str, int] = {}  # "drop:<reason>", "flows:<result>", "vn_sent"
@@ -249,6 +267,10 @@ class QuicFlowTable:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    @property
+    def unvalidated(self) -> int:
+        return len(self._unvalidated)
 
     def flows(self) -> Iterator[Flow]:
         yield from list(self._pending.values())
@@ -346,6 +368,10 @@ class QuicFlowTable:
         flow.held_bytes = len(data)
         self._count("flows:new")
         if found is not None:
+            full = self._pool_full(flow)
+            if full is not None:
+                self.reject(flow, full, now)
+                return Dropped(full, flow)
             flow.state = DECIDING
             flow.hello = found
             return HelloReceived(flow, found)
@@ -409,31 +435,64 @@ class QuicFlowTable:
             # the reader and its buffers can go
             flow.reader = None
             flow.initials_done = True
+        # RFC 9000 §8.1: the client got the origin's Initial at its address if it sends a
+        # Handshake packet to the connection ID the origin chose there (never the client's own
+        # first ID, which a forger knows); the edge cannot open the packet, the ID is the
+        # proof it can check
+        validated = (
+            flow.state == OPEN
+            and not flow.validated
+            and any(
+                p.kind == HANDSHAKE and p.dcid != flow.odcid and p.dcid in flow.cids
+                for p in packets
+            )
+        )
+        if validated:
+            flow.validated = True
+            self._leave_pool(flow)
+            self._count("flows:validated")
         flow.datagrams_in += 1
         flow.bytes_in += len(data)
         flow.last_seen = path.last_seen = now
         if flow.state == OPEN:
             self._open.move_to_end(flow.id)
-            return Forward(path, (data,), new_path, not path.confirmed, evicted)
+            return Forward(path, (data,), new_path, not path.confirmed, evicted, validated)
         if flow.held_bytes + len(data) > self.limits.max_held_bytes:
             return self._drop("held_full", flow)
         flow.held.append(data)
         flow.held_bytes += len(data)
         if found is not None and flow.state == PENDING:
+            full = self._pool_full(flow)
+            if full is not None:
+                self.reject(flow, full, now)
+                return Dropped(full, flow)
             flow.state = DECIDING
             flow.hello = found
             return HelloReceived(flow, found)
         return Held(flow)
 
+    def _pool_full(self, flow: Flow) -> str | None:
+        """Whether an accepted flow would find no room in the unvalidated pool (checked
+        before the hello is reported, so accept() always has room)."""
+        if len(self._unvalidated) >= self.limits.max_pending:
+            return "unvalidated_full"
+        if self._unvalidated_by_ip.get(flow.client_ip, 0) >= self.limits.max_pending_per_address:
+            return "unvalidated_per_address"
+        return None
+
     def accept(self, flow: Flow, now: float, route: Any = None) -> Forward:
-        """The caller's guards let the flow through: its held datagrams, in arrival order."""
+        """The caller's checks let the flow through: its held datagrams, in arrival order.
+        The flow is unvalidated until its client proves its address (`Forward.validated`)."""
         if flow.state != DECIDING:
             raise ValueError(f"flow {flow.id} is {flow.state}, not deciding")
         self._unpend(flow)
         flow.state = OPEN
         flow.route = route
-        flow.last_seen = now
+        flow.last_seen = flow.accepted = now
         self._open[flow.id] = flow
+        self._unvalidated[flow.id] = flow
+        ip = flow.client_ip
+        self._unvalidated_by_ip[ip] = self._unvalidated_by_ip.get(ip, 0) + 1
         held, flow.held, flow.held_bytes = tuple(flow.held), [], 0
         self._count("flows:accepted")
         path = next(iter(flow.paths.values()))
@@ -449,6 +508,19 @@ class QuicFlowTable:
         flow.held, flow.held_bytes, flow.reader = [], 0, None
         self._count(f"flows:rejected:{reason}")
         self._drop(reason, flow)
+        return FlowEnded(flow, f"rejected:{reason}")
+
+    def refuse(self, flow: Flow, reason: str) -> FlowEnded:
+        """The caller's guards refused a flow that just proved its address (no slot left,
+        per-address limits): it ends, counted as `rejected:<reason>`; nothing more of it is
+        forwarded (its later datagrams are `unknown_connection`)."""
+        if flow.state != OPEN:
+            raise ValueError(f"flow {flow.id} is {flow.state}")
+        flow.state = REJECTED
+        flow.reject_reason = reason
+        self._count(f"flows:rejected:{reason}")
+        self._drop(reason, flow)
+        self.end(flow, reason)
         return FlowEnded(flow, f"rejected:{reason}")
 
     def drop_path(self, path: Path) -> None:
@@ -513,9 +585,19 @@ class QuicFlowTable:
             else:
                 self._pending_by_ip.pop(ip, None)
 
+    def _leave_pool(self, flow: Flow) -> None:
+        if self._unvalidated.pop(flow.id, None) is not None:
+            ip = flow.client_ip
+            left = self._unvalidated_by_ip.get(ip, 1) - 1
+            if left > 0:
+                self._unvalidated_by_ip[ip] = left
+            else:
+                self._unvalidated_by_ip.pop(ip, None)
+
     def end(self, flow: Flow, reason: str) -> FlowEnded:
         """Remove a flow (a ban arrived for its address, shutdown, ...)."""
         self._unpend(flow)
+        self._leave_pool(flow)
         self._open.pop(flow.id, None)
         for cid in flow.cids:
             if self._by_cid.get(cid) is flow:
@@ -546,6 +628,12 @@ class QuicFlowTable:
             gone = self.end(flow, "hello_timeout")
             if not was_rejected:
                 ended.append(gone)
+        if lim.validation_timeout_s is not None:
+            while self._unvalidated:
+                flow = next(iter(self._unvalidated.values()))
+                if flow.accepted + lim.validation_timeout_s > now:
+                    break
+                ended.append(self.end(flow, "unvalidated"))
         while self._open:
             flow = next(iter(self._open.values()))
             if flow.last_seen + lim.idle_timeout_s > now:

@@ -139,6 +139,13 @@ class Guards:
         self.rule_matches[key] = self.rule_matches.get(key, 0) + 1
         return refused
 
+    def standing(self, version: int, addr: int) -> Admission:
+        """An address's standing for the checks made before a slot is taken (the JA4 rules
+        of a QUIC flow whose client has not proven its address yet); takes nothing, and is
+        never released."""
+        allowlisted = self.allow.size > 0 and self.allow.contains(addr, version)
+        return Admission(client_key(version, addr, self.prefix), allowlisted, False)
+
     def release(self, adm: Admission) -> None:
         self.open -= 1
         if adm.counted:

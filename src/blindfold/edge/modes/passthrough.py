@@ -9,13 +9,15 @@ the sans-IO cores (`core.quic_flows`, `core.quic_visitor`) driven on the worker'
 Each listen address also has a UDP group (SO_REUSEPORT, steered by source address like TCP:
 `io.listeners`), so every datagram of one visitor address reaches one worker, which keeps its
 own flow table. A flow's ClientHello is read from its Initial packets; then the same checks as
-a TCP connection's run, in the same order: routing by SNI, the guards (lists, bans, the
-per-address limits and the connection cap: a QUIC flow holds a slot like a connection), the
-JA4 rules (`q` fingerprints). Only an accepted flow's datagrams reach an origin: on one UDP
-socket per visitor path, connected to the route's QUIC origin, which first carries the signed
-visitor announcement (`core.quic_visitor`). A ban that arrives while a flow is open ends it
-after `decisions.close_grace_s`, like a TCP connection. docs/quic.md says what survives a
-change of the visitor's address.
+a TCP connection's run, in the same order: routing by SNI, lists and bans, the JA4 rules (`q`
+fingerprints). The guards' connection slot (the global cap, the per-address limits, shared with
+TCP) is taken only once the client has proven its address (its first Handshake packet to an ID
+the origin chose, RFC 9000 §8.1; `core.quic_flows`): a forged source address never holds one.
+Only an accepted flow's datagrams reach an origin: on one UDP socket per visitor path,
+connected to the route's QUIC origin, which first carries the signed visitor announcement
+(`core.quic_visitor`). A ban that arrives while a flow is open ends it after
+`decisions.close_grace_s`, like a TCP connection. docs/quic.md says what survives a change of
+the visitor's address.
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ METRICS = (
     MetricSpec("blindfold_quic_flows_active", "gauge", "QUIC flows in the table (all states)."),
     MetricSpec("blindfold_quic_flows_pending", "gauge", "QUIC flows whose hello is undecided."),
     MetricSpec(
+        "blindfold_quic_flows_unvalidated",
+        "gauge",
+        "Accepted QUIC flows whose client has not proven its address (they hold no slot).",
+    ),
+    MetricSpec(
         "blindfold_quic_bytes_total",
         "counter",
         "QUIC bytes relayed by route and direction (to_origin, to_client).",
@@ -97,7 +104,7 @@ class FlowInfo:
     """What the edge keeps with an accepted flow (`Flow.route`)."""
 
     route: RouteState
-    adm: Admission
+    adm: Admission | None  # the guards' slot, taken once the client proved its address
     origin: tuple[socket.AddressFamily, Any]
     listener: socket.socket  # the visitor's datagrams came to it; answers leave from it
     started: float
@@ -132,6 +139,7 @@ def limits(qc: EdgeQuicConfig) -> FlowLimits:
         max_pending=qc.max_pending,
         max_pending_per_address=qc.max_pending_per_address,
         hello_timeout_s=qc.hello_timeout_s,
+        validation_timeout_s=qc.hello_timeout_s,
         idle_timeout_s=qc.idle_timeout_s,
         max_paths=qc.max_paths,
         vn_rate_per_s=qc.vn_rate_per_s,
@@ -247,25 +255,48 @@ class QuicService:
         except ProtocolError:
             self._rejected(self.table.reject(r.flow, "bad_address", now), route)
             return None
-        refused, adm = guards.admit(version, addr, now)
-        if refused is not None or adm is None:
-            self._rejected(self.table.reject(r.flow, refused or "refused", now), route)
-            return None
-        refused = guards.check_fingerprint(hello.ja4, adm, now)
+        refused = self._refused_address(r.flow.client_ip)
+        if refused is None:
+            refused = guards.check_fingerprint(hello.ja4, guards.standing(version, addr), now)
         if refused is not None:
-            guards.release(adm)
             self._rejected(self.table.reject(r.flow, refused, now), route)
             return None
+        # no guards slot yet: the source address may be forged (`_validated` takes it)
         origins = route.state.origins
-        info = FlowInfo(route, adm, origins[r.flow.id % len(origins)], sock, now)
+        info = FlowInfo(route, None, origins[r.flow.id % len(origins)], sock, now)
         info.bytes = self.route_bytes.setdefault(route.name, [0, 0])
-        ctx.stats.count_ja4(hello.ja4)
         return self.table.accept(r.flow, now, info)
+
+    def _validated(self, flow: Flow, now: float) -> bool:
+        """The client proved its address: take the guards' slot (global cap, per-address
+        concurrency and rate, as a TCP connection at accept), or refuse the flow."""
+        info: FlowInfo = flow.route
+        guards = self.ctx.guards
+        try:
+            version, addr = parse_address(flow.client_ip)
+            refused, adm = guards.admit(version, addr, now)
+        except ProtocolError:
+            refused, adm = "bad_address", None
+        if refused is not None or adm is None:
+            ended = self.table.refuse(flow, refused or "refused")
+            for path in list(flow.paths.values()):
+                self._close_path(path)
+            info.released = True
+            self._rejected(ended, info.route)
+            return False
+        info.adm = adm
+        if flow.hello is not None:
+            self.ctx.stats.count_ja4(flow.hello.ja4)
+        return True
 
     def _forward(self, fwd: Forward, admitted: bool) -> None:
         """`admitted`: the flow was just accepted from this path (the guards ran for it)."""
         path = fwd.path
         info: FlowInfo = path.flow.route
+        if fwd.validated and not self._validated(path.flow, self.ctx.now):
+            if fwd.evicted is not None:
+                self._close_path(fwd.evicted)
+            return
         if fwd.evicted is not None:
             self._close_path(fwd.evicted)
         if fwd.new_path:
@@ -345,8 +376,11 @@ class QuicService:
         info = flow.route
         if isinstance(info, FlowInfo) and not info.released:
             info.released = True
-            self.ctx.guards.release(info.adm)
-            self._log(flow, info.route, "closed", ended.reason, info.started)
+            if info.adm is not None:
+                self.ctx.guards.release(info.adm)
+                self._log(flow, info.route, "closed", ended.reason, info.started)
+            elif self.ctx.may_log_refusal():  # never validated: a refusal, rate-limited
+                self._log(flow, info.route, "refused", ended.reason, info.started)
 
     def _rejected(self, ended: FlowEnded, route: RouteState | None) -> None:
         if self.ctx.may_log_refusal():
@@ -419,6 +453,7 @@ class QuicService:
             "blindfold_quic_version_negotiation_sent_total": [[[], stats.get("vn_sent", 0)]],
             "blindfold_quic_flows_active": [[[], len(self.table)]],
             "blindfold_quic_flows_pending": [[[], self.table.pending]],
+            "blindfold_quic_flows_unvalidated": [[[], self.table.unvalidated]],
             "blindfold_quic_bytes_total": [
                 item
                 for route, (up, down) in self.route_bytes.items()
