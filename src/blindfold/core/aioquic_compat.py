@@ -8,6 +8,11 @@ an aioquic release may rename or reshape them. This module is the only importer 
 name is there with the shape used and that the key schedule still computes RFC 8448's values,
 and raises `AioquicMismatch` naming the installed aioquic version otherwise. Nothing in aioquic
 is patched.
+
+The origin agent's HTTP/3 (`origin.h3`, which imports this module when it starts) also reads a
+connection's network paths here (`network_paths`): aioquic makes a path current before it is
+validated and has no public API that says whether it is. The shape it reads is checked on
+import too.
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ import inspect
 from typing import Any
 
 import aioquic
+import aioquic.quic.connection as _connection
 import aioquic.tls as _tls
+from aioquic.quic.configuration import QuicConfiguration
 
 TESTED_VERSION = "1.7.2"  # the version pinned in pyproject.toml, which CI tests
 VERSION: str = getattr(aioquic, "__version__", "unknown")
@@ -93,8 +100,31 @@ def _check_key_schedule() -> None:
         raise _mismatch("its key schedule does not give RFC 8448's derived secret")
 
 
+def _check_network_paths() -> None:
+    path_type = getattr(_connection, "QuicNetworkPath", None)
+    if not isinstance(path_type, type):
+        raise _mismatch("aioquic.quic.connection.QuicNetworkPath is missing")
+    path = path_type(("127.0.0.1", 1))
+    if path.addr != ("127.0.0.1", 1) or path.is_validated is not False:
+        raise _mismatch("QuicNetworkPath no longer has addr and is_validated")
+    connection = _connection.QuicConnection(configuration=QuicConfiguration(is_client=True))
+    if getattr(connection, "_network_paths", None) != []:
+        raise _mismatch("QuicConnection no longer keeps its paths in _network_paths")
+
+
 _check_shapes()
 _check_key_schedule()
+_check_network_paths()
+
+
+def network_paths(connection: _connection.QuicConnection) -> list[tuple[Any, bool]]:
+    """A connection's network paths, the current one (where datagrams are sent now, aioquic's
+    `get_peer_address()`) first: (address, validated). aioquic marks a path validated by a
+    PATH_RESPONSE to its PATH_CHALLENGE (RFC 9000 §8.2) or by any Handshake packet received
+    on it (which proves the client received the server's Initial, §8.1, but not at *that*
+    address): the caller decides what it accepts."""
+    return [(path.addr, bool(path.is_validated)) for path in connection._network_paths]
+
 
 # What the engine uses, under the names it uses.
 KeySchedule = _tls.KeySchedule

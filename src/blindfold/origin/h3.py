@@ -38,6 +38,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
 from blindfold.config.origin import OriginConfig
+from blindfold.core.aioquic_compat import network_paths
 from blindfold.core.iplist import IPSet, parse_address, visitor_key
 from blindfold.core.quic_initial import (
     INITIAL,
@@ -393,6 +394,12 @@ class H3Protocol(QuicConnectionProtocol):
         self.closed = False
         self.released = False
         self.visitor_key: str | None = None
+        # which addresses the client has shown it receives at (see visitor())
+        self.proven_peer: Address | None = None
+        self.handshake_done = False
+        self._handshake_sources: set[Address] = set()
+        self._proven: set[Address] = set()
+        self._unproven: set[Address] = set()
         self.buffered = 0  # request body bytes received and not yet read by handlers
         self.resets: list[float] = []
         self._hook_flow_control(quic)
@@ -434,7 +441,10 @@ class H3Protocol(QuicConnectionProtocol):
 
     # ------------------------------------------------------------------ events
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        if not self.handshake_done and len(self._handshake_sources) < 4:
+            self._handshake_sources.add((addr[0], addr[1]))
         super().datagram_received(data, addr)
+        self._note_paths()
         self.progress.set()  # acknowledgements may have freed send buffers
         self.progress = asyncio.Event()
 
@@ -443,6 +453,8 @@ class H3Protocol(QuicConnectionProtocol):
             if event.alpn_protocol in H3_ALPN:
                 self.h3 = H3Connection(self._quic)
             self._claim_visitor()
+        elif isinstance(event, qe.HandshakeCompleted):
+            self._handshake_completed()
         elif isinstance(event, qe.ConnectionTerminated):
             self._terminated()
             return
@@ -468,14 +480,56 @@ class H3Protocol(QuicConnectionProtocol):
                 self._calm("frame_too_large")
 
     def visitor(self) -> Address | None:
-        """The visitor of the connection's current (validated) path."""
-        peer = self._quic.get_peer_address()
+        """The visitor of the connection's last proven path, the address requests (and the
+        bans they earn) are attributed to. aioquic makes a path current on the first
+        non-probing packet from a new address, before it is validated (RFC 9000 §9.3), and
+        anyone holding the connection's keys can send that packet with another address as
+        source (a one-way spoof), which the edge then announces as the new path's visitor.
+        A path is proven when the client has shown it receives there: the handshake's
+        address if the handshake saw only one (§8.1: the client read our Initial), or a
+        path validated after the handshake, which only a PATH_RESPONSE to our challenge can
+        do (§8.2; Handshake keys are gone by then, RFC 9001 §4.9.2). aioquic's own
+        `is_validated` is not enough: it also trusts a Handshake packet from any address."""
+        self._note_paths()
+        peer = self.proven_peer
         if peer is None:
             return None
-        return self.server.resolve((peer[0], peer[1]), time.time())
+        return self.server.resolve(peer, time.time())
+
+    def _note_paths(self) -> None:
+        """Called after every datagram and before every attribution (a request's datagram
+        may have moved the path): follows which paths are proven (see `visitor`)."""
+        if not self.handshake_done:
+            return
+        paths = [((a[0], a[1]), ok) for a, ok in network_paths(self._quic)]
+        if not paths:
+            return
+        now = {a for a, _ in paths}
+        proven = {a for a, ok in paths if ok and a in self._unproven} | (self._proven & now)
+        self._unproven = {a for a, ok in paths if not ok} | (self._unproven & now)
+        self._proven = proven
+        current = paths[0][0]
+        if current in proven:
+            self.proven_peer = current
+
+    def _handshake_completed(self) -> None:
+        self.handshake_done = True
+        if len(self._handshake_sources) == 1:
+            peer = next(iter(self._handshake_sources))
+            self._proven.add(peer)
+            self.proven_peer = peer
+        else:  # the client's address changed during the handshake: wait for PATH_RESPONSE
+            self.host.event("h3_unproven_handshake", {"sources": len(self._handshake_sources)})
+        self._handshake_sources.clear()
+        self._note_paths()
 
     def _claim_visitor(self) -> None:
-        visitor = self.visitor()
+        """Count the connection against its visitor, once, when the ClientHello has been read
+        (the handshake's address: a count of open connections, not an attribution)."""
+        peer = self._quic.get_peer_address()
+        if peer is None:
+            return
+        visitor = self.server.resolve((peer[0], peer[1]), time.time())
         if visitor is not None and self.visitor_key is None:
             self.visitor_key = visitor_key(visitor[0])
             counts = self.server.shared.per_visitor
