@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from blindfold.decisions.core import (
@@ -117,13 +117,17 @@ GOOD = journal_line(Decision(1, "ip", "192.0.2.1", "ban", "waf", "blindfold", 1.
 
 
 @given(st.binary(max_size=300), st.integers(0, len(GOOD)))
+@example(b"1", 40)  # found by hypothesis: another valid address
 def test_any_damage_is_a_problem_named_by_line_never_an_exception(data: bytes, at: int) -> None:
     """Whatever a disk gives back: the good line before the damage is restored, every other
-    line either restores or is named."""
+    line either restores (damage can make another valid decision: a `1` inserted into the
+    address is another address) or is named."""
+    assume(b'"op"' not in data)  # damage that writes a removal of this very ban is a removal
     lines = [GOOD, *(GOOD[:at] + data + GOOD[at:]).splitlines(keepends=True)]
     store = DecisionStore()
     restored, problems = store.replay(lines, 10.0)
-    assert restored == 1 and [d.value for d in store.decisions.values()] == ["192.0.2.1"]
+    assert "192.0.2.1" in [d.value for d in store.decisions.values()]
+    assert restored == len(store.decisions) and restored <= len(lines)
     assert all(p.startswith("line ") for p in problems)
 
 
