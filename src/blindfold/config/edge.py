@@ -166,7 +166,8 @@ class BlindRouteConfig:
     disk_cache_bytes: int = setting(
         4 << 30,
         doc="Disk space for cached blobs per worker (LRU). Without cache_dir: the most the "
-        "temporary files of blobs too big for memory take at once, per route and worker.",
+        "temporary files of blobs too big for memory take at once, per route and worker (a "
+        "quarter of it per visitor address).",
         min=0,
     )
     max_blob_bytes: int = setting(

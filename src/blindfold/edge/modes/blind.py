@@ -74,6 +74,12 @@ RECHECK_COOLDOWN_S = 10.0  # a reported blob is checked at most this often
 RECHECK_BYTES_PER_S = 32 << 20
 RECHECK_BURST_BYTES = 1 << 30
 MAX_RECHECKED = 10_000
+# The temporary files of uncacheable blobs (no disk tier): each visitor address may keep open
+# at most this share of disk_cache_bytes (files it pulls or reads, each counted once), and a
+# reader of one whose pull is done must take the rest at this average rate at least (after a
+# grace of send_timeout_s), or it is cut off: a slow reader cannot pin a file for long.
+UNCACHED_SHARE_PER_ADDRESS = 4  # disk_cache_bytes / 4
+UNCACHED_MIN_SEND_RATE = 64 << 10  # bytes per second
 
 METRICS = (
     MetricSpec(
@@ -82,7 +88,9 @@ METRICS = (
         "Requests on blind routes, by result (hit_memory, hit_disk, miss, uncached: a miss "
         "the cache cannot keep, joined: a miss or uncached served from another's pull, "
         "busy: refused, the visitor's pulls at their cap or the temporary files of "
-        "uncacheable blobs at their bound, not_found, origin_error, "
+        "uncacheable blobs at their bound (in all, or the visitor address's share), "
+        "too_slow: a reader of such a file cut off below the minimum send rate, "
+        "not_found, origin_error, "
         "error, bad_method, misdirected: another host than the route's), and the checks against "
         "the site's signed blob index (not_in_index, "
         "pull_rejected, cache_dropped, index_fetched, index_failed, report, report_refused).",
@@ -389,6 +397,10 @@ class BlindRoute:
         self.pull_caps = Slots(self.http.upstream_connections_per_ip)
         # bytes of the unnamed temporary files of blobs the cache cannot keep, open now
         self.uncached_bytes: int = old.uncached_bytes if old is not None and same_cache else 0
+        # ... of them, those each client address keeps open (pulls or reads; per file once)
+        self.uncached_by_key: dict[int, int] = (
+            old.uncached_by_key if old is not None and same_cache else {}
+        )
         if old is not None:
             old.pull_caps.limit = self.pull_caps.limit
             self.pull_caps = old.pull_caps
@@ -955,9 +967,9 @@ class BlindHandler:
             if fill.tmp is None:
                 # their temporary files ($TMPDIR; on a tmpfs that is memory) take at most
                 # disk_cache_bytes at once, per route and worker
-                if (
-                    length > store.mem_obj_max
-                    and br.uncached_bytes + length > br.cfg.disk_cache_bytes
+                if length > store.mem_obj_max and (
+                    br.uncached_bytes + length > br.cfg.disk_cache_bytes
+                    or not fill.hold(br, self._client_key(), length)
                 ):
                     fill.fail(503, "the temporary files of uncacheable blobs are at their bound")
                     return
@@ -1013,6 +1025,7 @@ class BlindHandler:
             fill.fail(502, f"cache: {exc}")
         finally:
             fill.release_slots()
+            fill.unhold(br, self._client_key())  # its visitor's reader holds its own
             if out is not None:
                 out.close()
             if fill.error or not fill.readers:
@@ -1063,48 +1076,97 @@ class BlindHandler:
             )
             return
         uncached = fill.uncached is not None
+        key = self._client_key()
+        if uncached and not head and not fill.hold(br, key, fill.length):
+            # this address keeps its share of the temporary files open already
+            br.stats.count("busy")
+            await simple_response(
+                respond, 503, "too many pulls\n", [(b"retry-after", b"1"), *self.cors]
+            )
+            return
+        try:
+            await self._send_fill(fill, respond, head, uncached)
+        finally:
+            if uncached and not head:
+                fill.unhold(br, key)
+
+    async def _send_fill(self, fill: Fill, respond: Responder, head: bool, uncached: bool) -> None:
+        br = self.br
+        length = fill.length
+        assert length is not None
+        idle = br.http.upstream_timeout_s
         br.stats.count("uncached" if uncached else "miss")
         await respond.start(
-            200, self._headers(fill.blob, fill.length, b"uncached" if uncached else b"miss")
+            200, self._headers(fill.blob, length, b"uncached" if uncached else b"miss")
         )
         if head:
             await respond.end()
             return
         fd = -1
         sent = 0
+        loop = asyncio.get_running_loop()
+        # A reader of an uncacheable blob's file keeps it open (and counted): once the pull is
+        # done, it must take the rest within send_timeout_s + rest / UNCACHED_MIN_SEND_RATE, or
+        # it is cut off (a trickle of window updates no longer holds the file for good).
+        limit = asyncio.timeout(None)
+
+        def pull_done() -> None:
+            rest = length - sent
+            limit.reschedule(loop.time() + br.http.send_timeout_s + rest / UNCACHED_MIN_SEND_RATE)
+
+        unwatch: Callable[[], None] | None = None
         try:
-            if fill.uncached is not None:
-                fd = os.dup(fill.uncached.fileno())
-            elif fill.buf is None:
-                where = fill.tmp or fill.path
-                if where is None:
-                    respond.abort()
-                    return
-                fd = os.open(where, os.O_RDONLY)  # stays valid through the rename
-            while sent < fill.length:
-                if sent < fill.got:
-                    n = min(SEND_CHUNK, fill.got - sent)
-                    data = (
-                        bytes(fill.buf[sent : sent + n])
-                        if fill.buf is not None
-                        else os.pread(fd, n, sent)
-                    )
-                    if not data:
+            async with limit:
+                if uncached:  # now, when the pull is done already
+                    unwatch = fill.on_done(pull_done)
+                try:
+                    if fill.uncached is not None:
+                        fd = os.dup(fill.uncached.fileno())
+                    elif fill.buf is None:
+                        where = fill.tmp or fill.path
+                        if where is None:
+                            respond.abort()
+                            return
+                        fd = os.open(where, os.O_RDONLY)  # stays valid through the rename
+                    while sent < length:
+                        if sent < fill.got:
+                            n = min(SEND_CHUNK, fill.got - sent)
+                            data = (
+                                bytes(fill.buf[sent : sent + n])
+                                if fill.buf is not None
+                                else os.pread(fd, n, sent)
+                            )
+                            if not data:
+                                break
+                            await respond.send(data)
+                            sent += len(data)
+                        elif fill.error or fill.done or not await fill.wait(idle):
+                            break
+                except OSError:
+                    pass
+                finally:
+                    if fd >= 0:
+                        os.close(fd)
+                    br.stats.served_bytes += sent
+                while sent == length and not fill.done:  # the last check is the pull's digest
+                    if not await fill.wait(idle):
                         break
-                    await respond.send(data)
-                    sent += len(data)
-                elif fill.error or fill.done or not await fill.wait(idle):
-                    break
-        except OSError:
-            pass
+        except TimeoutError:
+            br.stats.count("too_slow")
+            self.ctx.log.log(
+                "blind_reader_too_slow",
+                route=self.route.name,
+                blob=fill.blob,
+                client=self.conn.ip,
+                sent=sent,
+                size=length,
+            )
+            respond.abort()
+            return
         finally:
-            if fd >= 0:
-                os.close(fd)
-        br.stats.served_bytes += sent
-        while sent == fill.length and not fill.done:  # the last check is the pull's digest
-            if not await fill.wait(idle):
-                break
-        if sent == fill.length and fill.done and not fill.error:
+            if unwatch is not None:
+                unwatch()
+        if sent == length and fill.done and not fill.error:
             await respond.end()
         else:
             respond.abort()  # never claim a whole blob, nor one that failed its check
@@ -1179,7 +1241,11 @@ class Fill:
         self.held = list(held)  # the visitor's pull slots, given back when the pull ends
         self.uncached: IO[bytes] | None = None
         self.uncached_size = 0
+        self.held_size = 0
         self.readers = 0
+        # client address -> how many of its pulls and readers hold the temporary file open
+        self.holders: dict[int, int] = {}
+        self._on_done: list[Callable[[], None]] = []
         self.length: int | None = None
         self.got = 0
         self.done = False
@@ -1221,6 +1287,54 @@ class Fill:
         for slots, key in held:
             slots.release(key)
 
+    def hold(self, br: BlindRoute, key: int, size: int) -> bool:
+        """`key` (a client address) keeps this uncacheable blob's file open: charged `size`
+        once, however many of its pulls and readers hold it; False (nothing charged) when
+        that would take the address over its share of disk_cache_bytes."""
+        n = self.holders.get(key, 0)
+        if n == 0:
+            have = br.uncached_by_key.get(key, 0)
+            if have + size > br.cfg.disk_cache_bytes // UNCACHED_SHARE_PER_ADDRESS:
+                return False
+            br.uncached_by_key[key] = have + size
+            self.held_size = size
+        self.holders[key] = n + 1
+        return True
+
+    def unhold(self, br: BlindRoute, key: int) -> None:
+        n = self.holders.get(key, 0)
+        if n == 0:
+            return
+        if n > 1:
+            self.holders[key] = n - 1
+            return
+        del self.holders[key]
+        left = br.uncached_by_key.get(key, 0) - self.held_size
+        if left > 0:
+            br.uncached_by_key[key] = left
+        else:
+            br.uncached_by_key.pop(key, None)
+
+    def on_done(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` when the pull ends (now, if it has); returns the way to unwatch."""
+        if self.done:
+            callback()
+            return lambda: None
+        self._on_done.append(callback)
+
+        def unwatch() -> None:
+            with contextlib.suppress(ValueError):
+                self._on_done.remove(callback)
+
+        return unwatch
+
+    def _ended(self) -> None:
+        self.done = True
+        callbacks, self._on_done = self._on_done, []
+        for callback in callbacks:
+            callback()
+        self._notify()
+
     def close_uncached(self) -> int:
         """Close the temporary file (readers hold their own descriptors); its size, or 0."""
         if self.uncached is None:
@@ -1231,12 +1345,10 @@ class Fill:
 
     def fail(self, status: int, error: str) -> None:
         self.status, self.error = status, error
-        self.done = True
-        self._notify()
+        self._ended()
 
     def finish(self) -> None:
-        self.done = True
-        self._notify()
+        self._ended()
 
 
 def _content_length(headers: Headers) -> int | None:
