@@ -125,3 +125,104 @@ def test_a_validated_migration_moves_the_visitor(
     seen = asyncio.run(run())
     assert seen[0] == first
     assert seen[-1] == moved
+
+
+class _Capture:
+    """A transport that remembers the last datagram it sent."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.last: bytes | None = None
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        self.last = data
+        self.real.sendto(data, addr)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+class _Rotating:
+    """A transport that sends from one of several sockets at the victim's address in turn."""
+
+    def __init__(self, real: Any, socks: list[socket.socket]) -> None:
+        self.real = real
+        self.socks = socks
+        self.i = 0
+
+    def sendto(self, data: bytes, addr: Any = None) -> None:
+        self.socks[self.i % len(self.socks)].sendto(data, addr)
+        self.i += 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_an_edge_port_reused_for_another_visitor_frames_nobody(
+    start_edge: Any, start_origin: Any, app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    """atk4 #1: the origin looked the proven path's visitor up at request time, by the edge's
+    socket address. The attacker proves its path, then replays one of its own datagrams from
+    ever new ports at the victim's address: each is a new path at the edge (its oldest, the
+    attacker's real one, evicted and its socket closed) with a fresh socket announced as the
+    victim, until the kernel gives the proven path's port to one of them; a one-way spoofed
+    SQL injection was then attributed to the victim. The visitor is now the one bound when
+    the path was proven."""
+    _edge, origin, uport = quic_chain(
+        start_edge, start_origin, app, site, tmp_path, quic_kw={"idle_timeout_s": 120.0}
+    )
+    attacker = "127.0.0.80"
+    victim = _same_worker(attacker, 81)
+    vsocks = []
+    for _ in range(8):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.bind((victim, 0))
+        s.setblocking(False)
+        vsocks.append(s)
+    dest = ("127.0.0.1", uport)
+
+    async def run() -> int:
+        async with H3Client(uport, ca=site["ca"], source=attacker, timeout=5) as c:
+            assert json.loads((await c.get("/echo")).body)["x-forwarded-for"] == attacker
+            protocol = c.protocol
+            assert protocol is not None
+            cap = _Capture(protocol._transport)
+            protocol._transport = cast(Any, cap)
+            protocol._quic.send_ping(1)
+            protocol.transmit()
+            await asyncio.sleep(0.05)
+            replay = cap.last
+            assert replay is not None
+            protocol._transport = cast(Any, _Rotating(cap.real, vsocks))
+            sent = 0
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            while sent < 60000 and loop.time() - t0 < 30:
+                for _ in range(100):
+                    vsocks[sent % 8].sendto(replay, dest)
+                    sent += 1
+                await asyncio.sleep(0.006)
+                for s in vsocks:  # what comes back at the victim's address: never read
+                    try:
+                        while s.recv(65535):
+                            pass
+                    except BlockingIOError:
+                        pass
+            # the attacker's stack never sees an acknowledgement (they go to the victim)
+            protocol._quic._loss._cc.bytes_in_flight = 0
+            task = asyncio.ensure_future(protocol.request("GET", SQLI, "example.test", b"", []))
+            await asyncio.sleep(1.0)
+            task.cancel()
+            return sent
+
+    try:
+        assert asyncio.run(run()) >= 10000
+    finally:
+        for s in vsocks:
+            s.close()
+    decision = origin.wait_for(lambda r: r.get("event") == "decision", 10)
+    assert decision is not None and decision["value"] == attacker, decision
+    assert (
+        origin.wait_for(lambda r: r.get("event") == "decision" and r["value"] == victim, 1) is None
+    )

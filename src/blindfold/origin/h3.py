@@ -396,9 +396,13 @@ class H3Protocol(QuicConnectionProtocol):
         self.visitor_key: str | None = None
         # which addresses the client has shown it receives at (see visitor())
         self.proven_peer: Address | None = None
+        self.proven_visitor: Address | None = None  # the visitor of proven_peer when proven
         self.handshake_done = False
         self._handshake_sources: set[Address] = set()
-        self._proven: set[Address] = set()
+        # proven path -> its visitor, resolved when it was proven: an edge socket's binding may
+        # later name another visitor (the edge closed that path and the kernel gave its port to
+        # a new one), and what was proven is who received at that path then
+        self._proven: dict[Address, Address | None] = {}
         self._unproven: set[Address] = set()
         self.buffered = 0  # request body bytes received and not yet read by handlers
         self.resets: list[float] = []
@@ -489,12 +493,11 @@ class H3Protocol(QuicConnectionProtocol):
         address if the handshake saw only one (§8.1: the client read our Initial), or a
         path validated after the handshake, which only a PATH_RESPONSE to our challenge can
         do (§8.2; Handshake keys are gone by then, RFC 9001 §4.9.2). aioquic's own
-        `is_validated` is not enough: it also trusts a Handshake packet from any address."""
+        `is_validated` is not enough: it also trusts a Handshake packet from any address.
+        The visitor is the one the edge had announced for the path when it was proven, not
+        whoever the edge's socket address names now."""
         self._note_paths()
-        peer = self.proven_peer
-        if peer is None:
-            return None
-        return self.server.resolve(peer, time.time())
+        return self.proven_visitor
 
     def _note_paths(self) -> None:
         """Called after every datagram and before every attribution (a request's datagram
@@ -504,20 +507,25 @@ class H3Protocol(QuicConnectionProtocol):
         paths = [((a[0], a[1]), ok) for a, ok in network_paths(self._quic)]
         if not paths:
             return
-        now = {a for a, _ in paths}
-        proven = {a for a, ok in paths if ok and a in self._unproven} | (self._proven & now)
-        self._unproven = {a for a, ok in paths if not ok} | (self._unproven & now)
+        present = {a for a, _ in paths}
+        proven = {a: v for a, v in self._proven.items() if a in present}
+        newly = [a for a, ok in paths if ok and a in self._unproven and a not in proven]
+        if newly:
+            t = time.time()
+            for a in newly:
+                proven[a] = self.server.resolve(a, t)
+        self._unproven = {a for a, ok in paths if not ok} | (self._unproven & present)
         self._proven = proven
         current = paths[0][0]
         if current in proven:
-            self.proven_peer = current
+            self.proven_peer, self.proven_visitor = current, proven[current]
 
     def _handshake_completed(self) -> None:
         self.handshake_done = True
         if len(self._handshake_sources) == 1:
             peer = next(iter(self._handshake_sources))
-            self._proven.add(peer)
             self.proven_peer = peer
+            self.proven_visitor = self._proven[peer] = self.server.resolve(peer, time.time())
         else:  # the client's address changed during the handshake: wait for PATH_RESPONSE
             self.host.event("h3_unproven_handshake", {"sources": len(self._handshake_sources)})
         self._handshake_sources.clear()
