@@ -466,3 +466,62 @@ def test_forged_initials_take_no_connection_slot(
     # a real HTTP/3 visitor proves its address and is served
     assert h3_get(uport, "/echo", ca=site["ca"], source="127.0.0.61").status == 200
     assert edge.metric("blindfold_quic_flows_total", result="validated") == 1
+
+
+def test_forged_initials_cannot_hold_the_origins_quic_connections(
+    start_edge: Any,
+    start_origin: Any,
+    app: Any,
+    site: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """atk4 #2b: the edge ends forged flows after hello_timeout_s, but the origin kept each as
+    a half-open connection for its own idle timeout, counted against [origin.quic]
+    max_connections: 30 forged Initials (here max_connections = 20) shut honest HTTP/3
+    visitors out for the idle timeout. A half-open connection older than a second now makes
+    room for a new client, and none lives beyond the handshake deadline."""
+    import tests.integration.test_h3_origin as h3_origin
+    import tests.integration.test_quic_edge as this
+
+    make_origin = h3_origin.quic_origin
+
+    def small(*a: Any, **kw: Any) -> Any:
+        kw["max_connections"] = 20
+        return make_origin(*a, **kw)
+
+    monkeypatch.setattr(this, "quic_origin", small)
+    _edge, origin, uport = quic_chain(
+        start_edge,
+        start_origin,
+        app,
+        site,
+        tmp_path,
+        decisions=False,
+        quic_kw={"idle_timeout_s": 60.0, "hello_timeout_s": 2.0},
+    )
+    assert h3_get(uport, "/echo", ca=site["ca"], source="127.0.0.60").status == 200
+    socks = []
+    try:
+        for i in range(1, 31):  # 30 forged sources, one Initial each, never read
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.bind((f"127.0.6.{i}", 0))
+            for d in forged_initial(uport):
+                s.sendto(d, ("127.0.0.1", uport))
+            socks.append(s)
+        assert wait_until(
+            lambda: origin.metric("blindfold_origin_quic_connections_active") >= 20, 5
+        )
+        statuses = []
+        for k in range(2):
+            wait_until(lambda: False, 1.2)  # older than the grace: the forged ones may go
+            statuses.append(
+                h3_get(uport, "/echo", ca=site["ca"], source=f"127.0.0.{70 + k}", timeout=5).status
+            )
+        assert statuses == [200, 200]
+        assert (
+            origin.metric("blindfold_origin_quic_datagrams_total", result="evicted_half_open") >= 1
+        )
+    finally:
+        for s in socks:
+            s.close()

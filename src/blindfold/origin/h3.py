@@ -36,6 +36,7 @@ from aioquic.h3.connection import H3_ALPN, ErrorCode, H3Connection
 from aioquic.quic import events as qe
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicErrorCode
 
 from blindfold.config.origin import OriginConfig
 from blindfold.core.aioquic_compat import network_paths
@@ -78,6 +79,13 @@ _FORBIDDEN_RESPONSE_HEADERS = frozenset(
 MAX_PENDING_HELLOS = 4096
 MAX_HELD_DATAGRAMS = 8
 HELLO_TIMEOUT_S = 5.0
+# A connection whose handshake has not completed (the client may be a forged source that never
+# answers): ended after this, and, when the connections are at quic.max_connections, the
+# oldest such one older than HALF_OPEN_GRACE_S makes room for a new client (an honest
+# handshake takes a round trip or two), so forged Initials cannot hold every slot for the
+# idle timeout.
+HANDSHAKE_TIMEOUT_S = 10.0
+HALF_OPEN_GRACE_S = 1.0
 
 
 class QuicHost(Protocol):
@@ -154,8 +162,20 @@ class QuicShared:
         self.bindings = bindings
         self.default_config, self.by_name = quic_configurations(host.cfg)
         self.connections: set[H3Protocol] = set()
+        self.half_open: OrderedDict[H3Protocol, float] = OrderedDict()  # oldest first
         self.per_visitor: dict[str, int] = {}
         self.servers: list[OriginQuicServer] = []
+
+    def evict_half_open(self, now: float) -> bool:
+        """Make room: end the oldest connection whose handshake has not completed, if it is
+        older than HALF_OPEN_GRACE_S (monotonic `now`). False when there is none."""
+        if not self.half_open:
+            return False
+        proto, created = next(iter(self.half_open.items()))
+        if now - created < HALF_OPEN_GRACE_S:
+            return False
+        proto.end_half_open("evicted_half_open")
+        return True
 
     def ports(self) -> list[str]:
         out = []
@@ -273,7 +293,11 @@ class OriginQuicServer(QuicServer):
             if len(self.pending) >= MAX_PENDING_HELLOS:
                 self._count("pending_full")
                 return
-            if len(self.shared.connections) >= self.host.cfg.quic.max_connections:
+            if len(
+                self.shared.connections
+            ) >= self.host.cfg.quic.max_connections and not self.shared.evict_half_open(
+                time.monotonic()
+            ):
                 self._count("refused_max_connections")
                 return
             key = visitor_key(visitor[0])
@@ -339,6 +363,7 @@ class OriginQuicServer(QuicServer):
             setattr(connection, "_replenish_connection_ids", lambda: None)  # noqa: B010
         proto = H3Protocol(connection, self, self._hello_sni)
         self.shared.connections.add(proto)
+        self.shared.half_open[proto] = time.monotonic()
         return proto
 
     def _connection_terminated(self, protocol: QuicConnectionProtocol) -> None:
@@ -522,6 +547,7 @@ class H3Protocol(QuicConnectionProtocol):
 
     def _handshake_completed(self) -> None:
         self.handshake_done = True
+        self.server.shared.half_open.pop(self, None)
         if len(self._handshake_sources) == 1:
             peer = next(iter(self._handshake_sources))
             self.proven_peer = peer
@@ -548,6 +574,7 @@ class H3Protocol(QuicConnectionProtocol):
             return
         self.released = True
         self.server.shared.connections.discard(self)
+        self.server.shared.half_open.pop(self, None)
         if self.visitor_key is not None:
             counts = self.server.shared.per_visitor
             left = counts.get(self.visitor_key, 1) - 1
@@ -575,10 +602,22 @@ class H3Protocol(QuicConnectionProtocol):
         self.transmit()
         self._terminated()
 
+    def end_half_open(self, reason: str) -> None:
+        """End a connection whose handshake did not complete, and free its slot now."""
+        self.server._count(reason)
+        self._quic.close(error_code=QuicErrorCode.CONNECTION_REFUSED, reason_phrase=reason)
+        self.transmit()
+        self._terminated()
+
     def _tick(self) -> None:
         """Once a second: request bodies that stopped coming fail (408), as over HTTP/2."""
         if self.closed:
             return
+        if not self.handshake_done:
+            created = self.server.shared.half_open.get(self)
+            if created is not None and time.monotonic() - created > HANDSHAKE_TIMEOUT_S:
+                self.end_half_open("handshake_timeout")
+                return
         now = self._loop.time()
         timeout = self.host.limits.body_timeout_s
         for stream in self.streams.values():
