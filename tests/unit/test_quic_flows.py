@@ -421,3 +421,25 @@ def test_a_validated_flow_the_guards_refuse_ends() -> None:
     assert "flows:ended:global_cap" not in table.stats
     after = table.from_client(handshake, VISITOR, 1.1)
     assert isinstance(after, Dropped) and after.reason == "unknown_connection"
+
+
+def test_new_paths_per_flow_are_rate_limited() -> None:
+    """atk4 #1b: a client replaying its own datagrams from ever new ports made the edge open
+    and announce a new origin socket for each (tens of thousands a second), churning the
+    origin's visitor bindings until new visitors were refused."""
+    table = QuicFlowTable(FlowLimits(new_paths_per_s=0.5, new_paths_burst=4))
+    fwd = open_flow(table)
+    table.from_origin(fwd.path, origin_initial(), 0.5)
+    results = [
+        table.from_client(short_packet(SERVER_CID), ("198.51.100.9", 1000 + i), 1.0)
+        for i in range(20)
+    ]
+    new = [r for r in results if isinstance(r, Forward) and r.new_path]
+    dropped = [r for r in results if isinstance(r, Dropped)]
+    assert len(new) == 4 and len(dropped) == 16
+    assert all(r.reason == "new_path_rate" for r in dropped)
+    # the paths it has keep working, and the budget refills with time
+    again = table.from_client(short_packet(SERVER_CID), ("198.51.100.9", 1003), 1.1)
+    assert isinstance(again, Forward) and not again.new_path
+    later = table.from_client(short_packet(SERVER_CID), ("198.51.100.9", 5000), 3.1)
+    assert isinstance(later, Forward) and later.new_path

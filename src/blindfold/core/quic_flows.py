@@ -83,6 +83,11 @@ class FlowLimits:
     max_held_bytes: int = 16384  # datagrams held per flow while its hello is read
     max_datagram_bytes: int = 1500  # anything larger from a client is dropped
     max_paths: int = 4  # client addresses per flow (NAT rebinding, migration)
+    # new client addresses per flow: a token bucket (NAT rebinding is rare; a client that
+    # replays its own datagrams from ever new ports makes the edge open and announce a
+    # socket each time, churning the origin's bindings: attack review atk4)
+    new_paths_per_s: float = 0.5
+    new_paths_burst: int = 4
     max_cids: int = 8  # origin connection IDs learnt per flow
     max_hello_bytes: int = 16384
     max_crypto_ranges: int = 64
@@ -127,6 +132,8 @@ class Flow:
     reject_reason: str = ""
     initials_done: bool = False  # the client sent a Handshake packet: no more Initials
     validated: bool = False  # the client proved its address (RFC 9000 §8.1): see the module
+    path_tokens: float = -1.0  # new paths it may still open (FlowLimits.new_paths_*); -1: full
+    path_stamp: float = 0.0
     accepted: float = 0.0
     negotiated: int = 0  # a compatible version the origin switched to (RFC 9368)
     route: Any = None  # the caller's routing decision, kept for its logs
@@ -393,6 +400,15 @@ class QuicFlowTable:
         if path is None:
             if flow.state != OPEN:
                 return self._drop("address_changed_during_hello", flow)
+            limits = self.limits
+            burst = float(limits.new_paths_burst)
+            tokens = burst if flow.path_tokens < 0 else flow.path_tokens
+            tokens = min(burst, tokens + (now - flow.path_stamp) * limits.new_paths_per_s)
+            flow.path_stamp = now
+            if tokens < 1.0:
+                flow.path_tokens = tokens
+                return self._drop("new_path_rate", flow)
+            flow.path_tokens = tokens - 1.0
             if len(flow.paths) >= self.limits.max_paths:
                 oldest = min(flow.paths.values(), key=lambda p: p.last_seen)
                 evicted = flow.paths.pop(oldest.client)
