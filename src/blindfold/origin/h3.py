@@ -52,7 +52,14 @@ from blindfold.errors import ConfigError, ProtocolError
 from blindfold.obs.metrics import MetricSpec
 from blindfold.web.http2 import _target_and_authority
 from blindfold.web.limits import HttpLimits, new_request_id
-from blindfold.web.messages import BodyStream, BodyTimeout, Handler, Headers, Request
+from blindfold.web.messages import (
+    BodyStream,
+    BodyTimeout,
+    Handler,
+    Headers,
+    Request,
+    run_stream_handler,
+)
 
 Address = tuple[str, int]
 
@@ -728,21 +735,9 @@ class H3Protocol(QuicConnectionProtocol):
     async def _run(self, request: Request, stream: _Stream, responder: H3Responder) -> None:
         assert stream.body is not None
         try:
-            await self.host.handler(request, stream.body, responder)
-            if not responder.ended:
-                if not responder.started:
-                    await responder.start(500, [(b"content-length", b"0")])
-                await responder.end()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.host.event("handler_error", {"error": repr(exc), "request_id": request.request_id})
-            if responder.started:
-                responder.abort()
-            else:
-                with contextlib.suppress(Exception):
-                    await responder.start(500, [(b"content-length", b"0")])
-                    await responder.end()
+            await run_stream_handler(
+                self.host.handler, request, stream.body, responder, self.host.event
+            )
         finally:
             self._stream_done(responder.stream_id)
 

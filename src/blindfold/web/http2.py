@@ -34,7 +34,14 @@ from h2.utilities import HeaderValidationFlags, validate_headers
 from blindfold.errors import ProtocolError
 from blindfold.web.http1 import ConnInfo
 from blindfold.web.limits import HttpLimits, new_request_id
-from blindfold.web.messages import BodyStream, BodyTimeout, Handler, Headers, Request
+from blindfold.web.messages import (
+    BodyStream,
+    BodyTimeout,
+    Handler,
+    Headers,
+    Request,
+    run_stream_handler,
+)
 from blindfold.web.target import Target, check_authority, parse_target, same_authority
 
 _FORBIDDEN_RESPONSE_HEADERS = frozenset(
@@ -349,21 +356,7 @@ class H2Connection(asyncio.Protocol):
     async def _run(self, request: Request, stream: _Stream, responder: H2Responder) -> None:
         assert stream.body is not None
         try:
-            await self.handler(request, stream.body, responder)
-            if not responder.ended:
-                if not responder.started:
-                    await responder.start(500, [(b"content-length", b"0")])
-                await responder.end()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            self.on_event("handler_error", {"error": repr(exc), "request_id": request.request_id})
-            if responder.started:
-                responder.abort()
-            else:
-                with contextlib.suppress(Exception):
-                    await responder.start(500, [(b"content-length", b"0")])
-                    await responder.end()
+            await run_stream_handler(self.handler, request, stream.body, responder, self.on_event)
         finally:
             self._stream_done(responder.stream_id)
 

@@ -4,6 +4,7 @@ a responder. The same objects come from HTTP/1.1 and HTTP/2 connections."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -159,6 +160,41 @@ class Responder(Protocol):
 
 class Handler(Protocol):
     async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None: ...
+
+
+class StreamResponder(Responder, Protocol):
+    """A responder of one HTTP/2 or HTTP/3 stream, which knows whether it has ended."""
+
+    @property
+    def ended(self) -> bool: ...
+
+
+async def run_stream_handler(
+    handler: Handler,
+    request: Request,
+    body: BodyStream,
+    responder: StreamResponder,
+    on_event: Callable[[str, dict[str, object]], None],
+) -> None:
+    """Run `handler` for one stream (HTTP/2, HTTP/3): a handler that returns without having
+    answered gets a 500; one that raises is logged (`handler_error`) and answered 500, or its
+    stream reset if it had started answering. Cancellation goes through."""
+    try:
+        await handler(request, body, responder)
+        if not responder.ended:
+            if not responder.started:
+                await responder.start(500, [(b"content-length", b"0")])
+            await responder.end()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        on_event("handler_error", {"error": repr(exc), "request_id": request.request_id})
+        if responder.started:
+            responder.abort()
+        else:
+            with contextlib.suppress(Exception):
+                await responder.start(500, [(b"content-length", b"0")])
+                await responder.end()
 
 
 HOP_BY_HOP = frozenset(
