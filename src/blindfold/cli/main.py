@@ -248,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
 
     pki_cli.add_parser(sub)
 
+    from blindfold.cli import waf as waf_cli
+
+    waf_cli.add_parser(sub)
+
     p_seal = sub.add_parser("seal", help="seal a static tree for blind delivery")
     p_seal.add_argument("src", metavar="SRC_DIR")
     p_seal.add_argument("out", metavar="OUT_DIR")
@@ -429,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "pki":
         return pki_cli.run(args)
+    if args.command == "waf":
+        return waf_cli.run(args)
     if args.command == "seal":
         return _seal(args)
     if args.command == "fetch":
