@@ -38,10 +38,11 @@ class PrivateSite:
         start_edge: Callable[..., EdgeProcess],
         start_origin: Callable[..., OriginProcess],
         blind: dict[str, Any] | None = None,
+        files: dict[str, bytes] | None = None,
     ) -> None:
         self.tmp, self.app = tmp, app
         self.src, self.out = tmp / "site", tmp / "sealed"
-        self.files = {
+        self.files = files or {
             "/index.html": b"<p>public page</p>\n",
             "/img/logo.bin": os.urandom(5000),
             "/members/report.txt": MARKER + b" quarterly numbers\n" + os.urandom(3000),
