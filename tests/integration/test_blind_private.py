@@ -262,6 +262,13 @@ def test_the_origin_serves_private_content_only_to_admitted_visitors(
         status, headers, body = s.curl("example.test", path, *cookie)
         assert status == 200 and body == s.files["/members/report.txt"], (path, status)
         assert headers["cache-control"] == "private, no-store"
+    # Nor is another spelling of its path, or a link to it (made after sealing: unsealed).
+    (s.src / "alias.txt").symlink_to(s.src / "members" / "report.txt")
+    for path in ("/members%2F%2Freport.txt", "/members/%2E/report.txt", "/alias.txt"):
+        status, _, body = s.curl("example.test", path, "--path-as-is")
+        assert status in (401, 404) and MARKER not in body, (path, status)
+    status, _, body = s.curl("example.test", "/alias.txt", *cookie)
+    assert status == 200 and body == s.files["/members/report.txt"]
     # A range of the plaintext (the service worker's resume) is no way around it.
     status, _, body = s.curl("example.test", f"{PLAIN}/members/video.bin", "-H", "Range: bytes=0-")
     assert status == 401 and MARKER not in body

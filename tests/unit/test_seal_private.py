@@ -129,3 +129,11 @@ def test_private_ids_are_unlinkable_across_seals(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "a" / "manifest-private.json").read_text())["format"] == (
         manifest.FORMAT
     )
+
+
+def test_a_link_to_a_private_file_is_private(tmp_path: Path) -> None:
+    src = _tree(tmp_path)
+    (src / "shared.pdf").symlink_to(src / "members" / "report.pdf")
+    sealer.seal_tree(str(src), str(tmp_path / "out"), SK, SECRET, PRIVATE, now=1)
+    public, private = _manifests(tmp_path / "out", 2)
+    assert "/shared.pdf" in private.files and "/shared.pdf" not in public.files

@@ -264,7 +264,11 @@ def seal_tree(
     private: list[manifest.Entry] = []
     sri: dict[str, dict[str, str]] = {}
     for path, file in _files(src_dir, opts.skip):
-        is_private = _matches(path, file.name, opts.private)
+        # private by its path, or by where it really is (a link to a private file)
+        real = "/" + file.resolve().relative_to(src_dir.resolve()).as_posix()
+        is_private = _matches(path, file.name, opts.private) or _matches(
+            real, real.rpartition("/")[2], opts.private
+        )
         if is_private and _matches(path, file.name, opts.sri):
             raise ConfigError(
                 "private",

@@ -435,7 +435,7 @@ class BlindStore:
             if found is None or entry is None:
                 self._count("blind_requests:not_found")
                 return _simple(404, "not a sealed file\n")
-            private = found[1] in self._private
+            private = self._is_private(found[1], found[0])
             if private and (refused := await self._admit(request)) is not None:
                 return refused
             # Its ETag is its plaintext digest (the manifest's), so a client that resumes it
@@ -455,23 +455,37 @@ class BlindStore:
             return None
         file, name = found
         entry = self._sealed_paths().get(name)
+        if self._is_private(name, file):
+            # a private file's plaintext at its own path (however spelt: %2F%2F, a link to
+            # it): only end to end, and only to whom the application admits
+            if not self._end_to_end(request):
+                self._count("blind_requests:refused_not_end_to_end")
+                return _simple(403, "a sealed file is served in plaintext only end to end\n")
+            if (refused := await self._admit(request)) is not None:
+                return refused
+            ctype = entry.type.encode() if entry else b"application/octet-stream"
+            return await self._file(request, file, ctype, _PRIVATE_CACHE, head, "page")
         if entry is not None and not self._end_to_end(request):
             # a sealed file's plaintext, at its own path: the same rule as the fallback prefix
             self._count("blind_requests:refused_not_end_to_end")
             return _simple(403, "a sealed file is served in plaintext only end to end\n")
-        if entry is not None and name in self._private:
-            # a private file's plaintext at its own path: only to whom the application admits
-            if (refused := await self._admit(request)) is not None:
-                return refused
-            return await self._file(
-                request, file, entry.type.encode(), _PRIVATE_CACHE, head, "page"
-            )
         if entry is None and cfg.rewrite_html and file.suffix == ".html":
             return await self._page(request, file, head)
         ctype = (
             entry.type.encode() if entry else _TYPES.get(file.suffix, b"application/octet-stream")
         )
         return await self._file(request, file, ctype, b"no-cache", head, "page")
+
+    def _is_private(self, name: str, file: Path) -> bool:
+        """Whether a file of source_dir is private: by the name asked for, or by where it
+        really is (another spelling of its path, a symbolic link to it). `_sealed_paths`
+        must have been read first."""
+        if not self._private:
+            return False
+        assert self.source is not None
+        return name in self._private or (
+            "/" + file.relative_to(self.source).as_posix() in self._private
+        )
 
     async def _admit(self, request: Request) -> LocalResponse | None:
         """Ask the application whether this visitor may have private content (nginx's
