@@ -414,3 +414,89 @@ def test_check_config_refuses_private_files_without_an_authorisation_path(
     assert "manifest-private.json" in r.stderr
     r = _run("check-config", str(s.origin.config_path))
     assert r.returncode == 0, r.stderr
+
+
+# ------------------------------------------------------- the store in process, a real app
+def _store_request(path: str, sni: str, cookie: str = "") -> Any:
+    from blindfold.web.messages import Request
+
+    return Request(
+        method=b"GET",
+        target=path.encode(),
+        authority=sni.encode(),
+        scheme=b"https",
+        headers=[(b"cookie", cookie.encode())] if cookie else [],
+        http_version="1.1",
+        client=("127.0.0.1", 40000),
+        server=("127.0.0.1", 443),
+        request_id="t",
+        tls={"sni": sni},
+    )
+
+
+async def _store_get(store: Any, path: str, sni: str, cookie: str = "") -> tuple[int, bytes]:
+    from blindfold.origin.blindstore import LocalResponse
+    from blindfold.web.messages import BodyStream
+
+    body = BodyStream(1 << 20, lambda n: None)
+    body.end()
+    resp = await store.answer(_store_request(path, sni, cookie), body, [])
+    assert isinstance(resp, LocalResponse)
+    data = b"".join([c async for c in resp.body()])
+    resp.close()
+    return resp.status, data
+
+
+def test_the_store_never_serves_private_content_where_an_edge_ends_tls_or_unchecked(
+    tmp_path: Path, app: Any
+) -> None:
+    """In process, against the real demo app: (1) a request for the private manifest whose
+    TLS name is not one of site_names (a keyless edge's) is refused before the application is
+    asked, even with a valid session; (2) a damaged private manifest makes every file of
+    source_dir private (the application is asked) rather than any of them a public page."""
+    import asyncio
+
+    from blindfold.blind.sealer import SealOptions, load_id_secret, load_signing_key, seal_tree
+    from blindfold.config.origin import BlindStoreConfig
+    from blindfold.origin.blindstore import BlindStore
+    from blindfold.web.client import UpstreamPool
+
+    src, out = tmp_path / "www", tmp_path / "sealed"
+    (src / "members").mkdir(parents=True)
+    (src / "index.html").write_bytes(b"<p>public</p>")
+    (src / "members" / "report.txt").write_bytes(MARKER)
+    key = load_signing_key(str(tmp_path / "m.pem"), create=True)
+    secret = load_id_secret(str(tmp_path / "id"), create=True)
+    seal_tree(str(src), str(out), key, secret, SealOptions(private=("/members/*",)))
+    cfg = BlindStoreConfig(
+        dir=str(out),
+        site_names=("example.test",),
+        source_dir=str(src),
+        pages_prefix="/",
+        private_auth_path="/auth/private",
+    )
+    cookie = f"session={app.session}"
+
+    async def run() -> None:
+        store = BlindStore(cfg, {}, lambda *a, **k: None)
+        store.pool = UpstreamPool(f"http://127.0.0.1:{app.port}")
+        try:
+            asked = len([r for r in app.seen if r["path"].startswith("/auth/")])
+            for path in (PRIVATE, f"{PLAIN}/members/report.txt", "/members/report.txt"):
+                status, body = await _store_get(store, path, "keyless.example.test", cookie)
+                assert status == 403 and MARKER not in body and b"payload" not in body, path
+            assert len([r for r in app.seen if r["path"].startswith("/auth/")]) == asked
+            status, body = await _store_get(store, PRIVATE, "example.test", cookie)
+            assert status == 200 and b"payload" in body
+            # Damaged: every page asks the application.
+            (out / "manifest-private.json").write_bytes(b"{not json")
+            for path in ("/members/report.txt", "/index.html"):
+                status, body = await _store_get(store, path, "example.test")
+                assert status == 401 and MARKER not in body, path
+            status, body = await _store_get(store, "/members/report.txt", "example.test", cookie)
+            assert status == 200 and body == MARKER
+        finally:
+            assert store.pool is not None
+            store.pool.close()
+
+    asyncio.run(run())

@@ -249,6 +249,7 @@ class BlindStore:
             )
         self._sealed: dict[str, manifest.Entry] = {}
         self._private: frozenset[str] = frozenset()  # the private paths among them
+        self._private_unreadable = False  # then every file of source_dir counts as private
         if (self.dir / PRIVATE_MANIFEST_NAME).exists() and not cfg.private_auth_path:
             raise ConfigError(
                 "blind.private_auth_path",
@@ -306,16 +307,17 @@ class BlindStore:
             private: dict[str, manifest.Entry] = {}
             with contextlib.suppress(OSError, VerificationError):
                 sealed = _entries((self.dir / MANIFEST_NAME).read_bytes())
-            private_paths = frozenset[str]()
+            self._private_unreadable = False
             if mtime[1]:
                 try:
                     private = _entries((self.dir / PRIVATE_MANIFEST_NAME).read_bytes())
-                    private_paths = frozenset(private)
                 except (OSError, VerificationError):
-                    # unreadable (the sealer replaces it atomically, so this is damage): the
-                    # paths it named stay private rather than turning into public pages
-                    private_paths = self._private
-            self._private = private_paths
+                    # damaged (the sealer replaces it atomically): which files it names is
+                    # unknown, so every file of source_dir is treated as private (served only
+                    # to admitted visitors) rather than any of them as a public page
+                    self._private_unreadable = True
+                    self.log("blind_private_manifest_unreadable", file=PRIVATE_MANIFEST_NAME)
+            self._private = frozenset(private)
             self._sealed = {**sealed, **private}
             self._sealed_mtime = mtime
         return self._sealed
@@ -480,6 +482,8 @@ class BlindStore:
         """Whether a file of source_dir is private: by the name asked for, or by where it
         really is (another spelling of its path, a symbolic link to it). `_sealed_paths`
         must have been read first."""
+        if self._private_unreadable:
+            return True
         if not self._private:
             return False
         assert self.source is not None
