@@ -62,6 +62,7 @@ function hex(buffer) {
 
 let manifestState = null;  // {files, expiresAt, fetchedAt}
 let privateState = null;  // {files (null: none for this visitor), expiresAt, fetchedAt, ttl}
+let privateLoading = null;  // the one request in flight: a page's many requests share it
 
 async function loadManifest() {
   const now = Date.now();
@@ -78,13 +79,20 @@ async function loadManifest() {
 
 // The private manifest's files for this visitor, or null: the site has none, or its
 // application refused the visitor (401, 403). Verified exactly like the public one.
-async function loadPrivate() {
-  if (!CONFIG.privateManifest) return null;
+function loadPrivate() {
+  if (!CONFIG.privateManifest) return Promise.resolve(null);
   const now = Date.now();
   if (privateState && now - privateState.fetchedAt < privateState.ttl
       && now / 1000 < privateState.expiresAt) {
-    return privateState.files;
+    return Promise.resolve(privateState.files);
   }
+  if (!privateLoading) {
+    privateLoading = fetchPrivate(now).finally(() => { privateLoading = null; });
+  }
+  return privateLoading;
+}
+
+async function fetchPrivate(now) {
   const response = await fetch(CONFIG.privateManifest, {cache: 'no-store',
                                                         credentials: 'include'});
   if (response.status === 401 || response.status === 403 || response.status === 404) {
