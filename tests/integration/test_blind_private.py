@@ -234,9 +234,12 @@ def test_admitted_visitors_fetch_private_files_from_the_edge_others_are_refused(
         assert r.returncode == 1 and "HTTP 401" in r.stderr and "refused" in r.stderr, r.stderr
         assert got == b""
     assert s.origin.metric("blindfold_origin_blind_bytes_total", kind="plaintext") == plain_before
-    # Public files need no credentials.
+    # Public files need no credentials, sealed or not (a page the public manifest lacks is
+    # asked of the origin once the private manifest is refused).
     r, got = s.fetch("/img/logo.bin")
     assert r.returncode == 0 and got == s.files["/img/logo.bin"], r.stderr
+    r, got = s.fetch("/index.html")
+    assert r.returncode == 0 and got == s.files["/index.html"], r.stderr
     # A --header that is not "Name: value" is refused before anything is sent.
     r, _ = s.fetch("/img/logo.bin", "--header", "no colon here")
     assert r.returncode == 2 and "header: 'no colon here'" in r.stderr, r.stderr

@@ -6,8 +6,9 @@ too; the failure is printed and reported to the edge, which checks its copy and 
 bad.
 
 A path the public manifest does not list may be private: the private manifest is asked for
-with the credentials given (`--header`, sent to the origin only, never to the edge); a refusal
-(401, 403) ends the fetch, with nothing fetched from anywhere."""
+with the credentials given (`--header`, sent to the origin only, never to the edge). Refused
+(401, 403), the path is asked of the origin as it is (an unsealed page is anyone's; a private
+file gets the application's refusal there too), and a refusal ends the fetch."""
 
 from __future__ import annotations
 
@@ -179,10 +180,10 @@ def get_manifest(url: str, opts: FetchOptions) -> manifest.Manifest:
     return manifest.verify(data, opts.public_key, time.time())
 
 
-def get_private_manifest(url: str, opts: FetchOptions) -> manifest.Manifest | None:
-    """The private manifest, asked for with the credentials of `opts.headers`; None when the
-    site has none (404). The application's refusal (401, 403) raises UpstreamError
-    (`refused`)."""
+def get_private_manifest(url: str, opts: FetchOptions) -> tuple[manifest.Manifest | None, int]:
+    """The private manifest, asked for with the credentials of `opts.headers`, and the HTTP
+    status: (None, 404) when the site has none, (None, 401 or 403) when the site's
+    application refused these credentials."""
     if opts.public_key is None:
         raise ConfigError("manifest_key", "the site's manifest public key is needed")
     murl = opts.private_manifest_url or _origin_of(url) + PRIVATE_MANIFEST_PATH
@@ -190,16 +191,12 @@ def get_private_manifest(url: str, opts: FetchOptions) -> manifest.Manifest | No
         raise ConfigError("private_manifest_url", "the manifest must come from the origin itself")
     req = _Get(murl, opts, opts.headers, ok=(200, 401, 403, 404))
     try:
-        if req.status == 404:
-            return None
         if req.status != 200:
-            raise UpstreamError(
-                "refused", f"GET {murl}: HTTP {req.status} (the site refused these credentials)"
-            )
+            return None, req.status
         data = req.read_all(manifest.MAX_MANIFEST_BYTES)
     finally:
         req.close()
-    return manifest.verify(data, opts.public_key, time.time())
+    return manifest.verify(data, opts.public_key, time.time()), 200
 
 
 def _from_edge(entry: manifest.Entry, opts: FetchOptions, sink: Callable[[bytes], object]) -> None:
@@ -305,10 +302,12 @@ def fetch(url: str, out_path: str, opts: FetchOptions) -> FetchResult:
         raise ConfigError("output", f"{out_path} is a symbolic link: refusing to replace it")
     m = get_manifest(url, opts)
     entry = m.files.get(urllib.parse.unquote(path))
-    if entry is None:  # perhaps private: a refusal raises, and nothing is fetched
-        private = get_private_manifest(url, opts)
+    refused = 0
+    if entry is None:  # perhaps private
+        private, status = get_private_manifest(url, opts)
         if private is not None:
             entry = private.files.get(urllib.parse.unquote(path))
+        refused = status if status in (401, 403) else 0
     fd, tmp = _temp_file(out)
     edge_error = ""
     reported = renamed = False
@@ -332,7 +331,16 @@ def fetch(url: str, out_path: str, opts: FetchOptions) -> FetchResult:
                 f.truncate()
             else:
                 edge_error = "not in the manifest (not sealed)"
-            size, digest = _from_origin(url, entry, opts, f.write)
+            try:
+                size, digest = _from_origin(url, entry, opts, f.write)
+            except UpstreamError as exc:
+                if not refused:
+                    raise
+                raise UpstreamError(
+                    "refused",
+                    f"{exc}; the private manifest was refused too (HTTP {refused}): the site "
+                    "refused these credentials",
+                ) from None
             f.flush()
             os.replace(tmp, out)
             renamed = True
