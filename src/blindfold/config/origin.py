@@ -354,6 +354,29 @@ class BlindStoreConfig:
         "no-store, by the origin only).",
         check=_url_path,
     )
+    private_manifest_path: str = setting(
+        "/.well-known/blindfold/manifest-private.json",
+        doc="URL path of the signed private manifest (`blindfold seal --private`: the keys "
+        "of private files). Served only after private_auth_path admitted the request, with "
+        "`Cache-Control: private, no-store`.",
+        check=_url_path,
+    )
+    private_auth_path: str = setting(
+        "",
+        doc="Path of the application asked, like nginx's auth_request, whether a visitor "
+        "may have the private manifest and the plaintext of private files: a GET carrying "
+        "the visitor's Cookie and Authorization (and X-Original-URI). A 2xx admits, a 401 or "
+        "403 is passed to the visitor, anything else or no answer within "
+        "private_auth_timeout_s is a 503. Empty: private files are never served, and a store "
+        "holding them is refused (check-config).",
+        check=lambda v: _url_path(v) if v else None,
+    )
+    private_auth_timeout_s: float = setting(
+        5.0,
+        doc="Deadline of the application's answer to a private_auth_path request (then 503).",
+        min=0.1,
+        max=60,
+    )
     blobs_path: str = setting(
         "/.blindfold/blobs/",
         doc="URL prefix under which edges pull sealed blobs by id.",
