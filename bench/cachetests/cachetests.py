@@ -202,7 +202,11 @@ def run(a: argparse.Namespace, out: Path) -> int:
     (out / "keyserver.toml").write_text(keyserver_toml(p, out))
     for old in ("keyserver.log", "audit.log", "edge.log"):
         (out / old).unlink(missing_ok=True)
-    ks = Proc("keyserver", [PY, "-m", "blindfold", "keyserver", "--config", str(out / "keyserver.toml")], out)
+    ks = Proc(
+        "keyserver",
+        [PY, "-m", "blindfold", "keyserver", "--config", str(out / "keyserver.toml")],
+        out,
+    )
     ks_addr = ks.wait_json(out / "keyserver.log", "keyserver_ready")["listen"][0]
     (out / "edge.toml").write_text(
         edge_toml(p, ks_addr, out / "edge.log", origin_port, a.route_extra)
@@ -210,7 +214,12 @@ def run(a: argparse.Namespace, out: Path) -> int:
     edge = Proc("edge", [PY, "-m", "blindfold", "edge", "--config", str(out / "edge.toml")], out)
     edge_addr = edge.wait_json(out / "edge.log", "edge_ready")["listen"][0]
     edge_port = int(str(edge_addr).rpartition(":")[2])
-    clients = [("blindfold", run_client(suite, out, "client-blindfold", f"https://{SNI}:{edge_port}", node_env))]
+    clients = [
+        (
+            "blindfold",
+            run_client(suite, out, "client-blindfold", f"https://{SNI}:{edge_port}", node_env),
+        )
+    ]
     if not a.no_nginx:
         nport = free_port()
         for sub in ("body", "fastcgi", "uwsgi", "scgi", "cache", "tmp"):
@@ -218,11 +227,24 @@ def run(a: argparse.Namespace, out: Path) -> int:
         (out / "nginx" / "nginx.conf").write_text(nginx_conf(out, nport, origin_port, p["site_ca"]))
         ngx = Proc(
             "nginx",
-            ["nginx", "-p", str(out / "nginx"), "-c", str(out / "nginx" / "nginx.conf"), "-e", str(out / "nginx" / "error.log")],
+            [
+                "nginx",
+                "-p",
+                str(out / "nginx"),
+                "-c",
+                str(out / "nginx" / "nginx.conf"),
+                "-e",
+                str(out / "nginx" / "error.log"),
+            ],
             out,
         )
         wait_port(nport, ngx)
-        clients.append(("nginx proxy_cache", run_client(suite, out, "client-nginx", f"http://127.0.0.1:{nport}", node_env)))
+        clients.append(
+            (
+                "nginx proxy_cache",
+                run_client(suite, out, "client-nginx", f"http://127.0.0.1:{nport}", node_env),
+            )
+        )
     rows = []
     for label, c in clients:
         c.wait(a.timeout)
@@ -232,9 +254,24 @@ def run(a: argparse.Namespace, out: Path) -> int:
         rows.append((label, counts, res["failed"]))
         (out / f"{c.name}.summary.json").write_text(json.dumps(res, indent=1))
     ver = subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip()
-    print(f"\ncache-tests {rev} (shared-cache tests), blindfold {git_rev()}, {ver}; results in {out}")
-    cols = ["pass", "fail", "optional_fail", "setup_fail", "harness_fail", "dependency_fail", "retry", "yes", "no"]
-    print("| cache | pass | required fail | optional fail | setup fail | harness fail | dependency fail | retry | check yes/no |")
+    print(
+        f"\ncache-tests {rev} (shared-cache tests), blindfold {git_rev()}, {ver}; results in {out}"
+    )
+    cols = [
+        "pass",
+        "fail",
+        "optional_fail",
+        "setup_fail",
+        "harness_fail",
+        "dependency_fail",
+        "retry",
+        "yes",
+        "no",
+    ]
+    print(
+        "| cache | pass | required fail | optional fail | setup fail | harness fail "
+        "| dependency fail | retry | check yes/no |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for label, counts, _ in rows:
         v = [counts.get(k, 0) for k in cols]

@@ -14,7 +14,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 py="$repo/.venv/bin/python"
-[ -x "$py" ] || py=/work/main/.venv/bin/python
+[ -x "$py" ] || py="${BLINDFOLD_PYTHON:-python3}"  # a worktree without its own venv
 
 case "${1:-}" in
     -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'

@@ -37,7 +37,14 @@ from blindfold.config.edge import EdgeConfig, EdgeHttpConfig, KeyServerRef, Rout
 from blindfold.core import keyless_wire as w
 from blindfold.core import tls13_server as ts
 from blindfold.core.clienthello import ClientHello
-from blindfold.core.httpcache import Entry, HttpCache, Lookup, not_modified
+from blindfold.core.httpcache import (
+    STALE_IF_ERROR_STATUS,
+    Entry,
+    HttpCache,
+    Lookup,
+    StalePolicy,
+    not_modified,
+)
 from blindfold.core.iplist import parse_address
 from blindfold.core.ratelimit import BucketMap
 from blindfold.edge.guards import client_key
@@ -215,6 +222,12 @@ class KeylessRoute:
         ]
         self.ipv6_prefix_len = ipv6_prefix_len
         self.cache = HttpCache(rc.cache_max_bytes, rc.cache_max_object_bytes)
+        self.cache.stale = self.stale = StalePolicy(
+            rc.cache_stale_while_revalidate,
+            rc.cache_stale_if_error,
+            rc.cache_max_stale,
+            rc.cache_stale_max_s,
+        )
         # origin connections per client address, across its visitor connections (KeylessHandler)
         self.origin_caps = SharedCaps(self.http.upstream_connections_per_ip)
         self.stats = KeylessStats()
@@ -230,6 +243,7 @@ class KeylessRoute:
             self.cache.max_object_bytes,
         ):
             self.cache = old.cache
+            self.cache.stale = self.stale
         self.stats = old.stats
         old.origin_caps.limit = self.origin_caps.limit  # live connections stay counted
         self.origin_caps = old.origin_caps
@@ -570,7 +584,60 @@ class KeylessHandler:
             lookup = cache.lookup(key, request.method, request.headers, time.time())
             if lookup is not None and lookup.fresh:
                 return await self._serve_entry(request, respond, lookup.entry, "hit")
+            if lookup is not None and lookup.revalidate_after:
+                # RFC 5861 §3: the stale copy now, the origin after (bounded by its timeouts;
+                # this connection's next request waits for it)
+                answered = await self._serve_entry(request, respond, lookup.entry, "stale")
+                await self._revalidate(request, key, lookup)
+                return answered
         return await self._forward(request, body, respond, key, lookup)
+
+    async def _revalidate(self, request: Request, key: tuple[bytes, bytes], lookup: Lookup) -> None:
+        """Refresh a stored response served stale: a 304 freshens it, a storable answer
+        replaces it; nothing reaches the visitor, who already has its answer."""
+        cache = self.kr.cache
+        headers = upstream_headers(request, request.authority or self.sni.encode())
+        headers = [(k, v) for k, v in headers if k not in _CONDITIONAL] + lookup.validators
+        request_time = time.time()
+        try:
+            response = await self.pool.request(b"GET", request.target or b"/", headers, None)
+        except (UpstreamError, ConnectionError):
+            return
+        try:
+            response_time = time.time()
+            chunks: list[bytes] | None = []
+            size = 0
+            async for chunk in response.body():
+                size += len(chunk)
+                if chunks is not None:
+                    chunks.append(chunk)
+                    if size > cache.max_object_bytes:
+                        chunks = None
+            if response.status == 304 and lookup.validators:
+                cache.freshen(
+                    key,
+                    lookup.entry,
+                    response.headers,
+                    request.headers,
+                    request_time,
+                    response_time,
+                )
+            elif chunks is not None and cache.storable(
+                b"GET", request.headers, response.status, response.headers
+            ):
+                cache.store(
+                    key,
+                    request.headers,
+                    response.status,
+                    response.headers,
+                    b"".join(chunks),
+                    request_time,
+                    response_time,
+                )
+        except (UpstreamError, ConnectionError):
+            pass
+        finally:
+            response.close()
 
     async def _forward(
         self,
@@ -583,7 +650,8 @@ class KeylessHandler:
         cache = self.kr.cache
         headers = upstream_headers(request, request.authority or self.sni.encode())
         method = request.method
-        if lookup is not None:
+        revalidating = lookup is not None and bool(lookup.validators)
+        if lookup is not None and revalidating:
             # revalidate our copy with its validators; the visitor's own conditions are
             # evaluated against the result
             headers = [(k, v) for k, v in headers if k not in _CONDITIONAL]
@@ -594,8 +662,18 @@ class KeylessHandler:
             headers.append((b"transfer-encoding", b"chunked"))
         stream = iterate([], body) if has_body else None
         request_time = time.time()
+
+        async def interim(status: int, interim_headers: Headers) -> None:
+            # 103 Early Hints and other 1xx pass through to the visitor, never into the cache
+            send = getattr(respond, "interim", None)
+            if send is not None:
+                with contextlib.suppress(ConnectionError):
+                    await send(status, strip_hop_by_hop(interim_headers))
+
         try:
-            response = await self.pool.request(method, request.target or b"/", headers, stream)
+            response = await self.pool.request(
+                method, request.target or b"/", headers, stream, interim
+            )
         except BodyTooLarge:
             await simple_response(respond, 413, "request body too large\n")
             return 413, "", 0
@@ -612,6 +690,10 @@ class KeylessHandler:
             )
             return 503, "", 0
         except UpstreamError as exc:
+            if lookup is not None and cache.stale_on_error(
+                lookup.entry, request.headers, time.time()
+            ):
+                return await self._serve_entry(request, respond, lookup.entry, "stale")
             status = exc.status
             await simple_response(
                 respond,
@@ -630,7 +712,14 @@ class KeylessHandler:
         except ConnectionError:
             return 0, "", 0
         response_time = time.time()
-        if lookup is not None and response.status == 304:
+        if (
+            lookup is not None
+            and response.status in STALE_IF_ERROR_STATUS
+            and cache.stale_on_error(lookup.entry, request.headers, response_time)
+        ):
+            response.close()  # RFC 5861 §4: the stored copy answers instead of the error
+            return await self._serve_entry(request, respond, lookup.entry, "stale")
+        if revalidating and lookup is not None and response.status == 304:
             with contextlib.suppress(UpstreamError):
                 async for _ in response.body():
                     pass
