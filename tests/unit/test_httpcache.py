@@ -728,3 +728,22 @@ def test_stale_entry_without_validators_is_kept_for_errors() -> None:
     found = cache.lookup(KEY, b"GET", [], T0 + 5)
     assert found is not None and not found.fresh and found.validators == []
     assert cache.stale_on_error(found.entry, [], T0 + 5)
+
+
+def test_if_modified_since_without_last_modified_uses_date_then_receipt() -> None:
+    # RFC 9111 §4.3.2: "If a request contains an If-Modified-Since header field and the
+    # Last-Modified header field is not present in a selected stored response, a cache SHOULD
+    # use the stored response's Date field value (or, if no Date field is present, the time
+    # that the stored response was received) to evaluate the conditional."
+    cache = HttpCache(1 << 20, 1 << 16)
+    assert stored(cache, [(b"cache-control", b"max-age=60"), (b"date", imf(T0 - 30))])
+    found = cache.lookup(KEY, b"GET", [], T0)
+    assert found is not None
+    assert not_modified(found.entry, [(b"if-modified-since", imf(T0 - 30))])
+    assert not not_modified(found.entry, [(b"if-modified-since", imf(T0 - 31))])
+    other = HttpCache(1 << 20, 1 << 16)
+    assert stored(other, [(b"cache-control", b"max-age=60")])  # received at T0
+    found = other.lookup(KEY, b"GET", [], T0)
+    assert found is not None
+    assert not_modified(found.entry, [(b"if-modified-since", imf(T0))])
+    assert not not_modified(found.entry, [(b"if-modified-since", imf(T0 - 1))])

@@ -310,7 +310,10 @@ async def scripted_server(answers: list[bytes]) -> AsyncIterator[tuple[list[int]
             while answers:
                 await reader.readuntil(b"\r\n\r\n")
                 conns.append(me)
-                writer.write(answers.pop(0))
+                answer = answers.pop(0)
+                if not answer:
+                    return  # closes without answering
+                writer.write(answer)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             return
@@ -370,6 +373,25 @@ def test_interim_responses_are_passed_on_then_the_final_one_returned() -> None:
             assert seen[0] == (103, [(b"link", b"</a.css>; rel=preload")])
             assert seen[1] == (102, [])
             assert len(seen) == 8  # MAX_INTERIM: the rest are dropped
+            pool.close()
+
+    run(main)
+
+
+def test_an_upstream_that_closes_on_the_retry_too_is_an_upstream_error() -> None:
+    # the idle connection is dead, and so is the fresh one the request is retried on: the
+    # caller gets UpstreamError("closed") (it could serve stale-if-error), not the pool's
+    # internal _Stale (which the edge logged as handler_error and answered 500)
+    ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+    async def main() -> None:
+        async with scripted_server([ok, b"", b""]) as (conns, url):
+            pool = UpstreamPool(url, max_open=1, queue_timeout_s=2)
+            assert await get(pool) == b"ok"
+            with pytest.raises(UpstreamError) as failed:
+                await get(pool)
+            assert failed.value.reason == "closed" and conns == [1, 1, 2]
+            assert pool.open == 0
             pool.close()
 
     run(main)

@@ -692,6 +692,14 @@ def not_modified(entry: Entry, request_headers: Headers) -> bool:
         weak = etag.removeprefix(b"W/")  # §8.8.3.2: If-None-Match uses weak comparison
         return any(t.strip().removeprefix(b"W/") == weak for t in inm.split(b","))
     # RFC 9110 §13.1.3: an invalid date (the same strict parser) means no condition
-    ims = http_date(_header(request_headers, b"if-modified-since"))
-    lm = http_date(entry.last_modified)
-    return ims is not None and lm is not None and lm <= ims
+    ims = http_date(_header(request_headers, b"if-modified-since"), entry.response_time)
+    if ims is None:
+        return False
+    # RFC 9111 §4.3.2: without Last-Modified, "the stored response's Date field value (or, if
+    # no Date field is present, the time that the stored response was received)"
+    if entry.last_modified is not None:
+        lm = http_date(entry.last_modified, entry.response_time)
+    else:
+        lm = http_date(_header(entry.headers, b"date"), entry.response_time)
+        lm = entry.response_time if lm is None else lm
+    return lm is not None and lm <= ims

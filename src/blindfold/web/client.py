@@ -448,7 +448,11 @@ class UpstreamPool:
             except BaseException:
                 self._conn_gone()
                 raise
-            return await self._exchange(conn, method, target, headers, body, on_interim)
+            try:
+                return await self._exchange(conn, method, target, headers, body, on_interim)
+            except _Stale:  # the fresh one closed without a byte too: the upstream's answer
+                conn.close()
+                raise UpstreamError("closed", "upstream closed the connection") from None
 
     async def _exchange(
         self,

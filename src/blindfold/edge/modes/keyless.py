@@ -71,10 +71,11 @@ from blindfold.web.messages import (
     simple_response,
     strip_hop_by_hop,
 )
-from blindfold.web.proxy import iterate, request_has_body, upstream_headers
+from blindfold.web.proxy import interim_sender, iterate, request_has_body, upstream_headers
 from blindfold.web.target import path_has_prefix
 
 MAX_RATE_KEYS = 100_000
+MAX_REFRESHES = 64  # stale-while-revalidate refreshes under way at once, per route and worker
 SIGN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _CONDITIONAL = frozenset(
     {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range"}
@@ -231,6 +232,10 @@ class KeylessRoute:
         # origin connections per client address, across its visitor connections (KeylessHandler)
         self.origin_caps = SharedCaps(self.http.upstream_connections_per_ip)
         self.stats = KeylessStats()
+        # stale-while-revalidate refreshes under way: their keys (one refresh per key) and
+        # tasks (strong references: asyncio keeps tasks weakly)
+        self.refreshing: set[tuple[bytes, bytes]] = set()
+        self.refresh_tasks: set[asyncio.Task[None]] = set()
 
     def adopt(self, old: KeylessRoute) -> None:
         """Keep what a reload should not lose: live sessions, the cache, counters."""
@@ -585,24 +590,55 @@ class KeylessHandler:
             if lookup is not None and lookup.fresh:
                 return await self._serve_entry(request, respond, lookup.entry, "hit")
             if lookup is not None and lookup.revalidate_after:
-                # RFC 5861 §3: the stale copy now, the origin after (bounded by its timeouts;
-                # this connection's next request waits for it)
-                answered = await self._serve_entry(request, respond, lookup.entry, "stale")
-                await self._revalidate(request, key, lookup)
-                return answered
+                # RFC 5861 §3: the stale copy now, the origin in the background
+                self._refresh_later(request, key, lookup)
+                return await self._serve_entry(request, respond, lookup.entry, "stale")
         return await self._forward(request, body, respond, key, lookup)
 
-    async def _revalidate(self, request: Request, key: tuple[bytes, bytes], lookup: Lookup) -> None:
+    def _refresh_later(self, request: Request, key: tuple[bytes, bytes], lookup: Lookup) -> None:
+        """Start the background refresh of an entry served stale, unless one is under way for
+        that key or MAX_REFRESHES are (then a later visitor's request starts it). It outlives
+        the visitor's connection: its own origin connection, its own deadline."""
+        kr = self.kr
+        if key in kr.refreshing or len(kr.refreshing) >= MAX_REFRESHES:
+            return
+        kr.refreshing.add(key)
+        task = asyncio.get_running_loop().create_task(self._refresh(request, key, lookup))
+        kr.refresh_tasks.add(task)
+        task.add_done_callback(kr.refresh_tasks.discard)
+
+    async def _refresh(self, request: Request, key: tuple[bytes, bytes], lookup: Lookup) -> None:
+        kr, http = self.kr, self.kr.http
+        pool = UpstreamPool(
+            f"https://{self.route.pool.origins[0].text}",
+            max_idle=0,
+            connect_timeout_s=http.upstream_connect_timeout_s,
+            timeout_s=http.upstream_timeout_s,
+            tls=kr.origin_tls,
+            server_hostname=kr.config.origin_server_name or self.sni,
+            connector=self._connect_origin,
+            max_open=1,
+            queue_timeout_s=http.upstream_queue_timeout_s,
+        )
+        try:
+            async with asyncio.timeout(http.upstream_connect_timeout_s + http.upstream_timeout_s):
+                await self._revalidate(pool, request, key, lookup)
+        except (TimeoutError, UpstreamError, ConnectionError, OSError):
+            pass
+        finally:
+            pool.close()
+            kr.refreshing.discard(key)
+
+    async def _revalidate(
+        self, pool: UpstreamPool, request: Request, key: tuple[bytes, bytes], lookup: Lookup
+    ) -> None:
         """Refresh a stored response served stale: a 304 freshens it, a storable answer
         replaces it; nothing reaches the visitor, who already has its answer."""
         cache = self.kr.cache
         headers = upstream_headers(request, request.authority or self.sni.encode())
         headers = [(k, v) for k, v in headers if k not in _CONDITIONAL] + lookup.validators
         request_time = time.time()
-        try:
-            response = await self.pool.request(b"GET", request.target or b"/", headers, None)
-        except (UpstreamError, ConnectionError):
-            return
+        response = await pool.request(b"GET", request.target or b"/", headers, None)
         try:
             response_time = time.time()
             chunks: list[bytes] | None = []
@@ -662,17 +698,10 @@ class KeylessHandler:
             headers.append((b"transfer-encoding", b"chunked"))
         stream = iterate([], body) if has_body else None
         request_time = time.time()
-
-        async def interim(status: int, interim_headers: Headers) -> None:
-            # 103 Early Hints and other 1xx pass through to the visitor, never into the cache
-            send = getattr(respond, "interim", None)
-            if send is not None:
-                with contextlib.suppress(ConnectionError):
-                    await send(status, strip_hop_by_hop(interim_headers))
-
         try:
+            # 103 Early Hints and other 1xx pass through to the visitor, never into the cache
             response = await self.pool.request(
-                method, request.target or b"/", headers, stream, interim
+                method, request.target or b"/", headers, stream, interim_sender(respond)
             )
         except BodyTooLarge:
             await simple_response(respond, 413, "request body too large\n")
