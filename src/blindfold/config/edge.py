@@ -273,7 +273,8 @@ class RouteConfig:
         True,
         doc="keyless: honour a response's `stale-while-revalidate=N` (RFC 5861 §3): within N "
         "seconds past its lifetime, serve the stored copy at once and revalidate it with the "
-        "origin after answering (on that visitor connection). Never where must-revalidate, "
+        "origin in the background (one refresh per URL, at most 64 at once per worker). Never "
+        "where must-revalidate, "
         "proxy-revalidate, s-maxage or no-cache forbid stale responses (RFC 9111 §4.2.4).",
     )
     cache_stale_if_error: bool = setting(
