@@ -747,3 +747,34 @@ def test_if_modified_since_without_last_modified_uses_date_then_receipt() -> Non
     assert found is not None
     assert not_modified(found.entry, [(b"if-modified-since", imf(T0))])
     assert not not_modified(found.entry, [(b"if-modified-since", imf(T0 - 1))])
+
+
+_DATE_FORMATS = (
+    "%a, %d %b %Y %H:%M:%S GMT",  # IMF-fixdate
+    "%A, %d-%b-%y %H:%M:%S GMT",  # rfc850-date
+    "%a %b %e %H:%M:%S %Y",  # asctime-date (day padded with a space)
+)
+
+
+@given(st.integers(0, 253402300799), st.sampled_from(_DATE_FORMATS))
+def test_http_date_round_trips_every_format(t: int, fmt: str) -> None:
+    import time as _time
+
+    text = _time.strftime(fmt, _time.gmtime(t)).encode()
+    # rfc850-date's 2-digit year is placed within 50 years of `now` (RFC 9110 §5.6.7): here
+    # now is the date itself, so every format gives it back exactly
+    assert http_date(text, now=float(t)) == float(t)
+
+
+@given(st.binary(max_size=80), st.binary(max_size=80))
+def test_fields_never_raise(date: bytes, cc: bytes) -> None:
+    # any bytes: an HTTP-date or None; directives or none; never an exception
+    assert http_date(date, now=T0) is None or isinstance(http_date(date, now=T0), float)
+    directives([(b"cache-control", cc)])
+    cache = HttpCache(1 << 20, 1 << 16)
+    headers = [(b"cache-control", cc), (b"cdn-cache-control", cc), (b"expires", date)]
+    headers += [(b"date", date), (b"age", cc)]
+    if cache.storable(b"GET", [(b"cache-control", cc)], 200, headers):
+        cache.store(KEY, [], 200, headers, b"x", T0, T0)
+    found = cache.lookup(KEY, b"GET", [(b"cache-control", cc)], T0 + 1)
+    assert found is None or found.entry.lifetime >= 0
