@@ -126,7 +126,7 @@ METRICS = (
     MetricSpec(
         "blindfold_keyless_cache_total",
         "counter",
-        "Cache outcomes per request: hit, revalidated, miss, stored, bypass.",
+        "Cache outcomes per request: hit, revalidated, stale, miss, stored, bypass.",
         ("route", "result"),
     ),
     MetricSpec(
@@ -173,7 +173,7 @@ class KeylessStats:
         self.handshakes: dict[str, int] = {}  # full | resumed | failed reason
         self.fallbacks: dict[str, int] = {}  # reason -> passthrough connections
         self.requests: dict[str, int] = {}  # status class
-        self.cache: dict[str, int] = {}  # hit | miss | revalidated | stored | bypass
+        self.cache: dict[str, int] = {}  # hit | miss | revalidated | stale | stored | bypass
         self.rate_limited: dict[str, int] = {}  # rule name
         self.key_updates: dict[str, int] = {}  # received | sent
 
@@ -645,10 +645,10 @@ class KeylessHandler:
             size = 0
             async for chunk in response.body():
                 size += len(chunk)
-                if chunks is not None:
-                    chunks.append(chunk)
-                    if size > cache.max_object_bytes:
-                        chunks = None
+                if chunks is None or size > cache.max_object_bytes:
+                    chunks = None  # too big to store: the rest is not worth reading
+                    break
+                chunks.append(chunk)
             if response.status == 304 and lookup.validators:
                 cache.freshen(
                     key,
