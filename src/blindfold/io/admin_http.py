@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable
 import h11
 
 from blindfold.core.iplist import visitor_key
-from blindfold.obs.status import CSP
+from blindfold.obs.status import CSP, ICON
 
 Handler = Callable[[str, str], Awaitable[tuple[int, str, bytes]]]
 MAX_CONNECTIONS = 64
@@ -31,7 +31,8 @@ RESERVED_FOR_NEW = 16  # the last slots: only for a client that holds no connect
 CONNECTION_LIFETIME_S = 30.0  # a keep-alive connection's answers end with `close` after this
 MAX_REQUESTS_PER_CONNECTION = 100
 REQUEST_TIMEOUT_S = 10.0  # to receive one whole request; also to send its answer
-PUBLIC_PATHS = frozenset({"/"})  # the status page itself: no figures, it asks with the token
+# the status page itself and its icon: no figures (the page asks status.json with the token)
+PUBLIC_PATHS = frozenset({"/", "/favicon.ico"})
 
 
 def authorized(token: bytes | None, headers: Iterable[tuple[bytes, bytes]]) -> bool:
@@ -91,6 +92,8 @@ class AdminServer:
                         status, ctype, body = 405, "text/plain", b"method not allowed\n"
                     elif path not in PUBLIC_PATHS and not authorized(self.token, event.headers):
                         status, ctype, body = 401, "text/plain", b"admin token required\n"
+                    elif path == "/favicon.ico":
+                        status, ctype, body = 200, "image/svg+xml", ICON
                     else:
                         status, ctype, body = await self._handler(method, path)
                     # drain the (empty) body before answering
