@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from blindfold.obs.catalog import metrics_by_process, series_names
 from tests.conftest import ROOT, need
 from tests.helpers.cdp import Chromium
 from tests.helpers.nginx import free_port
@@ -215,6 +216,11 @@ def test_status_pages_show_the_metrics_while_traffic_flows(demo: Demo, tmp_path:
             urls = browser.requested_urls()
             assert urls and all(u.startswith(f"http://{admin}/") for u in urls), urls
             assert browser.errors() == [], browser.errors()
+        # the catalog the dashboards and alerts are checked against holds every live series
+        catalog = metrics_by_process()
+        for component, admin in demo.admin.items():
+            live = {name for name, series in scrape(admin).items() if series}
+            assert live - series_names(catalog[component]) == set(), component
         # what the pages were asked to show, per component
         edge = scrape(demo.admin["edge"])
         modes = {labels["mode"] for labels, _ in edge["blindfold_route_connections_total"]}
