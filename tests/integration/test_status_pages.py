@@ -216,6 +216,16 @@ def test_status_pages_show_the_metrics_while_traffic_flows(demo: Demo, tmp_path:
             urls = browser.requested_urls()
             assert urls and all(u.startswith(f"http://{admin}/") for u in urls), urls
             assert browser.errors() == [], browser.errors()
+        # on a phone: one column, nothing wider than the screen
+        browser.session = tabs["edge"]
+        browser.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": True},
+        )
+        polls = browser.evaluate("window.blindfoldStatus.polls")
+        browser.wait_for(f"window.blindfoldStatus.polls >= {polls + 1}", 15)
+        assert browser.evaluate("document.documentElement.scrollWidth") <= 390
+        browser.screenshot(tmp_path / "edge-status-phone.png")
         # the catalog the dashboards and alerts are checked against holds every live series
         catalog = metrics_by_process()
         for component, admin in demo.admin.items():
