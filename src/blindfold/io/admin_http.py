@@ -10,13 +10,16 @@ visitors.
 
 The status page (`/`) is public (it holds no figures); every other path needs the admin token
 when one is set (`Authorization: Bearer <token>`), which check-config requires for a listener
-off loopback.
+off loopback. Without a token a request must name the listener by an IP address or `localhost`
+(the Host header): a web page whose name an attacker re-points at 127.0.0.1 (DNS rebinding)
+would otherwise read the figures through the operator's browser.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 from collections.abc import Awaitable, Callable, Iterable
 
 import h11
@@ -35,9 +38,24 @@ REQUEST_TIMEOUT_S = 10.0  # to receive one whole request; also to send its answe
 PUBLIC_PATHS = frozenset({"/", "/favicon.ico"})
 
 
+def _local_name(host: bytes) -> bool:
+    """An IP literal or localhost, with or without a port."""
+    name = host.rsplit(b":", 1)[0] if host.count(b":") == 1 else host
+    name = name.strip(b"[]").lower()
+    if name == b"localhost" or name.endswith(b".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        if host.startswith(b"[") and b"]:" in host:  # [v6]:port
+            return _local_name(host.split(b"]:", 1)[0] + b"]")
+        return False
+    return True
+
+
 def authorized(token: bytes | None, headers: Iterable[tuple[bytes, bytes]]) -> bool:
     if token is None:
-        return True
+        return all(_local_name(value) for name, value in headers if name == b"host")
     for name, value in headers:
         if name == b"authorization":
             scheme, _, given = value.partition(b" ")
@@ -92,6 +110,8 @@ class AdminServer:
                         status, ctype, body = 405, "text/plain", b"method not allowed\n"
                     elif path not in PUBLIC_PATHS and not authorized(self.token, event.headers):
                         status, ctype, body = 401, "text/plain", b"admin token required\n"
+                        if self.token is None:
+                            status, body = 403, b"name this listener by its address\n"
                     elif path == "/favicon.ico":
                         status, ctype, body = 200, "image/svg+xml", ICON
                     else:
