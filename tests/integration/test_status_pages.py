@@ -201,10 +201,15 @@ def test_status_pages_show_the_metrics_while_traffic_flows(demo: Demo, tmp_path:
         time.sleep(0.5)  # the last answers counted
         for component, admin in demo.admin.items():
             browser.session = tabs[component]
-            polls = browser.evaluate("window.blindfoldStatus.polls")
-            # two polls after the traffic stopped: the page shows the final numbers
-            browser.wait_for(f"window.blindfoldStatus.polls >= {polls + 2}", 15)
-            assert figures_match(browser, admin) == [], component
+            # a poll after the traffic stopped, then the page against /metrics at once; a ban
+            # that expires between the two may differ once: the next poll must then agree
+            for _attempt in range(3):
+                polls = browser.evaluate("window.blindfoldStatus.polls")
+                browser.wait_for(f"window.blindfoldStatus.polls >= {polls + 1}", 15)
+                wrong = figures_match(browser, admin)
+                if not wrong:
+                    break
+            assert wrong == [], component
             drawn = browser.evaluate(
                 "Array.from(document.querySelectorAll('svg path'))"
                 ".filter(p => (p.getAttribute('d') || '').split('L').length >= 3).length"
