@@ -8,7 +8,7 @@ from pathlib import Path
 
 from blindfold import __version__
 from blindfold.config import load_file
-from blindfold.config.common import unspecified_listen
+from blindfold.config.common import load_admin_token, unspecified_listen
 from blindfold.errors import ConfigError
 
 
@@ -23,6 +23,10 @@ def _check_config(path: str) -> int:
 
         check_deployment(config)  # the manifest never where the edge ends TLS
         sections = []
+        for name in ("edge", "origin", "keyserver"):  # the admin tokens read
+            section = getattr(config, name)
+            if section is not None:
+                load_admin_token(section.admin_token_file, f"{name}.admin_token_file")
         if config.edge is not None:
             if unspecified_listen(config.edge.admin_listen):
                 warnings.append(

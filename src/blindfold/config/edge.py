@@ -9,6 +9,8 @@ from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from blindfold.config.common import (
+    ADMIN_TOKEN_DOC,
+    admin_exposure,
     check_hostport,
     check_ip_hostport,
     check_redis_url,
@@ -698,9 +700,11 @@ class EdgeConfig:
     routes: tuple[RouteConfig, ...] = setting(doc="Routes, chosen by SNI.", check=_nonempty)
     admin_listen: str = setting(
         "127.0.0.1:7743",
-        doc="Address of the admin listener serving /metrics (Prometheus text) and /healthz.",
+        doc="Address of the admin listener: the status page (/), /status.json, /metrics "
+        "(Prometheus text) and /healthz.",
         check=check_ip_hostport,
     )
+    admin_token_file: str = setting("", doc=ADMIN_TOKEN_DOC)
     workers: int = setting(
         0,
         doc="Worker processes sharing the listeners (SO_REUSEPORT; a BPF program sends every "
@@ -858,6 +862,8 @@ class EdgeConfig:
             raise ConfigError("routes", f"route names must be unique: {sorted(dup)}")
         if self.admin_listen in self.listen and not self.admin_listen.endswith(":0"):
             raise ConfigError("admin_listen", "must differ from every listen address")
+        if exposed := admin_exposure(self.admin_listen, self.admin_token_file):
+            raise ConfigError("admin_token_file", exposed)
         if self.decisions and self.decisions.min_ban_prefix_len_v6 > self.ipv6_prefix_len:
             raise ConfigError(
                 "decisions.min_ban_prefix_len_v6",

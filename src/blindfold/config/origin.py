@@ -7,7 +7,13 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from blindfold.config.common import check_ip_hostport, check_redis_url, unspecified_listen
+from blindfold.config.common import (
+    ADMIN_TOKEN_DOC,
+    admin_exposure,
+    check_ip_hostport,
+    check_redis_url,
+    unspecified_listen,
+)
 from blindfold.config.http import HttpServerConfig
 from blindfold.config.schema import setting
 from blindfold.errors import ConfigError
@@ -570,8 +576,11 @@ class OriginConfig:
     )
     proxy_header_timeout_s: float = setting(5.0, doc="Deadline for the PROXY header.", min=0.1)
     admin_listen: str = setting(
-        "127.0.0.1:7744", doc="Address of /metrics and /healthz.", check=check_ip_hostport
+        "127.0.0.1:7744",
+        doc="Address of the status page (/), /status.json, /metrics and /healthz.",
+        check=check_ip_hostport,
     )
+    admin_token_file: str = setting("", doc=ADMIN_TOKEN_DOC)
     log_path: str = setting("", doc="Where JSON log lines go; empty = standard output.")
     access_log: bool = setting(True, doc="One JSON line per request.")
     max_connections: int = setting(10000, doc="Open client connections at most.", min=1)
@@ -619,6 +628,8 @@ class OriginConfig:
             raise ConfigError(
                 "trusted_edges", "proxy_protocol = 'required' needs the edges' addresses"
             )
+        if exposed := admin_exposure(self.admin_listen, self.admin_token_file):
+            raise ConfigError("admin_token_file", exposed)
         names = [e.name for e in self.edges]
         if len(set(names)) != len(names):
             raise ConfigError("edges", "edge names must be unique")
