@@ -16,6 +16,7 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 from blindfold.config import Config, load_file
@@ -182,6 +183,9 @@ class KeyServer:
         self.open_conns = 0
         self.max_conns = cfg.max_connections
         self.per_source = KeyedLimiter(0.0, 1, cfg.max_connections_per_source, 65536)
+        self.acme: Any = None  # acme.client.AcmeManager for [keyserver.acme]
+        if cfg.acme is not None:
+            self.acme = _acme_manager(cfg, log.emit, self._acme_installed)
         self._apply(cfg)
 
     def _apply(self, cfg: KeyServerConfig, *, first: bool = True) -> None:
@@ -255,6 +259,8 @@ class KeyServer:
         self.server.tasks.append(loop.create_task(self._serve_queue()))
         sock = lsock.getsockname()
         self._flusher = loop.create_task(self._flush_logs())
+        if self.acme is not None:
+            self.server.tasks.append(loop.create_task(self._run_acme()))
         if self.audit.recovered:
             self.log.emit(
                 "audit_recovered",
@@ -576,8 +582,32 @@ class KeyServer:
                 ],
                 "blindfold_keyserver_connections_active": [[[], len(self.writers)]],
             }
-            return 200, "text/plain; version=0.0.4", render(snap, KEYSERVER_METRICS).encode()
+            specs = KEYSERVER_METRICS
+            if self.acme is not None:
+                from blindfold.acme.client import METRICS as ACME_METRICS
+
+                snap.update(self.acme.snapshot())
+                specs = specs + list(ACME_METRICS)
+            return 200, "text/plain; version=0.0.4", render(snap, specs).encode()
+        if path == "/acme/renew" and self.acme is not None:
+            if method != "POST":
+                return 405, "text/plain", b"POST renews every ACME certificate now\n"
+            self.acme.force()
+            return 202, "application/json", b'{"status":"renewing"}\n'
         return 404, "text/plain", b"not found\n"
+
+    # ------------------------------------------------------------------ ACME
+    def _acme_installed(self, order: Any) -> None:
+        """A renewed chain is on disk, checked against the key kept here: sign for it."""
+        self._apply(self.cfg, first=False)
+
+    async def _run_acme(self) -> None:
+        try:
+            await self.acme.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must not end the key server: log it
+            self.log.emit("acme_stopped", error=f"{type(exc).__name__}: {exc}"[:300])
 
     def reload(self) -> None:
         try:
@@ -665,6 +695,22 @@ def _open_audit(cfg: KeyServerConfig) -> AuditLog:
         return AuditLog(cfg.audit_log, key)
     except AuditError as exc:
         raise ConfigError("keyserver.audit_log", str(exc)) from None
+
+
+def _acme_manager(
+    cfg: KeyServerConfig, log: Callable[..., None], installed: Callable[[Any], None]
+) -> Any:
+    """[keyserver.acme]: the keys (made here) and placeholders before the keys load."""
+    from blindfold.acme.client import AcmeManager
+    from blindfold.errors import VerificationError
+
+    assert cfg.acme is not None
+    manager = AcmeManager(cfg.acme, log, installed)
+    try:
+        manager.prepare()
+    except (OSError, ValueError, VerificationError) as exc:
+        raise ConfigError("keyserver.acme", f"cannot prepare the key files: {exc}") from None
+    return manager
 
 
 def run_keyserver(path: str) -> int:
