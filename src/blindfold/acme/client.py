@@ -218,6 +218,9 @@ class AcmeManager:
                 else "io_error"
             )
             retry_after = exc.retry_after_s if isinstance(exc, AcmeError) else 0.0
+            # start over at the directory next time: the CA may have moved its endpoints or
+            # forgotten the account (a restored CA, a test CA restarted)
+            self._client = None
             st.attempt += 1
             st.failures[reason] = st.failures.get(reason, 0) + 1
             delay = self.backoff.delay(st.attempt, self.rng, retry_after)

@@ -28,8 +28,11 @@ REQUEST_TIMEOUT_S = 10.0  # to receive one whole request; also to send its answe
 
 
 class AdminServer:
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, post_paths: frozenset[str] = frozenset()) -> None:
+        """`post_paths`: the only paths a POST (with an empty body) may reach; every other
+        POST, and every other method, is answered 405."""
         self._handler = handler
+        self._post_paths = post_paths
         self._open = 0
         self._per_address: dict[str, int] = {}
         self.server: asyncio.base_events.Server | None = None
@@ -68,10 +71,11 @@ class AdminServer:
                 if isinstance(event, h11.Request):
                     method = event.method.decode("ascii", "replace")
                     target = event.target.decode("ascii", "replace")
-                    if method not in ("GET", "HEAD"):
-                        status, ctype, body = 405, "text/plain", b"method not allowed\n"
+                    path = target.split("?")[0]
+                    if method in ("GET", "HEAD") or (method == "POST" and path in self._post_paths):
+                        status, ctype, body = await self._handler(method, path)
                     else:
-                        status, ctype, body = await self._handler(method, target.split("?")[0])
+                        status, ctype, body = 405, "text/plain", b"method not allowed\n"
                     # drain the (empty) body before answering
                     while not isinstance(
                         await self._next_event(conn, reader, deadline), h11.EndOfMessage

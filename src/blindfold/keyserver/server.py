@@ -170,7 +170,7 @@ class KeyServer:
         self.log = log
         self.audit = _open_audit(cfg)
         self.replays = kh.ReplayGuard(cfg.replay_window_s, MAX_REPLAY_ENTRIES)
-        self.admin = AdminServer(self._admin)
+        self.admin = AdminServer(self._admin, frozenset({"/acme/renew"}))
         self.counts: dict[tuple[str, str], int] = {}
         self.conn_counts: dict[str, int] = {}
         self.latency = Histogram(LATENCY_BUCKETS)

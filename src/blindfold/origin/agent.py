@@ -374,7 +374,7 @@ class OriginAgent:
         self.sockets: list[socket.socket] = []
         self.tls_sockets: dict[socket.socket, bool] = {}
         self.stopping = asyncio.Event()
-        self.admin = AdminServer(self._admin)
+        self.admin = AdminServer(self._admin, frozenset({"/acme/renew"}))
         self.api: DecisionApi | None = None
         self.publisher: Any = None
         self.quic: Any = None  # origin.h3.QuicShared once HTTP/3 listens
