@@ -9,6 +9,7 @@ import datetime
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -159,3 +160,8 @@ def check_chain(
 def install_chain(cert_path: str, chain_pem: bytes) -> None:
     """Replace the chain file atomically (the key file, reused, is not touched)."""
     write_atomic(Path(cert_path), chain_pem, 0o644)
+
+
+def pending_files(orders: Sequence[Any]) -> set[str]:
+    """The orders' cert/key files that do not exist yet (made at the first start)."""
+    return {p for o in orders for p in (o.cert, o.key) if not Path(p).exists()}

@@ -17,6 +17,7 @@ import datetime
 import json
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,8 +119,8 @@ def select_profile(directory_meta: Any, wanted: str) -> str | None:
     profiles or not this one: an order must not silently get another profile."""
     if not wanted:
         return None
-    profiles = directory_meta.get("profiles") if isinstance(directory_meta, dict) else None
-    if not isinstance(profiles, dict) or not profiles:
+    profiles = directory_meta.get("profiles") if isinstance(directory_meta, Mapping) else None
+    if not isinstance(profiles, Mapping) or not profiles:
         raise ProtocolError("profile_unavailable", f"the CA offers no profiles (wanted {wanted!r})")
     if wanted not in profiles:
         offered = ", ".join(sorted(str(p) for p in profiles))

@@ -55,6 +55,10 @@ def _check_config(path: str) -> int:
 
             origin = config.origin
             TrustedEdges(origin)  # the edges' PROXY authentication keys load
+            if origin.acme is not None:
+                from blindfold.acme.check import check_acme
+
+                check_acme(origin.acme, "origin.acme")
             if origin.certificates:
                 SiteTls(origin.certificates)
             if origin.decisions.listen:
@@ -77,7 +81,20 @@ def _check_config(path: str) -> int:
         if config.keyserver is not None:
             from blindfold.keyserver.access import check_keys
 
-            warnings += check_keys(config.keyserver)  # loads the keys; partly authorised edges
+            ks = config.keyserver
+            if ks.acme is not None:
+                import dataclasses
+
+                from blindfold.acme.certfiles import pending_files
+                from blindfold.acme.check import check_acme
+
+                check_acme(ks.acme, "keyserver.acme")
+                # keys ACME makes at the first start are not there yet: check the others
+                pending = pending_files(ks.acme.orders)
+                ready = tuple(k for k in ks.keys if not {k.key, k.certificate} & pending)
+                ks = dataclasses.replace(ks, keys=ready) if ready else None  # type: ignore[assignment]
+            if ks is not None:
+                warnings += check_keys(ks)  # loads the keys; partly authorised edges
             if unspecified_listen(config.keyserver.admin_listen):
                 warnings.append(
                     f"keyserver.admin_listen = {config.keyserver.admin_listen!r} serves /metrics "

@@ -41,8 +41,9 @@ class AcmeOrderConfig:
         check=_hostnames,
     )
     cert: str = setting(
-        doc="Where the chain is written (atomically: temporary file, then rename); the "
-        "component serves this file (list it among its certificates/keys too)."
+        doc="Where the chain is written (atomically: temporary file, then rename). The origin "
+        "agent serves it without a certificates entry; the key server signs for it once a "
+        "[[keyserver.keys]] entry names it (and this key)."
     )
     key: str = setting(
         doc="Its private key: generated here (mode 0600) if missing, kept across renewals; "
@@ -93,8 +94,9 @@ class AcmeConfig:
         "the order fails if the CA does not offer it. Empty: the CA's default.",
     )
     renew_fraction: float = setting(
-        2 / 3,
-        doc="Renew once this fraction of the lifetime has passed, unless the CA's renewal "
+        0.6667,
+        doc="Renew once this fraction (two thirds by default) of the lifetime has passed, "
+        "unless the CA's renewal "
         "information (RFC 9773) suggests a window: then at a random time inside it.",
         min=0.1,
         max=0.95,
