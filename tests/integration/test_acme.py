@@ -372,3 +372,52 @@ def test_dns01_wildcard_through_the_hook(pebble: Pebble, tmp_path: Path) -> None
     assert failed and failed[0]["reason"] == "dns_hook_failed", logs
     assert "exit code 3" in failed[0]["error"] and "zone locked" in failed[0]["error"]
     assert x509.load_pem_x509_certificates((work / "wild.pem").read_bytes())[0] == cert
+
+
+def test_the_edge_gets_its_own_blind_cdn_certificate(
+    tmp_path: Path,
+    pebble: Pebble,
+    site: dict[str, Path],
+    start_edge: Callable[..., EdgeProcess],
+) -> None:
+    """A blind route's CDN hostname is the edge's own name: the edge orders its certificate
+    (key made and kept at the edge) and answers tls-alpn-01 itself."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    cdn = "cdn.acme.test"
+    work = tmp_path / "edge-acme"
+    work.mkdir()
+    manifest_key = work / "manifest.pub"
+    manifest_key.write_bytes(
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    )
+    edge_port = free_port()
+    pebble.start(edge_port)
+    pebble.add_a(cdn)
+    order = {"hostnames": [cdn], "cert": str(work / "cdn.pem"), "key": str(work / "cdn.key")}
+    routes = route(
+        [cdn],
+        ["127.0.0.1:9"],
+        mode="blind",
+        certificate=order["cert"],
+        key=order["key"],
+        origin_ca=str(site["ca"]),
+        origin_server_name="example.test",
+        blind={"manifest_public_key": str(manifest_key)},
+    )
+    edge = start_edge(
+        edge_config(routes, listen=[f"127.0.0.1:{edge_port}"], per_ip_rate_per_s=0)
+        + acme_config("edge", pebble, work, [order])
+    )
+    assert renewed(edge, 1)
+    assert wait_until(lambda: len(edge.records("reloaded")) >= 1, timeout=20)
+    assert edge.records("acme_challenge_answered")
+    assert (work / "cdn.key").stat().st_mode & 0o777 == 0o600
+    root = pebble.root_pem(tmp_path / "pebble-root.pem")
+    assert wait_until(lambda: peer_serial(edge.port, cdn, root) == serial_of(work / "cdn.pem"))
+    out = curl(edge.port, cdn, root, "-w", "\n%{http_code}", path="/")
+    assert out.returncode == 0, out.stderr  # TLS verified against pebble's root
+    assert edge.metric("blindfold_acme_renewals_total", hostname=cdn) == 1

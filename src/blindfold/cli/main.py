@@ -37,9 +37,18 @@ def _check_config(path: str) -> int:
             from blindfold.core.proxyproto import load_auth_key
             from blindfold.edge.modes import check_route
 
+            pending: set[str] = set()
+            if edge.acme is not None:
+                from blindfold.acme.certfiles import pending_files
+                from blindfold.acme.check import check_acme
+
+                check_acme(edge.acme, "edge.acme")
+                pending = pending_files(edge.acme.orders)  # made at the first start
             for i, rc in enumerate(edge.routes):  # each mode's files: certificates, keys, CAs
                 if rc.proxy_auth_key_file:  # the PROXY header authentication key
                     load_auth_key(rc.proxy_auth_key_file, f"edge.routes[{i}].proxy_auth_key_file")
+                if {rc.certificate, rc.key} & pending:
+                    continue
                 check_route(f"edge.routes[{i}]", rc, edge)
             if edge.decisions is not None:  # the origins' public keys for signed decisions
                 from blindfold.decisions.signed import load_public_key
