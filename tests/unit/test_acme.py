@@ -415,3 +415,28 @@ key = "{tmp_path / "kl.key"}"
     hook.chmod(0o755)
     assert main(["check-config", str(cfg)]) == 0
     assert not (tmp_path / "kl.key").exists()  # check-config writes nothing
+
+
+def test_forced_renewals_are_rate_limited(tmp_path: Path) -> None:
+    """POST /acme/renew must not let whoever reaches the admin listener spend the CA's rate
+    limits: at most one forced renewal per retry_initial_s."""
+    from blindfold.acme.client import AcmeManager
+    from blindfold.config.acme import AcmeConfig
+    from blindfold.config.schema import build
+
+    cfg = build(
+        AcmeConfig,
+        {
+            "directory": "https://ca.test/dir",
+            "account_key": str(tmp_path / "a.key"),
+            "challenge_dir": str(tmp_path / "ch"),
+            "retry_initial_s": 60,
+            "orders": [{"hostnames": ["a.test"], "cert": "c", "key": "k"}],
+        },
+    )
+    m = AcmeManager(cfg, lambda *a, **k: None, lambda o: None)
+    m.states[0].next_at = 1e12
+    assert m.force(now=1000.0) and m.states[0].next_at == 0.0
+    m.states[0].next_at = 1e12
+    assert not m.force(now=1059.0) and m.states[0].next_at == 1e12
+    assert m.force(now=1060.0)

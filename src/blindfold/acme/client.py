@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import math
 import random
 import time
 from collections.abc import Callable
@@ -141,6 +142,7 @@ class AcmeManager:
         self.wake = asyncio.Event()
         self._account: JWKEC | None = None
         self._client: client.ClientV2 | None = None
+        self._forced_at = -math.inf
 
     # ------------------------------------------------------------ set-up
     def prepare(self) -> None:
@@ -151,11 +153,19 @@ class AcmeManager:
                 self.log("acme_placeholder", hostname=o.hostnames[0], cert=o.cert)
         self._account = _load_account_key(self.cfg.account_key)
 
-    def force(self) -> None:
-        """Renew every certificate now (admin `POST /acme/renew`)."""
+    def force(self, now: float | None = None) -> bool:
+        """Renew every certificate now (admin `POST /acme/renew`). At most once per
+        retry_initial_s: whoever reaches the admin listener must not be able to spend the
+        CA's rate limits (Let's Encrypt: a few duplicate certificates a week). False: too
+        soon, nothing done."""
+        now = time.monotonic() if now is None else now
+        if now - self._forced_at < self.cfg.retry_initial_s:
+            return False
+        self._forced_at = now
         for st in self.states:
             st.next_at = 0.0
         self.wake.set()
+        return True
 
     # ------------------------------------------------------------ metrics
     def snapshot(self) -> dict[str, list[list[Any]]]:

@@ -592,7 +592,8 @@ class KeyServer:
         if path == "/acme/renew" and self.acme is not None:
             if method != "POST":
                 return 405, "text/plain", b"POST renews every ACME certificate now\n"
-            self.acme.force()
+            if not self.acme.force():
+                return 429, "text/plain", b"a forced renewal is already under way\n"
             return 202, "application/json", b'{"status":"renewing"}\n'
         return 404, "text/plain", b"not found\n"
 
