@@ -218,6 +218,15 @@ def test_passthrough_and_keyless_hostnames_get_certificates_through_the_edge(
     assert edge.metric("blindfold_keyless_handshakes_total", route="route1", result="full") >= 1
     assert origin.metric("blindfold_acme_renewals_total", hostname=PT) == 1
 
+    # the key server renews; an edge that still has the previous chain keeps working (the
+    # key is the same) until it fetches the new one
+    assert post(keyserver.admin, "/acme/renew") == 202
+    assert renewed(keyserver, 2)
+    out = curl(edge.port, KL, root, "-w", "\n%{http_code}", "--no-sessionid", path="/echo")
+    assert out.stdout.endswith("\n200"), out.stdout[-300:] + out.stderr
+    assert edge.reload() is not None
+    assert peer_serial(edge.port, KL, root) == serial_of(Path(topology["kl"]["cert"]))
+
 
 def test_forced_renewal_swaps_the_certificate_under_a_long_download(
     topology: dict[str, Any], pebble: Pebble, tmp_path: Path

@@ -218,6 +218,12 @@ class KeyServer:
         if not first:
             self._set_conn_cap()
         self.keys: dict[bytes, SiteKey] = {k.cert_sha256: k for k in keys}
+        # A key whose certificate ACME just renewed still signs for the previous one: edges
+        # present it until they fetch the new chain. Only for keys still configured.
+        names = {k.name for k in keys}
+        self.previous = {d: k for d, k in getattr(self, "previous", {}).items() if k.name in names}
+        for digest, k in self.previous.items():
+            self.keys.setdefault(digest, k)
         self.edges: dict[bytes, _Edge] = edges
         if first:
             self.tls = self._tls(cfg)
@@ -599,7 +605,15 @@ class KeyServer:
 
     # ------------------------------------------------------------------ ACME
     def _acme_installed(self, order: Any) -> None:
-        """A renewed chain is on disk, checked against the key kept here: sign for it."""
+        """A renewed chain is on disk, checked against the key kept here: sign for it, and
+        (one generation back) for the chain it replaced, which the edges still present."""
+        before = {d: k for d, k in self.keys.items() if d not in self.previous}
+        older = self.previous
+        self._apply(self.cfg, first=False)
+        replaced = {d: k for d, k in before.items() if d not in self.keys}
+        renewed = {k.name for k in replaced.values()}
+        # one generation back per key: another key's previous chain stays
+        self.previous = {d: k for d, k in older.items() if k.name not in renewed} | replaced
         self._apply(self.cfg, first=False)
 
     async def _run_acme(self) -> None:
