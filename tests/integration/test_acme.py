@@ -210,6 +210,21 @@ def test_passthrough_and_keyless_hostnames_get_certificates_through_the_edge(
 
     out = curl(edge.port, PT, root, "-w", "\n%{http_code}", path="/echo")
     assert out.stdout.endswith("\n200"), out.stderr
+    # with no challenge pending an acme-tls/1 hello gets nothing: not the site's TLS, not a
+    # way around the keyless edge to the application
+    for host in (PT, KL):
+        ctx = ssl.create_default_context(cafile=str(root))
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.set_alpn_protocols(["acme-tls/1"])
+        with (
+            socket.create_connection(("127.0.0.1", edge.port), timeout=10) as raw,
+            pytest.raises((ssl.SSLError, OSError)),
+        ):
+            ctx.wrap_socket(raw, server_hostname=host).close()
+    assert wait_until(
+        lambda: origin.metric("blindfold_origin_connections_total", result="acme_no_challenge") == 2
+    )
     # the keyless edge serves the chain the key server obtained (distribution to edges is
     # hsm12's part; here the edge reads the same file and reloads)
     assert edge.reload() is not None
