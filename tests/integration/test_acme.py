@@ -454,3 +454,33 @@ def test_the_edge_gets_its_own_blind_cdn_certificate(
     out = curl(edge.port, cdn, root, "-w", "\n%{http_code}", path="/")
     assert out.returncode == 0, out.stderr  # TLS verified against pebble's root
     assert edge.metric("blindfold_acme_renewals_total", hostname=cdn) == 1
+
+
+def test_demo_with_a_local_acme_ca() -> None:
+    """`blindfold demo --acme`: one hostname's certificate from a local pebble, verified by
+    curl through the edge (the default demo is unchanged)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blindfold",
+            "demo",
+            "--acme",
+            "--self-check",
+            "--port",
+            str(free_port()),
+            "--admin-port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (
+        "self-check: a certificate from the local ACME CA, verified through the edge: OK"
+        in out.stdout
+    )

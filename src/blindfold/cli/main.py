@@ -415,6 +415,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run the demo's checks, then exit: 0 if all pass, 1 if not "
         "(with --duration: keep running that long first)",
     )
+    p_demo.add_argument(
+        "--acme",
+        action="store_true",
+        help="also run a local ACME CA (Debian's pebble) and give one hostname a "
+        "certificate from it by tls-alpn-01 through the edge",
+    )
 
     args = parser.parse_args(argv)
     if args.command == "edge":
@@ -466,7 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from blindfold.demo.run import run_demo
 
-        return run_demo(args.port, args.admin_port, args.dir, args.duration, args.self_check)
+        return run_demo(
+            args.port, args.admin_port, args.dir, args.duration, args.self_check, args.acme
+        )
     parser.error(f"unknown command {args.command}")
     return 2
 
