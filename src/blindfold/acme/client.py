@@ -189,13 +189,25 @@ class AcmeManager:
             self.prepare()
         for st in self.states:
             st.next_at = await self._due(st)
+        checked = time.monotonic()
         while True:
             now = time.time()
             for st in self.states:
                 if now >= st.next_at:
                     await self._attempt(st)
+            since = time.monotonic() - checked
+            if since >= self.cfg.check_interval_s:
+                # the CA's window may have moved, a file been replaced; only this often, so a
+                # time drawn inside an ARI window is not drawn again before it comes
+                checked = time.monotonic()
+                for st in self.states:
+                    if st.attempt == 0:
+                        st.next_at = await self._due(st)
+                continue
             now = time.time()
-            wait = min([st.next_at - now for st in self.states] + [self.cfg.check_interval_s])
+            wait = min(
+                [st.next_at - now for st in self.states] + [self.cfg.check_interval_s - since]
+            )
             self.wake.clear()
             if wait > 0:
                 try:
@@ -203,10 +215,6 @@ class AcmeManager:
                         await self.wake.wait()
                 except TimeoutError:
                     pass
-            if not self.wake.is_set():
-                for st in self.states:  # the CA's window may have moved; a file replaced
-                    if st.attempt == 0:
-                        st.next_at = await self._due(st)
 
     async def _attempt(self, st: _State) -> None:
         o = st.order
