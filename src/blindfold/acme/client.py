@@ -225,7 +225,7 @@ class AcmeManager:
             key = certfiles.load_or_create_key(o.key, o.key_type)
             certfiles.check_chain(chain, key, o.hostnames, time.time())
             certfiles.install_chain(o.cert, chain)
-        except (AcmeError, VerificationError, TimeoutError, OSError) as exc:
+        except Exception as exc:  # whatever a CA answers, the loop goes on (and retries)
             reason = (
                 exc.reason
                 if isinstance(exc, AcmeError)
@@ -234,6 +234,8 @@ class AcmeManager:
                 else "timeout"
                 if isinstance(exc, TimeoutError)
                 else "io_error"
+                if isinstance(exc, OSError)
+                else "unexpected_answer"  # e.g. a name from the CA that is not a hostname
             )
             retry_after = exc.retry_after_s if isinstance(exc, AcmeError) else 0.0
             # start over at the directory next time: the CA may have moved its endpoints or
