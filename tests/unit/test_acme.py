@@ -11,6 +11,7 @@ import base64
 import datetime
 import hashlib
 import random
+import socket
 import ssl
 import sys
 from pathlib import Path
@@ -440,3 +441,45 @@ def test_forced_renewals_are_rate_limited(tmp_path: Path) -> None:
     m.states[0].next_at = 1e12
     assert not m.force(now=1059.0) and m.states[0].next_at == 1e12
     assert m.force(now=1060.0)
+
+
+def test_the_origin_peeks_a_split_hello_without_consuming_it() -> None:
+    """The origin agent reads the ClientHello with MSG_PEEK (the bytes stay for the site's
+    TLS), also when it arrives in pieces; acme-tls/1 is recognised, other hellos are not."""
+    from blindfold.origin.acme_tls import peek_hello, wants_challenge
+    from tests.helpers.tlsbuild import simple_hello
+
+    async def run(data: bytes, split: int) -> tuple[object, bytes]:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        client = socket.create_connection(listener.getsockname())
+        server, _ = listener.accept()
+        listener.close()
+        server.setblocking(False)
+        try:
+            client.sendall(data[:split])
+
+            async def rest() -> None:
+                await asyncio.sleep(0.05)
+                client.sendall(data[split:])
+
+            task = asyncio.ensure_future(rest())
+            hello = await peek_hello(server, 5.0)
+            await task
+            await asyncio.sleep(0.05)
+            left = server.recv(65536)  # still all there
+            return hello, left
+        finally:
+            client.close()
+            server.close()
+
+    acme = simple_hello(sni=b"a.test", alpn=(b"acme-tls/1",))
+    for split in (3, 40, len(acme)):
+        hello, left = asyncio.run(run(acme, split))
+        assert wants_challenge(hello) and left == acme  # type: ignore[arg-type]
+    plain = simple_hello(sni=b"a.test", alpn=(b"h2", b"http/1.1"))
+    hello, left = asyncio.run(run(plain, len(plain)))
+    assert hello is not None and not wants_challenge(hello)  # type: ignore[arg-type]
+    hello, _ = asyncio.run(run(b"GET / HTTP/1.1\r\n\r\n", 18))
+    assert hello is None

@@ -23,6 +23,7 @@ from blindfold.errors import ProtocolError
 
 MAX_HELLO_BYTES = 16384
 _PEEK_RETRY_S = 0.01
+_PEEK_MAX_PAUSE_S = 0.25
 
 
 def site_certificates(cfg: OriginConfig) -> tuple[CertificateConfig, ...]:
@@ -41,6 +42,7 @@ async def peek_hello(sock: socket.socket, timeout_s: float) -> ClientHello | Non
     the TLS server), or None when the peer closed or sent something else. A hello spread over
     several TCP segments is re-peeked at a short interval until the deadline."""
     loop = asyncio.get_running_loop()
+    pause = _PEEK_RETRY_S
     async with asyncio.timeout(timeout_s):
         while True:
             try:
@@ -63,7 +65,11 @@ async def peek_hello(sock: socket.socket, timeout_s: float) -> ClientHello | Non
                 return hello
             if len(data) >= MAX_HELLO_BYTES:
                 return None
-            await asyncio.sleep(_PEEK_RETRY_S)
+            # the peeked bytes keep the socket readable: poll, backing off, so a hello
+            # trickled in byte by byte costs a few wake-ups, not one per 10 ms (an edge sends
+            # the whole hello at once)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _PEEK_MAX_PAUSE_S)
 
 
 def wants_challenge(hello: ClientHello | None) -> bool:
