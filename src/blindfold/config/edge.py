@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
+from blindfold.config.acme import AcmeConfig
 from blindfold.config.common import (
     ADMIN_TOKEN_DOC,
     admin_exposure,
@@ -841,6 +842,13 @@ class EdgeConfig:
         "auto",
         doc="How bytes are moved after the hello: 'splice' (Linux zero-copy through "
         "pipes), 'copy' (portable user-space buffers), 'auto' (splice where available).",
+    )
+    acme: AcmeConfig | None = setting(
+        None,
+        doc="The edge's own certificates by ACME: a blind route's CDN hostname is the "
+        "edge's name, its key is made and kept here (docs/acme.md). Name the route's "
+        "certificate and key as an order's cert and key; tls-alpn-01 is answered by the "
+        "edge itself from challenge_dir.",
     )
 
     def __post_init__(self) -> None:

@@ -6,6 +6,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from blindfold.config.acme import AcmeConfig
 from blindfold.config.common import (
     ADMIN_TOKEN_DOC,
     admin_exposure,
@@ -163,6 +164,13 @@ class KeyServerConfig:
         300.0, doc="An edge connection silent this long is closed.", min=1
     )
     log_path: str = setting("", doc="Where JSON log lines go; empty = standard output.")
+    acme: AcmeConfig | None = setting(
+        None,
+        doc="Certificates the key server obtains and renews by ACME for keyless hostnames "
+        "(docs/acme.md): the key is made and kept here; list each order's key/cert as a "
+        "[[keyserver.keys]] entry too. tls-alpn-01 is answered by the origin agent from the "
+        "shared challenge_dir; otherwise use dns-01.",
+    )
 
     def __post_init__(self) -> None:
         if not self.keys:

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from blindfold.config.acme import AcmeConfig
 from blindfold.config.common import (
     ADMIN_TOKEN_DOC,
     admin_exposure,
@@ -618,9 +619,22 @@ class OriginConfig:
     quic: OriginQuicConfig = setting(
         default_factory=OriginQuicConfig, doc="HTTP/3 over QUIC (docs/quic.md)."
     )
+    acme: AcmeConfig | None = setting(
+        None,
+        doc="Certificates this agent obtains and renews by ACME for the hostnames it "
+        "terminates (docs/acme.md); each order's cert/key is served like a certificates "
+        "entry, a self-signed placeholder until the first issuance.",
+    )
+    acme_challenge_dir: str = setting(
+        "",
+        doc="Answer ACME tls-alpn-01 (RFC 8737) from the challenge certificates in this "
+        "directory: a ClientHello offering only ALPN acme-tls/1 gets the certificate for its "
+        "SNI. Default: acme.challenge_dir. Set it to the key server's acme.challenge_dir to "
+        "answer for keyless hostnames.",
+    )
 
     def __post_init__(self) -> None:
-        if self.listen and not self.certificates:
+        if self.listen and not (self.certificates or self.acme):
             raise ConfigError(
                 "certificates", "TLS listeners need at least one [[origin.certificates]]"
             )
@@ -654,7 +668,7 @@ class OriginConfig:
                 "decisions.listen",
                 "the decision stream answers only trusted_edges: list the edges' addresses",
             )
-        if self.quic.listen and not self.certificates:
+        if self.quic.listen and not (self.certificates or self.acme):
             raise ConfigError("quic.listen", "HTTP/3 needs at least one [[origin.certificates]]")
         if (
             self.quic.listen

@@ -65,9 +65,14 @@ def authorized(token: bytes | None, headers: Iterable[tuple[bytes, bytes]]) -> b
 
 
 class AdminServer:
-    def __init__(self, handler: Handler, token: bytes | None = None) -> None:
+    def __init__(
+        self, handler: Handler, token: bytes | None = None, post_paths: frozenset[str] = frozenset()
+    ) -> None:
+        """`post_paths`: the only paths a POST (with an empty body) may reach, with the token
+        like any other path; every other POST, and every other method, is answered 405."""
         self._handler = handler
         self.token = token
+        self._post_paths = post_paths
         self._open = 0
         self._per_address: dict[str, int] = {}
         self.server: asyncio.base_events.Server | None = None
@@ -106,7 +111,9 @@ class AdminServer:
                 if isinstance(event, h11.Request):
                     method = event.method.decode("ascii", "replace")
                     path = event.target.decode("ascii", "replace").split("?")[0]
-                    if method not in ("GET", "HEAD"):
+                    if method not in ("GET", "HEAD") and not (
+                        method == "POST" and path in self._post_paths
+                    ):
                         status, ctype, body = 405, "text/plain", b"method not allowed\n"
                     elif path not in PUBLIC_PATHS and not authorized(self.token, event.headers):
                         status, ctype, body = 401, "text/plain", b"admin token required\n"

@@ -16,6 +16,7 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +182,9 @@ class KeyServer:
         self.audit = _open_audit(cfg)
         self.replays = kh.ReplayGuard(cfg.replay_window_s, MAX_REPLAY_ENTRIES)
         self.admin = AdminServer(
-            self._admin, load_admin_token(cfg.admin_token_file, "keyserver.admin_token_file")
+            self._admin,
+            load_admin_token(cfg.admin_token_file, "keyserver.admin_token_file"),
+            post_paths=frozenset({"/acme/renew"}),
         )
         self.counts: dict[tuple[str, str], int] = {}
         self.host_counts: dict[str, int] = {}
@@ -197,6 +200,9 @@ class KeyServer:
         self.open_conns = 0
         self.max_conns = cfg.max_connections
         self.per_source = KeyedLimiter(0.0, 1, cfg.max_connections_per_source, 65536)
+        self.acme: Any = None  # acme.client.AcmeManager for [keyserver.acme]
+        if cfg.acme is not None:
+            self.acme = _acme_manager(cfg, log.emit, self._acme_installed)
         self._apply(cfg)
 
     def _apply(self, cfg: KeyServerConfig, *, first: bool = True) -> None:
@@ -232,6 +238,12 @@ class KeyServer:
         if not first:
             self._set_conn_cap()
         self.keys: dict[bytes, SiteKey] = {k.cert_sha256: k for k in keys}
+        # A key whose certificate ACME just renewed still signs for the previous one: edges
+        # present it until they fetch the new chain. Only for keys still configured.
+        names = {k.name for k in keys}
+        self.previous = {d: k for d, k in getattr(self, "previous", {}).items() if k.name in names}
+        for digest, k in self.previous.items():
+            self.keys.setdefault(digest, k)
         self.edges: dict[bytes, _Edge] = edges
         if first:
             self.tls = self._tls(cfg)
@@ -273,6 +285,8 @@ class KeyServer:
         self.server.tasks.append(loop.create_task(self._serve_queue()))
         sock = lsock.getsockname()
         self._flusher = loop.create_task(self._flush_logs())
+        if self.acme is not None:
+            self.server.tasks.append(loop.create_task(self._run_acme()))
         if self.audit.recovered:
             self.log.emit(
                 "audit_recovered",
@@ -586,7 +600,7 @@ class KeyServer:
         if path == "/healthz":
             return 200, "application/json", b'{"status":"ok"}\n'
         if path == "/metrics":
-            text = render(self.snapshot(), KEYSERVER_METRICS)
+            text = render(self.snapshot(), self._metric_specs())
             return 200, "text/plain; version=0.0.4", text.encode()
         if path == "/":
             return 200, HTML_TYPE, PAGE
@@ -608,12 +622,31 @@ class KeyServer:
                 ],
             }
             body = status_json(
-                "keyserver", socket.gethostname(), self.snapshot(), KEYSERVER_METRICS, info, now
+                "keyserver", socket.gethostname(), self.snapshot(), self._metric_specs(), info, now
             )
             return 200, JSON_TYPE, body
+        if path == "/acme/renew" and self.acme is not None:
+            if method != "POST":
+                return 405, "text/plain", b"POST renews every ACME certificate now\n"
+            if not self.acme.force():
+                return 429, "text/plain", b"a forced renewal is already under way\n"
+            return 202, "application/json", b'{"status":"renewing"}\n'
         return 404, "text/plain", b"not found\n"
 
+    def _metric_specs(self) -> list[MetricSpec]:
+        if self.acme is None:
+            return KEYSERVER_METRICS
+        from blindfold.acme.client import METRICS as ACME_METRICS
+
+        return KEYSERVER_METRICS + list(ACME_METRICS)
+
     def snapshot(self) -> dict[str, list[list[Any]]]:
+        snap = self._snapshot()
+        if self.acme is not None:
+            snap.update(self.acme.snapshot())
+        return snap
+
+    def _snapshot(self) -> dict[str, list[list[Any]]]:
         return {
             "blindfold_keyserver_signatures_total": [
                 [[e, r], n] for (e, r), n in self.counts.items()
@@ -627,6 +660,27 @@ class KeyServer:
             ],
             "blindfold_keyserver_connections_active": [[[], len(self.writers)]],
         }
+
+    # ------------------------------------------------------------------ ACME
+    def _acme_installed(self, order: Any) -> None:
+        """A renewed chain is on disk, checked against the key kept here: sign for it, and
+        (one generation back) for the chain it replaced, which the edges still present."""
+        before = {d: k for d, k in self.keys.items() if d not in self.previous}
+        older = self.previous
+        self._apply(self.cfg, first=False)
+        replaced = {d: k for d, k in before.items() if d not in self.keys}
+        renewed = {k.name for k in replaced.values()}
+        # one generation back per key: another key's previous chain stays
+        self.previous = {d: k for d, k in older.items() if k.name not in renewed} | replaced
+        self._apply(self.cfg, first=False)
+
+    async def _run_acme(self) -> None:
+        try:
+            await self.acme.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must not end the key server: log it
+            self.log.emit("acme_stopped", error=f"{type(exc).__name__}: {exc}"[:300])
 
     def reload(self) -> None:
         try:
@@ -731,6 +785,22 @@ def _open_audit(cfg: KeyServerConfig) -> AuditLog:
         return AuditLog(cfg.audit_log, key)
     except AuditError as exc:
         raise ConfigError("keyserver.audit_log", str(exc)) from None
+
+
+def _acme_manager(
+    cfg: KeyServerConfig, log: Callable[..., None], installed: Callable[[Any], None]
+) -> Any:
+    """[keyserver.acme]: the keys (made here) and placeholders before the keys load."""
+    from blindfold.acme.client import AcmeManager
+    from blindfold.errors import VerificationError
+
+    assert cfg.acme is not None
+    manager = AcmeManager(cfg.acme, log, installed)
+    try:
+        manager.prepare()
+    except (OSError, ValueError, VerificationError) as exc:
+        raise ConfigError("keyserver.acme", f"cannot prepare the key files: {exc}") from None
+    return manager
 
 
 def run_keyserver(path: str) -> int:

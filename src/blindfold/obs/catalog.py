@@ -15,6 +15,7 @@ _NAME = re.compile(r"\bblindfold_[a-z0-9_]+\b")
 
 
 def metrics_by_process() -> dict[str, list[MetricSpec]]:
+    from blindfold.acme.client import METRICS as ACME_METRICS  # where [*.acme] is configured
     from blindfold.edge.master import EDGE_METRICS_ALL
     from blindfold.edge.modes import metrics as mode_metrics
     from blindfold.keyserver.server import KEYSERVER_METRICS
@@ -22,9 +23,9 @@ def metrics_by_process() -> dict[str, list[MetricSpec]]:
     from blindfold.origin.h3 import QUIC_METRICS
 
     return {
-        "edge": [*EDGE_METRICS_ALL, *mode_metrics()],
-        "origin": [*ORIGIN_METRICS, *QUIC_METRICS],
-        "keyserver": list(KEYSERVER_METRICS),
+        "edge": [*EDGE_METRICS_ALL, *mode_metrics(), *ACME_METRICS],
+        "origin": [*ORIGIN_METRICS, *QUIC_METRICS, *ACME_METRICS],
+        "keyserver": [*KEYSERVER_METRICS, *ACME_METRICS],
     }
 
 

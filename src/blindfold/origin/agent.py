@@ -42,6 +42,13 @@ from blindfold.io.service import run_service
 from blindfold.obs.log import JsonLog
 from blindfold.obs.metrics import BoundedLabels, Histogram, MetricSpec, render
 from blindfold.obs.status import HTML_TYPE, JSON_TYPE, PAGE, status_json
+from blindfold.origin.acme_tls import (
+    answer_challenge,
+    challenge_dir,
+    peek_hello,
+    site_certificates,
+    wants_challenge,
+)
 from blindfold.origin.edges import DecisionBudget, Reporter, TrustedEdges
 from blindfold.origin.gate import OriginGate, edge_fields
 from blindfold.origin.tls import SiteTls, decisions_tls
@@ -397,7 +404,9 @@ class OriginAgent:
         self.tls_sockets: dict[socket.socket, bool] = {}
         self.stopping = asyncio.Event()
         self.admin = AdminServer(
-            self._admin, load_admin_token(cfg.admin_token_file, "origin.admin_token_file")
+            self._admin,
+            load_admin_token(cfg.admin_token_file, "origin.admin_token_file"),
+            post_paths=frozenset({"/acme/renew"}),
         )
         self.upstream_latency = Histogram(UPSTREAM_BUCKETS)
         self.waf_paths = BoundedLabels(WAF_PATHS)  # kept across reloads: one bound in all
@@ -406,11 +415,16 @@ class OriginAgent:
         self.quic: Any = None  # origin.h3.QuicShared once HTTP/3 listens
         self._refusal_log = TokenBucket(1.0, 20, time.monotonic())
         self.journal: DecisionJournal | None = None
+        self.acme: Any = None  # acme.client.AcmeManager for [origin.acme]
+        if cfg.acme is not None:
+            self.acme = _acme_manager(cfg, self.log.emit, self._acme_installed)
         self._build(cfg)
 
     # ------------------------------------------------------------------ build / reload
     def _build(self, cfg: OriginConfig) -> None:
-        tls = SiteTls(cfg.certificates) if cfg.certificates else None
+        certificates = site_certificates(cfg)
+        tls = SiteTls(certificates) if certificates else None
+        self.challenges = challenge_dir(cfg)
         waf = build_waf(cfg)
         # the edges' keys load on a reload too; headers seen stay seen (no replay across it)
         edges = TrustedEdges(cfg, self.edges.replay)
@@ -618,6 +632,8 @@ class OriginAgent:
             self.publisher = RedisPublisher(d.redis_url, d.redis_ca, signer, self.log, self.store)
             await self.publisher.start()
         self.servers.append(loop.create_task(self._housekeeping()))
+        if self.acme is not None:
+            self.servers.append(loop.create_task(self._run_acme()))
         for problem in listen_warnings(cfg):
             self.log.emit("config_warning", problem=problem)
         limit = fd_limit()
@@ -754,6 +770,20 @@ class OriginAgent:
                 if before >= share:
                     self._count_conn("over_per_client_connections")
                     handler, limits = _too_many_connections, self.over_limits
+            if tls and self.challenges is not None:
+                hello = await peek_hello(sock, cfg.http.tls_handshake_timeout_s)
+                if wants_challenge(hello):  # RFC 8737: ACME's tls-alpn-01 validation
+                    assert hello is not None
+                    ctx = self.challenges.context(hello.sni)
+                    if ctx is None:
+                        self._count_conn("acme_no_challenge")
+                        return
+                    await answer_challenge(sock, ctx, cfg.http.tls_handshake_timeout_s)
+                    self._count_conn("acme_challenge")
+                    self.log.emit("acme_challenge_answered", sni=hello.sni, client=client[0])
+                    handed_over = True
+                    claim.release()
+                    return
             info = ConnInfo(client, local, b"https" if tls else b"http", {})
             on_event = self._events(claim)
             if tls:
@@ -909,6 +939,12 @@ class OriginAgent:
                 "text/plain; version=0.0.4",
                 render(self.snapshot(), self._metric_specs()).encode(),
             )
+        if path == "/acme/renew" and self.acme is not None:
+            if method != "POST":
+                return 405, "text/plain", b"POST renews every ACME certificate now\n"
+            if not self.acme.force():
+                return 429, "text/plain", b"a forced renewal is already under way\n"
+            return 202, "application/json", b'{"status":"renewing"}\n'
         if path == "/":
             return 200, HTML_TYPE, PAGE
         if path == "/status.json":
@@ -918,18 +954,40 @@ class OriginAgent:
             return 200, JSON_TYPE, body
         return 404, "text/plain", b"not found\n"
 
+    # ------------------------------------------------------------------ ACME
+    def _acme_installed(self, order: Any) -> None:
+        """A renewed chain is on disk (checked against its key): new connections get it,
+        open ones keep the certificate they were made with."""
+        self.tls = SiteTls(site_certificates(self.cfg))
+
+    async def _run_acme(self) -> None:
+        try:
+            await self.acme.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must not end the agent: log it, TLS goes on
+            self.log.emit("acme_stopped", error=f"{type(exc).__name__}: {exc}"[:300])
+
     def _metric_specs(self) -> list[MetricSpec]:
+        specs = ORIGIN_METRICS
+        if self.acme is not None:
+            from blindfold.acme.client import METRICS as ACME_METRICS
+
+            specs = specs + list(ACME_METRICS)
         if self.quic is None:
-            return ORIGIN_METRICS
+            return specs
         from blindfold.origin.h3 import QUIC_METRICS
 
-        return ORIGIN_METRICS + QUIC_METRICS
+        return specs + QUIC_METRICS
 
     def snapshot(self) -> dict[str, list[list[Any]]]:
         s = self.stats
+        snap = self._snapshot(s)
+        if self.acme is not None:
+            snap.update(self.acme.snapshot())
         if self.quic is not None:
-            return {**self._snapshot(s), **self.quic.snapshot()}
-        return self._snapshot(s)
+            return {**snap, **self.quic.snapshot()}
+        return snap
 
     def _snapshot(self, s: dict[str, Any]) -> dict[str, list[list[Any]]]:
 
@@ -996,6 +1054,22 @@ class OriginAgent:
         if self.audit is not self.log:
             self.audit.flush()  # the last second's WAF lines (the tick flushes it otherwise)
         return 0
+
+
+def _acme_manager(
+    cfg: OriginConfig, log: Callable[..., None], installed: Callable[[Any], None]
+) -> Any:
+    """[origin.acme]: placeholders and the account key before the site's TLS loads."""
+    from blindfold.acme.client import AcmeManager
+    from blindfold.errors import VerificationError
+
+    assert cfg.acme is not None
+    manager = AcmeManager(cfg.acme, log, installed)
+    try:
+        manager.prepare()
+    except (OSError, ValueError, VerificationError) as exc:
+        raise ConfigError("origin.acme", f"cannot prepare the key files: {exc}") from None
+    return manager
 
 
 def _addr(sock: socket.socket) -> str:
