@@ -492,7 +492,9 @@ def test_path_rate_limits(chain: Any, kpki: KeylessPki, app: Any) -> None:
     before = len(app.seen)
     codes = [fetch(edge, kpki, "/signin", "-o", "/dev/null")[0] for _ in range(3)]
     assert codes == [200, 200, 429]
-    out = curl(edge.port, "example.test", kpki.site_ca, "-D", "-", "-o", "/dev/null", path="/signin")
+    out = curl(
+        edge.port, "example.test", kpki.site_ca, "-D", "-", "-o", "/dev/null", path="/signin"
+    )
     assert re.match(r"HTTP/\S+ 429", out.stdout)
     assert re.search(r"(?i)retry-after: \d+", out.stdout)
     assert fetch(edge, kpki, "/echo", "-o", "/dev/null")[0] == 200  # other paths are free
