@@ -24,6 +24,7 @@ from __future__ import annotations
 import email.utils
 import sys
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 Headers = list[tuple[bytes, bytes]]  # names lower-case (the web layer's type)
@@ -125,6 +126,7 @@ class Entry:
     no_cache: bool  # revalidate on every use
     size: int = 0
     hits: int = 0
+    tags: frozenset[str] = frozenset()  # its Cache-Tag names, for purges by tag
 
     def age(self, wall: float) -> float:
         """§4.2.3 current_age."""
@@ -176,6 +178,7 @@ class HttpCache:
     revalidated: int = 0
     stores: int = 0
     evictions: int = 0
+    purged: int = 0
 
     @staticmethod
     def key(authority: bytes, target: bytes) -> tuple[bytes, bytes]:
@@ -276,6 +279,7 @@ class HttpCache:
         body: bytes,
         request_time: float,
         response_time: float,
+        tags: frozenset[str] = frozenset(),
     ) -> None:
         if len(body) > self.max_object_bytes:
             return
@@ -297,6 +301,7 @@ class HttpCache:
             max(apparent_age, corrected_age),
             lifetime,
             "no-cache" in cc,
+            tags=tags,
         )
         entries = self._store.get(key)
         if entries is None:
@@ -311,6 +316,31 @@ class HttpCache:
         self.stores += 1
         self._retable()
         self._evict()
+
+    def purge(self, matches: Callable[[bytes, bytes, frozenset[str]], bool]) -> int:
+        """Remove every entry for which `matches(authority, target, tags)` (an operator's
+        purge: decisions.purge.PurgeMatcher); returns how many. One pass over the store."""
+        removed = 0
+        for key in list(self._store):
+            entries = self._store[key]
+            gone = [e for e in entries if matches(key[0], key[1], e.tags)]
+            for entry in gone:
+                entries.remove(entry)
+                self.used -= entry.size
+            removed += len(gone)
+            if not entries:
+                del self._store[key]
+        self.purged += removed
+        self._retable()
+        return removed
+
+    def purge_all(self) -> int:
+        """Remove every entry (purges may have been missed); returns how many."""
+        removed = len(self)
+        self._store = OrderedDict()
+        self.used = self._table_bytes = 0
+        self.purged += removed
+        return removed
 
     def _evict(self) -> None:
         while self.used > self.max_bytes and self._store:
@@ -420,6 +450,8 @@ def _cost(key: tuple[bytes, bytes], entry: Entry) -> int:
         size += _PAIR_BYTES + getsize(k) + getsize(v)
     for k, v in entry.vary:
         size += _PAIR_BYTES + getsize(k) + getsize(v)
+    if entry.tags:
+        size += getsize(entry.tags) + sum(getsize(t) for t in entry.tags)
     return size
 
 

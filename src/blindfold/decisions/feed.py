@@ -24,11 +24,19 @@ from blindfold import __version__
 from blindfold.config.edge import DecisionSourceConfig
 from blindfold.decisions.bans import BanTable
 from blindfold.decisions.core import parse_stream
+from blindfold.decisions.purge import (
+    MAX_PURGE_BYTES,
+    MAX_PURGE_LOG,
+    MAX_PURGES_PER_ANSWER,
+    Purge,
+    purge_from_json,
+)
 from blindfold.errors import ConfigError, ProtocolError, UpstreamError
 from blindfold.obs.log import JsonLog
 from blindfold.web.client import UpstreamPool
 
 MAX_STREAM_BYTES = 64 << 20
+MAX_PURGES_BYTES = (MAX_PURGES_PER_ANSWER + 1) * MAX_PURGE_BYTES  # one answer of the purge log
 # A 429 from the source (the origin rations whole-set answers per key): wait as long as its
 # Retry-After asks, within these bounds (a source cannot park the feed for hours), then ask again.
 THROTTLED_MIN_S = 1.0
@@ -122,6 +130,13 @@ class StreamFeed:
         self._position: bytes | None = None
         self._logged_down = False
         self._retry_after = 0.0
+        # the origin's purge log (/v1/purges): followed after every poll of the stream; a
+        # source without one (a CrowdSec LAPI answers 404) is not asked again
+        self.purge_path = (parts.path.rstrip("/") + "/v1/purges").encode()
+        self.on_purge: Callable[[Purge, str], None] | None = None
+        self.on_gap: Callable[[], None] | None = None
+        self.purges_supported = True
+        self._purge_position: bytes | None = None
 
     async def _fetch(self) -> bytes:
         target = self.path + (b"?startup=true" if self._startup else b"?startup=false")
@@ -173,6 +188,48 @@ class StreamFeed:
             table.end_resync("stream")
         self._position = position.encode("latin-1") if position else None
         self._startup = False
+        if self.on_purge is not None and self.purges_supported:
+            await asyncio.wait_for(self._follow_purges(), self.cfg.timeout_s * 2)
+
+    async def _follow_purges(self) -> None:
+        """Ask the origin's purge log for what came after our position; apply it."""
+        headers = [
+            (b"host", self.pool.target.authority),
+            (b"x-api-key", self.key),
+            (b"user-agent", f"blindfold-edge/{__version__}".encode()),
+            (b"accept", b"application/json"),
+        ]
+        if self._purge_position is not None:
+            headers.append((b"x-blindfold-purges", self._purge_position))
+        response = await self.pool.request(b"GET", self.purge_path, headers, None)
+        body = bytearray()
+        async for chunk in response.body():
+            body += chunk
+            if len(body) > MAX_PURGES_BYTES:
+                response.close()
+                raise ProtocolError("bad_stream", "purge log answer too large")
+        if response.status == 404:
+            self.purges_supported = False
+            self.log.emit("purges_unsupported", url=self.cfg.url)
+            return
+        if response.status != 200:
+            raise UpstreamError("bad_status", f"purges: status {response.status}")
+        payload = decode_stream(bytes(body))
+        if not isinstance(payload, dict) or not isinstance(payload.get("purges"), list):
+            raise ProtocolError("bad_stream", "not a purge log answer")
+        position = payload.get("position")
+        if not isinstance(position, str) or len(position) > 200 or not position.isascii():
+            raise ProtocolError("bad_stream", "purge log answer without a position")
+        if payload.get("reset") is True and self.on_gap is not None:
+            self.on_gap()  # more purges than the origin keeps since we asked: we missed some
+        for item in payload["purges"][:MAX_PURGE_LOG]:
+            try:
+                purge = purge_from_json(item)
+            except ProtocolError as exc:
+                self.log.log("purge_dropped", source="stream", reason=exc.reason, detail=str(exc))
+                continue
+            self.on_purge(purge, "stream")  # type: ignore[misc]
+        self._purge_position = position.encode("ascii")
 
     async def run(self) -> None:
         while True:

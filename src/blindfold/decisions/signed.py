@@ -88,6 +88,12 @@ class DecisionSigner:
         self._key = private
         self.signer = key_id(private.public_key())
 
+    @property
+    def key(self) -> Ed25519PrivateKey:
+        """The private key (blindfold.decisions.purge signs purges with it, under their own
+        purpose prefix)."""
+        return self._key
+
     def sign(
         self,
         scope: str,

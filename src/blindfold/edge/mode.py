@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Protocol
 from blindfold.config.edge import EdgeConfig, RouteConfig
 from blindfold.core.clienthello import ClientHello
 from blindfold.core.routing import SniRouter
+from blindfold.decisions.purge import Purge
 from blindfold.edge.guards import Guards
 from blindfold.edge.origins import OriginPool
 from blindfold.edge.stats import RouteStats, WorkerStats
@@ -211,6 +212,11 @@ class Mode:
 
     def drain(self) -> None:
         """The worker drains: stop taking what the mode serves outside connections."""
+
+    def purge(self, routes: Sequence[RouteState], purge: Purge | None) -> int:
+        """Remove what `purge` names from the caches of this mode's `routes` (None: all of
+        it); returns the entries removed."""
+        return 0
 
     def snapshot(self, routes: Sequence[RouteState]) -> Snapshot:
         """Metric tables (obs.metrics) for this mode's routes."""

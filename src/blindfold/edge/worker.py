@@ -32,6 +32,7 @@ from blindfold.core.iplist import parse_address
 from blindfold.core.proxyproto import load_auth_key
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.core.routing import SniRouter
+from blindfold.decisions.purge import purge_from_json
 from blindfold.edge.bans import BanUpdates
 from blindfold.edge.connection import Conn
 from blindfold.edge.guards import Guards
@@ -443,6 +444,18 @@ class Worker:
             self.control.send({"op": "rates", "id": message.get("id"), "counts": counts})
         elif op == "bans":
             self.ban_updates.push(message)
+        elif op == "purge":
+            removed = self.purge(message)
+            self.control.send({"op": "purged", "id": message.get("id"), "removed": removed})
+
+    def purge(self, message: dict[str, Any]) -> int:
+        """A purge from the master (decisions.purge), or `all`: every mode's caches. Returns
+        the entries removed."""
+        purge = None if message.get("all") is True else purge_from_json(message.get("purge"))
+        removed = 0
+        for mode in self.modes.values():
+            removed += mode.purge(self._routes_of(mode), purge)
+        return removed
 
     def _control_error(self, problem: str, exc: BaseException) -> None:
         self.log.log("control_error", problem=problem, error=repr(exc)[:500], worker=self.index)

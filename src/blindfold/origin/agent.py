@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import ipaddress
 import socket
 import ssl
 import time
@@ -20,12 +21,20 @@ from typing import Any
 from blindfold.config import Config, load_file
 from blindfold.config.common import parse_hostport
 from blindfold.config.origin import OriginConfig, fds_needed, listen_warnings
-from blindfold.core.iplist import IPSet, visitor_key
+from blindfold.core.iplist import IPSet, parse_address, visitor_key
 from blindfold.core.proxyproto import V1_PREFIX, V2_SIGNATURE
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.decisions.api import DecisionApi, load_api_keys
-from blindfold.decisions.core import DecisionRules, DecisionStore, RateRule, scope_of
+from blindfold.decisions.core import (
+    Decision,
+    DecisionRules,
+    DecisionStore,
+    RateRule,
+    scope_of,
+)
 from blindfold.decisions.journal import DecisionJournal
+from blindfold.decisions.operator import OperatorApi, load_operator_keys
+from blindfold.decisions.purge import Purge, PurgeLog
 from blindfold.errors import ConfigError, ProtocolError
 from blindfold.io import compat
 from blindfold.io.accepted import (
@@ -373,6 +382,8 @@ class OriginAgent:
         self.quic: Any = None  # origin.h3.QuicShared once HTTP/3 listens
         self._refusal_log = TokenBucket(1.0, 20, time.monotonic())
         self.journal: DecisionJournal | None = None
+        self.purges = PurgeLog()
+        self.operator_peers: IPSet | None = None
         self._build(cfg)
 
     # ------------------------------------------------------------------ build / reload
@@ -521,6 +532,49 @@ class OriginAgent:
         if self.publisher is not None:
             self.publisher.publish(decision, now)
 
+    # ------------------------------------------------------------------ operator actions
+    def _operator_peer(self, peer: str) -> bool:
+        """An address allowed to reach the operator API (origin.decisions.operator_addresses)."""
+        if self.operator_peers is None:
+            return False
+        try:
+            version, addr = parse_address(peer)
+        except ProtocolError:
+            return False
+        return self.operator_peers.contains(addr, version)
+
+    def operator_list(self, now: float) -> list[Decision]:
+        self.store.expire(now)
+        return self.store.active(now)
+
+    def operator_add(
+        self, scope: str, value: str, duration_s: float, reason: str, operator: str
+    ) -> Decision:
+        """A ban by an operator: the store (journal, stream) and Redis, as the origin's own."""
+        now = time.time()
+        decision = self.store.add(
+            scope, value, duration_s, reason, now, origin=f"operator:{operator}"
+        )
+        self.count("decisions:operator")
+        if self.publisher is not None:
+            self.publisher.publish(decision, now)
+        return decision
+
+    def operator_delete(self, scope: str, value: str, operator: str) -> Decision | None:
+        """The end of a ban now: a deletion in the stream, a signed lift on Redis."""
+        now = time.time()
+        gone = self.store.remove(scope, value)
+        if gone is not None and self.publisher is not None:
+            self.publisher.publish_lift(gone, now)
+        return gone
+
+    def operator_purge(self, purge: Purge) -> None:
+        """To every edge: the stream's purge log and a signed message on Redis."""
+        self.purges.add(purge)
+        self.count("purges")
+        if self.publisher is not None:
+            self.publisher.publish_purge(purge)
+
     def _refused_decision(self, why: str, ip: str, reason: str, edge: dict[str, Any]) -> None:
         self.count(f"decisions_refused:{why}")
         if self._refusal_log.allow(time.monotonic()):
@@ -563,6 +617,13 @@ class OriginAgent:
         if d.listen:
             keys = load_api_keys(d.api_keys_file)
             self.api = DecisionApi(self.store, keys, full_per_minute=d.full_answers_per_minute)
+            self.api.purges = self.purges
+            if d.operator_keys_file:
+                operator_keys = load_operator_keys(d.operator_keys_file)
+                self.api.operator = OperatorApi(operator_keys, keys, self, self.log)
+                self.operator_peers = IPSet(
+                    ipaddress.ip_network(a, strict=False) for a in d.operator_addresses
+                )
             api_tls = decisions_tls(cfg)
             host, port = parse_hostport(d.listen)
             sock = self._bind(host, port, "origin.decisions.listen")
@@ -794,7 +855,7 @@ class OriginAgent:
         (no handshake, so no certificate, for anyone else), within its own limit and its
         address's share of it (atk-trust #5: one trusted address held every slot with bare
         TCP connections, and edges that (re)started could not get in)."""
-        if not self.edges.is_trusted(peer[0]):
+        if not self.edges.is_trusted(peer[0]) and not self._operator_peer(peer[0]):
             self._count_conn("decisions_refused_untrusted_peer")
             sock.close()
             return

@@ -40,6 +40,7 @@ from blindfold.core.clienthello import ClientHello
 from blindfold.core.httpcache import Entry, HttpCache, Lookup, not_modified
 from blindfold.core.iplist import parse_address
 from blindfold.core.ratelimit import BucketMap
+from blindfold.decisions.purge import CACHE_TAG_HEADER, Purge, PurgeMatcher, parse_cache_tags
 from blindfold.edge.guards import client_key
 from blindfold.edge.mode import Connection, Mode, ModeContext, RouteState
 from blindfold.edge.serve import LOGGED_EVENTS, misdirected, request_host, serve
@@ -287,6 +288,16 @@ class KeylessMode(Mode):
     def sweep(self, routes: Sequence[RouteState], now: float) -> None:
         for route in routes:
             route.state.sessions.expire(now)
+
+    def purge(self, routes: Sequence[RouteState], purge: Purge | None) -> int:
+        """An operator's purge (decisions.purge): the matching entries of every route's
+        cache, by URL, path prefix or Cache-Tag; None: all of them."""
+        if purge is None:
+            return sum(route.state.cache.purge_all() for route in routes)
+        matcher = PurgeMatcher.of(purge)
+        if not (matcher.urls or matcher.prefixes or matcher.tags):
+            return 0
+        return sum(route.state.cache.purge(matcher.matches) for route in routes)
 
     def _spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)
@@ -663,7 +674,8 @@ class KeylessHandler:
         response_time: float,
     ) -> tuple[int, bool]:
         cache = self.kr.cache
-        headers = strip_hop_by_hop(response.headers)
+        # Cache-Tag is for this cache (purges by tag), not for visitors: recorded, then dropped
+        headers = [(k, v) for k, v in strip_hop_by_hop(response.headers) if k != CACHE_TAG_HEADER]
         headers.append((b"x-blindfold-cache", b"miss"))
         kept: list[bytes] | None = [] if storable else None
         sent = 0
@@ -691,10 +703,11 @@ class KeylessHandler:
                 key,
                 request.headers,
                 response.status,
-                response.headers,
+                [(k, v) for k, v in response.headers if k != CACHE_TAG_HEADER],
                 b"".join(kept),
                 request_time,
                 response_time,
+                tags=parse_cache_tags(response.headers),
             )
             return sent, True
         return sent, False
@@ -712,7 +725,9 @@ class KeylessHandler:
             except ConnectionError:
                 pass
             return 304, outcome, 0
-        headers = [(k, v) for k, v in entry.headers if k != b"content-length"]
+        headers = [
+            (k, v) for k, v in entry.headers if k != b"content-length" and k != CACHE_TAG_HEADER
+        ]
         if entry.status not in (204, 304):
             headers.append((b"content-length", str(len(entry.body)).encode()))
         headers += [(b"age", age), (b"x-blindfold-cache", outcome.encode())]
