@@ -196,14 +196,22 @@ class PurgeMatcher:
     def matches(self, authority: bytes, target: bytes, tags: frozenset[str]) -> bool:
         if self.tags and not self.tags.isdisjoint(tags):
             return True
-        host = authority.decode("latin-1").lower()
-        if host.endswith(":443"):
-            host = host[:-4]
+        full = authority.decode("latin-1").lower()
+        host = _without_port(full)
         text = target.decode("latin-1")
-        if (host, text) in self.urls:
+        if (host, text) in self.urls or (full, text) in self.urls:
             return True
         path = text.partition("?")[0]
-        return any(h == host and path_has_prefix(path, p) for h, p in self.prefixes)
+        return any((h == host or h == full) and path_has_prefix(path, p) for h, p in self.prefixes)
+
+
+def _without_port(authority: str) -> str:
+    """'example.com:8443' -> 'example.com', '[2001:db8::1]:443' -> '[2001:db8::1]': a purge
+    that names a host without a port covers every port (one with a port, that port only)."""
+    if authority.startswith("["):
+        return authority.partition("]")[0] + "]"
+    host, sep, port = authority.rpartition(":")
+    return host if sep and port.isdigit() else authority
 
 
 def parse_cache_tags(headers: list[tuple[bytes, bytes]]) -> frozenset[str]:

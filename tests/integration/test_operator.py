@@ -1,0 +1,305 @@
+"""The operator's controls end to end (issue 13): `blindfold decisions` and `blindfold purge`
+(the real CLI, as a process) against a real origin agent, two real edges with keyless routes
+(a real key server), Redis with docs/decisions.md's ACL in the path, curl as the visitor.
+
+edge A follows the origin's HTTPS stream and Redis; edge B follows Redis only, so what
+reaches B went through Redis, signed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blindfold import pki
+from tests.conftest import DECISIONS_NAME
+from tests.helpers.clients import curl, wait_until
+from tests.helpers.edgeproc import EdgeProcess, OriginProcess, edge_config
+from tests.helpers.keyless import KeylessPki, KeyServerProcess, keyserver_config, make_pki
+from tests.helpers.topology import API_KEY, edge_decisions, origin_config
+from tests.integration.test_decision_sources import redis_decisions, write_keypair
+from tests.integration.test_keyless import keyless_route
+from tests.integration.test_redis_trust import ONE, Redis, start_redis_server
+
+OPERATOR_KEY = "ops-secret-0123456789abcdef"
+BANNED = "127.0.0.77"
+
+
+@pytest.fixture
+def redises() -> Iterator[list[Redis]]:
+    started: list[Redis] = []
+    yield started
+    for r in started:
+        r.stop()
+
+
+@pytest.fixture
+def kpki(tmp_path: Path, ca: pki.Issued) -> KeylessPki:
+    return make_pki(tmp_path, ca)
+
+
+@pytest.fixture
+def keyserver(kpki: KeylessPki, tmp_path: Path) -> Iterator[KeyServerProcess]:
+    ks = KeyServerProcess(
+        keyserver_config(kpki, {"edge1": ["example.test", "*.example.test"]}), tmp_path, name="ks"
+    )
+    yield ks
+    ks.stop()
+    assert not ks.tracebacks(), "".join(ks.stderr_lines)
+
+
+class Deployment:
+    def __init__(
+        self, origin: OriginProcess, edges: list[EdgeProcess], site: dict[str, Path], tmp: Path
+    ) -> None:
+        self.origin = origin
+        self.edges = edges
+        self.site = site
+        self.keyfile = tmp / "operator.key"
+        self.keyfile.write_text(f"alice:{OPERATOR_KEY}\n")
+        self.keyfile.chmod(0o600)
+
+    def cli(self, *args: str, key: Path | None = None) -> subprocess.CompletedProcess[str]:
+        """`blindfold ARGS --origin ... --key-file ...`, a real process."""
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "blindfold",
+                *args,
+                "--origin",
+                f"https://127.0.0.1:{self.origin.decisions_port}",
+                "--ca",
+                str(self.site["ca"]),
+                "--server-name",
+                DECISIONS_NAME,
+                "--key-file",
+                str(key or self.keyfile),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+
+@pytest.fixture
+def deployment(
+    start_edge: Callable[..., EdgeProcess],
+    start_origin: Callable[..., OriginProcess],
+    app: Any,
+    site: dict[str, Path],
+    tmp_path: Path,
+    kpki: KeylessPki,
+    keyserver: KeyServerProcess,
+    redises: list[Redis],
+) -> Deployment:
+    signer = write_keypair(tmp_path, "decisions")
+    r = start_redis_server(redises, tmp_path, ONE)
+    operators = tmp_path / "operators.txt"
+    operators.write_text(f"# operator keys\nalice:{OPERATOR_KEY}\n")
+    operators.chmod(0o600)
+    origin = start_origin(
+        origin_config(
+            site,
+            app.port,
+            tmp_path,
+            decisions={
+                "redis_url": r.url("origin"),
+                "signing_key": str(signer["private"]),
+                "operator_keys_file": str(operators),
+            },
+        )
+    )
+    route = keyless_route(kpki, site, [keyserver.port], origin.port)
+    # A: the HTTPS stream and Redis; B: Redis only
+    stream = edge_decisions(site, origin.decisions_port, tmp_path)
+    a_text = edge_config(route, per_ip_rate_per_s=0, workers=2) + stream.rstrip("\n")
+    a_text += f'\nredis_url = "{r.url("edge1")}"\nsigner_public_keys = ["{signer["public"]}"]\n'
+    b_text = edge_config(route, per_ip_rate_per_s=0, workers=2) + redis_decisions(
+        r.url("edge2"), signer
+    )
+    edges = [start_edge(a_text), start_edge(b_text)]
+    for edge in edges:
+        assert edge.wait_for(lambda rec: rec.get("event") == "decisions_source_up", 10)
+    return Deployment(origin, edges, site, tmp_path)
+
+
+def get(
+    edge: EdgeProcess, kpki: KeylessPki, path: str, source: str = "127.0.0.1"
+) -> tuple[int, str]:
+    """(status, x-blindfold-cache) of a GET through the keyless edge; status 0: refused."""
+    out = curl(
+        edge.port,
+        "example.test",
+        kpki.site_ca,
+        "-o",
+        "/dev/null",
+        "-D",
+        "/dev/stdout",
+        source=source,
+        path=path,
+        timeout=10,
+    )
+    lines = out.stdout.splitlines()
+    status = int(lines[0].split()[1]) if lines and lines[0].startswith("HTTP/") else 0
+    cache = next(
+        (ln.partition(":")[2].strip() for ln in lines if ln.lower().startswith("x-blindfold-cache")),
+        "",
+    )
+    tags = [ln for ln in lines if ln.lower().startswith("cache-tag")]
+    assert not tags, f"Cache-Tag reached the visitor: {tags}"
+    return status, cache
+
+
+def warm(edge: EdgeProcess, kpki: KeylessPki, path: str) -> None:
+    """Until both workers hold `path` (each worker has its own cache): hits seen twice."""
+    hits = 0
+    deadline = time.monotonic() + 20
+    while hits < 2 and time.monotonic() < deadline:
+        status, cache = get(edge, kpki, path)
+        assert status == 200
+        hits += cache == "hit"
+    for _ in range(6):  # a few more, so that each worker has had its turn
+        assert get(edge, kpki, path)[0] == 200
+
+
+def msum(edge: EdgeProcess, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels`."""
+    total = 0.0
+    for line in edge.metrics().splitlines():
+        key, _, value = line.rpartition(" ")
+        base, _, have = key.partition("{")
+        if base == name and all(f'{k}="{v}"' in have for k, v in labels.items()):
+            total += float(value)
+    return total
+
+
+def cache_bytes(edge: EdgeProcess) -> float:
+    return msum(edge, "blindfold_keyless_cache_bytes")
+
+
+def test_decisions_by_cli_reach_both_edges_within_2s(
+    deployment: Deployment, kpki: KeylessPki
+) -> None:
+    d = deployment
+    for edge in d.edges:
+        assert get(edge, kpki, "/echo", BANNED)[0] == 200
+    added = d.cli("decisions", "add", "--ip", BANNED, "--duration", "5m", "--reason", "test ban")
+    t0 = time.monotonic()
+    assert added.returncode == 0, added.stderr
+    for edge in d.edges:
+        assert wait_until(lambda e=edge: get(e, kpki, "/echo", BANNED)[0] == 0, 2.0)
+    banned_in = time.monotonic() - t0
+    assert banned_in < 2.0
+    assert get(d.edges[0], kpki, "/echo", "127.0.0.78")[0] == 200  # nobody else
+    listed = d.cli("decisions", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    [ban] = [x for x in json.loads(listed.stdout)["decisions"] if x["value"] == BANNED]
+    assert (ban["origin"], ban["reason"]) == ("operator:alice", "test ban")
+    action = d.origin.wait_for(
+        lambda rec: rec.get("event") == "operator_action" and rec.get("action") == "decision_add"
+    )
+    assert action is not None and action["operator"] == "alice" and action["value"] == BANNED
+
+    deleted = d.cli("decisions", "delete", "--ip", BANNED)
+    t0 = time.monotonic()
+    assert deleted.returncode == 0, deleted.stderr
+    for edge in d.edges:  # B lifts it on the signed lift from Redis alone
+        assert wait_until(lambda e=edge: get(e, kpki, "/echo", BANNED)[0] == 200, 2.0)
+    assert time.monotonic() - t0 < 2.0
+    action = d.origin.wait_for(
+        lambda rec: rec.get("event") == "operator_action"
+        and rec.get("action") == "decision_delete"
+    )
+    assert action is not None and action["operator"] == "alice" and action["found"] is True
+    # too wide a range is refused at the origin, with a clear answer
+    wide = d.cli("decisions", "add", "--range", "10.0.0.0/8")
+    assert wide.returncode == 1 and "wider than /16" in wide.stderr
+
+
+def test_purges_reach_both_edges_within_2s_and_the_next_request_misses(
+    deployment: Deployment, kpki: KeylessPki
+) -> None:
+    d = deployment
+    paths = {
+        "url": "/cached/one",
+        "prefix": "/cached/dir/two",
+        "tag": "/cached/three?tag=product-42,red",
+        "kept": "/cached/four",
+    }
+    for edge in d.edges:
+        for path in paths.values():
+            warm(edge, kpki, path)
+        assert get(edge, kpki, paths["url"])[1] == "hit"
+    before = [cache_bytes(e) for e in d.edges]
+    t0 = time.time()
+    purged = d.cli(
+        "purge",
+        "--url",
+        "https://example.test/cached/one",
+        "--prefix",
+        "example.test/cached/dir",
+        "--tag",
+        "product-42",
+    )
+    assert purged.returncode == 0, purged.stderr
+    applied = []
+    for edge in d.edges:
+        rec = edge.wait_for(lambda rec: rec.get("event") == "purge_applied", 2.0)
+        assert rec is not None, edge.records()
+        applied.append(rec)
+    assert max(rec["ts"] for rec in applied) - t0 < 2.0
+    for rec in applied:  # every worker answered, each removed what it held
+        assert rec["operator"] == "alice"
+        assert (rec["workers"], rec["of_workers"]) == (2, 2)
+        assert 3 <= rec["removed"] <= 6
+    assert applied[1]["source"] == "redis"  # B has nothing else
+    for edge, was in zip(d.edges, before, strict=True):
+        assert cache_bytes(edge) < was
+        for name in ("url", "prefix", "tag"):
+            assert get(edge, kpki, paths[name])[1] == "miss", name
+        assert get(edge, kpki, paths["kept"])[1] == "hit"  # the rest stays
+    # A heard it twice (stream and Redis) and applied it once
+    a = d.edges[0]
+    assert wait_until(
+        lambda: msum(a, "blindfold_edge_purges_total") == 2,
+        3,
+    )
+    assert msum(a, "blindfold_edge_purges_total", result="applied") == 1
+    action = d.origin.wait_for(
+        lambda rec: rec.get("event") == "operator_action" and rec.get("action") == "purge"
+    )
+    assert action is not None and action["operator"] == "alice" and action["items"] == 3
+
+
+def test_a_wrong_operator_key_and_an_edge_read_key_are_refused_and_logged(
+    deployment: Deployment, tmp_path: Path, kpki: KeylessPki
+) -> None:
+    d = deployment
+    wrong = tmp_path / "wrong.key"
+    wrong.write_text("mallory:not-the-operator-key-0123\n")
+    edge_key = tmp_path / "edge-as-operator.key"
+    edge_key.write_text(API_KEY + "\n")  # edge1's read key (edge-keys.txt)
+    for key, reason in ((wrong, "wrong_key"), (edge_key, "edge_key")):
+        out = d.cli("decisions", "add", "--ip", BANNED, "--duration", "1m", key=key)
+        assert out.returncode == 1 and "401" in out.stderr, out.stderr
+        rec = d.origin.wait_for(
+            lambda rec, r=reason: rec.get("event") == "operator_refused"
+            and rec.get("reason") == r
+        )
+        assert rec is not None and rec["client"] == "127.0.0.1"
+        assert OPERATOR_KEY not in json.dumps(rec) and API_KEY not in json.dumps(rec)
+        out = d.cli("purge", "--tag", "x", key=key)
+        assert out.returncode == 1 and "401" in out.stderr
+    assert d.origin.records("operator_action") == []
+    listed = d.cli("decisions", "list", "--json")
+    assert [x for x in json.loads(listed.stdout)["decisions"] if x["value"] == BANNED] == []
+    for edge in d.edges:
+        assert get(edge, kpki, "/echo", BANNED)[0] == 200
+        assert edge.records("purge_applied") == []
