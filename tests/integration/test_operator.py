@@ -149,7 +149,11 @@ def get(
     lines = out.stdout.splitlines()
     status = int(lines[0].split()[1]) if lines and lines[0].startswith("HTTP/") else 0
     cache = next(
-        (ln.partition(":")[2].strip() for ln in lines if ln.lower().startswith("x-blindfold-cache")),
+        (
+            ln.partition(":")[2].strip()
+            for ln in lines
+            if ln.lower().startswith("x-blindfold-cache")
+        ),
         "",
     )
     tags = [ln for ln in lines if ln.lower().startswith("cache-tag")]
@@ -214,8 +218,7 @@ def test_decisions_by_cli_reach_both_edges_within_2s(
         assert wait_until(lambda e=edge: get(e, kpki, "/echo", BANNED)[0] == 200, 2.0)
     assert time.monotonic() - t0 < 2.0
     action = d.origin.wait_for(
-        lambda rec: rec.get("event") == "operator_action"
-        and rec.get("action") == "decision_delete"
+        lambda rec: rec.get("event") == "operator_action" and rec.get("action") == "decision_delete"
     )
     assert action is not None and action["operator"] == "alice" and action["found"] is True
     # too wide a range is refused at the origin, with a clear answer
@@ -290,8 +293,7 @@ def test_a_wrong_operator_key_and_an_edge_read_key_are_refused_and_logged(
         out = d.cli("decisions", "add", "--ip", BANNED, "--duration", "1m", key=key)
         assert out.returncode == 1 and "401" in out.stderr, out.stderr
         rec = d.origin.wait_for(
-            lambda rec, r=reason: rec.get("event") == "operator_refused"
-            and rec.get("reason") == r
+            lambda rec, r=reason: rec.get("event") == "operator_refused" and rec.get("reason") == r
         )
         assert rec is not None and rec["client"] == "127.0.0.1"
         assert OPERATOR_KEY not in json.dumps(rec) and API_KEY not in json.dumps(rec)

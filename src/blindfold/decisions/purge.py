@@ -202,7 +202,7 @@ class PurgeMatcher:
         if (host, text) in self.urls or (full, text) in self.urls:
             return True
         path = text.partition("?")[0]
-        return any((h == host or h == full) and path_has_prefix(path, p) for h, p in self.prefixes)
+        return any(h in (host, full) and path_has_prefix(path, p) for h, p in self.prefixes)
 
 
 def _without_port(authority: str) -> str:
