@@ -7,6 +7,7 @@ reaches B went through Redis, signed."""
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from tests.helpers.clients import curl, wait_until
 from tests.helpers.edgeproc import EdgeProcess, OriginProcess, edge_config
 from tests.helpers.keyless import KeylessPki, KeyServerProcess, keyserver_config, make_pki
 from tests.helpers.topology import API_KEY, edge_decisions, origin_config
-from tests.integration.test_decision_sources import redis_decisions, write_keypair
+from tests.integration.test_decision_sources import CHANNEL, redis_decisions, write_keypair
 from tests.integration.test_keyless import keyless_route
 from tests.integration.test_redis_trust import ONE, Redis, start_redis_server
 
@@ -64,6 +65,7 @@ class Deployment:
         self.keyfile = tmp / "operator.key"
         self.keyfile.write_text(f"alice:{OPERATOR_KEY}\n")
         self.keyfile.chmod(0o600)
+        self.redis: Redis | None = None
 
     def cli(self, *args: str, key: Path | None = None) -> subprocess.CompletedProcess[str]:
         """`blindfold ARGS --origin ... --key-file ...`, a real process."""
@@ -127,7 +129,9 @@ def deployment(
     edges = [start_edge(a_text), start_edge(b_text)]
     for edge in edges:
         assert edge.wait_for(lambda rec: rec.get("event") == "decisions_source_up", 10)
-    return Deployment(origin, edges, site, tmp_path)
+    deployment = Deployment(origin, edges, site, tmp_path)
+    deployment.redis = r
+    return deployment
 
 
 def get(
@@ -241,6 +245,9 @@ def test_purges_reach_both_edges_within_2s_and_the_next_request_misses(
             warm(edge, kpki, path)
         assert get(edge, kpki, paths["url"])[1] == "hit"
     before = [cache_bytes(e) for e in d.edges]
+    assert d.redis is not None
+    listener = d.redis.admin.pubsub()
+    listener.subscribe(CHANNEL)
     t0 = time.time()
     purged = d.cli(
         "purge",
@@ -279,6 +286,34 @@ def test_purges_reach_both_edges_within_2s_and_the_next_request_misses(
         lambda rec: rec.get("event") == "operator_action" and rec.get("action") == "purge"
     )
     assert action is not None and action["operator"] == "alice" and action["items"] == 3
+
+    # Redis, where every edge (or anyone, without the ACL) might publish: the signed purge
+    # played back is applied no second time; one changed to purge what it did not is dropped
+    signed = b""
+    deadline = time.monotonic() + 5
+    while not signed.startswith(b"bfp1.") and time.monotonic() < deadline:
+        message = listener.get_message(ignore_subscribe_messages=True, timeout=1.0)
+        if message is not None:
+            signed = message["data"]
+    listener.close()
+    assert signed.startswith(b"bfp1."), "the purge was not published on Redis"
+    b = d.edges[1]
+    magic, signer, payload, signature = signed.split(b".")
+    claim = json.loads(base64.urlsafe_b64decode(payload + b"=" * (-len(payload) % 4)))
+    claim.update(id="f" * 16, urls=["example.test/cached/four"], tags=[], prefixes=[])
+    forged = base64.urlsafe_b64encode(json.dumps(claim).encode()).rstrip(b"=")
+    d.redis.admin.publish(CHANNEL, signed)  # replayed
+    d.redis.admin.publish(CHANNEL, b".".join((magic, signer, forged, signature)))
+    d.redis.admin.publish(CHANNEL, b"bfp1.unsigned")
+    assert b.wait_for(
+        lambda rec: rec.get("event") == "purge_dropped" and rec.get("reason") == "unsigned", 3
+    ), [r for r in b.records() if "purge" in str(r.get("event"))]
+    assert b.records("purge_dropped")[0]["reason"] == "bad_signature"
+    assert wait_until(
+        lambda: msum(b, "blindfold_edge_purges_total", source="redis", result="duplicate") == 1, 3
+    )
+    assert len(b.records("purge_applied")) == 1
+    assert get(b, kpki, paths["kept"])[1] == "hit"
 
 
 def test_a_wrong_operator_key_and_an_edge_read_key_are_refused_and_logged(

@@ -226,7 +226,7 @@ class StreamFeed:
             try:
                 purge = purge_from_json(item)
             except ProtocolError as exc:
-                self.log.log("purge_dropped", source="stream", reason=exc.reason, detail=str(exc))
+                self.log.emit("purge_dropped", source="stream", reason=exc.reason, detail=str(exc))
                 continue
             self.on_purge(purge, "stream")  # type: ignore[misc]
         self._purge_position = position.encode("ascii")

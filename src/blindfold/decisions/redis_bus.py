@@ -353,7 +353,7 @@ class RedisFeed:
         except ProtocolError as exc:
             self._count(f"purge_{exc.reason}")
             if self._drop_log.allow(time.monotonic()):
-                self.log.log(
+                self.log.emit(
                     "purge_dropped", source="redis", reason=exc.reason, detail=str(exc)[:200]
                 )
             return None
