@@ -335,6 +335,11 @@ def test_a_wrong_operator_key_and_an_edge_read_key_are_refused_and_logged(
         out = d.cli("purge", "--tag", "x", key=key)
         assert out.returncode == 1 and "401" in out.stderr
     assert d.origin.records("operator_action") == []
+    refused = {
+        why: d.origin.metric("blindfold_origin_operator_requests_total", result=f"refused_{why}")
+        for why in ("wrong_key", "edge_key")
+    }
+    assert refused == {"wrong_key": 2, "edge_key": 2}
     listed = d.cli("decisions", "list", "--json")
     assert [x for x in json.loads(listed.stdout)["decisions"] if x["value"] == BANNED] == []
     for edge in d.edges:

@@ -39,7 +39,7 @@ def test_items_are_normalised_and_checked() -> None:
         blobs=["0" * 32, "a" * 32 + ".js"],
     )
     assert got.urls == ("example.com/a.css?v=1",)  # scheme dropped, host lower-cased, once
-    assert got.prefixes == ("example.com/static/",)
+    assert got.prefixes == ("example.com/static",)  # as paths are compared (rule_prefix)
     assert got.size == 5
     for bad in (
         {"urls": ["/no-host"]},
@@ -48,6 +48,7 @@ def test_items_are_normalised_and_checked() -> None:
         {"urls": ["exa mple.com/a"]},
         {"urls": ["example.com/" + "a" * 2000]},
         {"prefixes": ["example.com/a?x=1"]},
+        {"prefixes": ["example.com/%zz"]},  # not a path the edge could compare
         {"tags": ["two words"]},
         {"tags": ["a,b"]},
         {"tags": ["t" * 200]},
@@ -114,6 +115,15 @@ def test_a_host_named_with_a_port_is_that_port_only() -> None:
     assert cache.purge(matcher.matches) == 0
     matcher = p.PurgeMatcher.of(purge(urls=["example.com:8443/static/x.js"]))
     assert cache.purge(matcher.matches) == 1
+
+
+def test_the_purge_log_is_bounded_in_bytes_too() -> None:
+    log = p.PurgeLog(max_bytes=3 * 2200)
+    _, position, _ = log.since(None)
+    for i in range(5):
+        log.add(purge(urls=[f"example.com/{i}{'x' * 1000}", f"example.com/{'y' * 1000}"]))
+    assert len(log.items) == 3 and log.bytes <= 3 * 2200
+    assert log.since(position)[2] is True
 
 
 def test_the_purge_log_gives_each_edge_what_it_has_not_seen() -> None:

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from blindfold.decisions.signed import key_id
 from blindfold.errors import ProtocolError
-from blindfold.web.target import path_has_prefix
+from blindfold.web.target import rule_path, rule_prefix
 
 PURGE_PURPOSE = b"blindfold purge v1\x00"
 PURGE_MAGIC = "bfp1"
@@ -49,6 +49,7 @@ MAX_OPERATOR_CHARS = 64
 MAX_REQUEST_BYTES = 160 * 1024  # an operator's purge request (100 items of 1024 characters)
 MAX_PURGE_BYTES = 512 * 1024  # one purge as sent to the edges (JSON escapes, base64)
 MAX_PURGE_LOG = 1000  # purges the origin keeps for its stream followers
+MAX_PURGE_LOG_BYTES = 16 << 20  # ... and their items' characters at most
 MAX_PURGES_PER_ANSWER = 50  # purges in one answer of the log (the rest: at the next poll)
 MAX_SIGNED_AGE_S = 60.0  # a signed purge older (or newer) than this is refused
 MAX_SEEN = 10_000  # purge ids an edge remembers (dedupe across stream and Redis)
@@ -127,7 +128,12 @@ def parse_purge(obj: Any, *, id_: str, issued: float, operator: str) -> Purge:
         item = _url_item(p, "prefixes")
         if "?" in item:
             raise ProtocolError("bad_purge", f"prefixes: {p[:100]!r} has a query")
-        prefixes.append(item)
+        host, _, path = item.partition("/")
+        try:  # the form paths are compared in (as rate rules' prefixes): canonical, no '/' end
+            path = rule_prefix("/" + path)
+        except (ProtocolError, UnicodeEncodeError):
+            raise ProtocolError("bad_purge", f"prefixes: {p[:100]!r} is not a path") from None
+        prefixes.append(f"{host}{path}")
     tags = _items(obj, "tags")
     for t in tags:
         if not _TAG.fullmatch(t):
@@ -175,34 +181,52 @@ def new_purge_id() -> str:
 # ---------------------------------------------------------------- what an edge's cache matches
 @dataclass(frozen=True, slots=True)
 class PurgeMatcher:
-    """A purge as a keyless cache tests its keys (authority, target) and tags."""
+    """A purge as a keyless cache tests its keys (authority, target) and tags: by host first,
+    so a purge of many prefixes costs a dictionary lookup per entry of other hosts."""
 
-    urls: frozenset[tuple[str, str]]
-    prefixes: tuple[tuple[str, str], ...]
+    urls: dict[str, frozenset[str]]  # host -> targets
+    prefixes: dict[str, tuple[str, ...]]  # host -> canonical path prefixes (rule_prefix)
     tags: frozenset[str]
 
     @classmethod
     def of(cls, purge: Purge) -> PurgeMatcher:
-        urls = set()
+        urls: dict[str, set[str]] = {}
         for u in purge.urls:
             host, _, target = u.partition("/")
-            urls.add((host, "/" + target))
-        prefixes = []
+            urls.setdefault(host, set()).add("/" + target)
+        prefixes: dict[str, list[str]] = {}
         for p in purge.prefixes:
             host, _, path = p.partition("/")
-            prefixes.append((host, "/" + path))
-        return cls(frozenset(urls), tuple(prefixes), frozenset(purge.tags))
+            prefixes.setdefault(host, []).append("/" + path)
+        return cls(
+            {h: frozenset(t) for h, t in urls.items()},
+            {h: tuple(ps) for h, ps in prefixes.items()},
+            frozenset(purge.tags),
+        )
+
+    @property
+    def empty(self) -> bool:
+        return not (self.urls or self.prefixes or self.tags)
 
     def matches(self, authority: bytes, target: bytes, tags: frozenset[str]) -> bool:
         if self.tags and not self.tags.isdisjoint(tags):
             return True
         full = authority.decode("latin-1").lower()
         host = _without_port(full)
+        hosts = (host,) if host == full else (host, full)
         text = target.decode("latin-1")
-        if (host, text) in self.urls or (full, text) in self.urls:
-            return True
-        path = text.partition("?")[0]
-        return any(h in (host, full) and path_has_prefix(path, p) for h, p in self.prefixes)
+        for h in hosts:
+            if text in self.urls.get(h, ()):
+                return True
+            for prefix in self.prefixes.get(h, ()):
+                if prefix == "/":
+                    return True
+                path = rule_path(text.partition("?")[0])
+                if path.startswith(prefix) and (
+                    len(path) == len(prefix) or path[len(prefix)] == "/"
+                ):
+                    return True
+        return False
 
 
 def _without_port(authority: str) -> str:
@@ -242,16 +266,26 @@ class PurgeLog:
     MAX_PURGE_LOG purges since) is answered `reset`: the edge cannot know what it missed and
     empties its caches."""
 
-    def __init__(self, max_entries: int = MAX_PURGE_LOG) -> None:
+    def __init__(
+        self, max_entries: int = MAX_PURGE_LOG, max_bytes: int = MAX_PURGE_LOG_BYTES
+    ) -> None:
         self.epoch = secrets.token_hex(4)
         self.items: list[Purge] = []
         self.base = 0  # the count of items[0]
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0  # the characters of the items held (about their size)
 
     def add(self, purge: Purge) -> None:
         self.items.append(purge)
-        if len(self.items) > self.max_entries:
-            drop = len(self.items) - self.max_entries
+        self.bytes += _chars(purge)
+        drop = 0
+        while len(self.items) - drop > self.max_entries or (
+            self.bytes > self.max_bytes and len(self.items) - drop > 1
+        ):
+            self.bytes -= _chars(self.items[drop])
+            drop += 1
+        if drop:
             del self.items[:drop]
             self.base += drop
 
@@ -274,6 +308,10 @@ class PurgeLog:
             return [], here, True
         items = self.items[n - self.base : n - self.base + MAX_PURGES_PER_ANSWER]
         return items, f"{self.epoch}.{n + len(items)}", False
+
+
+def _chars(purge: Purge) -> int:
+    return 100 + sum(map(len, (*purge.urls, *purge.prefixes, *purge.tags, *purge.blobs)))
 
 
 # ---------------------------------------------------------------- signed, for Redis

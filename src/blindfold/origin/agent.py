@@ -108,6 +108,13 @@ ORIGIN_METRICS = [
         ("bouncer",),
     ),
     MetricSpec(
+        "blindfold_origin_operator_requests_total",
+        "counter",
+        "Operator API requests by result: list, add, delete, purge; refused_<why> (missing, "
+        "malformed, wrong_key, edge_key: answered 401); bad_<reason> (answered 400).",
+        ("result",),
+    ),
+    MetricSpec(
         "blindfold_http_events_total",
         "counter",
         "HTTP-layer events: timeouts, bad requests, HTTP/2 abuse.",
@@ -949,6 +956,7 @@ class OriginAgent:
         def pick(prefix: str) -> list[list[Any]]:
             return [[[k[len(prefix) :]], v] for k, v in s.items() if k.startswith(prefix)]
 
+        operator: Any = self.api.operator if self.api is not None else None
         return {
             "blindfold_origin_requests_total": pick("requests:"),
             "blindfold_origin_connections_total": pick("conn:"),
@@ -964,6 +972,9 @@ class OriginAgent:
             ],
             "blindfold_decision_stream_requests_total": [
                 [[k], v] for k, v in (self.api.requests.items() if self.api else [])
+            ],
+            "blindfold_origin_operator_requests_total": [
+                [[k], v] for k, v in (operator.requests.items() if operator is not None else [])
             ],
             "blindfold_http_events_total": pick("http:"),
             "blindfold_origin_blind_bytes_total": pick("blind_bytes:"),

@@ -295,7 +295,7 @@ class KeylessMode(Mode):
         if purge is None:
             return sum(route.state.cache.purge_all() for route in routes)
         matcher = PurgeMatcher.of(purge)
-        if not (matcher.urls or matcher.prefixes or matcher.tags):
+        if matcher.empty:
             return 0
         return sum(route.state.cache.purge(matcher.matches) for route in routes)
 
