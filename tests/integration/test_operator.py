@@ -24,6 +24,7 @@ from tests.helpers.clients import curl, wait_until
 from tests.helpers.edgeproc import EdgeProcess, OriginProcess, edge_config
 from tests.helpers.keyless import KeylessPki, KeyServerProcess, keyserver_config, make_pki
 from tests.helpers.topology import API_KEY, edge_decisions, origin_config
+from tests.integration.test_blind import CDN, Site, blind_site  # noqa: F401 (a fixture)
 from tests.integration.test_decision_sources import CHANNEL, redis_decisions, write_keypair
 from tests.integration.test_keyless import keyless_route
 from tests.integration.test_redis_trust import ONE, Redis, start_redis_server
@@ -345,3 +346,47 @@ def test_a_wrong_operator_key_and_an_edge_read_key_are_refused_and_logged(
     for edge in d.edges:
         assert get(edge, kpki, "/echo", BANNED)[0] == 200
         assert edge.records("purge_applied") == []
+
+
+def test_a_purge_removes_a_blind_routes_blob_from_memory_and_disk(
+    blind_site: Callable[..., Site],  # noqa: F811 (the fixture imported above)
+    start_edge: Callable[..., EdgeProcess],
+    site: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    """Blind routes: the named blob (by id, or by its /b/ URL) leaves every worker's memory
+    and disk caches; the next request pulls it again."""
+    operators = tmp_path / "operators.txt"
+    operators.write_text(f"alice:{OPERATOR_KEY}\n")
+    operators.chmod(0o600)
+    s = blind_site(origin_kw={"decisions": {"operator_keys_file": str(operators)}})
+    # the same edge, now following the origin's stream (the blind cache on disk is kept)
+    text = s.edge.config_path.read_text()
+    s.edge.stop()
+    edge = start_edge(text + edge_decisions(site, s.origin.decisions_port, tmp_path))
+    assert edge.wait_for(lambda rec: rec.get("event") == "decisions_source_up", 10)
+    s.edge = edge
+    ids = s.ids()
+    photo, script = ids["/img/photo.bin"], ids["/js/app.js"]
+
+    def cache(blob: str) -> str:
+        out = s.curl_blob(f"/b/{blob}", "-o", "/dev/null", "-D", "/dev/stdout")
+        lines = out.stdout.decode("latin-1").splitlines()
+        assert lines and " 200" in lines[0], lines
+        return next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("x-blindfold"))
+
+    for blob in (photo, script):
+        cache(blob)
+        assert wait_until(lambda b=blob: cache(b) == "hit", 10)  # every worker's turn
+        for _ in range(4):
+            cache(blob)
+    assert (s.cache / "w0").exists()
+    on_disk = {p.name for p in s.cache.glob("w*/*")}
+    assert photo in on_disk
+    deployment = Deployment(s.origin, [edge], site, tmp_path)
+    out = deployment.cli("purge", "--blob", photo, "--url", f"https://{CDN}/b/{script}")
+    assert out.returncode == 0, out.stderr
+    rec = edge.wait_for(lambda rec: rec.get("event") == "purge_applied", 2.0)
+    assert rec is not None and rec["removed"] >= 2
+    assert photo not in {p.name for p in s.cache.glob("w*/*")}
+    assert cache(photo) == "miss" and cache(script) == "miss"
