@@ -22,6 +22,7 @@ import json
 import os
 import ssl
 import sys
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -82,9 +83,12 @@ def _key(path: str) -> bytes:
     if not path:
         raise OperatorError("no operator key: --key-file or BLINDFOLD_OPERATOR_KEY_FILE")
     try:
-        text = open(path, encoding="utf-8").read().strip()  # noqa: SIM115 (closed below)
-    except OSError as exc:
-        raise OperatorError(f"{path}: {exc.strerror}") from None
+        text = Path(path).read_text(encoding="utf-8").strip()
+        mode = os.stat(path).st_mode
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OperatorError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if mode & 0o077:
+        print(f"warning: {path} is readable by others (chmod 600)", file=sys.stderr)
     line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
     _name, sep, secret = line.partition(":")
     return (secret if sep else line).strip().encode()
