@@ -32,6 +32,11 @@ class StreamSource:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                if not self.path.startswith("/v1/decisions"):  # as CrowdSec's LAPI: no purges
+                    self.send_response(404)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
                 with source.lock:
                     source.times.append(time.monotonic())
                     retry_after = source.throttle.pop(0) if source.throttle else None

@@ -137,6 +137,7 @@ class StreamFeed:
         self.on_gap: Callable[[], None] | None = None
         self.purges_supported = True
         self._purge_position: bytes | None = None
+        self._purges_failing = False
 
     async def _fetch(self) -> bytes:
         target = self.path + (b"?startup=true" if self._startup else b"?startup=false")
@@ -189,7 +190,23 @@ class StreamFeed:
         self._position = position.encode("latin-1") if position else None
         self._startup = False
         if self.on_purge is not None and self.purges_supported:
-            await asyncio.wait_for(self._follow_purges(), self.cfg.timeout_s * 2)
+            # its own failure: the decisions just applied stay applied and the feed stays up;
+            # the next poll asks again from the same position
+            try:
+                await asyncio.wait_for(self._follow_purges(), self.cfg.timeout_s * 2)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._count("purge_error")
+                if not self._purges_failing:
+                    self.log.emit(
+                        "purges_failed",
+                        url=self.cfg.url,
+                        error=f"{type(exc).__name__}: {exc}"[:300],
+                    )
+                self._purges_failing = True
+            else:
+                self._purges_failing = False
 
     async def _follow_purges(self) -> None:
         """Ask the origin's purge log for what came after our position; apply it."""
@@ -208,15 +225,18 @@ class StreamFeed:
             if len(body) > MAX_PURGES_BYTES:
                 response.close()
                 raise ProtocolError("bad_stream", "purge log answer too large")
-        if response.status == 404:
+        if response.status in (401, 403, 404, 405):
+            # not a blindfold origin (a CrowdSec LAPI): it has no purge log
             self.purges_supported = False
-            self.log.emit("purges_unsupported", url=self.cfg.url)
+            self.log.emit("purges_unsupported", url=self.cfg.url, status=response.status)
             return
         if response.status != 200:
             raise UpstreamError("bad_status", f"purges: status {response.status}")
         payload = decode_stream(bytes(body))
         if not isinstance(payload, dict) or not isinstance(payload.get("purges"), list):
-            raise ProtocolError("bad_stream", "not a purge log answer")
+            self.purges_supported = False  # a 200 that is no purge log: not a blindfold origin
+            self.log.emit("purges_unsupported", url=self.cfg.url, status=response.status)
+            return
         position = payload.get("position")
         if not isinstance(position, str) or len(position) > 200 or not position.isascii():
             raise ProtocolError("bad_stream", "purge log answer without a position")
