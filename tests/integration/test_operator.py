@@ -226,6 +226,15 @@ def test_decisions_by_cli_reach_both_edges_within_2s(
         lambda rec: rec.get("event") == "operator_action" and rec.get("action") == "decision_delete"
     )
     assert action is not None and action["operator"] == "alice" and action["found"] is True
+    # each edge logs what it applied, with the operator: A from the stream and Redis, B Redis
+    for edge, sources in ((d.edges[0], {"stream", "redis"}), (d.edges[1], {"redis"})):
+        applied = edge.records("operator_decision")
+        assert {r["source"] for r in applied if r["action"] == "add"} == sources, applied
+        assert {(r["operator"], r["value"]) for r in applied} == {("alice", BANNED)}
+    lifted = d.edges[1].wait_for(
+        lambda rec: rec.get("event") == "operator_decision" and rec.get("action") == "delete"
+    )
+    assert lifted is not None and lifted["operator"] == "alice"
     # too wide a range is refused at the origin, with a clear answer
     wide = d.cli("decisions", "add", "--range", "10.0.0.0/8")
     assert wide.returncode == 1 and "wider than /16" in wide.stderr

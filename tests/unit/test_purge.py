@@ -241,3 +241,13 @@ def test_only_an_operator_key_authenticates(tmp_path: Path) -> None:
     assert api.authenticate(_request(b"Basic b3A6eA==")) == (None, "malformed")
     assert api.authenticate(_request(b"Bearer edge-read-key-0123")) == (None, "edge_key")
     assert api.authenticate(_request(b"Bearer operator-secret-0124")) == (None, "wrong_key")
+
+
+def test_a_signed_ban_or_lift_names_the_operator_who_made_it() -> None:
+    signer = DecisionSigner(KEY)
+    verifier = DecisionVerifier([KEY.public_key()])
+    ban = signer.sign("ip", "192.0.2.1", T0 + 60, T0, "manual", operator="alice")
+    lift = signer.sign_lift("ip", "192.0.2.1", T0 + 60, T0 + 1, "lifted", "bob")
+    assert verifier.open(ban, T0).operator == "alice"
+    assert verifier.open(lift, T0).operator == "bob"
+    assert verifier.open(signer.sign("ip", "192.0.2.1", T0 + 60, T0, "waf"), T0).operator == ""

@@ -82,9 +82,26 @@ def decode_stream(body: bytes | bytearray) -> Any:
         raise ProtocolError("bad_stream", "not JSON") from None
 
 
-def _parse_body(body: bytes) -> tuple[list[Any], list[Any], list[str], str | None, bool]:
-    """(new, deleted, problems, position token, whole set?) of one stream answer. Runs in a
-    thread: a 64 MB answer must not stop the master's loop while it is decoded."""
+MAX_OPERATOR_LINES = 20  # operator decisions logged per poll (the rest: counted)
+
+
+def _operator_items(payload: Any) -> list[dict[str, Any]]:
+    """The stream's new decisions an operator made (origin 'operator:<id>'), for the log."""
+    out = []
+    items = payload.get("new") if isinstance(payload, dict) else None
+    for item in items if isinstance(items, list) else ():
+        origin = item.get("origin") if isinstance(item, dict) else None
+        if isinstance(origin, str) and origin.startswith("operator:"):
+            out.append({"operator": origin[9:73], "value": str(item.get("value"))[:64]})
+    return out
+
+
+def _parse_body(
+    body: bytes,
+) -> tuple[list[Any], list[Any], list[str], str | None, bool, list[dict[str, Any]]]:
+    """(new, deleted, problems, position token, whole set?, operators' new decisions) of one
+    stream answer. Runs in a thread: a 64 MB answer must not stop the master's loop while it
+    is decoded."""
     payload: Any = decode_stream(body)
     new, deleted, problems = parse_stream(payload)
     ext = payload.get("blindfold")
@@ -93,7 +110,7 @@ def _parse_body(body: bytes) -> tuple[list[Any], list[Any], list[str], str | Non
         if isinstance(ext.get("position"), str) and len(ext["position"]) <= 200:
             position = ext["position"]
         full = ext.get("full") is True
-    return new, deleted, problems, position, full
+    return new, deleted, problems, position, full, ([] if full else _operator_items(payload))
 
 
 class StreamFeed:
@@ -166,7 +183,11 @@ class StreamFeed:
 
     async def poll_once(self) -> None:
         body = await asyncio.wait_for(self._fetch(), self.cfg.timeout_s * 2)
-        new, deleted, problems, position, full = await asyncio.to_thread(_parse_body, body)
+        new, deleted, problems, position, full, operated = await asyncio.to_thread(
+            _parse_body, body
+        )
+        for item in operated[:MAX_OPERATOR_LINES]:  # what an operator did, as applied here
+            self.log.emit("operator_decision", source="stream", action="add", **item)
         for problem in problems[:10]:
             self.log.log("decision_ignored", problem=problem)
         for problem in problems:

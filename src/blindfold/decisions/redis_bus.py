@@ -203,16 +203,17 @@ class RedisPublisher:
 
     def _signed(self, d: Decision) -> str:
         return self.signer.sign(
-            d.scope, d.value, d.until, d.created, d.reason, d.edge, d.edge_address
+            d.scope, d.value, d.until, d.created, d.reason, d.edge, d.edge_address, operator_of(d)
         )
 
     def publish(self, decision: Decision, now: float) -> None:
         self._spawn(self._publish(decision, self._signed(decision), now))
 
-    def publish_lift(self, decision: Decision, now: float) -> None:
-        """The end, now, of `decision` (removed from the origin's store) at every edge."""
+    def publish_lift(self, decision: Decision, now: float, operator: str = "") -> None:
+        """The end, now, of `decision` (removed from the origin's store) at every edge;
+        `operator`: the key id of the operator who deleted it."""
         d = decision
-        body = self.signer.sign_lift(d.scope, d.value, d.until, now, "lifted")
+        body = self.signer.sign_lift(d.scope, d.value, d.until, now, "lifted", operator)
         self._spawn(self._publish(d, body, now))
 
     def publish_purge(self, purge: Purge) -> None:
@@ -249,6 +250,11 @@ class RedisPublisher:
         for task in list(self.tasks):
             task.cancel()
         await self.redis.aclose()
+
+
+def operator_of(d: Decision) -> str:
+    """The operator key id of a decision an operator made (origin 'operator:<id>'), or ''."""
+    return d.origin[len("operator:") :] if d.origin.startswith("operator:") else ""
 
 
 def _redacted(url: str) -> str:
@@ -334,6 +340,15 @@ class RedisFeed:
             return None
         if d is None:
             return None
+        if d.operator:  # what an operator did, as this edge applied it
+            self.log.emit(
+                "operator_decision",
+                source="redis",
+                operator=d.operator,
+                action="delete" if d.lift else "add",
+                value=d.value,
+                until=d.until,
+            )
         if not d.lift:
             self.table.update("redis", [(d.scope, d.value, d.until - now, d.reason)], [], now)
             return d

@@ -571,7 +571,7 @@ class OriginAgent:
         now = time.time()
         gone = self.store.remove(scope, value)
         if gone is not None and self.publisher is not None:
-            self.publisher.publish_lift(gone, now)
+            self.publisher.publish_lift(gone, now, operator)
         return gone
 
     def operator_purge(self, purge: Purge) -> None:
