@@ -251,3 +251,25 @@ def test_a_signed_ban_or_lift_names_the_operator_who_made_it() -> None:
     assert verifier.open(ban, T0).operator == "alice"
     assert verifier.open(lift, T0).operator == "bob"
     assert verifier.open(signer.sign("ip", "192.0.2.1", T0 + 60, T0, "waf"), T0).operator == ""
+
+
+def test_prefixes_match_by_segment_whatever_their_number() -> None:
+    m = p.PurgeMatcher.of(purge(prefixes=[f"example.com/p{i}" for i in range(100)]))
+    assert m.matches(b"example.com", b"/p42", frozenset())
+    assert m.matches(b"example.com", b"/p42/", frozenset())
+    assert m.matches(b"example.com", b"/p42/a/b?x=1", frozenset())
+    assert m.matches(b"Example.com:8443", b"/p42;jsessionid=1/a", frozenset())  # as rules
+    assert not m.matches(b"example.com", b"/p420", frozenset())
+    assert not m.matches(b"example.com", b"/x/p42", frozenset())
+    assert not m.matches(b"other.com", b"/p42", frozenset())
+    everything = p.PurgeMatcher.of(purge(prefixes=["example.com/"]))
+    assert everything.matches(b"example.com", b"/any/thing", frozenset())
+
+
+def test_a_purge_can_go_a_slice_of_keys_at_a_time() -> None:
+    cache = filled()
+    keys_ = cache.stored_keys()
+    matcher = p.PurgeMatcher.of(purge(prefixes=["example.com/"]))
+    removed = sum(cache.purge(matcher.matches, keys_[i : i + 2]) for i in range(0, 7, 2))
+    assert removed == 6 and keys(cache) == {(b"other.com", b"/static/x.js")}
+    assert cache.purge(matcher.matches, keys_) == 0  # keys gone meanwhile are skipped

@@ -24,7 +24,7 @@ from __future__ import annotations
 import email.utils
 import sys
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 Headers = list[tuple[bytes, bytes]]  # names lower-case (the web layer's type)
@@ -317,12 +317,22 @@ class HttpCache:
         self._retable()
         self._evict()
 
-    def purge(self, matches: Callable[[bytes, bytes, frozenset[str]], bool]) -> int:
+    def stored_keys(self) -> list[tuple[bytes, bytes]]:
+        return list(self._store)
+
+    def purge(
+        self,
+        matches: Callable[[bytes, bytes, frozenset[str]], bool],
+        keys: Iterable[tuple[bytes, bytes]] | None = None,
+    ) -> int:
         """Remove every entry for which `matches(authority, target, tags)` (an operator's
-        purge: decisions.purge.PurgeMatcher); returns how many. One pass over the store."""
+        purge: decisions.purge.PurgeMatcher), among `keys` (from `stored_keys`, a slice at a
+        time so a big cache is purged between other work) or all; returns how many."""
         removed = 0
-        for key in list(self._store):
-            entries = self._store[key]
+        for key in list(self._store) if keys is None else keys:
+            entries = self._store.get(key)
+            if entries is None:
+                continue
             gone = [e for e in entries if matches(key[0], key[1], e.tags)]
             for entry in gone:
                 entries.remove(entry)

@@ -30,7 +30,7 @@ import math
 import re
 import secrets
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -181,12 +181,14 @@ def new_purge_id() -> str:
 # ---------------------------------------------------------------- what an edge's cache matches
 @dataclass(frozen=True, slots=True)
 class PurgeMatcher:
-    """A purge as a keyless cache tests its keys (authority, target) and tags: by host first,
-    so a purge of many prefixes costs a dictionary lookup per entry of other hosts."""
+    """A purge as a keyless cache tests its keys (authority, target) and tags. Per entry: a
+    tag set test, a host lookup (memoised per authority), then the URL set and the path's
+    ancestors in the prefix set: the cost does not grow with the number of prefixes."""
 
     urls: dict[str, frozenset[str]]  # host -> targets
-    prefixes: dict[str, tuple[str, ...]]  # host -> canonical path prefixes (rule_prefix)
+    prefixes: dict[str, frozenset[str]]  # host -> canonical path prefixes (rule_prefix)
     tags: frozenset[str]
+    _hosts: dict[bytes, tuple[str, ...]] = field(default_factory=dict)  # authority -> named hosts
 
     @classmethod
     def of(cls, purge: Purge) -> PurgeMatcher:
@@ -194,13 +196,13 @@ class PurgeMatcher:
         for u in purge.urls:
             host, _, target = u.partition("/")
             urls.setdefault(host, set()).add("/" + target)
-        prefixes: dict[str, list[str]] = {}
+        prefixes: dict[str, set[str]] = {}
         for p in purge.prefixes:
             host, _, path = p.partition("/")
-            prefixes.setdefault(host, []).append("/" + path)
+            prefixes.setdefault(host, set()).add("/" + path)
         return cls(
             {h: frozenset(t) for h, t in urls.items()},
-            {h: tuple(ps) for h, ps in prefixes.items()},
+            {h: frozenset(ps) for h, ps in prefixes.items()},
             frozenset(purge.tags),
         )
 
@@ -208,24 +210,42 @@ class PurgeMatcher:
     def empty(self) -> bool:
         return not (self.urls or self.prefixes or self.tags)
 
+    def _named(self, authority: bytes) -> tuple[str, ...]:
+        """The hosts of this purge that `authority` is (with or without its port)."""
+        hosts = self._hosts.get(authority)
+        if hosts is None:
+            full = authority.decode("latin-1").lower()
+            host = _without_port(full)
+            named = self.urls.keys() | self.prefixes.keys()
+            hosts = tuple(h for h in dict.fromkeys((host, full)) if h in named)
+            if len(self._hosts) < 10_000:
+                self._hosts[authority] = hosts
+        return hosts
+
     def matches(self, authority: bytes, target: bytes, tags: frozenset[str]) -> bool:
-        if self.tags and not self.tags.isdisjoint(tags):
+        if tags and self.tags and not self.tags.isdisjoint(tags):
             return True
-        full = authority.decode("latin-1").lower()
-        host = _without_port(full)
-        hosts = (host,) if host == full else (host, full)
+        hosts = self._named(authority)
+        if not hosts:
+            return False
         text = target.decode("latin-1")
+        path = ""
         for h in hosts:
             if text in self.urls.get(h, ()):
                 return True
-            for prefix in self.prefixes.get(h, ()):
-                if prefix == "/":
+            prefixes = self.prefixes.get(h)
+            if not prefixes:
+                continue
+            if "/" in prefixes:
+                return True
+            path = path or rule_path(text.partition("?")[0])
+            i = path.find("/", 1)  # each ancestor segment boundary, then the path itself
+            while i != -1:
+                if path[:i] in prefixes:
                     return True
-                path = rule_path(text.partition("?")[0])
-                if path.startswith(prefix) and (
-                    len(path) == len(prefix) or path[len(prefix)] == "/"
-                ):
-                    return True
+                i = path.find("/", i + 1)
+            if path.rstrip("/") in prefixes:
+                return True
         return False
 
 

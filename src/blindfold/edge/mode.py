@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Collection, Sequence
 from typing import Any, ClassVar, Protocol
 
 from blindfold.config.edge import EdgeConfig, RouteConfig
@@ -213,9 +213,10 @@ class Mode:
     def drain(self) -> None:
         """The worker drains: stop taking what the mode serves outside connections."""
 
-    def purge(self, routes: Sequence[RouteState], purge: Purge | None) -> int:
+    def purge(self, routes: Sequence[RouteState], purge: Purge | None) -> int | Awaitable[int]:
         """Remove what `purge` names from the caches of this mode's `routes` (None: all of
-        it); returns the entries removed."""
+        it); returns the entries removed, or (a mode on the asyncio loop with much to scan)
+        an awaitable of it."""
         return 0
 
     def snapshot(self, routes: Sequence[RouteState]) -> Snapshot:
