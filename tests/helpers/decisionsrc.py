@@ -41,14 +41,14 @@ class StreamSource:
                     with source.lock:
                         source.purge_positions.append(self.headers.get("x-blindfold-purges"))
                         answer = source.purge_answers.pop(0) if source.purge_answers else None
-                    body = json.dumps(
+                    log = json.dumps(
                         answer or {"position": "e.0", "reset": False, "purges": []}
                     ).encode()
                     self.send_response(200)
                     self.send_header("content-type", "application/json")
-                    self.send_header("content-length", str(len(body)))
+                    self.send_header("content-length", str(len(log)))
                     self.end_headers()
-                    self.wfile.write(body)
+                    self.wfile.write(log)
                     return
                 if not self.path.startswith("/v1/decisions"):  # as CrowdSec's LAPI: no purges
                     self.send_response(404)
