@@ -273,3 +273,13 @@ def test_a_purge_can_go_a_slice_of_keys_at_a_time() -> None:
     removed = sum(cache.purge(matcher.matches, keys_[i : i + 2]) for i in range(0, 7, 2))
     assert removed == 6 and keys(cache) == {(b"other.com", b"/static/x.js")}
     assert cache.purge(matcher.matches, keys_) == 0  # keys gone meanwhile are skipped
+
+
+def test_a_delete_names_one_decision() -> None:
+    from blindfold.decisions.operator import _delete_target
+
+    assert _delete_target("scope=ip&value=192.0.2.7", []) == ("ip", "192.0.2.7")
+    assert _delete_target("scope=range&value=192.0.2.0/24", []) == ("range", "192.0.2.0/24")
+    for bad in ("a=1&b=2&c=3&d=4&e=5", "id=x", "id=7", "scope=ip&value=999.1.1.1", ""):
+        with pytest.raises(ProtocolError):
+            _delete_target(bad, [])

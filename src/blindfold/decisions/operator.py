@@ -272,7 +272,10 @@ def _decision_request(obj: Any) -> tuple[str, str, float, str]:
 
 
 def _delete_target(query: str, active: list[Decision]) -> tuple[str, str]:
-    q = parse_qs(query, max_num_fields=4)
+    try:
+        q = parse_qs(query, max_num_fields=4)
+    except ValueError:
+        raise ProtocolError("bad_request", "too many query fields") from None
     if "id" in q:
         text = q["id"][0]
         if not text.isdigit() or len(text) > 18:
