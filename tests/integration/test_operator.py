@@ -325,6 +325,16 @@ def test_purges_reach_both_edges_within_2s_and_the_next_request_misses(
     assert len(b.records("purge_applied")) == 1
     assert get(b, kpki, paths["kept"])[1] == "hit"
 
+    # the channel lost a while (purges may have been missed): B, which has no other source of
+    # purges, empties its caches; A, whose stream keeps a purge log, keeps its own
+    d.redis.admin.client_kill_filter(_type="pubsub")
+    gap = b.wait_for(lambda rec: rec.get("event") == "purge_applied" and rec["purge"] == "all")
+    assert gap is not None and gap["source"] == "redis"
+    assert get(b, kpki, paths["kept"])[1] == "miss"
+    assert wait_until(lambda: len(a.records("decisions_source_up")) >= 3, 10)  # A reconnected
+    assert [r for r in a.records("purge_applied") if r["purge"] == "all"] == []
+    assert get(a, kpki, paths["kept"])[1] == "hit"
+
 
 def test_a_wrong_operator_key_and_an_edge_read_key_are_refused_and_logged(
     deployment: Deployment, tmp_path: Path, kpki: KeylessPki

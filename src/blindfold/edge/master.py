@@ -364,12 +364,12 @@ class EdgeMaster:
             from blindfold.decisions.redis_bus import RedisFeed
 
             feeds.append(RedisFeed(src, self.bans, self.log, config))
+        stream = next((f for f in feeds if f.kind == "stream"), None)
         for feed in feeds:
             feed.on_purge = self.apply_purge
-            if feed.kind == "stream" or not src.url:
-                # purges missed (a gap in the stream's purge log; a Redis channel lost while
-                # no stream carries the log): every cache is emptied
-                feed.on_gap = partial(self.purge_everything, feed.kind)
+            # purges missed (a gap in the stream's purge log; the Redis channel lost while no
+            # stream with a purge log covers it, e.g. a CrowdSec LAPI's): every cache emptied
+            feed.on_gap = partial(self._purge_gap, feed.kind, stream)
             self.feeds.append(feed)
             self.feed_tasks.append(
                 loop.create_task(supervise(feed.kind, feed.run, self.log, feed.down))
@@ -407,6 +407,11 @@ class EdgeMaster:
         message = {"op": "purge", "all": True}
         self.recent_purges.append((time.monotonic(), message))
         self._spawn_purge(self._send_purge(message, {"purge": "all", "source": source}))
+
+    def _purge_gap(self, source: str, stream: Any) -> None:
+        if source == "redis" and stream is not None and stream.purges_supported:
+            return  # the stream's purge log brings what the channel lost
+        self.purge_everything(source)
 
     def _count_purge(self, source: str, result: str) -> None:
         key = (source, result)
