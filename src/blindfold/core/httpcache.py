@@ -36,6 +36,7 @@ import re
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import http_sf
@@ -265,6 +266,7 @@ class Entry:
     stale_while_revalidate_s: float = 0.0
     stale_if_error_s: float = 0.0
     may_serve_stale: bool = True
+    tags: frozenset[str] = frozenset()  # its Cache-Tag names, for purges by tag
 
     def age(self, wall: float) -> float:
         """§4.2.3 current_age."""
@@ -360,6 +362,7 @@ class HttpCache:
     evictions: int = 0
     stale: StalePolicy = field(default_factory=StalePolicy)
     stale_served: int = 0
+    purged: int = 0
 
     @staticmethod
     def key(authority: bytes, target: bytes) -> tuple[bytes, bytes]:
@@ -546,6 +549,7 @@ class HttpCache:
         body: bytes,
         request_time: float,
         response_time: float,
+        tags: frozenset[str] = frozenset(),
     ) -> None:
         if len(body) > self.max_object_bytes:
             return
@@ -565,6 +569,7 @@ class HttpCache:
             max(apparent_age, corrected_age),
             0.0,
             False,
+            tags=tags,
         )
         self._policy(entry, headers, response_time)
         entries = self._store.get(key)
@@ -580,6 +585,41 @@ class HttpCache:
         self.stores += 1
         self._retable()
         self._evict()
+
+    def stored_keys(self) -> list[tuple[bytes, bytes]]:
+        return list(self._store)
+
+    def purge(
+        self,
+        matches: Callable[[bytes, bytes, frozenset[str]], bool],
+        keys: Iterable[tuple[bytes, bytes]] | None = None,
+    ) -> int:
+        """Remove every entry for which `matches(authority, target, tags)` (an operator's
+        purge: decisions.purge.PurgeMatcher), among `keys` (from `stored_keys`, a slice at a
+        time so a big cache is purged between other work) or all; returns how many."""
+        removed = 0
+        for key in list(self._store) if keys is None else keys:
+            entries = self._store.get(key)
+            if entries is None:
+                continue
+            gone = [e for e in entries if matches(key[0], key[1], e.tags)]
+            for entry in gone:
+                entries.remove(entry)
+                self.used -= entry.size
+            removed += len(gone)
+            if not entries:
+                del self._store[key]
+        self.purged += removed
+        self._retable()
+        return removed
+
+    def purge_all(self) -> int:
+        """Remove every entry (purges may have been missed); returns how many."""
+        removed = len(self)
+        self._store = OrderedDict()
+        self.used = self._table_bytes = 0
+        self.purged += removed
+        return removed
 
     def _evict(self) -> None:
         while self.used > self.max_bytes and self._store:
@@ -686,6 +726,8 @@ def _cost(key: tuple[bytes, bytes], entry: Entry) -> int:
         size += _PAIR_BYTES + getsize(k) + getsize(v)
     for k, v in entry.vary:
         size += _PAIR_BYTES + getsize(k) + getsize(v)
+    if entry.tags:
+        size += getsize(entry.tags) + sum(getsize(t) for t in entry.tags)
     return size
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import ipaddress
 import socket
 import ssl
 import time
@@ -20,12 +21,20 @@ from typing import Any
 from blindfold.config import Config, load_file
 from blindfold.config.common import load_admin_token, parse_hostport
 from blindfold.config.origin import OriginConfig, fds_needed, listen_warnings
-from blindfold.core.iplist import IPSet, visitor_key
+from blindfold.core.iplist import IPSet, parse_address, visitor_key
 from blindfold.core.proxyproto import V1_PREFIX, V2_SIGNATURE
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.decisions.api import DecisionApi, load_api_keys
-from blindfold.decisions.core import DecisionRules, DecisionStore, RateRule, scope_of
+from blindfold.decisions.core import (
+    Decision,
+    DecisionRules,
+    DecisionStore,
+    RateRule,
+    scope_of,
+)
 from blindfold.decisions.journal import DecisionJournal
+from blindfold.decisions.operator import OperatorApi, load_operator_keys
+from blindfold.decisions.purge import Purge, PurgeLog
 from blindfold.errors import ConfigError, ProtocolError
 from blindfold.io import compat
 from blindfold.io.accepted import (
@@ -120,6 +129,13 @@ ORIGIN_METRICS = [
         "counter",
         "Decision stream requests by edge (or 'unauthorized').",
         ("bouncer",),
+    ),
+    MetricSpec(
+        "blindfold_origin_operator_requests_total",
+        "counter",
+        "Operator API requests by result: list, add, delete, purge; refused_<why> (missing, "
+        "malformed, wrong_key, edge_key: answered 401); bad_<reason> (answered 400).",
+        ("result",),
     ),
     MetricSpec(
         "blindfold_http_events_total",
@@ -418,6 +434,8 @@ class OriginAgent:
         self.acme: Any = None  # acme.client.AcmeManager for [origin.acme]
         if cfg.acme is not None:
             self.acme = _acme_manager(cfg, self.log.emit, self._acme_installed)
+        self.purges = PurgeLog()
+        self.operator_peers: IPSet | None = None
         self._build(cfg)
 
     # ------------------------------------------------------------------ build / reload
@@ -576,6 +594,48 @@ class OriginAgent:
         if self.publisher is not None:
             self.publisher.publish(decision, now)
 
+    # ------------------------------------------------------------------ operator actions
+    def _operator_peer(self, peer: str) -> bool:
+        """An address allowed to reach the operator API (origin.decisions.operator_addresses)."""
+        if self.operator_peers is None:
+            return False
+        try:
+            version, addr = parse_address(peer)
+        except ProtocolError:
+            return False
+        return self.operator_peers.contains(addr, version)
+
+    def operator_list(self, now: float) -> list[Decision]:
+        return self.store.active(now)  # (expiry stays the housekeeping's, with its log line)
+
+    def operator_add(
+        self, scope: str, value: str, duration_s: float, reason: str, operator: str
+    ) -> Decision:
+        """A ban by an operator: the store (journal, stream) and Redis, as the origin's own."""
+        now = time.time()
+        decision = self.store.add(
+            scope, value, duration_s, reason, now, origin=f"operator:{operator}"
+        )
+        self.count("decisions:operator")
+        if self.publisher is not None:
+            self.publisher.publish(decision, now)
+        return decision
+
+    def operator_delete(self, scope: str, value: str, operator: str) -> Decision | None:
+        """The end of a ban now: a deletion in the stream, a signed lift on Redis."""
+        now = time.time()
+        gone = self.store.remove(scope, value)
+        if gone is not None and self.publisher is not None:
+            self.publisher.publish_lift(gone, now, operator)
+        return gone
+
+    def operator_purge(self, purge: Purge) -> None:
+        """To every edge: the stream's purge log and a signed message on Redis."""
+        self.purges.add(purge)
+        self.count("purges")
+        if self.publisher is not None:
+            self.publisher.publish_purge(purge)
+
     def _refused_decision(self, why: str, ip: str, reason: str, edge: dict[str, Any]) -> None:
         self.count(f"decisions_refused:{why}")
         if self._refusal_log.allow(time.monotonic()):
@@ -618,6 +678,13 @@ class OriginAgent:
         if d.listen:
             keys = load_api_keys(d.api_keys_file)
             self.api = DecisionApi(self.store, keys, full_per_minute=d.full_answers_per_minute)
+            self.api.purges = self.purges
+            if d.operator_keys_file:
+                operator_keys = load_operator_keys(d.operator_keys_file)
+                self.api.operator = OperatorApi(operator_keys, keys, self, self.log)
+                self.operator_peers = IPSet(
+                    ipaddress.ip_network(a, strict=False) for a in d.operator_addresses
+                )
             api_tls = decisions_tls(cfg)
             host, port = parse_hostport(d.listen)
             sock = self._bind(host, port, "origin.decisions.listen")
@@ -865,7 +932,7 @@ class OriginAgent:
         (no handshake, so no certificate, for anyone else), within its own limit and its
         address's share of it (atk-trust #5: one trusted address held every slot with bare
         TCP connections, and edges that (re)started could not get in)."""
-        if not self.edges.is_trusted(peer[0]):
+        if not self.edges.is_trusted(peer[0]) and not self._operator_peer(peer[0]):
             self._count_conn("decisions_refused_untrusted_peer")
             sock.close()
             return
@@ -994,6 +1061,7 @@ class OriginAgent:
         def pick(prefix: str) -> list[list[Any]]:
             return [[[k[len(prefix) :]], v] for k, v in s.items() if k.startswith(prefix)]
 
+        operator: Any = self.api.operator if self.api is not None else None
         return {
             "blindfold_origin_requests_total": pick("requests:"),
             "blindfold_origin_connections_total": pick("conn:"),
@@ -1012,6 +1080,9 @@ class OriginAgent:
             ],
             "blindfold_decision_stream_requests_total": [
                 [[k], v] for k, v in (self.api.requests.items() if self.api else [])
+            ],
+            "blindfold_origin_operator_requests_total": [
+                [[k], v] for k, v in (operator.requests.items() if operator is not None else [])
             ],
             "blindfold_http_events_total": pick("http:"),
             "blindfold_origin_blind_bytes_total": pick("blind_bytes:"),
