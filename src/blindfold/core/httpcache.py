@@ -36,6 +36,7 @@ import re
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import http_sf
@@ -144,6 +145,8 @@ def _seconds(value: str | None) -> int | None:
     """A delta-seconds value (§1.2.2); invalid is None, huge is capped."""
     if value is None or not (value.isascii() and value.isdigit()):  # "²".isdigit() is True
         return None
+    if len(value) > 10:  # past 2**31 anyway; int() of > 4300 digits raises (int_max_str_digits)
+        return 2**31
     return min(int(value), 2**31)
 
 
@@ -265,6 +268,9 @@ class Entry:
     stale_while_revalidate_s: float = 0.0
     stale_if_error_s: float = 0.0
     may_serve_stale: bool = True
+    # stored from a request with Cookie or Authorization: what the origin answered may be that
+    # visitor's own page, so a request's max-stale never gets it stale (attack review hops #1)
+    personal: bool = False
 
     def age(self, wall: float) -> float:
         """§4.2.3 current_age."""
@@ -299,7 +305,7 @@ class StalePolicy:
 
     while_revalidate: bool = True
     if_error: bool = True
-    max_stale: bool = True
+    max_stale: bool = False  # a request's max-stale: a cache MAY honour it; off unless asked
     max_s: float = 86400.0
 
 
@@ -360,6 +366,10 @@ class HttpCache:
     evictions: int = 0
     stale: StalePolicy = field(default_factory=StalePolicy)
     stale_served: int = 0
+    # request header names the edge itself sets or drops on the way to the origin: the origin's
+    # answer depends on the edge's value, not the visitor's, so a response varying on one is
+    # not stored (it would be matched against the wrong value; attack review hops #5)
+    edge_set: Callable[[bytes], bool] | None = None
 
     @staticmethod
     def key(authority: bytes, target: bytes) -> tuple[bytes, bytes]:
@@ -405,6 +415,8 @@ class HttpCache:
             and min_fresh is None
             and "max-stale" in req_cc
             and self.stale.max_stale
+            and entry.lifetime > 0  # "revalidate on every use" is never served on a visitor's say
+            and not entry.personal
         ):
             # §5.2.1.2: the client accepts a response this much past its lifetime (no value:
             # any, here at most the route's limit)
@@ -439,21 +451,42 @@ class HttpCache:
 
     def stale_on_error(self, entry: Entry, request_headers: Headers, wall: float) -> bool:
         """RFC 5861 §4: may this stored response answer a request the origin failed (no answer,
-        or 500/502/503/504)? Within the response's (or the request's) stale-if-error window,
-        never where §4.2.4 forbids stale responses, at most the route's limit past its
-        lifetime."""
+        or 500/502/503/504)? Within the response's stale-if-error window (a request's
+        stale-if-error may narrow it, never widen it: the visitor does not decide what the
+        origin lets others see stale), never where §4.2.4 forbids stale responses, at most the
+        route's limit past its lifetime."""
         if not self.stale.if_error or not entry.may_serve_stale or entry.no_cache:
             return False
         req_cc = directives(request_headers)
         if "no-cache" in req_cc:
             return False
-        window = entry.stale_if_error_s
+        window = min(entry.stale_if_error_s, self.stale.max_s)
         if "stale-if-error" in req_cc:
-            window = _window(req_cc["stale-if-error"], self.stale.max_s)
+            window = min(window, _window(req_cc["stale-if-error"], self.stale.max_s))
         if entry.age(wall) >= entry.lifetime + window:
             return False
         self.stale_served += 1
         return True
+
+    def forget(
+        self, key: tuple[bytes, bytes], request_headers: Headers, status: int, headers: Headers
+    ) -> None:
+        """The origin answered a GET for a stored response with one that is not to be stored
+        here (`no-store`, `private`, Set-Cookie): the stored variant this request selects is
+        dropped, never served again, stale or not (§3: the origin's latest word). Errors
+        other than 404/410 say nothing about the page and leave it."""
+        if status >= 400 and status not in (404, 410):
+            return
+        cc, _targeted = response_directives(headers)
+        if not (
+            "no-store" in cc
+            or ("private" in cc and not cc["private"])
+            or _header(headers, b"set-cookie") is not None
+        ):
+            return
+        for entry in list(self._store.get(key, ())):
+            if all(_normalise(_joined(request_headers, n)) == v for n, v in entry.vary):
+                self._remove(key, entry)
 
     def invalidate(self, method: bytes, key: tuple[bytes, bytes], status: int) -> None:
         """§4.4: a non-error response to an unsafe method invalidates the target."""
@@ -470,16 +503,22 @@ class HttpCache:
         """May this response be stored (§3), before its body is seen? Any final status but
         206 (ranges are not kept) and 304 (it only freshens), as long as it has explicit
         freshness, `public`, or a status heuristically cacheable (§4.2.2's list, which only
-        limits heuristics; this cache uses none, so that one needs no-cache and validators)."""
+        limits heuristics; this cache uses none, so that one needs no-cache and validators). An
+        error status outside that list only when the origin asks a shared cache explicitly
+        (s-maxage or a targeted field): a site's blanket max-age on every response would
+        otherwise let a visitor who provokes a 400 store it for everyone (attack review hops
+        #2)."""
         if method != b"GET" or status < 200 or status in (206, 304):
             return False
         if _header(request_headers, b"range") is not None:
             return False
         if "no-store" in directives(request_headers):
             return False
-        cc, _targeted = response_directives(headers)
+        cc, targeted = response_directives(headers)
         if "must-understand" in cc and status not in UNDERSTOOD_STATUS:
             return False  # §5.2.2.3
+        if status >= 400 and status not in CACHEABLE_STATUS and not (targeted or "s-maxage" in cc):
+            return False
         return self._shareable(request_headers, headers, status)
 
     def _shareable(self, request_headers: Headers, headers: Headers, status: int = 200) -> bool:
@@ -492,8 +531,11 @@ class HttpCache:
             return False  # qualified private="a, b": the rest may be stored (§5.2.2.7)
         if _header(headers, b"set-cookie") is not None:
             return False  # one visitor's cookie is never handed to another
-        if _vary_names(headers) is None:
+        vary = _vary_names(headers)
+        if vary is None:
             return False
+        if self.edge_set is not None and any(self.edge_set(n) for n in vary):
+            return False  # the origin saw the edge's value of that header, not the visitor's
         if _header(request_headers, b"authorization") is not None and not (
             "public" in cc or "s-maxage" in cc or "must-revalidate" in cc
         ):
@@ -567,10 +609,18 @@ class HttpCache:
             False,
         )
         self._policy(entry, headers, response_time)
+        entry.personal = any(k in (b"cookie", b"authorization") for k, _ in request_headers)
         entries = self._store.get(key)
         if entries is None:
             entries = self._store[key] = []
-        for old in [e for e in entries if e.vary == entry.vary]:
+        same = [e for e in entries if e.vary == entry.vary]
+        if status >= 400 and any(
+            e.status < 400 and not e.no_cache and e.age(response_time) < e.lifetime for e in same
+        ):
+            # an error never replaces a fresh page: a visitor who provokes one (no-cache and a
+            # header the application refuses) must not serve it to everyone (hops #2)
+            return
+        for old in same:
             entries.remove(old)
             self.used -= old.size
         entries.append(entry)
