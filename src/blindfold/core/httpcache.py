@@ -1,12 +1,15 @@
 """A shared HTTP cache's decisions (RFC 9111), sans-IO, with a byte-bounded LRU store.
 
 What is stored (§3): responses to GET with a final status (not 206: ranges are not kept; not
-304) that carry explicit freshness for a shared cache (s-maxage, max-age or Expires), or
-`no-cache` with a heuristically cacheable status or `public` (revalidated on every use), unless
-`no-store` (`must-understand` on a status this cache understands overrides it, §5.2.2.3) or
-`private` says otherwise, the request carried Authorization without `public`/`s-maxage`/
-`must-revalidate` (§3.5), the response sets a cookie (kept out on purpose: a shared cache must
-not hand one visitor's cookie to another), or `Vary: *`. Heuristic freshness (§4.2.2) is not
+304) that carry explicit freshness for a shared cache (s-maxage, max-age or Expires; an error
+status outside §4.2.2's list only with s-maxage or a targeted field, and never in place of a
+fresh 2xx/3xx), or `no-cache` with a heuristically cacheable status or `public` (revalidated on
+every use), unless `no-store` (`must-understand` on a status this cache understands overrides
+it, §5.2.2.3) or `private` says otherwise, the request carried Authorization without
+`public`/`s-maxage`/`must-revalidate` (§3.5), the response sets a cookie (kept out on purpose:
+a shared cache must not hand one visitor's cookie to another), `Vary: *`, or Vary names a header
+the edge sets itself (`edge_set`: the origin saw the edge's value). An origin answer with
+`no-store` or `private` drops the stored copy (`forget`). Heuristic freshness (§4.2.2) is not
 used: without an explicit lifetime nothing is reused without revalidation. Fields named by
 Connection or by a qualified `no-cache="..."`/`private="..."` are not stored. A targeted field
 (RFC 9213: `Blindfold-Cache-Control`, then `CDN-Cache-Control`), when valid, replaces
@@ -14,15 +17,17 @@ Cache-Control and Expires. Dates: one strict parser for the three HTTP-date form
 §5.6.7); an invalid or repeated Expires means expired, a missing or invalid Date means the time
 of receipt.
 
-What is served: a stored response whose Vary'd request headers match (§4.1) while fresh
-(§4.2, age per §4.2.3); past its lifetime only within the response's stale-while-revalidate
-window (then refreshed after), its stale-if-error window when the origin fails (RFC 5861), or
-the request's max-stale (§5.2.1.2), each switchable per route (StalePolicy) and never where
-§4.2.4 forbids it. `no-cache` (either side) and a request max-age the response is older than
-mean revalidation with the stored validators (§4.3.1), and a 304 freshens the stored headers
-(§4.3.4) unless it is not for sharing: a 304 with Set-Cookie, `no-store` or `private`, or one
-that makes the merged response unstorable, answers only the visitor who asked and removes the
-entry. Unsafe methods invalidate the target (§4.4).
+What is served: a stored response whose Vary'd request headers match (§4.1) while fresh (§4.2,
+age per §4.2.3); past its lifetime only within the response's stale-while-revalidate window
+(then refreshed after), its stale-if-error window when the origin fails (RFC 5861; a request's
+stale-if-error only narrows it), or the request's max-stale (§5.2.1.2; off by default, and never
+for a zero lifetime or a copy stored for a request with Cookie or Authorization), each
+switchable per route (StalePolicy) and never where §4.2.4 forbids it. `no-cache` (either side)
+and a request max-age the response is older than mean revalidation with the stored validators
+(§4.3.1), and a 304 freshens the stored headers (§4.3.4) unless it is not for sharing: a 304
+with Set-Cookie, `no-store` or `private`, or one that makes the merged response unstorable,
+answers only the visitor who asked and removes the entry. Unsafe methods invalidate the target
+(§4.4).
 
 Memory: each entry is charged what its objects really take (sys.getsizeof over the entry, its
 header tuples and bytes, its body and its key), not just its body and header bytes: for small
@@ -471,18 +476,15 @@ class HttpCache:
     def forget(
         self, key: tuple[bytes, bytes], request_headers: Headers, status: int, headers: Headers
     ) -> None:
-        """The origin answered a GET for a stored response with one that is not to be stored
-        here (`no-store`, `private`, Set-Cookie): the stored variant this request selects is
-        dropped, never served again, stale or not (§3: the origin's latest word). Errors
-        other than 404/410 say nothing about the page and leave it."""
+        """The origin answered a GET for a stored response with `no-store` or `private`: the
+        stored variant this request selects is dropped, never served again, stale or not (the
+        origin's latest word on the page). Errors other than 404/410 say nothing about the page
+        and leave it (a visitor can provoke them). Set-Cookie alone does not drop it: a rolling
+        session cookie on a logged-in visitor's answer says nothing about the shared copy."""
         if status >= 400 and status not in (404, 410):
             return
         cc, _targeted = response_directives(headers)
-        if not (
-            "no-store" in cc
-            or ("private" in cc and not cc["private"])
-            or _header(headers, b"set-cookie") is not None
-        ):
+        if not ("no-store" in cc or ("private" in cc and not cc["private"])):
             return
         for entry in list(self._store.get(key, ())):
             if all(_normalise(_joined(request_headers, n)) == v for n, v in entry.vary):
