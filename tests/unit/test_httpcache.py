@@ -832,6 +832,8 @@ def test_huge_delta_seconds_are_capped_not_an_error(
         assert found is not None
         cache.stale_on_error(found.entry, req, at)
     assert age_value([(b"age", HUGE.encode())]) == 2**31
+    too_big = [(b"cache-control", b"max-age=5"), (b"content-length", HUGE.encode())]
+    assert not cache.storable(b"GET", [], 200, too_big)
 
 
 def test_a_response_varying_on_a_header_the_edge_sets_is_not_stored() -> None:

@@ -543,7 +543,11 @@ class HttpCache:
         ):
             return False  # §3.5
         length = _header(headers, b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_object_bytes:
+        if (
+            length is not None
+            and length.isdigit()
+            and (len(length) > 18 or int(length) > self.max_object_bytes)  # no int() of 5000 digits
+        ):
             return False
         lifetime = freshness_lifetime(headers, cc, None, not targeted)
         if lifetime is None and not (
