@@ -72,13 +72,27 @@ from blindfold.web.messages import (
     simple_response,
     strip_hop_by_hop,
 )
-from blindfold.web.proxy import interim_sender, iterate, request_has_body, upstream_headers
+from blindfold.web.proxy import (
+    interim_sender,
+    is_forwarding_header,
+    iterate,
+    request_has_body,
+    upstream_headers,
+)
 from blindfold.web.target import path_has_prefix
 
 MAX_RATE_KEYS = 100_000
 MAX_REFRESHES = 64  # stale-while-revalidate refreshes under way at once, per route and worker
 ACME_TLS_ALPN = b"acme-tls/1"  # RFC 8737 §6.2
 PURGE_SLICE = 2_000  # cache keys a purge tests per turn of the loop
+
+
+def _edge_set(name: bytes) -> bool:
+    """A request header the edge sets or drops on the way to the origin (upstream_headers):
+    a response varying on it is not cached. Host excepted: the edge forwards the visitor's."""
+    return name != b"host" and is_forwarding_header(name)
+
+
 SIGN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _CONDITIONAL = frozenset(
     {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range"}
@@ -226,6 +240,7 @@ class KeylessRoute:
         ]
         self.ipv6_prefix_len = ipv6_prefix_len
         self.cache = HttpCache(rc.cache_max_bytes, rc.cache_max_object_bytes)
+        self.cache.edge_set = _edge_set
         self.cache.stale = self.stale = StalePolicy(
             rc.cache_stale_while_revalidate,
             rc.cache_stale_if_error,
@@ -699,6 +714,8 @@ class KeylessHandler:
                     request_time,
                     response_time,
                 )
+            else:
+                cache.forget(key, request.headers, response.status, response.headers)
         except (UpstreamError, ConnectionError):
             pass
         finally:
@@ -792,6 +809,9 @@ class KeylessHandler:
             and request.method == b"GET"
             and cache.storable(request.method, request.headers, response.status, response.headers)
         )
+        if not storable and request.method == b"GET" and cache.max_bytes > 0:
+            # no-store/private/Set-Cookie now: the stored copy is never served again, stale or not
+            cache.forget(key, request.headers, response.status, response.headers)
         sent, stored = await self._relay(
             request, respond, response, key, storable, request_time, response_time
         )
