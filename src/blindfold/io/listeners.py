@@ -128,6 +128,7 @@ def bind_group(
     defer_accept_s: int = 0,
     ipv6_prefix_len: int = 64,
     kind: socket.SocketKind = socket.SOCK_STREAM,
+    steer: bool = True,
 ) -> list[socket.socket]:
     """Bind `workers` SO_REUSEPORT listening sockets on `address` ('ip:port'), steered by
     client address. With port 0 the first socket's port is reused for the others.
@@ -136,7 +137,10 @@ def bind_group(
     source address only, never the port, so every datagram of a QUIC flow reaches one worker
     while the visitor keeps its address (NAT rebinding changes only the port); a visitor
     whose address changes lands on another worker, which does not know the flow and drops
-    its datagrams (docs/quic.md)."""
+    its datagrams (docs/quic.md).
+
+    `steer=False`: no program; the kernel's own hash of the connection's addresses and ports
+    spreads connections (the origin's: most come from a few edges' addresses)."""
     stream = kind == socket.SOCK_STREAM
     host, port = parse_hostport(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -167,7 +171,7 @@ def bind_group(
             if stream:
                 sock.listen(backlog)
             sock.setblocking(False)
-        if workers > 1:
+        if workers > 1 and steer:
             _attach_steering(
                 socks[0], 4 if family == socket.AF_INET else 6, workers, ipv6_prefix_len
             )

@@ -14,7 +14,7 @@ import errno
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from blindfold.config import Config, load_file
@@ -352,10 +352,29 @@ async def _too_many_connections(request: Request, body: BodyStream, respond: Res
 
 
 class OriginAgent:
-    def __init__(self, path: str, cfg: OriginConfig, log: JsonLog) -> None:
+    """One origin process. `role`: "single" (everything in one process), "master" (decisions,
+    admin, HTTP/3; the site's TCP listeners are the workers', origin.master) or "worker"
+    (serves `inherited` listening sockets, [(address, tls, fd)]; its gate reports to the
+    master through `remote`, origin.worker)."""
+
+    def __init__(
+        self,
+        path: str,
+        cfg: OriginConfig,
+        log: JsonLog,
+        *,
+        role: str = "single",
+        inherited: list[tuple[str, bool, int]] | None = None,
+        remote: Any = None,
+    ) -> None:
         self.path = path
         self.cfg = cfg
         self.log = log
+        self.role = role
+        self.inherited = inherited or []
+        self.remote = remote
+        # master: the workers' counters, asked for at each /metrics (origin.master)
+        self.collect: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None
         self.audit = (
             JsonLog.open(cfg.waf.audit_log, process="origin") if (cfg.waf.audit_log) else self.log
         )
@@ -385,7 +404,8 @@ class OriginAgent:
     # ------------------------------------------------------------------ build / reload
     def _build(self, cfg: OriginConfig) -> None:
         tls = SiteTls(cfg.certificates) if cfg.certificates else None
-        waf = build_waf(cfg)
+        # the master inspects only HTTP/3 requests (its own listener); workers the rest
+        waf = build_waf(cfg) if self.role != "master" or cfg.quic.listen else None
         # the edges' keys load on a reload too; headers seen stay seen (no replay across it)
         edges = TrustedEdges(cfg, self.edges.replay)
         d = cfg.decisions
@@ -428,6 +448,7 @@ class OriginAgent:
             detect_only=cfg.waf.mode == "detect",
             stats=self.stats,
             access_log=cfg.access_log,
+            remote=self.remote,
         )
         # Visitors' requests are bounded per address; an edge's own connections (PROXY LOCAL:
         # its blind pulls, health checks) are not a visitor's and are not counted as one: a
@@ -548,14 +569,17 @@ class OriginAgent:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_exception)
+        if self.role == "worker":
+            return self._start_worker()
         if cfg.decisions.journal:  # before anything can ban or follow the stream
             self.journal = DecisionJournal(cfg.decisions.journal, self.log)
             restored, problems = self.journal.open(self.store, time.time())
             self.log.emit("decisions_restored", decisions=restored, problems=problems[:10])
-        for i, address in enumerate(cfg.listen):
-            self._listen(address, True, f"origin.listen[{i}]")
-        for i, address in enumerate(cfg.http_listen):
-            self._listen(address, False, f"origin.http_listen[{i}]")
+        if self.role == "single":
+            for i, address in enumerate(cfg.listen):
+                self._listen(address, True, f"origin.listen[{i}]")
+            for i, address in enumerate(cfg.http_listen):
+                self._listen(address, False, f"origin.http_listen[{i}]")
         if cfg.quic.listen:  # HTTP/3: its own listeners and admission (origin/h3.py)
             from blindfold.origin.h3 import start_quic
 
@@ -586,8 +610,22 @@ class OriginAgent:
         self.servers.append(loop.create_task(self._housekeeping()))
         for problem in listen_warnings(cfg):
             self.log.emit("config_warning", problem=problem)
+        self._check_fd_limit()
+        return {
+            "listen": [_addr(s) for s, tls in self.tls_sockets.items() if tls],
+            "http_listen": [_addr(s) for s, tls in self.tls_sockets.items() if not tls],
+            "quic_listen": self.quic.ports() if self.quic else [],
+            "admin": f"{admin[0]}:{admin[1]}",
+            "decisions": f"{api_address[0]}:{api_address[1]}" if api_address else None,
+            "waf": getattr(self.waf, "version", None),
+        }
+
+    def _check_fd_limit(self) -> None:
+        """Where the site's connections are served (not in a master)."""
+        if self.role == "master":
+            return
         limit = fd_limit()
-        needed = fds_needed(cfg)
+        needed = fds_needed(self.cfg)
         if needed > limit:
             self.log.emit(
                 "fd_limit_low",
@@ -597,12 +635,24 @@ class OriginAgent:
                 "the client and one for the application; raise `ulimit -n` or lower "
                 "max_connections",
             )
+
+    def _start_worker(self) -> dict[str, Any]:
+        """A worker: accept on the listening sockets the master passed; no admin, decision
+        stream, journal, Redis or HTTP/3 (the master's)."""
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_exception)
+        for _address, tls, fd in self.inherited:
+            sock = socket.socket(fileno=fd)
+            sock.setblocking(False)
+            self.sockets.append(sock)
+            self.tls_sockets[sock] = tls
+            kind = "tls" if tls else "http"
+            self.servers.append(loop.create_task(self._accept_loop(sock, kind)))
+        self.servers.append(loop.create_task(self._housekeeping()))
+        self._check_fd_limit()
         return {
             "listen": [_addr(s) for s, tls in self.tls_sockets.items() if tls],
             "http_listen": [_addr(s) for s, tls in self.tls_sockets.items() if not tls],
-            "quic_listen": self.quic.ports() if self.quic else [],
-            "admin": f"{admin[0]}:{admin[1]}",
-            "decisions": f"{api_address[0]}:{api_address[1]}" if api_address else None,
             "waf": getattr(self.waf, "version", None),
         }
 
@@ -870,10 +920,11 @@ class OriginAgent:
         if path == "/healthz":
             return 200, "application/json", b'{"status":"ok"}\n'
         if path == "/metrics":
+            workers = await self.collect() if self.collect is not None else []
             return (
                 200,
                 "text/plain; version=0.0.4",
-                render(self.snapshot(), self._metric_specs()).encode(),
+                render(self.snapshot(workers), self._metric_specs()).encode(),
             )
         return 404, "text/plain", b"not found\n"
 
@@ -884,13 +935,25 @@ class OriginAgent:
 
         return ORIGIN_METRICS + QUIC_METRICS
 
-    def snapshot(self) -> dict[str, list[list[Any]]]:
-        s = self.stats
-        if self.quic is not None:
-            return {**self._snapshot(s), **self.quic.snapshot()}
-        return self._snapshot(s)
+    def worker_stats(self) -> dict[str, Any]:
+        """A worker's counters, for the master's sum: `stats` and the gauges."""
+        return {"stats": self.stats, "site_open": self.site_slots.open}
 
-    def _snapshot(self, s: dict[str, Any]) -> dict[str, list[list[Any]]]:
+    def snapshot(self, workers: list[dict[str, Any]] | None = None) -> dict[str, list[list[Any]]]:
+        """`workers`: their `worker_stats`, added to this process's own."""
+        s = self.stats
+        site_open = self.site_slots.open
+        if workers:
+            s = dict(s)
+            for w in workers:
+                for k, v in w.get("stats", {}).items():
+                    s[k] = s.get(k, 0) + v
+                site_open += int(w.get("site_open", 0))
+        if self.quic is not None:
+            return {**self._snapshot(s, site_open), **self.quic.snapshot()}
+        return self._snapshot(s, site_open)
+
+    def _snapshot(self, s: dict[str, Any], site_open: int) -> dict[str, list[list[Any]]]:
 
         def pick(prefix: str) -> list[list[Any]]:
             return [[[k[len(prefix) :]], v] for k, v in s.items() if k.startswith(prefix)]
@@ -898,7 +961,7 @@ class OriginAgent:
         return {
             "blindfold_origin_requests_total": pick("requests:"),
             "blindfold_origin_connections_total": pick("conn:"),
-            "blindfold_origin_connections_active": [[[], self.site_slots.open]],
+            "blindfold_origin_connections_active": [[[], site_open]],
             "blindfold_origin_decisions_connections_active": [[[], self.api_slots.open]],
             "blindfold_waf_blocks_total": [[[], s.get("waf_blocks", 0)]],
             "blindfold_waf_rule_blocks_total": pick("waf_rule:"),
@@ -965,7 +1028,8 @@ def _consume(task: asyncio.Task[Any]) -> None:
 
 
 def run_origin(path: str) -> int:
-    """`blindfold origin --config FILE`. Returns the exit code (2 for configuration errors)."""
+    """The whole origin in one process (no workers; `blindfold origin` runs
+    origin.master.run_origin_master). Returns the exit code (2 for configuration errors)."""
 
     def make(config: Config, _text: str, path: str, log: JsonLog) -> OriginAgent:
         assert config.origin is not None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from blindfold.decisions.core import DecisionRules
 from blindfold.origin.edges import Reporter
@@ -29,6 +29,15 @@ Ban = Callable[[str, float, str, Reporter | None], None]
 Log = Callable[..., None]
 
 
+class RemoteRules(Protocol):
+    """Where a worker's gate sends what the decision rules count (origin.worker.MasterLink):
+    the master applies them, so counts and bans hold across workers."""
+
+    def request(self, ip: str, path: bytes, now: float, reporter: Reporter | None) -> None: ...
+
+    def block(self, ip: str, now: float, reporter: Reporter | None) -> None: ...
+
+
 class OriginGate:
     def __init__(
         self,
@@ -43,7 +52,10 @@ class OriginGate:
         detect_only: bool,
         stats: dict[str, Any],
         access_log: bool = True,
+        remote: RemoteRules | None = None,
     ) -> None:
+        """`remote`: in a worker, the master's decision rules (`rules` then only says which
+        paths rate rules cover)."""
         self.proxy = proxy
         self.waf = waf
         self.rules = rules
@@ -54,6 +66,7 @@ class OriginGate:
         self.detect_only = detect_only
         self.stats = stats
         self.access_log = access_log
+        self.remote = remote
 
     def _count(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n
@@ -73,9 +86,14 @@ class OriginGate:
         status = 0
         sent = 0
         waf_state = None
-        ban = self.rules.on_request(ip, request.path, now)
-        if ban is not None:
-            self.ban(*ban, reporter)
+        remote = self.remote
+        if remote is not None:
+            if self.rules.rate_rules:
+                remote.request(ip, request.path, now, reporter)
+        else:
+            ban = self.rules.on_request(ip, request.path, now)
+            if ban is not None:
+                self.ban(*ban, reporter)
         tx = None
         verdict_ids: tuple[int, ...] = ()
         try:
@@ -167,9 +185,12 @@ class OriginGate:
         self._count("waf_blocks")
         for rule in verdict.rule_ids:
             self._count(f"waf_rule:{rule}")
-        ban = self.rules.on_block(request.client[0], time.time())
-        if ban is not None:
-            self.ban(*ban, reporter)
+        if self.remote is not None:
+            self.remote.block(request.client[0], time.time(), reporter)
+        else:
+            ban = self.rules.on_block(request.client[0], time.time())
+            if ban is not None:
+                self.ban(*ban, reporter)
         text = f"Request blocked by the site's firewall.\nrequest id: {request.request_id}\n"
         await simple_response(
             respond, verdict.status, text, [(b"x-request-id", request.request_id.encode())]
