@@ -129,6 +129,7 @@ def bind_group(
     ipv6_prefix_len: int = 64,
     kind: socket.SocketKind = socket.SOCK_STREAM,
     steer: bool = True,
+    v6only: bool = True,
 ) -> list[socket.socket]:
     """Bind `workers` SO_REUSEPORT listening sockets on `address` ('ip:port'), steered by
     client address. With port 0 the first socket's port is reused for the others.
@@ -140,7 +141,8 @@ def bind_group(
     its datagrams (docs/quic.md).
 
     `steer=False`: no program; the kernel's own hash of the connection's addresses and ports
-    spreads connections (the origin's: most come from a few edges' addresses)."""
+    spreads connections (the origin's: most come from a few edges' addresses).
+    `v6only=False`: an IPv6 address such as `[::]` takes IPv4 connections too."""
     stream = kind == socket.SOCK_STREAM
     host, port = parse_hostport(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -150,7 +152,7 @@ def bind_group(
         with socket.socket(family, kind) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
             probe.bind((host, port))
     socks: list[socket.socket] = []
     try:
@@ -160,7 +162,7 @@ def bind_group(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
             if stream:  # inherited on accept
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if stream and defer_accept_s > 0:

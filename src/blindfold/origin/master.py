@@ -101,7 +101,9 @@ class OriginMaster:
                     groups[(address, tls)] = self.groups[(address, tls)]
                     continue
                 try:
-                    groups[(address, tls)] = bind_group(address, self.nworkers, steer=False)
+                    groups[(address, tls)] = bind_group(
+                        address, self.nworkers, steer=False, v6only=False
+                    )
                 except OSError as exc:
                     raise ConfigError(key, f"cannot listen on {address}: {exc.strerror}") from None
         except ConfigError:
