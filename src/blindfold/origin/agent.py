@@ -375,6 +375,8 @@ class OriginAgent:
         self.remote = remote
         # master: the workers' counters, asked for at each /metrics (origin.master)
         self.collect: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None
+        # worker: the master's HTTP/3 port, for Alt-Svc (the master serves HTTP/3)
+        self.quic_port = 0
         self.audit = (
             JsonLog.open(cfg.waf.audit_log, process="origin") if (cfg.waf.audit_log) else self.log
         )
@@ -462,7 +464,7 @@ class OriginAgent:
 
             max_age_s = cfg.quic.alt_svc_max_age_s
             self.alt_svc = lambda inner: AltSvc(
-                inner, lambda: advertised_port(self.cfg, self.quic), max_age_s
+                inner, lambda: advertised_port(self.cfg, self.quic) or self.quic_port, max_age_s
             )
         self.tls, self.waf, self.rules, self.pool = tls, waf, rules, pool
         self.edges, self.budget = edges, budget

@@ -125,6 +125,13 @@ class OriginMaster:
                 out.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         return out
 
+    def _quic_port(self) -> int:
+        if self.agent.quic is None:
+            return 0
+        from blindfold.origin.h3 import advertised_port
+
+        return advertised_port(self.agent.cfg, self.agent.quic)
+
     # ---------------------------------------------------------------- workers
     async def spawn(
         self, index: int, generation: int, groups: dict[tuple[str, bool], list[socket.socket]]
@@ -144,6 +151,8 @@ class OriginMaster:
             str(child.fileno()),
             "--listeners",
             json.dumps(listeners),
+            "--quic-port",
+            str(self._quic_port()),
         ]
         proc = subprocess.Popen(cmd, pass_fds=[child.fileno(), *fds], close_fds=True)
         child.close()

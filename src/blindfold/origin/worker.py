@@ -100,6 +100,7 @@ async def _main(args: argparse.Namespace) -> int:
         cfg = config.origin
         log = JsonLog.open(cfg.log_path, process=f"origin-worker-{args.index}")
         agent = OriginAgent(args.config, cfg, log, role="worker", inherited=inherited, remote=link)
+        agent.quic_port = args.quic_port
         link.set_rules(agent.rules.rate_rules)
         ready = await agent.start()
     except ConfigError as exc:
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--control-fd", type=int, required=True)
     p.add_argument("--listeners", required=True, help="JSON [[address, tls, fd], ...]")
+    p.add_argument("--quic-port", type=int, default=0, help="the master's HTTP/3 port")
     args = p.parse_args(argv)
     compat.check()
     compat.install_ssl_alerts()
