@@ -13,6 +13,10 @@ master every WAF block and every request on a rate rule's path (batched, a few m
 from one address within the window ban it whichever workers saw them, and rate rules count
 across workers. Like the edge's master (edge/master.py), workers are separate interpreters,
 not forks.
+
+Per worker (not shared): the per-client limits, and the replay cache of authenticated PROXY
+headers; a header is bound to its connection's addresses and ports, and the kernel hashes
+those same four to pick the worker, so a replay reaches the worker that saw the original.
 """
 
 from __future__ import annotations
