@@ -189,3 +189,25 @@ def test_sigterm_drains_workers_and_exits(origin: OriginProcess) -> None:
     assert origin.stop() == 0
     assert not any(_alive(p) for p in pids)
     assert origin.records("origin_draining") and origin.records("origin_stopped")
+
+
+def test_sighup_with_a_config_the_workers_refuse_keeps_the_running_ones(
+    origin: OriginProcess, tmp_path: Path
+) -> None:
+    """The master reads the file (it parses), but the new workers cannot load its WAF rules:
+    the reload fails, the running workers stay and serve."""
+    port = http_port(origin)
+    before = sorted(origin.worker_pids())
+    bad = tmp_path / "bad.conf"
+    bad.write_text("SecNoSuchDirective On\n")
+    origin.write_config(
+        origin.config_path.read_text().replace(
+            "[origin.decisions]",
+            f'[origin.waf]\nextra_rules_files = ["{bad}"]\n\n[origin.decisions]',
+        )
+    )
+    done = origin.reload(40)
+    assert done is not None and done["event"] == "reload_failed", done
+    assert "origin.waf" in done["error"]
+    assert sorted(origin.worker_pids()) == before
+    assert get(port, XSS) == 403 and get(port, "/") == 200
