@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_edge(args.config)
     if args.command == "origin":
-        from blindfold.origin.agent import run_origin
+        from blindfold.origin.master import run_origin_master as run_origin
 
         return run_origin(args.config)
     if args.command == "keyserver":

@@ -597,6 +597,16 @@ class OriginConfig:
     admin_token_file: str = setting("", doc=ADMIN_TOKEN_DOC)
     log_path: str = setting("", doc="Where JSON log lines go; empty = standard output.")
     access_log: bool = setting(True, doc="One JSON line per request.")
+    workers: int = setting(
+        0,
+        doc="Worker processes serving listen and http_listen (one SO_REUSEPORT socket each; "
+        "the kernel spreads connections by their addresses and ports). A master process owns "
+        "the decisions (rules, store, stream, Redis, journal), the admin listener and HTTP/3; "
+        "workers report WAF blocks and rate-rule hits to it. 0 = number of CPUs. "
+        "max_connections, per_client_connections and per_client_requests apply per worker.",
+        min=0,
+        max=256,
+    )
     max_connections: int = setting(10000, doc="Open client connections at most.", min=1)
     per_client_connections: int = setting(
         64,

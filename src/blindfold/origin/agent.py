@@ -12,10 +12,12 @@ import asyncio
 import dataclasses
 import errno
 import ipaddress
+import os
+import signal
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from blindfold.config import Config, load_file
@@ -397,10 +399,31 @@ async def _too_many_connections(request: Request, body: BodyStream, respond: Res
 
 
 class OriginAgent:
-    def __init__(self, path: str, cfg: OriginConfig, log: JsonLog) -> None:
+    """One origin process. `role`: "single" (everything in one process), "master" (decisions,
+    admin, HTTP/3; the site's TCP listeners are the workers', origin.master) or "worker"
+    (serves `inherited` listening sockets, [(address, tls, fd)]; its gate reports to the
+    master through `remote`, origin.worker)."""
+
+    def __init__(
+        self,
+        path: str,
+        cfg: OriginConfig,
+        log: JsonLog,
+        *,
+        role: str = "single",
+        inherited: list[tuple[str, bool, int]] | None = None,
+        remote: Any = None,
+    ) -> None:
         self.path = path
         self.cfg = cfg
         self.log = log
+        self.role = role
+        self.inherited = inherited or []
+        self.remote = remote
+        # master: the workers' counters, asked for at each /metrics (origin.master)
+        self.collect: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None
+        # worker: the master's HTTP/3 port, for Alt-Svc (the master serves HTTP/3)
+        self.quic_port = 0
         self.audit = (
             JsonLog.open(cfg.waf.audit_log, process="origin") if (cfg.waf.audit_log) else self.log
         )
@@ -432,7 +455,7 @@ class OriginAgent:
         self._refusal_log = TokenBucket(1.0, 20, time.monotonic())
         self.journal: DecisionJournal | None = None
         self.acme: Any = None  # acme.client.AcmeManager for [origin.acme]
-        if cfg.acme is not None:
+        if cfg.acme is not None and role != "worker":  # one ACME client: the master's
             self.acme = _acme_manager(cfg, self.log.emit, self._acme_installed)
         self.purges = PurgeLog()
         self.operator_peers: IPSet | None = None
@@ -443,7 +466,8 @@ class OriginAgent:
         certificates = site_certificates(cfg)
         tls = SiteTls(certificates) if certificates else None
         self.challenges = challenge_dir(cfg)
-        waf = build_waf(cfg)
+        # the master inspects only HTTP/3 requests (its own listener); workers the rest
+        waf = build_waf(cfg) if self.role != "master" or cfg.quic.listen else None
         # the edges' keys load on a reload too; headers seen stay seen (no replay across it)
         edges = TrustedEdges(cfg, self.edges.replay)
         d = cfg.decisions
@@ -486,6 +510,7 @@ class OriginAgent:
             detect_only=cfg.waf.mode == "detect",
             stats=self.stats,
             access_log=cfg.access_log,
+            remote=self.remote,
         )
         gate.waf_paths = self.waf_paths
         proxy.on_upstream = self._upstream
@@ -501,7 +526,7 @@ class OriginAgent:
 
             max_age_s = cfg.quic.alt_svc_max_age_s
             self.alt_svc = lambda inner: AltSvc(
-                inner, lambda: advertised_port(self.cfg, self.quic), max_age_s
+                inner, lambda: advertised_port(self.cfg, self.quic) or self.quic_port, max_age_s
             )
         self.tls, self.waf, self.rules, self.pool = tls, waf, rules, pool
         self.edges, self.budget = edges, budget
@@ -656,14 +681,17 @@ class OriginAgent:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_exception)
+        if self.role == "worker":
+            return self._start_worker()
         if cfg.decisions.journal:  # before anything can ban or follow the stream
             self.journal = DecisionJournal(cfg.decisions.journal, self.log)
             restored, problems = self.journal.open(self.store, time.time())
             self.log.emit("decisions_restored", decisions=restored, problems=problems[:10])
-        for i, address in enumerate(cfg.listen):
-            self._listen(address, True, f"origin.listen[{i}]")
-        for i, address in enumerate(cfg.http_listen):
-            self._listen(address, False, f"origin.http_listen[{i}]")
+        if self.role == "single":
+            for i, address in enumerate(cfg.listen):
+                self._listen(address, True, f"origin.listen[{i}]")
+            for i, address in enumerate(cfg.http_listen):
+                self._listen(address, False, f"origin.http_listen[{i}]")
         if cfg.quic.listen:  # HTTP/3: its own listeners and admission (origin/h3.py)
             from blindfold.origin.h3 import start_quic
 
@@ -703,8 +731,22 @@ class OriginAgent:
             self.servers.append(loop.create_task(self._run_acme()))
         for problem in listen_warnings(cfg):
             self.log.emit("config_warning", problem=problem)
+        self._check_fd_limit()
+        return {
+            "listen": [_addr(s) for s, tls in self.tls_sockets.items() if tls],
+            "http_listen": [_addr(s) for s, tls in self.tls_sockets.items() if not tls],
+            "quic_listen": self.quic.ports() if self.quic else [],
+            "admin": f"{admin[0]}:{admin[1]}",
+            "decisions": f"{api_address[0]}:{api_address[1]}" if api_address else None,
+            "waf": getattr(self.waf, "version", None),
+        }
+
+    def _check_fd_limit(self) -> None:
+        """Where the site's connections are served (not in a master)."""
+        if self.role == "master":
+            return
         limit = fd_limit()
-        needed = fds_needed(cfg)
+        needed = fds_needed(self.cfg)
         if needed > limit:
             self.log.emit(
                 "fd_limit_low",
@@ -714,12 +756,24 @@ class OriginAgent:
                 "the client and one for the application; raise `ulimit -n` or lower "
                 "max_connections",
             )
+
+    def _start_worker(self) -> dict[str, Any]:
+        """A worker: accept on the listening sockets the master passed; no admin, decision
+        stream, journal, Redis or HTTP/3 (the master's)."""
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_exception)
+        for _address, tls, fd in self.inherited:
+            sock = socket.socket(fileno=fd)
+            sock.setblocking(False)
+            self.sockets.append(sock)
+            self.tls_sockets[sock] = tls
+            kind = "tls" if tls else "http"
+            self.servers.append(loop.create_task(self._accept_loop(sock, kind)))
+        self.servers.append(loop.create_task(self._housekeeping()))
+        self._check_fd_limit()
         return {
             "listen": [_addr(s) for s, tls in self.tls_sockets.items() if tls],
             "http_listen": [_addr(s) for s, tls in self.tls_sockets.items() if not tls],
-            "quic_listen": self.quic.ports() if self.quic else [],
-            "admin": f"{admin[0]}:{admin[1]}",
-            "decisions": f"{api_address[0]}:{api_address[1]}" if api_address else None,
             "waf": getattr(self.waf, "version", None),
         }
 
@@ -1001,10 +1055,11 @@ class OriginAgent:
         if path == "/healthz":
             return 200, "application/json", b'{"status":"ok"}\n'
         if path == "/metrics":
+            workers = await self.collect() if self.collect is not None else []
             return (
                 200,
                 "text/plain; version=0.0.4",
-                render(self.snapshot(), self._metric_specs()).encode(),
+                render(self.snapshot(workers), self._metric_specs()).encode(),
             )
         if path == "/acme/renew" and self.acme is not None:
             if method != "POST":
@@ -1024,8 +1079,12 @@ class OriginAgent:
     # ------------------------------------------------------------------ ACME
     def _acme_installed(self, order: Any) -> None:
         """A renewed chain is on disk (checked against its key): new connections get it,
-        open ones keep the certificate they were made with."""
+        open ones keep the certificate they were made with. The master's workers serve the
+        site's TCP listeners: a reload (a new generation of workers, the old ones draining)
+        gives it to them."""
         self.tls = SiteTls(site_certificates(self.cfg))
+        if self.role == "master":
+            os.kill(os.getpid(), signal.SIGHUP)
 
     async def _run_acme(self) -> None:
         try:
@@ -1047,16 +1106,38 @@ class OriginAgent:
 
         return specs + QUIC_METRICS
 
-    def snapshot(self) -> dict[str, list[list[Any]]]:
+    def worker_stats(self) -> dict[str, Any]:
+        """A worker's counters, for the master's sum: `stats`, the gauges, the histogram."""
+        return {
+            "stats": self.stats,
+            "site_open": self.site_slots.open,
+            "upstream": self.upstream_latency.value(),
+        }
+
+    def snapshot(self, workers: list[dict[str, Any]] | None = None) -> dict[str, list[list[Any]]]:
+        """`workers`: their `worker_stats`, added to this process's own."""
         s = self.stats
-        snap = self._snapshot(s)
+        site_open = self.site_slots.open
+        upstream = self.upstream_latency.value()
+        if workers:
+            s = dict(s)
+            for w in workers:
+                for k, v in w.get("stats", {}).items():
+                    s[k] = s.get(k, 0) + v
+                site_open += int(w.get("site_open", 0))
+                theirs = w.get("upstream") or []
+                if len(theirs) == len(upstream):
+                    upstream = [a + float(b) for a, b in zip(upstream, theirs, strict=True)]
+        snap = self._snapshot(s, site_open, upstream)
         if self.acme is not None:
             snap.update(self.acme.snapshot())
         if self.quic is not None:
-            return {**snap, **self.quic.snapshot()}
+            snap.update(self.quic.snapshot())
         return snap
 
-    def _snapshot(self, s: dict[str, Any]) -> dict[str, list[list[Any]]]:
+    def _snapshot(
+        self, s: dict[str, Any], site_open: int, upstream: list[float]
+    ) -> dict[str, list[list[Any]]]:
 
         def pick(prefix: str) -> list[list[Any]]:
             return [[[k[len(prefix) :]], v] for k, v in s.items() if k.startswith(prefix)]
@@ -1065,13 +1146,13 @@ class OriginAgent:
         return {
             "blindfold_origin_requests_total": pick("requests:"),
             "blindfold_origin_connections_total": pick("conn:"),
-            "blindfold_origin_connections_active": [[[], self.site_slots.open]],
+            "blindfold_origin_connections_active": [[[], site_open]],
             "blindfold_origin_decisions_connections_active": [[[], self.api_slots.open]],
             "blindfold_waf_blocks_total": [[[], s.get("waf_blocks", 0)]],
             "blindfold_waf_rule_blocks_total": pick("waf_rule:"),
             "blindfold_waf_path_blocks_total": pick("waf_path:"),
             "blindfold_origin_upstream_errors_total": pick("upstream_errors:"),
-            "blindfold_origin_upstream_seconds": [[[], self.upstream_latency.value()]],
+            "blindfold_origin_upstream_seconds": [[[], upstream]],
             "blindfold_decisions_active": [[[], len(self.store.decisions)]],
             "blindfold_decisions_created_total": pick("decisions:"),
             "blindfold_origin_decisions_refused_total": pick("decisions_refused:"),
@@ -1154,7 +1235,8 @@ def _consume(task: asyncio.Task[Any]) -> None:
 
 
 def run_origin(path: str) -> int:
-    """`blindfold origin --config FILE`. Returns the exit code (2 for configuration errors)."""
+    """The whole origin in one process (no workers; `blindfold origin` runs
+    origin.master.run_origin_master). Returns the exit code (2 for configuration errors)."""
 
     def make(config: Config, _text: str, path: str, log: JsonLog) -> OriginAgent:
         assert config.origin is not None
