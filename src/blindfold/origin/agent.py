@@ -12,8 +12,6 @@ import asyncio
 import dataclasses
 import errno
 import ipaddress
-import os
-import signal
 import socket
 import ssl
 import time
@@ -418,6 +416,7 @@ class OriginAgent:
         self.cfg = cfg
         self.log = log
         self.role = role
+        self.on_certificates: Callable[[], None] | None = None  # set by an origin master
         self.inherited = inherited or []
         self.remote = remote
         # master: the workers' counters, asked for at each /metrics (origin.master)
@@ -1082,9 +1081,17 @@ class OriginAgent:
         open ones keep the certificate they were made with. The master's workers serve the
         site's TCP listeners: a reload (a new generation of workers, the old ones draining)
         gives it to them."""
-        self.tls = SiteTls(site_certificates(self.cfg))
-        if self.role == "master":
-            os.kill(os.getpid(), signal.SIGHUP)
+        self.reload_certificates()
+        if self.on_certificates is not None:
+            self.on_certificates()
+
+    def reload_certificates(self) -> None:
+        """Re-read the site's certificate files (a worker, told by its master after a
+        renewal); a pair that does not load keeps the one in service."""
+        try:
+            self.tls = SiteTls(site_certificates(self.cfg))
+        except ConfigError as exc:
+            self.log.emit("certificate_reload_failed", error=str(exc))
 
     async def _run_acme(self) -> None:
         try:

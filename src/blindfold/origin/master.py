@@ -79,6 +79,7 @@ class OriginMaster:
         self.cfg = config.origin
         self.log = log
         self.agent = OriginAgent(path, self.cfg, log, role="master")
+        self.agent.on_certificates = self._certificates_renewed
         self.agent.collect = self._collect
         self.nworkers = worker_count(self.cfg)
         self.groups: dict[tuple[str, bool], list[socket.socket]] = {}
@@ -355,6 +356,13 @@ class OriginMaster:
             self.log.emit("worker_respawned", worker=handle.index, pid=new.proc.pid)
 
     # ---------------------------------------------------------------- reload
+    def _certificates_renewed(self) -> None:
+        """The ACME client (in this process) installed a renewed chain: every worker re-reads
+        the site's certificate files now (new connections get it, open ones keep theirs)."""
+        for h in self.workers:
+            if h.state != "exited":
+                h.send({"op": "tls"})
+
     def reload(self) -> None:
         """SIGHUP: the master's part (HTTP/3, decision rules, edges' keys) reloads in place;
         then a new generation of workers starts from the new file and the old one drains

@@ -7,7 +7,8 @@ checked it first), says `ready`, serves until told to `drain` (or until the mast
 then finishes its connections and exits.
 
 The control channel carries newline-delimited JSON (blindfold.io.control.encode), both ways:
-  master -> worker  {"op": "stats", "id": N}, {"op": "drain"}
+  master -> worker  {"op": "stats", "id": N}, {"op": "drain"}, {"op": "tls"} (re-read the
+                    site's certificate files: a renewal was installed)
   worker -> master  {"op": "ready", ...}, {"op": "config_failed", "key", "error"},
                     {"op": "stats", "id": N, "stats": {...}},
                     {"op": "events", "e": [[kind, ip, now, edge name, edge address, path]...]}
@@ -130,6 +131,8 @@ async def _main(args: argparse.Namespace) -> int:
                     )
                 elif op == "drain":
                     agent.stop()
+                elif op == "tls":  # the master's ACME client installed a renewed chain
+                    agent.reload_certificates()
         except (ConnectionError, ValueError):
             pass
         agent.stop()  # drained, or the master went away
