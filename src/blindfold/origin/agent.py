@@ -1068,9 +1068,10 @@ class OriginAgent:
             return 202, "application/json", b'{"status":"renewing"}\n'
         if path == "/":
             return 200, HTML_TYPE, PAGE
-        if path == "/status.json":
+        if path == "/status.json":  # the same sum as /metrics (a master asks its workers)
+            workers = await self.collect() if self.collect is not None else []
             body = status_json(
-                "origin", socket.gethostname(), self.snapshot(), self._metric_specs()
+                "origin", socket.gethostname(), self.snapshot(workers), self._metric_specs()
             )
             return 200, JSON_TYPE, body
         return 404, "text/plain", b"not found\n"
