@@ -116,6 +116,8 @@ def _service_worker(cfg: BlindStoreConfig, public: Ed25519PublicKey) -> bytes:
         # "": no private content is served (no authorisation configured)
         "privateManifest": cfg.private_manifest_path if cfg.private_auth_path else "",
         "plain": cfg.plaintext_path if cfg.source_dir else "",  # "": the file's own URL
+        # the origin's copy of each blob: the fallback (same checks, bucket sizes only)
+        "blobs": cfg.blobs_path,
         "edge": cfg.edge_url,
         "report": cfg.report_path,
         "keyId": manifest.key_id(public),
