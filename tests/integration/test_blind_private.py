@@ -309,6 +309,10 @@ def test_files_the_private_patterns_match_are_private_sealed_or_not(
         assert status == 200 and MARKER in body, (path, status)
         assert headers["cache-control"] == "private, no-store", path
     assert len(s.auth_requests()) - before == 8  # the application was asked every time
+    # A5: the address in the edge's PROXY header is named for what it is (a claim), never
+    # presented as X-Forwarded-For (failed before: X-Forwarded-For was the edge's claim)
+    for asked in s.auth_requests()[before:]:
+        assert asked["x-forwarded-for"] == "" and asked["x-blindfold-claimed-client"], asked
     # the plaintext prefix: private (sealed or not) and nothing answer alike when refused
     answers = set()
     for path in ("/members/report.txt", "/members/later.txt", "/members/nothing.txt", "/nope"):

@@ -565,7 +565,9 @@ class BlindStore:
         headers += [
             (b"x-original-uri", request.target or b"/"),
             (b"x-original-method", request.method),
-            (b"x-forwarded-for", request.client[0].encode()),
+            # the address the edge claims (PROXY protocol) for the visitor: a claim, never
+            # a credential (docs/blind.md: do not authorise by it)
+            (b"x-blindfold-claimed-client", request.client[0].encode()),
             (b"x-forwarded-proto", request.scheme),
             (b"x-request-id", request.request_id.encode()),
         ]
