@@ -212,3 +212,23 @@ def test_streamed_blobs_carry_signed_piece_digests(tmp_path: Path) -> None:
     assert report.reused == 2
     again = manifest.verify((out / "manifest.json").read_bytes(), PK, 4).files["/big.bin"]
     assert again.id == e.id and again.chunks == e.chunks
+
+
+def test_a_store_whose_policy_names_private_patterns_needs_an_authorisation_path(
+    tmp_path: Path,
+) -> None:
+    """Every private file skipped (no private manifest), the patterns still make them
+    private: without private_auth_path they could never be served, so the store refuses."""
+    from blindfold.config.origin import BlindStoreConfig
+    from blindfold.origin.blindstore import BlindStore
+
+    src, out = _tree(tmp_path), tmp_path / "out"
+    opts = sealer.SealOptions(record_size=4096, private=("/members/*",), skip=("/members/*",))
+    sealer.seal_tree(str(src), str(out), SK, SECRET, opts, now=1)
+    assert not (out / "manifest-private.json").exists()
+    cfg = BlindStoreConfig(
+        dir=str(out), site_names=("example.test",), source_dir=str(src), pages_prefix="/"
+    )
+    with pytest.raises(ConfigError) as err:
+        BlindStore(cfg, {}, lambda *a, **k: None)
+    assert err.value.key == "blind.private_auth_path" and sealer.POLICY_NAME in str(err.value)

@@ -258,10 +258,17 @@ class BlindStore:
         # sealed or not; and the inodes of the private files (a link to one is private too).
         self._patterns: tuple[str, ...] = ()
         self._private_inodes: frozenset[tuple[int, int]] = frozenset()
-        if (self.dir / PRIVATE_MANIFEST_NAME).exists() and not cfg.private_auth_path:
+        held = (
+            PRIVATE_MANIFEST_NAME
+            if (self.dir / PRIVATE_MANIFEST_NAME).exists()
+            else POLICY_NAME
+            if _has_private_patterns(self.dir)
+            else ""
+        )
+        if held and not cfg.private_auth_path:
             raise ConfigError(
                 "blind.private_auth_path",
-                f"{self.dir / PRIVATE_MANIFEST_NAME} holds private files (`seal --private`): "
+                f"{self.dir / held} names private files (`seal --private`): "
                 "name the application's path that admits visitors to them",
             )
         # Reports are logged: bounded, so a client cannot flood the log through them.
@@ -889,6 +896,16 @@ class BlindStore:
                 self._count(f"blind_bytes:{kind}", sent)
 
         return LocalResponse(status, headers, chunks(), f.close)
+
+
+def _has_private_patterns(out: Path) -> bool:
+    """Whether the sealer's policy names --private patterns (read unverified: only to refuse
+    a configuration that could never serve those files)."""
+    try:
+        doc = json.loads((out / POLICY_NAME).read_bytes())
+        return bool(json.loads(doc["payload"])["private"])
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return False
 
 
 def _entries(data: bytes) -> dict[str, manifest.Entry]:
