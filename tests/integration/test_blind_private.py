@@ -546,3 +546,19 @@ def test_the_store_never_serves_private_content_where_an_edge_ends_tls_or_unchec
             store.pool.close()
 
     asyncio.run(run())
+
+
+def test_fetch_falls_back_to_the_origins_blob_never_a_private_plaintext(
+    private_site: PrivateSite,
+) -> None:
+    """atk-private A6: when the edge fails, `blindfold fetch` took the private file's
+    plaintext from the origin, through the site's relay, which counted its exact size. Now
+    the origin's copy of the blob (bucket size, same checks). Failed before: plaintext bytes
+    == the file's size."""
+    s = private_site
+    path = "/members/video.bin"
+    r, got = s.fetch(path, "--header", s.cookie, "--edge", f"https://{CDN}:1")  # no edge
+    assert r.returncode == 0 and got == s.files[path], r.stderr
+    assert "from the origin" in r.stdout, r.stdout
+    plain = s.origin.metric("blindfold_origin_blind_bytes_total", kind="plaintext")
+    assert plain == 0, plain
