@@ -280,6 +280,49 @@ def test_the_origin_serves_private_content_only_to_admitted_visitors(
     assert status == 200 and body == s.files["/img/logo.bin"]
 
 
+def test_files_the_private_patterns_match_are_private_sealed_or_not(
+    private_site: PrivateSite,
+) -> None:
+    """atk-private A1: the origin decided privacy only from the last private manifest's
+    entries, so a members' file added after the seal, and the members' HTML pages (the
+    documented `--skip '*.html'` recipe leaves them unsealed), were served in plaintext to
+    anyone (200, `no-cache`). Now the signed --private patterns decide. A3: under the
+    plaintext prefix a refused visitor gets the same answer for a private path and for
+    nothing. Failed before the fix (200 for the new file and the pages, 404 for nothing)."""
+    s = private_site
+    new = b"NEW-" + MARKER
+    (s.src / "members" / "new-report.txt").write_bytes(new)  # after the last seal
+    (s.src / "members" / "index.html").write_bytes(b"<h1>members</h1>" + MARKER)
+    s.seal()  # --skip '*.html' --private '/members/*': the page is skipped, still private
+    (s.src / "members" / "later.txt").write_bytes(new)  # and one after this seal
+    assert "/members/index.html" not in s.entries("manifest-private.json")
+    before = len(s.auth_requests())
+    for path in (
+        "/members/new-report.txt",
+        "/members/later.txt",
+        "/members/",
+        "/members/index.html",
+    ):
+        status, headers, body = s.curl("example.test", path)
+        assert status == 401 and MARKER not in body, (path, status, headers)
+        status, headers, body = s.curl("example.test", path, "-H", s.cookie)
+        assert status == 200 and MARKER in body, (path, status)
+        assert headers["cache-control"] == "private, no-store", path
+    assert len(s.auth_requests()) - before == 8  # the application was asked every time
+    # A5: the address in the edge's PROXY header is named for what it is (a claim), never
+    # presented as X-Forwarded-For (failed before: X-Forwarded-For was the edge's claim)
+    for asked in s.auth_requests()[before:]:
+        assert asked["x-forwarded-for"] == "" and asked["x-blindfold-claimed-client"], asked
+    # the plaintext prefix: private (sealed or not) and nothing answer alike when refused
+    answers = set()
+    for path in ("/members/report.txt", "/members/later.txt", "/members/nothing.txt", "/nope"):
+        status, headers, body = s.curl("example.test", f"{PLAIN}{path}")
+        answers.add((status, body, headers.get("content-length")))
+    assert answers == {(401, b"login required\n", "15")}, answers
+    status, _, _ = s.curl("example.test", f"{PLAIN}/members/nothing.txt", "-H", s.cookie)
+    assert status == 404
+
+
 @pytest.mark.parametrize(
     ("auth_path", "timeout_s", "expected"),
     [
@@ -503,3 +546,19 @@ def test_the_store_never_serves_private_content_where_an_edge_ends_tls_or_unchec
             store.pool.close()
 
     asyncio.run(run())
+
+
+def test_fetch_falls_back_to_the_origins_blob_never_a_private_plaintext(
+    private_site: PrivateSite,
+) -> None:
+    """atk-private A6: when the edge fails, `blindfold fetch` took the private file's
+    plaintext from the origin, through the site's relay, which counted its exact size. Now
+    the origin's copy of the blob (bucket size, same checks). Failed before: plaintext bytes
+    == the file's size."""
+    s = private_site
+    path = "/members/video.bin"
+    r, got = s.fetch(path, "--header", s.cookie, "--edge", f"https://{CDN}:1")  # no edge
+    assert r.returncode == 0 and got == s.files[path], r.stderr
+    assert "from the origin" in r.stdout, r.stdout
+    plain = s.origin.metric("blindfold_origin_blind_bytes_total", kind="plaintext")
+    assert plain == 0, plain

@@ -3,6 +3,7 @@ format), nothing of them in the public one; `--rotate-private` gives them new ke
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -12,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from blindfold.blind import sealer
 from blindfold.core import ece, manifest
-from blindfold.errors import ConfigError
+from blindfold.errors import ConfigError, VerificationError
 
 SK = Ed25519PrivateKey.generate()
 PK = SK.public_key()
@@ -98,8 +99,9 @@ def test_a_file_made_private_gets_a_new_key_and_one_made_public_drops_out(
         # its old key was in the public manifest: every visitor may hold it
         assert e.key != was_public[path].key and e.id != was_public[path].id
     assert "/members/report.pdf" not in public.files
-    # No private files any more: no private manifest left behind.
-    sealer.seal_tree(str(src), str(out), SK, SECRET, sealer.SealOptions(record_size=4096), now=20)
+    # No private files any more (on purpose: --make-public): no private manifest left behind.
+    public_again = sealer.SealOptions(record_size=4096, make_public=True)
+    sealer.seal_tree(str(src), str(out), SK, SECRET, public_again, now=20)
     assert not (out / "manifest-private.json").exists()
     again = manifest.verify((out / "manifest.json").read_bytes(), PK, 21).files
     assert "/members/report.pdf" in again
@@ -137,3 +139,96 @@ def test_a_link_to_a_private_file_is_private(tmp_path: Path) -> None:
     sealer.seal_tree(str(src), str(tmp_path / "out"), SK, SECRET, PRIVATE, now=1)
     public, private = _manifests(tmp_path / "out", 2)
     assert "/shared.pdf" in private.files and "/shared.pdf" not in public.files
+
+
+def test_the_target_of_a_private_link_and_a_hard_link_are_private(tmp_path: Path) -> None:
+    """atk-private A4: /members/q3.pdf -> ../archive/q3.pdf sealed the target public (its key
+    in the public manifest opened the private file's bytes); a hard link likewise. Failed
+    before the fix (both in the public manifest)."""
+    src = _tree(tmp_path)
+    (src / "archive").mkdir()
+    (src / "archive" / "q3.pdf").write_bytes(b"Q3-SECRET" + os.urandom(100))
+    (src / "members" / "q3.pdf").symlink_to(src / "archive" / "q3.pdf")
+    os.link(src / "members" / "report.pdf", src / "hard.pdf")
+    sealer.seal_tree(str(src), str(tmp_path / "out"), SK, SECRET, PRIVATE, now=1)
+    public, private = _manifests(tmp_path / "out", 2)
+    for path in ("/archive/q3.pdf", "/members/q3.pdf", "/hard.pdf"):
+        assert path in private.files and path not in public.files, path
+
+
+def test_a_reseal_that_drops_private_patterns_is_refused(tmp_path: Path) -> None:
+    """atk-private A4: a re-seal that forgot --private moved every private file, key
+    included, into the public manifest (exit 0). Now refused (ConfigError: exit 2) unless
+    --make-public. Failed before the fix (no error)."""
+    src, out = _tree(tmp_path), tmp_path / "out"
+    sealer.seal_tree(str(src), str(out), SK, SECRET, PRIVATE, now=1)
+    before = (out / "manifest.json").read_bytes()
+    for opts in (sealer.SealOptions(record_size=4096), sealer.SealOptions(private=("*.txt",))):
+        with pytest.raises(ConfigError) as err:
+            sealer.seal_tree(str(src), str(out), SK, SECRET, opts, now=2)
+        assert err.value.key == "private" and "/members/*" in str(err.value)
+    assert (out / "manifest.json").read_bytes() == before  # nothing written
+    # patterns kept (or more added): fine
+    more = sealer.SealOptions(record_size=4096, private=("/members/*", "/logo.png"))
+    sealer.seal_tree(str(src), str(out), SK, SECRET, more, now=3)
+
+
+def test_the_signed_policy_names_the_private_patterns(tmp_path: Path) -> None:
+    src, out = _tree(tmp_path), tmp_path / "out"
+    sealer.seal_tree(str(src), str(out), SK, SECRET, PRIVATE, now=1)
+    data = (out / sealer.POLICY_NAME).read_bytes()
+    assert manifest.verify_policy(data, PK) == ("/members/*",)
+    with pytest.raises(VerificationError):
+        manifest.verify_policy(data.replace(b"members", b"memberz"), PK)
+    with pytest.raises(VerificationError):
+        manifest.verify_policy(data, Ed25519PrivateKey.generate().public_key())
+    # the signature is purpose-bound: a blob index's cannot pass for a policy
+    with pytest.raises(VerificationError):
+        manifest.verify_policy((out / "blob-index.json").read_bytes(), PK)
+
+
+def test_streamed_blobs_carry_signed_piece_digests(tmp_path: Path) -> None:
+    """atk-private A2: blobs the service worker streams (> 8 MiB) get the SHA-256 of every
+    1 MiB piece in the signed entry; smaller ones none. A reused entry from an older
+    manifest (without them) gets them on the next seal."""
+    src = tmp_path / "src"
+    src.mkdir()
+    big = os.urandom(9 << 20)
+    (src / "big.bin").write_bytes(big)
+    (src / "small.bin").write_bytes(b"x" * 1000)
+    out = tmp_path / "out"
+    sealer.seal_tree(str(src), str(out), SK, SECRET, sealer.SealOptions(), now=1)
+    files = manifest.verify((out / "manifest.json").read_bytes(), PK, 2).files
+    e = files["/big.bin"]
+    blob = (out / "blobs" / e.id).read_bytes()
+    assert e.chunk_size == manifest.CHUNK_BYTES and e.chunks == manifest.chunk_digests(blob)
+    assert len(e.chunks) == -(-e.sealed_size // manifest.CHUNK_BYTES)
+    assert files["/small.bin"].chunks == ()
+    # an older manifest's entry (no digests) is given them when reused
+    old = manifest.Entry(**{f: getattr(e, f) for f in e.__slots__ if f not in ("chunks",)})
+    old = dataclasses.replace(old, chunk_size=0)
+    (out / "manifest.json").write_bytes(manifest.build([old, files["/small.bin"]], SK, 1, 10**10))
+    report = sealer.seal_tree(str(src), str(out), SK, SECRET, sealer.SealOptions(), now=3)
+    assert report.reused == 2
+    again = manifest.verify((out / "manifest.json").read_bytes(), PK, 4).files["/big.bin"]
+    assert again.id == e.id and again.chunks == e.chunks
+
+
+def test_a_store_whose_policy_names_private_patterns_needs_an_authorisation_path(
+    tmp_path: Path,
+) -> None:
+    """Every private file skipped (no private manifest), the patterns still make them
+    private: without private_auth_path they could never be served, so the store refuses."""
+    from blindfold.config.origin import BlindStoreConfig
+    from blindfold.origin.blindstore import BlindStore
+
+    src, out = _tree(tmp_path), tmp_path / "out"
+    opts = sealer.SealOptions(record_size=4096, private=("/members/*",), skip=("/members/*",))
+    sealer.seal_tree(str(src), str(out), SK, SECRET, opts, now=1)
+    assert not (out / "manifest-private.json").exists()
+    cfg = BlindStoreConfig(
+        dir=str(out), site_names=("example.test",), source_dir=str(src), pages_prefix="/"
+    )
+    with pytest.raises(ConfigError) as err:
+        BlindStore(cfg, {}, lambda *a, **k: None)
+    assert err.value.key == "blind.private_auth_path" and sealer.POLICY_NAME in str(err.value)

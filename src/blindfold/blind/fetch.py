@@ -34,6 +34,7 @@ MANIFEST_PATH = "/.well-known/blindfold/manifest.json"
 PRIVATE_MANIFEST_PATH = "/.well-known/blindfold/manifest-private.json"
 PLAINTEXT_PATH = "/.well-known/blindfold/plain/"  # [origin.blind] plaintext_path
 BLOB_PREFIX = "/b/"
+ORIGIN_BLOBS_PATH = "/.blindfold/blobs/"  # [origin.blind] blobs_path
 CHUNK = 1 << 16
 
 
@@ -51,6 +52,9 @@ class FetchOptions:
     # (the manifests, the plaintext fallback); never sent to the edge.
     headers: tuple[tuple[str, str], ...] = ()
     private_manifest_url: str = ""  # default: the URL's origin + PRIVATE_MANIFEST_PATH
+    # The origin's copy of the blobs: the first fallback (over the site's end-to-end TLS, the
+    # same checks; whoever relays that TLS sees the bucket size only, never the exact size).
+    origin_blobs_path: str = ORIGIN_BLOBS_PATH
 
 
 @dataclass(slots=True)
@@ -199,9 +203,12 @@ def get_private_manifest(url: str, opts: FetchOptions) -> tuple[manifest.Manifes
     return manifest.verify(data, opts.public_key, time.time()), 200
 
 
-def _from_edge(entry: manifest.Entry, opts: FetchOptions, sink: Callable[[bytes], object]) -> None:
-    """Stream the blob through the opener into `sink`; raise on any mismatch."""
-    req = _Get(opts.edge.rstrip("/") + BLOB_PREFIX + entry.id, opts)
+def _from_edge(
+    entry: manifest.Entry, opts: FetchOptions, sink: Callable[[bytes], object], url: str = ""
+) -> None:
+    """Stream the blob (from the edge, or `url`) through the opener into `sink` (a temporary
+    file: nothing is used before the whole is checked); raise on any mismatch."""
+    req = _Get(url or opts.edge.rstrip("/") + BLOB_PREFIX + entry.id, opts)
     try:
         opener = ece.Opener(entry.key, max_rs=entry.rs)
         blob_hash, plain_hash = hashlib.sha256(), hashlib.sha256()
@@ -303,10 +310,12 @@ def fetch(url: str, out_path: str, opts: FetchOptions) -> FetchResult:
     m = get_manifest(url, opts)
     entry = m.files.get(urllib.parse.unquote(path))
     refused = 0
+    is_private = False
     if entry is None:  # perhaps private
         private, status = get_private_manifest(url, opts)
         if private is not None:
             entry = private.files.get(urllib.parse.unquote(path))
+            is_private = entry is not None
         refused = status if status in (401, 403) else 0
     fd, tmp = _temp_file(out)
     edge_error = ""
@@ -329,6 +338,28 @@ def fetch(url: str, out_path: str, opts: FetchOptions) -> FetchResult:
                         raise
                 f.seek(0)
                 f.truncate()
+                if opts.origin_blobs_path:
+                    try:
+                        blob = _origin_of(url) + opts.origin_blobs_path + entry.id
+                        _from_edge(entry, opts, f.write, blob)
+                        f.flush()
+                        os.replace(tmp, out)
+                        renamed = True
+                        return FetchResult(
+                            "origin",
+                            entry.size,
+                            entry.sha256,
+                            edge_error,
+                            time.perf_counter() - started,
+                            reported,
+                        )
+                    except (VerificationError, UpstreamError) as exc:
+                        f.seek(0)
+                        f.truncate()
+                        if is_private:  # its plaintext would show its exact size
+                            raise UpstreamError(
+                                "origin_blob", f"{exc} (a private file's plaintext is not used)"
+                            ) from None
             else:
                 edge_error = "not in the manifest (not sealed)"
             try:

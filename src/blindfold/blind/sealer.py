@@ -12,6 +12,7 @@ blob an edge may still hold under the old one)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -37,6 +38,9 @@ from blindfold.errors import ConfigError, VerificationError
 
 MANIFEST_NAME = "manifest.json"
 PRIVATE_MANIFEST_NAME = "manifest-private.json"
+# The --private patterns, signed: the origin keeps every file they match behind the
+# application's check, sealed or not (never served; see manifest.build_policy).
+POLICY_NAME = "private-policy.json"
 BLOB_INDEX_NAME = "blob-index.json"
 SRI_NAME = "sri.json"
 PUBLIC_DIR = "public"
@@ -62,6 +66,9 @@ class SealOptions:
     # Give every private file a new key and id (the old private blobs are removed): a former
     # member who kept the old keys cannot open anything sealed from now on.
     rotate_private: bool = False
+    # A re-seal that would make a file public that the last seal had private (a forgotten
+    # --private) is refused unless this is set.
+    make_public: bool = False
 
 
 @dataclass(slots=True)
@@ -167,6 +174,16 @@ def _matches(path: str, name: str, globs: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(path, g) or fnmatch.fnmatchcase(name, g) for g in globs)
 
 
+def _with_chunks(entry: manifest.Entry, sealed: bytes | None, blob: Path) -> manifest.Entry:
+    """The entry with its signed piece digests when the service worker streams its blob."""
+    if entry.sealed_size <= manifest.STREAM_BYTES or entry.chunks:
+        return entry
+    data = blob.read_bytes() if sealed is None else sealed
+    return dataclasses.replace(
+        entry, chunk_size=manifest.CHUNK_BYTES, chunks=manifest.chunk_digests(data)
+    )
+
+
 def _previous(out: Path, key: Ed25519PrivateKey, name: str) -> dict[str, manifest.Entry]:
     try:
         data = (out / name).read_bytes()
@@ -181,7 +198,8 @@ def _previous(out: Path, key: Ed25519PrivateKey, name: str) -> dict[str, manifes
 def _files(src: Path, skip: tuple[str, ...]) -> list[tuple[str, Path]]:
     """The files to seal: regular files under `src`, never dotfiles or anything under a
     dot-directory (.git, .env: their keys would be in the public manifest), never a symlink
-    that leads outside `src`, never what `skip` names."""
+    that leads outside `src`, never what `skip` names (a skipped file that --private matches
+    stays private all the same: the origin keeps it behind the application's check)."""
     root_dir = src.resolve()
     found = []
     for root, dirs, names in os.walk(src):  # does not follow directory symlinks
@@ -263,12 +281,41 @@ def seal_tree(
     entries: list[manifest.Entry] = []
     private: list[manifest.Entry] = []
     sri: dict[str, dict[str, str]] = {}
-    for path, file in _files(src_dir, opts.skip):
-        # private by its path, or by where it really is (a link to a private file)
-        real = "/" + file.resolve().relative_to(src_dir.resolve()).as_posix()
-        is_private = _matches(path, file.name, opts.private) or _matches(
-            real, real.rpartition("/")[2], opts.private
+    try:
+        before = manifest.verify_policy(
+            (out_dir / POLICY_NAME).read_bytes(), signing_key.public_key()
         )
+    except (OSError, VerificationError):
+        before = ()
+    dropped = sorted(set(before) - set(opts.private))
+    if dropped and not opts.make_public:
+        raise ConfigError(
+            "private",
+            f"the last seal kept {', '.join(dropped)} private and this one would not: pass "
+            "the same --private patterns, or --make-public to publish those files on purpose",
+        )
+    files = _files(src_dir, opts.skip)
+    # Private by its path, by where it really is (a link to a private file), or by being the
+    # same file as a private one (the target of a private symlink, a hard link: same inode):
+    # its key in the public manifest would open the private file's bytes.
+    private_inodes: set[tuple[int, int]] = set()
+    for path, file in _files(src_dir, ()):
+        real = "/" + file.resolve().relative_to(src_dir.resolve()).as_posix()
+        if _matches(path, file.name, opts.private) or _matches(
+            real, real.rpartition("/")[2], opts.private
+        ):
+            st = file.stat()
+            private_inodes.add((st.st_dev, st.st_ino))
+    for path, file in files:
+        st = file.stat()
+        is_private = (st.st_dev, st.st_ino) in private_inodes
+        if not is_private and path in previous_private and not opts.make_public:
+            raise ConfigError(
+                "private",
+                f"{path} was private in the last seal and would now be public (its key in "
+                "the public manifest): pass the same --private patterns, or --make-public "
+                "to publish it on purpose",
+            )
         if is_private and _matches(path, file.name, opts.sri):
             raise ConfigError(
                 "private",
@@ -294,7 +341,7 @@ def seal_tree(
             and old.rs == opts.record_size
             and _sha256_file(blobs / old.id) == old.blob_sha256
         ):
-            (private if is_private else entries).append(old)
+            (private if is_private else entries).append(_with_chunks(old, None, blobs / old.id))
             report.reused += 1
             report.private += is_private
             report.sealed_bytes += old.sealed_size
@@ -310,22 +357,31 @@ def seal_tree(
         key = secrets.token_bytes(ece.KEY_BYTES)
         pad_to = 0
         if opts.buckets == "padme":
-            pad_to = ece.padme(ece.sealed_size(len(data), opts.record_size))
+            least = ece.sealed_size(len(data), opts.record_size)
+            if is_private:
+                # random extra padding (up to an eighth): the same file sealed again (a
+                # rotation) lands on a size that does not name it among its neighbours
+                least += secrets.randbelow(least // 8 + 1)
+            pad_to = ece.padme(least)
         sealed = ece.seal(data, key, rs=opts.record_size, pad_to=pad_to)
         _write_atomic(blobs / blob_id, sealed)
         ctype = mimetypes.guess_type(path)[0] or "application/octet-stream"
         report.private += is_private
         (private if is_private else entries).append(
-            manifest.Entry(
-                path=path,
-                id=blob_id,
-                blob_sha256=hashlib.sha256(sealed).hexdigest(),
-                sha256=digest,
-                type=ctype,
-                size=len(data),
-                sealed_size=len(sealed),
-                rs=opts.record_size,
-                key=key,
+            _with_chunks(
+                manifest.Entry(
+                    path=path,
+                    id=blob_id,
+                    blob_sha256=hashlib.sha256(sealed).hexdigest(),
+                    sha256=digest,
+                    type=ctype,
+                    size=len(data),
+                    sealed_size=len(sealed),
+                    rs=opts.record_size,
+                    key=key,
+                ),
+                sealed,
+                blobs / blob_id,
             )
         )
         report.sealed += 1
@@ -344,6 +400,9 @@ def seal_tree(
     # The index first: an edge that sees a new manifest's ids finds them in it. It names
     # private blobs too (id, digest, size: what the edge sees anyway), never their paths.
     _write_atomic(out_dir / BLOB_INDEX_NAME, manifest.build_index(index, signing_key, issued))
+    _write_atomic(
+        out_dir / POLICY_NAME, manifest.build_policy(list(opts.private), signing_key, issued), 0o640
+    )
     if private:
         doc = manifest.build(private, signing_key, issued, issued + opts.expires_in_s)
         _write_atomic(out_dir / PRIVATE_MANIFEST_NAME, doc, 0o640)

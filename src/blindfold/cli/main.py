@@ -162,6 +162,7 @@ def _seal(args: argparse.Namespace) -> int:
                 sri=tuple(args.sri),
                 private=tuple(args.private),
                 rotate_private=args.rotate_private,
+                make_public=args.make_public,
             ),
         )
     except ConfigError as exc:
@@ -375,6 +376,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="give every private file a new key and id and remove the old private blobs "
         "(revocation: old keys open nothing sealed from now on)",
+    )
+
+    p_seal.add_argument(
+        "--make-public",
+        action="store_true",
+        help="allow this seal to make public files the last seal kept private (a --private "
+        "pattern dropped); without it such a seal is refused (exit 2)",
     )
 
     p_fetch = sub.add_parser(

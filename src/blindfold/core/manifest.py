@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -36,6 +37,14 @@ MAX_MANIFEST_BYTES = 32 << 20
 ALLOWED_SKEW_S = 300.0  # a manifest issued up to this far in the future still verifies
 _ID = re.compile(r"[0-9a-f]{32}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+# The service worker checks a blob up to this size whole before releasing a byte; a larger one
+# is streamed, piece by piece, each piece checked against its signed digest (Entry.chunks).
+STREAM_BYTES = 8 << 20
+CHUNK_BYTES = 1 << 20
+
+
+def chunk_digests(data: bytes, size: int = CHUNK_BYTES) -> tuple[str, ...]:
+    return tuple(hashlib.sha256(data[i : i + size]).hexdigest() for i in range(0, len(data), size))
 
 
 def b64u(data: bytes) -> str:
@@ -74,9 +83,19 @@ class Entry:
     sealed_size: int
     rs: int
     key: bytes
+    # Blobs the service worker streams (sealed_size > STREAM_BYTES): the SHA-256 (hex) of
+    # each CHUNK_BYTES piece of the sealed blob, in order, so every piece is checked against
+    # the site's signature before a byte of it is decrypted and released. Optional (older
+    # manifests lack it: then such a file is not streamed from the edge).
+    chunk_size: int = 0
+    chunks: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
+        extra: dict[str, Any] = (
+            {"chunk_size": self.chunk_size, "chunks": list(self.chunks)} if self.chunks else {}
+        )
         return {
+            **extra,
             "id": self.id,
             "blob_sha256": self.blob_sha256,
             "sha256": self.sha256,
@@ -154,6 +173,14 @@ def parse_entry(path: str, raw: Any) -> Entry:
         raise VerificationError(f"manifest: {where}.rs out of range")
     if entry.size < 0 or entry.sealed_size < ece.sealed_size(entry.size, entry.rs):
         raise VerificationError(f"manifest: {where}: sizes are inconsistent")
+    if "chunks" in raw:
+        size = _field(raw, "chunk_size", int, where)
+        chunks = _field(raw, "chunks", list, where)
+        if not 1 << 12 <= size <= 1 << 26 or len(chunks) != -(-entry.sealed_size // size):
+            raise VerificationError(f"manifest: {where}: chunks do not cover the blob")
+        if not all(isinstance(c, str) and _HEX64.fullmatch(c) for c in chunks):
+            raise VerificationError(f"manifest: {where}.chunks must be 64 hex digits each")
+        entry = dataclasses.replace(entry, chunk_size=size, chunks=tuple(chunks))
     return entry
 
 
@@ -288,3 +315,58 @@ def verify_index(data: bytes, public: Ed25519PublicKey) -> BlobIndex:
             raise VerificationError(f"{where}.size must be a non-negative integer")
         blobs[name] = (bytes.fromhex(digest), size)
     return BlobIndex(issued, doc["key_id"], blobs)
+
+
+# ---------------------------------------------------------------------------- private policy
+# Which files of the site are private: the sealer's --private patterns, signed with the
+# manifest key (purpose-bound like the index). The origin treats ANY file of source_dir that
+# they match as private (sealed or not, added after the last seal or skipped by --skip), not
+# only the entries of the last private manifest. Only the origin reads it (never served).
+POLICY_FORMAT = "blindfold-private-policy/1"
+POLICY_PURPOSE = b"blindfold-private-policy/1\x00"
+
+
+def build_policy(patterns: list[str], signing_key: Ed25519PrivateKey, issued_at: int) -> bytes:
+    payload = json.dumps(
+        {"format": POLICY_FORMAT, "issued_at": issued_at, "private": sorted(set(patterns))},
+        separators=(",", ":"),
+        sort_keys=True,
+    )
+    doc = {
+        "format": POLICY_FORMAT,
+        "alg": "ed25519",
+        "key_id": key_id(signing_key.public_key()),
+        "payload": payload,
+        "signature": b64u(signing_key.sign(POLICY_PURPOSE + payload.encode())),
+    }
+    return json.dumps(doc, indent=1).encode() + b"\n"
+
+
+def verify_policy(data: bytes, public: Ed25519PublicKey) -> tuple[str, ...]:
+    """The private patterns of a signed policy; VerificationError naming what is wrong."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise VerificationError("private policy: not JSON") from None
+    if not isinstance(doc, dict) or doc.get("format") != POLICY_FORMAT:
+        raise VerificationError(f"private policy: format must be {POLICY_FORMAT}")
+    if doc.get("alg") != "ed25519" or doc.get("key_id") != key_id(public):
+        raise VerificationError("private policy: signed by another key")
+    payload = _field(doc, "payload", str, "private policy")
+    try:
+        public.verify(
+            unb64u(_field(doc, "signature", str, "private policy")),
+            POLICY_PURPOSE + payload.encode(),
+        )
+    except InvalidSignature:
+        raise VerificationError("private policy: bad signature") from None
+    try:
+        body = json.loads(payload)
+    except (ValueError, RecursionError):
+        raise VerificationError("private policy: payload is not JSON") from None
+    if not isinstance(body, dict) or body.get("format") != POLICY_FORMAT:
+        raise VerificationError("private policy: payload format")
+    patterns = _field(body, "private", list, "payload")
+    if not all(isinstance(p, str) and p for p in patterns):
+        raise VerificationError("private policy: patterns must be non-empty strings")
+    return tuple(patterns)

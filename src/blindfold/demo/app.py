@@ -45,6 +45,7 @@ class AppHandler(BaseHTTPRequestHandler):
             "cookie": self.headers.get("Cookie", ""),
             "authorization": self.headers.get("Authorization", ""),
             "x-original-uri": self.headers.get("X-Original-URI", ""),
+            "x-blindfold-claimed-client": self.headers.get("X-Blindfold-Claimed-Client", ""),
         }
         with self.lock:
             self.seen.append(info)

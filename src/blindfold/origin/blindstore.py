@@ -43,12 +43,14 @@ from blindfold.blind.sealer import (
     BLOB_INDEX_NAME,
     BLOBS_DIR,
     MANIFEST_NAME,
+    POLICY_NAME,
     PRIVATE_MANIFEST_NAME,
     PUBLIC_DIR,
     PUBLIC_KEY_NAME,
     SRI_NAME,
     SRI_TYPES,
 )
+from blindfold.blind.sealer import _matches as _matches_glob
 from blindfold.config.origin import BlindStoreConfig
 from blindfold.core import manifest, msgsig, sri
 from blindfold.core.iplist import visitor_key
@@ -114,6 +116,8 @@ def _service_worker(cfg: BlindStoreConfig, public: Ed25519PublicKey) -> bytes:
         # "": no private content is served (no authorisation configured)
         "privateManifest": cfg.private_manifest_path if cfg.private_auth_path else "",
         "plain": cfg.plaintext_path if cfg.source_dir else "",  # "": the file's own URL
+        # the origin's copy of each blob: the fallback (same checks, bucket sizes only)
+        "blobs": cfg.blobs_path,
         "edge": cfg.edge_url,
         "report": cfg.report_path,
         "keyId": manifest.key_id(public),
@@ -250,10 +254,21 @@ class BlindStore:
         self._sealed: dict[str, manifest.Entry] = {}
         self._private: frozenset[str] = frozenset()  # the private paths among them
         self._private_unreadable = False  # then every file of source_dir counts as private
-        if (self.dir / PRIVATE_MANIFEST_NAME).exists() and not cfg.private_auth_path:
+        # The site's --private patterns (signed policy): any file they match is private,
+        # sealed or not; and the inodes of the private files (a link to one is private too).
+        self._patterns: tuple[str, ...] = ()
+        self._private_inodes: frozenset[tuple[int, int]] = frozenset()
+        held = (
+            PRIVATE_MANIFEST_NAME
+            if (self.dir / PRIVATE_MANIFEST_NAME).exists()
+            else POLICY_NAME
+            if _has_private_patterns(self.dir)
+            else ""
+        )
+        if held and not cfg.private_auth_path:
             raise ConfigError(
                 "blind.private_auth_path",
-                f"{self.dir / PRIVATE_MANIFEST_NAME} holds private files (`seal --private`): "
+                f"{self.dir / held} names private files (`seal --private`): "
                 "name the application's path that admits visitors to them",
             )
         # Reports are logged: bounded, so a client cannot flood the log through them.
@@ -262,7 +277,7 @@ class BlindStore:
         self.reports_by_client = BucketMap(
             REPORTS_PER_CLIENT_PER_S, REPORTS_PER_CLIENT_BURST, MAX_REPORT_CLIENTS
         )
-        self._sealed_mtime: tuple[float, float] = (-1.0, -1.0)
+        self._sealed_mtime: tuple[float, float, float] = (-1.0, -1.0, -1.0)
         self.signer: msgsig.ResponseSigner | None = None
         self._digests: dict[tuple[int, int, int, int], bytes] = {}
         if cfg.response_signing_key:
@@ -296,12 +311,12 @@ class BlindStore:
         them; `self._private` names the private ones). Read without a time check: an expired
         manifest still names what was sealed; visitors check expiry."""
         mtimes = []
-        for name in (MANIFEST_NAME, PRIVATE_MANIFEST_NAME):
+        for name in (MANIFEST_NAME, PRIVATE_MANIFEST_NAME, POLICY_NAME):
             try:
                 mtimes.append((self.dir / name).stat().st_mtime)
             except OSError:
                 mtimes.append(0.0)
-        mtime = (mtimes[0], mtimes[1])
+        mtime = (mtimes[0], mtimes[1], mtimes[2])
         if mtime != self._sealed_mtime:
             sealed: dict[str, manifest.Entry] = {}
             private: dict[str, manifest.Entry] = {}
@@ -317,6 +332,26 @@ class BlindStore:
                     # to admitted visitors) rather than any of them as a public page
                     self._private_unreadable = True
                     self.log("blind_private_manifest_unreadable", file=PRIVATE_MANIFEST_NAME)
+            self._patterns = ()
+            if mtime[2]:
+                try:
+                    public = load_pem_public_key((self.dir / PUBLIC_KEY_NAME).read_bytes())
+                    if not isinstance(public, Ed25519PublicKey):
+                        raise VerificationError("not an Ed25519 key")
+                    self._patterns = manifest.verify_policy(
+                        (self.dir / POLICY_NAME).read_bytes(), public
+                    )
+                except (OSError, ValueError, VerificationError) as exc:
+                    # which files are private is unknown: all of them are (fail closed)
+                    self._private_unreadable = True
+                    self.log("blind_private_policy_unreadable", file=POLICY_NAME, reason=str(exc))
+            inodes = set()
+            if self.source is not None:
+                for p in private:
+                    with contextlib.suppress(OSError, ValueError):
+                        st = (self.source / p.lstrip("/")).stat()
+                        inodes.add((st.st_dev, st.st_ino))
+            self._private_inodes = frozenset(inodes)
             self._private = frozenset(private)
             self._sealed = {**sealed, **private}
             self._sealed_mtime = mtime
@@ -433,13 +468,20 @@ class BlindStore:
         if path.startswith(self.plaintext_path):
             # The plaintext of a sealed file (and of nothing else), at its manifest path.
             found = self._source_file(b"/" + path[len(self.plaintext_path) :])
-            entry = self._sealed_paths().get(found[1]) if found is not None else None
+            sealed = self._sealed_paths()
+            entry = sealed.get(found[1]) if found is not None else None
+            private = found is not None and self._is_private(found[1], found[0])
+            # No path oracle: a visitor the application refuses gets the same answer for a
+            # private file and for a path that is nothing (it is asked for both).
+            if (
+                (entry is None or private)
+                and (self._private or self._patterns)
+                and (refused := await self._admit(request)) is not None
+            ):
+                return refused
             if found is None or entry is None:
                 self._count("blind_requests:not_found")
                 return _simple(404, "not a sealed file\n")
-            private = self._is_private(found[1], found[0])
-            if private and (refused := await self._admit(request)) is not None:
-                return refused
             # Its ETag is its plaintext digest (the manifest's), so a client that resumes it
             # with Range + If-Range never splices two versions.
             return await self._file(
@@ -458,6 +500,7 @@ class BlindStore:
         file, name = found
         entry = self._sealed_paths().get(name)
         if self._is_private(name, file):
+            self._count("blind_requests:private_page")
             # a private file's plaintext at its own path (however spelt: %2F%2F, a link to
             # it): only end to end, and only to whom the application admits
             if not self._end_to_end(request):
@@ -465,7 +508,11 @@ class BlindStore:
                 return _simple(403, "a sealed file is served in plaintext only end to end\n")
             if (refused := await self._admit(request)) is not None:
                 return refused
-            ctype = entry.type.encode() if entry else b"application/octet-stream"
+            ctype = (
+                entry.type.encode()
+                if entry
+                else _TYPES.get(file.suffix, b"application/octet-stream")
+            )
             return await self._file(request, file, ctype, _PRIVATE_CACHE, head, "page")
         if entry is not None and not self._end_to_end(request):
             # a sealed file's plaintext, at its own path: the same rule as the fallback prefix
@@ -479,17 +526,29 @@ class BlindStore:
         return await self._file(request, file, ctype, b"no-cache", head, "page")
 
     def _is_private(self, name: str, file: Path) -> bool:
-        """Whether a file of source_dir is private: by the name asked for, or by where it
-        really is (another spelling of its path, a symbolic link to it). `_sealed_paths`
-        must have been read first."""
+        """Whether a file of source_dir is private: by the site's --private patterns (signed
+        policy; sealed or not: added since the last seal, skipped by --skip), by the private
+        manifest's entries, by the name asked for or where it really is (another spelling of
+        its path, a symbolic link to it), or by being the same file as a private one (same
+        inode: a hard link). `_sealed_paths` must have been read first."""
         if self._private_unreadable:
             return True
-        if not self._private:
+        if not (self._private or self._patterns):
             return False
         assert self.source is not None
-        return name in self._private or (
-            "/" + file.relative_to(self.source).as_posix() in self._private
-        )
+        real = "/" + file.relative_to(self.source).as_posix()
+        if name in self._private or real in self._private:
+            return True
+        if self._patterns and (
+            _matches_glob(name, name.rpartition("/")[2], self._patterns)
+            or _matches_glob(real, file.name, self._patterns)
+        ):
+            return True
+        try:
+            st = file.stat()
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) in self._private_inodes
 
     async def _admit(self, request: Request) -> LocalResponse | None:
         """Ask the application whether this visitor may have private content (nginx's
@@ -513,7 +572,9 @@ class BlindStore:
         headers += [
             (b"x-original-uri", request.target or b"/"),
             (b"x-original-method", request.method),
-            (b"x-forwarded-for", request.client[0].encode()),
+            # the address the edge claims (PROXY protocol) for the visitor: a claim, never
+            # a credential (docs/blind.md: do not authorise by it)
+            (b"x-blindfold-claimed-client", request.client[0].encode()),
             (b"x-forwarded-proto", request.scheme),
             (b"x-request-id", request.request_id.encode()),
         ]
@@ -835,6 +896,16 @@ class BlindStore:
                 self._count(f"blind_bytes:{kind}", sent)
 
         return LocalResponse(status, headers, chunks(), f.close)
+
+
+def _has_private_patterns(out: Path) -> bool:
+    """Whether the sealer's policy names --private patterns (read unverified: only to refuse
+    a configuration that could never serve those files)."""
+    try:
+        doc = json.loads((out / POLICY_NAME).read_bytes())
+        return bool(json.loads(doc["payload"])["private"])
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return False
 
 
 def _entries(data: bytes) -> dict[str, manifest.Entry]:

@@ -6,9 +6,12 @@
 // decrypt its RFC 8188 aes128gcm records with WebCrypto as they arrive (each record is
 // authenticated; the last one is marked, so truncation and reordering are detected), check
 // sizes and, for files up to BUFFER_LIMIT, the SHA-256 of the blob and of the plaintext
-// before a byte is released. On any failure the origin serves the file instead, from its
-// plaintext prefix (a failure in the middle of a streamed file: the rest, with a Range
-// request) and the failure is reported.
+// before a byte is released; a larger file is streamed, each 1 MiB piece of its blob checked
+// against its digest in the signed manifest before it is opened. On any failure the origin's
+// own copy of the blob is used instead (over the site's end-to-end TLS, the same checks: a
+// failure in the middle of a streamed file resumes there with a Range request), and the
+// failure is reported; only if that fails too, a public file's plaintext from the origin's
+// prefix (never a private file's: its exact size would show).
 //
 // A path the public manifest does not list may be private: the private manifest (the keys of
 // the files only some visitors may see) is asked for with the visitor's credentials, and the
@@ -152,15 +155,16 @@ async function handle(request, url) {
     entry = mine && Object.hasOwn(mine, name) ? mine[name] : null;
   }
   if (!entry) return fetch(request);
+  const isPrivate = !Object.hasOwn(files, name);
   try {
-    return await fromEdge(entry, request);
+    return await fromBlob(entry, request, `${CONFIG.edge}/b/${entry.id}`, 'edge');
   } catch (err) {
     report(url.pathname, entry.id, String(err));
-    return fromOrigin(request, entry);
+    return fromOrigin(request, entry, isPrivate);
   }
 }
 
-function headersFor(entry) {
+function headersFor(entry) {  // x-blindfold-source: where the bytes came from
   return {'content-type': entry.type, 'content-length': String(entry.size),
           'x-blindfold-source': 'edge'};
 }
@@ -173,7 +177,23 @@ function plainUrl(request) {
   return CONFIG.plain + new URL(request.url).pathname.slice(1);
 }
 
-async function fromOrigin(request, entry) {
+// The origin's own copy of the sealed blob, over the site's end-to-end TLS, checked exactly
+// like the edge's: whoever relays that TLS (a passthrough edge) sees only the blob's bucket
+// size, never the file's exact size.
+function originBlobUrl(entry) {
+  return `${self.location.origin}${CONFIG.blobs}${entry.id}`;
+}
+
+async function fromOrigin(request, entry, isPrivate) {
+  if (CONFIG.blobs) {
+    try {
+      return await fromBlob(entry, request, originBlobUrl(entry), 'origin');
+    } catch (err) {
+      report(new URL(request.url).pathname, null, `origin blob: ${err}`);
+      // a private file's plaintext would tell its exact size to whoever relays the TLS
+      if (isPrivate) return new Response('', {status: 502, statusText: 'Bad Gateway'});
+    }
+  }
   const response = await fetch(plainUrl(request), {cache: 'no-store',
                                                    credentials: 'same-origin'});
   const headers = new Headers(response.headers);
@@ -303,13 +323,15 @@ async function readAtMost(response, limit, abort) {
   return out;
 }
 
-async function fromEdge(entry, request) {
+async function fromBlob(entry, request, url, source) {
   const abort = new AbortController();
-  const response = await deadline(fetch(`${CONFIG.edge}/b/${entry.id}`,
-                                        {mode: 'cors', credentials: 'omit',
-                                         signal: abort.signal}), EDGE_IDLE_MS, abort);
-  if (!response.ok) throw new Error(`edge: HTTP ${response.status}`);
+  const fromEdge = source === 'edge';
+  const response = await deadline(fetch(url, fromEdge
+    ? {mode: 'cors', credentials: 'omit', signal: abort.signal}
+    : {cache: 'no-store', credentials: 'same-origin', signal: abort.signal}), EDGE_IDLE_MS, abort);
+  if (!response.ok) throw new Error(`${source}: HTTP ${response.status}`);
   const key = b64u(entry.key);
+  const headers = {...headersFor(entry), 'x-blindfold-source': source};
   if (entry.sealed_size <= BUFFER_LIMIT) {
     // Small: check everything before the page sees a byte.
     const blob = await readAtMost(response, entry.sealed_size, abort);
@@ -331,87 +353,128 @@ async function fromEdge(entry, request) {
     if (hex(await crypto.subtle.digest('SHA-256', plain)) !== entry.sha256) {
       throw new Error('plaintext digest differs from the manifest');
     }
-    return new Response(plain, {status: 200, headers: headersFor(entry)});
+    return new Response(plain, {status: 200, headers});
   }
-  // Large: stream record by record. The first record is opened before answering, so a blob
-  // that is bad from the start still falls back whole.
-  const reader = response.body.getReader();
+  // Large: streamed piece by piece. Each piece of the sealed blob is checked against its
+  // digest in the signed manifest (entry.chunks) before its records are opened and released,
+  // so every byte the page gets is the site's. A manifest without piece digests (an older
+  // sealer): not streamed from anywhere (the caller falls back to the plaintext).
+  const size = entry.chunk_size;
+  if (!Array.isArray(entry.chunks) || !(size >= 4096)
+      || entry.chunks.length !== Math.ceil(entry.sealed_size / size)) {
+    abort.abort();
+    throw new Error('no piece digests for a streamed blob');
+  }
+  let reader = response.body.getReader();
   const opener = new Opener(key, entry.rs);
+  let pending = [];
+  let pendingLen = 0;
+  let verified = 0;  // sealed bytes checked and handed to the opener
+  let received = 0;  // sealed bytes from the current source, counted from `verified`'s start
+  let finished = false;
+  let resumed = !fromEdge;
   let delivered = 0;
-  let received = 0;
-  let ended = false;
-  const next = async () => {
-    while (true) {
-      if (ended) return null;
-      const {value, done} = await deadline(reader.read(), EDGE_IDLE_MS, abort);
-      if (done) {
-        ended = true;
-        if (received !== entry.sealed_size) throw new Error('blob size differs from the manifest');
-        return opener.records(true);
+  const take = async (value) => {
+    let at = 0;
+    while (at < value.length) {
+      const piece = Math.min(size, entry.sealed_size - verified);
+      const part = value.subarray(at, at + piece - pendingLen);
+      pending.push(part);
+      pendingLen += part.length;
+      at += part.length;
+      if (pendingLen === piece) {
+        const joined = new Uint8Array(piece);
+        let o = 0;
+        for (const c of pending) {
+          joined.set(c, o);
+          o += c.length;
+        }
+        pending = [];
+        pendingLen = 0;
+        const i = verified / size;
+        if (hex(await crypto.subtle.digest('SHA-256', joined)) !== entry.chunks[i]) {
+          throw new Error(`piece ${i} differs from the manifest`);
+        }
+        opener.push(joined);
+        verified += piece;
       }
-      received += value.length;
-      if (received > entry.sealed_size) throw new Error('blob larger than the manifest says');
-      opener.push(value);
-      const parts = await opener.records(false);
-      if (parts.length) return parts;
     }
   };
-  const first = await next();
+  const next = async () => {
+    while (true) {
+      if (finished) return null;
+      const {value, done} = await deadline(reader.read(), EDGE_IDLE_MS, abort);
+      if (done) {
+        if (verified !== entry.sealed_size) throw new Error('blob size differs from the manifest');
+      } else {
+        received += value.length;
+        if (received > entry.sealed_size) throw new Error('blob larger than the manifest says');
+        await take(value);
+      }
+      const final = verified === entry.sealed_size;
+      const parts = await opener.records(final);
+      if (final) finished = true;
+      if (parts.length || final) return parts;
+    }
+  };
   const check = (parts) => {
     for (const p of parts) delivered += p.length;
     if (delivered > entry.size) throw new Error('more plaintext than the manifest says');
     return parts;
   };
-  check(first || []);
+  // The first piece is checked before answering: a blob bad from the start falls back whole.
+  const first = check(await next());
+  // A failure later (only the source can cause it: every released byte was checked): the
+  // rest of the blob from the origin's copy, from the first byte not yet checked, through the
+  // same checks; a second failure ends the stream with an error.
+  const resume = async (err) => {
+    reader.cancel().catch(() => {});
+    report(new URL(request.url).pathname, fromEdge ? entry.id : null,
+           `${err} (after ${delivered} bytes)`);
+    if (resumed) throw err;
+    resumed = true;
+    pending = [];
+    pendingLen = 0;
+    received = verified;
+    const again = await deadline(fetch(originBlobUrl(entry), {
+      cache: 'no-store', credentials: 'same-origin', signal: abort.signal,
+      headers: {'range': `bytes=${verified}-`}}), EDGE_IDLE_MS, abort);
+    if (again.status !== 206) throw new Error(`origin blob range: HTTP ${again.status}`);
+    reader = again.body.getReader();
+  };
   const stream = new ReadableStream({
     start(controller) {
-      for (const p of first || []) controller.enqueue(p);
+      for (const p of first) controller.enqueue(p);
     },
     async pull(controller) {
-      try {
-        const parts = await next();
-        if (parts === null) {
-          if (delivered !== entry.size) throw new Error('plaintext size differs from the manifest');
-          controller.close();
-          return;
-        }
-        for (const p of check(parts)) controller.enqueue(p);
-      } catch (err) {
-        reader.cancel().catch(() => {});
-        report(new URL(request.url).pathname, entry.id, `${err} (after ${delivered} bytes)`);
-        // The bytes released so far were authenticated: the origin sends the rest.
+      while (true) {
         try {
-          await rest(request, entry, delivered, controller);
-        } catch (err2) {
-          controller.error(err2);
+          const parts = await next();
+          if (parts === null) {
+            if (delivered !== entry.size) {
+              throw new Error('plaintext size differs from the manifest');
+            }
+            controller.close();
+            return;
+          }
+          for (const p of check(parts)) controller.enqueue(p);
+          return;
+        } catch (err) {
+          try {
+            await resume(err);
+          } catch (err2) {
+            controller.error(err2);
+            return;
+          }
         }
       }
     },
+    cancel() {
+      reader.cancel().catch(() => {});
+      abort.abort();
+    },
   });
-  return new Response(stream, {status: 200, headers: headersFor(entry)});
-}
-
-async function rest(request, entry, from, controller) {
-  if (from === entry.size) {  // every byte was released, authenticated and in order
-    controller.close();
-    return;
-  }
-  // If-Range with the manifest's digest: the origin answers 206 only for this very version.
-  const response = await fetch(plainUrl(request), {
-    cache: 'no-store', credentials: 'same-origin',
-    headers: {'range': `bytes=${from}-`, 'if-range': `"${entry.sha256}"`}});
-  if (response.status !== 206) throw new Error(`origin range: HTTP ${response.status}`);
-  const reader = response.body.getReader();
-  let total = from;
-  while (true) {
-    const {value, done} = await reader.read();
-    if (done) break;
-    total += value.length;
-    if (total > entry.size) throw new Error('origin sent too much');
-    controller.enqueue(value);
-  }
-  if (total !== entry.size) throw new Error('origin sent too little');
-  controller.close();
+  return new Response(stream, {status: 200, headers});
 }
 
 // A failure goes to the site (logged there) and, for a blob, to the edge too, which checks
