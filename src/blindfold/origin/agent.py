@@ -40,10 +40,10 @@ from blindfold.io.accepted import (
 from blindfold.io.admin_http import AdminServer
 from blindfold.io.service import run_service
 from blindfold.obs.log import JsonLog
-from blindfold.obs.metrics import MetricSpec, render
+from blindfold.obs.metrics import CERTIFICATE_METRICS, MetricSpec, render
 from blindfold.origin.edges import DecisionBudget, Reporter, TrustedEdges
 from blindfold.origin.gate import OriginGate, edge_fields
-from blindfold.origin.tls import SiteTls, decisions_tls
+from blindfold.origin.tls import SiteTls, decisions_tls, file_stamps
 from blindfold.waf.engine import CrsSettings, Exclusion, ModSecurityEngine, WafEngine
 from blindfold.waf.modsecurity import ModSecurityError
 from blindfold.web.client import UpstreamPool
@@ -54,6 +54,7 @@ from blindfold.web.messages import BodyStream, Handler, Request, Responder, simp
 from blindfold.web.proxy import ReverseProxy
 
 ORIGIN_METRICS = [
+    *CERTIFICATE_METRICS,
     MetricSpec(
         "blindfold_origin_requests_total", "counter", "Requests by status class.", ("status",)
     ),
@@ -373,11 +374,15 @@ class OriginAgent:
         self.quic: Any = None  # origin.h3.QuicShared once HTTP/3 listens
         self._refusal_log = TokenBucket(1.0, 20, time.monotonic())
         self.journal: DecisionJournal | None = None
-        self._build(cfg)
+        self.cert_reloads: dict[str, int] = {}  # swapped | invalid
+        self._build(cfg, first=True)
 
     # ------------------------------------------------------------------ build / reload
-    def _build(self, cfg: OriginConfig) -> None:
-        tls = SiteTls(cfg.certificates) if cfg.certificates else None
+    def _build(self, cfg: OriginConfig, *, first: bool = False) -> None:
+        # a reload never swaps in a certificate that is not valid now
+        now = None if first else time.time()
+        stamps = file_stamps(cfg.certificates)  # before loading: a later change is seen
+        tls = SiteTls(cfg.certificates, now=now) if cfg.certificates else None
         waf = build_waf(cfg)
         # the edges' keys load on a reload too; headers seen stay seen (no replay across it)
         edges = TrustedEdges(cfg, self.edges.replay)
@@ -437,6 +442,7 @@ class OriginAgent:
                 inner, lambda: advertised_port(self.cfg, self.quic), max_age_s
             )
         self.tls, self.waf, self.rules, self.pool = tls, waf, rules, pool
+        self.cert_stamps = stamps
         self.edges, self.budget = edges, budget
         self.limits = cfg.http.limits()
         # a connection over its address's share: short deadlines, one HTTP/2 stream
@@ -547,6 +553,7 @@ class OriginAgent:
             self.log.emit("decisions_restored", decisions=restored, problems=problems[:10])
         for i, address in enumerate(cfg.listen):
             self._listen(address, True, f"origin.listen[{i}]")
+        self.servers.append(loop.create_task(self._watch_certificates()))
         for i, address in enumerate(cfg.http_listen):
             self._listen(address, False, f"origin.http_listen[{i}]")
         if cfg.quic.listen:  # HTTP/3: its own listeners and admission (origin/h3.py)
@@ -858,6 +865,38 @@ class OriginAgent:
             if self.audit is not self.log:
                 self.audit.flush()
 
+    # ------------------------------------------------------------------ renewed files
+    async def _watch_certificates(self) -> None:
+        """Poll the certificates' files; swap in a replaced set that loads and is valid."""
+        while True:
+            interval = self.cfg.certificate_reload_interval_s
+            await asyncio.sleep(interval if interval > 0 else 5.0)
+            if interval > 0:
+                try:
+                    self.reload_certificates()
+                except Exception as exc:  # never the watcher's end
+                    self.log.emit("certificate_reload_error", error=repr(exc))
+
+    def reload_certificates(self) -> None:
+        cfg = self.cfg
+        stamps = file_stamps(cfg.certificates)
+        if not cfg.certificates or stamps == self.cert_stamps:
+            return
+        self.cert_stamps = stamps  # tried once per change: a broken file is not retried
+        try:
+            tls = SiteTls(cfg.certificates, now=time.time())
+        except ConfigError as exc:
+            self.cert_reloads["invalid"] = self.cert_reloads.get("invalid", 0) + 1
+            self.log.emit(
+                "certificate_reload_failed",
+                error=str(exc),
+                detail="the certificates in service stay",
+            )
+            return
+        self.tls = tls  # new connections; open ones keep their context
+        self.cert_reloads["swapped"] = self.cert_reloads.get("swapped", 0) + 1
+        self.log.emit("certificates_reloaded", expiry=[e for _, e in tls.expiry])
+
     # ------------------------------------------------------------------ admin
     async def _admin(self, method: str, path: str) -> tuple[int, str, bytes]:
         if path == "/healthz":
@@ -888,7 +927,16 @@ class OriginAgent:
         def pick(prefix: str) -> list[list[Any]]:
             return [[[k[len(prefix) :]], v] for k, v in s.items() if k.startswith(prefix)]
 
+        now = time.time()
+        certs = self.tls.expiry if self.tls is not None else []
         return {
+            "blindfold_certificate_expiry_seconds": [
+                [["origin", host, f"certificates[{i}]"], end - now]
+                for i, (host, end) in enumerate(certs)
+            ],
+            "blindfold_certificate_reloads_total": [
+                [["origin", "certificates", r], n] for r, n in self.cert_reloads.items()
+            ],
             "blindfold_origin_requests_total": pick("requests:"),
             "blindfold_origin_connections_total": pick("conn:"),
             "blindfold_origin_connections_active": [[[], self.site_slots.open]],
