@@ -53,8 +53,9 @@ class Pkcs11Config:
     sessions: int = setting(
         1,
         doc="Sessions kept open with the token for this key; a signature borrows one (a "
-        "PKCS#11 session serves one operation at a time). The key server signs on one thread, "
-        "so more help only a token library that is safe to call from several threads.",
+        "PKCS#11 session serves one operation at a time). Calls into one PKCS#11 library are "
+        "serialised (python-pkcs11 initialises it without OS locking) and the key server signs "
+        "on one thread: 1 is enough.",
         min=1,
         max=64,
     )

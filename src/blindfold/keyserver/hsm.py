@@ -8,7 +8,11 @@ ECDSA comes back from PKCS#11 as raw r || s (PKCS#11 v2.40 §2.3.1); TLS wants t
 ECDSA-Sig-Value (RFC 8446 §4.2.3), converted with python-pkcs11's own helper.
 
 PKCS#11 sessions must not be used by two threads at once: each key keeps a bounded pool of
-sessions (`sessions`), a signature borrows one for its call."""
+sessions (`sessions`), a signature borrows one for its call. And python-pkcs11 0.10 initialises
+the library with C_Initialize(NULL), which tells it that no two threads call it at once
+(PKCS#11 v2.40 §5.4): calls into one library are serialised by a lock. Measured with SoftHSM2
+(bench/hsm): two threads with a session each got CKR_GENERAL_ERROR without that lock. The key
+server signs on its event loop's thread, so the lock is never contended there."""
 
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ _LIBS: dict[str, Any] = {}  # a PKCS#11 library is initialised once per process
 _KEYS: dict[Pkcs11Config, HsmKey] = {}  # kept across reloads: no new sessions per SIGHUP
 _LOGGED_IN: dict[tuple[str, str], bool] = {}
 _LOCK = threading.Lock()
+_CALLS: dict[str, threading.Lock] = {}  # per library: its calls one at a time (see above)
 
 
 def read_pin(where: str, path: str) -> str:
@@ -72,6 +77,7 @@ class HsmKey:
             if lib is None:
                 lib = _LIBS[cfg.module] = pkcs11.lib(cfg.module)
             token = lib.get_token(token_label=cfg.token_label)
+            self._calls = _CALLS.setdefault(cfg.module, threading.Lock())
         except (pkcs11.PKCS11Error, RuntimeError, OSError) as exc:
             raise ConfigError(
                 f"{where}.token_label",
@@ -130,7 +136,8 @@ class HsmKey:
         """DER ECDSA signature of a digest made here (CKM_ECDSA)."""
         session, key = self._pool.get()
         try:
-            raw = key.sign(digest, mechanism=Mechanism.ECDSA)
+            with self._calls:
+                raw = key.sign(digest, mechanism=Mechanism.ECDSA)
         finally:
             self._pool.put((session, key))
         return bytes(encode_ecdsa_signature(raw))
@@ -142,7 +149,9 @@ class HsmKey:
         params = (_HASH_MECH[kind], _MGF[kind], algorithm.digest_size)
         session, key = self._pool.get()
         try:
-            return bytes(key.sign(digest, mechanism=Mechanism.RSA_PKCS_PSS, mechanism_param=params))
+            with self._calls:
+                sig = key.sign(digest, mechanism=Mechanism.RSA_PKCS_PSS, mechanism_param=params)
+            return bytes(sig)
         finally:
             self._pool.put((session, key))
 
