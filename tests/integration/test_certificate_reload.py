@@ -18,6 +18,8 @@ from blindfold import pki
 from tests.helpers.clients import wait_until
 from tests.helpers.edgeproc import OriginProcess
 from tests.helpers.topology import origin_config
+from tests.integration.test_blind import CDN, Site
+from tests.integration.test_blind import blind_site as blind_site  # the fixture
 from tests.integration.test_keyless_chains import leaf_for, pem, replace_file
 
 
@@ -106,3 +108,36 @@ def test_origin_swaps_renewed_files_keeps_old_connections_and_refuses_broken_one
         total += len(part)
     old_conn.close()
     assert total - (first.index(b"\r\n\r\n") + 4) == size
+
+
+def test_a_blind_route_takes_its_renewed_certificate_and_refuses_a_broken_one(
+    blind_site: Callable[..., Site], ca: pki.Issued, site: dict[str, Path], tmp_path: Path
+) -> None:
+    s = blind_site()
+    port = s.edge.port
+    cert, key = tmp_path / "cdn.pem", tmp_path / "cdn.key"
+
+    def served() -> str:
+        ctx = ssl.create_default_context(cafile=str(site["ca"]))
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+            ctx.wrap_socket(raw, server_hostname=CDN) as tls,
+        ):
+            return hashlib.sha256(tls.getpeercert(binary_form=True) or b"").hexdigest()
+
+    old_fp = served()
+    labels = {"component": "edge", "hostname": CDN, "certificate": "route1"}
+    assert s.edge.metric("blindfold_certificate_expiry_seconds", **labels) > 29 * 86400
+    new = pki.issue(ca, [CDN], days=60)
+    new_fp = new.cert.fingerprint(hashes.SHA256()).hex()
+    replace_file(key, new.key_pem())
+    replace_file(cert, pem(new.cert))
+    assert wait_until(lambda: served() == new_fp, 5, 0.1), old_fp
+    assert wait_until(
+        lambda: s.edge.metric("blindfold_certificate_expiry_seconds", **labels) > 59 * 86400, 5
+    )
+    # a certificate whose key is not the key file's: not used
+    replace_file(cert, pem(leaf_for(ca, pki.new_key().public_key(), [CDN])))
+    refused = {"component": "edge", "certificate": "route1", "result": "invalid"}
+    assert wait_until(lambda: s.edge.metric("blindfold_certificate_reloads_total", **refused), 5)
+    assert served() == new_fp
