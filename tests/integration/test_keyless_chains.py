@@ -87,7 +87,12 @@ def kpki(tmp_path: Path, ca: pki.Issued) -> KeylessPki:
 @pytest.fixture
 def keyserver(kpki: KeylessPki, tmp_path: Path) -> Iterator[KeyServerProcess]:
     text = keyserver_config(
-        kpki, {"edge1": names_of("example.test", "p384.test"), "edge2": names_of("rsa.test")}
+        kpki,
+        {
+            "edge1": names_of("example.test", "p384.test"),
+            "edge2": names_of("rsa.test"),
+            "rogue": ["rsa.test"],  # not *.rsa.test: rsa.test's certificate is too broad for it
+        },
     )
     ks = KeyServerProcess(text + "", tmp_path, name="ks")
     yield ks
@@ -138,6 +143,10 @@ def test_an_edge_gets_the_chains_it_is_authorised_for_and_is_refused_others(
     with pytest.raises(KeyServerError) as refused:
         fetch_chain(kpki, "edge2", keyserver.port, "example.test")
     assert refused.value.reason == "unauthorized_sni"
+    # authorised for the name, not for every name of its certificate
+    with pytest.raises(KeyServerError) as broad:
+        fetch_chain(kpki, "rogue", keyserver.port, "rsa.test")
+    assert broad.value.reason == "certificate_too_broad"
     # a name no key covers, for an edge authorised for it
     with pytest.raises(KeyServerError) as unknown:
         fetch_chain(kpki, "edge1", keyserver.port, "nothing.example.test.invalid")
@@ -307,3 +316,34 @@ def test_edge_serves_a_renewed_chain_to_new_handshakes_while_an_old_download_goe
         )
         > 59 * 86400
     )
+
+
+def test_edge_keeps_its_chain_when_the_new_one_does_not_cover_the_route(
+    kpki: KeylessPki, fast_keyserver: KeyServerProcess, chain_edge: EdgeProcess, ca: pki.Issued
+) -> None:
+    """The key server's renewed certificate names example.test only; the route also serves
+    *.example.test: the edge refuses the chain (log, metric) and keeps serving the old one,
+    which the key server still signs for during its grace period."""
+    edge = chain_edge
+    cert_path, key_path, old_fp = kpki.sites["p256"]
+    key = serialization.load_pem_private_key(key_path.read_bytes(), None)
+    narrower = leaf_for(ca, key.public_key(), ["example.test"], days=60)
+    replace_file(cert_path, pem(narrower))
+    assert fast_keyserver.wait_for(lambda r: r.get("event") == "key_reloaded", timeout=5)
+    refused = edge.wait_for(
+        lambda r: (
+            r.get("event") == "keyless_chain_refused" and r.get("reason") == "names_not_covered"
+        ),
+        timeout=5,
+    )
+    assert refused is not None and refused["keeps"] == old_fp
+    assert (
+        edge.metric(
+            "blindfold_certificate_reloads_total",
+            component="edge",
+            certificate="route0",
+            result="names_not_covered",
+        )
+        >= 1
+    )
+    assert served_sha256(edge.port, "www.example.test", kpki.site_ca) == old_fp

@@ -96,7 +96,8 @@ class KeyServerRef:
         "(it parses, each certificate is signed by the next, the leaf is valid now and covers "
         "every name in the route's `sni`) and then used for new handshakes; open connections "
         "keep theirs. The route's `certificate` file is the chain used until then (and after "
-        "a restart). 0: never ask.",
+        "a restart). After a refusal or a failure the next request waits at least 30 s. "
+        "0: never ask.",
         min=0,
         max=3600,
     )

@@ -75,6 +75,7 @@ from blindfold.web.proxy import iterate, request_has_body, upstream_headers
 from blindfold.web.target import path_has_prefix
 
 MAX_RATE_KEYS = 100_000
+CHAIN_RETRY_S = 30.0  # after a refused or failed chain request: the next one at most this often
 SIGN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _CONDITIONAL = frozenset(
     {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range"}
@@ -352,6 +353,10 @@ class KeylessMode(Mode):
             kr.chain_busy = False
 
     def _chain_failed(self, route: RouteState, kr: KeylessRoute, reason: str, detail: str) -> None:
+        # a refusal is audited at the key server: not every chain_refresh_s
+        assert kr.config.keyserver is not None
+        every = kr.config.keyserver.chain_refresh_s
+        kr.chain_due = time.monotonic() + max(every, CHAIN_RETRY_S)
         kr.chain_results[reason] = kr.chain_results.get(reason, 0) + 1
         if kr.chain_problem != reason:  # once per new problem, not every refresh
             kr.chain_problem = reason
