@@ -198,7 +198,9 @@ class KeyServerConfig:
     reload_interval_s: float = setting(
         2.0,
         doc="How often the keys' certificate and key files are checked for replacement "
-        "(inode, size, modification time); a replaced pair is used only if the chain parses, "
+        "(inode, size, modification time); a change is loaded once it is unchanged for one "
+        "more check (a key and a certificate renamed one after the other are taken together). "
+        "A replaced pair is used only if the chain parses, "
         "the key fits the leaf and the leaf is valid now, else the old one stays (log line "
         "`key_reload_failed`, metric blindfold_certificate_reloads_total). 0: only on SIGHUP.",
         min=0,

@@ -231,6 +231,9 @@ class KeyServer:
             self._set_conn_cap()
         self.key_list: list[SiteKey] = keys  # in configuration order
         self.key_stamps: list[tuple[Any, ...]] = [_stamp(k) for k in cfg.keys]
+        # a change is loaded once it has stayed the same for one poll: an ACME client renames
+        # the key and the certificate one after the other, never load between the two
+        self.key_seen: list[tuple[Any, ...]] = list(self.key_stamps)
         # certificates replaced by a renewal, still signed for during the grace period: an
         # edge serves the old chain until its next chain request
         self.previous: list[tuple[SiteKey, float]] = []
@@ -654,6 +657,9 @@ class KeyServer:
         for i, kc in enumerate(cfg.keys):
             stamp = _stamp(kc)
             if stamp == self.key_stamps[i]:
+                continue
+            if stamp != self.key_seen[i]:
+                self.key_seen[i] = stamp  # changed since the last poll: wait until it settles
                 continue
             self.key_stamps[i] = stamp  # tried once per change: a broken file is not retried
             old = keys[i]

@@ -442,7 +442,7 @@ class OriginAgent:
                 inner, lambda: advertised_port(self.cfg, self.quic), max_age_s
             )
         self.tls, self.waf, self.rules, self.pool = tls, waf, rules, pool
-        self.cert_stamps = stamps
+        self.cert_stamps = self.cert_seen = stamps
         self.edges, self.budget = edges, budget
         self.limits = cfg.http.limits()
         # a connection over its address's share: short deadlines, one HTTP/2 stream
@@ -881,6 +881,11 @@ class OriginAgent:
         cfg = self.cfg
         stamps = file_stamps(cfg.certificates)
         if not cfg.certificates or stamps == self.cert_stamps:
+            return
+        if stamps != self.cert_seen:
+            # changed since the last poll: load once it has settled (an ACME client renames
+            # the key and the certificate one after the other)
+            self.cert_seen = stamps
             return
         self.cert_stamps = stamps  # tried once per change: a broken file is not retried
         try:

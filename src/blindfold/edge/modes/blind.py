@@ -86,7 +86,7 @@ MAX_RECHECKED = 10_000
 UNCACHED_SHARE_PER_ADDRESS = 4  # disk_cache_bytes / 4
 UNCACHED_MIN_SEND_RATE = 64 << 10  # bytes per second
 
-CERT_POLL_S = 2.0  # how often the route's certificate and key files are checked for renewal
+CERT_POLL_S = 1.0  # how often the route's certificate and key files are checked for renewal
 METRICS = (
     *CERTIFICATE_METRICS,
     MetricSpec(
@@ -417,7 +417,7 @@ class BlindRoute:
         self.ipv6_prefix_len = ipv6_prefix_len
         self.cfg = rc.blind or BlindRouteConfig()
         self.where = where
-        self.cert_stamp = _stamp(rc)  # before loading: a change after it is seen
+        self.cert_stamp = self.cert_seen = _stamp(rc)  # before loading: a later change is seen
         self.tls = _server_tls(where, rc)
         self.leaf = _leaf(where, rc, None)
         self.cert_results: dict[str, int] = old.cert_results if old is not None else {}
@@ -511,6 +511,9 @@ class BlindMode(Mode):
             br.cert_due = mono + CERT_POLL_S
             stamp = _stamp(br.config)
             if stamp == br.cert_stamp:
+                continue
+            if stamp != br.cert_seen:  # changed since the last poll: load once it settles
+                br.cert_seen = stamp
                 continue
             br.cert_stamp = stamp  # tried once per change
             try:
