@@ -32,8 +32,10 @@ def make_token(base: Path) -> None:
     conf.write_text(f"directories.tokendir = {base / 'tokens'}\nobjectstore.backend = file\n")
     os.environ["SOFTHSM2_CONF"] = str(conf)  # before the library is loaded
     subprocess.run(
-        ["softhsm2-util", "--init-token", "--free", "--label", "bench", "--pin", PIN]
-        + ["--so-pin", "so" + PIN],
+        [
+            *("softhsm2-util", "--init-token", "--free", "--label", "bench"),
+            *("--pin", PIN, "--so-pin", "so" + PIN),
+        ],
         check=True,
         capture_output=True,
         timeout=30,
@@ -161,7 +163,9 @@ def measure(base: Path, seconds: float, max_n: int) -> int:
         rates = {}
         for kind, site in sites.items():
             n, cpu, wall = run(
-                lambda site=site: sign_certificate_verify(site, schemes[label], transcript),
+                lambda site=site, scheme=schemes[label]: sign_certificate_verify(
+                    site, scheme, transcript
+                ),
                 seconds,
                 max_n,
             )
@@ -200,7 +204,8 @@ def measure(base: Path, seconds: float, max_n: int) -> int:
     total = sum(counts)
     print(
         f"  {total} signatures in {wall:.2f} s wall, {cpu:.2f} CPU-s: {total / wall:.0f}/s wall, "
-        f"{total / cpu if cpu else 0:.0f} per CPU-second (1 thread: {rows[0][1]['hsm'][1]:.0f}/s wall)"
+        f"{total / cpu if cpu else 0:.0f} per CPU-second "
+        f"(1 thread: {rows[0][1]['hsm'][1]:.0f}/s wall)"
     )
     if errors:
         print(f"  errors: {len(errors)}, first: {errors[0]}")
