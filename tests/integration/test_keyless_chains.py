@@ -160,7 +160,7 @@ def test_an_edge_gets_the_chains_it_is_authorised_for_and_is_refused_others(
         "reason": "unauthorized_sni",
         "hostname": "example.test",
     } in [
-        {"edge": e["edge"], "reason": e["reason"], "hostname": e["verified"]["hostname"]}
+        {"edge": e["edge"], "reason": e["reason"], "hostname": e["claimed"]["hostname"]}
         for e in refused_entries
     ]
     assert (

@@ -210,7 +210,8 @@ class KeyServerConfig:
         60.0,
         doc="After a replaced certificate is swapped in, handshakes that carry the previous one "
         "are still signed this long (edges serve it until their next chain request, "
-        "`chain_refresh_s`); 0: refused at once. A SIGHUP reload ends it.",
+        "`chain_refresh_s`); 0: refused at once. A SIGHUP reload ends it: after replacing a "
+        "compromised key, send SIGHUP so that it signs nothing more.",
         min=0,
         max=86400,
     )

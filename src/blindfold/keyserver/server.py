@@ -616,7 +616,7 @@ class KeyServer:
         if site is None:
             self._count_chain(name, reason)
             self.audit.append(
-                event="chain_refused", edge=name, reason=reason, verified={"hostname": hostname}
+                event="chain_refused", edge=name, reason=reason, claimed={"hostname": hostname}
             )
             self.log.log("chain_refused", edge=name, reason=reason, hostname=hostname)
             code = w.E_UNKNOWN_KEY if reason == "no_certificate" else w.E_UNAUTHORIZED
