@@ -1,9 +1,13 @@
 """Signatures per CPU-second with keys in a SoftHSM2 token against the same kinds of keys in
 memory, through the key server's own signer (keyserver.signer.sign_certificate_verify: the
 CertificateVerify content built, hashed, signed, converted to DER for ECDSA), measured side by
-side in one run. Also: the same token key used from two threads with two sessions.
+side in one run. Also: the same token key used from two threads with two sessions; and
+(part 2) the key server process itself, one with a P-256 key file and one with a P-256 token
+key, each loaded by bench/keyless's `signload` (64 sign requests in flight on one mTLS
+connection, real handshake messages) for --ks-seconds: signatures per CPU-second of the key
+server process (/proc utime + stime), side by side.
 
-    .venv/bin/python bench/hsm/hsmbench.py [--seconds 3] [--max 200000]
+    .venv/bin/python bench/hsm/hsmbench.py [--seconds 3] [--max 200000] [--ks-seconds 5]
 
 Needs Debian's softhsm2 (scripts/bootstrap). The token lives in a temporary directory that is
 removed at the end; nothing else is written."""
@@ -82,6 +86,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=3.0, help="per measurement (default 3)")
     ap.add_argument("--max", type=int, default=200_000, help="signatures per measurement at most")
+    ap.add_argument(
+        "--ks-seconds", type=float, default=5.0, help="key server load per key (0: skip part 2)"
+    )
     args = ap.parse_args()
     if not os.path.exists(MODULE):
         print(f"{MODULE} missing: run scripts/bootstrap (Debian softhsm2)", file=sys.stderr)
@@ -89,7 +96,10 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="blindfold-hsm-bench."))
     try:
         make_token(base)
-        return measure(base, args.seconds, args.max)
+        rc = measure(base, args.seconds, args.max)
+        if rc == 0 and args.ks_seconds > 0:
+            rc = keyserver_part(base, args.ks_seconds)
+        return rc
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -117,6 +127,11 @@ def measure(base: Path, seconds: float, max_n: int) -> int:
             )
             pub, _ = params.generate_keypair(store=True, label=label, private_template=secret)
             publics[label] = serialization.load_der_public_key(encode_ec_public_key(pub))
+            (base / f"{label}-hsm.pub").write_bytes(
+                publics[label].public_bytes(
+                    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+            )
         pub, _ = s.generate_keypair(
             KeyType.RSA, 2048, store=True, label="rsa", private_template=secret
         )
@@ -210,6 +225,126 @@ def measure(base: Path, seconds: float, max_n: int) -> int:
     if errors:
         print(f"  errors: {len(errors)}, first: {errors[0]}")
     return 0
+
+
+def keyserver_part(base: Path, seconds: float) -> int:
+    """Two key servers in turn (file key, token key), each under the same pipelined load."""
+    repo = Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(repo))
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from bench.benchlib import Proc, cpu_s
+    from blindfold import pki
+
+    py = sys.executable
+    d = base / "pki"
+    d.mkdir()
+    for args in (
+        ["ca", str(d)],
+        ["server", "keyserver", str(d), "--host", "keyserver.test", "--host", "127.0.0.1"],
+        ["edge", "edge1", str(d)],
+    ):
+        subprocess.run(
+            [py, "-m", "blindfold", "pki", *args], check=True, capture_output=True, timeout=60
+        )
+    edge_fp = pki.fingerprint_sha256(x509.load_pem_x509_certificate((d / "edge1.pem").read_bytes()))
+    names = ["example.test", "*.example.test"]
+    site_ca = pki.make_ca("hsm bench site CA")
+    site_ca.write(d / "site-ca.pem")
+    pki.issue(site_ca, names).write(d / "site-file.pem", d / "site-file.key")
+    # the token's P-256 key (made in part 1), certified by the same CA
+    token_public = serialization.load_pem_public_key((base / "p256-hsm.pub").read_bytes())
+    (d / "site-token.pem").write_bytes(leaf_pem(site_ca, token_public, names))
+    keys = {
+        "file": f'key = "{d / "site-file.key"}"',
+        "token": (
+            f'pkcs11 = {{ module = "{MODULE}", token_label = "bench", key_label = "p256", '
+            f'pin_file = "{base / "pin"}" }}'
+        ),
+    }
+    results: dict[str, float] = {}
+    print(f"\nkey server process, P-256, 64 requests in flight, {seconds:g} s each:")
+    for kind, key_line in keys.items():
+        out = base / kind
+        out.mkdir()
+        cfg = out / "keyserver.toml"
+        hostnames = ", ".join(f'"{n}"' for n in names)
+        cfg.write_text(
+            f"""[keyserver]
+listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+cert = "{d / "keyserver.pem"}"
+key = "{d / "keyserver.key"}"
+client_ca = "{d / "ca.pem"}"
+audit_log = "{out / "audit.log"}"
+audit_key = "{out / "audit.key"}"
+log_path = "{out / "keyserver.log"}"
+rate_per_s = 1000000.0
+burst = 1000000
+
+[[keyserver.keys]]
+name = "site"
+certificate = "{d / f"site-{kind}.pem"}"
+{key_line}
+
+[[keyserver.edges]]
+name = "edge1"
+cert_sha256 = "{edge_fp}"
+hostnames = [{hostnames}]
+"""
+        )
+        ks = Proc(f"ks-{kind}", [py, "-m", "blindfold", "keyserver", "--config", str(cfg)], out)
+        try:
+            ready = ks.wait_json(out / "keyserver.log", "keyserver_ready")
+            port = ready["listen"][0].rpartition(":")[2]
+            load_cmd = [
+                py,
+                str(repo / "bench" / "keyless" / "kbench.py"),
+                "signload",
+                *("--port", port, "--ca", str(d / "ca.pem")),
+                *("--cert", str(d / "edge1.pem"), "--key", str(d / "edge1.key")),
+                *("--site-cert", str(d / f"site-{kind}.pem")),
+                *("--site-ca", str(d / "site-ca.pem")),
+                *("--inflight", "64", "--seconds", str(seconds)),
+            ]
+            c0 = cpu_s(ks.pid)
+            load = Proc(f"load-{kind}", load_cmd, out)
+            load.wait(seconds + 60)
+            c1 = cpu_s(ks.pid)
+            r = load.last_json()
+        finally:
+            ks.stop()
+        per_cpu = r["ok"] / (c1 - c0) if c1 > c0 else 0.0
+        results[kind] = per_cpu
+        print(
+            f"  {kind:5}: {r['ok']} signed ({r['errors']} errors {r['error_kinds']}) in "
+            f"{r['elapsed_s']:.2f} s: {r['ok'] / r['elapsed_s']:.0f}/s wall, "
+            f"key server {c1 - c0:.2f} CPU-s: {per_cpu:.0f} signatures per CPU-second"
+        )
+    if results.get("file"):
+        print(f"  ratio token / file: {results['token'] / results['file']:.3f}")
+    return 0
+
+
+def leaf_pem(ca: Any, public: Any, names: list[str]) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca.cert.subject)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
 
 
 if __name__ == "__main__":
