@@ -621,6 +621,12 @@ class KeyServer:
             self.log.log("chain_refused", edge=name, reason=reason, hostname=hostname)
             code = w.E_UNKNOWN_KEY if reason == "no_certificate" else w.E_UNAUTHORIZED
             return w.encode_error(rid, code, f"{reason}: no chain for {hostname} for edge {name}")
+        # a chain is larger than a request: charged like a request of its size (one token per
+        # started COST_BYTES), so an edge cannot turn its rate into 64 KiB answers at no cost
+        extra = _cost(sum(len(d) for d in site.chain)) - 1
+        if extra > 0 and not edge.bucket.allow(time.monotonic(), min(extra, edge.bucket.burst)):
+            self._count_chain(name, "rate_limited")
+            return w.encode_error(rid, w.E_RATE_LIMITED, f"edge {name} is over its request rate")
         try:
             out = w.encode_chain_response(rid, site.chain)
         except ValueError:  # load_key bounds chains: not expected
