@@ -97,7 +97,9 @@ class KeyServerRef:
         "every name in the route's `sni`) and then used for new handshakes; open connections "
         "keep theirs. The route's `certificate` file is the chain used until then (and after "
         "a restart). After a refusal or a failure the next request waits at least 30 s. "
-        "Checked at each worker's housekeeping tick (every second). 0: never ask.",
+        "Checked at each worker's housekeeping tick (every second). Keep it well below the "
+        "key server's previous_certificate_grace_s (60 s), the time it still signs for the "
+        "chain it replaced. 0: never ask (renew the file on the edge yourself).",
         min=0,
         max=3600,
     )
