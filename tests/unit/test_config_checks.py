@@ -81,6 +81,56 @@ rate_per_s = 1
     assert exc.value.key == "origin.decisions.rate_rules[0].path_prefix"
 
 
+_WAF_ORIGIN = """
+[origin]
+upstream = "http://127.0.0.1:8080"
+listen = []
+proxy_protocol = "off"
+"""
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        # an argument name goes into a ModSecurity ctl: action: nothing that could end it
+        ('[[origin.waf.exclusions]]\npath_prefix = "/a"\nargs = ["q;ARGS:x"]', "args"),
+        ('[[origin.waf.exclusions]]\npath_prefix = "/a"\nargs = ["q\\"x"]', "args"),
+        ('[[origin.waf.exclusions]]\npath_prefix = "/a"\nargs = ["a b"]', "args"),
+        ('[[origin.waf.exclusions]]\npath_prefix = "/a"\nargs = [""]', "args"),
+        ('[[origin.waf.modes]]\npath_prefix = "/a"\nmode = "off"', "mode"),
+        ('[[origin.waf.modes]]\npath_prefix = "a"\nmode = "detect"', "path_prefix"),
+        (
+            '[[origin.waf.modes]]\npath_prefix = "/a"\nmode = "detect"\nhostnames = ["A.x"]',
+            "hostnames",
+        ),
+    ],
+)
+def test_waf_tuning_keys_are_checked(table: str, key: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        loads(_WAF_ORIGIN + table)
+    assert f"[0].{key}" in exc.value.key, exc.value.key
+
+
+def test_waf_tuning_keys_load() -> None:
+    cfg = loads(
+        _WAF_ORIGIN
+        + """
+[[origin.waf.exclusions]]
+path_prefix = "/search"
+rule_ids = [942100]
+args = ["q", "json.comment", "items[]"]
+
+[[origin.waf.modes]]
+path_prefix = "/beta"
+mode = "detect"
+hostnames = ["shop.example"]
+"""
+    )
+    assert cfg.origin is not None
+    assert cfg.origin.waf.exclusions[0].args == ("q", "json.comment", "items[]")
+    assert cfg.origin.waf.modes[0].hostnames == ("shop.example",)
+
+
 # ---------------------------------------------------------------------- check-config
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, Path]:

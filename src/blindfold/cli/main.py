@@ -125,6 +125,8 @@ def _seal(args: argparse.Namespace) -> int:
                 expires_in_s=int(args.expires_in),
                 skip=tuple(args.skip),
                 sri=tuple(args.sri),
+                private=tuple(args.private),
+                rotate_private=args.rotate_private,
             ),
         )
     except ConfigError as exc:
@@ -152,6 +154,20 @@ def _connect_to(items: list[str]) -> dict[str, str]:
             raise ConfigError("connect_to", f"{item!r}: expected HOST:PORT:ADDR:PORT")
         connect_to[f"{host}:{port}"] = addr_port
     return connect_to
+
+
+def _headers(items: list[str]) -> tuple[tuple[str, str], ...]:
+    """`Name: value` request headers (credentials for the origin), checked for what
+    http.client would send as is: a token for a name, no CR/LF in either."""
+    out = []
+    for item in items:
+        name, sep, value = item.partition(":")
+        name, value = name.strip(), value.strip()
+        token = name and all(c.isascii() and (c.isalnum() or c in "!#$%&'*+-.^_`|~") for c in name)
+        if not sep or not token or any(c in value for c in "\r\n\x00"):
+            raise ConfigError("header", f"{item!r}: expected 'Name: value'")
+        out.append((name, value))
+    return tuple(out)
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -184,6 +200,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
     try:
         connect_to = _connect_to(args.connect_to)
+        _headers(args.header)
     except ConfigError as exc:
         print(f"blindfold fetch: {exc}", file=sys.stderr)
         return 2
@@ -197,6 +214,7 @@ def _fetch(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             fallback=not args.no_fallback,
             plaintext_path=args.plaintext_path,
+            headers=_headers(args.header),
         )
         result = fetch(args.url, args.output, opts)
     except ConfigError as exc:
@@ -247,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     from blindfold.cli import pki as pki_cli
 
     pki_cli.add_parser(sub)
+
+    from blindfold.cli import waf as waf_cli
+
+    waf_cli.add_parser(sub)
 
     p_seal = sub.add_parser("seal", help="seal a static tree for blind delivery")
     p_seal.add_argument("src", metavar="SRC_DIR")
@@ -300,6 +322,22 @@ def main(argv: list[str] | None = None) -> int:
         "can read these copies); repeatable",
     )
 
+    p_seal.add_argument(
+        "--private",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="seal matching files as private: their entries go to manifest-private.json, "
+        "which the origin serves only to visitors its application admits "
+        "([origin.blind] private_auth_path); repeatable",
+    )
+    p_seal.add_argument(
+        "--rotate-private",
+        action="store_true",
+        help="give every private file a new key and id and remove the old private blobs "
+        "(revocation: old keys open nothing sealed from now on)",
+    )
+
     p_fetch = sub.add_parser(
         "fetch",
         help="fetch a sealed file: manifest from the origin, "
@@ -322,6 +360,15 @@ def main(argv: list[str] | None = None) -> int:
         default="/.well-known/blindfold/plain/",
         help="the origin's prefix for the plaintext of sealed files (the fallback; "
         "[origin.blind] plaintext_path)",
+    )
+    p_fetch.add_argument(
+        "--header",
+        "-H",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="a request header for the origin (credentials for private files: Cookie, "
+        "Authorization); never sent to the edge; repeatable",
     )
     p_fetch.add_argument("--cacert", help="CA bundle for the origin and the edge")
     p_fetch.add_argument(
@@ -429,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "pki":
         return pki_cli.run(args)
+    if args.command == "waf":
+        return waf_cli.run(args)
     if args.command == "seal":
         return _seal(args)
     if args.command == "fetch":

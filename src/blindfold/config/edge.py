@@ -283,6 +283,32 @@ class RouteConfig:
     cache_max_object_bytes: int = setting(
         8 << 20, doc="keyless: largest response body cached.", min=0
     )
+    cache_stale_while_revalidate: bool = setting(
+        True,
+        doc="keyless: honour a response's `stale-while-revalidate=N` (RFC 5861 §3): within N "
+        "seconds past its lifetime, serve the stored copy at once and revalidate it with the "
+        "origin in the background (one refresh per URL, at most 64 at once per worker). Never "
+        "where must-revalidate, "
+        "proxy-revalidate, s-maxage or no-cache forbid stale responses (RFC 9111 §4.2.4).",
+    )
+    cache_stale_if_error: bool = setting(
+        True,
+        doc="keyless: honour `stale-if-error=N` (RFC 5861 §4, on the response or the "
+        "request): when the origin cannot be reached or answers 500/502/503/504, a copy at most "
+        "N seconds past its lifetime answers instead. Same exceptions as above.",
+    )
+    cache_max_stale: bool = setting(
+        True,
+        doc="keyless: honour a request's `max-stale[=N]` (RFC 9111 §5.2.1.2): serve a copy up "
+        "to N seconds past its lifetime without asking the origin. Same exceptions as above.",
+    )
+    cache_stale_max_s: float = setting(
+        86400.0,
+        doc="keyless: the most any of the three above serves a copy past its lifetime, "
+        "whatever the response or request asks (max-stale without a value: this).",
+        min=0,
+        max=2**31,
+    )
     http: EdgeHttpConfig | None = setting(
         None,
         doc="keyless, blind: HTTP limits and deadlines for visitors (the settings of "

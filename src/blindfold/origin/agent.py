@@ -44,7 +44,13 @@ from blindfold.obs.metrics import CERTIFICATE_METRICS, MetricSpec, render
 from blindfold.origin.edges import DecisionBudget, Reporter, TrustedEdges
 from blindfold.origin.gate import OriginGate, edge_fields
 from blindfold.origin.tls import SiteTls, decisions_tls, file_stamps
-from blindfold.waf.engine import CrsSettings, Exclusion, ModSecurityEngine, WafEngine
+from blindfold.waf.engine import (
+    CrsSettings,
+    Exclusion,
+    ModSecurityEngine,
+    PathMode,
+    WafEngine,
+)
 from blindfold.waf.modsecurity import ModSecurityError
 from blindfold.web.client import UpstreamPool
 from blindfold.web.http1 import ConnInfo, H1Connection
@@ -134,7 +140,8 @@ def build_waf(cfg: OriginConfig) -> WafEngine | None:
         body_limit_action=w.body_limit_action,
         allowed_methods=w.allowed_methods,
         allowed_content_types=w.allowed_content_types,
-        exclusions=tuple(Exclusion(e.path_prefix, e.rule_ids) for e in w.exclusions),
+        exclusions=tuple(Exclusion(e.path_prefix, e.rule_ids, e.args) for e in w.exclusions),
+        modes=tuple(PathMode(m.path_prefix, m.mode, m.hostnames) for m in w.modes),
         extra_rules_files=w.extra_rules_files,
         crs_rules_dir=w.crs_rules_dir,
         crs_setup_dir=w.crs_setup_dir,
@@ -995,6 +1002,8 @@ class OriginAgent:
             await self.journal.close()
         await self.admin.close()
         self.log.emit("origin_stopped")
+        if self.audit is not self.log:
+            self.audit.flush()  # the last second's WAF lines (the tick flushes it otherwise)
         return 0
 
 

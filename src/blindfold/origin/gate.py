@@ -92,7 +92,8 @@ class OriginGate:
                     verdict, prefix = await self._inspect_body(tx, body)
             if verdict is not None:
                 verdict_ids = verdict.rule_ids
-            if verdict is not None and not self.detect_only:
+            detect = self.detect_only or (tx is not None and tx.mode == "detect")
+            if verdict is not None and not detect:
                 status = verdict.status
                 waf_state = "blocked"
                 await self._block(request, respond, verdict, reporter)
@@ -123,7 +124,8 @@ class OriginGate:
                 ]
             if matches:
                 waf_state = waf_state or "matched"
-                self._audit(request, status, matches, waf_state, reporter)
+                mode = tx.mode if tx is not None else "block"
+                self._audit(request, status, matches, waf_state, mode, reporter)
             self._count(f"requests:{status // 100}xx" if status else "requests:aborted")
             if self.access_log:
                 self.log(
@@ -179,6 +181,7 @@ class OriginGate:
         status: int,
         matches: list[Match],
         state: str,
+        mode: str,
         reporter: Reporter | None,
     ) -> None:
         self.log(
@@ -190,9 +193,14 @@ class OriginGate:
             raw_uri=request.raw_target.decode("latin-1")[:500] or None,  # as sent
             host=request.authority.decode("latin-1")[:200],
             status=status,
+            path=request.path.decode("latin-1")[:300],  # canonical, no query: what rules name
             result=state,
+            mode=mode,
             rule_ids=sorted({m.rule_id for m in matches}),
-            messages=[m.message for m in matches][:20],
+            messages=[m.message[:100] for m in matches][:20],
+            # [rule id, variable, anomaly points] in the order of `messages`: where each rule
+            # matched (the variable's name, never its value); what `blindfold waf report` reads
+            targets=[[m.rule_id, m.variable[:80], m.points] for m in matches][:20],
             audit=True,
             **edge_fields(reporter),
         )

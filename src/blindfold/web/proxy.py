@@ -6,7 +6,8 @@ X-Forwarded-*/Forwarded headers are dropped and replaced, never trusted or appen
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from blindfold.errors import UpstreamError
 from blindfold.web.client import UpstreamPool, UpstreamResponse
@@ -97,6 +98,20 @@ async def iterate(first: list[bytes], body: BodyStream) -> AsyncIterator[bytes]:
         yield chunk
 
 
+def interim_sender(respond: Responder) -> Callable[[int, Headers], Awaitable[None]]:
+    """Passes an upstream's interim (1xx: 103 Early Hints, 102) responses on to the client,
+    hop-by-hop fields removed, where the client's protocol can carry them (HTTP/1.1, HTTP/2
+    responders have `interim`); nothing is kept of them."""
+
+    async def send(status: int, headers: Headers) -> None:
+        forward = getattr(respond, "interim", None)
+        if forward is not None:
+            with contextlib.suppress(ConnectionError):
+                await forward(status, strip_hop_by_hop(headers))
+
+    return send
+
+
 class ReverseProxy:
     def __init__(
         self, pool: UpstreamPool, on_response: Callable[[Request, int, int], None] | None = None
@@ -119,7 +134,9 @@ class ReverseProxy:
             headers.append((b"transfer-encoding", b"chunked"))
         stream = iterate(prefix or [], body) if has_body else None
         try:
-            return await self.pool.request(request.method, request.target or b"/", headers, stream)
+            return await self.pool.request(
+                request.method, request.target or b"/", headers, stream, interim_sender(respond)
+            )
         except BodyTooLarge:
             await simple_response(respond, 413, "request body too large\n")
         except BodyTimeout:
