@@ -24,7 +24,7 @@ def test_a_token_key_loads() -> None:
     assert cfg is not None
     p = cfg.keys[0].pkcs11
     assert p is not None and (p.key_label, p.sessions) == ("k", 1)
-    assert cfg.reload_interval_s == 2.0 and cfg.previous_certificate_grace_s == 60.0
+    assert cfg.reload_interval_s == 1.0 and cfg.previous_certificate_grace_s == 60.0
 
 
 @pytest.mark.parametrize(

@@ -196,7 +196,7 @@ class KeyServerConfig:
     )
     log_path: str = setting("", doc="Where JSON log lines go; empty = standard output.")
     reload_interval_s: float = setting(
-        2.0,
+        1.0,
         doc="How often the keys' certificate and key files are checked for replacement "
         "(inode, size, modification time); a change is loaded once it is unchanged for one "
         "more check (a key and a certificate renamed one after the other are taken together). "

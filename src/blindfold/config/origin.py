@@ -547,7 +547,7 @@ class OriginConfig:
         (), doc="The site's certificates; the SNI picks one, the first is the default."
     )
     certificate_reload_interval_s: float = setting(
-        2.0,
+        1.0,
         doc="How often the certificates' files are checked for replacement (inode, size, "
         "modification time; an ACME client renames renewed files into place); a change is "
         "loaded once it is unchanged for one more check. The replaced set is used for new "
