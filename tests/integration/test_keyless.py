@@ -487,16 +487,18 @@ def test_key_server_down_fails_fast_or_falls_back_and_recovers(
 
 def test_path_rate_limits(chain: Any, kpki: KeylessPki, app: Any) -> None:
     edge, _ = chain(
-        rate_limits=[{"path_prefix": "/login", "rate_per_s": 0.01, "burst": 2, "name": "login"}]
+        rate_limits=[{"path_prefix": "/signin", "rate_per_s": 0.01, "burst": 2, "name": "login"}]
     )
     before = len(app.seen)
-    codes = [fetch(edge, kpki, "/login", "-o", "/dev/null")[0] for _ in range(3)]
+    codes = [fetch(edge, kpki, "/signin", "-o", "/dev/null")[0] for _ in range(3)]
     assert codes == [200, 200, 429]
-    out = curl(edge.port, "example.test", kpki.site_ca, "-D", "-", "-o", "/dev/null", path="/login")
+    out = curl(
+        edge.port, "example.test", kpki.site_ca, "-D", "-", "-o", "/dev/null", path="/signin"
+    )
     assert re.match(r"HTTP/\S+ 429", out.stdout)
     assert re.search(r"(?i)retry-after: \d+", out.stdout)
     assert fetch(edge, kpki, "/echo", "-o", "/dev/null")[0] == 200  # other paths are free
-    assert fetch(edge, kpki, "/login", "-o", "/dev/null", source="127.0.0.9")[0] == 200
+    assert fetch(edge, kpki, "/signin", "-o", "/dev/null", source="127.0.0.9")[0] == 200
     assert len(app.seen) - before == 4  # refused requests never reached the origin
     assert edge.metric("blindfold_keyless_rate_limited_total", route="route0", rule="login") == 2
 

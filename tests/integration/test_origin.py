@@ -339,7 +339,7 @@ def test_rate_rule_bans_at_the_edge(
     rule = {
         "rate_rules": [
             {
-                "path_prefix": "/login",
+                "path_prefix": "/signin",
                 "rate_per_s": 0.5,
                 "burst": 3,
                 "ban_duration_s": 60,
@@ -350,10 +350,10 @@ def test_rate_rule_bans_at_the_edge(
     edge, origin = chain(
         start_edge, start_origin, app, site, tmp_path, origin_kw={"decisions": rule}
     )
-    codes = [fetch(edge, site, "/login", "127.0.0.70")[0] for _ in range(4)]
+    codes = [fetch(edge, site, "/signin", "127.0.0.70")[0] for _ in range(4)]
     assert codes[:3] == [200, 200, 200]  # the burst; the 4th crossed the rule
     assert wait_until(lambda: fetch(edge, site, "/echo", "127.0.0.70")[0] == 0, 3)
-    assert fetch(edge, site, "/login", "127.0.0.71")[0] == 200
+    assert fetch(edge, site, "/signin", "127.0.0.71")[0] == 200
     decision = origin.wait_for(lambda r: r.get("event") == "decision", 5)
     assert decision is not None and decision["reason"] == "rate: login"
 

@@ -199,14 +199,17 @@ def test_trusting_every_address_is_an_error_unless_allowed(
 def test_listeners_on_every_address_are_warned_about(
     files: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    text = _origin(files, 'admin_listen = "0.0.0.0:9101"').replace(
+    token = files["dir"] / "admin.token"
+    token.write_text("0123456789abcdef-admin\n")
+    text = _origin(files, f'admin_listen = "0.0.0.0:9101"\nadmin_token_file = "{token}"').replace(
         'listen = "127.0.0.1:8089"', 'listen = "[::]:8089"'
     )
     code, err = _check(files, text, capsys)
     assert code == 0
     assert "warning: origin.admin_listen" in err and "warning: origin.decisions.listen" in err
     edge = EDGE.split("[edge.decisions]")[0].replace(
-        'listen = ["127.0.0.1:8443"]', 'listen = ["127.0.0.1:8443"]\nadmin_listen = "0.0.0.0:9100"'
+        'listen = ["127.0.0.1:8443"]',
+        f'listen = ["127.0.0.1:8443"]\nadmin_listen = "0.0.0.0:9100"\nadmin_token_file = "{token}"',
     )
     code, err = _check(files, edge, capsys)
     assert code == 0 and "warning: edge.admin_listen" in err
@@ -222,3 +225,27 @@ def test_the_decision_stream_needs_a_certificate_of_its_own(
     site = _origin(files, decisions=f'cert = "{files["site"]}"\nkey = "{files["site_key"]}"')
     code, err = _check(files, site, capsys)
     assert code == 2 and "origin.decisions.cert" in err and "example.test" in err
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:9101", "10.1.2.3:9101", "[::]:9101"])
+def test_an_admin_listener_off_loopback_needs_a_token(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str], address: str
+) -> None:
+    """Issue 13: its /metrics and /status.json would be anyone's to read."""
+    edge = EDGE.split("[edge.decisions]")[0].replace(
+        'listen = ["127.0.0.1:8443"]', f'listen = ["127.0.0.1:8443"]\nadmin_listen = "{address}"'
+    )
+    code, err = _check(files, edge, capsys)
+    assert code == 2 and "edge.admin_token_file" in err, err
+    code, err = _check(files, _origin(files, f'admin_listen = "{address}"'), capsys)
+    assert code == 2 and "origin.admin_token_file" in err, err
+    short = files["dir"] / "short.token"
+    short.write_text("too-short\n")
+    with_short = _origin(files, f'admin_listen = "{address}"\nadmin_token_file = "{short}"')
+    code, err = _check(files, with_short, capsys)
+    assert code == 2 and "origin.admin_token_file" in err and "16 or more" in err, err
+    missing = _origin(files, f'admin_listen = "{address}"\nadmin_token_file = "/nonexistent/t"')
+    code, err = _check(files, missing, capsys)
+    assert code == 2 and "origin.admin_token_file" in err, err
+    # on loopback no token is needed
+    assert _check(files, _origin(files, 'admin_listen = "127.0.0.2:9101"'), capsys)[0] == 0

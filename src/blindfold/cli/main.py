@@ -8,7 +8,7 @@ from pathlib import Path
 
 from blindfold import __version__
 from blindfold.config import load_file
-from blindfold.config.common import unspecified_listen
+from blindfold.config.common import load_admin_token, unspecified_listen
 from blindfold.errors import ConfigError
 
 
@@ -23,6 +23,10 @@ def _check_config(path: str) -> int:
 
         check_deployment(config)  # the manifest never where the edge ends TLS
         sections = []
+        for name in ("edge", "origin", "keyserver"):  # the admin tokens read
+            section = getattr(config, name)
+            if section is not None:
+                load_admin_token(section.admin_token_file, f"{name}.admin_token_file")
         if config.edge is not None:
             if unspecified_listen(config.edge.admin_listen):
                 warnings.append(
@@ -37,9 +41,18 @@ def _check_config(path: str) -> int:
             from blindfold.core.proxyproto import load_auth_key
             from blindfold.edge.modes import check_route
 
+            pending: set[str] = set()
+            if edge.acme is not None:
+                from blindfold.acme.certfiles import pending_files
+                from blindfold.acme.check import check_acme
+
+                check_acme(edge.acme, "edge.acme")
+                pending = pending_files(edge.acme.orders)  # made at the first start
             for i, rc in enumerate(edge.routes):  # each mode's files: certificates, keys, CAs
                 if rc.proxy_auth_key_file:  # the PROXY header authentication key
                     load_auth_key(rc.proxy_auth_key_file, f"edge.routes[{i}].proxy_auth_key_file")
+                if {rc.certificate, rc.key} & pending:
+                    continue
                 check_route(f"edge.routes[{i}]", rc, edge)
             if edge.decisions is not None:  # the origins' public keys for signed decisions
                 from blindfold.decisions.signed import load_public_key
@@ -55,6 +68,10 @@ def _check_config(path: str) -> int:
 
             origin = config.origin
             TrustedEdges(origin)  # the edges' PROXY authentication keys load
+            if origin.acme is not None:
+                from blindfold.acme.check import check_acme
+
+                check_acme(origin.acme, "origin.acme")
             if origin.certificates:
                 SiteTls(origin.certificates)
             if origin.decisions.listen:
@@ -77,7 +94,20 @@ def _check_config(path: str) -> int:
         if config.keyserver is not None:
             from blindfold.keyserver.access import check_keys
 
-            warnings += check_keys(config.keyserver)  # loads the keys; partly authorised edges
+            ks = config.keyserver
+            if ks.acme is not None:
+                import dataclasses
+
+                from blindfold.acme.certfiles import pending_files
+                from blindfold.acme.check import check_acme
+
+                check_acme(ks.acme, "keyserver.acme")
+                # keys ACME makes at the first start are not there yet: check the others
+                pending = pending_files(ks.acme.orders)
+                ready = tuple(k for k in ks.keys if not {k.key, k.certificate} & pending)
+                ks = dataclasses.replace(ks, keys=ready) if ready else None  # type: ignore[assignment]
+            if ks is not None:
+                warnings += check_keys(ks)  # loads the keys; partly authorised edges
             if unspecified_listen(config.keyserver.admin_listen):
                 warnings.append(
                     f"keyserver.admin_listen = {config.keyserver.admin_listen!r} serves /metrics "
@@ -436,6 +466,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run the demo's checks, then exit: 0 if all pass, 1 if not "
         "(with --duration: keep running that long first)",
     )
+    p_demo.add_argument(
+        "--acme",
+        action="store_true",
+        help="also run a local ACME CA (Debian's pebble) and give one hostname a "
+        "certificate from it by tls-alpn-01 through the edge",
+    )
 
     args = parser.parse_args(argv)
     if args.command == "edge":
@@ -489,7 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from blindfold.demo.run import run_demo
 
-        return run_demo(args.port, args.admin_port, args.dir, args.duration, args.self_check)
+        return run_demo(
+            args.port, args.admin_port, args.dir, args.duration, args.self_check, args.acme
+        )
     parser.error(f"unknown command {args.command}")
     return 2
 

@@ -8,7 +8,10 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
+from blindfold.config.acme import AcmeConfig
 from blindfold.config.common import (
+    ADMIN_TOKEN_DOC,
+    admin_exposure,
     check_hostport,
     check_ip_hostport,
     check_redis_url,
@@ -712,9 +715,11 @@ class EdgeConfig:
     routes: tuple[RouteConfig, ...] = setting(doc="Routes, chosen by SNI.", check=_nonempty)
     admin_listen: str = setting(
         "127.0.0.1:7743",
-        doc="Address of the admin listener serving /metrics (Prometheus text) and /healthz.",
+        doc="Address of the admin listener: the status page (/), /status.json, /metrics "
+        "(Prometheus text) and /healthz.",
         check=check_ip_hostport,
     )
+    admin_token_file: str = setting("", doc=ADMIN_TOKEN_DOC)
     workers: int = setting(
         0,
         doc="Worker processes sharing the listeners (SO_REUSEPORT; a BPF program sends every "
@@ -852,6 +857,13 @@ class EdgeConfig:
         doc="How bytes are moved after the hello: 'splice' (Linux zero-copy through "
         "pipes), 'copy' (portable user-space buffers), 'auto' (splice where available).",
     )
+    acme: AcmeConfig | None = setting(
+        None,
+        doc="The edge's own certificates by ACME: a blind route's CDN hostname is the "
+        "edge's name, its key is made and kept here (docs/acme.md). Name the route's "
+        "certificate and key as an order's cert and key; tls-alpn-01 is answered by the "
+        "edge itself from challenge_dir.",
+    )
 
     def __post_init__(self) -> None:
         defaults = [i for i, r in enumerate(self.routes) if r.default]
@@ -872,6 +884,8 @@ class EdgeConfig:
             raise ConfigError("routes", f"route names must be unique: {sorted(dup)}")
         if self.admin_listen in self.listen and not self.admin_listen.endswith(":0"):
             raise ConfigError("admin_listen", "must differ from every listen address")
+        if exposed := admin_exposure(self.admin_listen, self.admin_token_file):
+            raise ConfigError("admin_token_file", exposed)
         if self.decisions and self.decisions.min_ban_prefix_len_v6 > self.ipv6_prefix_len:
             raise ConfigError(
                 "decisions.min_ban_prefix_len_v6",

@@ -7,7 +7,14 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from blindfold.config.common import check_ip_hostport, check_redis_url, unspecified_listen
+from blindfold.config.acme import AcmeConfig
+from blindfold.config.common import (
+    ADMIN_TOKEN_DOC,
+    admin_exposure,
+    check_ip_hostport,
+    check_redis_url,
+    unspecified_listen,
+)
 from blindfold.config.http import HttpServerConfig
 from blindfold.config.schema import setting
 from blindfold.errors import ConfigError
@@ -583,8 +590,11 @@ class OriginConfig:
     )
     proxy_header_timeout_s: float = setting(5.0, doc="Deadline for the PROXY header.", min=0.1)
     admin_listen: str = setting(
-        "127.0.0.1:7744", doc="Address of /metrics and /healthz.", check=check_ip_hostport
+        "127.0.0.1:7744",
+        doc="Address of the status page (/), /status.json, /metrics and /healthz.",
+        check=check_ip_hostport,
     )
+    admin_token_file: str = setting("", doc=ADMIN_TOKEN_DOC)
     log_path: str = setting("", doc="Where JSON log lines go; empty = standard output.")
     access_log: bool = setting(True, doc="One JSON line per request.")
     max_connections: int = setting(10000, doc="Open client connections at most.", min=1)
@@ -622,9 +632,22 @@ class OriginConfig:
     quic: OriginQuicConfig = setting(
         default_factory=OriginQuicConfig, doc="HTTP/3 over QUIC (docs/quic.md)."
     )
+    acme: AcmeConfig | None = setting(
+        None,
+        doc="Certificates this agent obtains and renews by ACME for the hostnames it "
+        "terminates (docs/acme.md); each order's cert/key is served like a certificates "
+        "entry, a self-signed placeholder until the first issuance.",
+    )
+    acme_challenge_dir: str = setting(
+        "",
+        doc="Answer ACME tls-alpn-01 (RFC 8737) from the challenge certificates in this "
+        "directory: a ClientHello offering only ALPN acme-tls/1 gets the certificate for its "
+        "SNI. Default: acme.challenge_dir. Set it to the key server's acme.challenge_dir to "
+        "answer for keyless hostnames.",
+    )
 
     def __post_init__(self) -> None:
-        if self.listen and not self.certificates:
+        if self.listen and not (self.certificates or self.acme):
             raise ConfigError(
                 "certificates", "TLS listeners need at least one [[origin.certificates]]"
             )
@@ -632,6 +655,8 @@ class OriginConfig:
             raise ConfigError(
                 "trusted_edges", "proxy_protocol = 'required' needs the edges' addresses"
             )
+        if exposed := admin_exposure(self.admin_listen, self.admin_token_file):
+            raise ConfigError("admin_token_file", exposed)
         names = [e.name for e in self.edges]
         if len(set(names)) != len(names):
             raise ConfigError("edges", "edge names must be unique")
@@ -656,7 +681,7 @@ class OriginConfig:
                 "decisions.listen",
                 "the decision stream answers only trusted_edges: list the edges' addresses",
             )
-        if self.quic.listen and not self.certificates:
+        if self.quic.listen and not (self.certificates or self.acme):
             raise ConfigError("quic.listen", "HTTP/3 needs at least one [[origin.certificates]]")
         if (
             self.quic.listen

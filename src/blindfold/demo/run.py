@@ -34,6 +34,7 @@ from blindfold.demo.app import DemoApp
 HOST = "demo.blindfold.test"
 KEYLESS_HOST = "keyless.blindfold.test"
 CDN_HOST = "cdn.blindfold.test"
+ACME_HOST = f"acme.{HOST}"  # `--acme`: its certificate comes from a local pebble CA
 DECISIONS_HOST = "decisions.blindfold.internal"  # the decision stream's own certificate
 ATTACKER = "127.0.0.66"
 API_KEY = "demo-edge-key-0123456789abcdef"
@@ -288,9 +289,59 @@ async def _curl(args: str) -> tuple[int, str]:
     return int(code or 0), body
 
 
+def _acme_config(base: Path, pebble: Any) -> str:
+    return f"""
+# `--acme`: {ACME_HOST} gets its certificate from a local ACME CA (pebble) by tls-alpn-01:
+# pebble connects to the edge, which forwards the acme-tls/1 hello here (docs/acme.md)
+[origin.acme]
+directory = "{pebble.directory}"
+ca_bundle = "{pebble.ca_file}"
+account_key = "{base / "acme-account.key"}"
+challenge_dir = "{base / "acme-challenges"}"
+retry_initial_s = 1
+retry_max_s = 10
+
+[[origin.acme.orders]]
+hostnames = ["{ACME_HOST}"]
+cert = "{base / "acme.pem"}"
+key = "{base / "acme.key"}"
+"""
+
+
+async def _acme_issued(base: Path, pebble: Any, timeout: float = 60) -> bool:
+    """Wait for the origin's first ACME certificate; then fetch pebble's root."""
+    from cryptography import x509
+
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        try:
+            leaf = x509.load_pem_x509_certificates((base / "acme.pem").read_bytes())[0]
+            if leaf.issuer != leaf.subject:  # not the placeholder
+                pebble.root_pem(base / "pebble-root.pem")
+                return True
+        except (OSError, ValueError):
+            pass
+        await asyncio.sleep(0.2)
+    return False
+
+
 async def demo(
-    port: int, admin_port: int, workdir: str | None, duration: float | None, self_check: bool
+    port: int,
+    admin_port: int,
+    workdir: str | None,
+    duration: float | None,
+    self_check: bool,
+    acme: bool = False,
 ) -> int:
+    pebble: Any = None
+    if acme:
+        from blindfold.demo.pebble import have_pebble
+
+        if not have_pebble():
+            print(
+                "blindfold demo --acme: needs Debian's pebble (apt install pebble)", file=sys.stderr
+            )
+            return 2
     base = Path(workdir or tempfile.mkdtemp(prefix="blindfold-demo-"))
     base.mkdir(parents=True, exist_ok=True)
     ca = pki.make_ca("blindfold demo CA")
@@ -323,7 +374,15 @@ async def demo(
     load_signing_key(str(base / "responses.pem"), create=True)
     _public_pem(base / "responses.pem", base / "responses.pub.pem")
     app = DemoApp()
-    (base / "origin.toml").write_text(_origin_config(base, app.port, port))
+    origin_text = _origin_config(base, app.port, port)
+    if acme:
+        from blindfold.demo.pebble import Pebble
+
+        pebble = Pebble(base, ca=ca)
+        pebble.start(port)  # it validates tls-alpn-01 on the edge's port
+        pebble.add_a(ACME_HOST)
+        origin_text += _acme_config(base, pebble)
+    (base / "origin.toml").write_text(origin_text)
     (base / "keyserver.toml").write_text(
         _keyserver_config(base, pki.fingerprint_sha256(edge_id.cert))
     )
@@ -416,7 +475,10 @@ blindfold demo is running (files in {base})
      {fetch_cmd}
      {verify_cmd}
 
-5. Watch it: the edge's metrics and the origin's decision stream (what edges poll):
+5. Watch it: the status pages (live figures and charts; read-only)
+     http://127.0.0.1:{admin_port}/  (edge)   http://{origin.ready["admin"]}/  (origin agent)
+     http://{keyserver.ready["admin"]}/  (key server)
+   the edge's metrics and the origin's decision stream (what edges poll):
      curl -s http://127.0.0.1:{admin_port}/metrics | grep -E 'decisions|banned'
      curl -s --cacert {base / "ca.pem"} --resolve {DECISIONS_HOST}:{decisions_port}:127.0.0.1 \\
           -H 'X-Api-Key: {API_KEY}' \\
@@ -427,11 +489,39 @@ Stop with Ctrl-C.
 """,
             flush=True,
         )
+        if pebble is not None:
+            issued = await _acme_issued(base, pebble)
+            acurl = (
+                f"curl --cacert {base / 'pebble-root.pem'} --resolve {ACME_HOST}:{port}:127.0.0.1 "
+                f"https://{ACME_HOST}:{port}"
+            )
+            print(
+                f"""6. ACME: {ACME_HOST}'s certificate comes from the local ACME CA (pebble,
+   directory {pebble.directory}) by tls-alpn-01 through the edge; renew it now with
+     curl -X POST http://{origin.ready["admin"]}/acme/renew
+   and watch blindfold_acme_* on the origin's /metrics:
+     {acurl}/
+"""
+                if issued
+                else f"6. ACME: no certificate for {ACME_HOST} yet; see {base / 'origin.log'}",
+                flush=True,
+            )
         status = 0
         if self_check:
             ok = await _self_check(
                 curl, kcurl, audit, edge, fetch_cmd, verify_cmd, base, keyserver_port, port
             )
+            if pebble is not None:
+                code, _body = (
+                    await _curl(acurl + "/") if (base / "pebble-root.pem").exists() else (0, "")
+                )
+                acme_ok = code == 200
+                print(
+                    f"self-check: a certificate from the local ACME CA, verified through the "
+                    f"edge: {'OK' if acme_ok else 'FAILED'}",
+                    flush=True,
+                )
+                ok = ok and acme_ok
             status = 0 if ok else 1
             if duration is None:  # checks done: exit with their verdict
                 return status
@@ -448,6 +538,8 @@ Stop with Ctrl-C.
         await origin.stop()
         await keyserver.stop()
         app.close()
+        if pebble is not None:
+            pebble.close()
         if workdir is None and not os.environ.get("BLINDFOLD_DEMO_KEEP"):
             shutil.rmtree(base, ignore_errors=True)
 
@@ -667,6 +759,11 @@ async def _self_check(
 
 
 def run_demo(
-    port: int, admin_port: int, workdir: str | None, duration: float | None, self_check: bool
+    port: int,
+    admin_port: int,
+    workdir: str | None,
+    duration: float | None,
+    self_check: bool,
+    acme: bool = False,
 ) -> int:
-    return asyncio.run(demo(port, admin_port, workdir, duration, self_check))
+    return asyncio.run(demo(port, admin_port, workdir, duration, self_check, acme))

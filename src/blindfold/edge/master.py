@@ -16,12 +16,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 from blindfold.config import Config, load_file
-from blindfold.config.common import parse_hostport
+from blindfold.config.common import load_admin_token, parse_hostport
 from blindfold.config.edge import EdgeConfig
 from blindfold.decisions.bans import BanDistributor, BanLimits, BanTable
 from blindfold.decisions.feed import StreamFeed, supervise
@@ -32,7 +33,8 @@ from blindfold.io.admin_http import AdminServer
 from blindfold.io.listeners import bind_group
 from blindfold.io.service import run_service
 from blindfold.obs.log import JsonLog
-from blindfold.obs.metrics import MetricSpec, merge, render
+from blindfold.obs.metrics import MetricSpec, Snapshot, merge, render
+from blindfold.obs.status import HTML_TYPE, JSON_TYPE, PAGE, status_json
 
 READY_TIMEOUT_S = 15.0
 STATS_TIMEOUT_S = 2.0
@@ -97,7 +99,11 @@ class EdgeMaster:
         self.respawns: dict[int, list[float]] = {}
         self._stats_id = 0
         self._stop = asyncio.Event()
-        self.admin = AdminServer(self._admin)
+        self.admin = AdminServer(
+            self._admin,
+            load_admin_token(self.config.admin_token_file, "edge.admin_token_file"),
+            post_paths=frozenset({"/acme/renew"}),
+        )
         self.admin_address: tuple[str, int] | None = None
         self.bans = BanTable(_ban_limits(self.config))
         self.bans.on_change = self._bans_changed
@@ -115,6 +121,10 @@ class EdgeMaster:
         self._reload_again = False
         self._config_seq = 0
         self._respawning: dict[int, asyncio.Task[None]] = {}
+        self.acme: Any = None  # acme.client.AcmeManager for [edge.acme] (a blind CDN name)
+        self._acme_task: asyncio.Task[None] | None = None
+        if self.config.acme is not None:
+            self.acme = _acme_manager(self.config, log.emit, lambda _order: self.reload())
 
     # ---------------------------------------------------------------- start
     def bind(self, config: EdgeConfig) -> dict[str, list[socket.socket]]:
@@ -283,6 +293,10 @@ class EdgeMaster:
             self.workers = [await self.spawn(i, 1) for i in range(self.nworkers)]
             await self._wait_ready(self.workers)
             await self._start_feeds(self.config)
+            if self.acme is not None:
+                self._acme_task = asyncio.get_running_loop().create_task(
+                    supervise("acme", self.acme.run, self.log)
+                )
         except ConfigError:
             for handle in self.workers:
                 if handle.proc.poll() is None:
@@ -401,6 +415,8 @@ class EdgeMaster:
         supervise = asyncio.create_task(self._supervise())
         await self._stop.wait()
         supervise.cancel()
+        if self._acme_task is not None:
+            self._acme_task.cancel()
         await self._drain()
         return 0
 
@@ -634,9 +650,25 @@ class EdgeMaster:
                 "text/plain; version=0.0.4; charset=utf-8",
                 (await self.metrics_text()).encode(),
             )
+        if path == "/acme/renew" and self.acme is not None:
+            if method != "POST":
+                return 405, "text/plain", b"POST renews every ACME certificate now\n"
+            if not self.acme.force():
+                return 429, "text/plain", b"a forced renewal is already under way\n"
+            return 202, "application/json", b'{"status":"renewing"}\n'
+        if path == "/":
+            return 200, HTML_TYPE, PAGE
+        if path == "/status.json":
+            merged, specs = await self.metrics_snapshot()
+            return 200, JSON_TYPE, status_json("edge", socket.gethostname(), merged, specs)
         return 404, "text/plain", b"not found\n"
 
     async def metrics_text(self) -> str:
+        return render(*await self.metrics_snapshot())
+
+    async def metrics_snapshot(self) -> tuple[Snapshot, list[MetricSpec]]:
+        """The workers' numbers merged with the master's own: what /metrics and the status
+        page show."""
         loop = asyncio.get_running_loop()
         waits = []
         for handle in [*self.workers, *self.old_workers]:
@@ -672,7 +704,29 @@ class EdgeMaster:
             merged.setdefault("blindfold_decisions_source_up", []).append([[kind], int(feed.up)])
             for result, n in feed.polls.items():
                 merged.setdefault("blindfold_decisions_polls_total", []).append([[kind, result], n])
-        return render(merged, [*EDGE_METRICS_ALL, *self.mode_metrics.values()])
+        specs = [*EDGE_METRICS_ALL, *self.mode_metrics.values()]
+        if self.acme is not None:
+            from blindfold.acme.client import METRICS as ACME_METRICS
+
+            merged.update(self.acme.snapshot())
+            specs += ACME_METRICS
+        return merged, specs
+
+
+def _acme_manager(
+    config: EdgeConfig, log: Callable[..., None], installed: Callable[[Any], None]
+) -> Any:
+    """[edge.acme]: the keys (made here) and placeholders before the workers load them."""
+    from blindfold.acme.client import AcmeManager
+    from blindfold.errors import VerificationError
+
+    assert config.acme is not None
+    manager = AcmeManager(config.acme, log, installed)
+    try:
+        manager.prepare()
+    except (OSError, ValueError, VerificationError) as exc:
+        raise ConfigError("edge.acme", f"cannot prepare the key files: {exc}") from None
+    return manager
 
 
 def _ban_limits(config: EdgeConfig) -> BanLimits:

@@ -16,10 +16,11 @@ import os
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 from blindfold.config import Config, load_file
-from blindfold.config.common import parse_hostport
+from blindfold.config.common import load_admin_token, parse_hostport
 from blindfold.config.keyserver import EdgeAccessConfig, KeyServerConfig
 from blindfold.core import keyless_handshake as kh
 from blindfold.core import keyless_wire as w
@@ -51,6 +52,7 @@ from blindfold.keyserver.signer import (
 )
 from blindfold.obs.log import JsonLog
 from blindfold.obs.metrics import CERTIFICATE_METRICS, Histogram, MetricSpec, render
+from blindfold.obs.status import HTML_TYPE, JSON_TYPE, PAGE, status_json
 
 READ_SIZE = 65536
 FEED_SIZE = 16384  # frames are decoded (and queued) this many read bytes at a time
@@ -68,6 +70,13 @@ KEYSERVER_METRICS = [
         "counter",
         "Sign requests by edge and result.",
         ("edge", "result"),
+    ),
+    MetricSpec(
+        "blindfold_keyserver_hostname_signatures_total",
+        "counter",
+        "Signatures made, by the certificate name that covers the SNI (bounded by the keys' "
+        "certificates: a name covered by a wildcard counts under the wildcard).",
+        ("hostname",),
     ),
     MetricSpec(
         "blindfold_keyserver_sign_seconds",
@@ -182,8 +191,13 @@ class KeyServer:
         self.log = log
         self.audit = _open_audit(cfg)
         self.replays = kh.ReplayGuard(cfg.replay_window_s, MAX_REPLAY_ENTRIES)
-        self.admin = AdminServer(self._admin)
+        self.admin = AdminServer(
+            self._admin,
+            load_admin_token(cfg.admin_token_file, "keyserver.admin_token_file"),
+            post_paths=frozenset({"/acme/renew"}),
+        )
         self.counts: dict[tuple[str, str], int] = {}
+        self.host_counts: dict[str, int] = {}
         self.conn_counts: dict[str, int] = {}
         self.latency = Histogram(LATENCY_BUCKETS)
         self.writers: dict[asyncio.StreamWriter, bytes] = {}  # connection -> edge fingerprint
@@ -197,12 +211,16 @@ class KeyServer:
         self.per_source = KeyedLimiter(0.0, 1, cfg.max_connections_per_source, 65536)
         self.chain_counts: dict[tuple[str, str], int] = {}
         self.reload_counts: dict[tuple[str, str], int] = {}
+        self.acme: Any = None  # acme.client.AcmeManager for [keyserver.acme]
+        if cfg.acme is not None:
+            self.acme = _acme_manager(cfg, log.emit, self._acme_installed)
         self._apply(cfg)
 
     def _apply(self, cfg: KeyServerConfig, *, first: bool = True) -> None:
         """Keys and edges change on reload; the listener's own TLS files at restart."""
-        # a reload (SIGHUP) never swaps in a certificate that is not valid now
-        keys = [load_key(i, k, now=None if first else utc_now()) for i, k in enumerate(cfg.keys)]
+        # validity is checked for replaced files (reload_files), not here: an ACME placeholder
+        # that expired while the CA was away must not block a SIGHUP
+        keys = [load_key(i, k) for i, k in enumerate(cfg.keys)]
         old = getattr(self, "edges", {})
         edges = {}
         for e in cfg.edges:
@@ -234,8 +252,9 @@ class KeyServer:
         # a change is loaded once it has stayed the same for one poll: an ACME client renames
         # the key and the certificate one after the other, never load between the two
         self.key_seen: list[tuple[Any, ...]] = list(self.key_stamps)
-        # certificates replaced by a renewal, still signed for during the grace period: an
-        # edge serves the old chain until its next chain request
+        # certificates replaced by a renewal (a replaced file, an ACME order), still signed
+        # for during previous_certificate_grace_s: an edge serves the old chain until its next
+        # chain request. A SIGHUP ends it (after replacing a compromised key).
         self.previous: list[tuple[SiteKey, float]] = []
         self.keys: dict[bytes, SiteKey] = {k.cert_sha256: k for k in keys}
         self.edges: dict[bytes, _Edge] = edges
@@ -280,6 +299,8 @@ class KeyServer:
         self.server.tasks.append(loop.create_task(self._watch_files()))
         sock = lsock.getsockname()
         self._flusher = loop.create_task(self._flush_logs())
+        if self.acme is not None:
+            self.server.tasks.append(loop.create_task(self._run_acme()))
         if self.audit.recovered:
             self.log.emit(
                 "audit_recovered",
@@ -587,6 +608,8 @@ class KeyServer:
             signed_entry(edge.name_json, site.name, hs, req.scheme, req.client, repeat)
         )
         self._count(name, "ok")
+        host = _hostname_label(hs.sni, site.names)
+        self.host_counts[host] = self.host_counts.get(host, 0) + 1
         self.latency.observe(time.perf_counter() - t0)
         return w.encode_sign_response(rid, signature)
 
@@ -652,7 +675,7 @@ class KeyServer:
                 except Exception as exc:  # never the watcher's end
                     self.log.emit("key_reload_error", error=repr(exc))
 
-    def reload_files(self) -> None:
+    def reload_files(self, *, force: bool = False) -> None:
         cfg = self.cfg
         mono = time.monotonic()
         changed = False
@@ -664,7 +687,7 @@ class KeyServer:
             stamp = _stamp(kc)
             if stamp == self.key_stamps[i]:
                 continue
-            if stamp != self.key_seen[i]:
+            if stamp != self.key_seen[i] and not force:
                 self.key_seen[i] = stamp  # changed since the last poll: wait until it settles
                 continue
             self.key_stamps[i] = stamp  # tried once per change: a broken file is not retried
@@ -709,29 +732,92 @@ class KeyServer:
         if path == "/healthz":
             return 200, "application/json", b'{"status":"ok"}\n'
         if path == "/metrics":
-            now = utc_now()
-            snap: dict[str, list[list[Any]]] = {
-                "blindfold_keyserver_signatures_total": [
-                    [[e, r], n] for (e, r), n in self.counts.items()
-                ],
-                "blindfold_keyserver_sign_seconds": [[[], self.latency.value()]],
-                "blindfold_keyserver_connections_total": [
-                    [[r], n] for r, n in self.conn_counts.items()
-                ],
-                "blindfold_keyserver_connections_active": [[[], len(self.writers)]],
-                "blindfold_keyserver_chains_total": [
-                    [[e, r], n] for (e, r), n in self.chain_counts.items()
-                ],
-                "blindfold_certificate_expiry_seconds": [
-                    [["keyserver", k.names[0] if k.names else "", k.name], k.not_after - now]
-                    for k in self.key_list
-                ],
-                "blindfold_certificate_reloads_total": [
-                    [["keyserver", k, r], n] for (k, r), n in self.reload_counts.items()
+            text = render(self.snapshot(), self._metric_specs())
+            return 200, "text/plain; version=0.0.4", text.encode()
+        if path == "/":
+            return 200, HTML_TYPE, PAGE
+        if path == "/status.json":
+            now = time.time()
+            info = {
+                "audit": {
+                    "entries": self.audit.seq,
+                    "last MAC": self.audit.prev,
+                    "file": self.cfg.audit_log,
+                },
+                "certificates": [
+                    {
+                        "name": name,
+                        "not_after": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t)),
+                        "seconds_left": round(t - now),
+                    }
+                    for name, t in ((k.name, k.not_after) for k in self.key_list)
                 ],
             }
-            return 200, "text/plain; version=0.0.4", render(snap, KEYSERVER_METRICS).encode()
+            body = status_json(
+                "keyserver", socket.gethostname(), self.snapshot(), self._metric_specs(), info, now
+            )
+            return 200, JSON_TYPE, body
+        if path == "/acme/renew" and self.acme is not None:
+            if method != "POST":
+                return 405, "text/plain", b"POST renews every ACME certificate now\n"
+            if not self.acme.force():
+                return 429, "text/plain", b"a forced renewal is already under way\n"
+            return 202, "application/json", b'{"status":"renewing"}\n'
         return 404, "text/plain", b"not found\n"
+
+    def _metric_specs(self) -> list[MetricSpec]:
+        if self.acme is None:
+            return KEYSERVER_METRICS
+        from blindfold.acme.client import METRICS as ACME_METRICS
+
+        return KEYSERVER_METRICS + list(ACME_METRICS)
+
+    def snapshot(self) -> dict[str, list[list[Any]]]:
+        snap = self._snapshot()
+        if self.acme is not None:
+            snap.update(self.acme.snapshot())
+        return snap
+
+    def _snapshot(self) -> dict[str, list[list[Any]]]:
+        now = utc_now()
+        return {
+            "blindfold_keyserver_signatures_total": [
+                [[e, r], n] for (e, r), n in self.counts.items()
+            ],
+            "blindfold_keyserver_hostname_signatures_total": [
+                [[h], n] for h, n in self.host_counts.items()
+            ],
+            "blindfold_keyserver_sign_seconds": [[[], self.latency.value()]],
+            "blindfold_keyserver_connections_total": [
+                [[r], n] for r, n in self.conn_counts.items()
+            ],
+            "blindfold_keyserver_connections_active": [[[], len(self.writers)]],
+            "blindfold_keyserver_chains_total": [
+                [[e, r], n] for (e, r), n in self.chain_counts.items()
+            ],
+            "blindfold_certificate_expiry_seconds": [
+                [["keyserver", k.names[0] if k.names else "", k.name], k.not_after - now]
+                for k in self.key_list
+            ],
+            "blindfold_certificate_reloads_total": [
+                [["keyserver", k, r], n] for (k, r), n in self.reload_counts.items()
+            ],
+        }
+
+    # ------------------------------------------------------------------ ACME
+    def _acme_installed(self, order: Any) -> None:
+        """A renewed chain is on disk, checked against the key kept here: sign for it now
+        (no wait for the files to settle), and for the chain it replaced during
+        previous_certificate_grace_s, which the edges present until their next chain request."""
+        self.reload_files(force=True)
+
+    async def _run_acme(self) -> None:
+        try:
+            await self.acme.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must not end the key server: log it
+            self.log.emit("acme_stopped", error=f"{type(exc).__name__}: {exc}"[:300])
 
     def reload(self) -> None:
         try:
@@ -814,6 +900,14 @@ def signed_entry(
     )
 
 
+def _hostname_label(sni: str | None, names: tuple[str, ...]) -> str:
+    """The certificate name a signed SNI is counted under: itself, or its wildcard."""
+    if sni in names:
+        return sni
+    wildcard = "*." + (sni or "").partition(".")[2]
+    return wildcard if wildcard in names else "other"
+
+
 def _open_audit(cfg: KeyServerConfig) -> AuditLog:
     """The audit log, its whole chain verified; the key created at the first start only."""
     log_has_entries = os.path.exists(cfg.audit_log) and os.path.getsize(cfg.audit_log) > 0
@@ -833,6 +927,22 @@ def _open_audit(cfg: KeyServerConfig) -> AuditLog:
         return AuditLog(cfg.audit_log, key)
     except AuditError as exc:
         raise ConfigError("keyserver.audit_log", str(exc)) from None
+
+
+def _acme_manager(
+    cfg: KeyServerConfig, log: Callable[..., None], installed: Callable[[Any], None]
+) -> Any:
+    """[keyserver.acme]: the keys (made here) and placeholders before the keys load."""
+    from blindfold.acme.client import AcmeManager
+    from blindfold.errors import VerificationError
+
+    assert cfg.acme is not None
+    manager = AcmeManager(cfg.acme, log, installed)
+    try:
+        manager.prepare()
+    except (OSError, ValueError, VerificationError) as exc:
+        raise ConfigError("keyserver.acme", f"cannot prepare the key files: {exc}") from None
+    return manager
 
 
 def run_keyserver(path: str) -> int:

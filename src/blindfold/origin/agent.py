@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from blindfold.config import Config, load_file
-from blindfold.config.common import parse_hostport
+from blindfold.config.common import load_admin_token, parse_hostport
 from blindfold.config.origin import OriginConfig, fds_needed, listen_warnings
 from blindfold.core.iplist import IPSet, visitor_key
 from blindfold.core.proxyproto import V1_PREFIX, V2_SIGNATURE
@@ -40,7 +40,21 @@ from blindfold.io.accepted import (
 from blindfold.io.admin_http import AdminServer
 from blindfold.io.service import run_service
 from blindfold.obs.log import JsonLog
-from blindfold.obs.metrics import CERTIFICATE_METRICS, MetricSpec, render
+from blindfold.obs.metrics import (
+    CERTIFICATE_METRICS,
+    BoundedLabels,
+    Histogram,
+    MetricSpec,
+    render,
+)
+from blindfold.obs.status import HTML_TYPE, JSON_TYPE, PAGE, status_json
+from blindfold.origin.acme_tls import (
+    answer_challenge,
+    challenge_dir,
+    peek_hello,
+    site_certificates,
+    wants_challenge,
+)
 from blindfold.origin.edges import DecisionBudget, Reporter, TrustedEdges
 from blindfold.origin.gate import OriginGate, edge_fields
 from blindfold.origin.tls import SiteTls, decisions_tls, file_stamps
@@ -59,6 +73,8 @@ from blindfold.web.limits import HttpLimits
 from blindfold.web.messages import BodyStream, Handler, Request, Responder, simple_response
 from blindfold.web.proxy import ReverseProxy
 
+UPSTREAM_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+WAF_PATHS = 30  # path label values (a visitor chooses paths)
 ORIGIN_METRICS = [
     *CERTIFICATE_METRICS,
     MetricSpec(
@@ -82,6 +98,13 @@ ORIGIN_METRICS = [
         "counter",
         "Blocked requests by the rule ids in the blocking verdict.",
         ("rule",),
+    ),
+    MetricSpec(
+        "blindfold_waf_path_blocks_total",
+        "counter",
+        f"Blocked requests by the first segment of their path (the first {WAF_PATHS} seen; "
+        "later ones count as 'other').",
+        ("path",),
     ),
     MetricSpec("blindfold_decisions_active", "gauge", "Active decisions (bans)."),
     MetricSpec(
@@ -110,6 +133,18 @@ ORIGIN_METRICS = [
         "counter",
         "HTTP-layer events: timeouts, bad requests, HTTP/2 abuse.",
         ("event",),
+    ),
+    MetricSpec(
+        "blindfold_origin_upstream_errors_total",
+        "counter",
+        "Requests the application did not answer, by reason (connect_failed, timeout, ...).",
+        ("reason",),
+    ),
+    MetricSpec(
+        "blindfold_origin_upstream_seconds",
+        "histogram",
+        "Time from sending a request to the application to having its response head.",
+        buckets=UPSTREAM_BUCKETS,
     ),
     MetricSpec(
         "blindfold_origin_blind_bytes_total",
@@ -375,21 +410,32 @@ class OriginAgent:
         self.sockets: list[socket.socket] = []
         self.tls_sockets: dict[socket.socket, bool] = {}
         self.stopping = asyncio.Event()
-        self.admin = AdminServer(self._admin)
+        self.admin = AdminServer(
+            self._admin,
+            load_admin_token(cfg.admin_token_file, "origin.admin_token_file"),
+            post_paths=frozenset({"/acme/renew"}),
+        )
+        self.upstream_latency = Histogram(UPSTREAM_BUCKETS)
+        self.waf_paths = BoundedLabels(WAF_PATHS)  # kept across reloads: one bound in all
         self.api: DecisionApi | None = None
         self.publisher: Any = None
         self.quic: Any = None  # origin.h3.QuicShared once HTTP/3 listens
         self._refusal_log = TokenBucket(1.0, 20, time.monotonic())
         self.journal: DecisionJournal | None = None
         self.cert_reloads: dict[str, int] = {}  # swapped | invalid
-        self._build(cfg, first=True)
+        self.acme: Any = None  # acme.client.AcmeManager for [origin.acme]
+        if cfg.acme is not None:
+            self.acme = _acme_manager(cfg, self.log.emit, self._acme_installed)
+        self._build(cfg)
 
     # ------------------------------------------------------------------ build / reload
-    def _build(self, cfg: OriginConfig, *, first: bool = False) -> None:
-        # a reload never swaps in a certificate that is not valid now
-        now = None if first else time.time()
-        stamps = file_stamps(cfg.certificates)  # before loading: a later change is seen
-        tls = SiteTls(cfg.certificates, now=now) if cfg.certificates else None
+    def _build(self, cfg: OriginConfig) -> None:
+        # validity is checked for replaced files (reload_certificates), not here: an ACME
+        # placeholder that expired while the CA was away must not block a SIGHUP
+        certificates = site_certificates(cfg)
+        stamps = file_stamps(certificates)  # before loading: a later change is seen
+        tls = SiteTls(certificates) if certificates else None
+        self.challenges = challenge_dir(cfg)
         waf = build_waf(cfg)
         # the edges' keys load on a reload too; headers seen stay seen (no replay across it)
         edges = TrustedEdges(cfg, self.edges.replay)
@@ -434,6 +480,8 @@ class OriginAgent:
             stats=self.stats,
             access_log=cfg.access_log,
         )
+        gate.waf_paths = self.waf_paths
+        proxy.on_upstream = self._upstream
         # Visitors' requests are bounded per address; an edge's own connections (PROXY LOCAL:
         # its blind pulls, health checks) are not a visitor's and are not counted as one: a
         # visitor's share must not be where one edge's pulls for everyone queue up.
@@ -475,6 +523,12 @@ class OriginAgent:
 
     def count(self, key: str) -> None:
         self.stats[key] = self.stats.get(key, 0) + 1
+
+    def _upstream(self, result: str, seconds: float) -> None:
+        if result == "ok":
+            self.upstream_latency.observe(seconds)
+        else:
+            self.count(f"upstream_errors:{result}")
 
     def event(self, name: str, fields: dict[str, Any]) -> None:
         self.count(f"http:{name}")
@@ -591,6 +645,8 @@ class OriginAgent:
             self.publisher = RedisPublisher(d.redis_url, d.redis_ca, signer, self.log, self.store)
             await self.publisher.start()
         self.servers.append(loop.create_task(self._housekeeping()))
+        if self.acme is not None:
+            self.servers.append(loop.create_task(self._run_acme()))
         for problem in listen_warnings(cfg):
             self.log.emit("config_warning", problem=problem)
         limit = fd_limit()
@@ -727,6 +783,20 @@ class OriginAgent:
                 if before >= share:
                     self._count_conn("over_per_client_connections")
                     handler, limits = _too_many_connections, self.over_limits
+            if tls and self.challenges is not None:
+                hello = await peek_hello(sock, cfg.http.tls_handshake_timeout_s)
+                if wants_challenge(hello):  # RFC 8737: ACME's tls-alpn-01 validation
+                    assert hello is not None
+                    ctx = self.challenges.context(hello.sni)
+                    if ctx is None:
+                        self._count_conn("acme_no_challenge")
+                        return
+                    await answer_challenge(sock, ctx, cfg.http.tls_handshake_timeout_s)
+                    self._count_conn("acme_challenge")
+                    self.log.emit("acme_challenge_answered", sni=hello.sni, client=client[0])
+                    handed_over = True
+                    claim.release()
+                    return
             info = ConnInfo(client, local, b"https" if tls else b"http", {})
             on_event = self._events(claim)
             if tls:
@@ -885,18 +955,24 @@ class OriginAgent:
                     self.log.emit("certificate_reload_error", error=repr(exc))
 
     def reload_certificates(self) -> None:
-        cfg = self.cfg
-        stamps = file_stamps(cfg.certificates)
-        if not cfg.certificates or stamps == self.cert_stamps:
+        certificates = site_certificates(self.cfg)  # the configured ones and ACME's
+        stamps = file_stamps(certificates)
+        if not certificates or stamps == self.cert_stamps:
             return
         if stamps != self.cert_seen:
             # changed since the last poll: load once it has settled (an ACME client renames
             # the key and the certificate one after the other)
             self.cert_seen = stamps
             return
+        changed = {
+            i
+            for i in range(len(certificates))
+            if stamps[2 * i : 2 * i + 2] != self.cert_stamps[2 * i : 2 * i + 2]
+        }
         self.cert_stamps = stamps  # tried once per change: a broken file is not retried
         try:
-            tls = SiteTls(cfg.certificates, now=time.time())
+            # the replaced ones must be valid now; the others are as they were
+            tls = SiteTls(certificates, now=time.time(), check=changed)
         except ConfigError as exc:
             self.cert_reloads["invalid"] = self.cert_reloads.get("invalid", 0) + 1
             self.log.emit(
@@ -919,20 +995,58 @@ class OriginAgent:
                 "text/plain; version=0.0.4",
                 render(self.snapshot(), self._metric_specs()).encode(),
             )
+        if path == "/acme/renew" and self.acme is not None:
+            if method != "POST":
+                return 405, "text/plain", b"POST renews every ACME certificate now\n"
+            if not self.acme.force():
+                return 429, "text/plain", b"a forced renewal is already under way\n"
+            return 202, "application/json", b'{"status":"renewing"}\n'
+        if path == "/":
+            return 200, HTML_TYPE, PAGE
+        if path == "/status.json":
+            body = status_json(
+                "origin", socket.gethostname(), self.snapshot(), self._metric_specs()
+            )
+            return 200, JSON_TYPE, body
         return 404, "text/plain", b"not found\n"
 
+    # ------------------------------------------------------------------ ACME
+    def _acme_installed(self, order: Any) -> None:
+        """A renewed chain is on disk (checked against its key): new connections get it,
+        open ones keep the certificate they were made with."""
+        certificates = site_certificates(self.cfg)
+        stamps = file_stamps(certificates)
+        self.tls = SiteTls(certificates)
+        self.cert_stamps = self.cert_seen = stamps  # not loaded again by the file poll
+
+    async def _run_acme(self) -> None:
+        try:
+            await self.acme.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug here must not end the agent: log it, TLS goes on
+            self.log.emit("acme_stopped", error=f"{type(exc).__name__}: {exc}"[:300])
+
     def _metric_specs(self) -> list[MetricSpec]:
+        specs = ORIGIN_METRICS
+        if self.acme is not None:
+            from blindfold.acme.client import METRICS as ACME_METRICS
+
+            specs = specs + list(ACME_METRICS)
         if self.quic is None:
-            return ORIGIN_METRICS
+            return specs
         from blindfold.origin.h3 import QUIC_METRICS
 
-        return ORIGIN_METRICS + QUIC_METRICS
+        return specs + QUIC_METRICS
 
     def snapshot(self) -> dict[str, list[list[Any]]]:
         s = self.stats
+        snap = self._snapshot(s)
+        if self.acme is not None:
+            snap.update(self.acme.snapshot())
         if self.quic is not None:
-            return {**self._snapshot(s), **self.quic.snapshot()}
-        return self._snapshot(s)
+            return {**snap, **self.quic.snapshot()}
+        return snap
 
     def _snapshot(self, s: dict[str, Any]) -> dict[str, list[list[Any]]]:
 
@@ -955,6 +1069,9 @@ class OriginAgent:
             "blindfold_origin_decisions_connections_active": [[[], self.api_slots.open]],
             "blindfold_waf_blocks_total": [[[], s.get("waf_blocks", 0)]],
             "blindfold_waf_rule_blocks_total": pick("waf_rule:"),
+            "blindfold_waf_path_blocks_total": pick("waf_path:"),
+            "blindfold_origin_upstream_errors_total": pick("upstream_errors:"),
+            "blindfold_origin_upstream_seconds": [[[], self.upstream_latency.value()]],
             "blindfold_decisions_active": [[[], len(self.store.decisions)]],
             "blindfold_decisions_created_total": pick("decisions:"),
             "blindfold_origin_decisions_refused_total": pick("decisions_refused:"),
@@ -1005,6 +1122,22 @@ class OriginAgent:
         if self.audit is not self.log:
             self.audit.flush()  # the last second's WAF lines (the tick flushes it otherwise)
         return 0
+
+
+def _acme_manager(
+    cfg: OriginConfig, log: Callable[..., None], installed: Callable[[Any], None]
+) -> Any:
+    """[origin.acme]: placeholders and the account key before the site's TLS loads."""
+    from blindfold.acme.client import AcmeManager
+    from blindfold.errors import VerificationError
+
+    assert cfg.acme is not None
+    manager = AcmeManager(cfg.acme, log, installed)
+    try:
+        manager.prepare()
+    except (OSError, ValueError, VerificationError) as exc:
+        raise ConfigError("origin.acme", f"cannot prepare the key files: {exc}") from None
+    return manager
 
 
 def _addr(sock: socket.socket) -> str:

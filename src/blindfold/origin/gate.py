@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from blindfold.decisions.core import DecisionRules
+from blindfold.obs.metrics import BoundedLabels
 from blindfold.origin.edges import Reporter
 from blindfold.waf.engine import Match, Verdict, WafEngine
 from blindfold.web.messages import (
@@ -26,6 +27,14 @@ from blindfold.web.proxy import ReverseProxy
 
 # (ip, duration_s, reason, the trusted edge whose PROXY claim named the visitor, if one did)
 Ban = Callable[[str, float, str, Reporter | None], None]
+
+
+def path_label(path: bytes) -> str:
+    """A blocked request's path as a metric label: its first segment, printable, short."""
+    first = path.split(b"?", 1)[0].lstrip(b"/").split(b"/", 1)[0][:40]
+    return "/" + "".join(chr(b) if 0x21 <= b < 0x7F and b != 0x22 else "_" for b in first)
+
+
 Log = Callable[..., None]
 
 
@@ -53,6 +62,7 @@ class OriginGate:
         self.reject_over_limit = reject_over_limit
         self.detect_only = detect_only
         self.stats = stats
+        self.waf_paths = BoundedLabels(30)  # the agent hands its own, kept across reloads
         self.access_log = access_log
 
     def _count(self, key: str, n: int = 1) -> None:
@@ -167,6 +177,7 @@ class OriginGate:
         self._count("waf_blocks")
         for rule in verdict.rule_ids:
             self._count(f"waf_rule:{rule}")
+        self._count(f"waf_path:{self.waf_paths.label(path_label(request.path))}")
         ban = self.rules.on_block(request.client[0], time.time())
         if ban is not None:
             self.ban(*ban, reporter)

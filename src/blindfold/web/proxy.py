@@ -7,6 +7,7 @@ X-Forwarded-*/Forwarded headers are dropped and replaced, never trusted or appen
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from blindfold.errors import UpstreamError
@@ -118,6 +119,8 @@ class ReverseProxy:
     ) -> None:
         self.pool = pool
         self.on_response = on_response
+        # (result, seconds to the response head): "ok" or the UpstreamError's reason
+        self.on_upstream: Callable[[str, float], None] | None = None
 
     async def forward(
         self,
@@ -133,15 +136,21 @@ class ReverseProxy:
         if has_body and not declared:
             headers.append((b"transfer-encoding", b"chunked"))
         stream = iterate(prefix or [], body) if has_body else None
+        t0 = time.monotonic()
         try:
-            return await self.pool.request(
+            response = await self.pool.request(
                 request.method, request.target or b"/", headers, stream, interim_sender(respond)
             )
+            if self.on_upstream is not None:
+                self.on_upstream("ok", time.monotonic() - t0)
+            return response
         except BodyTooLarge:
             await simple_response(respond, 413, "request body too large\n")
         except BodyTimeout:
             await simple_response(respond, 408, "request body not received in time\n")
         except UpstreamError as exc:
+            if self.on_upstream is not None:
+                self.on_upstream(exc.reason, time.monotonic() - t0)
             await simple_response(
                 respond,
                 exc.status,

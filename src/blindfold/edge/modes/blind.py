@@ -30,6 +30,7 @@ from typing import IO, Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from blindfold.acme.challenge import ACME_TLS_ALPN, ChallengeDir
 from blindfold.config.edge import BlindRouteConfig, EdgeConfig, EdgeHttpConfig, RouteConfig
 from blindfold.core import manifest
 from blindfold.core.clienthello import ClientHello
@@ -422,6 +423,7 @@ class BlindRoute:
         self.leaf = _leaf(where, rc, None)
         self.cert_results: dict[str, int] = old.cert_results if old is not None else {}
         self.cert_due = 0.0
+        self.challenges: ChallengeDir | None = None  # [edge.acme] tls-alpn-01 (BlindMode.build)
         self.origin_tls = origin_tls_context(where, rc)
         self.pins = origin_pins(rc)
         self.http = rc.http or EdgeHttpConfig()
@@ -495,7 +497,11 @@ class BlindMode(Mode):
     def build(
         self, where: str, rc: RouteConfig, edge: EdgeConfig, old: BlindRoute | None
     ) -> BlindRoute:
-        return BlindRoute(where, rc, self.ctx.index, old, edge.ipv6_prefix_len)
+        br = BlindRoute(where, rc, self.ctx.index, old, edge.ipv6_prefix_len)
+        acme = edge.acme
+        if acme is not None and acme.challenge == "tls-alpn-01" and acme.challenge_dir:
+            br.challenges = ChallengeDir(acme.challenge_dir)
+        return br
 
     def check(self, route: RouteState, hello: ClientHello) -> bool:
         return True  # the CDN hostname's own TLS: every hello is ours
@@ -531,6 +537,8 @@ class BlindMode(Mode):
 
     def begin(self, conn: Connection, route: RouteState, hello: ClientHello) -> bool:
         br: BlindRoute = route.state
+        if br.challenges is not None and ACME_TLS_ALPN in hello.alpn:
+            return self._acme_challenge(conn, br, hello)
         server = OpenSslServer(br.tls, hello.sni)
         events = server.receive(conn.hello_bytes, self.ctx.now)
         conn.take()
@@ -550,6 +558,26 @@ class BlindMode(Mode):
             # asyncio's partial-send path (Python 3.11 copies and shifts its buffer there).
             send_buffer_bytes=SEND_BUFFER_BYTES,
         )
+        return True
+
+    def _acme_challenge(self, conn: Connection, br: BlindRoute, hello: ClientHello) -> bool:
+        """RFC 8737: the CDN hostname is the edge's own, so the edge answers its ACME
+        tls-alpn-01 validation itself, with the challenge certificate its ACME client wrote
+        (ALPN acme-tls/1 only; no request is ever answered but with 404)."""
+        conn.take()
+        ctx = br.challenges.context(hello.sni) if br.challenges is not None else None
+        if ctx is None:
+            conn.close("refused", "acme_no_challenge")
+            return True
+        server = OpenSslServer(ctx, hello.sni)
+        events = server.receive(conn.hello_bytes, self.ctx.now)
+        failed = next((e for e in events if isinstance(e, ConnectionFailed)), None)
+        if failed is not None:
+            conn.send_now(server.data_to_send())
+            conn.close("refused", f"tls_{failed.reason}")
+            return True
+        self.ctx.log.log("acme_challenge_answered", sni=hello.sni, client=conn.ip)
+        serve(conn, server, _ChallengeOnly, br.limits, br.http)
         return True
 
     def snapshot(self, routes: Sequence[RouteState]) -> Snapshot:
@@ -583,6 +611,16 @@ class BlindMode(Mode):
             [["edge", r.name, k], v] for r in routes for k, v in r.state.cert_results.items()
         ]
         return tables
+
+
+class _ChallengeOnly:
+    """A connection negotiated for an ACME challenge (acme-tls/1) serves nothing."""
+
+    async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
+        await simple_response(respond, 404, "not found\n")
+
+    def http_event(self, name: str, fields: dict[str, object]) -> None:
+        pass
 
 
 class BlindHandler:

@@ -83,6 +83,7 @@ from blindfold.web.target import path_has_prefix
 
 MAX_RATE_KEYS = 100_000
 MAX_REFRESHES = 64  # stale-while-revalidate refreshes under way at once, per route and worker
+ACME_TLS_ALPN = b"acme-tls/1"  # RFC 8737 §6.2
 CHAIN_RETRY_S = 30.0  # after a refused or failed chain request: the next one at most this often
 SIGN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _CONDITIONAL = frozenset(
@@ -116,7 +117,7 @@ METRICS = (
         "blindfold_keyless_fallbacks_total",
         "counter",
         "Keyless-route connections forwarded as passthrough instead, by reason "
-        "(tls12_only, needs_hello_retry, no_sni, keyserver_<reason>).",
+        "(tls12_only, needs_hello_retry, no_sni, acme_tls_alpn, keyserver_<reason>).",
         ("route", "reason"),
     ),
     MetricSpec(
@@ -395,6 +396,11 @@ class KeylessMode(Mode):
     # ---------------------------------------------------------------- a connection
     def check(self, route: RouteState, hello: ClientHello) -> bool:
         kr: KeylessRoute = route.state
+        if ACME_TLS_ALPN in hello.alpn:
+            # RFC 8737: an ACME server validating tls-alpn-01; the site side answers it (the
+            # origin agent, docs/acme.md), not the edge: relay it at layer 4 like passthrough
+            kr.stats.count(kr.stats.fallbacks, "acme_tls_alpn")
+            return False
         try:
             reason = ts.fallback_reason(hello, kr.identity.schemes)
         except ProtocolError as exc:  # e.g. a malformed key_share the peek had not looked at
