@@ -254,8 +254,15 @@ class KeylessRoute:
 
     def adopt(self, old: KeylessRoute) -> None:
         """Keep what a reload should not lose: live sessions, the cache, counters, a chain
-        fetched from the key server (the file may be older)."""
-        if old.fetched and old.config.sni == self.config.sni:
+        fetched from the key server if it is newer than the file."""
+        if (
+            old.fetched
+            and old.config.sni == self.config.sni
+            # the newer of the fetched chain and the file (which a renewal may also have
+            # replaced)
+            and old.identity.chain[0].not_valid_before_utc
+            > self.identity.chain[0].not_valid_before_utc
+        ):
             self.identity = old.identity
             self.fetched = True
         self.chain_results = old.chain_results
