@@ -231,7 +231,7 @@ def test_keyserver_swaps_a_replaced_certificate_and_refuses_a_broken_one(
     replace_file(cert_path, pem(renewed))
     new_der = renewed.public_bytes(serialization.Encoding.DER)
     assert wait_until(lambda: fetch_chain(kpki, "edge1", ks.port, "example.test")[0] == new_der, 5)
-    assert ks.records("key_reloaded")
+    assert ks.wait_for(lambda r: r.get("event") == "key_reloaded", timeout=5)
     assert (
         ks.metric(
             "blindfold_certificate_expiry_seconds",
