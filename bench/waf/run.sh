@@ -25,6 +25,8 @@
 #   --connections N     wrk connections (default 16)
 #   --cpu N             CPU both WAF processes are pinned to (default 0)
 #   --wrk-cpu LIST      CPU list for wrk ('' = unpinned; default 1, or '' on a 1-CPU machine)
+#   --workers N         blindfold's [origin] workers (default 1: one worker beside nginx's one;
+#                       its CPU is the master's plus every worker's, all pinned to --cpu)
 #   --suite S           run_ftw.py suite: all | crs | corpora (default all)
 #   --skip-ftw          throughput only        --skip-perf   detection only
 #   --out DIR           results directory (default: a new /tmp/blindfold-waf-bench.XXXXXX)
@@ -44,7 +46,7 @@ wafcmp() { python3 "$here/wafcmp.py" "$@"; }
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
 pls="1 2"; seconds=5; conns=16; cpu=0; wrk_cpu="__auto__"; suite=all
-do_ftw=1; do_perf=1; out=""; setup_only=0
+do_ftw=1; do_perf=1; out=""; setup_only=0; bf_workers=1
 while [ $# -gt 0 ]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
@@ -54,6 +56,7 @@ while [ $# -gt 0 ]; do
         --cpu) cpu="$2"; shift 2 ;;
         --wrk-cpu) wrk_cpu="$2"; shift 2 ;;
         --suite) suite="$2"; shift 2 ;;
+        --workers) bf_workers="$2"; shift 2 ;;
         --skip-ftw) do_ftw=0; shift ;;
         --skip-perf) do_perf=0; shift ;;
         --out) out="$2"; shift 2 ;;
@@ -67,6 +70,8 @@ done
 [[ "$seconds" =~ ^[0-9]+$ && "$seconds" -ge 1 && "$seconds" -le 60 ]] \
     || { echo "--seconds: 1-60" >&2; exit 2; }
 [[ "$cpu" =~ ^[0-9]+$ ]] || { echo "--cpu: a CPU number" >&2; exit 2; }
+[[ "$bf_workers" =~ ^[0-9]+$ && "$bf_workers" -ge 1 && "$bf_workers" -le 64 ]] \
+    || { echo "--workers: 1-64" >&2; exit 2; }
 
 # ------------------------------------------------------------------------------ setup
 modsec_module=/usr/lib/nginx/modules/ngx_http_modsecurity_module.so
@@ -185,6 +190,7 @@ proxy_protocol = "off"
 admin_listen = "127.0.0.1:$admin"
 access_log = false
 log_path = "$dir/origin.log"
+workers = $bf_workers
 
 [origin.waf]
 paranoia_level = $pl

@@ -27,11 +27,34 @@ class StreamSource:
         self.throttle: list[str] = []  # Retry-After values: answered 429 with each, first
         self.requests: list[str] = []
         self.times: list[float] = []  # time.monotonic() of each request
+        # a blindfold origin's purge log (/v1/purges) when purge_log: the answers to give, in
+        # order (then an empty one), and the positions the edge sent
+        self.purge_log = False
+        self.purge_answers: list[dict[str, Any]] = []
+        self.purge_positions: list[str | None] = []
         self.lock = threading.Lock()
         source = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                if self.path.startswith("/v1/purges") and source.purge_log:
+                    with source.lock:
+                        source.purge_positions.append(self.headers.get("x-blindfold-purges"))
+                        answer = source.purge_answers.pop(0) if source.purge_answers else None
+                    log = json.dumps(
+                        answer or {"position": "e.0", "reset": False, "purges": []}
+                    ).encode()
+                    self.send_response(200)
+                    self.send_header("content-type", "application/json")
+                    self.send_header("content-length", str(len(log)))
+                    self.end_headers()
+                    self.wfile.write(log)
+                    return
+                if not self.path.startswith("/v1/decisions"):  # as CrowdSec's LAPI: no purges
+                    self.send_response(404)
+                    self.send_header("content-length", "0")
+                    self.end_headers()
+                    return
                 with source.lock:
                     source.times.append(time.monotonic())
                     retry_after = source.throttle.pop(0) if source.throttle else None

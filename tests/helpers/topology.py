@@ -31,6 +31,9 @@ def origin_config(
         "trusted_edges": ["127.0.0.1/32"],
         "proxy_protocol": proxy_protocol,
         "admin_listen": "127.0.0.1:0",
+        # one worker: per-client limits, descriptor limits and the order of log lines are
+        # per worker process (tests/integration/test_origin_workers.py runs several)
+        "workers": 1,
     }
     base.update(origin)
     dec = {

@@ -248,3 +248,47 @@ def test_a_throttled_source_is_up_and_its_retry_after_honoured(
     assert not served(edge, site, "127.0.0.40")
     assert not edge.records("decisions_source_down")
     assert source.requests[-1].endswith("startup=false")
+
+
+def test_the_purge_log_is_followed_and_a_gap_empties_every_cache(
+    start_edge: Start,
+    origin: TlsOrigin,
+    site: dict[str, Path],
+    source: StreamSource,
+    tmp_path: Path,
+) -> None:
+    """An edge follows the source's purge log with its own position; a purge it gets is
+    applied by every worker and logged; a `reset` (it fell behind the log) empties every
+    cache; a garbled purge is dropped alone, the decisions and the feed unharmed."""
+    source.purge_log = True
+    purge = {
+        "id": "0123456789abcdef",
+        "urls": ["example.test/a"],
+        "tags": ["t1"],
+        "issued": time.time(),
+        "operator": "alice",
+    }
+    source.purge_answers = [
+        {"position": "e.1", "reset": False, "purges": []},
+        {"position": "e.2", "reset": False, "purges": [purge, {"id": "nope"}]},
+        {"position": "e.9", "reset": True, "purges": []},
+    ]
+    source.add(["127.0.0.40"])
+    edge = start(start_edge, origin, source, tmp_path, workers=2)
+    applied = edge.wait_for(lambda r: r.get("event") == "purge_applied", 5)
+    assert applied is not None
+    assert (applied["purge"], applied["operator"], applied["source"]) == (
+        "0123456789abcdef",
+        "alice",
+        "stream",
+    )
+    assert (applied["workers"], applied["of_workers"]) == (2, 2)
+    dropped = edge.wait_for(lambda r: r.get("event") == "purge_dropped", 5)
+    assert dropped is not None and dropped["reason"] == "bad_purge"
+    gap = edge.wait_for(lambda r: r.get("event") == "purge_applied" and r["purge"] == "all", 5)
+    assert gap is not None and gap["source"] == "stream"
+    assert edge.metric("blindfold_edge_purges_total", source="stream", result="gap") == 1
+    assert wait_until(lambda: len(source.purge_positions) >= 4, 5)
+    assert source.purge_positions[:4] == [None, "e.1", "e.2", "e.9"]  # its position, sent back
+    assert not served(edge, site, "127.0.0.40")
+    assert edge.metric("blindfold_decisions_source_up", source="stream") == 1

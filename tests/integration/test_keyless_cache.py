@@ -412,3 +412,125 @@ def test_stale_while_revalidate_serves_at_once_then_refreshes(chain: Any, kpki: 
         assert len(app.requests) == 2
     finally:
         app.close()
+
+
+class HopsApp:
+    """The attack review's (hops) application. /account: the visitor's own page when it brings
+    a session cookie, `max-age=0` (revalidate on every use), no `private`, no Set-Cookie.
+    /blanket: every response carries the site's `public, max-age=300`, the 400 it answers to a
+    long X-Debug too. /me: the address the edge forwarded, `Vary: X-Forwarded-For`. /gone:
+    `max-age=1, stale-if-error=600`, then `no-store` once `private_now`, then 503 once
+    `failing`. Any response to /account is a 503 once `failing`."""
+
+    def __init__(self) -> None:
+        app = self
+        self.failing = False
+        self.private_now = False
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                status, extra = 200, [("Cache-Control", "public, max-age=300")]
+                if self.path == "/account":
+                    sid = self.headers.get("Cookie", "").partition("sid=")[2]
+                    text = f"account of {sid}: card 4111\n" if sid else "please log in\n"
+                    extra = [("Cache-Control", "max-age=0")]
+                    if app.failing:
+                        status, text = 503, "down\n"
+                elif self.path == "/blanket":
+                    bad = len(self.headers.get("X-Debug", "")) > 100
+                    status, text = (400, "bad request\n") if bad else (200, "the real page\n")
+                elif self.path == "/me":
+                    text = f"your address: {self.headers.get('X-Forwarded-For')}\n"
+                    extra += [("Vary", "X-Forwarded-For")]
+                else:  # /gone
+                    text = "old page\n"
+                    extra = [("Cache-Control", "max-age=1, stale-if-error=600")]
+                    if app.private_now:
+                        text, extra = "now personal\n", [("Cache-Control", "no-store")]
+                    if app.failing:
+                        status, text = 503, "down\n"
+                body = text.encode()
+                self.send_response(status)
+                for k, v in extra:
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("attack", ["max-stale", "error-page", "vary-xff", "huge-age"])
+def test_no_visitor_gets_anothers_page_or_poisons_one_for_all(
+    chain: Any, kpki: KeylessPki, attack: str
+) -> None:
+    """Attack review hops, end to end with default settings: #1 a page alice got with her
+    session cookie (max-age=0) reached any visitor sending `max-stale` or, with the origin
+    down, `stale-if-error=86400`; #2 a visitor-provoked 400 carrying the site's blanket
+    max-age replaced the page for everyone; #5 a page varying on X-Forwarded-For was stored
+    under the visitor's (absent) header and served to every address; #4 5000 digits in a
+    visitor's max-age answered 500."""
+    app = HopsApp()
+    try:
+        edge, _ = chain(app.port)
+        if attack == "max-stale":
+            status, _, body = _get(edge, kpki, "/account", "Cookie: sid=alice")
+            assert (status, body) == (200, "account of alice: card 4111\n")
+            status, head, body = _get(edge, kpki, "/account", "Cache-Control: max-stale")
+            assert "alice" not in body and _values(head, "x-blindfold-cache") != ["hit"], body
+            _get(edge, kpki, "/account", "Cookie: sid=alice")  # stored again
+            app.failing = True
+            status, _, body = _get(edge, kpki, "/account", "Cache-Control: stale-if-error=86400")
+            assert (status, body) == (503, "down\n")
+        elif attack == "error-page":
+            status, _, body = _get(edge, kpki, "/blanket")
+            assert (status, body) == (200, "the real page\n")
+            debug = "X-Debug: " + "x" * 200
+            status, _, _ = _get(edge, kpki, "/blanket", "Cache-Control: no-cache", debug)
+            assert status == 400
+            status, head, body = _get(edge, kpki, "/blanket")
+            assert (status, body) == (200, "the real page\n")
+            assert _values(head, "x-blindfold-cache") == ["hit"]
+        elif attack == "vary-xff":
+            for source in ("127.0.0.2", "127.0.0.3"):
+                status, _, body = _get(edge, kpki, "/me", source=source)
+                assert (status, body) == (200, f"your address: {source}\n")
+        else:
+            _get(edge, kpki, "/blanket")
+            status, _, body = _get(edge, kpki, "/blanket", "Cache-Control: max-age=" + "9" * 5000)
+            assert (status, body) == (200, "the real page\n")
+            assert not edge.records("handler_error"), edge.records("handler_error")
+    finally:
+        app.close()
+
+
+def test_an_origin_answer_with_no_store_drops_the_stored_copy(chain: Any, kpki: KeylessPki) -> None:
+    """Attack review hops, "possible gap": a page stored with stale-if-error=600, whose next
+    origin answer says no-store, was kept and served stale when the origin then failed."""
+    app = HopsApp()
+    try:
+        edge, _ = chain(app.port, cache_stale_while_revalidate=False)
+        status, head, body = _get(edge, kpki, "/gone")
+        assert (status, body, _values(head, "x-blindfold-cache")) == (200, "old page\n", ["miss"])
+        time.sleep(1.2)  # max-age=1: stale now
+        app.private_now = True
+        status, _, body = _get(edge, kpki, "/gone")
+        assert (status, body) == (200, "now personal\n")
+        app.failing = True
+        status, _, body = _get(edge, kpki, "/gone")
+        assert (status, body) == (503, "down\n")
+    finally:
+        app.close()

@@ -249,3 +249,23 @@ def test_an_admin_listener_off_loopback_needs_a_token(
     assert code == 2 and "origin.admin_token_file" in err, err
     # on loopback no token is needed
     assert _check(files, _origin(files, 'admin_listen = "127.0.0.2:9101"'), capsys)[0] == 0
+
+
+def test_operator_keys_are_checked_like_the_origin_does(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """check-config reads the operator keys file as the origin does at start: private (0600 or
+    0640), well formed; a bad one names origin.decisions.operator_keys_file, exit 2."""
+    ops = files["dir"] / "operators.txt"
+    ops.write_text("alice:0123456789abcdef0123\n")
+    ops.chmod(0o600)
+    line = f'operator_keys_file = "{ops}"\n'
+    good = _origin(files).replace('api_keys_file = "', line + 'api_keys_file = "')
+    assert _check(files, good, capsys) == (0, "")
+    ops.chmod(0o644)
+    code, err = _check(files, good, capsys)
+    assert code == 2 and "origin.decisions.operator_keys_file" in err and "0600" in err
+    ops.chmod(0o600)
+    ops.write_text("alice:short\n")
+    code, err = _check(files, good, capsys)
+    assert code == 2 and "origin.decisions.operator_keys_file" in err

@@ -532,13 +532,32 @@ def test_invalid_max_age_member_is_ignored_not_obeyed() -> None:
     assert not stored(cache, [(b"cache-control", b"max-age =3600")])
 
 
-@pytest.mark.parametrize("status", [200, 299, 302, 303, 307, 400, 499, 500, 502, 503, 504, 599])
-def test_any_final_status_with_explicit_freshness_is_stored(status: int) -> None:
+@pytest.mark.parametrize(
+    "status,cc",
+    [
+        (200, b"max-age=60"),
+        (299, b"max-age=60"),
+        (302, b"max-age=60"),
+        (303, b"max-age=60"),
+        (307, b"max-age=60"),
+        (404, b"max-age=60"),
+        (501, b"max-age=60"),
+        (400, b"s-maxage=60"),
+        (499, b"s-maxage=60"),
+        (500, b"s-maxage=60"),
+        (502, b"public, s-maxage=60"),
+        (503, b"s-maxage=60"),
+        (504, b"s-maxage=60"),
+        (599, b"s-maxage=60"),
+    ],
+)
+def test_any_final_status_with_explicit_freshness_is_stored(status: int, cc: bytes) -> None:
     # RFC 9111 §3: a cache MAY store a response if "the response status code is final" and it
     # contains "a max-age response directive" (or Expires, s-maxage, public), not only a
-    # heuristically cacheable status (§4.2.2's list limits heuristics only)
+    # heuristically cacheable status (§4.2.2's list limits heuristics only); an error outside
+    # that list only when the origin addresses shared caches (s-maxage, a targeted field)
     cache = HttpCache(1 << 20, 1 << 16)
-    assert stored(cache, [(b"cache-control", b"max-age=60")], status=status)
+    assert stored(cache, [(b"cache-control", cc)], status=status)
     found = cache.lookup(KEY, b"GET", [], T0 + 1)
     assert found is not None and found.fresh and found.entry.status == status
     stale = cache.lookup(KEY, b"GET", [], T0 + 61)
@@ -695,7 +714,12 @@ def test_stale_if_error_window() -> None:
     assert found is not None and not found.fresh
     assert cache.stale_on_error(found.entry, [], T0 + 5)
     assert not cache.stale_on_error(found.entry, [], T0 + 12)
-    assert cache.stale_on_error(found.entry, [(b"cache-control", b"stale-if-error=60")], T0 + 30)
+    # the request's window narrows the response's, never widens it (attack review hops #1)
+    assert not cache.stale_on_error(
+        found.entry, [(b"cache-control", b"stale-if-error=60")], T0 + 30
+    )
+    assert not cache.stale_on_error(found.entry, [(b"cache-control", b"stale-if-error=2")], T0 + 5)
+    assert cache.stale_on_error(found.entry, [(b"cache-control", b"stale-if-error=8")], T0 + 5)
     assert not cache.stale_on_error(found.entry, [(b"cache-control", b"no-cache")], T0 + 5)
     off = _stale_entry(b"max-age=1, stale-if-error=10", StalePolicy(if_error=False))
     found = off.lookup(KEY, b"GET", [], T0 + 5)
@@ -704,8 +728,8 @@ def test_stale_if_error_window() -> None:
 
 def test_request_max_stale() -> None:
     # RFC 9111 §5.2.1.2: "the client is willing to accept a response that has exceeded its
-    # freshness lifetime"; with a value, by at most that many seconds
-    cache = _stale_entry(b"max-age=1")
+    # freshness lifetime"; with a value, by at most that many seconds (a cache MAY: on per route)
+    cache = _stale_entry(b"max-age=1", StalePolicy(max_stale=True))
     for req, at, fresh in (
         (b"max-stale=10", T0 + 5, True),
         (b"max-stale=10", T0 + 12, False),
@@ -714,12 +738,135 @@ def test_request_max_stale() -> None:
     ):
         found = cache.lookup(KEY, b"GET", [(b"cache-control", req)], at)
         assert found is not None and found.fresh is fresh, (req, at)
-    capped = _stale_entry(b"max-age=1", StalePolicy(max_s=50))
+    capped = _stale_entry(b"max-age=1", StalePolicy(max_stale=True, max_s=50))
     found = capped.lookup(KEY, b"GET", [(b"cache-control", b"max-stale")], T0 + 100)
     assert found is not None and not found.fresh
-    off = _stale_entry(b"max-age=1", StalePolicy(max_stale=False))
+    off = _stale_entry(b"max-age=1")  # the default
     found = off.lookup(KEY, b"GET", [(b"cache-control", b"max-stale=10")], T0 + 5)
     assert found is not None and not found.fresh
+
+
+SESSION = [(b"cookie", b"sid=alice")]
+ACCOUNT = [(b"cache-control", b"max-age=0"), (b"etag", b'"a"')]
+
+
+@pytest.mark.parametrize(
+    "response,req",
+    [
+        (ACCOUNT, SESSION),  # revalidate-every-use page to a logged-in visitor
+        ([(b"expires", b"0"), (b"etag", b'"a"')], SESSION),  # an invalid Expires: the same
+        ([(b"expires", b"0"), (b"etag", b'"a"')], []),  # zero lifetime, no cookie
+        ([(b"cache-control", b"max-age=60"), (b"etag", b'"a"')], SESSION),  # stored for a cookie
+        ([(b"cache-control", b"public, max-age=60")], [(b"authorization", b"Basic YTpi")]),
+    ],
+)
+@pytest.mark.parametrize("policy", [StalePolicy(), StalePolicy(max_stale=True)])
+def test_max_stale_never_hands_a_visitors_page_to_another(
+    response: list[tuple[bytes, bytes]], req: list[tuple[bytes, bytes]], policy: StalePolicy
+) -> None:
+    # attack review hops #1: alice's page (max-age=0, no private, no Set-Cookie) was stored and
+    # any visitor sending `Cache-Control: max-stale` got it from the cache for 24 h; the
+    # request's stale-if-error handed it over when the application answered 503
+    cache = HttpCache(1 << 20, 1 << 16)
+    cache.stale = policy
+    assert stored(cache, response, b"account of alice", req)
+    for cc in (b"max-stale", b"max-stale=86400"):
+        found = cache.lookup(KEY, b"GET", [(b"cache-control", cc)], T0 + 90)
+        assert found is not None and not found.fresh and not found.revalidate_after, cc
+    sie = [(b"cache-control", b"stale-if-error=86400")]
+    found = cache.lookup(KEY, b"GET", sie, T0 + 90)
+    assert found is not None and not cache.stale_on_error(found.entry, sie, T0 + 90)
+
+
+def test_an_error_never_replaces_a_fresh_page() -> None:
+    # attack review hops #2: a visitor sends no-cache and a header the application refuses;
+    # the 400 carries the site's blanket `public, max-age=300` and replaced the page for all
+    cache = HttpCache(1 << 20, 1 << 16)
+    blanket = [(b"cache-control", b"public, max-age=300")]
+    assert stored(cache, blanket, b"the real page")
+    assert not stored(cache, blanket, b"bad request", status=400)
+    assert not stored(cache, blanket, b"down", status=503)
+    # asked explicitly (s-maxage), an error is stored, but still not over a fresh page
+    explicit = [(b"cache-control", b"s-maxage=300")]
+    assert cache.storable(b"GET", [], 400, explicit)
+    cache.store(KEY, [], 400, explicit, b"bad request", T0 + 10, T0 + 10)
+    found = cache.lookup(KEY, b"GET", [], T0 + 11)
+    assert found is not None and found.fresh and found.entry.body == b"the real page"
+    # once the page is stale, the origin's latest explicit answer takes its place
+    cache.store(KEY, [], 404, explicit, b"gone", T0 + 400, T0 + 400)
+    found = cache.lookup(KEY, b"GET", [], T0 + 401)
+    assert found is not None and found.fresh and found.entry.status == 404
+
+
+HUGE = "9" * 5000  # past Python's int max str digits (4300): int() raises ValueError
+
+
+@pytest.mark.parametrize(
+    "response,req",
+    [
+        ([(b"cache-control", b"max-age=" + HUGE.encode())], []),
+        ([(b"cache-control", b"max-age=60"), (b"age", HUGE.encode())], []),
+        ([(b"cache-control", b"max-age=60")], [(b"cache-control", b"max-age=" + HUGE.encode())]),
+        ([(b"cache-control", b"max-age=60")], [(b"cache-control", b"min-fresh=" + HUGE.encode())]),
+        (
+            [(b"cache-control", b"max-age=1, stale-if-error=" + HUGE.encode())],
+            [
+                (
+                    b"cache-control",
+                    b"max-stale=" + HUGE.encode() + b", stale-if-error=" + HUGE.encode(),
+                )
+            ],
+        ),
+    ],
+)
+def test_huge_delta_seconds_are_capped_not_an_error(
+    response: list[tuple[bytes, bytes]], req: list[tuple[bytes, bytes]]
+) -> None:
+    # attack review hops #4: 5000 digits in any delta-seconds made int() raise, a 500 per request
+    cache = HttpCache(1 << 20, 1 << 16)
+    cache.stale = StalePolicy(max_stale=True)
+    assert cache.storable(b"GET", [], 200, response)
+    cache.store(KEY, [], 200, response, b"body", T0, T0)
+    for at in (T0 + 0.5, T0 + 5):
+        found = cache.lookup(KEY, b"GET", req, at)
+        assert found is not None
+        cache.stale_on_error(found.entry, req, at)
+    assert age_value([(b"age", HUGE.encode())]) == 2**31
+    too_big = [(b"cache-control", b"max-age=5"), (b"content-length", HUGE.encode())]
+    assert not cache.storable(b"GET", [], 200, too_big)
+
+
+def test_a_response_varying_on_a_header_the_edge_sets_is_not_stored() -> None:
+    # attack review hops #5: the origin answered the forwarded request, whose X-Forwarded-For the
+    # edge set; matched against the visitor's (absent) header it was served to everyone
+    cache = HttpCache(1 << 20, 1 << 16)
+    cache.edge_set = lambda name: name in (b"x-forwarded-for", b"forwarded")
+    for vary in (b"X-Forwarded-For", b"accept-encoding, Forwarded"):
+        assert not stored(cache, [(b"cache-control", b"max-age=60"), (b"vary", vary)])
+    assert stored(cache, [(b"cache-control", b"max-age=60"), (b"vary", b"accept-encoding")])
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        [(b"cache-control", b"no-store")],
+        [(b"cache-control", b"private, max-age=60")],
+    ],
+)
+def test_an_answer_not_to_be_stored_drops_the_stored_copy(
+    answer: list[tuple[bytes, bytes]],
+) -> None:
+    # the origin's latest answer for the page says no-store: the old copy must never be served
+    # again, not even stale on an error (attack review hops, "possible gap")
+    cache = HttpCache(1 << 20, 1 << 16)
+    assert stored(cache, [(b"cache-control", b"max-age=1, stale-if-error=600")], b"old")
+    found = cache.lookup(KEY, b"GET", [], T0 + 5)
+    assert found is not None and cache.stale_on_error(found.entry, [], T0 + 5)
+    cache.forget(KEY, [], 400, answer)  # a visitor-provoked error says nothing about the page
+    assert cache.lookup(KEY, b"GET", [], T0 + 5) is not None
+    cache.forget(KEY, [], 200, answer)
+    assert cache.lookup(KEY, b"GET", [], T0 + 5) is None and len(cache) == 0
+    assert cache.used == 0
 
 
 def test_stale_entry_without_validators_is_kept_for_errors() -> None:

@@ -395,3 +395,44 @@ def test_an_upstream_that_closes_on_the_retry_too_is_an_upstream_error() -> None
             pool.close()
 
     run(main)
+
+
+def test_an_upstream_that_keeps_sending_interim_responses_hits_a_total_deadline() -> None:
+    # attack review hops: an origin sending `102 Processing` every 0.1 s, never a final
+    # response, reset the per-read timeout each time and held the request open for ever; the
+    # final response's head now has timeout_s in all
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        try:
+            for _ in range(200):  # bounded: 20 s at most
+                writer.write(b"HTTP/1.1 102 Processing\r\n\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        server = await asyncio.start_server(flood, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pool = UpstreamPool(f"http://127.0.0.1:{port}", max_open=1, timeout_s=0.8)
+        seen: list[int] = []
+
+        async def interim(status: int, headers: list[tuple[bytes, bytes]]) -> None:
+            seen.append(status)
+
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(UpstreamError) as failed:
+            await pool.request(b"GET", b"/", [(b"host", b"x")], None, interim)
+        elapsed = loop.time() - t0
+        assert failed.value.reason == "timeout" and failed.value.status == 504
+        assert "final response" in str(failed.value)
+        assert 0.7 < elapsed < 3, elapsed
+        assert seen and set(seen) == {102}
+        pool.close()
+        server.close()
+        await server.wait_closed()
+
+    run(main)

@@ -1,4 +1,5 @@
-"""`blindfold <command>`: edge, check-config, demo. `main(argv)` returns the exit code."""
+"""`blindfold <command>`: edge, origin, decisions, purge, check-config, demo...
+`main(argv)` returns the exit code."""
 
 from __future__ import annotations
 
@@ -78,6 +79,10 @@ def _check_config(path: str) -> int:
                 from blindfold.decisions.api import load_api_keys
 
                 load_api_keys(origin.decisions.api_keys_file)
+                if origin.decisions.operator_keys_file:  # present, private, well formed
+                    from blindfold.decisions.operator import load_operator_keys
+
+                    load_operator_keys(origin.decisions.operator_keys_file)
                 decisions_tls(origin)  # loads, and names none of the site's names
             warnings += listen_warnings(origin)
             if origin.decisions.signing_key:
@@ -300,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
 
     waf_cli.add_parser(sub)
 
+    from blindfold.cli import operator as operator_cli
+
+    operator_cli.add_parsers(sub)
+
     p_seal = sub.add_parser("seal", help="seal a static tree for blind delivery")
     p_seal.add_argument("src", metavar="SRC_DIR")
     p_seal.add_argument("out", metavar="OUT_DIR")
@@ -479,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_edge(args.config)
     if args.command == "origin":
-        from blindfold.origin.agent import run_origin
+        from blindfold.origin.master import run_origin_master as run_origin
 
         return run_origin(args.config)
     if args.command == "keyserver":
@@ -514,6 +523,10 @@ def main(argv: list[str] | None = None) -> int:
         return pki_cli.run(args)
     if args.command == "waf":
         return waf_cli.run(args)
+    if args.command == "decisions":
+        return operator_cli.run_decisions(args)
+    if args.command == "purge":
+        return operator_cli.run_purge(args)
     if args.command == "seal":
         return _seal(args)
     if args.command == "fetch":

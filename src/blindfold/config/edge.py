@@ -296,14 +296,19 @@ class RouteConfig:
     )
     cache_stale_if_error: bool = setting(
         True,
-        doc="keyless: honour `stale-if-error=N` (RFC 5861 §4, on the response or the "
-        "request): when the origin cannot be reached or answers 500/502/503/504, a copy at most "
-        "N seconds past its lifetime answers instead. Same exceptions as above.",
+        doc="keyless: honour a response's `stale-if-error=N` (RFC 5861 §4): when the origin "
+        "cannot be reached or answers 500/502/503/504, a copy at most N seconds past its "
+        "lifetime answers instead. A request's `stale-if-error` may only shorten that window, "
+        "never open one the response did not grant. Same exceptions as above.",
     )
     cache_max_stale: bool = setting(
-        True,
-        doc="keyless: honour a request's `max-stale[=N]` (RFC 9111 §5.2.1.2): serve a copy up "
-        "to N seconds past its lifetime without asking the origin. Same exceptions as above.",
+        False,
+        doc="keyless: honour a request's `max-stale[=N]` (RFC 9111 §5.2.1.2: a cache MAY): serve "
+        "a copy up to N seconds past its lifetime without asking the origin. Off by default: "
+        "any visitor could then read a stale copy the origin meant to revalidate on every use. "
+        "Even when on, never a response stored with a zero lifetime (max-age=0, an Expires in "
+        "the past) or stored from a request with Cookie or Authorization. Same exceptions as "
+        "above.",
     )
     cache_stale_max_s: float = setting(
         86400.0,

@@ -221,6 +221,19 @@ class DecisionsConfig:
     api_keys_file: str = setting(
         "", doc="Edge API keys, one per line ('name:key' or 'key'); edges send theirs in X-Api-Key."
     )
+    operator_keys_file: str = setting(
+        "",
+        doc="Operator keys, one per line ('id:secret', the secret at least 16 characters, "
+        "mode 0600 or 0640): they alone may add and delete decisions and purge the edges' "
+        "caches through this listener (`blindfold decisions`, `blindfold purge`); every "
+        "action is logged with the key's id. Empty: no write API. Never an edge's key.",
+    )
+    operator_addresses: tuple[str, ...] = setting(
+        ("127.0.0.1/32", "::1/128"),
+        doc="Addresses/CIDRs, besides the trusted edges', that may connect to this listener "
+        "to use the operator API (they still need an operator key).",
+        check=_cidrs,
+    )
     ban_after_blocks: int = setting(
         3,
         doc="WAF blocks from one address within "
@@ -597,6 +610,16 @@ class OriginConfig:
     admin_token_file: str = setting("", doc=ADMIN_TOKEN_DOC)
     log_path: str = setting("", doc="Where JSON log lines go; empty = standard output.")
     access_log: bool = setting(True, doc="One JSON line per request.")
+    workers: int = setting(
+        0,
+        doc="Worker processes serving listen and http_listen (one SO_REUSEPORT socket each; "
+        "the kernel spreads connections by their addresses and ports). A master process owns "
+        "the decisions (rules, store, stream, Redis, journal), the admin listener and HTTP/3; "
+        "workers report WAF blocks and rate-rule hits to it. 0 = number of CPUs. "
+        "max_connections, per_client_connections and per_client_requests apply per worker.",
+        min=0,
+        max=256,
+    )
     max_connections: int = setting(10000, doc="Open client connections at most.", min=1)
     per_client_connections: int = setting(
         64,
@@ -666,6 +689,11 @@ class OriginConfig:
             )
         if self.decisions.listen and not self.decisions.api_keys_file:
             raise ConfigError("decisions.api_keys_file", "the decision stream needs API keys")
+        if self.decisions.operator_keys_file and not self.decisions.listen:
+            raise ConfigError(
+                "decisions.operator_keys_file",
+                "the operator API is served on decisions.listen: set it too",
+            )
         if self.decisions.redis_url and not self.decisions.signing_key:
             raise ConfigError(
                 "decisions.signing_key", "decisions published to Redis must be signed"

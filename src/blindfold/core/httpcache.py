@@ -1,12 +1,15 @@
 """A shared HTTP cache's decisions (RFC 9111), sans-IO, with a byte-bounded LRU store.
 
 What is stored (§3): responses to GET with a final status (not 206: ranges are not kept; not
-304) that carry explicit freshness for a shared cache (s-maxage, max-age or Expires), or
-`no-cache` with a heuristically cacheable status or `public` (revalidated on every use), unless
-`no-store` (`must-understand` on a status this cache understands overrides it, §5.2.2.3) or
-`private` says otherwise, the request carried Authorization without `public`/`s-maxage`/
-`must-revalidate` (§3.5), the response sets a cookie (kept out on purpose: a shared cache must
-not hand one visitor's cookie to another), or `Vary: *`. Heuristic freshness (§4.2.2) is not
+304) that carry explicit freshness for a shared cache (s-maxage, max-age or Expires; an error
+status outside §4.2.2's list only with s-maxage or a targeted field, and never in place of a
+fresh 2xx/3xx), or `no-cache` with a heuristically cacheable status or `public` (revalidated on
+every use), unless `no-store` (`must-understand` on a status this cache understands overrides
+it, §5.2.2.3) or `private` says otherwise, the request carried Authorization without
+`public`/`s-maxage`/`must-revalidate` (§3.5), the response sets a cookie (kept out on purpose:
+a shared cache must not hand one visitor's cookie to another), `Vary: *`, or Vary names a header
+the edge sets itself (`edge_set`: the origin saw the edge's value). An origin answer with
+`no-store` or `private` drops the stored copy (`forget`). Heuristic freshness (§4.2.2) is not
 used: without an explicit lifetime nothing is reused without revalidation. Fields named by
 Connection or by a qualified `no-cache="..."`/`private="..."` are not stored. A targeted field
 (RFC 9213: `Blindfold-Cache-Control`, then `CDN-Cache-Control`), when valid, replaces
@@ -14,15 +17,17 @@ Cache-Control and Expires. Dates: one strict parser for the three HTTP-date form
 §5.6.7); an invalid or repeated Expires means expired, a missing or invalid Date means the time
 of receipt.
 
-What is served: a stored response whose Vary'd request headers match (§4.1) while fresh
-(§4.2, age per §4.2.3); past its lifetime only within the response's stale-while-revalidate
-window (then refreshed after), its stale-if-error window when the origin fails (RFC 5861), or
-the request's max-stale (§5.2.1.2), each switchable per route (StalePolicy) and never where
-§4.2.4 forbids it. `no-cache` (either side) and a request max-age the response is older than
-mean revalidation with the stored validators (§4.3.1), and a 304 freshens the stored headers
-(§4.3.4) unless it is not for sharing: a 304 with Set-Cookie, `no-store` or `private`, or one
-that makes the merged response unstorable, answers only the visitor who asked and removes the
-entry. Unsafe methods invalidate the target (§4.4).
+What is served: a stored response whose Vary'd request headers match (§4.1) while fresh (§4.2,
+age per §4.2.3); past its lifetime only within the response's stale-while-revalidate window
+(then refreshed after), its stale-if-error window when the origin fails (RFC 5861; a request's
+stale-if-error only narrows it), or the request's max-stale (§5.2.1.2; off by default, and never
+for a zero lifetime or a copy stored for a request with Cookie or Authorization), each
+switchable per route (StalePolicy) and never where §4.2.4 forbids it. `no-cache` (either side)
+and a request max-age the response is older than mean revalidation with the stored validators
+(§4.3.1), and a 304 freshens the stored headers (§4.3.4) unless it is not for sharing: a 304
+with Set-Cookie, `no-store` or `private`, or one that makes the merged response unstorable,
+answers only the visitor who asked and removes the entry. Unsafe methods invalidate the target
+(§4.4).
 
 Memory: each entry is charged what its objects really take (sys.getsizeof over the entry, its
 header tuples and bytes, its body and its key), not just its body and header bytes: for small
@@ -36,6 +41,7 @@ import re
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import http_sf
@@ -144,6 +150,8 @@ def _seconds(value: str | None) -> int | None:
     """A delta-seconds value (§1.2.2); invalid is None, huge is capped."""
     if value is None or not (value.isascii() and value.isdigit()):  # "²".isdigit() is True
         return None
+    if len(value) > 10:  # past 2**31 anyway; int() of > 4300 digits raises (int_max_str_digits)
+        return 2**31
     return min(int(value), 2**31)
 
 
@@ -265,6 +273,10 @@ class Entry:
     stale_while_revalidate_s: float = 0.0
     stale_if_error_s: float = 0.0
     may_serve_stale: bool = True
+    tags: frozenset[str] = frozenset()  # its Cache-Tag names, for purges by tag
+    # stored from a request with Cookie or Authorization: what the origin answered may be that
+    # visitor's own page, so a request's max-stale never gets it stale (attack review hops #1)
+    personal: bool = False
 
     def age(self, wall: float) -> float:
         """§4.2.3 current_age."""
@@ -299,7 +311,7 @@ class StalePolicy:
 
     while_revalidate: bool = True
     if_error: bool = True
-    max_stale: bool = True
+    max_stale: bool = False  # a request's max-stale: a cache MAY honour it; off unless asked
     max_s: float = 86400.0
 
 
@@ -360,6 +372,11 @@ class HttpCache:
     evictions: int = 0
     stale: StalePolicy = field(default_factory=StalePolicy)
     stale_served: int = 0
+    purged: int = 0
+    # request header names the edge itself sets or drops on the way to the origin: the origin's
+    # answer depends on the edge's value, not the visitor's, so a response varying on one is
+    # not stored (it would be matched against the wrong value; attack review hops #5)
+    edge_set: Callable[[bytes], bool] | None = None
 
     @staticmethod
     def key(authority: bytes, target: bytes) -> tuple[bytes, bytes]:
@@ -405,6 +422,8 @@ class HttpCache:
             and min_fresh is None
             and "max-stale" in req_cc
             and self.stale.max_stale
+            and entry.lifetime > 0  # "revalidate on every use" is never served on a visitor's say
+            and not entry.personal
         ):
             # §5.2.1.2: the client accepts a response this much past its lifetime (no value:
             # any, here at most the route's limit)
@@ -439,21 +458,39 @@ class HttpCache:
 
     def stale_on_error(self, entry: Entry, request_headers: Headers, wall: float) -> bool:
         """RFC 5861 §4: may this stored response answer a request the origin failed (no answer,
-        or 500/502/503/504)? Within the response's (or the request's) stale-if-error window,
-        never where §4.2.4 forbids stale responses, at most the route's limit past its
-        lifetime."""
+        or 500/502/503/504)? Within the response's stale-if-error window (a request's
+        stale-if-error may narrow it, never widen it: the visitor does not decide what the
+        origin lets others see stale), never where §4.2.4 forbids stale responses, at most the
+        route's limit past its lifetime."""
         if not self.stale.if_error or not entry.may_serve_stale or entry.no_cache:
             return False
         req_cc = directives(request_headers)
         if "no-cache" in req_cc:
             return False
-        window = entry.stale_if_error_s
+        window = min(entry.stale_if_error_s, self.stale.max_s)
         if "stale-if-error" in req_cc:
-            window = _window(req_cc["stale-if-error"], self.stale.max_s)
+            window = min(window, _window(req_cc["stale-if-error"], self.stale.max_s))
         if entry.age(wall) >= entry.lifetime + window:
             return False
         self.stale_served += 1
         return True
+
+    def forget(
+        self, key: tuple[bytes, bytes], request_headers: Headers, status: int, headers: Headers
+    ) -> None:
+        """The origin answered a GET for a stored response with `no-store` or `private`: the
+        stored variant this request selects is dropped, never served again, stale or not (the
+        origin's latest word on the page). Errors other than 404/410 say nothing about the page
+        and leave it (a visitor can provoke them). Set-Cookie alone does not drop it: a rolling
+        session cookie on a logged-in visitor's answer says nothing about the shared copy."""
+        if status >= 400 and status not in (404, 410):
+            return
+        cc, _targeted = response_directives(headers)
+        if not ("no-store" in cc or ("private" in cc and not cc["private"])):
+            return
+        for entry in list(self._store.get(key, ())):
+            if all(_normalise(_joined(request_headers, n)) == v for n, v in entry.vary):
+                self._remove(key, entry)
 
     def invalidate(self, method: bytes, key: tuple[bytes, bytes], status: int) -> None:
         """§4.4: a non-error response to an unsafe method invalidates the target."""
@@ -470,16 +507,22 @@ class HttpCache:
         """May this response be stored (§3), before its body is seen? Any final status but
         206 (ranges are not kept) and 304 (it only freshens), as long as it has explicit
         freshness, `public`, or a status heuristically cacheable (§4.2.2's list, which only
-        limits heuristics; this cache uses none, so that one needs no-cache and validators)."""
+        limits heuristics; this cache uses none, so that one needs no-cache and validators). An
+        error status outside that list only when the origin asks a shared cache explicitly
+        (s-maxage or a targeted field): a site's blanket max-age on every response would
+        otherwise let a visitor who provokes a 400 store it for everyone (attack review hops
+        #2)."""
         if method != b"GET" or status < 200 or status in (206, 304):
             return False
         if _header(request_headers, b"range") is not None:
             return False
         if "no-store" in directives(request_headers):
             return False
-        cc, _targeted = response_directives(headers)
+        cc, targeted = response_directives(headers)
         if "must-understand" in cc and status not in UNDERSTOOD_STATUS:
             return False  # §5.2.2.3
+        if status >= 400 and status not in CACHEABLE_STATUS and not (targeted or "s-maxage" in cc):
+            return False
         return self._shareable(request_headers, headers, status)
 
     def _shareable(self, request_headers: Headers, headers: Headers, status: int = 200) -> bool:
@@ -492,14 +535,21 @@ class HttpCache:
             return False  # qualified private="a, b": the rest may be stored (§5.2.2.7)
         if _header(headers, b"set-cookie") is not None:
             return False  # one visitor's cookie is never handed to another
-        if _vary_names(headers) is None:
+        vary = _vary_names(headers)
+        if vary is None:
             return False
+        if self.edge_set is not None and any(self.edge_set(n) for n in vary):
+            return False  # the origin saw the edge's value of that header, not the visitor's
         if _header(request_headers, b"authorization") is not None and not (
             "public" in cc or "s-maxage" in cc or "must-revalidate" in cc
         ):
             return False  # §3.5
         length = _header(headers, b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_object_bytes:
+        if (
+            length is not None
+            and length.isdigit()
+            and (len(length) > 18 or int(length) > self.max_object_bytes)  # no int() of 5000 digits
+        ):
             return False
         lifetime = freshness_lifetime(headers, cc, None, not targeted)
         if lifetime is None and not (
@@ -546,6 +596,7 @@ class HttpCache:
         body: bytes,
         request_time: float,
         response_time: float,
+        tags: frozenset[str] = frozenset(),
     ) -> None:
         if len(body) > self.max_object_bytes:
             return
@@ -565,12 +616,21 @@ class HttpCache:
             max(apparent_age, corrected_age),
             0.0,
             False,
+            tags=tags,
         )
         self._policy(entry, headers, response_time)
+        entry.personal = any(k in (b"cookie", b"authorization") for k, _ in request_headers)
         entries = self._store.get(key)
         if entries is None:
             entries = self._store[key] = []
-        for old in [e for e in entries if e.vary == entry.vary]:
+        same = [e for e in entries if e.vary == entry.vary]
+        if status >= 400 and any(
+            e.status < 400 and not e.no_cache and e.age(response_time) < e.lifetime for e in same
+        ):
+            # an error never replaces a fresh page: a visitor who provokes one (no-cache and a
+            # header the application refuses) must not serve it to everyone (hops #2)
+            return
+        for old in same:
             entries.remove(old)
             self.used -= old.size
         entries.append(entry)
@@ -580,6 +640,41 @@ class HttpCache:
         self.stores += 1
         self._retable()
         self._evict()
+
+    def stored_keys(self) -> list[tuple[bytes, bytes]]:
+        return list(self._store)
+
+    def purge(
+        self,
+        matches: Callable[[bytes, bytes, frozenset[str]], bool],
+        keys: Iterable[tuple[bytes, bytes]] | None = None,
+    ) -> int:
+        """Remove every entry for which `matches(authority, target, tags)` (an operator's
+        purge: decisions.purge.PurgeMatcher), among `keys` (from `stored_keys`, a slice at a
+        time so a big cache is purged between other work) or all; returns how many."""
+        removed = 0
+        for key in list(self._store) if keys is None else keys:
+            entries = self._store.get(key)
+            if entries is None:
+                continue
+            gone = [e for e in entries if matches(key[0], key[1], e.tags)]
+            for entry in gone:
+                entries.remove(entry)
+                self.used -= entry.size
+            removed += len(gone)
+            if not entries:
+                del self._store[key]
+        self.purged += removed
+        self._retable()
+        return removed
+
+    def purge_all(self) -> int:
+        """Remove every entry (purges may have been missed); returns how many."""
+        removed = len(self)
+        self._store = OrderedDict()
+        self.used = self._table_bytes = 0
+        self.purged += removed
+        return removed
 
     def _evict(self) -> None:
         while self.used > self.max_bytes and self._store:
@@ -686,6 +781,8 @@ def _cost(key: tuple[bytes, bytes], entry: Entry) -> int:
         size += _PAIR_BYTES + getsize(k) + getsize(v)
     for k, v in entry.vary:
         size += _PAIR_BYTES + getsize(k) + getsize(v)
+    if entry.tags:
+        size += getsize(entry.tags) + sum(getsize(t) for t in entry.tags)
     return size
 
 

@@ -21,25 +21,24 @@ import hmac
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from blindfold.core.ratelimit import BucketMap
 from blindfold.decisions.core import DecisionStore, Snapshot
+from blindfold.decisions.purge import PurgeLog
 from blindfold.errors import ConfigError
 from blindfold.web.messages import BodyStream, Request, Responder, simple_response
 
 
-def load_api_keys(path: str) -> dict[str, bytes]:
+def load_api_keys(path: str, where: str = "origin.decisions.api_keys_file") -> dict[str, bytes]:
     """'name:key' or 'key' per line, '#' comments. Returns {name: key}."""
     keys: dict[str, bytes] = {}
     try:
         text = Path(path).read_text()
     except OSError as exc:
-        raise ConfigError(
-            "origin.decisions.api_keys_file", f"cannot read {path}: {exc.strerror}"
-        ) from None
+        raise ConfigError(where, f"cannot read {path}: {exc.strerror}") from None
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -48,14 +47,16 @@ def load_api_keys(path: str) -> dict[str, bytes]:
         if not sep:
             name, key = f"key{n}", name
         if len(key) < 16:
-            raise ConfigError(
-                "origin.decisions.api_keys_file", f"{path}:{n}: keys must be at least 16 characters"
-            )
+            raise ConfigError(where, f"{path}:{n}: keys must be at least 16 characters")
         keys[name.strip()] = key.strip().encode()
     if not keys:
-        raise ConfigError("origin.decisions.api_keys_file", f"{path} holds no key")
+        raise ConfigError(where, f"{path} holds no key")
     return keys
 
+
+OPERATOR_PREFIX = "/v1/operator/"  # the operator's write API (decisions.operator)
+# (request, body, respond) -> whether it showed a valid operator key
+OperatorHandler = Callable[[Request, BodyStream, Responder], Awaitable[bool]]
 
 FULL_CACHE_S = 5.0  # a whole-set answer is at most this old (durations likewise)
 
@@ -71,6 +72,9 @@ class DecisionApi:
         self.full_builds = 0
         self._full: tuple[float, Snapshot, bytes] | None = None  # (built at, snapshot, JSON)
         self._building: asyncio.Future[tuple[float, Snapshot, bytes]] | None = None
+        # the operator's write API (decisions.operator) and the purges edges follow
+        self.operator: OperatorHandler | None = None
+        self.purges: PurgeLog | None = None
 
     def _bouncer(self, key: bytes | None) -> str | None:
         if key is None:
@@ -89,6 +93,12 @@ class DecisionApi:
         on_authorized: Callable[[], None] | None = None,
     ) -> None:
         """`on_authorized`: called once the request has shown a valid API key."""
+        url = urlsplit(request.target.decode("latin-1"))
+        if self.operator is not None and url.path.startswith(OPERATOR_PREFIX):
+            # operator keys only: an edge's read key is refused there (401), and logged
+            if await self.operator(request, body, respond) and on_authorized is not None:
+                on_authorized()
+            return
         bouncer = self._bouncer(request.header(b"x-api-key"))
         if bouncer is None:
             self.requests["unauthorized"] = self.requests.get("unauthorized", 0) + 1
@@ -98,7 +108,6 @@ class DecisionApi:
             return
         if on_authorized is not None:
             on_authorized()
-        url = urlsplit(request.target.decode("latin-1"))
         if request.method not in (b"GET", b"HEAD"):
             await simple_response(respond, 405, "method not allowed\n")
             return
@@ -122,6 +131,14 @@ class DecisionApi:
                 snapshot, data = await self._whole_set(now)
                 if position is None:
                     store.remember(bouncer, instance, snapshot.after)
+        elif url.path == "/v1/purges" and self.purges is not None:
+            header = request.header(b"x-blindfold-purges")
+            purge_position = header.decode("latin-1")[:100] if header is not None else None
+            items, purges_after, reset = self.purges.since(purge_position)
+            data = json.dumps(
+                {"position": purges_after, "reset": reset, "purges": [p.to_json() for p in items]},
+                separators=(",", ":"),
+            ).encode()
         elif url.path == "/v1/decisions":
             if not await self._full_allowed(bouncer, request, respond):
                 return

@@ -24,11 +24,19 @@ from blindfold import __version__
 from blindfold.config.edge import DecisionSourceConfig
 from blindfold.decisions.bans import BanTable
 from blindfold.decisions.core import parse_stream
+from blindfold.decisions.purge import (
+    MAX_PURGE_BYTES,
+    MAX_PURGE_LOG,
+    MAX_PURGES_PER_ANSWER,
+    Purge,
+    purge_from_json,
+)
 from blindfold.errors import ConfigError, ProtocolError, UpstreamError
 from blindfold.obs.log import JsonLog
 from blindfold.web.client import UpstreamPool
 
 MAX_STREAM_BYTES = 64 << 20
+MAX_PURGES_BYTES = (MAX_PURGES_PER_ANSWER + 1) * MAX_PURGE_BYTES  # one answer of the purge log
 # A 429 from the source (the origin rations whole-set answers per key): wait as long as its
 # Retry-After asks, within these bounds (a source cannot park the feed for hours), then ask again.
 THROTTLED_MIN_S = 1.0
@@ -74,9 +82,26 @@ def decode_stream(body: bytes | bytearray) -> Any:
         raise ProtocolError("bad_stream", "not JSON") from None
 
 
-def _parse_body(body: bytes) -> tuple[list[Any], list[Any], list[str], str | None, bool]:
-    """(new, deleted, problems, position token, whole set?) of one stream answer. Runs in a
-    thread: a 64 MB answer must not stop the master's loop while it is decoded."""
+MAX_OPERATOR_LINES = 20  # operator decisions logged per poll (the rest: counted)
+
+
+def _operator_items(payload: Any) -> list[dict[str, Any]]:
+    """The stream's new decisions an operator made (origin 'operator:<id>'), for the log."""
+    out = []
+    items = payload.get("new") if isinstance(payload, dict) else None
+    for item in items if isinstance(items, list) else ():
+        origin = item.get("origin") if isinstance(item, dict) else None
+        if isinstance(origin, str) and origin.startswith("operator:"):
+            out.append({"operator": origin[9:73], "value": str(item.get("value"))[:64]})
+    return out
+
+
+def _parse_body(
+    body: bytes,
+) -> tuple[list[Any], list[Any], list[str], str | None, bool, list[dict[str, Any]]]:
+    """(new, deleted, problems, position token, whole set?, operators' new decisions) of one
+    stream answer. Runs in a thread: a 64 MB answer must not stop the master's loop while it
+    is decoded."""
     payload: Any = decode_stream(body)
     new, deleted, problems = parse_stream(payload)
     ext = payload.get("blindfold")
@@ -85,7 +110,7 @@ def _parse_body(body: bytes) -> tuple[list[Any], list[Any], list[str], str | Non
         if isinstance(ext.get("position"), str) and len(ext["position"]) <= 200:
             position = ext["position"]
         full = ext.get("full") is True
-    return new, deleted, problems, position, full
+    return new, deleted, problems, position, full, ([] if full else _operator_items(payload))
 
 
 class StreamFeed:
@@ -122,6 +147,14 @@ class StreamFeed:
         self._position: bytes | None = None
         self._logged_down = False
         self._retry_after = 0.0
+        # the origin's purge log (/v1/purges): followed after every poll of the stream; a
+        # source without one (a CrowdSec LAPI answers 404) is not asked again
+        self.purge_path = (parts.path.rstrip("/") + "/v1/purges").encode()
+        self.on_purge: Callable[[Purge, str], None] | None = None
+        self.on_gap: Callable[[], None] | None = None
+        self.purges_supported = True
+        self._purge_position: bytes | None = None
+        self._purges_failing = False
 
     async def _fetch(self) -> bytes:
         target = self.path + (b"?startup=true" if self._startup else b"?startup=false")
@@ -150,7 +183,11 @@ class StreamFeed:
 
     async def poll_once(self) -> None:
         body = await asyncio.wait_for(self._fetch(), self.cfg.timeout_s * 2)
-        new, deleted, problems, position, full = await asyncio.to_thread(_parse_body, body)
+        new, deleted, problems, position, full, operated = await asyncio.to_thread(
+            _parse_body, body
+        )
+        for item in operated[:MAX_OPERATOR_LINES]:  # what an operator did, as applied here
+            self.log.emit("operator_decision", source="stream", action="add", **item)
         for problem in problems[:10]:
             self.log.log("decision_ignored", problem=problem)
         for problem in problems:
@@ -173,6 +210,67 @@ class StreamFeed:
             table.end_resync("stream")
         self._position = position.encode("latin-1") if position else None
         self._startup = False
+        if self.on_purge is not None and self.purges_supported:
+            # its own failure: the decisions just applied stay applied and the feed stays up;
+            # the next poll asks again from the same position
+            try:
+                await asyncio.wait_for(self._follow_purges(), self.cfg.timeout_s * 2)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._count("purge_error")
+                if not self._purges_failing:
+                    self.log.emit(
+                        "purges_failed",
+                        url=self.cfg.url,
+                        error=f"{type(exc).__name__}: {exc}"[:300],
+                    )
+                self._purges_failing = True
+            else:
+                self._purges_failing = False
+
+    async def _follow_purges(self) -> None:
+        """Ask the origin's purge log for what came after our position; apply it."""
+        headers = [
+            (b"host", self.pool.target.authority),
+            (b"x-api-key", self.key),
+            (b"user-agent", f"blindfold-edge/{__version__}".encode()),
+            (b"accept", b"application/json"),
+        ]
+        if self._purge_position is not None:
+            headers.append((b"x-blindfold-purges", self._purge_position))
+        response = await self.pool.request(b"GET", self.purge_path, headers, None)
+        body = bytearray()
+        async for chunk in response.body():
+            body += chunk
+            if len(body) > MAX_PURGES_BYTES:
+                response.close()
+                raise ProtocolError("bad_stream", "purge log answer too large")
+        if response.status in (401, 403, 404, 405):
+            # not a blindfold origin (a CrowdSec LAPI): it has no purge log
+            self.purges_supported = False
+            self.log.emit("purges_unsupported", url=self.cfg.url, status=response.status)
+            return
+        if response.status != 200:
+            raise UpstreamError("bad_status", f"purges: status {response.status}")
+        payload = decode_stream(bytes(body))
+        if not isinstance(payload, dict) or not isinstance(payload.get("purges"), list):
+            self.purges_supported = False  # a 200 that is no purge log: not a blindfold origin
+            self.log.emit("purges_unsupported", url=self.cfg.url, status=response.status)
+            return
+        position = payload.get("position")
+        if not isinstance(position, str) or len(position) > 200 or not position.isascii():
+            raise ProtocolError("bad_stream", "purge log answer without a position")
+        if payload.get("reset") is True and self.on_gap is not None:
+            self.on_gap()  # more purges than the origin keeps since we asked: we missed some
+        for item in payload["purges"][:MAX_PURGE_LOG]:
+            try:
+                purge = purge_from_json(item)
+            except ProtocolError as exc:
+                self.log.emit("purge_dropped", source="stream", reason=exc.reason, detail=str(exc))
+                continue
+            self.on_purge(purge, "stream")  # type: ignore[misc]
+        self._purge_position = position.encode("ascii")
 
     async def run(self) -> None:
         while True:

@@ -29,7 +29,7 @@ import asyncio
 import hashlib
 import itertools
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -40,6 +40,7 @@ from blindfold.config.edge import DecisionSourceConfig, EdgeConfig
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.decisions.bans import BanTable
 from blindfold.decisions.core import Decision, DecisionStore, ban_target
+from blindfold.decisions.purge import Purge, is_signed_purge, open_purge, sign_purge
 from blindfold.decisions.signed import (
     DecisionSigner,
     DecisionVerifier,
@@ -202,17 +203,30 @@ class RedisPublisher:
 
     def _signed(self, d: Decision) -> str:
         return self.signer.sign(
-            d.scope, d.value, d.until, d.created, d.reason, d.edge, d.edge_address
+            d.scope, d.value, d.until, d.created, d.reason, d.edge, d.edge_address, operator_of(d)
         )
 
     def publish(self, decision: Decision, now: float) -> None:
         self._spawn(self._publish(decision, self._signed(decision), now))
 
-    def publish_lift(self, decision: Decision, now: float) -> None:
-        """The end, now, of `decision` (removed from the origin's store) at every edge."""
+    def publish_lift(self, decision: Decision, now: float, operator: str = "") -> None:
+        """The end, now, of `decision` (removed from the origin's store) at every edge;
+        `operator`: the key id of the operator who deleted it."""
         d = decision
-        body = self.signer.sign_lift(d.scope, d.value, d.until, now, "lifted")
+        body = self.signer.sign_lift(d.scope, d.value, d.until, now, "lifted", operator)
         self._spawn(self._publish(d, body, now))
+
+    def publish_purge(self, purge: Purge) -> None:
+        """A purge, signed, on the channel (never a key: an edge that was away learns of it
+        from the HTTPS stream's purge log, or empties its caches: docs/decisions.md)."""
+        self._spawn(self._publish_message(sign_purge(self.signer.key, purge), purge.id))
+
+    async def _publish_message(self, body: str, what: str) -> None:
+        try:
+            await self.redis.publish(CHANNEL, body)
+        except (RedisError, OSError) as exc:
+            self.errors += 1
+            self.log.emit("redis_publish_failed", value=what, error=str(exc))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -236,6 +250,11 @@ class RedisPublisher:
         for task in list(self.tasks):
             task.cancel()
         await self.redis.aclose()
+
+
+def operator_of(d: Decision) -> str:
+    """The operator key id of a decision an operator made (origin 'operator:<id>'), or ''."""
+    return d.origin[len("operator:") :] if d.origin.startswith("operator:") else ""
 
 
 def _redacted(url: str) -> str:
@@ -282,6 +301,12 @@ class RedisFeed:
         # what changed (bounded: a Redis full of junk keys costs this edge no memory)
         self._digests: dict[bytes, bytes] = {}
         self._max_digests = 2 * table.limits.max_bans + 10_000
+        # purges (decisions.purge): signed by the same origins, on the same channel
+        self.on_purge: Callable[[Purge, str], None] | None = None
+        # called when the channel was lost for a while (purges may have been missed); the
+        # master sets it only when no HTTPS stream carries the purge log
+        self.on_gap: Callable[[], None] | None = None
+        self._connected_before = False
 
     async def run(self) -> None:
         while True:
@@ -315,6 +340,15 @@ class RedisFeed:
             return None
         if d is None:
             return None
+        if d.operator:  # what an operator did, as this edge applied it
+            self.log.emit(
+                "operator_decision",
+                source="redis",
+                operator=d.operator,
+                action="delete" if d.lift else "add",
+                value=d.value,
+                until=d.until,
+            )
         if not d.lift:
             self.table.update("redis", [(d.scope, d.value, d.until - now, d.reason)], [], now)
             return d
@@ -325,6 +359,22 @@ class RedisFeed:
             self.table.update("redis", [(d.scope, d.value, left - now, "")], [], now)
         self.log.log("decision_lifted", source="redis", value=d.value, signer=d.signer)
         return d
+
+    def admit_purge(self, body: bytes | str, now: float) -> Purge | None:
+        """A purge from the channel: applied only if signed by a known origin, and recent
+        (older ones are replays: decisions.purge.MAX_SIGNED_AGE_S)."""
+        try:
+            purge = open_purge(body, self.verifier.keys, now)
+        except ProtocolError as exc:
+            self._count(f"purge_{exc.reason}")
+            if self._drop_log.allow(time.monotonic()):
+                self.log.emit(
+                    "purge_dropped", source="redis", reason=exc.reason, detail=str(exc)[:200]
+                )
+            return None
+        if self.on_purge is not None:
+            self.on_purge(purge, "redis")
+        return purge
 
     def _dropped(self, reason: str, detail: str) -> None:
         self.table.refuse(reason)
@@ -390,6 +440,9 @@ class RedisFeed:
         try:
             await pubsub.subscribe(CHANNEL)
             await self._sync(full=True)
+            if self._connected_before and self.on_gap is not None:
+                self.on_gap()
+            self._connected_before = True
             if not self.up:
                 self.up = True
                 self.log.emit("decisions_source_up", url=self.url, active=self.table.size)
@@ -397,7 +450,11 @@ class RedisFeed:
             while True:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                 if message is not None and message.get("type") == "message":
-                    self.admit(message["data"], time.time())
+                    data = message["data"]
+                    if is_signed_purge(data):
+                        self.admit_purge(data, time.time())
+                    else:
+                        self.admit(data, time.time())
                 if time.monotonic() >= next_sync:
                     await self._sync(full=False)
                     next_sync = time.monotonic() + RESYNC_S

@@ -11,7 +11,8 @@ Sans-IO. Format, version 1 (docs/decisions.md says the same):
   {"scope": "ip"|"range", "value": TEXT, "until": SECONDS, "issued": SECONDS, "reason": TEXT}
   (`until` and `issued` are Unix times; `value` in canonical form), and, when a trusted
   edge's PROXY claim of the visitor's address caused it, `edge` and `edge_address`: the
-  edge's name at the origin ("" when it has none) and its address. A lift has the same
+  edge's name at the origin ("" when it has none) and its address; `operator`, the operator
+  key's id, when an operator made the ban or the lift. A lift has the same
   fields: it ends the signer's bans on (scope, value) issued at or before its `issued`; its
   `until` is the lifted ban's, after which there is nothing left to lift.
 - `signature`: base64url without padding of the 64-byte Ed25519 signature (RFC 8032 §5.1.6)
@@ -81,12 +82,19 @@ class SignedDecision:
     lift: bool = False  # a lift of the signer's bans on (scope, value), not a ban
     edge: str = ""  # the name of the edge whose PROXY claim caused it ("" if none or unnamed)
     edge_address: str = ""  # that edge's address ("" when no edge's claim caused it)
+    operator: str = ""  # the operator key's id, for a ban or lift an operator made
 
 
 class DecisionSigner:
     def __init__(self, private: Ed25519PrivateKey) -> None:
         self._key = private
         self.signer = key_id(private.public_key())
+
+    @property
+    def key(self) -> Ed25519PrivateKey:
+        """The private key (blindfold.decisions.purge signs purges with it, under their own
+        purpose prefix)."""
+        return self._key
 
     def sign(
         self,
@@ -97,14 +105,22 @@ class DecisionSigner:
         reason: str,
         edge: str = "",
         edge_address: str = "",
+        operator: str = "",
     ) -> str:
-        """A ban on (scope, value) until `until`; `edge`, `edge_address`: who reported it."""
-        return self._sign(MAGIC, PURPOSE, scope, value, until, issued, reason, (edge, edge_address))
+        """A ban on (scope, value) until `until`; `edge`, `edge_address`: who reported it;
+        `operator`: the operator key's id when an operator made it."""
+        return self._sign(
+            MAGIC, PURPOSE, scope, value, until, issued, reason, (edge, edge_address), operator
+        )
 
-    def sign_lift(self, scope: str, value: str, until: float, issued: float, reason: str) -> str:
+    def sign_lift(
+        self, scope: str, value: str, until: float, issued: float, reason: str, operator: str = ""
+    ) -> str:
         """The end, at `issued`, of this signer's bans on (scope, value); `until`: the lifted
         ban's (edges remember the lift until then, so the ban cannot be played back)."""
-        return self._sign(LIFT_MAGIC, LIFT_PURPOSE, scope, value, until, issued, reason, ("", ""))
+        return self._sign(
+            LIFT_MAGIC, LIFT_PURPOSE, scope, value, until, issued, reason, ("", ""), operator
+        )
 
     def _sign(
         self,
@@ -116,6 +132,7 @@ class DecisionSigner:
         issued: float,
         reason: str,
         edge: tuple[str, str],
+        operator: str = "",
     ) -> str:
         s, v = normalise(scope, value)
         fields: dict[str, object] = {
@@ -129,6 +146,8 @@ class DecisionSigner:
             fields["edge"] = edge[0][:200]
         if edge[1]:
             fields["edge_address"] = edge[1][:64]
+        if operator:
+            fields["operator"] = operator[:64]
         payload = json.dumps(fields, separators=(",", ":")).encode()
         encoded = _b64(payload)
         signature = self._key.sign(purpose + f"{self.signer}.{encoded}".encode("ascii"))
@@ -180,13 +199,16 @@ class DecisionVerifier:
             reason = str(item.get("reason", ""))[:200]
             edge = str(item.get("edge", ""))[:200]
             edge_address = str(item.get("edge_address", ""))[:64]
+            operator = str(item.get("operator", ""))[:64]
         except (ValueError, KeyError, TypeError, RecursionError, binascii.Error, AttributeError):
             raise ProtocolError("bad_decision", "signed payload is not a decision") from None
         if not (math.isfinite(until) and math.isfinite(issued)):
             raise ProtocolError("bad_decision", "times are not finite")
         if until <= now:
             raise ProtocolError("expired", f"{value} until {until}")
-        return SignedDecision(scope, value, until, issued, reason, signer, lift, edge, edge_address)
+        return SignedDecision(
+            scope, value, until, issued, reason, signer, lift, edge, edge_address, operator
+        )
 
     def admit(self, message: bytes | str, now: float) -> SignedDecision | None:
         """`open`, then the replay check: None when this exact decision or lift is already held

@@ -123,6 +123,8 @@ class AppHandler(BaseHTTPRequestHandler):
             self.send_header("ETag", etag)
             if "vary" in q:
                 self.send_header("Vary", q["vary"][0])
+            if "tag" in q:  # tags for purges by tag (decisions.purge)
+                self.send_header("Cache-Tag", q["tag"][0])
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)

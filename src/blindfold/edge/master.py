@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -26,6 +27,7 @@ from blindfold.config.common import load_admin_token, parse_hostport
 from blindfold.config.edge import EdgeConfig
 from blindfold.decisions.bans import BanDistributor, BanLimits, BanTable
 from blindfold.decisions.feed import StreamFeed, supervise
+from blindfold.decisions.purge import Purge, SeenPurges
 from blindfold.edge.stats import EDGE_METRICS, EDGE_SPECS, top_ja4
 from blindfold.errors import ConfigError
 from blindfold.io import control
@@ -59,7 +61,24 @@ EDGE_METRICS_ALL = [
         "Refused-connection log lines not written (log_refused_per_s).",
     ),
 ]
-EDGE_SPECS_ALL = {**EDGE_SPECS, "blindfold_log_lines_suppressed_total": EDGE_METRICS_ALL[-1]}
+PURGE_METRIC = MetricSpec(
+    "blindfold_edge_purges_total",
+    "counter",
+    "Cache purges from the origin by source (stream, redis) and result (applied; duplicate: "
+    "already applied from the other source; gap: purges may have been missed, every cache "
+    "emptied).",
+    ("source", "result"),
+)
+EDGE_METRICS_ALL.append(PURGE_METRIC)
+EDGE_SPECS_ALL = {
+    **EDGE_SPECS,
+    "blindfold_log_lines_suppressed_total": EDGE_METRICS_ALL[-2],
+    PURGE_METRIC.name: PURGE_METRIC,
+}
+# purges replayed to a worker that starts within RECENT_PURGES_S of them (a respawned
+# worker's blind disk cache outlived them)
+RECENT_PURGES = 100
+RECENT_PURGES_S = 60.0
 
 
 @dataclass(eq=False)
@@ -125,6 +144,11 @@ class EdgeMaster:
         self._acme_task: asyncio.Task[None] | None = None
         if self.config.acme is not None:
             self.acme = _acme_manager(self.config, log.emit, lambda _order: self.reload())
+        self.seen_purges = SeenPurges()
+        # (monotonic time, message) of the last purges, for workers that start after them
+        self.recent_purges: deque[tuple[float, dict[str, Any]]] = deque(maxlen=RECENT_PURGES)
+        self.purge_counts: dict[tuple[str, str], int] = {}
+        self._purge_tasks: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------- start
     def bind(self, config: EdgeConfig) -> dict[str, list[socket.socket]]:
@@ -222,6 +246,9 @@ class EdgeMaster:
         # the worker starts accepting once this snapshot of the ban set is in
         self.distributor.add(handle)
         self._send_bans(handle)
+        for at, message in self.recent_purges:  # its blind disk cache may hold what they removed
+            if time.monotonic() - at < RECENT_PURGES_S:
+                handle.send(message)
         return handle
 
     async def _read_worker(self, handle: WorkerHandle) -> None:
@@ -241,6 +268,10 @@ class EdgeMaster:
                 elif op == "bans_applied":
                     if self.distributor.acked(handle, message.get("id")):
                         self._send_bans(handle)
+                elif op == "purged":
+                    fut = handle.replies.pop(message.get("id"), None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(message)
                 elif op in ("stats", "rates"):
                     fut = handle.replies.pop(message.get("id"), None)
                     if fut is not None and not fut.done():
@@ -347,7 +378,12 @@ class EdgeMaster:
             from blindfold.decisions.redis_bus import RedisFeed
 
             feeds.append(RedisFeed(src, self.bans, self.log, config))
+        stream = next((f for f in feeds if f.kind == "stream"), None)
         for feed in feeds:
+            feed.on_purge = self.apply_purge
+            # purges missed (a gap in the stream's purge log; the Redis channel lost while no
+            # stream with a purge log covers it, e.g. a CrowdSec LAPI's): every cache emptied
+            feed.on_gap = partial(self._purge_gap, feed.kind, stream)
             self.feeds.append(feed)
             self.feed_tasks.append(
                 loop.create_task(supervise(feed.kind, feed.run, self.log, feed.down))
@@ -359,6 +395,76 @@ class EdgeMaster:
                     )
                 )
         self.feed_tasks.append(loop.create_task(supervise("expiry", self._expire_bans, self.log)))
+
+    # ---------------------------------------------------------------- purges
+    def apply_purge(self, purge: Purge, source: str) -> None:
+        """A purge from a decision source (the stream's purge log, or verified from Redis):
+        once, however many sources bring it, to every worker; logged with what was removed."""
+        if not self.seen_purges.first(purge.id, time.time()):
+            self._count_purge(source, "duplicate")
+            return
+        self._count_purge(source, "applied")
+        message = {"op": "purge", "purge": purge.to_json()}
+        self.recent_purges.append((time.monotonic(), message))
+        fields = {
+            "purge": purge.id,
+            "operator": purge.operator,
+            "source": source,
+            "issued": purge.issued,
+            "items": purge.size,
+        }
+        self._spawn_purge(self._send_purge(message, fields))
+
+    def purge_everything(self, source: str) -> None:
+        """Purges may have been missed: empty every cache of every worker."""
+        self._count_purge(source, "gap")
+        message = {"op": "purge", "all": True}
+        self.recent_purges.append((time.monotonic(), message))
+        self._spawn_purge(self._send_purge(message, {"purge": "all", "source": source}))
+
+    def _purge_gap(self, source: str, stream: Any) -> None:
+        if source == "redis" and stream is not None and stream.purges_supported:
+            return  # the stream's purge log brings what the channel lost
+        self.purge_everything(source)
+
+    def _count_purge(self, source: str, result: str) -> None:
+        key = (source, result)
+        self.purge_counts[key] = self.purge_counts.get(key, 0) + 1
+
+    def _spawn_purge(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._purge_tasks.add(task)
+        task.add_done_callback(self._purge_tasks.discard)
+
+    async def _send_purge(self, message: dict[str, Any], fields: dict[str, Any]) -> None:
+        loop = asyncio.get_running_loop()
+        waits = []
+        started = time.monotonic()
+        for handle in [*self.workers, *self.old_workers]:
+            if handle.state not in ("starting", "ready", "draining"):
+                continue
+            self._stats_id += 1
+            fut: asyncio.Future[dict[str, Any]] = loop.create_future()
+            handle.replies[self._stats_id] = fut
+            handle.send({**message, "id": self._stats_id})
+            waits.append(fut)
+        removed = answered = 0
+        if waits:
+            done, pending = await asyncio.wait(waits, timeout=STATS_TIMEOUT_S)
+            for fut in pending:
+                fut.cancel()
+            for fut in done:
+                if not fut.cancelled() and fut.exception() is None:
+                    answered += 1
+                    removed += int(fut.result().get("removed", 0))
+        self.log.emit(
+            "purge_applied",
+            **fields,
+            removed=removed,
+            workers=answered,
+            of_workers=len(waits),
+            ms=round((time.monotonic() - started) * 1000, 1),
+        )
 
     async def _share_rates(self, feed: Any) -> None:
         """Every second: collect the workers' per-address counts, add them in Redis."""
@@ -699,6 +805,7 @@ class EdgeMaster:
             [[], sum(self.distributor.pending(h) for h in self.distributor.workers())]
         ]
         merged["blindfold_ban_resyncs_total"] = [[[], self.distributor.resyncs]]
+        merged[PURGE_METRIC.name] = [[[src, res], n] for (src, res), n in self.purge_counts.items()]
         for feed in self.feeds:
             kind = feed.kind
             merged.setdefault("blindfold_decisions_source_up", []).append([[kind], int(feed.up)])

@@ -14,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Collection, Sequence
 from typing import Any, ClassVar, Protocol
 
 from blindfold.config.edge import EdgeConfig, RouteConfig
 from blindfold.core.clienthello import ClientHello
 from blindfold.core.routing import SniRouter
+from blindfold.decisions.purge import Purge
 from blindfold.edge.guards import Guards
 from blindfold.edge.origins import OriginPool
 from blindfold.edge.stats import RouteStats, WorkerStats
@@ -211,6 +212,12 @@ class Mode:
 
     def drain(self) -> None:
         """The worker drains: stop taking what the mode serves outside connections."""
+
+    def purge(self, routes: Sequence[RouteState], purge: Purge | None) -> int | Awaitable[int]:
+        """Remove what `purge` names from the caches of this mode's `routes` (None: all of
+        it); returns the entries removed, or (a mode on the asyncio loop with much to scan)
+        an awaitable of it."""
+        return 0
 
     def snapshot(self, routes: Sequence[RouteState]) -> Snapshot:
         """Metric tables (obs.metrics) for this mode's routes."""

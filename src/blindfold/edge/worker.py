@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Awaitable
 from typing import Any
 
 from blindfold.config import loads
@@ -32,6 +33,7 @@ from blindfold.core.iplist import parse_address
 from blindfold.core.proxyproto import load_auth_key
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.core.routing import SniRouter
+from blindfold.decisions.purge import purge_from_json
 from blindfold.edge.bans import BanUpdates
 from blindfold.edge.connection import Conn
 from blindfold.edge.guards import Guards
@@ -88,6 +90,7 @@ class Worker:
         # then runs inside an asyncio loop; passthrough-only workers keep the bare epoll loop.
         self.loop: asyncio.AbstractEventLoop | None = None
         self.modes: dict[str, Mode] = {}  # made the first time a route names one
+        self._purges: set[asyncio.Task[None]] = set()  # purges scanning caches (Mode.purge)
         self.routes: list[RouteState] = []
         self.router: SniRouter[RouteState] = SniRouter([])
         self.ban_updates = BanUpdates(self)
@@ -444,6 +447,32 @@ class Worker:
             self.control.send({"op": "rates", "id": message.get("id"), "counts": counts})
         elif op == "bans":
             self.ban_updates.push(message)
+        elif op == "purge":
+            self.purge(message)
+
+    def purge(self, message: dict[str, Any]) -> None:
+        """A purge from the master (decisions.purge), or `all`: every mode's caches; answered
+        (`purged`, with the entries removed) once every mode is done."""
+        purge = None if message.get("all") is True else purge_from_json(message.get("purge"))
+        removed = 0
+        pending: list[Awaitable[int]] = []
+        for mode in self.modes.values():
+            result = mode.purge(self._routes_of(mode), purge)
+            if isinstance(result, int):
+                removed += result
+            else:
+                pending.append(result)
+        if not pending or self.loop is None:
+            self.control.send({"op": "purged", "id": message.get("id"), "removed": removed})
+            return
+
+        async def finish() -> None:
+            total = removed + sum(await asyncio.gather(*pending))
+            self.control.send({"op": "purged", "id": message.get("id"), "removed": total})
+
+        task = self.loop.create_task(finish())
+        self._purges.add(task)  # held: asyncio keeps only weak references to tasks
+        task.add_done_callback(self._purges.discard)
 
     def _control_error(self, problem: str, exc: BaseException) -> None:
         self.log.log("control_error", problem=problem, error=repr(exc)[:500], worker=self.index)

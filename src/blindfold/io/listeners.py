@@ -128,6 +128,8 @@ def bind_group(
     defer_accept_s: int = 0,
     ipv6_prefix_len: int = 64,
     kind: socket.SocketKind = socket.SOCK_STREAM,
+    steer: bool = True,
+    v6only: bool = True,
 ) -> list[socket.socket]:
     """Bind `workers` SO_REUSEPORT listening sockets on `address` ('ip:port'), steered by
     client address. With port 0 the first socket's port is reused for the others.
@@ -136,7 +138,11 @@ def bind_group(
     source address only, never the port, so every datagram of a QUIC flow reaches one worker
     while the visitor keeps its address (NAT rebinding changes only the port); a visitor
     whose address changes lands on another worker, which does not know the flow and drops
-    its datagrams (docs/quic.md)."""
+    its datagrams (docs/quic.md).
+
+    `steer=False`: no program; the kernel's own hash of the connection's addresses and ports
+    spreads connections (the origin's: most come from a few edges' addresses).
+    `v6only=False`: an IPv6 address such as `[::]` takes IPv4 connections too."""
     stream = kind == socket.SOCK_STREAM
     host, port = parse_hostport(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -146,7 +152,7 @@ def bind_group(
         with socket.socket(family, kind) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
             probe.bind((host, port))
     socks: list[socket.socket] = []
     try:
@@ -156,7 +162,7 @@ def bind_group(
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
             if stream:  # inherited on accept
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if stream and defer_accept_s > 0:
@@ -167,7 +173,7 @@ def bind_group(
             if stream:
                 sock.listen(backlog)
             sock.setblocking(False)
-        if workers > 1:
+        if workers > 1 and steer:
             _attach_steering(
                 socks[0], 4 if family == socket.AF_INET else 6, workers, ipv6_prefix_len
             )

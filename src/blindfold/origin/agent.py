@@ -11,21 +11,30 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import ipaddress
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from blindfold.config import Config, load_file
 from blindfold.config.common import load_admin_token, parse_hostport
 from blindfold.config.origin import OriginConfig, fds_needed, listen_warnings
-from blindfold.core.iplist import IPSet, visitor_key
+from blindfold.core.iplist import IPSet, parse_address, visitor_key
 from blindfold.core.proxyproto import V1_PREFIX, V2_SIGNATURE
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.decisions.api import DecisionApi, load_api_keys
-from blindfold.decisions.core import DecisionRules, DecisionStore, RateRule, scope_of
+from blindfold.decisions.core import (
+    Decision,
+    DecisionRules,
+    DecisionStore,
+    RateRule,
+    scope_of,
+)
 from blindfold.decisions.journal import DecisionJournal
+from blindfold.decisions.operator import OperatorApi, load_operator_keys
+from blindfold.decisions.purge import Purge, PurgeLog
 from blindfold.errors import ConfigError, ProtocolError
 from blindfold.io import compat
 from blindfold.io.accepted import (
@@ -127,6 +136,13 @@ ORIGIN_METRICS = [
         "counter",
         "Decision stream requests by edge (or 'unauthorized').",
         ("bouncer",),
+    ),
+    MetricSpec(
+        "blindfold_origin_operator_requests_total",
+        "counter",
+        "Operator API requests by result: list, add, delete, purge; refused_<why> (missing, "
+        "malformed, wrong_key, edge_key: answered 401); bad_<reason> (answered 400).",
+        ("result",),
     ),
     MetricSpec(
         "blindfold_http_events_total",
@@ -388,10 +404,32 @@ async def _too_many_connections(request: Request, body: BodyStream, respond: Res
 
 
 class OriginAgent:
-    def __init__(self, path: str, cfg: OriginConfig, log: JsonLog) -> None:
+    """One origin process. `role`: "single" (everything in one process), "master" (decisions,
+    admin, HTTP/3; the site's TCP listeners are the workers', origin.master) or "worker"
+    (serves `inherited` listening sockets, [(address, tls, fd)]; its gate reports to the
+    master through `remote`, origin.worker)."""
+
+    def __init__(
+        self,
+        path: str,
+        cfg: OriginConfig,
+        log: JsonLog,
+        *,
+        role: str = "single",
+        inherited: list[tuple[str, bool, int]] | None = None,
+        remote: Any = None,
+    ) -> None:
         self.path = path
         self.cfg = cfg
         self.log = log
+        self.role = role
+        self.on_certificates: Callable[[], None] | None = None  # set by an origin master
+        self.inherited = inherited or []
+        self.remote = remote
+        # master: the workers' counters, asked for at each /metrics (origin.master)
+        self.collect: Callable[[], Awaitable[list[dict[str, Any]]]] | None = None
+        # worker: the master's HTTP/3 port, for Alt-Svc (the master serves HTTP/3)
+        self.quic_port = 0
         self.audit = (
             JsonLog.open(cfg.waf.audit_log, process="origin") if (cfg.waf.audit_log) else self.log
         )
@@ -424,8 +462,10 @@ class OriginAgent:
         self.journal: DecisionJournal | None = None
         self.cert_reloads: dict[str, int] = {}  # swapped | invalid
         self.acme: Any = None  # acme.client.AcmeManager for [origin.acme]
-        if cfg.acme is not None:
+        if cfg.acme is not None and role != "worker":  # one ACME client: the master's
             self.acme = _acme_manager(cfg, self.log.emit, self._acme_installed)
+        self.purges = PurgeLog()
+        self.operator_peers: IPSet | None = None
         self._build(cfg)
 
     # ------------------------------------------------------------------ build / reload
@@ -436,7 +476,8 @@ class OriginAgent:
         stamps = file_stamps(certificates)  # before loading: a later change is seen
         tls = SiteTls(certificates) if certificates else None
         self.challenges = challenge_dir(cfg)
-        waf = build_waf(cfg)
+        # the master inspects only HTTP/3 requests (its own listener); workers the rest
+        waf = build_waf(cfg) if self.role != "master" or cfg.quic.listen else None
         # the edges' keys load on a reload too; headers seen stay seen (no replay across it)
         edges = TrustedEdges(cfg, self.edges.replay)
         d = cfg.decisions
@@ -479,6 +520,7 @@ class OriginAgent:
             detect_only=cfg.waf.mode == "detect",
             stats=self.stats,
             access_log=cfg.access_log,
+            remote=self.remote,
         )
         gate.waf_paths = self.waf_paths
         proxy.on_upstream = self._upstream
@@ -494,7 +536,7 @@ class OriginAgent:
 
             max_age_s = cfg.quic.alt_svc_max_age_s
             self.alt_svc = lambda inner: AltSvc(
-                inner, lambda: advertised_port(self.cfg, self.quic), max_age_s
+                inner, lambda: advertised_port(self.cfg, self.quic) or self.quic_port, max_age_s
             )
         self.tls, self.waf, self.rules, self.pool = tls, waf, rules, pool
         self.cert_stamps = self.cert_seen = stamps
@@ -588,6 +630,48 @@ class OriginAgent:
         if self.publisher is not None:
             self.publisher.publish(decision, now)
 
+    # ------------------------------------------------------------------ operator actions
+    def _operator_peer(self, peer: str) -> bool:
+        """An address allowed to reach the operator API (origin.decisions.operator_addresses)."""
+        if self.operator_peers is None:
+            return False
+        try:
+            version, addr = parse_address(peer)
+        except ProtocolError:
+            return False
+        return self.operator_peers.contains(addr, version)
+
+    def operator_list(self, now: float) -> list[Decision]:
+        return self.store.active(now)  # (expiry stays the housekeeping's, with its log line)
+
+    def operator_add(
+        self, scope: str, value: str, duration_s: float, reason: str, operator: str
+    ) -> Decision:
+        """A ban by an operator: the store (journal, stream) and Redis, as the origin's own."""
+        now = time.time()
+        decision = self.store.add(
+            scope, value, duration_s, reason, now, origin=f"operator:{operator}"
+        )
+        self.count("decisions:operator")
+        if self.publisher is not None:
+            self.publisher.publish(decision, now)
+        return decision
+
+    def operator_delete(self, scope: str, value: str, operator: str) -> Decision | None:
+        """The end of a ban now: a deletion in the stream, a signed lift on Redis."""
+        now = time.time()
+        gone = self.store.remove(scope, value)
+        if gone is not None and self.publisher is not None:
+            self.publisher.publish_lift(gone, now, operator)
+        return gone
+
+    def operator_purge(self, purge: Purge) -> None:
+        """To every edge: the stream's purge log and a signed message on Redis."""
+        self.purges.add(purge)
+        self.count("purges")
+        if self.publisher is not None:
+            self.publisher.publish_purge(purge)
+
     def _refused_decision(self, why: str, ip: str, reason: str, edge: dict[str, Any]) -> None:
         self.count(f"decisions_refused:{why}")
         if self._refusal_log.allow(time.monotonic()):
@@ -608,15 +692,20 @@ class OriginAgent:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         loop.set_exception_handler(self._loop_exception)
+        if self.role == "worker":
+            return self._start_worker()
         if cfg.decisions.journal:  # before anything can ban or follow the stream
             self.journal = DecisionJournal(cfg.decisions.journal, self.log)
             restored, problems = self.journal.open(self.store, time.time())
             self.log.emit("decisions_restored", decisions=restored, problems=problems[:10])
-        for i, address in enumerate(cfg.listen):
-            self._listen(address, True, f"origin.listen[{i}]")
+        if self.role == "single":
+            for i, address in enumerate(cfg.listen):
+                self._listen(address, True, f"origin.listen[{i}]")
+            for i, address in enumerate(cfg.http_listen):
+                self._listen(address, False, f"origin.http_listen[{i}]")
+        # renewed files: each process that serves the site's TLS (and the master, whose
+        # metrics show the expiry) polls them itself
         self.servers.append(loop.create_task(self._watch_certificates()))
-        for i, address in enumerate(cfg.http_listen):
-            self._listen(address, False, f"origin.http_listen[{i}]")
         if cfg.quic.listen:  # HTTP/3: its own listeners and admission (origin/h3.py)
             from blindfold.origin.h3 import start_quic
 
@@ -631,6 +720,13 @@ class OriginAgent:
         if d.listen:
             keys = load_api_keys(d.api_keys_file)
             self.api = DecisionApi(self.store, keys, full_per_minute=d.full_answers_per_minute)
+            self.api.purges = self.purges
+            if d.operator_keys_file:
+                operator_keys = load_operator_keys(d.operator_keys_file)
+                self.api.operator = OperatorApi(operator_keys, keys, self, self.log)
+                self.operator_peers = IPSet(
+                    ipaddress.ip_network(a, strict=False) for a in d.operator_addresses
+                )
             api_tls = decisions_tls(cfg)
             host, port = parse_hostport(d.listen)
             sock = self._bind(host, port, "origin.decisions.listen")
@@ -649,8 +745,22 @@ class OriginAgent:
             self.servers.append(loop.create_task(self._run_acme()))
         for problem in listen_warnings(cfg):
             self.log.emit("config_warning", problem=problem)
+        self._check_fd_limit()
+        return {
+            "listen": [_addr(s) for s, tls in self.tls_sockets.items() if tls],
+            "http_listen": [_addr(s) for s, tls in self.tls_sockets.items() if not tls],
+            "quic_listen": self.quic.ports() if self.quic else [],
+            "admin": f"{admin[0]}:{admin[1]}",
+            "decisions": f"{api_address[0]}:{api_address[1]}" if api_address else None,
+            "waf": getattr(self.waf, "version", None),
+        }
+
+    def _check_fd_limit(self) -> None:
+        """Where the site's connections are served (not in a master)."""
+        if self.role == "master":
+            return
         limit = fd_limit()
-        needed = fds_needed(cfg)
+        needed = fds_needed(self.cfg)
         if needed > limit:
             self.log.emit(
                 "fd_limit_low",
@@ -660,12 +770,25 @@ class OriginAgent:
                 "the client and one for the application; raise `ulimit -n` or lower "
                 "max_connections",
             )
+
+    def _start_worker(self) -> dict[str, Any]:
+        """A worker: accept on the listening sockets the master passed; no admin, decision
+        stream, journal, Redis or HTTP/3 (the master's)."""
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(self._loop_exception)
+        for _address, tls, fd in self.inherited:
+            sock = socket.socket(fileno=fd)
+            sock.setblocking(False)
+            self.sockets.append(sock)
+            self.tls_sockets[sock] = tls
+            kind = "tls" if tls else "http"
+            self.servers.append(loop.create_task(self._accept_loop(sock, kind)))
+        self.servers.append(loop.create_task(self._housekeeping()))
+        self.servers.append(loop.create_task(self._watch_certificates()))
+        self._check_fd_limit()
         return {
             "listen": [_addr(s) for s, tls in self.tls_sockets.items() if tls],
             "http_listen": [_addr(s) for s, tls in self.tls_sockets.items() if not tls],
-            "quic_listen": self.quic.ports() if self.quic else [],
-            "admin": f"{admin[0]}:{admin[1]}",
-            "decisions": f"{api_address[0]}:{api_address[1]}" if api_address else None,
             "waf": getattr(self.waf, "version", None),
         }
 
@@ -878,7 +1001,7 @@ class OriginAgent:
         (no handshake, so no certificate, for anyone else), within its own limit and its
         address's share of it (atk-trust #5: one trusted address held every slot with bare
         TCP connections, and edges that (re)started could not get in)."""
-        if not self.edges.is_trusted(peer[0]):
+        if not self.edges.is_trusted(peer[0]) and not self._operator_peer(peer[0]):
             self._count_conn("decisions_refused_untrusted_peer")
             sock.close()
             return
@@ -950,11 +1073,11 @@ class OriginAgent:
             await asyncio.sleep(interval if interval > 0 else 5.0)
             if interval > 0:
                 try:
-                    self.reload_certificates()
+                    self._poll_certificates()
                 except Exception as exc:  # never the watcher's end
                     self.log.emit("certificate_reload_error", error=repr(exc))
 
-    def reload_certificates(self) -> None:
+    def _poll_certificates(self) -> None:
         certificates = site_certificates(self.cfg)  # the configured ones and ACME's
         stamps = file_stamps(certificates)
         if not certificates or stamps == self.cert_stamps:
@@ -990,10 +1113,11 @@ class OriginAgent:
         if path == "/healthz":
             return 200, "application/json", b'{"status":"ok"}\n'
         if path == "/metrics":
+            workers = await self.collect() if self.collect is not None else []
             return (
                 200,
                 "text/plain; version=0.0.4",
-                render(self.snapshot(), self._metric_specs()).encode(),
+                render(self.snapshot(workers), self._metric_specs()).encode(),
             )
         if path == "/acme/renew" and self.acme is not None:
             if method != "POST":
@@ -1013,11 +1137,23 @@ class OriginAgent:
     # ------------------------------------------------------------------ ACME
     def _acme_installed(self, order: Any) -> None:
         """A renewed chain is on disk (checked against its key): new connections get it,
-        open ones keep the certificate they were made with."""
-        certificates = site_certificates(self.cfg)
-        stamps = file_stamps(certificates)
-        self.tls = SiteTls(certificates)
-        self.cert_stamps = self.cert_seen = stamps  # not loaded again by the file poll
+        open ones keep the certificate they were made with. The master's workers serve the
+        site's TCP listeners: a reload (a new generation of workers, the old ones draining)
+        gives it to them."""
+        self.reload_certificates()
+        if self.on_certificates is not None:
+            self.on_certificates()
+
+    def reload_certificates(self) -> None:
+        """Re-read the site's certificate files (a worker, told by its master after a
+        renewal); a pair that does not load keeps the one in service."""
+        try:
+            certificates = site_certificates(self.cfg)
+            stamps = file_stamps(certificates)
+            self.tls = SiteTls(certificates)
+            self.cert_stamps = self.cert_seen = stamps  # not loaded again by the file poll
+        except ConfigError as exc:
+            self.log.emit("certificate_reload_failed", error=str(exc))
 
     async def _run_acme(self) -> None:
         try:
@@ -1039,22 +1175,45 @@ class OriginAgent:
 
         return specs + QUIC_METRICS
 
-    def snapshot(self) -> dict[str, list[list[Any]]]:
+    def worker_stats(self) -> dict[str, Any]:
+        """A worker's counters, for the master's sum: `stats`, the gauges, the histogram."""
+        return {
+            "stats": self.stats,
+            "site_open": self.site_slots.open,
+            "upstream": self.upstream_latency.value(),
+        }
+
+    def snapshot(self, workers: list[dict[str, Any]] | None = None) -> dict[str, list[list[Any]]]:
+        """`workers`: their `worker_stats`, added to this process's own."""
         s = self.stats
-        snap = self._snapshot(s)
+        site_open = self.site_slots.open
+        upstream = self.upstream_latency.value()
+        if workers:
+            s = dict(s)
+            for w in workers:
+                for k, v in w.get("stats", {}).items():
+                    s[k] = s.get(k, 0) + v
+                site_open += int(w.get("site_open", 0))
+                theirs = w.get("upstream") or []
+                if len(theirs) == len(upstream):
+                    upstream = [a + float(b) for a, b in zip(upstream, theirs, strict=True)]
+        snap = self._snapshot(s, site_open, upstream)
         if self.acme is not None:
             snap.update(self.acme.snapshot())
         if self.quic is not None:
-            return {**snap, **self.quic.snapshot()}
+            snap.update(self.quic.snapshot())
         return snap
 
-    def _snapshot(self, s: dict[str, Any]) -> dict[str, list[list[Any]]]:
+    def _snapshot(
+        self, s: dict[str, Any], site_open: int, upstream: list[float]
+    ) -> dict[str, list[list[Any]]]:
 
         def pick(prefix: str) -> list[list[Any]]:
             return [[[k[len(prefix) :]], v] for k, v in s.items() if k.startswith(prefix)]
 
         now = time.time()
         certs = self.tls.expiry if self.tls is not None else []
+        operator: Any = self.api.operator if self.api is not None else None
         return {
             "blindfold_certificate_expiry_seconds": [
                 [["origin", host, f"certificates[{i}]"], end - now]
@@ -1065,13 +1224,13 @@ class OriginAgent:
             ],
             "blindfold_origin_requests_total": pick("requests:"),
             "blindfold_origin_connections_total": pick("conn:"),
-            "blindfold_origin_connections_active": [[[], self.site_slots.open]],
+            "blindfold_origin_connections_active": [[[], site_open]],
             "blindfold_origin_decisions_connections_active": [[[], self.api_slots.open]],
             "blindfold_waf_blocks_total": [[[], s.get("waf_blocks", 0)]],
             "blindfold_waf_rule_blocks_total": pick("waf_rule:"),
             "blindfold_waf_path_blocks_total": pick("waf_path:"),
             "blindfold_origin_upstream_errors_total": pick("upstream_errors:"),
-            "blindfold_origin_upstream_seconds": [[[], self.upstream_latency.value()]],
+            "blindfold_origin_upstream_seconds": [[[], upstream]],
             "blindfold_decisions_active": [[[], len(self.store.decisions)]],
             "blindfold_decisions_created_total": pick("decisions:"),
             "blindfold_origin_decisions_refused_total": pick("decisions_refused:"),
@@ -1080,6 +1239,9 @@ class OriginAgent:
             ],
             "blindfold_decision_stream_requests_total": [
                 [[k], v] for k, v in (self.api.requests.items() if self.api else [])
+            ],
+            "blindfold_origin_operator_requests_total": [
+                [[k], v] for k, v in (operator.requests.items() if operator is not None else [])
             ],
             "blindfold_http_events_total": pick("http:"),
             "blindfold_origin_blind_bytes_total": pick("blind_bytes:"),
@@ -1151,7 +1313,8 @@ def _consume(task: asyncio.Task[Any]) -> None:
 
 
 def run_origin(path: str) -> int:
-    """`blindfold origin --config FILE`. Returns the exit code (2 for configuration errors)."""
+    """The whole origin in one process (no workers; `blindfold origin` runs
+    origin.master.run_origin_master). Returns the exit code (2 for configuration errors)."""
 
     def make(config: Config, _text: str, path: str, log: JsonLog) -> OriginAgent:
         assert config.origin is not None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from blindfold.decisions.core import DecisionRules
 from blindfold.obs.metrics import BoundedLabels
@@ -38,6 +38,15 @@ def path_label(path: bytes) -> str:
 Log = Callable[..., None]
 
 
+class RemoteRules(Protocol):
+    """Where a worker's gate sends what the decision rules count (origin.worker.MasterLink):
+    the master applies them, so counts and bans hold across workers."""
+
+    def request(self, ip: str, path: bytes, now: float, reporter: Reporter | None) -> None: ...
+
+    def block(self, ip: str, now: float, reporter: Reporter | None) -> None: ...
+
+
 class OriginGate:
     def __init__(
         self,
@@ -52,7 +61,10 @@ class OriginGate:
         detect_only: bool,
         stats: dict[str, Any],
         access_log: bool = True,
+        remote: RemoteRules | None = None,
     ) -> None:
+        """`remote`: in a worker, the master's decision rules (`rules` then only says which
+        paths rate rules cover)."""
         self.proxy = proxy
         self.waf = waf
         self.rules = rules
@@ -64,6 +76,7 @@ class OriginGate:
         self.stats = stats
         self.waf_paths = BoundedLabels(30)  # the agent hands its own, kept across reloads
         self.access_log = access_log
+        self.remote = remote
 
     def _count(self, key: str, n: int = 1) -> None:
         self.stats[key] = self.stats.get(key, 0) + n
@@ -83,9 +96,14 @@ class OriginGate:
         status = 0
         sent = 0
         waf_state = None
-        ban = self.rules.on_request(ip, request.path, now)
-        if ban is not None:
-            self.ban(*ban, reporter)
+        remote = self.remote
+        if remote is not None:
+            if self.rules.rate_rules:
+                remote.request(ip, request.path, now, reporter)
+        else:
+            ban = self.rules.on_request(ip, request.path, now)
+            if ban is not None:
+                self.ban(*ban, reporter)
         tx = None
         verdict_ids: tuple[int, ...] = ()
         try:
@@ -178,9 +196,12 @@ class OriginGate:
         for rule in verdict.rule_ids:
             self._count(f"waf_rule:{rule}")
         self._count(f"waf_path:{self.waf_paths.label(path_label(request.path))}")
-        ban = self.rules.on_block(request.client[0], time.time())
-        if ban is not None:
-            self.ban(*ban, reporter)
+        if self.remote is not None:
+            self.remote.block(request.client[0], time.time(), reporter)
+        else:
+            ban = self.rules.on_block(request.client[0], time.time())
+            if ban is not None:
+                self.ban(*ban, reporter)
         text = f"Request blocked by the site's firewall.\nrequest id: {request.request_id}\n"
         await simple_response(
             respond, verdict.status, text, [(b"x-request-id", request.request_id.encode())]

@@ -393,12 +393,21 @@ class UpstreamPool:
                 return
         self.open -= 1
 
-    async def _read(self, conn: _Conn) -> bytes:
-        # asyncio.timeout, not wait_for: wait_for wraps every read in a new task
+    async def _read(self, conn: _Conn, deadline: float | None = None) -> bytes:
+        """One read, within `timeout_s`, and before `deadline` (loop time) when given."""
+        loop = asyncio.get_running_loop()
+        when = loop.time() + self.timeout_s
+        if deadline is not None and deadline < when:
+            when = deadline
+        # asyncio.timeout_at, not wait_for: wait_for wraps every read in a new task
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with asyncio.timeout_at(when):
                 return await conn.reader.read(READ_CHUNK)
         except TimeoutError:
+            if deadline is not None and when == deadline:
+                raise UpstreamError(
+                    "timeout", "no final response from the upstream in time", status=504
+                ) from None
             raise UpstreamError(
                 "timeout", "no bytes from the upstream in time", status=504
             ) from None
@@ -478,10 +487,13 @@ class UpstreamPool:
             await self._write_or_stale(conn, out)
             got_bytes = False
             interim = 0
+            # the final response's head within timeout_s in all: an origin that keeps sending
+            # interim responses (or drips its head) does not hold the request open for ever
+            head_deadline = asyncio.get_running_loop().time() + self.timeout_s
             while True:
                 event = conn.h11.next_event()
                 if event is h11.NEED_DATA:
-                    data = await self._read(conn)
+                    data = await self._read(conn, head_deadline)
                     if not data and not got_bytes and body is None:
                         raise _Stale()
                     got_bytes = got_bytes or bool(data)

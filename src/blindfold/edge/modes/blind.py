@@ -38,6 +38,7 @@ from blindfold.core.iplist import parse_address
 from blindfold.core.proxyproto import encode_v1, encode_v2
 from blindfold.core.ratelimit import BucketMap, TokenBucket
 from blindfold.core.tls13_server import ConnectionFailed
+from blindfold.decisions.purge import Purge
 from blindfold.edge.guards import client_key
 from blindfold.edge.mode import Connection, Mode, ModeContext, RouteState
 from blindfold.edge.serve import LOGGED_EVENTS, misdirected, request_host, serve
@@ -579,6 +580,27 @@ class BlindMode(Mode):
         self.ctx.log.log("acme_challenge_answered", sni=hello.sni, client=conn.ip)
         serve(conn, server, _ChallengeOnly, br.limits, br.http)
         return True
+
+    def purge(self, routes: Sequence[RouteState], purge: Purge | None) -> int:
+        """An operator's purge (decisions.purge): the named blobs (by id, or by a URL or
+        prefix on /b/ or /p/) from memory and disk; None: every blob this worker holds."""
+        removed = 0
+        for route in routes:
+            br: BlindRoute = route.state
+            store = br.store
+            if purge is None:
+                names = set(store.mem) | set(store.disk)
+            else:
+                names = set(purge.blobs)
+                for item in (*purge.urls, *purge.prefixes):
+                    match = _PATH.fullmatch(("/" + item.partition("/")[2]).encode("latin-1"))
+                    if match is not None:
+                        names.add((match.group(1) or match.group(2)).decode("ascii"))
+            for name in names:
+                if store.drop(name):
+                    removed += 1
+                    br.stats.count("purged")
+        return removed
 
     def snapshot(self, routes: Sequence[RouteState]) -> Snapshot:
         """Prometheus tables for the worker's blind routes."""

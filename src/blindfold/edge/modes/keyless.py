@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from blindfold.core.httpcache import (
 )
 from blindfold.core.iplist import parse_address
 from blindfold.core.ratelimit import BucketMap
+from blindfold.decisions.purge import CACHE_TAG_HEADER, Purge, PurgeMatcher, parse_cache_tags
 from blindfold.edge.guards import client_key
 from blindfold.edge.mode import Connection, Mode, ModeContext, RouteState
 from blindfold.edge.serve import LOGGED_EVENTS, misdirected, request_host, serve
@@ -78,13 +79,28 @@ from blindfold.web.messages import (
     simple_response,
     strip_hop_by_hop,
 )
-from blindfold.web.proxy import interim_sender, iterate, request_has_body, upstream_headers
+from blindfold.web.proxy import (
+    interim_sender,
+    is_forwarding_header,
+    iterate,
+    request_has_body,
+    upstream_headers,
+)
 from blindfold.web.target import path_has_prefix
 
 MAX_RATE_KEYS = 100_000
 MAX_REFRESHES = 64  # stale-while-revalidate refreshes under way at once, per route and worker
 ACME_TLS_ALPN = b"acme-tls/1"  # RFC 8737 §6.2
 CHAIN_RETRY_S = 30.0  # after a refused or failed chain request: the next one at most this often
+PURGE_SLICE = 2_000  # cache keys a purge tests per turn of the loop
+
+
+def _edge_set(name: bytes) -> bool:
+    """A request header the edge sets or drops on the way to the origin (upstream_headers):
+    a response varying on it is not cached. Host excepted: the edge forwards the visitor's."""
+    return name != b"host" and is_forwarding_header(name)
+
+
 SIGN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _CONDITIONAL = frozenset(
     {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range"}
@@ -233,6 +249,7 @@ class KeylessRoute:
         ]
         self.ipv6_prefix_len = ipv6_prefix_len
         self.cache = HttpCache(rc.cache_max_bytes, rc.cache_max_object_bytes)
+        self.cache.edge_set = _edge_set
         self.cache.stale = self.stale = StalePolicy(
             rc.cache_stale_while_revalidate,
             rc.cache_stale_if_error,
@@ -394,6 +411,27 @@ class KeylessMode(Mode):
                 detail=detail[:300],
                 keeps=kr.identity.certificate_sha256.hex(),
             )
+
+    def purge(self, routes: Sequence[RouteState], purge: Purge | None) -> int | Awaitable[int]:
+        """An operator's purge (decisions.purge): the matching entries of every route's
+        cache, by URL, path prefix or Cache-Tag, PURGE_SLICE keys per turn of the loop (a
+        100,000-entry cache takes a second of CPU: visitors are served in between); None:
+        all of them, at once."""
+        if purge is None:
+            return sum(int(route.state.cache.purge_all()) for route in routes)
+        matcher = PurgeMatcher.of(purge)
+        if matcher.empty:
+            return 0
+        return self._purge([route.state.cache for route in routes], matcher)
+
+    async def _purge(self, caches: list[HttpCache], matcher: PurgeMatcher) -> int:
+        removed = 0
+        for cache in caches:
+            keys = cache.stored_keys()
+            for i in range(0, len(keys), PURGE_SLICE):
+                removed += cache.purge(matcher.matches, keys[i : i + PURGE_SLICE])
+                await asyncio.sleep(0)
+        return removed
 
     def _spawn(self, coro: Any) -> None:
         task = self.loop.create_task(coro)
@@ -774,6 +812,8 @@ class KeylessHandler:
                     request_time,
                     response_time,
                 )
+            else:
+                cache.forget(key, request.headers, response.status, response.headers)
         except (UpstreamError, ConnectionError):
             pass
         finally:
@@ -867,6 +907,9 @@ class KeylessHandler:
             and request.method == b"GET"
             and cache.storable(request.method, request.headers, response.status, response.headers)
         )
+        if not storable and request.method == b"GET" and cache.max_bytes > 0:
+            # no-store/private/Set-Cookie now: the stored copy is never served again, stale or not
+            cache.forget(key, request.headers, response.status, response.headers)
         sent, stored = await self._relay(
             request, respond, response, key, storable, request_time, response_time
         )
@@ -885,7 +928,8 @@ class KeylessHandler:
         response_time: float,
     ) -> tuple[int, bool]:
         cache = self.kr.cache
-        headers = strip_hop_by_hop(response.headers)
+        # Cache-Tag is for this cache (purges by tag), not for visitors: recorded, then dropped
+        headers = [(k, v) for k, v in strip_hop_by_hop(response.headers) if k != CACHE_TAG_HEADER]
         headers.append((b"x-blindfold-cache", b"miss"))
         kept: list[bytes] | None = [] if storable else None
         sent = 0
@@ -913,10 +957,11 @@ class KeylessHandler:
                 key,
                 request.headers,
                 response.status,
-                response.headers,
+                [(k, v) for k, v in response.headers if k != CACHE_TAG_HEADER],
                 b"".join(kept),
                 request_time,
                 response_time,
+                tags=parse_cache_tags(response.headers),
             )
             return sent, True
         return sent, False
@@ -934,7 +979,9 @@ class KeylessHandler:
             except ConnectionError:
                 pass
             return 304, outcome, 0
-        headers = [(k, v) for k, v in entry.headers if k != b"content-length"]
+        headers = [
+            (k, v) for k, v in entry.headers if k != b"content-length" and k != CACHE_TAG_HEADER
+        ]
         if entry.status not in (204, 304):
             headers.append((b"content-length", str(len(entry.body)).encode()))
         headers += [(b"age", age), (b"x-blindfold-cache", outcome.encode())]
