@@ -163,3 +163,70 @@ def test_content_is_built_by_rfc_8446() -> None:
 )
 def test_an_error_frame_has_a_stable_reason(code: int, message: str, reason: str) -> None:
     assert w.error_reason(code, message) == reason
+
+
+hostnames = st.from_regex(r"\A(\*\.)?[a-z0-9-]{1,20}(\.[a-z0-9-]{1,20}){0,3}\Z")
+chains = st.lists(st.binary(min_size=1, max_size=2000), min_size=1, max_size=w.MAX_CHAIN_CERTS)
+
+
+@given(hostnames, st.integers(0, 2**32 - 1))
+def test_chain_request_round_trip(name: str, rid: int) -> None:
+    (frame,) = w.FrameDecoder().feed(w.encode_chain_request(rid, name))
+    assert (frame.type, frame.request_id) == (w.CHAIN_REQUEST, rid)
+    assert w.decode_chain_request(frame.body) == name
+
+
+@given(chains, st.integers(0, 2**32 - 1))
+def test_chain_response_round_trip(ders: list[bytes], rid: int) -> None:
+    (frame,) = w.FrameDecoder().feed(w.encode_chain_response(rid, ders))
+    assert frame.type == w.CHAIN_RESPONSE
+    assert w.decode_chain_response(frame.body) == tuple(ders)
+
+
+@given(chains, hostnames, st.data())
+def test_chain_frames_any_mutation_decodes_or_raises(
+    ders: list[bytes], name: str, data: st.DataObject
+) -> None:
+    for body, decode in (
+        (w.encode_chain_response(1, ders)[w.HEADER_LEN :], w.decode_chain_response),
+        (w.encode_chain_request(1, name)[w.HEADER_LEN :], w.decode_chain_request),
+    ):
+        mutated = bytearray(body)
+        for _ in range(data.draw(st.integers(1, 4))):
+            at = data.draw(st.integers(0, len(mutated)))
+            op = data.draw(st.sampled_from(["flip", "cut", "insert"]))
+            if op == "flip" and at < len(mutated):
+                mutated[at] ^= data.draw(st.integers(1, 255))
+            elif op == "cut":
+                del mutated[at:]
+            else:
+                mutated[at:at] = data.draw(st.binary(min_size=1, max_size=4))
+        try:
+            decode(bytes(mutated))
+        except ProtocolError:
+            pass
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"", b"\x05abc", b"\x03ABC", b"\x03a b", b"\x02\xc3\xa9", b"\x00", b"\x01\n"],
+)
+def test_bad_chain_requests(body: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        w.decode_chain_request(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"\x00",
+        b"\x0b" + b"\x00\x00\x01a" * 11,
+        b"\x01\x00\x00\x00",
+        b"\x01\x00\x00\x05ab",
+        b"\x01\x00\x00\x01ab",
+    ],
+)
+def test_bad_chain_responses(body: bytes) -> None:
+    with pytest.raises(ProtocolError):
+        w.decode_chain_response(body)

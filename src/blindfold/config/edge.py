@@ -92,6 +92,20 @@ class KeyServerRef:
     connect_timeout_s: float = setting(
         1.0, doc="Deadline for connecting to one key server.", min=0.01, max=30
     )
+    chain_refresh_s: float = setting(
+        2.0,
+        doc="How often the edge asks the key server for the current certificate chain of each "
+        "keyless route (over the same mutual-TLS connection). A different chain is checked "
+        "(it parses, each certificate is signed by the next, the leaf is valid now and covers "
+        "every name in the route's `sni`) and then used for new handshakes; open connections "
+        "keep theirs. The route's `certificate` file is the chain used until then (and after "
+        "a restart). After a refusal or a failure the next request waits at least 30 s. "
+        "Checked at each worker's housekeeping tick (every second). Keep it well below the "
+        "key server's previous_certificate_grace_s (60 s), the time it still signs for the "
+        "chain it replaced. 0: never ask (renew the file on the edge yourself).",
+        min=0,
+        max=3600,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,15 +42,55 @@ def _patterns(values: tuple[str, ...]) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
+class Pkcs11Config:
+    module: str = setting(
+        doc="The token's PKCS#11 library (e.g. /usr/lib/softhsm/libsofthsm2.so).",
+        check=lambda v: None if v.startswith("/") else "an absolute path",
+    )
+    token_label: str = setting(doc="Label of the token that holds the key.")
+    key_label: str = setting(
+        doc="CKA_LABEL of the private key (ECDSA P-256/P-384 or RSA >= 2048 bits, signing "
+        "with RSA-PSS). It must be non-extractable and sensitive: the key server refuses "
+        "a key the token would hand out."
+    )
+    pin_file: str = setting(
+        doc="File holding the user PIN (one line; mode 0600 or stricter, like the audit key)."
+    )
+    sessions: int = setting(
+        1,
+        doc="Sessions kept open with the token for this key; a signature borrows one (a "
+        "PKCS#11 session serves one operation at a time). Calls into one PKCS#11 library are "
+        "serialised (python-pkcs11 initialises it without OS locking) and the key server signs "
+        "on one thread: 1 is enough.",
+        min=1,
+        max=64,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class KeyConfig:
-    key: str = setting(doc="PEM private key (ECDSA P-256/P-384, RSA >= 2048 bits, Ed25519).")
     certificate: str = setting(
         doc="Its certificate (chain): a handshake whose Certificate message carries this "
         "leaf is signed with this key, only for an SNI its DNS names cover, and only for an "
         "edge authorised for every name it covers (give keyless hostnames a certificate of "
         "their own)."
     )
+    key: str = setting(
+        "",
+        doc="PEM private key (ECDSA P-256/P-384, RSA >= 2048 bits, Ed25519); or `pkcs11` "
+        "instead. Replaced files (certificate and key) are picked up within "
+        "`keyserver.reload_interval_s`, only if the pair fits (see docs/config.md).",
+    )
     name: str = setting("", doc="Name in logs, metrics and the audit log (default: key<N>).")
+    pkcs11: Pkcs11Config | None = setting(
+        None,
+        doc="The private key in a PKCS#11 token (an HSM) instead of `key`: it never leaves "
+        "the token; the key server asks the token for each signature.",
+    )
+
+    def __post_init__(self) -> None:
+        if bool(self.key) == (self.pkcs11 is not None):
+            raise ConfigError("key", "give either `key` (a PEM file) or `pkcs11`, not both")
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +204,26 @@ class KeyServerConfig:
         300.0, doc="An edge connection silent this long is closed.", min=1
     )
     log_path: str = setting("", doc="Where JSON log lines go; empty = standard output.")
+    reload_interval_s: float = setting(
+        1.0,
+        doc="How often the keys' certificate and key files are checked for replacement "
+        "(inode, size, modification time); a change is loaded once it is unchanged for one "
+        "more check (a key and a certificate renamed one after the other are taken together). "
+        "A replaced pair is used only if the chain parses, "
+        "the key fits the leaf and the leaf is valid now, else the old one stays (log line "
+        "`key_reload_failed`, metric blindfold_certificate_reloads_total). 0: only on SIGHUP.",
+        min=0,
+        max=3600,
+    )
+    previous_certificate_grace_s: float = setting(
+        60.0,
+        doc="After a replaced certificate is swapped in, handshakes that carry the previous one "
+        "are still signed this long (edges serve it until their next chain request, "
+        "`chain_refresh_s`); 0: refused at once. A SIGHUP reload ends it: after replacing a "
+        "compromised key, send SIGHUP so that it signs nothing more.",
+        min=0,
+        max=86400,
+    )
     acme: AcmeConfig | None = setting(
         None,
         doc="Certificates the key server obtains and renews by ACME for keyless hostnames "

@@ -566,6 +566,19 @@ class OriginConfig:
     certificates: tuple[CertificateConfig, ...] = setting(
         (), doc="The site's certificates; the SNI picks one, the first is the default."
     )
+    certificate_reload_interval_s: float = setting(
+        1.0,
+        doc="How often the certificates' files are checked for replacement (inode, size, "
+        "modification time; an ACME client renames renewed files into place); a change is "
+        "loaded once it is unchanged for one more check. The replaced set is used for new "
+        "TLS connections only if every pair loads, each key fits its certificate and each "
+        "leaf is valid now; else the old set stays (log line "
+        "`certificate_reload_failed`, metric blindfold_certificate_reloads_total). Open "
+        "connections keep theirs. 0: only on SIGHUP. HTTP/3 listeners take new files at "
+        "restart only.",
+        min=0,
+        max=3600,
+    )
     trusted_edges: tuple[str, ...] = setting(
         (), doc="Edge addresses/CIDRs whose PROXY header is believed.", check=_cidrs
     )

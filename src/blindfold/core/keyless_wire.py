@@ -31,7 +31,13 @@ SIGN_RESPONSE = 2
 ERROR = 3
 PING = 4
 PONG = 5
-FRAME_TYPES = frozenset((SIGN_REQUEST, SIGN_RESPONSE, ERROR, PING, PONG))
+CHAIN_REQUEST = 6  # the current certificate chain of a hostname the edge is authorised for
+CHAIN_RESPONSE = 7
+FRAME_TYPES = frozenset(
+    (SIGN_REQUEST, SIGN_RESPONSE, ERROR, PING, PONG, CHAIN_REQUEST, CHAIN_RESPONSE)
+)
+MAX_HOSTNAME = 253  # RFC 1035 §2.3.4 (a name in text form)
+MAX_CHAIN_CERTS = 10
 
 # TLS 1.3 SignatureScheme values (RFC 8446 §4.2.3) the key server will sign with
 ECDSA_SECP256R1_SHA256 = 0x0403
@@ -102,6 +108,7 @@ REFUSAL_REASONS = frozenset(
         "hello_retry",
         "hello_too_large",
         "key_share_mismatch",
+        "no_certificate",
         "no_sni",
         "not_tls13",
         "psk_handshake",
@@ -182,6 +189,56 @@ def decode_sign_response(body: bytes) -> bytes:
     if len(body) < 2 or struct.unpack_from(">H", body)[0] != len(body) - 2:
         raise _bad("bad sign response")
     return body[2:]
+
+
+def encode_chain_request(request_id: int, hostname: str) -> bytes:
+    name = hostname.encode("ascii")
+    if not 0 < len(name) <= MAX_HOSTNAME:
+        raise ValueError("bad hostname length")
+    return encode_frame(CHAIN_REQUEST, request_id, bytes([len(name)]) + name)
+
+
+def decode_chain_request(body: bytes) -> str:
+    """The hostname asked for: lower case ASCII (an exact name or '*.suffix')."""
+    if not body or body[0] != len(body) - 1 or not 0 < body[0] <= MAX_HOSTNAME:
+        raise _bad("bad chain request")
+    try:
+        name = body[1:].decode("ascii")
+    except UnicodeDecodeError:
+        raise _bad("chain request hostname is not ASCII") from None
+    if name != name.lower() or not name.isprintable() or " " in name:
+        raise _bad("chain request hostname must be lower case, printable, without spaces")
+    return name
+
+
+def encode_chain_response(request_id: int, ders: tuple[bytes, ...] | list[bytes]) -> bytes:
+    """Body: u8 count, then per certificate (leaf first) u24 length + DER, as in the TLS 1.3
+    Certificate message's certificate_list (RFC 8446 §4.4.2) minus the extensions."""
+    if not 0 < len(ders) <= MAX_CHAIN_CERTS:
+        raise ValueError("bad chain length")
+    parts = [bytes([len(ders)])]
+    for der in ders:
+        parts.append(len(der).to_bytes(3, "big") + der)
+    return encode_frame(CHAIN_RESPONSE, request_id, b"".join(parts))
+
+
+def decode_chain_response(body: bytes) -> tuple[bytes, ...]:
+    if not body or not 0 < body[0] <= MAX_CHAIN_CERTS:
+        raise _bad("bad chain response")
+    out = []
+    pos = 1
+    for _ in range(body[0]):
+        if len(body) - pos < 3:
+            raise _bad("truncated chain response")
+        n = int.from_bytes(body[pos : pos + 3], "big")
+        pos += 3
+        if n == 0 or len(body) - pos < n:
+            raise _bad("truncated chain response")
+        out.append(body[pos : pos + n])
+        pos += n
+    if pos != len(body):
+        raise _bad("trailing bytes in chain response")
+    return tuple(out)
 
 
 def encode_error(request_id: int, code: int, message: str, version: int = VERSION) -> bytes:

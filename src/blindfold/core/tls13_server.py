@@ -236,6 +236,10 @@ class ServerIdentity:
         chain = tuple(x509.load_pem_x509_certificates(pem))
         if not chain:
             raise ValueError("no certificate in the file")
+        return cls.from_chain(chain)
+
+    @classmethod
+    def from_chain(cls, chain: tuple[x509.Certificate, ...]) -> ServerIdentity:
         ders = tuple(c.public_bytes(Encoding.DER) for c in chain)
         return cls(
             chain,

@@ -530,7 +530,9 @@ class Worker:
         snap["blindfold_log_lines_suppressed_total"] = [[[], self.suppressed_logs]]
         snap["blindfold_connections_closed_by_ban_total"] = [[[], self.closed_by_ban]]
         for mode in self.modes.values():
-            snap.update(mode.snapshot(self._routes_of(mode)))
+            # modes may report the same metric (blindfold_certificate_expiry_seconds)
+            for name, samples in mode.snapshot(self._routes_of(mode)).items():
+                snap.setdefault(name, []).extend(samples)
         return snap
 
     def drain(self) -> None:

@@ -16,6 +16,7 @@ import itertools
 import ssl
 import time
 from collections.abc import Callable
+from typing import Any
 
 from blindfold.config.common import parse_hostport
 from blindfold.core import keyless_wire as w
@@ -30,7 +31,7 @@ class _Call:
     __slots__ = ("attempts", "conn", "deadline", "frame_request", "outer", "rid", "timer")
 
     def __init__(
-        self, request: w.SignRequest, outer: asyncio.Future[bytes], deadline: float
+        self, request: w.SignRequest | str, outer: asyncio.Future[Any], deadline: float
     ) -> None:
         self.frame_request = request
         self.outer = outer
@@ -74,6 +75,8 @@ class _Connection:
                         continue
                     if frame.type == w.SIGN_RESPONSE:
                         client._succeeded(call, w.decode_sign_response(frame.body))
+                    elif frame.type == w.CHAIN_RESPONSE:
+                        client._succeeded(call, w.decode_chain_response(frame.body))
                     elif frame.type == w.ERROR:
                         code, message = w.decode_error(frame.body)
                         client._failed(
@@ -165,6 +168,16 @@ class KeyServerClient:
     async def sign(self, request: w.SignRequest) -> bytes:
         return await self.submit(request)
 
+    def fetch_chain(self, hostname: str) -> asyncio.Future[tuple[bytes, ...]]:
+        """A future for the current certificate chain (DER, leaf first) of `hostname`, as the
+        key server holds it; it fails with KeyServerError (`unauthorized_sni`: this edge is not
+        authorised for it, `no_certificate`, or the way's failure), like `submit`."""
+        loop = asyncio.get_running_loop()
+        call = _Call(hostname, loop.create_future(), loop.time() + self.sign_timeout_s)
+        call.timer = loop.call_at(call.deadline, self._timed_out, call)
+        self._attempt(call)
+        return call.outer
+
     def _attempt(self, call: _Call) -> None:
         call.attempts += 1
         now = time.monotonic()
@@ -198,8 +211,12 @@ class KeyServerClient:
 
     def _send(self, conn: _Connection, call: _Call) -> None:
         call.rid = rid = next(self._ids) & 0xFFFFFFFF
+        req = call.frame_request
         try:
-            frame = w.encode_sign_request(rid, call.frame_request)
+            if isinstance(req, str):
+                frame = w.encode_chain_request(rid, req)
+            else:
+                frame = w.encode_sign_request(rid, req)
         except ValueError as exc:  # over MAX_FRAME: a huge ClientHello and certificate chain
             self._failed(call, KeyServerError("too_large", f"cannot ask for this signature: {exc}"))
             return
@@ -220,7 +237,7 @@ class KeyServerClient:
         else:
             self._failed(call, exc)
 
-    def _succeeded(self, call: _Call, signature: bytes) -> None:
+    def _succeeded(self, call: _Call, signature: Any) -> None:
         if call.timer is not None:
             call.timer.cancel()
         if not call.outer.done():

@@ -17,10 +17,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
-
-from cryptography import x509
 
 from blindfold.config import Config, load_file
 from blindfold.config.common import load_admin_token, parse_hostport
@@ -46,9 +43,15 @@ from blindfold.io.service import run_service
 from blindfold.keyserver.access import partial_grants, too_broad
 from blindfold.keyserver.audit import AuditError, AuditLog, create_key, json_str
 from blindfold.keyserver.audit import load_key as load_audit_key
-from blindfold.keyserver.signer import SignError, SiteKey, load_key, sign_certificate_verify
+from blindfold.keyserver.signer import (
+    SignError,
+    SiteKey,
+    load_key,
+    sign_certificate_verify,
+    utc_now,
+)
 from blindfold.obs.log import JsonLog
-from blindfold.obs.metrics import Histogram, MetricSpec, render
+from blindfold.obs.metrics import CERTIFICATE_METRICS, Histogram, MetricSpec, render
 from blindfold.obs.status import HTML_TYPE, JSON_TYPE, PAGE, status_json
 
 READ_SIZE = 65536
@@ -88,6 +91,13 @@ KEYSERVER_METRICS = [
         ("result",),
     ),
     MetricSpec("blindfold_keyserver_connections_active", "gauge", "Open edge connections."),
+    MetricSpec(
+        "blindfold_keyserver_chains_total",
+        "counter",
+        "Certificate chain requests (CHAIN_REQUEST) by edge and result: ok, or why refused.",
+        ("edge", "result"),
+    ),
+    *CERTIFICATE_METRICS,
 ]
 
 
@@ -188,7 +198,6 @@ class KeyServer:
         )
         self.counts: dict[tuple[str, str], int] = {}
         self.host_counts: dict[str, int] = {}
-        self.cert_dates: list[tuple[str, float]] = []
         self.conn_counts: dict[str, int] = {}
         self.latency = Histogram(LATENCY_BUCKETS)
         self.writers: dict[asyncio.StreamWriter, bytes] = {}  # connection -> edge fingerprint
@@ -200,6 +209,8 @@ class KeyServer:
         self.open_conns = 0
         self.max_conns = cfg.max_connections
         self.per_source = KeyedLimiter(0.0, 1, cfg.max_connections_per_source, 65536)
+        self.chain_counts: dict[tuple[str, str], int] = {}
+        self.reload_counts: dict[tuple[str, str], int] = {}
         self.acme: Any = None  # acme.client.AcmeManager for [keyserver.acme]
         if cfg.acme is not None:
             self.acme = _acme_manager(cfg, log.emit, self._acme_installed)
@@ -207,6 +218,8 @@ class KeyServer:
 
     def _apply(self, cfg: KeyServerConfig, *, first: bool = True) -> None:
         """Keys and edges change on reload; the listener's own TLS files at restart."""
+        # validity is checked for replaced files (reload_files), not here: an ACME placeholder
+        # that expired while the CA was away must not block a SIGHUP
         keys = [load_key(i, k) for i, k in enumerate(cfg.keys)]
         old = getattr(self, "edges", {})
         edges = {}
@@ -226,9 +239,6 @@ class KeyServer:
                 problem=grant.text(),
             )
         self.cfg = cfg
-        self.cert_dates = [
-            (k.name or f"key{i}", _not_after(k.certificate)) for i, k in enumerate(cfg.keys)
-        ]
         if not first:
             self.replays.window_s = cfg.replay_window_s
         self.allowed = (
@@ -237,13 +247,16 @@ class KeyServer:
         self.per_source.configure(0.0, 1, cfg.max_connections_per_source, 65536)
         if not first:
             self._set_conn_cap()
+        self.key_list: list[SiteKey] = keys  # in configuration order
+        self.key_stamps: list[tuple[Any, ...]] = [_stamp(k) for k in cfg.keys]
+        # a change is loaded once it has stayed the same for one poll: an ACME client renames
+        # the key and the certificate one after the other, never load between the two
+        self.key_seen: list[tuple[Any, ...]] = list(self.key_stamps)
+        # certificates replaced by a renewal (a replaced file, an ACME order), still signed
+        # for during previous_certificate_grace_s: an edge serves the old chain until its next
+        # chain request. A SIGHUP ends it (after replacing a compromised key).
+        self.previous: list[tuple[SiteKey, float]] = []
         self.keys: dict[bytes, SiteKey] = {k.cert_sha256: k for k in keys}
-        # A key whose certificate ACME just renewed still signs for the previous one: edges
-        # present it until they fetch the new chain. Only for keys still configured.
-        names = {k.name for k in keys}
-        self.previous = {d: k for d, k in getattr(self, "previous", {}).items() if k.name in names}
-        for digest, k in self.previous.items():
-            self.keys.setdefault(digest, k)
         self.edges: dict[bytes, _Edge] = edges
         if first:
             self.tls = self._tls(cfg)
@@ -283,6 +296,7 @@ class KeyServer:
         self.reserve = FdReserve()
         self.server = _Listener(lsock, loop.create_task(self._accept_loop(lsock)))
         self.server.tasks.append(loop.create_task(self._serve_queue()))
+        self.server.tasks.append(loop.create_task(self._watch_files()))
         sock = lsock.getsockname()
         self._flusher = loop.create_task(self._flush_logs())
         if self.acme is not None:
@@ -542,8 +556,12 @@ class KeyServer:
         name = edge.cfg.name
         if frame.type == w.PING:
             return w.encode_frame(w.PONG, rid, b"")
+        if frame.type == w.CHAIN_REQUEST:
+            return self._chain(edge, frame)
         if frame.type != w.SIGN_REQUEST:
-            raise ProtocolError("bad_frame_type", "only sign requests and pings are accepted")
+            raise ProtocolError(
+                "bad_frame_type", "only sign requests, chain requests and pings are accepted"
+            )
         t0 = time.perf_counter()
         req = w.decode_sign_request(frame.body)  # ProtocolError closes the connection
         now = time.monotonic()
@@ -595,6 +613,120 @@ class KeyServer:
         self.latency.observe(time.perf_counter() - t0)
         return w.encode_sign_response(rid, signature)
 
+    def _chain(self, edge: _Edge, frame: w.Frame) -> bytes:
+        """The current chain of a hostname this edge is authorised for (docs/keyless-protocol.md
+        "Chain requests"): only a certificate it may have handshakes signed with, i.e. one whose
+        every name the edge is authorised for. A refusal is audited."""
+        rid = frame.request_id
+        name = edge.cfg.name
+        if not edge.bucket.allow(time.monotonic(), 1):
+            self._count_chain(name, "rate_limited")
+            return w.encode_error(rid, w.E_RATE_LIMITED, f"edge {name} is over its request rate")
+        hostname = w.decode_chain_request(frame.body)  # ProtocolError closes the connection
+        reason = ""
+        site: SiteKey | None = None
+        if kh.uncovered_names([hostname], edge.cfg.hostnames):
+            reason = "unauthorized_sni"
+        else:
+            sites = [k for k in self.key_list if not kh.uncovered_names([hostname], k.names)]
+            allowed = [k for k in sites if k.cert_sha256 not in edge.too_broad]
+            if not sites:
+                reason = "no_certificate"
+            elif not allowed:
+                reason = "certificate_too_broad"
+            else:
+                site = max(allowed, key=lambda k: k.not_after)
+        if site is None:
+            self._count_chain(name, reason)
+            self.audit.append(
+                event="chain_refused", edge=name, reason=reason, claimed={"hostname": hostname}
+            )
+            self.log.log("chain_refused", edge=name, reason=reason, hostname=hostname)
+            code = w.E_UNKNOWN_KEY if reason == "no_certificate" else w.E_UNAUTHORIZED
+            return w.encode_error(rid, code, f"{reason}: no chain for {hostname} for edge {name}")
+        # a chain is larger than a request: charged like a request of its size (one token per
+        # started COST_BYTES), so an edge cannot turn its rate into 64 KiB answers at no cost
+        extra = _cost(sum(len(d) for d in site.chain)) - 1
+        if extra > 0 and not edge.bucket.allow(time.monotonic(), min(extra, edge.bucket.burst)):
+            self._count_chain(name, "rate_limited")
+            return w.encode_error(rid, w.E_RATE_LIMITED, f"edge {name} is over its request rate")
+        try:
+            out = w.encode_chain_response(rid, site.chain)
+        except ValueError:  # load_key bounds chains: not expected
+            self._count_chain(name, "internal")
+            return w.encode_error(rid, w.E_INTERNAL, "internal: the chain does not fit a frame")
+        self._count_chain(name, "ok")
+        return out
+
+    def _count_chain(self, edge: str, result: str) -> None:
+        key = (edge, result)
+        self.chain_counts[key] = self.chain_counts.get(key, 0) + 1
+
+    # ------------------------------------------------------------------ replaced files
+    async def _watch_files(self) -> None:
+        """Poll the keys' files (inode, size, mtime; no inotify needed) and swap in a replaced
+        pair that fits; keep the old one otherwise."""
+        while True:
+            interval = self.cfg.reload_interval_s
+            await asyncio.sleep(interval if interval > 0 else 5.0)
+            if interval > 0:
+                try:
+                    self.reload_files()
+                except Exception as exc:  # never the watcher's end
+                    self.log.emit("key_reload_error", error=repr(exc))
+
+    def reload_files(self, *, force: bool = False) -> None:
+        cfg = self.cfg
+        mono = time.monotonic()
+        changed = False
+        if any(until <= mono for _, until in self.previous):
+            self.previous = [(k, until) for k, until in self.previous if until > mono]
+            changed = True
+        keys = list(self.key_list)
+        for i, kc in enumerate(cfg.keys):
+            stamp = _stamp(kc)
+            if stamp == self.key_stamps[i]:
+                continue
+            if stamp != self.key_seen[i] and not force:
+                self.key_seen[i] = stamp  # changed since the last poll: wait until it settles
+                continue
+            self.key_stamps[i] = stamp  # tried once per change: a broken file is not retried
+            old = keys[i]
+            try:
+                new = load_key(i, kc, now=utc_now())
+            except ConfigError as exc:
+                self.reload_counts[(old.name, "invalid")] = (
+                    self.reload_counts.get((old.name, "invalid"), 0) + 1
+                )
+                self.log.emit(
+                    "key_reload_failed",
+                    key=old.name,
+                    error=str(exc),
+                    detail="the certificate in service stays",
+                )
+                continue
+            if new.cert_sha256 == old.cert_sha256 and new.key is old.key:
+                continue
+            keys[i] = new
+            changed = True
+            if cfg.previous_certificate_grace_s > 0:
+                self.previous.append((old, mono + cfg.previous_certificate_grace_s))
+            self.reload_counts[(new.name, "swapped")] = (
+                self.reload_counts.get((new.name, "swapped"), 0) + 1
+            )
+            self.log.emit(
+                "key_reloaded",
+                key=new.name,
+                certificate_sha256=new.cert_sha256.hex(),
+                not_after=new.not_after,
+            )
+        if changed:
+            self.key_list = keys
+            signing = [k for k, _ in self.previous] + keys  # the current one wins a tie
+            self.keys = {k.cert_sha256: k for k in signing}
+            for edge in self.edges.values():
+                edge.too_broad = too_broad(edge.cfg.hostnames, signing)
+
     # ------------------------------------------------------------------ admin, lifecycle
     async def _admin(self, method: str, path: str) -> tuple[int, str, bytes]:
         if path == "/healthz":
@@ -618,7 +750,7 @@ class KeyServer:
                         "not_after": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t)),
                         "seconds_left": round(t - now),
                     }
-                    for name, t in self.cert_dates
+                    for name, t in ((k.name, k.not_after) for k in self.key_list)
                 ],
             }
             body = status_json(
@@ -647,6 +779,7 @@ class KeyServer:
         return snap
 
     def _snapshot(self) -> dict[str, list[list[Any]]]:
+        now = utc_now()
         return {
             "blindfold_keyserver_signatures_total": [
                 [[e, r], n] for (e, r), n in self.counts.items()
@@ -659,20 +792,24 @@ class KeyServer:
                 [[r], n] for r, n in self.conn_counts.items()
             ],
             "blindfold_keyserver_connections_active": [[[], len(self.writers)]],
+            "blindfold_keyserver_chains_total": [
+                [[e, r], n] for (e, r), n in self.chain_counts.items()
+            ],
+            "blindfold_certificate_expiry_seconds": [
+                [["keyserver", k.names[0] if k.names else "", k.name], k.not_after - now]
+                for k in self.key_list
+            ],
+            "blindfold_certificate_reloads_total": [
+                [["keyserver", k, r], n] for (k, r), n in self.reload_counts.items()
+            ],
         }
 
     # ------------------------------------------------------------------ ACME
     def _acme_installed(self, order: Any) -> None:
-        """A renewed chain is on disk, checked against the key kept here: sign for it, and
-        (one generation back) for the chain it replaced, which the edges still present."""
-        before = {d: k for d, k in self.keys.items() if d not in self.previous}
-        older = self.previous
-        self._apply(self.cfg, first=False)
-        replaced = {d: k for d, k in before.items() if d not in self.keys}
-        renewed = {k.name for k in replaced.values()}
-        # one generation back per key: another key's previous chain stays
-        self.previous = {d: k for d, k in older.items() if k.name not in renewed} | replaced
-        self._apply(self.cfg, first=False)
+        """A renewed chain is on disk, checked against the key kept here: sign for it now
+        (no wait for the files to settle), and for the chain it replaced during
+        previous_certificate_grace_s, which the edges present until their next chain request."""
+        self.reload_files(force=True)
 
     async def _run_acme(self) -> None:
         try:
@@ -721,6 +858,20 @@ class KeyServer:
             self.audit.flush()
 
 
+def _stamp(kc: Any) -> tuple[Any, ...]:
+    """What changes when a file is replaced (a rename gives a new inode) or rewritten."""
+    out: list[Any] = []
+    for path in (kc.certificate, kc.key):
+        if not path:
+            continue
+        try:
+            st = os.stat(path)
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
 def _verified(hs: kh.Handshake) -> dict[str, str]:
     """What the key server read in the handshake messages itself (the audit's "verified")."""
     return {
@@ -755,15 +906,6 @@ def _hostname_label(sni: str | None, names: tuple[str, ...]) -> str:
         return sni
     wildcard = "*." + (sni or "").partition(".")[2]
     return wildcard if wildcard in names else "other"
-
-
-def _not_after(path: str) -> float:
-    """The leaf's notAfter (0 if the file cannot be read now: load_key reported that)."""
-    try:
-        cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
-    except (OSError, ValueError):
-        return 0.0
-    return cert.not_valid_after_utc.timestamp()
 
 
 def _open_audit(cfg: KeyServerConfig) -> AuditLog:

@@ -169,3 +169,40 @@ class BoundedLabels:
             self.seen.add(value)
             return value
         return "other"
+
+
+# Every component that serves or signs for a certificate exports these two (issue 12). Labels:
+# `component` (edge, origin, keyserver), `hostname` (the certificate's first DNS name), and
+# `certificate` (the key's, route's or listener's configured name): one series per configured
+# certificate, never per SAN name or per request.
+CERTIFICATE_METRICS = (
+    MetricSpec(
+        "blindfold_certificate_expiry_seconds",
+        "gauge",
+        "Seconds until the certificate in service expires (negative once expired).",
+        ("component", "hostname", "certificate"),
+        merge="min",
+    ),
+    MetricSpec(
+        "blindfold_certificate_reloads_total",
+        "counter",
+        "Replaced certificate files or fetched chains by result: swapped, or why the old one "
+        "stayed (invalid: did not parse, key does not fit, expired, names not covered).",
+        ("component", "certificate", "result"),
+    ),
+)
+
+
+def certificate_first_name(cert: Any) -> str:
+    """The first DNS name of a cryptography x509.Certificate (or its subject's CN)."""
+    from cryptography import x509  # local: most metric users never load a certificate
+
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = san.get_values_for_type(x509.DNSName)
+        if names:
+            return str(names[0]).lower()
+    except x509.ExtensionNotFound:
+        pass
+    cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(cns[0].value) if cns else ""

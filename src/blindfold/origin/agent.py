@@ -49,7 +49,13 @@ from blindfold.io.accepted import (
 from blindfold.io.admin_http import AdminServer
 from blindfold.io.service import run_service
 from blindfold.obs.log import JsonLog
-from blindfold.obs.metrics import BoundedLabels, Histogram, MetricSpec, render
+from blindfold.obs.metrics import (
+    CERTIFICATE_METRICS,
+    BoundedLabels,
+    Histogram,
+    MetricSpec,
+    render,
+)
 from blindfold.obs.status import HTML_TYPE, JSON_TYPE, PAGE, status_json
 from blindfold.origin.acme_tls import (
     answer_challenge,
@@ -60,7 +66,7 @@ from blindfold.origin.acme_tls import (
 )
 from blindfold.origin.edges import DecisionBudget, Reporter, TrustedEdges
 from blindfold.origin.gate import OriginGate, edge_fields
-from blindfold.origin.tls import SiteTls, decisions_tls
+from blindfold.origin.tls import SiteTls, decisions_tls, file_stamps
 from blindfold.waf.engine import (
     CrsSettings,
     Exclusion,
@@ -79,6 +85,7 @@ from blindfold.web.proxy import ReverseProxy
 UPSTREAM_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
 WAF_PATHS = 30  # path label values (a visitor chooses paths)
 ORIGIN_METRICS = [
+    *CERTIFICATE_METRICS,
     MetricSpec(
         "blindfold_origin_requests_total", "counter", "Requests by status class.", ("status",)
     ),
@@ -453,6 +460,7 @@ class OriginAgent:
         self.quic: Any = None  # origin.h3.QuicShared once HTTP/3 listens
         self._refusal_log = TokenBucket(1.0, 20, time.monotonic())
         self.journal: DecisionJournal | None = None
+        self.cert_reloads: dict[str, int] = {}  # swapped | invalid
         self.acme: Any = None  # acme.client.AcmeManager for [origin.acme]
         if cfg.acme is not None and role != "worker":  # one ACME client: the master's
             self.acme = _acme_manager(cfg, self.log.emit, self._acme_installed)
@@ -462,7 +470,10 @@ class OriginAgent:
 
     # ------------------------------------------------------------------ build / reload
     def _build(self, cfg: OriginConfig) -> None:
+        # validity is checked for replaced files (reload_certificates), not here: an ACME
+        # placeholder that expired while the CA was away must not block a SIGHUP
         certificates = site_certificates(cfg)
+        stamps = file_stamps(certificates)  # before loading: a later change is seen
         tls = SiteTls(certificates) if certificates else None
         self.challenges = challenge_dir(cfg)
         # the master inspects only HTTP/3 requests (its own listener); workers the rest
@@ -528,6 +539,7 @@ class OriginAgent:
                 inner, lambda: advertised_port(self.cfg, self.quic) or self.quic_port, max_age_s
             )
         self.tls, self.waf, self.rules, self.pool = tls, waf, rules, pool
+        self.cert_stamps = self.cert_seen = stamps
         self.edges, self.budget = edges, budget
         self.limits = cfg.http.limits()
         # a connection over its address's share: short deadlines, one HTTP/2 stream
@@ -691,6 +703,9 @@ class OriginAgent:
                 self._listen(address, True, f"origin.listen[{i}]")
             for i, address in enumerate(cfg.http_listen):
                 self._listen(address, False, f"origin.http_listen[{i}]")
+        # renewed files: each process that serves the site's TLS (and the master, whose
+        # metrics show the expiry) polls them itself
+        self.servers.append(loop.create_task(self._watch_certificates()))
         if cfg.quic.listen:  # HTTP/3: its own listeners and admission (origin/h3.py)
             from blindfold.origin.h3 import start_quic
 
@@ -769,6 +784,7 @@ class OriginAgent:
             kind = "tls" if tls else "http"
             self.servers.append(loop.create_task(self._accept_loop(sock, kind)))
         self.servers.append(loop.create_task(self._housekeeping()))
+        self.servers.append(loop.create_task(self._watch_certificates()))
         self._check_fd_limit()
         return {
             "listen": [_addr(s) for s, tls in self.tls_sockets.items() if tls],
@@ -1049,6 +1065,49 @@ class OriginAgent:
             if self.audit is not self.log:
                 self.audit.flush()
 
+    # ------------------------------------------------------------------ renewed files
+    async def _watch_certificates(self) -> None:
+        """Poll the certificates' files; swap in a replaced set that loads and is valid."""
+        while True:
+            interval = self.cfg.certificate_reload_interval_s
+            await asyncio.sleep(interval if interval > 0 else 5.0)
+            if interval > 0:
+                try:
+                    self._poll_certificates()
+                except Exception as exc:  # never the watcher's end
+                    self.log.emit("certificate_reload_error", error=repr(exc))
+
+    def _poll_certificates(self) -> None:
+        certificates = site_certificates(self.cfg)  # the configured ones and ACME's
+        stamps = file_stamps(certificates)
+        if not certificates or stamps == self.cert_stamps:
+            return
+        if stamps != self.cert_seen:
+            # changed since the last poll: load once it has settled (an ACME client renames
+            # the key and the certificate one after the other)
+            self.cert_seen = stamps
+            return
+        changed = {
+            i
+            for i in range(len(certificates))
+            if stamps[2 * i : 2 * i + 2] != self.cert_stamps[2 * i : 2 * i + 2]
+        }
+        self.cert_stamps = stamps  # tried once per change: a broken file is not retried
+        try:
+            # the replaced ones must be valid now; the others are as they were
+            tls = SiteTls(certificates, now=time.time(), check=changed)
+        except ConfigError as exc:
+            self.cert_reloads["invalid"] = self.cert_reloads.get("invalid", 0) + 1
+            self.log.emit(
+                "certificate_reload_failed",
+                error=str(exc),
+                detail="the certificates in service stay",
+            )
+            return
+        self.tls = tls  # new connections; open ones keep their context
+        self.cert_reloads["swapped"] = self.cert_reloads.get("swapped", 0) + 1
+        self.log.emit("certificates_reloaded", expiry=[e for _, e in tls.expiry])
+
     # ------------------------------------------------------------------ admin
     async def _admin(self, method: str, path: str) -> tuple[int, str, bytes]:
         if path == "/healthz":
@@ -1090,7 +1149,10 @@ class OriginAgent:
         """Re-read the site's certificate files (a worker, told by its master after a
         renewal); a pair that does not load keeps the one in service."""
         try:
-            self.tls = SiteTls(site_certificates(self.cfg))
+            certificates = site_certificates(self.cfg)
+            stamps = file_stamps(certificates)
+            self.tls = SiteTls(certificates)
+            self.cert_stamps = self.cert_seen = stamps  # not loaded again by the file poll
         except ConfigError as exc:
             self.log.emit("certificate_reload_failed", error=str(exc))
 
@@ -1150,8 +1212,17 @@ class OriginAgent:
         def pick(prefix: str) -> list[list[Any]]:
             return [[[k[len(prefix) :]], v] for k, v in s.items() if k.startswith(prefix)]
 
+        now = time.time()
+        certs = self.tls.expiry if self.tls is not None else []
         operator: Any = self.api.operator if self.api is not None else None
         return {
+            "blindfold_certificate_expiry_seconds": [
+                [["origin", host, f"certificates[{i}]"], end - now]
+                for i, (host, end) in enumerate(certs)
+            ],
+            "blindfold_certificate_reloads_total": [
+                [["origin", "certificates", r], n] for r, n in self.cert_reloads.items()
+            ],
             "blindfold_origin_requests_total": pick("requests:"),
             "blindfold_origin_connections_total": pick("conn:"),
             "blindfold_origin_connections_active": [[[], site_open]],

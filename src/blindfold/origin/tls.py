@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 import weakref
+from collections.abc import Container
 from pathlib import Path
 
 from cryptography import x509
@@ -14,8 +16,10 @@ from blindfold.errors import ConfigError
 
 
 def _names(cert_path: str) -> list[str]:
-    pem = Path(cert_path).read_bytes()
-    cert = x509.load_pem_x509_certificate(pem)
+    return _cert_names(x509.load_pem_x509_certificate(Path(cert_path).read_bytes()))
+
+
+def _cert_names(cert: x509.Certificate) -> list[str]:
     try:
         san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
         value = san.value
@@ -40,8 +44,14 @@ class SiteTls:
         *,
         alpn: tuple[str, ...] = ("h2", "http/1.1"),
         key: str = "origin.certificates",  # named in errors (with [i] for the site's list)
+        now: float | None = None,
+        check: Container[int] = (),
     ) -> None:
+        """With `now` (replaced files), the leaves at the indices in `check` must be valid at
+        `now` too."""
         self.contexts: list[ssl.SSLContext] = []
+        # (first name, not_after as POSIX seconds) per certificate, in configuration order
+        self.expiry: list[tuple[str, float]] = []
         self.by_name: dict[str, ssl.SSLContext] = {}
         self.sni: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
         for i, c in enumerate(certificates):
@@ -49,14 +59,22 @@ class SiteTls:
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ctx.set_alpn_protocols(list(alpn))
             ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+            where = f"{key}[{i}]" if key == "origin.certificates" else key
             try:
-                ctx.load_cert_chain(c.cert, c.key)
-                names = _names(c.cert)
+                ctx.load_cert_chain(c.cert, c.key)  # OpenSSL checks that the key fits
+                leaf = x509.load_pem_x509_certificate(Path(c.cert).read_bytes())
+                names = _cert_names(leaf)
             except (OSError, ssl.SSLError, ValueError) as exc:
+                raise ConfigError(where, f"cannot load {c.cert} / {c.key}: {exc}") from None
+            start = leaf.not_valid_before_utc.timestamp()
+            end = leaf.not_valid_after_utc.timestamp()
+            if now is not None and i in check and not start <= now < end:
                 raise ConfigError(
-                    f"{key}[{i}]" if key == "origin.certificates" else key,
-                    f"cannot load {c.cert} / {c.key}: {exc}",
-                ) from None
+                    where,
+                    f"{c.cert} is not valid now (from {leaf.not_valid_before_utc} until "
+                    f"{leaf.not_valid_after_utc})",
+                )
+            self.expiry.append((names[0] if names else "", end))
             self.contexts.append(ctx)
             for name in names:
                 self.by_name.setdefault(name, ctx)
@@ -73,6 +91,20 @@ class SiteTls:
             ctx = self.by_name.get("*." + name.split(".", 1)[1])
         if ctx is not None and ctx is not self.default:
             obj.context = ctx
+
+
+def file_stamps(certificates: tuple[CertificateConfig, ...]) -> tuple[object, ...]:
+    """What changes when a certificate or key file is replaced (rename: a new inode) or
+    rewritten; polled to reload renewed files."""
+    out: list[object] = []
+    for c in certificates:
+        for path in (c.cert, c.key):
+            try:
+                st = os.stat(path)
+                out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:
+                out.append(None)
+    return tuple(out)
 
 
 def decisions_tls(cfg: OriginConfig) -> SiteTls:

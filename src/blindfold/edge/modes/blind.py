@@ -45,7 +45,12 @@ from blindfold.edge.serve import LOGGED_EVENTS, misdirected, request_host, serve
 from blindfold.edge.upstream import open_verified_origin, origin_pins, origin_tls_context
 from blindfold.errors import ConfigError, UpstreamError, VerificationError
 from blindfold.io.openssl_engine import OpenSslServer
-from blindfold.obs.metrics import MetricSpec, Snapshot
+from blindfold.obs.metrics import (
+    CERTIFICATE_METRICS,
+    MetricSpec,
+    Snapshot,
+    certificate_first_name,
+)
 from blindfold.web.client import UpstreamPool, UpstreamResponse
 from blindfold.web.messages import BodyStream, Headers, Request, Responder, simple_response
 
@@ -83,7 +88,9 @@ MAX_RECHECKED = 10_000
 UNCACHED_SHARE_PER_ADDRESS = 4  # disk_cache_bytes / 4
 UNCACHED_MIN_SEND_RATE = 64 << 10  # bytes per second
 
+CERT_POLL_S = 1.0  # how often the route's certificate and key files are checked for renewal
 METRICS = (
+    *CERTIFICATE_METRICS,
     MetricSpec(
         "blindfold_blind_requests_total",
         "counter",
@@ -161,6 +168,34 @@ def _server_tls(where: str, rc: RouteConfig) -> ssl.SSLContext:
             f"{where}.certificate", f"cannot load {rc.certificate} with {rc.key}: {exc}"
         ) from None
     return ctx
+
+
+def _leaf(where: str, rc: RouteConfig, now: float | None) -> tuple[str, float]:
+    """The certificate's first name and expiry; with `now` (a renewed file) it must be valid
+    then."""
+    from cryptography import x509
+
+    try:
+        with open(rc.certificate, "rb") as f:
+            leaf = x509.load_pem_x509_certificate(f.read())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{where}.certificate", f"cannot load {rc.certificate}: {exc}") from None
+    start = leaf.not_valid_before_utc.timestamp()
+    end = leaf.not_valid_after_utc.timestamp()
+    if now is not None and not start <= now < end:
+        raise ConfigError(f"{where}.certificate", f"{rc.certificate} is not valid now")
+    return certificate_first_name(leaf), end
+
+
+def _stamp(rc: RouteConfig) -> tuple[object, ...]:
+    out: list[object] = []
+    for path in (rc.certificate, rc.key):
+        try:
+            st = os.stat(path)
+            out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append(None)
+    return tuple(out)
 
 
 def check_route(where: str, rc: RouteConfig) -> None:
@@ -383,7 +418,12 @@ class BlindRoute:
         self.config = rc
         self.ipv6_prefix_len = ipv6_prefix_len
         self.cfg = rc.blind or BlindRouteConfig()
+        self.where = where
+        self.cert_stamp = self.cert_seen = _stamp(rc)  # before loading: a later change is seen
         self.tls = _server_tls(where, rc)
+        self.leaf = _leaf(where, rc, None)
+        self.cert_results: dict[str, int] = old.cert_results if old is not None else {}
+        self.cert_due = 0.0
         self.challenges: ChallengeDir | None = None  # [edge.acme] tls-alpn-01 (BlindMode.build)
         self.origin_tls = origin_tls_context(where, rc)
         self.pins = origin_pins(rc)
@@ -466,6 +506,35 @@ class BlindMode(Mode):
 
     def check(self, route: RouteState, hello: ClientHello) -> bool:
         return True  # the CDN hostname's own TLS: every hello is ours
+
+    def sweep(self, routes: Sequence[RouteState], now: float) -> None:
+        """Renewed certificate files: a pair that loads and is valid now serves new
+        handshakes; open connections keep theirs; a broken one is logged and not used."""
+        mono = time.monotonic()
+        for route in routes:
+            br: BlindRoute = route.state
+            if mono < br.cert_due:
+                continue
+            br.cert_due = mono + CERT_POLL_S
+            stamp = _stamp(br.config)
+            if stamp == br.cert_stamp:
+                continue
+            if stamp != br.cert_seen:  # changed since the last poll: load once it settles
+                br.cert_seen = stamp
+                continue
+            br.cert_stamp = stamp  # tried once per change
+            try:
+                tls = _server_tls(br.where, br.config)
+                leaf = _leaf(br.where, br.config, time.time())
+            except ConfigError as exc:
+                br.cert_results["invalid"] = br.cert_results.get("invalid", 0) + 1
+                self.ctx.log.log(
+                    "certificate_reload_failed", route=route.name, error=str(exc)[:300]
+                )
+                continue
+            br.tls, br.leaf = tls, leaf
+            br.cert_results["swapped"] = br.cert_results.get("swapped", 0) + 1
+            self.ctx.log.log("certificate_reloaded", route=route.name, not_after=leaf[1])
 
     def begin(self, conn: Connection, route: RouteState, hello: ClientHello) -> bool:
         br: BlindRoute = route.state
@@ -556,6 +625,13 @@ class BlindMode(Mode):
             )
             tables["blindfold_blind_origin_bytes_total"].append([[name], br.stats.origin_bytes])
             tables["blindfold_blind_served_bytes_total"].append([[name], br.stats.served_bytes])
+        wall = time.time()
+        tables["blindfold_certificate_expiry_seconds"] = [
+            [["edge", r.state.leaf[0], r.name], r.state.leaf[1] - wall] for r in routes
+        ]
+        tables["blindfold_certificate_reloads_total"] = [
+            [["edge", r.name, k], v] for r in routes for k, v in r.state.cert_results.items()
+        ]
         return tables
 
 

@@ -36,6 +36,7 @@ from typing import Any
 from blindfold.config.edge import EdgeConfig, EdgeHttpConfig, KeyServerRef, RouteConfig
 from blindfold.core import keyless_wire as w
 from blindfold.core import tls13_server as ts
+from blindfold.core.certchain import ChainError, check_chain
 from blindfold.core.clienthello import ClientHello
 from blindfold.core.httpcache import (
     STALE_IF_ERROR_STATUS,
@@ -54,7 +55,13 @@ from blindfold.edge.serve import LOGGED_EVENTS, misdirected, request_host, serve
 from blindfold.edge.upstream import open_verified_origin, origin_pins, origin_tls_context
 from blindfold.errors import ConfigError, KeyServerError, ProtocolError, UpstreamError
 from blindfold.keyless.client import KeyServerClient
-from blindfold.obs.metrics import Histogram, MetricSpec, Snapshot
+from blindfold.obs.metrics import (
+    CERTIFICATE_METRICS,
+    Histogram,
+    MetricSpec,
+    Snapshot,
+    certificate_first_name,
+)
 from blindfold.web.client import (
     READ_CHUNK,
     SharedCaps,
@@ -84,6 +91,7 @@ from blindfold.web.target import path_has_prefix
 MAX_RATE_KEYS = 100_000
 MAX_REFRESHES = 64  # stale-while-revalidate refreshes under way at once, per route and worker
 ACME_TLS_ALPN = b"acme-tls/1"  # RFC 8737 §6.2
+CHAIN_RETRY_S = 30.0  # after a refused or failed chain request: the next one at most this often
 PURGE_SLICE = 2_000  # cache keys a purge tests per turn of the loop
 
 
@@ -170,6 +178,7 @@ METRICS = (
     MetricSpec(
         "blindfold_keyless_connections_active", "gauge", "Open keyless TLS connections.", ("route",)
     ),
+    *CERTIFICATE_METRICS,
 )
 
 
@@ -254,9 +263,26 @@ class KeylessRoute:
         # tasks (strong references: asyncio keeps tasks weakly)
         self.refreshing: set[tuple[bytes, bytes]] = set()
         self.refresh_tasks: set[asyncio.Task[None]] = set()
+        self.fetched = False  # identity came from the key server (CHAIN_REQUEST), not the file
+        self.chain_due = 0.0  # monotonic time of the next chain request
+        self.chain_busy = False
+        self.chain_results: dict[str, int] = {}  # swapped | <ChainError reason> | keyserver_*
+        self.chain_problem = ""  # the last failure logged (a repeat is not logged again)
 
     def adopt(self, old: KeylessRoute) -> None:
-        """Keep what a reload should not lose: live sessions, the cache, counters."""
+        """Keep what a reload should not lose: live sessions, the cache, counters, a chain
+        fetched from the key server if it is newer than the file."""
+        if (
+            old.fetched
+            and old.config.sni == self.config.sni
+            # the newer of the fetched chain and the file (which a renewal may also have
+            # replaced)
+            and old.identity.chain[0].not_valid_before_utc
+            > self.identity.chain[0].not_valid_before_utc
+        ):
+            self.identity = old.identity
+            self.fetched = True
+        self.chain_results = old.chain_results
         if old.identity.certificate_sha256 == self.identity.certificate_sha256:
             old.sessions.lifetime_s = self.sessions.lifetime_s
             old.sessions.max_entries = self.sessions.max_entries
@@ -322,8 +348,69 @@ class KeylessMode(Mode):
             self._spawn(client.close())
 
     def sweep(self, routes: Sequence[RouteState], now: float) -> None:
+        mono = time.monotonic()
         for route in routes:
-            route.state.sessions.expire(now)
+            kr: KeylessRoute = route.state
+            kr.sessions.expire(now)
+            assert kr.config.keyserver is not None
+            every = kr.config.keyserver.chain_refresh_s
+            if every > 0 and not kr.chain_busy and mono >= kr.chain_due:
+                kr.chain_due = mono + every
+                kr.chain_busy = True
+                self._spawn(self._refresh_chain(route, kr))
+
+    # ---------------------------------------------------------------- chain distribution
+    async def _refresh_chain(self, route: RouteState, kr: KeylessRoute) -> None:
+        """Ask the key server for the route's current chain; swap it in if it differs and
+        passes core.certchain's checks (new handshakes take it, open connections keep theirs),
+        keep the one in service otherwise."""
+        try:
+            try:
+                ders = await kr.keyclient.fetch_chain(kr.config.sni[0])
+            except KeyServerError as exc:
+                self._chain_failed(route, kr, f"keyserver_{exc.reason}", str(exc))
+                return
+            if ders == kr.identity.ders:
+                kr.chain_problem = ""
+                return
+            try:
+                chain = check_chain(ders, kr.config.sni, time.time())
+                identity = ts.ServerIdentity.from_chain(chain)
+                if not identity.schemes:
+                    raise ChainError("unsupported_key", "the leaf's key cannot sign TLS 1.3")
+            except ChainError as exc:
+                self._chain_failed(route, kr, exc.reason, str(exc))
+                return
+            old = kr.identity
+            kr.identity = identity
+            kr.fetched = True
+            kr.chain_problem = ""
+            kr.chain_results["swapped"] = kr.chain_results.get("swapped", 0) + 1
+            self.ctx.log.log(
+                "keyless_chain_updated",
+                route=route.name,
+                old_sha256=old.certificate_sha256.hex(),
+                new_sha256=identity.certificate_sha256.hex(),
+                not_after=chain[0].not_valid_after_utc.isoformat(),
+            )
+        finally:
+            kr.chain_busy = False
+
+    def _chain_failed(self, route: RouteState, kr: KeylessRoute, reason: str, detail: str) -> None:
+        # a refusal is audited at the key server: not every chain_refresh_s
+        assert kr.config.keyserver is not None
+        every = kr.config.keyserver.chain_refresh_s
+        kr.chain_due = time.monotonic() + max(every, CHAIN_RETRY_S)
+        kr.chain_results[reason] = kr.chain_results.get(reason, 0) + 1
+        if kr.chain_problem != reason:  # once per new problem, not every refresh
+            kr.chain_problem = reason
+            self.ctx.log.log(
+                "keyless_chain_refused",
+                route=route.name,
+                reason=reason,
+                detail=detail[:300],
+                keeps=kr.identity.certificate_sha256.hex(),
+            )
 
     def purge(self, routes: Sequence[RouteState], purge: Purge | None) -> int | Awaitable[int]:
         """An operator's purge (decisions.purge): the matching entries of every route's
@@ -508,6 +595,17 @@ class KeylessMode(Mode):
             tables["blindfold_keyless_sessions"].append([[name], len(kr.sessions)])
             tables["blindfold_keyless_connections_active"].append([[name], active.get(name, 0)])
         tables["blindfold_keyless_sign_seconds"] = [[[], self.sign_latency.value()]]
+        wall = time.time()
+        tables["blindfold_certificate_expiry_seconds"] = [
+            [
+                ["edge", certificate_first_name(r.state.identity.chain[0]), r.name],
+                r.state.identity.chain[0].not_valid_after_utc.timestamp() - wall,
+            ]
+            for r in routes
+        ]
+        tables["blindfold_certificate_reloads_total"] = [
+            [["edge", r.name, k], v] for r in routes for k, v in r.state.chain_results.items()
+        ]
         return tables
 
 
