@@ -1139,8 +1139,7 @@ class OriginAgent:
     def _acme_installed(self, order: Any) -> None:
         """A renewed chain is on disk (checked against its key): new connections get it,
         open ones keep the certificate they were made with. The master's workers serve the
-        site's TCP listeners: a reload (a new generation of workers, the old ones draining)
-        gives it to them."""
+        site's TCP listeners: `on_certificates` (the master's) tells them to re-read it."""
         self.reload_certificates()
         if self.on_certificates is not None:
             self.on_certificates()
