@@ -20,14 +20,11 @@ from tests.conftest import ROOT, need
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 GRAFANA = ROOT / "deploy" / "grafana"
 DASHBOARDS = sorted(GRAFANA.glob("*.json"))
-# Named by the issue and exported by another branch (helper hsm12: certificate expiry, edge,
-# origin and key server). Once it is merged this set must be emptied: the test below says so.
-PENDING: set[str] = set()
 
 
 def unknown_names(paths: list[Path]) -> dict[str, set[str]]:
     """Per file, the blindfold metric names it uses that the code does not export."""
-    known = exported_series() | PENDING
+    known = exported_series()
     out = {}
     for path in paths:
         unknown = names_in(path.read_text()) - known
@@ -129,11 +126,6 @@ def test_a_histogram_is_known_by_its_series_names() -> None:
     assert "blindfold_keyless_sign_seconds_bucket" in names
     assert "blindfold_keyless_sign_seconds" not in names  # not a series Prometheus stores
     assert set(metrics_by_process()) == {"edge", "origin", "keyserver"}
-
-
-def test_pending_names_are_not_exported_yet() -> None:
-    """When this fails, the branch that adds the metric was merged: empty PENDING."""
-    assert not (PENDING & exported_series()), f"exported now: remove {PENDING} from PENDING"
 
 
 PROMTOOL_TESTS = """
