@@ -275,9 +275,11 @@ class RouteConfig:
         "origin.http, one table), and the route's connections to its origins.",
     )
     proxy_protocol: Literal["none", "v1", "v2"] = setting(
-        "none",
+        "v2",
         doc="PROXY protocol header sent to the origin before the ClientHello so it learns the "
-        "visitor's address: 'none', 'v1' (text) or 'v2' (binary, HAProxy's proxy-protocol.txt).",
+        "visitor's address: 'v2' (binary, HAProxy's proxy-protocol.txt; the default, what the "
+        "origin agent requires by default and the only one that can carry proxy_auth), 'v1' "
+        "(text) or 'none' (for an origin that reads no PROXY header).",
     )
     proxy_protocol_tlvs: bool = setting(
         True,
