@@ -223,26 +223,48 @@ def _fetch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="blindfold", description="An edge network that never holds the site's TLS key."
+        prog="blindfold",
+        description="An edge network that never holds the site's TLS key. The three daemons "
+        "(edge, origin, keyserver) read one TOML file each (or one file with several "
+        "sections); `blindfold COMMAND --help` describes each command. README.md walks a "
+        "first site step by step.",
     )
     parser.add_argument("--version", action="version", version=f"blindfold {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p_edge = sub.add_parser("edge", help="run an edge (passthrough and keyless routes)")
+    p_edge = sub.add_parser(
+        "edge",
+        help="run an edge: passthrough, keyless and blind routes (SIGHUP reloads, SIGTERM "
+        "drains and stops)",
+    )
     p_edge.add_argument("--config", "-c", required=True, help="TOML configuration file")
 
-    p_origin = sub.add_parser("origin", help="run the origin agent (TLS, WAF, decisions)")
+    p_origin = sub.add_parser(
+        "origin",
+        help="run the origin agent: TLS with the site's keys, WAF, decisions, the sealed "
+        "store (SIGHUP reloads, SIGTERM stops)",
+    )
     p_origin.add_argument("--config", "-c", required=True, help="TOML configuration file")
 
-    p_ks = sub.add_parser("keyserver", help="run the key server (keyless TLS signatures)")
+    p_ks = sub.add_parser(
+        "keyserver",
+        help="run the key server: keyless TLS signatures for authorised edges, audit log "
+        "(SIGHUP reloads, SIGTERM stops)",
+    )
     p_ks.add_argument("--config", "-c", required=True, help="TOML configuration file")
 
-    p_audit = sub.add_parser("audit", help="check a key server audit log")
-    p_audit.add_argument("action", choices=["verify"])
+    p_audit = sub.add_parser(
+        "audit",
+        help="check a key server audit log",
+        description="Verify the key server's hash-chained, keyed audit log: exit 0 when every "
+        "line verifies, 1 at the first bad line (named), 2 when the key or the log cannot be "
+        "read.",
+    )
+    p_audit.add_argument("action", choices=["verify"], help="what to do (only: verify)")
     p_audit.add_argument(
         "--key", required=True, help="the audit key file (keyserver.audit_key)", metavar="KEY"
     )
-    p_audit.add_argument("file")
+    p_audit.add_argument("file", help="the audit log (keyserver.audit_log)")
 
     from blindfold.cli import pki as pki_cli
 
@@ -337,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         help="fail instead of fetching from the origin when the edge copy fails",
     )
     p_fetch.add_argument("-o", "--output", required=True, help="where to write the file")
-    p_fetch.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    p_fetch.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds per request (default: %(default)s)"
+    )
 
     p_verify = sub.add_parser(
         "verify",
@@ -366,15 +390,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_verify.add_argument("--manifest-key", help="the site's manifest public key (PEM)")
     p_verify.add_argument("--edge", default="", help="blind edge base URL: check every blob")
-    p_verify.add_argument("--max-blobs", type=int, default=1000)
-    p_verify.add_argument("--cacert", help="CA bundle for the site and the edge")
     p_verify.add_argument(
-        "--connect-to", action="append", default=[], metavar="HOST:PORT:ADDR:PORT"
+        "--max-blobs",
+        type=int,
+        default=1000,
+        help="check at most this many blobs (default: %(default)s)",
     )
-    p_verify.add_argument("--timeout", type=float, default=30.0)
+    p_verify.add_argument(
+        "--cacert", help="CA bundle for the site and the edge (default: the system's)"
+    )
+    p_verify.add_argument(
+        "--connect-to",
+        action="append",
+        default=[],
+        metavar="HOST:PORT:ADDR:PORT",
+        help="connect to ADDR:PORT for HOST:PORT (like curl --connect-to); repeatable",
+    )
+    p_verify.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds per request (default: %(default)s)"
+    )
 
-    p_check = sub.add_parser("check-config", help="validate a configuration file")
-    p_check.add_argument("file")
+    p_check = sub.add_parser(
+        "check-config",
+        help="validate a configuration file (exit 0 valid, 2 invalid)",
+        description="Load FILE as each daemon would at start (its keys, certificates, lists "
+        "and rules too). Exit 0 when it is valid (warnings go to stderr), 2 naming the key "
+        "and the fix when it is not.",
+    )
+    p_check.add_argument("file", help="the TOML configuration file")
 
     p_demo = sub.add_parser("demo", help="run the whole topology on loopback")
     p_demo.add_argument("--port", type=int, default=8443, help="edge port (default 8443)")
