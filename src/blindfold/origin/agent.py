@@ -21,7 +21,7 @@ from blindfold.config import Config, load_file
 from blindfold.config.common import parse_hostport
 from blindfold.config.origin import OriginConfig, fds_needed, listen_warnings
 from blindfold.core.iplist import IPSet, visitor_key
-from blindfold.core.proxyproto import V1_PREFIX, V2_SIGNATURE
+from blindfold.core.proxyproto import PP2_TYPE_BLINDFOLD_HTTP, V1_PREFIX, V2_SIGNATURE
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.decisions.api import DecisionApi, load_api_keys
 from blindfold.decisions.core import DecisionRules, DecisionStore, RateRule, scope_of
@@ -692,11 +692,12 @@ class OriginAgent:
             client: tuple[str, int] | None = peer
             is_visitor = True
             reporter: Reporter | None = None
+            edge_http = False
             if tls and cfg.proxy_protocol != "off":
                 resolved = await self._proxy(sock, peer)
                 if resolved is None:
                     return
-                client, is_visitor, reporter = resolved
+                client, is_visitor, reporter, edge_http = resolved
             assert client is not None
             gate = self.handler if is_visitor else self.edge_handler
             handler: Handler = gate if reporter is None else _ViaEdge(gate, reporter)
@@ -713,7 +714,7 @@ class OriginAgent:
                 if before >= share:
                     self._count_conn("over_per_client_connections")
                     handler, limits = _too_many_connections, self.over_limits
-            info = ConnInfo(client, local, b"https" if tls else b"http", {})
+            info = ConnInfo(client, local, b"https" if tls else b"http", {}, edge_http)
             on_event = self._events(claim)
             if tls:
                 assert self.tls is not None
@@ -738,9 +739,10 @@ class OriginAgent:
 
     async def _proxy(
         self, sock: socket.socket, peer: tuple[str, int]
-    ) -> tuple[tuple[str, int], bool, Reporter | None] | None:
+    ) -> tuple[tuple[str, int], bool, Reporter | None, bool] | None:
         """Apply the PROXY policy: (client address, whether it is a visitor's, the trusted
-        edge that named it), or None when refused. An edge's own connection (PROXY LOCAL) is
+        edge that named it, whether that edge speaks HTTP itself on this connection: its
+        request ids are kept), or None when refused. An edge's own connection (PROXY LOCAL) is
         not a visitor's. An edge with a key ([[origin.edges]]) must prove each header is its
         own, made for this connection (atk-trust #10: a header rewritten on the path)."""
         cfg = self.cfg
@@ -760,7 +762,7 @@ class OriginAgent:
                         # stripping the header would make the edge itself the visitor
                         self._refuse("proxy_auth_missing", peer[0])
                         return None
-                    return peer, True, None
+                    return peer, True, None, False
                 if not trusted:
                     self._refuse("untrusted_proxy_header", peer[0])
                     return None
@@ -779,9 +781,10 @@ class OriginAgent:
             return None
         except OSError:
             return None
+        edge_http = header.tlv(PP2_TYPE_BLINDFOLD_HTTP) is not None
         if header.src is None:
-            return peer, False, reporter  # LOCAL: the edge's own health check or pull
-        return header.src, True, reporter
+            return peer, False, reporter, edge_http  # LOCAL: the edge's own check or pull
+        return header.src, True, reporter, edge_http
 
     def _refuse(self, reason: str, peer: str) -> None:
         self._count_conn(f"refused_{reason}")

@@ -39,6 +39,7 @@ from blindfold.core import tls13_server as ts
 from blindfold.core.clienthello import ClientHello
 from blindfold.core.httpcache import Entry, HttpCache, Lookup, not_modified
 from blindfold.core.iplist import parse_address
+from blindfold.core.proxyproto import PP2_TYPE_BLINDFOLD_HTTP, with_tlv
 from blindfold.core.ratelimit import BucketMap
 from blindfold.edge.guards import client_key
 from blindfold.edge.mode import Connection, Mode, ModeContext, RouteState
@@ -504,7 +505,7 @@ class KeylessHandler:
         return await open_verified_origin(
             self.ctx,
             self.route,
-            self.conn.proxy_header(),
+            with_tlv(self.conn.proxy_header(), PP2_TYPE_BLINDFOLD_HTTP, b""),
             kr.origin_tls,
             kr.config.origin_server_name or self.sni,
             kr.pins,
