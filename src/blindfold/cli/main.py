@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -10,6 +11,10 @@ from blindfold import __version__
 from blindfold.config import load_file
 from blindfold.config.common import unspecified_listen
 from blindfold.errors import ConfigError
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _check_config(path: str) -> int:
@@ -40,13 +45,23 @@ def _check_config(path: str) -> int:
             for i, rc in enumerate(edge.routes):  # each mode's files: certificates, keys, CAs
                 if rc.proxy_auth_key_file:  # the PROXY header authentication key
                     load_auth_key(rc.proxy_auth_key_file, f"edge.routes[{i}].proxy_auth_key_file")
-                check_route(f"edge.routes[{i}]", rc, edge)
+                try:
+                    check_route(f"edge.routes[{i}]", rc, edge)
+                except ConfigError as exc:
+                    if not rc.name or exc.where:
+                        raise
+                    raise ConfigError(
+                        exc.key, exc.message, f"(route {json.dumps(rc.name)})"
+                    ) from None
             if edge.decisions is not None:  # the origins' public keys for signed decisions
                 from blindfold.decisions.signed import load_public_key
 
                 for i, path in enumerate(edge.decisions.signer_public_keys):
                     load_public_key(path, f"edge.decisions.signer_public_keys[{i}]")
-            sections.append(f"edge ({len(edge.routes)} routes, {len(edge.listen)} listeners)")
+            sections.append(
+                f"edge ({_count(len(edge.routes), 'route')}, "
+                f"{_count(len(edge.listen), 'listener')})"
+            )
         if config.origin is not None:
             from blindfold.config.origin import listen_warnings
             from blindfold.origin.agent import build_waf
@@ -84,15 +99,16 @@ def _check_config(path: str) -> int:
                     "to every network; bind it to 127.0.0.1 or an internal address"
                 )
             sections.append(
-                f"keyserver ({len(config.keyserver.keys)} keys, "
-                f"{len(config.keyserver.edges)} edges)"
+                f"keyserver ({_count(len(config.keyserver.keys), 'key')}, "
+                f"{_count(len(config.keyserver.edges), 'edge')})"
             )
         if not sections:
             raise ConfigError(
                 "", f"{path} has no known section (expected [edge], [origin] or [keyserver])"
             )
     except ConfigError as exc:
-        print(f"{path}: {exc}", file=sys.stderr)
+        message = str(exc)  # a syntax error names the file itself
+        print(message if message.startswith(f"{path}:") else f"{path}: {message}", file=sys.stderr)
         return 2
     for warning in warnings:
         print(f"{path}: warning: {warning}", file=sys.stderr)

@@ -66,13 +66,22 @@ def _names(cert: x509.Certificate) -> tuple[list[str], list[str]]:
     return dns, [str(a) for a in san.get_values_for_type(x509.IPAddress)]
 
 
+def _why(exc: Exception) -> str:
+    return (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
+
+
 def load_key(index: int, cfg: KeyConfig) -> SiteKey:
     where = f"keyserver.keys[{index}]"
-    try:
+    try:  # each file's error names its own key
         key = serialization.load_pem_private_key(Path(cfg.key).read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{where}.key", f"cannot load {cfg.key}: {_why(exc)}") from None
+    try:
         cert = x509.load_pem_x509_certificate(Path(cfg.certificate).read_bytes())
     except (OSError, ValueError) as exc:
-        raise ConfigError(where, f"cannot load {cfg.key} / {cfg.certificate}: {exc}") from None
+        raise ConfigError(
+            f"{where}.certificate", f"cannot load {cfg.certificate}: {_why(exc)}"
+        ) from None
     if not isinstance(
         key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)
     ):

@@ -20,6 +20,7 @@ from typing import Any
 from blindfold.config import Config, load_file
 from blindfold.config.common import parse_hostport
 from blindfold.config.origin import OriginConfig, fds_needed, listen_warnings
+from blindfold.config.schema import changes
 from blindfold.core.iplist import IPSet, visitor_key
 from blindfold.core.proxyproto import PP2_TYPE_BLINDFOLD_HTTP, V1_PREFIX, V2_SIGNATURE
 from blindfold.core.ratelimit import TokenBucket
@@ -56,6 +57,12 @@ from blindfold.web.proxy import ReverseProxy
 ORIGIN_METRICS = [
     MetricSpec(
         "blindfold_origin_requests_total", "counter", "Requests by status class.", ("status",)
+    ),
+    MetricSpec(
+        "blindfold_origin_config_reloads_total",
+        "counter",
+        "Configuration reloads (SIGHUP) by result: ok, invalid.",
+        ("result",),
     ),
     MetricSpec(
         "blindfold_origin_connections_total",
@@ -910,6 +917,7 @@ class OriginAgent:
             "blindfold_http_events_total": pick("http:"),
             "blindfold_origin_blind_bytes_total": pick("blind_bytes:"),
             "blindfold_origin_blind_requests_total": pick("blind_requests:"),
+            "blindfold_origin_config_reloads_total": pick("config_reloads:"),
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -919,11 +927,14 @@ class OriginAgent:
             config, _ = load_file(self.path)
             if config.origin is None:
                 raise ConfigError("origin", "the config has no [origin] section")
+            old = self.cfg
             self._build(config.origin)
         except ConfigError as exc:
+            self.count("config_reloads:invalid")
             self.log.emit("reload_failed", error=str(exc))
             return
-        self.log.emit("reloaded")
+        self.count("config_reloads:ok")
+        self.log.emit("reloaded", changed=changes(old, config.origin))
 
     def stop(self) -> None:
         self.stopping.set()
