@@ -14,7 +14,9 @@ from blindfold.errors import ConfigError
 
 
 def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {noun[:-1]}ies" if noun.endswith("y") else f"{n} {noun}s"
 
 
 def _check_config(path: str) -> int:
@@ -479,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"({result.entries} entries verify before it)"
             )
             return 1
-        print(f"{args.file}: ok: {result.entries} entries, last mac {result.last_mac}")
+        print(f"{args.file}: ok: {_count(result.entries, 'entry')}, last mac {result.last_mac}")
         if result.partial_tail:
             print(
                 f"{args.file}: and a partial last line of {result.partial_tail} bytes (a write "
