@@ -43,10 +43,14 @@ from blindfold.keyserver.access import partial_grants, too_broad
 from blindfold.keyserver.audit import AuditError, AuditLog, create_key, json_str
 from blindfold.keyserver.audit import load_key as load_audit_key
 from blindfold.keyserver.signer import SignError, SiteKey, load_key, sign_certificate_verify
-from blindfold.obs.log import JsonLog
+from blindfold.obs.log import JsonLog, peer_text
 from blindfold.obs.metrics import Histogram, MetricSpec, render
 
 READ_SIZE = 65536
+NOT_AUTHORISED = (
+    "edge_not_authorised: this key server does not know this edge's certificate (never "
+    "authorised, or revoked)"
+)
 FEED_SIZE = 16384  # frames are decoded (and queued) this many read bytes at a time
 SLICE_S = 0.005  # the longest the queue is served before the event loop runs its other work
 COST_BYTES = 8192  # a request costs one token (and one in-flight unit) per started 8 KiB
@@ -376,10 +380,20 @@ class KeyServer:
         fp = hashlib.sha256(der).digest() if der else b""
         edge = self.edges.get(fp)
         if edge is None:
+            # Unknown or revoked: say so at once, as a connection-level ERROR frame (request
+            # id 0), so the edge fails its handshakes now with the reason rather than retry
+            # until its deadline.
             self._count_conn("unknown_edge")
             self.log.log(
-                "edge_refused", peer=str(writer.get_extra_info("peername")), cert_sha256=fp.hex()
+                "edge_refused",
+                peer=peer_text(writer.get_extra_info("peername")),
+                reason="unknown_edge",
+                cert_sha256=fp.hex(),
             )
+            writer.write(w.encode_error(0, w.E_UNAUTHORIZED, NOT_AUTHORISED))
+            with contextlib.suppress(ConnectionError, ssl.SSLError, OSError, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await writer.drain()
             writer.close()
             return
         state = self._edge_state(fp)
@@ -474,9 +488,7 @@ class KeyServer:
                 continue
             edge = self.edges.get(fp)  # re-read: SIGHUP may have revoked it
             if edge is None:
-                out = w.encode_error(
-                    frame.request_id, w.E_UNAUTHORIZED, "this edge is no longer authorised"
-                )
+                out = w.encode_error(frame.request_id, w.E_UNAUTHORIZED, NOT_AUTHORISED)
                 conn.closed = True
             else:
                 try:

@@ -20,6 +20,14 @@ PIPE_BUF = select.PIPE_BUF
 MAX_PENDING_BYTES = 4 << 20
 
 
+def peer_text(address: object) -> str:
+    """A socket address as people write it: 'ip:port', '[v6]:port' (never a Python tuple)."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = str(address[0]), address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(address)
+
+
 class JsonLog:
     def __init__(self, fd: int, *, process: str, nonblocking: bool = True) -> None:
         self.fd = fd
