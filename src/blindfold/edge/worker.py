@@ -529,6 +529,8 @@ class Worker:
             connections=len(self.conns),
             deadline_s=self.config.drain_timeout_s,
         )
+        if not self.conns:  # nothing to wait for: stop now, not at the next sweep
+            self._sweep()
 
     def _on_master_gone(self) -> None:
         self.drain()
