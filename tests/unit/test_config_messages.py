@@ -128,3 +128,21 @@ def test_a_keyless_route_whose_certificate_does_not_cover_its_names_is_an_error(
     code, out = _check(tmp_path, route.replace("SNI", sni), capsys)
     assert code == 2, out
     assert f'edge.routes[0].sni (route "www"): {sni} not covered by the certificate' in out
+
+
+def test_keyserver_listen_is_a_list_like_every_listen(
+    tmp_path: Path, files: dict[str, Path]
+) -> None:
+    base = (
+        "[keyserver]\nlisten = LISTEN\n"
+        f'cert = "{files["www.pem"]}"\nkey = "{files["www.key"]}"\n'
+        f'client_ca = "{files["ca.pem"]}"\naudit_log = "{tmp_path / "audit.log"}"\n'
+        f'audit_key = "{tmp_path / "audit.key"}"\n'
+        f'[[keyserver.keys]]\nkey = "{files["www.key"]}"\ncertificate = "{files["www.pem"]}"\n'
+    )
+    for listen in ('["127.0.0.1:7443"]', '"127.0.0.1:7443"'):
+        ks = loads(base.replace("LISTEN", listen)).keyserver
+        assert ks is not None and ks.address == "127.0.0.1:7443"
+    with pytest.raises(ConfigError) as info:
+        loads(base.replace("LISTEN", '["127.0.0.1:1", "127.0.0.1:2"]'))
+    assert info.value.key == "keyserver.listen" and "one address" in str(info.value)

@@ -248,7 +248,7 @@ class KeyServer:
         loop.set_exception_handler(self._loop_exception)
         raise_fd_limit()  # the soft limit up to the hard one (the unit sets LimitNOFILE)
         self._set_conn_cap()
-        host, port = parse_hostport(self.cfg.listen)
+        host, port = parse_hostport(self.cfg.address)
         try:
             lsock = _bind(host, port)
             admin = await self.admin.start(*parse_hostport(self.cfg.admin_listen))
