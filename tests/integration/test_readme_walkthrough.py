@@ -96,7 +96,9 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path: Path) -> None:
     shop = tmp_path / "shop"
     for name in ("pki/ca.key", "pki/site.key", "pki/www.key", "edges/edge1.key"):
         assert (shop / name).stat().st_mode & 0o777 == 0o600, name
-    for name in ("keys/edge1.api-key", "keys/api-keys.txt", "keys/audit.key"):
+    for name in ("keys/edge1.api-key", "keys/api-keys.txt", "keys/audit.key", "pki/cdn.key"):
+        assert (shop / name).stat().st_mode & 0o777 == 0o600, name
+    for name in ("keys/manifest.pem", "keys/id-secret"):  # made by blindfold seal --create-keys
         assert (shop / name).stat().st_mode & 0o777 == 0o600, name
     for log, last in (("edge", "edge_stopped"), ("origin", "origin_stopped")):
         lines = (shop / f"{log}.log").read_text().splitlines()

@@ -45,9 +45,11 @@ def _check_config(path: str) -> int:
             from blindfold.edge.modes import check_route
 
             for i, rc in enumerate(edge.routes):  # each mode's files: certificates, keys, CAs
-                if rc.proxy_auth_key_file:  # the PROXY header authentication key
-                    load_auth_key(rc.proxy_auth_key_file, f"edge.routes[{i}].proxy_auth_key_file")
                 try:
+                    if rc.proxy_auth_key_file:  # the PROXY header authentication key
+                        load_auth_key(
+                            rc.proxy_auth_key_file, f"edge.routes[{i}].proxy_auth_key_file"
+                        )
                     check_route(f"edge.routes[{i}]", rc, edge)
                 except ConfigError as exc:
                     if not rc.name or exc.where:

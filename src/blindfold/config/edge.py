@@ -201,7 +201,10 @@ class RouteConfig:
         "TLS 1.3 with `certificate`, each handshake signed by the site's key server; it sees "
         "HTTP and proxies it to the origins over verified TLS. 'blind': a CDN hostname of its "
         "own (`certificate` + `key`) serving sealed blobs (`blindfold seal`) by id, pulled "
-        "from the origins over verified TLS and cached; it never sees a key or a manifest.",
+        "from the origins over verified TLS and cached; it never sees a key or a manifest. "
+        "The site hostname of a blind deployment (origin.blind.site_names: its pages and "
+        "manifest, which holds the content keys) must stay passthrough, never keyless; a "
+        "keyless or blind route's certificate must cover all its `sni` names (check-config).",
     )
     certificate: str = setting(
         "",
