@@ -146,3 +146,17 @@ def test_keyserver_listen_is_a_list_like_every_listen(
     with pytest.raises(ConfigError) as info:
         loads(base.replace("LISTEN", '["127.0.0.1:1", "127.0.0.1:2"]'))
     assert info.value.key == "keyserver.listen" and "one address" in str(info.value)
+
+
+@pytest.mark.parametrize("wrong", ["cert", "key"])
+def test_a_wrong_origin_certificate_path_blames_that_key(
+    tmp_path: Path, files: dict[str, Path], capsys: pytest.CaptureFixture[str], wrong: str
+) -> None:
+    paths = {"cert": files["www.pem"], "key": files["www.key"], wrong: tmp_path / "nope"}
+    text = (
+        "[origin]\nupstream = 'http://127.0.0.1:1'\nlisten = ['127.0.0.1:0']\n"
+        "trusted_edges = ['127.0.0.1/32']\n[origin.waf]\nenabled = false\n"
+        f'[[origin.certificates]]\ncert = "{paths["cert"]}"\nkey = "{paths["key"]}"\n'
+    )
+    code, out = _check(tmp_path, text, capsys)
+    assert code == 2 and f"origin.certificates[0].{wrong}: cannot read" in out, out

@@ -23,6 +23,19 @@ def duration_seconds(text: str) -> float:
     return -total if text.startswith("-") else total
 
 
+def check_readable(*files: tuple[str, str]) -> None:
+    """(key, path) pairs: a ConfigError naming the key of the first file that cannot be read,
+    so that a wrong key path blames `key`, not the certificate loaded with it."""
+    from blindfold.errors import ConfigError
+
+    for key, path in files:
+        try:
+            with open(path, "rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            raise ConfigError(key, f"cannot read {path}: {exc.strerror or exc}") from None
+
+
 _HOSTNAME_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 
 

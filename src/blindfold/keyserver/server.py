@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from blindfold.config import Config, load_file
-from blindfold.config.common import parse_hostport
+from blindfold.config.common import check_readable, parse_hostport
 from blindfold.config.keyserver import EdgeAccessConfig, KeyServerConfig
 from blindfold.core import keyless_handshake as kh
 from blindfold.core import keyless_wire as w
@@ -227,6 +227,11 @@ class KeyServer:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.verify_mode = ssl.CERT_REQUIRED
+        check_readable(
+            ("keyserver.cert", cfg.cert),
+            ("keyserver.key", cfg.key),
+            ("keyserver.client_ca", cfg.client_ca),
+        )
         try:
             ctx.load_cert_chain(cfg.cert, cfg.key)
             ctx.load_verify_locations(cafile=cfg.client_ca)

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from blindfold.config.common import check_readable
 from blindfold.config.edge import EdgeConfig, EdgeHttpConfig, KeyServerRef, RouteConfig
 from blindfold.core import keyless_wire as w
 from blindfold.core import tls13_server as ts
@@ -150,6 +151,12 @@ METRICS = (
 
 
 def _client_tls(where: str, ref: KeyServerRef) -> ssl.SSLContext:
+    ks = f"{where}.keyserver"
+    check_readable(
+        (f"{ks}.ca", ref.ca),
+        (f"{ks}.client_cert", ref.client_cert),
+        (f"{ks}.client_key", ref.client_key),
+    )
     try:
         ctx = ssl.create_default_context(cafile=ref.ca)
         ctx.load_cert_chain(ref.client_cert, ref.client_key)
