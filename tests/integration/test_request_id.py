@@ -5,6 +5,7 @@ origin itself) the origin makes its own id."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,10 @@ def test_the_edges_request_id_reaches_the_origin_and_the_application(
     )
     out = curl(edge.port, "example.test", kpki.site_ca, "-H", f"X-Request-Id: {FORGED}", path="/k")
     assert out.returncode == 0, out.stderr
+    done = time.monotonic()
     at_edge = edge.wait_for(lambda r: r.get("event") == "request" and r.get("path") == "/k")
     assert at_edge is not None
+    assert time.monotonic() - done < 0.4, (time.time() - at_edge["ts"], time.monotonic() - done)
     rid = at_edge["request_id"]
     assert rid and rid != FORGED
     at_origin = origin.wait_for(lambda r: r.get("event") == "request" and r.get("path") == "/k")

@@ -176,6 +176,7 @@ class Worker:
         if first:
             self.guards = Guards(config, self.workers, now)
             self.log = JsonLog.open(config.log_path, process=f"edge-worker-{self.index}")
+            self._flush_in_loop()
             self._check_fd_limit(config)
             self.reactor.on_idle(self._flush_log)
             self.pipes = PipePool(config.pipe_size_bytes)
@@ -227,6 +228,14 @@ class Worker:
         asyncio.set_event_loop(loop)
         self.loop = loop
         self.reactor.attach(loop)
+        self._flush_in_loop()
+
+    def _flush_in_loop(self) -> None:
+        """Lines logged by asyncio code (keyless, blind requests) may come with no reactor
+        event after them: a flush within 50 ms, one per batch."""
+        loop = self.loop
+        if loop is not None:
+            self.log.flush_soon(lambda flush: loop.call_later(0.05, flush))
 
     @property
     def now(self) -> float:

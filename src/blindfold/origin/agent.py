@@ -359,6 +359,8 @@ class OriginAgent:
         self.audit = (
             JsonLog.open(cfg.waf.audit_log, process="origin") if (cfg.waf.audit_log) else self.log
         )
+        if self.audit is not self.log:  # written at once too (io.service does the main log)
+            self.audit.flush_soon(asyncio.get_running_loop().call_soon)
         self.limits = cfg.http.limits()
         self.stats: dict[str, Any] = {}
         self.site_slots = _Slots(cfg.max_connections)
