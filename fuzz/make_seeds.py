@@ -198,6 +198,23 @@ def main() -> None:
     from blindfold.decisions.core import DecisionStore
 
     quic_seeds()
+    # the shared cache: fields as the public cache test suite sends them
+    for response, request, nm in (
+        (b"cache-control: max-age=3600\ndate: Sun, 06 Nov 1994 08:49:37 GMT", b"", b""),
+        (b"expires: Thursday, 18-Aug-50 02:01:18 GMT\nexpires: 0", b"if-modified-since: 0", b""),
+        (
+            b'cdn-cache-control: max-age=10, foo\ncache-control: no-store, no-cache="a, b"',
+            b"cache-control: max-stale, min-fresh=1",
+            b"cache-control: max-age=5\nage: 7200, 0",
+        ),
+        (
+            b"cache-control: max-age=1, stale-while-revalidate=10, stale-if-error=60\n"
+            b'etag: "x"\nvary: accept, *\nconnection: x-a\nx-a: 1',
+            b'if-none-match: W/"x"\naccept: a',
+            b"cache-control: private",
+        ),
+    ):
+        save("http_cache", response + SEP + request + SEP + nm)
     hellos = client_hellos()
     for hello in hellos:
         save("clienthello", hello)

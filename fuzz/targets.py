@@ -432,6 +432,46 @@ def quic_initial(data: bytes) -> None:
     assert len(table) == 0
 
 
+def _header_lines(block: bytes) -> list[tuple[bytes, bytes]]:
+    out = []
+    for line in block.split(b"\n"):
+        name, sep, value = line.partition(b":")
+        if sep:
+            out.append((name.strip().lower(), value.strip()))
+    return out
+
+
+def http_cache(data: bytes) -> None:
+    """The shared cache's reading of response and request fields (Cache-Control and its
+    targeted variants, HTTP-dates, Age, Vary, Connection): response lines, then SEP, request
+    lines, then SEP, a later 304's lines. Nothing may escape: bad fields are ignored or make a
+    response stale, never an exception."""
+    from blindfold.core import httpcache as hc
+
+    parts = [*data.split(SEP_BYTES, 2), b"", b""]
+    response, request, revalidation = (_header_lines(p) for p in parts[:3])
+    cache = hc.HttpCache(1 << 20, 1 << 16)
+    key = cache.key(b"example.test", b"/")
+    hc.http_date(parts[0][:64], NOW)
+    hc.age_value(response)
+    hc.response_directives(response)
+    status = 200 + (len(data) % 400)
+    if cache.storable(b"GET", request, status, response):
+        cache.store(key, request, status, response, b"body", NOW, NOW)
+    for at in (NOW, NOW + 5, NOW + 100000):
+        found = cache.lookup(key, b"GET", request, at)
+        if found is None:
+            continue
+        hc.not_modified(found.entry, request)
+        cache.stale_on_error(found.entry, request, at)
+        if not found.fresh:
+            cache.freshen(key, found.entry, revalidation, request, at, at)
+    assert cache.used >= 0
+
+
+SEP_BYTES = b"\xff\x00\xff"
+
+
 TARGETS: dict[str, Target] = {
     "clienthello": Target(clienthello, (ProtocolError,), "ClientHello peek + JA4"),
     "proxyproto": Target(proxyproto, (ProtocolError,), "PROXY protocol v1/v2 header"),
@@ -447,6 +487,7 @@ TARGETS: dict[str, Target] = {
     "redis_message": Target(redis_message, (ProtocolError,), "signed decisions from Redis"),
     "config": Target(config, (ConfigError,), "TOML configuration"),
     "quic_initial": Target(quic_initial, (ProtocolError,), "QUIC Initials, the edge's flows"),
+    "http_cache": Target(http_cache, (), "the shared cache's fields: Cache-Control, dates"),
 }
 
 

@@ -46,7 +46,7 @@ def admin() -> Iterator[int]:
 
 def _healthz(port: int, source: str = "127.0.0.1") -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as s:
-        s.sendall(b"GET /healthz HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")
+        s.sendall(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n")
         data = b""
         while chunk := s.recv(4096):
             data += chunk
@@ -121,7 +121,7 @@ def test_a_connection_open_at_shutdown_ends_quietly() -> None:
 
 def _keep_alive_get(s: socket.socket) -> bytes:
     """One keep-alive GET /healthz on `s`; the answer's head and body (b"" if it closed)."""
-    s.sendall(b"GET /healthz HTTP/1.1\r\nhost: admin\r\n\r\n")
+    s.sendall(b"GET /healthz HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
     data = b""
     while not data.endswith(b"ok\n"):
         chunk = s.recv(4096)
@@ -158,3 +158,69 @@ def test_a_few_clients_asking_slowly_cannot_keep_the_listener(
     finally:
         for s in hogs:
             s.close()
+
+
+TOKEN = b"0123456789abcdef-admin-token"
+
+
+def _get(port: int, path: str, headers: str = "", host: str = "127.0.0.1") -> tuple[str, bytes]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        request = f"GET {path} HTTP/1.1\r\nhost: {host}\r\n{headers}connection: close\r\n\r\n"
+        s.sendall(request.encode())
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head.decode("latin-1"), body
+
+
+def test_with_a_token_every_path_but_the_page_needs_it() -> None:
+    """Issue 13: an admin listener off loopback must not hand its figures to whoever reaches
+    it. The page itself holds none (it asks status.json with the token)."""
+    loop = asyncio.new_event_loop()
+
+    async def handler(method: str, path: str) -> tuple[int, str, bytes]:
+        return 200, "text/plain", f"answer {path}".encode()
+
+    server = AdminServer(handler, TOKEN)
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        port = asyncio.run_coroutine_threadsafe(server.start("127.0.0.1", 0), loop).result(10)[1]
+        for path in ("/metrics", "/status.json", "/healthz", "/anything"):
+            head, body = _get(port, path)
+            assert head.startswith("HTTP/1.1 401") and b"answer" not in body, (path, head)
+            assert "www-authenticate: Bearer" in head
+            head, body = _get(port, path, "authorization: Bearer wrong-token-0123456789\r\n")
+            assert head.startswith("HTTP/1.1 401") and b"answer" not in body
+            head, body = _get(port, path, f"authorization: Bearer {TOKEN.decode()}\r\n")
+            assert head.startswith("HTTP/1.1 200") and body == f"answer {path}".encode()
+        head, body = _get(port, "/")
+        assert head.startswith("HTTP/1.1 200") and body == b"answer /"
+        assert "content-security-policy: default-src 'none'" in head
+        assert "x-content-type-options: nosniff" in head and "cache-control: no-store" in head
+    finally:
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def test_without_a_token_a_page_under_another_name_gets_no_figures(admin: int) -> None:
+    """DNS rebinding: a site whose name now resolves to 127.0.0.1 runs script in the
+    operator's browser; its requests name that site in Host. Before: answered."""
+    for host in ("evil.example", f"evil.example:{admin}", "127.0.0.1.evil.example"):
+        head, _ = _get(admin, "/healthz", host=host)
+        assert head.startswith("HTTP/1.1 403"), (host, head)
+    for host in (
+        f"127.0.0.1:{admin}",
+        "127.0.0.1",
+        "localhost:1",
+        "[::1]:7743",
+        "[::1]",
+        "10.0.0.5:80",
+    ):
+        head, _ = _get(admin, "/healthz", host=host)
+        assert head.startswith("HTTP/1.1 200"), (host, head)
+    head, _ = _get(admin, "/", host="evil.example")  # the page itself holds no figures
+    assert head.startswith("HTTP/1.1 404")  # (this test's handler has no page)

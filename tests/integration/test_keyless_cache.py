@@ -283,3 +283,132 @@ def test_one_visitors_refused_origin_connection_does_not_take_the_origin_down(
         assert status == 200, body  # another visitor is served as before
     finally:
         attacker.close()
+
+
+class Issue17App:
+    """/hints: 103 Early Hints, then a page public for 60 s. /flaky: public for 1 s with
+    stale-if-error=60 and while-revalidate off, then 503 once `failing` is set. /swr: public for
+    1 s with stale-while-revalidate=30 and an ETag; its revalidation gets a 304 (max-age=60)."""
+
+    def __init__(self) -> None:
+        app = self
+        self.requests: list[tuple[str, str]] = []  # (path, If-None-Match)
+        self.failing = False
+        self.lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                inm = self.headers.get("If-None-Match", "")
+                with app.lock:
+                    app.requests.append((self.path, inm))
+                status, cc = 200, "public, max-age=60"
+                if self.path == "/hints":
+                    self.wfile.write(
+                        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+                    )
+                elif self.path == "/flaky":
+                    status = 503 if app.failing else 200
+                    cc = "no-store" if app.failing else "public, max-age=1, stale-if-error=60"
+                elif self.path == "/swr":
+                    status = 304 if inm == '"v1"' else 200
+                    cc = "public, max-age=60" if inm else "max-age=1, stale-while-revalidate=30"
+                body = f"{self.path} {len(app.requests)}\n".encode() if status != 304 else b""
+                self.send_response(status)
+                self.send_header("Cache-Control", cc)
+                self.send_header("ETag", '"v1"')
+                if status != 304:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _dump(edge: EdgeProcess, kpki: KeylessPki, path: str, *args: str) -> list[str]:
+    """curl's header dump: every response head, interim ones included, as lines."""
+    out = curl(edge.port, "example.test", kpki.site_ca, "-D", "/dev/stderr", *args, path=path)
+    assert out.returncode == 0, out.stderr
+    return [line.strip() for line in out.stderr.splitlines()]
+
+
+def test_early_hints_reach_http1_and_http2_visitors_and_are_never_cached(
+    chain: Any, kpki: KeylessPki
+) -> None:
+    """Issue 17: the origin's 103 Early Hints (through the origin agent) reaches visitors over
+    HTTP/1.1 and HTTP/2, before the final response; a cache hit sends none, and the stored
+    response has none of the hint's fields. Before, the upstream client dropped every 1xx."""
+    app = Issue17App()
+    try:
+        edge, _ = chain(app.port)
+        for version in ("--http1.1", "--http2"):
+            lines = _dump(edge, kpki, "/hints", version, "-H", "Cache-Control: no-cache")
+            first = lines[0].split()
+            assert first[1] == "103", lines
+            assert "link: </style.css>; rel=preload" in [x.lower() for x in lines]
+            finals = [x for x in lines if x.startswith("HTTP/") and " 200" in x]
+            assert len(finals) == 1 and lines.index(finals[0]) > 0, lines
+        served = len(app.requests)
+        lines = _dump(edge, kpki, "/hints", "--http1.1")
+        assert lines[0].split()[1] == "200", lines  # from the cache: no hint
+        assert "x-blindfold-cache: hit" in [x.lower() for x in lines]
+        assert not any(x.lower().startswith("link:") for x in lines)
+        assert len(app.requests) == served
+    finally:
+        app.close()
+
+
+def test_stale_if_error_answers_an_origin_error_within_its_window(
+    chain: Any, kpki: KeylessPki
+) -> None:
+    """RFC 5861 §4 at the edge: once stale, a copy with stale-if-error=60 answers instead of the
+    origin's 503; a route with cache_stale_if_error = false passes the 503 on."""
+    for enabled in (True, False):
+        app = Issue17App()
+        try:
+            edge, _ = chain(app.port, cache_stale_if_error=enabled)
+            status, head, body = _get(edge, kpki, "/flaky")
+            assert (status, _values(head, "x-blindfold-cache")) == (200, ["miss"])
+            app.failing = True
+            time.sleep(1.2)  # max-age=1: the stored copy is stale now
+            status, head, body2 = _get(edge, kpki, "/flaky")
+            if enabled:
+                assert (status, body2) == (200, body)
+                assert _values(head, "x-blindfold-cache") == ["stale"]
+                assert int(_values(head, "age")[0]) >= 1
+            else:
+                assert status == 503
+            assert app.requests[-1][0] == "/flaky"  # the origin was asked either way
+        finally:
+            app.close()
+
+
+def test_stale_while_revalidate_serves_at_once_then_refreshes(chain: Any, kpki: KeylessPki) -> None:
+    """RFC 5861 §3 at the edge: within the window the stale copy is served at once and the
+    origin is asked with the stored validators afterwards; its 304 freshens the copy."""
+    app = Issue17App()
+    try:
+        edge, _ = chain(app.port)
+        status, head, body = _get(edge, kpki, "/swr")
+        assert (status, _values(head, "x-blindfold-cache")) == (200, ["miss"])
+        time.sleep(1.2)
+        status, head, body2 = _get(edge, kpki, "/swr")
+        assert (status, body2, _values(head, "x-blindfold-cache")) == (200, body, ["stale"])
+        assert wait_until(lambda: app.requests[-1] == ("/swr", '"v1"'), 10), app.requests
+        status, head, body3 = _get(edge, kpki, "/swr")  # freshened by the 304: max-age=60
+        assert (status, body3, _values(head, "x-blindfold-cache")) == (200, body, ["hit"])
+        assert len(app.requests) == 2
+    finally:
+        app.close()

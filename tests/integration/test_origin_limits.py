@@ -328,7 +328,13 @@ def test_running_out_of_descriptors_pauses_accepting_and_recovers(
 def test_listening_everywhere_is_logged(
     start_origin: Callable[..., OriginProcess], wsgi: WsgiApp, site: dict[str, Path], tmp_path: Path
 ) -> None:
-    origin = start_origin(origin_config(site, wsgi.port, tmp_path, admin_listen="0.0.0.0:0"))
+    token = tmp_path / "admin.token"  # off loopback the admin listener needs one (issue 13)
+    token.write_text("0123456789abcdef-admin\n")
+    origin = start_origin(
+        origin_config(
+            site, wsgi.port, tmp_path, admin_listen="0.0.0.0:0", admin_token_file=str(token)
+        )
+    )
     warnings = [r["problem"] for r in origin.records("config_warning")]
     assert any("origin.admin_listen" in w for w in warnings), warnings
 

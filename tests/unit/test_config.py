@@ -290,7 +290,7 @@ def test_documented_examples_are_valid() -> None:
         for block in blocks:
             if "[origin]" in block:
                 pass  # complete as it is
-            elif block.startswith("[origin.decisions]"):  # a fragment of the origin's
+            elif block.startswith(("[origin.", "[[origin.")):  # a fragment of the origin's
                 block = origin_head + block
             elif "[edge]" not in block:  # an [edge.decisions] fragment
                 block = edge_head + block

@@ -81,6 +81,56 @@ rate_per_s = 1
     assert exc.value.key == "origin.decisions.rate_rules[0].path_prefix"
 
 
+_WAF_ORIGIN = """
+[origin]
+upstream = "http://127.0.0.1:8080"
+listen = []
+proxy_protocol = "off"
+"""
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        # an argument name goes into a ModSecurity ctl: action: nothing that could end it
+        ('[[origin.waf.exclusions]]\npath_prefix = "/a"\nargs = ["q;ARGS:x"]', "args"),
+        ('[[origin.waf.exclusions]]\npath_prefix = "/a"\nargs = ["q\\"x"]', "args"),
+        ('[[origin.waf.exclusions]]\npath_prefix = "/a"\nargs = ["a b"]', "args"),
+        ('[[origin.waf.exclusions]]\npath_prefix = "/a"\nargs = [""]', "args"),
+        ('[[origin.waf.modes]]\npath_prefix = "/a"\nmode = "off"', "mode"),
+        ('[[origin.waf.modes]]\npath_prefix = "a"\nmode = "detect"', "path_prefix"),
+        (
+            '[[origin.waf.modes]]\npath_prefix = "/a"\nmode = "detect"\nhostnames = ["A.x"]',
+            "hostnames",
+        ),
+    ],
+)
+def test_waf_tuning_keys_are_checked(table: str, key: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        loads(_WAF_ORIGIN + table)
+    assert f"[0].{key}" in exc.value.key, exc.value.key
+
+
+def test_waf_tuning_keys_load() -> None:
+    cfg = loads(
+        _WAF_ORIGIN
+        + """
+[[origin.waf.exclusions]]
+path_prefix = "/search"
+rule_ids = [942100]
+args = ["q", "json.comment", "items[]"]
+
+[[origin.waf.modes]]
+path_prefix = "/beta"
+mode = "detect"
+hostnames = ["shop.example"]
+"""
+    )
+    assert cfg.origin is not None
+    assert cfg.origin.waf.exclusions[0].args == ("q", "json.comment", "items[]")
+    assert cfg.origin.waf.modes[0].hostnames == ("shop.example",)
+
+
 # ---------------------------------------------------------------------- check-config
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, Path]:
@@ -149,14 +199,17 @@ def test_trusting_every_address_is_an_error_unless_allowed(
 def test_listeners_on_every_address_are_warned_about(
     files: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    text = _origin(files, 'admin_listen = "0.0.0.0:9101"').replace(
+    token = files["dir"] / "admin.token"
+    token.write_text("0123456789abcdef-admin\n")
+    text = _origin(files, f'admin_listen = "0.0.0.0:9101"\nadmin_token_file = "{token}"').replace(
         'listen = "127.0.0.1:8089"', 'listen = "[::]:8089"'
     )
     code, err = _check(files, text, capsys)
     assert code == 0
     assert "warning: origin.admin_listen" in err and "warning: origin.decisions.listen" in err
     edge = EDGE.split("[edge.decisions]")[0].replace(
-        'listen = ["127.0.0.1:8443"]', 'listen = ["127.0.0.1:8443"]\nadmin_listen = "0.0.0.0:9100"'
+        'listen = ["127.0.0.1:8443"]',
+        f'listen = ["127.0.0.1:8443"]\nadmin_listen = "0.0.0.0:9100"\nadmin_token_file = "{token}"',
     )
     code, err = _check(files, edge, capsys)
     assert code == 0 and "warning: edge.admin_listen" in err
@@ -172,3 +225,27 @@ def test_the_decision_stream_needs_a_certificate_of_its_own(
     site = _origin(files, decisions=f'cert = "{files["site"]}"\nkey = "{files["site_key"]}"')
     code, err = _check(files, site, capsys)
     assert code == 2 and "origin.decisions.cert" in err and "example.test" in err
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:9101", "10.1.2.3:9101", "[::]:9101"])
+def test_an_admin_listener_off_loopback_needs_a_token(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str], address: str
+) -> None:
+    """Issue 13: its /metrics and /status.json would be anyone's to read."""
+    edge = EDGE.split("[edge.decisions]")[0].replace(
+        'listen = ["127.0.0.1:8443"]', f'listen = ["127.0.0.1:8443"]\nadmin_listen = "{address}"'
+    )
+    code, err = _check(files, edge, capsys)
+    assert code == 2 and "edge.admin_token_file" in err, err
+    code, err = _check(files, _origin(files, f'admin_listen = "{address}"'), capsys)
+    assert code == 2 and "origin.admin_token_file" in err, err
+    short = files["dir"] / "short.token"
+    short.write_text("too-short\n")
+    with_short = _origin(files, f'admin_listen = "{address}"\nadmin_token_file = "{short}"')
+    code, err = _check(files, with_short, capsys)
+    assert code == 2 and "origin.admin_token_file" in err and "16 or more" in err, err
+    missing = _origin(files, f'admin_listen = "{address}"\nadmin_token_file = "/nonexistent/t"')
+    code, err = _check(files, missing, capsys)
+    assert code == 2 and "origin.admin_token_file" in err, err
+    # on loopback no token is needed
+    assert _check(files, _origin(files, 'admin_listen = "127.0.0.2:9101"'), capsys)[0] == 0

@@ -11,14 +11,23 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from blindfold.core.httpcache import Entry, HttpCache, directives, freshness_lifetime, not_modified
+from blindfold.core.httpcache import (
+    Entry,
+    HttpCache,
+    StalePolicy,
+    age_value,
+    directives,
+    freshness_lifetime,
+    http_date,
+    not_modified,
+)
 from blindfold.core.ratelimit import BucketMap
 
 KEY = HttpCache.key(b"Example.TEST", b"/a")
 T0 = 1_800_000_000.0
 
 
-def http_date(t: float) -> bytes:
+def imf(t: float) -> bytes:
     return email.utils.formatdate(t, usegmt=True).encode()
 
 
@@ -46,7 +55,7 @@ def test_key_ignores_host_case_only() -> None:
     [
         ([(b"cache-control", b"max-age=60")], [], True),
         ([(b"cache-control", b"public, s-maxage=10")], [], True),
-        ([(b"expires", http_date(T0 + 60)), (b"date", http_date(T0))], [], True),
+        ([(b"expires", imf(T0 + 60)), (b"date", imf(T0))], [], True),
         ([], [], False),  # no explicit freshness: no heuristics
         ([(b"cache-control", b"max-age=60, private")], [], False),
         ([(b"cache-control", b"no-store, max-age=60")], [], False),
@@ -69,7 +78,7 @@ def test_status_and_method_rules() -> None:
     cache = HttpCache(1 << 20, 1 << 16)
     cc = [(b"cache-control", b"max-age=60")]
     assert cache.storable(b"GET", [], 404, cc)
-    assert not cache.storable(b"GET", [], 302, cc)
+    assert cache.storable(b"GET", [], 302, cc)  # RFC 9111 §3: explicit freshness suffices
     assert not cache.storable(b"GET", [], 206, cc)
     assert not cache.storable(b"POST", [], 200, cc)
 
@@ -221,14 +230,15 @@ def test_non_ascii_digits_are_not_delta_seconds() -> None:
     cache = HttpCache(1 << 20, 1 << 16)
     assert stored(cache, [(b"cache-control", b"max-age=10"), (b"age", b"\xb2")])
     bad = [(b"cache-control", b"max-age=\xb2")]
-    assert freshness_lifetime(bad, directives(bad)) == 0.0  # invalid: stale (RFC 9111 §4.2.1)
+    # not a token (RFC 9111 §5.2): the member is ignored, no explicit freshness, not stored
+    assert directives(bad) == {}
+    assert freshness_lifetime(bad, directives(bad)) is None
+    assert not stored(cache, bad)
 
 
 def test_request_directives_force_revalidation() -> None:
     cache = HttpCache(1 << 20, 1 << 16)
-    assert stored(
-        cache, [(b"cache-control", b"max-age=100"), (b"last-modified", http_date(T0 - 100))]
-    )
+    assert stored(cache, [(b"cache-control", b"max-age=100"), (b"last-modified", imf(T0 - 100))])
     for req in (
         [(b"cache-control", b"no-cache")],
         [(b"pragma", b"no-cache")],
@@ -236,14 +246,17 @@ def test_request_directives_force_revalidation() -> None:
     ):
         found = cache.lookup(KEY, b"GET", req, T0 + 5)
         assert found is not None and not found.fresh
-        assert found.validators == [(b"if-modified-since", http_date(T0 - 100))]
+        assert found.validators == [(b"if-modified-since", imf(T0 - 100))]
     assert cache.lookup(KEY, b"GET", [(b"cache-control", b"no-store")], T0) is None
 
 
 def test_stale_without_validators_is_a_plain_miss() -> None:
     cache = HttpCache(1 << 20, 1 << 16)
     assert stored(cache, [(b"cache-control", b"max-age=1")])
-    assert cache.lookup(KEY, b"GET", [], T0 + 5) is None
+    found = cache.lookup(KEY, b"GET", [], T0 + 5)
+    # a plain request goes out (no validators); the entry is only there for stale-if-error
+    assert found is not None and not found.fresh and found.validators == []
+    assert cache.misses == 1
 
 
 def test_vary_selects_the_variant() -> None:
@@ -291,7 +304,7 @@ def test_not_modified_for_the_visitors_own_validators() -> None:
         [
             (b"cache-control", b"max-age=60"),
             (b"etag", b'W/"v1"'),
-            (b"last-modified", http_date(T0 - 10)),
+            (b"last-modified", imf(T0 - 10)),
         ],
     )
     entry = cache.lookup(KEY, b"GET", [], T0)
@@ -299,12 +312,12 @@ def test_not_modified_for_the_visitors_own_validators() -> None:
     assert not_modified(entry.entry, [(b"if-none-match", b'"v1"')])  # weak comparison
     assert not_modified(entry.entry, [(b"if-none-match", b'"x", W/"v1"')])
     assert not not_modified(entry.entry, [(b"if-none-match", b'"v2"')])
-    assert not_modified(entry.entry, [(b"if-modified-since", http_date(T0))])
-    assert not not_modified(entry.entry, [(b"if-modified-since", http_date(T0 - 20))])
+    assert not_modified(entry.entry, [(b"if-modified-since", imf(T0))])
+    assert not not_modified(entry.entry, [(b"if-modified-since", imf(T0 - 20))])
 
 
 def test_freshness_lifetime_precedence() -> None:
-    h = [(b"expires", http_date(T0 + 500)), (b"date", http_date(T0))]
+    h = [(b"expires", imf(T0 + 500)), (b"date", imf(T0))]
     assert freshness_lifetime(h, directives(h)) == 500
     h2 = [*h, (b"cache-control", b"max-age=20")]
     assert freshness_lifetime(h2, directives(h2)) == 20
@@ -402,3 +415,366 @@ def test_a_304_for_an_entry_evicted_meanwhile_keeps_the_accounting() -> None:
     served = cache.freshen(KEY, entry, nm, [], T0 + 11, T0 + 11)
     assert served is entry and served.lifetime == 100
     assert cache.used == 0 and cache.lookup(KEY, b"GET", [], T0 + 12) is None
+
+
+# ---------------------------------------------- issue 17: the rules the public cache suite checks
+FUTURE = 2524608000.0  # Thu, 01 Jan 2050 00:00:00 GMT
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        # RFC 9110 §5.6.7: "Recipients of timestamp values are encouraged to be robust in
+        # parsing timestamps": the three formats, names in any case
+        (b"Sun, 06 Nov 1994 08:49:37 GMT", 784111777.0),  # IMF-fixdate
+        (b"Sunday, 06-Nov-94 08:49:37 GMT", 784111777.0),  # obsolete RFC 850 format
+        (b"Sun Nov  6 08:49:37 1994", 784111777.0),  # ANSI C's asctime() format
+        (b"SUN, 06 NOV 1994 08:49:37 gmt", 784111777.0),
+        (b"Thursday, 18-Aug-50 02:01:18 GMT", 2544400878.0),  # "50 years in the future" rule
+        (b"Tue, 19 Jan 2038 14:14:08 GMT", 2147523248.0),  # past 32 bits
+        # anything else is not an HTTP-date
+        (b"Thu, 18 Aug 2050 02:01:18 UTC", None),
+        (b"Thu, 18 Aug 2050 02:01:18 AEST", None),
+        (b"Thu, 18 Aug 50 02:01:18 GMT", None),  # 2-digit year in IMF-fixdate
+        (b"Thu 18 Aug 2050 02:01:18 GMT", None),  # no comma
+        (b"Thu, 18  Aug  2050 02:01:18 GMT", None),  # extra spaces
+        (b"Thu, 18-Aug-2050 02:01:18 GMT", None),  # dashes
+        (b"Thu, 18 Aug 2050 02.01.18 GMT", None),  # periods in the time
+        (b"Thu, 18 Aug 2050 2:01:18 GMT", None),  # 1-digit hour
+        (b"Thu, 31 Feb 2050 02:01:18 GMT", None),  # no such day
+        (b"Thu, 18 Aug 2050 25:01:18 GMT", None),
+        (b"0", None),
+        (b"", None),
+        ("Thu, 18 Aug \uff12\uff10\uff15\uff10 02:01:18 GMT".encode(), None),  # fullwidth digits
+    ],
+)
+def test_http_date_accepts_exactly_the_three_formats(value: bytes, expected: float | None) -> None:
+    assert http_date(value, now=T0) == expected
+
+
+@pytest.mark.parametrize(
+    "expires",
+    [
+        [(b"expires", b"Thu, 18 Aug 50 02:01:18 GMT")],
+        [(b"expires", b"Thu, 18 Aug 2050 2:01:18 GMT")],
+        # two lines: "Thu, 18 Aug 2050 02:01:18 GMT, Thu, ..." cannot be one HTTP-date
+        [(b"expires", imf(FUTURE)), (b"expires", imf(FUTURE + 1))],
+    ],
+)
+def test_invalid_expires_is_already_expired(expires: list[tuple[bytes, bytes]]) -> None:
+    # RFC 9111 §5.3: "A cache recipient MUST interpret invalid date formats, especially the
+    # value "0", as representing a time in the past (i.e., "already expired")."
+    headers = [*expires, (b"date", imf(T0))]
+    assert freshness_lifetime(headers, directives(headers), T0) == 0.0
+    cache = HttpCache(1 << 20, 1 << 16)
+    assert stored(cache, [*headers, (b"etag", b'"e"')])
+    found = cache.lookup(KEY, b"GET", [], T0 + 1)
+    assert found is not None and not found.fresh
+
+
+@pytest.mark.parametrize("date", [[], [(b"date", b"yesterday")]])
+def test_expires_without_a_usable_date_counts_from_receipt(
+    date: list[tuple[bytes, bytes]],
+) -> None:
+    # RFC 9111 §4.2.1 (freshness_lifetime = expires_value - date_value): a recipient with no
+    # valid Date uses the time it received the response (RFC 9110 §6.6.1, §4.2.3's
+    # response_time)
+    headers = [(b"expires", imf(T0 + 100)), *date]
+    assert freshness_lifetime(headers, directives(headers), T0) == 100.0
+    cache = HttpCache(1 << 20, 1 << 16)
+    assert stored(cache, headers)
+    found = cache.lookup(KEY, b"GET", [], T0 + 50)
+    assert found is not None and found.fresh
+
+
+def test_last_modified_and_if_modified_since_use_the_strict_parser() -> None:
+    # RFC 9110 §13.1.3: "A recipient MUST ignore the If-Modified-Since header field if the
+    # received field value is not a valid HTTP-date"
+    cache = HttpCache(1 << 20, 1 << 16)
+    assert stored(cache, [(b"cache-control", b"max-age=60"), (b"last-modified", imf(T0))])
+    found = cache.lookup(KEY, b"GET", [], T0)
+    assert found is not None
+    assert not_modified(found.entry, [(b"if-modified-since", imf(T0 + 1))])
+    assert not not_modified(found.entry, [(b"if-modified-since", b"Thu, 18 Aug 50 02:01:18 GMT")])
+
+
+@pytest.mark.parametrize(
+    "age,expected", [(b"7200, 0", 7200), (b"7200,0", 7200), (b"3600a", 0), (b"", 0)]
+)
+def test_age_list_uses_the_first_member(age: bytes, expected: int) -> None:
+    # RFC 9111 §5.1: "If the field value (after discarding ...) is a list, a recipient SHOULD
+    # use the first member ... and discard subsequent ones"; an invalid value is not an age
+    assert age_value([(b"age", age)]) == expected
+    cache = HttpCache(1 << 20, 1 << 16)
+    assert stored(cache, [(b"cache-control", b"max-age=3600"), (b"age", age)])
+    found = cache.lookup(KEY, b"GET", [], T0)
+    assert found is not None and found.fresh == (expected < 3600)
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [
+        (b"max-age=3600", {"max-age": "3600"}),
+        (b"max-age =3600", {}),  # RFC 9111 §5.2: token [ "=" ( token / quoted-string ) ]
+        (b"max-age= 3600", {}),
+        (b"max-age=3600 x, public", {"public": ""}),
+        (b'max-age="3600"', {"max-age": "3600"}),  # §5.2: quoted form is accepted
+        (b'no-cache="a, b", max-age=5', {"no-cache": "a, b", "max-age": "5"}),
+        (b"MAX-AGE=5, max-age=6", {"max-age": "5"}),  # names case-insensitive; first wins
+    ],
+)
+def test_cache_control_grammar(value: bytes, expected: dict[str, str]) -> None:
+    assert directives([(b"cache-control", value)]) == expected
+
+
+def test_invalid_max_age_member_is_ignored_not_obeyed() -> None:
+    cache = HttpCache(1 << 20, 1 << 16)
+    assert not stored(cache, [(b"cache-control", b"max-age =3600")])
+
+
+@pytest.mark.parametrize("status", [200, 299, 302, 303, 307, 400, 499, 500, 502, 503, 504, 599])
+def test_any_final_status_with_explicit_freshness_is_stored(status: int) -> None:
+    # RFC 9111 §3: a cache MAY store a response if "the response status code is final" and it
+    # contains "a max-age response directive" (or Expires, s-maxage, public), not only a
+    # heuristically cacheable status (§4.2.2's list limits heuristics only)
+    cache = HttpCache(1 << 20, 1 << 16)
+    assert stored(cache, [(b"cache-control", b"max-age=60")], status=status)
+    found = cache.lookup(KEY, b"GET", [], T0 + 1)
+    assert found is not None and found.fresh and found.entry.status == status
+    stale = cache.lookup(KEY, b"GET", [], T0 + 61)
+    assert stale is None or not stale.fresh
+
+
+@pytest.mark.parametrize("status", [100, 103, 206, 304])
+def test_interim_partial_and_not_modified_are_not_stored(status: int) -> None:
+    cache = HttpCache(1 << 20, 1 << 16)
+    assert not stored(cache, [(b"cache-control", b"max-age=60")], status=status)
+
+
+def test_heuristic_statuses_still_need_explicit_freshness_or_no_cache() -> None:
+    cache = HttpCache(1 << 20, 1 << 16)
+    assert not stored(cache, [(b"cache-control", b"public")], status=302)
+    assert not stored(cache, [(b"cache-control", b"no-cache")], status=302)
+    assert stored(cache, [(b"cache-control", b"no-cache")], status=200)
+
+
+@pytest.mark.parametrize("status,ok", [(200, True), (404, True), (599, False), (299, False)])
+def test_must_understand(status: int, ok: bool) -> None:
+    # RFC 9111 §5.2.2.3: "a cache that understands and conforms to the requirements of that
+    # status code MAY store it ... When the must-understand directive is present, caches
+    # ignore the no-store directive"; an unknown status with must-understand is not stored
+    cache = HttpCache(1 << 20, 1 << 16)
+    cc = [(b"cache-control", b"max-age=3600, no-store, must-understand")]
+    assert stored(cache, cc, status=status) is ok
+
+
+@pytest.mark.parametrize(
+    "headers,lifetime",
+    [
+        # RFC 9213 §2.1: the targeted field replaces Cache-Control (and Expires)
+        ([(b"cdn-cache-control", b"max-age=3600")], 3600.0),
+        ([(b"cache-control", b"no-store"), (b"cdn-cache-control", b"max-age=100")], 100.0),
+        ([(b"cache-control", b"max-age=1"), (b"cdn-cache-control", b"max-age=100")], 100.0),
+        ([(b"cache-control", b"max-age=100"), (b"cdn-cache-control", b"max-age=1")], 1.0),
+        ([(b"cdn-cache-control", b"max-age=100"), (b"expires", b"0")], 100.0),
+        ([(b"cdn-cache-control", b"max-age=99999999999")], float(2**31)),
+        ([(b"cdn-cache-control", b"foo, max-age=100")], 100.0),
+        # the edge's own targeted field comes before CDN-Cache-Control
+        (
+            [(b"cdn-cache-control", b"max-age=5"), (b"blindfold-cache-control", b"max-age=7")],
+            7.0,
+        ),
+        # an invalid Structured Field: as if absent, Cache-Control applies
+        ([(b"cache-control", b"max-age=1"), (b"cdn-cache-control", b"max-age =100")], 1.0),
+        ([(b"cache-control", b"max-age=1"), (b"cdn-cache-control", b"max-age=100, &&")], 1.0),
+    ],
+)
+def test_cdn_cache_control_overrides_cache_control(
+    headers: list[tuple[bytes, bytes]], lifetime: float
+) -> None:
+    cache = HttpCache(1 << 20, 1 << 16)
+    assert stored(cache, headers)
+    found = cache.lookup(KEY, b"GET", [], T0)
+    assert found is not None and found.entry.lifetime == lifetime
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"cdn-cache-control", b"private"), (b"cache-control", b"max-age=100")],
+        [(b"cdn-cache-control", b"no-store"), (b"cache-control", b"max-age=100")],
+        [(b"cdn-cache-control", b'max-age="100"'), (b"cache-control", b"max-age=100")],
+    ],
+)
+def test_cdn_cache_control_forbids_what_cache_control_allows(
+    headers: list[tuple[bytes, bytes]],
+) -> None:
+    # RFC 9213 §2.1; §2.2: a directive of the wrong type (a String max-age) is ignored
+    cache = HttpCache(1 << 20, 1 << 16)
+    assert not stored(cache, headers)
+
+
+def test_cdn_no_cache_means_revalidate() -> None:
+    cache = HttpCache(1 << 20, 1 << 16)
+    assert stored(
+        cache,
+        [
+            (b"cdn-cache-control", b"no-cache"),
+            (b"cache-control", b"max-age=100"),
+            (b"etag", b'"e"'),
+        ],
+    )
+    found = cache.lookup(KEY, b"GET", [], T0)
+    assert found is not None and not found.fresh and found.validators
+
+
+def test_connection_and_qualified_no_cache_fields_are_not_stored() -> None:
+    # RFC 9110 §7.6.1 (fields named in Connection are hop-by-hop); RFC 9111 §5.2.2.4: with
+    # `no-cache="a"` the listed fields are not reused but the rest of the response may be
+    cache = HttpCache(1 << 20, 1 << 16)
+    headers = [
+        (b"cache-control", b'max-age=60, no-cache="x-a", private="x-b"'),
+        (b"connection", b"x-c"),
+        (b"x-a", b"1"),
+        (b"x-b", b"2"),
+        (b"x-c", b"3"),
+        (b"x-d", b"4"),
+    ]
+    assert stored(cache, headers)
+    found = cache.lookup(KEY, b"GET", [], T0 + 1)
+    assert found is not None and found.fresh
+    names = {k for k, _ in found.entry.headers}
+    assert b"x-d" in names and not names & {b"x-a", b"x-b", b"x-c", b"connection"}
+
+
+def _stale_entry(cc: bytes, policy: StalePolicy | None = None) -> HttpCache:
+    cache = HttpCache(1 << 20, 1 << 16)
+    if policy is not None:
+        cache.stale = policy
+    assert stored(cache, [(b"cache-control", cc), (b"etag", b'"e"')])
+    return cache
+
+
+def test_stale_while_revalidate_window() -> None:
+    # RFC 5861 §3: "indicates that caches MAY serve the response in which it appears after it
+    # becomes stale, up to the indicated number of seconds", revalidating it meanwhile
+    cache = _stale_entry(b"max-age=1, stale-while-revalidate=10")
+    inside = cache.lookup(KEY, b"GET", [], T0 + 5)
+    assert inside is not None and inside.revalidate_after and not inside.fresh
+    assert inside.validators == [(b"if-none-match", b'"e"')]
+    after = cache.lookup(KEY, b"GET", [], T0 + 12)
+    assert after is not None and not after.revalidate_after and not after.fresh
+    off = _stale_entry(b"max-age=1, stale-while-revalidate=10", StalePolicy(False))
+    found = off.lookup(KEY, b"GET", [], T0 + 5)
+    assert found is not None and not found.revalidate_after
+    capped = _stale_entry(b"max-age=1, stale-while-revalidate=100", StalePolicy(max_s=3))
+    found = capped.lookup(KEY, b"GET", [], T0 + 5)
+    assert found is not None and not found.revalidate_after
+
+
+@pytest.mark.parametrize(
+    "cc", [b"must-revalidate", b"proxy-revalidate", b"s-maxage=1", b"no-cache"]
+)
+def test_no_stale_where_the_response_forbids_it(cc: bytes) -> None:
+    # RFC 9111 §4.2.4: "A cache MUST NOT generate a stale response if it is prohibited by an
+    # explicit in-protocol directive (e.g., by a no-cache response directive, a
+    # must-revalidate response directive, or an applicable s-maxage or proxy-revalidate
+    # response directive)"
+    cache = _stale_entry(b"max-age=1, stale-while-revalidate=100, stale-if-error=100, " + cc)
+    found = cache.lookup(KEY, b"GET", [(b"cache-control", b"max-stale")], T0 + 5)
+    assert found is not None and not found.fresh and not found.revalidate_after
+    assert not cache.stale_on_error(found.entry, [], T0 + 5)
+
+
+def test_stale_if_error_window() -> None:
+    # RFC 5861 §4: "when an error is encountered, a cached stale response MAY be used to
+    # satisfy the request, regardless of other freshness information", within N seconds; the
+    # request may set its own window
+    cache = _stale_entry(b"max-age=1, stale-if-error=10")
+    found = cache.lookup(KEY, b"GET", [], T0 + 5)
+    assert found is not None and not found.fresh
+    assert cache.stale_on_error(found.entry, [], T0 + 5)
+    assert not cache.stale_on_error(found.entry, [], T0 + 12)
+    assert cache.stale_on_error(found.entry, [(b"cache-control", b"stale-if-error=60")], T0 + 30)
+    assert not cache.stale_on_error(found.entry, [(b"cache-control", b"no-cache")], T0 + 5)
+    off = _stale_entry(b"max-age=1, stale-if-error=10", StalePolicy(if_error=False))
+    found = off.lookup(KEY, b"GET", [], T0 + 5)
+    assert found is not None and not off.stale_on_error(found.entry, [], T0 + 5)
+
+
+def test_request_max_stale() -> None:
+    # RFC 9111 §5.2.1.2: "the client is willing to accept a response that has exceeded its
+    # freshness lifetime"; with a value, by at most that many seconds
+    cache = _stale_entry(b"max-age=1")
+    for req, at, fresh in (
+        (b"max-stale=10", T0 + 5, True),
+        (b"max-stale=10", T0 + 12, False),
+        (b"max-stale", T0 + 1000, True),
+        (b"max-stale, no-cache", T0 + 5, False),
+    ):
+        found = cache.lookup(KEY, b"GET", [(b"cache-control", req)], at)
+        assert found is not None and found.fresh is fresh, (req, at)
+    capped = _stale_entry(b"max-age=1", StalePolicy(max_s=50))
+    found = capped.lookup(KEY, b"GET", [(b"cache-control", b"max-stale")], T0 + 100)
+    assert found is not None and not found.fresh
+    off = _stale_entry(b"max-age=1", StalePolicy(max_stale=False))
+    found = off.lookup(KEY, b"GET", [(b"cache-control", b"max-stale=10")], T0 + 5)
+    assert found is not None and not found.fresh
+
+
+def test_stale_entry_without_validators_is_kept_for_errors() -> None:
+    cache = HttpCache(1 << 20, 1 << 16)
+    assert stored(cache, [(b"cache-control", b"max-age=1, stale-if-error=60")])
+    found = cache.lookup(KEY, b"GET", [], T0 + 5)
+    assert found is not None and not found.fresh and found.validators == []
+    assert cache.stale_on_error(found.entry, [], T0 + 5)
+
+
+def test_if_modified_since_without_last_modified_uses_date_then_receipt() -> None:
+    # RFC 9111 §4.3.2: "If a request contains an If-Modified-Since header field and the
+    # Last-Modified header field is not present in a selected stored response, a cache SHOULD
+    # use the stored response's Date field value (or, if no Date field is present, the time
+    # that the stored response was received) to evaluate the conditional."
+    cache = HttpCache(1 << 20, 1 << 16)
+    assert stored(cache, [(b"cache-control", b"max-age=60"), (b"date", imf(T0 - 30))])
+    found = cache.lookup(KEY, b"GET", [], T0)
+    assert found is not None
+    assert not_modified(found.entry, [(b"if-modified-since", imf(T0 - 30))])
+    assert not not_modified(found.entry, [(b"if-modified-since", imf(T0 - 31))])
+    other = HttpCache(1 << 20, 1 << 16)
+    assert stored(other, [(b"cache-control", b"max-age=60")])  # received at T0
+    found = other.lookup(KEY, b"GET", [], T0)
+    assert found is not None
+    assert not_modified(found.entry, [(b"if-modified-since", imf(T0))])
+    assert not not_modified(found.entry, [(b"if-modified-since", imf(T0 - 1))])
+
+
+_DATE_FORMATS = (
+    "%a, %d %b %Y %H:%M:%S GMT",  # IMF-fixdate
+    "%A, %d-%b-%y %H:%M:%S GMT",  # rfc850-date
+    "%a %b %e %H:%M:%S %Y",  # asctime-date (day padded with a space)
+)
+
+
+@given(st.integers(0, 253402300799), st.sampled_from(_DATE_FORMATS))
+def test_http_date_round_trips_every_format(t: int, fmt: str) -> None:
+    import time as _time
+
+    text = _time.strftime(fmt, _time.gmtime(t)).encode()
+    # rfc850-date's 2-digit year is placed within 50 years of `now` (RFC 9110 §5.6.7): here
+    # now is the date itself, so every format gives it back exactly
+    assert http_date(text, now=float(t)) == float(t)
+
+
+@given(st.binary(max_size=80), st.binary(max_size=80))
+def test_fields_never_raise(date: bytes, cc: bytes) -> None:
+    # any bytes: an HTTP-date or None; directives or none; never an exception
+    assert http_date(date, now=T0) is None or isinstance(http_date(date, now=T0), float)
+    directives([(b"cache-control", cc)])
+    cache = HttpCache(1 << 20, 1 << 16)
+    headers = [(b"cache-control", cc), (b"cdn-cache-control", cc), (b"expires", date)]
+    headers += [(b"date", date), (b"age", cc)]
+    if cache.storable(b"GET", [(b"cache-control", cc)], 200, headers):
+        cache.store(KEY, [], 200, headers, b"x", T0, T0)
+    found = cache.lookup(KEY, b"GET", [(b"cache-control", cc)], T0 + 1)
+    assert found is None or found.entry.lifetime >= 0

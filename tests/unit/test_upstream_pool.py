@@ -294,3 +294,104 @@ def test_failures_carry_a_stable_reason_and_the_status_to_answer() -> None:
         assert (refused_info.value.reason, refused_info.value.status) == ("connect_failed", 502)
 
     run(main)
+
+
+@asynccontextmanager
+async def scripted_server(answers: list[bytes]) -> AsyncIterator[tuple[list[int], str]]:
+    """One answer per request, in order, each on whatever connection asks; returns the
+    connection number each request came on."""
+    conns: list[int] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        me = len(writers)
+        try:
+            while answers:
+                await reader.readuntil(b"\r\n\r\n")
+                conns.append(me)
+                answer = answers.pop(0)
+                if not answer:
+                    return  # closes without answering
+                writer.write(answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield conns, f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        for w in writers:
+            w.close()
+
+
+def test_bytes_past_a_response_end_retire_its_connection() -> None:
+    # an origin whose body is longer than its Content-Length: on a reused connection the rest
+    # would be read as the next response (here a whole forged one); fails without the check
+    # of h11's trailing data in UpstreamPool._release
+    forged = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nforged"
+    answers = [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok" + forged,
+        b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nreal",
+    ]
+
+    async def main() -> None:
+        async with scripted_server(answers) as (conns, url):
+            pool = UpstreamPool(url, max_open=1, queue_timeout_s=2)
+            assert await get(pool) == b"ok"
+            assert await get(pool) == b"real"
+            assert conns == [1, 2]
+            pool.close()
+
+    run(main)
+
+
+def test_interim_responses_are_passed_on_then_the_final_one_returned() -> None:
+    answers = [
+        b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>; rel=preload\r\n\r\n"
+        b"HTTP/1.1 102 Processing\r\n\r\n"
+        + b"HTTP/1.1 103 Early Hints\r\n\r\n" * 10
+        + b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+    ]
+
+    async def main() -> None:
+        async with scripted_server(answers) as (_conns, url):
+            pool = UpstreamPool(url, max_open=1, queue_timeout_s=2)
+            seen: list[tuple[int, list[tuple[bytes, bytes]]]] = []
+
+            async def interim(status: int, headers: list[tuple[bytes, bytes]]) -> None:
+                seen.append((status, headers))
+
+            response = await pool.request(b"GET", b"/", [(b"host", b"x")], None, interim)
+            assert response.status == 200
+            assert b"".join([c async for c in response.body()]) == b"ok"
+            assert seen[0] == (103, [(b"link", b"</a.css>; rel=preload")])
+            assert seen[1] == (102, [])
+            assert len(seen) == 8  # MAX_INTERIM: the rest are dropped
+            pool.close()
+
+    run(main)
+
+
+def test_an_upstream_that_closes_on_the_retry_too_is_an_upstream_error() -> None:
+    # the idle connection is dead, and so is the fresh one the request is retried on: the
+    # caller gets UpstreamError("closed") (it could serve stale-if-error), not the pool's
+    # internal _Stale (which the edge logged as handler_error and answered 500)
+    ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+    async def main() -> None:
+        async with scripted_server([ok, b"", b""]) as (conns, url):
+            pool = UpstreamPool(url, max_open=1, queue_timeout_s=2)
+            assert await get(pool) == b"ok"
+            with pytest.raises(UpstreamError) as failed:
+                await get(pool)
+            assert failed.value.reason == "closed" and conns == [1, 1, 2]
+            assert pool.open == 0
+            pool.close()
+
+    run(main)

@@ -135,3 +135,68 @@ def test_bad_rules_file_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-u
 
     with pytest.raises(ModSecurityError, match="rules failed to load"):
         ModSecurityEngine(CrsSettings(extra_rules_files=(str(bad),)))
+
+
+# ---------------------------------------------------------------- tuning: args, modes, variables
+
+
+def test_an_argument_exclusion_blinds_its_rules_to_that_argument_only() -> None:
+    from blindfold.waf.engine import PathMode  # noqa: F401  (the public names exist)
+
+    sqli = b"1%27%20union%20select%20password%20from%20users--"
+    excl = Exclusion("/search", (942100, 942190, 942270, 942360), ("q",))
+    e = ModSecurityEngine(CrsSettings(exclusions=(excl,)))
+    assert run(e, b"GET", b"/search?q=" + sqli)[0] is None  # excluded: q on /search
+    assert run(e, b"GET", b"/search/deeper?q=" + sqli)[0] is None  # below the prefix
+    assert run(e, b"GET", b"/search?other=" + sqli)[0] is not None  # another argument
+    assert run(e, b"GET", b"/find?q=" + sqli)[0] is not None  # another path
+    # a rule the exclusion does not name still looks at q: an XSS there is blocked
+    assert run(e, b"GET", b"/search?q=%3Cscript%3Ealert(1)%3C/script%3E")[0] is not None
+
+
+def test_an_argument_exclusion_without_rules_covers_every_crs_rule_for_it() -> None:
+    e = ModSecurityEngine(CrsSettings(exclusions=(Exclusion("/post", (), ("body",)),)))
+    assert run(e, b"GET", b"/post?body=%3Cscript%3Ealert(1)%3C/script%3E")[0] is None
+    assert run(e, b"GET", b"/post?x=%3Cscript%3Ealert(1)%3C/script%3E")[0] is not None
+
+
+def test_matches_name_the_variable_and_the_points(engine: ModSecurityEngine) -> None:
+    _, matches = run(engine, b"GET", b"/item?id=1%27%20OR%201=1--&c=%3Cscript%3E")
+    by_rule = {m.rule_id: m for m in matches}
+    assert by_rule[942100].variable == "ARGS:id"  # "found within" (libinjection)
+    assert any(m.variable == "ARGS:c" for m in matches)  # "against variable" (@rx)
+    assert by_rule[942100].points == 5  # CRITICAL
+
+
+def test_path_modes_longest_prefix_and_hostname_first() -> None:
+    from blindfold.waf.engine import PathMode
+
+    e = ModSecurityEngine(
+        CrsSettings(
+            modes=(
+                PathMode("/beta", "detect"),
+                PathMode("/beta/admin", "block"),
+                PathMode("/beta", "block", ("shop.example",)),
+            )
+        )
+    )
+    assert e.mode_for("/beta/x", "other.example") == "detect"
+    assert e.mode_for("/beta/x", "shop.example") == "block"  # the hostname's entry first
+    assert e.mode_for("/beta/admin/x", "other.example") == "block"  # longer prefix
+    assert e.mode_for("/betamax", "other.example") == "block"  # whole segments only
+    assert e.mode_for("/", "other.example") == "block"  # the global mode
+    attack = b"/beta/x?id=1%27%20OR%201=1--"
+    tx = e.transaction("t", CLIENT, SERVER)
+    assert tx.request_headers(b"GET", attack, "1.1", UA) is None and tx.end_request() is None
+    assert tx.mode == "detect" and any(m.rule_id == 949110 for m in tx.finish())
+    # a client cannot switch a path to detect with the marker header: its value is secret
+    forged = [*UA, (b"x-blindfold-waf-mode", b"detect")]
+    assert run(e, b"GET", b"/other?id=1%27%20OR%201=1--", headers=forged)[0] is not None
+
+
+def test_a_global_detect_mode_can_block_one_path() -> None:
+    from blindfold.waf.engine import PathMode
+
+    e = ModSecurityEngine(CrsSettings(mode="detect", modes=(PathMode("/admin", "block"),)))
+    assert run(e, b"GET", b"/admin/x?id=1%27%20OR%201=1--")[0] is not None
+    assert run(e, b"GET", b"/shop?id=1%27%20OR%201=1--")[0] is None

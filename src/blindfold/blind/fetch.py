@@ -3,7 +3,12 @@ from the origin (its own TLS), the sealed blob from the edge; the blob's digest,
 record's tag and the plaintext digest are checked before a byte is kept. On any failure the
 file is fetched from the origin instead (its plaintext prefix), checked against the manifest
 too; the failure is printed and reported to the edge, which checks its copy and drops it when
-bad."""
+bad.
+
+A path the public manifest does not list may be private: the private manifest is asked for
+with the credentials given (`--header`, sent to the origin only, never to the edge). Refused
+(401, 403), the path is asked of the origin as it is (an unsealed page is anyone's; a private
+file gets the application's refusal there too), and a refusal ends the fetch."""
 
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from blindfold.core import ece, manifest
 from blindfold.errors import ConfigError, UpstreamError, VerificationError
 
 MANIFEST_PATH = "/.well-known/blindfold/manifest.json"
+PRIVATE_MANIFEST_PATH = "/.well-known/blindfold/manifest-private.json"
 PLAINTEXT_PATH = "/.well-known/blindfold/plain/"  # [origin.blind] plaintext_path
 BLOB_PREFIX = "/b/"
 CHUNK = 1 << 16
@@ -41,6 +47,10 @@ class FetchOptions:
     timeout_s: float = 30.0
     fallback: bool = True
     plaintext_path: str = PLAINTEXT_PATH  # the origin's prefix for the plaintext of sealed files
+    # Extra request headers (credentials: Cookie, Authorization) for the origin's requests
+    # (the manifests, the plaintext fallback); never sent to the edge.
+    headers: tuple[tuple[str, str], ...] = ()
+    private_manifest_url: str = ""  # default: the URL's origin + PRIVATE_MANIFEST_PATH
 
 
 @dataclass(slots=True)
@@ -93,7 +103,13 @@ class _Connection(http.client.HTTPSConnection):
 class _Get:
     """One verified-TLS GET, the body read in chunks. Errors become UpstreamError."""
 
-    def __init__(self, url: str, opts: FetchOptions) -> None:
+    def __init__(
+        self,
+        url: str,
+        opts: FetchOptions,
+        headers: tuple[tuple[str, str], ...] = (),
+        ok: tuple[int, ...] = (200,),
+    ) -> None:
         u = urllib.parse.urlsplit(url)
         if u.scheme != "https" or not u.hostname:
             raise ConfigError(
@@ -110,14 +126,17 @@ class _Get:
         self.total = 0
         path = (u.path or "/") + (f"?{u.query}" if u.query else "")
         try:
-            self.conn.request("GET", path, headers={"User-Agent": "blindfold-fetch"})
+            self.conn.request(
+                "GET", path, headers={"User-Agent": "blindfold-fetch", **dict(headers)}
+            )
             self.resp = self.conn.getresponse()
             sock = self.conn.sock
             self.peer_cert = sock.getpeercert(binary_form=True) if sock is not None else None
         except (OSError, http.client.HTTPException) as exc:
             self.conn.close()
             raise UpstreamError("fetch_failed", f"GET {url}: {exc}") from None
-        if self.resp.status != 200:
+        self.status = self.resp.status
+        if self.resp.status not in ok:
             self.conn.close()
             raise UpstreamError("bad_status", f"GET {url}: HTTP {self.resp.status}")
 
@@ -153,12 +172,31 @@ def get_manifest(url: str, opts: FetchOptions) -> manifest.Manifest:
     murl = opts.manifest_url or _origin_of(url) + MANIFEST_PATH
     if urllib.parse.urlsplit(murl).netloc != urllib.parse.urlsplit(url).netloc:
         raise ConfigError("manifest_url", "the manifest must come from the origin itself")
-    req = _Get(murl, opts)
+    req = _Get(murl, opts, opts.headers)
     try:
         data = req.read_all(manifest.MAX_MANIFEST_BYTES)
     finally:
         req.close()
     return manifest.verify(data, opts.public_key, time.time())
+
+
+def get_private_manifest(url: str, opts: FetchOptions) -> tuple[manifest.Manifest | None, int]:
+    """The private manifest, asked for with the credentials of `opts.headers`, and the HTTP
+    status: (None, 404) when the site has none, (None, 401 or 403) when the site's
+    application refused these credentials."""
+    if opts.public_key is None:
+        raise ConfigError("manifest_key", "the site's manifest public key is needed")
+    murl = opts.private_manifest_url or _origin_of(url) + PRIVATE_MANIFEST_PATH
+    if urllib.parse.urlsplit(murl).netloc != urllib.parse.urlsplit(url).netloc:
+        raise ConfigError("private_manifest_url", "the manifest must come from the origin itself")
+    req = _Get(murl, opts, opts.headers, ok=(200, 401, 403, 404))
+    try:
+        if req.status != 200:
+            return None, req.status
+        data = req.read_all(manifest.MAX_MANIFEST_BYTES)
+    finally:
+        req.close()
+    return manifest.verify(data, opts.public_key, time.time()), 200
 
 
 def _from_edge(entry: manifest.Entry, opts: FetchOptions, sink: Callable[[bytes], object]) -> None:
@@ -220,13 +258,13 @@ def _from_origin(
         u = urllib.parse.urlsplit(url)
         plain = _origin_of(url) + opts.plaintext_path + (u.path or "/").lstrip("/")
         try:
-            req = _Get(plain, opts)
+            req = _Get(plain, opts, opts.headers)
             url = plain
         except UpstreamError as exc:
             if not str(exc).endswith("HTTP 404"):
                 raise
     if req is None:
-        req = _Get(url, opts)
+        req = _Get(url, opts, opts.headers)
     h = hashlib.sha256()
     size = 0
     limit = entry.size if entry is not None else 1 << 34
@@ -264,6 +302,12 @@ def fetch(url: str, out_path: str, opts: FetchOptions) -> FetchResult:
         raise ConfigError("output", f"{out_path} is a symbolic link: refusing to replace it")
     m = get_manifest(url, opts)
     entry = m.files.get(urllib.parse.unquote(path))
+    refused = 0
+    if entry is None:  # perhaps private
+        private, status = get_private_manifest(url, opts)
+        if private is not None:
+            entry = private.files.get(urllib.parse.unquote(path))
+        refused = status if status in (401, 403) else 0
     fd, tmp = _temp_file(out)
     edge_error = ""
     reported = renamed = False
@@ -287,7 +331,16 @@ def fetch(url: str, out_path: str, opts: FetchOptions) -> FetchResult:
                 f.truncate()
             else:
                 edge_error = "not in the manifest (not sealed)"
-            size, digest = _from_origin(url, entry, opts, f.write)
+            try:
+                size, digest = _from_origin(url, entry, opts, f.write)
+            except UpstreamError as exc:
+                if not refused:
+                    raise
+                raise UpstreamError(
+                    "refused",
+                    f"{exc}; the private manifest was refused too (HTTP {refused}): the site "
+                    "refused these credentials",
+                ) from None
             f.flush()
             os.replace(tmp, out)
             renamed = True

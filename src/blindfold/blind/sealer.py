@@ -1,6 +1,9 @@
 """`blindfold seal SRC_DIR OUT_DIR`: every regular file under SRC_DIR sealed with RFC 8188
 aes128gcm under its own random key, padded to a Padmé size bucket, stored as
-OUT_DIR/blobs/<id>, and OUT_DIR/manifest.json signed by the site's Ed25519 key.
+OUT_DIR/blobs/<id>, and OUT_DIR/manifest.json signed by the site's Ed25519 key. Files marked
+private (`--private GLOB`) go to OUT_DIR/manifest-private.json instead (same key, same format),
+which the origin serves only to visitors its application admits; the public manifest names
+nothing of them.
 
 Re-sealing is incremental: a file whose bytes did not change keeps its entry (id, key, blob),
 so edges keep their cached copies; a changed file gets a new id (and never collides with a
@@ -33,6 +36,7 @@ from blindfold.core import ece, manifest
 from blindfold.errors import ConfigError, VerificationError
 
 MANIFEST_NAME = "manifest.json"
+PRIVATE_MANIFEST_NAME = "manifest-private.json"
 BLOB_INDEX_NAME = "blob-index.json"
 SRI_NAME = "sri.json"
 PUBLIC_DIR = "public"
@@ -52,6 +56,12 @@ class SealOptions:
     # Scripts and stylesheets also published in plaintext for Subresource Integrity (browsers
     # without service workers): the edge can read those copies, but not change them unseen.
     sri: tuple[str, ...] = ()
+    # Files only some visitors may see (glob patterns, like skip): their entries go to the
+    # private manifest, never to the public one.
+    private: tuple[str, ...] = ()
+    # Give every private file a new key and id (the old private blobs are removed): a former
+    # member who kept the old keys cannot open anything sealed from now on.
+    rotate_private: bool = False
 
 
 @dataclass(slots=True)
@@ -60,6 +70,8 @@ class SealReport:
     sealed: int = 0
     reused: int = 0
     sri: int = 0
+    private: int = 0
+    removed: int = 0  # old private blobs removed by --rotate-private
     plain_bytes: int = 0
     sealed_bytes: int = 0
     seconds: float = 0.0
@@ -69,6 +81,10 @@ class SealReport:
         rate = mb / self.seconds if self.seconds > 0 else 0.0
         overhead = (self.sealed_bytes / self.plain_bytes - 1) * 100 if self.plain_bytes else 0.0
         sri = f", {self.sri} published for SRI" if self.sri else ""
+        if self.private or self.removed:
+            sri += f", {self.private} private"
+        if self.removed:
+            sri += f" ({self.removed} old private blobs removed)"
         return (
             f"{self.files} files: {self.sealed} sealed, {self.reused} unchanged{sri}; "
             f"{mb:.1f} MB in, {self.sealed_bytes / 1e6:.1f} MB out (+{overhead:.1f}% "
@@ -147,9 +163,13 @@ def _sha256_file(path: Path) -> str | None:
         return None
 
 
-def _previous(out: Path, key: Ed25519PrivateKey) -> dict[str, manifest.Entry]:
+def _matches(path: str, name: str, globs: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(path, g) or fnmatch.fnmatchcase(name, g) for g in globs)
+
+
+def _previous(out: Path, key: Ed25519PrivateKey, name: str) -> dict[str, manifest.Entry]:
     try:
-        data = (out / MANIFEST_NAME).read_bytes()
+        data = (out / name).read_bytes()
     except FileNotFoundError:
         return {}
     try:
@@ -171,7 +191,7 @@ def _files(src: Path, skip: tuple[str, ...]) -> list[tuple[str, Path]]:
                 continue
             p = Path(root, name)
             path = "/" + p.relative_to(src).as_posix()
-            if any(fnmatch.fnmatchcase(path, g) or fnmatch.fnmatchcase(name, g) for g in skip):
+            if _matches(path, name, skip):
                 continue
             if p.is_file() and p.resolve().is_relative_to(root_dir):
                 found.append((path, p))
@@ -236,37 +256,56 @@ def seal_tree(
     issued = int(time.time() if now is None else now)
     blobs = out_dir / BLOBS_DIR
     blobs.mkdir(parents=True, exist_ok=True)
-    previous = _previous(out_dir, signing_key)
+    previous = _previous(out_dir, signing_key, MANIFEST_NAME)
+    previous_private = _previous(out_dir, signing_key, PRIVATE_MANIFEST_NAME)
     index = _previous_index(out_dir, signing_key)
     report = SealReport()
-    entries = []
+    entries: list[manifest.Entry] = []
+    private: list[manifest.Entry] = []
     sri: dict[str, dict[str, str]] = {}
     for path, file in _files(src_dir, opts.skip):
+        # private by its path, or by where it really is (a link to a private file)
+        real = "/" + file.resolve().relative_to(src_dir.resolve()).as_posix()
+        is_private = _matches(path, file.name, opts.private) or _matches(
+            real, real.rpartition("/")[2], opts.private
+        )
+        if is_private and _matches(path, file.name, opts.sri):
+            raise ConfigError(
+                "private",
+                f"{path} is both --private and --sri: an SRI copy is published in plaintext",
+            )
         if file.stat().st_size > opts.max_file_bytes:
             raise ConfigError("max_file_bytes", f"{file} is larger than {opts.max_file_bytes}")
         data = file.read_bytes()
         digest = hashlib.sha256(data).hexdigest()
         report.files += 1
         report.plain_bytes += len(data)
-        if any(fnmatch.fnmatchcase(path, g) or fnmatch.fnmatchcase(file.name, g) for g in opts.sri):
+        if _matches(path, file.name, opts.sri):
             sri[path] = _publish(out_dir, id_secret, path, data, digest)
             index[sri[path]["url_path"].rpartition("/")[2]] = (digest, len(data))
             report.sri += 1
-        old = previous.get(path)
+        # An entry is kept only in its own class: a file that was public has a key every
+        # visitor may hold, so made private it is sealed afresh (new key, new id).
+        old = (previous_private if is_private else previous).get(path)
         if (
             old is not None
+            and not (is_private and opts.rotate_private)
             and old.sha256 == digest
             and old.rs == opts.record_size
             and _sha256_file(blobs / old.id) == old.blob_sha256
         ):
-            entries.append(old)
+            (private if is_private else entries).append(old)
             report.reused += 1
+            report.private += is_private
             report.sealed_bytes += old.sealed_size
             continue
         # A new id for new content; the generation skips ids whose blob exists but is not
         # this content's (say, a manifest lost with its blobs kept): an edge may cache those.
+        # A private file's id also takes a random nonce: its ids are unlinkable across seals
+        # (and rotations), even for the same path and content.
+        version = f"private:{digest}:{secrets.token_hex(16)}" if is_private else digest
         gen = 0
-        while (blobs / (blob_id := manifest.blob_id(id_secret, path, f"{digest}:{gen}"))).exists():
+        while (blobs / (blob_id := manifest.blob_id(id_secret, path, f"{version}:{gen}"))).exists():
             gen += 1
         key = secrets.token_bytes(ece.KEY_BYTES)
         pad_to = 0
@@ -275,7 +314,8 @@ def seal_tree(
         sealed = ece.seal(data, key, rs=opts.record_size, pad_to=pad_to)
         _write_atomic(blobs / blob_id, sealed)
         ctype = mimetypes.guess_type(path)[0] or "application/octet-stream"
-        entries.append(
+        report.private += is_private
+        (private if is_private else entries).append(
             manifest.Entry(
                 path=path,
                 id=blob_id,
@@ -290,10 +330,25 @@ def seal_tree(
         )
         report.sealed += 1
         report.sealed_bytes += len(sealed)
-    for e in entries:
+    if opts.rotate_private:
+        # Old private blobs go: the origin no longer serves them nor lists them in the index,
+        # so edges stop serving them (and evict them in time); the old keys open nothing new.
+        kept = {e.id for e in private}
+        for e in previous_private.values():
+            if e.id not in kept and (blobs / e.id).exists():
+                (blobs / e.id).unlink()
+                index.pop(e.id, None)
+                report.removed += 1
+    for e in entries + private:
         index[e.id] = (e.blob_sha256, e.sealed_size)
-    # The index first: an edge that sees a new manifest's ids finds them in it.
+    # The index first: an edge that sees a new manifest's ids finds them in it. It names
+    # private blobs too (id, digest, size: what the edge sees anyway), never their paths.
     _write_atomic(out_dir / BLOB_INDEX_NAME, manifest.build_index(index, signing_key, issued))
+    if private:
+        doc = manifest.build(private, signing_key, issued, issued + opts.expires_in_s)
+        _write_atomic(out_dir / PRIVATE_MANIFEST_NAME, doc, 0o640)
+    else:
+        (out_dir / PRIVATE_MANIFEST_NAME).unlink(missing_ok=True)
     doc = manifest.build(entries, signing_key, issued, issued + opts.expires_in_s)
     _write_atomic(out_dir / MANIFEST_NAME, doc, 0o640)
     public = signing_key.public_key().public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)

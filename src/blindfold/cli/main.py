@@ -9,7 +9,7 @@ from pathlib import Path
 
 from blindfold import __version__
 from blindfold.config import load_file
-from blindfold.config.common import unspecified_listen
+from blindfold.config.common import load_admin_token, unspecified_listen
 from blindfold.errors import ConfigError
 
 
@@ -30,6 +30,10 @@ def _check_config(path: str) -> int:
 
         check_deployment(config)  # the manifest never where the edge ends TLS
         sections = []
+        for name in ("edge", "origin", "keyserver"):  # the admin tokens read
+            section = getattr(config, name)
+            if section is not None:
+                load_admin_token(section.admin_token_file, f"{name}.admin_token_file")
         if config.edge is not None:
             if unspecified_listen(config.edge.admin_listen):
                 warnings.append(
@@ -145,6 +149,8 @@ def _seal(args: argparse.Namespace) -> int:
                 expires_in_s=int(args.expires_in),
                 skip=tuple(args.skip),
                 sri=tuple(args.sri),
+                private=tuple(args.private),
+                rotate_private=args.rotate_private,
             ),
         )
     except ConfigError as exc:
@@ -172,6 +178,20 @@ def _connect_to(items: list[str]) -> dict[str, str]:
             raise ConfigError("connect_to", f"{item!r}: expected HOST:PORT:ADDR:PORT")
         connect_to[f"{host}:{port}"] = addr_port
     return connect_to
+
+
+def _headers(items: list[str]) -> tuple[tuple[str, str], ...]:
+    """`Name: value` request headers (credentials for the origin), checked for what
+    http.client would send as is: a token for a name, no CR/LF in either."""
+    out = []
+    for item in items:
+        name, sep, value = item.partition(":")
+        name, value = name.strip(), value.strip()
+        token = name and all(c.isascii() and (c.isalnum() or c in "!#$%&'*+-.^_`|~") for c in name)
+        if not sep or not token or any(c in value for c in "\r\n\x00"):
+            raise ConfigError("header", f"{item!r}: expected 'Name: value'")
+        out.append((name, value))
+    return tuple(out)
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -204,6 +224,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
     try:
         connect_to = _connect_to(args.connect_to)
+        _headers(args.header)
     except ConfigError as exc:
         print(f"blindfold fetch: {exc}", file=sys.stderr)
         return 2
@@ -217,6 +238,7 @@ def _fetch(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             fallback=not args.no_fallback,
             plaintext_path=args.plaintext_path,
+            headers=_headers(args.header),
         )
         result = fetch(args.url, args.output, opts)
     except ConfigError as exc:
@@ -290,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
 
     pki_cli.add_parser(sub)
 
+    from blindfold.cli import waf as waf_cli
+
+    waf_cli.add_parser(sub)
+
     p_seal = sub.add_parser("seal", help="seal a static tree for blind delivery")
     p_seal.add_argument("src", metavar="SRC_DIR")
     p_seal.add_argument("out", metavar="OUT_DIR")
@@ -342,6 +368,22 @@ def main(argv: list[str] | None = None) -> int:
         "can read these copies); repeatable",
     )
 
+    p_seal.add_argument(
+        "--private",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="seal matching files as private: their entries go to manifest-private.json, "
+        "which the origin serves only to visitors its application admits "
+        "([origin.blind] private_auth_path); repeatable",
+    )
+    p_seal.add_argument(
+        "--rotate-private",
+        action="store_true",
+        help="give every private file a new key and id and remove the old private blobs "
+        "(revocation: old keys open nothing sealed from now on)",
+    )
+
     p_fetch = sub.add_parser(
         "fetch",
         help="fetch a sealed file: manifest from the origin, "
@@ -364,6 +406,15 @@ def main(argv: list[str] | None = None) -> int:
         default="/.well-known/blindfold/plain/",
         help="the origin's prefix for the plaintext of sealed files (the fallback; "
         "[origin.blind] plaintext_path)",
+    )
+    p_fetch.add_argument(
+        "--header",
+        "-H",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="a request header for the origin (credentials for private files: Cookie, "
+        "Authorization); never sent to the edge; repeatable",
     )
     p_fetch.add_argument("--cacert", help="CA bundle for the origin and the edge")
     p_fetch.add_argument(
@@ -492,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "pki":
         return pki_cli.run(args)
+    if args.command == "waf":
+        return waf_cli.run(args)
     if args.command == "seal":
         return _seal(args)
     if args.command == "fetch":

@@ -5,6 +5,9 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from pathlib import Path
+
+from blindfold.errors import ConfigError
 
 # Go's time.Duration text ('4h', '1h30m', '2.5s', '-1.5s'): CrowdSec's durations, and what
 # people type for a duration in a config file
@@ -146,3 +149,38 @@ def unspecified_listen(text: str) -> bool:
         return ipaddress.ip_address(host).is_unspecified
     except ValueError:
         return False
+
+
+ADMIN_TOKEN_DOC = (
+    "File holding the admin listener's bearer token (at least 16 characters; clients send "
+    "'Authorization: Bearer <token>'; the status page reads it from its URL's fragment, "
+    "'#token=...'). Required when admin_listen is not a loopback address; empty = no token."
+)
+
+
+def admin_exposure(listen: str, token_file: str) -> str | None:
+    """Why an admin listener off loopback without a token is refused (None: fine)."""
+    try:
+        host, _port = parse_hostport(listen)
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return None  # the address check names the problem
+    if loopback or token_file:
+        return None
+    return (
+        f"admin_listen = {listen!r} is not a loopback address: set admin_token_file (its "
+        "/metrics and /status.json would be readable by anyone who reaches it)"
+    )
+
+
+def load_admin_token(path: str, where: str) -> bytes | None:
+    """The admin token from its file (None when no file is set); ConfigError names `where`."""
+    if not path:
+        return None
+    try:
+        token = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(where, f"cannot read {path}: {exc}") from None
+    if len(token) < 16 or not all(0x21 <= b < 0x7F for b in token):
+        raise ConfigError(where, f"{path}: the token must be 16 or more printable characters")
+    return token

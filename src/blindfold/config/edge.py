@@ -9,6 +9,8 @@ from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from blindfold.config.common import (
+    ADMIN_TOKEN_DOC,
+    admin_exposure,
     check_hostport,
     check_ip_hostport,
     check_redis_url,
@@ -271,6 +273,32 @@ class RouteConfig:
     )
     cache_max_object_bytes: int = setting(
         8 << 20, doc="keyless: largest response body cached.", min=0
+    )
+    cache_stale_while_revalidate: bool = setting(
+        True,
+        doc="keyless: honour a response's `stale-while-revalidate=N` (RFC 5861 §3): within N "
+        "seconds past its lifetime, serve the stored copy at once and revalidate it with the "
+        "origin in the background (one refresh per URL, at most 64 at once per worker). Never "
+        "where must-revalidate, "
+        "proxy-revalidate, s-maxage or no-cache forbid stale responses (RFC 9111 §4.2.4).",
+    )
+    cache_stale_if_error: bool = setting(
+        True,
+        doc="keyless: honour `stale-if-error=N` (RFC 5861 §4, on the response or the "
+        "request): when the origin cannot be reached or answers 500/502/503/504, a copy at most "
+        "N seconds past its lifetime answers instead. Same exceptions as above.",
+    )
+    cache_max_stale: bool = setting(
+        True,
+        doc="keyless: honour a request's `max-stale[=N]` (RFC 9111 §5.2.1.2): serve a copy up "
+        "to N seconds past its lifetime without asking the origin. Same exceptions as above.",
+    )
+    cache_stale_max_s: float = setting(
+        86400.0,
+        doc="keyless: the most any of the three above serves a copy past its lifetime, "
+        "whatever the response or request asks (max-stale without a value: this).",
+        min=0,
+        max=2**31,
     )
     http: EdgeHttpConfig | None = setting(
         None,
@@ -677,9 +705,11 @@ class EdgeConfig:
     routes: tuple[RouteConfig, ...] = setting(doc="Routes, chosen by SNI.", check=_nonempty)
     admin_listen: str = setting(
         "127.0.0.1:7743",
-        doc="Address of the admin listener serving /metrics (Prometheus text) and /healthz.",
+        doc="Address of the admin listener: the status page (/), /status.json, /metrics "
+        "(Prometheus text) and /healthz.",
         check=check_ip_hostport,
     )
+    admin_token_file: str = setting("", doc=ADMIN_TOKEN_DOC)
     workers: int = setting(
         0,
         doc="Worker processes sharing the listeners (SO_REUSEPORT; a BPF program sends every "
@@ -837,6 +867,8 @@ class EdgeConfig:
             raise ConfigError("routes", f"route names must be unique: {sorted(dup)}")
         if self.admin_listen in self.listen and not self.admin_listen.endswith(":0"):
             raise ConfigError("admin_listen", "must differ from every listen address")
+        if exposed := admin_exposure(self.admin_listen, self.admin_token_file):
+            raise ConfigError("admin_token_file", exposed)
         if self.decisions and self.decisions.min_ban_prefix_len_v6 > self.ipv6_prefix_len:
             raise ConfigError(
                 "decisions.min_ban_prefix_len_v6",

@@ -6,7 +6,12 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from blindfold.config.common import check_ip_hostport, check_sni_pattern
+from blindfold.config.common import (
+    ADMIN_TOKEN_DOC,
+    admin_exposure,
+    check_ip_hostport,
+    check_sni_pattern,
+)
 from blindfold.config.schema import setting
 from blindfold.errors import ConfigError
 
@@ -107,8 +112,11 @@ class KeyServerConfig:
         "SIGHUP: its next request is refused and its connections closed.",
     )
     admin_listen: str = setting(
-        "127.0.0.1:7745", doc="Address of /metrics and /healthz.", check=check_ip_hostport
+        "127.0.0.1:7745",
+        doc="Address of the status page (/), /status.json, /metrics and /healthz.",
+        check=check_ip_hostport,
     )
+    admin_token_file: str = setting("", doc=ADMIN_TOKEN_DOC)
     rate_per_s: float = setting(
         2000.0,
         doc="Default sign requests per second per edge (refused ones count too: the bucket "
@@ -176,6 +184,8 @@ class KeyServerConfig:
     def __post_init__(self) -> None:
         if not self.keys:
             raise ConfigError("keys", "at least one [[keyserver.keys]] is needed")
+        if exposed := admin_exposure(self.admin_listen, self.admin_token_file):
+            raise ConfigError("admin_token_file", exposed)
         names = [e.name for e in self.edges]
         if len(set(names)) != len(names):
             raise ConfigError("edges", "edge names must be unique")

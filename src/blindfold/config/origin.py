@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Literal
 
-from blindfold.config.common import check_ip_hostport, check_redis_url, unspecified_listen
+from blindfold.config.common import (
+    ADMIN_TOKEN_DOC,
+    admin_exposure,
+    check_ip_hostport,
+    check_redis_url,
+    unspecified_listen,
+)
 from blindfold.config.http import HttpServerConfig
 from blindfold.config.schema import setting
 from blindfold.errors import ConfigError
@@ -63,6 +70,17 @@ class HttpConfig(HttpServerConfig):
     )
 
 
+_ARG_NAME = re.compile(r"[A-Za-z0-9_.\-\[\]]{1,100}")
+
+
+def _arg_names(values: tuple[str, ...]) -> str | None:
+    # the names go into a ModSecurity ctl: action, so only characters that cannot end it
+    for i, v in enumerate(values):
+        if not _ARG_NAME.fullmatch(v):
+            return f"[{i}]: {v!r} must be 1-100 of A-Z a-z 0-9 _ . - [ ]"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class WafExclusionConfig:
     path_prefix: str = setting(
@@ -71,7 +89,35 @@ class WafExclusionConfig:
         check=check_rule_prefix,
     )
     rule_ids: tuple[int, ...] = setting(
-        (), doc="...skip these rule ids; empty: no rule runs for the path."
+        (),
+        doc="...skip these rule ids (with `args`: only for those arguments); empty: no rule "
+        "runs for the path (with `args`: no CRS rule looks at those arguments).",
+    )
+    args: tuple[str, ...] = setting(
+        (),
+        doc="Argument names (query string or form body, as ModSecurity's ARGS:name) the "
+        "exclusion is limited to; empty: the whole request. What `blindfold waf report` proposes.",
+        check=_arg_names,
+    )
+
+
+def _waf_mode_hostnames(values: tuple[str, ...]) -> str | None:
+    return _hostnames(values) if values else None
+
+
+@dataclass(frozen=True, slots=True)
+class WafModeConfig:
+    path_prefix: str = setting(
+        doc="Requests whose canonical path is this path or below it (whole segments)...",
+        check=check_rule_prefix,
+    )
+    mode: Literal["block", "detect"] = setting(
+        doc="...are inspected in this mode ('detect': log what would be blocked, block nothing)."
+    )
+    hostnames: tuple[str, ...] = setting(
+        (),
+        doc="Only for these site hostnames (the request's Host/:authority); empty: all of them.",
+        check=_waf_mode_hostnames,
     )
 
 
@@ -108,7 +154,14 @@ class WafConfig:
         doc="A body over body_limit_bytes: 'reject' answers 413; 'partial' inspects "
         "the first body_limit_bytes and streams the rest unseen.",
     )
-    exclusions: tuple[WafExclusionConfig, ...] = setting((), doc="Per-path rule exclusions.")
+    exclusions: tuple[WafExclusionConfig, ...] = setting(
+        (), doc="Per-path rule exclusions, optionally per argument."
+    )
+    modes: tuple[WafModeConfig, ...] = setting(
+        (),
+        doc="Per-path (and per-hostname) `mode` overriding `mode` above: the longest matching "
+        "`path_prefix` wins, an entry naming the request's hostname before one naming none.",
+    )
     extra_rules_files: tuple[str, ...] = setting(
         (), doc="More ModSecurity rule files, loaded after the CRS."
     )
@@ -307,6 +360,29 @@ class BlindStoreConfig:
         "no-store, by the origin only).",
         check=_url_path,
     )
+    private_manifest_path: str = setting(
+        "/.well-known/blindfold/manifest-private.json",
+        doc="URL path of the signed private manifest (`blindfold seal --private`: the keys "
+        "of private files). Served only after private_auth_path admitted the request, with "
+        "`Cache-Control: private, no-store`.",
+        check=_url_path,
+    )
+    private_auth_path: str = setting(
+        "",
+        doc="Path of the application asked, like nginx's auth_request, whether a visitor "
+        "may have the private manifest and the plaintext of private files: a GET carrying "
+        "the visitor's Cookie and Authorization (and X-Original-URI). A 2xx admits, a 401 or "
+        "403 is passed to the visitor, anything else or no answer within "
+        "private_auth_timeout_s is a 503. Empty: private files are never served, and a store "
+        "holding them is refused (check-config).",
+        check=lambda v: _url_path(v) if v else None,
+    )
+    private_auth_timeout_s: float = setting(
+        5.0,
+        doc="Deadline of the application's answer to a private_auth_path request (then 503).",
+        min=0.1,
+        max=60,
+    )
     blobs_path: str = setting(
         "/.blindfold/blobs/",
         doc="URL prefix under which edges pull sealed blobs by id.",
@@ -500,8 +576,11 @@ class OriginConfig:
     )
     proxy_header_timeout_s: float = setting(5.0, doc="Deadline for the PROXY header.", min=0.1)
     admin_listen: str = setting(
-        "127.0.0.1:7744", doc="Address of /metrics and /healthz.", check=check_ip_hostport
+        "127.0.0.1:7744",
+        doc="Address of the status page (/), /status.json, /metrics and /healthz.",
+        check=check_ip_hostport,
     )
+    admin_token_file: str = setting("", doc=ADMIN_TOKEN_DOC)
     log_path: str = setting("", doc="Where JSON log lines go; empty = standard output.")
     access_log: bool = setting(True, doc="One JSON line per request.")
     max_connections: int = setting(10000, doc="Open client connections at most.", min=1)
@@ -549,6 +628,8 @@ class OriginConfig:
             raise ConfigError(
                 "trusted_edges", "proxy_protocol = 'required' needs the edges' addresses"
             )
+        if exposed := admin_exposure(self.admin_listen, self.admin_token_file):
+            raise ConfigError("admin_token_file", exposed)
         names = [e.name for e in self.edges]
         if len(set(names)) != len(names):
             raise ConfigError("edges", "edge names must be unique")

@@ -4,13 +4,20 @@ GET /                 a page naming the visitor address the application was told
 GET /bytes?n=N        N bytes, streamed
 POST /upload          counts and hashes the body as it streams in
 GET|POST /echo        the request head and body back, as JSON
+GET /login            sets the session cookie (the demo's "logged in")
+GET /auth/private     204 for a request carrying the session (cookie or Bearer), else 401: the
+                      blind store's private_auth_path; /auth/forbidden (403), /auth/broken
+                      (500), /auth/redirect (302) and /auth/slow (answers after 10 s) for tests
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import secrets
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -20,6 +27,7 @@ class AppHandler(BaseHTTPRequestHandler):
     server_version = "blindfold-demo-app"
     seen: list[dict[str, str]] = []
     lock = threading.Lock()
+    session = secrets.token_hex(16)
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -34,6 +42,9 @@ class AppHandler(BaseHTTPRequestHandler):
             "path": self.path,
             "method": self.command,
             "if-none-match": self.headers.get("If-None-Match", ""),
+            "cookie": self.headers.get("Cookie", ""),
+            "authorization": self.headers.get("Authorization", ""),
+            "x-original-uri": self.headers.get("X-Original-URI", ""),
         }
         with self.lock:
             self.seen.append(info)
@@ -79,6 +90,17 @@ class AppHandler(BaseHTTPRequestHandler):
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True  # the reader went away: an ordinary end, not an error
             return
+        if url.path == "/login":
+            self.send_response(204)
+            self.send_header(
+                "Set-Cookie", f"session={self.session}; Path=/; Secure; HttpOnly; SameSite=Strict"
+            )
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if url.path.startswith("/auth/"):
+            self._auth(url.path)
+            return
         if url.path == "/echo":
             self._send(200, json.dumps(info).encode(), "application/json")
             return
@@ -113,6 +135,38 @@ class AppHandler(BaseHTTPRequestHandler):
         self._send(200, page, "text/html; charset=utf-8")
 
     do_HEAD = do_GET
+
+    def _no_content(self) -> None:
+        self.send_response(204)
+        self.end_headers()
+
+    def _auth(self, path: str) -> None:
+        cookies = [c.strip() for c in self.headers.get("Cookie", "").split(";")]
+        admitted = f"session={self.session}" in cookies or self.headers.get(
+            "Authorization", ""
+        ) == (f"Bearer {self.session}")
+        if path == "/auth/private" and admitted:
+            self._no_content()
+        elif path == "/auth/private":
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Bearer realm="private"')
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", "15")
+            self.end_headers()
+            self.wfile.write(b"login required\n")
+        elif path == "/auth/forbidden":
+            self._send(403, b"not for you\n")
+        elif path == "/auth/redirect":
+            self.send_response(302)
+            self.send_header("Location", "/login")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif path == "/auth/slow":
+            time.sleep(10)
+            with contextlib.suppress(OSError):  # the origin gave up long ago
+                self._no_content()
+        else:
+            self._send(500, b"broken\n")
 
     def do_POST(self) -> None:
         info = self._record()
@@ -150,6 +204,10 @@ class DemoApp:
     @property
     def seen(self) -> list[dict[str, str]]:
         return AppHandler.seen
+
+    @property
+    def session(self) -> str:
+        return AppHandler.session
 
     def close(self) -> None:
         self.server.shutdown()

@@ -416,7 +416,10 @@ blindfold demo is running (files in {base})
      {fetch_cmd}
      {verify_cmd}
 
-5. Watch it: the edge's metrics and the origin's decision stream (what edges poll):
+5. Watch it: the status pages (live figures and charts; read-only)
+     http://127.0.0.1:{admin_port}/  (edge)   http://{origin.ready["admin"]}/  (origin agent)
+     http://{keyserver.ready["admin"]}/  (key server)
+   the edge's metrics and the origin's decision stream (what edges poll):
      curl -s http://127.0.0.1:{admin_port}/metrics | grep -E 'decisions|banned'
      curl -s --cacert {base / "ca.pem"} --resolve {DECISIONS_HOST}:{decisions_port}:127.0.0.1 \\
           -H 'X-Api-Key: {API_KEY}' \\

@@ -244,6 +244,8 @@ class Conn:
             self.local = self._sockname()
         verdict = admission.admit(hello, self, worker.router, worker.guards, worker.reactor.now)
         self.route = verdict.route
+        if isinstance(verdict, Forward | Terminate):
+            verdict.route.stats.opened += 1
         if isinstance(verdict, Forward):
             self._forward(verdict)
         elif isinstance(verdict, Terminate):

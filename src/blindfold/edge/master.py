@@ -21,7 +21,7 @@ from functools import partial
 from typing import Any
 
 from blindfold.config import Config, load_file
-from blindfold.config.common import parse_hostport
+from blindfold.config.common import load_admin_token, parse_hostport
 from blindfold.config.edge import EdgeConfig
 from blindfold.config.schema import changes
 from blindfold.decisions.bans import BanDistributor, BanLimits, BanTable
@@ -33,7 +33,8 @@ from blindfold.io.admin_http import AdminServer
 from blindfold.io.listeners import bind_group
 from blindfold.io.service import run_service
 from blindfold.obs.log import JsonLog
-from blindfold.obs.metrics import MetricSpec, merge, render
+from blindfold.obs.metrics import MetricSpec, Snapshot, merge, render
+from blindfold.obs.status import HTML_TYPE, JSON_TYPE, PAGE, status_json
 
 READY_TIMEOUT_S = 15.0
 STATS_TIMEOUT_S = 2.0
@@ -98,7 +99,9 @@ class EdgeMaster:
         self.respawns: dict[int, list[float]] = {}
         self._stats_id = 0
         self._stop = asyncio.Event()
-        self.admin = AdminServer(self._admin)
+        self.admin = AdminServer(
+            self._admin, load_admin_token(self.config.admin_token_file, "edge.admin_token_file")
+        )
         self.admin_address: tuple[str, int] | None = None
         self.bans = BanTable(_ban_limits(self.config))
         self.bans.on_change = self._bans_changed
@@ -643,9 +646,19 @@ class EdgeMaster:
                 "text/plain; version=0.0.4; charset=utf-8",
                 (await self.metrics_text()).encode(),
             )
+        if path == "/":
+            return 200, HTML_TYPE, PAGE
+        if path == "/status.json":
+            merged, specs = await self.metrics_snapshot()
+            return 200, JSON_TYPE, status_json("edge", socket.gethostname(), merged, specs)
         return 404, "text/plain", b"not found\n"
 
     async def metrics_text(self) -> str:
+        return render(*await self.metrics_snapshot())
+
+    async def metrics_snapshot(self) -> tuple[Snapshot, list[MetricSpec]]:
+        """The workers' numbers merged with the master's own: what /metrics and the status
+        page show."""
         loop = asyncio.get_running_loop()
         waits = []
         for handle in [*self.workers, *self.old_workers]:
@@ -681,7 +694,7 @@ class EdgeMaster:
             merged.setdefault("blindfold_decisions_source_up", []).append([[kind], int(feed.up)])
             for result, n in feed.polls.items():
                 merged.setdefault("blindfold_decisions_polls_total", []).append([[kind, result], n])
-        return render(merged, [*EDGE_METRICS_ALL, *self.mode_metrics.values()])
+        return merged, [*EDGE_METRICS_ALL, *self.mode_metrics.values()]
 
 
 def _ban_limits(config: EdgeConfig) -> BanLimits:

@@ -29,6 +29,12 @@ EDGE_METRICS = [
     ),
     MetricSpec("blindfold_connections_active", "gauge", "Open visitor connections."),
     MetricSpec(
+        "blindfold_route_connections_total",
+        "counter",
+        "Connections admitted to a route (its guards passed), by route and mode.",
+        ("route", "mode"),
+    ),
+    MetricSpec(
         "blindfold_route_connections_active",
         "gauge",
         "Open relayed connections per route.",
@@ -144,10 +150,12 @@ EDGE_SPECS = {spec.name: spec for spec in EDGE_METRICS}
 class RouteStats:
     """Counters of one route name; kept across reloads so they never go backwards."""
 
-    __slots__ = ("active", "bytes_to_client", "bytes_to_origin", "outcomes")
+    __slots__ = ("active", "bytes_to_client", "bytes_to_origin", "mode", "opened", "outcomes")
 
     def __init__(self) -> None:
         self.active = 0
+        self.opened = 0  # connections the route was chosen for (its guards let them in)
+        self.mode = ""
         self.bytes_to_origin = 0
         self.bytes_to_client = 0
         self.outcomes: dict[str, int] = {}
@@ -202,6 +210,9 @@ class WorkerStats:
                 for outcome, n in s.outcomes.items()
             ],
             "blindfold_connections_active": [[[], active]],
+            "blindfold_route_connections_total": [
+                [[route, s.mode], s.opened] for route, s in self.routes.items() if s.opened
+            ],
             "blindfold_route_connections_active": [
                 [[route], s.active] for route, s in self.routes.items()
             ],

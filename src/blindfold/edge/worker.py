@@ -146,6 +146,7 @@ class Worker:
                     origin.family, origin.sockaddr = family, sockaddr
                 origins.append(origin)
             mode = self._mode(rc.mode)
+            self.stats.route(name).mode = rc.mode
             state = mode.build(
                 where, rc, config, old.state if old is not None and old.mode is mode else None
             )

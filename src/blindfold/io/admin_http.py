@@ -7,16 +7,25 @@ client (an IPv4 address or an IPv6 /64); the last 16 slots go only to clients th
 and a keep-alive connection ends after 30 s or 100 requests, so a few clients asking slowly
 forever cannot keep the listener to themselves. It serves operators and Prometheus, not
 visitors.
+
+The status page (`/`) is public (it holds no figures); every other path needs the admin token
+when one is set (`Authorization: Bearer <token>`), which check-config requires for a listener
+off loopback. Without a token a request must name the listener by an IP address or `localhost`
+(the Host header): a web page whose name an attacker re-points at 127.0.0.1 (DNS rebinding)
+would otherwise read the figures through the operator's browser.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import hmac
+import ipaddress
+from collections.abc import Awaitable, Callable, Iterable
 
 import h11
 
 from blindfold.core.iplist import visitor_key
+from blindfold.obs.status import CSP, ICON
 
 Handler = Callable[[str, str], Awaitable[tuple[int, str, bytes]]]
 MAX_CONNECTIONS = 64
@@ -25,11 +34,40 @@ RESERVED_FOR_NEW = 16  # the last slots: only for a client that holds no connect
 CONNECTION_LIFETIME_S = 30.0  # a keep-alive connection's answers end with `close` after this
 MAX_REQUESTS_PER_CONNECTION = 100
 REQUEST_TIMEOUT_S = 10.0  # to receive one whole request; also to send its answer
+# the status page itself and its icon: no figures (the page asks status.json with the token)
+PUBLIC_PATHS = frozenset({"/", "/favicon.ico"})
+
+
+def _local_name(host: bytes) -> bool:
+    """An IP literal or localhost, with or without a port."""
+    name = host.rsplit(b":", 1)[0] if host.count(b":") == 1 else host
+    name = name.strip(b"[]").lower()
+    if name == b"localhost" or name.endswith(b".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        if host.startswith(b"[") and b"]:" in host:  # [v6]:port
+            return _local_name(host.split(b"]:", 1)[0] + b"]")
+        return False
+    return True
+
+
+def authorized(token: bytes | None, headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    if token is None:
+        return all(_local_name(value) for name, value in headers if name == b"host")
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, given = value.partition(b" ")
+            if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), token):
+                return True
+    return False
 
 
 class AdminServer:
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, token: bytes | None = None) -> None:
         self._handler = handler
+        self.token = token
         self._open = 0
         self._per_address: dict[str, int] = {}
         self.server: asyncio.base_events.Server | None = None
@@ -67,17 +105,32 @@ class AdminServer:
                 event = await self._next_event(conn, reader, deadline)
                 if isinstance(event, h11.Request):
                     method = event.method.decode("ascii", "replace")
-                    target = event.target.decode("ascii", "replace")
+                    path = event.target.decode("ascii", "replace").split("?")[0]
                     if method not in ("GET", "HEAD"):
                         status, ctype, body = 405, "text/plain", b"method not allowed\n"
+                    elif path not in PUBLIC_PATHS and not authorized(self.token, event.headers):
+                        status, ctype, body = 401, "text/plain", b"admin token required\n"
+                        if self.token is None:
+                            status, body = 403, b"name this listener by its address\n"
+                    elif path == "/favicon.ico":
+                        status, ctype, body = 200, "image/svg+xml", ICON
                     else:
-                        status, ctype, body = await self._handler(method, target.split("?")[0])
+                        status, ctype, body = await self._handler(method, path)
                     # drain the (empty) body before answering
                     while not isinstance(
                         await self._next_event(conn, reader, deadline), h11.EndOfMessage
                     ):
                         pass
-                    headers = [("content-type", ctype), ("content-length", str(len(body)))]
+                    headers = [
+                        ("content-type", ctype),
+                        ("content-length", str(len(body))),
+                        ("cache-control", "no-store"),
+                        ("x-content-type-options", "nosniff"),
+                        ("content-security-policy", CSP),
+                        ("referrer-policy", "no-referrer"),
+                    ]
+                    if status == 401:
+                        headers.append(("www-authenticate", 'Bearer realm="blindfold admin"'))
                     served += 1
                     if served >= MAX_REQUESTS_PER_CONNECTION or loop.time() >= close_at:
                         headers.append(("connection", "close"))  # h11 then ends the connection

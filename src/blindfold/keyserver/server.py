@@ -16,10 +16,13 @@ import os
 import socket
 import ssl
 import time
+from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+
 from blindfold.config import Config, load_file
-from blindfold.config.common import check_readable, parse_hostport
+from blindfold.config.common import check_readable, load_admin_token, parse_hostport
 from blindfold.config.keyserver import EdgeAccessConfig, KeyServerConfig
 from blindfold.core import keyless_handshake as kh
 from blindfold.core import keyless_wire as w
@@ -45,6 +48,7 @@ from blindfold.keyserver.audit import load_key as load_audit_key
 from blindfold.keyserver.signer import SignError, SiteKey, load_key, sign_certificate_verify
 from blindfold.obs.log import JsonLog, peer_text
 from blindfold.obs.metrics import Histogram, MetricSpec, render
+from blindfold.obs.status import HTML_TYPE, JSON_TYPE, PAGE, status_json
 
 READ_SIZE = 65536
 NOT_AUTHORISED = (
@@ -66,6 +70,13 @@ KEYSERVER_METRICS = [
         "counter",
         "Sign requests by edge and result.",
         ("edge", "result"),
+    ),
+    MetricSpec(
+        "blindfold_keyserver_hostname_signatures_total",
+        "counter",
+        "Signatures made, by the certificate name that covers the SNI (bounded by the keys' "
+        "certificates: a name covered by a wildcard counts under the wildcard).",
+        ("hostname",),
     ),
     MetricSpec(
         "blindfold_keyserver_sign_seconds",
@@ -173,8 +184,12 @@ class KeyServer:
         self.log = log
         self.audit = _open_audit(cfg)
         self.replays = kh.ReplayGuard(cfg.replay_window_s, MAX_REPLAY_ENTRIES)
-        self.admin = AdminServer(self._admin)
+        self.admin = AdminServer(
+            self._admin, load_admin_token(cfg.admin_token_file, "keyserver.admin_token_file")
+        )
         self.counts: dict[tuple[str, str], int] = {}
+        self.host_counts: dict[str, int] = {}
+        self.cert_dates: list[tuple[str, float]] = []
         self.conn_counts: dict[str, int] = {}
         self.latency = Histogram(LATENCY_BUCKETS)
         self.writers: dict[asyncio.StreamWriter, bytes] = {}  # connection -> edge fingerprint
@@ -209,6 +224,9 @@ class KeyServer:
                 problem=grant.text(),
             )
         self.cfg = cfg
+        self.cert_dates = [
+            (k.name or f"key{i}", _not_after(k.certificate)) for i, k in enumerate(cfg.keys)
+        ]
         if not first:
             self.replays.window_s = cfg.replay_window_s
         self.allowed = (
@@ -575,6 +593,8 @@ class KeyServer:
             signed_entry(edge.name_json, site.name, hs, req.scheme, req.client, repeat)
         )
         self._count(name, "ok")
+        host = _hostname_label(hs.sni, site.names)
+        self.host_counts[host] = self.host_counts.get(host, 0) + 1
         self.latency.observe(time.perf_counter() - t0)
         return w.encode_sign_response(rid, signature)
 
@@ -583,18 +603,47 @@ class KeyServer:
         if path == "/healthz":
             return 200, "application/json", b'{"status":"ok"}\n'
         if path == "/metrics":
-            snap: dict[str, list[list[Any]]] = {
-                "blindfold_keyserver_signatures_total": [
-                    [[e, r], n] for (e, r), n in self.counts.items()
+            text = render(self.snapshot(), KEYSERVER_METRICS)
+            return 200, "text/plain; version=0.0.4", text.encode()
+        if path == "/":
+            return 200, HTML_TYPE, PAGE
+        if path == "/status.json":
+            now = time.time()
+            info = {
+                "audit": {
+                    "entries": self.audit.seq,
+                    "last MAC": self.audit.prev,
+                    "file": self.cfg.audit_log,
+                },
+                "certificates": [
+                    {
+                        "name": name,
+                        "not_after": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t)),
+                        "seconds_left": round(t - now),
+                    }
+                    for name, t in self.cert_dates
                 ],
-                "blindfold_keyserver_sign_seconds": [[[], self.latency.value()]],
-                "blindfold_keyserver_connections_total": [
-                    [[r], n] for r, n in self.conn_counts.items()
-                ],
-                "blindfold_keyserver_connections_active": [[[], len(self.writers)]],
             }
-            return 200, "text/plain; version=0.0.4", render(snap, KEYSERVER_METRICS).encode()
+            body = status_json(
+                "keyserver", socket.gethostname(), self.snapshot(), KEYSERVER_METRICS, info, now
+            )
+            return 200, JSON_TYPE, body
         return 404, "text/plain", b"not found\n"
+
+    def snapshot(self) -> dict[str, list[list[Any]]]:
+        return {
+            "blindfold_keyserver_signatures_total": [
+                [[e, r], n] for (e, r), n in self.counts.items()
+            ],
+            "blindfold_keyserver_hostname_signatures_total": [
+                [[h], n] for h, n in self.host_counts.items()
+            ],
+            "blindfold_keyserver_sign_seconds": [[[], self.latency.value()]],
+            "blindfold_keyserver_connections_total": [
+                [[r], n] for r, n in self.conn_counts.items()
+            ],
+            "blindfold_keyserver_connections_active": [[[], len(self.writers)]],
+        }
 
     def reload(self) -> None:
         try:
@@ -661,6 +710,23 @@ def signed_entry(
         f'"transcript_hash":"{hs.transcript_hash.hex()}","scheme":"0x{scheme:04x}"}},'
         f'"claimed":{{"client":{json_str(client)}}}' + (',"repeat":true' if repeat else "")
     )
+
+
+def _hostname_label(sni: str | None, names: tuple[str, ...]) -> str:
+    """The certificate name a signed SNI is counted under: itself, or its wildcard."""
+    if sni in names:
+        return sni
+    wildcard = "*." + (sni or "").partition(".")[2]
+    return wildcard if wildcard in names else "other"
+
+
+def _not_after(path: str) -> float:
+    """The leaf's notAfter (0 if the file cannot be read now: load_key reported that)."""
+    try:
+        cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return 0.0
+    return cert.not_valid_after_utc.timestamp()
 
 
 def _open_audit(cfg: KeyServerConfig) -> AuditLog:

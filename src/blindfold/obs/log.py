@@ -69,12 +69,15 @@ class JsonLog:
         record.update(fields)
         line = json.dumps(record, separators=(",", ":"), default=str).encode() + b"\n"
         if len(line) > PIPE_BUF:
+            # shorten strings, then lists, so that the line stays one valid JSON object
             record = {k: (v[:200] if isinstance(v, str) else v) for k, v in record.items()}
             record["truncated"] = True
-            line = (
-                json.dumps(record, separators=(",", ":"), default=str).encode()[: PIPE_BUF - 1]
-                + b"\n"
-            )
+            line = json.dumps(record, separators=(",", ":"), default=str).encode() + b"\n"
+            if len(line) > PIPE_BUF:
+                record = {k: (v[:4] if isinstance(v, list) else v) for k, v in record.items()}
+                line = json.dumps(record, separators=(",", ":"), default=str).encode() + b"\n"
+            if len(line) > PIPE_BUF:
+                line = line[: PIPE_BUF - 1] + b"\n"
         if self._pending_bytes + len(line) > MAX_PENDING_BYTES:
             self.dropped += 1
             return

@@ -123,3 +123,52 @@ def render(snapshot: Snapshot, specs: Sequence[MetricSpec]) -> str:
             else:
                 lines.append(f"{spec.name}{_labels(spec.labels, labels)} {_fmt(value)}")
     return "\n".join(lines) + "\n"
+
+
+def to_json(snapshot: Snapshot, specs: Sequence[MetricSpec]) -> dict[str, Any]:
+    """The same series `render` writes, as JSON for the status page: one source of numbers
+    for /metrics and /status.json, so the two cannot disagree. A histogram's value is
+    ``{"le": [bounds..., "+Inf"], "counts": [cumulative...], "sum", "count"}``."""
+    out: dict[str, Any] = {}
+    for spec in specs:
+        samples = snapshot.get(spec.name)
+        if samples is None and spec.labels:
+            continue
+        series: list[list[Any]] = []
+        if samples is None:
+            series.append([{}, 0])
+        for labels, value in samples or ():
+            names = dict(zip(spec.labels, (str(v) for v in labels), strict=True))
+            if spec.kind == "histogram":
+                cumulative, running = [], 0.0
+                for count in value[:-2]:
+                    running += count
+                    cumulative.append(running)
+                value = {
+                    "le": [*spec.buckets, "+Inf"],
+                    "counts": cumulative,
+                    "sum": value[-2],
+                    "count": value[-1],
+                }
+            series.append([names, value])
+        out[spec.name] = {"kind": spec.kind, "help": spec.help, "series": series}
+    return out
+
+
+class BoundedLabels:
+    """Label values an outsider chooses (a path, a fingerprint) kept to `cap` distinct ones:
+    the first `cap` seen keep their own series, every later one is counted as `other`."""
+
+    __slots__ = ("cap", "seen")
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.seen: set[str] = set()
+
+    def label(self, value: str) -> str:
+        if value in self.seen:
+            return value
+        if len(self.seen) < self.cap:
+            self.seen.add(value)
+            return value
+        return "other"

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from blindfold.config import Config, load_file
-from blindfold.config.common import parse_hostport
+from blindfold.config.common import load_admin_token, parse_hostport
 from blindfold.config.origin import OriginConfig, fds_needed, listen_warnings
 from blindfold.config.schema import changes
 from blindfold.core.iplist import IPSet, visitor_key
@@ -41,11 +41,18 @@ from blindfold.io.accepted import (
 from blindfold.io.admin_http import AdminServer
 from blindfold.io.service import run_service
 from blindfold.obs.log import JsonLog
-from blindfold.obs.metrics import MetricSpec, render
+from blindfold.obs.metrics import BoundedLabels, Histogram, MetricSpec, render
+from blindfold.obs.status import HTML_TYPE, JSON_TYPE, PAGE, status_json
 from blindfold.origin.edges import DecisionBudget, Reporter, TrustedEdges
 from blindfold.origin.gate import OriginGate, edge_fields
 from blindfold.origin.tls import SiteTls, decisions_tls
-from blindfold.waf.engine import CrsSettings, Exclusion, ModSecurityEngine, WafEngine
+from blindfold.waf.engine import (
+    CrsSettings,
+    Exclusion,
+    ModSecurityEngine,
+    PathMode,
+    WafEngine,
+)
 from blindfold.waf.modsecurity import ModSecurityError
 from blindfold.web.client import UpstreamPool
 from blindfold.web.http1 import ConnInfo, H1Connection
@@ -54,6 +61,8 @@ from blindfold.web.limits import HttpLimits
 from blindfold.web.messages import BodyStream, Handler, Request, Responder, simple_response
 from blindfold.web.proxy import ReverseProxy
 
+UPSTREAM_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0)
+WAF_PATHS = 30  # path label values (a visitor chooses paths)
 ORIGIN_METRICS = [
     MetricSpec(
         "blindfold_origin_requests_total", "counter", "Requests by status class.", ("status",)
@@ -82,6 +91,13 @@ ORIGIN_METRICS = [
         "counter",
         "Blocked requests by the rule ids in the blocking verdict.",
         ("rule",),
+    ),
+    MetricSpec(
+        "blindfold_waf_path_blocks_total",
+        "counter",
+        f"Blocked requests by the first segment of their path (the first {WAF_PATHS} seen; "
+        "later ones count as 'other').",
+        ("path",),
     ),
     MetricSpec("blindfold_decisions_active", "gauge", "Active decisions (bans)."),
     MetricSpec(
@@ -112,6 +128,18 @@ ORIGIN_METRICS = [
         ("event",),
     ),
     MetricSpec(
+        "blindfold_origin_upstream_errors_total",
+        "counter",
+        "Requests the application did not answer, by reason (connect_failed, timeout, ...).",
+        ("reason",),
+    ),
+    MetricSpec(
+        "blindfold_origin_upstream_seconds",
+        "histogram",
+        "Time from sending a request to the application to having its response head.",
+        buckets=UPSTREAM_BUCKETS,
+    ),
+    MetricSpec(
         "blindfold_origin_blind_bytes_total",
         "counter",
         "Body bytes served by the blind store: manifest, blob and public (edge pulls), "
@@ -140,7 +168,8 @@ def build_waf(cfg: OriginConfig) -> WafEngine | None:
         body_limit_action=w.body_limit_action,
         allowed_methods=w.allowed_methods,
         allowed_content_types=w.allowed_content_types,
-        exclusions=tuple(Exclusion(e.path_prefix, e.rule_ids) for e in w.exclusions),
+        exclusions=tuple(Exclusion(e.path_prefix, e.rule_ids, e.args) for e in w.exclusions),
+        modes=tuple(PathMode(m.path_prefix, m.mode, m.hostnames) for m in w.modes),
         extra_rules_files=w.extra_rules_files,
         crs_rules_dir=w.crs_rules_dir,
         crs_setup_dir=w.crs_setup_dir,
@@ -376,7 +405,11 @@ class OriginAgent:
         self.sockets: list[socket.socket] = []
         self.tls_sockets: dict[socket.socket, bool] = {}
         self.stopping = asyncio.Event()
-        self.admin = AdminServer(self._admin)
+        self.admin = AdminServer(
+            self._admin, load_admin_token(cfg.admin_token_file, "origin.admin_token_file")
+        )
+        self.upstream_latency = Histogram(UPSTREAM_BUCKETS)
+        self.waf_paths = BoundedLabels(WAF_PATHS)  # kept across reloads: one bound in all
         self.api: DecisionApi | None = None
         self.publisher: Any = None
         self.quic: Any = None  # origin.h3.QuicShared once HTTP/3 listens
@@ -431,6 +464,8 @@ class OriginAgent:
             stats=self.stats,
             access_log=cfg.access_log,
         )
+        gate.waf_paths = self.waf_paths
+        proxy.on_upstream = self._upstream
         # Visitors' requests are bounded per address; an edge's own connections (PROXY LOCAL:
         # its blind pulls, health checks) are not a visitor's and are not counted as one: a
         # visitor's share must not be where one edge's pulls for everyone queue up.
@@ -471,6 +506,12 @@ class OriginAgent:
 
     def count(self, key: str) -> None:
         self.stats[key] = self.stats.get(key, 0) + 1
+
+    def _upstream(self, result: str, seconds: float) -> None:
+        if result == "ok":
+            self.upstream_latency.observe(seconds)
+        else:
+            self.count(f"upstream_errors:{result}")
 
     def event(self, name: str, fields: dict[str, Any]) -> None:
         self.count(f"http:{name}")
@@ -880,6 +921,13 @@ class OriginAgent:
                 "text/plain; version=0.0.4",
                 render(self.snapshot(), self._metric_specs()).encode(),
             )
+        if path == "/":
+            return 200, HTML_TYPE, PAGE
+        if path == "/status.json":
+            body = status_json(
+                "origin", socket.gethostname(), self.snapshot(), self._metric_specs()
+            )
+            return 200, JSON_TYPE, body
         return 404, "text/plain", b"not found\n"
 
     def _metric_specs(self) -> list[MetricSpec]:
@@ -907,6 +955,9 @@ class OriginAgent:
             "blindfold_origin_decisions_connections_active": [[[], self.api_slots.open]],
             "blindfold_waf_blocks_total": [[[], s.get("waf_blocks", 0)]],
             "blindfold_waf_rule_blocks_total": pick("waf_rule:"),
+            "blindfold_waf_path_blocks_total": pick("waf_path:"),
+            "blindfold_origin_upstream_errors_total": pick("upstream_errors:"),
+            "blindfold_origin_upstream_seconds": [[[], self.upstream_latency.value()]],
             "blindfold_decisions_active": [[[], len(self.store.decisions)]],
             "blindfold_decisions_created_total": pick("decisions:"),
             "blindfold_origin_decisions_refused_total": pick("decisions_refused:"),
@@ -958,6 +1009,8 @@ class OriginAgent:
             await self.journal.close()
         await self.admin.close()
         self.log.emit("origin_stopped")
+        if self.audit is not self.log:
+            self.audit.flush()  # the last second's WAF lines (the tick flushes it otherwise)
         return 0
 
 

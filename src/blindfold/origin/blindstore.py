@@ -1,6 +1,8 @@
 """The origin's part in blind delivery. Over its own TLS, and only after the request gate (WAF,
 decision rules, access log: `StoreProxy` is the gate's last step), it answers its reserved paths:
 - the signed manifest (it holds the content keys: `no-store`, never through a blind edge),
+- the signed private manifest (the keys of private files), only to visitors the application
+  admits (`private_auth_path`, asked like nginx's auth_request), `private, no-store`,
 - the sealed blobs by id, the plaintext SRI copies, and the signed blob index (their
   digests) that edges check their copies against, for edges to pull and cache,
 - the service worker (with the manifest URL, the edge and the site's manifest key filled in)
@@ -16,6 +18,7 @@ Anything else goes to the application: the store never hides one of its paths un
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -40,6 +43,7 @@ from blindfold.blind.sealer import (
     BLOB_INDEX_NAME,
     BLOBS_DIR,
     MANIFEST_NAME,
+    PRIVATE_MANIFEST_NAME,
     PUBLIC_DIR,
     PUBLIC_KEY_NAME,
     SRI_NAME,
@@ -70,6 +74,10 @@ REPORTS_PER_S = 50.0
 REPORTS_PER_CLIENT_PER_S = 1.0
 REPORTS_PER_CLIENT_BURST = 10
 MAX_REPORT_CLIENTS = 10_000
+# The application's answer to an authorisation request: a refusal's body is passed on up to
+# this size (a larger one is dropped), an admission's body is read and discarded.
+MAX_AUTH_BODY_BYTES = 16 << 10
+_PRIVATE_CACHE = b"private, no-store"
 # Blobs are named by content: an id never changes meaning.
 _BLOB_CACHE = b"public, max-age=31536000, immutable"
 _TYPES = {
@@ -103,6 +111,8 @@ def _service_worker(cfg: BlindStoreConfig, public: Ed25519PublicKey) -> bytes:
     template = resources.files("blindfold.blind").joinpath("static/sw.js").read_text()
     config = {
         "manifest": cfg.manifest_path,
+        # "": no private content is served (no authorisation configured)
+        "privateManifest": cfg.private_manifest_path if cfg.private_auth_path else "",
         "plain": cfg.plaintext_path if cfg.source_dir else "",  # "": the file's own URL
         "edge": cfg.edge_url,
         "report": cfg.report_path,
@@ -166,6 +176,7 @@ class StoreProxy(ReverseProxy):
     def __init__(self, store: BlindStore, pool: UpstreamPool) -> None:
         super().__init__(pool)
         self.store = store
+        store.pool = pool  # the application's: asked before private content is served
 
     async def forward(
         self,
@@ -210,6 +221,8 @@ class BlindStore:
         self.dir = Path(cfg.dir)
         self.blobs = self.dir / BLOBS_DIR
         self.manifest_path = cfg.manifest_path.encode()
+        self.private_manifest_path = cfg.private_manifest_path.encode()
+        self.pool: UpstreamPool | None = None  # the application's: StoreProxy sets it
         self.blob_index_path = cfg.blob_index_path.encode()
         self.blobs_path = cfg.blobs_path.encode()
         self.public_path = cfg.public_path.encode()
@@ -235,13 +248,21 @@ class BlindStore:
                 "served like a page",
             )
         self._sealed: dict[str, manifest.Entry] = {}
+        self._private: frozenset[str] = frozenset()  # the private paths among them
+        self._private_unreadable = False  # then every file of source_dir counts as private
+        if (self.dir / PRIVATE_MANIFEST_NAME).exists() and not cfg.private_auth_path:
+            raise ConfigError(
+                "blind.private_auth_path",
+                f"{self.dir / PRIVATE_MANIFEST_NAME} holds private files (`seal --private`): "
+                "name the application's path that admits visitors to them",
+            )
         # Reports are logged: bounded, so a client cannot flood the log through them.
         self.reports = TokenBucket(REPORTS_PER_S, int(REPORTS_PER_S * 2), time.monotonic())
         # ... and per visitor address, so that one visitor cannot use up everyone's reports
         self.reports_by_client = BucketMap(
             REPORTS_PER_CLIENT_PER_S, REPORTS_PER_CLIENT_BURST, MAX_REPORT_CLIENTS
         )
-        self._sealed_mtime = -1.0
+        self._sealed_mtime: tuple[float, float] = (-1.0, -1.0)
         self.signer: msgsig.ResponseSigner | None = None
         self._digests: dict[tuple[int, int, int, int], bytes] = {}
         if cfg.response_signing_key:
@@ -271,17 +292,33 @@ class BlindStore:
             ).encode()
 
     def _sealed_paths(self) -> dict[str, manifest.Entry]:
-        """The manifest's entries (re-read when the sealer rewrote it). Read without a time
-        check: an expired manifest still names what was sealed; visitors check expiry."""
-        try:
-            mtime = (self.dir / MANIFEST_NAME).stat().st_mtime
-        except OSError:
-            return {}
-        if mtime != self._sealed_mtime:
+        """The manifests' entries, public and private (re-read when the sealer rewrote
+        them; `self._private` names the private ones). Read without a time check: an expired
+        manifest still names what was sealed; visitors check expiry."""
+        mtimes = []
+        for name in (MANIFEST_NAME, PRIVATE_MANIFEST_NAME):
             try:
-                self._sealed = _entries((self.dir / MANIFEST_NAME).read_bytes())
-            except (OSError, VerificationError):
-                self._sealed = {}
+                mtimes.append((self.dir / name).stat().st_mtime)
+            except OSError:
+                mtimes.append(0.0)
+        mtime = (mtimes[0], mtimes[1])
+        if mtime != self._sealed_mtime:
+            sealed: dict[str, manifest.Entry] = {}
+            private: dict[str, manifest.Entry] = {}
+            with contextlib.suppress(OSError, VerificationError):
+                sealed = _entries((self.dir / MANIFEST_NAME).read_bytes())
+            self._private_unreadable = False
+            if mtime[1]:
+                try:
+                    private = _entries((self.dir / PRIVATE_MANIFEST_NAME).read_bytes())
+                except (OSError, VerificationError):
+                    # damaged (the sealer replaces it atomically): which files it names is
+                    # unknown, so every file of source_dir is treated as private (served only
+                    # to admitted visitors) rather than any of them as a public page
+                    self._private_unreadable = True
+                    self.log("blind_private_manifest_unreadable", file=PRIVATE_MANIFEST_NAME)
+            self._private = frozenset(private)
+            self._sealed = {**sealed, **private}
             self._sealed_mtime = mtime
         return self._sealed
 
@@ -291,7 +328,13 @@ class BlindStore:
     def _reserved(self, path: bytes) -> bool:
         cfg = self.cfg
         return (
-            path in (self.manifest_path, self.blob_index_path, self.report_path)
+            path
+            in (
+                self.manifest_path,
+                self.private_manifest_path,
+                self.blob_index_path,
+                self.report_path,
+            )
             or path.startswith((self.blobs_path, self.public_path, self.plaintext_path))
             or (
                 self.sw is not None
@@ -316,7 +359,9 @@ class BlindStore:
         ):
             return None
         head = request.method == b"HEAD"
-        secret = path == self.manifest_path or path.startswith(self.plaintext_path)
+        secret = path in (self.manifest_path, self.private_manifest_path) or path.startswith(
+            self.plaintext_path
+        )
         if secret and not self._end_to_end(request):
             self._count("blind_requests:refused_not_end_to_end")
             return _simple(
@@ -332,6 +377,18 @@ class BlindStore:
                 b"no-store",
                 head,
                 "manifest",
+            )
+        if path == self.private_manifest_path:
+            refused = await self._admit(request)
+            if refused is not None:
+                return refused
+            return await self._file(
+                request,
+                self.dir / PRIVATE_MANIFEST_NAME,
+                b"application/json",
+                _PRIVATE_CACHE,
+                head,
+                "private_manifest",
             )
         if path == self.blob_index_path:
             return await self._file(
@@ -380,13 +437,16 @@ class BlindStore:
             if found is None or entry is None:
                 self._count("blind_requests:not_found")
                 return _simple(404, "not a sealed file\n")
+            private = self._is_private(found[1], found[0])
+            if private and (refused := await self._admit(request)) is not None:
+                return refused
             # Its ETag is its plaintext digest (the manifest's), so a client that resumes it
             # with Range + If-Range never splices two versions.
             return await self._file(
                 request,
                 found[0],
                 entry.type.encode(),
-                b"no-cache",
+                _PRIVATE_CACHE if private else b"no-cache",
                 head,
                 "plaintext",
                 f'"{entry.sha256}"'.encode(),
@@ -397,6 +457,16 @@ class BlindStore:
             return None
         file, name = found
         entry = self._sealed_paths().get(name)
+        if self._is_private(name, file):
+            # a private file's plaintext at its own path (however spelt: %2F%2F, a link to
+            # it): only end to end, and only to whom the application admits
+            if not self._end_to_end(request):
+                self._count("blind_requests:refused_not_end_to_end")
+                return _simple(403, "a sealed file is served in plaintext only end to end\n")
+            if (refused := await self._admit(request)) is not None:
+                return refused
+            ctype = entry.type.encode() if entry else b"application/octet-stream"
+            return await self._file(request, file, ctype, _PRIVATE_CACHE, head, "page")
         if entry is not None and not self._end_to_end(request):
             # a sealed file's plaintext, at its own path: the same rule as the fallback prefix
             self._count("blind_requests:refused_not_end_to_end")
@@ -407,6 +477,96 @@ class BlindStore:
             entry.type.encode() if entry else _TYPES.get(file.suffix, b"application/octet-stream")
         )
         return await self._file(request, file, ctype, b"no-cache", head, "page")
+
+    def _is_private(self, name: str, file: Path) -> bool:
+        """Whether a file of source_dir is private: by the name asked for, or by where it
+        really is (another spelling of its path, a symbolic link to it). `_sealed_paths`
+        must have been read first."""
+        if self._private_unreadable:
+            return True
+        if not self._private:
+            return False
+        assert self.source is not None
+        return name in self._private or (
+            "/" + file.relative_to(self.source).as_posix() in self._private
+        )
+
+    async def _admit(self, request: Request) -> LocalResponse | None:
+        """Ask the application whether this visitor may have private content (nginx's
+        auth_request): a GET of private_auth_path carrying the visitor's Cookie and
+        Authorization. None: admitted (a 2xx). Otherwise the answer for the visitor: the
+        application's own 401 or 403, or 503 for anything else (a redirect, an error, no
+        answer within private_auth_timeout_s). Without private_auth_path nothing private is
+        ever served (404)."""
+        cfg = self.cfg
+        if not cfg.private_auth_path or self.pool is None:
+            self._count("blind_requests:private_unconfigured")
+            return _simple(404, "not found\n")
+        # RFC 9113 §8.2.3: HTTP/2 may split Cookie into several fields; HTTP/1.1 wants one
+        cookies = [v for k, v in request.headers if k == b"cookie"]
+        authority = request.authority or request.tls.get("sni", "").encode() or b"localhost"
+        headers: Headers = [(b"host", authority)]
+        if cookies:
+            headers.append((b"cookie", b"; ".join(cookies)))
+        if (auth := request.header(b"authorization")) is not None:
+            headers.append((b"authorization", auth))
+        headers += [
+            (b"x-original-uri", request.target or b"/"),
+            (b"x-original-method", request.method),
+            (b"x-forwarded-for", request.client[0].encode()),
+            (b"x-forwarded-proto", request.scheme),
+            (b"x-request-id", request.request_id.encode()),
+        ]
+        status, body = 0, bytearray()
+        answer: Headers = []
+        try:
+            async with asyncio.timeout(cfg.private_auth_timeout_s):
+                response = await self.pool.request(
+                    b"GET", cfg.private_auth_path.encode(), headers, None
+                )
+                try:
+                    status, answer = response.status, response.headers
+                    async for chunk in response.body():
+                        body += chunk
+                        if len(body) > MAX_AUTH_BODY_BYTES:
+                            body.clear()
+                            break  # not read to its end: the connection is closed
+                finally:
+                    response.close()
+        except (UpstreamError, TimeoutError, OSError) as exc:
+            body.clear()  # a refusal whose body broke off is passed on without it
+            if status == 0:  # no answer (a broken body after one: the status decides)
+                reason = "timeout" if isinstance(exc, TimeoutError) else str(exc)[:200]
+                self.log("blind_private_auth_failed", reason=reason)
+                self._count("blind_requests:private_auth_failed")
+                return _simple(503, "authorisation unavailable\n", [(b"retry-after", b"5")])
+        if 200 <= status < 300:
+            self._count("blind_requests:private_admitted")
+            return None
+        if status in (401, 403):
+            self._count("blind_requests:private_refused")
+            keep = [
+                (k, v)
+                for k, v in answer
+                if k in (b"content-type", b"www-authenticate", b"set-cookie")
+            ]
+            data = bytes(body)
+
+            async def one() -> AsyncIterator[bytes]:
+                yield data
+
+            return LocalResponse(
+                status,
+                [
+                    *keep,
+                    (b"cache-control", b"no-store"),
+                    (b"content-length", str(len(data)).encode()),
+                ],
+                one(),
+            )
+        self.log("blind_private_auth_failed", reason=f"status {status}")
+        self._count("blind_requests:private_auth_failed")
+        return _simple(503, "authorisation unavailable\n", [(b"retry-after", b"5")])
 
     def _end_to_end(self, request: Request) -> bool:
         """Whether the request came over TLS that ends here, from the visitor: the name its

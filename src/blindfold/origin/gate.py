@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from blindfold.decisions.core import DecisionRules
+from blindfold.obs.metrics import BoundedLabels
 from blindfold.origin.edges import Reporter
 from blindfold.waf.engine import Match, Verdict, WafEngine
 from blindfold.web.messages import (
@@ -26,6 +27,14 @@ from blindfold.web.proxy import ReverseProxy
 
 # (ip, duration_s, reason, the trusted edge whose PROXY claim named the visitor, if one did)
 Ban = Callable[[str, float, str, Reporter | None], None]
+
+
+def path_label(path: bytes) -> str:
+    """A blocked request's path as a metric label: its first segment, printable, short."""
+    first = path.split(b"?", 1)[0].lstrip(b"/").split(b"/", 1)[0][:40]
+    return "/" + "".join(chr(b) if 0x21 <= b < 0x7F and b != 0x22 else "_" for b in first)
+
+
 Log = Callable[..., None]
 
 
@@ -53,6 +62,7 @@ class OriginGate:
         self.reject_over_limit = reject_over_limit
         self.detect_only = detect_only
         self.stats = stats
+        self.waf_paths = BoundedLabels(30)  # the agent hands its own, kept across reloads
         self.access_log = access_log
 
     def _count(self, key: str, n: int = 1) -> None:
@@ -92,7 +102,8 @@ class OriginGate:
                     verdict, prefix = await self._inspect_body(tx, body)
             if verdict is not None:
                 verdict_ids = verdict.rule_ids
-            if verdict is not None and not self.detect_only:
+            detect = self.detect_only or (tx is not None and tx.mode == "detect")
+            if verdict is not None and not detect:
                 status = verdict.status
                 waf_state = "blocked"
                 await self._block(request, respond, verdict, reporter)
@@ -123,7 +134,8 @@ class OriginGate:
                 ]
             if matches:
                 waf_state = waf_state or "matched"
-                self._audit(request, status, matches, waf_state, reporter)
+                mode = tx.mode if tx is not None else "block"
+                self._audit(request, status, matches, waf_state, mode, reporter)
             self._count(f"requests:{status // 100}xx" if status else "requests:aborted")
             if self.access_log:
                 self.log(
@@ -165,6 +177,7 @@ class OriginGate:
         self._count("waf_blocks")
         for rule in verdict.rule_ids:
             self._count(f"waf_rule:{rule}")
+        self._count(f"waf_path:{self.waf_paths.label(path_label(request.path))}")
         ban = self.rules.on_block(request.client[0], time.time())
         if ban is not None:
             self.ban(*ban, reporter)
@@ -179,6 +192,7 @@ class OriginGate:
         status: int,
         matches: list[Match],
         state: str,
+        mode: str,
         reporter: Reporter | None,
     ) -> None:
         self.log(
@@ -190,9 +204,14 @@ class OriginGate:
             raw_uri=request.raw_target.decode("latin-1")[:500] or None,  # as sent
             host=request.authority.decode("latin-1")[:200],
             status=status,
+            path=request.path.decode("latin-1")[:300],  # canonical, no query: what rules name
             result=state,
+            mode=mode,
             rule_ids=sorted({m.rule_id for m in matches}),
-            messages=[m.message for m in matches][:20],
+            messages=[m.message[:100] for m in matches][:20],
+            # [rule id, variable, anomaly points] in the order of `messages`: where each rule
+            # matched (the variable's name, never its value); what `blindfold waf report` reads
+            targets=[[m.rule_id, m.variable[:80], m.points] for m in matches][:20],
             audit=True,
             **edge_fields(reporter),
         )

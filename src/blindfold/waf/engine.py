@@ -24,6 +24,14 @@ Headers = list[tuple[bytes, bytes]]
 EXCLUSION_HEADER = "x-blindfold-waf-exclusion"
 _RULE_ID = re.compile(r'\[id "(\d+)"\]')
 _MSG = re.compile(r'\[msg "([^"]*)"\]')
+# the variable a rule matched, as ModSecurity writes it: "against variable `ARGS:q' (Value..."
+# or, for operators like @detectSQLi, "[data "Matched Data: ... found within ARGS:q: ..."]"
+_VARIABLE = re.compile(r"against variable `([^'`]{1,200})' \(Value")
+_SEVERITY = re.compile(r'\[severity "(\d)"\]')
+# what a match adds to the CRS anomaly score, by severity (crs-setup.conf's defaults)
+_POINTS = {"2": 5, "3": 4, "4": 3, "5": 2}
+_FOUND_WITHIN = re.compile(r"found within ([A-Z_]+(?::[^: \]\"]{1,200})?):")
+MODE_HEADER = "x-blindfold-waf-mode"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,9 +48,13 @@ class Verdict:
 class Match:
     rule_id: int
     message: str
+    variable: str = ""  # what the rule matched in, e.g. "ARGS:q", "REQUEST_HEADERS:User-Agent"
+    points: int = 0  # what it adds to the CRS anomaly score (by its severity)
 
 
 class WafTransaction(Protocol):
+    mode: str  # "block" | "detect": what applies to this request (known after request_headers)
+
     def request_headers(
         self, method: bytes, uri: bytes, http_version: str, headers: Headers
     ) -> Verdict | None: ...
@@ -65,7 +77,15 @@ class WafEngine(Protocol):
 @dataclass(frozen=True, slots=True)
 class Exclusion:
     path_prefix: str
-    rule_ids: tuple[int, ...] = ()  # empty: no rule runs for this path
+    rule_ids: tuple[int, ...] = ()  # empty: no rule runs for this path (for `args`: no CRS rule)
+    args: tuple[str, ...] = ()  # only these arguments (ARGS:name); empty: the whole request
+
+
+@dataclass(frozen=True, slots=True)
+class PathMode:
+    path_prefix: str
+    mode: Literal["block", "detect"]
+    hostnames: tuple[str, ...] = ()  # empty: every hostname
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +99,7 @@ class CrsSettings:
     allowed_methods: str = ""  # CRS tx.allowed_methods; "" keeps the CRS default
     allowed_content_types: str = ""  # CRS tx.allowed_request_content_type, space separated
     exclusions: tuple[Exclusion, ...] = ()
+    modes: tuple[PathMode, ...] = ()
     extra_rules_files: tuple[str, ...] = ()
     crs_rules_dir: str = "/usr/share/modsecurity-crs/rules"
     crs_setup_dir: str = "/etc/modsecurity/crs"
@@ -149,13 +170,25 @@ def build_rules(s: CrsSettings, exclusion_token: str) -> str:
         # which exclusions apply is decided in Python on the canonical path (web/target.py),
         # never by ModSecurity on the raw URI (`/webhook/../login` is /login); the decision
         # reaches the rules as a header only we add, whose value the client cannot guess
-        if ex.rule_ids:
+        if ex.args and ex.rule_ids:
+            ctl = ",".join(
+                f"ctl:ruleRemoveTargetById={r};ARGS:{a}" for r in ex.rule_ids for a in ex.args
+            )
+        elif ex.args:
+            ctl = ",".join(f"ctl:ruleRemoveTargetByTag=OWASP_CRS;ARGS:{a}" for a in ex.args)
+        elif ex.rule_ids:
             ctl = ",".join(f"ctl:ruleRemoveById={r}" for r in ex.rule_ids)
         else:
             ctl = "ctl:ruleEngine=Off"
         lines.append(
             f'SecRule REQUEST_HEADERS:{EXCLUSION_HEADER}-{i} "@streq {exclusion_token}" '
             f'"id:{1_000_000 + i},phase:1,pass,nolog,t:none,{ctl}"'
+        )
+    # a path whose mode differs from the global one (decided in Python, like exclusions)
+    for i, (mode, ctl) in enumerate((("detect", "DetectionOnly"), ("block", "On"))):
+        lines.append(
+            f'SecRule REQUEST_HEADERS:{MODE_HEADER} "@streq {exclusion_token}-{mode}" '
+            f'"id:{1_100_000 + i},phase:1,pass,nolog,t:none,ctl:ruleEngine={ctl}"'
         )
     for rules in sorted(glob.glob(str(Path(s.crs_rules_dir) / "*.conf"))):
         lines.append(f"Include {rules}")
@@ -211,21 +244,46 @@ class ModSecurityEngine:
             self._messages[key] = []
         return ModSecurityTransaction(self, key, request_id, client, server)
 
-    def exclusion_headers(self, uri: bytes) -> Headers:
-        """The marker headers that switch on the exclusions covering `uri`'s canonical path
-        (none when the path is not a valid one: the HTTP layer refuses those anyway)."""
-        if not self._exclusion_prefixes:
-            return []
+    def mode_for(self, path: str, host: str) -> str:
+        """The mode for a canonical path and a request hostname: the longest matching
+        `modes` prefix (one naming the hostname before one naming none), else the global."""
+        best: tuple[int, int] = (-1, -1)
+        mode: str = self.settings.mode
+        for m in self.settings.modes:
+            if m.hostnames and host not in m.hostnames:
+                continue
+            if path_has_prefix(path, m.path_prefix):
+                rank = (len(m.path_prefix.rstrip("/")), 1 if m.hostnames else 0)
+                if rank > best:
+                    best, mode = rank, m.mode
+        return mode
+
+    def markers(self, uri: bytes, headers: Headers) -> tuple[Headers, str]:
+        """The marker headers that switch on the exclusions and the path mode covering `uri`'s
+        canonical path, and that mode (none when the path is not a valid one: the HTTP layer
+        refuses those anyway)."""
+        s = self.settings
+        if not s.exclusions and not s.modes:
+            return [], s.mode
         try:
             path = canonical_path(uri.partition(b"?")[0]).decode("latin-1")
         except ProtocolError:
-            return []
+            return [], s.mode
         token = self._exclusion_token.encode()
-        return [
+        out = [
             (f"{EXCLUSION_HEADER}-{i}".encode(), token)
             for i, prefix in enumerate(self._exclusion_prefixes)
             if path_has_prefix(path, prefix)
         ]
+        mode: str = s.mode
+        if s.modes:
+            host = next((v for n, v in headers if n.lower() == b"host"), b"")
+            name = host.decode("latin-1").lower().rpartition(":")
+            hostname = name[0] if name[1] and not name[2].endswith("]") else name[2]
+            mode = self.mode_for(path, hostname)
+            if mode != s.mode:
+                out.append((MODE_HEADER.encode(), token + b"-" + mode.encode()))
+        return out, mode
 
     def _take_messages(self, key: int) -> list[str]:
         with self._lock:
@@ -248,6 +306,7 @@ class ModSecurityTransaction:
             engine._ms, engine._rules, request_id.encode(), ctypes.c_void_p(key)
         )
         self._done = False
+        self.mode: str = engine.settings.mode
         self._L.msc_process_connection(
             self._tx, client[0].encode(), client[1], server[0].encode(), server[1]
         )
@@ -285,7 +344,8 @@ class ModSecurityTransaction:
         verdict = self._intervention()
         if verdict is not None:
             return verdict
-        for name, value in [*headers, *self._e.exclusion_headers(uri)]:
+        markers, self.mode = self._e.markers(uri, headers)
+        for name, value in [*headers, *markers]:
             L.msc_add_n_request_header(tx, name, len(name), value, len(value))
         L.msc_process_request_headers(tx)
         return self._intervention()
@@ -316,7 +376,16 @@ class ModSecurityTransaction:
             ids = _RULE_ID.findall(text)
             if ids:
                 msg = _MSG.search(text)
-                matches.append(Match(int(ids[0]), msg.group(1) if msg else ""))
+                var = _VARIABLE.search(text) or _FOUND_WITHIN.search(text)
+                sev = _SEVERITY.search(text)
+                matches.append(
+                    Match(
+                        int(ids[0]),
+                        msg.group(1) if msg else "",
+                        var.group(1) if var else "",
+                        _POINTS.get(sev.group(1), 0) if sev else 0,
+                    )
+                )
         return matches
 
     def __del__(self) -> None:

@@ -193,6 +193,11 @@ async def _wait_turn(
         raise
 
 
+# interim responses passed on per request; an origin may send more, they are dropped
+MAX_INTERIM = 8
+InterimCallback = Callable[[int, Headers], Awaitable[None]]
+
+
 class UpstreamResponse:
     """Status and headers at once; the body as an async iterator of chunks. The connection goes
     back to the pool when the body has been read to the end, and is closed otherwise."""
@@ -357,6 +362,9 @@ class UpstreamPool:
             or conn.h11.our_state is not h11.DONE
             or conn.h11.their_state is not h11.DONE
             or not conn.usable()
+            # bytes past the end of the response (a body longer than its Content-Length):
+            # reused, they would be read as the start of the next response
+            or conn.h11.trailing_data[0]
         ):
             conn.close()
             return
@@ -415,14 +423,21 @@ class UpstreamPool:
             raise UpstreamError("write_failed", f"write: {exc.strerror or exc}") from None
 
     async def request(
-        self, method: bytes, target: bytes, headers: Headers, body: AsyncIterator[bytes] | None
+        self,
+        method: bytes,
+        target: bytes,
+        headers: Headers,
+        body: AsyncIterator[bytes] | None,
+        on_interim: InterimCallback | None = None,
     ) -> UpstreamResponse:
         """Send a request and return once the response head has arrived. A reused
         connection that turns out dead before anything was read is retried once on a fresh
-        one, which is safe because the request never reached the application."""
+        one, which is safe because the request never reached the application. Interim (1xx)
+        responses before it go to `on_interim` (status, headers), at most MAX_INTERIM of them;
+        101 is never passed on (this client does not switch protocols)."""
         conn, reused = await self._acquire()
         try:
-            return await self._exchange(conn, method, target, headers, body)
+            return await self._exchange(conn, method, target, headers, body, on_interim)
         except _Stale:
             if not reused:
                 conn.close()
@@ -433,7 +448,11 @@ class UpstreamPool:
             except BaseException:
                 self._conn_gone()
                 raise
-            return await self._exchange(conn, method, target, headers, body)
+            try:
+                return await self._exchange(conn, method, target, headers, body, on_interim)
+            except _Stale:  # the fresh one closed without a byte too: the upstream's answer
+                conn.close()
+                raise UpstreamError("closed", "upstream closed the connection") from None
 
     async def _exchange(
         self,
@@ -442,6 +461,7 @@ class UpstreamPool:
         target: bytes,
         headers: Headers,
         body: AsyncIterator[bytes] | None,
+        on_interim: InterimCallback | None = None,
     ) -> UpstreamResponse:
         try:
             # the head, and the body as far as it is in hand, go out in one write
@@ -457,6 +477,7 @@ class UpstreamPool:
             out += conn.h11.send(h11.EndOfMessage()) or b""
             await self._write_or_stale(conn, out)
             got_bytes = False
+            interim = 0
             while True:
                 event = conn.h11.next_event()
                 if event is h11.NEED_DATA:
@@ -467,6 +488,13 @@ class UpstreamPool:
                     conn.h11.receive_data(data)
                     continue
                 if isinstance(event, h11.InformationalResponse):
+                    interim += 1
+                    if (
+                        on_interim is not None
+                        and event.status_code != 101
+                        and interim <= MAX_INTERIM
+                    ):
+                        await on_interim(event.status_code, list(event.headers))
                     continue
                 if isinstance(event, h11.Response):
                     return UpstreamResponse(

@@ -400,6 +400,29 @@ class H1Responder:
             raise ConnectionError(f"invalid response: {exc}") from None
         self._held = data or b""
 
+    async def interim(self, status: int, headers: Headers) -> None:
+        """An interim (1xx) response before the final one, written at once; never to an
+        HTTP/1.0 client (RFC 9110 §15.2), never 101 (no protocol switch here)."""
+        c = self._c
+        if (
+            c.closed
+            or self.started
+            or not 102 <= status <= 199
+            or c.conn.their_http_version == b"1.0"
+        ):
+            return
+        try:
+            data = c.conn.send(
+                h11.InformationalResponse(
+                    status_code=status, headers=headers, reason=_REASONS.get(status, b"")
+                )
+            )
+        except h11.LocalProtocolError:
+            return  # not in a state to send one: it is only a hint
+        assert c.transport is not None
+        c.transport.write(data or b"")
+        await c.drain()
+
     async def send(self, data: bytes) -> None:
         c = self._c
         if c.closed:

@@ -509,6 +509,21 @@ class H2Responder:
         c._flush()
         await c.drain()
 
+    async def interim(self, status: int, headers: Headers) -> None:
+        """An interim (1xx) response before the final one: a HEADERS frame without END_STREAM
+        (RFC 9113 §8.1); never 101 (RFC 9113 §8.6)."""
+        c = self._c
+        if c.closed or self.started or not 102 <= status <= 199:
+            return
+        out = [(b":status", str(status).encode())]
+        out += [(k.lower(), v) for k, v in headers if k.lower() not in _FORBIDDEN_RESPONSE_HEADERS]
+        try:
+            c.conn.send_headers(self.stream_id, out)
+        except (h2.exceptions.ProtocolError, KeyError):
+            return
+        c._flush()
+        await c.drain()
+
     async def send(self, data: bytes) -> None:
         c = self._c
         view = memoryview(b"" if self.head else data)

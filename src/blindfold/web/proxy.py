@@ -6,7 +6,9 @@ X-Forwarded-*/Forwarded headers are dropped and replaced, never trusted or appen
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from blindfold.errors import UpstreamError
 from blindfold.web.client import UpstreamPool, UpstreamResponse
@@ -97,12 +99,28 @@ async def iterate(first: list[bytes], body: BodyStream) -> AsyncIterator[bytes]:
         yield chunk
 
 
+def interim_sender(respond: Responder) -> Callable[[int, Headers], Awaitable[None]]:
+    """Passes an upstream's interim (1xx: 103 Early Hints, 102) responses on to the client,
+    hop-by-hop fields removed, where the client's protocol can carry them (HTTP/1.1, HTTP/2
+    responders have `interim`); nothing is kept of them."""
+
+    async def send(status: int, headers: Headers) -> None:
+        forward = getattr(respond, "interim", None)
+        if forward is not None:
+            with contextlib.suppress(ConnectionError):
+                await forward(status, strip_hop_by_hop(headers))
+
+    return send
+
+
 class ReverseProxy:
     def __init__(
         self, pool: UpstreamPool, on_response: Callable[[Request, int, int], None] | None = None
     ) -> None:
         self.pool = pool
         self.on_response = on_response
+        # (result, seconds to the response head): "ok" or the UpstreamError's reason
+        self.on_upstream: Callable[[str, float], None] | None = None
 
     async def forward(
         self,
@@ -118,13 +136,21 @@ class ReverseProxy:
         if has_body and not declared:
             headers.append((b"transfer-encoding", b"chunked"))
         stream = iterate(prefix or [], body) if has_body else None
+        t0 = time.monotonic()
         try:
-            return await self.pool.request(request.method, request.target or b"/", headers, stream)
+            response = await self.pool.request(
+                request.method, request.target or b"/", headers, stream, interim_sender(respond)
+            )
+            if self.on_upstream is not None:
+                self.on_upstream("ok", time.monotonic() - t0)
+            return response
         except BodyTooLarge:
             await simple_response(respond, 413, "request body too large\n")
         except BodyTimeout:
             await simple_response(respond, 408, "request body not received in time\n")
         except UpstreamError as exc:
+            if self.on_upstream is not None:
+                self.on_upstream(exc.reason, time.monotonic() - t0)
             await simple_response(
                 respond,
                 exc.status,

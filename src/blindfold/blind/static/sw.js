@@ -9,11 +9,19 @@
 // before a byte is released. On any failure the origin serves the file instead, from its
 // plaintext prefix (a failure in the middle of a streamed file: the rest, with a Range
 // request) and the failure is reported.
+//
+// A path the public manifest does not list may be private: the private manifest (the keys of
+// the files only some visitors may see) is asked for with the visitor's credentials, and the
+// origin serves it only when the site's application admits the visitor. Admitted: its files
+// come from the edge like the others. Refused (or no private content): the request goes to
+// the origin as it is, which asks the application again and answers its 401/403 for a
+// private file; the browser never gets a private key or plaintext it was refused.
 'use strict';
 
 const CONFIG = /*BLINDFOLD_CONFIG*/ {};
 const BUFFER_LIMIT = 8 * 1024 * 1024;
 const MANIFEST_TTL_MS = 60 * 1000;
+const REFUSED_TTL_MS = 5 * 1000;  // a refusal is asked again this soon (the visitor may log in)
 const EDGE_IDLE_MS = 15 * 1000;  // an edge that sends nothing this long has failed
 const EDGE_TOTAL_MS = 120 * 1000;  // for a file checked whole before release
 const enc = new TextEncoder();
@@ -25,7 +33,8 @@ self.addEventListener('fetch', (event) => {
   const request = event.request;
   if (request.method !== 'GET') return;
   const url = new URL(request.url);
-  if (url.origin !== self.location.origin || url.pathname === CONFIG.manifest) return;
+  if (url.origin !== self.location.origin || url.pathname === CONFIG.manifest
+      || url.pathname === CONFIG.privateManifest) return;
   if (request.headers.has('range')) return;  // partial requests go to the origin as they are
   event.respondWith(handle(request, url));
 });
@@ -52,6 +61,8 @@ function hex(buffer) {
 }
 
 let manifestState = null;  // {files, expiresAt, fetchedAt}
+let privateState = null;  // {files (null: none for this visitor), expiresAt, fetchedAt, ttl}
+let privateLoading = null;  // the one request in flight: a page's many requests share it
 
 async function loadManifest() {
   const now = Date.now();
@@ -61,21 +72,58 @@ async function loadManifest() {
   }
   const response = await fetch(CONFIG.manifest, {cache: 'no-store', credentials: 'same-origin'});
   if (!response.ok) throw new Error(`manifest: HTTP ${response.status}`);
-  const doc = await response.json();
-  if (doc.format !== 'blindfold-manifest/1' || doc.alg !== 'ed25519') {
-    throw new Error('manifest: unknown format');
+  const body = await verified(await response.json(), now, 'manifest');
+  manifestState = {files: body.files, expiresAt: body.expires_at, fetchedAt: now};
+  return body.files;
+}
+
+// The private manifest's files for this visitor, or null: the site has none, or its
+// application refused the visitor (401, 403). Verified exactly like the public one.
+function loadPrivate() {
+  if (!CONFIG.privateManifest) return Promise.resolve(null);
+  const now = Date.now();
+  if (privateState && now - privateState.fetchedAt < privateState.ttl
+      && now / 1000 < privateState.expiresAt) {
+    return Promise.resolve(privateState.files);
   }
-  if (doc.key_id !== CONFIG.keyId) throw new Error(`manifest: signed by key ${doc.key_id}`);
+  if (!privateLoading) {
+    privateLoading = fetchPrivate(now).finally(() => { privateLoading = null; });
+  }
+  return privateLoading;
+}
+
+async function fetchPrivate(now) {
+  const response = await fetch(CONFIG.privateManifest, {cache: 'no-store',
+                                                        credentials: 'include'});
+  if (response.status === 401 || response.status === 403 || response.status === 404) {
+    response.body?.cancel().catch(() => {});
+    const ttl = response.status === 404 ? MANIFEST_TTL_MS : REFUSED_TTL_MS;
+    privateState = {files: null, expiresAt: Infinity, fetchedAt: now, ttl};
+    return null;
+  }
+  if (!response.ok) throw new Error(`private manifest: HTTP ${response.status}`);
+  const body = await verified(await response.json(), now, 'private manifest');
+  privateState = {files: body.files, expiresAt: body.expires_at, fetchedAt: now,
+                  ttl: MANIFEST_TTL_MS};
+  return body.files;
+}
+
+// The payload of a signed manifest document (docs/blind.md), or an error naming what failed.
+async function verified(doc, now, what) {
+  if (doc.format !== 'blindfold-manifest/1' || doc.alg !== 'ed25519') {
+    throw new Error(`${what}: unknown format`);
+  }
+  if (doc.key_id !== CONFIG.keyId) throw new Error(`${what}: signed by key ${doc.key_id}`);
   const key = await crypto.subtle.importKey('raw', b64u(CONFIG.publicKey), {name: 'Ed25519'},
                                             false, ['verify']);
   const ok = await crypto.subtle.verify({name: 'Ed25519'}, key, b64u(doc.signature),
                                         enc.encode(doc.payload));
-  if (!ok) throw new Error('manifest: bad signature');
+  if (!ok) throw new Error(`${what}: bad signature`);
   const body = JSON.parse(doc.payload);
-  if (now / 1000 >= body.expires_at) throw new Error('manifest: expired');
-  if (now / 1000 < body.issued_at - 300) throw new Error('manifest: issued in the future');
-  manifestState = {files: body.files, expiresAt: body.expires_at, fetchedAt: now};
-  return body.files;
+  if (body.format !== 'blindfold-manifest/1') throw new Error(`${what}: payload format`);
+  if (now / 1000 >= body.expires_at) throw new Error(`${what}: expired`);
+  if (now / 1000 < body.issued_at - 300) throw new Error(`${what}: issued in the future`);
+  return body;
 }
 
 async function handle(request, url) {
@@ -92,7 +140,17 @@ async function handle(request, url) {
   } catch (err) {  // a malformed escape: not a sealed path
     return fetch(request);
   }
-  const entry = files[name];
+  let entry = Object.hasOwn(files, name) ? files[name] : null;
+  if (!entry) {
+    let mine;
+    try {
+      mine = await loadPrivate();
+    } catch (err) {
+      report(url.pathname, null, String(err));
+      return fetch(request);  // the origin decides (it asks the application again)
+    }
+    entry = mine && Object.hasOwn(mine, name) ? mine[name] : null;
+  }
   if (!entry) return fetch(request);
   try {
     return await fromEdge(entry, request);

@@ -38,7 +38,14 @@ from blindfold.config.edge import EdgeConfig, EdgeHttpConfig, KeyServerRef, Rout
 from blindfold.core import keyless_wire as w
 from blindfold.core import tls13_server as ts
 from blindfold.core.clienthello import ClientHello
-from blindfold.core.httpcache import Entry, HttpCache, Lookup, not_modified
+from blindfold.core.httpcache import (
+    STALE_IF_ERROR_STATUS,
+    Entry,
+    HttpCache,
+    Lookup,
+    StalePolicy,
+    not_modified,
+)
 from blindfold.core.iplist import parse_address
 from blindfold.core.proxyproto import PP2_TYPE_BLINDFOLD_HTTP, with_tlv
 from blindfold.core.ratelimit import BucketMap
@@ -66,10 +73,11 @@ from blindfold.web.messages import (
     simple_response,
     strip_hop_by_hop,
 )
-from blindfold.web.proxy import iterate, request_has_body, upstream_headers
+from blindfold.web.proxy import interim_sender, iterate, request_has_body, upstream_headers
 from blindfold.web.target import path_has_prefix
 
 MAX_RATE_KEYS = 100_000
+MAX_REFRESHES = 64  # stale-while-revalidate refreshes under way at once, per route and worker
 SIGN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _CONDITIONAL = frozenset(
     {b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since", b"if-range"}
@@ -120,7 +128,7 @@ METRICS = (
     MetricSpec(
         "blindfold_keyless_cache_total",
         "counter",
-        "Cache outcomes per request: hit, revalidated, miss, stored, bypass.",
+        "Cache outcomes per request: hit, revalidated, stale, miss, stored, bypass.",
         ("route", "result"),
     ),
     MetricSpec(
@@ -173,7 +181,7 @@ class KeylessStats:
         self.handshakes: dict[str, int] = {}  # full | resumed | failed reason
         self.fallbacks: dict[str, int] = {}  # reason -> passthrough connections
         self.requests: dict[str, int] = {}  # status class
-        self.cache: dict[str, int] = {}  # hit | miss | revalidated | stored | bypass
+        self.cache: dict[str, int] = {}  # hit | miss | revalidated | stale | stored | bypass
         self.rate_limited: dict[str, int] = {}  # rule name
         self.key_updates: dict[str, int] = {}  # received | sent
 
@@ -223,9 +231,19 @@ class KeylessRoute:
         ]
         self.ipv6_prefix_len = ipv6_prefix_len
         self.cache = HttpCache(rc.cache_max_bytes, rc.cache_max_object_bytes)
+        self.cache.stale = self.stale = StalePolicy(
+            rc.cache_stale_while_revalidate,
+            rc.cache_stale_if_error,
+            rc.cache_max_stale,
+            rc.cache_stale_max_s,
+        )
         # origin connections per client address, across its visitor connections (KeylessHandler)
         self.origin_caps = SharedCaps(self.http.upstream_connections_per_ip)
         self.stats = KeylessStats()
+        # stale-while-revalidate refreshes under way: their keys (one refresh per key) and
+        # tasks (strong references: asyncio keeps tasks weakly)
+        self.refreshing: set[tuple[bytes, bytes]] = set()
+        self.refresh_tasks: set[asyncio.Task[None]] = set()
 
     def adopt(self, old: KeylessRoute) -> None:
         """Keep what a reload should not lose: live sessions, the cache, counters."""
@@ -238,6 +256,7 @@ class KeylessRoute:
             self.cache.max_object_bytes,
         ):
             self.cache = old.cache
+            self.cache.stale = self.stale
         self.stats = old.stats
         old.origin_caps.limit = self.origin_caps.limit  # live connections stay counted
         self.origin_caps = old.origin_caps
@@ -578,7 +597,91 @@ class KeylessHandler:
             lookup = cache.lookup(key, request.method, request.headers, time.time())
             if lookup is not None and lookup.fresh:
                 return await self._serve_entry(request, respond, lookup.entry, "hit")
+            if lookup is not None and lookup.revalidate_after:
+                # RFC 5861 §3: the stale copy now, the origin in the background
+                self._refresh_later(request, key, lookup)
+                return await self._serve_entry(request, respond, lookup.entry, "stale")
         return await self._forward(request, body, respond, key, lookup)
+
+    def _refresh_later(self, request: Request, key: tuple[bytes, bytes], lookup: Lookup) -> None:
+        """Start the background refresh of an entry served stale, unless one is under way for
+        that key or MAX_REFRESHES are (then a later visitor's request starts it). It outlives
+        the visitor's connection: its own origin connection, its own deadline."""
+        kr = self.kr
+        if key in kr.refreshing or len(kr.refreshing) >= MAX_REFRESHES:
+            return
+        kr.refreshing.add(key)
+        task = asyncio.get_running_loop().create_task(self._refresh(request, key, lookup))
+        kr.refresh_tasks.add(task)
+        task.add_done_callback(kr.refresh_tasks.discard)
+
+    async def _refresh(self, request: Request, key: tuple[bytes, bytes], lookup: Lookup) -> None:
+        kr, http = self.kr, self.kr.http
+        pool = UpstreamPool(
+            f"https://{self.route.pool.origins[0].text}",
+            max_idle=0,
+            connect_timeout_s=http.upstream_connect_timeout_s,
+            timeout_s=http.upstream_timeout_s,
+            tls=kr.origin_tls,
+            server_hostname=kr.config.origin_server_name or self.sni,
+            connector=self._connect_origin,
+            max_open=1,
+            queue_timeout_s=http.upstream_queue_timeout_s,
+        )
+        try:
+            async with asyncio.timeout(http.upstream_connect_timeout_s + http.upstream_timeout_s):
+                await self._revalidate(pool, request, key, lookup)
+        except (TimeoutError, UpstreamError, ConnectionError, OSError):
+            pass
+        finally:
+            pool.close()
+            kr.refreshing.discard(key)
+
+    async def _revalidate(
+        self, pool: UpstreamPool, request: Request, key: tuple[bytes, bytes], lookup: Lookup
+    ) -> None:
+        """Refresh a stored response served stale: a 304 freshens it, a storable answer
+        replaces it; nothing reaches the visitor, who already has its answer."""
+        cache = self.kr.cache
+        headers = upstream_headers(request, request.authority or self.sni.encode())
+        headers = [(k, v) for k, v in headers if k not in _CONDITIONAL] + lookup.validators
+        request_time = time.time()
+        response = await pool.request(b"GET", request.target or b"/", headers, None)
+        try:
+            response_time = time.time()
+            chunks: list[bytes] | None = []
+            size = 0
+            async for chunk in response.body():
+                size += len(chunk)
+                if chunks is None or size > cache.max_object_bytes:
+                    chunks = None  # too big to store: the rest is not worth reading
+                    break
+                chunks.append(chunk)
+            if response.status == 304 and lookup.validators:
+                cache.freshen(
+                    key,
+                    lookup.entry,
+                    response.headers,
+                    request.headers,
+                    request_time,
+                    response_time,
+                )
+            elif chunks is not None and cache.storable(
+                b"GET", request.headers, response.status, response.headers
+            ):
+                cache.store(
+                    key,
+                    request.headers,
+                    response.status,
+                    response.headers,
+                    b"".join(chunks),
+                    request_time,
+                    response_time,
+                )
+        except (UpstreamError, ConnectionError):
+            pass
+        finally:
+            response.close()
 
     async def _forward(
         self,
@@ -591,7 +694,8 @@ class KeylessHandler:
         cache = self.kr.cache
         headers = upstream_headers(request, request.authority or self.sni.encode())
         method = request.method
-        if lookup is not None:
+        revalidating = lookup is not None and bool(lookup.validators)
+        if lookup is not None and revalidating:
             # revalidate our copy with its validators; the visitor's own conditions are
             # evaluated against the result
             headers = [(k, v) for k, v in headers if k not in _CONDITIONAL]
@@ -603,7 +707,10 @@ class KeylessHandler:
         stream = iterate([], body) if has_body else None
         request_time = time.time()
         try:
-            response = await self.pool.request(method, request.target or b"/", headers, stream)
+            # 103 Early Hints and other 1xx pass through to the visitor, never into the cache
+            response = await self.pool.request(
+                method, request.target or b"/", headers, stream, interim_sender(respond)
+            )
         except BodyTooLarge:
             await simple_response(respond, 413, "request body too large\n")
             return 413, "", 0
@@ -620,6 +727,10 @@ class KeylessHandler:
             )
             return 503, "", 0
         except UpstreamError as exc:
+            if lookup is not None and cache.stale_on_error(
+                lookup.entry, request.headers, time.time()
+            ):
+                return await self._serve_entry(request, respond, lookup.entry, "stale")
             status = exc.status
             await simple_response(
                 respond,
@@ -638,7 +749,14 @@ class KeylessHandler:
         except ConnectionError:
             return 0, "", 0
         response_time = time.time()
-        if lookup is not None and response.status == 304:
+        if (
+            lookup is not None
+            and response.status in STALE_IF_ERROR_STATUS
+            and cache.stale_on_error(lookup.entry, request.headers, response_time)
+        ):
+            response.close()  # RFC 5861 §4: the stored copy answers instead of the error
+            return await self._serve_entry(request, respond, lookup.entry, "stale")
+        if revalidating and lookup is not None and response.status == 304:
             with contextlib.suppress(UpstreamError):
                 async for _ in response.body():
                     pass
