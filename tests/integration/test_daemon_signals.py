@@ -26,6 +26,7 @@ def _stop_quickly(proc: BlindfoldProcess, name: str) -> None:
     proc.proc.wait(10)
     took = time.monotonic() - t0
     assert proc.proc.returncode == 0, proc.stderr_lines
+    print(f"{name} stopped in {took:.2f} s")
     assert took < STOP_WITHIN_S, f"{name} took {took:.2f} s to stop"
     assert proc.wait_for(lambda r: r.get("event") == f"{name}_stopped", 2)
 
