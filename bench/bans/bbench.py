@@ -172,6 +172,7 @@ drain_timeout_s = 2
 [[edge.routes]]
 sni = ["{SNI}"]
 origins = ["127.0.0.1:{origin_port}"]
+proxy_protocol = "none"
 
 [edge.decisions]
 url = "http://127.0.0.1:{source_port}"

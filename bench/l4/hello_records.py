@@ -100,6 +100,7 @@ def main() -> int:
         "[[edge.routes]]\n"
         f'sni = ["{SNI.decode()}"]\n'
         f'origins = ["127.0.0.1:{srv.getsockname()[1]}"]\n'
+        'proxy_protocol = "none"\n'
     )
     edge = Proc(
         "edge",

@@ -11,10 +11,14 @@ class BlindfoldError(Exception):
 class ConfigError(BlindfoldError):
     """The configuration is invalid. `key` is the dotted path of the offending key."""
 
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}" if key else message)
+    def __init__(self, key: str, message: str, where: str = "") -> None:
+        # `where`: what the key path alone does not say, e.g. the name of the route at
+        # edge.routes[1] ('(route "www")'): shown after the path
+        label = f"{key} {where}" if where else key
+        super().__init__(f"{label}: {message}" if key else message)
         self.key = key
         self.message = message
+        self.where = where
 
 
 class ProtocolError(BlindfoldError):

@@ -177,7 +177,11 @@ def test_unauthenticated_and_unknown_clients(
     rogue = kpki.edge_tls("rogue")  # a valid certificate from the CA, but not a known edge
     with _tls_connect(keyserver.port, rogue) as s:
         s.sendall(w.encode_sign_request(1, Visit(kpki, "p256", "example.test").sign_request()))
-        assert s.recv(100) == b""
+        reply = _reply(s)  # one ERROR about the connection (request id 0), then closed
+    frame = w.FrameDecoder().feed(reply)
+    assert [(f.type, f.request_id) for f in frame] == [(w.ERROR, 0)]
+    code, message = w.decode_error(frame[0].body)
+    assert code == w.E_UNAUTHORIZED and message.startswith("edge_not_authorised: ")
     foreign_ca = pki.make_ca("foreign")
     foreign = pki.issue(foreign_ca, [], client=True, server=False, common_name="edge1")
     foreign.write(tmp_path / "f.pem", tmp_path / "f.key")
@@ -245,17 +249,30 @@ def test_a_version_1_edge_is_told_to_upgrade(kpki: KeylessPki, keyserver: KeySer
 
 
 def test_revocation_by_sighup(kpki: KeylessPki, keyserver: KeyServerProcess) -> None:
+    """A revoked edge's next signature fails at once with the key server's reason (before:
+    `timeout ... no signature within 1.0 s` after retrying for the whole deadline), and the key
+    server logs the refusal with the edge's address as ip:port."""
+
     async def go() -> None:
-        client = kpki.client("edge1", keyserver.port)
+        client = kpki.client("edge1", keyserver.port, sign_timeout_s=1.0)
         await client.sign(Visit(kpki, "p256", "example.test").sign_request())
         keyserver.write_config(keyserver_config(kpki, {"edge2": ["other.test"]}))
         keyserver.proc.send_signal(signal.SIGHUP)
         assert keyserver.wait_for(lambda r: r.get("event") == "reloaded", 5)
-        with pytest.raises(KeyServerError):  # its connection was closed, a new one refused
-            await client.sign(Visit(kpki, "p256", "example.test").sign_request())
+        for _ in range(3):  # its connection was closed; each new one is refused, at once
+            t0 = time.monotonic()
+            with pytest.raises(KeyServerError) as info:
+                await client.sign(Visit(kpki, "p256", "example.test").sign_request())
+            assert time.monotonic() - t0 < 0.5, (info.value, keyserver.records())
+            assert info.value.reason == "edge_not_authorised", info.value
+            assert "refused this edge" in str(info.value)
         await client.close()
 
     asyncio.run(go())
+    line = keyserver.wait_for(lambda r: r.get("event") == "edge_refused", 5)
+    assert line is not None and line["reason"] == "unknown_edge"
+    host, _, port = line["peer"].rpartition(":")
+    assert host == "127.0.0.1" and port.isdigit(), line
 
 
 def test_a_certificate_wider_than_the_edge_is_refused_and_reported_at_reload(

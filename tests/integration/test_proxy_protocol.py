@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.helpers.clients import curl, get
-from tests.helpers.edgeproc import EdgeProcess, edge_config, route
+from tests.helpers.edgeproc import EdgeProcess, OriginProcess, edge_config, route
 from tests.helpers.nginx import Nginx
 from tests.helpers.origin import TlsOrigin
+from tests.helpers.topology import origin_config
 
 Start = Callable[..., EdgeProcess]
 
@@ -56,3 +58,31 @@ def test_without_proxy_protocol_the_origin_sees_the_edge(
     edge = start_edge(edge_config(route(["example.test"], [f"127.0.0.1:{origin.port}"])))
     reply = get(edge.port, "example.test", site["ca"], source="127.0.0.9")
     assert b"visitor 127.0.0.1:" in reply  # the edge's own address, nothing added
+
+
+def test_defaults_agree_and_a_mismatch_is_named(
+    start_edge: Start,
+    start_origin: Callable[..., OriginProcess],
+    app: Any,
+    site: dict[str, Path],
+    tmp_path: Path,
+) -> None:
+    """A route that says nothing about PROXY reaches an origin agent that says nothing either
+    (edge v2, origin required); a route that sends none is refused by that origin before any
+    TLS byte, and the edge's log line says so with a hint (before: reason "reset" or null)."""
+    origin = start_origin(origin_config(site, app.port, tmp_path))
+    default = '[[edge.routes]]\nsni = ["example.test"]\norigins = ["127.0.0.1:%d"]\n\n'
+    edge = start_edge(
+        edge_config(
+            default % origin.port
+            + route(["other.test"], [f"127.0.0.1:{origin.port}"], proxy_protocol="none")
+        )
+    )
+    ok = curl(edge.port, "example.test", site["ca"], source="127.0.0.9")
+    assert ok.returncode == 0, ok.stderr
+    bad = curl(edge.port, "other.test", site["ca"], source="127.0.0.9")
+    assert bad.returncode != 0
+    line = edge.wait_conn(sni="other.test")
+    assert line is not None
+    assert line["reason"] == "origin_closed_before_tls", line
+    assert "proxy_protocol" in line["hint"] and "trusted_edges" in line["hint"]

@@ -168,7 +168,7 @@ def table(tmp_path: Path, files: dict[str, str]) -> Iterator[Table]:
         '[edge]\nlisten = ["127.0.0.1:0"]\norigin_down_s = 10\nallow = ["203.0.113.0/24"]\n\n'
         + _route("pass", ["*.pass.test"], proxy_protocol="v2")
         + _route("v1", ["v1.test"], proxy_protocol="v1")
-        + _route("plain", ["plain.test"])
+        + _route("plain", ["plain.test"], proxy_protocol="none")
         + _route(
             "keyless",
             ["example.test", "*.example.test"],

@@ -124,7 +124,8 @@ def test_edge_route_auth_errors_name_the_key(route: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         loads(
             GOOD.replace(
-                'proxy_protocol = "v2"\n', "proxy_auth_name = 'e'\nproxy_auth_key_file = '/k'\n"
+                'proxy_protocol = "v2"\n',
+                "proxy_protocol = 'v1'\nproxy_auth_name = 'e'\nproxy_auth_key_file = '/k'\n",
             )
         )
     assert info.value.key == "edge.routes[0].proxy_protocol"

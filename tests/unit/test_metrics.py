@@ -37,3 +37,34 @@ def test_merge_and_render() -> None:
     assert "lat_seconds_count 4" in text
     assert "# TYPE lat_seconds histogram" in text
     assert "plain 0" in text  # label-less families always appear
+
+
+def test_an_unused_histogram_renders_its_buckets_not_a_bare_zero() -> None:
+    spec = MetricSpec("idle_seconds", "histogram", "Unused.", buckets=(0.5, 1.0))
+    text = render({}, [spec])
+    assert "idle_seconds 0" not in text
+    assert 'idle_seconds_bucket{le="0.5"} 0' in text
+    assert 'idle_seconds_bucket{le="+Inf"} 0' in text
+    assert "idle_seconds_count 0" in text and "idle_seconds_sum 0" in text
+
+
+def test_ja4_labels_are_the_top_n_plus_other() -> None:
+    from blindfold.edge.stats import JA4_OTHER, TOP_JA4, WorkerStats, top_ja4
+
+    workers = []
+    for w in range(2):
+        stats = WorkerStats()
+        for i in range(TOP_JA4 * 5):
+            for _ in range(i + 1 + w):
+                stats.count_ja4(f"t13d{i:04d}")
+        workers.append(stats.snapshot(0, 0, 0, [], {}))
+    specs = {
+        "blindfold_ja4_connections_total": MetricSpec(
+            "blindfold_ja4_connections_total", "counter", "x", ("ja4",)
+        )
+    }
+    merged = top_ja4(merge(workers, specs))["blindfold_ja4_connections_total"]
+    labels = [s[0][0] for s in merged]
+    assert len(labels) == TOP_JA4 + 1 and labels[-1] == JA4_OTHER
+    total = sum((i + 1) + (i + 2) for i in range(TOP_JA4 * 5))
+    assert sum(s[1] for s in merged) == total  # nothing lost: the rest is in "other"

@@ -181,3 +181,25 @@ def test_local_and_unknown() -> None:
     assert parsed is not None and parsed[0].local and parsed[0].src is None
     parsed = parse_proxy_header(b"PROXY UNKNOWN\r\n")
     assert parsed is not None and parsed[0].local
+
+
+def test_with_tlv_adds_one_tlv_to_a_v2_header_only() -> None:
+    from blindfold.core.proxyproto import PP2_TYPE_BLINDFOLD_HTTP, encode_v1, with_tlv
+
+    header = encode_v2(("198.51.100.7", 40000), ("192.0.2.10", 443), ((0x02, b"a.test"),))
+    out = with_tlv(header, PP2_TYPE_BLINDFOLD_HTTP, b"")
+    parsed = parse_proxy_header(out)
+    assert parsed is not None and parsed[1] == len(out)
+    assert parsed[0].tlv(PP2_TYPE_BLINDFOLD_HTTP) == b"" and parsed[0].tlv(0x02) == b"a.test"
+    v1 = encode_v1(("198.51.100.7", 40000), ("192.0.2.10", 443))
+    assert with_tlv(v1, PP2_TYPE_BLINDFOLD_HTTP, b"") == v1
+    assert with_tlv(b"", PP2_TYPE_BLINDFOLD_HTTP, b"") == b""
+
+
+def test_a_request_id_is_the_edges_only_from_an_edge_and_only_a_plain_token() -> None:
+    from blindfold.web.limits import request_id_for
+
+    assert request_id_for([(b"x-request-id", b"abc-1.2_3")], True) == "abc-1.2_3"
+    assert request_id_for([(b"x-request-id", b"abc-1")], False) != "abc-1"
+    for bad in (b"", b"a b", b'a"b', b"x" * 65, b"caf\xc3\xa9"):
+        assert request_id_for([(b"x-request-id", bad)], True) != bad.decode("latin-1")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -11,6 +12,12 @@ from blindfold import __version__
 from blindfold.config import load_file
 from blindfold.config.common import load_admin_token, unspecified_listen
 from blindfold.errors import ConfigError
+
+
+def _count(n: int, noun: str) -> str:
+    if n == 1:
+        return f"{n} {noun}"
+    return f"{n} {noun[:-1]}ies" if noun.endswith("y") else f"{n} {noun}s"
 
 
 def _check_config(path: str) -> int:
@@ -50,17 +57,29 @@ def _check_config(path: str) -> int:
                 check_acme(edge.acme, "edge.acme")
                 pending = pending_files(edge.acme.orders)  # made at the first start
             for i, rc in enumerate(edge.routes):  # each mode's files: certificates, keys, CAs
-                if rc.proxy_auth_key_file:  # the PROXY header authentication key
-                    load_auth_key(rc.proxy_auth_key_file, f"edge.routes[{i}].proxy_auth_key_file")
-                if {rc.certificate, rc.key} & pending:
-                    continue
-                check_route(f"edge.routes[{i}]", rc, edge)
+                try:
+                    if rc.proxy_auth_key_file:  # the PROXY header authentication key
+                        load_auth_key(
+                            rc.proxy_auth_key_file, f"edge.routes[{i}].proxy_auth_key_file"
+                        )
+                    if {rc.certificate, rc.key} & pending:
+                        continue
+                    check_route(f"edge.routes[{i}]", rc, edge)
+                except ConfigError as exc:
+                    if not rc.name or exc.where:
+                        raise
+                    raise ConfigError(
+                        exc.key, exc.message, f"(route {json.dumps(rc.name)})"
+                    ) from None
             if edge.decisions is not None:  # the origins' public keys for signed decisions
                 from blindfold.decisions.signed import load_public_key
 
                 for i, path in enumerate(edge.decisions.signer_public_keys):
                     load_public_key(path, f"edge.decisions.signer_public_keys[{i}]")
-            sections.append(f"edge ({len(edge.routes)} routes, {len(edge.listen)} listeners)")
+            sections.append(
+                f"edge ({_count(len(edge.routes), 'route')}, "
+                f"{_count(len(edge.listen), 'listener')})"
+            )
         if config.origin is not None:
             from blindfold.config.origin import listen_warnings
             from blindfold.origin.agent import build_waf
@@ -119,15 +138,16 @@ def _check_config(path: str) -> int:
                     "to every network; bind it to 127.0.0.1 or an internal address"
                 )
             sections.append(
-                f"keyserver ({len(config.keyserver.keys)} keys, "
-                f"{len(config.keyserver.edges)} edges)"
+                f"keyserver ({_count(len(config.keyserver.keys), 'key')}, "
+                f"{_count(len(config.keyserver.edges), 'edge')})"
             )
         if not sections:
             raise ConfigError(
                 "", f"{path} has no known section (expected [edge], [origin] or [keyserver])"
             )
     except ConfigError as exc:
-        print(f"{path}: {exc}", file=sys.stderr)
+        message = str(exc)  # a syntax error names the file itself
+        print(message if message.startswith(f"{path}:") else f"{path}: {message}", file=sys.stderr)
         return 2
     for warning in warnings:
         print(f"{path}: warning: {warning}", file=sys.stderr)
@@ -277,26 +297,48 @@ def _fetch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="blindfold", description="An edge network that never holds the site's TLS key."
+        prog="blindfold",
+        description="An edge network that never holds the site's TLS key. The three daemons "
+        "(edge, origin, keyserver) read one TOML file each (or one file with several "
+        "sections); `blindfold COMMAND --help` describes each command. README.md walks a "
+        "first site step by step.",
     )
     parser.add_argument("--version", action="version", version=f"blindfold {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p_edge = sub.add_parser("edge", help="run an edge (passthrough and keyless routes)")
+    p_edge = sub.add_parser(
+        "edge",
+        help="run an edge: passthrough, keyless and blind routes (SIGHUP reloads, SIGTERM "
+        "drains and stops)",
+    )
     p_edge.add_argument("--config", "-c", required=True, help="TOML configuration file")
 
-    p_origin = sub.add_parser("origin", help="run the origin agent (TLS, WAF, decisions)")
+    p_origin = sub.add_parser(
+        "origin",
+        help="run the origin agent: TLS with the site's keys, WAF, decisions, the sealed "
+        "store (SIGHUP reloads, SIGTERM stops)",
+    )
     p_origin.add_argument("--config", "-c", required=True, help="TOML configuration file")
 
-    p_ks = sub.add_parser("keyserver", help="run the key server (keyless TLS signatures)")
+    p_ks = sub.add_parser(
+        "keyserver",
+        help="run the key server: keyless TLS signatures for authorised edges, audit log "
+        "(SIGHUP reloads, SIGTERM stops)",
+    )
     p_ks.add_argument("--config", "-c", required=True, help="TOML configuration file")
 
-    p_audit = sub.add_parser("audit", help="check a key server audit log")
-    p_audit.add_argument("action", choices=["verify"])
+    p_audit = sub.add_parser(
+        "audit",
+        help="check a key server audit log",
+        description="Verify the key server's hash-chained, keyed audit log: exit 0 when every "
+        "line verifies, 1 at the first bad line (named), 2 when the key or the log cannot be "
+        "read.",
+    )
+    p_audit.add_argument("action", choices=["verify"], help="what to do (only: verify)")
     p_audit.add_argument(
         "--key", required=True, help="the audit key file (keyserver.audit_key)", metavar="KEY"
     )
-    p_audit.add_argument("file")
+    p_audit.add_argument("file", help="the audit log (keyserver.audit_log)")
 
     from blindfold.cli import pki as pki_cli
 
@@ -431,7 +473,9 @@ def main(argv: list[str] | None = None) -> int:
         help="fail instead of fetching from the origin when the edge copy fails",
     )
     p_fetch.add_argument("-o", "--output", required=True, help="where to write the file")
-    p_fetch.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    p_fetch.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds per request (default: %(default)s)"
+    )
 
     p_verify = sub.add_parser(
         "verify",
@@ -460,15 +504,34 @@ def main(argv: list[str] | None = None) -> int:
     )
     p_verify.add_argument("--manifest-key", help="the site's manifest public key (PEM)")
     p_verify.add_argument("--edge", default="", help="blind edge base URL: check every blob")
-    p_verify.add_argument("--max-blobs", type=int, default=1000)
-    p_verify.add_argument("--cacert", help="CA bundle for the site and the edge")
     p_verify.add_argument(
-        "--connect-to", action="append", default=[], metavar="HOST:PORT:ADDR:PORT"
+        "--max-blobs",
+        type=int,
+        default=1000,
+        help="check at most this many blobs (default: %(default)s)",
     )
-    p_verify.add_argument("--timeout", type=float, default=30.0)
+    p_verify.add_argument(
+        "--cacert", help="CA bundle for the site and the edge (default: the system's)"
+    )
+    p_verify.add_argument(
+        "--connect-to",
+        action="append",
+        default=[],
+        metavar="HOST:PORT:ADDR:PORT",
+        help="connect to ADDR:PORT for HOST:PORT (like curl --connect-to); repeatable",
+    )
+    p_verify.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds per request (default: %(default)s)"
+    )
 
-    p_check = sub.add_parser("check-config", help="validate a configuration file")
-    p_check.add_argument("file")
+    p_check = sub.add_parser(
+        "check-config",
+        help="validate a configuration file (exit 0 valid, 2 invalid)",
+        description="Load FILE as each daemon would at start (its keys, certificates, lists "
+        "and rules too). Exit 0 when it is valid (warnings go to stderr), 2 naming the key "
+        "and the fix when it is not.",
+    )
+    p_check.add_argument("file", help="the TOML configuration file")
 
     p_demo = sub.add_parser("demo", help="run the whole topology on loopback")
     p_demo.add_argument("--port", type=int, default=8443, help="edge port (default 8443)")
@@ -520,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"({result.entries} entries verify before it)"
             )
             return 1
-        print(f"{args.file}: ok: {result.entries} entries, last mac {result.last_mac}")
+        print(f"{args.file}: ok: {_count(result.entries, 'entry')}, last mac {result.last_mac}")
         if result.partial_tail:
             print(
                 f"{args.file}: and a partial last line of {result.partial_tail} bytes (a write "

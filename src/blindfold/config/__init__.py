@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +51,36 @@ def loads(text: str, source: str = "<config>") -> Config:
         raise ConfigError("", f"{source}: not valid TOML: {exc}") from None
     except RecursionError:  # tomllib parses nested arrays and tables recursively
         raise ConfigError("", f"{source}: not valid TOML: nested too deeply") from None
-    return build(Config, data)
+    try:
+        return build(Config, data)
+    except ConfigError as exc:
+        where = _named(data, exc.key)
+        if where and not exc.where:
+            raise ConfigError(exc.key, exc.message, where) from None
+        raise
+
+
+_INDEXED = re.compile(r"([A-Za-z0-9_.]+)\[(\d+)\]")
+
+
+def _named(data: dict[str, Any], key: str) -> str:
+    """'(route "www")' for a key under edge.routes[i] whose table has a name (likewise
+    keyserver.edges[i], origin.edges[i]...): the name people know the table by."""
+    found = ""
+    node: Any = data
+    at = 0
+    for m in _INDEXED.finditer(key):
+        for part in key[at : m.start(1)].strip(".").split(".") + m.group(1).split("."):
+            if part:
+                node = node.get(part) if isinstance(node, dict) else None
+        index = int(m.group(2))
+        node = node[index] if isinstance(node, list) and index < len(node) else None
+        at = m.end()
+        name = node.get("name") if isinstance(node, dict) else None
+        if isinstance(name, str) and name:
+            kind = m.group(1).rpartition(".")[2].removesuffix("s")
+            found = f"({kind} {json.dumps(name)[:80]})"
+    return found
 
 
 def load_file(path: str | Path) -> tuple[Config, str]:

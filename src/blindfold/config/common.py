@@ -3,10 +3,41 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 from pathlib import Path
 
 from blindfold.errors import ConfigError
+
+# Go's time.Duration text ('4h', '1h30m', '2.5s', '-1.5s'): CrowdSec's durations, and what
+# people type for a duration in a config file
+_GO_DURATION = re.compile(r"(-?)((?:\d+(?:\.\d*)?|\.\d+)(?:h|ms|us|µs|ns|m|s))+")
+_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|us|µs|ns|m|s)")
+_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds in a Go-style duration ('4h', '3h59m59.99s', '-1.5s'). Raises ValueError."""
+    if not isinstance(text, str) or not _GO_DURATION.fullmatch(text):
+        raise ValueError(f"duration {text!r}")
+    total = sum(float(n) * _UNITS[u] for n, u in _GO_PART.findall(text))
+    if not math.isfinite(total):  # '999…9h' past a float's range: not a duration
+        raise ValueError(f"duration {text[:40]!r}… too long")
+    return -total if text.startswith("-") else total
+
+
+def check_readable(*files: tuple[str, str]) -> None:
+    """(key, path) pairs: a ConfigError naming the key of the first file that cannot be read,
+    so that a wrong key path blames `key`, not the certificate loaded with it."""
+    from blindfold.errors import ConfigError
+
+    for key, path in files:
+        try:
+            with open(path, "rb") as fh:
+                fh.read(1)
+        except OSError as exc:
+            raise ConfigError(key, f"cannot read {path}: {exc.strerror or exc}") from None
+
 
 _HOSTNAME_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 

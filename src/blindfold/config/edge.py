@@ -218,7 +218,10 @@ class RouteConfig:
         "TLS 1.3 with `certificate`, each handshake signed by the site's key server; it sees "
         "HTTP and proxies it to the origins over verified TLS. 'blind': a CDN hostname of its "
         "own (`certificate` + `key`) serving sealed blobs (`blindfold seal`) by id, pulled "
-        "from the origins over verified TLS and cached; it never sees a key or a manifest.",
+        "from the origins over verified TLS and cached; it never sees a key or a manifest. "
+        "The site hostname of a blind deployment (origin.blind.site_names: its pages and "
+        "manifest, which holds the content keys) must stay passthrough, never keyless; a "
+        "keyless or blind route's certificate must cover all its `sni` names (check-config).",
     )
     certificate: str = setting(
         "",
@@ -323,9 +326,11 @@ class RouteConfig:
         "origin.http, one table), and the route's connections to its origins.",
     )
     proxy_protocol: Literal["none", "v1", "v2"] = setting(
-        "none",
+        "v2",
         doc="PROXY protocol header sent to the origin before the ClientHello so it learns the "
-        "visitor's address: 'none', 'v1' (text) or 'v2' (binary, HAProxy's proxy-protocol.txt).",
+        "visitor's address: 'v2' (binary, HAProxy's proxy-protocol.txt; the default, what the "
+        "origin agent requires by default and the only one that can carry proxy_auth), 'v1' "
+        "(text) or 'none' (for an origin that reads no PROXY header).",
     )
     proxy_protocol_tlvs: bool = setting(
         True,

@@ -117,9 +117,21 @@ class EdgeAccessConfig:
         return bytes.fromhex(self.cert_sha256.replace(":", "").lower())
 
 
+def _one_listen(value: tuple[str, ...] | str) -> str | None:
+    if isinstance(value, str):
+        return check_ip_hostport(value)
+    if len(value) != 1:
+        return f"one address (a list of one), got {len(value)}"
+    return check_ip_hostport(value[0])
+
+
 @dataclass(frozen=True, slots=True)
 class KeyServerConfig:
-    listen: str = setting(doc="Address edges connect to (mutual TLS).", check=check_ip_hostport)
+    listen: tuple[str, ...] | str = setting(
+        doc="Address edges connect to (mutual TLS): a list of one 'ip:port', like every "
+        "`listen` (a plain string is accepted too).",
+        check=lambda v: _one_listen(v),
+    )
     cert: str = setting(doc="The key server's own TLS certificate (chain).")
     key: str = setting(doc="Its private key.")
     client_ca: str = setting(
@@ -231,6 +243,11 @@ class KeyServerConfig:
         "[[keyserver.keys]] entry too. tls-alpn-01 is answered by the origin agent from the "
         "shared challenge_dir; otherwise use dns-01.",
     )
+
+    @property
+    def address(self) -> str:
+        """The one address `listen` names."""
+        return self.listen if isinstance(self.listen, str) else self.listen[0]
 
     def __post_init__(self) -> None:
         if not self.keys:

@@ -28,7 +28,7 @@ def render() -> str:
     arrays = {
         key
         for key, type_text, _d, _v in iter_documented(Config)
-        if type_text.startswith("a list of a table")
+        if type_text.startswith("a list of tables")
     }
     for key, type_text, doc, default in iter_documented(Config):
         if "." not in key:
@@ -46,7 +46,7 @@ def render() -> str:
                 out += [f"#### `[[{parent}]]`" if parent in arrays else f"#### `[{parent}]`", ""]
             out += ["| key | type | default | meaning |", "|---|---|---|---|"]
             for key, type_text, text, default in rows:
-                is_table = "a table" in type_text
+                is_table = "a table" in type_text or "a list of tables" in type_text
                 shown = "tables, see below" if is_table else type_text.replace(" | ", " or ")
                 if default is REQUIRED:
                     dflt = "required"

@@ -10,12 +10,14 @@ We keep this small loader rather than a validation framework because the contrac
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeVar
 
+from blindfold.config.common import duration_seconds
 from blindfold.errors import ConfigError
 
 T = TypeVar("T")
@@ -47,7 +49,7 @@ def _describe(tp: Any) -> str:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (list, tuple):
         inner = typing.get_args(tp)[0]
-        return f"a list of {_describe(inner)}"
+        return f"a list of {_plural(_describe(inner))}"
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(tp) if a is not type(None))
     if dataclasses.is_dataclass(tp):
@@ -57,7 +59,39 @@ def _describe(tp: Any) -> str:
     )
 
 
+def _plural(described: str) -> str:
+    """'a string' -> 'strings', 'an integer' -> 'integers', "'a' | 'b'" -> "'a' | 'b'"."""
+    for article in ("a ", "an "):
+        if described.startswith(article) and " " not in described[len(article) :]:
+            return described[len(article) :] + "s"
+    return described
+
+
+def _is_seconds(tp: Any, value: Any, path: str) -> bool:
+    """A duration key (named `..._s`, a number of seconds) given as text with units."""
+    return tp in (int, float) and isinstance(value, str) and path.endswith("_s")
+
+
+def _seconds(tp: Any, value: str, path: str) -> Any:
+    """'30s', '4h', '1h30m', '250ms' -> seconds (an int key takes whole seconds only)."""
+    try:
+        seconds = duration_seconds(value)
+    except ValueError:
+        raise ConfigError(
+            path,
+            f"expected seconds (a number, or a duration such as '30s', '4h', '1h30m'), "
+            f"got {value!r}",
+        ) from None
+    if tp is int:
+        if seconds != int(seconds):
+            raise ConfigError(path, f"expected whole seconds, got {value!r} ({seconds} s)")
+        return int(seconds)
+    return seconds
+
+
 def _convert(tp: Any, value: Any, path: str) -> Any:
+    if _is_seconds(tp, value, path):
+        return _seconds(tp, value, path)
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -112,6 +146,10 @@ def build(cls: type[T], table: Mapping[str, Any], path: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key in table:
         if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=3, cutoff=0.6)
+            if close:
+                hint = " or ".join(repr(c) for c in close)
+                raise ConfigError(_join(path, key), f"unknown key; did you mean {hint}?")
             known = ", ".join(sorted(fields))
             raise ConfigError(_join(path, key), f"unknown key; allowed here: {known}")
     kwargs: dict[str, Any] = {}
@@ -181,4 +219,30 @@ def iter_documented(cls: type[Any], path: str = "") -> list[tuple[str, str, str,
             for arg in typing.get_args(tp):
                 if dataclasses.is_dataclass(arg):
                     out.extend(iter_documented(typing.cast(type[Any], arg), key))
+    return out
+
+
+def changes(old: Any, new: Any, path: str = "") -> list[str]:
+    """What a reload changes, for its log line: the dotted keys whose values differ, a list
+    of named tables (routes, edges, keys) as `key[name]` added (+), removed (-) or changed."""
+    if not (dataclasses.is_dataclass(old) and type(old) is type(new)):
+        return [] if old == new else [path or "(all)"]
+    out: list[str] = []
+    for f in dataclasses.fields(old):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if a == b:
+            continue
+        key = _join(path, f.name)
+        named = isinstance(a, tuple) and isinstance(b, tuple)
+        named = named and all(getattr(x, "name", "") for x in (*a, *b))
+        if named:
+            before = {x.name: x for x in a}
+            after = {x.name: x for x in b}
+            out += [f"+{key}[{n}]" for n in after if n not in before]
+            out += [f"-{key}[{n}]" for n in before if n not in after]
+            out += [f"{key}[{n}]" for n in after if n in before and before[n] != after[n]]
+        elif dataclasses.is_dataclass(a) and type(a) is type(b):
+            out += changes(a, b, key)
+        else:
+            out.append(key)
     return out

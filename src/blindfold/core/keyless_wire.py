@@ -104,6 +104,7 @@ REFUSAL_REASONS = frozenset(
         "bad_server_hello",
         "certificate_mismatch",
         "certificate_too_broad",
+        "edge_not_authorised",
         "cipher_not_offered",
         "hello_retry",
         "hello_too_large",

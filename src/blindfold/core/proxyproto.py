@@ -52,6 +52,10 @@ PP2_TYPE_UNIQUE_ID = 0x05
 PP2_TYPE_MIN_CUSTOM, PP2_TYPE_MAX_CUSTOM = 0xE0, 0xEF  # §2.2.7: for applications
 # 0xE0 (Google Cloud), 0xEA (AWS) and 0xEE (Azure) are taken by their load balancers
 PP2_TYPE_BLINDFOLD_AUTH = 0xE9
+# The edge itself speaks HTTP on this connection (keyless, blind): its requests carry the
+# edge's request id in X-Request-Id, which the origin then keeps (the visitor's never arrives:
+# the edge overwrites it). A passthrough connection's header never has it.
+PP2_TYPE_BLINDFOLD_HTTP = 0xEA
 AUTH_VERSION = 1
 AUTH_MAC_BYTES = 32
 AUTH_LABEL = b"blindfold proxy auth v1\x00"
@@ -300,6 +304,19 @@ def _auth_mac(key: bytes, raw: bytes, conn: tuple[Endpoint, Endpoint], mac_at: i
             zeroed[at : at + tlen] = bytes(tlen)
     message = AUTH_LABEL + _endpoint(conn[0]) + _endpoint(conn[1]) + bytes(zeroed)
     return hmac.digest(key, message, hashlib.sha256)
+
+
+def with_tlv(header: bytes, kind: int, value: bytes) -> bytes:
+    """`header` with one more TLV when it is one complete v2 header (unchanged when it is
+    empty or v1). Before authenticate_v2, which covers it."""
+    parsed = parse_proxy_header(header) if header else None
+    if parsed is None or parsed[1] != len(header) or parsed[0].version != 2:
+        return header
+    out = bytearray(header) + struct.pack(">BH", kind, len(value)) + value
+    if len(out) - 16 > 0xFFFF:
+        raise ValueError("header too long for v2")
+    struct.pack_into(">H", out, 14, len(out) - 16)
+    return bytes(out)
 
 
 def authenticate_v2(

@@ -16,21 +16,18 @@ import heapq
 import ipaddress
 import json
 import math
-import re
 import secrets
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from blindfold.config.common import duration_seconds
 from blindfold.core.ratelimit import KeyedLimiter
 from blindfold.errors import ProtocolError
 from blindfold.web.target import path_has_prefix
 
 Scope = Literal["ip", "range"]
-_GO_DURATION = re.compile(r"(-?)((?:\d+(?:\.\d*)?|\.\d+)(?:h|ms|us|µs|ns|m|s))+")
-_GO_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|us|µs|ns|m|s)")
-_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 MAX_DECISIONS = 1_000_000
 
 
@@ -51,12 +48,10 @@ def format_duration(seconds: float) -> str:
 
 def parse_duration(text: str) -> float:
     """Parse a Go duration ('4h', '3h59m59.99s', '-1.5s'). Raises ProtocolError."""
-    if not isinstance(text, str) or not _GO_DURATION.fullmatch(text):
-        raise ProtocolError("bad_decision", f"duration {text!r}")
-    total = sum(float(n) * _UNITS[u] for n, u in _GO_PART.findall(text))
-    if not math.isfinite(total):  # '999…9h' past a float's range: not a duration
-        raise ProtocolError("bad_decision", f"duration {text[:40]!r}… too long")
-    return -total if text.startswith("-") else total
+    try:
+        return duration_seconds(text)
+    except ValueError as exc:
+        raise ProtocolError("bad_decision", str(exc)) from None
 
 
 def parse_net(scope: str, value: str) -> tuple[int, int, int]:

@@ -498,7 +498,12 @@ class Conn:
         relay.start()
 
     def _on_relay_done(self, error: str | None) -> None:
-        if error is None:
+        relay = self.relay
+        if relay is not None and relay.first_end == "b" and relay.bytes_b_to_a == 0:
+            # The origin ended the connection without a single byte of TLS: what a TLS server
+            # does with a PROXY header it does not expect, or without one it requires.
+            self.close("reset" if error else "closed", ORIGIN_CLOSED_BEFORE_TLS)
+        elif error is None:
             self.close("closed", "")
         else:
             self.close("reset", error)
@@ -579,8 +584,18 @@ class Conn:
             f'"ja4":{ja4},"route":{route.json_name if route else "null"},"origin":{origin},'
             f'"outcome":"{outcome}","reason":{f"{chr(34)}{reason}{chr(34)}" if reason else "null"},'
             f'"bytes_in":{bytes_up},"bytes_out":{bytes_down},'
+            f"{_HINT_JSON if reason == ORIGIN_CLOSED_BEFORE_TLS else ''}"
             f'"duration_s":{worker.reactor.now - self.started:.6f},"worker":{worker.index}'
         )
+
+
+ORIGIN_CLOSED_BEFORE_TLS = "origin_closed_before_tls"
+_HINT = (
+    "the origin closed the connection before any TLS byte: check that the route's "
+    "proxy_protocol (default v2) matches what the origin expects (the origin agent's "
+    "proxy_protocol, default required) and that this edge's address is in its trusted_edges"
+)
+_HINT_JSON = f'"hint":{json.dumps(_HINT)},'
 
 
 def _connect_reason(err: int) -> str:

@@ -25,6 +25,7 @@ from typing import Any
 from blindfold.config import Config, load_file
 from blindfold.config.common import load_admin_token, parse_hostport
 from blindfold.config.edge import EdgeConfig
+from blindfold.config.schema import changes
 from blindfold.decisions.bans import BanDistributor, BanLimits, BanTable
 from blindfold.decisions.feed import StreamFeed, supervise
 from blindfold.decisions.purge import Purge, SeenPurges
@@ -651,10 +652,11 @@ class EdgeMaster:
         for f in pending:
             f.cancel()
         ok = all(o == "reloaded" for o in outcomes)
+        changed = changes(self.config, new)
         # What workers started from now on (respawns) get: the file as it was read here.
         self.config, self.text = new, text
         self._count_reload("ok" if ok else "partial")
-        self.log.emit("reloaded" if ok else "reload_partial", outcomes=outcomes)
+        self.log.emit("reloaded" if ok else "reload_partial", outcomes=outcomes, changed=changed)
 
     async def _new_generation(self, new: EdgeConfig, text: str) -> None:
         """Listen addresses changed: bind the new ones, start a new
@@ -702,9 +704,16 @@ class EdgeMaster:
             if address not in groups:
                 for s in socks:
                     s.close()
+        changed = changes(self.config, new)
         self.config, self.text = new, text
         self._count_reload("ok")
-        self.log.emit("reloaded", listen=self._bound_addresses(), generation=self.generation)
+        self.log.emit(
+            "reloaded",
+            listen=self._bound_addresses(),
+            generation=self.generation,
+            workers="replaced",
+            changed=changed,
+        )
 
     def _count_reload(self, result: str) -> None:
         self.reloads[result] = self.reloads.get(result, 0) + 1

@@ -6,6 +6,7 @@ from blindfold.obs.metrics import Histogram, MetricSpec, Snapshot
 
 HELLO_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3)
 TOP_JA4 = 20
+JA4_OTHER = "other"  # never a JA4 fingerprint (those are t/q + digits + ...)
 
 EDGE_METRICS = [
     MetricSpec(
@@ -73,7 +74,8 @@ EDGE_METRICS = [
     MetricSpec(
         "blindfold_ja4_connections_total",
         "counter",
-        f"Connections per JA4 fingerprint (the {TOP_JA4} most frequent).",
+        f"Connections per JA4 fingerprint: the {TOP_JA4} most frequent, the rest as "
+        'ja4="other" (bounded label cardinality).',
         ("ja4",),
     ),
     MetricSpec(
@@ -166,6 +168,7 @@ class WorkerStats:
         self.routes: dict[str, RouteStats] = {}
         self.hello_parse = Histogram(HELLO_BUCKETS)
         self.ja4: dict[str, int] = {}
+        self.ja4_total = 0  # every fingerprint counted, those evicted from `ja4` included
         self.list_entries: dict[str, int] = {}
         self.list_reloads: dict[str, int] = {}
 
@@ -181,6 +184,7 @@ class WorkerStats:
     def count_ja4(self, ja4: str) -> None:
         counts = self.ja4
         counts[ja4] = counts.get(ja4, 0) + 1
+        self.ja4_total += 1
         if len(counts) > 2000:  # bounded: keep the most frequent half
             keep = sorted(counts.items(), key=lambda kv: kv[1], reverse=True)[:1000]
             self.ja4 = dict(keep)
@@ -194,6 +198,9 @@ class WorkerStats:
         ja4_rules: dict[tuple[str, str], int],
     ) -> Snapshot:
         top = sorted(self.ja4.items(), key=lambda kv: kv[1], reverse=True)[: TOP_JA4 * 3]
+        rest = self.ja4_total - sum(n for _k, n in top)
+        if rest:
+            top.append((JA4_OTHER, rest))
         return {
             "blindfold_connections_accepted_total": [[[k], v] for k, v in self.accepted.items()],
             "blindfold_connections_refused_total": [[[k], v] for k, v in self.refused.items()],
@@ -238,6 +245,11 @@ def top_ja4(snapshot: Snapshot) -> Snapshot:
     """After merging workers: keep only the TOP_JA4 most frequent fingerprints."""
     samples = snapshot.get("blindfold_ja4_connections_total")
     if samples:
+        other = sum(s[1] for s in samples if s[0] == [JA4_OTHER])
+        samples[:] = [s for s in samples if s[0] != [JA4_OTHER]]
         samples.sort(key=lambda s: s[1], reverse=True)
+        other += sum(s[1] for s in samples[TOP_JA4:])
         del samples[TOP_JA4:]
+        if other:
+            samples.append([[JA4_OTHER], other])
     return snapshot

@@ -48,7 +48,7 @@ from blindfold.io.accepted import BACKOFF_MIN_S, RESOURCE_ERRNOS, Backoff, FdRes
 from blindfold.io.compat import CSocket
 from blindfold.io.control import ControlChannel
 from blindfold.io.limits import raise_fd_limit
-from blindfold.io.reactor import EPOLLIN, Reactor
+from blindfold.io.reactor import EPOLLIN, Reactor, Timer
 from blindfold.io.relay import PipePool
 from blindfold.obs.log import JsonLog
 
@@ -84,6 +84,7 @@ class Worker:
         self.rate_counts: dict[str, int] = {}  # new connections per address, when shared
         self.share_rates = False
         self._log_flushed = 0.0
+        self._log_timer: Timer | None = None
         self.block: ListSet | None = None
         self.allow: ListSet | None = None
         # Modes that terminate TLS need asyncio (TLS, HTTP, the key server client): the reactor
@@ -179,6 +180,7 @@ class Worker:
         if first:
             self.guards = Guards(config, self.workers, now)
             self.log = JsonLog.open(config.log_path, process=f"edge-worker-{self.index}")
+            self._flush_in_loop()
             self._check_fd_limit(config)
             self.reactor.on_idle(self._flush_log)
             self.pipes = PipePool(config.pipe_size_bytes)
@@ -230,6 +232,14 @@ class Worker:
         asyncio.set_event_loop(loop)
         self.loop = loop
         self.reactor.attach(loop)
+        self._flush_in_loop()
+
+    def _flush_in_loop(self) -> None:
+        """Lines logged by asyncio code (keyless, blind requests) may come with no reactor
+        event after them: a flush within 50 ms, one per batch."""
+        loop = self.loop
+        if loop is not None:
+            self.log.flush_soon(lambda flush: loop.call_later(0.05, flush))
 
     @property
     def now(self) -> float:
@@ -262,9 +272,17 @@ class Worker:
     def _flush_log(self) -> None:
         # batch: one write per 64 lines or per 50 ms, not one per poll round
         log = self.log
-        if log.pending and (log.pending >= 64 or self.reactor.now - self._log_flushed >= 0.05):
+        if not log.pending:
+            return
+        if log.pending >= 64 or self.reactor.now - self._log_flushed >= 0.05:
             log.flush()
             self._log_flushed = self.reactor.now
+        elif self._log_timer is None:  # no later poll round may come soon: a timer wakes one
+            self._log_timer = self.reactor.call_later(0.05, self._log_timer_fired)
+
+    def _log_timer_fired(self) -> None:
+        self._log_timer = None
+        self._flush_log()
 
     def may_log_refusal(self) -> bool:
         if self._refusal_log.allow(self.reactor.now):
@@ -552,6 +570,8 @@ class Worker:
             connections=len(self.conns),
             deadline_s=self.config.drain_timeout_s,
         )
+        if not self.conns:  # nothing to wait for: stop now, not at the next sweep
+            self._sweep()
 
     def _on_master_gone(self) -> None:
         self.drain()

@@ -127,7 +127,7 @@ class Relay:
     may hold bytes no event will announce (it was registered, and its edge consumed, earlier).
     """
 
-    __slots__ = ("_ab", "_ba", "_done", "_on_done", "_pool", "chunk")
+    __slots__ = ("_ab", "_ba", "_done", "_on_done", "_pool", "chunk", "first_end")
 
     def __init__(
         self,
@@ -146,6 +146,7 @@ class Relay:
         self._ba = _Half(b, a, splice, b_readable)
         self._on_done: Callable[[str | None], None] | None = on_done
         self._done = False
+        self.first_end = ""  # "a" or "b": whose end (FIN, reset, error) was seen first
         self.chunk = pool.size
         if mode == "copy" or not HAVE_SPLICE:
             self.chunk = 0  # never switch to splice
@@ -224,7 +225,7 @@ class Relay:
                     h.writable = False
                     return
                 except OSError as exc:
-                    return self._finish(_reason(exc))
+                    return self._finish(_reason(exc), self._other(h))
                 h.pending -= n
                 h.moved += n
                 continue
@@ -249,10 +250,11 @@ class Relay:
                     h.readable = False
                     return
                 except OSError as exc:
-                    return self._finish(_reason(exc))
+                    return self._finish(_reason(exc), h)
                 n = len(data)
                 if n == 0:
                     h.eof = True
+                    self._ended(h)
                     continue
                 if n < COPY_CHUNK and not h.hup:
                     h.readable = False  # (as below)
@@ -263,7 +265,7 @@ class Relay:
                     except BlockingIOError:
                         h.writable = False
                     except OSError as exc:
-                        return self._finish(_reason(exc))
+                        return self._finish(_reason(exc), self._other(h))
                     h.moved += sent
                 if sent < n:
                     h.data = data
@@ -289,9 +291,10 @@ class Relay:
                 h.readable = False
                 return
             except OSError as exc:
-                return self._finish(_reason(exc))
+                return self._finish(_reason(exc), h)
             if n == 0:
                 h.eof = True
+                self._ended(h)
                 continue
             if n < want and not h.hup:
                 # A short read drained the socket's queue, so a new edge will announce more.
@@ -308,7 +311,17 @@ class Relay:
         h.pipe_r, h.pipe_w = self._pool.get()
         h.splice = True
 
-    def _finish(self, error: str | None) -> None:
+    def _other(self, h: _Half) -> _Half:
+        return self._ba if h is self._ab else self._ab
+
+    def _ended(self, src: _Half) -> None:
+        """`src`'s socket ended (EOF or error): remember which side did first."""
+        if not self.first_end:
+            self.first_end = "a" if src is self._ab else "b"
+
+    def _finish(self, error: str | None, src: _Half | None = None) -> None:
+        if src is not None:
+            self._ended(src)
         if self._done:
             return
         self._done = True

@@ -70,6 +70,7 @@ def run_service(name: str, path: str, section: str, process: str, make: Factory)
     log = JsonLog.open(own.log_path, process=process)
 
     async def main() -> int:
+        log.flush_soon(asyncio.get_running_loop().call_soon)  # lines reach the file at once
         try:
             service = make(config, text, path, log)
             ready = await service.start()

@@ -56,6 +56,7 @@ class _Connection:
         self.writer = writer
         self.pending: dict[int, _Call] = {}
         self.closed = False
+        self.error = KeyServerError("closed", "connection closed", retryable=True)
         self._out: list[bytes] = []
         self._loop = asyncio.get_running_loop()
         self.task = self._loop.create_task(self._read())
@@ -70,6 +71,15 @@ class _Connection:
                 if not data:
                     break
                 for frame in decoder.feed(data):
+                    if frame.request_id == 0 and frame.type == w.ERROR:
+                        # about the connection itself (this edge is not authorised): every
+                        # request fails now with the key server's reason, none is retried
+                        code, message = w.decode_error(frame.body)
+                        error = KeyServerError(
+                            w.error_reason(code, message),
+                            f"key server {self.address} refused this edge: {message}",
+                        )
+                        return
                     call = self.pending.pop(frame.request_id, None)
                     if call is None:
                         continue
@@ -107,15 +117,15 @@ class _Connection:
         if self.closed:
             return
         self.closed = True
+        if error is not None:
+            self.error = error
         calls = list(self.pending.values())
         self.pending.clear()
         with contextlib.suppress(Exception):
             self.writer.close()
         self.client._forget(self)
         for call in calls:
-            self.client._retry(
-                call, error or KeyServerError("closed", "connection closed", retryable=True)
-            )
+            self.client._retry(call, self.error)
 
 
 class KeyServerClient:
@@ -136,7 +146,7 @@ class KeyServerClient:
         self._conns: dict[str, _Connection] = {}
         self._connecting: dict[str, asyncio.Task[_Connection]] = {}
         self._down: dict[str, float] = {}
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(1)  # 0 never: it is the connection's own (an ERROR)
         self.results: dict[str, int] = {}
 
     def _count(self, result: str) -> None:
@@ -203,14 +213,18 @@ class KeyServerClient:
             return
         exc = task.exception() if not task.cancelled() else KeyServerError("cancelled")
         if exc is None:
-            self._send(task.result(), call)
+            conn = task.result()
+            if conn.closed:  # ended before this call could use it (a refusal read at once)
+                self._retry(call, conn.error)
+            else:
+                self._send(conn, call)
         elif isinstance(exc, KeyServerError):
             self._retry(call, exc)
         else:
             self._failed(call, KeyServerError("unreachable", str(exc)))
 
     def _send(self, conn: _Connection, call: _Call) -> None:
-        call.rid = rid = next(self._ids) & 0xFFFFFFFF
+        call.rid = rid = next(self._ids) & 0xFFFFFFFF or next(self._ids)
         req = call.frame_request
         try:
             if isinstance(req, str):

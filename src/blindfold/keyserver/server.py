@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from blindfold.config import Config, load_file
-from blindfold.config.common import load_admin_token, parse_hostport
+from blindfold.config.common import check_readable, load_admin_token, parse_hostport
 from blindfold.config.keyserver import EdgeAccessConfig, KeyServerConfig
 from blindfold.core import keyless_handshake as kh
 from blindfold.core import keyless_wire as w
@@ -50,11 +50,15 @@ from blindfold.keyserver.signer import (
     sign_certificate_verify,
     utc_now,
 )
-from blindfold.obs.log import JsonLog
+from blindfold.obs.log import JsonLog, peer_text
 from blindfold.obs.metrics import CERTIFICATE_METRICS, Histogram, MetricSpec, render
 from blindfold.obs.status import HTML_TYPE, JSON_TYPE, PAGE, status_json
 
 READ_SIZE = 65536
+NOT_AUTHORISED = (
+    "edge_not_authorised: this key server does not know this edge's certificate (never "
+    "authorised, or revoked)"
+)
 FEED_SIZE = 16384  # frames are decoded (and queued) this many read bytes at a time
 SLICE_S = 0.005  # the longest the queue is served before the event loop runs its other work
 COST_BYTES = 8192  # a request costs one token (and one in-flight unit) per started 8 KiB
@@ -266,6 +270,11 @@ class KeyServer:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_3
         ctx.verify_mode = ssl.CERT_REQUIRED
+        check_readable(
+            ("keyserver.cert", cfg.cert),
+            ("keyserver.key", cfg.key),
+            ("keyserver.client_ca", cfg.client_ca),
+        )
         try:
             ctx.load_cert_chain(cfg.cert, cfg.key)
             ctx.load_verify_locations(cafile=cfg.client_ca)
@@ -287,7 +296,7 @@ class KeyServer:
         loop.set_exception_handler(self._loop_exception)
         raise_fd_limit()  # the soft limit up to the hard one (the unit sets LimitNOFILE)
         self._set_conn_cap()
-        host, port = parse_hostport(self.cfg.listen)
+        host, port = parse_hostport(self.cfg.address)
         try:
             lsock = _bind(host, port)
             admin = await self.admin.start(*parse_hostport(self.cfg.admin_listen))
@@ -422,10 +431,20 @@ class KeyServer:
         fp = hashlib.sha256(der).digest() if der else b""
         edge = self.edges.get(fp)
         if edge is None:
+            # Unknown or revoked: say so at once, as a connection-level ERROR frame (request
+            # id 0), so the edge fails its handshakes now with the reason rather than retry
+            # until its deadline.
             self._count_conn("unknown_edge")
             self.log.log(
-                "edge_refused", peer=str(writer.get_extra_info("peername")), cert_sha256=fp.hex()
+                "edge_refused",
+                peer=peer_text(writer.get_extra_info("peername")),
+                reason="unknown_edge",
+                cert_sha256=fp.hex(),
             )
+            writer.write(w.encode_error(0, w.E_UNAUTHORIZED, NOT_AUTHORISED))
+            with contextlib.suppress(ConnectionError, ssl.SSLError, OSError, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await writer.drain()
             writer.close()
             return
         state = self._edge_state(fp)
@@ -520,9 +539,7 @@ class KeyServer:
                 continue
             edge = self.edges.get(fp)  # re-read: SIGHUP may have revoked it
             if edge is None:
-                out = w.encode_error(
-                    frame.request_id, w.E_UNAUTHORIZED, "this edge is no longer authorised"
-                )
+                out = w.encode_error(frame.request_id, w.E_UNAUTHORIZED, NOT_AUTHORISED)
                 conn.closed = True
             else:
                 try:

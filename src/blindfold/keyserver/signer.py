@@ -73,6 +73,10 @@ def _names(cert: x509.Certificate) -> tuple[list[str], list[str]]:
     return dns, [str(a) for a in san.get_values_for_type(x509.IPAddress)]
 
 
+def _why(exc: Exception) -> str:
+    return (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
+
+
 def _spki(key: PrivateKey | PublicKey) -> bytes:
     pub = key.public_key() if isinstance(key, PrivateKey) else key
     return pub.public_bytes(
@@ -88,7 +92,9 @@ def load_key(index: int, cfg: KeyConfig, *, now: float | None = None) -> SiteKey
     try:
         chain = x509.load_pem_x509_certificates(Path(cfg.certificate).read_bytes())
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{where}.certificate", f"cannot load {cfg.certificate}: {exc}") from None
+        raise ConfigError(
+            f"{where}.certificate", f"cannot load {cfg.certificate}: {_why(exc)}"
+        ) from None
     ders = tuple(c.public_bytes(serialization.Encoding.DER) for c in chain)
     if len(ders) > w.MAX_CHAIN_CERTS or sum(len(d) for d in ders) > MAX_CHAIN_BYTES:
         raise ConfigError(
@@ -117,7 +123,7 @@ def load_key(index: int, cfg: KeyConfig, *, now: float | None = None) -> SiteKey
         try:
             pem = serialization.load_pem_private_key(Path(cfg.key).read_bytes(), password=None)
         except (OSError, ValueError, TypeError) as exc:
-            raise ConfigError(f"{where}.key", f"cannot load {cfg.key}: {exc}") from None
+            raise ConfigError(f"{where}.key", f"cannot load {cfg.key}: {_why(exc)}") from None
         if not isinstance(
             pem, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)
         ):

@@ -3,7 +3,8 @@
 Lines are buffered and written in batches of whole lines no larger than PIPE_BUF, so lines from
 several worker processes sharing one pipe or O_APPEND file never interleave. The descriptor is
 made non-blocking: a log reader that stalls costs dropped lines (counted), never a stalled
-relay. The buffer is bounded.
+relay. The buffer is bounded. With `flush_soon(loop.call_soon)` (the asyncio daemons) a line is
+written at the end of the loop iteration that logged it, so a log file is never behind.
 """
 
 from __future__ import annotations
@@ -12,10 +13,19 @@ import json
 import os
 import select
 import time
+from collections.abc import Callable
 from typing import Any
 
 PIPE_BUF = select.PIPE_BUF
 MAX_PENDING_BYTES = 4 << 20
+
+
+def peer_text(address: object) -> str:
+    """A socket address as people write it: 'ip:port', '[v6]:port' (never a Python tuple)."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = str(address[0]), address[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(address)
 
 
 class JsonLog:
@@ -26,6 +36,8 @@ class JsonLog:
         self._pending: list[bytes] = []
         self.pending = 0  # lines waiting (a plain attribute: read on every poll round)
         self._pending_bytes = 0
+        self._call_soon: Callable[[Callable[[], None]], object] | None = None
+        self._flush_queued = False
         if nonblocking:
             try:
                 os.set_blocking(fd, False)
@@ -38,6 +50,19 @@ class JsonLog:
             return cls(1, process=process)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         return cls(fd, process=process)
+
+    def flush_soon(self, call_soon: Callable[[Callable[[], None]], object]) -> None:
+        """From now on, a logged line schedules a flush with `call_soon` (one per batch)."""
+        self._call_soon = call_soon
+
+    def _queued(self) -> None:
+        self._flush_queued = False
+        self.flush()
+
+    def _added(self) -> None:
+        if self._call_soon is not None and not self._flush_queued:
+            self._flush_queued = True
+            self._call_soon(self._queued)
 
     def log(self, event: str, **fields: Any) -> None:
         record = {"ts": round(time.time(), 6), "event": event, "process": self.process}
@@ -59,6 +84,7 @@ class JsonLog:
         self._pending.append(line)
         self._pending_bytes += len(line)
         self.pending += 1
+        self._added()
 
     def line(self, fields: str, event: str = "conn") -> None:
         """Append a prebuilt line: `fields` is the inside of a JSON object (no braces), already
@@ -73,6 +99,7 @@ class JsonLog:
         self._pending.append(line)
         self._pending_bytes += len(line)
         self.pending += 1
+        self._added()
 
     def flush(self) -> None:
         pending = self._pending

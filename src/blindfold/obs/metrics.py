@@ -102,8 +102,11 @@ def render(snapshot: Snapshot, specs: Sequence[MetricSpec]) -> str:
         lines.append(f"# HELP {spec.name} {spec.help}")
         lines.append(f"# TYPE {spec.name} {spec.kind}")
         if samples is None:
-            lines.append(f"{spec.name} 0")
-            continue
+            if spec.kind != "histogram":
+                lines.append(f"{spec.name} 0")
+                continue
+            # unused so far: zero in every bucket (a bare `name 0` is not a histogram)
+            samples = [[[], [0.0] * (len(spec.buckets) + 1) + [0.0, 0.0]]]
         for labels, value in sorted(samples, key=lambda s: [str(x) for x in s[0]]):
             if spec.kind == "histogram":
                 counts = value[:-2]

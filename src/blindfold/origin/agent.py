@@ -21,8 +21,9 @@ from typing import Any
 from blindfold.config import Config, load_file
 from blindfold.config.common import load_admin_token, parse_hostport
 from blindfold.config.origin import OriginConfig, fds_needed, listen_warnings
+from blindfold.config.schema import changes
 from blindfold.core.iplist import IPSet, parse_address, visitor_key
-from blindfold.core.proxyproto import V1_PREFIX, V2_SIGNATURE
+from blindfold.core.proxyproto import PP2_TYPE_BLINDFOLD_HTTP, V1_PREFIX, V2_SIGNATURE
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.decisions.api import DecisionApi, load_api_keys
 from blindfold.decisions.core import (
@@ -88,6 +89,12 @@ ORIGIN_METRICS = [
     *CERTIFICATE_METRICS,
     MetricSpec(
         "blindfold_origin_requests_total", "counter", "Requests by status class.", ("status",)
+    ),
+    MetricSpec(
+        "blindfold_origin_config_reloads_total",
+        "counter",
+        "Configuration reloads (SIGHUP) by result: ok, invalid.",
+        ("result",),
     ),
     MetricSpec(
         "blindfold_origin_connections_total",
@@ -433,6 +440,8 @@ class OriginAgent:
         self.audit = (
             JsonLog.open(cfg.waf.audit_log, process="origin") if (cfg.waf.audit_log) else self.log
         )
+        if self.audit is not self.log:  # written at once too (io.service does the main log)
+            self.audit.flush_soon(asyncio.get_running_loop().call_soon)
         self.limits = cfg.http.limits()
         self.stats: dict[str, Any] = {}
         self.site_slots = _Slots(cfg.max_connections)
@@ -885,11 +894,12 @@ class OriginAgent:
             client: tuple[str, int] | None = peer
             is_visitor = True
             reporter: Reporter | None = None
+            edge_http = False
             if tls and cfg.proxy_protocol != "off":
                 resolved = await self._proxy(sock, peer)
                 if resolved is None:
                     return
-                client, is_visitor, reporter = resolved
+                client, is_visitor, reporter, edge_http = resolved
             assert client is not None
             gate = self.handler if is_visitor else self.edge_handler
             handler: Handler = gate if reporter is None else _ViaEdge(gate, reporter)
@@ -920,7 +930,7 @@ class OriginAgent:
                     handed_over = True
                     claim.release()
                     return
-            info = ConnInfo(client, local, b"https" if tls else b"http", {})
+            info = ConnInfo(client, local, b"https" if tls else b"http", {}, edge_http)
             on_event = self._events(claim)
             if tls:
                 assert self.tls is not None
@@ -945,9 +955,10 @@ class OriginAgent:
 
     async def _proxy(
         self, sock: socket.socket, peer: tuple[str, int]
-    ) -> tuple[tuple[str, int], bool, Reporter | None] | None:
+    ) -> tuple[tuple[str, int], bool, Reporter | None, bool] | None:
         """Apply the PROXY policy: (client address, whether it is a visitor's, the trusted
-        edge that named it), or None when refused. An edge's own connection (PROXY LOCAL) is
+        edge that named it, whether that edge speaks HTTP itself on this connection: its
+        request ids are kept), or None when refused. An edge's own connection (PROXY LOCAL) is
         not a visitor's. An edge with a key ([[origin.edges]]) must prove each header is its
         own, made for this connection (atk-trust #10: a header rewritten on the path)."""
         cfg = self.cfg
@@ -967,7 +978,7 @@ class OriginAgent:
                         # stripping the header would make the edge itself the visitor
                         self._refuse("proxy_auth_missing", peer[0])
                         return None
-                    return peer, True, None
+                    return peer, True, None, False
                 if not trusted:
                     self._refuse("untrusted_proxy_header", peer[0])
                     return None
@@ -986,9 +997,10 @@ class OriginAgent:
             return None
         except OSError:
             return None
+        edge_http = header.tlv(PP2_TYPE_BLINDFOLD_HTTP) is not None
         if header.src is None:
-            return peer, False, reporter  # LOCAL: the edge's own health check or pull
-        return header.src, True, reporter
+            return peer, False, reporter, edge_http  # LOCAL: the edge's own check or pull
+        return header.src, True, reporter, edge_http
 
     def _refuse(self, reason: str, peer: str) -> None:
         self._count_conn(f"refused_{reason}")
@@ -1246,6 +1258,7 @@ class OriginAgent:
             "blindfold_http_events_total": pick("http:"),
             "blindfold_origin_blind_bytes_total": pick("blind_bytes:"),
             "blindfold_origin_blind_requests_total": pick("blind_requests:"),
+            "blindfold_origin_config_reloads_total": pick("config_reloads:"),
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -1255,11 +1268,14 @@ class OriginAgent:
             config, _ = load_file(self.path)
             if config.origin is None:
                 raise ConfigError("origin", "the config has no [origin] section")
+            old = self.cfg
             self._build(config.origin)
         except ConfigError as exc:
+            self.count("config_reloads:invalid")
             self.log.emit("reload_failed", error=str(exc))
             return
-        self.log.emit("reloaded")
+        self.count("config_reloads:ok")
+        self.log.emit("reloaded", changed=changes(old, config.origin))
 
     def stop(self) -> None:
         self.stopping.set()

@@ -11,6 +11,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID, NameOID
 
+from blindfold.config.common import check_readable
 from blindfold.config.origin import CertificateConfig, OriginConfig
 from blindfold.errors import ConfigError
 
@@ -60,6 +61,7 @@ class SiteTls:
             ctx.set_alpn_protocols(list(alpn))
             ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
             where = f"{key}[{i}]" if key == "origin.certificates" else key
+            check_readable((f"{where}.cert", c.cert), (f"{where}.key", c.key))
             try:
                 ctx.load_cert_chain(c.cert, c.key)  # OpenSSL checks that the key fits
                 leaf = x509.load_pem_x509_certificate(Path(c.cert).read_bytes())

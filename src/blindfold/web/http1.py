@@ -17,7 +17,7 @@ from typing import Any
 import h11
 
 from blindfold.errors import ProtocolError
-from blindfold.web.limits import HttpLimits, new_request_id
+from blindfold.web.limits import HttpLimits, request_id_for
 from blindfold.web.messages import BodyStream, BodyTimeout, Handler, Headers, Request
 from blindfold.web.target import check_authority, parse_target, same_authority
 
@@ -26,15 +26,23 @@ _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
 class ConnInfo:
-    __slots__ = ("client", "scheme", "server", "tls")
+    __slots__ = ("client", "edge_request_ids", "scheme", "server", "tls")
 
     def __init__(
-        self, client: tuple[str, int], server: tuple[str, int], scheme: bytes, tls: dict[str, str]
+        self,
+        client: tuple[str, int],
+        server: tuple[str, int],
+        scheme: bytes,
+        tls: dict[str, str],
+        edge_request_ids: bool = False,
     ) -> None:
         self.client = client
         self.server = server
         self.scheme = scheme
         self.tls = tls
+        # the requests come from an edge that speaks HTTP itself (keyless, blind): keep its
+        # X-Request-Id (web.limits.request_id_for)
+        self.edge_request_ids = edge_request_ids
 
 
 class H1Connection(asyncio.Protocol):
@@ -203,7 +211,7 @@ class H1Connection(asyncio.Protocol):
             http_version=event.http_version.decode(),
             client=self.info.client,
             server=self.info.server,
-            request_id=new_request_id(),
+            request_id=request_id_for(event.headers, self.info.edge_request_ids),
             tls=self.info.tls,
             raw_target=event.target,
         )

@@ -33,7 +33,7 @@ from h2.utilities import HeaderValidationFlags, validate_headers
 
 from blindfold.errors import ProtocolError
 from blindfold.web.http1 import ConnInfo
-from blindfold.web.limits import HttpLimits, new_request_id
+from blindfold.web.limits import HttpLimits, request_id_for
 from blindfold.web.messages import (
     BodyStream,
     BodyTimeout,
@@ -283,7 +283,7 @@ class H2Connection(asyncio.Protocol):
             http_version="2",
             client=self.info.client,
             server=self.info.server,
-            request_id=new_request_id(),
+            request_id=request_id_for(headers, self.info.edge_request_ids),
             tls=self.info.tls,
             raw_target=pseudo.get(b":path", b""),
         )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -36,3 +38,19 @@ _PREFIX = f"{os.getpid():x}{int(time.time()) & 0xFFFFFF:06x}"
 def new_request_id() -> str:
     """Unique per process lifetime and across restarts: pid, start time, counter."""
     return f"{_PREFIX}-{next(_counter):x}"
+
+
+_EDGE_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
+
+
+def request_id_for(headers: Iterable[tuple[bytes, bytes]], from_edge: bool) -> str:
+    """The request's id: the edge's (its X-Request-Id, when the connection comes from an
+    edge that speaks HTTP itself and the value is a plain token), else a new one of ours. One
+    id then follows a request through the edge's, the origin's and the application's logs."""
+    if from_edge:
+        for name, value in headers:
+            if name.lower() == b"x-request-id":
+                if _EDGE_ID.fullmatch(value):
+                    return value.decode("ascii")
+                break
+    return new_request_id()

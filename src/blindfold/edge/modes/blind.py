@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from blindfold.acme.challenge import ACME_TLS_ALPN, ChallengeDir
+from blindfold.config.common import check_readable
 from blindfold.config.edge import BlindRouteConfig, EdgeConfig, EdgeHttpConfig, RouteConfig
 from blindfold.core import manifest
 from blindfold.core.clienthello import ClientHello
@@ -161,6 +162,7 @@ def _server_tls(where: str, rc: RouteConfig) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols(["h2", "http/1.1"])
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    check_readable((f"{where}.certificate", rc.certificate), (f"{where}.key", rc.key))
     try:
         ctx.load_cert_chain(rc.certificate, rc.key)
     except (OSError, ssl.SSLError) as exc:

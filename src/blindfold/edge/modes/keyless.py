@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any
 
+from blindfold.config.common import check_readable
 from blindfold.config.edge import EdgeConfig, EdgeHttpConfig, KeyServerRef, RouteConfig
 from blindfold.core import keyless_wire as w
 from blindfold.core import tls13_server as ts
@@ -47,6 +48,7 @@ from blindfold.core.httpcache import (
     not_modified,
 )
 from blindfold.core.iplist import parse_address
+from blindfold.core.proxyproto import PP2_TYPE_BLINDFOLD_HTTP, with_tlv
 from blindfold.core.ratelimit import BucketMap
 from blindfold.decisions.purge import CACHE_TAG_HEADER, Purge, PurgeMatcher, parse_cache_tags
 from blindfold.edge.guards import client_key
@@ -183,6 +185,12 @@ METRICS = (
 
 
 def _client_tls(where: str, ref: KeyServerRef) -> ssl.SSLContext:
+    ks = f"{where}.keyserver"
+    check_readable(
+        (f"{ks}.ca", ref.ca),
+        (f"{ks}.client_cert", ref.client_cert),
+        (f"{ks}.client_key", ref.client_key),
+    )
     try:
         ctx = ssl.create_default_context(cafile=ref.ca)
         ctx.load_cert_chain(ref.client_cert, ref.client_key)
@@ -665,7 +673,7 @@ class KeylessHandler:
         return await open_verified_origin(
             self.ctx,
             self.route,
-            self.conn.proxy_header(),
+            with_tlv(self.conn.proxy_header(), PP2_TYPE_BLINDFOLD_HTTP, b""),
             kr.origin_tls,
             kr.config.origin_server_name or self.sni,
             kr.pins,
