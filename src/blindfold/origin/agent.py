@@ -9,6 +9,7 @@ to every edge as a CrowdSec-shaped stream (and published to Redis when configure
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import ipaddress
@@ -440,6 +441,9 @@ class OriginAgent:
         self.audit = (
             JsonLog.open(cfg.waf.audit_log, process="origin") if (cfg.waf.audit_log) else self.log
         )
+        if self.audit is not self.log:
+            with contextlib.suppress(RuntimeError):  # no loop: flushed by the tick and at stop
+                self.audit.flush_soon(asyncio.get_running_loop().call_soon)
         if self.audit is not self.log:  # written at once too (io.service does the main log)
             self.audit.flush_soon(asyncio.get_running_loop().call_soon)
         self.limits = cfg.http.limits()

@@ -101,9 +101,16 @@ class OriginMaster:
         wanted = [(a, True, f"origin.listen[{i}]") for i, a in enumerate(cfg.listen)]
         wanted += [(a, False, f"origin.http_listen[{i}]") for i, a in enumerate(cfg.http_listen)]
         try:
+            # an address already bound: by the same text, or the port 0 bound before named now
+            bound = {
+                (_bound_name(socks[0]), tls): socks for (_a, tls), socks in self.groups.items()
+            }
             for address, tls, key in wanted:
                 if (address, tls) in self.groups:
                     groups[(address, tls)] = self.groups[(address, tls)]
+                    continue
+                if (address, tls) in bound:
+                    groups[(address, tls)] = bound[(address, tls)]
                     continue
                 try:
                     groups[(address, tls)] = bind_group(
@@ -117,9 +124,10 @@ class OriginMaster:
         return groups
 
     def _close_new(self, groups: dict[tuple[str, bool], list[socket.socket]]) -> None:
-        for key, socks in groups.items():
-            if key not in self.groups:
-                for s in socks:
+        kept = {id(s) for socks in self.groups.values() for s in socks}
+        for socks in groups.values():
+            for s in socks:
+                if id(s) not in kept:
                     s.close()
 
     def _addresses(self, tls: bool) -> list[str]:
@@ -401,9 +409,10 @@ class OriginMaster:
                     h.state = "draining"
                     h.send({"op": "drain"})
                     self.old_workers.append(h)
-            for key, socks in self.groups.items():
-                if key not in groups:
-                    for s in socks:
+            kept = {id(s) for socks in groups.values() for s in socks}
+            for socks in self.groups.values():
+                for s in socks:
+                    if id(s) not in kept:
                         s.close()
             self.groups = groups
             self.cfg = new
@@ -436,3 +445,8 @@ def run_origin_master(path: str) -> int:
         return OriginMaster(path, config, log)
 
     return run_service("origin", path, "origin", "origin", make)
+
+
+def _bound_name(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

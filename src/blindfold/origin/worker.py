@@ -100,6 +100,7 @@ async def _main(args: argparse.Namespace) -> int:
             raise ConfigError("origin", "the config has no [origin] section")
         cfg = config.origin
         log = JsonLog.open(cfg.log_path, process=f"origin-worker-{args.index}")
+        log.flush_soon(loop.call_soon)  # lines reach the file at once, as the master's do
         agent = OriginAgent(args.config, cfg, log, role="worker", inherited=inherited, remote=link)
         agent.quic_port = args.quic_port
         link.set_rules(agent.rules.rate_rules)
