@@ -56,3 +56,55 @@ def test_the_edges_request_id_reaches_the_origin_and_the_application(
     assert at_origin is not None and at_origin["request_id"] != FORGED
     seen = [s for s in app.seen if s["path"] == "/p"]
     assert seen and seen[-1]["x-request-id"] == at_origin["request_id"]
+
+
+def _visit(port: int, ca: Path, tlvs: tuple[tuple[int, bytes], ...], path: str) -> bytes:
+    """A PROXY v2 sender in trusted_edges (an L4 load balancer, say) in front of the origin:
+    its header names visitor 203.0.113.7, then the visitor's own TLS and HTTP bytes."""
+    import socket
+    import ssl
+
+    from blindfold.core.proxyproto import encode_v2
+
+    header = encode_v2(("203.0.113.7", 40000), ("127.0.0.1", port), tlvs)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    raw.sendall(header)
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.set_alpn_protocols(["http/1.1"])
+    with ctx.wrap_socket(raw, server_hostname="example.test") as s:
+        s.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: example.test\r\nX-Request-Id: {FORGED}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+    return out
+
+
+def test_another_proxy_senders_tlvs_never_make_the_visitors_id_believed(
+    start_origin: Callable[..., OriginProcess], app: Any, site: dict[str, Path], tmp_path: Path
+) -> None:
+    """Attack review (hops #3): the origin believed X-Request-Id whenever the header carried
+    ANY TLV of the marker's type, 0xEA then, which an AWS NLB (PrivateLink) puts in every
+    header it sends. Now: a type no load balancer uses, and only with blindfold's fixed value."""
+    from blindfold.core.proxyproto import BLINDFOLD_HTTP_MARK, PP2_TYPE_BLINDFOLD_HTTP
+
+    origin = start_origin(origin_config(site, app.port, tmp_path))
+    cases = {
+        "/aws": ((0xEA, b"\x01vpce-0123456789abcdef0"),),  # AWS PrivateLink's TLV
+        "/other": ((PP2_TYPE_BLINDFOLD_HTTP, b"x"),),  # our type, another value
+        "/empty": ((PP2_TYPE_BLINDFOLD_HTTP, b""),),
+    }
+    for path, tlvs in cases.items():
+        assert _visit(origin.port, site["ca"], tlvs, path).startswith(b"HTTP/1.1 200")
+        rec = origin.wait_for(lambda r, p=path: r.get("event") == "request" and r["path"] == p)
+        assert rec is not None and rec["request_id"] != FORGED, (path, rec)
+        assert rec["client"] == "203.0.113.7"
+        seen = [s for s in app.seen if s["path"] == path]
+        assert seen and seen[-1]["x-request-id"] == rec["request_id"]
+    # the mark itself, from a trusted address: believed (what a keyless edge sends; edges
+    # with a key authenticate the whole header, test_proxy_auth_edge)
+    _visit(origin.port, site["ca"], ((PP2_TYPE_BLINDFOLD_HTTP, BLINDFOLD_HTTP_MARK),), "/mark")
+    rec = origin.wait_for(lambda r: r.get("event") == "request" and r["path"] == "/mark")
+    assert rec is not None and rec["request_id"] == FORGED

@@ -54,8 +54,12 @@ PP2_TYPE_MIN_CUSTOM, PP2_TYPE_MAX_CUSTOM = 0xE0, 0xEF  # §2.2.7: for applicatio
 PP2_TYPE_BLINDFOLD_AUTH = 0xE9
 # The edge itself speaks HTTP on this connection (keyless, blind): its requests carry the
 # edge's request id in X-Request-Id, which the origin then keeps (the visitor's never arrives:
-# the edge overwrites it). A passthrough connection's header never has it.
-PP2_TYPE_BLINDFOLD_HTTP = 0xEA
+# the edge overwrites it). A passthrough connection's header never has it. The type is one no
+# known load balancer uses and the value is fixed: another PROXY sender trusted for addresses
+# (an AWS NLB puts 0xEA in every header) never makes the origin believe a visitor's id. From an
+# [[origin.edges]] entry with a key the whole header, this TLV included, is authenticated.
+PP2_TYPE_BLINDFOLD_HTTP = 0xEB
+BLINDFOLD_HTTP_MARK = b"blindfold-http/1"
 AUTH_VERSION = 1
 AUTH_MAC_BYTES = 32
 AUTH_LABEL = b"blindfold proxy auth v1\x00"

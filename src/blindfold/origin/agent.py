@@ -24,7 +24,12 @@ from blindfold.config.common import load_admin_token, parse_hostport
 from blindfold.config.origin import OriginConfig, fds_needed, listen_warnings
 from blindfold.config.schema import changes
 from blindfold.core.iplist import IPSet, parse_address, visitor_key
-from blindfold.core.proxyproto import PP2_TYPE_BLINDFOLD_HTTP, V1_PREFIX, V2_SIGNATURE
+from blindfold.core.proxyproto import (
+    BLINDFOLD_HTTP_MARK,
+    PP2_TYPE_BLINDFOLD_HTTP,
+    V1_PREFIX,
+    V2_SIGNATURE,
+)
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.decisions.api import DecisionApi, load_api_keys
 from blindfold.decisions.core import (
@@ -1001,7 +1006,7 @@ class OriginAgent:
             return None
         except OSError:
             return None
-        edge_http = header.tlv(PP2_TYPE_BLINDFOLD_HTTP) is not None
+        edge_http = header.tlv(PP2_TYPE_BLINDFOLD_HTTP) == BLINDFOLD_HTTP_MARK
         if header.src is None:
             return peer, False, reporter, edge_http  # LOCAL: the edge's own check or pull
         return header.src, True, reporter, edge_http

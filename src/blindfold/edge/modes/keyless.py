@@ -48,7 +48,7 @@ from blindfold.core.httpcache import (
     not_modified,
 )
 from blindfold.core.iplist import parse_address
-from blindfold.core.proxyproto import PP2_TYPE_BLINDFOLD_HTTP, with_tlv
+from blindfold.core.proxyproto import BLINDFOLD_HTTP_MARK, PP2_TYPE_BLINDFOLD_HTTP, with_tlv
 from blindfold.core.ratelimit import BucketMap
 from blindfold.decisions.purge import CACHE_TAG_HEADER, Purge, PurgeMatcher, parse_cache_tags
 from blindfold.edge.guards import client_key
@@ -673,7 +673,7 @@ class KeylessHandler:
         return await open_verified_origin(
             self.ctx,
             self.route,
-            with_tlv(self.conn.proxy_header(), PP2_TYPE_BLINDFOLD_HTTP, b""),
+            with_tlv(self.conn.proxy_header(), PP2_TYPE_BLINDFOLD_HTTP, BLINDFOLD_HTTP_MARK),
             kr.origin_tls,
             kr.config.origin_server_name or self.sni,
             kr.pins,
