@@ -135,11 +135,15 @@ def test_the_purge_log_gives_each_edge_what_it_has_not_seen() -> None:
     items, after, reset = log.since(start)
     assert (items, reset) == ([first], False)
     assert log.since(after)[0] == []
-    assert log.since("another-epoch.0") == ([], after, False)  # the origin restarted
-    assert log.since(f"{log.epoch}.99")[2] is False  # from the future: restart at the end
+    # the origin restarted: every purge of the new log (attack review F: before, ([], end),
+    # and the purges made between the restart and the edge's next poll were lost)
+    assert log.since("another-epoch.0") == ([first], after, False)
+    assert log.since("another-epoch.7") == ([first], after, False)
+    assert log.since(f"{log.epoch}.99") == ([first], after, False)  # from the future: the same
     for i in range(4):
         log.add(purge(tags=[f"t{i}"]))
     assert log.since(after)[2] is True  # fell behind the log: it cannot know what it missed
+    assert log.since("another-epoch.1")[2] is True  # the new log's start is gone: reset
     assert log.since(f"{log.epoch}.x")[0] == []
 
 
