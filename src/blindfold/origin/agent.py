@@ -722,7 +722,7 @@ class OriginAgent:
             self.api = DecisionApi(self.store, keys, full_per_minute=d.full_answers_per_minute)
             self.api.purges = self.purges
             if d.operator_keys_file:
-                operator_keys = load_operator_keys(d.operator_keys_file)
+                operator_keys = load_operator_keys(d.operator_keys_file, d.api_keys_file, keys)
                 self.api.operator = OperatorApi(operator_keys, keys, self, self.log)
                 self.operator_peers = IPSet(
                     ipaddress.ip_network(a, strict=False) for a in d.operator_addresses
