@@ -1249,13 +1249,32 @@ class OriginAgent:
         }
 
     # ------------------------------------------------------------------ lifecycle
+    def _operator_keys(self, cfg: OriginConfig) -> tuple[dict[str, bytes], IPSet | None] | None:
+        """SIGHUP: the operator keys and operator_addresses as the file now says (a removed
+        key is refused from now on: attack review G); None: no decisions API runs."""
+        d = cfg.decisions
+        if self.api is None or not d.listen:
+            return None
+        if not d.operator_keys_file:
+            return {}, None
+        keys = load_operator_keys(d.operator_keys_file, d.api_keys_file, self.api.keys)
+        peers = IPSet(ipaddress.ip_network(a, strict=False) for a in d.operator_addresses)
+        return keys, peers
+
     def reload(self) -> None:
         """SIGHUP: the new config applies to the next connections."""
         try:
             config, _ = load_file(self.path)
             if config.origin is None:
                 raise ConfigError("origin", "the config has no [origin] section")
+            operator = self._operator_keys(config.origin)  # read before anything changes
             self._build(config.origin)
+            if operator is not None and self.api is not None:
+                keys, peers = operator
+                self.api.operator = (
+                    OperatorApi(keys, self.api.keys, self, self.log) if keys else None
+                )
+                self.operator_peers = peers
         except ConfigError as exc:
             self.log.emit("reload_failed", error=str(exc))
             return
