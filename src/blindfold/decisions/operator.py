@@ -187,6 +187,13 @@ class OperatorApi:
             now = time.time()
             items = [_decision_json(d, now) for d in self.actions.operator_list(now)]
             self._count("list")
+            self.log.emit(  # reading the whole set is an operator's act too (who looked, when)
+                "operator_action",
+                operator=operator,
+                client=client,
+                action="decisions_list",
+                count=len(items),
+            )
             await _json(respond, 200, {"decisions": items})
         elif path == PREFIX + "decisions" and method == b"POST":
             obj = await _read_json(body)
