@@ -18,6 +18,7 @@ class BlindfoldProcess:
     """`blindfold <kind> --config FILE` as a real process; JSON log lines collected."""
 
     kind = "edge"
+    admin_token = ""  # sent as a Bearer token to /metrics when the config sets admin_token_file
 
     def __init__(
         self, config_text: str, workdir: Path, *, name: str = "edge", wrap: list[str] | None = None
@@ -110,7 +111,10 @@ class BlindfoldProcess:
         )
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://{self.admin}/metrics", timeout=10) as resp:
+        req = urllib.request.Request(f"http://{self.admin}/metrics")
+        if self.admin_token:
+            req.add_header("authorization", f"Bearer {self.admin_token}")
+        with urllib.request.urlopen(req, timeout=10) as resp:
             return str(resp.read().decode())
 
     def metric(self, name: str, **labels: str) -> float:

@@ -78,11 +78,15 @@ def serial_of(pem_path: Path) -> int:
     return x509.load_pem_x509_certificates(pem_path.read_bytes())[0].serial_number
 
 
+ADMIN_TOKEN = "acme-test-admin-token-0123456789"  # a POST needs one (attack review H)
+
+
 def post(admin: str, path: str) -> int:
     """POST, again while the answer is 429 (one forced renewal per retry_initial_s)."""
     deadline = time.monotonic() + 10
     while True:
         req = urllib.request.Request(f"http://{admin}{path}", data=b"", method="POST")
+        req.add_header("authorization", f"Bearer {ADMIN_TOKEN}")
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:
                 return int(resp.status)
@@ -127,15 +131,23 @@ def topology(
         pebble.add_a(host)
     pt = {"hostnames": [PT], "cert": str(work / "pt.pem"), "key": str(work / "pt.key")}
     kl = {"hostnames": [KL], "cert": str(work / "kl.pem"), "key": str(work / "kl.key")}
+    token = work / "admin.token"
+    token.write_text(ADMIN_TOKEN + "\n")
+    token.chmod(0o600)
     origin = start_origin(
-        origin_config(site, app.port, tmp_path) + acme_config("origin", pebble, work, [pt])
+        origin_config(site, app.port, tmp_path, admin_token_file=str(token))
+        + acme_config("origin", pebble, work, [pt])
     )
-    ks_text = keyserver_config(kpki, {"edge1": [KL]})
+    origin.admin_token = ADMIN_TOKEN
+    ks_text = keyserver_config(kpki, {"edge1": [KL]}).replace(
+        "[keyserver]\n", f'[keyserver]\nadmin_token_file = "{token}"\n', 1
+    )
     ks_text += (
         f'\n[[keyserver.keys]]\nname = "acme"\nkey = "{kl["key"]}"\ncertificate = "{kl["cert"]}"\n'
     )
     ks_text += acme_config("keyserver", pebble, work, [kl])
     keyserver = KeyServerProcess(ks_text, tmp_path, name="ks")
+    keyserver.admin_token = ADMIN_TOKEN
     try:
         routes = route([PT], [f"127.0.0.1:{origin.port}"], proxy_protocol="v2")
         routes += (

@@ -163,9 +163,11 @@ def test_a_few_clients_asking_slowly_cannot_keep_the_listener(
 TOKEN = b"0123456789abcdef-admin-token"
 
 
-def _get(port: int, path: str, headers: str = "", host: str = "127.0.0.1") -> tuple[str, bytes]:
+def _get(
+    port: int, path: str, headers: str = "", host: str = "127.0.0.1", method: str = "GET"
+) -> tuple[str, bytes]:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
-        request = f"GET {path} HTTP/1.1\r\nhost: {host}\r\n{headers}connection: close\r\n\r\n"
+        request = f"{method} {path} HTTP/1.1\r\nhost: {host}\r\n{headers}connection: close\r\n\r\n"
         s.sendall(request.encode())
         data = b""
         while chunk := s.recv(4096):
@@ -224,3 +226,49 @@ def test_without_a_token_a_page_under_another_name_gets_no_figures(admin: int) -
         assert head.startswith("HTTP/1.1 200"), (host, head)
     head, _ = _get(admin, "/", host="evil.example")  # the page itself holds no figures
     assert head.startswith("HTTP/1.1 404")  # (this test's handler has no page)
+
+
+def test_a_post_needs_the_token_and_no_cross_site_request_passes() -> None:
+    """Attack review H: a page in the operator's browser posted a simple form to
+    http://127.0.0.1:PORT/acme/renew on a listener without a token: 202, six times, each
+    spending the CA's duplicate-certificate limit. Before the fix: 200 below (no token) and
+    200 with the token plus Origin / Sec-Fetch-Site: cross-site."""
+    loop = asyncio.new_event_loop()
+
+    async def handler(method: str, path: str) -> tuple[int, str, bytes]:
+        return 200, "text/plain", f"answer {method} {path}".encode()
+
+    untokened = AdminServer(handler, None, post_paths=frozenset({"/renew"}))
+    tokened = AdminServer(handler, TOKEN, post_paths=frozenset({"/renew"}))
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    auth = f"authorization: Bearer {TOKEN.decode()}\r\n"
+    try:
+        bare = asyncio.run_coroutine_threadsafe(untokened.start("127.0.0.1", 0), loop).result(10)
+        port = asyncio.run_coroutine_threadsafe(tokened.start("127.0.0.1", 0), loop).result(10)[1]
+        head, body = _get(bare[1], "/renew", method="POST")
+        assert head.startswith("HTTP/1.1 403") and b"answer" not in body, head
+        head, _ = _get(bare[1], "/healthz")  # reads stay as they were on loopback
+        assert head.startswith("HTTP/1.1 200"), head
+        for extra in (
+            "origin: https://evil.example\r\n",
+            "origin: null\r\n",
+            "sec-fetch-site: cross-site\r\n",
+            "sec-fetch-site: same-site\r\n",
+        ):
+            head, body = _get(port, "/renew", auth + extra, method="POST")
+            assert head.startswith("HTTP/1.1 403") and b"answer" not in body, (extra, head)
+            head, body = _get(bare[1], "/healthz", extra)
+            assert head.startswith("HTTP/1.1 403") and b"answer" not in body, (extra, head)
+        head, body = _get(port, "/renew", method="POST")
+        assert head.startswith("HTTP/1.1 401"), head
+        head, body = _get(port, "/renew", auth + "sec-fetch-site: none\r\n", method="POST")
+        assert head.startswith("HTTP/1.1 200") and body == b"answer POST /renew", head
+        head, body = _get(bare[1], "/healthz", "sec-fetch-site: same-origin\r\n")
+        assert head.startswith("HTTP/1.1 200"), head
+    finally:
+        for server in (untokened, tokened):
+            asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

@@ -362,9 +362,25 @@ def test_a_wrong_operator_key_and_an_edge_read_key_are_refused_and_logged(
     assert refused == {"wrong_key": 2, "edge_key": 2}
     listed = d.cli("decisions", "list", "--json")
     assert [x for x in json.loads(listed.stdout)["decisions"] if x["value"] == BANNED] == []
+    (seen,) = d.origin.records("operator_action")  # a list is logged too (before: not)
+    assert seen["action"] == "decisions_list" and seen["operator"] == "alice", seen
     for edge in d.edges:
         assert get(edge, kpki, "/echo", BANNED)[0] == 200
         assert edge.records("purge_applied") == []
+
+    # attack review G: a key removed from the file + SIGHUP is refused from then on (before:
+    # the origin logged `reloaded` and alice's key still added bans and purges)
+    bob = tmp_path / "bob.key"
+    bob.write_text("bob:bob-own-operator-key-0123456789\n")
+    (tmp_path / "operators.txt").write_text(bob.read_text())
+    reloaded = d.origin.reload()
+    assert reloaded is not None and reloaded["event"] == "reloaded", reloaded
+    out = d.cli("purge", "--tag", "x")  # alice
+    assert out.returncode == 1 and "401" in out.stderr, out.stderr
+    assert d.origin.records("operator_action") == [seen]
+    out = d.cli("purge", "--tag", "x", key=bob)
+    assert out.returncode == 0, out.stderr
+    assert d.origin.records("operator_action")[-1]["operator"] == "bob"
 
 
 def test_a_purge_removes_a_blind_routes_blob_from_memory_and_disk(

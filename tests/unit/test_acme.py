@@ -441,6 +441,10 @@ def test_forced_renewals_are_rate_limited(tmp_path: Path) -> None:
     m.states[0].next_at = 1e12
     assert not m.force(now=1059.0) and m.states[0].next_at == 1e12
     assert m.force(now=1060.0)
+    # attack review H: at most forced_renewals_per_week (3) in any 7 days (before: a 4th here)
+    assert m.force(now=1200.0)
+    assert not m.force(now=1300.0) and not m.force(now=1000.0 + 7 * 86400 - 1)
+    assert m.force(now=1000.0 + 7 * 86400)  # the first one has left the week
 
 
 def test_the_origin_peeks_a_split_hello_without_consuming_it() -> None:

@@ -257,11 +257,23 @@ def test_operator_keys_are_checked_like_the_origin_does(
     """check-config reads the operator keys file as the origin does at start: private (0600 or
     0640), well formed; a bad one names origin.decisions.operator_keys_file, exit 2."""
     ops = files["dir"] / "operators.txt"
-    ops.write_text("alice:0123456789abcdef0123\n")
+    ops.write_text("alice:alice-own-key-0123456789\n")
     ops.chmod(0o600)
     line = f'operator_keys_file = "{ops}"\n'
     good = _origin(files).replace('api_keys_file = "', line + 'api_keys_file = "')
     assert _check(files, good, capsys) == (0, "")
+    # attack review B: an edge's read key as an operator key (the same secret, or the edges'
+    # file itself) added bans and purges; check-config passed (before: exit 0 both)
+    ops.write_text("alice:alice-own-key-0123456789\nbob:0123456789abcdef0123\n")
+    code, err = _check(files, good, capsys)
+    assert code == 2 and "origin.decisions.operator_keys_file" in err and "'bob'" in err, err
+    ops.write_text("alice:alice-own-key-0123456789\n")
+    files["keys"].chmod(0o600)
+    same = _origin(files).replace(
+        'api_keys_file = "', f'operator_keys_file = "{files["keys"]}"\napi_keys_file = "'
+    )
+    code, err = _check(files, same, capsys)
+    assert code == 2 and "origin.decisions.operator_keys_file" in err and "edges'" in err, err
     ops.chmod(0o644)
     code, err = _check(files, good, capsys)
     assert code == 2 and "origin.decisions.operator_keys_file" in err and "0600" in err

@@ -135,11 +135,15 @@ def test_the_purge_log_gives_each_edge_what_it_has_not_seen() -> None:
     items, after, reset = log.since(start)
     assert (items, reset) == ([first], False)
     assert log.since(after)[0] == []
-    assert log.since("another-epoch.0") == ([], after, False)  # the origin restarted
-    assert log.since(f"{log.epoch}.99")[2] is False  # from the future: restart at the end
+    # the origin restarted: every purge of the new log (attack review F: before, ([], end),
+    # and the purges made between the restart and the edge's next poll were lost)
+    assert log.since("another-epoch.0") == ([first], after, False)
+    assert log.since("another-epoch.7") == ([first], after, False)
+    assert log.since(f"{log.epoch}.99") == ([first], after, False)  # from the future: the same
     for i in range(4):
         log.add(purge(tags=[f"t{i}"]))
     assert log.since(after)[2] is True  # fell behind the log: it cannot know what it missed
+    assert log.since("another-epoch.1")[2] is True  # the new log's start is gone: reset
     assert log.since(f"{log.epoch}.x")[0] == []
 
 
@@ -283,3 +287,28 @@ def test_a_delete_names_one_decision() -> None:
     for bad in ("a=1&b=2&c=3&d=4&e=5", "id=x", "id=7", "scope=ip&value=999.1.1.1", ""):
         with pytest.raises(ProtocolError):
             _delete_target(bad, [])
+
+
+def test_an_answer_of_the_log_is_serialised_once() -> None:
+    """Attack review D: three connections polling at the oldest position made the origin
+    re-serialise up to 50 purges (megabytes) per request on its loop. Now once per content."""
+    import json
+
+    from blindfold.decisions.api import DecisionApi
+    from blindfold.decisions.core import DecisionStore
+
+    api = DecisionApi(DecisionStore(), {})
+    api.purges = p.PurgeLog()
+    _, position, _ = api.purges.since(None)
+    for i in range(3):
+        api.purges.add(purge(urls=[f"example.com/{i}{'x' * 1000}"]))
+    answers = {api.purge_answer(position) for _ in range(20)}
+    answers |= {api.purge_answer("another-epoch.0") for _ in range(20)}  # the same content
+    assert len(answers) == 1 and api.purge_builds == 1
+    assert len(json.loads(answers.pop())["purges"]) == 3
+    api.purges.add(purge(tags=["new"]))  # the log moved: a new answer, with it
+    assert len(json.loads(api.purge_answer(position))["purges"]) == 4
+    assert api.purge_builds == 2
+    for i in range(200):  # the kept answers are bounded
+        api.purge_answer(f"{api.purges.epoch}.{i % 5}")
+    assert len(api._purge_answers) <= 64

@@ -52,6 +52,8 @@ from blindfold.config.acme import AcmeConfig, AcmeOrderConfig
 from blindfold.errors import BlindfoldError, ProtocolError, UpstreamError, VerificationError
 from blindfold.obs.metrics import MetricSpec
 
+WEEK_S = 7 * 86400.0
+
 METRICS = (
     MetricSpec(
         "blindfold_acme_renewals_total",
@@ -143,6 +145,7 @@ class AcmeManager:
         self._account: JWKEC | None = None
         self._client: client.ClientV2 | None = None
         self._forced_at = -math.inf
+        self._forced: list[float] = []  # monotonic times of the accepted forced renewals
 
     # ------------------------------------------------------------ set-up
     def prepare(self) -> None:
@@ -155,13 +158,18 @@ class AcmeManager:
 
     def force(self, now: float | None = None) -> bool:
         """Renew every certificate now (admin `POST /acme/renew`). At most once per
-        retry_initial_s: whoever reaches the admin listener must not be able to spend the
-        CA's rate limits (Let's Encrypt: a few duplicate certificates a week). False: too
-        soon, nothing done."""
+        retry_initial_s and forced_renewals_per_week in any 7 days: whoever reaches the admin
+        listener must not be able to spend the CA's rate limits (Let's Encrypt: a few
+        duplicate certificates a week). False: too soon, nothing done."""
         now = time.monotonic() if now is None else now
-        if now - self._forced_at < self.cfg.retry_initial_s:
+        self._forced = [t for t in self._forced if now - t < WEEK_S]
+        if (
+            now - self._forced_at < self.cfg.retry_initial_s
+            or len(self._forced) >= self.cfg.forced_renewals_per_week
+        ):
             return False
         self._forced_at = now
+        self._forced.append(now)
         for st in self.states:
             st.next_at = 0.0
         self.wake.set()

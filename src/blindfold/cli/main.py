@@ -97,11 +97,15 @@ def _check_config(path: str) -> int:
             if origin.decisions.listen:
                 from blindfold.decisions.api import load_api_keys
 
-                load_api_keys(origin.decisions.api_keys_file)
+                edge_keys = load_api_keys(origin.decisions.api_keys_file)
                 if origin.decisions.operator_keys_file:  # present, private, well formed
                     from blindfold.decisions.operator import load_operator_keys
 
-                    load_operator_keys(origin.decisions.operator_keys_file)
+                    load_operator_keys(
+                        origin.decisions.operator_keys_file,
+                        origin.decisions.api_keys_file,
+                        edge_keys,
+                    )
                 decisions_tls(origin)  # loads, and names none of the site's names
             warnings += listen_warnings(origin)
             if origin.decisions.signing_key:

@@ -110,6 +110,13 @@ class AcmeConfig:
     retry_initial_s: float = setting(
         60.0, doc="First wait after a failed order; doubled each failure, with jitter.", min=0.1
     )
+    forced_renewals_per_week: int = setting(
+        3,
+        doc="Most admin `POST /acme/renew` accepted in any 7 days (the CA's duplicate-"
+        "certificate limit is a few a week); 0 turns forced renewals off.",
+        min=0,
+        max=50,
+    )
     retry_max_s: float = setting(6 * 3600.0, doc="Longest wait between attempts.", min=1)
     order_timeout_s: float = setting(
         300.0, doc="Deadline for one order, challenges and finalisation included.", min=5

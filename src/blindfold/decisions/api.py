@@ -59,6 +59,8 @@ OPERATOR_PREFIX = "/v1/operator/"  # the operator's write API (decisions.operato
 OperatorHandler = Callable[[Request, BodyStream, Responder], Awaitable[bool]]
 
 FULL_CACHE_S = 5.0  # a whole-set answer is at most this old (durations likewise)
+MAX_PURGE_ANSWERS = 64  # purge-log answers kept serialised
+BIG_PURGE_ANSWER = 256 << 10  # larger purge-log answers count as whole-set answers
 
 
 class DecisionApi:
@@ -75,6 +77,10 @@ class DecisionApi:
         # the operator's write API (decisions.operator) and the purges edges follow
         self.operator: OperatorHandler | None = None
         self.purges: PurgeLog | None = None
+        # answers of the purge log, by what they hold (attack review D: each poll at an old
+        # position re-serialised up to 50 purges, megabytes, on the loop)
+        self._purge_answers: dict[tuple[str, bool, int, int, int], bytes] = {}
+        self.purge_builds = 0
 
     def _bouncer(self, key: bytes | None) -> str | None:
         if key is None:
@@ -134,11 +140,11 @@ class DecisionApi:
         elif url.path == "/v1/purges" and self.purges is not None:
             header = request.header(b"x-blindfold-purges")
             purge_position = header.decode("latin-1")[:100] if header is not None else None
-            items, purges_after, reset = self.purges.since(purge_position)
-            data = json.dumps(
-                {"position": purges_after, "reset": reset, "purges": [p.to_json() for p in items]},
-                separators=(",", ":"),
-            ).encode()
+            data = self.purge_answer(purge_position)
+            if len(data) > BIG_PURGE_ANSWER and not await self._full_allowed(
+                bouncer, request, respond
+            ):
+                return  # a large answer is limited per key like a whole set
         elif url.path == "/v1/decisions":
             if not await self._full_allowed(bouncer, request, respond):
                 return
@@ -154,6 +160,25 @@ class DecisionApi:
         )
         await respond.send(data)
         await respond.end()
+
+    def purge_answer(self, position: str | None) -> bytes:
+        """The purge log's answer after `position`, serialised once per content (the log's
+        state and the slice it holds); at most MAX_PURGE_ANSWERS kept."""
+        assert self.purges is not None
+        log = self.purges
+        items, after, reset = log.since(position)
+        key = (after, reset, len(items), log.base, log.end)
+        data = self._purge_answers.get(key)
+        if data is None:
+            self.purge_builds += 1
+            data = json.dumps(
+                {"position": after, "reset": reset, "purges": [p.to_json() for p in items]},
+                separators=(",", ":"),
+            ).encode()
+            if len(self._purge_answers) >= MAX_PURGE_ANSWERS:
+                del self._purge_answers[next(iter(self._purge_answers))]
+            self._purge_answers[key] = data
+        return data
 
     async def _full_allowed(self, bouncer: str, request: Request, respond: Responder) -> bool:
         wait = self.full_limit.take((bouncer, request.client[0]), time.monotonic())

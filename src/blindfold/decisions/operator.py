@@ -58,15 +58,31 @@ def check_key_file_mode(path: str, where: str) -> None:
         )
 
 
-def load_operator_keys(path: str) -> dict[str, bytes]:
+def load_operator_keys(
+    path: str, edge_keys_file: str = "", edge_keys: dict[str, bytes] | None = None
+) -> dict[str, bytes]:
     """'id:secret' per line ('#' comments), at least 16 characters of secret; the id (at most
-    32 characters) names the operator in every log line."""
+    32 characters) names the operator in every log line. Refused: the edges' api_keys_file
+    itself, and any secret an edge also holds (an edge's read key would add bans and purges,
+    logged as an operator: attack review B)."""
     where = "origin.decisions.operator_keys_file"
     check_key_file_mode(path, where)
+    if edge_keys_file:
+        try:
+            same = os.path.samefile(path, edge_keys_file)
+        except OSError:
+            same = False
+        if same:
+            raise ConfigError(
+                where, "is the edges' api_keys_file: give operators keys of their own"
+            )
     keys = load_api_keys(path, where)
     for name in keys:
         if not name or len(name) > MAX_KEY_ID_CHARS or not name.isprintable() or " " in name:
             raise ConfigError(where, f"key id {name[:40]!r}: 1 to 32 printable characters")
+    for name, secret in keys.items():
+        if match_key(secret, edge_keys or {}) is not None:
+            raise ConfigError(where, f"key {name!r} is also an edge's read key (api_keys_file)")
     return keys
 
 
@@ -171,6 +187,13 @@ class OperatorApi:
             now = time.time()
             items = [_decision_json(d, now) for d in self.actions.operator_list(now)]
             self._count("list")
+            self.log.emit(  # reading the whole set is an operator's act too (who looked, when)
+                "operator_action",
+                operator=operator,
+                client=client,
+                action="decisions_list",
+                count=len(items),
+            )
             await _json(respond, 200, {"decisions": items})
         elif path == PREFIX + "decisions" and method == b"POST":
             obj = await _read_json(body)

@@ -282,9 +282,11 @@ def parse_cache_tags(headers: list[tuple[bytes, bytes]]) -> frozenset[str]:
 class PurgeLog:
     """The purges an origin made, for the edges following its HTTPS stream. A position is
     `<epoch>.<count>`: the purges an edge has seen. A position from another epoch (the origin
-    restarted) restarts at the current end; one older than the log holds (more than
-    MAX_PURGE_LOG purges since) is answered `reset`: the edge cannot know what it missed and
-    empties its caches."""
+    restarted) or past the end is answered from the start of this log (every purge made since
+    the restart: an edge that skipped to the end kept serving what they purged), or `reset`
+    when the log no longer holds its start; one older than the log holds (more than
+    MAX_PURGE_LOG purges since) is answered `reset` too: the edge cannot know what it missed
+    and empties its caches."""
 
     def __init__(
         self, max_entries: int = MAX_PURGE_LOG, max_bytes: int = MAX_PURGE_LOG_BYTES
@@ -319,11 +321,9 @@ class PurgeLog:
         if not position:
             return [], here, False
         epoch, _, count = position.partition(".")
-        if epoch != self.epoch or not count.isdigit() or len(count) > 18:
-            return [], here, False
-        n = int(count)
-        if n > self.end:
-            return [], here, False
+        n = int(count) if count.isdigit() and len(count) <= 18 else -1
+        if epoch != self.epoch or not 0 <= n <= self.end:
+            n = 0  # another life of this log (or a made-up position): all of this one
         if n < self.base:
             return [], here, True
         items = self.items[n - self.base : n - self.base + MAX_PURGES_PER_ANSWER]

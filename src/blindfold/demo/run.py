@@ -497,9 +497,9 @@ Stop with Ctrl-C.
             )
             print(
                 f"""6. ACME: {ACME_HOST}'s certificate comes from the local ACME CA (pebble,
-   directory {pebble.directory}) by tls-alpn-01 through the edge; renew it now with
-     curl -X POST http://{origin.ready["admin"]}/acme/renew
-   and watch blindfold_acme_* on the origin's /metrics:
+   directory {pebble.directory}) by tls-alpn-01 through the edge (a forced renewal,
+   POST /acme/renew, needs an admin_token_file, which the demo does not set);
+   watch blindfold_acme_* on the origin's /metrics:
      {acurl}/
 """
                 if issued

@@ -13,6 +13,12 @@ when one is set (`Authorization: Bearer <token>`), which check-config requires f
 off loopback. Without a token a request must name the listener by an IP address or `localhost`
 (the Host header): a web page whose name an attacker re-points at 127.0.0.1 (DNS rebinding)
 would otherwise read the figures through the operator's browser.
+
+A POST (a write: `/acme/renew`) always needs the token: with none configured every POST is
+refused (403), since a page in the operator's browser can send a simple form POST to a
+loopback listener with no preflight. A request that says it comes from another site
+(`Sec-Fetch-Site: cross-site`/`same-site`, or any `Origin` header, which browsers send on
+cross-origin POSTs and this listener never needs) is refused (403) on every non-public path.
 """
 
 from __future__ import annotations
@@ -51,6 +57,17 @@ def _local_name(host: bytes) -> bool:
             return _local_name(host.split(b"]:", 1)[0] + b"]")
         return False
     return True
+
+
+def cross_site(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Sent by a browser on behalf of another site: any Origin (no page of ours posts), or a
+    Sec-Fetch-Site other than same-origin/none."""
+    for name, value in headers:
+        if name == b"origin":
+            return True
+        if name == b"sec-fetch-site" and value.strip().lower() not in (b"same-origin", b"none"):
+            return True
+    return False
 
 
 def authorized(token: bytes | None, headers: Iterable[tuple[bytes, bytes]]) -> bool:
@@ -115,6 +132,10 @@ class AdminServer:
                         method == "POST" and path in self._post_paths
                     ):
                         status, ctype, body = 405, "text/plain", b"method not allowed\n"
+                    elif path not in PUBLIC_PATHS and cross_site(event.headers):
+                        status, ctype, body = 403, "text/plain", b"cross-site request refused\n"
+                    elif method == "POST" and self.token is None:
+                        status, ctype, body = 403, "text/plain", b"POST needs admin_token_file\n"
                     elif path not in PUBLIC_PATHS and not authorized(self.token, event.headers):
                         status, ctype, body = 401, "text/plain", b"admin token required\n"
                         if self.token is None:

@@ -740,7 +740,7 @@ class OriginAgent:
             self.api = DecisionApi(self.store, keys, full_per_minute=d.full_answers_per_minute)
             self.api.purges = self.purges
             if d.operator_keys_file:
-                operator_keys = load_operator_keys(d.operator_keys_file)
+                operator_keys = load_operator_keys(d.operator_keys_file, d.api_keys_file, keys)
                 self.api.operator = OperatorApi(operator_keys, keys, self, self.log)
                 self.operator_peers = IPSet(
                     ipaddress.ip_network(a, strict=False) for a in d.operator_addresses
@@ -1271,6 +1271,18 @@ class OriginAgent:
         }
 
     # ------------------------------------------------------------------ lifecycle
+    def _operator_keys(self, cfg: OriginConfig) -> tuple[dict[str, bytes], IPSet | None] | None:
+        """SIGHUP: the operator keys and operator_addresses as the file now says (a removed
+        key is refused from now on: attack review G); None: no decisions API runs."""
+        d = cfg.decisions
+        if self.api is None or not d.listen:
+            return None
+        if not d.operator_keys_file:
+            return {}, None
+        keys = load_operator_keys(d.operator_keys_file, d.api_keys_file, self.api.keys)
+        peers = IPSet(ipaddress.ip_network(a, strict=False) for a in d.operator_addresses)
+        return keys, peers
+
     def reload(self) -> None:
         """SIGHUP: the new config applies to the next connections."""
         try:
@@ -1278,7 +1290,14 @@ class OriginAgent:
             if config.origin is None:
                 raise ConfigError("origin", "the config has no [origin] section")
             old = self.cfg
+            operator = self._operator_keys(config.origin)  # read before anything changes
             self._build(config.origin)
+            if operator is not None and self.api is not None:
+                keys, peers = operator
+                self.api.operator = (
+                    OperatorApi(keys, self.api.keys, self, self.log) if keys else None
+                )
+                self.operator_peers = peers
         except ConfigError as exc:
             self.count("config_reloads:invalid")
             self.log.emit("reload_failed", error=str(exc))
