@@ -226,6 +226,35 @@ def test_keyserver_swaps_a_replaced_certificate_and_refuses_a_broken_one(
         5,
     )
     assert fetch_chain(kpki, "edge1", ks.port, "example.test") == old
+    # 2b. (attack review certs #2) the right key and valid, but followed by a certificate that
+    # did not issue it, or naming fewer hostnames: every edge would refuse it and keep the old
+    # chain, which the key server stops signing for after the grace: refused here too
+    unrelated = (kpki.dir / "ca.pem").read_bytes()  # the edge CA: did not sign the leaf
+    for n, data in enumerate(
+        (
+            pem(leaf_for(ca, key.public_key(), names, days=60)) + unrelated,
+            pem(leaf_for(ca, key.public_key(), ["example.test"], days=60)),
+        ),
+        start=3,
+    ):
+        replace_file(cert_path, data)
+        assert wait_until(
+            lambda n=n: (
+                ks.metric(
+                    "blindfold_certificate_reloads_total",
+                    component="keyserver",
+                    certificate="p256",
+                    result="invalid",
+                )
+                == n
+            ),
+            5,
+        ), n
+        assert fetch_chain(kpki, "edge1", ks.port, "example.test") == old
+    assert ks.wait_for(
+        lambda r: r.get("event") == "key_reload_failed" and "does not cover" in r.get("error", ""),
+        timeout=5,
+    )
     # 3. a renewed certificate for the same key: swapped in, sent to edges
     renewed = leaf_for(ca, key.public_key(), names, days=60)
     replace_file(cert_path, pem(renewed))

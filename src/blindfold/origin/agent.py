@@ -1116,7 +1116,12 @@ class OriginAgent:
         self.cert_stamps = stamps  # tried once per change: a broken file is not retried
         try:
             # the replaced ones must be valid now; the others are as they were
-            tls = SiteTls(certificates, now=time.time(), check=changed)
+            tls = SiteTls(
+                certificates,
+                now=time.time(),
+                check=changed,
+                previous=self.tls.names if self.tls is not None else (),
+            )
         except ConfigError as exc:
             self.cert_reloads["invalid"] = self.cert_reloads.get("invalid", 0) + 1
             self.log.emit(
