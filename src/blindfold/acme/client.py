@@ -97,12 +97,21 @@ def _answer(acme: client.ClientV2, challb: messages.ChallengeBody) -> None:
             raise
 
 
+# the floor between two successful orders of one certificate (unless forced): the larger of
+# these (attack review certs #4: a clock 4-6 days ahead made 12 orders in 15 s)
+MIN_RENEWAL_GAP_S = 3600.0
+MIN_RENEWAL_GAP_FRACTION = 0.1
+
+
 @dataclass
 class _State:
     order: AcmeOrderConfig
     next_at: float = 0.0
     attempt: int = 0
     renewals: int = 0
+    # no new order before this (POSIX seconds) after a successful one unless forced: a clock
+    # ahead or a renewal window in the past must not turn into back-to-back orders
+    not_before: float = 0.0
     failures: dict[str, int] = field(default_factory=dict)
 
 
@@ -163,7 +172,7 @@ class AcmeManager:
             return False
         self._forced_at = now
         for st in self.states:
-            st.next_at = 0.0
+            st.next_at = st.not_before = 0.0
         self.wake.set()
         return True
 
@@ -202,7 +211,7 @@ class AcmeManager:
                 checked = time.monotonic()
                 for st in self.states:
                     if st.attempt == 0:
-                        st.next_at = await self._due(st)
+                        st.next_at = max(await self._due(st), st.not_before)
                 continue
             now = time.time()
             wait = min(
@@ -223,7 +232,7 @@ class AcmeManager:
             async with asyncio.timeout(self.cfg.order_timeout_s):
                 chain = await self._issue(o)
             key = certfiles.load_or_create_key(o.key, o.key_type)
-            certfiles.check_chain(chain, key, o.hostnames, time.time())
+            leaf = certfiles.check_chain(chain, key, o.hostnames, time.time())[0]
             certfiles.install_chain(o.cert, chain)
         except Exception as exc:  # whatever a CA answers, the loop goes on (and retries)
             reason = (
@@ -260,7 +269,9 @@ class AcmeManager:
             self.on_installed(o)
         except BlindfoldError as exc:  # the reload failed: the process keeps the old one
             self.log("acme_reload_failed", hostname=o.hostnames[0], error=str(exc)[:300])
-        st.next_at = await self._due(st)
+        lifetime = leaf.not_valid_after_utc.timestamp() - leaf.not_valid_before_utc.timestamp()
+        st.not_before = time.time() + max(MIN_RENEWAL_GAP_S, MIN_RENEWAL_GAP_FRACTION * lifetime)
+        st.next_at = max(await self._due(st), st.not_before)
         self.log(
             "acme_renewed",
             hostname=o.hostnames[0],
