@@ -38,6 +38,7 @@ from blindfold.acme.challenge import (
     dns01_value,
     key_authorization,
     tls_alpn01_certificate,
+    valid_hostname,
 )
 from blindfold.acme.dnshook import run_dns_hook
 from blindfold.acme.renewal import (
@@ -123,6 +124,21 @@ class AcmeError(BlindfoldError):
         self.reason = reason
         self.detail = detail
         self.retry_after_s = retry_after_s
+
+
+def _order_name(o: AcmeOrderConfig, value: object, wildcard: object) -> str:
+    """The hostname an authorisation is for, which must be one of the order's (a wildcard's
+    base with wildcard=true) and a valid hostname: a CA that lies must not make the dns-01
+    hook write another name (another zone, or bytes no hostname has) nor the challenge dir
+    answer for one (attack review certs #6)."""
+    base = value if isinstance(value, str) else ""
+    name = "*." + base if wildcard else base
+    if not valid_hostname(base) or name not in o.hostnames:
+        raise AcmeError(
+            "unexpected_identifier",
+            f"the CA asks to validate {name[:80]!r}, not a hostname of the order",
+        )
+    return name
 
 
 def _load_account_key(path: str) -> JWKEC:
@@ -373,9 +389,7 @@ class AcmeManager:
             for authzr in orderr.authorizations:
                 if authzr.body.status == messages.STATUS_VALID:
                     continue
-                name = authzr.body.identifier.value
-                if authzr.body.wildcard:
-                    name = "*." + name
+                name = _order_name(o, authzr.body.identifier.value, authzr.body.wildcard)
                 challb, key_auth = self._pick(authzr, thumbprint)
                 await self._provision(o, name, key_auth, cleanups)
                 await self._call(_answer, acme, challb)
