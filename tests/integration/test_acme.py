@@ -375,6 +375,11 @@ def test_dns01_wildcard_through_the_hook(pebble: Pebble, tmp_path: Path) -> None
 
     asyncio.run(once())
     assert installed, logs
+    # the account URI is logged for the CAA accounturi= record (attack review certs #1)
+    accounts = [f for e, f in logs if e == "acme_account"]
+    assert len(accounts) == 1, logs
+    assert accounts[0]["account_uri"].startswith("https://"), accounts
+    assert f"accounturi={accounts[0]['account_uri']}" in accounts[0]["caa"]
     cert = x509.load_pem_x509_certificates((work / "wild.pem").read_bytes())[0]
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(san.get_values_for_type(x509.DNSName)) == {"*.wild.acme.test", "wild.acme.test"}
@@ -500,7 +505,9 @@ class _ClockAhead:
         return getattr(time, name)
 
 
-def test_a_clock_ahead_does_not_make_back_to_back_orders(pebble: Pebble, tmp_path: Path) -> None:
+def test_a_clock_ahead_does_not_make_back_to_back_orders(
+    pebble: Pebble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Attack review certs #4: with the host clock at 80 % of a fresh certificate's lifetime
     every new certificate is due at once; after a success the next order waits at least
     max(1 h, 10 % of the lifetime). Before the floor: 12 orders in 15 s."""
@@ -538,18 +545,14 @@ def test_a_clock_ahead_does_not_make_back_to_back_orders(pebble: Pebble, tmp_pat
     offset = nb + 0.8 * (na - nb) - time.time()
     logs.clear()
     manager.states[0].not_before = 0.0  # as after a restart: the first order is due at once
-    saved = acme_client.time
-    acme_client.time = _ClockAhead(offset)  # type: ignore[assignment]
+    monkeypatch.setattr(acme_client, "time", _ClockAhead(offset))
 
     async def run_for(seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await manager.run()
 
-    try:
-        asyncio.run(run_for(8))
-    finally:
-        acme_client.time = saved
+    asyncio.run(run_for(8))
     renewed = [f for e, f in logs if e == "acme_renewed"]
     assert len(renewed) == 1, [e for e, _ in logs]
     gap = renewed[0]["next_renewal"] - (time.time() + offset)

@@ -168,6 +168,7 @@ class AcmeManager:
         self._account: JWKEC | None = None
         self._client: client.ClientV2 | None = None
         self._forced_at = -math.inf
+        self._account_uri = ""  # the last one logged (acme_account)
 
     # ------------------------------------------------------------ set-up
     def prepare(self) -> None:
@@ -361,6 +362,16 @@ class AcmeManager:
             regr = messages.RegistrationResource(uri=exc.location, body=messages.Registration())
         net.account = regr
         self._client = acme
+        if regr.uri and regr.uri != self._account_uri:
+            # the operator pins issuance to this account with a CAA record (RFC 8657
+            # accounturi=): a hostile edge that passes validation cannot get a certificate
+            self._account_uri = regr.uri
+            self.log(
+                "acme_account",
+                account_uri=regr.uri,
+                directory=self.cfg.directory,
+                caa=f'0 issue "<ca-domain>; accounturi={regr.uri}"',
+            )
         return acme
 
     async def _renewal_window(self, leaf: x509.Certificate) -> RenewalWindow | None:
