@@ -65,6 +65,12 @@ class Pkcs11Config:
         min=1,
         max=64,
     )
+    allow_imported_key: bool = setting(
+        False,
+        doc="Accept a key the token did not generate itself or that was once readable "
+        "(CKA_LOCAL, CKA_NEVER_EXTRACTABLE or CKA_ALWAYS_SENSITIVE false): a key imported "
+        "from a file may still exist outside the token. Refused unless this is true.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
