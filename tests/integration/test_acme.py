@@ -12,6 +12,7 @@ retried, and shows in the metrics and logs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import ssl
@@ -386,6 +387,11 @@ def test_dns01_wildcard_through_the_hook(pebble: Pebble, tmp_path: Path) -> None
 
     asyncio.run(once())
     assert installed, logs
+    # the account URI is logged for the CAA accounturi= record (attack review certs #1)
+    accounts = [f for e, f in logs if e == "acme_account"]
+    assert len(accounts) == 1, logs
+    assert accounts[0]["account_uri"].startswith("https://"), accounts
+    assert f"accounturi={accounts[0]['account_uri']}" in accounts[0]["caa"]
     cert = x509.load_pem_x509_certificates((work / "wild.pem").read_bytes())[0]
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(san.get_values_for_type(x509.DNSName)) == {"*.wild.acme.test", "wild.acme.test"}
@@ -496,3 +502,70 @@ def test_demo_with_a_local_acme_ca() -> None:
         "self-check: a certificate from the local ACME CA, verified through the edge: OK"
         in out.stdout
     )
+
+
+class _ClockAhead:
+    """time with time() moved `offset` seconds ahead; monotonic and the rest are the real ones."""
+
+    def __init__(self, offset: float) -> None:
+        self.offset = offset
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def test_a_clock_ahead_does_not_make_back_to_back_orders(
+    pebble: Pebble, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Attack review certs #4: with the host clock at 80 % of a fresh certificate's lifetime
+    every new certificate is due at once; after a success the next order waits at least
+    max(1 h, 10 % of the lifetime). Before the floor: 12 orders in 15 s."""
+    import blindfold.acme.client as acme_client
+    from blindfold.acme.client import AcmeManager
+    from blindfold.config.acme import AcmeConfig
+    from blindfold.config.schema import build
+
+    pebble.start(free_port())
+    work = tmp_path / "storm"
+    cfg = build(
+        AcmeConfig,
+        {
+            "directory": pebble.directory,
+            "ca_bundle": str(pebble.ca_file),
+            "account_key": str(work / "account.key"),
+            "challenge": "dns-01",
+            "dns_hook": pebble.hook_command(),
+            "dns_hook_timeout_s": 20,
+            "orders": [
+                {
+                    "hostnames": ["storm.acme.test"],
+                    "cert": str(work / "s.pem"),
+                    "key": str(work / "s.key"),
+                }
+            ],
+        },
+    )
+    logs: list[tuple[str, dict[str, Any]]] = []
+    manager = AcmeManager(cfg, lambda e, **f: logs.append((e, f)), lambda o: None)
+    manager.prepare()
+    asyncio.run(manager._attempt(manager.states[0]))  # the first certificate, real clock
+    leaf = x509.load_pem_x509_certificates((work / "s.pem").read_bytes())[0]
+    nb, na = leaf.not_valid_before_utc.timestamp(), leaf.not_valid_after_utc.timestamp()
+    offset = nb + 0.8 * (na - nb) - time.time()
+    logs.clear()
+    manager.states[0].not_before = 0.0  # as after a restart: the first order is due at once
+    monkeypatch.setattr(acme_client, "time", _ClockAhead(offset))
+
+    async def run_for(seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await manager.run()
+
+    asyncio.run(run_for(8))
+    renewed = [f for e, f in logs if e == "acme_renewed"]
+    assert len(renewed) == 1, [e for e, _ in logs]
+    gap = renewed[0]["next_renewal"] - (time.time() + offset)
+    assert gap >= max(3600, 0.1 * (na - nb)) - 60, gap

@@ -8,11 +8,12 @@ import hashlib
 import shutil
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 
 from blindfold import pki
 from tests.helpers.clients import wait_until
@@ -89,6 +90,31 @@ def test_origin_swaps_renewed_files_keeps_old_connections_and_refuses_broken_one
         5,
     )
     assert served_sha256(origin.port, site["ca"]) == old_fp
+    # 1b. (attack review certs #3) the right key and valid, but followed by a certificate that
+    # did not issue it, or no longer naming other.test: no client would accept it: refused
+    site_key = serialization.load_pem_private_key(own["key"].read_bytes(), None)
+    stranger = pki.issue(ca, ["stranger.test"], days=60).cert
+    for n, data in enumerate(
+        (
+            pem(leaf_for(ca, site_key.public_key(), names, days=60)) + pem(stranger),
+            pem(leaf_for(ca, site_key.public_key(), names[:2] + names[3:], days=60)),
+        ),
+        start=2,
+    ):
+        replace_file(own["cert"], data)
+        assert wait_until(
+            lambda n=n: (
+                origin.metric(
+                    "blindfold_certificate_reloads_total",
+                    component="origin",
+                    certificate="certificates",
+                    result="invalid",
+                )
+                == n
+            ),
+            5,
+        ), n
+        assert served_sha256(origin.port, site["ca"]) == old_fp
     # 2. a renewed pair (new key, new certificate), each file renamed into place
     new = pki.issue(ca, names, days=60)
     new_fp = new.cert.fingerprint(hashes.SHA256()).hex()
@@ -148,3 +174,21 @@ def test_a_blind_route_takes_its_renewed_certificate_and_refuses_a_broken_one(
     refused = {"component": "edge", "certificate": "route1", "result": "invalid"}
     assert wait_until(lambda: s.edge.metric("blindfold_certificate_reloads_total", **refused), 5)
     assert served() == new_fp
+    # (attack review certs #3) the right key and valid, but followed by a certificate that did
+    # not issue it, or naming another host instead of the route's: not used either (each
+    # worker polls and counts: wait for the count to grow, then past a poll for every worker)
+    stranger = pki.issue(ca, ["stranger.test"], days=60).cert
+    for data in (
+        pem(leaf_for(ca, new.cert.public_key(), [CDN], days=60)) + pem(stranger),
+        pem(leaf_for(ca, new.cert.public_key(), ["other.test"], days=60)),
+    ):
+        before = s.edge.metric("blindfold_certificate_reloads_total", **refused)
+        replace_file(cert, data)
+        assert wait_until(
+            lambda before=before: (
+                s.edge.metric("blindfold_certificate_reloads_total", **refused) > before
+            ),
+            10,
+        ), data[:80]
+        time.sleep(2.5)  # two polls (CERT_POLL_S) plus settling: every worker has seen it
+        assert served() == new_fp

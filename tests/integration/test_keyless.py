@@ -485,6 +485,53 @@ def test_key_server_down_fails_fast_or_falls_back_and_recovers(
         ks.stop()
 
 
+def _get_with_alpn(port: int, alpn: list[str], path: str) -> int | str:
+    """A TLS 1.3 GET offering `alpn`: the status, or how the connection failed."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_alpn_protocols(alpn)
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="example.test") as tls,
+        ):
+            tls.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: example.test\r\nConnection: close\r\n\r\n".encode()
+            )
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+    except (ssl.SSLError, OSError) as exc:
+        return type(exc).__name__
+    return int(data.split(b" ", 2)[1]) if data else "closed"
+
+
+def test_acme_tls_alpn_beside_http_does_not_tunnel_past_the_edge(
+    chain: Any, kpki: KeylessPki, app: Any
+) -> None:
+    """Attack review certs #5: a visitor adding acme-tls/1 to its ALPN list was relayed at
+    layer 4 to the origin (which served it: no challenge dir), past the path rate limit. The
+    edge now relays only a hello offering acme-tls/1 alone, and the origin closes one it
+    cannot answer."""
+    edge, _ = chain(
+        rate_limits=[{"path_prefix": "/signin", "rate_per_s": 0.01, "burst": 1, "name": "login"}]
+    )
+    before = len(app.seen)
+    codes = [_get_with_alpn(edge.port, ["acme-tls/1", "http/1.1"], "/signin") for _ in range(3)]
+    assert codes == [200, 429, 429], codes
+    assert len(app.seen) - before == 1
+    # acme-tls/1 alone (an ACME server) is relayed; the origin has no challenge: it closes
+    alone = _get_with_alpn(edge.port, ["acme-tls/1"], "/signin")
+    assert not isinstance(alone, int), alone
+    assert len(app.seen) - before == 1
+    assert (
+        edge.metric("blindfold_keyless_fallbacks_total", route="route0", reason="acme_tls_alpn")
+        == 1
+    )
+
+
 def test_path_rate_limits(chain: Any, kpki: KeylessPki, app: Any) -> None:
     edge, _ = chain(
         rate_limits=[{"path_prefix": "/signin", "rate_per_s": 0.01, "burst": 2, "name": "login"}]

@@ -226,6 +226,35 @@ def test_keyserver_swaps_a_replaced_certificate_and_refuses_a_broken_one(
         5,
     )
     assert fetch_chain(kpki, "edge1", ks.port, "example.test") == old
+    # 2b. (attack review certs #2) the right key and valid, but followed by a certificate that
+    # did not issue it, or naming fewer hostnames: every edge would refuse it and keep the old
+    # chain, which the key server stops signing for after the grace: refused here too
+    unrelated = (kpki.dir / "ca.pem").read_bytes()  # the edge CA: did not sign the leaf
+    for n, data in enumerate(
+        (
+            pem(leaf_for(ca, key.public_key(), names, days=60)) + unrelated,
+            pem(leaf_for(ca, key.public_key(), ["example.test"], days=60)),
+        ),
+        start=3,
+    ):
+        replace_file(cert_path, data)
+        assert wait_until(
+            lambda n=n: (
+                ks.metric(
+                    "blindfold_certificate_reloads_total",
+                    component="keyserver",
+                    certificate="p256",
+                    result="invalid",
+                )
+                == n
+            ),
+            5,
+        ), n
+        assert fetch_chain(kpki, "edge1", ks.port, "example.test") == old
+    assert ks.wait_for(
+        lambda r: r.get("event") == "key_reload_failed" and "does not cover" in r.get("error", ""),
+        timeout=5,
+    )
     # 3. a renewed certificate for the same key: swapped in, sent to edges
     renewed = leaf_for(ca, key.public_key(), names, days=60)
     replace_file(cert_path, pem(renewed))
@@ -321,29 +350,17 @@ def test_edge_serves_a_renewed_chain_to_new_handshakes_while_an_old_download_goe
 def test_edge_keeps_its_chain_when_the_new_one_does_not_cover_the_route(
     kpki: KeylessPki, fast_keyserver: KeyServerProcess, chain_edge: EdgeProcess, ca: pki.Issued
 ) -> None:
-    """The key server's renewed certificate names example.test only; the route also serves
-    *.example.test: the edge refuses the chain (log, metric) and keeps serving the old one,
-    which the key server still signs for during its grace period."""
+    """The renewed certificate names example.test only; the old one and the route also cover
+    *.example.test. The key server refuses it (attack review certs #2: it would swap in a
+    chain every edge refuses, then stop signing for the old one after its grace), so the
+    edge keeps serving the old chain. (The edge's own refusal of
+    such a chain, should a key server send one, is core.certchain: tests/unit/test_certchain.)"""
     edge = chain_edge
     cert_path, key_path, old_fp = kpki.sites["p256"]
     key = serialization.load_pem_private_key(key_path.read_bytes(), None)
     narrower = leaf_for(ca, key.public_key(), ["example.test"], days=60)
     replace_file(cert_path, pem(narrower))
-    assert fast_keyserver.wait_for(lambda r: r.get("event") == "key_reloaded", timeout=5)
-    refused = edge.wait_for(
-        lambda r: (
-            r.get("event") == "keyless_chain_refused" and r.get("reason") == "names_not_covered"
-        ),
-        timeout=5,
-    )
-    assert refused is not None and refused["keeps"] == old_fp
-    assert (
-        edge.metric(
-            "blindfold_certificate_reloads_total",
-            component="edge",
-            certificate="route0",
-            result="names_not_covered",
-        )
-        >= 1
-    )
+    failed = fast_keyserver.wait_for(lambda r: r.get("event") == "key_reload_failed", timeout=5)
+    assert failed is not None and "does not cover *.example.test" in failed["error"], failed
+    assert not fast_keyserver.records("key_reloaded")
     assert served_sha256(edge.port, "www.example.test", kpki.site_ca) == old_fp

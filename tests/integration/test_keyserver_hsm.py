@@ -5,6 +5,7 @@ holds that key."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -100,6 +101,16 @@ def token(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Token]:
             private_template={Attribute.EXTRACTABLE: True, Attribute.SENSITIVE: False},
         )
         tok.publics["loose"] = serialization.load_der_public_key(encode_ec_public_key(pub))
+        # a key that was readable once (made sensitive afterwards): CKA_ALWAYS_SENSITIVE false,
+        # as for a key imported from a file (attack review certs #7)
+        params = s.create_domain_parameters(KeyType.EC, p256, local=True)
+        pub, priv = params.generate_keypair(
+            store=True,
+            label="once-readable",
+            private_template={Attribute.EXTRACTABLE: False, Attribute.SENSITIVE: False},
+        )
+        priv[Attribute.SENSITIVE] = True
+        tok.publics["once-readable"] = serialization.load_der_public_key(encode_ec_public_key(pub))
     yield tok
     if old is None:
         os.environ.pop("SOFTHSM2_CONF", None)
@@ -147,6 +158,14 @@ def test_refused_token_keys(token: Token, ca: pki.Issued, tmp_path: Path) -> Non
     cert.write_bytes(pem(leaf_for(ca, token.publics["loose"], ["loose.test"])))
     with pytest.raises(ConfigError, match=r"key_label.*let this key out"):
         load_key(3, KeyConfig(str(cert), pkcs11=token.config("loose")))
+    # non-extractable and sensitive now, but not since the token made it: refused, unless the
+    # configuration says so
+    once = tmp_path / "once.pem"
+    once.write_bytes(pem(leaf_for(ca, token.publics["once-readable"], ["once.test"])))
+    with pytest.raises(ConfigError, match=r"pkcs11.key_label.*allow_imported_key"):
+        load_key(4, KeyConfig(str(once), pkcs11=token.config("once-readable")))
+    allowed = dataclasses.replace(token.config("once-readable"), allow_imported_key=True)
+    assert load_key(4, KeyConfig(str(once), pkcs11=allowed)).public is not None
     # the token's key does not belong to the certificate
     wrong = tmp_path / "wrong.pem"
     wrong.write_bytes(pem(leaf_for(ca, token.publics["p384"], ["p256.test"])))

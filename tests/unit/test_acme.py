@@ -487,3 +487,91 @@ def test_the_origin_peeks_a_split_hello_without_consuming_it() -> None:
     assert hello is not None and not wants_challenge(hello)  # type: ignore[arg-type]
     hello, _ = asyncio.run(run(b"GET / HTTP/1.1\r\n\r\n", 18))
     assert hello is None
+
+
+@pytest.mark.parametrize(
+    ("value", "wildcard"),
+    [
+        ("victim-other-zone.example\nupdate delete example.com. A\nsend", False),
+        ("other-zone.example", False),  # a valid hostname, not the order's
+        ("www.example.com", True),  # '*.www.example.com' was not ordered
+    ],
+)
+def test_a_lying_ca_cannot_choose_the_name_the_dns_hook_writes(
+    tmp_path: Path, value: str, wildcard: bool
+) -> None:
+    """Attack review certs #6: the authorisation's identifier comes from the CA; one that is
+    not a hostname of the order fails the order before the hook runs."""
+    import json
+    from types import SimpleNamespace
+    from typing import Any
+
+    from acme import challenges
+
+    from blindfold.acme.client import AcmeError, AcmeManager
+    from blindfold.config.acme import AcmeConfig
+    from blindfold.config.schema import build
+
+    seen = tmp_path / "argv.jsonl"
+    hook = tmp_path / "hook.py"
+    hook.write_text(
+        f"import sys, json\nopen({str(seen)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n"
+    )
+    cfg = build(
+        AcmeConfig,
+        {
+            "directory": "https://acme.invalid/dir",
+            "account_key": str(tmp_path / "acct.key"),
+            "challenge": "dns-01",
+            "dns_hook": [sys.executable, str(hook)],
+            "orders": [
+                {
+                    "hostnames": ["www.example.com", "*.example.com"],
+                    "cert": str(tmp_path / "c.pem"),
+                    "key": str(tmp_path / "c.key"),
+                }
+            ],
+        },
+    )
+    manager = AcmeManager(cfg, lambda e, **f: None, lambda o: None)
+    manager.prepare()
+
+    def authz(value: str, wildcard: bool) -> Any:
+        challb = messages.ChallengeBody(
+            chall=challenges.DNS01(token=b"x" * 32), status=messages.STATUS_PENDING
+        )
+        return SimpleNamespace(
+            body=SimpleNamespace(
+                status=messages.STATUS_PENDING,
+                wildcard=wildcard,
+                identifier=SimpleNamespace(value=value),
+                challenges=[challb],
+            )
+        )
+
+    class LyingCA:  # answers as a compromised CA (or a directory URL an attacker runs) would
+        directory = SimpleNamespace(meta=None)
+
+        def new_order(self, csr: bytes, profile: Any = None) -> Any:
+            # the order's own first (its hook runs), then the lie
+            return SimpleNamespace(
+                authorizations=[authz("example.com", True), authz(value, wildcard)]
+            )
+
+        def poll_and_finalize(self, orderr: Any, deadline: Any) -> Any:
+            raise RuntimeError("not reached")
+
+    async def lying_acme() -> Any:
+        return LyingCA()
+
+    async def call(fn: Any, *a: Any, **k: Any) -> Any:
+        return None if getattr(fn, "__name__", "") == "_answer" else fn(*a, **k)
+
+    manager._acme = lying_acme  # type: ignore[method-assign]
+    manager._call = call  # type: ignore[method-assign]
+    with pytest.raises(AcmeError) as err:
+        asyncio.run(manager._issue(manager.states[0].order))
+    assert err.value.reason == "unexpected_identifier"
+    calls = [json.loads(line) for line in seen.read_text().splitlines()]
+    # the order's own name was set (and cleaned up); the CA's was never passed to the hook
+    assert [c[1] for c in calls] == ["_acme-challenge.example.com"] * 2, calls

@@ -38,6 +38,7 @@ from blindfold.acme.challenge import (
     dns01_value,
     key_authorization,
     tls_alpn01_certificate,
+    valid_hostname,
 )
 from blindfold.acme.dnshook import run_dns_hook
 from blindfold.acme.renewal import (
@@ -99,12 +100,21 @@ def _answer(acme: client.ClientV2, challb: messages.ChallengeBody) -> None:
             raise
 
 
+# the floor between two successful orders of one certificate (unless forced): the larger of
+# these (attack review certs #4: a clock 4-6 days ahead made 12 orders in 15 s)
+MIN_RENEWAL_GAP_S = 3600.0
+MIN_RENEWAL_GAP_FRACTION = 0.1
+
+
 @dataclass
 class _State:
     order: AcmeOrderConfig
     next_at: float = 0.0
     attempt: int = 0
     renewals: int = 0
+    # no new order before this (POSIX seconds) after a successful one unless forced: a clock
+    # ahead or a renewal window in the past must not turn into back-to-back orders
+    not_before: float = 0.0
     failures: dict[str, int] = field(default_factory=dict)
 
 
@@ -116,6 +126,21 @@ class AcmeError(BlindfoldError):
         self.reason = reason
         self.detail = detail
         self.retry_after_s = retry_after_s
+
+
+def _order_name(o: AcmeOrderConfig, value: object, wildcard: object) -> str:
+    """The hostname an authorisation is for, which must be one of the order's (a wildcard's
+    base with wildcard=true) and a valid hostname: a CA that lies must not make the dns-01
+    hook write another name (another zone, or bytes no hostname has) nor the challenge dir
+    answer for one (attack review certs #6)."""
+    base = value if isinstance(value, str) else ""
+    name = "*." + base if wildcard else base
+    if not valid_hostname(base) or name not in o.hostnames:
+        raise AcmeError(
+            "unexpected_identifier",
+            f"the CA asks to validate {name[:80]!r}, not a hostname of the order",
+        )
+    return name
 
 
 def _load_account_key(path: str) -> JWKEC:
@@ -146,6 +171,7 @@ class AcmeManager:
         self._client: client.ClientV2 | None = None
         self._forced_at = -math.inf
         self._forced: list[float] = []  # monotonic times of the accepted forced renewals
+        self._account_uri = ""  # the last one logged (acme_account)
 
     # ------------------------------------------------------------ set-up
     def prepare(self) -> None:
@@ -171,7 +197,7 @@ class AcmeManager:
         self._forced_at = now
         self._forced.append(now)
         for st in self.states:
-            st.next_at = 0.0
+            st.next_at = st.not_before = 0.0
         self.wake.set()
         return True
 
@@ -210,7 +236,7 @@ class AcmeManager:
                 checked = time.monotonic()
                 for st in self.states:
                     if st.attempt == 0:
-                        st.next_at = await self._due(st)
+                        st.next_at = max(await self._due(st), st.not_before)
                 continue
             now = time.time()
             wait = min(
@@ -231,7 +257,7 @@ class AcmeManager:
             async with asyncio.timeout(self.cfg.order_timeout_s):
                 chain = await self._issue(o)
             key = certfiles.load_or_create_key(o.key, o.key_type)
-            certfiles.check_chain(chain, key, o.hostnames, time.time())
+            leaf = certfiles.check_chain(chain, key, o.hostnames, time.time())[0]
             certfiles.install_chain(o.cert, chain)
         except Exception as exc:  # whatever a CA answers, the loop goes on (and retries)
             reason = (
@@ -268,7 +294,9 @@ class AcmeManager:
             self.on_installed(o)
         except BlindfoldError as exc:  # the reload failed: the process keeps the old one
             self.log("acme_reload_failed", hostname=o.hostnames[0], error=str(exc)[:300])
-        st.next_at = await self._due(st)
+        lifetime = leaf.not_valid_after_utc.timestamp() - leaf.not_valid_before_utc.timestamp()
+        st.not_before = time.time() + max(MIN_RENEWAL_GAP_S, MIN_RENEWAL_GAP_FRACTION * lifetime)
+        st.next_at = max(await self._due(st), st.not_before)
         self.log(
             "acme_renewed",
             hostname=o.hostnames[0],
@@ -342,6 +370,16 @@ class AcmeManager:
             regr = messages.RegistrationResource(uri=exc.location, body=messages.Registration())
         net.account = regr
         self._client = acme
+        if regr.uri and regr.uri != self._account_uri:
+            # the operator pins issuance to this account with a CAA record (RFC 8657
+            # accounturi=): a hostile edge that passes validation cannot get a certificate
+            self._account_uri = regr.uri
+            self.log(
+                "acme_account",
+                account_uri=regr.uri,
+                directory=self.cfg.directory,
+                caa=f'0 issue "<ca-domain>; accounturi={regr.uri}"',
+            )
         return acme
 
     async def _renewal_window(self, leaf: x509.Certificate) -> RenewalWindow | None:
@@ -370,9 +408,7 @@ class AcmeManager:
             for authzr in orderr.authorizations:
                 if authzr.body.status == messages.STATUS_VALID:
                     continue
-                name = authzr.body.identifier.value
-                if authzr.body.wildcard:
-                    name = "*." + name
+                name = _order_name(o, authzr.body.identifier.value, authzr.body.wildcard)
                 challb, key_auth = self._pick(authzr, thumbprint)
                 await self._provision(o, name, key_auth, cleanups)
                 await self._call(_answer, acme, challb)

@@ -65,6 +65,12 @@ class Pkcs11Config:
         min=1,
         max=64,
     )
+    allow_imported_key: bool = setting(
+        False,
+        doc="Accept a key the token did not generate itself or that was once readable "
+        "(CKA_LOCAL, CKA_NEVER_EXTRACTABLE or CKA_ALWAYS_SENSITIVE false): a key imported "
+        "from a file may still exist outside the token. Refused unless this is true.",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +228,9 @@ class KeyServerConfig:
         "(inode, size, modification time); a change is loaded once it is unchanged for one "
         "more check (a key and a certificate renamed one after the other are taken together). "
         "A replaced pair is used only if the chain parses, "
-        "the key fits the leaf and the leaf is valid now, else the old one stays (log line "
+        "the key fits the leaf, each certificate is signed by the next, the leaf is valid now "
+        "and names every DNS name of the certificate it replaces (a renewal may add names, "
+        "never drop one), else the old one stays (log line "
         "`key_reload_failed`, metric blindfold_certificate_reloads_total). 0: only on SIGHUP.",
         min=0,
         max=3600,

@@ -572,7 +572,8 @@ class OriginConfig:
         "modification time; an ACME client renames renewed files into place); a change is "
         "loaded once it is unchanged for one more check. The replaced set is used for new "
         "TLS connections only if every pair loads, each key fits its certificate and each "
-        "leaf is valid now; else the old set stays (log line "
+        "replaced chain is signed certificate by certificate, its leaf valid now and naming "
+        "every DNS name of the one it replaces; else the old set stays (log line "
         "`certificate_reload_failed`, metric blindfold_certificate_reloads_total). Open "
         "connections keep theirs. 0: only on SIGHUP. HTTP/3 listeners take new files at "
         "restart only.",

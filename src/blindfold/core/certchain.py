@@ -11,6 +11,7 @@ import itertools
 from collections.abc import Sequence
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtensionOID
 
 from blindfold.core.keyless_handshake import uncovered_names
@@ -64,3 +65,18 @@ def check_chain(
     if missing:
         raise ChainError("names_not_covered", f"the leaf does not cover {', '.join(missing)}")
     return chain
+
+
+def check_replaced_pem(
+    path: str, previous: Sequence[str], now: float
+) -> tuple[x509.Certificate, ...]:
+    """check_chain on a replaced PEM file (key server, origin agent, blind route): each
+    certificate signed by the next, the leaf valid at `now`, and the new leaf covering every
+    DNS name the one in service (`previous`) had: a renewal may add names, never drop one."""
+    try:
+        with open(path, "rb") as f:
+            certs = x509.load_pem_x509_certificates(f.read())
+    except (OSError, ValueError) as exc:
+        raise ChainError("unparsable", f"cannot load {path}: {exc}") from None
+    ders = [c.public_bytes(serialization.Encoding.DER) for c in certs]
+    return check_chain(ders, previous, now)

@@ -131,6 +131,24 @@ class HsmKey:
                 "the token would let this key out (CKA_EXTRACTABLE true or CKA_SENSITIVE "
                 "false): generate it in the token as non-extractable and sensitive",
             )
+        if not cfg.allow_imported_key:
+            try:
+                born_here = bool(
+                    key[Attribute.LOCAL]
+                    and key[Attribute.NEVER_EXTRACTABLE]
+                    and key[Attribute.ALWAYS_SENSITIVE]
+                )
+            except pkcs11.PKCS11Error:
+                born_here = False  # a token that cannot say: not proven
+            if not born_here:
+                self.close()
+                raise ConfigError(
+                    f"{where}.key_label",
+                    "the token did not generate this key non-extractable and sensitive "
+                    "(CKA_LOCAL, CKA_NEVER_EXTRACTABLE or CKA_ALWAYS_SENSITIVE false): a copy "
+                    "may exist outside it; generate it in the token, or set "
+                    f"{where}.allow_imported_key = true",
+                )
 
     def sign_digest_ec(self, digest: bytes) -> bytes:
         """DER ECDSA signature of a digest made here (CKM_ECDSA)."""

@@ -710,7 +710,7 @@ class KeyServer:
             self.key_stamps[i] = stamp  # tried once per change: a broken file is not retried
             old = keys[i]
             try:
-                new = load_key(i, kc, now=utc_now())
+                new = load_key(i, kc, now=utc_now(), previous=old.names)
             except ConfigError as exc:
                 self.reload_counts[(old.name, "invalid")] = (
                     self.reload_counts.get((old.name, "invalid"), 0) + 1

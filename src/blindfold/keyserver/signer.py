@@ -15,6 +15,7 @@ from cryptography.x509.oid import ExtensionOID
 
 from blindfold.config.keyserver import KeyConfig
 from blindfold.core import keyless_wire as w
+from blindfold.core.certchain import ChainError, check_chain
 from blindfold.core.routing import SniRouter
 from blindfold.errors import ConfigError
 from blindfold.keyserver.hsm import HsmKey, check_pair, open_key
@@ -73,6 +74,10 @@ def _names(cert: x509.Certificate) -> tuple[list[str], list[str]]:
     return dns, [str(a) for a in san.get_values_for_type(x509.IPAddress)]
 
 
+def _is_ip(name: str) -> bool:
+    return ":" in name or name.replace(".", "").isdigit()
+
+
 def _why(exc: Exception) -> str:
     return (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
 
@@ -84,10 +89,15 @@ def _spki(key: PrivateKey | PublicKey) -> bytes:
     )
 
 
-def load_key(index: int, cfg: KeyConfig, *, now: float | None = None) -> SiteKey:
+def load_key(
+    index: int, cfg: KeyConfig, *, now: float | None = None, previous: tuple[str, ...] = ()
+) -> SiteKey:
     """The key and its certificate chain, checked to fit together. With `now` (a reload of
-    replaced files) the leaf must also be valid at `now`: an expired or not yet valid
-    replacement is refused and the old pair stays."""
+    replaced files) the chain must also pass core.certchain's checks: each certificate signed
+    by the next, the leaf valid at `now` and covering every DNS name in `previous` (the names
+    of the certificate in service); otherwise the replacement is refused and the old pair
+    stays (edges would refuse that chain and keep the old one, which the key server stops
+    signing for after the grace)."""
     where = f"keyserver.keys[{index}]"
     try:
         chain = x509.load_pem_x509_certificates(Path(cfg.certificate).read_bytes())
@@ -139,14 +149,12 @@ def load_key(index: int, cfg: KeyConfig, *, now: float | None = None) -> SiteKey
     names, addresses = _names(cert)
     if not names:
         raise ConfigError(f"{where}.certificate", "the certificate has no DNS names")
-    not_before = cert.not_valid_before_utc.timestamp()
     not_after = cert.not_valid_after_utc.timestamp()
-    if now is not None and not not_before <= now < not_after:
-        raise ConfigError(
-            f"{where}.certificate",
-            f"{cfg.certificate} is not valid now (from {cert.not_valid_before_utc} "
-            f"until {cert.not_valid_after_utc})",
-        )
+    if now is not None:
+        try:
+            check_chain(ders, [n for n in previous if not _is_ip(n)], now)
+        except ChainError as exc:
+            raise ConfigError(f"{where}.certificate", f"{cfg.certificate}: {exc}") from None
     return SiteKey(
         cfg.name or f"key{index}",
         key,

@@ -925,11 +925,16 @@ class OriginAgent:
                 if before >= share:
                     self._count_conn("over_per_client_connections")
                     handler, limits = _too_many_connections, self.over_limits
-            if tls and self.challenges is not None:
+            if tls:
+                # every TLS hello is looked at: one offering acme-tls/1 is answered as an
+                # ACME challenge or closed, never served HTTP (a keyless edge relays such
+                # hellos at layer 4, past its HTTP guards: attack review certs #5)
                 hello = await peek_hello(sock, cfg.http.tls_handshake_timeout_s)
                 if wants_challenge(hello):  # RFC 8737: ACME's tls-alpn-01 validation
                     assert hello is not None
-                    ctx = self.challenges.context(hello.sni)
+                    ctx = (
+                        self.challenges.context(hello.sni) if self.challenges is not None else None
+                    )
                     if ctx is None:
                         self._count_conn("acme_no_challenge")
                         return
@@ -1116,7 +1121,12 @@ class OriginAgent:
         self.cert_stamps = stamps  # tried once per change: a broken file is not retried
         try:
             # the replaced ones must be valid now; the others are as they were
-            tls = SiteTls(certificates, now=time.time(), check=changed)
+            tls = SiteTls(
+                certificates,
+                now=time.time(),
+                check=changed,
+                previous=self.tls.names if self.tls is not None else (),
+            )
         except ConfigError as exc:
             self.cert_reloads["invalid"] = self.cert_reloads.get("invalid", 0) + 1
             self.log.emit(

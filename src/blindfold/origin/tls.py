@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import ssl
 import weakref
-from collections.abc import Container
+from collections.abc import Container, Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -13,6 +13,7 @@ from cryptography.x509.oid import ExtensionOID, NameOID
 
 from blindfold.config.common import check_readable
 from blindfold.config.origin import CertificateConfig, OriginConfig
+from blindfold.core.certchain import ChainError, check_replaced_pem, leaf_names
 from blindfold.errors import ConfigError
 
 
@@ -47,12 +48,16 @@ class SiteTls:
         key: str = "origin.certificates",  # named in errors (with [i] for the site's list)
         now: float | None = None,
         check: Container[int] = (),
+        previous: Sequence[Sequence[str]] = (),
     ) -> None:
-        """With `now` (replaced files), the leaves at the indices in `check` must be valid at
-        `now` too."""
+        """With `now` (replaced files), the chains at the indices in `check` must pass
+        core.certchain's checks: each certificate signed by the next, the leaf valid at `now`
+        and covering every DNS name of the certificate it replaces (`previous[i]`, the `names`
+        of the SiteTls in service)."""
         self.contexts: list[ssl.SSLContext] = []
         # (first name, not_after as POSIX seconds) per certificate, in configuration order
         self.expiry: list[tuple[str, float]] = []
+        self.names: list[list[str]] = []  # the leaves' DNS names, in configuration order
         self.by_name: dict[str, ssl.SSLContext] = {}
         self.sni: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
         for i, c in enumerate(certificates):
@@ -68,14 +73,13 @@ class SiteTls:
                 names = _cert_names(leaf)
             except (OSError, ssl.SSLError, ValueError) as exc:
                 raise ConfigError(where, f"cannot load {c.cert} / {c.key}: {exc}") from None
-            start = leaf.not_valid_before_utc.timestamp()
             end = leaf.not_valid_after_utc.timestamp()
-            if now is not None and i in check and not start <= now < end:
-                raise ConfigError(
-                    where,
-                    f"{c.cert} is not valid now (from {leaf.not_valid_before_utc} until "
-                    f"{leaf.not_valid_after_utc})",
-                )
+            if now is not None and i in check:
+                try:
+                    check_replaced_pem(c.cert, previous[i] if i < len(previous) else (), now)
+                except ChainError as exc:
+                    raise ConfigError(where, str(exc)) from None
+            self.names.append(leaf_names(leaf))
             self.expiry.append((names[0] if names else "", end))
             self.contexts.append(ctx)
             for name in names:

@@ -172,21 +172,28 @@ def _server_tls(where: str, rc: RouteConfig) -> ssl.SSLContext:
     return ctx
 
 
-def _leaf(where: str, rc: RouteConfig, now: float | None) -> tuple[str, float]:
-    """The certificate's first name and expiry; with `now` (a renewed file) it must be valid
-    then."""
+def _leaf(
+    where: str, rc: RouteConfig, now: float | None, previous: Sequence[str] = ()
+) -> tuple[str, float, tuple[str, ...]]:
+    """The certificate's first name, expiry and DNS names; with `now` (a renewed file) the
+    chain must pass core.certchain's checks: each certificate signed by the next, the leaf
+    valid then and covering every name in `previous` (the DNS names of the one in service)."""
     from cryptography import x509
+
+    from blindfold.core.certchain import ChainError, check_replaced_pem, leaf_names
 
     try:
         with open(rc.certificate, "rb") as f:
             leaf = x509.load_pem_x509_certificate(f.read())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{where}.certificate", f"cannot load {rc.certificate}: {exc}") from None
-    start = leaf.not_valid_before_utc.timestamp()
     end = leaf.not_valid_after_utc.timestamp()
-    if now is not None and not start <= now < end:
-        raise ConfigError(f"{where}.certificate", f"{rc.certificate} is not valid now")
-    return certificate_first_name(leaf), end
+    if now is not None:
+        try:
+            check_replaced_pem(rc.certificate, previous, now)
+        except ChainError as exc:
+            raise ConfigError(f"{where}.certificate", f"{rc.certificate}: {exc}") from None
+    return certificate_first_name(leaf), end, tuple(leaf_names(leaf))
 
 
 def _stamp(rc: RouteConfig) -> tuple[object, ...]:
@@ -527,7 +534,7 @@ class BlindMode(Mode):
             br.cert_stamp = stamp  # tried once per change
             try:
                 tls = _server_tls(br.where, br.config)
-                leaf = _leaf(br.where, br.config, time.time())
+                leaf = _leaf(br.where, br.config, time.time(), br.leaf[2])
             except ConfigError as exc:
                 br.cert_results["invalid"] = br.cert_results.get("invalid", 0) + 1
                 self.ctx.log.log(

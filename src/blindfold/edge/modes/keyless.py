@@ -449,9 +449,12 @@ class KeylessMode(Mode):
     # ---------------------------------------------------------------- a connection
     def check(self, route: RouteState, hello: ClientHello) -> bool:
         kr: KeylessRoute = route.state
-        if ACME_TLS_ALPN in hello.alpn:
+        if hello.alpn == (ACME_TLS_ALPN,):
             # RFC 8737: an ACME server validating tls-alpn-01; the site side answers it (the
-            # origin agent, docs/acme.md), not the edge: relay it at layer 4 like passthrough
+            # origin agent, docs/acme.md), not the edge: relay it at layer 4 like passthrough.
+            # Only when it is the one protocol offered (RFC 8737 §3: the ACME server offers
+            # only it): acme-tls/1 beside http/1.1 must not tunnel a visitor past this edge's
+            # HTTP guards (attack review certs #5); such a hello is served here as any other.
             kr.stats.count(kr.stats.fallbacks, "acme_tls_alpn")
             return False
         try:
