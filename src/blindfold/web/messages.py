@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -156,6 +157,54 @@ class Responder(Protocol):
     def abort(self) -> None:
         """Give up on the response (the upstream failed mid-body): reset the stream or close
         the connection, never pretend the body was complete."""
+
+
+class PreparedHead:
+    """A response head checked once and sent many times (a cached response).
+
+    `headers` are validated when the head is made (`FieldError` otherwise), so a responder that
+    knows this class can send them without re-checking: it keeps its own encoding of them in
+    `encoded` under its protocol's name ("h1", "h2"...) and, per response, encodes only the
+    small `extra` fields given to `start_prepared`. Whatever is in `headers` must be final:
+    the responder sends it as it is (no Content-Length fix-up, no hop-by-hop filtering)."""
+
+    __slots__ = ("encoded", "headers", "status")
+
+    def __init__(self, status: int, headers: Headers) -> None:
+        if not 100 <= status <= 999:
+            raise FieldError(f"status {status}")
+        check_fields(headers)
+        self.status = status
+        self.headers = headers
+        self.encoded: dict[str, object] = {}
+
+
+class FieldError(ValueError):
+    """A header field a response must not carry (RFC 9110 §5.1, §5.5)."""
+
+
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+\Z")  # lower-case token (RFC 9110 §5.6.2)
+_VALUE = re.compile(rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?\Z")
+
+
+def check_fields(headers: Headers) -> None:
+    """Raise FieldError unless every name is a lower-case token and every value is a field
+    value without surrounding whitespace, CR, LF or NUL (what h11 and h2 would refuse)."""
+    for name, value in headers:
+        if _TOKEN.match(name) is None:
+            raise FieldError(f"field name {name[:40]!r}")
+        if _VALUE.match(value) is None:
+            raise FieldError(f"value of {name[:40]!r}")
+
+
+async def start_prepared(respond: Responder, head: PreparedHead, extra: Headers) -> None:
+    """Start a response with a prepared head plus `extra` fields (checked here, or by the
+    responder's own `start_prepared`). Responders without one get the plain `start`."""
+    fast = getattr(respond, "start_prepared", None)
+    if fast is not None:
+        await fast(head, extra)
+        return
+    await respond.start(head.status, [*head.headers, *extra])
 
 
 class Handler(Protocol):
