@@ -483,9 +483,7 @@ class RedisFeed:
             for reason, n in reader.dropped.items():
                 self.polls[f"purge_log_{reason}"] = self.polls.get(f"purge_log_{reason}", 0) + n
                 if self._drop_log.allow(time.monotonic()):
-                    self.log.emit(
-                        "purge_dropped", source="redis_log", reason=reason, entries=n
-                    )
+                    self.log.emit("purge_dropped", source="redis_log", reason=reason, entries=n)
         self.caught_up += len(purges)
         for purge in purges:
             self._remember(purge.id)
