@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from blindfold.decisions.core import DecisionRules
-from blindfold.obs.metrics import BoundedLabels
+from blindfold.obs.metrics import TopLabels
 from blindfold.origin.edges import Reporter
 from blindfold.waf.engine import Match, Verdict, WafEngine
 from blindfold.web.messages import (
@@ -74,7 +74,7 @@ class OriginGate:
         self.reject_over_limit = reject_over_limit
         self.detect_only = detect_only
         self.stats = stats
-        self.waf_paths = BoundedLabels(30)  # the agent hands its own, kept across reloads
+        self.waf_paths = TopLabels(30)  # the agent hands its own, kept across reloads
         self.access_log = access_log
         self.remote = remote
 
@@ -195,7 +195,10 @@ class OriginGate:
         self._count("waf_blocks")
         for rule in verdict.rule_ids:
             self._count(f"waf_rule:{rule}")
-        self._count(f"waf_path:{self.waf_paths.label(path_label(request.path))}")
+        label, left = self.waf_paths.observe(path_label(request.path), time.time())
+        if left is not None:  # its series ends (TopLabels): a counter never goes down
+            self.stats.pop(f"waf_path:{left}", None)
+        self._count(f"waf_path:{label}")
         if self.remote is not None:
             self.remote.block(request.client[0], time.time(), reporter)
         else:
