@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from blindfold.decisions.core import DecisionRules
+from blindfold.decisions.purge import CACHE_TAG_HEADER
 from blindfold.obs.metrics import TopLabels
 from blindfold.origin.edges import Reporter
 from blindfold.waf.engine import Match, Verdict, WafEngine
@@ -135,6 +136,10 @@ class OriginGate:
                 tx.response_headers(
                     response.status, response.headers, response.http_version.decode()
                 )
+            if not request.from_http_edge:
+                # Cache-Tag is for an edge's cache: one that speaks HTTP strips it itself; on
+                # passthrough (or to a direct visitor) it would show the site's internal tags
+                response.headers = [(k, v) for k, v in response.headers if k != CACHE_TAG_HEADER]
             sent = await self.proxy.relay(request, response, respond)
         except BodyTooLarge:
             status = 413
