@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from blindfold import pki
+from blindfold.decisions.redis_bus import HEARD_EVERY_S
 from tests.conftest import DECISIONS_NAME
 from tests.helpers.clients import curl, wait_until
 from tests.helpers.edgeproc import EdgeProcess, OriginProcess, edge_config
@@ -357,6 +358,12 @@ def test_a_redis_only_edge_back_after_a_gap_applies_the_purges_it_missed_and_kee
     gone, kept = "/cached/gap/one", "/cached/gap/two"
     for path in (gone, kept):
         warm(b, kpki, path)
+    # B has followed the channel for longer than its PING period: the gap it measures must
+    # start when it last heard from Redis (its PINGs' answers), not when it connected
+    up = b.records("decisions_source_up")[-1]["ts"]
+    while time.time() - up < HEARD_EVERY_S + 3:
+        time.sleep(0.2)
+    cut = time.time()
     cut_off(d.redis, "edge2")
     assert b.wait_for(lambda rec: rec.get("event") == "decisions_source_down", 10)
     purged = d.cli("purge", "--url", f"https://example.test{gone}")
@@ -367,6 +374,7 @@ def test_a_redis_only_edge_back_after_a_gap_applies_the_purges_it_missed_and_kee
     d.redis.admin.execute_command("ACL", "SETUSER", "edge2", "on")
     read = b.wait_for(lambda rec: rec.get("event") == "purge_log_read", 15)
     assert read is not None and (read["lost"], read["purges"]) == ("", 1), read
+    assert read["gap_s"] <= read["ts"] - cut + HEARD_EVERY_S + 1, (read, cut, up)
     applied = b.wait_for(lambda rec: rec.get("event") == "purge_applied", 5)
     assert applied is not None and applied["purge"] != "all", b.records("purge_applied")
     assert applied["source"] == "redis" and applied["removed"] >= 1
