@@ -341,8 +341,8 @@ def test_purges_reach_both_edges_within_2s_and_the_next_request_misses(
 
 def cut_off(r: Redis, user: str) -> None:
     """`user` can no longer reach Redis: disabled, its connections closed."""
-    r.admin.execute_command("ACL", "SETUSER", user, "off")
-    r.admin.execute_command("CLIENT", "KILL", "USER", user)
+    r.admin.acl_setuser(user, enabled=False)
+    r.admin.client_kill_filter(user=user)
 
 
 def test_a_redis_only_edge_back_after_a_gap_applies_the_purges_it_missed_and_keeps_the_rest(
@@ -371,7 +371,7 @@ def test_a_redis_only_edge_back_after_a_gap_applies_the_purges_it_missed_and_kee
     assert a.wait_for(lambda rec: rec.get("event") == "purge_applied", 5)  # made, meanwhile
     assert b.records("purge_applied") == []
     assert d.redis.admin.llen("blindfold:purges") == 1
-    d.redis.admin.execute_command("ACL", "SETUSER", "edge2", "on")
+    d.redis.admin.acl_setuser("edge2", enabled=True)
     read = b.wait_for(lambda rec: rec.get("event") == "purge_log_read", 15)
     assert read is not None and (read["lost"], read["purges"]) == ("", 1), read
     assert read["gap_s"] <= read["ts"] - cut + HEARD_EVERY_S + 1, (read, cut, up)
@@ -388,7 +388,7 @@ def test_a_redis_only_edge_back_after_a_gap_applies_the_purges_it_missed_and_kee
     cut_off(d.redis, "edge2")
     assert wait_until(lambda: len(b.records("decisions_source_down")) > downs, 10)
     d.redis.admin.delete("blindfold:purges")
-    d.redis.admin.execute_command("ACL", "SETUSER", "edge2", "on")
+    d.redis.admin.acl_setuser("edge2", enabled=True)
     assert wait_until(lambda: len(b.records("decisions_source_up")) > ups, 15)
     gap = b.wait_for(lambda rec: rec.get("event") == "purge_applied" and rec["purge"] == "all")
     assert gap is not None and gap["source"] == "redis"
