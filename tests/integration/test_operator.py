@@ -395,6 +395,14 @@ def test_a_redis_only_edge_back_after_a_gap_applies_the_purges_it_missed_and_kee
     assert [r["lost"] for r in b.records("purge_log_read")] == ["", "log_lost"]
     assert get(b, kpki, kept)[1] == "miss"
     assert msum(b, "blindfold_edge_purges_total", result="gap") == 1
+    # ... once: the next reconnection (no purge since, still no log) empties nothing
+    downs = len(b.records("decisions_source_down"))
+    cut_off(d.redis, "edge2")
+    assert wait_until(lambda: len(b.records("decisions_source_down")) > downs, 10)
+    d.redis.admin.acl_setuser("edge2", enabled=True)
+    assert wait_until(lambda: len(b.records("purge_log_read")) == 3, 15)
+    assert b.records("purge_log_read")[-1]["lost"] == ""
+    assert msum(b, "blindfold_edge_purges_total", result="gap") == 1
 
 
 def test_a_wrong_operator_key_and_an_edge_read_key_are_refused_and_logged(

@@ -472,6 +472,7 @@ class LogCatchUp:
     ) -> None:
         self.keys = keys
         self.known = known
+        self.length_at_start = length
         self.since = heard - GAP_MARGIN_S
         self.now = now
         self.had_log = had_log

@@ -498,8 +498,12 @@ class RedisFeed:
         if self.on_purge is not None:
             for purge in purges:
                 self.on_purge(purge, "redis")
-        if lost and self.on_gap is not None:
-            self.on_gap()
+        if lost:
+            # every cache emptied: what came before no longer matters, the log as it is now
+            # (perhaps none: Redis lost it) is where the next gap is measured from
+            self._had_log = bool(reader is not None and reader.length_at_start)
+            if self.on_gap is not None:
+                self.on_gap()
 
     def _dropped(self, reason: str, detail: str) -> None:
         self.table.refuse(reason)
