@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from blindfold import pki
+from blindfold.decisions.redis_bus import HEARD_EVERY_S
 from tests.conftest import DECISIONS_NAME
 from tests.helpers.clients import curl, wait_until
 from tests.helpers.edgeproc import EdgeProcess, OriginProcess, edge_config
@@ -325,15 +326,83 @@ def test_purges_reach_both_edges_within_2s_and_the_next_request_misses(
     assert len(b.records("purge_applied")) == 1
     assert get(b, kpki, paths["kept"])[1] == "hit"
 
-    # the channel lost a while (purges may have been missed): B, which has no other source of
-    # purges, empties its caches; A, whose stream keeps a purge log, keeps its own
+    # the channel lost a moment: B, which has no other source of purges, reads the origin's
+    # purge log in Redis, finds it missed nothing and keeps its caches (before, attack
+    # review of issue 13 A: it emptied them at every reconnection); A too
     d.redis.admin.client_kill_filter(_type="pubsub")
+    read = b.wait_for(lambda rec: rec.get("event") == "purge_log_read", 10)
+    assert read is not None and (read["lost"], read["purges"]) == ("", 0), read
+    assert wait_until(lambda: len(a.records("decisions_source_up")) >= 3, 10)  # A reconnected
+    for edge in d.edges:
+        assert [r for r in edge.records("purge_applied") if r["purge"] == "all"] == []
+        assert get(edge, kpki, paths["kept"])[1] == "hit"
+    assert len(b.records("purge_applied")) == 1
+
+
+def cut_off(r: Redis, user: str) -> None:
+    """`user` can no longer reach Redis: disabled, its connections closed."""
+    r.admin.acl_setuser(user, enabled=False)
+    r.admin.client_kill_filter(user=user)
+
+
+def test_a_redis_only_edge_back_after_a_gap_applies_the_purges_it_missed_and_keeps_the_rest(
+    deployment: Deployment, kpki: KeylessPki
+) -> None:
+    """Attack review of issue 13, A: an edge that follows Redis only used to empty every
+    cache at every reconnection (anyone who can drop its Redis connection made it cold, an
+    origin flood). Now it reads the purges it missed from the origin's signed purge log and
+    empties its caches only when the log cannot show the gap (Redis lost it)."""
+    d = deployment
+    assert d.redis is not None
+    a, b = d.edges
+    gone, kept = "/cached/gap/one", "/cached/gap/two"
+    for path in (gone, kept):
+        warm(b, kpki, path)
+    # B has followed the channel for longer than its PING period: the gap it measures must
+    # start when it last heard from Redis (its PINGs' answers), not when it connected
+    up = b.records("decisions_source_up")[-1]["ts"]
+    while time.time() - up < HEARD_EVERY_S + 3:
+        time.sleep(0.2)
+    cut = time.time()
+    cut_off(d.redis, "edge2")
+    assert b.wait_for(lambda rec: rec.get("event") == "decisions_source_down", 10)
+    purged = d.cli("purge", "--url", f"https://example.test{gone}")
+    assert purged.returncode == 0, purged.stderr
+    assert a.wait_for(lambda rec: rec.get("event") == "purge_applied", 5)  # made, meanwhile
+    assert b.records("purge_applied") == []
+    assert d.redis.admin.llen("blindfold:purges") == 1
+    d.redis.admin.acl_setuser("edge2", enabled=True)
+    read = b.wait_for(lambda rec: rec.get("event") == "purge_log_read", 15)
+    assert read is not None and (read["lost"], read["purges"]) == ("", 1), read
+    assert read["gap_s"] <= read["ts"] - cut + HEARD_EVERY_S + 1, (read, cut, up)
+    applied = b.wait_for(lambda rec: rec.get("event") == "purge_applied", 5)
+    assert applied is not None and applied["purge"] != "all", b.records("purge_applied")
+    assert applied["source"] == "redis" and applied["removed"] >= 1
+    assert get(b, kpki, gone)[1] == "miss"
+    assert get(b, kpki, kept)[1] == "hit"  # before: every cache emptied, a miss
+    assert msum(b, "blindfold_edge_purges_total", result="gap") == 0
+
+    # continuity lost: Redis lost the log while this edge was away (it had seen it): it
+    # cannot know what it missed, so it empties every cache, as before
+    ups, downs = len(b.records("decisions_source_up")), len(b.records("decisions_source_down"))
+    cut_off(d.redis, "edge2")
+    assert wait_until(lambda: len(b.records("decisions_source_down")) > downs, 10)
+    d.redis.admin.delete("blindfold:purges")
+    d.redis.admin.acl_setuser("edge2", enabled=True)
+    assert wait_until(lambda: len(b.records("decisions_source_up")) > ups, 15)
     gap = b.wait_for(lambda rec: rec.get("event") == "purge_applied" and rec["purge"] == "all")
     assert gap is not None and gap["source"] == "redis"
-    assert get(b, kpki, paths["kept"])[1] == "miss"
-    assert wait_until(lambda: len(a.records("decisions_source_up")) >= 3, 10)  # A reconnected
-    assert [r for r in a.records("purge_applied") if r["purge"] == "all"] == []
-    assert get(a, kpki, paths["kept"])[1] == "hit"
+    assert [r["lost"] for r in b.records("purge_log_read")] == ["", "log_lost"]
+    assert get(b, kpki, kept)[1] == "miss"
+    assert msum(b, "blindfold_edge_purges_total", result="gap") == 1
+    # ... once: the next reconnection (no purge since, still no log) empties nothing
+    downs = len(b.records("decisions_source_down"))
+    cut_off(d.redis, "edge2")
+    assert wait_until(lambda: len(b.records("decisions_source_down")) > downs, 10)
+    d.redis.admin.acl_setuser("edge2", enabled=True)
+    assert wait_until(lambda: len(b.records("purge_log_read")) == 3, 15)
+    assert b.records("purge_log_read")[-1]["lost"] == ""
+    assert msum(b, "blindfold_edge_purges_total", result="gap") == 1
 
 
 def test_a_wrong_operator_key_and_an_edge_read_key_are_refused_and_logged(

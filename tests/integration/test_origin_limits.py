@@ -333,6 +333,7 @@ def test_listening_everywhere_is_logged(
 ) -> None:
     token = tmp_path / "admin.token"  # off loopback the admin listener needs one (issue 13)
     token.write_text("0123456789abcdef-admin\n")
+    token.chmod(0o600)
     origin = start_origin(
         origin_config(
             site, wsgi.port, tmp_path, admin_listen="0.0.0.0:0", admin_token_file=str(token)

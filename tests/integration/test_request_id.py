@@ -108,3 +108,47 @@ def test_another_proxy_senders_tlvs_never_make_the_visitors_id_believed(
     _visit(origin.port, site["ca"], ((PP2_TYPE_BLINDFOLD_HTTP, BLINDFOLD_HTTP_MARK),), "/mark")
     rec = origin.wait_for(lambda r: r.get("event") == "request" and r["path"] == "/mark")
     assert rec is not None and rec["request_id"] == FORGED
+
+
+def test_cache_tag_reaches_a_keyless_edge_and_never_a_passthrough_visitor(
+    start_edge: Callable[..., EdgeProcess],
+    start_origin: Callable[..., OriginProcess],
+    app: Any,
+    site: dict[str, Path],
+    tmp_path: Path,
+    kpki: KeylessPki,  # noqa: F811
+    keyserver: KeyServerProcess,  # noqa: F811
+) -> None:
+    """Attack review of issue 13, C: Cache-Tag names the site's internal tags for an edge's
+    cache. The origin agent keeps it for an edge that speaks HTTP (its PROXY v2 mark; the
+    edge reads it and strips it itself) and strips it for everyone else: a passthrough route's
+    visitor (before: the application's header reached them), a direct visitor, a PROXY sender
+    without the mark."""
+    origin = start_origin(origin_config(site, app.port, tmp_path))
+    edge = start_edge(
+        edge_config(
+            keyless_route(kpki, site, [keyserver.port], origin.port)
+            + route(["other.test"], [f"127.0.0.1:{origin.port}"], proxy_protocol="v2"),
+            per_ip_rate_per_s=0,
+        )
+    )
+    path = "/cached/tagged?tag=internal-tag-42"
+
+    def head(host: str, ca: Path) -> str:
+        out = curl(edge.port, host, ca, "-o", "/dev/null", "-D", "/dev/stdout", path=path)
+        assert out.returncode == 0 and out.stdout.startswith("HTTP/"), out.stderr
+        return out.stdout.lower()
+
+    from blindfold.core.proxyproto import BLINDFOLD_HTTP_MARK, PP2_TYPE_BLINDFOLD_HTTP
+
+    assert "internal-tag-42" not in head("other.test", site["ca"])  # passthrough
+    # through the keyless edge: the visitor never sees it (the edge strips it) ...
+    for _ in range(3):
+        assert "internal-tag-42" not in head("example.test", kpki.site_ca)
+    assert "x-blindfold-cache: hit" in head("example.test", kpki.site_ca)
+    # ... and the origin does send it to an edge that speaks HTTP (what the keyless edge
+    # sends: the mark in its PROXY v2 header, from a trusted address)
+    marked = ((PP2_TYPE_BLINDFOLD_HTTP, BLINDFOLD_HTTP_MARK),)
+    assert b"\r\ncache-tag: internal-tag-42\r\n" in _visit(origin.port, site["ca"], marked, path)
+    # a PROXY sender without the mark (an L4 load balancer in trusted_edges): stripped
+    assert b"internal-tag-42" not in _visit(origin.port, site["ca"], (), path)

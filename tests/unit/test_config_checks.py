@@ -3,6 +3,7 @@ address, which paths a rule covers. Every refusal names its key."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from blindfold import pki
 from blindfold.cli.main import main
 from blindfold.config import loads
+from blindfold.config.common import load_admin_token
 from blindfold.errors import ConfigError
 
 EDGE = """
@@ -201,6 +203,7 @@ def test_listeners_on_every_address_are_warned_about(
 ) -> None:
     token = files["dir"] / "admin.token"
     token.write_text("0123456789abcdef-admin\n")
+    token.chmod(0o600)
     text = _origin(files, f'admin_listen = "0.0.0.0:9101"\nadmin_token_file = "{token}"').replace(
         'listen = "127.0.0.1:8089"', 'listen = "[::]:8089"'
     )
@@ -241,6 +244,7 @@ def test_an_admin_listener_off_loopback_needs_a_token(
     assert code == 2 and "origin.admin_token_file" in err, err
     short = files["dir"] / "short.token"
     short.write_text("too-short\n")
+    short.chmod(0o600)
     with_short = _origin(files, f'admin_listen = "{address}"\nadmin_token_file = "{short}"')
     code, err = _check(files, with_short, capsys)
     assert code == 2 and "origin.admin_token_file" in err and "16 or more" in err, err
@@ -281,3 +285,28 @@ def test_operator_keys_are_checked_like_the_origin_does(
     ops.write_text("alice:short\n")
     code, err = _check(files, good, capsys)
     assert code == 2 and "origin.decisions.operator_keys_file" in err
+
+
+@pytest.mark.parametrize(
+    ("mode", "ok"),
+    [(0o600, True), (0o640, True), (0o400, True), (0o644, False), (0o660, False), (0o604, False)],
+)
+def test_an_admin_token_file_others_can_read_is_refused(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str], mode: int, ok: bool
+) -> None:
+    """Attack review of issue 13, D: the token was read whatever its permissions. Like ssh
+    with a key: nothing for others, nothing writable by the group (0640 for a service group)."""
+    token = files["dir"] / "admin.token"
+    token.write_text("0123456789abcdef-admin\n")
+    token.chmod(mode)
+    text = _origin(files, f'admin_listen = "10.1.2.3:9101"\nadmin_token_file = "{token}"')
+    code, err = _check(files, text, capsys)
+    if ok:
+        assert code == 0, err
+    else:
+        assert code == 2 and "origin.admin_token_file" in err and oct(mode) in err, err
+        assert "chmod 600" in err
+    with pytest.raises(ConfigError) if not ok else contextlib.nullcontext():
+        assert load_admin_token(str(token), "keyserver.admin_token_file") == (
+            b"0123456789abcdef-admin"
+        )

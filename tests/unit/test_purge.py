@@ -312,3 +312,101 @@ def test_an_answer_of_the_log_is_serialised_once() -> None:
     for i in range(200):  # the kept answers are bounded
         api.purge_answer(f"{api.purges.epoch}.{i % 5}")
     assert len(api._purge_answers) <= 64
+
+
+# ---------------------------------------------------------------- the Redis purge log
+def signed_at(issued: float, n: int) -> str:
+    made = p.parse_purge(
+        {"urls": [f"example.com/{n}"]}, id_=f"{n:016x}", issued=issued, operator="alice"
+    )
+    return p.sign_purge(KEY, made)
+
+
+def catch_up(
+    log: list[object], heard: float, now: float, had_log: bool = True, known: tuple[str, ...] = ()
+) -> p.LogCatchUp:
+    """LogCatchUp driven as RedisFeed drives it, LRANGE done on a list in memory (Redis's
+    clamping of out-of-range indices included)."""
+    reader = p.LogCatchUp(KEYS, heard, now, had_log, len(log), frozenset(known))
+    pages = 0
+    while (indices := reader.page()) is not None:
+        start, stop = (i + len(log) for i in indices)
+        reader.feed(log[max(start, 0) : stop + 1] if stop >= 0 else [])
+        pages += 1
+        assert pages <= p.MAX_LOG_READ, "read without bound"
+    return reader
+
+
+def test_the_purge_log_gives_an_edge_what_it_missed_during_a_gap() -> None:
+    # purges every 10 s from T0; the edge heard Redis last at T0+100, is back at T0+120
+    log: list[object] = [signed_at(T0 + 10 * i, i) for i in range(15)]
+    reader = catch_up(log, heard=T0 + 100, now=T0 + 120)
+    assert reader.lost == ""
+    # those after the gap's start (heard - GAP_MARGIN_S = T0+85), oldest first; the one at
+    # T0+80 is the anchor (not applied); none before it was read
+    assert [x.id for x in reader.purges] == [f"{i:016x}" for i in range(9, 15)]
+    assert reader.read == 7  # newest first, stopped at the anchor: not the whole log
+    assert reader.dropped == {}
+
+
+def test_a_log_that_cannot_show_the_gap_empties_the_caches() -> None:
+    log: list[object] = [signed_at(T0 + 10 * i, i) for i in range(15)]
+    # trimmed past the gap (its oldest entry is newer than the gap's start)
+    assert catch_up(log[12:], heard=T0 + 100, now=T0 + 145).lost == "log_trimmed"
+    # ... unless this edge never saw a log: it began within the gap, all of it applies
+    fresh = catch_up(log[12:], heard=T0 + 100, now=T0 + 145, had_log=False)
+    assert fresh.lost == "" and len(fresh.purges) == 3
+    # gone (Redis lost its data) after this edge had seen it
+    assert catch_up([], heard=T0 + 100, now=T0 + 120).lost == "log_lost"
+    assert catch_up([], heard=T0 + 100, now=T0 + 120, had_log=False).lost == ""
+    # a gap longer than signatures live: not read at all
+    long_gap = catch_up(log, heard=T0 + 100, now=T0 + 100 + p.MAX_GAP_S + 1)
+    assert long_gap.lost == "gap_too_long" and long_gap.read == 0
+
+
+def test_a_hostile_log_is_never_applied_nor_read_without_bound() -> None:
+    good = signed_at(T0 + 110, 1)
+    magic, signer, _payload, sig = good.split(".")
+    other = p.parse_purge(
+        {"urls": ["example.com/everything"]}, id_="f" * 16, issued=T0 + 111, operator=""
+    )
+    forged = f"{magic}.{signer}.{p._b64(json.dumps(other.to_json()).encode())}.{sig}"
+    old_forged = p.sign_purge(Ed25519PrivateKey.generate(), purge(urls=["example.com/x"]))
+    future = signed_at(T0 + 120 + p.MAX_SIGNED_AGE_S + 5, 2)
+    log: list[object] = [
+        signed_at(T0, 0),  # the anchor
+        good,
+        forged,
+        "bfp1.unsigned",
+        old_forged,  # signed by nobody known: never an anchor
+        b"x" * (p.MAX_PURGE_BYTES + 1),
+        future,
+        7,
+    ]
+    reader = catch_up(log, heard=T0 + 100, now=T0 + 120)
+    assert [x.id for x in reader.purges] == [f"{1:016x}"]
+    assert reader.lost == ""
+    assert reader.dropped == {
+        "bad_signature": 1,
+        "unsigned": 3,
+        "unknown_signer": 1,
+        "expired": 1,
+    }
+    # a log longer than the origin keeps, with no anchor: read up to the bound, then lost
+    junk: list[object] = ["bfp1.junk"] * (p.MAX_LOG_READ * 3)
+    reader = catch_up(junk, heard=T0 + 100, now=T0 + 120)
+    assert reader.lost == "log_too_long" and reader.read == p.MAX_LOG_READ + 1
+    # ... and in bytes: a few huge entries
+    huge: list[object] = [b"y" * (8 << 20)] * 10
+    reader = catch_up(huge, heard=T0 + 100, now=T0 + 120)
+    assert reader.lost == "log_too_long" and reader.read <= 5
+
+
+def test_a_purge_the_edge_already_had_shows_the_log_covers_the_gap() -> None:
+    # the log began 5 s before the channel dropped: its first entry is within the gap's margin
+    log: list[object] = [signed_at(T0 + 95, 0), signed_at(T0 + 105, 1)]
+    assert catch_up(log, heard=T0 + 100, now=T0 + 110).lost == "log_trimmed"
+    # ... but this edge had received that first purge on the channel: nothing before it was
+    # trimmed that this edge missed, and the one after it is applied
+    reader = catch_up(log, heard=T0 + 100, now=T0 + 110, known=(f"{0:016x}",))
+    assert reader.lost == "" and [x.id for x in reader.purges] == [f"{1:016x}"]

@@ -9,7 +9,15 @@ import hashlib
 import json
 import re
 
-from blindfold.obs.metrics import BoundedLabels, Histogram, MetricSpec, Snapshot, render, to_json
+from blindfold.obs.metrics import (
+    BoundedLabels,
+    Histogram,
+    MetricSpec,
+    Snapshot,
+    TopLabels,
+    render,
+    to_json,
+)
 from blindfold.obs.status import CSP, PAGE, status_json
 from blindfold.origin.gate import path_label
 
@@ -80,6 +88,62 @@ def test_bounded_labels_keep_the_first_ones_and_count_the_rest_as_other() -> Non
     b = BoundedLabels(2)
     labels = [b.label(v) for v in ("/a", "/b", "/c", "/a", "/d")]
     assert labels == ["/a", "/b", "other", "/a", "other"]
+
+
+class Counted:
+    """A TopLabels driven as the origin's gate drives it: counters per label, a label that
+    left dropped."""
+
+    def __init__(self, top: TopLabels) -> None:
+        self.top = top
+        self.counts: dict[str, int] = {}
+
+    def block(self, value: str, now: float) -> str:
+        label, left = self.top.observe(value, now)
+        if left is not None:
+            del self.counts[left]
+        self.counts[label] = self.counts.get(label, 0) + 1
+        return label
+
+
+def test_a_hot_path_gets_a_label_after_30_junk_ones() -> None:
+    c = Counted(TopLabels(30))
+    for i in range(30):
+        assert c.block(f"/junk{i}", 1000.0 + i) == f"/junk{i}"
+    labels = [c.block("/hot", 1040.0 + i * 0.1) for i in range(50)]
+    assert labels[0] == "other"  # once is not busier than a junk path...
+    assert set(labels[1:]) == {"/hot"}  # ... twice is, and it stays
+    assert c.counts["/hot"] == 49 and c.counts["other"] == 1
+    assert len(c.counts) == 31  # 30 + other
+    assert "/junk0" not in c.counts  # the least busy (the oldest) gave its place
+
+
+def test_top_labels_stay_bounded_and_follow_what_is_busy_now() -> None:
+    c = Counted(TopLabels(3, half_life_s=60.0))
+    before: dict[str, int] = {}
+    ever: set[str] = set()
+    for i in range(4000):  # a flood of distinct junk (20/s), a slow hot path among it
+        now = 1000.0 + i * 0.05
+        c.block(f"/j{i}", now)
+        if i % 40 == 0:
+            c.block("/hot", now)
+        assert len(c.counts) <= 4 and len(c.top.scores) <= c.top.max_candidates
+        for label, n in before.items():  # an exported counter never goes down
+            assert c.counts.get(label, n) >= n
+        before = dict(c.counts)
+        ever |= c.counts.keys()
+    assert "/hot" in c.counts
+    assert len(ever) <= 6, ever  # the junk does not churn the series (3 first, hot, other)
+    # an hour later the old hot path has decayed: a path blocked a few times now replaces it
+    for _ in range(3):
+        c.block("/new", 5000.0)
+    assert "/new" in c.counts
+    # renormalisation over days keeps scores finite and the order right
+    for day in range(1, 4):
+        for _ in range(5):
+            c.block("/daily", 1000.0 + day * 86400)
+    assert "/daily" in c.counts
+    assert all(v == v and v < float("inf") for v in c.top.scores.values())
 
 
 def test_a_blocked_path_label_is_its_first_segment_printable_and_short() -> None:

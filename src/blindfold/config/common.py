@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
 from pathlib import Path
 
@@ -154,7 +155,9 @@ def unspecified_listen(text: str) -> bool:
 ADMIN_TOKEN_DOC = (
     "File holding the admin listener's bearer token (at least 16 characters; clients send "
     "'Authorization: Bearer <token>'; the status page reads it from its URL's fragment, "
-    "'#token=...'). Required when admin_listen is not a loopback address; empty = no token."
+    "'#token=...'). The file must be mode 0600 or 0640 (not writable by its group, nothing for "
+    "others), or the process refuses to start. Required when admin_listen is not a loopback "
+    "address; empty = no token."
 )
 
 
@@ -178,9 +181,18 @@ def load_admin_token(path: str, where: str) -> bytes | None:
     if not path:
         return None
     try:
+        mode = os.stat(path).st_mode
         token = Path(path).read_bytes().strip()
     except OSError as exc:
         raise ConfigError(where, f"cannot read {path}: {exc}") from None
+    # like ssh with a private key: a token others can read (or its group change) is not secret;
+    # group-read (0640, a service group) is allowed, as for operator keys
+    if mode & 0o037:
+        raise ConfigError(
+            where,
+            f"{path} is mode {oct(mode & 0o777)}: the admin token must be readable by its owner "
+            "(and its group) only: chmod 600 (or 640)",
+        )
     if len(token) < 16 or not all(0x21 <= b < 0x7F for b in token):
         raise ConfigError(where, f"{path}: the token must be 16 or more printable characters")
     return token

@@ -30,6 +30,7 @@ import math
 import re
 import secrets
 from collections import OrderedDict
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -359,10 +360,15 @@ def is_signed_purge(message: bytes | str) -> bool:
     return message.startswith(prefix)
 
 
-def open_purge(message: bytes | str, keys: dict[str, Ed25519PublicKey], now: float) -> Purge:
+def open_purge(
+    message: bytes | str,
+    keys: dict[str, Ed25519PublicKey],
+    now: float,
+    max_age_s: float = MAX_SIGNED_AGE_S,
+) -> Purge:
     """Verify one signed purge against the origins' keys ({key id: key}). Raises ProtocolError:
     unsigned | unknown_signer | bad_signature | bad_purge | expired (issued more than
-    MAX_SIGNED_AGE_S away from `now`)."""
+    `max_age_s` away from `now`)."""
     if len(message) > MAX_PURGE_BYTES:
         raise ProtocolError("unsigned", "too long to be a signed purge")
     if isinstance(message, bytes):
@@ -386,7 +392,7 @@ def open_purge(message: bytes | str, keys: dict[str, Ed25519PublicKey], now: flo
     except (ValueError, binascii.Error, RecursionError):
         raise ProtocolError("bad_purge", "signed payload is not JSON") from None
     purge = purge_from_json(obj)
-    if abs(now - purge.issued) > MAX_SIGNED_AGE_S:
+    if abs(now - purge.issued) > max_age_s:
         raise ProtocolError("expired", f"purge {purge.id} issued {purge.issued}")
     return purge
 
@@ -410,3 +416,111 @@ class SeenPurges:
         while len(self.ids) > self.max_entries:
             self.ids.popitem(last=False)
         return True
+
+
+# ---------------------------------------------------------------- the Redis purge log
+# The origin pushes every signed purge onto a Redis list too (the same text as on the channel),
+# so that an edge that lost the channel a while reads what it missed instead of emptying its
+# caches. The list is trimmed from its head only (LTRIM), to the newest REDIS_LOG_ENTRIES and,
+# of what this origin pushed, REDIS_LOG_BYTES: so whatever the list holds, it holds every purge
+# issued after its first entry. It is not trimmed by age (entries older than MAX_SIGNED_AGE_S
+# no longer verify as purges): a list trimmed by age would empty and vanish when no purge is
+# made for a minute, which an edge could not tell from a Redis that lost its data, and its
+# first entry, older than an edge's gap, is what proves that the gap is covered. The age bound
+# is the edge's: it reads back from the newest entry only as far as its gap's start, and a gap
+# longer than MAX_GAP_S is not read at all (the purges at its start would no longer verify).
+REDIS_LOG_ENTRIES = MAX_PURGE_LOG
+REDIS_LOG_BYTES = MAX_PURGE_LOG_BYTES
+# between the edge's clock (when it last heard from Redis) and the origins' (`issued`): their
+# skew, and a message in flight when the connection dropped; re-reading a purge costs nothing
+# (the edge applies each id once)
+GAP_MARGIN_S = 15.0
+MAX_GAP_S = MAX_SIGNED_AGE_S - GAP_MARGIN_S
+LOG_PAGE = 20  # entries per LRANGE
+MAX_LOG_READ = REDIS_LOG_ENTRIES + 1  # a longer log (a hostile Redis) proves nothing
+MAX_LOG_READ_BYTES = 32 << 20
+
+
+class LogCatchUp:
+    """Sans-IO: an edge back on Redis after a gap (it last heard from it at `heard`) reads the
+    purge log newest first, a page at a time (`page()` -> the LRANGE indices, `feed()` the
+    entries), and learns the purges it may have missed (`purges`, oldest first) and whether
+    the log covers the gap (`lost`: '' when it does, else why not; the edge then empties its
+    caches):
+    - the first verified entry this edge already had (`known`: received on the channel before
+      the gap; the origin pushes and publishes in one MULTI, so the list's order is the
+      channel's), or issued before the gap (minus GAP_MARGIN_S), proves it: the list is
+      trimmed from its head only, so every purge pushed after that one is in it;
+    - reaching the head of the list without one: if this edge had seen the log (or a purge on
+      the channel) before, the list was trimmed past the gap or made anew (Redis lost its
+      data): `log_trimmed`; otherwise the log began within the gap and is all applied;
+    - no list at all: `log_lost` if this edge had seen one (or a purge) before;
+    - `gap_too_long` (longer than MAX_GAP_S: its first purges no longer verify) and
+      `log_too_long` (more than MAX_LOG_READ entries or MAX_LOG_READ_BYTES read without an
+      answer: a hostile Redis does not make the edge read without bound).
+    Entries that do not verify (unsigned, unknown signer, forged, too long, issued in the
+    future) are dropped and counted by reason in `dropped`, never applied, never an anchor."""
+
+    def __init__(
+        self,
+        keys: dict[str, Ed25519PublicKey],
+        heard: float,
+        now: float,
+        had_log: bool,
+        length: int,
+        known: Container[str] = (),
+    ) -> None:
+        self.keys = keys
+        self.known = known
+        self.length_at_start = length
+        self.since = heard - GAP_MARGIN_S
+        self.now = now
+        self.had_log = had_log
+        self.purges: list[Purge] = []
+        self.dropped: dict[str, int] = {}
+        self.read = 0
+        self.bytes = 0
+        self.lost = ""
+        self.done = False
+        if now - heard > MAX_GAP_S:
+            self._end("gap_too_long")
+        elif length <= 0:
+            self._end("log_lost" if had_log else "")
+
+    def _end(self, lost: str) -> None:
+        self.lost, self.done = lost, True
+        self.purges.reverse()  # read newest first; applied oldest first
+
+    def page(self) -> tuple[int, int] | None:
+        """The next LRANGE (start, stop), counted from the tail; None: done."""
+        if self.done:
+            return None
+        return -(self.read + LOG_PAGE), -(self.read + 1)
+
+    def feed(self, entries: Sequence[object]) -> None:
+        """One page's entries, as LRANGE answered them (head to tail)."""
+        if self.done:
+            return
+        for entry in reversed(entries):
+            self.read += 1
+            self.bytes += len(entry) if isinstance(entry, (bytes, str)) else 0
+            if self.read > MAX_LOG_READ or self.bytes > MAX_LOG_READ_BYTES:
+                self._end("log_too_long")
+                return
+            if not isinstance(entry, (bytes, str)):
+                self.dropped["unsigned"] = self.dropped.get("unsigned", 0) + 1
+                continue
+            try:
+                purge = open_purge(entry, self.keys, self.now, max_age_s=math.inf)
+            except ProtocolError as exc:
+                self.dropped[exc.reason] = self.dropped.get(exc.reason, 0) + 1
+                continue
+            if purge.id in self.known or purge.issued <= self.since:
+                self._end("")  # the anchor: everything after it is in the list
+                return
+            if purge.issued - self.now > MAX_SIGNED_AGE_S:
+                self.dropped["expired"] = self.dropped.get("expired", 0) + 1
+                continue
+            self.purges.append(purge)
+        if len(entries) < LOG_PAGE:  # the head of the list
+            self._end("log_trimmed" if self.had_log else "")

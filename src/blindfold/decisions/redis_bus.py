@@ -29,18 +29,27 @@ import asyncio
 import hashlib
 import itertools
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoPermissionError, RedisError
+from redis.exceptions import NoPermissionError, RedisError, ResponseError
 
 from blindfold.config.edge import DecisionSourceConfig, EdgeConfig
 from blindfold.core.ratelimit import TokenBucket
 from blindfold.decisions.bans import BanTable
 from blindfold.decisions.core import Decision, DecisionStore, ban_target
-from blindfold.decisions.purge import Purge, is_signed_purge, open_purge, sign_purge
+from blindfold.decisions.purge import (
+    REDIS_LOG_BYTES,
+    REDIS_LOG_ENTRIES,
+    LogCatchUp,
+    Purge,
+    is_signed_purge,
+    open_purge,
+    sign_purge,
+)
 from blindfold.decisions.signed import (
     DecisionSigner,
     DecisionVerifier,
@@ -52,9 +61,12 @@ from blindfold.obs.log import JsonLog
 
 PREFIX = "blindfold:decision:"
 CHANNEL = "blindfold:decisions"
+PURGE_LOG = "blindfold:purges"  # the signed purges, a list (decisions.purge.LogCatchUp)
 RATE_PREFIX = "blindfold:rate:"
 RESYNC_S = 300.0
 WATCH_S = 1.0  # the origin checks that Redis still holds its decisions this often
+MAX_KNOWN_PURGES = 2 * REDIS_LOG_ENTRIES
+HEARD_EVERY_S = 5.0  # an edge pings on its subscription this often (RedisFeed._heard)
 RATE_WINDOW_S = 10
 BATCH = 500
 MAX_REPORTED = 50_000  # addresses whose shared total an edge follows within one window
@@ -120,6 +132,8 @@ class RedisPublisher:
         self.store = store  # what Redis must hold: checked every WATCH_S, written again if lost
         self.republished = 0
         self._watch: asyncio.Task[None] | None = None
+        self._purge_log = True  # False once the ACL refused it: purges on the channel only
+        self._pushed: deque[int] = deque(maxlen=REDIS_LOG_ENTRIES)  # sizes of our pushes
 
     async def start(self) -> None:
         if self.store is not None:  # also when Redis is down now: it fills it once it is up
@@ -217,9 +231,49 @@ class RedisPublisher:
         self._spawn(self._publish(d, body, now))
 
     def publish_purge(self, purge: Purge) -> None:
-        """A purge, signed, on the channel (never a key: an edge that was away learns of it
-        from the HTTPS stream's purge log, or empties its caches: docs/decisions.md)."""
-        self._spawn(self._publish_message(sign_purge(self.signer.key, purge), purge.id))
+        """A purge, signed, pushed onto the purge log (PURGE_LOG) and on the channel, at once
+        (MULTI): an edge that lost the channel a while reads what it missed from the log
+        (decisions.purge.LogCatchUp; docs/decisions.md)."""
+        self._spawn(self._publish_purge(sign_purge(self.signer.key, purge), purge.id))
+
+    def _log_keep(self, size: int) -> int:
+        """How many entries the log keeps after pushing one of `size` characters: the newest
+        REDIS_LOG_ENTRIES, fewer when the ones this origin pushed itself pass REDIS_LOG_BYTES
+        (another origin's pushes it cannot see; they count in the entries)."""
+        self._pushed.append(size)
+        total = 0
+        for n, pushed in enumerate(reversed(self._pushed), 1):
+            total += pushed
+            if total > REDIS_LOG_BYTES:
+                return max(1, n - 1)
+        return REDIS_LOG_ENTRIES
+
+    async def _publish_purge(self, body: str, what: str) -> None:
+        if self._purge_log:
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.rpush(PURGE_LOG, body)
+                    pipe.ltrim(PURGE_LOG, -self._log_keep(len(body)), -1)
+                    pipe.publish(CHANNEL, body)
+                    await pipe.execute()
+                return
+            except ResponseError as exc:
+                if "NOPERM" not in str(exc) and not isinstance(exc, NoPermissionError):
+                    self.errors += 1
+                    self.log.emit("redis_publish_failed", value=what, error=str(exc))
+                    return
+                self._purge_log = False
+                self.log.emit(
+                    "config_warning",
+                    problem=f"the decisions' Redis ACL does not let the origin keep the purge "
+                    f"log ({PURGE_LOG}: rpush, ltrim): edges that lose the channel empty their "
+                    "caches (see docs/decisions.md)",
+                )
+            except (RedisError, OSError) as exc:
+                self.errors += 1
+                self.log.emit("redis_publish_failed", value=what, error=str(exc))
+                return
+        await self._publish_message(body, what)
 
     async def _publish_message(self, body: str, what: str) -> None:
         try:
@@ -303,10 +357,18 @@ class RedisFeed:
         self._max_digests = 2 * table.limits.max_bans + 10_000
         # purges (decisions.purge): signed by the same origins, on the same channel
         self.on_purge: Callable[[Purge, str], None] | None = None
-        # called when the channel was lost for a while (purges may have been missed); the
-        # master sets it only when no HTTPS stream carries the purge log
+        # called when the channel was lost for a while and the origin's purge log cannot
+        # show what was missed (LogCatchUp): the master empties every cache unless an HTTPS
+        # stream carries a purge log
         self.on_gap: Callable[[], None] | None = None
         self._connected_before = False
+        # this edge has received everything published on the channel before `_heard`
+        self._heard = 0.0
+        self._had_log = False  # a purge log (or a purge) seen: its absence is a loss
+        self.caught_up = 0  # purges read from the log after reconnections
+        # ids of the purges this edge had from Redis, newest last: one still in the log shows
+        # that every purge pushed after it is too (LogCatchUp)
+        self._known: OrderedDict[str, None] = OrderedDict()
 
     async def run(self) -> None:
         while True:
@@ -366,15 +428,82 @@ class RedisFeed:
         try:
             purge = open_purge(body, self.verifier.keys, now)
         except ProtocolError as exc:
-            self._count(f"purge_{exc.reason}")
-            if self._drop_log.allow(time.monotonic()):
-                self.log.emit(
-                    "purge_dropped", source="redis", reason=exc.reason, detail=str(exc)[:200]
-                )
+            self._purge_dropped(exc.reason, str(exc))
             return None
+        self._had_log = True  # the origin pushed it onto the log too (or keeps none: then
+        # every gap is a loss, as it is)
+        self._remember(purge.id)
         if self.on_purge is not None:
             self.on_purge(purge, "redis")
         return purge
+
+    def _remember(self, purge_id: str) -> None:
+        self._known[purge_id] = None
+        self._known.move_to_end(purge_id)
+        while len(self._known) > MAX_KNOWN_PURGES:
+            self._known.popitem(last=False)
+
+    def _purge_dropped(self, reason: str, detail: str) -> None:
+        self._count(f"purge_{reason}")
+        if self._drop_log.allow(time.monotonic()):
+            self.log.emit("purge_dropped", source="redis", reason=reason, detail=detail[:200])
+
+    async def _catch_up(self, reconnected: bool) -> None:
+        """After a reconnection: the purges published while the channel was lost, from the
+        origin's purge log (LogCatchUp), or every cache emptied (on_gap) when the log cannot
+        show them. At the first connection only whether the log exists is noted."""
+        reader: LogCatchUp | None = None
+        try:
+            length = int(await self.redis.llen(PURGE_LOG))
+            if reconnected:
+                now = time.time()
+                reader = LogCatchUp(
+                    self.verifier.keys, self._heard, now, self._had_log, length, self._known
+                )
+                while (indices := reader.page()) is not None:
+                    entries = await self.redis.lrange(PURGE_LOG, *indices)
+                    reader.feed(entries if isinstance(entries, list) else [])
+            self._had_log = self._had_log or length > 0
+            lost = reader.lost if reader is not None else ""
+        except NoPermissionError:
+            lost = "log_not_readable"
+            self.log.emit(
+                "config_warning",
+                problem=f"the decisions' Redis ACL does not let this edge read the purge log "
+                f"({PURGE_LOG}: llen, lrange): it empties its caches after every reconnection "
+                "(see docs/decisions.md)",
+            )
+        except ResponseError as exc:  # not a list: a foreign (or hostile) writer
+            lost = "log_not_a_list"
+            self.log.emit("purge_log_unreadable", source="redis", error=str(exc)[:200])
+        if not reconnected:
+            return
+        purges = reader.purges if reader is not None else []
+        if reader is not None:
+            for reason, n in reader.dropped.items():
+                self.polls[f"purge_log_{reason}"] = self.polls.get(f"purge_log_{reason}", 0) + n
+                if self._drop_log.allow(time.monotonic()):
+                    self.log.emit("purge_dropped", source="redis_log", reason=reason, entries=n)
+        self.caught_up += len(purges)
+        for purge in purges:
+            self._remember(purge.id)
+        self.log.emit(
+            "purge_log_read",
+            source="redis",
+            gap_s=round(time.time() - self._heard, 1),
+            purges=len(purges),
+            read=reader.read if reader is not None else 0,
+            lost=lost,
+        )
+        if self.on_purge is not None:
+            for purge in purges:
+                self.on_purge(purge, "redis")
+        if lost:
+            # every cache emptied: what came before no longer matters, the log as it is now
+            # (perhaps none: Redis lost it) is where the next gap is measured from
+            self._had_log = bool(reader is not None and reader.length_at_start)
+            if self.on_gap is not None:
+                self.on_gap()
 
     def _dropped(self, reason: str, detail: str) -> None:
         self.table.refuse(reason)
@@ -438,18 +567,30 @@ class RedisFeed:
     async def _follow(self) -> None:
         pubsub = self.redis.pubsub()
         try:
+            subscribed = time.time()  # what is published from now on comes on the channel
             await pubsub.subscribe(CHANNEL)
             await self._sync(full=True)
-            if self._connected_before and self.on_gap is not None:
-                self.on_gap()
+            await self._catch_up(self._connected_before)
             self._connected_before = True
+            self._heard = subscribed
+            ping_sent, next_ping = 0.0, time.monotonic() + HEARD_EVERY_S
             if not self.up:
                 self.up = True
                 self.log.emit("decisions_source_up", url=self.url, active=self.table.size)
             next_sync = time.monotonic() + RESYNC_S
             while True:
+                if not ping_sent and time.monotonic() >= next_ping:
+                    # a PING on the subscription: its answer comes after every message
+                    # published before Redis read it, so when it comes, this edge has heard
+                    # everything published up to `ping_sent` (an idle connection says
+                    # nothing, and one that silently died looks the same)
+                    ping_sent = time.time()
+                    await pubsub.ping()
+                    next_ping = time.monotonic() + HEARD_EVERY_S
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                if message is not None and message.get("type") == "message":
+                if message is not None and message.get("type") == "pong" and ping_sent:
+                    self._heard, ping_sent = ping_sent, 0.0
+                elif message is not None and message.get("type") == "message":
                     data = message["data"]
                     if is_signed_purge(data):
                         self.admit_purge(data, time.time())

@@ -174,6 +174,90 @@ class BoundedLabels:
         return "other"
 
 
+class TopLabels:
+    """Label values an outsider chooses (a blocked path), kept to the `cap` busiest of the last
+    minutes, every other one counted as `other`: a visitor who sends `cap` junk values first
+    does not hold the labels forever (BoundedLabels' weakness), a value that becomes busy
+    later gets its own series.
+
+    Busy = a decaying count (halved every `half_life_s`), kept for at most `candidates` values
+    by space-saving (Metwally et al., 2005): a new value takes the place of the least busy
+    candidate that has no label, and its count (so any value whose share of recent events is
+    above about 1/(candidates - cap) stays a candidate, however many junk values flow past),
+    remembering how much of it was inherited. A value takes the label of the least busy
+    labelled one when what it earned itself is more than twice that one's count and more than
+    one event's worth: a flood of distinct junk values does not churn the labels (each has
+    one event), and one label changes hands at most when its holder's count halved, about
+    `cap` new series per half-life at most.
+
+    The series of a label that left (`observe`'s second answer) is dropped, not kept: it
+    disappears from the metrics, and if the value comes back its counter starts again from 0,
+    which Prometheus' rate() and increase() read as a counter reset. No exported counter goes
+    down while exported; at most `cap` + 1 series exist at a time. Sans-IO: `now` is passed."""
+
+    __slots__ = (
+        "_epoch",
+        "cap",
+        "half_life_s",
+        "inherited",
+        "labelled",
+        "max_candidates",
+        "scores",
+    )
+
+    def __init__(self, cap: int, half_life_s: float = 300.0, candidates: int = 0) -> None:
+        self.cap = cap
+        self.half_life_s = half_life_s
+        self.max_candidates = max(candidates, 4 * cap)
+        # counts in units of an event at `_epoch` (an event at `now` weighs
+        # 2^((now - _epoch)/half_life_s)): decay without touching every count
+        self.scores: dict[str, float] = {}
+        self.inherited: dict[str, float] = {}  # of each count, what space-saving handed on
+        self.labelled: set[str] = set()
+        self._epoch: float | None = None
+
+    def _weight(self, now: float) -> float:
+        if self._epoch is None:
+            self._epoch = now
+        exponent = (now - self._epoch) / self.half_life_s
+        if exponent > 60:  # renormalise before the weights grow past what a float holds well
+            scale = 2.0**-exponent
+            self.scores = {k: v * scale for k, v in self.scores.items()}
+            self.inherited = {k: v * scale for k, v in self.inherited.items()}
+            self._epoch, exponent = now, 0.0
+        return float(2.0 ** max(exponent, -60.0))
+
+    def observe(self, value: str, now: float) -> tuple[str, str | None]:
+        """One event of `value`: (the label to count it under, a label that left or None)."""
+        weight = self._weight(now)
+        scores = self.scores
+        score = scores.get(value)
+        if score is None:
+            score = 0.0
+            if len(scores) >= self.max_candidates:  # space-saving: replace the least busy
+                free = (k for k in scores if k not in self.labelled)
+                victim = min(free, key=scores.__getitem__, default=None)
+                if victim is None:
+                    return "other", None
+                score = scores.pop(victim)
+                del self.inherited[victim]
+            self.inherited[value] = score
+        score += weight
+        scores[value] = score
+        if value in self.labelled:
+            return value, None
+        if len(self.labelled) < self.cap:
+            self.labelled.add(value)
+            return value, None
+        least = min(self.labelled, key=scores.__getitem__)
+        earned = score - self.inherited[value]
+        if earned <= 2 * scores[least] or earned <= 1.5 * weight:
+            return "other", None
+        self.labelled.discard(least)
+        self.labelled.add(value)
+        return value, least
+
+
 # Every component that serves or signs for a certificate exports these two (issue 12). Labels:
 # `component` (edge, origin, keyserver), `hostname` (the certificate's first DNS name), and
 # `certificate` (the key's, route's or listener's configured name): one series per configured

@@ -58,9 +58,9 @@ from blindfold.io.service import run_service
 from blindfold.obs.log import JsonLog
 from blindfold.obs.metrics import (
     CERTIFICATE_METRICS,
-    BoundedLabels,
     Histogram,
     MetricSpec,
+    TopLabels,
     render,
 )
 from blindfold.obs.status import HTML_TYPE, JSON_TYPE, PAGE, status_json
@@ -124,8 +124,10 @@ ORIGIN_METRICS = [
     MetricSpec(
         "blindfold_waf_path_blocks_total",
         "counter",
-        f"Blocked requests by the first segment of their path (the first {WAF_PATHS} seen; "
-        "later ones count as 'other').",
+        f"Blocked requests by the first segment of their path: the {WAF_PATHS} busiest of the "
+        "last minutes (decaying counts, half-life 5 min) per origin process, the rest as "
+        "'other'. A path that leaves the top loses its series; if it returns, its counter "
+        "starts again from 0 (a counter reset to rate()).",
         ("path",),
     ),
     MetricSpec("blindfold_decisions_active", "gauge", "Active decisions (bans)."),
@@ -472,7 +474,7 @@ class OriginAgent:
             post_paths=frozenset({"/acme/renew"}),
         )
         self.upstream_latency = Histogram(UPSTREAM_BUCKETS)
-        self.waf_paths = BoundedLabels(WAF_PATHS)  # kept across reloads: one bound in all
+        self.waf_paths = TopLabels(WAF_PATHS)  # kept across reloads: one bound in all
         self.api: DecisionApi | None = None
         self.publisher: Any = None
         self.quic: Any = None  # origin.h3.QuicShared once HTTP/3 listens

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from blindfold.decisions.core import DecisionRules
-from blindfold.obs.metrics import BoundedLabels
+from blindfold.decisions.purge import CACHE_TAG_HEADER
+from blindfold.obs.metrics import TopLabels
 from blindfold.origin.edges import Reporter
 from blindfold.waf.engine import Match, Verdict, WafEngine
 from blindfold.web.messages import (
@@ -74,7 +75,7 @@ class OriginGate:
         self.reject_over_limit = reject_over_limit
         self.detect_only = detect_only
         self.stats = stats
-        self.waf_paths = BoundedLabels(30)  # the agent hands its own, kept across reloads
+        self.waf_paths = TopLabels(30)  # the agent hands its own, kept across reloads
         self.access_log = access_log
         self.remote = remote
 
@@ -135,6 +136,10 @@ class OriginGate:
                 tx.response_headers(
                     response.status, response.headers, response.http_version.decode()
                 )
+            if not request.from_http_edge:
+                # Cache-Tag is for an edge's cache: one that speaks HTTP strips it itself; on
+                # passthrough (or to a direct visitor) it would show the site's internal tags
+                response.headers = [(k, v) for k, v in response.headers if k != CACHE_TAG_HEADER]
             sent = await self.proxy.relay(request, response, respond)
         except BodyTooLarge:
             status = 413
@@ -195,7 +200,10 @@ class OriginGate:
         self._count("waf_blocks")
         for rule in verdict.rule_ids:
             self._count(f"waf_rule:{rule}")
-        self._count(f"waf_path:{self.waf_paths.label(path_label(request.path))}")
+        label, left = self.waf_paths.observe(path_label(request.path), time.time())
+        if left is not None:  # its series ends (TopLabels): a counter never goes down
+            self.stats.pop(f"waf_path:{left}", None)
+        self._count(f"waf_path:{label}")
         if self.remote is not None:
             self.remote.block(request.client[0], time.time(), reporter)
         else:

@@ -214,6 +214,7 @@ class H1Connection(asyncio.Protocol):
             request_id=request_id_for(event.headers, self.info.edge_request_ids),
             tls=self.info.tls,
             raw_target=event.target,
+            from_http_edge=self.info.edge_request_ids,
         )
         self.body = BodyStream(limits.max_body_bytes, self._consumed, self._body_wait)
         responder = H1Responder(self, head=event.method == b"HEAD")

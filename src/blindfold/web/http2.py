@@ -286,6 +286,7 @@ class H2Connection(asyncio.Protocol):
             request_id=request_id_for(headers, self.info.edge_request_ids),
             tls=self.info.tls,
             raw_target=pseudo.get(b":path", b""),
+            from_http_edge=self.info.edge_request_ids,
         )
         stream.body = BodyStream(limits.max_body_bytes, self._acker(stream, sid))
         stream.last_data = self.loop.time()

@@ -26,6 +26,9 @@ class Request:
     request_id: str
     tls: dict[str, str] = field(default_factory=dict)  # sni, alpn, version
     raw_target: bytes = b""  # the request target as the client sent it (for logs)
+    # came through a blindfold edge that speaks HTTP itself (keyless, blind: the PROXY v2
+    # TLV 0xEB mark from a trusted edge), which reads and strips edge-only headers (Cache-Tag)
+    from_http_edge: bool = False
 
     def header(self, name: bytes) -> bytes | None:
         for k, v in self.headers:
