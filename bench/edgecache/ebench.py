@@ -547,6 +547,10 @@ class Bench:
             log.unlink(missing_ok=True)
             (out / f"{tag}.toml").write_text(edge_toml(p, ks_addr, log, origin_port))
             env = {**os.environ, "PYTHONPATH": str(src_path)}
+            if a.profile:  # cProfile in the worker (profhook/sitecustomize.py)
+                (out / f"{tag}.prof").mkdir(exist_ok=True)
+                env["PYTHONPATH"] += os.pathsep + str(HERE / "profhook")
+                env["EDGECACHE_PROFILE"] = str(out / f"{tag}.prof")
             proc = Proc(
                 tag,
                 [PY, "-m", "blindfold", "edge", "--config", str(out / f"{tag}.toml")],
@@ -716,6 +720,12 @@ def main(argv: list[str]) -> int:
     r.add_argument("--procs", type=int, default=2, help="new-connection client processes")
     r.add_argument("--threads", type=int, default=8, help="threads per client process")
     r.add_argument("--budget", type=float, default=900.0)
+    r.add_argument(
+        "--profile",
+        action="store_true",
+        help="cProfile the edge workers (stats in the results directory, edge-N.prof/); "
+        "slows them: CPU figures of such a run are not comparable",
+    )
     n = sub.add_parser("newconn", help="new-connection load (internal)")
     n.add_argument("--port", type=int, required=True)
     n.add_argument("--path", required=True)

@@ -60,7 +60,9 @@ class TlsAppTransport(asyncio.Transport):
         owner.bytes_out += len(data)
         if not self._pending:
             owner.loop.call_soon(self._flush)
-        self._pending.append(bytes(data))
+        # bytes are immutable: kept as they are; anything else is copied (the caller may
+        # reuse its buffer once write returns, as with any asyncio transport)
+        self._pending.append(data if type(data) is bytes else bytes(data))
         self._pending_bytes += len(data)
         if self._pending_bytes >= 1 << 16:
             self._flush()
