@@ -601,13 +601,19 @@ class H2Responder:
         )
         no_body = self.head or head.status in (204, 304) or h2head.length == 0
         self.started = True
+        # h2 sees only `:status` (its state machine tells informational from final by it);
+        # the fields were checked by check_fields, so its outbound checks are skipped here
+        config = conn.config
+        checks = (config.validate_outbound_headers, config.normalize_outbound_headers)
         conn.encoder = _Encoded(block)  # type: ignore[assignment]
+        config.validate_outbound_headers = config.normalize_outbound_headers = False
         try:
             conn.send_headers(self.stream_id, [(b":status", h2head.status)], end_stream=no_body)
         except (h2.exceptions.ProtocolError, KeyError) as exc:
             raise ConnectionError(f"stream gone: {exc}") from None
         finally:
             conn.encoder = encoder
+            config.validate_outbound_headers, config.normalize_outbound_headers = checks
         self._stream_ended = no_body
         self._left = h2head.length
 
