@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from blindfold.core import tls13_server as ts
@@ -48,7 +48,7 @@ class TlsAppTransport(asyncio.Transport):
         super().__init__()
         self._owner = owner
         self._closing = False
-        self._pending: list[bytes] = []
+        self._pending: list[bytes | memoryview] = []
         self._pending_bytes = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -60,9 +60,14 @@ class TlsAppTransport(asyncio.Transport):
         owner.bytes_out += len(data)
         if not self._pending:
             owner.loop.call_soon(self._flush)
-        # bytes are immutable: kept as they are; anything else is copied (the caller may
-        # reuse its buffer once write returns, as with any asyncio transport)
-        self._pending.append(data if type(data) is bytes else bytes(data))
+        # bytes, and views of bytes (a cached body's slices), are immutable: kept as they
+        # are; anything else is copied (the caller may reuse its buffer once write returns,
+        # as with any asyncio transport)
+        if type(data) is not bytes and not (
+            type(data) is memoryview and type(data.obj) is bytes and data.contiguous
+        ):
+            data = bytes(data)
+        self._pending.append(data)
         self._pending_bytes += len(data)
         if self._pending_bytes >= 1 << 16:
             self._flush()
@@ -160,7 +165,7 @@ class TlsAppTransport(asyncio.Transport):
 RECORD_BYTES = 1 << 14  # RFC 8446 §5.1: the most plaintext a record holds
 
 
-def records(pieces: list[bytes]) -> list[bytes | memoryview]:
+def records(pieces: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
     """The plaintext of `pieces` cut into full records (RECORD_BYTES; the last may be short)
     across the pieces' boundaries: a response head and its body share a record rather than
     the head taking one of its own. A record inside one piece is a slice of it (no copy);
