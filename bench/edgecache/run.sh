@@ -5,7 +5,7 @@
 # full handshakes), both fronts pinned to CPU 0, the load on CPU 1. Prints the table.
 #
 #   bench/edgecache/run.sh                                   # this tree's src, ~2 minutes
-#   bench/edgecache/run.sh --edge main=/work/main/src --edge branch=src --repeat 3
+#   bench/edgecache/run.sh --edge main=../main/src --edge branch=src --repeat 3
 #   bench/edgecache/run.sh --loads h1-2k,h2-2k --seconds 10
 #   bench/edgecache/run.sh --help                            # every option
 #

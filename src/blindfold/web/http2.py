@@ -236,19 +236,28 @@ class H2Connection(asyncio.Protocol):
             self.conn.close_connection(ErrorCodes.NO_ERROR, last_stream_id=sid)
         if self._malformed(sid, event.headers, _REQUEST):
             return
+        # one pass: pseudo-header fields (each at most once: _malformed checked that), the
+        # rest, the list's size (RFC 9113 §6.5.2), Host and the first Content-Length
         pseudo: dict[bytes, bytes] = {}
         headers: Headers = []
+        size = 0
+        has_host = False
+        length: bytes | None = None
         for name, value in event.headers or ():
+            size += len(name) + len(value) + 32
             if name.startswith(b":"):
                 pseudo[name] = value
-            else:
-                headers.append((name, value))
+                continue
+            headers.append((name, value))
+            if name == b"host":
+                has_host = True
+            elif name == b"content-length" and length is None:
+                length = value
         stream = _Stream()
         self.streams[sid] = stream
-        method = next((v for k, v in event.headers or () if k == b":method"), b"")
+        method = pseudo.get(b":method", b"")
         responder = H2Responder(self, sid, head=method == b"HEAD")
         stream.responder = responder
-        size = sum(len(k) + len(v) + 32 for k, v in event.headers or ())  # RFC 9113 §6.5.2
         if len(headers) > limits.max_headers or size > limits.h2_max_header_list_size:
             # until the client acknowledges our SETTINGS the HPACK decoder has no limit: the
             # list is bounded by h2's frame and CONTINUATION limits, and refused here
@@ -272,14 +281,13 @@ class H2Connection(asyncio.Protocol):
             )
             stream.task = self.loop.create_task(self._refuse(responder, 400))
             return
-        if not any(k == b"host" for k, _ in headers):
+        if not has_host:
             headers.insert(0, (b"host", authority))
-        length = next((v for k, v in headers if k == b"content-length"), None)
         if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
             stream.task = self.loop.create_task(self._refuse(responder, 413))
             return
         request = Request(
-            method=pseudo.get(b":method", b""),
+            method=method,
             target=target.origin_form,
             authority=authority,
             scheme=self.info.scheme,
@@ -532,6 +540,10 @@ def _hpack_status(status: int) -> bytes:
     return _hpack_literal(b":status", code)
 
 
+# the encodings of recent short per-response fields (bounded: cleared when full)
+_EXTRA_LITERALS: dict[tuple[bytes, bytes], bytes] = {}
+
+
 class _Encoded:
     """Stands in for h2's HPACK encoder while a prepared header block is sent: h2 runs its
     stream state machine, frames the block (CONTINUATION included) and counts the stream as
@@ -596,9 +608,19 @@ class H2Responder:
         h2head = head.encoded.get("h2")
         if not isinstance(h2head, _H2Head):
             h2head = head.encoded["h2"] = _H2Head(head)
-        block = h2head.block + b"".join(
-            _hpack_literal(k, v) for k, v in extra if k not in _FORBIDDEN_RESPONSE_HEADERS
-        )
+        parts = [h2head.block]
+        for field in extra:
+            literal = _EXTRA_LITERALS.get(field)
+            if literal is None:
+                if field[0] in _FORBIDDEN_RESPONSE_HEADERS:
+                    continue
+                literal = _hpack_literal(*field)
+                if len(field[1]) <= 64:  # Age, X-Blindfold-Cache: a few values, over and over
+                    if len(_EXTRA_LITERALS) >= 4096:
+                        _EXTRA_LITERALS.clear()
+                    _EXTRA_LITERALS[field] = literal
+            parts.append(literal)
+        block = b"".join(parts)
         no_body = self.head or head.status in (204, 304) or h2head.length == 0
         self.started = True
         # h2 sees only `:status` (its state machine tells informational from final by it);
