@@ -693,7 +693,7 @@ class KeylessHandler:
         self.requests += 1
         status, outcome, sent = await self._handle(request, body, respond)
         stats = self.kr.stats
-        stats.count(stats.requests, f"{status // 100}xx" if status else "aborted")
+        stats.count(stats.requests, _STATUS_CLASS.get(status // 100) or f"{status // 100}xx")
         if outcome:
             stats.count(stats.cache, outcome)
         if self.ctx.config.log_connections:
@@ -724,9 +724,10 @@ class KeylessHandler:
             # host; no fronting one hostname's requests through another's connection
             await simple_response(respond, 421, "misdirected request\n")
             return 421, "", 0
-        now = time.monotonic()
-        path = request.path.decode("latin-1")
-        for name, rule, buckets in kr.rate_rules:
+        rules = kr.rate_rules
+        now = time.monotonic() if rules else 0.0
+        path = request.path.decode("latin-1") if rules else ""
+        for name, rule, buckets in rules:
             if not path_has_prefix(path, rule.path_prefix):  # canonical path, by segment
                 continue
             wait = buckets.take(self.rate_key if rule.per == "ip" else 0, now)
@@ -1025,6 +1026,7 @@ class KeylessHandler:
 # write buffer, WRITE_BUFFER_HIGH, is as big): one write, one drain; bigger ones in slices
 WHOLE_BODY_BYTES = 256 * 1024
 _OUTCOME_BYTES = {o: o.encode() for o in ("hit", "stale", "revalidated", "miss")}
+_STATUS_CLASS = {0: "aborted", **{c: f"{c}xx" for c in range(1, 10)}}
 
 
 def _head_fields(entry: Entry) -> Headers:
