@@ -925,3 +925,102 @@ def test_fields_never_raise(date: bytes, cc: bytes) -> None:
         cache.store(KEY, [], 200, headers, b"x", T0, T0)
     found = cache.lookup(KEY, b"GET", [(b"cache-control", cc)], T0 + 1)
     assert found is None or found.entry.lifetime >= 0
+
+
+# ---------------------------------------------------------------- prepared heads (issue 19)
+def test_a_prepared_head_is_made_at_store_and_freshen_not_per_hit() -> None:
+    from blindfold.edge.modes.keyless import prepare_head
+    from blindfold.web.messages import PreparedHead
+
+    made: list[Entry] = []
+
+    def prepare(entry: Entry) -> object | None:
+        made.append(entry)
+        return prepare_head(entry)
+
+    cache = HttpCache(1 << 20, 1 << 16)
+    cache.prepare = prepare
+    headers = [*STORED_304, (b"cache-tag", b"a,b")]
+    assert stored(cache, headers)
+    entry = made[-1]
+    head = entry.prepared
+    assert isinstance(head, PreparedHead) and head.status == 200
+    # Content-Length of the body, last; Cache-Tag is for this cache only
+    assert head.headers == [
+        (b"cache-control", b"max-age=10"),
+        (b"etag", b'"v1"'),
+        (b"content-type", b"text/plain"),
+        (b"content-length", b"4"),
+    ]
+    for t in (1, 2, 3):
+        hit = cache.lookup(KEY, b"GET", [], T0 + t)
+        assert hit is not None and hit.fresh and hit.entry.prepared is head
+    assert len(made) == 1
+    # a 304 changes the fields: a new head, charged like the old one
+    used = cache.used
+    stale = cache.lookup(KEY, b"GET", [], T0 + 11)
+    assert stale is not None
+    nm = [(b"etag", b'"v1"'), (b"cache-control", b"max-age=100"), (b"x-served-by", b"o2")]
+    served = cache.freshen(KEY, stale.entry, nm, [], T0 + 11, T0 + 11)
+    assert served is entry and len(made) == 2
+    new = entry.prepared
+    assert isinstance(new, PreparedHead) and new is not head
+    assert (b"x-served-by", b"o2") in new.headers and (b"cache-control", b"max-age=100") in (
+        new.headers
+    )
+    assert cache.used > used  # one more field, charged in the entry and in its head
+    # a 304 not for sharing answers its visitor from a private copy, with a head of its own
+    stale = cache.lookup(KEY, b"GET", [(b"cache-control", b"no-cache")], T0 + 12)
+    assert stale is not None
+    private = cache.freshen(
+        KEY, entry, [(b"set-cookie", b"s=1")], [(b"cookie", b"s=0")], T0 + 12, T0 + 12
+    )
+    assert private is not entry and isinstance(private.prepared, PreparedHead)
+    assert (b"set-cookie", b"s=1") in private.prepared.headers
+    assert cache.used == 0
+
+
+def test_fields_a_response_must_not_carry_get_no_prepared_head() -> None:
+    from blindfold.edge.modes.keyless import prepare_head
+
+    cache = HttpCache(1 << 20, 1 << 16)
+    cache.prepare = prepare_head
+    assert stored(cache, [*STORED_304, (b"x-odd", b" leading space")])
+    hit = cache.lookup(KEY, b"GET", [], T0 + 1)
+    assert hit is not None and hit.entry.prepared is None  # served through `start` instead
+
+
+def test_charged_bytes_cover_prepared_heads_and_their_encodings() -> None:
+    """With prepared heads, and each one's HTTP/1.1-sized and HTTP/2 encodings made (the
+    worst case: every entry served on HTTP/2), the cache still holds no more than it charges
+    (max_bytes), and charges not far above what it holds."""
+    from blindfold.edge.modes.keyless import prepare_head
+    from blindfold.web.http2 import _H2Head
+    from blindfold.web.messages import PreparedHead
+
+    max_bytes = 1 << 20
+    cache = HttpCache(max_bytes, 1 << 16)
+    cache.prepare = prepare_head
+    req = [(b"accept-encoding", b"gzip, br")]
+    tracemalloc.start()
+    try:
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(6000):
+            status, headers = _origin_response(i)
+            key = HttpCache.key(b"www.example.test", f"/static/{i}".encode())
+            body = bytes(i % 300)
+            cache.store(key, req, status, headers, body, T0 + i, T0 + i)
+            hit = cache.lookup(key, b"GET", req, T0 + i)
+            assert hit is not None
+            head = hit.entry.prepared
+            assert isinstance(head, PreparedHead)
+            head.encoded["h2"] = _H2Head(head)
+        del status, headers, key, body, hit, head
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert cache.evictions > 0 and cache.used <= max_bytes
+    assert held <= max_bytes * 1.02 + 16384, (held, cache.used, len(cache))
+    assert held >= cache.used * 0.8, (held, cache.used, len(cache))

@@ -68,6 +68,7 @@ _INT_BYTES = sys.getsizeof(1 << 30)  # Entry.size: an int object of its own
 _LIST_BYTES = sys.getsizeof([]) + 4 * 8  # a key's list of variants: append() allocates 4 slots
 _PAIR_BYTES = sys.getsizeof((b"", b""))
 _EMPTY_STORE_BYTES = sys.getsizeof(OrderedDict())
+_PREPARED_BYTES = 512  # a prepared head's dict of encodings, its status line and bytes objects
 
 
 # RFC 9110 §5.6.2 token characters; a directive is token [ "=" ( token / quoted-string ) ]
@@ -277,6 +278,10 @@ class Entry:
     # stored from a request with Cookie or Authorization: what the origin answered may be that
     # visitor's own page, so a request's max-stale never gets it stale (attack review hops #1)
     personal: bool = False
+    # the response head made ready to send (HttpCache.prepare: the edge's web.messages
+    # PreparedHead), made when the entry is stored and again when a 304 freshens its fields;
+    # None when there is no `prepare` or the fields could not be prepared
+    prepared: object | None = None
 
     def age(self, wall: float) -> float:
         """§4.2.3 current_age."""
@@ -377,6 +382,9 @@ class HttpCache:
     # answer depends on the edge's value, not the visitor's, so a response varying on one is
     # not stored (it would be matched against the wrong value; attack review hops #5)
     edge_set: Callable[[bytes], bool] | None = None
+    # makes an entry's ready-to-send head from its status, fields and body (`Entry.prepared`),
+    # once per store or freshen rather than once per hit; None: no prepared heads
+    prepare: Callable[[Entry], object | None] | None = None
 
     @staticmethod
     def key(authority: bytes, target: bytes) -> tuple[bytes, bytes]:
@@ -620,6 +628,8 @@ class HttpCache:
         )
         self._policy(entry, headers, response_time)
         entry.personal = any(k in (b"cookie", b"authorization") for k, _ in request_headers)
+        if self.prepare is not None:
+            entry.prepared = self.prepare(entry)
         entries = self._store.get(key)
         if entries is None:
             entries = self._store[key] = []
@@ -737,7 +747,7 @@ class HttpCache:
         self.revalidated += 1
         if not shared:
             self._remove(key, entry)
-            return Entry(
+            private = Entry(
                 entry.status,
                 merged,
                 entry.body,
@@ -747,7 +757,11 @@ class HttpCache:
                 0.0,
                 True,
             )
+            if self.prepare is not None:
+                private.prepared = self.prepare(private)
+            return private
         entry.headers = self._kept(merged)
+        entry.prepared = self.prepare(entry) if self.prepare is not None else None
         self._policy(entry, merged, response_time)
         entry.response_time = response_time
         entry.corrected_initial_age = max(apparent_age, response_time - request_time)
@@ -783,6 +797,12 @@ def _cost(key: tuple[bytes, bytes], entry: Entry) -> int:
         size += _PAIR_BYTES + getsize(k) + getsize(v)
     if entry.tags:
         size += getsize(entry.tags) + sum(getsize(t) for t in entry.tags)
+    if entry.prepared is not None:
+        # a prepared head: its own list of the same fields (a Content-Length of its own), and
+        # room for its per-protocol encodings (about the fields' bytes each, made on first use)
+        size += getsize(entry.prepared) + getsize(entry.headers) + _PREPARED_BYTES
+        for k, v in entry.headers:
+            size += _PAIR_BYTES + 2 * (len(k) + len(v) + 8)
     return size
 
 

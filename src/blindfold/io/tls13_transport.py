@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from blindfold.core import tls13_server as ts
@@ -48,7 +48,7 @@ class TlsAppTransport(asyncio.Transport):
         super().__init__()
         self._owner = owner
         self._closing = False
-        self._pending: list[bytes] = []
+        self._pending: list[bytes | memoryview] = []
         self._pending_bytes = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -60,7 +60,14 @@ class TlsAppTransport(asyncio.Transport):
         owner.bytes_out += len(data)
         if not self._pending:
             owner.loop.call_soon(self._flush)
-        self._pending.append(bytes(data))
+        # bytes, and views of bytes (a cached body's slices), are immutable: kept as they
+        # are; anything else is copied (the caller may reuse its buffer once write returns,
+        # as with any asyncio transport)
+        if type(data) is not bytes and not (
+            type(data) is memoryview and type(data.obj) is bytes and data.contiguous
+        ):
+            data = bytes(data)
+        self._pending.append(data)
         self._pending_bytes += len(data)
         if self._pending_bytes >= 1 << 16:
             self._flush()
@@ -73,16 +80,17 @@ class TlsAppTransport(asyncio.Transport):
             self._pending.clear()
             self._pending_bytes = 0
             return
-        if len(self._pending) == 1:
-            owner.server.send(self._pending[0])
-        elif self._pending_bytes < 1 << 16:  # small pieces: one join, fuller records
-            owner.server.send(b"".join(self._pending))
-        else:  # big ones: encrypted where they lie (records are at most 16 KiB anyway)
-            for piece in self._pending:
-                owner.server.send(piece)
-        self._pending.clear()
+        pending = self._pending
+        if len(pending) == 1:
+            owner.server.send(pending[0])
+        elif self._pending_bytes <= RECORD_BYTES:  # small pieces: one record
+            owner.server.send(b"".join(pending))
+        else:
+            for record in records(pending):
+                owner.server.send(record)
+        pending.clear()
         self._pending_bytes = 0
-        owner.flush()
+        owner.flush()  # everything sealed in this turn: one write to the socket
 
     def writelines(self, list_of_data: Any) -> None:
         for data in list_of_data:
@@ -152,6 +160,37 @@ class TlsAppTransport(asyncio.Transport):
             return tls[name]
         raw = self._owner.raw
         return raw.get_extra_info(name, default) if raw is not None else default
+
+
+RECORD_BYTES = 1 << 14  # RFC 8446 §5.1: the most plaintext a record holds
+
+
+def records(pieces: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
+    """The plaintext of `pieces` cut into full records (RECORD_BYTES; the last may be short)
+    across the pieces' boundaries: a response head and its body share a record rather than
+    the head taking one of its own. A record inside one piece is a slice of it (no copy);
+    only records that span pieces are joined."""
+    out: list[bytes | memoryview] = []
+    parts: list[bytes | memoryview] = []  # the record being filled
+    fill = 0
+    for piece in pieces:
+        view = memoryview(piece)
+        pos, end = 0, len(view)
+        while pos < end:
+            take = min(RECORD_BYTES - fill, end - pos)
+            part = view[pos : pos + take]
+            pos += take
+            if fill == 0 and take == RECORD_BYTES:
+                out.append(part)  # a whole record inside this piece
+                continue
+            parts.append(part)
+            fill += take
+            if fill == RECORD_BYTES:
+                out.append(b"".join(parts))
+                parts, fill = [], 0
+    if parts:
+        out.append(parts[0] if len(parts) == 1 else b"".join(parts))
+    return out
 
 
 _FILLING: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()  # a fill is queued

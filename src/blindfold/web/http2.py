@@ -30,6 +30,7 @@ import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 from h2.utilities import HeaderValidationFlags, validate_headers
+from hpack.table import HeaderTable
 
 from blindfold.errors import ProtocolError
 from blindfold.web.http1 import ConnInfo
@@ -37,9 +38,12 @@ from blindfold.web.limits import HttpLimits, request_id_for
 from blindfold.web.messages import (
     BodyStream,
     BodyTimeout,
+    FieldError,
     Handler,
     Headers,
+    PreparedHead,
     Request,
+    check_fields,
     run_stream_handler,
 )
 from blindfold.web.target import Target, check_authority, parse_target, same_authority
@@ -232,19 +236,28 @@ class H2Connection(asyncio.Protocol):
             self.conn.close_connection(ErrorCodes.NO_ERROR, last_stream_id=sid)
         if self._malformed(sid, event.headers, _REQUEST):
             return
+        # one pass: pseudo-header fields (each at most once: _malformed checked that), the
+        # rest, the list's size (RFC 9113 §6.5.2), Host and the first Content-Length
         pseudo: dict[bytes, bytes] = {}
         headers: Headers = []
+        size = 0
+        has_host = False
+        length: bytes | None = None
         for name, value in event.headers or ():
+            size += len(name) + len(value) + 32
             if name.startswith(b":"):
                 pseudo[name] = value
-            else:
-                headers.append((name, value))
+                continue
+            headers.append((name, value))
+            if name == b"host":
+                has_host = True
+            elif name == b"content-length" and length is None:
+                length = value
         stream = _Stream()
         self.streams[sid] = stream
-        method = next((v for k, v in event.headers or () if k == b":method"), b"")
+        method = pseudo.get(b":method", b"")
         responder = H2Responder(self, sid, head=method == b"HEAD")
         stream.responder = responder
-        size = sum(len(k) + len(v) + 32 for k, v in event.headers or ())  # RFC 9113 §6.5.2
         if len(headers) > limits.max_headers or size > limits.h2_max_header_list_size:
             # until the client acknowledges our SETTINGS the HPACK decoder has no limit: the
             # list is bounded by h2's frame and CONTINUATION limits, and refused here
@@ -268,14 +281,13 @@ class H2Connection(asyncio.Protocol):
             )
             stream.task = self.loop.create_task(self._refuse(responder, 400))
             return
-        if not any(k == b"host" for k, _ in headers):
+        if not has_host:
             headers.insert(0, (b"host", authority))
-        length = next((v for k, v in headers if k == b"content-length"), None)
         if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
             stream.task = self.loop.create_task(self._refuse(responder, 413))
             return
         request = Request(
-            method=pseudo.get(b":method", b""),
+            method=method,
             target=target.origin_form,
             authority=authority,
             scheme=self.info.scheme,
@@ -486,8 +498,84 @@ def _target_and_authority(
     return target, check_authority(authority)
 
 
+# ---------------------------------------------------------------------- prepared heads
+# A prepared head (web.messages.PreparedHead: a cached response) is HPACK-encoded once, with
+# representations that leave the dynamic table alone (RFC 7541 §6.1 indexed static entries,
+# §6.2.2 literals without indexing): the same bytes are valid in any connection's compression
+# context, so they are kept in the head and only the per-response fields are encoded per use.
+_STATIC_NAME: dict[bytes, int] = {}
+_STATIC_STATUS: dict[bytes, int] = {}
+for _i, (_name, _value) in enumerate(HeaderTable.STATIC_TABLE, 1):
+    _STATIC_NAME.setdefault(_name, _i)
+    if _name == b":status":
+        _STATIC_STATUS[_value] = _i
+
+
+def _hpack_int(value: int, prefix_bits: int, flags: int) -> bytes:
+    """RFC 7541 §5.1: an integer with an N-bit prefix, `flags` in the first byte's high bits."""
+    limit = (1 << prefix_bits) - 1
+    if value < limit:
+        return bytes((flags | value,))
+    out = bytearray((flags | limit,))
+    value -= limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _hpack_literal(name: bytes, value: bytes) -> bytes:
+    """RFC 7541 §6.2.2: a literal header field without indexing (the name by its static-table
+    index when it has one), strings not Huffman-coded (§5.2, H = 0)."""
+    index = _STATIC_NAME.get(name)
+    first = _hpack_int(index, 4, 0x00) if index else b"\x00" + _hpack_int(len(name), 7, 0) + name
+    return first + _hpack_int(len(value), 7, 0) + value
+
+
+def _hpack_status(status: int) -> bytes:
+    code = str(status).encode()
+    index = _STATIC_STATUS.get(code)
+    if index is not None:
+        return bytes((0x80 | index,))  # §6.1: indexed, from the static table
+    return _hpack_literal(b":status", code)
+
+
+# the encodings of recent short per-response fields (bounded: cleared when full)
+_EXTRA_LITERALS: dict[tuple[bytes, bytes], bytes] = {}
+
+
+class _Encoded:
+    """Stands in for h2's HPACK encoder while a prepared header block is sent: h2 runs its
+    stream state machine, frames the block (CONTINUATION included) and counts the stream as
+    usual; only the encoding is ours."""
+
+    __slots__ = ("block",)
+
+    def __init__(self, block: bytes) -> None:
+        self.block = block
+
+    def encode(self, _headers: object) -> bytes:
+        return self.block
+
+
+class _H2Head:
+    """What a PreparedHead keeps for HTTP/2 (`encoded["h2"]`): its header block and the
+    Content-Length it declares."""
+
+    __slots__ = ("block", "length", "status")
+
+    def __init__(self, head: PreparedHead) -> None:
+        self.status = str(head.status).encode()
+        self.block = _hpack_status(head.status) + b"".join(
+            _hpack_literal(k, v) for k, v in head.headers if k not in _FORBIDDEN_RESPONSE_HEADERS
+        )
+        length = [v for k, v in head.headers if k == b"content-length"]
+        self.length = int(length[0]) if len(length) == 1 and length[0].isdigit() else None
+
+
 class H2Responder:
-    __slots__ = ("_c", "ended", "head", "started", "stream_id")
+    __slots__ = ("_c", "_left", "_stream_ended", "ended", "head", "started", "stream_id")
 
     def __init__(self, connection: H2Connection, stream_id: int, head: bool = False) -> None:
         self._c = connection
@@ -495,6 +583,62 @@ class H2Responder:
         self.stream_id = stream_id
         self.started = False
         self.ended = False
+        self._left: int | None = None  # body bytes still due (a prepared head's length)
+        self._stream_ended = False  # END_STREAM sent on HEADERS or the last DATA
+
+    async def start_prepared(self, head: PreparedHead, extra: Headers) -> None:
+        """Start a response with a prepared head (web.messages.start_prepared): its header
+        block is encoded once per head, `extra` per response; the HEADERS frame leaves with
+        the first DATA frame (or the end). A response with no body to come (HEAD, 204, 304,
+        Content-Length: 0) ends the stream on HEADERS; with a Content-Length, the DATA frame
+        that completes it carries END_STREAM."""
+        c = self._c
+        if c.closed:
+            raise ConnectionError("connection closed")
+        try:
+            check_fields(extra)
+        except FieldError as exc:
+            raise ConnectionError(f"invalid response: {exc}") from None
+        conn = c.conn
+        encoder = conn.encoder
+        if encoder.header_table.resized:
+            # RFC 7541 §4.2: a table size update is due at the start of the next header
+            # block, which h2's own encoder writes
+            await self.start(head.status, [*head.headers, *extra])
+            return
+        h2head = head.encoded.get("h2")
+        if not isinstance(h2head, _H2Head):
+            h2head = head.encoded["h2"] = _H2Head(head)
+        parts = [h2head.block]
+        for field in extra:
+            literal = _EXTRA_LITERALS.get(field)
+            if literal is None:
+                if field[0] in _FORBIDDEN_RESPONSE_HEADERS:
+                    continue
+                literal = _hpack_literal(*field)
+                if len(field[1]) <= 64:  # Age, X-Blindfold-Cache: a few values, over and over
+                    if len(_EXTRA_LITERALS) >= 4096:
+                        _EXTRA_LITERALS.clear()
+                    _EXTRA_LITERALS[field] = literal
+            parts.append(literal)
+        block = b"".join(parts)
+        no_body = self.head or head.status in (204, 304) or h2head.length == 0
+        self.started = True
+        # h2 sees only `:status` (its state machine tells informational from final by it);
+        # the fields were checked by check_fields, so its outbound checks are skipped here
+        config = conn.config
+        checks = (config.validate_outbound_headers, config.normalize_outbound_headers)
+        conn.encoder = _Encoded(block)  # type: ignore[assignment]
+        config.validate_outbound_headers = config.normalize_outbound_headers = False
+        try:
+            conn.send_headers(self.stream_id, [(b":status", h2head.status)], end_stream=no_body)
+        except (h2.exceptions.ProtocolError, KeyError) as exc:
+            raise ConnectionError(f"stream gone: {exc}") from None
+        finally:
+            conn.encoder = encoder
+            config.validate_outbound_headers, config.normalize_outbound_headers = checks
+        self._stream_ended = no_body
+        self._left = h2head.length
 
     async def start(self, status: int, headers: Headers) -> None:
         c = self._c
@@ -539,10 +683,16 @@ class H2Responder:
                 await c.wait_window(self.stream_id)
                 continue
             size = min(window, c.conn.max_outbound_frame_size, len(view))
+            # the DATA frame that completes a prepared head's Content-Length ends the stream
+            last = self._left is not None and self._left == size
+            piece = data if size == len(data) and isinstance(data, bytes) else view[:size].tobytes()
             try:
-                c.conn.send_data(self.stream_id, view[:size].tobytes())
+                c.conn.send_data(self.stream_id, piece, end_stream=last)
             except (h2.exceptions.ProtocolError, KeyError) as exc:
                 raise ConnectionError(f"stream gone: {exc}") from None
+            if self._left is not None:
+                self._left -= size
+                self._stream_ended = last
             view = view[size:]
             c._flush()
             await c.drain()
@@ -552,8 +702,9 @@ class H2Responder:
         self.ended = True
         if c.closed:
             return
-        with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
-            c.conn.end_stream(self.stream_id)
+        if not self._stream_ended:
+            with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
+                c.conn.end_stream(self.stream_id)
         c._flush()
 
     def abort(self) -> None:

@@ -75,10 +75,13 @@ from blindfold.web.messages import (
     BodyStream,
     BodyTimeout,
     BodyTooLarge,
+    FieldError,
     Headers,
+    PreparedHead,
     Request,
     Responder,
     simple_response,
+    start_prepared,
     strip_hop_by_hop,
 )
 from blindfold.web.proxy import (
@@ -258,6 +261,7 @@ class KeylessRoute:
         self.ipv6_prefix_len = ipv6_prefix_len
         self.cache = HttpCache(rc.cache_max_bytes, rc.cache_max_object_bytes)
         self.cache.edge_set = _edge_set
+        self.cache.prepare = prepare_head
         self.cache.stale = self.stale = StalePolicy(
             rc.cache_stale_while_revalidate,
             rc.cache_stale_if_error,
@@ -689,7 +693,7 @@ class KeylessHandler:
         self.requests += 1
         status, outcome, sent = await self._handle(request, body, respond)
         stats = self.kr.stats
-        stats.count(stats.requests, f"{status // 100}xx" if status else "aborted")
+        stats.count(stats.requests, _STATUS_CLASS.get(status // 100) or f"{status // 100}xx")
         if outcome:
             stats.count(stats.cache, outcome)
         if self.ctx.config.log_connections:
@@ -720,9 +724,10 @@ class KeylessHandler:
             # host; no fronting one hostname's requests through another's connection
             await simple_response(respond, 421, "misdirected request\n")
             return 421, "", 0
-        now = time.monotonic()
-        path = request.path.decode("latin-1")
-        for name, rule, buckets in kr.rate_rules:
+        rules = kr.rate_rules
+        now = time.monotonic() if rules else 0.0
+        path = request.path.decode("latin-1") if rules else ""
+        for name, rule, buckets in rules:
             if not path_has_prefix(path, rule.path_prefix):  # canonical path, by segment
                 continue
             wait = buckets.take(self.rate_key if rule.per == "ip" else 0, now)
@@ -990,21 +995,54 @@ class KeylessHandler:
             except ConnectionError:
                 pass
             return 304, outcome, 0
-        headers = [
-            (k, v) for k, v in entry.headers if k != b"content-length" and k != CACHE_TAG_HEADER
-        ]
-        if entry.status not in (204, 304):
-            headers.append((b"content-length", str(len(entry.body)).encode()))
-        headers += [(b"age", age), (b"x-blindfold-cache", outcome.encode())]
+        marker = _OUTCOME_BYTES.get(outcome) or outcome.encode()
+        extra = [(b"age", age), (b"x-blindfold-cache", marker)]
         sent = 0
+        body = entry.body
         try:
-            await respond.start(entry.status, headers)
-            if request.method != b"HEAD" and entry.body:
-                view = memoryview(entry.body)
-                for i in range(0, len(view), READ_CHUNK):
-                    await respond.send(bytes(view[i : i + READ_CHUNK]))
-                    sent += min(READ_CHUNK, len(view) - i)
+            head = entry.prepared
+            if isinstance(head, PreparedHead):
+                # fields checked and encoded when the entry was stored: only `extra` per hit
+                await start_prepared(respond, head, extra)
+            else:  # fields the prepared path refused (FieldError): the responder judges them
+                await respond.start(entry.status, [*_head_fields(entry), *extra])
+            if request.method != b"HEAD" and body:
+                if len(body) <= WHOLE_BODY_BYTES:
+                    await respond.send(body)  # one write, no copy
+                    sent = len(body)
+                else:  # the connection's buffer stays bounded: a slice at a time, no copies
+                    view = memoryview(body)
+                    for i in range(0, len(view), READ_CHUNK):
+                        piece = view[i : i + READ_CHUNK]
+                        await respond.send(piece)  # type: ignore[arg-type]
+                        sent += len(piece)
             await respond.end()
         except ConnectionError:
             pass
         return entry.status, outcome, sent
+
+
+# a cached body up to this size is handed to the responder in one piece (the TLS transport's
+# write buffer, WRITE_BUFFER_HIGH, is as big): one write, one drain; bigger ones in slices
+WHOLE_BODY_BYTES = 256 * 1024
+_OUTCOME_BYTES = {o: o.encode() for o in ("hit", "stale", "revalidated", "miss")}
+_STATUS_CLASS = {0: "aborted", **{c: f"{c}xx" for c in range(1, 10)}}
+
+
+def _head_fields(entry: Entry) -> Headers:
+    """The header fields a stored response is served with: its stored fields (Cache-Tag is
+    for this cache only) and a Content-Length of its body (none on 204 and 304)."""
+    headers = [(k, v) for k, v in entry.headers if k != b"content-length" and k != CACHE_TAG_HEADER]
+    if entry.status not in (204, 304):
+        headers.append((b"content-length", str(len(entry.body)).encode()))
+    return headers
+
+
+def prepare_head(entry: Entry) -> PreparedHead | None:
+    """`HttpCache.prepare`: an entry's head, checked once when stored or freshened (None when a
+    field is one a response must not carry: such an entry is served through `start`, which
+    refuses it as before)."""
+    try:
+        return PreparedHead(entry.status, _head_fields(entry))
+    except FieldError:
+        return None
