@@ -100,7 +100,7 @@ def origin_main(a: argparse.Namespace) -> int:
                     break
                 w.write(head + BODY)
                 await w.drain()
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ssl.SSLError):
+        except (TimeoutError, OSError, asyncio.IncompleteReadError, ssl.SSLError):
             pass
         finally:
             w.close()
@@ -382,9 +382,7 @@ class Run:
             for rnd in range(a.rounds):
                 for spec in srcs:
                     name, _, src = spec.partition("=")
-                    results.setdefault(name, []).append(
-                        self.one(f"{name}.r{rnd}", src, modes)
-                    )
+                    results.setdefault(name, []).append(self.one(f"{name}.r{rnd}", src, modes))
         finally:
             origin.stop()
             self.ks.stop()

@@ -6,12 +6,13 @@ ClientHello that would need one, or TLS 1.2, is passed through to the origin ins
 `fallback_reason`), no client certificates, no early data. That is a straight line, split
 where the key server's signature is awaited, and it is written here on the RFC 8446 §7.1 key
 schedule of `core.tls13_keys` (hashlib and one-shot HMAC; checked at start-up against
-aioquic's, `core.aioquic_compat`), with `tls13_record` as the record layer. aioquic's own server (`tls.Context`, which this engine
-used to drive through its internals) is not used: a profile of the edge put 46% of its CPU
-per handshake in `Context._server_handle_hello` (a second full parse of the ClientHello the
-edge had already parsed, a dataclass and generator-based builders per message, the
-certificate chain encoded again on every handshake), and its synchronous `sign()` needed a
-greenlet to suspend the handshake for the key server. Here the ClientHello is read from the
+aioquic's, `core.aioquic_compat`), with `tls13_record` as the record layer. aioquic's own
+server (`tls.Context`, which this engine used to drive through its internals) is not used:
+a profile of the edge put 46% of its CPU per handshake in `Context._server_handle_hello` (a
+second full parse of the ClientHello the edge had already parsed, a dataclass and
+generator-based builders per message, the certificate chain encoded again on every
+handshake), and its synchronous `sign()` needed a greenlet to suspend the handshake for the
+key server. Here the ClientHello is read from the
 edge's own parse (`core.clienthello`), the Certificate message is built once per
 certificate, and waiting for the signature is a state.
 
@@ -540,6 +541,41 @@ class TlsServer:
     """One visitor's TLS 1.3 connection. States: hello -> signing -> handshake -> open
     -> closed."""
 
+    __slots__ = (
+        "_client_hs_secret",
+        "_early_data_offered",
+        "_encrypted",
+        "_hello",
+        "_hs_buf",
+        "_key_updates_in_a_row",
+        "_ks",
+        "_legacy_session_id",
+        "_offers_tickets",
+        "_out",
+        "_peeked",
+        "_pending_records",
+        "_read",
+        "_reader",
+        "_scheme",
+        "_server_hello",
+        "_server_hs_secret",
+        "_skipped_early",
+        "_write",
+        "alpn",
+        "cipher_suite",
+        "identity",
+        "key_shares",
+        "key_updates_received",
+        "key_updates_sent",
+        "now",
+        "reason",
+        "resumed",
+        "server_name",
+        "sessions",
+        "settings",
+        "state",
+    )
+
     def __init__(
         self,
         identity: ServerIdentity,
@@ -981,8 +1017,9 @@ class TlsServer:
             return
         assert self._write is not None
         nonce = b"\x00"
-        age_add = int.from_bytes(os.urandom(4), "big")
-        identity = os.urandom(32)
+        random = os.urandom(36)  # one system call for both
+        age_add = int.from_bytes(random[:4], "big")
+        identity = random[4:]
         # §4.6.1: resumption secret from the resumption master secret and the ticket nonce
         secret = ks.expand_label(
             ks.derive_secret(b"res master"), b"resumption", nonce, ks.digest_size
