@@ -289,6 +289,9 @@ class Run:
                     raise RuntimeError(f"{tag} warm-up failed: {w}")
                 n = a.cg_n if cg else a.n
                 if cg:
+                    for f in self.out.glob(f"{tag}.cg.{worker}.*"):  # anything before the load
+                        if not f.name.endswith(".done"):
+                            f.rename(f.with_suffix(f.suffix + ".before.done"))
                     subprocess.run(["callgrind_control", "-z", str(worker)], capture_output=True)
                     subprocess.run(
                         ["callgrind_control", "-i", "on", str(worker)], capture_output=True
@@ -327,18 +330,22 @@ class Run:
         return res
 
     def cg_total(self, tag: str, worker: int, mode: str) -> float:
+        """Instructions counted since the load began: the dump named after the mode, plus any
+        other dump callgrind wrote meanwhile (it sometimes dumps once more, unnamed)."""
         end = time.monotonic() + 60
         while time.monotonic() < end:
-            for f in self.out.glob(f"{tag}.cg.{worker}.*"):
-                if f.name.endswith(".done"):
-                    continue
-                text = f.read_text(errors="replace")
-                if not re.search(rf"^desc: Trigger: .*\b{mode}$", text, re.M):
-                    continue
-                m = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
-                if m:
+            files = [
+                f for f in self.out.glob(f"{tag}.cg.{worker}.*") if not f.name.endswith(".done")
+            ]
+            texts = {f: f.read_text(errors="replace") for f in files}
+            if any(re.search(rf"^desc: Trigger: .*\b{mode}$", t, re.M) for t in texts.values()):
+                total = 0.0
+                for f, text in texts.items():
+                    m = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
+                    if m and "Trigger: Program termination" not in text:
+                        total += float(m.group(1))
                     f.rename(f.with_suffix(f.suffix + f".{mode}.done"))
-                    return float(m.group(1))
+                return total
             time.sleep(0.2)
         raise RuntimeError("no callgrind dump")
 
