@@ -204,6 +204,13 @@ class KeyServerClient:
     def _attempt(self, call: _Call) -> None:
         call.attempts += 1
         now = time.monotonic()
+        # the usual case first: the first key server is connected and not marked down (what
+        # the ordering below would pick, without sorting)
+        first = self.addresses[0]
+        conn = self._conns.get(first)
+        if conn is not None and not conn.closed and self._down.get(first, 0.0) <= now:
+            self._send(conn, call)
+            return
         if self.all_down(now):
             self._failed(call, KeyServerError("down", "every key server is down"))
             return
