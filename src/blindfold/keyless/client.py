@@ -28,7 +28,16 @@ DOWN_S = 2.0  # a key server that failed is skipped this long (then tried again)
 class _Call:
     """One signature request and where it stands."""
 
-    __slots__ = ("attempts", "conn", "deadline", "frame_request", "outer", "rid", "timer")
+    __slots__ = (
+        "attempts",
+        "conn",
+        "deadline",
+        "failed",
+        "frame_request",
+        "outer",
+        "rid",
+        "timer",
+    )
 
     def __init__(
         self, request: w.SignRequest | str, outer: asyncio.Future[Any], deadline: float
@@ -40,6 +49,7 @@ class _Call:
         self.conn: _Connection | None = None
         self.rid = 0
         self.timer: asyncio.TimerHandle | None = None
+        self.failed = ""  # the key server whose connection broke under this call, last
 
 
 class _Connection(asyncio.Protocol):
@@ -208,13 +218,22 @@ class KeyServerClient:
         # the ordering below would pick, without sorting)
         first = self.addresses[0]
         conn = self._conns.get(first)
-        if conn is not None and not conn.closed and self._down.get(first, 0.0) <= now:
+        if (
+            conn is not None
+            and not conn.closed
+            and self._down.get(first, 0.0) <= now
+            and first != call.failed
+        ):
             self._send(conn, call)
             return
         if self.all_down(now):
             self._failed(call, KeyServerError("down", "every key server is down"))
             return
-        for address in sorted(self.addresses, key=lambda a: self._down.get(a, 0.0) > now):
+        # key servers not marked down first, and the one that just failed this call last
+        failed = call.failed
+        for address in sorted(
+            self.addresses, key=lambda a: (self._down.get(a, 0.0) > now, a == failed)
+        ):
             conn = self._conns.get(address)
             if conn is not None and not conn.closed:
                 self._send(conn, call)
@@ -262,6 +281,9 @@ class KeyServerClient:
         """A connection failed under the call: the next key server, if time allows."""
         if call.outer.done():
             return
+        if call.conn is not None:
+            call.failed = call.conn.address
+            call.conn = None
         if (
             exc.retryable
             and call.attempts < len(self.addresses) + 1
