@@ -51,7 +51,8 @@ SNI = "example.test"
 BODY = bytes((i * 7 + 13) % 251 for i in range(2048))
 # --profile: put first on the worker's PYTHONPATH; SIGUSR2 starts cProfile, the next one stops it
 # and writes BF_NEWCONN_PROF.<k> (k = 0, 1, ...)
-# and <...>.gc.<k>: the garbage collector's runs and time per generation while it ran
+# and <...>.gc.<k>: the garbage collector's runs and time per generation while it ran, and how
+# many objects a collection after the load found unreachable (reference cycles left behind)
 SITECUSTOMIZE = """import gc, json, os, signal, sys, time
 if "blindfold.edge.worker" in sys.orig_argv and os.environ.get("BF_NEWCONN_PROF"):
     import cProfile
@@ -64,15 +65,61 @@ if "blindfold.edge.worker" in sys.orig_argv and os.environ.get("BF_NEWCONN_PROF"
             g[0] += 1
             g[1] += time.perf_counter() - _t[0]
     gc.callbacks.append(_gc_cb)
+    def _name(o):
+        return type(o).__qualname__
+
+    def _cycles(garbage):
+        # a shortest reference cycle through one object of each of a few per-connection types
+        ids = {id(o): o for o in garbage}
+        out = []
+        for want in ("Conn", "TlsServerProtocol", "H1Connection", "KeylessHandler"):
+            start = next((o for o in garbage if _name(o) == want), None)
+            if start is None:
+                continue
+            prev = {id(start): None}
+            queue = [start]
+            found = None
+            while queue and found is None:
+                nxt = []
+                for o in queue:
+                    for r in gc.get_referents(o):
+                        if r is start:
+                            found = o
+                            break
+                        if id(r) in ids and id(r) not in prev:
+                            prev[id(r)] = o
+                            nxt.append(r)
+                    if found is not None:
+                        break
+                queue = nxt
+            path = []
+            o = found
+            while o is not None:
+                path.append(_name(o))
+                o = prev[id(o)]
+            out.append(" <- ".join([want, *path]))
+        return out
+
     def _toggle(sig, frm):
         if _p[0] is None:
             _gc.clear()
+            gc.collect()  # so that what the load leaves behind can be counted at its end
             _p[0] = cProfile.Profile()
             _p[0].enable()
         else:
             _p[0].disable()
             base = f"{os.environ['BF_NEWCONN_PROF']}.{_n[0]}"
             _p[0].dump_stats(base)
+            gc.set_debug(gc.DEBUG_SAVEALL)
+            _gc["unreachable_after_load"] = gc.collect()  # objects only the collector frees
+            gc.set_debug(0)
+            kinds = {}
+            for o in gc.garbage:
+                k = type(o).__module__ + "." + type(o).__qualname__
+                kinds[k] = kinds.get(k, 0) + 1
+            _gc["cycles"] = _cycles(gc.garbage)
+            gc.garbage.clear()
+            _gc["unreachable_types"] = sorted(kinds.items(), key=lambda kv: -kv[1])[:25]
             with open(base + ".gc", "w") as f:
                 json.dump(_gc, f)
             _p[0] = None
