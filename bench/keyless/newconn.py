@@ -116,6 +116,8 @@ if "blindfold.edge.worker" in sys.orig_argv and os.environ.get("BF_NEWCONN_PROF"
             kinds = {}
             for o in gc.garbage:
                 k = type(o).__module__ + "." + type(o).__qualname__
+                if k == "builtins.function":
+                    k += ":" + o.__module__ + "." + o.__qualname__
                 kinds[k] = kinds.get(k, 0) + 1
             _gc["cycles"] = _cycles(gc.garbage)
             gc.garbage.clear()
