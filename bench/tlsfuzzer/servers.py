@@ -32,6 +32,7 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 
 from blindfold import pki  # noqa: E402
+from tests.conftest import DECISIONS_NAME  # noqa: E402
 from tests.helpers.edgeproc import BlindfoldProcess, EdgeProcess, OriginProcess, edge_config, route  # noqa: E402
 from tests.helpers.keyless import KeyServerProcess, keyserver_config, make_pki  # noqa: E402
 from tests.helpers.topology import origin_config  # noqa: E402
@@ -97,6 +98,12 @@ class Topology:
         pki.issue(rsa_ca, ["rsa.test", "*.rsa.test"], kind="rsa2048").write(rsa_cert, rsa_key)
         cas = self.workdir / "site-cas.pem"
         cas.write_bytes(ca.cert_pem() + rsa_ca.cert_pem())
+        # the origin's decision stream has a certificate of its own (tests/conftest.py)
+        decisions_cert, decisions_key = (
+            self.workdir / "decisions.pem",
+            self.workdir / "decisions.key",
+        )
+        pki.issue(ca, [DECISIONS_NAME]).write(decisions_cert, decisions_key)
         hosts = [h for _site, patterns, _n in KEY_TYPES.values() for h in patterns]
         # tlsfuzzer sends the same ClientHello random (all zeros) in every handshake: the key
         # server's replay check would refuse every signature after the first for 60 s
@@ -109,7 +116,12 @@ class Topology:
             cert, keyfile, _fp = kpki.sites[site_name]
             origin = OriginProcess(
                 origin_config(
-                    {"cert": cert, "key": keyfile},
+                    {
+                        "cert": cert,
+                        "key": keyfile,
+                        "decisions_cert": decisions_cert,
+                        "decisions_key": decisions_key,
+                    },
                     self._app.port,
                     self.workdir,
                     waf={"enabled": False},

@@ -230,3 +230,17 @@ def test_bad_chain_requests(body: bytes) -> None:
 def test_bad_chain_responses(body: bytes) -> None:
     with pytest.raises(ProtocolError):
         w.decode_chain_response(body)
+
+
+@pytest.mark.parametrize(
+    "client", ["127.0.0.7", "2001:db8::1", "::ffff:10.0.0.1", "fe80::1%eth0", "::"]
+)
+def test_the_visitor_address_is_packed_as_ipaddress_packs_it(client: str) -> None:
+    frame = w.FrameDecoder().feed(w.encode_sign_request(1, w.SignRequest(0x0403, client, b"m")))
+    addr = ipaddress.ip_address(client).packed
+    assert frame[0].body[2] == len(addr) and frame[0].body[3 : 3 + len(addr)] == addr
+
+
+def test_a_sign_request_for_a_malformed_address_is_refused() -> None:
+    with pytest.raises(ValueError):
+        w.encode_sign_request(1, w.SignRequest(0x0403, "999.1.1.1", b"m"))

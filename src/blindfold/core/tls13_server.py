@@ -4,14 +4,15 @@ This is the server side of the TLS 1.3 handshake (RFC 8446 §4) as the keyless e
 a full (EC)DHE handshake or a PSK-DHE resumption, nothing else: no HelloRetryRequest (a
 ClientHello that would need one, or TLS 1.2, is passed through to the origin instead: see
 `fallback_reason`), no client certificates, no early data. That is a straight line, split
-where the key server's signature is awaited, and it is written here on aioquic's key schedule
-(`core.aioquic_compat`: RFC 8446 §7.1 key derivation, checked at start-up), with
-`tls13_record` as the record layer. aioquic's own server (`tls.Context`, which this engine
-used to drive through its internals) is not used: a profile of the edge put 46% of its CPU
-per handshake in `Context._server_handle_hello` (a second full parse of the ClientHello the
-edge had already parsed, a dataclass and generator-based builders per message, the
-certificate chain encoded again on every handshake), and its synchronous `sign()` needed a
-greenlet to suspend the handshake for the key server. Here the ClientHello is read from the
+where the key server's signature is awaited, and it is written here on the RFC 8446 §7.1 key
+schedule of `core.tls13_keys` (hashlib and one-shot HMAC; checked at start-up against
+aioquic's, `core.aioquic_compat`), with `tls13_record` as the record layer. aioquic's own
+server (`tls.Context`, which this engine used to drive through its internals) is not used:
+a profile of the edge put 46% of its CPU per handshake in `Context._server_handle_hello` (a
+second full parse of the ClientHello the edge had already parsed, a dataclass and
+generator-based builders per message, the certificate chain encoded again on every
+handshake), and its synchronous `sign()` needed a greenlet to suspend the handshake for the
+key server. Here the ClientHello is read from the
 edge's own parse (`core.clienthello`), the Certificate message is built once per
 certificate, and waiting for the signature is a state.
 
@@ -48,13 +49,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x448, x2
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from blindfold.core import tls13_record as rl
-from blindfold.core.aioquic_compat import (
-    SERVER_CONTEXT_STRING,
-    CipherSuite,
-    KeySchedule,
-    hkdf_expand_label,
-)
 from blindfold.core.clienthello import ClientHello, peek_client_hello
+from blindfold.core.tls13_keys import KeySchedule
 from blindfold.errors import ProtocolError
 
 # RFC 8446 §4 handshake types and §4.2 extensions used here
@@ -92,7 +88,6 @@ MAX_HANDSHAKE_MESSAGE = 1 << 16  # a ClientHello or a post-handshake message, re
 MAX_SKIPPED_EARLY_DATA = 1 << 16  # §4.2.10: rejected 0-RTT records discarded, at most this much
 MAX_KEY_UPDATES_IN_A_ROW = 128  # KeyUpdates without application data between them
 
-_CV_PREFIX_LEN = 64 + len(SERVER_CONTEXT_STRING) + 1  # RFC 8446 §4.4.3: spaces, context, 0
 _U16 = struct.Struct(">H")
 _HH = struct.Struct(">HH")
 
@@ -105,7 +100,7 @@ class SignatureRequested:
     `messages` is what the signature covers, as it is hashed into the transcript: the
     visitor's ClientHello, our ServerHello, EncryptedExtensions and Certificate (RFC 8446
     §4.4.1, no HelloRetryRequest: this engine never sends one). The key server hashes them
-    itself; `transcript_hash` is our hash of the same bytes (aioquic's key schedule)."""
+    itself; `transcript_hash` is our hash of the same bytes."""
 
     scheme: int
     transcript_hash: bytes
@@ -546,6 +541,41 @@ class TlsServer:
     """One visitor's TLS 1.3 connection. States: hello -> signing -> handshake -> open
     -> closed."""
 
+    __slots__ = (
+        "_client_hs_secret",
+        "_early_data_offered",
+        "_encrypted",
+        "_hello",
+        "_hs_buf",
+        "_key_updates_in_a_row",
+        "_ks",
+        "_legacy_session_id",
+        "_offers_tickets",
+        "_out",
+        "_peeked",
+        "_pending_records",
+        "_read",
+        "_reader",
+        "_scheme",
+        "_server_hello",
+        "_server_hs_secret",
+        "_skipped_early",
+        "_write",
+        "alpn",
+        "cipher_suite",
+        "identity",
+        "key_shares",
+        "key_updates_received",
+        "key_updates_sent",
+        "now",
+        "reason",
+        "resumed",
+        "server_name",
+        "sessions",
+        "settings",
+        "state",
+    )
+
     def __init__(
         self,
         identity: ServerIdentity,
@@ -828,7 +858,7 @@ class TlsServer:
         self._legacy_session_id = offer.session_id
         ks = self._psk_schedule(hello, offer, suite)
         if ks is None:
-            ks = KeySchedule(CipherSuite(suite))
+            ks = KeySchedule(suite)
             ks.extract(None)
             ks.update_hash(message)
         exchanged = _key_exchange(offer.key_shares, self.key_shares)
@@ -858,7 +888,7 @@ class TlsServer:
         return [
             SignatureRequested(
                 scheme,
-                ks.certificate_verify_data(SERVER_CONTEXT_STRING)[_CV_PREFIX_LEN:],
+                ks.transcript_hash(),
                 b"".join((message, sh, ee, cert)),
             )
         ]
@@ -873,7 +903,7 @@ class TlsServer:
         session = self.sessions.take(identity, self.server_name, self.now)
         if session is None or session.cipher_suite != suite:
             return None
-        ks = KeySchedule(CipherSuite(suite))
+        ks = KeySchedule(suite)
         ks.extract(session.resumption_secret)
         binder_key = ks.derive_secret(b"res binder")
         # §4.2.11.2: the binder is the Finished HMAC over the ClientHello truncated before
@@ -958,7 +988,7 @@ class TlsServer:
                 rl.A_UNEXPECTED_MESSAGE,
                 f"handshake type {buf[0]} instead of Finished",
             )
-        size = ks.algorithm.digest_size
+        size = ks.digest_size
         if len(buf) >= 4 and int.from_bytes(buf[1:4], "big") != size:
             # verify_data is exactly Hash.length
             raise rl.protocol_error("bad_finished_length", rl.A_DECODE_ERROR)
@@ -987,15 +1017,12 @@ class TlsServer:
             return
         assert self._write is not None
         nonce = b"\x00"
-        age_add = int.from_bytes(os.urandom(4), "big")
-        identity = os.urandom(32)
+        random = os.urandom(36)  # one system call for both
+        age_add = int.from_bytes(random[:4], "big")
+        identity = random[4:]
         # §4.6.1: resumption secret from the resumption master secret and the ticket nonce
-        secret = hkdf_expand_label(
-            ks.algorithm,
-            ks.derive_secret(b"res master"),
-            b"resumption",
-            nonce,
-            ks.algorithm.digest_size,
+        secret = ks.expand_label(
+            ks.derive_secret(b"res master"), b"resumption", nonce, ks.digest_size
         )
         self.sessions.put(
             Session(identity, secret, self.cipher_suite, age_add), self.server_name, self.now

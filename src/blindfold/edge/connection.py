@@ -113,6 +113,7 @@ class Conn:
         "ip",
         "l7",
         "l7_bytes",
+        "l7_transport",
         "last",
         "local",
         "moved",
@@ -169,6 +170,7 @@ class Conn:
         self.origin_in = False
         self.l7: TlsServerProtocol | None = None  # handed off: the socket belongs to asyncio
         self.l7_bytes = (0, 0)
+        self.l7_transport: asyncio.BaseTransport | None = None
 
     # ---------------------------------------------------------------- HELLO
     def start(self) -> None:
@@ -336,11 +338,14 @@ class Conn:
             except OSError:
                 pass
         self.l7 = protocol
-        compat.socket_transport(loop, sock, protocol)
+        self.l7_transport = compat.socket_transport(loop, sock, protocol)
 
     def finished(self, reason: str, bytes_in: int, bytes_out: int) -> None:
         self.l7_bytes = (bytes_in, bytes_out)
         self.l7 = None  # the transport has closed the socket
+        transport, self.l7_transport = self.l7_transport, None
+        if transport is not None:  # no reference cycle left for the collector (compat)
+            compat.release_transport(transport)
         if reason in ("closed", "eof"):
             self.close("closed", "")
         else:

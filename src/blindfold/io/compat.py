@@ -15,6 +15,9 @@ inside a visitor's connection.
   an asyncio transport at once, calling `connection_made` on the next turn
   (`connect_accepted_socket` costs a task, a future and a wait per connection): the edge's
   hand-off of a terminated connection to asyncio (`socket_transport`).
+- `_SelectorSocketTransport._read_ready_cb`: a bound method of the transport itself, cleared
+  once the transport is closed so that reference counting frees it (`release_transport`;
+  optional: a transport without it is left alone).
 - `asyncio.sslproto.SSLProtocol._on_handshake_complete`, `_outgoing`, `_transport`: CPython
   3.11+ aborts a failed server handshake without sending the alert OpenSSL wrote; the
   origin agent sends it (`install_ssl_alerts`).
@@ -88,6 +91,16 @@ def socket_transport(
     make = loop._make_socket_transport  # type: ignore[attr-defined]
     transport: asyncio.Transport = make(sock, protocol)
     return transport
+
+
+def release_transport(transport: asyncio.BaseTransport) -> None:
+    """After the transport's `connection_lost`: drop its reference to its own read callback.
+    CPython's `_SelectorSocketTransport` keeps `_read_ready_cb`, a bound method of itself: a
+    reference cycle, so every closed transport (and its socket wrapper and extra dict) would
+    wait for the cyclic collector instead of being freed at once. Transports without it
+    (uvloop's) are left alone."""
+    if getattr(transport, "_read_ready_cb", None) is not None:
+        transport._read_ready_cb = None  # type: ignore[attr-defined]
 
 
 _SSL_ALERTS_INSTALLED = False

@@ -28,7 +28,16 @@ DOWN_S = 2.0  # a key server that failed is skipped this long (then tried again)
 class _Call:
     """One signature request and where it stands."""
 
-    __slots__ = ("attempts", "conn", "deadline", "frame_request", "outer", "rid", "timer")
+    __slots__ = (
+        "attempts",
+        "conn",
+        "deadline",
+        "failed",
+        "frame_request",
+        "outer",
+        "rid",
+        "timer",
+    )
 
     def __init__(
         self, request: w.SignRequest | str, outer: asyncio.Future[Any], deadline: float
@@ -40,68 +49,81 @@ class _Call:
         self.conn: _Connection | None = None
         self.rid = 0
         self.timer: asyncio.TimerHandle | None = None
+        self.failed = ""  # the key server whose connection broke under this call, last
 
 
-class _Connection:
-    def __init__(
-        self,
-        client: KeyServerClient,
-        address: str,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
+class _Connection(asyncio.Protocol):
+    """One mutual-TLS connection to a key server, as an asyncio protocol: each answer is
+    decoded in `data_received` as it arrives (no stream buffer and no reading task to wake:
+    that was a loop turn and a task step per signature)."""
+
+    def __init__(self, client: KeyServerClient, address: str) -> None:
         self.client = client
         self.address = address
-        self.reader = reader
-        self.writer = writer
+        self.transport: asyncio.Transport | None = None
         self.pending: dict[int, _Call] = {}
         self.closed = False
         self.error = KeyServerError("closed", "connection closed", retryable=True)
         self._out: list[bytes] = []
         self._loop = asyncio.get_running_loop()
-        self.task = self._loop.create_task(self._read())
+        self._decoder = w.FrameDecoder()
 
-    async def _read(self) -> None:
-        decoder = w.FrameDecoder()
-        error = KeyServerError("closed", "key server closed the connection", retryable=True)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
         client = self.client
         try:
-            while True:
-                data = await self.reader.read(65536)
-                if not data:
-                    break
-                for frame in decoder.feed(data):
-                    if frame.request_id == 0 and frame.type == w.ERROR:
-                        # about the connection itself (this edge is not authorised): every
-                        # request fails now with the key server's reason, none is retried
-                        code, message = w.decode_error(frame.body)
-                        error = KeyServerError(
+            for frame in self._decoder.feed(data):
+                if frame.request_id == 0 and frame.type == w.ERROR:
+                    # about the connection itself (this edge is not authorised): every
+                    # request fails now with the key server's reason, none is retried
+                    code, message = w.decode_error(frame.body)
+                    self.close(
+                        KeyServerError(
                             w.error_reason(code, message),
                             f"key server {self.address} refused this edge: {message}",
                         )
-                        return
-                    call = self.pending.pop(frame.request_id, None)
-                    if call is None:
-                        continue
-                    if frame.type == w.SIGN_RESPONSE:
-                        client._succeeded(call, w.decode_sign_response(frame.body))
-                    elif frame.type == w.CHAIN_RESPONSE:
-                        client._succeeded(call, w.decode_chain_response(frame.body))
-                    elif frame.type == w.ERROR:
-                        code, message = w.decode_error(frame.body)
-                        client._failed(
-                            call,
-                            KeyServerError(
-                                w.error_reason(code, message),
-                                f"{w.ERROR_NAMES.get(code, 'error')}: {message}",
-                            ),
-                        )
-        except (ProtocolError, OSError, ssl.SSLError) as exc:
+                    )
+                    return
+                call = self.pending.pop(frame.request_id, None)
+                if call is None:
+                    continue
+                if frame.type == w.SIGN_RESPONSE:
+                    client._succeeded(call, w.decode_sign_response(frame.body))
+                elif frame.type == w.CHAIN_RESPONSE:
+                    client._succeeded(call, w.decode_chain_response(frame.body))
+                elif frame.type == w.ERROR:
+                    code, message = w.decode_error(frame.body)
+                    client._failed(
+                        call,
+                        KeyServerError(
+                            w.error_reason(code, message),
+                            f"{w.ERROR_NAMES.get(code, 'error')}: {message}",
+                        ),
+                    )
+        except ProtocolError as exc:
+            self.close(
+                KeyServerError(
+                    "connection_failed", f"key server connection failed: {exc}", retryable=True
+                )
+            )
+
+    def eof_received(self) -> bool:
+        self.close(KeyServerError("closed", "key server closed the connection", retryable=True))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is None:
+            error = KeyServerError("closed", "key server closed the connection", retryable=True)
+        else:
             error = KeyServerError(
                 "connection_failed", f"key server connection failed: {exc}", retryable=True
             )
-        finally:
-            self.close(error)
+        self.close(error)
 
     def send(self, data: bytes) -> None:
         if not self._out:
@@ -109,8 +131,8 @@ class _Connection:
         self._out.append(data)
 
     def _flush(self) -> None:
-        if self._out and not self.closed:
-            self.writer.write(b"".join(self._out))
+        if self._out and not self.closed and self.transport is not None:
+            self.transport.write(b"".join(self._out))
         self._out.clear()
 
     def close(self, error: KeyServerError | None = None) -> None:
@@ -121,8 +143,9 @@ class _Connection:
             self.error = error
         calls = list(self.pending.values())
         self.pending.clear()
-        with contextlib.suppress(Exception):
-            self.writer.close()
+        if self.transport is not None:
+            with contextlib.suppress(Exception):
+                self.transport.close()
         self.client._forget(self)
         for call in calls:
             self.client._retry(call, self.error)
@@ -191,10 +214,26 @@ class KeyServerClient:
     def _attempt(self, call: _Call) -> None:
         call.attempts += 1
         now = time.monotonic()
+        # the usual case first: the first key server is connected and not marked down (what
+        # the ordering below would pick, without sorting)
+        first = self.addresses[0]
+        conn = self._conns.get(first)
+        if (
+            conn is not None
+            and not conn.closed
+            and self._down.get(first, 0.0) <= now
+            and first != call.failed
+        ):
+            self._send(conn, call)
+            return
         if self.all_down(now):
             self._failed(call, KeyServerError("down", "every key server is down"))
             return
-        for address in sorted(self.addresses, key=lambda a: self._down.get(a, 0.0) > now):
+        # key servers not marked down first, and the one that just failed this call last
+        failed = call.failed
+        for address in sorted(
+            self.addresses, key=lambda a: (self._down.get(a, 0.0) > now, a == failed)
+        ):
             conn = self._conns.get(address)
             if conn is not None and not conn.closed:
                 self._send(conn, call)
@@ -242,6 +281,9 @@ class KeyServerClient:
         """A connection failed under the call: the next key server, if time allows."""
         if call.outer.done():
             return
+        if call.conn is not None:
+            call.failed = call.conn.address
+            call.conn = None
         if (
             exc.retryable
             and call.attempts < len(self.addresses) + 1
@@ -286,18 +328,19 @@ class KeyServerClient:
     # ---------------------------------------------------------------- connections
     async def _connect(self, address: str) -> _Connection:
         host, port = parse_hostport(address)
+        conn = _Connection(self, address)
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                reader, writer = await asyncio.open_connection(
-                    host, port, ssl=self.tls, server_hostname=self.server_name or host, limit=65536
+                await asyncio.get_running_loop().create_connection(
+                    lambda: conn, host, port, ssl=self.tls, server_hostname=self.server_name or host
                 )
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             self._down[address] = time.monotonic() + DOWN_S
             raise KeyServerError(
                 "unreachable", f"cannot reach key server {address}: {exc}", retryable=True
             ) from None
-        conn = _Connection(self, address, reader, writer)
-        self._conns[address] = conn
+        if not conn.closed:
+            self._conns[address] = conn
         return conn
 
     def _forget(self, conn: _Connection) -> None:
