@@ -204,15 +204,17 @@ def fill_key_shares_later(loop: asyncio.AbstractEventLoop, pool: ts.KeySharePool
     if pool.wanted <= 0 or loop in _FILLING:
         return
     _FILLING.add(loop)
+    loop.call_soon(_fill_key_shares, loop, pool)
 
-    def fill() -> None:
-        pool.fill(KEY_SHARE_FILL_BATCH)
-        if pool.wanted > 0:
-            loop.call_soon(fill)
-        else:
-            _FILLING.discard(loop)
 
-    loop.call_soon(fill)
+def _fill_key_shares(loop: asyncio.AbstractEventLoop, pool: ts.KeySharePool) -> None:
+    # a module-level function, not a closure that queues itself: a closure referring to
+    # itself is a reference cycle only the cyclic collector frees
+    pool.fill(KEY_SHARE_FILL_BATCH)
+    if pool.wanted > 0:
+        loop.call_soon(_fill_key_shares, loop, pool)
+    else:
+        _FILLING.discard(loop)
 
 
 # One read buffer for every connection of the process: asyncio fills it and calls
@@ -296,6 +298,7 @@ class TlsServerProtocol(asyncio.BufferedProtocol):
         if app is not None:
             app.connection_lost(exc)
         self.raw = None
+        self.app_transport = None  # it refers back to us: free both without the cyclic GC
         reason = self.reason or ("reset" if exc is not None else "closed")
         self.on_done(reason, self.bytes_in, self.bytes_out)
 
