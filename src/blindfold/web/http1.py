@@ -595,6 +595,7 @@ class H1Responder:
             raise ConnectionError("client went away")
         if self.started:
             raise ConnectionError("invalid response: already started")
+        self.started = True  # as with h11: a head refused below is not replaced by a 500
         return c
 
     async def start(self, status: int, headers: Headers) -> None:
@@ -631,6 +632,9 @@ class H1Responder:
         """Frame and encode the response head (h11's rules, RFC 9112 §6.3, §9.6) into _held."""
         if not 200 <= status <= 999:
             raise ConnectionError(f"invalid response: status {status}")
+        if c.phase != HANDLING:
+            # answering before the whole request arrived: the connection cannot be reused
+            headers = [*headers, (b"connection", b"close")]
         frame = _frame(headers)
         if prepared is not None:
             block, fields, pframe = prepared
@@ -645,43 +649,47 @@ class H1Responder:
             block, fields = b"", []
         if frame.bad:
             raise ConnectionError(f"invalid response: {frame.bad}")
-        if frame.close or c.phase != HANDLING:
-            # (or answering before the whole request arrived: the connection cannot be reused)
-            self.keep_alive = False
-        bodyless = self.head or status in (204, 304)
+        need_close = False
         rewrite: list[tuple[bytes, bytes | None]] = []
-        if frame.chunked or frame.length is None:
-            if status in (204, 304):
-                self._framing, self._left = _LENGTH, 0
-            elif self._http10:
+        if (frame.chunked or frame.length is None) and status not in (204, 304):
+            if self._http10:
                 # HTTP/1.0 knows no chunked: the body ends when the connection closes
                 rewrite += [(b"content-length", None), (b"transfer-encoding", None)]
                 self._framing = _UNTIL_CLOSE
-                if not self.head:
-                    self.keep_alive = False
+                need_close = not self.head
             else:
                 rewrite += [(b"content-length", None), (b"transfer-encoding", b"chunked")]
                 self._framing = _CHUNKED
         else:
-            self._framing, self._left = _LENGTH, frame.length
-        if bodyless:
-            self._framing, self._left = _LENGTH, 0
-        if not self.keep_alive:
+            self._framing, self._left = _LENGTH, frame.length or 0
+        if self.head or status in (204, 304):
+            self._framing, self._left = _LENGTH, 0  # RFC 9112 §6.3: no body, whatever it says
+        if not self.keep_alive or need_close:
+            # h11's rule: Connection: close is written when the request or the framing ends
+            # the connection; a handler's own "close" is sent as it gave it
             tokens = sorted((set(frame.connection) - {b"keep-alive"}) | {b"close"})
             rewrite.append((b"connection", b", ".join(tokens)))
-        if frame.cl_fix is not None and not rewrite:
-            rewrite.append((b"content-length", frame.cl_fix))
+        if frame.close or need_close:
+            self.keep_alive = False
         c.waiting_100 = False
-        self.started = True
-        if not rewrite and prepared is not None:
+        if not rewrite and frame.cl_fix is None and prepared is not None:
             self._held = block + _encode(headers) + b"\r\n"
             return
         everything = [*fields, *headers]
-        if rewrite:
-            for name, value in rewrite:
-                everything = [(n, v) for n, v in everything if n.lower() != name]
-                if value is not None:
-                    everything.append((name.title(), value))
+        if frame.cl_fix is not None:  # "5, 5" (or a repeated field) is sent once as "5"
+            kept: Headers = []
+            seen = False
+            for n, v in everything:
+                if n.lower() == b"content-length":
+                    if seen:
+                        continue
+                    seen, v = True, frame.cl_fix
+                kept.append((n, v))
+            everything = kept
+        for name, value in rewrite:
+            everything = [(n, v) for n, v in everything if n.lower() != name]
+            if value is not None:
+                everything.append((name.title(), value))
         self._held = _STATUS_LINES[status] + _encode(everything) + b"\r\n"
 
     async def interim(self, status: int, headers: Headers) -> None:
@@ -781,6 +789,8 @@ class _Frame:
             return None
         out.length = self.length if self.length is not None else other.length
         out.cl_fix = self.cl_fix or other.cl_fix
+        if self.length is not None and other.length is not None:
+            out.cl_fix = b"%d" % self.length  # the field twice: sent once
         if self.chunked and other.chunked:
             out.bad = "multiple Transfer-Encoding headers"
         out.chunked = self.chunked or other.chunked
