@@ -23,7 +23,7 @@ import re
 from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
 import httptools  # type: ignore[import-untyped]
 
@@ -141,8 +141,8 @@ class H1Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # an asyncio.Transport (uvloop's transports are not its subclasses)
+        self.transport = cast(asyncio.Transport, transport)
         self._deadline(self.limits.header_timeout_s, "header_timeout")
 
     def data_received(self, data: bytes) -> None:
