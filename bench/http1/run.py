@@ -77,10 +77,11 @@ def main() -> None:
         for path in ("/start", "/prepared"):
             old, new = cpu[("old", path, uv)], cpu[("new", path, uv)]
             loop = "uvloop" if uv else "asyncio"
+            ratio = statistics.median(old) / statistics.median(new)
             print(
                 f"  {loop:7} {path:9} old {statistics.median(old):6.1f} "
                 f"({min(old):.1f}-{max(old):.1f})  new {statistics.median(new):6.1f} "
-                f"({min(new):.1f}-{max(new):.1f})  ratio {statistics.median(old) / statistics.median(new):.2f}"
+                f"({min(new):.1f}-{max(new):.1f})  ratio {ratio:.2f}"
             )
     base = statistics.median(cpu[("old", "/start", False)])
     best = statistics.median(cpu[("new", "/prepared", True)])
