@@ -116,6 +116,8 @@ class H1Connection(asyncio.Protocol):
         self.task: asyncio.Task[None] | None = None
         self.responder: H1Responder | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.expiry: float | None = None  # when the current phase's deadline passes
+        self.expiry_reason = ""
         self.paused_reading = False
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
@@ -168,7 +170,7 @@ class H1Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.on_event("closed", {})
-        self._cancel_timer()
+        self._drop_timer()
         if self.body is not None and not self.body.finished:
             self.body.fail(ConnectionError("client went away"))
         if self.task is not None and not self.task.done():
@@ -494,13 +496,37 @@ class H1Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ timers and errors
     def _deadline(self, seconds: float, reason: str) -> None:
-        self._cancel_timer()
-        self.timer = self.loop.call_later(seconds, self._expired, reason)
+        # One timer per connection, moved lazily: a later deadline only updates `expiry` (the
+        # timer, when it fires early, re-arms itself), an earlier one re-arms it. Three
+        # call_later a request (head, body, keep-alive) cost more than parsing the request.
+        when = self.loop.time() + seconds
+        self.expiry = when
+        self.expiry_reason = reason
+        timer = self.timer
+        if timer is None or timer.when() > when:
+            if timer is not None:
+                timer.cancel()
+            self.timer = self.loop.call_at(when, self._fire)
 
     def _cancel_timer(self) -> None:
+        self.expiry = None
+
+    def _drop_timer(self) -> None:
+        self.expiry = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    def _fire(self) -> None:
+        self.timer = None
+        expiry = self.expiry
+        if expiry is None or self.closed:
+            return
+        if self.loop.time() < expiry:
+            self.timer = self.loop.call_at(expiry, self._fire)
+            return
+        self.expiry = None
+        self._expired(self.expiry_reason)
 
     def _expired(self, reason: str) -> None:
         self.timer = None
@@ -539,7 +565,7 @@ class H1Connection(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
-        self._cancel_timer()
+        self._drop_timer()
         if self.transport is not None:
             if abort:
                 self.transport.abort()
