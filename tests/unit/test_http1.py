@@ -334,3 +334,13 @@ def test_pipelined_requests_wait_for_the_response_before_them() -> None:
         return order
 
     assert asyncio.run(main()) == ["start /1", "end /1", "start /2", "end /2"]
+
+
+def test_llhttp_leniencies_stay_off() -> None:
+    """llhttp's lenient flags reopen smuggling holes (bare LF, data after close, chunk
+    lengths...): web.http1 never turns one on."""
+    from pathlib import Path
+
+    import blindfold.web.http1 as http1
+
+    assert "set_dangerous_leniencies" not in Path(http1.__file__).read_text()

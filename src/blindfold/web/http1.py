@@ -740,9 +740,9 @@ class H1Responder:
         c = self._c
         if c.closed:
             raise ConnectionError("client went away")
-        if not self.started or self.ended:
-            raise ConnectionError("invalid response: send outside start/end")
         if data and not self.head:
+            if not self.started or self.ended:
+                raise ConnectionError("invalid response: send outside start/end")
             assert c.transport is not None
             framing = self._framing
             if framing == _LENGTH:
