@@ -130,6 +130,9 @@ CORPUS: dict[str, bytes] = {
     "purge-method": get(method=b"PURGE"),
     "propfind-method": get(method=b"PROPFIND"),
     "two-spaces": b"GET  / HTTP/1.1\r\n" + H + b"\r\n",
+    "two-spaces-after-target": b"GET /  HTTP/1.1\r\n" + H + b"\r\n",
+    "two-spaces-pipelined": get(b"/1") + b"GET  /2 HTTP/1.1\r\n" + H + b"\r\n",
+    "space-then-request-line-split": b"GET  /",
     "tab-separator": b"GET\t/ HTTP/1.1\r\n" + H + b"\r\n",
     "trailing-space-line": b"GET / HTTP/1.1 \r\n" + H + b"\r\n",
     "no-version": b"GET / \r\n" + H + b"\r\n",
@@ -202,8 +205,6 @@ CHANGED: dict[str, str] = {
     "chunk-trailer-ctl": "400 (RFC 9110 §5.5)",
     # h11 waited for more bytes of a chunk size that can never be valid
     "chunk-size-overflow": "400 at once instead of 408",
-    # RFC 9112 §3: recipients MAY parse the request-line on whitespace boundaries
-    "two-spaces": "200 (RFC 9112 §3: whitespace-delimited parsing is a MAY)",
 }
 
 Outcome = list[tuple[int, bytes]]

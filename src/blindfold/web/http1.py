@@ -136,6 +136,8 @@ class H1Connection(asyncio.Protocol):
         self._progress = False
         self._began_in_feed = self._ended_in_feed = False
         self._url = b""
+        self._chunk = b""  # the read being parsed
+        self._line_src = b""  # the reads a head in progress began in
         self._fields: Headers = []
         self._field_bytes = 0
         self._te = False
@@ -197,6 +199,9 @@ class H1Connection(asyncio.Protocol):
         self._began_in_feed = self._ended_in_feed = False
         while data:
             try:
+                if self._in_head:  # the head goes on from an earlier read
+                    self._line_src += data
+                self._chunk = data
                 self.parser.feed_data(data)
                 data = b""
             except httptools.HttpParserUpgrade as exc:
@@ -251,6 +256,7 @@ class H1Connection(asyncio.Protocol):
 
     # httptools callbacks: errors raised here stop the parser (HttpParserCallbackError)
     def on_message_begin(self) -> None:
+        self._line_src = self._chunk  # the request line is in here (or in the reads after it)
         self._in_head = self._in_message = self._began_in_feed = True
         self._head_bytes = 0
         self._url = b""
@@ -284,6 +290,12 @@ class H1Connection(asyncio.Protocol):
         version = parser.get_http_version()
         if version != "1.1" and version != "1.0":
             raise _Refused(400, f"HTTP/{version} is not served")  # HTTP/0.9: as h11
+        method = parser.get_method()
+        if b"%s %s HTTP/" % (method, self._url) not in self._line_src:
+            # llhttp takes any run of spaces between the parts of the request line; h11 (and
+            # RFC 9112 §3's grammar) one SP each
+            raise _Refused(400, "malformed request line")
+        self._line_src = b""
         if len(self._url) + self._field_bytes > self.limits.max_header_bytes:
             raise _Refused(431, "request head too large")
         fields = self._fields
@@ -295,9 +307,7 @@ class H1Connection(asyncio.Protocol):
                     keep_alive = False
             elif name == b"expect":
                 expect = b"100-continue" in _tokens(value)
-        self.events.append(
-            (_REQ, (_Head(parser.get_method(), self._url, version, fields, keep_alive), expect))
-        )
+        self.events.append((_REQ, (_Head(method, self._url, version, fields, keep_alive), expect)))
 
     def on_body(self, body: bytes) -> None:
         self._progress = True
