@@ -344,3 +344,48 @@ def test_llhttp_leniencies_stay_off() -> None:
     import blindfold.web.http1 as http1
 
     assert "set_dangerous_leniencies" not in Path(http1.__file__).read_text()
+
+
+@pytest.mark.parametrize("eof", [False, True])
+def test_a_read_of_many_pipelined_requests_is_parsed_a_slice_at_a_time(eof: bool) -> None:
+    """2000 small pipelined requests in one read, the first answered slowly: what waits is
+    bytes (`held`), not 2000 parsed heads; then every one is answered, in order (and a
+    half-close after them ends the connection only after the last)."""
+    n = 2000
+    seen: list[bytes] = []
+    queued: list[int] = []
+
+    async def main() -> MemoryTransport:
+        release = asyncio.Event()
+
+        async def answer(request: Request, body: BodyStream, respond: Responder) -> None:
+            seen.append(request.target)
+            if request.target == b"/0":
+                await release.wait()
+            await respond.start(200, [(b"content-length", b"1")])
+            await respond.send(b"k")
+            await respond.end()
+
+        info = ConnInfo(("127.0.0.1", 1), ("127.0.0.1", 2), b"http", {})
+        conn = H1Connection(answer, LIMITS, info)
+        transport = MemoryTransport()
+        conn.connection_made(transport)
+        conn.data_received(b"".join(b"GET /%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(n)))
+        if eof:
+            conn.eof_received()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        queued.append(len(conn.events))
+        assert not transport.reading and len(conn.held) > 40000
+        release.set()
+        for _ in range(20 * n):
+            await asyncio.sleep(0)
+            if len(seen) == n and (transport.closed or not eof):
+                break
+        return transport
+
+    transport = asyncio.run(main())
+    assert queued[0] < 4096 // 28 * 3  # at most a slice of heads, as events
+    assert seen == [b"/%d" % i for i in range(n)]
+    assert b"".join(transport.writes).count(b"HTTP/1.1 200 OK") == n
+    assert transport.closed == ("close" if eof else "")

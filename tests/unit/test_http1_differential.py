@@ -48,6 +48,12 @@ CORPUS: dict[str, bytes] = {
     "connection-close-mixed-case": get(extra=b"Connection: Keep-Alive, CLOSE\r\n"),
     "pipelined-3": get(b"/1") + get(b"/2") + get(b"/3"),
     "pipelined-post-get": post(b"hello", b"Content-Length: 5\r\n") + get(b"/2"),
+    "pipelined-300": b"".join(get(b"/%d" % i) for i in range(300)),
+    "pipelined-bodies": b"".join(
+        post(b"x" * i, b"Content-Length: %d\r\n" % i)
+        + post(b"%x\r\n%s\r\n0\r\n\r\n" % (i, b"y" * i), CHUNKED)
+        for i in range(1, 1000, 37)
+    ),
     "pipelined-then-garbage": get(b"/1") + b"GARBAGE\r\n\r\n",
     "pipelined-then-partial": get(b"/1") + b"GET /2 HTTP/1.1\r\nHo",
     "leading-crlf": b"\r\n" + get(),
@@ -205,6 +211,11 @@ CHANGED: dict[str, str] = {
     "chunk-trailer-ctl": "400 (RFC 9110 §5.5)",
     # h11 waited for more bytes of a chunk size that can never be valid
     "chunk-size-overflow": "400 at once instead of 408",
+    # (sent with a half-close after it) h11's connection failed the body of the last
+    # pipelined request when the EOF was read before the handler had read that body, so the
+    # handler got an error instead of a complete body: a race, and a bug (RFC 9112 §9.6 lets a
+    # client half-close after its last request)
+    "pipelined-bodies@eof": "the last request answered like the others",
 }
 
 Outcome = list[tuple[int, bytes]]
@@ -333,9 +344,12 @@ def run_corpus(eof: bool, pieces: int) -> dict[str, tuple[Outcome, Outcome]]:
 @pytest.mark.parametrize(("eof", "pieces"), [(False, 1), (True, 1), (False, 3)])
 def test_same_answers_as_h11(eof: bool, pieces: int) -> None:
     results = run_corpus(eof, pieces)
-    differ = {n: r for n, r in results.items() if r[0] != r[1] and n not in CHANGED}
+    changed = {n.partition("@")[0] for n in CHANGED if not n.endswith("@eof") or eof}
+    differ = {n: r for n, r in results.items() if r[0] != r[1] and n not in changed}
     assert not differ, "\n".join(f"{n}: h11 {o} new {w}" for n, (o, w) in differ.items())
     for name in CHANGED:  # the listed changes are real (else the list is stale)
+        if "@" in name:
+            continue
         old, new = results[name]
         assert old != new or eof or pieces > 1, name
     assert len(CORPUS) >= 100

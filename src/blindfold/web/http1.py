@@ -48,6 +48,11 @@ _STATUS_LINES = {s: b"HTTP/1.1 %d %s\r\n" % (s, _REASONS.get(s, b"")) for s in r
 # RFC 9112 §3: method SP request-target SP HTTP-version (h11's regular expression)
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21-\x7e]+ HTTP/[0-9]\.[0-9]\Z")
 
+# bytes parsed at once in a head (or between requests), and in a chunked body: what a read may
+# turn into at once is bounded by these (a read of a Content-Length body is taken whole)
+_HEAD_SLICE = 4096
+_CHUNKED_SLICE = 65536
+
 # queued parser events (kind, payload)
 _REQ, _DATA, _END, _ERR, _EOF = range(5)
 
@@ -125,7 +130,11 @@ class H1Connection(asyncio.Protocol):
         self.requests = 0
         self.events: deque[tuple[int, Any]] = deque()
         self.failed = False  # the parser stopped on an error: nothing more is fed to it
-        self.eof = False
+        self.eof = False  # the parser has seen the end of the client's bytes
+        self.eof_held = False  # the client half-closed (its last bytes may still be held)
+        self.held = b""  # bytes not parsed yet: they follow a whole request still waiting
+        self.ends_queued = 0  # whole requests parsed, not yet taken from the queue
+        self._body_left: int | None = None  # of a Content-Length body being parsed
         self.waiting_100 = False  # the client asked for 100 Continue and sent no body yet
         self.keep_alive = True  # of the request being answered (h11's rules: 1.1, no close)
         # parser state (ahead of `phase` when requests are pipelined)
@@ -155,10 +164,20 @@ class H1Connection(asyncio.Protocol):
         if self.phase == IDLE:
             self.phase = HEAD
             self._deadline(self.limits.header_timeout_s, "header_timeout")
-        self._feed(data)
+        if self.held:
+            self.held += data  # reading is paused; a read already under way still lands
+        else:
+            self._feed(data)
         self._process()
 
     def eof_received(self) -> bool | None:
+        self.eof_held = True
+        if not self.held:
+            self._parse_eof()
+        self._process()
+        return True  # keep our side open: a response may still be going out
+
+    def _parse_eof(self) -> None:
         if not self.failed and not self.eof:
             self.eof = True
             if self._in_message:
@@ -166,8 +185,6 @@ class H1Connection(asyncio.Protocol):
                 self.events.append((_ERR, (400, "peer closed inside the request")))
             else:
                 self.events.append((_EOF, None))
-        self._process()
-        return True  # keep our side open: a response may still be going out
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -190,6 +207,40 @@ class H1Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ parsing
     def _feed(self, data: bytes) -> None:
+        """Parse `data` in slices, and stop (holding the rest in `held`) once a whole request
+        waits in the queue: a read full of small pipelined requests must not become thousands
+        of parsed heads at once. Inside a body of known length the slice is the rest of it."""
+        n = len(data)
+        offset = 0
+        while offset < n and not self.failed and not self.eof:
+            if self.ends_queued:
+                self.held = data[offset:]
+                return
+            if self._in_head or not self._in_message:
+                step = _HEAD_SLICE
+            elif self._body_left is not None:
+                step = max(self._body_left, 1)
+            else:
+                step = _CHUNKED_SLICE
+            piece = data if offset == 0 and n <= step else data[offset : offset + step]
+            offset += len(piece)
+            self._parse(piece)
+
+    def _pump(self) -> None:
+        """Process the queue, then parse held bytes while no whole request is waiting."""
+        while True:
+            self._process()
+            if self.closed or self.ends_queued or self.phase == HANDLING:
+                return
+            if self.held:
+                data, self.held = self.held, b""
+                self._feed(data)
+            elif self.eof_held and not self.eof:
+                self._parse_eof()
+            else:
+                return
+
+    def _parse(self, data: bytes) -> None:
         if self.failed or self.eof:
             return  # bytes after an error or after a half-close are not parsed
         limits = self.limits
@@ -301,8 +352,11 @@ class H1Connection(asyncio.Protocol):
         fields = self._fields
         keep_alive = version == "1.1"
         expect = False
+        self._body_left = None
         for name, value in fields:
-            if name == b"connection":
+            if name == b"content-length" and not self._te:
+                self._body_left = int(value)
+            elif name == b"connection":
                 if b"close" in _tokens(value):
                     keep_alive = False
             elif name == b"expect":
@@ -311,12 +365,15 @@ class H1Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._progress = True
+        if self._body_left is not None:
+            self._body_left -= len(body)
         self.events.append((_DATA, body))
 
     def on_message_complete(self) -> None:
         self._in_message = self._in_head = False
         self._progress = True
         self._ended_in_feed = True
+        self.ends_queued += 1
         self._stall_bytes = 0
         self.events.append((_END, None))
 
@@ -335,6 +392,7 @@ class H1Connection(asyncio.Protocol):
                         self._pause_reading()
                 self._deadline(self.limits.body_timeout_s, "body_timeout")
             elif kind == _END:
+                self.ends_queued -= 1
                 self.waiting_100 = False
                 if self.body is not None:
                     self.body.end()
@@ -349,7 +407,7 @@ class H1Connection(asyncio.Protocol):
                 if self.task is None or self.task.done():
                     self._close()
                 return
-        if events and not self.closed:
+        if (events or self.held) and not self.closed:
             self._pause_reading()  # pipelined bytes wait until this response is complete
 
     def _on_request(self, event: _Head, expect: bool) -> None:
@@ -457,9 +515,10 @@ class H1Connection(asyncio.Protocol):
             self.task = None
             self.responder = None
             self.phase = IDLE  # a pipelined head, whole or not, is timed as keep-alive (h11)
-            self._resume_reading()
             self._deadline(self.limits.keepalive_timeout_s, "keepalive_timeout")
-            self._process()  # a pipelined request may be waiting already
+            self._pump()  # a pipelined request may be waiting already
+            if not self.events and not self.held:
+                self._resume_reading()
         else:
             self._close()
 
@@ -470,6 +529,7 @@ class H1Connection(asyncio.Protocol):
             and self.body is not None
             and (self.body.buffered <= self.limits.body_high_water // 2)
             and not self.events
+            and not self.held
         ):
             self._resume_reading()
 
