@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from benchlib import cpu_s  # noqa: E402
 
-PY = os.environ.get("PYTHON", "/work/main/.venv/bin/python")
+PY = os.environ.get("PYTHON", sys.executable)
 
 
 def one(impl: str, path: str, uv: bool, seconds: int, conns: int) -> tuple[float, float]:
