@@ -2,14 +2,17 @@
 and drives both from asyncio.
 
 llhttp runs with every leniency off; what h11 (the parser this replaced) refused and llhttp lets
-through is refused here too (HTTP/0.9, trailing whitespace kept in values, transfer codings
-other than a lone `chunked`, oversized heads and header counts). Responses are serialized here:
-fields checked as h11 would, framing from Content-Length / chunked / close-delimited (HTTP/1.0),
-no body for HEAD, 1xx, 204 and 304, and a Content-Length that the body over- or under-runs
-closes the connection.
+through is refused here too (HTTP/0.9, runs of spaces in the request line, transfer codings
+other than a lone `chunked`, oversized heads, header counts and trailers), and values lose their
+trailing whitespace as with h11. tests/unit/test_http1_differential.py holds the two to the same
+answers, and lists where llhttp is stricter. Responses are serialized here, as h11 wrote them:
+fields checked, framing from Content-Length / chunked / close-delimited (HTTP/1.0), no body for
+HEAD, 204 and 304, and a Content-Length that the body over- or under-runs closes the connection.
+`start_prepared` sends a PreparedHead encoded once.
 
-One request at a time: llhttp may parse pipelined requests ahead, but their events wait in a
-queue (and reading pauses) until the response before them is complete. The body is handed to
+One request at a time: llhttp may parse a little ahead (a slice of a read), but what it parsed
+waits in a queue, and the rest of the read as bytes, with reading paused, until the response
+before them is complete. The body is handed to
 the handler as a BodyStream; reading from the transport pauses while too much of it is
 buffered. Every phase has a deadline: the request head, each body piece, idle keep-alive, and a
 client that does not read the response.
@@ -150,7 +153,6 @@ class H1Connection(asyncio.Protocol):
         self._fields: Headers = []
         self._field_bytes = 0
         self._te = False
-        self._cl = False
 
     # ------------------------------------------------------------------ asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -313,7 +315,7 @@ class H1Connection(asyncio.Protocol):
         self._url = b""
         self._fields = []
         self._field_bytes = 0
-        self._te = self._cl = False
+        self._te = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
