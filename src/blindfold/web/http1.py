@@ -51,6 +51,9 @@ _STATUS_LINES = {s: b"HTTP/1.1 %d %s\r\n" % (s, _REASONS.get(s, b"")) for s in r
 # RFC 9112 §3: method SP request-target SP HTTP-version (h11's regular expression)
 _REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21-\x7e]+ HTTP/[0-9]\.[0-9]\Z")
 
+# the request fields the connection itself reads
+_SPECIAL = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection", b"expect"))
+
 # bytes parsed at once in a head (or between requests), and in a chunked body: what a read may
 # turn into at once is bounded by these (a read of a Content-Length body is taken whole)
 _HEAD_SLICE = 4096
@@ -90,18 +93,30 @@ class ConnInfo:
 
 
 class _Head:
-    """A request head as the parser callbacks collect it."""
+    """A request head as the parser callbacks collect it, with what its fields say."""
 
-    __slots__ = ("headers", "keep_alive", "method", "target", "version")
+    __slots__ = (
+        "chunked",
+        "expect",
+        "headers",
+        "hosts",
+        "keep_alive",
+        "length",
+        "method",
+        "target",
+        "version",
+    )
 
-    def __init__(
-        self, method: bytes, target: bytes, version: str, headers: Headers, keep_alive: bool
-    ) -> None:
+    def __init__(self, method: bytes, target: bytes, version: str, headers: Headers) -> None:
         self.method = method
         self.target = target
         self.version = version
         self.headers = headers
-        self.keep_alive = keep_alive
+        self.hosts: list[bytes] = []
+        self.length: int | None = None
+        self.chunked = False
+        self.keep_alive = version == "1.1"  # h11: never for HTTP/1.0, even with keep-alive
+        self.expect = False  # 100-continue (HTTP/1.1 only)
 
 
 class H1Connection(asyncio.Protocol):
@@ -316,6 +331,9 @@ class H1Connection(asyncio.Protocol):
         self._fields = []
         self._field_bytes = 0
         self._te = False
+        self._hosts: list[bytes] = []
+        self._length: int | None = None
+        self._asks_close = self._expect = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -325,11 +343,22 @@ class H1Connection(asyncio.Protocol):
             return
         name = name.lower()
         value = value.rstrip(b" \t")  # RFC 9112 §5: OWS around the value is not part of it
-        if name == b"transfer-encoding":
-            value = value.lower()  # as h11 hands it on
-            if self._te or value != b"chunked":
-                raise _Refused(501, "only Transfer-Encoding: chunked is supported")
-            self._te = True
+        if name in _SPECIAL:
+            if name == b"host":
+                self._hosts.append(value)
+            elif name == b"content-length":
+                if not value.isdigit():  # llhttp checked it; never trust int() with more
+                    raise _Refused(400, "bad Content-Length")
+                self._length = int(value)
+            elif name == b"transfer-encoding":
+                value = value.lower()  # as h11 hands it on
+                if self._te or value != b"chunked":
+                    raise _Refused(501, "only Transfer-Encoding: chunked is supported")
+                self._te = True
+            elif name == b"connection":
+                self._asks_close = self._asks_close or b"close" in _tokens(value)
+            else:  # expect
+                self._expect = self._expect or b"100-continue" in _tokens(value)
         fields = self._fields
         fields.append((name, value))
         self._field_bytes += len(name) + len(value) + 4
@@ -351,19 +380,15 @@ class H1Connection(asyncio.Protocol):
         self._line_src = b""
         if len(self._url) + self._field_bytes > self.limits.max_header_bytes:
             raise _Refused(431, "request head too large")
-        fields = self._fields
-        keep_alive = version == "1.1"
-        expect = False
-        self._body_left = None
-        for name, value in fields:
-            if name == b"content-length" and not self._te:
-                self._body_left = int(value)
-            elif name == b"connection":
-                if b"close" in _tokens(value):
-                    keep_alive = False
-            elif name == b"expect":
-                expect = b"100-continue" in _tokens(value)
-        self.events.append((_REQ, (_Head(method, self._url, version, fields, keep_alive), expect)))
+        head = _Head(method, self._url, version, self._fields)
+        head.hosts = self._hosts
+        head.length = self._length
+        head.chunked = self._te
+        if self._asks_close:
+            head.keep_alive = False
+        head.expect = self._expect and version == "1.1"
+        self._body_left = None if self._te else self._length
+        self.events.append((_REQ, head))
 
     def on_body(self, body: bytes) -> None:
         self._progress = True
@@ -385,7 +410,7 @@ class H1Connection(asyncio.Protocol):
         while events and not self.closed and self.phase != HANDLING:
             kind, payload = events.popleft()
             if kind == _REQ:
-                self._on_request(*payload)
+                self._on_request(payload)
             elif kind == _DATA:
                 self.waiting_100 = False
                 if self.body is not None:
@@ -412,19 +437,11 @@ class H1Connection(asyncio.Protocol):
         if (events or self.held) and not self.closed:
             self._pause_reading()  # pipelined bytes wait until this response is complete
 
-    def _on_request(self, event: _Head, expect: bool) -> None:
+    def _on_request(self, event: _Head) -> None:
         limits = self.limits
-        length = None
-        hosts: list[bytes] = []
-        chunked = False
-        for name, value in event.headers:
-            if name == b"content-length":
-                length = int(value)
-            elif name == b"host":
-                hosts.append(value)
-            elif name == b"transfer-encoding":
-                chunked = True
-        if chunked and length is not None:
+        length = event.length
+        hosts = event.hosts
+        if event.chunked and length is not None:
             # RFC 9112 §6.1: both framings at once is how requests are smuggled; refuse
             self._bad(400, "both Content-Length and Transfer-Encoding")
             return
@@ -459,7 +476,7 @@ class H1Connection(asyncio.Protocol):
         self.requests += 1
         self.phase = BODY
         self.keep_alive = event.keep_alive
-        self.waiting_100 = expect and event.version == "1.1"
+        self.waiting_100 = event.expect
         self._deadline(limits.body_timeout_s, "body_timeout")
         request = Request(
             method=event.method,
