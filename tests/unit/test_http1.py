@@ -389,3 +389,45 @@ def test_a_read_of_many_pipelined_requests_is_parsed_a_slice_at_a_time(eof: bool
     assert seen == [b"/%d" % i for i in range(n)]
     assert b"".join(transport.writes).count(b"HTTP/1.1 200 OK") == n
     assert transport.closed == ("close" if eof else "")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "field",  # a value with DEL, which h11's client accepted from an upstream
+        "prepared-extra",
+        "status",
+    ],
+)
+def test_a_refused_head_closes_the_connection(bad: str) -> None:
+    """atk-h1 #2: a handler whose start() is refused and that returns (as the proxies do on
+    ConnectionError) must not leave the connection waiting for the next request with nothing
+    written, nor answer a pipelined request in its place."""
+    seen: list[bytes] = []
+
+    async def answer(request: Request, body: BodyStream, respond: Responder) -> None:
+        seen.append(request.target)
+        if request.target == b"/second":
+            await respond.start(200, [(b"content-length", b"6")])
+            await respond.send(b"second")
+            await respond.end()
+            return
+        try:
+            if bad == "field":
+                await respond.start(200, [(b"x-reflected", b"a\x7fb")])
+            elif bad == "prepared-extra":
+                head = PreparedHead(200, [(b"content-length", b"0")])
+                await start_prepared(respond, head, [(b"age", b"1\r\nx: y")])
+            else:
+                await respond.start(101, [])
+        except ConnectionError:
+            return
+
+    transport, _ = run(
+        H1Connection,
+        b"GET /first HTTP/1.1\r\nHost: a\r\n\r\nGET /second HTTP/1.1\r\nHost: a\r\n\r\n",
+        answer,
+    )
+    assert transport.closed
+    assert b"second" not in b"".join(transport.writes)
+    assert seen == [b"/first"]

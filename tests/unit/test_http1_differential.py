@@ -171,6 +171,23 @@ CORPUS: dict[str, bytes] = {
     "upgrade-websocket": get(
         extra=b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: x\r\n"
     ),
+    # atk-h1 #1: llhttp would take an Upgrade request's body for the next request
+    "upgrade-cl-body": get(
+        method=b"POST",
+        extra=b"Connection: Upgrade\r\nUpgrade: x\r\nContent-Length: 37\r\n",
+    )
+    + get(b"/smuggled")[:37]
+    + get(b"/2"),
+    "upgrade-chunked-body": get(
+        method=b"POST",
+        extra=b"Connection: Upgrade\r\nUpgrade: x\r\nTransfer-Encoding: chunked\r\n",
+    )
+    + b"5\r\nhello\r\n0\r\n\r\n"
+    + get(b"/2"),
+    "upgrade-cl-0": get(extra=b"Connection: Upgrade\r\nUpgrade: x\r\nContent-Length: 0\r\n")
+    + get(b"/2"),
+    # atk-h1 #3: a header value that repeats the request line proves nothing about it
+    "spaces-with-decoy": b"GET  /x HTTP/1.1\r\n" + H + b"X: GET /x HTTP/1.1\r\n\r\n",
     "close-then-pipelined": get(extra=b"Connection: close\r\n") + get(b"/2"),
     "empty": b"",
     "only-crlf": b"\r\n\r\n",
@@ -212,6 +229,10 @@ CHANGED: dict[str, str] = {
     "ctl-in-value": "400 (RFC 9110 §5.5)",
     "del-in-value": "400 (RFC 9110 §5.5)",
     "chunk-trailer-ctl": "400 (RFC 9110 §5.5)",
+    # an Upgrade request with a body: llhttp would parse the body as the next request, so
+    # it is refused (atk-h1 #1); h11 read the body
+    "upgrade-cl-body": "400 (the body would be parsed as a request: smuggling)",
+    "upgrade-chunked-body": "400 (the body would be parsed as a request: smuggling)",
     # h11 waited for more bytes of a chunk size that can never be valid
     "chunk-size-overflow": "400 at once instead of 408",
     # (sent with a half-close after it) h11's connection failed the body of the last

@@ -209,6 +209,7 @@ class H1Connection(asyncio.Protocol):
         self._drop_timer()
         if self.body is not None and not self.body.finished:
             self.body.fail(ConnectionError("client went away"))
+        self.body = None  # its callbacks refer to us: free both without the cyclic GC
         if self.task is not None and not self.task.done():
             self.task.cancel()
         if self.drain_waiter is not None and not self.drain_waiter.done():
@@ -373,10 +374,20 @@ class H1Connection(asyncio.Protocol):
         if version != "1.1" and version != "1.0":
             raise _Refused(400, f"HTTP/{version} is not served")  # HTTP/0.9: as h11
         method = parser.get_method()
-        if b"%s %s HTTP/" % (method, self._url) not in self._line_src:
+        line = b"%s %s HTTP/" % (method, self._url)
+        src = self._line_src
+        if line not in src or (b"  " in src and _spaced_line(method, self._url, src)):
             # llhttp takes any run of spaces between the parts of the request line; h11 (and
-            # RFC 9112 §3's grammar) one SP each
+            # RFC 9112 §3's grammar) one SP each. The well-formed line must be in what was
+            # read, and not the same line with a run of spaces: a header such as
+            # `X: GET /x HTTP/1.1` proves nothing (atk-h1 #3).
             raise _Refused(400, "malformed request line")
+        if (self._te or self._length) and parser.should_upgrade():
+            # llhttp hands over the bytes after the head of an Upgrade request as the new
+            # protocol's: its body would be parsed as the next request. We never switch
+            # protocols and a front that passes Upgrade on sends the body as a body: a request
+            # smuggled inside it (attack review atk-h1 #1). h11 read the body; we refuse.
+            raise _Refused(400, "Upgrade with a request body")
         self._line_src = b""
         if len(self._url) + self._field_bytes > self.limits.max_header_bytes:
             raise _Refused(431, "request head too large")
@@ -529,6 +540,7 @@ class H1Connection(asyncio.Protocol):
             responder is not None
             and responder.done
             and responder.keep_alive
+            and not responder.failed
             and self.phase == HANDLING
         ):
             self.body = None
@@ -712,6 +724,9 @@ class H1Responder:
         if self.started:
             raise ConnectionError("invalid response: already started")
         self.started = True  # as with h11: a head refused below is not replaced by a 500
+        # ... and nothing was written: the connection must close, not wait for the next request
+        # (atk-h1 #2); cleared when _head has framed the head
+        self.failed = True
         return c
 
     async def start(self, status: int, headers: Headers) -> None:
@@ -787,6 +802,7 @@ class H1Responder:
             rewrite.append((b"connection", b", ".join(tokens)))
         if frame.close or need_close:
             self.keep_alive = False
+        self.failed = False  # the head is framed: it will be written
         c.waiting_100 = False
         if not rewrite and frame.cl_fix is None and prepared is not None:
             self._held = block + _encode(headers) + b"\r\n"
@@ -878,6 +894,12 @@ class H1Responder:
         self.ended = True
         self.failed = True
         self._c._close(abort=True)
+
+
+def _spaced_line(method: bytes, url: bytes, src: bytes) -> bool:
+    """Whether `src` holds this request line with a run of spaces in it (llhttp's leniency)."""
+    m, u = re.escape(method), re.escape(url)
+    return re.search(rb"%s(?:  +%s +| +%s  +)HTTP/" % (m, u, u), src) is not None
 
 
 def _encode(headers: Headers) -> bytes:
