@@ -85,6 +85,8 @@ missing_pkgs() {
     command -v wrk >/dev/null || m+=(wrk)
     command -v taskset >/dev/null || m+=(util-linux)
     python3 -c 'import yaml' 2>/dev/null || m+=(python3-yaml)
+    # the origin workers' allocator ([origin] worker_allocator = "auto")
+    ldconfig -p 2>/dev/null | grep -q 'libmimalloc\.so\.2' || m+=(libmimalloc2.0)
     echo "${m[@]}"
 }
 setup() {
