@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from blindfold.origin import allocator
-from blindfold.waf.engine import CrsSettings, Exclusion, ModSecurityEngine
+from blindfold.waf.engine import CrsSettings, Exclusion, ModSecurityEngine, PathMode, build_rules
 
 CLIENT = ("192.0.2.10", 40000)
 SERVER = ("127.0.0.1", 443)
@@ -247,3 +247,11 @@ def test_a_benign_request_logs_nothing_and_an_attack_its_rules(engine: ModSecuri
     assert run(engine, b"GET", b"/products?q=blue+shoes&page=2") == (None, [])
     verdict, matches = run(engine, b"GET", b"/item?id=1%27%20OR%201=1--")
     assert verdict is not None and {m.rule_id for m in matches} == {942100}
+
+
+def test_mode_marker_rules_only_when_modes_are_configured() -> None:
+    """Each rule costs every request an evaluation: the path-mode markers' rules exist only
+    for a config with `modes` (markers() adds the header only then)."""
+    assert "id:1100000," not in build_rules(CrsSettings(), "t")
+    with_modes = build_rules(CrsSettings(modes=(PathMode("/a", "detect"),)), "t")
+    assert "id:1100000," in with_modes and "id:1100001," in with_modes

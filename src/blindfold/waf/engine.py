@@ -184,8 +184,9 @@ def build_rules(s: CrsSettings, exclusion_token: str) -> str:
             f'SecRule REQUEST_HEADERS:{EXCLUSION_HEADER}-{i} "@streq {exclusion_token}" '
             f'"id:{1_000_000 + i},phase:1,pass,nolog,t:none,{ctl}"'
         )
-    # a path whose mode differs from the global one (decided in Python, like exclusions)
-    for i, (mode, ctl) in enumerate((("detect", "DetectionOnly"), ("block", "On"))):
+    # a path whose mode differs from the global one (decided in Python, like exclusions);
+    # without `modes` no request carries the marker: no rule to evaluate for every request
+    for i, (mode, ctl) in enumerate((("detect", "DetectionOnly"), ("block", "On")) * bool(s.modes)):
         lines.append(
             f'SecRule REQUEST_HEADERS:{MODE_HEADER} "@streq {exclusion_token}-{mode}" '
             f'"id:{1_100_000 + i},phase:1,pass,nolog,t:none,ctl:ruleEngine={ctl}"'
