@@ -472,6 +472,99 @@ def http_cache(data: bytes) -> None:
 SEP_BYTES = b"\xff\x00\xff"
 
 
+# --------------------------------------------------------------------------- HTTP/1.1 server
+class _MemoryTransport:
+    """What H1Connection writes, kept; closing recorded, not performed."""
+
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "write after close"
+        self.out += data
+
+    def writelines(self, lines: list[bytes]) -> None:
+        self.write(b"".join(lines))
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
+
+    def pause_reading(self) -> None:
+        pass
+
+    resume_reading = pause_reading
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+def http1_server(data: bytes) -> None:
+    """web.http1's H1Connection (llhttp + our checks and framing) fed the fuzzer's bytes as
+    reads (SEP splits them), then EOF, with a handler that reads the body and answers. Nothing
+    may escape a callback (the loop's exception handler would see it), no handler may fail, and
+    what is written must be whole HTTP/1.1 responses, at most one per request plus one error."""
+    import asyncio
+
+    from blindfold.web.http1 import ConnInfo, H1Connection
+    from blindfold.web.limits import HttpLimits
+    from blindfold.web.messages import BodyStream, Request, Responder
+
+    methods: list[bytes] = []
+    errors: list[object] = []
+
+    async def handler(request: Request, body: BodyStream, respond: Responder) -> None:
+        methods.append(request.method)
+        try:
+            got = await body.read_all(1 << 16)
+        except Exception:
+            got = b""
+        out = b"%d" % len(got)
+        await respond.start(200, [(b"content-length", b"%d" % len(out))])
+        await respond.send(out)
+        await respond.end()
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+        limits = HttpLimits(max_header_bytes=1024, max_headers=16, max_body_bytes=4096)
+        info = ConnInfo(("127.0.0.1", 1), ("127.0.0.1", 2), b"http", {})
+        conn = H1Connection(
+            handler, limits, info, lambda n, f: errors.append(f) if n == "handler_error" else None
+        )
+        transport = _MemoryTransport()
+        conn.connection_made(transport)  # type: ignore[arg-type]
+        for piece in _chunks(data):
+            conn.data_received(piece)
+            for _ in range(4):
+                await asyncio.sleep(0)
+        conn.eof_received()
+        for _ in range(8):
+            await asyncio.sleep(0)
+        conn.connection_lost(None)
+        await asyncio.sleep(0)
+        return bytes(transport.out)
+
+    out = asyncio.run(main())
+    assert not errors, errors
+    answers = 0
+    while out:
+        assert out.startswith(b"HTTP/1.1 "), out[:40]
+        head, sep, out = out.partition(b"\r\n\r\n")
+        assert sep, head[:80]
+        status = int(head[9:12])
+        if status == 100:
+            continue
+        length = int(head.lower().split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+        if status == 200 and methods[answers] == b"HEAD":
+            length = 0
+        answers += 1
+        out = out[length:]
+    assert answers <= len(methods) + 1, (answers, methods)
+
+
 TARGETS: dict[str, Target] = {
     "clienthello": Target(clienthello, (ProtocolError,), "ClientHello peek + JA4"),
     "proxyproto": Target(proxyproto, (ProtocolError,), "PROXY protocol v1/v2 header"),
@@ -488,6 +581,7 @@ TARGETS: dict[str, Target] = {
     "config": Target(config, (ConfigError,), "TOML configuration"),
     "quic_initial": Target(quic_initial, (ProtocolError,), "QUIC Initials, the edge's flows"),
     "http_cache": Target(http_cache, (), "the shared cache's fields: Cache-Control, dates"),
+    "http1_server": Target(http1_server, (), "HTTP/1.1 server connection (llhttp + ours)"),
 }
 
 

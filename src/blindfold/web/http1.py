@@ -1,28 +1,75 @@
-"""HTTP/1.1 server connection: h11 drives the protocol, this module drives h11 from asyncio.
+"""HTTP/1.1 server connection: llhttp (httptools) parses requests, this module frames responses
+and drives both from asyncio.
 
-One request at a time (h11 holds pipelined bytes until the previous exchange is done). The body
-is handed to the handler as a BodyStream; reading from the transport pauses while too much of it
-is buffered. Every phase has a deadline: the request head, each body piece, idle keep-alive,
-and a client that does not read the response.
+llhttp runs with every leniency off; what h11 (the parser this replaced) refused and llhttp lets
+through is refused here too (HTTP/0.9, runs of spaces in the request line, transfer codings
+other than a lone `chunked`, oversized heads, header counts and trailers), and values lose their
+trailing whitespace as with h11. tests/unit/test_http1_differential.py holds the two to the same
+answers, and lists where llhttp is stricter. Responses are serialized here, as h11 wrote them:
+fields checked, framing from Content-Length / chunked / close-delimited (HTTP/1.0), no body for
+HEAD, 204 and 304, and a Content-Length that the body over- or under-runs closes the connection.
+`start_prepared` sends a PreparedHead encoded once.
+
+One request at a time: llhttp may parse a little ahead (a slice of a read), but what it parsed
+waits in a queue, and the rest of the read as bytes, with reading paused, until the response
+before them is complete. The body is handed to
+the handler as a BodyStream; reading from the transport pauses while too much of it is
+buffered. Every phase has a deadline: the request head, each body piece, idle keep-alive, and a
+client that does not read the response.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import Any
+from typing import Any, cast
 
-import h11
+import httptools  # type: ignore[import-untyped]
 
 from blindfold.errors import ProtocolError
 from blindfold.web.limits import HttpLimits, request_id_for
-from blindfold.web.messages import BodyStream, BodyTimeout, Handler, Headers, Request
+from blindfold.web.messages import (
+    BodyStream,
+    BodyTimeout,
+    FieldError,
+    Handler,
+    Headers,
+    PreparedHead,
+    Request,
+    check_fields,
+)
 from blindfold.web.target import check_authority, parse_target, same_authority
 
 IDLE, HEAD, BODY, HANDLING = range(4)
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_STATUS_LINES = {s: b"HTTP/1.1 %d %s\r\n" % (s, _REASONS.get(s, b"")) for s in range(100, 1000)}
+
+# RFC 9112 §3: method SP request-target SP HTTP-version (h11's regular expression)
+_REQUEST_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [\x21-\x7e]+ HTTP/[0-9]\.[0-9]\Z")
+
+# the request fields the connection itself reads
+_SPECIAL = frozenset((b"host", b"content-length", b"transfer-encoding", b"connection", b"expect"))
+
+# bytes parsed at once in a head (or between requests), and in a chunked body: what a read may
+# turn into at once is bounded by these (a read of a Content-Length body is taken whole)
+_HEAD_SLICE = 4096
+_CHUNKED_SLICE = 65536
+
+# queued parser events (kind, payload)
+_REQ, _DATA, _END, _ERR, _EOF = range(5)
+
+
+class _Refused(Exception):
+    """Raised inside a parser callback: the request is answered with `status` and closed."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
 
 
 class ConnInfo:
@@ -45,6 +92,33 @@ class ConnInfo:
         self.edge_request_ids = edge_request_ids
 
 
+class _Head:
+    """A request head as the parser callbacks collect it, with what its fields say."""
+
+    __slots__ = (
+        "chunked",
+        "expect",
+        "headers",
+        "hosts",
+        "keep_alive",
+        "length",
+        "method",
+        "target",
+        "version",
+    )
+
+    def __init__(self, method: bytes, target: bytes, version: str, headers: Headers) -> None:
+        self.method = method
+        self.target = target
+        self.version = version
+        self.headers = headers
+        self.hosts: list[bytes] = []
+        self.length: int | None = None
+        self.chunked = False
+        self.keep_alive = version == "1.1"  # h11: never for HTTP/1.0, even with keep-alive
+        self.expect = False  # 100-continue (HTTP/1.1 only)
+
+
 class H1Connection(asyncio.Protocol):
     def __init__(
         self,
@@ -57,23 +131,48 @@ class H1Connection(asyncio.Protocol):
         self.limits = limits
         self.info = info
         self.on_event = on_event or (lambda _e, _f: None)
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_event_loop()
         self.phase = IDLE
         self.body: BodyStream | None = None
         self.task: asyncio.Task[None] | None = None
+        self.responder: H1Responder | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.expiry: float | None = None  # when the current phase's deadline passes
+        self.expiry_reason = ""
         self.paused_reading = False
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
         self.closed = False
         self.requests = 0
+        self.events: deque[tuple[int, Any]] = deque()
+        self.failed = False  # the parser stopped on an error: nothing more is fed to it
+        self.eof = False  # the parser has seen the end of the client's bytes
+        self.eof_held = False  # the client half-closed (its last bytes may still be held)
+        self.held = b""  # bytes not parsed yet: they follow a whole request still waiting
+        self.ends_queued = 0  # whole requests parsed, not yet taken from the queue
+        self._body_left: int | None = None  # of a Content-Length body being parsed
+        self.waiting_100 = False  # the client asked for 100 Continue and sent no body yet
+        self.keep_alive = True  # of the request being answered (h11's rules: 1.1, no close)
+        # parser state (ahead of `phase` when requests are pipelined)
+        self._in_head = False
+        self._in_message = False
+        self._head_bytes = 0
+        self._stall_bytes = 0  # bytes fed since the parser last made progress (trailers...)
+        self._progress = False
+        self._began_in_feed = self._ended_in_feed = False
+        self._url = b""
+        self._chunk = b""  # the read being parsed
+        self._line_src = b""  # the reads a head in progress began in
+        self._fields: Headers = []
+        self._field_bytes = 0
+        self._te = False
 
     # ------------------------------------------------------------------ asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # an asyncio.Transport (uvloop's transports are not its subclasses)
+        self.transport = cast(asyncio.Transport, transport)
         self._deadline(self.limits.header_timeout_s, "header_timeout")
 
     def data_received(self, data: bytes) -> None:
@@ -82,26 +181,32 @@ class H1Connection(asyncio.Protocol):
         if self.phase == IDLE:
             self.phase = HEAD
             self._deadline(self.limits.header_timeout_s, "header_timeout")
-        try:
-            self.conn.receive_data(data)
-        except h11.RemoteProtocolError as exc:
-            self._protocol_error(exc)
-            return
+        if self.held:
+            self.held += data  # reading is paused; a read already under way still lands
+        else:
+            self._feed(data)
         self._process()
 
     def eof_received(self) -> bool | None:
-        try:
-            self.conn.receive_data(b"")
-        except h11.RemoteProtocolError as exc:
-            self._protocol_error(exc)
-            return None
+        self.eof_held = True
+        if not self.held:
+            self._parse_eof()
         self._process()
         return True  # keep our side open: a response may still be going out
+
+    def _parse_eof(self) -> None:
+        if not self.failed and not self.eof:
+            self.eof = True
+            if self._in_message:
+                # h11: "peer closed connection without sending complete message"
+                self.events.append((_ERR, (400, "peer closed inside the request")))
+            else:
+                self.events.append((_EOF, None))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.on_event("closed", {})
-        self._cancel_timer()
+        self._drop_timer()
         if self.body is not None and not self.body.finished:
             self.body.fail(ConnectionError("client went away"))
         if self.task is not None and not self.task.done():
@@ -117,68 +222,237 @@ class H1Connection(asyncio.Protocol):
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_result(None)
 
+    # ------------------------------------------------------------------ parsing
+    def _feed(self, data: bytes) -> None:
+        """Parse `data` in slices, and stop (holding the rest in `held`) once a whole request
+        waits in the queue: a read full of small pipelined requests must not become thousands
+        of parsed heads at once. Inside a body of known length the slice is the rest of it."""
+        n = len(data)
+        offset = 0
+        while offset < n and not self.failed and not self.eof:
+            if self.ends_queued:
+                self.held = data[offset:]
+                return
+            if self._in_head or not self._in_message:
+                step = _HEAD_SLICE
+            elif self._body_left is not None:
+                step = max(self._body_left, 1)
+            else:
+                step = _CHUNKED_SLICE
+            piece = data if offset == 0 and n <= step else data[offset : offset + step]
+            offset += len(piece)
+            self._parse(piece)
+
+    def _pump(self) -> None:
+        """Process the queue, then parse held bytes while no whole request is waiting."""
+        while True:
+            self._process()
+            if self.closed or self.ends_queued or self.phase == HANDLING:
+                return
+            if self.held:
+                data, self.held = self.held, b""
+                self._feed(data)
+            elif self.eof_held and not self.eof:
+                self._parse_eof()
+            else:
+                return
+
+    def _parse(self, data: bytes) -> None:
+        if self.failed or self.eof:
+            return  # bytes after an error or after a half-close are not parsed
+        limits = self.limits
+        size = len(data)
+        fresh = not self._in_message  # a message (if any) begins at this read's first byte
+        self._progress = False
+        self._began_in_feed = self._ended_in_feed = False
+        while data:
+            try:
+                if self._in_head:  # the head goes on from an earlier read
+                    self._line_src += data
+                self._chunk = data
+                self.parser.feed_data(data)
+                data = b""
+            except httptools.HttpParserUpgrade as exc:
+                # Upgrade (h2c, websocket) or CONNECT: we never switch protocols, so the
+                # request is answered as any other and what follows is parsed as HTTP (h11
+                # does the same once the response declines the switch).
+                offset = int(exc.args[0])
+                data = data[offset:]
+                self.parser = httptools.HttpRequestParser(self)
+                self._in_head = self._in_message = False
+            except httptools.HttpParserCallbackError as exc:
+                self._fail(exc.__context__)
+                return
+            except httptools.HttpParserInvalidMethodError:
+                # llhttp knows a fixed list of methods. A well-formed request line with another
+                # one (methods are case-sensitive): RFC 9110 §9.1, 501; anything else: 400
+                line = data.lstrip(b"\r\n").split(b"\r\n", 1)[0] if fresh else b""
+                if fresh and not self._ended_in_feed and _REQUEST_LINE.match(line):
+                    self._fail(_Refused(501, "unknown request method"))
+                else:
+                    self._fail(_Refused(400, "bad request line"))
+                return
+            except httptools.HttpParserError as exc:
+                text = str(exc)
+                if "Transfer-Encoding" in text and "Content-Length" not in text:
+                    status = 501  # RFC 9112 §6.1, as h11: only a lone `chunked` is known
+                elif text == "Invalid HTTP version":
+                    status = 505  # RFC 9110 §15.6.6
+                else:
+                    status = 400
+                self._fail(_Refused(status, text[:200]))
+                return
+        if self._in_head:
+            # h11 refuses a head still incomplete past max_header_bytes (431); a head that began
+            # after another request in this same read is counted from the next read on
+            if not self._began_in_feed or not self._ended_in_feed:
+                self._head_bytes += size
+            if self._head_bytes > limits.max_header_bytes:
+                self._fail(_Refused(431, "request head too large"))
+        elif self._in_message:
+            # framing bytes (chunk sizes, extensions, trailers) are bounded like a head
+            self._stall_bytes = 0 if self._progress else self._stall_bytes + size
+            if self._stall_bytes > limits.max_header_bytes:
+                self._fail(_Refused(431, "chunk framing or trailers too large"))
+
+    def _fail(self, exc: BaseException | None) -> None:
+        self.failed = True
+        if isinstance(exc, _Refused):
+            self.events.append((_ERR, (exc.status, exc.text)))
+        else:
+            self.events.append((_ERR, (400, f"bad request: {exc!r}"[:200])))
+
+    # httptools callbacks: errors raised here stop the parser (HttpParserCallbackError)
+    def on_message_begin(self) -> None:
+        self._line_src = self._chunk  # the request line is in here (or in the reads after it)
+        self._in_head = self._in_message = self._began_in_feed = True
+        self._head_bytes = 0
+        self._url = b""
+        self._fields = []
+        self._field_bytes = 0
+        self._te = False
+        self._hosts: list[bytes] = []
+        self._length: int | None = None
+        self._asks_close = self._expect = False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._in_head:  # a trailer field: checked by llhttp, bounded by _feed, dropped
+            return
+        name = name.lower()
+        value = value.rstrip(b" \t")  # RFC 9112 §5: OWS around the value is not part of it
+        if name in _SPECIAL:
+            if name == b"host":
+                self._hosts.append(value)
+            elif name == b"content-length":
+                if not value.isdigit():  # llhttp checked it; never trust int() with more
+                    raise _Refused(400, "bad Content-Length")
+                self._length = int(value)
+            elif name == b"transfer-encoding":
+                value = value.lower()  # as h11 hands it on
+                if self._te or value != b"chunked":
+                    raise _Refused(501, "only Transfer-Encoding: chunked is supported")
+                self._te = True
+            elif name == b"connection":
+                self._asks_close = self._asks_close or b"close" in _tokens(value)
+            else:  # expect
+                self._expect = self._expect or b"100-continue" in _tokens(value)
+        fields = self._fields
+        fields.append((name, value))
+        self._field_bytes += len(name) + len(value) + 4
+        if len(fields) > self.limits.max_headers:
+            raise _Refused(431, "too many header fields")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._progress = True
+        parser = self.parser
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise _Refused(400, f"HTTP/{version} is not served")  # HTTP/0.9: as h11
+        method = parser.get_method()
+        if b"%s %s HTTP/" % (method, self._url) not in self._line_src:
+            # llhttp takes any run of spaces between the parts of the request line; h11 (and
+            # RFC 9112 §3's grammar) one SP each
+            raise _Refused(400, "malformed request line")
+        self._line_src = b""
+        if len(self._url) + self._field_bytes > self.limits.max_header_bytes:
+            raise _Refused(431, "request head too large")
+        head = _Head(method, self._url, version, self._fields)
+        head.hosts = self._hosts
+        head.length = self._length
+        head.chunked = self._te
+        if self._asks_close:
+            head.keep_alive = False
+        head.expect = self._expect and version == "1.1"
+        self._body_left = None if self._te else self._length
+        self.events.append((_REQ, head))
+
+    def on_body(self, body: bytes) -> None:
+        self._progress = True
+        if self._body_left is not None:
+            self._body_left -= len(body)
+        self.events.append((_DATA, body))
+
+    def on_message_complete(self) -> None:
+        self._in_message = self._in_head = False
+        self._progress = True
+        self._ended_in_feed = True
+        self.ends_queued += 1
+        self._stall_bytes = 0
+        self.events.append((_END, None))
+
     # ------------------------------------------------------------------ events
     def _process(self) -> None:
-        while not self.closed:
-            try:
-                event = self.conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                self._protocol_error(exc)
-                return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return
-            if isinstance(event, h11.Request):
-                self._on_request(event)
-            elif isinstance(event, h11.Data):
+        events = self.events
+        while events and not self.closed and self.phase != HANDLING:
+            kind, payload = events.popleft()
+            if kind == _REQ:
+                self._on_request(payload)
+            elif kind == _DATA:
+                self.waiting_100 = False
                 if self.body is not None:
-                    self.body.feed(bytes(event.data))
+                    self.body.feed(payload)
                     if self.body.buffered > self.limits.body_high_water:
                         self._pause_reading()
                 self._deadline(self.limits.body_timeout_s, "body_timeout")
-            elif isinstance(event, h11.EndOfMessage):
+            elif kind == _END:
+                self.ends_queued -= 1
+                self.waiting_100 = False
                 if self.body is not None:
                     self.body.end()
                 self.phase = HANDLING
                 self._cancel_timer()
-            elif isinstance(event, h11.ConnectionClosed):
+            elif kind == _ERR:
+                self._bad(*payload)
+                return
+            else:  # _EOF between requests
                 if self.body is not None and not self.body.finished:
                     self.body.fail(ConnectionError("client closed inside the body"))
                 if self.task is None or self.task.done():
                     self._close()
                 return
+        if (events or self.held) and not self.closed:
+            self._pause_reading()  # pipelined bytes wait until this response is complete
 
-    def _on_request(self, event: h11.Request) -> None:
+    def _on_request(self, event: _Head) -> None:
         limits = self.limits
-        if len(event.headers) > limits.max_headers:
-            self._error_response(431, "too many header fields")
-            return
-        # h11 bounds *incomplete* heads; a whole head that arrived in one read is bounded here
-        size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
-        if size > limits.max_header_bytes:
-            self._error_response(431, "request head too large")
-            return
-        length = None
-        hosts: list[bytes] = []
-        chunked = False
-        for name, value in event.headers:
-            if name == b"content-length":
-                length = int(value)
-            elif name == b"host":
-                hosts.append(value)
-            elif name == b"transfer-encoding":
-                chunked = True
-        if chunked and length is not None:
+        length = event.length
+        hosts = event.hosts
+        if event.chunked and length is not None:
             # RFC 9112 §6.1: both framings at once is how requests are smuggled; refuse
-            self._error_response(400, "both Content-Length and Transfer-Encoding")
+            self._bad(400, "both Content-Length and Transfer-Encoding")
             return
         host = hosts[0] if hosts else b""
         if len(hosts) > 1:
-            self._error_response(400, "more than one Host header")  # RFC 9112 §3.2
+            self._bad(400, "more than one Host header")  # RFC 9112 §3.2
             return
-        if not host and event.http_version == b"1.1":
+        if not host and event.version == "1.1":
             # an empty Host names no site (RFC 9112 §3.2 allows it only for targets without an
             # authority, which no origin serves); answer as nginx does rather than guess
-            self._error_response(400, "empty Host header")
+            self._bad(400, "empty Host header")
             return
         try:
             target = parse_target(event.method, event.target)
@@ -197,18 +471,20 @@ class H1Connection(asyncio.Protocol):
             self._error_response(400, exc.detail or exc.reason)
             return
         if length is not None and length > limits.max_body_bytes:
-            self._error_response(413, "request body too large")
+            self._bad(413, "request body too large")
             return
         self.requests += 1
         self.phase = BODY
+        self.keep_alive = event.keep_alive
+        self.waiting_100 = event.expect
         self._deadline(limits.body_timeout_s, "body_timeout")
         request = Request(
             method=event.method,
             target=target.origin_form,
             authority=host,
             scheme=self.info.scheme,
-            headers=list(event.headers),
-            http_version=event.http_version.decode(),
+            headers=event.headers,
+            http_version=event.version,
             client=self.info.client,
             server=self.info.server,
             request_id=request_id_for(event.headers, self.info.edge_request_ids),
@@ -216,7 +492,9 @@ class H1Connection(asyncio.Protocol):
             raw_target=event.target,
         )
         self.body = BodyStream(limits.max_body_bytes, self._consumed, self._body_wait)
-        responder = H1Responder(self, head=event.method == b"HEAD")
+        responder = self.responder = H1Responder(
+            self, head=event.method == b"HEAD", http10=event.version == "1.0"
+        )
         self.task = self.loop.create_task(self._run(request, self.body, responder))
 
     async def _run(self, request: Request, body: BodyStream, responder: H1Responder) -> None:
@@ -245,16 +523,22 @@ class H1Connection(asyncio.Protocol):
     def _after_response(self) -> None:
         if self.closed:
             return
-        conn = self.conn
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
+        responder = self.responder
+        if (
+            responder is not None
+            and responder.done
+            and responder.keep_alive
+            and self.phase == HANDLING
+        ):
             self.body = None
             self.task = None
-            self.phase = IDLE
-            self._resume_reading()
+            self.responder = None
+            self.phase = IDLE  # a pipelined head, whole or not, is timed as keep-alive (h11)
             self._deadline(self.limits.keepalive_timeout_s, "keepalive_timeout")
-            self._process()  # a pipelined request may be waiting already
-        elif conn.our_state is h11.MUST_CLOSE or conn.our_state is h11.DONE:
+            self._pump()  # a pipelined request may be waiting already
+            if not self.events and not self.held:
+                self._resume_reading()
+        else:
             self._close()
 
     # ------------------------------------------------------------------ flow control
@@ -263,14 +547,15 @@ class H1Connection(asyncio.Protocol):
             self.paused_reading
             and self.body is not None
             and (self.body.buffered <= self.limits.body_high_water // 2)
+            and not self.events
+            and not self.held
         ):
             self._resume_reading()
 
     def _body_wait(self) -> None:
-        if self.conn.they_are_waiting_for_100_continue and self.transport is not None:
-            self.transport.write(
-                self.conn.send(h11.InformationalResponse(status_code=100, headers=[]))
-            )
+        if self.waiting_100 and self.transport is not None:
+            self.waiting_100 = False
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def _pause_reading(self) -> None:
         if not self.paused_reading and self.transport is not None:
@@ -300,13 +585,37 @@ class H1Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ timers and errors
     def _deadline(self, seconds: float, reason: str) -> None:
-        self._cancel_timer()
-        self.timer = self.loop.call_later(seconds, self._expired, reason)
+        # One timer per connection, moved lazily: a later deadline only updates `expiry` (the
+        # timer, when it fires early, re-arms itself), an earlier one re-arms it. Three
+        # call_later a request (head, body, keep-alive) cost more than parsing the request.
+        when = self.loop.time() + seconds
+        self.expiry = when
+        self.expiry_reason = reason
+        timer = self.timer
+        if timer is None or timer.when() > when:
+            if timer is not None:
+                timer.cancel()
+            self.timer = self.loop.call_at(when, self._fire)
 
     def _cancel_timer(self) -> None:
+        self.expiry = None
+
+    def _drop_timer(self) -> None:
+        self.expiry = None
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+    def _fire(self) -> None:
+        self.timer = None
+        expiry = self.expiry
+        if expiry is None or self.closed:
+            return
+        if self.loop.time() < expiry:
+            self.timer = self.loop.call_at(expiry, self._fire)
+            return
+        self.expiry = None
+        self._expired(self.expiry_reason)
 
     def _expired(self, reason: str) -> None:
         self.timer = None
@@ -316,51 +625,36 @@ class H1Connection(asyncio.Protocol):
         if self.phase == BODY and self.body is not None:
             self.body.fail(BodyTimeout(reason))  # the handler answers 408 or gives up
             return
-        if self.phase == HEAD and self.conn.our_state is h11.IDLE:
+        if self.phase == HEAD and self.responder is None:
             self._error_response(408, "request head not received in time")
             return
         self._close()
 
-    def _protocol_error(self, exc: h11.RemoteProtocolError) -> None:
-        status = getattr(exc, "error_status_hint", 400) or 400
+    def _bad(self, status: int, text: str) -> None:
         self.on_event(
-            "bad_request",
-            {"client": self.info.client[0], "status": status, "error": str(exc)[:200]},
+            "bad_request", {"client": self.info.client[0], "status": status, "error": text}
         )
-        self._error_response(status, str(exc)[:200])
+        self._error_response(status, text)
 
     def _error_response(self, status: int, text: str) -> None:
-        """Answer with an error and close; used before a handler has started."""
+        """Answer with an error and close; the answer is written only if no response has
+        started."""
         if self.task is not None and not self.task.done():
             self.task.cancel()
-        conn = self.conn
-        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and self.transport is not None:
+        responder = self.responder
+        if (responder is None or not responder.started) and self.transport is not None:
             body = f"{status} {text}\n".encode()
-            try:
-                self.transport.write(
-                    conn.send(
-                        h11.Response(
-                            status_code=status,
-                            headers=[
-                                (b"content-type", b"text/plain"),
-                                (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close"),
-                            ],
-                        )
-                    )
-                    or b""
-                )
-                self.transport.write(conn.send(h11.Data(data=body)) or b"")
-                self.transport.write(conn.send(h11.EndOfMessage()) or b"")
-            except h11.LocalProtocolError:
-                pass
+            self.transport.write(
+                b"%scontent-type: text/plain\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+                % (_STATUS_LINES.get(status, b"HTTP/1.1 %d \r\n" % status), len(body), body)
+            )
         self._close()
 
     def _close(self, abort: bool = False) -> None:
         if self.closed:
             return
         self.closed = True
-        self._cancel_timer()
+        self._drop_timer()
         if self.transport is not None:
             if abort:
                 self.transport.abort()
@@ -368,59 +662,167 @@ class H1Connection(asyncio.Protocol):
                 self.transport.close()
 
 
+def _tokens(value: bytes) -> list[bytes]:
+    """A comma-separated list header's elements, lower-cased (as h11's get_comma_header)."""
+    return [t.strip() for t in value.lower().split(b",")]
+
+
 BIG_WRITE = 1 << 14  # body chunks this big are not joined with the held head
+
+# body framing of a response
+_LENGTH, _CHUNKED, _UNTIL_CLOSE = range(3)
 
 
 class H1Responder:
     """Writes the response. The head is held until the first body bytes or the end, so a
     small response leaves in one write (one syscall, one TCP segment)."""
 
-    __slots__ = ("_c", "_held", "ended", "head", "started")
+    __slots__ = (
+        "_c",
+        "_framing",
+        "_held",
+        "_http10",
+        "_left",
+        "done",
+        "ended",
+        "failed",
+        "head",
+        "keep_alive",
+        "started",
+    )
 
-    def __init__(self, connection: H1Connection, head: bool = False) -> None:
+    def __init__(self, connection: H1Connection, head: bool = False, http10: bool = False) -> None:
         self._c = connection
         self.head = head  # a HEAD request: the response has no body, whatever is sent
+        self._http10 = http10
         self.started = False
         self.ended = False
+        self.done = False  # the whole response was written
+        self.failed = False  # the response broke its own framing: the connection must close
+        self.keep_alive = connection.keep_alive
         self._held = b""
+        self._framing = _LENGTH
+        self._left = 0
 
-    async def start(self, status: int, headers: Headers) -> None:
+    def _check(self) -> H1Connection:
         c = self._c
         if c.closed:
             raise ConnectionError("client went away")
-        if c.conn.their_state is not h11.DONE and c.phase != HANDLING:
+        if self.started:
+            raise ConnectionError("invalid response: already started")
+        self.started = True  # as with h11: a head refused below is not replaced by a 500
+        return c
+
+    async def start(self, status: int, headers: Headers) -> None:
+        c = self._check()
+        try:
+            check_fields(headers)
+        except FieldError:
+            try:  # h11 takes names in any case (and sends them as given)
+                check_fields([(name.lower(), value) for name, value in headers])
+            except FieldError as exc:
+                raise ConnectionError(f"invalid response: {exc}") from None
+        self._head(c, status, headers, None)
+
+    async def start_prepared(self, head: PreparedHead, extra: Headers) -> None:
+        """A prepared head: its status line and fields encoded once (in `head.encoded["h1"]`),
+        only `extra` checked and encoded per response."""
+        c = self._check()
+        try:
+            check_fields(extra)
+        except FieldError as exc:
+            raise ConnectionError(f"invalid response: {exc}") from None
+        cached = head.encoded.get("h1")
+        if cached is None:
+            cached = head.encoded["h1"] = _encode_prepared(head)
+        self._head(c, head.status, extra, cached)  # type: ignore[arg-type]
+
+    def _head(
+        self,
+        c: H1Connection,
+        status: int,
+        headers: Headers,
+        prepared: tuple[bytes, Headers, _Frame] | None,
+    ) -> None:
+        """Frame and encode the response head (h11's rules, RFC 9112 §6.3, §9.6) into _held."""
+        if not 200 <= status <= 999:
+            raise ConnectionError(f"invalid response: status {status}")
+        if c.phase != HANDLING:
             # answering before the whole request arrived: the connection cannot be reused
             headers = [*headers, (b"connection", b"close")]
-        self.started = True
-        try:
-            data = c.conn.send(
-                h11.Response(status_code=status, headers=headers, reason=_REASONS.get(status, b""))
-            )
-        except h11.LocalProtocolError as exc:
-            raise ConnectionError(f"invalid response: {exc}") from None
-        self._held = data or b""
+        frame = _frame(headers)
+        if prepared is not None:
+            block, fields, pframe = prepared
+            if frame.any:
+                merged = pframe.merge(frame)
+                if merged is None:
+                    raise ConnectionError("invalid response: conflicting Content-Length")
+                frame = merged
+            else:
+                frame = pframe
+        else:
+            block, fields = b"", []
+        if frame.bad:
+            raise ConnectionError(f"invalid response: {frame.bad}")
+        need_close = False
+        rewrite: list[tuple[bytes, bytes | None]] = []
+        if (frame.chunked or frame.length is None) and status not in (204, 304):
+            if self._http10:
+                # HTTP/1.0 knows no chunked: the body ends when the connection closes
+                rewrite += [(b"content-length", None), (b"transfer-encoding", None)]
+                self._framing = _UNTIL_CLOSE
+                need_close = not self.head
+            else:
+                rewrite += [(b"content-length", None), (b"transfer-encoding", b"chunked")]
+                self._framing = _CHUNKED
+        else:
+            self._framing, self._left = _LENGTH, frame.length or 0
+        if self.head or status in (204, 304):
+            self._framing, self._left = _LENGTH, 0  # RFC 9112 §6.3: no body, whatever it says
+        if not self.keep_alive or need_close:
+            # h11's rule: Connection: close is written when the request or the framing ends
+            # the connection; a handler's own "close" is sent as it gave it
+            tokens = sorted((set(frame.connection) - {b"keep-alive"}) | {b"close"})
+            rewrite.append((b"connection", b", ".join(tokens)))
+        if frame.close or need_close:
+            self.keep_alive = False
+        c.waiting_100 = False
+        if not rewrite and frame.cl_fix is None and prepared is not None:
+            self._held = block + _encode(headers) + b"\r\n"
+            return
+        everything = [*fields, *headers]
+        if frame.cl_fix is not None:  # "5, 5" (or a repeated field) is sent once as "5"
+            kept: Headers = []
+            seen = False
+            for n, v in everything:
+                if n.lower() == b"content-length":
+                    if seen:
+                        continue
+                    seen, v = True, frame.cl_fix
+                kept.append((n, v))
+            everything = kept
+        for name, value in rewrite:
+            everything = [(n, v) for n, v in everything if n.lower() != name]
+            if value is not None:
+                everything.append((name.title(), value))
+        self._held = _STATUS_LINES[status] + _encode(everything) + b"\r\n"
 
     async def interim(self, status: int, headers: Headers) -> None:
         """An interim (1xx) response before the final one, written at once; never to an
         HTTP/1.0 client (RFC 9110 §15.2), never 101 (no protocol switch here)."""
         c = self._c
-        if (
-            c.closed
-            or self.started
-            or not 102 <= status <= 199
-            or c.conn.their_http_version == b"1.0"
-        ):
+        if c.closed or self.started or not 102 <= status <= 199 or self._http10:
             return
         try:
-            data = c.conn.send(
-                h11.InformationalResponse(
-                    status_code=status, headers=headers, reason=_REASONS.get(status, b"")
-                )
-            )
-        except h11.LocalProtocolError:
-            return  # not in a state to send one: it is only a hint
+            check_fields(headers)
+        except FieldError:
+            try:
+                check_fields([(name.lower(), value) for name, value in headers])
+            except FieldError:
+                return  # it is only a hint
+        c.waiting_100 = False
         assert c.transport is not None
-        c.transport.write(data or b"")
+        c.transport.write(_STATUS_LINES[status] + _encode(headers) + b"\r\n")
         await c.drain()
 
     async def send(self, data: bytes) -> None:
@@ -428,16 +830,26 @@ class H1Responder:
         if c.closed:
             raise ConnectionError("client went away")
         if data and not self.head:
+            if not self.started or self.ended:
+                raise ConnectionError("invalid response: send outside start/end")
             assert c.transport is not None
+            framing = self._framing
+            if framing == _LENGTH:
+                if len(data) > self._left:
+                    self.failed = True
+                    raise ConnectionError("invalid response: too much data for Content-Length")
+                self._left -= len(data)
+                pieces = [data]
+            elif framing == _CHUNKED:
+                pieces = [b"%x\r\n" % len(data), data, b"\r\n"]
+            else:
+                pieces = [data]
+            if self._held:
+                pieces.insert(0, self._held)
+                self._held = b""
             if len(data) < BIG_WRITE:
-                payload = c.conn.send(h11.Data(data=data)) or b""
-                if self._held:
-                    payload, self._held = self._held + payload, b""
-                c.transport.write(payload)
+                c.transport.write(b"".join(pieces))
             else:  # a big body chunk is written as it is: no copy to prepend the head
-                pieces = c.conn.send_with_data_passthrough(h11.Data(data=data)) or []
-                if self._held:
-                    pieces, self._held = [self._held, *pieces], b""
                 c.transport.writelines(pieces)
             await c.drain()
 
@@ -446,12 +858,102 @@ class H1Responder:
         self.ended = True
         if c.closed:
             return
-        payload = c.conn.send(h11.EndOfMessage()) or b""
-        if self._held:
-            payload, self._held = self._held + payload, b""
+        if not self.started:
+            raise ConnectionError("invalid response: end before start")
+        payload = self._held
+        self._held = b""
+        if self._framing == _LENGTH:
+            if self._left:
+                self.failed = True
+                raise ConnectionError("invalid response: too little data for Content-Length")
+        elif self._framing == _CHUNKED:
+            payload += b"0\r\n\r\n"
+        self.done = True
         assert c.transport is not None
-        c.transport.write(payload)
+        if payload:
+            c.transport.write(payload)
 
     def abort(self) -> None:
         self.ended = True
+        self.failed = True
         self._c._close(abort=True)
+
+
+def _encode(headers: Headers) -> bytes:
+    return b"".join([b"%s: %s\r\n" % (name, value) for name, value in headers])
+
+
+class _Frame:
+    """What a response's fields say about its framing (h11's normalize_and_validate)."""
+
+    __slots__ = ("any", "bad", "chunked", "cl_fix", "close", "connection", "length")
+
+    def __init__(self) -> None:
+        self.any = False  # any of Content-Length, Transfer-Encoding, Connection present
+        self.length: int | None = None
+        self.cl_fix: bytes | None = None  # "5, 5" is sent as "5"
+        self.chunked = False
+        self.connection: list[bytes] = []
+        self.close = False
+        self.bad = ""
+
+    def merge(self, other: _Frame) -> _Frame | None:
+        out = _Frame()
+        out.any = True
+        if self.length is not None and other.length is not None and self.length != other.length:
+            return None
+        out.length = self.length if self.length is not None else other.length
+        out.cl_fix = self.cl_fix or other.cl_fix
+        if self.length is not None and other.length is not None:
+            out.cl_fix = b"%d" % self.length  # the field twice: sent once
+        if self.chunked and other.chunked:
+            out.bad = "multiple Transfer-Encoding headers"
+        out.chunked = self.chunked or other.chunked
+        out.connection = self.connection + other.connection
+        out.close = self.close or other.close
+        out.bad = out.bad or self.bad or other.bad
+        return out
+
+
+def _frame(headers: Headers) -> _Frame:
+    frame = _Frame()
+    for name, value in headers:
+        if len(name) not in (10, 14, 17):  # connection, content-length, transfer-encoding
+            continue
+        name = name.lower()
+        if name == b"content-length":
+            frame.any = True
+            lengths = {v.strip() for v in value.split(b",")}
+            if len(lengths) != 1:
+                frame.bad = "conflicting Content-Length headers"
+                continue
+            text = lengths.pop()
+            if not text.isdigit() or len(text) > 20:
+                frame.bad = "bad Content-Length"
+                continue
+            if frame.length is not None and frame.length != int(text):
+                frame.bad = "conflicting Content-Length headers"
+            if text != value or frame.length is not None:  # sent once, as h11 does
+                frame.cl_fix = text
+            frame.length = int(text)
+        elif name == b"transfer-encoding":
+            frame.any = True
+            if frame.chunked:
+                frame.bad = "multiple Transfer-Encoding headers"
+            elif value.lower() != b"chunked":
+                frame.bad = "only Transfer-Encoding: chunked is supported"
+            frame.chunked = True
+        elif name == b"connection":
+            frame.any = True
+            tokens = [t for t in _tokens(value) if t]
+            frame.connection += tokens
+            if b"close" in tokens:
+                frame.close = True
+    return frame
+
+
+def _encode_prepared(head: PreparedHead) -> tuple[bytes, Headers, _Frame]:
+    """A PreparedHead's HTTP/1.1 encoding: the status line and fields, and their framing."""
+    if head.status < 200:
+        raise ConnectionError(f"invalid response: status {head.status}")
+    return (_STATUS_LINES[head.status] + _encode(head.headers), head.headers, _frame(head.headers))
