@@ -25,6 +25,9 @@
 #   --connections N     wrk connections (default 16)
 #   --cpu N             CPU both WAF processes are pinned to (default 0)
 #   --wrk-cpu LIST      CPU list for wrk ('' = unpinned; default 1, or '' on a 1-CPU machine)
+#   --reps N            throughput runs per target and request, alternated anchor/blindfold
+#                       (default 1); the table shows each target's median run by CPU per
+#                       request, and a row with every run's CPU per request (the spread)
 #   --workers N         blindfold's [origin] workers (default 1: one worker beside nginx's one;
 #                       its CPU is the master's plus every worker's, all pinned to --cpu)
 #   --suite S           run_ftw.py suite: all | crs | corpora (default all)
@@ -46,7 +49,7 @@ wafcmp() { python3 "$here/wafcmp.py" "$@"; }
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
 pls="1 2"; seconds=5; conns=16; cpu=0; wrk_cpu="__auto__"; suite=all
-do_ftw=1; do_perf=1; out=""; setup_only=0; bf_workers=1
+do_ftw=1; do_perf=1; out=""; setup_only=0; bf_workers=1; reps=1
 while [ $# -gt 0 ]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
@@ -57,6 +60,7 @@ while [ $# -gt 0 ]; do
         --wrk-cpu) wrk_cpu="$2"; shift 2 ;;
         --suite) suite="$2"; shift 2 ;;
         --workers) bf_workers="$2"; shift 2 ;;
+        --reps) reps="$2"; shift 2 ;;
         --skip-ftw) do_ftw=0; shift ;;
         --skip-perf) do_perf=0; shift ;;
         --out) out="$2"; shift 2 ;;
@@ -70,6 +74,7 @@ done
 [[ "$seconds" =~ ^[0-9]+$ && "$seconds" -ge 1 && "$seconds" -le 60 ]] \
     || { echo "--seconds: 1-60" >&2; exit 2; }
 [[ "$cpu" =~ ^[0-9]+$ ]] || { echo "--cpu: a CPU number" >&2; exit 2; }
+[[ "$reps" =~ ^[0-9]+$ && "$reps" -ge 1 && "$reps" -le 9 ]] || { echo "--reps: 1-9" >&2; exit 2; }
 [[ "$bf_workers" =~ ^[0-9]+$ && "$bf_workers" -ge 1 && "$bf_workers" -le 64 ]] \
     || { echo "--workers: 1-64" >&2; exit 2; }
 
@@ -85,6 +90,8 @@ missing_pkgs() {
     command -v wrk >/dev/null || m+=(wrk)
     command -v taskset >/dev/null || m+=(util-linux)
     python3 -c 'import yaml' 2>/dev/null || m+=(python3-yaml)
+    # the origin workers' allocator ([origin] worker_allocator = "auto")
+    ldconfig -p 2>/dev/null | grep -q 'libmimalloc\.so\.2' || m+=(libmimalloc2.0)
     echo "${m[@]}"
 }
 setup() {
@@ -240,8 +247,8 @@ run_ftw_both() {     # PL APORT BPORT
     tail -n 1 "$dir/anchor.ftw.txt" "$dir/blindfold.ftw.txt" | sed 's/^/    /' >&2
 }
 
-bench_one() {        # PL NAME PORT PID SCRIPT [STANDIN_PID]
-    local pl="$1" name="$2" port="$3" pid="$4" script="$5" standin="${6:-}" dir="$out/pl$1"
+bench_one() {        # PL NAME PORT PID SCRIPT REP [STANDIN_PID]
+    local pl="$1" name="$2" port="$3" pid="$4" script="$5" rep="$6" standin="${7:-}" dir="$out/pl$1"
     check_time
     # warm-up (pools, caches), not recorded
     python3 "$kit/tools/bench_http.py" --target "http://127.0.0.1:$port" --pid "$pid" \
@@ -251,10 +258,10 @@ bench_one() {        # PL NAME PORT PID SCRIPT [STANDIN_PID]
     [ -n "$standin" ] && c0="$(wafcmp cpu "$standin")"
     python3 "$kit/tools/bench_http.py" --target "http://127.0.0.1:$port" --pid "$pid" \
         --script "$kit/anchor/$script.lua" --seconds "$seconds" --connections "$conns" \
-        --wrk-cpu "$wrk_cpu" --label "PL$pl $name $script" | tee "$dir/$name.$script.bench.txt" \
+        --wrk-cpu "$wrk_cpu" --label "PL$pl $name $script" | tee "$dir/$name.$script.bench.rep$rep.txt" \
         | sed 's/^/    /' >&2
     if [ -n "$standin" ]; then   # CPU the nginx stand-in origin spent serving this run
-        echo "$c0 $(wafcmp cpu "$standin")" > "$dir/standin.$script.cpu"
+        echo "$c0 $(wafcmp cpu "$standin")" > "$dir/standin.$script.rep$rep.cpu"
     fi
 }
 
@@ -283,10 +290,13 @@ for pl in $pls; do
     if [ "$do_ftw" -eq 1 ]; then run_ftw_both "$pl" "$aport" "$bport"; fi
     if [ "$do_perf" -eq 1 ]; then
         echo "  throughput: ${seconds}s per run, one target at a time" >&2
-        for script in get_page post_form; do
-            bench_one "$pl" anchor "$aport" "$anchor_pid" "$script"
-            bench_one "$pl" blindfold "$bport" "$bf_pid" "$script" "$anchor_pid"
+        for rep in $(seq "$reps"); do
+            for script in get_page post_form; do
+                bench_one "$pl" anchor "$aport" "$anchor_pid" "$script" "$rep"
+                bench_one "$pl" blindfold "$bport" "$bf_pid" "$script" "$rep" "$anchor_pid"
+            done
         done
+        wafcmp pick-median "$out/pl$pl"   # each target's median run -> *.bench.txt
     fi
     # stop this level's processes before the next one (the trap covers early exits)
     stop_pid "$bf_pid"; stop_pid "$anchor_pid"

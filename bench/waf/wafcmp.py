@@ -11,10 +11,12 @@ wafcmp.py report [--kit DIR] OUT PL...   the comparison table from run.sh's resu
 from __future__ import annotations
 
 import collections
+import glob
 import json
 import os
 import random
 import re
+import shutil
 import socket
 import sys
 import time
@@ -431,6 +433,15 @@ def cmd_report(args: list[str]) -> None:
                     rows[f"perf/{script}/{k}"][3 * i + 2] = _delta(
                         f"{a[f]:.0f}", f"{b[f]:.0f}", "rel"
                     )
+            for j, who in ((0, "anchor"), (1, "blindfold")):
+                spread = _text(os.path.join(d, f"{who}.{script}.spread.txt"))
+                if spread and " " in spread.strip():
+                    put(
+                        f"perf/{script}/spread",
+                        f"{name}: WAF CPU per request, every run in order (µs)",
+                        3 * i + j,
+                        spread.strip().replace(" ", ", "),
+                    )
             s_us = _standin_us(d, script, b)
             if a and s_us is not None:
                 # the anchor's nginx worker also serves the stand-in origin; blindfold's process
@@ -489,6 +500,29 @@ def cmd_report(args: list[str]) -> None:
     print("\n".join(details))
 
 
+def cmd_pick_median(d: str) -> None:
+    """Of the runs *.bench.rep<K>.txt of each target and request, copy the one with the median
+    CPU per request to *.bench.txt (and, for blindfold, the stand-in's CPU of that same run to
+    standin.<script>.cpu); every run's CPU per request goes to *.spread.txt."""
+    for name in ("anchor", "blindfold"):
+        for script in ("get_page", "post_form"):
+            runs = []
+            for path in sorted(glob.glob(os.path.join(d, f"{name}.{script}.bench.rep*.txt"))):
+                b = _bench(path)
+                if b:
+                    rep = path.rsplit(".rep", 1)[1].removesuffix(".txt")
+                    runs.append((b["us"], rep, path))
+            if not runs:
+                continue
+            _us, rep, path = sorted(runs)[(len(runs) - 1) // 2]
+            shutil.copyfile(path, os.path.join(d, f"{name}.{script}.bench.txt"))
+            standin = os.path.join(d, f"standin.{script}.rep{rep}.cpu")
+            if name == "blindfold" and os.path.exists(standin):
+                shutil.copyfile(standin, os.path.join(d, f"standin.{script}.cpu"))
+            with open(os.path.join(d, f"{name}.{script}.spread.txt"), "w") as f:
+                f.write(" ".join(f"{u:.0f}" for u, _, _ in sorted(runs, key=lambda r: r[1])))
+
+
 def main() -> None:
     if len(sys.argv) < 2:
         sys.exit(__doc__)
@@ -501,6 +535,8 @@ def main() -> None:
         cmd_wait_ready(*args)
     elif cmd == "cpu":
         cmd_cpu(*args)
+    elif cmd == "pick-median":
+        cmd_pick_median(*args)
     elif cmd == "report":
         cmd_report(args)
     else:

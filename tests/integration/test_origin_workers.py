@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from blindfold.origin import allocator
 from tests.helpers.edgeproc import OriginProcess
 
 XSS = "/?q=%3Cscript%3Ealert(1)%3C%2Fscript%3E"
@@ -211,3 +212,41 @@ def test_sighup_with_a_config_the_workers_refuse_keeps_the_running_ones(
     assert "origin.waf" in done["error"]
     assert sorted(origin.worker_pids()) == before
     assert get(port, XSS) == 403 and get(port, "/") == 200
+
+
+def _maps(pid: int) -> str:
+    with open(f"/proc/{pid}/maps") as f:
+        return f.read()
+
+
+@pytest.mark.skipif(
+    allocator.resolve("auto") is None, reason="mimalloc is not installed (libmimalloc2.0)"
+)
+def test_workers_run_on_mimalloc_and_a_reload_applies_worker_allocator(
+    origin: OriginProcess,
+) -> None:
+    """`worker_allocator = "auto"` (the default) preloads mimalloc into every worker, not the
+    master; the WAF decides the same on it; a reload's new setting applies to the new
+    generation (the new file, not the running one)."""
+    port = http_port(origin)
+    assert origin.ready["worker_allocator"] == ["mimalloc"]
+    for pid in origin.ready["worker_pids"]:
+        assert "libmimalloc" in _maps(pid)
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            assert b"LD_PRELOAD=" in f.read()
+    assert "libmimalloc" not in _maps(origin.proc.pid)
+    assert [get(port, XSS) for _ in range(4)] == [403] * 4
+    assert [get(port, "/") for _ in range(4)] == [200] * 4
+    old = set(origin.ready["worker_pids"])
+    origin.write_config(
+        origin.config_path.read_text().replace(
+            "workers = 2\n", 'workers = 2\nworker_allocator = "system"\n'
+        )
+    )
+    assert origin.reload(30) is not None
+    assert origin.records("reloaded"), origin.records("reload_failed")
+    new = set(origin.worker_pids()) - old
+    assert len(new) == 2
+    for pid in new:
+        assert "libmimalloc" not in _maps(pid)
+    assert get(port, XSS) == 403

@@ -15,6 +15,19 @@ from blindfold.errors import UpstreamError
 from blindfold.web.client import SharedCaps, UpstreamBusy, UpstreamPool
 
 
+@pytest.fixture(autouse=True, params=["h11", "httptools"])
+def parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with both response parsers (UpstreamPool(parser=...))."""
+    init = UpstreamPool.__init__
+
+    def with_parser(self: UpstreamPool, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("parser", request.param)
+        init(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(UpstreamPool, "__init__", with_parser)
+    return str(request.param)
+
+
 class HeldServer:
     """HTTP/1.1 keep-alive server on 127.0.0.1:0 that answers each request only when the test
     lets it (`release(n)`), counting the connections open at once."""

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Any
 
 import pytest
 
-from blindfold.waf.engine import CrsSettings, Exclusion, ModSecurityEngine
+from blindfold.origin import allocator
+from blindfold.waf.engine import CrsSettings, Exclusion, ModSecurityEngine, PathMode, build_rules
 
 CLIENT = ("192.0.2.10", 40000)
 SERVER = ("127.0.0.1", 443)
@@ -200,3 +204,54 @@ def test_a_global_detect_mode_can_block_one_path() -> None:
     e = ModSecurityEngine(CrsSettings(mode="detect", modes=(PathMode("/admin", "block"),)))
     assert run(e, b"GET", b"/admin/x?id=1%27%20OR%201=1--")[0] is not None
     assert run(e, b"GET", b"/shop?id=1%27%20OR%201=1--")[0] is None
+
+
+@pytest.mark.skipif(
+    allocator.resolve("auto") is None, reason="mimalloc is not installed (libmimalloc2.0)"
+)
+def test_blocks_under_a_preloaded_allocator() -> None:
+    """The intervention strings ModSecurity mallocs are freed with the free() that pairs with
+    that malloc: under LD_PRELOAD=mimalloc (origin workers) libc.so.6's own free() aborts."""
+    script = (
+        "from blindfold.waf.engine import CrsSettings, ModSecurityEngine\n"
+        "e = ModSecurityEngine(CrsSettings(paranoia_level=1))\n"
+        "for _ in range(3):\n"
+        "    tx = e.transaction('t', ('192.0.2.10', 1), ('127.0.0.1', 443))\n"
+        "    v = tx.request_headers(b'GET', b'/?id=1%27%20OR%201=1--', '1.1',"
+        " [(b'host', b'example.test')])\n"
+        "    v = v or tx.end_request()\n"
+        "    assert v is not None and v.status == 403, v\n"
+        "    tx.finish()\n"
+        "print('blocked')\n"
+    )
+    env = {**os.environ, "LD_PRELOAD": str(allocator.resolve("auto"))}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "blocked", done.stderr[-2000:]
+
+
+def test_the_operators_phase_5_rules_run_on_every_request(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The logging phase is skipped for a transaction nothing matched in (the CRS rules there
+    need a score) unless the operator adds rules of their own: those may log anything."""
+    rules = tmp_path / "phase5.conf"
+    rules.write_text("SecAction \"id:9999001,phase:5,pass,log,msg:'phase 5 ran'\"\n")
+    own = ModSecurityEngine(CrsSettings(paranoia_level=1, extra_rules_files=(str(rules),)))
+    verdict, matches = run(own, b"GET", b"/products?q=shoes")
+    assert verdict is None and [m.rule_id for m in matches] == [9999001]
+    verdict, matches = run(own, b"GET", b"/item?id=1%27%20OR%201=1--")
+    assert verdict is not None and 9999001 in {m.rule_id for m in matches}
+
+
+def test_a_benign_request_logs_nothing_and_an_attack_its_rules(engine: ModSecurityEngine) -> None:
+    assert run(engine, b"GET", b"/products?q=blue+shoes&page=2") == (None, [])
+    verdict, matches = run(engine, b"GET", b"/item?id=1%27%20OR%201=1--")
+    assert verdict is not None and {m.rule_id for m in matches} == {942100}
+
+
+def test_mode_marker_rules_only_when_modes_are_configured() -> None:
+    """Each rule costs every request an evaluation: the path-mode markers' rules exist only
+    for a config with `modes` (markers() adds the header only then)."""
+    assert "id:1100000," not in build_rules(CrsSettings(), "t")
+    with_modes = build_rules(CrsSettings(modes=(PathMode("/a", "detect"),)), "t")
+    assert "id:1100000," in with_modes and "id:1100001," in with_modes

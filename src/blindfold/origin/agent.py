@@ -521,6 +521,7 @@ class OriginAgent:
             connect_timeout_s=h.upstream_connect_timeout_s,
             timeout_s=h.upstream_timeout_s,
             tls=ssl.create_default_context() if cfg.upstream.startswith("https:") else None,
+            parser="httptools",  # llhttp: ~9x fewer instructions per exchange than h11
         )
         proxy = ReverseProxy(pool)
         if cfg.blind is not None:

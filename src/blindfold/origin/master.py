@@ -40,6 +40,7 @@ from blindfold.io import compat
 from blindfold.io.listeners import bind_group
 from blindfold.io.service import run_service
 from blindfold.obs.log import JsonLog
+from blindfold.origin import allocator
 from blindfold.origin.agent import OriginAgent
 from blindfold.origin.edges import Reporter
 
@@ -66,6 +67,7 @@ class WorkerHandle:
     replies: dict[int, asyncio.Future[dict[str, Any]]] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
     events: int = 0
+    allocator: str = ""  # what the worker says it runs on (origin.allocator.loaded)
 
     def send(self, message: dict[str, Any]) -> None:
         if self.state != "exited" and not self.writer.is_closing():
@@ -147,8 +149,15 @@ class OriginMaster:
 
     # ---------------------------------------------------------------- workers
     async def spawn(
-        self, index: int, generation: int, groups: dict[tuple[str, bool], list[socket.socket]]
+        self,
+        index: int,
+        generation: int,
+        groups: dict[tuple[str, bool], list[socket.socket]],
+        cfg: OriginConfig | None = None,
     ) -> WorkerHandle:
+        """`cfg`: the config the worker will read (a reload's new one); default the running."""
+        setting = (cfg or self.cfg).worker_allocator
+        env = allocator.worker_env(setting, os.environ)  # ConfigError before anything opens
         parent, child = socket.socketpair()
         fds = [socks[index].fileno() for socks in groups.values()]
         listeners = [[a, tls, socks[index].fileno()] for (a, tls), socks in groups.items()]
@@ -167,7 +176,7 @@ class OriginMaster:
             "--quic-port",
             str(self._quic_port()),
         ]
-        proc = subprocess.Popen(cmd, pass_fds=[child.fileno(), *fds], close_fds=True)
+        proc = subprocess.Popen(cmd, pass_fds=[child.fileno(), *fds], close_fds=True, env=env)
         child.close()
         reader, writer = await asyncio.open_connection(sock=parent, limit=8 << 20)
         handle = WorkerHandle(index, generation, proc, reader, writer)
@@ -192,6 +201,7 @@ class OriginMaster:
                     if fut is not None and not fut.done():
                         fut.set_result(message)
                 elif op == "ready":
+                    handle.allocator = str(message.get("allocator", ""))
                     if handle.state == "starting":
                         handle.state = "ready"
                     if handle.ready is not None and not handle.ready.done():
@@ -240,12 +250,14 @@ class OriginMaster:
             raise ConfigError("", "origin workers did not become ready in time") from None
 
     async def _start_generation(
-        self, groups: dict[tuple[str, bool], list[socket.socket]]
+        self,
+        groups: dict[tuple[str, bool], list[socket.socket]],
+        cfg: OriginConfig | None = None,
     ) -> list[WorkerHandle]:
         handles: list[WorkerHandle] = []
         try:
             for i in range(self.nworkers):
-                handles.append(await self.spawn(i, self.generation + 1, groups))
+                handles.append(await self.spawn(i, self.generation + 1, groups, cfg))
             await self._wait_ready(handles)
         except (ConfigError, OSError):
             for h in handles:
@@ -279,6 +291,7 @@ class OriginMaster:
             "http_listen": self._addresses(False),
             "workers": self.nworkers,
             "worker_pids": [h.proc.pid for h in self.workers],
+            "worker_allocator": sorted({h.allocator for h in self.workers}),
         }
 
     def stop(self) -> None:
@@ -397,7 +410,7 @@ class OriginMaster:
                 self.log.emit("reload_failed", error=str(exc))
                 return
             try:
-                handles = await self._start_generation(groups)
+                handles = await self._start_generation(groups, new)
             except (ConfigError, OSError) as exc:
                 self._close_new(groups)
                 self.log.emit("reload_failed", error=str(exc) or "the new workers failed")

@@ -34,6 +34,7 @@ from blindfold.errors import ConfigError
 from blindfold.io import compat, control
 from blindfold.io.limits import raise_fd_limit
 from blindfold.obs.log import JsonLog
+from blindfold.origin import allocator
 from blindfold.origin.edges import Reporter
 from blindfold.web.target import path_has_prefix
 
@@ -113,7 +114,11 @@ async def _main(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):  # the master drains us, not a signal to all
         loop.add_signal_handler(sig, agent.stop)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
-    writer.write(control.encode({"op": "ready", "pid": os.getpid(), **ready}))
+    writer.write(
+        control.encode(
+            {"op": "ready", "pid": os.getpid(), "allocator": allocator.loaded(), **ready}
+        )
+    )
 
     async def read_master() -> None:
         try:

@@ -3,8 +3,9 @@ rules_set.h, transaction.h, intervention.h).
 
 ctypes rather than a compiled binding: the maintained Python bindings no longer build, and the
 C API is small and stable. Foreign calls release the GIL, so the engine can also run in worker
-threads. Strings the library allocates for an intervention (url, log) are freed with libc's
-free(), as the C API requires.
+threads. Strings the library allocates for an intervention (url, log) are freed with free(), as
+the C API requires: the process's free(), the one the library's malloc pairs with (a preloaded
+allocator, origin/allocator.py, replaces both).
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ class _Lib:
 
     def __init__(self) -> None:
         lib = _load()
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        self.free = libc.free
+        # the process's free() as the library's malloc resolved it: a preloaded allocator
+        # (origin.allocator, LD_PRELOAD) replaces both, and libc.so.6's own free() would then
+        # be handed a pointer it never allocated (the worker crashed on the first block)
+        self.free = ctypes.CDLL(None).free
         self.free.argtypes = [ctypes.c_void_p]
         self.free.restype = None
         p, c, i, sz = ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_size_t
