@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -369,7 +369,7 @@ def test_a_redis_only_edge_back_after_a_gap_applies_the_purges_it_missed_and_kee
     assert purged.returncode == 0, purged.stderr
     assert a.wait_for(lambda rec: rec.get("event") == "purge_applied", 5)  # made, meanwhile
     assert b.records("purge_applied") == []
-    keys = d.redis.admin.keys("blindfold:purge:*")
+    keys = cast(list[bytes], d.redis.admin.keys("blindfold:purge:*"))
     assert len(keys) == 1 and keys[0].endswith(b":1"), keys
     assert 0 < d.redis.admin.ttl(keys[0]) <= 120
     d.redis.admin.acl_setuser("edge2", enabled=True)
