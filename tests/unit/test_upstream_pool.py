@@ -456,5 +456,9 @@ def test_an_interim_response_reaches_the_client_without_cache_tag() -> None:
         (b"Cache-Tag", b"other"),
         (b"connection", b"close"),
     ]
-    asyncio.run(interim_sender(cast(Any, Client()))(103, headers))
+
+    async def main() -> None:
+        await interim_sender(cast(Any, Client()))(103, headers)
+
+    asyncio.run(main())
     assert sent == [(103, [(b"link", b"</s.css>; rel=preload")])]
