@@ -332,10 +332,14 @@ def head(seq: int, epoch: str = EPOCH, issued: float = T0, final: bool = False) 
     return p.open_head(p.sign_head(KEY, epoch, seq, issued, final), KEYS, issued)
 
 
-def live(seqs: p.PurgeSequence, seq: int, epoch: str = EPOCH) -> p.Need:
+def live(seqs: p.PurgeSequence, seq: int, epoch: str = EPOCH, now: float = T0) -> p.Need:
     signer, made = p.open_signed_purge(numbered(seq, epoch), KEYS, T0)
     assert (signer, made.epoch, made.seq) == (SIGNER, epoch, seq)
-    return seqs.on_purge(signer, made)
+    return seqs.on_purge(signer, made, now)
+
+
+def fetch(*numbers: int, epoch: str = EPOCH) -> p.Need:
+    return p.Need([(SIGNER, epoch, n) for n in numbers])
 
 
 def test_numbered_purges_and_heads_are_signed_and_refused_when_not_the_origins() -> None:
@@ -365,18 +369,20 @@ def test_numbered_purges_and_heads_are_signed_and_refused_when_not_the_origins()
 
 def test_an_edge_follows_each_origins_numbers_and_reads_what_it_missed() -> None:
     seqs = p.PurgeSequence()
-    assert live(seqs, 5) == p.Need()  # the first heard: where this origin is
+    seqs.subscribed(T0, first=True)
+    assert live(seqs, 5) == p.Need()  # the first heard, just started: where this origin is
     assert live(seqs, 6) == p.Need()
     assert live(seqs, 6) == p.Need()  # a replay
-    assert seqs.on_head(head(6)) == p.Need()
-    # a number skipped (a message lost): read from its key
-    assert live(seqs, 9) == p.Need([(SIGNER, EPOCH, 7), (SIGNER, EPOCH, 8)])
-    assert seqs.on_head(head(11)) == p.Need([(SIGNER, EPOCH, 10), (SIGNER, EPOCH, 11)])
-    assert seqs.on_head(head(4)) == p.Need()  # stale
-    assert seqs.last == {SIGNER: (EPOCH, 11)}
+    assert seqs.on_head(head(6), T0) == p.Need()
+    # a number skipped (a message lost, or the origin's write failed): read from its key
+    assert live(seqs, 9) == fetch(7, 8)
+    assert seqs.on_head(head(11), T0) == fetch(10, 11)
+    assert seqs.on_head(head(4), T0) == p.Need()  # stale
+    assert seqs.last == {(SIGNER, EPOCH): 11}
     big = p.PurgeSequence(max_fetch=10)
-    big.on_head(head(1))
-    assert big.on_head(head(12)).lost == "gap_too_big"
+    big.subscribed(T0, first=True)
+    big.on_head(head(1), T0)
+    assert big.on_head(head(12), T0).lost == "gap_too_big"
 
 
 def test_the_keys_read_must_be_those_purges() -> None:
@@ -400,46 +406,57 @@ def test_the_keys_read_must_be_those_purges() -> None:
 
 def test_after_a_reconnection_every_origin_must_say_where_it_is() -> None:
     seqs = p.PurgeSequence()
-    seqs.on_head(head(3))
-    seqs.reconnected(T0 + 60)
-    assert seqs.pending == {SIGNER}
+    seqs.subscribed(T0, first=True)
+    seqs.on_head(head(3), T0)
+    seqs.subscribed(T0 + 60, first=False)
+    assert seqs.pending == {(SIGNER, EPOCH)}
     # a HEAD from before the gap (replayed) proves nothing
-    seqs.on_head(head(3, issued=T0 + 60 - p.HEAD_SKEW_S - 1))
-    assert seqs.pending == {SIGNER}
-    assert seqs.on_head(head(5, issued=T0 + 61)) == p.Need([(SIGNER, EPOCH, 4), (SIGNER, EPOCH, 5)])
+    seqs.on_head(head(3, issued=T0 + 60 - p.HEAD_SKEW_S - 1), T0 + 60)
+    assert seqs.pending == {(SIGNER, EPOCH)}
+    assert seqs.on_head(head(5, issued=T0 + 61), T0 + 61) == fetch(4, 5)
     assert seqs.pending == set() and seqs.overdue() == p.Need()
-    # an origin that says nothing (withheld, or an older one that numbers nothing): lost
-    seqs.reconnected(T0 + 100)
+    # an origin that says nothing (Redis withholds it, it crashed): lost
+    seqs.subscribed(T0 + 100, first=False)
     assert seqs.overdue().lost == "no_head"
+    # an older origin that numbers nothing: every reconnection, however long ago it spoke
     old = p.PurgeSequence()
-    old.on_purge(SIGNER, p.open_purge(signed_at(T0, 1), KEYS, T0))
-    old.reconnected(T0 + 100)
-    assert old.pending == {SIGNER} and old.overdue().lost == "no_head"
-    # an origin first heard after a reconnection: what it purged in the gap is unknown, and
-    # this edge may have cached it since it started
-    fresh = p.PurgeSequence()
-    fresh.reconnected(T0 + 100)
-    assert fresh.pending == set() and fresh.on_head(head(3, issued=T0 + 100)).lost == (
-        "unknown_start"
-    )
-    fresh.emptied()  # nothing cached: where it is now is the start
-    assert fresh.on_head(head(3, issued=T0 + 100)) == p.Need()
+    old.subscribed(T0, first=True)
+    old.on_purge(SIGNER, p.open_purge(signed_at(T0, 1), KEYS, T0), T0)
+    old.prune(T0 + 10 * p.SILENT_S)
+    old.subscribed(T0 + 10 * p.SILENT_S, first=False)
+    assert old.pending == {(SIGNER, "")} and old.overdue().lost == "no_head"
 
 
-def test_a_new_life_of_an_origin_follows_only_a_final_head() -> None:
+def test_an_origin_life_this_edge_does_not_know_is_read_from_its_first_purge() -> None:
     seqs = p.PurgeSequence()
-    seqs.on_head(head(4))
-    assert seqs.on_head(head(2, EPOCH2)).lost == "epoch_changed"  # its end unseen
-    assert live(seqs, 1, EPOCH2).lost == "epoch_changed"
-    seqs.emptied()  # the caches emptied: the next word is where it is
-    assert seqs.on_head(head(2, EPOCH2)) == p.Need() and seqs.last == {SIGNER: (EPOCH2, 2)}
-    assert seqs.on_head(head(2, EPOCH2, final=True)) == p.Need()
-    # stopped at what this edge had: the next life's purges are read from 1
-    assert live(seqs, 3, EPOCH) == p.Need([(SIGNER, EPOCH, 1), (SIGNER, EPOCH, 2)])
-    # a final HEAD past what this edge had: what it missed is read, then the end holds
-    seqs.on_head(head(5, EPOCH, final=True))
-    assert seqs.ended == {SIGNER: EPOCH}
-    assert seqs.on_head(head(0, EPOCH2)) == p.Need()
+    seqs.subscribed(T0, first=True)
+    seqs.on_head(head(4), T0)
+    # later: a new life (the origin restarted, or a second origin with the same key): all of
+    # it, both followed
+    assert seqs.on_head(head(2, EPOCH2, issued=T0 + 60), T0 + 60) == fetch(1, 2, epoch=EPOCH2)
+    assert live(seqs, 1, EPOCH2, now=T0 + 60) == p.Need()
+    assert seqs.last == {(SIGNER, EPOCH): 4, (SIGNER, EPOCH2): 2}
+    # a final HEAD at what this edge has: that life is over, not awaited after a gap
+    seqs.on_head(head(4, final=True, issued=T0 + 61), T0 + 61)
+    assert seqs.last == {(SIGNER, EPOCH2): 2}
+    seqs.subscribed(T0 + 62, first=False)
+    assert seqs.pending == {(SIGNER, EPOCH2)}
+    seqs.on_head(head(2, EPOCH2, issued=T0 + 62), T0 + 62)
+    # silent for SILENT_S while this edge follows the channel: over (it heard all of it); if
+    # it speaks again it is read from 1 (its expired keys then empty the caches)
+    seqs.prune(T0 + 62 + p.SILENT_S + 1)
+    assert seqs.last == {}
+    assert seqs.on_head(head(3, EPOCH2, issued=T0 + 200), T0 + 200) == fetch(1, 2, 3, epoch=EPOCH2)
+    # just after emptying the caches: where each origin is (nothing cached to protect)
+    seqs.emptied(T0 + 300)
+    assert seqs.on_head(head(9, EPOCH, issued=T0 + 301), T0 + 301) == p.Need()
+    assert seqs.on_head(head(2, EPOCH2, issued=T0 + 302), T0 + 302) == p.Need()
+    assert seqs.last == {(SIGNER, EPOCH): 9, (SIGNER, EPOCH2): 2}
+    # bounded
+    few = p.PurgeSequence(max_lives=1)
+    few.subscribed(T0, first=True)
+    few.on_head(head(1), T0)
+    assert few.on_head(head(1, EPOCH2), T0).lost == "too_many_lives"
 
 
 def signed_at(issued: float, n: int) -> str:

@@ -468,8 +468,8 @@ class SeenPurges:
 # 13 made a list that "held a purge I knew" skip purges: trimmed, rolled back, or kept by
 # one origin only): every origin numbers its purges (epoch, seq) inside the signed body,
 # stores each under its own key (purge_key, PURGE_KEY_TTL_S) and publishes a signed HEAD
-# (its epoch and last number) every HEAD_EVERY_S. An edge knows, per signer, the last number
-# it has; a number it has not had is read from its key, and one that is not there (or not
+# (its epoch and last number) every HEAD_EVERY_S. An edge knows, per origin life (signer,
+# epoch), the last number it has; a number it has not had is read from its key, and one that is not there (or not
 # that purge) empties its caches: a hostile Redis can withhold a purge (the edges then empty
 # their caches), never make an edge skip one.
 PURGE_KEY_PREFIX = "blindfold:purge:"
@@ -488,6 +488,11 @@ HEAD_SKEW_S = 2.0
 # keys gone and empties the caches, as an edge that cannot know what it missed must)
 PURGE_KEY_TTL_S = 120
 MAX_FETCH = 1000  # purges read back after one gap; more: the caches are emptied
+MAX_LIVES = 256  # origins' lives an edge follows at once
+# after an edge first subscribes or empties its caches, the lives it hears of within this are
+# taken where they are (every origin's HEAD comes within HEAD_EVERY_S); later, from 1
+BASELINE_S = 3 * HEAD_EVERY_S
+SILENT_S = 30.0  # a life that said nothing this long (HEADs every 2 s) is over
 
 
 def purge_key(signer: str, epoch: str, seq: int) -> str:
@@ -561,77 +566,92 @@ class Need:
 
 
 class PurgeSequence:
-    """Sans-IO, an edge's side: per signing origin, the last (epoch, seq) it has. A purge or
-    HEAD past it: the numbers in between are read (`Need.fetch`). Lost (the caches must be
+    """Sans-IO, an edge's side: per life of a signing origin (signer, epoch), the last number
+    it has. A purge or HEAD past it: the numbers in between are read (`Need.fetch`). A life it
+    does not know (an origin started, or a second origin with the same key) is read from 1,
+    but in the BASELINE_S after this edge subscribed for the first time or emptied its caches
+    (nothing cached yet: every origin's first word is where it is). Lost (the caches must be
     emptied, then `emptied()`):
-    - `epoch_changed`: an origin started a new life while this edge had not seen the end of
-      the last one (a final HEAD at the number it had): its last purges may be unseen;
-    - `no_head`: after a reconnection, no fresh HEAD from an origin it has a number for within
-      HEAD_WAIT_S (an origin of an older version, that numbers nothing, is one);
-    - `gap_too_big` (more than MAX_FETCH to read), or from `check`: `missing` (a key not
-      there: expired, withheld, never written), or a key that is not that signed purge.
-    - `unknown_start`: the first word of an origin this edge had no number for comes after a
-      reconnection (the edge may have cached what it purged in the gap).
-    An origin with no number here yet (this edge just started, or emptied its caches: nothing
-    cached yet) takes the first one it hears on that connection as where it is."""
+    - `no_head`: after a reconnection, no fresh HEAD within HEAD_WAIT_S from a life it follows
+      (Redis withholds it; the origin stopped without its final HEAD; or it is an older
+      version that numbers nothing);
+    - `gap_too_big` (more than MAX_FETCH to read), `too_many_lives` (MAX_LIVES), or from
+      `check`: `missing` (a key not there: expired, withheld, never written), or a key that is
+      not that signed purge.
+    A life ends with its final HEAD (at the number this edge has), or SILENT_S without a word
+    while this edge follows the channel (it heard every purge that life published; if it
+    speaks again, it is read from 1, and its expired keys empty the caches)."""
 
-    def __init__(self, max_fetch: int = MAX_FETCH) -> None:
-        self.last: dict[str, tuple[str, int]] = {}
-        self.ended: dict[str, str] = {}  # signer -> the epoch it closed at `last`
-        self.pending: set[str] = set()  # signers whose fresh HEAD is awaited
+    def __init__(self, max_fetch: int = MAX_FETCH, max_lives: int = MAX_LIVES) -> None:
+        self.last: dict[tuple[str, str], int] = {}  # (signer, epoch) -> last number had
+        self.heard: dict[tuple[str, str], float] = {}  # -> when it last said something
+        self.pending: set[tuple[str, str]] = set()  # lives whose fresh HEAD is awaited
         self.fresh_after = 0.0
+        self.baseline_until = 0.0
         self.max_fetch = max_fetch
-        self.gapped = False  # the channel was lost since this edge started or emptied
+        self.max_lives = max_lives
 
-    def on_purge(self, signer: str, purge: Purge) -> Need:
+    def subscribed(self, now: float, first: bool) -> None:
+        """Subscribed at `now` (this edge's clock): for the first time, or again after losing
+        the channel (every life it follows must now say where it is)."""
+        if first:
+            self.baseline_until = now + BASELINE_S
+            return
+        self.pending = set(self.last)
+        self.fresh_after = now - HEAD_SKEW_S
+        self.baseline_until = 0.0
+
+    def on_purge(self, signer: str, purge: Purge, now: float) -> Need:
         """A verified purge heard on the channel (it is applied whatever this says)."""
         if not purge.seq:  # not numbered (an older origin): nothing proves continuity
-            self.last[signer] = ("", 0)
+            self.last[(signer, "")] = 0
+            self.heard[(signer, "")] = now
             return Need()
-        return self._to(signer, purge.epoch, purge.seq, purge.seq - 1)
+        return self._to((signer, purge.epoch), purge.seq, purge.seq - 1, now)
 
-    def on_head(self, head: Head) -> Need:
+    def on_head(self, head: Head, now: float) -> Need:
+        life = (head.signer, head.epoch)
         if head.issued >= self.fresh_after:
-            self.pending.discard(head.signer)
-        need = self._to(head.signer, head.epoch, head.seq, head.seq)
-        if head.final and not need.lost and self.last.get(head.signer) == (head.epoch, head.seq):
-            self.ended[head.signer] = head.epoch
+            self.pending.discard(life)
+        need = self._to(life, head.seq, head.seq, now)
+        if head.final and not need.lost and self.last.get(life) == head.seq:
+            del self.last[life], self.heard[life]  # ended, and this edge has all of it
         return need
 
-    def _to(self, signer: str, epoch: str, seq: int, fetch_to: int) -> Need:
-        base = self.last.get(signer)
-        if base is None and self.gapped:
-            return Need(lost="unknown_start")
-        if base is None:
-            self.last[signer] = (epoch, seq)
-            return Need()
-        if epoch == base[0]:
-            if seq <= base[1]:
-                return Need()  # had it: a replay, a stale HEAD
-            start = base[1] + 1
-        elif self.ended.get(signer) == base[0] and base[0]:
-            start = 1  # the last life ended at what this edge had: the new one from 1
+    def _to(self, life: tuple[str, str], seq: int, fetch_to: int, now: float) -> Need:
+        last = self.last.get(life)
+        if last is None:
+            # where it is (nothing before it was cached here), else from 1: a new life (or
+            # one forgotten), all of it
+            start = fetch_to + 1 if now < self.baseline_until else 1
+            if len(self.last) >= self.max_lives:
+                return Need(lost="too_many_lives")
+        elif seq <= last:
+            self.heard[life] = now
+            return Need()  # had it: a replay, a stale HEAD
         else:
-            return Need(lost="epoch_changed")
+            start = last + 1
         if fetch_to - start + 1 > self.max_fetch:
             return Need(lost="gap_too_big")
-        self.last[signer] = (epoch, seq)
-        self.ended.pop(signer, None)
-        return Need([(signer, epoch, n) for n in range(start, fetch_to + 1)])
-
-    def reconnected(self, subscribed: float) -> None:
-        """Subscribed again at `subscribed` (this edge's clock) after losing the channel:
-        every origin it has a number for must now say where it is."""
-        self.pending = set(self.last)
-        self.fresh_after = subscribed - HEAD_SKEW_S
-        self.gapped = True
+        self.last[life] = seq
+        self.heard[life] = now
+        return Need([(life[0], life[1], n) for n in range(start, fetch_to + 1)])
 
     def overdue(self) -> Need:
-        """HEAD_WAIT_S after `reconnected`: an origin that said nothing is a loss."""
+        """HEAD_WAIT_S after a reconnection: a life that said nothing is a loss."""
         if self.pending:
             self.pending = set()
             return Need(lost="no_head")
         return Need()
+
+    def prune(self, now: float) -> None:
+        """Forget the lives silent for SILENT_S (not while HEADs are awaited; never an
+        unnumbered one: it is what makes every reconnection empty the caches)."""
+        if self.pending:
+            return
+        for life, heard in list(self.heard.items()):
+            if life[1] and heard < now - SILENT_S:
+                del self.last[life], self.heard[life]
 
     def check(
         self,
@@ -657,9 +677,9 @@ class PurgeSequence:
             purges.append(purge)
         return purges, ""
 
-    def emptied(self) -> None:
-        """The caches were emptied: nothing before now matters."""
+    def emptied(self, now: float) -> None:
+        """The caches were emptied at `now`: nothing before matters."""
         self.last.clear()
-        self.ended.clear()
+        self.heard.clear()
         self.pending = set()
-        self.gapped = False
+        self.baseline_until = now + BASELINE_S

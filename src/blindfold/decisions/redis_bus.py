@@ -72,6 +72,7 @@ CHANNEL = "blindfold:decisions"
 RATE_PREFIX = "blindfold:rate:"
 RESYNC_S = 300.0
 WATCH_S = 1.0  # the origin checks that Redis still holds its decisions this often
+PRUNE_EVERY_S = 5.0  # an edge forgets origins' silent lives this often (PurgeSequence.prune)
 FETCH_BATCH = 20  # purge keys read per round trip (at most MAX_PURGE_BYTES each)
 RATE_WINDOW_S = 10
 BATCH = 500
@@ -461,7 +462,7 @@ class RedisFeed:
         except ProtocolError as exc:
             self._purge_dropped(exc.reason, str(exc))
             return None, Need()
-        need = self.seqs.on_purge(signer, purge)
+        need = self.seqs.on_purge(signer, purge, now)
         if self.on_purge is not None:
             self.on_purge(purge, "redis")
         return purge, need
@@ -472,7 +473,7 @@ class RedisFeed:
         except ProtocolError as exc:
             self._purge_dropped(f"head_{exc.reason}", str(exc))
             return Need()
-        return self.seqs.on_head(head)
+        return self.seqs.on_head(head, now)
 
     def _purge_dropped(self, reason: str, detail: str) -> None:
         self._count(f"purge_{reason}")
@@ -519,7 +520,7 @@ class RedisFeed:
         if lost:
             self._head_due = 0.0
             self._caught_up("lost", lost)
-            self.seqs.emptied()  # every cache emptied: what came before no longer matters
+            self.seqs.emptied(time.time())  # every cache emptied: nothing before matters
             if self.on_gap is not None:
                 self.on_gap()
 
@@ -600,10 +601,12 @@ class RedisFeed:
             subscribed = time.time()  # what is published from now on comes on the channel
             await pubsub.subscribe(CHANNEL)
             await self._sync(full=True)
-            if self._connected_before:  # every origin must now say where it is
-                self.seqs.reconnected(subscribed)
+            # after a reconnection every origin's life must now say where it is
+            self.seqs.subscribed(subscribed, first=not self._connected_before)
+            if self._connected_before:
                 self._head_due = time.monotonic() + HEAD_WAIT_S
             self._connected_before = True
+            next_prune = time.monotonic() + PRUNE_EVERY_S
             if not self.up:
                 self.up = True
                 self.log.emit("decisions_source_up", url=self.url, active=self.table.size)
@@ -618,6 +621,9 @@ class RedisFeed:
                         await self._settle(self.admit_purge(data, time.time())[1])
                     else:
                         self.admit(data, time.time())
+                if time.monotonic() >= next_prune:
+                    self.seqs.prune(time.time())
+                    next_prune = time.monotonic() + PRUNE_EVERY_S
                 if self._head_due and (not self.seqs.pending or time.monotonic() >= self._head_due):
                     self._head_due = 0.0
                     need = self.seqs.overdue()
