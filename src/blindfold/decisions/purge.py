@@ -469,9 +469,9 @@ class SeenPurges:
 # one origin only): every origin numbers its purges (epoch, seq) inside the signed body,
 # stores each under its own key (purge_key, PURGE_KEY_TTL_S) and publishes a signed HEAD
 # (its epoch and last number) every HEAD_EVERY_S. An edge knows, per origin life (signer,
-# epoch), the last number it has; a number it has not had is read from its key, and one that is not there (or not
-# that purge) empties its caches: a hostile Redis can withhold a purge (the edges then empty
-# their caches), never make an edge skip one.
+# epoch), the last number it has; a number it has not had is read from its key, and one that
+# is not there (or not that purge) empties its caches: a hostile Redis can withhold a purge
+# (the edges then empty their caches), never make an edge skip one.
 PURGE_KEY_PREFIX = "blindfold:purge:"
 HEAD_MAGIC = "bfh1"
 HEAD_PURPOSE = b"blindfold purge head v1\x00"
