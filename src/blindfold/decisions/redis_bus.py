@@ -501,8 +501,11 @@ class RedisFeed:
         if need.fetch and not lost:
             try:
                 values = await self._fetch(need.fetch)
-            except NoPermissionError:
-                values = [None] * len(need.fetch)
+            except (RedisError, OSError) as exc:
+                # the numbers were taken as had (PurgeSequence): unread, they are a loss
+                values = [exc] * len(need.fetch)
+                self.log.emit("purge_fetch_failed", source="redis", error=str(exc)[:200])
+            if any(isinstance(v, NoPermissionError) or "NOPERM" in str(v) for v in values):
                 self.log.emit(
                     "config_warning",
                     problem="the decisions' Redis ACL does not let this edge read the purges' "
