@@ -4,6 +4,7 @@ address, which paths a rule covers. Every refusal names its key."""
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 import pytest
@@ -310,3 +311,31 @@ def test_an_admin_token_file_others_can_read_is_refused(
         assert load_admin_token(str(token), "keyserver.admin_token_file") == (
             b"0123456789abcdef-admin"
         )
+
+
+def test_an_admin_token_file_must_be_a_file_owned_by_this_user_or_root(tmp_path: Path) -> None:
+    """Attack review of issue 13, 8: the owner was never checked (a 0600 token owned by
+    another user, who can rewrite it, was accepted), and the mode was stat()ed before the
+    file was read (a race). Now it is opened, then fstat()ed: a regular file, owned by this
+    process's user or root, bounded in size."""
+    token = tmp_path / "admin.token"
+    token.write_text("0123456789abcdef-admin\n")
+    token.chmod(0o600)
+    assert load_admin_token(str(token), "origin.admin_token_file") == b"0123456789abcdef-admin"
+    with pytest.raises(ConfigError, match="not a regular file"):
+        load_admin_token(str(tmp_path), "origin.admin_token_file")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(ConfigError, match="not a regular file"):  # and no wait for a writer
+        load_admin_token(str(fifo), "origin.admin_token_file")
+    big = tmp_path / "big.token"
+    big.write_text("x" * 5000)
+    big.chmod(0o600)
+    with pytest.raises(ConfigError, match="longer than"):
+        load_admin_token(str(big), "origin.admin_token_file")
+    if os.geteuid() != 0:
+        pytest.skip("changing a file's owner needs root")
+    os.chown(token, 65534, 65534)
+    with pytest.raises(ConfigError, match="owned by uid 65534") as err:
+        load_admin_token(str(token), "origin.admin_token_file")
+    assert err.value.key == "origin.admin_token_file"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -314,99 +315,152 @@ def test_an_answer_of_the_log_is_serialised_once() -> None:
     assert len(api._purge_answers) <= 64
 
 
-# ---------------------------------------------------------------- the Redis purge log
+# ---------------------------------------------------------------- numbered purges on Redis
+SIGNER = key_id(KEY.public_key())
+EPOCH, EPOCH2 = "a" * 16, "b" * 16
+
+
+def numbered(seq: int, epoch: str = EPOCH, issued: float = T0, key: Ed25519PrivateKey = KEY) -> str:
+    made = p.parse_purge(
+        {"urls": [f"example.com/{seq}"]}, id_=f"{seq:016x}", issued=issued, operator="alice"
+    )
+
+    return p.sign_purge(key, replace(made, epoch=epoch, seq=seq))
+
+
+def head(seq: int, epoch: str = EPOCH, issued: float = T0, final: bool = False) -> p.Head:
+    return p.open_head(p.sign_head(KEY, epoch, seq, issued, final), KEYS, issued)
+
+
+def live(seqs: p.PurgeSequence, seq: int, epoch: str = EPOCH, now: float = T0) -> p.Need:
+    signer, made = p.open_signed_purge(numbered(seq, epoch), KEYS, T0)
+    assert (signer, made.epoch, made.seq) == (SIGNER, epoch, seq)
+    return seqs.on_purge(signer, made, now)
+
+
+def fetch(*numbers: int, epoch: str = EPOCH) -> p.Need:
+    return p.Need([(SIGNER, epoch, n) for n in numbers])
+
+
+def test_numbered_purges_and_heads_are_signed_and_refused_when_not_the_origins() -> None:
+    h = head(7, final=True)
+    assert (h.signer, h.epoch, h.seq, h.final) == (SIGNER, EPOCH, 7, True)
+    text = p.sign_head(KEY, EPOCH, 7, T0)
+    assert p.is_signed_head(text) and not p.is_signed_purge(text)
+    with pytest.raises(ProtocolError) as err:  # stale: a replayed HEAD
+        p.open_head(text, KEYS, T0 + p.MAX_HEAD_AGE_S + 1)
+    assert err.value.reason == "expired"
+    magic, signer, _payload, sig = text.split(".")
+    other = p._b64(json.dumps({"epoch": EPOCH, "seq": 9, "issued": T0, "final": False}).encode())
+    with pytest.raises(ProtocolError) as err:  # renumbered: the number is signed
+        p.open_head(f"{magic}.{signer}.{other}.{sig}", KEYS, T0)
+    assert err.value.reason == "bad_signature"
+    with pytest.raises(ProtocolError) as err:  # a purge's signature is not a HEAD's
+        p.open_head(f"{magic}.{numbered(1).split('.', 1)[1]}", KEYS, T0)
+    assert err.value.reason == "bad_signature"
+    with pytest.raises(ProtocolError) as err:
+        p.open_head(p.sign_head(Ed25519PrivateKey.generate(), EPOCH, 1, T0), KEYS, T0)
+    assert err.value.reason == "unknown_signer"
+    # the number is inside the signed purge, and goes to the workers with it
+    made = p.open_purge(numbered(3), KEYS, T0)
+    assert (made.epoch, made.seq) == (EPOCH, 3)
+    assert p.purge_from_json(made.to_json()) == made
+
+
+def test_an_edge_follows_each_origins_numbers_and_reads_what_it_missed() -> None:
+    seqs = p.PurgeSequence()
+    seqs.subscribed(T0, first=True)
+    assert live(seqs, 5) == p.Need()  # the first heard, just started: where this origin is
+    assert live(seqs, 6) == p.Need()
+    assert live(seqs, 6) == p.Need()  # a replay
+    assert seqs.on_head(head(6), T0) == p.Need()
+    # a number skipped (a message lost, or the origin's write failed): read from its key
+    assert live(seqs, 9) == fetch(7, 8)
+    assert seqs.on_head(head(11), T0) == fetch(10, 11)
+    assert seqs.on_head(head(4), T0) == p.Need()  # stale
+    assert seqs.last == {(SIGNER, EPOCH): 11}
+    big = p.PurgeSequence(max_fetch=10)
+    big.subscribed(T0, first=True)
+    big.on_head(head(1), T0)
+    assert big.on_head(head(12), T0).lost == "gap_too_big"
+
+
+def test_the_keys_read_must_be_those_purges() -> None:
+    seqs = p.PurgeSequence()
+    wanted = [(SIGNER, EPOCH, 7), (SIGNER, EPOCH, 8)]
+    purges, lost = seqs.check(wanted, [numbered(7).encode(), numbered(8)], KEYS, T0 + 100)
+    assert lost == "" and [x.seq for x in purges] == [7, 8]  # old is fine: the number binds
+    cases: list[tuple[list[object], str]] = [
+        ([numbered(7), None], "missing"),  # withheld, expired, never written
+        ([numbered(7), b""], "missing"),
+        ([numbered(7), numbered(7)], "wrong_purge"),  # replayed under another number
+        ([numbered(7), numbered(8, EPOCH2)], "wrong_purge"),
+        ([numbered(7), numbered(8, key=Ed25519PrivateKey.generate())], "unknown_signer"),
+        ([numbered(7), b"x" * (p.MAX_PURGE_BYTES + 1)], "unsigned"),  # huge: refused
+        ([numbered(7), numbered(8, issued=T0 + 1000)], "expired"),  # from the future
+        ([numbered(7), 7], "missing"),
+    ]
+    for values, reason in cases:
+        assert seqs.check(wanted, values, KEYS, T0) == ([], reason), reason
+
+
+def test_after_a_reconnection_every_origin_must_say_where_it_is() -> None:
+    seqs = p.PurgeSequence()
+    seqs.subscribed(T0, first=True)
+    seqs.on_head(head(3), T0)
+    seqs.subscribed(T0 + 60, first=False)
+    assert seqs.pending == {(SIGNER, EPOCH)}
+    # a HEAD from before the gap (replayed) proves nothing
+    seqs.on_head(head(3, issued=T0 + 60 - p.HEAD_SKEW_S - 1), T0 + 60)
+    assert seqs.pending == {(SIGNER, EPOCH)}
+    assert seqs.on_head(head(5, issued=T0 + 61), T0 + 61) == fetch(4, 5)
+    assert seqs.pending == set() and seqs.overdue() == p.Need()
+    # an origin that says nothing (Redis withholds it, it crashed): lost
+    seqs.subscribed(T0 + 100, first=False)
+    assert seqs.overdue().lost == "no_head"
+    # an older origin that numbers nothing: every reconnection, however long ago it spoke
+    old = p.PurgeSequence()
+    old.subscribed(T0, first=True)
+    old.on_purge(SIGNER, p.open_purge(signed_at(T0, 1), KEYS, T0), T0)
+    old.prune(T0 + 10 * p.SILENT_S)
+    old.subscribed(T0 + 10 * p.SILENT_S, first=False)
+    assert old.pending == {(SIGNER, "")} and old.overdue().lost == "no_head"
+
+
+def test_an_origin_life_this_edge_does_not_know_is_read_from_its_first_purge() -> None:
+    seqs = p.PurgeSequence()
+    seqs.subscribed(T0, first=True)
+    seqs.on_head(head(4), T0)
+    # later: a new life (the origin restarted, or a second origin with the same key): all of
+    # it, both followed
+    assert seqs.on_head(head(2, EPOCH2, issued=T0 + 60), T0 + 60) == fetch(1, 2, epoch=EPOCH2)
+    assert live(seqs, 1, EPOCH2, now=T0 + 60) == p.Need()
+    assert seqs.last == {(SIGNER, EPOCH): 4, (SIGNER, EPOCH2): 2}
+    # a final HEAD at what this edge has: that life is over, not awaited after a gap
+    seqs.on_head(head(4, final=True, issued=T0 + 61), T0 + 61)
+    assert seqs.last == {(SIGNER, EPOCH2): 2}
+    seqs.subscribed(T0 + 62, first=False)
+    assert seqs.pending == {(SIGNER, EPOCH2)}
+    seqs.on_head(head(2, EPOCH2, issued=T0 + 62), T0 + 62)
+    # silent for SILENT_S while this edge follows the channel: over (it heard all of it); if
+    # it speaks again it is read from 1 (its expired keys then empty the caches)
+    seqs.prune(T0 + 62 + p.SILENT_S + 1)
+    assert seqs.last == {}
+    assert seqs.on_head(head(3, EPOCH2, issued=T0 + 200), T0 + 200) == fetch(1, 2, 3, epoch=EPOCH2)
+    # just after emptying the caches: where each origin is (nothing cached to protect)
+    seqs.emptied(T0 + 300)
+    assert seqs.on_head(head(9, EPOCH, issued=T0 + 301), T0 + 301) == p.Need()
+    assert seqs.on_head(head(2, EPOCH2, issued=T0 + 302), T0 + 302) == p.Need()
+    assert seqs.last == {(SIGNER, EPOCH): 9, (SIGNER, EPOCH2): 2}
+    # bounded
+    few = p.PurgeSequence(max_lives=1)
+    few.subscribed(T0, first=True)
+    few.on_head(head(1), T0)
+    assert few.on_head(head(1, EPOCH2), T0).lost == "too_many_lives"
+
+
 def signed_at(issued: float, n: int) -> str:
     made = p.parse_purge(
         {"urls": [f"example.com/{n}"]}, id_=f"{n:016x}", issued=issued, operator="alice"
     )
     return p.sign_purge(KEY, made)
-
-
-def catch_up(
-    log: list[object], heard: float, now: float, had_log: bool = True, known: tuple[str, ...] = ()
-) -> p.LogCatchUp:
-    """LogCatchUp driven as RedisFeed drives it, LRANGE done on a list in memory (Redis's
-    clamping of out-of-range indices included)."""
-    reader = p.LogCatchUp(KEYS, heard, now, had_log, len(log), frozenset(known))
-    pages = 0
-    while (indices := reader.page()) is not None:
-        start, stop = (i + len(log) for i in indices)
-        reader.feed(log[max(start, 0) : stop + 1] if stop >= 0 else [])
-        pages += 1
-        assert pages <= p.MAX_LOG_READ, "read without bound"
-    return reader
-
-
-def test_the_purge_log_gives_an_edge_what_it_missed_during_a_gap() -> None:
-    # purges every 10 s from T0; the edge heard Redis last at T0+100, is back at T0+120
-    log: list[object] = [signed_at(T0 + 10 * i, i) for i in range(15)]
-    reader = catch_up(log, heard=T0 + 100, now=T0 + 120)
-    assert reader.lost == ""
-    # those after the gap's start (heard - GAP_MARGIN_S = T0+85), oldest first; the one at
-    # T0+80 is the anchor (not applied); none before it was read
-    assert [x.id for x in reader.purges] == [f"{i:016x}" for i in range(9, 15)]
-    assert reader.read == 7  # newest first, stopped at the anchor: not the whole log
-    assert reader.dropped == {}
-
-
-def test_a_log_that_cannot_show_the_gap_empties_the_caches() -> None:
-    log: list[object] = [signed_at(T0 + 10 * i, i) for i in range(15)]
-    # trimmed past the gap (its oldest entry is newer than the gap's start)
-    assert catch_up(log[12:], heard=T0 + 100, now=T0 + 145).lost == "log_trimmed"
-    # ... unless this edge never saw a log: it began within the gap, all of it applies
-    fresh = catch_up(log[12:], heard=T0 + 100, now=T0 + 145, had_log=False)
-    assert fresh.lost == "" and len(fresh.purges) == 3
-    # gone (Redis lost its data) after this edge had seen it
-    assert catch_up([], heard=T0 + 100, now=T0 + 120).lost == "log_lost"
-    assert catch_up([], heard=T0 + 100, now=T0 + 120, had_log=False).lost == ""
-    # a gap longer than signatures live: not read at all
-    long_gap = catch_up(log, heard=T0 + 100, now=T0 + 100 + p.MAX_GAP_S + 1)
-    assert long_gap.lost == "gap_too_long" and long_gap.read == 0
-
-
-def test_a_hostile_log_is_never_applied_nor_read_without_bound() -> None:
-    good = signed_at(T0 + 110, 1)
-    magic, signer, _payload, sig = good.split(".")
-    other = p.parse_purge(
-        {"urls": ["example.com/everything"]}, id_="f" * 16, issued=T0 + 111, operator=""
-    )
-    forged = f"{magic}.{signer}.{p._b64(json.dumps(other.to_json()).encode())}.{sig}"
-    old_forged = p.sign_purge(Ed25519PrivateKey.generate(), purge(urls=["example.com/x"]))
-    future = signed_at(T0 + 120 + p.MAX_SIGNED_AGE_S + 5, 2)
-    log: list[object] = [
-        signed_at(T0, 0),  # the anchor
-        good,
-        forged,
-        "bfp1.unsigned",
-        old_forged,  # signed by nobody known: never an anchor
-        b"x" * (p.MAX_PURGE_BYTES + 1),
-        future,
-        7,
-    ]
-    reader = catch_up(log, heard=T0 + 100, now=T0 + 120)
-    assert [x.id for x in reader.purges] == [f"{1:016x}"]
-    assert reader.lost == ""
-    assert reader.dropped == {
-        "bad_signature": 1,
-        "unsigned": 3,
-        "unknown_signer": 1,
-        "expired": 1,
-    }
-    # a log longer than the origin keeps, with no anchor: read up to the bound, then lost
-    junk: list[object] = ["bfp1.junk"] * (p.MAX_LOG_READ * 3)
-    reader = catch_up(junk, heard=T0 + 100, now=T0 + 120)
-    assert reader.lost == "log_too_long" and reader.read == p.MAX_LOG_READ + 1
-    # ... and in bytes: a few huge entries
-    huge: list[object] = [b"y" * (8 << 20)] * 10
-    reader = catch_up(huge, heard=T0 + 100, now=T0 + 120)
-    assert reader.lost == "log_too_long" and reader.read <= 5
-
-
-def test_a_purge_the_edge_already_had_shows_the_log_covers_the_gap() -> None:
-    # the log began 5 s before the channel dropped: its first entry is within the gap's margin
-    log: list[object] = [signed_at(T0 + 95, 0), signed_at(T0 + 105, 1)]
-    assert catch_up(log, heard=T0 + 100, now=T0 + 110).lost == "log_trimmed"
-    # ... but this edge had received that first purge on the channel: nothing before it was
-    # trimmed that this edge missed, and the one after it is applied
-    reader = catch_up(log, heard=T0 + 100, now=T0 + 110, known=(f"{0:016x}",))
-    assert reader.lost == "" and [x.id for x in reader.purges] == [f"{1:016x}"]

@@ -8,11 +8,13 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any, cast
 
 import pytest
 
 from blindfold.errors import UpstreamError
 from blindfold.web.client import SharedCaps, UpstreamBusy, UpstreamPool
+from blindfold.web.proxy import interim_sender
 
 
 @pytest.fixture(autouse=True, params=["h11", "httptools"])
@@ -449,3 +451,27 @@ def test_an_upstream_that_keeps_sending_interim_responses_hits_a_total_deadline(
         await server.wait_closed()
 
     run(main)
+
+
+def test_an_interim_response_reaches_the_client_without_cache_tag() -> None:
+    """Attack review of issue 13, 6: a Cache-Tag in a 103 Early Hints reached visitors (the
+    final response's was stripped, the interim's not), on the origin's and the keyless
+    edge's paths alike: both send interims through interim_sender."""
+    sent: list[tuple[int, list[tuple[bytes, bytes]]]] = []
+
+    class Client:
+        async def interim(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+            sent.append((status, headers))
+
+    headers = [
+        (b"link", b"</s.css>; rel=preload"),
+        (b"cache-tag", b"secret-interim-tag"),
+        (b"Cache-Tag", b"other"),
+        (b"connection", b"close"),
+    ]
+
+    async def main() -> None:
+        await interim_sender(cast(Any, Client()))(103, headers)
+
+    asyncio.run(main())
+    assert sent == [(103, [(b"link", b"</s.css>; rel=preload")])]

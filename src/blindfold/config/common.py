@@ -6,7 +6,7 @@ import ipaddress
 import math
 import os
 import re
-from pathlib import Path
+import stat
 
 from blindfold.errors import ConfigError
 
@@ -155,8 +155,9 @@ def unspecified_listen(text: str) -> bool:
 ADMIN_TOKEN_DOC = (
     "File holding the admin listener's bearer token (at least 16 characters; clients send "
     "'Authorization: Bearer <token>'; the status page reads it from its URL's fragment, "
-    "'#token=...'). The file must be mode 0600 or 0640 (not writable by its group, nothing for "
-    "others), or the process refuses to start. Required when admin_listen is not a loopback "
+    "'#token=...'). The file must be a regular file owned by the process's user or root, mode "
+    "0600 or 0640 (not writable by its group, nothing for others), or the process refuses to "
+    "start. Required when admin_listen is not a loopback "
     "address; empty = no token."
 )
 
@@ -176,23 +177,46 @@ def admin_exposure(listen: str, token_file: str) -> str | None:
     )
 
 
+MAX_TOKEN_FILE_BYTES = 4096
+
+
 def load_admin_token(path: str, where: str) -> bytes | None:
-    """The admin token from its file (None when no file is set); ConfigError names `where`."""
+    """The admin token from its file (None when no file is set); ConfigError names `where`.
+    Opened, then checked on what was opened (fstat: no stat-then-read race): a regular file,
+    owned by this process's user or root, and like ssh with a private key, not readable by
+    others nor writable by its group (a token others can read or change is not secret;
+    group-read, 0640 for a service group, is allowed as for operator keys)."""
     if not path:
         return None
     try:
-        mode = os.stat(path).st_mode
-        token = Path(path).read_bytes().strip()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
         raise ConfigError(where, f"cannot read {path}: {exc}") from None
-    # like ssh with a private key: a token others can read (or its group change) is not secret;
-    # group-read (0640, a service group) is allowed, as for operator keys
-    if mode & 0o037:
-        raise ConfigError(
-            where,
-            f"{path} is mode {oct(mode & 0o777)}: the admin token must be readable by its owner "
-            "(and its group) only: chmod 600 (or 640)",
-        )
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(where, f"{path} is not a regular file")
+        mode = st.st_mode
+        if st.st_uid not in (os.geteuid(), 0):
+            raise ConfigError(
+                where,
+                f"{path} is owned by uid {st.st_uid}: the admin token must be owned by this "
+                f"process's user (uid {os.geteuid()}) or root (someone else can rewrite it)",
+            )
+        if mode & 0o037:
+            raise ConfigError(
+                where,
+                f"{path} is mode {oct(mode & 0o777)}: the admin token must be readable by its "
+                "owner (and its group) only: chmod 600 (or 640)",
+            )
+        token = os.read(fd, MAX_TOKEN_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(where, f"cannot read {path}: {exc}") from None
+    finally:
+        os.close(fd)
+    if len(token) > MAX_TOKEN_FILE_BYTES:
+        raise ConfigError(where, f"{path}: longer than {MAX_TOKEN_FILE_BYTES} bytes")
+    token = token.strip()
     if len(token) < 16 or not all(0x21 <= b < 0x7F for b in token):
         raise ConfigError(where, f"{path}: the token must be 16 or more printable characters")
     return token

@@ -30,8 +30,8 @@ import math
 import re
 import secrets
 from collections import OrderedDict
-from collections.abc import Container, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -62,6 +62,8 @@ CACHE_TAG_HEADER = b"cache-tag"
 _TAG = re.compile(r"[!#-+\--~]{1,128}")  # visible ASCII but for space, comma, and '"'
 _BLOB = re.compile(r"[0-9a-f]{32}(?:\.js|\.css)?")
 _HOST = re.compile(r"[a-z0-9._:\[\]-]{1,255}")
+_EPOCH = re.compile(r"[0-9a-f]{8,32}")
+MAX_SEQ = 1 << 53  # exact in JSON numbers
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +75,13 @@ class Purge:
     blobs: tuple[str, ...] = ()
     issued: float = 0.0
     operator: str = ""
+    # on Redis: the signing origin's life (a random id chosen at its start) and this purge's
+    # number in it (from 1), inside the signed body (PurgeSequence); 0: not numbered
+    epoch: str = ""
+    seq: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        obj: dict[str, Any] = {
             "id": self.id,
             "urls": list(self.urls),
             "prefixes": list(self.prefixes),
@@ -84,6 +90,9 @@ class Purge:
             "issued": self.issued,
             "operator": self.operator,
         }
+        if self.seq:
+            obj["epoch"], obj["seq"] = self.epoch, self.seq
+        return obj
 
     @property
     def size(self) -> int:
@@ -172,7 +181,21 @@ def purge_from_json(obj: Any) -> Purge:
         raise ProtocolError("bad_purge", "no issued time")
     if not math.isfinite(issued) or not isinstance(operator, str):
         raise ProtocolError("bad_purge", "bad issued time or operator")
-    return parse_purge(obj, id_=id_, issued=float(issued), operator=operator)
+    epoch, seq = _epoch_seq(obj)
+    rest = {k: v for k, v in obj.items() if k not in ("epoch", "seq")}
+    purge = parse_purge(rest, id_=id_, issued=float(issued), operator=operator)
+    return replace(purge, epoch=epoch, seq=seq) if seq else purge
+
+
+def _epoch_seq(obj: dict[str, Any]) -> tuple[str, int]:
+    if "seq" not in obj and "epoch" not in obj:
+        return "", 0
+    epoch, seq = obj.get("epoch"), obj.get("seq")
+    if not isinstance(epoch, str) or not _EPOCH.fullmatch(epoch):
+        raise ProtocolError("bad_purge", "bad epoch")
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq <= MAX_SEQ:
+        raise ProtocolError("bad_purge", "bad sequence number")
+    return epoch, seq
 
 
 def new_purge_id() -> str:
@@ -369,32 +392,53 @@ def open_purge(
     """Verify one signed purge against the origins' keys ({key id: key}). Raises ProtocolError:
     unsigned | unknown_signer | bad_signature | bad_purge | expired (issued more than
     `max_age_s` away from `now`)."""
-    if len(message) > MAX_PURGE_BYTES:
-        raise ProtocolError("unsigned", "too long to be a signed purge")
+    return open_signed_purge(message, keys, now, max_age_s)[1]
+
+
+def open_signed_purge(
+    message: bytes | str,
+    keys: dict[str, Ed25519PublicKey],
+    now: float,
+    max_age_s: float = MAX_SIGNED_AGE_S,
+) -> tuple[str, Purge]:
+    """open_purge, with the signer's key id: (signer, purge)."""
+    signer, obj = _open(message, keys, PURGE_MAGIC, PURGE_PURPOSE, MAX_PURGE_BYTES)
+    purge = purge_from_json(obj)
+    if abs(now - purge.issued) > max_age_s:
+        raise ProtocolError("expired", f"purge {purge.id} issued {purge.issued}")
+    return signer, purge
+
+
+def _open(
+    message: bytes | str,
+    keys: dict[str, Ed25519PublicKey],
+    magic: str,
+    purpose: bytes,
+    max_bytes: int,
+) -> tuple[str, Any]:
+    if len(message) > max_bytes:
+        raise ProtocolError("unsigned", f"too long to be a signed {magic}")
     if isinstance(message, bytes):
         try:
             message = message.decode("ascii")
         except UnicodeDecodeError:
             raise ProtocolError("unsigned", "not ASCII") from None
     parts = message.split(".")
-    if len(parts) != 4 or parts[0] != PURGE_MAGIC:
-        raise ProtocolError("unsigned", "not a bfp1 signed purge")
+    if len(parts) != 4 or parts[0] != magic:
+        raise ProtocolError("unsigned", f"not a {magic} signed message")
     _magic, signer, encoded, sig_text = parts
     key = keys.get(signer)
     if key is None:
         raise ProtocolError("unknown_signer", f"signer {signer[:20]!r}")
     try:
-        key.verify(_unb64(sig_text), PURGE_PURPOSE + f"{signer}.{encoded}".encode("ascii"))
+        key.verify(_unb64(sig_text), purpose + f"{signer}.{encoded}".encode("ascii"))
     except (ValueError, binascii.Error, InvalidSignature, UnicodeEncodeError):
         raise ProtocolError("bad_signature", f"signer {signer}") from None
     try:
         obj = json.loads(_unb64(encoded))
     except (ValueError, binascii.Error, RecursionError):
         raise ProtocolError("bad_purge", "signed payload is not JSON") from None
-    purge = purge_from_json(obj)
-    if abs(now - purge.issued) > max_age_s:
-        raise ProtocolError("expired", f"purge {purge.id} issued {purge.issued}")
-    return purge
+    return signer, obj
 
 
 class SeenPurges:
@@ -418,109 +462,224 @@ class SeenPurges:
         return True
 
 
-# ---------------------------------------------------------------- the Redis purge log
-# The origin pushes every signed purge onto a Redis list too (the same text as on the channel),
-# so that an edge that lost the channel a while reads what it missed instead of emptying its
-# caches. The list is trimmed from its head only (LTRIM), to the newest REDIS_LOG_ENTRIES and,
-# of what this origin pushed, REDIS_LOG_BYTES: so whatever the list holds, it holds every purge
-# issued after its first entry. It is not trimmed by age (entries older than MAX_SIGNED_AGE_S
-# no longer verify as purges): a list trimmed by age would empty and vanish when no purge is
-# made for a minute, which an edge could not tell from a Redis that lost its data, and its
-# first entry, older than an edge's gap, is what proves that the gap is covered. The age bound
-# is the edge's: it reads back from the newest entry only as far as its gap's start, and a gap
-# longer than MAX_GAP_S is not read at all (the purges at its start would no longer verify).
-REDIS_LOG_ENTRIES = MAX_PURGE_LOG
-REDIS_LOG_BYTES = MAX_PURGE_LOG_BYTES
-# between the edge's clock (when it last heard from Redis) and the origins' (`issued`): their
-# skew, and a message in flight when the connection dropped; re-reading a purge costs nothing
-# (the edge applies each id once)
-GAP_MARGIN_S = 15.0
-MAX_GAP_S = MAX_SIGNED_AGE_S - GAP_MARGIN_S
-LOG_PAGE = 20  # entries per LRANGE
-MAX_LOG_READ = REDIS_LOG_ENTRIES + 1  # a longer log (a hostile Redis) proves nothing
-MAX_LOG_READ_BYTES = 32 << 20
+# ---------------------------------------------------------------- numbered purges on Redis
+# Pub/sub loses what is published while an edge is not subscribed. What proves that an edge
+# missed nothing is what the origins sign, never what Redis holds (the attack review of issue
+# 13 made a list that "held a purge I knew" skip purges: trimmed, rolled back, or kept by
+# one origin only): every origin numbers its purges (epoch, seq) inside the signed body,
+# stores each under its own key (purge_key, PURGE_KEY_TTL_S) and publishes a signed HEAD
+# (its epoch and last number) every HEAD_EVERY_S. An edge knows, per origin life (signer,
+# epoch), the last number it has; a number it has not had is read from its key, and one that
+# is not there (or not that purge) empties its caches: a hostile Redis can withhold a purge
+# (the edges then empty their caches), never make an edge skip one.
+PURGE_KEY_PREFIX = "blindfold:purge:"
+HEAD_MAGIC = "bfh1"
+HEAD_PURPOSE = b"blindfold purge head v1\x00"
+MAX_HEAD_BYTES = 1024
+HEAD_EVERY_S = 2.0  # an origin publishes its HEAD this often
+MAX_HEAD_AGE_S = 10.0  # a HEAD issued longer ago (or later) than this is refused
+# after a reconnection an edge waits this long for a fresh HEAD of every origin it follows
+# (issued at most HEAD_SKEW_S before it subscribed again: clocks' skew); none: caches emptied
+HEAD_WAIT_S = 5.0
+HEAD_SKEW_S = 2.0
+# a purge's key lives this long: longer than MAX_SIGNED_AGE_S (a purge an edge could still
+# take from the channel is still there to read) and than the gaps an edge reconnects after
+# (it retries every second; a gap longer than about PURGE_KEY_TTL_S - HEAD_WAIT_S finds the
+# keys gone and empties the caches, as an edge that cannot know what it missed must)
+PURGE_KEY_TTL_S = 120
+MAX_FETCH = 1000  # purges read back after one gap; more: the caches are emptied
+MAX_LIVES = 256  # origins' lives an edge follows at once
+# after an edge first subscribes or empties its caches, the lives it hears of within this are
+# taken where they are (every origin's HEAD comes within HEAD_EVERY_S); later, from 1
+BASELINE_S = 3 * HEAD_EVERY_S
+SILENT_S = 30.0  # a life that said nothing this long (HEADs every 2 s) is over
 
 
-class LogCatchUp:
-    """Sans-IO: an edge back on Redis after a gap (it last heard from it at `heard`) reads the
-    purge log newest first, a page at a time (`page()` -> the LRANGE indices, `feed()` the
-    entries), and learns the purges it may have missed (`purges`, oldest first) and whether
-    the log covers the gap (`lost`: '' when it does, else why not; the edge then empties its
-    caches):
-    - the first verified entry this edge already had (`known`: received on the channel before
-      the gap; the origin pushes and publishes in one MULTI, so the list's order is the
-      channel's), or issued before the gap (minus GAP_MARGIN_S), proves it: the list is
-      trimmed from its head only, so every purge pushed after that one is in it;
-    - reaching the head of the list without one: if this edge had seen the log (or a purge on
-      the channel) before, the list was trimmed past the gap or made anew (Redis lost its
-      data): `log_trimmed`; otherwise the log began within the gap and is all applied;
-    - no list at all: `log_lost` if this edge had seen one (or a purge) before;
-    - `gap_too_long` (longer than MAX_GAP_S: its first purges no longer verify) and
-      `log_too_long` (more than MAX_LOG_READ entries or MAX_LOG_READ_BYTES read without an
-      answer: a hostile Redis does not make the edge read without bound).
-    Entries that do not verify (unsigned, unknown signer, forged, too long, issued in the
-    future) are dropped and counted by reason in `dropped`, never applied, never an anchor."""
+def purge_key(signer: str, epoch: str, seq: int) -> str:
+    return f"{PURGE_KEY_PREFIX}{signer}:{epoch}:{seq}"
 
-    def __init__(
-        self,
-        keys: dict[str, Ed25519PublicKey],
-        heard: float,
-        now: float,
-        had_log: bool,
-        length: int,
-        known: Container[str] = (),
-    ) -> None:
-        self.keys = keys
-        self.known = known
-        self.length_at_start = length
-        self.since = heard - GAP_MARGIN_S
-        self.now = now
-        self.had_log = had_log
-        self.purges: list[Purge] = []
-        self.dropped: dict[str, int] = {}
-        self.read = 0
-        self.bytes = 0
-        self.lost = ""
-        self.done = False
-        if now - heard > MAX_GAP_S:
-            self._end("gap_too_long")
-        elif length <= 0:
-            self._end("log_lost" if had_log else "")
 
-    def _end(self, lost: str) -> None:
-        self.lost, self.done = lost, True
-        self.purges.reverse()  # read newest first; applied oldest first
+@dataclass(frozen=True, slots=True)
+class Head:
+    """An origin's signed word: in life `epoch` it has made purges 1..`seq` (`final`: and it
+    is stopping; the next life's purges follow these)."""
 
-    def page(self) -> tuple[int, int] | None:
-        """The next LRANGE (start, stop), counted from the tail; None: done."""
-        if self.done:
-            return None
-        return -(self.read + LOG_PAGE), -(self.read + 1)
+    signer: str
+    epoch: str
+    seq: int
+    issued: float
+    final: bool = False
 
-    def feed(self, entries: Sequence[object]) -> None:
-        """One page's entries, as LRANGE answered them (head to tail)."""
-        if self.done:
+
+def new_epoch() -> str:
+    return secrets.token_hex(8)
+
+
+def sign_head(
+    key: Ed25519PrivateKey, epoch: str, seq: int, issued: float, final: bool = False
+) -> str:
+    signer = key_id(key.public_key())
+    body = {"epoch": epoch, "seq": seq, "issued": issued, "final": final}
+    payload = _b64(json.dumps(body, separators=(",", ":")).encode())
+    signature = key.sign(HEAD_PURPOSE + f"{signer}.{payload}".encode("ascii"))
+    return f"{HEAD_MAGIC}.{signer}.{payload}.{_b64(signature)}"
+
+
+def is_signed_head(message: bytes | str) -> bool:
+    prefix = HEAD_MAGIC + "."
+    if isinstance(message, bytes):
+        return message.startswith(prefix.encode())
+    return message.startswith(prefix)
+
+
+def open_head(
+    message: bytes | str,
+    keys: dict[str, Ed25519PublicKey],
+    now: float,
+    max_age_s: float = MAX_HEAD_AGE_S,
+) -> Head:
+    """Verify a signed HEAD. Raises ProtocolError as open_purge (bad_head for a bad body)."""
+    signer, obj = _open(message, keys, HEAD_MAGIC, HEAD_PURPOSE, MAX_HEAD_BYTES)
+    if not isinstance(obj, dict) or set(obj) != {"epoch", "seq", "issued", "final"}:
+        raise ProtocolError("bad_head", "not a head")
+    try:
+        epoch, seq = _epoch_seq(obj)
+    except ProtocolError:
+        raise ProtocolError("bad_head", "bad epoch or number") from None
+    issued, final = obj["issued"], obj["final"]
+    if isinstance(issued, bool) or not isinstance(issued, (int, float)):
+        raise ProtocolError("bad_head", "no issued time")
+    if not isinstance(final, bool) or not math.isfinite(issued):
+        raise ProtocolError("bad_head", "bad issued time or final")
+    if abs(now - issued) > max_age_s:
+        raise ProtocolError("expired", f"head {epoch}:{seq} issued {issued}")
+    return Head(signer, epoch, seq, float(issued), final)
+
+
+@dataclass(slots=True)
+class Need:
+    """What an edge must do after a message: read these purges' keys (signer, epoch, seq),
+    oldest first, then check them (PurgeSequence.check); or, `lost` (why), empty its caches."""
+
+    fetch: list[tuple[str, str, int]] = field(default_factory=list)
+    lost: str = ""
+
+
+class PurgeSequence:
+    """Sans-IO, an edge's side: per life of a signing origin (signer, epoch), the last number
+    it has. A purge or HEAD past it: the numbers in between are read (`Need.fetch`). A life it
+    does not know (an origin started, or a second origin with the same key) is read from 1,
+    but in the BASELINE_S after this edge subscribed for the first time or emptied its caches
+    (nothing cached yet: every origin's first word is where it is). Lost (the caches must be
+    emptied, then `emptied()`):
+    - `no_head`: after a reconnection, no fresh HEAD within HEAD_WAIT_S from a life it follows
+      (Redis withholds it; the origin stopped without its final HEAD; or it is an older
+      version that numbers nothing);
+    - `gap_too_big` (more than MAX_FETCH to read), `too_many_lives` (MAX_LIVES), or from
+      `check`: `missing` (a key not there: expired, withheld, never written), or a key that is
+      not that signed purge.
+    A life ends with its final HEAD (at the number this edge has), or SILENT_S without a word
+    while this edge follows the channel (it heard every purge that life published; if it
+    speaks again, it is read from 1, and its expired keys empty the caches)."""
+
+    def __init__(self, max_fetch: int = MAX_FETCH, max_lives: int = MAX_LIVES) -> None:
+        self.last: dict[tuple[str, str], int] = {}  # (signer, epoch) -> last number had
+        self.heard: dict[tuple[str, str], float] = {}  # -> when it last said something
+        self.pending: set[tuple[str, str]] = set()  # lives whose fresh HEAD is awaited
+        self.fresh_after = 0.0
+        self.baseline_until = 0.0
+        self.max_fetch = max_fetch
+        self.max_lives = max_lives
+
+    def subscribed(self, now: float, first: bool) -> None:
+        """Subscribed at `now` (this edge's clock): for the first time, or again after losing
+        the channel (every life it follows must now say where it is)."""
+        if first:
+            self.baseline_until = now + BASELINE_S
             return
-        for entry in reversed(entries):
-            self.read += 1
-            self.bytes += len(entry) if isinstance(entry, (bytes, str)) else 0
-            if self.read > MAX_LOG_READ or self.bytes > MAX_LOG_READ_BYTES:
-                self._end("log_too_long")
-                return
-            if not isinstance(entry, (bytes, str)):
-                self.dropped["unsigned"] = self.dropped.get("unsigned", 0) + 1
-                continue
-            try:
-                purge = open_purge(entry, self.keys, self.now, max_age_s=math.inf)
+        self.pending = set(self.last)
+        self.fresh_after = now - HEAD_SKEW_S
+        self.baseline_until = 0.0
+
+    def on_purge(self, signer: str, purge: Purge, now: float) -> Need:
+        """A verified purge heard on the channel (it is applied whatever this says)."""
+        if not purge.seq:  # not numbered (an older origin): nothing proves continuity
+            self.last[(signer, "")] = 0
+            self.heard[(signer, "")] = now
+            return Need()
+        return self._to((signer, purge.epoch), purge.seq, purge.seq - 1, now)
+
+    def on_head(self, head: Head, now: float) -> Need:
+        life = (head.signer, head.epoch)
+        if head.issued >= self.fresh_after:
+            self.pending.discard(life)
+        need = self._to(life, head.seq, head.seq, now)
+        if head.final and not need.lost and self.last.get(life) == head.seq:
+            del self.last[life], self.heard[life]  # ended, and this edge has all of it
+        return need
+
+    def _to(self, life: tuple[str, str], seq: int, fetch_to: int, now: float) -> Need:
+        last = self.last.get(life)
+        if last is None:
+            # where it is (nothing before it was cached here), else from 1: a new life (or
+            # one forgotten), all of it
+            start = fetch_to + 1 if now < self.baseline_until else 1
+            if len(self.last) >= self.max_lives:
+                return Need(lost="too_many_lives")
+        elif seq <= last:
+            self.heard[life] = now
+            return Need()  # had it: a replay, a stale HEAD
+        else:
+            start = last + 1
+        if fetch_to - start + 1 > self.max_fetch:
+            return Need(lost="gap_too_big")
+        self.last[life] = seq
+        self.heard[life] = now
+        return Need([(life[0], life[1], n) for n in range(start, fetch_to + 1)])
+
+    def overdue(self) -> Need:
+        """HEAD_WAIT_S after a reconnection: a life that said nothing is a loss."""
+        if self.pending:
+            self.pending = set()
+            return Need(lost="no_head")
+        return Need()
+
+    def prune(self, now: float) -> None:
+        """Forget the lives silent for SILENT_S (not while HEADs are awaited; never an
+        unnumbered one: it is what makes every reconnection empty the caches)."""
+        if self.pending:
+            return
+        for life, heard in list(self.heard.items()):
+            if life[1] and heard < now - SILENT_S:
+                del self.last[life], self.heard[life]
+
+    def check(
+        self,
+        wanted: Sequence[tuple[str, str, int]],
+        values: Sequence[object],
+        keys: dict[str, Ed25519PublicKey],
+        now: float,
+    ) -> tuple[list[Purge], str]:
+        """The keys' values as read (GETRANGE 0 MAX_PURGE_BYTES: at most one byte more than
+        a purge can be; b'' or None: no key) -> (the purges, oldest first; lost: '' or why)."""
+        purges = []
+        for (signer, epoch, seq), value in zip(wanted, values, strict=True):
+            if not value or not isinstance(value, (bytes, str)):
+                return [], "missing"
+            try:  # old is fine (the number binds it); from the future is not
+                got, purge = open_signed_purge(value, keys, now, max_age_s=math.inf)
             except ProtocolError as exc:
-                self.dropped[exc.reason] = self.dropped.get(exc.reason, 0) + 1
-                continue
-            if purge.id in self.known or purge.issued <= self.since:
-                self._end("")  # the anchor: everything after it is in the list
-                return
-            if purge.issued - self.now > MAX_SIGNED_AGE_S:
-                self.dropped["expired"] = self.dropped.get("expired", 0) + 1
-                continue
-            self.purges.append(purge)
-        if len(entries) < LOG_PAGE:  # the head of the list
-            self._end("log_trimmed" if self.had_log else "")
+                return [], exc.reason
+            if (got, purge.epoch, purge.seq) != (signer, epoch, seq):
+                return [], "wrong_purge"
+            if purge.issued - now > MAX_SIGNED_AGE_S:
+                return [], "expired"
+            purges.append(purge)
+        return purges, ""
+
+    def emptied(self, now: float) -> None:
+        """The caches were emptied at `now`: nothing before matters."""
+        self.last.clear()
+        self.heard.clear()
+        self.pending = set()
+        self.baseline_until = now + BASELINE_S

@@ -29,8 +29,8 @@ import asyncio
 import hashlib
 import itertools
 import time
-from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -42,12 +42,20 @@ from blindfold.core.ratelimit import TokenBucket
 from blindfold.decisions.bans import BanTable
 from blindfold.decisions.core import Decision, DecisionStore, ban_target
 from blindfold.decisions.purge import (
-    REDIS_LOG_BYTES,
-    REDIS_LOG_ENTRIES,
-    LogCatchUp,
+    HEAD_EVERY_S,
+    HEAD_WAIT_S,
+    MAX_PURGE_BYTES,
+    PURGE_KEY_TTL_S,
+    Need,
     Purge,
+    PurgeSequence,
+    is_signed_head,
     is_signed_purge,
-    open_purge,
+    new_epoch,
+    open_head,
+    open_signed_purge,
+    purge_key,
+    sign_head,
     sign_purge,
 )
 from blindfold.decisions.signed import (
@@ -61,12 +69,11 @@ from blindfold.obs.log import JsonLog
 
 PREFIX = "blindfold:decision:"
 CHANNEL = "blindfold:decisions"
-PURGE_LOG = "blindfold:purges"  # the signed purges, a list (decisions.purge.LogCatchUp)
 RATE_PREFIX = "blindfold:rate:"
 RESYNC_S = 300.0
 WATCH_S = 1.0  # the origin checks that Redis still holds its decisions this often
-MAX_KNOWN_PURGES = 2 * REDIS_LOG_ENTRIES
-HEARD_EVERY_S = 5.0  # an edge pings on its subscription this often (RedisFeed._heard)
+PRUNE_EVERY_S = 5.0  # an edge forgets origins' silent lives this often (PurgeSequence.prune)
+FETCH_BATCH = 20  # purge keys read per round trip (at most MAX_PURGE_BYTES each)
 RATE_WINDOW_S = 10
 BATCH = 500
 MAX_REPORTED = 50_000  # addresses whose shared total an edge follows within one window
@@ -132,12 +139,18 @@ class RedisPublisher:
         self.store = store  # what Redis must hold: checked every WATCH_S, written again if lost
         self.republished = 0
         self._watch: asyncio.Task[None] | None = None
-        self._purge_log = True  # False once the ACL refused it: purges on the channel only
-        self._pushed: deque[int] = deque(maxlen=REDIS_LOG_ENTRIES)  # sizes of our pushes
+        self._purge_keys = True  # False once the ACL refused them: purges on the channel only
+        # purges are numbered in this life of the origin (decisions.purge.PurgeSequence);
+        # the lock keeps their numbers in the order Redis gets them, HEADs after them
+        self.epoch = new_epoch()
+        self.seq = 0
+        self._purge_lock = asyncio.Lock()
+        self._heads: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         if self.store is not None:  # also when Redis is down now: it fills it once it is up
             self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
+        self._heads = asyncio.get_running_loop().create_task(self._head_loop())
         try:
             await self.redis.ping()
         except (RedisError, OSError) as exc:
@@ -231,49 +244,57 @@ class RedisPublisher:
         self._spawn(self._publish(d, body, now))
 
     def publish_purge(self, purge: Purge) -> None:
-        """A purge, signed, pushed onto the purge log (PURGE_LOG) and on the channel, at once
-        (MULTI): an edge that lost the channel a while reads what it missed from the log
-        (decisions.purge.LogCatchUp; docs/decisions.md)."""
-        self._spawn(self._publish_purge(sign_purge(self.signer.key, purge), purge.id))
+        """A purge, numbered in this origin's life, signed, stored under its own key (an edge
+        that lost the channel reads it there) and published on the channel, at once (MULTI)
+        (decisions.purge.PurgeSequence; docs/decisions.md)."""
+        self._spawn(self._publish_purge(purge))
 
-    def _log_keep(self, size: int) -> int:
-        """How many entries the log keeps after pushing one of `size` characters: the newest
-        REDIS_LOG_ENTRIES, fewer when the ones this origin pushed itself pass REDIS_LOG_BYTES
-        (another origin's pushes it cannot see; they count in the entries)."""
-        self._pushed.append(size)
-        total = 0
-        for n, pushed in enumerate(reversed(self._pushed), 1):
-            total += pushed
-            if total > REDIS_LOG_BYTES:
-                return max(1, n - 1)
-        return REDIS_LOG_ENTRIES
-
-    async def _publish_purge(self, body: str, what: str) -> None:
-        if self._purge_log:
-            try:
-                async with self.redis.pipeline(transaction=True) as pipe:
-                    pipe.rpush(PURGE_LOG, body)
-                    pipe.ltrim(PURGE_LOG, -self._log_keep(len(body)), -1)
-                    pipe.publish(CHANNEL, body)
-                    await pipe.execute()
-                return
-            except ResponseError as exc:
-                if "NOPERM" not in str(exc) and not isinstance(exc, NoPermissionError):
-                    self.errors += 1
-                    self.log.emit("redis_publish_failed", value=what, error=str(exc))
+    async def _publish_purge(self, purge: Purge) -> None:
+        async with self._purge_lock:
+            self.seq += 1
+            numbered = replace(purge, epoch=self.epoch, seq=self.seq)
+            body = sign_purge(self.signer.key, numbered)
+            key = purge_key(self.signer.signer, self.epoch, self.seq)
+            if self._purge_keys:
+                try:
+                    async with self.redis.pipeline(transaction=True) as pipe:
+                        pipe.set(key, body, ex=PURGE_KEY_TTL_S)
+                        pipe.publish(CHANNEL, body)
+                        await pipe.execute()
                     return
-                self._purge_log = False
-                self.log.emit(
-                    "config_warning",
-                    problem=f"the decisions' Redis ACL does not let the origin keep the purge "
-                    f"log ({PURGE_LOG}: rpush, ltrim): edges that lose the channel empty their "
-                    "caches (see docs/decisions.md)",
-                )
-            except (RedisError, OSError) as exc:
-                self.errors += 1
-                self.log.emit("redis_publish_failed", value=what, error=str(exc))
-                return
-        await self._publish_message(body, what)
+                except ResponseError as exc:
+                    if "NOPERM" not in str(exc) and not isinstance(exc, NoPermissionError):
+                        self.errors += 1
+                        self.log.emit("redis_publish_failed", value=purge.id, error=str(exc))
+                        return
+                    self._purge_keys = False
+                    self.log.emit(
+                        "config_warning",
+                        problem="the decisions' Redis ACL does not let the origin store its "
+                        "purges (SET blindfold:purge:*): edges that lose the channel empty "
+                        "their caches (see docs/decisions.md)",
+                    )
+                except (RedisError, OSError) as exc:
+                    self.errors += 1
+                    self.log.emit("redis_publish_failed", value=purge.id, error=str(exc))
+                    return
+            await self._publish_message(body, purge.id)
+
+    async def publish_head(self, final: bool = False) -> None:
+        """This origin's HEAD (its epoch and last purge's number), signed, on the channel."""
+        async with self._purge_lock:
+            head = sign_head(self.signer.key, self.epoch, self.seq, time.time(), final)
+            await self._publish_message(head, "head")
+
+    async def _head_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self.publish_head(), HEAD_EVERY_S)
+            except TimeoutError:
+                pass
+            except Exception as exc:  # the heads must outlive any one failure, and say so
+                self.log.emit("redis_head_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            await asyncio.sleep(HEAD_EVERY_S)
 
     async def _publish_message(self, body: str, what: str) -> None:
         try:
@@ -301,6 +322,16 @@ class RedisPublisher:
     async def close(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
+        if self._heads is not None:
+            self._heads.cancel()
+        # the last word of this life: edges that heard it take the next life's purges from 1
+        # instead of emptying their caches (the purges in flight first: the lock)
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=2.0)
+        try:
+            await asyncio.wait_for(self.publish_head(final=True), 2.0)
+        except (TimeoutError, RedisError, OSError):
+            pass
         for task in list(self.tasks):
             task.cancel()
         await self.redis.aclose()
@@ -357,18 +388,16 @@ class RedisFeed:
         self._max_digests = 2 * table.limits.max_bans + 10_000
         # purges (decisions.purge): signed by the same origins, on the same channel
         self.on_purge: Callable[[Purge, str], None] | None = None
-        # called when the channel was lost for a while and the origin's purge log cannot
-        # show what was missed (LogCatchUp): the master empties every cache unless an HTTPS
-        # stream carries a purge log
+        # called when this edge cannot show it has every purge the origins numbered
+        # (PurgeSequence): the master empties every cache unless an HTTPS stream carries a
+        # purge log
         self.on_gap: Callable[[], None] | None = None
         self._connected_before = False
-        # this edge has received everything published on the channel before `_heard`
-        self._heard = 0.0
-        self._had_log = False  # a purge log (or a purge) seen: its absence is a loss
-        self.caught_up = 0  # purges read from the log after reconnections
-        # ids of the purges this edge had from Redis, newest last: one still in the log shows
-        # that every purge pushed after it is too (LogCatchUp)
-        self._known: OrderedDict[str, None] = OrderedDict()
+        self.seqs = PurgeSequence()
+        self._head_due = 0.0  # monotonic: after a reconnection, the HEADs are awaited until
+        self._down_at = 0.0  # when the channel was lost (this edge's clock)
+        self._caught_up_now = 0
+        self.caught_up = 0  # purges read from their keys after gaps
 
     async def run(self) -> None:
         while True:
@@ -389,6 +418,8 @@ class RedisFeed:
                 enforcing=self.table.size,
             )
         self.up = False
+        if not self._down_at:
+            self._down_at = time.time()
 
     def admit(self, body: bytes | str, now: float) -> SignedDecision | None:
         """One decision or lift read from Redis: believed only if signed by a known origin."""
@@ -422,88 +453,91 @@ class RedisFeed:
         self.log.log("decision_lifted", source="redis", value=d.value, signer=d.signer)
         return d
 
-    def admit_purge(self, body: bytes | str, now: float) -> Purge | None:
+    def admit_purge(self, body: bytes | str, now: float) -> tuple[Purge | None, Need]:
         """A purge from the channel: applied only if signed by a known origin, and recent
-        (older ones are replays: decisions.purge.MAX_SIGNED_AGE_S)."""
+        (older ones are replays: decisions.purge.MAX_SIGNED_AGE_S); and what its number says
+        this edge missed."""
         try:
-            purge = open_purge(body, self.verifier.keys, now)
+            signer, purge = open_signed_purge(body, self.verifier.keys, now)
         except ProtocolError as exc:
             self._purge_dropped(exc.reason, str(exc))
-            return None
-        self._had_log = True  # the origin pushed it onto the log too (or keeps none: then
-        # every gap is a loss, as it is)
-        self._remember(purge.id)
+            return None, Need()
+        need = self.seqs.on_purge(signer, purge, now)
         if self.on_purge is not None:
             self.on_purge(purge, "redis")
-        return purge
+        return purge, need
 
-    def _remember(self, purge_id: str) -> None:
-        self._known[purge_id] = None
-        self._known.move_to_end(purge_id)
-        while len(self._known) > MAX_KNOWN_PURGES:
-            self._known.popitem(last=False)
+    def admit_head(self, body: bytes | str, now: float) -> Need:
+        try:
+            head = open_head(body, self.verifier.keys, now)
+        except ProtocolError as exc:
+            self._purge_dropped(f"head_{exc.reason}", str(exc))
+            return Need()
+        return self.seqs.on_head(head, now)
 
     def _purge_dropped(self, reason: str, detail: str) -> None:
         self._count(f"purge_{reason}")
         if self._drop_log.allow(time.monotonic()):
             self.log.emit("purge_dropped", source="redis", reason=reason, detail=detail[:200])
 
-    async def _catch_up(self, reconnected: bool) -> None:
-        """After a reconnection: the purges published while the channel was lost, from the
-        origin's purge log (LogCatchUp), or every cache emptied (on_gap) when the log cannot
-        show them. At the first connection only whether the log exists is noted."""
-        reader: LogCatchUp | None = None
-        try:
-            length = int(await self.redis.llen(PURGE_LOG))
-            if reconnected:
-                now = time.time()
-                reader = LogCatchUp(
-                    self.verifier.keys, self._heard, now, self._had_log, length, self._known
+    async def _fetch(self, wanted: list[tuple[str, str, int]]) -> list[object]:
+        """The values of these purges' keys, FETCH_BATCH per round trip, each read with
+        GETRANGE 0 MAX_PURGE_BYTES: one byte more than a purge can be, however large the
+        value (an origin's Redis user can SET 500 MB there; the edge reads 512 KiB)."""
+        values: list[object] = []
+        for i in range(0, len(wanted), FETCH_BATCH):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for signer, epoch, seq in wanted[i : i + FETCH_BATCH]:
+                    pipe.getrange(purge_key(signer, epoch, seq), 0, MAX_PURGE_BYTES)
+                values += await pipe.execute(raise_on_error=False)
+            if any(not isinstance(v, bytes) or not v for v in values):
+                break  # one missing is a loss: the rest need not be read
+        return values + [None] * (len(wanted) - len(values))
+
+    async def _settle(self, need: Need) -> None:
+        """Do what `need` says: read and apply the purges this edge missed, or empty every
+        cache (on_gap) when it cannot show it has them."""
+        lost = need.lost
+        if need.fetch and not lost:
+            try:
+                values = await self._fetch(need.fetch)
+            except (RedisError, OSError) as exc:
+                # the numbers were taken as had (PurgeSequence): unread, they are a loss
+                values = [exc] * len(need.fetch)
+                self.log.emit("purge_fetch_failed", source="redis", error=str(exc)[:200])
+            if any(isinstance(v, NoPermissionError) or "NOPERM" in str(v) for v in values):
+                self.log.emit(
+                    "config_warning",
+                    problem="the decisions' Redis ACL does not let this edge read the purges' "
+                    "keys (blindfold:purge:*: getrange): it empties its caches after every gap "
+                    "(see docs/decisions.md)",
                 )
-                while (indices := reader.page()) is not None:
-                    entries = await self.redis.lrange(PURGE_LOG, *indices)
-                    reader.feed(entries if isinstance(entries, list) else [])
-            self._had_log = self._had_log or length > 0
-            lost = reader.lost if reader is not None else ""
-        except NoPermissionError:
-            lost = "log_not_readable"
-            self.log.emit(
-                "config_warning",
-                problem=f"the decisions' Redis ACL does not let this edge read the purge log "
-                f"({PURGE_LOG}: llen, lrange): it empties its caches after every reconnection "
-                "(see docs/decisions.md)",
-            )
-        except ResponseError as exc:  # not a list: a foreign (or hostile) writer
-            lost = "log_not_a_list"
-            self.log.emit("purge_log_unreadable", source="redis", error=str(exc)[:200])
-        if not reconnected:
-            return
-        purges = reader.purges if reader is not None else []
-        if reader is not None:
-            for reason, n in reader.dropped.items():
-                self.polls[f"purge_log_{reason}"] = self.polls.get(f"purge_log_{reason}", 0) + n
-                if self._drop_log.allow(time.monotonic()):
-                    self.log.emit("purge_dropped", source="redis_log", reason=reason, entries=n)
-        self.caught_up += len(purges)
-        for purge in purges:
-            self._remember(purge.id)
+            purges, lost = self.seqs.check(need.fetch, values, self.verifier.keys, time.time())
+            if lost:
+                self._count(f"purge_fetch_{lost}")
+            self.caught_up += len(purges)
+            self._caught_up_now += len(purges)
+            if self.on_purge is not None:
+                for purge in purges:
+                    self.on_purge(purge, "redis")
+        if lost:
+            self._head_due = 0.0
+            self._caught_up("lost", lost)
+            self.seqs.emptied(time.time())  # every cache emptied: nothing before matters
+            if self.on_gap is not None:
+                self.on_gap()
+
+    def _caught_up(self, how: str, lost: str = "") -> None:
         self.log.emit(
             "purge_log_read",
             source="redis",
-            gap_s=round(time.time() - self._heard, 1),
-            purges=len(purges),
-            read=reader.read if reader is not None else 0,
+            how=how,
+            gap_s=round(time.time() - self._down_at, 1) if self._down_at else 0.0,
+            purges=self._caught_up_now,
             lost=lost,
         )
-        if self.on_purge is not None:
-            for purge in purges:
-                self.on_purge(purge, "redis")
-        if lost:
-            # every cache emptied: what came before no longer matters, the log as it is now
-            # (perhaps none: Redis lost it) is where the next gap is measured from
-            self._had_log = bool(reader is not None and reader.length_at_start)
-            if self.on_gap is not None:
-                self.on_gap()
+        self._caught_up_now = 0
+        self._down_at = 0.0
 
     def _dropped(self, reason: str, detail: str) -> None:
         self.table.refuse(reason)
@@ -570,32 +604,36 @@ class RedisFeed:
             subscribed = time.time()  # what is published from now on comes on the channel
             await pubsub.subscribe(CHANNEL)
             await self._sync(full=True)
-            await self._catch_up(self._connected_before)
+            # after a reconnection every origin's life must now say where it is
+            self.seqs.subscribed(subscribed, first=not self._connected_before)
+            if self._connected_before:
+                self._head_due = time.monotonic() + HEAD_WAIT_S
             self._connected_before = True
-            self._heard = subscribed
-            ping_sent, next_ping = 0.0, time.monotonic() + HEARD_EVERY_S
+            next_prune = time.monotonic() + PRUNE_EVERY_S
             if not self.up:
                 self.up = True
                 self.log.emit("decisions_source_up", url=self.url, active=self.table.size)
             next_sync = time.monotonic() + RESYNC_S
             while True:
-                if not ping_sent and time.monotonic() >= next_ping:
-                    # a PING on the subscription: its answer comes after every message
-                    # published before Redis read it, so when it comes, this edge has heard
-                    # everything published up to `ping_sent` (an idle connection says
-                    # nothing, and one that silently died looks the same)
-                    ping_sent = time.time()
-                    await pubsub.ping()
-                    next_ping = time.monotonic() + HEARD_EVERY_S
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                if message is not None and message.get("type") == "pong" and ping_sent:
-                    self._heard, ping_sent = ping_sent, 0.0
-                elif message is not None and message.get("type") == "message":
+                if message is not None and message.get("type") == "message":
                     data = message["data"]
-                    if is_signed_purge(data):
-                        self.admit_purge(data, time.time())
+                    if is_signed_head(data):
+                        await self._settle(self.admit_head(data, time.time()))
+                    elif is_signed_purge(data):
+                        await self._settle(self.admit_purge(data, time.time())[1])
                     else:
                         self.admit(data, time.time())
+                if time.monotonic() >= next_prune:
+                    self.seqs.prune(time.time())
+                    next_prune = time.monotonic() + PRUNE_EVERY_S
+                if self._head_due and (not self.seqs.pending or time.monotonic() >= self._head_due):
+                    self._head_due = 0.0
+                    need = self.seqs.overdue()
+                    if need.lost:
+                        await self._settle(need)
+                    else:
+                        self._caught_up("heads")
                 if time.monotonic() >= next_sync:
                     await self._sync(full=False)
                     next_sync = time.monotonic() + RESYNC_S

@@ -45,7 +45,19 @@ class RemoteRules(Protocol):
 
     def request(self, ip: str, path: bytes, now: float, reporter: Reporter | None) -> None: ...
 
-    def block(self, ip: str, now: float, reporter: Reporter | None) -> None: ...
+    def block(self, ip: str, now: float, reporter: Reporter | None, label: str = "") -> None:
+        """`label`: the blocked path's (path_label), counted by the master (count_waf_path)."""
+
+
+def count_waf_path(stats: dict[str, Any], paths: TopLabels, label: str, now: float) -> None:
+    """One WAF block of a path, in its `waf_path:<label>` counter; only in the process that
+    holds the one TopLabels (the master with workers: workers send the label with the block),
+    so a counter dropped when its label leaves is not one that others still add to (a summed
+    series that went down while exported: attack review of issue 13, finding 7)."""
+    label, left = paths.observe(label, now)
+    if left is not None:  # its series ends (TopLabels): a counter never goes down
+        stats.pop(f"waf_path:{left}", None)
+    stats[f"waf_path:{label}"] = stats.get(f"waf_path:{label}", 0) + 1
 
 
 class OriginGate:
@@ -200,13 +212,11 @@ class OriginGate:
         self._count("waf_blocks")
         for rule in verdict.rule_ids:
             self._count(f"waf_rule:{rule}")
-        label, left = self.waf_paths.observe(path_label(request.path), time.time())
-        if left is not None:  # its series ends (TopLabels): a counter never goes down
-            self.stats.pop(f"waf_path:{left}", None)
-        self._count(f"waf_path:{label}")
-        if self.remote is not None:
-            self.remote.block(request.client[0], time.time(), reporter)
+        label = path_label(request.path)
+        if self.remote is not None:  # the master counts the path (one TopLabels for all)
+            self.remote.block(request.client[0], time.time(), reporter, label)
         else:
+            count_waf_path(self.stats, self.waf_paths, label, time.time())
             ban = self.rules.on_block(request.client[0], time.time())
             if ban is not None:
                 self.ban(*ban, reporter)

@@ -43,6 +43,7 @@ from blindfold.obs.log import JsonLog
 from blindfold.origin import allocator
 from blindfold.origin.agent import OriginAgent
 from blindfold.origin.edges import Reporter
+from blindfold.origin.gate import count_waf_path
 
 READY_TIMEOUT_S = 30.0
 STATS_TIMEOUT_S = 2.0
@@ -233,6 +234,8 @@ class OriginMaster:
             except (TypeError, ValueError):
                 continue
             if kind == "b":
+                if path:  # the blocked path's label: counted here, in the one TopLabels
+                    count_waf_path(agent.stats, agent.waf_paths, str(path), now)
                 ban = rules.on_block(str(ip), now)
             elif kind == "r":
                 ban = rules.on_request(str(ip), str(path).encode("latin-1", "replace"), now)

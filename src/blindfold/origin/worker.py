@@ -62,8 +62,8 @@ class MasterLink:
                 self._add(["r", ip, now, reporter, text])
                 return
 
-    def block(self, ip: str, now: float, reporter: Reporter | None) -> None:
-        self._add(["b", ip, now, reporter, ""])
+    def block(self, ip: str, now: float, reporter: Reporter | None, label: str = "") -> None:
+        self._add(["b", ip, now, reporter, label])
 
     def _add(self, event: list[Any]) -> None:
         reporter: Reporter | None = event[3]

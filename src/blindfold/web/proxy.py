@@ -99,16 +99,22 @@ async def iterate(first: list[bytes], body: BodyStream) -> AsyncIterator[bytes]:
         yield chunk
 
 
+_CACHE_TAG = b"cache-tag"  # decisions.purge.CACHE_TAG_HEADER (web does not import decisions)
+
+
 def interim_sender(respond: Responder) -> Callable[[int, Headers], Awaitable[None]]:
     """Passes an upstream's interim (1xx: 103 Early Hints, 102) responses on to the client,
-    hop-by-hop fields removed, where the client's protocol can carry them (HTTP/1.1, HTTP/2
-    responders have `interim`); nothing is kept of them."""
+    hop-by-hop fields removed, and `Cache-Tag` (the origin's purge tags are for the edges'
+    caches, never for visitors: stripped from the final response too), where the client's
+    protocol can carry them (HTTP/1.1, HTTP/2 responders have `interim`); nothing is kept of
+    them. Every proxy path (the origin agent's, the keyless edge's) sends interims here."""
 
     async def send(status: int, headers: Headers) -> None:
         forward = getattr(respond, "interim", None)
         if forward is not None:
+            kept = [(k, v) for k, v in strip_hop_by_hop(headers) if k.lower() != _CACHE_TAG]
             with contextlib.suppress(ConnectionError):
-                await forward(status, strip_hop_by_hop(headers))
+                await forward(status, kept)
 
     return send
 
