@@ -431,3 +431,111 @@ def test_a_refused_head_closes_the_connection(bad: str) -> None:
     assert transport.closed
     assert b"second" not in b"".join(transport.writes)
     assert seen == [b"/first"]
+
+
+class _NowHandler:
+    """Answers requests for /now* at once (`answer_now`, as the keyless cache hit does), the
+    others in a Task; `plain` is the same handler without `answer_now` (the reference)."""
+
+    def __init__(self) -> None:
+        self.head = PreparedHead(200, [(b"content-type", b"text/plain")])
+        self.tasks = 0
+        self.now = 0
+        self.fail = False
+
+    async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
+        self.tasks += 1
+        await start_prepared(respond, self.head, [(b"x-t", request.target)])
+        await respond.send(b"body " + request.target)
+        await respond.end()
+
+    def answer_now(self, request: Request, respond: H1Responder) -> bool:
+        if self.fail:
+            raise RuntimeError("bug")
+        if not request.target.startswith(b"/now") or not respond.can_answer_now:
+            return False
+        self.now += 1
+        respond.start_prepared_now(self.head, [(b"x-t", request.target)])
+        respond.send_now(b"body " + request.target)
+        respond.end_now()
+        return True
+
+
+def _serve_pipelined(handler: Any, data: bytes, eof: bool, n: int) -> MemoryTransport:
+    async def main() -> MemoryTransport:
+        info = ConnInfo(("127.0.0.1", 1), ("127.0.0.1", 2), b"http", {})
+        conn = H1Connection(handler, LIMITS, info)
+        transport = MemoryTransport()
+        conn.connection_made(transport)
+        conn.data_received(data)
+        if eof:
+            conn.eof_received()
+        for _ in range(20 * n):
+            await asyncio.sleep(0)
+            if b"".join(transport.writes).count(b"HTTP/1.1 200") == n and (
+                transport.closed or not eof
+            ):
+                break
+        closed = transport.closed  # by the connection itself
+        conn._close()
+        transport.closed = closed
+        return transport
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("every", [3, 0])
+@pytest.mark.parametrize("eof", [False, True])
+def test_answer_now_writes_what_the_task_writes_and_never_recurses(eof: bool, every: int) -> None:
+    """A handler's `answer_now` answers whole bodiless requests without a Task (issue 19):
+    2000 pipelined requests in one read (every third declined and run in a Task, or none)
+    are answered in order with the bytes the same handler writes without `answer_now`;
+    pipelined answers go through the loop (no recursion per request: 2000 overflow it)."""
+    n = 2000
+    data = b"".join(
+        b"GET /%s%d HTTP/1.1\r\nHost: a\r\n\r\n"
+        % (b"task" if every and i % every == 0 else b"now", i)
+        for i in range(n)
+    )
+    fast = _NowHandler()
+    got = _serve_pipelined(fast, data, eof, n)
+    plain = _NowHandler()
+    want = _serve_pipelined(plain.__call__, data, eof, n)
+    assert b"".join(got.writes) == b"".join(want.writes)
+    assert b"".join(got.writes).count(b"HTTP/1.1 200 OK") == n
+    tasks = (n + every - 1) // every if every else 0
+    assert (fast.now, fast.tasks) == (n - tasks, tasks)
+    assert got.closed == want.closed == ("close" if eof else "")
+
+
+def test_answer_now_answers_before_the_loop_runs_again() -> None:
+    async def main() -> tuple[H1Connection, MemoryTransport, _NowHandler]:
+        handler = _NowHandler()
+        info = ConnInfo(("127.0.0.1", 1), ("127.0.0.1", 2), b"http", {})
+        conn = H1Connection(handler, LIMITS, info)
+        transport = MemoryTransport()
+        conn.connection_made(transport)
+        conn.data_received(b"GET /now HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert conn.task is None and transport.writes  # written, no Task, no loop turn
+        assert conn.phase == 0  # IDLE: ready for the next request
+        conn.write_paused = True  # a full write buffer: the next one waits in a Task
+        conn.data_received(b"GET /now2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert conn.task is not None and handler.now == 1
+        conn.resume_writing()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        conn._close()
+        return conn, transport, handler
+
+    _conn, transport, handler = asyncio.run(main())
+    assert (handler.now, handler.tasks) == (1, 1)
+    assert b"".join(transport.writes).count(b"HTTP/1.1 200 OK") == 2
+
+
+def test_answer_now_raising_is_a_500_and_a_close() -> None:
+    handler = _NowHandler()
+    handler.fail = True
+    transport, events = run(H1Connection, b"GET /now HTTP/1.1\r\nHost: a\r\n\r\n", handler)
+    out = b"".join(transport.writes)
+    assert out.startswith(b"HTTP/1.1 500 ") and b"content-length: 0" in out.lower()
+    assert transport.closed == "close" and [n for n, _ in events][:1] == ["handler_error"]

@@ -261,3 +261,32 @@ def test_any_target_parses_or_is_400(method: bytes, raw: bytes) -> None:
         assert target.path == b"*" or canonical_path(target.path) == target.path
         reparsed = parse_target(method, target.origin_form)
         assert reparsed.path == target.path and reparsed.query == target.query
+
+
+def test_remembered_parsing_is_bounded_and_answers_as_the_parser() -> None:
+    """parse_target, check_authority and host_of remember valid answers (issue 19: a keep-alive
+    connection parses the same target and host again and again): at most 1,024 of each, never
+    an error (a bad value is refused each time), never a long target."""
+    import blindfold.web.target as t
+
+    for memo in (t._parse_target_memo, t._check_authority_memo, host_of):
+        assert memo.cache_info().maxsize == 1024
+    for i in range(3000):
+        assert parse_target(b"GET", b"/p%d?q" % i) == t._parse_target(b"GET", b"/p%d?q" % i)
+        assert check_authority(b"h%d.test:8443" % i) == b"h%d.test:8443" % i
+        assert host_of(b"H%d.test:8443" % i) == f"h{i}.test"
+    assert t._parse_target_memo.cache_info().currsize <= 1024
+    assert t._check_authority_memo.cache_info().currsize <= 1024
+    for _ in range(2):  # a refusal is not remembered as an answer
+        with pytest.raises(ProtocolError):
+            parse_target(b"GET", b"/a#frag")
+        with pytest.raises(ProtocolError):
+            check_authority(b"bad host")
+    long = b"/" + b"a" * 600
+    before = t._parse_target_memo.cache_info()
+    parse_target(b"GET", long)
+    parse_target(b"GET", long)
+    after = t._parse_target_memo.cache_info()
+    assert (after.hits, after.misses) == (before.hits, before.misses)  # not kept: too long
+    # the memo hands back the same immutable answer
+    assert parse_target(b"GET", b"/x?y") is parse_target(b"GET", b"/x?y")

@@ -128,6 +128,12 @@ class H1Connection(asyncio.Protocol):
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.handler = handler
+        # a handler's synchronous answer to a request without a body (`answer_now`: a cache
+        # hit), tried when the whole request is in; a Task per request otherwise
+        self.answer_now: Callable[[Request, H1Responder], bool] | None = getattr(
+            handler, "answer_now", None
+        )
+        self.deferred: tuple[Request, BodyStream, H1Responder] | None = None
         self.limits = limits
         self.info = info
         self.on_event = on_event or (lambda _e, _f: None)
@@ -436,6 +442,10 @@ class H1Connection(asyncio.Protocol):
                     self.body.end()
                 self.phase = HANDLING
                 self._cancel_timer()
+                deferred = self.deferred
+                if deferred is not None:
+                    self.deferred = None
+                    self._answer(*deferred)
             elif kind == _ERR:
                 self._bad(*payload)
                 return
@@ -507,7 +517,45 @@ class H1Connection(asyncio.Protocol):
         responder = self.responder = H1Responder(
             self, head=event.method == b"HEAD", http10=event.version == "1.0"
         )
+        if (
+            self.answer_now is not None
+            and not length
+            and not event.chunked
+            and self.events
+            and self.events[0][0] == _END
+        ):
+            self.deferred = (
+                request,
+                self.body,
+                responder,
+            )  # its end is next: answered there (_answer)
+            return
         self.task = self.loop.create_task(self._run(request, self.body, responder))
+
+    def _answer(self, request: Request, body: BodyStream, responder: H1Responder) -> None:
+        """A whole request without a body: the handler's `answer_now` may answer it at once
+        (no Task, no await: what it writes is what the Task would have written); if it
+        declines, the handler runs in a Task as any other request."""
+        assert self.answer_now is not None
+        try:
+            answered = self.answer_now(request, responder)
+        except Exception as exc:  # as _run: a handler bug must not leave the client hanging
+            self.on_event("handler_error", {"error": repr(exc), "request_id": request.request_id})
+            if responder.started:
+                responder.abort()
+            else:
+                with contextlib.suppress(Exception):
+                    responder.start_now(500, [(b"content-length", b"0"), (b"connection", b"close")])
+                    responder.end_now()
+            answered = True
+        if not answered:
+            self.task = self.loop.create_task(self._run(request, body, responder))
+        elif self.events or self.held:
+            # pipelined requests wait: carried on from the loop, not from inside this parse
+            # (a read of many small requests must not recurse once per request)
+            self.loop.call_soon(self._after_response)
+        else:
+            self._after_response()
 
     async def _run(self, request: Request, body: BodyStream, responder: H1Responder) -> None:
         try:
@@ -729,7 +777,17 @@ class H1Responder:
         self.failed = True
         return c
 
+    @property
+    def can_answer_now(self) -> bool:
+        """Whether a response written without waiting would not grow an already full write
+        buffer (`answer_now`; a response that fills it is the last one before a drain)."""
+        c = self._c
+        return not c.closed and not c.write_paused
+
     async def start(self, status: int, headers: Headers) -> None:
+        self.start_now(status, headers)
+
+    def start_now(self, status: int, headers: Headers) -> None:
         c = self._check()
         try:
             check_fields(headers)
@@ -743,6 +801,9 @@ class H1Responder:
     async def start_prepared(self, head: PreparedHead, extra: Headers) -> None:
         """A prepared head: its status line and fields encoded once (in `head.encoded["h1"]`),
         only `extra` checked and encoded per response."""
+        self.start_prepared_now(head, extra)
+
+    def start_prepared_now(self, head: PreparedHead, extra: Headers) -> None:
         c = self._check()
         try:
             check_fields(extra)
@@ -843,6 +904,11 @@ class H1Responder:
         await c.drain()
 
     async def send(self, data: bytes) -> None:
+        if self.send_now(data):
+            await self._c.drain()
+
+    def send_now(self, data: bytes) -> bool:
+        """`send` without waiting for the write buffer to drain: whether bytes were written."""
         c = self._c
         if c.closed:
             raise ConnectionError("client went away")
@@ -868,9 +934,13 @@ class H1Responder:
                 c.transport.write(b"".join(pieces))
             else:  # a big body chunk is written as it is: no copy to prepend the head
                 c.transport.writelines(pieces)
-            await c.drain()
+            return True
+        return False
 
     async def end(self) -> None:
+        self.end_now()
+
+    def end_now(self) -> None:
         c = self._c
         self.ended = True
         if c.closed:

@@ -35,6 +35,9 @@ _QUERY_BYTES = frozenset(range(0x21, 0x7F)) - {ord("#")}
 _NAME_BYTES = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._")
 _NAME_BYTES_TABLE = bytes(sorted(_NAME_BYTES))  # for bytes.translate (deletes them)
 MAX_AUTHORITY = 255 + 8  # a DNS name and ":65535"
+# per-request parsing remembered (bounded: at most _MEMO_ENTRIES of each, keys of bounded size)
+_MEMO_ENTRIES = 1024
+_MEMO_TARGET_BYTES = 512
 
 
 def _bad(reason: str, detail: str) -> ProtocolError:
@@ -115,6 +118,14 @@ class Target:
 
 
 def parse_target(method: bytes, raw: bytes) -> Target:
+    """`_parse_target`, remembered for short targets (a keep-alive connection asks for the same
+    few; a Target is immutable): valid ones only, errors are raised each time."""
+    if len(raw) <= _MEMO_TARGET_BYTES:
+        return _parse_target_memo(method, raw)
+    return _parse_target(method, raw)
+
+
+def _parse_target(method: bytes, raw: bytes) -> Target:
     """RFC 9112 §3.2: origin-form, absolute-form (http/https; reduced to origin-form, its
     authority returned) or asterisk-form (OPTIONS only). Authority-form (CONNECT) is not served
     by a reverse proxy. Raises ProtocolError (400)."""
@@ -141,6 +152,12 @@ def parse_target(method: bytes, raw: bytes) -> Target:
 
 
 def check_authority(value: bytes) -> bytes:
+    """`_check_authority`, remembered: a site's visitors send the same few hosts (valid ones
+    are at most MAX_AUTHORITY bytes; errors are raised each time, never remembered)."""
+    return _check_authority_memo(value)
+
+
+def _check_authority(value: bytes) -> bytes:
     """A Host / `:authority` value: RFC 3986 host (IP-literal, IPv4 address, or a DNS-style
     name) and an optional port; no userinfo. Returns it unchanged; raises ProtocolError (400)."""
     if not value or len(value) > MAX_AUTHORITY:
@@ -171,12 +188,17 @@ def check_authority(value: bytes) -> bytes:
     return value
 
 
+@functools.lru_cache(maxsize=_MEMO_ENTRIES)
 def host_of(authority: bytes) -> str:
     """The host of a checked authority, lower-case, without brackets or port."""
     text = authority.decode("ascii").lower()
     if text.startswith("["):
         return text[1:].partition("]")[0]
     return text.partition(":")[0].rstrip(".")
+
+
+_parse_target_memo = functools.lru_cache(maxsize=_MEMO_ENTRIES)(_parse_target)
+_check_authority_memo = functools.lru_cache(maxsize=_MEMO_ENTRIES)(_check_authority)
 
 
 def same_authority(a: bytes, b: bytes) -> bool:
