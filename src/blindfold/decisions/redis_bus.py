@@ -464,9 +464,11 @@ class RedisFeed:
             self._purge_dropped(exc.reason, str(exc))
             return None, Need()
         need = self.seqs.on_purge(signer, purge, now)
-        if need.dropped:  # a replay: of a purge heard, or of a life that is over
-            self._count(f"purge_{need.dropped}")
-            return None, Need()
+        if need.dropped:  # a replay: of a purge heard (the master counts it a duplicate),
+            self._count(f"purge_{need.dropped}")  # or of a life that is over (dropped)
+            if need.dropped != "seen":
+                return None, Need()
+            need = Need()
         if self.on_purge is not None:
             self.on_purge(purge, "redis")
         return purge, need
