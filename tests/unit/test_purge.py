@@ -342,6 +342,10 @@ def fetch(*numbers: int, epoch: str = EPOCH) -> p.Need:
     return p.Need([(SIGNER, epoch, n) for n in numbers])
 
 
+def walk(*numbers: int, since: float, epoch: str = EPOCH, cut: bool = False) -> p.Need:
+    return p.Need(fetch(*numbers, epoch=epoch).fetch, since=since, cut=cut)
+
+
 def test_numbered_purges_and_heads_are_signed_and_refused_when_not_the_origins() -> None:
     h = head(7, final=True)
     assert (h.signer, h.epoch, h.seq, h.final) == (SIGNER, EPOCH, 7, True)
@@ -370,9 +374,10 @@ def test_numbered_purges_and_heads_are_signed_and_refused_when_not_the_origins()
 def test_an_edge_follows_each_origins_numbers_and_reads_what_it_missed() -> None:
     seqs = p.PurgeSequence()
     seqs.subscribed(T0, first=True)
-    assert live(seqs, 5) == p.Need()  # the first heard, just started: where this origin is
+    # the first heard, just started: walked back to what was issued before this edge started
+    assert live(seqs, 5) == walk(4, 3, 2, 1, since=T0 - p.HEAD_SKEW_S)
     assert live(seqs, 6) == p.Need()
-    assert live(seqs, 6) == p.Need()  # a replay
+    assert live(seqs, 6) == p.Need(dropped="seen")  # a replay
     assert seqs.on_head(head(6), T0) == p.Need()
     # a number skipped (a message lost, or the origin's write failed): read from its key
     assert live(seqs, 9) == fetch(7, 8)
@@ -449,8 +454,11 @@ def test_an_origin_life_this_edge_does_not_know_is_read_from_its_first_purge() -
     assert seqs.on_head(head(3, EPOCH2, issued=T0 + 200), T0 + 200) == fetch(1, 2, 3, epoch=EPOCH2)
     # just after emptying the caches: where each origin is (nothing cached to protect)
     seqs.emptied(T0 + 300)
-    assert seqs.on_head(head(9, EPOCH, issued=T0 + 301), T0 + 301) == p.Need()
-    assert seqs.on_head(head(2, EPOCH2, issued=T0 + 302), T0 + 302) == p.Need()
+    since = T0 + 300 - p.HEAD_SKEW_S  # walked back to what the emptying covers
+    assert seqs.on_head(head(9, EPOCH, issued=T0 + 301), T0 + 301) == walk(
+        *range(9, 0, -1), since=since
+    )
+    assert seqs.on_head(head(2, EPOCH2, issued=T0 + 302), T0 + 302) == p.Need()  # covered
     assert seqs.last == {(SIGNER, EPOCH): 9, (SIGNER, EPOCH2): 2}
     # bounded
     few = p.PurgeSequence(max_lives=1)
@@ -464,3 +472,89 @@ def signed_at(issued: float, n: int) -> str:
         {"urls": [f"example.com/{n}"]}, id_=f"{n:016x}", issued=issued, operator="alice"
     )
     return p.sign_purge(KEY, made)
+
+
+def test_a_purge_withheld_just_after_an_emptying_is_read_back() -> None:
+    # finding 1 of atk-purge2: in the window after an emptying, a life's first word was taken
+    # where it is, so a purge issued after the emptying and withheld on the channel was skipped
+    seqs = p.PurgeSequence()
+    seqs.subscribed(T0 - 100, first=True)
+    seqs.on_head(head(3, issued=T0 - 99), T0 - 99)
+    seqs.emptied(T0)  # lost something: caches emptied at T0, life covered up to 3
+    need = seqs.on_head(head(5, issued=T0 + 1), T0 + 1)  # 4 and 5 made after, 4 withheld
+    assert need == walk(5, 4, since=T0 - p.HEAD_SKEW_S)
+    purges, lost = seqs.check(
+        need.fetch,
+        [numbered(5, issued=T0 + 1), numbered(4, issued=T0 + 1)],
+        KEYS,
+        T0 + 1,
+        need.since,
+    )
+    assert lost == "" and [x.seq for x in purges] == [5, 4]
+    # a life this edge did not know: walked back until a purge issued before the emptying
+    need = seqs.on_head(head(9, EPOCH2, issued=T0 + 2), T0 + 2)
+    assert need == walk(*range(9, 0, -1), since=T0 - p.HEAD_SKEW_S, epoch=EPOCH2)
+    values = [numbered(n, EPOCH2, issued=T0 - 10 if n <= 7 else T0 + 1) for n in range(9, 0, -1)]
+    purges, lost = seqs.check(need.fetch, values, KEYS, T0 + 2, need.since)
+    assert lost == "" and [x.seq for x in purges] == [9, 8]  # 7 was issued before: covered
+    # a key missing on the way back is a loss, as any
+    seqs.emptied(T0 + 10)
+    need = seqs.on_head(head(5, EPOCH, issued=T0 + 11), T0 + 11)
+    assert need == p.Need()  # the emptying covered 1..5
+    need = seqs.on_head(head(12, EPOCH2, issued=T0 + 11), T0 + 11)
+    assert need == walk(12, 11, 10, since=T0 + 10 - p.HEAD_SKEW_S, epoch=EPOCH2)
+    assert seqs.check(
+        need.fetch, [numbered(12, EPOCH2, issued=T0 + 11), None, None], KEYS, T0 + 11, need.since
+    ) == ([], "missing")
+    # bounded: a walk longer than max_fetch is cut (ending it without an older purge: a loss)
+    few = p.PurgeSequence(max_fetch=3)
+    few.subscribed(T0, first=True)
+    assert few.on_head(head(10), T0) == walk(10, 9, 8, since=T0 - p.HEAD_SKEW_S, cut=True)
+    # the first subscription: from this edge's start, not the subscription (it cached before)
+    late = p.PurgeSequence(started=T0 - 50)
+    late.subscribed(T0, first=True)
+    assert late.on_head(head(2), T0) == walk(2, 1, since=T0 - 50 - p.HEAD_SKEW_S)
+
+
+def test_replays_of_an_ended_life_are_dropped_never_read_from_1() -> None:
+    # finding 2 of atk-purge2: a replayed purge or HEAD of an ended life made the edge read
+    # it from 1 (key 1 expired: the caches emptied), once per replay
+    seqs = p.PurgeSequence()
+    seqs.subscribed(T0 - 100, first=True)
+    seqs.on_head(head(3, issued=T0), T0)
+    seqs.on_head(head(3, final=True, issued=T0), T0)
+    assert seqs.last == {} and seqs.ended[(SIGNER, EPOCH)] == (3, T0)
+    # ids this edge never heard (a replayer's pick), and HEADs: dropped, no life, no read
+    assert live(seqs, 3, now=T0 + 1) == p.Need(dropped="ended_life")
+    assert live(seqs, 2, now=T0 + p.MAX_SIGNED_AGE_S) == p.Need(dropped="ended_life")
+    for later in (1.0, 30.0, p.MAX_SIGNED_AGE_S):
+        replay = head(3, final=True, issued=T0 + later)
+        assert seqs.on_head(replay, T0 + later) == p.Need(dropped="ended_life")
+    assert seqs.last == {}
+    # silent for SILENT_S (over), then it speaks again past its number: from where it was
+    seqs.on_head(head(2, EPOCH2, issued=T0), T0)
+    seqs.prune(T0 + p.SILENT_S + 1)
+    assert seqs.ended[(SIGNER, EPOCH2)] == (2, T0 + p.SILENT_S + 1)
+    assert seqs.on_head(head(2, EPOCH2, issued=T0 + 35), T0 + 35) == p.Need(dropped="ended_life")
+    assert seqs.on_head(head(4, EPOCH2, issued=T0 + 36), T0 + 36) == fetch(3, 4, epoch=EPOCH2)
+    # forgotten ENDED_KEEP_S after, by then nothing of it can be replayed (MAX_SIGNED_AGE_S)
+    seqs.prune(T0 + p.ENDED_KEEP_S + 1)  # (EPOCH2 silent again since T0 + 36: ended now)
+    assert list(seqs.ended) == [(SIGNER, EPOCH2)]
+    # bounded
+    many = p.PurgeSequence()
+    many.subscribed(T0 - 100, first=True)
+    for i in range(p.MAX_ENDED + 5):
+        many.on_head(head(0, f"{i:016x}", final=True, issued=T0), T0)
+    assert len(many.ended) == p.MAX_ENDED and many.last == {}
+
+
+def test_a_purge_already_heard_never_makes_a_life_or_a_read() -> None:
+    seqs = p.PurgeSequence()
+    seqs.subscribed(T0 - 100, first=True)
+    seqs.on_head(head(2), T0)
+    assert live(seqs, 3) == p.Need()
+    seqs.emptied(T0 + 1)
+    seqs.prune(T0 + 100)
+    # replayed after the emptying and the window: once would have read the life from 1
+    assert live(seqs, 3, now=T0 + 20) == p.Need(dropped="seen")
+    assert seqs.last == {}

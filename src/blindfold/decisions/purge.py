@@ -493,6 +493,12 @@ MAX_LIVES = 256  # origins' lives an edge follows at once
 # taken where they are (every origin's HEAD comes within HEAD_EVERY_S); later, from 1
 BASELINE_S = 3 * HEAD_EVERY_S
 SILENT_S = 30.0  # a life that said nothing this long (HEADs every 2 s) is over
+# an ended life (final HEAD, or SILENT_S) is remembered this long, longer than a signed purge
+# or HEAD of it can be replayed (MAX_SIGNED_AGE_S), with its last number: a replay of it is
+# dropped, never read from 1 (its expired keys would empty the caches at every replay)
+ENDED_KEEP_S = MAX_SIGNED_AGE_S + 30.0
+MAX_ENDED = 1024
+MAX_FETCH_BYTES = 32 << 20  # bytes of purge keys read after one gap; more: the caches are emptied
 
 
 def purge_key(signer: str, epoch: str, seq: int) -> str:
@@ -563,6 +569,12 @@ class Need:
 
     fetch: list[tuple[str, str, int]] = field(default_factory=list)
     lost: str = ""
+    # > 0: `fetch` walks a life back (newest first) just after an emptying: its purges issued
+    # at `since` or later are applied, the first one issued before it ends the walk (the
+    # emptying covers it and all before it); a walk that ends neither so nor at 1 is a loss
+    since: float = 0.0
+    cut: bool = False  # the walk was cut at max_fetch: not ended by an older purge, a loss
+    dropped: str = ""  # the message is not to be applied (a replay of an ended life, a seen id)
 
 
 class PurgeSequence:
@@ -580,14 +592,29 @@ class PurgeSequence:
       not that signed purge.
     A life ends with its final HEAD (at the number this edge has), or SILENT_S without a word
     while this edge follows the channel (it heard every purge that life published; if it
-    speaks again, it is read from 1, and its expired keys empty the caches)."""
+    speaks again past that number, it is read from there). An ended life is remembered
+    ENDED_KEEP_S: its replayed messages are dropped (`Need.dropped`), as is a purge whose id
+    was already heard. In the BASELINE_S after an emptying (or the first subscription), a
+    life not known is walked back from its first word (`Need.since`): only purges issued
+    before the emptying (or this edge's start) are covered by the empty caches."""
 
-    def __init__(self, max_fetch: int = MAX_FETCH, max_lives: int = MAX_LIVES) -> None:
+    def __init__(
+        self, max_fetch: int = MAX_FETCH, max_lives: int = MAX_LIVES, started: float = 0.0
+    ) -> None:
         self.last: dict[tuple[str, str], int] = {}  # (signer, epoch) -> last number had
         self.heard: dict[tuple[str, str], float] = {}  # -> when it last said something
         self.pending: set[tuple[str, str]] = set()  # lives whose fresh HEAD is awaited
         self.fresh_after = 0.0
         self.baseline_until = 0.0
+        self.baseline_from = (
+            0.0  # when the caches were (last) empty: this edge's start, an emptying
+        )
+        self.started = started  # when this edge started caching (0: at its first subscription)
+        # lives' numbers up to which an emptying covered them (all issued before it)
+        self.covered: OrderedDict[tuple[str, str], int] = OrderedDict()
+        # ended lives: (signer, epoch) -> (last number, when it ended)
+        self.ended: OrderedDict[tuple[str, str], tuple[int, float]] = OrderedDict()
+        self.seen = SeenPurges()
         self.max_fetch = max_fetch
         self.max_lives = max_lives
 
@@ -596,6 +623,7 @@ class PurgeSequence:
         the channel (every life it follows must now say where it is)."""
         if first:
             self.baseline_until = now + BASELINE_S
+            self.baseline_from = min(self.started or now, now)
             return
         self.pending = set(self.last)
         self.fresh_after = now - HEAD_SKEW_S
@@ -603,6 +631,8 @@ class PurgeSequence:
 
     def on_purge(self, signer: str, purge: Purge, now: float) -> Need:
         """A verified purge heard on the channel (it is applied whatever this says)."""
+        if not self.seen.first(purge.id, now):  # a replay: never a new life, never a read
+            return Need(dropped="seen")
         if not purge.seq:  # not numbered (an older origin): nothing proves continuity
             self.last[(signer, "")] = 0
             self.heard[(signer, "")] = now
@@ -615,17 +645,44 @@ class PurgeSequence:
             self.pending.discard(life)
         need = self._to(life, head.seq, head.seq, now)
         if head.final and not need.lost and self.last.get(life) == head.seq:
-            del self.last[life], self.heard[life]  # ended, and this edge has all of it
+            self._end(life, now)  # ended, and this edge has all of it
         return need
+
+    def _end(self, life: tuple[str, str], now: float) -> None:
+        self.ended[life] = (self.last.pop(life), now)
+        del self.heard[life]
+        self.ended.move_to_end(life)
+        while len(self.ended) > MAX_ENDED:
+            self.ended.popitem(last=False)
 
     def _to(self, life: tuple[str, str], seq: int, fetch_to: int, now: float) -> Need:
         last = self.last.get(life)
-        if last is None:
-            # where it is (nothing before it was cached here), else from 1: a new life (or
-            # one forgotten), all of it
-            start = fetch_to + 1 if now < self.baseline_until else 1
+        ended = self.ended.get(life)
+        if last is None and ended is not None and ended[1] > now - ENDED_KEEP_S:
+            if seq <= ended[0]:
+                return Need(dropped="ended_life")  # a replay of a life that is over
+            last = ended[0]  # it speaks again (a silence, not an end): from where it was
+            del self.ended[life]
             if len(self.last) >= self.max_lives:
                 return Need(lost="too_many_lives")
+        if last is None:
+            if len(self.last) >= self.max_lives:
+                return Need(lost="too_many_lives")
+            covered = self.covered.get(life, 0)
+            if now < self.baseline_until:
+                # the caches were empty at baseline_from: what was issued before is covered;
+                # what was issued since (and withheld on the channel) is read from its key
+                self.last[life] = seq
+                self.heard[life] = now
+                end = max(covered, fetch_to - self.max_fetch)
+                if end >= fetch_to:
+                    return Need()
+                return Need(
+                    [(life[0], life[1], n) for n in range(fetch_to, end, -1)],
+                    since=self.baseline_from - HEAD_SKEW_S,
+                    cut=end > covered,
+                )
+            start = covered + 1  # a new life (or one forgotten): all of it
         elif seq <= last:
             self.heard[life] = now
             return Need()  # had it: a replay, a stale HEAD
@@ -651,7 +708,9 @@ class PurgeSequence:
             return
         for life, heard in list(self.heard.items()):
             if life[1] and heard < now - SILENT_S:
-                del self.last[life], self.heard[life]
+                self._end(life, now)
+        while self.ended and next(iter(self.ended.values()))[1] <= now - ENDED_KEEP_S:
+            self.ended.popitem(last=False)
 
     def check(
         self,
@@ -659,9 +718,12 @@ class PurgeSequence:
         values: Sequence[object],
         keys: dict[str, Ed25519PublicKey],
         now: float,
+        since: float = 0.0,
     ) -> tuple[list[Purge], str]:
         """The keys' values as read (GETRANGE 0 MAX_PURGE_BYTES: at most one byte more than
-        a purge can be; b'' or None: no key) -> (the purges, oldest first; lost: '' or why)."""
+        a purge can be; b'' or None: no key) -> (the purges, in `wanted`'s order; lost: ''
+        or why). `since` (a walk back, Need.since): the first purge issued before it ends
+        the list (fewer purges than `wanted`, not lost)."""
         purges = []
         for (signer, epoch, seq), value in zip(wanted, values, strict=True):
             if not value or not isinstance(value, (bytes, str)):
@@ -674,12 +736,22 @@ class PurgeSequence:
                 return [], "wrong_purge"
             if purge.issued - now > MAX_SIGNED_AGE_S:
                 return [], "expired"
+            if since and purge.issued < since:
+                break  # issued before the emptying: covered, and so are those before it
+            self.seen.first(purge.id, now)
             purges.append(purge)
         return purges, ""
 
     def emptied(self, now: float) -> None:
         """The caches were emptied at `now`: nothing before matters."""
+        for life, seq in self.last.items():  # issued before now: covered by the emptying
+            if life[1]:
+                self.covered[life] = max(seq, self.covered.get(life, 0))
+                self.covered.move_to_end(life)
+        while len(self.covered) > MAX_ENDED:
+            self.covered.popitem(last=False)
         self.last.clear()
         self.heard.clear()
         self.pending = set()
         self.baseline_until = now + BASELINE_S
+        self.baseline_from = now

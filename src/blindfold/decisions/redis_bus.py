@@ -44,6 +44,7 @@ from blindfold.decisions.core import Decision, DecisionStore, ban_target
 from blindfold.decisions.purge import (
     HEAD_EVERY_S,
     HEAD_WAIT_S,
+    MAX_FETCH_BYTES,
     MAX_PURGE_BYTES,
     PURGE_KEY_TTL_S,
     Need,
@@ -393,7 +394,7 @@ class RedisFeed:
         # purge log
         self.on_gap: Callable[[], None] | None = None
         self._connected_before = False
-        self.seqs = PurgeSequence()
+        self.seqs = PurgeSequence(started=time.time())  # caches are empty until now
         self._head_due = 0.0  # monotonic: after a reconnection, the HEADs are awaited until
         self._down_at = 0.0  # when the channel was lost (this edge's clock)
         self._caught_up_now = 0
@@ -463,6 +464,11 @@ class RedisFeed:
             self._purge_dropped(exc.reason, str(exc))
             return None, Need()
         need = self.seqs.on_purge(signer, purge, now)
+        if need.dropped:  # a replay: of a purge heard (the master counts it a duplicate),
+            self._count(f"purge_{need.dropped}")  # or of a life that is over (dropped)
+            if need.dropped != "seen":
+                return None, Need()
+            need = Need()
         if self.on_purge is not None:
             self.on_purge(purge, "redis")
         return purge, need
@@ -473,38 +479,33 @@ class RedisFeed:
         except ProtocolError as exc:
             self._purge_dropped(f"head_{exc.reason}", str(exc))
             return Need()
-        return self.seqs.on_head(head, now)
+        need = self.seqs.on_head(head, now)
+        if need.dropped:
+            self._count(f"head_{need.dropped}")
+            return Need()
+        return need
 
     def _purge_dropped(self, reason: str, detail: str) -> None:
         self._count(f"purge_{reason}")
         if self._drop_log.allow(time.monotonic()):
             self.log.emit("purge_dropped", source="redis", reason=reason, detail=detail[:200])
 
-    async def _fetch(self, wanted: list[tuple[str, str, int]]) -> list[object]:
-        """The values of these purges' keys, FETCH_BATCH per round trip, each read with
-        GETRANGE 0 MAX_PURGE_BYTES: one byte more than a purge can be, however large the
-        value (an origin's Redis user can SET 500 MB there; the edge reads 512 KiB)."""
-        values: list[object] = []
+    async def _fetch(self, need: Need) -> tuple[list[Purge], str]:
+        """Read and verify the purges `need` names, FETCH_BATCH per round trip, each key read
+        with GETRANGE 0 MAX_PURGE_BYTES: one byte more than a purge can be, however large the
+        value (an origin's Redis user can SET 500 MB there; the edge reads 512 KiB). Each
+        batch is checked as it arrives (at most one batch of values held), the first bad
+        one ends the read, and more than MAX_FETCH_BYTES in all is a loss. -> (the purges,
+        lost: '' or why)."""
+        purges: list[Purge] = []
+        read = 0
+        wanted = need.fetch
         for i in range(0, len(wanted), FETCH_BATCH):
+            batch = wanted[i : i + FETCH_BATCH]
             async with self.redis.pipeline(transaction=False) as pipe:
-                for signer, epoch, seq in wanted[i : i + FETCH_BATCH]:
+                for signer, epoch, seq in batch:
                     pipe.getrange(purge_key(signer, epoch, seq), 0, MAX_PURGE_BYTES)
-                values += await pipe.execute(raise_on_error=False)
-            if any(not isinstance(v, bytes) or not v for v in values):
-                break  # one missing is a loss: the rest need not be read
-        return values + [None] * (len(wanted) - len(values))
-
-    async def _settle(self, need: Need) -> None:
-        """Do what `need` says: read and apply the purges this edge missed, or empty every
-        cache (on_gap) when it cannot show it has them."""
-        lost = need.lost
-        if need.fetch and not lost:
-            try:
-                values = await self._fetch(need.fetch)
-            except (RedisError, OSError) as exc:
-                # the numbers were taken as had (PurgeSequence): unread, they are a loss
-                values = [exc] * len(need.fetch)
-                self.log.emit("purge_fetch_failed", source="redis", error=str(exc)[:200])
+                values = await pipe.execute(raise_on_error=False)
             if any(isinstance(v, NoPermissionError) or "NOPERM" in str(v) for v in values):
                 self.log.emit(
                     "config_warning",
@@ -512,7 +513,31 @@ class RedisFeed:
                     "keys (blindfold:purge:*: getrange): it empties its caches after every gap "
                     "(see docs/decisions.md)",
                 )
-            purges, lost = self.seqs.check(need.fetch, values, self.verifier.keys, time.time())
+            read += sum(len(v) for v in values if isinstance(v, (bytes, str)))
+            if read > MAX_FETCH_BYTES:
+                return purges, "too_big"
+            got, lost = self.seqs.check(
+                batch, values, self.verifier.keys, time.time(), since=need.since
+            )
+            del values
+            purges += got
+            if lost:
+                return purges, lost
+            if need.since and len(got) < len(batch):
+                return purges, ""  # walked back to a purge the emptying covers
+        return purges, "gap_too_big" if need.cut else ""
+
+    async def _settle(self, need: Need) -> None:
+        """Do what `need` says: read and apply the purges this edge missed, or empty every
+        cache (on_gap) when it cannot show it has them."""
+        lost = need.lost
+        if need.fetch and not lost:
+            try:
+                purges, lost = await self._fetch(need)
+            except (RedisError, OSError) as exc:
+                # the numbers were taken as had (PurgeSequence): unread, they are a loss
+                purges, lost = [], "missing"
+                self.log.emit("purge_fetch_failed", source="redis", error=str(exc)[:200])
             if lost:
                 self._count(f"purge_fetch_{lost}")
             self.caught_up += len(purges)
