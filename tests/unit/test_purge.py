@@ -375,7 +375,7 @@ def test_an_edge_follows_each_origins_numbers_and_reads_what_it_missed() -> None
     seqs = p.PurgeSequence()
     seqs.subscribed(T0, first=True)
     # the first heard, just started: walked back to what was issued before this edge started
-    assert live(seqs, 5) == walk(4, 3, 2, 1, since=T0 - p.HEAD_SKEW_S)
+    assert live(seqs, 5) == walk(4, 3, 2, 1, since=T0 - p.WALK_SKEW_S)
     assert live(seqs, 6) == p.Need()
     assert live(seqs, 6) == p.Need(dropped="seen")  # a replay
     assert seqs.on_head(head(6), T0) == p.Need()
@@ -454,7 +454,7 @@ def test_an_origin_life_this_edge_does_not_know_is_read_from_its_first_purge() -
     assert seqs.on_head(head(3, EPOCH2, issued=T0 + 200), T0 + 200) == fetch(1, 2, 3, epoch=EPOCH2)
     # just after emptying the caches: where each origin is (nothing cached to protect)
     seqs.emptied(T0 + 300)
-    since = T0 + 300 - p.HEAD_SKEW_S  # walked back to what the emptying covers
+    since = T0 + 300 - p.WALK_SKEW_S  # walked back to what the emptying covers
     assert seqs.on_head(head(9, EPOCH, issued=T0 + 301), T0 + 301) == walk(
         *range(9, 0, -1), since=since
     )
@@ -482,7 +482,7 @@ def test_a_purge_withheld_just_after_an_emptying_is_read_back() -> None:
     seqs.on_head(head(3, issued=T0 - 99), T0 - 99)
     seqs.emptied(T0)  # lost something: caches emptied at T0, life covered up to 3
     need = seqs.on_head(head(5, issued=T0 + 1), T0 + 1)  # 4 and 5 made after, 4 withheld
-    assert need == walk(5, 4, since=T0 - p.HEAD_SKEW_S)
+    assert need == walk(5, 4, since=T0 - p.WALK_SKEW_S)
     purges, lost = seqs.check(
         need.fetch,
         [numbered(5, issued=T0 + 1), numbered(4, issued=T0 + 1)],
@@ -493,27 +493,30 @@ def test_a_purge_withheld_just_after_an_emptying_is_read_back() -> None:
     assert lost == "" and [x.seq for x in purges] == [5, 4]
     # a life this edge did not know: walked back until a purge issued before the emptying
     need = seqs.on_head(head(9, EPOCH2, issued=T0 + 2), T0 + 2)
-    assert need == walk(*range(9, 0, -1), since=T0 - p.HEAD_SKEW_S, epoch=EPOCH2)
-    values = [numbered(n, EPOCH2, issued=T0 - 10 if n <= 7 else T0 + 1) for n in range(9, 0, -1)]
+    assert need == walk(*range(9, 0, -1), since=T0 - p.WALK_SKEW_S, epoch=EPOCH2)
+    # 7 made after the emptying by an origin whose clock is 5 s behind the edge's: still read
+    # (WALK_SKEW_S); 6 and before were issued well before the emptying: covered
+    issued = {9: T0 + 1, 8: T0 + 1, 7: T0 - 5}
+    values = [numbered(n, EPOCH2, issued=issued.get(n, T0 - 20)) for n in range(9, 0, -1)]
     purges, lost = seqs.check(need.fetch, values, KEYS, T0 + 2, need.since)
-    assert lost == "" and [x.seq for x in purges] == [9, 8]  # 7 was issued before: covered
+    assert lost == "" and [x.seq for x in purges] == [9, 8, 7]
     # a key missing on the way back is a loss, as any
     seqs.emptied(T0 + 10)
     need = seqs.on_head(head(5, EPOCH, issued=T0 + 11), T0 + 11)
     assert need == p.Need()  # the emptying covered 1..5
     need = seqs.on_head(head(12, EPOCH2, issued=T0 + 11), T0 + 11)
-    assert need == walk(12, 11, 10, since=T0 + 10 - p.HEAD_SKEW_S, epoch=EPOCH2)
+    assert need == walk(12, 11, 10, since=T0 + 10 - p.WALK_SKEW_S, epoch=EPOCH2)
     assert seqs.check(
         need.fetch, [numbered(12, EPOCH2, issued=T0 + 11), None, None], KEYS, T0 + 11, need.since
     ) == ([], "missing")
     # bounded: a walk longer than max_fetch is cut (ending it without an older purge: a loss)
     few = p.PurgeSequence(max_fetch=3)
     few.subscribed(T0, first=True)
-    assert few.on_head(head(10), T0) == walk(10, 9, 8, since=T0 - p.HEAD_SKEW_S, cut=True)
+    assert few.on_head(head(10), T0) == walk(10, 9, 8, since=T0 - p.WALK_SKEW_S, cut=True)
     # the first subscription: from this edge's start, not the subscription (it cached before)
     late = p.PurgeSequence(started=T0 - 50)
     late.subscribed(T0, first=True)
-    assert late.on_head(head(2), T0) == walk(2, 1, since=T0 - 50 - p.HEAD_SKEW_S)
+    assert late.on_head(head(2), T0) == walk(2, 1, since=T0 - 50 - p.WALK_SKEW_S)
 
 
 def test_replays_of_an_ended_life_are_dropped_never_read_from_1() -> None:

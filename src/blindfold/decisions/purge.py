@@ -482,6 +482,11 @@ MAX_HEAD_AGE_S = 10.0  # a HEAD issued longer ago (or later) than this is refuse
 # (issued at most HEAD_SKEW_S before it subscribed again: clocks' skew); none: caches emptied
 HEAD_WAIT_S = 5.0
 HEAD_SKEW_S = 2.0
+# a life first heard just after an emptying is read back to its first purge issued this long
+# before the emptying: an origin clock behind the edge's by up to this much cannot make the walk
+# stop before a purge made after the emptying (one applied twice costs a miss; one skipped,
+# a stale page)
+WALK_SKEW_S = MAX_HEAD_AGE_S
 # a purge's key lives this long: longer than MAX_SIGNED_AGE_S (a purge an edge could still
 # take from the channel is still there to read) and than the gaps an edge reconnects after
 # (it retries every second; a gap longer than about PURGE_KEY_TTL_S - HEAD_WAIT_S finds the
@@ -679,7 +684,7 @@ class PurgeSequence:
                     return Need()
                 return Need(
                     [(life[0], life[1], n) for n in range(fetch_to, end, -1)],
-                    since=self.baseline_from - HEAD_SKEW_S,
+                    since=self.baseline_from - WALK_SKEW_S,
                     cut=end > covered,
                 )
             start = covered + 1  # a new life (or one forgotten): all of it
