@@ -370,14 +370,24 @@ def _unb64(text: str) -> bytes:
 
 
 def sign_purge(key: Ed25519PrivateKey, purge: Purge) -> str:
-    signer = key_id(key.public_key())
-    payload = _b64(json.dumps(purge.to_json(), separators=(",", ":")).encode())
-    signature = key.sign(PURGE_PURPOSE + f"{signer}.{payload}".encode("ascii"))
-    return f"{PURGE_MAGIC}.{signer}.{payload}.{_b64(signature)}"
+    return _seal(key, PURGE_MAGIC, PURGE_PURPOSE, purge.to_json())
 
 
 def is_signed_purge(message: bytes | str) -> bool:
-    prefix = PURGE_MAGIC + "."
+    return _has_magic(message, PURGE_MAGIC)
+
+
+def _seal(key: Ed25519PrivateKey, magic: str, purpose: bytes, body: Any) -> str:
+    """`magic.signer.payload.signature`: the envelope `_open` verifies (purges and HEADs,
+    each with its own magic and signing purpose, so neither passes for the other)."""
+    signer = key_id(key.public_key())
+    payload = _b64(json.dumps(body, separators=(",", ":")).encode())
+    signature = key.sign(purpose + f"{signer}.{payload}".encode("ascii"))
+    return f"{magic}.{signer}.{payload}.{_b64(signature)}"
+
+
+def _has_magic(message: bytes | str, magic: str) -> bool:
+    prefix = magic + "."
     if isinstance(message, bytes):
         return message.startswith(prefix.encode())
     return message.startswith(prefix)
@@ -529,18 +539,12 @@ def new_epoch() -> str:
 def sign_head(
     key: Ed25519PrivateKey, epoch: str, seq: int, issued: float, final: bool = False
 ) -> str:
-    signer = key_id(key.public_key())
     body = {"epoch": epoch, "seq": seq, "issued": issued, "final": final}
-    payload = _b64(json.dumps(body, separators=(",", ":")).encode())
-    signature = key.sign(HEAD_PURPOSE + f"{signer}.{payload}".encode("ascii"))
-    return f"{HEAD_MAGIC}.{signer}.{payload}.{_b64(signature)}"
+    return _seal(key, HEAD_MAGIC, HEAD_PURPOSE, body)
 
 
 def is_signed_head(message: bytes | str) -> bool:
-    prefix = HEAD_MAGIC + "."
-    if isinstance(message, bytes):
-        return message.startswith(prefix.encode())
-    return message.startswith(prefix)
+    return _has_magic(message, HEAD_MAGIC)
 
 
 def open_head(
