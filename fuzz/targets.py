@@ -654,7 +654,8 @@ def http2_server(data: bytes) -> None:
     assert not errors, errors
     decoder = hpack.Decoder()
     decoder.max_header_list_size = 1 << 20
-    decoder.max_allowed_table_size = 1 << 20
+    # the client's SETTINGS_HEADER_TABLE_SIZE (up to 2**32 - 1) is the server encoder's limit
+    decoder.max_allowed_table_size = 1 << 32
     finals: set[int] = set()
     pos, first, block, block_sid = 0, True, b"", 0
     while pos < len(out):

@@ -351,7 +351,7 @@ def observe(out: bytes) -> dict[str, Any]:
     """The server's bytes as a client sees them (see the module docstring's normalisations)."""
     decoder = hpack.Decoder()
     decoder.max_header_list_size = 1 << 24
-    decoder.max_allowed_table_size = 1 << 24
+    decoder.max_allowed_table_size = 1 << 32  # the client's setting bounds the server's
     seq: list[tuple[Any, ...]] = []
     bodies: dict[int, bytes] = collections.defaultdict(bytes)
     windows: dict[int, int] = collections.Counter()
@@ -607,6 +607,12 @@ CASES: dict[str, Case] = {
     "table-size-zero": Case([PREFACE + settings((TABLE, 0)) + SETTINGS_ACK + get(1) + get(3)]),
     "table-size-zero-after-request": Case([START + get(1), settings((TABLE, 0)), get(3) + get(5)]),
     "table-size-large": Case([PREFACE + settings((TABLE, 65536)) + SETTINGS_ACK + get(1) + get(3)]),
+    # the largest table a client may offer: the server's encoder may use it all (reference) or
+    # less (RFC 7541 §4.2); only the decoded lists are compared
+    "table-size-max": Case(
+        [PREFACE + settings((TABLE, (1 << 32) - 1)) + SETTINGS_ACK]
+        + [get(s, b"/q%d" % s) for s in range(1, 11, 2)]
+    ),
     "max-list-size-small": Case(
         [PREFACE + settings((MAX_LIST, 100)) + SETTINGS_ACK + get(1)], "any"
     ),
@@ -1027,29 +1033,69 @@ def test_case_tests_what_it_says(name: str) -> None:
         assert (rsts or bad_status) and not error_goaway, ref["frames"]
 
 
-def test_a_different_answer_is_seen() -> None:
-    """The comparison can fail: a server that resets malformed streams with another code, or
-    sends one byte less of a body, differs from the reference."""
+class _ResetCode(h2_reference.H2Connection):
+    """Resets malformed streams with INTERNAL_ERROR instead of PROTOCOL_ERROR."""
 
-    class Other(h2_reference.H2Connection):
-        def _malformed(self, sid: int, headers: Any, flags: Any) -> bool:
-            bad = super()._malformed(sid, headers, flags)
-            if bad:
-                self.conn.reset_stream  # noqa: B018 (the reset is already queued)
-                self.transport.write(rst(sid, 2))  # type: ignore[union-attr]
-            return bad
+    def _malformed(self, sid: int, headers: Any, flags: Any) -> bool:
+        import h2.exceptions
+        from h2.utilities import validate_headers
 
-    name = "mal-uppercase-name"
-    assert differences(reference(name), run(Other, CASES[name].steps))
+        try:
+            for _ in validate_headers(headers or (), flags):
+                pass
+        except h2.exceptions.ProtocolError:
+            self.conn.reset_stream(sid, 2)
+            return True
+        return False
 
-    class Short(h2_reference.H2Connection):
-        def _flush(self) -> None:
-            data = self.conn.data_to_send()
-            if data and self.transport is not None and not self.closed:
-                self.transport.write(data[:-1] if len(data) > 2000 else data)
 
-    name = "big-response-large-iws"
-    assert differences(reference(name), run(Short, CASES[name].steps))
+class _ConnError(h2_reference.H2Connection):
+    """Ends the whole connection on a malformed request (a stream error in RFC 9113)."""
+
+    def _malformed(self, sid: int, headers: Any, flags: Any) -> bool:
+        if super()._malformed(sid, headers, flags):
+            self._calm("malformed")
+            return True
+        return False
+
+
+class _NoFloodCount(h2_reference.H2Connection):
+    def _count_control(self) -> None:
+        pass
+
+
+class _ShortWrite(h2_reference.H2Connection):
+    """Loses the last byte of every large write (a framing bug)."""
+
+    def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and self.transport is not None and not self.closed:
+            self.transport.write(data[:-1] if len(data) > 2000 else data)
+
+
+class _NoWindowWake(h2_reference.H2Connection):
+    """Never resumes a response blocked on flow control."""
+
+    def _wake_windows(self, sid: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("mutant", "name"),
+    [
+        (_ResetCode, "mal-uppercase-name"),
+        (_ConnError, "mal-then-good-stream"),
+        (_NoFloodCount, "ping-flood"),
+        (_ShortWrite, "big-response-large-iws"),
+        (_NoWindowWake, "big-response-window-update-resume"),
+        (_NoWindowWake, "iws-grow-mid-stream"),
+    ],
+    ids=lambda v: getattr(v, "__name__", v),
+)
+def test_a_different_answer_is_seen(mutant: Callable[..., asyncio.Protocol], name: str) -> None:
+    """The comparison can fail: servers with bugs a new core could have differ from the
+    reference on the case that exercises the bug."""
+    assert differences(reference(name), run(mutant, CASES[name].steps))
 
 
 def test_corpus_is_large_and_varied() -> None:
