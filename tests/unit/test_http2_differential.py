@@ -830,6 +830,55 @@ CASES: dict[str, Case] = {
         + [b"".join(wu(s, 1 << 16) for s in range(1, 15, 2))],
         "any",
     ),
+    # the limits' edges (LIMITS: 50 control frames, 10 resets, 20 streams; the client's
+    # SETTINGS counts as a control frame)
+    "ping-49-under-flood-limit": Case([START + ping() * 49 + get(1)]),
+    "ping-50-at-flood-limit": Case([START + ping() * 50 + get(1)], "conn"),
+    "rapid-reset-10-under-limit": Case(
+        [START + b"".join(get(s, b"/big?200000") + rst(s) for s in range(1, 21, 2)) + get(21)]
+    ),
+    "rapid-reset-11-over-limit": Case(
+        [START + b"".join(get(s, b"/big?200000") + rst(s) for s in range(1, 23, 2)) + get(23)],
+        "conn",
+    ),
+    "streams-20-at-limit": Case([START + get(1)] + [get(s) for s in range(3, 41, 2)]),
+    "goaway-short": Case([START + frame(GOAWAY, 0, 0, b"\x00" * 7)], "conn"),
+    "window-update-long": Case(
+        [START + frame(WINDOW_UPDATE, 0, 0, b"\x00\x00\x00\x01\x00")], "conn"
+    ),
+    "settings-max-concurrent-from-client": Case(
+        [PREFACE + settings((MAX_STREAMS, 0)) + SETTINGS_ACK + get(1)]
+    ),
+    "stream-id-max": Case([START + get((1 << 31) - 1)]),
+    "stream-id-max-then-more": Case([START + get((1 << 31) - 1) + get(1)], "conn"),
+    "priority-closed-stream": Case([START + get(1), priority(1, 0) + get(3)]),
+    "data-after-trailers": Case(
+        [
+            START
+            + headers(1, req(b"/echo", b"POST"), end=False)
+            + headers(1, [(b"x-t", b"1")], end=True)
+            + data(1, b"late")
+        ],
+        "any",
+    ),
+    "hpack-evictions": Case(
+        [
+            START
+            + b"".join(
+                headers(s, b)
+                for s, b in zip(
+                    range(1, 13, 2),
+                    _hpack_encoded(
+                        *[req(b"/e%d" % i, extra=[(b"x-fill", b"%d" % i * 1500)]) for i in range(6)]
+                    ),
+                    strict=True,
+                )
+            )
+        ]
+    ),
+    "hpack-dynamic-ref-after-table-size-zero": Case(
+        [START + headers(1, _B3[0]) + headers(3, b"\x20" + _B3[1])], "conn"
+    ),
     "zero-length-headers": Case(
         [START + frame(HEADERS, END_HEADERS | END_STREAM, 1, b"")], "stream"
     ),
