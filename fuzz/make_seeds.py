@@ -219,13 +219,13 @@ def http2_seeds() -> None:
 
     c = client()
     c.send_headers(1, req(), end_stream=True)
-    save("http2_server", c.data_to_send())
+    save("http2_client_view", c.data_to_send())
     c = client()
     c.send_headers(1, req("/echo", "POST"))
     c.send_data(1, b"hello")
     c.send_headers(1, [("x-trailer", "t")], end_stream=True)
     c.send_headers(3, req("/big"), end_stream=True)
-    save("http2_server", c.data_to_send())
+    save("http2_client_view", c.data_to_send())
     c = client()
     preface = c.data_to_send()
     c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1000})
@@ -234,25 +234,27 @@ def http2_seeds() -> None:
     c.increment_flow_control_window(100_000)
     c.increment_flow_control_window(100_000, stream_id=1)
     c.ping(b"12345678")
-    save("http2_server", preface + SEP + first + SEP + c.data_to_send())
+    save("http2_client_view", preface + SEP + first + SEP + c.data_to_send())
     c = client()
     for sid in range(1, 11, 2):
         c.send_headers(sid, req(f"/{sid}", "POST"))
         c.send_data(sid, b"x" * 100, end_stream=sid % 4 == 1)
     c.reset_stream(3)
-    save("http2_server", c.data_to_send())
+    save("http2_client_view", c.data_to_send())
     start = client().data_to_send()
     lit = b"\x00\x07:method\x03GET\x00\x07:scheme\x05https\x00\x05:path\x01/"
-    save("http2_server", start + frame(1, 0x1, 1, lit[:12]) + frame(9, 0x4, 1, lit[12:]))
-    save("http2_server", start + frame(1, 0x5, 1, b"\x20" + lit))  # a table size update
-    save("http2_server", start + frame(1, 0x4, 1, lit) + frame(0, 0x9, 1, b"\x03ab\x00\x00\x00"))
+    save("http2_client_view", start + frame(1, 0x1, 1, lit[:12]) + frame(9, 0x4, 1, lit[12:]))
+    save("http2_client_view", start + frame(1, 0x5, 1, b"\x20" + lit))  # a table size update
     save(
-        "http2_server",
+        "http2_client_view", start + frame(1, 0x4, 1, lit) + frame(0, 0x9, 1, b"\x03ab\x00\x00\x00")
+    )
+    save(
+        "http2_client_view",
         start
         + b"".join(frame(1, 0x5, s, lit) + frame(3, 0, s, b"\0\0\0\x08") for s in range(1, 41, 2)),
     )
-    save("http2_server", start + frame(0, 0, 0, b"x") + SEP + frame(6, 0, 0, b"12345678"))
-    save("http2_server", b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    save("http2_client_view", start + frame(0, 0, 0, b"x") + SEP + frame(6, 0, 0, b"12345678"))
+    save("http2_client_view", b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
 
 
 def main() -> None:

@@ -566,7 +566,7 @@ def http1_server(data: bytes) -> None:
 
 
 # --------------------------------------------------------------------------- HTTP/2 server
-def http2_server(data: bytes) -> None:
+def http2_client_view(data: bytes) -> None:
     """web.http2's H2Connection fed the fuzzer's bytes as reads (SEP splits them; seeds start
     with the client preface and SETTINGS), then EOF, with a handler that reads the body and
     answers, or streams a body past the flow-control window (`/big`). Nothing may escape a
@@ -701,7 +701,9 @@ TARGETS: dict[str, Target] = {
     "quic_initial": Target(quic_initial, (ProtocolError,), "QUIC Initials, the edge's flows"),
     "http_cache": Target(http_cache, (), "the shared cache's fields: Cache-Control, dates"),
     "http1_server": Target(http1_server, (), "HTTP/1.1 server connection (llhttp + ours)"),
-    "http2_server": Target(http2_server, (), "HTTP/2 server connection (web/http2.py)"),
+    "http2_client_view": Target(
+        http2_client_view, (), "HTTP/2 server connection as a client sees it (web/http2.py)"
+    ),
 }
 
 
