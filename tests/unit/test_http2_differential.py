@@ -1243,3 +1243,7 @@ def test_corpus_is_large_and_varied() -> None:
     assert len(CASES) >= 100
     kinds = collections.Counter(c.kind for c in CASES.values())
     assert kinds["ok"] >= 40 and kinds["conn"] >= 30 and kinds["stream"] >= 25, kinds
+
+
+def test_changes_name_cases() -> None:
+    assert set(NEW_CORE_CHANGES) <= set(CASES), set(NEW_CORE_CHANGES) - set(CASES)
