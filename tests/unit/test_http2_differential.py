@@ -927,6 +927,11 @@ CASES: dict[str, Case] = {
         [START + headers(1, _CONT, end_headers=False), cont(1, b"", end=False) * 64 + cont(1, b"")],
         "conn",
     ),
+    # a refusal (400, 431) whose connection ends in the same read: see KNOWN_BUGS
+    "refused-400-then-client-goaway": Case([START + get(1, b"abc") + goaway(0)], "any"),
+    "refused-431-then-client-goaway": Case(
+        [START + headers(1, req(extra=[(b"x-pad", b"p" * 3888)])) + goaway(0)], "any"
+    ),
     "zero-length-headers": Case(
         [START + frame(HEADERS, END_HEADERS | END_STREAM, 1, b"")], "stream"
     ),
@@ -1155,7 +1160,25 @@ def test_same_as_reference(name: str) -> None:
     assert not diff, "\n".join(diff)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+# Bugs of the reference (so of main) that the new core keeps: the case's own test fails
+# until they are fixed (strict xfail: a fix makes it pass, and then this entry must go).
+KNOWN_BUGS = {
+    "refused-400-then-client-goaway": "H2Connection._refuse: the refusal task runs after the "
+    "connection closed, responder.start raises ConnectionError and nothing awaits the task "
+    "(asyncio logs 'Task exception was never retrieved'); found by fuzz/ http2_client_view",
+    "refused-431-then-client-goaway": "as refused-400-then-client-goaway",
+}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[n]))
+        if n in KNOWN_BUGS
+        else n
+        for n in CASES
+    ],
+)
 def test_case_tests_what_it_says(name: str) -> None:
     """The reference's answer has the kind the case claims, so a case cannot silently stop
     exercising what its name says (and the answers are not all the same)."""
@@ -1247,3 +1270,4 @@ def test_corpus_is_large_and_varied() -> None:
 
 def test_changes_name_cases() -> None:
     assert set(NEW_CORE_CHANGES) <= set(CASES), set(NEW_CORE_CHANGES) - set(CASES)
+    assert set(KNOWN_BUGS) <= set(CASES), set(KNOWN_BUGS) - set(CASES)
