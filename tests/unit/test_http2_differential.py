@@ -1089,9 +1089,9 @@ NEW_CORE_CHANGES: dict[str, str] = {
     "FRAME_SIZE_ERROR (h2: PROTOCOL_ERROR)",
     "window-update-zero-stream": "RFC 9113 §6.9: WINDOW_UPDATE 0 on a stream is a stream "
     "error (h2 ended the connection)",
-    "priority-self-dependency": "RFC 9113 §5.3.1: a stream depending on itself is a stream "
-    "error (h2 ended the connection)",
-    "headers-self-dependency": "as priority-self-dependency",
+    "headers-self-dependency": "RFC 9113 §5.3.1: a stream depending on itself is a stream "
+    "error (h2 ended the connection); on an idle stream (PRIORITY alone) it stays a "
+    "connection error, as no RST_STREAM may name an idle stream (§5.1)",
     "frame-length-too-large-header-only": "RFC 9113 §4.2: refused on its 9-byte header; h2 "
     "buffered up to 16 MiB of a frame it would refuse",
     "frame-length-too-large-partial-body": "as frame-length-too-large-header-only",
