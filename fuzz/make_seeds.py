@@ -190,6 +190,73 @@ def quic_seeds() -> None:
     save("quic_initial", b"\x01" + b"\x01" + second + SEP + b"\x00\x00" + first)
 
 
+def http2_seeds() -> None:
+    """HTTP/2 client flights: what h2's client connection sends (requests with and without
+    bodies, trailers, a settings change, a window update, a ping, a reset), and hand-made
+    frames h2 will not send (a CONTINUATION, a padded DATA, a reset flood, an HPACK size
+    update, a frame on stream 0), some cut into several reads (SEP)."""
+    import struct
+
+    import h2.config
+    import h2.connection
+    import h2.settings
+
+    def client() -> h2.connection.H2Connection:
+        c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        c.initiate_connection()
+        return c
+
+    def req(path: str = "/", method: str = "GET") -> list[tuple[str, str]]:
+        return [(":method", method), (":scheme", "https"), (":path", path), (":authority", "a")]
+
+    def frame(kind: int, flags: int, sid: int, payload: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(payload))[1:]
+            + bytes((kind, flags))
+            + struct.pack(">I", sid)
+            + payload
+        )
+
+    c = client()
+    c.send_headers(1, req(), end_stream=True)
+    save("http2_client_view", c.data_to_send())
+    c = client()
+    c.send_headers(1, req("/echo", "POST"))
+    c.send_data(1, b"hello")
+    c.send_headers(1, [("x-trailer", "t")], end_stream=True)
+    c.send_headers(3, req("/big"), end_stream=True)
+    save("http2_client_view", c.data_to_send())
+    c = client()
+    preface = c.data_to_send()
+    c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1000})
+    c.send_headers(1, req("/big"), end_stream=True)
+    first = c.data_to_send()
+    c.increment_flow_control_window(100_000)
+    c.increment_flow_control_window(100_000, stream_id=1)
+    c.ping(b"12345678")
+    save("http2_client_view", preface + SEP + first + SEP + c.data_to_send())
+    c = client()
+    for sid in range(1, 11, 2):
+        c.send_headers(sid, req(f"/{sid}", "POST"))
+        c.send_data(sid, b"x" * 100, end_stream=sid % 4 == 1)
+    c.reset_stream(3)
+    save("http2_client_view", c.data_to_send())
+    start = client().data_to_send()
+    lit = b"\x00\x07:method\x03GET\x00\x07:scheme\x05https\x00\x05:path\x01/"
+    save("http2_client_view", start + frame(1, 0x1, 1, lit[:12]) + frame(9, 0x4, 1, lit[12:]))
+    save("http2_client_view", start + frame(1, 0x5, 1, b"\x20" + lit))  # a table size update
+    save(
+        "http2_client_view", start + frame(1, 0x4, 1, lit) + frame(0, 0x9, 1, b"\x03ab\x00\x00\x00")
+    )
+    save(
+        "http2_client_view",
+        start
+        + b"".join(frame(1, 0x5, s, lit) + frame(3, 0, s, b"\0\0\0\x08") for s in range(1, 41, 2)),
+    )
+    save("http2_client_view", start + frame(0, 0, 0, b"x") + SEP + frame(6, 0, 0, b"12345678"))
+    save("http2_client_view", b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+
+
 def main() -> None:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -198,6 +265,7 @@ def main() -> None:
     from blindfold.decisions.core import DecisionStore
 
     quic_seeds()
+    http2_seeds()
     # the shared cache: fields as the public cache test suite sends them
     for response, request, nm in (
         (b"cache-control: max-age=3600\ndate: Sun, 06 Nov 1994 08:49:37 GMT", b"", b""),

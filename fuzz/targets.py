@@ -565,6 +565,125 @@ def http1_server(data: bytes) -> None:
     assert answers <= len(methods) + 1, (answers, methods)
 
 
+# --------------------------------------------------------------------------- HTTP/2 server
+def http2_client_view(data: bytes) -> None:
+    """web.http2's H2Connection fed the fuzzer's bytes as reads (SEP splits them; seeds start
+    with the client preface and SETTINGS), then EOF, with a handler that reads the body and
+    answers, or streams a body past the flow-control window (`/big`). Nothing may escape a
+    callback, no handler may fail; what is written must be whole frames that start with
+    SETTINGS, with header blocks a client's HPACK decoder reads, and at most one final
+    response per stream, on streams the client opened (odd ids)."""
+    import asyncio
+
+    import hpack
+
+    from blindfold.web.http1 import ConnInfo
+    from blindfold.web.http2 import H2Connection
+    from blindfold.web.limits import HttpLimits
+    from blindfold.web.messages import BodyStream, Request, Responder
+
+    errors: list[object] = []
+
+    class Transport(asyncio.Transport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.out = bytearray()
+            self.closed = False
+
+        def write(self, data: Any) -> None:
+            assert not self.closed, "write after close"
+            self.out += data
+
+        def close(self) -> None:
+            self.closed = True
+
+        abort = close
+
+        def get_extra_info(self, name: str, default: Any = None) -> Any:
+            return default
+
+    async def handler(request: Request, body: BodyStream, respond: Responder) -> None:
+        if request.path == b"/big":
+            await respond.start(200, [(b"content-length", b"100000")])
+            await respond.send(b"b" * 100_000)
+            await respond.end()
+            return
+        try:
+            got = await body.read_all(1 << 16)
+        except Exception:
+            got = b""
+        out = b"%d" % len(got)
+        await respond.start(200, [(b"content-length", b"%d" % len(out))])
+        await respond.send(out)
+        await respond.end()
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+        limits = HttpLimits(
+            max_headers=16,
+            max_body_bytes=4096,
+            h2_max_concurrent_streams=8,
+            h2_max_header_list_size=2048,
+            h2_max_streams_per_connection=16,
+            h2_max_resets_per_window=8,
+            h2_max_control_frames_per_window=32,
+        )
+        info = ConnInfo(("127.0.0.1", 1), ("127.0.0.1", 2), b"https", {})
+
+        def on_event(name: str, fields: dict[str, Any]) -> None:
+            # a response cut short by the connection's end (EOF, GOAWAY) is no handler error
+            if name == "handler_error" and "ConnectionError" not in str(fields.get("error")):
+                errors.append(fields)
+
+        conn = H2Connection(handler, limits, info, on_event)
+        transport = Transport()
+        conn.connection_made(transport)
+        for piece in _chunks(data):
+            conn.data_received(piece)
+            for _ in range(4):
+                await asyncio.sleep(0)
+        conn.eof_received()
+        for _ in range(8):
+            await asyncio.sleep(0)
+        conn.connection_lost(None)
+        await asyncio.sleep(0)
+        return bytes(transport.out)
+
+    out = asyncio.run(main())
+    assert not errors, errors
+    decoder = hpack.Decoder()
+    decoder.max_header_list_size = 1 << 20
+    # the client's SETTINGS_HEADER_TABLE_SIZE (up to 2**32 - 1) is the server encoder's limit
+    decoder.max_allowed_table_size = 1 << 32
+    finals: set[int] = set()
+    pos, first, block, block_sid = 0, True, b"", 0
+    while pos < len(out):
+        assert len(out) - pos >= 9, "partial frame header"
+        length = int.from_bytes(out[pos : pos + 3], "big")
+        kind, flags = out[pos + 3], out[pos + 4]
+        sid = int.from_bytes(out[pos + 5 : pos + 9], "big")
+        payload = out[pos + 9 : pos + 9 + length]
+        assert len(payload) == length, "partial frame"
+        pos += 9 + length
+        assert not first or (kind == 4 and not flags & 1), "SETTINGS first"
+        first = False
+        if kind in (0, 1, 9):  # DATA, HEADERS, CONTINUATION: on a stream the client opened
+            assert sid % 2 == 1, sid
+        if kind == 1:
+            block, block_sid = payload, sid
+        elif kind == 9:
+            assert sid == block_sid, "CONTINUATION on another stream"
+            block += payload
+        if kind in (1, 9) and flags & 0x4:  # END_HEADERS
+            fields = dict(decoder.decode(block, raw=True))
+            status = fields.get(b":status", b"")
+            assert status.isdigit(), fields
+            if int(status) >= 200:
+                assert block_sid not in finals, f"two responses on stream {block_sid}"
+                finals.add(block_sid)
+
+
 TARGETS: dict[str, Target] = {
     "clienthello": Target(clienthello, (ProtocolError,), "ClientHello peek + JA4"),
     "proxyproto": Target(proxyproto, (ProtocolError,), "PROXY protocol v1/v2 header"),
@@ -582,6 +701,9 @@ TARGETS: dict[str, Target] = {
     "quic_initial": Target(quic_initial, (ProtocolError,), "QUIC Initials, the edge's flows"),
     "http_cache": Target(http_cache, (), "the shared cache's fields: Cache-Control, dates"),
     "http1_server": Target(http1_server, (), "HTTP/1.1 server connection (llhttp + ours)"),
+    "http2_client_view": Target(
+        http2_client_view, (), "HTTP/2 server connection as a client sees it (web/http2.py)"
+    ),
 }
 
 
