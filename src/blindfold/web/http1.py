@@ -803,16 +803,20 @@ class H1Responder:
         only `extra` checked and encoded per response."""
         self.start_prepared_now(head, extra)
 
-    def start_prepared_now(self, head: PreparedHead, extra: Headers) -> None:
+    def start_prepared_now(self, head: PreparedHead, extra: Headers, plain: bool = False) -> None:
+        """`plain`: the caller vouches that every field of `extra` is valid (what check_fields
+        checks) and that none frames the message (Connection, Content-Length,
+        Transfer-Encoding): neither is looked at again per response (a cache hit's Age)."""
         c = self._check()
-        try:
-            check_fields(extra)
-        except FieldError as exc:
-            raise ConnectionError(f"invalid response: {exc}") from None
+        if not plain:
+            try:
+                check_fields(extra)
+            except FieldError as exc:
+                raise ConnectionError(f"invalid response: {exc}") from None
         cached = head.encoded.get("h1")
         if cached is None:
             cached = head.encoded["h1"] = _encode_prepared(head)
-        self._head(c, head.status, extra, cached)  # type: ignore[arg-type]
+        self._head(c, head.status, extra, cached, plain)  # type: ignore[arg-type]
 
     def _head(
         self,
@@ -820,14 +824,17 @@ class H1Responder:
         status: int,
         headers: Headers,
         prepared: tuple[bytes, Headers, _Frame] | None,
+        plain: bool = False,
     ) -> None:
-        """Frame and encode the response head (h11's rules, RFC 9112 §6.3, §9.6) into _held."""
+        """Frame and encode the response head (h11's rules, RFC 9112 §6.3, §9.6) into _held.
+        `plain`: `headers` holds no framing field (start_prepared_now)."""
         if not 200 <= status <= 999:
             raise ConnectionError(f"invalid response: status {status}")
         if c.phase != HANDLING:
             # answering before the whole request arrived: the connection cannot be reused
             headers = [*headers, (b"connection", b"close")]
-        frame = _frame(headers)
+            plain = False
+        frame = _NO_FRAME if plain else _frame(headers)
         if prepared is not None:
             block, fields, pframe = prepared
             if frame.any:
@@ -1043,6 +1050,9 @@ def _frame(headers: Headers) -> _Frame:
             if b"close" in tokens:
                 frame.close = True
     return frame
+
+
+_NO_FRAME = _Frame()  # the framing of fields that hold no framing field (never modified)
 
 
 def _encode_prepared(head: PreparedHead) -> tuple[bytes, Headers, _Frame]:
