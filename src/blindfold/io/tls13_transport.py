@@ -58,9 +58,7 @@ class TlsAppTransport(asyncio.Transport):
         if self._closing or owner.raw is None or owner.raw.is_closing() or not data:
             return
         owner.bytes_out += len(data)
-        if not self._pending and not owner.receiving:
-            # written from inside a read (a cache hit answered at once) the owner seals it
-            # when that read is processed; from anywhere else, at the end of this turn
+        if not self._pending:
             owner.loop.call_soon(self._flush)
         # bytes, and views of bytes (a cached body's slices), are immutable: kept as they
         # are; anything else is copied (the caller may reuse its buffer once write returns,
@@ -256,7 +254,6 @@ class TlsServerProtocol(asyncio.BufferedProtocol):
         self.bytes_out = 0
         self.reading_paused = False
         self.aborted = False
-        self.receiving = False  # inside data_received: the app's writes are sealed at its end
         self.loop = asyncio.get_event_loop()
 
     # ---------------------------------------------------------------- raw side
@@ -282,16 +279,8 @@ class TlsServerProtocol(asyncio.BufferedProtocol):
         self.data_received(bytes(_READ_BUFFER[:nbytes]))
 
     def data_received(self, data: bytes) -> None:
-        self.receiving = True
-        try:
-            self._events(self.server.receive(data, self.loop.time()))
-        finally:
-            self.receiving = False
-            app = self.app_transport
-            if app is not None and app._pending:
-                app._flush()  # what the app wrote in answer to this read: sealed, one send
-            else:
-                self.flush()
+        self._events(self.server.receive(data, self.loop.time()))
+        self.flush()
 
     def eof_received(self) -> bool | None:
         # The visitor closed TCP; without close_notify that may be a truncation attack, and the
