@@ -216,8 +216,13 @@ class H1Connection(asyncio.Protocol):
         if self.body is not None and not self.body.finished:
             self.body.fail(ConnectionError("client went away"))
         self.body = None  # its callbacks refer to us: free both without the cyclic GC
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
+        # likewise the responder (it refers back to us) and the parser (it holds our bound
+        # callbacks): left here, each connection's objects waited for the cyclic collector
+        self.responder = None
+        self.parser = _CLOSED_PARSER
+        task, self.task = self.task, None  # the task's coroutine refers to us
+        if task is not None and not task.done():
+            task.cancel()
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_exception(ConnectionError("client went away"))
 
@@ -1052,6 +1057,9 @@ def _frame(headers: Headers) -> _Frame:
     return frame
 
 
+# what a closed connection keeps as its parser: one with no callbacks (never fed: a closed
+# connection parses nothing), so that the parser of its own is freed with it
+_CLOSED_PARSER = httptools.HttpRequestParser(object())
 _NO_FRAME = _Frame()  # the framing of fields that hold no framing field (never modified)
 
 
