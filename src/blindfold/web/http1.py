@@ -133,7 +133,9 @@ class H1Connection(asyncio.Protocol):
         self.answer_now: Callable[[Request, H1Responder], bool] | None = getattr(
             handler, "answer_now", None
         )
-        self.deferred: tuple[Request, BodyStream, H1Responder] | None = None
+        # a request without a body whose end is next in the queue: offered to answer_now
+        # there, its (ended, empty) BodyStream made only if answer_now declines
+        self.deferred: tuple[Request, H1Responder] | None = None
         self.limits = limits
         self.info = info
         self.on_event = on_event or (lambda _e, _f: None)
@@ -387,7 +389,9 @@ class H1Connection(asyncio.Protocol):
         method = parser.get_method()
         line = b"%s %s HTTP/" % (method, self._url)
         src = self._line_src
-        if line not in src or (b"  " in src and _spaced_line(method, self._url, src)):
+        # (find, not `in`: CPython 3.11's bytes.__contains__ first tries the operand as an
+        # int, and raising and clearing that TypeError costs more than the search itself)
+        if src.find(line) < 0 or (src.find(b"  ") >= 0 and _spaced_line(method, self._url, src)):
             # llhttp takes any run of spaces between the parts of the request line; h11 (and
             # RFC 9112 §3's grammar) one SP each. The well-formed line must be in what was
             # read, and not the same line with a run of spaces: a header such as
@@ -504,21 +508,21 @@ class H1Connection(asyncio.Protocol):
         self.keep_alive = event.keep_alive
         self.waiting_100 = event.expect
         self._deadline(limits.body_timeout_s, "body_timeout")
-        request = Request(
-            method=event.method,
-            target=target.origin_form,
-            authority=host,
-            scheme=self.info.scheme,
-            headers=event.headers,
-            http_version=event.version,
-            client=self.info.client,
-            server=self.info.server,
-            request_id=request_id_for(event.headers, self.info.edge_request_ids),
-            tls=self.info.tls,
-            raw_target=event.target,
-            from_http_edge=self.info.edge_request_ids,
+        info = self.info
+        request = Request(  # positional: keywords through type() cost a dict per request
+            event.method,  # method
+            target.origin_form,  # target
+            host,  # authority
+            info.scheme,  # scheme
+            event.headers,  # headers
+            event.version,  # http_version
+            info.client,  # client
+            info.server,  # server
+            request_id_for(event.headers, info.edge_request_ids),  # request_id
+            info.tls,  # tls
+            event.target,  # raw_target
+            info.edge_request_ids,  # from_http_edge
         )
-        self.body = BodyStream(limits.max_body_bytes, self._consumed, self._body_wait)
         responder = self.responder = H1Responder(
             self, head=event.method == b"HEAD", http10=event.version == "1.0"
         )
@@ -529,18 +533,16 @@ class H1Connection(asyncio.Protocol):
             and self.events
             and self.events[0][0] == _END
         ):
-            self.deferred = (
-                request,
-                self.body,
-                responder,
-            )  # its end is next: answered there (_answer)
+            self.body = None
+            self.deferred = (request, responder)  # its end is next: answered there (_answer)
             return
-        self.task = self.loop.create_task(self._run(request, self.body, responder))
+        body = self.body = BodyStream(limits.max_body_bytes, self._consumed, self._body_wait)
+        self.task = self.loop.create_task(self._run(request, body, responder))
 
-    def _answer(self, request: Request, body: BodyStream, responder: H1Responder) -> None:
+    def _answer(self, request: Request, responder: H1Responder) -> None:
         """A whole request without a body: the handler's `answer_now` may answer it at once
         (no Task, no await: what it writes is what the Task would have written); if it
-        declines, the handler runs in a Task as any other request."""
+        declines, the handler runs in a Task as any other request, with an ended body."""
         assert self.answer_now is not None
         try:
             answered = self.answer_now(request, responder)
@@ -554,6 +556,8 @@ class H1Connection(asyncio.Protocol):
                     responder.end_now()
             answered = True
         if not answered:
+            body = self.body = BodyStream(self.limits.max_body_bytes, self._consumed)
+            body.end()
             self.task = self.loop.create_task(self._run(request, body, responder))
         elif self.events or self.held:
             # pipelined requests wait: carried on from the loop, not from inside this parse
