@@ -126,6 +126,7 @@ class H1Connection(asyncio.Protocol):
         limits: HttpLimits,
         info: ConnInfo,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.handler = handler
         # a handler's synchronous answer to a request without a body (`answer_now`: a cache
@@ -141,7 +142,7 @@ class H1Connection(asyncio.Protocol):
         self.on_event = on_event or (lambda _e, _f: None)
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
-        self.loop = asyncio.get_event_loop()
+        self.loop = loop or asyncio.get_event_loop()  # (given: no getpid(2) to find it)
         self.phase = IDLE
         self.body: BodyStream | None = None
         self.task: asyncio.Task[None] | None = None
