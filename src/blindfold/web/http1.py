@@ -187,14 +187,18 @@ class H1Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        if self.phase == IDLE:
+        began = self.phase == IDLE
+        if began:
             self.phase = HEAD
-            self._deadline(self.limits.header_timeout_s, "header_timeout")
         if self.held:
             self.held += data  # reading is paused; a read already under way still lands
         else:
             self._feed(data)
         self._process()
+        if began and self.phase == HEAD and not self.closed:
+            # the head is not whole yet: timed from now (set after the parse, not before: a
+            # whole request in this read, most of them, moved on and never needed it)
+            self._deadline(self.limits.header_timeout_s, "header_timeout")
 
     def eof_received(self) -> bool | None:
         self.eof_held = True
@@ -508,7 +512,6 @@ class H1Connection(asyncio.Protocol):
         self.phase = BODY
         self.keep_alive = event.keep_alive
         self.waiting_100 = event.expect
-        self._deadline(limits.body_timeout_s, "body_timeout")
         info = self.info
         request = Request(  # positional: keywords through type() cost a dict per request
             event.method,  # method
@@ -536,7 +539,8 @@ class H1Connection(asyncio.Protocol):
         ):
             self.body = None
             self.deferred = (request, responder)  # its end is next: answered there (_answer)
-            return
+            return  # (no body deadline: the end, next, would cancel it)
+        self._deadline(limits.body_timeout_s, "body_timeout")
         body = self.body = BodyStream(limits.max_body_bytes, self._consumed, self._body_wait)
         self.task = self.loop.create_task(self._run(request, body, responder))
 
