@@ -5,7 +5,7 @@ Each connection: TCP connect, TLS 1.3 handshake (full keyless, or resumed with t
 connection before), `GET /2k` with `Connection: close`, the 2 KB body read to EOF and checked
 byte for byte, close. The response is a cache hit (the origin is asked once, at warm-up).
 
-  newconn.py run --out DIR [--n 1000] [--modes full,resumed] [--src A=PATH --src B=PATH ...]
+  newconn.py run --out DIR [--n 1000] [--modes full,resumed,keepalive] [--src A=PATH ...]
                  [--rounds 2] [--callgrind]
 
 For each `--src` (a `src/` directory put first on PYTHONPATH: e.g. the branch and a `git archive`
@@ -164,12 +164,66 @@ def origin_main(a: argparse.Namespace) -> int:
 
 
 # ============================================================================ client
+def keepalive_main(a: argparse.Namespace, ctx: ssl.SSLContext) -> int:
+    """--mode keepalive: N requests (GET /2k, cache hits) one after the other on ONE
+    keep-alive connection, each response read to its Content-Length and checked."""
+    req = f"GET /2k HTTP/1.1\r\nHost: {SNI}\r\n\r\n".encode()
+    want = hashlib.sha256(BODY).digest()
+    ok = bad = 0
+    errors: dict[str, int] = {}
+    deadline = time.monotonic() + a.seconds
+    t0 = time.monotonic()
+    try:
+        with socket.create_connection(("127.0.0.1", a.port), timeout=a.timeout) as raw:
+            tls = ctx.wrap_socket(raw, server_hostname=SNI)
+            buf = b""
+            for _ in range(a.n):
+                if time.monotonic() >= deadline:
+                    break
+                tls.sendall(req)
+                while b"\r\n\r\n" not in buf:
+                    b = tls.recv(65536)
+                    if not b:
+                        raise ConnectionError("closed")
+                    buf += b
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                size = int(m.group(1)) if m else 0
+                while len(buf) < size:
+                    b = tls.recv(65536)
+                    if not b:
+                        raise ConnectionError("closed")
+                    buf += b
+                body, buf = buf[:size], buf[size:]
+                good = head.startswith(b"HTTP/1.1 200") and hashlib.sha256(body).digest() == want
+                ok += good
+                bad += not good
+    except (OSError, ssl.SSLError) as exc:
+        k = type(exc).__name__
+        errors[k] = errors.get(k, 0) + 1
+    print(
+        json.dumps(
+            {
+                "ok": ok,
+                "bad": bad,
+                "reused": 0,
+                "errors": errors,
+                "elapsed_s": time.monotonic() - t0,
+            }
+        ),
+        flush=True,
+    )
+    return 0
+
+
 def client_main(a: argparse.Namespace) -> int:
     """N sequential connections: handshake (resumed: with the previous connection's ticket),
-    GET /2k, Connection: close, the body checked, close."""
+    GET /2k, Connection: close, the body checked, close. (`keepalive`: keepalive_main.)"""
     ctx = ssl.create_default_context(cafile=a.cafile)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.set_alpn_protocols(["http/1.1"])
+    if a.mode == "keepalive":
+        return keepalive_main(a, ctx)
     req = f"GET /2k HTTP/1.1\r\nHost: {SNI}\r\nConnection: close\r\n\r\n".encode()
     want = hashlib.sha256(BODY).digest()
     session: ssl.SSLSession | None = None
@@ -474,7 +528,7 @@ def main(argv: list[str]) -> int:
     c = sub.add_parser("client")
     c.add_argument("--port", type=int, required=True)
     c.add_argument("--cafile", required=True)
-    c.add_argument("--mode", choices=("full", "resumed"), required=True)
+    c.add_argument("--mode", choices=("full", "resumed", "keepalive"), required=True)
     c.add_argument("--n", type=int, required=True)
     c.add_argument("--seconds", type=float, required=True)
     c.add_argument("--timeout", type=float, default=10.0)

@@ -113,3 +113,42 @@ def test_the_refill_is_queued_once_and_in_small_batches() -> None:
         return sizes
 
     assert asyncio.run(main()) == [2, 4, 5, 5]
+
+
+class _Dirty:
+    """What the flusher needs of an app transport: its owner's loop and _flush."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, log: list[str], name: str) -> None:
+        self._owner = type("Owner", (), {"loop": loop})()
+        self.log, self.name = log, name
+
+    def _flush(self) -> None:
+        self.log.append(self.name)
+        if self.name == "bad":
+            raise RuntimeError("seal failed")
+
+
+def test_one_callback_a_turn_flushes_every_connection_written_in_it() -> None:
+    async def main() -> tuple[list[str], list[str], int, list[str]]:
+        loop = asyncio.get_running_loop()
+        errors: list[str] = []
+        loop.set_exception_handler(lambda _loop, ctx: errors.append(str(ctx["exception"])))
+        flusher = tt.flusher_of(loop)
+        assert tt.flusher_of(loop) is flusher
+        log: list[str] = []
+        ready = len(loop._ready)  # type: ignore[attr-defined]
+        for name in ("a", "bad", "c"):
+            flusher.add(_Dirty(loop, log, name))  # type: ignore[arg-type]
+        queued = len(loop._ready) - ready  # type: ignore[attr-defined]
+        assert log == []  # nothing is sent from inside the turn that wrote it
+        await asyncio.sleep(0)
+        first = list(log)
+        flusher.add(_Dirty(loop, log, "d"))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        return first, log, queued, errors
+
+    first, log, queued, errors = asyncio.run(main())
+    assert queued == 1
+    assert first == ["a", "bad", "c"]  # one failure stops no other connection's flush
+    assert log == ["a", "bad", "c", "d"]  # a later turn's writes queue the callback again
+    assert errors == ["seal failed"]

@@ -226,6 +226,12 @@ def age_value(headers: Headers) -> int:
     return _seconds(first.split(b",")[0].strip(b" \t").decode("latin-1")) or 0
 
 
+# request fields `HttpCache.lookup` reads; a request without any of them (most) needs no more
+_LOOKUP_FIELDS = frozenset((b"range", b"pragma", b"cache-control"))
+_NO_DIRECTIVES: dict[str, str] = {}  # never written to
+_CONDITIONAL_FIELDS = frozenset((b"if-none-match", b"if-modified-since"))  # not_modified
+
+
 def _header(headers: Headers, name: bytes) -> bytes | None:
     for k, v in headers:
         if k == name:
@@ -285,7 +291,8 @@ class Entry:
 
     def age(self, wall: float) -> float:
         """§4.2.3 current_age."""
-        return self.corrected_initial_age + max(0.0, wall - self.response_time)
+        resident = wall - self.response_time  # (not max(): a builtin call costs more)
+        return self.corrected_initial_age + (resident if resident > 0.0 else 0.0)
 
     @property
     def etag(self) -> bytes | None:
@@ -296,7 +303,7 @@ class Entry:
         return _header(self.headers, b"last-modified")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)  # not frozen: a frozen __init__ costs a call per field
 class Lookup:
     """A stored response for this request: `fresh` ones are served as they are (also a stale
     one the request's max-stale accepts), the others need the conditional request `validators`
@@ -397,17 +404,31 @@ class HttpCache:
     def lookup(
         self, key: tuple[bytes, bytes], method: bytes, request_headers: Headers, wall: float
     ) -> Lookup | None:
-        if method not in (b"GET", b"HEAD") or _header(request_headers, b"range") is not None:
+        if method != b"GET" and method != b"HEAD":
             return None
+        # one scan for the request fields a lookup reads (most requests carry none of them)
+        pragma: bytes | None = None
+        has_cc = False
+        for k, v in request_headers:
+            if k in _LOOKUP_FIELDS:
+                if k == b"range":
+                    return None
+                if k == b"pragma":
+                    if pragma is None:
+                        pragma = v
+                else:
+                    has_cc = True
         entries = self._store.get(key)
         if not entries:
             self.misses += 1
             return None
-        req_cc = directives(request_headers)
+        req_cc = directives(request_headers) if has_cc else _NO_DIRECTIVES
         if "no-store" in req_cc:
             return None
         for entry in entries:
-            if all(_normalise(_joined(request_headers, n)) == v for n, v in entry.vary):
+            if not entry.vary or all(
+                _normalise(_joined(request_headers, n)) == v for n, v in entry.vary
+            ):
                 break
         else:
             self.misses += 1
@@ -416,13 +437,16 @@ class HttpCache:
         age = entry.age(wall)
         fresh = age < entry.lifetime and not entry.no_cache
         # what the request itself demands (§5.2.1): it may forbid reusing even a fresh copy
-        strict = "no-cache" in req_cc or _header(request_headers, b"pragma") == b"no-cache"
-        max_age = _seconds(req_cc.get("max-age"))
-        if max_age is not None and age > max_age:
-            strict = True
-        min_fresh = _seconds(req_cc.get("min-fresh"))
-        if min_fresh is not None and age + min_fresh > entry.lifetime:
-            fresh = False  # §5.2.1.3
+        strict = pragma == b"no-cache"
+        min_fresh = None
+        if has_cc:
+            strict = strict or "no-cache" in req_cc
+            max_age = _seconds(req_cc.get("max-age"))
+            if max_age is not None and age > max_age:
+                strict = True
+            min_fresh = _seconds(req_cc.get("min-fresh"))
+            if min_fresh is not None and age + min_fresh > entry.lifetime:
+                fresh = False  # §5.2.1.3
         stale_ok = entry.may_serve_stale and not entry.no_cache and not strict
         if (
             not fresh
@@ -809,7 +833,16 @@ def _cost(key: tuple[bytes, bytes], entry: Entry) -> int:
 def not_modified(entry: Entry, request_headers: Headers) -> bool:
     """RFC 9110 §13.1.2/§13.1.3 for a GET/HEAD served from the cache: does the visitor's own
     conditional header say it already has this response?"""
-    inm = _header(request_headers, b"if-none-match")
+    inm = ims_value = None
+    for k, v in request_headers:  # one scan: most requests carry neither field
+        if k in _CONDITIONAL_FIELDS:
+            if k == b"if-none-match":
+                if inm is None:
+                    inm = v
+            elif ims_value is None:
+                ims_value = v
+    if inm is None and ims_value is None:
+        return False
     etag = entry.etag
     if inm is not None:
         if etag is None:
@@ -819,7 +852,7 @@ def not_modified(entry: Entry, request_headers: Headers) -> bool:
         weak = etag.removeprefix(b"W/")  # §8.8.3.2: If-None-Match uses weak comparison
         return any(t.strip().removeprefix(b"W/") == weak for t in inm.split(b","))
     # RFC 9110 §13.1.3: an invalid date (the same strict parser) means no condition
-    ims = http_date(_header(request_headers, b"if-modified-since"), entry.response_time)
+    ims = http_date(ims_value, entry.response_time)
     if ims is None:
         return False
     # RFC 9111 §4.3.2: without Last-Modified, "the stored response's Date field value (or, if

@@ -330,7 +330,10 @@ class Conn:
     def hand_off(self, protocol: TlsServerProtocol, send_buffer_bytes: int = 0) -> None:
         loop = self.worker.loop
         assert loop is not None and self.phase == TAKEN
-        sock = socket.socket(fileno=self.client.detach())  # asyncio wants the Python type
+        # asyncio wants the Python type; type and protocol given, not asked of the kernel
+        # again (two getsockopt); TCP's number keeps asyncio's TCP_NODELAY
+        client = self.client
+        sock = socket.socket(client.family, socket.SOCK_STREAM, socket.IPPROTO_TCP, client.detach())
         self.client = sock
         if send_buffer_bytes:
             try:

@@ -54,7 +54,7 @@ def serve(
         info = ConnInfo((conn.ip, conn.client_port), conn.local or ("0.0.0.0", 0), b"https", tls)
         if alpn == "h2":
             return H2Connection(handler, limits, info, handler.http_event)
-        return H1Connection(handler, limits, info, handler.http_event)
+        return H1Connection(handler, limits, info, handler.http_event, protocol.loop)
 
     protocol = TlsServerProtocol(
         engine,

@@ -126,6 +126,7 @@ class H1Connection(asyncio.Protocol):
         limits: HttpLimits,
         info: ConnInfo,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.handler = handler
         # a handler's synchronous answer to a request without a body (`answer_now`: a cache
@@ -133,13 +134,15 @@ class H1Connection(asyncio.Protocol):
         self.answer_now: Callable[[Request, H1Responder], bool] | None = getattr(
             handler, "answer_now", None
         )
-        self.deferred: tuple[Request, BodyStream, H1Responder] | None = None
+        # a request without a body whose end is next in the queue: offered to answer_now
+        # there, its (ended, empty) BodyStream made only if answer_now declines
+        self.deferred: tuple[Request, H1Responder] | None = None
         self.limits = limits
         self.info = info
         self.on_event = on_event or (lambda _e, _f: None)
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
-        self.loop = asyncio.get_event_loop()
+        self.loop = loop or asyncio.get_event_loop()  # (given: no getpid(2) to find it)
         self.phase = IDLE
         self.body: BodyStream | None = None
         self.task: asyncio.Task[None] | None = None
@@ -184,14 +187,18 @@ class H1Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
-        if self.phase == IDLE:
+        began = self.phase == IDLE
+        if began:
             self.phase = HEAD
-            self._deadline(self.limits.header_timeout_s, "header_timeout")
         if self.held:
             self.held += data  # reading is paused; a read already under way still lands
         else:
             self._feed(data)
         self._process()
+        if began and self.phase == HEAD and not self.closed:
+            # the head is not whole yet: timed from now (set after the parse, not before: a
+            # whole request in this read, most of them, moved on and never needed it)
+            self._deadline(self.limits.header_timeout_s, "header_timeout")
 
     def eof_received(self) -> bool | None:
         self.eof_held = True
@@ -216,8 +223,13 @@ class H1Connection(asyncio.Protocol):
         if self.body is not None and not self.body.finished:
             self.body.fail(ConnectionError("client went away"))
         self.body = None  # its callbacks refer to us: free both without the cyclic GC
-        if self.task is not None and not self.task.done():
-            self.task.cancel()
+        # likewise the responder (it refers back to us) and the parser (it holds our bound
+        # callbacks): left here, each connection's objects waited for the cyclic collector
+        self.responder = None
+        self.parser = _CLOSED_PARSER
+        task, self.task = self.task, None  # the task's coroutine refers to us
+        if task is not None and not task.done():
+            task.cancel()
         if self.drain_waiter is not None and not self.drain_waiter.done():
             self.drain_waiter.set_exception(ConnectionError("client went away"))
 
@@ -382,7 +394,9 @@ class H1Connection(asyncio.Protocol):
         method = parser.get_method()
         line = b"%s %s HTTP/" % (method, self._url)
         src = self._line_src
-        if line not in src or (b"  " in src and _spaced_line(method, self._url, src)):
+        # (find, not `in`: CPython 3.11's bytes.__contains__ first tries the operand as an
+        # int, and raising and clearing that TypeError costs more than the search itself)
+        if src.find(line) < 0 or (src.find(b"  ") >= 0 and _spaced_line(method, self._url, src)):
             # llhttp takes any run of spaces between the parts of the request line; h11 (and
             # RFC 9112 §3's grammar) one SP each. The well-formed line must be in what was
             # read, and not the same line with a run of spaces: a header such as
@@ -498,22 +512,21 @@ class H1Connection(asyncio.Protocol):
         self.phase = BODY
         self.keep_alive = event.keep_alive
         self.waiting_100 = event.expect
-        self._deadline(limits.body_timeout_s, "body_timeout")
-        request = Request(
-            method=event.method,
-            target=target.origin_form,
-            authority=host,
-            scheme=self.info.scheme,
-            headers=event.headers,
-            http_version=event.version,
-            client=self.info.client,
-            server=self.info.server,
-            request_id=request_id_for(event.headers, self.info.edge_request_ids),
-            tls=self.info.tls,
-            raw_target=event.target,
-            from_http_edge=self.info.edge_request_ids,
+        info = self.info
+        request = Request(  # positional: keywords through type() cost a dict per request
+            event.method,  # method
+            target.origin_form,  # target
+            host,  # authority
+            info.scheme,  # scheme
+            event.headers,  # headers
+            event.version,  # http_version
+            info.client,  # client
+            info.server,  # server
+            request_id_for(event.headers, info.edge_request_ids),  # request_id
+            info.tls,  # tls
+            event.target,  # raw_target
+            info.edge_request_ids,  # from_http_edge
         )
-        self.body = BodyStream(limits.max_body_bytes, self._consumed, self._body_wait)
         responder = self.responder = H1Responder(
             self, head=event.method == b"HEAD", http10=event.version == "1.0"
         )
@@ -524,18 +537,17 @@ class H1Connection(asyncio.Protocol):
             and self.events
             and self.events[0][0] == _END
         ):
-            self.deferred = (
-                request,
-                self.body,
-                responder,
-            )  # its end is next: answered there (_answer)
-            return
-        self.task = self.loop.create_task(self._run(request, self.body, responder))
+            self.body = None
+            self.deferred = (request, responder)  # its end is next: answered there (_answer)
+            return  # (no body deadline: the end, next, would cancel it)
+        self._deadline(limits.body_timeout_s, "body_timeout")
+        body = self.body = BodyStream(limits.max_body_bytes, self._consumed, self._body_wait)
+        self.task = self.loop.create_task(self._run(request, body, responder))
 
-    def _answer(self, request: Request, body: BodyStream, responder: H1Responder) -> None:
+    def _answer(self, request: Request, responder: H1Responder) -> None:
         """A whole request without a body: the handler's `answer_now` may answer it at once
         (no Task, no await: what it writes is what the Task would have written); if it
-        declines, the handler runs in a Task as any other request."""
+        declines, the handler runs in a Task as any other request, with an ended body."""
         assert self.answer_now is not None
         try:
             answered = self.answer_now(request, responder)
@@ -549,6 +561,8 @@ class H1Connection(asyncio.Protocol):
                     responder.end_now()
             answered = True
         if not answered:
+            body = self.body = BodyStream(self.limits.max_body_bytes, self._consumed)
+            body.end()
             self.task = self.loop.create_task(self._run(request, body, responder))
         elif self.events or self.held:
             # pipelined requests wait: carried on from the loop, not from inside this parse
@@ -803,16 +817,20 @@ class H1Responder:
         only `extra` checked and encoded per response."""
         self.start_prepared_now(head, extra)
 
-    def start_prepared_now(self, head: PreparedHead, extra: Headers) -> None:
+    def start_prepared_now(self, head: PreparedHead, extra: Headers, plain: bool = False) -> None:
+        """`plain`: the caller vouches that every field of `extra` is valid (what check_fields
+        checks) and that none frames the message (Connection, Content-Length,
+        Transfer-Encoding): neither is looked at again per response (a cache hit's Age)."""
         c = self._check()
-        try:
-            check_fields(extra)
-        except FieldError as exc:
-            raise ConnectionError(f"invalid response: {exc}") from None
+        if not plain:
+            try:
+                check_fields(extra)
+            except FieldError as exc:
+                raise ConnectionError(f"invalid response: {exc}") from None
         cached = head.encoded.get("h1")
         if cached is None:
             cached = head.encoded["h1"] = _encode_prepared(head)
-        self._head(c, head.status, extra, cached)  # type: ignore[arg-type]
+        self._head(c, head.status, extra, cached, plain)  # type: ignore[arg-type]
 
     def _head(
         self,
@@ -820,14 +838,17 @@ class H1Responder:
         status: int,
         headers: Headers,
         prepared: tuple[bytes, Headers, _Frame] | None,
+        plain: bool = False,
     ) -> None:
-        """Frame and encode the response head (h11's rules, RFC 9112 §6.3, §9.6) into _held."""
+        """Frame and encode the response head (h11's rules, RFC 9112 §6.3, §9.6) into _held.
+        `plain`: `headers` holds no framing field (start_prepared_now)."""
         if not 200 <= status <= 999:
             raise ConnectionError(f"invalid response: status {status}")
         if c.phase != HANDLING:
             # answering before the whole request arrived: the connection cannot be reused
             headers = [*headers, (b"connection", b"close")]
-        frame = _frame(headers)
+            plain = False
+        frame = _NO_FRAME if plain else _frame(headers)
         if prepared is not None:
             block, fields, pframe = prepared
             if frame.any:
@@ -1043,6 +1064,12 @@ def _frame(headers: Headers) -> _Frame:
             if b"close" in tokens:
                 frame.close = True
     return frame
+
+
+# what a closed connection keeps as its parser: one with no callbacks (never fed: a closed
+# connection parses nothing), so that the parser of its own is freed with it
+_CLOSED_PARSER = httptools.HttpRequestParser(object())
+_NO_FRAME = _Frame()  # the framing of fields that hold no framing field (never modified)
 
 
 def _encode_prepared(head: PreparedHead) -> tuple[bytes, Headers, _Frame]:
