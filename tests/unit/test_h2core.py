@@ -427,8 +427,8 @@ def test_hpack_errors() -> None:
 
 
 def test_decode_cache_follows_the_dynamic_table() -> None:
-    """Blocks of one-byte indexed fields are decoded once, until a block that may change the
-    dynamic table: index 62 means another field after that."""
+    """A block whose decoding left the dynamic table alone is decoded once, until the table
+    changes: index 62 means another field after that, or nothing after a size update."""
     c = Client()
     first = c.block([*REQ, (b"x-a", b"1")])  # x-a: 1 becomes index 62
     assert c.send(frame(1, 0x5, 1, first))[0][2][-1] == (b"x-a", b"1")
@@ -438,6 +438,10 @@ def test_decode_cache_follows_the_dynamic_table() -> None:
     second = c.block([*REQ, (b"x-b", b"2")])  # x-b: 2 is now 62
     assert c.send(frame(1, 0x5, 5, second))[0][2][-1] == (b"x-b", b"2")
     assert c.send(frame(1, 0x5, 7, indexed))[0][2][-1] == (b"x-b", b"2")
+    assert c.send(frame(1, 0x5, 9, indexed))[0][2][-1] == (b"x-b", b"2")  # from the cache
+    resize = bytes([0x20, 0x3F, 0xE1, 0x1F])  # RFC 7541 §6.3: to 0, then back to 4096
+    c.send(frame(1, 0x5, 11, resize + bytes([0x82, 0x87, 0x84, 0x01, 6]) + b"a.test"))
+    assert c.fails(frame(1, 0x5, 13, indexed)) == h2core.COMPRESSION_ERROR  # 62 is gone
 
 
 # ------------------------------------------------------------------------- sending

@@ -28,6 +28,7 @@ import struct
 
 from hpack import Decoder, Encoder
 from hpack.exceptions import HPACKError, OversizedHeaderListError
+from hpack.table import HeaderTable
 
 from blindfold.errors import ProtocolError
 
@@ -72,7 +73,6 @@ _HEAD = struct.Struct(">HBBBL")  # 24-bit length as 16 + 8, type, flags, stream 
 _U32 = struct.Struct(">L")
 _GOAWAY = struct.Struct(">LL")
 _SETTING = struct.Struct(">HL")
-_PURE_INDEXED = bytes(range(0x80, 0xFF))  # one-byte indexed fields (RFC 7541 §6.1)
 
 _CLOSED_BY_END, _CLOSED_BY_RESET = 1, 2
 
@@ -84,6 +84,26 @@ class ConnectionFailed(ProtocolError):
     def __init__(self, code: int, detail: str) -> None:
         super().__init__("h2_connection_error", detail)
         self.code = code
+
+
+class _CountingTable(HeaderTable):
+    """The decoder's dynamic table, counting its changes (RFC 7541 §4: an entry added, the
+    size changed): a block decoded without a change decodes the same while the count stays."""
+
+    generation = 0
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.generation += 1
+        super().add(name, value)
+
+    @property
+    def maxsize(self) -> int:
+        return self._maxsize
+
+    @maxsize.setter
+    def maxsize(self, newmax: int) -> None:
+        self.generation += 1
+        HeaderTable.maxsize.fset(self, newmax)  # type: ignore[attr-defined]
 
 
 class StreamGone(ConnectionError):
@@ -151,6 +171,7 @@ class H2Server:
         self.initial_window = initial_window
         self.max_inbound_frame_size = max_frame_size
         self.decoder = Decoder(DECODER_MAX_HEADER_LIST_SIZE)
+        self._table = self.decoder.header_table = _CountingTable()
         self.decoder.max_allowed_table_size = header_table_size
         self.encoder = Encoder()
         self.out = bytearray()
@@ -172,10 +193,10 @@ class H2Server:
         self._preface = PREFACE
         # an unfinished header block: (stream id, HEADERS flags, fragments)
         self._block: tuple[int, int, list[bytes], tuple[int, int] | None] | None = None
-        # decoded header blocks of only one-byte indexed fields: they leave the dynamic table
-        # alone, so they decode the same until a block that may change the table (generation)
+        # header blocks whose decoding left the dynamic table alone (indexed fields, literals
+        # without indexing: a client's repeated request), by block: they decode the same while
+        # the table's generation is the one they were decoded in
         self._decoded: dict[bytes, tuple[int, list[tuple[bytes, bytes]]]] = {}
-        self._generation = 0
 
     # ------------------------------------------------------------------ setup
     def initiate(self, connection_window: int | None = None) -> None:
@@ -326,13 +347,11 @@ class H2Server:
             self._header_block(events, sid, bflags, b"".join(fragments), priority)
 
     def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
-        pure = not block.translate(None, _PURE_INDEXED)
-        if pure:
-            hit = self._decoded.get(block)
-            if hit is not None and hit[0] == self._generation:
-                return hit[1]
-        else:
-            self._generation += 1  # this block may change the dynamic table
+        table = self._table
+        generation = table.generation
+        hit = self._decoded.get(block)
+        if hit is not None and hit[0] == generation:
+            return hit[1]
         try:
             headers: list[tuple[bytes, bytes]] = self.decoder.decode(block, raw=True)  # type: ignore[assignment]
         except OversizedHeaderListError as exc:
@@ -343,10 +362,10 @@ class H2Server:
             # RFC 9113 §4.3: COMPRESSION_ERROR (h2 says PROTOCOL_ERROR)
             self._fail(COMPRESSION_ERROR, f"Error decoding header block: {exc}")
             raise  # unreachable
-        if pure:
-            if len(self._decoded) >= 256:
+        if table.generation == generation:
+            if len(self._decoded) >= 64:
                 self._decoded.clear()
-            self._decoded[block] = (self._generation, headers)
+            self._decoded[block] = (generation, headers)
         return headers
 
     def _header_block(
