@@ -695,8 +695,8 @@ class KeylessHandler:
     # ---------------------------------------------------------------- requests
     def answer_now(self, request: Request, respond: H1Responder | H2Responder) -> bool:
         """HTTP/1.1 (web/http1.py) or HTTP/2 (web/http2.py), a whole request without a body: a
-        fresh cache hit answered at once, without a Task, with the same bytes `_serve_entry` sends. False: `__call__`
-        answers it (with the cache lookup made here, if one was)."""
+        fresh cache hit answered at once, without a Task, with the same bytes `_serve_entry`
+        sends. False: `__call__` answers it (with the cache lookup made here, if one was)."""
         kr = self.kr
         cache = kr.cache
         if (
