@@ -146,3 +146,34 @@ def test_answer_now_raising_is_a_500() -> None:
     at_once, _ = _serve(handler, True, [("GET", "/now1")])
     headers, body, ended = at_once[1]
     assert dict(headers)[b":status"] == b"500" and body == b"" and ended
+
+
+def test_a_repeated_request_is_parsed_once_but_gets_its_own_headers_and_id() -> None:
+    """The same header block again (HPACK-indexed: the very list h2core decoded before) reuses
+    the connection's parse; each request still gets its own header list and request id."""
+    seen: list[Request] = []
+
+    async def handler(request: Request, body: BodyStream, respond: Responder) -> None:
+        seen.append(request)
+        request.headers.append((b"x-added", b"1"))  # a handler may change its own request
+        await respond.start(204, [])
+        await respond.end()
+
+    async def main() -> H2Connection:
+        info = ConnInfo(("127.0.0.1", 1), ("127.0.0.1", 2), b"https", {})
+        conn = H2Connection(handler, HttpLimits(), info)
+        conn.connection_made(Transport())
+        client = _client(False)
+        for sid in (1, 3, 5):
+            _request(client, sid, "/same?q=1")
+        conn.data_received(client.data_to_send())
+        for _ in range(10):
+            await asyncio.sleep(0)
+        conn._close()
+        return conn
+
+    conn = asyncio.run(main())
+    assert conn._parsed is not None  # the cache was used
+    assert [r.target for r in seen] == [b"/same?q=1"] * 3
+    assert len({r.request_id for r in seen}) == 3
+    assert all(r.headers == [(b"host", b"a"), (b"x-added", b"1")] for r in seen)

@@ -97,6 +97,10 @@ class H2Connection(asyncio.Protocol):
         self.drain_waiters: list[asyncio.Future[None]] = []
         self.timer: asyncio.TimerHandle | None = None
         self.idle_since = self.loop.time()
+        # the last request parsed (`_on_request`): its decoded list, and the parse
+        self._parsed: (
+            tuple[list[tuple[bytes, bytes]], tuple[bytes, bytes, bytes, bytes, Headers]] | None
+        ) = None
 
     # ------------------------------------------------------------------ asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -203,10 +207,65 @@ class H2Connection(asyncio.Protocol):
         if self.opened > limits.h2_max_streams_per_connection and not self.going_away:
             self.going_away = True  # finish what is open, then the client reconnects
             self.conn.close_connection(h2core.NO_ERROR, last_stream_id=sid)
+        # a request whose header list is the very list decoded before (h2core's cache of
+        # blocks that left the HPACK table alone: a client's repeated request) is the same
+        # request: its checks and parse are kept, only its id and objects are new
+        parsed = self._parsed
+        pre: tuple[bytes, bytes, bytes, bytes, Headers] | int | None
+        if parsed is not None and parsed[0] is fields:
+            pre = parsed[1]
+        else:
+            pre = self._parse(sid, fields)
+            if pre is None:
+                return  # malformed: the stream was reset
+            if not isinstance(pre, int):
+                self._parsed = (fields, pre)
+        stream = _Stream()
+        self.streams[sid] = stream
+        if isinstance(pre, int):
+            head = any(k == b":method" and v == b"HEAD" for k, v in fields)
+            responder = H2Responder(self, sid, head)
+            stream.responder = responder
+            stream.task = self.loop.create_task(self._refuse(responder, pre))
+            return
+        method, target, authority, raw_path, headers = pre
+        headers = headers.copy()
+        responder = H2Responder(self, sid, method == b"HEAD")
+        stream.responder = responder
+        info = self.info
+        request = Request(
+            method,
+            target,
+            authority,
+            info.scheme,
+            headers,
+            "2",
+            info.client,
+            info.server,
+            request_id_for(headers, info.edge_request_ids),
+            info.tls,
+            raw_path,
+            info.edge_request_ids,
+        )
+        if ended and self.answer_now is not None and self._answer(request, responder):
+            return
+        stream.body = body = BodyStream(limits.max_body_bytes, self._acker(stream, sid))
+        stream.last_data = self.loop.time()
+        if ended:
+            body.end()
+        stream.task = self.loop.create_task(self._run(request, stream, responder))
+
+    def _parse(
+        self, sid: int, fields: list[tuple[bytes, bytes]]
+    ) -> tuple[bytes, bytes, bytes, bytes, Headers] | int | None:
+        """A request's header list checked and parsed: (method, target, authority, raw path,
+        headers with Host), or the status to refuse it with, or None when it is malformed
+        (RFC 9113 §8.1.1: its stream is reset here)."""
         error = field_error(fields, False)
         if error is not None:
             self._malformed(sid, error)
-            return
+            return None
+        limits = self.limits
         # one pass: pseudo-header fields (each at most once: field_error checked that), the
         # rest, the list's size (RFC 9113 §6.5.2), Host and the first Content-Length
         pseudo: dict[bytes, bytes] = {}
@@ -224,24 +283,18 @@ class H2Connection(asyncio.Protocol):
                 has_host = True
             elif name == b"content-length" and length is None:
                 length = value
-        stream = _Stream()
-        self.streams[sid] = stream
-        method = pseudo.get(b":method", b"")
-        responder = H2Responder(self, sid, head=method == b"HEAD")
-        stream.responder = responder
         if len(headers) > limits.max_headers or size > limits.h2_max_header_list_size:
             # the HPACK decoder allows up to 64 KiB (as h2 did): a list over our
             # MAX_HEADER_LIST_SIZE below that is refused here
-            stream.task = self.loop.create_task(self._refuse(responder, 431))
-            return
+            return 431
+        method = pseudo.get(b":method", b"")
         try:
             target, authority = _target_and_authority(method, pseudo, headers)
         except ProtocolError as exc:
             self.on_event(
                 "bad_request", {"client": self.info.client[0], "status": 400, "error": str(exc)}
             )
-            stream.task = self.loop.create_task(self._refuse(responder, 400))
-            return
+            return 400
         scheme = pseudo.get(b":scheme", self.info.scheme)
         if scheme != self.info.scheme:
             # RFC 9113 §8.3.1: the scheme of the target. Ours is the connection's (https on
@@ -250,34 +303,12 @@ class H2Connection(asyncio.Protocol):
                 "bad_request",
                 {"client": self.info.client[0], "status": 400, "error": "unexpected :scheme"},
             )
-            stream.task = self.loop.create_task(self._refuse(responder, 400))
-            return
+            return 400
         if not has_host:
             headers.insert(0, (b"host", authority))
         if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-            stream.task = self.loop.create_task(self._refuse(responder, 413))
-            return
-        request = Request(
-            method=method,
-            target=target.origin_form,
-            authority=authority,
-            scheme=self.info.scheme,
-            headers=headers,
-            http_version="2",
-            client=self.info.client,
-            server=self.info.server,
-            request_id=request_id_for(headers, self.info.edge_request_ids),
-            tls=self.info.tls,
-            raw_target=pseudo.get(b":path", b""),
-            from_http_edge=self.info.edge_request_ids,
-        )
-        stream.body = body = BodyStream(limits.max_body_bytes, self._acker(stream, sid))
-        stream.last_data = self.loop.time()
-        if ended:
-            body.end()
-            if self.answer_now is not None and self._answer(request, responder):
-                return
-        stream.task = self.loop.create_task(self._run(request, stream, responder))
+            return 413
+        return method, target.origin_form, authority, pseudo.get(b":path", b""), headers
 
     def _answer(self, request: Request, responder: H2Responder) -> bool:
         """A whole request without a body: the handler's `answer_now` may answer it at once
