@@ -540,3 +540,21 @@ def test_field_error_examples() -> None:
     assert field_error([(b"x-a", b"1"), *REQ], False) is not None
     assert field_error([(b"x-t", b"1")], True) is None
     assert field_error([(b":path", b"/")], True) is not None
+
+
+def test_any_buffer_and_any_chunking_read_the_same() -> None:
+    c = Client()
+    c.send(frame(8, 0, 0, struct.pack(">L", 1000)))
+    data = c.headers(1, end=False) + frame(0, 0x8, 1, bytes([1]) + b"abc" + b"\0")
+    data += frame(0, 1, 1, b"de") + frame(6, 0, 0, b"pingpong")
+    whole = Client()
+    whole.send(frame(8, 0, 0, struct.pack(">L", 1000)))
+    want = whole.send(data)
+    assert want[0][:2] == (h2core.REQUEST, 1) and len(want) == 4
+    for step in (1, 2, 7, 10):
+        c = Client()
+        c.send(frame(8, 0, 0, struct.pack(">L", 1000)))
+        got = []
+        for i in range(0, len(data), step):
+            got += c.send(memoryview(bytearray(data[i : i + step])))  # type: ignore[arg-type]
+        assert got == want, step

@@ -219,6 +219,8 @@ class H2Server:
     def receive(self, data: bytes) -> list[tuple[object, ...]]:
         if self.failed or self.peer_gone:
             return []
+        if type(data) is not bytes:
+            data = bytes(data)  # payloads become events and cache keys: immutable bytes
         if self._preface:
             n = min(len(data), len(self._preface))
             if data[:n] != self._preface[:n]:
