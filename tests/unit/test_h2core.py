@@ -266,6 +266,7 @@ def test_priority_rules() -> None:
     assert c.resets() == [(1, h2core.PROTOCOL_ERROR)]
     c.send(frame(6, 0, 0, bytes(8)))  # the connection goes on
     assert c.out() == [(6, 1, 0, bytes(8))]
+    assert Client().fails(frame(2, 0, 3, struct.pack(">LB", 3, 0))) == h2core.PROTOCOL_ERROR  # idle
     assert Client().fails(frame(2, 0, 1, bytes(4))) == h2core.FRAME_SIZE_ERROR
     assert Client().fails(frame(2, 0, 0, bytes(5))) == h2core.PROTOCOL_ERROR
     c = Client()  # a HEADERS frame that makes its stream depend on itself

@@ -600,6 +600,9 @@ class H2Server:
         if not sid:
             self._fail(PROTOCOL_ERROR, "PRIORITY on stream 0")
         if _U32.unpack_from(p)[0] & 0x7FFFFFFF == sid:
+            if sid not in self.streams and self._is_idle(sid):
+                # as h2: a connection error (RST_STREAM may not name an idle stream, §6.4)
+                self._fail(PROTOCOL_ERROR, f"Stream {sid} may not depend on itself")
             # RFC 9113 §5.3.1: a stream error (h2 ends the connection)
             self._stream_error(events, sid, PROTOCOL_ERROR)
             return
