@@ -624,7 +624,7 @@ def http2_server(data: bytes) -> None:
             App(), limits, info, lambda n, f: errors.append(f) if n == "handler_error" else None
         )
 
-        class Transport(_MemoryTransport, asyncio.Transport):
+        class Transport(_MemoryTransport, asyncio.Transport):  # type: ignore[misc]
             def is_closing(self) -> bool:
                 return self.closed
 
