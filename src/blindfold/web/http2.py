@@ -616,23 +616,16 @@ class H2Responder:
         c = self._c
         if c.closed:
             raise ConnectionError("connection closed")
-        try:
-            check_fields(extra)
-        except FieldError as exc:
-            raise ConnectionError(f"invalid response: {exc}") from None
         conn = c.conn
-        if conn.encoder_resized:
-            # RFC 7541 §4.2: a table size update is due at the start of the next header
-            # block, which the HPACK encoder writes
-            self.start_now(head.status, [*head.headers, *extra])
-            return
-        h2head = head.encoded.get("h2")
-        if not isinstance(h2head, _H2Head):
-            h2head = head.encoded["h2"] = _H2Head(head)
-        parts = [h2head.block]
+        parts = [b""]
         for field in extra:
+            # a field found here was checked when it was encoded
             literal = _EXTRA_LITERALS.get(field)
             if literal is None:
+                try:
+                    check_fields([field])
+                except FieldError as exc:
+                    raise ConnectionError(f"invalid response: {exc}") from None
                 if field[0] in _FORBIDDEN_RESPONSE_HEADERS:
                     continue
                 literal = _hpack_literal(*field)
@@ -641,6 +634,15 @@ class H2Responder:
                         _EXTRA_LITERALS.clear()
                     _EXTRA_LITERALS[field] = literal
             parts.append(literal)
+        if conn.encoder_resized:
+            # RFC 7541 §4.2: a table size update is due at the start of the next header
+            # block, which the HPACK encoder writes
+            self.start_now(head.status, [*head.headers, *extra])
+            return
+        h2head = head.encoded.get("h2")
+        if not isinstance(h2head, _H2Head):
+            h2head = head.encoded["h2"] = _H2Head(head)
+        parts[0] = h2head.block
         no_body = self.head or head.status in (204, 304) or h2head.length == 0
         self.started = True
         try:
