@@ -9,7 +9,7 @@ import struct
 import h2.exceptions
 import hpack
 import pytest
-from h2.utilities import HeaderValidationFlags, validate_headers
+from h2.utilities import HeaderValidationFlags, normalize_inbound_headers, validate_headers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +20,7 @@ from blindfold.web.h2core import (
     H2Server,
     StreamGone,
     field_error,
+    join_cookies,
 )
 
 REQ = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"a.test"), (b":path", b"/")]
@@ -493,8 +494,10 @@ _TRAILERS = _REQUEST._replace(is_trailer=True)
 
 
 def _h2_error(fields: list[tuple[bytes, bytes]], trailer: bool) -> bool:
+    """What h2 did with a received header list: cookies joined, then validated."""
+    flags = _TRAILERS if trailer else _REQUEST
     try:
-        for _ in validate_headers(fields, _TRAILERS if trailer else _REQUEST):
+        for _ in validate_headers(normalize_inbound_headers(fields, flags), flags):
             pass
     except h2.exceptions.ProtocolError:
         return True
@@ -506,6 +509,7 @@ _NAMES = st.sampled_from(
         b":method", b":scheme", b":path", b":authority", b":status", b":protocol", b":x", b":",
         b"host", b"te", b"connection", b"upgrade", b"keep-alive", b"proxy-connection",
         b"transfer-encoding", b"x-a", b"X-A", b"a b", b"", b"a:b", b"\x7f", b"content-length",
+        b"cookie", b"cookie",
     ]
 )  # fmt: skip
 _VALUES = st.sampled_from(
@@ -534,7 +538,15 @@ def _request_like() -> st.SearchStrategy[list[tuple[bytes, bytes]]]:
 @settings(max_examples=3000, deadline=None)
 @given(_request_like(), st.booleans())
 def test_field_error_agrees_with_h2(fields: list[tuple[bytes, bytes]], trailer: bool) -> None:
-    assert (field_error(fields, trailer) is not None) == _h2_error(fields, trailer), fields
+    got = field_error(join_cookies(fields), trailer) is not None
+    assert got == _h2_error(fields, trailer), fields
+
+
+def test_split_cookies_are_joined_last_as_h2_did() -> None:
+    fields = [*REQ, (b"cookie", b"a=1"), (b"x-a", b"1"), (b"cookie", b"b=2")]
+    want = list(normalize_inbound_headers(fields, _REQUEST))
+    assert join_cookies(fields) == want == [*REQ, (b"x-a", b"1"), (b"cookie", b"a=1; b=2")]
+    assert join_cookies(REQ) is REQ
 
 
 def test_field_error_examples() -> None:

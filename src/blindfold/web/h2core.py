@@ -717,6 +717,18 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
 
 
 # ---------------------------------------------------------------------- request fields
+def join_cookies(fields: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """RFC 9113 §8.2.3: Cookie fields a client split are joined with "; " (as h2's
+    normalize_inbound_headers: the joined field goes last). `fields` itself without one."""
+    for name, _ in fields:
+        if name == b"cookie":
+            break
+    else:
+        return fields
+    cookies = b"; ".join([v for n, v in fields if n == b"cookie"])
+    return [f for f in fields if f[0] != b"cookie"] + [(b"cookie", cookies)]
+
+
 _CONNECTION_FIELDS = frozenset(
     {b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"}
 )
@@ -732,7 +744,8 @@ _BAD_VALUE = re.compile(rb"[\x00\r\n]|\A[ \t]|[ \t]\Z")
 def field_error(headers: list[tuple[bytes, bytes]], trailer: bool) -> str | None:
     """Why a request's (or its trailers') header fields are malformed (RFC 9113 §8.1.1 to
     §8.3.1), or None: in one pass, the checks of h2.utilities.validate_headers for a server
-    receiving a request (tests/unit/test_h2core.py runs both on generated lists)."""
+    receiving a request (tests/unit/test_h2core.py runs both on generated lists). Cookies are
+    joined first (`join_cookies`), as h2 did before validating."""
     seen: set[bytes] = set()
     regular = False
     method: bytes | None = None

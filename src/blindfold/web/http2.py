@@ -26,7 +26,7 @@ from hpack.table import HeaderTable
 
 from blindfold.errors import ProtocolError
 from blindfold.web import h2core
-from blindfold.web.h2core import ConnectionFailed, H2Server, StreamGone, field_error
+from blindfold.web.h2core import ConnectionFailed, H2Server, StreamGone, field_error, join_cookies
 from blindfold.web.http1 import ConnInfo
 from blindfold.web.limits import HttpLimits, request_id_for
 from blindfold.web.messages import (
@@ -186,7 +186,7 @@ class H2Connection(asyncio.Protocol):
         self.conn.reset_stream(sid, h2core.PROTOCOL_ERROR)
 
     def _on_trailers(self, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
-        error = field_error(headers, True)
+        error = field_error(join_cookies(headers), True)
         stream = self.streams.get(sid)
         if error is not None:
             self._malformed(sid, error)
@@ -261,6 +261,7 @@ class H2Connection(asyncio.Protocol):
         """A request's header list checked and parsed: (method, target, authority, raw path,
         headers with Host), or the status to refuse it with, or None when it is malformed
         (RFC 9113 §8.1.1: its stream is reset here)."""
+        fields = join_cookies(fields)
         error = field_error(fields, False)
         if error is not None:
             self._malformed(sid, error)
