@@ -6,6 +6,7 @@ the flow-control windows or the write buffer cannot take the answer at once. Dri
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import h2.config
@@ -177,3 +178,30 @@ def test_a_repeated_request_is_parsed_once_but_gets_its_own_headers_and_id() -> 
     assert [r.target for r in seen] == [b"/same?q=1"] * 3
     assert len({r.request_id for r in seen}) == 3
     assert all(r.headers == [(b"host", b"a"), (b"x-added", b"1")] for r in seen)
+
+
+def test_a_refusal_after_the_connection_closed_leaves_no_task_error() -> None:
+    """A request refused (400: a bad :path) in the read that also carries the client's GOAWAY:
+    the refusal Task runs after the connection closed; its ConnectionError must not reach the
+    loop ('Task exception was never retrieved')."""
+    errors: list[dict[str, Any]] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+        info = ConnInfo(("127.0.0.1", 1), ("127.0.0.1", 2), b"https", {})
+        conn = H2Connection(NowHandler(), HttpLimits(), info)
+        conn.connection_made(Transport())
+        client = _client(False)
+        _request(client, 1, "abc")  # not origin-form: refused 400
+        client.close_connection()
+        conn.data_received(client.data_to_send())
+        for _ in range(10):
+            await asyncio.sleep(0)
+        conn.connection_lost(None)
+        for _ in range(10):
+            await asyncio.sleep(0)
+
+    asyncio.run(main())
+    gc.collect()  # a Task whose exception nobody retrieved reports when it is freed
+    assert errors == []

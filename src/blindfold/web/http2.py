@@ -400,6 +400,8 @@ class H2Connection(asyncio.Protocol):
         try:
             await responder.start(status, [(b"content-length", b"0")])
             await responder.end()
+        except ConnectionError:
+            pass  # the connection or the stream went first: nobody to answer
         finally:
             self._stream_done(responder.stream_id)
 
