@@ -610,12 +610,13 @@ class H2Responder:
     async def start_prepared(self, head: PreparedHead, extra: Headers) -> None:
         self.start_prepared_now(head, extra)
 
-    def start_prepared_now(self, head: PreparedHead, extra: Headers) -> None:
+    def start_prepared_now(self, head: PreparedHead, extra: Headers, plain: bool = False) -> None:
         """Start a response with a prepared head (web.messages.start_prepared): its header
         block is encoded once per head, `extra` per response; the HEADERS frame leaves with
         the first DATA frame (or the end). A response with no body to come (HEAD, 204, 304,
         Content-Length: 0) ends the stream on HEADERS; with a Content-Length, the DATA frame
-        that completes it carries END_STREAM."""
+        that completes it carries END_STREAM. `plain` (as HTTP/1.1's): the caller vouches that
+        every field of `extra` is valid (what check_fields checks)."""
         c = self._c
         if c.closed:
             raise ConnectionError("connection closed")
@@ -625,10 +626,11 @@ class H2Responder:
             # a field found here was checked when it was encoded
             literal = _EXTRA_LITERALS.get(field)
             if literal is None:
-                try:
-                    check_fields([field])
-                except FieldError as exc:
-                    raise ConnectionError(f"invalid response: {exc}") from None
+                if not plain:
+                    try:
+                        check_fields([field])
+                    except FieldError as exc:
+                        raise ConnectionError(f"invalid response: {exc}") from None
                 if field[0] in _FORBIDDEN_RESPONSE_HEADERS:
                     continue
                 literal = _hpack_literal(*field)
