@@ -383,9 +383,38 @@ def main() -> None:
     for doc_path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for block in re.findall(r"```toml\n(.*?)```", doc_path.read_text(), re.S):
             save("config", block.encode())
+    http2_seeds()
     write_dicts()
     for target in targets.TARGETS:
         print(f"{target}: {len(list((CORPUS / target).iterdir()))} seeds")
+
+
+def http2_seeds() -> None:
+    """What the `h2` library sends as a client: requests with and without bodies, trailers,
+    CONTINUATION, a reset, pings and window updates (the target sends the preface itself)."""
+    import h2.config
+    import h2.connection
+
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    c.initiate_connection()
+    first = c.data_to_send()[len(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") :]
+    head = [(":method", "GET"), (":scheme", "https"), (":authority", "a.test"), (":path", "/")]
+    c.send_headers(1, head, end_stream=True)
+    c.send_headers(3, [*head[:3], (":path", "/now")], end_stream=True)
+    save("http2_server", first + SEP + c.data_to_send())
+    c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    c.initiate_connection()
+    c.data_to_send()
+    post = [(":method", "POST"), *head[1:], ("content-length", "5")]
+    c.send_headers(5, post)
+    c.send_data(5, b"hello")
+    c.send_headers(5, [("x-trailer", "1")], end_stream=True)
+    c.send_headers(7, [*head, ("x-long", "v" * 20000)], end_stream=True)
+    c.ping(b"12345678")
+    c.increment_flow_control_window(1000)
+    c.send_headers(9, head)
+    c.reset_stream(9)
+    save("http2_server", first + SEP + c.data_to_send())
 
 
 JSON_TOKENS = ["{", "}", "[", "]", ":", ",", '"', "null", "true", "false", "NaN", "Infinity"]

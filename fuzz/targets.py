@@ -684,6 +684,89 @@ def http2_client_view(data: bytes) -> None:
                 finals.add(block_sid)
 
 
+def h2_frames(data: bytes) -> list[tuple[int, int, int, bytes]]:
+    """Whole HTTP/2 frames (RFC 9113 §4.1) and nothing else, or AssertionError."""
+    out = []
+    pos = 0
+    while pos < len(data):
+        assert len(data) - pos >= 9, data[pos:]
+        hi, lo, ftype, flags, sid = struct.unpack_from(">HBBBL", data, pos)
+        n = hi << 8 | lo
+        assert n <= 16384 and len(data) - pos - 9 >= n, (n, len(data) - pos)
+        out.append((ftype, flags, sid, data[pos + 9 : pos + 9 + n]))
+        pos += 9 + n
+    return out
+
+
+def http2_server(data: bytes) -> None:
+    """web.http2's H2Connection on web.h2core, fed the fuzzer's bytes as reads (SEP splits
+    them; the client preface is sent first unless the input starts with PRI), with a handler
+    that reads the body and answers, and an `answer_now` that answers paths starting /now at
+    once. Nothing may escape a callback, no handler may fail, and what is written must be whole
+    frames."""
+    import asyncio
+
+    from blindfold.web.h2core import PREFACE
+    from blindfold.web.http1 import ConnInfo
+    from blindfold.web.http2 import H2Connection
+    from blindfold.web.limits import HttpLimits
+    from blindfold.web.messages import BodyStream, Request, Responder
+
+    errors: list[object] = []
+
+    class App:
+        async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
+            try:
+                got = await body.read_all(1 << 16)
+            except Exception:
+                got = b""
+            out = b"%d" % len(got)
+            await respond.start(200, [(b"content-length", b"%d" % len(out))])
+            await respond.send(out)
+            await respond.end()
+
+        def answer_now(self, request: Request, respond: Any) -> bool:
+            if not request.path.startswith(b"/now") or not respond.can_answer_now:
+                return False
+            respond.start_now(200, [(b"content-length", b"2")])
+            respond.send_now(b"ok")
+            respond.end_now()
+            return True
+
+    async def main() -> bytes:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+        limits = HttpLimits(max_headers=16, max_body_bytes=4096, h2_max_concurrent_streams=8)
+        info = ConnInfo(("127.0.0.1", 1), ("127.0.0.1", 2), b"https", {})
+        conn = H2Connection(
+            App(), limits, info, lambda n, f: errors.append(f) if n == "handler_error" else None
+        )
+
+        class Transport(_MemoryTransport, asyncio.Transport):  # type: ignore[misc]
+            def is_closing(self) -> bool:
+                return self.closed
+
+        transport = Transport()
+        conn.connection_made(transport)
+        pieces = _chunks(data)
+        if not data.startswith(b"PRI"):
+            pieces.insert(0, PREFACE)
+        for piece in pieces:
+            conn.data_received(piece)
+            for _ in range(4):
+                await asyncio.sleep(0)
+        conn.eof_received()
+        for _ in range(8):
+            await asyncio.sleep(0)
+        conn.connection_lost(None)
+        await asyncio.sleep(0)
+        return bytes(transport.out)
+
+    out = asyncio.run(main())
+    assert not errors, errors
+    h2_frames(out)
+
+
 TARGETS: dict[str, Target] = {
     "clienthello": Target(clienthello, (ProtocolError,), "ClientHello peek + JA4"),
     "proxyproto": Target(proxyproto, (ProtocolError,), "PROXY protocol v1/v2 header"),
@@ -704,6 +787,7 @@ TARGETS: dict[str, Target] = {
     "http2_client_view": Target(
         http2_client_view, (), "HTTP/2 server connection as a client sees it (web/http2.py)"
     ),
+    "http2_server": Target(http2_server, (), "HTTP/2 server connection (web.h2core + ours)"),
 }
 
 

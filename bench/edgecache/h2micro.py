@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """bench/edgecache: the HTTP/2 server side of a cached 2 KB hit, in-process (no sockets, no
 TLS): web.http2.H2Connection fed h2load-like requests by an `h2` client, a handler answering
-from a PreparedHead (start_prepared) or with `start`, the bytes discarded. Prints CPU µs per
+from a PreparedHead (start_prepared), with `start`, or at once (`answer_now`, mode now), the
+bytes discarded. Prints CPU µs per
 response; --profile prints the top of a cProfile. Benchmarks only.
 
-  PYTHONPATH=src python bench/edgecache/h2micro.py [--n 20000] [--mode prepared|plain]"""
+  PYTHONPATH=src python bench/edgecache/h2micro.py [--n 20000] [--mode prepared|plain|now]"""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 
 from blindfold.web.http1 import ConnInfo
 from blindfold.web.http2 import H2Connection
@@ -66,13 +68,31 @@ async def main(a: argparse.Namespace) -> None:
         await respond.send(BODY)
         await respond.end()
 
+    class NowHandler:
+        """`answer_now` as the keyless cache hit (web/http2.py answers while parsing)."""
+
+        async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
+            await handler(request, body, respond)
+
+        def answer_now(self, request: Request, respond: Any) -> bool:
+            if not respond.can_answer_now:
+                return False
+            respond.start_prepared_now(HEAD, [(b"age", b"3"), (b"x-blindfold-cache", b"hit")])
+            respond.send_now(BODY)
+            respond.end_now()
+            return True
+
+    app: Any = NowHandler() if a.mode == "now" else handler
     info = ConnInfo(("127.0.0.1", 1), ("127.0.0.1", 2), b"https", {})
     limits = HttpLimits(h2_max_streams_per_connection=10**9, h2_max_control_frames_per_window=10**9)
-    server = H2Connection(handler, limits, info)
+    server = H2Connection(app, limits, info)
     sink = Sink()
     server.connection_made(sink)
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     client.initiate_connection()
+    if a.mode == "now":  # h2load's windows (-w 30 -W 30)
+        client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**30 - 1})
+        client.increment_flow_control_window(2**30 - 1 - 65535)
     server.data_received(client.data_to_send())
     client.receive_data(b"".join(sink.out))
     sink.out.clear()
@@ -113,7 +133,7 @@ async def main(a: argparse.Namespace) -> None:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20000)
-    ap.add_argument("--mode", default="prepared", choices=["prepared", "plain"])
+    ap.add_argument("--mode", default="prepared", choices=["prepared", "plain", "now"])
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--sort", default="tottime")
     asyncio.run(main(ap.parse_args(sys.argv[1:])))

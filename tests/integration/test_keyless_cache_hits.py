@@ -17,6 +17,7 @@ from typing import Any
 import h2.config
 import h2.connection
 import h2.events
+import h2.settings
 import pytest
 
 from tests.helpers.keyless import KeylessPki
@@ -120,11 +121,21 @@ def h1(
 
 
 def h2get(
-    port: int, ca: Any, path: str, *headers: tuple[str, str], method: str = "GET"
+    port: int,
+    ca: Any,
+    path: str,
+    *headers: tuple[str, str],
+    method: str = "GET",
+    big_windows: bool = False,
 ) -> tuple[int, Fields, bytes]:
+    """One request on its own HTTP/2 connection; `big_windows`: 1 MiB flow-control windows
+    (a fresh hit is then answered as the request is read, web/http2.py `answer_now`)."""
     with _tls(port, ca, "h2") as tls:
         conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
         conn.initiate_connection()
+        if big_windows:
+            conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+            conn.increment_flow_control_window(1 << 20)
         conn.send_headers(
             1,
             [
@@ -178,25 +189,27 @@ def test_hits_serve_the_stored_response_alike_on_http1_and_http2(
         if k not in ("content-length", "cache-tag", "x-blindfold-cache", "transfer-encoding")
     ]
     want = [*stored, ("content-length", str(len(body))), ("age", "*"), ("x-blindfold-cache", "hit")]
-    for _ in range(2):
+    for big in (False, True, False, True):  # a Task per stream, or answered at once
         s1, f1, b1 = h1(port, ca, "/page")
-        s2, f2, b2 = h2get(port, ca, "/page")
+        s2, f2, b2 = h2get(port, ca, "/page", big_windows=big)
         assert (s1, _no_age(f1), b1) == (200, want, body)
         assert (s2, _no_age(f2), b2) == (200, want, body)
     # HEAD: the same fields, no body, on both
     s1, f1, b1 = h1(port, ca, "/page", method="HEAD")
-    s2, f2, b2 = h2get(port, ca, "/page", method="HEAD")
-    assert (s1, _no_age(f1), b1) == (s2, _no_age(f2), b2) == (200, want, b"")
+    for big in (False, True):
+        s2, f2, b2 = h2get(port, ca, "/page", method="HEAD", big_windows=big)
+        assert (s1, _no_age(f1), b1) == (s2, _no_age(f2), b2) == (200, want, b"")
     # the visitor's own validator: 304 from the stored entry, the §15.4.5 fields
     cond = ("if-none-match", '"page-en"')
     s1, f1, b1 = h1(port, ca, "/page", 'If-None-Match: "page-en"')
-    s2, f2, b2 = h2get(port, ca, "/page", cond)
     want304 = [
         (k, v)
         for k, v in stored
         if k in ("cache-control", "date", "etag", "vary", "last-modified", "expires")
     ] + [("age", "*"), ("x-blindfold-cache", "hit")]
-    assert (s1, _no_age(f1), b1) == (s2, _no_age(f2), b2) == (304, want304, b"")
+    for big in (False, True):
+        s2, f2, b2 = h2get(port, ca, "/page", cond, big_windows=big)
+        assert (s1, _no_age(f1), b1) == (s2, _no_age(f2), b2) == (304, want304, b"")
     # another variant: its own entry, its own body, then hits
     s2, f2, fr = h2get(port, ca, "/page", ("accept-language", "fr"))
     assert s2 == 200 and ("x-blindfold-cache", "miss") in f2 and b"page in fr" in fr
@@ -215,9 +228,9 @@ def test_big_hits_arrive_whole_on_http1_and_http2(
     port, ca = edge.port, kpki.site_ca
     status, _fields, body = h1(port, ca, "/big")
     assert status == 200 and body == BIG
-    for _ in range(2):
+    for big in (False, True):
         s1, f1, b1 = h1(port, ca, "/big")
-        s2, f2, b2 = h2get(port, ca, "/big")
+        s2, f2, b2 = h2get(port, ca, "/big", big_windows=big)
         assert s1 == s2 == 200 and b1 == BIG and b2 == BIG
         assert ("x-blindfold-cache", "hit") in f1 and ("x-blindfold-cache", "hit") in f2
         assert ("content-length", str(len(BIG))) in f1 and ("content-length", str(len(BIG))) in f2

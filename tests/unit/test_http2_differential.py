@@ -1112,6 +1112,10 @@ NEW_CORE_CHANGES: dict[str, str] = {
     "mal-content-length-mismatch-short": "RFC 9113 §8.1.1: a malformed request is a stream "
     "error (h2 ended the connection)",
     "mal-content-length-mismatch-long": "as mal-content-length-mismatch-short",
+    "refused-400-then-client-goaway": "the refusal of a request whose connection ends in the "
+    "same read is dropped quietly (the reference's task raised ConnectionError that nothing "
+    "retrieved: KNOWN_BUGS)",
+    "refused-431-then-client-goaway": "as refused-400-then-client-goaway",
 }
 CHANGED: dict[str, str] = {} if hasattr(http2, "h2") else NEW_CORE_CHANGES
 

@@ -1,38 +1,32 @@
-"""HTTP/2 server connection: h2 drives the protocol (framing, HPACK, flow control, stream
-states); this module drives h2 from asyncio, runs one handler task per stream, and defends the
-connection against the known HTTP/2 abuses:
+"""HTTP/2 server connection: web.h2core drives the protocol (framing, HPACK, flow control, stream
+states); this module drives it from asyncio, answers a fresh cache hit at once (`answer_now`) or
+runs one handler task per stream, and defends the connection against the known HTTP/2 abuses:
 
 - rapid reset (CVE-2023-44487): more than `h2_max_resets_per_window` streams reset by the client
   in a window ends the connection with ENHANCE_YOUR_CALM;
 - control-frame floods (SETTINGS, PING, WINDOW_UPDATE, PRIORITY, empty DATA): likewise;
-- too many streams: MAX_CONCURRENT_STREAMS is advertised and enforced by h2; a connection that
-  has opened `h2_max_streams_per_connection` streams is asked to go away (GOAWAY NO_ERROR);
-- huge header blocks and HPACK tables: MAX_HEADER_LIST_SIZE and HEADER_TABLE_SIZE are
-  advertised and enforced by h2's HPACK decoder (COMPRESSION_ERROR / connection error).
+- too many streams: MAX_CONCURRENT_STREAMS is advertised and enforced by the core; a connection
+  that has opened `h2_max_streams_per_connection` streams is asked to go away (GOAWAY NO_ERROR);
+- huge header blocks and HPACK tables: the core bounds CONTINUATION frames and the decoded list
+  (ENHANCE_YOUR_CALM), HEADER_TABLE_SIZE is advertised and enforced by its HPACK decoder; a list
+  over MAX_HEADER_LIST_SIZE is answered 431.
 
 A malformed request (RFC 9113 §8.1.1: bad pseudo-headers, connection-specific fields, a Host
 that differs from :authority...) is a stream error: its stream is reset with PROTOCOL_ERROR and
-the connection's other streams go on. h2 checks the header fields (its own validator, run
-here per stream: run inside h2 it would end the whole connection).
+the connection's other streams go on (h2core.field_error, per stream).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
-import h2.config
-import h2.connection
-import h2.events
-import h2.exceptions
-import h2.settings
-from h2.errors import ErrorCodes
-from h2.utilities import HeaderValidationFlags, validate_headers
 from hpack.table import HeaderTable
 
 from blindfold.errors import ProtocolError
+from blindfold.web import h2core
+from blindfold.web.h2core import ConnectionFailed, H2Server, StreamGone, field_error, join_cookies
 from blindfold.web.http1 import ConnInfo
 from blindfold.web.limits import HttpLimits, request_id_for
 from blindfold.web.messages import (
@@ -51,10 +45,8 @@ from blindfold.web.target import Target, check_authority, parse_target, same_aut
 _FORBIDDEN_RESPONSE_HEADERS = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te"}
 )
-_REQUEST = HeaderValidationFlags(
-    is_client=False, is_trailer=False, is_response_header=False, is_push_promise=False
-)
-_TRAILERS = _REQUEST._replace(is_trailer=True)
+_REQUEST, _DATA, _TRAILERS, _RESET = h2core.REQUEST, h2core.DATA, h2core.TRAILERS, h2core.RESET
+_WINDOW, _SETTINGS, _GOAWAY = h2core.WINDOW, h2core.SETTINGS, h2core.GOAWAY
 
 
 class _Stream:
@@ -79,15 +71,20 @@ class H2Connection(asyncio.Protocol):
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.handler = handler
+        # a handler's synchronous answer to a whole request without a body (`answer_now`: a
+        # cache hit), tried as the request is parsed; a Task per stream otherwise
+        self.answer_now: Callable[[Request, H2Responder], bool] | None = getattr(
+            handler, "answer_now", None
+        )
         self.limits = limits
         self.info = info
         self.on_event = on_event or (lambda _e, _f: None)
-        # inbound header fields are validated per stream (`_malformed`), not by h2 for the
-        # whole connection
-        config = h2.config.H2Configuration(
-            client_side=False, header_encoding=None, validate_inbound_headers=False
+        self.conn = H2Server(
+            max_concurrent_streams=limits.h2_max_concurrent_streams,
+            initial_window=limits.h2_initial_window,
+            max_header_list_size=limits.h2_max_header_list_size,
+            header_table_size=limits.h2_header_table_size,
         )
-        self.conn = h2.connection.H2Connection(config=config)
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_event_loop()
         self.streams: dict[int, _Stream] = {}
@@ -100,27 +97,17 @@ class H2Connection(asyncio.Protocol):
         self.drain_waiters: list[asyncio.Future[None]] = []
         self.timer: asyncio.TimerHandle | None = None
         self.idle_since = self.loop.time()
+        # the last request parsed (`_on_request`): its decoded list, and the parse
+        self._parsed: (
+            tuple[list[tuple[bytes, bytes]], tuple[bytes, bytes, bytes, bytes, Headers]] | None
+        ) = None
 
     # ------------------------------------------------------------------ asyncio
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        limits = self.limits
-        S = h2.settings.SettingCodes
-        self.conn.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                S.MAX_CONCURRENT_STREAMS: limits.h2_max_concurrent_streams,
-                S.INITIAL_WINDOW_SIZE: limits.h2_initial_window,
-                S.MAX_HEADER_LIST_SIZE: limits.h2_max_header_list_size,
-                S.HEADER_TABLE_SIZE: limits.h2_header_table_size,
-            },
-        )
-        self.conn.initiate_connection()
         # open the connection window as far as the streams may go
-        extra = limits.h2_initial_window * 4 - 65535
-        if extra > 0:
-            self.conn.increment_flow_control_window(extra)
+        self.conn.initiate(connection_window=self.limits.h2_initial_window * 4)
         self._flush()
         self._tick()
 
@@ -128,8 +115,8 @@ class H2Connection(asyncio.Protocol):
         if self.closed:
             return
         try:
-            events = self.conn.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
+            events = self.conn.receive(data)
+        except ConnectionFailed as exc:
             self.on_event(
                 "h2_protocol_error", {"client": self.info.client[0], "error": str(exc)[:200]}
             )
@@ -137,7 +124,23 @@ class H2Connection(asyncio.Protocol):
             self._close()
             return
         for event in events:
-            self._on_event(event)
+            kind = event[0]
+            if kind == _REQUEST:
+                self._on_request(event[1], event[2], event[3])  # type: ignore[arg-type]
+            elif kind == _DATA:
+                self._on_data(event[1], event[2], event[3], event[4])  # type: ignore[arg-type]
+            elif kind == _RESET:
+                self._on_reset(event[1], event[3])  # type: ignore[arg-type]
+            elif kind == _TRAILERS:
+                self._on_trailers(event[1], event[2])  # type: ignore[arg-type]
+            elif kind == _GOAWAY:
+                self._close()
+            else:  # WINDOW_UPDATE, SETTINGS, PING, PRIORITY
+                self._count_control()
+                if kind == _WINDOW:
+                    self._wake_windows(event[1])  # type: ignore[arg-type]
+                elif kind == _SETTINGS:
+                    self._wake_windows(0)  # INITIAL_WINDOW_SIZE may have grown
             if self.closed:
                 return
         self._flush()
@@ -173,79 +176,107 @@ class H2Connection(asyncio.Protocol):
                 waiter.set_result(None)
 
     # ------------------------------------------------------------------ events
-    def _on_event(self, event: h2.events.Event) -> None:
-        E = h2.events
-        if isinstance(event, E.RequestReceived):
-            self._on_request(event)
-        elif isinstance(event, E.DataReceived):
-            self._on_data(event)
-        elif isinstance(event, E.StreamEnded):
-            stream = self.streams.get(event.stream_id)
-            if stream is not None and stream.body is not None:
-                stream.body.end()
-        elif isinstance(event, E.StreamReset):
-            self._on_reset(event)
-        elif isinstance(event, E.WindowUpdated):
-            self._count_control()
-            self._wake_windows(event.stream_id)
-        elif isinstance(event, (E.RemoteSettingsChanged, E.PingReceived, E.PriorityUpdated)):
-            self._count_control()
-            if isinstance(event, E.RemoteSettingsChanged):
-                self._wake_windows(0)  # INITIAL_WINDOW_SIZE may have grown
-        elif isinstance(event, E.ConnectionTerminated):
-            self._close()
-        elif isinstance(event, E.TrailersReceived):
-            if self._malformed(event.stream_id, event.headers, _TRAILERS):
-                self._on_reset_by_us(event.stream_id)
-                return
-            stream = self.streams.get(event.stream_id)
-            if stream is not None and stream.body is not None and event.stream_ended:
-                stream.body.end()
-
-    def _malformed(self, sid: int, headers: Any, flags: HeaderValidationFlags) -> bool:
+    def _malformed(self, sid: int, error: str) -> None:
         """RFC 9113 §8.1.1: a malformed request or trailer section resets its stream with
-        PROTOCOL_ERROR (a stream error); h2's validator says what is malformed."""
-        try:
-            for _ in validate_headers(headers or (), flags):
-                pass
-        except h2.exceptions.ProtocolError as exc:
-            self.on_event(
-                "bad_request",
-                {"client": self.info.client[0], "reset": "PROTOCOL_ERROR", "error": str(exc)},
-            )
-            with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
-                self.conn.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
-            return True
-        return False
+        PROTOCOL_ERROR (a stream error)."""
+        self.on_event(
+            "bad_request",
+            {"client": self.info.client[0], "reset": "PROTOCOL_ERROR", "error": error},
+        )
+        self.conn.reset_stream(sid, h2core.PROTOCOL_ERROR)
 
-    def _on_reset_by_us(self, sid: int) -> None:
-        stream = self.streams.pop(sid, None)
-        if stream is not None:
-            if stream.body is not None:
-                stream.body.fail(ConnectionError("malformed trailers"))
-            if stream.task is not None and not stream.task.done():
-                stream.task.cancel()
+    def _on_trailers(self, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
+        error = field_error(join_cookies(headers), True)
+        stream = self.streams.get(sid)
+        if error is not None:
+            self._malformed(sid, error)
+            stream = self.streams.pop(sid, None)
+            if stream is not None:
+                if stream.body is not None:
+                    stream.body.fail(ConnectionError("malformed trailers"))
+                if stream.task is not None and not stream.task.done():
+                    stream.task.cancel()
+            return
+        if stream is not None and stream.body is not None:
+            stream.body.end()
 
-    def _on_request(self, event: h2.events.RequestReceived) -> None:
-        sid = event.stream_id
+    def _on_request(self, sid: int, fields: list[tuple[bytes, bytes]], ended: bool) -> None:
         self.opened += 1
         self.idle_since = 0.0
         limits = self.limits
         if self.opened > limits.h2_max_streams_per_connection and not self.going_away:
             self.going_away = True  # finish what is open, then the client reconnects
-            self.conn.close_connection(ErrorCodes.NO_ERROR, last_stream_id=sid)
-        if self._malformed(sid, event.headers, _REQUEST):
+            self.conn.close_connection(h2core.NO_ERROR, last_stream_id=sid)
+        # a request whose header list is the very list decoded before (h2core's cache of
+        # blocks that left the HPACK table alone: a client's repeated request) is the same
+        # request: its checks and parse are kept, only its id and objects are new
+        parsed = self._parsed
+        pre: tuple[bytes, bytes, bytes, bytes, Headers] | int | None
+        if parsed is not None and parsed[0] is fields:
+            pre = parsed[1]
+        else:
+            pre = self._parse(sid, fields)
+            if pre is None:
+                return  # malformed: the stream was reset
+            if not isinstance(pre, int):
+                self._parsed = (fields, pre)
+        stream = _Stream()
+        self.streams[sid] = stream
+        if isinstance(pre, int):
+            head = any(k == b":method" and v == b"HEAD" for k, v in fields)
+            responder = H2Responder(self, sid, head)
+            stream.responder = responder
+            stream.task = self.loop.create_task(self._refuse(responder, pre))
             return
-        # one pass: pseudo-header fields (each at most once: _malformed checked that), the
+        method, target, authority, raw_path, headers = pre
+        headers = headers.copy()
+        responder = H2Responder(self, sid, method == b"HEAD")
+        stream.responder = responder
+        info = self.info
+        request = Request(
+            method,
+            target,
+            authority,
+            info.scheme,
+            headers,
+            "2",
+            info.client,
+            info.server,
+            request_id_for(headers, info.edge_request_ids),
+            info.tls,
+            raw_path,
+            info.edge_request_ids,
+        )
+        if ended and self.answer_now is not None and self._answer(request, responder):
+            return
+        stream.body = body = BodyStream(limits.max_body_bytes, self._acker(stream, sid))
+        stream.last_data = self.loop.time()
+        if ended:
+            body.end()
+        stream.task = self.loop.create_task(self._run(request, stream, responder))
+
+    def _parse(
+        self, sid: int, fields: list[tuple[bytes, bytes]]
+    ) -> tuple[bytes, bytes, bytes, bytes, Headers] | int | None:
+        """A request's header list checked and parsed: (method, target, authority, raw path,
+        headers with Host), or the status to refuse it with, or None when it is malformed
+        (RFC 9113 §8.1.1: its stream is reset here)."""
+        fields = join_cookies(fields)
+        error = field_error(fields, False)
+        if error is not None:
+            self._malformed(sid, error)
+            return None
+        limits = self.limits
+        # one pass: pseudo-header fields (each at most once: field_error checked that), the
         # rest, the list's size (RFC 9113 §6.5.2), Host and the first Content-Length
         pseudo: dict[bytes, bytes] = {}
         headers: Headers = []
         size = 0
         has_host = False
         length: bytes | None = None
-        for name, value in event.headers or ():
+        for name, value in fields:
             size += len(name) + len(value) + 32
-            if name.startswith(b":"):
+            if name[0] == 0x3A:  # ":"
                 pseudo[name] = value
                 continue
             headers.append((name, value))
@@ -253,24 +284,18 @@ class H2Connection(asyncio.Protocol):
                 has_host = True
             elif name == b"content-length" and length is None:
                 length = value
-        stream = _Stream()
-        self.streams[sid] = stream
-        method = pseudo.get(b":method", b"")
-        responder = H2Responder(self, sid, head=method == b"HEAD")
-        stream.responder = responder
         if len(headers) > limits.max_headers or size > limits.h2_max_header_list_size:
-            # until the client acknowledges our SETTINGS the HPACK decoder has no limit: the
-            # list is bounded by h2's frame and CONTINUATION limits, and refused here
-            stream.task = self.loop.create_task(self._refuse(responder, 431))
-            return
+            # the HPACK decoder allows up to 64 KiB (as h2 did): a list over our
+            # MAX_HEADER_LIST_SIZE below that is refused here
+            return 431
+        method = pseudo.get(b":method", b"")
         try:
             target, authority = _target_and_authority(method, pseudo, headers)
         except ProtocolError as exc:
             self.on_event(
                 "bad_request", {"client": self.info.client[0], "status": 400, "error": str(exc)}
             )
-            stream.task = self.loop.create_task(self._refuse(responder, 400))
-            return
+            return 400
         scheme = pseudo.get(b":scheme", self.info.scheme)
         if scheme != self.info.scheme:
             # RFC 9113 §8.3.1: the scheme of the target. Ours is the connection's (https on
@@ -279,51 +304,51 @@ class H2Connection(asyncio.Protocol):
                 "bad_request",
                 {"client": self.info.client[0], "status": 400, "error": "unexpected :scheme"},
             )
-            stream.task = self.loop.create_task(self._refuse(responder, 400))
-            return
+            return 400
         if not has_host:
             headers.insert(0, (b"host", authority))
         if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-            stream.task = self.loop.create_task(self._refuse(responder, 413))
-            return
-        request = Request(
-            method=method,
-            target=target.origin_form,
-            authority=authority,
-            scheme=self.info.scheme,
-            headers=headers,
-            http_version="2",
-            client=self.info.client,
-            server=self.info.server,
-            request_id=request_id_for(headers, self.info.edge_request_ids),
-            tls=self.info.tls,
-            raw_target=pseudo.get(b":path", b""),
-            from_http_edge=self.info.edge_request_ids,
-        )
-        stream.body = BodyStream(limits.max_body_bytes, self._acker(stream, sid))
-        stream.last_data = self.loop.time()
-        if event.stream_ended is not None:
-            stream.body.end()
-        stream.task = self.loop.create_task(self._run(request, stream, responder))
+            return 413
+        return method, target.origin_form, authority, pseudo.get(b":path", b""), headers
 
-    def _on_data(self, event: h2.events.DataReceived) -> None:
-        sid = event.stream_id
+    def _answer(self, request: Request, responder: H2Responder) -> bool:
+        """A whole request without a body: the handler's `answer_now` may answer it at once
+        (no Task, no await: what it writes is what the Task would have written). False: it
+        declined, and the handler runs in a Task as for any other request."""
+        assert self.answer_now is not None
+        try:
+            answered = self.answer_now(request, responder)
+        except Exception as exc:  # as run_stream_handler: a handler bug is a 500 or a reset
+            self.on_event("handler_error", {"error": repr(exc), "request_id": request.request_id})
+            if responder.started:
+                responder.abort()
+            else:
+                try:
+                    responder.start_now(500, [(b"content-length", b"0")])
+                    responder.end_now()
+                except ConnectionError:
+                    pass
+            answered = True
+        if answered:
+            if not responder.ended:
+                responder.abort()
+            self._stream_done(responder.stream_id)
+        return answered
+
+    def _on_data(self, sid: int, data: bytes, fc: int, ended: bool) -> None:
         stream = self.streams.get(sid)
-        fc = event.flow_controlled_length or 0
-        if not event.data:
+        if not data:
             self._count_control()  # empty DATA frames cost us and carry nothing
-        if stream is None or stream.body is None or stream.body.finished:
-            if fc:
-                with contextlib.suppress(h2.exceptions.ProtocolError):
-                    self.conn.acknowledge_received_data(fc, sid)
-            return
-        if not event.data:
-            if fc:
-                self.conn.acknowledge_received_data(fc, sid)
-            return
-        stream.acks.append(fc)
-        stream.last_data = self.loop.time()
-        stream.body.feed(bytes(event.data))
+            if self.closed:
+                return
+        if stream is None or stream.body is None or stream.body.finished or not data:
+            self.conn.acknowledge_received_data(fc, sid)
+        else:
+            stream.acks.append(fc)
+            stream.last_data = self.loop.time()
+            stream.body.feed(data)
+        if ended and stream is not None and stream.body is not None:
+            stream.body.end()
 
     def _acker(self, stream: _Stream, sid: int) -> Callable[[int], None]:
         return lambda _n: self._ack(stream, sid)
@@ -332,13 +357,12 @@ class H2Connection(asyncio.Protocol):
         """The handler took one chunk: open the windows by what it cost."""
         if stream.acks and not self.closed:
             fc = stream.acks.pop(0)
-            with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
-                self.conn.acknowledge_received_data(fc, sid)
+            self.conn.acknowledge_received_data(fc, sid)
             self._flush()
 
-    def _on_reset(self, event: h2.events.StreamReset) -> None:
-        stream = self.streams.pop(event.stream_id, None)
-        if event.remote_reset:
+    def _on_reset(self, sid: int, by_peer: bool) -> None:
+        stream = self.streams.pop(sid, None)
+        if by_peer:
             now = self.loop.time()
             self.resets.append(now)
             self.resets = [t for t in self.resets if now - t < self.limits.h2_abuse_window_s]
@@ -360,8 +384,7 @@ class H2Connection(asyncio.Protocol):
 
     def _calm(self, reason: str) -> None:
         self.on_event("h2_abuse", {"client": self.info.client[0], "reason": reason})
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            self.conn.close_connection(ErrorCodes.ENHANCE_YOUR_CALM)
+        self.conn.close_connection(h2core.ENHANCE_YOUR_CALM)
         self._flush()
         self._close()
 
@@ -377,6 +400,8 @@ class H2Connection(asyncio.Protocol):
         try:
             await responder.start(status, [(b"content-length", b"0")])
             await responder.end()
+        except ConnectionError:
+            pass  # the connection or the stream went first: nobody to answer
         finally:
             self._stream_done(responder.stream_id)
 
@@ -384,8 +409,7 @@ class H2Connection(asyncio.Protocol):
         stream = self.streams.pop(sid, None)
         if stream is not None and stream.body is not None and not stream.body.finished:
             # answered before the request body ended: tell the client to stop sending
-            with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
-                self.conn.reset_stream(sid, ErrorCodes.NO_ERROR)
+            self.conn.reset_stream(sid, h2core.NO_ERROR)
             self._flush()
         if not self.streams:
             self.idle_since = self.loop.time()
@@ -394,9 +418,10 @@ class H2Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------------ writing
     def _flush(self) -> None:
-        data = self.conn.data_to_send()
-        if data and self.transport is not None and not self.closed:
-            self.transport.write(data)
+        out = self.conn.out
+        if out and self.transport is not None and not self.closed:
+            self.transport.write(bytes(out))
+        out.clear()
 
     async def drain(self) -> None:
         if self.closed:
@@ -422,8 +447,7 @@ class H2Connection(asyncio.Protocol):
             await asyncio.wait_for(waiter, self.limits.send_timeout_s)
         except TimeoutError:
             self.on_event("send_timeout", {"client": self.info.client[0], "stream": sid})
-            with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
-                self.conn.reset_stream(sid, ErrorCodes.CANCEL)
+            self.conn.reset_stream(sid, h2core.CANCEL)
             self._flush()
             raise ConnectionError("client stopped reading the stream") from None
         finally:
@@ -454,8 +478,7 @@ class H2Connection(asyncio.Protocol):
             and self.idle_since
             and now - self.idle_since > (limits.keepalive_timeout_s)
         ):
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self.conn.close_connection(ErrorCodes.NO_ERROR)
+            self.conn.close_connection(h2core.NO_ERROR)
             self._flush()
             self._close()
             return
@@ -545,20 +568,6 @@ def _hpack_status(status: int) -> bytes:
 _EXTRA_LITERALS: dict[tuple[bytes, bytes], bytes] = {}
 
 
-class _Encoded:
-    """Stands in for h2's HPACK encoder while a prepared header block is sent: h2 runs its
-    stream state machine, frames the block (CONTINUATION included) and counts the stream as
-    usual; only the encoding is ours."""
-
-    __slots__ = ("block",)
-
-    def __init__(self, block: bytes) -> None:
-        self.block = block
-
-    def encode(self, _headers: object) -> bytes:
-        return self.block
-
-
 class _H2Head:
     """What a PreparedHead keeps for HTTP/2 (`encoded["h2"]`): its header block and the
     Content-Length it declares."""
@@ -586,33 +595,42 @@ class H2Responder:
         self._left: int | None = None  # body bytes still due (a prepared head's length)
         self._stream_ended = False  # END_STREAM sent on HEADERS or the last DATA
 
+    @property
+    def can_answer_now(self) -> bool:
+        """Whether a response of up to WHOLE_BODY_BYTES can be written at once (`answer_now`):
+        the write buffer is not full and both flow-control windows hold it."""
+        c = self._c
+        if c.closed or c.write_paused:
+            return False
+        try:
+            return c.conn.window(self.stream_id) >= _ANSWER_NOW_BYTES
+        except StreamGone:
+            return False
+
     async def start_prepared(self, head: PreparedHead, extra: Headers) -> None:
+        self.start_prepared_now(head, extra)
+
+    def start_prepared_now(self, head: PreparedHead, extra: Headers, plain: bool = False) -> None:
         """Start a response with a prepared head (web.messages.start_prepared): its header
         block is encoded once per head, `extra` per response; the HEADERS frame leaves with
         the first DATA frame (or the end). A response with no body to come (HEAD, 204, 304,
         Content-Length: 0) ends the stream on HEADERS; with a Content-Length, the DATA frame
-        that completes it carries END_STREAM."""
+        that completes it carries END_STREAM. `plain` (as HTTP/1.1's): the caller vouches that
+        every field of `extra` is valid (what check_fields checks)."""
         c = self._c
         if c.closed:
             raise ConnectionError("connection closed")
-        try:
-            check_fields(extra)
-        except FieldError as exc:
-            raise ConnectionError(f"invalid response: {exc}") from None
         conn = c.conn
-        encoder = conn.encoder
-        if encoder.header_table.resized:
-            # RFC 7541 §4.2: a table size update is due at the start of the next header
-            # block, which h2's own encoder writes
-            await self.start(head.status, [*head.headers, *extra])
-            return
-        h2head = head.encoded.get("h2")
-        if not isinstance(h2head, _H2Head):
-            h2head = head.encoded["h2"] = _H2Head(head)
-        parts = [h2head.block]
+        parts = [b""]
         for field in extra:
+            # a field found here was checked when it was encoded
             literal = _EXTRA_LITERALS.get(field)
             if literal is None:
+                if not plain:
+                    try:
+                        check_fields([field])
+                    except FieldError as exc:
+                        raise ConnectionError(f"invalid response: {exc}") from None
                 if field[0] in _FORBIDDEN_RESPONSE_HEADERS:
                     continue
                 literal = _hpack_literal(*field)
@@ -621,38 +639,43 @@ class H2Responder:
                         _EXTRA_LITERALS.clear()
                     _EXTRA_LITERALS[field] = literal
             parts.append(literal)
-        block = b"".join(parts)
+        if conn.encoder_resized:
+            # RFC 7541 §4.2: a table size update is due at the start of the next header
+            # block, which the HPACK encoder writes
+            self.start_now(head.status, [*head.headers, *extra])
+            return
+        h2head = head.encoded.get("h2")
+        if not isinstance(h2head, _H2Head):
+            h2head = head.encoded["h2"] = _H2Head(head)
+        parts[0] = h2head.block
         no_body = self.head or head.status in (204, 304) or h2head.length == 0
         self.started = True
-        # h2 sees only `:status` (its state machine tells informational from final by it);
-        # the fields were checked by check_fields, so its outbound checks are skipped here
-        config = conn.config
-        checks = (config.validate_outbound_headers, config.normalize_outbound_headers)
-        conn.encoder = _Encoded(block)  # type: ignore[assignment]
-        config.validate_outbound_headers = config.normalize_outbound_headers = False
         try:
-            conn.send_headers(self.stream_id, [(b":status", h2head.status)], end_stream=no_body)
-        except (h2.exceptions.ProtocolError, KeyError) as exc:
+            conn.send_header_block(self.stream_id, b"".join(parts), no_body)
+        except StreamGone as exc:
             raise ConnectionError(f"stream gone: {exc}") from None
-        finally:
-            conn.encoder = encoder
-            config.validate_outbound_headers, config.normalize_outbound_headers = checks
         self._stream_ended = no_body
         self._left = h2head.length
 
     async def start(self, status: int, headers: Headers) -> None:
+        self.start_now(status, headers)
+        self._c._flush()
+        await self._c.drain()
+
+    def start_now(self, status: int, headers: Headers) -> None:
         c = self._c
         if c.closed:
             raise ConnectionError("connection closed")
-        out = [(b":status", str(status).encode())]
-        out += [(k.lower(), v) for k, v in headers if k.lower() not in _FORBIDDEN_RESPONSE_HEADERS]
+        out = [(k.lower(), v) for k, v in headers if k.lower() not in _FORBIDDEN_RESPONSE_HEADERS]
+        try:
+            check_fields(out)
+        except FieldError as exc:
+            raise ConnectionError(f"invalid response: {exc}") from None
         self.started = True
         try:
-            c.conn.send_headers(self.stream_id, out)
-        except (h2.exceptions.ProtocolError, KeyError) as exc:
+            c.conn.send_headers(self.stream_id, [(b":status", str(status).encode()), *out], False)
+        except StreamGone as exc:
             raise ConnectionError(f"stream gone: {exc}") from None
-        c._flush()
-        await c.drain()
 
     async def interim(self, status: int, headers: Headers) -> None:
         """An interim (1xx) response before the final one: a HEADERS frame without END_STREAM
@@ -660,14 +683,32 @@ class H2Responder:
         c = self._c
         if c.closed or self.started or not 102 <= status <= 199:
             return
-        out = [(b":status", str(status).encode())]
-        out += [(k.lower(), v) for k, v in headers if k.lower() not in _FORBIDDEN_RESPONSE_HEADERS]
+        out = [(k.lower(), v) for k, v in headers if k.lower() not in _FORBIDDEN_RESPONSE_HEADERS]
         try:
-            c.conn.send_headers(self.stream_id, out)
-        except (h2.exceptions.ProtocolError, KeyError):
+            check_fields(out)
+            c.conn.send_headers(self.stream_id, [(b":status", str(status).encode()), *out], False)
+        except (FieldError, StreamGone):
             return
         c._flush()
         await c.drain()
+
+    def send_now(self, data: bytes) -> bool:
+        """`send` when the windows hold `data` (`can_answer_now`): whether bytes were sent."""
+        if self.head or not data:
+            return False
+        c = self._c
+        if c.closed:
+            raise ConnectionError("connection closed")
+        size = len(data)
+        last = self._left is not None and self._left == size
+        try:
+            c.conn.send_data(self.stream_id, data, last)
+        except StreamGone as exc:
+            raise ConnectionError(f"stream gone: {exc}") from None
+        if self._left is not None:
+            self._left -= size
+            self._stream_ended = last
+        return True
 
     async def send(self, data: bytes) -> None:
         c = self._c
@@ -676,19 +717,19 @@ class H2Responder:
             if c.closed:
                 raise ConnectionError("connection closed")
             try:
-                window = c.conn.local_flow_control_window(self.stream_id)
-            except (h2.exceptions.ProtocolError, KeyError):
+                window = c.conn.window(self.stream_id)
+            except StreamGone:
                 raise ConnectionError("stream gone") from None
             if window <= 0:
                 await c.wait_window(self.stream_id)
                 continue
-            size = min(window, c.conn.max_outbound_frame_size, len(view))
+            size = min(window, len(view))
             # the DATA frame that completes a prepared head's Content-Length ends the stream
             last = self._left is not None and self._left == size
             piece = data if size == len(data) and isinstance(data, bytes) else view[:size].tobytes()
             try:
-                c.conn.send_data(self.stream_id, piece, end_stream=last)
-            except (h2.exceptions.ProtocolError, KeyError) as exc:
+                c.conn.send_data(self.stream_id, piece, last)
+            except StreamGone as exc:
                 raise ConnectionError(f"stream gone: {exc}") from None
             if self._left is not None:
                 self._left -= size
@@ -697,19 +738,28 @@ class H2Responder:
             c._flush()
             await c.drain()
 
-    async def end(self) -> None:
+    def end_now(self) -> None:
         c = self._c
         self.ended = True
         if c.closed:
             return
         if not self._stream_ended:
-            with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
+            try:
                 c.conn.end_stream(self.stream_id)
+            except StreamGone:
+                pass
         c._flush()
+
+    async def end(self) -> None:
+        self.end_now()
 
     def abort(self) -> None:
         c = self._c
         self.ended = True
-        with contextlib.suppress(h2.exceptions.ProtocolError, KeyError):
-            c.conn.reset_stream(self.stream_id, ErrorCodes.INTERNAL_ERROR)
+        c.conn.reset_stream(self.stream_id, h2core.INTERNAL_ERROR)
         c._flush()
+
+
+# what `can_answer_now` wants the windows to hold: the largest body keyless answers at once
+# (edge.modes.keyless WHOLE_BODY_BYTES) with room for its HEADERS
+_ANSWER_NOW_BYTES = 256 * 1024

@@ -72,6 +72,7 @@ from blindfold.web.client import (
     UpstreamResponse,
 )
 from blindfold.web.http1 import H1Responder
+from blindfold.web.http2 import H2Responder
 from blindfold.web.messages import (
     BodyStream,
     BodyTimeout,
@@ -639,8 +640,9 @@ class KeylessHandler:
         self._rate_key: int | None = None
         self._pool: UpstreamPool | None = None
         self.requests = 0
-        # (request, lookup) of a request `answer_now` looked up but left to __call__
-        self._carried: tuple[Request, Lookup | None] | None = None
+        # (request, lookup) of requests `answer_now` looked up but left to __call__, by
+        # id(request): HTTP/2 may parse several before the first one's Task runs
+        self._carried: dict[int, tuple[Request, Lookup | None]] = {}
 
     @property
     def rate_key(self) -> int:
@@ -691,10 +693,10 @@ class KeylessHandler:
         )
 
     # ---------------------------------------------------------------- requests
-    def answer_now(self, request: Request, respond: H1Responder) -> bool:
-        """HTTP/1.1 (web/http1.py), a whole request without a body: a fresh cache hit answered
-        at once, without a Task, with the same bytes `_serve_entry` sends. False: `__call__`
-        answers it (with the cache lookup made here, if one was)."""
+    def answer_now(self, request: Request, respond: H1Responder | H2Responder) -> bool:
+        """HTTP/1.1 (web/http1.py) or HTTP/2 (web/http2.py), a whole request without a body: a
+        fresh cache hit answered at once, without a Task, with the same bytes `_serve_entry`
+        sends. False: `__call__` answers it (with the cache lookup made here, if one was)."""
         kr = self.kr
         cache = kr.cache
         if (
@@ -709,7 +711,7 @@ class KeylessHandler:
         key = cache.key(request.authority, request.target)
         lookup = cache.lookup(key, request.method, request.headers, time.time())
         if lookup is None or not lookup.fresh:
-            self._carried = (request, lookup)
+            self._carry(request, lookup)
             return False
         entry = lookup.entry
         head = entry.prepared
@@ -719,7 +721,7 @@ class KeylessHandler:
             or len(body) > WHOLE_BODY_BYTES
             or (entry.status == 200 and not_modified(entry, request.headers))
         ):
-            self._carried = (request, lookup)
+            self._carry(request, lookup)
             return False
         self.requests += 1
         # plain fields (a lower-case name, digits; a constant), none framing the response
@@ -735,6 +737,12 @@ class KeylessHandler:
             pass
         self._finish(request, entry.status, "hit", sent, t0)
         return True
+
+    def _carry(self, request: Request, lookup: Lookup | None) -> None:
+        carried = self._carried
+        if len(carried) >= 256:  # a stream reset before its Task ran leaves its entry
+            carried.clear()
+        carried[id(request)] = (request, lookup)
 
     async def __call__(self, request: Request, body: BodyStream, respond: Responder) -> None:
         t0 = time.monotonic()
@@ -794,7 +802,7 @@ class KeylessHandler:
         cache = kr.cache
         key = cache.key(request.authority, request.target)
         lookup: Lookup | None = None
-        carried, self._carried = self._carried, None
+        carried = self._carried.pop(id(request), None) if self._carried else None
         looked_up = carried is not None and carried[0] is request
         if looked_up or (cache.max_bytes and request.method in (b"GET", b"HEAD")):
             if carried is not None and looked_up:
