@@ -383,13 +383,13 @@ def main() -> None:
     for doc_path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
         for block in re.findall(r"```toml\n(.*?)```", doc_path.read_text(), re.S):
             save("config", block.encode())
-    http2_seeds()
+    http2_server_seeds()
     write_dicts()
     for target in targets.TARGETS:
         print(f"{target}: {len(list((CORPUS / target).iterdir()))} seeds")
 
 
-def http2_seeds() -> None:
+def http2_server_seeds() -> None:
     """What the `h2` library sends as a client: requests with and without bodies, trailers,
     CONTINUATION, a reset, pings and window updates (the target sends the preface itself)."""
     import h2.config
