@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import signal
@@ -40,6 +41,16 @@ from blindfold.web.target import path_has_prefix
 
 EVENT_BATCH = 256
 EVENT_DELAY_S = 0.002
+
+
+def worker_event_loop(setting: str, tls_listener: bool, upstream: str) -> str:
+    """The event loop a worker runs on (`[origin] worker_event_loop`): "uvloop" for 'auto'
+    when the worker has no TLS to do (no TLS listener, a plain http:// upstream: blindfold's
+    TLS handling adjusts asyncio's own SSL protocol, io.compat) and uvloop is installed;
+    otherwise "asyncio"."""
+    if setting != "auto" or tls_listener or not upstream.startswith("http://"):
+        return "asyncio"
+    return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
 
 
 class MasterLink:
@@ -116,7 +127,13 @@ async def _main(args: argparse.Namespace) -> int:
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
     writer.write(
         control.encode(
-            {"op": "ready", "pid": os.getpid(), "allocator": allocator.loaded(), **ready}
+            {
+                "op": "ready",
+                "pid": os.getpid(),
+                "allocator": allocator.loaded(),
+                "event_loop": "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio",
+                **ready,
+            }
         )
     )
 
@@ -159,11 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control-fd", type=int, required=True)
     p.add_argument("--listeners", required=True, help="JSON [[address, tls, fd], ...]")
     p.add_argument("--quic-port", type=int, default=0, help="the master's HTTP/3 port")
+    p.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = p.parse_args(argv)
     compat.check()
     compat.install_ssl_alerts()
     raise_fd_limit()
     with contextlib.suppress(KeyboardInterrupt):
+        if args.event_loop == "uvloop":
+            import uvloop  # a worker without TLS (worker_event_loop)
+
+            return uvloop.run(_main(args))
         return asyncio.run(_main(args))
     return 0
 
