@@ -33,26 +33,29 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 TICK = os.sysconf("SC_CLK_TCK")
+COUNTS = ("vol", "invol", "rd", "wr", "flt")  # per request: context switches, I/O calls, faults
 sys.path.insert(0, os.path.join(REPO, "bench", "waf"))
 import wafcmp  # noqa: E402
 
 
-def stat(pid: int) -> tuple[int, int]:
+def stat(pid: int) -> tuple[int, int, int]:
+    """utime, stime (clock ticks) and minor page faults of `pid`."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[11]), int(fields[12])
+        return int(fields[11]), int(fields[12]), int(fields[7])
     except (OSError, IndexError, ValueError):
-        return 0, 0
+        return 0, 0, 0
 
 
 def sample(master: int) -> dict[str, int]:
-    mu, ms = stat(master)
+    mu, ms, flt = stat(master)
     wu = ws = 0
     for p in wafcmp._pids_with_children(master)[1:]:
-        u, s = stat(p)
+        u, s, f = stat(p)
         wu += u
         ws += s
+        flt += f
     vol = invol = 0
     for p in wafcmp._pids_with_children(master):
         try:
@@ -75,7 +78,10 @@ def sample(master: int) -> dict[str, int]:
                         wr += int(line.split()[1])
         except OSError:
             pass
-    return {"mu": mu, "ms": ms, "wu": wu, "ws": ws, "vol": vol, "invol": invol, "rd": rd, "wr": wr}
+    return {
+        **{"mu": mu, "ms": ms, "wu": wu, "ws": ws},
+        **{"vol": vol, "invol": invol, "rd": rd, "wr": wr, "flt": flt},
+    }
 
 
 def wrk(port: int, script: str, seconds: int, conns: int, wrk_cpu: str) -> int:
@@ -232,7 +238,7 @@ ban_after_blocks = 1000000
                         k: 1e6 * (c1[k] - c0[k]) / TICK / max(n, 1)
                         for k in ("mu", "ms", "wu", "ws")
                     }
-                    sw = {k: (c1[k] - c0[k]) / max(n, 1) for k in ("vol", "invol", "rd", "wr")}
+                    sw = {k: (c1[k] - c0[k]) / max(n, 1) for k in COUNTS}
                     row = {
                         "n": n,
                         "total": sum(us.values()),
@@ -247,7 +253,7 @@ ban_after_blocks = 1000000
                         f"  user {row['user']:5.0f} sys {row['sys']:5.0f}"
                         f"  master {row['master']:4.0f}"
                         f"  cs/req {sw['vol']:.2f}+{sw['invol']:.2f}"
-                        f"  rd/wr {sw['rd']:.2f}/{sw['wr']:.2f}"
+                        f"  rd/wr {sw['rd']:.2f}/{sw['wr']:.2f}  faults {sw['flt']:.1f}"
                         f"  [{variant}]",
                         flush=True,
                     )
