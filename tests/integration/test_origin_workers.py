@@ -252,34 +252,6 @@ def test_workers_run_on_mimalloc_and_a_reload_applies_worker_allocator(
     assert get(port, XSS) == 403
 
 
-def test_workers_without_tls_run_on_uvloop_and_a_reload_applies_worker_event_loop(
-    origin: OriginProcess,
-) -> None:
-    """Plain-HTTP workers with an http:// upstream run on uvloop (`worker_event_loop =
-    "auto"`, the default) and decide as on asyncio; "asyncio" applies to the next
-    generation."""
-    port = http_port(origin)
-    assert origin.ready["worker_event_loop"] == ["uvloop"]
-    for pid in origin.ready["worker_pids"]:
-        assert "uvloop/loop." in _maps(pid)
-    assert [get(port, XSS) for _ in range(4)] == [403] * 4
-    assert [get(port, "/") for _ in range(4)] == [200] * 4
-    old = set(origin.ready["worker_pids"])
-    origin.write_config(
-        origin.config_path.read_text().replace(
-            "workers = 2\n", 'workers = 2\nworker_event_loop = "asyncio"\n'
-        )
-    )
-    assert origin.reload(30) is not None
-    assert origin.records("reloaded"), origin.records("reload_failed")
-    new = set(origin.worker_pids()) - old
-    assert len(new) == 2
-    for pid in new:
-        assert "uvloop/loop." not in _maps(pid)
-    assert get(port, XSS) == 403
-    assert get(port, "/") == 200
-
-
 def test_waf_lines_are_not_lost_when_the_workers_stop(origin: OriginProcess) -> None:
     """Workers write their log lines in batches (one write per loop turn): a stop right after
     the last request still has every request's `waf` line."""

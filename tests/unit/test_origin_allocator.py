@@ -71,24 +71,3 @@ def test_config_key_is_checked() -> None:
     with pytest.raises(ConfigError) as err:
         loads(base + 'worker_allocator = "jemalloc"\n')
     assert "worker_allocator" in err.value.key
-
-
-def test_worker_event_loop_is_uvloop_only_without_tls() -> None:
-    """`[origin] worker_event_loop`: 'auto' puts a worker on uvloop only when it has no TLS to
-    do (blindfold's TLS fixes patch asyncio's own SSL protocol); 'asyncio' never does."""
-    from blindfold.origin.worker import worker_event_loop
-
-    plain = "http://127.0.0.1:8080"
-    assert worker_event_loop("auto", False, plain) == "uvloop"
-    assert worker_event_loop("auto", True, plain) == "asyncio"  # a TLS listener
-    assert worker_event_loop("auto", False, "https://app.internal") == "asyncio"
-    assert worker_event_loop("asyncio", False, plain) == "asyncio"
-    base = (
-        '[origin]\nupstream = "http://127.0.0.1:1"\nlisten = []\n'
-        'http_listen = ["127.0.0.1:8080"]\nproxy_protocol = "off"\n'
-    )
-    cfg = loads(base)
-    assert cfg.origin is not None and cfg.origin.worker_event_loop == "auto"
-    with pytest.raises(ConfigError) as err:
-        loads(base + 'worker_event_loop = "trio"\n')
-    assert "worker_event_loop" in err.value.key

@@ -638,14 +638,6 @@ class OriginConfig:
         "adds nothing).",
         check=_check_allocator,
     )
-    worker_event_loop: Literal["auto", "asyncio"] = setting(
-        "auto",
-        doc="Event loop of the worker processes: 'auto' runs a worker on uvloop (libuv, in "
-        "the lock) when none of its listeners is TLS (listen = [], http_listen only) and the "
-        "upstream is plain http://, else on asyncio's own loop, whose TLS handling blindfold "
-        "adjusts (io.compat); 'asyncio' always uses asyncio's. uvloop runs the loop's own "
-        "work in C: ~3% less CPU time per WAF-inspected request, fewer system calls.",
-    )
     max_connections: int = setting(10000, doc="Open client connections at most.", min=1)
     per_client_connections: int = setting(
         64,

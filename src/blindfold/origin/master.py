@@ -44,7 +44,6 @@ from blindfold.origin import allocator
 from blindfold.origin.agent import OriginAgent
 from blindfold.origin.edges import Reporter
 from blindfold.origin.gate import count_waf_path
-from blindfold.origin.worker import worker_event_loop
 
 READY_TIMEOUT_S = 30.0
 STATS_TIMEOUT_S = 2.0
@@ -70,7 +69,6 @@ class WorkerHandle:
     task: asyncio.Task[None] | None = None
     events: int = 0
     allocator: str = ""  # what the worker says it runs on (origin.allocator.loaded)
-    event_loop: str = ""  # "uvloop" or "asyncio" (worker_event_loop)
 
     def send(self, message: dict[str, Any]) -> None:
         if self.state != "exited" and not self.writer.is_closing():
@@ -159,11 +157,8 @@ class OriginMaster:
         cfg: OriginConfig | None = None,
     ) -> WorkerHandle:
         """`cfg`: the config the worker will read (a reload's new one); default the running."""
-        cfg = cfg or self.cfg
-        env = allocator.worker_env(cfg.worker_allocator, os.environ)  # ConfigError first
-        loop_name = worker_event_loop(
-            cfg.worker_event_loop, any(tls for _, tls in groups), cfg.upstream
-        )
+        setting = (cfg or self.cfg).worker_allocator
+        env = allocator.worker_env(setting, os.environ)  # ConfigError before anything opens
         parent, child = socket.socketpair()
         fds = [socks[index].fileno() for socks in groups.values()]
         listeners = [[a, tls, socks[index].fileno()] for (a, tls), socks in groups.items()]
@@ -181,8 +176,6 @@ class OriginMaster:
             json.dumps(listeners),
             "--quic-port",
             str(self._quic_port()),
-            "--event-loop",
-            loop_name,
         ]
         proc = subprocess.Popen(cmd, pass_fds=[child.fileno(), *fds], close_fds=True, env=env)
         child.close()
@@ -210,7 +203,6 @@ class OriginMaster:
                         fut.set_result(message)
                 elif op == "ready":
                     handle.allocator = str(message.get("allocator", ""))
-                    handle.event_loop = str(message.get("event_loop", ""))
                     if handle.state == "starting":
                         handle.state = "ready"
                     if handle.ready is not None and not handle.ready.done():
@@ -303,7 +295,6 @@ class OriginMaster:
             "workers": self.nworkers,
             "worker_pids": [h.proc.pid for h in self.workers],
             "worker_allocator": sorted({h.allocator for h in self.workers}),
-            "worker_event_loop": sorted({h.event_loop for h in self.workers}),
         }
 
     def stop(self) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
+import gc
 import json
 import os
 import signal
@@ -41,16 +41,15 @@ from blindfold.web.target import path_has_prefix
 
 EVENT_BATCH = 256
 EVENT_DELAY_S = 0.002
+# requests make few reference cycles (~9 objects per WAF-inspected request): the cyclic
+# collector runs rarely, as in the edge worker (~1% less CPU per request, bench/origin/NOTES.md)
+GC_THRESHOLDS = (20000, 50, 50)
 
 
-def worker_event_loop(setting: str, tls_listener: bool, upstream: str) -> str:
-    """The event loop a worker runs on (`[origin] worker_event_loop`): "uvloop" for 'auto'
-    when the worker has no TLS to do (no TLS listener, a plain http:// upstream: blindfold's
-    TLS handling adjusts asyncio's own SSL protocol, io.compat) and uvloop is installed;
-    otherwise "asyncio"."""
-    if setting != "auto" or tls_listener or not upstream.startswith("http://"):
-        return "asyncio"
-    return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+def freeze_start_up() -> None:
+    """Move what start-up made (config, rules, modules) out of the cyclic collector's scans."""
+    gc.collect()
+    gc.freeze()
 
 
 class MasterLink:
@@ -125,15 +124,10 @@ async def _main(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):  # the master drains us, not a signal to all
         loop.add_signal_handler(sig, agent.stop)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    freeze_start_up()
     writer.write(
         control.encode(
-            {
-                "op": "ready",
-                "pid": os.getpid(),
-                "allocator": allocator.loaded(),
-                "event_loop": "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio",
-                **ready,
-            }
+            {"op": "ready", "pid": os.getpid(), "allocator": allocator.loaded(), **ready}
         )
     )
 
@@ -176,16 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control-fd", type=int, required=True)
     p.add_argument("--listeners", required=True, help="JSON [[address, tls, fd], ...]")
     p.add_argument("--quic-port", type=int, default=0, help="the master's HTTP/3 port")
-    p.add_argument("--event-loop", choices=("asyncio", "uvloop"), default="asyncio")
     args = p.parse_args(argv)
     compat.check()
     compat.install_ssl_alerts()
     raise_fd_limit()
+    gc.set_threshold(*GC_THRESHOLDS)
     with contextlib.suppress(KeyboardInterrupt):
-        if args.event_loop == "uvloop":
-            import uvloop  # a worker without TLS (worker_event_loop)
-
-            return uvloop.run(_main(args))
         return asyncio.run(_main(args))
     return 0
 
