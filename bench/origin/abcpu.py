@@ -12,9 +12,9 @@ workers from /proc over the run / requests answered.
     VARIANT = SRC[::VAR=VALUE]...     a source tree (its src/ first on PYTHONPATH) and
                                       environment variables for its master (workers inherit);
                                       ::@key=value adds an [origin] line to its config
-    e.g. bench/origin/abcpu.py /work/main . .::PYTHONMALLOC=malloc
+    e.g. bench/origin/abcpu.py ../main . .::PYTHONMALLOC=malloc
 
-Prints one line per run and, per variant and script, the median and spread of every column,
+Runs this checkout's .venv/bin/python (as bench/waf/run.sh). Prints one line per run and, per variant and script, the median and spread of every column,
 and the median of its per-rep ratio to the first variant.
 """
 
@@ -129,9 +129,7 @@ def main() -> int:
     a = ap.parse_args()
     if not (1 <= a.reps <= 30 and 1 <= a.seconds <= 30):
         sys.exit("--reps 1-30, --seconds 1-30")
-    py = "/work/main/.venv/bin/python"
-    if not os.path.exists(py):
-        py = os.path.join(REPO, ".venv", "bin", "python")
+    py = os.path.join(REPO, ".venv", "bin", "python")
     out = tempfile.mkdtemp(prefix="blindfold-abcpu.")
     os.chmod(out, 0o755)
     started: list[subprocess.Popen[bytes]] = []
