@@ -5,8 +5,10 @@
 Every VARIANT runs at once (one `blindfold origin`, `workers = 1`, each on its own port, all
 pinned to --cpu like bench/waf/run.sh, the kit's stand-in origin pinned there too); the load
 (wrk, pinned to --wrk-cpu) goes to one variant at a time, alternated --reps times, so every
-variant sees the same machine noise. CPU per request = (utime + stime) of the master and its
-workers from /proc over the run / requests answered.
+variant sees the same machine noise; with --concurrent every variant is loaded at the same
+time (they share --cpu), which resolved ~1% differences on a loaded machine where alternated
+runs did not. CPU per request = (utime + stime) of the master and its workers from /proc over
+the run / requests answered; also context switches, read/write calls and minor faults.
 
     bench/origin/abcpu.py [--reps 5] [--seconds 3] [--pl 1] VARIANT...
     VARIANT = SRC[::VAR=VALUE]...     a source tree (its src/ first on PYTHONPATH) and
@@ -14,8 +16,9 @@ workers from /proc over the run / requests answered.
                                       ::@key=value adds an [origin] line to its config
     e.g. bench/origin/abcpu.py ../main . .::PYTHONMALLOC=malloc
 
-Runs this checkout's .venv/bin/python (as bench/waf/run.sh). Prints one line per run and, per variant and script, the median and spread of every column,
-and the median of its per-rep ratio to the first variant.
+Runs this checkout's .venv/bin/python (as bench/waf/run.sh). Prints one line per run and,
+per variant and script, the median and spread of every column and the median of its per-rep
+ratio to the first variant.
 """
 
 from __future__ import annotations
