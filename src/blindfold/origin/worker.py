@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import os
 import signal
@@ -41,15 +40,6 @@ from blindfold.web.target import path_has_prefix
 
 EVENT_BATCH = 256
 EVENT_DELAY_S = 0.002
-# requests make few reference cycles (~9 objects per WAF-inspected request): the cyclic
-# collector runs rarely, as in the edge worker (~1% less CPU per request, bench/origin/NOTES.md)
-GC_THRESHOLDS = (20000, 50, 50)
-
-
-def freeze_start_up() -> None:
-    """Move what start-up made (config, rules, modules) out of the cyclic collector's scans."""
-    gc.collect()
-    gc.freeze()
 
 
 class MasterLink:
@@ -124,7 +114,6 @@ async def _main(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):  # the master drains us, not a signal to all
         loop.add_signal_handler(sig, agent.stop)
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
-    freeze_start_up()
     writer.write(
         control.encode(
             {"op": "ready", "pid": os.getpid(), "allocator": allocator.loaded(), **ready}
@@ -174,7 +163,6 @@ def main(argv: list[str] | None = None) -> int:
     compat.check()
     compat.install_ssl_alerts()
     raise_fd_limit()
-    gc.set_threshold(*GC_THRESHOLDS)
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(_main(args))
     return 0
