@@ -250,3 +250,14 @@ def test_workers_run_on_mimalloc_and_a_reload_applies_worker_allocator(
     for pid in new:
         assert "libmimalloc" not in _maps(pid)
     assert get(port, XSS) == 403
+
+
+def test_waf_lines_are_not_lost_when_the_workers_stop(origin: OriginProcess) -> None:
+    """Workers write their log lines in batches (one write per loop turn): a stop right after
+    the last request still has every request's `waf` line."""
+    port = http_port(origin)
+    for i in range(12):
+        assert get(port, f"{XSS}&n={i}") == 403
+    assert origin.stop() == 0
+    blocked = [r for r in origin.records("waf") if r.get("result") == "blocked"]
+    assert sorted(r["uri"].rpartition("=")[2] for r in blocked) == sorted(str(i) for i in range(12))
