@@ -84,14 +84,14 @@ missing_pkgs() {
     local m=()
     command -v nginx >/dev/null || m+=(nginx-light)
     [ -f "$modsec_module" ] || m+=(libnginx-mod-http-modsecurity)
-    ldconfig -p 2>/dev/null | grep -q 'libmodsecurity\.so\.3' || m+=(libmodsecurity3)
+    ldconfig -p 2>/dev/null | grep -c 'libmodsecurity\.so\.3' >/dev/null || m+=(libmodsecurity3)
     [ -d /usr/share/modsecurity-crs/rules ] && [ -f /etc/modsecurity/crs/crs-setup.conf ] \
         || m+=(modsecurity-crs)
     command -v wrk >/dev/null || m+=(wrk)
     command -v taskset >/dev/null || m+=(util-linux)
     python3 -c 'import yaml' 2>/dev/null || m+=(python3-yaml)
     # the origin workers' allocator ([origin] worker_allocator = "auto")
-    ldconfig -p 2>/dev/null | grep -q 'libmimalloc\.so\.2' || m+=(libmimalloc2.0)
+    ldconfig -p 2>/dev/null | grep -c 'libmimalloc\.so\.2' >/dev/null || m+=(libmimalloc2.0)
     echo "${m[@]}"
 }
 setup() {
