@@ -50,6 +50,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ -n "$out" ] || out="$(mktemp -d /tmp/blindfold-edgecache.XXXXXX)"
+# nginx's workers (an unprivileged user) must reach the cache and the files under it
+chmod 0755 "$out"
 mkdir -p "$out"
 cd "$repo"
 exec timeout --signal=TERM --kill-after=30 "$(( ${budget%.*} + 60 ))" \
