@@ -50,9 +50,9 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ -n "$out" ] || out="$(mktemp -d /tmp/blindfold-edgecache.XXXXXX)"
+mkdir -p "$out"
 # nginx's workers (an unprivileged user) must reach the cache and the files under it
 chmod 0755 "$out"
-mkdir -p "$out"
 cd "$repo"
 exec timeout --signal=TERM --kill-after=30 "$(( ${budget%.*} + 60 ))" \
     env PYTHONPATH="$repo/src" "$py" "$here/ebench.py" run --out "$out" "${args[@]}"
