@@ -51,6 +51,8 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$out" ] || out="$(mktemp -d /tmp/blindfold-edgecache.XXXXXX)"
 mkdir -p "$out"
+# nginx's workers (an unprivileged user) must reach the cache and the files under it
+chmod 0755 "$out"
 cd "$repo"
 exec timeout --signal=TERM --kill-after=30 "$(( ${budget%.*} + 60 ))" \
     env PYTHONPATH="$repo/src" "$py" "$here/ebench.py" run --out "$out" "${args[@]}"
