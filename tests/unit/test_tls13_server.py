@@ -466,7 +466,13 @@ def test_every_group_the_edge_answers_completes_a_handshake(
     """`fallback_reason` keeps a ClientHello whose key shares are all in SERVER_GROUPS (no
     HelloRetryRequest needed): each of those groups must then work on its own."""
     ctx = ssl.create_default_context(cafile=str(sites["ec256"].cafile))
-    ctx.set_ecdh_curve(curve)
+    try:
+        ctx.set_ecdh_curve(curve)
+    except ssl.SSLError:
+        # some builds of Python's ssl (Debian's 3.11) name only EC curves here; OpenSSL's
+        # default ClientHello offers an X25519 key share alone, so that group needs no setting
+        if curve != "X25519":
+            pytest.skip(f"this Python's ssl cannot offer {curve} alone (set_ecdh_curve)")
     p = Pair(sites["ec256"], ctx=ctx)
     p.client_step()
     flight = p.out.read()
