@@ -170,7 +170,7 @@ def test_our_goaway_refuses_later_streams() -> None:
     c.send(c.headers(1))
     c.s.close_connection(h2core.NO_ERROR, last_stream_id=1)
     assert frames(c.s.data_to_send())[0][0] == 7
-    assert c.send(c.headers(3)) == []
+    assert c.send(c.headers(3)) == [(h2core.RESET, 3, h2core.REFUSED_STREAM, False)]
     assert c.resets() == [(3, h2core.REFUSED_STREAM)]
     c.s.send_headers(1, [(b":status", b"200")], True)  # stream 1 still finishes
     assert c.out()[0][:3] == (1, 0x5, 1)
@@ -272,7 +272,7 @@ def test_priority_rules() -> None:
     assert Client().fails(frame(2, 0, 0, bytes(5))) == h2core.PROTOCOL_ERROR
     c = Client()  # a HEADERS frame that makes its stream depend on itself
     payload = struct.pack(">LB", 3, 0) + c.block()
-    assert c.send(frame(1, 0x25, 3, payload)) == []
+    assert c.send(frame(1, 0x25, 3, payload)) == [(h2core.RESET, 3, h2core.PROTOCOL_ERROR, False)]
     assert c.resets() == [(3, h2core.PROTOCOL_ERROR)]
 
 
@@ -322,7 +322,7 @@ def test_data_on_half_closed_closed_and_idle_streams() -> None:
     c.send(c.headers(1))
     c.s.send_headers(1, [(b":status", b"204")], True)  # closed by END_STREAM both ways
     c.out()
-    assert c.send(frame(0, 0, 1, b"abc")) == []
+    assert c.send(frame(0, 0, 1, b"abc")) == [(h2core.RESET, 1, h2core.STREAM_CLOSED, False)]
     assert c.resets() == [(1, h2core.STREAM_CLOSED)]
     assert Client().fails(frame(0, 0, 1, b"abc")) == h2core.PROTOCOL_ERROR
     assert Client().fails(frame(0, 0, 0, b"abc")) == h2core.PROTOCOL_ERROR
@@ -397,7 +397,8 @@ def test_stream_ids() -> None:
     c.send(c.headers(1))
     c.s.reset_stream(1, h2core.CANCEL)
     c.out()
-    assert c.send(c.headers(1)) == []  # closed by RST_STREAM: a stream error
+    # closed by RST_STREAM: a stream error, reported so web/http2.py counts it
+    assert c.send(c.headers(1)) == [(h2core.RESET, 1, h2core.STREAM_CLOSED, False)]
     assert c.resets() == [(1, h2core.STREAM_CLOSED)]
     assert Client().fails(frame(1, 0x5, 0, b"")) == h2core.PROTOCOL_ERROR
 

@@ -60,6 +60,10 @@ S_ENABLE_CONNECT_PROTOCOL = 8
 
 # event kinds
 REQUEST, DATA, TRAILERS, RESET, WINDOW, SETTINGS, PING, PRIORITY, GOAWAY = range(1, 10)
+# the decoded-header cache: blocks up to this size, this many bytes per connection
+DECODE_CACHE_BLOCK, DECODE_CACHE_BYTES = 512, 16384
+# the HPACK table our encoder keeps, whatever larger size the client allows
+ENCODER_TABLE_MAX = 4096
 
 MAX_WINDOW = 2**31 - 1
 # h2's limits, kept: the HPACK decoder's list size (h2.connection DEFAULT_MAX_HEADER_LIST_SIZE)
@@ -197,6 +201,7 @@ class H2Server:
         # without indexing: a client's repeated request), by block: they decode the same while
         # the table's generation is the one they were decoded in
         self._decoded: dict[bytes, tuple[int, list[tuple[bytes, bytes]]]] = {}
+        self._decoded_bytes = 0
 
     # ------------------------------------------------------------------ setup
     def initiate(self, connection_window: int | None = None) -> None:
@@ -292,8 +297,10 @@ class H2Server:
     def _stream_error(self, events: list[tuple[object, ...]], sid: int, code: int) -> None:
         """RFC 9113 §5.4.2: RST_STREAM; the stream, if open, ends (a RESET event)."""
         self.out += _frame(F_RST_STREAM, 0, sid, _U32.pack(code))
-        if self.streams.pop(sid, None) is not None:
-            events.append((RESET, sid, code, False))
+        self.streams.pop(sid, None)
+        # an event whether or not the stream was open: every RST_STREAM the client's frames
+        # cost us is counted by web/http2.py against its abuse limits (atk-h2)
+        events.append((RESET, sid, code, False))
         self._remember(sid, _CLOSED_BY_RESET)
 
     def _remember(self, sid: int, how: int) -> None:
@@ -364,10 +371,16 @@ class H2Server:
             # RFC 9113 §4.3: COMPRESSION_ERROR (h2 says PROTOCOL_ERROR)
             self._fail(COMPRESSION_ERROR, f"Error decoding header block: {exc}")
             raise  # unreachable
-        if table.generation == generation:
-            if len(self._decoded) >= 64:
+        if table.generation == generation and len(block) <= DECODE_CACHE_BLOCK:
+            # bounded per connection (atk-h2: whole blocks of 64 KB literals held ~8 MB): small
+            # blocks only (a repeated real request is < 200 bytes), at most DECODE_CACHE_BYTES
+            size = len(block) + sum(len(n) + len(v) + 32 for n, v in headers)
+            if len(self._decoded) >= 64 or self._decoded_bytes + size > DECODE_CACHE_BYTES:
                 self._decoded.clear()
-            self._decoded[block] = (generation, headers)
+                self._decoded_bytes = 0
+            if size <= DECODE_CACHE_BYTES:
+                self._decoded[block] = (generation, headers)
+                self._decoded_bytes += size
         return headers
 
     def _header_block(
@@ -390,6 +403,7 @@ class H2Server:
                 how = self.closed_streams.get(sid)
                 if how == _CLOSED_BY_RESET:
                     self.out += _frame(F_RST_STREAM, 0, sid, _U32.pack(STREAM_CLOSED))
+                    events.append((RESET, sid, STREAM_CLOSED, False))  # counted: see _stream_error
                     return
                 if how == _CLOSED_BY_END:
                     self._fail(STREAM_CLOSED, f"HEADERS on closed stream {sid}")
@@ -401,6 +415,7 @@ class H2Server:
                 # RFC 9113 §6.8: after our GOAWAY, new streams are refused (retry elsewhere)
                 self.out += _frame(F_RST_STREAM, 0, sid, _U32.pack(REFUSED_STREAM))
                 self._remember(sid, _CLOSED_BY_RESET)
+                events.append((RESET, sid, REFUSED_STREAM, False))  # counted: see _stream_error
                 return
             if priority is not None and priority[0] == sid:
                 # RFC 9113 §5.3.1: a stream error (h2 ends the connection)
@@ -572,7 +587,9 @@ class H2Server:
                 self._fail(PROTOCOL_ERROR, "MAX_FRAME_SIZE out of range")
         for key, value in new.items():
             if key == S_HEADER_TABLE_SIZE:
-                self.encoder.header_table_size = value
+                # RFC 7541 §4.2: the encoder may use less than the peer allows; a client's
+                # 4 GiB would let every indexed response field stay (h2 took it as given)
+                self.encoder.header_table_size = min(value, ENCODER_TABLE_MAX)
             elif key == S_INITIAL_WINDOW_SIZE:
                 delta = value - self.out_initial_window
                 self.out_initial_window = value

@@ -166,10 +166,16 @@ class H2Connection(asyncio.Protocol):
                 waiter.set_exception(ConnectionError("connection closed"))
 
     def pause_writing(self) -> None:
+        # and stop reading: a client that sends but never reads would make us buffer what
+        # its frames cost us (RST_STREAM, PING and SETTINGS acks) without bound (atk-h2)
         self.write_paused = True
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
         waiters, self.drain_waiters = self.drain_waiters, []
         for waiter in waiters:
             if not waiter.done():
@@ -184,6 +190,7 @@ class H2Connection(asyncio.Protocol):
             {"client": self.info.client[0], "reset": "PROTOCOL_ERROR", "error": error},
         )
         self.conn.reset_stream(sid, h2core.PROTOCOL_ERROR)
+        self._count_reset()
 
     def _on_trailers(self, sid: int, headers: list[tuple[bytes, bytes]]) -> None:
         error = field_error(join_cookies(headers), True)
@@ -362,17 +369,25 @@ class H2Connection(asyncio.Protocol):
 
     def _on_reset(self, sid: int, by_peer: bool) -> None:
         stream = self.streams.pop(sid, None)
-        if by_peer:
-            now = self.loop.time()
-            self.resets.append(now)
-            self.resets = [t for t in self.resets if now - t < self.limits.h2_abuse_window_s]
-            if len(self.resets) > self.limits.h2_max_resets_per_window:
-                self._calm("rapid_reset")
+        if by_peer or stream is not None:
+            # the client's RST_STREAM, or a stream with a handler that the core reset for the
+            # client's frames (WINDOW_UPDATE 0, DATA past Content-Length...): rapid reset
+            # either way (CVE-2023-44487; atk-h2)
+            self._count_reset()
+        else:
+            self._count_control()  # an RST_STREAM the core answered a frame with by itself
         if stream is not None:
             if stream.body is not None:
                 stream.body.fail(ConnectionError("stream reset by the client"))
             if stream.task is not None and not stream.task.done():
                 stream.task.cancel()
+
+    def _count_reset(self) -> None:
+        now = self.loop.time()
+        self.resets.append(now)
+        self.resets = [t for t in self.resets if now - t < self.limits.h2_abuse_window_s]
+        if len(self.resets) > self.limits.h2_max_resets_per_window:
+            self._calm("rapid_reset")
 
     def _count_control(self) -> None:
         now = self.loop.time()
