@@ -473,6 +473,23 @@ SEP_BYTES = b"\xff\x00\xff"
 
 
 # --------------------------------------------------------------------------- HTTP/1.1 server
+async def _serve_reads(conn: Any, transport: Any, pieces: list[bytes]) -> bytes:
+    """Feed a server protocol the reads (a few loop turns after each so its tasks run), then
+    EOF and the connection's end; what it wrote."""
+    import asyncio
+
+    for piece in pieces:
+        conn.data_received(piece)
+        for _ in range(4):
+            await asyncio.sleep(0)
+    conn.eof_received()
+    for _ in range(8):
+        await asyncio.sleep(0)
+    conn.connection_lost(None)
+    await asyncio.sleep(0)
+    return bytes(transport.out)
+
+
 class _MemoryTransport:
     """What H1Connection writes, kept; closing recorded, not performed."""
 
@@ -536,16 +553,7 @@ def http1_server(data: bytes) -> None:
         )
         transport = _MemoryTransport()
         conn.connection_made(transport)  # type: ignore[arg-type]
-        for piece in _chunks(data):
-            conn.data_received(piece)
-            for _ in range(4):
-                await asyncio.sleep(0)
-        conn.eof_received()
-        for _ in range(8):
-            await asyncio.sleep(0)
-        conn.connection_lost(None)
-        await asyncio.sleep(0)
-        return bytes(transport.out)
+        return await _serve_reads(conn, transport, _chunks(data))
 
     out = asyncio.run(main())
     assert not errors, errors
@@ -639,16 +647,7 @@ def http2_client_view(data: bytes) -> None:
         conn = H2Connection(handler, limits, info, on_event)
         transport = Transport()
         conn.connection_made(transport)
-        for piece in _chunks(data):
-            conn.data_received(piece)
-            for _ in range(4):
-                await asyncio.sleep(0)
-        conn.eof_received()
-        for _ in range(8):
-            await asyncio.sleep(0)
-        conn.connection_lost(None)
-        await asyncio.sleep(0)
-        return bytes(transport.out)
+        return await _serve_reads(conn, transport, _chunks(data))
 
     out = asyncio.run(main())
     assert not errors, errors
@@ -751,16 +750,7 @@ def http2_server(data: bytes) -> None:
         pieces = _chunks(data)
         if not data.startswith(b"PRI"):
             pieces.insert(0, PREFACE)
-        for piece in pieces:
-            conn.data_received(piece)
-            for _ in range(4):
-                await asyncio.sleep(0)
-        conn.eof_received()
-        for _ in range(8):
-            await asyncio.sleep(0)
-        conn.connection_lost(None)
-        await asyncio.sleep(0)
-        return bytes(transport.out)
+        return await _serve_reads(conn, transport, pieces)
 
     out = asyncio.run(main())
     assert not errors, errors
